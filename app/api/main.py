@@ -1,0 +1,51 @@
+"""The FastAPI application: built by :func:`create_app`, services wired in the lifespan."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from app.api.errors import install_error_handlers
+from app.api.middleware import RequestContextMiddleware
+from app.api.routes import admin, chat, system
+from app.core.settings import Settings, load_settings
+from app.services.container import Container
+
+log = logging.getLogger("keel")
+
+
+def create_app(settings: Settings | None = None, container: Container | None = None) -> FastAPI:
+    """``container`` lets tests inject pre-built services; otherwise the lifespan builds them."""
+    settings = settings or (container.settings if container else load_settings())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if not settings.auth.enabled:
+            log.warning("=" * 72)
+            log.warning("AUTH IS DISABLED (KEEL_AUTH__ENABLED=false): every caller is admin. Dev only!")
+            log.warning("=" * 72)
+        owned = container is None
+        app.state.keel = container or await Container.build(settings)
+        try:
+            yield
+        finally:
+            if owned:
+                await app.state.keel.aclose()
+
+    app = FastAPI(
+        title="Keel", version="0.1.0", lifespan=lifespan,
+        description="OpenAI-compatible chat over vLLM, with the LLMOps lifecycle around it.",
+    )
+    install_error_handlers(app)
+    app.add_middleware(
+        RequestContextMiddleware,
+        metrics_getter=lambda: getattr(getattr(app.state, "keel", None), "metrics", None),
+        max_body_bytes_getter=lambda: settings.limits.max_body_bytes,
+    )
+    app.include_router(chat.router)
+    app.include_router(system.router)
+    app.include_router(admin.router)
+    return app

@@ -1,0 +1,69 @@
+"""Admin: API keys and backend status/logs (scope ``admin``)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Query
+from pydantic import BaseModel, Field
+
+from app.api.deps import get_container, require_scope
+from app.core.errors import NotFound
+from app.security.keys import ApiKey
+from app.services.container import Container
+
+router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(require_scope("admin"))])
+
+
+class KeyCreate(BaseModel):
+    name: str = Field(min_length=1, max_length=100)
+    scopes: list[str] = Field(min_length=1)
+    rate_limit_per_minute: int | None = Field(default=None, ge=1)
+
+
+class KeyOut(BaseModel):
+    id: str
+    name: str
+    scopes: list[str]
+    rate_limit_per_minute: int | None
+    created_at: str
+    revoked_at: str | None = None
+    key: str | None = Field(default=None, description="The secret; returned once, at creation.")
+
+
+def _out(key: ApiKey, secret: str | None = None) -> KeyOut:
+    return KeyOut(id=key.id, name=key.name, scopes=sorted(key.scopes),
+                  rate_limit_per_minute=key.rate_limit_per_minute, created_at=key.created_at,
+                  revoked_at=key.revoked_at, key=secret)
+
+
+@router.post("/keys", response_model=KeyOut, status_code=201)
+async def create_key(body: KeyCreate, container: Container = Depends(get_container)) -> KeyOut:
+    key, secret = container.keys.create(body.name, body.scopes, body.rate_limit_per_minute)
+    return _out(key, secret)
+
+
+@router.get("/keys", response_model=list[KeyOut], response_model_exclude_none=True)
+async def list_keys(container: Container = Depends(get_container)) -> list[KeyOut]:
+    return [_out(k) for k in container.keys.list()]
+
+
+@router.delete("/keys/{key_id}", response_model=KeyOut)
+async def revoke_key(key_id: str, container: Container = Depends(get_container)) -> KeyOut:
+    return _out(container.keys.revoke(key_id))
+
+
+@router.get("/backends")
+async def backends(container: Container = Depends(get_container)) -> dict:
+    return await container.llm.readiness()
+
+
+@router.get("/backends/{name}/logs")
+async def backend_logs(
+    name: str, lines: int = Query(200, ge=1, le=5000), container: Container = Depends(get_container)
+) -> dict:
+    backend = container.llm.backends.get(name)
+    if backend is None:
+        raise NotFound(f"no backend {name!r}; backends: {', '.join(container.llm.backends)}", param="name")
+    sup = getattr(backend.inner, "supervisor", None)
+    if sup is None:
+        raise NotFound(f"backend {name!r} is not a server Keel runs, so Keel has no logs for it")
+    return {"backend": name, "log_file": str(sup.log_path), "lines": sup.tail(lines)}

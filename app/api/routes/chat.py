@@ -1,0 +1,142 @@
+"""POST /v1/chat/completions in the OpenAI wire format, streamed (SSE) or not."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator, Callable
+
+from fastapi import APIRouter, Depends, Request
+from sse_starlette import EventSourceResponse
+
+from app.api.deps import get_container, require_scope
+from app.api.errors import keel_error_body
+from app.api.schemas import (
+    AssistantMessage,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    Choice,
+    ChunkChoice,
+    Delta,
+    UsageOut,
+)
+from app.core.errors import KeelError, UnsupportedParameter
+from app.core.types import Finished, TextDelta, Usage
+from app.security.keys import ApiKey
+from app.services.chat import ChatEvent, ChatRequest, Started
+from app.services.container import Container
+
+log = logging.getLogger("keel.api")
+router = APIRouter(tags=["chat"])
+
+
+def to_domain(body: ChatCompletionRequest, request_id: str) -> ChatRequest:
+    if body.tools:
+        raise UnsupportedParameter(
+            "tools/function calling is not supported by this endpoint yet; use agent workflows instead",
+            param="tools",
+        )
+    if body.logprobs:
+        raise UnsupportedParameter("logprobs are not supported", param="logprobs")
+    unknown = sorted(set(body.model_extra or ()))
+    if unknown:
+        raise UnsupportedParameter(f"unknown parameter(s): {', '.join(unknown)}", param=unknown[0])
+    return ChatRequest(
+        model=body.model,
+        messages=tuple(m.to_domain() for m in body.messages),
+        params=body.params(),
+        request_id=request_id,
+    )
+
+
+@router.post("/v1/chat/completions", response_model=ChatCompletion, response_model_exclude_none=True)
+async def chat_completions(
+    body: ChatCompletionRequest,
+    request: Request,
+    _key: ApiKey = Depends(require_scope("chat")),
+    container: Container = Depends(get_container),
+):
+    chat_request = to_domain(body, request.state.request_id)
+    if not body.stream:
+        result = await container.chat.complete(chat_request)
+        usage = result.usage
+        return ChatCompletion(
+            id=result.id, created=result.created, model=result.model,
+            choices=[
+                Choice(index=i, message=AssistantMessage(content="".join(result.texts.get(i, []))),
+                       finish_reason=result.finish.get(i, "stop"))
+                for i in range(body.n)
+            ],
+            usage=UsageOut(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
+                           total_tokens=usage.total_tokens) if usage else None,
+        )
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    events = aiter(container.chat.stream(chat_request))
+    # Pull until the backend has answered, so errors before the first token (unknown model,
+    # backend down) are proper HTTP errors rather than an error inside a 200 stream.
+    primed = await _prime(events)
+    return EventSourceResponse(
+        _sse(primed, events, body.n, include_usage, lambda code: container.metrics.errors.labels(code).inc()),
+        ping=15, sep="\n", headers={"X-Request-Id": request.state.request_id},
+    )
+
+
+async def _prime(events: AsyncIterator[ChatEvent]) -> list[ChatEvent]:
+    primed: list[ChatEvent] = []
+    try:
+        async for event in events:
+            primed.append(event)
+            if not isinstance(event, Started):
+                break
+    except BaseException:
+        await events.aclose()
+        raise
+    return primed
+
+
+async def _sse(
+    primed: list[ChatEvent], events: AsyncIterator[ChatEvent], n: int, include_usage: bool,
+    on_error: Callable[[str], None],
+) -> AsyncIterator[str]:
+    chunk: ChatCompletionChunk | None = None
+
+    def frame(choices: list[ChunkChoice], usage: UsageOut | None = None) -> str:
+        chunk.choices = choices
+        chunk.usage = usage
+        return chunk.model_dump_json(exclude_none=True)
+
+    async def all_events() -> AsyncIterator[ChatEvent]:
+        for event in primed:
+            yield event
+        async for event in events:
+            yield event
+
+    try:
+        async for event in all_events():
+            if isinstance(event, TextDelta):
+                yield frame([ChunkChoice(index=event.index, delta=Delta(content=event.text))])
+            elif isinstance(event, Finished):
+                yield frame([ChunkChoice(index=event.index, delta=Delta(), finish_reason=event.reason)])
+            elif isinstance(event, Usage):
+                if include_usage:
+                    yield frame([], UsageOut(prompt_tokens=event.prompt_tokens,
+                                             completion_tokens=event.completion_tokens,
+                                             total_tokens=event.total_tokens))
+            elif isinstance(event, Started):
+                chunk = ChatCompletionChunk(id=event.id, created=event.created, model=event.model, choices=[])
+                yield frame([ChunkChoice(index=i, delta=Delta(role="assistant", content=""))
+                             for i in range(n)])
+        yield "[DONE]"
+    except Exception as exc:
+        # Headers are gone; the error travels as the last event (the openai client raises it)
+        # and the stream closes without [DONE].
+        if not isinstance(exc, KeelError):
+            log.exception("unexpected error mid-stream")
+            exc = KeelError("internal error while streaming; the response is incomplete")
+        else:
+            log.warning("stream failed: %s (%s)", exc.message, exc.code)
+        on_error(exc.code)
+        yield json.dumps(keel_error_body(exc))
+    finally:
+        await events.aclose()

@@ -1,0 +1,46 @@
+"""Models, health, readiness and metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from app.api.deps import get_container, require_scope
+from app.api.schemas import ModelCard, ModelList
+from app.security.keys import ApiKey
+from app.services.container import Container
+
+router = APIRouter()
+
+
+@router.get("/v1/models", response_model=ModelList, tags=["chat"])
+async def list_models(
+    _key: ApiKey = Depends(require_scope("chat")), container: Container = Depends(get_container)
+) -> ModelList:
+    return ModelList(data=[
+        ModelCard(id=name, description=spec.description, owned_by=spec.backend)
+        for name, spec in container.settings.models.items()
+    ])
+
+
+@router.get("/healthz", tags=["system"])
+async def healthz(container: Container = Depends(get_container)) -> dict:
+    """Liveness: the API process answers. Says loudly when auth is off."""
+    return {"status": "ok", "auth": "enabled" if container.settings.auth.enabled else "DISABLED (dev mode)"}
+
+
+@router.get("/readyz", tags=["system"])
+async def readyz(container: Container = Depends(get_container)) -> JSONResponse:
+    """Ready when the default model's backend can serve a request now."""
+    backends = await container.llm.readiness()
+    default = container.settings.models.get(container.settings.default_model)
+    ready = default is not None and bool(backends.get(default.backend, {}).get("ready"))
+    return JSONResponse({"ready": ready, "default_model": container.settings.default_model,
+                         "backends": backends}, status_code=200 if ready else 503)
+
+
+@router.get("/metrics", tags=["system"])
+async def metrics(container: Container = Depends(get_container)) -> Response:
+    await container.llm.readiness()  # refresh keel_backend_up
+    return Response(container.metrics.render(), media_type=CONTENT_TYPE_LATEST)

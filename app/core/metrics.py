@@ -1,0 +1,40 @@
+"""Prometheus metrics, one registry per application instance (no global state)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2, 5, 10)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter(
+            "keel_http_requests_total", "HTTP requests", ["method", "route", "status"], registry=r
+        )
+        self.latency = Histogram(
+            "keel_http_request_duration_seconds", "HTTP request latency (to the last byte)",
+            ["method", "route"], buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.errors = Counter("keel_errors_total", "Errors returned to clients", ["code"], registry=r)
+        self.ttft = Histogram(
+            "keel_chat_time_to_first_token_seconds", "Time to first token", ["model"],
+            buckets=_TTFT_BUCKETS, registry=r,
+        )
+        self.tokens = Counter("keel_chat_tokens_total", "Tokens processed", ["model", "kind"], registry=r)
+        self.inflight = Gauge("keel_chat_inflight_requests", "Chat requests in progress", registry=r)
+        self.backend_up = Gauge("keel_backend_up", "1 when the backend serves requests", ["backend"], registry=r)
+        self.backend_restarts = Counter(
+            "keel_backend_restarts_total", "Supervised backend restarts", ["backend"], registry=r
+        )
+        self.fallbacks = Counter(
+            "keel_fallback_total", "Requests served by a fallback alias", ["model", "fallback"], registry=r
+        )
+        self.breaker_open = Gauge(
+            "keel_circuit_open", "1 while the backend's circuit breaker is open", ["backend"], registry=r
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,210 @@
+"""One settings tree for all of Keel.
+
+Sources, highest priority first: constructor arguments, ``KEEL_*`` environment
+variables (``__`` separates nesting levels, e.g. ``KEEL_SERVER__PORT=9000``), a
+YAML file (``KEEL_CONFIG`` or ``./keel.yaml``), then the built-in defaults.
+Sources are deep-merged, so ``KEEL_BACKENDS__LOCAL__ENFORCE_EAGER=true``
+changes one field of the default backend instead of replacing it.
+
+Nothing here runs at import time: call :func:`load_settings` once in an entry
+point and pass the result down.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, SecretStr, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+BackendKind = Literal["vllm", "openai", "transformers"]
+
+
+class ManagedVLLM(BaseModel):
+    """How Keel runs a vLLM server as a supervised child process."""
+
+    python: Path = Path(".venv-vllm/bin/python")
+    host: str = "127.0.0.1"
+    port: int = 8001
+    model_path: Path | None = Field(
+        default=None, description="Model folder to serve; defaults to <home>/models/smollm2."
+    )
+    served_model_name: str = "smollm2"
+    max_model_len: int = 2048
+    kv_cache_gb: int = 2
+    enforce_eager: bool = Field(
+        default=False, description="Skip torch.compile: ~35 s start instead of ~2 min, ~20% slower decode."
+    )
+    enable_lora: bool = False
+    max_loras: int = 2
+    max_lora_rank: int = 8
+    lora_modules: dict[str, Path] = Field(default_factory=dict)
+    extra_args: list[str] = Field(default_factory=list)
+    startup_timeout_s: float = 600.0
+    restart_on_exit: bool = True
+    max_restarts: int = 5
+    restart_backoff_s: float = 2.0
+
+
+class BackendSettings(BaseModel):
+    """One inference backend. ``kind`` selects the implementation."""
+
+    kind: BackendKind = "vllm"
+    base_url: str | None = Field(
+        default=None, description="OpenAI-compatible base URL ending in /v1; for vllm, set it to use an "
+        "existing server instead of starting one."
+    )
+    api_key: SecretStr | None = None
+    managed: ManagedVLLM | None = None
+    model_path: Path | None = Field(default=None, description="transformers: model folder to load.")
+    device: str = "cpu"
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    connect_timeout_s: float = 3.0
+    read_timeout_s: float = 120.0
+    retries: int = Field(default=2, ge=0, description="Retries on connection errors only.")
+    retry_backoff_s: float = 0.2
+    breaker_failures: int = Field(default=5, ge=1)
+    breaker_reset_s: float = 15.0
+
+    @model_validator(mode="after")
+    def _check(self) -> BackendSettings:
+        if self.kind == "openai" and not self.base_url:
+            raise ValueError("an 'openai' backend needs base_url")
+        return self
+
+
+class GenerationDefaults(BaseModel):
+    """Applied when a request leaves the parameter unset."""
+
+    temperature: float | None = None
+    top_p: float | None = None
+    max_tokens: int = Field(default=512, ge=1)
+
+
+class ModelAlias(BaseModel):
+    """A logical model name clients use, mapped to where it really runs."""
+
+    backend: str
+    model: str = Field(description="Model name on the backend (vLLM's served name or LoRA module name).")
+    adapter: Path | None = Field(default=None, description="LoRA adapter folder (transformers backend).")
+    fallback: str | None = Field(default=None, description="Another alias used while this one is down.")
+    defaults: GenerationDefaults = Field(default_factory=GenerationDefaults)
+    description: str = ""
+
+
+class ServerSettings(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = 8000
+    public_url: str | None = None
+
+    @property
+    def url(self) -> str:
+        return self.public_url or f"http://{self.host}:{self.port}"
+
+
+class AuthSettings(BaseModel):
+    enabled: bool = Field(default=True, description="false = dev mode: every request is admin. Loudly logged.")
+    default_rate_limit_per_minute: int = Field(default=600, ge=1)
+
+
+class LimitSettings(BaseModel):
+    max_body_bytes: int = 1_000_000
+    max_messages: int = 256
+    max_input_chars: int = 100_000
+    max_tokens: int = 4096
+
+
+def _default_backends() -> dict[str, Any]:
+    return {"local": {"kind": "vllm", "managed": {}}}
+
+
+def _default_models() -> dict[str, Any]:
+    return {"smollm2": {"backend": "local", "model": "smollm2", "description": "SmolLM2-135M-Instruct",
+                        # A 135M model rambles at temperature 1; a low default keeps answers on topic.
+                        "defaults": {"temperature": 0.2}}}
+
+
+class _Defaults(PydanticBaseSettingsSource):
+    """Lowest-priority source, so env/YAML deep-merge into the default backend and alias."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return {"backends": _default_backends(), "models": _default_models()}
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="KEEL_", env_nested_delimiter="__", extra="forbid", validate_default=True
+    )
+
+    home: Path = Field(default=Path(".keel"), description="State folder: models, databases, logs.")
+    log_level: str = "INFO"
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    auth: AuthSettings = Field(default_factory=AuthSettings)
+    limits: LimitSettings = Field(default_factory=LimitSettings)
+    backends: dict[str, BackendSettings] = Field(default_factory=dict)
+    models: dict[str, ModelAlias] = Field(default_factory=dict)
+    default_model: str = "smollm2"
+
+    @model_validator(mode="after")
+    def _resolve(self) -> Settings:
+        for name, alias in self.models.items():
+            if alias.backend not in self.backends:
+                raise ValueError(f"model alias {name!r} names unknown backend {alias.backend!r}")
+            if alias.fallback and alias.fallback not in self.models:
+                raise ValueError(f"model alias {name!r} has unknown fallback {alias.fallback!r}")
+        for backend in self.backends.values():
+            if backend.kind == "vllm" and backend.base_url is None and backend.managed is None:
+                backend.managed = ManagedVLLM()
+            if backend.managed and backend.managed.model_path is None:
+                backend.managed.model_path = self.models_dir / "smollm2"
+            if backend.kind == "transformers" and backend.model_path is None:
+                backend.model_path = self.models_dir / "smollm2"
+        return self
+
+    @property
+    def models_dir(self) -> Path:
+        return self.home / "models"
+
+    @property
+    def db_path(self) -> Path:
+        return self.home / "keel.db"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.home / "logs"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        yaml_file = os.environ.get("KEEL_CONFIG", "keel.yaml")
+        return (
+            init_settings,
+            env_settings,
+            YamlConfigSettingsSource(settings_cls, yaml_file=yaml_file),
+            _Defaults(settings_cls),
+        )
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build the settings tree once; entry points call this and pass it down."""
+    config = os.environ.get("KEEL_CONFIG")
+    if config and not Path(config).is_file():
+        raise FileNotFoundError(f"KEEL_CONFIG points at {config!r}, which is not a file")
+    return Settings(**overrides)

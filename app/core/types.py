@@ -1,0 +1,77 @@
+"""Domain types shared by every layer. Wire formats (OpenAI JSON) live in the API layer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Role = Literal["system", "user", "assistant", "tool"]
+FinishReason = Literal["stop", "length", "abort", "error"]
+
+
+@dataclass(frozen=True, slots=True)
+class ChatMessage:
+    role: Role
+    content: str
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseFormat:
+    """Constrained output. ``json_schema`` is enforced by vLLM's guided decoding."""
+
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    schema: dict[str, Any] | None = None
+    name: str = "response"
+    strict: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationParams:
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    n: int = 1
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    response_format: ResponseFormat | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationRequest:
+    """What a backend is asked to do; ``model`` is the name *on that backend*."""
+
+    model: str
+    messages: tuple[ChatMessage, ...]
+    params: GenerationParams = field(default_factory=GenerationParams)
+    adapter: str | None = None
+    request_id: str = ""
+
+
+# -- stream events a backend yields ------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TextDelta:
+    text: str
+    index: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    reason: FinishReason
+    index: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+LLMEvent = TextDelta | Finished | Usage

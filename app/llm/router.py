@@ -1,0 +1,126 @@
+"""Model aliases -> backends, with failover to an alias's fallback."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
+
+from app.core.errors import BackendUnavailable, ModelNotFound
+from app.core.metrics import Metrics
+from app.core.settings import BackendSettings, ModelAlias, Settings
+from app.core.types import GenerationRequest, LLMEvent
+from app.llm.base import LLMBackend
+from app.llm.resilience import CircuitBreaker, ResilientBackend
+
+log = logging.getLogger("keel.llm")
+
+
+def build_backend(name: str, cfg: BackendSettings, settings: Settings, metrics: Metrics | None = None) -> LLMBackend:
+    """Construct (cheaply, nothing loaded) the backend implementation for ``cfg.kind``."""
+    if cfg.kind == "vllm":
+        from app.llm.vllm_backend import VLLMBackend
+
+        on_restart = metrics.backend_restarts.labels(name).inc if metrics else None
+        return VLLMBackend(name, cfg, settings.logs_dir, on_restart=on_restart)
+    if cfg.kind == "openai":
+        from app.llm.openai_backend import OpenAIBackend
+
+        return OpenAIBackend(name, cfg)
+    if cfg.kind == "transformers":
+        from app.llm.transformers_backend import TransformersBackend
+
+        return TransformersBackend(name, cfg)
+    raise ValueError(f"unknown backend kind {cfg.kind!r}")
+
+
+@dataclass(frozen=True)
+class Route:
+    alias: str
+    backend: ResilientBackend
+    spec: ModelAlias
+
+
+class ModelRouter:
+    """Resolves a client-facing model name to a backend and streams from it, failing over
+    to the alias's ``fallback`` when the primary cannot be reached before any token."""
+
+    def __init__(self, settings: Settings, metrics: Metrics, backends: dict[str, LLMBackend] | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.backends: dict[str, ResilientBackend] = {}
+        for name, cfg in settings.backends.items():
+            inner = (backends or {}).get(name) or build_backend(name, cfg, settings, metrics)
+            breaker = CircuitBreaker(
+                cfg.breaker_failures, cfg.breaker_reset_s,
+                on_change=lambda state, n=name: metrics.breaker_open.labels(n).set(state == "open"),
+            )
+            self.backends[name] = ResilientBackend(
+                inner, retries=cfg.retries, backoff_s=cfg.retry_backoff_s, breaker=breaker
+            )
+
+    @property
+    def aliases(self) -> dict[str, ModelAlias]:
+        return self.settings.models
+
+    def route(self, alias: str) -> Route:
+        spec = self.settings.models.get(alias)
+        if spec is None:
+            known = ", ".join(sorted(self.settings.models)) or "none"
+            raise ModelNotFound(f"model {alias!r} does not exist; available models: {known}", param="model")
+        return Route(alias, self.backends[spec.backend], spec)
+
+    async def stream(self, alias: str, request: GenerationRequest) -> AsyncIterator[LLMEvent]:
+        tried: list[str] = []
+        current = alias
+        while True:
+            route = self.route(current)
+            req = replace(
+                request, model=route.spec.model,
+                adapter=str(route.spec.adapter) if route.spec.adapter else request.adapter,
+            )
+            tried.append(current)
+            gen = aiter(route.backend.stream(req))
+            try:
+                first = await anext(gen)
+            except StopAsyncIteration:
+                return
+            except BackendUnavailable as exc:
+                await gen.aclose()
+                fallback = route.spec.fallback
+                if fallback is None or fallback in tried:
+                    raise
+                log.warning("model %r unavailable (%s); falling back to %r", current, exc, fallback)
+                self.metrics.fallbacks.labels(alias, fallback).inc()
+                current = fallback
+                continue
+            try:
+                yield first
+                async for event in gen:
+                    yield event
+            finally:
+                await gen.aclose()
+            return
+
+    async def start(self) -> None:
+        await asyncio.gather(*(b.start() for b in self.backends.values()))
+
+    async def aclose(self) -> None:
+        await asyncio.gather(*(b.aclose() for b in self.backends.values()), return_exceptions=True)
+
+    async def readiness(self) -> dict[str, dict[str, object]]:
+        async def one(name: str, b: ResilientBackend) -> tuple[str, dict[str, object]]:
+            try:
+                ok = await asyncio.wait_for(b.ready(), 3.0)
+            except Exception:  # readiness must answer, whatever the backend does
+                ok = False
+            self.metrics.backend_up.labels(name).set(1 if ok else 0)
+            info: dict[str, object] = {"ready": ok, "kind": self.settings.backends[name].kind,
+                                       "circuit": b.breaker.state}
+            sup = getattr(b.inner, "supervisor", None)
+            if sup is not None:
+                info["server"] = sup.status()
+            return name, info
+
+        return dict(await asyncio.gather(*(one(n, b) for n, b in self.backends.items())))

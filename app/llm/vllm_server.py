@@ -1,0 +1,280 @@
+"""Run vLLM's OpenAI-compatible server as a supervised child process.
+
+vLLM lives in its own virtual environment because its build pins its own
+torch and transformers. The supervisor starts it, waits for readiness, watches
+liveness, restarts it when it dies or hangs, and stops it (and its engine
+processes) on shutdown. If Keel itself is killed, the kernel sends the server
+SIGTERM (PR_SET_PDEATHSIG), so no orphan keeps the port and the memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import socket
+import time
+from collections import deque
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Literal
+
+import httpx
+
+from app.core.errors import KeelError
+from app.core.settings import ManagedVLLM
+
+log = logging.getLogger("keel.vllm")
+
+State = Literal["stopped", "starting", "ready", "restarting", "failed"]
+_PR_SET_PDEATHSIG = 1
+_MAX_LOG_BYTES = 50_000_000
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def port_in_use(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(0.5)
+        return s.connect_ex((host, port)) == 0
+
+
+class VLLMSupervisor:
+    def __init__(
+        self, name: str, cfg: ManagedVLLM, log_path: Path, *,
+        on_restart: Callable[[], None] | None = None,
+        liveness_interval_s: float = 5.0, liveness_failures: int = 3,
+    ) -> None:
+        self.name = name
+        self.cfg = cfg
+        self.log_path = log_path
+        self.on_restart = on_restart
+        self.liveness_interval_s = liveness_interval_s
+        self.liveness_failures = liveness_failures
+        self.state: State = "stopped"
+        self.restarts = 0
+        self.pid: int | None = None
+        self.last_exit_code: int | None = None
+        self.last_error: str | None = None
+        self.ready_at: float | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._proc: asyncio.subprocess.Process | None = None
+        self._stopping = False
+        self._ready = asyncio.Event()
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.cfg.host}:{self.cfg.port}"
+
+    def command(self) -> list[str]:
+        cfg = self.cfg
+        cmd = [
+            str(cfg.python), "-m", "vllm.entrypoints.openai.api_server",
+            "--host", cfg.host, "--port", str(cfg.port),
+            "--model", str(cfg.model_path), "--served-model-name", cfg.served_model_name,
+            "--max-model-len", str(cfg.max_model_len),
+            "--disable-uvicorn-access-log",
+        ]
+        if cfg.enforce_eager:
+            cmd.append("--enforce-eager")
+        if cfg.enable_lora or cfg.lora_modules:
+            cmd += ["--enable-lora", "--max-loras", str(cfg.max_loras), "--max-lora-rank", str(cfg.max_lora_rank)]
+            if cfg.lora_modules:
+                cmd += ["--lora-modules", *(f"{n}={p}" for n, p in cfg.lora_modules.items())]
+        return cmd + list(cfg.extra_args)
+
+    def environment(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME")}
+        env.update(
+            VLLM_TARGET_DEVICE=env.get("VLLM_TARGET_DEVICE", "cpu"),
+            VLLM_CPU_KVCACHE_SPACE=str(self.cfg.kv_cache_gb),
+            HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+            VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1",
+            # Adapters promoted later are loaded into the running server without a restart.
+            VLLM_ALLOW_RUNTIME_LORA_UPDATING="True",
+        )
+        return env
+
+    def status(self) -> dict[str, object]:
+        return {
+            "state": self.state, "pid": self.pid, "restarts": self.restarts, "url": self.base_url,
+            "last_exit_code": self.last_exit_code, "last_error": self.last_error,
+            "log_file": str(self.log_path), "command": self.command(),
+        }
+
+    def tail(self, lines: int = 200) -> list[str]:
+        try:
+            with self.log_path.open("r", errors="replace") as f:
+                return [line.rstrip("\n") for line in deque(f, maxlen=lines)]
+        except FileNotFoundError:
+            return []
+
+    async def start(self) -> None:
+        """Start the server in the background; returns at once (see :meth:`wait_ready`)."""
+        if self._task is not None and not self._task.done():
+            return
+        self._preflight()
+        self._stopping = False
+        self._task = asyncio.create_task(self._run(), name=f"vllm-supervisor-{self.name}")
+
+    async def wait_ready(self, timeout: float | None = None) -> bool:
+        try:
+            await asyncio.wait_for(self._ready.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    async def stop(self, timeout: float = 20.0) -> None:
+        self._stopping = True
+        if self._proc is not None and self._proc.returncode is None:
+            await self._terminate(self._proc, timeout)
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self._set("stopped")
+
+    def kill(self) -> None:
+        """Simulate a crash: SIGKILL the server and its engine processes (tests, chaos drills)."""
+        if self.pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.pid, signal.SIGKILL)
+
+    # -- internals -------------------------------------------------------------
+
+    def _preflight(self) -> None:
+        cfg = self.cfg
+        if not Path(cfg.python).exists():
+            raise KeelError(
+                f"vLLM python {cfg.python} not found: run `make setup` (it creates the vLLM environment) "
+                "or set base_url to use an existing vLLM server",
+                code="vllm_not_installed",
+            )
+        if cfg.model_path is None or not (Path(cfg.model_path) / "config.json").is_file():
+            raise KeelError(
+                f"model folder {cfg.model_path} is missing: run `keel model prepare`", code="model_not_prepared"
+            )
+        if port_in_use(cfg.host, cfg.port):
+            raise KeelError(
+                f"port {cfg.host}:{cfg.port} is already in use; stop what listens there or set "
+                f"KEEL_BACKENDS__{self.name.upper()}__MANAGED__PORT",
+                code="port_in_use",
+            )
+
+    def _set(self, state: State) -> None:
+        if state != self.state:
+            log.info("vLLM %s: %s -> %s", self.name, self.state, state)
+            self.state = state
+        if state == "ready":
+            self._ready.set()
+        else:
+            self._ready.clear()
+
+    def _open_log(self):
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            if self.log_path.stat().st_size > _MAX_LOG_BYTES:
+                self.log_path.replace(self.log_path.with_suffix(".log.1"))
+        f = self.log_path.open("ab", buffering=0)
+        stamp = datetime.now(UTC).isoformat(timespec="seconds")
+        f.write(f"\n=== keel: starting vLLM ({stamp}): {' '.join(self.command())}\n".encode())
+        return f
+
+    async def _run(self) -> None:
+        backoff = self.cfg.restart_backoff_s
+        while not self._stopping:
+            self._set("starting" if self.restarts == 0 else "restarting")
+            with self._open_log() as logf:
+                proc = self._proc = await asyncio.create_subprocess_exec(
+                    *self.command(), stdout=logf, stderr=asyncio.subprocess.STDOUT, stdin=asyncio.subprocess.DEVNULL,
+                    env=self.environment(), start_new_session=True, preexec_fn=_die_with_parent,
+                )
+            self.pid = proc.pid
+            if await self._wait_until_ready(proc):
+                self._set("ready")
+                self.ready_at = time.monotonic()
+                backoff = self.cfg.restart_backoff_s
+                await self._watch(proc)
+            _reap_group(proc.pid)
+            if self._stopping:
+                break
+            self.last_exit_code = proc.returncode
+            self._set("restarting")
+            if not self.cfg.restart_on_exit or self.restarts >= self.cfg.max_restarts:
+                self.last_error = (
+                    f"vLLM exited with code {proc.returncode} and was not restarted "
+                    f"({self.restarts} restarts); see {self.log_path}"
+                )
+                log.error(self.last_error)
+                self._set("failed")
+                return
+            self.restarts += 1
+            log.warning("vLLM %s exited (code %s); restart %d in %.1f s",
+                        self.name, proc.returncode, self.restarts, backoff)
+            if self.on_restart:
+                self.on_restart()
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 60.0)
+
+    async def _wait_until_ready(self, proc: asyncio.subprocess.Process) -> bool:
+        deadline = time.monotonic() + self.cfg.startup_timeout_s
+        async with httpx.AsyncClient(timeout=2.0) as client:
+            while time.monotonic() < deadline:
+                if proc.returncode is not None:
+                    self.last_error = f"vLLM exited with code {proc.returncode} during start-up; see {self.log_path}"
+                    return False
+                with contextlib.suppress(httpx.HTTPError):
+                    r = await client.get(f"{self.base_url}/v1/models")
+                    if r.status_code == 200:
+                        return True
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(proc.wait(), 0.5)
+        self.last_error = f"vLLM was not ready after {self.cfg.startup_timeout_s:.0f} s; killed"
+        await self._terminate(proc, 5.0)
+        return False
+
+    async def _watch(self, proc: asyncio.subprocess.Process) -> None:
+        """Return when the server died, or kill it when it stops answering (hung)."""
+        failures = 0
+        async with httpx.AsyncClient(timeout=self.liveness_interval_s) as client:
+            while True:
+                try:
+                    await asyncio.wait_for(proc.wait(), self.liveness_interval_s)
+                    return
+                except TimeoutError:
+                    pass
+                try:
+                    r = await client.get(f"{self.base_url}/health")
+                    failures = 0 if r.status_code == 200 else failures + 1
+                except httpx.HTTPError:
+                    failures += 1
+                if failures >= self.liveness_failures:
+                    self.last_error = f"vLLM stopped answering /health ({failures} checks); killed"
+                    log.error(self.last_error)
+                    await self._terminate(proc, 5.0)
+                    return
+
+    async def _terminate(self, proc: asyncio.subprocess.Process, timeout: float) -> None:
+        # The server runs its engine in child processes: signal the whole process group.
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, sig)
+            try:
+                await asyncio.wait_for(proc.wait(), timeout)
+                break
+            except TimeoutError:
+                log.warning("vLLM %s did not exit after %s; escalating", self.name, sig.name)
+        _reap_group(proc.pid)
+
+
+def _reap_group(pgid: int) -> None:
+    """Kill engine processes left behind by a server that exited (they hold memory and the port)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)

@@ -1,0 +1,43 @@
+"""The application's long-lived objects, built once in the API lifespan (or a CLI command)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from app.core.metrics import Metrics
+from app.core.settings import Settings
+from app.llm.router import ModelRouter
+from app.security.keys import KeyStore
+from app.security.ratelimit import RateLimiter
+from app.services.chat import ChatService
+
+log = logging.getLogger("keel")
+
+
+@dataclass
+class Container:
+    settings: Settings
+    metrics: Metrics
+    keys: KeyStore
+    rate_limiter: RateLimiter
+    llm: ModelRouter
+    chat: ChatService
+    _closers: list = field(default_factory=list)
+
+    @classmethod
+    async def build(cls, settings: Settings, *, start_backends: bool = True) -> Container:
+        settings.home.mkdir(parents=True, exist_ok=True)
+        metrics = Metrics()
+        keys = KeyStore(settings.db_path)
+        llm = ModelRouter(settings, metrics)
+        if start_backends:
+            await llm.start()
+        chat = ChatService(settings, llm, metrics)
+        return cls(settings, metrics, keys, RateLimiter(), llm, chat)
+
+    async def aclose(self) -> None:
+        for close in reversed(self._closers):
+            await close()
+        await self.llm.aclose()
+        self.keys.close()
