@@ -39,6 +39,8 @@ def create_app(settings: Settings | None = None, container: Container | None = N
         title="Keel", version="0.1.0", lifespan=lifespan,
         description="OpenAI-compatible chat over vLLM, with the LLMOps lifecycle around it.",
     )
+    if container is not None:
+        app.state.keel = container  # usable without running the lifespan (ASGI test clients)
     install_error_handlers(app)
     app.add_middleware(
         RequestContextMiddleware,

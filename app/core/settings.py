@@ -164,7 +164,9 @@ class Settings(BaseSettings):
             if alias.fallback and alias.fallback not in self.models:
                 raise ValueError(f"model alias {name!r} has unknown fallback {alias.fallback!r}")
         for backend in self.backends.values():
-            if backend.kind == "vllm" and backend.base_url is None and backend.managed is None:
+            if backend.kind == "vllm" and backend.base_url is not None:
+                backend.managed = None  # a URL means: connect to that server, do not start one
+            elif backend.kind == "vllm" and backend.managed is None:
                 backend.managed = ManagedVLLM()
             if backend.managed and backend.managed.model_path is None:
                 backend.managed.model_path = self.models_dir / "smollm2"

@@ -106,7 +106,7 @@ class ResilientBackend:
             async for attempt in AsyncRetrying(
                 retry=retry_if_exception_type(BackendUnavailable),
                 stop=stop_after_attempt(self.retries + 1),
-                wait=wait_exponential_jitter(initial=self.backoff_s, max=2.0, jitter=self.backoff_s),
+                wait=wait_exponential_jitter(multiplier=self.backoff_s, max=2.0, jitter=self.backoff_s),
                 reraise=True,
             ):
                 with attempt:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from app.core.metrics import Metrics
 from app.core.settings import Settings
+from app.llm.base import LLMBackend
 from app.llm.router import ModelRouter
 from app.security.keys import KeyStore
 from app.security.ratelimit import RateLimiter
@@ -26,11 +27,14 @@ class Container:
     _closers: list = field(default_factory=list)
 
     @classmethod
-    async def build(cls, settings: Settings, *, start_backends: bool = True) -> Container:
+    async def build(
+        cls, settings: Settings, *, backends: dict[str, LLMBackend] | None = None, start_backends: bool = True
+    ) -> Container:
+        """``backends`` replaces the configured backend of the same name (tests, embedding Keel)."""
         settings.home.mkdir(parents=True, exist_ok=True)
         metrics = Metrics()
         keys = KeyStore(settings.db_path)
-        llm = ModelRouter(settings, metrics)
+        llm = ModelRouter(settings, metrics, backends)
         if start_backends:
             await llm.start()
         chat = ChatService(settings, llm, metrics)

@@ -1,0 +1,14 @@
+"""Shared fixtures. Offline settings first: nothing in the tests may reach a model hub."""
+
+from __future__ import annotations
+
+import os
+
+for _k, _v in {
+    "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+    "RAGAS_DO_NOT_TRACK": "true", "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+}.items():
+    os.environ.setdefault(_k, _v)
+# Tests must not pick up a developer's keel.yaml or KEEL_* variables by accident.
+for _k in [k for k in os.environ if k.startswith("KEEL_")]:
+    del os.environ[_k]

@@ -1,0 +1,69 @@
+"""A scripted in-memory LLM backend for unit tests (the real ones run in the integration suite)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from app.core.errors import BackendUnavailable, KeelError
+from app.core.types import Finished, GenerationRequest, LLMEvent, TextDelta, Usage
+
+
+@dataclass
+class ScriptedBackend:
+    """Answers every request with ``reply`` split into words.
+
+    ``fail_connect`` makes the next N calls fail before the first token (like a refused
+    connection); ``fail_after`` raises ``error`` after that many tokens.
+    """
+
+    name: str = "fake"
+    reply: str = "The capital of France is Paris."
+    served: list[str] = field(default_factory=lambda: ["fake-model"])
+    fail_connect: int = 0
+    fail_after: int | None = None
+    error: KeelError | None = None
+    delay_s: float = 0.0
+    calls: int = 0
+    closed_early: int = 0
+    requests: list[GenerationRequest] = field(default_factory=list)
+    is_ready: bool = True
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[LLMEvent]:
+        self.calls += 1
+        self.requests.append(request)
+        if self.fail_connect > 0:
+            self.fail_connect -= 1
+            raise BackendUnavailable(f"{self.name} refused the connection")
+        words = self.reply.split(" ")
+        limit = request.params.max_tokens or len(words)
+        sent = 0
+        finished = False
+        try:
+            for index in range(request.params.n):
+                for i, word in enumerate(words[:limit]):
+                    if self.fail_after is not None and sent >= self.fail_after:
+                        raise self.error or KeelError("scripted failure")
+                    if self.delay_s:
+                        await asyncio.sleep(self.delay_s)
+                    yield TextDelta(word if i == 0 else " " + word, index)
+                    sent += 1
+                yield Finished("length" if limit < len(words) else "stop", index)
+            yield Usage(prompt_tokens=sum(len(m.content.split()) for m in request.messages), completion_tokens=sent)
+            finished = True
+        finally:
+            if not finished:
+                self.closed_early += 1
+
+    async def models(self) -> list[str]:
+        return list(self.served)
+
+    async def ready(self) -> bool:
+        return self.is_ready
+
+    async def start(self) -> None:
+        pass
+
+    async def aclose(self) -> None:
+        pass

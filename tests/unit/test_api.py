@@ -1,0 +1,221 @@
+"""The HTTP contract, against a scripted backend. The same checks run against real vLLM in
+tests/integration/test_chat_e2e.py."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from app.api.main import create_app
+from app.core.errors import BackendError
+from app.core.settings import load_settings
+from app.services.container import Container
+from tests.fakes.llm import ScriptedBackend
+
+
+@pytest.fixture
+async def env(tmp_path: Path):
+    settings = load_settings(
+        home=tmp_path,
+        backends={"local": {"kind": "openai", "base_url": "http://unused/v1", "retries": 0}},
+        models={"m": {"backend": "local", "model": "fake-model"}},
+        default_model="m",
+        limits={"max_messages": 4, "max_input_chars": 200, "max_tokens": 100, "max_body_bytes": 5000},
+        auth={"default_rate_limit_per_minute": 1000},
+    )
+    fake = ScriptedBackend()
+    container = await Container.build(settings, backends={"local": fake})
+    app = create_app(container=container)
+    _, admin = container.keys.create("admin", ["admin"])
+    _, chat = container.keys.create("chat", ["chat"])
+    _, prompts = container.keys.create("prompts", ["prompts:write"])
+    _, slow = container.keys.create("slow", ["chat"], rate_limit_per_minute=2)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://keel") as client:
+        yield {"client": client, "fake": fake, "container": container, "transport": transport,
+               "keys": {"admin": admin, "chat": chat, "prompts": prompts, "slow": slow}}
+    await container.aclose()
+
+
+def auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+BODY = {"model": "m", "messages": [{"role": "user", "content": "What is the capital of France?"}]}
+
+
+async def post(env, body, key="chat", **kw) -> httpx.Response:
+    return await env["client"].post("/v1/chat/completions", json=body, headers=auth(env["keys"][key]), **kw)
+
+
+def sse_events(text: str) -> list[str]:
+    return [line[len("data: "):] for line in text.splitlines() if line.startswith("data: ")]
+
+
+async def test_non_streaming_completion_has_the_openai_shape(env) -> None:
+    r = await post(env, BODY)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "chat.completion" and body["model"] == "m"
+    assert body["choices"][0]["message"] == {"role": "assistant", "content": "The capital of France is Paris."}
+    assert body["choices"][0]["finish_reason"] == "stop"
+    assert body["usage"]["completion_tokens"] == 6
+    assert r.headers["x-request-id"]
+
+
+async def test_streaming_wire_format(env) -> None:
+    r = await post(env, {**BODY, "stream": True, "stream_options": {"include_usage": True}})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    events = sse_events(r.text)
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" and c["id"] == chunks[0]["id"] for c in chunks)
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert text == "The capital of France is Paris."
+    assert chunks[-2]["choices"][0]["finish_reason"] == "stop"
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["total_tokens"] > 0
+    assert "event:" not in r.text
+
+
+async def test_usage_chunk_only_when_asked(env) -> None:
+    r = await post(env, {**BODY, "stream": True})
+    chunks = [json.loads(e) for e in sse_events(r.text)[:-1]]
+    assert all(c["choices"] for c in chunks)
+
+
+async def test_error_mid_stream_is_a_final_error_event(env) -> None:
+    env["fake"].fail_after = 2
+    env["fake"].error = BackendError("engine died", code="backend_disconnected")
+    r = await post(env, {**BODY, "stream": True})
+    events = sse_events(r.text)
+    assert "[DONE]" not in events
+    assert json.loads(events[-1])["error"]["code"] == "backend_disconnected"
+    assert len([e for e in events if '"content"' in e]) >= 2
+
+
+async def test_openai_client_sync_shapes_through_asgi(env) -> None:
+    client = openai.AsyncOpenAI(base_url="http://keel/v1", api_key=env["keys"]["chat"],
+                                http_client=httpx.AsyncClient(transport=env["transport"]))
+    got = await client.chat.completions.create(**BODY)
+    assert got.choices[0].message.content.endswith("Paris.")
+    stream = await client.chat.completions.create(**BODY, stream=True, stream_options={"include_usage": True})
+    parts = [c.choices[0].delta.content or "" async for c in stream if c.choices]
+    assert "".join(parts).endswith("Paris.")
+    models = await client.models.list()
+    assert "m" in [m.id for m in models.data]
+
+
+async def test_backend_down_before_first_token_is_an_http_503(env) -> None:
+    env["fake"].fail_connect = 10
+    r = await post(env, {**BODY, "stream": True})
+    assert r.status_code == 503
+    assert r.json()["error"]["code"] == "backend_unavailable"
+
+
+@pytest.mark.parametrize(
+    ("content", "status", "code", "phrase"),
+    [
+        (b"{not json", 400, "invalid_json", "not valid JSON"),
+        (json.dumps({"model": "m", "messages": []}).encode(), 400, "invalid_request", "messages"),
+        (json.dumps({"model": "m"}).encode(), 400, "invalid_request", "messages: is required"),
+        (json.dumps({"model": "m", "messages": "hi"}).encode(), 400, "invalid_request", "messages"),
+        (json.dumps({**BODY, "max_tokens": 0}).encode(), 400, "invalid_request", "max_tokens"),
+        (json.dumps({**BODY, "max_tokens": "lots"}).encode(), 400, "invalid_request", "max_tokens"),
+        (json.dumps({**BODY, "max_tokens": 101}).encode(), 400, "invalid_request", "at most 100"),
+        (json.dumps({**BODY, "temperature": 5}).encode(), 400, "invalid_request", "temperature"),
+        (json.dumps({**BODY, "model": "gpt-9"}).encode(), 404, "model_not_found", "available models: m"),
+        (json.dumps({**BODY, "messages": [{"role": "user", "content": "x" * 300}]}).encode(), 400,
+         "context_length_exceeded", "limit is 200"),
+        (json.dumps({**BODY, "messages": [{"role": "user", "content": "x"}] * 5}).encode(), 400,
+         "invalid_request", "too many messages"),
+        (json.dumps({**BODY, "messages": [{"role": "wizard", "content": "x"}]}).encode(), 400,
+         "invalid_request", "messages.0.role"),
+        (json.dumps({**BODY, "tools": [{"type": "function"}]}).encode(), 400, "unsupported_parameter", "tools"),
+        (json.dumps({**BODY, "frobnicate": 1}).encode(), 400, "unsupported_parameter", "frobnicate"),
+        (json.dumps({**BODY, "response_format": {"type": "json_schema"}}).encode(), 400, "invalid_request",
+         "json_schema"),
+        (json.dumps({**BODY, "messages": [{"role": "user", "content": "  "}]}).encode(), 400, "invalid_request",
+         "empty"),
+    ],
+)
+async def test_bad_input_gets_a_4xx_that_says_what_to_fix(env, content, status, code, phrase) -> None:
+    r = await env["client"].post("/v1/chat/completions", content=content,
+                                 headers={**auth(env["keys"]["chat"]), "content-type": "application/json"})
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["code"] == code and phrase in err["message"], err
+    assert "Traceback" not in r.text
+    assert env["fake"].calls == 0  # nothing bad reaches the model
+
+
+async def test_oversized_body_is_413(env) -> None:
+    r = await post(env, {**BODY, "messages": [{"role": "user", "content": "x" * 6000}]})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
+
+
+async def test_auth_errors(env) -> None:
+    c = env["client"]
+    r = await c.post("/v1/chat/completions", json=BODY)
+    assert r.status_code == 401 and "missing API key" in r.json()["error"]["message"]
+    r = await c.post("/v1/chat/completions", json=BODY, headers=auth("keel-nope"))
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    r = await post(env, BODY, key="prompts")
+    assert r.status_code == 403 and "'chat' scope" in r.json()["error"]["message"]
+    r = await c.get("/v1/admin/keys", headers=auth(env["keys"]["chat"]))
+    assert r.status_code == 403
+
+
+async def test_rate_limit_429_with_retry_after(env) -> None:
+    assert (await post(env, BODY, key="slow")).status_code == 200
+    assert (await post(env, BODY, key="slow")).status_code == 200
+    r = await post(env, BODY, key="slow")
+    assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+    assert r.json()["error"]["code"] == "rate_limit_exceeded"
+
+
+async def test_admin_can_manage_keys_over_the_api(env) -> None:
+    c, h = env["client"], auth(env["keys"]["admin"])
+    r = await c.post("/v1/admin/keys", json={"name": "svc", "scopes": ["chat"]}, headers=h)
+    assert r.status_code == 201 and r.json()["key"].startswith("keel-")
+    new_key, key_id = r.json()["key"], r.json()["id"]
+    assert (await post(env, BODY, key="chat")).status_code == 200
+    assert (await c.post("/v1/chat/completions", json=BODY, headers=auth(new_key))).status_code == 200
+    assert "key" not in (await c.get("/v1/admin/keys", headers=h)).json()[0]
+    assert (await c.delete(f"/v1/admin/keys/{key_id}", headers=h)).status_code == 200
+    env["container"].keys._cache.clear()
+    assert (await c.post("/v1/chat/completions", json=BODY, headers=auth(new_key))).status_code == 401
+    r = await c.post("/v1/admin/keys", json={"name": "bad", "scopes": ["root"]}, headers=h)
+    assert r.status_code == 400 and "unknown scope" in r.json()["error"]["message"]
+
+
+async def test_health_ready_metrics_and_unknown_routes(env) -> None:
+    c = env["client"]
+    assert (await c.get("/healthz")).json()["status"] == "ok"
+    r = await c.get("/readyz")
+    assert r.status_code == 200 and r.json()["ready"] is True
+    env["fake"].is_ready = False
+    assert (await c.get("/readyz")).status_code == 503
+    await post(env, BODY)
+    text = (await c.get("/metrics")).text
+    assert 'keel_http_requests_total{method="POST",route="/v1/chat/completions",status="200"}' in text
+    assert "keel_chat_time_to_first_token_seconds_bucket" in text
+    assert 'keel_chat_tokens_total{kind="completion",model="m"}' in text
+    r = await c.get("/v2/nothing")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+
+
+async def test_dev_mode_disables_auth_loudly(tmp_path: Path) -> None:
+    settings = load_settings(home=tmp_path, auth={"enabled": False},
+                             backends={"local": {"kind": "openai", "base_url": "http://unused/v1"}},
+                             models={"m": {"backend": "local", "model": "x"}}, default_model="m")
+    container = await Container.build(settings, backends={"local": ScriptedBackend()})
+    app = create_app(container=container)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://k") as c:
+        assert (await c.post("/v1/chat/completions", json=BODY | {"model": "m"})).status_code == 200
+        assert "DISABLED" in (await c.get("/healthz")).json()["auth"]
+    await container.aclose()

@@ -1,0 +1,61 @@
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from app.core.settings import load_settings
+
+
+def test_defaults_give_a_managed_vllm_backend_and_the_smollm2_alias(tmp_path: Path) -> None:
+    s = load_settings(home=tmp_path)
+    assert s.backends["local"].kind == "vllm"
+    assert s.backends["local"].managed is not None
+    assert s.backends["local"].managed.model_path == tmp_path / "models" / "smollm2"
+    assert s.models["smollm2"].backend == "local"
+    assert s.server.url == "http://127.0.0.1:8000"
+
+
+def test_env_vars_deep_merge_into_the_default_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KEEL_BACKENDS__LOCAL__MANAGED__PORT", "9123")
+    monkeypatch.setenv("KEEL_SERVER__PORT", "9000")
+    s = load_settings()
+    assert s.backends["local"].managed.port == 9123
+    assert s.backends["local"].kind == "vllm"  # not wiped by the partial override
+    assert s.models["smollm2"].defaults.temperature == 0.2
+    assert s.server.port == 9000
+
+
+def test_base_url_means_connect_instead_of_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KEEL_BACKENDS__LOCAL__BASE_URL", "http://gpu-box:8000/v1")
+    s = load_settings()
+    assert s.backends["local"].base_url == "http://gpu-box:8000/v1"
+    assert s.backends["local"].managed is None
+
+
+def test_yaml_file_adds_backends_and_aliases(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = tmp_path / "keel.yaml"
+    cfg.write_text(
+        "backends:\n  hosted:\n    kind: openai\n    base_url: http://127.0.0.1:1/v1\n"
+        "models:\n  big:\n    backend: hosted\n    model: llama\n    fallback: smollm2\n"
+    )
+    monkeypatch.setenv("KEEL_CONFIG", str(cfg))
+    s = load_settings()
+    assert set(s.backends) == {"local", "hosted"}
+    assert s.models["big"].fallback == "smollm2"
+    assert "smollm2" in s.models
+
+
+def test_alias_naming_an_unknown_backend_is_refused() -> None:
+    with pytest.raises(ValidationError, match="unknown backend 'nope'"):
+        load_settings(models={"x": {"backend": "nope", "model": "m"}})
+
+
+def test_openai_backend_needs_a_url() -> None:
+    with pytest.raises(ValidationError, match="needs base_url"):
+        load_settings(backends={"h": {"kind": "openai"}})
+
+
+def test_missing_config_file_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KEEL_CONFIG", "/nonexistent/keel.yaml")
+    with pytest.raises(FileNotFoundError, match="KEEL_CONFIG"):
+        load_settings()
