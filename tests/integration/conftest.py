@@ -1,0 +1,134 @@
+"""A real Keel API process supervising a real vLLM CPU server with the real SmolLM2 model.
+
+Started once per test session (vLLM takes ~40 s to start with --enforce-eager). `make test`
+prepares both virtual environments and the model; without them these tests fail with the
+command to run, unless KEEL_SKIP_VLLM_TESTS=1 says to skip them on purpose.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from app.security.keys import KeyStore
+
+ROOT = Path(__file__).resolve().parents[2]
+VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
+MODEL = ROOT / ".keel" / "models" / "smollm2"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+@dataclass
+class KeelServer:
+    url: str
+    vllm_url: str
+    home: Path
+    proc: subprocess.Popen
+    keys: dict[str, str]
+    log: Path
+
+    def headers(self, key: str = "chat") -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.keys[key]}"}
+
+    def vllm_metric(self, name: str) -> float:
+        """Sum of a vLLM Prometheus metric across its label sets."""
+        text = httpx.get(f"{self.vllm_url}/metrics", timeout=10).text
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith(name + "{") or line.startswith(name + " "))
+
+    def wait_ready(self, timeout: float = 600) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"keel exited ({self.proc.returncode}); log:\n{self.log.read_text()[-4000:]}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=5).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        raise TimeoutError(f"keel not ready after {timeout} s; log:\n{self.log.read_text()[-4000:]}")
+
+
+def _require_real_parts() -> None:
+    missing = [str(p) for p in (VLLM_PYTHON, MODEL / "config.json") if not p.exists()]
+    if missing:
+        if os.environ.get("KEEL_SKIP_VLLM_TESTS") == "1":
+            pytest.skip("KEEL_SKIP_VLLM_TESTS=1: real vLLM tests skipped on purpose")
+        pytest.fail(f"missing {', '.join(missing)}: run `make model` (or `make test`) first", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def keel_server(tmp_path_factory: pytest.TempPathFactory) -> KeelServer:
+    _require_real_parts()
+    home = tmp_path_factory.mktemp("keel-home")
+    api_port, vllm_port, dead_port = free_port(), free_port(), free_port()
+    config = {
+        "home": str(home),
+        "server": {"port": api_port},
+        "auth": {"default_rate_limit_per_minute": 10_000},
+        "backends": {
+            "local": {"kind": "vllm", "read_timeout_s": 60, "managed": {
+                "python": str(VLLM_PYTHON), "port": vllm_port, "model_path": str(MODEL),
+                "enforce_eager": True, "restart_backoff_s": 1.0}},
+            # Nothing listens here: the primary of the fallback alias below.
+            "dead": {"kind": "openai", "base_url": f"http://127.0.0.1:{dead_port}/v1", "retries": 1,
+                     "retry_backoff_s": 0.05},
+        },
+        "models": {"flaky": {"backend": "dead", "model": "smollm2", "fallback": "smollm2"}},
+    }
+    cfg = home / "keel.yaml"
+    cfg.write_text(yaml.safe_dump(config))
+    store = KeyStore(home / "keel.db")
+    keys = {
+        "admin": store.create("admin", ["admin"])[1],
+        "chat": store.create("chat", ["chat"])[1],
+        "prompts": store.create("prompts-only", ["prompts:write"])[1],
+        "limited": store.create("limited", ["chat"], rate_limit_per_minute=3)[1],
+    }
+    store.close()
+    log = home / "keel.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KEEL_")}
+    env.update(KEEL_CONFIG=str(cfg), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve"], cwd=ROOT, env=env,
+                                stdout=out, stderr=subprocess.STDOUT)
+    server = KeelServer(f"http://127.0.0.1:{api_port}", f"http://127.0.0.1:{vllm_port}", home, proc, keys, log)
+    try:
+        server.wait_ready()
+    except BaseException:
+        proc.kill()
+        raise
+    yield server
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    # Keel must take its vLLM server down with it.
+    deadline = time.monotonic() + 30
+    while port_open(vllm_port) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not port_open(vllm_port), "vLLM still listening after Keel shut down"

@@ -1,0 +1,193 @@
+"""Keel's chat API through a real vLLM server and the real SmolLM2 model."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+import openai
+import pytest
+from langchain_openai import ChatOpenAI
+
+from tests.integration.conftest import KeelServer
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def client(server: KeelServer, key: str = "chat") -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=server.keys[key], max_retries=0)
+
+
+def test_non_streaming_answer_from_the_real_model(keel_server: KeelServer) -> None:
+    got = client(keel_server).chat.completions.create(
+        model="smollm2", messages=QUESTION, temperature=0, max_tokens=30
+    )
+    assert "Paris" in got.choices[0].message.content
+    assert got.choices[0].finish_reason in ("stop", "length")
+    assert got.usage.prompt_tokens > 5 and 0 < got.usage.completion_tokens <= 30
+
+
+def test_streaming_wire_format_over_http(keel_server: KeelServer) -> None:
+    body = {"model": "smollm2", "messages": QUESTION, "temperature": 0, "max_tokens": 30, "stream": True,
+            "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", f"{keel_server.url}/v1/chat/completions", json=body,
+                      headers=keel_server.headers(), timeout=60) as r:
+        assert r.status_code == 200
+        lines = [line for line in r.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in lines), lines[:3]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line[6:]) for line in lines[:-1]]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert {c["id"] for c in chunks} == {chunks[0]["id"]}
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert "Paris" in text
+    assert [c for c in chunks if c["choices"] and c["choices"][0].get("finish_reason")]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] > 0
+
+
+def test_openai_client_sync_stream_and_stream_helper(keel_server: KeelServer) -> None:
+    c = client(keel_server)
+    stream = c.chat.completions.create(model="smollm2", messages=QUESTION, temperature=0, max_tokens=20,
+                                       stream=True)
+    assert "Paris" in "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices)
+    with c.chat.completions.stream(model="smollm2", messages=QUESTION, temperature=0, max_tokens=20) as s:
+        for _ in s:
+            pass
+        final = s.get_final_completion()
+    assert "Paris" in final.choices[0].message.content
+    assert [m.id for m in c.models.list().data][:1] == ["smollm2"]
+
+
+async def test_openai_async_client(keel_server: KeelServer) -> None:
+    c = openai.AsyncOpenAI(base_url=f"{keel_server.url}/v1", api_key=keel_server.keys["chat"], max_retries=0)
+    got = await c.chat.completions.create(model="smollm2", messages=QUESTION, temperature=0, max_tokens=20)
+    assert "Paris" in got.choices[0].message.content
+    stream = await c.chat.completions.create(model="smollm2", messages=QUESTION, temperature=0, max_tokens=20,
+                                             stream=True, stream_options={"include_usage": True})
+    usage = None
+    async for chunk in stream:
+        usage = chunk.usage or usage
+    assert usage is not None and usage.completion_tokens > 0
+    await c.close()
+
+
+def test_langchain_chat_openai(keel_server: KeelServer) -> None:
+    llm = ChatOpenAI(base_url=f"{keel_server.url}/v1", api_key=keel_server.keys["chat"], model="smollm2",
+                     temperature=0, max_tokens=20, max_retries=0)
+    assert "Paris" in llm.invoke("What is the capital of France?").content
+    chunks = list(llm.stream("What is the capital of France?"))
+    assert len(chunks) > 2 and "Paris" in "".join(c.content for c in chunks)
+
+
+async def test_eight_concurrent_streams(keel_server: KeelServer) -> None:
+    c = openai.AsyncOpenAI(base_url=f"{keel_server.url}/v1", api_key=keel_server.keys["chat"], max_retries=0)
+
+    async def one(i: int) -> tuple[str, int]:
+        stream = await c.chat.completions.create(
+            model="smollm2", max_tokens=24, temperature=0, stream=True, stream_options={"include_usage": True},
+            messages=[{"role": "user", "content": f"Count from {i} to {i + 5}."}],
+        )
+        text, tokens = "", 0
+        async for chunk in stream:
+            if chunk.choices:
+                text += chunk.choices[0].delta.content or ""
+            if chunk.usage:
+                tokens = chunk.usage.completion_tokens
+        return text, tokens
+
+    results = await asyncio.gather(*(one(i) for i in range(8)))
+    await c.close()
+    assert all(text and tokens > 0 for text, tokens in results)
+
+
+def test_structured_output_is_valid_json_for_the_schema(keel_server: KeelServer) -> None:
+    schema = {"type": "object", "properties": {"city": {"type": "string"}, "country": {"type": "string"}},
+              "required": ["city", "country"], "additionalProperties": False}
+    got = client(keel_server).chat.completions.create(
+        model="smollm2", temperature=0, max_tokens=60,
+        messages=[{"role": "user", "content": "Give the capital of France as JSON with city and country."}],
+        response_format={"type": "json_schema", "json_schema": {"name": "capital", "schema": schema}},
+    )
+    data = json.loads(got.choices[0].message.content)
+    assert set(data) == {"city", "country"} and all(isinstance(v, str) for v in data.values())
+
+
+def test_client_disconnect_aborts_the_upstream_request(keel_server: KeelServer) -> None:
+    body = {"model": "smollm2", "max_tokens": 1500, "temperature": 0, "stream": True,
+            "messages": [{"role": "user", "content": "Write a very long story about a dragon and a knight."}]}
+    before = keel_server.vllm_metric("vllm:generation_tokens_total")
+    with httpx.stream("POST", f"{keel_server.url}/v1/chat/completions", json=body,
+                      headers=keel_server.headers(), timeout=60) as r:
+        lines = r.iter_lines()
+        for _ in range(6):
+            next(lines)
+        assert keel_server.vllm_metric("vllm:num_requests_running") == 1
+    # The client is gone: vLLM must stop generating within moments, far short of 1500 tokens.
+    deadline = time.monotonic() + 10
+    while keel_server.vllm_metric("vllm:num_requests_running") > 0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert keel_server.vllm_metric("vllm:num_requests_running") == 0
+    generated = keel_server.vllm_metric("vllm:generation_tokens_total") - before
+    time.sleep(1.0)
+    assert keel_server.vllm_metric("vllm:generation_tokens_total") - before == generated
+    assert generated < 300, f"vLLM generated {generated} tokens after the client left"
+
+
+def test_fallback_alias_answers_when_its_primary_is_down(keel_server: KeelServer) -> None:
+    got = client(keel_server).chat.completions.create(model="flaky", messages=QUESTION, temperature=0,
+                                                      max_tokens=20)
+    assert "Paris" in got.choices[0].message.content
+    metrics = httpx.get(f"{keel_server.url}/metrics").text
+    assert 'keel_fallback_total{fallback="smollm2",model="flaky"}' in metrics
+
+
+def test_auth_and_rate_limits(keel_server: KeelServer) -> None:
+    url = f"{keel_server.url}/v1/chat/completions"
+    body = {"model": "smollm2", "messages": QUESTION, "max_tokens": 2}
+    assert httpx.post(url, json=body).status_code == 401
+    assert httpx.post(url, json=body, headers={"Authorization": "Bearer keel-wrong"}).status_code == 401
+    r = httpx.post(url, json=body, headers=keel_server.headers("prompts"))
+    assert r.status_code == 403 and r.json()["error"]["code"] == "insufficient_scope"
+    codes = [httpx.post(url, json=body, headers=keel_server.headers("limited"), timeout=60).status_code
+             for _ in range(4)]
+    assert codes[:3] == [200, 200, 200] and codes[3] == 429
+    with pytest.raises(openai.RateLimitError):
+        client(keel_server, "limited").chat.completions.create(model="smollm2", messages=QUESTION, max_tokens=2)
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code"),
+    [
+        ({"model": "smollm2", "messages": []}, 400, "invalid_request"),
+        ({"model": "smollm2", "messages": [{"role": "user", "content": 5}]}, 400, "invalid_request"),
+        ({"model": "nope", "messages": QUESTION}, 404, "model_not_found"),
+        ({"model": "smollm2", "messages": QUESTION, "max_tokens": -1}, 400, "invalid_request"),
+        # Fits Keel's character limit but not the model's 2048-token context: vLLM's own check.
+        ({"model": "smollm2", "messages": [{"role": "user", "content": "word " * 3000}], "max_tokens": 10},
+         400, "context_length_exceeded"),
+    ],
+)
+def test_bad_input_through_the_real_stack(keel_server: KeelServer, body, status, code) -> None:
+    r = httpx.post(f"{keel_server.url}/v1/chat/completions", json=body, headers=keel_server.headers(), timeout=60)
+    assert r.status_code == status, r.text
+    assert r.json()["error"]["code"] == code
+    assert r.json()["error"]["message"]
+
+
+def test_malformed_json_through_the_real_stack(keel_server: KeelServer) -> None:
+    r = httpx.post(f"{keel_server.url}/v1/chat/completions", content=b'{"model": ',
+                   headers={**keel_server.headers(), "content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+
+
+def test_admin_sees_backend_state_and_vllm_logs(keel_server: KeelServer) -> None:
+    h = keel_server.headers("admin")
+    state = httpx.get(f"{keel_server.url}/v1/admin/backends", headers=h).json()
+    assert state["local"]["server"]["state"] == "ready" and state["dead"]["ready"] is False
+    logs = httpx.get(f"{keel_server.url}/v1/admin/backends/local/logs?lines=500", headers=h).json()
+    assert any("vllm" in line.lower() for line in logs["lines"])
+    assert httpx.get(f"{keel_server.url}/v1/admin/backends", headers=keel_server.headers()).status_code == 403
