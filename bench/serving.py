@@ -1,0 +1,263 @@
+"""Keel's serving overhead: the same concurrent streaming requests sent directly to vLLM and
+through Keel, alternating round by round in one run, so both see the same machine state.
+
+    .venv/bin/python bench/serving.py                       # starts Keel + vLLM itself
+    .venv/bin/python bench/serving.py --keel-url http://127.0.0.1:8000 --vllm-url http://127.0.0.1:8001 \
+        --key "$(cat .keel/dev-api-key)"                    # measure running servers
+
+Prints a table (TTFT p50/p95, inter-token latency, tokens/s, Keel/direct ratios) and writes JSON
+under bench/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = [
+    "Explain how a lighthouse works.",
+    "Write a short story about a cat who learns to fly.",
+    "What are the benefits of regular exercise?",
+    "Describe the water cycle step by step.",
+    "Give three tips for learning a new language.",
+    "Why is the sky blue?",
+    "Describe a busy market in the morning.",
+    "How do bees make honey?",
+]
+
+
+@dataclass
+class Sample:
+    ttft_s: float
+    itl_s: list[float]
+    tokens: int
+    total_s: float
+
+
+@dataclass
+class Round:
+    target: str
+    concurrency: int
+    wall_s: float
+    samples: list[Sample] = field(default_factory=list)
+
+    @property
+    def tokens(self) -> int:
+        return sum(s.tokens for s in self.samples)
+
+
+async def one_request(client: httpx.AsyncClient, url: str, headers: dict, model: str, prompt: str,
+                      max_tokens: int) -> Sample:
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    start = time.perf_counter()
+    first = last = None
+    gaps: list[float] = []
+    tokens = 0
+    async with client.stream("POST", url, json=body, headers=headers) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                raise RuntimeError(chunk["error"])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            if chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
+                now = time.perf_counter()
+                if first is None:
+                    first = now
+                else:
+                    gaps.append(now - last)
+                last = now
+    end = time.perf_counter()
+    return Sample(ttft_s=(first or end) - start, itl_s=gaps, tokens=tokens, total_s=end - start)
+
+
+async def run_round(target: str, url: str, headers: dict, model: str, concurrency: int,
+                    max_tokens: int, offset: int) -> Round:
+    limits = httpx.Limits(max_connections=concurrency * 2)
+    async with httpx.AsyncClient(timeout=300, limits=limits) as client:
+        start = time.perf_counter()
+        samples = await asyncio.gather(*(
+            one_request(client, url, headers, model, PROMPTS[(offset + i) % len(PROMPTS)], max_tokens)
+            for i in range(concurrency)
+        ))
+        return Round(target, concurrency, time.perf_counter() - start, list(samples))
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    k = (len(values) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(values) - 1)
+    return values[lo] + (values[hi] - values[lo]) * (k - lo)
+
+
+def summarize(rounds: list[Round]) -> dict[str, float]:
+    samples = [s for r in rounds for s in r.samples]
+    ttft = [s.ttft_s for s in samples]
+    itl = [g for s in samples for g in s.itl_s]
+    return {
+        "requests": len(samples),
+        "ttft_p50_ms": pct(ttft, 0.5) * 1000, "ttft_p95_ms": pct(ttft, 0.95) * 1000,
+        "itl_p50_ms": pct(itl, 0.5) * 1000, "itl_p95_ms": pct(itl, 0.95) * 1000,
+        "tokens_per_s": sum(r.tokens for r in rounds) / sum(r.wall_s for r in rounds),
+        "tokens": sum(r.tokens for r in rounds),
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_keel(enforce_eager: bool) -> tuple[subprocess.Popen, str, str, str]:
+    """Start Keel with its managed vLLM in a scratch home; returns (proc, keel_url, vllm_url, key)."""
+    sys.path.insert(0, str(ROOT))
+    from app.security.keys import KeyStore
+
+    home = Path(tempfile.mkdtemp(prefix="keel-bench-"))
+    api_port, vllm_port = free_port(), free_port()
+    cfg = {
+        "home": str(home), "server": {"port": api_port},
+        "auth": {"default_rate_limit_per_minute": 1_000_000},
+        "backends": {"local": {"kind": "vllm", "managed": {
+            "python": str(ROOT / ".venv-vllm/bin/python"), "port": vllm_port,
+            "model_path": str(ROOT / ".keel/models/smollm2"), "enforce_eager": enforce_eager}}},
+    }
+    (home / "keel.yaml").write_text(yaml.safe_dump(cfg))
+    store = KeyStore(home / "keel.db")
+    _, key = store.create("bench", ["chat"])
+    store.close()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KEEL_")}
+    env.update(KEEL_CONFIG=str(home / "keel.yaml"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    log = (home / "keel.log").open("wb")
+    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve"], cwd=ROOT, env=env, stdout=log,
+                            stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{api_port}"
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"keel exited; see {home / 'keel.log'}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
+                return proc, url, f"http://127.0.0.1:{vllm_port}", key
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    proc.kill()
+    raise SystemExit("keel not ready in 900 s")
+
+
+async def main_async(args: argparse.Namespace) -> dict:
+    targets = {
+        "direct": (f"{args.vllm_url}/v1/chat/completions", {}, args.vllm_model),
+        "keel": (f"{args.keel_url}/v1/chat/completions", {"Authorization": f"Bearer {args.key}"}, args.model),
+    }
+    for name, (url, headers, model) in targets.items():  # warm-up, not measured
+        await run_round(name, url, headers, model, 2, 16, 0)
+    results: dict[str, dict] = {}
+    for concurrency in args.concurrency:
+        rounds: dict[str, list[Round]] = {"direct": [], "keel": []}
+        for i in range(args.rounds):
+            order = ["direct", "keel"] if i % 2 == 0 else ["keel", "direct"]
+            for name in order:
+                url, headers, model = targets[name]
+                rounds[name].append(await run_round(name, url, headers, model, concurrency, args.max_tokens, i))
+        direct, keel = summarize(rounds["direct"]), summarize(rounds["keel"])
+        results[str(concurrency)] = {
+            "direct": direct, "keel": keel,
+            "ratio": {
+                "throughput": keel["tokens_per_s"] / direct["tokens_per_s"],
+                "ttft_p50_added_ms": keel["ttft_p50_ms"] - direct["ttft_p50_ms"],
+                "ttft_p95_added_ms": keel["ttft_p95_ms"] - direct["ttft_p95_ms"],
+                "itl_p50_ratio": keel["itl_p50_ms"] / direct["itl_p50_ms"],
+            },
+            "rounds": {k: [asdict(r) | {"tokens": r.tokens} for r in v] for k, v in rounds.items()},
+        }
+    return results
+
+
+def print_table(results: dict) -> None:
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:  # pragma: no cover
+        print(json.dumps(results, indent=2))
+        return
+    table = Table(title="Keel vs direct vLLM (streaming, same requests, alternating rounds)")
+    for col in ("conc", "target", "reqs", "TTFT p50 ms", "TTFT p95 ms", "ITL p50 ms", "ITL p95 ms", "tok/s"):
+        table.add_column(col, justify="right")
+    for conc, res in results.items():
+        for name in ("direct", "keel"):
+            s = res[name]
+            table.add_row(conc, name, str(s["requests"]), f"{s['ttft_p50_ms']:.1f}", f"{s['ttft_p95_ms']:.1f}",
+                          f"{s['itl_p50_ms']:.1f}", f"{s['itl_p95_ms']:.1f}", f"{s['tokens_per_s']:.1f}")
+        r = res["ratio"]
+        table.add_row(conc, "[bold]keel/direct[/bold]", "", f"+{r['ttft_p50_added_ms']:.1f}",
+                      f"+{r['ttft_p95_added_ms']:.1f}", f"x{r['itl_p50_ratio']:.3f}", "",
+                      f"[bold]{r['throughput'] * 100:.1f}%[/bold]")
+    Console().print(table)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--keel-url")
+    p.add_argument("--vllm-url")
+    p.add_argument("--key", default=os.environ.get("KEEL_API_KEY"))
+    p.add_argument("--model", default="smollm2", help="model alias on Keel")
+    p.add_argument("--vllm-model", default="smollm2", help="served model name on vLLM")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--rounds", type=int, default=4, help="rounds per target and concurrency (alternating)")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--enforce-eager", action="store_true", help="when starting vLLM: skip torch.compile")
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    args = p.parse_args()
+
+    proc = None
+    if not args.keel_url:
+        print("starting Keel with a managed vLLM server (compile step: 1-3 min)...", flush=True)
+        proc, args.keel_url, args.vllm_url, args.key = start_keel(args.enforce_eager)
+    elif not (args.vllm_url and args.key):
+        p.error("--keel-url needs --vllm-url and --key")
+    try:
+        results = asyncio.run(main_async(args))
+    finally:
+        if proc is not None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=60)
+    print_table(results)
+    args.out.mkdir(parents=True, exist_ok=True)
+    out = args.out / f"serving-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}.json"
+    out.write_text(json.dumps({
+        "benchmark": "serving", "created": datetime.now(UTC).isoformat(), "machine": {
+            "cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "settings": {"rounds": args.rounds, "max_tokens": args.max_tokens, "concurrency": args.concurrency,
+                     "enforce_eager": args.enforce_eager},
+        "results": results,
+    }, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
