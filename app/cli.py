@@ -17,6 +17,7 @@ from rich.table import Table
 
 from app.core.errors import KeelError
 from app.core.settings import Settings, load_settings
+from prompts.cli import app as prompts_app
 
 console = Console()
 err = Console(stderr=True)
@@ -27,6 +28,7 @@ vllm_app = typer.Typer(help="The vLLM server Keel supervises.", no_args_is_help=
 app.add_typer(keys_app, name="keys")
 app.add_typer(model_app, name="model")
 app.add_typer(vllm_app, name="vllm")
+app.add_typer(prompts_app, name="prompts", help="Prompt registry: templates, versions, labels.")
 
 _OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "RAGAS_DO_NOT_TRACK": "true",
             "LITELLM_LOCAL_MODEL_COST_MAP": "True", "TOKENIZERS_PARALLELISM": "false"}

@@ -48,13 +48,29 @@ class ResponseFormatIn(_Wire):
     json_schema: JsonSchemaSpec | None = None
 
 
+class PromptIn(_Wire):
+    """Keel extension: render a registry template (``name``, ``name@7``, ``name@label``) in front of
+    ``messages``. OpenAI clients send it with ``extra_body={"prompt": {...}}``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ref: str = Field(min_length=1, max_length=200)
+    variables: dict[str, Any] = Field(default_factory=dict)
+
+
+class PromptInfo(_Wire):
+    ref: str
+    hash: str
+
+
 class ChatCompletionRequest(_Wire):
     """Fields Keel does not implement are rejected with a 400 rather than silently dropped."""
 
     model_config = ConfigDict(extra="allow")
 
-    model: str = Field(min_length=1)
-    messages: list[Message] = Field(min_length=1)
+    model: str | None = Field(default=None, min_length=1, description="Optional only when a prompt names one.")
+    messages: list[Message] = Field(default_factory=list, max_length=10_000)
+    prompt: PromptIn | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     max_tokens: Annotated[int, Field(ge=1)] | None = None
@@ -137,6 +153,7 @@ class ChatCompletion(_Wire):
     choices: list[Choice]
     usage: UsageOut | None = None
     system_fingerprint: str | None = None
+    prompt: PromptInfo | None = Field(default=None, description="Keel: the prompt version used.")
 
 
 class Delta(_Wire):
@@ -158,6 +175,7 @@ class ChatCompletionChunk(_Wire):
     model: str
     choices: list[ChunkChoice]
     usage: UsageOut | None = None
+    prompt: PromptInfo | None = None
 
 
 class ModelCard(_Wire):

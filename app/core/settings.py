@@ -25,6 +25,9 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from ingest.settings import RagSettings
+from prompts.settings import PromptSettings
+
 BackendKind = Literal["vllm", "openai", "transformers"]
 
 
@@ -155,6 +158,8 @@ class Settings(BaseSettings):
     backends: dict[str, BackendSettings] = Field(default_factory=dict)
     models: dict[str, ModelAlias] = Field(default_factory=dict)
     default_model: str = "smollm2"
+    prompts: PromptSettings = Field(default_factory=PromptSettings)
+    rag: RagSettings = Field(default_factory=RagSettings)
 
     @model_validator(mode="after")
     def _resolve(self) -> Settings:

@@ -12,6 +12,7 @@ from app.llm.router import ModelRouter
 from app.security.keys import KeyStore
 from app.security.ratelimit import RateLimiter
 from app.services.chat import ChatService
+from prompts.registry import PromptRegistry, build_registry
 
 log = logging.getLogger("keel")
 
@@ -24,6 +25,7 @@ class Container:
     rate_limiter: RateLimiter
     llm: ModelRouter
     chat: ChatService
+    prompts: PromptRegistry
     _closers: list = field(default_factory=list)
 
     @classmethod
@@ -34,14 +36,16 @@ class Container:
         settings.home.mkdir(parents=True, exist_ok=True)
         metrics = Metrics()
         keys = KeyStore(settings.db_path)
+        prompts = build_registry(settings)
         llm = ModelRouter(settings, metrics, backends)
         if start_backends:
             await llm.start()
-        chat = ChatService(settings, llm, metrics)
-        return cls(settings, metrics, keys, RateLimiter(), llm, chat)
+        chat = ChatService(settings, llm, metrics, prompts)
+        return cls(settings, metrics, keys, RateLimiter(), llm, chat, prompts)
 
     async def aclose(self) -> None:
         for close in reversed(self._closers):
             await close()
         await self.llm.aclose()
+        self.prompts.close()
         self.keys.close()

@@ -24,7 +24,7 @@ async def env(tmp_path: Path):
         backends={"local": {"kind": "openai", "base_url": "http://unused/v1", "retries": 0}},
         models={"m": {"backend": "local", "model": "fake-model"}},
         default_model="m",
-        limits={"max_messages": 4, "max_input_chars": 200, "max_tokens": 100, "max_body_bytes": 5000},
+        limits={"max_messages": 4, "max_input_chars": 1000, "max_tokens": 100, "max_body_bytes": 5000},
         auth={"default_rate_limit_per_minute": 1000},
     )
     fake = ScriptedBackend()
@@ -122,15 +122,15 @@ async def test_backend_down_before_first_token_is_an_http_503(env) -> None:
     [
         (b"{not json", 400, "invalid_json", "not valid JSON"),
         (json.dumps({"model": "m", "messages": []}).encode(), 400, "invalid_request", "messages"),
-        (json.dumps({"model": "m"}).encode(), 400, "invalid_request", "messages: is required"),
+        (json.dumps({"model": "m"}).encode(), 400, "invalid_request", "messages must not be empty"),
         (json.dumps({"model": "m", "messages": "hi"}).encode(), 400, "invalid_request", "messages"),
         (json.dumps({**BODY, "max_tokens": 0}).encode(), 400, "invalid_request", "max_tokens"),
         (json.dumps({**BODY, "max_tokens": "lots"}).encode(), 400, "invalid_request", "max_tokens"),
         (json.dumps({**BODY, "max_tokens": 101}).encode(), 400, "invalid_request", "at most 100"),
         (json.dumps({**BODY, "temperature": 5}).encode(), 400, "invalid_request", "temperature"),
         (json.dumps({**BODY, "model": "gpt-9"}).encode(), 404, "model_not_found", "available models: m"),
-        (json.dumps({**BODY, "messages": [{"role": "user", "content": "x" * 300}]}).encode(), 400,
-         "context_length_exceeded", "limit is 200"),
+        (json.dumps({**BODY, "messages": [{"role": "user", "content": "x" * 1100}]}).encode(), 400,
+         "context_length_exceeded", "limit is 1000"),
         (json.dumps({**BODY, "messages": [{"role": "user", "content": "x"}] * 5}).encode(), 400,
          "invalid_request", "too many messages"),
         (json.dumps({**BODY, "messages": [{"role": "wizard", "content": "x"}]}).encode(), 400,
@@ -219,3 +219,39 @@ async def test_dev_mode_disables_auth_loudly(tmp_path: Path) -> None:
         assert (await c.post("/v1/chat/completions", json=BODY | {"model": "m"})).status_code == 200
         assert "DISABLED" in (await c.get("/healthz")).json()["auth"]
     await container.aclose()
+
+
+async def test_chat_can_name_a_prompt_and_the_response_records_its_version(env) -> None:
+    body = {"model": "m", "prompt": {"ref": "summarize@production",
+                                     "variables": {"text": "Paris is the capital of France.", "max_words": 10}}}
+    r = await post(env, body)
+    assert r.status_code == 200, r.text
+    info = r.json()["prompt"]
+    assert info["ref"] == "summarize@1" and info["hash"].startswith("sha256:")
+    sent = env["fake"].requests[-1]
+    assert sent.messages[0].role == "system" and "at most 10 words" in sent.messages[1].content
+    assert sent.params.temperature == 0.2  # the template's parameters...
+    assert sent.params.max_tokens == 100  # ...its max_tokens (400) capped by this server's limit
+
+    r = await post(env, {**body, "stream": True, "temperature": 0.9, "max_tokens": 7})
+    first = json.loads(sse_events(r.text)[0])
+    assert first["prompt"]["ref"] == "summarize@1"
+    assert all("prompt" not in json.loads(e) for e in sse_events(r.text)[1:-1])
+    assert env["fake"].requests[-1].params.temperature == 0.9  # the request overrides the template
+    assert env["fake"].requests[-1].params.max_tokens == 7
+
+
+@pytest.mark.parametrize(
+    ("prompt", "code", "phrase"),
+    [
+        ({"ref": "summarize", "variables": {}}, "invalid_variable", "text"),
+        ({"ref": "summarize", "variables": {"text": "x", "max_words": "many"}}, "invalid_variable", "max_words"),
+        ({"ref": "no-such-template"}, "not_found", "no-such-template"),
+        ({"ref": "summarize@99", "variables": {"text": "x"}}, "not_found", "99"),
+    ],
+)
+async def test_bad_prompt_references_are_4xx(env, prompt, code, phrase) -> None:
+    r = await post(env, {"model": "m", "prompt": prompt})
+    assert 400 <= r.status_code < 500, r.text
+    assert r.json()["error"]["code"] == code and phrase in r.json()["error"]["message"]
+    assert env["fake"].calls == 0

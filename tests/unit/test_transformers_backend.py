@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import threading
 import time
@@ -114,12 +115,17 @@ async def test_stop_string_truncates(backend: Any) -> None:
 
 
 async def test_break_stops_generation_thread(backend: Any) -> None:
+    # `break` alone leaves an async generator open until it is garbage-collected; callers that stop
+    # early close it (as Keel's resilience layer does), and closing must stop the thread.
     seen = 0
-    async for event in backend.stream(request("Write a very long story about a dragon.", max_tokens=2000)):
-        if isinstance(event, TextDelta):
-            seen += 1
-            if seen == 2:
-                break
+    async with contextlib.aclosing(
+        backend.stream(request("Write a very long story about a dragon.", max_tokens=2000))
+    ) as stream:
+        async for event in stream:
+            if isinstance(event, TextDelta):
+                seen += 1
+                if seen == 2:
+                    break
     await wait_threads_gone()
     assert not backend._gen_lock.locked()
     _, events = await collect(backend, request(max_tokens=5))

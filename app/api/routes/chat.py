@@ -19,12 +19,13 @@ from app.api.schemas import (
     Choice,
     ChunkChoice,
     Delta,
+    PromptInfo,
     UsageOut,
 )
 from app.core.errors import KeelError, UnsupportedParameter
 from app.core.types import Finished, TextDelta, Usage
 from app.security.keys import ApiKey
-from app.services.chat import ChatEvent, ChatRequest, Started
+from app.services.chat import ChatEvent, ChatRequest, PromptUse, Started
 from app.services.container import Container
 
 log = logging.getLogger("keel.api")
@@ -47,6 +48,7 @@ def to_domain(body: ChatCompletionRequest, request_id: str) -> ChatRequest:
         messages=tuple(m.to_domain() for m in body.messages),
         params=body.params(),
         request_id=request_id,
+        prompt=PromptUse(body.prompt.ref, body.prompt.variables) if body.prompt else None,
     )
 
 
@@ -70,6 +72,7 @@ async def chat_completions(
             ],
             usage=UsageOut(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
                            total_tokens=usage.total_tokens) if usage else None,
+            prompt=PromptInfo(ref=result.prompt_ref, hash=result.prompt_hash) if result.prompt_ref else None,
         )
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     events = aiter(container.chat.stream(chat_request))
@@ -125,8 +128,11 @@ async def _sse(
                                              total_tokens=event.total_tokens))
             elif isinstance(event, Started):
                 chunk = ChatCompletionChunk(id=event.id, created=event.created, model=event.model, choices=[])
+                if event.prompt_ref:  # announced once, on the role chunk
+                    chunk.prompt = PromptInfo(ref=event.prompt_ref, hash=event.prompt_hash)
                 yield frame([ChunkChoice(index=i, delta=Delta(role="assistant", content=""))
                              for i in range(n)])
+                chunk.prompt = None
         yield "[DONE]"
     except Exception as exc:
         # Headers are gone; the error travels as the last event (the openai client raises it)

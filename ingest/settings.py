@@ -1,0 +1,89 @@
+"""RAG configuration: one ``RagSettings`` node under ``Settings.rag``.
+
+Kept free of heavy imports so that loading settings never imports torch or Qdrant.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class ChunkerConfig(BaseModel):
+    """How documents are cut into chunks. Recorded with every ingest run; changing it re-chunks everything."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_tokens: int = Field(
+        default=200, ge=16, le=8192,
+        description="Token budget per chunk, counted with the embedding model's tokenizer. "
+        "MiniLM truncates at 256 word pieces; 200 leaves room for the heading prefix.",
+    )
+    overlap_tokens: int = Field(default=32, ge=0, description="Trailing sentences carried into the next chunk.")
+    min_tokens: int = Field(
+        default=24, ge=0, description="A section shorter than this is merged into the next chunk of its parent."
+    )
+    prefix_headings: bool = Field(
+        default=True, description="Embed 'title > heading path' in front of the chunk text (text stored raw)."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> ChunkerConfig:
+        if self.overlap_tokens >= self.max_tokens // 2:
+            raise ValueError("overlap_tokens must be less than half of max_tokens")
+        return self
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(self.model_dump(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+class LoaderConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_file_bytes: int = Field(default=20_000_000, ge=1, description="Larger files are rejected, not read.")
+    max_chars: int = Field(default=5_000_000, ge=1, description="Larger extracted texts are rejected.")
+    min_chars: int = Field(default=1, ge=1, description="Documents with less text are rejected as empty.")
+
+
+class RetrievalDefaults(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    top_k: int = Field(default=5, ge=1, le=100)
+    prefetch_limit: int = Field(default=50, ge=1, description="Candidates per dense/sparse branch before RRF.")
+    rrf_k: int = Field(default=60, ge=1, description="RRF constant: fused score = sum 1/(k + rank).")
+    score_threshold: float | None = Field(default=None, description="Applied to the fused (RRF) score.")
+    mmr: bool = False
+    mmr_lambda: float = Field(default=0.7, ge=0.0, le=1.0, description="1 = relevance only, 0 = diversity only.")
+
+
+class RagSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    store: Literal["edge", "qdrant"] = Field(
+        default="edge", description="edge: Qdrant engine in-process (qdrant-edge-py); qdrant: qdrant-client."
+    )
+    path: Path | None = Field(default=None, description="Store folder; None means <home>/qdrant.")
+    url: str | None = Field(
+        default=None, description="qdrant store: server/cluster URL. Without it the client's local mode "
+        "is used at `path` (fine for tests, slow at scale)."
+    )
+    api_key: str | None = None
+    collection: str = "default"
+    embedding_model: Path | None = Field(
+        default=None, description="sentence-transformers folder; None means the packaged all-MiniLM-L6-v2."
+    )
+    embedding_device: str = "cpu"
+    embedding_batch_size: int = Field(default=32, ge=1)
+    chunker: ChunkerConfig = Field(default_factory=ChunkerConfig)
+    loader: LoaderConfig = Field(default_factory=LoaderConfig)
+    retrieval: RetrievalDefaults = Field(default_factory=RetrievalDefaults)
+
+    def store_path(self, home: Path) -> Path:
+        return self.path if self.path is not None else home / "qdrant"
+
+    def db_path(self, home: Path) -> Path:
+        return home / "rag.db"

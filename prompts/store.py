@@ -1,0 +1,362 @@
+"""Persistence of prompt versions, labels and the audit log.
+
+``PromptStore`` is the contract; ``SqlitePromptStore`` the default implementation
+(a Postgres store can join the same contract tests later). Stores enforce the
+invariants that need a transaction — version numbering, optimistic concurrency,
+audit rows written together with the change — and nothing about rendering.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+from app.core.errors import NotFound
+from prompts.errors import ImportConflict, VersionConflict
+from prompts.models import AuditEntry, TemplateContent, TemplateSummary, TemplateVersion, validate_name
+
+
+def utc_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+@runtime_checkable
+class PromptStore(Protocol):
+    def save(
+        self, name: str, content: TemplateContent, *, author: str, message: str, base_version: int | None
+    ) -> TemplateVersion:
+        """Append a version. ``base_version`` None creates the template; otherwise it must be the latest."""
+
+    def import_version(self, version: TemplateVersion, *, actor: str) -> bool:
+        """Insert a version with its number, author and time kept. False if it already exists identically."""
+
+    def get_version(self, name: str, version: int) -> TemplateVersion: ...
+
+    def latest_version(self, name: str) -> int | None: ...
+
+    def list_versions(self, name: str) -> list[TemplateVersion]: ...
+
+    def list_templates(self, query: str | None = None) -> list[TemplateSummary]: ...
+
+    def get_labels(self, name: str) -> dict[str, int]: ...
+
+    def set_label(
+        self, name: str, label: str, version: int | None, *, actor: str, reason: str = "",
+        action: str = "label.move", details: dict[str, Any] | None = None,
+    ) -> int | None:
+        """Point ``label`` at ``version`` (None removes it); return the previous version."""
+
+    def audit_log(
+        self, *, name: str | None = None, label: str | None = None, limit: int = 100,
+        before_id: int | None = None,
+    ) -> list[AuditEntry]: ...
+
+    def revision(self) -> int:
+        """A counter bumped by every write, for cheap change detection by other workers."""
+
+    def close(self) -> None: ...
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS prompt_templates (
+    name TEXT PRIMARY KEY,
+    latest_version INTEGER NOT NULL,
+    description TEXT NOT NULL DEFAULT '',
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS prompt_versions (
+    name TEXT NOT NULL REFERENCES prompt_templates(name),
+    version INTEGER NOT NULL,
+    content TEXT NOT NULL,
+    hash TEXT NOT NULL,
+    parent INTEGER,
+    author TEXT NOT NULL,
+    message TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    PRIMARY KEY (name, version)
+);
+CREATE TABLE IF NOT EXISTS prompt_labels (
+    name TEXT NOT NULL REFERENCES prompt_templates(name),
+    label TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    updated_at TEXT NOT NULL,
+    updated_by TEXT NOT NULL,
+    PRIMARY KEY (name, label)
+);
+CREATE TABLE IF NOT EXISTS prompt_audit (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at TEXT NOT NULL,
+    actor TEXT NOT NULL,
+    action TEXT NOT NULL,
+    name TEXT NOT NULL,
+    label TEXT,
+    from_version INTEGER,
+    to_version INTEGER,
+    reason TEXT NOT NULL DEFAULT '',
+    details TEXT NOT NULL DEFAULT '{}'
+);
+CREATE INDEX IF NOT EXISTS prompt_audit_name ON prompt_audit(name, label, id);
+CREATE TABLE IF NOT EXISTS prompt_meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+INSERT OR IGNORE INTO prompt_meta VALUES ('revision', 0);
+"""
+
+
+class SqlitePromptStore:
+    """SQLite in WAL mode. One connection per store, serialised by a lock; other processes or
+    store instances on the same file are serialised by SQLite's write lock (``BEGIN IMMEDIATE``)."""
+
+    def __init__(self, path: Path | str, *, busy_timeout_ms: int = 10_000) -> None:
+        if str(path) != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._db.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._lock = threading.RLock()
+        # executescript commits on its own; the statements are idempotent, so no transaction needed.
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction; the write lock is taken up front so racing writers queue up
+        instead of both reading the same 'latest' version."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _read(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    # --- writes -------------------------------------------------------------------------------
+    def save(
+        self, name: str, content: TemplateContent, *, author: str, message: str, base_version: int | None
+    ) -> TemplateVersion:
+        validate_name(name)
+        now = utc_now()
+        with self._tx() as db:
+            row = db.execute("SELECT latest_version FROM prompt_templates WHERE name = ?", (name,)).fetchone()
+            latest = row[0] if row else None
+            if base_version != latest:
+                raise _stale(name, base_version, latest)
+            version = TemplateVersion(
+                name=name, version=(latest or 0) + 1, content=content, hash=content.content_hash(),
+                parent=latest, author=author, message=message, created_at=now,
+            )
+            self._insert_version(db, version)
+            self._audit(db, actor=author, action="version.create", name=name, from_version=latest,
+                        to_version=version.version, reason=message, details={"hash": version.hash})
+        return version
+
+    def import_version(self, version: TemplateVersion, *, actor: str) -> bool:
+        validate_name(version.name)
+        with self._tx() as db:
+            existing = db.execute(
+                "SELECT hash FROM prompt_versions WHERE name = ? AND version = ?", (version.name, version.version)
+            ).fetchone()
+            if existing:
+                if existing[0] != version.hash:
+                    raise ImportConflict(
+                        f"{version.ref} already exists with hash {existing[0]}, but the import has "
+                        f"{version.hash}: history differs; export the registry and reconcile before importing",
+                        param=version.ref,
+                    )
+                return False
+            row = db.execute(
+                "SELECT latest_version FROM prompt_templates WHERE name = ?", (version.name,)
+            ).fetchone()
+            latest = row[0] if row else 0
+            if version.version != latest + 1:
+                raise ImportConflict(
+                    f"cannot import {version.ref}: the registry's latest version of {version.name!r} is "
+                    f"{latest}, so the next must be {latest + 1}",
+                    param=version.ref,
+                )
+            self._insert_version(db, version)
+            self._audit(db, actor=actor, action="version.import", name=version.name,
+                        from_version=latest or None, to_version=version.version,
+                        reason=version.message, details={"hash": version.hash, "author": version.author})
+        return True
+
+    def _insert_version(self, db: sqlite3.Connection, v: TemplateVersion) -> None:
+        if v.version == 1:
+            db.execute(
+                "INSERT INTO prompt_templates VALUES (?, 1, ?, ?, ?)",
+                (v.name, v.content.description, v.created_at, v.created_at),
+            )
+        else:
+            db.execute(
+                "UPDATE prompt_templates SET latest_version = ?, description = ?, updated_at = ? WHERE name = ?",
+                (v.version, v.content.description, v.created_at, v.name),
+            )
+        db.execute(
+            "INSERT INTO prompt_versions VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (v.name, v.version, v.content.canonical_json(), v.hash, v.parent, v.author, v.message,
+             v.created_at),
+        )
+
+    def set_label(
+        self, name: str, label: str, version: int | None, *, actor: str, reason: str = "",
+        action: str = "label.move", details: dict[str, Any] | None = None,
+    ) -> int | None:
+        now = utc_now()
+        with self._tx() as db:
+            self._require_template(db, name)
+            if version is not None and not db.execute(
+                "SELECT 1 FROM prompt_versions WHERE name = ? AND version = ?", (name, version)
+            ).fetchone():
+                raise NotFound(f"{name!r} has no version {version}", param="version")
+            row = db.execute(
+                "SELECT version FROM prompt_labels WHERE name = ? AND label = ?", (name, label)
+            ).fetchone()
+            previous = row[0] if row else None
+            if version is None:
+                if previous is None:
+                    raise NotFound(f"{name!r} has no label {label!r}", param="label")
+                db.execute("DELETE FROM prompt_labels WHERE name = ? AND label = ?", (name, label))
+            else:
+                db.execute(
+                    "INSERT INTO prompt_labels VALUES (?, ?, ?, ?, ?) ON CONFLICT(name, label) "
+                    "DO UPDATE SET version = excluded.version, updated_at = excluded.updated_at, "
+                    "updated_by = excluded.updated_by",
+                    (name, label, version, now, actor),
+                )
+            self._audit(db, actor=actor, action=action, name=name, label=label, from_version=previous,
+                        to_version=version, reason=reason, details=details or {})
+        return previous
+
+    def _audit(
+        self, db: sqlite3.Connection, *, actor: str, action: str, name: str, label: str | None = None,
+        from_version: int | None = None, to_version: int | None = None, reason: str = "",
+        details: dict[str, Any] | None = None,
+    ) -> None:
+        db.execute(
+            "INSERT INTO prompt_audit (at, actor, action, name, label, from_version, to_version, reason, "
+            "details) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (utc_now(), actor, action, name, label, from_version, to_version, reason,
+             json.dumps(details or {}, sort_keys=True, default=str)),
+        )
+        db.execute("UPDATE prompt_meta SET value = value + 1 WHERE key = 'revision'")
+
+    def _require_template(self, db: sqlite3.Connection, name: str) -> None:
+        if not db.execute("SELECT 1 FROM prompt_templates WHERE name = ?", (name,)).fetchone():
+            raise NotFound(f"no prompt template named {name!r}", param="name")
+
+    # --- reads --------------------------------------------------------------------------------
+    def get_version(self, name: str, version: int) -> TemplateVersion:
+        rows = self._read(
+            "SELECT name, version, content, hash, parent, author, message, created_at FROM prompt_versions "
+            "WHERE name = ? AND version = ?", (name, version),
+        )
+        if not rows:
+            if self.latest_version(name) is None:
+                raise NotFound(f"no prompt template named {name!r}", param="name")
+            raise NotFound(f"{name!r} has no version {version} (latest is {self.latest_version(name)})",
+                           param="version")
+        return _row_to_version(rows[0])
+
+    def latest_version(self, name: str) -> int | None:
+        rows = self._read("SELECT latest_version FROM prompt_templates WHERE name = ?", (name,))
+        return rows[0][0] if rows else None
+
+    def list_versions(self, name: str) -> list[TemplateVersion]:
+        rows = self._read(
+            "SELECT name, version, content, hash, parent, author, message, created_at FROM prompt_versions "
+            "WHERE name = ? ORDER BY version", (name,),
+        )
+        if not rows:
+            raise NotFound(f"no prompt template named {name!r}", param="name")
+        return [_row_to_version(r) for r in rows]
+
+    def list_templates(self, query: str | None = None) -> list[TemplateSummary]:
+        sql = "SELECT name, description, latest_version, created_at, updated_at FROM prompt_templates"
+        args: tuple[Any, ...] = ()
+        if query:
+            like = "%" + query.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+            sql += " WHERE lower(name) LIKE ? ESCAPE '\\' OR lower(description) LIKE ? ESCAPE '\\'"
+            args = (like, like)
+        rows = self._read(sql + " ORDER BY name", args)
+        labels: dict[str, dict[str, int]] = {}
+        for name, label, version in self._read("SELECT name, label, version FROM prompt_labels ORDER BY label"):
+            labels.setdefault(name, {})[label] = version
+        return [
+            TemplateSummary(name=r[0], description=r[1], latest_version=r[2], labels=labels.get(r[0], {}),
+                            created_at=r[3], updated_at=r[4])
+            for r in rows
+        ]
+
+    def get_labels(self, name: str) -> dict[str, int]:
+        rows = self._read("SELECT label, version FROM prompt_labels WHERE name = ? ORDER BY label", (name,))
+        if not rows and self.latest_version(name) is None:
+            raise NotFound(f"no prompt template named {name!r}", param="name")
+        return dict(rows)
+
+    def audit_log(
+        self, *, name: str | None = None, label: str | None = None, limit: int = 100,
+        before_id: int | None = None,
+    ) -> list[AuditEntry]:
+        where, args = [], []
+        if name is not None:
+            where.append("name = ?")
+            args.append(name)
+        if label is not None:
+            where.append("label = ?")
+            args.append(label)
+        if before_id is not None:
+            where.append("id < ?")
+            args.append(before_id)
+        sql = "SELECT id, at, actor, action, name, label, from_version, to_version, reason, details " \
+              "FROM prompt_audit"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        rows = self._read(sql + " ORDER BY id DESC LIMIT ?", (*args, max(1, min(limit, 1000))))
+        return [
+            AuditEntry(id=r[0], at=r[1], actor=r[2], action=r[3], name=r[4], label=r[5], from_version=r[6],
+                       to_version=r[7], reason=r[8], details=json.loads(r[9]))
+            for r in rows
+        ]
+
+    def revision(self) -> int:
+        return self._read("SELECT value FROM prompt_meta WHERE key = 'revision'")[0][0]
+
+
+def _stale(name: str, base: int | None, latest: int | None) -> VersionConflict:
+    if latest is None:
+        return VersionConflict(
+            f"template {name!r} does not exist yet: create it without base_version", latest=None
+        )
+    if base is None:
+        return VersionConflict(
+            f"template {name!r} already exists (latest version {latest}); to add a version, send "
+            f"base_version={latest} after reviewing it",
+            latest=latest,
+        )
+    return VersionConflict(
+        f"version {base} of {name!r} is no longer the latest (latest is {latest}): someone saved in "
+        f"between; reload {name}@{latest}, merge your change and save with base_version={latest}",
+        latest=latest,
+    )
+
+
+def _row_to_version(row: tuple[Any, ...]) -> TemplateVersion:
+    return TemplateVersion(
+        name=row[0], version=row[1], content=TemplateContent.model_validate_json(row[2]), hash=row[3],
+        parent=row[4], author=row[5], message=row[6], created_at=row[7],
+    )

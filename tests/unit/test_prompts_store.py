@@ -1,0 +1,202 @@
+"""Contract tests for PromptStore implementations.
+
+Every implementation must pass the same suite: add a factory to ``STORES`` (a Postgres
+store would skip itself where no server is configured).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from app.core.errors import Conflict, InvalidRequest, NotFound
+from prompts.errors import ImportConflict, VersionConflict
+from prompts.models import TemplateVersion
+from prompts.store import PromptStore, SqlitePromptStore
+from prompts.testing import content
+
+StoreFactory = Callable[[], PromptStore]
+
+
+def _sqlite(tmp_path: Path) -> StoreFactory:
+    path = tmp_path / "prompts.db"
+    return lambda: SqlitePromptStore(path)
+
+
+STORES: dict[str, Callable[[Path], StoreFactory]] = {"sqlite": _sqlite}
+
+
+@pytest.fixture(params=sorted(STORES))
+def open_store(request, tmp_path) -> Iterator[StoreFactory]:
+    """Opens independent connections to one shared store (like two API workers)."""
+    factory = STORES[request.param](tmp_path)
+    opened: list[PromptStore] = []
+
+    def make() -> PromptStore:
+        store = factory()
+        opened.append(store)
+        return store
+
+    yield make
+    for store in opened:
+        store.close()
+
+
+@pytest.fixture
+def store(open_store) -> PromptStore:
+    return open_store()
+
+
+def test_protocol(store):
+    assert isinstance(store, PromptStore)
+
+
+def test_versions_are_numbered_and_linked(store):
+    v1 = store.save("greet", content("Hi"), author="ann", message="first", base_version=None)
+    v2 = store.save("greet", content("Hello"), author="bob", message="warmer", base_version=1)
+    assert (v1.version, v1.parent, v2.version, v2.parent) == (1, None, 2, 1)
+    assert v2.author == "bob" and v2.message == "warmer" and v2.created_at
+    assert v2.hash == content("Hello").content_hash() != v1.hash
+    got = store.get_version("greet", 1)
+    assert got == v1 and got.content.messages[0].content == "Hi"
+    assert [v.version for v in store.list_versions("greet")] == [1, 2]
+    assert store.latest_version("greet") == 2 and store.latest_version("nope") is None
+
+
+def test_optimistic_concurrency(store):
+    store.save("greet", content("Hi"), author="a", message="", base_version=None)
+    store.save("greet", content("Hi 2"), author="a", message="", base_version=1)
+    with pytest.raises(VersionConflict, match=r"version 1 of 'greet' is no longer the latest \(latest is 2\)") as e:
+        store.save("greet", content("stale"), author="b", message="", base_version=1)
+    assert e.value.status == 409 and e.value.latest == 2
+    with pytest.raises(VersionConflict, match="already exists \\(latest version 2\\)"):
+        store.save("greet", content("again"), author="b", message="", base_version=None)
+    with pytest.raises(VersionConflict, match="does not exist yet"):
+        store.save("other", content("x"), author="b", message="", base_version=3)
+    assert store.latest_version("greet") == 2
+
+
+def test_not_found_messages(store):
+    with pytest.raises(NotFound, match="no prompt template named 'nope'"):
+        store.get_version("nope", 1)
+    store.save("greet", content("Hi"), author="a", message="", base_version=None)
+    with pytest.raises(NotFound, match=r"no version 9 \(latest is 1\)"):
+        store.get_version("greet", 9)
+    with pytest.raises(NotFound):
+        store.list_versions("nope")
+    with pytest.raises(NotFound):
+        store.get_labels("nope")
+    with pytest.raises(NotFound, match="has no version 5"):
+        store.set_label("greet", "production", 5, actor="a")
+
+
+@pytest.mark.parametrize("name", ["../evil", "a/b", "UPPER", "", ".x", "a" * 65])
+def test_names_are_validated(store, name):
+    with pytest.raises(InvalidRequest, match="invalid template name"):
+        store.save(name, content("x"), author="a", message="", base_version=None)
+
+
+def test_labels_and_audit(store):
+    for i in range(3):
+        store.save("greet", content(f"v{i + 1}"), author="a", message=f"m{i}", base_version=i or None)
+    rev = store.revision()
+    assert store.set_label("greet", "production", 1, actor="ann") is None
+    assert store.set_label("greet", "production", 3, actor="bob", reason="launch") == 1
+    assert store.set_label("greet", "staging", 2, actor="bob") is None
+    assert store.revision() > rev
+    assert store.get_labels("greet") == {"production": 3, "staging": 2}
+    history = store.audit_log(name="greet", label="production")
+    assert [(h.from_version, h.to_version, h.actor) for h in history] == [(1, 3, "bob"), (None, 1, "ann")]
+    assert history[0].reason == "launch" and history[0].action == "label.move" and history[0].at
+    assert store.set_label("greet", "staging", None, actor="c", action="label.remove") == 2
+    assert store.get_labels("greet") == {"production": 3}
+    with pytest.raises(NotFound, match="no label 'staging'"):
+        store.set_label("greet", "staging", None, actor="c")
+    everything = store.audit_log(name="greet")
+    assert [e.action for e in everything][-3:] == ["version.create"] * 3
+    assert store.audit_log(name="greet", limit=2, before_id=everything[0].id) == everything[1:3]
+    summary = store.list_templates()[0]
+    assert (summary.name, summary.latest_version, summary.labels) == ("greet", 3, {"production": 3})
+
+
+def test_search(store):
+    store.save("rag-answer", content("x").model_copy(update={"description": "Answer with Citations"}),
+               author="a", message="", base_version=None)
+    store.save("summarize", content("y"), author="a", message="", base_version=None)
+    assert [t.name for t in store.list_templates("citation")] == ["rag-answer"]
+    assert [t.name for t in store.list_templates("SUMM")] == ["summarize"]
+    assert store.list_templates("%") == [] and store.list_templates("_") == []
+    assert len(store.list_templates()) == 2
+
+
+def test_import_version_is_idempotent_and_refuses_other_history(store):
+    v = TemplateVersion("imp", 1, content("x"), content("x").content_hash(), None, "ann", "m",
+                        "2026-01-01T00:00:00.000+00:00")
+    assert store.import_version(v, actor="ci") is True
+    assert store.get_version("imp", 1) == v  # author and time are kept
+    assert store.import_version(v, actor="ci") is False
+    other = TemplateVersion("imp", 1, content("y"), content("y").content_hash(), None, "x", "", v.created_at)
+    with pytest.raises(ImportConflict, match="history differs"):
+        store.import_version(other, actor="ci")
+    gap = TemplateVersion("imp", 3, content("z"), content("z").content_hash(), 2, "x", "", v.created_at)
+    with pytest.raises(ImportConflict, match="the next must be 2"):
+        store.import_version(gap, actor="ci")
+
+
+@pytest.mark.parametrize("shared_connection", [False, True], ids=["two-connections", "one-connection"])
+def test_two_writers_race(open_store, shared_connection):
+    """Two writers editing the same base: exactly one wins, the other gets a 409."""
+    first = open_store()
+    first.save("race", content("base"), author="a", message="", base_version=None)
+    for round_ in range(5):
+        stores = [first, first] if shared_connection else [first, open_store()]
+        barrier = threading.Barrier(2)
+        results: list[object] = [None, None]
+        base = first.latest_version("race")
+
+        def write(i: int, base: int = base, stores: list = stores, results: list = results,
+                  barrier: threading.Barrier = barrier, round_: int = round_) -> None:
+            barrier.wait()
+            try:
+                results[i] = stores[i].save("race", content(f"writer {i} round {round_}"), author=f"w{i}",
+                                            message="", base_version=base)
+            except Exception as exc:  # collected and asserted below
+                results[i] = exc
+
+        threads = [threading.Thread(target=write, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wins = [r for r in results if isinstance(r, TemplateVersion)]
+        losses = [r for r in results if isinstance(r, Exception)]
+        assert len(wins) == 1 and len(losses) == 1, results
+        assert isinstance(losses[0], Conflict) and losses[0].status == 409
+        assert f"latest is {base + 1}" in str(losses[0])
+        assert first.latest_version("race") == base + 1
+
+
+def test_sqlite_save_rolls_back_partial_writes(tmp_path):
+    class Failing(SqlitePromptStore):
+        def _audit(self, db, **kwargs):
+            raise RuntimeError("disk on fire")
+
+    store = SqlitePromptStore(tmp_path / "p.db")
+    store.save("greet", content("Hi"), author="a", message="", base_version=None)
+    broken = Failing(tmp_path / "p.db")
+    with pytest.raises(RuntimeError):
+        broken.save("greet", content("Hello"), author="a", message="", base_version=1)
+    with pytest.raises(RuntimeError):
+        broken.save("fresh", content("Hello"), author="a", message="", base_version=None)
+    with pytest.raises(RuntimeError):
+        broken.set_label("greet", "production", 1, actor="a")
+    assert store.latest_version("greet") == 1 and store.latest_version("fresh") is None
+    assert [v.version for v in store.list_versions("greet")] == [1]
+    assert store.get_labels("greet") == {}
+    # the failed connection is still usable afterwards
+    assert broken.latest_version("greet") == 1
+    store.close()
+    broken.close()
