@@ -12,7 +12,7 @@ setup:
 model: setup
 	@.venv/bin/keel model prepare
 
-run: model
+run: setup
 	@.venv/bin/keel up
 
 lint: setup

@@ -12,7 +12,6 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.panel import Panel
 from rich.table import Table
 
 from app.core.errors import KeelError
@@ -198,25 +197,25 @@ def up(
             else:
                 err.print(f"[red]not ready after {wait:.0f} s[/red]; see `keel vllm logs` and {url}/readyz")
                 return
-        console.print(_banner(url, key, settings.default_model))
+        _print_banner(url, key, settings.default_model)
 
     _serve(settings, on_ready=announce)
 
 
-def _banner(url: str, key: str | None, model: str) -> Panel:
+def _print_banner(url: str, key: str | None, model: str) -> None:
+    # Plain prints, one command per line: a rich panel would wrap them and break copy-paste.
     auth = f' -H "Authorization: Bearer {key}"' if key else ""
-    text = (
-        f"[bold green]Keel is serving {model} at {url}[/bold green]  (Ctrl-C stops it)\n\n"
-        f"curl -N {url}/v1/chat/completions{auth} \\\n"
-        f"  -H 'Content-Type: application/json' \\\n"
-        f"  -d '{{\"model\": \"{model}\", \"stream\": true, "
-        f"\"messages\": [{{\"role\": \"user\", \"content\": \"What is the capital of France?\"}}]}}'\n\n"
-        f"python -c \"from openai import OpenAI; c = OpenAI(base_url='{url}/v1', api_key='{key or 'none'}'); "
-        f"print(c.chat.completions.create(model='{model}', messages=[{{'role': 'user', "
-        f"'content': 'Hello!'}}]).choices[0].message.content)\"\n\n"
-        f"API docs: {url}/docs   metrics: {url}/metrics   readiness: {url}/readyz"
-    )
-    return Panel(text, title="keel up", expand=False)
+    question = '{"role": "user", "content": "What is the capital of France?"}'
+    curl = (f"curl -N {url}/v1/chat/completions{auth} -H 'Content-Type: application/json' "
+            f"""-d '{{"model": "{model}", "stream": true, "messages": [{question}]}}'""")
+    python = (f"python -c \"from openai import OpenAI; c = OpenAI(base_url='{url}/v1', api_key='{key or 'none'}'); "
+              f"print(c.chat.completions.create(model='{model}', messages=[{{'role': 'user', 'content': 'Hello!'}}])"
+              f".choices[0].message.content)\"")
+    console.rule(f"[bold green]Keel is serving {model} at {url}[/bold green]  (Ctrl-C stops it)")
+    print("", curl, "", python, "", '.venv/bin/keel chat "What is the capital of France?"', "",
+          f"API docs: {url}/docs   metrics: {url}/metrics   readiness: {url}/readyz   "
+          "vLLM log: .venv/bin/keel vllm logs -f", sep="\n", flush=True)
+    console.rule()
 
 
 @app.command()
