@@ -148,11 +148,30 @@ def _dev_key(settings: Settings) -> str | None:
 # -- serving ---------------------------------------------------------------------
 
 
+def _preflight(settings: Settings) -> None:
+    from app.llm.vllm_server import VLLMSupervisor, port_in_use
+
+    problems = []
+    if port_in_use(settings.server.host, settings.server.port):
+        problems.append(f"port {settings.server.host}:{settings.server.port} is in use (set KEEL_SERVER__PORT)")
+    for name, backend in settings.backends.items():
+        if backend.managed is not None:
+            try:
+                VLLMSupervisor(name, backend.managed, settings.logs_dir / "unused.log").preflight()
+            except KeelError as exc:
+                problems.append(f"backend {name!r}: {exc.message}")
+    for problem in problems:
+        err.print(f"[red]cannot start:[/red] {problem}")
+    if problems:
+        raise typer.Exit(1)
+
+
 def _serve(settings: Settings, on_ready=None) -> None:
     import uvicorn
 
     from app.api.main import create_app
 
+    _preflight(settings)
     _configure_logging(settings.log_level)
     config = uvicorn.Config(
         create_app(settings), host=settings.server.host, port=settings.server.port,

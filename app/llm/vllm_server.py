@@ -120,7 +120,7 @@ class VLLMSupervisor:
         """Start the server in the background; returns at once (see :meth:`wait_ready`)."""
         if self._task is not None and not self._task.done():
             return
-        self._preflight()
+        self.preflight()
         self._stopping = False
         self._task = asyncio.create_task(self._run(), name=f"vllm-supervisor-{self.name}")
 
@@ -149,7 +149,8 @@ class VLLMSupervisor:
 
     # -- internals -------------------------------------------------------------
 
-    def _preflight(self) -> None:
+    def preflight(self) -> None:
+        """Refuse to start with a message that says what to fix (not a traceback later)."""
         cfg = self.cfg
         if not Path(cfg.python).exists():
             raise KeelError(

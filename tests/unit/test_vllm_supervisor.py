@@ -1,0 +1,133 @@
+"""Supervisor behaviour against a fake server process (the real vLLM runs in tests/integration)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import stat
+import sys
+from pathlib import Path
+
+import pytest
+
+from app.core.errors import KeelError
+from app.core.settings import ManagedVLLM
+from app.llm.vllm_server import VLLMSupervisor, port_in_use
+
+FAKE = Path(__file__).parents[1] / "fakes" / "fake_vllm.py"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+async def make(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A supervisor whose 'python' runs the fake server script."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    launcher = tmp_path / "python"
+    launcher.write_text(f"#!/bin/sh\nexec {sys.executable} {FAKE} \"$@\"\n")
+    launcher.chmod(launcher.stat().st_mode | stat.S_IEXEC)
+    counter = tmp_path / "starts"
+    monkeypatch.setenv("FAKE_VLLM_COUNTER", str(counter))
+    made = []
+
+    def _make(mode: str = "ok", **cfg) -> VLLMSupervisor:
+        monkeypatch.setenv("FAKE_VLLM_MODE", mode)
+        config = ManagedVLLM(python=launcher, port=free_port(), model_path=model, restart_backoff_s=0.05, **cfg)
+        sup = VLLMSupervisor("t", config, tmp_path / "vllm.log", liveness_interval_s=0.3, liveness_failures=2)
+        sup.starts = lambda: counter.read_text().count("start") if counter.exists() else 0
+        made.append(sup)
+        return sup
+
+    yield _make
+    for sup in made:  # no fake server outlives its test
+        await sup.stop()
+
+
+async def test_starts_becomes_ready_and_stops(make) -> None:
+    sup = make()
+    await sup.start()
+    assert await sup.wait_ready(20)
+    assert sup.state == "ready" and port_in_use("127.0.0.1", sup.cfg.port)
+    assert any("fake vllm starting" in line for line in sup.tail())
+    await sup.stop()
+    assert sup.state == "stopped" and not port_in_use("127.0.0.1", sup.cfg.port)
+
+
+async def test_a_killed_server_is_restarted(make) -> None:
+    restarted = []
+    sup = make()
+    sup.on_restart = lambda: restarted.append(1)
+    await sup.start()
+    assert await sup.wait_ready(20)
+    first_pid = sup.pid
+    sup.kill()
+    for _ in range(200):
+        await asyncio.sleep(0.05)
+        if sup.state == "ready" and sup.pid != first_pid:
+            break
+    assert sup.state == "ready" and sup.pid != first_pid
+    assert sup.restarts == 1 and restarted == [1]
+    await sup.stop()
+
+
+async def test_a_hung_server_is_killed_and_restarted(make) -> None:
+    sup = make("hang")
+    await sup.start()
+    assert await sup.wait_ready(20)
+    for _ in range(200):
+        await asyncio.sleep(0.05)
+        if sup.restarts >= 1:
+            break
+    assert sup.restarts >= 1 and "stopped answering /health" in (sup.last_error or "")
+    await sup.stop()
+
+
+async def test_a_crash_loop_gives_up_after_max_restarts(make) -> None:
+    sup = make("crash", max_restarts=2)
+    await sup.start()
+    for _ in range(200):
+        await asyncio.sleep(0.05)
+        if sup.state == "failed":
+            break
+    assert sup.state == "failed" and sup.restarts == 2 and sup.starts() == 3
+    assert "code 3" in sup.last_error and str(sup.log_path) in sup.last_error
+    assert not await sup.wait_ready(0.1)
+    await sup.stop()
+
+
+def test_preflight_says_what_to_fix(make, tmp_path: Path) -> None:
+    sup = make()
+    sup.cfg.python = tmp_path / "missing-python"
+    with pytest.raises(KeelError, match="make setup") as exc:
+        sup.preflight()
+    assert exc.value.code == "vllm_not_installed"
+
+    sup = make()
+    sup.cfg.model_path = tmp_path / "no-model"
+    with pytest.raises(KeelError, match="keel model prepare"):
+        sup.preflight()
+
+    sup = make()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", sup.cfg.port))
+        busy.listen()
+        with pytest.raises(KeelError, match="already in use") as exc:
+            sup.preflight()
+    assert exc.value.code == "port_in_use"
+
+
+def test_command_line_carries_the_settings(make) -> None:
+    sup = make(enforce_eager=True, enable_lora=True, lora_modules={"support": Path("/a")}, extra_args=["--seed", "1"])
+    cmd = sup.command()
+    assert cmd[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
+    assert "--enforce-eager" in cmd and "--enable-lora" in cmd and "support=/a" in cmd
+    assert cmd[-2:] == ["--seed", "1"]
+    env = sup.environment()
+    assert env["HF_HUB_OFFLINE"] == "1" and env["VLLM_CPU_KVCACHE_SPACE"] == "2"
+    assert "VIRTUAL_ENV" not in env and "PYTHONPATH" not in env  # vLLM's venv, not ours
