@@ -191,3 +191,17 @@ def test_admin_sees_backend_state_and_vllm_logs(keel_server: KeelServer) -> None
     logs = httpx.get(f"{keel_server.url}/v1/admin/backends/local/logs?lines=500", headers=h).json()
     assert any("vllm" in line.lower() for line in logs["lines"])
     assert httpx.get(f"{keel_server.url}/v1/admin/backends", headers=keel_server.headers()).status_code == 403
+
+
+def test_client_disconnect_aborts_a_non_streaming_request(keel_server: KeelServer) -> None:
+    body = {"model": "smollm2", "max_tokens": 1500, "temperature": 0,
+            "messages": [{"role": "user", "content": "Write a very long story about a whale and a sailor."}]}
+    before = keel_server.vllm_metric("vllm:generation_tokens_total")
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up after 2 s and closes the connection
+        httpx.post(f"{keel_server.url}/v1/chat/completions", json=body, headers=keel_server.headers(), timeout=2.0)
+    deadline = time.monotonic() + 4
+    while keel_server.vllm_metric("vllm:num_requests_running") > 0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert keel_server.vllm_metric("vllm:num_requests_running") == 0
+    generated = keel_server.vllm_metric("vllm:generation_tokens_total") - before
+    assert generated < 250, f"vLLM generated {generated} tokens for a client that left after 2 s"

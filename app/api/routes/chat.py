@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
 
 from fastapi import APIRouter, Depends, Request
 from sse_starlette import EventSourceResponse
@@ -29,6 +31,13 @@ from app.services.chat import ChatEvent, ChatRequest, PromptUse, Started
 from app.services.container import Container
 
 log = logging.getLogger("keel.api")
+T = TypeVar("T")
+_DISCONNECT_POLL_S = 0.25
+
+
+class ClientGone(KeelError):
+    code = "client_closed_request"
+    status = 499
 router = APIRouter(tags=["chat"])
 
 
@@ -61,7 +70,7 @@ async def chat_completions(
 ):
     chat_request = to_domain(body, request.state.request_id)
     if not body.stream:
-        result = await container.chat.complete(chat_request)
+        result = await _unless_disconnected(request, container.chat.complete(chat_request))
         usage = result.usage
         return ChatCompletion(
             id=result.id, created=result.created, model=result.model,
@@ -83,6 +92,24 @@ async def chat_completions(
         _sse(primed, events, body.n, include_usage, lambda code: container.metrics.errors.labels(code).inc()),
         ping=15, sep="\n", headers={"X-Request-Id": request.state.request_id},
     )
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await ``work``, cancelling it if the client goes away: Starlette does not cancel a
+    non-streaming handler on disconnect, and the model would keep generating for no one."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=_DISCONNECT_POLL_S)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                task.cancel()
+                log.info("client left request %s; generation cancelled", request.state.request_id)
+                raise ClientGone()
+    finally:
+        if not task.done():
+            task.cancel()
 
 
 async def _prime(events: AsyncIterator[ChatEvent]) -> list[ChatEvent]:
