@@ -18,6 +18,7 @@ import os
 import platform
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -185,8 +186,16 @@ async def main_async(args: argparse.Namespace) -> dict:
                 url, headers, model = targets[name]
                 rounds[name].append(await run_round(name, url, headers, model, concurrency, args.max_tokens, i))
         direct, keel = summarize(rounds["direct"]), summarize(rounds["keel"])
+        # Each keel round ran right next to a direct round: comparing pairs cancels most of the
+        # slow drifts in machine load that pooled percentiles would mix in.
+        pairs = [(summarize([d]), summarize([k])) for d, k in zip(rounds["direct"], rounds["keel"], strict=True)]
         results[str(concurrency)] = {
             "direct": direct, "keel": keel,
+            "paired": {
+                "throughput_ratio_median": statistics.median(k["tokens_per_s"] / d["tokens_per_s"] for d, k in pairs),
+                "ttft_p50_added_ms_median": statistics.median(k["ttft_p50_ms"] - d["ttft_p50_ms"] for d, k in pairs),
+                "pairs": len(pairs),
+            },
             "ratio": {
                 "throughput": keel["tokens_per_s"] / direct["tokens_per_s"],
                 "ttft_p50_added_ms": keel["ttft_p50_ms"] - direct["ttft_p50_ms"],
@@ -213,10 +222,12 @@ def print_table(results: dict) -> None:
             s = res[name]
             table.add_row(conc, name, str(s["requests"]), f"{s['ttft_p50_ms']:.1f}", f"{s['ttft_p95_ms']:.1f}",
                           f"{s['itl_p50_ms']:.1f}", f"{s['itl_p95_ms']:.1f}", f"{s['tokens_per_s']:.1f}")
-        r = res["ratio"]
-        table.add_row(conc, "[bold]keel/direct[/bold]", "", f"+{r['ttft_p50_added_ms']:.1f}",
-                      f"+{r['ttft_p95_added_ms']:.1f}", f"x{r['itl_p50_ratio']:.3f}", "",
+        r, pr = res["ratio"], res["paired"]
+        table.add_row(conc, "[bold]keel/direct[/bold]", "", f"{r['ttft_p50_added_ms']:+.1f}",
+                      f"{r['ttft_p95_added_ms']:+.1f}", f"x{r['itl_p50_ratio']:.3f}", "",
                       f"[bold]{r['throughput'] * 100:.1f}%[/bold]")
+        table.add_row(conc, f"paired median ({pr['pairs']})", "", f"{pr['ttft_p50_added_ms_median']:+.1f}", "", "",
+                      "", f"{pr['throughput_ratio_median'] * 100:.1f}%")
     Console().print(table)
 
 
@@ -228,7 +239,7 @@ def main() -> None:
     p.add_argument("--model", default="smollm2", help="model alias on Keel")
     p.add_argument("--vllm-model", default="smollm2", help="served model name on vLLM")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
-    p.add_argument("--rounds", type=int, default=4, help="rounds per target and concurrency (alternating)")
+    p.add_argument("--rounds", type=int, default=8, help="rounds per target and concurrency (alternating)")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--enforce-eager", action="store_true", help="when starting vLLM: skip torch.compile")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
