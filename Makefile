@@ -19,6 +19,7 @@ lint: setup
 	.venv/bin/ruff check .
 
 test: model
+	@bash infra/setup-browser.sh
 	.venv/bin/ruff check .
 	.venv/bin/pytest
 

@@ -1,0 +1,78 @@
+"""Prompt Studio: a static web page for prompt engineers, served by the API itself.
+
+The page is plain HTML, CSS and ES modules (no build step). It holds no privileges of its own:
+it asks for an API key (kept in the tab's ``sessionStorage``) and calls the public REST API —
+``/v1/prompts`` with ``prompts:write`` and ``/v1/chat/completions`` with ``chat`` — exactly
+as any other client would. The page and its assets are therefore served without auth.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi import APIRouter
+from fastapi.responses import FileResponse, RedirectResponse
+
+from app.core.errors import NotFound
+
+STATIC_DIR = Path(__file__).resolve().parent.parent / "static" / "studio"
+
+_MEDIA_TYPES = {
+    ".html": "text/html; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".mjs": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".svg": "image/svg+xml",
+    ".png": "image/png",
+    ".ico": "image/x-icon",
+    ".txt": "text/plain; charset=utf-8",
+    ".json": "application/json",
+}
+# The page is small and changes with the server version: revalidate rather than cache blindly.
+_HEADERS = {
+    "Cache-Control": "no-cache",
+    "X-Content-Type-Options": "nosniff",
+}
+# The page only talks to its own origin; inline scripts and third-party hosts are not needed.
+_PAGE_HEADERS = {
+    **_HEADERS,
+    "Content-Security-Policy": (
+        "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
+    ),
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",
+}
+
+router = APIRouter(tags=["studio"], include_in_schema=False)
+
+
+def _asset(path: str) -> Path:
+    """Resolve ``path`` inside the studio folder; anything else (``..``, odd types) is a 404."""
+    root = STATIC_DIR.resolve()
+    candidate = (root / path).resolve()
+    if (
+        not path
+        or candidate == root
+        or root not in candidate.parents
+        or candidate.suffix not in _MEDIA_TYPES
+        or not candidate.is_file()
+    ):
+        raise NotFound(f"no studio asset {path!r}")
+    return candidate
+
+
+@router.get("/studio")
+async def studio_page() -> FileResponse:
+    return FileResponse(STATIC_DIR / "index.html", media_type=_MEDIA_TYPES[".html"], headers=_PAGE_HEADERS)
+
+
+@router.get("/studio/")
+async def studio_slash() -> RedirectResponse:
+    return RedirectResponse("/studio", status_code=308)
+
+
+@router.get("/studio/static/{path:path}")
+async def studio_asset(path: str) -> FileResponse:
+    file = _asset(path)
+    return FileResponse(file, media_type=_MEDIA_TYPES[file.suffix], headers=_HEADERS)

@@ -1,0 +1,323 @@
+"""Prompt Studio in headless Chromium (Debian's package, driven by Playwright) against a real
+Keel API, real vLLM and the real SmolLM2 model.
+
+One user journey: connect with a key, create a template, edit it (messages, variable schema,
+parameters) while the live preview follows, save version 2, run it with streamed output, lose a
+save race (409), diff v1 against v2, promote v2 to production through the gate, and read the
+audit history. Screenshots of every view are kept as test artifacts.
+
+Needs /usr/bin/chromium and the `playwright` package: run `infra/setup-browser.sh`. Without them
+the test fails with that command, unless KEEL_SKIP_BROWSER_TESTS=1 says to skip it on purpose.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from app.security.keys import KeyStore
+from tests.integration.conftest import KeelServer
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[2]
+CHROMIUM = Path("/usr/bin/chromium")
+SETUP = "infra/setup-browser.sh"
+# ENVIRONMENT.md, "Browser tests": Debian's Chromium runs headless with these flags.
+CHROMIUM_FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    "--disable-component-update", "--no-first-run",
+]
+TIMEOUT_MS = 15_000
+# Generation on a shared 2-core CPU: a short answer, but leave room for a busy machine.
+RUN_TIMEOUT_MS = 120_000
+
+
+def _require_browser() -> None:
+    missing = []
+    if not CHROMIUM.exists():
+        missing.append(str(CHROMIUM))
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        missing.append("the `playwright` Python package")
+    if not missing:
+        return
+    if not CHROMIUM.exists() and os.environ.get("KEEL_SKIP_BROWSER_TESTS") == "1":
+        pytest.skip("KEEL_SKIP_BROWSER_TESTS=1 and /usr/bin/chromium is missing: browser test skipped on purpose")
+    pytest.fail(f"missing {' and '.join(missing)}: run `{SETUP}` first (apt-get chromium + pip playwright)",
+                pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def browser_ready() -> None:
+    """Checked before `keel_server` starts vLLM, so a missing browser fails (or skips) in a second."""
+    _require_browser()
+
+
+@pytest.fixture
+def artifacts(tmp_path: Path) -> Iterator[Path]:
+    """Screenshots land in tmp_path; afterwards they are also copied to .keel/artifacts/ if writable."""
+    folder = tmp_path / "artifacts"
+    folder.mkdir()
+    yield folder
+    target = ROOT / ".keel" / "artifacts"
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        for shot in folder.glob("*.png"):
+            shutil.copy2(shot, target / shot.name)
+    except OSError:
+        pass
+
+
+@pytest.fixture
+def studio_key(keel_server: KeelServer) -> str:
+    """What a prompt engineer gets: edit templates and run them, nothing else (no admin)."""
+    store = KeyStore(keel_server.home / "keel.db")
+    try:
+        return store.create("prompt-engineer", ["prompts:write", "chat"])[1]
+    finally:
+        store.close()
+
+
+def test_prompt_studio_end_to_end(
+    browser_ready: None, keel_server: KeelServer, studio_key: str, artifacts: Path
+) -> None:
+    from playwright.sync_api import sync_playwright
+
+    name = f"studio-e2e-{uuid.uuid4().hex[:6]}"
+    problems: list[str] = []
+    with sync_playwright() as pw:
+        context = pw.chromium.launch_persistent_context(
+            str(artifacts.parent / "chromium-profile"),
+            executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_FLAGS,
+            viewport={"width": 1440, "height": 1000}, device_scale_factor=1,
+        )
+        try:
+            page = context.new_page()
+            page.set_default_timeout(TIMEOUT_MS)
+            page.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
+            # Refused requests (401, 400, 403, 409) are part of the journey; Chromium logs each one.
+            page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}")
+                    if m.type == "error" and not m.text.startswith("Failed to load resource") else None)
+            drive_studio(page, keel_server, studio_key, name, artifacts)
+        except BaseException:
+            with contextlib.suppress(Exception):  # best effort on the way out
+                context.pages[-1].screenshot(path=str(artifacts / "studio-failure.png"), full_page=True)
+            raise
+        finally:
+            context.close()
+    assert not problems, "the page logged errors:\n" + "\n".join(problems)
+
+
+def drive_studio(page, server: KeelServer, key: str, name: str, artifacts: Path) -> None:
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=TIMEOUT_MS)
+    page.goto(f"{server.url}/studio")
+    expect(page).to_have_title(re.compile("Prompt Studio"))
+
+    # --- connect: a wrong key is refused, the right one opens the template list
+    page.get_by_label("API key").fill("keel-not-a-real-key")
+    page.get_by_role("button", name="Connect").click()
+    expect(page.get_by_role("alert").filter(has_text="does not accept")).to_be_visible()
+    page.get_by_label("API key").fill(key)
+    page.get_by_role("button", name="Connect").click()
+    expect(page.get_by_role("list", name="Template list")).to_be_visible()
+    expect(page.get_by_role("button", name="Open template rag-answer")).to_be_visible()  # seeded starter
+    page.get_by_label("Search templates").fill("summar")
+    expect(page.get_by_role("button", name="Open template summarize")).to_be_visible()
+    expect(page.get_by_role("button", name="Open template rag-answer")).to_have_count(0)
+    page.get_by_label("Search templates").fill("")
+
+    # --- create a template
+    page.get_by_role("button", name="New template").click()
+    page.get_by_label("Template name").fill(name)
+    page.get_by_label("Template description").fill("Browser test: answer in the requested tone")
+    page.get_by_role("button", name="Create template").click()
+    expect(page.get_by_role("heading", name=name)).to_be_visible()
+    expect(page.get_by_role("button", name=f"Open template {name}")).to_be_visible()
+    preview = page.get_by_label("Rendered preview")
+    page.get_by_label("Value of question").fill("What is the capital of France?")
+    expect(preview).to_contain_text("What is the capital of France?")
+    expect(preview).to_contain_text("You are a helpful assistant")
+
+    # --- edit: a variable the schema does not declare is an inline error, not a crash
+    system = page.get_by_label("Message 1 content")
+    system.fill("You are a {{ tone }} assistant.\n{% if short %}Answer in one short sentence.{% endif %}")
+    preview_error = page.locator("#preview-error")
+    expect(preview_error).to_be_visible()
+    expect(preview_error).to_contain_text("undeclared")
+    expect(preview_error).to_contain_text("tone")
+    # Jinja is highlighted in the editor as it is typed.
+    expect(page.locator(".message .tok-var", has_text="tone").first).to_be_visible()
+    expect(page.locator(".message .tok-keyword", has_text="if").first).to_be_visible()
+
+    # Declare the variables in the schema table beside the editor.
+    page.get_by_role("button", name="Add variable").click()
+    page.get_by_label("Variable 2 name").fill("tone")
+    page.get_by_label("Variable 2 default").fill("friendly")
+    page.get_by_label("Variable 2 description").fill("How the assistant sounds")
+    page.get_by_label("Variable 2 required").uncheck()
+    page.get_by_role("button", name="Declare used variables").click()  # finds `short`
+    expect(page.get_by_label("Variable 3 name")).to_have_value("short")
+    page.get_by_label("Variable 3 type").select_option("boolean")
+    page.get_by_label("Variable 3 required").uncheck()
+    expect(preview_error).to_be_hidden()
+    expect(preview).to_contain_text("You are a friendly assistant.")  # the default applies
+    expect(preview).not_to_contain_text("one short sentence")
+
+    # Live preview follows the variable values as they change.
+    page.get_by_label("Value of tone").fill("cheerful")
+    expect(preview).to_contain_text("You are a cheerful assistant.")
+    page.get_by_label("Value of short").select_option("true")
+    expect(preview).to_contain_text("Answer in one short sentence.")
+    expect(page.get_by_role("status").filter(has_text="Up to date")).to_be_visible()
+
+    # Model parameters.
+    page.get_by_label("Temperature").fill("0")
+    page.get_by_label("Max tokens", exact=True).fill("24")
+    page.get_by_label("Version message").fill("add tone and short variables")
+    expect(page.get_by_role("status").filter(has_text="Up to date")).to_be_visible()
+    page.screenshot(path=str(artifacts / "studio.png"), full_page=True)
+
+    # --- save version 2
+    page.get_by_role("button", name="Save as new version").click()
+    expect(page.locator("#save-status")).to_contain_text(f"Saved {name}@2")
+    expect(page.locator("#dirty")).to_be_hidden()
+    v2 = httpx.get(f"{server.url}/v1/prompts/{name}/versions/2", headers={"Authorization": f"Bearer {key}"},
+                   timeout=10).json()
+    assert v2["message"] == "add tone and short variables"
+    assert v2["content"]["params"] == {"model": None, "temperature": 0.0, "max_tokens": 24, "stop": None,
+                                       "response_schema": None}
+    assert [v["name"] for v in v2["content"]["variables"]] == ["question", "tone", "short"]
+    assert "{{ tone }}" in v2["content"]["messages"][0]["content"]
+
+    # --- run v2 against the real model: tokens stream in, the first chunk names ref and hash
+    page.get_by_role("tab", name="Run").click()
+    expect(page.get_by_label("Version to run")).to_have_value("2")
+    page.get_by_role("button", name="Run", exact=True).click()
+    output = page.get_by_label("Model output")
+    expect(output).not_to_be_empty(timeout=RUN_TIMEOUT_MS)
+    expect(page.locator("#run-meta")).to_contain_text(f"{name}@2")
+    expect(page.locator("#run-meta")).to_contain_text(v2["hash"])
+    expect(page.locator("#run-status")).to_contain_text("Done", timeout=RUN_TIMEOUT_MS)
+    assert output.inner_text().strip(), "no streamed text appeared"
+    page.screenshot(path=str(artifacts / "studio-run.png"), full_page=True)
+
+    # The unsaved draft runs too (rendered messages sent as plain chat messages).
+    page.get_by_label("Unsaved draft").check()
+    page.get_by_role("button", name="Run", exact=True).click()
+    expect(page.locator("#run-status")).to_contain_text("Done", timeout=RUN_TIMEOUT_MS)
+    expect(page.locator("#run-meta")).to_contain_text(f"{name}@draft")
+    assert output.inner_text().strip(), "no streamed text appeared for the draft"
+
+    # --- a save race: someone else saves v3 while this page still edits v2 -> 409, reload
+    page.get_by_role("tab", name="Editor").click()
+    other = httpx.post(
+        f"{server.url}/v1/prompts/{name}/versions", headers={"Authorization": f"Bearer {key}"}, timeout=10,
+        json={"content": v2["content"], "base_version": 2, "message": "a colleague's edit"},
+    )
+    assert other.status_code == 201, other.text
+    page.get_by_label("Description", exact=True).fill("my conflicting edit")
+    page.get_by_role("button", name="Save as new version").click()
+    conflict = page.locator("#save-status .conflict")
+    expect(conflict).to_contain_text("Someone saved a newer version")
+    expect(conflict).to_contain_text("Reload")
+    page.get_by_role("button", name="Reload latest version").click()
+    expect(page.get_by_label("Open version")).to_have_value("3")
+    expect(page.get_by_label("Description", exact=True)).to_have_value("Browser test: answer in the requested tone")
+
+    # --- side-by-side diff v1 -> v2
+    page.get_by_role("tab", name="Diff").click()
+    page.get_by_label("From version").select_option("1")
+    page.get_by_label("To version").select_option("2")
+    page.get_by_role("button", name="Compare").click()
+    diff = page.get_by_role("table", name=f"Differences between {name}@1 and {name}@2")
+    expect(diff).to_be_visible()
+    expect(diff.locator("td.diff-code.diff-del").filter(has_text="You are a helpful assistant")).not_to_have_count(0)
+    expect(diff.locator("td.diff-code.diff-add").filter(has_text="{{ tone }}")).not_to_have_count(0)
+    expect(diff.locator("td.diff-code.diff-add").filter(has_text="max_tokens: 24")).not_to_have_count(0)
+    expect(page.get_by_label("Changed parts")).to_contain_text("messages changed")
+    expect(page.get_by_label("Changed parts")).to_contain_text("variables changed")
+    page.screenshot(path=str(artifacts / "studio-diff.png"), full_page=True)
+
+    # --- promote v2 to production: the gate's verdict is shown
+    page.get_by_role("tab", name="Labels").click()
+    page.get_by_label("Label", exact=True).fill("production")
+    page.get_by_label("Target version").select_option("2")
+    page.get_by_role("button", name="Move label", exact=True).click()
+    verdict = page.get_by_role("status", name="Gate verdict")
+    expect(verdict).to_contain_text("Moved production to v2")
+    expect(verdict).to_contain_text("Gate verdict: passed")
+    expect(page.get_by_role("table", name="Current labels")).to_contain_text("v2")
+    page.screenshot(path=str(artifacts / "studio-labels.png"), full_page=True)
+    # A custom label skips the gate.
+    page.get_by_label("Label", exact=True).fill("staging")
+    page.get_by_label("Target version").select_option("3")
+    page.get_by_role("button", name="Move label", exact=True).click()
+    expect(verdict).to_contain_text("Moved staging to v3")
+    expect(verdict).to_contain_text("no gate check")
+    # Overriding needs admin: this key is refused, with the reason shown.
+    page.get_by_label("Label", exact=True).fill("production")
+    page.get_by_label("Target version").select_option("1")
+    page.get_by_label("Override reason (admin only, optional)").fill("rollback drill")
+    page.get_by_role("button", name="Move label", exact=True).click()
+    expect(verdict).to_contain_text("Label not moved")
+    expect(verdict).to_contain_text("admin")
+    page.get_by_label("Override reason (admin only, optional)").fill("")
+    page.get_by_label("Target version").select_option("2")
+    page.get_by_role("button", name="Move label", exact=True).click()
+    expect(verdict).to_contain_text("already points at v2")
+    labels = httpx.get(f"{server.url}/v1/prompts/{name}/labels", headers={"Authorization": f"Bearer {key}"},
+                       timeout=10).json()
+    assert labels == {"production": 2, "staging": 3}
+
+    # A refusing gate: this server runs the default allow-all gate (the eval harness plugs the
+    # real one in later), so the refusal is the API's documented 409 body, served by Playwright
+    # for this one request; the page must show the gate's reason and leave the labels alone.
+    refusal = {"error": {
+        "message": f"the promotion gate refused {name}@3 for label 'production': faithfulness 0.41 < 0.80. "
+                   "Fix what the gate reports and try again, or have an admin override with a reason",
+        "type": "invalid_request_error", "param": "version", "code": "promotion_gate_failed"}}
+    page.route(f"**/v1/prompts/{name}/labels/production",
+               lambda route: route.fulfill(status=409, json=refusal) if route.request.method == "PUT"
+               else route.fallback())
+    page.get_by_label("Target version").select_option("3")
+    page.get_by_role("button", name="Move label", exact=True).click()
+    expect(verdict).to_contain_text(f"Gate refused {name}@3 for production")
+    expect(verdict).to_contain_text("faithfulness 0.41 < 0.80")
+    page.screenshot(path=str(artifacts / "studio-gate-refused.png"), full_page=True)
+    page.unroute(f"**/v1/prompts/{name}/labels/production")
+    expect(page.get_by_role("table", name="Current labels")).to_contain_text("v2")
+
+    # --- history: versions and the audit log with who / what / from -> to
+    page.get_by_role("tab", name="History").click()
+    versions = page.get_by_role("table", name="Versions")
+    expect(versions.locator("tbody tr")).to_have_count(3)
+    expect(versions).to_contain_text("add tone and short variables")
+    expect(versions).to_contain_text("a colleague's edit")
+    audit = page.get_by_role("table", name="Audit log")
+    expect(audit.locator("tbody tr")).to_have_count(5)  # 3 versions + 2 label moves
+    production_row = audit.locator("tbody tr", has_text="production")
+    expect(production_row).to_contain_text("label.move")
+    expect(production_row).to_contain_text("— → v2")
+    expect(production_row).to_contain_text("gate passed")
+    expect(production_row).to_contain_text("prompt-engineer")
+    expect(audit.locator("tbody tr", has_text="version.create")).to_have_count(3)
+    page.screenshot(path=str(artifacts / "studio-history.png"), full_page=True)
+
+    # --- the key stays in this tab only, and forgetting it returns to the login form
+    assert page.evaluate("sessionStorage.getItem('keel.studio.apiKey')") == key
+    assert page.evaluate("localStorage.length") == 0
+    page.get_by_role("button", name="Forget key").click()
+    expect(page.get_by_label("API key")).to_be_visible()
+    assert page.evaluate("sessionStorage.getItem('keel.studio.apiKey')") is None
