@@ -1,0 +1,125 @@
+"""Hybrid query latency: p50/p95 with and without a filter, embedded engine vs qdrant-client local mode.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/retrieve.py [--sizes 10000 100000] [--queries 200]
+
+Corpus vectors are random unit vectors (embedding 100k real chunks would take ~an hour on 2 cores),
+with BM25 sparse vectors of synthetic text and a 'tag' keyword field (1 of 20 values) for the filter.
+Each timed query includes embedding the query text with the real MiniLM model, as a request would.
+Prints a table and writes bench/results/retrieve-<timestamp>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+WORDS = (
+    "qdrant", "vector", "sparse", "dense", "fusion", "rank", "cache", "header", "commit", "rebase", "branch",
+    "merge", "handshake", "cipher", "key", "ticket", "replay", "python", "module", "package", "environment",
+    "sqlite", "journal", "checkpoint", "reader", "writer", "lock", "page", "token", "chunk", "embed",
+    "model", "query", "filter", "payload", "index", "segment", "shard", "snapshot", "manifest", "version",
+)
+
+
+def build(store, n: int, dim: int, rng: random.Random, sparse) -> None:
+    from ingest.store.base import ChunkPoint
+
+    store.ensure_collection("bench", dim, "random")
+    nprng = np.random.default_rng(0)
+    batch = 2000
+    for start in range(0, n, batch):
+        m = min(batch, n - start)
+        dense = nprng.standard_normal((m, dim)).astype(np.float32)
+        dense /= np.linalg.norm(dense, axis=1, keepdims=True)
+        texts = [" ".join(rng.choices(WORDS, k=60)) for _ in range(m)]
+        sv = sparse.encode_documents(texts)
+        pts = [ChunkPoint(str(uuid.UUID(int=start + i + 1)), dense[i], sv[i],
+                          {"doc_id": f"d{(start + i) // 10}", "doc_version": "v", "tag": f"t{(start + i) % 20}",
+                           "text": texts[i]}) for i in range(m)]
+        store._upsert("bench", pts)  # bulk load: bypasses the per-document replace protocol
+
+
+def pct(xs: list[float], p: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, round(p / 100 * (len(xs) - 1)))] * 1000
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
+    ap.add_argument("--queries", type=int, default=200)
+    ap.add_argument("--local-queries", type=int, default=30, help="qdrant-client local mode is slow; fewer")
+    ap.add_argument("--stores", nargs="+", default=["edge", "qdrant-local"])
+    args = ap.parse_args()
+
+    from ingest.embedding import Bm25Encoder, SentenceTransformerEmbedder
+    from ingest.store.base import HybridQuery
+    from ingest.store.edge import EdgeStore
+    from ingest.store.qdrant import QdrantClientStore
+
+    emb = SentenceTransformerEmbedder()
+    emb.warm_up()
+    sparse = Bm25Encoder()
+    rng = random.Random(0)
+    rows = []
+    for n in args.sizes:
+        for kind in args.stores:
+            tmp = Path(tempfile.mkdtemp(prefix="keel-bench-retrieve-"))
+            store = EdgeStore(tmp / "edge") if kind == "edge" else QdrantClientStore(path=tmp / "q")
+            t = time.perf_counter()
+            build(store, n, emb.dim, rng, sparse)
+            load_s = time.perf_counter() - t
+            nq = args.queries if kind == "edge" else args.local_queries
+            for filtered in (False, True):
+                lat, embed_lat = [], []
+                for i in range(nq):
+                    text = " ".join(rng.choices(WORDS, k=6))
+                    t0 = time.perf_counter()
+                    q = HybridQuery(dense=emb.embed_query(text), sparse=sparse.encode_query(text), top_k=10,
+                                    prefetch_limit=50, filters={"tag": f"t{i % 20}"} if filtered else None)
+                    t1 = time.perf_counter()
+                    hits = store.query("bench", q)
+                    t2 = time.perf_counter()
+                    assert hits, "no hits"
+                    lat.append(t2 - t0)
+                    embed_lat.append(t1 - t0)
+                rows.append({"store": kind, "chunks": n, "filter": filtered, "queries": nq,
+                             "p50_ms": round(pct(lat, 50), 2), "p95_ms": round(pct(lat, 95), 2),
+                             "embed_p50_ms": round(pct(embed_lat, 50), 2), "load_s": round(load_s, 1)})
+                print(rows[-1], flush=True)
+            store.close()
+
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="hybrid query latency (query embedding included; top-10, RRF over dense+BM25)")
+    for col in ("store", "chunks", "filter", "queries", "p50_ms", "p95_ms", "embed_p50_ms", "load_s"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(*(str(r[c]) for c in ("store", "chunks", "filter", "queries", "p50_ms", "p95_ms",
+                                             "embed_p50_ms", "load_s")))
+    Console().print(table)
+    out = ROOT / "bench" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"retrieve-{time.strftime('%Y%m%dT%H%M%S')}.json"
+    path.write_text(json.dumps({"machine": platform.platform(), "cpus": os.cpu_count(), "rows": rows}, indent=2))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

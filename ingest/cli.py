@@ -1,0 +1,216 @@
+"""``keel ingest``, ``keel search`` and ``keel snapshots``: typer commands the main CLI mounts.
+
+    app.command("ingest")(ingest_command)
+    app.command("search")(search_command)
+    app.add_typer(snapshots_app, name="snapshots")
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from app.core.errors import KeelError
+
+console = Console()
+err = Console(stderr=True)
+snapshots_app = typer.Typer(help="Ingest snapshots: list, show, diff.", no_args_is_help=True)
+
+_OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+_FILTER = re.compile(r"^([A-Za-z_][\w.]*)\s*(>=|<=|>|<|=)\s*(.+)$")
+
+
+def _services():
+    for k, v in _OFFLINE.items():
+        os.environ.setdefault(k, v)
+    from app.core.settings import load_settings
+    from ingest import build_rag
+
+    try:
+        settings = load_settings()
+    except Exception as exc:
+        err.print(f"[red]configuration error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    return settings, build_rag(settings)
+
+
+def _fail(exc: KeelError) -> typer.Exit:
+    err.print(f"[red]error ({exc.code}):[/red] {exc.message}")
+    return typer.Exit(1)
+
+
+def parse_filters(items: list[str] | None) -> dict[str, Any] | None:
+    """``lang=en``, ``tag=a,b`` (any of), ``page>=3`` / ``page<5`` (ranges; repeat to combine)."""
+    if not items:
+        return None
+    out: dict[str, Any] = {}
+    ops = {">=": "gte", "<=": "lte", ">": "gt", "<": "lt"}
+    for item in items:
+        m = _FILTER.match(item.strip())
+        if not m:
+            raise typer.BadParameter(f"{item!r}: use key=value, key=a,b or key>=number", param_hint="--filter")
+        key, op, raw = m.groups()
+        if op == "=":
+            values = [_scalar(v.strip()) for v in raw.split(",")]
+            out[key] = values if len(values) > 1 else values[0]
+        else:
+            try:
+                bound = float(raw)
+            except ValueError:
+                raise typer.BadParameter(f"{item!r}: a range bound must be a number",
+                                         param_hint="--filter") from None
+            rng = out.setdefault(key, {})
+            if not isinstance(rng, dict):
+                raise typer.BadParameter(f"{key!r} given both as a value and a range", param_hint="--filter")
+            rng[ops[op]] = bound
+    return out
+
+
+def _scalar(v: str) -> str | int | bool:
+    if re.fullmatch(r"-?\d+", v):
+        return int(v)
+    if v in ("true", "false"):
+        return v == "true"
+    return v
+
+
+def ingest_command(
+    paths: Annotated[list[str], typer.Argument(help="Files, folders (recursive) or quoted globs ('docs/**/*.md').")],
+    collection: Annotated[str | None, typer.Option("--collection", "-c", help="Target collection.")] = None,
+    prune: Annotated[bool, typer.Option(help="Remove chunks of documents under PATHS whose files are gone.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON instead of tables.")] = False,
+) -> None:
+    """Load, chunk, embed and store documents; unchanged files are skipped, changed ones replaced."""
+    settings, rag = _services()
+    col = collection or settings.rag.collection
+    try:
+        columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("{task.fields[chunks]} chunks"), TimeElapsedColumn(), TextColumn("{task.fields[file]}"))
+        with Progress(*columns, console=err, transient=True, disable=json_out) as bar:
+            task = bar.add_task("loading model", total=None, chunks=0, file="")
+            rag.warm_up()
+            bar.update(task, description="ingesting")
+
+            def on_progress(p) -> None:
+                bar.update(task, total=p.files_total, completed=p.files_done, chunks=p.chunks_written,
+                           file=Path(p.current).name if p.current else "")
+
+            result = rag.pipeline.run(paths, col, prune=prune, progress=on_progress)
+    except KeelError as exc:
+        raise _fail(exc) from exc
+    finally:
+        rag.close()
+    if json_out:
+        console.print_json(json.dumps({"snapshot_id": result.snapshot_id, "collection": col, **result.counts,
+                                       "rejections": result.rejections}))
+    else:
+        table = Table(title=f"ingest into '{col}' - snapshot {result.snapshot_id}")
+        table.add_column("documents", style="bold")
+        table.add_column("count", justify="right")
+        for key in ("added", "updated", "unchanged", "deleted", "rejected", "repaired"):
+            table.add_row(key, str(result.counts[key]))
+        table.add_section()
+        table.add_row("chunks written", str(result.chunks_written))
+        table.add_row("chunks in collection", str(result.chunks_total))
+        table.add_row("documents in collection", str(result.documents_total))
+        rate = result.chunks_written / result.embed_seconds if result.embed_seconds else 0.0
+        table.add_row("time", f"{result.seconds:.1f} s ({rate:.0f} chunks/s embedding)")
+        console.print(table)
+        if result.rejections:
+            rej = Table(title="rejected", title_style="red")
+            for col_name in ("source", "where", "reason", "message"):
+                rej.add_column(col_name, overflow="fold")
+            for r in result.rejections:
+                rej.add_row(r["source"], r.get("location") or "", r["code"], r["message"])
+            console.print(rej)
+    if result.rejections:
+        raise typer.Exit(3)  # partial success: scripts can tell it apart from a failure (1)
+
+
+def search_command(
+    query: Annotated[str, typer.Argument(help="What to look for.")],
+    collection: Annotated[str | None, typer.Option("--collection", "-c")] = None,
+    top_k: Annotated[int | None, typer.Option("--top-k", "-k", min=1, max=100)] = None,
+    filter_: Annotated[list[str] | None, typer.Option("--filter", "-f", help="key=value, key=a,b, key>=n; "
+                                                      "repeat to combine.")] = None,
+    mmr: Annotated[bool | None, typer.Option("--mmr/--no-mmr", help="Diversify results.")] = None,
+    threshold: Annotated[float | None, typer.Option(help="Minimum fused (RRF) score.")] = None,
+    json_out: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Hybrid (dense + BM25) search with citations."""
+    settings, rag = _services()
+    try:
+        res = rag.retriever.retrieve(query, collection=collection or settings.rag.collection, top_k=top_k,
+                                     filters=parse_filters(filter_), mmr=mmr, score_threshold=threshold)
+    except KeelError as exc:
+        raise _fail(exc) from exc
+    finally:
+        rag.close()
+    if json_out:
+        console.print_json(res.model_dump_json())
+        return
+    if not res.chunks:
+        console.print("[yellow]no results[/yellow]")
+        return
+    for i, ch in enumerate(res.chunks, start=1):
+        c = ch.citation
+        where = f"{c.source}:{c.char_start}-{c.char_end}" + (f" (page {c.page})" if c.page else "")
+        console.rule(f"[bold]{i}. {c.label()}[/bold]  score {ch.score:.4f}", align="left")
+        console.print(f"[dim]{where}  snapshot {c.snapshot_id}[/dim]")
+        text = ch.text if len(ch.text) < 700 else ch.text[:700] + " ..."
+        console.print(text, markup=False, highlight=False)
+    console.print(f"[dim]{len(res.chunks)} results in {res.took_ms:.0f} ms[/dim]")
+
+
+@snapshots_app.command("list")
+def snapshots_list(collection: Annotated[str | None, typer.Option("--collection", "-c")] = None,
+                   limit: int = 20) -> None:
+    _, rag = _services()
+    try:
+        snaps = rag.snapshots.list(collection, limit)
+    finally:
+        rag.close()
+    table = Table(title="ingest snapshots")
+    for name in ("id", "collection", "status", "started", "added", "updated", "deleted", "rejected", "chunks"):
+        table.add_column(name)
+    for s in snaps:
+        c = s.counts
+        table.add_row(s.id, s.collection, s.status, s.started_at[:19], *(str(c.get(k, "")) for k in (
+            "added", "updated", "deleted", "rejected", "chunks_total")))
+    console.print(table)
+
+
+@snapshots_app.command("show")
+def snapshots_show(snapshot_id: str) -> None:
+    _, rag = _services()
+    try:
+        snap = rag.snapshots.get(snapshot_id)
+    except KeelError as exc:
+        raise _fail(exc) from exc
+    finally:
+        rag.close()
+    console.print_json(snap.model_dump_json())
+
+
+@snapshots_app.command("diff")
+def snapshots_diff(base: str, target: str) -> None:
+    _, rag = _services()
+    try:
+        d = rag.snapshots.diff(base, target)
+    except KeelError as exc:
+        raise _fail(exc) from exc
+    finally:
+        rag.close()
+    for label, items, style in (("added", d.added, "green"), ("removed", d.removed, "red"),
+                                ("changed", d.changed, "yellow")):
+        for x in items:
+            console.print(f"[{style}]{label:8}[/{style}] {x}")
+    console.print(f"[dim]{d.unchanged} unchanged[/dim]")

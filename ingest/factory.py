@@ -1,0 +1,71 @@
+"""Build the long-lived RAG objects once (API lifespan or a CLI command)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from ingest.chunking import HFTokenizer, Tokenizer, WhitespaceTokenizer
+from ingest.embedding import Bm25Encoder, Embedder, SentenceTransformerEmbedder, SparseEncoder
+from ingest.manifest import SnapshotStore
+from ingest.pipeline import IngestPipeline
+from ingest.retriever import Retriever
+from ingest.settings import RagSettings
+from ingest.store.base import VectorStore
+
+if TYPE_CHECKING:
+    from app.core.settings import Settings
+
+
+@dataclass
+class RagServices:
+    settings: RagSettings
+    embedder: Embedder
+    sparse: SparseEncoder
+    store: VectorStore
+    snapshots: SnapshotStore
+    pipeline: IngestPipeline
+    retriever: Retriever
+
+    def warm_up(self) -> None:
+        """Load the model and open the store now (seconds), instead of on the first request."""
+        self.embedder.warm_up()
+        self.store.warm_up()
+
+    def close(self) -> None:
+        self.store.close()
+        self.snapshots.close()
+
+    def list_collections(self) -> list[dict]:
+        return [self.store.collection_info(c) for c in self.store.list_collections()]
+
+
+def build_store(rag: RagSettings, home) -> VectorStore:
+    if rag.store == "edge":
+        from ingest.store.edge import EdgeStore
+
+        return EdgeStore(rag.store_path(home))
+    from ingest.store.qdrant import QdrantClientStore
+
+    if rag.url:
+        return QdrantClientStore(url=rag.url, api_key=rag.api_key)
+    return QdrantClientStore(path=rag.store_path(home))
+
+
+def build_rag(settings: Settings, *, embedder: Embedder | None = None, store: VectorStore | None = None
+              ) -> RagServices:
+    """Cheap: nothing is loaded or opened until ``warm_up()`` or first use."""
+    rag = settings.rag
+    emb = embedder or SentenceTransformerEmbedder(rag.embedding_model, device=rag.embedding_device,
+                                                  batch_size=rag.embedding_batch_size)
+    tokenizer: Tokenizer
+    model_path = getattr(emb, "model_path", None)
+    tokenizer = HFTokenizer(model_path) if model_path is not None else WhitespaceTokenizer()
+    sparse = Bm25Encoder()
+    vs = store or build_store(rag, settings.home)
+    snapshots = SnapshotStore(rag.db_path(settings.home))
+    pipeline = IngestPipeline(store=vs, embedder=emb, sparse=sparse, tokenizer=tokenizer, chunker=rag.chunker,
+                              snapshots=snapshots, loader=rag.loader)
+    retriever = Retriever(store=vs, embedder=emb, sparse=sparse, defaults=rag.retrieval,
+                          collection=rag.collection)
+    return RagServices(rag, emb, sparse, vs, snapshots, pipeline, retriever)

@@ -1,0 +1,195 @@
+"""Embedded default: the Rust Qdrant engine in-process (``qdrant-edge-py``), one shard per collection.
+
+Layout: ``<root>/<collection>/`` is an EdgeShard folder. The engine takes an exclusive
+lock on it, so one process owns a store folder at a time (a second gets ``StoreLocked``).
+Updates go through the shard's write-ahead log, so a killed process loses nothing it
+had acknowledged.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import uuid
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from ingest.errors import StoreLocked, StoreUnavailable
+from ingest.store.base import (
+    CONTROL_ID,
+    DENSE,
+    INTEGER_INDEXES,
+    KEYWORD_INDEXES,
+    SPARSE,
+    ChunkPoint,
+    Cond,
+    Hit,
+    HybridQuery,
+    QdrantLikeStore,
+)
+
+_SCROLL_PAGE = 1024
+
+
+class EdgeStore(QdrantLikeStore):
+    name = "edge"
+
+    def __init__(self, root: Path) -> None:
+        super().__init__()
+        self.root = Path(root)
+        self._shards: dict[str, Any] = {}
+        self._open_lock = threading.Lock()
+        self._q: Any = None
+
+    @property
+    def q(self):
+        if self._q is None:
+            import qdrant_edge
+
+            self._q = qdrant_edge
+        return self._q
+
+    def warm_up(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        for c in self._list():
+            self._shard(c)
+
+    def close(self) -> None:
+        with self._open_lock:
+            for shard in self._shards.values():
+                try:
+                    shard.flush()
+                finally:
+                    shard.close()
+            self._shards.clear()
+
+    def _dir(self, c: str) -> Path:
+        return self.root / c
+
+    def _shard(self, c: str):
+        shard = self._shards.get(c)
+        if shard is not None:
+            return shard
+        with self._open_lock:
+            if c not in self._shards:
+                try:
+                    self._shards[c] = self.q.EdgeShard.load(str(self._dir(c)))
+                except Exception as e:
+                    if "WouldBlock" in str(e) or "lock" in str(e).lower():
+                        raise StoreLocked(
+                            f"the store folder {self._dir(c)} is open in another process (the embedded engine "
+                            "allows one); stop it, or point rag.path elsewhere") from e
+                    raise StoreUnavailable(f"cannot open collection {c!r} at {self._dir(c)}: {e}") from e
+            return self._shards[c]
+
+    # -- primitives ----------------------------------------------------------------
+
+    def _exists(self, c: str) -> bool:
+        return c in self._shards or (self._dir(c).is_dir() and any(self._dir(c).iterdir()))
+
+    def _list(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return [p.name for p in self.root.iterdir() if p.is_dir() and any(p.iterdir())]
+
+    def _create(self, c: str, dim: int) -> None:
+        q = self.q
+        config = q.EdgeConfig(
+            vectors={DENSE: q.EdgeVectorParams(size=dim, distance=q.Distance.Cosine)},
+            sparse_vectors={SPARSE: q.EdgeSparseVectorParams(modifier=q.Modifier.Idf)},
+        )
+        self._dir(c).mkdir(parents=True, exist_ok=True)
+        with self._open_lock:
+            shard = q.EdgeShard.create(str(self._dir(c)), config)
+            for f in KEYWORD_INDEXES:
+                shard.update(q.UpdateOperation.create_field_index(f, q.PayloadSchemaType.Keyword))
+            for f in INTEGER_INDEXES:
+                shard.update(q.UpdateOperation.create_field_index(f, q.PayloadSchemaType.Integer))
+            self._shards[c] = shard
+
+    def _drop(self, c: str) -> None:
+        with self._open_lock:
+            shard = self._shards.pop(c, None)
+            if shard is not None:
+                shard.close()
+        shutil.rmtree(self._dir(c), ignore_errors=True)
+
+    def _upsert(self, c: str, points: Sequence[ChunkPoint]) -> None:
+        q = self.q
+        shard = self._shard(c)
+        batch = [
+            q.Point(id=uuid.UUID(p.id), vector={
+                DENSE: [float(x) for x in p.dense],
+                SPARSE: q.SparseVector(indices=p.sparse.indices, values=p.sparse.values),
+            }, payload=p.payload)
+            for p in points
+        ]
+        for i in range(0, len(batch), 512):
+            shard.update(q.UpdateOperation.upsert_points(batch[i:i + 512]))
+
+    def _delete(self, c: str, must: list[Cond], must_not: list[Cond]) -> None:
+        self._shard(c).update(self.q.UpdateOperation.delete_points_by_filter(self._filter(must, must_not)))
+
+    def _get_control(self, c: str) -> dict[str, Any] | None:
+        recs = self._shard(c).retrieve([uuid.UUID(CONTROL_ID)], True, False)
+        return dict(recs[0].payload or {}) if recs else None
+
+    def _put_control(self, c: str, payload: dict[str, Any]) -> None:
+        q = self.q
+        self._shard(c).update(q.UpdateOperation.upsert_points([q.Point(id=uuid.UUID(CONTROL_ID), vector={},
+                                                                       payload=payload)]))
+
+    def _hybrid(self, c: str, query: HybridQuery, must: list[Cond], must_not: list[Cond], limit: int,
+                with_vectors: bool) -> list[Hit]:
+        q = self.q
+        flt = self._filter(must, must_not)
+        dense = [float(x) for x in query.dense]
+        prefetches = [q.Prefetch(limit=query.prefetch_limit, query=q.Query.Nearest(dense, using=DENSE),
+                                 filter=flt)]
+        if query.sparse is not None and query.sparse.indices:
+            sv = q.SparseVector(indices=query.sparse.indices, values=query.sparse.values)
+            prefetches.append(q.Prefetch(limit=query.prefetch_limit, query=q.Query.Nearest(sv, using=SPARSE),
+                                         filter=flt))
+        req = q.QueryRequest(limit=limit, prefetches=prefetches, query=q.Fusion.Rrf(k=query.rrf_k), filter=flt,
+                             with_payload=True, with_vector=[DENSE] if with_vectors else False)
+        out = []
+        for p in self._shard(c).query(req):
+            vec = None
+            if with_vectors and p.vector:
+                vec = p.vector.get(DENSE) if isinstance(p.vector, dict) else p.vector
+            out.append(Hit(str(p.id), float(p.score), dict(p.payload or {}), vec))
+        return out
+
+    def _count(self, c: str, must: list[Cond], must_not: list[Cond]) -> int:
+        return int(self._shard(c).count(self.q.CountRequest(exact=True, filter=self._filter(must, must_not))))
+
+    def _scroll(self, c: str, must: list[Cond], fields: list[str]) -> Iterator[dict[str, Any]]:
+        q = self.q
+        shard = self._shard(c)
+        offset = None
+        flt = self._filter(must, [Cond("kind", "eq", "control")])
+        while True:
+            recs, offset = shard.scroll(q.ScrollRequest(offset=offset, limit=_SCROLL_PAGE, filter=flt,
+                                                        with_payload=q.PayloadSelector.Include(fields),
+                                                        with_vector=False))
+            for r in recs:
+                yield dict(r.payload or {})
+            if offset is None:
+                return
+
+    def _filter(self, must: list[Cond], must_not: list[Cond]):
+        q = self.q
+        if not must and not must_not:
+            return None
+        return q.Filter(must=[self._cond(x) for x in must] or None,
+                        must_not=[self._cond(x) for x in must_not] or None)
+
+    def _cond(self, cond: Cond):
+        q = self.q
+        if cond.op == "eq":
+            return q.FieldCondition(key=cond.key, match=q.MatchValue(cond.value))
+        if cond.op == "any":
+            return q.FieldCondition(key=cond.key, match=q.MatchAny(cond.value))
+        r = cond.value
+        return q.FieldCondition(key=cond.key, range=q.RangeFloat(gte=r.gte, gt=r.gt, lte=r.lte, lt=r.lt))

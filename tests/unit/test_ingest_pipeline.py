@@ -1,0 +1,125 @@
+"""Incremental ingest, snapshots and retrieval over both stores, with a model-free embedder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from app.core.settings import Settings
+from ingest import build_rag
+from ingest.embedding import HashingEmbedder
+from ingest.factory import RagServices
+from ingest.settings import ChunkerConfig
+
+PARA = "Zebras graze on the savanna grass. They live in herds and migrate with the rains. "
+
+
+def write_corpus(root: Path) -> None:
+    (root / "sub").mkdir(parents=True, exist_ok=True)
+    (root / "zebra.md").write_text("# Zebras\n\n## Diet\n\n" + PARA * 6 + "\n\n## Stripes\n\nStripes confuse flies.\n")
+    (root / "otter.txt").write_text("Otters hold hands while sleeping so they do not drift apart.\n")
+    (root / "sub" / "qdrant.md").write_text("# Qdrant\n\nQdrant fuses dense and sparse results with RRF.\n")
+
+
+@pytest.fixture(params=["edge", "qdrant"])
+def rag(request, tmp_path) -> RagServices:
+    settings = Settings(home=tmp_path / "home", rag={"store": request.param,
+                                                     "chunker": {"max_tokens": 40, "overlap_tokens": 8}})
+    services = build_rag(settings, embedder=HashingEmbedder(64))
+    services.warm_up()
+    yield services
+    services.close()
+
+
+def test_incremental_runs(rag: RagServices, tmp_path: Path):
+    docs = tmp_path / "docs"
+    write_corpus(docs)
+    first = rag.pipeline.run([docs], "kb")
+    assert len(first.added) == 3 and first.chunks_written == first.chunks_total > 3
+    assert rag.store.count("kb") == first.chunks_total
+
+    second = rag.pipeline.run([docs], "kb")
+    assert second.unchanged == 3 and second.chunks_written == 0 and not second.added and not second.updated
+    assert rag.snapshots.diff(first.snapshot_id, second.snapshot_id).unchanged == 3
+
+    (docs / "otter.txt").write_text("Sea otters use rocks as tools to open shellfish.\n")
+    third = rag.pipeline.run([docs], "kb")
+    assert [Path(d).name for d in third.updated] == ["otter.txt"] and third.unchanged == 2
+    d = rag.snapshots.diff(second.snapshot_id, third.snapshot_id)
+    assert [Path(x).name for x in d.changed] == ["otter.txt"] and d.added == d.removed == []
+    hits = rag.retriever.retrieve("otters sleeping holding hands", collection="kb", top_k=10)
+    assert all("sleeping" not in c.text for c in hits.chunks)
+    assert any("shellfish" in c.text for c in hits.chunks)
+    assert rag.store.count("kb") == third.chunks_total
+
+    (docs / "sub" / "qdrant.md").unlink()
+    kept = rag.pipeline.run([docs], "kb")
+    assert kept.deleted == [] and kept.documents_total == 3  # without --prune nothing is removed
+    pruned = rag.pipeline.run([docs], "kb", prune=True)
+    assert [Path(x).name for x in pruned.deleted] == ["qdrant.md"] and pruned.documents_total == 2
+    assert [Path(x).name for x in rag.snapshots.diff(kept.snapshot_id, pruned.snapshot_id).removed] == ["qdrant.md"]
+    assert rag.store.count("kb", {"doc_id": str((docs / "sub" / "qdrant.md").resolve())}) == 0
+
+    snaps = rag.snapshots.list("kb")
+    assert next(s.id for s in snaps) == pruned.snapshot_id and len(snaps) == 5
+    assert all(s.status == "completed" and s.chunker_config["max_tokens"] == 40 for s in snaps)
+    full = rag.snapshots.get(pruned.snapshot_id)
+    assert {Path(f.source).name for f in full.files} == {"zebra.md", "otter.txt"}
+    assert all(len(f.source_sha256) == 64 and f.chunks > 0 for f in full.files)
+    assert full.embedding_model == "hashing-64"
+
+
+def test_prune_scope_and_rejected_files_keep_chunks(rag: RagServices, tmp_path: Path):
+    docs = tmp_path / "docs"
+    write_corpus(docs)
+    rag.pipeline.run([docs], "kb")
+    # Pruning with a narrower scope only touches documents inside it.
+    (docs / "otter.txt").unlink()
+    res = rag.pipeline.run([docs / "sub"], "kb", prune=True)
+    assert res.deleted == [] and res.documents_total == 3
+    # A file that turns bad is reported and keeps its previous chunks, even under --prune.
+    (docs / "zebra.md").write_text("   \n")
+    res = rag.pipeline.run([docs], "kb", prune=True)
+    assert [r["code"] for r in res.rejections] == ["empty"]
+    assert [Path(x).name for x in res.deleted] == ["otter.txt"]
+    assert rag.store.count("kb", {"doc_id": str((docs / "zebra.md").resolve())}) > 0
+
+
+def test_chunker_change_reembeds_everything(rag: RagServices, tmp_path: Path):
+    docs = tmp_path / "docs"
+    write_corpus(docs)
+    rag.pipeline.run([docs], "kb")
+    rag.pipeline.chunker.config = rag.pipeline.chunker_config = ChunkerConfig(max_tokens=64, overlap_tokens=0)
+    res = rag.pipeline.run([docs], "kb")
+    assert len(res.updated) == 3 and res.unchanged == 0
+
+
+def test_citations(rag: RagServices, tmp_path: Path):
+    docs = tmp_path / "docs"
+    write_corpus(docs)
+    run = rag.pipeline.run([docs], "kb")
+    res = rag.retriever.retrieve("stripes confuse flies", collection="kb", top_k=3)
+    top = res.chunks[0]
+    c = top.citation
+    assert top.text == "Stripes confuse flies."
+    assert c.heading_path == ["Zebras", "Stripes"] and c.title == "Zebras"
+    source_text = Path(c.source).read_text()
+    assert source_text[c.char_start:c.char_end] == top.text  # offsets point at the exact passage
+    assert c.snapshot_id == run.snapshot_id and c.chunk_id and top.score > 0
+    assert c.label() == "Zebras > Stripes"
+    filtered = rag.retriever.retrieve("zebra", collection="kb", filters={"doc_kind": "text"})
+    assert {Path(x.citation.source).name for x in filtered.chunks} == {"otter.txt"}
+
+
+def test_deterministic_point_ids(tmp_path: Path):
+    docs = tmp_path / "docs"
+    write_corpus(docs)
+    ids = []
+    for n in range(2):
+        s = build_rag(Settings(home=tmp_path / f"h{n}"), embedder=HashingEmbedder(32))
+        s.pipeline.run([docs], "kb")
+        res = s.retriever.retrieve("zebras savanna", collection="kb", top_k=20)
+        ids.append(sorted(c.citation.chunk_id for c in res.chunks))
+        s.close()
+    assert ids[0] == ids[1] and ids[0]

@@ -1,0 +1,235 @@
+"""Contract suite every VectorStore implementation must pass (edge engine and qdrant-client)."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from app.core.errors import InvalidRequest
+from ingest.embedding import Bm25Encoder, HashingEmbedder
+from ingest.errors import CollectionNotFound, DimensionMismatch, InvalidFilter
+from ingest.store.base import ChunkPoint, HybridQuery, Range, VectorStore
+from ingest.store.edge import EdgeStore
+from ingest.store.qdrant import QdrantClientStore
+
+EMB = HashingEmbedder(64)
+BM25 = Bm25Encoder()
+
+
+def _make(kind: str, tmp_path: Path) -> VectorStore:
+    if kind == "edge":
+        return EdgeStore(tmp_path / "edge")
+    if kind == "qdrant-memory":
+        return QdrantClientStore(path=":memory:")
+    return QdrantClientStore(path=tmp_path / "qlocal")
+
+
+@pytest.fixture(params=["edge", "qdrant-memory", "qdrant-path"])
+def store(request, tmp_path):
+    s = _make(request.param, tmp_path)
+    s.warm_up()
+    s.ensure_collection("docs", EMB.dim, EMB.model_id)
+    yield s
+    s.close()
+
+
+def points(doc_id: str, version: str, texts: list[str], **meta) -> list[ChunkPoint]:
+    dense = EMB.embed_documents(texts)
+    sparse = BM25.encode_documents(texts)
+    out = []
+    for i, t in enumerate(texts):
+        payload = {"doc_id": doc_id, "doc_version": version, "source": f"/src/{doc_id}", "title": doc_id,
+                   "text": t, "chunk_index": i, "page": i + 1, **meta}
+        out.append(ChunkPoint(str(uuid.uuid5(uuid.NAMESPACE_URL, f"{doc_id}|{version}|{i}")), dense[i],
+                              sparse[i], payload))
+    return out
+
+
+def q(text: str, **kw) -> HybridQuery:
+    return HybridQuery(dense=EMB.embed_query(text), sparse=BM25.encode_query(text), **kw)
+
+
+def seed(store: VectorStore) -> None:
+    store.replace_document("docs", "a", "a1", points("a", "a1", [
+        "Qdrant stores vectors with payload filters", "The zebra crossing is striped", "Apples are red fruit"],
+        lang="en", tag="db"))
+    store.replace_document("docs", "b", "b1", points("b", "b1", [
+        "Pandas eat bamboo in the mountains", "Kubernetes schedules containers on nodes"], lang="de", tag="ops"))
+
+
+def test_collections(store: VectorStore):
+    assert store.has_collection("docs")
+    assert "docs" in store.list_collections()
+    store.ensure_collection("docs", EMB.dim, EMB.model_id)  # idempotent
+    with pytest.raises(DimensionMismatch):
+        store.ensure_collection("docs", 32, EMB.model_id)
+    with pytest.raises(DimensionMismatch):
+        store.ensure_collection("docs", EMB.dim, "another-model")
+    with pytest.raises(InvalidRequest):
+        store.ensure_collection("../evil", 8, "m")
+    with pytest.raises(CollectionNotFound):
+        store.query("nope", q("x"))
+    info = store.collection_info("docs")
+    assert info["dim"] == EMB.dim and info["chunks"] == 0
+
+
+def test_upsert_count_query(store: VectorStore):
+    seed(store)
+    assert store.count("docs") == 5
+    hits = store.query("docs", q("zebra crossing striped", top_k=3))
+    assert hits[0].payload["text"] == "The zebra crossing is striped"
+    assert len(hits) == 3
+    assert all(h.score > 0 for h in hits)
+    assert hits == sorted(hits, key=lambda h: -h.score)
+
+
+def test_sparse_branch_finds_rare_keyword(store: VectorStore):
+    seed(store)
+    hits = store.query("docs", q("kubernetes", top_k=1))
+    assert hits[0].payload["text"].startswith("Kubernetes")
+
+
+def test_filters(store: VectorStore):
+    seed(store)
+    assert store.count("docs", {"lang": "de"}) == 2
+    assert store.count("docs", {"tag": ["db", "ops"]}) == 5
+    assert store.count("docs", {"page": Range(gte=2)}) == 3
+    assert store.count("docs", {"page": {"lte": 1}}) == 2
+    hits = store.query("docs", q("zebra crossing striped", top_k=5, filters={"lang": "de"}))
+    assert hits and all(h.payload["lang"] == "de" for h in hits)
+    hits = store.query("docs", q("apples", top_k=5, filters={"doc_id": "a", "page": Range(gte=3)}))
+    assert [h.payload["text"] for h in hits] == ["Apples are red fruit"]
+    for bad in ({"page": {"bogus": 1}}, {"tag": []}, {"tag": [1, "a"]}, {"kind": "control"}, {"x": 1.5}):
+        with pytest.raises(InvalidFilter):
+            store.query("docs", q("x", filters=bad))
+
+
+def test_score_threshold_applies_after_fusion(store: VectorStore):
+    seed(store)
+    all_hits = store.query("docs", q("zebra crossing striped", top_k=5))
+    top = all_hits[0].score
+    # RRF scores: 1/(k+rank) summed over branches; only a doc first in both branches reaches `top`.
+    kept = store.query("docs", q("zebra crossing striped", top_k=5, score_threshold=top))
+    assert [h.id for h in kept] == [all_hits[0].id]
+    assert store.query("docs", q("zebra", top_k=5, score_threshold=1.0)) == []
+
+
+def test_mmr_prefers_diversity(store: VectorStore):
+    texts = ["solar panels make electricity from sunlight"] * 3 + ["wind turbines make electricity from wind"]
+    store.replace_document("docs", "d", "d1", points("d", "d1", texts))
+    plain = store.query("docs", q("electricity from sunlight solar", top_k=2))
+    assert {h.payload["text"] for h in plain} == {texts[0]}
+    diverse = store.query("docs", q("electricity from sunlight solar", top_k=2, mmr=True, mmr_lambda=0.5))
+    assert {h.payload["text"] for h in diverse} == {texts[0], texts[3]}
+
+
+def test_replace_swaps_versions(store: VectorStore):
+    seed(store)
+    store.replace_document("docs", "a", "a2", points("a", "a2", ["Completely new text about giraffes"]))
+    assert store.count("docs") == 3
+    assert store.count("docs", {"doc_id": "a"}) == 1
+    docs = store.documents("docs")
+    assert docs["a"].versions == {"a2": 1} and docs["a"].live == "a2" and docs["a"].clean
+    hits = store.query("docs", q("zebra crossing striped", top_k=5, filters={"doc_id": "a"}))
+    assert [h.payload["doc_version"] for h in hits] == ["a2"]
+    # Replacing with the live version again is a no-op, not a flicker.
+    store.replace_document("docs", "a", "a2", points("a", "a2", ["Completely new text about giraffes"]))
+    assert store.count("docs", {"doc_id": "a"}) == 1
+
+
+def test_delete_document(store: VectorStore):
+    seed(store)
+    store.delete_document("docs", "a")
+    store.delete_document("docs", "missing")  # no error
+    assert store.count("docs") == 2
+    assert set(store.documents("docs")) == {"b"}
+
+
+def test_partial_version_is_invisible_and_repaired(store: VectorStore):
+    """What a crash leaves behind: a hidden, half-written version and a hidden new document."""
+    seed(store)
+    s = store  # the primitives are part of the shared base, used here to stage a crash
+    s._set_hidden("docs", s._hidden_set("docs") | {"a2", "c1"})
+    s._upsert("docs", points("a", "a2", ["half written zebra"]))
+    s._upsert("docs", points("c", "c1", ["orphan zebra"]))
+    assert store.count("docs") == 5
+    hits = store.query("docs", q("zebra", top_k=10))
+    assert {h.payload["doc_version"] for h in hits} <= {"a1", "b1"}
+    docs = store.documents("docs")
+    assert docs["a"].live == "a1" and not docs["a"].clean and docs["c"].live is None
+    assert store.repair("docs") == 2
+    docs = store.documents("docs")
+    assert set(docs) == {"a", "b"} and all(d.clean for d in docs.values())
+    assert store.collection_info("docs")["hidden_versions"] == 0
+    # Re-running the interrupted replace completes it with the same ids.
+    store.replace_document("docs", "a", "a2", points("a", "a2", ["half written zebra", "second chunk"]))
+    assert store.count("docs", {"doc_id": "a"}) == 2
+
+
+def test_queries_never_see_both_or_neither(store: VectorStore):
+    texts = [f"chunk {i} of the replaced document about otters" for i in range(6)]
+    store.replace_document("docs", "r", "v0", points("r", "v0", texts))
+    stop = threading.Event()
+    bad: list[str] = []
+    seen: set[str] = set()
+
+    def reader() -> None:
+        while not stop.is_set():
+            try:
+                hits = store.query("docs", q("otters replaced document", top_k=20, filters={"doc_id": "r"}))
+            except Exception as e:
+                bad.append(repr(e))
+                return
+            versions = {h.payload["doc_version"] for h in hits}
+            if len(versions) != 1 or len(hits) != 6:
+                bad.append(f"{len(hits)} hits, versions {sorted(versions)}")
+            seen.update(versions)
+
+    threads = [threading.Thread(target=reader) for _ in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        for n in range(1, 15):
+            store.replace_document("docs", "r", f"v{n}", points("r", f"v{n}", texts))
+            time.sleep(0.002)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert not bad, bad[:5]
+    assert len(seen) > 1
+    assert store.count("docs") == 6
+
+
+def test_control_point_is_not_a_chunk(store: VectorStore):
+    assert store.count("docs") == 0
+    assert store.documents("docs") == {}
+    assert store.query("docs", q("anything")) == []
+
+
+def test_drop_collection(store: VectorStore):
+    seed(store)
+    store.drop_collection("docs")
+    assert not store.has_collection("docs")
+    store.ensure_collection("docs", EMB.dim, EMB.model_id)
+    assert store.count("docs") == 0
+
+
+@pytest.mark.parametrize("kind", ["edge", "qdrant-path"])
+def test_persists_across_reopen(kind, tmp_path):
+    s = _make(kind, tmp_path)
+    s.ensure_collection("docs", EMB.dim, EMB.model_id)
+    seed(s)
+    s._set_hidden("docs", s._hidden_set("docs") | {"zz"})
+    s.close()
+    s2 = _make(kind, tmp_path)
+    try:
+        assert s2.count("docs") == 5
+        assert s2.collection_info("docs")["hidden_versions"] == 1
+        assert s2.list_collections() == ["docs"]
+    finally:
+        s2.close()
