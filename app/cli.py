@@ -16,6 +16,7 @@ from rich.table import Table
 
 from app.core.errors import KeelError
 from app.core.settings import Settings, load_settings
+from ingest.cli import ingest_command, search_command, snapshots_app
 from prompts.cli import app as prompts_app
 
 console = Console()
@@ -28,6 +29,9 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(model_app, name="model")
 app.add_typer(vllm_app, name="vllm")
 app.add_typer(prompts_app, name="prompts", help="Prompt registry: templates, versions, labels.")
+app.add_typer(snapshots_app, name="snapshots", help="Ingest snapshots: list, show, diff.")
+app.command("ingest")(ingest_command)
+app.command("search")(search_command)
 
 _OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "RAGAS_DO_NOT_TRACK": "true",
             "LITELLM_LOCAL_MODEL_COST_MAP": "True", "TOKENIZERS_PARALLELISM": "false"}

@@ -58,6 +58,18 @@ class PromptIn(_Wire):
     variables: dict[str, Any] = Field(default_factory=dict)
 
 
+class RagIn(_Wire):
+    """Keel extension: answer from a document collection, citing passages (``extra_body={"rag": ...}``;
+    or use the model alias ``rag:<collection>``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    collection: str = Field(min_length=1, max_length=64)
+    top_k: int | None = Field(default=None, ge=1, le=50)
+    filters: dict[str, Any] | None = None
+    prompt: str = Field(default="rag-answer", description="Registry template that frames the passages.")
+
+
 class PromptInfo(_Wire):
     ref: str
     hash: str
@@ -71,6 +83,7 @@ class ChatCompletionRequest(_Wire):
     model: str | None = Field(default=None, min_length=1, description="Optional only when a prompt names one.")
     messages: list[Message] = Field(default_factory=list, max_length=10_000)
     prompt: PromptIn | None = None
+    rag: RagIn | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     max_tokens: Annotated[int, Field(ge=1)] | None = None
@@ -154,6 +167,9 @@ class ChatCompletion(_Wire):
     usage: UsageOut | None = None
     system_fingerprint: str | None = None
     prompt: PromptInfo | None = Field(default=None, description="Keel: the prompt version used.")
+    citations: list[dict[str, Any]] | None = Field(
+        default=None, description="Keel, grounded answers: the passages given to the model, numbered as cited."
+    )
 
 
 class Delta(_Wire):
@@ -176,6 +192,7 @@ class ChatCompletionChunk(_Wire):
     choices: list[ChunkChoice]
     usage: UsageOut | None = None
     prompt: PromptInfo | None = None
+    citations: list[dict[str, Any]] | None = None
 
 
 class ModelCard(_Wire):

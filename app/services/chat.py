@@ -27,6 +27,7 @@ from app.core.types import (
     Usage,
 )
 from app.llm.router import ModelRouter
+from app.services.grounding import RAG_PREFIX, Grounded, Grounder, RagUse, citations
 
 if TYPE_CHECKING:
     from prompts.registry import PromptRegistry, RenderedPrompt
@@ -49,6 +50,7 @@ class ChatRequest:
     params: GenerationParams = field(default_factory=GenerationParams)
     request_id: str = ""
     prompt: PromptUse | None = None
+    rag: RagUse | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,7 +64,14 @@ class Started:
     prompt_hash: str | None = None
 
 
-ChatEvent = Started | LLMEvent
+@dataclass(frozen=True, slots=True)
+class Citations:
+    """Grounded answers only: the passages the model was given, after the answer is complete."""
+
+    items: list[dict[str, Any]]
+
+
+ChatEvent = Started | LLMEvent | Citations
 
 
 @dataclass
@@ -77,48 +86,70 @@ class ChatResult:
     usage: Usage | None
     prompt_ref: str | None = None
     prompt_hash: str | None = None
+    citations: list[dict[str, Any]] | None = None
 
 
 class ChatService:
     def __init__(
-        self, settings: Settings, router: ModelRouter, metrics: Metrics, prompts: PromptRegistry | None = None
+        self, settings: Settings, router: ModelRouter, metrics: Metrics, prompts: PromptRegistry | None = None,
+        grounder: Grounder | None = None,
     ) -> None:
         self.settings = settings
         self.router = router
         self.metrics = metrics
         self.prompts = prompts
+        self.grounder = grounder
 
-    def resolve(self, request: ChatRequest) -> tuple[ChatRequest, RenderedPrompt | None]:
-        """Render the named prompt (if any) in front of the messages; the template's model and
-        parameters are defaults that the request's own values override."""
-        rendered = None
+    async def resolve(self, request: ChatRequest) -> tuple[ChatRequest, RenderedPrompt | None, Grounded | None]:
+        """Turn a request into exactly what the model will see: a named prompt is rendered in front
+        of the messages; a grounded request retrieves passages and renders the RAG prompt around
+        them. A template's model and parameters are defaults that the request's own values override."""
+        rendered = grounded = None
+        if request.model and request.model.startswith(RAG_PREFIX):
+            if request.rag is not None:
+                raise InvalidRequest("use either a rag:<collection> model or the rag field, not both", param="rag")
+            request = replace(request, model=None, rag=RagUse(collection=request.model[len(RAG_PREFIX):]))
+        if request.prompt is not None and request.rag is not None:
+            raise InvalidRequest("a grounded request renders its own prompt; drop 'prompt' or 'rag'", param="prompt")
         if request.prompt is not None:
             if self.prompts is None:
                 raise InvalidRequest("this server has no prompt registry", param="prompt")
             rendered = self.prompts.render(request.prompt.ref, request.prompt.variables)
-            tp = rendered.params
-            p = request.params
-            fmt = p.response_format
-            if fmt is None and tp.response_schema:
-                fmt = ResponseFormat(type="json_schema", schema=tp.response_schema, name=rendered.name)
-            request = replace(
-                request,
-                model=request.model or tp.model,
-                messages=tuple(ChatMessage(m.role, m.content) for m in rendered.messages) + request.messages,
-                params=replace(
-                    p,
-                    temperature=p.temperature if p.temperature is not None else tp.temperature,
-                    # A template's default is capped by the server limit; only an explicit request errors.
-                    max_tokens=p.max_tokens or (tp.max_tokens and min(tp.max_tokens, self.settings.limits.max_tokens)),
-                    stop=p.stop or tuple(tp.stop or ()),
-                    response_format=fmt,
-                ),
-            )
+            messages = tuple(ChatMessage(m.role, m.content) for m in rendered.messages) + request.messages
+            request = self._apply_template(request, rendered, messages)
+        elif request.rag is not None:
+            if self.grounder is None:
+                raise InvalidRequest("this server has no document store for grounded answers", param="rag")
+            grounded = await self.grounder.ground(request.messages, request.rag)
+            rendered = grounded.rendered
+            request = self._apply_template(request, rendered, grounded.messages)
         if not request.model:
             request = replace(request, model=self.settings.default_model)
         if not request.messages:
             raise InvalidRequest("messages must not be empty (or name a prompt)", param="messages")
-        return request, rendered
+        return request, rendered, grounded
+
+    def _apply_template(
+        self, request: ChatRequest, rendered: RenderedPrompt, messages: tuple[ChatMessage, ...]
+    ) -> ChatRequest:
+        tp = rendered.params
+        p = request.params
+        fmt = p.response_format
+        if fmt is None and tp.response_schema:
+            fmt = ResponseFormat(type="json_schema", schema=tp.response_schema, name=rendered.name)
+        return replace(
+            request,
+            model=request.model or tp.model,
+            messages=messages,
+            params=replace(
+                p,
+                temperature=p.temperature if p.temperature is not None else tp.temperature,
+                # A template's default is capped by the server limit; only an explicit request errors.
+                max_tokens=p.max_tokens or (tp.max_tokens and min(tp.max_tokens, self.settings.limits.max_tokens)),
+                stop=p.stop or tuple(tp.stop or ()),
+                response_format=fmt,
+            ),
+        )
 
     def validate(self, request: ChatRequest) -> None:
         limits = self.settings.limits
@@ -155,7 +186,7 @@ class ChatService:
         )
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[ChatEvent]:
-        request, rendered = self.resolve(request)
+        request, rendered, grounded = await self.resolve(request)
         self.validate(request)
         params = self._with_defaults(request)
         gen_request = GenerationRequest(
@@ -172,14 +203,20 @@ class ChatService:
                 log.info("request %s uses prompt %s (%s)", request.request_id, rendered.ref, rendered.hash[:12])
             yield Started(response_id, int(time.time()), request.model,
                           rendered.ref if rendered else None, rendered.hash if rendered else None)
+            answer: list[str] = []
             async for event in events:
-                if first_token and isinstance(event, TextDelta):
-                    first_token = False
-                    self.metrics.ttft.labels(request.model).observe(time.perf_counter() - started)
+                if isinstance(event, TextDelta):
+                    if first_token:
+                        first_token = False
+                        self.metrics.ttft.labels(request.model).observe(time.perf_counter() - started)
+                    if grounded is not None and event.index == 0:
+                        answer.append(event.text)
                 elif isinstance(event, Usage):
                     self.metrics.tokens.labels(request.model, "prompt").inc(event.prompt_tokens)
                     self.metrics.tokens.labels(request.model, "completion").inc(event.completion_tokens)
                 yield event
+            if grounded is not None:
+                yield Citations(citations(grounded.chunks, "".join(answer)))
         finally:
             self.metrics.inflight.dec()
 
@@ -195,5 +232,7 @@ class ChatService:
                 result.finish[event.index] = event.reason
             elif isinstance(event, Usage):
                 result.usage = event
+            elif isinstance(event, Citations):
+                result.citations = event.items
         assert result is not None
         return result

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass, field
 
@@ -12,6 +13,10 @@ from app.llm.router import ModelRouter
 from app.security.keys import KeyStore
 from app.security.ratelimit import RateLimiter
 from app.services.chat import ChatService
+from app.services.grounding import Grounder
+from app.services.ingest_jobs import IngestJobs
+from ingest import build_rag
+from ingest.factory import RagServices
 from prompts.registry import PromptRegistry, build_registry
 
 log = logging.getLogger("keel")
@@ -26,26 +31,36 @@ class Container:
     llm: ModelRouter
     chat: ChatService
     prompts: PromptRegistry
+    rag: RagServices
+    ingest_jobs: IngestJobs
     _closers: list = field(default_factory=list)
 
     @classmethod
     async def build(
-        cls, settings: Settings, *, backends: dict[str, LLMBackend] | None = None, start_backends: bool = True
+        cls, settings: Settings, *, backends: dict[str, LLMBackend] | None = None, rag: RagServices | None = None,
+        start_backends: bool = True,
     ) -> Container:
-        """``backends`` replaces the configured backend of the same name (tests, embedding Keel)."""
+        """``backends`` replaces the configured backend of the same name, ``rag`` the RAG services
+        (tests, embedding Keel in another application)."""
         settings.home.mkdir(parents=True, exist_ok=True)
         metrics = Metrics()
         keys = KeyStore(settings.db_path)
         prompts = build_registry(settings)
+        rag = rag or build_rag(settings)
         llm = ModelRouter(settings, metrics, backends)
         if start_backends:
             await llm.start()
-        chat = ChatService(settings, llm, metrics, prompts)
-        return cls(settings, metrics, keys, RateLimiter(), llm, chat, prompts)
+            # Loads the embedding model and opens the vector store now, not on the first question.
+            await asyncio.to_thread(rag.warm_up)
+        chat = ChatService(settings, llm, metrics, prompts, Grounder(rag, prompts))
+        jobs = IngestJobs(rag, settings.home / "uploads")
+        return cls(settings, metrics, keys, RateLimiter(), llm, chat, prompts, rag, jobs)
 
     async def aclose(self) -> None:
+        await self.ingest_jobs.aclose()
         for close in reversed(self._closers):
             await close()
         await self.llm.aclose()
         self.prompts.close()
+        self.rag.close()
         self.keys.close()

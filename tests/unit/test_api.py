@@ -14,6 +14,8 @@ from app.api.main import create_app
 from app.core.errors import BackendError
 from app.core.settings import load_settings
 from app.services.container import Container
+from ingest import build_rag
+from ingest.embedding import HashingEmbedder
 from tests.fakes.llm import ScriptedBackend
 
 
@@ -28,7 +30,8 @@ async def env(tmp_path: Path):
         auth={"default_rate_limit_per_minute": 1000},
     )
     fake = ScriptedBackend()
-    container = await Container.build(settings, backends={"local": fake})
+    rag = build_rag(settings, embedder=HashingEmbedder())
+    container = await Container.build(settings, backends={"local": fake}, rag=rag)
     app = create_app(container=container)
     _, admin = container.keys.create("admin", ["admin"])
     _, chat = container.keys.create("chat", ["chat"])
@@ -213,7 +216,8 @@ async def test_dev_mode_disables_auth_loudly(tmp_path: Path) -> None:
     settings = load_settings(home=tmp_path, auth={"enabled": False},
                              backends={"local": {"kind": "openai", "base_url": "http://unused/v1"}},
                              models={"m": {"backend": "local", "model": "x"}}, default_model="m")
-    container = await Container.build(settings, backends={"local": ScriptedBackend()})
+    container = await Container.build(settings, backends={"local": ScriptedBackend()},
+                                      rag=build_rag(settings, embedder=HashingEmbedder()))
     app = create_app(container=container)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://k") as c:
         assert (await c.post("/v1/chat/completions", json=BODY | {"model": "m"})).status_code == 200

@@ -27,8 +27,9 @@ from app.api.schemas import (
 from app.core.errors import KeelError, UnsupportedParameter
 from app.core.types import Finished, TextDelta, Usage
 from app.security.keys import ApiKey
-from app.services.chat import ChatEvent, ChatRequest, PromptUse, Started
+from app.services.chat import ChatEvent, ChatRequest, Citations, PromptUse, Started
 from app.services.container import Container
+from app.services.grounding import RagUse
 
 log = logging.getLogger("keel.api")
 T = TypeVar("T")
@@ -58,6 +59,7 @@ def to_domain(body: ChatCompletionRequest, request_id: str) -> ChatRequest:
         params=body.params(),
         request_id=request_id,
         prompt=PromptUse(body.prompt.ref, body.prompt.variables) if body.prompt else None,
+        rag=RagUse(body.rag.collection, body.rag.top_k, body.rag.filters, body.rag.prompt) if body.rag else None,
     )
 
 
@@ -82,6 +84,7 @@ async def chat_completions(
             usage=UsageOut(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
                            total_tokens=usage.total_tokens) if usage else None,
             prompt=PromptInfo(ref=result.prompt_ref, hash=result.prompt_hash) if result.prompt_ref else None,
+            citations=result.citations,
         )
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     events = aiter(container.chat.stream(chat_request))
@@ -153,6 +156,11 @@ async def _sse(
                     yield frame([], UsageOut(prompt_tokens=event.prompt_tokens,
                                              completion_tokens=event.completion_tokens,
                                              total_tokens=event.total_tokens))
+            elif isinstance(event, Citations):
+                # Its own chunk with no choices, like the usage chunk: OpenAI clients skip it.
+                chunk.citations = event.items
+                yield frame([])
+                chunk.citations = None
             elif isinstance(event, Started):
                 chunk = ChatCompletionChunk(id=event.id, created=event.created, model=event.model, choices=[])
                 if event.prompt_ref:  # announced once, on the role chunk

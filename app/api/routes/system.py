@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -18,10 +20,15 @@ router = APIRouter()
 async def list_models(
     _key: ApiKey = Depends(require_scope("chat")), container: Container = Depends(get_container)
 ) -> ModelList:
-    return ModelList(data=[
-        ModelCard(id=name, description=spec.description, owned_by=spec.backend)
-        for name, spec in container.settings.models.items()
-    ])
+    cards = [ModelCard(id=name, description=spec.description, owned_by=spec.backend)
+             for name, spec in container.settings.models.items()]
+    # Every document collection is also a grounded "model": answers cite its passages.
+    collections = await asyncio.to_thread(container.rag.store.list_collections)
+    cards += [ModelCard(id=f"rag:{c}", owned_by="keel",
+                        description=f"{container.settings.default_model} answering from collection {c!r} "
+                                    "with citations")
+              for c in collections]
+    return ModelList(data=cards)
 
 
 @router.get("/healthz", tags=["system"])

@@ -1,0 +1,130 @@
+"""Ingest runs as background jobs, one at a time (the embedded store has a single writer)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from app.core.errors import InvalidRequest, KeelError, NotFound
+
+if TYPE_CHECKING:
+    from ingest.factory import RagServices
+    from ingest.pipeline import Progress
+
+log = logging.getLogger("keel.ingest")
+JobState = Literal["queued", "running", "succeeded", "failed"]
+_KEEP_JOBS = 500
+
+
+@dataclass
+class IngestJob:
+    id: str
+    collection: str
+    paths: list[str]
+    prune: bool
+    state: JobState = "queued"
+    created_at: float = field(default_factory=time.time)
+    started_at: float | None = None
+    finished_at: float | None = None
+    files_total: int = 0
+    files_done: int = 0
+    chunks_written: int = 0
+    snapshot_id: str | None = None
+    counts: dict[str, Any] = field(default_factory=dict)
+    rejections: list[dict[str, Any]] = field(default_factory=list)
+    error: dict[str, str] | None = None
+
+    def public(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class IngestJobs:
+    """Jobs live in memory; what they wrote is recorded durably as snapshots by the pipeline, and a
+    re-run after a crash resumes idempotently (unchanged documents are skipped)."""
+
+    def __init__(self, rag: RagServices, uploads_dir: Path) -> None:
+        self.rag = rag
+        self.uploads_dir = uploads_dir
+        self._jobs: dict[str, IngestJob] = {}
+        self._lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task] = set()
+
+    def upload_dir(self, collection: str) -> Path:
+        # One folder per collection: re-uploading a file replaces its chunks instead of duplicating them.
+        from ingest.store.base import check_collection_name
+
+        return self.uploads_dir / check_collection_name(collection)
+
+    def save_upload(self, collection: str, filename: str, data: bytes) -> Path:
+        name = Path(filename or "").name
+        if not name or name.startswith("."):
+            raise InvalidRequest(f"unusable file name {filename!r}", param="files")
+        folder = self.upload_dir(collection)
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".{name}.{uuid.uuid4().hex}.part"
+        tmp.write_bytes(data)
+        target = folder / name
+        tmp.replace(target)  # atomic: a concurrent job never reads half a file
+        return target
+
+    def submit(self, collection: str, paths: list[str], prune: bool = False) -> IngestJob:
+        if not paths:
+            raise InvalidRequest("nothing to ingest: give files or paths", param="paths")
+        job = IngestJob(id=uuid.uuid4().hex[:12], collection=collection, paths=paths, prune=prune)
+        self._jobs[job.id] = job
+        while len(self._jobs) > _KEEP_JOBS:
+            self._jobs.pop(next(iter(self._jobs)))
+        task = asyncio.create_task(self._run(job), name=f"ingest-{job.id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return job
+
+    def get(self, job_id: str) -> IngestJob:
+        job = self._jobs.get(job_id)
+        if job is None:
+            raise NotFound(f"no ingest job {job_id!r} (jobs are kept in memory since the last restart)",
+                           param="job_id")
+        return job
+
+    def list(self) -> list[IngestJob]:
+        return sorted(self._jobs.values(), key=lambda j: j.created_at, reverse=True)
+
+    async def wait(self, job_id: str, timeout: float | None = None) -> IngestJob:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        job = self.get(job_id)
+        while job.state in ("queued", "running"):
+            if deadline is not None and time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.05)
+        return job
+
+    async def aclose(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+
+    async def _run(self, job: IngestJob) -> None:
+        async with self._lock:
+            job.state, job.started_at = "running", time.time()
+
+            def progress(p: Progress) -> None:
+                job.files_total, job.files_done, job.chunks_written = p.files_total, p.files_done, p.chunks_written
+
+            try:
+                result = await asyncio.to_thread(
+                    self.rag.pipeline.run, job.paths, job.collection, prune=job.prune, progress=progress
+                )
+                job.snapshot_id, job.counts, job.rejections = result.snapshot_id, result.counts, result.rejections
+                job.state = "succeeded"
+            except KeelError as exc:
+                job.state, job.error = "failed", {"code": exc.code, "message": exc.message}
+            except Exception as exc:  # reported on the job; the server keeps serving
+                log.exception("ingest job %s failed", job.id)
+                job.state, job.error = "failed", {"code": "internal_error", "message": f"{type(exc).__name__}: {exc}"}
+            finally:
+                job.finished_at = time.time()
+

@@ -1,0 +1,140 @@
+"""Ingest jobs, retrieval and grounded chat through the API, with a scripted model and a hashing
+embedder (the real model, embeddings and engine run in tests/integration/test_rag_e2e.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+
+from app.api.main import create_app
+from app.core.settings import load_settings
+from app.services.container import Container
+from ingest import build_rag
+from ingest.embedding import HashingEmbedder
+from tests.fakes.llm import ScriptedBackend
+
+DOCS = {
+    "lighthouse.md": "# Lighthouses\n\nThe Eddystone lighthouse stands on rocks south of Plymouth. "
+                     "Its current tower was completed in 1882.\n",
+    "bees.txt": "Honey bees make honey from flower nectar. They store it in wax combs inside the hive.\n",
+}
+
+
+@pytest.fixture
+async def env(tmp_path: Path):
+    settings = load_settings(
+        home=tmp_path, backends={"local": {"kind": "openai", "base_url": "http://unused/v1", "retries": 0}},
+        models={"m": {"backend": "local", "model": "fake"}}, default_model="m",
+    )
+    fake = ScriptedBackend(reply="The tower was completed in 1882 [1].")
+    container = await Container.build(settings, backends={"local": fake},
+                                      rag=build_rag(settings, embedder=HashingEmbedder()))
+    keys = {name: container.keys.create(name, scopes)[1]
+            for name, scopes in {"ingest": ["ingest"], "chat": ["chat"], "admin": ["admin"]}.items()}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(container=container)),
+                                 base_url="http://keel") as client:
+        yield {"c": client, "fake": fake, "keys": keys, "container": container, "home": tmp_path}
+    await container.aclose()
+
+
+def h(env, key: str) -> dict:
+    return {"Authorization": f"Bearer {env['keys'][key]}"}
+
+
+async def upload(env, collection: str = "docs") -> dict:
+    files = [("files", (name, text.encode(), "text/plain")) for name, text in DOCS.items()]
+    r = await env["c"].post("/v1/ingest", files=files, data={"collection": collection}, headers=h(env, "ingest"))
+    assert r.status_code == 202, r.text
+    job = (await env["c"].get(f"/v1/ingest/jobs/{r.json()['id']}?wait_s=30", headers=h(env, "ingest"))).json()
+    assert job["state"] == "succeeded", job
+    return job
+
+
+async def test_upload_ingest_job_then_retrieve_with_citations(env) -> None:
+    job = await upload(env)
+    assert job["counts"]["added"] == 2 and job["snapshot_id"]
+    again = await upload(env)  # same files: nothing rewritten
+    assert again["counts"]["unchanged"] == 2 and again["counts"]["chunks_written"] == 0
+    r = await env["c"].post("/v1/retrieve", json={"query": "When was the Eddystone tower completed?",
+                                                  "collection": "docs", "top_k": 2}, headers=h(env, "chat"))
+    assert r.status_code == 200
+    top = r.json()["chunks"][0]
+    assert "1882" in top["text"] and top["citation"]["source"].endswith("lighthouse.md")
+    cols = (await env["c"].get("/v1/collections", headers=h(env, "chat"))).json()
+    assert any(c.get("name") == "docs" for c in cols)
+    snaps = (await env["c"].get("/v1/snapshots?collection=docs", headers=h(env, "ingest"))).json()
+    assert len(snaps) == 2
+    models = (await env["c"].get("/v1/models", headers=h(env, "chat"))).json()
+    assert "rag:docs" in [m["id"] for m in models["data"]]
+
+
+async def test_grounded_chat_streams_citations_before_done(env) -> None:
+    await upload(env)
+    body = {"model": "rag:docs", "stream": True,
+            "messages": [{"role": "user", "content": "When was the Eddystone tower completed?"}]}
+    r = await env["c"].post("/v1/chat/completions", json=body, headers=h(env, "chat"))
+    assert r.status_code == 200, r.text
+    events = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    cite_chunk = chunks[-1]
+    assert cite_chunk["choices"] == [] and cite_chunk["object"] == "chat.completion.chunk"
+    cites = cite_chunk["citations"]
+    assert cites[0]["index"] == 1 and cites[0]["cited"] is True and "lighthouse.md" in cites[0]["source"]
+    assert chunks[0]["prompt"]["ref"] == "rag-answer@1"
+    sent = env["fake"].requests[-1]
+    assert "[1]" in sent.messages[-1].content and "1882" in sent.messages[-1].content
+    assert "Question: When was the Eddystone tower completed?" in sent.messages[-1].content
+    assert sent.model == "fake"  # the default model answers for rag:<collection>
+
+
+async def test_grounded_chat_non_streaming_with_the_rag_field(env) -> None:
+    await upload(env)
+    body = {"model": "m", "rag": {"collection": "docs", "top_k": 1},
+            "messages": [{"role": "user", "content": "How do bees make honey?"}]}
+    r = await env["c"].post("/v1/chat/completions", json=body, headers=h(env, "chat"))
+    assert r.status_code == 200, r.text
+    cites = r.json()["citations"]
+    assert len(cites) == 1 and cites[0]["source"].endswith("bees.txt")
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code"),
+    [
+        ({"model": "rag:nope", "messages": [{"role": "user", "content": "q"}]}, 404, "collection_not_found"),
+        ({"model": "rag:docs", "messages": [{"role": "system", "content": "x"}]}, 400, "invalid_request"),
+        ({"model": "rag:docs", "rag": {"collection": "docs"}, "messages": [{"role": "user", "content": "q"}]},
+         400, "invalid_request"),
+        ({"model": "m", "rag": {"collection": "docs", "filters": {"page": {"near": 1}}},
+          "messages": [{"role": "user", "content": "q"}]}, 400, "invalid_filter"),
+        ({"model": "m", "rag": {"collection": "../etc"}, "messages": [{"role": "user", "content": "q"}]},
+         400, "invalid_request"),
+    ],
+)
+async def test_grounded_chat_bad_input(env, body, status, code) -> None:
+    await upload(env)
+    r = await env["c"].post("/v1/chat/completions", json=body, headers=h(env, "chat"))
+    assert r.status_code == status, r.text
+    assert r.json()["error"]["code"] == code
+    assert env["fake"].calls == 0
+
+
+async def test_ingest_permissions_and_bad_uploads(env) -> None:
+    c = env["c"]
+    files = [("files", ("a.txt", b"text", "text/plain"))]
+    assert (await c.post("/v1/ingest", files=files, headers=h(env, "chat"))).status_code == 403
+    r = await c.post("/v1/ingest/paths", json={"paths": ["/etc"]}, headers=h(env, "ingest"))
+    assert r.status_code == 403 and "admin" in r.json()["error"]["message"]
+    r = await c.post("/v1/ingest", files=[("files", (".hidden", b"x", "text/plain"))], headers=h(env, "ingest"))
+    assert r.status_code == 400
+    r = await c.post("/v1/ingest", files=[("files", ("empty.txt", b"", "text/plain"))], headers=h(env, "ingest"))
+    job = (await c.get(f"/v1/ingest/jobs/{r.json()['id']}?wait_s=30", headers=h(env, "ingest"))).json()
+    assert job["state"] == "succeeded" and job["rejections"][0]["code"] == "empty"
+    assert (await c.get("/v1/ingest/jobs/nope", headers=h(env, "ingest"))).status_code == 404
+    r = await c.post("/v1/ingest/paths", json={"paths": [str(env["home"] / "missing")], "collection": "x"},
+                     headers=h(env, "admin"))
+    job = (await c.get(f"/v1/ingest/jobs/{r.json()['id']}?wait_s=30", headers=h(env, "admin"))).json()
+    assert job["state"] == "succeeded" and job["rejections"][0]["code"] == "not_found"
