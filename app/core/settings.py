@@ -25,6 +25,9 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from agents.settings import AgentSettings
+from app.guardrails.settings import GuardrailSettings
+from finetune.settings import FinetuneSettings
 from ingest.settings import RagSettings
 from prompts.settings import PromptSettings
 
@@ -160,6 +163,9 @@ class Settings(BaseSettings):
     default_model: str = "smollm2"
     prompts: PromptSettings = Field(default_factory=PromptSettings)
     rag: RagSettings = Field(default_factory=RagSettings)
+    guardrails: GuardrailSettings = Field(default_factory=GuardrailSettings)
+    agents: AgentSettings = Field(default_factory=AgentSettings)
+    finetune: FinetuneSettings = Field(default_factory=FinetuneSettings)
 
     @model_validator(mode="after")
     def _resolve(self) -> Settings:

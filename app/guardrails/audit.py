@@ -1,0 +1,108 @@
+"""The guardrail audit trail: one SQLite row per validator decision, queryable by request, validator, time.
+
+Rows never contain the text that was checked (nor redacted values): only verdicts, actions, scores,
+reasons (which name kinds, not values) and latencies.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS guardrail_audit (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    ts REAL NOT NULL,
+    request_id TEXT NOT NULL,
+    stage TEXT NOT NULL,
+    policy TEXT NOT NULL,
+    policy_version TEXT NOT NULL,
+    validator TEXT NOT NULL,
+    registered TEXT NOT NULL,
+    verdict TEXT NOT NULL,
+    action TEXT NOT NULL,
+    score REAL,
+    latency_ms REAL,
+    reason TEXT,
+    window INTEGER
+);
+CREATE INDEX IF NOT EXISTS guardrail_audit_request ON guardrail_audit(request_id);
+CREATE INDEX IF NOT EXISTS guardrail_audit_ts ON guardrail_audit(ts);
+"""
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    request_id: str
+    stage: str
+    policy: str
+    policy_version: str
+    validator: str
+    registered: str
+    verdict: str
+    action: str
+    score: float
+    latency_ms: float
+    reason: str = ""
+    window: int | None = None
+    ts: float = 0.0
+    id: int | None = None
+
+
+class AuditStore:
+    def __init__(self, path: Path | str) -> None:
+        self.path = str(path)
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        self._conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._lock = threading.Lock()
+        with self._lock:
+            if self.path != ":memory:":
+                self._conn.execute("PRAGMA journal_mode=WAL")
+                self._conn.execute("PRAGMA synchronous=NORMAL")  # WAL: no fsync per commit, still crash-safe
+            self._conn.executescript(_SCHEMA)
+
+    def write(self, records: Iterable[AuditRecord]) -> int:
+        now = time.time()
+        rows = [(r.ts or now, r.request_id, r.stage, r.policy, r.policy_version, r.validator, r.registered, r.verdict,
+                 r.action, r.score, r.latency_ms, r.reason, r.window) for r in records]
+        if not rows:
+            return 0
+        with self._lock:
+            self._conn.executemany(
+                "INSERT INTO guardrail_audit (ts, request_id, stage, policy, policy_version, validator, registered,"
+                " verdict, action, score, latency_ms, reason, window) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
+        return len(rows)
+
+    def query(self, *, request_id: str | None = None, validator: str | None = None, verdict: str | None = None,
+              action: str | None = None, stage: str | None = None, since: float | None = None,
+              limit: int = 100) -> list[AuditRecord]:
+        """Newest first. Every filter is optional; ``since`` is a unix timestamp."""
+        where, args = [], []
+        for col, val in (("request_id", request_id), ("validator", validator), ("verdict", verdict),
+                         ("action", action), ("stage", stage)):
+            if val is not None:
+                where.append(f"{col} = ?")
+                args.append(val)
+        if since is not None:
+            where.append("ts >= ?")
+            args.append(since)
+        sql = ("SELECT id, ts, request_id, stage, policy, policy_version, validator, registered, verdict, action,"
+               " score, latency_ms, reason, window FROM guardrail_audit")
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY id DESC LIMIT ?"
+        args.append(int(limit))
+        with self._lock:
+            rows = self._conn.execute(sql, args).fetchall()
+        return [AuditRecord(id=r[0], ts=r[1], request_id=r[2], stage=r[3], policy=r[4], policy_version=r[5],
+                            validator=r[6], registered=r[7], verdict=r[8], action=r[9], score=r[10], latency_ms=r[11],
+                            reason=r[12] or "", window=r[13]) for r in rows]
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()

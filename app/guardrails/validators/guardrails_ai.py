@@ -1,0 +1,161 @@
+"""The guardrails-ai face of Keel's checks: ``@register_validator(name="keel/...")`` classes.
+
+Each validator takes its static configuration (thresholds, entity lists) as constructor arguments, its
+loaded resources (embedding index, NER model, classifier) as attributes, and its per-request context from
+the Guard call's ``metadata``:
+
+* ``vault`` (PiiVault) for ``keel/pii`` placeholders, ``system_prompt`` for leakage, ``passages`` for
+  groundedness, ``schema`` for JSON, ``secret_values`` for configured secrets;
+* ``_keel_sink`` (a list): the validator appends its full :class:`CheckResult` there, so the engine gets
+  scores and findings without reading the Guard's shared history (which is not safe under concurrency).
+
+A failed check returns ``FailResult(fix_value=<redacted text>)`` when it can repair, so ``on_fail=fix``
+yields the redacted text as the Guard's validated output.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from guardrails.classes.validation.validation_result import ErrorSpan, FailResult, PassResult, ValidationResult
+from guardrails.validator_base import Validator, register_validator
+
+from app.guardrails.validators.base import CheckResult
+from app.guardrails.validators.groundedness import check_groundedness
+from app.guardrails.validators.injection import AttackIndex, detect_injection
+from app.guardrails.validators.json_schema import check_json_schema
+from app.guardrails.validators.leakage import check_secrets, check_system_prompt_leakage
+from app.guardrails.validators.pii import ALL_ENTITIES, NameDetector, check_pii
+from app.guardrails.validators.topics import TopicIndex, check_topics
+from app.guardrails.validators.toxicity import ProfanityClassifier, check_toxicity
+
+
+def _to_result(res: CheckResult, value: str, metadata: dict[str, Any]) -> ValidationResult:
+    sink = metadata.get("_keel_sink")
+    if sink is not None:
+        sink.append(res)
+    if res.passed:
+        return PassResult(metadata={"score": res.score})
+    spans = [ErrorSpan(start=f.start, end=f.end, reason=f.kind) for f in res.findings if 0 <= f.start < f.end]
+    kwargs: dict[str, Any] = {"error_message": res.reason or "validation failed", "metadata": {"score": res.score}}
+    if res.fixed is not None:
+        kwargs["fix_value"] = res.fixed
+    if spans:
+        kwargs["error_spans"] = spans
+    return FailResult(**kwargs)
+
+
+class _KeelValidator(Validator):
+    """Shared plumbing: subclasses implement ``check(value, metadata) -> CheckResult``."""
+
+    def check(self, value: str, metadata: dict[str, Any]) -> CheckResult:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _validate(self, value: Any, metadata: dict[str, Any]) -> ValidationResult:
+        return _to_result(self.check(str(value), metadata), value, metadata)
+
+
+@register_validator(name="keel/prompt_injection", data_type="string")
+class PromptInjection(_KeelValidator):
+    def __init__(self, threshold: float = 0.5, sim_floor: float = 0.55, sim_ceiling: float = 0.75,
+                 index: AttackIndex | None = None, on_fail: Any = None, **kwargs: Any) -> None:
+        super().__init__(on_fail=on_fail, threshold=threshold, sim_floor=sim_floor, sim_ceiling=sim_ceiling, **kwargs)
+        self.threshold, self.sim_floor, self.sim_ceiling, self.index = threshold, sim_floor, sim_ceiling, index
+
+    def check(self, value: str, metadata: dict[str, Any]) -> CheckResult:
+        return detect_injection(value, self.index, threshold=self.threshold, sim_floor=self.sim_floor,
+                                sim_ceiling=self.sim_ceiling)
+
+
+@register_validator(name="keel/pii", data_type="string")
+class Pii(_KeelValidator):
+    def __init__(self, entities: list[str] | None = None, names: NameDetector | None = None, on_fail: Any = None,
+                 **kwargs: Any) -> None:
+        super().__init__(on_fail=on_fail, entities=list(entities or ALL_ENTITIES), **kwargs)
+        self.entities, self.names = tuple(entities or ALL_ENTITIES), names
+
+    def check(self, value: str, metadata: dict[str, Any]) -> CheckResult:
+        return check_pii(value, entities=self.entities, names=self.names, vault=metadata.get("vault"))
+
+
+@register_validator(name="keel/toxicity", data_type="string")
+class Toxicity(_KeelValidator):
+    def __init__(self, threshold: float = 0.85, classifier: ProfanityClassifier | None = None, on_fail: Any = None,
+                 **kwargs: Any) -> None:
+        super().__init__(on_fail=on_fail, threshold=threshold, **kwargs)
+        self.threshold, self.classifier = threshold, classifier
+
+    def check(self, value: str, metadata: dict[str, Any]) -> CheckResult:
+        return check_toxicity(value, threshold=self.threshold, classifier=self.classifier)
+
+
+@register_validator(name="keel/topic", data_type="string")
+class TopicGuard(_KeelValidator):
+    def __init__(self, index: TopicIndex, deny_threshold: float = 0.5, allow_threshold: float = 0.3,
+                 on_fail: Any = None, **kwargs: Any) -> None:
+        super().__init__(on_fail=on_fail, deny_threshold=deny_threshold, allow_threshold=allow_threshold, **kwargs)
+        self.index, self.deny_threshold, self.allow_threshold = index, deny_threshold, allow_threshold
+
+    def check(self, value: str, metadata: dict[str, Any]) -> CheckResult:
+        return check_topics(value, self.index, deny_threshold=self.deny_threshold, allow_threshold=self.allow_threshold)
+
+
+@register_validator(name="keel/groundedness", data_type="string")
+class Groundedness(_KeelValidator):
+    def __init__(self, embedder: Any, threshold: float = 0.55, max_unsupported_ratio: float = 0.0,
+                 on_fail: Any = None, **kwargs: Any) -> None:
+        super().__init__(on_fail=on_fail, threshold=threshold, max_unsupported_ratio=max_unsupported_ratio, **kwargs)
+        self.embedder, self.threshold, self.max_unsupported_ratio = embedder, threshold, max_unsupported_ratio
+
+    def check(self, value: str, metadata: dict[str, Any]) -> CheckResult:
+        passages = metadata.get("passages")
+        if passages is None:  # no retrieval in this request: nothing to ground against
+            return CheckResult(True, details={"skipped": "no passages"})
+        return check_groundedness(value, passages, self.embedder, threshold=self.threshold,
+                                  max_unsupported_ratio=self.max_unsupported_ratio)
+
+
+@register_validator(name="keel/json_schema", data_type="string")
+class JsonSchema(_KeelValidator):
+    def __init__(self, schema: dict[str, Any] | None = None, on_fail: Any = None, **kwargs: Any) -> None:
+        super().__init__(on_fail=on_fail, **kwargs)
+        self.schema = schema
+
+    def check(self, value: str, metadata: dict[str, Any]) -> CheckResult:
+        schema = metadata.get("schema", self.schema)
+        if schema is None and not metadata.get("expect_json"):
+            return CheckResult(True, details={"skipped": "no schema"})
+        return check_json_schema(value, schema)
+
+
+@register_validator(name="keel/system_prompt_leakage", data_type="string")
+class SystemPromptLeakage(_KeelValidator):
+    def __init__(self, n: int = 5, threshold: float = 0.25, min_shared: int = 3, on_fail: Any = None,
+                 **kwargs: Any) -> None:
+        super().__init__(on_fail=on_fail, n=n, threshold=threshold, min_shared=min_shared, **kwargs)
+        self.n, self.threshold, self.min_shared = n, threshold, min_shared
+
+    def check(self, value: str, metadata: dict[str, Any]) -> CheckResult:
+        return check_system_prompt_leakage(metadata.get("leak_context", "") + value, metadata.get("system_prompt"),
+                                           n=self.n, threshold=self.threshold, min_shared=self.min_shared)
+
+
+@register_validator(name="keel/secrets", data_type="string")
+class Secrets(_KeelValidator):
+    def __init__(self, on_fail: Any = None, **kwargs: Any) -> None:
+        super().__init__(on_fail=on_fail, **kwargs)
+
+    def check(self, value: str, metadata: dict[str, Any]) -> CheckResult:
+        return check_secrets(value, metadata.get("secret_values", ()))
+
+
+VALIDATOR_CLASSES: dict[str, type[_KeelValidator]] = {
+    "keel/prompt_injection": PromptInjection,
+    "keel/pii": Pii,
+    "keel/toxicity": Toxicity,
+    "keel/topic": TopicGuard,
+    "keel/groundedness": Groundedness,
+    "keel/json_schema": JsonSchema,
+    "keel/system_prompt_leakage": SystemPromptLeakage,
+    "keel/secrets": Secrets,
+}

@@ -1,0 +1,58 @@
+"""Fine-tuning settings (mounted as ``Settings.finetune``).
+
+Kept free of imports from ``app.core.settings`` so that module can import this one.
+Every path left as ``None`` resolves under Keel's home folder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+
+class FinetuneSettings(BaseModel):
+    jobs_db: Path | None = Field(default=None, description="SQLite job store; None means <home>/finetune/jobs.db.")
+    runs_dir: Path | None = Field(
+        default=None, description="One folder per job (checkpoints, adapter, log); None means <home>/finetune/runs."
+    )
+    tracking_uri: str | None = Field(
+        default=None, description="MLflow tracking URI (a server URL for teams); None means sqlite:///<home>/mlflow.db."
+    )
+    registry_uri: str | None = Field(default=None, description="MLflow registry URI; None means the tracking URI.")
+    artifact_location: str | None = Field(
+        default=None,
+        description="Where MLflow stores artifacts (a folder or s3://...); None means <home>/mlflow-artifacts.",
+    )
+    experiment: str = "keel-finetune"
+    tracking_enabled: bool = Field(default=True, description="false: no MLflow run and no registered version.")
+    model_prefix: str = Field(default="", description="Prefix for registered model names (e.g. 'keel-').")
+    poll_interval_s: float = Field(default=2.0, gt=0, description="How often an idle worker looks for queued jobs.")
+    heartbeat_interval_s: float = Field(default=5.0, gt=0)
+    stale_after_s: float = Field(
+        default=120.0, gt=0, description="A running job whose worker has not beaten for this long is recovered."
+    )
+    max_attempts: int = Field(default=3, ge=1, description="Runs of one job (first run plus crash recoveries).")
+    device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N; a job's spec may override it.")
+
+    def home_dir(self, home: Path) -> Path:
+        return home / "finetune"
+
+    def resolved_jobs_db(self, home: Path) -> Path:
+        return self.jobs_db if self.jobs_db is not None else self.home_dir(home) / "jobs.db"
+
+    def resolved_runs_dir(self, home: Path) -> Path:
+        return self.runs_dir if self.runs_dir is not None else self.home_dir(home) / "runs"
+
+    def resolved_tracking_uri(self, home: Path) -> str:
+        if self.tracking_uri:
+            return self.tracking_uri
+        return f"sqlite:///{(home / 'mlflow.db').resolve()}"
+
+    def resolved_registry_uri(self, home: Path) -> str:
+        return self.registry_uri or self.resolved_tracking_uri(home)
+
+    def resolved_artifact_location(self, home: Path) -> str:
+        if self.artifact_location:
+            return self.artifact_location
+        return str((home / "mlflow-artifacts").resolve())
