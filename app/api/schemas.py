@@ -170,6 +170,10 @@ class ChatCompletion(_Wire):
     citations: list[dict[str, Any]] | None = Field(
         default=None, description="Keel, grounded answers: the passages given to the model, numbered as cited."
     )
+    guardrails: str | None = Field(default=None, description="Keel: the guardrail policy@version applied.")
+    guardrail_events: list[dict[str, Any]] | None = Field(
+        default=None, description="Keel: redactions, retractions or a blocked input, as in the stream's events."
+    )
 
 
 class Delta(_Wire):
@@ -193,6 +197,8 @@ class ChatCompletionChunk(_Wire):
     usage: UsageOut | None = None
     prompt: PromptInfo | None = None
     citations: list[dict[str, Any]] | None = None
+    guardrails: str | None = None
+    guardrail: dict[str, Any] | None = None
 
 
 class ModelCard(_Wire):

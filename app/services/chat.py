@@ -26,10 +26,18 @@ from app.core.types import (
     TextDelta,
     Usage,
 )
+from app.guardrails.types import (
+    GuardContext,
+    GuardrailBlocked,
+    GuardrailEvent,
+    GuardrailRedaction,
+    GuardrailRetraction,
+)
 from app.llm.router import ModelRouter
 from app.services.grounding import RAG_PREFIX, Grounded, Grounder, RagUse, citations
 
 if TYPE_CHECKING:
+    from app.guardrails.engine import GuardrailEngine
     from prompts.registry import PromptRegistry, RenderedPrompt
 
 log = logging.getLogger("keel.chat")
@@ -51,6 +59,7 @@ class ChatRequest:
     request_id: str = ""
     prompt: PromptUse | None = None
     rag: RagUse | None = None
+    user: str | None = None  # the caller's key id: PII placeholders are restored only for the same user
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +71,7 @@ class Started:
     model: str
     prompt_ref: str | None = None
     prompt_hash: str | None = None
+    guardrails: str | None = None  # "<policy>@<version>+<hash>" that checked this request
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +81,7 @@ class Citations:
     items: list[dict[str, Any]]
 
 
-ChatEvent = Started | LLMEvent | Citations
+ChatEvent = Started | LLMEvent | Citations | GuardrailEvent
 
 
 @dataclass
@@ -87,18 +97,21 @@ class ChatResult:
     prompt_ref: str | None = None
     prompt_hash: str | None = None
     citations: list[dict[str, Any]] | None = None
+    guardrails: str | None = None
+    guardrail_events: list[GuardrailEvent] = field(default_factory=list)
 
 
 class ChatService:
     def __init__(
         self, settings: Settings, router: ModelRouter, metrics: Metrics, prompts: PromptRegistry | None = None,
-        grounder: Grounder | None = None,
+        grounder: Grounder | None = None, guards: GuardrailEngine | None = None,
     ) -> None:
         self.settings = settings
         self.router = router
         self.metrics = metrics
         self.prompts = prompts
         self.grounder = grounder
+        self.guards = guards
 
     async def resolve(self, request: ChatRequest) -> tuple[ChatRequest, RenderedPrompt | None, Grounded | None]:
         """Turn a request into exactly what the model will see: a named prompt is rendered in front
@@ -186,29 +199,49 @@ class ChatService:
         )
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[ChatEvent]:
+        alias = request.model
         request, rendered, grounded = await self.resolve(request)
         self.validate(request)
         params = self._with_defaults(request)
+        response_id = f"chatcmpl-{request.request_id or uuid.uuid4().hex}"
+        decision = context = None
+        if self.guards is not None:
+            context = self._guard_context(request, alias, params, grounded)
+            decision = await self.guards.check_input(request.messages, context)
+        started = Started(
+            response_id, int(time.time()), request.model, rendered.ref if rendered else None,
+            rendered.hash if rendered else None,
+            f"{decision.policy}@{decision.policy_version}" if decision and decision.enabled else None,
+        )
+        if rendered is not None:
+            log.info("request %s uses prompt %s (%s)", request.request_id, rendered.ref, rendered.hash[:12])
+        if decision is not None and decision.blocked:
+            # Refused before the model: it never sees the input.
+            blocker = decision.blocked_by
+            yield started
+            yield GuardrailBlocked(blocker.validator, blocker.reason, decision.refusal or "")
+            yield TextDelta(decision.refusal or "")
+            yield Finished("content_filter")
+            yield Usage(0, 0)
+            return
         gen_request = GenerationRequest(
-            model=request.model, messages=request.messages, params=params,
+            model=request.model, messages=decision.messages if decision else request.messages, params=params,
             request_id=request.request_id,
         )
-        response_id = f"chatcmpl-{request.request_id or uuid.uuid4().hex}"
-        started = time.perf_counter()
+        t0 = time.perf_counter()
         first_token = True
         self.metrics.inflight.inc()
         try:
             events = self.router.stream(request.model, gen_request)
-            if rendered is not None:
-                log.info("request %s uses prompt %s (%s)", request.request_id, rendered.ref, rendered.hash[:12])
-            yield Started(response_id, int(time.time()), request.model,
-                          rendered.ref if rendered else None, rendered.hash if rendered else None)
+            if decision is not None:
+                events = self.guards.output_guard(context, decision).wrap(events)
+            yield started
             answer: list[str] = []
             async for event in events:
                 if isinstance(event, TextDelta):
                     if first_token:
                         first_token = False
-                        self.metrics.ttft.labels(request.model).observe(time.perf_counter() - started)
+                        self.metrics.ttft.labels(request.model).observe(time.perf_counter() - t0)
                     if grounded is not None and event.index == 0:
                         answer.append(event.text)
                 elif isinstance(event, Usage):
@@ -220,12 +253,26 @@ class ChatService:
         finally:
             self.metrics.inflight.dec()
 
+    @staticmethod
+    def _guard_context(
+        request: ChatRequest, alias: str | None, params: GenerationParams, grounded: Grounded | None
+    ) -> GuardContext:
+        fmt = params.response_format
+        schema = fmt.schema if fmt is not None and fmt.type == "json_schema" else None
+        workflow = "rag" if grounded is not None else "structured" if fmt is not None else "chat"
+        return GuardContext(
+            request_id=request.request_id, route="/v1/chat/completions", workflow=workflow,
+            model=alias or request.model or "", user=request.user,
+            passages=tuple(c.text for c in grounded.chunks) if grounded is not None else None,
+            response_schema=schema, expect_json=fmt is not None,
+        )
+
     async def complete(self, request: ChatRequest) -> ChatResult:
         result: ChatResult | None = None
         async for event in self.stream(request):
             if isinstance(event, Started):
                 result = ChatResult(event.id, event.created, event.model, {}, {}, None,
-                                    event.prompt_ref, event.prompt_hash)
+                                    event.prompt_ref, event.prompt_hash, guardrails=event.guardrails)
             elif isinstance(event, TextDelta):
                 result.texts.setdefault(event.index, []).append(event.text)
             elif isinstance(event, Finished):
@@ -234,5 +281,12 @@ class ChatService:
                 result.usage = event
             elif isinstance(event, Citations):
                 result.citations = event.items
+            elif isinstance(event, GuardrailRetraction):
+                # What was "shown" is withdrawn: the whole answer becomes the guard's message.
+                result.texts[event.index] = [event.message]
+                result.finish[event.index] = "content_filter"
+                result.guardrail_events.append(event)
+            elif isinstance(event, GuardrailRedaction | GuardrailBlocked):
+                result.guardrail_events.append(event)
         assert result is not None
         return result

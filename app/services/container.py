@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from app.core.metrics import Metrics
 from app.core.settings import Settings
+from app.guardrails.engine import GuardrailEngine
 from app.llm.base import LLMBackend
 from app.llm.router import ModelRouter
 from app.security.keys import KeyStore
@@ -33,15 +35,16 @@ class Container:
     prompts: PromptRegistry
     rag: RagServices
     ingest_jobs: IngestJobs
+    guards: GuardrailEngine | None
     _closers: list = field(default_factory=list)
 
     @classmethod
     async def build(
         cls, settings: Settings, *, backends: dict[str, LLMBackend] | None = None, rag: RagServices | None = None,
-        start_backends: bool = True,
+        guards: GuardrailEngine | None = None, start_backends: bool = True,
     ) -> Container:
-        """``backends`` replaces the configured backend of the same name, ``rag`` the RAG services
-        (tests, embedding Keel in another application)."""
+        """``backends`` replaces the configured backend of the same name, ``rag`` the RAG services and
+        ``guards`` the guardrail engine (tests, embedding Keel in another application)."""
         settings.home.mkdir(parents=True, exist_ok=True)
         metrics = Metrics()
         keys = KeyStore(settings.db_path)
@@ -52,15 +55,36 @@ class Container:
             await llm.start()
             # Loads the embedding model and opens the vector store now, not on the first question.
             await asyncio.to_thread(rag.warm_up)
-        chat = ChatService(settings, llm, metrics, prompts, Grounder(rag, prompts))
+        if guards is None and settings.guardrails.enabled:
+            guards = build_guards(settings, metrics)
+            if start_backends:
+                await asyncio.to_thread(guards.warm_up)
+        chat = ChatService(settings, llm, metrics, prompts, Grounder(rag, prompts), guards)
         jobs = IngestJobs(rag, settings.home / "uploads")
-        return cls(settings, metrics, keys, RateLimiter(), llm, chat, prompts, rag, jobs)
+        return cls(settings, metrics, keys, RateLimiter(), llm, chat, prompts, rag, jobs, guards)
 
     async def aclose(self) -> None:
         await self.ingest_jobs.aclose()
         for close in reversed(self._closers):
             await close()
         await self.llm.aclose()
+        if self.guards is not None:
+            await self.guards.aclose()
         self.prompts.close()
         self.rag.close()
         self.keys.close()
+
+
+def build_guards(settings: Settings, metrics: Metrics) -> GuardrailEngine:
+    """The guardrail engine, offline and with its metrics on the app's registry (not warmed up)."""
+    from app.guardrails.offline import configure_offline
+
+    configure_offline(settings.home / "cache")
+    cfg = settings.guardrails
+    if not cfg.policy_path.is_absolute() and not cfg.policy_path.exists():
+        # The shipped policy lives in the project tree; find it whatever the working directory.
+        cfg = cfg.model_copy(update={"policy_path": _PROJECT_ROOT / cfg.policy_path})
+    return GuardrailEngine(cfg, home=settings.home, registry=metrics.registry)
+
+
+_PROJECT_ROOT = Path(__file__).resolve().parents[2]

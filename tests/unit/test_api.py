@@ -27,7 +27,7 @@ async def env(tmp_path: Path):
         models={"m": {"backend": "local", "model": "fake-model"}},
         default_model="m",
         limits={"max_messages": 4, "max_input_chars": 1000, "max_tokens": 100, "max_body_bytes": 5000},
-        auth={"default_rate_limit_per_minute": 1000},
+        auth={"default_rate_limit_per_minute": 1000}, guardrails={"enabled": False},
     )
     fake = ScriptedBackend()
     rag = build_rag(settings, embedder=HashingEmbedder())
@@ -213,7 +213,7 @@ async def test_health_ready_metrics_and_unknown_routes(env) -> None:
 
 
 async def test_dev_mode_disables_auth_loudly(tmp_path: Path) -> None:
-    settings = load_settings(home=tmp_path, auth={"enabled": False},
+    settings = load_settings(home=tmp_path, auth={"enabled": False}, guardrails={"enabled": False},
                              backends={"local": {"kind": "openai", "base_url": "http://unused/v1"}},
                              models={"m": {"backend": "local", "model": "x"}}, default_model="m")
     container = await Container.build(settings, backends={"local": ScriptedBackend()},

@@ -27,7 +27,7 @@ DOCS = {
 async def env(tmp_path: Path):
     settings = load_settings(
         home=tmp_path, backends={"local": {"kind": "openai", "base_url": "http://unused/v1", "retries": 0}},
-        models={"m": {"backend": "local", "model": "fake"}}, default_model="m",
+        models={"m": {"backend": "local", "model": "fake"}}, default_model="m", guardrails={"enabled": False},
     )
     fake = ScriptedBackend(reply="The tower was completed in 1882 [1].")
     container = await Container.build(settings, backends={"local": fake},

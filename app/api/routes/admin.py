@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel, Field
 
@@ -67,3 +69,27 @@ async def backend_logs(
     if sup is None:
         raise NotFound(f"backend {name!r} is not a server Keel runs, so Keel has no logs for it")
     return {"backend": name, "log_file": str(sup.log_path), "lines": sup.tail(lines)}
+
+
+@router.get("/guardrails/audit")
+async def guardrail_audit(
+    request_id: str | None = None, validator: str | None = None, verdict: str | None = None,
+    action: str | None = None, stage: str | None = None, since: float | None = None,
+    limit: int = Query(100, ge=1, le=1000), container: Container = Depends(get_container),
+) -> list[dict]:
+    """Every guard decision (validator, verdict, action, latency, policy version) by request id."""
+    if container.guards is None:
+        raise NotFound("guardrails are disabled on this server (KEEL_GUARDRAILS__ENABLED=false)")
+    await container.guards.flush()  # decisions are written in the background
+    records = container.guards.query_audit(request_id=request_id, validator=validator, verdict=verdict,
+                                           action=action, stage=stage, since=since, limit=limit)
+    return [asdict(r) for r in records]
+
+
+@router.get("/guardrails/policy")
+async def guardrail_policy(container: Container = Depends(get_container)) -> dict:
+    if container.guards is None:
+        raise NotFound("guardrails are disabled on this server (KEEL_GUARDRAILS__ENABLED=false)")
+    policy = container.guards.policy
+    return {"version": policy.version_tag, "path": str(policy.path), "policies": sorted(policy.file.policies),
+            "bindings": [b.model_dump() for b in policy.file.bindings]}

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
 from fastapi import APIRouter, Depends, Request
-from sse_starlette import EventSourceResponse
+from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from app.api.deps import get_container, require_scope
 from app.api.errors import keel_error_body
@@ -26,6 +26,7 @@ from app.api.schemas import (
 )
 from app.core.errors import KeelError, UnsupportedParameter
 from app.core.types import Finished, TextDelta, Usage
+from app.guardrails.types import GuardrailBlocked, GuardrailRedaction, GuardrailRetraction, event_payload
 from app.security.keys import ApiKey
 from app.services.chat import ChatEvent, ChatRequest, Citations, PromptUse, Started
 from app.services.container import Container
@@ -42,7 +43,7 @@ class ClientGone(KeelError):
 router = APIRouter(tags=["chat"])
 
 
-def to_domain(body: ChatCompletionRequest, request_id: str) -> ChatRequest:
+def to_domain(body: ChatCompletionRequest, request_id: str, user: str | None = None) -> ChatRequest:
     if body.tools:
         raise UnsupportedParameter(
             "tools/function calling is not supported by this endpoint yet; use agent workflows instead",
@@ -60,6 +61,7 @@ def to_domain(body: ChatCompletionRequest, request_id: str) -> ChatRequest:
         request_id=request_id,
         prompt=PromptUse(body.prompt.ref, body.prompt.variables) if body.prompt else None,
         rag=RagUse(body.rag.collection, body.rag.top_k, body.rag.filters, body.rag.prompt) if body.rag else None,
+        user=user,
     )
 
 
@@ -70,7 +72,7 @@ async def chat_completions(
     _key: ApiKey = Depends(require_scope("chat")),
     container: Container = Depends(get_container),
 ):
-    chat_request = to_domain(body, request.state.request_id)
+    chat_request = to_domain(body, request.state.request_id, getattr(request.state, "api_key_id", None))
     if not body.stream:
         result = await _unless_disconnected(request, container.chat.complete(chat_request))
         usage = result.usage
@@ -85,6 +87,8 @@ async def chat_completions(
                            total_tokens=usage.total_tokens) if usage else None,
             prompt=PromptInfo(ref=result.prompt_ref, hash=result.prompt_hash) if result.prompt_ref else None,
             citations=result.citations,
+            guardrails=result.guardrails,
+            guardrail_events=[event_payload(e) for e in result.guardrail_events] or None,
         )
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     events = aiter(container.chat.stream(chat_request))
@@ -131,8 +135,9 @@ async def _prime(events: AsyncIterator[ChatEvent]) -> list[ChatEvent]:
 async def _sse(
     primed: list[ChatEvent], events: AsyncIterator[ChatEvent], n: int, include_usage: bool,
     on_error: Callable[[str], None],
-) -> AsyncIterator[str]:
+) -> AsyncIterator[str | ServerSentEvent]:
     chunk: ChatCompletionChunk | None = None
+    policy = ""
 
     def frame(choices: list[ChunkChoice], usage: UsageOut | None = None) -> str:
         chunk.choices = choices
@@ -157,17 +162,24 @@ async def _sse(
                                              completion_tokens=event.completion_tokens,
                                              total_tokens=event.total_tokens))
             elif isinstance(event, Citations):
-                # Its own chunk with no choices, like the usage chunk: OpenAI clients skip it.
+                # Its own event, a chunk with no choices like the usage chunk: OpenAI clients skip it.
                 chunk.citations = event.items
-                yield frame([])
+                yield ServerSentEvent(frame([]), event="citations")
                 chunk.citations = None
+            elif isinstance(event, GuardrailRedaction | GuardrailRetraction | GuardrailBlocked):
+                chunk.guardrail = event_payload(event, policy_version=policy)
+                yield ServerSentEvent(frame([]), event="guardrail")
+                chunk.guardrail = None
             elif isinstance(event, Started):
                 chunk = ChatCompletionChunk(id=event.id, created=event.created, model=event.model, choices=[])
-                if event.prompt_ref:  # announced once, on the role chunk
+                policy = event.guardrails or ""
+                # Announced once, on the role chunk.
+                chunk.guardrails = event.guardrails
+                if event.prompt_ref:
                     chunk.prompt = PromptInfo(ref=event.prompt_ref, hash=event.prompt_hash)
                 yield frame([ChunkChoice(index=i, delta=Delta(role="assistant", content=""))
                              for i in range(n)])
-                chunk.prompt = None
+                chunk.prompt = chunk.guardrails = None
         yield "[DONE]"
     except Exception as exc:
         # Headers are gone; the error travels as the last event (the openai client raises it)
