@@ -146,6 +146,13 @@ def start_keel(enforce_eager: bool) -> tuple[subprocess.Popen, str, str, str]:
             "python": str(ROOT / ".venv-vllm/bin/python"), "port": vllm_port,
             "model_path": str(ROOT / ".keel/models/smollm2"), "enforce_eager": enforce_eager}}},
     }
+    # A second alias on the same model, bound to the 'unguarded' policy: the serving overhead alone,
+    # next to the default policy's cost, in the same run.
+    cfg["models"] = {"smollm2-raw": {"backend": "local", "model": "smollm2"}}
+    policy = yaml.safe_load((ROOT / "infra/guardrails/default.yaml").read_text())
+    policy["bindings"] = [{"model": "smollm2-raw", "policy": "unguarded"}, *policy.get("bindings", [])]
+    (home / "policy.yaml").write_text(yaml.safe_dump(policy))
+    cfg["guardrails"] = {"policy_path": str(home / "policy.yaml")}
     (home / "keel.yaml").write_text(yaml.safe_dump(cfg))
     store = KeyStore(home / "keel.db")
     _, key = store.create("bench", ["chat"])
@@ -171,63 +178,63 @@ def start_keel(enforce_eager: bool) -> tuple[subprocess.Popen, str, str, str]:
 
 
 async def main_async(args: argparse.Namespace) -> dict:
+    auth = {"Authorization": f"Bearer {args.key}"}
     targets = {
         "direct": (f"{args.vllm_url}/v1/chat/completions", {}, args.vllm_model),
-        "keel": (f"{args.keel_url}/v1/chat/completions", {"Authorization": f"Bearer {args.key}"}, args.model),
+        "keel": (f"{args.keel_url}/v1/chat/completions", auth, args.raw_model),
+        "keel+guards": (f"{args.keel_url}/v1/chat/completions", auth, args.model),
     }
     for name, (url, headers, model) in targets.items():  # warm-up, not measured
         await run_round(name, url, headers, model, 2, 16, 0)
     results: dict[str, dict] = {}
     for concurrency in args.concurrency:
-        rounds: dict[str, list[Round]] = {"direct": [], "keel": []}
+        rounds: dict[str, list[Round]] = {name: [] for name in targets}
+        names = list(targets)
         for i in range(args.rounds):
-            order = ["direct", "keel"] if i % 2 == 0 else ["keel", "direct"]
+            order = names[i % len(names):] + names[:i % len(names)]  # rotate who goes first
             for name in order:
                 url, headers, model = targets[name]
                 rounds[name].append(await run_round(name, url, headers, model, concurrency, args.max_tokens, i))
-        direct, keel = summarize(rounds["direct"]), summarize(rounds["keel"])
-        # Each keel round ran right next to a direct round: comparing pairs cancels most of the
-        # slow drifts in machine load that pooled percentiles would mix in.
-        pairs = [(summarize([d]), summarize([k])) for d, k in zip(rounds["direct"], rounds["keel"], strict=True)]
-        results[str(concurrency)] = {
-            "direct": direct, "keel": keel,
-            "paired": {
-                "throughput_ratio_median": statistics.median(k["tokens_per_s"] / d["tokens_per_s"] for d, k in pairs),
-                "ttft_p50_added_ms_median": statistics.median(k["ttft_p50_ms"] - d["ttft_p50_ms"] for d, k in pairs),
-                "pairs": len(pairs),
-            },
-            "ratio": {
-                "throughput": keel["tokens_per_s"] / direct["tokens_per_s"],
-                "ttft_p50_added_ms": keel["ttft_p50_ms"] - direct["ttft_p50_ms"],
-                "ttft_p95_added_ms": keel["ttft_p95_ms"] - direct["ttft_p95_ms"],
-                "itl_p50_ratio": keel["itl_p50_ms"] / direct["itl_p50_ms"],
-            },
-            "rounds": {k: [asdict(r) | {"tokens": r.tokens} for r in v] for k, v in rounds.items()},
-        }
+        summary = {name: summarize(rs) for name, rs in rounds.items()}
+        result: dict = {**summary, "rounds": {k: [asdict(r) | {"tokens": r.tokens} for r in v]
+                                              for k, v in rounds.items()}}
+        for name in ("keel", "keel+guards"):
+            d, k = summary["direct"], summary[name]
+            # Each round ran right next to a direct round: comparing pairs cancels most of the slow
+            # drifts in machine load that pooled percentiles would mix in.
+            pairs = [(summarize([a]), summarize([b])) for a, b in zip(rounds["direct"], rounds[name], strict=True)]
+            result[f"ratio:{name}"] = {
+                "throughput": k["tokens_per_s"] / d["tokens_per_s"],
+                "ttft_p50_added_ms": k["ttft_p50_ms"] - d["ttft_p50_ms"],
+                "ttft_p95_added_ms": k["ttft_p95_ms"] - d["ttft_p95_ms"],
+                "itl_p50_ratio": k["itl_p50_ms"] / d["itl_p50_ms"],
+                "paired_throughput_median": statistics.median(b["tokens_per_s"] / a["tokens_per_s"] for a, b in pairs),
+                "paired_ttft_p50_added_ms_median": statistics.median(
+                    b["ttft_p50_ms"] - a["ttft_p50_ms"] for a, b in pairs),
+            }
+        results[str(concurrency)] = result
     return results
 
 
 def print_table(results: dict) -> None:
-    try:
-        from rich.console import Console
-        from rich.table import Table
-    except ImportError:  # pragma: no cover
-        print(json.dumps(results, indent=2))
-        return
-    table = Table(title="Keel vs direct vLLM (streaming, same requests, alternating rounds)")
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="Keel vs direct vLLM (streaming, same requests, rotating rounds)")
     for col in ("conc", "target", "reqs", "TTFT p50 ms", "TTFT p95 ms", "ITL p50 ms", "ITL p95 ms", "tok/s"):
         table.add_column(col, justify="right")
     for conc, res in results.items():
-        for name in ("direct", "keel"):
+        for name in ("direct", "keel", "keel+guards"):
             s = res[name]
             table.add_row(conc, name, str(s["requests"]), f"{s['ttft_p50_ms']:.1f}", f"{s['ttft_p95_ms']:.1f}",
                           f"{s['itl_p50_ms']:.1f}", f"{s['itl_p95_ms']:.1f}", f"{s['tokens_per_s']:.1f}")
-        r, pr = res["ratio"], res["paired"]
-        table.add_row(conc, "[bold]keel/direct[/bold]", "", f"{r['ttft_p50_added_ms']:+.1f}",
-                      f"{r['ttft_p95_added_ms']:+.1f}", f"x{r['itl_p50_ratio']:.3f}", "",
-                      f"[bold]{r['throughput'] * 100:.1f}%[/bold]")
-        table.add_row(conc, f"paired median ({pr['pairs']})", "", f"{pr['ttft_p50_added_ms_median']:+.1f}", "", "",
-                      "", f"{pr['throughput_ratio_median'] * 100:.1f}%")
+        for name in ("keel", "keel+guards"):
+            r = res[f"ratio:{name}"]
+            table.add_row(conc, f"[bold]{name}/direct[/bold]", "", f"{r['ttft_p50_added_ms']:+.1f}",
+                          f"{r['ttft_p95_added_ms']:+.1f}", f"x{r['itl_p50_ratio']:.3f}", "",
+                          f"[bold]{r['throughput'] * 100:.1f}%[/bold]")
+            table.add_row(conc, f"{name} paired median", "", f"{r['paired_ttft_p50_added_ms_median']:+.1f}", "", "",
+                          "", f"{r['paired_throughput_median'] * 100:.1f}%")
     Console().print(table)
 
 
@@ -236,7 +243,8 @@ def main() -> None:
     p.add_argument("--keel-url")
     p.add_argument("--vllm-url")
     p.add_argument("--key", default=os.environ.get("KEEL_API_KEY"))
-    p.add_argument("--model", default="smollm2", help="model alias on Keel")
+    p.add_argument("--model", default="smollm2", help="model alias on Keel (default guard policy)")
+    p.add_argument("--raw-model", default="smollm2-raw", help="alias bound to the 'unguarded' policy")
     p.add_argument("--vllm-model", default="smollm2", help="served model name on vLLM")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
     p.add_argument("--rounds", type=int, default=8, help="rounds per target and concurrency (alternating)")
