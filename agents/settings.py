@@ -15,7 +15,8 @@ class AgentSettings(BaseModel):
 
     model: str | None = Field(default=None, description="Model alias the agents call; None means default_model.")
     checkpoint_db: Path | None = Field(
-        default=None, description="SQLite file for checkpoints and the runs table; None means <home>/agents.db."
+        default=None,
+        description="SQLite file for checkpoints; None means <home>/agents.db (runs table: agents.runs.db).",
     )
     postgres_url: str | None = Field(
         default=None, description="Use a Postgres checkpointer instead of SQLite (needs langgraph-checkpoint-postgres)."

@@ -33,6 +33,11 @@ class FinetuneSettings(BaseModel):
         default=120.0, gt=0, description="A running job whose worker has not beaten for this long is recovered."
     )
     max_attempts: int = Field(default=3, ge=1, description="Runs of one job (first run plus crash recoveries).")
+    allowed_data_dirs: list[Path] = Field(
+        default_factory=list,
+        description="If set, submitted datasets must live under one of these folders (API users cannot make "
+        "the server read arbitrary files). Empty: any path the server can read.",
+    )
     device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N; a job's spec may override it.")
 
     def home_dir(self, home: Path) -> Path:

@@ -27,6 +27,7 @@ from pydantic_settings import (
 
 from agents.settings import AgentSettings
 from app.guardrails.settings import GuardrailSettings
+from evals.settings import EvalSettings
 from finetune.settings import FinetuneSettings
 from ingest.settings import RagSettings
 from prompts.settings import PromptSettings
@@ -166,6 +167,7 @@ class Settings(BaseSettings):
     guardrails: GuardrailSettings = Field(default_factory=GuardrailSettings)
     agents: AgentSettings = Field(default_factory=AgentSettings)
     finetune: FinetuneSettings = Field(default_factory=FinetuneSettings)
+    evals: EvalSettings = Field(default_factory=EvalSettings)
 
     @model_validator(mode="after")
     def _resolve(self) -> Settings:

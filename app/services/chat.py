@@ -6,6 +6,7 @@ only the API layer knows how the events are put on the wire.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import uuid
@@ -37,6 +38,7 @@ from app.llm.router import ModelRouter
 from app.services.grounding import RAG_PREFIX, Grounded, Grounder, RagUse, citations
 
 if TYPE_CHECKING:
+    from agents.service import AgentService
     from app.guardrails.engine import GuardrailEngine
     from prompts.registry import PromptRegistry, RenderedPrompt
 
@@ -104,7 +106,7 @@ class ChatResult:
 class ChatService:
     def __init__(
         self, settings: Settings, router: ModelRouter, metrics: Metrics, prompts: PromptRegistry | None = None,
-        grounder: Grounder | None = None, guards: GuardrailEngine | None = None,
+        grounder: Grounder | None = None, guards: GuardrailEngine | None = None, agents: AgentService | None = None,
     ) -> None:
         self.settings = settings
         self.router = router
@@ -112,6 +114,7 @@ class ChatService:
         self.prompts = prompts
         self.grounder = grounder
         self.guards = guards
+        self.agents = agents
 
     async def resolve(self, request: ChatRequest) -> tuple[ChatRequest, RenderedPrompt | None, Grounded | None]:
         """Turn a request into exactly what the model will see: a named prompt is rendered in front
@@ -200,9 +203,17 @@ class ChatService:
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[ChatEvent]:
         alias = request.model
-        request, rendered, grounded = await self.resolve(request)
-        self.validate(request)
-        params = self._with_defaults(request)
+        agent = self.agents is not None and self.agents.is_agent_model(alias)
+        if agent:
+            # An agent workflow answers: it calls models and tools itself; the guards still apply.
+            if not request.messages:
+                raise InvalidRequest("messages must not be empty", param="messages")
+            rendered = grounded = None
+            params = request.params
+        else:
+            request, rendered, grounded = await self.resolve(request)
+            self.validate(request)
+            params = self._with_defaults(request)
         response_id = f"chatcmpl-{request.request_id or uuid.uuid4().hex}"
         decision = context = None
         if self.guards is not None:
@@ -232,7 +243,11 @@ class ChatService:
         first_token = True
         self.metrics.inflight.inc()
         try:
-            events = self.router.stream(request.model, gen_request)
+            if agent:
+                events = _without_started(self.agents.chat_events(
+                    alias, gen_request.messages, request_id=request.request_id, owner=request.user))
+            else:
+                events = self.router.stream(request.model, gen_request)
             if decision is not None:
                 events = self.guards.output_guard(context, decision).wrap(events)
             yield started
@@ -259,7 +274,8 @@ class ChatService:
     ) -> GuardContext:
         fmt = params.response_format
         schema = fmt.schema if fmt is not None and fmt.type == "json_schema" else None
-        workflow = "rag" if grounded is not None else "structured" if fmt is not None else "chat"
+        workflow = ("rag" if grounded is not None else "structured" if fmt is not None
+                    else alias if alias and alias.startswith("agent:") else "chat")
         return GuardContext(
             request_id=request.request_id, route="/v1/chat/completions", workflow=workflow,
             model=alias or request.model or "", user=request.user,
@@ -290,3 +306,11 @@ class ChatService:
                 result.guardrail_events.append(event)
         assert result is not None
         return result
+
+
+async def _without_started(events: AsyncIterator[ChatEvent]) -> AsyncIterator[ChatEvent]:
+    """The agent runner announces its own response; the chat service already did."""
+    async with contextlib.aclosing(events) as stream:
+        async for event in stream:
+            if not isinstance(event, Started):
+                yield event

@@ -7,6 +7,8 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from agents import build_agents
+from agents.service import AgentService
 from app.core.metrics import Metrics
 from app.core.settings import Settings
 from app.guardrails.engine import GuardrailEngine
@@ -17,6 +19,8 @@ from app.security.ratelimit import RateLimiter
 from app.services.chat import ChatService
 from app.services.grounding import Grounder
 from app.services.ingest_jobs import IngestJobs
+from finetune import build_finetune
+from finetune.service import FinetuneService
 from ingest import build_rag
 from ingest.factory import RagServices
 from prompts.registry import PromptRegistry, build_registry
@@ -36,7 +40,10 @@ class Container:
     rag: RagServices
     ingest_jobs: IngestJobs
     guards: GuardrailEngine | None
+    agents: AgentService
+    finetune: FinetuneService
     _closers: list = field(default_factory=list)
+    _tasks: set = field(default_factory=set)
 
     @classmethod
     async def build(
@@ -59,12 +66,40 @@ class Container:
             guards = build_guards(settings, metrics)
             if start_backends:
                 await asyncio.to_thread(guards.warm_up)
-        chat = ChatService(settings, llm, metrics, prompts, Grounder(rag, prompts), guards)
+        agents = build_agents(settings, llm, rag, prompts)
+        await agents.start()
+        finetune = build_finetune(settings)
+        chat = ChatService(settings, llm, metrics, prompts, Grounder(rag, prompts), guards, agents)
         jobs = IngestJobs(rag, settings.home / "uploads")
-        return cls(settings, metrics, keys, RateLimiter(), llm, chat, prompts, rag, jobs, guards)
+        container = cls(settings, metrics, keys, RateLimiter(), llm, chat, prompts, rag, jobs, guards, agents, finetune)
+        if start_backends:
+            container._background(container._restore_adapters())
+        return container
+
+    def _background(self, coro) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _restore_adapters(self) -> None:
+        """Promoted LoRA adapters are loaded into vLLM at run time, so a fresh server has none: put them
+        back once the backends answer."""
+        if not self.finetune.store.deployments():
+            return
+        for _ in range(600):
+            if all(info["ready"] for info in (await self.llm.readiness()).values()):
+                break
+            await asyncio.sleep(1)
+        restored = await self.finetune.restore_deployments()
+        if restored:
+            log.info("restored adapter deployments: %s", ", ".join(restored))
 
     async def aclose(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
         await self.ingest_jobs.aclose()
+        await self.agents.aclose()
+        self.finetune.close()
         for close in reversed(self._closers):
             await close()
         await self.llm.aclose()

@@ -138,3 +138,18 @@ async def test_ingest_permissions_and_bad_uploads(env) -> None:
                      headers=h(env, "admin"))
     job = (await c.get(f"/v1/ingest/jobs/{r.json()['id']}?wait_s=30", headers=h(env, "admin"))).json()
     assert job["state"] == "succeeded" and job["rejections"][0]["code"] == "not_found"
+
+
+async def test_agent_workflows_are_chat_models(env) -> None:
+    await upload(env)
+    models = [m["id"] for m in (await env["c"].get("/v1/models", headers=h(env, "chat"))).json()["data"]]
+    assert {"agent:rag-qa", "agent:research"} <= set(models)
+    env["fake"].reply = "The tower was completed in 1882 [1]."
+    body = {"model": "agent:rag-qa", "messages": [{"role": "user", "content": "When was the tower completed?"}]}
+    r = await env["c"].post("/v1/chat/completions", json=body, headers=h(env, "chat"))
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"].strip() and env["fake"].calls >= 1
+    r = await env["c"].post("/v1/chat/completions", json=body | {"stream": True}, headers=h(env, "chat"))
+    assert r.text.rstrip().endswith("data: [DONE]")
+    r = await env["c"].post("/v1/chat/completions", json=body | {"model": "agent:nope"}, headers=h(env, "chat"))
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"

@@ -28,6 +28,8 @@ async def list_models(
                         description=f"{container.settings.default_model} answering from collection {c!r} "
                                     "with citations")
               for c in collections]
+    cards += [ModelCard(id=m["id"], owned_by="keel", description=m["description"])
+              for m in container.agents.chat_models()]
     return ModelList(data=cards)
 
 

@@ -1,0 +1,83 @@
+"""The small model interface agents use, over Keel's in-process :class:`ModelRouter`.
+
+``complete(messages, schema=...)`` sends the JSON schema as ``response_format`` (vLLM turns it
+into guided decoding), so decisions parse even from a 135M model; anything that still does not
+parse raises :class:`MalformedOutput`, which every decision node handles.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+from agents.errors import MalformedOutput
+from app.core.types import ChatMessage, GenerationParams, GenerationRequest, ResponseFormat, TextDelta
+
+Messages = Sequence[ChatMessage]
+
+
+@runtime_checkable
+class LLM(Protocol):
+    async def complete(self, messages: Messages, schema: dict[str, Any] | None = None, *,
+                       max_tokens: int | None = None, temperature: float | None = None) -> str | dict[str, Any]: ...
+
+    def stream(self, messages: Messages, *, max_tokens: int | None = None,
+               temperature: float | None = None) -> AsyncIterator[str]: ...
+
+
+class AgentLLM:
+    """Calls a model alias through the router. ``schema`` -> parsed ``dict``; otherwise text."""
+
+    def __init__(self, router: Any, alias: str, *, default_max_tokens: int = 256) -> None:
+        self.router = router
+        self.alias = alias
+        self.default_max_tokens = default_max_tokens
+
+    def _request(self, messages: Messages, schema: dict[str, Any] | None, max_tokens: int | None,
+                 temperature: float | None) -> GenerationRequest:
+        fmt = ResponseFormat(type="json_schema", schema=schema, name="decision") if schema else None
+        params = GenerationParams(max_tokens=max_tokens or self.default_max_tokens,
+                                  temperature=0.0 if temperature is None else temperature, response_format=fmt)
+        return GenerationRequest(model=self.alias, messages=tuple(messages), params=params,
+                                 request_id=f"agent-{uuid.uuid4().hex[:12]}")
+
+    async def stream(self, messages: Messages, *, max_tokens: int | None = None,
+                     temperature: float | None = None) -> AsyncIterator[str]:
+        req = self._request(messages, None, max_tokens, temperature)
+        async for event in self.router.stream(self.alias, req):
+            if isinstance(event, TextDelta) and event.index == 0 and event.text:
+                yield event.text
+
+    async def complete(self, messages: Messages, schema: dict[str, Any] | None = None, *,
+                       max_tokens: int | None = None, temperature: float | None = None) -> str | dict[str, Any]:
+        req = self._request(messages, schema, max_tokens, temperature)
+        parts: list[str] = []
+        async for event in self.router.stream(self.alias, req):
+            if isinstance(event, TextDelta) and event.index == 0:
+                parts.append(event.text)
+        text = "".join(parts)
+        return parse_json(text) if schema else text
+
+
+_FENCE = re.compile(r"^```(?:json)?\s*|\s*```$", re.MULTILINE)
+
+
+def parse_json(text: str) -> dict[str, Any]:
+    """The first JSON object in ``text`` (tolerating code fences and chatter), else MalformedOutput."""
+    cleaned = _FENCE.sub("", text.strip())
+    try:
+        value = json.loads(cleaned)
+    except json.JSONDecodeError:
+        start = cleaned.find("{")
+        value = None
+        if start >= 0:
+            try:
+                value, _ = json.JSONDecoder().raw_decode(cleaned[start:])
+            except json.JSONDecodeError:
+                value = None
+    if not isinstance(value, dict):
+        raise MalformedOutput(f"expected a JSON object, got {text[:120]!r}")
+    return value

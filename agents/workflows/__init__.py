@@ -1,0 +1,1 @@
+"""Workflow modules: each builds one LangGraph ``StateGraph`` from small node functions."""

@@ -1,0 +1,189 @@
+"""Agent workflows over HTTP: ``/v1/agents``.
+
+Endpoints (scope ``chat``; an ``admin`` key sees every owner's runs and memories):
+
+* ``GET  /v1/agents/workflows`` - registered workflows and their descriptions.
+* ``POST /v1/agents/{workflow}/runs`` - body ``{"input", "thread_id"?, "user"?, "team"?, "max_steps"?,
+  "stream"?}``; streams SSE events (below), or with ``"stream": false`` returns a ``RunResult`` JSON.
+* ``GET  /v1/agents/runs`` (``?workflow=&status=&thread_id=&limit=``) and ``GET /v1/agents/runs/{run_id}``
+  (record, steps with timings, pending approval, and the checkpointed state while it is the thread's
+  latest run).
+* ``POST /v1/agents/runs/{run_id}/resume`` - ``{"action": "approve"|"reject"|"edit"|"continue",
+  "reason"?, "args"?, "stream"?}``; streams like a run. ``continue`` retries a stalled/failed/cancelled
+  run from its last checkpoint. Resuming twice answers 409 ``run_not_resumable``.
+* ``GET  /v1/agents/approvals`` - runs waiting for a human.
+* ``GET  /v1/agents/threads/{thread_id}`` - the thread's question/answer history and runs.
+* ``GET  /v1/agents/memories?namespace=users/<id>&query=&limit=`` and
+  ``DELETE /v1/agents/memories?namespace=...&key=...`` - long-term memory (a non-admin key may use
+  ``users/<its key id>`` and ``teams/*``).
+
+SSE event schema
+----------------
+Each event is ``event: <type>`` / ``id: <seq>`` / ``data: <JSON>``; the JSON always has ``type``,
+``seq`` (0, 1, ...), ``ts`` (unix seconds) and ``run_id``, plus (models in ``agents/schemas.py``):
+
+==================  ===========================================================================
+``run.started``     ``thread_id``, ``workflow``, ``resumed`` (bool)
+``node.started``    ``node``, ``step``
+``node.finished``   ``node``, ``step``, ``duration_ms``, ``summary``
+``tool.call``       ``call_id``, ``tool``, ``args``, ``node``
+``tool.result``     ``call_id``, ``tool``, ``ok``, ``output`` (result or ``error: ...``), ``attempts``,
+                    ``duration_ms``
+``token``           ``node``, ``text`` - answer tokens as generated (a draft that fails
+                    verification is followed by another one; ``final`` carries the answer)
+``interrupt``       ``thread_id``, ``tool``, ``args``, ``call_id``, ``reason``, ``actions`` - the run is
+                    paused; the stream ends; resume with ``POST /runs/{run_id}/resume``
+``final``           ``status`` (``completed`` | ``step_limit``), ``answer``, ``citations``
+                    (``index``, ``source``, ``title``, ``label``, ``chunk_id``, ``page``), ``grounded``
+``error``           ``code``, ``message`` - the run failed (status ``failed``; resumable with ``continue``)
+==================  ===========================================================================
+
+A stream starts with ``run.started`` and ends with exactly one of ``final``, ``interrupt`` or
+``error``. Errors found before the run starts (unknown workflow, bad body, run not resumable)
+are plain HTTP errors in Keel's error format.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Depends, Query, Request
+from sse_starlette import EventSourceResponse
+
+from agents.events import AgentEvent, ErrorEvent, Final, InterruptEvent, RunStarted, to_wire
+from agents.schemas import ResumeRequest, RunRequest, RunResult, parse_namespace
+from app.api.deps import require_scope
+from app.core.errors import BackendUnavailable, PermissionDenied
+from app.security.keys import ApiKey
+
+router = APIRouter(prefix="/v1/agents", tags=["agents"])
+
+
+def _service(request: Request) -> Any:
+    svc = getattr(getattr(request.app.state, "keel", None), "agents", None)
+    if svc is None:
+        raise BackendUnavailable("agents are not configured on this server")
+    return svc
+
+
+def _owner(key: ApiKey) -> str | None:
+    """None = may see everyone's runs (admin)."""
+    return None if key.allows("admin") else key.id
+
+
+async def _stream_or_collect(events: AsyncIterator[AgentEvent], stream: bool):
+    it = aiter(events)
+    first = await anext(it)  # validation errors surface here as HTTP errors
+
+    async def all_events() -> AsyncIterator[AgentEvent]:
+        yield first
+        async for e in it:
+            yield e
+
+    if not stream:
+        wire, result = [], {"run_id": first.run_id, "thread_id": getattr(first, "thread_id", ""),
+                            "status": "running"}
+        async for i, e in _enumerate(all_events()):
+            wire.append(to_wire(e, i))
+            if isinstance(e, Final):
+                result.update(status=e.status, answer=e.answer, citations=wire[-1]["citations"])
+            elif isinstance(e, InterruptEvent):
+                result.update(status="interrupted", interrupt=wire[-1])
+            elif isinstance(e, ErrorEvent):
+                result.update(status="failed", error={"code": e.code, "message": e.message})
+        return RunResult(events=wire, **result)
+
+    async def sse() -> AsyncIterator[dict[str, str]]:
+        try:
+            async for i, e in _enumerate(all_events()):
+                yield {"event": e.type, "id": str(i), "data": json.dumps(to_wire(e, i), ensure_ascii=False)}
+        finally:
+            await it.aclose()
+
+    headers = {"X-Run-Id": first.run_id} if isinstance(first, RunStarted) else {}
+    return EventSourceResponse(sse(), ping=15, sep="\n", headers=headers)
+
+
+async def _enumerate(events: AsyncIterator[AgentEvent]) -> AsyncIterator[tuple[int, AgentEvent]]:
+    i = 0
+    async for e in events:
+        yield i, e
+        i += 1
+
+
+@router.get("/workflows")
+async def list_workflows(request: Request, _key: ApiKey = Depends(require_scope("chat"))) -> dict[str, Any]:
+    svc = _service(request)
+    return {"object": "list", "data": svc.workflows()}
+
+
+@router.post("/{workflow}/runs", response_model=None)
+async def start_run(workflow: str, body: RunRequest, request: Request,
+                    key: ApiKey = Depends(require_scope("chat"))):
+    svc = _service(request)
+    events = svc.run(workflow, body.input, thread_id=body.thread_id, user=body.user or key.id, team=body.team,
+                     owner=key.id, max_steps=body.max_steps)
+    return await _stream_or_collect(events, body.stream)
+
+
+@router.get("/runs")
+async def list_runs(request: Request, workflow: str | None = None, status: str | None = None,
+                    thread_id: str | None = None, limit: int = Query(default=50, ge=1, le=500),
+                    key: ApiKey = Depends(require_scope("chat"))) -> dict[str, Any]:
+    svc = _service(request)
+    runs = await svc.list_runs(workflow=workflow, status=status, thread_id=thread_id, owner=_owner(key),
+                               limit=limit)
+    return {"object": "list", "data": runs}
+
+
+@router.get("/runs/{run_id}")
+async def get_run(run_id: str, request: Request, key: ApiKey = Depends(require_scope("chat"))) -> dict[str, Any]:
+    return await _service(request).get_run(run_id, owner=_owner(key))
+
+
+@router.post("/runs/{run_id}/resume", response_model=None)
+async def resume_run(run_id: str, body: ResumeRequest, request: Request,
+                     key: ApiKey = Depends(require_scope("chat"))):
+    svc = _service(request)
+    events = svc.resume(run_id, body.action, reason=body.reason, args=body.args, owner=_owner(key))
+    return await _stream_or_collect(events, body.stream)
+
+
+@router.get("/approvals")
+async def pending_approvals(request: Request, key: ApiKey = Depends(require_scope("chat"))) -> dict[str, Any]:
+    return {"object": "list", "data": await _service(request).pending_approvals(owner=_owner(key))}
+
+
+@router.get("/threads/{thread_id}")
+async def thread(thread_id: str, request: Request, key: ApiKey = Depends(require_scope("chat"))) -> dict[str, Any]:
+    return await _service(request).thread_history(thread_id, owner=_owner(key))
+
+
+def _namespace(namespace: str, key: ApiKey) -> tuple[str, ...]:
+    ns = parse_namespace(namespace)
+    if key.allows("admin") or ns[:2] == ("users", key.id) or ns[0] == "teams":
+        return ns
+    raise PermissionDenied(f"this API key may only use users/{key.id} and teams/* memories")
+
+
+@router.get("/memories")
+async def list_memories(request: Request, namespace: str | None = None, query: str | None = None,
+                        limit: int = Query(default=50, ge=1, le=500), offset: int = Query(default=0, ge=0),
+                        key: ApiKey = Depends(require_scope("chat"))) -> dict[str, Any]:
+    ns = _namespace(namespace or f"users/{key.id}", key)
+    items = await _service(request).list_memories(ns, query=query, limit=limit, offset=offset)
+    return {"object": "list", "namespace": "/".join(ns), "data": items}
+
+
+@router.delete("/memories")
+async def delete_memory(request: Request, namespace: str, key_: str = Query(alias="key"),
+                        key: ApiKey = Depends(require_scope("chat"))) -> dict[str, Any]:
+    ns = _namespace(namespace, key)
+    deleted = await _service(request).delete_memory(ns, key_)
+    if not deleted:
+        from app.core.errors import NotFound
+
+        raise NotFound(f"no memory {key_!r} in {'/'.join(ns)}", param="key")
+    return {"deleted": True, "namespace": "/".join(ns), "key": key_}

@@ -1,0 +1,265 @@
+"""``keel finetune``: submit and watch LoRA jobs, run the worker, promote and roll back adapters."""
+
+from __future__ import annotations
+
+import getpass
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from app.core.errors import KeelError
+from finetune.errors import InvalidTrainingData
+from finetune.jobs import TERMINAL, Job
+from finetune.service import FinetuneService, build_finetune
+
+app = typer.Typer(help="Fine-tuning: LoRA jobs, the worker, the adapter registry.", no_args_is_help=True)
+console = Console()
+err = Console(stderr=True)
+
+_COLORS = {"queued": "yellow", "running": "cyan", "succeeded": "green", "failed": "red", "cancelled": "magenta"}
+
+
+def _actor() -> str:
+    try:
+        return f"cli:{getpass.getuser()}"
+    except Exception:
+        return "cli"
+
+
+@contextmanager
+def _service() -> Iterator[FinetuneService]:
+    from app.core.settings import load_settings
+
+    try:
+        settings = load_settings()
+    except Exception as exc:
+        err.print(f"[red]configuration error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    try:
+        svc = build_finetune(settings)
+    except KeelError as exc:
+        raise _fail(exc) from exc
+    try:
+        yield svc
+    except InvalidTrainingData as exc:
+        err.print(f"[red]error ({exc.code}):[/red] the dataset breaks the data contract")
+        if exc.report is not None:
+            for issue in exc.report.issues[:50]:
+                err.print(f"  {escape(str(issue))}")
+            if len(exc.report.issues) > 50:
+                err.print(f"  ... and {len(exc.report.issues) - 50} more")
+        raise typer.Exit(1) from exc
+    except KeelError as exc:
+        raise _fail(exc) from exc
+    finally:
+        svc.close()
+
+
+def _fail(exc: KeelError) -> typer.Exit:
+    err.print(f"[red]error ({exc.code}):[/red] {escape(exc.message)}")
+    return typer.Exit(1)
+
+
+def _when(ts: float | None) -> str:
+    return datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S") if ts else "-"
+
+
+def _loss(job: Job) -> str:
+    m = job.metrics
+    train = m.get("train_loss_last", m.get("last_loss"))
+    val = m.get("eval_loss_final", m.get("last_eval_loss"))
+    parts = []
+    if train is not None:
+        parts.append(f"train {train:.3f}")
+    if val is not None:
+        parts.append(f"val {val:.3f}")
+    return ", ".join(parts) or "-"
+
+
+@app.command()
+def submit(
+    spec: Annotated[Path, typer.Argument(help="Job spec YAML (see finetune/jobs/).", exists=True, dir_okay=False)],
+    no_validate: Annotated[bool, typer.Option("--no-validate", help="Skip the data check at submit.")] = False,
+    wait: Annotated[bool, typer.Option("--wait", help="Follow progress until the job ends.")] = False,
+) -> None:
+    """Validate a job spec and its data, then queue it for the worker."""
+    with _service() as svc:
+        job = svc.submit_file(spec, submitted_by=_actor(), validate_data=not no_validate)
+        report = job.data_report or {}
+        console.print(f"queued [bold]{job.id}[/bold] ({job.name}, spec {job.spec_hash[:12]}"
+                      + (f", {report.get('train_examples')} train / {report.get('validation_examples')} validation "
+                         "examples" if report else "") + ")")
+        console.print("  a worker runs it: `keel finetune worker` (or `python -m finetune.worker`)")
+        if wait:
+            _follow(svc, job.id)
+
+
+@app.command()
+def validate(spec: Annotated[Path, typer.Argument(exists=True, dir_okay=False)]) -> None:
+    """Check a spec and its dataset against the data contract without queueing anything."""
+    from finetune.spec import load_spec
+
+    with _service() as svc:
+        report = svc.validate(load_spec(spec))
+        stats = report["token_stats"]
+        console.print(f"[green]data OK[/green]: {report['train_examples']} train / {report['validation_examples']} "
+                      f"validation examples, tokens min/mean/max {stats.get('min')}/{stats.get('mean', 0):.0f}/"
+                      f"{stats.get('max')}, data hash {report['data_hash'][:12]}")
+
+
+@app.command()
+def status(
+    job_id: Annotated[str | None, typer.Argument(help="One job (progress bar); all jobs when left out.")] = None,
+    watch: Annotated[bool, typer.Option("--watch", "-w", help="Follow the job until it ends.")] = False,
+    state: Annotated[str | None, typer.Option(help="Only jobs in this state.")] = None,
+    limit: int = 30,
+) -> None:
+    """Show jobs: a table, or one job's progress and metrics."""
+    with _service() as svc:
+        if job_id is None:
+            table = Table("job", "name", "state", "progress", "loss", "model version", "created", "error")
+            for job in svc.list(state=state, limit=limit):
+                color = _COLORS.get(job.state, "white")
+                table.add_row(job.id, job.name, f"[{color}]{job.state}[/{color}]",
+                              f"{job.step}/{job.max_steps or '?'} ({100 * job.progress:.0f}%)", _loss(job),
+                              f"{job.model_name}/{job.model_version}" if job.model_version else "-",
+                              _when(job.created_at), escape((job.error or "")[:60]))
+            console.print(table)
+            return
+        if watch:
+            _follow(svc, job_id)
+            return
+        job = svc.get(job_id)
+        _print_job(job)
+
+
+def _print_job(job: Job) -> None:
+    color = _COLORS.get(job.state, "white")
+    console.print(f"[bold]{job.id}[/bold] {job.name}: [{color}]{job.state}[/{color}] "
+                  f"step {job.step}/{job.max_steps or '?'} ({100 * job.progress:.0f}%), attempt {job.attempts}")
+    with Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), console=console,
+                  transient=False) as bar:
+        bar.add_task(job.name, total=job.max_steps or 1, completed=job.step if job.max_steps else 0)
+    console.print(f"  loss: {_loss(job)}   spec {job.spec_hash[:12]}   data {(job.data_hash or '-')[:12]}")
+    if job.model_version:
+        console.print(f"  registered: {job.model_name} version {job.model_version} -> {job.adapter_path}")
+    if job.mlflow_run_id:
+        console.print(f"  MLflow run: {job.mlflow_run_id}")
+    if job.error:
+        console.print(f"  [red]error ({job.error_code}):[/red] {escape(job.error)}")
+
+
+def _follow(svc: FinetuneService, job_id: str) -> None:
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), TaskProgressColumn(),
+               TextColumn("{task.fields[info]}"), TimeElapsedColumn())
+    with Progress(*columns, console=console) as bar:
+        job = svc.get(job_id)
+        task = bar.add_task(f"{job.id} {job.name}", total=job.max_steps or None, info=job.state)
+        while True:
+            job = svc.get(job_id)
+            bar.update(task, total=job.max_steps or None, completed=job.step, info=f"{job.state}  {_loss(job)}")
+            if job.state in TERMINAL:
+                break
+            time.sleep(1.0)
+    _print_job(job)
+    if job.state != "succeeded":
+        raise typer.Exit(1)
+
+
+@app.command()
+def logs(
+    job_id: str,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing until the job ends.")] = False,
+) -> None:
+    """Print a job's log (training steps, losses, worker events)."""
+    with _service() as svc:
+        offset = 0
+        while True:
+            text, offset = svc.logs(job_id, offset)
+            if text:
+                console.out(text, end="", highlight=False)
+            if not follow:
+                return
+            if svc.get(job_id).state in TERMINAL:
+                text, offset = svc.logs(job_id, offset)
+                if text:
+                    console.out(text, end="", highlight=False)
+                return
+            time.sleep(1.0)
+
+
+@app.command()
+def cancel(job_id: str) -> None:
+    """Cancel a queued job, or stop a running one at its next step."""
+    with _service() as svc:
+        job = svc.cancel(job_id, actor=_actor())
+        console.print(f"{job.id}: {job.state}" + (" (cancel requested; stops at the next step)"
+                                                   if job.state == "running" else ""))
+
+
+@app.command()
+def worker(once: Annotated[bool, typer.Option("--once", help="Exit when the queue is empty.")] = False) -> None:
+    """Run queued jobs in this process (one at a time); Ctrl-C requeues the current job."""
+    from finetune.worker import main
+
+    raise typer.Exit(main(["--once"] if once else []))
+
+
+@app.command()
+def versions(model: str) -> None:
+    """Registered adapter versions of a model, with their aliases."""
+    with _service() as svc:
+        table = Table("version", "aliases", "job", "spec", "data", "source")
+        for v in svc.versions(model):
+            table.add_row(v.version, ", ".join(v.aliases) or "-", v.tags.get("keel.job_id", "-"),
+                          v.tags.get("keel.spec_hash", "")[:12], v.tags.get("keel.data_hash", "")[:12], v.source)
+        console.print(table)
+
+
+@app.command()
+def promote(
+    model: str,
+    version: str,
+    force: Annotated[bool, typer.Option("--force", help="Promote even if the eval gate refuses (audited).")] = False,
+    reason: Annotated[str | None, typer.Option(help="Why (required with --force).")] = None,
+) -> None:
+    """Move the `production` alias to an adapter version, through the eval gate."""
+    with _service() as svc:
+        p = svc.promote(model, version, force=force, reason=reason, actor=_actor())
+        if not p.changed:
+            console.print(f"{model}: production already at version {version}")
+            return
+        note = f" [yellow](gate overridden: {p.verdict.reason})[/yellow]" if p.forced and p.verdict else ""
+        console.print(f"{model}: production {p.from_version or '-'} -> {p.to_version}{note}")
+
+
+@app.command()
+def rollback(model: str, reason: Annotated[str, typer.Option(help="Recorded in the audit log.")] = "") -> None:
+    """Move `production` back to the version it pointed at before the last promotion."""
+    with _service() as svc:
+        p = svc.rollback(model, actor=_actor(), reason=reason)
+        console.print(f"{model}: production {p.from_version} -> {p.to_version}")
+
+
+@app.command()
+def export(
+    model: str,
+    version: str,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the merged model.")],
+) -> None:
+    """Merge an adapter version into its base model and write a full model folder."""
+    from finetune.export import merge_adapter
+
+    with _service() as svc:
+        v = svc.registry.get_version(model, version)
+        path = merge_adapter(v.local_path(), out)
+        console.print(f"merged {v.ref} into {path}")

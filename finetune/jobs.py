@@ -1,0 +1,422 @@
+"""The fine-tuning job store (SQLite) and its state machine.
+
+States::
+
+    queued ──claim──▶ running ──▶ succeeded
+       │                 │ ├───▶ failed
+       │                 │ └───▶ cancelled
+       └──cancel──▶ cancelled    running ──recover (dead worker)──▶ queued
+
+A job left ``running`` by a worker that died (its process is gone, or it stopped
+beating for ``stale_after_s``) is put back in the queue by the next worker and resumes
+from its last checkpoint; after ``max_attempts`` runs it fails instead.
+
+Every process (API, CLI, workers) opens the same file; each call is one short
+transaction, and WAL mode lets readers run while a worker writes progress.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from finetune.errors import JobNotFound, JobStateConflict
+
+JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+STATES: tuple[JobState, ...] = ("queued", "running", "succeeded", "failed", "cancelled")
+TERMINAL: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
+TRANSITIONS: dict[str, frozenset[str]] = {
+    "queued": frozenset({"running", "cancelled"}),
+    "running": frozenset({"succeeded", "failed", "cancelled", "queued"}),
+    "succeeded": frozenset(),
+    "failed": frozenset(),
+    "cancelled": frozenset(),
+}
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    state TEXT NOT NULL,
+    spec_yaml TEXT NOT NULL,
+    spec_hash TEXT NOT NULL,
+    submitted_by TEXT NOT NULL DEFAULT '',
+    created_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL,
+    updated_at REAL NOT NULL,
+    step INTEGER NOT NULL DEFAULT 0,
+    max_steps INTEGER NOT NULL DEFAULT 0,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    worker TEXT,
+    heartbeat_at REAL,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    error TEXT,
+    error_code TEXT,
+    metrics TEXT NOT NULL DEFAULT '{}',
+    data_report TEXT,
+    data_hash TEXT,
+    run_dir TEXT NOT NULL,
+    adapter_path TEXT,
+    mlflow_run_id TEXT,
+    model_name TEXT,
+    model_version TEXT
+);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, created_at);
+CREATE TABLE IF NOT EXISTS deployments (
+    alias TEXT PRIMARY KEY,
+    model TEXT NOT NULL,
+    version TEXT NOT NULL,
+    backend TEXT NOT NULL,
+    served_name TEXT NOT NULL,
+    adapter_path TEXT NOT NULL,
+    fallback TEXT,
+    updated_at REAL NOT NULL,
+    actor TEXT NOT NULL DEFAULT ''
+);
+CREATE TABLE IF NOT EXISTS audit (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at REAL NOT NULL,
+    actor TEXT NOT NULL,
+    action TEXT NOT NULL,
+    model TEXT,
+    version TEXT,
+    job_id TEXT,
+    reason TEXT NOT NULL DEFAULT '',
+    details TEXT NOT NULL DEFAULT '{}'
+);
+"""
+
+
+@dataclass
+class Job:
+    id: str
+    name: str
+    state: JobState
+    spec_yaml: str
+    spec_hash: str
+    submitted_by: str
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    updated_at: float
+    step: int
+    max_steps: int
+    attempts: int
+    worker: str | None
+    heartbeat_at: float | None
+    cancel_requested: bool
+    error: str | None
+    error_code: str | None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    data_report: dict[str, Any] | None = None
+    data_hash: str | None = None
+    run_dir: str = ""
+    adapter_path: str | None = None
+    mlflow_run_id: str | None = None
+    model_name: str | None = None
+    model_version: str | None = None
+
+    @property
+    def progress(self) -> float:
+        if self.state == "succeeded":
+            return 1.0
+        return min(1.0, self.step / self.max_steps) if self.max_steps else 0.0
+
+    @property
+    def log_path(self) -> Path:
+        return Path(self.run_dir) / "job.log"
+
+    def to_dict(self, *, with_spec: bool = False) -> dict[str, Any]:
+        out = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "spec_yaml"}
+        out["progress"] = round(self.progress, 4)
+        if with_spec:
+            out["spec_yaml"] = self.spec_yaml
+        return out
+
+
+def _row_to_job(row: sqlite3.Row) -> Job:
+    d = dict(row)
+    d["cancel_requested"] = bool(d["cancel_requested"])
+    d["metrics"] = json.loads(d["metrics"] or "{}")
+    d["data_report"] = json.loads(d["data_report"]) if d["data_report"] else None
+    return Job(**d)
+
+
+def new_job_id() -> str:
+    return "ft-" + uuid.uuid4().hex[:12]
+
+
+def this_worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A killed child that its parent has not reaped yet is a zombie: dead for our purposes.
+    with contextlib.suppress(OSError, IndexError):
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        if stat.rsplit(")", 1)[1].split()[0] == "Z":
+            return False
+    return True
+
+
+def worker_dead(worker: str | None) -> bool:
+    """True when ``worker`` (host:pid) ran on this host and its process is gone."""
+    if not worker or ":" not in worker:
+        return False
+    host, _, pid = worker.rpartition(":")
+    return host == socket.gethostname() and pid.isdigit() and not pid_alive(int(pid))
+
+
+class JobStore:
+    def __init__(self, path: Path, runs_dir: Path) -> None:
+        self.path = Path(path)
+        self.runs_dir = Path(runs_dir)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.runs_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, timeout=30.0, check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA busy_timeout=30000")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    # -- reads -------------------------------------------------------------------------------------
+
+    def get(self, job_id: str) -> Job:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise JobNotFound(f"no fine-tuning job {job_id!r}", param="job_id")
+        return _row_to_job(row)
+
+    def list(self, *, state: str | None = None, limit: int = 50) -> list[Job]:
+        sql, args = "SELECT * FROM jobs", []
+        if state:
+            sql += " WHERE state = ?"
+            args.append(state)
+        sql += " ORDER BY created_at DESC LIMIT ?"
+        args.append(limit)
+        with self._lock:
+            rows = self._db.execute(sql, args).fetchall()
+        return [_row_to_job(r) for r in rows]
+
+    def find_by_model_version(self, model: str, version: str) -> Job | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM jobs WHERE model_name = ? AND model_version = ?",
+                                   (model, str(version))).fetchone()
+        return _row_to_job(row) if row else None
+
+    # -- writes ------------------------------------------------------------------------------------
+
+    def create(self, *, name: str, spec_yaml: str, spec_hash: str, submitted_by: str = "",
+               data_report: dict[str, Any] | None = None, job_id: str | None = None) -> Job:
+        job_id = job_id or new_job_id()
+        run_dir = self.runs_dir / job_id
+        run_dir.mkdir(parents=True, exist_ok=True)
+        now = time.time()
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO jobs (id, name, state, spec_yaml, spec_hash, submitted_by, created_at, updated_at, "
+                "run_dir, data_report, data_hash) VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?)",
+                (job_id, name, spec_yaml, spec_hash, submitted_by, now, now, str(run_dir),
+                 json.dumps(data_report) if data_report else None,
+                 (data_report or {}).get("data_hash")),
+            )
+        self.append_log(job_id, f"queued by {submitted_by or 'unknown'} (spec {spec_hash[:12]})")
+        return self.get(job_id)
+
+    def transition(self, job_id: str, to: JobState, **fields: Any) -> Job:
+        """Move a job to ``to`` if the state machine allows it from its current state."""
+        with self._tx() as db:
+            row = db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                raise JobNotFound(f"no fine-tuning job {job_id!r}", param="job_id")
+            current = row["state"]
+            if to not in TRANSITIONS[current]:
+                raise JobStateConflict(f"job {job_id} is {current}; it cannot become {to}")
+            now = time.time()
+            fields.setdefault("updated_at", now)
+            if to in TERMINAL:
+                fields.setdefault("finished_at", now)
+            self._update(db, job_id, state=to, **fields)
+        return self.get(job_id)
+
+    def update(self, job_id: str, **fields: Any) -> None:
+        fields.setdefault("updated_at", time.time())
+        with self._tx() as db:
+            self._update(db, job_id, **fields)
+
+    @staticmethod
+    def _update(db: sqlite3.Connection, job_id: str, **fields: Any) -> None:
+        for key in ("metrics", "data_report"):
+            if key in fields and not isinstance(fields[key], str | None):
+                fields[key] = json.dumps(fields[key])
+        cols = ", ".join(f"{k} = ?" for k in fields)
+        db.execute(f"UPDATE jobs SET {cols} WHERE id = ?", (*fields.values(), job_id))
+
+    def merge_metrics(self, job_id: str, values: dict[str, Any], **fields: Any) -> None:
+        with self._tx() as db:
+            row = db.execute("SELECT metrics FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            metrics = json.loads(row["metrics"] or "{}") if row else {}
+            metrics.update(values)
+            self._update(db, job_id, metrics=json.dumps(metrics), updated_at=time.time(), **fields)
+
+    def claim_next(self, worker: str) -> Job | None:
+        """Atomically take the oldest queued job (workers on other hosts may race for it)."""
+        with self._tx() as db:
+            row = db.execute("SELECT id FROM jobs WHERE state = 'queued' ORDER BY created_at LIMIT 1").fetchone()
+            if row is None:
+                return None
+            now = time.time()
+            db.execute(
+                "UPDATE jobs SET state = 'running', worker = ?, heartbeat_at = ?, started_at = COALESCE("
+                "started_at, ?), attempts = attempts + 1, updated_at = ?, error = NULL, error_code = NULL "
+                "WHERE id = ?", (worker, now, now, now, row["id"]),
+            )
+        job = self.get(row["id"])
+        self.append_log(job.id, f"claimed by worker {worker} (attempt {job.attempts})")
+        return job
+
+    def heartbeat(self, job_id: str, worker: str) -> None:
+        now = time.time()
+        with self._tx() as db:
+            db.execute("UPDATE jobs SET heartbeat_at = ? WHERE id = ? AND worker = ? AND state = 'running'",
+                       (now, job_id, worker))
+
+    def request_cancel(self, job_id: str) -> Job:
+        """Queued: cancelled at once. Running: flagged; the worker stops at the next step."""
+        with self._tx() as db:
+            row = db.execute("SELECT state, run_dir FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                raise JobNotFound(f"no fine-tuning job {job_id!r}", param="job_id")
+            now = time.time()
+            if row["state"] == "queued":
+                self._update(db, job_id, state="cancelled", cancel_requested=1, finished_at=now, updated_at=now)
+            elif row["state"] == "running":
+                self._update(db, job_id, cancel_requested=1, updated_at=now)
+                with contextlib.suppress(OSError):
+                    (Path(row["run_dir"]) / "CANCEL").touch()
+            else:
+                raise JobStateConflict(f"job {job_id} is already {row['state']}; nothing to cancel")
+        self.append_log(job_id, "cancel requested")
+        return self.get(job_id)
+
+    def recover_stale(self, *, stale_after_s: float, max_attempts: int, now: float | None = None) -> list[Job]:
+        """Requeue (or fail, or cancel) running jobs whose worker is gone. Returns the jobs it moved."""
+        now = time.time() if now is None else now
+        moved: list[str] = []
+        notes: dict[str, str] = {}
+        with self._tx() as db:
+            rows = db.execute("SELECT * FROM jobs WHERE state = 'running'").fetchall()
+            for row in rows:
+                silent = row["heartbeat_at"] is None or now - row["heartbeat_at"] > stale_after_s
+                if not (worker_dead(row["worker"]) or silent):
+                    continue
+                why = (f"worker {row['worker']} is gone" if worker_dead(row["worker"])
+                       else f"worker {row['worker']} silent for {now - (row['heartbeat_at'] or 0):.0f} s")
+                if row["cancel_requested"]:
+                    self._update(db, row["id"], state="cancelled", finished_at=now, updated_at=now, worker=None)
+                    notes[row["id"]] = f"{why}; it had been asked to cancel: cancelled"
+                elif row["attempts"] >= max_attempts:
+                    self._update(db, row["id"], state="failed", finished_at=now, updated_at=now, worker=None,
+                                 error=f"{why} after {row['attempts']} attempt(s); giving up",
+                                 error_code="worker_lost")
+                    notes[row["id"]] = f"{why}; {row['attempts']} attempts used: failed"
+                else:
+                    self._update(db, row["id"], state="queued", updated_at=now, worker=None, heartbeat_at=None)
+                    notes[row["id"]] = f"{why}; requeued to resume from its last checkpoint"
+                moved.append(row["id"])
+        for job_id, note in notes.items():
+            self.append_log(job_id, "recovery: " + note)
+        return [self.get(j) for j in moved]
+
+    # -- logs and audit ----------------------------------------------------------------------------
+
+    def log_path(self, job_id: str) -> Path:
+        return self.runs_dir / job_id / "job.log"
+
+    def append_log(self, job_id: str, line: str) -> None:
+        path = self.log_path(job_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        with path.open("a") as f:
+            f.write(f"{stamp} [keel] {line}\n")
+
+    def read_log(self, job_id: str, offset: int = 0, max_bytes: int = 1_000_000) -> tuple[str, int]:
+        """Text from byte ``offset`` and the offset to continue from (for `logs -f`)."""
+        self.get(job_id)  # 404 for unknown jobs
+        path = self.log_path(job_id)
+        try:
+            with path.open("rb") as f:
+                f.seek(offset)
+                data = f.read(max_bytes)
+        except FileNotFoundError:
+            return "", offset
+        return data.decode("utf-8", errors="replace"), offset + len(data)
+
+    def save_deployment(self, *, alias: str, model: str, version: str, backend: str, served_name: str,
+                        adapter_path: str, fallback: str | None = None, actor: str = "") -> None:
+        """Remember which adapter version serves as ``alias`` (restored at start-up and after vLLM restarts)."""
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO deployments (alias, model, version, backend, served_name, adapter_path, "
+                       "fallback, updated_at, actor) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                       (alias, model, str(version), backend, served_name, adapter_path, fallback, time.time(), actor))
+
+    def deployments(self) -> list[dict[str, Any]]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM deployments ORDER BY alias").fetchall()
+        return [dict(r) for r in rows]
+
+    def delete_deployment(self, alias: str) -> bool:
+        with self._tx() as db:
+            return db.execute("DELETE FROM deployments WHERE alias = ?", (alias,)).rowcount > 0
+
+    def audit(self, *, actor: str, action: str, model: str | None = None, version: str | None = None,
+              job_id: str | None = None, reason: str = "", details: dict[str, Any] | None = None) -> None:
+        with self._tx() as db:
+            db.execute("INSERT INTO audit (at, actor, action, model, version, job_id, reason, details) "
+                       "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                       (time.time(), actor, action, model, version, job_id, reason, json.dumps(details or {})))
+
+    def audit_log(self, *, model: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        sql, args = "SELECT * FROM audit", []
+        if model:
+            sql += " WHERE model = ?"
+            args.append(model)
+        sql += " ORDER BY id DESC LIMIT ?"
+        args.append(limit)
+        with self._lock:
+            rows = self._db.execute(sql, args).fetchall()
+        return [{**dict(r), "details": json.loads(r["details"])} for r in rows]

@@ -1,0 +1,175 @@
+"""The fine-tuning service the API and the CLI share: submit, watch, cancel, promote, roll back.
+
+It never trains: jobs run in a worker process (``python -m finetune.worker``), which reads the
+same SQLite job store. Submission validates the spec and the data first, so a bad dataset is
+refused at once with its reasons (code ``invalid_training_data``) instead of failing later.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from app.core.errors import InvalidRequest
+from finetune.data import check_dataset, token_counter
+from finetune.errors import InvalidJobSpec
+from finetune.jobs import Job, JobStore
+from finetune.spec import JobSpec, load_spec, parse_spec, resolve_base_model
+from finetune.worker import finetune_settings, open_store
+
+if TYPE_CHECKING:
+    from app.core.settings import Settings
+    from finetune.serving import Deployment
+    from finetune.tracking import AdapterGate, AdapterRegistry, AdapterVersion, Promotion, Tracker
+
+log = logging.getLogger("keel.finetune")
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(path: str) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+class FinetuneService:
+    def __init__(self, settings: Settings, store: JobStore | None = None, *, gate: AdapterGate | None = None) -> None:
+        self.settings = settings
+        self.fs = finetune_settings(settings)
+        self.store = store or open_store(settings)
+        self._gate = gate
+        self._tracker: Tracker | None = None
+        self._registry: AdapterRegistry | None = None
+
+    def close(self) -> None:
+        self.store.close()
+
+    # -- jobs --------------------------------------------------------------------------------------
+
+    def parse(self, *, spec_yaml: str | None = None, spec: dict[str, Any] | None = None,
+              base_dir: Path | None = None) -> JobSpec:
+        if (spec_yaml is None) == (spec is None):
+            raise InvalidRequest("give exactly one of spec_yaml (YAML text) or spec (an object)", param="spec")
+        import yaml
+
+        text = spec_yaml if spec_yaml is not None else yaml.safe_dump(spec)
+        return parse_spec(text, base_dir=base_dir or Path.cwd())
+
+    def validate(self, spec: JobSpec) -> dict[str, Any]:
+        """Check the base model and every record now; raises InvalidTrainingData with the reasons."""
+        base = resolve_base_model(spec, self.settings.models_dir)
+        report = check_dataset(spec, token_counter(_tokenizer(str(base))))
+        return report.to_dict()
+
+    def check_data_location(self, spec: JobSpec) -> None:
+        roots = [Path(r).resolve() for r in self.fs.allowed_data_dirs]
+        if not roots:
+            return
+        for field, path in (("dataset.path", spec.dataset.path), ("dataset.validation_path",
+                                                                  spec.dataset.validation_path)):
+            if path is not None and not any(Path(path).resolve().is_relative_to(r) for r in roots):
+                raise InvalidJobSpec(f"{field} {path} is outside the allowed data folders "
+                                     f"({', '.join(str(r) for r in roots)})", param=field)
+
+    def submit(self, spec: JobSpec, *, submitted_by: str = "", validate_data: bool = True) -> Job:
+        self.check_data_location(spec)
+        report = self.validate(spec) if validate_data else None
+        job = self.store.create(name=spec.name, spec_yaml=spec.to_yaml(), spec_hash=spec.spec_hash(),
+                                submitted_by=submitted_by, data_report=report)
+        log.info("fine-tuning job %s (%s) queued by %s", job.id, spec.name, submitted_by)
+        return job
+
+    def submit_file(self, path: str | Path, *, submitted_by: str = "", validate_data: bool = True) -> Job:
+        return self.submit(load_spec(path), submitted_by=submitted_by, validate_data=validate_data)
+
+    def get(self, job_id: str) -> Job:
+        return self.store.get(job_id)
+
+    def list(self, *, state: str | None = None, limit: int = 50) -> list[Job]:
+        return self.store.list(state=state, limit=limit)
+
+    def logs(self, job_id: str, offset: int = 0) -> tuple[str, int]:
+        return self.store.read_log(job_id, offset)
+
+    def cancel(self, job_id: str, *, actor: str = "") -> Job:
+        job = self.store.request_cancel(job_id)
+        self.store.audit(actor=actor or "unknown", action="job.cancel", job_id=job_id)
+        return job
+
+    # -- registry ----------------------------------------------------------------------------------
+
+    @property
+    def tracker(self) -> Tracker:
+        if self._tracker is None:
+            from finetune.tracking import Tracker
+
+            self._tracker = Tracker(self.fs, self.settings.home)
+        return self._tracker
+
+    @property
+    def registry(self) -> AdapterRegistry:
+        if self._registry is None:
+            from finetune.tracking import AdapterRegistry
+
+            self._registry = AdapterRegistry(self.tracker, gate=self._gate, audit=self.store.audit)
+        return self._registry
+
+    def set_gate(self, gate: AdapterGate | None) -> None:
+        """The eval harness plugs its gate in here (a passing bound suite on the adapter version)."""
+        self._gate = gate
+        if self._registry is not None:
+            self._registry.set_gate(gate)
+
+    def versions(self, model: str) -> list[AdapterVersion]:
+        return self.registry.versions(model)
+
+    def promote(self, model: str, version: str | int, *, force: bool = False, reason: str | None = None,
+                actor: str = "") -> Promotion:
+        return self.registry.promote(model, version, force=force, reason=reason, actor=actor or "unknown")
+
+    def rollback(self, model: str, *, actor: str = "", reason: str = "") -> Promotion:
+        return self.registry.rollback(model, actor=actor or "unknown", reason=reason)
+
+    # -- serving -----------------------------------------------------------------------------------
+
+    async def deploy(self, model: str, version: str | int, *, alias: str, backend: str | None = None,
+                     fallback: str | None = None, actor: str = "") -> Deployment:
+        """Serve ``model`` ``version`` as model ``alias`` now, and remember it for :meth:`restore_deployments`."""
+        import asyncio
+
+        from finetune import serving
+
+        backend = backend or self.settings.models[self.settings.default_model].backend
+        v = await asyncio.to_thread(self.registry.get_version, model, version)
+        dep = await serving.deploy(self.settings, v, alias=alias, backend=backend, fallback=fallback)
+        await asyncio.to_thread(
+            self.store.save_deployment, alias=alias, model=v.model, version=v.version, backend=backend,
+            served_name=dep.served_name, adapter_path=dep.adapter_path, fallback=fallback, actor=actor,
+        )
+        await asyncio.to_thread(self.store.audit, actor=actor or "unknown", action="deploy", model=v.model,
+                                version=v.version, details={"alias": alias, "backend": backend})
+        return dep
+
+    async def restore_deployments(self) -> list[str]:
+        """Re-apply every remembered deployment (aliases, and adapters into vLLM, which forgets them when
+        it restarts). Call it at API start-up once backends are ready, and after a vLLM restart.
+        Returns the aliases restored; failures are logged, not raised."""
+        from finetune import serving
+
+        restored = []
+        for d in self.store.deployments():
+            try:
+                v = self.registry.get_version(d["model"], d["version"])
+                await serving.deploy(self.settings, v, alias=d["alias"], backend=d["backend"], fallback=d["fallback"])
+                restored.append(d["alias"])
+            except Exception as exc:
+                log.error("could not restore deployment %s (%s/%s on %s): %s", d["alias"], d["model"],
+                          d["version"], d["backend"], exc)
+        return restored
+
+
+def build_finetune(settings: Settings, *, gate: AdapterGate | None = None) -> FinetuneService:
+    """Factory for the container (``container.finetune``) and the CLI."""
+    return FinetuneService(settings, gate=gate)

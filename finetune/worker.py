@@ -1,0 +1,277 @@
+"""The fine-tuning worker: a separate process that runs queued jobs one at a time.
+
+    python -m finetune.worker            # poll the job store forever (``keel finetune worker``)
+    python -m finetune.worker --once     # run what is queued (and recover dead jobs), then exit
+
+Several workers (one per GPU machine) may share one job store: claiming a job is atomic.
+Before each claim, a worker recovers jobs whose worker died (see ``JobStore.recover_stale``);
+those resume from their last checkpoint. SIGTERM/SIGINT stop the current job at the next
+step and put it back in the queue, so a restart resumes it instead of losing it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from app.core.errors import KeelError
+from finetune.errors import InvalidTrainingData
+from finetune.jobs import Job, JobStore, this_worker_id
+from finetune.settings import FinetuneSettings
+from finetune.spec import parse_spec
+
+if TYPE_CHECKING:
+    from app.core.settings import Settings
+    from finetune.tracking import Tracker
+
+log = logging.getLogger("keel.finetune.worker")
+_JOB_LOGGERS = ("keel.finetune", "transformers", "peft", "py.warnings")
+
+
+def finetune_settings(settings: Settings) -> FinetuneSettings:
+    return getattr(settings, "finetune", None) or FinetuneSettings()
+
+
+def open_store(settings: Settings) -> JobStore:
+    fs = finetune_settings(settings)
+    return JobStore(fs.resolved_jobs_db(settings.home), fs.resolved_runs_dir(settings.home))
+
+
+class Worker:
+    def __init__(self, settings: Settings, *, store: JobStore | None = None, tracker: Tracker | None = None,
+                 worker_id: str | None = None) -> None:
+        self.settings = settings
+        self.fs = finetune_settings(settings)
+        self.store = store or open_store(settings)
+        self._tracker = tracker
+        self.worker_id = worker_id or this_worker_id()
+        self.shutdown = threading.Event()
+
+    @property
+    def tracker(self) -> Tracker | None:
+        if self._tracker is None and self.fs.tracking_enabled:
+            from finetune.tracking import Tracker
+
+            self._tracker = Tracker(self.fs, self.settings.home)
+        return self._tracker
+
+    def recover(self) -> list[Job]:
+        moved = self.store.recover_stale(stale_after_s=self.fs.stale_after_s, max_attempts=self.fs.max_attempts)
+        for job in moved:
+            log.warning("recovered job %s from a dead worker: now %s", job.id, job.state)
+            if job.state != "queued" and job.mlflow_run_id and self.tracker is not None:
+                with contextlib.suppress(Exception):
+                    self.tracker.end_run(job.mlflow_run_id, "FAILED" if job.state == "failed" else "KILLED")
+        return moved
+
+    def run(self, *, once: bool = False) -> int:
+        """Process jobs until shut down (or, with ``once``, until the queue is empty). Returns jobs run."""
+        done = 0
+        log.info("fine-tuning worker %s started (store %s)", self.worker_id, self.store.path)
+        while not self.shutdown.is_set():
+            self.recover()
+            job = self.store.claim_next(self.worker_id)
+            if job is None:
+                if once:
+                    break
+                self.shutdown.wait(self.fs.poll_interval_s)
+                continue
+            self.run_job(job)
+            done += 1
+        return done
+
+    def run_job(self, job: Job) -> Job:
+        from finetune.train import TrainHooks, run_training
+
+        handler = logging.FileHandler(job.log_path)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s",
+                                               "%Y-%m-%d %H:%M:%S"))
+        saved_levels = {}
+        for name in _JOB_LOGGERS:
+            lg = logging.getLogger(name)
+            saved_levels[name] = lg.level
+            lg.addHandler(handler)
+            if name == "keel.finetune":
+                lg.setLevel(logging.INFO)
+        logging.captureWarnings(True)
+        beat_stop = threading.Event()
+        beat = threading.Thread(target=self._beat, args=(job.id, beat_stop), daemon=True, name=f"heartbeat-{job.id}")
+        beat.start()
+        run_id = job.mlflow_run_id
+        try:
+            spec = parse_spec(job.spec_yaml, source=f"job {job.id} spec")
+            model_name = self.fs.model_prefix + spec.model_name
+            tracker = self.tracker
+            if tracker is not None:
+                run_id = tracker.start_run(job_id=job.id, spec=spec, existing_run_id=job.mlflow_run_id)
+                self.store.update(job.id, mlflow_run_id=run_id, model_name=model_name)
+            else:
+                self.store.update(job.id, model_name=model_name)
+
+            def on_start(info: dict[str, Any]) -> None:
+                report = info["data"]
+                self.store.update(job.id, data_report=report, data_hash=report["data_hash"])
+                if tracker is not None and run_id:
+                    tracker.log_data(run_id, report)
+
+            def on_log(step: int, values: dict[str, float]) -> None:
+                latest = {f"last_{k}": v for k, v in values.items()}
+                if step == 0 and "eval_loss" in values:
+                    latest["eval_loss_initial"] = values["eval_loss"]
+                self.store.merge_metrics(job.id, latest)
+                if tracker is not None and run_id:
+                    try:
+                        tracker.log_metrics(run_id, step, values)
+                    except Exception as exc:  # tracking must not kill a training run
+                        log.warning("MLflow metric logging failed: %s", exc)
+
+            def on_progress(step: int, max_steps: int) -> None:
+                self.store.update(job.id, step=step, max_steps=max_steps)
+
+            def should_cancel() -> bool:
+                return self.shutdown.is_set() or self.store.get(job.id).cancel_requested
+
+            hooks = TrainHooks(on_start=on_start, on_log=on_log, on_progress=on_progress, should_cancel=should_cancel)
+            result = run_training(spec, Path(job.run_dir), models_dir=self.settings.models_dir,
+                                  device=self.fs.device, hooks=hooks)
+            if result.status == "cancelled":
+                if self.store.get(job.id).cancel_requested:
+                    self._end_run(run_id, "KILLED")
+                    self.store.append_log(job.id, f"cancelled at step {result.global_step}")
+                    return self.store.transition(job.id, "cancelled", worker=None)
+                self.store.append_log(job.id, f"worker shutting down: requeued at step {result.global_step}")
+                return self.store.transition(job.id, "queued", worker=None, heartbeat_at=None)
+
+            fields: dict[str, Any] = {"adapter_path": str(result.adapter_dir), "step": result.global_step,
+                                      "max_steps": result.max_steps}
+            if tracker is not None and run_id and result.adapter_dir is not None:
+                tracker.log_metrics(run_id, result.global_step, {k: v for k, v in result.metrics.items()
+                                                                 if k.startswith(("s_per", "train_tok"))})
+                version = tracker.register_adapter(
+                    run_id, result.adapter_dir, model_name,
+                    tags={"keel.job_id": job.id, "keel.spec_hash": result.spec_hash,
+                          "keel.data_hash": result.data_report.data_hash if result.data_report else "",
+                          "keel.base_model": result.base_model, "keel.evals": ",".join(spec.evals)},
+                )
+                fields.update(model_name=version.model, model_version=version.version)
+                self._end_run(run_id, "FINISHED")
+            self.store.merge_metrics(job.id, result.metrics)
+            self.store.append_log(job.id, "succeeded" + (f": registered {fields['model_name']} version "
+                                                         f"{fields['model_version']} (alias candidate)"
+                                                         if "model_version" in fields else ""))
+            return self.store.transition(job.id, "succeeded", worker=None, **fields)
+        except InvalidTrainingData as exc:
+            return self._fail(job, run_id, exc, report=exc.report.to_dict() if exc.report else None)
+        except KeelError as exc:
+            return self._fail(job, run_id, exc)
+        except Exception as exc:
+            log.exception("job %s crashed", job.id)
+            return self._fail(job, run_id, KeelError(f"{type(exc).__name__}: {exc}", code="training_failed"))
+        finally:
+            beat_stop.set()
+            for name in _JOB_LOGGERS:
+                lg = logging.getLogger(name)
+                lg.removeHandler(handler)
+                lg.setLevel(saved_levels[name])
+            handler.close()
+
+    def _fail(self, job: Job, run_id: str | None, exc: KeelError, report: dict | None = None) -> Job:
+        self.store.append_log(job.id, f"failed ({exc.code}): {exc.message}")
+        self._end_run(run_id, "FAILED")
+        fields: dict[str, Any] = {"error": exc.message, "error_code": exc.code, "worker": None}
+        if report is not None:
+            fields["data_report"] = report
+        return self.store.transition(job.id, "failed", **fields)
+
+    def _end_run(self, run_id: str | None, status: str) -> None:
+        if run_id and self.tracker is not None:
+            try:
+                self.tracker.end_run(run_id, status)
+            except Exception as exc:
+                log.warning("could not end MLflow run %s: %s", run_id, exc)
+
+    def _beat(self, job_id: str, stop: threading.Event) -> None:
+        while not stop.wait(self.fs.heartbeat_interval_s):
+            with contextlib.suppress(Exception):
+                self.store.heartbeat(job_id, self.worker_id)
+
+
+class WorkerProcess:
+    """The worker as a child process of the API (optional): ``start()`` in the lifespan, ``stop()`` on
+    shutdown. The child dies with its parent (PR_SET_PDEATHSIG); a job it was running is recovered
+    by the next worker. The child reads settings like any entry point (``KEEL_*``, keel.yaml), with
+    ``KEEL_HOME`` set to this process's home so both use the same job store."""
+
+    def __init__(self, settings: Settings, *, python: str | None = None, once: bool = False) -> None:
+        self.settings = settings
+        self.python = python or sys.executable
+        self.once = once
+        self.proc: Any = None
+        self.log_path = settings.logs_dir / "finetune-worker.log"
+
+    def start(self) -> None:
+        import os
+        import subprocess
+
+        from app.llm.vllm_server import _die_with_parent
+
+        if self.alive:
+            return
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "KEEL_HOME": str(Path(self.settings.home).resolve())}
+        cmd = [self.python, "-m", "finetune.worker"] + (["--once"] if self.once else [])
+        with self.log_path.open("ab") as out:
+            self.proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, start_new_session=True,
+                                         preexec_fn=_die_with_parent, cwd=Path(__file__).resolve().parents[1])
+        log.info("started fine-tuning worker pid %d (log %s)", self.proc.pid, self.log_path)
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout: float = 60.0) -> int | None:
+        """SIGTERM: the worker stops at the next training step and requeues its job; SIGKILL after timeout."""
+        import subprocess
+
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m finetune.worker", description="Run queued fine-tuning jobs.")
+    p.add_argument("--once", action="store_true", help="Exit when the queue is empty.")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from app.core.settings import load_settings
+
+    worker = Worker(load_settings())
+
+    def stop(signum: int, frame: Any) -> None:
+        log.warning("signal %d: stopping after the current step (the job is requeued)", signum)
+        worker.shutdown.set()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    n = worker.run(once=a.once)
+    log.info("worker %s exits after %d job(s)", worker.worker_id, n)
+    worker.store.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

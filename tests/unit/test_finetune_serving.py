@@ -1,0 +1,130 @@
+"""Runtime LoRA loading against vLLM's routes (a mock transport) and adapter aliases."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from app.core.errors import BackendUnavailable, InvalidRequest
+from app.core.settings import Settings
+from finetune import serving
+from finetune.errors import AdapterServingError
+from finetune.tracking import AdapterVersion
+
+
+class FakeVLLM:
+    """The three vLLM routes, with vLLM's answers (vllm/entrypoints/openai/models/serving.py)."""
+
+    def __init__(self, lora_routes: bool = True) -> None:
+        self.loaded: dict[str, str] = {}
+        self.lora_routes = lora_routes
+        self.calls: list[tuple[str, dict]] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        path = request.url.path
+        body = json.loads(request.content or b"{}")
+        self.calls.append((path, body))
+        if path == "/v1/models":
+            data = [{"id": "smollm2"}] + [{"id": n, "parent": "smollm2"} for n in self.loaded]
+            return httpx.Response(200, json={"object": "list", "data": data})
+        if not self.lora_routes:
+            return httpx.Response(404, json={"detail": "Not Found"})
+        if path == "/v1/load_lora_adapter":
+            name = body["lora_name"]
+            if name in self.loaded and not body.get("load_inplace"):
+                return httpx.Response(400, json={"error": {"message": f"The lora adapter '{name}' has already been "
+                                                                      "loaded.", "code": 400}})
+            if "missing" in body["lora_path"]:
+                return httpx.Response(404, json={"error": {"message": "Loading lora failed: No adapter found",
+                                                           "code": 404}})
+            self.loaded[name] = body["lora_path"]
+            return httpx.Response(200, text=f"Success: LoRA adapter '{name}' added successfully.")
+        if path == "/v1/unload_lora_adapter":
+            if body["lora_name"] not in self.loaded:
+                return httpx.Response(404, json={"error": {"message": f"The lora adapter '{body['lora_name']}' "
+                                                                      "cannot be found.", "code": 404}})
+            del self.loaded[body["lora_name"]]
+            return httpx.Response(200, text="Success")
+        return httpx.Response(404, json={"detail": "Not Found"})
+
+
+@pytest.fixture
+def fake():
+    return FakeVLLM()
+
+
+def client_for(fake) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.MockTransport(fake))
+
+
+async def test_load_list_unload(fake):
+    async with client_for(fake) as c:
+        assert await serving.load_adapter("http://v:8001/v1", "demo-v1", "/a/1", client=c)
+        assert fake.calls[-1] == ("/v1/load_lora_adapter", {"lora_name": "demo-v1", "lora_path": "/a/1"})
+        assert not await serving.load_adapter("http://v:8001", "demo-v1", "/a/1", client=c)  # idempotent
+        assert await serving.load_adapter("http://v:8001", "demo-v1", "/a/2", replace=True, client=c)
+        assert fake.loaded == {"demo-v1": "/a/2"}
+        assert await serving.served_adapters("http://v:8001/v1", client=c) == {"demo-v1": "smollm2"}
+        assert await serving.unload_adapter("http://v:8001/v1", "demo-v1", client=c)
+        assert not await serving.unload_adapter("http://v:8001/v1", "demo-v1", client=c)
+
+
+async def test_errors_say_what_to_fix():
+    async with client_for(FakeVLLM(lora_routes=False)) as c:
+        with pytest.raises(AdapterServingError, match="--enable-lora"):
+            await serving.load_adapter("http://v:8001/v1", "x", "/a", client=c)
+    async with client_for(FakeVLLM()) as c:
+        with pytest.raises(AdapterServingError, match="No adapter found") as exc:
+            await serving.load_adapter("http://v:8001/v1", "x", "/missing", client=c)
+        assert exc.value.code == "adapter_serving_failed"
+    with pytest.raises(BackendUnavailable):
+        await serving.load_adapter("http://127.0.0.1:9/v1", "x", "/a", timeout=2)
+
+
+def test_server_root():
+    assert serving.server_root("http://h:1/v1/") == "http://h:1"
+    assert serving.server_root("http://h:1") == "http://h:1"
+
+
+def settings() -> Settings:
+    return Settings(backends={"local": {"kind": "vllm", "managed": {"port": 8123}},
+                              "tf": {"kind": "transformers", "model_path": "/m/smollm2"},
+                              "cloud": {"kind": "openai", "base_url": "http://x/v1"}})
+
+
+def test_alias_for_each_backend_kind():
+    s = settings()
+    vllm = serving.adapter_alias(s, "local", adapter_name="demo-v2", adapter_path="/a/2")
+    assert (vllm.backend, vllm.model, vllm.adapter) == ("local", "demo-v2", None)
+    tf = serving.adapter_alias(s, "tf", adapter_name="demo-v2", adapter_path="/a/2")
+    assert (tf.backend, tf.model, str(tf.adapter)) == ("tf", "smollm2", "/a/2")
+    with pytest.raises(InvalidRequest, match="openai"):
+        serving.adapter_alias(s, "cloud", adapter_name="d", adapter_path="/a")
+    with pytest.raises(InvalidRequest, match="unknown backend"):
+        serving.adapter_alias(s, "nope", adapter_name="d", adapter_path="/a")
+    assert serving.backend_url(s, "local") == "http://127.0.0.1:8123/v1"
+
+
+async def test_deploy_loads_then_points_the_alias(tmp_path, monkeypatch, fake):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    version = AdapterVersion(model="demo", version="3", source=str(adapter), run_id="r")
+    s = settings()
+    real = serving.load_adapter
+
+    async def via_fake(*args, **kw):
+        async with client_for(fake) as c:
+            return await real(*args, client=c, **kw)
+
+    monkeypatch.setattr(serving, "load_adapter", via_fake)
+    d = await serving.deploy(s, version, alias="demo", backend="local", fallback="smollm2")
+    assert d.served_name == "demo-v3" and fake.loaded == {"demo-v3": str(adapter)}
+    assert s.models["demo"].model == "demo-v3" and s.models["demo"].fallback == "smollm2"
+    d = await serving.deploy(s, version, alias="demo-tf", backend="tf")
+    assert s.models["demo-tf"].adapter == adapter and len(fake.loaded) == 1
+    (adapter / "adapter_config.json").unlink()
+    with pytest.raises(AdapterServingError, match="not a PEFT adapter"):
+        await serving.deploy(s, version, alias="demo", backend="local")
