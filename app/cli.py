@@ -17,6 +17,7 @@ from rich.table import Table
 from agents.cli import app as agent_app
 from app.core.errors import KeelError
 from app.core.settings import Settings, load_settings
+from evals.cli import app as evals_app
 from finetune.cli import app as finetune_app
 from ingest.cli import ingest_command, search_command, snapshots_app
 from prompts.cli import app as prompts_app
@@ -34,6 +35,7 @@ app.add_typer(prompts_app, name="prompts", help="Prompt registry: templates, ver
 app.add_typer(snapshots_app, name="snapshots", help="Ingest snapshots: list, show, diff.")
 app.add_typer(agent_app, name="agent", help="Agent workflows: run, runs, approvals.")
 app.add_typer(finetune_app, name="finetune", help="Fine-tuning: LoRA jobs, worker, adapter registry.")
+app.add_typer(evals_app, name="eval", help="Evaluations: run suites, gate on results, reports.")
 app.command("ingest")(ingest_command)
 app.command("search")(search_command)
 

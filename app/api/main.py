@@ -10,7 +10,7 @@ from fastapi import FastAPI
 
 from app.api.errors import install_error_handlers
 from app.api.middleware import RequestContextMiddleware
-from app.api.routes import admin, agents, chat, finetune, rag, studio, system
+from app.api.routes import admin, agents, chat, evals, finetune, rag, studio, system
 from app.api.routes import prompts as prompt_routes
 from app.core.settings import Settings, load_settings
 from app.services.container import Container
@@ -55,5 +55,6 @@ def create_app(settings: Settings | None = None, container: Container | None = N
     app.include_router(rag.router)
     app.include_router(agents.router)
     app.include_router(finetune.router)
+    app.include_router(evals.router)
     app.include_router(studio.router)
     return app

@@ -19,6 +19,8 @@ from app.security.ratelimit import RateLimiter
 from app.services.chat import ChatService
 from app.services.grounding import Grounder
 from app.services.ingest_jobs import IngestJobs
+from evals.gate import prompt_gate
+from evals.store import EvalStore
 from finetune import build_finetune
 from finetune.service import FinetuneService
 from ingest import build_rag
@@ -42,6 +44,7 @@ class Container:
     guards: GuardrailEngine | None
     agents: AgentService
     finetune: FinetuneService
+    evals: EvalStore
     _closers: list = field(default_factory=list)
     _tasks: set = field(default_factory=set)
 
@@ -56,6 +59,10 @@ class Container:
         metrics = Metrics()
         keys = KeyStore(settings.db_path)
         prompts = build_registry(settings)
+        eval_store = EvalStore(settings.evals.db_path(settings.home))
+        if settings.evals.gate_enabled:
+            # Nothing reaches a protected label (production) without a passing eval run of that exact version.
+            prompts.set_gate(prompt_gate(eval_store, prompts, max_age_days=settings.evals.gate_max_age_days))
         rag = rag or build_rag(settings)
         llm = ModelRouter(settings, metrics, backends)
         if start_backends:
@@ -71,7 +78,8 @@ class Container:
         finetune = build_finetune(settings)
         chat = ChatService(settings, llm, metrics, prompts, Grounder(rag, prompts), guards, agents)
         jobs = IngestJobs(rag, settings.home / "uploads")
-        container = cls(settings, metrics, keys, RateLimiter(), llm, chat, prompts, rag, jobs, guards, agents, finetune)
+        container = cls(settings, metrics, keys, RateLimiter(), llm, chat, prompts, rag, jobs, guards, agents, finetune,
+                        eval_store)
         if start_backends:
             container._background(container._restore_adapters())
         return container
@@ -100,6 +108,7 @@ class Container:
         await self.ingest_jobs.aclose()
         await self.agents.aclose()
         self.finetune.close()
+        self.evals.close()
         for close in reversed(self._closers):
             await close()
         await self.llm.aclose()

@@ -97,6 +97,9 @@ def keel_server(tmp_path_factory: pytest.TempPathFactory) -> KeelServer:
                      "retry_backoff_s": 0.05},
         },
         "models": {"flaky": {"backend": "dead", "model": "smollm2", "fallback": "smollm2"}},
+        # The promotion gate (a passing eval run per version) is tested against the real registry in
+        # tests/unit/test_evals.py; here label moves exercise the UI and API around it.
+        "evals": {"gate_enabled": False},
     }
     cfg = home / "keel.yaml"
     cfg.write_text(yaml.safe_dump(config))

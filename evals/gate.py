@@ -1,0 +1,78 @@
+"""The promotion gate: a protected prompt label moves to a version only with a passing eval run of
+exactly that version (same name, version and content hash).
+
+Plug it into the registry (the container does this when ``settings.evals.gate_enabled``)::
+
+    registry.set_gate(prompt_gate(EvalStore(settings.evals.db_path(settings.home)), registry))
+
+Generic over artifact kinds: :func:`artifact_verdict` takes the runs bound to any artifact and
+the identity field that must match, so adapters and retriever configs can reuse it later.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
+
+from prompts.registry import GateVerdict
+
+if TYPE_CHECKING:
+    from evals.store import EvalStore, RunRow
+    from prompts.registry import PromptRegistry
+
+
+def artifact_verdict(artifact: str, runs: Sequence[RunRow], *, content_hash: str | None,
+                     hash_of: Callable[[RunRow], str | None], required_suites: Sequence[str] = (),
+                     max_age: timedelta | None = None) -> GateVerdict:
+    """Pass when, for every required suite (or, with none named, at least one suite), the latest
+    completed run on this exact content hash passed. ``runs`` are newest first."""
+    fresh = [r for r in runs if content_hash is None or hash_of(r) == content_hash]
+    if max_age is not None:
+        cutoff = datetime.now(UTC) - max_age
+        fresh = [r for r in fresh if r.finished_at and datetime.fromisoformat(r.finished_at) >= cutoff]
+    stale = len(runs) - len(fresh)
+    if not fresh:
+        extra = f" ({stale} run(s) evaluated other content)" if stale else ""
+        return GateVerdict(passed=False, reason=f"no completed eval run of {artifact}{extra}; run `keel eval run "
+                           "<suite>` on this version first", details={"runs": [r.id for r in runs]})
+    latest: dict[str, RunRow] = {}
+    for r in fresh:
+        latest.setdefault(r.suite, r)
+    suites = list(required_suites) or list(latest)
+    missing = [s for s in suites if s not in latest]
+    failed = {s: latest[s] for s in suites if s in latest and not latest[s].passed}
+    details = {"runs": {s: r.id for s, r in latest.items()}, "hash": content_hash}
+    if missing:
+        return GateVerdict(passed=False, reason=f"no eval run of {artifact} for suite(s) {', '.join(missing)}",
+                           details=details)
+    if failed:
+        parts = []
+        for s, r in failed.items():
+            v = r.verdict or {}
+            metrics = ", ".join(v.get("failing_metrics", [])) or "; ".join(v.get("reasons", [])) or "gate failed"
+            parts.append(f"{s} ({r.id}) failed: {metrics}")
+        return GateVerdict(passed=False, reason="; ".join(parts), details={
+            **details, "failing_metrics": {s: (r.verdict or {}).get("failing_metrics", []) for s, r in failed.items()},
+            "reasons": {s: (r.verdict or {}).get("reasons", []) for s, r in failed.items()}})
+    ok = [s for s in suites if s in latest and latest[s].passed]
+    return GateVerdict(passed=True, reason=f"passing eval run(s): {', '.join(f'{s} {latest[s].id}' for s in ok)}",
+                       details=details)
+
+
+def prompt_gate(store: EvalStore, registry: PromptRegistry, *, required_suites: Sequence[str] = (),
+                max_age_days: float | None = None) -> Callable[[str, int], GateVerdict]:
+    """A :data:`prompts.registry.PromotionGate`: ``gate(name, version) -> GateVerdict``.
+
+    Without ``required_suites`` at least one run must exist and the latest run of every suite that
+    ran on the version must pass; with them, each named suite needs a passing latest run.
+    """
+    max_age = timedelta(days=max_age_days) if max_age_days is not None else None
+
+    def gate(name: str, version: int) -> GateVerdict:
+        content_hash = registry.store.get_version(name, version).hash
+        runs = store.prompt_runs(name, version)
+        return artifact_verdict(f"{name}@{version}", runs, content_hash=content_hash,
+                                hash_of=lambda r: r.prompt_hash, required_suites=required_suites, max_age=max_age)
+
+    return gate

@@ -1,0 +1,264 @@
+"""Run a suite in-process through :class:`ChatService`: concurrent, cached, resumable, stored.
+
+Identity: before any case runs, the target is resolved to exactly what will answer (prompt name,
+version and content hash; model alias, backend model and adapter; RAG collection, latest ingest
+snapshot, RAG prompt hash and embedding model; guardrail policy version) and hashed together with
+the suite hash. That identity key names the run, keys the response cache (with each case's input),
+and decides resumption: re-running an interrupted run of the same identity continues it, skipping
+the cases already stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, is_dataclass
+from typing import TYPE_CHECKING, Any
+
+from app.core.errors import KeelError
+from app.core.types import ChatMessage, GenerationParams
+from app.services.chat import ChatRequest, PromptUse
+from app.services.grounding import RagUse
+from evals.metrics import MetricEnv, Sample, compute, registry, verdict
+from evals.report import evaluate_gate, summarize
+from evals.store import EvalStore, RunRow
+from evals.suite import Case, Suite
+
+if TYPE_CHECKING:
+    from app.services.container import Container
+
+log = logging.getLogger("keel.evals")
+
+
+class EvalConfigError(ValueError):
+    """The suite cannot run against this server (unknown model, prompt, collection...): exit code 2."""
+
+
+@dataclass
+class RunOutcome:
+    run: RunRow
+    executed: int  # cases answered by the model in this invocation
+    cached: int  # cases answered from the response cache
+    skipped: int  # cases already stored by an earlier, interrupted invocation
+
+
+def _h(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
+
+
+def _event(e: Any) -> dict[str, Any]:
+    out = asdict(e) if is_dataclass(e) else {"repr": repr(e)}
+    out["type"] = type(e).__name__
+    return out
+
+
+class EvalRunner:
+    def __init__(self, container: Container, store: EvalStore, *, env: MetricEnv | None = None,
+                 concurrency: int | None = None, use_cache: bool | None = None, progress: bool = True) -> None:
+        cfg = container.settings.evals
+        self.container = container
+        self.store = store
+        self.env = env or MetricEnv(embedding_model=cfg.embedding_model, judge_base_url=cfg.judge_base_url,
+                                    judge_model=cfg.judge_model)
+        self.concurrency = concurrency or cfg.concurrency
+        self.use_cache = cfg.cache if use_cache is None else use_cache
+        self.progress = progress
+
+    # --- identity ---------------------------------------------------------------------------------
+    def identity(self, suite: Suite) -> dict[str, Any]:
+        c = self.container
+        t = suite.target
+        ident: dict[str, Any] = {"kind": t.kind, "suite": suite.name, "suite_hash": suite.hash,
+                                 "params": t.params.model_dump(), "system": t.system, "variables": t.variables}
+        model_alias = t.model
+        try:
+            if t.prompt:
+                v = c.prompts.resolve(t.prompt)
+                ident["prompt"] = {"ref": t.prompt, "name": v.name, "version": v.version, "hash": v.hash}
+                model_alias = model_alias or v.content.params.model
+            if t.rag_collection:
+                coll = t.rag_collection
+                if coll not in c.rag.store.list_collections():
+                    raise EvalConfigError(f"RAG collection {coll!r} does not exist; ingest documents into it first")
+                snaps = [s for s in c.rag.snapshots.list(coll) if s.status == "completed"]
+                rv = c.prompts.resolve(RagUse(collection=coll).prompt_ref)
+                ident["rag"] = {"collection": coll, "top_k": t.top_k or c.settings.rag.retrieval.top_k,
+                                "snapshot": snaps[0].id if snaps else None,
+                                "embedding_model": c.rag.embedder.model_id,
+                                "prompt": {"name": rv.name, "version": rv.version, "hash": rv.hash}}
+                model_alias = None
+        except KeelError as e:
+            raise EvalConfigError(e.message) from e
+        alias = model_alias or c.settings.default_model
+        if alias not in c.settings.models:
+            raise EvalConfigError(f"unknown model alias {alias!r}; configured: {', '.join(c.settings.models)}")
+        m = c.settings.models[alias]
+        ident["model"] = {"alias": alias, "backend": m.backend, "name": m.model,
+                          "adapter": str(m.adapter) if m.adapter else None,
+                          "defaults": m.defaults.model_dump()}
+        ident["guardrails"] = (c.guards.policy.version_tag
+                               if c.guards is not None and c.settings.guardrails.enabled else None)
+        return ident
+
+    def _system_prompt(self, suite: Suite, case: Case) -> str | None:
+        parts = [suite.target.system] if suite.target.system else []
+        if suite.target.prompt:
+            try:
+                rendered = self.container.prompts.render(suite.target.prompt, {**suite.target.variables,
+                                                                               **case.variables})
+                parts += [m.content for m in rendered.messages if m.role == "system"]
+            except Exception:  # a render error shows up as the case's error below
+                pass
+        return "\n".join(parts) or None
+
+    def _request(self, suite: Suite, case: Case, ident: dict[str, Any], run_id: str) -> ChatRequest:
+        t = suite.target
+        messages = []
+        if t.system:
+            messages.append(ChatMessage("system", t.system))
+        if case.input:
+            messages.append(ChatMessage("user", case.input))
+        prompt = None
+        if t.prompt:
+            p = ident["prompt"]
+            # The exact version resolved at the start: a label moved mid-run changes nothing.
+            prompt = PromptUse(f"{p['name']}@{p['version']}", {**t.variables, **case.variables})
+        rag = RagUse(collection=t.rag_collection, top_k=t.top_k) if t.rag_collection else None
+        pp = t.params
+        params = GenerationParams(max_tokens=pp.max_tokens, temperature=pp.temperature, top_p=pp.top_p, seed=pp.seed)
+        model = None if rag else (t.model or None)
+        return ChatRequest(model=model, messages=tuple(messages), params=params, prompt=prompt, rag=rag,
+                           request_id=f"eval-{run_id[-6:]}-{case.id}"[:120])
+
+    # --- one case -----------------------------------------------------------------------------------
+    async def _answer(self, suite: Suite, case: Case, ident: dict[str, Any], run_id: str) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        try:
+            res = await self.container.chat.complete(self._request(suite, case, ident, run_id))
+        except KeelError as e:
+            return {"error": f"{e.code}: {e.message}", "latency_ms": (time.perf_counter() - t0) * 1000}
+        latency = (time.perf_counter() - t0) * 1000
+        cites = res.citations or []
+        return {
+            "output": "".join(res.texts.get(0, [])), "latency_ms": round(latency, 3),
+            "finish_reason": res.finish.get(0), "model": res.model,
+            "prompt_tokens": res.usage.prompt_tokens if res.usage else 0,
+            "completion_tokens": res.usage.completion_tokens if res.usage else 0,
+            "citations": cites, "contexts": [c.get("text", "") for c in cites],
+            "prompt_ref": res.prompt_ref, "prompt_hash": res.prompt_hash, "guardrails": res.guardrails,
+            "guardrail_events": [_event(e) for e in res.guardrail_events], "error": None,
+        }
+
+    async def _score(self, suite: Suite, case: Case, record: dict[str, Any]) -> dict[str, Any]:
+        sample = Sample(
+            case=case, output=record.get("output", ""), citations=record.get("citations", []),
+            contexts=record.get("contexts", []), latency_ms=record.get("latency_ms", 0.0),
+            prompt_tokens=record.get("prompt_tokens", 0), completion_tokens=record.get("completion_tokens", 0),
+            finish_reason=record.get("finish_reason"), guardrail_events=record.get("guardrail_events", []),
+            system_prompt=self._system_prompt(suite, case), env=self.env,
+        )
+        scores: dict[str, Any] = {}
+        for spec in suite.metrics:
+            if not spec.applies(case):
+                continue
+            metric = registry[spec.name]
+            threshold = suite.threshold(spec)
+            try:
+                s = await compute(metric, sample, spec.params, spec.samples)
+            except Exception as e:  # one broken metric must not sink the run: it fails this case
+                log.warning("metric %s failed on case %s: %s", spec.key, case.id, e)
+                scores[spec.key] = {"value": None, "threshold": threshold, "passed": False, "uncertain": False,
+                                    "error": f"{type(e).__name__}: {e}", "higher_is_better": metric.higher_is_better}
+                continue
+            passed, uncertain = verdict(s.value, threshold, metric.higher_is_better, s.ci)
+            scores[spec.key] = {"value": s.value, "threshold": threshold, "passed": passed, "uncertain": uncertain,
+                                "ci": list(s.ci) if s.ci else None,
+                                "samples": s.samples if len(s.samples) > 1 else None,
+                                "reason": s.reason, "higher_is_better": metric.higher_is_better}
+        return scores
+
+    def cache_key(self, ident_key: str, suite: Suite, case: Case) -> str:
+        t = suite.target
+        return _h({"identity": ident_key, "input": case.input, "variables": {**t.variables, **case.variables}})
+
+    async def _case(self, suite: Suite, case: Case, ident: dict[str, Any], ident_key: str, run_id: str,
+                    sem: asyncio.Semaphore, counts: dict[str, int]) -> None:
+        async with sem:
+            key = self.cache_key(ident_key, suite, case)
+            record = self.store.cache_get(key) if self.use_cache else None
+            cached = record is not None
+            if record is None:
+                record = await self._answer(suite, case, ident, run_id)
+                if record.get("error") is None and self.use_cache:
+                    self.store.cache_put(key, record)
+            scores = {} if record.get("error") else await self._score(suite, case, record)
+            if self.store.save_result(run_id, case.id, record=record, scores=scores, error=record.get("error"),
+                                      cached=cached):
+                counts["cached" if cached else "executed"] += 1
+
+    # --- a run ----------------------------------------------------------------------------------------
+    async def run(self, suite: Suite, *, resume: str | None = None, baseline: str | None = None,
+                  fresh: bool = False) -> RunOutcome:
+        ident = self.identity(suite)
+        ident_key = _h(ident)
+        if baseline is not None:
+            self.store.get_run(baseline)  # NotFound early
+        run: RunRow | None = None
+        if resume is not None:
+            run = self.store.get_run(resume)
+            if run.identity_key != ident_key:
+                raise EvalConfigError(f"run {resume} evaluated something else (the suite, prompt, model, index or"
+                                      " guardrail policy changed); start a new run instead")
+        elif not fresh:
+            run = self.store.unfinished_run(ident_key)
+        if run is not None and run.status == "completed":
+            return RunOutcome(run, 0, 0, run.cases_total)
+        if run is None:
+            run_id = self.store.create_run(suite=suite.name, suite_hash=suite.hash, identity_key=ident_key,
+                                           identity=ident, cases_total=len(suite.cases), baseline=baseline)
+        else:
+            run_id = run.id
+            self.store.set_status(run_id, "running")
+            if baseline is not None:
+                self.store.set_baseline(run_id, baseline)
+        done = self.store.done_cases(run_id)
+        todo = [c for c in suite.cases if c.id not in done]
+        counts = {"executed": 0, "cached": 0}
+        sem = asyncio.Semaphore(suite.concurrency or self.concurrency)
+        completed = False
+        try:
+            await self._drive(suite, todo, ident, ident_key, run_id, sem, counts, len(done))
+            completed = True
+        finally:
+            if not completed:
+                self.store.set_status(run_id, "interrupted")
+        self.finish(suite, run_id, baseline if baseline is not None else (run.baseline if run else None))
+        return RunOutcome(self.store.get_run(run_id), counts["executed"], counts["cached"], len(done))
+
+    async def _drive(self, suite: Suite, todo: list[Case], ident: dict[str, Any], ident_key: str, run_id: str,
+                     sem: asyncio.Semaphore, counts: dict[str, int], already: int) -> None:
+        coros = [self._case(suite, c, ident, ident_key, run_id, sem, counts) for c in todo]
+        if not self.progress:
+            await asyncio.gather(*coros)
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TextColumn("{task.fields[info]}"), TimeElapsedColumn()) as bar:
+            task = bar.add_task(suite.name, total=already + len(todo), completed=already, info="")
+
+            async def tracked(coro: Any) -> None:
+                await coro
+                bar.update(task, advance=1, info=f"cached {counts['cached']}")
+
+            await asyncio.gather(*(tracked(c) for c in coros))
+
+    def finish(self, suite: Suite, run_id: str, baseline: str | None) -> None:
+        results = self.store.results(run_id)
+        base = self.store.results(baseline) if baseline else None
+        summary = summarize(suite, results)
+        v = evaluate_gate(suite, results, base)
+        self.store.finish_run(run_id, passed=v["passed"], summary=summary, verdict=v)

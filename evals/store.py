@@ -1,0 +1,207 @@
+"""Eval results in SQLite (``<home>/evals.db``): runs with the exact identity of what they evaluated,
+one row per (run, case) so a resumed run never counts a case twice, and the response cache."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from app.core.errors import NotFound
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS eval_runs (
+    id TEXT PRIMARY KEY,
+    suite TEXT NOT NULL,
+    suite_hash TEXT NOT NULL,
+    identity_key TEXT NOT NULL,
+    identity TEXT NOT NULL,
+    target_kind TEXT NOT NULL,
+    prompt_name TEXT,
+    prompt_version INTEGER,
+    prompt_hash TEXT,
+    status TEXT NOT NULL,
+    passed INTEGER,
+    cases_total INTEGER NOT NULL,
+    baseline TEXT,
+    summary TEXT,
+    verdict TEXT,
+    started_at TEXT NOT NULL,
+    finished_at TEXT
+);
+CREATE INDEX IF NOT EXISTS eval_runs_prompt ON eval_runs(prompt_name, prompt_version, passed);
+CREATE INDEX IF NOT EXISTS eval_runs_identity ON eval_runs(identity_key, status);
+CREATE TABLE IF NOT EXISTS eval_results (
+    run_id TEXT NOT NULL REFERENCES eval_runs(id) ON DELETE CASCADE,
+    case_id TEXT NOT NULL,
+    record TEXT NOT NULL,
+    scores TEXT NOT NULL,
+    error TEXT,
+    cached INTEGER NOT NULL DEFAULT 0,
+    created_at TEXT NOT NULL,
+    PRIMARY KEY (run_id, case_id)
+);
+CREATE TABLE IF NOT EXISTS eval_cache (
+    key TEXT PRIMARY KEY,
+    record TEXT NOT NULL,
+    created_at TEXT NOT NULL
+);
+"""
+
+
+def now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+@dataclass
+class RunRow:
+    id: str
+    suite: str
+    suite_hash: str
+    identity_key: str
+    identity: dict[str, Any]
+    target_kind: str
+    prompt_name: str | None
+    prompt_version: int | None
+    prompt_hash: str | None
+    status: str
+    passed: bool | None
+    cases_total: int
+    baseline: str | None
+    summary: dict[str, Any] | None
+    verdict: dict[str, Any] | None
+    started_at: str
+    finished_at: str | None
+
+    def public(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+@dataclass
+class CaseRow:
+    case_id: str
+    record: dict[str, Any]
+    scores: dict[str, dict[str, Any]]
+    error: str | None
+    cached: bool
+
+
+class EvalStore:
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA foreign_keys=ON")
+        self._conn.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def _exec(self, sql: str, args: tuple = ()) -> sqlite3.Cursor:
+        with self._lock:
+            return self._conn.execute(sql, args)
+
+    # --- runs -------------------------------------------------------------------------------------
+    def create_run(self, *, suite: str, suite_hash: str, identity_key: str, identity: dict[str, Any],
+                   cases_total: int, baseline: str | None = None) -> str:
+        run_id = f"run-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        prompt = identity.get("prompt") or {}
+        self._exec(
+            "INSERT INTO eval_runs (id, suite, suite_hash, identity_key, identity, target_kind, prompt_name,"
+            " prompt_version, prompt_hash, status, cases_total, baseline, started_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'running', ?, ?, ?)",
+            (run_id, suite, suite_hash, identity_key, json.dumps(identity, sort_keys=True), identity["kind"],
+             prompt.get("name"), prompt.get("version"), prompt.get("hash"), cases_total, baseline, now()),
+        )
+        return run_id
+
+    def set_status(self, run_id: str, status: str) -> None:
+        self._exec("UPDATE eval_runs SET status = ? WHERE id = ? AND status != 'completed'", (status, run_id))
+
+    def set_baseline(self, run_id: str, baseline: str | None) -> None:
+        self._exec("UPDATE eval_runs SET baseline = ? WHERE id = ?", (baseline, run_id))
+
+    def finish_run(self, run_id: str, *, passed: bool, summary: dict[str, Any], verdict: dict[str, Any]) -> None:
+        self._exec(
+            "UPDATE eval_runs SET status = 'completed', passed = ?, summary = ?, verdict = ?, finished_at = ?"
+            " WHERE id = ?", (int(passed), json.dumps(summary), json.dumps(verdict), now(), run_id),
+        )
+
+    @staticmethod
+    def _run(row: tuple) -> RunRow:
+        (rid, suite, shash, ikey, ident, kind, pname, pver, phash, status, passed, total, baseline, summary,
+         verdict, started, finished) = row
+        return RunRow(rid, suite, shash, ikey, json.loads(ident), kind, pname, pver, phash, status,
+                      None if passed is None else bool(passed), total, baseline,
+                      json.loads(summary) if summary else None, json.loads(verdict) if verdict else None,
+                      started, finished)
+
+    _COLS = ("id, suite, suite_hash, identity_key, identity, target_kind, prompt_name, prompt_version, prompt_hash,"
+             " status, passed, cases_total, baseline, summary, verdict, started_at, finished_at")
+
+    def get_run(self, run_id: str) -> RunRow:
+        row = self._exec(f"SELECT {self._COLS} FROM eval_runs WHERE id = ?", (run_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"no eval run {run_id!r}", param="run")
+        return self._run(row)
+
+    def list_runs(self, *, suite: str | None = None, limit: int = 50) -> list[RunRow]:
+        sql = f"SELECT {self._COLS} FROM eval_runs"
+        args: tuple = ()
+        if suite:
+            sql += " WHERE suite = ?"
+            args = (suite,)
+        sql += " ORDER BY started_at DESC, rowid DESC LIMIT ?"
+        return [self._run(r) for r in self._exec(sql, (*args, limit)).fetchall()]
+
+    def unfinished_run(self, identity_key: str) -> RunRow | None:
+        row = self._exec(
+            f"SELECT {self._COLS} FROM eval_runs WHERE identity_key = ? AND status != 'completed'"
+            " ORDER BY started_at DESC, rowid DESC LIMIT 1", (identity_key,),
+        ).fetchone()
+        return self._run(row) if row else None
+
+    def prompt_runs(self, name: str, version: int) -> list[RunRow]:
+        rows = self._exec(
+            f"SELECT {self._COLS} FROM eval_runs WHERE prompt_name = ? AND prompt_version = ? AND status = 'completed'"
+            " ORDER BY finished_at DESC, rowid DESC", (name, version),
+        ).fetchall()
+        return [self._run(r) for r in rows]
+
+    # --- case results -----------------------------------------------------------------------------
+    def save_result(self, run_id: str, case_id: str, *, record: dict[str, Any], scores: dict[str, Any],
+                    error: str | None, cached: bool) -> bool:
+        """False when the case already has a result in this run (it is never counted twice)."""
+        cur = self._exec(
+            "INSERT OR IGNORE INTO eval_results (run_id, case_id, record, scores, error, cached, created_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (run_id, case_id, json.dumps(record), json.dumps(scores), error, int(cached), now()),
+        )
+        return cur.rowcount == 1
+
+    def done_cases(self, run_id: str) -> set[str]:
+        return {r[0] for r in self._exec("SELECT case_id FROM eval_results WHERE run_id = ?", (run_id,)).fetchall()}
+
+    def results(self, run_id: str) -> list[CaseRow]:
+        rows = self._exec(
+            "SELECT case_id, record, scores, error, cached FROM eval_results WHERE run_id = ? ORDER BY rowid",
+            (run_id,),
+        ).fetchall()
+        return [CaseRow(c, json.loads(r), json.loads(s), e, bool(k)) for c, r, s, e, k in rows]
+
+    # --- response cache ---------------------------------------------------------------------------
+    def cache_get(self, key: str) -> dict[str, Any] | None:
+        row = self._exec("SELECT record FROM eval_cache WHERE key = ?", (key,)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def cache_put(self, key: str, record: dict[str, Any]) -> None:
+        self._exec("INSERT OR REPLACE INTO eval_cache (key, record, created_at) VALUES (?, ?, ?)",
+                   (key, json.dumps(record), now()))

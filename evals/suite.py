@@ -1,0 +1,293 @@
+"""Eval suites as code: YAML files validated by pydantic.
+
+A suite names what it evaluates (``target``), the cases (``dataset``: inline or a JSONL file next to
+the suite), the metrics with their thresholds, and the ``gate`` that turns results into pass/fail::
+
+    name: golden-rag
+    target: {model: "rag:docs", params: {temperature: 0, max_tokens: 96}}
+    dataset: {cases: [{id: q1, input: "...", reference: "...", expected_sources: [a.md]}]}
+    metrics: [{name: citation_correctness, threshold: 0.5}, {name: rouge_l, threshold: 0.2}]
+    gate: {min_mean: {citation_correctness: 0.6}, min_pass_rate: 0.5, max_regressions: 2}
+
+The suite hash covers everything that defines the evaluation (cases included, after loading a
+JSONL file), so two runs with equal hashes evaluated the same thing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+EXPECTATIONS = ("answer", "refuse", "no_pii", "no_system_prompt", "on_topic")
+Expectation = Literal["answer", "refuse", "no_pii", "no_system_prompt", "on_topic"]
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
+_PROMPT_REF = re.compile(r"^[a-z0-9][a-z0-9_.-]*(@([0-9]+|[a-z][a-z0-9_-]*))?$")
+
+
+class SuiteError(ValueError):
+    """A suite that cannot be loaded; the message says where and why (CLI exit code 2)."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TargetParams(_Strict):
+    temperature: float | None = Field(default=0.0, ge=0, le=2)
+    max_tokens: int | None = Field(default=128, ge=1, le=8192)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    seed: int | None = None
+
+
+class Target(_Strict):
+    """What is evaluated: a prompt template version, a model alias, or a RAG collection (``rag:<name>``)."""
+
+    prompt: str | None = Field(default=None, description="name@version, name@label or name (= latest).")
+    model: str | None = Field(default=None, description="Model alias, or rag:<collection> for grounded answers.")
+    system: str | None = Field(default=None, description="System message sent in front of each case.")
+    variables: dict[str, Any] = Field(default_factory=dict, description="Template variables shared by all cases.")
+    top_k: int | None = Field(default=None, ge=1, le=50, description="RAG: passages per question.")
+    params: TargetParams = Field(default_factory=TargetParams)
+
+    @field_validator("prompt")
+    @classmethod
+    def _ref(cls, v: str | None) -> str | None:
+        if v is not None and not _PROMPT_REF.match(v):
+            raise ValueError(f"{v!r} is not a prompt reference (name, name@version or name@label)")
+        return v
+
+    @model_validator(mode="after")
+    def _one(self) -> Target:
+        if self.prompt is None and self.model is None:
+            raise ValueError("a target needs a prompt, a model alias or rag:<collection>")
+        if self.prompt is not None and self.rag_collection is not None:
+            raise ValueError("a rag:<collection> target renders its own prompt; use either prompt or rag")
+        if self.model is not None and self.model.startswith("rag:") and not self.model[4:]:
+            raise ValueError("rag: needs a collection name (rag:<collection>)")
+        return self
+
+    @property
+    def rag_collection(self) -> str | None:
+        return self.model[4:] if self.model and self.model.startswith("rag:") else None
+
+    @property
+    def kind(self) -> str:
+        return "prompt" if self.prompt else "rag" if self.rag_collection else "model"
+
+
+class Case(_Strict):
+    id: str
+    input: str = Field(default="", description="The user message (the question).")
+    variables: dict[str, Any] = Field(default_factory=dict, description="Template variables for this case.")
+    reference: str | None = Field(default=None, description="Reference answer.")
+    expected_sources: list[str] = Field(default_factory=list, description="Documents the answer must cite.")
+    must_include: list[str] = Field(default_factory=list)
+    must_not_include: list[str] = Field(default_factory=list)
+    expect: list[Expectation] = Field(default_factory=list, description="Expected behaviour.")
+    category: str | None = None
+    tags: list[str] = Field(default_factory=list)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("id")
+    @classmethod
+    def _id(cls, v: str) -> str:
+        if not _ID.match(v):
+            raise ValueError(f"case id {v!r}: use letters, digits and _.:- (at most 128)")
+        return v
+
+    @model_validator(mode="after")
+    def _has_input(self) -> Case:
+        if not self.input.strip() and not self.variables:
+            raise ValueError(f"case {self.id!r} has neither input nor variables")
+        return self
+
+
+class Dataset(_Strict):
+    cases: list[Case] | None = None
+    path: Path | None = Field(default=None, description="JSONL file, one case per line, relative to the suite.")
+
+    @model_validator(mode="after")
+    def _one(self) -> Dataset:
+        if (self.cases is None) == (self.path is None):
+            raise ValueError("dataset needs exactly one of 'cases' (inline) or 'path' (a JSONL file)")
+        return self
+
+
+class MetricSpec(_Strict):
+    name: str = Field(description="A registered metric (evals.metrics.registry).")
+    id: str | None = Field(default=None, description="Column name in reports; defaults to the name.")
+    threshold: float | None = Field(default=None, description="Per-case pass mark; default: the metric's own.")
+    samples: int = Field(default=1, ge=1, le=50, description="Repeat judged metrics; mean + 95% CI.")
+    params: dict[str, Any] = Field(default_factory=dict)
+    when: list[Expectation] | None = Field(
+        default=None, description="Only for cases expecting one of these behaviours."
+    )
+    when_category: list[str] | None = None
+
+    @property
+    def key(self) -> str:
+        return self.id or self.name
+
+    def applies(self, case: Case) -> bool:
+        if self.when is not None and not set(self.when) & set(case.expect):
+            return False
+        return not (self.when_category is not None and case.category not in self.when_category)
+
+
+class Gate(_Strict):
+    min_mean: dict[str, float] = Field(default_factory=dict, description="metric id -> minimum mean score.")
+    max_mean: dict[str, float] = Field(default_factory=dict, description="metric id -> maximum mean (latency...).")
+    min_pass_rate: float = Field(default=1.0, ge=0, le=1, description="Share of cases passing every metric.")
+    max_regressions: int | None = Field(
+        default=None, ge=0, description="Cases that passed in the baseline run and fail now."
+    )
+    uncertain: Literal["fail", "pass", "exclude"] = Field(
+        default="fail", description="How a case whose CI straddles a threshold counts."
+    )
+    max_errors: int = Field(default=0, ge=0, description="Cases whose call failed.")
+    bind: list[str] = Field(
+        default_factory=list, description="Prompt labels this suite guards (e.g. production)."
+    )
+
+
+class Suite(_Strict):
+    name: str
+    description: str = ""
+    target: Target
+    dataset: Dataset
+    metrics: list[MetricSpec] = Field(min_length=1)
+    gate: Gate = Field(default_factory=Gate)
+    concurrency: int | None = Field(default=None, ge=1, le=256)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _ID.match(v):
+            raise ValueError(f"suite name {v!r}: use letters, digits and _.:-")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Suite:
+        from evals.metrics import registry
+
+        keys = [m.key for m in self.metrics]
+        dup = sorted({k for k in keys if keys.count(k) > 1})
+        if dup:
+            raise ValueError(f"metric ids must be unique (repeated: {', '.join(dup)}); set 'id' to tell them apart")
+        unknown = [m.name for m in self.metrics if m.name not in registry]
+        if unknown:
+            raise ValueError(f"unknown metric(s) {', '.join(unknown)}; registered: {', '.join(sorted(registry))}")
+        for name in (*self.gate.min_mean, *self.gate.max_mean):
+            if name not in keys:
+                raise ValueError(f"gate names metric {name!r}, which the suite does not compute")
+        for m in self.metrics:
+            if m.threshold is None and registry[m.name].threshold is None:
+                raise ValueError(f"metric {m.key!r} needs a threshold")
+        if self.dataset.cases is not None:
+            ids = [c.id for c in self.dataset.cases]
+            dup = sorted({i for i in ids if ids.count(i) > 1})
+            if dup:
+                raise ValueError(f"case ids must be unique (repeated: {', '.join(dup[:5])})")
+            if not ids:
+                raise ValueError("the dataset has no cases")
+        return self
+
+    @property
+    def cases(self) -> list[Case]:
+        assert self.dataset.cases is not None, "load the suite with load_suite() to read its JSONL dataset"
+        return self.dataset.cases
+
+    def threshold(self, spec: MetricSpec) -> float:
+        from evals.metrics import registry
+
+        t = spec.threshold if spec.threshold is not None else registry[spec.name].threshold
+        assert t is not None
+        return t
+
+    @property
+    def hash(self) -> str:
+        return suite_hash(self)
+
+    def spec(self, key: str) -> MetricSpec:
+        return next(m for m in self.metrics if m.key == key)
+
+
+def suite_hash(suite: Suite) -> str:
+    data = suite.model_dump(mode="json", exclude={"description"})
+    data["dataset"] = {"cases": [c.model_dump(mode="json") for c in suite.cases]}
+    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _format(err: ValidationError, where: str) -> str:
+    lines = [f"  {'.'.join(map(str, e['loc'])) or '(root)'}: {e['msg']}" for e in err.errors()]
+    return f"invalid suite {where}:\n" + "\n".join(lines)
+
+
+def _read_jsonl(path: Path) -> list[Case]:
+    if not path.is_file():
+        raise SuiteError(f"dataset file {path} does not exist")
+    cases = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            cases.append(Case.model_validate(json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise SuiteError(f"{path}:{n}: not JSON ({e.msg})") from None
+        except ValidationError as e:
+            raise SuiteError(_format(e, f"{path}:{n}")) from None
+    return cases
+
+
+def parse_suite(data: Any, *, base_dir: Path | None = None, where: str = "(inline)") -> Suite:
+    if not isinstance(data, dict):
+        raise SuiteError(f"invalid suite {where}: expected a mapping at the top level")
+    try:
+        suite = Suite.model_validate(data)
+    except ValidationError as e:
+        raise SuiteError(_format(e, where)) from None
+    if suite.dataset.path is not None:
+        path = suite.dataset.path if suite.dataset.path.is_absolute() else (base_dir or Path.cwd()) / suite.dataset.path
+        cases = _read_jsonl(path)
+        try:
+            suite = Suite.model_validate({**data, "dataset": {"cases": [c.model_dump() for c in cases]}})
+        except ValidationError as e:
+            raise SuiteError(_format(e, f"{where} (dataset {path})")) from None
+    return suite
+
+
+def load_suite(path: str | Path) -> Suite:
+    path = Path(path)
+    if not path.is_file():
+        raise SuiteError(f"suite file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise SuiteError(f"{path} is not valid YAML: {e}") from None
+    return parse_suite(data, base_dir=path.parent, where=str(path))
+
+
+def find_suite(name_or_path: str, suites_dir: Path) -> Path:
+    """A path as given, else ``<suites_dir>/<name>.yaml`` (also relative to the project root)."""
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    root = Path(__file__).resolve().parents[1]
+    for d in (suites_dir, root / suites_dir, Path(__file__).parent / "suites"):
+        for cand in (d / name_or_path, d / f"{name_or_path}.yaml", d / f"{name_or_path}.yml"):
+            if cand.is_file():
+                return cand
+    raise SuiteError(f"no suite {name_or_path!r} (not a file, and not in {suites_dir})")
+
+
+def list_suites(suites_dir: Path) -> list[Path]:
+    root = Path(__file__).resolve().parents[1]
+    d = suites_dir if suites_dir.is_dir() else root / suites_dir
+    return sorted(d.glob("*.yaml")) if d.is_dir() else []
