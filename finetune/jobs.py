@@ -25,11 +25,11 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from app.core.db import write_transaction
 from finetune.errors import JobNotFound, JobStateConflict
 
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
@@ -201,16 +201,8 @@ class JobStore:
         with self._lock:
             self._db.close()
 
-    @contextlib.contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+    def _tx(self):
+        return write_transaction(self._db, self._lock)
 
     # -- reads -------------------------------------------------------------------------------------
 

@@ -11,12 +11,11 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from app.core.db import write_transaction
 from app.core.errors import NotFound
 from prompts.errors import ImportConflict, VersionConflict
 from prompts.models import AuditEntry, TemplateContent, TemplateSummary, TemplateVersion, validate_name
@@ -128,18 +127,8 @@ class SqlitePromptStore:
         with self._lock:
             self._db.close()
 
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction; the write lock is taken up front so racing writers queue up
-        instead of both reading the same 'latest' version."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+    def _tx(self):
+        return write_transaction(self._db, self._lock)
 
     def _read(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         with self._lock:

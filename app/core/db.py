@@ -1,0 +1,23 @@
+"""Small SQLite helpers shared by Keel's stores."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+
+@contextmanager
+def write_transaction(db: sqlite3.Connection, lock: threading.Lock) -> Iterator[sqlite3.Connection]:
+    """One write transaction that takes SQLite's write lock up front (BEGIN IMMEDIATE), so racing writers
+    queue up instead of both reading the same stale state; any error rolls the whole write back.
+    ``db`` must be in autocommit mode (``isolation_level=None``)."""
+    with lock:
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
