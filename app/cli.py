@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from agents.cli import app as agent_app
+from app.core.cli import fail
 from app.core.errors import KeelError
 from app.core.settings import Settings, load_settings
 from evals.cli import app as evals_app
@@ -59,10 +60,6 @@ def _configure_logging(level: str) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
-def _fail(exc: KeelError) -> typer.Exit:
-    err.print(f"[red]error ({exc.code}):[/red] {exc.message}")
-    return typer.Exit(1)
-
 
 # -- model -----------------------------------------------------------------------
 
@@ -86,7 +83,7 @@ def _prepare(settings: Settings) -> Path:
         with console.status(f"preparing SmolLM2-135M-Instruct from {source.name} (once, ~30 s)..."):
             prepared = prepare_gguf_model(target, source)
     except KeelError as exc:
-        raise _fail(exc) from exc
+        raise fail(exc) from exc
     console.print(f"model ready at [bold]{prepared.path}[/bold]")
     return prepared.path
 
@@ -112,7 +109,7 @@ def keys_create(
     try:
         key, secret = store.create(name, scope or ["chat"], rate_limit)
     except KeelError as exc:
-        raise _fail(exc) from exc
+        raise fail(exc) from exc
     console.print(f"created key [bold]{key.id}[/bold] ({key.name}) with scopes {', '.join(sorted(key.scopes))}")
     console.print("secret (shown once, store it now):")
     print(secret)
@@ -134,7 +131,7 @@ def keys_revoke(key_id: str) -> None:
     try:
         key = _key_store(_settings()).revoke(key_id)
     except KeelError as exc:
-        raise _fail(exc) from exc
+        raise fail(exc) from exc
     console.print(f"revoked {key.id} ({key.name})")
 
 

@@ -16,6 +16,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from app.core.cli import fail
 from app.core.errors import KeelError
 from finetune.errors import InvalidTrainingData
 from finetune.jobs import TERMINAL, Job
@@ -47,7 +48,7 @@ def _service() -> Iterator[FinetuneService]:
     try:
         svc = build_finetune(settings)
     except KeelError as exc:
-        raise _fail(exc) from exc
+        raise fail(exc) from exc
     try:
         yield svc
     except InvalidTrainingData as exc:
@@ -59,14 +60,10 @@ def _service() -> Iterator[FinetuneService]:
                 err.print(f"  ... and {len(exc.report.issues) - 50} more")
         raise typer.Exit(1) from exc
     except KeelError as exc:
-        raise _fail(exc) from exc
+        raise fail(exc) from exc
     finally:
         svc.close()
 
-
-def _fail(exc: KeelError) -> typer.Exit:
-    err.print(f"[red]error ({exc.code}):[/red] {escape(exc.message)}")
-    return typer.Exit(1)
 
 
 def _when(ts: float | None) -> str:

@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from app.core.cli import fail
 from app.core.errors import KeelError
 
 console = Console()
@@ -41,10 +42,6 @@ def _services():
         raise typer.Exit(2) from exc
     return settings, build_rag(settings)
 
-
-def _fail(exc: KeelError) -> typer.Exit:
-    err.print(f"[red]error ({exc.code}):[/red] {exc.message}")
-    return typer.Exit(1)
 
 
 def parse_filters(items: list[str] | None) -> dict[str, Any] | None:
@@ -105,7 +102,7 @@ def ingest_command(
 
             result = rag.pipeline.run(paths, col, prune=prune, progress=on_progress)
     except KeelError as exc:
-        raise _fail(exc) from exc
+        raise fail(exc) from exc
     finally:
         rag.close()
     if json_out:
@@ -151,7 +148,7 @@ def search_command(
         res = rag.retriever.retrieve(query, collection=collection or settings.rag.collection, top_k=top_k,
                                      filters=parse_filters(filter_), mmr=mmr, score_threshold=threshold)
     except KeelError as exc:
-        raise _fail(exc) from exc
+        raise fail(exc) from exc
     finally:
         rag.close()
     if json_out:
@@ -194,7 +191,7 @@ def snapshots_show(snapshot_id: str) -> None:
     try:
         snap = rag.snapshots.get(snapshot_id)
     except KeelError as exc:
-        raise _fail(exc) from exc
+        raise fail(exc) from exc
     finally:
         rag.close()
     console.print_json(snap.model_dump_json())
@@ -206,7 +203,7 @@ def snapshots_diff(base: str, target: str) -> None:
     try:
         d = rag.snapshots.diff(base, target)
     except KeelError as exc:
-        raise _fail(exc) from exc
+        raise fail(exc) from exc
     finally:
         rag.close()
     for label, items, style in (("added", d.added, "green"), ("removed", d.removed, "red"),

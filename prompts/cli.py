@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.syntax import Syntax
 from rich.table import Table
 
+from app.core.cli import fail
 from app.core.errors import InvalidRequest, KeelError
 from prompts import yamlio
 from prompts.models import TemplateContent
@@ -42,18 +43,14 @@ def _registry() -> Iterator[PromptRegistry]:
     try:
         registry = build_registry(settings)
     except KeelError as exc:
-        raise _fail(exc) from exc
+        raise fail(exc) from exc
     try:
         yield registry
     except KeelError as exc:
-        raise _fail(exc) from exc
+        raise fail(exc) from exc
     finally:
         registry.close()
 
-
-def _fail(exc: KeelError) -> typer.Exit:
-    err.print(f"[red]error ({exc.code}):[/red] {exc.message}")
-    return typer.Exit(1)
 
 
 def _actor(actor: str | None) -> str:
@@ -102,7 +99,7 @@ def render(
         if vars_file is not None:
             loaded = json.loads(vars_file.read_text(encoding="utf-8"))
             if not isinstance(loaded, dict):
-                raise _fail(InvalidRequest(f"{vars_file} must hold a JSON object of variables"))
+                raise fail(InvalidRequest(f"{vars_file} must hold a JSON object of variables"))
             values.update(loaded)
         values.update(parse_vars(var or [], content))
         out = registry.render(ref, values)
@@ -124,7 +121,7 @@ def parse_vars(pairs: list[str], content: TemplateContent) -> dict[str, Any]:
     for pair in pairs:
         key, sep, raw = pair.partition("=")
         if not sep or not key:
-            raise _fail(InvalidRequest(f"--var {pair!r}: write it as name=value"))
+            raise fail(InvalidRequest(f"--var {pair!r}: write it as name=value"))
         spec = content.variable(key)
         if spec is None or spec.type == "string":
             values[key] = raw
@@ -132,7 +129,7 @@ def parse_vars(pairs: list[str], content: TemplateContent) -> dict[str, Any]:
         try:
             values[key] = json.loads(raw)
         except json.JSONDecodeError:
-            raise _fail(InvalidRequest(
+            raise fail(InvalidRequest(
                 f"--var {key}: {spec.type} values are JSON (e.g. 3, true, [1, 2], {{\"k\": 1}}); got {raw!r}"
             )) from None
     return values
@@ -154,7 +151,7 @@ def save(
         try:
             content = TemplateContent.model_validate(doc)
         except ValueError as exc:
-            raise _fail(InvalidRequest(f"{file}: invalid template content: {exc}")) from None
+            raise fail(InvalidRequest(f"{file}: invalid template content: {exc}")) from None
         version = registry.save(name, content, author=_actor(actor), message=message, base_version=base_version)
         console.print(f"saved [bold]{version.ref}[/bold] {version.hash}")
 
