@@ -20,6 +20,7 @@ lint: setup
 
 test: model
 	@bash infra/setup-browser.sh
+	@bash infra/setup-testdata.sh
 	.venv/bin/ruff check .
 	.venv/bin/pytest
 

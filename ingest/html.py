@@ -74,7 +74,8 @@ def _walk(node: LexborNode, out: list[str]) -> None:
         elif tag == "pre":
             text = (child.text(separator="") or "").strip("\n")
             if text.strip():
-                out.append(text)
+                # Fenced, so that a "# comment" line in a code sample is not taken for a heading.
+                out.append("```\n" + text.replace("```", "'''") + "\n```")
         elif tag in _BLOCKS and not _has_block_child(child):
             text = _clean(child.text(separator=""))
             if text:

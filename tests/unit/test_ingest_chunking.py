@@ -94,3 +94,16 @@ def test_config_validation_and_fingerprint():
         ChunkerConfig(max_tokens=64, overlap_tokens=40)
     assert ChunkerConfig().fingerprint() == ChunkerConfig().fingerprint()
     assert ChunkerConfig().fingerprint() != ChunkerConfig(max_tokens=150).fingerprint()
+
+
+def test_html_code_comment_is_not_a_heading():
+    from ingest.html import html_to_text
+
+    page = ("<html><body><div class='body'><h1>itertools</h1><p>Recipes follow.</p>"
+            "<pre># Amortize a loan\nx = 1\n\n# another comment\ny = 2</pre>"
+            "<h2>Itertool functions</h2><p>Functions here.</p></div></body></html>")
+    title, text = html_to_text(page)
+    chunks = Chunker(ChunkerConfig(max_tokens=200, overlap_tokens=0, min_tokens=0), WhitespaceTokenizer()).chunk(
+        doc(text, kind="html", title=title))
+    assert {c.heading_path for c in chunks} == {("itertools",), ("itertools", "Itertool functions")}
+    assert any("# Amortize a loan" in c.text for c in chunks)
