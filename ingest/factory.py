@@ -44,12 +44,12 @@ def build_store(rag: RagSettings, home) -> VectorStore:
     if rag.store == "edge":
         from ingest.store.edge import EdgeStore
 
-        return EdgeStore(rag.store_path(home))
+        return EdgeStore(rag.store_path(home), keyword_indexes=rag.payload_indexes)
     from ingest.store.qdrant import QdrantClientStore
 
     if rag.url:
-        return QdrantClientStore(url=rag.url, api_key=rag.api_key)
-    return QdrantClientStore(path=rag.store_path(home))
+        return QdrantClientStore(url=rag.url, api_key=rag.api_key, keyword_indexes=rag.payload_indexes)
+    return QdrantClientStore(path=rag.store_path(home), keyword_indexes=rag.payload_indexes)
 
 
 def build_rag(settings: Settings, *, embedder: Embedder | None = None, store: VectorStore | None = None

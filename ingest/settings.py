@@ -72,6 +72,10 @@ class RagSettings(BaseModel):
         "is used at `path` (fine for tests, slow at scale)."
     )
     api_key: str | None = None
+    payload_indexes: list[str] = Field(
+        default_factory=list, description="Extra metadata fields (keyword) to index: the fields you filter on. "
+        "Keel's own (source, doc_kind, doc_id, ...) are always indexed; filters on other fields scan every chunk."
+    )
     collection: str = "default"
     embedding_model: Path | None = Field(
         default=None, description="sentence-transformers folder; None means the packaged all-MiniLM-L6-v2."

@@ -13,14 +13,12 @@ import threading
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from ingest.errors import StoreLocked, StoreUnavailable
 from ingest.store.base import (
     CONTROL_ID,
     DENSE,
-    INTEGER_INDEXES,
-    KEYWORD_INDEXES,
     SPARSE,
     ChunkPoint,
     Cond,
@@ -35,8 +33,8 @@ _SCROLL_PAGE = 1024
 class EdgeStore(QdrantLikeStore):
     name = "edge"
 
-    def __init__(self, root: Path) -> None:
-        super().__init__()
+    def __init__(self, root: Path, *, keyword_indexes: Sequence[str] = ()) -> None:
+        super().__init__(keyword_indexes=keyword_indexes)
         self.root = Path(root)
         self._shards: dict[str, Any] = {}
         self._open_lock = threading.Lock()
@@ -101,12 +99,12 @@ class EdgeStore(QdrantLikeStore):
         )
         self._dir(c).mkdir(parents=True, exist_ok=True)
         with self._open_lock:
-            shard = q.EdgeShard.create(str(self._dir(c)), config)
-            for f in KEYWORD_INDEXES:
-                shard.update(q.UpdateOperation.create_field_index(f, q.PayloadSchemaType.Keyword))
-            for f in INTEGER_INDEXES:
-                shard.update(q.UpdateOperation.create_field_index(f, q.PayloadSchemaType.Integer))
-            self._shards[c] = shard
+            self._shards[c] = q.EdgeShard.create(str(self._dir(c)), config)
+
+    def _index(self, c: str, field: str, kind: Literal["keyword", "integer"]) -> None:
+        q = self.q
+        schema = q.PayloadSchemaType.Keyword if kind == "keyword" else q.PayloadSchemaType.Integer
+        self._shard(c).update(q.UpdateOperation.create_field_index(field, schema))
 
     def _drop(self, c: str) -> None:
         with self._open_lock:

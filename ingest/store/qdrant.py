@@ -11,14 +11,12 @@ import functools
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from ingest.errors import StoreLocked, StoreUnavailable
 from ingest.store.base import (
     CONTROL_ID,
     DENSE,
-    INTEGER_INDEXES,
-    KEYWORD_INDEXES,
     SPARSE,
     ChunkPoint,
     Cond,
@@ -44,8 +42,8 @@ class QdrantClientStore(QdrantLikeStore):
     name = "qdrant"
 
     def __init__(self, *, url: str | None = None, path: Path | str | None = None, api_key: str | None = None,
-                 timeout_s: float = 10.0) -> None:
-        super().__init__()
+                 timeout_s: float = 10.0, keyword_indexes: Sequence[str] = ()) -> None:
+        super().__init__(keyword_indexes=keyword_indexes)
         if (url is None) == (path is None):
             raise ValueError("give exactly one of url (server) or path (local mode, or ':memory:')")
         self.url, self.path, self.api_key, self.timeout_s = url, path, api_key, timeout_s
@@ -108,11 +106,13 @@ class QdrantClientStore(QdrantLikeStore):
             vectors_config={DENSE: m.VectorParams(size=dim, distance=m.Distance.COSINE)},
             sparse_vectors_config={SPARSE: m.SparseVectorParams(modifier=m.Modifier.IDF)},
         )
-        if self.url is not None:  # local mode warns and ignores payload indexes
-            for f in KEYWORD_INDEXES:
-                self.client.create_payload_index(c, f, m.PayloadSchemaType.KEYWORD, wait=True)
-            for f in INTEGER_INDEXES:
-                self.client.create_payload_index(c, f, m.PayloadSchemaType.INTEGER, wait=True)
+
+    @_locked
+    def _index(self, c: str, field: str, kind: Literal["keyword", "integer"]) -> None:
+        if self.url is None:  # local mode warns and ignores payload indexes
+            return
+        schema = self.m.PayloadSchemaType.KEYWORD if kind == "keyword" else self.m.PayloadSchemaType.INTEGER
+        self.client.create_payload_index(c, field, schema, wait=True)
 
     @_locked
     def _drop(self, c: str) -> None:

@@ -20,12 +20,12 @@ EMB = HashingEmbedder(64)
 BM25 = Bm25Encoder()
 
 
-def _make(kind: str, tmp_path: Path) -> VectorStore:
+def _make(kind: str, tmp_path: Path, **kw) -> VectorStore:
     if kind == "edge":
-        return EdgeStore(tmp_path / "edge")
+        return EdgeStore(tmp_path / "edge", **kw)
     if kind == "qdrant-memory":
-        return QdrantClientStore(path=":memory:")
-    return QdrantClientStore(path=tmp_path / "qlocal")
+        return QdrantClientStore(path=":memory:", **kw)
+    return QdrantClientStore(path=tmp_path / "qlocal", **kw)
 
 
 @pytest.fixture(params=["edge", "qdrant-memory", "qdrant-path"])
@@ -233,3 +233,31 @@ def test_persists_across_reopen(kind, tmp_path):
         assert s2.list_collections() == ["docs"]
     finally:
         s2.close()
+
+
+@pytest.mark.parametrize("kind", ["edge", "qdrant-path"])
+def test_payload_indexes_are_configurable_and_added_to_existing_collections(kind, tmp_path, caplog):
+    s = _make(kind, tmp_path)
+    s.ensure_collection("docs", EMB.dim, EMB.model_id)
+    seed(s)
+    assert "tag" not in s.collection_info("docs")["payload_indexes"]
+    with caplog.at_level("WARNING", logger="keel.rag"):
+        before = [h.payload["text"] for h in s.query("docs", q("bamboo containers", filters={"tag": "ops"}))]
+        s.query("docs", q("zebra", filters={"tag": "db"}))
+    assert [r.getMessage() for r in caplog.records].count(
+        next(r.getMessage() for r in caplog.records if "'tag'" in r.getMessage())) == 1  # warned once, naming it
+    s.close()
+    caplog.clear()
+
+    s = _make(kind, tmp_path, keyword_indexes=["tag"])
+    s.ensure_collection("docs", EMB.dim, EMB.model_id)  # indexes the existing points in place
+    info = s.collection_info("docs")
+    assert "tag" in info["payload_indexes"] and "source" in info["payload_indexes"] and info["chunks"] == 5
+    with caplog.at_level("WARNING", logger="keel.rag"):
+        after = [h.payload["text"] for h in s.query("docs", q("bamboo containers", filters={"tag": "ops"}))]
+    assert after == before and sorted(after) == ["Kubernetes schedules containers on nodes",
+                                                 "Pandas eat bamboo in the mountains"]
+    assert not [r for r in caplog.records if "payload index" in r.getMessage()]
+    if kind == "edge":
+        assert "tag" in s._shard("docs").info().payload_schema
+    s.close()
