@@ -15,7 +15,10 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+
+from app.core.cli import fail
 
 app = typer.Typer(help="Agent workflows: run, inspect runs, approve or reject paused tool calls.",
                   no_args_is_help=True)
@@ -34,7 +37,7 @@ def _settings():
     try:
         return load_settings()
     except Exception as exc:
-        err.print(f"[red]configuration error:[/red] {exc}")
+        err.print(f"[red]configuration error:[/red] {escape(str(exc))}")
         raise typer.Exit(2) from exc
 
 
@@ -71,46 +74,61 @@ class Renderer:
         elif t == "node.started":
             console.print(f"[blue]> {e['node']}[/blue]")
         elif t == "node.finished":
-            console.print(f"[blue]< {e['node']}[/blue] [dim]{e['duration_ms']:.0f} ms[/dim] {e.get('summary', '')}",
-                          markup=True)
+            console.print(f"[blue]< {e['node']}[/blue] [dim]{e['duration_ms']:.0f} ms[/dim] "
+                          f"{escape(e.get('summary', ''))}")
         elif t == "tool.call":
-            console.print(f"  [magenta]tool[/magenta] {e['tool']} {json.dumps(e['args'])}", markup=True)
+            console.print(f"  [magenta]tool[/magenta] {e['tool']} {escape(json.dumps(e['args']))}")
         elif t == "tool.result":
             color = "green" if e["ok"] else "red"
             out = e["output"].replace("\n", " ")
-            console.print(f"  [{color}]result[/{color}] {out[:200]}")
+            console.print(f"  [{color}]result[/{color}] {escape(out[:200])}")
         elif t == "interrupt":
-            console.print(f"[yellow bold]paused:[/yellow bold] {e['tool']} {json.dumps(e['args'])} needs approval "
-                          f"({e.get('reason', '')})\n  keel agent approve {e['run_id']}   |   "
+            console.print(f"[yellow bold]paused:[/yellow bold] {e['tool']} {escape(json.dumps(e['args']))} needs "
+                          f"approval ({escape(e.get('reason', ''))})\n  keel agent approve {e['run_id']}   |   "
                           f"keel agent reject {e['run_id']} --reason ...")
         elif t == "final":
-            console.print(f"\n[bold green]answer[/bold green] ({e['status']}): {e['answer']}")
+            console.print(f"\n[bold green]answer[/bold green] ({e['status']}): {escape(e['answer'])}")
             for c in e.get("citations", []):
-                console.print(f"  [{c['index']}] {c['label']} [dim]{c['source']}[/dim]")
+                mark = escape(f"[{c['index']}]")
+                console.print(f"  {mark} {escape(c['label'])} [dim]{escape(c['source'])}[/dim]")
         elif t == "error":
-            console.print(f"[red bold]error[/red bold] ({e['code']}): {e['message']}")
+            console.print(f"[red bold]error[/red bold] ({e['code']}): {escape(e['message'])}")
 
 
 # -- transports ---------------------------------------------------------------------------------
+
+
+def _http_failure(r) -> typer.Exit:
+    """The API's error envelope as one line with its stable code (never a traceback)."""
+    try:
+        e = r.json().get("error", {})
+        msg, code = e.get("message") or r.text, e.get("code") or r.status_code
+    except ValueError:
+        msg, code = r.text, r.status_code
+    err.print(f"[red]error ({escape(str(code))}):[/red] {escape(str(msg))}")
+    return typer.Exit(1)
+
+
+def _unreachable(url: str, e: Exception) -> typer.Exit:
+    err.print(f"[red]cannot reach {escape(url)}:[/red] {escape(str(e))} (is `keel serve` running? or use --local)")
+    return typer.Exit(1)
 
 
 def _http_events(url: str, key: str | None, path: str, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
     import httpx
 
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    with httpx.Client(timeout=httpx.Timeout(10.0, read=None)) as client, client.stream(
-            "POST", url.rstrip("/") + path, json=body, headers=headers) as r:
-        if r.status_code != 200:
-            r.read()
-            try:
-                msg = r.json().get("error", {}).get("message", r.text)
-            except ValueError:
-                msg = r.text
-            err.print(f"[red]error {r.status_code}:[/red] {msg}")
-            raise typer.Exit(1)
-        for line in r.iter_lines():
-            if line.startswith("data:"):
-                yield json.loads(line[5:].strip())
+    try:
+        with httpx.Client(timeout=httpx.Timeout(10.0, read=None)) as client, client.stream(
+                "POST", url.rstrip("/") + path, json=body, headers=headers) as r:
+            if r.status_code != 200:
+                r.read()
+                raise _http_failure(r)
+            for line in r.iter_lines():
+                if line.startswith("data:"):
+                    yield json.loads(line[5:].strip())
+    except httpx.HTTPError as e:
+        raise _unreachable(url, e) from e
 
 
 def _http_get(url: str, key: str | None, path: str, params: dict[str, Any] | None = None) -> Any:
@@ -121,11 +139,9 @@ def _http_get(url: str, key: str | None, path: str, params: dict[str, Any] | Non
         r = httpx.get(url.rstrip("/") + path, params={k: v for k, v in (params or {}).items() if v is not None},
                       headers=headers, timeout=30)
     except httpx.HTTPError as e:
-        err.print(f"[red]cannot reach {url}:[/red] {e} (is `keel serve` running? or use --local)")
-        raise typer.Exit(1) from e
+        raise _unreachable(url, e) from e
     if r.status_code != 200:
-        err.print(f"[red]error {r.status_code}:[/red] {r.text}")
-        raise typer.Exit(1)
+        raise _http_failure(r)
     return r.json()
 
 
@@ -170,8 +186,7 @@ def _local(make_events, render: Renderer) -> None:
     try:
         asyncio.run(main())
     except KeelError as e:
-        err.print(f"[red]error ({e.code}):[/red] {e.message}")
-        raise typer.Exit(1) from e
+        raise fail(e) from e
 
 
 def _url(url: str | None) -> str:
@@ -271,7 +286,7 @@ def runs(status: Annotated[str | None, typer.Option(help="interrupted, completed
     table = Table("run", "workflow", "status", "steps", "ms", "question")
     for r in data:
         table.add_row(r["run_id"], r["workflow"], r["status"], str(len(r["steps"])),
-                      f"{r['duration_ms']:.0f}" if r.get("duration_ms") else "-", r["question"][:60])
+                      f"{r['duration_ms']:.0f}" if r.get("duration_ms") else "-", escape(r["question"][:60]))
     console.print(table)
 
 
@@ -287,16 +302,17 @@ def show(run_id: str, url: Url = None, api_key: Key = None, local: Local = False
     else:
         r = _http_get(_url(url), api_key, f"/v1/agents/runs/{run_id}")
     console.print(f"[bold]{r['run_id']}[/bold] {r['workflow']} [cyan]{r['status']}[/cyan] thread {r['thread_id']}")
-    console.print(f"question: {r['question']}")
+    console.print(f"question: {escape(r['question'])}")
     if r.get("answer"):
-        console.print(f"answer: {r['answer']}")
+        console.print(f"answer: {escape(r['answer'])}")
     if r.get("pending"):
-        console.print(f"[yellow]pending:[/yellow] {r['pending'].get('tool')} {json.dumps(r['pending'].get('args'))}")
+        console.print(f"[yellow]pending:[/yellow] {r['pending'].get('tool')} "
+                      f"{escape(json.dumps(r['pending'].get('args')))}")
     if r.get("error"):
-        console.print(f"[red]error:[/red] {r['error']}")
+        console.print(f"[red]error:[/red] {escape(r['error'])}")
     table = Table("step", "node", "ms", "summary")
     for s in r["steps"]:
-        table.add_row(str(s["step"]), s["node"], f"{s['duration_ms']:.0f}", s.get("summary", "")[:80])
+        table.add_row(str(s["step"]), s["node"], f"{s['duration_ms']:.0f}", escape(s.get("summary", "")[:80]))
     console.print(table)
 
 
