@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import time
 import uuid
@@ -16,6 +17,8 @@ from agents.llm import LLM
 from agents.settings import AgentSettings
 from agents.tools import ToolContext, ToolObservation, ToolRegistry, execute
 from app.core.types import ChatMessage
+
+log = logging.getLogger("keel.agents")
 
 IDK = "I don't know based on the provided documents."
 
@@ -107,22 +110,27 @@ def new_call_id() -> str:
 # -- prompts ----------------------------------------------------------------------------------
 
 
+def template_messages(deps: Deps, ref: str, variables: dict[str, Any]) -> list[ChatMessage] | None:
+    """Render a registry template's messages, or None when there is no registry or the template is
+    missing/broken: the caller then uses its built-in copy, so an edited prompt can never break a run."""
+    if deps.prompts is None:
+        return None
+    try:
+        rendered = deps.prompts.render(ref, variables)
+    except Exception as e:
+        log.warning("prompt %s unavailable (%s); using the built-in copy", ref, e)
+        return None
+    return [ChatMessage(m.role, m.content) for m in rendered.messages]
+
+
 def answer_messages(deps: Deps, question: str, passages: list[dict[str, Any]], *,
                     history: list[dict[str, Any]] | None = None, extra: str | None = None,
                     max_words: int = 80) -> list[ChatMessage]:
     """The ``rag-answer`` template from the registry (built-in copy when there is no registry)."""
-    msgs: list[ChatMessage] = []
-    rendered = None
-    if deps.prompts is not None:
-        try:
-            rendered = deps.prompts.render("rag-answer@production", {
-                "question": question, "max_words": max_words,
-                "passages": [{"text": p.get("text", ""), "title": p.get("title", "")} for p in passages]})
-        except Exception:  # a missing/broken template must not break the agent: use the built-in one
-            rendered = None
-    if rendered is not None:
-        msgs = [ChatMessage(m.role, m.content) for m in rendered.messages]
-    else:
+    msgs = template_messages(deps, "rag-answer@production", {
+        "question": question, "max_words": max_words,
+        "passages": [{"text": p.get("text", ""), "title": p.get("title", "")} for p in passages]})
+    if msgs is None:
         numbered = "\n".join(f"[{i}] {p.get('title') + ': ' if p.get('title') else ''}{p.get('text', '')}"
                              for i, p in enumerate(passages, 1))
         msgs = [

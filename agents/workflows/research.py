@@ -29,6 +29,7 @@ from agents.workflows.common import (
     is_idk,
     new_call_id,
     support,
+    template_messages,
     tools_node,
     wrap,
 )
@@ -93,14 +94,18 @@ async def supervisor(state: dict[str, Any], deps: Deps, emit: Emit) -> dict[str,
         return {"next": "finalize", "_summary": "critic accepted the draft"}
     if decisions >= budget:
         return {"next": "finalize", "status": "step_limit", "_summary": f"step budget of {budget} spent"}
-    progress = "\n".join(f"{i}. {t['worker']}: {t['summary']}" for i, t in enumerate(trace, 1))
-    progress = progress or "No worker has acted."
-    decision = await deps.decide([
-        ChatMessage("system", "You supervise workers: researcher (searches documents), analyst (uses tools such as a "
-                    "calculator), critic (checks the draft), writer (writes the answer). Pick who acts next, or "
-                    'FINISH once the critic accepted the draft. Reply with JSON {"next": ..., "reason": ...}.'),
-        ChatMessage("user", f"Task: {state['question']}\n\nProgress:\n{progress}\n\nWho acts next?"),
-    ], SUPERVISOR_SCHEMA)
+    msgs = template_messages(deps, "supervisor-route@production", {
+        "task": state["question"], "progress": [{"worker": t["worker"], "summary": t["summary"]} for t in trace]})
+    if msgs is None:
+        progress = "\n".join(f"{i}. {t['worker']}: {t['summary']}" for i, t in enumerate(trace, 1))
+        msgs = [
+            ChatMessage("system", "You supervise workers: researcher (searches documents), analyst (uses tools such "
+                        "as a calculator), critic (checks the draft), writer (writes the answer). Pick who acts next, "
+                        'or FINISH once the critic accepted the draft. Reply with JSON {"next": ..., "reason": ...}.'),
+            ChatMessage("user", f"Task: {state['question']}\n\nProgress:\n{progress or 'No worker has acted.'}"
+                        "\n\nWho acts next?"),
+        ]
+    decision = await deps.decide(msgs, SUPERVISOR_SCHEMA)
     choice = decision.get("next") if decision else None
     worker, note = sanitize(choice, state)
     reason = note if note else (decision or {}).get("reason", "")
@@ -135,13 +140,18 @@ async def researcher(state: dict[str, Any], deps: Deps, emit: Emit) -> dict[str,
 
 async def analyst(state: dict[str, Any], deps: Deps, emit: Emit) -> dict[str, Any]:
     tools = analyst_tools(deps)
-    specs = "\n".join(f"- {s['name']}: {s['description']} args: {list(s['input_schema'].get('properties', {}))}"
-                      for s in deps.tools.specs(tools))
-    decision = await deps.decide([
-        ChatMessage("system", f"You are an analyst. Pick one tool to help with the task, or none.\nTools:\n{specs}\n"
-                    'Reply with JSON {"tool": <name or "none">, "args": {...}}.'),
-        ChatMessage("user", f"Task: {state['question']}"),
-    ], analyst_schema(tools))
+    specs = [{"name": s["name"], "description": s["description"],
+              "args": list(s["input_schema"].get("properties", {}))} for s in deps.tools.specs(tools)]
+    msgs = template_messages(deps, "analyst-tool-choice@production", {"task": state["question"], "tools": specs})
+    if msgs is None:
+        listing = "\n".join(f"- {s['name']}: {s['description']} args: {s['args']}" for s in specs)
+        msgs = [
+            ChatMessage("system", f"You are an analyst. Pick one tool to help with the task, or none.\nTools:\n"
+                        f'{listing}\nReply with JSON {{"tool": <name or "none">, "args": {{...}}}}.'),
+            ChatMessage("user", f"Task: {state['question']}"),
+        ]
+    # The schema always comes from code: it enumerates the tools this run may call.
+    decision = await deps.decide(msgs, analyst_schema(tools))
     trace = list(state.get("trace") or [])
     tool = (decision or {}).get("tool")
     args = (decision or {}).get("args")
@@ -171,13 +181,17 @@ async def critic(state: dict[str, Any], deps: Deps, emit: Emit) -> dict[str, Any
         critique = {"accepted": False, "feedback": "there is no usable draft yet; gather sources and write one"}
     else:
         score = support(draft, sources) if sources else 0.0
-        numbered = "\n".join(f"[{i}] {p.get('text', '')[:400]}" for i, p in enumerate(sources, 1))
-        decision = await deps.decide([
-            ChatMessage("system", "You are a strict critic. Accept the draft only if it answers the task and "
-                        "every claim is supported by the sources. "
-                        'Reply with JSON {"accepted": true|false, "feedback": ...}.'),
-            ChatMessage("user", f"Task: {state['question']}\n\nSources:\n{numbered}\n\nDraft: {draft}"),
-        ], CRITIC_SCHEMA)
+        msgs = template_messages(deps, "research-critic@production", {
+            "task": state["question"], "draft": draft, "sources": [{"text": p.get("text", "")} for p in sources]})
+        if msgs is None:
+            numbered = "\n".join(f"[{i}] {p.get('text', '')[:400]}" for i, p in enumerate(sources, 1))
+            msgs = [
+                ChatMessage("system", "You are a strict critic. Accept the draft only if it answers the task and "
+                            "every claim is supported by the sources. "
+                            'Reply with JSON {"accepted": true|false, "feedback": ...}.'),
+                ChatMessage("user", f"Task: {state['question']}\n\nSources:\n{numbered}\n\nDraft: {draft}"),
+            ]
+        decision = await deps.decide(msgs, CRITIC_SCHEMA)
         lexical_ok = score >= deps.settings.grounded_min_overlap
         if decision is None or not isinstance(decision.get("accepted"), bool):
             critique = {"accepted": lexical_ok, "feedback": "critic output unreadable; judged by source overlap"}
@@ -231,11 +245,12 @@ async def remember(state: dict[str, Any], deps: Deps, emit: Emit) -> dict[str, A
     if deps.memory is None or "memory_write" not in deps.tools or is_idk(answer) \
             or not (state.get("critique") or {}).get("accepted"):
         return {"pending_call": None, "_summary": "nothing to remember"}
-    decision = await deps.decide([
+    msgs = template_messages(deps, "memory-extract@production", {"task": state["question"], "answer": answer}) or [
         ChatMessage("system", "Decide whether the answer contains one durable fact worth remembering for later "
                     'tasks. Reply with JSON {"worth_keeping": true|false, "fact": "<one sentence>"}.'),
         ChatMessage("user", f"Task: {state['question']}\nAnswer: {answer}"),
-    ], MEMORY_SCHEMA)
+    ]
+    decision = await deps.decide(msgs, MEMORY_SCHEMA)
     fact = (decision or {}).get("fact")
     if not decision or not decision.get("worth_keeping") or not isinstance(fact, str) or not fact.strip():
         return {"pending_call": None, "_summary": "nothing worth keeping"}
