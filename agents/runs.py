@@ -1,7 +1,10 @@
 """The runs table: one row per run (status, question, answer, pending approval, steps with timings).
 
-Lives in the same SQLite file as the checkpoints. Checkpoints hold the graph state; this table
-is the index the API and CLI list and inspect, and the claim that makes a resume happen once.
+Checkpoints hold the graph state; this table is the index the API and CLI list and inspect, and
+the claim that makes a resume happen once. It lives next to the checkpoints: a SQLite file
+(``agents.runs.db`` beside ``agents.db``) by default, or the same Postgres database as the
+checkpointer when ``agents.postgres_url`` is set, so several API processes share one index.
+Both stores run the same SQL (written once, with ``?`` placeholders) and the same test suite.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 ACTIVE = ("running",)
-RESUMABLE = ("interrupted", "stalled", "failed", "cancelled")
+RESUMABLE = ("interrupted", "stalled", "failed", "cancelled", "timed_out")
 TERMINAL = ("completed", "step_limit")
 
 _SCHEMA = """
@@ -39,6 +42,10 @@ CREATE TABLE IF NOT EXISTS agent_runs (
 CREATE INDEX IF NOT EXISTS agent_runs_thread ON agent_runs(thread_id, created_at);
 CREATE INDEX IF NOT EXISTS agent_runs_status ON agent_runs(status, created_at);
 """
+# The same table in Postgres: times stay epoch seconds (DOUBLE PRECISION) and JSON stays text, so one
+# row decoder serves both stores.
+_PG_SCHEMA = [s.strip() for s in _SCHEMA.replace("REAL", "DOUBLE PRECISION").split(";") if s.strip()]
+_PG_SCHEMA_LOCK = 0x6B65656C_7275  # "keelru": one process at a time creates the table
 
 
 @dataclass
@@ -72,7 +79,100 @@ class RunRecord:
                 "finished_at": self.finished_at, "duration_ms": self.duration_ms}
 
 
-class RunStore:
+def runs_db_path(checkpoint_db: Path) -> Path:
+    """The runs table's SQLite file, next to the checkpoints: ``agents.db`` -> ``agents.runs.db``."""
+    return checkpoint_db.with_name(checkpoint_db.stem + ".runs.db")
+
+
+class RunStoreBase:
+    """The runs index over any SQL database; subclasses provide ``_query`` and ``_execute``."""
+
+    shared = False  # True where several processes use the store at once (see mark_stalled)
+
+    def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
+        """Rows (addressable by column name) of a SELECT."""
+        raise NotImplementedError
+
+    def _execute(self, sql: str, args: tuple[Any, ...] = ()) -> int:
+        """Run a write; return the number of rows it changed."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    @staticmethod
+    def _row(r: Any) -> RunRecord:
+        return RunRecord(
+            run_id=r["run_id"], thread_id=r["thread_id"], workflow=r["workflow"], owner=r["owner"],
+            namespace=json.loads(r["namespace"]), status=r["status"], question=r["question"], answer=r["answer"],
+            citations=json.loads(r["citations"]), error=json.loads(r["error"]) if r["error"] else None,
+            pending=json.loads(r["pending"]) if r["pending"] else None, steps=json.loads(r["steps"]),
+            created_at=r["created_at"], updated_at=r["updated_at"], finished_at=r["finished_at"])
+
+    def create(self, rec: RunRecord) -> RunRecord:
+        now = time.time()
+        rec.created_at = rec.updated_at = now
+        self._execute(
+            "INSERT INTO agent_runs (run_id, thread_id, workflow, owner, namespace, status, question, "
+            "created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?)",
+            (rec.run_id, rec.thread_id, rec.workflow, rec.owner, json.dumps(rec.namespace), rec.status,
+             rec.question, now, now))
+        return rec
+
+    def get(self, run_id: str) -> RunRecord | None:
+        rows = self._query("SELECT * FROM agent_runs WHERE run_id=?", (run_id,))
+        return self._row(rows[0]) if rows else None
+
+    def list(self, *, workflow: str | None = None, status: str | None = None, thread_id: str | None = None,
+             owner: str | None = None, limit: int = 50) -> list[RunRecord]:
+        where, args = [], []
+        for col, val in (("workflow", workflow), ("status", status), ("thread_id", thread_id), ("owner", owner)):
+            if val is not None:
+                where.append(f"{col}=?")
+                args.append(val)
+        sql = "SELECT * FROM agent_runs" + (" WHERE " + " AND ".join(where) if where else "")
+        sql += " ORDER BY created_at DESC LIMIT ?"
+        return [self._row(r) for r in self._query(sql, (*args, limit))]
+
+    def active_on_thread(self, thread_id: str) -> RunRecord | None:
+        rows = self._query("SELECT * FROM agent_runs WHERE thread_id=? AND status IN ('running','interrupted') "
+                           "ORDER BY created_at DESC LIMIT 1", (thread_id,))
+        return self._row(rows[0]) if rows else None
+
+    def claim(self, run_id: str, from_statuses: tuple[str, ...]) -> bool:
+        """Atomically move a run to ``running`` if it is in one of ``from_statuses`` (one resumer wins)."""
+        marks = ",".join("?" * len(from_statuses))
+        changed = self._execute(
+            f"UPDATE agent_runs SET status='running', pending=NULL, error=NULL, updated_at=? "
+            f"WHERE run_id=? AND status IN ({marks})", (time.time(), run_id, *from_statuses))
+        return changed == 1
+
+    def update(self, run_id: str, **fields: Any) -> None:
+        if not fields:
+            return
+        enc = {k: (json.dumps(v, default=str) if k in ("citations", "error", "pending", "steps", "namespace")
+                   and v is not None else v) for k, v in fields.items()}
+        enc["updated_at"] = time.time()
+        if fields.get("status") in TERMINAL:
+            enc["finished_at"] = enc["updated_at"]
+        cols = ", ".join(f"{k}=?" for k in enc)
+        self._execute(f"UPDATE agent_runs SET {cols} WHERE run_id=?", (*enc.values(), run_id))
+
+    def mark_stalled(self, *, idle_for_s: float | None = None) -> int:
+        """Runs left ``running`` by a dead process become ``stalled`` (resumable). ``idle_for_s`` None: every
+        running run (right for a store one process owns, at its start-up); otherwise only runs not updated
+        for that long (for a shared store, where other live processes have runs in flight)."""
+        now = time.time()
+        if idle_for_s is None:
+            return self._execute("UPDATE agent_runs SET status='stalled', updated_at=? WHERE status='running'",
+                                 (now,))
+        return self._execute("UPDATE agent_runs SET status='stalled', updated_at=? WHERE status='running' "
+                             "AND updated_at < ?", (now, now - idle_for_s))
+
+
+class RunStore(RunStoreBase):
+    """The runs index in its own SQLite file (WAL); one connection serialised by a lock."""
+
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=30)
@@ -86,74 +186,51 @@ class RunStore:
         with self._lock:
             self._db.close()
 
-    @staticmethod
-    def _row(r: sqlite3.Row) -> RunRecord:
-        return RunRecord(
-            run_id=r["run_id"], thread_id=r["thread_id"], workflow=r["workflow"], owner=r["owner"],
-            namespace=json.loads(r["namespace"]), status=r["status"], question=r["question"], answer=r["answer"],
-            citations=json.loads(r["citations"]), error=json.loads(r["error"]) if r["error"] else None,
-            pending=json.loads(r["pending"]) if r["pending"] else None, steps=json.loads(r["steps"]),
-            created_at=r["created_at"], updated_at=r["updated_at"], finished_at=r["finished_at"])
-
-    def create(self, rec: RunRecord) -> RunRecord:
-        now = time.time()
-        rec.created_at = rec.updated_at = now
+    def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
         with self._lock:
-            self._db.execute(
-                "INSERT INTO agent_runs (run_id, thread_id, workflow, owner, namespace, status, question, "
-                "created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?)",
-                (rec.run_id, rec.thread_id, rec.workflow, rec.owner, json.dumps(rec.namespace), rec.status,
-                 rec.question, now, now))
-        return rec
+            return self._db.execute(sql, args).fetchall()
 
-    def get(self, run_id: str) -> RunRecord | None:
+    def _execute(self, sql: str, args: tuple[Any, ...] = ()) -> int:
         with self._lock:
-            r = self._db.execute("SELECT * FROM agent_runs WHERE run_id=?", (run_id,)).fetchone()
-        return self._row(r) if r else None
+            return self._db.execute(sql, args).rowcount
 
-    def list(self, *, workflow: str | None = None, status: str | None = None, thread_id: str | None = None,
-             owner: str | None = None, limit: int = 50) -> list[RunRecord]:
-        where, args = [], []
-        for col, val in (("workflow", workflow), ("status", status), ("thread_id", thread_id), ("owner", owner)):
-            if val is not None:
-                where.append(f"{col}=?")
-                args.append(val)
-        sql = "SELECT * FROM agent_runs" + (" WHERE " + " AND ".join(where) if where else "")
-        sql += " ORDER BY created_at DESC LIMIT ?"
-        with self._lock:
-            rows = self._db.execute(sql, (*args, limit)).fetchall()
-        return [self._row(r) for r in rows]
 
-    def active_on_thread(self, thread_id: str) -> RunRecord | None:
-        with self._lock:
-            r = self._db.execute("SELECT * FROM agent_runs WHERE thread_id=? AND status IN ('running','interrupted') "
-                                 "ORDER BY created_at DESC LIMIT 1", (thread_id,)).fetchone()
-        return self._row(r) if r else None
+class PostgresRunStore(RunStoreBase):
+    """The runs index in Postgres (a small psycopg pool, autocommit: every write is one statement)."""
 
-    def claim(self, run_id: str, from_statuses: tuple[str, ...]) -> bool:
-        """Atomically move a run to ``running`` if it is in one of ``from_statuses`` (one resumer wins)."""
-        marks = ",".join("?" * len(from_statuses))
-        with self._lock:
-            cur = self._db.execute(
-                f"UPDATE agent_runs SET status='running', pending=NULL, error=NULL, updated_at=? "
-                f"WHERE run_id=? AND status IN ({marks})", (time.time(), run_id, *from_statuses))
-        return cur.rowcount == 1
+    shared = True
 
-    def update(self, run_id: str, **fields: Any) -> None:
-        if not fields:
-            return
-        enc = {k: (json.dumps(v, default=str) if k in ("citations", "error", "pending", "steps", "namespace")
-                   and v is not None else v) for k, v in fields.items()}
-        enc["updated_at"] = time.time()
-        if fields.get("status") in TERMINAL:
-            enc["finished_at"] = enc["updated_at"]
-        cols = ", ".join(f"{k}=?" for k in enc)
-        with self._lock:
-            self._db.execute(f"UPDATE agent_runs SET {cols} WHERE run_id=?", (*enc.values(), run_id))
+    def __init__(self, url: str, *, max_size: int = 4, timeout_s: float = 10.0) -> None:
+        import psycopg
+        from psycopg.rows import dict_row
+        from psycopg_pool import ConnectionPool
 
-    def mark_stalled(self) -> int:
-        """At start-up: runs left ``running`` by a dead process become ``stalled`` (resumable)."""
-        with self._lock:
-            cur = self._db.execute("UPDATE agent_runs SET status='stalled', updated_at=? WHERE status='running'",
-                                   (time.time(),))
-        return cur.rowcount
+        # The schema on a connection of its own first: a wrong URL or a server that is down fails here at
+        # once with libpq's reason (psycopg.OperationalError), where the pool would retry until its timeout.
+        with psycopg.connect(url, autocommit=True, connect_timeout=max(2, int(timeout_s))) as conn, \
+                conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_PG_SCHEMA_LOCK,))
+            for statement in _PG_SCHEMA:
+                conn.execute(statement)
+        # check on checkout: a Postgres restart costs a reconnect, not a failed request.
+        self._pool = ConnectionPool(url, min_size=1, max_size=max_size, timeout=timeout_s, open=True,
+                                    kwargs={"autocommit": True, "row_factory": dict_row},
+                                    check=ConnectionPool.check_connection, name="keel-agent-runs")
+
+    def close(self) -> None:
+        self._pool.close()
+
+    def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
+        with self._pool.connection() as conn:
+            return conn.execute(sql.replace("?", "%s"), args).fetchall()
+
+    def _execute(self, sql: str, args: tuple[Any, ...] = ()) -> int:
+        with self._pool.connection() as conn:
+            return conn.execute(sql.replace("?", "%s"), args).rowcount
+
+
+def open_run_store(settings: Any, home: Path) -> RunStoreBase:
+    """The runs index for ``AgentSettings``: Postgres when ``postgres_url`` is set, else the SQLite file."""
+    if settings.postgres_url:
+        return PostgresRunStore(settings.postgres_url.get_secret_value())
+    return RunStore(runs_db_path(settings.db_path(home)))

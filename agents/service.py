@@ -5,14 +5,19 @@ validation happens before the first event, so a caller that pulls one event firs
 router does) turns bad requests into HTTP errors instead of errors inside a 200 stream.
 
 Statuses: ``running`` -> ``interrupted`` (waiting for approval) | ``completed`` | ``step_limit``
-(budget or recursion limit hit: a final answer, no exception) | ``failed`` (error event; the
-checkpoint stays, ``resume(action="continue")`` retries from the last completed step) |
-``cancelled`` (the consumer went away) | ``stalled`` (the process died while running; found at
-start-up, resumable with ``continue``).
+(budget or recursion limit hit: a final answer, no exception) | ``timed_out`` (``run_timeout_s``
+spent: an ``error`` event with code ``run_timeout``, no exception; resumable with ``continue``) |
+``failed`` (error event; the checkpoint stays, ``resume(action="continue")`` retries from the last
+completed step) | ``cancelled`` (the consumer went away) | ``stalled`` (the process died while
+running; found at start-up, resumable with ``continue``).
+
+Storage: SQLite files by default; with ``agents.postgres_url`` the checkpoints and the runs table
+are in Postgres, shared by every API process.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import re
@@ -37,7 +42,7 @@ from agents.events import (
     ToolResult,
 )
 from agents.registry import WorkflowRegistry, default_registry
-from agents.runs import RESUMABLE, RunRecord, RunStore
+from agents.runs import RESUMABLE, PostgresRunStore, RunRecord, RunStore, RunStoreBase, runs_db_path
 from agents.settings import AgentSettings
 from agents.workflows.common import IDK, Deps
 from app.core.errors import Conflict, InvalidRequest, KeelError, NotFound
@@ -48,9 +53,51 @@ _STREAMED = (NodeStarted, NodeFinished, ToolCall, ToolResult, Token)
 AGENT_MODEL_PREFIX = "agent:"
 
 
-def runs_db_path(checkpoint_db: Path) -> Path:
-    """The runs table's SQLite file, next to the checkpoints: ``agents.db`` -> ``agents.runs.db``."""
-    return checkpoint_db.with_name(checkpoint_db.stem + ".runs.db")
+# A run still ``running`` in a shared (Postgres) store is only known dead once it has been idle longer
+# than any live run can be: the time limit plus this margin for a loaded event loop.
+STALL_MARGIN_S = 60.0
+_STALL_SWEEP_EVERY_S = 30.0
+# Serialises the checkpointer's schema set-up when several processes start at once.
+_CHECKPOINT_SETUP_LOCK = 0x6B65656C_636B  # "keelck"
+
+
+class AgentStoreUnavailable(KeelError):
+    code = "store_unavailable"
+    status = 503
+    type = "server_error"
+
+
+class RunTimeout(KeelError):
+    """A run that spent ``run_timeout_s``, where it must be an HTTP error (the ``agent:`` chat models)."""
+
+    code = "run_timeout"
+    status = 504
+    type = "server_error"
+
+
+class RunTimedOut(Exception):
+    """The run's wall-clock budget (``run_timeout_s``) is spent."""
+
+
+async def _bounded(stream: Any, deadline: float) -> AsyncIterator[Any]:
+    """``stream``'s items until the loop clock reaches ``deadline``, then :class:`RunTimedOut`.
+
+    The timeout wraps each single ``anext`` (never a ``yield``), so the cancellation lands in the
+    graph's pending work, where LangGraph cancels the running node, and not in the consumer's code.
+    """
+    it = aiter(stream)
+    while True:
+        timeout = asyncio.timeout_at(deadline)
+        try:
+            async with timeout:
+                item = await anext(it)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            if timeout.expired():
+                raise RunTimedOut from None
+            raise  # a node's own TimeoutError is an ordinary failure
+        yield item
 
 
 def _check_id(value: str, what: str) -> str:
@@ -78,40 +125,98 @@ class AgentService:
         self.db_path = Path(db_path)
         self.postgres_url = postgres_url
         self.checkpointer = checkpointer
-        self.runs: RunStore | None = None
+        self.runs: RunStoreBase | None = None
         self._stack: contextlib.AsyncExitStack | None = None
         self._graphs: dict[str, Any] = {}
+        self._swept_at = 0.0
+        self._start_lock = asyncio.Lock()
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
     async def start(self) -> None:
         """Open the runs table and the checkpointer (idempotent; call it in the serving event loop)."""
-        if self.runs is not None:
-            return
-        # Its own file: a sync write to the checkpointer's file could block the event loop while the
-        # aiosqlite thread holds the write lock waiting for that same loop (a deadlock until timeout).
-        self.runs = RunStore(runs_db_path(self.db_path))
-        stalled = self.runs.mark_stalled()
-        if stalled:
-            log.warning("%d agent run(s) were left running by a previous process: marked stalled", stalled)
-        if self.checkpointer is None:
-            self._stack = contextlib.AsyncExitStack()
+        # Opening awaits; a second caller must wait for the checkpointer rather than see a half-open service.
+        async with self._start_lock:
+            if self.runs is not None:
+                return
             if self.postgres_url:
-                try:
-                    from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
-                except ImportError as e:
-                    raise KeelError("agents.postgres_url is set but langgraph-checkpoint-postgres is not installed"
-                                    ) from e
-                saver = await self._stack.enter_async_context(AsyncPostgresSaver.from_conn_string(self.postgres_url))
-            else:
-                import aiosqlite
-                from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
+                import psycopg
 
-                conn = await aiosqlite.connect(str(self.db_path))
-                self._stack.push_async_callback(conn.close)
-                saver = AsyncSqliteSaver(conn)
-            await saver.setup()
-            self.checkpointer = saver
+                try:
+                    self.runs = await asyncio.to_thread(PostgresRunStore, self.postgres_url)
+                except psycopg.OperationalError as e:
+                    raise self._unavailable(e) from None
+            else:
+                # Its own file: a sync write to the checkpointer's file could block the event loop while the
+                # aiosqlite thread holds the write lock waiting for that same loop (a deadlock until timeout).
+                self.runs = RunStore(runs_db_path(self.db_path))
+            self._sweep_stalled(force=True)
+            if self.checkpointer is None:
+                self._stack = contextlib.AsyncExitStack()
+                try:
+                    saver = await (self._postgres_saver() if self.postgres_url else self._sqlite_saver())
+                except BaseException:
+                    await self.aclose()
+                    raise
+                self.checkpointer = saver
+
+    async def _sqlite_saver(self) -> Any:
+        import aiosqlite
+        from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
+
+        conn = await aiosqlite.connect(str(self.db_path))
+        self._stack.push_async_callback(conn.close)
+        saver = AsyncSqliteSaver(conn)
+        await saver.setup()
+        return saver
+
+    async def _postgres_saver(self) -> Any:
+        import psycopg
+        from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
+        from psycopg.rows import dict_row
+        from psycopg_pool import AsyncConnectionPool
+
+        # A pool rather than from_conn_string's single connection: a Postgres restart costs a reconnect
+        # (check on checkout), not every later run. The saver's own lock serialises its queries anyway,
+        # so two connections are plenty. These kwargs are the ones the saver requires.
+        pool = AsyncConnectionPool(
+            self.postgres_url, min_size=1, max_size=2, timeout=10.0, open=False, name="keel-agent-checkpoints",
+            kwargs={"autocommit": True, "prepare_threshold": 0, "row_factory": dict_row},
+            check=AsyncConnectionPool.check_connection,
+        )
+        self._stack.push_async_callback(pool.close)
+        try:
+            await pool.open(wait=True, timeout=10.0)
+            saver = AsyncPostgresSaver(pool)
+            # setup() runs migrations and records them; two processes doing it at once would collide.
+            async with await psycopg.AsyncConnection.connect(self.postgres_url, autocommit=True,
+                                                             connect_timeout=10) as lock:
+                await lock.execute("SELECT pg_advisory_lock(%s)", (_CHECKPOINT_SETUP_LOCK,))
+                await saver.setup()
+        except psycopg.OperationalError as e:  # PoolTimeout is one too
+            raise self._unavailable(e) from None
+        return saver
+
+    def _unavailable(self, e: Exception) -> AgentStoreUnavailable:
+        from prompts.store_pg import redact_url
+
+        where = redact_url(self.postgres_url or "")
+        return AgentStoreUnavailable(f"the agents' Postgres at {where} is unavailable ({type(e).__name__}: {e}); "
+                                     "check agents.postgres_url and that the server is up")
+
+    def _sweep_stalled(self, *, force: bool = False) -> None:
+        """Mark runs whose process died as ``stalled``. A store this process owns (SQLite) is swept once at
+        start-up: every ``running`` run is an orphan. In a shared store (Postgres) other processes have live
+        runs, so only runs idle longer than any live run can be are orphans, and the sweep repeats now and
+        then, since a dead process's runs age into that state long after any start-up."""
+        now = time.monotonic()
+        if self.runs is None or not (force or (self.runs.shared and now - self._swept_at >= _STALL_SWEEP_EVERY_S)):
+            return
+        self._swept_at = now
+        idle = self.settings.run_timeout_s + STALL_MARGIN_S if self.runs.shared else None
+        stalled = self.runs.mark_stalled(idle_for_s=idle)
+        if stalled:
+            log.warning("%d agent run(s) were left running by a process that is gone: marked stalled", stalled)
 
     async def aclose(self) -> None:
         if self._stack is not None:
@@ -144,6 +249,7 @@ class AgentService:
                   ) -> AsyncIterator[AgentEvent]:
         """Start a run (a new thread unless ``thread_id`` names one of this owner's threads)."""
         await self.start()
+        self._sweep_stalled()
         wf = self.registry.get(workflow)
         if not isinstance(question, str) or not question.strip():
             raise InvalidRequest("input is empty: ask a question", param="input")
@@ -187,10 +293,10 @@ class AgentService:
             raise InvalidRequest("edit needs 'args': the tool arguments to use instead", param="args")
         if action == "continue":
             if rec.status not in RESUMABLE or rec.status == "interrupted":
-                raise RunNotResumable(f"run {run_id} is {rec.status}; 'continue' applies to stalled, failed or "
-                                      "cancelled runs (approve/reject/edit an interrupted one)")
+                raise RunNotResumable(f"run {run_id} is {rec.status}; 'continue' applies to stalled, failed, "
+                                      "timed-out or cancelled runs (approve/reject/edit an interrupted one)")
             command: Any = None
-            claimed = self.runs.claim(run_id, ("stalled", "failed", "cancelled"))
+            claimed = self.runs.claim(run_id, ("stalled", "failed", "cancelled", "timed_out"))
         else:
             if rec.status != "interrupted":
                 raise RunNotResumable(f"run {run_id} is {rec.status}, not waiting for approval")
@@ -221,10 +327,13 @@ class AgentService:
         status: str | None = None
         error: ErrorEvent | None = None
         stream = graph.astream(inp, config, stream_mode=["custom", "updates"])
+        # Each drive (a start or a resume) gets the whole budget: waiting for a human's approval between
+        # drives is not running time.
+        bounded = _bounded(stream, asyncio.get_running_loop().time() + self.settings.run_timeout_s)
         try:
             yield RunStarted(rec.run_id, rec.thread_id, rec.workflow, resumed)
             try:
-                async for mode, chunk in stream:
+                async for mode, chunk in bounded:
                     if mode != "custom" or not isinstance(chunk, _STREAMED):
                         continue
                     if isinstance(chunk, NodeStarted):
@@ -237,14 +346,22 @@ class AgentService:
                     yield chunk
             except GraphRecursionError:
                 status = "step_limit"
+            except RunTimedOut:
+                # Like the step limit, a status rather than an exception; the checkpoint keeps every step
+                # that completed, so ``continue`` can go on from there with a fresh budget.
+                error = ErrorEvent(rec.run_id, RunTimeout.code,
+                                   f"the run took longer than agents.run_timeout_s={self.settings.run_timeout_s:g} s "
+                                   f"and was stopped after {len(steps)} completed step(s); resume it with "
+                                   "action 'continue' to go on from the last completed step")
+                status = "timed_out"
             except KeelError as e:
                 error = ErrorEvent(rec.run_id, e.code, e.message)
             except Exception as e:  # a node bug must end the run with an error event, not kill the stream
                 log.exception("agent run %s failed", rec.run_id)
                 error = ErrorEvent(rec.run_id, "internal_error", f"{type(e).__name__}: {e}")
             if error is not None:
-                runs.update(rec.run_id, status="failed", error={"code": error.code, "message": error.message},
-                            steps=steps)
+                runs.update(rec.run_id, status=status or "failed",
+                            error={"code": error.code, "message": error.message}, steps=steps)
                 finished = True
                 yield error
                 return
@@ -277,6 +394,8 @@ class AgentService:
             if not finished:
                 runs.update(rec.run_id, status="cancelled", steps=steps)
             with contextlib.suppress(Exception):
+                await bounded.aclose()
+            with contextlib.suppress(Exception):
                 await stream.aclose()
 
     async def collect(self, events: AsyncIterator[AgentEvent]) -> list[AgentEvent]:
@@ -287,6 +406,7 @@ class AgentService:
     def get_record(self, run_id: str, *, owner: str | None = None) -> RunRecord:
         if self.runs is None:
             raise KeelError("agent service is not started")
+        self._sweep_stalled()
         rec = self.runs.get(run_id)
         if rec is None or (owner is not None and rec.owner not in (owner, None)):
             raise RunNotFound(f"no run {run_id!r}", param="run_id")
@@ -308,6 +428,7 @@ class AgentService:
                         thread_id: str | None = None, owner: str | None = None, limit: int = 50
                         ) -> list[dict[str, Any]]:
         await self.start()
+        self._sweep_stalled()
         return [r.to_dict() for r in self.runs.list(workflow=workflow, status=status, thread_id=thread_id,
                                                     owner=owner, limit=min(max(limit, 1), 500))]
 
@@ -389,6 +510,8 @@ class AgentService:
                     text = (f"Run {ev.run_id} is waiting for approval of {ev.tool}({ev.args}). Approve or reject "
                             f"it with POST /v1/agents/runs/{ev.run_id}/resume.")
                 elif isinstance(ev, ErrorEvent):
+                    if ev.code == RunTimeout.code:
+                        raise RunTimeout(ev.message)
                     raise KeelError(ev.message, code=ev.code)
         for piece in re.findall(r"\S+\s*|\s+", text):
             yield TextDelta(piece)
@@ -422,4 +545,5 @@ def build_agents(settings: Any, llm_router: Any, rag: Any = None, prompts: Any =
     collection = a.collection or getattr(getattr(settings, "rag", None), "collection", None)
     deps = Deps(llm=llm, tools=tools, settings=a, retriever=getattr(rag, "retriever", None), memory=memory,
                 prompts=prompts, collection=collection)
-    return AgentService(deps, registry, db_path=a.db_path(Path(settings.home)), postgres_url=a.postgres_url)
+    return AgentService(deps, registry, db_path=a.db_path(Path(settings.home)),
+                        postgres_url=a.postgres_url.get_secret_value() if a.postgres_url else None)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 
 class AgentSettings(BaseModel):
@@ -18,8 +18,10 @@ class AgentSettings(BaseModel):
         default=None,
         description="SQLite file for checkpoints; None means <home>/agents.db (runs table: agents.runs.db).",
     )
-    postgres_url: str | None = Field(
-        default=None, description="Use a Postgres checkpointer instead of SQLite (needs langgraph-checkpoint-postgres)."
+    postgres_url: SecretStr | None = Field(
+        default=None,
+        description="postgresql://user:pass@host:5432/db: keep checkpoints and the runs table in Postgres, shared by "
+        "every API process; None means the SQLite files.",
     )
     collection: str | None = Field(default=None, description="RAG collection searched; None means rag.collection.")
     top_k: int = Field(default=4, ge=1, le=20, description="Passages retrieved per search.")
@@ -27,6 +29,11 @@ class AgentSettings(BaseModel):
     max_steps: int = Field(default=8, ge=2, le=50, description="research: supervisor decisions before the run stops.")
     recursion_limit: int = Field(default=60, ge=5, description="LangGraph super-step limit (a safety net).")
     node_timeout_s: float = Field(default=120.0, gt=0, description="Wall-clock limit for one node.")
+    run_timeout_s: float = Field(
+        default=300.0, gt=0,
+        description="Wall-clock limit for one run (each start or resume): the run ends with status 'timed_out' "
+        "and an error event 'run_timeout'; 'continue' resumes it from the last completed step.",
+    )
     tool_timeout_s: float = Field(default=30.0, gt=0)
     tool_retries: int = Field(default=1, ge=0, le=5, description="Retries after a tool raised (not for bad input).")
     answer_max_tokens: int = Field(default=256, ge=16)
@@ -44,6 +51,17 @@ class AgentSettings(BaseModel):
         default=0.9, ge=0.0, le=1.0, description="Cosine similarity above which a new memory updates an old one."
     )
     memory_search_min_score: float = Field(default=0.35, ge=-1.0, le=1.0)
+
+    @field_validator("postgres_url")
+    @classmethod
+    def _postgres_only(cls, v: SecretStr | None) -> SecretStr | None:
+        # A secret (the URL usually carries a password): `keel config` and logs show it masked.
+        url = v.get_secret_value().strip() if v is not None else ""
+        if not url:
+            return None
+        if not url.startswith(("postgresql://", "postgres://")):
+            raise ValueError("agents.postgres_url must be a postgresql:// URL (leave it unset for SQLite)")
+        return SecretStr(url)
 
     def db_path(self, home: Path) -> Path:
         return self.checkpoint_db if self.checkpoint_db is not None else home / "agents.db"

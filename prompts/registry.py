@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, Field
 
-from app.core.errors import InvalidRequest, NotFound
+from app.core.errors import InvalidRequest, KeelError, NotFound
 from prompts import yamlio
 from prompts.errors import LabelProtected, PromotionGateFailed
 from prompts.models import (
@@ -37,7 +37,7 @@ from prompts.models import (
 )
 from prompts.render import CompiledPrompt, Renderer
 from prompts.settings import PromptSettings
-from prompts.store import PromptStore, SqlitePromptStore
+from prompts.store import PromptStore, build_prompt_store
 
 if TYPE_CHECKING:
     from app.core.settings import Settings
@@ -133,7 +133,13 @@ class PromptRegistry:
         if now - self._checked < self.settings.change_check_interval_s:
             return
         self._checked = now
-        revision = self.store.revision()
+        try:
+            revision = self.store.revision()
+        except KeelError as e:
+            # A networked store (Postgres) can be briefly unreachable: keep serving what is cached
+            # (the hot path must not fail for it) and check again after the next interval.
+            log.warning("prompt store change check failed, serving cached versions: %s", e)
+            return
         if revision != self._revision:
             self._revision = revision
             self._clear()
@@ -338,10 +344,11 @@ def _diffable(content: TemplateContent) -> dict[str, Any]:
 
 
 def build_registry(settings: Settings, *, gate: PromotionGate | None = None) -> PromptRegistry:
-    """Factory for the container: the SQLite registry, seeded with the starter library when empty."""
+    """Factory for the container: the registry on SQLite or Postgres (``prompts.url``), seeded with the
+    starter library when empty."""
     from prompts.portable import import_dir
 
-    store = SqlitePromptStore(settings.prompts.resolved_db_path(settings.home))
+    store = build_prompt_store(settings.prompts, settings.home)
     registry = PromptRegistry(store, settings.prompts, gate=gate)
     if settings.prompts.seed_library and LIBRARY_DIR.is_dir() and not store.list_templates():
         report = import_dir(registry, LIBRARY_DIR, actor="system:seed")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, SecretStr, field_validator
 
 
 class PromptLimits(BaseModel):
@@ -28,6 +28,11 @@ class PromptLimits(BaseModel):
 
 class PromptSettings(BaseModel):
     db_path: Path | None = Field(default=None, description="SQLite file; None means <home>/prompts.db.")
+    url: SecretStr | None = Field(
+        default=None,
+        description="postgresql://user:pass@host:5432/db: keep the registry in Postgres (several API instances "
+        "share it); None means the SQLite file (db_path).",
+    )
     protected_labels: list[str] = Field(
         default_factory=lambda: ["production"],
         description="Moving these labels goes through the promotion gate.",
@@ -39,6 +44,17 @@ class PromptSettings(BaseModel):
         default=True, description="Import the shipped starter templates when the registry is empty."
     )
     limits: PromptLimits = Field(default_factory=PromptLimits)
+
+    @field_validator("url")
+    @classmethod
+    def _postgres_only(cls, v: SecretStr | None) -> SecretStr | None:
+        # A secret (the URL usually carries a password): `keel config` and logs show it masked.
+        url = v.get_secret_value().strip() if v is not None else ""
+        if not url:
+            return None
+        if not url.startswith(("postgresql://", "postgres://")):
+            raise ValueError("prompts.url must be a postgresql:// URL (leave it unset for the SQLite file)")
+        return SecretStr(url)
 
     def resolved_db_path(self, home: Path) -> Path:
         return self.db_path if self.db_path is not None else home / "prompts.db"

@@ -1,7 +1,8 @@
 """Persistence of prompt versions, labels and the audit log.
 
-``PromptStore`` is the contract; ``SqlitePromptStore`` the default implementation
-(a Postgres store can join the same contract tests later). Stores enforce the
+``PromptStore`` is the contract; ``SqlitePromptStore`` the default implementation and
+``prompts.store_pg.PostgresPromptStore`` the one for several API instances (both pass the same
+contract suite); ``build_prompt_store`` picks one from the settings. Stores enforce the
 invariants that need a transaction — version numbering, optimistic concurrency,
 audit rows written together with the change — and nothing about rendering.
 """
@@ -19,6 +20,7 @@ from app.core.db import write_transaction
 from app.core.errors import NotFound
 from prompts.errors import ImportConflict, VersionConflict
 from prompts.models import AuditEntry, TemplateContent, TemplateSummary, TemplateVersion, validate_name
+from prompts.settings import PromptSettings
 
 
 def utc_now() -> str:
@@ -324,6 +326,15 @@ class SqlitePromptStore:
 
     def revision(self) -> int:
         return self._read("SELECT value FROM prompt_meta WHERE key = 'revision'")[0][0]
+
+
+def build_prompt_store(settings: PromptSettings, home: Path) -> PromptStore:
+    """Postgres when ``settings.url`` is set, else the SQLite file (``db_path`` or ``<home>/prompts.db``)."""
+    if settings.url:
+        from prompts.store_pg import PostgresPromptStore  # psycopg is loaded only when Postgres is used
+
+        return PostgresPromptStore(settings.url.get_secret_value())
+    return SqlitePromptStore(settings.resolved_db_path(home))
 
 
 def _stale(name: str, base: int | None, latest: int | None) -> VersionConflict:

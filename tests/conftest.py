@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import os
 
+# Real Postgres (pgserver, or KEEL_TEST_POSTGRES_URL) for the Postgres-backed stores. Imported before the
+# KEEL_* variables are cleared below: the module reads KEEL_TEST_POSTGRES_URL when it is imported.
+from tests.postgres import postgres_server, postgres_url  # noqa: F401
+
 for _k, _v in {
     "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
     "RAGAS_DO_NOT_TRACK": "true", "LITELLM_LOCAL_MODEL_COST_MAP": "True",

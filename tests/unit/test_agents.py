@@ -476,3 +476,63 @@ async def test_chat_events_stream_the_final_answer(tmp_path: Path) -> None:
     with pytest.raises(ModelNotFound):
         await anext(svc.chat_events("agent:nope", msgs))
     await svc.aclose()
+
+
+# -- the run's time limit ---------------------------------------------------------------------------
+
+
+class StallingLLM(ScriptedLLM):
+    """Streams its answer only after a long pause while ``stall`` is set; records a cancelled pause."""
+
+    stall = True
+    cancelled = 0
+
+    async def stream(self, messages, **kw):
+        if self.stall:
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                self.cancelled += 1
+                raise
+        async for t in super().stream(messages, **kw):
+            yield t
+
+
+async def test_run_time_limit_ends_the_run_with_a_status_and_continue_finishes_it(tmp_path: Path) -> None:
+    llm = StallingLLM(responder=by_kind(text=[ANSWER], supported=[{"supported": True}]))
+    # Every node is far inside its own limit; only the run's overall limit can stop the stalled answer.
+    svc = make_service(tmp_path, llm, node_timeout_s=120, run_timeout_s=0.5)
+    events = await collect(svc.run("rag-qa", "Where does Keel store vectors?"))
+    assert isinstance(events[-1], ErrorEvent), events[-1]
+    assert events[-1].code == "run_timeout" and "run_timeout_s=0.5" in events[-1].message
+    assert not any(isinstance(e, Final) for e in events)
+    assert llm.cancelled == 1  # the node in flight was cancelled, not left running in the background
+    run = await svc.get_run(events[-1].run_id)
+    assert run["status"] == "timed_out" and run["error"]["code"] == "run_timeout"
+    assert [s["node"] for s in run["steps"]] == ["retrieve"]
+    llm.stall = False
+    resumed = await collect(svc.resume(run["run_id"], "continue"))
+    assert final(resumed).status == "completed" and final(resumed).answer == ANSWER
+    # the retrieval finished before the limit is not repeated: the checkpoint after it was kept
+    assert next(e.node for e in resumed if isinstance(e, NodeFinished)) == "answer"
+    with pytest.raises(RunNotResumable):
+        await collect(svc.resume(run["run_id"], "continue"))
+    await svc.aclose()
+
+
+def test_run_timeout_setting_is_validated() -> None:
+    assert AgentSettings().run_timeout_s == 300
+    with pytest.raises(ValueError, match="greater than 0"):
+        AgentSettings(run_timeout_s=0)
+
+
+async def test_run_time_limit_on_the_chat_model_path_is_a_504(tmp_path: Path) -> None:
+    from app.core.errors import KeelError
+
+    llm = StallingLLM(responder=by_kind(text=[ANSWER], supported=[{"supported": True}]))
+    svc = make_service(tmp_path, llm, node_timeout_s=120, run_timeout_s=0.3)
+    with pytest.raises(KeelError, match=r"run_timeout_s=0\.3") as e:
+        _ = [ev async for ev in svc.chat_events("agent:rag-qa", [ChatMessage("user", "Where are vectors?")])]
+    assert (e.value.status, e.value.code) == (504, "run_timeout")
+    assert (await svc.list_runs())[0]["status"] == "timed_out"
+    await svc.aclose()

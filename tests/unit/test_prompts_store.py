@@ -1,7 +1,8 @@
 """Contract tests for PromptStore implementations.
 
-Every implementation must pass the same suite: add a factory to ``STORES`` (a Postgres
-store would skip itself where no server is configured).
+Every implementation must pass the same suite: add a factory to ``STORES``. The Postgres
+store runs on a real server (``tests/postgres.py``: pgserver or ``KEEL_TEST_POSTGRES_URL``);
+where none can be had, its tests fail rather than skip.
 """
 
 from __future__ import annotations
@@ -21,18 +22,27 @@ from prompts.testing import content
 StoreFactory = Callable[[], PromptStore]
 
 
-def _sqlite(tmp_path: Path) -> StoreFactory:
+def _sqlite(request: pytest.FixtureRequest, tmp_path: Path) -> StoreFactory:
     path = tmp_path / "prompts.db"
     return lambda: SqlitePromptStore(path)
 
 
-STORES: dict[str, Callable[[Path], StoreFactory]] = {"sqlite": _sqlite}
+def _postgres(request: pytest.FixtureRequest, tmp_path: Path) -> StoreFactory:
+    from prompts.store_pg import PostgresPromptStore
+
+    url = request.getfixturevalue("postgres_url")  # a fresh database per test
+    return lambda: PostgresPromptStore(url)
+
+
+STORES: dict[str, Callable[[pytest.FixtureRequest, Path], StoreFactory]] = {
+    "sqlite": _sqlite, "postgres": _postgres,
+}
 
 
 @pytest.fixture(params=sorted(STORES))
 def open_store(request, tmp_path) -> Iterator[StoreFactory]:
     """Opens independent connections to one shared store (like two API workers)."""
-    factory = STORES[request.param](tmp_path)
+    factory = STORES[request.param](request, tmp_path)
     opened: list[PromptStore] = []
 
     def make() -> PromptStore:
@@ -179,14 +189,16 @@ def test_two_writers_race(open_store, shared_connection):
         assert first.latest_version("race") == base + 1
 
 
-def test_sqlite_save_rolls_back_partial_writes(tmp_path):
-    class Failing(SqlitePromptStore):
-        def _audit(self, db, **kwargs):
-            raise RuntimeError("disk on fire")
-
-    store = SqlitePromptStore(tmp_path / "p.db")
+def test_failed_writes_roll_back_partial_writes(open_store):
+    store = open_store()
     store.save("greet", content("Hi"), author="a", message="", base_version=None)
-    broken = Failing(tmp_path / "p.db")
+    broken = open_store()  # another connection whose audit insert fails after the version rows are written
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("disk on fire")
+
+    broken._audit = boom
+    rev = store.revision()
     with pytest.raises(RuntimeError):
         broken.save("greet", content("Hello"), author="a", message="", base_version=1)
     with pytest.raises(RuntimeError):
@@ -196,7 +208,74 @@ def test_sqlite_save_rolls_back_partial_writes(tmp_path):
     assert store.latest_version("greet") == 1 and store.latest_version("fresh") is None
     assert [v.version for v in store.list_versions("greet")] == [1]
     assert store.get_labels("greet") == {}
+    assert [e.action for e in store.audit_log()] == ["version.create"]
+    assert store.revision() == rev  # nothing committed, so other workers have nothing to reload
     # the failed connection is still usable afterwards
     assert broken.latest_version("greet") == 1
-    store.close()
-    broken.close()
+    del broken._audit
+    assert broken.save("greet", content("Hello"), author="a", message="", base_version=1).version == 2
+
+
+def test_registries_on_one_store_see_each_others_label_moves(open_store):
+    """Two API workers: a label moved through one is rendered by the other after its next change check,
+    without a restart; until then the other serves its cached version from memory."""
+    from prompts.registry import PromptRegistry
+    from prompts.settings import PromptSettings
+
+    now = [0.0]
+    settings = PromptSettings(seed_library=False, change_check_interval_s=0.5)
+    a = PromptRegistry(open_store(), settings, clock=lambda: now[0])
+    b = PromptRegistry(open_store(), settings, clock=lambda: now[0])
+    a.create("greet", content("Hi {{ who }}", variables=[{"name": "who"}]), author="ann")
+    a.save("greet", content("Hello {{ who }}!", variables=[{"name": "who"}]), author="bob", base_version=1)
+    a.move_label("greet", "production", 1, actor="ann")
+    now[0] += 0.6
+    assert b.render("greet", {"who": "x"}).messages[0].content == "Hi x"
+    a.move_label("greet", "production", 2, actor="ann")
+    assert b.render("greet", {"who": "x"}).version == 1  # within the interval: served from memory
+    now[0] += 0.6
+    moved = b.render("greet", {"who": "x"})
+    assert (moved.version, moved.messages[0].content) == (2, "Hello x!")
+    assert [h.to_version for h in b.label_history("greet", "production")] == [2, 1]
+    b.remove_label("greet", "production", actor="admin", override_reason="retire")
+    now[0] += 0.6
+    with pytest.raises(NotFound, match="has no label 'production'"):
+        a.render("greet", {"who": "x"})
+
+
+def test_settings_pick_the_store(tmp_path, postgres_url):
+    from app.core.settings import Settings
+    from prompts.registry import LIBRARY_DIR, build_registry
+    from prompts.settings import PromptSettings
+    from prompts.store import build_prompt_store
+    from prompts.store_pg import PostgresPromptStore
+
+    default = build_prompt_store(PromptSettings(), tmp_path)
+    assert isinstance(default, SqlitePromptStore) and (tmp_path / "prompts.db").exists()
+    default.close()
+    settings = Settings(home=tmp_path / "home", auth={"enabled": False}, prompts={"url": postgres_url})
+    registry = build_registry(settings)
+    assert isinstance(registry.store, PostgresPromptStore)
+    seeded = {t.name for t in registry.list_templates()}
+    assert seeded and seeded == {p.name for p in LIBRARY_DIR.iterdir() if p.is_dir()}
+    registry.close()
+    again = build_registry(settings)  # a second worker on the same database: seeds nothing twice
+    assert {t.name for t in again.list_templates()} == seeded
+    assert all(len(again.versions(name)) == 1 for name in seeded)
+    again.close()
+    assert not (tmp_path / "home" / "prompts.db").exists()
+
+
+def test_postgres_settings_and_connection_errors_are_clear(tmp_path):
+    from pydantic import ValidationError
+
+    from prompts.settings import PromptSettings
+    from prompts.store_pg import PostgresPromptStore, PromptStoreUnavailable
+
+    assert PromptSettings(url=" ").url is None
+    assert "secret" not in PromptSettings(url="postgresql://keel:secret@db/keel").model_dump_json()
+    with pytest.raises(ValidationError, match="must be a postgresql:// URL"):
+        PromptSettings(url="sqlite:///prompts.db")
+    with pytest.raises(PromptStoreUnavailable, match="is unavailable") as e:
+        PostgresPromptStore(f"postgresql://keel:secret@/keel?host={tmp_path}/no-socket", timeout_s=2)
+    assert e.value.status == 503 and e.value.code == "store_unavailable" and "secret" not in e.value.message
