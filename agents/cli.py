@@ -262,11 +262,10 @@ def edit(run_id: str, args: Annotated[str, typer.Argument(help="New tool argumen
 
 
 def _runs_local(**kw: Any) -> list[dict[str, Any]]:
-    from agents.runs import RunStore
-    from agents.service import runs_db_path
+    from agents.runs import open_run_store
 
     settings = _settings()
-    store = RunStore(runs_db_path(settings.agents.db_path(settings.home)))
+    store = open_run_store(settings.agents, settings.home)
     try:
         return [r.to_dict() for r in store.list(**kw)]
     finally:

@@ -35,7 +35,8 @@ Each event is ``event: <type>`` / ``id: <seq>`` / ``data: <JSON>``; the JSON alw
                     paused; the stream ends; resume with ``POST /runs/{run_id}/resume``
 ``final``           ``status`` (``completed`` | ``step_limit``), ``answer``, ``citations``
                     (``index``, ``source``, ``title``, ``label``, ``chunk_id``, ``page``), ``grounded``
-``error``           ``code``, ``message`` - the run failed (status ``failed``; resumable with ``continue``)
+``error``           ``code``, ``message`` - the run failed (status ``failed``, or ``timed_out`` with code
+                    ``run_timeout`` after ``agents.run_timeout_s``; both resumable with ``continue``)
 ==================  ===========================================================================
 
 A stream starts with ``run.started`` and ends with exactly one of ``final``, ``interrupt`` or
