@@ -15,11 +15,13 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from app.core.cli import fail
 from app.core.errors import KeelError
+from ingest.errors import StoreLocked
 
 console = Console()
 err = Console(stderr=True)
@@ -84,8 +86,17 @@ def ingest_command(
     collection: Annotated[str | None, typer.Option("--collection", "-c", help="Target collection.")] = None,
     prune: Annotated[bool, typer.Option(help="Remove chunks of documents under PATHS whose files are gone.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON instead of tables.")] = False,
+    url: Annotated[str | None, typer.Option(help="Ingest through this running Keel API (admin key) instead of "
+                                                 "opening the store here. Used automatically when a local API "
+                                                 "holds the embedded store.")] = None,
+    api_key: Annotated[str | None, typer.Option("--api-key", envvar="KEEL_API_KEY",
+                                                help="Admin key for --url (default: <home>/dev-api-key).")] = None,
 ) -> None:
     """Load, chunk, embed and store documents; unchanged files are skipped, changed ones replaced."""
+    if url:
+        settings = _load_settings()
+        _ingest_via_api(url, api_key or _dev_key(settings), paths, collection, prune, json_out)
+        return
     settings, rag = _services()
     col = collection or settings.rag.collection
     try:
@@ -101,35 +112,130 @@ def ingest_command(
                            file=Path(p.current).name if p.current else "")
 
             result = rag.pipeline.run(paths, col, prune=prune, progress=on_progress)
+    except StoreLocked as exc:
+        # The embedded engine has one writer: a running `keel serve` owns the store. Its ingest
+        # API writes through that same process, so the user's command still works.
+        server = settings.server.url
+        if not _api_up(server):
+            raise fail(exc) from exc
+        err.print(f"[yellow]the store is held by the Keel API at {server}; ingesting through it[/yellow]")
+        _ingest_via_api(server, api_key or _dev_key(settings), paths, collection, prune, json_out)
+        return
     except KeelError as exc:
         raise fail(exc) from exc
     finally:
         rag.close()
+    _report(col, result.snapshot_id, result.counts, result.rejections, json_out)
+
+
+def _report(col: str, snapshot_id: str | None, counts: dict[str, Any], rejections: list[dict[str, Any]],
+            json_out: bool) -> None:
     if json_out:
-        console.print_json(json.dumps({"snapshot_id": result.snapshot_id, "collection": col, **result.counts,
-                                       "rejections": result.rejections}))
+        console.print_json(json.dumps({"snapshot_id": snapshot_id, "collection": col, **counts,
+                                       "rejections": rejections}))
     else:
-        table = Table(title=f"ingest into '{col}' - snapshot {result.snapshot_id}")
+        table = Table(title=f"ingest into '{col}' - snapshot {snapshot_id}")
         table.add_column("documents", style="bold")
         table.add_column("count", justify="right")
         for key in ("added", "updated", "unchanged", "deleted", "rejected", "repaired"):
-            table.add_row(key, str(result.counts[key]))
+            table.add_row(key, str(counts[key]))
         table.add_section()
-        table.add_row("chunks written", str(result.chunks_written))
-        table.add_row("chunks in collection", str(result.chunks_total))
-        table.add_row("documents in collection", str(result.documents_total))
-        rate = result.chunks_written / result.embed_seconds if result.embed_seconds else 0.0
-        table.add_row("time", f"{result.seconds:.1f} s ({rate:.0f} chunks/s embedding)")
+        table.add_row("chunks written", str(counts["chunks_written"]))
+        table.add_row("chunks in collection", str(counts["chunks_total"]))
+        table.add_row("documents in collection", str(counts["documents_total"]))
+        embed_s = counts.get("embed_seconds") or 0.0
+        rate = counts["chunks_written"] / embed_s if embed_s else 0.0
+        table.add_row("time", f"{counts['seconds']:.1f} s ({rate:.0f} chunks/s embedding)")
         console.print(table)
-        if result.rejections:
+        if rejections:
             rej = Table(title="rejected", title_style="red")
             for col_name in ("source", "where", "reason", "message"):
                 rej.add_column(col_name, overflow="fold")
-            for r in result.rejections:
+            for r in rejections:
                 rej.add_row(r["source"], r.get("location") or "", r["code"], r["message"])
             console.print(rej)
-    if result.rejections:
+    if rejections:
         raise typer.Exit(3)  # partial success: scripts can tell it apart from a failure (1)
+
+
+def _load_settings():
+    from app.core.settings import load_settings
+
+    try:
+        return load_settings()
+    except Exception as exc:
+        err.print(f"[red]configuration error:[/red] {escape(str(exc))}")
+        raise typer.Exit(2) from exc
+
+
+def _dev_key(settings) -> str | None:
+    path = settings.home / "dev-api-key"
+    return path.read_text().strip() if path.is_file() else None
+
+
+def _api_up(url: str) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(url.rstrip("/") + "/healthz", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _ingest_via_api(url: str, key: str | None, paths: list[str], collection: str | None, prune: bool,
+                    json_out: bool) -> None:
+    """Submit server-side paths (the API runs on this machine: it holds this store) and follow the job."""
+    import time
+
+    import httpx
+
+    if not key:
+        err.print("[red]error (unauthorized):[/red] an admin API key is needed to ingest through the API: "
+                  "pass --api-key or set KEEL_API_KEY")
+        raise typer.Exit(1)
+    base, headers = url.rstrip("/"), {"Authorization": f"Bearer {key}"}
+    # Relative paths and globs are resolved here, where the user typed them, not in the server's cwd.
+    absolute = [p if Path(p).is_absolute() else str(Path.cwd() / p) for p in paths]
+    body: dict[str, Any] = {"paths": absolute, "prune": prune}
+    if collection:
+        body["collection"] = collection
+    try:
+        with httpx.Client(timeout=30) as client:
+            r = client.post(f"{base}/v1/ingest/paths", json=body, headers=headers)
+            if r.status_code != 202:
+                raise _api_failure(r)
+            job = r.json()
+            columns = (TextColumn("[bold]ingesting via API"), BarColumn(), MofNCompleteColumn(),
+                       TextColumn("{task.fields[chunks]} chunks"), TimeElapsedColumn())
+            with Progress(*columns, console=err, transient=True, disable=json_out) as bar:
+                task = bar.add_task("", total=None, chunks=0)
+                while job["state"] in ("queued", "running"):
+                    r = client.get(f"{base}/v1/ingest/jobs/{job['id']}", params={"wait_s": 1}, headers=headers)
+                    if r.status_code != 200:
+                        raise _api_failure(r)
+                    job = r.json()
+                    bar.update(task, total=job["files_total"] or None, completed=job["files_done"],
+                               chunks=job["chunks_written"])
+                    if job["state"] in ("queued", "running"):
+                        time.sleep(0.2)
+    except httpx.HTTPError as e:
+        err.print(f"[red]cannot reach {escape(url)}:[/red] {escape(str(e))}")
+        raise typer.Exit(1) from e
+    if job["state"] != "succeeded":
+        e = job.get("error") or {}
+        err.print(f"[red]error ({escape(str(e.get('code', 'failed')))}):[/red] {escape(str(e.get('message', '')))}")
+        raise typer.Exit(1)
+    _report(job["collection"], job["snapshot_id"], job["counts"], job["rejections"], json_out)
+
+
+def _api_failure(r) -> typer.Exit:
+    try:
+        e = r.json().get("error", {})
+        code, msg = e.get("code") or r.status_code, e.get("message") or r.text
+    except ValueError:
+        code, msg = r.status_code, r.text
+    err.print(f"[red]error ({escape(str(code))}):[/red] {escape(str(msg))}")
+    return typer.Exit(1)
 
 
 def search_command(
