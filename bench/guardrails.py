@@ -1,11 +1,15 @@
 """Guardrail overhead benchmark.
 
 Measures, on benign requests (the common case), in one run:
-  * latency of each validator (its guardrails-ai Guard call), p50/p95;
-  * the whole default input policy (check_input, validators concurrent) vs the same requests with guards off;
-  * the whole default output policy on benign answers (check_output);
+  * per request: the default input policy + output policy (check_input, then check_output on an answer) vs
+    the same requests through an engine with guards off, interleaved; p50/p95 wall time, the added p50/p95,
+    and the process CPU time per request (steadier than wall time on a shared machine);
+  * latency of each validator: its guardrails-ai Guard call and the check's own share of it, p50/p95;
+  * the input policy alone (new text and repeated text) and the output policy alone;
   * the added time to first token of the streaming output guard on a simulated 30 tokens/s stream;
-  * detection / false-positive rates of keel/prompt_injection on the shipped sets.
+  * detection / false-positive rates of keel/prompt_injection on the shipped sets, with and without the
+    classifier (app/guardrails/injection_eval.py; ``heldout`` is the never-trained-on set).
+Every text carries a unique suffix so the embedding cache never answers; the target is <= 10 ms added p50.
 Prints a table and writes bench/results/guardrails-<UTC timestamp>.json.
 
     .venv/bin/python bench/guardrails.py [--rounds 30]
@@ -77,7 +81,8 @@ async def main(rounds: int) -> dict:
     from app.guardrails.types import GuardContext
 
     t0 = time.perf_counter()
-    engine = GuardrailEngine(GuardrailSettings(audit_db=":memory:", policy_path=ROOT / "infra/guardrails/default.yaml"))
+    engine = GuardrailEngine(GuardrailSettings(audit_db=":memory:", policy_path=ROOT / "infra/guardrails/default.yaml"),
+                             home=ROOT / ".keel")
     await asyncio.to_thread(engine.warm_up)
     warm_s = time.perf_counter() - t0
     off = GuardrailEngine(GuardrailSettings(enabled=False, audit_db=":memory:"))
@@ -89,17 +94,36 @@ async def main(rounds: int) -> dict:
     for i in range(len(QUESTIONS)):
         await engine.check_input(requests(i), GuardContext(f"warm-{i}", user="u"))
 
-    # -- per validator (direct Guard calls, sequential, fresh text each round to defeat the embedding cache) --
+    # -- per validator (direct Guard calls, sequential, fresh text each round to defeat the embedding cache):
+    #    "guard" = the whole guardrails-ai Guard call, "check" = the validator's own work inside it --
+    from app.guardrails.validators.pii import PiiVault
+
     per_validator: dict[str, list[float]] = {}
     for stage, texts in (("input", QUESTIONS), ("output", ANSWERS)):
         for comp in engine.compiled("default", stage):
-            xs = per_validator.setdefault(f"{stage}:{comp.spec.label}", [])
+            guard_ms = per_validator.setdefault(f"{stage}:{comp.spec.label} guard", [])
+            check_ms = per_validator.setdefault(f"{stage}:{comp.spec.label} check", [])
             for r in range(rounds):
                 text = texts[r % len(texts)] + f" (ref {r})"
-                meta = engine._meta(GuardContext(system_prompt=SYSTEM), None, __import__(
-                    "app.guardrails.validators.pii", fromlist=["PiiVault"]).PiiVault())
+                meta = engine._meta(GuardContext(system_prompt=SYSTEM), None, PiiVault())
+                t = time.perf_counter()
                 run = engine._run_sync(comp, [text], meta, None)
-                xs.append(run.result.latency_ms)
+                guard_ms.append((time.perf_counter() - t) * 1000)
+                check_ms.append(run.result.latency_ms)
+
+    # -- per request: input + output policy vs guards off, interleaved (unique suffix: no cache hits) --
+    req_on, req_off, req_cpu_on, req_cpu_off = [], [], [], []
+    for r in range(rounds):
+        msgs = requests(r)
+        msgs[-1] = ChatMessage("user", msgs[-1].content + f" Please (req {r}).")
+        answer = ANSWERS[r % len(ANSWERS)] + f" Request {r}."
+        for eng, wall, cpu, tag in ((off, req_off, req_cpu_off, "off"), (engine, req_on, req_cpu_on, "on")):
+            t, c = time.perf_counter(), time.process_time()
+            d = await eng.check_input(msgs, GuardContext(f"req-{tag}-{r}", user="u"))
+            await eng.check_output(answer, GuardContext(f"req-{tag}-{r}", user="u"), d)
+            wall.append((time.perf_counter() - t) * 1000)
+            cpu.append((time.process_time() - c) * 1000)
+    added = [a - b for a, b in zip(req_on, req_off, strict=True)]
 
     # -- whole input policy vs off, same requests (unique suffix: no embedding-cache hits) --
     guarded, unguarded, cached = [], [], []
@@ -144,12 +168,17 @@ async def main(rounds: int) -> dict:
         total_guarded.append((time.perf_counter() - t) * 1000)
         ttft_guarded.append(first * 1000)
 
-    from tests.unit.test_guardrails_eval import rates
+    from app.guardrails.injection_eval import injection_rates
 
-    det = {k: {"detection_rate": round(v[0], 4), "false_positive_rate": round(v[1], 4), "attacks": v[2],
-               "benign": v[3]} for k, v in rates().items()}
+    index, clf = engine._resources.get("attack_index"), engine._resources.get("injection_classifier")
+    det = {}
+    for label, c in (("", clf), ("no_classifier:", None)):
+        for k, v in injection_rates(index, c).items():
+            det[label + k] = {"detection_rate": round(v.detection_rate, 4),
+                              "false_positive_rate": round(v.false_positive_rate, 4), "attacks": v.attacks,
+                              "benign": v.benign}
     await engine.aclose()
-    added = [g - p for g, p in zip(ttft_guarded, ttft_plain, strict=True)]
+    added_ttft = [g - p for g, p in zip(ttft_guarded, ttft_plain, strict=True)]
     return {
         "benchmark": "guardrails",
         "when": datetime.now(UTC).isoformat(),
@@ -157,13 +186,17 @@ async def main(rounds: int) -> dict:
         "policy": engine.policy.version_tag,
         "warm_up_s": round(warm_s, 2),
         "rounds": rounds,
+        "request": {"guarded": summary(req_on), "guards_off": summary(req_off), "added": summary(added),
+                    "added_p50_ms": round(pct(req_on, 50) - pct(req_off, 50), 3),
+                    "cpu_guarded": summary(req_cpu_on), "cpu_guards_off": summary(req_cpu_off),
+                    "target_added_p50_ms": 10.0},
         "per_validator": {k: summary(v) for k, v in per_validator.items()},
         "input_policy": {"guarded": summary(guarded), "guards_off": summary(unguarded),
                          "guarded_repeat_text": summary(cached),
                          "added_p50_ms": round(pct(guarded, 50) - pct(unguarded, 50), 3)},
         "output_policy_non_streaming": summary(out_lat),
         "streaming": {"tokens_per_s": tps, "ttft_plain": summary(ttft_plain), "ttft_guarded": summary(ttft_guarded),
-                      "added_ttft": summary(added), "total_plain": summary(total_plain),
+                      "added_ttft": summary(added_ttft), "total_plain": summary(total_plain),
                       "total_guarded": summary(total_guarded)},
         "prompt_injection": det,
     }
@@ -172,6 +205,15 @@ async def main(rounds: int) -> dict:
 def table(res: dict) -> str:
     lines = [f"Guardrails benchmark  policy={res['policy']}  warm-up {res['warm_up_s']} s  rounds={res['rounds']}", "",
              f"{'what':44} {'p50 ms':>9} {'p95 ms':>9}"]
+    rq = res["request"]
+    lines += [f"{'request (input+output), guards off':44} {rq['guards_off']['p50_ms']:9.2f} "
+              f"{rq['guards_off']['p95_ms']:9.2f}",
+              f"{'request (input+output), default policy':44} {rq['guarded']['p50_ms']:9.2f} "
+              f"{rq['guarded']['p95_ms']:9.2f}",
+              f"{'request: added by the guards':44} {rq['added']['p50_ms']:9.2f} {rq['added']['p95_ms']:9.2f}"
+              f"   (target <= {rq['target_added_p50_ms']:.0f} ms p50)",
+              f"{'request: process CPU, guarded':44} {rq['cpu_guarded']['p50_ms']:9.2f} "
+              f"{rq['cpu_guarded']['p95_ms']:9.2f}", ""]
     for k, v in res["per_validator"].items():
         lines.append(f"{'validator ' + k:44} {v['p50_ms']:9.2f} {v['p95_ms']:9.2f}")
     ip = res["input_policy"]
@@ -188,8 +230,8 @@ def table(res: dict) -> str:
               f"{'stream total plain / guarded (p50)':44} {s['total_plain']['p50_ms']:9.2f} "
               f"{s['total_guarded']['p50_ms']:9.2f}", ""]
     for split, v in res["prompt_injection"].items():
-        lines.append(f"prompt_injection [{split:7}] detection {v['detection_rate']:.0%} of {v['attacks']}, "
-                     f"false positives {v['false_positive_rate']:.0%} of {v['benign']}")
+        lines.append(f"prompt_injection [{split:22}] detection {v['detection_rate']:6.1%} of {v['attacks']:3}, "
+                     f"false positives {v['false_positive_rate']:5.1%} of {v['benign']:3}")
     return "\n".join(lines)
 
 

@@ -23,9 +23,11 @@ SSE mapping (documented contract for the API layer): a :data:`GuardrailEvent` is
 Execution: every validator runs through a guardrails-ai ``Guard`` (one Guard per policy entry, built at
 warm-up, ``on_fail=fix`` for redacting entries and ``noop`` otherwise: Keel turns a failed verdict into
 block / reask / log itself, because those actions need Keel's refusal messages, audit and stream
-events). Redacting entries run as an ordered chain (each sees the previous one's output); all other
-entries run concurrently alongside the chain in a thread pool (the validators are CPU-bound: spaCy,
-the embedding model and scikit-learn release the GIL in their native code). guardrails-ai's own
+events). Redacting entries run as an ordered chain inside one Guard (guardrails-ai feeds each fixer the
+previous one's output; one Guard call instead of one per redactor); all other entries run concurrently
+alongside the chain in a thread pool (the validators are CPU-bound: spaCy and the embedding model
+release the GIL in their native code, and the embedder's forward pass has its own thread). A validator
+that raises is recorded by the validator itself, so the rest of its Guard still runs. guardrails-ai's own
 streaming mode (``Guard.stream``/``validate_stream``) is not used: ``filter`` crashes there
 (ENVIRONMENT.md) and it cannot emit retractions or restore PII placeholders, so the output guard cuts
 windows itself and calls each window's Guards with ``Guard.validate``.
@@ -61,11 +63,12 @@ log = logging.getLogger("keel.guardrails")
 _LAST_USER_ONLY = {"keel/toxicity", "keel/topic"}
 
 
-@dataclass
+@dataclass(eq=False)
 class _Compiled:
     spec: ValidatorSpec
     stage: str
-    guard: Any  # guardrails.Guard
+    guard: Any  # guardrails.Guard (this entry alone)
+    validator: Any = None  # its keel validator instance (also used by the entry's redaction chain)
 
     @property
     def fixer(self) -> bool:
@@ -74,10 +77,9 @@ class _Compiled:
 
 @dataclass
 class _Run:
-    """One validator over one or more texts."""
+    """One validator over one or more texts (a redaction's text comes from its chain's Guard output)."""
 
     result: ValidatorResult
-    fixed: list[str] | None  # per text, when the validator redacted
 
 
 class GuardrailEngine:
@@ -88,10 +90,12 @@ class GuardrailEngine:
         self.home = Path(home) if home else Path(".keel")
         self._policy = policy
         self._embedder = embedder
+        self._owns_embedder = embedder is None
         self.metrics = GuardrailMetrics(registry)
         self._audit = audit
         self._pool = ThreadPoolExecutor(max_workers=self.settings.max_workers, thread_name_prefix="keel-guard")
         self._compiled: dict[tuple[str, str], list[_Compiled]] = {}
+        self._chains: dict[tuple[int, ...], Any] = {}
         self._resources: dict[str, Any] = {}
         self._pending: set[asyncio.Future] = set()
         self._ready = False
@@ -116,7 +120,8 @@ class GuardrailEngine:
         if self._embedder is None:
             from app.guardrails.embeddings import SharedEmbedder
 
-            self._embedder = SharedEmbedder(self.settings.embedding_model)
+            self._embedder = SharedEmbedder(self.settings.embedding_model, threads=self.settings.embedding_threads,
+                                            dtype=self.settings.embedding_dtype)
         return self._embedder
 
     def warm_up(self) -> None:
@@ -140,6 +145,12 @@ class GuardrailEngine:
 
             self._resources["attack_index"] = AttackIndex(self.embedder,
                                                           load_patterns(self.settings.attack_patterns)).build()
+            if self.settings.injection_classifier:
+                from app.guardrails.validators.injection_model import load_or_train
+
+                self._resources["injection_classifier"] = load_or_train(
+                    self.embedder, self.settings.model_cache or (self.home / "cache" / "guardrails"),
+                    extra_pattern_files=self.settings.attack_patterns)
         if "keel/pii" in used and self.settings.use_ner:
             from app.guardrails.validators.pii import NameDetector
 
@@ -157,7 +168,14 @@ class GuardrailEngine:
         for name in policy.file.policies:
             resolved = policy.file.resolve(name)
             for stage in ("input", "output"):
-                self._compiled[(name, stage)] = [self._compile(spec, stage) for spec in getattr(resolved, stage)]
+                comps = [self._compile(spec, stage) for spec in getattr(resolved, stage)]
+                self._compiled[(name, stage)] = comps
+                # build the redaction chains now: a Guard costs milliseconds to construct
+                for whole in ((False,) if stage == "input" else (False, True)):
+                    fixers = [c for c in comps if c.fixer and (stage == "input" or
+                                                               (c.spec.validator in WHOLE_OUTPUT) == whole)]
+                    if fixers:
+                        self._chain_guard(fixers)
         _ = self.audit
         self._ready = True
         log.info("guardrails ready in %.1fs (policy %s, %d policies)", time.perf_counter() - t0,
@@ -175,7 +193,8 @@ class GuardrailEngine:
         p = spec.params
         if spec.validator == "keel/prompt_injection":
             kw = {"index": self._resources.get("attack_index"), "threshold": spec.threshold or 0.5,
-                  **{k: p[k] for k in ("sim_floor", "sim_ceiling") if k in p}}
+                  "classifier": self._resources.get("injection_classifier"),
+                  **{k: p[k] for k in ("sim_floor", "sim_ceiling", "clf_floor", "clf_ceiling") if k in p}}
         elif spec.validator == "keel/pii":
             kw = {"entities": p.get("entities"), "names": self._resources.get("names")}
         elif spec.validator == "keel/toxicity":
@@ -198,9 +217,11 @@ class GuardrailEngine:
             kw = {"schema": p.get("schema")}
         elif spec.validator == "keel/system_prompt_leakage":
             kw = {"threshold": spec.threshold or 0.25, **{k: p[k] for k in ("n", "min_shared") if k in p}}
-        guard = Guard(name=f"keel-{stage}-{spec.label}").use(cls(on_fail=on_fail, **kw))
+        validator = cls(on_fail=on_fail, **kw)
+        validator.keel_label = spec.label
+        guard = Guard(name=f"keel-{stage}-{spec.label}").use(validator)
         guard.configure(allow_metrics_collection=False)
-        return _Compiled(spec, stage, guard)
+        return _Compiled(spec, stage, guard, validator)
 
     def compiled(self, policy: str, stage: str) -> list[_Compiled]:
         if not self._ready:
@@ -211,64 +232,103 @@ class GuardrailEngine:
 
     def _run_sync(self, comp: _Compiled, texts: Sequence[str], meta: dict[str, Any], window: int | None) -> _Run:
         """Run one compiled Guard over ``texts`` (in a worker thread); combine into one result."""
-        spec = comp.spec
-        t0 = time.perf_counter()
-        worst: CheckResult | None = None
-        fixed: list[str] = []
-        changed = False
-        error = ""
+        runs, _ = self._run_guard_sync(comp.guard, [comp], texts, meta, window)
+        return runs[0]
+
+    def _run_guard_sync(self, guard: Any, comps: list[_Compiled], texts: Sequence[str], meta: dict[str, Any],
+                        window: int | None) -> tuple[list[_Run], list[str]]:
+        """Run one Guard holding ``comps`` (one entry, or a chain of fixers) over each text.
+
+        Returns one :class:`_Run` per entry and the Guard's output per text (the chain's final redaction).
+        """
+        entries: dict[str, list[Any]] = {c.spec.label: [] for c in comps}
+        errors: dict[str, str] = {}
+        outputs: list[str] = []
         for text in texts:
-            sink: list[CheckResult] = []
+            sink: list[Any] = []
             try:
-                outcome = comp.guard.validate(text, metadata={**meta, "_keel_sink": sink})
-                res = sink[-1] if sink else CheckResult(bool(outcome.validation_passed))
-                if comp.fixer and not res.passed and isinstance(outcome.validated_output, str):
-                    fixed.append(outcome.validated_output)
-                    changed = changed or outcome.validated_output != text
-                else:
-                    fixed.append(text)
-            except Exception as e:  # a validator bug must not take the request down
-                log.exception("guardrail validator %s failed", spec.label)
-                error = f"{type(e).__name__}: {e}"
-                fixed.append(text)
+                outcome = guard.validate(text, metadata={**meta, "_keel_sink": sink})
+                out = outcome.validated_output
+                outputs.append(out if isinstance(out, str) else text)
+            except Exception as e:  # guardrails-ai itself failed (a check's own errors arrive in the sink)
+                log.exception("guardrail Guard %s failed", guard.name)
+                for c in comps:
+                    errors[c.spec.label] = f"{type(e).__name__}: {e}"
+                outputs.append(text)
+            for entry in sink:
+                if entry.label in entries:
+                    entries[entry.label].append(entry)
+        runs = [self._combine(c, entries[c.spec.label], errors.get(c.spec.label, ""), texts, window) for c in comps]
+        return runs, outputs
+
+    def _combine(self, comp: _Compiled, entries: list[Any], guard_error: str, texts: Sequence[str],
+                 window: int | None) -> _Run:
+        """One entry's verdict over all its texts: the worst result wins; errors count unless something failed."""
+        spec = comp.spec
+        latency = sum(e.latency_ms for e in entries)
+        error = guard_error or next((e.error for e in entries if e.error), "")
+        worst: CheckResult | None = None
+        changed = False
+        for e in entries:
+            res = e.result
+            if res is None:
                 continue
+            if not res.passed and res.fixed is not None and res.fixed != e.value:
+                changed = True
             if worst is None or (not res.passed and (worst.passed or res.score > worst.score)) or (
                     res.passed and worst.passed and res.score > worst.score):
                 worst = res
-        latency = (time.perf_counter() - t0) * 1000
         if error and (worst is None or worst.passed):
             action = "block" if self.settings.on_error == "block" else "none"
             return _Run(ValidatorResult(spec.label, spec.validator, comp.stage, "error", action, 0.0,  # type: ignore[arg-type]
-                                        error[:300], latency, window), None)
+                                        error[:300], latency, window))
         if worst is None:
             return _Run(ValidatorResult(spec.label, spec.validator, comp.stage, "skipped", "none", 0.0, "",  # type: ignore[arg-type]
-                                        latency, window), None)
+                                        latency, window))
         if worst.passed:
             skipped = "skipped" in worst.details
             return _Run(ValidatorResult(spec.label, spec.validator, comp.stage,  # type: ignore[arg-type]
                                         "skipped" if skipped else "pass", "none", worst.score, "", latency, window,
-                                        _safe_details(worst)), None)
+                                        _safe_details(worst)))
         action = spec.on_fail
         if action == "redact" and not changed:
             action = "log"  # nothing could be repaired (should not happen for fixers)
         return _Run(ValidatorResult(spec.label, spec.validator, comp.stage, "fail", action, worst.score,  # type: ignore[arg-type]
-                                    worst.reason, latency, window, _safe_details(worst)),
-                    fixed if action == "redact" else None)
+                                    worst.reason, latency, window, _safe_details(worst)))
 
     async def _run(self, comp: _Compiled, texts: Sequence[str], meta: dict[str, Any], window: int | None = None
                    ) -> _Run:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pool, self._run_sync, comp, list(texts), meta, window)
 
+    def _chain_guard(self, fixers: list[_Compiled]) -> Any:
+        """One Guard running the redacting entries in policy order (cached per entry list).
+
+        Why one Guard: guardrails-ai already chains ``on_fail=fix`` validators (each sees the previous one's
+        output), so the chain costs one Guard call and one thread hop instead of one per redactor.
+        """
+        key = tuple(id(c) for c in fixers)
+        guard = self._chains.get(key)
+        if guard is None:
+            from guardrails import Guard
+
+            labels = "+".join(c.spec.label for c in fixers)
+            guard = Guard(name=f"keel-{fixers[0].stage}-chain-{labels}").use(*[c.validator for c in fixers])
+            guard.configure(allow_metrics_collection=False)
+            self._chains[key] = guard
+        return guard
+
+    def _chain_sync(self, fixers: list[_Compiled], texts: list[str], meta: dict[str, Any], window: int | None
+                    ) -> tuple[list[str], list[ValidatorResult]]:
+        runs, outputs = self._run_guard_sync(self._chain_guard(fixers), fixers, texts, meta, window)
+        return outputs, [r.result for r in runs]
+
     async def _chain(self, fixers: list[_Compiled], texts: list[str], meta: dict[str, Any], window: int | None
                      ) -> tuple[list[str], list[ValidatorResult]]:
-        results = []
-        for comp in fixers:
-            run = await self._run(comp, texts, meta, window)
-            results.append(run.result)
-            if run.fixed is not None:
-                texts = run.fixed
-        return texts, results
+        if not fixers:
+            return texts, []
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, self._chain_sync, fixers, list(texts), meta, window)
 
     # -- input ---------------------------------------------------------------------------------------
 
@@ -456,6 +516,8 @@ class GuardrailEngine:
     async def aclose(self) -> None:
         await self.flush()
         self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._owns_embedder and self._embedder is not None and hasattr(self._embedder, "close"):
+            self._embedder.close()
         if self._audit is not None:
             self._audit.close()
 

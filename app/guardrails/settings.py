@@ -46,6 +46,17 @@ class GuardrailSettings(BaseModel):
         default_factory=list,
         description="Extra attack-pattern files (YAML lists) added to the shipped set for keel/prompt_injection.",
     )
+    injection_classifier: bool = Field(
+        default=True, description="Add the embedding classifier to keel/prompt_injection (trained from the shipped "
+        "labelled files at first start, then cached).")
+    model_cache: Path | None = Field(
+        default=None, description="Where trained guardrail models are cached; defaults to <home>/cache/guardrails.")
+    embedding_threads: int = Field(
+        default=1, ge=1, description="Intra-op threads of the guardrail embedder's forward pass. 1 = the guard "
+        "inputs are short, and one thread leaves the other cores to concurrent validators and requests.")
+    embedding_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        default="auto", description="auto = bfloat16 where the CPU has native bf16 (same embeddings to ~1e-4, "
+        "~25% faster), else float32.")
     use_ner: bool = Field(default=True, description="Detect person names with presidio+spaCy when installed.")
     max_workers: int = Field(default=4, ge=1, description="Threads for CPU-bound validators.")
     on_error: Literal["allow", "block"] = Field(

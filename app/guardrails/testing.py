@@ -6,19 +6,27 @@ one loaded embedding model, NER model and classifier.
 
 from __future__ import annotations
 
+import tempfile
 from functools import lru_cache
+from pathlib import Path
 
 import pytest
 
 
+def cache_dir() -> Path:
+    return Path(tempfile.gettempdir()) / "keel-guardrails-test-cache"
+
+
+def model_cache_dir() -> Path:
+    """Where test engines cache trained guardrail models (shared by test modules and runs)."""
+    return cache_dir() / "models"
+
+
 @lru_cache(maxsize=1)
 def _offline() -> None:
-    import tempfile
-    from pathlib import Path
-
     from app.guardrails.offline import configure_offline
 
-    configure_offline(Path(tempfile.gettempdir()) / "keel-guardrails-test-cache", write_guardrailsrc=False)
+    configure_offline(cache_dir(), write_guardrailsrc=False)
 
 
 @lru_cache(maxsize=1)
@@ -29,6 +37,20 @@ def shared_embedder():
     e = SharedEmbedder()
     e.warm_up()
     return e
+
+
+@lru_cache(maxsize=1)
+def shared_attack_index():
+    from app.guardrails.validators.injection import AttackIndex
+
+    return AttackIndex(shared_embedder()).build()
+
+
+@lru_cache(maxsize=1)
+def shared_injection_classifier():
+    from app.guardrails.validators.injection_model import load_or_train
+
+    return load_or_train(shared_embedder(), model_cache_dir())
 
 
 @lru_cache(maxsize=1)

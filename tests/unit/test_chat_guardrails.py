@@ -13,7 +13,7 @@ from app.api.main import create_app
 from app.core.metrics import Metrics
 from app.core.settings import load_settings
 from app.guardrails.engine import GuardrailEngine
-from app.guardrails.testing import _offline, shared_embedder
+from app.guardrails.testing import _offline, model_cache_dir, shared_embedder
 from app.services.container import Container, build_guards
 from ingest import build_rag
 from ingest.embedding import HashingEmbedder
@@ -29,6 +29,8 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> GuardrailEngine:
     settings = load_settings(home=home)
     guards = build_guards(settings, Metrics())
     guards._embedder = shared_embedder()
+    # share the trained injection classifier with the other guardrail test modules (trained once per key)
+    guards.settings = guards.settings.model_copy(update={"model_cache": model_cache_dir()})
     guards.warm_up()
     return guards
 

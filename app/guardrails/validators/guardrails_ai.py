@@ -6,15 +6,23 @@ the Guard call's ``metadata``:
 
 * ``vault`` (PiiVault) for ``keel/pii`` placeholders, ``system_prompt`` for leakage, ``passages`` for
   groundedness, ``schema`` for JSON, ``secret_values`` for configured secrets;
-* ``_keel_sink`` (a list): the validator appends its full :class:`CheckResult` there, so the engine gets
-  scores and findings without reading the Guard's shared history (which is not safe under concurrency).
+* ``_keel_sink`` (a list): the validator appends a :class:`SinkEntry` there (its label, full
+  :class:`CheckResult`, own latency, the value it saw, or the error it raised), so the engine gets scores
+  and findings per validator without reading the Guard's shared history (not safe under concurrency).
 
 A failed check returns ``FailResult(fix_value=<redacted text>)`` when it can repair, so ``on_fail=fix``
-yields the redacted text as the Guard's validated output.
+yields the redacted text as the Guard's validated output; several fixers in one Guard form a chain, each
+seeing the previous one's output. Results carry the call's metadata forward, because guardrails-ai hands
+a validator's result metadata to the next validator of the same Guard. A check that raises is recorded in
+the sink and passes inside the Guard: the engine applies ``guardrails.on_error`` to it, and the other
+validators of the Guard still run.
 """
 
 from __future__ import annotations
 
+import logging
+import time
+from dataclasses import dataclass
 from typing import Any
 
 from guardrails.classes.validation.validation_result import ErrorSpan, FailResult, PassResult, ValidationResult
@@ -23,48 +31,81 @@ from guardrails.validator_base import Validator, register_validator
 from app.guardrails.validators.base import CheckResult
 from app.guardrails.validators.groundedness import check_groundedness
 from app.guardrails.validators.injection import AttackIndex, detect_injection
+from app.guardrails.validators.injection_model import InjectionClassifier
 from app.guardrails.validators.json_schema import check_json_schema
 from app.guardrails.validators.leakage import check_secrets, check_system_prompt_leakage
 from app.guardrails.validators.pii import ALL_ENTITIES, NameDetector, check_pii
 from app.guardrails.validators.topics import TopicIndex, check_topics
 from app.guardrails.validators.toxicity import ProfanityClassifier, check_toxicity
 
+log = logging.getLogger("keel.guardrails")
+
+
+@dataclass(frozen=True, slots=True)
+class SinkEntry:
+    label: str
+    result: CheckResult | None  # None when the check raised
+    latency_ms: float
+    value: str                  # what this validator saw (in a chain: the previous fixer's output)
+    error: str = ""
+
 
 def _to_result(res: CheckResult, value: str, metadata: dict[str, Any]) -> ValidationResult:
-    sink = metadata.get("_keel_sink")
-    if sink is not None:
-        sink.append(res)
+    meta = {**metadata, "score": res.score}
     if res.passed:
-        return PassResult(metadata={"score": res.score})
+        return PassResult(metadata=meta)
     spans = [ErrorSpan(start=f.start, end=f.end, reason=f.kind) for f in res.findings if 0 <= f.start < f.end]
-    kwargs: dict[str, Any] = {"error_message": res.reason or "validation failed", "metadata": {"score": res.score}}
-    if res.fixed is not None:
-        kwargs["fix_value"] = res.fixed
+    # a failing check without a repair keeps the value: on_fail=fix must never hand None to the next fixer
+    kwargs: dict[str, Any] = {"error_message": res.reason or "validation failed", "metadata": meta,
+                              "fix_value": res.fixed if res.fixed is not None else value}
     if spans:
         kwargs["error_spans"] = spans
     return FailResult(**kwargs)
 
 
 class _KeelValidator(Validator):
-    """Shared plumbing: subclasses implement ``check(value, metadata) -> CheckResult``."""
+    """Shared plumbing: subclasses implement ``check(value, metadata) -> CheckResult``.
+
+    ``keel_label`` names the policy entry in sink entries (the engine sets it; defaults to the registered name).
+    """
+
+    keel_label: str = ""
 
     def check(self, value: str, metadata: dict[str, Any]) -> CheckResult:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def _validate(self, value: Any, metadata: dict[str, Any]) -> ValidationResult:
-        return _to_result(self.check(str(value), metadata), value, metadata)
+        text = str(value)
+        sink = metadata.get("_keel_sink")
+        t0 = time.perf_counter()
+        try:
+            res = self.check(text, metadata)
+        except Exception as e:  # a validator bug must not take the request, or the rest of its Guard, down
+            log.exception("guardrail validator %s failed", self.keel_label or self.rail_alias)
+            if sink is None:
+                raise
+            sink.append(SinkEntry(self.keel_label or self.rail_alias, None, (time.perf_counter() - t0) * 1000,
+                                  text, f"{type(e).__name__}: {e}"))
+            return PassResult(metadata=dict(metadata))
+        if sink is not None:
+            sink.append(SinkEntry(self.keel_label or self.rail_alias, res, (time.perf_counter() - t0) * 1000, text))
+        return _to_result(res, text, metadata)
 
 
 @register_validator(name="keel/prompt_injection", data_type="string")
 class PromptInjection(_KeelValidator):
     def __init__(self, threshold: float = 0.5, sim_floor: float = 0.55, sim_ceiling: float = 0.75,
-                 index: AttackIndex | None = None, on_fail: Any = None, **kwargs: Any) -> None:
-        super().__init__(on_fail=on_fail, threshold=threshold, sim_floor=sim_floor, sim_ceiling=sim_ceiling, **kwargs)
+                 index: AttackIndex | None = None, classifier: InjectionClassifier | None = None,
+                 clf_floor: float = 0.3, clf_ceiling: float = 0.9, on_fail: Any = None, **kwargs: Any) -> None:
+        super().__init__(on_fail=on_fail, threshold=threshold, sim_floor=sim_floor, sim_ceiling=sim_ceiling,
+                         clf_floor=clf_floor, clf_ceiling=clf_ceiling, **kwargs)
         self.threshold, self.sim_floor, self.sim_ceiling, self.index = threshold, sim_floor, sim_ceiling, index
+        self.classifier, self.clf_floor, self.clf_ceiling = classifier, clf_floor, clf_ceiling
 
     def check(self, value: str, metadata: dict[str, Any]) -> CheckResult:
         return detect_injection(value, self.index, threshold=self.threshold, sim_floor=self.sim_floor,
-                                sim_ceiling=self.sim_ceiling)
+                                sim_ceiling=self.sim_ceiling, classifier=self.classifier if self.index else None,
+                                clf_floor=self.clf_floor, clf_ceiling=self.clf_ceiling)
 
 
 @register_validator(name="keel/pii", data_type="string")

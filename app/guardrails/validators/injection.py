@@ -1,9 +1,12 @@
 # ruff: noqa: E501  (a table of regular expressions reads better unwrapped)
-"""Prompt-injection / jailbreak detection: weighted heuristics + similarity to known attack patterns.
+"""Prompt-injection / jailbreak detection: weighted heuristics, similarity to known attacks, and a classifier.
 
 ``detect_injection(text)`` runs the heuristics alone (microseconds); pass an :class:`AttackIndex` to add
 embedding similarity against the shipped pattern set (``infra/guardrails/data/attack_patterns.yaml``),
-which catches paraphrases the regular expressions miss. The final score is the larger of the two.
+which catches close paraphrases, and an :class:`~app.guardrails.validators.injection_model.InjectionClassifier`
+(logistic regression over the same embedding, so it costs one dot product) for attacks in new words.
+The final score is the largest of the three; when the heuristics alone already reach the threshold the
+text is not embedded at all (the other two can only raise the score).
 """
 
 from __future__ import annotations
@@ -12,11 +15,15 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import yaml
 
 from app.guardrails.validators.base import CheckResult, Finding, TextEmbedder, chunk_text, normalise
+
+if TYPE_CHECKING:
+    from app.guardrails.validators.injection_model import InjectionClassifier
 
 SHIPPED_PATTERNS = Path(__file__).resolve().parents[3] / "infra" / "guardrails" / "data" / "attack_patterns.yaml"
 
@@ -173,41 +180,65 @@ class AttackIndex:
         self.patterns.extend(patterns)
         self.build()
 
-    def similarity(self, text: str) -> tuple[float, AttackPattern | None]:
-        if self._matrix is None:
-            self.build()
+    def embed(self, text: str) -> np.ndarray:
+        """The text's chunk embeddings (rows); empty when the text is blank."""
         chunks = chunk_text(text, max_chars=300, max_chunks=12)
         if not chunks:
+            return np.zeros((0, 0), dtype=np.float32)
+        return self.embedder.embed_documents(chunks)
+
+    def nearest(self, q: np.ndarray) -> tuple[float, AttackPattern | None]:
+        """Best cosine between any row of ``q`` and any known attack."""
+        if self._matrix is None:
+            self.build()
+        if q.size == 0:
             return 0.0, None
-        q = self.embedder.embed_documents(chunks)
         sims = q @ self._matrix.T
         i, j = np.unravel_index(int(np.argmax(sims)), sims.shape)
         return float(sims[i, j]), self.patterns[int(j)]
+
+    def similarity(self, text: str) -> tuple[float, AttackPattern | None]:
+        return self.nearest(self.embed(text))
 
 
 def detect_injection(
     text: str, index: AttackIndex | None = None, *, threshold: float = 0.5,
     sim_floor: float = 0.55, sim_ceiling: float = 0.75,
+    classifier: InjectionClassifier | None = None, clf_floor: float = 0.3, clf_ceiling: float = 0.9,
 ) -> CheckResult:
     """Flag ``text`` when its risk score reaches ``threshold``.
 
     Similarity is mapped linearly from [sim_floor, sim_ceiling] to [0, 1], so with the defaults a cosine of
-    0.65 to a known attack scores 0.5. The default floor/ceiling were calibrated on MiniLM-L6 against the
-    shipped adversarial and benign sets (tests/unit/test_guardrails_eval.py).
+    0.65 to a known attack scores 0.5. The classifier's probability is mapped from [clf_floor, clf_ceiling],
+    so P(attack) = 0.6 scores 0.5: a cross-validated operating point on the training files (recall ~0.92,
+    false positives ~3%) that is stricter than 0.5 because a false alarm refuses a real user's question.
+    The classifier needs the index (it reuses the index's embedding of the text).
     """
+    if classifier is not None and index is None:
+        raise ValueError("the injection classifier needs an AttackIndex (it reuses its embeddings)")
     h_score, findings = heuristic_score(text)
     sim, pattern = (0.0, None)
-    sim_score = 0.0
-    if index is not None and text.strip():
-        sim, pattern = index.similarity(text)
+    sim_score = clf_score = prob = 0.0
+    embedded = False
+    if index is not None and text.strip() and h_score < threshold:
+        q = index.embed(text)
+        embedded = q.size > 0
+        sim, pattern = index.nearest(q)
         sim_score = min(1.0, max(0.0, (sim - sim_floor) / (sim_ceiling - sim_floor)))
         if pattern is not None and sim_score > 0:
             findings.append(Finding(kind=f"similar:{pattern.category}", text=pattern.text, score=round(sim, 4)))
-    score = max(h_score, sim_score)
+        if classifier is not None and embedded:
+            prob = float(classifier.prob(q).max())
+            clf_score = min(1.0, max(0.0, (prob - clf_floor) / (clf_ceiling - clf_floor)))
+            if clf_score >= threshold:
+                findings.append(Finding(kind="classifier", score=round(prob, 4)))
+    score = max(h_score, sim_score, clf_score)
     passed = score < threshold
     reason = "" if passed else (
         "prompt injection / jailbreak attempt detected ("
         + ", ".join(sorted({f.kind for f in findings})) + ")"
     )
-    return CheckResult(passed, round(score, 4), reason, tuple(findings),
-                       details={"heuristic": round(h_score, 4), "similarity": round(sim, 4)})
+    details = {"heuristic": round(h_score, 4), "similarity": round(sim, 4), "embedded": embedded}
+    if classifier is not None:
+        details["classifier"] = round(prob, 4)
+    return CheckResult(passed, round(score, 4), reason, tuple(findings), details=details)

@@ -7,12 +7,17 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
+
 from app.guardrails.validators.base import CheckResult, Finding
+
+log = logging.getLogger("keel.guardrails")
 
 WORDLIST = Path(__file__).resolve().parents[3] / "infra" / "guardrails" / "data" / "profanity.txt"
 _LEET = str.maketrans({"0": "o", "1": "i", "3": "e", "4": "a", "5": "s", "7": "t", "@": "a", "$": "s", "!": "i",
@@ -37,10 +42,20 @@ def _wordlist_re(path: str) -> re.Pattern[str]:
 
 
 class ProfanityClassifier:
-    """alt-profanity-check (linear SVM on TF-IDF); loaded once in :meth:`load` (~1 s), ~4 ms a call."""
+    """alt-profanity-check (sigmoid-calibrated linear SVMs on TF-IDF); loaded once in :meth:`load` (~1 s).
+
+    Its ``predict_prob`` spends ~3-8 ms a call in scikit-learn's input validation, for what is five dot
+    products with one sparse row. :meth:`load` extracts those linear models and computes the same probability
+    in ~0.4 ms (the TF-IDF transform is most of it), after checking on sample texts that both agree; with a
+    model of another shape, or if they disagree, it keeps ``predict_prob``.
+    """
+
+    _SELF_CHECK = ("what a lovely day", "you are a stupid idiot", "how do I kill a python process",
+                   "shut the hell up", "the weather in Paris is mild in spring")
 
     def __init__(self) -> None:
         self._predict = None
+        self._fast: tuple[object, np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
         self._lock = threading.Lock()
 
     @staticmethod
@@ -56,11 +71,42 @@ class ProfanityClassifier:
 
                 predict_prob(["warm up"])
                 self._predict = predict_prob
+                self._fast = self._extract_linear()
         return self
+
+    def _extract_linear(self):
+        try:
+            from profanity_check import profanity_check as pc
+
+            model, vectorizer = pc.model, pc.vectorizer
+            if getattr(model, "method", None) != "sigmoid" or len(model.classes_) != 2:
+                return None
+            cals = model.calibrated_classifiers_
+            coef = np.vstack([np.ravel(c.estimator.coef_) for c in cals])
+            intercept = np.array([float(np.ravel(c.estimator.intercept_)[0]) for c in cals])
+            a = np.array([float(c.calibrators[0].a_) for c in cals])
+            b = np.array([float(c.calibrators[0].b_) for c in cals])
+            fast = (vectorizer, coef.T.copy(), intercept, a, b)
+        except (AttributeError, ImportError, IndexError, TypeError, ValueError):
+            return None
+        texts = list(self._SELF_CHECK)
+        if not np.allclose(self._fast_prob(fast, texts), self._predict(texts), atol=1e-9):
+            log.warning("alt-profanity-check's model changed shape; using its slower predict_prob")
+            return None
+        return fast
+
+    @staticmethod
+    def _fast_prob(fast, texts: list[str]) -> np.ndarray:
+        vectorizer, coef_t, intercept, a, b = fast
+        d = vectorizer.transform(texts) @ coef_t + intercept  # (n_texts, n_models)
+        # scikit-learn's _SigmoidCalibration: expit(-(a * d + b)), averaged over the calibrated models
+        return (1.0 / (1.0 + np.exp(a * d + b))).mean(axis=1)
 
     def prob(self, text: str) -> float:
         if self._predict is None:
             self.load()
+        if self._fast is not None:
+            return float(self._fast_prob(self._fast, [text])[0])
         return float(self._predict([text])[0])
 
 
