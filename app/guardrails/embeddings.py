@@ -63,6 +63,21 @@ class SharedEmbedder:
         self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._cache_size = cache_size
 
+    # -- the RAG ``Embedder`` protocol (ingest.embedding): one model instance serves both ----------
+
+    @property
+    def model_id(self) -> str:
+        # The same id as the RAG embedder's, whatever the precision: collections built by either match.
+        return self.model_path.parent.name if self.model_path.name == "model" else self.model_path.name
+
+    @property
+    def dim(self) -> int:
+        with self._lock:
+            return int(self._load().get_embedding_dimension())
+
+    def embed_query(self, text: str) -> np.ndarray:
+        return self.embed_documents([text])[0]
+
     @property
     def fingerprint(self) -> str:
         """Identifies the vectors this embedder produces (model files + precision), for caches of fitted models."""
@@ -123,16 +138,18 @@ class SharedEmbedder:
         texts = list(texts)
         with self._lock:
             model = self._load()
-            dim = int(model.get_embedding_dimension())
             if not texts:
-                return np.zeros((0, dim), dtype=np.float32)
+                return np.zeros((0, int(model.get_embedding_dimension())), dtype=np.float32)
+        if len(texts) > _DIRECT_MAX:
+            # Bulk work (ingest batches, index builds, classifier training) runs in the caller's thread with
+            # its full intra-op pool, outside the lock (inference is thread-safe) so that a long ingest batch
+            # never holds up a request's short pass, and stays out of the cache it would only churn.
+            return self._forward(texts)
+        with self._lock:
             found = {t: self._cache[t] for t in texts if t in self._cache}
             missing = [t for t in dict.fromkeys(texts) if t not in found]
             if missing:
-                # bulk work (index builds, classifier training at start-up) keeps the caller's thread and
-                # its full intra-op pool; only the short per-request passes go to the pinned thread
-                vecs = (self._forward(missing) if len(missing) > _DIRECT_MAX
-                        else self._worker.submit(self._forward, missing).result())
+                vecs = self._worker.submit(self._forward, missing).result()
                 for t, v in zip(missing, vecs, strict=True):
                     found[t] = v
                     self._cache[t] = v

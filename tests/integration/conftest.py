@@ -100,6 +100,8 @@ def keel_server(tmp_path_factory: pytest.TempPathFactory) -> KeelServer:
         # The promotion gate (a passing eval run per version) is tested against the real registry in
         # tests/unit/test_evals.py; here label moves exercise the UI and API around it.
         "evals": {"gate_enabled": False},
+        # The injection classifier trains once per data hash (seconds); share it across test sessions.
+        "guardrails": {"model_cache": str(ROOT / ".keel" / "cache" / "guardrails")},
     }
     cfg = home / "keel.yaml"
     cfg.write_text(yaml.safe_dump(config))

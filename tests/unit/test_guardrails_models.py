@@ -176,3 +176,19 @@ def test_guardrails_tracing_is_off_after_configure_offline(embedder):
     from guardrails.settings import settings
 
     assert settings.disable_tracing is True
+
+
+def test_one_embedder_serves_rag_and_guardrails(embedder):
+    """The API loads MiniLM once: the guardrail embedder satisfies the RAG Embedder protocol, names the
+    same model as the RAG embedder (so collections built by either match) and agrees with it."""
+    from ingest.embedding import Embedder, SentenceTransformerEmbedder
+
+    assert isinstance(embedder, Embedder)
+    rag = SentenceTransformerEmbedder(embedder.model_path)
+    assert embedder.model_id == rag.model_id and embedder.dim == rag.dim == 384
+    q = "How do I rotate my API keys?"
+    assert float(embedder.embed_query(q) @ rag.embed_query(q)) > 0.999
+    chunks = [f"Chunk {i}: keys are rotated with keel keys create and revoke." for i in range(40)]
+    bulk = embedder.embed_documents(chunks)  # an ingest batch: not cached, full thread pool
+    assert bulk.shape == (40, 384) and chunks[0] not in embedder._cache
+    assert float((bulk[:3] * rag.embed_documents(chunks[:3])).sum(axis=1).min()) > 0.999
