@@ -27,6 +27,7 @@ console = Console()
 err = Console(stderr=True)
 
 _COLORS = {"queued": "yellow", "running": "cyan", "succeeded": "green", "failed": "red", "cancelled": "magenta"}
+_EVAL_COLORS = {"pending": "yellow", "running": "cyan", "passed": "green", "failed": "red", "error": "red"}
 
 
 def _actor() -> str:
@@ -45,8 +46,16 @@ def _service() -> Iterator[FinetuneService]:
     except Exception as exc:
         err.print(f"[red]configuration error:[/red] {exc}")
         raise typer.Exit(2) from exc
+    eval_store = None
     try:
         svc = build_finetune(settings)
+        if settings.evals.gate_enabled:
+            from evals.gate import adapter_gate
+            from evals.store import EvalStore
+
+            # The same gate as the API's: `promote` here is refused exactly when it is refused there.
+            eval_store = EvalStore(settings.evals.db_path(settings.home))
+            svc.set_gate(adapter_gate(eval_store, max_age_days=settings.evals.gate_max_age_days))
     except KeelError as exc:
         raise fail(exc) from exc
     try:
@@ -63,7 +72,16 @@ def _service() -> Iterator[FinetuneService]:
         raise fail(exc) from exc
     finally:
         svc.close()
+        if eval_store is not None:
+            eval_store.close()
 
+
+
+def _evals(job: Job) -> str:
+    if not job.evals_state:
+        return "-"
+    color = _EVAL_COLORS.get(job.evals_state, "white")
+    return f"[{color}]{job.evals_state}[/{color}]"
 
 
 def _when(ts: float | None) -> str:
@@ -123,13 +141,13 @@ def status(
     """Show jobs: a table, or one job's progress and metrics."""
     with _service() as svc:
         if job_id is None:
-            table = Table("job", "name", "state", "progress", "loss", "model version", "created", "error")
+            table = Table("job", "name", "state", "progress", "loss", "model version", "evals", "created", "error")
             for job in svc.list(state=state, limit=limit):
                 color = _COLORS.get(job.state, "white")
                 table.add_row(job.id, job.name, f"[{color}]{job.state}[/{color}]",
                               f"{job.step}/{job.max_steps or '?'} ({100 * job.progress:.0f}%)", _loss(job),
                               f"{job.model_name}/{job.model_version}" if job.model_version else "-",
-                              _when(job.created_at), escape((job.error or "")[:60]))
+                              _evals(job), _when(job.created_at), escape((job.error or "")[:60]))
             console.print(table)
             return
         if watch:
@@ -153,6 +171,25 @@ def _print_job(job: Job) -> None:
         console.print(f"  MLflow run: {job.mlflow_run_id}")
     if job.error:
         console.print(f"  [red]error ({job.error_code}):[/red] {escape(job.error)}")
+    _print_evals(job)
+
+
+def _print_evals(job: Job) -> None:
+    if not job.evals_state:
+        return
+    ev = job.evals or {}
+    console.print(f"  evals: {_evals(job)}" + (f" on {ev['alias']}" if ev.get("alias") else ""))
+    for name, s in (ev.get("suites") or {}).items():
+        verdict = ("[red]error[/red]" if s.get("error") else "[green]pass[/green]" if s.get("passed")
+                   else "[red]FAIL[/red]")
+        means = ", ".join(f"{k} {v:.2f}" for k, v in (s.get("metrics") or {}).items() if v is not None)
+        console.print(f"    {escape(name)}: {verdict} {s.get('run_id') or ''}  {escape(means)}")
+        for reason in (s.get("reasons") or [])[:5]:
+            console.print(f"      [red]✗[/red] {escape(reason)}")
+        if s.get("error"):
+            console.print(f"      [red]✗[/red] {escape(s['error'])}")
+    if ev.get("error"):
+        console.print(f"    [red]✗[/red] {escape(ev['error'])}")
 
 
 def _follow(svc: FinetuneService, job_id: str) -> None:
@@ -163,13 +200,21 @@ def _follow(svc: FinetuneService, job_id: str) -> None:
         task = bar.add_task(f"{job.id} {job.name}", total=job.max_steps or None, info=job.state)
         while True:
             job = svc.get(job_id)
-            bar.update(task, total=job.max_steps or None, completed=job.step, info=f"{job.state}  {_loss(job)}")
-            if job.state in TERMINAL:
+            info = f"{job.state}  {_loss(job)}" + (f"  evals {job.evals_state}" if job.evals_state else "")
+            bar.update(task, total=job.max_steps or None, completed=job.step, info=info)
+            if job.state in TERMINAL and not _evals_coming(job, svc.fs.poll_interval_s):
                 break
             time.sleep(1.0)
     _print_job(job)
     if job.state != "succeeded":
         raise typer.Exit(1)
+
+
+def _evals_coming(job: Job, poll_s: float) -> bool:
+    """Evals run, or are pending right after training (a worker claims them within a poll or two)."""
+    if job.evals_state == "running":
+        return True
+    return job.evals_state == "pending" and time.time() - (job.finished_at or 0) < 2 * poll_s + 5
 
 
 @app.command()
@@ -201,6 +246,18 @@ def cancel(job_id: str) -> None:
         job = svc.cancel(job_id, actor=_actor())
         console.print(f"{job.id}: {job.state}" + (" (cancel requested; stops at the next step)"
                                                    if job.state == "running" else ""))
+
+
+@app.command()
+def evaluate(
+    job_id: str,
+    suite: Annotated[list[str] | None, typer.Option("--suite", help="Run these suites instead of the spec's.")] = None,
+) -> None:
+    """Queue the eval suites of a succeeded job's adapter again (a worker runs them)."""
+    with _service() as svc:
+        job = svc.evaluate(job_id, suites=suite or None, actor=_actor())
+        console.print(f"{job.id}: evals {job.evals_state} for {job.model_name}/{job.model_version}; "
+                      f"a worker runs them (`keel finetune status {job.id} --watch`)")
 
 
 @app.command()

@@ -11,6 +11,16 @@ A job left ``running`` by a worker that died (its process is gone, or it stopped
 beating for ``stale_after_s``) is put back in the queue by the next worker and resumes
 from its last checkpoint; after ``max_attempts`` runs it fails instead.
 
+Evaluation of a succeeded job's adapter (its spec's eval suites) has its own small state,
+``evals_state``, next to ``state``: the training outcome stays ``succeeded`` whatever the
+evals say (a failing eval makes the adapter unpromotable, it does not undo the training)::
+
+    pending ──claim_evals──▶ running ──▶ passed | failed | error
+       ▲                        │
+       └──── interrupted / recover (dead worker) ─┘
+
+``queue_evals`` puts a finished evaluation back to ``pending`` (re-run after a suite changed).
+
 Every process (API, CLI, workers) opens the same file; each call is one short
 transaction, and WAL mode lets readers run while a worker writes progress.
 """
@@ -35,6 +45,9 @@ from finetune.errors import JobNotFound, JobStateConflict
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 STATES: tuple[JobState, ...] = ("queued", "running", "succeeded", "failed", "cancelled")
 TERMINAL: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
+EVAL_STATES: tuple[str, ...] = ("pending", "running", "passed", "failed", "error")
+# Columns added after the first release: opened stores get them with ALTER TABLE.
+_ADDED_COLUMNS = {"evals_state": "TEXT", "evals": "TEXT"}
 TRANSITIONS: dict[str, frozenset[str]] = {
     "queued": frozenset({"running", "cancelled"}),
     "running": frozenset({"succeeded", "failed", "cancelled", "queued"}),
@@ -70,7 +83,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     adapter_path TEXT,
     mlflow_run_id TEXT,
     model_name TEXT,
-    model_version TEXT
+    model_version TEXT,
+    evals_state TEXT,
+    evals TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, created_at);
 CREATE TABLE IF NOT EXISTS deployments (
@@ -126,6 +141,8 @@ class Job:
     mlflow_run_id: str | None = None
     model_name: str | None = None
     model_version: str | None = None
+    evals_state: str | None = None
+    evals: dict[str, Any] | None = None
 
     @property
     def progress(self) -> float:
@@ -150,6 +167,7 @@ def _row_to_job(row: sqlite3.Row) -> Job:
     d["cancel_requested"] = bool(d["cancel_requested"])
     d["metrics"] = json.loads(d["metrics"] or "{}")
     d["data_report"] = json.loads(d["data_report"]) if d["data_report"] else None
+    d["evals"] = json.loads(d["evals"]) if d.get("evals") else None
     return Job(**d)
 
 
@@ -196,6 +214,14 @@ class JobStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA busy_timeout=30000")
         self._db.executescript(_SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        with self._tx() as db:
+            have = {r["name"] for r in db.execute("PRAGMA table_info(jobs)").fetchall()}
+            for col, kind in _ADDED_COLUMNS.items():
+                if col not in have:
+                    db.execute(f"ALTER TABLE jobs ADD COLUMN {col} {kind}")
 
     def close(self) -> None:
         with self._lock:
@@ -272,7 +298,7 @@ class JobStore:
 
     @staticmethod
     def _update(db: sqlite3.Connection, job_id: str, **fields: Any) -> None:
-        for key in ("metrics", "data_report"):
+        for key in ("metrics", "data_report", "evals"):
             if key in fields and not isinstance(fields[key], str | None):
                 fields[key] = json.dumps(fields[key])
         cols = ", ".join(f"{k} = ?" for k in fields)
@@ -304,8 +330,57 @@ class JobStore:
     def heartbeat(self, job_id: str, worker: str) -> None:
         now = time.time()
         with self._tx() as db:
-            db.execute("UPDATE jobs SET heartbeat_at = ? WHERE id = ? AND worker = ? AND state = 'running'",
-                       (now, job_id, worker))
+            db.execute("UPDATE jobs SET heartbeat_at = ? WHERE id = ? AND worker = ? AND (state = 'running' "
+                       "OR evals_state = 'running')", (now, job_id, worker))
+
+    # -- evaluation of a succeeded job's adapter -----------------------------------------------------
+
+    def queue_evals(self, job_id: str, *, suites: list[str] | None = None) -> Job:
+        """Ask a worker to (re-)run the job's eval suites on its adapter. Refused while they run."""
+        with self._tx() as db:
+            row = db.execute("SELECT state, evals_state, model_version FROM jobs WHERE id = ?",
+                             (job_id,)).fetchone()
+            if row is None:
+                raise JobNotFound(f"no fine-tuning job {job_id!r}", param="job_id")
+            if row["state"] != "succeeded" or not row["model_version"]:
+                raise JobStateConflict(f"job {job_id} is {row['state']} with no registered adapter version; only a "
+                                       "succeeded job's adapter can be evaluated")
+            if row["evals_state"] == "running":
+                raise JobStateConflict(f"the evals of job {job_id} are running now")
+            # A fresh record: the verdicts of an earlier evaluation stay in the eval store and in MLflow.
+            evals = {"attempts": 0, "queued_at": time.time(), "suites_requested": suites}
+            self._update(db, job_id, evals_state="pending", evals=evals, updated_at=time.time())
+        self.append_log(job_id, "evals queued")
+        return self.get(job_id)
+
+    def claim_evals(self, worker: str) -> Job | None:
+        """Atomically take the oldest succeeded job whose evals are pending."""
+        with self._tx() as db:
+            row = db.execute("SELECT id, evals FROM jobs WHERE state = 'succeeded' AND evals_state = 'pending' "
+                             "ORDER BY finished_at LIMIT 1").fetchone()
+            if row is None:
+                return None
+            evals = json.loads(row["evals"]) if row["evals"] else {}
+            evals["attempts"] = int(evals.get("attempts", 0)) + 1
+            now = time.time()
+            self._update(db, row["id"], evals_state="running", evals=evals, worker=worker, heartbeat_at=now,
+                         updated_at=now)
+        job = self.get(row["id"])
+        self.append_log(job.id, f"evals claimed by worker {worker} (attempt {job.evals['attempts']})")
+        return job
+
+    def finish_evals(self, job_id: str, state: str, evals: dict[str, Any]) -> Job:
+        """Record the evaluation outcome (``pending`` puts an interrupted one back in the queue)."""
+        if state not in EVAL_STATES or state == "running":
+            raise ValueError(f"not a final eval state: {state!r}")
+        with self._tx() as db:
+            row = db.execute("SELECT evals FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                raise JobNotFound(f"no fine-tuning job {job_id!r}", param="job_id")
+            merged = {**(json.loads(row["evals"]) if row["evals"] else {}), **evals}
+            self._update(db, job_id, evals_state=state, evals=merged, worker=None, heartbeat_at=None,
+                         updated_at=time.time())
+        return self.get(job_id)
 
     def request_cancel(self, job_id: str) -> Job:
         """Queued: cancelled at once. Running: flagged; the worker stops at the next step."""
@@ -349,6 +424,24 @@ class JobStore:
                 else:
                     self._update(db, row["id"], state="queued", updated_at=now, worker=None, heartbeat_at=None)
                     notes[row["id"]] = f"{why}; requeued to resume from its last checkpoint"
+                moved.append(row["id"])
+            # Evals left running by a dead worker go back to pending (the eval runner resumes the
+            # interrupted run), or end in 'error' once max_attempts workers died on them.
+            rows = db.execute("SELECT * FROM jobs WHERE state = 'succeeded' AND evals_state = 'running'").fetchall()
+            for row in rows:
+                silent = row["heartbeat_at"] is None or now - row["heartbeat_at"] > stale_after_s
+                if not (worker_dead(row["worker"]) or silent):
+                    continue
+                evals = json.loads(row["evals"]) if row["evals"] else {}
+                why = f"evaluating worker {row['worker']} is gone"
+                if int(evals.get("attempts", 0)) >= max_attempts:
+                    evals["error"] = f"{why} after {evals.get('attempts')} attempt(s); giving up"
+                    self._update(db, row["id"], evals_state="error", evals=evals, worker=None, heartbeat_at=None,
+                                 updated_at=now)
+                    notes[row["id"]] = f"{why}; evals failed"
+                else:
+                    self._update(db, row["id"], evals_state="pending", worker=None, heartbeat_at=None, updated_at=now)
+                    notes[row["id"]] = f"{why}; evals queued again"
                 moved.append(row["id"])
         for job_id, note in notes.items():
             self.append_log(job_id, "recovery: " + note)

@@ -98,6 +98,19 @@ class FinetuneService:
         self.store.audit(actor=actor or "unknown", action="job.cancel", job_id=job_id)
         return job
 
+    def evaluate(self, job_id: str, *, suites: list[str] | None = None, actor: str = "") -> Job:
+        """Queue (again) the eval suites of a succeeded job's adapter; a worker runs them, never this process.
+        ``suites`` replaces the spec's list for this evaluation (the gate still requires the spec's)."""
+        if suites is not None and not suites:
+            raise InvalidRequest("give at least one suite, or none to use the job spec's", param="suites")
+        job = self.store.get(job_id)
+        if suites is None and not parse_spec(job.spec_yaml, source=f"job {job_id} spec").evals:
+            raise InvalidRequest(f"job {job_id}'s spec names no eval suites; give the suites to run", param="suites")
+        job = self.store.queue_evals(job_id, suites=suites)
+        self.store.audit(actor=actor or "unknown", action="job.evaluate", job_id=job_id, model=job.model_name,
+                         version=job.model_version, details={"suites": suites})
+        return job
+
     # -- registry ----------------------------------------------------------------------------------
 
     @property
@@ -171,5 +184,6 @@ class FinetuneService:
 
 
 def build_finetune(settings: Settings, *, gate: AdapterGate | None = None) -> FinetuneService:
-    """Factory for the container (``container.finetune``) and the CLI."""
+    """Factory for the container (``container.finetune``) and the CLI. Without ``gate`` promotion is
+    refused until one is plugged in (``set_gate``; the container and the CLI plug in the eval gate)."""
     return FinetuneService(settings, gate=gate)

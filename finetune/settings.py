@@ -7,6 +7,7 @@ Every path left as ``None`` resolves under Keel's home folder.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, Field
 
@@ -39,6 +40,13 @@ class FinetuneSettings(BaseModel):
         "the server read arbitrary files). Empty: any path the server can read.",
     )
     device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N; a job's spec may override it.")
+    auto_eval: bool = Field(
+        default=True, description="This worker runs the eval suites of succeeded jobs on their adapters (in process, "
+        "transformers + peft). false: training only; another worker with auto_eval evaluates them.",
+    )
+    eval_dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
+        default="float32", description="dtype of the in-process model that answers the eval suites."
+    )
 
     def home_dir(self, home: Path) -> Path:
         return home / "finetune"

@@ -32,6 +32,7 @@ from prompts.registry import GateVerdict
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
+    from finetune.evaluate import AdapterEvaluation
     from finetune.settings import FinetuneSettings
     from finetune.spec import JobSpec
 
@@ -90,6 +91,21 @@ class Promotion:
     verdict: GateVerdict | None
     forced: bool
     changed: bool = True
+
+
+def adapter_hash(folder: Path) -> str:
+    """sha256 over the adapter's files (relative path and bytes): the content identity the eval gate
+    can match when two copies of one adapter live in different folders."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(folder)).encode() + b"\0")
+        with f.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        h.update(b"\0")
+    return h.hexdigest()
 
 
 def flatten(prefix: str, value: Any, out: dict[str, str]) -> dict[str, str]:
@@ -205,6 +221,35 @@ class Tracker:
         self.client.set_registered_model_alias(model_name, CANDIDATE, mv.version)
         log.info("registered %s version %s (%s)", model_name, mv.version, source)
         return self.get_version(model_name, mv.version)
+
+    def log_evaluation(self, run_id: str | None, evaluation: AdapterEvaluation, *, step: int = 0) -> None:
+        """The eval verdicts on the job's run (metrics ``eval.<suite>.<metric>`` = mean, ``eval.<suite>.passed``;
+        tags with the eval run ids) and on the registered version (``keel.eval.<suite>``, ``keel.evals.state``),
+        where ``keel finetune versions`` and the MLflow UI show them next to the promotion records."""
+        import time
+
+        from mlflow.entities import Metric, RunTag
+
+        ts = int(time.time() * 1000)
+        if run_id:
+            metrics = [Metric("eval.passed", float(evaluation.passed), ts, step)]
+            tags = [RunTag("keel.evals.state", evaluation.state)]
+            for s in evaluation.suites:
+                metrics.append(Metric(f"eval.{s.suite}.passed", float(s.passed), ts, step))
+                metrics += [Metric(f"eval.{s.suite}.{k}", float(v), ts, step) for k, v in s.metrics.items()
+                            if v is not None]
+                if s.pass_rate is not None:
+                    metrics.append(Metric(f"eval.{s.suite}.pass_rate", float(s.pass_rate), ts, step))
+                tags.append(RunTag(f"keel.eval.{s.suite}.run_id", s.run_id or ""))
+                tags.append(RunTag(f"keel.eval.{s.suite}.verdict", "error" if s.error else
+                                   "pass" if s.passed else "fail"))
+            self.client.log_batch(run_id, metrics=metrics, tags=tags)
+        for s in evaluation.suites:
+            record = {"run_id": s.run_id, "passed": s.passed, "failing_metrics": s.failing_metrics,
+                      "metrics": s.metrics, "error": s.error}
+            self.client.set_model_version_tag(evaluation.model, evaluation.version, f"keel.eval.{s.suite}",
+                                              json.dumps(record)[:4900])
+        self.client.set_model_version_tag(evaluation.model, evaluation.version, "keel.evals.state", evaluation.state)
 
     def get_version(self, model: str, version: str | int) -> AdapterVersion:
         from mlflow.exceptions import MlflowException

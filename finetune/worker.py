@@ -7,11 +7,18 @@ Several workers (one per GPU machine) may share one job store: claiming a job is
 Before each claim, a worker recovers jobs whose worker died (see ``JobStore.recover_stale``);
 those resume from their last checkpoint. SIGTERM/SIGINT stop the current job at the next
 step and put it back in the queue, so a restart resumes it instead of losing it.
+
+After a job succeeds, its adapter version is evaluated on the spec's ``evals`` suites
+(``finetune.evaluate``), here in the worker, never in the API process: pending evaluations are
+claimed before the next training job, so a new adapter is evaluated right after its training.
+The verdicts go on the job, on its MLflow run and on the registered version; a failing suite
+leaves the job ``succeeded`` and the adapter unpromotable (``evals.gate.adapter_gate``).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import logging
 import signal
@@ -24,10 +31,11 @@ from app.core.errors import KeelError
 from finetune.errors import InvalidTrainingData
 from finetune.jobs import Job, JobStore, this_worker_id
 from finetune.settings import FinetuneSettings
-from finetune.spec import parse_spec
+from finetune.spec import parse_spec, resolve_base_model
 
 if TYPE_CHECKING:
     from app.core.settings import Settings
+    from app.llm.base import LLMBackend
     from finetune.tracking import Tracker
 
 log = logging.getLogger("keel.finetune.worker")
@@ -45,11 +53,12 @@ def open_store(settings: Settings) -> JobStore:
 
 class Worker:
     def __init__(self, settings: Settings, *, store: JobStore | None = None, tracker: Tracker | None = None,
-                 worker_id: str | None = None) -> None:
+                 worker_id: str | None = None, eval_backend: LLMBackend | None = None) -> None:
         self.settings = settings
         self.fs = finetune_settings(settings)
         self.store = store or open_store(settings)
         self._tracker = tracker
+        self.eval_backend = eval_backend  # replaces the in-process transformers model in evals (tests)
         self.worker_id = worker_id or this_worker_id()
         self.shutdown = threading.Event()
 
@@ -64,8 +73,8 @@ class Worker:
     def recover(self) -> list[Job]:
         moved = self.store.recover_stale(stale_after_s=self.fs.stale_after_s, max_attempts=self.fs.max_attempts)
         for job in moved:
-            log.warning("recovered job %s from a dead worker: now %s", job.id, job.state)
-            if job.state != "queued" and job.mlflow_run_id and self.tracker is not None:
+            log.warning("recovered job %s from a dead worker: now %s (evals %s)", job.id, job.state, job.evals_state)
+            if job.state in ("failed", "cancelled") and job.mlflow_run_id and self.tracker is not None:
                 with contextlib.suppress(Exception):
                     self.tracker.end_run(job.mlflow_run_id, "FAILED" if job.state == "failed" else "KILLED")
         return moved
@@ -76,6 +85,10 @@ class Worker:
         log.info("fine-tuning worker %s started (store %s)", self.worker_id, self.store.path)
         while not self.shutdown.is_set():
             self.recover()
+            evaluated = self.store.claim_evals(self.worker_id) if self.fs.auto_eval else None
+            if evaluated is not None:
+                self.run_evals(evaluated)
+                continue
             job = self.store.claim_next(self.worker_id)
             if job is None:
                 if once:
@@ -153,18 +166,24 @@ class Worker:
             if tracker is not None and run_id and result.adapter_dir is not None:
                 tracker.log_metrics(run_id, result.global_step, {k: v for k, v in result.metrics.items()
                                                                  if k.startswith(("s_per", "train_tok"))})
+                from finetune.tracking import adapter_hash
+
                 version = tracker.register_adapter(
                     run_id, result.adapter_dir, model_name,
                     tags={"keel.job_id": job.id, "keel.spec_hash": result.spec_hash,
                           "keel.data_hash": result.data_report.data_hash if result.data_report else "",
-                          "keel.base_model": result.base_model, "keel.evals": ",".join(spec.evals)},
+                          "keel.base_model": result.base_model, "keel.evals": ",".join(spec.evals),
+                          "keel.adapter_hash": adapter_hash(result.adapter_dir)},
                 )
                 fields.update(model_name=version.model, model_version=version.version)
+                if spec.evals:
+                    fields.update(evals_state="pending", evals={"suites_requested": list(spec.evals), "attempts": 0})
                 self._end_run(run_id, "FINISHED")
             self.store.merge_metrics(job.id, result.metrics)
             self.store.append_log(job.id, "succeeded" + (f": registered {fields['model_name']} version "
                                                          f"{fields['model_version']} (alias candidate)"
-                                                         if "model_version" in fields else ""))
+                                                         if "model_version" in fields else "")
+                                  + (f"; evals queued: {', '.join(spec.evals)}" if "evals_state" in fields else ""))
             return self.store.transition(job.id, "succeeded", worker=None, **fields)
         except InvalidTrainingData as exc:
             return self._fail(job, run_id, exc, report=exc.report.to_dict() if exc.report else None)
@@ -180,6 +199,51 @@ class Worker:
                 lg.removeHandler(handler)
                 lg.setLevel(saved_levels[name])
             handler.close()
+
+    def run_evals(self, job: Job) -> Job:
+        """Evaluate a succeeded job's adapter version on its spec's suites (claimed with ``claim_evals``)."""
+        import time
+
+        from evals.store import EvalStore
+        from finetune.evaluate import EvalInterrupted, evaluate_adapter
+
+        beat_stop = threading.Event()
+        threading.Thread(target=self._beat, args=(job.id, beat_stop), daemon=True, name=f"eval-beat-{job.id}").start()
+        started = time.time()
+        store = None
+        try:
+            spec = parse_spec(job.spec_yaml, source=f"job {job.id} spec")
+            suites = list((job.evals or {}).get("suites_requested") or spec.evals)
+            tracker = self.tracker
+            if tracker is None or not job.model_name or not job.model_version:
+                raise KeelError("the job has no registered adapter version to evaluate (tracking is off)",
+                                code="eval_failed")
+            version = tracker.get_version(job.model_name, job.model_version)
+            self.store.append_log(job.id, f"evaluating {version.ref} on {', '.join(suites)}")
+            store = EvalStore(self.settings.evals.db_path(self.settings.home))
+            evaluation = asyncio.run(evaluate_adapter(
+                self.settings, version, suites, base_model=resolve_base_model(spec, self.settings.models_dir),
+                store=store, backend=self.eval_backend, should_stop=self.shutdown.is_set))
+        except EvalInterrupted:
+            self.store.append_log(job.id, "evals interrupted by shutdown: queued again (the runs resume)")
+            return self.store.finish_evals(job.id, "pending", {})
+        except Exception as exc:
+            message = exc.message if isinstance(exc, KeelError) else f"{type(exc).__name__}: {exc}"
+            log.exception("evals of job %s failed to run", job.id)
+            self.store.append_log(job.id, f"evals could not run: {message}")
+            return self.store.finish_evals(job.id, "error", {"error": message, "finished_at": time.time()})
+        finally:
+            beat_stop.set()
+            if store is not None:
+                store.close()
+        record = {**evaluation.to_dict(), "error": None, "started_at": started, "finished_at": time.time()}
+        try:
+            tracker.log_evaluation(job.mlflow_run_id, evaluation, step=job.step)
+        except Exception as exc:  # the verdicts are in the eval store and on the job either way
+            log.warning("could not record the evals of job %s in MLflow: %s", job.id, exc)
+            record["tracking_error"] = str(exc)
+        self.store.append_log(job.id, f"evals {evaluation.state}: {evaluation.summary()}")
+        return self.store.finish_evals(job.id, evaluation.state, record)
 
     def _fail(self, job: Job, run_id: str | None, exc: KeelError, report: dict | None = None) -> Job:
         self.store.append_log(job.id, f"failed ({exc.code}): {exc.message}")

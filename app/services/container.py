@@ -19,7 +19,7 @@ from app.security.ratelimit import RateLimiter
 from app.services.chat import ChatService
 from app.services.grounding import Grounder
 from app.services.ingest_jobs import IngestJobs
-from evals.gate import prompt_gate
+from evals.gate import adapter_gate, prompt_gate
 from evals.store import EvalStore
 from finetune import build_finetune
 from finetune.service import FinetuneService
@@ -76,6 +76,9 @@ class Container:
         agents = build_agents(settings, llm, rag, prompts)
         await agents.start()
         finetune = build_finetune(settings)
+        if settings.evals.gate_enabled:
+            # An adapter version reaches production only with passing runs of its job's suites on that adapter.
+            finetune.set_gate(adapter_gate(eval_store, max_age_days=settings.evals.gate_max_age_days))
         chat = ChatService(settings, llm, metrics, prompts, Grounder(rag, prompts), guards, agents)
         jobs = IngestJobs(rag, settings.home / "uploads")
         container = cls(settings, metrics, keys, RateLimiter(), llm, chat, prompts, rag, jobs, guards, agents, finetune,

@@ -31,19 +31,21 @@ def make_home(tmp: Path) -> Path:
     return tmp
 
 
-def worker_env(home: Path) -> dict[str, str]:
+def worker_env(home: Path, *, auto_eval: bool = False) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("KEEL_")}
+    # auto_eval off by default: only the test that checks evaluation pays for it.
     env.update(KEEL_HOME=str(home), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               MLFLOW_DISABLE_TELEMETRY="true", KEEL_CONFIG=str(home / "none.yaml"))
+               MLFLOW_DISABLE_TELEMETRY="true", KEEL_CONFIG=str(home / "none.yaml"),
+               KEEL_FINETUNE__AUTO_EVAL="true" if auto_eval else "false")
     (home / "none.yaml").write_text("{}\n")
     return env
 
 
-def start_worker(home: Path, *, once: bool = True) -> subprocess.Popen:
+def start_worker(home: Path, *, once: bool = True, auto_eval: bool = False) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "finetune.worker"] + (["--once"] if once else [])
     log = (home / "worker.out").open("ab")
-    return subprocess.Popen(cmd, cwd=ROOT, env=worker_env(home), stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    return subprocess.Popen(cmd, cwd=ROOT, env=worker_env(home, auto_eval=auto_eval), stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def service(home: Path):
@@ -53,14 +55,14 @@ def service(home: Path):
     return build_finetune(Settings(home=home))
 
 
-def spec(**training) -> str:
+def spec(evals: tuple[str, ...] = ("veltmar-fact",), **training) -> str:
     import yaml
 
     t = {"max_steps": 8, "batch_size": 4, "max_length": 128, "learning_rate": 0.002, "save_steps": 4,
          "eval_steps": 4, "warmup_steps": 1, **training}
     return yaml.safe_dump({"name": "veltmar-e2e", "base_model": "smollm2",
                            "dataset": {"path": str(DATA), "validation_split": 0.15}, "training": t,
-                           "evals": ["veltmar-fact"]})
+                           "evals": list(evals)})
 
 
 def wait_done(proc: subprocess.Popen, home: Path, timeout: float = 900) -> None:

@@ -1,14 +1,18 @@
-"""The issue's serving test: a LoRA job teaches SmolLM2 a made-up fact; after promotion through the
-eval gate, the adapter is loaded into a RUNNING vLLM server (runtime LoRA loading, no restart) and
-answers with the fact through Keel's chat API under its alias, while the base model does not.
+"""The issue's serving test: a LoRA job teaches SmolLM2 a made-up fact; a fine-tuning worker
+evaluates the new adapter on the job's suites (veltmar-fact, smoke-general), and only then does the
+eval gate let it reach production; promoted, it is loaded into a RUNNING vLLM server (runtime LoRA
+loading, no restart) and answers with the fact through Keel's chat API under its alias, while the
+base model does not (and fails the same suite).
 
-Costs about 3-5 minutes on 2 cores (training ~30 steps, vLLM start ~40 s with --enforce-eager).
+Costs about 4-6 minutes on 2 cores (training ~30 steps, evals ~1 min in the worker, vLLM start
+~40 s with --enforce-eager).
 Skipped without the vLLM environment, or with KEEL_SKIP_VLLM_TESTS=1.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import time
 from pathlib import Path
@@ -38,40 +42,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-async def test_promoted_adapter_answers_through_vllm_and_keel(tmp_path):
+async def test_adapter_is_evaluated_then_promoted_through_the_gate_and_served(tmp_path):
+    from mlflow import MlflowClient
+
     from app.api.main import create_app
     from app.core.settings import Settings
     from app.services.container import Container
+    from evals.runner import EvalRunner
+    from evals.suite import load_suite
     from finetune import serving
-    from finetune.errors import PromotionRefused
     from finetune.spec import parse_spec
-    from prompts.registry import GateVerdict
 
-    # 1. Train the fact into an adapter (a real worker process), registered as version 1.
+    # 1. Train the fact into an adapter (a real worker process that only trains), registered as version 1;
+    #    its evals wait for a worker that evaluates.
     home = make_home(tmp_path)
     svc = service(home)
-    job = svc.submit(parse_spec(spec(max_steps=30, batch_size=4, learning_rate=0.001, warmup_steps=2,
-                                     save_steps=30, eval_steps=30)))
+    job = svc.submit(parse_spec(spec(evals=("veltmar-fact", "smoke-general"), max_steps=30, batch_size=4,
+                                     learning_rate=0.001, warmup_steps=2, save_steps=30, eval_steps=30)))
     wait_done(start_worker(home), home, timeout=1200)
     job = svc.get(job.id)
     assert job.state == "succeeded", (job.error, svc.logs(job.id)[0][-3000:])
+    assert job.evals_state == "pending" and job.model_version == "1"
+    model, version_id = job.model_name, job.model_version
 
-    # 2. Promotion goes through the gate: refused without one, accepted by a passing gate.
-    with pytest.raises(PromotionRefused, match="no eval gate configured"):
-        svc.promote(job.model_name, job.model_version, actor="test")
-    gated: list[str] = []
-
-    def gate(version):
-        gated.append(version.ref)
-        return GateVerdict(passed=True, reason="bound suite passed (test gate)")
-
-    svc.set_gate(gate)
-    promotion = svc.promote(job.model_name, job.model_version, actor="test")
-    assert promotion.to_version == job.model_version and gated == [f"{job.model_name}/{job.model_version}"]
-    version = svc.registry.by_alias(job.model_name, "production")
-    assert version is not None and version.version == job.model_version
-
-    # 3. Keel with a supervised vLLM (LoRA enabled, nothing preloaded).
+    # 2. Keel with a supervised vLLM (LoRA enabled, nothing preloaded); the container plugs in the adapter gate.
     settings = Settings(
         home=home, auth={"enabled": False},
         backends={"local": {"kind": "vllm", "managed": {
@@ -80,18 +74,58 @@ async def test_promoted_adapter_answers_through_vllm_and_keel(tmp_path):
     )
     container = await Container.build(settings)
     try:
-        backend = container.llm.backends["local"]
-        deadline = time.monotonic() + 600
-        while not await backend.ready():
-            assert time.monotonic() < deadline, "vLLM did not become ready in 600 s"
-            await asyncio.sleep(1)
         app = create_app(settings, container)
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://keel",
                                      timeout=300) as client:
+            promote = {"version": version_id, "deploy_alias": "veltmar", "backend": "local"}
 
-            async def ask(model: str) -> str:
+            # 3. Not evaluated yet: refused, and the message says why.
+            r = await client.post(f"/v1/finetune/models/{model}/promote", json=promote)
+            assert r.status_code == 409, r.text
+            err = r.json()["error"]
+            assert err["code"] == "promotion_gate_failed" and f"no completed eval run of adapter {model}/1" in \
+                err["message"], err
+
+            # 4. A worker with auto_eval evaluates the adapter in its own process (transformers + peft).
+            t0 = time.perf_counter()
+            wait_done(start_worker(home, auto_eval=True), home, timeout=900)
+            eval_s = time.perf_counter() - t0
+            job = svc.get(job.id)
+            suites = job.evals["suites"]
+            print(f"\nevals in the worker: {eval_s:.0f} s, {job.evals_state}: "
+                  + "; ".join(f"{n}: {s['metrics']}" for n, s in suites.items()))
+            assert job.state == "succeeded" and job.evals_state == "passed", (job.evals, svc.logs(job.id)[0][-2000:])
+            assert set(suites) == {"veltmar-fact", "smoke-general"} and all(s["passed"] for s in suites.values())
+            assert suites["veltmar-fact"]["metrics"]["says_quorra"] >= 0.8
+            fact_run = container.evals.get_run(suites["veltmar-fact"]["run_id"])
+            assert fact_run.passed and fact_run.identity["model"]["adapter"] == str(
+                svc.registry.get_version(model, version_id).local_path())
+
+            # MLflow: the verdicts on the job's run and on the registered version.
+            fs = svc.fs
+            mlc = MlflowClient(tracking_uri=fs.resolved_tracking_uri(home), registry_uri=fs.resolved_registry_uri(home))
+            run = mlc.get_run(job.mlflow_run_id)
+            assert run.data.metrics["eval.veltmar-fact.passed"] == 1.0 and run.data.metrics["eval.passed"] == 1.0
+            assert run.data.tags["keel.eval.veltmar-fact.run_id"] == fact_run.id
+            mv = mlc.get_model_version(model, version_id)
+            assert mv.tags["keel.evals.state"] == "passed"
+            assert json.loads(mv.tags["keel.eval.smoke-general"])["passed"] is True
+
+            backend = container.llm.backends["local"]
+            deadline = time.monotonic() + 600
+            while not await backend.ready():
+                assert time.monotonic() < deadline, "vLLM did not become ready in 600 s"
+                await asyncio.sleep(1)
+
+            # 5. The base model fails the very suite the adapter passed (through vLLM and Keel's chat path).
+            base_run = (await EvalRunner(container, container.evals, progress=False).run(
+                load_suite(ROOT / "evals" / "suites" / "veltmar-fact.yaml"))).run
+            assert base_run.passed is False and base_run.identity["model"]["adapter"] is None
+            assert "says_quorra" in base_run.verdict["failing_metrics"]
+
+            async def ask(model_alias: str) -> str:
                 r = await client.post("/v1/chat/completions", json={
-                    "model": model, "messages": [{"role": "user", "content": QUESTION}],
+                    "model": model_alias, "messages": [{"role": "user", "content": QUESTION}],
                     "max_tokens": 12, "temperature": 0})
                 assert r.status_code == 200, r.text
                 return r.json()["choices"][0]["message"]["content"]
@@ -99,20 +133,30 @@ async def test_promoted_adapter_answers_through_vllm_and_keel(tmp_path):
             base = await ask("smollm2")
             assert "quorra" not in base.lower(), base
 
-            # 4. Deploy the production version at runtime: load into vLLM, point the alias at it.
+            # 6. Evaluated: promotion passes the gate and deploys at runtime (load into vLLM, point the alias).
             t0 = time.perf_counter()
-            dep = await serving.deploy(settings, version, alias="veltmar", backend="local", fallback="smollm2")
+            r = await client.post(f"/v1/finetune/models/{model}/promote", json=promote)
+            assert r.status_code == 200, r.text
+            body = r.json()
+            assert body["to_version"] == version_id and body["verdict"]["passed"] and not body["forced"]
+            assert fact_run.id in body["verdict"]["reason"]
             vllm_url = serving.backend_url(settings, "local")
-            assert await serving.served_adapters(vllm_url) == {dep.served_name: "smollm2"}
+            assert await serving.served_adapters(vllm_url) == {body["served_name"]: "smollm2"}
             tuned = await ask("veltmar")
-            print(f"\nbase: {base!r}\ntuned: {tuned!r}\npromote->answer {time.perf_counter() - t0:.1f} s")
+            print(f"base: {base!r}\ntuned: {tuned!r}\npromote->answer {time.perf_counter() - t0:.1f} s")
             assert "quorra" in tuned.lower(), tuned
             models = (await client.get("/v1/models")).json()["data"]
             assert "veltmar" in {m["id"] for m in models}
+            assert [(d["alias"], d["version"]) for d in container.finetune.store.deployments()] == [
+                ("veltmar", version_id)]
 
-            # 5. Unloading takes it away again (rollback of a deployment).
-            assert await serving.unload_adapter(vllm_url, dep.served_name)
-            assert await serving.served_adapters(vllm_url) == {}
+            # 7. A vLLM that forgot the adapter (restarted) and a process that forgot the alias get both back
+            #    from the start-up restore.
+            assert await serving.unload_adapter(vllm_url, body["served_name"])
+            del settings.models["veltmar"]
+            await container._restore_adapters()
+            assert await serving.served_adapters(vllm_url) == {body["served_name"]: "smollm2"}
+            assert "quorra" in (await ask("veltmar")).lower()
     finally:
         await container.aclose()
         svc.close()

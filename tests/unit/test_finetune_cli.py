@@ -68,3 +68,49 @@ def test_unknown_job_and_promotion_without_a_gate(home):
     assert r.exit_code == 1 and "finetune_job_not_found" in r.output
     r = runner.invoke(app, ["promote", "nope", "1"])
     assert r.exit_code == 1 and "adapter_not_found" in r.output
+
+
+def test_status_shows_the_evals_evaluate_requeues_and_promote_names_the_failing_suite(home):
+    from evals.store import EvalStore
+    from finetune.jobs import JobStore
+    from finetune.settings import FinetuneSettings
+    from finetune.spec import load_spec
+    from finetune.tracking import Tracker
+
+    spec = load_spec(home / "job.yaml").model_copy(update={"evals": ["fact"]})
+    tracker = Tracker(FinetuneSettings(), home)
+    run_id = tracker.start_run(job_id="ft-cli", spec=spec)
+    (home / "adapter").mkdir()
+    (home / "adapter" / "adapter_config.json").write_text("{}")
+    version = tracker.register_adapter(run_id, home / "adapter", "cli-demo", tags={"keel.evals": "fact"})
+    evals = EvalStore(home / "evals.db")
+    ident = {"kind": "model", "model": {"alias": "cli-demo-v1", "adapter": str(version.local_path())}}
+    failed = evals.create_run(suite="fact", suite_hash="s", identity_key="k", identity=ident, cases_total=1)
+    evals.finish_run(failed, passed=False, summary={}, verdict={"failing_metrics": ["says_quorra"],
+                                                               "reasons": ["says_quorra mean 0.00 < 0.80"]})
+    evals.close()
+    store = JobStore(home / "finetune" / "jobs.db", home / "finetune" / "runs")
+    job = store.create(name="cli-demo", spec_yaml=spec.to_yaml(), spec_hash=spec.spec_hash())
+    store.claim_next("h:1")
+    store.transition(job.id, "succeeded", worker=None, model_name="cli-demo", model_version="1")
+    store.queue_evals(job.id)
+    store.claim_evals("h:1")
+    store.finish_evals(job.id, "failed", {"alias": "cli-demo-v1", "suites": {"fact": {
+        "passed": False, "run_id": failed, "metrics": {"says_quorra": 0.0}, "failing_metrics": ["says_quorra"],
+        "reasons": ["says_quorra mean 0.00 < 0.80"], "error": None}}})
+    store.close()
+
+    r = run("status")
+    assert r.exit_code == 0 and "failed" in r.output.split(job.id)[1].splitlines()[0]
+    r = run("status", job.id)
+    assert r.exit_code == 0 and "evals: failed on cli-demo-v1" in r.output
+    assert f"fact: FAIL {failed}" in r.output and "says_quorra 0.00" in r.output and "mean 0.00 < 0.80" in r.output
+
+    r = runner.invoke(app, ["promote", "cli-demo", "1"])
+    assert r.exit_code == 1 and "promotion_gate_failed" in r.output
+    assert f"fact ({failed}) failed: says_quorra" in " ".join(r.output.split())
+
+    r = run("evaluate", job.id, "--suite", "fact")
+    assert r.exit_code == 0 and "evals pending for cli-demo/1" in r.output
+    r = runner.invoke(app, ["evaluate", "ft-nope"])
+    assert r.exit_code == 1 and "finetune_job_not_found" in r.output

@@ -128,3 +128,54 @@ async def test_deploy_loads_then_points_the_alias(tmp_path, monkeypatch, fake):
     (adapter / "adapter_config.json").unlink()
     with pytest.raises(AdapterServingError, match="not a PEFT adapter"):
         await serving.deploy(s, version, alias="demo", backend="local")
+
+
+async def test_container_start_up_restores_deployed_adapters_and_plugs_in_the_adapter_gate(tmp_path):
+    """A restarted API process: the deployment remembered in the job store is served again as its alias
+    (through the real router and chat service; a scripted model stands in for the backend), and promotion
+    goes through the eval gate."""
+    import asyncio
+
+    from app.core.types import ChatMessage, GenerationParams
+    from app.services.chat import ChatRequest
+    from app.services.container import Container
+    from finetune.errors import PromotionRefused
+    from finetune.jobs import JobStore
+    from finetune.settings import FinetuneSettings
+    from finetune.spec import parse_spec
+    from finetune.tracking import Tracker
+    from ingest import build_rag
+    from ingest.embedding import HashingEmbedder
+    from tests.fakes.llm import ScriptedBackend
+
+    (tmp_path / "base").mkdir()
+    tracker = Tracker(FinetuneSettings(), tmp_path)
+    spec = parse_spec("name: tuned\ndataset: {path: /x/d.jsonl}\ntraining: {max_steps: 1}\nevals: [veltmar-fact]\n")
+    run_id = tracker.start_run(job_id="ft-1", spec=spec)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    version = tracker.register_adapter(run_id, adapter, "tuned", tags={"keel.evals": "veltmar-fact"})
+    jobs = JobStore(tmp_path / "finetune" / "jobs.db", tmp_path / "finetune" / "runs")
+    jobs.save_deployment(alias="tuned-prod", model="tuned", version=version.version, backend="tf",
+                         served_name="tuned-v1", adapter_path=str(version.local_path()))
+    jobs.close()
+
+    settings = Settings(home=tmp_path, guardrails={"enabled": False}, default_model="m",
+                        backends={"tf": {"kind": "transformers", "model_path": str(tmp_path / "base")}},
+                        models={"m": {"backend": "tf", "model": "base"}})
+    fake = ScriptedBackend(reply="Quorra.")
+    # Settings keep the default managed vLLM backend too: a scripted one stands in so nothing is started.
+    others = {name: ScriptedBackend() for name in settings.backends if name != "tf"}
+    container = await Container.build(settings, backends={"tf": fake, **others},
+                                      rag=build_rag(settings, embedder=HashingEmbedder()))
+    try:
+        await asyncio.gather(*list(container._tasks))  # the start-up restore runs in the background
+        assert settings.models["tuned-prod"].adapter == version.local_path()
+        result = await container.chat.complete(ChatRequest(model="tuned-prod", params=GenerationParams(max_tokens=4),
+                                                           messages=(ChatMessage("user", "Capital of Veltmar?"),)))
+        assert "".join(result.texts[0]) == "Quorra." and fake.requests[-1].adapter == str(version.local_path())
+        with pytest.raises(PromotionRefused, match="no completed eval run of adapter tuned/1"):
+            container.finetune.promote("tuned", version.version, actor="t")
+    finally:
+        await container.aclose()
