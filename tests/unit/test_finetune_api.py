@@ -209,3 +209,15 @@ def test_allowed_data_dirs(client, home, tmp_path_factory):
     (home / "good.jsonl").rename(home / "datasets" / "good.jsonl")
     r = client.post("/v1/finetune/jobs", json={"spec": spec(home, "datasets/good.jsonl")}, headers=h())
     assert r.status_code == 201, r.text
+
+
+def test_evaluate_route_and_eval_fields(client, home):
+    job = client.post("/v1/finetune/jobs", json={"spec": spec(home)}, headers=h()).json()
+    assert job["evals_state"] is None and job["evals"] is None
+    r = client.post(f"/v1/finetune/jobs/{job['id']}/evaluate", headers=h())
+    assert r.status_code == 400 and "names no eval suites" in r.json()["error"]["message"]
+    r = client.post(f"/v1/finetune/jobs/{job['id']}/evaluate", json={"suites": ["smoke-general"]}, headers=h())
+    assert r.status_code == 409, r.text  # only a succeeded job has an adapter to evaluate
+    r = client.post(f"/v1/finetune/jobs/{job['id']}/evaluate", json={"suites": []}, headers=h())
+    assert r.status_code == 400
+    assert client.post("/v1/finetune/jobs/ft-missing/evaluate", headers=h()).status_code == 404

@@ -60,6 +60,9 @@ class JobOut(BaseModel):
     model_version: str | None
     adapter_path: str | None
     mlflow_run_id: str | None
+    evals_state: Literal["pending", "running", "passed", "failed", "error"] | None = Field(
+        default=None, description="The adapter's evaluation (training's outcome stays in `state`).")
+    evals: dict[str, Any] | None = Field(default=None, description="Per-suite eval runs and verdicts.")
     data_report: dict[str, Any] | None = None
     spec_yaml: str | None = None
 
@@ -106,6 +109,18 @@ def list_jobs(
 @router.get("/jobs/{job_id}", response_model=JobOut)
 def get_job(job_id: str, key: ApiKey = Depends(scope), svc: FinetuneService = Depends(get_finetune)) -> JobOut:
     return JobOut.of(svc.get(job_id), detail=True)
+
+
+class EvaluateIn(BaseModel):
+    suites: list[str] | None = Field(default=None, description="Suites to run instead of the job spec's "
+                                     "(the promotion gate still requires the spec's).")
+
+
+@router.post("/jobs/{job_id}/evaluate", response_model=JobOut, status_code=202)
+def evaluate_job(job_id: str, body: EvaluateIn | None = None, key: ApiKey = Depends(scope),
+                 svc: FinetuneService = Depends(get_finetune)) -> JobOut:
+    """Queue (again) the eval suites of a succeeded job's adapter; a fine-tune worker runs them."""
+    return JobOut.of(svc.evaluate(job_id, suites=body.suites if body else None, actor=_actor(key)))
 
 
 @router.get("/jobs/{job_id}/logs", response_model=LogsOut)
