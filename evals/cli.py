@@ -192,7 +192,8 @@ def show_command(
         for r in rows:
             st = report.case_status(r, policy)
             if st != "pass":
-                bad = {k: s.get("value") for k, s in r.scores.items() if report.metric_status(s, policy) != "pass"}
+                bad = {k: "judge error" if s.get("judge_error") else s.get("value")
+                       for k, s in r.scores.items() if report.metric_status(s, policy) != "pass"}
                 console.print(f"  {r.case_id}: {st} {r.error or bad}")
 
 

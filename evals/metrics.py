@@ -9,12 +9,18 @@ registered with ``higher_is_better=False`` (latency, tokens). Register your own 
         return float("paris" in s.output.lower())
 
 Judged (LLM) metrics are sampled ``samples`` times per case: the score is the mean with a 95%
-confidence interval, and a case whose interval straddles its threshold is *uncertain*.
+confidence interval, and a case whose interval straddles its threshold is *uncertain*. A judge
+sample that yields no usable score (invalid or truncated structured output, NaN, out of range,
+timeout, judge unreachable) raises :class:`JudgeError`: it is recorded with its reason, the other
+samples still count, and a case with no usable sample at all is a *judge error* that the suite's
+gate counts by its ``judge_errors`` policy.
 """
 
 from __future__ import annotations
 
+import asyncio
 import inspect
+import logging
 import math
 import re
 import statistics
@@ -45,10 +51,15 @@ class Sample:
 
 @dataclass
 class Score:
-    value: float
+    value: float  # NaN when every judge sample failed (see ``judge_errors``)
     reason: str = ""
     samples: list[float] = field(default_factory=list)
     ci: tuple[float, float] | None = None
+    judge_errors: list[str] = field(default_factory=list)
+
+
+class JudgeError(Exception):
+    """One judge sample gave no usable score; the message says why."""
 
 
 MetricFn = Callable[[Sample, dict[str, Any]], "float | Score | Awaitable[float | Score]"]
@@ -78,15 +89,38 @@ def register(name: str, *, threshold: float | None = None, higher_is_better: boo
 
 
 class MetricEnv:
-    """Heavy things metrics share, created on first use: the embedder and the LLM judge."""
+    """Heavy things metrics share, created on first use: the embedder and the LLM judge.
+
+    ``judge_client`` (an ``openai.AsyncOpenAI``) replaces the client built from ``judge_base_url``;
+    tests pass one whose transport scripts the judge's answers.
+    """
 
     def __init__(self, *, embedder: Any = None, embedding_model: Path | None = None,
-                 judge_base_url: str | None = None, judge_model: str | None = None) -> None:
+                 judge_base_url: str | None = None, judge_model: str | None = None, judge_api_key: str | None = None,
+                 judge_temperature: float = 0.7, judge_max_tokens: int = 512, judge_frequency_penalty: float = 0.5,
+                 judge_timeout_s: float = 120.0, judge_retries: int = 0, judge_client: Any = None) -> None:
         self._embedder = embedder
         self.embedding_model = embedding_model
         self.judge_base_url = judge_base_url
         self.judge_model = judge_model
-        self._ragas: dict[str, Any] = {}
+        self.judge_api_key = judge_api_key
+        self.judge_temperature = judge_temperature
+        self.judge_max_tokens = judge_max_tokens
+        self.judge_frequency_penalty = judge_frequency_penalty
+        self.judge_timeout_s = judge_timeout_s
+        self.judge_retries = judge_retries
+        self.judge_client = judge_client
+        self._ragas: dict[Any, Any] = {}
+
+    @property
+    def has_judge(self) -> bool:
+        return bool(self.judge_model) and (self.judge_client is not None or bool(self.judge_base_url))
+
+    def judge_identity(self) -> dict[str, Any]:
+        """What decides the judge's scores (part of a run's identity when the suite has judged metrics)."""
+        return {"model": self.judge_model, "base_url": self.judge_base_url, "temperature": self.judge_temperature,
+                "max_tokens": self.judge_max_tokens, "frequency_penalty": self.judge_frequency_penalty,
+                "retries": self.judge_retries}
 
     @property
     def embedder(self) -> Any:
@@ -129,20 +163,40 @@ def verdict(value: float, threshold: float, higher_is_better: bool, ci: tuple[fl
     return passed, uncertain
 
 
+async def _one(metric: Metric, sample: Sample, params: dict[str, Any]) -> float | Score:
+    out = metric.fn(sample, params)
+    return await out if inspect.isawaitable(out) else out
+
+
 async def compute(metric: Metric, sample: Sample, params: dict[str, Any], samples: int = 1) -> Score:
+    """Run a metric (a judged one ``samples`` times, concurrently so the server can batch the calls).
+
+    Judge failures are per sample: the mean and CI cover the samples that produced a score, and
+    with none left the value is NaN and ``judge_errors`` says why."""
+    n = samples if metric.judged else 1
+    outs = await asyncio.gather(*(_one(metric, sample, params) for _ in range(n)), return_exceptions=True)
     values: list[float] = []
+    failures: list[str] = []
     reason = ""
-    for _ in range(samples if metric.judged else 1):
-        out = metric.fn(sample, params)
-        if inspect.isawaitable(out):
-            out = await out
-        if isinstance(out, Score):
+    for out in outs:
+        if isinstance(out, JudgeError):
+            failures.append(str(out))
+        elif isinstance(out, BaseException):
+            raise out
+        elif isinstance(out, Score):
             values.extend(out.samples or [out.value])
             reason = out.reason or reason
         else:
             values.append(float(out))
+    if failures:
+        distinct = list(dict.fromkeys(failures))
+        note = f"{len(failures)} of {n} judge sample(s) failed: {'; '.join(distinct[:3])}"
+        reason = f"{reason}; {note}" if reason else note
+    if not values:
+        return Score(math.nan, reason, [], None, failures)
     m, ci = mean_ci(values)
-    return Score(round(m, 6), reason, [round(v, 6) for v in values], ci and (round(ci[0], 6), round(ci[1], 6)))
+    return Score(round(m, 6), reason, [round(v, 6) for v in values], ci and (round(ci[0], 6), round(ci[1], 6)),
+                 failures)
 
 
 # --- text helpers ---------------------------------------------------------------------------------
@@ -351,64 +405,226 @@ def total_tokens(s: Sample, params: dict[str, Any]) -> float:
 
 
 # --- ragas (LLM-judged through the local vLLM) ----------------------------------------------------
-def _ragas_metric(env: MetricEnv, which: str) -> Any:
-    """A ragas metric with the local judge (LangChain ChatOpenAI on the vLLM server) and local
-    embeddings (MiniLM through langchain-huggingface), built once per env."""
-    hit = env._ragas.get(which)
+# Verdict fields ragas declares as plain ints but means as 0/1.
+_BINARY_FIELDS = frozenset({"verdict", "attributed", "noncommittal"})
+_STRICT_MODELS: dict[type, type] = {}
+
+
+def binary_verdicts(model: type) -> type:
+    """``model`` with its 0/1 verdict fields typed ``Literal[0, 1]`` (nested list items too), same name and
+    descriptions; ``model`` itself when it has none. In the JSON schema sent to vLLM that becomes an enum,
+    so guided decoding cannot produce a verdict of 2 or 550 (seen from the 135M judge with plain ints)."""
+    from typing import Literal, get_args, get_origin
+
+    from pydantic import BaseModel, create_model
+
+    hit = _STRICT_MODELS.get(model)
     if hit is not None:
         return hit
-    if not env.judge_base_url or not env.judge_model:
-        raise ValueError("ragas metrics need a judge: set evals.judge_base_url and evals.judge_model")
+    fields: dict[str, Any] = {}
+    changed = False
+    for name, info in model.model_fields.items():
+        ann = info.annotation
+        if name in _BINARY_FIELDS and ann is int:
+            ann, changed = Literal[0, 1], True
+        elif get_origin(ann) is list and get_args(ann) and isinstance(get_args(ann)[0], type) \
+                and issubclass(get_args(ann)[0], BaseModel):
+            inner = binary_verdicts(get_args(ann)[0])
+            if inner is not get_args(ann)[0]:
+                ann, changed = list[inner], True
+        fields[name] = (ann, info)
+    strict = create_model(model.__name__, __doc__=model.__doc__, **fields) if changed else model
+    _STRICT_MODELS[model] = strict
+    return strict
+
+
+def _judge_llm(env: MetricEnv) -> Any:
+    """ragas' instructor-based LLM on the judge's OpenAI-compatible endpoint, built once per env."""
+    hit = env._ragas.get("llm")
+    if hit is not None:
+        return hit
+    if not env.has_judge:
+        raise ValueError("LLM-judged metrics need a judge: set evals.judge_base_url and evals.judge_model")
     import os
-    import warnings
 
     os.environ.setdefault("RAGAS_DO_NOT_TRACK", "true")
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    from langchain_openai import ChatOpenAI
-    from ragas.llms import LangchainLLMWrapper
+    import instructor
+    from openai import AsyncOpenAI
+    from ragas.llms.base import InstructorLLM, InstructorModelArgs
 
-    llm = LangchainLLMWrapper(ChatOpenAI(base_url=env.judge_base_url, api_key="unused", model=env.judge_model,
-                                         temperature=0.7, max_tokens=512, timeout=120))
+    class BinaryVerdictLLM(InstructorLLM):
+        """Asks for the strict (0/1 verdict) schema, hands ragas back its own model."""
+
+        async def agenerate(self, prompt: str, response_model: Any) -> Any:
+            strict = binary_verdicts(response_model)
+            result = await super().agenerate(prompt, strict)
+            return result if strict is response_model else response_model.model_validate(result.model_dump())
+
+    # The client's own retries would hide a dead judge behind minutes of back-off; one failed call
+    # is one failed sample.
+    client = env.judge_client or AsyncOpenAI(base_url=env.judge_base_url, api_key=env.judge_api_key or "unused",
+                                             timeout=env.judge_timeout_s, max_retries=0)
+    # JSON_SCHEMA mode sends each output model as response_format=json_schema, which vLLM enforces
+    # with guided decoding: even the 135M judge then emits schema-valid JSON. ragas' default (JSON
+    # mode) only constrains the answer to be some JSON object, in whatever shape.
+    llm = BinaryVerdictLLM(client=instructor.from_openai(client, mode=instructor.Mode.JSON_SCHEMA),
+                           model=env.judge_model, provider="openai",
+                           model_args=InstructorModelArgs(temperature=env.judge_temperature, top_p=1.0,
+                                                          max_tokens=env.judge_max_tokens),
+                           max_retries=env.judge_retries, frequency_penalty=env.judge_frequency_penalty)
+    # Each failed judge call is recorded with its reason in the results; instructor's own error log
+    # lines would only repeat them on the console.
+    logging.getLogger("instructor").setLevel(logging.CRITICAL)
+    env._ragas["llm"] = llm
+    return llm
+
+
+def _judge_embeddings(env: MetricEnv) -> Any:
+    """The env's embedder (MiniLM by default, loaded offline by path) as a ragas embedding."""
+    hit = env._ragas.get("embeddings")
+    if hit is not None:
+        return hit
+    from ragas.embeddings.base import BaseRagasEmbedding
+
+    class KeelEmbeddings(BaseRagasEmbedding):
+        def embed_text(self, text: str, **kwargs: Any) -> list[float]:
+            return self.embed_texts([text])[0]
+
+        async def aembed_text(self, text: str, **kwargs: Any) -> list[float]:
+            return await asyncio.to_thread(self.embed_text, text)
+
+        def embed_texts(self, texts: list[str], **kwargs: Any) -> list[list[float]]:
+            return [[float(x) for x in row] for row in env.embedder.embed_documents(list(texts))]
+
+        async def aembed_texts(self, texts: list[str], **kwargs: Any) -> list[list[float]]:
+            return await asyncio.to_thread(self.embed_texts, texts)
+
+    env._ragas["embeddings"] = KeelEmbeddings()
+    return env._ragas["embeddings"]
+
+
+def _ragas_metric(env: MetricEnv, which: str, strictness: int = 1) -> Any:
+    key = (which, strictness)
+    hit = env._ragas.get(key)
+    if hit is not None:
+        return hit
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from ragas.metrics import collections as rc
+
+    llm = _judge_llm(env)
+    metric: Any
     if which == "faithfulness":
-        from ragas.metrics import Faithfulness
-
-        metric = Faithfulness(llm=llm)
-    else:
-        from langchain_huggingface import HuggingFaceEmbeddings
-        from ragas.embeddings import LangchainEmbeddingsWrapper
-        from ragas.metrics import ResponseRelevancy
-
-        from ingest.embedding import default_model_path
-
-        path = env.embedding_model or default_model_path()
-        emb = LangchainEmbeddingsWrapper(HuggingFaceEmbeddings(model_name=str(path)))
-        metric = ResponseRelevancy(llm=llm, embeddings=emb, strictness=1)
-    env._ragas[which] = metric
+        metric = rc.Faithfulness(llm=llm)
+    elif which == "answer_relevancy":
+        metric = rc.AnswerRelevancy(llm=llm, embeddings=_judge_embeddings(env), strictness=strictness)
+    elif which == "context_precision":
+        metric = rc.ContextPrecisionWithReference(llm=llm)
+    elif which == "context_recall":
+        metric = rc.ContextRecall(llm=llm)
+    else:  # pragma: no cover - the callers below name only these
+        raise ValueError(f"no ragas metric {which!r}")
+    env._ragas[key] = metric
     return metric
 
 
-async def _ragas_score(s: Sample, which: str) -> float:
-    from ragas import SingleTurnSample
+def _judge_failure(e: BaseException) -> str | None:
+    """Why a judge call failed, when it is the judge's doing (None for a bug in Keel or the metric)."""
+    import openai
+    from instructor.core.exceptions import IncompleteOutputException, InstructorError
+    from pydantic import ValidationError
 
+    chain: list[BaseException] = []
+    cur: BaseException | None = e
+    while cur is not None and len(chain) < 5:  # instructor wraps API errors; the cause says what happened
+        chain.append(cur)
+        cur = cur.__cause__
+    for x in chain:
+        if isinstance(x, openai.APITimeoutError | TimeoutError):
+            return "judge call timed out"
+        if isinstance(x, openai.APIConnectionError):
+            return f"judge unreachable ({x})"
+        if isinstance(x, openai.APIStatusError):
+            return f"judge answered HTTP {x.status_code}: {' '.join(str(x.message).split())[:200]}"
+    for x in chain:
+        if isinstance(x, IncompleteOutputException):
+            return "judge answer truncated at judge_max_tokens (invalid structured output)"
+        if isinstance(x, InstructorError | ValidationError):
+            attempts = getattr(x, "failed_attempts", None) or []
+            last = attempts[-1].exception if attempts else x
+            return f"invalid structured output from the judge ({' '.join(str(last).split())[:200]})"
+    return None
+
+
+def _contexts(s: Sample) -> list[str]:
+    return [c for c in (s.contexts or [str(c.get("text", "")) for c in s.citations]) if c.strip()]
+
+
+async def _ragas_score(s: Sample, which: str, params: dict[str, Any], *, clamp: bool = False, **inputs: Any
+                      ) -> float:
     assert s.env is not None
-    metric = _ragas_metric(s.env, which)
-    sample = SingleTurnSample(user_input=s.case.input, response=s.output,
-                              retrieved_contexts=s.contexts or [c.get("text", "") for c in s.citations] or [""])
-    value = await metric.single_turn_ascore(sample)
-    value = float(value)
-    return 0.0 if math.isnan(value) else value
+    metric = _ragas_metric(s.env, which, int(params.get("strictness", 1)))
+    try:
+        result = await metric.ascore(**inputs)
+    except Exception as e:
+        why = _judge_failure(e)
+        if why is None:
+            raise
+        raise JudgeError(why) from e
+    value = float(result.value) if result.value is not None else math.nan
+    if math.isnan(value):
+        raise JudgeError(f"the judge's answer gave no score ({which} is NaN: e.g. no statements extracted)")
+    if clamp:
+        return min(1.0, max(0.0, value))
+    if not 0.0 <= value <= 1.0:  # a judge that ignores the schema's 0/1 enum (not vLLM's guided decoding)
+        raise JudgeError(f"{which} {value:.3f} is outside [0, 1] (the judge gave non-binary verdicts)")
+    return value
 
 
 @register("faithfulness", threshold=0.5, judged=True)
-async def faithfulness(s: Sample, params: dict[str, Any]) -> float:
+async def faithfulness(s: Sample, params: dict[str, Any]) -> float | Score:
     """ragas Faithfulness: share of the answer's claims the retrieved passages support (LLM judge)."""
-    return await _ragas_score(s, "faithfulness")
+    if not s.output.strip():
+        raise JudgeError("empty answer: no claims to judge")
+    contexts = _contexts(s)
+    if not contexts:
+        return Score(0.0, "no passages retrieved: no claim can be supported")
+    return await _ragas_score(s, "faithfulness", params, user_input=s.case.input, response=s.output,
+                              retrieved_contexts=contexts)
 
 
 @register("answer_relevancy", threshold=0.5, judged=True)
-async def answer_relevancy(s: Sample, params: dict[str, Any]) -> float:
-    """ragas ResponseRelevancy: how well the answer addresses the question (LLM judge + embeddings)."""
-    return await _ragas_score(s, "answer_relevancy")
+async def answer_relevancy(s: Sample, params: dict[str, Any]) -> float | Score:
+    """ragas AnswerRelevancy: questions the judge derives from the answer, compared with the real one by
+    embedding similarity (``strictness``: questions per sample, default 1)."""
+    if not s.output.strip():
+        return Score(0.0, "empty answer")
+    # A cosine similarity: below 0 means unrelated, which scores 0.
+    return await _ragas_score(s, "answer_relevancy", params, clamp=True, user_input=s.case.input, response=s.output)
 
 
-__all__ = ["Metric", "MetricEnv", "Sample", "Score", "compute", "mean_ci", "register", "registry", "verdict"]
+@register("context_precision", threshold=0.5, judged=True)
+async def context_precision(s: Sample, params: dict[str, Any]) -> float | Score:
+    """ragas ContextPrecision (with reference): are the passages useful for the reference answer ranked
+    first? One judge verdict per passage, averaged precision over ranks."""
+    contexts = _contexts(s)
+    if not contexts:
+        return Score(0.0, "no passages retrieved")
+    return await _ragas_score(s, "context_precision", params, user_input=s.case.input, reference=_ref(s),
+                              retrieved_contexts=contexts)
+
+
+@register("context_recall", threshold=0.5, judged=True)
+async def context_recall(s: Sample, params: dict[str, Any]) -> float | Score:
+    """ragas ContextRecall: share of the reference answer's statements the passages support."""
+    contexts = _contexts(s)
+    if not contexts:
+        return Score(0.0, "no passages retrieved")
+    return await _ragas_score(s, "context_recall", params, user_input=s.case.input, reference=_ref(s),
+                              retrieved_contexts=contexts)
+
+
+__all__ = ["JudgeError", "Metric", "MetricEnv", "Sample", "Score", "compute", "mean_ci", "register", "registry",
+           "verdict"]

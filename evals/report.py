@@ -51,6 +51,9 @@ def summarize(suite: Suite, rows: list[CaseRow]) -> dict[str, Any]:
             "passed": sum(1 for v in vals if not v.get("uncertain") and v.get("passed")),
             "failed": sum(1 for v in vals if not v.get("uncertain") and not v.get("passed")),
             "uncertain": sum(1 for v in vals if v.get("uncertain")),
+            # cases whose judge gave no usable sample, and failed judge samples in all
+            "judge_errors": sum(1 for v in vals if v.get("judge_error")),
+            "judge_failed_samples": sum(v.get("judge_errors") or 0 for v in vals),
             "higher_is_better": vals[0].get("higher_is_better", True) if vals else True,
             "values": nums,
         }
@@ -60,6 +63,7 @@ def summarize(suite: Suite, rows: list[CaseRow]) -> dict[str, Any]:
         "passed": statuses.count("pass"), "failed": statuses.count("fail"), "errors": statuses.count("error"),
         "uncertain_excluded": statuses.count("uncertain"),
         "cached": sum(1 for r in rows if r.cached),
+        "judge_errors": sum(m["judge_errors"] for m in metrics.values()),
         "pass_rate": round(counted.count("pass") / len(counted), 6) if counted else 0.0,
         "metrics": metrics,
     }
@@ -90,6 +94,10 @@ def evaluate_gate(suite: Suite, rows: list[CaseRow], baseline: list[CaseRow] | N
         reasons.append(f"only {s['cases']} of {s['expected_cases']} cases have results")
     if s["errors"] > g.max_errors:
         reasons.append(f"{s['errors']} case(s) errored (at most {g.max_errors} allowed)")
+    if g.max_judge_errors is not None and s["judge_errors"] > g.max_judge_errors:
+        reasons.append(f"the judge gave no usable score {s['judge_errors']} time(s) (at most {g.max_judge_errors} "
+                       "allowed)")
+        failing.update(k for k, m in s["metrics"].items() if m["judge_errors"])
     for key, minimum in g.min_mean.items():
         mean = s["metrics"][key]["mean"]
         if mean is None or mean < minimum:
@@ -134,7 +142,8 @@ def console_table(run: RunRow) -> Any:
         table.add_row(f"[red]{key}[/red]" if red else key, _fmt(m["mean"]), str(m["threshold"]), str(m["passed"]),
                       str(m["failed"]), str(m["uncertain"]))
     table.caption = (f"cases {summary.get('cases', 0)} · pass rate {summary.get('pass_rate', 0):.1%} · "
-                     f"errors {summary.get('errors', 0)} · cached {summary.get('cached', 0)}")
+                     f"errors {summary.get('errors', 0)} · judge errors {summary.get('judge_errors', 0)} · "
+                     f"cached {summary.get('cached', 0)}")
     return table
 
 
@@ -187,8 +196,8 @@ def junit_xml(suite: Suite, run: RunRow, rows: list[CaseRow]) -> str:
                       f"{s.get('reason') or s.get('error') or ''}").strip()
             if st == "fail":
                 failures += 1
-                f = ET.SubElement(tc, "failure", message=detail[:500], type="uncertain" if s.get("uncertain")
-                                  else "BelowThreshold")
+                kind = "JudgeError" if s.get("judge_error") else "uncertain" if s.get("uncertain") else "BelowThreshold"
+                f = ET.SubElement(tc, "failure", message=detail[:500], type=kind)
                 f.text = (f"{detail}\n\ninput: {case.input if case else ''}\n\noutput: {r.record.get('output', '')}")
             elif st == "uncertain":
                 skipped += 1
@@ -274,25 +283,28 @@ def html_report(suite: Suite, run: RunRow, rows: list[CaseRow], baseline: tuple[
            f"{_e(run.id)}</title><style>{_CSS}</style></head><body>",
            f"<h1>{_e(suite.name)} {badge}</h1>",
            f"<div class=muted>run {_e(run.id)} · started {_e(run.started_at)} · finished {_e(run.finished_at)} · "
-           f"{s['cases']} cases · pass rate {s['pass_rate']:.1%} · errors {s['errors']} · cached {s['cached']} · "
-           f"uncertain cases count as <b>{_e(policy)}</b></div>"]
+           f"{s['cases']} cases · pass rate {s['pass_rate']:.1%} · errors {s['errors']} · "
+           f"judge errors {s.get('judge_errors', 0)} (count as <b>{_e(suite.gate.judge_errors)}</b>) · "
+           f"cached {s['cached']} · uncertain cases count as <b>{_e(policy)}</b></div>"]
     if v.get("reasons"):
         out.append("<h2>Why the gate failed</h2><ul>" + "".join(f"<li>{_e(r)}</li>" for r in v["reasons"]) + "</ul>")
     ident = run.identity
     out.append("<h2>What was evaluated</h2><table class=ident>")
-    for k in ("kind", "prompt", "model", "rag", "guardrails", "params", "suite_hash"):
+    for k in ("kind", "prompt", "model", "rag", "agent", "judge", "guardrails", "params", "suite_hash"):
         if ident.get(k) is not None:
             out.append(f"<tr><th>{_e(k)}</th><td>{_e(json.dumps(ident[k], sort_keys=True))}</td></tr>")
     out.append(f"<tr><th>identity key</th><td>{_e(run.identity_key)}</td></tr></table>")
     base_sum = baseline[0].summary if baseline else None
     out.append("<h2>Metrics</h2><table><tr><th>metric</th><th>mean</th><th>threshold</th><th>pass</th>"
-               "<th>fail</th><th>uncertain</th><th>chart (bar: mean, line: threshold; histogram of cases)</th>"
+               "<th>fail</th><th>uncertain</th><th>judge errors</th>"
+               "<th>chart (bar: mean, line: threshold; histogram of cases)</th>"
                + ("<th>baseline mean</th><th>Δ</th>" if base_sum else "") + "</tr>")
     for key, m in s["metrics"].items():
         bad = key in v.get("failing_metrics", [])
         row = (f"<tr class={'bad' if bad else ''}><td>{_e(key)}<div class=muted>{_e(m['metric'])}</div></td>"
                f"<td class=num>{_fmt(m['mean'])}</td><td class=num>{_e(m['threshold'])}</td>"
                f"<td class=num>{m['passed']}</td><td class=num>{m['failed']}</td><td class=num>{m['uncertain']}</td>"
+               f"<td class=num>{m.get('judge_errors', 0)}</td>"
                f"<td>{_bar_svg(m['mean'], m['threshold'], m['higher_is_better'], m.get('values', []))}</td>")
         if base_sum:
             bm = base_sum.get("metrics", {}).get(key, {}).get("mean")

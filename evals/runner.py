@@ -2,10 +2,12 @@
 
 Identity: before any case runs, the target is resolved to exactly what will answer (prompt name,
 version and content hash; model alias, backend model and adapter; RAG collection, latest ingest
-snapshot, RAG prompt hash and embedding model; guardrail policy version) and hashed together with
-the suite hash. That identity key names the run, keys the response cache (with each case's input),
-and decides resumption: re-running an interrupted run of the same identity continues it, skipping
-the cases already stored.
+snapshot, RAG prompt hash and embedding model; agent workflow and its settings; guardrail policy
+version) and hashed together with the suite hash and, for suites with judged metrics, the judge.
+That identity key names the run and decides resumption: re-running an interrupted run of the same
+identity continues it, skipping the cases already stored. The response cache is keyed by the part
+of the identity that decides the answer (not the metrics, gate or judge) plus each case's input, so
+changing a threshold or the judge re-scores stored answers instead of asking the model again.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass, is_dataclass
 from typing import TYPE_CHECKING, Any
@@ -28,6 +31,7 @@ from evals.store import EvalStore, RunRow
 from evals.suite import Case, Suite
 
 if TYPE_CHECKING:
+    from app.core.settings import Settings
     from app.services.container import Container
 
 log = logging.getLogger("keel.evals")
@@ -49,6 +53,25 @@ def _h(data: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
 
 
+# Identity fields that do not change the answer: they name the run but do not key the response cache.
+_SCORING_ONLY = ("suite", "suite_hash", "judge")
+
+
+def judge_endpoint(settings: Settings) -> tuple[str | None, str | None]:
+    """(base URL, model) of the LLM judge: the configured one, else the default model's own backend
+    (the local vLLM server), so ragas metrics work offline without extra configuration."""
+    cfg = settings.evals
+    base_url, model = cfg.judge_base_url, cfg.judge_model
+    alias = settings.models.get(settings.default_model)
+    backend = settings.backends.get(alias.backend) if alias else None
+    if model is None and alias is not None:
+        model = alias.model
+    if base_url is None and backend is not None and backend.kind in ("vllm", "openai"):
+        managed = backend.managed
+        base_url = backend.base_url or (f"http://{managed.host}:{managed.port}/v1" if managed else None)
+    return base_url, model
+
+
 def _event(e: Any) -> dict[str, Any]:
     out = asdict(e) if is_dataclass(e) else {"repr": repr(e)}
     out["type"] = type(e).__name__
@@ -61,8 +84,17 @@ class EvalRunner:
         cfg = container.settings.evals
         self.container = container
         self.store = store
-        self.env = env or MetricEnv(embedding_model=cfg.embedding_model, judge_base_url=cfg.judge_base_url,
-                                    judge_model=cfg.judge_model)
+        if env is None:
+            base_url, model = judge_endpoint(container.settings)
+            # Without a configured embedding model, share the RAG embedder already loaded (same MiniLM).
+            embedder = None if cfg.embedding_model else getattr(container.rag, "embedder", None)
+            env = MetricEnv(embedder=embedder, embedding_model=cfg.embedding_model, judge_base_url=base_url,
+                            judge_model=model,
+                            judge_api_key=cfg.judge_api_key.get_secret_value() if cfg.judge_api_key else None,
+                            judge_temperature=cfg.judge_temperature, judge_max_tokens=cfg.judge_max_tokens,
+                            judge_frequency_penalty=cfg.judge_frequency_penalty, judge_timeout_s=cfg.judge_timeout_s,
+                            judge_retries=cfg.judge_retries)
+        self.env = env
         self.concurrency = concurrency or cfg.concurrency
         self.use_cache = cfg.cache if use_cache is None else use_cache
         self.progress = progress
@@ -90,6 +122,9 @@ class EvalRunner:
                                 "embedding_model": c.rag.embedder.model_id,
                                 "prompt": {"name": rv.name, "version": rv.version, "hash": rv.hash}}
                 model_alias = None
+            if t.agent_workflow:
+                ident["agent"] = self._agent_identity(t.agent_workflow)
+                model_alias = ident["agent"]["model"]
         except KeelError as e:
             raise EvalConfigError(e.message) from e
         alias = model_alias or c.settings.default_model
@@ -101,7 +136,37 @@ class EvalRunner:
                           "defaults": m.defaults.model_dump()}
         ident["guardrails"] = (c.guards.policy.version_tag
                                if c.guards is not None and c.settings.guardrails.enabled else None)
+        judged = sorted({m.name for m in suite.metrics if registry[m.name].judged})
+        if judged and not self.env.has_judge:
+            raise EvalConfigError(f"metric(s) {', '.join(judged)} need an LLM judge: set evals.judge_base_url and "
+                                  "evals.judge_model (KEEL_EVALS__JUDGE_BASE_URL, KEEL_EVALS__JUDGE_MODEL)")
+        ident["judge"] = self.env.judge_identity() if judged else None
         return ident
+
+    def _agent_identity(self, workflow: str) -> dict[str, Any]:
+        """The workflow, the settings that steer it, the model it calls, and the collection, snapshot and
+        answer prompt it retrieves and renders with."""
+        c = self.container
+        agents = getattr(c, "agents", None)
+        if agents is None:
+            raise EvalConfigError("this server runs no agent service, so agent:<workflow> targets cannot run")
+        wf = agents.registry.get(workflow)  # WorkflowNotFound (a KeelError) names the available ones
+        # What the running service was built with (its deps), not what the settings say now.
+        a = agents.deps.settings
+        out: dict[str, Any] = {"workflow": wf.name, "description": wf.description,
+                               "model": getattr(agents.deps.llm, "alias", None) or a.model or c.settings.default_model,
+                               "settings": a.model_dump(mode="json", exclude={"checkpoint_db", "postgres_url"})}
+        coll = agents.deps.collection
+        snaps = ([s for s in c.rag.snapshots.list(coll) if s.status == "completed"]
+                 if coll in c.rag.store.list_collections() else [])
+        out["rag"] = {"collection": coll, "snapshot": snaps[0].id if snaps else None,
+                      "embedding_model": c.rag.embedder.model_id}
+        try:
+            rv = c.prompts.resolve("rag-answer@production")
+            out["prompt"] = {"name": rv.name, "version": rv.version, "hash": rv.hash}
+        except KeelError:  # the workflow falls back to its built-in answer prompt
+            out["prompt"] = None
+        return out
 
     def _system_prompt(self, suite: Suite, case: Case) -> str | None:
         parts = [suite.target.system] if suite.target.system else []
@@ -129,7 +194,7 @@ class EvalRunner:
         rag = RagUse(collection=t.rag_collection, top_k=t.top_k) if t.rag_collection else None
         pp = t.params
         params = GenerationParams(max_tokens=pp.max_tokens, temperature=pp.temperature, top_p=pp.top_p, seed=pp.seed)
-        model = None if rag else (t.model or None)
+        model = None if rag else (t.model or None)  # agent:<workflow> is routed by ChatService
         return ChatRequest(model=model, messages=tuple(messages), params=params, prompt=prompt, rag=rag,
                            request_id=f"eval-{run_id[-6:]}-{case.id}"[:120])
 
@@ -173,21 +238,36 @@ class EvalRunner:
                 scores[spec.key] = {"value": None, "threshold": threshold, "passed": False, "uncertain": False,
                                     "error": f"{type(e).__name__}: {e}", "higher_is_better": metric.higher_is_better}
                 continue
+            if math.isnan(s.value):
+                # The judge produced no usable sample: not a score of 0, an unknown, counted by the suite's
+                # judge_errors policy.
+                log.warning("judge gave no score for %s on case %s: %s", spec.key, case.id, s.reason)
+                scores[spec.key] = {"value": None, "threshold": threshold, "passed": False,
+                                    "uncertain": suite.gate.judge_errors == "uncertain", "judge_error": True,
+                                    "judge_errors": len(s.judge_errors), "error": s.reason, "reason": s.reason,
+                                    "higher_is_better": metric.higher_is_better}
+                continue
             passed, uncertain = verdict(s.value, threshold, metric.higher_is_better, s.ci)
             scores[spec.key] = {"value": s.value, "threshold": threshold, "passed": passed, "uncertain": uncertain,
                                 "ci": list(s.ci) if s.ci else None,
                                 "samples": s.samples if len(s.samples) > 1 else None,
+                                "judge_errors": len(s.judge_errors) or None,
                                 "reason": s.reason, "higher_is_better": metric.higher_is_better}
         return scores
 
-    def cache_key(self, ident_key: str, suite: Suite, case: Case) -> str:
-        t = suite.target
-        return _h({"identity": ident_key, "input": case.input, "variables": {**t.variables, **case.variables}})
+    @staticmethod
+    def answer_key(ident: dict[str, Any]) -> str:
+        """Hash of what decides the answers (the identity without suite, metrics, gate and judge)."""
+        return _h({k: v for k, v in ident.items() if k not in _SCORING_ONLY})
 
-    async def _case(self, suite: Suite, case: Case, ident: dict[str, Any], ident_key: str, run_id: str,
+    def cache_key(self, answer_key: str, suite: Suite, case: Case) -> str:
+        t = suite.target
+        return _h({"identity": answer_key, "input": case.input, "variables": {**t.variables, **case.variables}})
+
+    async def _case(self, suite: Suite, case: Case, ident: dict[str, Any], answer_key: str, run_id: str,
                     sem: asyncio.Semaphore, counts: dict[str, int]) -> None:
         async with sem:
-            key = self.cache_key(ident_key, suite, case)
+            key = self.cache_key(answer_key, suite, case)
             record = self.store.cache_get(key) if self.use_cache else None
             cached = record is not None
             if record is None:
@@ -230,7 +310,7 @@ class EvalRunner:
         sem = asyncio.Semaphore(suite.concurrency or self.concurrency)
         completed = False
         try:
-            await self._drive(suite, todo, ident, ident_key, run_id, sem, counts, len(done))
+            await self._drive(suite, todo, ident, self.answer_key(ident), run_id, sem, counts, len(done))
             completed = True
         finally:
             if not completed:
@@ -238,9 +318,9 @@ class EvalRunner:
         self.finish(suite, run_id, baseline if baseline is not None else (run.baseline if run else None))
         return RunOutcome(self.store.get_run(run_id), counts["executed"], counts["cached"], len(done))
 
-    async def _drive(self, suite: Suite, todo: list[Case], ident: dict[str, Any], ident_key: str, run_id: str,
+    async def _drive(self, suite: Suite, todo: list[Case], ident: dict[str, Any], answer_key: str, run_id: str,
                      sem: asyncio.Semaphore, counts: dict[str, int], already: int) -> None:
-        coros = [self._case(suite, c, ident, ident_key, run_id, sem, counts) for c in todo]
+        coros = [self._case(suite, c, ident, answer_key, run_id, sem, counts) for c in todo]
         if not self.progress:
             await asyncio.gather(*coros)
             return

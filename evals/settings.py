@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, SecretStr
 
 
 class EvalSettings(BaseModel):
@@ -15,8 +15,28 @@ class EvalSettings(BaseModel):
     embedding_model: Path | None = Field(
         default=None, description="sentence-transformers folder for semantic metrics; default: the RAG embedder's."
     )
-    judge_model: str | None = Field(default=None, description="Served model name of the LLM judge (ragas metrics).")
-    judge_base_url: str | None = Field(default=None, description="OpenAI-compatible /v1 URL of the judge.")
+    judge_model: str | None = Field(
+        default=None, description="Served model name of the LLM judge (ragas metrics); default: the default "
+        "model alias's backend model.")
+    judge_base_url: str | None = Field(
+        default=None, description="OpenAI-compatible /v1 URL of the judge; default: the default model's vLLM or "
+        "OpenAI-compatible backend.")
+    judge_api_key: SecretStr | None = Field(default=None, description="Bearer key for the judge, if it needs one.")
+    judge_temperature: float = Field(
+        default=0.7, ge=0, le=2,
+        description="Judge sampling temperature. Above 0 so that a metric's repeated samples (samples: N) measure "
+        "the judge's own uncertainty; 0 gives a reproducible single-sample judge.")
+    judge_max_tokens: int = Field(
+        default=512, ge=16, le=8192, description="Budget for one structured judge answer; a truncated answer is a "
+        "recorded judge error for that sample.")
+    judge_frequency_penalty: float = Field(
+        default=0.5, ge=-2, le=2,
+        description="Under guided decoding the small judge tends to repeat list items until judge_max_tokens; this "
+        "penalty breaks the loops (on the golden suite's hardest cases: 4 of 8 judge answers truncated without it, "
+        "1 of 8 with 0.5) at the cost of a slight bias against repeating the same verdict. 0 turns it off.")
+    judge_timeout_s: float = Field(default=120.0, gt=0, description="Limit for one judge call.")
+    judge_retries: int = Field(
+        default=0, ge=0, le=5, description="Re-asks after an invalid structured answer (each costs a judge call).")
     gate_enabled: bool = Field(default=True, description="Plug the eval gate into the prompt registry.")
     gate_max_age_days: float | None = Field(default=None, description="Ignore passing runs older than this.")
 

@@ -46,10 +46,12 @@ class TargetParams(_Strict):
 
 
 class Target(_Strict):
-    """What is evaluated: a prompt template version, a model alias, or a RAG collection (``rag:<name>``)."""
+    """What is evaluated: a prompt template version, a model alias, a RAG collection (``rag:<name>``)
+    or an agent workflow (``agent:<workflow>``)."""
 
     prompt: str | None = Field(default=None, description="name@version, name@label or name (= latest).")
-    model: str | None = Field(default=None, description="Model alias, or rag:<collection> for grounded answers.")
+    model: str | None = Field(default=None, description="Model alias, rag:<collection> for grounded answers, or "
+                              "agent:<workflow> for an agent workflow.")
     system: str | None = Field(default=None, description="System message sent in front of each case.")
     variables: dict[str, Any] = Field(default_factory=dict, description="Template variables shared by all cases.")
     top_k: int | None = Field(default=None, ge=1, le=50, description="RAG: passages per question.")
@@ -70,6 +72,14 @@ class Target(_Strict):
             raise ValueError("a rag:<collection> target renders its own prompt; use either prompt or rag")
         if self.model is not None and self.model.startswith("rag:") and not self.model[4:]:
             raise ValueError("rag: needs a collection name (rag:<collection>)")
+        if self.model is not None and self.model.startswith("agent:"):
+            if not self.model[6:]:
+                raise ValueError("agent: needs a workflow name (agent:<workflow>)")
+            # The workflow builds its own messages from the question alone: these would be silently ignored.
+            ignored = [k for k, v in (("prompt", self.prompt), ("system", self.system), ("top_k", self.top_k),
+                                      ("variables", self.variables)) if v]
+            if ignored:
+                raise ValueError(f"an agent:<workflow> target takes only the question; remove {', '.join(ignored)}")
         return self
 
     @property
@@ -77,8 +87,13 @@ class Target(_Strict):
         return self.model[4:] if self.model and self.model.startswith("rag:") else None
 
     @property
+    def agent_workflow(self) -> str | None:
+        return self.model[6:] if self.model and self.model.startswith("agent:") else None
+
+    @property
     def kind(self) -> str:
-        return "prompt" if self.prompt else "rag" if self.rag_collection else "model"
+        return ("prompt" if self.prompt else "rag" if self.rag_collection else "agent" if self.agent_workflow
+                else "model")
 
 
 class Case(_Strict):
@@ -151,6 +166,11 @@ class Gate(_Strict):
         default="fail", description="How a case whose CI straddles a threshold counts."
     )
     max_errors: int = Field(default=0, ge=0, description="Cases whose call failed.")
+    judge_errors: Literal["uncertain", "fail"] = Field(
+        default="uncertain", description="How a judged metric with no usable judge sample for a case counts: as "
+        "uncertain (then the 'uncertain' policy applies) or as a failure.")
+    max_judge_errors: int | None = Field(
+        default=None, ge=0, description="Most (case, metric) scores the judge may fail to produce; none: no limit.")
     bind: list[str] = Field(
         default_factory=list, description="Prompt labels this suite guards (e.g. production)."
     )

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import math
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -14,7 +17,7 @@ from app.core.settings import load_settings
 from app.services.container import Container
 from evals import cli as eval_cli
 from evals.gate import prompt_gate
-from evals.metrics import MetricEnv, Sample, compute, mean_ci, register, registry, verdict
+from evals.metrics import JudgeError, MetricEnv, Sample, compute, mean_ci, register, registry, verdict
 from evals.report import evaluate_gate, html_report, junit_xml, summarize
 from evals.runner import EvalConfigError, EvalRunner
 from evals.store import CaseRow, EvalStore
@@ -52,6 +55,77 @@ def sample(output: str, **case) -> Sample:
 
 def score(name: str, output: str, params: dict | None = None, **case) -> float:
     return asyncio.run(compute(registry[name], sample(output, **case), params or {})).value
+
+
+# --- a scripted LLM judge behind the real ragas + instructor + openai client stack ---------------------
+Reply = str | dict | tuple[int, str] | Callable[[dict], "Reply"]
+
+
+class ScriptedJudge:
+    """An OpenAI-compatible chat endpoint (httpx MockTransport) answering by the structured-output schema
+    each ragas prompt asks for. A reply is a dict (sent as JSON), a raw string (sent as is: invalid JSON
+    works), ``(http_status, body)``, or ``("length", text)`` for an answer cut at max_tokens."""
+
+    def __init__(self, script: dict[str, Reply]) -> None:
+        import httpx
+
+        self.script = script
+        self.requests: list[dict] = []
+        self.client_transport = httpx.MockTransport(self._handle)
+
+    def _handle(self, request):
+        import httpx
+
+        body = json.loads(request.content)
+        self.requests.append(body)
+        schema = body.get("response_format", {}).get("json_schema", {}).get("name", "?")
+        reply = self.script[schema]
+        while callable(reply):
+            reply = reply(body)
+        finish = "stop"
+        if isinstance(reply, tuple) and isinstance(reply[0], int):
+            return httpx.Response(reply[0], json={"error": {"message": reply[1], "type": "server_error"}})
+        if isinstance(reply, tuple):
+            finish, reply = reply
+        content = reply if isinstance(reply, str) else json.dumps(reply)
+        return httpx.Response(200, json={
+            "id": "chatcmpl-judge", "object": "chat.completion", "created": 0, "model": body["model"],
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish}],
+            "usage": {"prompt_tokens": 10, "completion_tokens": 10, "total_tokens": 20}})
+
+    def env(self, **kw) -> MetricEnv:
+        import httpx
+        from openai import AsyncOpenAI
+
+        client = AsyncOpenAI(base_url="http://judge.test/v1", api_key="k", max_retries=0,
+                             http_client=httpx.AsyncClient(transport=self.client_transport))
+        return MetricEnv(embedder=HashingEmbedder(), judge_model="judge-model", judge_client=client, **kw)
+
+
+QUESTION = "When does SQLite checkpoint the WAL?"
+PASSAGES = ["SQLite checkpoints the WAL automatically when it reaches 1000 pages.", "Bees make honey from nectar."]
+
+
+def judged(env: MetricEnv, output: str = "It checkpoints at 1000 pages [1].", contexts: list[str] | None = None
+           ) -> Sample:
+    case = Case(id="j", input=QUESTION, reference="At 1000 pages, SQLite checkpoints the WAL.")
+    return Sample(case=case, output=output, contexts=PASSAGES if contexts is None else contexts, env=env)
+
+
+def statements(*verdicts: int) -> dict:
+    return {"statements": [{"statement": f"s{i}", "reason": "r", "verdict": v} for i, v in enumerate(verdicts)]}
+
+
+GOOD_JUDGE: dict[str, Reply] = {
+    "StatementGeneratorOutput": {"statements": ["It checkpoints.", "At 1000 pages.", "Daily."]},
+    "NLIStatementOutput": statements(1, 1, 0),
+    "ContextRecallOutput": {"classifications": [{"statement": "a", "reason": "r", "attributed": 1},
+                                                {"statement": "b", "reason": "r", "attributed": 0}]},
+    # one verdict per passage, in retrieval order: the useful passage first, then the useless one
+    "ContextPrecisionOutput": lambda body: {"reason": "r", "verdict": int(
+        f'"context": "{PASSAGES[1]}"' not in body["messages"][-1]["content"])},
+    "AnswerRelevanceOutput": {"question": QUESTION, "noncommittal": 0},
+}
 
 
 # --- suites -------------------------------------------------------------------------------------------
@@ -181,6 +255,71 @@ def test_custom_metric_registration_and_judge_noise() -> None:
         assert m == 1.0 and ci is None
     finally:
         registry.pop("unit_noisy")
+
+
+def test_ragas_metrics_score_with_the_judge_through_guided_json() -> None:
+    judge = ScriptedJudge(GOOD_JUDGE)
+    env = judge.env(judge_temperature=0.3, judge_max_tokens=200, judge_frequency_penalty=0.4)
+    got = {name: asyncio.run(compute(registry[name], judged(env), {})) for name in
+           ("faithfulness", "answer_relevancy", "context_precision", "context_recall")}
+    assert got["faithfulness"].value == pytest.approx(2 / 3)
+    assert got["context_recall"].value == pytest.approx(0.5)
+    assert got["context_precision"].value == pytest.approx(1.0)  # the useful passage ranked first
+    assert got["answer_relevancy"].value == pytest.approx(1.0)  # the judge recovered the very question
+    assert all(not r.judge_errors for r in got.values())
+    # Every judge call asks for a JSON schema (vLLM's guided decoding enforces it) with the judge settings.
+    assert judge.requests and all(r["response_format"]["type"] == "json_schema" for r in judge.requests)
+    assert {r["model"] for r in judge.requests} == {"judge-model"}
+    assert {(r["temperature"], r["max_tokens"], r["frequency_penalty"]) for r in judge.requests} == {
+        (0.3, 200, 0.4)}
+    # Ranking matters for precision: the useful passage second halves it.
+    swapped = judged(env, contexts=list(reversed(PASSAGES)))
+    assert asyncio.run(compute(registry["context_precision"], swapped, {})).value == pytest.approx(0.5)
+    # A noncommittal answer is irrelevant, whatever question the judge derives.
+    judge.script["AnswerRelevanceOutput"] = {"question": QUESTION, "noncommittal": 1}
+    assert asyncio.run(compute(registry["answer_relevancy"], judged(env), {})).value == 0.0
+
+
+@pytest.mark.parametrize(("reply", "why"), [
+    ("this is not json", "invalid structured output"),
+    ({"statements": "not a list"}, "invalid structured output"),
+    (("length", '{"statements": ["It checkp'), "truncated at judge_max_tokens"),
+    ((500, "model crashed"), "judge answered HTTP 500"),
+    ({"statements": []}, "NaN"),
+])
+def test_a_bad_judge_answer_is_a_recorded_judge_error(reply: Reply, why: str) -> None:
+    env = ScriptedJudge({**GOOD_JUDGE, "StatementGeneratorOutput": reply}).env()
+    r = asyncio.run(compute(registry["faithfulness"], judged(env), {}, samples=2))
+    assert math.isnan(r.value) and r.samples == [] and len(r.judge_errors) == 2
+    assert why in r.judge_errors[0] and "2 of 2 judge sample(s) failed" in r.reason
+
+
+def test_judge_errors_non_binary_verdicts_unreachable_and_partial_samples() -> None:
+    # The schema asks for 0/1 verdicts (an enum guided decoding enforces); a judge that answers 3 anyway
+    # gives no score rather than a recall of 300%.
+    judge = ScriptedJudge({**GOOD_JUDGE, "ContextRecallOutput": {"classifications": [
+        {"statement": "a", "reason": "r", "attributed": 3}]}})
+    r = asyncio.run(compute(registry["context_recall"], judged(judge.env()), {}))
+    assert math.isnan(r.value) and "invalid structured output" in r.judge_errors[0]
+    schema = judge.requests[0]["response_format"]["json_schema"]["schema"]
+    assert schema["$defs"]["ContextRecallClassification"]["properties"]["attributed"]["enum"] == [0, 1]
+    # One of three samples fails: the mean and CI cover the two that scored, the failure is in the reason.
+    answers = iter([statements(1, 1, 1), "{broken", statements(1, 0, 0)])
+    env = ScriptedJudge({**GOOD_JUDGE, "NLIStatementOutput": lambda body: next(answers)}).env()
+    r = asyncio.run(compute(registry["faithfulness"], judged(env), {}, samples=3))
+    assert sorted(r.samples) == pytest.approx([1 / 3, 1.0]) and r.value == pytest.approx(2 / 3)
+    assert r.ci is not None and len(r.judge_errors) == 1 and "1 of 3 judge sample(s) failed" in r.reason
+    # Nobody listening: every sample fails fast with the reason, nothing raises.
+    dead = MetricEnv(embedder=HashingEmbedder(), judge_base_url="http://127.0.0.1:9/v1", judge_model="m",
+                     judge_timeout_s=5)
+    r = asyncio.run(compute(registry["context_recall"], judged(dead), {}, samples=2))
+    assert math.isnan(r.value) and "judge unreachable" in r.judge_errors[0]
+    # Inputs the judge cannot be asked about are decided without it.
+    env = ScriptedJudge({}).env()
+    assert asyncio.run(compute(registry["context_recall"], judged(env, contexts=[]), {})).value == 0.0
+    assert asyncio.run(compute(registry["answer_relevancy"], judged(env, output=" "), {})).value == 0.0
+    with pytest.raises(JudgeError, match="empty answer"):
+        asyncio.run(registry["faithfulness"].fn(judged(env, output=""), {}))
 
 
 # --- gate logic -------------------------------------------------------------------------------------------
@@ -334,6 +473,101 @@ async def test_prompt_target_rag_target_and_config_errors(env) -> None:
         await runner(env).run(parse_suite(suite_dict(target={"model": "gpt-9"})))
     with pytest.raises(EvalConfigError):
         await runner(env).run(parse_suite(suite_dict(target={"prompt": "missing@1"})))
+
+
+async def test_judged_suite_records_judge_errors_by_the_gate_policy(env) -> None:
+    c = env["c"]
+    docs = env["home"] / "docs"
+    docs.mkdir()
+    for name, text in DOCS.items():
+        (docs / name).write_text(text)
+    await asyncio.to_thread(c.rag.pipeline.run, [docs], "docs")
+    env["fake"].reply = "It checkpoints at 1000 pages [1]."
+    # The judge can score context recall but never faithfulness (its statements never parse).
+    judge = ScriptedJudge({**GOOD_JUDGE, "StatementGeneratorOutput": "{not json"})
+
+    def rag_suite(**gate) -> dict:
+        return suite_dict(target={"model": "rag:docs"}, dataset={"cases": [
+            {"id": "r1", "input": "When does SQLite checkpoint the WAL?", "reference": "At 1000 pages.",
+             "expected_sources": ["sqlite-wal.md"]},
+            {"id": "r2", "input": "How do bees make honey?", "reference": "From flower nectar.",
+             "expected_sources": ["bees.txt"]}]},
+            metrics=[{"name": "faithfulness", "samples": 2}, {"name": "context_recall", "threshold": 0.5},
+                     {"name": "citation_correctness"}], gate=gate)
+
+    excl = parse_suite(rag_suite(min_pass_rate=1.0, uncertain="exclude"))
+    out = await EvalRunner(c, env["store"], env=judge.env(), progress=False).run(excl)
+    run, rows = out.run, env["store"].results(out.run.id)
+    assert run.status == "completed" and run.identity["judge"]["model"] == "judge-model"
+    f = rows[0].scores["faithfulness"]
+    assert f["value"] is None and f["judge_error"] and f["uncertain"] and f["judge_errors"] == 2
+    assert "invalid structured output" in f["error"]
+    assert rows[0].scores["context_recall"]["value"] == pytest.approx(0.5)
+    assert run.summary["judge_errors"] == 2 and run.summary["metrics"]["faithfulness"]["mean"] is None
+    # Excluded under uncertain=exclude: no case counts, so the pass rate is 0 and the gate says so.
+    assert run.summary["uncertain_excluded"] == 2 and not run.passed
+    junit = ET.fromstring(junit_xml(excl, run, rows))
+    assert len(junit.findall(".//skipped")) == 2
+    # judge_errors=fail: the same answers (from the cache) fail their cases, with JudgeError in JUnit.
+    failing = parse_suite(rag_suite(min_pass_rate=0.5, judge_errors="fail"))
+    out = await EvalRunner(c, env["store"], env=judge.env(), progress=False).run(failing)
+    assert out.cached == 2 and out.executed == 0 and out.run.passed is False
+    junit = ET.fromstring(junit_xml(failing, out.run, env["store"].results(out.run.id)))
+    assert {f.get("type") for f in junit.iter("failure")} == {"JudgeError"}
+    # A suite that ignores faithfulness' errors still caps how many it tolerates.
+    capped = parse_suite(rag_suite(min_pass_rate=0.0, uncertain="pass", max_judge_errors=1))
+    out = await EvalRunner(c, env["store"], env=judge.env(), progress=False).run(capped)
+    assert not out.run.passed and "no usable score 2 time(s)" in out.run.verdict["reasons"][0]
+    assert out.run.verdict["failing_metrics"] == ["faithfulness"]
+    # A judged metric without any judge is a configuration error (exit code 2), before any case runs.
+    calls = env["fake"].calls
+    with pytest.raises(EvalConfigError, match="need an LLM judge"):
+        await EvalRunner(c, env["store"], env=MetricEnv(embedder=HashingEmbedder()), progress=False).run(
+            parse_suite(rag_suite()))
+    assert env["fake"].calls == calls
+
+
+async def test_changing_only_metrics_or_judge_rescores_cached_answers(env) -> None:
+    s = parse_suite(suite_dict())
+    first = await runner(env).run(s)
+    stricter = parse_suite(suite_dict(metrics=[{"name": "fuzzy_match", "threshold": 0.99},
+                                               {"name": "rouge_l", "threshold": 0.3}]))
+    out = await runner(env).run(stricter)
+    assert out.cached == 3 and out.executed == 0 and out.run.id != first.run.id
+    assert out.run.identity_key != first.run.identity_key  # a different evaluation, the same answers
+
+
+async def test_agent_workflow_target(env) -> None:
+    c = env["c"]
+    docs = env["home"] / "docs"
+    docs.mkdir()
+    for name, text in DOCS.items():
+        (docs / name).write_text(text)
+    await asyncio.to_thread(c.rag.pipeline.run, [docs], c.agents.deps.collection)
+    env["fake"].reply = "SQLite checkpoints the WAL at 1000 pages [1]."
+    s = parse_suite(suite_dict(name="agent-suite", target={"model": "agent:rag-qa"}, dataset={"cases": [
+        {"id": "a1", "input": "When does SQLite checkpoint the WAL?", "reference": "At 1000 pages.",
+         "must_include": ["1000 pages"]}]},
+        metrics=[{"name": "must_include"}, {"name": "latency_ms"}], gate={}))
+    assert s.target.kind == "agent" and s.target.agent_workflow == "rag-qa"
+    out = await runner(env).run(s)
+    run = out.run
+    assert run.passed, (run.verdict, env["store"].results(run.id)[0].record)
+    agent = run.identity["agent"]
+    assert agent["workflow"] == "rag-qa" and agent["model"] == "m" and run.identity["model"]["alias"] == "m"
+    assert agent["rag"]["collection"] == c.agents.deps.collection and agent["rag"]["snapshot"]
+    assert agent["prompt"]["name"] == "rag-answer" and agent["settings"]["max_rounds"] >= 1
+    rec = env["store"].results(run.id)[0].record
+    assert "1000 pages" in rec["output"] and rec["model"] == "agent:rag-qa"
+    assert any(r.messages and "1000 pages" in r.messages[-1].content for r in env["fake"].requests)  # retrieved
+    # The workflow's settings are part of what is evaluated: changing them is a new identity (no cache).
+    c.settings.agents.max_rounds = 1 if agent["settings"]["max_rounds"] != 1 else 2
+    assert (await runner(env).run(s)).executed == 1
+    with pytest.raises(EvalConfigError, match="no workflow named 'nope'"):
+        await runner(env).run(parse_suite(suite_dict(target={"model": "agent:nope"})))
+    for extra in ({"system": "Be brief."}, {"top_k": 3}, {"prompt": "x@1"}):
+        with pytest.raises(SuiteError, match="takes only the question"):
+            parse_suite(suite_dict(target={"model": "agent:rag-qa", **extra}))
 
 
 # --- promotion gate -------------------------------------------------------------------------------------------
