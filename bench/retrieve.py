@@ -68,14 +68,18 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=200)
     ap.add_argument("--local-queries", type=int, default=30, help="qdrant-client local mode is slow; fewer")
     ap.add_argument("--stores", nargs="+", default=["edge", "qdrant-local"])
+    ap.add_argument("--embedder", choices=["api", "encode"], default="api")
     args = ap.parse_args()
 
+    from app.guardrails.embeddings import SharedEmbedder
     from ingest.embedding import Bm25Encoder, SentenceTransformerEmbedder
     from ingest.store.base import HybridQuery
     from ingest.store.edge import EdgeStore
     from ingest.store.qdrant import QdrantClientStore
 
-    emb = SentenceTransformerEmbedder()
+    # What the API process embeds queries with (app.services.container.shared_embedder): a direct pass on a
+    # pinned one-thread worker; --embedder encode measures plain SentenceTransformer.encode instead.
+    emb = SharedEmbedder() if args.embedder == "api" else SentenceTransformerEmbedder()
     emb.warm_up()
     sparse = Bm25Encoder()
     rng = np.random.default_rng(0)
@@ -126,7 +130,8 @@ def main() -> None:
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"retrieve-{time.strftime('%Y%m%dT%H%M%S')}.json"
-    path.write_text(json.dumps({"machine": platform.platform(), "cpus": os.cpu_count(), "rows": rows}, indent=2))
+    path.write_text(json.dumps({"machine": platform.platform(), "cpus": os.cpu_count(), "embedder": args.embedder,
+                                "rows": rows}, indent=2))
     print(f"wrote {path}")
 
 

@@ -63,14 +63,15 @@ class Container:
         if settings.evals.gate_enabled:
             # Nothing reaches a protected label (production) without a passing eval run of that exact version.
             prompts.set_gate(prompt_gate(eval_store, prompts, max_age_days=settings.evals.gate_max_age_days))
-        rag = rag or build_rag(settings)
+        embedder = shared_embedder(settings) if rag is None else None
+        rag = rag or build_rag(settings, embedder=embedder)
         llm = ModelRouter(settings, metrics, backends)
         if start_backends:
             await llm.start()
             # Loads the embedding model and opens the vector store now, not on the first question.
             await asyncio.to_thread(rag.warm_up)
         if guards is None and settings.guardrails.enabled:
-            guards = build_guards(settings, metrics)
+            guards = build_guards(settings, metrics, embedder=embedder if _same_model(settings) else None)
             if start_backends:
                 await asyncio.to_thread(guards.warm_up)
         agents = build_agents(settings, llm, rag, prompts)
@@ -83,6 +84,11 @@ class Container:
         jobs = IngestJobs(rag, settings.home / "uploads")
         container = cls(settings, metrics, keys, RateLimiter(), llm, chat, prompts, rag, jobs, guards, agents, finetune,
                         eval_store)
+        if embedder is not None:
+            async def close_embedder() -> None:
+                embedder.close()
+
+            container._closers.append(close_embedder)
         if start_backends:
             container._background(container._restore_adapters())
         return container
@@ -122,7 +128,27 @@ class Container:
         self.keys.close()
 
 
-def build_guards(settings: Settings, metrics: Metrics) -> GuardrailEngine:
+def shared_embedder(settings: Settings):
+    """The one MiniLM the API process loads: it embeds RAG queries and ingest batches and serves the guardrail
+    validators. Short texts (a question, a guard input) run as a direct forward pass on a pinned one-thread
+    worker, which keeps request latency steady on a busy machine; ingest batches use every core."""
+    from app.guardrails.embeddings import SharedEmbedder
+
+    g = settings.guardrails
+    return SharedEmbedder(settings.rag.embedding_model, device=settings.rag.embedding_device,
+                          threads=g.embedding_threads, dtype=g.embedding_dtype)
+
+
+def _same_model(settings: Settings) -> bool:
+    from app.guardrails.embeddings import default_model_path
+
+    def resolved(p):
+        return Path(p).resolve() if p else default_model_path().resolve()
+
+    return resolved(settings.rag.embedding_model) == resolved(settings.guardrails.embedding_model)
+
+
+def build_guards(settings: Settings, metrics: Metrics, *, embedder=None) -> GuardrailEngine:
     """The guardrail engine, offline and with its metrics on the app's registry (not warmed up)."""
     from app.guardrails.offline import configure_offline
 
@@ -131,7 +157,7 @@ def build_guards(settings: Settings, metrics: Metrics) -> GuardrailEngine:
     if not cfg.policy_path.is_absolute() and not cfg.policy_path.exists():
         # The shipped policy lives in the project tree; find it whatever the working directory.
         cfg = cfg.model_copy(update={"policy_path": _PROJECT_ROOT / cfg.policy_path})
-    return GuardrailEngine(cfg, home=settings.home, registry=metrics.registry)
+    return GuardrailEngine(cfg, home=settings.home, registry=metrics.registry, embedder=embedder)
 
 
 _PROJECT_ROOT = Path(__file__).resolve().parents[2]

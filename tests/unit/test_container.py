@@ -1,0 +1,31 @@
+"""The composition root: what the API process builds once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from app.core.settings import Settings
+from app.guardrails.embeddings import SharedEmbedder
+from app.services.container import Container
+
+
+async def test_one_embedding_model_serves_rag_and_guardrails(tmp_path: Path) -> None:
+    c = await Container.build(Settings(home=tmp_path), start_backends=False)
+    try:
+        assert isinstance(c.rag.embedder, SharedEmbedder)
+        assert c.guards is not None and c.guards.embedder is c.rag.embedder
+        assert c.rag.retriever.embedder is c.rag.embedder and c.rag.pipeline.embedder is c.rag.embedder
+    finally:
+        await c.aclose()
+    assert c.rag.embedder._worker is None or c.rag.embedder._worker._shutdown
+
+
+async def test_a_different_guardrail_model_gets_its_own_embedder(tmp_path: Path) -> None:
+    other = tmp_path / "other-model"
+    c = await Container.build(Settings(home=tmp_path, guardrails={"embedding_model": str(other)}),
+                              start_backends=False)
+    try:
+        assert c.guards is not None and c.guards.embedder is not c.rag.embedder
+        assert c.guards.embedder.model_path == other
+    finally:
+        await c.aclose()
