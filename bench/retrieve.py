@@ -71,7 +71,8 @@ def main() -> None:
     ap.add_argument("--embedder", choices=["api", "encode"], default="api")
     args = ap.parse_args()
 
-    from app.guardrails.embeddings import SharedEmbedder
+    from app.core.settings import Settings
+    from app.services.container import shared_embedder
     from ingest.embedding import Bm25Encoder, SentenceTransformerEmbedder
     from ingest.store.base import HybridQuery
     from ingest.store.edge import EdgeStore
@@ -79,7 +80,7 @@ def main() -> None:
 
     # What the API process embeds queries with (app.services.container.shared_embedder): a direct pass on a
     # pinned one-thread worker; --embedder encode measures plain SentenceTransformer.encode instead.
-    emb = SharedEmbedder() if args.embedder == "api" else SentenceTransformerEmbedder()
+    emb = shared_embedder(Settings(home=ROOT / ".keel")) if args.embedder == "api" else SentenceTransformerEmbedder()
     emb.warm_up()
     sparse = Bm25Encoder()
     rng = np.random.default_rng(0)

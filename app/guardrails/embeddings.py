@@ -52,11 +52,17 @@ class SharedEmbedder:
     """
 
     def __init__(self, model_path: Path | None = None, *, cache_size: int = 4096, device: str = "cpu",
-                 threads: int | None = 1, dtype: Literal["auto", "float32", "bfloat16"] = "auto") -> None:
+                 threads: int | None = 1, dtype: Literal["auto", "float32", "bfloat16"] = "auto",
+                 runtime: Literal["torch", "onnx-int8"] = "torch", cache_dir: Path | None = None) -> None:
         self.model_path = Path(model_path) if model_path else default_model_path()
         self.device = device
         self.threads = threads
         self.dtype = ("bfloat16" if device == "cpu" and bf16_supported() else "float32") if dtype == "auto" else dtype
+        # onnx-int8: short texts go through ONNX Runtime with int8 weights (app/guardrails/onnx_embed.py);
+        # it needs a folder for the exported graph and falls back to torch when it cannot be used
+        self.runtime = runtime if (runtime == "torch" or cache_dir is not None) and device == "cpu" else "torch"
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self._onnx = None
         self._model = None
         self._worker: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
@@ -88,7 +94,8 @@ class SharedEmbedder:
                 h.update(f"{name}:{f.stat().st_size}".encode())
                 if f.suffix == ".json":
                     h.update(f.read_bytes())
-        return f"{self.model_path.name}:{self.dtype}:{h.hexdigest()[:16]}"
+        precision = "onnx-int8" if self.runtime == "onnx-int8" else self.dtype
+        return f"{self.model_path.name}:{precision}:{h.hexdigest()[:16]}"
 
     def warm_up(self) -> None:
         self.embed_documents(["warm up"])
@@ -98,10 +105,19 @@ class SharedEmbedder:
             import torch
             from sentence_transformers import SentenceTransformer
 
-            model = SentenceTransformer(str(self.model_path), device=self.device, local_files_only=True)
+            model = SentenceTransformer(str(self.model_path), device=self.device, local_files_only=True).eval()
+            if self.runtime == "onnx-int8":
+                from app.guardrails.onnx_embed import OnnxShortPath
+
+                try:  # exported from the float32 weights, before any cast below
+                    self._onnx = OnnxShortPath.load_or_build(model, self.model_path, self.cache_dir,
+                                                             threads=self.threads or 1)
+                except Exception as e:  # export/quantisation failures of any kind: keep serving on torch
+                    log.warning("int8 ONNX embedding path unavailable (%s: %s); using torch", type(e).__name__, e)
+                    self.runtime = "torch"
             if self.dtype == "bfloat16":
                 model = model.to(torch.bfloat16)
-            self._model = model.eval()
+            self._model = model
             self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="keel-embed")
             if self.threads:
                 before = torch.get_num_threads()
@@ -124,6 +140,8 @@ class SharedEmbedder:
         if len(texts) > _DIRECT_MAX:
             vecs = model.encode(texts, batch_size=32, convert_to_numpy=False, convert_to_tensor=True,
                                 show_progress_bar=False)
+        elif self._onnx is not None:
+            return self._onnx.embed(texts)
         else:
             # encode() costs a few ms of Python per call (sorting, batching, conversions): the direct
             # pass runs the same module pipeline (Transformer, Pooling, Normalize) without it

@@ -121,7 +121,9 @@ class GuardrailEngine:
             from app.guardrails.embeddings import SharedEmbedder
 
             self._embedder = SharedEmbedder(self.settings.embedding_model, threads=self.settings.embedding_threads,
-                                            dtype=self.settings.embedding_dtype)
+                                            dtype=self.settings.embedding_dtype,
+                                            runtime=self.settings.embedding_runtime,
+                                            cache_dir=self.settings.model_cache or self.home / "cache" / "guardrails")
         return self._embedder
 
     def warm_up(self) -> None:

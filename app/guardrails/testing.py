@@ -34,7 +34,8 @@ def shared_embedder():
     from app.guardrails.embeddings import SharedEmbedder
 
     _offline()
-    e = SharedEmbedder()
+    # The production default: short texts on the int8 ONNX path (the held-out floors are checked on it).
+    e = SharedEmbedder(runtime="onnx-int8", cache_dir=model_cache_dir())
     e.warm_up()
     return e
 
