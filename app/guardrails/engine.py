@@ -214,7 +214,8 @@ class GuardrailEngine:
                   "allow_threshold": p.get("allow_threshold", 0.3)}
         elif spec.validator == "keel/groundedness":
             kw = {"embedder": self.embedder, "threshold": spec.threshold or 0.55,
-                  "max_unsupported_ratio": p.get("max_unsupported_ratio", 0.0)}
+                  "max_unsupported_ratio": p.get("max_unsupported_ratio", 0.0),
+                  "lexical_threshold": p.get("lexical_threshold", 0.75)}
         elif spec.validator == "keel/json_schema":
             kw = {"schema": p.get("schema")}
         elif spec.validator == "keel/system_prompt_leakage":

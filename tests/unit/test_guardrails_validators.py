@@ -178,6 +178,34 @@ def test_groundedness_reports_unsupported_sentences(embedder):
     assert res.details["unsupported"] == ["The Eiffel Tower was completed in 1889 for the World's Fair."]
 
 
+RRF = ["Reciprocal rank fusion combines ranked lists by summing 1/(k + rank) over the lists where a document "
+       "appears, with the constant k = 60 as suggested in the original paper, which dampens the weight of the "
+       "top ranks so that no single list dominates the fused order."]
+
+
+def test_groundedness_short_restatement_in_the_sources_words_is_supported(embedder):
+    # embeds far from the long passage sentence (similarity ~0.43 here), but every content word is in it
+    res = check_groundedness("The constant k is 60.", RRF, embedder, threshold=0.5)
+    assert res.passed, res.details
+    framed = check_groundedness("The answer is: the constant k is 60.", RRF, embedder, threshold=0.5)
+    assert framed.passed, framed.details
+
+
+def test_groundedness_a_number_the_sources_never_mention_is_unsupported(embedder):
+    res = check_groundedness("Reciprocal rank fusion uses the constant k = 42 to dampen the top ranks.", RRF,
+                             embedder, threshold=0.5)
+    assert not res.passed and res.details["similarities"][0] >= 0.5  # similar, yet the number is made up
+    ok = check_groundedness("Reciprocal rank fusion uses the constant k = 60 to dampen the top ranks.", RRF,
+                            embedder, threshold=0.5)
+    assert ok.passed
+
+
+def test_groundedness_off_topic_sentence_with_common_words_stays_unsupported(embedder):
+    res = check_groundedness("The fusion of ranked cheeses dominates the paper order in France.", RRF, embedder,
+                             threshold=0.5)
+    assert not res.passed, res.details
+
+
 def test_groundedness_without_passages_is_unsupported(embedder):
     assert not check_groundedness("The moon is made of cheese and rock.", [], embedder).passed
 

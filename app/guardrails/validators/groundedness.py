@@ -4,6 +4,15 @@ Per answer sentence, the best cosine similarity to any passage sentence window (
 adjacent sentences) is compared with ``threshold``. No NLI or cross-encoder model works offline here
 (ENVIRONMENT.md), so this is a similarity proxy: it catches answers that drift away from the sources,
 not subtle contradictions ("X is true" vs "X is false" embed close together).
+
+Two lexical checks correct the proxy where it is known to be wrong:
+
+* a short sentence that restates a fact in the sources' own words ("The constant k is 60.") embeds far
+  from the long passage sentence it comes from; when at least ``lexical_threshold`` of its content words
+  (at least two, or only numbers) occur in the passages it counts as supported. Measured on the golden
+  RAG answers of SmolLM2: 4 of 6 withdrawals were such correct answers.
+* a number the passages never mention is unsupported whatever the similarity: "k is 42" embeds as close
+  to "k = 60" as "k is 60" does.
 """
 
 from __future__ import annotations
@@ -18,6 +27,32 @@ from app.guardrails.validators.base import CheckResult, Finding, TextEmbedder, s
 
 _TRIVIAL = re.compile(r"^(?:sure|yes|no|okay|ok|certainly|of course|here (?:is|are)[^.]*|i hope this helps|"
                       r"let me know[^.]*|thanks?[^.]*)[.!]?$", re.I)
+# "The answer is: X." / "Answer: X" only frame the claim X
+_FRAME = re.compile(r"^(?:the\s+)?(?:short\s+)?answer(?:\s+is)?\s*[:,-]?\s*", re.I)
+_TOKEN = re.compile(r"[a-z0-9]+(?:[.,][0-9]+)*", re.I)
+_NUMBER = re.compile(r"^[0-9]+(?:[.,][0-9]+)*$")
+_STOP_TEXT = """
+a an the and or but if of to in on at by for with from as is are was were be been being this that these those it
+its they them their there here what which who whom whose when where why how not no yes do does did done can could
+should would may might will shall about into over under than then also such only very more most some any each other
+so too just you your we our i me my he she his her has have had having one ones use used using get gets set
+"""
+_STOP = frozenset(_STOP_TEXT.split())
+
+
+def content_words(text: str) -> list[str]:
+    return [t for t in (m.group(0).lower() for m in _TOKEN.finditer(text)) if t not in _STOP]
+
+
+def _lexical(sentence: str, vocab: set[str]) -> tuple[float, bool, bool]:
+    """(share of content words in the passages, numbers all present, enough evidence to decide lexically)."""
+    words = content_words(sentence)
+    if not words:
+        return 0.0, True, False
+    numbers = [w for w in words if _NUMBER.match(w)]
+    numbers_ok = all(n in vocab for n in numbers)
+    share = sum(w in vocab for w in words) / len(words)
+    return share, numbers_ok, len(words) >= 2 or (bool(numbers) and len(numbers) == len(words))
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +61,7 @@ class SentenceSupport:
     similarity: float
     supported: bool
     best_passage: int
+    lexical: float = 0.0
 
 
 def passage_windows(passages: Sequence[str]) -> tuple[list[str], list[int]]:
@@ -42,30 +78,34 @@ def passage_windows(passages: Sequence[str]) -> tuple[list[str], list[int]]:
 
 
 def sentence_support(answer: str, passages: Sequence[str], embedder: TextEmbedder, *, threshold: float = 0.55,
-                     min_words: int = 4) -> list[SentenceSupport]:
+                     min_words: int = 4, lexical_threshold: float = 0.75) -> list[SentenceSupport]:
     sentences = [s for s in split_sentences(answer) if len(s.split()) >= min_words and not _TRIVIAL.match(s)]
+    claims = [_FRAME.sub("", s) or s for s in sentences]
     if not sentences:
         return []
     if not passages:
         return [SentenceSupport(s, 0.0, False, -1) for s in sentences]
     windows, owners = passage_windows(passages)
-    vecs = embedder.embed_documents(sentences + windows)
-    q, p = vecs[: len(sentences)], vecs[len(sentences):]
+    vecs = embedder.embed_documents(claims + windows)
+    q, p = vecs[: len(claims)], vecs[len(claims):]
     sims = q @ p.T
+    vocab = {t for passage in passages for t in content_words(passage)}
     out = []
     for i, s in enumerate(sentences):
         j = int(np.argmax(sims[i]))
         sim = float(sims[i, j])
-        out.append(SentenceSupport(s, round(sim, 4), sim >= threshold, owners[j]))
+        share, numbers_ok, decisive = _lexical(claims[i], vocab)
+        supported = numbers_ok and (sim >= threshold or (decisive and share >= lexical_threshold))
+        out.append(SentenceSupport(s, round(sim, 4), supported, owners[j], round(share, 3)))
     return out
 
 
 def check_groundedness(answer: str, passages: Sequence[str], embedder: TextEmbedder, *, threshold: float = 0.55,
-                       max_unsupported_ratio: float = 0.0) -> CheckResult:
+                       max_unsupported_ratio: float = 0.0, lexical_threshold: float = 0.75) -> CheckResult:
     """Fails when the share of unsupported sentences exceeds ``max_unsupported_ratio``.
 
     ``details['unsupported']`` lists the unsupported sentences; ``score`` is that share."""
-    support = sentence_support(answer, passages, embedder, threshold=threshold)
+    support = sentence_support(answer, passages, embedder, threshold=threshold, lexical_threshold=lexical_threshold)
     if not support:
         return CheckResult(True, details={"sentences": 0, "unsupported": []})
     unsupported = [s for s in support if not s.supported]
@@ -75,4 +115,5 @@ def check_groundedness(answer: str, passages: Sequence[str], embedder: TextEmbed
     reason = "" if passed else f"{len(unsupported)} of {len(support)} sentences are not supported by the sources"
     return CheckResult(passed, round(ratio, 4), reason, findings,
                        details={"sentences": len(support), "unsupported": [s.sentence for s in unsupported],
-                                "similarities": [s.similarity for s in support]})
+                                "similarities": [s.similarity for s in support],
+                                "lexical": [s.lexical for s in support]})

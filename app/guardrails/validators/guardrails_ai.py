@@ -144,16 +144,19 @@ class TopicGuard(_KeelValidator):
 @register_validator(name="keel/groundedness", data_type="string")
 class Groundedness(_KeelValidator):
     def __init__(self, embedder: Any, threshold: float = 0.55, max_unsupported_ratio: float = 0.0,
-                 on_fail: Any = None, **kwargs: Any) -> None:
-        super().__init__(on_fail=on_fail, threshold=threshold, max_unsupported_ratio=max_unsupported_ratio, **kwargs)
+                 lexical_threshold: float = 0.75, on_fail: Any = None, **kwargs: Any) -> None:
+        super().__init__(on_fail=on_fail, threshold=threshold, max_unsupported_ratio=max_unsupported_ratio,
+                         lexical_threshold=lexical_threshold, **kwargs)
         self.embedder, self.threshold, self.max_unsupported_ratio = embedder, threshold, max_unsupported_ratio
+        self.lexical_threshold = lexical_threshold
 
     def check(self, value: str, metadata: dict[str, Any]) -> CheckResult:
         passages = metadata.get("passages")
         if passages is None:  # no retrieval in this request: nothing to ground against
             return CheckResult(True, details={"skipped": "no passages"})
         return check_groundedness(value, passages, self.embedder, threshold=self.threshold,
-                                  max_unsupported_ratio=self.max_unsupported_ratio)
+                                  max_unsupported_ratio=self.max_unsupported_ratio,
+                                  lexical_threshold=self.lexical_threshold)
 
 
 @register_validator(name="keel/json_schema", data_type="string")
