@@ -90,6 +90,7 @@ class Citation:
     label: str
     chunk_id: str = ""
     page: int | None = None
+    text: str = ""  # the cited passage, so clients (and eval metrics) see what the answer rests on
 
 
 @dataclass(frozen=True, slots=True)

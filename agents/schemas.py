@@ -81,6 +81,7 @@ class CitationOut(BaseModel):
     label: str
     chunk_id: str | None = ""
     page: int | None = None
+    text: str = ""
 
 
 class FinalEvent(_Event):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import re
 import time
@@ -388,7 +389,8 @@ class AgentService:
             finished = True
             yield Final(rec.run_id, status, answer, [Citation(**{k: c.get(k) for k in
                                                                   ("index", "source", "title", "label", "chunk_id",
-                                                                   "page")}) for c in cites],
+                                                                   "page")}, text=c.get("text") or "")
+                                                     for c in cites],
                         values.get("grounded"))
         finally:
             if not finished:
@@ -487,7 +489,7 @@ class AgentService:
         final answer, ``Finished``). The question is the last user message; each request is a new thread."""
         from app.core.errors import ModelNotFound
         from app.core.types import Finished, TextDelta
-        from app.services.chat import Started
+        from app.services.chat import Citations, Started
 
         workflow = model[len(AGENT_MODEL_PREFIX):] if self.is_agent_model(model) else model
         try:
@@ -497,13 +499,13 @@ class AgentService:
         question = next((m.content for m in reversed(messages) if m.role == "user" and m.content.strip()), "")
         if not question:
             raise InvalidRequest("send a user message with the question", param="messages")
-        text = ""
+        text, cited = "", []
         async with contextlib.aclosing(self.run(workflow, question, owner=owner)) as events:
             first = await anext(events)  # validation errors surface here, before Started
             yield Started(f"chatcmpl-{request_id or uuid.uuid4().hex}", int(time.time()), model)
             async for ev in _chain(first, events):
                 if isinstance(ev, Final):
-                    text = ev.answer
+                    text, cited = ev.answer, ev.citations
                     if ev.citations:
                         text += "\n\nSources: " + "; ".join(f"[{c.index}] {c.label}" for c in ev.citations)
                 elif isinstance(ev, InterruptEvent):
@@ -516,6 +518,9 @@ class AgentService:
         for piece in re.findall(r"\S+\s*|\s+", text):
             yield TextDelta(piece)
         yield Finished("stop")
+        if cited:
+            # the same event a rag: answer ends with: clients and eval metrics get the passages
+            yield Citations([{**dataclasses.asdict(c), "cited": True} for c in cited])
 
 
 async def _chain(first: Any, rest: AsyncIterator[Any]) -> AsyncIterator[Any]:

@@ -198,7 +198,8 @@ def citations_for(answer: str, passages: list[dict[str, Any]]) -> list[dict[str,
             [1] if passages else [])
     return [{"index": i, "source": passages[i - 1].get("source", ""), "title": passages[i - 1].get("title", ""),
              "label": passages[i - 1].get("label", passages[i - 1].get("title", "")),
-             "chunk_id": passages[i - 1].get("chunk_id", ""), "page": passages[i - 1].get("page")} for i in idx]
+             "chunk_id": passages[i - 1].get("chunk_id", ""), "page": passages[i - 1].get("page"),
+             "text": passages[i - 1].get("text", "")} for i in idx]
 
 
 # -- the tools node: the one place a risky side effect happens -------------------------------------

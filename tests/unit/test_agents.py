@@ -470,9 +470,14 @@ async def test_chat_events_stream_the_final_answer(tmp_path: Path) -> None:
     msgs = [ChatMessage("system", "be brief"), ChatMessage("user", "Where does Keel store vectors?")]
     events = [e async for e in svc.chat_events("agent:rag-qa", msgs, request_id="req1")]
     assert isinstance(events[0], Started) and events[0].model == "agent:rag-qa" and events[0].id == "chatcmpl-req1"
-    assert isinstance(events[-1], Finished)
+    assert isinstance(events[-2], Finished)
     text = "".join(e.text for e in events if isinstance(e, TextDelta))
     assert text.startswith(ANSWER) and "Sources: [1] qdrant" in text
+    # like a rag: answer, the passages follow as their own event (the API sends it before [DONE])
+    from app.services.chat import Citations
+
+    assert isinstance(events[-1], Citations) and events[-1].items[0]["index"] == 1
+    assert events[-1].items[0]["text"] and events[-1].items[0]["label"]
     with pytest.raises(ModelNotFound):
         await anext(svc.chat_events("agent:nope", msgs))
     await svc.aclose()

@@ -559,6 +559,7 @@ async def test_agent_workflow_target(env) -> None:
     assert agent["prompt"]["name"] == "rag-answer" and agent["settings"]["max_rounds"] >= 1
     rec = env["store"].results(run.id)[0].record
     assert "1000 pages" in rec["output"] and rec["model"] == "agent:rag-qa"
+    assert rec["contexts"] and "1000 pages" in rec["contexts"][0]  # the agent's passages reach the metrics
     assert any(r.messages and "1000 pages" in r.messages[-1].content for r in env["fake"].requests)  # retrieved
     # The workflow's settings are part of what is evaluated: changing them is a new identity (no cache).
     c.settings.agents.max_rounds = 1 if agent["settings"]["max_rounds"] != 1 else 2

@@ -34,7 +34,7 @@ Each event is ``event: <type>`` / ``id: <seq>`` / ``data: <JSON>``; the JSON alw
 ``interrupt``       ``thread_id``, ``tool``, ``args``, ``call_id``, ``reason``, ``actions`` - the run is
                     paused; the stream ends; resume with ``POST /runs/{run_id}/resume``
 ``final``           ``status`` (``completed`` | ``step_limit``), ``answer``, ``citations``
-                    (``index``, ``source``, ``title``, ``label``, ``chunk_id``, ``page``), ``grounded``
+                    (``index``, ``source``, ``title``, ``label``, ``chunk_id``, ``page``, ``text``), ``grounded``
 ``error``           ``code``, ``message`` - the run failed (status ``failed``, or ``timed_out`` with code
                     ``run_timeout`` after ``agents.run_timeout_s``; both resumable with ``continue``)
 ==================  ===========================================================================
