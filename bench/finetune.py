@@ -51,7 +51,7 @@ def train(home: Path, spec_path: Path, max_steps: int | None):
     from finetune.spec import load_spec
     from finetune.worker import Worker
 
-    settings = Settings(home=home)
+    settings = Settings(home=home, finetune={"auto_eval": False})  # training alone; bench/evals.py times evals
     svc = build_finetune(settings)
     spec = load_spec(spec_path)
     if max_steps:

@@ -278,6 +278,18 @@ def semantic_similarity(s: Sample, params: dict[str, Any]) -> float:
     return round(s.env.similarity(s.output, _ref(s)), 6)
 
 
+@register("distinct_ngrams", threshold=0.5)
+def distinct_ngrams(s: Sample, params: dict[str, Any]) -> Score:
+    """Share of the answer's word n-grams (n=3 by default) that are distinct: 1.0 for ordinary text, low for
+    a degenerate loop ("Paris. Paris. Paris. ..."), which similarity and keyword checks let through."""
+    n = int(params.get("n", 3))
+    words = normalise(s.output).split()
+    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    if not grams:
+        return Score(1.0, f"fewer than {n} words")
+    return Score(round(len(set(grams)) / len(grams), 6))
+
+
 @register("must_include", threshold=1.0)
 def must_include(s: Sample, params: dict[str, Any]) -> Score:
     """Share of the case's ``must_include`` phrases found in the answer (case-insensitive)."""

@@ -19,6 +19,7 @@ import logging
 import math
 import time
 from dataclasses import asdict, dataclass, is_dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from app.core.errors import KeelError
@@ -134,6 +135,11 @@ class EvalRunner:
         ident["model"] = {"alias": alias, "backend": m.backend, "name": m.model,
                           "adapter": str(m.adapter) if m.adapter else None,
                           "defaults": m.defaults.model_dump()}
+        if m.adapter and Path(m.adapter).is_dir():
+            from finetune.tracking import adapter_hash
+
+            # the content identity the adapter gate matches, whichever folder this copy lives in
+            ident["model"]["adapter_hash"] = adapter_hash(Path(m.adapter))
         ident["guardrails"] = (c.guards.policy.version_tag
                                if c.guards is not None and c.settings.guardrails.enabled else None)
         judged = sorted({m.name for m in suite.metrics if registry[m.name].judged})

@@ -196,6 +196,9 @@ def test_text_metrics_true_and_false() -> None:
     assert score("must_include", "WAL checkpoints at 1000 pages", must_include=["1000 pages"]) == 1.0
     assert score("must_include", "no idea", must_include=["1000 pages", "wal"]) == 0.0
     assert score("must_not_include", "the secret is 42", must_not_include=["secret"]) == 0.0
+    assert score("distinct_ngrams", "The capital of France is Paris, a city on the Seine.") == 1.0
+    assert score("distinct_ngrams", "Paris. " * 2) == 1.0  # too short to judge
+    assert score("distinct_ngrams", "The capital is Paris. " * 6) < 0.3
 
 
 def test_citation_correctness() -> None:
