@@ -97,12 +97,13 @@ def keel_server(tmp_path_factory: pytest.TempPathFactory) -> KeelServer:
                      "retry_backoff_s": 0.05},
         },
         "models": {"flaky": {"backend": "dead", "model": "smollm2", "fallback": "smollm2"}},
-        # The promotion gate (a passing eval run per version) is tested against the real registry in
-        # tests/unit/test_evals.py; here label moves exercise the UI and API around it.
-        "evals": {"gate_enabled": False},
+        # The real promotion gate: `production` moves only to a version with a passing eval run. Tests
+        # put the suites they run by name into <home>/suites (the shipped ones are found too).
+        "evals": {"gate_enabled": True, "suites_dir": str(home / "suites")},
         # The injection classifier trains once per data hash (seconds); share it across test sessions.
         "guardrails": {"model_cache": str(ROOT / ".keel" / "cache" / "guardrails")},
     }
+    (home / "suites").mkdir()
     cfg = home / "keel.yaml"
     cfg.write_text(yaml.safe_dump(config))
     store = KeyStore(home / "keel.db")

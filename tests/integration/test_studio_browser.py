@@ -250,14 +250,23 @@ def drive_studio(page, server: KeelServer, key: str, name: str, artifacts: Path)
     expect(page.get_by_label("Changed parts")).to_contain_text("variables changed")
     page.screenshot(path=str(artifacts / "studio-diff.png"), full_page=True)
 
-    # --- promote v2 to production: the gate's verdict is shown
+    # --- promote v2 to production through the real eval gate: refused without a passing run of v2
     page.get_by_role("tab", name="Labels").click()
     page.get_by_label("Label", exact=True).fill("production")
     page.get_by_label("Target version").select_option("2")
     page.get_by_role("button", name="Move label", exact=True).click()
     verdict = page.get_by_role("status", name="Gate verdict")
+    expect(verdict).to_contain_text(f"Gate refused {name}@2 for production")
+    expect(verdict).to_contain_text(f"no completed eval run of {name}@2")
+    page.screenshot(path=str(artifacts / "studio-gate-refused.png"), full_page=True)
+    expect(page.get_by_role("table", name="Current labels")).not_to_contain_text("production")
+
+    # CI (or the engineer) runs the suite bound to this exact version; then the same click goes through.
+    run_suite(server, name, 2)
+    page.get_by_role("button", name="Move label", exact=True).click()
     expect(verdict).to_contain_text("Moved production to v2")
     expect(verdict).to_contain_text("Gate verdict: passed")
+    expect(verdict).to_contain_text("passing eval run")
     expect(page.get_by_role("table", name="Current labels")).to_contain_text("v2")
     page.screenshot(path=str(artifacts / "studio-labels.png"), full_page=True)
     # A custom label skips the gate.
@@ -277,27 +286,14 @@ def drive_studio(page, server: KeelServer, key: str, name: str, artifacts: Path)
     page.get_by_label("Target version").select_option("2")
     page.get_by_role("button", name="Move label", exact=True).click()
     expect(verdict).to_contain_text("already points at v2")
-    labels = httpx.get(f"{server.url}/v1/prompts/{name}/labels", headers={"Authorization": f"Bearer {key}"},
-                       timeout=10).json()
-    assert labels == {"production": 2, "staging": 3}
-
-    # A refusing gate: this server runs the default allow-all gate (the eval harness plugs the
-    # real one in later), so the refusal is the API's documented 409 body, served by Playwright
-    # for this one request; the page must show the gate's reason and leave the labels alone.
-    refusal = {"error": {
-        "message": f"the promotion gate refused {name}@3 for label 'production': faithfulness 0.41 < 0.80. "
-                   "Fix what the gate reports and try again, or have an admin override with a reason",
-        "type": "invalid_request_error", "param": "version", "code": "promotion_gate_failed"}}
-    page.route(f"**/v1/prompts/{name}/labels/production",
-               lambda route: route.fulfill(status=409, json=refusal) if route.request.method == "PUT"
-               else route.fallback())
+    # v3 has no eval run: the gate refuses it and the labels stay where they were.
     page.get_by_label("Target version").select_option("3")
     page.get_by_role("button", name="Move label", exact=True).click()
     expect(verdict).to_contain_text(f"Gate refused {name}@3 for production")
-    expect(verdict).to_contain_text("faithfulness 0.41 < 0.80")
-    page.screenshot(path=str(artifacts / "studio-gate-refused.png"), full_page=True)
-    page.unroute(f"**/v1/prompts/{name}/labels/production")
     expect(page.get_by_role("table", name="Current labels")).to_contain_text("v2")
+    labels = httpx.get(f"{server.url}/v1/prompts/{name}/labels", headers={"Authorization": f"Bearer {key}"},
+                       timeout=10).json()
+    assert labels == {"production": 2, "staging": 3}
 
     # --- history: versions and the audit log with who / what / from -> to
     page.get_by_role("tab", name="History").click()
@@ -306,7 +302,7 @@ def drive_studio(page, server: KeelServer, key: str, name: str, artifacts: Path)
     expect(versions).to_contain_text("add tone and short variables")
     expect(versions).to_contain_text("a colleague's edit")
     audit = page.get_by_role("table", name="Audit log")
-    expect(audit.locator("tbody tr")).to_have_count(5)  # 3 versions + 2 label moves
+    expect(audit.locator("tbody tr")).to_have_count(5)  # 3 versions + 2 label moves (refusals move nothing)
     production_row = audit.locator("tbody tr", has_text="production")
     expect(production_row).to_contain_text("label.move")
     expect(production_row).to_contain_text("— → v2")
@@ -321,3 +317,29 @@ def drive_studio(page, server: KeelServer, key: str, name: str, artifacts: Path)
     page.get_by_role("button", name="Forget key").click()
     expect(page.get_by_label("API key")).to_be_visible()
     assert page.evaluate("sessionStorage.getItem('keel.studio.apiKey')") is None
+
+
+def run_suite(server: KeelServer, name: str, version: int) -> None:
+    """Write a one-case suite bound to ``name@version`` and run it through the API, as CI would."""
+    import time
+
+    import yaml
+
+    suite = {"name": f"{name}-v{version}", "target": {"prompt": f"{name}@{version}",
+                                                      "variables": {"question": "What is the capital of France?"},
+                                                      "params": {"temperature": 0.0, "max_tokens": 16}},
+             "dataset": {"cases": [{"id": "france", "input": "What is the capital of France?"}]},
+             "metrics": [{"name": "latency_ms", "threshold": 120000}], "gate": {"min_pass_rate": 1.0}}
+    (server.home / "suites" / f"{suite['name']}.yaml").write_text(yaml.safe_dump(suite))
+    admin = server.headers("admin")
+    r = httpx.post(f"{server.url}/v1/evals/runs", json={"suite": suite["name"]}, headers=admin, timeout=30)
+    assert r.status_code == 202, r.text
+    deadline = time.monotonic() + RUN_TIMEOUT_MS / 1000
+    while time.monotonic() < deadline:
+        runs = httpx.get(f"{server.url}/v1/evals/runs", params={"suite": suite["name"]}, headers=admin,
+                         timeout=30).json()
+        if runs and runs[0]["status"] == "completed":
+            assert runs[0]["passed"], runs[0]
+            return
+        time.sleep(1)
+    raise AssertionError(f"the eval run of {suite['name']} did not finish: {runs}")
