@@ -122,7 +122,8 @@ def test_bad_import_folders(tmp_path, layout, message):
 
 def test_starter_library_imports_and_renders(tmp_path):
     reg = build_registry(Settings(home=tmp_path, auth={"enabled": False}))
-    assert [t.name for t in reg.list_templates()] == ["citation-rules", "rag-answer", "summarize",
+    assert [t.name for t in reg.list_templates()] == ["analyst-tool-choice", "citation-rules", "memory-extract",
+                                                     "rag-answer", "research-critic", "summarize",
                                                      "supervisor-route"]
     rag = reg.render("rag-answer", {"question": "What is Keel?", "passages": [
         {"title": "README", "text": "Keel is an LLMOps framework."}, {"text": "It serves vLLM."}]})
@@ -131,7 +132,8 @@ def test_starter_library_imports_and_renders(tmp_path):
     assert "[1] README: Keel is an LLMOps framework.\n[2] It serves vLLM." in user
     route = reg.render("supervisor-route", {"task": "Compare A and B"})
     schema = route.params.response_schema
-    assert schema["properties"]["next"]["enum"] == ["researcher", "writer", "FINISH"]
+    assert schema["properties"]["next"]["enum"] == ["researcher", "analyst", "writer", "critic", "FINISH"]
+    assert reg.resolve("supervisor-route").version == 2  # production moved to v2, v1 kept in history
     assert schema["required"] == ["next", "reason"]
     summary = reg.render("summarize", {"text": "Long text.", "style": "bullets"})
     assert "at most 120 words as a bulleted list." in summary.messages[1].content
