@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from app.core.cli import fail
+from app.core.cli import api_failure, fail, settings_or_exit, unreachable
 
 app = typer.Typer(help="Agent workflows: run, inspect runs, approve or reject paused tool calls.",
                   no_args_is_help=True)
@@ -32,13 +32,7 @@ AsJson = Annotated[bool, typer.Option("--json", help="Print raw event JSON lines
 
 
 def _settings():
-    from app.core.settings import load_settings
-
-    try:
-        return load_settings()
-    except Exception as exc:
-        err.print(f"[red]configuration error:[/red] {escape(str(exc))}")
-        raise typer.Exit(2) from exc
+    return settings_or_exit()
 
 
 class Renderer:
@@ -98,22 +92,6 @@ class Renderer:
 # -- transports ---------------------------------------------------------------------------------
 
 
-def _http_failure(r) -> typer.Exit:
-    """The API's error envelope as one line with its stable code (never a traceback)."""
-    try:
-        e = r.json().get("error", {})
-        msg, code = e.get("message") or r.text, e.get("code") or r.status_code
-    except ValueError:
-        msg, code = r.text, r.status_code
-    err.print(f"[red]error ({escape(str(code))}):[/red] {escape(str(msg))}")
-    return typer.Exit(1)
-
-
-def _unreachable(url: str, e: Exception) -> typer.Exit:
-    err.print(f"[red]cannot reach {escape(url)}:[/red] {escape(str(e))} (is `keel serve` running? or use --local)")
-    return typer.Exit(1)
-
-
 def _http_events(url: str, key: str | None, path: str, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
     import httpx
 
@@ -123,12 +101,12 @@ def _http_events(url: str, key: str | None, path: str, body: dict[str, Any]) -> 
                 "POST", url.rstrip("/") + path, json=body, headers=headers) as r:
             if r.status_code != 200:
                 r.read()
-                raise _http_failure(r)
+                raise api_failure(r)
             for line in r.iter_lines():
                 if line.startswith("data:"):
                     yield json.loads(line[5:].strip())
     except httpx.HTTPError as e:
-        raise _unreachable(url, e) from e
+        raise unreachable(url, e) from e
 
 
 def _http_get(url: str, key: str | None, path: str, params: dict[str, Any] | None = None) -> Any:
@@ -139,9 +117,9 @@ def _http_get(url: str, key: str | None, path: str, params: dict[str, Any] | Non
         r = httpx.get(url.rstrip("/") + path, params={k: v for k, v in (params or {}).items() if v is not None},
                       headers=headers, timeout=30)
     except httpx.HTTPError as e:
-        raise _unreachable(url, e) from e
+        raise unreachable(url, e) from e
     if r.status_code != 200:
-        raise _http_failure(r)
+        raise api_failure(r)
     return r.json()
 
 

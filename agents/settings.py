@@ -9,6 +9,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
+from app.core.db import postgres_url
+
 
 class AgentSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -55,13 +57,7 @@ class AgentSettings(BaseModel):
     @field_validator("postgres_url")
     @classmethod
     def _postgres_only(cls, v: SecretStr | None) -> SecretStr | None:
-        # A secret (the URL usually carries a password): `keel config` and logs show it masked.
-        url = v.get_secret_value().strip() if v is not None else ""
-        if not url:
-            return None
-        if not url.startswith(("postgresql://", "postgres://")):
-            raise ValueError("agents.postgres_url must be a postgresql:// URL (leave it unset for SQLite)")
-        return SecretStr(url)
+        return postgres_url(v, setting="agents.postgres_url", otherwise="SQLite")
 
     def db_path(self, home: Path) -> Path:
         return self.checkpoint_db if self.checkpoint_db is not None else home / "agents.db"

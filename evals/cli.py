@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.console import Console
 
+from app.core.cli import settings_or_exit
 from app.core.errors import KeelError
 
 if TYPE_CHECKING:
@@ -32,15 +32,7 @@ _OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "RAGAS_DO_NOT_TR
 
 
 def _settings() -> Settings:
-    from app.core.settings import load_settings
-
-    for k, v in _OFFLINE.items():
-        os.environ.setdefault(k, v)
-    try:
-        return load_settings()
-    except Exception as exc:
-        err.print(f"[red]configuration error:[/red] {exc}")
-        raise typer.Exit(2) from exc
+    return settings_or_exit(_OFFLINE)
 
 
 async def _default_container(settings: Settings) -> Container:

@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 from typing import Annotated, Any
@@ -19,7 +18,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from app.core.cli import fail
+from app.core.cli import api_failure, fail, settings_or_exit, unreachable
 from app.core.errors import KeelError
 from ingest.errors import StoreLocked
 
@@ -32,16 +31,9 @@ _FILTER = re.compile(r"^([A-Za-z_][\w.]*)\s*(>=|<=|>|<|=)\s*(.+)$")
 
 
 def _services():
-    for k, v in _OFFLINE.items():
-        os.environ.setdefault(k, v)
-    from app.core.settings import load_settings
     from ingest import build_rag
 
-    try:
-        settings = load_settings()
-    except Exception as exc:
-        err.print(f"[red]configuration error:[/red] {exc}")
-        raise typer.Exit(2) from exc
+    settings = settings_or_exit(_OFFLINE)
     return settings, build_rag(settings)
 
 
@@ -94,7 +86,7 @@ def ingest_command(
 ) -> None:
     """Load, chunk, embed and store documents; unchanged files are skipped, changed ones replaced."""
     if url:
-        settings = _load_settings()
+        settings = settings_or_exit(_OFFLINE)
         _ingest_via_api(url, api_key or _dev_key(settings), paths, collection, prune, json_out)
         return
     settings, rag = _services()
@@ -158,16 +150,6 @@ def _report(col: str, snapshot_id: str | None, counts: dict[str, Any], rejection
         raise typer.Exit(3)  # partial success: scripts can tell it apart from a failure (1)
 
 
-def _load_settings():
-    from app.core.settings import load_settings
-
-    try:
-        return load_settings()
-    except Exception as exc:
-        err.print(f"[red]configuration error:[/red] {escape(str(exc))}")
-        raise typer.Exit(2) from exc
-
-
 def _dev_key(settings) -> str | None:
     path = settings.home / "dev-api-key"
     return path.read_text().strip() if path.is_file() else None
@@ -203,7 +185,7 @@ def _ingest_via_api(url: str, key: str | None, paths: list[str], collection: str
         with httpx.Client(timeout=30) as client:
             r = client.post(f"{base}/v1/ingest/paths", json=body, headers=headers)
             if r.status_code != 202:
-                raise _api_failure(r)
+                raise api_failure(r)
             job = r.json()
             columns = (TextColumn("[bold]ingesting via API"), BarColumn(), MofNCompleteColumn(),
                        TextColumn("{task.fields[chunks]} chunks"), TimeElapsedColumn())
@@ -212,30 +194,19 @@ def _ingest_via_api(url: str, key: str | None, paths: list[str], collection: str
                 while job["state"] in ("queued", "running"):
                     r = client.get(f"{base}/v1/ingest/jobs/{job['id']}", params={"wait_s": 1}, headers=headers)
                     if r.status_code != 200:
-                        raise _api_failure(r)
+                        raise api_failure(r)
                     job = r.json()
                     bar.update(task, total=job["files_total"] or None, completed=job["files_done"],
                                chunks=job["chunks_written"])
                     if job["state"] in ("queued", "running"):
                         time.sleep(0.2)
     except httpx.HTTPError as e:
-        err.print(f"[red]cannot reach {escape(url)}:[/red] {escape(str(e))}")
-        raise typer.Exit(1) from e
+        raise unreachable(url, e) from e
     if job["state"] != "succeeded":
         e = job.get("error") or {}
         err.print(f"[red]error ({escape(str(e.get('code', 'failed')))}):[/red] {escape(str(e.get('message', '')))}")
         raise typer.Exit(1)
     _report(job["collection"], job["snapshot_id"], job["counts"], job["rejections"], json_out)
-
-
-def _api_failure(r) -> typer.Exit:
-    try:
-        e = r.json().get("error", {})
-        code, msg = e.get("code") or r.status_code, e.get("message") or r.text
-    except ValueError:
-        code, msg = r.status_code, r.text
-    err.print(f"[red]error ({escape(str(code))}):[/red] {escape(str(msg))}")
-    return typer.Exit(1)
 
 
 def search_command(

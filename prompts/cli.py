@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.syntax import Syntax
 from rich.table import Table
 
-from app.core.cli import fail
+from app.core.cli import fail, settings_or_exit
 from app.core.errors import InvalidRequest, KeelError
 from prompts import yamlio
 from prompts.models import TemplateContent
@@ -33,13 +33,7 @@ Override = Annotated[
 
 @contextmanager
 def _registry() -> Iterator[PromptRegistry]:
-    from app.core.settings import load_settings
-
-    try:
-        settings = load_settings()
-    except Exception as exc:  # a config error is the user's to fix: say it plainly
-        err.print(f"[red]configuration error:[/red] {exc}")
-        raise typer.Exit(2) from exc
+    settings = settings_or_exit()
     try:
         registry = build_registry(settings)
     except KeelError as exc:

@@ -9,6 +9,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field, SecretStr, field_validator
 
+from app.core.db import postgres_url
+
 
 class PromptLimits(BaseModel):
     """Bounds that keep one template from exhausting memory or CPU on the hot path."""
@@ -48,13 +50,7 @@ class PromptSettings(BaseModel):
     @field_validator("url")
     @classmethod
     def _postgres_only(cls, v: SecretStr | None) -> SecretStr | None:
-        # A secret (the URL usually carries a password): `keel config` and logs show it masked.
-        url = v.get_secret_value().strip() if v is not None else ""
-        if not url:
-            return None
-        if not url.startswith(("postgresql://", "postgres://")):
-            raise ValueError("prompts.url must be a postgresql:// URL (leave it unset for the SQLite file)")
-        return SecretStr(url)
+        return postgres_url(v, setting="prompts.url", otherwise="the SQLite file")
 
     def resolved_db_path(self, home: Path) -> Path:
         return self.db_path if self.db_path is not None else home / "prompts.db"

@@ -16,3 +16,36 @@ def fail(exc: KeelError) -> typer.Exit:
     quote user input and ``[n]`` citations, which rich would otherwise read as markup."""
     _stderr.print(f"[red]error ({exc.code}):[/red] {escape(exc.message)}")
     return typer.Exit(1)
+
+
+def settings_or_exit(offline: dict[str, str] | None = None):
+    """The settings every sub-command starts from; a configuration error is the user's to fix: one line
+    and exit code 2, not a traceback. ``offline`` environment defaults are set first (model libraries
+    read them at import)."""
+    import os
+
+    from app.core.settings import load_settings
+
+    for k, v in (offline or {}).items():
+        os.environ.setdefault(k, v)
+    try:
+        return load_settings()
+    except Exception as exc:
+        _stderr.print(f"[red]configuration error:[/red] {escape(str(exc))}")
+        raise typer.Exit(2) from exc
+
+
+def api_failure(response) -> typer.Exit:
+    """A Keel API error response (``{"error": {"code", "message"}}``) as one line with its stable code."""
+    try:
+        e = response.json().get("error", {})
+        code, msg = e.get("code") or response.status_code, e.get("message") or response.text
+    except ValueError:
+        code, msg = response.status_code, response.text
+    _stderr.print(f"[red]error ({escape(str(code))}):[/red] {escape(str(msg))}")
+    return typer.Exit(1)
+
+
+def unreachable(url: str, exc: Exception) -> typer.Exit:
+    _stderr.print(f"[red]cannot reach {escape(url)}:[/red] {escape(str(exc))} (is `keel serve` running?)")
+    return typer.Exit(1)

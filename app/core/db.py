@@ -21,3 +21,16 @@ def write_transaction(db: sqlite3.Connection, lock: threading.Lock) -> Iterator[
             db.execute("ROLLBACK")
             raise
         db.execute("COMMIT")
+
+
+def postgres_url(value, *, setting: str, otherwise: str):
+    """Validate an optional Postgres URL setting, kept as a ``SecretStr`` (it usually carries a password, so
+    ``keel config`` and logs show it masked); empty means "not configured"."""
+    from pydantic import SecretStr
+
+    url = (value.get_secret_value() if isinstance(value, SecretStr) else str(value or "")).strip()
+    if not url:
+        return None
+    if not url.startswith(("postgresql://", "postgres://")):
+        raise ValueError(f"{setting} must be a postgresql:// URL (leave it unset for {otherwise})")
+    return SecretStr(url)
