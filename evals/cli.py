@@ -38,7 +38,13 @@ def _settings() -> Settings:
 async def _default_container(settings: Settings) -> Container:
     from app.services.container import Container
 
-    return await Container.build(settings)
+    container = await Container.build(settings)
+    # Cases sent before a freshly started vLLM answers would all fail (and open the circuit breaker).
+    with err.status("waiting for the model server (a first start compiles the model: 1-3 min)..."):
+        pending = await container.wait_for_managed_backends()
+    if pending:
+        err.print(f"[yellow]backend(s) {', '.join(pending)} not ready; cases sent to them will fail[/yellow]")
+    return container
 
 
 # Tests (and embedding applications) replace this to run against their own container.

@@ -98,6 +98,18 @@ class Container:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    async def wait_for_managed_backends(self, timeout_s: float = 900.0, poll_s: float = 1.0) -> list[str]:
+        """Wait until the vLLM servers Keel started itself answer (a first start compiles the model for
+        minutes); returns the names still not ready at the timeout. Remote backends are not waited for:
+        they are up or not, and requests to them fail fast with a clear error."""
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while True:
+            info = await self.llm.readiness()
+            pending = [n for n, i in info.items() if "server" in i and not i["ready"]]
+            if not pending or asyncio.get_running_loop().time() >= deadline:
+                return pending
+            await asyncio.sleep(poll_s)
+
     async def _restore_adapters(self) -> None:
         """Promoted LoRA adapters are loaded into vLLM at run time, so a fresh server has none: put them
         back once the backends answer."""

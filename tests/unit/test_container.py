@@ -29,3 +29,28 @@ async def test_a_different_guardrail_model_gets_its_own_embedder(tmp_path: Path)
         assert c.guards.embedder.model_path == other
     finally:
         await c.aclose()
+
+
+async def test_waiting_for_managed_backends(tmp_path: Path) -> None:
+    c = await Container.build(Settings(home=tmp_path, guardrails={"enabled": False}), start_backends=False)
+    answers = iter([{"local": {"ready": False, "server": {}}, "remote": {"ready": False}},
+                    {"local": {"ready": False, "server": {}}, "remote": {"ready": False}},
+                    {"local": {"ready": True, "server": {}}, "remote": {"ready": False}}])
+    calls = []
+
+    async def readiness():
+        calls.append(1)
+        return next(answers)
+
+    c.llm.readiness = readiness  # type: ignore[method-assign]
+    try:
+        # a remote backend is never waited for; the managed one is, until it answers
+        assert await c.wait_for_managed_backends(timeout_s=60, poll_s=0) == [] and len(calls) == 3
+
+        async def never():
+            return {"local": {"ready": False, "server": {}}}
+
+        c.llm.readiness = never  # type: ignore[method-assign]
+        assert await c.wait_for_managed_backends(timeout_s=0, poll_s=0) == ["local"]
+    finally:
+        await c.aclose()
