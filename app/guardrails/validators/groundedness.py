@@ -28,6 +28,8 @@ from app.guardrails.validators.base import CheckResult, Finding, TextEmbedder, s
 _TRIVIAL = re.compile(r"^(?:sure|yes|no|okay|ok|certainly|of course|here (?:is|are)[^.]*|i hope this helps|"
                       r"let me know[^.]*|thanks?[^.]*)[.!]?$", re.I)
 # "The answer is: X." / "Answer: X" only frame the claim X
+# "[2]", "[1, 3]": citation markers point at passages; they are not claims (nor numbers to check)
+_CITE = re.compile(r"\[\s*\d+(?:\s*[,;-]\s*\d+)*\s*\]")
 _FRAME = re.compile(r"^(?:the\s+)?(?:short\s+)?answer(?:\s+is)?\s*[:,-]?\s*", re.I)
 _TOKEN = re.compile(r"[a-z0-9]+(?:[.,][0-9]+)*", re.I)
 _NUMBER = re.compile(r"^[0-9]+(?:[.,][0-9]+)*$")
@@ -80,7 +82,7 @@ def passage_windows(passages: Sequence[str]) -> tuple[list[str], list[int]]:
 def sentence_support(answer: str, passages: Sequence[str], embedder: TextEmbedder, *, threshold: float = 0.55,
                      min_words: int = 4, lexical_threshold: float = 0.75) -> list[SentenceSupport]:
     sentences = [s for s in split_sentences(answer) if len(s.split()) >= min_words and not _TRIVIAL.match(s)]
-    claims = [_FRAME.sub("", s) or s for s in sentences]
+    claims = [_FRAME.sub("", _CITE.sub("", s)).strip() or s for s in sentences]
     if not sentences:
         return []
     if not passages:
