@@ -47,7 +47,7 @@ from typing import Any
 from app.core.types import ChatMessage
 from app.guardrails.audit import AuditRecord, AuditStore
 from app.guardrails.metrics import GuardrailMetrics
-from app.guardrails.policy import WHOLE_OUTPUT, LoadedPolicy, ResolvedPolicy, ValidatorSpec, load_policy
+from app.guardrails.policy import LoadedPolicy, ResolvedPolicy, ValidatorSpec, load_policy, needs_whole_output
 from app.guardrails.settings import GuardrailSettings
 from app.guardrails.types import (
     GuardContext,
@@ -175,7 +175,7 @@ class GuardrailEngine:
                 # build the redaction chains now: a Guard costs milliseconds to construct
                 for whole in ((False,) if stage == "input" else (False, True)):
                     fixers = [c for c in comps if c.fixer and (stage == "input" or
-                                                               (c.spec.validator in WHOLE_OUTPUT) == whole)]
+                                                               needs_whole_output(c.spec) == whole)]
                     if fixers:
                         self._chain_guard(fixers)
         _ = self.audit
@@ -387,7 +387,7 @@ class GuardrailEngine:
         """Validate one piece of output. ``whole=False``: a streaming window (whole-output validators are
         skipped); ``whole=True``: only the whole-output validators (JSON schema) over the full text."""
         comps = [c for c in self.compiled(policy.name, "output")
-                 if (c.spec.validator in WHOLE_OUTPUT) == whole]
+                 if needs_whole_output(c.spec) == whole]
         if not comps:
             return text, []
         meta = self._meta(context, None, vault)

@@ -42,13 +42,23 @@ _PARAMS: dict[str, set[str]] = {
     "keel/pii": {"entities", "restore_placeholders"},
     "keel/toxicity": set(),
     "keel/topic": {"allow", "deny", "allow_threshold"},
-    "keel/groundedness": {"max_unsupported_ratio"},
+    "keel/groundedness": {"max_unsupported_ratio", "lexical_threshold"},
     "keel/json_schema": {"schema"},
     "keel/system_prompt_leakage": {"n", "min_shared"},
     "keel/secrets": set(),
 }
 # validators that need the whole answer (cannot judge a streaming window on its own)
 WHOLE_OUTPUT = {"keel/json_schema"}
+
+
+def needs_whole_output(spec: ValidatorSpec) -> bool:
+    """Judged once on the whole answer rather than per streaming window. Groundedness with a tolerance
+    (``max_unsupported_ratio`` > 0) is a share of the answer's sentences: one window cannot tell it, and
+    judging each sentence alone withdrew correct answers for one weak sentence. While streaming, such an
+    answer is shown as it comes and retracted at the end if the share is exceeded; with no tolerance every
+    window is judged as it comes."""
+    return spec.validator in WHOLE_OUTPUT or (
+        spec.validator == "keel/groundedness" and float(spec.params.get("max_unsupported_ratio", 0) or 0) > 0)
 
 
 class _Strict(BaseModel):

@@ -289,6 +289,39 @@ async def test_groundedness_non_streaming_and_reask():
     await e.aclose()
 
 
+PORTS = ("Keel serves SmolLM2 through a supervised vLLM server listening on port 8001. "
+         "The Keel API itself listens on port 8000 by default.",)
+ONE_WEAK = ("Keel serves SmolLM2 through a supervised vLLM server on port 8001. The Keel API listens on port 8000. "
+            "Many teams enjoy using it every day.")
+TWO_WEAK = ("Keel serves SmolLM2 through a supervised vLLM server on port 8001. The Great Wall of China is visible "
+            "from the moon. Bananas grow best in volcanic soil near the sea.")
+
+
+@pytest.mark.parametrize("ratio, text, retracted", [
+    (0.34, ONE_WEAK, False),  # one weak sentence of three is within the policy's tolerance
+    (0.34, TWO_WEAK, True),   # two of three is not: shown as it came, retracted at the end
+    (0.0, ONE_WEAK, True),    # no tolerance: every window is judged as it comes
+])
+async def test_stream_groundedness_judges_the_share_of_the_whole_answer(ratio, text, retracted):
+    data = {"version": "1", "policies": {"default": {"output": [
+        {"validator": "keel/groundedness", "on_fail": "block", "threshold": 0.5,
+         "params": {"max_unsupported_ratio": ratio}}]}}}
+    e = GuardrailEngine(GuardrailSettings(audit_db=":memory:"), policy=parse_policy(data), embedder=shared_embedder())
+    e.warm_up()
+    events = await _collect(e.output_guard(GuardContext("gs", passages=PORTS)), _stream(text))
+    retr = [x for x in events if isinstance(x, GuardrailRetraction)]
+    assert bool(retr) is retracted, events
+    if retracted:
+        assert isinstance(events[-1], Finished) and events[-1].reason == "content_filter"
+        shown = sum(len(x.text) for x in events if isinstance(x, TextDelta))
+        assert retr[0].retracted_chars == shown  # everything shown is withdrawn
+    else:
+        assert "".join(x.text for x in events if isinstance(x, TextDelta)) == text
+    # the non-streaming path reaches the same verdict on the same answer
+    assert (await e.check_output(text, GuardContext("gn", passages=PORTS))).blocked is retracted
+    await e.aclose()
+
+
 def test_streaming_settings_bound_first_window():
     s = StreamingSettings(first_window_max_chars=32)
     n = take_window("a" * 10 + " " + "b" * 40, min_chars=s.min_window_chars, max_chars=s.first_window_max_chars)
