@@ -28,6 +28,20 @@ def default_model_path() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "model"
 
 
+def model_files_digest(model_path: Path) -> str:
+    """What identifies a sentence-transformers folder's weights and pipeline (configs by content, weights by
+    size and modification time): the key of everything cached from its vectors or exported from it."""
+    h = hashlib.sha256()
+    for name in ("config.json", "modules.json", "1_Pooling/config.json", "model.safetensors", "pytorch_model.bin"):
+        f = model_path / name
+        if f.exists():
+            st = f.stat()
+            h.update(f"{name}:{st.st_size}:{st.st_mtime_ns if f.suffix != '.json' else 0}".encode())
+            if f.suffix == ".json":
+                h.update(f.read_bytes())
+    return h.hexdigest()
+
+
 def bf16_supported() -> bool:
     """Native bf16 matmuls on this CPU (AVX512-BF16 / AMX); elsewhere bf16 is emulated and slower."""
     try:
@@ -87,13 +101,7 @@ class SharedEmbedder:
     @property
     def fingerprint(self) -> str:
         """Identifies the vectors this embedder produces (model files + precision), for caches of fitted models."""
-        h = hashlib.sha256(self.dtype.encode())
-        for name in ("config.json", "modules.json", "model.safetensors", "pytorch_model.bin"):
-            f = self.model_path / name
-            if f.exists():
-                h.update(f"{name}:{f.stat().st_size}".encode())
-                if f.suffix == ".json":
-                    h.update(f.read_bytes())
+        h = hashlib.sha256(f"{self.dtype}:{model_files_digest(self.model_path)}".encode())
         precision = "onnx-int8" if self.runtime == "onnx-int8" else self.dtype
         return f"{self.model_path.name}:{precision}:{h.hexdigest()[:16]}"
 

@@ -33,14 +33,10 @@ class OnnxUnavailable(RuntimeError):
 def _cache_key(model_path: Path) -> str:
     import onnxruntime
 
-    h = hashlib.sha256(f"onnxruntime {onnxruntime.__version__} int8-matmul-per-channel v1".encode())
-    for name in ("config.json", "modules.json", "1_Pooling/config.json", "model.safetensors", "pytorch_model.bin"):
-        f = model_path / name
-        if f.exists():
-            h.update(f"{name}:{f.stat().st_size}:{f.stat().st_mtime_ns if f.suffix != '.json' else 0}".encode())
-            if f.suffix == ".json":
-                h.update(f.read_bytes())
-    return h.hexdigest()[:20]
+    from app.guardrails.embeddings import model_files_digest
+
+    recipe = f"onnxruntime {onnxruntime.__version__} int8-matmul-per-channel v1"
+    return hashlib.sha256(f"{recipe}:{model_files_digest(model_path)}".encode()).hexdigest()[:20]
 
 
 class OnnxShortPath:
