@@ -46,7 +46,8 @@ from agents.registry import WorkflowRegistry, default_registry
 from agents.runs import RESUMABLE, PostgresRunStore, RunRecord, RunStore, RunStoreBase, runs_db_path
 from agents.settings import AgentSettings
 from agents.workflows.common import IDK, Deps
-from app.core.errors import Conflict, InvalidRequest, KeelError, NotFound
+from app.core.db import postgres_unavailable
+from app.core.errors import Conflict, InvalidRequest, KeelError, NotFound, StoreUnavailable
 
 log = logging.getLogger("keel.agents")
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
@@ -62,10 +63,7 @@ _STALL_SWEEP_EVERY_S = 30.0
 _CHECKPOINT_SETUP_LOCK = 0x6B65656C_636B  # "keelck"
 
 
-class AgentStoreUnavailable(KeelError):
-    code = "store_unavailable"
-    status = 503
-    type = "server_error"
+AgentStoreUnavailable = StoreUnavailable  # the name callers and tests know
 
 
 class RunTimeout(KeelError):
@@ -198,12 +196,8 @@ class AgentService:
             raise self._unavailable(e) from None
         return saver
 
-    def _unavailable(self, e: Exception) -> AgentStoreUnavailable:
-        from prompts.store_pg import redact_url
-
-        where = redact_url(self.postgres_url or "")
-        return AgentStoreUnavailable(f"the agents' Postgres at {where} is unavailable ({type(e).__name__}: {e}); "
-                                     "check agents.postgres_url and that the server is up")
+    def _unavailable(self, e: Exception) -> StoreUnavailable:
+        return postgres_unavailable("the agents'", self.postgres_url or "", "agents.postgres_url", e)
 
     def _sweep_stalled(self, *, force: bool = False) -> None:
         """Mark runs whose process died as ``stalled``. A store this process owns (SQLite) is swept once at

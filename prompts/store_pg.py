@@ -22,9 +22,9 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
-from urllib.parse import urlsplit
 
-from app.core.errors import KeelError, NotFound
+from app.core.db import postgres_unavailable
+from app.core.errors import NotFound, StoreUnavailable
 from prompts.errors import ImportConflict
 from prompts.models import AuditEntry, TemplateContent, TemplateSummary, TemplateVersion, validate_name
 from prompts.store import _row_to_version, _stale, utc_now
@@ -75,18 +75,7 @@ _SCHEMA = [
 _SCHEMA_LOCK = 0x6B65656C_7072  # "keelpr"
 
 
-class PromptStoreUnavailable(KeelError):
-    code = "store_unavailable"
-    status = 503
-    type = "server_error"
-
-
-def redact_url(url: str) -> str:
-    """host:port/db of a postgresql:// URL, without user or password, for messages and logs."""
-    parts = urlsplit(url)
-    host = parts.hostname or "localhost"
-    port = f":{parts.port}" if parts.port else ""
-    return f"{host}{port}{parts.path or '/'}"
+PromptStoreUnavailable = StoreUnavailable  # the name callers and tests know
 
 
 class PostgresPromptStore:
@@ -97,7 +86,7 @@ class PostgresPromptStore:
         from psycopg_pool import ConnectionPool, PoolTimeout
 
         self._errors = (psycopg.OperationalError, PoolTimeout)
-        self._where = redact_url(url)
+        self._url = url
         # autocommit: reads are single statements; writes open an explicit transaction.
         # check_connection on checkout: a Postgres restart costs a reconnect, not a failed request.
         self._pool = ConnectionPool(
@@ -122,11 +111,8 @@ class PostgresPromptStore:
             self._closed.set()
             self._pool.close()
 
-    def _unavailable(self, e: Exception) -> PromptStoreUnavailable:
-        return PromptStoreUnavailable(
-            f"the prompt registry's Postgres at {self._where} is unavailable ({type(e).__name__}: {e}); "
-            "check prompts.url and that the server is up"
-        )
+    def _unavailable(self, e: Exception) -> StoreUnavailable:
+        return postgres_unavailable("the prompt registry's", self._url, "prompts.url", e)
 
     @contextmanager
     def _cursor(self) -> Iterator[Any]:

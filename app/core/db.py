@@ -23,6 +23,24 @@ def write_transaction(db: sqlite3.Connection, lock: threading.Lock) -> Iterator[
         db.execute("COMMIT")
 
 
+def redact_url(url: str) -> str:
+    """host:port/db of a postgresql:// URL, without user or password, for messages and logs."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    host = parts.hostname or "localhost"
+    port = f":{parts.port}" if parts.port else ""
+    return f"{host}{port}{parts.path or '/'}"
+
+
+def postgres_unavailable(whose: str, url: str, setting: str, exc: Exception):
+    """The one 503 for a Postgres that Keel keeps state in and cannot reach (password never shown)."""
+    from app.core.errors import StoreUnavailable
+
+    return StoreUnavailable(f"{whose} Postgres at {redact_url(url)} is unavailable ({type(exc).__name__}: {exc}); "
+                            f"check {setting} and that the server is up")
+
+
 def postgres_url(value, *, setting: str, otherwise: str):
     """Validate an optional Postgres URL setting, kept as a ``SecretStr`` (it usually carries a password, so
     ``keel config`` and logs show it masked); empty means "not configured"."""

@@ -66,6 +66,14 @@ class Conflict(KeelError):
     type = "invalid_request_error"
 
 
+class StoreUnavailable(KeelError):
+    """A database Keel keeps its own state in (a Postgres server) cannot be reached."""
+
+    code = "store_unavailable"
+    status = 503
+    type = "server_error"
+
+
 class PayloadTooLarge(KeelError):
     code = "payload_too_large"
     status = 413
