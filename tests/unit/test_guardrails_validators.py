@@ -123,13 +123,15 @@ def test_vault_is_consistent_and_owner_bound():
 # -- toxicity -------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("text", [
-    "You are a fucking idiot", "sh1t this is b@d", "I'll kill you tomorrow", "Women are inferior and should be beaten",
+    "You are a fucking idiot", "sh1t this is b@d", "I'll kill you tomorrow", "I will find you and kill you",
+    "we'll hunt you down", "Women are inferior and should be beaten",
 ])
 def test_toxicity_flags(text, profanity):
     assert not check_toxicity(text, classifier=profanity).passed
 
 
-@pytest.mark.parametrize("text", [*BENIGN, "Is it a sin to be gay?", "This bug is killing me", "Scunthorpe is a town"])
+@pytest.mark.parametrize("text", [*BENIGN, "Is it a sin to be gay?", "This bug is killing me", "Scunthorpe is a town",
+                                  "We'll find you a table by the window", "I will find your order and refund it"])
 def test_toxicity_passes_benign(text, profanity):
     assert check_toxicity(text, classifier=profanity).passed
 

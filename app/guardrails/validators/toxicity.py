@@ -24,7 +24,10 @@ _LEET = str.maketrans({"0": "o", "1": "i", "3": "e", "4": "a", "5": "s", "7": "t
                        "*": "u"})
 _THREATS = [
     (re.compile(r"\b(?:i(?:'ll| will| am going to|'m going to| gonna)|we(?:'ll| will))\s+(?:kill|murder|hurt|rape|"
-                r"beat|shoot|stab|find)\s+(?:you|u|your)\b", re.I), "threat"),
+                r"beat|shoot|stab)\s+(?:you|u|your)\b"
+                # "find you" is a threat only with intent: "we'll find you a table" is service.
+                r"|\b(?:i(?:'ll| will)|we(?:'ll| will))\s+(?:hunt\s+you\s+down|find\s+(?:you|where\s+you\s+live)"
+                r"\s+and\s+(?:kill|hurt|make))", re.I), "threat"),
     (re.compile(r"\b(?:kill|hurt)\s+your\s*self\b|\bkys\b|\bgo\s+die\b", re.I), "self_harm_incitement"),
     (re.compile(r"\b(?:women|men|blacks|whites|jews|muslims|christians|gays|immigrants|asians|mexicans)\s+(?:are|should\s+be)"
                 r"\s+(?:inferior|subhuman|animals|vermin|beaten|killed|exterminated|shot|deported)", re.I), "hate"),
