@@ -6,12 +6,16 @@ reasons (which name kinds, not values) and latencies.
 
 from __future__ import annotations
 
+import logging
+import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+
+log = logging.getLogger("keel.guardrails")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS guardrail_audit (
@@ -106,3 +110,50 @@ class AuditStore:
     def close(self) -> None:
         with self._lock:
             self._conn.close()
+
+
+class AuditWriter:
+    """Writes audit rows on one background thread, in batches: a request only enqueues its rows.
+
+    Why: a request's guards produce a few rows per stage (and per streamed window); one executor hop and
+    one SQLite statement each competed for the GIL with the validators of the requests in flight. Rows
+    waiting here when the process is killed are lost (milliseconds' worth); :meth:`flush` and a clean
+    shutdown write them all.
+    """
+
+    def __init__(self, write: Callable[[list[AuditRecord]], object]) -> None:
+        self._write = write
+        self._queue: queue.Queue[list[AuditRecord] | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="keel-guard-audit", daemon=True)
+        self._thread.start()
+
+    def submit(self, rows: list[AuditRecord]) -> None:
+        self._queue.put(rows)
+
+    def flush(self) -> None:
+        """Block until every row submitted so far is written (or failed and was logged)."""
+        self._queue.join()
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            items = [self._queue.get()]
+            while True:  # drain what else is waiting into the same batch
+                try:
+                    items.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            rows = [r for item in items if item for r in item]
+            try:
+                if rows:
+                    self._write(rows)
+            except Exception:  # the audit must never take a request down; the loss is logged
+                log.exception("could not write %d guardrail audit rows", len(rows))
+            finally:
+                for _ in items:
+                    self._queue.task_done()
+            if any(item is None for item in items):
+                return

@@ -55,7 +55,7 @@ def bf16_supported() -> bool:
 class SharedEmbedder:
     """Thread-safe, LRU-cached sentence-transformers embedder.
 
-    Every forward pass runs on one dedicated thread whose torch intra-op pool has ``threads`` threads
+    Every torch forward pass runs on one dedicated thread whose intra-op pool has ``threads`` threads
     (default 1). Why: guard inputs are short (~20 tokens), where a second intra-op thread gains ~10% on an
     idle machine but, on a loaded 2-core one, makes each pass wait for a straggling core (measured p50
     110 ms with 2 threads vs 19 ms with 1); and validators that run concurrently (spaCy, the profanity
@@ -175,7 +175,11 @@ class SharedEmbedder:
             found = {t: self._cache[t] for t in texts if t in self._cache}
             missing = [t for t in dict.fromkeys(texts) if t not in found]
             if missing:
-                vecs = self._worker.submit(self._forward, missing).result()
+                # ONNX Runtime takes its thread count from the session, so its pass runs right here (the
+                # GIL is released inside it); a hop to the worker thread would wait for the GIL to come back
+                # from whatever Python code the other validators run, up to the 5 ms switch interval.
+                vecs = (self._forward(missing) if self._onnx is not None
+                        else self._worker.submit(self._forward, missing).result())
                 for t, v in zip(missing, vecs, strict=True):
                     found[t] = v
                     self._cache[t] = v

@@ -20,14 +20,24 @@ SSE mapping (documented contract for the API layer): a :data:`GuardrailEvent` is
 ``chat.completion.chunk`` data, and a retraction is followed by a chunk with
 ``finish_reason: "content_filter"`` and ``[DONE]``.
 
-Execution: every validator runs through a guardrails-ai ``Guard`` (one Guard per policy entry, built at
-warm-up, ``on_fail=fix`` for redacting entries and ``noop`` otherwise: Keel turns a failed verdict into
-block / reask / log itself, because those actions need Keel's refusal messages, audit and stream
-events). Redacting entries run as an ordered chain inside one Guard (guardrails-ai feeds each fixer the
-previous one's output; one Guard call instead of one per redactor); all other entries run concurrently
-alongside the chain in a thread pool (the validators are CPU-bound: spaCy and the embedding model
-release the GIL in their native code, and the embedder's forward pass has its own thread). A validator
-that raises is recorded by the validator itself, so the rest of its Guard still runs. guardrails-ai's own
+Execution: every validator runs through a guardrails-ai ``Guard`` (built at warm-up, ``on_fail=fix`` for
+redacting entries and ``noop`` otherwise: Keel turns a failed verdict into block / reask / log itself,
+because those actions need Keel's refusal messages, audit and stream events). Per stage:
+
+* the model-backed checks (injection, topic, groundedness: ``model_backed``) share one Guard: they embed
+  the same text, which the first computes and the others read from the embedder's cache;
+* every other entry runs in a second Guard: the checks first (``noop``: they see the original text), then
+  the redactors as a chain (guardrails-ai feeds each fixer the previous one's output);
+* the two Guards run concurrently in the thread pool, so the Python checks overlap the forward pass,
+  which releases the GIL.
+
+Why not one Guard and thread per entry (the first design): the Python checks are regex and dictionary
+work that parallel threads cannot speed up under the GIL, while every Guard call costs ~0.3 ms of
+guardrails-ai bookkeeping and every extra thread competes for the GIL with the forward pass (it must
+reacquire it to return: measured 2.5 ms alone, 13 ms beside a busy Python thread). Grouping took the
+default policy's added time per request from ~15-20 ms to the figure in bench/guardrails.py.
+
+A validator that raises is recorded by the validator itself, so the rest of its Guard still runs. guardrails-ai's own
 streaming mode (``Guard.stream``/``validate_stream``) is not used: ``filter`` crashes there
 (ENVIRONMENT.md) and it cannot emit retractions or restore PII placeholders, so the output guard cuts
 windows itself and calls each window's Guards with ``Guard.validate``.
@@ -45,7 +55,7 @@ from pathlib import Path
 from typing import Any
 
 from app.core.types import ChatMessage
-from app.guardrails.audit import AuditRecord, AuditStore
+from app.guardrails.audit import AuditRecord, AuditStore, AuditWriter
 from app.guardrails.metrics import GuardrailMetrics
 from app.guardrails.policy import LoadedPolicy, ResolvedPolicy, ValidatorSpec, load_policy, needs_whole_output
 from app.guardrails.settings import GuardrailSettings
@@ -74,6 +84,11 @@ class _Compiled:
     def fixer(self) -> bool:
         return self.spec.on_fail == "redact"
 
+    @property
+    def model_backed(self) -> bool:
+        """Runs in the model Guard (see the module docstring); a redactor always stays in the chain."""
+        return bool(getattr(self.validator, "model_backed", False)) and not self.fixer
+
 
 @dataclass
 class _Run:
@@ -95,9 +110,9 @@ class GuardrailEngine:
         self._audit = audit
         self._pool = ThreadPoolExecutor(max_workers=self.settings.max_workers, thread_name_prefix="keel-guard")
         self._compiled: dict[tuple[str, str], list[_Compiled]] = {}
-        self._chains: dict[tuple[int, ...], Any] = {}
+        self._groups: dict[tuple[int, ...], Any] = {}
         self._resources: dict[str, Any] = {}
-        self._pending: set[asyncio.Future] = set()
+        self._writer: AuditWriter | None = None
         self._ready = False
 
     # -- start-up ------------------------------------------------------------------------------------
@@ -172,13 +187,12 @@ class GuardrailEngine:
             for stage in ("input", "output"):
                 comps = [self._compile(spec, stage) for spec in getattr(resolved, stage)]
                 self._compiled[(name, stage)] = comps
-                # build the redaction chains now: a Guard costs milliseconds to construct
+                # build the group Guards now: a Guard costs milliseconds to construct
                 for whole in ((False,) if stage == "input" else (False, True)):
-                    fixers = [c for c in comps if c.fixer and (stage == "input" or
-                                                               needs_whole_output(c.spec) == whole)]
-                    if fixers:
-                        self._chain_guard(fixers)
-        _ = self.audit
+                    for members in _groups([c for c in comps if stage == "input"
+                                            or needs_whole_output(c.spec) == whole]):
+                        self._group_guard(members)
+        self._writer = AuditWriter(self.audit.write)
         self._ready = True
         log.info("guardrails ready in %.1fs (policy %s, %d policies)", time.perf_counter() - t0,
                  policy.version_tag, len(policy.file.policies))
@@ -239,18 +253,21 @@ class GuardrailEngine:
         return runs[0]
 
     def _run_guard_sync(self, guard: Any, comps: list[_Compiled], texts: Sequence[str], meta: dict[str, Any],
-                        window: int | None) -> tuple[list[_Run], list[str]]:
-        """Run one Guard holding ``comps`` (one entry, or a chain of fixers) over each text.
+                        window: int | None, skips: Sequence[frozenset[str]] | None = None
+                        ) -> tuple[list[_Run], list[str]]:
+        """Run one Guard holding ``comps`` (one entry, or a fused group) over each text; ``skips[i]``: labels
+        of entries that do not apply to ``texts[i]``.
 
         Returns one :class:`_Run` per entry and the Guard's output per text (the chain's final redaction).
         """
         entries: dict[str, list[Any]] = {c.spec.label: [] for c in comps}
         errors: dict[str, str] = {}
         outputs: list[str] = []
-        for text in texts:
+        for i, text in enumerate(texts):
             sink: list[Any] = []
             try:
-                outcome = guard.validate(text, metadata={**meta, "_keel_sink": sink})
+                outcome = guard.validate(text, metadata={**meta, "_keel_sink": sink,
+                                                         "_keel_skip": skips[i] if skips else frozenset()})
                 out = outcome.validated_output
                 outputs.append(out if isinstance(out, str) else text)
             except Exception as e:  # guardrails-ai itself failed (a check's own errors arrive in the sink)
@@ -299,39 +316,52 @@ class GuardrailEngine:
         return _Run(ValidatorResult(spec.label, spec.validator, comp.stage, "fail", action, worst.score,  # type: ignore[arg-type]
                                     worst.reason, latency, window, _safe_details(worst)))
 
-    async def _run(self, comp: _Compiled, texts: Sequence[str], meta: dict[str, Any], window: int | None = None
-                   ) -> _Run:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, self._run_sync, comp, list(texts), meta, window)
-
-    def _chain_guard(self, fixers: list[_Compiled]) -> Any:
-        """One Guard running the redacting entries in policy order (cached per entry list).
-
-        Why one Guard: guardrails-ai already chains ``on_fail=fix`` validators (each sees the previous one's
-        output), so the chain costs one Guard call and one thread hop instead of one per redactor.
-        """
-        key = tuple(id(c) for c in fixers)
-        guard = self._chains.get(key)
+    def _group_guard(self, members: list[_Compiled]) -> Any:
+        """One Guard running ``members`` (a group of :func:`_groups`) in order; cached per member list."""
+        key = tuple(id(c) for c in members)
+        guard = self._groups.get(key)
         if guard is None:
             from guardrails import Guard
 
-            labels = "+".join(c.spec.label for c in fixers)
-            guard = Guard(name=f"keel-{fixers[0].stage}-chain-{labels}").use(*[c.validator for c in fixers])
+            labels = "+".join(c.spec.label for c in members)
+            guard = Guard(name=f"keel-{members[0].stage}-{labels}").use(*[c.validator for c in members])
             guard.configure(allow_metrics_collection=False)
-            self._chains[key] = guard
+            self._groups[key] = guard
         return guard
 
-    def _chain_sync(self, fixers: list[_Compiled], texts: list[str], meta: dict[str, Any], window: int | None
-                    ) -> tuple[list[str], list[ValidatorResult]]:
-        runs, outputs = self._run_guard_sync(self._chain_guard(fixers), fixers, texts, meta, window)
+    def _group_sync(self, members: list[_Compiled], texts: list[str], meta: dict[str, Any], window: int | None,
+                    skips: Sequence[frozenset[str]] | None) -> tuple[list[str], list[ValidatorResult]]:
+        runs, outputs = self._run_guard_sync(self._group_guard(members), members, texts, meta, window, skips)
         return outputs, [r.result for r in runs]
 
-    async def _chain(self, fixers: list[_Compiled], texts: list[str], meta: dict[str, Any], window: int | None
-                     ) -> tuple[list[str], list[ValidatorResult]]:
-        if not fixers:
-            return texts, []
+    async def _run_groups(self, comps: list[_Compiled], texts: list[str], meta: dict[str, Any],
+                          window: int | None = None, applies: Any = None
+                          ) -> tuple[list[str], list[ValidatorResult]]:
+        """Run ``comps`` as their :func:`_groups`, concurrently, over ``texts``.
+
+        ``applies(comp, i)``: whether ``comp`` checks ``texts[i]`` (default: every text). Returns the
+        redaction chain's output per text (``texts`` itself without redactors) and every entry's result.
+        """
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, self._chain_sync, fixers, list(texts), meta, window)
+        calls, targets = [], []
+        for members in _groups(comps):
+            idx, skips = list(range(len(texts))), None
+            if applies is not None:
+                # a Guard call costs ~0.3 ms even when every member skips: give each group only its texts
+                skipped = [frozenset(c.spec.label for c in members if not applies(c, i)) for i in idx]
+                idx = [i for i in idx if len(skipped[i]) < len(members)]
+                skips = [skipped[i] for i in idx]
+            targets.append(idx if any(c.fixer for c in members) else None)
+            calls.append(loop.run_in_executor(self._pool, self._group_sync, members, [texts[i] for i in idx], meta,
+                                              window, skips))
+        # the model group goes first: its thread reaches the forward pass (and drops the GIL) at once
+        outcomes = await asyncio.gather(*calls)
+        new = list(texts)
+        for idx, (out, _) in zip(targets, outcomes, strict=True):
+            if idx is not None:
+                for i, text in zip(idx, out, strict=True):
+                    new[i] = text
+        return new, _in_policy_order(comps, [r for _, results in outcomes for r in results])
 
     # -- input ---------------------------------------------------------------------------------------
 
@@ -346,29 +376,24 @@ class GuardrailEngine:
         comps = self.compiled(policy.name, "input")
         meta = self._meta(context, messages, vault)
         user_idx = [i for i, m in enumerate(messages) if m.role == "user"]
-        last_user = [messages[user_idx[-1]].content] if user_idx else []
         redact_idx = [i for i, m in enumerate(messages) if m.role != "system"]
 
-        fixers = [c for c in comps if c.fixer]
-        tasks = []
-        for c in comps:
+        # which messages each entry checks: toxicity and topic the last user turn, injection its roles'
+        # messages, the rest (and every redactor) all but the system prompt
+        last_user = user_idx[-1] if user_idx else -1
+        non_system = set(redact_idx)
+
+        def applies(c: _Compiled, i: int) -> bool:
             if c.fixer:
-                continue
+                return i in non_system
             if c.spec.validator in _LAST_USER_ONLY:
-                texts = last_user
-            elif c.spec.validator == "keel/prompt_injection":
-                roles = set(c.spec.params.get("roles", ["user"]))
-                texts = [m.content for m in messages if m.role in roles]
-            else:
-                texts = [messages[i].content for i in redact_idx]
-            tasks.append(self._run(c, texts, meta))
-        chain = self._chain(fixers, [messages[i].content for i in redact_idx], meta, None)
-        (new_texts, chain_results), *runs = await asyncio.gather(chain, *tasks)
-        results = _in_policy_order(comps, chain_results + [r.result for r in runs])
-        out = list(messages)
-        for i, text in zip(redact_idx, new_texts, strict=True):
-            if text != messages[i].content:
-                out[i] = replace(messages[i], content=text)
+                return i == last_user
+            if c.spec.validator == "keel/prompt_injection":
+                return messages[i].role in c.spec.params.get("roles", ["user"])
+            return i in non_system
+
+        new_texts, results = await self._run_groups(comps, [m.content for m in messages], meta, None, applies)
+        out = [replace(m, content=t) if t != m.content else m for m, t in zip(messages, new_texts, strict=True)]
         blocking = next((r for r in results if r.action == "block"), None)
         refusal = self._refusal(policy, blocking) if blocking else None
         latency = (time.perf_counter() - t0) * 1000
@@ -395,10 +420,8 @@ class GuardrailEngine:
         # request vault) are ever restored
         meta["vault"] = None
         meta["leak_context"] = released[-8000:]
-        fixers = [c for c in comps if c.fixer]
-        tasks = [self._run(c, [text], meta, window) for c in comps if not c.fixer]
-        (new, chain_results), *runs = await asyncio.gather(self._chain(fixers, [text], meta, window), *tasks)
-        return new[0], _in_policy_order(comps, chain_results + [r.result for r in runs])
+        new, results = await self._run_groups(comps, [text], meta, window)
+        return new[0], results
 
     def restore_placeholders(self, policy: ResolvedPolicy, text: str, vault: PiiVault, user: str | None) -> str:
         if not len(vault):
@@ -495,34 +518,40 @@ class GuardrailEngine:
         version = self.policy.version_tag
         rows = [AuditRecord(request_id, stage, policy, version, r.validator, r.registered, r.verdict, r.action,
                             r.score, round(r.latency_ms, 3), r.reason, r.window) for r in results]
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            self.audit.write(rows)
-            return
-        fut = loop.run_in_executor(None, self.audit.write, rows)
-        self._pending.add(fut)
-        fut.add_done_callback(self._pending.discard)
+        if self._writer is None:
+            self._writer = AuditWriter(self.audit.write)
+        self._writer.submit(rows)
 
     def record(self, request_id: str, stage: str, policy: str, results: list[ValidatorResult]) -> None:
         self._record(request_id, stage, policy, results)
 
     async def flush(self) -> None:
         """Wait until every queued audit row is written."""
-        if self._pending:
-            await asyncio.gather(*list(self._pending), return_exceptions=True)
+        if self._writer is not None:
+            await asyncio.to_thread(self._writer.flush)
 
     def query_audit(self, **filters: Any) -> list[AuditRecord]:
         """See :meth:`AuditStore.query` (request_id, validator, verdict, action, stage, since, limit)."""
+        if self._writer is not None:
+            self._writer.flush()  # read your writes
         return self.audit.query(**filters)
 
     async def aclose(self) -> None:
-        await self.flush()
+        if self._writer is not None:
+            await asyncio.to_thread(self._writer.close)
         self._pool.shutdown(wait=False, cancel_futures=True)
         if self._owns_embedder and self._embedder is not None and hasattr(self._embedder, "close"):
             self._embedder.close()
         if self._audit is not None:
             self._audit.close()
+
+
+def _groups(comps: list[_Compiled]) -> list[list[_Compiled]]:
+    """The Guards a stage runs concurrently (see the module docstring): the model-backed checks, then the
+    other checks (``noop``: each sees the original text) followed by the redactors (a chain)."""
+    model = [c for c in comps if c.model_backed]
+    rest = [c for c in comps if not c.model_backed and not c.fixer] + [c for c in comps if c.fixer]
+    return [g for g in (model, rest) if g]
 
 
 def _in_policy_order(comps: list[_Compiled], results: list[ValidatorResult]) -> list[ValidatorResult]:

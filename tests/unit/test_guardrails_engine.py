@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from pathlib import Path
 
@@ -99,24 +100,43 @@ async def test_route_policy_switching(engine):
     assert not free.blocked and free.policy == "default"
 
 
-async def test_validators_run_concurrently(engine, monkeypatch):
-    calls = []
-    original = engine._run_sync
+async def test_model_backed_checks_run_beside_the_python_checks(engine, monkeypatch):
+    """Two Guards per stage run concurrently: injection + topic (forward passes) and toxicity + PII +
+    secrets: 0.2 s in injection and 0.2 s in toxicity take ~0.2 s, not 0.4 s."""
+    comps = {c.spec.label: c for c in engine.compiled("default", "input")}
+    assert comps["prompt_injection"].model_backed and comps["denied_topics"].model_backed
+    assert not comps["toxicity"].model_backed and not comps["pii"].model_backed
+    for label in ("prompt_injection", "toxicity"):
+        v = comps[label].validator
+        original = v.check
 
-    def slow(comp, texts, meta, window):
-        calls.append(comp.spec.label)
-        if not comp.fixer:
+        def slow(value, metadata, _original=original):
             time.sleep(0.2)
-        return original(comp, texts, meta, window)
+            return _original(value, metadata)
 
-    monkeypatch.setattr(engine, "_run_sync", slow)
+        monkeypatch.setattr(v, "check", slow)
     t0 = time.perf_counter()
     d = await engine.check_input([ChatMessage("user", "hello there")], ctx("conc"))
     elapsed = time.perf_counter() - t0
-    checkers = [c for c in engine.compiled("default", "input") if not c.fixer]
-    assert len(checkers) >= 3 and sorted(calls) == sorted(c.spec.label for c in checkers)
-    assert len(d.results) == len(engine.compiled("default", "input"))  # the redaction chain reported too
-    assert elapsed < 0.2 * len(checkers) * 0.7, elapsed  # sequential would take 0.2 s per checker
+    assert [r.validator for r in d.results] == list(comps)  # every entry reported, in policy order
+    assert all(r.verdict == "pass" for r in d.results)
+    assert elapsed < 0.35, elapsed  # one after the other would take 0.4 s
+
+
+async def test_checks_see_the_original_text_and_the_last_user_turn_only(engine):
+    """In the Guard they share, the checks run before the redactors (so they judge what the user wrote, not
+    placeholders), a failed check does not stop the redaction chain, and toxicity judges only the last
+    user message: an old abusive turn in the history does not block a polite new question."""
+    history = [ChatMessage("user", "you fucking idiot"), ChatMessage("assistant", "Let's keep it civil."),
+               ChatMessage("user", "Sorry. Mail the report to bob@example.com please.")]
+    d = await engine.check_input(history, ctx("fused-1"))
+    assert not d.blocked and "<EMAIL_1>" in d.messages[2].content
+    assert d.messages[0].content == "you fucking idiot"  # nothing to redact there
+    d = await engine.check_input([ChatMessage("system", "Escalations go to ops@example.com."),
+                                  ChatMessage("user", "you fucking idiot, reply to bob@example.com")], ctx("fused-2"))
+    assert d.messages[0].content == "Escalations go to ops@example.com."  # the system prompt is not redacted
+    by = {r.validator: r for r in d.results}
+    assert d.blocked and by["toxicity"].action == "block" and by["pii"].action == "redact"
 
 
 async def test_redaction_chain_runs_in_one_guard_and_survives_a_failing_member(engine, monkeypatch):
@@ -331,3 +351,31 @@ def test_streaming_settings_bound_first_window():
 def test_policy_reload_is_explicit():
     p = load_policy(DEFAULT)
     assert p.content_hash == load_policy(DEFAULT).content_hash
+
+
+def test_audit_writer_batches_flushes_and_survives_a_failed_write(caplog):
+    from app.guardrails.audit import AuditRecord, AuditWriter
+
+    batches: list[int] = []
+    gate = threading.Event()
+
+    def write(rows):
+        gate.wait(5)  # hold the first batch so that the next submissions queue up behind it
+        if any(r.request_id == "bad" for r in rows):
+            raise RuntimeError("disk full")
+        batches.append(len(rows))
+
+    writer = AuditWriter(write)
+    row = AuditRecord("r", "input", "default", "v1", "pii", "keel/pii", "pass", "none", 0.0, 0.1)
+    for _ in range(5):
+        writer.submit([row, row])
+    gate.set()
+    writer.flush()
+    assert sum(batches) == 10 and len(batches) < 5  # queued rows went out together
+    writer.submit([AuditRecord("bad", "input", "default", "v1", "pii", "keel/pii", "pass", "none", 0.0, 0.1)])
+    writer.flush()
+    assert "could not write 1 guardrail audit rows" in caplog.text
+    writer.submit([row])
+    writer.flush()  # the thread is still alive after the failure
+    assert sum(batches) == 11
+    writer.close()

@@ -202,7 +202,7 @@ def test_profanity_fast_path_matches_the_library(profanity):
     from profanity_check import predict_prob
 
     texts = ["have a nice day", "you absolute moron", "what the hell is going on", "fuck this",
-             "How do I kill a zombie process in Linux?", "I will find you"]
+             "How do I kill a zombie process in Linux?", "I will find you", "", "zzqx qqzv", "the the the"]
     assert profanity._fast is not None
     assert np.allclose([profanity.prob(t) for t in texts], predict_prob(texts), atol=1e-9)
 

@@ -70,11 +70,17 @@ class _KeelValidator(Validator):
     """
 
     keel_label: str = ""
+    # True for checks that spend their time in an embedding forward pass (native code, GIL released): the
+    # engine runs them together in one Guard, beside the Guard of the pure-Python checks (engine docstring).
+    model_backed: bool = False
 
     def check(self, value: str, metadata: dict[str, Any]) -> CheckResult:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def _validate(self, value: Any, metadata: dict[str, Any]) -> ValidationResult:
+        if self.keel_label in metadata.get("_keel_skip", ()):
+            # not this entry's text (a fused Guard runs e.g. toxicity on the last user turn only)
+            return PassResult(metadata=dict(metadata))
         text = str(value)
         sink = metadata.get("_keel_sink")
         t0 = time.perf_counter()
@@ -94,6 +100,8 @@ class _KeelValidator(Validator):
 
 @register_validator(name="keel/prompt_injection", data_type="string")
 class PromptInjection(_KeelValidator):
+    model_backed = True
+
     def __init__(self, threshold: float = 0.5, sim_floor: float = 0.55, sim_ceiling: float = 0.75,
                  index: AttackIndex | None = None, classifier: InjectionClassifier | None = None,
                  clf_floor: float = 0.3, clf_ceiling: float = 0.9, on_fail: Any = None, **kwargs: Any) -> None:
@@ -132,6 +140,8 @@ class Toxicity(_KeelValidator):
 
 @register_validator(name="keel/topic", data_type="string")
 class TopicGuard(_KeelValidator):
+    model_backed = True
+
     def __init__(self, index: TopicIndex, deny_threshold: float = 0.5, allow_threshold: float = 0.3,
                  on_fail: Any = None, **kwargs: Any) -> None:
         super().__init__(on_fail=on_fail, deny_threshold=deny_threshold, allow_threshold=allow_threshold, **kwargs)
@@ -143,6 +153,8 @@ class TopicGuard(_KeelValidator):
 
 @register_validator(name="keel/groundedness", data_type="string")
 class Groundedness(_KeelValidator):
+    model_backed = True
+
     def __init__(self, embedder: Any, threshold: float = 0.55, max_unsupported_ratio: float = 0.0,
                  lexical_threshold: float = 0.75, on_fail: Any = None, **kwargs: Any) -> None:
         super().__init__(on_fail=on_fail, threshold=threshold, max_unsupported_ratio=max_unsupported_ratio,

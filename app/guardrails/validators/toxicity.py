@@ -48,9 +48,11 @@ class ProfanityClassifier:
     """alt-profanity-check (sigmoid-calibrated linear SVMs on TF-IDF); loaded once in :meth:`load` (~1 s).
 
     Its ``predict_prob`` spends ~3-8 ms a call in scikit-learn's input validation, for what is five dot
-    products with one sparse row. :meth:`load` extracts those linear models and computes the same probability
-    in ~0.4 ms (the TF-IDF transform is most of it), after checking on sample texts that both agree; with a
-    model of another shape, or if they disagree, it keeps ``predict_prob``.
+    products with one sparse row. :meth:`load` extracts the TF-IDF vocabulary and those linear models and
+    computes the same probability from the analyser's tokens with a few small numpy operations (~0.05 ms;
+    ~0.4 ms through the vectoriser's ``transform``, which is again mostly input validation), after checking
+    on sample texts that both agree; with a model of another shape, or if they disagree, it keeps
+    ``predict_prob``.
     """
 
     _SELF_CHECK = ("what a lovely day", "you are a stupid idiot", "how do I kill a python process",
@@ -84,12 +86,16 @@ class ProfanityClassifier:
             model, vectorizer = pc.model, pc.vectorizer
             if getattr(model, "method", None) != "sigmoid" or len(model.classes_) != 2:
                 return None
+            if (vectorizer.norm != "l2" or not vectorizer.use_idf or vectorizer.sublinear_tf or vectorizer.binary
+                    or vectorizer.analyzer != "word"):
+                return None
             cals = model.calibrated_classifiers_
             coef = np.vstack([np.ravel(c.estimator.coef_) for c in cals])
             intercept = np.array([float(np.ravel(c.estimator.intercept_)[0]) for c in cals])
             a = np.array([float(c.calibrators[0].a_) for c in cals])
             b = np.array([float(c.calibrators[0].b_) for c in cals])
-            fast = (vectorizer, coef.T.copy(), intercept, a, b)
+            fast = (vectorizer.build_analyzer(), dict(vectorizer.vocabulary_), np.asarray(vectorizer.idf_),
+                    coef.T.copy(), intercept, a, b)
         except (AttributeError, ImportError, IndexError, TypeError, ValueError):
             return None
         texts = list(self._SELF_CHECK)
@@ -100,8 +106,20 @@ class ProfanityClassifier:
 
     @staticmethod
     def _fast_prob(fast, texts: list[str]) -> np.ndarray:
-        vectorizer, coef_t, intercept, a, b = fast
-        d = vectorizer.transform(texts) @ coef_t + intercept  # (n_texts, n_models)
+        analyze, vocab, idf, coef_t, intercept, a, b = fast
+        d = np.empty((len(texts), coef_t.shape[1]))
+        for row, text in enumerate(texts):
+            counts: dict[int, int] = {}
+            for token in analyze(text):
+                j = vocab.get(token)
+                if j is not None:
+                    counts[j] = counts.get(j, 0) + 1
+            if not counts:
+                d[row] = intercept  # an all-zero TF-IDF row
+                continue
+            cols = np.fromiter(counts, dtype=np.intp, count=len(counts))
+            w = np.fromiter(counts.values(), dtype=np.float64, count=len(counts)) * idf[cols]
+            d[row] = (w / np.sqrt(w @ w)) @ coef_t[cols] + intercept  # l2-normalised TF-IDF . coef
         # scikit-learn's _SigmoidCalibration: expit(-(a * d + b)), averaged over the calibrated models
         return (1.0 / (1.0 + np.exp(a * d + b))).mean(axis=1)
 
