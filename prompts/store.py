@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -109,7 +111,214 @@ INSERT OR IGNORE INTO prompt_meta VALUES ('revision', 0);
 """
 
 
-class SqlitePromptStore:
+class SqlPromptStore:
+    """The registry's logic over SQL, written once for every database (SQLite's ``?`` placeholders).
+
+    A subclass provides ``_write()`` (a context manager yielding an object with ``execute(sql, args)``
+    for one transaction that holds the registry's write lock and has bumped the revision counter),
+    ``_read(sql, args)``, ``close()``, and three dialect details below.
+    """
+
+    _placeholder = "?"   # what stands for a parameter in the database's SQL
+    _jsonb = ""          # cast on the audit details parameter
+    _collate = ""        # ORDER BY suffix for byte order (SQLite's default)
+
+    def _write(self) -> AbstractContextManager[Any]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _read(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:  # pragma: no cover
+        raise NotImplementedError
+
+    def _sql(self, sql: str) -> str:
+        return sql if self._placeholder == "?" else sql.replace("?", self._placeholder)
+
+    def _q(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        return self._read(self._sql(sql), args)
+
+    @staticmethod
+    def _one(db: Any, sql: str, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        return db.execute(sql, args).fetchone()
+
+    # --- writes -------------------------------------------------------------------------------
+    def save(
+        self, name: str, content: TemplateContent, *, author: str, message: str, base_version: int | None
+    ) -> TemplateVersion:
+        validate_name(name)
+        now = utc_now()
+        with self._write() as db:
+            row = self._one(db, self._sql("SELECT latest_version FROM prompt_templates WHERE name = ?"), (name,))
+            latest = row[0] if row else None
+            if base_version != latest:
+                raise _stale(name, base_version, latest)
+            version = TemplateVersion(
+                name=name, version=(latest or 0) + 1, content=content, hash=content.content_hash(),
+                parent=latest, author=author, message=message, created_at=now,
+            )
+            self._insert_version(db, version)
+            self._audit(db, actor=author, action="version.create", name=name, from_version=latest,
+                        to_version=version.version, reason=message, details={"hash": version.hash})
+        return version
+
+    def import_version(self, version: TemplateVersion, *, actor: str) -> bool:
+        validate_name(version.name)
+        with self._write() as db:
+            existing = self._one(db, self._sql("SELECT hash FROM prompt_versions WHERE name = ? AND version = ?"),
+                                 (version.name, version.version))
+            if existing:
+                if existing[0] != version.hash:
+                    raise ImportConflict(
+                        f"{version.ref} already exists with hash {existing[0]}, but the import has "
+                        f"{version.hash}: history differs; export the registry and reconcile before importing",
+                        param=version.ref,
+                    )
+                return False
+            row = self._one(db, self._sql("SELECT latest_version FROM prompt_templates WHERE name = ?"),
+                            (version.name,))
+            latest = row[0] if row else 0
+            if version.version != latest + 1:
+                raise ImportConflict(
+                    f"cannot import {version.ref}: the registry's latest version of {version.name!r} is "
+                    f"{latest}, so the next must be {latest + 1}",
+                    param=version.ref,
+                )
+            self._insert_version(db, version)
+            self._audit(db, actor=actor, action="version.import", name=version.name,
+                        from_version=latest or None, to_version=version.version,
+                        reason=version.message, details={"hash": version.hash, "author": version.author})
+        return True
+
+    def _insert_version(self, db: Any, v: TemplateVersion) -> None:
+        if v.version == 1:
+            db.execute(self._sql("INSERT INTO prompt_templates VALUES (?, 1, ?, ?, ?)"),
+                       (v.name, v.content.description, v.created_at, v.created_at))
+        else:
+            db.execute(
+                self._sql("UPDATE prompt_templates SET latest_version = ?, description = ?, updated_at = ? "
+                          "WHERE name = ?"),
+                (v.version, v.content.description, v.created_at, v.name),
+            )
+        db.execute(
+            self._sql("INSERT INTO prompt_versions VALUES (?, ?, ?, ?, ?, ?, ?, ?)"),
+            (v.name, v.version, v.content.canonical_json(), v.hash, v.parent, v.author, v.message, v.created_at),
+        )
+
+    def set_label(
+        self, name: str, label: str, version: int | None, *, actor: str, reason: str = "",
+        action: str = "label.move", details: dict[str, Any] | None = None,
+    ) -> int | None:
+        now = utc_now()
+        with self._write() as db:
+            if not self._one(db, self._sql("SELECT 1 FROM prompt_templates WHERE name = ?"), (name,)):
+                raise NotFound(f"no prompt template named {name!r}", param="name")
+            if version is not None and not self._one(
+                db, self._sql("SELECT 1 FROM prompt_versions WHERE name = ? AND version = ?"), (name, version)
+            ):
+                raise NotFound(f"{name!r} has no version {version}", param="version")
+            row = self._one(db, self._sql("SELECT version FROM prompt_labels WHERE name = ? AND label = ?"),
+                            (name, label))
+            previous = row[0] if row else None
+            if version is None:
+                if previous is None:
+                    raise NotFound(f"{name!r} has no label {label!r}", param="label")
+                db.execute(self._sql("DELETE FROM prompt_labels WHERE name = ? AND label = ?"), (name, label))
+            else:
+                db.execute(
+                    self._sql("INSERT INTO prompt_labels VALUES (?, ?, ?, ?, ?) ON CONFLICT (name, label) "
+                              "DO UPDATE SET version = excluded.version, updated_at = excluded.updated_at, "
+                              "updated_by = excluded.updated_by"),
+                    (name, label, version, now, actor),
+                )
+            self._audit(db, actor=actor, action=action, name=name, label=label, from_version=previous,
+                        to_version=version, reason=reason, details=details or {})
+        return previous
+
+    def _audit(
+        self, db: Any, *, actor: str, action: str, name: str, label: str | None = None,
+        from_version: int | None = None, to_version: int | None = None, reason: str = "",
+        details: dict[str, Any] | None = None,
+    ) -> None:
+        db.execute(
+            self._sql("INSERT INTO prompt_audit (at, actor, action, name, label, from_version, to_version, "
+                      f"reason, details) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?{self._jsonb})"),
+            (utc_now(), actor, action, name, label, from_version, to_version, reason,
+             json.dumps(details or {}, sort_keys=True, default=str)),
+        )
+
+    # --- reads --------------------------------------------------------------------------------
+    def get_version(self, name: str, version: int) -> TemplateVersion:
+        rows = self._q(
+            "SELECT name, version, content, hash, parent, author, message, created_at FROM prompt_versions "
+            "WHERE name = ? AND version = ?", (name, version),
+        )
+        if not rows:
+            latest = self.latest_version(name)
+            if latest is None:
+                raise NotFound(f"no prompt template named {name!r}", param="name")
+            raise NotFound(f"{name!r} has no version {version} (latest is {latest})", param="version")
+        return _row_to_version(rows[0])
+
+    def latest_version(self, name: str) -> int | None:
+        rows = self._q("SELECT latest_version FROM prompt_templates WHERE name = ?", (name,))
+        return rows[0][0] if rows else None
+
+    def list_versions(self, name: str) -> list[TemplateVersion]:
+        rows = self._q(
+            "SELECT name, version, content, hash, parent, author, message, created_at FROM prompt_versions "
+            "WHERE name = ? ORDER BY version", (name,),
+        )
+        if not rows:
+            raise NotFound(f"no prompt template named {name!r}", param="name")
+        return [_row_to_version(r) for r in rows]
+
+    def list_templates(self, query: str | None = None) -> list[TemplateSummary]:
+        sql = "SELECT name, description, latest_version, created_at, updated_at FROM prompt_templates"
+        args: tuple[Any, ...] = ()
+        if query:
+            like = "%" + query.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+            sql += " WHERE lower(name) LIKE ? ESCAPE '\\' OR lower(description) LIKE ? ESCAPE '\\'"
+            args = (like, like)
+        rows = self._q(f"{sql} ORDER BY name{self._collate}", args)
+        labels: dict[str, dict[str, int]] = {}
+        for name, label, version in self._q(f"SELECT name, label, version FROM prompt_labels "
+                                            f"ORDER BY label{self._collate}"):
+            labels.setdefault(name, {})[label] = version
+        return [
+            TemplateSummary(name=r[0], description=r[1], latest_version=r[2], labels=labels.get(r[0], {}),
+                            created_at=r[3], updated_at=r[4])
+            for r in rows
+        ]
+
+    def get_labels(self, name: str) -> dict[str, int]:
+        rows = self._q(f"SELECT label, version FROM prompt_labels WHERE name = ? ORDER BY label{self._collate}",
+                       (name,))
+        if not rows and self.latest_version(name) is None:
+            raise NotFound(f"no prompt template named {name!r}", param="name")
+        return dict(rows)
+
+    def audit_log(
+        self, *, name: str | None = None, label: str | None = None, limit: int = 100,
+        before_id: int | None = None,
+    ) -> list[AuditEntry]:
+        where, args = [], []
+        for clause, value in (("name = ?", name), ("label = ?", label), ("id < ?", before_id)):
+            if value is not None:
+                where.append(clause)
+                args.append(value)
+        sql = "SELECT id, at, actor, action, name, label, from_version, to_version, reason, details FROM prompt_audit"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        rows = self._q(sql + " ORDER BY id DESC LIMIT ?", (*args, max(1, min(limit, 1000))))
+        return [
+            AuditEntry(id=r[0], at=r[1], actor=r[2], action=r[3], name=r[4], label=r[5], from_version=r[6],
+                       to_version=r[7], reason=r[8], details=json.loads(r[9]) if isinstance(r[9], str) else r[9])
+            for r in rows
+        ]
+
+    def revision(self) -> int:
+        return self._q("SELECT value FROM prompt_meta WHERE key = 'revision'")[0][0]
+
+
+class SqlitePromptStore(SqlPromptStore):
     """SQLite in WAL mode. One connection per store, serialised by a lock; other processes or
     store instances on the same file are serialised by SQLite's write lock (``BEGIN IMMEDIATE``)."""
 
@@ -129,203 +338,15 @@ class SqlitePromptStore:
         with self._lock:
             self._db.close()
 
-    def _tx(self):
-        return write_transaction(self._db, self._lock)
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        with write_transaction(self._db, self._lock) as db:
+            db.execute("UPDATE prompt_meta SET value = value + 1 WHERE key = 'revision'")
+            yield db
 
     def _read(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         with self._lock:
             return self._db.execute(sql, args).fetchall()
-
-    # --- writes -------------------------------------------------------------------------------
-    def save(
-        self, name: str, content: TemplateContent, *, author: str, message: str, base_version: int | None
-    ) -> TemplateVersion:
-        validate_name(name)
-        now = utc_now()
-        with self._tx() as db:
-            row = db.execute("SELECT latest_version FROM prompt_templates WHERE name = ?", (name,)).fetchone()
-            latest = row[0] if row else None
-            if base_version != latest:
-                raise _stale(name, base_version, latest)
-            version = TemplateVersion(
-                name=name, version=(latest or 0) + 1, content=content, hash=content.content_hash(),
-                parent=latest, author=author, message=message, created_at=now,
-            )
-            self._insert_version(db, version)
-            self._audit(db, actor=author, action="version.create", name=name, from_version=latest,
-                        to_version=version.version, reason=message, details={"hash": version.hash})
-        return version
-
-    def import_version(self, version: TemplateVersion, *, actor: str) -> bool:
-        validate_name(version.name)
-        with self._tx() as db:
-            existing = db.execute(
-                "SELECT hash FROM prompt_versions WHERE name = ? AND version = ?", (version.name, version.version)
-            ).fetchone()
-            if existing:
-                if existing[0] != version.hash:
-                    raise ImportConflict(
-                        f"{version.ref} already exists with hash {existing[0]}, but the import has "
-                        f"{version.hash}: history differs; export the registry and reconcile before importing",
-                        param=version.ref,
-                    )
-                return False
-            row = db.execute(
-                "SELECT latest_version FROM prompt_templates WHERE name = ?", (version.name,)
-            ).fetchone()
-            latest = row[0] if row else 0
-            if version.version != latest + 1:
-                raise ImportConflict(
-                    f"cannot import {version.ref}: the registry's latest version of {version.name!r} is "
-                    f"{latest}, so the next must be {latest + 1}",
-                    param=version.ref,
-                )
-            self._insert_version(db, version)
-            self._audit(db, actor=actor, action="version.import", name=version.name,
-                        from_version=latest or None, to_version=version.version,
-                        reason=version.message, details={"hash": version.hash, "author": version.author})
-        return True
-
-    def _insert_version(self, db: sqlite3.Connection, v: TemplateVersion) -> None:
-        if v.version == 1:
-            db.execute(
-                "INSERT INTO prompt_templates VALUES (?, 1, ?, ?, ?)",
-                (v.name, v.content.description, v.created_at, v.created_at),
-            )
-        else:
-            db.execute(
-                "UPDATE prompt_templates SET latest_version = ?, description = ?, updated_at = ? WHERE name = ?",
-                (v.version, v.content.description, v.created_at, v.name),
-            )
-        db.execute(
-            "INSERT INTO prompt_versions VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (v.name, v.version, v.content.canonical_json(), v.hash, v.parent, v.author, v.message,
-             v.created_at),
-        )
-
-    def set_label(
-        self, name: str, label: str, version: int | None, *, actor: str, reason: str = "",
-        action: str = "label.move", details: dict[str, Any] | None = None,
-    ) -> int | None:
-        now = utc_now()
-        with self._tx() as db:
-            self._require_template(db, name)
-            if version is not None and not db.execute(
-                "SELECT 1 FROM prompt_versions WHERE name = ? AND version = ?", (name, version)
-            ).fetchone():
-                raise NotFound(f"{name!r} has no version {version}", param="version")
-            row = db.execute(
-                "SELECT version FROM prompt_labels WHERE name = ? AND label = ?", (name, label)
-            ).fetchone()
-            previous = row[0] if row else None
-            if version is None:
-                if previous is None:
-                    raise NotFound(f"{name!r} has no label {label!r}", param="label")
-                db.execute("DELETE FROM prompt_labels WHERE name = ? AND label = ?", (name, label))
-            else:
-                db.execute(
-                    "INSERT INTO prompt_labels VALUES (?, ?, ?, ?, ?) ON CONFLICT(name, label) "
-                    "DO UPDATE SET version = excluded.version, updated_at = excluded.updated_at, "
-                    "updated_by = excluded.updated_by",
-                    (name, label, version, now, actor),
-                )
-            self._audit(db, actor=actor, action=action, name=name, label=label, from_version=previous,
-                        to_version=version, reason=reason, details=details or {})
-        return previous
-
-    def _audit(
-        self, db: sqlite3.Connection, *, actor: str, action: str, name: str, label: str | None = None,
-        from_version: int | None = None, to_version: int | None = None, reason: str = "",
-        details: dict[str, Any] | None = None,
-    ) -> None:
-        db.execute(
-            "INSERT INTO prompt_audit (at, actor, action, name, label, from_version, to_version, reason, "
-            "details) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (utc_now(), actor, action, name, label, from_version, to_version, reason,
-             json.dumps(details or {}, sort_keys=True, default=str)),
-        )
-        db.execute("UPDATE prompt_meta SET value = value + 1 WHERE key = 'revision'")
-
-    def _require_template(self, db: sqlite3.Connection, name: str) -> None:
-        if not db.execute("SELECT 1 FROM prompt_templates WHERE name = ?", (name,)).fetchone():
-            raise NotFound(f"no prompt template named {name!r}", param="name")
-
-    # --- reads --------------------------------------------------------------------------------
-    def get_version(self, name: str, version: int) -> TemplateVersion:
-        rows = self._read(
-            "SELECT name, version, content, hash, parent, author, message, created_at FROM prompt_versions "
-            "WHERE name = ? AND version = ?", (name, version),
-        )
-        if not rows:
-            if self.latest_version(name) is None:
-                raise NotFound(f"no prompt template named {name!r}", param="name")
-            raise NotFound(f"{name!r} has no version {version} (latest is {self.latest_version(name)})",
-                           param="version")
-        return _row_to_version(rows[0])
-
-    def latest_version(self, name: str) -> int | None:
-        rows = self._read("SELECT latest_version FROM prompt_templates WHERE name = ?", (name,))
-        return rows[0][0] if rows else None
-
-    def list_versions(self, name: str) -> list[TemplateVersion]:
-        rows = self._read(
-            "SELECT name, version, content, hash, parent, author, message, created_at FROM prompt_versions "
-            "WHERE name = ? ORDER BY version", (name,),
-        )
-        if not rows:
-            raise NotFound(f"no prompt template named {name!r}", param="name")
-        return [_row_to_version(r) for r in rows]
-
-    def list_templates(self, query: str | None = None) -> list[TemplateSummary]:
-        sql = "SELECT name, description, latest_version, created_at, updated_at FROM prompt_templates"
-        args: tuple[Any, ...] = ()
-        if query:
-            like = "%" + query.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
-            sql += " WHERE lower(name) LIKE ? ESCAPE '\\' OR lower(description) LIKE ? ESCAPE '\\'"
-            args = (like, like)
-        rows = self._read(sql + " ORDER BY name", args)
-        labels: dict[str, dict[str, int]] = {}
-        for name, label, version in self._read("SELECT name, label, version FROM prompt_labels ORDER BY label"):
-            labels.setdefault(name, {})[label] = version
-        return [
-            TemplateSummary(name=r[0], description=r[1], latest_version=r[2], labels=labels.get(r[0], {}),
-                            created_at=r[3], updated_at=r[4])
-            for r in rows
-        ]
-
-    def get_labels(self, name: str) -> dict[str, int]:
-        rows = self._read("SELECT label, version FROM prompt_labels WHERE name = ? ORDER BY label", (name,))
-        if not rows and self.latest_version(name) is None:
-            raise NotFound(f"no prompt template named {name!r}", param="name")
-        return dict(rows)
-
-    def audit_log(
-        self, *, name: str | None = None, label: str | None = None, limit: int = 100,
-        before_id: int | None = None,
-    ) -> list[AuditEntry]:
-        where, args = [], []
-        if name is not None:
-            where.append("name = ?")
-            args.append(name)
-        if label is not None:
-            where.append("label = ?")
-            args.append(label)
-        if before_id is not None:
-            where.append("id < ?")
-            args.append(before_id)
-        sql = "SELECT id, at, actor, action, name, label, from_version, to_version, reason, details " \
-              "FROM prompt_audit"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        rows = self._read(sql + " ORDER BY id DESC LIMIT ?", (*args, max(1, min(limit, 1000))))
-        return [
-            AuditEntry(id=r[0], at=r[1], actor=r[2], action=r[3], name=r[4], label=r[5], from_version=r[6],
-                       to_version=r[7], reason=r[8], details=json.loads(r[9]))
-            for r in rows
-        ]
-
-    def revision(self) -> int:
-        return self._read("SELECT value FROM prompt_meta WHERE key = 'revision'")[0][0]
 
 
 def build_prompt_store(settings: PromptSettings, home: Path) -> PromptStore:

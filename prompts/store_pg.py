@@ -1,7 +1,8 @@
 """``PostgresPromptStore``: the prompt registry in Postgres, for several API instances sharing one registry.
 
-Same contract and semantics as ``SqlitePromptStore`` (the contract suite in
-``tests/unit/test_prompts_store.py`` runs on both). Differences that matter:
+The registry's logic is ``SqlPromptStore``'s, shared with ``SqlitePromptStore`` (the contract suite in
+``tests/unit/test_prompts_store.py`` runs on both); this module holds the connection handling, the schema
+and the dialect. Differences that matter:
 
 * Writers are serialised by the row lock on the ``revision`` counter, taken as the first statement
   of every write transaction. That is Postgres' equivalent of SQLite's ``BEGIN IMMEDIATE``: the
@@ -16,7 +17,6 @@ Same contract and semantics as ``SqlitePromptStore`` (the contract suite in
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from collections.abc import Iterator
@@ -24,10 +24,8 @@ from contextlib import contextmanager
 from typing import Any
 
 from app.core.db import postgres_unavailable
-from app.core.errors import NotFound, StoreUnavailable
-from prompts.errors import ImportConflict
-from prompts.models import AuditEntry, TemplateContent, TemplateSummary, TemplateVersion, validate_name
-from prompts.store import _row_to_version, _stale, utc_now
+from app.core.errors import StoreUnavailable
+from prompts.store import SqlPromptStore
 
 log = logging.getLogger("keel.prompts")
 
@@ -78,8 +76,12 @@ _SCHEMA_LOCK = 0x6B65656C_7072  # "keelpr"
 PromptStoreUnavailable = StoreUnavailable  # the name callers and tests know
 
 
-class PostgresPromptStore:
+class PostgresPromptStore(SqlPromptStore):
     """A small psycopg connection pool; every write is one transaction (partial writes roll back)."""
+
+    _placeholder = "%s"
+    _jsonb = "::jsonb"
+    _collate = ' COLLATE "C"'  # byte order, as SQLite sorts, whatever locale the database was created with
 
     def __init__(self, url: str, *, min_size: int = 1, max_size: int = 4, timeout_s: float = 10.0) -> None:
         import psycopg
@@ -141,194 +143,3 @@ class PostgresPromptStore:
         with self._cursor() as cur:
             cur.execute(sql, args)
             return cur.fetchall()
-
-    # --- writes -------------------------------------------------------------------------------
-    def save(
-        self, name: str, content: TemplateContent, *, author: str, message: str, base_version: int | None
-    ) -> TemplateVersion:
-        validate_name(name)
-        now = utc_now()
-        with self._write() as cur:
-            row = cur.execute("SELECT latest_version FROM prompt_templates WHERE name = %s", (name,)).fetchone()
-            latest = row[0] if row else None
-            if base_version != latest:
-                raise _stale(name, base_version, latest)
-            version = TemplateVersion(
-                name=name, version=(latest or 0) + 1, content=content, hash=content.content_hash(),
-                parent=latest, author=author, message=message, created_at=now,
-            )
-            self._insert_version(cur, version)
-            self._audit(cur, actor=author, action="version.create", name=name, from_version=latest,
-                        to_version=version.version, reason=message, details={"hash": version.hash})
-        return version
-
-    def import_version(self, version: TemplateVersion, *, actor: str) -> bool:
-        validate_name(version.name)
-        with self._write() as cur:
-            existing = cur.execute(
-                "SELECT hash FROM prompt_versions WHERE name = %s AND version = %s", (version.name, version.version)
-            ).fetchone()
-            if existing:
-                if existing[0] != version.hash:
-                    raise ImportConflict(
-                        f"{version.ref} already exists with hash {existing[0]}, but the import has "
-                        f"{version.hash}: history differs; export the registry and reconcile before importing",
-                        param=version.ref,
-                    )
-                return False
-            row = cur.execute(
-                "SELECT latest_version FROM prompt_templates WHERE name = %s", (version.name,)
-            ).fetchone()
-            latest = row[0] if row else 0
-            if version.version != latest + 1:
-                raise ImportConflict(
-                    f"cannot import {version.ref}: the registry's latest version of {version.name!r} is "
-                    f"{latest}, so the next must be {latest + 1}",
-                    param=version.ref,
-                )
-            self._insert_version(cur, version)
-            self._audit(cur, actor=actor, action="version.import", name=version.name,
-                        from_version=latest or None, to_version=version.version,
-                        reason=version.message, details={"hash": version.hash, "author": version.author})
-        return True
-
-    def _insert_version(self, cur: Any, v: TemplateVersion) -> None:
-        if v.version == 1:
-            cur.execute(
-                "INSERT INTO prompt_templates VALUES (%s, 1, %s, %s, %s)",
-                (v.name, v.content.description, v.created_at, v.created_at),
-            )
-        else:
-            cur.execute(
-                "UPDATE prompt_templates SET latest_version = %s, description = %s, updated_at = %s WHERE name = %s",
-                (v.version, v.content.description, v.created_at, v.name),
-            )
-        cur.execute(
-            "INSERT INTO prompt_versions VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
-            (v.name, v.version, v.content.canonical_json(), v.hash, v.parent, v.author, v.message, v.created_at),
-        )
-
-    def set_label(
-        self, name: str, label: str, version: int | None, *, actor: str, reason: str = "",
-        action: str = "label.move", details: dict[str, Any] | None = None,
-    ) -> int | None:
-        now = utc_now()
-        with self._write() as cur:
-            if not cur.execute("SELECT 1 FROM prompt_templates WHERE name = %s", (name,)).fetchone():
-                raise NotFound(f"no prompt template named {name!r}", param="name")
-            if version is not None and not cur.execute(
-                "SELECT 1 FROM prompt_versions WHERE name = %s AND version = %s", (name, version)
-            ).fetchone():
-                raise NotFound(f"{name!r} has no version {version}", param="version")
-            row = cur.execute(
-                "SELECT version FROM prompt_labels WHERE name = %s AND label = %s", (name, label)
-            ).fetchone()
-            previous = row[0] if row else None
-            if version is None:
-                if previous is None:
-                    raise NotFound(f"{name!r} has no label {label!r}", param="label")
-                cur.execute("DELETE FROM prompt_labels WHERE name = %s AND label = %s", (name, label))
-            else:
-                cur.execute(
-                    "INSERT INTO prompt_labels VALUES (%s, %s, %s, %s, %s) ON CONFLICT (name, label) "
-                    "DO UPDATE SET version = excluded.version, updated_at = excluded.updated_at, "
-                    "updated_by = excluded.updated_by",
-                    (name, label, version, now, actor),
-                )
-            self._audit(cur, actor=actor, action=action, name=name, label=label, from_version=previous,
-                        to_version=version, reason=reason, details=details or {})
-        return previous
-
-    def _audit(
-        self, cur: Any, *, actor: str, action: str, name: str, label: str | None = None,
-        from_version: int | None = None, to_version: int | None = None, reason: str = "",
-        details: dict[str, Any] | None = None,
-    ) -> None:
-        cur.execute(
-            "INSERT INTO prompt_audit (at, actor, action, name, label, from_version, to_version, reason, "
-            "details) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb)",
-            (utc_now(), actor, action, name, label, from_version, to_version, reason,
-             json.dumps(details or {}, sort_keys=True, default=str)),
-        )
-
-    # --- reads --------------------------------------------------------------------------------
-    def get_version(self, name: str, version: int) -> TemplateVersion:
-        rows = self._read(
-            "SELECT name, version, content, hash, parent, author, message, created_at FROM prompt_versions "
-            "WHERE name = %s AND version = %s", (name, version),
-        )
-        if not rows:
-            latest = self.latest_version(name)
-            if latest is None:
-                raise NotFound(f"no prompt template named {name!r}", param="name")
-            raise NotFound(f"{name!r} has no version {version} (latest is {latest})", param="version")
-        return _row_to_version(rows[0])
-
-    def latest_version(self, name: str) -> int | None:
-        rows = self._read("SELECT latest_version FROM prompt_templates WHERE name = %s", (name,))
-        return rows[0][0] if rows else None
-
-    def list_versions(self, name: str) -> list[TemplateVersion]:
-        rows = self._read(
-            "SELECT name, version, content, hash, parent, author, message, created_at FROM prompt_versions "
-            "WHERE name = %s ORDER BY version", (name,),
-        )
-        if not rows:
-            raise NotFound(f"no prompt template named {name!r}", param="name")
-        return [_row_to_version(r) for r in rows]
-
-    def list_templates(self, query: str | None = None) -> list[TemplateSummary]:
-        # COLLATE "C": byte order, as SQLite sorts, whatever locale the database was created with.
-        sql = "SELECT name, description, latest_version, created_at, updated_at FROM prompt_templates"
-        args: tuple[Any, ...] = ()
-        if query:
-            like = "%" + query.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
-            sql += " WHERE lower(name) LIKE %s ESCAPE '\\' OR lower(description) LIKE %s ESCAPE '\\'"
-            args = (like, like)
-        rows = self._read(sql + ' ORDER BY name COLLATE "C"', args)
-        labels: dict[str, dict[str, int]] = {}
-        for name, label, version in self._read(
-            'SELECT name, label, version FROM prompt_labels ORDER BY label COLLATE "C"'
-        ):
-            labels.setdefault(name, {})[label] = version
-        return [
-            TemplateSummary(name=r[0], description=r[1], latest_version=r[2], labels=labels.get(r[0], {}),
-                            created_at=r[3], updated_at=r[4])
-            for r in rows
-        ]
-
-    def get_labels(self, name: str) -> dict[str, int]:
-        rows = self._read(
-            'SELECT label, version FROM prompt_labels WHERE name = %s ORDER BY label COLLATE "C"', (name,)
-        )
-        if not rows and self.latest_version(name) is None:
-            raise NotFound(f"no prompt template named {name!r}", param="name")
-        return dict(rows)
-
-    def audit_log(
-        self, *, name: str | None = None, label: str | None = None, limit: int = 100,
-        before_id: int | None = None,
-    ) -> list[AuditEntry]:
-        where, args = [], []
-        if name is not None:
-            where.append("name = %s")
-            args.append(name)
-        if label is not None:
-            where.append("label = %s")
-            args.append(label)
-        if before_id is not None:
-            where.append("id < %s")
-            args.append(before_id)
-        sql = "SELECT id, at, actor, action, name, label, from_version, to_version, reason, details " \
-              "FROM prompt_audit"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        rows = self._read(sql + " ORDER BY id DESC LIMIT %s", (*args, max(1, min(limit, 1000))))
-        return [
-            AuditEntry(id=r[0], at=r[1], actor=r[2], action=r[3], name=r[4], label=r[5], from_version=r[6],
-                       to_version=r[7], reason=r[8], details=r[9])
-            for r in rows
-        ]
-
-    def revision(self) -> int:
-        return self._read("SELECT value FROM prompt_meta WHERE key = 'revision'")[0][0]
