@@ -66,49 +66,47 @@ class PromptStore(Protocol):
     def close(self) -> None: ...
 
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS prompt_templates (
-    name TEXT PRIMARY KEY,
-    latest_version INTEGER NOT NULL,
-    description TEXT NOT NULL DEFAULT '',
-    created_at TEXT NOT NULL,
-    updated_at TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS prompt_versions (
-    name TEXT NOT NULL REFERENCES prompt_templates(name),
-    version INTEGER NOT NULL,
-    content TEXT NOT NULL,
-    hash TEXT NOT NULL,
-    parent INTEGER,
-    author TEXT NOT NULL,
-    message TEXT NOT NULL,
-    created_at TEXT NOT NULL,
-    PRIMARY KEY (name, version)
-);
-CREATE TABLE IF NOT EXISTS prompt_labels (
-    name TEXT NOT NULL REFERENCES prompt_templates(name),
-    label TEXT NOT NULL,
-    version INTEGER NOT NULL,
-    updated_at TEXT NOT NULL,
-    updated_by TEXT NOT NULL,
-    PRIMARY KEY (name, label)
-);
-CREATE TABLE IF NOT EXISTS prompt_audit (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    at TEXT NOT NULL,
-    actor TEXT NOT NULL,
-    action TEXT NOT NULL,
-    name TEXT NOT NULL,
-    label TEXT,
-    from_version INTEGER,
-    to_version INTEGER,
-    reason TEXT NOT NULL DEFAULT '',
-    details TEXT NOT NULL DEFAULT '{}'
-);
-CREATE INDEX IF NOT EXISTS prompt_audit_name ON prompt_audit(name, label, id);
-CREATE TABLE IF NOT EXISTS prompt_meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
-INSERT OR IGNORE INTO prompt_meta VALUES ('revision', 0);
-"""
+def schema(*, id_column: str, json_type: str) -> list[str]:
+    """The registry's tables, for SQLite and Postgres alike but for the audit id and details types."""
+    return [
+        """CREATE TABLE IF NOT EXISTS prompt_templates (
+            name TEXT PRIMARY KEY,
+            latest_version INTEGER NOT NULL,
+            description TEXT NOT NULL DEFAULT '',
+            created_at TEXT NOT NULL,
+            updated_at TEXT NOT NULL)""",
+        """CREATE TABLE IF NOT EXISTS prompt_versions (
+            name TEXT NOT NULL REFERENCES prompt_templates(name),
+            version INTEGER NOT NULL,
+            content TEXT NOT NULL,
+            hash TEXT NOT NULL,
+            parent INTEGER,
+            author TEXT NOT NULL,
+            message TEXT NOT NULL,
+            created_at TEXT NOT NULL,
+            PRIMARY KEY (name, version))""",
+        """CREATE TABLE IF NOT EXISTS prompt_labels (
+            name TEXT NOT NULL REFERENCES prompt_templates(name),
+            label TEXT NOT NULL,
+            version INTEGER NOT NULL,
+            updated_at TEXT NOT NULL,
+            updated_by TEXT NOT NULL,
+            PRIMARY KEY (name, label))""",
+        f"""CREATE TABLE IF NOT EXISTS prompt_audit (
+            {id_column},
+            at TEXT NOT NULL,
+            actor TEXT NOT NULL,
+            action TEXT NOT NULL,
+            name TEXT NOT NULL,
+            label TEXT,
+            from_version INTEGER,
+            to_version INTEGER,
+            reason TEXT NOT NULL DEFAULT '',
+            details {json_type} NOT NULL DEFAULT '{{}}')""",
+        "CREATE INDEX IF NOT EXISTS prompt_audit_name ON prompt_audit(name, label, id)",
+        "CREATE TABLE IF NOT EXISTS prompt_meta (key TEXT PRIMARY KEY, value BIGINT NOT NULL)",
+        "INSERT INTO prompt_meta VALUES ('revision', 0) ON CONFLICT DO NOTHING",
+    ]
 
 
 class SqlPromptStore:
@@ -332,7 +330,8 @@ class SqlitePromptStore(SqlPromptStore):
         self._db.execute("PRAGMA foreign_keys=ON")
         self._lock = threading.RLock()
         # executescript commits on its own; the statements are idempotent, so no transaction needed.
-        self._db.executescript(_SCHEMA)
+        self._db.executescript(";\n".join(schema(id_column="id INTEGER PRIMARY KEY AUTOINCREMENT",
+                                                  json_type="TEXT")) + ";")
 
     def close(self) -> None:
         with self._lock:

@@ -25,49 +25,11 @@ from typing import Any
 
 from app.core.db import postgres_unavailable
 from app.core.errors import StoreUnavailable
-from prompts.store import SqlPromptStore
+from prompts.store import SqlPromptStore, schema
 
 log = logging.getLogger("keel.prompts")
 
-_SCHEMA = [
-    """CREATE TABLE IF NOT EXISTS prompt_templates (
-        name TEXT PRIMARY KEY,
-        latest_version INTEGER NOT NULL,
-        description TEXT NOT NULL DEFAULT '',
-        created_at TEXT NOT NULL,
-        updated_at TEXT NOT NULL)""",
-    """CREATE TABLE IF NOT EXISTS prompt_versions (
-        name TEXT NOT NULL REFERENCES prompt_templates(name),
-        version INTEGER NOT NULL,
-        content TEXT NOT NULL,
-        hash TEXT NOT NULL,
-        parent INTEGER,
-        author TEXT NOT NULL,
-        message TEXT NOT NULL,
-        created_at TEXT NOT NULL,
-        PRIMARY KEY (name, version))""",
-    """CREATE TABLE IF NOT EXISTS prompt_labels (
-        name TEXT NOT NULL REFERENCES prompt_templates(name),
-        label TEXT NOT NULL,
-        version INTEGER NOT NULL,
-        updated_at TEXT NOT NULL,
-        updated_by TEXT NOT NULL,
-        PRIMARY KEY (name, label))""",
-    """CREATE TABLE IF NOT EXISTS prompt_audit (
-        id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-        at TEXT NOT NULL,
-        actor TEXT NOT NULL,
-        action TEXT NOT NULL,
-        name TEXT NOT NULL,
-        label TEXT,
-        from_version INTEGER,
-        to_version INTEGER,
-        reason TEXT NOT NULL DEFAULT '',
-        details JSONB NOT NULL DEFAULT '{}')""",
-    "CREATE INDEX IF NOT EXISTS prompt_audit_name ON prompt_audit(name, label, id)",
-    "CREATE TABLE IF NOT EXISTS prompt_meta (key TEXT PRIMARY KEY, value BIGINT NOT NULL)",
-    "INSERT INTO prompt_meta VALUES ('revision', 0) ON CONFLICT DO NOTHING",
-]
+_SCHEMA = schema(id_column="id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY", json_type="JSONB")
 # Two workers starting at once would race on CREATE TABLE IF NOT EXISTS (a unique violation in the
 # catalog); an advisory lock makes the schema set-up one at a time.
 _SCHEMA_LOCK = 0x6B65656C_7072  # "keelpr"
