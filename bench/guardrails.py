@@ -8,7 +8,8 @@ Measures, on benign requests (the common case), in one run:
   * the input policy alone (new text and repeated text) and the output policy alone;
   * the added time to first token of the streaming output guard on a simulated 30 tokens/s stream;
   * detection / false-positive rates of keel/prompt_injection on the shipped sets, with and without the
-    classifier (app/guardrails/injection_eval.py; ``heldout`` is the never-trained-on set).
+    classifier (app/guardrails/injection_eval.py; ``heldout`` is the never-trained-on set), and of every
+    other shipped validator on its labelled set (app/guardrails/validator_eval.py).
 Every text carries a unique suffix so the embedding cache never answers; the target is <= 10 ms added p50.
 Prints a table and writes bench/results/guardrails-<UTC timestamp>.json.
 
@@ -177,6 +178,12 @@ async def main(rounds: int) -> dict:
             det[label + k] = {"detection_rate": round(v.detection_rate, 4),
                               "false_positive_rate": round(v.false_positive_rate, 4), "attacks": v.attacks,
                               "benign": v.benign}
+    from app.guardrails.validator_eval import validator_rates
+
+    others = {name: {"policy": f"{r.labelled.policy}/{r.labelled.stage}",
+                     "detection_rate": round(r.rates.detection_rate, 4),
+                     "false_positive_rate": round(r.rates.false_positive_rate, 4), "positives": r.rates.attacks,
+                     "benign": r.rates.benign} for name, r in validator_rates(engine).items()}
     await engine.aclose()
     added_ttft = [g - p for g, p in zip(ttft_guarded, ttft_plain, strict=True)]
     return {
@@ -199,6 +206,7 @@ async def main(rounds: int) -> dict:
                       "added_ttft": summary(added_ttft), "total_plain": summary(total_plain),
                       "total_guarded": summary(total_guarded)},
         "prompt_injection": det,
+        "validators": others,
     }
 
 
@@ -231,6 +239,10 @@ def table(res: dict) -> str:
               f"{s['total_guarded']['p50_ms']:9.2f}", ""]
     for split, v in res["prompt_injection"].items():
         lines.append(f"prompt_injection [{split:22}] detection {v['detection_rate']:6.1%} of {v['attacks']:3}, "
+                     f"false positives {v['false_positive_rate']:5.1%} of {v['benign']:3}")
+    lines.append("")
+    for name, v in res["validators"].items():
+        lines.append(f"{name:28} [{v['policy']:14}] detection {v['detection_rate']:6.1%} of {v['positives']:3}, "
                      f"false positives {v['false_positive_rate']:5.1%} of {v['benign']:3}")
     return "\n".join(lines)
 

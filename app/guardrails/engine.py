@@ -233,7 +233,7 @@ class GuardrailEngine:
         elif spec.validator == "keel/json_schema":
             kw = {"schema": p.get("schema")}
         elif spec.validator == "keel/system_prompt_leakage":
-            kw = {"threshold": spec.threshold or 0.25, **{k: p[k] for k in ("n", "min_shared") if k in p}}
+            kw = {"threshold": spec.threshold or 0.25, **{k: p[k] for k in ("n", "min_shared", "run") if k in p}}
         validator = cls(on_fail=on_fail, **kw)
         validator.keel_label = spec.label
         guard = Guard(name=f"keel-{stage}-{spec.label}").use(validator)

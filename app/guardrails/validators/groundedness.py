@@ -11,8 +11,13 @@ Two lexical checks correct the proxy where it is known to be wrong:
   from the long passage sentence it comes from; when at least ``lexical_threshold`` of its content words
   (at least two, or only numbers) occur in the passages it counts as supported. Measured on the golden
   RAG answers of SmolLM2: 4 of 6 withdrawals were such correct answers.
-* a number the passages never mention is unsupported whatever the similarity: "k is 42" embeds as close
-  to "k = 60" as "k is 60" does.
+* a number (digits or a number word) or a name the passages never mention is unsupported whatever the
+  similarity: "k is 42" embeds as close to "k = 60" as "k is 60" does, and "Keel stores templates in
+  MongoDB" as close to "Keel stores templates in SQLite" as the truth. A name is a word with a capital
+  letter that does not start the sentence, or with one after its first letter (``gRPC``, ``MongoDB``).
+
+Contradictions in common words ("checked once an hour" against "every 0.5 s") still pass: the labelled
+set in infra/guardrails/data/validator_sets.yaml measures how many (tests/unit/test_guardrails_rates.py).
 """
 
 from __future__ import annotations
@@ -33,6 +38,11 @@ _CITE = re.compile(r"\[\s*\d+(?:\s*[,;-]\s*\d+)*\s*\]")
 _FRAME = re.compile(r"^(?:the\s+)?(?:short\s+)?answer(?:\s+is)?\s*[:,-]?\s*", re.I)
 _TOKEN = re.compile(r"[a-z0-9]+(?:[.,][0-9]+)*", re.I)
 _NUMBER = re.compile(r"^[0-9]+(?:[.,][0-9]+)*$")
+_NUMBER_WORDS_TEXT = """
+two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen seventeen eighteen
+nineteen twenty thirty forty fifty sixty seventy eighty ninety hundred thousand million billion
+"""
+_NUMBER_WORDS = frozenset(_NUMBER_WORDS_TEXT.split())
 _STOP_TEXT = """
 a an the and or but if of to in on at by for with from as is are was were be been being this that these those it
 its they them their there here what which who whom whose when where why how not no yes do does did done can could
@@ -46,13 +56,24 @@ def content_words(text: str) -> list[str]:
     return [t for t in (m.group(0).lower() for m in _TOKEN.finditer(text)) if t not in _STOP]
 
 
+def names(sentence: str) -> list[str]:
+    """Words written like names: a capital after the first word, or after a word's first letter (``gRPC``)."""
+    out = []
+    for i, m in enumerate(_TOKEN.finditer(sentence)):
+        w = m.group(0)
+        if any(c.isupper() for c in w[1:]) or (i > 0 and w[:1].isupper()):
+            out.append(w.lower())
+    return out
+
+
 def _lexical(sentence: str, vocab: set[str]) -> tuple[float, bool, bool]:
-    """(share of content words in the passages, numbers all present, enough evidence to decide lexically)."""
+    """(share of content words in the passages, every number and name present in them, enough evidence to
+    decide lexically)."""
     words = content_words(sentence)
     if not words:
         return 0.0, True, False
-    numbers = [w for w in words if _NUMBER.match(w)]
-    numbers_ok = all(n in vocab for n in numbers)
+    numbers = [w for w in words if _NUMBER.match(w) or w in _NUMBER_WORDS]
+    numbers_ok = all(n in vocab for n in numbers) and all(n in vocab or n in _STOP for n in names(sentence))
     share = sum(w in vocab for w in words) / len(words)
     return share, numbers_ok, len(words) >= 2 or (bool(numbers) and len(numbers) == len(words))
 

@@ -186,14 +186,15 @@ class JsonSchema(_KeelValidator):
 
 @register_validator(name="keel/system_prompt_leakage", data_type="string")
 class SystemPromptLeakage(_KeelValidator):
-    def __init__(self, n: int = 5, threshold: float = 0.25, min_shared: int = 3, on_fail: Any = None,
+    def __init__(self, n: int = 5, threshold: float = 0.25, min_shared: int = 3, run: int = 8, on_fail: Any = None,
                  **kwargs: Any) -> None:
-        super().__init__(on_fail=on_fail, n=n, threshold=threshold, min_shared=min_shared, **kwargs)
-        self.n, self.threshold, self.min_shared = n, threshold, min_shared
+        super().__init__(on_fail=on_fail, n=n, threshold=threshold, min_shared=min_shared, run=run, **kwargs)
+        self.n, self.threshold, self.min_shared, self.run = n, threshold, min_shared, run
 
     def check(self, value: str, metadata: dict[str, Any]) -> CheckResult:
         return check_system_prompt_leakage(metadata.get("leak_context", "") + value, metadata.get("system_prompt"),
-                                           n=self.n, threshold=self.threshold, min_shared=self.min_shared)
+                                           n=self.n, threshold=self.threshold, min_shared=self.min_shared,
+                                           run=self.run, allowed=metadata.get("passages") or ())
 
 
 @register_validator(name="keel/secrets", data_type="string")

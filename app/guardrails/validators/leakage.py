@@ -75,13 +75,21 @@ def ngrams(text: str, n: int) -> set[tuple[str, ...]]:
     return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
 
 
-def check_system_prompt_leakage(text: str, system_prompt: str | None, *, n: int = 5, threshold: float = 0.25,
-                                min_shared: int = 3) -> CheckResult:
-    """Share of the system prompt's word n-grams that reappear in ``text``.
+# What the system prompt quotes is meant to be said ('reply exactly: "I don't know ..."'), so it never counts.
+_QUOTED = re.compile(r'"[^"\n]*"|\u201c[^\u201d\n]*\u201d')
 
-    Fails when the share reaches ``threshold`` *and* at least ``min_shared`` n-grams are shared (so a
-    short system prompt is not "leaked" by one common phrase). Works on a streaming window too: pass the
-    text released so far plus the window.
+
+def check_system_prompt_leakage(text: str, system_prompt: str | None, *, n: int = 5, threshold: float = 0.25,
+                                min_shared: int = 3, run: int = 8, allowed: Iterable[str] = ()) -> CheckResult:
+    """Does ``text`` give the system prompt away? Two signals:
+
+    * the share of the system prompt's word n-grams that reappear in ``text`` reaches ``threshold``, with at
+      least ``min_shared`` of them (so a short system prompt is not "leaked" by one common phrase);
+    * ``text`` repeats ``run`` consecutive words of it verbatim (one sentence of a long prompt is a leak too,
+      though a small share of it). Quoted text in the system prompt, and runs that also occur in ``allowed``
+      (the retrieved passages: an answer may quote its sources), do not count.
+
+    Works on a streaming window too: pass the text released so far plus the window.
     """
     if not system_prompt:
         return CheckResult(True)
@@ -90,6 +98,14 @@ def check_system_prompt_leakage(text: str, system_prompt: str | None, *, n: int 
         sp = ngrams(system_prompt, max(1, len(_WORD.findall(system_prompt.lower()))))
     shared = sp & ngrams(text, n) if sp else set()
     share = len(shared) / len(sp) if sp else 0.0
-    passed = not (share >= threshold and len(shared) >= min(min_shared, len(sp)))
-    return CheckResult(passed, round(share, 4), "" if passed else
-                       f"the answer repeats {share:.0%} of the system prompt", details={"shared_ngrams": len(shared)})
+    by_share = share >= threshold and len(shared) >= min(min_shared, len(sp))
+    verbatim = ngrams(_QUOTED.sub(" ", system_prompt), run) & ngrams(text, run)
+    for passage in allowed:
+        if not verbatim:
+            break
+        verbatim -= ngrams(passage, run)
+    passed = not (by_share or verbatim)
+    reason = ("" if passed else f"the answer repeats {share:.0%} of the system prompt" if by_share
+              else f"the answer repeats {run}+ consecutive words of the system prompt")
+    return CheckResult(passed, round(max(share, 1.0 if verbatim else 0.0), 4), reason,
+                       details={"shared_ngrams": len(shared), "verbatim_runs": len(verbatim)})

@@ -136,20 +136,40 @@ def _normalise_leet(text: str) -> str:
     return re.sub(r"\b\w*[0-9@$!*]\w*\b|\w+[@$!*]\w*", lambda m: m.group(0).translate(_LEET), text.lower())
 
 
+# Someone is addressed: abuse needs a target. "Is it stupid to buy a used car?" is not abuse, though the
+# classifier, a bag of words, gives it 0.92 ("stupid" alone scores 1.0).
+_ADDRESSED = re.compile(r"\b(?:you|your|yours|yourself|you're|youre|u|ur|ya)\b", re.I)
+_QUOTES = {"'": "'", '"': '"', "\u2018": "\u2019", "\u201c": "\u201d"}
+# a classifier verdict on text that addresses no one, and a listed word that is quoted (talked about, not
+# used: "what does 'bastard' mean?"), weigh this much: below the default threshold, above a strict one
+_MENTION_WEIGHT = 0.8
+
+
+def _quoted(text: str, start: int, end: int) -> bool:
+    """The span ``text[start:end]`` is a quoted word or phrase."""
+    opening = text[start - 1] if start > 0 else ""
+    return opening in _QUOTES and text[end:end + 1] == _QUOTES[opening]
+
+
 def check_toxicity(text: str, *, threshold: float = 0.85, classifier: ProfanityClassifier | None = None,
                    wordlist: Path = WORDLIST) -> CheckResult:
-    """Score = max(word list hit 0.95, threat/hate phrase 0.9, classifier probability). ``fixed`` masks the
-    listed words (``f***``) for policies that redact rather than block."""
+    """Score = max(word list hit 0.95, threat/hate phrase 0.9, classifier probability), where a quoted listed
+    word and a classifier verdict on text that addresses no one count x0.8. ``fixed`` masks the listed
+    words (``f***``) for policies that redact rather than block. Measured on the labelled sets in
+    infra/guardrails/data/validator_sets.yaml (tests/unit/test_guardrails_rates.py)."""
     findings: list[Finding] = []
     norm = _normalise_leet(text)
     rx = _wordlist_re(str(wordlist))
     for m in rx.finditer(norm):
-        findings.append(Finding("profanity", m.start(), m.end(), "", 0.95))
+        findings.append(Finding("profanity", m.start(), m.end(), "",
+                                0.95 * _MENTION_WEIGHT if _quoted(text, m.start(), m.end()) else 0.95))
     for pattern, label in _THREATS:
         m = pattern.search(text)
         if m:
             findings.append(Finding(label, m.start(), m.end(), "", 0.9))
     prob = classifier.prob(text) if classifier is not None else 0.0
+    if prob and not _ADDRESSED.search(text):
+        prob *= _MENTION_WEIGHT
     score = max([prob, *(f.score for f in findings)]) if findings or prob else 0.0
     passed = score < threshold
     fixed = None
