@@ -484,7 +484,8 @@ class GuardrailEngine:
         if sp is None and messages:
             sp = "\n".join(m.content for m in messages if m.role == "system") or None
         return {"vault": vault, "system_prompt": sp, "passages": context.passages, "schema": context.response_schema,
-                "expect_json": context.expect_json, "secret_values": context.secret_values}
+                "expect_json": context.expect_json, "secret_values": context.secret_values,
+                "question": context.question}
 
     def _refusal(self, policy: ResolvedPolicy, result: ValidatorResult) -> str:
         return self.refusal_for(policy.name, result.validator, result.stage)

@@ -27,6 +27,8 @@ class GuardContext:
     response_schema: dict[str, Any] | None = None
     expect_json: bool = False
     secret_values: tuple[str, ...] = ()
+    # the user's last message: a name the answer takes from the question is not its invention
+    question: str | None = None
 
 
 @dataclass(frozen=True)

@@ -203,6 +203,8 @@ class ChatService:
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[ChatEvent]:
         alias = request.model
+        # before resolve(): for RAG the last user turn becomes the rendered passages + question
+        question = next((m.content for m in reversed(request.messages) if m.role == "user"), None)
         agent = self.agents is not None and self.agents.is_agent_model(alias)
         if agent:
             # An agent workflow answers: it calls models and tools itself; the guards still apply.
@@ -217,7 +219,7 @@ class ChatService:
         response_id = f"chatcmpl-{request.request_id or uuid.uuid4().hex}"
         decision = context = None
         if self.guards is not None:
-            context = self._guard_context(request, alias, params, grounded)
+            context = self._guard_context(request, alias, params, grounded, question)
             decision = await self.guards.check_input(request.messages, context)
         started = Started(
             response_id, int(time.time()), request.model, rendered.ref if rendered else None,
@@ -270,7 +272,8 @@ class ChatService:
 
     @staticmethod
     def _guard_context(
-        request: ChatRequest, alias: str | None, params: GenerationParams, grounded: Grounded | None
+        request: ChatRequest, alias: str | None, params: GenerationParams, grounded: Grounded | None,
+        question: str | None = None,
     ) -> GuardContext:
         fmt = params.response_format
         schema = fmt.schema if fmt is not None and fmt.type == "json_schema" else None
@@ -279,8 +282,11 @@ class ChatService:
         return GuardContext(
             request_id=request.request_id, route="/v1/chat/completions", workflow=workflow,
             model=alias or request.model or "", user=request.user,
-            passages=tuple(c.text for c in grounded.chunks) if grounded is not None else None,
-            response_schema=schema, expect_json=fmt is not None,
+            # as the model saw them (the RAG prompt shows "title > section: text"): a name from a passage's
+            # title is grounded
+            passages=tuple(f"{c.citation.label()}: {c.text}" for c in grounded.chunks) if grounded is not None
+            else None,
+            response_schema=schema, expect_json=fmt is not None, question=question,
         )
 
     async def complete(self, request: ChatRequest) -> ChatResult:

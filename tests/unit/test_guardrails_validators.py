@@ -204,6 +204,25 @@ def test_groundedness_a_number_the_sources_never_mention_is_unsupported(embedder
     assert ok.passed
 
 
+def test_groundedness_names_and_number_words_the_sources_never_mention_are_unsupported(embedder):
+    passages = ["Keel stores prompt templates in SQLite by default. A label move reaches every worker within "
+                "one second."]
+    made_up = check_groundedness("Keel stores prompt templates in MongoDB by default.", passages, embedder,
+                                 threshold=0.5)
+    assert not made_up.passed and made_up.details["similarities"][0] >= 0.5
+    assert check_groundedness("Keel stores prompt templates in SQLite by default.", passages, embedder,
+                              threshold=0.5).passed
+    assert not check_groundedness("A label move reaches every worker within ten seconds.", passages, embedder,
+                                  threshold=0.5).passed
+    # a name the user's question brought up is not the answer's invention; a number from it still is
+    answer = "Keel stores prompt templates in SQLite by default, also when it runs on Kubernetes."
+    assert not check_groundedness(answer, passages, embedder, threshold=0.5).passed
+    assert check_groundedness(answer, passages, embedder, threshold=0.5,
+                              question="Where does Keel keep templates on Kubernetes?").passed
+    assert not check_groundedness("A label move reaches every worker within 5 seconds.", passages, embedder,
+                                  threshold=0.5, question="Does a label move take 5 seconds?").passed
+
+
 def test_groundedness_off_topic_sentence_with_common_words_stays_unsupported(embedder):
     res = check_groundedness("The fusion of ranked cheeses dominates the paper order in France.", RRF, embedder,
                              threshold=0.5)

@@ -66,14 +66,15 @@ def names(sentence: str) -> list[str]:
     return out
 
 
-def _lexical(sentence: str, vocab: set[str]) -> tuple[float, bool, bool]:
-    """(share of content words in the passages, every number and name present in them, enough evidence to
-    decide lexically)."""
+def _lexical(sentence: str, vocab: set[str], known_names: frozenset[str] = frozenset()) -> tuple[float, bool, bool]:
+    """(share of content words in the passages, every number and name present in them (or, for a name, in
+    ``known_names``), enough evidence to decide lexically)."""
     words = content_words(sentence)
     if not words:
         return 0.0, True, False
     numbers = [w for w in words if _NUMBER.match(w) or w in _NUMBER_WORDS]
-    numbers_ok = all(n in vocab for n in numbers) and all(n in vocab or n in _STOP for n in names(sentence))
+    numbers_ok = all(n in vocab for n in numbers) and all(
+        n in vocab or n in _STOP or n in known_names for n in names(sentence))
     share = sum(w in vocab for w in words) / len(words)
     return share, numbers_ok, len(words) >= 2 or (bool(numbers) and len(numbers) == len(words))
 
@@ -101,7 +102,9 @@ def passage_windows(passages: Sequence[str]) -> tuple[list[str], list[int]]:
 
 
 def sentence_support(answer: str, passages: Sequence[str], embedder: TextEmbedder, *, threshold: float = 0.55,
-                     min_words: int = 4, lexical_threshold: float = 0.75) -> list[SentenceSupport]:
+                     min_words: int = 4, lexical_threshold: float = 0.75, question: str | None = None
+                     ) -> list[SentenceSupport]:
+    """``question``: names it uses count as known (numbers do not: "is k 42?" must not ground "k is 42")."""
     sentences = [s for s in split_sentences(answer) if len(s.split()) >= min_words and not _TRIVIAL.match(s)]
     claims = [_FRAME.sub("", _CITE.sub("", s)).strip() or s for s in sentences]
     if not sentences:
@@ -113,22 +116,25 @@ def sentence_support(answer: str, passages: Sequence[str], embedder: TextEmbedde
     q, p = vecs[: len(claims)], vecs[len(claims):]
     sims = q @ p.T
     vocab = {t for passage in passages for t in content_words(passage)}
+    known = frozenset(names(question)) if question else frozenset()
     out = []
     for i, s in enumerate(sentences):
         j = int(np.argmax(sims[i]))
         sim = float(sims[i, j])
-        share, numbers_ok, decisive = _lexical(claims[i], vocab)
+        share, numbers_ok, decisive = _lexical(claims[i], vocab, known)
         supported = numbers_ok and (sim >= threshold or (decisive and share >= lexical_threshold))
         out.append(SentenceSupport(s, round(sim, 4), supported, owners[j], round(share, 3)))
     return out
 
 
 def check_groundedness(answer: str, passages: Sequence[str], embedder: TextEmbedder, *, threshold: float = 0.55,
-                       max_unsupported_ratio: float = 0.0, lexical_threshold: float = 0.75) -> CheckResult:
+                       max_unsupported_ratio: float = 0.0, lexical_threshold: float = 0.75,
+                       question: str | None = None) -> CheckResult:
     """Fails when the share of unsupported sentences exceeds ``max_unsupported_ratio``.
 
     ``details['unsupported']`` lists the unsupported sentences; ``score`` is that share."""
-    support = sentence_support(answer, passages, embedder, threshold=threshold, lexical_threshold=lexical_threshold)
+    support = sentence_support(answer, passages, embedder, threshold=threshold, lexical_threshold=lexical_threshold,
+                               question=question)
     if not support:
         return CheckResult(True, details={"sentences": 0, "unsupported": []})
     unsupported = [s for s in support if not s.supported]

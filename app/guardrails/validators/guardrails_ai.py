@@ -168,7 +168,7 @@ class Groundedness(_KeelValidator):
             return CheckResult(True, details={"skipped": "no passages"})
         return check_groundedness(value, passages, self.embedder, threshold=self.threshold,
                                   max_unsupported_ratio=self.max_unsupported_ratio,
-                                  lexical_threshold=self.lexical_threshold)
+                                  lexical_threshold=self.lexical_threshold, question=metadata.get("question"))
 
 
 @register_validator(name="keel/json_schema", data_type="string")
