@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
+
 from ingest.chunking import Chunk, Chunker, Tokenizer
 from ingest.documents import Document, LoadReport, discover, iter_load
 from ingest.embedding import Embedder, SparseEncoder
@@ -56,6 +58,7 @@ class IngestResult:
     rejections: list[dict[str, Any]] = field(default_factory=list)
     repaired: int = 0
     chunks_written: int = 0
+    chunks_reused: int = 0  # written with the dense vector of the document's previous version (text unchanged)
     chunks_total: int = 0
     documents_total: int = 0
     seconds: float = 0.0
@@ -65,9 +68,15 @@ class IngestResult:
     def counts(self) -> dict[str, int | float]:
         return {"added": len(self.added), "updated": len(self.updated), "unchanged": self.unchanged,
                 "deleted": len(self.deleted), "rejected": len(self.rejections), "repaired": self.repaired,
-                "chunks_written": self.chunks_written, "chunks_total": self.chunks_total,
+                "chunks_written": self.chunks_written, "chunks_reused": self.chunks_reused,
+                "chunks_total": self.chunks_total,
                 "documents_total": self.documents_total, "seconds": round(self.seconds, 3),
                 "embed_seconds": round(self.embed_seconds, 3)}
+
+
+def embed_hash(model_id: str, text: str) -> str:
+    """Identifies a dense vector: the model and the exact text it embedded (title and headings included)."""
+    return hashlib.sha256(f"{model_id}\x00{text}".encode()).hexdigest()[:32]
 
 
 def point_id(doc_id: str, version: str, chunk: Chunk) -> str:
@@ -168,16 +177,30 @@ class IngestPipeline:
                state: dict, result: IngestResult, prog: Progress,
                progress: Callable[[Progress], None] | None) -> None:
         texts = [c.embed_text for _, _, chunks in pending for c in chunks]
+        model = self.embedder.model_id
+        hashes = [embed_hash(model, t) for t in texts]
+        # A changed document keeps most of its chunks: their vectors come from its live version
+        known: dict[str, np.ndarray] = {}
+        for doc, _, _ in pending:
+            prior = state.get(doc.doc_id)
+            if prior is not None and prior.live:
+                known.update(self.store.dense_vectors(collection, doc.doc_id, prior.live))
+        todo = [i for i, h in enumerate(hashes) if h not in known]
         t = time.perf_counter()
-        dense = self.embedder.embed_documents(texts)
+        fresh = self.embedder.embed_documents([texts[i] for i in todo]) if todo else None
         result.embed_seconds += time.perf_counter() - t
+        dense: list[np.ndarray] = [known.get(h) for h in hashes]  # type: ignore[misc]
+        for j, i in enumerate(todo):
+            dense[i] = fresh[j]
+        result.chunks_reused += len(texts) - len(todo)
         sparse = self.sparse.encode_documents(texts)
         i = 0
         for doc, version, chunks in pending:
             points = []
             for c in chunks:
-                points.append(ChunkPoint(point_id(doc.doc_id, version, c), dense[i], sparse[i],
-                                         self._payload(doc, version, c, sid)))
+                payload = self._payload(doc, version, c, sid)
+                payload["embed_hash"] = hashes[i]
+                points.append(ChunkPoint(point_id(doc.doc_id, version, c), dense[i], sparse[i], payload))
                 i += 1
             self.store.replace_document(collection, doc.doc_id, version, points)
             (result.updated if doc.doc_id in state else result.added).append(doc.doc_id)

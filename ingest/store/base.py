@@ -149,6 +149,10 @@ class VectorStore(Protocol):
 
     def documents(self, collection: str) -> dict[str, DocState]: ...
 
+    def dense_vectors(self, collection: str, doc_id: str, version: str) -> dict[str, np.ndarray]:
+        """The dense vectors of ``doc_id``'s chunks at ``version``, keyed by the ``embed_hash`` of the text
+        that was embedded, so a changed document re-embeds only its changed chunks."""
+
     def repair(self, collection: str) -> int: ...
 
 
@@ -305,7 +309,10 @@ class QdrantLikeStore(ABC):
     def _count(self, c: str, must: list[Cond], must_not: list[Cond]) -> int: ...
 
     @abstractmethod
-    def _scroll(self, c: str, must: list[Cond], fields: list[str]) -> Iterator[dict[str, Any]]: ...
+    def _scroll(self, c: str, must: list[Cond], fields: list[str], dense: bool = False
+                ) -> Iterator[dict[str, Any]]:
+        """Payload ``fields`` of the points matching ``must`` (never the control point); with ``dense``, each
+        dict also carries the point's dense vector under ``"_dense"``."""
 
     def warm_up(self) -> None:
         return None
@@ -489,6 +496,16 @@ class QdrantLikeStore(ABC):
         c = self._require(collection)
         with self._rw.read():
             return self._count(c, parse_filters(filters), self._visibility(c))
+
+    def dense_vectors(self, collection: str, doc_id: str, version: str) -> dict[str, np.ndarray]:
+        c = self._require(collection)
+        out: dict[str, np.ndarray] = {}
+        for p in self._scroll(c, [Cond("doc_id", "eq", doc_id), Cond("doc_version", "eq", version)],
+                              ["embed_hash"], dense=True):
+            h, v = p.get("embed_hash"), p.get("_dense")
+            if h and v is not None:  # chunks written before embed_hash was recorded are simply re-embedded
+                out[h] = np.asarray(v, dtype=np.float32)
+        return out
 
     def documents(self, collection: str) -> dict[str, DocState]:
         c = self._require(collection)

@@ -162,7 +162,8 @@ class EdgeStore(QdrantLikeStore):
     def _count(self, c: str, must: list[Cond], must_not: list[Cond]) -> int:
         return int(self._shard(c).count(self.q.CountRequest(exact=True, filter=self._filter(must, must_not))))
 
-    def _scroll(self, c: str, must: list[Cond], fields: list[str]) -> Iterator[dict[str, Any]]:
+    def _scroll(self, c: str, must: list[Cond], fields: list[str], dense: bool = False
+                ) -> Iterator[dict[str, Any]]:
         q = self.q
         shard = self._shard(c)
         offset = None
@@ -170,9 +171,12 @@ class EdgeStore(QdrantLikeStore):
         while True:
             recs, offset = shard.scroll(q.ScrollRequest(offset=offset, limit=_SCROLL_PAGE, filter=flt,
                                                         with_payload=q.PayloadSelector.Include(fields),
-                                                        with_vector=False))
+                                                        with_vector=[DENSE] if dense else False))
             for r in recs:
-                yield dict(r.payload or {})
+                payload = dict(r.payload or {})
+                if dense and r.vector:
+                    payload["_dense"] = r.vector.get(DENSE) if isinstance(r.vector, dict) else r.vector
+                yield payload
             if offset is None:
                 return
 

@@ -168,15 +168,19 @@ class QdrantClientStore(QdrantLikeStore):
     def _count(self, c: str, must: list[Cond], must_not: list[Cond]) -> int:
         return int(self.client.count(c, count_filter=self._filter(must, must_not), exact=True).count)
 
-    def _scroll(self, c: str, must: list[Cond], fields: list[str]) -> Iterator[dict[str, Any]]:
+    def _scroll(self, c: str, must: list[Cond], fields: list[str], dense: bool = False
+                ) -> Iterator[dict[str, Any]]:
         offset = None
         flt = self._filter(must, [Cond("kind", "eq", "control")])
         while True:
             with self._local_lock:
                 recs, offset = self.client.scroll(c, scroll_filter=flt, limit=_SCROLL_PAGE, offset=offset,
-                                                  with_payload=fields, with_vectors=False)
+                                                  with_payload=fields, with_vectors=[DENSE] if dense else False)
             for r in recs:
-                yield dict(r.payload or {})
+                payload = dict(r.payload or {})
+                if dense and r.vector:
+                    payload["_dense"] = r.vector.get(DENSE) if isinstance(r.vector, dict) else r.vector
+                yield payload
             if offset is None:
                 return
 

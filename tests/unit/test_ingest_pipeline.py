@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from app.core.settings import Settings
 from ingest import build_rag
 from ingest.embedding import HashingEmbedder
 from ingest.factory import RagServices
+from ingest.pipeline import embed_hash
 from ingest.settings import ChunkerConfig
 
 PARA = "Zebras graze on the savanna grass. They live in herds and migrate with the rains. "
@@ -84,6 +86,53 @@ def test_prune_scope_and_rejected_files_keep_chunks(rag: RagServices, tmp_path: 
     assert [r["code"] for r in res.rejections] == ["empty"]
     assert [Path(x).name for x in res.deleted] == ["otter.txt"]
     assert rag.store.count("kb", {"doc_id": str((docs / "zebra.md").resolve())}) > 0
+
+
+class CountingEmbedder(HashingEmbedder):
+    def __init__(self, dim: int) -> None:
+        super().__init__(dim)
+        self.embedded: list[str] = []
+
+    def embed_documents(self, texts):
+        self.embedded += list(texts)
+        return super().embed_documents(texts)
+
+
+def test_a_changed_document_reembeds_only_its_changed_chunks(tmp_path: Path):
+    for store in ("edge", "qdrant"):
+        embedder = CountingEmbedder(64)
+        rag = build_rag(Settings(home=tmp_path / store, rag={"store": store, "chunker": {
+            "max_tokens": 40, "overlap_tokens": 0}}), embedder=embedder)
+        rag.warm_up()
+        try:
+            docs = tmp_path / f"docs-{store}"
+            docs.mkdir()
+            sections = [f"## Part {i}\n\nSection {i} is about topic number {i} and nothing else at all."
+                        for i in range(8)]
+            (docs / "long.md").write_text("# Long\n\n" + "\n\n".join(sections) + "\n")
+            first = rag.pipeline.run([docs], "kb")
+            assert first.chunks_reused == 0 and len(embedder.embedded) == first.chunks_written >= 4
+            texts = list(embedder.embedded)
+            embedder.embedded.clear()
+            sections[3] = "## Part 3\n\nSection 3 was rewritten: it now covers an entirely different subject."
+            (docs / "long.md").write_text("# Long\n\n" + "\n\n".join(sections) + "\n")
+            second = rag.pipeline.run([docs], "kb")
+            assert len(second.updated) == 1 and second.chunks_written == second.chunks_total
+            assert len(embedder.embedded) == 1 and "rewritten" in embedder.embedded[0]  # its one chunk, only
+            assert second.chunks_reused == second.chunks_written - 1 >= 3
+            changed = list(embedder.embedded)
+            hits = rag.retriever.retrieve("entirely different subject", collection="kb", top_k=3)
+            assert "rewritten" in hits.chunks[0].text
+            # the live version's vectors are exactly those a full re-embed of its texts would give
+            doc_id = str((docs / "long.md").resolve())
+            vectors = rag.store.dense_vectors("kb", doc_id, rag.store.documents("kb")[doc_id].live)
+            live = [t for t in texts if "Section 3 is about" not in t] + changed
+            expected = {embed_hash(embedder.model_id, t): v
+                        for t, v in zip(live, HashingEmbedder(64).embed_documents(live), strict=True)}
+            assert vectors.keys() == expected.keys()
+            assert all(np.allclose(vectors[h], expected[h], atol=1e-6) for h in expected)
+        finally:
+            rag.close()
 
 
 def test_chunker_change_reembeds_everything(rag: RagServices, tmp_path: Path):

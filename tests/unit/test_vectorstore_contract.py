@@ -205,6 +205,20 @@ def test_queries_never_see_both_or_neither(store: VectorStore):
     assert store.count("docs") == 6
 
 
+def test_dense_vectors_of_a_version_by_embed_hash(store: VectorStore):
+    texts = ["first chunk text", "second chunk text", "third, written before embed hashes"]
+    pts = points("a", "a1", texts)
+    for p, h in zip(pts[:2], ("h1", "h2"), strict=False):
+        p.payload["embed_hash"] = h
+    store.replace_document("docs", "a", "a1", pts)
+    store.replace_document("docs", "b", "b1", points("b", "b1", ["another document"], embed_hash="hb"))
+    got = store.dense_vectors("docs", "a", "a1")
+    assert set(got) == {"h1", "h2"}  # the chunk without a hash is left out; other documents too
+    assert all(abs(float(got[h] @ EMB.embed_documents([t])[0]) - 1.0) < 1e-5
+               for h, t in (("h1", texts[0]), ("h2", texts[1])))
+    assert store.dense_vectors("docs", "a", "other-version") == {}
+
+
 def test_control_point_is_not_a_chunk(store: VectorStore):
     assert store.count("docs") == 0
     assert store.documents("docs") == {}
