@@ -133,10 +133,13 @@ def _report(col: str, snapshot_id: str | None, counts: dict[str, Any], rejection
             table.add_row(key, str(counts[key]))
         table.add_section()
         table.add_row("chunks written", str(counts["chunks_written"]))
+        reused = counts.get("chunks_reused") or 0
+        if reused:
+            table.add_row("  of which kept their vectors", str(reused))
         table.add_row("chunks in collection", str(counts["chunks_total"]))
         table.add_row("documents in collection", str(counts["documents_total"]))
         embed_s = counts.get("embed_seconds") or 0.0
-        rate = counts["chunks_written"] / embed_s if embed_s else 0.0
+        rate = (counts["chunks_written"] - reused) / embed_s if embed_s else 0.0
         table.add_row("time", f"{counts['seconds']:.1f} s ({rate:.0f} chunks/s embedding)")
         console.print(table)
         if rejections:
