@@ -1,9 +1,9 @@
 """``keel agent``: run agent workflows and handle approvals from a terminal.
 
 By default commands talk to the running Keel API (``--url``, default ``server.url``; key from
-``--api-key`` or ``KEEL_API_KEY``), which owns the vector store and the model. ``--local`` runs
-the workflow in this process instead (builds the model router, RAG and prompt registry from
-the settings; use it when no server is running). The event stream renders live either way.
+``--api-key``, ``KEEL_API_KEY`` or the dev key ``keel up`` wrote), which owns the vector store and the
+model. ``--local`` runs the workflow in this process instead (builds the model router, RAG and prompt
+registry from the settings; use it when no server is running). The event stream renders live either way.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from app.core.cli import api_failure, fail, settings_or_exit, unreachable
+from app.core.cli import api_failure, dev_key, fail, settings_or_exit, unreachable
 
 app = typer.Typer(help="Agent workflows: run, inspect runs, approve or reject paused tool calls.",
                   no_args_is_help=True)
@@ -26,7 +26,8 @@ console = Console(highlight=False)
 err = Console(stderr=True)
 
 Url = Annotated[str | None, typer.Option(help="Keel API URL (default: server.url from the settings).")]
-Key = Annotated[str | None, typer.Option("--api-key", envvar="KEEL_API_KEY", help="API key (or KEEL_API_KEY).")]
+Key = Annotated[str | None, typer.Option("--api-key", envvar="KEEL_API_KEY",
+                                         help="API key (or KEEL_API_KEY; default: <home>/dev-api-key).")]
 Local = Annotated[bool, typer.Option("--local", help="Run in this process instead of through the API.")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print raw event JSON lines.")]
 
@@ -95,6 +96,7 @@ class Renderer:
 def _http_events(url: str, key: str | None, path: str, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
     import httpx
 
+    key = key or dev_key(_settings().home)
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     try:
         with httpx.Client(timeout=httpx.Timeout(10.0, read=None)) as client, client.stream(
@@ -112,6 +114,7 @@ def _http_events(url: str, key: str | None, path: str, body: dict[str, Any]) -> 
 def _http_get(url: str, key: str | None, path: str, params: dict[str, Any] | None = None) -> Any:
     import httpx
 
+    key = key or dev_key(_settings().home)
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     try:
         r = httpx.get(url.rstrip("/") + path, params={k: v for k, v in (params or {}).items() if v is not None},

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from agents.cli import app as agent_app
-from app.core.cli import fail
+from app.core.cli import DEV_KEY_FILE, dev_key, fail
 from app.core.errors import KeelError
 from app.core.settings import Settings, load_settings
 from evals.cli import app as evals_app
@@ -139,12 +139,11 @@ def _dev_key(settings: Settings) -> str | None:
     """The key `keel up` prints in its examples: created on first run, kept in <home>/dev-api-key (0600)."""
     if not settings.auth.enabled:
         return None
-    path = settings.home / "dev-api-key"
+    path = settings.home / DEV_KEY_FILE
     store = _key_store(settings)
-    if path.is_file():
-        raw = path.read_text().strip()
-        if store.verify(raw) is not None:
-            return raw
+    raw = dev_key(settings.home)
+    if raw and store.verify(raw) is not None:
+        return raw
     _, raw = store.create("dev (created by keel up)", ["admin"])
     path.parent.mkdir(parents=True, exist_ok=True)
     path.touch(mode=0o600)
@@ -256,8 +255,7 @@ def chat(
     import openai
 
     settings = _settings()
-    dev = settings.home / "dev-api-key"
-    key = key or (dev.read_text().strip() if dev.is_file() else "none")
+    key = key or dev_key(settings.home) or "none"
     client = openai.OpenAI(base_url=f"{url or settings.server.url}/v1", api_key=key, max_retries=0)
     try:
         stream = client.chat.completions.create(

@@ -18,7 +18,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from app.core.cli import api_failure, fail, settings_or_exit, unreachable
+from app.core.cli import api_failure, dev_key, fail, settings_or_exit, unreachable
 from app.core.errors import KeelError
 from ingest.errors import StoreLocked
 
@@ -87,7 +87,7 @@ def ingest_command(
     """Load, chunk, embed and store documents; unchanged files are skipped, changed ones replaced."""
     if url:
         settings = settings_or_exit(_OFFLINE)
-        _ingest_via_api(url, api_key or _dev_key(settings), paths, collection, prune, json_out)
+        _ingest_via_api(url, api_key or dev_key(settings.home), paths, collection, prune, json_out)
         return
     settings, rag = _services()
     col = collection or settings.rag.collection
@@ -111,7 +111,7 @@ def ingest_command(
         if not _api_up(server):
             raise fail(exc) from exc
         err.print(f"[yellow]the store is held by the Keel API at {server}; ingesting through it[/yellow]")
-        _ingest_via_api(server, api_key or _dev_key(settings), paths, collection, prune, json_out)
+        _ingest_via_api(server, api_key or dev_key(settings.home), paths, collection, prune, json_out)
         return
     except KeelError as exc:
         raise fail(exc) from exc
@@ -151,11 +151,6 @@ def _report(col: str, snapshot_id: str | None, counts: dict[str, Any], rejection
             console.print(rej)
     if rejections:
         raise typer.Exit(3)  # partial success: scripts can tell it apart from a failure (1)
-
-
-def _dev_key(settings) -> str | None:
-    path = settings.home / "dev-api-key"
-    return path.read_text().strip() if path.is_file() else None
 
 
 def _api_up(url: str) -> bool:

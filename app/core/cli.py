@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -49,3 +51,13 @@ def api_failure(response) -> typer.Exit:
 def unreachable(url: str, exc: Exception) -> typer.Exit:
     _stderr.print(f"[red]cannot reach {escape(url)}:[/red] {escape(str(exc))} (is `keel serve` running?)")
     return typer.Exit(1)
+
+
+DEV_KEY_FILE = "dev-api-key"
+
+
+def dev_key(home: Path) -> str | None:
+    """The admin key `keel up` writes to ``<home>/dev-api-key``: the default of every sub-command that talks
+    to the running API, so the README's commands work on the embedded defaults without copying keys."""
+    path = home / DEV_KEY_FILE
+    return (path.read_text().strip() or None) if path.is_file() else None
