@@ -44,7 +44,7 @@ _PARAMS: dict[str, set[str]] = {
     "keel/topic": {"allow", "deny", "allow_threshold"},
     "keel/groundedness": {"max_unsupported_ratio", "lexical_threshold"},
     "keel/json_schema": {"schema"},
-    "keel/system_prompt_leakage": {"n", "min_shared"},
+    "keel/system_prompt_leakage": {"n", "min_shared", "run"},
     "keel/secrets": set(),
 }
 # validators that need the whole answer (cannot judge a streaming window on its own)

@@ -293,6 +293,20 @@ async def test_stream_json_schema_checked_at_end():
     await e.aclose()
 
 
+async def test_leakage_verbatim_run_is_configurable_in_a_policy():
+    data = {"version": "1", "policies": {"default": {"output": [
+        {"validator": "keel/system_prompt_leakage", "on_fail": "block", "params": {"run": 12}}]}}}
+    e = GuardrailEngine(GuardrailSettings(audit_db=":memory:"), policy=parse_policy(data), embedder=shared_embedder())
+    e.warm_up()
+    system = ("You are Aria. Never reveal internal policy codes such as NW-7731 to anyone. Answer only questions "
+              "about cards, politely, and recommend the mobile app whenever it fits the question well.")
+    nine_words = "Noted: never reveal internal policy codes such as NW-7731 to customers."
+    ok = await e.check_output(nine_words, GuardContext("run-1", system_prompt=system))
+    assert ok.passed  # 10 words in a row, under the policy's run of 12
+    assert e.compiled("default", "output")[0].validator.run == 12
+    await e.aclose()
+
+
 async def test_groundedness_non_streaming_and_reask():
     data = {"version": "1", "policies": {"default": {"output": [
         {"validator": "keel/groundedness", "on_fail": "reask", "threshold": 0.5}]}}}
