@@ -108,7 +108,7 @@ def _http_events(url: str, key: str | None, path: str, body: dict[str, Any]) -> 
                 if line.startswith("data:"):
                     yield json.loads(line[5:].strip())
     except httpx.HTTPError as e:
-        raise unreachable(url, e) from e
+        raise unreachable(url, e, " or use --local") from e
 
 
 def _http_get(url: str, key: str | None, path: str, params: dict[str, Any] | None = None) -> Any:
@@ -120,7 +120,7 @@ def _http_get(url: str, key: str | None, path: str, params: dict[str, Any] | Non
         r = httpx.get(url.rstrip("/") + path, params={k: v for k, v in (params or {}).items() if v is not None},
                       headers=headers, timeout=30)
     except httpx.HTTPError as e:
-        raise unreachable(url, e) from e
+        raise unreachable(url, e, " or use --local") from e
     if r.status_code != 200:
         raise api_failure(r)
     return r.json()

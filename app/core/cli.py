@@ -48,8 +48,8 @@ def api_failure(response) -> typer.Exit:
     return typer.Exit(1)
 
 
-def unreachable(url: str, exc: Exception) -> typer.Exit:
-    _stderr.print(f"[red]cannot reach {escape(url)}:[/red] {escape(str(exc))} (is `keel serve` running?)")
+def unreachable(url: str, exc: Exception, hint: str = "") -> typer.Exit:
+    _stderr.print(f"[red]cannot reach {escape(url)}:[/red] {escape(str(exc))} (is `keel serve` running?{hint})")
     return typer.Exit(1)
 
 
