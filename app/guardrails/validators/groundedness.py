@@ -73,10 +73,11 @@ def _lexical(sentence: str, vocab: set[str], known_names: frozenset[str] = froze
     if not words:
         return 0.0, True, False
     numbers = [w for w in words if _NUMBER.match(w) or w in _NUMBER_WORDS]
-    numbers_ok = all(n in vocab for n in numbers) and all(
+    # numbers and names: an answer's specifics must come from the sources (names also from the question)
+    specifics_ok = all(n in vocab for n in numbers) and all(
         n in vocab or n in _STOP or n in known_names for n in names(sentence))
     share = sum(w in vocab for w in words) / len(words)
-    return share, numbers_ok, len(words) >= 2 or (bool(numbers) and len(numbers) == len(words))
+    return share, specifics_ok, len(words) >= 2 or (bool(numbers) and len(numbers) == len(words))
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,8 +122,8 @@ def sentence_support(answer: str, passages: Sequence[str], embedder: TextEmbedde
     for i, s in enumerate(sentences):
         j = int(np.argmax(sims[i]))
         sim = float(sims[i, j])
-        share, numbers_ok, decisive = _lexical(claims[i], vocab, known)
-        supported = numbers_ok and (sim >= threshold or (decisive and share >= lexical_threshold))
+        share, specifics_ok, decisive = _lexical(claims[i], vocab, known)
+        supported = specifics_ok and (sim >= threshold or (decisive and share >= lexical_threshold))
         out.append(SentenceSupport(s, round(sim, 4), supported, owners[j], round(share, 3)))
     return out
 
