@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -17,6 +18,12 @@ if TYPE_CHECKING:
     from ingest.pipeline import Progress
 
 log = logging.getLogger("keel.ingest")
+
+
+class ShuttingDown(KeelError):
+    code = "server_shutting_down"
+    status = 503
+
 JobState = Literal["queued", "running", "succeeded", "failed"]
 _KEEP_JOBS = 500
 
@@ -53,6 +60,9 @@ class IngestJobs:
         self._jobs: dict[str, IngestJob] = {}
         self._lock = asyncio.Lock()
         self._tasks: set[asyncio.Task] = set()
+        # Set at shutdown: a running pipeline stops at its next batch boundary (a point where every document
+        # is either in its old or its new version), before the stores close under it.
+        self._stopping = threading.Event()
 
     def upload_dir(self, collection: str) -> Path:
         # One folder per collection: re-uploading a file replaces its chunks instead of duplicating them.
@@ -103,16 +113,32 @@ class IngestJobs:
             await asyncio.sleep(0.05)
         return job
 
-    async def aclose(self) -> None:
-        for task in list(self._tasks):
+    async def aclose(self, timeout_s: float = 60.0) -> None:
+        """Stop running jobs at a safe point and wait for their threads: cancelling the task alone would
+        leave the pipeline thread writing into a store that is being closed (a failed flush at Ctrl-C)."""
+        self._stopping.set()
+        tasks = list(self._tasks)
+        if not tasks:
+            return
+        _, late = await asyncio.wait(tasks, timeout=timeout_s)
+        for task in late:
+            log.error("ingest job %s did not stop within %.0f s; closing the store under it", task.get_name(),
+                      timeout_s)
             task.cancel()
 
     async def _run(self, job: IngestJob) -> None:
         async with self._lock:
+            if self._stopping.is_set():
+                job.state, job.finished_at = "failed", time.time()
+                job.error = {"code": ShuttingDown.code, "message": "the server shut down before this job started"}
+                return
             job.state, job.started_at = "running", time.time()
 
             def progress(p: Progress) -> None:
                 job.files_total, job.files_done, job.chunks_written = p.files_total, p.files_done, p.chunks_written
+                if self._stopping.is_set():
+                    raise ShuttingDown("the server shut down during this ingest; what was written is kept and "
+                                       "complete per document: submit the same files again to finish")
 
             try:
                 result = await asyncio.to_thread(
