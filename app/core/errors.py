@@ -74,6 +74,15 @@ class StoreUnavailable(KeelError):
     type = "server_error"
 
 
+class ClientGone(KeelError):
+    """The client closed the connection before the answer was ready (nginx's 499). Nobody reads the
+    response; the status is there for the access log and the metrics."""
+
+    code = "client_closed_request"
+    status = 499
+    type = "invalid_request_error"
+
+
 class PayloadTooLarge(KeelError):
     code = "payload_too_large"
     status = 413

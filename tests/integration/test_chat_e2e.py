@@ -197,6 +197,7 @@ def test_client_disconnect_aborts_a_non_streaming_request(keel_server: KeelServe
     body = {"model": "smollm2", "max_tokens": 1500, "temperature": 0,
             "messages": [{"role": "user", "content": "Write a very long story about a whale and a sailor."}]}
     before = keel_server.vllm_metric("vllm:generation_tokens_total")
+    log_start = keel_server.log.stat().st_size
     with pytest.raises(httpx.ReadTimeout):  # the client gives up after 2 s and closes the connection
         httpx.post(f"{keel_server.url}/v1/chat/completions", json=body, headers=keel_server.headers(), timeout=2.0)
     deadline = time.monotonic() + 4
@@ -205,3 +206,12 @@ def test_client_disconnect_aborts_a_non_streaming_request(keel_server: KeelServe
     assert keel_server.vllm_metric("vllm:num_requests_running") == 0
     generated = keel_server.vllm_metric("vllm:generation_tokens_total") - before
     assert generated < 250, f"vLLM generated {generated} tokens for a client that left after 2 s"
+    # Answered 499 for the access log and metrics; no traceback (it used to be a TypeError and a 500).
+    deadline = time.monotonic() + 5
+    while 'status="499"' not in httpx.get(f"{keel_server.url}/metrics").text and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert 'route="/v1/chat/completions",status="499"' in httpx.get(f"{keel_server.url}/metrics").text
+    with keel_server.log.open("rb") as f:
+        f.seek(log_start)
+        tail = f.read().decode(errors="replace")
+    assert "Traceback" not in tail and "status=500" not in tail, tail[-3000:]

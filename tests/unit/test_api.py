@@ -3,7 +3,9 @@ tests/integration/test_chat_e2e.py."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 from pathlib import Path
 
 import httpx
@@ -259,3 +261,45 @@ async def test_bad_prompt_references_are_4xx(env, prompt, code, phrase) -> None:
     assert 400 <= r.status_code < 500, r.text
     assert r.json()["error"]["code"] == code and phrase in r.json()["error"]["message"]
     assert env["fake"].calls == 0
+
+
+async def test_client_disconnect_on_a_non_streaming_request_is_a_499_without_a_traceback(env, caplog) -> None:
+    """The client leaves while the model is still generating: the handler must answer 499 (for the access log
+    and the metrics), cancel the generation and log no traceback (it used to raise a TypeError: a 500)."""
+    env["fake"].delay_s = 0.2
+    app = env["transport"].app
+    body = json.dumps({**BODY, "max_tokens": 50}).encode()
+    sent: list[dict] = []
+    delivered = False
+    hang_up_at = asyncio.get_running_loop().time() + 0.3  # the client waits a moment, then hangs up
+
+    async def receive() -> dict:
+        nonlocal delivered
+        if not delivered:
+            delivered = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        # like a server's queue: nothing to read until the client leaves, then the disconnect at once
+        wait = hang_up_at - asyncio.get_running_loop().time()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions", "query_string": b"",
+             "root_path": "", "server": ("keel", 80), "client": ("127.0.0.1", 1234),
+             "headers": [(b"host", b"keel"), (b"content-type", b"application/json"),
+                         (b"content-length", str(len(body)).encode()),
+                         (b"authorization", f"Bearer {env['keys']['chat']}".encode())]}
+    with caplog.at_level(logging.INFO):
+        await app(scope, receive, send)
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    assert start["status"] == 499
+    error = json.loads(b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body"))["error"]
+    assert error["code"] == "client_closed_request" and error["message"]
+    assert "generation cancelled" in caplog.text  # not run to the end for no one (vLLM's side: integration)
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR], caplog.text
+    metrics = (await env["client"].get("/metrics")).text
+    assert 'keel_errors_total{code="client_closed_request"} 1.0' in metrics

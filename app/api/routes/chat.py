@@ -24,7 +24,7 @@ from app.api.schemas import (
     PromptInfo,
     UsageOut,
 )
-from app.core.errors import KeelError, UnsupportedParameter
+from app.core.errors import ClientGone, KeelError, UnsupportedParameter
 from app.core.types import Finished, TextDelta, Usage
 from app.guardrails.types import GuardrailBlocked, GuardrailRedaction, GuardrailRetraction, event_payload
 from app.security.keys import ApiKey
@@ -36,10 +36,6 @@ log = logging.getLogger("keel.api")
 T = TypeVar("T")
 _DISCONNECT_POLL_S = 0.25
 
-
-class ClientGone(KeelError):
-    code = "client_closed_request"
-    status = 499
 router = APIRouter(tags=["chat"])
 
 
@@ -113,7 +109,7 @@ async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
             if await request.is_disconnected():
                 task.cancel()
                 log.info("client left request %s; generation cancelled", request.state.request_id)
-                raise ClientGone()
+                raise ClientGone("the client closed the request before the answer was ready")
     finally:
         if not task.done():
             task.cancel()
