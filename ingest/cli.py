@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -22,6 +23,13 @@ from app.core.cli import api_failure, dev_key, fail, settings_or_exit, unreachab
 from app.core.errors import KeelError
 from ingest.errors import StoreLocked
 
+if TYPE_CHECKING:
+    import httpx
+
+    from app.core.settings import Settings
+    from ingest.factory import RagServices
+
+T = TypeVar("T")
 console = Console()
 err = Console(stderr=True)
 snapshots_app = typer.Typer(help="Ingest snapshots: list, show, diff.", no_args_is_help=True)
@@ -36,6 +44,51 @@ def _services():
     settings = settings_or_exit(_OFFLINE)
     return settings, build_rag(settings)
 
+
+def _local_or_api(doing: str, api_key: str | None, local: Callable[[Settings, RagServices], T],
+                  via_api: Callable[[str, str | None], T]) -> T:
+    """``local`` over the store opened here or, when a running ``keel serve`` holds the embedded store,
+    ``via_api(server_url, key)`` through that API (key: --api-key / KEEL_API_KEY, else the dev key).
+
+    The embedded engine lets one process open a store folder; the API serves the same store from its own
+    process, so every command that opens the store goes through here and still works while it runs."""
+    settings, rag = _services()
+    try:
+        return local(settings, rag)
+    except StoreLocked as exc:
+        server = settings.server.url
+        if not _api_up(server):
+            raise fail(exc) from exc
+        err.print(f"[yellow]the store is held by the Keel API at {server}; {doing} through it[/yellow]")
+        return via_api(server, api_key or dev_key(settings.home))
+    except KeelError as exc:
+        raise fail(exc) from exc
+    finally:
+        rag.close()
+
+
+def _api_client(url: str, key: str | None) -> httpx.Client:
+    import httpx
+
+    if not key:
+        err.print(f"[red]error (unauthorized):[/red] an API key is needed to use the Keel API at {escape(url)}: "
+                  "pass --api-key or set KEEL_API_KEY")
+        raise typer.Exit(1)
+    return httpx.Client(base_url=url.rstrip("/"), headers={"Authorization": f"Bearer {key}"}, timeout=30)
+
+
+def _call_api(url: str, key: str | None, method: str, path: str, **kwargs: Any) -> Any:
+    """One request to the Keel API; its JSON, or the API's error as one line and exit 1."""
+    import httpx
+
+    try:
+        with _api_client(url, key) as client:
+            r = client.request(method, path, **kwargs)
+    except httpx.HTTPError as e:
+        raise unreachable(url, e) from e
+    if not r.is_success:
+        raise api_failure(r)
+    return r.json()
 
 
 def parse_filters(items: list[str] | None) -> dict[str, Any] | None:
@@ -87,11 +140,12 @@ def ingest_command(
     """Load, chunk, embed and store documents; unchanged files are skipped, changed ones replaced."""
     if url:
         settings = settings_or_exit(_OFFLINE)
-        _ingest_via_api(url, api_key or dev_key(settings.home), paths, collection, prune, json_out)
+        _report(*_ingest_via_api(url, api_key or dev_key(settings.home), paths, collection, prune, json_out),
+                json_out)
         return
-    settings, rag = _services()
-    col = collection or settings.rag.collection
-    try:
+
+    def local(settings: Settings, rag: RagServices) -> tuple[str, str | None, dict[str, Any], list[dict[str, Any]]]:
+        col = collection or settings.rag.collection
         columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("{task.fields[chunks]} chunks"), TimeElapsedColumn(), TextColumn("{task.fields[file]}"))
         with Progress(*columns, console=err, transient=True, disable=json_out) as bar:
@@ -104,20 +158,10 @@ def ingest_command(
                            file=Path(p.current).name if p.current else "")
 
             result = rag.pipeline.run(paths, col, prune=prune, progress=on_progress)
-    except StoreLocked as exc:
-        # The embedded engine has one writer: a running `keel serve` owns the store. Its ingest
-        # API writes through that same process, so the user's command still works.
-        server = settings.server.url
-        if not _api_up(server):
-            raise fail(exc) from exc
-        err.print(f"[yellow]the store is held by the Keel API at {server}; ingesting through it[/yellow]")
-        _ingest_via_api(server, api_key or dev_key(settings.home), paths, collection, prune, json_out)
-        return
-    except KeelError as exc:
-        raise fail(exc) from exc
-    finally:
-        rag.close()
-    _report(col, result.snapshot_id, result.counts, result.rejections, json_out)
+        return col, result.snapshot_id, result.counts, result.rejections
+
+    _report(*_local_or_api("ingesting", api_key, local, lambda server, key: _ingest_via_api(
+        server, key, paths, collection, prune, json_out)), json_out)
 
 
 def _report(col: str, snapshot_id: str | None, counts: dict[str, Any], rejections: list[dict[str, Any]],
@@ -163,25 +207,21 @@ def _api_up(url: str) -> bool:
 
 
 def _ingest_via_api(url: str, key: str | None, paths: list[str], collection: str | None, prune: bool,
-                    json_out: bool) -> None:
-    """Submit server-side paths (the API runs on this machine: it holds this store) and follow the job."""
+                    json_out: bool) -> tuple[str, str | None, dict[str, Any], list[dict[str, Any]]]:
+    """Submit server-side paths (the API runs on this machine: it holds this store) and follow the job
+    (an admin key: the server reads its own disk)."""
     import time
 
     import httpx
 
-    if not key:
-        err.print("[red]error (unauthorized):[/red] an admin API key is needed to ingest through the API: "
-                  "pass --api-key or set KEEL_API_KEY")
-        raise typer.Exit(1)
-    base, headers = url.rstrip("/"), {"Authorization": f"Bearer {key}"}
     # Relative paths and globs are resolved here, where the user typed them, not in the server's cwd.
     absolute = [p if Path(p).is_absolute() else str(Path.cwd() / p) for p in paths]
     body: dict[str, Any] = {"paths": absolute, "prune": prune}
     if collection:
         body["collection"] = collection
     try:
-        with httpx.Client(timeout=30) as client:
-            r = client.post(f"{base}/v1/ingest/paths", json=body, headers=headers)
+        with _api_client(url, key) as client:
+            r = client.post("/v1/ingest/paths", json=body)
             if r.status_code != 202:
                 raise api_failure(r)
             job = r.json()
@@ -190,7 +230,7 @@ def _ingest_via_api(url: str, key: str | None, paths: list[str], collection: str
             with Progress(*columns, console=err, transient=True, disable=json_out) as bar:
                 task = bar.add_task("", total=None, chunks=0)
                 while job["state"] in ("queued", "running"):
-                    r = client.get(f"{base}/v1/ingest/jobs/{job['id']}", params={"wait_s": 1}, headers=headers)
+                    r = client.get(f"/v1/ingest/jobs/{job['id']}", params={"wait_s": 1})
                     if r.status_code != 200:
                         raise api_failure(r)
                     job = r.json()
@@ -204,7 +244,7 @@ def _ingest_via_api(url: str, key: str | None, paths: list[str], collection: str
         e = job.get("error") or {}
         err.print(f"[red]error ({escape(str(e.get('code', 'failed')))}):[/red] {escape(str(e.get('message', '')))}")
         raise typer.Exit(1)
-    _report(job["collection"], job["snapshot_id"], job["counts"], job["rejections"], json_out)
+    return job["collection"], job["snapshot_id"], job["counts"], job["rejections"]
 
 
 def search_command(
@@ -216,16 +256,31 @@ def search_command(
     mmr: Annotated[bool | None, typer.Option("--mmr/--no-mmr", help="Diversify results.")] = None,
     threshold: Annotated[float | None, typer.Option(help="Minimum fused (RRF) score.")] = None,
     json_out: Annotated[bool, typer.Option("--json")] = False,
+    url: Annotated[str | None, typer.Option(help="Search through this running Keel API instead of opening the "
+                                                 "store here. Used automatically when a local API holds the "
+                                                 "embedded store.")] = None,
+    api_key: Annotated[str | None, typer.Option("--api-key", envvar="KEEL_API_KEY",
+                                                help="API key for the API (default: <home>/dev-api-key).")] = None,
 ) -> None:
     """Hybrid (dense + BM25) search with citations."""
-    settings, rag = _services()
-    try:
-        res = rag.retriever.retrieve(query, collection=collection or settings.rag.collection, top_k=top_k,
-                                     filters=parse_filters(filter_), mmr=mmr, score_threshold=threshold)
-    except KeelError as exc:
-        raise fail(exc) from exc
-    finally:
-        rag.close()
+    from ingest.retriever import RetrievalResult
+
+    filters = parse_filters(filter_)
+
+    def local(settings: Settings, rag: RagServices) -> RetrievalResult:
+        return rag.retriever.retrieve(query, collection=collection or settings.rag.collection, top_k=top_k,
+                                      filters=filters, mmr=mmr, score_threshold=threshold)
+
+    def via_api(server: str, key: str | None) -> RetrievalResult:
+        body = {"query": query, "collection": collection, "top_k": top_k, "filters": filters, "mmr": mmr,
+                "score_threshold": threshold}
+        return RetrievalResult.model_validate(_call_api(server, key, "POST", "/v1/retrieve", json=body))
+
+    if url:
+        settings = settings_or_exit(_OFFLINE)
+        res = via_api(url, api_key or dev_key(settings.home))
+    else:
+        res = _local_or_api("searching", api_key, local, via_api)
     if json_out:
         console.print_json(res.model_dump_json())
         return

@@ -49,6 +49,12 @@ def test_cli_ingest_goes_through_the_api_that_holds_the_store(keel_server: KeelS
                       headers=keel_server.headers("chat"), timeout=60).json()
     assert "otters" in json.dumps(hits).lower()
 
+    found = keel(keel_server, "search", "Which animal holds hands while sleeping?", "-c", "cli-api", "-k", "1",
+                 "--json", key="chat")  # `keel search` falls back the same way (any key with the chat scope)
+    assert found.returncode == 0, found.stderr
+    assert "held by the Keel API" in found.stderr
+    assert json.loads(found.stdout)["chunks"][0]["citation"]["source"].endswith("otters.md")
+
     again = keel(keel_server, "ingest", "second", "-c", "cli-api", "--json", cwd=tmp_path)
     assert again.returncode == 0 and json.loads(again.stdout)["unchanged"] == 1  # idempotent through the API
 
