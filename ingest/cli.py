@@ -255,6 +255,8 @@ def search_command(
                                                       "repeat to combine.")] = None,
     mmr: Annotated[bool | None, typer.Option("--mmr/--no-mmr", help="Diversify results.")] = None,
     threshold: Annotated[float | None, typer.Option(help="Minimum fused (RRF) score.")] = None,
+    per_document: Annotated[bool, typer.Option("--per-document", help="One result (the best chunk) per "
+                                               "document: --top-k then counts documents, not chunks.")] = False,
     json_out: Annotated[bool, typer.Option("--json")] = False,
     url: Annotated[str | None, typer.Option(help="Search through this running Keel API instead of opening the "
                                                  "store here. Used automatically when a local API holds the "
@@ -266,14 +268,15 @@ def search_command(
     from ingest.retriever import RetrievalResult
 
     filters = parse_filters(filter_)
+    group_by = "document" if per_document else None
 
     def local(settings: Settings, rag: RagServices) -> RetrievalResult:
         return rag.retriever.retrieve(query, collection=collection or settings.rag.collection, top_k=top_k,
-                                      filters=filters, mmr=mmr, score_threshold=threshold)
+                                      filters=filters, mmr=mmr, score_threshold=threshold, group_by=group_by)
 
     def via_api(server: str, key: str | None) -> RetrievalResult:
         body = {"query": query, "collection": collection, "top_k": top_k, "filters": filters, "mmr": mmr,
-                "score_threshold": threshold}
+                "score_threshold": threshold, "group_by": group_by}
         return RetrievalResult.model_validate(_call_api(server, key, "POST", "/v1/retrieve", json=body))
 
     if url:

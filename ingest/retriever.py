@@ -8,8 +8,13 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from ingest.embedding import Embedder, SparseEncoder
-from ingest.settings import RetrievalDefaults
-from ingest.store.base import Filters, HybridQuery, VectorStore
+from ingest.settings import GroupBy, RetrievalDefaults
+from ingest.store.base import Filters, Hit, HybridQuery, VectorStore
+
+# group_by="document" over-fetches fused candidates and keeps each document's best chunk. When one long
+# document fills the candidates, it asks again for 4x as many, up to this many chunks.
+_GROUP_OVERFETCH = 4
+_GROUP_MAX_FETCH = 2000
 
 
 class Citation(BaseModel):
@@ -64,7 +69,9 @@ class Retriever:
 
     def retrieve(self, query: str, *, collection: str | None = None, top_k: int | None = None,
                  filters: Filters | None = None, score_threshold: float | None = None, mmr: bool | None = None,
-                 mmr_lambda: float | None = None) -> RetrievalResult:
+                 mmr_lambda: float | None = None, group_by: GroupBy | None = None) -> RetrievalResult:
+        """``top_k`` chunks, best first; with ``group_by="document"``, the best chunk of each of the
+        ``top_k`` best documents (fewer only when fewer documents match)."""
         from app.core.errors import InvalidRequest
 
         if not query or not query.strip():
@@ -72,13 +79,25 @@ class Retriever:
         d = self.defaults
         t0 = time.perf_counter()
         col = collection or self.collection
-        hq = HybridQuery(
-            dense=self.embedder.embed_query(query), sparse=self.sparse.encode_query(query),
-            top_k=top_k or d.top_k, prefetch_limit=max(d.prefetch_limit, top_k or d.top_k), rrf_k=d.rrf_k,
-            filters=filters, score_threshold=d.score_threshold if score_threshold is None else score_threshold,
-            mmr=d.mmr if mmr is None else mmr, mmr_lambda=d.mmr_lambda if mmr_lambda is None else mmr_lambda,
-        )
-        hits = self.store.query(col, hq)
+        k = top_k or d.top_k
+        group_by = group_by or d.group_by
+        dense, sparse = self.embedder.embed_query(query), self.sparse.encode_query(query)
+        fetch = k * _GROUP_OVERFETCH if group_by else k
+        while True:
+            hq = HybridQuery(
+                dense=dense, sparse=sparse, top_k=fetch, prefetch_limit=max(d.prefetch_limit, fetch), rrf_k=d.rrf_k,
+                filters=filters, score_threshold=d.score_threshold if score_threshold is None else score_threshold,
+                mmr=d.mmr if mmr is None else mmr, mmr_lambda=d.mmr_lambda if mmr_lambda is None else mmr_lambda,
+            )
+            found = self.store.query(col, hq)
+            if not group_by:
+                hits = found
+                break
+            hits = _best_per_document(found)[:k]
+            # Fewer chunks than asked for means the candidates are exhausted: no more documents to find.
+            if len(hits) == k or len(found) < fetch or fetch >= _GROUP_MAX_FETCH:
+                break
+            fetch = min(fetch * _GROUP_OVERFETCH, _GROUP_MAX_FETCH)
         chunks = []
         for h in hits:
             p = h.payload
@@ -93,3 +112,16 @@ class Retriever:
             ))
         return RetrievalResult(query=query, collection=col, chunks=chunks,
                                took_ms=(time.perf_counter() - t0) * 1000)
+
+
+def _best_per_document(hits: list[Hit]) -> list[Hit]:
+    """Hits come best first: keep the first of each document (Qdrant's query_points_groups with
+    group_size=1, done here over the fused candidates so that every store engine has it)."""
+    seen: set[str] = set()
+    out = []
+    for h in hits:
+        doc = h.payload.get("doc_id", h.id)
+        if doc not in seen:
+            seen.add(doc)
+            out.append(h)
+    return out

@@ -12,6 +12,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+#: ``"document"``: at most one chunk per document (its best), so ``top_k`` counts documents, not chunks.
+GroupBy = Literal["document"]
+
 
 class ChunkerConfig(BaseModel):
     """How documents are cut into chunks. Recorded with every ingest run; changing it re-chunks everything."""
@@ -52,7 +55,10 @@ class LoaderConfig(BaseModel):
 class RetrievalDefaults(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    top_k: int = Field(default=5, ge=1, le=100)
+    top_k: int = Field(default=5, ge=1, le=100, description="Results: chunks, or documents with group_by.")
+    group_by: GroupBy | None = Field(
+        default=None, description="'document': one chunk (the best) per document, top_k documents."
+    )
     prefetch_limit: int = Field(default=50, ge=1, description="Candidates per dense/sparse branch before RRF.")
     rrf_k: int = Field(default=60, ge=1, description="RRF constant: fused score = sum 1/(k + rank).")
     score_threshold: float | None = Field(default=None, description="Applied to the fused (RRF) score.")

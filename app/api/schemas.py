@@ -65,9 +65,13 @@ class RagIn(_Wire):
     model_config = ConfigDict(extra="forbid")
 
     collection: str = Field(min_length=1, max_length=64)
-    top_k: int | None = Field(default=None, ge=1, le=50)
+    top_k: int | None = Field(default=None, ge=1, le=50, description=(
+        "Passages given to the model: chunks (one document can give several), or documents with "
+        "group_by='document'. Default: rag.retrieval.top_k."))
     filters: dict[str, Any] | None = None
     prompt: str = Field(default="rag-answer", description="Registry template that frames the passages.")
+    group_by: Literal["document"] | None = Field(default=None, description=(
+        "'document': at most one passage per document, its best chunk, so top_k counts documents."))
 
 
 class PromptInfo(_Wire):

@@ -13,6 +13,7 @@ from app.core.types import ChatMessage
 if TYPE_CHECKING:
     from ingest.factory import RagServices
     from ingest.retriever import RetrievedChunk
+    from ingest.settings import GroupBy
     from prompts.registry import PromptRegistry, RenderedPrompt
 
 RAG_PREFIX = "rag:"
@@ -27,6 +28,8 @@ class RagUse:
     top_k: int | None = None
     filters: dict[str, Any] | None = None
     prompt_ref: str = "rag-answer"
+    #: "document": one passage (the best chunk) per document, so top_k counts documents.
+    group_by: GroupBy | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +74,7 @@ class Grounder:
         result = await asyncio.to_thread(
             self.rag.retriever.retrieve, question, collection=use.collection, top_k=use.top_k,
             filters=use.filters or None,  # validated by the store (InvalidFilter is a 400)
+            group_by=use.group_by,
         )
         passages = [{"text": c.text, "title": c.citation.label()} for c in result.chunks]
         rendered = self.prompts.render(use.prompt_ref, {"question": question, "passages": passages})

@@ -9,10 +9,12 @@ import pytest
 
 from app.core.settings import Settings
 from ingest import build_rag
-from ingest.embedding import HashingEmbedder
+from ingest.embedding import Bm25Encoder, HashingEmbedder
 from ingest.factory import RagServices
 from ingest.pipeline import embed_hash
+from ingest.retriever import Retriever
 from ingest.settings import ChunkerConfig
+from ingest.store.base import Hit, HybridQuery
 
 PARA = "Zebras graze on the savanna grass. They live in herds and migrate with the rains. "
 
@@ -172,3 +174,62 @@ def test_deterministic_point_ids(tmp_path: Path):
         ids.append(sorted(c.citation.chunk_id for c in res.chunks))
         s.close()
     assert ids[0] == ids[1] and ids[0]
+
+
+@pytest.mark.parametrize("store", ["edge", "qdrant"])
+def test_group_by_document_on_both_engines(store: str, tmp_path: Path):
+    """``top_k`` counts chunks; ``group_by="document"`` counts documents: one chunk per document, and still
+    ``top_k`` of them when a long document fills the first candidates."""
+    rag = build_rag(Settings(home=tmp_path / "home", rag={
+        "store": store, "chunker": {"max_tokens": 40, "overlap_tokens": 0}}), embedder=HashingEmbedder(64))
+    rag.warm_up()
+    try:
+        docs = tmp_path / "docs"
+        docs.mkdir()
+        (docs / "zebras.md").write_text("# Zebras\n\n" + "\n\n".join(
+            f"## Herd {i}\n\nZebra herd {i} grazes savanna grass; zebras migrate with the rains." for i in range(30)))
+        (docs / "lions.txt").write_text("Lions hunt zebras on the savanna grass when the rains come.\n")
+        (docs / "giraffes.txt").write_text("Giraffes browse acacia trees on the savanna.\n")
+        (docs / "hippos.txt").write_text("Hippos spend the day in rivers and lakes.\n")
+        rag.pipeline.run([docs], "kb")
+        query = "zebras savanna grass migrate rains"
+        chunks = rag.retriever.retrieve(query, collection="kb", top_k=4).chunks
+        assert {Path(c.citation.source).name for c in chunks} == {"zebras.md"}  # the issue: one document, 4 times
+
+        grouped = rag.retriever.retrieve(query, collection="kb", top_k=4, group_by="document").chunks
+        assert [Path(c.citation.source).name for c in grouped][:2] == ["zebras.md", "lions.txt"]
+        assert len({c.citation.doc_id for c in grouped}) == len(grouped) == 4
+        assert [c.score for c in grouped] == sorted((c.score for c in grouped), reverse=True)
+        assert len(rag.retriever.retrieve(query, collection="kb", top_k=10, group_by="document").chunks) == 4
+    finally:
+        rag.close()
+
+
+class RankedStore:
+    """A store that returns a fixed fused ranking: what ``group_by`` does to it is exact."""
+
+    def __init__(self, docs: list[str]) -> None:
+        self.hits = [Hit(f"c{i}", 1.0 - i / 1000, {"doc_id": d, "text": f"chunk {i} of {d}"})
+                     for i, d in enumerate(docs)]
+        self.asked: list[int] = []
+
+    def query(self, collection: str, q: HybridQuery) -> list[Hit]:
+        self.asked.append(q.top_k)
+        assert q.prefetch_limit >= q.top_k
+        return self.hits[: q.top_k]
+
+
+def test_group_by_document_keeps_each_documents_best_chunk_and_over_fetches():
+    # 50 chunks of A first, then B, A, C, B, D: top 3 documents are A, B, C with chunks c0, c50, c52.
+    store = RankedStore(["A"] * 50 + ["B", "A", "C", "B", "D"])
+    r = Retriever(store=store, embedder=HashingEmbedder(16), sparse=Bm25Encoder())
+    res = r.retrieve("q", top_k=3, group_by="document")
+    assert [(c.citation.doc_id, c.citation.chunk_id) for c in res.chunks] == [("A", "c0"), ("B", "c50"),
+                                                                           ("C", "c52")]
+    assert store.asked == [12, 48, 192]  # 4x over-fetch, again 4x while one document fills the candidates
+    store.asked.clear()
+    assert len(r.retrieve("q", top_k=10, group_by="document").chunks) == 4  # only 4 documents exist
+    assert store.asked == [40, 160]  # stops once the candidates run out
+    store.asked.clear()
+    assert [c.citation.chunk_id for c in r.retrieve("q", top_k=3).chunks] == ["c0", "c1", "c2"]
+    assert store.asked == [3]  # without group_by: chunks, as before

@@ -10,8 +10,11 @@ import httpx
 import pytest
 
 from app.api.main import create_app
+from app.api.schemas import RagIn
 from app.core.settings import load_settings
+from app.core.types import ChatMessage
 from app.services.container import Container
+from app.services.grounding import RagUse
 from ingest import build_rag
 from ingest.embedding import HashingEmbedder
 from tests.fakes.llm import ScriptedBackend
@@ -153,3 +156,30 @@ async def test_agent_workflows_are_chat_models(env) -> None:
     assert r.text.rstrip().endswith("data: [DONE]")
     r = await env["c"].post("/v1/chat/completions", json=body | {"model": "agent:nope"}, headers=h(env, "chat"))
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+
+
+async def test_group_by_document_counts_documents_not_chunks(env) -> None:
+    manual = "# Manual\n\n" + "\n\n".join(
+        f"## Lighthouse keeping, part {i}\n\n" + " ".join(
+            f"Lighthouse keepers at Eddystone tended the lamp, note {i}.{j}." for j in range(25))
+        for i in range(6))
+    files = [("files", ("manual.md", manual.encode(), "text/markdown"))]
+    r = await env["c"].post("/v1/ingest", files=files, data={"collection": "docs"}, headers=h(env, "ingest"))
+    assert (await env["c"].get(f"/v1/ingest/jobs/{r.json()['id']}?wait_s=30", headers=h(env, "ingest"))
+            ).json()["state"] == "succeeded"
+    await upload(env)
+    query = {"query": "Eddystone lighthouse keepers", "collection": "docs", "top_k": 3}
+    chunks = (await env["c"].post("/v1/retrieve", json=query, headers=h(env, "chat"))).json()["chunks"]
+    assert len(chunks) == 3 and len({c["citation"]["doc_id"] for c in chunks}) < 3  # the manual, twice or more
+    r = await env["c"].post("/v1/retrieve", json=query | {"group_by": "document"}, headers=h(env, "chat"))
+    assert r.status_code == 200, r.text
+    grouped = r.json()["chunks"]
+    assert len(grouped) == 3 and len({c["citation"]["doc_id"] for c in grouped}) == 3
+    r = await env["c"].post("/v1/retrieve", json=query | {"group_by": "section"}, headers=h(env, "chat"))
+    assert r.status_code == 400
+
+    # the same option for grounded answers (the chat request's `rag` options carry it into RagUse)
+    question = (ChatMessage("user", "Who tended the Eddystone lamp?"),)
+    passages = await env["container"].chat.grounder.ground(question, RagUse("docs", top_k=3, group_by="document"))
+    assert len({c.citation.doc_id for c in passages.chunks}) == 3
+    assert RagIn(collection="docs", group_by="document").group_by == "document"

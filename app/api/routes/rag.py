@@ -12,6 +12,7 @@ from app.api.deps import get_container, require_scope
 from app.core.errors import InvalidRequest, PermissionDenied
 from app.security.keys import ApiKey
 from app.services.container import Container
+from ingest.settings import GroupBy
 
 router = APIRouter(prefix="/v1", tags=["rag"])
 
@@ -19,10 +20,15 @@ router = APIRouter(prefix="/v1", tags=["rag"])
 class RetrieveIn(BaseModel):
     query: str = Field(min_length=1, max_length=10_000)
     collection: str | None = None
-    top_k: int | None = Field(default=None, ge=1, le=100)
+    top_k: int | None = Field(default=None, ge=1, le=100, description=(
+        "How many results: chunks (one document can fill several places), or documents with "
+        "group_by='document'. Default: rag.retrieval.top_k."))
     filters: dict[str, Any] | None = None
     score_threshold: float | None = None
     mmr: bool | None = None
+    group_by: GroupBy | None = Field(default=None, description=(
+        "'document': at most one chunk per document, its best, so top_k counts documents (fewer only when "
+        "fewer documents match)."))
 
 
 class IngestPathsIn(BaseModel):
@@ -36,7 +42,7 @@ async def retrieve(body: RetrieveIn, _key: ApiKey = Depends(require_scope("chat"
                    container: Container = Depends(get_container)) -> dict:
     result = await asyncio.to_thread(
         container.rag.retriever.retrieve, body.query, collection=body.collection, top_k=body.top_k,
-        filters=body.filters, score_threshold=body.score_threshold, mmr=body.mmr,
+        filters=body.filters, score_threshold=body.score_threshold, mmr=body.mmr, group_by=body.group_by,
     )
     return result.model_dump()
 
