@@ -51,8 +51,9 @@ class Document(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    doc_id: str = Field(min_length=1, description="Stable id: absolute path, plus '#<record id>' for records.")
-    source: str = Field(min_length=1, description="Absolute path of the file it came from.")
+    doc_id: str = Field(min_length=1, description="Stable id: absolute path (an upload: its file name), plus "
+                        "'#<record id>' for records.")
+    source: str = Field(min_length=1, description="Absolute path of the file it came from (an upload: its name).")
     source_sha256: str = Field(min_length=64, max_length=64)
     kind: DocKind
     title: str

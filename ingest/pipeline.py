@@ -18,7 +18,7 @@ import hashlib
 import logging
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -79,6 +79,12 @@ def embed_hash(model_id: str, text: str) -> str:
     return hashlib.sha256(f"{model_id}\x00{text}".encode()).hexdigest()[:32]
 
 
+def _named(doc: Document, path: str, name: str) -> Document:
+    """``doc`` as loaded from ``path``, recorded under ``name`` (``path#record`` becomes ``name#record``)."""
+    suffix = doc.doc_id[len(path):] if doc.doc_id.startswith(path) else ""
+    return doc.model_copy(update={"doc_id": name + suffix, "source": name})
+
+
 def point_id(doc_id: str, version: str, chunk: Chunk) -> str:
     digest = hashlib.sha256(f"{doc_id}\x00{version}\x00{chunk.index}\x00{chunk.hash}".encode()).digest()
     return str(uuid.UUID(bytes=digest[:16], version=5))
@@ -106,15 +112,21 @@ class IngestPipeline:
         return h.hexdigest()[:32]
 
     def run(self, paths: Sequence[str | Path], collection: str, *, prune: bool = False,
-            progress: Callable[[Progress], None] | None = None) -> IngestResult:
+            progress: Callable[[Progress], None] | None = None,
+            names: Mapping[str | Path, str] | None = None) -> IngestResult:
+        """``names`` gives some files a logical name (uploads: the uploaded file's name): their documents,
+        citations, rejections and snapshot are recorded under it (``doc_id`` ``name`` or ``name#record``),
+        never under the server's path. Other files keep their absolute path as before."""
         t0 = time.perf_counter()
         report = LoadReport()
         files, scopes = discover(paths, report)
+        named = {str(Path(k).resolve()): v for k, v in (names or {}).items()}
         self.store.ensure_collection(collection, self.embedder.dim, self.embedder.model_id)
         self.snapshots.mark_interrupted(collection)
         sid = self.snapshots.start(
             collection, embedding_model=self.embedder.model_id, sparse_encoder=self.sparse.name,
-            chunker_config=self.chunker_config.model_dump(), paths=[str(p) for p in paths], prune=prune)
+            chunker_config=self.chunker_config.model_dump(),
+            paths=[named.get(str(Path(p).resolve()), str(p)) for p in paths], prune=prune)
         result = IngestResult(snapshot_id=sid, collection=collection)
         prog = Progress(files_total=len(files))
         try:
@@ -123,10 +135,16 @@ class IngestPipeline:
                 result.repaired = self.store.repair(collection)
                 state = self.store.documents(collection)
             seen: set[str] = set()
+            renamed: set[str] = set()
             pending: list[tuple[Document, str, list[Chunk]]] = []
             n_pending = 0
             for f, docs in iter_load(files, report, self.loader):
-                prog.current = str(f)
+                name = named.get(str(f))
+                prog.current = name or str(f)
+                if name is not None:
+                    docs = [_named(doc, str(f), name) for doc in docs]
+                    if docs:
+                        renamed.add(str(f))
                 for doc in docs:
                     seen.add(doc.doc_id)
                     version = self.version_of(doc)
@@ -145,6 +163,11 @@ class IngestPipeline:
                     progress(prog)
             if pending:
                 self._flush(collection, sid, pending, state, result, prog, progress)
+            # Uploads were once recorded under their server path: the named version replaces that one.
+            for doc_id, d in state.items():
+                if d.source in renamed and doc_id not in seen:
+                    self.store.delete_document(collection, doc_id)
+                    result.deleted.append(doc_id)
             if prune:
                 rejected = report.rejected_sources
                 for doc_id, d in state.items():
@@ -153,6 +176,8 @@ class IngestPipeline:
                     if any(s.contains(d.source) for s in scopes):
                         self.store.delete_document(collection, doc_id)
                         result.deleted.append(doc_id)
+            for r in report.rejections:
+                r.source = named.get(r.source, r.source)
             result.rejections = [r.model_dump() for r in report.rejections]
             final = self.store.documents(collection)
             entries = [FileEntry(doc_id=d.doc_id, source=d.source, source_sha256=d.source_sha256,

@@ -45,9 +45,15 @@ class IngestJob:
     counts: dict[str, Any] = field(default_factory=dict)
     rejections: list[dict[str, Any]] = field(default_factory=list)
     error: dict[str, str] | None = None
+    #: Uploads: saved path -> the uploaded file's name. Clients see the name only, here and in documents
+    #: and citations: the server's folders are not theirs to know.
+    names: dict[str, str] = field(default_factory=dict)
 
     def public(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        names = out.pop("names")
+        out["paths"] = [names.get(p, p) for p in self.paths]
+        return out
 
 
 class IngestJobs:
@@ -82,10 +88,13 @@ class IngestJobs:
         tmp.replace(target)  # atomic: a concurrent job never reads half a file
         return target
 
-    def submit(self, collection: str, paths: list[str], prune: bool = False) -> IngestJob:
+    def submit(self, collection: str, paths: list[str], prune: bool = False,
+               names: dict[str, str] | None = None) -> IngestJob:
+        """``names``: logical names of uploaded files (their saved path -> the name they were uploaded as)."""
         if not paths:
             raise InvalidRequest("nothing to ingest: give files or paths", param="paths")
-        job = IngestJob(id=uuid.uuid4().hex[:12], collection=collection, paths=paths, prune=prune)
+        job = IngestJob(id=uuid.uuid4().hex[:12], collection=collection, paths=paths, prune=prune,
+                        names=names or {})
         self._jobs[job.id] = job
         while len(self._jobs) > _KEEP_JOBS:
             self._jobs.pop(next(iter(self._jobs)))
@@ -142,7 +151,8 @@ class IngestJobs:
 
             try:
                 result = await asyncio.to_thread(
-                    self.rag.pipeline.run, job.paths, job.collection, prune=job.prune, progress=progress
+                    self.rag.pipeline.run, job.paths, job.collection, prune=job.prune, progress=progress,
+                    names=job.names,
                 )
                 job.snapshot_id, job.counts, job.rejections = result.snapshot_id, result.counts, result.rejections
                 job.state = "succeeded"

@@ -233,3 +233,29 @@ def test_group_by_document_keeps_each_documents_best_chunk_and_over_fetches():
     store.asked.clear()
     assert [c.citation.chunk_id for c in r.retrieve("q", top_k=3).chunks] == ["c0", "c1", "c2"]
     assert store.asked == [3]  # without group_by: chunks, as before
+
+
+def test_named_files_are_recorded_under_their_name_and_replace_their_server_path_version(
+        rag: RagServices, tmp_path: Path):
+    uploads = tmp_path / "uploads" / "kb"
+    uploads.mkdir(parents=True)
+    (uploads / "faq.jsonl").write_text('{"id": "q1", "text": "Otters hold hands."}\n{"text": "Zebras graze."}\n')
+    (uploads / "otter.txt").write_text("Otters sleep afloat.\n")
+    path = str((uploads / "faq.jsonl").resolve())
+    old = rag.pipeline.run([uploads / "faq.jsonl"], "kb")  # before uploads had names: the server path
+    assert sorted(old.added) == [f"{path}#2", f"{path}#q1"]
+
+    names = {uploads / "faq.jsonl": "faq.jsonl", str(uploads / "otter.txt"): "otter.txt"}
+    res = rag.pipeline.run([uploads / "faq.jsonl", uploads / "otter.txt"], "kb", names=names)
+    assert sorted(res.added) == ["faq.jsonl#2", "faq.jsonl#q1", "otter.txt"]
+    assert sorted(res.deleted) == sorted(old.added) and res.documents_total == 3  # replaced, not duplicated
+    assert {d.source for d in rag.store.documents("kb").values()} == {"faq.jsonl", "otter.txt"}
+    snap = rag.snapshots.get(res.snapshot_id)
+    assert str(tmp_path) not in snap.model_dump_json()
+    again = rag.pipeline.run([uploads / "faq.jsonl", uploads / "otter.txt"], "kb", names=names)
+    assert again.unchanged == 3 and not again.added and not again.deleted
+
+    (uploads / "otter.txt").write_text("   ")  # a bad upload is reported by its name, and keeps its chunks
+    bad = rag.pipeline.run([uploads / "otter.txt"], "kb", names=names)
+    assert [(r["source"], r["code"]) for r in bad.rejections] == [("otter.txt", "empty")]
+    assert bad.documents_total == 3 and not bad.deleted

@@ -183,3 +183,37 @@ async def test_group_by_document_counts_documents_not_chunks(env) -> None:
     passages = await env["container"].chat.grounder.ground(question, RagUse("docs", top_k=3, group_by="document"))
     assert len({c.citation.doc_id for c in passages.chunks}) == 3
     assert RagIn(collection="docs", group_by="document").group_by == "document"
+
+
+async def test_uploads_are_cited_by_their_name_never_by_a_server_path(env) -> None:
+    home = str(env["home"])
+    job = await upload(env)
+    assert sorted(job["paths"]) == ["bees.txt", "lighthouse.md"] and home not in json.dumps(job)
+    r = await env["c"].post("/v1/retrieve", json={"query": "When was the Eddystone tower completed?",
+                                                  "collection": "docs", "top_k": 2}, headers=h(env, "chat"))
+    assert home not in r.text
+    top = r.json()["chunks"][0]["citation"]
+    assert top["source"] == "lighthouse.md" and top["doc_id"] == "lighthouse.md" and top["title"] == "Lighthouses"
+    body = {"model": "m", "rag": {"collection": "docs", "top_k": 2},
+            "messages": [{"role": "user", "content": "When was the Eddystone tower completed?"}]}
+    r = await env["c"].post("/v1/chat/completions", json=body, headers=h(env, "chat"))
+    assert home not in json.dumps(r.json()["citations"])
+    assert {c["source"] for c in r.json()["citations"]} <= {"lighthouse.md", "bees.txt"}
+    snaps = await env["c"].get("/v1/snapshots?collection=docs", headers=h(env, "ingest"))
+    snap = await env["c"].get(f"/v1/snapshots/{job['snapshot_id']}", headers=h(env, "ingest"))
+    assert home not in snaps.text and home not in snap.text
+    # a record of a JSONL upload: the file's name and the record's id
+    files = [("files", ("faq.jsonl", b'{"id": "q1", "text": "Lighthouse lamps were once fuelled by whale oil."}\n',
+                        "application/x-ndjson"))]
+    r = await env["c"].post("/v1/ingest", files=files, data={"collection": "docs"}, headers=h(env, "ingest"))
+    await env["c"].get(f"/v1/ingest/jobs/{r.json()['id']}?wait_s=30", headers=h(env, "ingest"))
+    r = await env["c"].post("/v1/retrieve", json={"query": "whale oil lamps", "collection": "docs", "top_k": 1},
+                            headers=h(env, "chat"))
+    cited = r.json()["chunks"][0]["citation"]
+    assert (cited["source"], cited["doc_id"]) == ("faq.jsonl", "faq.jsonl#q1")
+    # the same name again replaces the document: its identity is the name, not where the server put it
+    changed = {"lighthouse.md": DOCS["lighthouse.md"].replace("1882", "1883")}
+    files = [("files", (n, t.encode(), "text/plain")) for n, t in changed.items()]
+    r = await env["c"].post("/v1/ingest", files=files, data={"collection": "docs"}, headers=h(env, "ingest"))
+    job = (await env["c"].get(f"/v1/ingest/jobs/{r.json()['id']}?wait_s=30", headers=h(env, "ingest"))).json()
+    assert job["counts"]["updated"] == 1 and job["counts"]["documents_total"] == 3

@@ -56,10 +56,11 @@ async def ingest_upload(
 ) -> dict:
     """Upload documents; they are ingested by a background job (poll ``GET /v1/ingest/jobs/{id}``)."""
     collection = collection or container.settings.rag.collection
-    saved = []
+    saved = {}
     for f in files:
-        saved.append(str(container.ingest_jobs.save_upload(collection, f.filename or "", await f.read())))
-    return container.ingest_jobs.submit(collection, saved).public()
+        path = container.ingest_jobs.save_upload(collection, f.filename or "", await f.read())
+        saved[str(path)] = path.name
+    return container.ingest_jobs.submit(collection, list(saved), names=saved).public()
 
 
 @router.post("/ingest/paths", status_code=202)
