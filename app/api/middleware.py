@@ -12,6 +12,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app.core.metrics import Metrics
 
 _RID_OK = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+# Routes that stream their body to disk and enforce their own, larger limit (document uploads:
+# limits.max_upload_bytes). Refusing or buffering them here at max_body_bytes would defeat both.
+_OWN_LIMIT = {("POST", "/v1/ingest")}
 
 
 class RequestContextMiddleware:
@@ -33,25 +36,26 @@ class RequestContextMiddleware:
         scope.setdefault("state", {})["request_id"] = rid
         rid_header = (b"x-request-id", rid.encode())
 
-        limit = self._max_body()
-        length = headers.get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > limit:
-            await _too_large(send, limit, rid_header)
-            return
-        if length is None and scope["method"] in ("POST", "PUT", "PATCH"):
-            # Chunked upload: buffer it (bounded) so an oversized body is refused cleanly.
-            body = bytearray()
-            while True:
-                message = await receive()
-                if message["type"] != "http.request":
-                    break
-                body += message.get("body", b"")
-                if len(body) > limit:
-                    await _too_large(send, limit, rid_header)
-                    return
-                if not message.get("more_body", False):
-                    break
-            receive = _replay(bytes(body), receive)
+        if (scope["method"], scope["path"]) not in _OWN_LIMIT:
+            limit = self._max_body()
+            length = headers.get(b"content-length")
+            if length is not None and length.isdigit() and int(length) > limit:
+                await _too_large(send, limit, rid_header)
+                return
+            if length is None and scope["method"] in ("POST", "PUT", "PATCH"):
+                # Chunked upload: buffer it (bounded) so an oversized body is refused cleanly.
+                body = bytearray()
+                while True:
+                    message = await receive()
+                    if message["type"] != "http.request":
+                        break
+                    body += message.get("body", b"")
+                    if len(body) > limit:
+                        await _too_large(send, limit, rid_header)
+                        return
+                    if not message.get("more_body", False):
+                        break
+                receive = _replay(bytes(body), receive)
 
         metrics: Metrics | None = self._metrics()
         start = time.perf_counter()
@@ -89,7 +93,8 @@ def _replay(body: bytes, receive: Receive) -> Receive:
 
 async def _too_large(send: Send, limit: int, rid_header: tuple[bytes, bytes]) -> None:
     body = json.dumps({"error": {
-        "message": f"request body is larger than {limit} bytes; send less (e.g. fewer or shorter messages)",
+        "message": f"request body is larger than {limit} bytes (limits.max_body_bytes); send less (e.g. fewer "
+                   "or shorter messages). Documents go to POST /v1/ingest, which has limits.max_upload_bytes",
         "type": "invalid_request_error", "param": None, "code": "payload_too_large",
     }}).encode()
     await send({"type": "http.response.start", "status": 413, "headers": [

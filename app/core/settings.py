@@ -123,7 +123,11 @@ class AuthSettings(BaseModel):
 
 
 class LimitSettings(BaseModel):
-    max_body_bytes: int = 1_000_000
+    max_body_bytes: int = Field(default=1_000_000, ge=1, description="Request bodies (chat, prompts, ...); "
+                                "document uploads have max_upload_bytes instead.")
+    max_upload_bytes: int = Field(
+        default=256 * 1024 * 1024, ge=1, description="POST /v1/ingest: all files of one upload request together. "
+        "They stream to disk as they arrive (never held in memory); a larger request is refused with a 413.")
     max_messages: int = 256
     max_input_chars: int = 100_000
     max_tokens: int = 4096

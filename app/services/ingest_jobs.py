@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, BinaryIO, Literal
 
 from app.core.errors import InvalidRequest, KeelError, NotFound
 
@@ -56,6 +57,57 @@ class IngestJob:
         return out
 
 
+def upload_name(filename: str) -> str:
+    name = Path(filename or "").name
+    if not name or name.startswith("."):
+        raise InvalidRequest(f"unusable file name {filename!r}", param="files")
+    return name
+
+
+class UploadBatch:
+    """The files of one upload request, written to part files as they arrive (never held in memory) and
+    moved into the collection's folder only once the whole request is in: a refused, broken or abandoned
+    upload leaves nothing behind, and a running job never reads half a file."""
+
+    def __init__(self, incoming: Path) -> None:
+        self.incoming = incoming
+        self.files: list[tuple[str, Path]] = []  # (uploaded name, part file)
+        self._fh: BinaryIO | None = None
+
+    def open(self, filename: str) -> None:
+        name = upload_name(filename)
+        self.close_file()
+        self.incoming.mkdir(parents=True, exist_ok=True)
+        part = self.incoming / f"{uuid.uuid4().hex}.part"
+        self._fh = part.open("wb")
+        self.files.append((name, part))
+
+    def write(self, data: bytes) -> None:
+        assert self._fh is not None, "open() a file first"
+        self._fh.write(data)
+
+    def close_file(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+    def commit(self, folder: Path) -> dict[str, str]:
+        self.close_file()
+        saved: dict[str, str] = {}
+        for name, part in self.files:
+            target = folder / name
+            part.replace(target)  # atomic, same file system: uploads/.incoming -> uploads/<collection>
+            saved[str(target)] = name
+        self.files = []
+        return saved
+
+    def discard(self) -> None:
+        self.close_file()
+        for _, part in self.files:
+            part.unlink(missing_ok=True)
+        self.files = []
+
+
 class IngestJobs:
     """Jobs live in memory; what they wrote is recorded durably as snapshots by the pipeline, and a
     re-run after a crash resumes idempotently (unchanged documents are skipped)."""
@@ -66,6 +118,11 @@ class IngestJobs:
         self._jobs: dict[str, IngestJob] = {}
         self._lock = asyncio.Lock()
         self._tasks: set[asyncio.Task] = set()
+        # Part files of uploads cut short by a crash (a live request's are written to as it streams).
+        for part in (uploads_dir / ".incoming").glob("*.part"):
+            with contextlib.suppress(OSError):
+                if time.time() - part.stat().st_mtime > 3600:
+                    part.unlink()
         # Set at shutdown: a running pipeline stops at its next batch boundary (a point where every document
         # is either in its old or its new version), before the stores close under it.
         self._stopping = threading.Event()
@@ -76,17 +133,14 @@ class IngestJobs:
 
         return self.uploads_dir / check_collection_name(collection)
 
-    def save_upload(self, collection: str, filename: str, data: bytes) -> Path:
-        name = Path(filename or "").name
-        if not name or name.startswith("."):
-            raise InvalidRequest(f"unusable file name {filename!r}", param="files")
+    def new_upload(self) -> UploadBatch:
+        return UploadBatch(self.uploads_dir / ".incoming")
+
+    def commit_upload(self, batch: UploadBatch, collection: str) -> dict[str, str]:
+        """Move a fully received upload into the collection's folder; its saved paths -> uploaded names."""
         folder = self.upload_dir(collection)
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f".{name}.{uuid.uuid4().hex}.part"
-        tmp.write_bytes(data)
-        target = folder / name
-        tmp.replace(target)  # atomic: a concurrent job never reads half a file
-        return target
+        return batch.commit(folder)
 
     def submit(self, collection: str, paths: list[str], prune: bool = False,
                names: dict[str, str] | None = None) -> IngestJob:

@@ -217,3 +217,55 @@ async def test_uploads_are_cited_by_their_name_never_by_a_server_path(env) -> No
     r = await env["c"].post("/v1/ingest", files=files, data={"collection": "docs"}, headers=h(env, "ingest"))
     job = (await env["c"].get(f"/v1/ingest/jobs/{r.json()['id']}?wait_s=30", headers=h(env, "ingest"))).json()
     assert job["counts"]["updated"] == 1 and job["counts"]["documents_total"] == 3
+
+
+async def test_uploads_have_their_own_limit_above_the_chat_body_limit(env) -> None:
+    """The issue's case: a JSONL of 700 short documents over limits.max_body_bytes (1 MB) is accepted."""
+    records = [json.dumps({"id": str(i), "text": f"Document {i} about lighthouse keeping. " + "Lamp care. " * 140})
+               for i in range(700)]
+    data = ("\n".join(records) + "\n").encode()
+    assert len(data) > env["container"].settings.limits.max_body_bytes
+    r = await env["c"].post("/v1/ingest", files=[("files", ("kb.jsonl", data, "application/x-ndjson"))],
+                            data={"collection": "big"}, headers=h(env, "ingest"))
+    assert r.status_code == 202, r.text
+    job = (await env["c"].get(f"/v1/ingest/jobs/{r.json()['id']}?wait_s=60", headers=h(env, "ingest"))).json()
+    assert job["state"] == "succeeded" and job["counts"]["added"] == 700, job
+    assert (env["home"] / "uploads" / "big" / "kb.jsonl").read_bytes() == data
+    # chat bodies keep the small limit
+    big_chat = {"model": "m", "messages": [{"role": "user", "content": "x" * 1_100_000}]}
+    r = await env["c"].post("/v1/chat/completions", json=big_chat, headers=h(env, "chat"))
+    assert r.status_code == 413 and "limits.max_body_bytes" in r.json()["error"]["message"]
+
+
+async def test_an_upload_over_its_limit_is_413_and_leaves_no_file(env) -> None:
+    env["container"].settings.limits.max_upload_bytes = 50_000
+    uploads = env["home"] / "uploads"
+    files = [("files", ("small.txt", b"Lighthouses guide ships.\n", "text/plain")),
+             ("files", ("big.txt", b"Lamp care. " * 6000, "text/plain"))]
+    r = await env["c"].post("/v1/ingest", files=files, data={"collection": "docs"}, headers=h(env, "ingest"))
+    assert r.status_code == 413, r.text
+    err = r.json()["error"]
+    assert err["code"] == "payload_too_large" and "50000" in err["message"]
+    assert "limits.max_upload_bytes" in err["message"]
+    assert not [p for p in uploads.rglob("*") if p.is_file()] if uploads.exists() else True
+
+    # without a Content-Length (chunked), the limit is enforced while the body streams in
+    request = env["c"].build_request("POST", "/v1/ingest", files=files, data={"collection": "docs"},
+                                     headers=h(env, "ingest"))
+    body, ctype = request.read(), request.headers["content-type"]
+
+    async def chunked():
+        for i in range(0, len(body), 8192):
+            yield body[i:i + 8192]
+
+    r = await env["c"].post("/v1/ingest", content=chunked(), headers={**h(env, "ingest"), "content-type": ctype})
+    assert r.status_code == 413 and "limits.max_upload_bytes" in r.text
+    assert not [p for p in uploads.rglob("*") if p.is_file()] if uploads.exists() else True
+    assert (await env["c"].get("/v1/ingest/jobs", headers=h(env, "ingest"))).json() == []
+
+    # under the limit, as before; the same chunked body streams to disk intact
+    env["container"].settings.limits.max_upload_bytes = 100_000
+    r = await env["c"].post("/v1/ingest", content=chunked(), headers={**h(env, "ingest"), "content-type": ctype})
+    assert r.status_code == 202, r.text
+    assert (uploads / "docs" / "big.txt").read_bytes() == b"Lamp care. " * 6000
+    assert sorted(p.name for p in uploads.rglob("*") if p.is_file()) == ["big.txt", "small.txt"]

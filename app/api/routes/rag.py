@@ -5,16 +5,18 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from fastapi import APIRouter, Depends, File, Form, Query, UploadFile
+from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, Field
 
 from app.api.deps import get_container, require_scope
-from app.core.errors import InvalidRequest, PermissionDenied
+from app.core.errors import InvalidRequest, PayloadTooLarge, PermissionDenied
 from app.security.keys import ApiKey
 from app.services.container import Container
+from app.services.ingest_jobs import UploadBatch
 from ingest.settings import GroupBy
 
 router = APIRouter(prefix="/v1", tags=["rag"])
+_MAX_FIELD = 64 * 1024  # text fields of an upload form (the collection name)
 
 
 class RetrieveIn(BaseModel):
@@ -47,20 +49,106 @@ async def retrieve(body: RetrieveIn, _key: ApiKey = Depends(require_scope("chat"
     return result.model_dump()
 
 
-@router.post("/ingest", status_code=202)
-async def ingest_upload(
-    files: list[UploadFile] = File(..., description="Documents: .md .txt .html .pdf .json .jsonl"),
-    collection: str | None = Form(None),
-    _key: ApiKey = Depends(require_scope("ingest")),
-    container: Container = Depends(get_container),
-) -> dict:
-    """Upload documents; they are ingested by a background job (poll ``GET /v1/ingest/jobs/{id}``)."""
-    collection = collection or container.settings.rag.collection
-    saved = {}
-    for f in files:
-        path = container.ingest_jobs.save_upload(collection, f.filename or "", await f.read())
-        saved[str(path)] = path.name
+_UPLOAD_FORM = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["files"], "properties": {
+        "files": {"type": "array", "items": {"type": "string", "format": "binary"},
+                  "description": "Documents: .md .txt .html .pdf .json .jsonl"},
+        "collection": {"type": "string", "description": "Target collection (default: rag.collection)."}}}}}}}
+
+
+@router.post("/ingest", status_code=202, openapi_extra=_UPLOAD_FORM)
+async def ingest_upload(request: Request, _key: ApiKey = Depends(require_scope("ingest")),
+                        container: Container = Depends(get_container)) -> dict:
+    """Upload documents; they are ingested by a background job (poll ``GET /v1/ingest/jobs/{id}``).
+
+    Up to ``limits.max_upload_bytes`` per request (not the small ``limits.max_body_bytes`` of other
+    routes): files stream to disk as they arrive, so a large upload never sits in memory."""
+    limit = container.settings.limits.max_upload_bytes
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        raise _upload_too_large(limit)
+    batch = container.ingest_jobs.new_upload()
+    try:
+        fields = await _stream_form(request, batch, limit)
+        if not batch.files:
+            raise InvalidRequest("no files: send documents as multipart/form-data field 'files'", param="files")
+        collection = fields.get("collection") or container.settings.rag.collection
+        saved = container.ingest_jobs.commit_upload(batch, collection)
+    finally:
+        batch.discard()  # whatever was not committed: a refused or broken upload leaves no file behind
     return container.ingest_jobs.submit(collection, list(saved), names=saved).public()
+
+
+def _upload_too_large(limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(
+        f"upload is larger than {limit} bytes, the limit per request (limits.max_upload_bytes, env "
+        "KEEL_LIMITS__MAX_UPLOAD_BYTES): send the files in several requests, or raise the limit", param="files")
+
+
+async def _stream_form(request: Request, batch: UploadBatch, limit: int) -> dict[str, str]:
+    """Parse multipart/form-data as it arrives: file parts go straight into ``batch``'s part files, small
+    text fields (``collection``) are returned. The limit counts the whole request, Content-Length or not."""
+    from python_multipart.exceptions import FormParserError
+    from python_multipart.multipart import MultipartParser, parse_options_header
+
+    ctype, params = parse_options_header(request.headers.get("content-type"))
+    if ctype != b"multipart/form-data" or not params.get(b"boundary"):
+        raise InvalidRequest("upload documents as multipart/form-data, in the field 'files'", param="files")
+    fields: dict[str, str] = {}
+    part: dict[str, Any] = {}
+
+    def on_part_begin() -> None:
+        part.clear()
+        part.update(headers={}, name=b"", value=b"", text=bytearray(), file=False)
+
+    def on_header_field(data: bytes, start: int, end: int) -> None:
+        part["name"] += data[start:end]
+
+    def on_header_value(data: bytes, start: int, end: int) -> None:
+        part["value"] += data[start:end]
+
+    def on_header_end() -> None:
+        part["headers"][part["name"].lower()] = part["value"]
+        part["name"], part["value"] = b"", b""
+
+    def on_headers_finished() -> None:
+        _, opts = parse_options_header(part["headers"].get(b"content-disposition"))
+        part["field"] = opts.get(b"name", b"").decode("utf-8", "replace")
+        if b"filename" in opts:
+            part["file"] = True
+            batch.open(opts[b"filename"].decode("utf-8", "replace"))
+
+    def on_part_data(data: bytes, start: int, end: int) -> None:
+        if part["file"]:
+            # Written here, not in a thread: each piece is one receive()'s worth (tens of KiB) into the page
+            # cache, cheaper than a thread hop per piece.
+            batch.write(data[start:end])
+        elif len(part["text"]) + end - start > _MAX_FIELD:
+            raise InvalidRequest(f"form field {part['field']!r} is over {_MAX_FIELD} bytes", param=part["field"])
+        else:
+            part["text"] += data[start:end]
+
+    def on_part_end() -> None:
+        if part["file"]:
+            batch.close_file()
+        else:
+            fields[part["field"]] = part["text"].decode("utf-8", "replace")
+
+    parser = MultipartParser(params[b"boundary"], {
+        "on_part_begin": on_part_begin, "on_header_field": on_header_field, "on_header_value": on_header_value,
+        "on_header_end": on_header_end, "on_headers_finished": on_headers_finished,
+        "on_part_data": on_part_data, "on_part_end": on_part_end})
+    received = 0
+    try:
+        async for chunk in request.stream():
+            received += len(chunk)
+            if received > limit:
+                raise _upload_too_large(limit)
+            parser.write(chunk)
+        parser.finalize()
+    except FormParserError as e:
+        raise InvalidRequest(f"malformed multipart/form-data body: {e}", param="files") from None
+    return fields
 
 
 @router.post("/ingest/paths", status_code=202)
