@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -124,20 +126,30 @@ class Container:
             log.info("restored adapter deployments: %s", ", ".join(restored))
 
     async def aclose(self) -> None:
+        """Close everything, in order, each closer even when an earlier one failed (a store that failed to
+        flush must not leave the others open). Failures are logged, each with its step, not raised: by now
+        there is nobody to hand them to but the log, and raising made uvicorn skip the rest of its shutdown."""
         for task in list(self._tasks):
             task.cancel()
-        await self.ingest_jobs.aclose()
-        await self.agents.aclose()
-        self.finetune.close()
-        self.evals.close()
-        for close in reversed(self._closers):
-            await close()
-        await self.llm.aclose()
-        if self.guards is not None:
-            await self.guards.aclose()
-        self.prompts.close()
-        self.rag.close()
-        self.keys.close()
+        steps: list[tuple[str, Callable[[], object]]] = [
+            ("ingest jobs", self.ingest_jobs.aclose), ("agents", self.agents.aclose),
+            ("fine-tune jobs", self.finetune.close), ("eval store", self.evals.close),
+            *((f"closer {getattr(c, '__name__', c)}", c) for c in reversed(self._closers)),
+            ("model backends", self.llm.aclose),
+            *((("guardrails", self.guards.aclose),) if self.guards is not None else ()),
+            ("prompt registry", self.prompts.close), ("vector store", self.rag.close), ("API keys", self.keys.close),
+        ]
+        failed = 0
+        for name, close in steps:
+            try:
+                result = close()
+                if inspect.isawaitable(result):
+                    await result
+            except Exception as exc:
+                log.error("shutdown: closing the %s failed: %s", name, exc, exc_info=exc)
+                failed += 1
+        if failed:
+            log.error("shutdown finished with %d of %d steps failed (see above)", failed, len(steps))
 
 
 def shared_embedder(settings: Settings):

@@ -8,8 +8,12 @@ had acknowledged.
 
 from __future__ import annotations
 
+import fcntl
+import logging
+import os
 import shutil
 import threading
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -28,6 +32,8 @@ from ingest.store.base import (
 )
 
 _SCROLL_PAGE = 1024
+_FLUSH_TRIES = 3
+log = logging.getLogger("keel.ingest")
 
 
 class EdgeStore(QdrantLikeStore):
@@ -37,6 +43,7 @@ class EdgeStore(QdrantLikeStore):
         super().__init__(keyword_indexes=keyword_indexes)
         self.root = Path(root)
         self._shards: dict[str, Any] = {}
+        self._claims: dict[str, int] = {}  # collection -> fd holding its advisory lock
         self._open_lock = threading.Lock()
         self._q: Any = None
 
@@ -54,16 +61,56 @@ class EdgeStore(QdrantLikeStore):
             self._shard(c)
 
     def close(self) -> None:
+        """Flush and close every shard, each even when another failed. A flush that keeps failing loses no
+        acknowledged update (they are in the shard's write-ahead log, replayed when it opens next), so it is
+        reported with that meaning rather than raised."""
         with self._open_lock:
-            for shard in self._shards.values():
+            for name, shard in self._shards.items():
+                for attempt in range(_FLUSH_TRIES):
+                    try:
+                        shard.flush()
+                        break
+                    except Exception as e:
+                        if attempt + 1 < _FLUSH_TRIES:
+                            time.sleep(0.2 * (attempt + 1))
+                            continue
+                        log.error("collection %r: flushing to its segment files failed %d times (%s); every "
+                                  "acknowledged update is still in its write-ahead log and is replayed when the "
+                                  "store opens next. If chunks are missing then, re-run the ingest (unchanged "
+                                  "files are skipped)", name, _FLUSH_TRIES, e)
                 try:
-                    shard.flush()
-                finally:
                     shard.close()
+                except Exception as e:
+                    log.error("collection %r: closing the shard failed (%s); its lock is released when this "
+                              "process exits", name, e)
             self._shards.clear()
+            for c in list(self._claims):
+                self._release(c)
 
     def _dir(self, c: str) -> Path:
         return self.root / c
+
+    def _claim(self, c: str) -> None:
+        """Take this process's lock on a collection before the engine touches its folder. The engine's own
+        lock is not enough: a second process that merely tries ``EdgeShard.load`` on a folder another one
+        holds rewrites the holder's payload-index journals, whose next flush then fails ("tracker_journal.dat
+        is shorter than expected") — what a `keel ingest` beside a running server did at its Ctrl-C."""
+        if c in self._claims:
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root / f".{c}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StoreLocked(f"the store folder {self._dir(c)} is open in another process (the embedded engine "
+                              "allows one); stop it, or point rag.path elsewhere") from None
+        self._claims[c] = fd
+
+    def _release(self, c: str) -> None:
+        fd = self._claims.pop(c, None)
+        if fd is not None:
+            os.close(fd)  # closing the descriptor drops the flock
 
     def _shard(self, c: str):
         shard = self._shards.get(c)
@@ -71,9 +118,11 @@ class EdgeStore(QdrantLikeStore):
             return shard
         with self._open_lock:
             if c not in self._shards:
+                self._claim(c)
                 try:
                     self._shards[c] = self.q.EdgeShard.load(str(self._dir(c)))
                 except Exception as e:
+                    self._release(c)
                     if "WouldBlock" in str(e) or "lock" in str(e).lower():
                         raise StoreLocked(
                             f"the store folder {self._dir(c)} is open in another process (the embedded engine "
@@ -97,8 +146,9 @@ class EdgeStore(QdrantLikeStore):
             vectors={DENSE: q.EdgeVectorParams(size=dim, distance=q.Distance.Cosine)},
             sparse_vectors={SPARSE: q.EdgeSparseVectorParams(modifier=q.Modifier.Idf)},
         )
-        self._dir(c).mkdir(parents=True, exist_ok=True)
         with self._open_lock:
+            self._claim(c)
+            self._dir(c).mkdir(parents=True, exist_ok=True)
             self._shards[c] = q.EdgeShard.create(str(self._dir(c)), config)
 
     def _index(self, c: str, field: str, kind: Literal["keyword", "integer"]) -> None:
@@ -111,7 +161,8 @@ class EdgeStore(QdrantLikeStore):
             shard = self._shards.pop(c, None)
             if shard is not None:
                 shard.close()
-        shutil.rmtree(self._dir(c), ignore_errors=True)
+            shutil.rmtree(self._dir(c), ignore_errors=True)
+            self._release(c)
 
     def _upsert(self, c: str, points: Sequence[ChunkPoint]) -> None:
         q = self.q

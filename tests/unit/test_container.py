@@ -54,3 +54,21 @@ async def test_waiting_for_managed_backends(tmp_path: Path) -> None:
         assert await c.wait_for_managed_backends(timeout_s=0, poll_s=0) == ["local"]
     finally:
         await c.aclose()
+
+
+async def test_shutdown_closes_every_store_even_when_one_fails(tmp_path: Path, caplog) -> None:
+    """A store that fails to close (the embedded engine's flush at Ctrl-C) must not leave the ones after it
+    open; the failure is logged with its step, not raised into uvicorn's lifespan."""
+    c = await Container.build(Settings(home=tmp_path, guardrails={"enabled": False}), start_backends=False)
+    closed: list[str] = []
+
+    def boom() -> None:
+        raise RuntimeError("Failed to flush vector_storage: tracker_journal.dat is shorter than expected")
+
+    c.agents.aclose = boom  # type: ignore[method-assign]  # an early step fails
+    keys_close, prompts_close = c.keys.close, c.prompts.close
+    c.keys.close = lambda: (closed.append("keys"), keys_close())  # type: ignore[method-assign]
+    c.prompts.close = lambda: (closed.append("prompts"), prompts_close())  # type: ignore[method-assign]
+    await c.aclose()
+    assert closed == ["prompts", "keys"]
+    assert "closing the agents failed" in caplog.text and "shorter than expected" in caplog.text

@@ -278,3 +278,55 @@ def test_payload_indexes_are_configurable_and_added_to_existing_collections(kind
     if kind == "edge":
         assert "tag" in s._shard("docs").info().payload_schema
     s.close()
+
+
+def test_edge_close_survives_a_failing_flush(tmp_path, caplog) -> None:
+    """Ctrl-C after an ingest once ended in a flush error that skipped every other shard's close: each shard
+    is retried, reported with what it means for the data, and closed whatever happened to the others."""
+    from ingest.store.edge import EdgeStore
+
+    class Shard:
+        def __init__(self, fail: int) -> None:
+            self.fail, self.flushes, self.closed = fail, 0, False
+
+        def flush(self) -> None:
+            self.flushes += 1
+            if self.flushes <= self.fail:
+                raise RuntimeError("tracker_journal.dat is shorter than expected")
+
+        def close(self) -> None:
+            self.closed = True
+
+    store = EdgeStore(tmp_path)
+    flaky, broken, fine = Shard(fail=1), Shard(fail=99), Shard(fail=0)
+    store._shards.update({"flaky": flaky, "broken": broken, "fine": fine})
+    store.close()
+    assert (flaky.flushes, broken.flushes, fine.flushes) == (2, 3, 1)
+    assert flaky.closed and broken.closed and fine.closed and not store._shards
+    assert "'broken'" in caplog.text and "write-ahead log" in caplog.text and "'flaky'" not in caplog.text
+
+
+def test_edge_a_second_process_is_refused_without_touching_the_holders_files(tmp_path) -> None:
+    """A second process that only tried to open a collection another one held used to rewrite the holder's
+    payload-index journals: the holder's next flush (its shutdown) failed. Now it is refused before the
+    engine opens anything, and the holder flushes cleanly."""
+    import subprocess
+    import sys
+
+    from ingest.store.edge import EdgeStore
+
+    holder = EdgeStore(tmp_path)
+    holder.ensure_collection("kb", 8, "m")
+    probe = ("from ingest.store.edge import EdgeStore\n"
+             "from ingest.errors import StoreLocked\n"
+             f"s = EdgeStore({str(tmp_path)!r})\n"
+             "try:\n    s.warm_up()\nexcept StoreLocked:\n    print('locked')\n")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert out.stdout.strip() == "locked", out.stderr[-2000:]
+    for shard in holder._shards.values():
+        shard.flush()  # raised "tracker_journal.dat is shorter than expected" before
+    holder.close()
+    reopened = EdgeStore(tmp_path)
+    reopened.warm_up()  # released at close: this process may open it now
+    reopened.close()
