@@ -183,6 +183,11 @@ async def test_group_by_document_counts_documents_not_chunks(env) -> None:
     passages = await env["container"].chat.grounder.ground(question, RagUse("docs", top_k=3, group_by="document"))
     assert len({c.citation.doc_id for c in passages.chunks}) == 3
     assert RagIn(collection="docs", group_by="document").group_by == "document"
+    body = {"model": "m", "rag": {"collection": "docs", "top_k": 3, "group_by": "document"},
+            "messages": [{"role": "user", "content": "Who tended the Eddystone lamp?"}]}
+    r = await env["c"].post("/v1/chat/completions", json=body, headers=h(env, "chat"))
+    assert r.status_code == 200, r.text
+    assert len({c["doc_id"] for c in r.json()["citations"]}) == 3, r.json()["citations"]
 
 
 async def test_uploads_are_cited_by_their_name_never_by_a_server_path(env) -> None:

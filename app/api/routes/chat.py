@@ -56,7 +56,8 @@ def to_domain(body: ChatCompletionRequest, request_id: str, user: str | None = N
         params=body.params(),
         request_id=request_id,
         prompt=PromptUse(body.prompt.ref, body.prompt.variables) if body.prompt else None,
-        rag=RagUse(body.rag.collection, body.rag.top_k, body.rag.filters, body.rag.prompt) if body.rag else None,
+        rag=RagUse(body.rag.collection, body.rag.top_k, body.rag.filters, body.rag.prompt, body.rag.group_by)
+        if body.rag else None,
         user=user,
     )
 
