@@ -136,7 +136,7 @@ class ChatService:
         elif request.rag is not None:
             if self.grounder is None:
                 raise InvalidRequest("this server has no document store for grounded answers", param="rag")
-            grounded = await self.grounder.ground(request.messages, request.rag)
+            grounded = await self.grounder.ground(request.messages, request.rag, request.params.max_tokens)
             rendered = grounded.rendered
             request = self._apply_template(request, rendered, grounded.messages)
         if not request.model:

@@ -39,6 +39,12 @@ class Grounded:
     chunks: list[RetrievedChunk] = field(default_factory=list)
 
 
+def words_within(max_tokens: int) -> int:
+    """Words an answer may ask for within ``max_tokens``: English runs ~1.3 tokens a word in these
+    tokenizers, and citation markers ([1]) cost three more each; 0.6 leaves that margin."""
+    return max(5, int(max_tokens * 0.6))
+
+
 def cited_numbers(text: str) -> set[int]:
     """Passage numbers the answer cites as ``[n]``."""
     return {int(n) for n in _CITE.findall(text)}
@@ -65,7 +71,9 @@ class Grounder:
         self.rag = rag
         self.prompts = prompts
 
-    async def ground(self, messages: tuple[ChatMessage, ...], use: RagUse) -> Grounded:
+    async def ground(self, messages: tuple[ChatMessage, ...], use: RagUse, max_tokens: int | None = None
+                     ) -> Grounded:
+        """``max_tokens``: the request's own budget, if it set one (else the template's applies)."""
         question_at = next((i for i in range(len(messages) - 1, -1, -1) if messages[i].role == "user"), None)
         if question_at is None or not messages[question_at].content.strip():
             raise InvalidRequest("a grounded (rag) request needs a user message with the question", param="messages")
@@ -77,7 +85,14 @@ class Grounder:
             group_by=use.group_by,
         )
         passages = [{"text": c.text, "title": c.citation.label()} for c in result.chunks]
-        rendered = self.prompts.render(use.prompt_ref, {"question": question, "passages": passages})
+        variables: dict[str, Any] = {"question": question, "passages": passages}
+        content = self.prompts.compiled(use.prompt_ref).version.content
+        words = next((v for v in content.variables if v.name == "max_words"), None)
+        budget = max_tokens or content.params.max_tokens
+        if words is not None and budget:
+            # The length the prompt asks for must fit the token budget, or answers stop mid-sentence.
+            variables["max_words"] = min(words.default or budget, words_within(budget))
+        rendered = self.prompts.render(use.prompt_ref, variables)
         system = [ChatMessage(m.role, m.content) for m in rendered.messages if m.role == "system"]
         turns = [ChatMessage(m.role, m.content) for m in rendered.messages if m.role != "system"]
         # Earlier turns stay in place so follow-up questions keep their context.

@@ -274,3 +274,20 @@ async def test_an_upload_over_its_limit_is_413_and_leaves_no_file(env) -> None:
     assert r.status_code == 202, r.text
     assert (uploads / "docs" / "big.txt").read_bytes() == b"Lamp care. " * 6000
     assert sorted(p.name for p in uploads.rglob("*") if p.is_file()) == ["big.txt", "small.txt"]
+
+
+async def test_the_rag_prompt_asks_for_an_answer_that_fits_the_token_budget(env) -> None:
+    """The shipped rag-answer asks for up to 150 words; a request with a small max_tokens got answers cut
+    mid-sentence. The word limit the prompt states now follows the request's budget."""
+    await upload(env)
+    question = [{"role": "user", "content": "When was the Eddystone tower completed?"}]
+
+    async def asked(**extra) -> str:
+        r = await env["c"].post("/v1/chat/completions", json={"model": "rag:docs", "messages": question, **extra},
+                                headers=h(env, "chat"))
+        assert r.status_code == 200, r.text
+        return next(m.content for m in env["fake"].requests[-1].messages if m.role == "system")
+
+    assert "at most 150 words" in await asked()  # the template's own budget (512 tokens) fits 150 words
+    assert "at most 28 words" in await asked(max_tokens=48)
+    assert env["fake"].requests[-1].params.max_tokens == 48
