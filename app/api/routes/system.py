@@ -41,12 +41,16 @@ async def healthz(container: Container = Depends(get_container)) -> dict:
 
 @router.get("/readyz", tags=["system"])
 async def readyz(container: Container = Depends(get_container)) -> JSONResponse:
-    """Ready when the default model's backend can serve a request now."""
+    """Ready when the default model's backend can serve a request now.
+
+    Unauthenticated (load balancers call it), so it says ready or not per backend and nothing else: the
+    server details (command line, pid, log path, last error) are for admins, at GET /v1/admin/backends."""
     backends = await container.llm.readiness()
     default = container.settings.models.get(container.settings.default_model)
     ready = default is not None and bool(backends.get(default.backend, {}).get("ready"))
     return JSONResponse({"ready": ready, "default_model": container.settings.default_model,
-                         "backends": backends}, status_code=200 if ready else 503)
+                         "backends": {name: {"ready": bool(info.get("ready"))} for name, info in backends.items()}},
+                        status_code=200 if ready else 503)
 
 
 @router.get("/metrics", tags=["system"])
