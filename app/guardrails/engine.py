@@ -223,7 +223,8 @@ class GuardrailEngine:
                   "classifier": self._resources.get("injection_classifier"),
                   **{k: p[k] for k in ("sim_floor", "sim_ceiling", "clf_floor", "clf_ceiling") if k in p}}
         elif spec.validator == "keel/pii":
-            kw = {"entities": p.get("entities"), "names": self._resources.get("names")}
+            kw = {"entities": p.get("entities"), "names": self._resources.get("names"),
+                  "persons": p.get("persons", "all")}
         elif spec.validator == "keel/toxicity":
             kw = {"threshold": spec.threshold or 0.85, "classifier": self._resources.get("profanity")}
         elif spec.validator == "keel/topic":
@@ -492,9 +493,14 @@ class GuardrailEngine:
         sp = context.system_prompt
         if sp is None and messages:
             sp = "\n".join(m.content for m in messages if m.role == "system") or None
+        # values keel/pii leaves alone: the sources, on both stages; on the output also what the user asked and
+        # the operator's system prompt (repeating them to this user discloses nothing)
+        known = tuple(context.passages or ())
+        if messages is None:
+            known += tuple(t for t in (context.question, sp) if t)
         return {"vault": vault, "system_prompt": sp, "passages": context.passages, "schema": context.response_schema,
                 "expect_json": context.expect_json, "secret_values": context.secret_values,
-                "question": context.question}
+                "question": context.question, "known": known}
 
     def _refusal(self, policy: ResolvedPolicy, result: ValidatorResult) -> str:
         return self.refusal_for(policy.name, result.validator, result.stage)

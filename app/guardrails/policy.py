@@ -39,7 +39,7 @@ _ACTIONS: dict[str, dict[str, set[str]]] = {
 }
 _PARAMS: dict[str, set[str]] = {
     "keel/prompt_injection": {"sim_floor", "sim_ceiling", "roles"},
-    "keel/pii": {"entities", "restore_placeholders"},
+    "keel/pii": {"entities", "restore_placeholders", "persons"},
     "keel/toxicity": set(),
     "keel/topic": {"allow", "deny", "allow_threshold"},
     "keel/groundedness": {"max_unsupported_ratio", "lexical_threshold"},
@@ -90,6 +90,8 @@ class ValidatorSpec(_Strict):
             bad = set(self.params["entities"]) - set(ALL_ENTITIES)
             if bad:
                 raise ValueError(f"keel/pii: unknown entities {sorted(bad)}; known: {list(ALL_ENTITIES)}")
+        if self.validator == "keel/pii" and self.params.get("persons", "all") not in ("all", "with_contact", "none"):
+            raise ValueError(f"keel/pii: persons must be all, with_contact or none, not {self.params['persons']!r}")
         return self
 
     @property

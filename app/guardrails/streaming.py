@@ -140,9 +140,7 @@ class OutputGuard:
         out: list[Any] = []
         for r in results:
             if r.action == "redact":
-                kinds = tuple(r.details.get("kinds", ()))
-                count = sum(r.details.get("counts", {}).values()) if r.details.get("counts") else len(kinds) or 1
-                out.append(GuardrailRedaction(r.validator, wnum, kinds, count, index))
+                out.append(GuardrailRedaction.of(r, wnum, index))
         c.released_model_text += safe
         text = self.engine.restore_placeholders(self.policy, safe, self.vault, self.context.user)
         if text:

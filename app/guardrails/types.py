@@ -85,7 +85,9 @@ class OutputDecision:
 
 @dataclass(frozen=True, slots=True)
 class GuardrailRedaction:
-    """Text in the window about to be released was redacted (it is already redacted in the next TextDelta)."""
+    """Output: text in the window about to be released was redacted (it is already redacted in the next
+    TextDelta). Input (``stage="input"``, sent right after the role chunk): values in the request were masked
+    before the model saw them (``window`` -1); the answer gets the user's own values back where it uses them."""
 
     validator: str
     window: int
@@ -93,6 +95,14 @@ class GuardrailRedaction:
     count: int
     index: int = 0
     type: Literal["redaction"] = "redaction"
+    stage: Literal["input", "output"] = "output"
+
+    @classmethod
+    def of(cls, result: ValidatorResult, window: int, index: int = 0) -> GuardrailRedaction:
+        kinds = tuple(result.details.get("kinds", ()))
+        counts = result.details.get("counts")
+        count = sum(counts.values()) if counts else len(kinds) or 1
+        return cls(result.validator, window, kinds, count, index, stage=result.stage)
 
 
 @dataclass(frozen=True, slots=True)

@@ -228,10 +228,14 @@ class ChatService:
         )
         if rendered is not None:
             log.info("request %s uses prompt %s (%s)", request.request_id, rendered.ref, rendered.hash[:12])
+        # what the input guard masked before the model saw it: the user hears of it in the response too
+        masked = [GuardrailRedaction.of(r, -1) for r in decision.results if r.action == "redact"] if decision else []
         if decision is not None and decision.blocked:
             # Refused before the model: it never sees the input.
             blocker = decision.blocked_by
             yield started
+            for event in masked:
+                yield event
             yield GuardrailBlocked(blocker.validator, blocker.reason, decision.refusal or "")
             yield TextDelta(decision.refusal or "")
             yield Finished("content_filter")
@@ -253,6 +257,8 @@ class ChatService:
             if decision is not None:
                 events = self.guards.output_guard(context, decision).wrap(events)
             yield started
+            for event in masked:
+                yield event
             answer: list[str] = []
             async for event in events:
                 if isinstance(event, TextDelta):

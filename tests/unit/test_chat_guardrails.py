@@ -103,6 +103,24 @@ async def test_pii_is_redacted_before_it_reaches_the_model(env) -> None:
     assert "<EMAIL" in sent
 
 
+async def test_input_redactions_are_reported_in_the_response(env) -> None:
+    """They used to be visible only in the admin audit: the user could not tell why the answer lacked a value."""
+    env["fake"].reply = "Noted, I will write to <EMAIL_1>."
+    r = await env["c"].post("/v1/chat/completions", json=ask("My email is jane.doe@example.com, note it."))
+    body = r.json()
+    assert body["choices"][0]["message"]["content"] == "Noted, I will write to jane.doe@example.com."
+    events = body["guardrail_events"]
+    assert {"type": "redaction", "stage": "input", "kinds": ["EMAIL"], "count": 1}.items() <= events[0].items()
+
+    r = await env["c"].post("/v1/chat/completions", json=ask("My email is jane.doe@example.com, note it.",
+                                                             stream=True))
+    events = sse(r.text)
+    assert json.loads(events[0][1])["choices"][0]["delta"]["role"] == "assistant"
+    name, data = events[1]  # right after the role chunk, before any text
+    guard = json.loads(data)["guardrail"]
+    assert name == "guardrail" and guard["stage"] == "input" and guard["kinds"] == ["EMAIL"]
+
+
 async def test_model_output_is_redacted_mid_stream(env) -> None:
     env["fake"].reply = "Sure, here it is. You can write to bob.smith@example.org for details. Anything else?"
     r = await env["c"].post("/v1/chat/completions", json=ask("How do I reach support?", stream=True))

@@ -263,9 +263,10 @@ async def test_stream_retraction_when_later_window_fails(engine):
 
 
 async def test_stream_restores_user_placeholders(engine):
-    d = await engine.check_input([ChatMessage("user", "Write a greeting for Maria Garcia please.")],
+    # a name is masked before the model only beside its owner's contact data (persons: with_contact)
+    d = await engine.check_input([ChatMessage("user", "Write a greeting for Maria Garcia (maria@example.com).")],
                                  ctx("st-restore", user="bob"))
-    assert "<PERSON_1>" in d.messages[0].content
+    assert "<PERSON_1>" in d.messages[0].content and "<EMAIL_1>" in d.messages[0].content
     g = engine.output_guard(ctx("st-restore", user="bob"), d)
     events = await _collect(g, _stream("Dear <PERSON_1>, welcome aboard. We are glad you joined."))
     assert "".join(e.text for e in events if isinstance(e, TextDelta)).startswith("Dear Maria Garcia, welcome")
@@ -393,3 +394,47 @@ def test_audit_writer_batches_flushes_and_survives_a_failed_write(caplog):
     writer.flush()  # the thread is still alive after the failure
     assert sum(batches) == 11
     writer.close()
+
+
+async def test_names_the_user_asks_about_reach_the_model(engine):
+    """Masking every name before the model made it answer "<PERSON_1> was ..." about people users asked about."""
+    msgs = [ChatMessage("user", "Write a short greeting for Maria Garcia please.")]
+    d = await engine.check_input(msgs, ctx("pii-name", user="bob"))
+    assert not d.redacted and d.messages[0].content == msgs[0].content
+
+
+async def test_mangled_placeholders_are_restored(engine):
+    d = await engine.check_input([ChatMessage("user", "I'm Maria Garcia, maria@example.com, write to my landlord.")],
+                                 ctx("pii-mangled", user="bob"))
+    assert "<PERSON_1>" in d.messages[0].content and "<EMAIL_1>" in d.messages[0].content
+    answer = "Dear landlord, PERSON_1 here ([EMAIL_1]). Signed, <person 1>, PERSON1 and <PERSON>. A person wrote."
+    out = await engine.check_output(answer, ctx("pii-mangled", user="bob"), d)
+    assert out.text == ("Dear landlord, Maria Garcia here (maria@example.com). Signed, Maria Garcia, Maria Garcia "
+                        "and Maria Garcia. A person wrote.")
+
+
+async def test_sources_and_the_question_are_never_redacted(engine):
+    """A name or address the passages hold is the sources' fact, not the user's secret: redacting it gave
+    "The answer is: <PERSON>."; an answer repeating what the user asked discloses nothing either."""
+    passages = ("Radium > History: Radium was discovered by Marie Curie and Pierre Curie in 1898. Write to "
+                "archive@curie.example.org for the original notes.",)
+    question = "Who discovered radium, and who keeps the notes?"
+    rag = ctx("pii-rag", user="bob", workflow="rag", passages=passages, question=question)
+    prompt = f"Passages:\n[1] {passages[0]}\n\nQuestion: {question}"
+    d = await engine.check_input([ChatMessage("user", prompt)], rag)
+    assert d.messages[0].content == prompt and not d.redacted
+    out = await engine.check_output("Marie Curie and Pierre Curie [1]; ask archive@curie.example.org.", rag, d)
+    assert out.text == "Marie Curie and Pierre Curie [1]; ask archive@curie.example.org."
+
+    asked = ctx("pii-q", user="bob", question="Is Grace Hopper reachable at grace@navy.example.mil?")
+    out = await engine.check_output("Grace Hopper used grace@navy.example.mil.", asked)
+    assert out.text == "Grace Hopper used grace@navy.example.mil."
+
+
+async def test_answers_keep_public_names_but_not_a_private_persons_record(engine):
+    plain = ctx("pii-out", user="bob", question="Who was the first president of the United States?")
+    out = await engine.check_output("George Washington was the first president of the United States.", plain)
+    assert out.text == "George Washington was the first president of the United States."
+    leak = await engine.check_output("You can call John Smith at john.smith@example.com about it.", plain)
+    assert "John Smith" not in leak.text and "john.smith@example.com" not in leak.text
+    assert "<PERSON>" in leak.text and "<EMAIL>" in leak.text

@@ -118,13 +118,14 @@ class PromptInjection(_KeelValidator):
 
 @register_validator(name="keel/pii", data_type="string")
 class Pii(_KeelValidator):
-    def __init__(self, entities: list[str] | None = None, names: NameDetector | None = None, on_fail: Any = None,
-                 **kwargs: Any) -> None:
-        super().__init__(on_fail=on_fail, entities=list(entities or ALL_ENTITIES), **kwargs)
-        self.entities, self.names = tuple(entities or ALL_ENTITIES), names
+    def __init__(self, entities: list[str] | None = None, names: NameDetector | None = None, persons: str = "all",
+                 on_fail: Any = None, **kwargs: Any) -> None:
+        super().__init__(on_fail=on_fail, entities=list(entities or ALL_ENTITIES), persons=persons, **kwargs)
+        self.entities, self.names, self.persons = tuple(entities or ALL_ENTITIES), names, persons
 
     def check(self, value: str, metadata: dict[str, Any]) -> CheckResult:
-        return check_pii(value, entities=self.entities, names=self.names, vault=metadata.get("vault"))
+        return check_pii(value, entities=self.entities, names=self.names, vault=metadata.get("vault"),
+                         known=metadata.get("known") or (), persons=self.persons)  # type: ignore[arg-type]
 
 
 @register_validator(name="keel/toxicity", data_type="string")

@@ -16,6 +16,7 @@ import re
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 from app.guardrails.validators.base import CheckResult, Finding
 
@@ -174,10 +175,29 @@ class PiiVault:
         return placeholder in self._by_placeholder
 
     def restore(self, text: str, *, owner: str | None = None) -> str:
-        """Put the original values back; only for the vault's own user (``owner`` must match)."""
-        if owner != self.owner:
+        """Put the original values back; only for the vault's own user (``owner`` must match).
+
+        Small models copy placeholders loosely: ``<PERSON_1>`` comes back as ``PERSON_1``, ``[PERSON_1]``,
+        ``<person 1>``, ``PERSON1`` or, when the request had one value of that kind, ``<PERSON>``. Every such
+        form of a placeholder in this vault is restored; other text that looks alike is left alone."""
+        if owner != self.owner or not self._by_placeholder:
             return text
-        return _PLACEHOLDER.sub(lambda m: self._by_placeholder.get(m.group(0), m.group(0)), text)
+        with self._lock:
+            values = dict(self._by_placeholder)
+            only = {kind: next(ph for ph in values if ph.startswith(f"<{kind}_")) for kind, n in self._counts.items()
+                    if n == 1}
+        kinds = "|".join(sorted(self._counts, key=len, reverse=True))
+        loose = re.compile(rf"[<\[(]?\b({kinds})(?:[_ ]?(\d+))?\b[>\])]?", re.IGNORECASE)
+
+        def put_back(m: re.Match) -> str:
+            kind, n = m.group(1).upper(), m.group(2)
+            if n is None:
+                # a bare kind is a placeholder only when bracketed ("<PERSON>"), never the word "person"
+                bracketed = m.group(0)[:1] in "<[(" and m.group(0)[-1:] in ">])"
+                return values[only[kind]] if bracketed and kind in only else m.group(0)
+            return values.get(f"<{kind}_{int(n)}>", m.group(0))
+
+        return loose.sub(put_back, text)
 
     def placeholders(self) -> list[str]:
         return list(self._by_placeholder)
@@ -194,9 +214,50 @@ def redact(text: str, findings: Sequence[Finding], vault: PiiVault | None = None
     return "".join(out)
 
 
+PersonsMode = Literal["all", "with_contact", "none"]
+_NEAR = 160  # characters: a name this close to an e-mail or phone number is that person's record
+
+
+def _norm(text: str) -> str:
+    return " ".join(text.casefold().split())
+
+
+def known_to(findings: Sequence[Finding], known: Sequence[str]) -> list[Finding]:
+    """The findings whose value the request's own material already holds (the user's question, the
+    retrieved passages, the operator's system prompt): repeating it discloses nothing, and erasing it
+    erased correct answers ("The answer is: <PERSON>."). A person's name counts as known when each of its
+    words appears in that material ("Curie" of "Marie Curie" as well as the whole name)."""
+    if not known:
+        return []
+    corpus = _norm("\n".join(known))
+    words = set(re.findall(r"[\w'-]+", corpus))
+
+    def known(f: Finding) -> bool:
+        value = _norm(f.text)
+        if value and value in corpus:
+            return True
+        return f.kind == "PERSON" and all(w in words for w in re.findall(r"[\w'-]+", value))
+
+    return [f for f in findings if known(f)]
+
+
 def check_pii(text: str, *, entities: Iterable[str] = ALL_ENTITIES, names: NameDetector | None = None,
-              vault: PiiVault | None = None) -> CheckResult:
-    findings = find_pii(text, entities, names)
+              vault: PiiVault | None = None, known: Sequence[str] = (), persons: PersonsMode = "all"
+              ) -> CheckResult:
+    """``known``: texts whose values are not to be redacted (see :func:`known_to`). ``persons``: which
+    person names count as personal data: ``all``; ``with_contact``, only a name within a sentence or so of
+    an e-mail, phone, card, IBAN, SSN or IP address that is itself redacted (a private person's record,
+    where a public figure's name in a factual answer is left alone: NER cannot tell the two apart);
+    ``none``."""
+    wanted = set(entities) - ({"PERSON"} if persons == "none" else set())
+    findings = find_pii(text, wanted, names)
+    if known:
+        skip = set(known_to(findings, known))
+        findings = [f for f in findings if f not in skip]
+    if persons == "with_contact":
+        contact = [f for f in findings if f.kind != "PERSON"]
+        findings = [f for f in findings if f.kind != "PERSON"
+                    or any(c.start - _NEAR <= f.end and f.start <= c.end + _NEAR for c in contact)]
     if not findings:
         return CheckResult(True)
     kinds = sorted({f.kind for f in findings})
