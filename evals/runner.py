@@ -73,6 +73,16 @@ def judge_endpoint(settings: Settings) -> tuple[str | None, str | None]:
     return base_url, model
 
 
+def judge_api_key(settings: Settings, base_url: str | None) -> str | None:
+    """The configured judge key, else the key of the vLLM server this process runs at ``base_url`` (it
+    refuses requests without its per-start key)."""
+    if settings.evals.judge_api_key is not None:
+        return settings.evals.judge_api_key.get_secret_value()
+    from app.llm.vllm_server import managed_api_key
+
+    return managed_api_key(base_url) if base_url else None
+
+
 def _event(e: Any) -> dict[str, Any]:
     out = asdict(e) if is_dataclass(e) else {"repr": repr(e)}
     out["type"] = type(e).__name__
@@ -90,8 +100,7 @@ class EvalRunner:
             # Without a configured embedding model, share the RAG embedder already loaded (same MiniLM).
             embedder = None if cfg.embedding_model else getattr(container.rag, "embedder", None)
             env = MetricEnv(embedder=embedder, embedding_model=cfg.embedding_model, judge_base_url=base_url,
-                            judge_model=model,
-                            judge_api_key=cfg.judge_api_key.get_secret_value() if cfg.judge_api_key else None,
+                            judge_model=model, judge_api_key=judge_api_key(container.settings, base_url),
                             judge_temperature=cfg.judge_temperature, judge_max_tokens=cfg.judge_max_tokens,
                             judge_frequency_penalty=cfg.judge_frequency_penalty, judge_timeout_s=cfg.judge_timeout_s,
                             judge_retries=cfg.judge_retries)

@@ -154,6 +154,16 @@ def backend_url(settings: Settings, backend: str) -> str:
     return f"http://{spec.managed.host}:{spec.managed.port}/v1"
 
 
+def backend_api_key(settings: Settings, backend: str) -> str | None:
+    """The key the backend's server accepts: a server Keel runs has a random one per start (known only to the
+    process that started it), a remote one the configured ``api_key``."""
+    from app.llm.vllm_server import managed_api_key
+
+    spec = settings.backends[backend]
+    managed = managed_api_key(backend_url(settings, backend)) if spec.managed is not None else None
+    return managed or (spec.api_key.get_secret_value() if spec.api_key else None)
+
+
 @dataclass(frozen=True, slots=True)
 class Deployment:
     alias: str
@@ -178,8 +188,8 @@ async def deploy(settings: Settings, version: AdapterVersion, *, alias: str, bac
     name = lora_name(version)
     spec = settings.backends.get(backend)
     if spec is not None and spec.kind == "vllm":
-        api_key = spec.api_key.get_secret_value() if spec.api_key else None
-        await load_adapter(backend_url(settings, backend), name, path, api_key=api_key)
+        url = backend_url(settings, backend)
+        await load_adapter(url, name, path, api_key=backend_api_key(settings, backend))
     settings.models[alias] = adapter_alias(
         settings, backend, adapter_name=name, adapter_path=path, fallback=fallback,
         description=f"LoRA {version.ref} on {backend}",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
@@ -19,6 +19,18 @@ from app.core.errors import (
 )
 from app.core.settings import BackendSettings
 from app.core.types import Finished, GenerationRequest, LLMEvent, TextDelta, Usage
+
+
+class _Bearer(httpx.Auth):
+    def __init__(self, key: Callable[[], str | None]) -> None:
+        self._key = key
+
+    def auth_flow(self, request: httpx.Request):
+        key = self._key()
+        if key:
+            request.headers["Authorization"] = f"Bearer {key}"
+        yield request
+
 
 _FINISH = {"stop": "stop", "length": "length", "abort": "abort", "tool_calls": "stop", "content_filter": "stop"}
 
@@ -95,14 +107,16 @@ class OpenAIBackend:
         self.base_url = (base_url or settings.base_url or "").rstrip("/")
         self._client: httpx.AsyncClient | None = None
 
+    def api_key(self) -> str | None:
+        """The bearer key sent with every request (read per request: a managed server's key changes when
+        Keel starts it again)."""
+        return self.settings.api_key.get_secret_value() if self.settings.api_key else None
+
     @property
     def client(self) -> httpx.AsyncClient:
         if self._client is None:
-            headers = {}
-            if self.settings.api_key:
-                headers["Authorization"] = f"Bearer {self.settings.api_key.get_secret_value()}"
             self._client = httpx.AsyncClient(
-                base_url=self.base_url, headers=headers,
+                base_url=self.base_url, auth=_Bearer(self.api_key),
                 timeout=httpx.Timeout(self.settings.read_timeout_s, connect=self.settings.connect_timeout_s),
                 limits=httpx.Limits(max_connections=512, max_keepalive_connections=128),
             )

@@ -22,6 +22,12 @@ class VLLMBackend(OpenAIBackend):
             if managed is not None else None
         )
 
+    def api_key(self) -> str | None:
+        # A server Keel runs accepts only the key Keel gave it at start; a configured key is for remote servers.
+        if self.supervisor is not None:
+            return self.supervisor.api_key
+        return super().api_key()
+
     async def start(self) -> None:
         await super().start()
         if self.supervisor is not None:

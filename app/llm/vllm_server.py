@@ -14,11 +14,13 @@ import contextlib
 import ctypes
 import logging
 import os
+import re
+import secrets
 import signal
 import socket
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
@@ -33,6 +35,33 @@ log = logging.getLogger("keel.vllm")
 State = Literal["stopped", "starting", "ready", "restarting", "failed"]
 _PR_SET_PDEATHSIG = 1
 _MAX_LOG_BYTES = 50_000_000
+
+# The server gets an allow list of Keel's environment, not all of it: it loads LoRA folders named over
+# HTTP and runs third-party code, and Keel's environment holds its secrets (KEEL_*, provider keys,
+# database URLs). Locale, temp and home, and the variables of the libraries it runs on, pass.
+_ENV_ALLOWED = frozenset({"PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "TEMP", "TMP",
+                          "LD_LIBRARY_PATH", "XDG_CACHE_HOME", "XDG_CONFIG_HOME", "TOKENIZERS_PARALLELISM"})
+_ENV_ALLOWED_PREFIXES = ("LC_", "HF_", "HUGGINGFACE_", "TRANSFORMERS_", "VLLM_", "OMP_", "OPENBLAS_", "MKL_", "KMP_",
+                         "TORCH", "PYTORCH_", "CUDA", "NVIDIA_", "NCCL_", "TRITON_")
+# ...except what looks like a credential even under an allowed prefix (HF_TOKEN, an inherited VLLM_API_KEY).
+_ENV_SECRET = re.compile(r"(^|_)(KEYS?|TOKEN|SECRET|PASSWORD|PASSWD|PASS|CREDENTIALS?|DSN)(_|$)|DATABASE_URL",
+                         re.IGNORECASE)
+# Keys of the servers this process started, by their base URL: only this process knows them, and Keel code
+# that calls a managed server directly (LoRA loading, the eval judge) looks them up here.
+_API_KEYS: dict[str, str] = {}
+
+
+def managed_api_key(url: str) -> str | None:
+    """The API key of the managed vLLM server at ``url`` ('http://h:p' or 'http://h:p/v1'), if this process
+    started it; None for any other server."""
+    root = url.rstrip("/")
+    return _API_KEYS.get(root[:-3] if root.endswith("/v1") else root)
+
+
+def scrubbed_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """The part of ``environ`` a vLLM child process may inherit."""
+    return {k: v for k, v in environ.items()
+            if (k in _ENV_ALLOWED or k.startswith(_ENV_ALLOWED_PREFIXES)) and not _ENV_SECRET.search(k)}
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
@@ -64,6 +93,9 @@ class VLLMSupervisor:
         self.last_exit_code: int | None = None
         self.last_error: str | None = None
         self.ready_at: float | None = None
+        # A new random key each time Keel starts the server (vLLM then refuses /v1 requests without it;
+        # /health and /metrics stay open). Kept across crash restarts so clients need not follow it.
+        self.api_key: str | None = None
         self._task: asyncio.Task[None] | None = None
         self._proc: asyncio.subprocess.Process | None = None
         self._stopping = False
@@ -91,7 +123,8 @@ class VLLMSupervisor:
         return cmd + list(cfg.extra_args)
 
     def environment(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME")}
+        # Not VIRTUAL_ENV, PYTHONPATH or PYTHONHOME either: vLLM runs in its own virtual environment.
+        env = scrubbed_environment(os.environ)
         env.update(
             VLLM_TARGET_DEVICE=env.get("VLLM_TARGET_DEVICE", "cpu"),
             VLLM_CPU_KVCACHE_SPACE=str(self.cfg.kv_cache_gb),
@@ -100,7 +133,14 @@ class VLLMSupervisor:
             # Adapters promoted later are loaded into the running server without a restart.
             VLLM_ALLOW_RUNTIME_LORA_UPDATING="True",
         )
+        if self.api_key:
+            # vLLM reads the key from VLLM_API_KEY as from --api-key; the environment, unlike a command line,
+            # is not readable by every local user (/proc/<pid>/cmdline), the log or the admin status.
+            env["VLLM_API_KEY"] = self.api_key
         return env
+
+    def auth_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
     def status(self) -> dict[str, object]:
         return {
@@ -122,6 +162,8 @@ class VLLMSupervisor:
             return
         self.preflight()
         self._stopping = False
+        self.api_key = secrets.token_urlsafe(32)
+        _API_KEYS[self.base_url] = self.api_key
         self._task = asyncio.create_task(self._run(), name=f"vllm-supervisor-{self.name}")
 
     async def wait_ready(self, timeout: float | None = None) -> bool:
@@ -139,6 +181,8 @@ class VLLMSupervisor:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        if self.api_key is not None and _API_KEYS.get(self.base_url) == self.api_key:
+            del _API_KEYS[self.base_url]
         self._set("stopped")
 
     def kill(self) -> None:
@@ -226,7 +270,7 @@ class VLLMSupervisor:
 
     async def _wait_until_ready(self, proc: asyncio.subprocess.Process) -> bool:
         deadline = time.monotonic() + self.cfg.startup_timeout_s
-        async with httpx.AsyncClient(timeout=2.0) as client:
+        async with httpx.AsyncClient(timeout=2.0, headers=self.auth_headers()) as client:
             while time.monotonic() < deadline:
                 if proc.returncode is not None:
                     self.last_error = f"vLLM exited with code {proc.returncode} during start-up; see {self.log_path}"

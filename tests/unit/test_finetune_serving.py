@@ -179,3 +179,36 @@ async def test_container_start_up_restores_deployed_adapters_and_plugs_in_the_ad
             container.finetune.promote("tuned", version.version, actor="t")
     finally:
         await container.aclose()
+
+
+async def test_adapters_load_with_the_managed_servers_key(tmp_path, monkeypatch, fake):
+    """A server Keel runs refuses /v1 requests without its per-start key: LoRA loading sends it."""
+    from pydantic import SecretStr
+
+    from app.llm import vllm_server
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    version = AdapterVersion(model="demo", version="4", source=str(adapter), run_id="r")
+    s = settings()
+    s.backends["local"].api_key = SecretStr("configured-for-a-remote-server")
+    seen = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.headers.get("authorization"))
+        return fake(request)
+
+    real = serving.load_adapter
+
+    async def via_fake(*args, **kw):
+        async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as c:
+            return await real(*args, client=c, **kw)
+
+    monkeypatch.setattr(serving, "load_adapter", via_fake)
+    monkeypatch.setitem(vllm_server._API_KEYS, "http://127.0.0.1:8123", "per-start-key")
+    await serving.deploy(s, version, alias="demo", backend="local")
+    assert seen == ["Bearer per-start-key"]
+    # A server this process did not start (a restarted API, another host): the configured key.
+    monkeypatch.delitem(vllm_server._API_KEYS, "http://127.0.0.1:8123")
+    assert serving.backend_api_key(s, "local") == "configured-for-a-remote-server"

@@ -132,3 +132,35 @@ async def test_models_lists_ids() -> None:
         return httpx.Response(200, json={"object": "list", "data": [{"id": "smollm2"}]})
 
     assert await backend(handler).models() == ["smollm2"]
+
+
+async def test_the_bearer_key_is_read_per_request() -> None:
+    """A managed vLLM server gets a new key each time Keel starts it: the client must follow it."""
+    from pathlib import Path
+
+    from pydantic import SecretStr
+
+    from app.core.settings import ManagedVLLM
+    from app.llm.vllm_backend import VLLMBackend
+
+    seen = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.headers.get("authorization"))
+        return httpx.Response(200, json={"object": "list", "data": [{"id": "m"}]})
+
+    remote = OpenAIBackend("r", BackendSettings(kind="openai", base_url="http://up/v1", api_key=SecretStr("sk-r")))
+    assert remote.api_key() == "sk-r"
+    managed = VLLMBackend("v", BackendSettings(kind="vllm", api_key=SecretStr("configured"), managed=ManagedVLLM()),
+                          Path("/tmp"))
+    for b in (remote, managed):
+        await OpenAIBackend.start(b)  # the client only: no server is started
+        b.client._transport = httpx.MockTransport(handler)
+    await remote.models()
+    managed.supervisor.api_key = "first"
+    await managed.models()
+    managed.supervisor.api_key = "second"
+    await managed.models()
+    assert seen == ["Bearer sk-r", "Bearer first", "Bearer second"]
+    for b in (remote, managed):
+        await b.aclose()

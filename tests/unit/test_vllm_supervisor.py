@@ -24,20 +24,20 @@ def free_port() -> int:
 
 
 @pytest.fixture
-async def make(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+async def make(tmp_path: Path):
     """A supervisor whose 'python' runs the fake server script."""
     model = tmp_path / "model"
     model.mkdir()
     (model / "config.json").write_text("{}")
-    launcher = tmp_path / "python"
-    launcher.write_text(f"#!/bin/sh\nexec {sys.executable} {FAKE} \"$@\"\n")
-    launcher.chmod(launcher.stat().st_mode | stat.S_IEXEC)
     counter = tmp_path / "starts"
-    monkeypatch.setenv("FAKE_VLLM_COUNTER", str(counter))
     made = []
 
     def _make(mode: str = "ok", **cfg) -> VLLMSupervisor:
-        monkeypatch.setenv("FAKE_VLLM_MODE", mode)
+        # The server gets a scrubbed environment, so the fake's settings travel in its launcher.
+        launcher = tmp_path / f"python-{len(made)}"
+        launcher.write_text(f"#!/bin/sh\nFAKE_VLLM_MODE={mode} FAKE_VLLM_COUNTER={counter} "
+                            f"exec {sys.executable} {FAKE} \"$@\"\n")
+        launcher.chmod(launcher.stat().st_mode | stat.S_IEXEC)
         config = ManagedVLLM(python=launcher, port=free_port(), model_path=model, restart_backoff_s=0.05, **cfg)
         sup = VLLMSupervisor("t", config, tmp_path / "vllm.log", liveness_interval_s=0.3, liveness_failures=2)
         sup.starts = lambda: counter.read_text().count("start") if counter.exists() else 0
@@ -131,3 +131,51 @@ def test_command_line_carries_the_settings(make) -> None:
     env = sup.environment()
     assert env["HF_HUB_OFFLINE"] == "1" and env["VLLM_CPU_KVCACHE_SPACE"] == "2"
     assert "VIRTUAL_ENV" not in env and "PYTHONPATH" not in env  # vLLM's venv, not ours
+
+
+def test_environment_is_an_allow_list_without_secrets(make, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in {"KEEL_AUTH__ENABLED": "true", "KEEL_EVALS__JUDGE_API_KEY": "sk-judge",
+                        "OPENAI_API_KEY": "sk-1", "DATABASE_URL": "postgres://u:pw@db/keel",
+                        "AWS_SECRET_ACCESS_KEY": "x", "HF_TOKEN": "hf_x", "VLLM_API_KEY": "inherited",
+                        "PGPASSWORD": "pw", "RANDOM_THING": "1", "VIRTUAL_ENV": "/keel/.venv", "PYTHONPATH": "/keel",
+                        "HF_HOME": "/cache/hf", "LC_ALL": "C.UTF-8", "OMP_NUM_THREADS": "2",
+                        "CUDA_VISIBLE_DEVICES": "0", "TORCH_HOME": "/cache/torch", "TMPDIR": "/tmp/k",
+                        "TRANSFORMERS_OFFLINE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0-1"}.items():
+        monkeypatch.setenv(name, value)
+    sup = make()
+    env = sup.environment()
+    for kept in ("PATH", "HF_HOME", "LC_ALL", "OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "TORCH_HOME", "TMPDIR",
+                 "VLLM_CPU_OMP_THREADS_BIND"):
+        assert kept in env, kept
+    for dropped in ("KEEL_AUTH__ENABLED", "KEEL_EVALS__JUDGE_API_KEY", "OPENAI_API_KEY", "DATABASE_URL",
+                    "AWS_SECRET_ACCESS_KEY", "HF_TOKEN", "VLLM_API_KEY", "PGPASSWORD", "RANDOM_THING", "VIRTUAL_ENV",
+                    "PYTHONPATH"):
+        assert dropped not in env, dropped
+    assert not any(v in ("sk-1", "sk-judge", "hf_x", "inherited") or "pw@" in v for v in env.values())
+
+
+async def test_each_start_gets_a_random_key_that_the_server_requires(make) -> None:
+    import httpx
+
+    from app.llm.vllm_server import managed_api_key
+
+    sup = make()
+    assert sup.api_key is None and "VLLM_API_KEY" not in sup.environment()
+    await sup.start()
+    key = sup.api_key
+    assert key and len(key) >= 32 and managed_api_key(f"{sup.base_url}/v1") == key
+    assert sup.environment()["VLLM_API_KEY"] == key
+    # The key is in the child's environment, not on its command line (readable by any local user), in the
+    # admin status or in the log.
+    assert all(key not in part for part in sup.command()) and key not in str(sup.status())
+    assert await sup.wait_ready(20)  # the readiness poll of /v1/models sends it
+    async with httpx.AsyncClient() as c:
+        assert (await c.get(f"{sup.base_url}/v1/models")).status_code == 401
+        assert (await c.get(f"{sup.base_url}/v1/models", headers=sup.auth_headers())).status_code == 200
+        assert (await c.get(f"{sup.base_url}/health")).status_code == 200
+    assert key not in sup.log_path.read_text()
+    await sup.stop()
+    assert managed_api_key(sup.base_url) is None
+    await sup.start()
+    assert sup.api_key != key
+    await sup.stop()
