@@ -58,7 +58,14 @@ from typing import Any
 from app.core.types import ChatMessage
 from app.guardrails.audit import AuditRecord, AuditStore, AuditWriter
 from app.guardrails.metrics import GuardrailMetrics
-from app.guardrails.policy import LoadedPolicy, ResolvedPolicy, ValidatorSpec, load_policy, needs_whole_output
+from app.guardrails.policy import (
+    FAIL_CLOSED,
+    LoadedPolicy,
+    ResolvedPolicy,
+    ValidatorSpec,
+    load_policy,
+    needs_whole_output,
+)
 from app.guardrails.settings import GuardrailSettings
 from app.guardrails.types import (
     GuardContext,
@@ -309,7 +316,7 @@ class GuardrailEngine:
                     res.passed and worst.passed and res.score > worst.score):
                 worst = res
         if error and (worst is None or worst.passed):
-            action = "block" if self.settings.on_error == "block" else "none"
+            action = "block" if self._fails_closed(spec) else "none"
             return _Run(ValidatorResult(spec.label, spec.validator, comp.stage, "error", action, 0.0,  # type: ignore[arg-type]
                                         error[:300], latency, window))
         if worst is None:
@@ -325,6 +332,10 @@ class GuardrailEngine:
             action = "log"  # nothing could be repaired (should not happen for fixers)
         return _Run(ValidatorResult(spec.label, spec.validator, comp.stage, "fail", action, worst.score,  # type: ignore[arg-type]
                                     worst.reason, latency, window, _safe_details(worst)))
+
+    def _fails_closed(self, spec: ValidatorSpec) -> bool:
+        mode = spec.on_error or self.settings.on_error
+        return mode == "block" if mode else spec.validator in FAIL_CLOSED
 
     def _group_guard(self, members: list[_Compiled]) -> Any:
         """One Guard running ``members`` (a group of :func:`_groups`) in order; cached per member list."""

@@ -33,6 +33,6 @@ class GuardrailMetrics:
             "Delay the streaming output guard added before the first released text", buckets=_TTFT_BUCKETS, registry=r,
         )
         self.errors = Counter(
-            "keel_guardrail_validator_errors_total", "Validators that raised (treated per fail_open)",
+            "keel_guardrail_validator_errors_total", "Validators that raised (blocked or let through per on_error)",
             ["validator", "stage"], registry=r,
         )

@@ -47,6 +47,8 @@ _PARAMS: dict[str, set[str]] = {
     "keel/system_prompt_leakage": {"n", "min_shared", "run"},
     "keel/secrets": set(),
 }
+# a failure of these checks must not let the request through unchecked (issue: guards failed open by default)
+FAIL_CLOSED = {"keel/prompt_injection", "keel/topic", "keel/secrets"}
 # validators that need the whole answer (cannot judge a streaming window on its own)
 WHOLE_OUTPUT = {"keel/json_schema"}
 
@@ -72,6 +74,10 @@ class ValidatorSpec(_Strict):
     threshold: float | None = Field(default=None, ge=0.0, le=1.0)
     params: dict[str, Any] = Field(default_factory=dict)
     refusal: str | None = Field(default=None, description="Refusal text when this validator blocks.")
+    on_error: Literal["allow", "block"] | None = Field(default=None, description=(
+        "When the validator itself fails (raises): block (fail closed) or allow (fail open). Unset: "
+        "guardrails.on_error if set, else closed for the checks that stand between an attacker and the model "
+        "(prompt injection, denied/allowed topics, secrets) and open for the rest."))
 
     @field_validator("validator")
     @classmethod

@@ -63,7 +63,9 @@ class GuardrailSettings(BaseModel):
         "~25% faster), else float32.")
     use_ner: bool = Field(default=True, description="Detect person names with presidio+spaCy when installed.")
     max_workers: int = Field(default=4, ge=1, description="Threads for CPU-bound validators.")
-    on_error: Literal["allow", "block"] = Field(
-        default="allow", description="When a validator raises: allow (fail open, logged and counted) or block."
-    )
+    on_error: Literal["allow", "block"] | None = Field(
+        default=None, description="When a validator raises, for every policy entry without its own on_error: "
+        "allow (fail open) or block (fail closed); either way logged, counted "
+        "(keel_guardrail_validator_errors_total) and audited. Unset: closed for prompt injection, topics and "
+        "secrets, open for the rest.")
     streaming: StreamingSettings = Field(default_factory=StreamingSettings)
