@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -283,7 +285,9 @@ def parse_suite(data: Any, *, base_dir: Path | None = None, where: str = "(inlin
     return suite
 
 
-def load_suite(path: str | Path) -> Suite:
+def load_suite(path: str | Path, *, roots: Sequence[Path] | None = None) -> Suite:
+    """``roots``: folders the suite's JSONL dataset must live in (a suite chosen over the API may not make
+    the server read, and echo in its errors, a file elsewhere)."""
     path = Path(path)
     if not path.is_file():
         raise SuiteError(f"suite file {path} does not exist")
@@ -291,7 +295,50 @@ def load_suite(path: str | Path) -> Suite:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         raise SuiteError(f"{path} is not valid YAML: {e}") from None
+    if roots is not None and isinstance(data, dict) and isinstance(data.get("dataset"), dict):
+        ds = data["dataset"].get("path")
+        if ds is not None and not _inside(path.parent / str(ds), roots):
+            raise SuiteError(f"{path}: dataset.path must be a file in the suites folder(s) "
+                             f"({', '.join(map(str, roots))})")
     return parse_suite(data, base_dir=path.parent, where=str(path))
+
+
+def _inside(path: Path, roots: Sequence[Path]) -> bool:
+    p = Path(os.path.abspath(path))
+    return any(p.is_relative_to(os.path.abspath(r)) for r in roots)
+
+
+_SHIPPED = Path(__file__).parent / "suites"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+def suite_dirs(suites_dir: Path) -> list[Path]:
+    """The folders suites load from by name: ``evals.suites_dir`` (relative to the working directory, else
+    to the project root) and the shipped evals/suites."""
+    root = Path(__file__).resolve().parents[1]
+    first = suites_dir if suites_dir.is_dir() or suites_dir.is_absolute() else root / suites_dir
+    out: list[Path] = []
+    for d in (first, _SHIPPED):
+        d = Path(os.path.abspath(d))
+        if d not in out:
+            out.append(d)
+    return out
+
+
+def find_named_suite(name: str, suites_dir: Path) -> Path:
+    """``<folder>/<name>.yaml`` in the first of :func:`suite_dirs` that has it; a path is refused (what a
+    remote caller names must not make the server read files outside the suites folders)."""
+    dirs = suite_dirs(suites_dir)
+    where = ", ".join(map(str, dirs))
+    if not _NAME.match(name) or ".." in name:
+        raise SuiteError(f"suite {name!r} is not a suite name: suites are loaded by name from the suites folder(s) "
+                         f"({where}; setting evals.suites_dir), not from a path")
+    stem = name.removesuffix(".yaml").removesuffix(".yml")
+    for d in dirs:
+        for cand in (d / f"{stem}.yaml", d / f"{stem}.yml"):
+            if cand.is_file():
+                return cand
+    raise SuiteError(f"no suite {name!r} in the suites folder(s) ({where})")
 
 
 def find_suite(name_or_path: str, suites_dir: Path) -> Path:

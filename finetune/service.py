@@ -16,7 +16,7 @@ from app.core.errors import InvalidRequest
 from finetune.data import check_dataset, token_counter
 from finetune.errors import InvalidJobSpec
 from finetune.jobs import Job, JobStore
-from finetune.spec import JobSpec, load_spec, parse_spec, resolve_base_model
+from finetune.spec import JobSpec, check_suite_names, load_spec, parse_spec, resolve_base_model
 from finetune.worker import finetune_settings, open_store
 
 if TYPE_CHECKING:
@@ -103,6 +103,11 @@ class FinetuneService:
         ``suites`` replaces the spec's list for this evaluation (the gate still requires the spec's)."""
         if suites is not None and not suites:
             raise InvalidRequest("give at least one suite, or none to use the job spec's", param="suites")
+        if suites is not None:
+            try:
+                check_suite_names(suites)
+            except ValueError as exc:
+                raise InvalidRequest(str(exc), param="suites") from None
         job = self.store.get(job_id)
         if suites is None and not parse_spec(job.spec_yaml, source=f"job {job_id} spec").evals:
             raise InvalidRequest(f"job {job_id}'s spec names no eval suites; give the suites to run", param="suites")

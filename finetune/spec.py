@@ -23,6 +23,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from finetune.errors import InvalidJobSpec
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+# Eval suites are named, never given as paths: a worker loads them from the suites folders only.
+SUITE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*(\.[A-Za-z0-9_-]+)*$")
+
+
+def check_suite_names(names: list[str]) -> list[str]:
+    bad = [n for n in names if len(n) > 128 or not SUITE_NAME_RE.match(n)]
+    if bad:
+        raise ValueError(f"eval suites are named, not paths (a suite in evals.suites_dir or evals/suites): "
+                         f"{', '.join(map(repr, bad))}")
+    return names
 
 
 class _Strict(BaseModel):
@@ -92,6 +102,11 @@ class JobSpec(_Strict):
         if v is not None and not NAME_RE.match(v):
             raise ValueError("must match [a-z0-9][a-z0-9_-]{0,62}")
         return v
+
+    @field_validator("evals")
+    @classmethod
+    def _suites(cls, v: list[str]) -> list[str]:
+        return check_suite_names(v)
 
     @property
     def model_name(self) -> str:

@@ -29,16 +29,19 @@ def _store(container: Container) -> EvalStore:
 
 
 def _load(container: Container, name: str):
-    from evals.suite import SuiteError, find_suite, load_suite
+    """A suite by name from the suites folders only: a caller must not make the server read other files."""
+    from evals.suite import SuiteError, find_named_suite, load_suite, suite_dirs
 
+    suites_dir = container.settings.evals.suites_dir
     try:
-        return load_suite(find_suite(name, container.settings.evals.suites_dir))
+        return load_suite(find_named_suite(name, suites_dir), roots=suite_dirs(suites_dir))
     except SuiteError as e:
         raise InvalidRequest(str(e), param="suite") from e
 
 
 class RunIn(BaseModel):
-    suite: str = Field(min_length=1, max_length=200, description="Suite name under evals/suites.")
+    suite: str = Field(min_length=1, max_length=200, description="Suite name in the suites folder (evals.suites_dir "
+                       "or the shipped evals/suites); not a path.")
     baseline: str | None = Field(default=None, max_length=100)
     use_cache: bool = True
 
