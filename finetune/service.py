@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,7 +17,14 @@ from app.core.errors import InvalidRequest
 from finetune.data import check_dataset, token_counter
 from finetune.errors import InvalidJobSpec
 from finetune.jobs import Job, JobStore
-from finetune.spec import JobSpec, check_suite_names, load_spec, parse_spec, resolve_base_model
+from finetune.spec import (
+    JobSpec,
+    base_model_path,
+    check_suite_names,
+    load_spec,
+    parse_spec,
+    resolve_base_model,
+)
 from finetune.worker import finetune_settings, open_store
 
 if TYPE_CHECKING:
@@ -64,14 +72,22 @@ class FinetuneService:
         return report.to_dict()
 
     def check_data_location(self, spec: JobSpec) -> None:
+        """The dataset files and the base model folder must live under ``finetune.allowed_roots`` (and the
+        data under ``allowed_data_dirs`` when set): a submitter must not make the server read any file."""
+        data = (("dataset.path", spec.dataset.path), ("dataset.validation_path", spec.dataset.validation_path))
         roots = [Path(r).resolve() for r in self.fs.allowed_data_dirs]
-        if not roots:
-            return
-        for field, path in (("dataset.path", spec.dataset.path), ("dataset.validation_path",
-                                                                  spec.dataset.validation_path)):
-            if path is not None and not any(Path(path).resolve().is_relative_to(r) for r in roots):
-                raise InvalidJobSpec(f"{field} {path} is outside the allowed data folders "
-                                     f"({', '.join(str(r) for r in roots)})", param=field)
+        if roots:
+            for field, path in data:
+                if path is not None and not any(Path(path).resolve().is_relative_to(r) for r in roots):
+                    raise InvalidJobSpec(f"{field} {path} is outside the allowed data folders "
+                                         f"({', '.join(str(r) for r in roots)})", param=field)
+        allowed = self.fs.resolved_allowed_roots(self.settings.home)
+        for field, path in (*data, ("base_model", base_model_path(spec, self.settings.models_dir))):
+            if path is not None and not _under(Path(path), allowed):
+                raise InvalidJobSpec(
+                    f"{field} {path} is outside the folders fine-tuning may read "
+                    f"({', '.join(str(r) for r in allowed)}); move it there or add its folder to the setting "
+                    "finetune.allowed_roots (KEEL_FINETUNE__ALLOWED_ROOTS)", param=field)
 
     def submit(self, spec: JobSpec, *, submitted_by: str = "", validate_data: bool = True) -> Job:
         self.check_data_location(spec)
@@ -186,6 +202,13 @@ class FinetuneService:
                 log.error("could not restore deployment %s (%s/%s on %s): %s", d["alias"], d["model"],
                           d["version"], d["backend"], exc)
         return restored
+
+
+def _under(path: Path, roots: list[Path]) -> bool:
+    # '..' collapsed, links not followed: an API caller cannot create links, and one that an admin placed
+    # under a root (e.g. <home>/models/smollm2 -> a shared model store) is meant to be used.
+    plain = Path(os.path.abspath(path))
+    return any(plain.is_relative_to(os.path.abspath(r)) for r in roots)
 
 
 def build_finetune(settings: Settings, *, gate: AdapterGate | None = None) -> FinetuneService:

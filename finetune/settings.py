@@ -34,6 +34,12 @@ class FinetuneSettings(BaseModel):
         default=120.0, gt=0, description="A running job whose worker has not beaten for this long is recovered."
     )
     max_attempts: int = Field(default=3, ge=1, description="Runs of one job (first run plus crash recoveries).")
+    allowed_roots: list[Path] | None = Field(
+        default=None,
+        description="Folders a job's dataset files and base model folder must live in (whoever may submit a job "
+        "must not make the server read, or train on, any file it can read). None: the project's finetune/jobs "
+        "folder and the Keel home (which holds the prepared models, <home>/models). ['/'] allows any path.",
+    )
     allowed_data_dirs: list[Path] = Field(
         default_factory=list,
         description="If set, submitted datasets must live under one of these folders (API users cannot make "
@@ -47,6 +53,11 @@ class FinetuneSettings(BaseModel):
     eval_dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
         default="float32", description="dtype of the in-process model that answers the eval suites."
     )
+
+    def resolved_allowed_roots(self, home: Path) -> list[Path]:
+        if self.allowed_roots is not None:
+            return list(self.allowed_roots)
+        return [Path(__file__).resolve().parent / "jobs", home]
 
     def home_dir(self, home: Path) -> Path:
         return home / "finetune"

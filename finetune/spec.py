@@ -162,12 +162,19 @@ def load_spec(path: str | Path) -> JobSpec:
     return parse_spec(text, base_dir=path.resolve().parent, source=str(path))
 
 
-def resolve_base_model(spec: JobSpec, models_dir: Path) -> Path:
-    """'smollm2' -> <home>/models/smollm2; a path is used as is. Must hold a config.json."""
+def base_model_path(spec: JobSpec, models_dir: Path) -> Path:
+    """Where the base model is looked for (not checked): a name under ``models_dir`` or a path as given."""
     raw = spec.base_model
     candidate = Path(raw).expanduser()
     if not (candidate.is_absolute() or "/" in raw or candidate.exists()):
         candidate = models_dir / raw
+    return candidate
+
+
+def resolve_base_model(spec: JobSpec, models_dir: Path) -> Path:
+    """'smollm2' -> <home>/models/smollm2; a path is used as is. Must hold a config.json."""
+    raw = spec.base_model
+    candidate = base_model_path(spec, models_dir)
     if not (candidate / "config.json").is_file():
         raise InvalidJobSpec(
             f"base model {raw!r} resolves to {candidate}, which is not a model folder (no config.json); "

@@ -221,3 +221,32 @@ def test_evaluate_route_and_eval_fields(client, home):
     r = client.post(f"/v1/finetune/jobs/{job['id']}/evaluate", json={"suites": []}, headers=h())
     assert r.status_code == 400
     assert client.post("/v1/finetune/jobs/ft-missing/evaluate", headers=h()).status_code == 404
+
+
+def test_data_and_base_model_stay_in_the_allowed_roots_by_default(client, home, tmp_path_factory):
+    from finetune.spec import load_spec
+
+    svc = client.app.state.keel.finetune
+    outside = tmp_path_factory.mktemp("outside")
+    (outside / "good.jsonl").write_text((home / "good.jsonl").read_text())
+    (outside / "model").mkdir()
+    (outside / "model" / "config.json").write_text("{}")
+    for body, field in (({**spec(home), "dataset": {"path": str(outside / "good.jsonl")}}, "dataset.path"),
+                        ({**spec(home), "dataset": {"path": str(home / "../" / outside.name / "good.jsonl")}},
+                         "dataset.path"),
+                        ({**spec(home), "dataset": {"path": str(home / "good.jsonl"),
+                                                    "validation_path": str(outside / "good.jsonl")}},
+                         "dataset.validation_path"),
+                        ({**spec(home), "base_model": str(outside / "model")}, "base_model")):
+        r = client.post("/v1/finetune/jobs", json={"spec": body, "validate_data": False}, headers=h())
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert err["code"] == "invalid_job_spec" and err["param"] == field
+        assert "finetune.allowed_roots" in err["message"] and "outside the folders" in err["message"]
+    # The defaults keep the shipped job (finetune/jobs) and a home's prepared model (<home>/models) working.
+    shipped = load_spec(Path(__file__).resolve().parents[2] / "finetune" / "jobs" / "veltmar-fact.yaml")
+    svc.check_data_location(shipped)
+    assert client.post("/v1/finetune/jobs", json={"spec": spec(home)}, headers=h()).status_code == 201
+    svc.fs.allowed_roots = [outside]
+    body = {**spec(home), "dataset": {"path": str(outside / "good.jsonl")}, "base_model": str(outside / "model")}
+    assert client.post("/v1/finetune/jobs", json={"spec": body, "validate_data": False}, headers=h()).status_code == 201
