@@ -33,6 +33,7 @@ from app.guardrails.types import (
     GuardrailEvent,
     GuardrailRedaction,
     GuardrailRetraction,
+    InputDecision,
 )
 from app.llm.router import ModelRouter
 from app.services.grounding import RAG_PREFIX, Grounded, Grounder, RagUse, citations
@@ -201,7 +202,9 @@ class ChatService:
             max_tokens=p.max_tokens or min(defaults.max_tokens, self.settings.limits.max_tokens),
         )
 
-    async def stream(self, request: ChatRequest) -> AsyncIterator[ChatEvent]:
+    async def stream(self, request: ChatRequest, *, reask: bool = False) -> AsyncIterator[ChatEvent]:
+        """``reask`` (non-streaming callers): an output verdict ``reask`` asks the model once more, with the
+        validator's reason, instead of retracting: the answer is checked whole before anything is released."""
         alias = request.model
         # before resolve(): for RAG the last user turn becomes the rendered passages + question
         question = next((m.content for m in reversed(request.messages) if m.role == "user"), None)
@@ -255,7 +258,10 @@ class ChatService:
             else:
                 events = self.router.stream(request.model, gen_request)
             if decision is not None:
-                events = self.guards.output_guard(context, decision).wrap(events)
+                if reask and not agent and params.n == 1 and self._reasks(decision):
+                    events = self._checked_whole(events, gen_request, context, decision)
+                else:
+                    events = self.guards.output_guard(context, decision).wrap(events)
             yield started
             for event in masked:
                 yield event
@@ -275,6 +281,36 @@ class ChatService:
                 yield Citations(citations(grounded.chunks, "".join(answer)))
         finally:
             self.metrics.inflight.dec()
+
+    def _reasks(self, decision: InputDecision) -> bool:
+        return any(s.on_fail == "reask" for s in self.guards.policy.file.resolve(decision.policy).output)
+
+    async def _checked_whole(self, events: AsyncIterator[ChatEvent], gen: GenerationRequest, context: GuardContext,
+                             decision: InputDecision) -> AsyncIterator[ChatEvent]:
+        """The whole answer through the output guard, re-asked once when a ``reask`` validator fails (a stream
+        cannot take back what it sent, so streaming retracts instead): one bounded retry with the validator's
+        reason; a second failure is refused like a ``block``."""
+        text, finish, usage = await _drain(events)
+        verdict = await self.guards.check_output(text, context, decision)
+        if verdict.reask:
+            log.info("request %s: output failed a reask validator; asking the model once more", gen.request_id)
+            retry = replace(gen, messages=(*gen.messages, ChatMessage("assistant", text),
+                                           ChatMessage("user", verdict.reask)))
+            text, finish, more = await _drain(self.router.stream(gen.model, retry))
+            usage = Usage(usage.prompt_tokens + more.prompt_tokens, usage.completion_tokens + more.completion_tokens)
+            verdict = await self.guards.check_output(text, context, decision)
+        failed = next((r for r in verdict.results if r.action in ("block", "reask")), None)
+        if failed is not None:
+            yield GuardrailRetraction(failed.validator, 0, failed.reason,
+                                      verdict.refusal or self.guards.refusal_for(decision.policy, failed.validator), 0)
+            yield Finished("content_filter")
+        else:
+            for r in verdict.results:
+                if r.action == "redact":
+                    yield GuardrailRedaction.of(r, 0)
+            yield TextDelta(verdict.text)
+            yield Finished(finish)
+        yield usage
 
     @staticmethod
     def _guard_context(
@@ -297,7 +333,7 @@ class ChatService:
 
     async def complete(self, request: ChatRequest) -> ChatResult:
         result: ChatResult | None = None
-        async for event in self.stream(request):
+        async for event in self.stream(request, reask=True):
             if isinstance(event, Started):
                 result = ChatResult(event.id, event.created, event.model, {}, {}, None,
                                     event.prompt_ref, event.prompt_hash, guardrails=event.guardrails)
@@ -318,6 +354,21 @@ class ChatService:
                 result.guardrail_events.append(event)
         assert result is not None
         return result
+
+
+async def _drain(events: AsyncIterator[ChatEvent]) -> tuple[str, str, Usage]:
+    """A single choice's whole answer, its finish reason and usage."""
+    text: list[str] = []
+    finish, usage = "stop", Usage(0, 0)
+    async with contextlib.aclosing(events) as stream:
+        async for event in stream:
+            if isinstance(event, TextDelta):
+                text.append(event.text)
+            elif isinstance(event, Finished):
+                finish = event.reason
+            elif isinstance(event, Usage):
+                usage = event
+    return "".join(text), finish, usage
 
 
 async def _without_started(events: AsyncIterator[ChatEvent]) -> AsyncIterator[ChatEvent]:

@@ -29,6 +29,8 @@ class ScriptedBackend:
     closed_early: int = 0
     requests: list[GenerationRequest] = field(default_factory=list)
     is_ready: bool = True
+    #: answers for the next calls, in order, before ``reply`` takes over
+    replies: list[str] = field(default_factory=list)
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[LLMEvent]:
         self.calls += 1
@@ -36,7 +38,7 @@ class ScriptedBackend:
         if self.fail_connect > 0:
             self.fail_connect -= 1
             raise BackendUnavailable(f"{self.name} refused the connection")
-        words = self.reply.split(" ")
+        words = (self.replies.pop(0) if self.replies else self.reply).split(" ")
         limit = request.params.max_tokens or len(words)
         sent = 0
         finished = False

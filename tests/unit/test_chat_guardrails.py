@@ -148,3 +148,34 @@ async def test_a_failing_later_window_is_retracted(env) -> None:
     r = await env["c"].post("/v1/chat/completions", json=ask("Tell me about ships."))
     body = r.json()
     assert body["choices"][0]["finish_reason"] == "content_filter" and "idiot" not in r.text
+
+
+SCHEMA = {"type": "json_schema", "json_schema": {"name": "city", "schema": {
+    "type": "object", "required": ["city"], "properties": {"city": {"type": "string"}}}}}
+
+
+async def test_reask_asks_the_model_once_more_with_the_reason(env) -> None:
+    """The structured policy's json_schema entry says reask: it used to be turned into a refusal."""
+    env["fake"].replies = ['{"town": "Paris"}', '{"city": "Paris"}']
+    r = await env["c"].post("/v1/chat/completions", json=ask("Capital of France as JSON?", response_format=SCHEMA))
+    body = r.json()
+    assert body["choices"][0]["message"]["content"] == '{"city": "Paris"}', body
+    assert body["choices"][0]["finish_reason"] == "stop" and env["fake"].calls == 2
+    retry = env["fake"].requests[-1].messages
+    assert retry[-2].role == "assistant" and retry[-2].content == '{"town": "Paris"}'
+    assert retry[-1].role == "user" and "failed validation" in retry[-1].content and "city" in retry[-1].content
+    assert body["usage"]["completion_tokens"] == 4  # both answers counted
+
+
+async def test_reask_is_bounded_then_refused(env) -> None:
+    env["fake"].replies = ['{"town": "Paris"}', '{"town": "Lyon"}', '{"city": "never asked"}']
+    r = await env["c"].post("/v1/chat/completions", json=ask("Capital of France as JSON?", response_format=SCHEMA))
+    body = r.json()
+    assert env["fake"].calls == 2 and body["choices"][0]["finish_reason"] == "content_filter"
+    assert "town" not in body["choices"][0]["message"]["content"]
+    assert body["guardrail_events"][-1]["type"] == "retraction"
+    # streaming cannot take back what it sent: the same verdict retracts there
+    env["fake"].replies = ['{"town": "Paris"}']
+    r = await env["c"].post("/v1/chat/completions", json=ask("Capital?", response_format=SCHEMA, stream=True))
+    guard = [json.loads(d)["guardrail"] for name, d in sse(r.text) if name == "guardrail"]
+    assert guard[-1]["type"] == "retraction" and env["fake"].calls == 3
