@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from app.core.errors import InvalidRequest
+from app.core.errors import Conflict, InvalidRequest
 from finetune.data import check_dataset, token_counter
 from finetune.errors import InvalidJobSpec
 from finetune.jobs import Job, JobStore
@@ -48,6 +48,9 @@ class FinetuneService:
         self.fs = finetune_settings(settings)
         self.store = store or open_store(settings)
         self._gate = gate
+        # The aliases the settings define (keel.yaml, KEEL_MODELS), taken before any deployment is restored:
+        # a deploy never replaces one of these.
+        self._configured_aliases = frozenset(settings.models)
         self._tracker: Tracker | None = None
         self._registry: AdapterRegistry | None = None
 
@@ -168,6 +171,22 @@ class FinetuneService:
 
     # -- serving -----------------------------------------------------------------------------------
 
+    def check_alias(self, alias: str, model: str) -> None:
+        """A deploy may create a new alias or move one that this registry created for the same model (its
+        deployments table is the record); it may not take over a configured alias (the default model's
+        included) or an alias another model or component serves."""
+        if alias in self._configured_aliases:
+            raise Conflict(f"model alias {alias!r} is configured in the settings (models.{alias}); a deploy may not "
+                           "replace it: deploy under another alias, or remove it from the settings first",
+                           param="deploy_alias", code="alias_not_owned")
+        owner = next((d["model"] for d in self.store.deployments() if d["alias"] == alias), None)
+        if owner is not None and owner != model:
+            raise Conflict(f"model alias {alias!r} serves the adapters of {owner!r}; {model!r} may not take it over",
+                           param="deploy_alias", code="alias_not_owned")
+        if owner is None and alias in self.settings.models:
+            raise Conflict(f"model alias {alias!r} exists and was not created by a deploy; deploy under another alias",
+                           param="deploy_alias", code="alias_not_owned")
+
     async def deploy(self, model: str, version: str | int, *, alias: str, backend: str | None = None,
                      fallback: str | None = None, actor: str = "") -> Deployment:
         """Serve ``model`` ``version`` as model ``alias`` now, and remember it for :meth:`restore_deployments`."""
@@ -175,6 +194,7 @@ class FinetuneService:
 
         from finetune import serving
 
+        await asyncio.to_thread(self.check_alias, alias, model)
         backend = backend or self.settings.models[self.settings.default_model].backend
         v = await asyncio.to_thread(self.registry.get_version, model, version)
         dep = await serving.deploy(self.settings, v, alias=alias, backend=backend, fallback=fallback)
@@ -195,6 +215,7 @@ class FinetuneService:
         restored = []
         for d in self.store.deployments():
             try:
+                self.check_alias(d["alias"], d["model"])  # e.g. since configured in keel.yaml: that one wins
                 v = self.registry.get_version(d["model"], d["version"])
                 await serving.deploy(self.settings, v, alias=d["alias"], backend=d["backend"], fallback=d["fallback"])
                 restored.append(d["alias"])

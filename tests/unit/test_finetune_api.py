@@ -250,3 +250,37 @@ def test_data_and_base_model_stay_in_the_allowed_roots_by_default(client, home, 
     svc.fs.allowed_roots = [outside]
     body = {**spec(home), "dataset": {"path": str(outside / "good.jsonl")}, "base_model": str(outside / "model")}
     assert client.post("/v1/finetune/jobs", json={"spec": body, "validate_data": False}, headers=h()).status_code == 201
+
+
+def test_a_deploy_cannot_take_over_a_configured_or_foreign_alias(client, home):
+    from prompts.registry import GateVerdict
+
+    svc = client.app.state.keel.finetune
+    settings = client.app.state.keel.settings
+    settings.backends["tf"] = settings.backends["local"].model_copy(
+        update={"kind": "transformers", "managed": None, "model_path": MODEL})
+    register_fake_versions(svc, home, 2)
+    svc.set_gate(lambda v: GateVerdict(passed=True, reason="ok"))
+    default = settings.models["smollm2"]
+    r = client.post("/v1/finetune/models/api-model/promote",
+                    json={"version": "1", "deploy_alias": "smollm2", "backend": "tf"}, headers=h())
+    assert r.status_code == 409 and r.json()["error"]["code"] == "alias_not_owned"
+    assert "configured in the settings" in r.json()["error"]["message"]
+    assert settings.models["smollm2"] is default  # the default model still answers as before
+    assert svc.registry.by_alias("api-model", "production") is None  # and the label did not move either
+    # An alias another model's deploy created.
+    settings.models["theirs"] = default.model_copy()
+    svc.store.save_deployment(alias="theirs", model="other-model", version="1", backend="tf", served_name="o-v1",
+                              adapter_path="/a")
+    r = client.post("/v1/finetune/models/api-model/promote",
+                    json={"version": "1", "deploy_alias": "theirs", "backend": "tf"}, headers=h())
+    assert r.status_code == 409 and "serves the adapters of 'other-model'" in r.json()["error"]["message"]
+    # A new alias, then moving the alias this model's deploy created, both work.
+    for version in ("1", "2"):
+        r = client.post("/v1/finetune/models/api-model/promote",
+                        json={"version": version, "deploy_alias": "mine", "backend": "tf"}, headers=h())
+        assert r.status_code == 200, r.text
+    assert settings.models["mine"].adapter == svc.registry.get_version("api-model", "2").local_path()
+    r = client.post("/v1/finetune/models/api-model/rollback", json={"deploy_alias": "smollm2", "backend": "tf"},
+                    headers=h())
+    assert r.status_code == 409 and settings.models["smollm2"] is default

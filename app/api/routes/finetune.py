@@ -208,6 +208,8 @@ async def promote_version(
 ) -> PromotionOut:
     if body.force and not key.allows("admin"):
         raise PermissionDenied("forcing a promotion past the eval gate needs the 'admin' scope", param="force")
+    if body.deploy_alias:  # before the label moves: a refused alias must not leave a half-done promotion
+        await asyncio.to_thread(svc.check_alias, body.deploy_alias, model)
     p = await asyncio.to_thread(svc.promote, model, body.version, force=body.force, reason=body.reason,
                                 actor=_actor(key))
     out = PromotionOut(model=p.model, alias=p.alias, from_version=p.from_version, to_version=p.to_version,
@@ -222,6 +224,8 @@ async def rollback_version(
     model: str, body: RollbackIn, key: ApiKey = Depends(scope),
     svc: FinetuneService = Depends(get_finetune),
 ) -> PromotionOut:
+    if body.deploy_alias:
+        await asyncio.to_thread(svc.check_alias, body.deploy_alias, model)
     p = await asyncio.to_thread(svc.rollback, model, actor=_actor(key), reason=body.reason)
     out = PromotionOut(model=p.model, alias=p.alias, from_version=p.from_version, to_version=p.to_version,
                        changed=p.changed, forced=False, verdict=None)
