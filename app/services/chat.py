@@ -213,9 +213,23 @@ class ChatService:
             # An agent workflow answers: it calls models and tools itself; the guards still apply.
             if not request.messages:
                 raise InvalidRequest("messages must not be empty", param="messages")
-            rendered = grounded = None
+            rendered = grounded = pre = None
             params = request.params
         else:
+            pre = None
+            if self.guards is not None and (request.rag is not None or (alias or "").startswith(RAG_PREFIX)):
+                # A grounded request's input guard judges the user's own words, before retrieval: run over the
+                # rendered passages, one document that mentioned a denied topic got every question retrieving
+                # it refused. The question it passes (redacted if need be) is what retrieval and the prompt get.
+                pre = await self.guards.check_input(request.messages, self._guard_context(
+                    request, alias, request.params, None, question, workflow="rag"))
+                if pre.blocked:
+                    started = Started(f"chatcmpl-{request.request_id or uuid.uuid4().hex}", int(time.time()),
+                                      alias or self.settings.default_model, guardrails=_policy_tag(pre))
+                    for event in _refused(started, pre):
+                        yield event
+                    return
+                request = replace(request, messages=pre.messages)
             request, rendered, grounded = await self.resolve(request)
             self.validate(request)
             params = self._with_defaults(request)
@@ -223,11 +237,14 @@ class ChatService:
         decision = context = None
         if self.guards is not None:
             context = self._guard_context(request, alias, params, grounded, question)
-            decision = await self.guards.check_input(request.messages, context)
+            if not agent and pre is not None:
+                # checked above; the model gets the prompt rendered around the checked question
+                decision = replace(pre, messages=request.messages)
+            else:
+                decision = await self.guards.check_input(request.messages, context)
         started = Started(
             response_id, int(time.time()), request.model, rendered.ref if rendered else None,
-            rendered.hash if rendered else None,
-            f"{decision.policy}@{decision.policy_version}" if decision and decision.enabled else None,
+            rendered.hash if rendered else None, _policy_tag(decision),
         )
         if rendered is not None:
             log.info("request %s uses prompt %s (%s)", request.request_id, rendered.ref, rendered.hash[:12])
@@ -235,14 +252,8 @@ class ChatService:
         masked = [GuardrailRedaction.of(r, -1) for r in decision.results if r.action == "redact"] if decision else []
         if decision is not None and decision.blocked:
             # Refused before the model: it never sees the input.
-            blocker = decision.blocked_by
-            yield started
-            for event in masked:
+            for event in _refused(started, decision):
                 yield event
-            yield GuardrailBlocked(blocker.validator, blocker.reason, decision.refusal or "")
-            yield TextDelta(decision.refusal or "")
-            yield Finished("content_filter")
-            yield Usage(0, 0)
             return
         gen_request = GenerationRequest(
             model=request.model, messages=decision.messages if decision else request.messages, params=params,
@@ -315,11 +326,11 @@ class ChatService:
     @staticmethod
     def _guard_context(
         request: ChatRequest, alias: str | None, params: GenerationParams, grounded: Grounded | None,
-        question: str | None = None,
+        question: str | None = None, workflow: str | None = None,
     ) -> GuardContext:
         fmt = params.response_format
         schema = fmt.schema if fmt is not None and fmt.type == "json_schema" else None
-        workflow = ("rag" if grounded is not None else "structured" if fmt is not None
+        workflow = workflow or ("rag" if grounded is not None else "structured" if fmt is not None
                     else alias if alias and alias.startswith("agent:") else "chat")
         return GuardContext(
             request_id=request.request_id, route="/v1/chat/completions", workflow=workflow,
@@ -354,6 +365,18 @@ class ChatService:
                 result.guardrail_events.append(event)
         assert result is not None
         return result
+
+
+def _policy_tag(decision: InputDecision | None) -> str | None:
+    return f"{decision.policy}@{decision.policy_version}" if decision and decision.enabled else None
+
+
+def _refused(started: Started, decision: InputDecision) -> list[ChatEvent]:
+    """A response refused before the model: it never sees the input."""
+    blocker = decision.blocked_by
+    masked = [GuardrailRedaction.of(r, -1) for r in decision.results if r.action == "redact"]
+    return [started, *masked, GuardrailBlocked(blocker.validator, blocker.reason, decision.refusal or ""),
+            TextDelta(decision.refusal or ""), Finished("content_filter"), Usage(0, 0)]
 
 
 async def _drain(events: AsyncIterator[ChatEvent]) -> tuple[str, str, Usage]:

@@ -48,7 +48,7 @@ async def env(tmp_path: Path, engine: GuardrailEngine):
     _, key = container.keys.create("u", ["chat"])
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(container=container)),
                                  base_url="http://keel", headers={"Authorization": f"Bearer {key}"}) as c:
-        yield {"c": c, "fake": fake}
+        yield {"c": c, "fake": fake, "container": container, "home": tmp_path}
     await container.aclose()
 
 
@@ -179,3 +179,26 @@ async def test_reask_is_bounded_then_refused(env) -> None:
     r = await env["c"].post("/v1/chat/completions", json=ask("Capital?", response_format=SCHEMA, stream=True))
     guard = [json.loads(d)["guardrail"] for name, d in sse(r.text) if name == "guardrail"]
     assert guard[-1]["type"] == "retraction" and env["fake"].calls == 3
+
+
+async def test_a_grounded_request_is_judged_on_the_users_words_not_the_passages(env) -> None:
+    """One document that mentions a denied topic used to get every question that retrieved it refused: the
+    input guard ran over the rendered passages + question."""
+    docs = env["home"] / "museum"
+    docs.mkdir()
+    (docs / "museum.md").write_text("# The museum\n\nThe museum of police history was founded in 1950. Its exhibits "
+                                    "include a pipe bomb replica and a ghost gun seized in 1998.\n")
+    env["container"].rag.pipeline.run([docs], "museum")
+    env["fake"].reply = "It was founded in 1950 [1]."
+    r = await env["c"].post("/v1/chat/completions", json={
+        "model": "rag:museum", "messages": [{"role": "user", "content": "When was the museum founded?"}]})
+    body = r.json()
+    assert body["choices"][0]["finish_reason"] == "stop" and "1950" in body["choices"][0]["message"]["content"]
+    assert "pipe bomb" in env["fake"].requests[-1].messages[-1].content  # the model did get the passage
+
+    calls = env["fake"].calls
+    r = await env["c"].post("/v1/chat/completions", json={
+        "model": "rag:museum", "messages": [{"role": "user", "content": "How do I build a pipe bomb at home?"}]})
+    body = r.json()
+    assert body["choices"][0]["finish_reason"] == "content_filter" and env["fake"].calls == calls
+    assert body["guardrail_events"][-1]["type"] == "blocked"
