@@ -18,9 +18,12 @@ import json
 import logging
 import math
 import time
+import weakref
 from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, Counter
 
 from app.core.errors import KeelError
 from app.core.types import ChatMessage, GenerationParams
@@ -71,6 +74,23 @@ def judge_endpoint(settings: Settings) -> tuple[str | None, str | None]:
         managed = backend.managed
         base_url = backend.base_url or (f"http://{managed.host}:{managed.port}/v1" if managed else None)
     return base_url, model
+
+
+_SWALLOWED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def swallowed_errors(container: Any) -> Counter:
+    """``keel_eval_swallowed_errors_total{where}`` on the app's registry (/metrics): errors the harness
+    handles without failing the case or the run. One per registry, however many runners it serves."""
+    registry = getattr(getattr(container, "metrics", None), "registry", None)
+    if registry is None:  # a container without metrics (the fine-tune worker's): a counter nobody scrapes
+        registry = CollectorRegistry()
+    counter = _SWALLOWED.get(registry)
+    if counter is None:
+        counter = _SWALLOWED[registry] = Counter(
+            "keel_eval_swallowed_errors_total", "Errors the eval harness handled without failing a case or run",
+            ["where"], registry=registry)
+    return counter
 
 
 def judge_api_key(settings: Settings, base_url: str | None) -> str | None:
@@ -190,8 +210,12 @@ class EvalRunner:
                 rendered = self.container.prompts.render(suite.target.prompt, {**suite.target.variables,
                                                                                **case.variables})
                 parts += [m.content for m in rendered.messages if m.role == "system"]
-            except Exception:  # a render error shows up as the case's error below
-                pass
+            except Exception as exc:
+                # The case's answer call fails on the same render error, but a cached answer is scored without
+                # this system prompt: the leak metrics then check less than they say. Make it visible.
+                log.warning("suite %s, case %s: rendering %s for the metrics failed: %s", suite.name, case.id,
+                            suite.target.prompt, exc, exc_info=exc)
+                swallowed_errors(self.container).labels("render_system_prompt").inc()
         return "\n".join(parts) or None
 
     def _request(self, suite: Suite, case: Case, ident: dict[str, Any], run_id: str) -> ChatRequest:

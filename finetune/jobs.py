@@ -162,6 +162,12 @@ class Job:
         return out
 
 
+class JobOwnershipLost(JobStateConflict):
+    """A worker acted on a job that is no longer its own (recovered after its heartbeat stopped)."""
+
+    code = "finetune_job_lost"
+
+
 def _row_to_job(row: sqlite3.Row) -> Job:
     d = dict(row)
     d["cancel_requested"] = bool(d["cancel_requested"])
@@ -275,13 +281,18 @@ class JobStore:
         self.append_log(job_id, f"queued by {submitted_by or 'unknown'} (spec {spec_hash[:12]})")
         return self.get(job_id)
 
-    def transition(self, job_id: str, to: JobState, **fields: Any) -> Job:
-        """Move a job to ``to`` if the state machine allows it from its current state."""
+    def transition(self, job_id: str, to: JobState, *, owner: str | None = None, **fields: Any) -> Job:
+        """Move a job to ``to`` if the state machine allows it from its current state. ``owner``: the
+        worker that claimed it; if the job is no longer that worker's (recovered while it went silent, and
+        maybe claimed by another), :class:`JobOwnershipLost` and nothing changes."""
         with self._tx() as db:
-            row = db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            row = db.execute("SELECT state, worker FROM jobs WHERE id = ?", (job_id,)).fetchone()
             if row is None:
                 raise JobNotFound(f"no fine-tuning job {job_id!r}", param="job_id")
             current = row["state"]
+            if owner is not None and (current != "running" or row["worker"] != owner):
+                raise JobOwnershipLost(f"job {job_id} is no longer worker {owner}'s (now {current}"
+                                       f"{', worker ' + row['worker'] if row['worker'] else ''})")
             if to not in TRANSITIONS[current]:
                 raise JobStateConflict(f"job {job_id} is {current}; it cannot become {to}")
             now = time.time()
@@ -327,11 +338,14 @@ class JobStore:
         self.append_log(job.id, f"claimed by worker {worker} (attempt {job.attempts})")
         return job
 
-    def heartbeat(self, job_id: str, worker: str) -> None:
+    def heartbeat(self, job_id: str, worker: str) -> bool:
+        """False when the job is no longer ``worker``'s: it was recovered (requeued) while the worker was
+        silent, and another worker may be running it now."""
         now = time.time()
         with self._tx() as db:
-            db.execute("UPDATE jobs SET heartbeat_at = ? WHERE id = ? AND worker = ? AND (state = 'running' "
-                       "OR evals_state = 'running')", (now, job_id, worker))
+            cur = db.execute("UPDATE jobs SET heartbeat_at = ? WHERE id = ? AND worker = ? AND (state = 'running' "
+                             "OR evals_state = 'running')", (now, job_id, worker))
+            return cur.rowcount == 1
 
     # -- evaluation of a succeeded job's adapter -----------------------------------------------------
 

@@ -24,12 +24,13 @@ import logging
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from app.core.errors import KeelError
 from finetune.errors import InvalidTrainingData
-from finetune.jobs import Job, JobStore, this_worker_id
+from finetune.jobs import Job, JobOwnershipLost, JobStore, this_worker_id
 from finetune.settings import FinetuneSettings
 from finetune.spec import parse_spec, resolve_base_model
 
@@ -75,8 +76,10 @@ class Worker:
         for job in moved:
             log.warning("recovered job %s from a dead worker: now %s (evals %s)", job.id, job.state, job.evals_state)
             if job.state in ("failed", "cancelled") and job.mlflow_run_id and self.tracker is not None:
-                with contextlib.suppress(Exception):
+                try:
                     self.tracker.end_run(job.mlflow_run_id, "FAILED" if job.state == "failed" else "KILLED")
+                except Exception as exc:  # the job's state is what matters; the MLflow run stays open
+                    log.warning("could not end MLflow run %s of recovered job %s: %s", job.mlflow_run_id, job.id, exc)
         return moved
 
     def run(self, *, once: bool = False) -> int:
@@ -113,10 +116,12 @@ class Worker:
             if name == "keel.finetune":
                 lg.setLevel(logging.INFO)
         logging.captureWarnings(True)
-        beat_stop = threading.Event()
-        beat = threading.Thread(target=self._beat, args=(job.id, beat_stop), daemon=True, name=f"heartbeat-{job.id}")
+        beat_stop, lost = threading.Event(), threading.Event()
+        beat = threading.Thread(target=self._beat, args=(job.id, beat_stop, lost), daemon=True,
+                                name=f"heartbeat-{job.id}")
         beat.start()
         run_id = job.mlflow_run_id
+        mine = self.worker_id  # every state change checks the job is still this worker's
         try:
             spec = parse_spec(job.spec_yaml, source=f"job {job.id} spec")
             model_name = self.fs.model_prefix + spec.model_name
@@ -148,18 +153,21 @@ class Worker:
                 self.store.update(job.id, step=step, max_steps=max_steps)
 
             def should_cancel() -> bool:
-                return self.shutdown.is_set() or self.store.get(job.id).cancel_requested
+                return self.shutdown.is_set() or lost.is_set() or self.store.get(job.id).cancel_requested
 
             hooks = TrainHooks(on_start=on_start, on_log=on_log, on_progress=on_progress, should_cancel=should_cancel)
             result = run_training(spec, Path(job.run_dir), models_dir=self.settings.models_dir,
                                   device=self.fs.device, hooks=hooks)
             if result.status == "cancelled":
+                if lost.is_set():
+                    raise JobOwnershipLost(f"job {job.id} stopped at step {result.global_step}: its heartbeat "
+                                           "failed, so another worker may run it")
                 if self.store.get(job.id).cancel_requested:
                     self._end_run(run_id, "KILLED")
                     self.store.append_log(job.id, f"cancelled at step {result.global_step}")
-                    return self.store.transition(job.id, "cancelled", worker=None)
+                    return self.store.transition(job.id, "cancelled", owner=mine, worker=None)
                 self.store.append_log(job.id, f"worker shutting down: requeued at step {result.global_step}")
-                return self.store.transition(job.id, "queued", worker=None, heartbeat_at=None)
+                return self.store.transition(job.id, "queued", owner=mine, worker=None, heartbeat_at=None)
 
             fields: dict[str, Any] = {"adapter_path": str(result.adapter_dir), "step": result.global_step,
                                       "max_steps": result.max_steps}
@@ -184,7 +192,13 @@ class Worker:
                                                          f"{fields['model_version']} (alias candidate)"
                                                          if "model_version" in fields else "")
                                   + (f"; evals queued: {', '.join(spec.evals)}" if "evals_state" in fields else ""))
-            return self.store.transition(job.id, "succeeded", worker=None, **fields)
+            return self.store.transition(job.id, "succeeded", owner=mine, worker=None, **fields)
+        except JobOwnershipLost as exc:
+            # Not this worker's job any more: leave its state to whoever holds it now (no requeue, no failure).
+            log.error("job %s: %s; this worker leaves it alone", job.id, exc.message)
+            with contextlib.suppress(OSError):
+                self.store.append_log(job.id, f"worker {mine} let go of the job: {exc.message}")
+            return self.store.get(job.id)
         except InvalidTrainingData as exc:
             return self._fail(job, run_id, exc, report=exc.report.to_dict() if exc.report else None)
         except KeelError as exc:
@@ -251,7 +265,11 @@ class Worker:
         fields: dict[str, Any] = {"error": exc.message, "error_code": exc.code, "worker": None}
         if report is not None:
             fields["data_report"] = report
-        return self.store.transition(job.id, "failed", **fields)
+        try:
+            return self.store.transition(job.id, "failed", owner=self.worker_id, **fields)
+        except JobOwnershipLost as lost:
+            log.error("job %s failed here (%s), but %s; its state is left alone", job.id, exc.message, lost.message)
+            return self.store.get(job.id)
 
     def _end_run(self, run_id: str | None, status: str) -> None:
         if run_id and self.tracker is not None:
@@ -260,10 +278,30 @@ class Worker:
             except Exception as exc:
                 log.warning("could not end MLflow run %s: %s", run_id, exc)
 
-    def _beat(self, job_id: str, stop: threading.Event) -> None:
+    def _beat(self, job_id: str, stop: threading.Event, lost: threading.Event | None = None) -> None:
+        """Beat until ``stop``. Sets ``lost`` (the job then stops at its next step) when the job is no longer
+        this worker's, or when beats have failed for half of ``stale_after_s``: by ``stale_after_s`` another
+        worker recovers the job and trains it again, and two workers must never train one job."""
+        give_up_s = self.fs.stale_after_s / 2
+        last_ok = time.monotonic()
         while not stop.wait(self.fs.heartbeat_interval_s):
-            with contextlib.suppress(Exception):
-                self.store.heartbeat(job_id, self.worker_id)
+            try:
+                if self.store.heartbeat(job_id, self.worker_id):
+                    last_ok = time.monotonic()
+                    continue
+                if stop.is_set():  # the job just finished here
+                    return
+                log.error("job %s is no longer this worker's (recovered while it was silent): stopping it", job_id)
+            except Exception as exc:
+                silent = time.monotonic() - last_ok
+                log.warning("heartbeat of job %s failed (%.0f s without one): %s", job_id, silent, exc, exc_info=exc)
+                if silent < give_up_s:
+                    continue
+                log.error("job %s: no heartbeat for %.0f s; stopping it before another worker recovers it",
+                          job_id, silent)
+            if lost is not None:
+                lost.set()
+            return
 
 
 class WorkerProcess:

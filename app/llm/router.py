@@ -50,6 +50,7 @@ class ModelRouter:
         self.settings = settings
         self.metrics = metrics
         self.backends: dict[str, ResilientBackend] = {}
+        self._was_ready: dict[str, bool] = {}
         for name, cfg in settings.backends.items():
             inner = (backends or {}).get(name) or build_backend(name, cfg, settings, metrics)
             breaker = CircuitBreaker(
@@ -113,8 +114,12 @@ class ModelRouter:
         async def one(name: str, b: ResilientBackend) -> tuple[str, dict[str, object]]:
             try:
                 ok = await asyncio.wait_for(b.ready(), 3.0)
-            except Exception:  # readiness must answer, whatever the backend does
+            except Exception as exc:  # readiness must answer, whatever the backend does
                 ok = False
+                # keel_backend_up says it; the log says why, once per outage (load balancers poll often).
+                if self._was_ready.get(name, True):
+                    log.warning("readiness check of backend %r raised %s: %s", name, type(exc).__name__, exc)
+            self._was_ready[name] = ok
             self.metrics.backend_up.labels(name).set(1 if ok else 0)
             info: dict[str, object] = {"ready": ok, "kind": self.settings.backends[name].kind,
                                        "circuit": b.breaker.state}
