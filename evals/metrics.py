@@ -290,6 +290,15 @@ def distinct_ngrams(s: Sample, params: dict[str, Any]) -> Score:
     return Score(round(len(set(grams)) / len(grams), 6))
 
 
+@register("not_truncated", threshold=1.0)
+def not_truncated(s: Sample, params: dict[str, Any]) -> Score:
+    """1 unless the answer stopped at max_tokens (``finish_reason: length``): a cut-off answer can still pass
+    similarity or keyword metrics while a reader sees it end mid-sentence."""
+    if s.finish_reason == "length":
+        return Score(0.0, f"cut off at max_tokens after {s.completion_tokens} tokens (finish_reason: length)")
+    return Score(1.0)
+
+
 @register("must_include", threshold=1.0)
 def must_include(s: Sample, params: dict[str, Any]) -> Score:
     """Share of the case's ``must_include`` phrases found in the answer (case-insensitive)."""
