@@ -40,7 +40,8 @@ def artifact_verdict(artifact: str, runs: Sequence[RunRow], *, content_hash: str
     stale = len(runs) - len(fresh)
     if not fresh:
         extra = f" ({stale} run(s) evaluated other content)" if stale else ""
-        return GateVerdict(passed=False, reason=f"no completed eval run of {artifact}{extra}; {how_to_fix}",
+        which = f" for suite(s) {', '.join(required_suites)}" if required_suites else ""
+        return GateVerdict(passed=False, reason=f"no completed eval run of {artifact}{which}{extra}; {how_to_fix}",
                            details={"runs": [r.id for r in runs]})
     latest: dict[str, RunRow] = {}
     for r in fresh:
@@ -67,19 +68,46 @@ def artifact_verdict(artifact: str, runs: Sequence[RunRow], *, content_hash: str
 
 
 def prompt_gate(store: EvalStore, registry: PromptRegistry, *, required_suites: Sequence[str] = (),
+                suites_dir: Path | None = None,
                 max_age_days: float | None = None) -> Callable[[str, int], GateVerdict]:
     """A :data:`prompts.registry.PromotionGate`: ``gate(name, version) -> GateVerdict``.
 
-    Without ``required_suites`` at least one run must exist and the latest run of every suite that
-    ran on the version must pass; with them, each named suite needs a passing latest run.
+    The suites required are ``required_suites`` plus, with ``suites_dir``, every suite in it (or in the
+    shipped evals/suites, :func:`evals.suite.suite_dirs`) bound to the
+    prompt (``gate.bind``, see :func:`evals.suite.bound_suites`): each needs a passing latest run on this
+    exact version (name, version, content hash), of the suite as it is now (its hash), so a run of a
+    weakened copy under the same name does not count. With none required, at least one run must exist
+    and the latest run of every suite that ran on the version must pass; the reason then says that no
+    suite guards the prompt.
     """
+    from evals.suite import SuiteError, bound_suites, suite_dirs
+
+    dirs = suite_dirs(suites_dir) if suites_dir is not None else None
     max_age = timedelta(days=max_age_days) if max_age_days is not None else None
 
     def gate(name: str, version: int) -> GateVerdict:
         content_hash = registry.store.get_version(name, version).hash
         runs = store.prompt_runs(name, version)
-        return artifact_verdict(f"{name}@{version}", runs, content_hash=content_hash,
-                                hash_of=lambda r: r.prompt_hash, required_suites=required_suites, max_age=max_age)
+        bound: dict[str, str] = {}
+        if dirs is not None:
+            try:
+                bound = bound_suites(name, dirs, registry.protected_labels)
+            except SuiteError as e:  # fail closed: an unreadable suite may be the one that guards this prompt
+                return GateVerdict(passed=False, reason=f"the gate cannot tell which suites guard {name}: {e}")
+        other = {r.id for r in runs if r.suite in bound and r.suite_hash != bound[r.suite]}
+        required = list(dict.fromkeys([*required_suites, *bound]))
+        verdict = artifact_verdict(f"{name}@{version}", [r for r in runs if r.id not in other],
+                                   content_hash=content_hash, hash_of=lambda r: r.prompt_hash,
+                                   required_suites=required, max_age=max_age)
+        notes = []
+        if other and not verdict.passed:
+            notes.append(f"{len(other)} run(s) evaluated another version of a bound suite "
+                         f"({', '.join(sorted({r.suite for r in runs if r.id in other}))}): run it again")
+        if dirs is not None and not bound and verdict.passed:
+            notes.append(f"no suite in {', '.join(map(str, dirs))} guards {name} (gate.bind), so any suite "
+                         f"that ran on this version counts; bind one to require it")
+        details = {**verdict.details, "bound_suites": sorted(bound)}
+        return verdict.model_copy(update={"reason": "; ".join([verdict.reason, *notes]), "details": details})
 
     return gate
 

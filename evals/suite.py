@@ -19,7 +19,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -174,8 +174,9 @@ class Gate(_Strict):
     max_judge_errors: int | None = Field(
         default=None, ge=0, description="Most (case, metric) scores the judge may fail to produce; none: no limit.")
     bind: list[str] = Field(
-        default_factory=list, description="Prompt labels this suite guards (e.g. production)."
-    )
+        default_factory=list, description="Prompt labels this suite guards: 'production' (of the target prompt) or "
+        "'<prompt>@production'. Moving a guarded protected label then needs a passing run of this suite on "
+        "exactly that prompt version (evals.gate.prompt_gate).")
 
 
 class Suite(_Strict):
@@ -358,3 +359,39 @@ def list_suites(suites_dir: Path) -> list[Path]:
     root = Path(__file__).resolve().parents[1]
     d = suites_dir if suites_dir.is_dir() else root / suites_dir
     return sorted(d.glob("*.yaml")) if d.is_dir() else []
+
+
+def _prompt_name(ref: Any) -> str | None:
+    return ref.split("@", 1)[0] if isinstance(ref, str) and ref else None
+
+
+def bound_suites(prompt: str, dirs: Sequence[Path], labels: Iterable[str]) -> dict[str, str]:
+    """The suites in ``dirs`` that guard ``prompt`` for one of ``labels`` (the protected labels), as
+    {suite name: suite hash}. A suite guards a prompt when its ``gate.bind`` lists ``<prompt>@<label>``, or
+    a bare ``<label>`` and its target is that prompt. A file that cannot be read, or a bound suite that does
+    not load, raises :class:`SuiteError`: the gate cannot tell what it would have required."""
+    labels = set(labels)
+    out: dict[str, str] = {}
+    seen: set[str] = set()
+    for d in dirs:
+        for path in sorted([*d.glob("*.yaml"), *d.glob("*.yml")]) if d.is_dir() else []:
+            if path.stem in seen:  # the first folder wins, as for find_named_suite
+                continue
+            seen.add(path.stem)
+            try:
+                data = yaml.safe_load(path.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+                raise SuiteError(f"suite file {path} cannot be read ({type(e).__name__}), so it may guard "
+                                 f"{prompt!r}: fix or remove it") from None
+            if not isinstance(data, dict):
+                continue
+            gate = data.get("gate") if isinstance(data.get("gate"), dict) else {}
+            target = data.get("target") if isinstance(data.get("target"), dict) else {}
+            binds = [b for b in (gate.get("bind") or []) if isinstance(b, str)]
+            ours = _prompt_name(target.get("prompt")) == prompt
+            if not any((b.partition("@")[0] == prompt and b.partition("@")[2] in labels) if "@" in b
+                       else (ours and b in labels) for b in binds):
+                continue
+            suite = load_suite(path)
+            out[suite.name] = suite.hash
+    return out

@@ -64,7 +64,8 @@ class Container:
         eval_store = EvalStore(settings.evals.db_path(settings.home))
         if settings.evals.gate_enabled:
             # Nothing reaches a protected label (production) without a passing eval run of that exact version.
-            prompts.set_gate(prompt_gate(eval_store, prompts, max_age_days=settings.evals.gate_max_age_days))
+            prompts.set_gate(prompt_gate(eval_store, prompts, suites_dir=settings.evals.suites_dir,
+                                         max_age_days=settings.evals.gate_max_age_days))
         embedder = shared_embedder(settings) if rag is None else None
         rag = rag or build_rag(settings, embedder=embedder)
         llm = ModelRouter(settings, metrics, backends)
