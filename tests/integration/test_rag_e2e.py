@@ -4,6 +4,7 @@ Qdrant engine and the real SmolLM2 model behind vLLM."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import httpx
@@ -66,3 +67,42 @@ def test_plain_openai_client_ignores_the_extra_fields(keel_server: KeelServer, d
     got = client.chat.completions.create(model=f"rag:{docs}", max_tokens=60, temperature=0, messages=[
         {"role": "user", "content": "Should I commit my virtualenv directory to git?"}])
     assert got.model_extra["citations"][0]["source"].endswith(".md")
+
+
+PEOPLE = {
+    "lighthouse.md": ("# The Eddystone Lighthouse\n\nThe fourth Eddystone lighthouse was designed by James Douglass "
+                      "and completed in 1882. It replaced Smeaton's Tower.",
+                      "Who designed the fourth Eddystone lighthouse?", "Douglass"),
+    "radium.md": ("# Radium\n\nRadium was discovered in 1898 by Marie Curie and Pierre Curie in Paris, in a shed "
+                  "next to the School of Physics.", "Who discovered radium?", "Curie"),
+    "compiler.md": ("# The first compiler\n\nThe A-0 system, often called the first compiler, was written by "
+                    "Grace Hopper in 1952 for the UNIVAC I.", "Who wrote the A-0 compiler?", "Hopper"),
+    "penicillin.md": ("# Penicillin\n\nPenicillin was discovered in 1928 by Alexander Fleming at St Mary's "
+                      "Hospital in London.", "Who discovered penicillin?", "Fleming"),
+    "telephone.md": ("# The telephone\n\nAlexander Graham Bell was granted the first US patent for the telephone "
+                     "in 1876.", "Who was granted the first US patent for the telephone?", "Bell"),
+}
+
+
+def test_answers_whose_answer_is_a_name_keep_the_name(keel_server: KeelServer) -> None:
+    """The PII guard used to mask the names in the passages and the question before the model saw them, so
+    answers read "The answer is: <PERSON>." Names the sources hold now reach the model and the answer."""
+    files = [("files", (name, text.encode(), "text/markdown")) for name, (text, _, _) in PEOPLE.items()]
+    r = httpx.post(f"{keel_server.url}/v1/ingest", files=files, data={"collection": "people"},
+                   headers=keel_server.headers("admin"), timeout=60)
+    job = httpx.get(f"{keel_server.url}/v1/ingest/jobs/{r.json()['id']}?wait_s=60",
+                    headers=keel_server.headers("admin"), timeout=90).json()
+    assert job["state"] == "succeeded", job
+    named = 0
+    for _, question, surname in PEOPLE.values():
+        # one passage: with five the 135M model often answers from the wrong one
+        body = {"model": "smollm2", "rag": {"collection": "people", "top_k": 1}, "max_tokens": 60,
+                "temperature": 0, "messages": [{"role": "user", "content": question}]}
+        got = httpx.post(f"{keel_server.url}/v1/chat/completions", json=body, headers=keel_server.headers(),
+                         timeout=120).json()
+        answer = got["choices"][0]["message"]["content"]
+        assert not re.search(r"<\s*person|person_?\d|\[person", answer, re.IGNORECASE), got  # no placeholder
+        assert not [e for e in got.get("guardrail_events") or [] if e["type"] == "redaction"], got
+        named += surname in answer
+    # the model may still phrase an answer without the name, or the groundedness check withdraw one
+    assert named >= 3, f"only {named} of {len(PEOPLE)} answers named the person"
