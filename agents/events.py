@@ -18,6 +18,7 @@ class RunStarted:
     thread_id: str
     workflow: str
     resumed: bool = False
+    guardrails: str | None = None  # "<policy>@<version>" that checks this run (None: no guardrail engine)
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,10 +98,25 @@ class Citation:
 class Final:
     type: ClassVar[str] = "final"
     run_id: str
-    status: str  # completed | step_limit
+    status: str  # completed | step_limit | blocked (a guardrail refused the input or the answer)
     answer: str
     citations: list[Citation] = field(default_factory=list)
     grounded: bool | None = None
+    guardrails: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GuardrailEvent:
+    """A guardrail acted on this run: ``block`` (input: the workflow never started, the model never saw it;
+    output: the answer is withheld and ``final`` carries ``message``) or ``redact`` (values were masked)."""
+
+    type: ClassVar[str] = "guardrail"
+    run_id: str
+    stage: str  # input | output
+    action: str  # block | redact
+    validator: str
+    reason: str = ""
+    message: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,7 +128,7 @@ class ErrorEvent:
 
 
 AgentEvent = (RunStarted | NodeStarted | NodeFinished | ToolCall | ToolResult | Token | InterruptEvent | Final
-              | ErrorEvent)
+              | ErrorEvent | GuardrailEvent)
 
 
 def to_wire(event: AgentEvent, seq: int | None = None) -> dict[str, Any]:

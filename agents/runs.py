@@ -19,7 +19,7 @@ from typing import Any
 
 ACTIVE = ("running",)
 RESUMABLE = ("interrupted", "stalled", "failed", "cancelled", "timed_out")
-TERMINAL = ("completed", "step_limit")
+TERMINAL = ("completed", "step_limit", "blocked")  # blocked: a guardrail refused the input or the answer
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS agent_runs (
@@ -35,6 +35,7 @@ CREATE TABLE IF NOT EXISTS agent_runs (
     error TEXT,
     pending TEXT,
     steps TEXT NOT NULL DEFAULT '[]',
+    guardrails TEXT,
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL,
     finished_at REAL
@@ -45,6 +46,8 @@ CREATE INDEX IF NOT EXISTS agent_runs_status ON agent_runs(status, created_at);
 # The same table in Postgres: times stay epoch seconds (DOUBLE PRECISION) and JSON stays text, so one
 # row decoder serves both stores.
 _PG_SCHEMA = [s.strip() for s in _SCHEMA.replace("REAL", "DOUBLE PRECISION").split(";") if s.strip()]
+# Columns added after the first release: a table created before them gets them on open.
+_ADDED_COLUMNS = (("guardrails", "TEXT"),)
 _PG_SCHEMA_LOCK = 0x6B65656C_7275  # "keelru": one process at a time creates the table
 
 
@@ -62,6 +65,7 @@ class RunRecord:
     error: dict[str, Any] | None = None
     pending: dict[str, Any] | None = None
     steps: list[dict[str, Any]] = field(default_factory=list)
+    guardrails: str | None = None  # "<policy>@<version>" that checked the run (None: unguarded)
     created_at: float = 0.0
     updated_at: float = 0.0
     finished_at: float | None = None
@@ -75,8 +79,8 @@ class RunRecord:
         return {"run_id": self.run_id, "thread_id": self.thread_id, "workflow": self.workflow, "owner": self.owner,
                 "namespace": "/".join(self.namespace), "status": self.status, "question": self.question,
                 "answer": self.answer, "citations": self.citations, "error": self.error, "pending": self.pending,
-                "steps": self.steps, "created_at": self.created_at, "updated_at": self.updated_at,
-                "finished_at": self.finished_at, "duration_ms": self.duration_ms}
+                "steps": self.steps, "guardrails": self.guardrails, "created_at": self.created_at,
+                "updated_at": self.updated_at, "finished_at": self.finished_at, "duration_ms": self.duration_ms}
 
 
 def runs_db_path(checkpoint_db: Path) -> Path:
@@ -107,16 +111,17 @@ class RunStoreBase:
             namespace=json.loads(r["namespace"]), status=r["status"], question=r["question"], answer=r["answer"],
             citations=json.loads(r["citations"]), error=json.loads(r["error"]) if r["error"] else None,
             pending=json.loads(r["pending"]) if r["pending"] else None, steps=json.loads(r["steps"]),
-            created_at=r["created_at"], updated_at=r["updated_at"], finished_at=r["finished_at"])
+            guardrails=r["guardrails"], created_at=r["created_at"], updated_at=r["updated_at"],
+            finished_at=r["finished_at"])
 
     def create(self, rec: RunRecord) -> RunRecord:
         now = time.time()
         rec.created_at = rec.updated_at = now
         self._execute(
             "INSERT INTO agent_runs (run_id, thread_id, workflow, owner, namespace, status, question, "
-            "created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?)",
+            "guardrails, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
             (rec.run_id, rec.thread_id, rec.workflow, rec.owner, json.dumps(rec.namespace), rec.status,
-             rec.question, now, now))
+             rec.question, rec.guardrails, now, now))
         return rec
 
     def get(self, run_id: str) -> RunRecord | None:
@@ -181,6 +186,10 @@ class RunStore(RunStoreBase):
         with self._lock:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.executescript(_SCHEMA)
+            have = {r["name"] for r in self._db.execute("PRAGMA table_info(agent_runs)")}
+            for col, kind in _ADDED_COLUMNS:
+                if col not in have:
+                    self._db.execute(f"ALTER TABLE agent_runs ADD COLUMN {col} {kind}")
 
     def close(self) -> None:
         with self._lock:
@@ -212,6 +221,8 @@ class PostgresRunStore(RunStoreBase):
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (_PG_SCHEMA_LOCK,))
             for statement in _PG_SCHEMA:
                 conn.execute(statement)
+            for col, kind in _ADDED_COLUMNS:
+                conn.execute(f"ALTER TABLE agent_runs ADD COLUMN IF NOT EXISTS {col} {kind}")
         # check on checkout: a Postgres restart costs a reconnect, not a failed request.
         self._pool = ConnectionPool(url, min_size=1, max_size=max_size, timeout=timeout_s, open=True,
                                     kwargs={"autocommit": True, "row_factory": dict_row},

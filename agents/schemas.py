@@ -23,6 +23,8 @@ class RunStartedEvent(_Event):
     thread_id: str
     workflow: str
     resumed: bool
+    guardrails: str | None = Field(default=None, description="'<policy>@<version>' of the guardrail policy that "
+                                   "checks this run's input and answer; null when the server has no guardrails.")
 
 
 class NodeStartedEvent(_Event):
@@ -86,10 +88,20 @@ class CitationOut(BaseModel):
 
 class FinalEvent(_Event):
     type: Literal["final"]
-    status: Literal["completed", "step_limit"]
-    answer: str
+    status: Literal["completed", "step_limit", "blocked"]
+    answer: str = Field(description="The answer (after the output guardrails), or the refusal when blocked.")
     citations: list[CitationOut]
     grounded: bool | None
+    guardrails: str | None = None
+
+
+class GuardrailWireEvent(_Event):
+    type: Literal["guardrail"]
+    stage: Literal["input", "output"]
+    action: Literal["block", "redact"]
+    validator: str = Field(description="The policy entry that acted (e.g. prompt_injection, pii).")
+    reason: str
+    message: str = Field(description="block: the refusal shown instead of an answer.")
 
 
 class ErrorWireEvent(_Event):
@@ -100,7 +112,7 @@ class ErrorWireEvent(_Event):
 
 AgentWireEvent = Annotated[
     RunStartedEvent | NodeStartedEvent | NodeFinishedEvent | ToolCallEvent | ToolResultEvent | TokenEvent
-    | InterruptWireEvent | FinalEvent | ErrorWireEvent,
+    | InterruptWireEvent | FinalEvent | ErrorWireEvent | GuardrailWireEvent,
     Field(discriminator="type"),
 ]
 EVENT_ADAPTER: TypeAdapter[Any] = TypeAdapter(AgentWireEvent)
@@ -141,6 +153,7 @@ class RunResult(BaseModel):
     citations: list[CitationOut] = Field(default_factory=list)
     interrupt: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
+    guardrails: str | None = None
     events: list[dict[str, Any]]
 
 

@@ -34,6 +34,7 @@ from agents.events import (
     Citation,
     ErrorEvent,
     Final,
+    GuardrailEvent,
     InterruptEvent,
     NodeFinished,
     NodeStarted,
@@ -43,7 +44,7 @@ from agents.events import (
     ToolResult,
 )
 from agents.registry import WorkflowRegistry, default_registry
-from agents.runs import RESUMABLE, PostgresRunStore, RunRecord, RunStore, RunStoreBase, runs_db_path
+from agents.runs import RESUMABLE, TERMINAL, PostgresRunStore, RunRecord, RunStore, RunStoreBase, runs_db_path
 from agents.settings import AgentSettings
 from agents.workflows.common import IDK, Deps
 from app.core.db import postgres_unavailable
@@ -103,6 +104,62 @@ def _check_id(value: str, what: str) -> str:
     if not _ID_RE.match(value):
         raise InvalidRequest(f"invalid {what} {value!r}: 1-128 letters, digits, '_', '-', '.', ':'", param=what)
     return value
+
+
+@dataclasses.dataclass
+class RunGuard:
+    """The guardrail engine around one drive of a run (a start or a resume), as the chat path guards a request:
+    the input stage before the workflow sees the text, the output stage on the final answer."""
+
+    engine: Any  # app.guardrails.engine.GuardrailEngine
+    context: Any  # app.guardrails.types.GuardContext
+    decision: Any = None  # the input stage's InputDecision (None: a resume that sends the model no new text)
+
+    @property
+    def tag(self) -> str | None:
+        """``<policy>@<version>`` as chat reports it in ``guardrails``; None while the engine is disabled."""
+        d = self.decision
+        if d is not None:
+            return f"{d.policy}@{d.policy_version}" if d.enabled else None
+        if not self.engine.settings.enabled:
+            return None
+        c = self.context
+        policy = self.engine.policy.select(route=c.route, workflow=c.workflow, model=c.model)
+        return f"{policy.name}@{self.engine.policy.version_tag}"
+
+    async def check_input(self, text: str) -> Any:
+        from app.core.types import ChatMessage
+
+        self.decision = await self.engine.check_input([ChatMessage("user", text)], self.context)
+        # what the answer may repeat without it counting as a leak or new PII: the user's own (checked) words
+        self.context = dataclasses.replace(self.context, question=self.decision.messages[-1].content)
+        return self.decision
+
+    def input_events(self, run_id: str) -> list[GuardrailEvent]:
+        d = self.decision
+        if d is None:
+            return []
+        out = [GuardrailEvent(run_id, "input", "redact", r.validator, r.reason) for r in d.results
+               if r.action == "redact"]
+        if d.blocked:
+            by = d.blocked_by
+            out.append(GuardrailEvent(run_id, "input", "block", by.validator, by.reason, d.refusal or ""))
+        return out
+
+    async def check_answer(self, run_id: str, answer: str, cites: list[dict[str, Any]]
+                           ) -> tuple[str | None, str, list[GuardrailEvent]]:
+        """(refusal if the answer is withheld, the answer to release, events). The cited passages are the
+        sources the groundedness check (policy ``rag``) holds the answer to, as for a grounded chat answer."""
+        passages = tuple(f"{c.get('label') or c.get('title') or ''}: {c.get('text') or ''}" for c in cites)
+        context = dataclasses.replace(self.context, passages=passages or None)
+        verdict = await self.engine.check_output(answer, context, self.decision)
+        # reask is a non-streamed chat answer's retry; a finished run has no model call left to redo: refused
+        failed = next((r for r in verdict.results if r.action in ("block", "reask")), None)
+        if failed is not None:
+            refusal = verdict.refusal or self.engine.refusal_for(verdict.policy, failed.validator)
+            return refusal, "", [GuardrailEvent(run_id, "output", "block", failed.validator, failed.reason, refusal)]
+        return None, verdict.text, [GuardrailEvent(run_id, "output", "redact", r.validator, r.reason)
+                                    for r in verdict.results if r.action == "redact"]
 
 
 def _jsonable(value: Any) -> Any:
@@ -239,10 +296,26 @@ class AgentService:
 
     # -- runs --------------------------------------------------------------------------------------
 
+    def guard(self, guards: Any, *, route: str, workflow: str, user: str | None, request_id: str = ""
+              ) -> RunGuard | None:
+        """A :class:`RunGuard` for ``guards`` (a GuardrailEngine; None: unguarded). ``route`` is the HTTP route
+        pattern and ``workflow`` the workflow's name, which the policy bindings select on; the model is the
+        workflow's chat model name (``agent:<workflow>``), as the chat path reports it."""
+        if guards is None:
+            return None
+        from app.guardrails.types import GuardContext
+
+        return RunGuard(guards, GuardContext(request_id=request_id, route=route, workflow=workflow,
+                                             model=AGENT_MODEL_PREFIX + workflow, user=user))
+
     async def run(self, workflow: str, question: str, *, thread_id: str | None = None, user: str | None = None,
-                  team: str | None = None, owner: str | None = None, max_steps: int | None = None
-                  ) -> AsyncIterator[AgentEvent]:
-        """Start a run (a new thread unless ``thread_id`` names one of this owner's threads)."""
+                  team: str | None = None, owner: str | None = None, max_steps: int | None = None,
+                  guard: RunGuard | None = None) -> AsyncIterator[AgentEvent]:
+        """Start a run (a new thread unless ``thread_id`` names one of this owner's threads).
+
+        ``guard``: the question passes its input stage before the workflow starts (blocked: the run ends
+        ``blocked`` with the refusal, no node runs; masked values are masked for the model, tools and memory)
+        and the final answer its output stage. ``owner`` None (admin, CLI) may use any thread."""
         await self.start()
         self._sweep_stalled()
         wf = self.registry.get(workflow)
@@ -267,21 +340,46 @@ class AgentService:
                 _check_id(value, what)
         namespace = ["users", user or owner or "anonymous"]
         search = [namespace] + ([["teams", team]] if team else [])
+        question = question.strip()
+        if guard is not None:
+            decision = await guard.check_input(question)
+            question = decision.messages[-1].content.strip()  # masked: the record never holds the values either
         rec = self.runs.create(RunRecord(run_id=f"run-{uuid.uuid4().hex[:16]}", thread_id=thread_id,
                                          workflow=workflow, owner=owner, namespace=namespace, status="running",
-                                         question=question.strip()))
-        state = wf.initial_state(question.strip(), max_steps=max_steps)
+                                         question=question, guardrails=guard.tag if guard else None))
+        if guard is not None and guard.decision.blocked:
+            async for event in self._refuse(rec, guard, resumed=False):
+                yield event
+            return
+        state = wf.initial_state(question, max_steps=max_steps)
         state.update(run_id=rec.run_id, thread_id=thread_id, namespace=namespace, search_namespaces=search)
-        async with contextlib.aclosing(self._drive(rec, self.graph(workflow), state, resumed=False)) as events:
+        async with contextlib.aclosing(self._drive(rec, self.graph(workflow), state, resumed=False,
+                                                   guard=guard)) as events:
             async for event in events:
                 yield event
 
+    async def _refuse(self, rec: RunRecord, guard: RunGuard, *, resumed: bool) -> AsyncIterator[AgentEvent]:
+        """A drive the input guard refused: the workflow never starts, so the model never sees the text."""
+        refusal = guard.decision.refusal or ""
+        if not resumed:
+            self.runs.update(rec.run_id, status="blocked", answer=refusal)
+        yield RunStarted(rec.run_id, rec.thread_id, rec.workflow, resumed, guard.tag)
+        for event in guard.input_events(rec.run_id):
+            yield event
+        yield Final(rec.run_id, "blocked", refusal, [], None, guard.tag)
+
     async def resume(self, run_id: str, action: str = "approve", *, reason: str | None = None,
-                     args: dict[str, Any] | None = None, owner: str | None = None) -> AsyncIterator[AgentEvent]:
+                     args: dict[str, Any] | None = None, owner: str | None = None, guard_with: Any = None,
+                     route: str = "", request_id: str = "") -> AsyncIterator[AgentEvent]:
         """``approve`` / ``reject`` (reason reaches the agent) / ``edit`` (new tool args) an interrupted run,
-        or ``continue`` a stalled, failed or cancelled one from its last checkpoint."""
+        or ``continue`` a stalled, failed or cancelled one from its last checkpoint.
+
+        ``guard_with`` (a GuardrailEngine): a reject ``reason`` (text the model reads) passes the input stage
+        first (blocked: nothing is resumed, the run stays interrupted, and the stream ends with a ``blocked``
+        final carrying the refusal); the answer the resumed run ends with passes the output stage."""
         await self.start()
         rec = self.get_record(run_id, owner=owner)
+        guard = self.guard(guard_with, route=route, workflow=rec.workflow, user=rec.owner, request_id=request_id)
         if action not in ("approve", "reject", "edit", "continue"):
             raise InvalidRequest("action must be approve, reject, edit or continue", param="action")
         if action == "edit" and not isinstance(args, dict):
@@ -298,6 +396,13 @@ class AgentService:
             from langgraph.types import Command
 
             decision: dict[str, Any] = {"action": action}
+            if guard is not None and reason and action == "reject":
+                checked = await guard.check_input(reason)
+                if checked.blocked:
+                    async for event in self._refuse(rec, guard, resumed=True):
+                        yield event
+                    return
+                reason = checked.messages[-1].content
             if reason:
                 decision["reason"] = reason
             if action == "edit":
@@ -307,11 +412,15 @@ class AgentService:
         if not claimed:
             raise RunNotResumable(f"run {run_id} was resumed by someone else")
         rec = self.runs.get(run_id)
-        async with contextlib.aclosing(self._drive(rec, self.graph(rec.workflow), command, resumed=True)) as events:
+        if guard is not None:
+            self.runs.update(run_id, guardrails=guard.tag)
+        async with contextlib.aclosing(self._drive(rec, self.graph(rec.workflow), command, resumed=True,
+                                                   guard=guard)) as events:
             async for event in events:
                 yield event
 
-    async def _drive(self, rec: RunRecord, graph: Any, inp: Any, *, resumed: bool) -> AsyncIterator[AgentEvent]:
+    async def _drive(self, rec: RunRecord, graph: Any, inp: Any, *, resumed: bool, guard: RunGuard | None = None
+                     ) -> AsyncIterator[AgentEvent]:
         from langgraph.errors import GraphRecursionError
 
         runs = self.runs
@@ -321,15 +430,23 @@ class AgentService:
         finished = False
         status: str | None = None
         error: ErrorEvent | None = None
+        tag = guard.tag if guard is not None else None
         stream = graph.astream(inp, config, stream_mode=["custom", "updates"])
         # Each drive (a start or a resume) gets the whole budget: waiting for a human's approval between
         # drives is not running time.
         bounded = _bounded(stream, asyncio.get_running_loop().time() + self.settings.run_timeout_s)
         try:
-            yield RunStarted(rec.run_id, rec.thread_id, rec.workflow, resumed)
+            yield RunStarted(rec.run_id, rec.thread_id, rec.workflow, resumed, tag)
+            if guard is not None:  # what the input guard masked before the model saw it
+                for event in guard.input_events(rec.run_id):
+                    yield event
             try:
                 async for mode, chunk in bounded:
                     if mode != "custom" or not isinstance(chunk, _STREAMED):
+                        continue
+                    if tag is not None and isinstance(chunk, Token):
+                        # Answer tokens are the model's unchecked drafts, and a stream cannot take back what it
+                        # sent: under a guardrail policy the answer is released once, checked, in ``final``.
                         continue
                     if isinstance(chunk, NodeStarted):
                         started[chunk.node] = time.time()
@@ -379,13 +496,19 @@ class AgentService:
             else:
                 status = values.get("status") if values.get("status") in ("completed", "step_limit") else "completed"
                 answer, cites = values.get("answer") or IDK, values.get("citations") or []
+            if guard is not None:
+                refusal, answer, notes = await guard.check_answer(rec.run_id, answer, cites)
+                if refusal is not None:
+                    status, answer, cites = "blocked", refusal, []
+                for event in notes:
+                    yield event
             runs.update(rec.run_id, status=status, answer=answer, citations=_jsonable(cites), steps=steps)
             finished = True
             yield Final(rec.run_id, status, answer, [Citation(**{k: c.get(k) for k in
                                                                   ("index", "source", "title", "label", "chunk_id",
                                                                    "page")}, text=c.get("text") or "")
                                                      for c in cites],
-                        values.get("grounded"))
+                        values.get("grounded"), tag)
         finally:
             if not finished:
                 runs.update(rec.run_id, status="cancelled", steps=steps)
@@ -415,7 +538,7 @@ class AgentService:
         out = rec.to_dict()
         snapshot = await self.graph(rec.workflow).aget_state(self._config(rec.thread_id))
         values = snapshot.values or {}
-        if values.get("run_id") == run_id:
+        if values.get("run_id") == run_id and not _guard_changed(rec, values):
             out["state"] = _jsonable(values)
             out["next"] = list(snapshot.next or ())
         return out
@@ -445,8 +568,12 @@ class AgentService:
         if not runs:
             raise NotFound(f"no thread {thread_id!r}", param="thread_id")
         snapshot = await self.graph(runs[0].workflow).aget_state(self._config(thread_id))
+        # the checkpoint holds each answer as the model wrote it; a guarded run's is the one its guard released
+        released = {r.run_id: r.answer for r in runs if r.guardrails and r.status in TERMINAL}
+        history = [{**t, "answer": released[t["run_id"]]} if t.get("run_id") in released else t
+                   for t in (snapshot.values or {}).get("history") or []]
         return {"thread_id": thread_id, "workflow": runs[0].workflow,
-                "history": _jsonable((snapshot.values or {}).get("history") or []),
+                "history": _jsonable(history),
                 "runs": [r.run_id for r in reversed(runs)]}
 
     # -- memory ------------------------------------------------------------------------------------
@@ -515,6 +642,12 @@ class AgentService:
         if cited:
             # the same event a rag: answer ends with: clients and eval metrics get the passages
             yield Citations([{**dataclasses.asdict(c), "cited": True} for c in cited])
+
+
+def _guard_changed(rec: RunRecord, values: dict[str, Any]) -> bool:
+    """A guarded run whose answer the output guard withheld or masked: the checkpointed state (answer, drafts,
+    notes as the model wrote them) would disclose what the guard took out, so it is not shown."""
+    return bool(rec.guardrails) and rec.status in TERMINAL and rec.answer != values.get("answer")
 
 
 async def _chain(first: Any, rest: AsyncIterator[Any]) -> AsyncIterator[Any]:

@@ -23,7 +23,7 @@ Each event is ``event: <type>`` / ``id: <seq>`` / ``data: <JSON>``; the JSON alw
 ``seq`` (0, 1, ...), ``ts`` (unix seconds) and ``run_id``, plus (models in ``agents/schemas.py``):
 
 ==================  ===========================================================================
-``run.started``     ``thread_id``, ``workflow``, ``resumed`` (bool)
+``run.started``     ``thread_id``, ``workflow``, ``resumed`` (bool), ``guardrails`` (policy tag or null)
 ``node.started``    ``node``, ``step``
 ``node.finished``   ``node``, ``step``, ``duration_ms``, ``summary``
 ``tool.call``       ``call_id``, ``tool``, ``args``, ``node``
@@ -33,20 +33,38 @@ Each event is ``event: <type>`` / ``id: <seq>`` / ``data: <JSON>``; the JSON alw
                     verification is followed by another one; ``final`` carries the answer)
 ``interrupt``       ``thread_id``, ``tool``, ``args``, ``call_id``, ``reason``, ``actions`` - the run is
                     paused; the stream ends; resume with ``POST /runs/{run_id}/resume``
-``final``           ``status`` (``completed`` | ``step_limit``), ``answer``, ``citations``
-                    (``index``, ``source``, ``title``, ``label``, ``chunk_id``, ``page``, ``text``), ``grounded``
+``final``           ``status`` (``completed`` | ``step_limit`` | ``blocked``), ``answer``, ``citations``
+                    (``index``, ``source``, ``title``, ``label``, ``chunk_id``, ``page``, ``text``), ``grounded``,
+                    ``guardrails``
 ``error``           ``code``, ``message`` - the run failed (status ``failed``, or ``timed_out`` with code
                     ``run_timeout`` after ``agents.run_timeout_s``; both resumable with ``continue``)
+``guardrail``       ``stage`` (``input`` | ``output``), ``action`` (``block`` | ``redact``), ``validator``,
+                    ``reason``, ``message`` (the refusal, for ``block``)
 ==================  ===========================================================================
 
 A stream starts with ``run.started`` and ends with exactly one of ``final``, ``interrupt`` or
 ``error``. Errors found before the run starts (unknown workflow, bad body, run not resumable)
 are plain HTTP errors in Keel's error format.
+
+Guardrails
+----------
+Runs are guarded like ``/v1/chat/completions``, by the server's guardrail engine: the policy is selected
+with ``route`` = this route's pattern (``/v1/agents/{workflow}/runs``, ``/v1/agents/runs/{run_id}/resume``),
+``workflow`` = the workflow's name and ``model`` = ``agent:<workflow>``; ``run.started`` and ``final``
+carry it as ``guardrails`` (``<policy>@<version>``), and so does the run record. The ``input`` (and a
+``reject`` reason, the text a resume sends the model) passes the input stage before the workflow sees it:
+blocked, no node runs, the stream is ``run.started``, ``guardrail`` (``block``), ``final`` with status
+``blocked`` and the refusal as ``answer`` (a blocked resume leaves the run interrupted, to be resumed with
+other words); masked values (``redact``) stay masked for the model, tools and memory. The final answer
+passes the output stage: withheld (status ``blocked``, the refusal as ``answer``) or redacted, with a
+``guardrail`` event first. Under a guardrail policy ``token`` events are not sent (they are unchecked
+drafts a stream could not take back): the answer comes once, checked, in ``final``.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -60,6 +78,7 @@ from app.core.errors import BackendUnavailable, PermissionDenied
 from app.security.keys import ApiKey
 
 router = APIRouter(prefix="/v1/agents", tags=["agents"])
+log = logging.getLogger("keel.agents")
 
 
 def _service(request: Request) -> Any:
@@ -74,6 +93,17 @@ def _owner(key: ApiKey) -> str | None:
     return None if key.allows("admin") else key.id
 
 
+def _guards(request: Request) -> Any:
+    """The server's guardrail engine (None: unguarded, as chat is then)."""
+    return getattr(getattr(request.app.state, "keel", None), "guards", None)
+
+
+def _route(request: Request) -> str:
+    """The matched route's pattern ("/v1/agents/{workflow}/runs"): what policy bindings match on."""
+    route = request.scope.get("route")
+    return getattr(route, "path", None) or request.url.path
+
+
 async def _stream_or_collect(events: AsyncIterator[AgentEvent], stream: bool):
     it = aiter(events)
     first = await anext(it)  # validation errors surface here as HTTP errors
@@ -85,7 +115,7 @@ async def _stream_or_collect(events: AsyncIterator[AgentEvent], stream: bool):
 
     if not stream:
         wire, result = [], {"run_id": first.run_id, "thread_id": getattr(first, "thread_id", ""),
-                            "status": "running"}
+                            "status": "running", "guardrails": getattr(first, "guardrails", None)}
         async for i, e in _enumerate(all_events()):
             wire.append(to_wire(e, i))
             if isinstance(e, Final):
@@ -124,8 +154,10 @@ async def list_workflows(request: Request, _key: ApiKey = Depends(require_scope(
 async def start_run(workflow: str, body: RunRequest, request: Request,
                     key: ApiKey = Depends(require_scope("chat"))):
     svc = _service(request)
+    guard = svc.guard(_guards(request), route=_route(request), workflow=workflow, user=key.id,
+                      request_id=getattr(request.state, "request_id", ""))
     events = svc.run(workflow, body.input, thread_id=body.thread_id, user=body.user or key.id, team=body.team,
-                     owner=key.id, max_steps=body.max_steps)
+                     owner=key.id, max_steps=body.max_steps, guard=guard)
     return await _stream_or_collect(events, body.stream)
 
 
@@ -148,7 +180,9 @@ async def get_run(run_id: str, request: Request, key: ApiKey = Depends(require_s
 async def resume_run(run_id: str, body: ResumeRequest, request: Request,
                      key: ApiKey = Depends(require_scope("chat"))):
     svc = _service(request)
-    events = svc.resume(run_id, body.action, reason=body.reason, args=body.args, owner=_owner(key))
+    events = svc.resume(run_id, body.action, reason=body.reason, args=body.args, owner=_owner(key),
+                        guard_with=_guards(request), route=_route(request),
+                        request_id=getattr(request.state, "request_id", ""))
     return await _stream_or_collect(events, body.stream)
 
 
