@@ -129,7 +129,9 @@ class RunRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     input: str = Field(min_length=1, max_length=20_000, description="The question or task.")
     thread_id: str | None = Field(default=None, description="Continue this thread (its history); new if absent.")
-    user: str | None = Field(default=None, description="Memory namespace users/<user> (default: the API key id).")
+    user: str | None = Field(default=None, description="Admin keys only: act for this user (memory namespace "
+                             "users/<user>, audited). The namespace otherwise comes from the API key "
+                             "(users/<key id>); another key's id here is a 403.")
     team: str | None = Field(default=None, description="Also search memories of teams/<team>.")
     max_steps: int | None = Field(default=None, ge=2, le=50, description="research: supervisor step budget.")
     stream: bool = True

@@ -326,7 +326,8 @@ class AgentService:
         if thread_id:
             _check_id(thread_id, "thread_id")
             prior = self.runs.list(thread_id=thread_id, limit=1)
-            if prior and owner is not None and prior[0].owner not in (owner, None):
+            # an ownerless thread (the CLI's) is the operator's, not anyone's
+            if prior and owner is not None and prior[0].owner != owner:
                 raise NotFound(f"no thread {thread_id!r}", param="thread_id")
             if prior and prior[0].workflow != workflow:
                 raise Conflict(f"thread {thread_id!r} belongs to workflow {prior[0].workflow!r}", param="thread_id")
@@ -527,7 +528,8 @@ class AgentService:
             raise KeelError("agent service is not started")
         self._sweep_stalled()
         rec = self.runs.get(run_id)
-        if rec is None or (owner is not None and rec.owner not in (owner, None)):
+        # an ownerless run (the CLI's) is the operator's: only an admin (owner None) sees it
+        if rec is None or (owner is not None and rec.owner != owner):
             raise RunNotFound(f"no run {run_id!r}", param="run_id")
         return rec
 

@@ -73,7 +73,7 @@ async def env(tmp_path: Path):
                                      metrics=Metrics())
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://keel") as client:
         yield SimpleNamespace(client=client, svc=svc, tool=tool, memory=memory, chat_id=chat_key.id,
-                              keys={"admin": admin, "chat": chat, "other": other})
+                              keys={"admin": admin, "chat": chat, "other": other}, svc_keys=keys)
     await svc.aclose()
     keys.close()
     store.close()
@@ -183,3 +183,59 @@ async def test_memories_list_and_delete(env) -> None:
     r = await env.client.delete("/v1/agents/memories", params={"namespace": f"users/{env.chat_id}",
                                                                "key": "fact-1"}, headers=auth(env))
     assert r.status_code == 404
+
+
+async def test_the_memory_namespace_comes_from_the_key_not_the_body(env) -> None:
+    """Issue 14: any chat key could read and write another user's memory by naming them in 'user'."""
+    body = {"input": "Where does Keel store vectors?", "stream": False}
+    other_id = next(k.id for k in env.svc_keys.list() if k.name == "other")
+    r = await env.client.post("/v1/agents/rag-qa/runs", json={**body, "user": other_id}, headers=auth(env))
+    assert r.status_code == 403 and r.json()["error"]["param"] == "user"
+    assert "comes from the API key" in r.json()["error"]["message"]
+    assert (await env.client.get("/v1/agents/runs", headers=auth(env))).json()["data"] == []  # nothing ran
+    r = await env.client.post("/v1/agents/rag-qa/runs", json=body, headers=auth(env))
+    run = (await env.client.get(f"/v1/agents/runs/{r.json()['run_id']}", headers=auth(env))).json()
+    assert run["namespace"] == f"users/{env.chat_id}" and run["owner"] == env.chat_id
+    # its own id is accepted; an admin may act for a user (logged)
+    r = await env.client.post("/v1/agents/rag-qa/runs", json={**body, "user": env.chat_id}, headers=auth(env))
+    assert r.status_code == 200
+    r = await env.client.post("/v1/agents/rag-qa/runs", json={**body, "user": "alice"}, headers=auth(env, "admin"))
+    run = (await env.client.get(f"/v1/agents/runs/{r.json()['run_id']}", headers=auth(env, "admin"))).json()
+    assert r.status_code == 200 and run["namespace"] == "users/alice"
+    # nor through the memories API
+    env.memory.put(("users", other_id), "fact-1", {"text": "other's secret"})
+    r = await env.client.get("/v1/agents/memories", params={"namespace": f"users/{other_id}"}, headers=auth(env))
+    assert r.status_code == 403
+    r = await env.client.delete("/v1/agents/memories", params={"namespace": f"users/{other_id}", "key": "fact-1"},
+                                headers=auth(env))
+    assert r.status_code == 403 and env.memory.get(("users", other_id), "fact-1") is not None
+
+
+async def test_a_key_cannot_see_continue_or_resume_another_keys_run(env) -> None:
+    r = await env.client.post("/v1/agents/research/runs", json={"input": "Send the vector report"},
+                              headers=auth(env))
+    intr = parse_sse(r.text)[-1]
+    run_id, thread_id = intr["run_id"], intr["thread_id"]
+    other = auth(env, "other")
+    r = await env.client.post(f"/v1/agents/runs/{run_id}/resume", json={"action": "approve"}, headers=other)
+    assert r.status_code == 404 and env.tool.executed == []
+    assert (await env.client.get(f"/v1/agents/runs/{run_id}", headers=other)).status_code == 404
+    assert (await env.client.get(f"/v1/agents/threads/{thread_id}", headers=other)).status_code == 404
+    assert (await env.client.get("/v1/agents/approvals", headers=other)).json()["data"] == []
+    r = await env.client.post("/v1/agents/research/runs", json={"input": "go on", "thread_id": thread_id},
+                              headers=other)
+    assert r.status_code == 404
+    # a run without an owner (started from the CLI) is the operator's: not any key's to resume or read
+    cli = parse_sse_events(await env.svc.collect(env.svc.run("research", "Send the vector report")))
+    r = await env.client.post(f"/v1/agents/runs/{cli[-1]['run_id']}/resume", json={"action": "approve"},
+                              headers=auth(env))
+    assert r.status_code == 404 and env.tool.executed == []
+    assert (await env.client.get(f"/v1/agents/runs/{cli[-1]['run_id']}", headers=auth(env))).status_code == 404
+    r = await env.client.post(f"/v1/agents/runs/{run_id}/resume", json={"action": "approve"}, headers=auth(env))
+    assert parse_sse(r.text)[-1]["type"] == "final" and env.tool.executed == [{"to": "ops"}]
+
+
+def parse_sse_events(events) -> list[dict[str, Any]]:
+    from agents.events import to_wire
+
+    return [to_wire(e, i) for i, e in enumerate(events)]

@@ -5,6 +5,9 @@ Endpoints (scope ``chat``; an ``admin`` key sees every owner's runs and memories
 * ``GET  /v1/agents/workflows`` - registered workflows and their descriptions.
 * ``POST /v1/agents/{workflow}/runs`` - body ``{"input", "thread_id"?, "user"?, "team"?, "max_steps"?,
   "stream"?}``; streams SSE events (below), or with ``"stream": false`` returns a ``RunResult`` JSON.
+  The API key decides identity: the run is the key's, and its long-term memory is ``users/<key id>``.
+  ``user`` is for ``admin`` keys acting for a user (memory ``users/<user>``; logged); from any other key
+  a ``user`` other than its own id is a 403 ``insufficient_scope``.
 * ``GET  /v1/agents/runs`` (``?workflow=&status=&thread_id=&limit=``) and ``GET /v1/agents/runs/{run_id}``
   (record, steps with timings, pending approval, and the checkpointed state while it is the thread's
   latest run).
@@ -13,6 +16,8 @@ Endpoints (scope ``chat``; an ``admin`` key sees every owner's runs and memories
   run from its last checkpoint. Resuming twice answers 409 ``run_not_resumable``.
 * ``GET  /v1/agents/approvals`` - runs waiting for a human.
 * ``GET  /v1/agents/threads/{thread_id}`` - the thread's question/answer history and runs.
+* A key sees, continues (``thread_id``) and resumes only its own runs and threads (another key's answer 404,
+  as if absent); an ``admin`` key any.
 * ``GET  /v1/agents/memories?namespace=users/<id>&query=&limit=`` and
   ``DELETE /v1/agents/memories?namespace=...&key=...`` - long-term memory (a non-admin key may use
   ``users/<its key id>`` and ``teams/*``).
@@ -104,6 +109,19 @@ def _route(request: Request) -> str:
     return getattr(route, "path", None) or request.url.path
 
 
+def _memory_user(body: RunRequest, key: ApiKey, workflow: str) -> str:
+    """Whose long-term memory the run reads and writes: the key's own. The body never decides identity;
+    an admin key may act for a user, and that is logged."""
+    if not body.user or body.user == key.id:
+        return key.id
+    if not key.allows("admin"):
+        raise PermissionDenied(f"'user' needs an admin key: a run's memory namespace comes from the API key "
+                               f"(this key's is users/{key.id}); drop 'user'", param="user")
+    log.warning("admin key %s starts a %s run acting for user %r (memory users/%s)", key.id, workflow, body.user,
+                body.user)
+    return body.user
+
+
 async def _stream_or_collect(events: AsyncIterator[AgentEvent], stream: bool):
     it = aiter(events)
     first = await anext(it)  # validation errors surface here as HTTP errors
@@ -154,9 +172,10 @@ async def list_workflows(request: Request, _key: ApiKey = Depends(require_scope(
 async def start_run(workflow: str, body: RunRequest, request: Request,
                     key: ApiKey = Depends(require_scope("chat"))):
     svc = _service(request)
+    user = _memory_user(body, key, workflow)
     guard = svc.guard(_guards(request), route=_route(request), workflow=workflow, user=key.id,
                       request_id=getattr(request.state, "request_id", ""))
-    events = svc.run(workflow, body.input, thread_id=body.thread_id, user=body.user or key.id, team=body.team,
+    events = svc.run(workflow, body.input, thread_id=body.thread_id, user=user, team=body.team,
                      owner=key.id, max_steps=body.max_steps, guard=guard)
     return await _stream_or_collect(events, body.stream)
 
