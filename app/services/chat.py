@@ -330,8 +330,9 @@ class ChatService:
     ) -> GuardContext:
         fmt = params.response_format
         schema = fmt.schema if fmt is not None and fmt.type == "json_schema" else None
+        # an agent model is guarded under its workflow's name, as its runs API does (agent:rag-qa -> rag policy)
         workflow = workflow or ("rag" if grounded is not None else "structured" if fmt is not None
-                    else alias if alias and alias.startswith("agent:") else "chat")
+                                else alias.removeprefix("agent:") if alias and alias.startswith("agent:") else "chat")
         return GuardContext(
             request_id=request.request_id, route="/v1/chat/completions", workflow=workflow,
             model=alias or request.model or "", user=request.user,

@@ -202,3 +202,13 @@ async def test_a_grounded_request_is_judged_on_the_users_words_not_the_passages(
     body = r.json()
     assert body["choices"][0]["finish_reason"] == "content_filter" and env["fake"].calls == calls
     assert body["guardrail_events"][-1]["type"] == "blocked"
+
+
+async def test_an_agent_model_is_guarded_under_its_workflows_policy(env) -> None:
+    """agent:rag-qa through chat got the default policy (workflow 'agent:rag-qa' matched no binding) while its
+    runs API got rag: both now select on the workflow's name."""
+    env["fake"].reply = "I don't know based on the provided documents."
+    r = await env["c"].post("/v1/chat/completions", json={
+        "model": "agent:rag-qa", "messages": [{"role": "user", "content": "When was the museum founded?"}]})
+    assert r.status_code == 200, r.text
+    assert r.json()["guardrails"].startswith("rag@")
