@@ -55,6 +55,9 @@ class ManagedVLLM(BaseModel):
     max_lora_rank: int = 8
     lora_modules: dict[str, Path] = Field(default_factory=dict)
     extra_args: list[str] = Field(default_factory=list)
+    env: dict[str, str] = Field(default_factory=dict, description=(
+        "Environment variables for the server on top of the allow list it inherits from Keel's (PATH, HOME, "
+        "LANG/LC_*, HF_*, VLLM_*, OMP_*, ... never KEEL_*, keys, tokens or database URLs)."))
     startup_timeout_s: float = 600.0
     restart_on_exit: bool = True
     max_restarts: int = 5

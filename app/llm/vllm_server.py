@@ -124,7 +124,7 @@ class VLLMSupervisor:
 
     def environment(self) -> dict[str, str]:
         # Not VIRTUAL_ENV, PYTHONPATH or PYTHONHOME either: vLLM runs in its own virtual environment.
-        env = scrubbed_environment(os.environ)
+        env = scrubbed_environment(os.environ) | self.cfg.env
         env.update(
             VLLM_TARGET_DEVICE=env.get("VLLM_TARGET_DEVICE", "cpu"),
             VLLM_CPU_KVCACHE_SPACE=str(self.cfg.kv_cache_gb),

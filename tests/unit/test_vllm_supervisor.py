@@ -152,6 +152,9 @@ def test_environment_is_an_allow_list_without_secrets(make, monkeypatch: pytest.
                     "PYTHONPATH"):
         assert dropped not in env, dropped
     assert not any(v in ("sk-1", "sk-judge", "hf_x", "inherited") or "pw@" in v for v in env.values())
+    # what the operator names in managed.env is passed on (a variable outside the allow list, on purpose)
+    chosen = make(env={"RANDOM_THING": "2", "HF_TOKEN": "hf_mine"}).environment()
+    assert chosen["RANDOM_THING"] == "2" and chosen["HF_TOKEN"] == "hf_mine"
 
 
 async def test_each_start_gets_a_random_key_that_the_server_requires(make) -> None:
