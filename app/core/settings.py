@@ -184,8 +184,10 @@ class Settings(BaseSettings):
             if alias.fallback and alias.fallback not in self.models:
                 raise ValueError(f"model alias {name!r} has unknown fallback {alias.fallback!r}")
         for backend in self.backends.values():
-            if backend.kind == "vllm" and backend.base_url is not None:
-                backend.managed = None  # a URL means: connect to that server, do not start one
+            if backend.kind != "vllm" or backend.base_url is not None:
+                # a URL means: connect to that server, do not start one; only vLLM backends have a managed server
+                # (the built-in default merges one into any backend named 'local', whatever its kind)
+                backend.managed = None
             elif backend.kind == "vllm" and backend.managed is None:
                 backend.managed = ManagedVLLM()
             if backend.managed and backend.managed.model_path is None:

@@ -59,3 +59,10 @@ def test_missing_config_file_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv("KEEL_CONFIG", "/nonexistent/keel.yaml")
     with pytest.raises(FileNotFoundError, match="KEEL_CONFIG"):
         load_settings()
+
+
+def test_a_local_backend_of_another_kind_gets_no_managed_vllm(tmp_path: Path) -> None:
+    """The built-in default merged its managed-vLLM block into any backend named 'local', so `keel serve` with
+    `local: {kind: openai, base_url: ...}` ran the vLLM preflight checks for a server it never starts."""
+    s = load_settings(home=tmp_path, backends={"local": {"kind": "openai", "base_url": "http://127.0.0.1:9/v1"}})
+    assert s.backends["local"].kind == "openai" and s.backends["local"].managed is None
