@@ -113,7 +113,7 @@ class GuardrailEvent:
     type: ClassVar[str] = "guardrail"
     run_id: str
     stage: str  # input | output
-    action: str  # block | redact
+    action: str  # block | redact | retract (the streamed answer tokens are withdrawn)
     validator: str
     reason: str = ""
     message: str = ""

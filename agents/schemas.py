@@ -98,7 +98,9 @@ class FinalEvent(_Event):
 class GuardrailWireEvent(_Event):
     type: Literal["guardrail"]
     stage: Literal["input", "output"]
-    action: Literal["block", "redact"]
+    action: Literal["block", "redact", "retract"] = Field(description=(
+        "block: refused (input) or withheld (output); redact: values masked; retract: the answer tokens "
+        "streamed so far are withdrawn (final carries what to show)."))
     validator: str = Field(description="The policy entry that acted (e.g. prompt_injection, pii).")
     reason: str
     message: str = Field(description="block: the refusal shown instead of an answer.")

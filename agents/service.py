@@ -49,6 +49,8 @@ from agents.settings import AgentSettings
 from agents.workflows.common import IDK, Deps
 from app.core.db import postgres_unavailable
 from app.core.errors import Conflict, InvalidRequest, KeelError, NotFound, StoreUnavailable
+from app.core.types import ChatMessage, TextDelta
+from app.guardrails.types import GuardrailRedaction, GuardrailRetraction
 
 log = logging.getLogger("keel.agents")
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
@@ -128,8 +130,6 @@ class RunGuard:
         return f"{policy.name}@{self.engine.policy.version_tag}"
 
     async def check_input(self, text: str) -> Any:
-        from app.core.types import ChatMessage
-
         self.decision = await self.engine.check_input([ChatMessage("user", text)], self.context)
         # what the answer may repeat without it counting as a leak or new PII: the user's own (checked) words
         self.context = dataclasses.replace(self.context, question=self.decision.messages[-1].content)
@@ -145,6 +145,26 @@ class RunGuard:
             by = d.blocked_by
             out.append(GuardrailEvent(run_id, "input", "block", by.validator, by.reason, d.refusal or ""))
         return out
+
+    def token_stream(self) -> Any:
+        """The windowed output guard the chat path streams through: answer tokens are released window by window
+        once each passed, so a run still streams under a policy; ``final`` stays the checked answer."""
+        return self.engine.output_guard(self.context, self.decision)
+
+    async def tokens(self, run_id: str, out: Any, chunk: Token | None) -> list[Token | GuardrailEvent]:
+        """Feed one token (``None``: the stream ended) through ``out``; what may be sent now."""
+        released = await (out.feed(TextDelta(chunk.text)) if chunk is not None else out.finish(0))
+        node = chunk.node if chunk is not None else ""
+        events: list[Token | GuardrailEvent] = []
+        for e in released:
+            if isinstance(e, TextDelta):
+                events.append(Token(run_id, node, e.text))
+            elif isinstance(e, GuardrailRedaction):
+                events.append(GuardrailEvent(run_id, "output", "redact", e.validator))
+            elif isinstance(e, GuardrailRetraction):
+                # the tokens shown are withdrawn; ``final`` carries what to show instead
+                events.append(GuardrailEvent(run_id, "output", "retract", e.validator, e.reason, e.message))
+        return events
 
     async def check_answer(self, run_id: str, answer: str, cites: list[dict[str, Any]]
                            ) -> tuple[str | None, str, list[GuardrailEvent]]:
@@ -432,6 +452,7 @@ class AgentService:
         status: str | None = None
         error: ErrorEvent | None = None
         tag = guard.tag if guard is not None else None
+        token_guard = None
         stream = graph.astream(inp, config, stream_mode=["custom", "updates"])
         # Each drive (a start or a resume) gets the whole budget: waiting for a human's approval between
         # drives is not running time.
@@ -446,8 +467,12 @@ class AgentService:
                     if mode != "custom" or not isinstance(chunk, _STREAMED):
                         continue
                     if tag is not None and isinstance(chunk, Token):
-                        # Answer tokens are the model's unchecked drafts, and a stream cannot take back what it
-                        # sent: under a guardrail policy the answer is released once, checked, in ``final``.
+                        # Answer tokens are the model's unchecked drafts: under a policy they are released as
+                        # the chat path releases a stream, window by window once checked (a window that fails
+                        # retracts what was shown); ``final`` is the answer checked whole.
+                        token_guard = token_guard or guard.token_stream()
+                        for event in await guard.tokens(rec.run_id, token_guard, chunk):
+                            yield event
                         continue
                     if isinstance(chunk, NodeStarted):
                         started[chunk.node] = time.time()
@@ -490,6 +515,9 @@ class AgentService:
                                      dict(pending.get("args") or {}), str(pending.get("call_id", "")),
                                      str(pending.get("reason", "")))
                 return
+            if token_guard is not None:
+                for event in await guard.tokens(rec.run_id, token_guard, None):
+                    yield event
             values = snapshot.values or {}
             if status == "step_limit":
                 answer = values.get("answer") or values.get("draft") or IDK
