@@ -72,7 +72,9 @@ class BackendSettings(BaseModel):
         default=None, description="OpenAI-compatible base URL ending in /v1; for vllm, set it to use an "
         "existing server instead of starting one."
     )
-    api_key: SecretStr | None = None
+    api_key: SecretStr | None = Field(default=None, description=(
+        "Key the server requires. For a vLLM server Keel starts, unset means a new random key each start; set "
+        "it when other processes (a fine-tune worker's eval judge) must call that server too."))
     managed: ManagedVLLM | None = None
     model_path: Path | None = Field(default=None, description="transformers: model folder to load.")
     device: str = "cpu"

@@ -18,12 +18,13 @@ class VLLMBackend(OpenAIBackend):
         base_url = settings.base_url or f"http://{managed.host}:{managed.port}/v1"
         super().__init__(name, settings, base_url)
         self.supervisor = (
-            VLLMSupervisor(name, managed, log_dir / f"vllm-{name}.log", on_restart=on_restart)
+            VLLMSupervisor(name, managed, log_dir / f"vllm-{name}.log", on_restart=on_restart,
+                           fixed_key=settings.api_key.get_secret_value() if settings.api_key else None)
             if managed is not None else None
         )
 
     def api_key(self) -> str | None:
-        # A server Keel runs accepts only the key Keel gave it at start; a configured key is for remote servers.
+        # A server Keel runs accepts only the key it was started with (the configured one, else a random one).
         if self.supervisor is not None:
             return self.supervisor.api_key
         return super().api_key()

@@ -79,7 +79,7 @@ class VLLMSupervisor:
     def __init__(
         self, name: str, cfg: ManagedVLLM, log_path: Path, *,
         on_restart: Callable[[], None] | None = None,
-        liveness_interval_s: float = 5.0, liveness_failures: int = 3,
+        liveness_interval_s: float = 5.0, liveness_failures: int = 3, fixed_key: str | None = None,
     ) -> None:
         self.name = name
         self.cfg = cfg
@@ -94,7 +94,9 @@ class VLLMSupervisor:
         self.last_error: str | None = None
         self.ready_at: float | None = None
         # A new random key each time Keel starts the server (vLLM then refuses /v1 requests without it;
-        # /health and /metrics stay open). Kept across crash restarts so clients need not follow it.
+        # /health and /metrics stay open), or the backend's configured api_key where other processes must reach
+        # it too (a fine-tune worker's judge, tests). Kept across crash restarts so clients need not follow it.
+        self.fixed_key = fixed_key
         self.api_key: str | None = None
         self._task: asyncio.Task[None] | None = None
         self._proc: asyncio.subprocess.Process | None = None
@@ -162,7 +164,7 @@ class VLLMSupervisor:
             return
         self.preflight()
         self._stopping = False
-        self.api_key = secrets.token_urlsafe(32)
+        self.api_key = self.fixed_key or secrets.token_urlsafe(32)
         _API_KEYS[self.base_url] = self.api_key
         self._task = asyncio.create_task(self._run(), name=f"vllm-supervisor-{self.name}")
 

@@ -8,6 +8,7 @@ command to run, unless KEEL_SKIP_VLLM_TESTS=1 says to skip them on purpose.
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -47,6 +48,7 @@ class KeelServer:
     proc: subprocess.Popen
     keys: dict[str, str]
     log: Path
+    vllm_api_key: str = ""  # the managed vLLM requires it: tests that call that server directly send it
 
     def headers(self, key: str = "chat") -> dict[str, str]:
         return {"Authorization": f"Bearer {self.keys[key]}"}
@@ -84,12 +86,14 @@ def keel_server(tmp_path_factory: pytest.TempPathFactory) -> KeelServer:
     _require_real_parts()
     home = tmp_path_factory.mktemp("keel-home")
     api_port, vllm_port, dead_port = free_port(), free_port(), free_port()
+    vllm_key = secrets.token_urlsafe(24)
     config = {
         "home": str(home),
         "server": {"port": api_port},
         "auth": {"default_rate_limit_per_minute": 10_000},
         "backends": {
-            "local": {"kind": "vllm", "read_timeout_s": 60, "managed": {
+            # a configured key (not a random one per start): tests also call this vLLM server directly
+            "local": {"kind": "vllm", "read_timeout_s": 60, "api_key": vllm_key, "managed": {
                 "python": str(VLLM_PYTHON), "port": vllm_port, "model_path": str(MODEL),
                 "enforce_eager": True, "restart_backoff_s": 1.0}},
             # Nothing listens here: the primary of the fallback alias below.
@@ -120,7 +124,8 @@ def keel_server(tmp_path_factory: pytest.TempPathFactory) -> KeelServer:
     with log.open("wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve"], cwd=ROOT, env=env,
                                 stdout=out, stderr=subprocess.STDOUT)
-    server = KeelServer(f"http://127.0.0.1:{api_port}", f"http://127.0.0.1:{vllm_port}", home, proc, keys, log)
+    server = KeelServer(f"http://127.0.0.1:{api_port}", f"http://127.0.0.1:{vllm_port}", home, proc, keys, log,
+                        vllm_key)
     try:
         server.wait_ready()
     except BaseException:

@@ -38,7 +38,8 @@ async def real(keel_server, tmp_path_factory):
     settings = load_settings(
         home=home,
         # base_url: connect to the session's vLLM server (this replaces the default managed backend)
-        backends={"local": {"kind": "vllm", "base_url": keel_server.vllm_url + "/v1", "read_timeout_s": 120}},
+        backends={"local": {"kind": "vllm", "base_url": keel_server.vllm_url + "/v1", "read_timeout_s": 120,
+                            "api_key": keel_server.vllm_api_key}},
         models={"smollm2": {"backend": "local", "model": "smollm2", "defaults": {"temperature": 0.0}}},
         default_model="smollm2",
         agents={"answer_max_tokens": 60, "decision_max_tokens": 40, "max_rounds": 2, "max_steps": 4,

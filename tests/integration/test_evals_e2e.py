@@ -42,7 +42,8 @@ def test_suite_against_the_real_model(keel_server: KeelServer, tmp_path: Path, m
     from ingest.embedding import HashingEmbedder
 
     monkeypatch.setenv("KEEL_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("KEEL_BACKENDS", f'{{"local": {{"kind": "vllm", "base_url": "{keel_server.vllm_url}/v1"}}}}')
+    monkeypatch.setenv("KEEL_BACKENDS", f'{{"local": {{"kind": "vllm", "base_url": "{keel_server.vllm_url}/v1", '
+                                        f'"api_key": "{keel_server.vllm_api_key}"}}}}')
     monkeypatch.setenv("KEEL_GUARDRAILS__ENABLED", "false")
 
     async def factory(settings):
@@ -121,9 +122,10 @@ def test_golden_rag_suite_with_the_real_model_as_target_and_judge(keel_server: K
         (docs / name).write_text((corpus / name).read_text())
     monkeypatch.setenv("KEEL_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("KEEL_BACKENDS", f'{{"local": {{"kind": "vllm", "base_url": "{keel_server.vllm_url}/v1", '
-                                        '"read_timeout_s": 300}}')
+                                        f'"read_timeout_s": 300, "api_key": "{keel_server.vllm_api_key}"}}}}')
     monkeypatch.setenv("KEEL_GUARDRAILS__ENABLED", "false")
     monkeypatch.setenv("KEEL_EVALS__JUDGE_BASE_URL", f"{keel_server.vllm_url}/v1")
+    monkeypatch.setenv("KEEL_EVALS__JUDGE_API_KEY", keel_server.vllm_api_key)
     monkeypatch.setenv("KEEL_EVALS__JUDGE_MODEL", "smollm2")
     monkeypatch.setenv("KEEL_EVALS__JUDGE_MAX_TOKENS", "384")
 

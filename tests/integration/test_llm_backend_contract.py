@@ -25,7 +25,8 @@ async def backend(request: pytest.FixtureRequest) -> LLMBackend:
         from app.llm.openai_backend import OpenAIBackend
 
         server: KeelServer = request.getfixturevalue("keel_server")
-        b = OpenAIBackend("vllm", BackendSettings(kind="openai", base_url=f"{server.vllm_url}/v1"))
+        b = OpenAIBackend("vllm", BackendSettings(kind="openai", base_url=f"{server.vllm_url}/v1",
+                                                  api_key=server.vllm_api_key))
     else:
         from app.llm.transformers_backend import TransformersBackend
 

@@ -182,3 +182,12 @@ async def test_each_start_gets_a_random_key_that_the_server_requires(make) -> No
     await sup.start()
     assert sup.api_key != key
     await sup.stop()
+
+
+async def test_a_configured_key_replaces_the_random_one(make) -> None:
+    """Other processes (a fine-tune worker's judge, the integration tests) reach the server with a key they know."""
+    sup = make()
+    sup.fixed_key = "k" * 40
+    await sup.start()
+    assert sup.api_key == "k" * 40 and sup.environment()["VLLM_API_KEY"] == "k" * 40
+    await sup.stop()
