@@ -504,11 +504,11 @@ class GuardrailEngine:
         sp = context.system_prompt
         if sp is None and messages:
             sp = "\n".join(m.content for m in messages if m.role == "system") or None
-        # values keel/pii leaves alone: the sources, on both stages; on the output also what the user asked and
-        # the operator's system prompt (repeating them to this user discloses nothing)
+        # values keel/pii leaves alone: the sources, on both stages; on the output also what the user asked
+        # (repeating it to this user discloses nothing). Not the system prompt: the user never sees it.
         known = tuple(context.passages or ())
-        if messages is None:
-            known += tuple(t for t in (context.question, sp) if t)
+        if messages is None and context.question:
+            known += (context.question,)
         return {"vault": vault, "system_prompt": sp, "passages": context.passages, "schema": context.response_schema,
                 "expect_json": context.expect_json, "secret_values": context.secret_values,
                 "question": context.question, "known": known}

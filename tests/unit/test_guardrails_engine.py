@@ -429,10 +429,15 @@ async def test_mangled_placeholders_are_restored(engine):
     d = await engine.check_input([ChatMessage("user", "I'm Maria Garcia, maria@example.com, write to my landlord.")],
                                  ctx("pii-mangled", user="bob"))
     assert "<PERSON_1>" in d.messages[0].content and "<EMAIL_1>" in d.messages[0].content
-    answer = "Dear landlord, PERSON_1 here ([EMAIL_1]). Signed, <person 1>, PERSON1 and <PERSON>. A person wrote."
+    answer = "Dear landlord, PERSON_1 here ([EMAIL_1]). Signed, <person 1> and PERSON1. A person 1 wrote."
     out = await engine.check_output(answer, ctx("pii-mangled", user="bob"), d)
-    assert out.text == ("Dear landlord, Maria Garcia here (maria@example.com). Signed, Maria Garcia, Maria Garcia "
-                        "and Maria Garcia. A person wrote.")
+    assert out.text == ("Dear landlord, Maria Garcia here (maria@example.com). Signed, Maria Garcia and Maria "
+                        "Garcia. A person 1 wrote.")
+    # PII the output guard removed from the answer (someone else's) is marked <KIND>: never filled with the
+    # user's own values
+    other = await engine.check_output("Ask Bob Jones at bob.jones@example.org.", ctx("pii-mangled", user="bob"), d)
+    assert "maria" not in other.text.lower() and "bob.jones@example.org" not in other.text
+    assert "<EMAIL>" in other.text
 
 
 async def test_sources_and_the_question_are_never_redacted(engine):

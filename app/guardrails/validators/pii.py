@@ -178,26 +178,20 @@ class PiiVault:
         """Put the original values back; only for the vault's own user (``owner`` must match).
 
         Small models copy placeholders loosely: ``<PERSON_1>`` comes back as ``PERSON_1``, ``[PERSON_1]``,
-        ``<person 1>``, ``PERSON1`` or, when the request had one value of that kind, ``<PERSON>``. Every such
-        form of a placeholder in this vault is restored; other text that looks alike is left alone."""
+        ``<person 1>`` or ``PERSON1``; each such form of a placeholder in this vault is restored. A form without
+        its number (``<PERSON>``) never is: that is how the output guard marks PII it removed from the answer,
+        someone else's; and plain words ("person 1") are prose, not placeholders."""
         if owner != self.owner or not self._by_placeholder:
             return text
         with self._lock:
             values = dict(self._by_placeholder)
-            only = {kind: next(ph for ph in values if ph.startswith(f"<{kind}_")) for kind, n in self._counts.items()
-                    if n == 1}
         kinds = "|".join(sorted(self._counts, key=len, reverse=True))
-        loose = re.compile(rf"[<\[(]?\b({kinds})(?:[_ ]?(\d+))?\b[>\])]?", re.IGNORECASE)
 
         def put_back(m: re.Match) -> str:
-            kind, n = m.group(1).upper(), m.group(2)
-            if n is None:
-                # a bare kind is a placeholder only when bracketed ("<PERSON>"), never the word "person"
-                bracketed = m.group(0)[:1] in "<[(" and m.group(0)[-1:] in ">])"
-                return values[only[kind]] if bracketed and kind in only else m.group(0)
-            return values.get(f"<{kind}_{int(n)}>", m.group(0))
+            return values.get(f"<{m.group(1).upper()}_{int(m.group(2))}>", m.group(0))
 
-        return loose.sub(put_back, text)
+        text = re.sub(rf"[<\[]\s*({kinds})[_ ]?(\d+)\s*[>\]]", put_back, text, flags=re.IGNORECASE)
+        return re.sub(rf"\b({kinds})_?(\d+)\b", put_back, text)
 
     def placeholders(self) -> list[str]:
         return list(self._by_placeholder)
