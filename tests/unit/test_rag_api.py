@@ -276,6 +276,21 @@ async def test_an_upload_over_its_limit_is_413_and_leaves_no_file(env) -> None:
     assert sorted(p.name for p in uploads.rglob("*") if p.is_file()) == ["big.txt", "small.txt"]
 
 
+async def test_a_cut_off_upload_is_refused_and_leaves_no_file(env) -> None:
+    """The multipart parser's finalize() does not check for the closing boundary: a body cut short was ingested
+    as if whole."""
+    uploads = env["home"] / "uploads"
+    files = [("files", ("guide.md", b"# Guide\n\nLighthouses guide ships at night.\n" * 50, "text/markdown"))]
+    request = env["c"].build_request("POST", "/v1/ingest", files=files, data={"collection": "docs"},
+                                     headers=h(env, "ingest"))
+    body, ctype = request.read(), request.headers["content-type"]
+    cut = body[: len(body) // 2]
+    r = await env["c"].post("/v1/ingest", content=cut, headers={**h(env, "ingest"), "content-type": ctype})
+    assert r.status_code == 400 and "closing boundary" in r.json()["error"]["message"], r.text
+    assert not [p for p in uploads.rglob("*") if p.is_file()] if uploads.exists() else True
+    assert (await env["c"].get("/v1/ingest/jobs", headers=h(env, "ingest"))).json() == []
+
+
 async def test_the_rag_prompt_asks_for_an_answer_that_fits_the_token_budget(env) -> None:
     """The shipped rag-answer asks for up to 150 words; a request with a small max_tokens got answers cut
     mid-sentence. The word limit the prompt states now follows the request's budget."""

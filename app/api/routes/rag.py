@@ -7,9 +7,10 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, Field
+from starlette.requests import ClientDisconnect
 
 from app.api.deps import get_container, require_scope
-from app.core.errors import InvalidRequest, PayloadTooLarge, PermissionDenied
+from app.core.errors import ClientGone, InvalidRequest, PayloadTooLarge, PermissionDenied
 from app.security.keys import ApiKey
 from app.services.container import Container
 from app.services.ingest_jobs import UploadBatch
@@ -134,10 +135,11 @@ async def _stream_form(request: Request, batch: UploadBatch, limit: int) -> dict
         else:
             fields[part["field"]] = part["text"].decode("utf-8", "replace")
 
+    ended: list[bool] = []
     parser = MultipartParser(params[b"boundary"], {
         "on_part_begin": on_part_begin, "on_header_field": on_header_field, "on_header_value": on_header_value,
         "on_header_end": on_header_end, "on_headers_finished": on_headers_finished,
-        "on_part_data": on_part_data, "on_part_end": on_part_end})
+        "on_part_data": on_part_data, "on_part_end": on_part_end, "on_end": lambda: ended.append(True)})
     received = 0
     try:
         async for chunk in request.stream():
@@ -148,6 +150,12 @@ async def _stream_form(request: Request, batch: UploadBatch, limit: int) -> dict
         parser.finalize()
     except FormParserError as e:
         raise InvalidRequest(f"malformed multipart/form-data body: {e}", param="files") from None
+    except ClientDisconnect:
+        raise ClientGone("the client left during the upload; nothing was kept") from None
+    if not ended:
+        # the parser's finalize() does not check this: a body cut short would otherwise be ingested as whole
+        raise InvalidRequest("the multipart/form-data body ends before its closing boundary (a cut-off upload); "
+                             "nothing was kept: send it again", param="files")
     return fields
 
 
