@@ -148,8 +148,12 @@ class EdgeStore(QdrantLikeStore):
         )
         with self._open_lock:
             self._claim(c)
-            self._dir(c).mkdir(parents=True, exist_ok=True)
-            self._shards[c] = q.EdgeShard.create(str(self._dir(c)), config)
+            try:
+                self._dir(c).mkdir(parents=True, exist_ok=True)
+                self._shards[c] = q.EdgeShard.create(str(self._dir(c)), config)
+            except BaseException:
+                self._release(c)
+                raise
 
     def _index(self, c: str, field: str, kind: Literal["keyword", "integer"]) -> None:
         q = self.q
@@ -158,6 +162,7 @@ class EdgeStore(QdrantLikeStore):
 
     def _drop(self, c: str) -> None:
         with self._open_lock:
+            self._claim(c)  # never delete a folder another process holds
             shard = self._shards.pop(c, None)
             if shard is not None:
                 shard.close()
