@@ -238,8 +238,15 @@ class ChatService:
         if self.guards is not None:
             context = self._guard_context(request, alias, params, grounded, question)
             if not agent and pre is not None:
-                # checked above; the model gets the prompt rendered around the checked question
-                decision = replace(pre, messages=request.messages)
+                # The question was checked above. The passages are checked for instructions aimed at the model
+                # (indirect injection: any key with the ingest scope can upload a document): a prompt-injection
+                # verdict over the rendered prompt refuses; topics and the rest judged the user's words only.
+                rendered_check = await self.guards.check_input(request.messages, context)
+                injected = next((r for r in rendered_check.results
+                                 if r.registered == "keel/prompt_injection" and r.action == "block"), None)
+                decision = replace(pre, messages=request.messages) if injected is None else replace(
+                    pre, messages=request.messages, blocked=True, results=[*pre.results, injected],
+                    refusal=self.guards.refusal_for(pre.policy, injected.validator, "input"))
             else:
                 decision = await self.guards.check_input(request.messages, context)
         started = Started(
