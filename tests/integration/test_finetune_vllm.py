@@ -141,7 +141,8 @@ async def test_adapter_is_evaluated_then_promoted_through_the_gate_and_served(tm
             assert body["to_version"] == version_id and body["verdict"]["passed"] and not body["forced"]
             assert fact_run.id in body["verdict"]["reason"]
             vllm_url = serving.backend_url(settings, "local")
-            assert await serving.served_adapters(vllm_url) == {body["served_name"]: "smollm2"}
+            key = serving.backend_api_key(settings, "local")  # the managed server requires its per-start key
+            assert await serving.served_adapters(vllm_url, api_key=key) == {body["served_name"]: "smollm2"}
             tuned = await ask("veltmar")
             print(f"base: {base!r}\ntuned: {tuned!r}\npromote->answer {time.perf_counter() - t0:.1f} s")
             assert "quorra" in tuned.lower(), tuned
@@ -152,10 +153,10 @@ async def test_adapter_is_evaluated_then_promoted_through_the_gate_and_served(tm
 
             # 7. A vLLM that forgot the adapter (restarted) and a process that forgot the alias get both back
             #    from the start-up restore.
-            assert await serving.unload_adapter(vllm_url, body["served_name"])
+            assert await serving.unload_adapter(vllm_url, body["served_name"], api_key=key)
             del settings.models["veltmar"]
             await container._restore_adapters()
-            assert await serving.served_adapters(vllm_url) == {body["served_name"]: "smollm2"}
+            assert await serving.served_adapters(vllm_url, api_key=key) == {body["served_name"]: "smollm2"}
             assert "quorra" in (await ask("veltmar")).lower()
     finally:
         await container.aclose()
