@@ -221,8 +221,11 @@ class Worker:
         from evals.store import EvalStore
         from finetune.evaluate import EvalInterrupted, evaluate_adapter
 
-        beat_stop = threading.Event()
-        threading.Thread(target=self._beat, args=(job.id, beat_stop), daemon=True, name=f"eval-beat-{job.id}").start()
+        beat_stop, lost = threading.Event(), threading.Event()
+        # a lost heartbeat stops the evals like a shutdown: beats would stop either way, and another worker
+        # would then recover the job and evaluate it a second time beside this one
+        threading.Thread(target=self._beat, args=(job.id, beat_stop, lost), daemon=True,
+                         name=f"eval-beat-{job.id}").start()
         started = time.time()
         store = None
         try:
@@ -237,8 +240,13 @@ class Worker:
             store = EvalStore(self.settings.evals.db_path(self.settings.home))
             evaluation = asyncio.run(evaluate_adapter(
                 self.settings, version, suites, base_model=resolve_base_model(spec, self.settings.models_dir),
-                store=store, backend=self.eval_backend, should_stop=self.shutdown.is_set))
+                store=store, backend=self.eval_backend,
+                should_stop=lambda: self.shutdown.is_set() or lost.is_set()))
         except EvalInterrupted:
+            if lost.is_set():
+                log.error("evals of job %s stopped: the job is no longer this worker's; its state is left alone",
+                          job.id)
+                return self.store.get(job.id)
             self.store.append_log(job.id, "evals interrupted by shutdown: queued again (the runs resume)")
             return self.store.finish_evals(job.id, "pending", {})
         except Exception as exc:

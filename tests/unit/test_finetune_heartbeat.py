@@ -3,15 +3,18 @@ it before the job turns stale, and no worker changes the state of a job that is 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sqlite3
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from app.core.settings import Settings
-from finetune import train
+from finetune import evaluate, train
+from finetune import worker as worker_module
 from finetune.jobs import JobOwnershipLost, JobStore
 from finetune.train import TrainResult
 from finetune.worker import Worker
@@ -113,3 +116,37 @@ def test_a_finished_run_does_not_overwrite_a_job_another_worker_holds(tmp_path, 
     after = w.run_job(store.claim_next(w.worker_id))
     assert after.state == "running" and after.worker == "other:2"
     assert store.get(job.id).state == "running"
+
+
+def test_evals_stop_when_the_heartbeat_is_lost_and_leave_the_job_alone(tmp_path, store, monkeypatch, caplog):
+    """The eval heartbeat gave up without stopping the evals: the job then turned stale and a second worker
+    evaluated it beside the first."""
+    job = store.create(name="demo", spec_yaml=SPEC, spec_hash="h" * 64)
+    w = worker(tmp_path, store)
+    store.claim_next(w.worker_id)
+    store.transition(job.id, "succeeded", owner=w.worker_id, worker=None, model_name="demo", model_version="1")
+    store.queue_evals(job.id)
+    claimed = store.claim_evals(w.worker_id)
+    w._tracker = SimpleNamespace(get_version=lambda name, version: SimpleNamespace(ref=f"{name}@{version}"))
+    monkeypatch.setattr(worker_module, "resolve_base_model", lambda spec, models_dir: None)
+    polls: list[int] = []
+
+    async def evaluate_adapter(*args, should_stop, **kw):
+        for i in range(500):  # ~5 s unless told to stop
+            polls.append(i)
+            if should_stop():
+                raise evaluate.EvalInterrupted("stopped")
+            await asyncio.sleep(0.01)
+        raise AssertionError("the evals were never told to stop")
+
+    monkeypatch.setattr(evaluate, "evaluate_adapter", evaluate_adapter)
+
+    def broken(job_id, worker_id):
+        raise sqlite3.OperationalError("database is locked")
+
+    monkeypatch.setattr(store, "heartbeat", broken)
+    with caplog.at_level(logging.ERROR, logger="keel.finetune.worker"):
+        after = w.run_evals(claimed)
+    assert polls and polls[-1] < 499
+    assert after.evals_state == "running" and after.worker == w.worker_id  # left to recovery, not re-queued here
+    assert any("no longer this worker's" in r.message for r in caplog.records)
