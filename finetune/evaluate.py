@@ -153,7 +153,7 @@ async def evaluate_adapter(settings: Settings, version: AdapterVersion, suites: 
     from app.llm.router import ModelRouter
     from app.services.chat import ChatService
     from evals.runner import EvalConfigError, EvalRunner
-    from evals.suite import SuiteError, find_suite, load_suite
+    from evals.suite import SuiteError, find_named_suite, load_suite, suite_dirs
 
     adapter = version.local_path()
     alias = eval_alias(version)
@@ -161,7 +161,10 @@ async def evaluate_adapter(settings: Settings, version: AdapterVersion, suites: 
     loaded: list[tuple[str, Suite | None, str | None]] = []
     for name in suites:
         try:
-            loaded.append((name, suite_for(load_suite(find_suite(name, settings.evals.suites_dir)), alias), None))
+            # by name from the suites folders only, as the API loads them: a job spec is remote input too
+            path = find_named_suite(name, settings.evals.suites_dir)
+            suite = load_suite(path, roots=suite_dirs(settings.evals.suites_dir))
+            loaded.append((name, suite_for(suite, alias), None))
         except (SuiteError, KeelError) as exc:
             loaded.append((name, None, getattr(exc, "message", None) or str(exc)))
     prompts = None
