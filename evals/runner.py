@@ -27,6 +27,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from app.core.errors import KeelError
 from app.core.types import ChatMessage, GenerationParams
+from app.llm.vllm_server import server_api_key
 from app.services.chat import ChatRequest, PromptUse
 from app.services.grounding import RagUse
 from evals.metrics import MetricEnv, Sample, compute, registry, verdict
@@ -94,13 +95,11 @@ def swallowed_errors(container: Any) -> Counter:
 
 
 def judge_api_key(settings: Settings, base_url: str | None) -> str | None:
-    """The configured judge key, else the key of the vLLM server this process runs at ``base_url`` (it
-    refuses requests without its per-start key)."""
+    """The configured judge key, else the key the server at ``base_url`` requires (a vLLM server refuses
+    requests without it)."""
     if settings.evals.judge_api_key is not None:
         return settings.evals.judge_api_key.get_secret_value()
-    from app.llm.vllm_server import managed_api_key
-
-    return managed_api_key(base_url) if base_url else None
+    return server_api_key(settings, base_url) if base_url else None
 
 
 def _event(e: Any) -> dict[str, Any]:

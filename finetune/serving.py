@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from app.core.errors import BackendUnavailable, InvalidRequest
+from app.llm.vllm_server import server_api_key
 from finetune.errors import AdapterServingError
 
 if TYPE_CHECKING:
@@ -157,11 +158,7 @@ def backend_url(settings: Settings, backend: str) -> str:
 def backend_api_key(settings: Settings, backend: str) -> str | None:
     """The key the backend's server accepts: a server Keel runs has a random one per start (known only to the
     process that started it), a remote one the configured ``api_key``."""
-    from app.llm.vllm_server import managed_api_key
-
-    spec = settings.backends[backend]
-    managed = managed_api_key(backend_url(settings, backend)) if spec.managed is not None else None
-    return managed or (spec.api_key.get_secret_value() if spec.api_key else None)
+    return server_api_key(settings, backend_url(settings, backend))
 
 
 @dataclass(frozen=True, slots=True)

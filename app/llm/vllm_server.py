@@ -28,7 +28,7 @@ from typing import Literal
 import httpx
 
 from app.core.errors import KeelError
-from app.core.settings import ManagedVLLM
+from app.core.settings import ManagedVLLM, Settings
 
 log = logging.getLogger("keel.vllm")
 
@@ -51,11 +51,29 @@ _ENV_SECRET = re.compile(r"(^|_)(KEYS?|TOKEN|SECRET|PASSWORD|PASSWD|PASS|CREDENT
 _API_KEYS: dict[str, str] = {}
 
 
+def server_api_key(settings: Settings, url: str) -> str | None:
+    """The key the server at ``url`` requires: the per-start key of a vLLM server this process runs, else the
+    ``api_key`` configured on the backend with that URL (a server another process runs, or a remote one)."""
+    key = managed_api_key(url)
+    if key is not None:
+        return key
+    root = _server_root(url)
+    for b in settings.backends.values():
+        at = b.base_url or (f"http://{b.managed.host}:{b.managed.port}" if b.managed is not None else None)
+        if at is not None and _server_root(at) == root and b.api_key is not None:
+            return b.api_key.get_secret_value()
+    return None
+
+
+def _server_root(url: str) -> str:
+    root = url.rstrip("/")
+    return root[:-3] if root.endswith("/v1") else root
+
+
 def managed_api_key(url: str) -> str | None:
     """The API key of the managed vLLM server at ``url`` ('http://h:p' or 'http://h:p/v1'), if this process
     started it; None for any other server."""
-    root = url.rstrip("/")
-    return _API_KEYS.get(root[:-3] if root.endswith("/v1") else root)
+    return _API_KEYS.get(_server_root(url))
 
 
 def scrubbed_environment(environ: Mapping[str, str]) -> dict[str, str]:

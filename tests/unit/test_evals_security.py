@@ -94,3 +94,16 @@ def test_the_judge_on_the_managed_server_gets_its_per_start_key(tmp_path, monkey
     assert judge_api_key(s, base_url) == "per-start"
     s.evals.judge_api_key = SecretStr("configured")
     assert judge_api_key(s, base_url) == "configured"
+
+
+def test_a_judge_in_another_process_uses_the_backends_configured_key(tmp_path) -> None:
+    """A fine-tune worker's judge pointing at the API's managed vLLM: that server's key lives in the API
+    process, so the worker uses the key the backend is configured to require (the same one the server got)."""
+    from finetune import serving
+
+    s = Settings(home=tmp_path, backends={"local": {"kind": "vllm", "api_key": "shared-key",
+                                                    "managed": {"port": 8125}}})
+    base_url, _ = judge_endpoint(s)
+    assert judge_api_key(s, base_url) == "shared-key"
+    assert serving.backend_api_key(s, "local") == "shared-key"  # LoRA loading: the same one rule
+    assert judge_api_key(s, "http://127.0.0.1:9999/v1") is None  # another server's key is never sent
