@@ -169,8 +169,18 @@ class ChatService:
         )
 
     def validate(self, request: ChatRequest) -> None:
-        limits = self.settings.limits
         self.router.route(request.model)  # unknown model -> 404 before anything else
+        self._check_size(request)
+        max_tokens = request.params.max_tokens
+        if max_tokens is not None and max_tokens > self.settings.limits.max_tokens:
+            raise InvalidRequest(
+                f"max_tokens is {max_tokens}; this server allows at most {self.settings.limits.max_tokens}",
+                param="max_tokens",
+            )
+
+    def _check_size(self, request: ChatRequest) -> None:
+        """The request's own size limits: cheap, so they run before any guard model sees the input."""
+        limits = self.settings.limits
         if len(request.messages) > limits.max_messages:
             raise InvalidRequest(
                 f"too many messages ({len(request.messages)}); the limit is {limits.max_messages}",
@@ -184,12 +194,6 @@ class ChatService:
             )
         if not any(m.content.strip() for m in request.messages):
             raise InvalidRequest("every message is empty; send some content", param="messages")
-        max_tokens = request.params.max_tokens
-        if max_tokens is not None and max_tokens > limits.max_tokens:
-            raise InvalidRequest(
-                f"max_tokens is {max_tokens}; this server allows at most {limits.max_tokens}",
-                param="max_tokens",
-            )
 
     def _with_defaults(self, request: ChatRequest) -> GenerationParams:
         """Fill what the client left unset from the alias's defaults."""
@@ -218,6 +222,7 @@ class ChatService:
         else:
             pre = None
             if self.guards is not None and (request.rag is not None or (alias or "").startswith(RAG_PREFIX)):
+                self._check_size(request)
                 # A grounded request's input guard judges the user's own words, before retrieval: run over the
                 # rendered passages, one document that mentioned a denied topic got every question retrieving
                 # it refused. The question it passes (redacted if need be) is what retrieval and the prompt get.
