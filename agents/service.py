@@ -166,7 +166,7 @@ class RunGuard:
                 events.append(GuardrailEvent(run_id, "output", "retract", e.validator, e.reason, e.message))
         return events
 
-    async def check_answer(self, run_id: str, answer: str, cites: list[dict[str, Any]]
+    async def check_answer(self, run_id: str, answer: str, cites: list[dict[str, Any]], *, streamed: bool = False
                            ) -> tuple[str | None, str, list[GuardrailEvent]]:
         """(refusal if the answer is withheld, the answer to release, events). The cited passages are the
         sources the groundedness check (policy ``rag``) holds the answer to, as for a grounded chat answer."""
@@ -177,7 +177,10 @@ class RunGuard:
         failed = next((r for r in verdict.results if r.action in ("block", "reask")), None)
         if failed is not None:
             refusal = verdict.refusal or self.engine.refusal_for(verdict.policy, failed.validator)
-            return refusal, "", [GuardrailEvent(run_id, "output", "block", failed.validator, failed.reason, refusal)]
+            # tokens already shown (checks that need the whole answer and its sources, like groundedness, judge
+            # only here) are withdrawn: 'retract', as a chat stream would
+            action = "retract" if streamed else "block"
+            return refusal, "", [GuardrailEvent(run_id, "output", action, failed.validator, failed.reason, refusal)]
         return None, verdict.text, [GuardrailEvent(run_id, "output", "redact", r.validator, r.reason)
                                     for r in verdict.results if r.action == "redact"]
 
@@ -526,7 +529,8 @@ class AgentService:
                 status = values.get("status") if values.get("status") in ("completed", "step_limit") else "completed"
                 answer, cites = values.get("answer") or IDK, values.get("citations") or []
             if guard is not None:
-                refusal, answer, notes = await guard.check_answer(rec.run_id, answer, cites)
+                refusal, answer, notes = await guard.check_answer(
+                    rec.run_id, answer, cites, streamed=token_guard is not None and token_guard.released_chars > 0)
                 if refusal is not None:
                     status, answer, cites = "blocked", refusal, []
                 for event in notes:

@@ -75,6 +75,11 @@ class OutputGuard:
         return any(c.retracted for c in self._choices.values())
 
     @property
+    def released_chars(self) -> int:
+        """Characters the client has been shown so far, over every choice."""
+        return sum(c.released_chars for c in self._choices.values())
+
+    @property
     def results(self) -> list[ValidatorResult]:
         return [r for c in self._choices.values() for r in c.results]
 

@@ -160,3 +160,19 @@ async def test_a_resume_reason_is_checked_before_the_model_reads_it(env) -> None
     resumed = parse_sse(r.text)
     assert resumed[-1]["type"] == "final" and resumed[-1]["status"] == "completed"
     assert resumed[-1]["guardrails"].startswith("default@") and env.tool.executed == []
+
+
+
+async def test_an_answer_withheld_after_its_tokens_were_shown_is_retracted(engine) -> None:
+    """Checks that judge the whole answer with its sources (groundedness) run only at the end: tokens the stream
+    already showed are then withdrawn with 'retract', as a chat stream does, not 'block' (nothing shown)."""
+    from agents.service import RunGuard
+    from app.guardrails.types import GuardContext
+
+    guard = RunGuard(engine, GuardContext(request_id="r1", route="/v1/agents/{workflow}/runs", workflow="research",
+                                          model="agent:research", user="u"))
+    await guard.check_input("Tell me about ships.")
+    for streamed, action in ((True, "retract"), (False, "block")):
+        refusal, answer, events = await guard.check_answer("run-1", TOXIC, [], streamed=streamed)
+        assert refusal and answer == "" and [(e.stage, e.action) for e in events] == [("output", action)]
+        assert events[0].message == refusal
