@@ -26,6 +26,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from app.core.paths import is_within
+
 EXPECTATIONS = ("answer", "refuse", "no_pii", "no_system_prompt", "on_topic")
 Expectation = Literal["answer", "refuse", "no_pii", "no_system_prompt", "on_topic"]
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
@@ -298,15 +300,10 @@ def load_suite(path: str | Path, *, roots: Sequence[Path] | None = None) -> Suit
         raise SuiteError(f"{path} is not valid YAML: {e}") from None
     if roots is not None and isinstance(data, dict) and isinstance(data.get("dataset"), dict):
         ds = data["dataset"].get("path")
-        if ds is not None and not _inside(path.parent / str(ds), roots):
+        if ds is not None and not is_within(path.parent / str(ds), roots):
             raise SuiteError(f"{path}: dataset.path must be a file in the suites folder(s) "
                              f"({', '.join(map(str, roots))})")
     return parse_suite(data, base_dir=path.parent, where=str(path))
-
-
-def _inside(path: Path, roots: Sequence[Path]) -> bool:
-    p = Path(os.path.abspath(path))
-    return any(p.is_relative_to(os.path.abspath(r)) for r in roots)
 
 
 _SHIPPED = Path(__file__).parent / "suites"

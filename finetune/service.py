@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from app.core.errors import Conflict, InvalidRequest
+from app.core.paths import is_within
 from finetune.data import check_dataset, token_counter
 from finetune.errors import InvalidJobSpec
 from finetune.jobs import Job, JobStore
@@ -86,7 +86,7 @@ class FinetuneService:
                                          f"({', '.join(str(r) for r in roots)})", param=field)
         allowed = self.fs.resolved_allowed_roots(self.settings.home)
         for field, path in (*data, ("base_model", base_model_path(spec, self.settings.models_dir))):
-            if path is not None and not _under(Path(path), allowed):
+            if path is not None and not is_within(Path(path), allowed):
                 raise InvalidJobSpec(
                     f"{field} {path} is outside the folders fine-tuning may read "
                     f"({', '.join(str(r) for r in allowed)}); move it there or add its folder to the setting "
@@ -223,13 +223,6 @@ class FinetuneService:
                 log.error("could not restore deployment %s (%s/%s on %s): %s", d["alias"], d["model"],
                           d["version"], d["backend"], exc)
         return restored
-
-
-def _under(path: Path, roots: list[Path]) -> bool:
-    # '..' collapsed, links not followed: an API caller cannot create links, and one that an admin placed
-    # under a root (e.g. <home>/models/smollm2 -> a shared model store) is meant to be used.
-    plain = Path(os.path.abspath(path))
-    return any(plain.is_relative_to(os.path.abspath(r)) for r in roots)
 
 
 def build_finetune(settings: Settings, *, gate: AdapterGate | None = None) -> FinetuneService:
