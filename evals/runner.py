@@ -18,12 +18,9 @@ import json
 import logging
 import math
 import time
-import weakref
 from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-from prometheus_client import CollectorRegistry, Counter
 
 from app.core.errors import KeelError
 from app.core.types import ChatMessage, GenerationParams
@@ -77,21 +74,12 @@ def judge_endpoint(settings: Settings) -> tuple[str | None, str | None]:
     return base_url, model
 
 
-_SWALLOWED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def swallowed_errors(container: Any) -> Counter:
-    """``keel_eval_swallowed_errors_total{where}`` on the app's registry (/metrics): errors the harness
-    handles without failing the case or the run. One per registry, however many runners it serves."""
-    registry = getattr(getattr(container, "metrics", None), "registry", None)
-    if registry is None:  # a container without metrics (the fine-tune worker's): a counter nobody scrapes
-        registry = CollectorRegistry()
-    counter = _SWALLOWED.get(registry)
-    if counter is None:
-        counter = _SWALLOWED[registry] = Counter(
-            "keel_eval_swallowed_errors_total", "Errors the eval harness handled without failing a case or run",
-            ["where"], registry=registry)
-    return counter
+def count_swallowed(container: Any, where: str) -> None:
+    """``keel_eval_swallowed_errors_total{where}``: an error the harness handled without failing the case or the
+    run. A host without metrics (the fine-tune worker's) only logs it."""
+    metrics = getattr(container, "metrics", None)
+    if metrics is not None:
+        metrics.eval_swallowed.labels(where).inc()
 
 
 def judge_api_key(settings: Settings, base_url: str | None) -> str | None:
@@ -214,7 +202,7 @@ class EvalRunner:
                 # this system prompt: the leak metrics then check less than they say. Make it visible.
                 log.warning("suite %s, case %s: rendering %s for the metrics failed: %s", suite.name, case.id,
                             suite.target.prompt, exc, exc_info=exc)
-                swallowed_errors(self.container).labels("render_system_prompt").inc()
+                count_swallowed(self.container, "render_system_prompt")
         return "\n".join(parts) or None
 
     def _request(self, suite: Suite, case: Case, ident: dict[str, Any], run_id: str) -> ChatRequest:

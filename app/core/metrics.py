@@ -35,6 +35,10 @@ class Metrics:
         self.breaker_open = Gauge(
             "keel_circuit_open", "1 while the backend's circuit breaker is open", ["backend"], registry=r
         )
+        self.eval_swallowed = Counter(
+            "keel_eval_swallowed_errors_total", "Errors the eval harness handled without failing a case or run",
+            ["where"], registry=r,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

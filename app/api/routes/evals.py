@@ -109,7 +109,7 @@ async def run_report(run_id: str, _key: ApiKey = Depends(require_scope("evals"))
 async def start_run(body: RunIn, _key: ApiKey = Depends(require_scope("evals")),
                     container: Container = Depends(get_container)) -> dict[str, Any]:
     """Start a suite in the background (the server's own ChatService); poll GET /v1/evals/runs?suite=."""
-    from evals.runner import EvalConfigError, EvalRunner, swallowed_errors
+    from evals.runner import EvalConfigError, EvalRunner, count_swallowed
 
     suite = _load(container, body.suite)
     store = _store(container)
@@ -125,7 +125,7 @@ async def start_run(body: RunIn, _key: ApiKey = Depends(require_scope("evals")),
             await runner.run(suite, baseline=body.baseline)
         except Exception:
             log.exception("eval run of %s failed", suite.name)
-            swallowed_errors(container).labels("background_run").inc()
+            count_swallowed(container, "background_run")
         finally:
             store.close()
 
