@@ -83,6 +83,14 @@ class ClientGone(KeelError):
     type = "invalid_request_error"
 
 
+class ShuttingDown(KeelError):
+    """The server is stopping: work it had accepted was stopped at a safe point (submit it again)."""
+
+    code = "server_shutting_down"
+    status = 503
+    type = "server_error"
+
+
 class PayloadTooLarge(KeelError):
     code = "payload_too_large"
     status = 413

@@ -12,18 +12,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Literal
 
-from app.core.errors import InvalidRequest, KeelError, NotFound
+from app.core.errors import InvalidRequest, KeelError, NotFound, ShuttingDown
 
 if TYPE_CHECKING:
     from ingest.factory import RagServices
     from ingest.pipeline import Progress
 
 log = logging.getLogger("keel.ingest")
-
-
-class ShuttingDown(KeelError):
-    code = "server_shutting_down"
-    status = 503
 
 JobState = Literal["queued", "running", "succeeded", "failed"]
 _KEEP_JOBS = 500
