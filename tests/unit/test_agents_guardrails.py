@@ -22,10 +22,9 @@ from app.api.routes.agents import router
 from app.core.metrics import Metrics
 from app.core.settings import load_settings
 from app.guardrails.engine import GuardrailEngine
-from app.guardrails.testing import _offline, model_cache_dir, shared_embedder
 from app.security.keys import KeyStore
 from app.security.ratelimit import RateLimiter
-from app.services.container import build_guards
+from tests.guards import default_guards
 from tests.unit.test_agents_api import ANSWER, DOCS, parse_sse
 from tests.unit.test_agents_api import responder as base_responder
 
@@ -37,13 +36,7 @@ TOXIC = "You are a worthless fucking idiot and I hope you die."
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory: pytest.TempPathFactory) -> GuardrailEngine:
-    _offline()
-    settings = load_settings(home=tmp_path_factory.mktemp("guard-home"))
-    guards = build_guards(settings, Metrics())
-    guards._embedder = shared_embedder()
-    guards.settings = guards.settings.model_copy(update={"model_cache": model_cache_dir()})
-    guards.warm_up()
-    return guards
+    return default_guards(tmp_path_factory)
 
 
 @pytest.fixture

@@ -10,29 +10,20 @@ import httpx
 import pytest
 
 from app.api.main import create_app
-from app.core.metrics import Metrics
 from app.core.settings import load_settings
 from app.guardrails.engine import GuardrailEngine
-from app.guardrails.testing import _offline, model_cache_dir, shared_embedder
-from app.services.container import Container, build_guards
+from app.services.container import Container
 from ingest import build_rag
 from ingest.embedding import HashingEmbedder
 from tests.fakes.llm import ScriptedBackend
+from tests.guards import default_guards
 
 pytestmark = pytest.mark.slow  # loads the guardrail models once per module (~10 s)
 
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory: pytest.TempPathFactory) -> GuardrailEngine:
-    _offline()
-    home = tmp_path_factory.mktemp("guard-home")
-    settings = load_settings(home=home)
-    guards = build_guards(settings, Metrics())
-    guards._embedder = shared_embedder()
-    # share the trained injection classifier with the other guardrail test modules (trained once per key)
-    guards.settings = guards.settings.model_copy(update={"model_cache": model_cache_dir()})
-    guards.warm_up()
-    return guards
+    return default_guards(tmp_path_factory)
 
 
 @pytest.fixture

@@ -18,14 +18,13 @@ import pytest
 
 from agents.runs import RunRecord
 from app.api.main import create_app
-from app.core.metrics import Metrics
 from app.core.settings import load_settings
 from app.guardrails.engine import GuardrailEngine
-from app.guardrails.testing import _offline, model_cache_dir, shared_embedder
-from app.services.container import Container, build_guards
+from app.services.container import Container
 from ingest import build_rag
 from ingest.embedding import HashingEmbedder
 from tests.fakes.llm import ScriptedBackend
+from tests.guards import default_guards
 
 pytestmark = pytest.mark.slow  # loads the guardrail models once per module (~10 s)
 
@@ -112,12 +111,7 @@ def test_every_route_is_classified_and_every_non_public_route_needs_a_scope(tmp_
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory: pytest.TempPathFactory) -> GuardrailEngine:
-    _offline()
-    guards = build_guards(load_settings(home=tmp_path_factory.mktemp("guard-home")), Metrics())
-    guards._embedder = shared_embedder()
-    guards.settings = guards.settings.model_copy(update={"model_cache": model_cache_dir()})
-    guards.warm_up()  # the shipped default policy (infra/guardrails/default.yaml)
-    return guards
+    return default_guards(tmp_path_factory)
 
 
 @pytest.fixture
