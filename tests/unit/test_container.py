@@ -65,10 +65,14 @@ async def test_shutdown_closes_every_store_even_when_one_fails(tmp_path: Path, c
     def boom() -> None:
         raise RuntimeError("Failed to flush vector_storage: tracker_journal.dat is shorter than expected")
 
+    agents_close = c.agents.aclose
     c.agents.aclose = boom  # type: ignore[method-assign]  # an early step fails
     keys_close, prompts_close = c.keys.close, c.prompts.close
     c.keys.close = lambda: (closed.append("keys"), keys_close())  # type: ignore[method-assign]
     c.prompts.close = lambda: (closed.append("prompts"), prompts_close())  # type: ignore[method-assign]
-    await c.aclose()
+    try:
+        await c.aclose()
+    finally:
+        await agents_close()  # its checkpointer's aiosqlite thread is not a daemon: left open, pytest never exits
     assert closed == ["prompts", "keys"]
     assert "closing the agents failed" in caplog.text and "shorter than expected" in caplog.text
