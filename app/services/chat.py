@@ -260,8 +260,7 @@ class ChatService:
         )
         if rendered is not None:
             log.info("request %s uses prompt %s (%s)", request.request_id, rendered.ref, rendered.hash[:12])
-        # what the input guard masked before the model saw it: the user hears of it in the response too
-        masked = [GuardrailRedaction.of(r, -1) for r in decision.results if r.action == "redact"] if decision else []
+        masked = _masked(decision) if decision else []
         if decision is not None and decision.blocked:
             # Refused before the model: it never sees the input.
             for event in _refused(started, decision):
@@ -384,11 +383,15 @@ def _policy_tag(decision: InputDecision | None) -> str | None:
     return f"{decision.policy}@{decision.policy_version}" if decision and decision.enabled else None
 
 
+def _masked(decision: InputDecision) -> list[GuardrailRedaction]:
+    """What the input guard masked before the model saw it: the user hears of it in the response too."""
+    return [GuardrailRedaction.of(r, -1) for r in decision.results if r.action == "redact"]
+
+
 def _refused(started: Started, decision: InputDecision) -> list[ChatEvent]:
     """A response refused before the model: it never sees the input."""
     blocker = decision.blocked_by
-    masked = [GuardrailRedaction.of(r, -1) for r in decision.results if r.action == "redact"]
-    return [started, *masked, GuardrailBlocked(blocker.validator, blocker.reason, decision.refusal or ""),
+    return [started, *_masked(decision), GuardrailBlocked(blocker.validator, blocker.reason, decision.refusal or ""),
             TextDelta(decision.refusal or ""), Finished("content_filter"), Usage(0, 0)]
 
 
