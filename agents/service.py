@@ -43,14 +43,17 @@ from agents.events import (
     ToolCall,
     ToolResult,
 )
+from agents.llm import AgentLLM
+from agents.memory import QdrantMemoryStore
 from agents.registry import WorkflowRegistry, default_registry
 from agents.runs import RESUMABLE, TERMINAL, PostgresRunStore, RunRecord, RunStore, RunStoreBase, runs_db_path
-from agents.settings import AgentSettings
+from agents.settings import AgentConfig, AgentSettings
+from agents.tools import ToolRegistry, builtin_tools
 from agents.workflows.common import IDK, Deps
 from app.core.db import postgres_unavailable
-from app.core.errors import Conflict, InvalidRequest, KeelError, NotFound, StoreUnavailable
-from app.core.types import ChatMessage, TextDelta
-from app.guardrails.types import GuardrailRedaction, GuardrailRetraction
+from app.core.errors import Conflict, InvalidRequest, KeelError, ModelNotFound, NotFound, StoreUnavailable
+from app.core.types import ChatMessage, Citations, Finished, Started, TextDelta
+from app.guardrails.types import GuardContext, GuardrailRedaction, GuardrailRetraction
 
 log = logging.getLogger("keel.agents")
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
@@ -326,8 +329,6 @@ class AgentService:
         workflow's chat model name (``agent:<workflow>``), as the chat path reports it."""
         if guards is None:
             return None
-        from app.guardrails.types import GuardContext
-
         return RunGuard(guards, GuardContext(request_id=request_id, route=route, workflow=workflow,
                                              model=AGENT_MODEL_PREFIX + workflow, user=user))
 
@@ -624,8 +625,6 @@ class AgentService:
         return [_jsonable(i.dict()) for i in items]
 
     async def delete_memory(self, namespace: Sequence[str], key: str) -> bool:
-        import asyncio
-
         mem = self._memory()
         return await asyncio.to_thread(mem.delete_memory, tuple(namespace), key)
 
@@ -642,10 +641,6 @@ class AgentService:
                           owner: str | None = None) -> AsyncIterator[Any]:
         """``agent:<workflow>`` as a chat model: yields ChatService events (``Started``, ``TextDelta``s of the
         final answer, ``Finished``). The question is the last user message; each request is a new thread."""
-        from app.core.errors import ModelNotFound
-        from app.core.types import Finished, TextDelta
-        from app.services.chat import Citations, Started
-
         workflow = model[len(AGENT_MODEL_PREFIX):] if self.is_agent_model(model) else model
         try:
             self.registry.get(workflow)
@@ -690,15 +685,11 @@ async def _chain(first: Any, rest: AsyncIterator[Any]) -> AsyncIterator[Any]:
         yield x
 
 
-def build_agents(settings: Any, llm_router: Any, rag: Any = None, prompts: Any = None, *, llm: Any = None,
+def build_agents(settings: AgentConfig, llm_router: Any, rag: Any = None, prompts: Any = None, *, llm: Any = None,
                  tools: Any = None, registry: WorkflowRegistry | None = None) -> AgentService:
     """The agent service for a process. Cheap: the database opens on ``await service.start()``
     (or the first run). ``rag`` is ``ingest.build_rag(settings)``'s result (retriever, store,
     embedder); without it there is no retrieval and no memory."""
-    from agents.llm import AgentLLM
-    from agents.memory import QdrantMemoryStore
-    from agents.tools import ToolRegistry, builtin_tools
-
     a: AgentSettings = getattr(settings, "agents", None) or AgentSettings()
     alias = a.model or settings.default_model
     llm = llm or AgentLLM(llm_router, alias, default_max_tokens=a.answer_max_tokens)

@@ -6,10 +6,12 @@ Free of heavy imports, so loading settings never imports LangGraph.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 from app.core.db import postgres_url
+from app.core.settings import CoreConfig
 
 
 class AgentSettings(BaseModel):
@@ -61,3 +63,9 @@ class AgentSettings(BaseModel):
 
     def db_path(self, home: Path) -> Path:
         return self.checkpoint_db if self.checkpoint_db is not None else home / "agents.db"
+
+
+class AgentConfig(CoreConfig, Protocol):
+    """What the agent service reads from the settings tree."""
+
+    agents: AgentSettings

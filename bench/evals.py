@@ -94,7 +94,7 @@ async def through_runner(container: Any, store: Any, suite: Any, *, use_cache: b
     from evals.runner import EvalRunner
     from ingest.embedding import HashingEmbedder
 
-    runner = EvalRunner(container, store, env=MetricEnv(embedder=HashingEmbedder()), use_cache=use_cache,
+    runner = EvalRunner(container.eval_deps(), store, env=MetricEnv(embedder=HashingEmbedder()), use_cache=use_cache,
                         progress=False)
     t0 = time.perf_counter()
     out = await runner.run(suite, fresh=True)
@@ -108,8 +108,8 @@ async def through_runner(container: Any, store: Any, suite: Any, *, use_cache: b
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
-    from app.core.settings import load_settings
-    from app.services.container import Container
+    from app.container import Container
+    from app.settings import load_settings
     from evals.store import EvalStore
     from ingest import build_rag
     from ingest.embedding import HashingEmbedder

@@ -46,7 +46,7 @@ def free_port() -> int:
 
 
 def train(home: Path, spec_path: Path, max_steps: int | None):
-    from app.core.settings import Settings
+    from app.settings import Settings
     from finetune import build_finetune
     from finetune.spec import load_spec
     from finetune.worker import Worker
@@ -74,7 +74,7 @@ async def promote_and_ask(settings, svc, job, alias: str) -> dict:
     import httpx
 
     from app.api.main import create_app
-    from app.services.container import Container
+    from app.container import Container
     from finetune.serving import deploy
 
     port = free_port()

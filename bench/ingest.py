@@ -31,7 +31,7 @@ def main() -> None:
     ap.add_argument("--store", choices=["edge", "qdrant"], default="edge")
     args = ap.parse_args()
 
-    from app.core.settings import Settings
+    from app.settings import Settings
     from ingest import build_rag
     from ingest.documents import load_paths
 

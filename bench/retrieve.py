@@ -71,14 +71,14 @@ def main() -> None:
     ap.add_argument("--embedder", choices=["api", "encode"], default="api")
     args = ap.parse_args()
 
-    from app.core.settings import Settings
-    from app.services.container import shared_embedder
+    from app.container import shared_embedder
+    from app.settings import Settings
     from ingest.embedding import Bm25Encoder, SentenceTransformerEmbedder
     from ingest.store.base import HybridQuery
     from ingest.store.edge import EdgeStore
     from ingest.store.qdrant import QdrantClientStore
 
-    # What the API process embeds queries with (app.services.container.shared_embedder): a direct pass on a
+    # What the API process embeds queries with (app.container.shared_embedder): a direct pass on a
     # pinned one-thread worker; --embedder encode measures plain SentenceTransformer.encode instead.
     emb = shared_embedder(Settings(home=ROOT / ".keel")) if args.embedder == "api" else SentenceTransformerEmbedder()
     emb.warm_up()

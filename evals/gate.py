@@ -6,9 +6,8 @@ Plug it into the registry (the container does this when ``settings.evals.gate_en
     registry.set_gate(prompt_gate(EvalStore(settings.evals.db_path(settings.home)), registry))
 
 Generic over artifact kinds: :func:`artifact_verdict` takes the runs bound to any artifact and
-the identity field that must match. :func:`adapter_gate` reuses it for fine-tuned LoRA adapters
-(``FinetuneService.set_gate``): a registered adapter version reaches ``production`` only with
-passing latest runs of its job's eval suites on exactly that adapter.
+the identity field that must match. ``finetune.gate.adapter_gate`` reuses it for fine-tuned LoRA
+adapters.
 """
 
 from __future__ import annotations
@@ -22,7 +21,6 @@ from prompts.registry import GateVerdict
 
 if TYPE_CHECKING:
     from evals.store import EvalStore, RunRow
-    from finetune.tracking import AdapterVersion
     from prompts.registry import PromptRegistry
 
 _RUN_FIRST = "run `keel eval run <suite>` on this version first"
@@ -116,47 +114,3 @@ def run_adapter(run: RunRow) -> dict[str, Any]:
     """The adapter a run evaluated, as its identity recorded it (``{}`` for a base model or a prompt)."""
     model = run.identity.get("model") or {}
     return {"path": model.get("adapter"), "hash": model.get("adapter_hash")}
-
-
-def _same_path(a: str | None, b: Path) -> bool:
-    return bool(a) and Path(a).resolve() == b.resolve()
-
-
-def adapter_gate(store: EvalStore, *, required_suites: Sequence[str] | None = None,
-                 max_age_days: float | None = None, scan_limit: int = 500) -> Callable[[AdapterVersion], GateVerdict]:
-    """A :data:`finetune.tracking.AdapterGate`: ``gate(version) -> GateVerdict``.
-
-    The suites required are ``required_suites`` or, by default, the ones the version's job spec
-    named (its ``keel.evals`` tag); with none, any suite that ran on the adapter counts, and at
-    least one must have. A run counts for the version only if it evaluated exactly that adapter:
-    the same content hash when both the run identity and the version (``keel.adapter_hash`` tag)
-    carry one, else the same adapter folder (each registered version has its own artifact folder).
-    """
-    max_age = timedelta(days=max_age_days) if max_age_days is not None else None
-
-    def gate(version: AdapterVersion) -> GateVerdict:
-        suites = list(required_suites) if required_suites is not None else [
-            s for s in version.tags.get("keel.evals", "").split(",") if s.strip()]
-        path = version.local_path()
-        want_hash = version.tags.get("keel.adapter_hash") or None
-        key = want_hash or str(path)
-
-        def matches(r: RunRow) -> bool:
-            got = run_adapter(r)
-            if want_hash and got["hash"]:
-                return got["hash"] == want_hash
-            return _same_path(got["path"], path)
-
-        # Runs on adapters only (a base-model run of the same suite is "other content"); newest first,
-        # like prompt_runs, so the first run of a suite is its latest.
-        pool = [r for s in (suites or [None]) for r in store.list_runs(suite=s, limit=scan_limit)]
-        runs = sorted((r for r in pool if r.status == "completed" and r.target_kind != "rag"),
-                      key=lambda r: r.finished_at or "", reverse=True)
-        return artifact_verdict(
-            f"adapter {version.ref}", runs, content_hash=key, hash_of=lambda r: key if matches(r) else None,
-            required_suites=suites, max_age=max_age,
-            how_to_fix=("a fine-tuning worker evaluates each new adapter after training; `keel finetune evaluate "
-                        f"{version.tags.get('keel.job_id', '<job>')}` queues its suites again"),
-        )
-
-    return gate

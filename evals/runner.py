@@ -1,4 +1,8 @@
-"""Run a suite in-process through :class:`ChatService`: concurrent, cached, resumable, stored.
+"""Run a suite in-process through a chat port (the :class:`ChatService`): concurrent, cached, resumable, stored.
+
+The runner sees the system it evaluates through :class:`EvalDeps`, a handful of narrow ports the
+composition root fills in (``Container.eval_deps()``; the fine-tune worker builds its own), never the
+whole container.
 
 Identity: before any case runs, the target is resolved to exactly what will answer (prompt name,
 version and content hash; model alias, backend model and adapter; RAG collection, latest ingest
@@ -18,23 +22,30 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, is_dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from app.core.errors import KeelError
+from app.core.metrics import Metrics
+from app.core.paths import tree_hash
+from app.core.settings import ModelAlias
 from app.core.types import ChatMessage, GenerationParams
 from app.llm.vllm_server import server_api_key
-from app.services.chat import ChatRequest, PromptUse
+from app.services.chat import ChatRequest, ChatResult, PromptUse
 from app.services.grounding import RagUse
 from evals.metrics import MetricEnv, Sample, compute, registry, verdict
 from evals.report import evaluate_gate, summarize
+from evals.settings import EvalConfig, EvalSettings
 from evals.store import EvalStore, RunRow
 from evals.suite import Case, Suite
 
 if TYPE_CHECKING:
-    from app.core.settings import Settings
-    from app.services.container import Container
+    from agents.service import AgentService
+    from ingest.factory import RagServices
+    from prompts.models import TemplateVersion
+    from prompts.registry import RenderedPrompt
 
 log = logging.getLogger("keel.evals")
 
@@ -59,7 +70,43 @@ def _h(data: Any) -> str:
 _SCORING_ONLY = ("suite", "suite_hash", "judge")
 
 
-def judge_endpoint(settings: Settings) -> tuple[str | None, str | None]:
+class ChatPort(Protocol):
+    """Answers one request, guarded and grounded as the API would answer it."""
+
+    async def complete(self, request: ChatRequest) -> ChatResult: ...
+
+
+class PromptPort(Protocol):
+    def resolve(self, ref: str) -> TemplateVersion: ...
+
+    def render(self, ref: str, variables: Mapping[str, Any]) -> RenderedPrompt: ...
+
+
+@dataclass
+class EvalDeps:
+    """What a run reads from the system it evaluates. ``prompts``, ``rag`` and ``agents`` are needed only by
+    suites that target them (a run that needs a missing one fails with :class:`EvalConfigError`);
+    ``guardrails`` is the policy tag answers are checked under (None: unguarded), ``metrics`` counts the
+    errors the harness absorbs (None: logged only)."""
+
+    chat: ChatPort
+    config: EvalConfig
+    prompts: PromptPort | None = None
+    rag: RagServices | None = None
+    agents: AgentService | None = None
+    guardrails: str | None = None
+    metrics: Metrics | None = None
+    models: Mapping[str, ModelAlias] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.models = self.models or self.config.models
+
+    @property
+    def settings(self) -> EvalSettings:
+        return self.config.evals
+
+
+def judge_endpoint(settings: EvalConfig) -> tuple[str | None, str | None]:
     """(base URL, model) of the LLM judge: the configured one, else the default model's own backend
     (the local vLLM server), so ragas metrics work offline without extra configuration."""
     cfg = settings.evals
@@ -74,15 +121,14 @@ def judge_endpoint(settings: Settings) -> tuple[str | None, str | None]:
     return base_url, model
 
 
-def count_swallowed(container: Any, where: str) -> None:
+def count_swallowed(metrics: Metrics | None, where: str) -> None:
     """``keel_eval_swallowed_errors_total{where}``: an error the harness handled without failing the case or the
     run. A host without metrics (the fine-tune worker's) only logs it."""
-    metrics = getattr(container, "metrics", None)
     if metrics is not None:
         metrics.eval_swallowed.labels(where).inc()
 
 
-def judge_api_key(settings: Settings, base_url: str | None) -> str | None:
+def judge_api_key(settings: EvalConfig, base_url: str | None) -> str | None:
     """The configured judge key, else the key the server at ``base_url`` requires (a vLLM server refuses
     requests without it)."""
     if settings.evals.judge_api_key is not None:
@@ -97,17 +143,17 @@ def _event(e: Any) -> dict[str, Any]:
 
 
 class EvalRunner:
-    def __init__(self, container: Container, store: EvalStore, *, env: MetricEnv | None = None,
+    def __init__(self, deps: EvalDeps, store: EvalStore, *, env: MetricEnv | None = None,
                  concurrency: int | None = None, use_cache: bool | None = None, progress: bool = True) -> None:
-        cfg = container.settings.evals
-        self.container = container
+        cfg = deps.settings
+        self.deps = deps
         self.store = store
         if env is None:
-            base_url, model = judge_endpoint(container.settings)
+            base_url, model = judge_endpoint(deps.config)
             # Without a configured embedding model, share the RAG embedder already loaded (same MiniLM).
-            embedder = None if cfg.embedding_model else getattr(container.rag, "embedder", None)
+            embedder = None if cfg.embedding_model or deps.rag is None else deps.rag.embedder
             env = MetricEnv(embedder=embedder, embedding_model=cfg.embedding_model, judge_base_url=base_url,
-                            judge_model=model, judge_api_key=judge_api_key(container.settings, base_url),
+                            judge_model=model, judge_api_key=judge_api_key(deps.config, base_url),
                             judge_temperature=cfg.judge_temperature, judge_max_tokens=cfg.judge_max_tokens,
                             judge_frequency_penalty=cfg.judge_frequency_penalty, judge_timeout_s=cfg.judge_timeout_s,
                             judge_retries=cfg.judge_retries)
@@ -118,25 +164,26 @@ class EvalRunner:
 
     # --- identity ---------------------------------------------------------------------------------
     def identity(self, suite: Suite) -> dict[str, Any]:
-        c = self.container
+        d = self.deps
         t = suite.target
         ident: dict[str, Any] = {"kind": t.kind, "suite": suite.name, "suite_hash": suite.hash,
                                  "params": t.params.model_dump(), "system": t.system, "variables": t.variables}
         model_alias = t.model
         try:
             if t.prompt:
-                v = c.prompts.resolve(t.prompt)
+                v = self._prompts().resolve(t.prompt)
                 ident["prompt"] = {"ref": t.prompt, "name": v.name, "version": v.version, "hash": v.hash}
                 model_alias = model_alias or v.content.params.model
             if t.rag_collection:
                 coll = t.rag_collection
-                if coll not in c.rag.store.list_collections():
+                rag = self._rag()
+                if coll not in rag.store.list_collections():
                     raise EvalConfigError(f"RAG collection {coll!r} does not exist; ingest documents into it first")
-                snaps = [s for s in c.rag.snapshots.list(coll) if s.status == "completed"]
-                rv = c.prompts.resolve(RagUse(collection=coll).prompt_ref)
-                ident["rag"] = {"collection": coll, "top_k": t.top_k or c.settings.rag.retrieval.top_k,
+                snaps = [s for s in rag.snapshots.list(coll) if s.status == "completed"]
+                rv = self._prompts().resolve(RagUse(collection=coll).prompt_ref)
+                ident["rag"] = {"collection": coll, "top_k": t.top_k or d.config.rag.retrieval.top_k,
                                 "snapshot": snaps[0].id if snaps else None,
-                                "embedding_model": c.rag.embedder.model_id,
+                                "embedding_model": rag.embedder.model_id,
                                 "prompt": {"name": rv.name, "version": rv.version, "hash": rv.hash}}
                 model_alias = None
             if t.agent_workflow:
@@ -144,20 +191,17 @@ class EvalRunner:
                 model_alias = ident["agent"]["model"]
         except KeelError as e:
             raise EvalConfigError(e.message) from e
-        alias = model_alias or c.settings.default_model
-        if alias not in c.settings.models:
-            raise EvalConfigError(f"unknown model alias {alias!r}; configured: {', '.join(c.settings.models)}")
-        m = c.settings.models[alias]
+        alias = model_alias or d.config.default_model
+        if alias not in d.models:
+            raise EvalConfigError(f"unknown model alias {alias!r}; configured: {', '.join(d.models)}")
+        m = d.models[alias]
         ident["model"] = {"alias": alias, "backend": m.backend, "name": m.model,
                           "adapter": str(m.adapter) if m.adapter else None,
                           "defaults": m.defaults.model_dump()}
         if m.adapter and Path(m.adapter).is_dir():
-            from finetune.tracking import adapter_hash
-
             # the content identity the adapter gate matches, whichever folder this copy lives in
-            ident["model"]["adapter_hash"] = adapter_hash(Path(m.adapter))
-        ident["guardrails"] = (c.guards.policy.version_tag
-                               if c.guards is not None and c.settings.guardrails.enabled else None)
+            ident["model"]["adapter_hash"] = tree_hash(m.adapter)
+        ident["guardrails"] = d.guardrails
         judged = sorted({m.name for m in suite.metrics if registry[m.name].judged})
         if judged and not self.env.has_judge:
             raise EvalConfigError(f"metric(s) {', '.join(judged)} need an LLM judge: set evals.judge_base_url and "
@@ -168,41 +212,52 @@ class EvalRunner:
     def _agent_identity(self, workflow: str) -> dict[str, Any]:
         """The workflow, the settings that steer it, the model it calls, and the collection, snapshot and
         answer prompt it retrieves and renders with."""
-        c = self.container
-        agents = getattr(c, "agents", None)
+        d = self.deps
+        agents = d.agents
         if agents is None:
             raise EvalConfigError("this server runs no agent service, so agent:<workflow> targets cannot run")
         wf = agents.registry.get(workflow)  # WorkflowNotFound (a KeelError) names the available ones
         # What the running service was built with (its deps), not what the settings say now.
         a = agents.deps.settings
         out: dict[str, Any] = {"workflow": wf.name, "description": wf.description,
-                               "model": getattr(agents.deps.llm, "alias", None) or a.model or c.settings.default_model,
+                               "model": getattr(agents.deps.llm, "alias", None) or a.model or d.config.default_model,
                                "settings": a.model_dump(mode="json", exclude={"checkpoint_db", "postgres_url"})}
         coll = agents.deps.collection
-        snaps = ([s for s in c.rag.snapshots.list(coll) if s.status == "completed"]
-                 if coll in c.rag.store.list_collections() else [])
+        rag = self._rag()
+        snaps = ([s for s in rag.snapshots.list(coll) if s.status == "completed"]
+                 if coll in rag.store.list_collections() else [])
         out["rag"] = {"collection": coll, "snapshot": snaps[0].id if snaps else None,
-                      "embedding_model": c.rag.embedder.model_id}
+                      "embedding_model": rag.embedder.model_id}
         try:
-            rv = c.prompts.resolve("rag-answer@production")
+            rv = self._prompts().resolve("rag-answer@production")
             out["prompt"] = {"name": rv.name, "version": rv.version, "hash": rv.hash}
         except KeelError:  # the workflow falls back to its built-in answer prompt
             out["prompt"] = None
         return out
 
+    def _prompts(self) -> PromptPort:
+        if self.deps.prompts is None:
+            raise EvalConfigError("this host has no prompt registry, so prompt and RAG targets cannot run")
+        return self.deps.prompts
+
+    def _rag(self) -> RagServices:
+        if self.deps.rag is None:
+            raise EvalConfigError("this host has no RAG services, so RAG and agent targets cannot run")
+        return self.deps.rag
+
     def _system_prompt(self, suite: Suite, case: Case) -> str | None:
         parts = [suite.target.system] if suite.target.system else []
         if suite.target.prompt:
             try:
-                rendered = self.container.prompts.render(suite.target.prompt, {**suite.target.variables,
-                                                                               **case.variables})
+                rendered = self._prompts().render(suite.target.prompt, {**suite.target.variables,
+                                                                        **case.variables})
                 parts += [m.content for m in rendered.messages if m.role == "system"]
             except Exception as exc:
                 # The case's answer call fails on the same render error, but a cached answer is scored without
                 # this system prompt: the leak metrics then check less than they say. Make it visible.
                 log.warning("suite %s, case %s: rendering %s for the metrics failed: %s", suite.name, case.id,
                             suite.target.prompt, exc, exc_info=exc)
-                count_swallowed(self.container, "render_system_prompt")
+                count_swallowed(self.deps.metrics, "render_system_prompt")
         return "\n".join(parts) or None
 
     def _request(self, suite: Suite, case: Case, ident: dict[str, Any], run_id: str) -> ChatRequest:
@@ -228,7 +283,7 @@ class EvalRunner:
     async def _answer(self, suite: Suite, case: Case, ident: dict[str, Any], run_id: str) -> dict[str, Any]:
         t0 = time.perf_counter()
         try:
-            res = await self.container.chat.complete(self._request(suite, case, ident, run_id))
+            res = await self.deps.chat.complete(self._request(suite, case, ident, run_id))
         except KeelError as e:
             return {"error": f"{e.code}: {e.message}", "latency_ms": (time.perf_counter() - t0) * 1000}
         latency = (time.perf_counter() - t0) * 1000

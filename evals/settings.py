@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Protocol
 
 from pydantic import BaseModel, Field, SecretStr
+
+from app.core.settings import CoreConfig
+from app.guardrails.settings import GuardrailSettings
+from ingest.settings import RagSettings
 
 
 class EvalSettings(BaseModel):
@@ -42,3 +47,12 @@ class EvalSettings(BaseModel):
 
     def db_path(self, home: Path) -> Path:
         return home / self.db_name
+
+
+class EvalConfig(CoreConfig, Protocol):
+    """What an eval run reads from the settings tree: its own section, and the guardrail and RAG sections its
+    runs are identified by."""
+
+    evals: EvalSettings
+    guardrails: GuardrailSettings
+    rag: RagSettings

@@ -10,13 +10,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from app.core.settings import Settings
     from finetune.service import FinetuneService
+    from finetune.settings import FinetuneConfig
 
 __all__ = ["build_finetune"]
 
 
-def build_finetune(settings: Settings, **kwargs: Any) -> FinetuneService:
+def build_finetune(settings: FinetuneConfig, **kwargs: Any) -> FinetuneService:
     """The service the lead puts on the container as ``container.finetune``."""
     from finetune.service import build_finetune as _build
 

@@ -4,9 +4,9 @@ The adapter is served in process by the transformers backend with peft (the base
 plus the version's adapter folder), under a model alias of its own (``<model>-v<version>``);
 each suite's target model is overridden with that alias and the suite runs through
 :class:`evals.runner.EvalRunner`, so the runs land in the same eval store as any other, with
-the adapter folder in their identity, where :func:`evals.gate.adapter_gate` finds them.
+the adapter folder in their identity, where :func:`finetune.gate.adapter_gate` finds them.
 
-The worker does not build a full :class:`~app.services.container.Container`: that would start
+The worker does not build a full :class:`~app.container.Container`: that would start
 the agent service (which marks the API's in-flight agent runs as stalled), open the vector store
 (one writer) and the guardrails. A suite evaluates the model itself, so guardrails are off here
 (``identity["guardrails"]`` is None on these runs); RAG targets are refused.
@@ -23,14 +23,21 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from app.core.errors import InvalidRequest, KeelError
+from app.core.metrics import Metrics
+from app.core.settings import BackendSettings, ModelAlias
+from app.llm.router import ModelRouter
+from app.services.chat import ChatService
+from evals.runner import EvalConfigError, EvalDeps, EvalRunner
+from evals.suite import SuiteError, find_named_suite, load_suite, suite_dirs
+from finetune.serving import lora_name
+from prompts.registry import build_registry
 
 if TYPE_CHECKING:
-    from app.core.settings import Settings
     from app.llm.base import LLMBackend
     from evals.store import EvalStore
     from evals.suite import Suite
+    from finetune.settings import FinetuneConfig
     from finetune.tracking import AdapterVersion
-    from prompts.registry import PromptRegistry
 
 log = logging.getLogger("keel.finetune.evaluate")
 
@@ -90,29 +97,13 @@ class AdapterEvaluation:
         return "; ".join(parts) or "no suites"
 
 
-@dataclass
-class _EvalHost:
-    """What :class:`EvalRunner` reads from a container, for model and prompt targets only."""
-
-    settings: Settings
-    chat: Any
-    prompts: PromptRegistry | None
-    rag: Any = None
-    guards: Any = None
-
-
 def eval_alias(version: AdapterVersion) -> str:
-    from finetune.serving import lora_name
-
     return lora_name(version)
 
 
-def eval_settings(settings: Settings, *, base_model: Path, adapter: Path, alias: str) -> Settings:
+def eval_settings(settings: FinetuneConfig, *, base_model: Path, adapter: Path, alias: str) -> FinetuneConfig:
     """A copy of ``settings`` with one in-process backend serving ``adapter`` on ``base_model`` as ``alias``."""
-    from app.core.settings import BackendSettings, ModelAlias
-    from finetune.worker import finetune_settings
-
-    fs = finetune_settings(settings)
+    fs = settings.finetune
     backend = BackendSettings(kind="transformers", model_path=base_model, device=fs.device, dtype=fs.eval_dtype,
                               retries=0)
     model = ModelAlias(backend=EVAL_BACKEND, model=base_model.name, adapter=adapter,
@@ -141,7 +132,8 @@ def _result(suite: str, run: Any) -> SuiteResult:
                        reasons=list(verdict.get("reasons", [])))
 
 
-async def evaluate_adapter(settings: Settings, version: AdapterVersion, suites: Sequence[str], *, base_model: Path,
+async def evaluate_adapter(settings: FinetuneConfig, version: AdapterVersion, suites: Sequence[str], *,
+                           base_model: Path,
                            store: EvalStore, backend: LLMBackend | None = None,
                            should_stop: Callable[[], bool] | None = None, poll_s: float = 0.5) -> AdapterEvaluation:
     """Run ``suites`` (names or files) on ``version`` and return each suite's verdict.
@@ -149,12 +141,6 @@ async def evaluate_adapter(settings: Settings, version: AdapterVersion, suites: 
     ``backend`` replaces the in-process transformers backend (tests). ``should_stop`` is polled
     while a suite runs; when it turns true the run is cancelled (the runner marks it interrupted
     and resumes it next time) and :class:`EvalInterrupted` is raised."""
-    from app.core.metrics import Metrics
-    from app.llm.router import ModelRouter
-    from app.services.chat import ChatService
-    from evals.runner import EvalConfigError, EvalRunner
-    from evals.suite import SuiteError, find_named_suite, load_suite, suite_dirs
-
     adapter = version.local_path()
     alias = eval_alias(version)
     es = eval_settings(settings, base_model=base_model, adapter=adapter, alias=alias)
@@ -169,12 +155,11 @@ async def evaluate_adapter(settings: Settings, version: AdapterVersion, suites: 
             loaded.append((name, None, getattr(exc, "message", None) or str(exc)))
     prompts = None
     if any(s is not None and s.target.prompt for _, s, _ in loaded):
-        from prompts.registry import build_registry
-
         prompts = build_registry(es)
     router = ModelRouter(es, Metrics(), {EVAL_BACKEND: backend} if backend is not None else None)
-    host = _EvalHost(settings=es, chat=ChatService(es, router, router.metrics, prompts), prompts=prompts)
-    runner = EvalRunner(host, store, progress=False)  # type: ignore[arg-type]  # duck-typed container
+    # guardrails off and no RAG or agents: a suite evaluates the model itself (see the module docstring)
+    deps = EvalDeps(chat=ChatService(es, router, router.metrics, prompts), config=es, prompts=prompts)
+    runner = EvalRunner(deps, store, progress=False)
     results: list[SuiteResult] = []
     try:
         for name, suite, error in loaded:

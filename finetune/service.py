@@ -1,6 +1,6 @@
 """The fine-tuning service the API and the CLI share: submit, watch, cancel, promote, roll back.
 
-It never trains: jobs run in a worker process (``python -m finetune.worker``), which reads the
+It never trains: jobs run in a worker process (``keel finetune worker``), which reads the
 same SQLite job store. Submission validates the spec and the data first, so a bad dataset is
 refused at once with its reasons (code ``invalid_training_data``) instead of failing later.
 """
@@ -28,8 +28,8 @@ from finetune.spec import (
 from finetune.worker import finetune_settings, open_store
 
 if TYPE_CHECKING:
-    from app.core.settings import Settings
     from finetune.serving import Deployment
+    from finetune.settings import FinetuneConfig
     from finetune.tracking import AdapterGate, AdapterRegistry, AdapterVersion, Promotion, Tracker
 
 log = logging.getLogger("keel.finetune")
@@ -43,7 +43,8 @@ def _tokenizer(path: str) -> Any:
 
 
 class FinetuneService:
-    def __init__(self, settings: Settings, store: JobStore | None = None, *, gate: AdapterGate | None = None) -> None:
+    def __init__(self, settings: FinetuneConfig, store: JobStore | None = None, *,
+                 gate: AdapterGate | None = None) -> None:
         self.settings = settings
         self.fs = finetune_settings(settings)
         self.store = store or open_store(settings)
@@ -225,7 +226,7 @@ class FinetuneService:
         return restored
 
 
-def build_finetune(settings: Settings, *, gate: AdapterGate | None = None) -> FinetuneService:
+def build_finetune(settings: FinetuneConfig, *, gate: AdapterGate | None = None) -> FinetuneService:
     """Factory for the container (``container.finetune``) and the CLI. Without ``gate`` promotion is
     refused until one is plugged in (``set_gate``; the container and the CLI plug in the eval gate)."""
     return FinetuneService(settings, gate=gate)

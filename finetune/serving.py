@@ -31,7 +31,8 @@ from app.llm.vllm_server import server_api_key
 from finetune.errors import AdapterServingError
 
 if TYPE_CHECKING:
-    from app.core.settings import ModelAlias, Settings
+    from app.core.settings import ModelAlias
+    from finetune.settings import FinetuneConfig
     from finetune.tracking import AdapterVersion
 
 log = logging.getLogger("keel.finetune.serving")
@@ -126,7 +127,7 @@ def lora_name(version: AdapterVersion) -> str:
     return f"{version.model}-v{version.version}"
 
 
-def adapter_alias(settings: Settings, backend: str, *, adapter_name: str, adapter_path: str | Path,
+def adapter_alias(settings: FinetuneConfig, backend: str, *, adapter_name: str, adapter_path: str | Path,
                   description: str = "", fallback: str | None = None) -> ModelAlias:
     """The alias that routes to an adapter: on vLLM by its served LoRA name, on transformers by path
     (the transformers backend loads the folder with peft on the base model it serves)."""
@@ -146,7 +147,7 @@ def adapter_alias(settings: Settings, backend: str, *, adapter_name: str, adapte
                          "backends", param="backend")
 
 
-def backend_url(settings: Settings, backend: str) -> str:
+def backend_url(settings: FinetuneConfig, backend: str) -> str:
     spec = settings.backends[backend]
     if spec.base_url:
         return spec.base_url
@@ -155,7 +156,7 @@ def backend_url(settings: Settings, backend: str) -> str:
     return f"http://{spec.managed.host}:{spec.managed.port}/v1"
 
 
-def backend_api_key(settings: Settings, backend: str) -> str | None:
+def backend_api_key(settings: FinetuneConfig, backend: str) -> str | None:
     """The key the backend's server accepts: a server Keel runs has a random one per start (known only to the
     process that started it), a remote one the configured ``api_key``."""
     return server_api_key(settings, backend_url(settings, backend))
@@ -170,7 +171,7 @@ class Deployment:
     seconds: float
 
 
-async def deploy(settings: Settings, version: AdapterVersion, *, alias: str, backend: str,
+async def deploy(settings: FinetuneConfig, version: AdapterVersion, *, alias: str, backend: str,
                  fallback: str | None = None) -> Deployment:
     """Make ``version`` answer as model ``alias`` through Keel's chat API.
 

@@ -7,9 +7,11 @@ Every path left as ``None`` resolves under Keel's home folder.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 
 from pydantic import BaseModel, Field
+
+from evals.settings import EvalConfig
 
 
 class FinetuneSettings(BaseModel):
@@ -80,3 +82,9 @@ class FinetuneSettings(BaseModel):
         if self.artifact_location:
             return self.artifact_location
         return str((home / "mlflow-artifacts").resolve())
+
+
+class FinetuneConfig(EvalConfig, Protocol):
+    """What fine-tuning reads from the settings tree: its own section and what evaluating an adapter needs."""
+
+    finetune: FinetuneSettings

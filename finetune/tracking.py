@@ -93,21 +93,6 @@ class Promotion:
     changed: bool = True
 
 
-def adapter_hash(folder: Path) -> str:
-    """sha256 over the adapter's files (relative path and bytes): the content identity the eval gate
-    can match when two copies of one adapter live in different folders."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for f in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
-        h.update(str(f.relative_to(folder)).encode() + b"\0")
-        with f.open("rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-        h.update(b"\0")
-    return h.hexdigest()
-
-
 def flatten(prefix: str, value: Any, out: dict[str, str]) -> dict[str, str]:
     if isinstance(value, dict):
         for k, v in value.items():

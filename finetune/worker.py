@@ -1,7 +1,7 @@
 """The fine-tuning worker: a separate process that runs queued jobs one at a time.
 
-    python -m finetune.worker            # poll the job store forever (``keel finetune worker``)
-    python -m finetune.worker --once     # run what is queued (and recover dead jobs), then exit
+    keel finetune worker          # poll the job store forever
+    keel finetune worker --once   # run what is queued (and recover dead jobs), then exit
 
 Several workers (one per GPU machine) may share one job store: claiming a job is atomic.
 Before each claim, a worker recovers jobs whose worker died (see ``JobStore.recover_stale``);
@@ -12,16 +12,14 @@ After a job succeeds, its adapter version is evaluated on the spec's ``evals`` s
 (``finetune.evaluate``), here in the worker, never in the API process: pending evaluations are
 claimed before the next training job, so a new adapter is evaluated right after its training.
 The verdicts go on the job, on its MLflow run and on the registered version; a failing suite
-leaves the job ``succeeded`` and the adapter unpromotable (``evals.gate.adapter_gate``).
+leaves the job ``succeeded`` and the adapter unpromotable (``finetune.gate.adapter_gate``).
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import logging
-import signal
 import sys
 import threading
 import time
@@ -29,31 +27,32 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from app.core.errors import KeelError
+from app.core.paths import tree_hash
 from finetune.errors import InvalidTrainingData
 from finetune.jobs import Job, JobOwnershipLost, JobStore, this_worker_id
 from finetune.settings import FinetuneSettings
 from finetune.spec import parse_spec, resolve_base_model
 
 if TYPE_CHECKING:
-    from app.core.settings import Settings
     from app.llm.base import LLMBackend
+    from finetune.settings import FinetuneConfig
     from finetune.tracking import Tracker
 
 log = logging.getLogger("keel.finetune.worker")
 _JOB_LOGGERS = ("keel.finetune", "transformers", "peft", "py.warnings")
 
 
-def finetune_settings(settings: Settings) -> FinetuneSettings:
+def finetune_settings(settings: FinetuneConfig) -> FinetuneSettings:
     return getattr(settings, "finetune", None) or FinetuneSettings()
 
 
-def open_store(settings: Settings) -> JobStore:
+def open_store(settings: FinetuneConfig) -> JobStore:
     fs = finetune_settings(settings)
     return JobStore(fs.resolved_jobs_db(settings.home), fs.resolved_runs_dir(settings.home))
 
 
 class Worker:
-    def __init__(self, settings: Settings, *, store: JobStore | None = None, tracker: Tracker | None = None,
+    def __init__(self, settings: FinetuneConfig, *, store: JobStore | None = None, tracker: Tracker | None = None,
                  worker_id: str | None = None, eval_backend: LLMBackend | None = None) -> None:
         self.settings = settings
         self.fs = finetune_settings(settings)
@@ -174,14 +173,12 @@ class Worker:
             if tracker is not None and run_id and result.adapter_dir is not None:
                 tracker.log_metrics(run_id, result.global_step, {k: v for k, v in result.metrics.items()
                                                                  if k.startswith(("s_per", "train_tok"))})
-                from finetune.tracking import adapter_hash
-
                 version = tracker.register_adapter(
                     run_id, result.adapter_dir, model_name,
                     tags={"keel.job_id": job.id, "keel.spec_hash": result.spec_hash,
                           "keel.data_hash": result.data_report.data_hash if result.data_report else "",
                           "keel.base_model": result.base_model, "keel.evals": ",".join(spec.evals),
-                          "keel.adapter_hash": adapter_hash(result.adapter_dir)},
+                          "keel.adapter_hash": tree_hash(result.adapter_dir)},
                 )
                 fields.update(model_name=version.model, model_version=version.version)
                 if spec.evals:
@@ -318,7 +315,7 @@ class WorkerProcess:
     by the next worker. The child reads settings like any entry point (``KEEL_*``, keel.yaml), with
     ``KEEL_HOME`` set to this process's home so both use the same job store."""
 
-    def __init__(self, settings: Settings, *, python: str | None = None, once: bool = False) -> None:
+    def __init__(self, settings: FinetuneConfig, *, python: str | None = None, once: bool = False) -> None:
         self.settings = settings
         self.python = python or sys.executable
         self.once = once
@@ -335,7 +332,7 @@ class WorkerProcess:
             return
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "KEEL_HOME": str(Path(self.settings.home).resolve())}
-        cmd = [self.python, "-m", "finetune.worker"] + (["--once"] if self.once else [])
+        cmd = [self.python, "-m", "app.cli", "finetune", "worker"] + (["--once"] if self.once else [])
         with self.log_path.open("ab") as out:
             self.proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, start_new_session=True,
@@ -360,28 +357,3 @@ class WorkerProcess:
                 self.proc.kill()
                 self.proc.wait()
         return self.proc.returncode
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m finetune.worker", description="Run queued fine-tuning jobs.")
-    p.add_argument("--once", action="store_true", help="Exit when the queue is empty.")
-    a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from app.core.settings import load_settings
-
-    worker = Worker(load_settings())
-
-    def stop(signum: int, frame: Any) -> None:
-        log.warning("signal %d: stopping after the current step (the job is requeued)", signum)
-        worker.shutdown.set()
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    n = worker.run(once=a.once)
-    log.info("worker %s exits after %d job(s)", worker.worker_id, n)
-    worker.store.close()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

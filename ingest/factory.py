@@ -14,7 +14,7 @@ from ingest.settings import RagSettings
 from ingest.store.base import VectorStore
 
 if TYPE_CHECKING:
-    from app.core.settings import Settings
+    from ingest.settings import RagConfig
 
 
 @dataclass
@@ -52,7 +52,7 @@ def build_store(rag: RagSettings, home) -> VectorStore:
     return QdrantClientStore(path=rag.store_path(home), keyword_indexes=rag.payload_indexes)
 
 
-def build_rag(settings: Settings, *, embedder: Embedder | None = None, store: VectorStore | None = None
+def build_rag(settings: RagConfig, *, embedder: Embedder | None = None, store: VectorStore | None = None
               ) -> RagServices:
     """Cheap: nothing is loaded or opened until ``warm_up()`` or first use."""
     rag = settings.rag

@@ -8,9 +8,11 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from app.core.settings import CoreConfig
 
 #: ``"document"``: at most one chunk per document (its best), so ``top_k`` counts documents, not chunks.
 GroupBy = Literal["document"]
@@ -97,3 +99,9 @@ class RagSettings(BaseModel):
 
     def db_path(self, home: Path) -> Path:
         return home / "rag.db"
+
+
+class RagConfig(CoreConfig, Protocol):
+    """What the RAG services read from the settings tree."""
+
+    rag: RagSettings

@@ -40,7 +40,7 @@ from prompts.settings import PromptSettings
 from prompts.store import PromptStore, build_prompt_store
 
 if TYPE_CHECKING:
-    from app.core.settings import Settings
+    from prompts.settings import PromptConfig
 
 log = logging.getLogger("keel.prompts")
 
@@ -343,7 +343,7 @@ def _diffable(content: TemplateContent) -> dict[str, Any]:
     return {k: data[k] for k in ("description", "messages", "params", "variables")}
 
 
-def build_registry(settings: Settings, *, gate: PromotionGate | None = None) -> PromptRegistry:
+def build_registry(settings: PromptConfig, *, gate: PromotionGate | None = None) -> PromptRegistry:
     """Factory for the container: the registry on SQLite or Postgres (``prompts.url``), seeded with the
     starter library when empty."""
     from prompts.portable import import_dir

@@ -6,10 +6,12 @@ Kept free of imports from ``app.core.settings`` so that module can import this o
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Protocol
 
 from pydantic import BaseModel, Field, SecretStr, field_validator
 
 from app.core.db import postgres_url
+from app.core.settings import CoreConfig
 
 
 class PromptLimits(BaseModel):
@@ -54,3 +56,9 @@ class PromptSettings(BaseModel):
 
     def resolved_db_path(self, home: Path) -> Path:
         return self.db_path if self.db_path is not None else home / "prompts.db"
+
+
+class PromptConfig(CoreConfig, Protocol):
+    """What the prompt registry reads from the settings tree."""
+
+    prompts: PromptSettings

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
+from app.container import build_guards
 from app.core.metrics import Metrics
-from app.core.settings import load_settings
 from app.guardrails.engine import GuardrailEngine
 from app.guardrails.testing import _offline, model_cache_dir, shared_embedder
-from app.services.container import build_guards
+from app.settings import load_settings
 
 
 def default_guards(tmp_path_factory: pytest.TempPathFactory) -> GuardrailEngine:

@@ -6,9 +6,9 @@ from collections.abc import Callable
 
 from fastapi import Depends, Request
 
+from app.container import Container
 from app.core.errors import PermissionDenied, Unauthenticated
 from app.security.keys import SCOPES, ApiKey
-from app.services.container import Container
 
 DEV_PRINCIPAL = ApiKey(
     id="dev", name="dev-mode (auth disabled)", scopes=frozenset({"admin"}), rate_limit_per_minute=None,

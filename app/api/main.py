@@ -12,8 +12,8 @@ from app.api.errors import install_error_handlers
 from app.api.middleware import RequestContextMiddleware
 from app.api.routes import admin, agents, chat, evals, finetune, rag, studio, system
 from app.api.routes import prompts as prompt_routes
-from app.core.settings import Settings, load_settings
-from app.services.container import Container
+from app.container import Container
+from app.settings import Settings, load_settings
 
 log = logging.getLogger("keel")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -13,3 +14,17 @@ def is_within(path: str | Path, roots: Iterable[str | Path]) -> bool:
     store) is meant to be used."""
     plain = Path(os.path.abspath(path))
     return any(plain.is_relative_to(os.path.abspath(r)) for r in roots)
+
+
+def tree_hash(folder: str | Path) -> str:
+    """sha256 over a folder's files (relative path and bytes): the content identity of an artifact (a LoRA
+    adapter) that stays the same when two copies of it live in different folders."""
+    folder = Path(folder)
+    h = hashlib.sha256()
+    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(folder)).encode() + b"\0")
+        with f.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        h.update(b"\0")
+    return h.hexdigest()

@@ -1,20 +1,22 @@
-"""One settings tree for all of Keel.
+"""The kernel's settings: what every layer may read (state folder, server, auth, limits, backends, model aliases).
+
+Each feature declares its own section next to its code (``ingest.settings.RagSettings``, ...); the composition
+root (:mod:`app.settings`) mounts them into one tree on top of :class:`CoreSettings`. A feature that needs a
+shared field and its own section says so with a small protocol in its settings module, so nothing below the
+root knows the whole tree.
 
 Sources, highest priority first: constructor arguments, ``KEEL_*`` environment
 variables (``__`` separates nesting levels, e.g. ``KEEL_SERVER__PORT=9000``), a
 YAML file (``KEEL_CONFIG`` or ``./keel.yaml``), then the built-in defaults.
 Sources are deep-merged, so ``KEEL_BACKENDS__LOCAL__ENFORCE_EAGER=true``
 changes one field of the default backend instead of replacing it.
-
-Nothing here runs at import time: call :func:`load_settings` once in an entry
-point and pass the result down.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic.fields import FieldInfo
@@ -24,13 +26,6 @@ from pydantic_settings import (
     SettingsConfigDict,
     YamlConfigSettingsSource,
 )
-
-from agents.settings import AgentSettings
-from app.guardrails.settings import GuardrailSettings
-from evals.settings import EvalSettings
-from finetune.settings import FinetuneSettings
-from ingest.settings import RagSettings
-from prompts.settings import PromptSettings
 
 BackendKind = Literal["vllm", "openai", "transformers"]
 
@@ -158,7 +153,7 @@ class _Defaults(PydanticBaseSettingsSource):
         return {"backends": _default_backends(), "models": _default_models()}
 
 
-class Settings(BaseSettings):
+class CoreSettings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="KEEL_", env_nested_delimiter="__", extra="forbid", validate_default=True
     )
@@ -171,15 +166,9 @@ class Settings(BaseSettings):
     backends: dict[str, BackendSettings] = Field(default_factory=dict)
     models: dict[str, ModelAlias] = Field(default_factory=dict)
     default_model: str = "smollm2"
-    prompts: PromptSettings = Field(default_factory=PromptSettings)
-    rag: RagSettings = Field(default_factory=RagSettings)
-    guardrails: GuardrailSettings = Field(default_factory=GuardrailSettings)
-    agents: AgentSettings = Field(default_factory=AgentSettings)
-    finetune: FinetuneSettings = Field(default_factory=FinetuneSettings)
-    evals: EvalSettings = Field(default_factory=EvalSettings)
 
     @model_validator(mode="after")
-    def _resolve(self) -> Settings:
+    def _resolve(self) -> CoreSettings:
         for name, alias in self.models.items():
             if alias.backend not in self.backends:
                 raise ValueError(f"model alias {name!r} names unknown backend {alias.backend!r}")
@@ -228,9 +217,22 @@ class Settings(BaseSettings):
         )
 
 
-def load_settings(**overrides: Any) -> Settings:
-    """Build the settings tree once; entry points call this and pass it down."""
-    config = os.environ.get("KEEL_CONFIG")
-    if config and not Path(config).is_file():
-        raise FileNotFoundError(f"KEEL_CONFIG points at {config!r}, which is not a file")
-    return Settings(**overrides)
+class CoreConfig(Protocol):
+    """The kernel's part of the settings tree as features read it. A feature that also needs its own section
+    declares a protocol extending this one (``evals.settings.EvalConfig``); the root ``app.settings.Settings``
+    satisfies them all, and no feature imports it."""
+
+    home: Path
+    limits: LimitSettings
+    backends: dict[str, BackendSettings]
+    models: dict[str, ModelAlias]
+    default_model: str
+
+    @property
+    def models_dir(self) -> Path: ...
+
+    @property
+    def db_path(self) -> Path: ...
+
+    @property
+    def logs_dir(self) -> Path: ...

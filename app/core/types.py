@@ -75,3 +75,22 @@ class Usage:
 
 
 LLMEvent = TextDelta | Finished | Usage
+
+
+@dataclass(frozen=True, slots=True)
+class Started:
+    """First event of every response: the identity the wire format needs up front."""
+
+    id: str
+    created: int
+    model: str
+    prompt_ref: str | None = None
+    prompt_hash: str | None = None
+    guardrails: str | None = None  # "<policy>@<version>+<hash>" that checked this request
+
+
+@dataclass(frozen=True, slots=True)
+class Citations:
+    """Grounded answers only: the passages the model was given, after the answer is complete."""
+
+    items: list[dict[str, Any]]

@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 
 from app.core.errors import BackendUnavailable, ModelNotFound
 from app.core.metrics import Metrics
-from app.core.settings import BackendSettings, ModelAlias, Settings
+from app.core.settings import BackendSettings, CoreConfig, ModelAlias
 from app.core.types import GenerationRequest, LLMEvent
 from app.llm.base import LLMBackend
 from app.llm.resilience import CircuitBreaker, ResilientBackend
@@ -17,7 +17,7 @@ from app.llm.resilience import CircuitBreaker, ResilientBackend
 log = logging.getLogger("keel.llm")
 
 
-def build_backend(name: str, cfg: BackendSettings, settings: Settings, metrics: Metrics | None = None) -> LLMBackend:
+def build_backend(name: str, cfg: BackendSettings, settings: CoreConfig, metrics: Metrics | None = None) -> LLMBackend:
     """Construct (cheaply, nothing loaded) the backend implementation for ``cfg.kind``."""
     if cfg.kind == "vllm":
         from app.llm.vllm_backend import VLLMBackend
@@ -46,7 +46,7 @@ class ModelRouter:
     """Resolves a client-facing model name to a backend and streams from it, failing over
     to the alias's ``fallback`` when the primary cannot be reached before any token."""
 
-    def __init__(self, settings: Settings, metrics: Metrics, backends: dict[str, LLMBackend] | None = None) -> None:
+    def __init__(self, settings: CoreConfig, metrics: Metrics, backends: dict[str, LLMBackend] | None = None) -> None:
         self.settings = settings
         self.metrics = metrics
         self.backends: dict[str, ResilientBackend] = {}

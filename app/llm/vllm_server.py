@@ -28,7 +28,7 @@ from typing import Literal
 import httpx
 
 from app.core.errors import KeelError
-from app.core.settings import ManagedVLLM, Settings
+from app.core.settings import CoreConfig, ManagedVLLM
 
 log = logging.getLogger("keel.vllm")
 
@@ -51,7 +51,7 @@ _ENV_SECRET = re.compile(r"(^|_)(KEYS?|TOKEN|SECRET|PASSWORD|PASSWD|PASS|CREDENT
 _API_KEYS: dict[str, str] = {}
 
 
-def server_api_key(settings: Settings, url: str) -> str | None:
+def server_api_key(settings: CoreConfig, url: str) -> str | None:
     """The key the server at ``url`` requires: the per-start key of a vLLM server this process runs, else the
     ``api_key`` configured on the backend with that URL (a server another process runs, or a remote one)."""
     key = managed_api_key(url)

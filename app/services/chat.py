@@ -16,14 +16,16 @@ from typing import TYPE_CHECKING, Any
 
 from app.core.errors import ContextLengthExceeded, InvalidRequest
 from app.core.metrics import Metrics
-from app.core.settings import Settings
+from app.core.settings import CoreConfig
 from app.core.types import (
     ChatMessage,
+    Citations,
     Finished,
     GenerationParams,
     GenerationRequest,
     LLMEvent,
     ResponseFormat,
+    Started,
     TextDelta,
     Usage,
 )
@@ -65,25 +67,6 @@ class ChatRequest:
     user: str | None = None  # the caller's key id: PII placeholders are restored only for the same user
 
 
-@dataclass(frozen=True, slots=True)
-class Started:
-    """First event of every response: the identity the wire format needs up front."""
-
-    id: str
-    created: int
-    model: str
-    prompt_ref: str | None = None
-    prompt_hash: str | None = None
-    guardrails: str | None = None  # "<policy>@<version>+<hash>" that checked this request
-
-
-@dataclass(frozen=True, slots=True)
-class Citations:
-    """Grounded answers only: the passages the model was given, after the answer is complete."""
-
-    items: list[dict[str, Any]]
-
-
 ChatEvent = Started | LLMEvent | Citations | GuardrailEvent
 
 
@@ -106,7 +89,7 @@ class ChatResult:
 
 class ChatService:
     def __init__(
-        self, settings: Settings, router: ModelRouter, metrics: Metrics, prompts: PromptRegistry | None = None,
+        self, settings: CoreConfig, router: ModelRouter, metrics: Metrics, prompts: PromptRegistry | None = None,
         grounder: Grounder | None = None, guards: GuardrailEngine | None = None, agents: AgentService | None = None,
     ) -> None:
         self.settings = settings

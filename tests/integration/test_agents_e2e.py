@@ -12,8 +12,8 @@ from agents import build_agents
 from agents.events import ErrorEvent, Final, InterruptEvent, NodeFinished, RunStarted, Token, ToolResult, to_wire
 from agents.schemas import validate_event
 from app.core.metrics import Metrics
-from app.core.settings import load_settings
 from app.llm.router import ModelRouter
+from app.settings import load_settings
 from ingest import build_rag
 from prompts.registry import build_registry
 

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from evals import cli as eval_cli
+from app.cli import evals as eval_cli
 from tests.integration.conftest import KeelServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -37,7 +37,7 @@ SUITE = {
 
 def test_suite_against_the_real_model(keel_server: KeelServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
                                       ) -> None:
-    from app.services.container import Container
+    from app.container import Container
     from ingest import build_rag
     from ingest.embedding import HashingEmbedder
 
@@ -112,7 +112,7 @@ def test_golden_rag_suite_with_the_real_model_as_target_and_judge(keel_server: K
     import asyncio
     import json
 
-    from app.services.container import Container
+    from app.container import Container
     from ingest import build_rag
 
     corpus = Path(__file__).resolve().parents[1] / "data" / "docs" / "corpus"

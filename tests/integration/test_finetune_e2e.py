@@ -42,14 +42,14 @@ def worker_env(home: Path, *, auto_eval: bool = False) -> dict[str, str]:
 
 
 def start_worker(home: Path, *, once: bool = True, auto_eval: bool = False) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "finetune.worker"] + (["--once"] if once else [])
+    cmd = [sys.executable, "-m", "app.cli", "finetune", "worker"] + (["--once"] if once else [])
     log = (home / "worker.out").open("ab")
     return subprocess.Popen(cmd, cwd=ROOT, env=worker_env(home, auto_eval=auto_eval), stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def service(home: Path):
-    from app.core.settings import Settings
+    from app.settings import Settings
     from finetune import build_finetune
 
     return build_finetune(Settings(home=home))

@@ -46,8 +46,8 @@ async def test_adapter_is_evaluated_then_promoted_through_the_gate_and_served(tm
     from mlflow import MlflowClient
 
     from app.api.main import create_app
-    from app.core.settings import Settings
-    from app.services.container import Container
+    from app.container import Container
+    from app.settings import Settings
     from evals.runner import EvalRunner
     from evals.suite import load_suite
     from finetune import serving
@@ -118,7 +118,7 @@ async def test_adapter_is_evaluated_then_promoted_through_the_gate_and_served(tm
                 await asyncio.sleep(1)
 
             # 5. The base model fails the very suite the adapter passed (through vLLM and Keel's chat path).
-            base_run = (await EvalRunner(container, container.evals, progress=False).run(
+            base_run = (await EvalRunner(container.eval_deps(), container.evals, progress=False).run(
                 load_suite(ROOT / "evals" / "suites" / "veltmar-fact.yaml"))).run
             assert base_run.passed is False and base_run.identity["model"]["adapter"] is None
             assert "says_quorra" in base_run.verdict["failing_metrics"]

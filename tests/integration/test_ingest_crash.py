@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from app.core.settings import Settings
+from app.settings import Settings
 from ingest import build_rag
 from ingest.embedding import HashingEmbedder
 
@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = textwrap.dedent("""
     import os, sys, time
-    from app.core.settings import Settings
+    from app.settings import Settings
     from ingest import build_rag
     from ingest.embedding import HashingEmbedder
 

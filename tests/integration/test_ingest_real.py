@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from app.core.settings import Settings
+from app.settings import Settings
 from ingest import build_rag
 from ingest.embedding import SentenceTransformerEmbedder
 

@@ -21,9 +21,9 @@ from agents.workflows.common import Deps
 from app.api.errors import install_error_handlers
 from app.api.routes.agents import router
 from app.core.metrics import Metrics
-from app.core.settings import load_settings
 from app.security.keys import KeyStore
 from app.security.ratelimit import RateLimiter
+from app.settings import load_settings
 from ingest.embedding import HashingEmbedder
 from ingest.store.edge import EdgeStore
 

@@ -20,10 +20,10 @@ from agents.workflows.common import Deps
 from app.api.errors import install_error_handlers
 from app.api.routes.agents import router
 from app.core.metrics import Metrics
-from app.core.settings import load_settings
 from app.guardrails.engine import GuardrailEngine
 from app.security.keys import KeyStore
 from app.security.ratelimit import RateLimiter
+from app.settings import load_settings
 from tests.guards import default_guards
 from tests.unit.test_agents_api import ANSWER, DOCS, parse_sse
 from tests.unit.test_agents_api import responder as base_responder

@@ -258,7 +258,7 @@ def test_open_run_store_follows_the_settings(tmp_path: Path, postgres_url: str) 
 
 async def test_settings_wire_the_service_to_postgres(tmp_path: Path, postgres_url: str) -> None:
     from agents.service import build_agents
-    from app.core.settings import Settings
+    from app.settings import Settings
 
     settings = Settings(home=tmp_path, auth={"enabled": False}, agents={"postgres_url": postgres_url})
     svc = build_agents(settings, None, llm=rag_llm(), tools=ToolRegistry(builtin_tools()))

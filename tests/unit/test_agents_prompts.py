@@ -11,7 +11,7 @@ from agents.testing import ScriptedLLM
 from agents.tools import ToolRegistry, builtin_tools
 from agents.workflows import research
 from agents.workflows.common import Deps
-from app.core.settings import Settings
+from app.settings import Settings
 from prompts.models import TemplateContent
 from prompts.registry import build_registry
 

@@ -13,9 +13,9 @@ import openai
 import pytest
 
 from app.api.main import create_app
+from app.container import Container
 from app.core.errors import BackendError
-from app.core.settings import load_settings
-from app.services.container import Container
+from app.settings import load_settings
 from ingest import build_rag
 from ingest.embedding import HashingEmbedder
 from tests.fakes.llm import ScriptedBackend

@@ -10,9 +10,9 @@ import httpx
 import pytest
 
 from app.api.main import create_app
-from app.core.settings import load_settings
+from app.container import Container
 from app.guardrails.engine import GuardrailEngine
-from app.services.container import Container
+from app.settings import load_settings
 from ingest import build_rag
 from ingest.embedding import HashingEmbedder
 from tests.fakes.llm import ScriptedBackend

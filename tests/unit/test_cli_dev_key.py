@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import httpx
 
-from app.core.cli import DEV_KEY_FILE, dev_key
+from app.cli.common import DEV_KEY_FILE, dev_key
 
 
 def test_dev_key_reads_the_file_keel_up_writes(tmp_path: Path):
@@ -19,7 +19,7 @@ def test_dev_key_reads_the_file_keel_up_writes(tmp_path: Path):
 
 
 def test_keel_agent_sends_the_dev_key_unless_given_one(tmp_path: Path, monkeypatch):
-    from agents import cli
+    from app.cli import agents as cli
 
     (tmp_path / DEV_KEY_FILE).write_text("keel-dev-key\n")
     monkeypatch.setattr(cli, "_settings", lambda: SimpleNamespace(home=tmp_path))

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from app.core.settings import Settings
+from app.container import Container
 from app.guardrails.embeddings import SharedEmbedder
-from app.services.container import Container
+from app.settings import Settings
 
 
 async def test_one_embedding_model_serves_rag_and_guardrails(tmp_path: Path) -> None:

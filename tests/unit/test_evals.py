@@ -13,9 +13,9 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from app.core.settings import load_settings
-from app.services.container import Container
-from evals import cli as eval_cli
+from app.container import Container
+from app.settings import load_settings
+from app.cli import evals as eval_cli
 from evals.gate import prompt_gate
 from evals.metrics import JudgeError, MetricEnv, Sample, compute, mean_ci, register, registry, verdict
 from evals.report import evaluate_gate, html_report, junit_xml, summarize
@@ -384,7 +384,8 @@ async def env(tmp_path: Path):
 
 
 def runner(env, **kw) -> EvalRunner:
-    return EvalRunner(env["c"], env["store"], env=MetricEnv(embedder=HashingEmbedder()), progress=False, **kw)
+    return EvalRunner(env["c"].eval_deps(), env["store"], env=MetricEnv(embedder=HashingEmbedder()), progress=False,
+                      **kw)
 
 
 async def test_run_stores_identity_results_and_verdict(env) -> None:
@@ -499,7 +500,7 @@ async def test_judged_suite_records_judge_errors_by_the_gate_policy(env) -> None
                      {"name": "citation_correctness"}], gate=gate)
 
     excl = parse_suite(rag_suite(min_pass_rate=1.0, uncertain="exclude"))
-    out = await EvalRunner(c, env["store"], env=judge.env(), progress=False).run(excl)
+    out = await EvalRunner(c.eval_deps(), env["store"], env=judge.env(), progress=False).run(excl)
     run, rows = out.run, env["store"].results(out.run.id)
     assert run.status == "completed" and run.identity["judge"]["model"] == "judge-model"
     f = rows[0].scores["faithfulness"]
@@ -513,19 +514,19 @@ async def test_judged_suite_records_judge_errors_by_the_gate_policy(env) -> None
     assert len(junit.findall(".//skipped")) == 2
     # judge_errors=fail: the same answers (from the cache) fail their cases, with JudgeError in JUnit.
     failing = parse_suite(rag_suite(min_pass_rate=0.5, judge_errors="fail"))
-    out = await EvalRunner(c, env["store"], env=judge.env(), progress=False).run(failing)
+    out = await EvalRunner(c.eval_deps(), env["store"], env=judge.env(), progress=False).run(failing)
     assert out.cached == 2 and out.executed == 0 and out.run.passed is False
     junit = ET.fromstring(junit_xml(failing, out.run, env["store"].results(out.run.id)))
     assert {f.get("type") for f in junit.iter("failure")} == {"JudgeError"}
     # A suite that ignores faithfulness' errors still caps how many it tolerates.
     capped = parse_suite(rag_suite(min_pass_rate=0.0, uncertain="pass", max_judge_errors=1))
-    out = await EvalRunner(c, env["store"], env=judge.env(), progress=False).run(capped)
+    out = await EvalRunner(c.eval_deps(), env["store"], env=judge.env(), progress=False).run(capped)
     assert not out.run.passed and "no usable score 2 time(s)" in out.run.verdict["reasons"][0]
     assert out.run.verdict["failing_metrics"] == ["faithfulness"]
     # A judged metric without any judge is a configuration error (exit code 2), before any case runs.
     calls = env["fake"].calls
     with pytest.raises(EvalConfigError, match="need an LLM judge"):
-        await EvalRunner(c, env["store"], env=MetricEnv(embedder=HashingEmbedder()), progress=False).run(
+        await EvalRunner(c.eval_deps(), env["store"], env=MetricEnv(embedder=HashingEmbedder()), progress=False).run(
             parse_suite(rag_suite()))
     assert env["fake"].calls == calls
 

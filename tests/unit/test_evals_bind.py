@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from app.core.settings import load_settings
-from app.services.container import Container
+from app.container import Container
+from app.settings import load_settings
 from evals.metrics import MetricEnv
 from evals.runner import EvalRunner
 from evals.store import EvalStore
@@ -52,7 +52,7 @@ async def env(tmp_path: Path):
 
 
 async def run(env, suite) -> None:
-    runner = EvalRunner(env["c"], env["store"], env=MetricEnv(embedder=HashingEmbedder()), progress=False,
+    runner = EvalRunner(env["c"].eval_deps(), env["store"], env=MetricEnv(embedder=HashingEmbedder()), progress=False,
                         use_cache=False)
     return (await runner.run(suite)).run
 

@@ -7,13 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from evals.gate import adapter_gate
+from app.core.paths import tree_hash as adapter_hash
 from evals.store import EvalStore
 from finetune.errors import PromotionRefused
+from finetune.gate import adapter_gate
 from finetune.jobs import JobStore
 from finetune.settings import FinetuneSettings
 from finetune.spec import parse_spec
-from finetune.tracking import PRODUCTION, AdapterRegistry, Tracker, adapter_hash
+from finetune.tracking import PRODUCTION, AdapterRegistry, Tracker
 
 SPEC = parse_spec("name: gated\ndataset: {path: /x/d.jsonl}\ntraining: {max_steps: 3}\nevals: [fact, smoke]\n")
 

@@ -14,9 +14,9 @@ from pydantic import SecretStr
 from app.api.errors import install_error_handlers
 from app.api.routes import evals as eval_routes
 from app.core.metrics import Metrics
-from app.core.settings import Settings
 from app.llm import vllm_server
 from app.security.keys import ApiKey
+from app.settings import Settings
 from evals.runner import judge_api_key, judge_endpoint
 from finetune.errors import InvalidJobSpec
 from finetune.spec import parse_spec

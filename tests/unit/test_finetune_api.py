@@ -13,8 +13,8 @@ from fastapi.testclient import TestClient
 from app.api.errors import install_error_handlers
 from app.api.routes.finetune import router
 from app.core.metrics import Metrics
-from app.core.settings import Settings
 from app.security.keys import ApiKey
+from app.settings import Settings
 from finetune import build_finetune
 
 MODEL = Path(__file__).resolve().parents[2] / ".keel" / "models" / "smollm2"

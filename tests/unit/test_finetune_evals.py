@@ -13,11 +13,11 @@ import pytest
 import yaml
 
 from app.core.errors import InvalidRequest
-from app.core.settings import Settings
-from evals.gate import adapter_gate
+from app.settings import Settings
 from evals.store import EvalStore
 from finetune import train
 from finetune.errors import JobStateConflict
+from finetune.gate import adapter_gate
 from finetune.jobs import JobStore
 from finetune.service import FinetuneService
 from finetune.spec import parse_spec

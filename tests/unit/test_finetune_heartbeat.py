@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from app.core.settings import Settings
+from app.settings import Settings
 from finetune import evaluate, train
 from finetune import worker as worker_module
 from finetune.jobs import JobOwnershipLost, JobStore

@@ -209,7 +209,7 @@ def test_audit_log(store):
 
 
 def test_worker_process_runs_and_stops(tmp_path):
-    from app.core.settings import Settings
+    from app.settings import Settings
     from finetune.worker import WorkerProcess
 
     settings = Settings(home=tmp_path)

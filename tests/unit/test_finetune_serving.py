@@ -8,7 +8,7 @@ import httpx
 import pytest
 
 from app.core.errors import BackendUnavailable, InvalidRequest
-from app.core.settings import Settings
+from app.settings import Settings
 from finetune import serving
 from finetune.errors import AdapterServingError
 from finetune.tracking import AdapterVersion
@@ -136,9 +136,9 @@ async def test_container_start_up_restores_deployed_adapters_and_plugs_in_the_ad
     goes through the eval gate."""
     import asyncio
 
+    from app.container import Container
     from app.core.types import ChatMessage, GenerationParams
     from app.services.chat import ChatRequest
-    from app.services.container import Container
     from finetune.errors import PromotionRefused
     from finetune.jobs import JobStore
     from finetune.settings import FinetuneSettings

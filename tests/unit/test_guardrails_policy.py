@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from app.core.settings import Settings
 from app.guardrails.errors import GuardrailPolicyError
 from app.guardrails.policy import load_policy, parse_policy
 from app.guardrails.settings import GuardrailSettings, StreamingSettings
+from app.settings import Settings
 
 DEFAULT = Path(__file__).resolve().parents[2] / "infra" / "guardrails" / "default.yaml"
 

@@ -10,8 +10,9 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from app.core.settings import Settings
-from ingest import build_rag, cli
+from app.cli import ingest as cli
+from app.settings import Settings
+from ingest import build_rag
 from ingest.embedding import HashingEmbedder
 
 

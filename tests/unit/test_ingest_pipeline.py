@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app.core.settings import Settings
+from app.settings import Settings
 from ingest import build_rag
 from ingest.embedding import Bm25Encoder, HashingEmbedder
 from ingest.factory import RagServices

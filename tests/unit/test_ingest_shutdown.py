@@ -7,8 +7,8 @@ import asyncio
 import threading
 from pathlib import Path
 
-from app.core.settings import Settings
 from app.services.ingest_jobs import IngestJobs
+from app.settings import Settings
 from ingest import build_rag
 from ingest.embedding import HashingEmbedder
 

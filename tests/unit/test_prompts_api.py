@@ -11,8 +11,8 @@ from fastapi.testclient import TestClient
 from app.api.errors import install_error_handlers
 from app.api.routes.prompts import router
 from app.core.metrics import Metrics
-from app.core.settings import Settings
 from app.security.keys import ApiKey
+from app.settings import Settings
 from prompts.testing import RecordingGate, sqlite_registry
 
 KEYS = {

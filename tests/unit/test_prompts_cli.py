@@ -7,7 +7,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from prompts.cli import app
+from app.cli.prompts import app
 
 runner = CliRunner()
 

@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 from app.core.errors import InvalidRequest
-from app.core.settings import Settings
+from app.settings import Settings
 from prompts import yamlio
 from prompts.errors import ImportConflict, PromotionGateFailed
 from prompts.portable import export_dir, import_dir

@@ -11,10 +11,10 @@ import pytest
 
 from app.api.main import create_app
 from app.api.schemas import RagIn
-from app.core.settings import load_settings
+from app.container import Container
 from app.core.types import ChatMessage
-from app.services.container import Container
 from app.services.grounding import RagUse
+from app.settings import load_settings
 from ingest import build_rag
 from ingest.embedding import HashingEmbedder
 from tests.fakes.llm import ScriptedBackend

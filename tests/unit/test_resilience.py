@@ -2,10 +2,10 @@ import pytest
 
 from app.core.errors import BackendError, BackendUnavailable, InvalidRequest
 from app.core.metrics import Metrics
-from app.core.settings import load_settings
 from app.core.types import ChatMessage, Finished, GenerationParams, GenerationRequest, TextDelta, Usage
 from app.llm.resilience import CircuitBreaker, ResilientBackend
 from app.llm.router import ModelRouter
+from app.settings import load_settings
 from tests.fakes.llm import ScriptedBackend
 
 REQ = GenerationRequest(model="m", messages=(ChatMessage("user", "hi"),))

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from app.core.settings import load_settings
+from app.settings import load_settings
 
 
 def test_defaults_give_a_managed_vllm_backend_and_the_smollm2_alias(tmp_path: Path) -> None:

@@ -4,13 +4,12 @@ serves /metrics, a metric (issue 14, g)."""
 from __future__ import annotations
 
 import logging
-import types
 
 from app.core.metrics import Metrics
-from app.core.settings import Settings
 from app.llm.router import ModelRouter
+from app.settings import Settings
 from evals.metrics import MetricEnv
-from evals.runner import EvalRunner
+from evals.runner import EvalDeps, EvalRunner
 from evals.suite import parse_suite
 from ingest.embedding import HashingEmbedder
 
@@ -22,8 +21,8 @@ class BrokenPrompts:
 
 def test_a_system_prompt_that_fails_to_render_for_the_metrics_is_logged_and_counted(tmp_path, caplog):
     metrics = Metrics()
-    container = types.SimpleNamespace(settings=Settings(home=tmp_path), metrics=metrics, prompts=BrokenPrompts())
-    runner = EvalRunner(container, store=None, env=MetricEnv(embedder=HashingEmbedder()), progress=False)
+    deps = EvalDeps(chat=None, config=Settings(home=tmp_path), metrics=metrics, prompts=BrokenPrompts())
+    runner = EvalRunner(deps, store=None, env=MetricEnv(embedder=HashingEmbedder()), progress=False)
     suite = parse_suite({"name": "s", "target": {"prompt": "greeter@1"}, "metrics": [{"name": "must_include"}],
                          "dataset": {"cases": [{"id": "c1", "input": "hi"}]}})
     with caplog.at_level(logging.WARNING, logger="keel.evals"):

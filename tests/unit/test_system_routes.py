@@ -12,8 +12,8 @@ from fastapi.testclient import TestClient
 from app.api.errors import install_error_handlers
 from app.api.routes import admin, system
 from app.core.metrics import Metrics
-from app.core.settings import Settings
 from app.security.keys import ApiKey
+from app.settings import Settings
 
 SERVER = {"state": "failed", "pid": 4242, "restarts": 5, "url": "http://127.0.0.1:8001", "last_exit_code": 1,
           "last_error": "vLLM exited with code 1; see /srv/keel/logs/vllm-local.log",

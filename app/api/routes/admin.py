@@ -8,9 +8,9 @@ from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel, Field
 
 from app.api.deps import get_container, require_scope
+from app.container import Container
 from app.core.errors import NotFound
 from app.security.keys import ApiKey
-from app.services.container import Container
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(require_scope("admin"))])
 

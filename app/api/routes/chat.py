@@ -24,12 +24,12 @@ from app.api.schemas import (
     PromptInfo,
     UsageOut,
 )
+from app.container import Container
 from app.core.errors import ClientGone, KeelError, UnsupportedParameter
 from app.core.types import Finished, TextDelta, Usage
 from app.guardrails.types import GuardrailBlocked, GuardrailRedaction, GuardrailRetraction, event_payload
 from app.security.keys import ApiKey
 from app.services.chat import ChatEvent, ChatRequest, Citations, PromptUse, Started
-from app.services.container import Container
 from app.services.grounding import RagUse
 
 log = logging.getLogger("keel.api")

@@ -14,9 +14,9 @@ from fastapi.responses import HTMLResponse
 from pydantic import BaseModel, Field
 
 from app.api.deps import get_container, require_scope
+from app.container import Container
 from app.core.errors import InvalidRequest
 from app.security.keys import ApiKey
-from app.services.container import Container
 from evals.store import EvalStore
 
 router = APIRouter(prefix="/v1/evals", tags=["evals"])
@@ -113,7 +113,7 @@ async def start_run(body: RunIn, _key: ApiKey = Depends(require_scope("evals")),
 
     suite = _load(container, body.suite)
     store = _store(container)
-    runner = EvalRunner(container, store, use_cache=body.use_cache, progress=False)
+    runner = EvalRunner(container.eval_deps(), store, use_cache=body.use_cache, progress=False)
     try:
         ident = runner.identity(suite)
     except EvalConfigError as e:

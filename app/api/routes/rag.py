@@ -10,9 +10,9 @@ from pydantic import BaseModel, Field
 from starlette.requests import ClientDisconnect
 
 from app.api.deps import get_container, require_scope
+from app.container import Container
 from app.core.errors import ClientGone, InvalidRequest, PayloadTooLarge, PermissionDenied
 from app.security.keys import ApiKey
-from app.services.container import Container
 from app.services.ingest_jobs import UploadBatch
 from ingest.settings import GroupBy
 

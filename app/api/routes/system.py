@@ -10,8 +10,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from app.api.deps import get_container, require_scope
 from app.api.schemas import ModelCard, ModelList
+from app.container import Container
 from app.security.keys import ApiKey
-from app.services.container import Container
 
 router = APIRouter()
 

@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from app.core.cli import api_failure, dev_key, fail, settings_or_exit, unreachable
+from app.cli.common import api_failure, dev_key, fail, settings_or_exit, unreachable
 
 app = typer.Typer(help="Agent workflows: run, inspect runs, approve or reject paused tool calls.",
                   no_args_is_help=True)

@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.console import Console
 
-from app.core.cli import settings_or_exit
+from app.cli.common import settings_or_exit
 from app.core.errors import KeelError
 
 if TYPE_CHECKING:
-    from app.core.settings import Settings
-    from app.services.container import Container
+    from app.container import Container
+    from app.settings import Settings
 
 console = Console()
 err = Console(stderr=True)
@@ -36,7 +36,7 @@ def _settings() -> Settings:
 
 
 async def _default_container(settings: Settings) -> Container:
-    from app.services.container import Container
+    from app.container import Container
 
     container = await Container.build(settings)
     # Cases sent before a freshly started vLLM answers would all fail (and open the circuit breaker).
@@ -95,7 +95,8 @@ async def _run(settings: Settings, suite, *, junit: Path | None, html: Path | No
     container = None
     try:
         container = await container_factory(settings)
-        runner = EvalRunner(container, store, concurrency=concurrency, use_cache=use_cache, progress=progress)
+        runner = EvalRunner(container.eval_deps(), store, concurrency=concurrency, use_cache=use_cache,
+                            progress=progress)
         try:
             outcome = await runner.run(suite, resume=resume, baseline=baseline, fresh=fresh)
         except (EvalConfigError, KeelError) as e:

@@ -12,7 +12,6 @@ from pathlib import Path
 from agents import build_agents
 from agents.service import AgentService
 from app.core.metrics import Metrics
-from app.core.settings import Settings
 from app.guardrails.engine import GuardrailEngine
 from app.llm.base import LLMBackend
 from app.llm.router import ModelRouter
@@ -21,9 +20,12 @@ from app.security.ratelimit import RateLimiter
 from app.services.chat import ChatService
 from app.services.grounding import Grounder
 from app.services.ingest_jobs import IngestJobs
-from evals.gate import adapter_gate, prompt_gate
+from app.settings import Settings
+from evals.gate import prompt_gate
+from evals.runner import EvalDeps
 from evals.store import EvalStore
 from finetune import build_finetune
+from finetune.gate import adapter_gate
 from finetune.service import FinetuneService
 from ingest import build_rag
 from ingest.factory import RagServices
@@ -95,6 +97,13 @@ class Container:
         if start_backends:
             container._background(container._restore_adapters())
         return container
+
+    def eval_deps(self) -> EvalDeps:
+        """The ports an eval run reads: chat answers exactly as the API gives them (same guards, same RAG)."""
+        guarded = self.guards is not None and self.settings.guardrails.enabled
+        return EvalDeps(chat=self.chat, config=self.settings, prompts=self.prompts, rag=self.rag,
+                        agents=self.agents, guardrails=self.guards.policy.version_tag if guarded else None,
+                        metrics=self.metrics)
 
     def _background(self, coro) -> None:
         task = asyncio.create_task(coro)

@@ -19,14 +19,14 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from app.core.cli import api_failure, dev_key, fail, settings_or_exit, unreachable
+from app.cli.common import api_failure, dev_key, fail, settings_or_exit, unreachable
 from app.core.errors import KeelError
 from ingest.errors import StoreLocked
 
 if TYPE_CHECKING:
     import httpx
 
-    from app.core.settings import Settings
+    from app.settings import Settings
     from ingest.factory import RagServices
 
 T = TypeVar("T")

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.syntax import Syntax
 from rich.table import Table
 
-from app.core.cli import fail, settings_or_exit
+from app.cli.common import fail, settings_or_exit
 from app.core.errors import InvalidRequest, KeelError
 from prompts import yamlio
 from prompts.models import TemplateContent

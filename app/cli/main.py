@@ -14,14 +14,14 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from agents.cli import app as agent_app
-from app.core.cli import DEV_KEY_FILE, dev_key, fail
+from app.cli.agents import app as agent_app
+from app.cli.common import DEV_KEY_FILE, dev_key, fail
+from app.cli.evals import app as evals_app
+from app.cli.finetune import app as finetune_app
+from app.cli.ingest import ingest_command, search_command, snapshots_app
+from app.cli.prompts import app as prompts_app
 from app.core.errors import KeelError
-from app.core.settings import Settings, load_settings
-from evals.cli import app as evals_app
-from finetune.cli import app as finetune_app
-from ingest.cli import ingest_command, search_command, snapshots_app
-from prompts.cli import app as prompts_app
+from app.settings import Settings, load_settings
 
 console = Console()
 err = Console(stderr=True)

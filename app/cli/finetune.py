@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import getpass
+import logging
+import signal
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -16,15 +18,19 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from app.core.cli import fail
+from app.cli.common import fail, settings_or_exit
 from app.core.errors import KeelError
+from evals.store import EvalStore
 from finetune.errors import InvalidTrainingData
+from finetune.gate import adapter_gate
 from finetune.jobs import TERMINAL, Job
 from finetune.service import FinetuneService, build_finetune
+from finetune.worker import Worker
 
 app = typer.Typer(help="Fine-tuning: LoRA jobs, the worker, the adapter registry.", no_args_is_help=True)
 console = Console()
 err = Console(stderr=True)
+log = logging.getLogger("keel.finetune.worker")
 
 _COLORS = {"queued": "yellow", "running": "cyan", "succeeded": "green", "failed": "red", "cancelled": "magenta"}
 _EVAL_COLORS = {"pending": "yellow", "running": "cyan", "passed": "green", "failed": "red", "error": "red"}
@@ -39,20 +45,11 @@ def _actor() -> str:
 
 @contextmanager
 def _service() -> Iterator[FinetuneService]:
-    from app.core.settings import load_settings
-
-    try:
-        settings = load_settings()
-    except Exception as exc:
-        err.print(f"[red]configuration error:[/red] {exc}")
-        raise typer.Exit(2) from exc
+    settings = settings_or_exit()
     eval_store = None
     try:
         svc = build_finetune(settings)
         if settings.evals.gate_enabled:
-            from evals.gate import adapter_gate
-            from evals.store import EvalStore
-
             # The same gate as the API's: `promote` here is refused exactly when it is refused there.
             eval_store = EvalStore(settings.evals.db_path(settings.home))
             svc.set_gate(adapter_gate(eval_store, max_age_days=settings.evals.gate_max_age_days))
@@ -262,10 +259,19 @@ def evaluate(
 
 @app.command()
 def worker(once: Annotated[bool, typer.Option("--once", help="Exit when the queue is empty.")] = False) -> None:
-    """Run queued jobs in this process (one at a time); Ctrl-C requeues the current job."""
-    from finetune.worker import main
+    """Run queued jobs in this process (one at a time); Ctrl-C or SIGTERM requeues the current job."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    worker = Worker(settings_or_exit())
 
-    raise typer.Exit(main(["--once"] if once else []))
+    def stop(signum: int, frame: Any) -> None:
+        log.warning("signal %d: stopping after the current step (the job is requeued)", signum)
+        worker.shutdown.set()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    n = worker.run(once=once)
+    log.info("worker %s exits after %d job(s)", worker.worker_id, n)
+    worker.store.close()
 
 
 @app.command()

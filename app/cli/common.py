@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import typer
@@ -9,6 +10,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from app.core.errors import KeelError
+from app.settings import Settings, load_settings
 
 _stderr = Console(stderr=True)
 
@@ -20,14 +22,10 @@ def fail(exc: KeelError) -> typer.Exit:
     return typer.Exit(1)
 
 
-def settings_or_exit(offline: dict[str, str] | None = None):
+def settings_or_exit(offline: dict[str, str] | None = None) -> Settings:
     """The settings every sub-command starts from; a configuration error is the user's to fix: one line
     and exit code 2, not a traceback. ``offline`` environment defaults are set first (model libraries
     read them at import)."""
-    import os
-
-    from app.core.settings import load_settings
-
     for k, v in (offline or {}).items():
         os.environ.setdefault(k, v)
     try:

@@ -1,0 +1,38 @@
+"""The whole settings tree: the kernel's fields plus every feature's section. Only the composition root and
+the entry points (API, CLI, workers) import this module; features read their own section.
+
+Nothing here runs at import time: call :func:`load_settings` once in an entry point and pass the result down.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+
+from agents.settings import AgentSettings
+from app.core.settings import CoreSettings
+from app.guardrails.settings import GuardrailSettings
+from evals.settings import EvalSettings
+from finetune.settings import FinetuneSettings
+from ingest.settings import RagSettings
+from prompts.settings import PromptSettings
+
+
+class Settings(CoreSettings):
+    prompts: PromptSettings = Field(default_factory=PromptSettings)
+    rag: RagSettings = Field(default_factory=RagSettings)
+    guardrails: GuardrailSettings = Field(default_factory=GuardrailSettings)
+    agents: AgentSettings = Field(default_factory=AgentSettings)
+    finetune: FinetuneSettings = Field(default_factory=FinetuneSettings)
+    evals: EvalSettings = Field(default_factory=EvalSettings)
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build the settings tree once; entry points call this and pass it down."""
+    config = os.environ.get("KEEL_CONFIG")
+    if config and not Path(config).is_file():
+        raise FileNotFoundError(f"KEEL_CONFIG points at {config!r}, which is not a file")
+    return Settings(**overrides)
