@@ -15,15 +15,20 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
+import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from agents.arithmetic import evaluate
 from agents.errors import ToolInputError, ToolNotFound
 from agents.events import ToolCall, ToolResult
+
+if TYPE_CHECKING:  # jsonschema is imported on first use: importing it takes over a second
+    from jsonschema.exceptions import ValidationError
+    from jsonschema.protocols import Validator
 
 MAX_OBSERVATION_CHARS = 2000
 
@@ -90,6 +95,7 @@ class ToolObservation:
 class ToolRegistry:
     def __init__(self, tools: list[Tool] | None = None, risky: set[str] | None = None) -> None:
         self._tools: dict[str, Tool] = {}
+        self._validators: dict[str, Validator] = {}
         self.extra_risky = set(risky or ())
         for t in tools or []:
             self.register(t)
@@ -99,13 +105,23 @@ class ToolRegistry:
             raise TypeError(f"{tool!r} does not implement the Tool protocol")
         if tool.name in self._tools and not replace:
             raise ValueError(f"a tool named {tool.name!r} is already registered")
+        try:
+            validator = compile_schema(tool.input_schema)
+        except ValueError as e:
+            raise ValueError(f"tool {tool.name!r} has an invalid input_schema: {e}") from None
         self._tools[tool.name] = tool
+        self._validators[tool.name] = validator
 
     def get(self, name: str) -> Tool:
         tool = self._tools.get(name)
         if tool is None:
             raise ToolNotFound(f"no tool named {name!r}; available: {', '.join(sorted(self._tools)) or 'none'}")
         return tool
+
+    def validate(self, name: str, args: Any) -> dict[str, Any]:
+        """Check ``args`` for the tool ``name`` with the validator compiled when it was registered."""
+        tool = self.get(name)
+        return validate_args(tool.input_schema, args, validator=self._validators[name])
 
     def names(self) -> list[str]:
         return sorted(self._tools)
@@ -123,33 +139,136 @@ class ToolRegistry:
                 for n, t in sorted(self._tools.items()) if names is None or n in names]
 
 
-def validate_args(schema: dict[str, Any], args: Any) -> dict[str, Any]:
-    """A small JSON-schema subset: object, required keys, property types, enums; no unknown keys."""
+# -- argument validation (JSON Schema, by jsonschema) ------------------------------------------------
+# A tool's ``input_schema`` is a JSON Schema: Draft 2020-12 unless it names another dialect with ``$schema``.
+# It is checked against its dialect's metaschema when the tool is registered (a broken schema fails there,
+# not on the first call), and the validator compiled then is the one every call of the tool uses.
+# ``format`` is an annotation, as the dialect says (not asserted); no defaults are filled in.
+# jsonschema is imported here, not at the top: its import takes over a second (a process that never
+# registers a tool never pays it).
+
+_MAX_PROBLEMS = 5
+
+
+def compile_schema(schema: Any) -> Validator:
+    """A validator for ``schema``, which must be a valid JSON Schema; raises :class:`ValueError` otherwise."""
+    from jsonschema import Draft202012Validator
+    from jsonschema.exceptions import SchemaError
+    from jsonschema.validators import validator_for
+
+    if not isinstance(schema, Mapping):
+        raise ValueError(f"an input schema must be a JSON object, got {_json_type(schema)}")
+    cls = validator_for(schema, default=Draft202012Validator)
+    if "$schema" in schema and validator_for(schema, default=_Unknown) is _Unknown:  # type: ignore[arg-type]
+        raise ValueError(f"unknown JSON Schema dialect $schema={schema['$schema']!r}")
+    try:
+        cls.check_schema(schema)
+    except SchemaError as e:
+        where = "/".join(map(str, e.absolute_path)) or "(root)"
+        raise ValueError(f"at {where}: {e.message}") from None
+    return cls(schema)
+
+
+class _Unknown:  # validator_for's answer for a $schema it does not know
+    pass
+
+
+def validate_args(schema: dict[str, Any], args: Any, *, validator: Validator | None = None) -> dict[str, Any]:
+    """Check ``args`` against ``schema``; raise :class:`ToolInputError` saying what to fix.
+
+    ``validator`` is a compiled one to reuse (``ToolRegistry.validate`` passes the one compiled when the tool
+    was registered); without it ``schema`` is compiled for this one call.
+    """
     if not isinstance(args, dict):
-        raise ToolInputError(f"arguments must be a JSON object, got {type(args).__name__}")
-    props: dict[str, Any] = schema.get("properties", {})
-    missing = [k for k in schema.get("required", []) if k not in args]
-    if missing:
-        raise ToolInputError(f"missing argument(s): {', '.join(missing)}")
-    if schema.get("additionalProperties") is False:
-        unknown = sorted(set(args) - set(props))
-        if unknown:
-            raise ToolInputError(f"unknown argument(s): {', '.join(unknown)}")
-    types = {"string": str, "integer": int, "number": (int, float), "boolean": bool, "object": dict,
-             "array": list}
-    for key, value in args.items():
-        spec = props.get(key)
-        if not spec:
-            continue
-        want = types.get(spec.get("type", ""))
-        if want is not None and (not isinstance(value, want) or (spec.get("type") in ("integer", "number")
-                                                                  and isinstance(value, bool))):
-            raise ToolInputError(f"argument {key!r} must be {spec['type']}, got {type(value).__name__}")
-        if "enum" in spec and value not in spec["enum"]:
-            raise ToolInputError(f"argument {key!r} must be one of {spec['enum']}")
-        if spec.get("type") == "string" and "maxLength" in spec and len(value) > spec["maxLength"]:
-            raise ToolInputError(f"argument {key!r} is longer than {spec['maxLength']} characters")
+        raise ToolInputError(f"arguments must be a JSON object, got {_json_type(args)}")
+    errors = list((validator if validator is not None else compile_schema(schema)).iter_errors(args))
+    if errors:
+        raise ToolInputError(_explain(errors))
     return args
+
+
+def _explain(errors: list[ValidationError]) -> str:
+    """One message for all the problems: missing and unknown keys first (grouped), then each bad value."""
+    missing: dict[str, list[str]] = {}
+    unknown: dict[str, list[str]] = {}
+    problems: list[str] = []
+    for e in errors:
+        where = _where(e.absolute_path)
+        if e.validator == "required" and isinstance(e.instance, dict):
+            keys = missing.setdefault(where, [])
+            keys += [k for k in e.validator_value if k not in e.instance and k not in keys]
+        elif (e.validator == "additionalProperties" and e.validator_value is False and isinstance(e.instance, dict)
+              and (extra := _extra_keys(e.instance, e.schema))):
+            keys = unknown.setdefault(where, [])
+            keys += [k for k in extra if k not in keys]
+        else:
+            problems.append(_problem(e, where))
+    out = [f"missing argument(s): {', '.join(keys)}" if not where else
+           f"argument {where!r} is missing key(s): {', '.join(keys)}" for where, keys in missing.items()]
+    out += [f"unknown argument(s): {', '.join(sorted(keys))}" if not where else
+            f"argument {where!r} has unknown key(s): {', '.join(sorted(keys))}" for where, keys in unknown.items()]
+    out += list(dict.fromkeys(problems))
+    more = f"; and {len(out) - _MAX_PROBLEMS} more problem(s)" if len(out) > _MAX_PROBLEMS else ""
+    return "; ".join(out[:_MAX_PROBLEMS]) + more
+
+
+def _problem(e: ValidationError, where: str) -> str:
+    subject = f"argument {where!r}" if where else "arguments"
+    want = e.validator_value
+    match e.validator:
+        case "type":
+            types = [want] if isinstance(want, str) else list(want)
+            return f"{subject} must be {' or '.join(types)}, got {_json_type(e.instance)}"
+        case "enum":
+            return f"{subject} must be one of {want}"
+        case "const":
+            return f"{subject} must be {json.dumps(want, ensure_ascii=False, default=str)}"
+        case "maxLength":
+            return f"{subject} is longer than {want} characters"
+        case "minLength":
+            return f"{subject} is shorter than {want} characters"
+        case "minimum" | "maximum" | "exclusiveMinimum" | "exclusiveMaximum":
+            op = {"minimum": ">=", "maximum": "<=", "exclusiveMinimum": ">", "exclusiveMaximum": "<"}[e.validator]
+            if isinstance(want, bool):  # draft 4: exclusiveMinimum/Maximum is a flag on minimum/maximum
+                want = e.schema.get("minimum" if e.validator == "exclusiveMinimum" else "maximum")
+            elif e.schema.get(f"exclusive{e.validator.title()}") is True:
+                op = op[0]
+            return f"{subject} must be {op} {want}, got {e.instance}"
+        case "multipleOf":
+            return f"{subject} must be a multiple of {want}"
+        case "pattern":
+            return f"{subject} must match the pattern {want!r}"
+        case "minItems" | "maxItems":
+            return f"{subject} must have at {'least' if e.validator == 'minItems' else 'most'} {want} item(s)"
+        case "uniqueItems":
+            return f"{subject} must not repeat items"
+        case _:  # jsonschema's own words, less the value they start with ("[...] is not valid under any of ...")
+            message, value = e.message, repr(e.instance)
+            if message.startswith(value) and len(message) > len(value):
+                message = message[len(value):].strip()
+            message = message if len(message) <= 200 else message[:200] + "..."
+            return f"{subject}: {message} ({e.validator})"
+
+
+def _where(path: Any) -> str:
+    """``deque(['items', 0, 'name'])`` -> ``items[0].name``; the arguments themselves -> ``''``."""
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else f".{part}" if out else str(part)
+    return out
+
+
+def _extra_keys(instance: dict[str, Any], schema: Mapping[str, Any]) -> list[str]:
+    props, patterns = schema.get("properties", {}), schema.get("patternProperties", {})
+    return [k for k in instance if k not in props and not any(re.search(p, k) for p in patterns)]
+
+
+def _json_type(value: Any) -> str:
+    for kind, name in ((bool, "boolean"), (int, "integer"), (float, "number"), (str, "string"), (list, "array"),
+                       (dict, "object"), (type(None), "null")):
+        if isinstance(value, kind):
+            return name
+    return type(value).__name__
 
 
 def _render(value: Any) -> str:
@@ -178,9 +297,13 @@ async def execute(registry: ToolRegistry, tool_name: str, args: dict[str, Any], 
     obs: ToolObservation
     try:
         tool = registry.get(tool_name)
-        validate_args(tool.input_schema, args)
+        registry.validate(tool_name, args)
     except (ToolNotFound, ToolInputError) as e:
         obs = ToolObservation(call_id, tool_name, args, False, f"error: {e}", None, e.code, 0)
+    except Exception as e:  # the tool's schema cannot be applied (an unresolvable $ref): its fault, not the input's
+        obs = ToolObservation(call_id, tool_name, args, False,
+                              _render(f"error: cannot check the arguments of {tool_name}: {type(e).__name__}: {e}"),
+                              None, "tool_error", 0)
     else:
         while True:
             attempts += 1
@@ -301,4 +424,4 @@ def builtin_tools() -> list[Tool]:
 
 ToolFn = Callable[[dict[str, Any], ToolContext], Any | Awaitable[Any]]
 __all__ = ["FunctionTool", "Tool", "ToolContext", "ToolObservation", "ToolOutput", "ToolRegistry", "builtin_tools",
-           "execute", "validate_args"]
+           "compile_schema", "execute", "validate_args"]

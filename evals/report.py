@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import html
+import functools
 import json
 import statistics
 import xml.etree.ElementTree as ET
@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    import jinja2
+
     from evals.store import CaseRow, RunRow
     from evals.suite import Suite
 
@@ -227,49 +229,49 @@ def write_junit(path: Path, suite: Suite, run: RunRow, rows: list[CaseRow]) -> P
 
 
 # --- HTML -------------------------------------------------------------------------------------------
-_CSS = """
-body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#1d2330;background:#fff}
-h1{font-size:22px;margin:0 0 4px}h2{font-size:17px;margin:28px 0 8px;border-bottom:1px solid #e3e6ec;padding-bottom:4px}
-.badge{display:inline-block;padding:2px 10px;border-radius:10px;font-weight:600;color:#fff}
-.pass{background:#1f8b4c}.fail{background:#c62f2f}.unc{background:#b7791f}
-table{border-collapse:collapse;width:100%;margin:6px 0}th,td{border:1px solid #e3e6ec;padding:4px 8px;text-align:left;
-vertical-align:top}th{background:#f5f7fa}td.num{text-align:right;font-variant-numeric:tabular-nums}
-tr.bad td{background:#fdecec}tr.reg td{background:#fff4d6}
-.muted{color:#6b7385}pre{white-space:pre-wrap;word-break:break-word;margin:0;font:12px/1.4 ui-monospace,monospace}
-details{margin:2px 0}summary{cursor:pointer}.ident{font:12px ui-monospace,monospace}
-svg text{font:11px system-ui,sans-serif}
-"""
+# The page is templates/report.html (package data), rendered by Jinja2 with autoescaping on: the values
+# below are plain data, and every one of them is escaped where the template prints it.
+_TEMPLATE = "report.html"
 
 
-def _e(v: Any) -> str:
-    return html.escape(str(v if v is not None else ""))
+@functools.cache
+def _html_env() -> jinja2.Environment:
+    """Built on first use, then reused: the loader and the compiled template are cached with it."""
+    import jinja2
+
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("evals", "templates"),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+        finalize=lambda v: "" if v is None else v,  # None prints as nothing, as in the other reports
+    )
+    env.filters["fmt"] = _fmt
+    env.filters["pct"] = lambda v: f"{v:.1%}"
+    return env
 
 
-def _bar_svg(mean: float | None, threshold: float, higher: bool, values: list[float]) -> str:
-    """Mean vs threshold bar plus a 10-bin histogram of the case scores (values in [0, 1] or scaled)."""
+def _chart(mean: float | None, threshold: float, higher: bool, values: list[float]) -> dict[str, Any]:
+    """Geometry of the mean-vs-threshold bar plus a 10-bin histogram of the case scores (values in [0, 1]
+    or scaled to the largest of 1, the threshold and the values)."""
     w, h = 260, 46
     top = max([1.0, threshold, *(values or [0.0])])
     x = lambda v: 4 + (w - 8) * (v / top if top else 0)  # noqa: E731
-    ok = mean is not None and (mean >= threshold if higher else mean <= threshold)
-    parts = [f'<svg width="{w}" height="{h}" role="img" aria-label="mean {_fmt(mean)} threshold {threshold}">',
-             f'<rect x="4" y="4" width="{w - 8}" height="12" fill="#eef1f5"/>']
-    if mean is not None:
-        parts.append(f'<rect x="4" y="4" width="{max(0.0, x(mean) - 4):.1f}" height="12" '
-                     f'fill="{"#1f8b4c" if ok else "#c62f2f"}"/>')
-    parts.append(f'<line x1="{x(threshold):.1f}" x2="{x(threshold):.1f}" y1="1" y2="19" stroke="#1d2330" '
-                 'stroke-width="2"/>')
+    bins: list[dict[str, Any]] = []
     if values:
-        bins = [0] * 10
+        counts = [0] * 10
         for v in values:
-            bins[min(9, int(10 * v / top))] += 1
-        peak = max(bins)
+            counts[min(9, int(10 * v / top))] += 1
+        peak = max(counts)
         bw = (w - 8) / 10
-        for i, n in enumerate(bins):
+        for i, n in enumerate(counts):
             bh = 22 * n / peak if peak else 0
-            parts.append(f'<rect x="{4 + i * bw + 1:.1f}" y="{h - bh:.1f}" width="{bw - 2:.1f}" height="{bh:.1f}" '
-                         f'fill="#8aa2c8"><title>{n} case(s)</title></rect>')
-    parts.append("</svg>")
-    return "".join(parts)
+            bins.append({"x": 4 + i * bw + 1, "y": h - bh, "w": bw - 2, "h": bh, "n": n})
+    return {"width": w, "height": h, "track": w - 8, "mean": mean, "threshold": threshold,
+            "ok": mean is not None and (mean >= threshold if higher else mean <= threshold),
+            "bar": None if mean is None else max(0.0, x(mean) - 4), "line": x(threshold), "bins": bins}
 
 
 def html_report(suite: Suite, run: RunRow, rows: list[CaseRow], baseline: tuple[RunRow, list[CaseRow]] | None = None
@@ -278,81 +280,43 @@ def html_report(suite: Suite, run: RunRow, rows: list[CaseRow], baseline: tuple[
     v = run.verdict or {}
     policy = suite.gate.uncertain
     by_id = {c.id: c for c in suite.cases}
-    badge = '<span class="badge pass">PASS</span>' if run.passed else '<span class="badge fail">FAIL</span>'
-    out = [f"<!doctype html><html lang=en><head><meta charset=utf-8><title>Keel eval {_e(suite.name)} "
-           f"{_e(run.id)}</title><style>{_CSS}</style></head><body>",
-           f"<h1>{_e(suite.name)} {badge}</h1>",
-           f"<div class=muted>run {_e(run.id)} · started {_e(run.started_at)} · finished {_e(run.finished_at)} · "
-           f"{s['cases']} cases · pass rate {s['pass_rate']:.1%} · errors {s['errors']} · "
-           f"judge errors {s.get('judge_errors', 0)} (count as <b>{_e(suite.gate.judge_errors)}</b>) · "
-           f"cached {s['cached']} · uncertain cases count as <b>{_e(policy)}</b></div>"]
-    if v.get("reasons"):
-        out.append("<h2>Why the gate failed</h2><ul>" + "".join(f"<li>{_e(r)}</li>" for r in v["reasons"]) + "</ul>")
     ident = run.identity
-    out.append("<h2>What was evaluated</h2><table class=ident>")
-    for k in ("kind", "prompt", "model", "rag", "agent", "judge", "guardrails", "params", "suite_hash"):
-        if ident.get(k) is not None:
-            out.append(f"<tr><th>{_e(k)}</th><td>{_e(json.dumps(ident[k], sort_keys=True))}</td></tr>")
-    out.append(f"<tr><th>identity key</th><td>{_e(run.identity_key)}</td></tr></table>")
     base_sum = baseline[0].summary if baseline else None
-    out.append("<h2>Metrics</h2><table><tr><th>metric</th><th>mean</th><th>threshold</th><th>pass</th>"
-               "<th>fail</th><th>uncertain</th><th>judge errors</th>"
-               "<th>chart (bar: mean, line: threshold; histogram of cases)</th>"
-               + ("<th>baseline mean</th><th>Δ</th>" if base_sum else "") + "</tr>")
+    metrics = []
     for key, m in s["metrics"].items():
-        bad = key in v.get("failing_metrics", [])
-        row = (f"<tr class={'bad' if bad else ''}><td>{_e(key)}<div class=muted>{_e(m['metric'])}</div></td>"
-               f"<td class=num>{_fmt(m['mean'])}</td><td class=num>{_e(m['threshold'])}</td>"
-               f"<td class=num>{m['passed']}</td><td class=num>{m['failed']}</td><td class=num>{m['uncertain']}</td>"
-               f"<td class=num>{m.get('judge_errors', 0)}</td>"
-               f"<td>{_bar_svg(m['mean'], m['threshold'], m['higher_is_better'], m.get('values', []))}</td>")
+        row = {"key": key, "metric": m["metric"], "mean": m["mean"], "threshold": m["threshold"],
+               "passed": m["passed"], "failed": m["failed"], "uncertain": m["uncertain"],
+               "judge_errors": m.get("judge_errors", 0), "bad": key in v.get("failing_metrics", []),
+               "chart": _chart(m["mean"], m["threshold"], m["higher_is_better"], m.get("values", []))}
         if base_sum:
             bm = base_sum.get("metrics", {}).get(key, {}).get("mean")
             delta = None if bm is None or m["mean"] is None else m["mean"] - bm
-            worse = delta is not None and (delta < 0 if m["higher_is_better"] else delta > 0)
-            row += (f"<td class=num>{_fmt(bm)}</td><td class=num style='color:{'#c62f2f' if worse else '#1f8b4c'}'>"
-                    f"{'' if delta is None else f'{delta:+.3f}'}</td>")
-        out.append(row + "</tr>")
-    out.append("</table>")
-    if baseline:
-        regs = v.get("regressions") or []
-        out.append(f"<h2>Compared with baseline {_e(baseline[0].id)}</h2>")
-        if regs:
-            out.append("<table><tr><th>case</th><th>metrics that regressed</th></tr>" + "".join(
-                f"<tr class=reg><td>{_e(r['case'])}</td><td>{_e(', '.join(r['metrics']) or r.get('error') or '')}"
-                "</td></tr>" for r in regs) + "</table>")
-        else:
-            out.append("<p>No case regressed.</p>")
-    failing = [r for r in rows if case_status(r, policy) != "pass"]
-    out.append(f"<h2>Failing and uncertain cases ({len(failing)})</h2>")
-    if failing:
-        out.append("<table><tr><th>case</th><th>input</th><th>output</th><th>scores</th></tr>")
-        for r in failing:
-            case = by_id.get(r.case_id)
-            scores = "".join(
-                f"<div class={'bad' if metric_status(sc, policy) == 'fail' else ''}><b>{_e(k)}</b> "
-                f"{_fmt(sc.get('value'))} / {_e(sc.get('threshold'))}"
-                f"{' ci ' + _e(sc['ci']) if sc.get('ci') else ''}"
-                f"{' <b>uncertain</b>' if sc.get('uncertain') else ''} "
-                f"<span class=muted>{_e(sc.get('reason') or sc.get('error') or '')}</span></div>"
-                for k, sc in r.scores.items() if metric_status(sc, policy) != "pass")
-            contexts = r.record.get("contexts") or []
-            ctx = (f"<details><summary>{len(contexts)} context passage(s)</summary>" + "".join(
-                f"<pre>[{i}] {_e(c)}</pre>" for i, c in enumerate(contexts, 1)) + "</details>") if contexts else ""
-            ref = f"<div class=muted>reference: {_e(case.reference)}</div>" if case and case.reference else ""
-            out.append(f"<tr class=bad><td>{_e(r.case_id)}<div class=muted>{_e(case.category if case else '')}</div>"
-                       f"</td><td><pre>{_e(case.input if case else '')}</pre>{ref}</td>"
-                       f"<td><pre>{_e(r.error or r.record.get('output', ''))}</pre>{ctx}</td><td>{scores}</td></tr>")
-        out.append("</table>")
-    out.append("<h2>All cases</h2><table><tr><th>case</th><th>status</th><th>latency ms</th><th>cached</th></tr>")
+            row.update(baseline_mean=bm, delta=delta,
+                       worse=delta is not None and (delta < 0 if m["higher_is_better"] else delta > 0))
+        metrics.append(row)
+    failing = []
     for r in rows:
-        st = case_status(r, policy)
-        out.append(f"<tr class={'' if st == 'pass' else 'bad'}><td>{_e(r.case_id)}</td><td>{st}</td>"
-                   f"<td class=num>{_e(round(float(r.record.get('latency_ms') or 0)))}</td>"
-                   f"<td>{'yes' if r.cached else ''}"
-                   "</td></tr>")
-    out.append("</table></body></html>\n")
-    return "".join(out)
+        if case_status(r, policy) == "pass":
+            continue
+        case = by_id.get(r.case_id)
+        failing.append({
+            "case_id": r.case_id, "category": case.category if case else None, "input": case.input if case else None,
+            "reference": case.reference if case else None, "output": r.error or r.record.get("output", ""),
+            "contexts": r.record.get("contexts") or [],
+            "scores": [{"key": k, "value": sc.get("value"), "threshold": sc.get("threshold"), "ci": sc.get("ci"),
+                        "uncertain": sc.get("uncertain"), "reason": sc.get("reason") or sc.get("error"),
+                        "bad": metric_status(sc, policy) == "fail"}
+                       for k, sc in r.scores.items() if metric_status(sc, policy) != "pass"]})
+    return _html_env().get_template(_TEMPLATE).render(
+        suite=suite, run=run, summary=s, policy=policy, reasons=v.get("reasons") or [],
+        identity=[(k, json.dumps(ident[k], sort_keys=True))
+                  for k in ("kind", "prompt", "model", "rag", "agent", "judge", "guardrails", "params", "suite_hash")
+                  if ident.get(k) is not None],
+        metrics=metrics, has_base_summary=bool(base_sum),
+        baseline=baseline[0] if baseline else None, regressions=v.get("regressions") or [],
+        failing=failing,
+        cases=[{"case_id": r.case_id, "status": case_status(r, policy),
+                "latency_ms": round(float(r.record.get("latency_ms") or 0)), "cached": r.cached} for r in rows])
 
 
 def write_html(path: Path, suite: Suite, run: RunRow, rows: list[CaseRow],
