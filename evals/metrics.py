@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from evals.suite import Case
+from evals.cases import Case
 
 
 @dataclass

@@ -24,13 +24,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from app.core.paths import is_within
+from evals.cases import ID_PATTERN, Case, Expectation, Strict
+from evals.metrics import registry
 
-EXPECTATIONS = ("answer", "refuse", "no_pii", "no_system_prompt", "on_topic")
-Expectation = Literal["answer", "refuse", "no_pii", "no_system_prompt", "on_topic"]
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
+_ID = ID_PATTERN
 _PROMPT_REF = re.compile(r"^[a-z0-9][a-z0-9_.-]*(@([0-9]+|[a-z][a-z0-9_-]*))?$")
 
 
@@ -38,18 +38,14 @@ class SuiteError(ValueError):
     """A suite that cannot be loaded; the message says where and why (CLI exit code 2)."""
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class TargetParams(_Strict):
+class TargetParams(Strict):
     temperature: float | None = Field(default=0.0, ge=0, le=2)
     max_tokens: int | None = Field(default=128, ge=1, le=8192)
     top_p: float | None = Field(default=None, gt=0, le=1)
     seed: int | None = None
 
 
-class Target(_Strict):
+class Target(Strict):
     """What is evaluated: a prompt template version, a model alias, a RAG collection (``rag:<name>``)
     or an agent workflow (``agent:<workflow>``)."""
 
@@ -100,34 +96,7 @@ class Target(_Strict):
                 else "model")
 
 
-class Case(_Strict):
-    id: str
-    input: str = Field(default="", description="The user message (the question).")
-    variables: dict[str, Any] = Field(default_factory=dict, description="Template variables for this case.")
-    reference: str | None = Field(default=None, description="Reference answer.")
-    expected_sources: list[str] = Field(default_factory=list, description="Documents the answer must cite.")
-    must_include: list[str] = Field(default_factory=list)
-    must_not_include: list[str] = Field(default_factory=list)
-    expect: list[Expectation] = Field(default_factory=list, description="Expected behaviour.")
-    category: str | None = None
-    tags: list[str] = Field(default_factory=list)
-    metadata: dict[str, Any] = Field(default_factory=dict)
-
-    @field_validator("id")
-    @classmethod
-    def _id(cls, v: str) -> str:
-        if not _ID.match(v):
-            raise ValueError(f"case id {v!r}: use letters, digits and _.:- (at most 128)")
-        return v
-
-    @model_validator(mode="after")
-    def _has_input(self) -> Case:
-        if not self.input.strip() and not self.variables:
-            raise ValueError(f"case {self.id!r} has neither input nor variables")
-        return self
-
-
-class Dataset(_Strict):
+class Dataset(Strict):
     cases: list[Case] | None = None
     path: Path | None = Field(default=None, description="JSONL file, one case per line, relative to the suite.")
 
@@ -138,7 +107,7 @@ class Dataset(_Strict):
         return self
 
 
-class MetricSpec(_Strict):
+class MetricSpec(Strict):
     name: str = Field(description="A registered metric (evals.metrics.registry).")
     id: str | None = Field(default=None, description="Column name in reports; defaults to the name.")
     threshold: float | None = Field(default=None, description="Per-case pass mark; default: the metric's own.")
@@ -159,7 +128,7 @@ class MetricSpec(_Strict):
         return not (self.when_category is not None and case.category not in self.when_category)
 
 
-class Gate(_Strict):
+class Gate(Strict):
     min_mean: dict[str, float] = Field(default_factory=dict, description="metric id -> minimum mean score.")
     max_mean: dict[str, float] = Field(default_factory=dict, description="metric id -> maximum mean (latency...).")
     min_pass_rate: float = Field(default=1.0, ge=0, le=1, description="Share of cases passing every metric.")
@@ -181,7 +150,7 @@ class Gate(_Strict):
         "exactly that prompt version (evals.gate.prompt_gate).")
 
 
-class Suite(_Strict):
+class Suite(Strict):
     name: str
     description: str = ""
     target: Target
@@ -199,8 +168,6 @@ class Suite(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> Suite:
-        from evals.metrics import registry
-
         keys = [m.key for m in self.metrics]
         dup = sorted({k for k in keys if keys.count(k) > 1})
         if dup:
@@ -229,8 +196,6 @@ class Suite(_Strict):
         return self.dataset.cases
 
     def threshold(self, spec: MetricSpec) -> float:
-        from evals.metrics import registry
-
         t = spec.threshold if spec.threshold is not None else registry[spec.name].threshold
         assert t is not None
         return t

@@ -33,12 +33,23 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, StrictStr, ValidationError
 
-from finetune.errors import InvalidTrainingData
+from app.core.errors import InvalidRequest
 from finetune.spec import JobSpec
 
 IssueCode = Literal["invalid_json", "schema", "roles", "empty", "too_long", "duplicate", "leakage", "too_few", "file"]
 Messages = list[dict[str, str]]
 IGNORE_INDEX = -100
+
+
+class InvalidTrainingData(InvalidRequest):
+    """The dataset breaks the data contract; training refuses to start. ``report`` says why."""
+
+    code = "invalid_training_data"
+
+    def __init__(self, message: str, *, report: DataReport | None = None) -> None:
+        super().__init__(message, param="dataset")
+        self.report = report
+
 
 
 class _Message(BaseModel):

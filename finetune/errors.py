@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from app.core.errors import Conflict, InvalidRequest, KeelError, NotFound
-
-if TYPE_CHECKING:
-    from finetune.data import DataReport
 
 
 class InvalidJobSpec(InvalidRequest):
@@ -18,16 +15,6 @@ class InvalidJobSpec(InvalidRequest):
     def __init__(self, message: str, *, errors: list[dict[str, Any]] | None = None, param: str | None = "spec"):
         super().__init__(message, param=param)
         self.errors = errors or []
-
-
-class InvalidTrainingData(InvalidRequest):
-    """The dataset breaks the data contract; training refuses to start. ``report`` says why."""
-
-    code = "invalid_training_data"
-
-    def __init__(self, message: str, *, report: DataReport | None = None) -> None:
-        super().__init__(message, param="dataset")
-        self.report = report
 
 
 class JobNotFound(NotFound):

@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +29,7 @@ from app.services.chat import ChatService
 from evals.runner import EvalConfigError, EvalDeps, EvalRunner
 from evals.suite import SuiteError, find_named_suite, load_suite, suite_dirs
 from finetune.serving import lora_name
+from finetune.verdicts import AdapterEvaluation, SuiteResult
 from prompts.registry import build_registry
 
 if TYPE_CHECKING:
@@ -46,55 +46,6 @@ EVAL_BACKEND = "finetune-eval"
 
 class EvalInterrupted(Exception):
     """The worker is shutting down; the evaluation goes back to the queue (its runs resume)."""
-
-
-@dataclass
-class SuiteResult:
-    suite: str
-    passed: bool
-    run_id: str | None = None
-    metrics: dict[str, float | None] = field(default_factory=dict)  # metric id -> mean
-    pass_rate: float | None = None
-    failing_metrics: list[str] = field(default_factory=list)
-    reasons: list[str] = field(default_factory=list)
-    error: str | None = None  # the suite could not run at all (missing, bad target, backend down)
-
-
-@dataclass
-class AdapterEvaluation:
-    model: str
-    version: str
-    alias: str
-    adapter: str
-    suites: list[SuiteResult]
-
-    @property
-    def passed(self) -> bool:
-        return bool(self.suites) and all(s.passed for s in self.suites)
-
-    @property
-    def state(self) -> str:
-        """passed | failed (a gate said no) | error (a suite could not run)."""
-        if any(s.error for s in self.suites):
-            return "error"
-        return "passed" if self.passed else "failed"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"model": self.model, "version": self.version, "alias": self.alias, "adapter": self.adapter,
-                "passed": self.passed, "suites": {s.suite: {k: v for k, v in asdict(s).items() if k != "suite"}
-                                                  for s in self.suites}}
-
-    def summary(self) -> str:
-        parts = []
-        for s in self.suites:
-            if s.error:
-                parts.append(f"{s.suite}: error ({s.error})")
-            elif s.passed:
-                parts.append(f"{s.suite}: pass ({s.run_id})")
-            else:
-                why = ", ".join(s.failing_metrics) or "; ".join(s.reasons) or "gate failed"
-                parts.append(f"{s.suite}: FAIL ({s.run_id}: {why})")
-        return "; ".join(parts) or "no suites"
 
 
 def eval_alias(version: AdapterVersion) -> str:

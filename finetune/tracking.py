@@ -32,9 +32,9 @@ from prompts.registry import GateVerdict
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
-    from finetune.evaluate import AdapterEvaluation
     from finetune.settings import FinetuneSettings
     from finetune.spec import JobSpec
+    from finetune.verdicts import AdapterEvaluation
 
 log = logging.getLogger("keel.finetune.tracking")
 

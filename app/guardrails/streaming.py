@@ -17,15 +17,15 @@ import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from app.core.types import Finished, TextDelta, Usage
+from app.guardrails.metrics import GuardrailMetrics
 from app.guardrails.settings import StreamingSettings
 from app.guardrails.types import GuardContext, GuardrailRedaction, GuardrailRetraction, ValidatorResult
 from app.guardrails.validators.pii import PiiVault
 
 if TYPE_CHECKING:
-    from app.guardrails.engine import GuardrailEngine
     from app.guardrails.policy import ResolvedPolicy
 
 _BOUNDARY = re.compile(r"[.!?][\"')\]*_]*\s+|\n+")
@@ -57,8 +57,28 @@ class _Choice:
     results: list[ValidatorResult] = field(default_factory=list)
 
 
+class WindowEngine(Protocol):
+    """What a stream's guard uses of the engine that made it (``GuardrailEngine``): checking a window,
+    restoring placeholders, refusal texts, and recording the outcome."""
+
+    metrics: GuardrailMetrics
+
+    async def check_window(self, policy: ResolvedPolicy, context: GuardContext, text: str, *, vault: PiiVault,
+                           released: str = "", window: int | None = None, whole: bool = False
+                           ) -> tuple[str, list[ValidatorResult]]: ...
+
+    def restore_placeholders(self, policy: ResolvedPolicy, text: str, vault: PiiVault, user: str | None) -> str: ...
+
+    def refusal_for(self, policy_name: str, validator: str, stage: str = "output") -> str: ...
+
+    def _observe(self, stage: str, policy: str, results: list[ValidatorResult], latency_ms: float,
+                 outcome: str) -> None: ...
+
+    def record(self, request_id: str, stage: str, policy: str, results: list[ValidatorResult]) -> None: ...
+
+
 class OutputGuard:
-    def __init__(self, engine: GuardrailEngine, policy: ResolvedPolicy, context: GuardContext, vault: PiiVault,
+    def __init__(self, engine: WindowEngine, policy: ResolvedPolicy, context: GuardContext, vault: PiiVault,
                  settings: StreamingSettings, *, enabled: bool = True) -> None:
         self.engine = engine
         self.policy = policy

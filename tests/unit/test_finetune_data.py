@@ -9,6 +9,7 @@ import pytest
 
 from finetune.data import (
     IGNORE_INDEX,
+    InvalidTrainingData,
     check_dataset,
     check_roles,
     encode_example,
@@ -16,7 +17,6 @@ from finetune.data import (
     token_counter,
     validate_dataset,
 )
-from finetune.errors import InvalidTrainingData
 from finetune.spec import JobSpec
 
 MODEL = Path(__file__).resolve().parents[2] / ".keel" / "models" / "smollm2"

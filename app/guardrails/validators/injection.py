@@ -15,15 +15,20 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 import yaml
 
 from app.guardrails.validators.base import CheckResult, Finding, TextEmbedder, chunk_text, normalise
 
-if TYPE_CHECKING:
-    from app.guardrails.validators.injection_model import InjectionClassifier
+
+class ProbabilityModel(Protocol):
+    """A classifier over the texts' embeddings (``injection_model.InjectionClassifier``): ``prob(embeddings)`` is
+    the probability of an attack per row."""
+
+    def prob(self, embeddings: np.ndarray) -> np.ndarray: ...
+
 
 SHIPPED_PATTERNS = Path(__file__).resolve().parents[3] / "infra" / "guardrails" / "data" / "attack_patterns.yaml"
 
@@ -204,7 +209,7 @@ class AttackIndex:
 def detect_injection(
     text: str, index: AttackIndex | None = None, *, threshold: float = 0.5,
     sim_floor: float = 0.55, sim_ceiling: float = 0.75,
-    classifier: InjectionClassifier | None = None, clf_floor: float = 0.3, clf_ceiling: float = 0.9,
+    classifier: ProbabilityModel | None = None, clf_floor: float = 0.3, clf_ceiling: float = 0.9,
 ) -> CheckResult:
     """Flag ``text`` when its risk score reaches ``threshold``.
 
