@@ -1,14 +1,45 @@
-"""FastAPI dependencies: the service container, authentication and scopes."""
+"""FastAPI dependencies: the service container, the services routes use, authentication and scopes.
+
+Routes take what they use through the typed aliases below, never through ``request.app.state`` (the style of
+FastAPI's full-stack template: ``SessionDep = Annotated[Session, Depends(get_db)]``)::
+
+    @router.get("/things")
+    async def things(key: ChatKey, chat: ChatDep, limit: int = 50) -> ...
+
+* services: ``ContainerDep`` (the whole container, for a route that needs several parts of it), ``SettingsDep``,
+  ``MetricsDep``, ``KeysDep``, ``LlmDep``, ``ChatDep``, ``RagDep``, ``IngestJobsDep``, ``PromptsDep``,
+  ``AgentsDep``, ``FinetuneDep``, ``GuardsDep`` (``None``: guardrails are off) and ``EvalStoreDep`` (an eval
+  store opened for the request and closed after it);
+* the caller's API key, once it is known to hold a scope: ``ChatKey``, ``PromptsReadKey``, ``PromptsWriteKey``,
+  ``IngestKey``, ``EvalsKey``, ``FinetuneKey`` (``require_scope(scope)`` for a router's ``dependencies=``).
+
+Every service dependency reads the container through :func:`get_container`, so a test that overrides that one
+(``app.dependency_overrides[get_container]``) overrides them all; ``get_prompt_registry``, ``get_finetune``,
+... can be overridden one by one. A feature the server runs without (agents, fine-tuning, the prompt registry)
+answers 503 ``backend_unavailable`` from its dependency, before the route runs.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from typing import Annotated
 
 from fastapi import Depends, Request
 
+from agents.service import AgentService
 from app.container import Container
-from app.core.errors import PermissionDenied, Unauthenticated
-from app.security.keys import SCOPES, ApiKey
+from app.core.errors import BackendUnavailable, PermissionDenied, Unauthenticated
+from app.core.metrics import Metrics
+from app.guardrails.engine import GuardrailEngine
+from app.llm.router import ModelRouter
+from app.security.keys import SCOPES, ApiKey, KeyStore
+from app.services.chat import ChatService
+from app.services.ingest_jobs import IngestJobs
+from app.settings import Settings
+from evals.store import EvalStore
+from finetune.service import FinetuneService
+from ingest.factory import RagServices
+from prompts.registry import PromptRegistry
 
 DEV_PRINCIPAL = ApiKey(
     id="dev", name="dev-mode (auth disabled)", scopes=frozenset({"admin"}), rate_limit_per_minute=None,
@@ -24,7 +55,93 @@ async def get_container(request: Request) -> Container:
     return request.app.state.keel
 
 
-async def authenticate(request: Request, container: Container = Depends(get_container)) -> ApiKey:
+ContainerDep = Annotated[Container, Depends(get_container)]
+
+
+# -- services ------------------------------------------------------------------------------------------
+
+
+async def get_settings(container: ContainerDep) -> Settings:
+    return container.settings
+
+
+async def get_metrics(container: ContainerDep) -> Metrics:
+    return container.metrics
+
+
+async def get_keys(container: ContainerDep) -> KeyStore:
+    return container.keys
+
+
+async def get_llm(container: ContainerDep) -> ModelRouter:
+    return container.llm
+
+
+async def get_chat(container: ContainerDep) -> ChatService:
+    return container.chat
+
+
+async def get_rag(container: ContainerDep) -> RagServices:
+    return container.rag
+
+
+async def get_ingest_jobs(container: ContainerDep) -> IngestJobs:
+    return container.ingest_jobs
+
+
+async def get_guards(container: ContainerDep) -> GuardrailEngine | None:
+    """The server's guardrail engine; None when guardrails are off (routes then run unguarded, as chat does)."""
+    return getattr(container, "guards", None)
+
+
+async def get_prompt_registry(container: ContainerDep) -> PromptRegistry:
+    registry = getattr(container, "prompts", None)
+    if registry is None:
+        raise BackendUnavailable("the prompt registry is not configured on this server")
+    return registry
+
+
+async def get_agents(container: ContainerDep) -> AgentService:
+    svc = getattr(container, "agents", None)
+    if svc is None:
+        raise BackendUnavailable("agents are not configured on this server")
+    return svc
+
+
+async def get_finetune(container: ContainerDep) -> FinetuneService:
+    svc = getattr(container, "finetune", None)
+    if svc is None:
+        raise BackendUnavailable("fine-tuning is not configured on this server")
+    return svc
+
+
+async def get_eval_store(settings: SettingsDep) -> AsyncIterator[EvalStore]:
+    """An eval store opened for the request and closed after it."""
+    store = EvalStore(settings.evals.db_path(settings.home))
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+KeysDep = Annotated[KeyStore, Depends(get_keys)]
+LlmDep = Annotated[ModelRouter, Depends(get_llm)]
+ChatDep = Annotated[ChatService, Depends(get_chat)]
+RagDep = Annotated[RagServices, Depends(get_rag)]
+IngestJobsDep = Annotated[IngestJobs, Depends(get_ingest_jobs)]
+GuardsDep = Annotated[GuardrailEngine | None, Depends(get_guards)]
+PromptsDep = Annotated[PromptRegistry, Depends(get_prompt_registry)]
+AgentsDep = Annotated[AgentService, Depends(get_agents)]
+FinetuneDep = Annotated[FinetuneService, Depends(get_finetune)]
+EvalStoreDep = Annotated[EvalStore, Depends(get_eval_store)]
+
+
+# -- authentication and scopes -------------------------------------------------------------------------
+
+
+async def authenticate(request: Request, container: ContainerDep) -> ApiKey:
     """Resolve the caller's API key from ``Authorization: Bearer`` (or ``X-API-Key``) and rate-limit it."""
     if not container.settings.auth.enabled:
         return DEV_PRINCIPAL
@@ -43,10 +160,11 @@ async def authenticate(request: Request, container: Container = Depends(get_cont
 
 
 def require_scope(scope: str) -> Callable[..., ApiKey]:
+    """A dependency that returns the caller's key if it holds ``scope`` (``admin`` holds them all), else 403."""
     if scope not in SCOPES:
         raise ValueError(f"unknown scope {scope!r}")
 
-    async def dependency(key: ApiKey = Depends(authenticate)) -> ApiKey:
+    async def dependency(key: Annotated[ApiKey, Depends(authenticate)]) -> ApiKey:
         if not key.allows(scope):
             raise PermissionDenied(
                 f"this API key lacks the '{scope}' scope (it has: {', '.join(sorted(key.scopes))})"
@@ -54,6 +172,14 @@ def require_scope(scope: str) -> Callable[..., ApiKey]:
         return key
 
     return dependency
+
+
+ChatKey = Annotated[ApiKey, Depends(require_scope("chat"))]
+PromptsReadKey = Annotated[ApiKey, Depends(require_scope("prompts:read"))]
+PromptsWriteKey = Annotated[ApiKey, Depends(require_scope("prompts:write"))]
+IngestKey = Annotated[ApiKey, Depends(require_scope("ingest"))]
+EvalsKey = Annotated[ApiKey, Depends(require_scope("evals"))]
+FinetuneKey = Annotated[ApiKey, Depends(require_scope("finetune"))]
 
 
 def _bearer(request: Request) -> str | None:

@@ -7,8 +7,7 @@ from dataclasses import asdict
 from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel, Field
 
-from app.api.deps import get_container, require_scope
-from app.container import Container
+from app.api.deps import GuardsDep, KeysDep, LlmDep, require_scope
 from app.core.errors import NotFound
 from app.security.keys import ApiKey
 
@@ -38,33 +37,31 @@ def _out(key: ApiKey, secret: str | None = None) -> KeyOut:
 
 
 @router.post("/keys", response_model=KeyOut, status_code=201)
-async def create_key(body: KeyCreate, container: Container = Depends(get_container)) -> KeyOut:
-    key, secret = container.keys.create(body.name, body.scopes, body.rate_limit_per_minute)
+async def create_key(body: KeyCreate, keys: KeysDep) -> KeyOut:
+    key, secret = keys.create(body.name, body.scopes, body.rate_limit_per_minute)
     return _out(key, secret)
 
 
 @router.get("/keys", response_model=list[KeyOut], response_model_exclude_none=True)
-async def list_keys(container: Container = Depends(get_container)) -> list[KeyOut]:
-    return [_out(k) for k in container.keys.list()]
+async def list_keys(keys: KeysDep) -> list[KeyOut]:
+    return [_out(k) for k in keys.list()]
 
 
 @router.delete("/keys/{key_id}", response_model=KeyOut)
-async def revoke_key(key_id: str, container: Container = Depends(get_container)) -> KeyOut:
-    return _out(container.keys.revoke(key_id))
+async def revoke_key(key_id: str, keys: KeysDep) -> KeyOut:
+    return _out(keys.revoke(key_id))
 
 
 @router.get("/backends")
-async def backends(container: Container = Depends(get_container)) -> dict:
-    return await container.llm.readiness()
+async def backends(llm: LlmDep) -> dict:
+    return await llm.readiness()
 
 
 @router.get("/backends/{name}/logs")
-async def backend_logs(
-    name: str, lines: int = Query(200, ge=1, le=5000), container: Container = Depends(get_container)
-) -> dict:
-    backend = container.llm.backends.get(name)
+async def backend_logs(llm: LlmDep, name: str, lines: int = Query(200, ge=1, le=5000)) -> dict:
+    backend = llm.backends.get(name)
     if backend is None:
-        raise NotFound(f"no backend {name!r}; backends: {', '.join(container.llm.backends)}", param="name")
+        raise NotFound(f"no backend {name!r}; backends: {', '.join(llm.backends)}", param="name")
     sup = getattr(backend.inner, "supervisor", None)
     if sup is None:
         raise NotFound(f"backend {name!r} is not a server Keel runs, so Keel has no logs for it")
@@ -73,23 +70,23 @@ async def backend_logs(
 
 @router.get("/guardrails/audit")
 async def guardrail_audit(
-    request_id: str | None = None, validator: str | None = None, verdict: str | None = None,
+    guards: GuardsDep, request_id: str | None = None, validator: str | None = None, verdict: str | None = None,
     action: str | None = None, stage: str | None = None, since: float | None = None,
-    limit: int = Query(100, ge=1, le=1000), container: Container = Depends(get_container),
+    limit: int = Query(100, ge=1, le=1000),
 ) -> list[dict]:
     """Every guard decision (validator, verdict, action, latency, policy version) by request id."""
-    if container.guards is None:
+    if guards is None:
         raise NotFound("guardrails are disabled on this server (KEEL_GUARDRAILS__ENABLED=false)")
-    await container.guards.flush()  # decisions are written in the background
-    records = container.guards.query_audit(request_id=request_id, validator=validator, verdict=verdict,
-                                           action=action, stage=stage, since=since, limit=limit)
+    await guards.flush()  # decisions are written in the background
+    records = guards.query_audit(request_id=request_id, validator=validator, verdict=verdict, action=action,
+                                 stage=stage, since=since, limit=limit)
     return [asdict(r) for r in records]
 
 
 @router.get("/guardrails/policy")
-async def guardrail_policy(container: Container = Depends(get_container)) -> dict:
-    if container.guards is None:
+async def guardrail_policy(guards: GuardsDep) -> dict:
+    if guards is None:
         raise NotFound("guardrails are disabled on this server (KEEL_GUARDRAILS__ENABLED=false)")
-    policy = container.guards.policy
+    policy = guards.policy
     return {"version": policy.version_tag, "path": str(policy.path), "policies": sorted(policy.file.policies),
             "bindings": [b.model_dump() for b in policy.file.bindings]}

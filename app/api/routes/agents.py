@@ -73,34 +73,22 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Query, Request
 from sse_starlette import EventSourceResponse
 
 from agents.events import AgentEvent, ErrorEvent, Final, InterruptEvent, RunStarted, to_wire
 from agents.schemas import ResumeRequest, RunRequest, RunResult, parse_namespace
-from app.api.deps import require_scope
-from app.core.errors import BackendUnavailable, PermissionDenied
+from app.api.deps import AgentsDep, ChatKey, GuardsDep
+from app.core.errors import NotFound, PermissionDenied
 from app.security.keys import ApiKey
 
 router = APIRouter(prefix="/v1/agents", tags=["agents"])
 log = logging.getLogger("keel.agents")
 
 
-def _service(request: Request) -> Any:
-    svc = getattr(getattr(request.app.state, "keel", None), "agents", None)
-    if svc is None:
-        raise BackendUnavailable("agents are not configured on this server")
-    return svc
-
-
 def _owner(key: ApiKey) -> str | None:
     """None = may see everyone's runs (admin)."""
     return None if key.allows("admin") else key.id
-
-
-def _guards(request: Request) -> Any:
-    """The server's guardrail engine (None: unguarded, as chat is then)."""
-    return getattr(getattr(request.app.state, "keel", None), "guards", None)
 
 
 def _route(request: Request) -> str:
@@ -163,17 +151,15 @@ async def _enumerate(events: AsyncIterator[AgentEvent]) -> AsyncIterator[tuple[i
 
 
 @router.get("/workflows")
-async def list_workflows(request: Request, _key: ApiKey = Depends(require_scope("chat"))) -> dict[str, Any]:
-    svc = _service(request)
+async def list_workflows(_key: ChatKey, svc: AgentsDep) -> dict[str, Any]:
     return {"object": "list", "data": svc.workflows()}
 
 
 @router.post("/{workflow}/runs", response_model=None)
-async def start_run(workflow: str, body: RunRequest, request: Request,
-                    key: ApiKey = Depends(require_scope("chat"))):
-    svc = _service(request)
+async def start_run(key: ChatKey, svc: AgentsDep, guards: GuardsDep, workflow: str, body: RunRequest,
+                    request: Request):
     user = _memory_user(body, key, workflow)
-    guard = svc.guard(_guards(request), route=_route(request), workflow=workflow, user=key.id,
+    guard = svc.guard(guards, route=_route(request), workflow=workflow, user=key.id,
                       request_id=getattr(request.state, "request_id", ""))
     events = svc.run(workflow, body.input, thread_id=body.thread_id, user=user, team=body.team,
                      owner=key.id, max_steps=body.max_steps, guard=guard)
@@ -181,38 +167,35 @@ async def start_run(workflow: str, body: RunRequest, request: Request,
 
 
 @router.get("/runs")
-async def list_runs(request: Request, workflow: str | None = None, status: str | None = None,
-                    thread_id: str | None = None, limit: int = Query(default=50, ge=1, le=500),
-                    key: ApiKey = Depends(require_scope("chat"))) -> dict[str, Any]:
-    svc = _service(request)
+async def list_runs(key: ChatKey, svc: AgentsDep, workflow: str | None = None, status: str | None = None,
+                    thread_id: str | None = None, limit: int = Query(default=50, ge=1, le=500)) -> dict[str, Any]:
     runs = await svc.list_runs(workflow=workflow, status=status, thread_id=thread_id, owner=_owner(key),
                                limit=limit)
     return {"object": "list", "data": runs}
 
 
 @router.get("/runs/{run_id}")
-async def get_run(run_id: str, request: Request, key: ApiKey = Depends(require_scope("chat"))) -> dict[str, Any]:
-    return await _service(request).get_run(run_id, owner=_owner(key))
+async def get_run(key: ChatKey, svc: AgentsDep, run_id: str) -> dict[str, Any]:
+    return await svc.get_run(run_id, owner=_owner(key))
 
 
 @router.post("/runs/{run_id}/resume", response_model=None)
-async def resume_run(run_id: str, body: ResumeRequest, request: Request,
-                     key: ApiKey = Depends(require_scope("chat"))):
-    svc = _service(request)
+async def resume_run(key: ChatKey, svc: AgentsDep, guards: GuardsDep, run_id: str, body: ResumeRequest,
+                     request: Request):
     events = svc.resume(run_id, body.action, reason=body.reason, args=body.args, owner=_owner(key),
-                        guard_with=_guards(request), route=_route(request),
+                        guard_with=guards, route=_route(request),
                         request_id=getattr(request.state, "request_id", ""))
     return await _stream_or_collect(events, body.stream)
 
 
 @router.get("/approvals")
-async def pending_approvals(request: Request, key: ApiKey = Depends(require_scope("chat"))) -> dict[str, Any]:
-    return {"object": "list", "data": await _service(request).pending_approvals(owner=_owner(key))}
+async def pending_approvals(key: ChatKey, svc: AgentsDep) -> dict[str, Any]:
+    return {"object": "list", "data": await svc.pending_approvals(owner=_owner(key))}
 
 
 @router.get("/threads/{thread_id}")
-async def thread(thread_id: str, request: Request, key: ApiKey = Depends(require_scope("chat"))) -> dict[str, Any]:
-    return await _service(request).thread_history(thread_id, owner=_owner(key))
+async def thread(key: ChatKey, svc: AgentsDep, thread_id: str) -> dict[str, Any]:
+    return await svc.thread_history(thread_id, owner=_owner(key))
 
 
 def _namespace(namespace: str, key: ApiKey) -> tuple[str, ...]:
@@ -223,21 +206,19 @@ def _namespace(namespace: str, key: ApiKey) -> tuple[str, ...]:
 
 
 @router.get("/memories")
-async def list_memories(request: Request, namespace: str | None = None, query: str | None = None,
-                        limit: int = Query(default=50, ge=1, le=500), offset: int = Query(default=0, ge=0),
-                        key: ApiKey = Depends(require_scope("chat"))) -> dict[str, Any]:
+async def list_memories(key: ChatKey, svc: AgentsDep, namespace: str | None = None, query: str | None = None,
+                        limit: int = Query(default=50, ge=1, le=500),
+                        offset: int = Query(default=0, ge=0)) -> dict[str, Any]:
     ns = _namespace(namespace or f"users/{key.id}", key)
-    items = await _service(request).list_memories(ns, query=query, limit=limit, offset=offset)
+    items = await svc.list_memories(ns, query=query, limit=limit, offset=offset)
     return {"object": "list", "namespace": "/".join(ns), "data": items}
 
 
 @router.delete("/memories")
-async def delete_memory(request: Request, namespace: str, key_: str = Query(alias="key"),
-                        key: ApiKey = Depends(require_scope("chat"))) -> dict[str, Any]:
+async def delete_memory(key: ChatKey, svc: AgentsDep, namespace: str,
+                        key_: str = Query(alias="key")) -> dict[str, Any]:
     ns = _namespace(namespace, key)
-    deleted = await _service(request).delete_memory(ns, key_)
+    deleted = await svc.delete_memory(ns, key_)
     if not deleted:
-        from app.core.errors import NotFound
-
         raise NotFound(f"no memory {key_!r} in {'/'.join(ns)}", param="key")
     return {"deleted": True, "namespace": "/".join(ns), "key": key_}

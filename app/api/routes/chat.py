@@ -8,10 +8,10 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from app.api.deps import get_container, require_scope
+from app.api.deps import ChatDep, ChatKey, MetricsDep
 from app.api.errors import keel_error_body
 from app.api.schemas import (
     AssistantMessage,
@@ -24,11 +24,9 @@ from app.api.schemas import (
     PromptInfo,
     UsageOut,
 )
-from app.container import Container
 from app.core.errors import ClientGone, KeelError, UnsupportedParameter
 from app.core.types import Finished, TextDelta, Usage
 from app.guardrails.types import GuardrailBlocked, GuardrailRedaction, GuardrailRetraction, event_payload
-from app.security.keys import ApiKey
 from app.services.chat import ChatEvent, ChatRequest, Citations, PromptUse, Started
 from app.services.grounding import RagUse
 
@@ -64,14 +62,11 @@ def to_domain(body: ChatCompletionRequest, request_id: str, user: str | None = N
 
 @router.post("/v1/chat/completions", response_model=ChatCompletion, response_model_exclude_none=True)
 async def chat_completions(
-    body: ChatCompletionRequest,
-    request: Request,
-    _key: ApiKey = Depends(require_scope("chat")),
-    container: Container = Depends(get_container),
+    body: ChatCompletionRequest, request: Request, _key: ChatKey, chat: ChatDep, metrics: MetricsDep,
 ):
     chat_request = to_domain(body, request.state.request_id, getattr(request.state, "api_key_id", None))
     if not body.stream:
-        result = await _unless_disconnected(request, container.chat.complete(chat_request))
+        result = await _unless_disconnected(request, chat.complete(chat_request))
         usage = result.usage
         return ChatCompletion(
             id=result.id, created=result.created, model=result.model,
@@ -88,12 +83,12 @@ async def chat_completions(
             guardrail_events=[event_payload(e) for e in result.guardrail_events] or None,
         )
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    events = aiter(container.chat.stream(chat_request))
+    events = aiter(chat.stream(chat_request))
     # Pull until the backend has answered, so errors before the first token (unknown model,
     # backend down) are proper HTTP errors rather than an error inside a 200 stream.
     primed = await _prime(events)
     return EventSourceResponse(
-        _sse(primed, events, body.n, include_usage, lambda code: container.metrics.errors.labels(code).inc()),
+        _sse(primed, events, body.n, include_usage, lambda code: metrics.errors.labels(code).inc()),
         ping=15, sep="\n", headers={"X-Request-Id": request.state.request_id},
     )
 

@@ -9,14 +9,13 @@ import asyncio
 import logging
 from typing import Any
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Query
 from fastapi.responses import HTMLResponse
 from pydantic import BaseModel, Field
 
-from app.api.deps import get_container, require_scope
-from app.container import Container
+from app.api.deps import ContainerDep, EvalsKey, EvalStoreDep, SettingsDep
 from app.core.errors import InvalidRequest
-from app.security.keys import ApiKey
+from app.settings import Settings
 from evals.store import EvalStore
 
 router = APIRouter(prefix="/v1/evals", tags=["evals"])
@@ -24,15 +23,11 @@ log = logging.getLogger("keel.evals")
 _tasks: set[asyncio.Task] = set()
 
 
-def _store(container: Container) -> EvalStore:
-    return EvalStore(container.settings.evals.db_path(container.settings.home))
-
-
-def _load(container: Container, name: str):
+def _load(settings: Settings, name: str):
     """A suite by name from the suites folders only: a caller must not make the server read other files."""
     from evals.suite import SuiteError, find_named_suite, load_suite, suite_dirs
 
-    suites_dir = container.settings.evals.suites_dir
+    suites_dir = settings.evals.suites_dir
     try:
         return load_suite(find_named_suite(name, suites_dir), roots=suite_dirs(suites_dir))
     except SuiteError as e:
@@ -47,13 +42,12 @@ class RunIn(BaseModel):
 
 
 @router.get("/suites")
-async def list_suites(_key: ApiKey = Depends(require_scope("evals")),
-                      container: Container = Depends(get_container)) -> list[dict[str, Any]]:
+async def list_suites(_key: EvalsKey, settings: SettingsDep) -> list[dict[str, Any]]:
     from evals.suite import SuiteError, load_suite
     from evals.suite import list_suites as _list
 
     out = []
-    for path in _list(container.settings.evals.suites_dir):
+    for path in _list(settings.evals.suites_dir):
         try:
             s = load_suite(path)
             out.append({"name": s.name, "path": str(path), "cases": len(s.cases), "hash": s.hash,
@@ -64,55 +58,41 @@ async def list_suites(_key: ApiKey = Depends(require_scope("evals")),
 
 
 @router.get("/runs")
-async def list_runs(suite: str | None = None, limit: int = Query(default=50, ge=1, le=500),
-                    _key: ApiKey = Depends(require_scope("evals")),
-                    container: Container = Depends(get_container)) -> list[dict[str, Any]]:
-    store = _store(container)
-    try:
-        return [{k: v for k, v in r.public().items() if k != "summary"} for r in store.list_runs(suite=suite,
-                                                                                                 limit=limit)]
-    finally:
-        store.close()
+async def list_runs(_key: EvalsKey, store: EvalStoreDep, suite: str | None = None,
+                    limit: int = Query(default=50, ge=1, le=500)) -> list[dict[str, Any]]:
+    return [{k: v for k, v in r.public().items() if k != "summary"} for r in store.list_runs(suite=suite, limit=limit)]
 
 
 @router.get("/runs/{run_id}")
-async def show_run(run_id: str, cases: bool = False, _key: ApiKey = Depends(require_scope("evals")),
-                   container: Container = Depends(get_container)) -> dict[str, Any]:
+async def show_run(_key: EvalsKey, store: EvalStoreDep, run_id: str, cases: bool = False) -> dict[str, Any]:
     from evals.report import run_json
 
-    store = _store(container)
-    try:
-        run = store.get_run(run_id)
-        if not cases:
-            return run.public()
-        return run_json(run, store.results(run_id))
-    finally:
-        store.close()
+    run = store.get_run(run_id)
+    if not cases:
+        return run.public()
+    return run_json(run, store.results(run_id))
 
 
 @router.get("/runs/{run_id}/report.html", response_class=HTMLResponse)
-async def run_report(run_id: str, _key: ApiKey = Depends(require_scope("evals")),
-                     container: Container = Depends(get_container)) -> HTMLResponse:
+async def run_report(_key: EvalsKey, settings: SettingsDep, store: EvalStoreDep, run_id: str) -> HTMLResponse:
     from evals.report import html_report
 
-    store = _store(container)
-    try:
-        run = store.get_run(run_id)
-        suite = _load(container, run.suite)
-        base = (store.get_run(run.baseline), store.results(run.baseline)) if run.baseline else None
-        return HTMLResponse(html_report(suite, run, store.results(run_id), base))
-    finally:
-        store.close()
+    run = store.get_run(run_id)
+    suite = _load(settings, run.suite)
+    base = (store.get_run(run.baseline), store.results(run.baseline)) if run.baseline else None
+    return HTMLResponse(html_report(suite, run, store.results(run_id), base))
 
 
 @router.post("/runs", status_code=202)
-async def start_run(body: RunIn, _key: ApiKey = Depends(require_scope("evals")),
-                    container: Container = Depends(get_container)) -> dict[str, Any]:
+async def start_run(_key: EvalsKey, container: ContainerDep, body: RunIn) -> dict[str, Any]:
     """Start a suite in the background (the server's own ChatService); poll GET /v1/evals/runs?suite=."""
     from evals.runner import EvalConfigError, EvalRunner, count_swallowed
 
-    suite = _load(container, body.suite)
-    store = _store(container)
+    settings = container.settings
+    suite = _load(settings, body.suite)
+    # The run outlives the request: it writes through a store of its own (EvalStoreDep's closes with the
+    # request), closed when the run ends.
+    store = EvalStore(settings.evals.db_path(settings.home))
     runner = EvalRunner(container.eval_deps(), store, use_cache=body.use_cache, progress=False)
     try:
         ident = runner.identity(suite)
@@ -125,7 +105,7 @@ async def start_run(body: RunIn, _key: ApiKey = Depends(require_scope("evals")),
             await runner.run(suite, baseline=body.baseline)
         except Exception:
             log.exception("eval run of %s failed", suite.name)
-            count_swallowed(container, "background_run")
+            count_swallowed(container.metrics, "background_run")
         finally:
             store.close()
 

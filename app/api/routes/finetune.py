@@ -12,24 +12,16 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Literal
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Query
 from pydantic import BaseModel, Field
 
-from app.api.deps import require_scope
-from app.core.errors import BackendUnavailable, PermissionDenied
+from app.api.deps import FinetuneDep, FinetuneKey
+from app.core.errors import PermissionDenied
 from app.security.keys import ApiKey
 from finetune.jobs import Job
 from finetune.service import FinetuneService
 
 router = APIRouter(prefix="/v1/finetune", tags=["finetune"])
-scope = require_scope("finetune")
-
-
-def get_finetune(request: Request) -> FinetuneService:
-    svc = getattr(getattr(request.app.state, "keel", None), "finetune", None)
-    if svc is None:
-        raise BackendUnavailable("fine-tuning is not configured on this server")
-    return svc
 
 
 class SubmitIn(BaseModel):
@@ -91,7 +83,7 @@ def _actor(key: ApiKey) -> str:
 
 
 @router.post("/jobs", response_model=JobOut, status_code=201)
-def submit_job(body: SubmitIn, key: ApiKey = Depends(scope), svc: FinetuneService = Depends(get_finetune)) -> JobOut:
+def submit_job(key: FinetuneKey, svc: FinetuneDep, body: SubmitIn) -> JobOut:
     spec = svc.parse(spec_yaml=body.spec_yaml, spec=body.spec)
     job = svc.submit(spec, submitted_by=_actor(key), validate_data=body.validate_data)
     return JobOut.of(job, detail=True)
@@ -99,15 +91,15 @@ def submit_job(body: SubmitIn, key: ApiKey = Depends(scope), svc: FinetuneServic
 
 @router.get("/jobs", response_model=JobList)
 def list_jobs(
+    key: FinetuneKey, svc: FinetuneDep,
     state: Literal["queued", "running", "succeeded", "failed", "cancelled"] | None = None,
     limit: int = Query(default=50, ge=1, le=500),
-    key: ApiKey = Depends(scope), svc: FinetuneService = Depends(get_finetune),
 ) -> JobList:
     return JobList(data=[JobOut.of(j) for j in svc.list(state=state, limit=limit)])
 
 
 @router.get("/jobs/{job_id}", response_model=JobOut)
-def get_job(job_id: str, key: ApiKey = Depends(scope), svc: FinetuneService = Depends(get_finetune)) -> JobOut:
+def get_job(key: FinetuneKey, svc: FinetuneDep, job_id: str) -> JobOut:
     return JobOut.of(svc.get(job_id), detail=True)
 
 
@@ -117,23 +109,22 @@ class EvaluateIn(BaseModel):
 
 
 @router.post("/jobs/{job_id}/evaluate", response_model=JobOut, status_code=202)
-def evaluate_job(job_id: str, body: EvaluateIn | None = None, key: ApiKey = Depends(scope),
-                 svc: FinetuneService = Depends(get_finetune)) -> JobOut:
+def evaluate_job(key: FinetuneKey, svc: FinetuneDep, job_id: str, body: EvaluateIn | None = None) -> JobOut:
     """Queue (again) the eval suites of a succeeded job's adapter; a fine-tune worker runs them."""
     return JobOut.of(svc.evaluate(job_id, suites=body.suites if body else None, actor=_actor(key)))
 
 
 @router.get("/jobs/{job_id}/logs", response_model=LogsOut)
 def job_logs(
-    job_id: str, offset: int = Query(default=0, ge=0, description="Byte offset: pass next_offset to follow."),
-    key: ApiKey = Depends(scope), svc: FinetuneService = Depends(get_finetune),
+    key: FinetuneKey, svc: FinetuneDep, job_id: str,
+    offset: int = Query(default=0, ge=0, description="Byte offset: pass next_offset to follow."),
 ) -> LogsOut:
     text, next_offset = svc.logs(job_id, offset)
     return LogsOut(job_id=job_id, text=text, next_offset=next_offset, state=svc.get(job_id).state)
 
 
 @router.post("/jobs/{job_id}/cancel", response_model=JobOut)
-def cancel_job(job_id: str, key: ApiKey = Depends(scope), svc: FinetuneService = Depends(get_finetune)) -> JobOut:
+def cancel_job(key: FinetuneKey, svc: FinetuneDep, job_id: str) -> JobOut:
     return JobOut.of(svc.cancel(job_id, actor=_actor(key)))
 
 
@@ -195,17 +186,12 @@ async def _deploy(svc: FinetuneService, model: str, version: str, alias: str, ba
 
 
 @router.get("/models/{model}/versions", response_model=VersionList)
-def list_versions(
-    model: str, key: ApiKey = Depends(scope), svc: FinetuneService = Depends(get_finetune),
-) -> VersionList:
+def list_versions(key: FinetuneKey, svc: FinetuneDep, model: str) -> VersionList:
     return VersionList(data=[_version_out(v) for v in svc.versions(model)])
 
 
 @router.post("/models/{model}/promote", response_model=PromotionOut)
-async def promote_version(
-    model: str, body: PromoteIn, key: ApiKey = Depends(scope),
-    svc: FinetuneService = Depends(get_finetune),
-) -> PromotionOut:
+async def promote_version(key: FinetuneKey, svc: FinetuneDep, model: str, body: PromoteIn) -> PromotionOut:
     if body.force and not key.allows("admin"):
         raise PermissionDenied("forcing a promotion past the eval gate needs the 'admin' scope", param="force")
     if body.deploy_alias:  # before the label moves: a refused alias must not leave a half-done promotion
@@ -220,10 +206,7 @@ async def promote_version(
 
 
 @router.post("/models/{model}/rollback", response_model=PromotionOut)
-async def rollback_version(
-    model: str, body: RollbackIn, key: ApiKey = Depends(scope),
-    svc: FinetuneService = Depends(get_finetune),
-) -> PromotionOut:
+async def rollback_version(key: FinetuneKey, svc: FinetuneDep, model: str, body: RollbackIn) -> PromotionOut:
     if body.deploy_alias:
         await asyncio.to_thread(svc.check_alias, body.deploy_alias, model)
     p = await asyncio.to_thread(svc.rollback, model, actor=_actor(key), reason=body.reason)

@@ -7,13 +7,12 @@ is where blocking SQLite calls and a possibly slow promotion gate belong.
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Query
 
-from app.api.deps import require_scope
-from app.core.errors import BackendUnavailable, PermissionDenied
+from app.api.deps import PromptsDep, PromptsReadKey, PromptsWriteKey
+from app.core.errors import PermissionDenied
 from app.security.keys import ApiKey
 from prompts.models import NAME_PATTERN
-from prompts.registry import PromptRegistry
 from prompts.schemas import (
     AuditEntryOut,
     AuditList,
@@ -34,16 +33,6 @@ from prompts.schemas import (
 
 router = APIRouter(prefix="/v1/prompts", tags=["prompts"])
 
-read = require_scope("prompts:read")
-write = require_scope("prompts:write")
-
-
-def get_prompt_registry(request: Request) -> PromptRegistry:
-    registry = getattr(getattr(request.app.state, "keel", None), "prompts", None)
-    if registry is None:
-        raise BackendUnavailable("the prompt registry is not configured on this server")
-    return registry
-
 
 def actor_of(key: ApiKey) -> str:
     return f"{key.name} [{key.id}]"
@@ -62,43 +51,37 @@ def _check_override(key: ApiKey, reason: str | None) -> str | None:
 
 @router.get("", response_model=TemplateList)
 def list_templates(
+    registry: PromptsDep, _: PromptsReadKey,
     q: str | None = Query(default=None, max_length=200, description="Search in names and descriptions."),
-    registry: PromptRegistry = Depends(get_prompt_registry), _: ApiKey = Depends(read),
 ) -> TemplateList:
     return TemplateList(data=[TemplateOut.of(t) for t in registry.list_templates(q)])
 
 
 @router.post("", response_model=VersionOut, status_code=201)
-def create_template(
-    body: CreateTemplateIn, registry: PromptRegistry = Depends(get_prompt_registry), key: ApiKey = Depends(write),
-) -> VersionOut:
+def create_template(registry: PromptsDep, key: PromptsWriteKey, body: CreateTemplateIn) -> VersionOut:
     version = registry.create(body.name, body.content, author=actor_of(key), message=body.message)
     return VersionOut.full(version, registry.labels(body.name))
 
 
 @router.get("/audit", response_model=AuditList)
 def audit_log(
+    registry: PromptsDep, _: PromptsReadKey,
     name: str | None = Query(default=None, pattern=NAME_PATTERN),
     limit: int = Query(default=100, ge=1, le=1000),
     before_id: int | None = Query(default=None, ge=1, description="Page: entries older than this id."),
-    registry: PromptRegistry = Depends(get_prompt_registry), _: ApiKey = Depends(read),
 ) -> AuditList:
     entries = registry.audit_log(name=name, limit=limit, before_id=before_id)
     return AuditList(data=[AuditEntryOut.of(e) for e in entries])
 
 
 @router.post("/preview", response_model=RenderOut)
-def preview(
-    body: PreviewIn, registry: PromptRegistry = Depends(get_prompt_registry), _: ApiKey = Depends(read),
-) -> RenderOut:
+def preview(registry: PromptsDep, _: PromptsReadKey, body: PreviewIn) -> RenderOut:
     """Render unsaved content: the editor's live preview. Nothing is stored."""
     return RenderOut.of(registry.preview(body.content, body.variables, name=body.name))
 
 
 @router.get("/{name}", response_model=TemplateOut)
-def get_template(
-    name: str, registry: PromptRegistry = Depends(get_prompt_registry), _: ApiKey = Depends(read),
-) -> TemplateOut:
+def get_template(registry: PromptsDep, _: PromptsReadKey, name: str) -> TemplateOut:
     labels = registry.labels(name)
     versions = registry.versions(name)
     latest = versions[-1]
@@ -107,27 +90,20 @@ def get_template(
 
 
 @router.get("/{name}/versions", response_model=VersionList)
-def list_versions(
-    name: str, registry: PromptRegistry = Depends(get_prompt_registry), _: ApiKey = Depends(read),
-) -> VersionList:
+def list_versions(registry: PromptsDep, _: PromptsReadKey, name: str) -> VersionList:
     labels = registry.labels(name)
     return VersionList(data=[VersionSummaryOut.of(v, labels) for v in reversed(registry.versions(name))])
 
 
 @router.post("/{name}/versions", response_model=VersionOut, status_code=201)
-def save_version(
-    name: str, body: SaveVersionIn, registry: PromptRegistry = Depends(get_prompt_registry),
-    key: ApiKey = Depends(write),
-) -> VersionOut:
+def save_version(registry: PromptsDep, key: PromptsWriteKey, name: str, body: SaveVersionIn) -> VersionOut:
     version = registry.save(name, body.content, author=actor_of(key), message=body.message,
                             base_version=body.base_version)
     return VersionOut.full(version, registry.labels(name))
 
 
 @router.get("/{name}/versions/{ref}", response_model=VersionOut)
-def get_version(
-    name: str, ref: str, registry: PromptRegistry = Depends(get_prompt_registry), _: ApiKey = Depends(read),
-) -> VersionOut:
+def get_version(registry: PromptsDep, _: PromptsReadKey, name: str, ref: str) -> VersionOut:
     """``ref`` is a number ('3' or 'v3'), a label ('production') or 'latest'."""
     version = registry.resolve(f"{name}@{ref}")
     return VersionOut.full(version, registry.labels(name))
@@ -135,33 +111,26 @@ def get_version(
 
 @router.get("/{name}/diff", response_model=DiffOut)
 def diff(
+    registry: PromptsDep, _: PromptsReadKey,
     name: str,
     from_: str = Query(alias="from", description="Version, label or 'latest'."),
     to: str = Query(default="latest", description="Version, label or 'latest'."),
-    registry: PromptRegistry = Depends(get_prompt_registry), _: ApiKey = Depends(read),
 ) -> DiffOut:
     return DiffOut.of(registry.diff(name, from_, to))
 
 
 @router.post("/{name}/render", response_model=RenderOut)
-def render(
-    name: str, body: RenderIn, registry: PromptRegistry = Depends(get_prompt_registry), _: ApiKey = Depends(read),
-) -> RenderOut:
+def render(registry: PromptsDep, _: PromptsReadKey, name: str, body: RenderIn) -> RenderOut:
     return RenderOut.of(registry.render(f"{name}@{body.ref}", body.variables))
 
 
 @router.get("/{name}/labels", response_model=dict[str, int])
-def labels(
-    name: str, registry: PromptRegistry = Depends(get_prompt_registry), _: ApiKey = Depends(read),
-) -> dict[str, int]:
+def labels(registry: PromptsDep, _: PromptsReadKey, name: str) -> dict[str, int]:
     return registry.labels(name)
 
 
 @router.put("/{name}/labels/{label}", response_model=LabelMoveOut)
-def move_label(
-    name: str, label: str, body: LabelMoveIn, registry: PromptRegistry = Depends(get_prompt_registry),
-    key: ApiKey = Depends(write),
-) -> LabelMoveOut:
+def move_label(registry: PromptsDep, key: PromptsWriteKey, name: str, label: str, body: LabelMoveIn) -> LabelMoveOut:
     reason = _check_override(key, body.override_reason)
     move = registry.move_label(name, label, body.version, actor=actor_of(key), override_reason=reason)
     return LabelMoveOut.of(move)
@@ -169,9 +138,9 @@ def move_label(
 
 @router.delete("/{name}/labels/{label}", response_model=LabelMoveOut)
 def remove_label(
+    registry: PromptsDep, key: PromptsWriteKey,
     name: str, label: str,
     override_reason: str | None = Query(default=None, max_length=2000, description="Admin: remove a protected label."),
-    registry: PromptRegistry = Depends(get_prompt_registry), key: ApiKey = Depends(write),
 ) -> LabelMoveOut:
     reason = _check_override(key, override_reason)
     return LabelMoveOut.of(registry.remove_label(name, label, actor=actor_of(key), override_reason=reason))
@@ -179,16 +148,16 @@ def remove_label(
 
 @router.get("/{name}/labels/{label}/history", response_model=AuditList)
 def label_history(
+    registry: PromptsDep, _: PromptsReadKey,
     name: str, label: str, limit: int = Query(default=100, ge=1, le=1000),
-    registry: PromptRegistry = Depends(get_prompt_registry), _: ApiKey = Depends(read),
 ) -> AuditList:
     return AuditList(data=[AuditEntryOut.of(e) for e in registry.label_history(name, label, limit)])
 
 
 @router.get("/{name}/audit", response_model=AuditList)
 def template_audit(
+    registry: PromptsDep, _: PromptsReadKey,
     name: str, limit: int = Query(default=100, ge=1, le=1000), before_id: int | None = Query(default=None, ge=1),
-    registry: PromptRegistry = Depends(get_prompt_registry), _: ApiKey = Depends(read),
 ) -> AuditList:
     registry.labels(name)  # 404 for unknown templates rather than an empty list
     return AuditList(data=[AuditEntryOut.of(e) for e in registry.audit_log(name=name, limit=limit,

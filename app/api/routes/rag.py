@@ -5,14 +5,12 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, Field
 from starlette.requests import ClientDisconnect
 
-from app.api.deps import get_container, require_scope
-from app.container import Container
+from app.api.deps import ChatKey, IngestJobsDep, IngestKey, RagDep, SettingsDep
 from app.core.errors import ClientGone, InvalidRequest, PayloadTooLarge, PermissionDenied
-from app.security.keys import ApiKey
 from app.services.ingest_jobs import UploadBatch
 from ingest.settings import GroupBy
 
@@ -41,10 +39,9 @@ class IngestPathsIn(BaseModel):
 
 
 @router.post("/retrieve")
-async def retrieve(body: RetrieveIn, _key: ApiKey = Depends(require_scope("chat")),
-                   container: Container = Depends(get_container)) -> dict:
+async def retrieve(_key: ChatKey, rag: RagDep, body: RetrieveIn) -> dict:
     result = await asyncio.to_thread(
-        container.rag.retriever.retrieve, body.query, collection=body.collection, top_k=body.top_k,
+        rag.retriever.retrieve, body.query, collection=body.collection, top_k=body.top_k,
         filters=body.filters, score_threshold=body.score_threshold, mmr=body.mmr, group_by=body.group_by,
     )
     return result.model_dump()
@@ -58,26 +55,25 @@ _UPLOAD_FORM = {"requestBody": {"required": True, "content": {"multipart/form-da
 
 
 @router.post("/ingest", status_code=202, openapi_extra=_UPLOAD_FORM)
-async def ingest_upload(request: Request, _key: ApiKey = Depends(require_scope("ingest")),
-                        container: Container = Depends(get_container)) -> dict:
+async def ingest_upload(_key: IngestKey, settings: SettingsDep, jobs: IngestJobsDep, request: Request) -> dict:
     """Upload documents; they are ingested by a background job (poll ``GET /v1/ingest/jobs/{id}``).
 
     Up to ``limits.max_upload_bytes`` per request (not the small ``limits.max_body_bytes`` of other
     routes): files stream to disk as they arrive, so a large upload never sits in memory."""
-    limit = container.settings.limits.max_upload_bytes
+    limit = settings.limits.max_upload_bytes
     length = request.headers.get("content-length", "")
     if length.isdigit() and int(length) > limit:
         raise _upload_too_large(limit)
-    batch = container.ingest_jobs.new_upload()
+    batch = jobs.new_upload()
     try:
         fields = await _stream_form(request, batch, limit)
         if not batch.files:
             raise InvalidRequest("no files: send documents as multipart/form-data field 'files'", param="files")
-        collection = fields.get("collection") or container.settings.rag.collection
-        saved = container.ingest_jobs.commit_upload(batch, collection)
+        collection = fields.get("collection") or settings.rag.collection
+        saved = jobs.commit_upload(batch, collection)
     finally:
         batch.discard()  # whatever was not committed: a refused or broken upload leaves no file behind
-    return container.ingest_jobs.submit(collection, list(saved), names=saved).public()
+    return jobs.submit(collection, list(saved), names=saved).public()
 
 
 def _upload_too_large(limit: int) -> PayloadTooLarge:
@@ -160,53 +156,45 @@ async def _stream_form(request: Request, batch: UploadBatch, limit: int) -> dict
 
 
 @router.post("/ingest/paths", status_code=202)
-async def ingest_paths(body: IngestPathsIn, key: ApiKey = Depends(require_scope("ingest")),
-                       container: Container = Depends(get_container)) -> dict:
+async def ingest_paths(key: IngestKey, settings: SettingsDep, jobs: IngestJobsDep, body: IngestPathsIn) -> dict:
     """Ingest files already on the server. Reading the server's disk is for admins only."""
     if "admin" not in key.scopes:
         raise PermissionDenied("ingesting server-side paths needs the 'admin' scope; upload files instead")
-    return container.ingest_jobs.submit(body.collection or container.settings.rag.collection,
-                                        body.paths, body.prune).public()
+    return jobs.submit(body.collection or settings.rag.collection, body.paths, body.prune).public()
 
 
 @router.get("/ingest/jobs")
-async def list_jobs(_key: ApiKey = Depends(require_scope("ingest")),
-                    container: Container = Depends(get_container)) -> list[dict]:
-    return [j.public() for j in container.ingest_jobs.list()]
+async def list_jobs(_key: IngestKey, jobs: IngestJobsDep) -> list[dict]:
+    return [j.public() for j in jobs.list()]
 
 
 @router.get("/ingest/jobs/{job_id}")
-async def get_job(job_id: str, wait_s: float = Query(0, ge=0, le=60, description="Long-poll until done."),
-                  _key: ApiKey = Depends(require_scope("ingest")),
-                  container: Container = Depends(get_container)) -> dict:
+async def get_job(_key: IngestKey, jobs: IngestJobsDep, job_id: str,
+                  wait_s: float = Query(0, ge=0, le=60, description="Long-poll until done.")) -> dict:
     if wait_s:
-        return (await container.ingest_jobs.wait(job_id, wait_s)).public()
-    return container.ingest_jobs.get(job_id).public()
+        return (await jobs.wait(job_id, wait_s)).public()
+    return jobs.get(job_id).public()
 
 
 @router.get("/collections")
-async def collections(_key: ApiKey = Depends(require_scope("chat")),
-                      container: Container = Depends(get_container)) -> list[dict]:
-    return await asyncio.to_thread(container.rag.list_collections)
+async def collections(_key: ChatKey, rag: RagDep) -> list[dict]:
+    return await asyncio.to_thread(rag.list_collections)
 
 
 @router.get("/snapshots")
-async def snapshots(collection: str | None = None, limit: int = Query(50, ge=1, le=500),
-                    _key: ApiKey = Depends(require_scope("ingest")),
-                    container: Container = Depends(get_container)) -> list[dict]:
-    items = await asyncio.to_thread(container.rag.snapshots.list, collection, limit)
+async def snapshots(_key: IngestKey, rag: RagDep, collection: str | None = None,
+                    limit: int = Query(50, ge=1, le=500)) -> list[dict]:
+    items = await asyncio.to_thread(rag.snapshots.list, collection, limit)
     return [s.model_dump() for s in items]
 
 
 @router.get("/snapshots/diff")
-async def snapshot_diff(base: str, target: str, _key: ApiKey = Depends(require_scope("ingest")),
-                        container: Container = Depends(get_container)) -> dict:
+async def snapshot_diff(_key: IngestKey, rag: RagDep, base: str, target: str) -> dict:
     if base == target:
         raise InvalidRequest("base and target are the same snapshot", param="target")
-    return (await asyncio.to_thread(container.rag.snapshots.diff, base, target)).model_dump()
+    return (await asyncio.to_thread(rag.snapshots.diff, base, target)).model_dump()
 
 
 @router.get("/snapshots/{snapshot_id}")
-async def snapshot(snapshot_id: str, _key: ApiKey = Depends(require_scope("ingest")),
-                   container: Container = Depends(get_container)) -> dict:
-    return (await asyncio.to_thread(container.rag.snapshots.get, snapshot_id)).model_dump()
+async def snapshot(_key: IngestKey, rag: RagDep, snapshot_id: str) -> dict:
+    return (await asyncio.to_thread(rag.snapshots.get, snapshot_id)).model_dump()

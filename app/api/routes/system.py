@@ -4,56 +4,50 @@ from __future__ import annotations
 
 import asyncio
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from app.api.deps import get_container, require_scope
+from app.api.deps import AgentsDep, ChatKey, LlmDep, MetricsDep, RagDep, SettingsDep
 from app.api.schemas import ModelCard, ModelList
-from app.container import Container
-from app.security.keys import ApiKey
 
 router = APIRouter()
 
 
 @router.get("/v1/models", response_model=ModelList, tags=["chat"])
-async def list_models(
-    _key: ApiKey = Depends(require_scope("chat")), container: Container = Depends(get_container)
-) -> ModelList:
+async def list_models(_key: ChatKey, settings: SettingsDep, rag: RagDep, agents: AgentsDep) -> ModelList:
     cards = [ModelCard(id=name, description=spec.description, owned_by=spec.backend)
-             for name, spec in container.settings.models.items()]
+             for name, spec in settings.models.items()]
     # Every document collection is also a grounded "model": answers cite its passages.
-    collections = await asyncio.to_thread(container.rag.store.list_collections)
+    collections = await asyncio.to_thread(rag.store.list_collections)
     cards += [ModelCard(id=f"rag:{c}", owned_by="keel",
-                        description=f"{container.settings.default_model} answering from collection {c!r} "
-                                    "with citations")
+                        description=f"{settings.default_model} answering from collection {c!r} with citations")
               for c in collections]
-    cards += [ModelCard(id=m["id"], owned_by="keel", description=m["description"])
-              for m in container.agents.chat_models()]
+    cards += [ModelCard(id=m["id"], owned_by="keel", description=m["description"]) for m in agents.chat_models()]
     return ModelList(data=cards)
 
 
 @router.get("/healthz", tags=["system"])
-async def healthz(container: Container = Depends(get_container)) -> dict:
+async def healthz(settings: SettingsDep) -> dict:
     """Liveness: the API process answers. Says loudly when auth is off."""
-    return {"status": "ok", "auth": "enabled" if container.settings.auth.enabled else "DISABLED (dev mode)"}
+    return {"status": "ok", "auth": "enabled" if settings.auth.enabled else "DISABLED (dev mode)"}
 
 
 @router.get("/readyz", tags=["system"])
-async def readyz(container: Container = Depends(get_container)) -> JSONResponse:
+async def readyz(llm: LlmDep, settings: SettingsDep) -> JSONResponse:
     """Ready when the default model's backend can serve a request now.
 
     Unauthenticated (load balancers call it), so it says ready or not per backend and nothing else: the
     server details (command line, pid, log path, last error) are for admins, at GET /v1/admin/backends."""
-    backends = await container.llm.readiness()
-    default = container.settings.models.get(container.settings.default_model)
+    backends = await llm.readiness()
+    default = settings.models.get(settings.default_model)
     ready = default is not None and bool(backends.get(default.backend, {}).get("ready"))
-    return JSONResponse({"ready": ready, "default_model": container.settings.default_model,
+    return JSONResponse({"ready": ready, "default_model": settings.default_model,
                          "backends": {name: {"ready": bool(info.get("ready"))} for name, info in backends.items()}},
                         status_code=200 if ready else 503)
 
 
 @router.get("/metrics", tags=["system"])
-async def metrics(container: Container = Depends(get_container)) -> Response:
-    await container.llm.readiness()  # refresh keel_backend_up
-    return Response(container.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+async def metrics(llm: LlmDep, metrics_registry: MetricsDep) -> Response:
+    await llm.readiness()  # refresh keel_backend_up
+    return Response(metrics_registry.render(), media_type=CONTENT_TYPE_LATEST)
