@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from app.core.errors import InvalidRequest, NotFound
+from app.core.migrate import Migrations, upgrade_sqlite
 
 SCOPES: dict[str, str] = {
     "chat": "call chat completions and list models",
@@ -31,17 +32,8 @@ SCOPES: dict[str, str] = {
 }
 KEY_PREFIX = "keel-"
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS api_keys (
-    id TEXT PRIMARY KEY,
-    name TEXT NOT NULL,
-    key_hash TEXT NOT NULL UNIQUE,
-    scopes TEXT NOT NULL,
-    rate_limit_per_minute INTEGER,
-    created_at TEXT NOT NULL,
-    revoked_at TEXT
-);
-"""
+# The api_keys table comes from these Alembic migrations (app/security/migrations), run on open.
+MIGRATIONS = Migrations(Path(__file__).with_name("migrations"), "alembic_version_keys")
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +75,7 @@ class KeyStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.executescript(_SCHEMA)
+        upgrade_sqlite(self._db, MIGRATIONS)
         self._lock = threading.Lock()
         self._cache: dict[str, tuple[float, ApiKey | None]] = {}
         self._ttl = cache_ttl_s
