@@ -15,28 +15,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from app.core.migrate import Migrations, upgrade_sqlite
+
 log = logging.getLogger("keel.guardrails")
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS guardrail_audit (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    ts REAL NOT NULL,
-    request_id TEXT NOT NULL,
-    stage TEXT NOT NULL,
-    policy TEXT NOT NULL,
-    policy_version TEXT NOT NULL,
-    validator TEXT NOT NULL,
-    registered TEXT NOT NULL,
-    verdict TEXT NOT NULL,
-    action TEXT NOT NULL,
-    score REAL,
-    latency_ms REAL,
-    reason TEXT,
-    window INTEGER
-);
-CREATE INDEX IF NOT EXISTS guardrail_audit_request ON guardrail_audit(request_id);
-CREATE INDEX IF NOT EXISTS guardrail_audit_ts ON guardrail_audit(ts);
-"""
+# The guardrail_audit table comes from these Alembic migrations (app/guardrails/migrations), run on open.
+MIGRATIONS = Migrations(Path(__file__).with_name("migrations"), "alembic_version_guardrail_audit")
 
 
 @dataclass(frozen=True)
@@ -68,7 +52,7 @@ class AuditStore:
             if self.path != ":memory:":
                 self._conn.execute("PRAGMA journal_mode=WAL")
                 self._conn.execute("PRAGMA synchronous=NORMAL")  # WAL: no fsync per commit, still crash-safe
-            self._conn.executescript(_SCHEMA)
+            upgrade_sqlite(self._conn, MIGRATIONS)
 
     def write(self, records: Iterable[AuditRecord]) -> int:
         now = time.time()

@@ -1,0 +1,3 @@
+"""Alembic migrations of the guardrail audit trail (app.guardrails.audit).
+
+They run when the store opens (``app.core.migrate``)."""
