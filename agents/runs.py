@@ -17,38 +17,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from app.core.migrate import Migrations, upgrade_postgres, upgrade_sqlite
+
 ACTIVE = ("running",)
 RESUMABLE = ("interrupted", "stalled", "failed", "cancelled", "timed_out")
 TERMINAL = ("completed", "step_limit", "blocked")  # blocked: a guardrail refused the input or the answer
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS agent_runs (
-    run_id TEXT PRIMARY KEY,
-    thread_id TEXT NOT NULL,
-    workflow TEXT NOT NULL,
-    owner TEXT,
-    namespace TEXT NOT NULL DEFAULT '[]',
-    status TEXT NOT NULL,
-    question TEXT NOT NULL DEFAULT '',
-    answer TEXT,
-    citations TEXT NOT NULL DEFAULT '[]',
-    error TEXT,
-    pending TEXT,
-    steps TEXT NOT NULL DEFAULT '[]',
-    guardrails TEXT,
-    created_at REAL NOT NULL,
-    updated_at REAL NOT NULL,
-    finished_at REAL
-);
-CREATE INDEX IF NOT EXISTS agent_runs_thread ON agent_runs(thread_id, created_at);
-CREATE INDEX IF NOT EXISTS agent_runs_status ON agent_runs(status, created_at);
-"""
-# The same table in Postgres: times stay epoch seconds (DOUBLE PRECISION) and JSON stays text, so one
-# row decoder serves both stores.
-_PG_SCHEMA = [s.strip() for s in _SCHEMA.replace("REAL", "DOUBLE PRECISION").split(";") if s.strip()]
-# Columns added after the first release: a table created before them gets them on open.
-_ADDED_COLUMNS = (("guardrails", "TEXT"),)
-_PG_SCHEMA_LOCK = 0x6B65656C_7275  # "keelru": one process at a time creates the table
+# The table comes from these Alembic migrations (agents/migrations), run on open, on SQLite and Postgres alike.
+# The advisory lock key is the one the release before Alembic took around its schema set-up ("keelru").
+MIGRATIONS = Migrations(Path(__file__).with_name("migrations"), "alembic_version_agent_runs",
+                        pg_lock_key=0x6B65656C_7275)
 
 
 @dataclass
@@ -185,11 +163,7 @@ class RunStore(RunStoreBase):
         self._lock = threading.Lock()
         with self._lock:
             self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.executescript(_SCHEMA)
-            have = {r["name"] for r in self._db.execute("PRAGMA table_info(agent_runs)")}
-            for col, kind in _ADDED_COLUMNS:
-                if col not in have:
-                    self._db.execute(f"ALTER TABLE agent_runs ADD COLUMN {col} {kind}")
+            upgrade_sqlite(self._db, MIGRATIONS)
 
     def close(self) -> None:
         with self._lock:
@@ -210,19 +184,12 @@ class PostgresRunStore(RunStoreBase):
     shared = True
 
     def __init__(self, url: str, *, max_size: int = 4, timeout_s: float = 10.0) -> None:
-        import psycopg
         from psycopg.rows import dict_row
         from psycopg_pool import ConnectionPool
 
         # The schema on a connection of its own first: a wrong URL or a server that is down fails here at
         # once with libpq's reason (psycopg.OperationalError), where the pool would retry until its timeout.
-        with psycopg.connect(url, autocommit=True, connect_timeout=max(2, int(timeout_s))) as conn, \
-                conn.transaction():
-            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_PG_SCHEMA_LOCK,))
-            for statement in _PG_SCHEMA:
-                conn.execute(statement)
-            for col, kind in _ADDED_COLUMNS:
-                conn.execute(f"ALTER TABLE agent_runs ADD COLUMN IF NOT EXISTS {col} {kind}")
+        upgrade_postgres(url, MIGRATIONS, connect_timeout_s=timeout_s)
         # check on checkout: a Postgres restart costs a reconnect, not a failed request.
         self._pool = ConnectionPool(url, min_size=1, max_size=max_size, timeout=timeout_s, open=True,
                                     kwargs={"autocommit": True, "row_factory": dict_row},
