@@ -20,6 +20,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from app.core.db import write_transaction
 from app.core.errors import NotFound
+from app.core.migrate import Migrations, upgrade_sqlite
 from prompts.errors import ImportConflict, VersionConflict
 from prompts.models import AuditEntry, TemplateContent, TemplateSummary, TemplateVersion, validate_name
 from prompts.settings import PromptSettings
@@ -66,47 +67,11 @@ class PromptStore(Protocol):
     def close(self) -> None: ...
 
 
-def schema(*, id_column: str, json_type: str) -> list[str]:
-    """The registry's tables, for SQLite and Postgres alike but for the audit id and details types."""
-    return [
-        """CREATE TABLE IF NOT EXISTS prompt_templates (
-            name TEXT PRIMARY KEY,
-            latest_version INTEGER NOT NULL,
-            description TEXT NOT NULL DEFAULT '',
-            created_at TEXT NOT NULL,
-            updated_at TEXT NOT NULL)""",
-        """CREATE TABLE IF NOT EXISTS prompt_versions (
-            name TEXT NOT NULL REFERENCES prompt_templates(name),
-            version INTEGER NOT NULL,
-            content TEXT NOT NULL,
-            hash TEXT NOT NULL,
-            parent INTEGER,
-            author TEXT NOT NULL,
-            message TEXT NOT NULL,
-            created_at TEXT NOT NULL,
-            PRIMARY KEY (name, version))""",
-        """CREATE TABLE IF NOT EXISTS prompt_labels (
-            name TEXT NOT NULL REFERENCES prompt_templates(name),
-            label TEXT NOT NULL,
-            version INTEGER NOT NULL,
-            updated_at TEXT NOT NULL,
-            updated_by TEXT NOT NULL,
-            PRIMARY KEY (name, label))""",
-        f"""CREATE TABLE IF NOT EXISTS prompt_audit (
-            {id_column},
-            at TEXT NOT NULL,
-            actor TEXT NOT NULL,
-            action TEXT NOT NULL,
-            name TEXT NOT NULL,
-            label TEXT,
-            from_version INTEGER,
-            to_version INTEGER,
-            reason TEXT NOT NULL DEFAULT '',
-            details {json_type} NOT NULL DEFAULT '{{}}')""",
-        "CREATE INDEX IF NOT EXISTS prompt_audit_name ON prompt_audit(name, label, id)",
-        "CREATE TABLE IF NOT EXISTS prompt_meta (key TEXT PRIMARY KEY, value BIGINT NOT NULL)",
-        "INSERT INTO prompt_meta VALUES ('revision', 0) ON CONFLICT DO NOTHING",
-    ]
+# The registry's tables come from these Alembic migrations (prompts/migrations), run when a store opens, on
+# SQLite and Postgres alike. The advisory lock key (Postgres) is the one the release before Alembic took
+# around its schema set-up ("keelpr"), so a process of that release starting at the same time waits too.
+MIGRATIONS = Migrations(Path(__file__).with_name("migrations"), "alembic_version_prompts",
+                        pg_lock_key=0x6B65656C_7072)
 
 
 class SqlPromptStore:
@@ -329,9 +294,7 @@ class SqlitePromptStore(SqlPromptStore):
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._lock = threading.RLock()
-        # executescript commits on its own; the statements are idempotent, so no transaction needed.
-        self._db.executescript(";\n".join(schema(id_column="id INTEGER PRIMARY KEY AUTOINCREMENT",
-                                                  json_type="TEXT")) + ";")
+        upgrade_sqlite(self._db, MIGRATIONS)
 
     def close(self) -> None:
         with self._lock:

@@ -1,8 +1,8 @@
 """``PostgresPromptStore``: the prompt registry in Postgres, for several API instances sharing one registry.
 
 The registry's logic is ``SqlPromptStore``'s, shared with ``SqlitePromptStore`` (the contract suite in
-``tests/unit/test_prompts_store.py`` runs on both); this module holds the connection handling, the schema
-and the dialect. Differences that matter:
+``tests/unit/test_prompts_store.py`` runs on both); this module holds the connection handling and the
+dialect (the schema is Alembic's, in ``prompts/migrations``, shared with SQLite). Differences that matter:
 
 * Writers are serialised by the row lock on the ``revision`` counter, taken as the first statement
   of every write transaction. That is Postgres' equivalent of SQLite's ``BEGIN IMMEDIATE``: the
@@ -25,15 +25,10 @@ from typing import Any
 
 from app.core.db import postgres_unavailable
 from app.core.errors import StoreUnavailable
-from prompts.store import SqlPromptStore, schema
+from app.core.migrate import upgrade_postgres
+from prompts.store import MIGRATIONS, SqlPromptStore
 
 log = logging.getLogger("keel.prompts")
-
-_SCHEMA = schema(id_column="id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY", json_type="JSONB")
-# Two workers starting at once would race on CREATE TABLE IF NOT EXISTS (a unique violation in the
-# catalog); an advisory lock makes the schema set-up one at a time.
-_SCHEMA_LOCK = 0x6B65656C_7072  # "keelpr"
-
 
 PromptStoreUnavailable = StoreUnavailable  # the name callers and tests know
 
@@ -58,14 +53,11 @@ class PostgresPromptStore(SqlPromptStore):
             kwargs={"autocommit": True}, check=ConnectionPool.check_connection, name="keel-prompts",
         )
         self._closed = threading.Event()
-        # The schema on a connection of its own first: a wrong URL, password or host fails here at once
-        # with libpq's reason, where the pool would retry quietly until its timeout.
+        # The schema (Alembic, prompts/migrations) on a connection of its own first: a wrong URL, password or
+        # host fails here at once with libpq's reason, where the pool would retry quietly until its timeout.
+        # Two workers starting at once take turns on an advisory lock (see app.core.migrate).
         try:
-            with psycopg.connect(url, autocommit=True, connect_timeout=max(2, int(timeout_s))) as conn, \
-                    conn.transaction():
-                conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
-                for statement in _SCHEMA:
-                    conn.execute(statement)
+            upgrade_postgres(url, MIGRATIONS, connect_timeout_s=timeout_s)
         except psycopg.OperationalError as e:
             raise self._unavailable(e) from None
         self._pool.open()
