@@ -13,45 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from app.core.errors import NotFound
+from app.core.migrate import Migrations, upgrade_sqlite
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS eval_runs (
-    id TEXT PRIMARY KEY,
-    suite TEXT NOT NULL,
-    suite_hash TEXT NOT NULL,
-    identity_key TEXT NOT NULL,
-    identity TEXT NOT NULL,
-    target_kind TEXT NOT NULL,
-    prompt_name TEXT,
-    prompt_version INTEGER,
-    prompt_hash TEXT,
-    status TEXT NOT NULL,
-    passed INTEGER,
-    cases_total INTEGER NOT NULL,
-    baseline TEXT,
-    summary TEXT,
-    verdict TEXT,
-    started_at TEXT NOT NULL,
-    finished_at TEXT
-);
-CREATE INDEX IF NOT EXISTS eval_runs_prompt ON eval_runs(prompt_name, prompt_version, passed);
-CREATE INDEX IF NOT EXISTS eval_runs_identity ON eval_runs(identity_key, status);
-CREATE TABLE IF NOT EXISTS eval_results (
-    run_id TEXT NOT NULL REFERENCES eval_runs(id) ON DELETE CASCADE,
-    case_id TEXT NOT NULL,
-    record TEXT NOT NULL,
-    scores TEXT NOT NULL,
-    error TEXT,
-    cached INTEGER NOT NULL DEFAULT 0,
-    created_at TEXT NOT NULL,
-    PRIMARY KEY (run_id, case_id)
-);
-CREATE TABLE IF NOT EXISTS eval_cache (
-    key TEXT PRIMARY KEY,
-    record TEXT NOT NULL,
-    created_at TEXT NOT NULL
-);
-"""
+# The tables come from these Alembic migrations (evals/migrations), run on open.
+MIGRATIONS = Migrations(Path(__file__).with_name("migrations"), "alembic_version_evals")
 
 
 def now() -> str:
@@ -99,7 +64,7 @@ class EvalStore:
         self._conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA foreign_keys=ON")
-        self._conn.executescript(_SCHEMA)
+        upgrade_sqlite(self._conn, MIGRATIONS)
 
     def close(self) -> None:
         with self._lock:
