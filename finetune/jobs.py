@@ -40,14 +40,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 from app.core.db import write_transaction
+from app.core.migrate import Migrations, upgrade_sqlite
 from finetune.errors import JobNotFound, JobStateConflict
 
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 STATES: tuple[JobState, ...] = ("queued", "running", "succeeded", "failed", "cancelled")
 TERMINAL: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
 EVAL_STATES: tuple[str, ...] = ("pending", "running", "passed", "failed", "error")
-# Columns added after the first release: opened stores get them with ALTER TABLE.
-_ADDED_COLUMNS = {"evals_state": "TEXT", "evals": "TEXT"}
 TRANSITIONS: dict[str, frozenset[str]] = {
     "queued": frozenset({"running", "cancelled"}),
     "running": frozenset({"succeeded", "failed", "cancelled", "queued"}),
@@ -56,61 +55,8 @@ TRANSITIONS: dict[str, frozenset[str]] = {
     "cancelled": frozenset(),
 }
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    id TEXT PRIMARY KEY,
-    name TEXT NOT NULL,
-    state TEXT NOT NULL,
-    spec_yaml TEXT NOT NULL,
-    spec_hash TEXT NOT NULL,
-    submitted_by TEXT NOT NULL DEFAULT '',
-    created_at REAL NOT NULL,
-    started_at REAL,
-    finished_at REAL,
-    updated_at REAL NOT NULL,
-    step INTEGER NOT NULL DEFAULT 0,
-    max_steps INTEGER NOT NULL DEFAULT 0,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    worker TEXT,
-    heartbeat_at REAL,
-    cancel_requested INTEGER NOT NULL DEFAULT 0,
-    error TEXT,
-    error_code TEXT,
-    metrics TEXT NOT NULL DEFAULT '{}',
-    data_report TEXT,
-    data_hash TEXT,
-    run_dir TEXT NOT NULL,
-    adapter_path TEXT,
-    mlflow_run_id TEXT,
-    model_name TEXT,
-    model_version TEXT,
-    evals_state TEXT,
-    evals TEXT
-);
-CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, created_at);
-CREATE TABLE IF NOT EXISTS deployments (
-    alias TEXT PRIMARY KEY,
-    model TEXT NOT NULL,
-    version TEXT NOT NULL,
-    backend TEXT NOT NULL,
-    served_name TEXT NOT NULL,
-    adapter_path TEXT NOT NULL,
-    fallback TEXT,
-    updated_at REAL NOT NULL,
-    actor TEXT NOT NULL DEFAULT ''
-);
-CREATE TABLE IF NOT EXISTS audit (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    at REAL NOT NULL,
-    actor TEXT NOT NULL,
-    action TEXT NOT NULL,
-    model TEXT,
-    version TEXT,
-    job_id TEXT,
-    reason TEXT NOT NULL DEFAULT '',
-    details TEXT NOT NULL DEFAULT '{}'
-);
-"""
+# The tables come from these Alembic migrations (finetune/migrations), run on open.
+MIGRATIONS = Migrations(Path(__file__).with_name("migrations"), "alembic_version_finetune")
 
 
 @dataclass
@@ -219,15 +165,7 @@ class JobStore:
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA busy_timeout=30000")
-        self._db.executescript(_SCHEMA)
-        self._migrate()
-
-    def _migrate(self) -> None:
-        with self._tx() as db:
-            have = {r["name"] for r in db.execute("PRAGMA table_info(jobs)").fetchall()}
-            for col, kind in _ADDED_COLUMNS.items():
-                if col not in have:
-                    db.execute(f"ALTER TABLE jobs ADD COLUMN {col} {kind}")
+        upgrade_sqlite(self._db, MIGRATIONS)
 
     def close(self) -> None:
         with self._lock:
