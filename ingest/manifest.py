@@ -18,35 +18,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from app.core.migrate import Migrations, upgrade_sqlite
 from ingest.errors import SnapshotNotFound
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS rag_snapshots (
-    id TEXT PRIMARY KEY,
-    collection TEXT NOT NULL,
-    status TEXT NOT NULL,
-    started_at TEXT NOT NULL,
-    finished_at TEXT,
-    embedding_model TEXT NOT NULL,
-    sparse_encoder TEXT NOT NULL,
-    chunker_config TEXT NOT NULL,
-    paths TEXT NOT NULL,
-    prune INTEGER NOT NULL,
-    counts TEXT NOT NULL DEFAULT '{}',
-    rejections TEXT NOT NULL DEFAULT '[]',
-    error TEXT
-);
-CREATE INDEX IF NOT EXISTS rag_snapshots_collection ON rag_snapshots(collection, started_at);
-CREATE TABLE IF NOT EXISTS rag_snapshot_files (
-    snapshot_id TEXT NOT NULL REFERENCES rag_snapshots(id) ON DELETE CASCADE,
-    doc_id TEXT NOT NULL,
-    source TEXT NOT NULL,
-    source_sha256 TEXT NOT NULL,
-    version TEXT NOT NULL,
-    chunks INTEGER NOT NULL,
-    PRIMARY KEY (snapshot_id, doc_id)
-);
-"""
+# The tables come from these Alembic migrations (ingest/migrations), run on first use.
+MIGRATIONS = Migrations(Path(__file__).with_name("migrations"), "alembic_version_ingest")
 
 
 class FileEntry(BaseModel):
@@ -105,7 +81,7 @@ class SnapshotStore:
             conn.row_factory = sqlite3.Row
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA foreign_keys=ON")
-            conn.executescript(_SCHEMA)
+            upgrade_sqlite(conn, MIGRATIONS)
             self._conn = conn
         return self._conn
 

@@ -1,0 +1,3 @@
+"""Alembic migrations of the ingest snapshots manifest (ingest.manifest).
+
+They run when the store opens (``app.core.migrate``)."""
