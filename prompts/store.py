@@ -314,7 +314,7 @@ class SqlitePromptStore(SqlPromptStore):
 def build_prompt_store(settings: PromptSettings, home: Path) -> PromptStore:
     """Postgres when ``settings.url`` is set, else the SQLite file (``db_path`` or ``<home>/prompts.db``)."""
     if settings.url:
-        from prompts.store_pg import PostgresPromptStore  # psycopg is loaded only when Postgres is used
+        from prompts.store_pg import PostgresPromptStore  # lazy: psycopg is loaded only when Postgres is used
 
         return PostgresPromptStore(settings.url.get_secret_value())
     return SqlitePromptStore(settings.resolved_db_path(home))
