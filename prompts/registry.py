@@ -37,10 +37,10 @@ from prompts.models import (
 )
 from prompts.render import CompiledPrompt, Renderer
 from prompts.settings import PromptSettings
-from prompts.store import PromptStore, build_prompt_store
+from prompts.store import PromptStore
 
 if TYPE_CHECKING:
-    from prompts.settings import PromptConfig
+    pass
 
 log = logging.getLogger("keel.prompts")
 
@@ -341,16 +341,3 @@ def _scoped(name: str, ref: str) -> str:
 def _diffable(content: TemplateContent) -> dict[str, Any]:
     data = content.model_dump(mode="json", exclude_none=True)
     return {k: data[k] for k in ("description", "messages", "params", "variables")}
-
-
-def build_registry(settings: PromptConfig, *, gate: PromotionGate | None = None) -> PromptRegistry:
-    """Factory for the container: the registry on SQLite or Postgres (``prompts.url``), seeded with the
-    starter library when empty."""
-    from prompts.portable import import_dir
-
-    store = build_prompt_store(settings.prompts, settings.home)
-    registry = PromptRegistry(store, settings.prompts, gate=gate)
-    if settings.prompts.seed_library and LIBRARY_DIR.is_dir() and not store.list_templates():
-        report = import_dir(registry, LIBRARY_DIR, actor="system:seed")
-        log.info("seeded the prompt registry with %d starter templates", len(report.templates))
-    return registry

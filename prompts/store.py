@@ -2,7 +2,7 @@
 
 ``PromptStore`` is the contract; ``SqlitePromptStore`` the default implementation and
 ``prompts.store_pg.PostgresPromptStore`` the one for several API instances (both pass the same
-contract suite); ``build_prompt_store`` picks one from the settings. Stores enforce the
+contract suite); ``prompts.factory.build_prompt_store`` picks one from the settings. Stores enforce the
 invariants that need a transaction — version numbering, optimistic concurrency,
 audit rows written together with the change — and nothing about rendering.
 """
@@ -23,7 +23,6 @@ from app.core.errors import NotFound
 from app.core.migrate import Migrations, upgrade_sqlite
 from prompts.errors import ImportConflict, VersionConflict
 from prompts.models import AuditEntry, TemplateContent, TemplateSummary, TemplateVersion, validate_name
-from prompts.settings import PromptSettings
 
 
 def utc_now() -> str:
@@ -309,15 +308,6 @@ class SqlitePromptStore(SqlPromptStore):
     def _read(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         with self._lock:
             return self._db.execute(sql, args).fetchall()
-
-
-def build_prompt_store(settings: PromptSettings, home: Path) -> PromptStore:
-    """Postgres when ``settings.url`` is set, else the SQLite file (``db_path`` or ``<home>/prompts.db``)."""
-    if settings.url:
-        from prompts.store_pg import PostgresPromptStore  # lazy: psycopg is loaded only when Postgres is used
-
-        return PostgresPromptStore(settings.url.get_secret_value())
-    return SqlitePromptStore(settings.resolved_db_path(home))
 
 
 def _stale(name: str, base: int | None, latest: int | None) -> VersionConflict:

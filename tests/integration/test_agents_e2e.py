@@ -15,7 +15,7 @@ from app.core.metrics import Metrics
 from app.llm.router import ModelRouter
 from app.settings import load_settings
 from ingest import build_rag
-from prompts.registry import build_registry
+from prompts.factory import build_registry
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -12,8 +12,8 @@ from agents.tools import ToolRegistry, builtin_tools
 from agents.workflows import research
 from agents.workflows.common import Deps
 from app.settings import Settings
+from prompts.factory import build_registry
 from prompts.models import TemplateContent
-from prompts.registry import build_registry
 
 STATE = {"question": "What is 6 times 7, and where is Keel's config?",
          "trace": [{"worker": "researcher", "summary": "2 new passages (2 total)"}],

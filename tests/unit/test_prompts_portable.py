@@ -10,8 +10,9 @@ from app.core.errors import InvalidRequest
 from app.settings import Settings
 from prompts import yamlio
 from prompts.errors import ImportConflict, PromotionGateFailed
+from prompts.factory import build_registry
 from prompts.portable import export_dir, import_dir
-from prompts.registry import LIBRARY_DIR, build_registry
+from prompts.registry import LIBRARY_DIR
 from prompts.testing import RecordingGate, content, sqlite_registry
 
 

@@ -244,10 +244,10 @@ def test_registries_on_one_store_see_each_others_label_moves(open_store):
 
 
 def test_settings_pick_the_store(tmp_path, postgres_url):
-    from app.core.settings import Settings
-    from prompts.registry import LIBRARY_DIR, build_registry
+    from app.settings import Settings
+    from prompts.factory import build_prompt_store, build_registry
+    from prompts.registry import LIBRARY_DIR
     from prompts.settings import PromptSettings
-    from prompts.store import build_prompt_store
     from prompts.store_pg import PostgresPromptStore
 
     default = build_prompt_store(PromptSettings(), tmp_path)
