@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from app.core.errors import InvalidRequest
 from app.core.types import ChatMessage, GenerationParams, ResponseFormat
 
 
@@ -118,8 +119,6 @@ class ChatCompletionRequest(_Wire):
         if self.response_format is not None and self.response_format.type != "text":
             spec = self.response_format.json_schema
             if self.response_format.type == "json_schema" and spec is None:
-                from app.core.errors import InvalidRequest
-
                 raise InvalidRequest(
                     "response_format.type 'json_schema' needs response_format.json_schema.schema",
                     param="response_format",

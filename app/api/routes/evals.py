@@ -16,7 +16,11 @@ from pydantic import BaseModel, Field
 from app.api.deps import ContainerDep, EvalsKey, EvalStoreDep, SettingsDep
 from app.core.errors import InvalidRequest
 from app.settings import Settings
+from evals.report import html_report, run_json
+from evals.runner import EvalConfigError, EvalRunner, count_swallowed
 from evals.store import EvalStore
+from evals.suite import SuiteError, find_named_suite, load_suite, suite_dirs
+from evals.suite import list_suites as suite_files
 
 router = APIRouter(prefix="/v1/evals", tags=["evals"])
 log = logging.getLogger("keel.evals")
@@ -25,8 +29,6 @@ _tasks: set[asyncio.Task] = set()
 
 def _load(settings: Settings, name: str):
     """A suite by name from the suites folders only: a caller must not make the server read other files."""
-    from evals.suite import SuiteError, find_named_suite, load_suite, suite_dirs
-
     suites_dir = settings.evals.suites_dir
     try:
         return load_suite(find_named_suite(name, suites_dir), roots=suite_dirs(suites_dir))
@@ -43,11 +45,8 @@ class RunIn(BaseModel):
 
 @router.get("/suites")
 async def list_suites(_key: EvalsKey, settings: SettingsDep) -> list[dict[str, Any]]:
-    from evals.suite import SuiteError, load_suite
-    from evals.suite import list_suites as _list
-
     out = []
-    for path in _list(settings.evals.suites_dir):
+    for path in suite_files(settings.evals.suites_dir):
         try:
             s = load_suite(path)
             out.append({"name": s.name, "path": str(path), "cases": len(s.cases), "hash": s.hash,
@@ -65,8 +64,6 @@ async def list_runs(_key: EvalsKey, store: EvalStoreDep, suite: str | None = Non
 
 @router.get("/runs/{run_id}")
 async def show_run(_key: EvalsKey, store: EvalStoreDep, run_id: str, cases: bool = False) -> dict[str, Any]:
-    from evals.report import run_json
-
     run = store.get_run(run_id)
     if not cases:
         return run.public()
@@ -75,8 +72,6 @@ async def show_run(_key: EvalsKey, store: EvalStoreDep, run_id: str, cases: bool
 
 @router.get("/runs/{run_id}/report.html", response_class=HTMLResponse)
 async def run_report(_key: EvalsKey, settings: SettingsDep, store: EvalStoreDep, run_id: str) -> HTMLResponse:
-    from evals.report import html_report
-
     run = store.get_run(run_id)
     suite = _load(settings, run.suite)
     base = (store.get_run(run.baseline), store.results(run.baseline)) if run.baseline else None
@@ -86,8 +81,6 @@ async def run_report(_key: EvalsKey, settings: SettingsDep, store: EvalStoreDep,
 @router.post("/runs", status_code=202)
 async def start_run(_key: EvalsKey, container: ContainerDep, body: RunIn) -> dict[str, Any]:
     """Start a suite in the background (the server's own ChatService); poll GET /v1/evals/runs?suite=."""
-    from evals.runner import EvalConfigError, EvalRunner, count_swallowed
-
     settings = container.settings
     suite = _load(settings, body.suite)
     # The run outlives the request: it writes through a store of its own (EvalStoreDep's closes with the
