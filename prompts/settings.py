@@ -10,6 +10,7 @@ from typing import Protocol
 
 from pydantic import BaseModel, Field, SecretStr, field_validator
 
+from app.core.audit import AuditRetention
 from app.core.db import postgres_url
 from app.core.settings import CoreConfig
 
@@ -47,6 +48,9 @@ class PromptSettings(BaseModel):
     seed_library: bool = Field(
         default=True, description="Import the shipped starter templates when the registry is empty."
     )
+    audit_retention: AuditRetention = Field(
+        default_factory=AuditRetention, description="How long the registry's audit trail (versions, label moves, "
+        "overrides) is kept. Unset limits keep everything, as before.")
     limits: PromptLimits = Field(default_factory=PromptLimits)
 
     @field_validator("url")

@@ -5,11 +5,15 @@
 contract suite); ``prompts.factory.build_prompt_store`` picks one from the settings. Stores enforce the
 invariants that need a transaction — version numbering, optimistic concurrency,
 audit rows written together with the change — and nothing about rendering.
+
+The audit rows are the kernel's (:mod:`app.core.audit`): trail ``prompts`` in the ``audit_events`` table of the
+registry's database, appended on the write transaction's own connection (a change and its audit row commit
+together or not at all), subject the template (``subject_kind`` ``prompt``, ``subject_ref`` the label, if
+any), ``from_ref``/``to_ref`` the versions. :class:`~prompts.models.AuditEntry` is the registry's view of one.
 """
 
 from __future__ import annotations
 
-import json
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -18,15 +22,23 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from app.core import audit
+from app.core.audit import AuditEvent, AuditRetention, Pruner
 from app.core.db import write_transaction
 from app.core.errors import NotFound
 from app.core.migrate import Migrations, upgrade_sqlite
 from prompts.errors import ImportConflict, VersionConflict
 from prompts.models import AuditEntry, TemplateContent, TemplateSummary, TemplateVersion, validate_name
 
+TRAIL = "prompts"
+
 
 def utc_now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")
 
 
 @runtime_checkable
@@ -67,8 +79,9 @@ class PromptStore(Protocol):
 
 
 # The registry's tables come from these Alembic migrations (prompts/migrations), run when a store opens, on
-# SQLite and Postgres alike. The advisory lock key (Postgres) is the one the release before Alembic took
-# around its schema set-up ("keelpr"), so a process of that release starting at the same time waits too.
+# SQLite and Postgres alike, after the kernel's audit schema (revision 0002 moves prompt_audit into it). The
+# advisory lock key (Postgres) is the one the release before Alembic took around its schema set-up ("keelpr"),
+# so a process of that release starting at the same time waits too.
 MIGRATIONS = Migrations(Path(__file__).with_name("migrations"), "alembic_version_prompts",
                         pg_lock_key=0x6B65656C_7072)
 
@@ -78,12 +91,13 @@ class SqlPromptStore:
 
     A subclass provides ``_write()`` (a context manager yielding an object with ``execute(sql, args)``
     for one transaction that holds the registry's write lock and has bumped the revision counter),
-    ``_read(sql, args)``, ``close()``, and three dialect details below.
+    ``_read(sql, args)``, ``close()``, ``_prune_audit()`` (the audit retention, on a connection of its own)
+    and three dialect details below.
     """
 
     _placeholder = "?"   # what stands for a parameter in the database's SQL
-    _jsonb = ""          # cast on the audit details parameter
     _collate = ""        # ORDER BY suffix for byte order (SQLite's default)
+    _pruner: Pruner | None = None  # the audit retention (set by the subclass's __init__)
 
     def _write(self) -> AbstractContextManager[Any]:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -199,12 +213,18 @@ class SqlPromptStore:
         from_version: int | None = None, to_version: int | None = None, reason: str = "",
         details: dict[str, Any] | None = None,
     ) -> None:
-        db.execute(
-            self._sql("INSERT INTO prompt_audit (at, actor, action, name, label, from_version, to_version, "
-                      f"reason, details) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?{self._jsonb})"),
-            (utc_now(), actor, action, name, label, from_version, to_version, reason,
-             json.dumps(details or {}, sort_keys=True, default=str)),
-        )
+        """The change's audit event, in the change's transaction (``db``)."""
+        audit.append(db, AuditEvent(trail=TRAIL, actor=actor, action=action, subject_kind="prompt", subject=name,
+                                    subject_ref=label, from_ref=from_version, to_ref=to_version, reason=reason,
+                                    details=details or {}))
+
+    def _after_write(self) -> None:
+        """After a write committed: the audit retention, when due (one clock read otherwise)."""
+        if self._pruner is not None and self._pruner.due():
+            self._prune_audit()
+
+    def _prune_audit(self) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
 
     # --- reads --------------------------------------------------------------------------------
     def get_version(self, name: str, version: int) -> TemplateVersion:
@@ -261,20 +281,19 @@ class SqlPromptStore:
         self, *, name: str | None = None, label: str | None = None, limit: int = 100,
         before_id: int | None = None,
     ) -> list[AuditEntry]:
-        where, args = [], []
-        for clause, value in (("name = ?", name), ("label = ?", label), ("id < ?", before_id)):
-            if value is not None:
-                where.append(clause)
-                args.append(value)
-        sql = "SELECT id, at, actor, action, name, label, from_version, to_version, reason, details FROM prompt_audit"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        rows = self._q(sql + " ORDER BY id DESC LIMIT ?", (*args, max(1, min(limit, 1000))))
+        events = self.audit_events(subject_kind="prompt" if name is not None else None, subject=name,
+                                   subject_ref=label, before_id=before_id, limit=max(1, min(limit, 1000)))
         return [
-            AuditEntry(id=r[0], at=r[1], actor=r[2], action=r[3], name=r[4], label=r[5], from_version=r[6],
-                       to_version=r[7], reason=r[8], details=json.loads(r[9]) if isinstance(r[9], str) else r[9])
-            for r in rows
+            AuditEntry(id=e.id, at=_iso(e.at), actor=e.actor, action=e.action, name=e.subject, label=e.subject_ref,
+                       from_version=_version(e.from_ref), to_version=_version(e.to_ref), reason=e.reason,
+                       details=dict(e.details))
+            for e in events
         ]
+
+    def audit_events(self, **filters: Any) -> list[AuditEvent]:
+        """The kernel's audit query (:func:`app.core.audit.select`'s filters) on the registry's trail."""
+        sql, args = audit.select(postgres=self._placeholder != "?", **{**filters, "trail": TRAIL})
+        return [audit.decode(r) for r in self._read(sql, args)]
 
     def revision(self) -> int:
         return self._q("SELECT value FROM prompt_meta WHERE key = 'revision'")[0][0]
@@ -284,7 +303,8 @@ class SqlitePromptStore(SqlPromptStore):
     """SQLite in WAL mode. One connection per store, serialised by a lock; other processes or
     store instances on the same file are serialised by SQLite's write lock (``BEGIN IMMEDIATE``)."""
 
-    def __init__(self, path: Path | str, *, busy_timeout_ms: int = 10_000) -> None:
+    def __init__(self, path: Path | str, *, busy_timeout_ms: int = 10_000,
+                 audit_retention: AuditRetention | None = None) -> None:
         if str(path) != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
@@ -293,7 +313,10 @@ class SqlitePromptStore(SqlPromptStore):
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._lock = threading.RLock()
+        audit.ensure_schema_sqlite(self._db)  # the kernel's audit table first: revision 0002 moves rows into it
         upgrade_sqlite(self._db, MIGRATIONS)
+        self._pruner = Pruner(TRAIL, audit_retention)
+        self._after_write()  # the retention, on open
 
     def close(self) -> None:
         with self._lock:
@@ -304,6 +327,10 @@ class SqlitePromptStore(SqlPromptStore):
         with write_transaction(self._db, self._lock) as db:
             db.execute("UPDATE prompt_meta SET value = value + 1 WHERE key = 'revision'")
             yield db
+        self._after_write()
+
+    def _prune_audit(self) -> None:
+        self._pruner.run(self._db, lock=self._lock)
 
     def _read(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         with self._lock:
@@ -326,6 +353,10 @@ def _stale(name: str, base: int | None, latest: int | None) -> VersionConflict:
         f"between; reload {name}@{latest}, merge your change and save with base_version={latest}",
         latest=latest,
     )
+
+
+def _version(ref: str | None) -> int | None:
+    return int(ref) if ref is not None else None
 
 
 def _row_to_version(row: tuple[Any, ...]) -> TemplateVersion:

@@ -23,10 +23,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from app.core import audit
+from app.core.audit import AuditRetention, Pruner
 from app.core.db import postgres_unavailable
 from app.core.errors import StoreUnavailable
 from app.core.migrate import upgrade_postgres
-from prompts.store import MIGRATIONS, SqlPromptStore
+from prompts.store import MIGRATIONS, TRAIL, SqlPromptStore
 
 log = logging.getLogger("keel.prompts")
 
@@ -37,10 +39,10 @@ class PostgresPromptStore(SqlPromptStore):
     """A small psycopg connection pool; every write is one transaction (partial writes roll back)."""
 
     _placeholder = "%s"
-    _jsonb = "::jsonb"
     _collate = ' COLLATE "C"'  # byte order, as SQLite sorts, whatever locale the database was created with
 
-    def __init__(self, url: str, *, min_size: int = 1, max_size: int = 4, timeout_s: float = 10.0) -> None:
+    def __init__(self, url: str, *, min_size: int = 1, max_size: int = 4, timeout_s: float = 10.0,
+                 audit_retention: AuditRetention | None = None) -> None:
         import psycopg
         from psycopg_pool import ConnectionPool, PoolTimeout
 
@@ -56,11 +58,15 @@ class PostgresPromptStore(SqlPromptStore):
         # The schema (Alembic, prompts/migrations) on a connection of its own first: a wrong URL, password or
         # host fails here at once with libpq's reason, where the pool would retry quietly until its timeout.
         # Two workers starting at once take turns on an advisory lock (see app.core.migrate).
+        # The kernel's audit table first: revision 0002 of the registry moves prompt_audit into it.
         try:
+            audit.ensure_schema_postgres(url, connect_timeout_s=timeout_s)
             upgrade_postgres(url, MIGRATIONS, connect_timeout_s=timeout_s)
         except psycopg.OperationalError as e:
             raise self._unavailable(e) from None
         self._pool.open()
+        self._pruner = Pruner(TRAIL, audit_retention)
+        self._after_write()  # the retention, on open
 
     def close(self) -> None:
         if not self._closed.is_set():
@@ -92,6 +98,14 @@ class PostgresPromptStore(SqlPromptStore):
         with self._tx() as cur:
             cur.execute("UPDATE prompt_meta SET value = value + 1 WHERE key = 'revision'")
             yield cur
+        self._after_write()
+
+    def _prune_audit(self) -> None:
+        try:
+            with self._pool.connection() as conn:  # autocommit: each batch is its own short transaction
+                self._pruner.run(conn)
+        except self._errors as e:  # the retention never fails a write; it runs again at its next check
+            log.warning("audit retention skipped: %s", self._unavailable(e))
 
     def _read(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         with self._cursor() as cur:
