@@ -23,6 +23,10 @@ evals say (a failing eval makes the adapter unpromotable, it does not undo the t
 
 Every process (API, CLI, workers) opens the same file; each call is one short
 transaction, and WAL mode lets readers run while a worker writes progress.
+
+The audit (job cancels and evaluations, adapter promotions, rollbacks and deploys) is the kernel's
+(:mod:`app.core.audit`): trail ``adapters`` in the file's ``audit_events`` table; :meth:`JobStore.audit_log`
+keeps its earlier shape (``model``, ``version``, ``job_id`` columns).
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from app.core import audit
+from app.core.audit import AuditEvent, AuditRetention, Pruner
 from app.core.db import write_transaction
 from app.core.migrate import Migrations, upgrade_sqlite
 from finetune.errors import JobNotFound, JobStateConflict
@@ -55,8 +61,10 @@ TRANSITIONS: dict[str, frozenset[str]] = {
     "cancelled": frozenset(),
 }
 
-# The tables come from these Alembic migrations (finetune/migrations), run on open.
+# The tables come from these Alembic migrations (finetune/migrations), run on open, after the kernel's audit
+# schema (revision 0002 moves the old audit table into it).
 MIGRATIONS = Migrations(Path(__file__).with_name("migrations"), "alembic_version_finetune")
+AUDIT_TRAIL = "adapters"
 
 
 @dataclass
@@ -155,7 +163,7 @@ def worker_dead(worker: str | None) -> bool:
 
 
 class JobStore:
-    def __init__(self, path: Path, runs_dir: Path) -> None:
+    def __init__(self, path: Path, runs_dir: Path, *, audit_retention: AuditRetention | None = None) -> None:
         self.path = Path(path)
         self.runs_dir = Path(runs_dir)
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -165,7 +173,10 @@ class JobStore:
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA busy_timeout=30000")
+        audit.ensure_schema_sqlite(self._db)  # the kernel's audit table first: revision 0002 moves rows into it
         upgrade_sqlite(self._db, MIGRATIONS)
+        self._audit_pruner = Pruner(AUDIT_TRAIL, audit_retention)
+        self._prune_audit()
 
     def close(self) -> None:
         with self._lock:
@@ -441,19 +452,40 @@ class JobStore:
             return db.execute("DELETE FROM deployments WHERE alias = ?", (alias,)).rowcount > 0
 
     def audit(self, *, actor: str, action: str, model: str | None = None, version: str | None = None,
-              job_id: str | None = None, reason: str = "", details: dict[str, Any] | None = None) -> None:
+              job_id: str | None = None, reason: str = "", details: dict[str, Any] | None = None,
+              request_id: str | None = None) -> None:
+        """One event of the ``adapters`` trail: subject the adapter (kind ``adapter``, name the model) or, without
+        a model, the job (kind ``job``); ``subject_ref`` the job, ``to_ref`` the version, ``from_ref`` the
+        version it replaced when ``details`` says (``from``)."""
         with self._tx() as db:
-            db.execute("INSERT INTO audit (at, actor, action, model, version, job_id, reason, details) "
-                       "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                       (time.time(), actor, action, model, version, job_id, reason, json.dumps(details or {})))
+            self.append_audit(db, actor=actor, action=action, model=model, version=version, job_id=job_id,
+                              reason=reason, details=details, request_id=request_id)
+        self._prune_audit()
+
+    @staticmethod
+    def append_audit(db: sqlite3.Connection, *, actor: str, action: str, model: str | None = None,
+                     version: str | None = None, job_id: str | None = None, reason: str = "",
+                     details: dict[str, Any] | None = None, request_id: str | None = None) -> None:
+        """:meth:`audit` inside a transaction of this store's (``db``): the change and its event commit together."""
+        details = details or {}
+        before = details.get("from")
+        audit.append(db, AuditEvent(
+            trail=AUDIT_TRAIL, actor=actor, action=action, subject_kind="adapter" if model else "job",
+            subject=model or job_id or "", subject_ref=job_id, to_ref=version,
+            from_ref=before if isinstance(before, str | int) and not isinstance(before, bool) else None,
+            reason=reason, details=details, request_id=request_id))
 
     def audit_log(self, *, model: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
-        sql, args = "SELECT * FROM audit", []
-        if model:
-            sql += " WHERE model = ?"
-            args.append(model)
-        sql += " ORDER BY id DESC LIMIT ?"
-        args.append(limit)
+        events = self.audit_events(subject_kind="adapter" if model else None, subject=model or None, limit=limit)
+        return [{"id": e.id, "at": e.at, "actor": e.actor, "action": e.action,
+                 "model": e.subject if e.subject_kind == "adapter" else None, "version": e.to_ref,
+                 "job_id": e.subject_ref, "reason": e.reason, "details": dict(e.details)} for e in events]
+
+    def audit_events(self, **filters: Any) -> list[AuditEvent]:
+        """The kernel's audit query (:func:`app.core.audit.select`'s filters) on the ``adapters`` trail."""
         with self._lock:
-            rows = self._db.execute(sql, args).fetchall()
-        return [{**dict(r), "details": json.loads(r["details"])} for r in rows]
+            return audit.query(self._db, **{**filters, "trail": AUDIT_TRAIL})
+
+    def _prune_audit(self) -> None:
+        if self._audit_pruner.due():
+            self._audit_pruner.run(self._db, lock=self._lock)

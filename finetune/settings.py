@@ -11,6 +11,7 @@ from typing import Literal, Protocol
 
 from pydantic import BaseModel, Field
 
+from app.core.audit import AuditRetention
 from evals.settings import EvalConfig
 
 
@@ -55,6 +56,9 @@ class FinetuneSettings(BaseModel):
     eval_dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
         default="float32", description="dtype of the in-process model that answers the eval suites."
     )
+    audit_retention: AuditRetention = Field(
+        default_factory=AuditRetention, description="How long the adapters audit trail (promotions, rollbacks, "
+        "deploys, job cancels and evaluations) is kept. Unset limits keep everything, as before.")
 
     def resolved_allowed_roots(self, home: Path) -> list[Path]:
         if self.allowed_roots is not None:
