@@ -1,13 +1,15 @@
-"""Admin: API keys and backend status/logs (scope ``admin``)."""
+"""Admin: API keys, backend status/logs and the audit trails (scope ``admin``)."""
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import asdict
+from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel, Field
 
-from app.api.deps import GuardsDep, KeysDep, LlmDep, require_scope
+from app.api.deps import ContainerDep, GuardsDep, KeysDep, LlmDep, require_scope
 from app.core.errors import NotFound
 from app.security.keys import ApiKey
 
@@ -90,3 +92,38 @@ async def guardrail_policy(guards: GuardsDep) -> dict:
     policy = guards.policy
     return {"version": policy.version_tag, "path": str(policy.path), "policies": sorted(policy.file.policies),
             "bindings": [b.model_dump() for b in policy.file.bindings]}
+
+
+Trail = Literal["guardrails", "prompts", "adapters"]
+
+
+@router.get("/audit")
+async def audit_events(
+    container: ContainerDep, trail: Trail, subject_kind: str | None = None, subject: str | None = None,
+    subject_ref: str | None = None, actor: str | None = None, action: str | None = None,
+    request_id: str | None = None, since: float | None = None, until: float | None = None,
+    before_id: int | None = None, limit: int = Query(100, ge=1, le=1000),
+) -> list[dict]:
+    """One audit trail's events, newest first (the kernel's query: app.core.audit): who, what, on what, from and
+    to, why, when. ``since``/``until`` are unix seconds; ``before_id`` pages back from an event's id."""
+    filters: dict[str, Any] = {"subject_kind": subject_kind, "subject": subject, "subject_ref": subject_ref,
+                               "actor": actor, "action": action, "request_id": request_id, "since": since,
+                               "until": until, "before_id": before_id, "limit": limit}
+    if trail == "guardrails":
+        guards = getattr(container, "guards", None)
+        if guards is None:
+            raise NotFound("guardrails are disabled on this server (KEEL_GUARDRAILS__ENABLED=false)")
+        await guards.flush()  # decisions are written in the background
+        query = guards.audit.events
+    elif trail == "prompts":
+        registry = getattr(container, "prompts", None)
+        if registry is None:
+            raise NotFound("the prompt registry is not configured on this server")
+        query = registry.store.audit_events
+    else:
+        finetune = getattr(container, "finetune", None)
+        if finetune is None:
+            raise NotFound("fine-tuning is not configured on this server")
+        query = finetune.store.audit_events
+    events = await asyncio.to_thread(query, **filters)
+    return [{**asdict(e), "details": dict(e.details)} for e in events]
