@@ -19,8 +19,8 @@ def build_prompt_store(settings: PromptSettings, home: Path) -> PromptStore:
     if settings.url:
         from prompts.store_pg import PostgresPromptStore  # lazy: psycopg is loaded only when Postgres is used
 
-        return PostgresPromptStore(settings.url.get_secret_value())
-    return SqlitePromptStore(settings.resolved_db_path(home))
+        return PostgresPromptStore(settings.url.get_secret_value(), audit_retention=settings.audit_retention)
+    return SqlitePromptStore(settings.resolved_db_path(home), audit_retention=settings.audit_retention)
 
 
 def build_registry(settings: PromptConfig, *, gate: PromotionGate | None = None) -> PromptRegistry:
