@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 
 def build_agents(settings: Any, llm_router: Any, rag: Any = None, prompts: Any = None, **kwargs: Any) -> AgentService:
     """See :func:`agents.service.build_agents`."""
-    from agents.service import build_agents as _build
+    from agents.service import build_agents as _build  # lazy: the package stays cheap; the service loads LangGraph
 
     return _build(settings, llm_router, rag, prompts, **kwargs)
 

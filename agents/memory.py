@@ -38,6 +38,7 @@ from langgraph.store.base import (
 )
 
 from agents.schemas import parse_namespace
+from ingest.embedding import SparseVec
 from ingest.store.base import ChunkPoint, HybridQuery, VectorStore
 
 _MAX_SCAN = 10_000
@@ -162,8 +163,6 @@ class QdrantMemoryStore(BaseStore):
         version = hashlib.sha256(f"{value_json}|{now}".encode()).hexdigest()[:16]
         sparse = self.sparse.encode_documents([text])[0] if self.sparse is not None else None
         if sparse is None:
-            from ingest.embedding import SparseVec
-
             sparse = SparseVec([], [])
         payload = {
             "doc_id": doc_id, "doc_version": version, "kind": "memory", "source": _ns_key(namespace),

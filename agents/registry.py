@@ -44,7 +44,7 @@ class WorkflowRegistry:
 
 
 def default_registry() -> WorkflowRegistry:
-    from agents.workflows import rag_qa, research
+    from agents.workflows import rag_qa, research  # lazy: the workflows import langgraph.graph (~0.6 s)
 
     reg = WorkflowRegistry()
     reg.register(Workflow(rag_qa.NAME, rag_qa.DESCRIPTION, rag_qa.build,

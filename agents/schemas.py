@@ -10,6 +10,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
+from app.core.errors import InvalidRequest
+
 
 class _Event(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -165,7 +167,5 @@ def parse_namespace(text: str) -> tuple[str, ...]:
     """``"users/alice"`` -> ``("users", "alice")``."""
     parts = tuple(p for p in text.strip("/").split("/") if p)
     if not parts:
-        from app.core.errors import InvalidRequest
-
         raise InvalidRequest("namespace is empty; use e.g. users/<id> or teams/<name>", param="namespace")
     return parts

@@ -14,6 +14,7 @@ from typing import Any
 
 from agents.llm import parse_json
 from app.core.types import ChatMessage
+from ingest.retriever import Citation, RetrievalResult, RetrievedChunk
 
 Response = str | dict[str, Any] | Exception
 Responder = Callable[[Sequence[ChatMessage], dict[str, Any] | None], Response]
@@ -80,8 +81,6 @@ class KeywordRetriever:
         self.queries: list[str] = []
 
     def retrieve(self, query: str, *, collection: str | None = None, top_k: int | None = None, **_: Any):
-        from ingest.retriever import Citation, RetrievalResult, RetrievedChunk
-
         self.queries.append(query)
         if self.fail > 0:
             self.fail -= 1

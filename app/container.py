@@ -12,7 +12,9 @@ from pathlib import Path
 from agents import build_agents
 from agents.service import AgentService
 from app.core.metrics import Metrics
+from app.guardrails.embeddings import SharedEmbedder, default_model_path
 from app.guardrails.engine import GuardrailEngine
+from app.guardrails.offline import configure_offline
 from app.llm.base import LLMBackend
 from app.llm.router import ModelRouter
 from app.security.keys import KeyStore
@@ -29,7 +31,8 @@ from finetune.gate import adapter_gate
 from finetune.service import FinetuneService
 from ingest import build_rag
 from ingest.factory import RagServices
-from prompts.registry import PromptRegistry, build_registry
+from prompts.factory import build_registry
+from prompts.registry import PromptRegistry
 
 log = logging.getLogger("keel")
 
@@ -166,8 +169,6 @@ def shared_embedder(settings: Settings):
     """The one MiniLM the API process loads: it embeds RAG queries and ingest batches and serves the guardrail
     validators. Short texts (a question, a guard input) run as a direct forward pass on a pinned one-thread
     worker, which keeps request latency steady on a busy machine; ingest batches use every core."""
-    from app.guardrails.embeddings import SharedEmbedder
-
     g = settings.guardrails
     return SharedEmbedder(settings.rag.embedding_model, device=settings.rag.embedding_device,
                           threads=g.embedding_threads, dtype=g.embedding_dtype, runtime=g.embedding_runtime,
@@ -175,8 +176,6 @@ def shared_embedder(settings: Settings):
 
 
 def _same_model(settings: Settings) -> bool:
-    from app.guardrails.embeddings import default_model_path
-
     def resolved(p):
         return Path(p).resolve() if p else default_model_path().resolve()
 
@@ -185,8 +184,6 @@ def _same_model(settings: Settings) -> bool:
 
 def build_guards(settings: Settings, metrics: Metrics, *, embedder=None) -> GuardrailEngine:
     """The guardrail engine, offline and with its metrics on the app's registry (not warmed up)."""
-    from app.guardrails.offline import configure_offline
-
     configure_offline(settings.home / "cache")
     cfg = settings.guardrails
     if not cfg.policy_path.is_absolute() and not cfg.policy_path.exists():

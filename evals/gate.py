@@ -78,6 +78,8 @@ def prompt_gate(store: EvalStore, registry: PromptRegistry, *, required_suites: 
     and the latest run of every suite that ran on the version must pass; the reason then says that no
     suite guards the prompt.
     """
+    # finetune.gate imports this module, so the CLI loads it on every command
+    # lazy: keeps `keel --help` fast: the suite models and metric registry pull numpy, ~0.1 s
     from evals.suite import SuiteError, bound_suites, suite_dirs
 
     dirs = suite_dirs(suites_dir) if suites_dir is not None else None

@@ -18,6 +18,7 @@ __all__ = ["build_finetune"]
 
 def build_finetune(settings: FinetuneConfig, **kwargs: Any) -> FinetuneService:
     """The service the lead puts on the container as ``container.finetune``."""
+    # lazy: `import finetune.settings` (app.settings does) stays light: the service pulls the job store, yaml, ~45 ms
     from finetune.service import build_finetune as _build
 
     return _build(settings, **kwargs)

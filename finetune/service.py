@@ -25,12 +25,12 @@ from finetune.spec import (
     parse_spec,
     resolve_base_model,
 )
+from finetune.tracking import AdapterGate, AdapterRegistry, AdapterVersion, Promotion, Tracker
 from finetune.worker import finetune_settings, open_store
 
 if TYPE_CHECKING:
     from finetune.serving import Deployment
     from finetune.settings import FinetuneConfig
-    from finetune.tracking import AdapterGate, AdapterRegistry, AdapterVersion, Promotion, Tracker
 
 log = logging.getLogger("keel.finetune")
 
@@ -141,16 +141,12 @@ class FinetuneService:
     @property
     def tracker(self) -> Tracker:
         if self._tracker is None:
-            from finetune.tracking import Tracker
-
             self._tracker = Tracker(self.fs, self.settings.home)
         return self._tracker
 
     @property
     def registry(self) -> AdapterRegistry:
         if self._registry is None:
-            from finetune.tracking import AdapterRegistry
-
             self._registry = AdapterRegistry(self.tracker, gate=self._gate, audit=self.store.audit)
         return self._registry
 
@@ -193,7 +189,7 @@ class FinetuneService:
         """Serve ``model`` ``version`` as model ``alias`` now, and remember it for :meth:`restore_deployments`."""
         import asyncio
 
-        from finetune import serving
+        from finetune import serving  # lazy: keeps `keel --help` fast: pulls httpx and the vLLM supervisor
 
         await asyncio.to_thread(self.check_alias, alias, model)
         backend = backend or self.settings.models[self.settings.default_model].backend
@@ -211,7 +207,7 @@ class FinetuneService:
         """Re-apply every remembered deployment (aliases, and adapters into vLLM, which forgets them when
         it restarts). Call it at API start-up once backends are ready, and after a vLLM restart.
         Returns the aliases restored; failures are logged, not raised."""
-        from finetune import serving
+        from finetune import serving  # lazy: keeps `keel --help` fast: pulls httpx and the vLLM supervisor
 
         restored = []
         for d in self.store.deployments():

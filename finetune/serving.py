@@ -27,11 +27,11 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from app.core.errors import BackendUnavailable, InvalidRequest
+from app.core.settings import ModelAlias
 from app.llm.vllm_server import server_api_key
 from finetune.errors import AdapterServingError
 
 if TYPE_CHECKING:
-    from app.core.settings import ModelAlias
     from finetune.settings import FinetuneConfig
     from finetune.tracking import AdapterVersion
 
@@ -131,8 +131,6 @@ def adapter_alias(settings: FinetuneConfig, backend: str, *, adapter_name: str, 
                   description: str = "", fallback: str | None = None) -> ModelAlias:
     """The alias that routes to an adapter: on vLLM by its served LoRA name, on transformers by path
     (the transformers backend loads the folder with peft on the base model it serves)."""
-    from app.core.settings import ModelAlias
-
     spec = settings.backends.get(backend)
     if spec is None:
         raise InvalidRequest(f"unknown backend {backend!r}; configured: {', '.join(settings.backends)}",

@@ -28,15 +28,16 @@ from typing import TYPE_CHECKING, Any
 
 from app.core.errors import KeelError
 from app.core.paths import tree_hash
+from evals.store import EvalStore
 from finetune.data import InvalidTrainingData
 from finetune.jobs import Job, JobOwnershipLost, JobStore, this_worker_id
 from finetune.settings import FinetuneSettings
 from finetune.spec import parse_spec, resolve_base_model
+from finetune.tracking import Tracker
 
 if TYPE_CHECKING:
     from app.llm.base import LLMBackend
     from finetune.settings import FinetuneConfig
-    from finetune.tracking import Tracker
 
 log = logging.getLogger("keel.finetune.worker")
 _JOB_LOGGERS = ("keel.finetune", "transformers", "peft", "py.warnings")
@@ -65,8 +66,6 @@ class Worker:
     @property
     def tracker(self) -> Tracker | None:
         if self._tracker is None and self.fs.tracking_enabled:
-            from finetune.tracking import Tracker
-
             self._tracker = Tracker(self.fs, self.settings.home)
         return self._tracker
 
@@ -102,6 +101,7 @@ class Worker:
         return done
 
     def run_job(self, job: Job) -> Job:
+        # lazy: only the worker process trains: keeps `keel --help` and `import app.api.main` ~4 ms lighter
         from finetune.train import TrainHooks, run_training
 
         handler = logging.FileHandler(job.log_path)
@@ -215,7 +215,7 @@ class Worker:
         """Evaluate a succeeded job's adapter version on its spec's suites (claimed with ``claim_evals``)."""
         import time
 
-        from evals.store import EvalStore
+        # lazy: keeps `keel --help` fast: the eval runner, chat service and router (numpy, httpx), ~0.25 s
         from finetune.evaluate import EvalInterrupted, evaluate_adapter
 
         beat_stop, lost = threading.Event(), threading.Event()
@@ -326,7 +326,7 @@ class WorkerProcess:
         import os
         import subprocess
 
-        from app.llm.vllm_server import _die_with_parent
+        from app.llm.vllm_server import _die_with_parent  # lazy: keeps `keel --help` fast: pulls httpx
 
         if self.alive:
             return

@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 
 def build_rag(settings: Any, **kwargs: Any) -> RagServices:
     """The long-lived RAG objects (embedder, store, snapshots, pipeline, retriever) for a process."""
-    from ingest.factory import build_rag as _build
+    from ingest.factory import build_rag as _build  # lazy: the package stays cheap; the factory pulls numpy, stores
 
     return _build(settings, **kwargs)
 

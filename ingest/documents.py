@@ -29,6 +29,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from ingest.html import html_to_text
 from ingest.settings import LoaderConfig
 
 MetaValue = str | int | float | bool | None | list[str]
@@ -330,8 +331,6 @@ def load_text(path: Path, data: bytes, sha: str, report: LoadReport) -> list[Doc
 
 
 def load_html(path: Path, data: bytes, sha: str, report: LoadReport) -> list[Document]:
-    from ingest.html import html_to_text
-
     title, text = html_to_text(_decode(data))
     _require_text(text)
     return [Document(doc_id=str(path), source=str(path), source_sha256=sha, kind="html",

@@ -42,10 +42,10 @@ class RagServices:
 
 def build_store(rag: RagSettings, home) -> VectorStore:
     if rag.store == "edge":
-        from ingest.store.edge import EdgeStore
+        from ingest.store.edge import EdgeStore  # lazy: only the configured store kind (rag.store) loads
 
         return EdgeStore(rag.store_path(home), keyword_indexes=rag.payload_indexes)
-    from ingest.store.qdrant import QdrantClientStore
+    from ingest.store.qdrant import QdrantClientStore  # lazy: only the configured store kind (rag.store) loads
 
     if rag.url:
         return QdrantClientStore(url=rag.url, api_key=rag.api_key, keyword_indexes=rag.payload_indexes)

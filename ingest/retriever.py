@@ -7,6 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from app.core.errors import InvalidRequest
 from ingest.embedding import Embedder, SparseEncoder
 from ingest.settings import GroupBy, RetrievalDefaults
 from ingest.store.base import Filters, Hit, HybridQuery, VectorStore
@@ -72,8 +73,6 @@ class Retriever:
                  mmr_lambda: float | None = None, group_by: GroupBy | None = None) -> RetrievalResult:
         """``top_k`` chunks, best first; with ``group_by="document"``, the best chunk of each of the
         ``top_k`` best documents (fewer only when fewer documents match)."""
-        from app.core.errors import InvalidRequest
-
         if not query or not query.strip():
             raise InvalidRequest("query is empty", param="query")
         d = self.defaults

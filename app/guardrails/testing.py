@@ -12,6 +12,13 @@ from pathlib import Path
 
 import pytest
 
+from app.guardrails.embeddings import SharedEmbedder
+from app.guardrails.offline import configure_offline
+from app.guardrails.validators.injection import AttackIndex
+from app.guardrails.validators.injection_model import load_or_train
+from app.guardrails.validators.pii import NameDetector
+from app.guardrails.validators.toxicity import ProfanityClassifier
+
 
 def cache_dir() -> Path:
     return Path(tempfile.gettempdir()) / "keel-guardrails-test-cache"
@@ -24,15 +31,11 @@ def model_cache_dir() -> Path:
 
 @lru_cache(maxsize=1)
 def _offline() -> None:
-    from app.guardrails.offline import configure_offline
-
     configure_offline(cache_dir(), write_guardrailsrc=False)
 
 
 @lru_cache(maxsize=1)
 def shared_embedder():
-    from app.guardrails.embeddings import SharedEmbedder
-
     _offline()
     # The production default: short texts on the int8 ONNX path (the held-out floors are checked on it).
     e = SharedEmbedder(runtime="onnx-int8", cache_dir=model_cache_dir())
@@ -42,29 +45,21 @@ def shared_embedder():
 
 @lru_cache(maxsize=1)
 def shared_attack_index():
-    from app.guardrails.validators.injection import AttackIndex
-
     return AttackIndex(shared_embedder()).build()
 
 
 @lru_cache(maxsize=1)
 def shared_injection_classifier():
-    from app.guardrails.validators.injection_model import load_or_train
-
     return load_or_train(shared_embedder(), model_cache_dir())
 
 
 @lru_cache(maxsize=1)
 def shared_names():
-    from app.guardrails.validators.pii import NameDetector
-
     return NameDetector().load()
 
 
 @lru_cache(maxsize=1)
 def shared_profanity():
-    from app.guardrails.validators.toxicity import ProfanityClassifier
-
     return ProfanityClassifier().load()
 
 

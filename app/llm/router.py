@@ -12,7 +12,9 @@ from app.core.metrics import Metrics
 from app.core.settings import BackendSettings, CoreConfig, ModelAlias
 from app.core.types import GenerationRequest, LLMEvent
 from app.llm.base import LLMBackend
+from app.llm.openai_backend import OpenAIBackend
 from app.llm.resilience import CircuitBreaker, ResilientBackend
+from app.llm.vllm_backend import VLLMBackend
 
 log = logging.getLogger("keel.llm")
 
@@ -20,16 +22,12 @@ log = logging.getLogger("keel.llm")
 def build_backend(name: str, cfg: BackendSettings, settings: CoreConfig, metrics: Metrics | None = None) -> LLMBackend:
     """Construct (cheaply, nothing loaded) the backend implementation for ``cfg.kind``."""
     if cfg.kind == "vllm":
-        from app.llm.vllm_backend import VLLMBackend
-
         on_restart = metrics.backend_restarts.labels(name).inc if metrics else None
         return VLLMBackend(name, cfg, settings.logs_dir, on_restart=on_restart)
     if cfg.kind == "openai":
-        from app.llm.openai_backend import OpenAIBackend
-
         return OpenAIBackend(name, cfg)
     if cfg.kind == "transformers":
-        from app.llm.transformers_backend import TransformersBackend
+        from app.llm.transformers_backend import TransformersBackend  # lazy: loads torch and transformers
 
         return TransformersBackend(name, cfg)
     raise ValueError(f"unknown backend kind {cfg.kind!r}")

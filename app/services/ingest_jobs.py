@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Literal
 
 from app.core.errors import InvalidRequest, KeelError, NotFound, ShuttingDown
+from ingest.store.base import check_collection_name
 
 if TYPE_CHECKING:
     from ingest.factory import RagServices
@@ -124,8 +125,6 @@ class IngestJobs:
 
     def upload_dir(self, collection: str) -> Path:
         # One folder per collection: re-uploading a file replaces its chunks instead of duplicating them.
-        from ingest.store.base import check_collection_name
-
         return self.uploads_dir / check_collection_name(collection)
 
     def new_upload(self) -> UploadBatch:
