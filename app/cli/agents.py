@@ -18,7 +18,11 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from agents import build_agents
 from app.cli.common import api_failure, dev_key, fail, settings_or_exit, unreachable
+from app.core.errors import KeelError
+from ingest import build_rag
+from prompts.factory import build_registry
 
 app = typer.Typer(help="Agent workflows: run, inspect runs, approve or reject paused tool calls.",
                   no_args_is_help=True)
@@ -127,11 +131,8 @@ def _http_get(url: str, key: str | None, path: str, params: dict[str, Any] | Non
 
 
 async def _local_service(settings):
-    from agents import build_agents
-    from app.core.metrics import Metrics
-    from app.llm.router import ModelRouter
-    from ingest import build_rag
-    from prompts.registry import build_registry
+    from app.core.metrics import Metrics  # lazy: keeps `keel --help` fast: pulls prometheus_client
+    from app.llm.router import ModelRouter  # lazy: keeps `keel --help` fast: pulls httpx and tenacity
 
     router = ModelRouter(settings, Metrics())
     await router.start()
@@ -150,7 +151,7 @@ async def _local_service(settings):
 
 
 def _local(make_events, render: Renderer) -> None:
-    from agents.events import to_wire
+    from agents.events import to_wire  # lazy: keeps `keel --help` fast: 11 slotted dataclasses, ~10 ms
 
     async def main() -> None:
         svc, close = await _local_service(_settings())
@@ -161,8 +162,6 @@ def _local(make_events, render: Renderer) -> None:
                 seq += 1
         finally:
             await close()
-
-    from app.core.errors import KeelError
 
     try:
         asyncio.run(main())
@@ -243,7 +242,7 @@ def edit(run_id: str, args: Annotated[str, typer.Argument(help="New tool argumen
 
 
 def _runs_local(**kw: Any) -> list[dict[str, Any]]:
-    from agents.runs import open_run_store
+    from agents.runs import open_run_store  # lazy: keeps `keel --help` fast: only --local reads the run store
 
     settings = _settings()
     store = open_run_store(settings.agents, settings.home)
@@ -310,7 +309,7 @@ def approvals(url: Url = None, api_key: Key = None) -> None:
 def workflows(url: Url = None, api_key: Key = None, local: Local = False) -> None:
     """List workflows."""
     if local:
-        from agents.registry import default_registry
+        from agents.registry import default_registry  # lazy: keeps `keel --help` fast: only --local needs it
 
         data = [w.info() for w in default_registry().list()]
     else:

@@ -17,6 +17,7 @@ from rich.console import Console
 
 from app.cli.common import settings_or_exit
 from app.core.errors import KeelError
+from evals.store import EvalStore
 
 if TYPE_CHECKING:
     from app.container import Container
@@ -36,7 +37,7 @@ def _settings() -> Settings:
 
 
 async def _default_container(settings: Settings) -> Container:
-    from app.container import Container
+    from app.container import Container  # lazy: keeps `keel --help` fast: builds on every service (LangGraph, numpy)
 
     container = await Container.build(settings)
     # Cases sent before a freshly started vLLM answers would all fail (and open the circuit breaker).
@@ -52,8 +53,6 @@ container_factory: Callable[[Settings], Awaitable[Container]] = _default_contain
 
 
 def _store(settings: Settings):
-    from evals.store import EvalStore
-
     return EvalStore(settings.evals.db_path(settings.home))
 
 
@@ -71,6 +70,7 @@ def run_command(
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
 ) -> None:
     """Run SUITE and apply its gate: exit code 0 when it passes, 1 when it fails, 2 on a usage error."""
+    # lazy: keeps `keel --help` fast: the suite models and metric registry (numpy), ~0.1 s
     from evals.suite import SuiteError, find_suite, load_suite
 
     settings = _settings()
@@ -88,8 +88,8 @@ def run_command(
 async def _run(settings: Settings, suite, *, junit: Path | None, html: Path | None, json_out: Path | None,
                baseline: str | None, resume: str | None, fresh: bool, use_cache: bool, concurrency: int | None,
                progress: bool) -> int:
-    from evals import report
-    from evals.runner import EvalConfigError, EvalRunner
+    from evals import report  # lazy: keeps `keel --help` fast: xml.etree and statistics, ~7 ms
+    from evals.runner import EvalConfigError, EvalRunner  # lazy: keeps `keel --help` fast: chat, router, httpx
 
     store = _store(settings)
     container = None
@@ -163,7 +163,7 @@ def show_command(
     failures: Annotated[bool, typer.Option("--failures", help="List failing cases.")] = True,
 ) -> None:
     """Show one run: its identity, metric table, verdict and failing cases."""
-    from evals import report
+    from evals import report  # lazy: keeps `keel --help` fast: xml.etree and statistics, ~7 ms
 
     settings = _settings()
     store = _store(settings)

@@ -25,6 +25,7 @@ from finetune.data import InvalidTrainingData
 from finetune.gate import adapter_gate
 from finetune.jobs import TERMINAL, Job
 from finetune.service import FinetuneService, build_finetune
+from finetune.spec import load_spec
 from finetune.worker import Worker
 
 app = typer.Typer(help="Fine-tuning: LoRA jobs, the worker, the adapter registry.", no_args_is_help=True)
@@ -118,8 +119,6 @@ def submit(
 @app.command()
 def validate(spec: Annotated[Path, typer.Argument(exists=True, dir_okay=False)]) -> None:
     """Check a spec and its dataset against the data contract without queueing anything."""
-    from finetune.spec import load_spec
-
     with _service() as svc:
         report = svc.validate(load_spec(spec))
         stats = report["token_stats"]
@@ -317,7 +316,7 @@ def export(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the merged model.")],
 ) -> None:
     """Merge an adapter version into its base model and write a full model folder."""
-    from finetune.export import merge_adapter
+    from finetune.export import merge_adapter  # lazy: keeps `keel --help` fast: only `export` needs it
 
     with _service() as svc:
         v = svc.registry.get_version(model, version)

@@ -21,6 +21,7 @@ from rich.table import Table
 
 from app.cli.common import api_failure, dev_key, fail, settings_or_exit, unreachable
 from app.core.errors import KeelError
+from ingest import build_rag
 from ingest.errors import StoreLocked
 
 if TYPE_CHECKING:
@@ -39,8 +40,6 @@ _FILTER = re.compile(r"^([A-Za-z_][\w.]*)\s*(>=|<=|>|<|=)\s*(.+)$")
 
 
 def _services():
-    from ingest import build_rag
-
     settings = settings_or_exit(_OFFLINE)
     return settings, build_rag(settings)
 
@@ -265,7 +264,7 @@ def search_command(
                                                 help="API key for the API (default: <home>/dev-api-key).")] = None,
 ) -> None:
     """Hybrid (dense + BM25) search with citations."""
-    from ingest.retriever import RetrievalResult
+    from ingest.retriever import RetrievalResult  # lazy: keeps `keel --help` fast: pulls numpy
 
     filters = parse_filters(filter_)
     group_by = "document" if per_document else None

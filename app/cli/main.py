@@ -72,6 +72,7 @@ def model_prepare() -> None:
 
 
 def _prepare(settings: Settings) -> Path:
+    # lazy: keeps `keel --help` fast: only `model prepare` and `up` need it
     from app.llm.model_prep import find_packaged_gguf, is_prepared, prepare_gguf_model
 
     target = settings.models_dir / "smollm2"
@@ -92,7 +93,7 @@ def _prepare(settings: Settings) -> Path:
 
 
 def _key_store(settings: Settings):
-    from app.security.keys import KeyStore
+    from app.security.keys import KeyStore  # lazy: keeps `keel --help` fast: only `keys` and `up` need it
 
     return KeyStore(settings.db_path)
 
@@ -155,7 +156,7 @@ def _dev_key(settings: Settings) -> str | None:
 
 
 def _preflight(settings: Settings) -> None:
-    from app.llm.vllm_server import VLLMSupervisor, port_in_use
+    from app.llm.vllm_server import VLLMSupervisor, port_in_use  # lazy: keeps `keel --help` fast: pulls httpx
 
     problems = []
     if port_in_use(settings.server.host, settings.server.port):
@@ -175,7 +176,7 @@ def _preflight(settings: Settings) -> None:
 def _serve(settings: Settings, on_ready=None) -> None:
     import uvicorn
 
-    from app.api.main import create_app
+    from app.api.main import create_app  # lazy: keeps `keel --help` fast: FastAPI, uvicorn and every service
 
     _preflight(settings)
     _configure_logging(settings.log_level)
