@@ -30,7 +30,7 @@ from evals.runner import EvalConfigError, EvalDeps, EvalRunner
 from evals.suite import SuiteError, find_named_suite, load_suite, suite_dirs
 from finetune.serving import lora_name
 from finetune.verdicts import AdapterEvaluation, SuiteResult
-from prompts.registry import build_registry
+from prompts.factory import build_registry
 
 if TYPE_CHECKING:
     from app.llm.base import LLMBackend

@@ -17,9 +17,10 @@ from rich.table import Table
 from app.cli.common import fail, settings_or_exit
 from app.core.errors import InvalidRequest, KeelError
 from prompts import yamlio
+from prompts.factory import build_registry
 from prompts.models import TemplateContent
 from prompts.portable import export_dir, import_dir, version_document
-from prompts.registry import PromptRegistry, build_registry
+from prompts.registry import PromptRegistry
 
 app = typer.Typer(help="Prompt templates: versions, labels, rendering, export/import.", no_args_is_help=True)
 console = Console()

@@ -13,9 +13,9 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from app.cli import evals as eval_cli
 from app.container import Container
 from app.settings import load_settings
-from app.cli import evals as eval_cli
 from evals.gate import prompt_gate
 from evals.metrics import JudgeError, MetricEnv, Sample, compute, mean_ci, register, registry, verdict
 from evals.report import evaluate_gate, html_report, junit_xml, summarize

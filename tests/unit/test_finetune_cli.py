@@ -9,8 +9,8 @@ import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
-from app.cli.finetune import app
 from app.cli import finetune as cli
+from app.cli.finetune import app
 
 MODEL = Path(__file__).resolve().parents[2] / ".keel" / "models" / "smollm2"
 pytestmark = pytest.mark.skipif(not (MODEL / "tokenizer.json").is_file(), reason="SmolLM2 not prepared")
