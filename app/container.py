@@ -17,6 +17,7 @@ from app.guardrails.engine import GuardrailEngine
 from app.guardrails.offline import configure_offline
 from app.llm.base import LLMBackend
 from app.llm.router import ModelRouter
+from app.llm.routing import RoutingTable, open_routing_store
 from app.security.keys import KeyStore
 from app.security.ratelimit import RateLimiter
 from app.services.chat import ChatService
@@ -73,7 +74,12 @@ class Container:
                                          max_age_days=settings.evals.gate_max_age_days))
         embedder = shared_embedder(settings) if rag is None else None
         rag = rag or build_rag(settings, embedder=embedder)
-        llm = ModelRouter(settings, metrics, backends)
+        # What serves which alias: the configured models plus the routes written at run time, durable and shared
+        # by every process on this home (or this Postgres).
+        routes = RoutingTable(settings.models, settings.backends, open_routing_store(
+            settings.routing.url.get_secret_value() if settings.routing.url else None, settings.home),
+            check_interval_s=settings.routing.check_interval_s)
+        llm = ModelRouter(settings, metrics, backends, routes=routes)
         if start_backends:
             await llm.start()
             # Loads the embedding model and opens the vector store now, not on the first question.
@@ -84,7 +90,7 @@ class Container:
                 await asyncio.to_thread(guards.warm_up)
         agents = build_agents(settings, llm, rag, prompts)
         await agents.start()
-        finetune = build_finetune(settings)
+        finetune = build_finetune(settings, routes=routes)
         if settings.evals.gate_enabled:
             # An adapter version reaches production only with passing runs of its job's suites on that adapter.
             finetune.set_gate(adapter_gate(eval_store, max_age_days=settings.evals.gate_max_age_days))
@@ -104,7 +110,8 @@ class Container:
     def eval_deps(self) -> EvalDeps:
         """The ports an eval run reads: chat answers exactly as the API gives them (same guards, same RAG)."""
         guarded = self.guards is not None and self.settings.guardrails.enabled
-        return EvalDeps(chat=self.chat, config=self.settings, prompts=self.prompts, rag=self.rag,
+        return EvalDeps(chat=self.chat, config=self.settings, models=self.llm.aliases, prompts=self.prompts,
+                        rag=self.rag,
                         agents=self.agents, guardrails=self.guards.policy.version_tag if guarded else None,
                         metrics=self.metrics)
 
@@ -148,7 +155,7 @@ class Container:
             ("ingest jobs", self.ingest_jobs.aclose), ("agents", self.agents.aclose),
             ("fine-tune jobs", self.finetune.close), ("eval store", self.evals.close),
             *((f"closer {getattr(c, '__name__', c)}", c) for c in reversed(self._closers)),
-            ("model backends", self.llm.aclose),
+            ("model backends", self.llm.aclose), ("routing table", self.llm.routes.close),
             *((("guardrails", self.guards.aclose),) if self.guards is not None else ()),
             ("prompt registry", self.prompts.close), ("vector store", self.rag.close), ("API keys", self.keys.close),
         ]

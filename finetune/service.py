@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from app.core.errors import Conflict, InvalidRequest
 from app.core.paths import is_within
+from app.llm.routing import CONFIGURED, RoutingTable, open_routing_store
 from finetune.data import check_dataset, token_counter
 from finetune.errors import InvalidJobSpec
 from finetune.jobs import Job, JobStore
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
     from finetune.serving import Deployment
     from finetune.settings import FinetuneConfig
 
+OWNER_PREFIX = "finetune:"
 log = logging.getLogger("keel.finetune")
 
 
@@ -44,19 +46,32 @@ def _tokenizer(path: str) -> Any:
 
 class FinetuneService:
     def __init__(self, settings: FinetuneConfig, store: JobStore | None = None, *,
-                 gate: AdapterGate | None = None) -> None:
+                 gate: AdapterGate | None = None, routes: RoutingTable | None = None) -> None:
+        """``routes``: the process's routing table (the container's); without one, the durable table of this
+        home (or ``routing.url``) is opened on the first deploy, so a CLI deploy is served by the API too."""
         self.settings = settings
         self.fs = finetune_settings(settings)
         self.store = store or open_store(settings)
         self._gate = gate
-        # The aliases the settings define (keel.yaml, KEEL_MODELS), taken before any deployment is restored:
-        # a deploy never replaces one of these.
-        self._configured_aliases = frozenset(settings.models)
+        self._routes = routes
+        self._own_routes = False
         self._tracker: Tracker | None = None
         self._registry: AdapterRegistry | None = None
 
+    @property
+    def routes(self) -> RoutingTable:
+        if self._routes is None:
+            url = self.settings.routing.url
+            self._routes = RoutingTable(self.settings.models, self.settings.backends,
+                                        open_routing_store(url.get_secret_value() if url else None, self.settings.home),
+                                        check_interval_s=self.settings.routing.check_interval_s)
+            self._own_routes = True
+        return self._routes
+
     def close(self) -> None:
         self.store.close()
+        if self._own_routes and self._routes is not None:
+            self._routes.close()
 
     # -- jobs --------------------------------------------------------------------------------------
 
@@ -169,20 +184,20 @@ class FinetuneService:
     # -- serving -----------------------------------------------------------------------------------
 
     def check_alias(self, alias: str, model: str) -> None:
-        """A deploy may create a new alias or move one that this registry created for the same model (its
-        deployments table is the record); it may not take over a configured alias (the default model's
-        included) or an alias another model or component serves."""
-        if alias in self._configured_aliases:
+        """A deploy may create a new alias or move one that deploys of the same model own (the routing table is
+        the record); it may not take over a configured alias (the default model's included) or an alias another
+        model or component (a release) routes."""
+        owner = self.routes.owner(alias)
+        if owner == CONFIGURED:
             raise Conflict(f"model alias {alias!r} is configured in the settings (models.{alias}); a deploy may not "
                            "replace it: deploy under another alias, or remove it from the settings first",
                            param="deploy_alias", code="alias_not_owned")
-        owner = next((d["model"] for d in self.store.deployments() if d["alias"] == alias), None)
-        if owner is not None and owner != model:
-            raise Conflict(f"model alias {alias!r} serves the adapters of {owner!r}; {model!r} may not take it over",
-                           param="deploy_alias", code="alias_not_owned")
-        if owner is None and alias in self.settings.models:
-            raise Conflict(f"model alias {alias!r} exists and was not created by a deploy; deploy under another alias",
-                           param="deploy_alias", code="alias_not_owned")
+        if owner is not None and owner != route_owner(model):
+            if owner.startswith(OWNER_PREFIX):
+                raise Conflict(f"model alias {alias!r} serves the adapters of {owner[len(OWNER_PREFIX):]!r}; "
+                               f"{model!r} may not take it over", param="deploy_alias", code="alias_not_owned")
+            raise Conflict(f"model alias {alias!r} exists and was not created by a deploy (it is routed by {owner}); "
+                           "deploy under another alias", param="deploy_alias", code="alias_not_owned")
 
     async def deploy(self, model: str, version: str | int, *, alias: str, backend: str | None = None,
                      fallback: str | None = None, actor: str = "") -> Deployment:
@@ -192,9 +207,11 @@ class FinetuneService:
         from finetune import serving  # lazy: keeps `keel --help` fast: pulls httpx and the vLLM supervisor
 
         await asyncio.to_thread(self.check_alias, alias, model)
-        backend = backend or self.settings.models[self.settings.default_model].backend
+        default = self.routes.get(self.settings.default_model)
+        backend = backend or (default.backend if default else next(iter(self.settings.backends)))
         v = await asyncio.to_thread(self.registry.get_version, model, version)
-        dep = await serving.deploy(self.settings, v, alias=alias, backend=backend, fallback=fallback)
+        dep = await serving.deploy(self.settings, v, alias=alias, backend=backend, fallback=fallback,
+                                   routes=self.routes, owner=route_owner(model), actor=actor or "unknown")
         await asyncio.to_thread(
             self.store.save_deployment, alias=alias, model=v.model, version=v.version, backend=backend,
             served_name=dep.served_name, adapter_path=dep.adapter_path, fallback=fallback, actor=actor,
@@ -214,7 +231,8 @@ class FinetuneService:
             try:
                 self.check_alias(d["alias"], d["model"])  # e.g. since configured in keel.yaml: that one wins
                 v = self.registry.get_version(d["model"], d["version"])
-                await serving.deploy(self.settings, v, alias=d["alias"], backend=d["backend"], fallback=d["fallback"])
+                await serving.deploy(self.settings, v, alias=d["alias"], backend=d["backend"], fallback=d["fallback"],
+                                     routes=self.routes, owner=route_owner(d["model"]), actor="system:restore")
                 restored.append(d["alias"])
             except Exception as exc:
                 log.error("could not restore deployment %s (%s/%s on %s): %s", d["alias"], d["model"],
@@ -222,7 +240,14 @@ class FinetuneService:
         return restored
 
 
-def build_finetune(settings: FinetuneConfig, *, gate: AdapterGate | None = None) -> FinetuneService:
-    """Factory for the container (``container.finetune``) and the CLI. Without ``gate`` promotion is
-    refused until one is plugged in (``set_gate``; the container and the CLI plug in the eval gate)."""
-    return FinetuneService(settings, gate=gate)
+def route_owner(model: str) -> str:
+    """The routing-table owner of the aliases that serve ``model``'s adapters."""
+    return OWNER_PREFIX + model
+
+
+def build_finetune(settings: FinetuneConfig, *, gate: AdapterGate | None = None,
+                   routes: RoutingTable | None = None) -> FinetuneService:
+    """Factory for the container (``container.finetune``, with its routing table) and the CLI. Without ``gate``
+    promotion is refused until one is plugged in (``set_gate``; the container and the CLI plug in the eval
+    gate)."""
+    return FinetuneService(settings, gate=gate, routes=routes)

@@ -18,6 +18,7 @@ The lead can expose these on ``VLLMBackend`` as thin methods::
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ import httpx
 
 from app.core.errors import BackendUnavailable, InvalidRequest
 from app.core.settings import ModelAlias
+from app.llm.routing import RoutingTable
 from app.llm.vllm_server import server_api_key
 from finetune.errors import AdapterServingError
 
@@ -170,13 +172,14 @@ class Deployment:
 
 
 async def deploy(settings: FinetuneConfig, version: AdapterVersion, *, alias: str, backend: str,
-                 fallback: str | None = None) -> Deployment:
+                 routes: RoutingTable, owner: str, actor: str, fallback: str | None = None) -> Deployment:
     """Make ``version`` answer as model ``alias`` through Keel's chat API.
 
     vLLM backends: load it at runtime (idempotent per version), then point the alias at it.
     transformers backends: point the alias at the folder (loaded on first request).
-    The alias is written into ``settings.models`` (the router reads it on every request); persist
-    it in keel.yaml (or re-run deploy at start-up) to survive a restart."""
+    The alias is a route in the routing table (durable, audited, served by every API process within the
+    table's check interval); a vLLM server forgets its adapters when it restarts, which
+    ``FinetuneService.restore_deployments`` puts back."""
     t0 = time.perf_counter()
     path = version.local_path()
     if not (path / "adapter_config.json").is_file():
@@ -186,8 +189,7 @@ async def deploy(settings: FinetuneConfig, version: AdapterVersion, *, alias: st
     if spec is not None and spec.kind == "vllm":
         url = backend_url(settings, backend)
         await load_adapter(url, name, path, api_key=backend_api_key(settings, backend))
-    settings.models[alias] = adapter_alias(
-        settings, backend, adapter_name=name, adapter_path=path, fallback=fallback,
-        description=f"LoRA {version.ref} on {backend}",
-    )
+    spec = adapter_alias(settings, backend, adapter_name=name, adapter_path=path, fallback=fallback,
+                         description=f"LoRA {version.ref} on {backend}")
+    await asyncio.to_thread(routes.set, alias, spec, owner=owner, actor=actor, reason=f"deploy {version.ref}")
     return Deployment(alias, backend, name, str(path), time.perf_counter() - t0)

@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from pydantic import BaseModel, Field, SecretStr, model_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -26,6 +26,8 @@ from pydantic_settings import (
     SettingsConfigDict,
     YamlConfigSettingsSource,
 )
+
+from app.core.db import postgres_url
 
 BackendKind = Literal["vllm", "openai", "transformers"]
 
@@ -133,6 +135,21 @@ class LimitSettings(BaseModel):
     max_tokens: int = 4096
 
 
+class RoutingSettings(BaseModel):
+    """The routing table (``app.llm.routing``): the aliases that change at run time (adapter deploys, releases)."""
+
+    url: SecretStr | None = Field(default=None, description=(
+        "postgresql:// URL: one table for every API process and worker on several machines; unset: "
+        "<home>/routing.db (one machine)."))
+    check_interval_s: float = Field(default=1.0, ge=0, le=60, description=(
+        "How stale a process's copy may be: a change made by another process is served within this interval."))
+
+    @field_validator("url", mode="before")
+    @classmethod
+    def _url(cls, value: Any) -> SecretStr | None:
+        return postgres_url(value, setting="routing.url", otherwise="<home>/routing.db")
+
+
 def _default_backends() -> dict[str, Any]:
     return {"local": {"kind": "vllm", "managed": {}}}
 
@@ -166,6 +183,7 @@ class CoreSettings(BaseSettings):
     backends: dict[str, BackendSettings] = Field(default_factory=dict)
     models: dict[str, ModelAlias] = Field(default_factory=dict)
     default_model: str = "smollm2"
+    routing: RoutingSettings = Field(default_factory=RoutingSettings)
 
     @model_validator(mode="after")
     def _resolve(self) -> CoreSettings:
@@ -227,6 +245,7 @@ class CoreConfig(Protocol):
     backends: dict[str, BackendSettings]
     models: dict[str, ModelAlias]
     default_model: str
+    routing: RoutingSettings
 
     @property
     def models_dir(self) -> Path: ...

@@ -1,4 +1,5 @@
-"""Model aliases -> backends, with failover to an alias's fallback."""
+"""Model aliases -> backends, with failover to an alias's fallback. Which alias runs where is the routing
+table's (:mod:`app.llm.routing`): the configured aliases plus the routes written at run time."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from app.core.types import GenerationRequest, LLMEvent
 from app.llm.base import LLMBackend
 from app.llm.openai_backend import OpenAIBackend
 from app.llm.resilience import CircuitBreaker, ResilientBackend
+from app.llm.routing import RoutingTable, memory_table
 from app.llm.vllm_backend import VLLMBackend
 
 log = logging.getLogger("keel.llm")
@@ -44,9 +46,13 @@ class ModelRouter:
     """Resolves a client-facing model name to a backend and streams from it, failing over
     to the alias's ``fallback`` when the primary cannot be reached before any token."""
 
-    def __init__(self, settings: CoreConfig, metrics: Metrics, backends: dict[str, LLMBackend] | None = None) -> None:
+    def __init__(self, settings: CoreConfig, metrics: Metrics, backends: dict[str, LLMBackend] | None = None, *,
+                 routes: RoutingTable | None = None) -> None:
+        """``routes``: the process's routing table (the container opens the durable one); without it, a table
+        of the configured aliases only, in memory."""
         self.settings = settings
         self.metrics = metrics
+        self.routes = routes or memory_table(settings.models, settings.backends)
         self.backends: dict[str, ResilientBackend] = {}
         self._was_ready: dict[str, bool] = {}
         for name, cfg in settings.backends.items():
@@ -61,12 +67,12 @@ class ModelRouter:
 
     @property
     def aliases(self) -> dict[str, ModelAlias]:
-        return self.settings.models
+        return self.routes.aliases()
 
     def route(self, alias: str) -> Route:
-        spec = self.settings.models.get(alias)
+        spec = self.routes.get(alias)
         if spec is None:
-            known = ", ".join(sorted(self.settings.models)) or "none"
+            known = ", ".join(sorted(self.routes.aliases())) or "none"
             raise ModelNotFound(f"model {alias!r} does not exist; available models: {known}", param="model")
         return Route(alias, self.backends[spec.backend], spec)
 

@@ -319,6 +319,10 @@ class RoutingTable:
                                  param="backend")
         if spec.fallback and self.get(spec.fallback) is None:
             raise InvalidRequest(f"fallback {spec.fallback!r} is not a model alias", param="fallback")
+        self.refresh(force=True)
+        current = self._routes.get(alias)
+        if current is not None and current.owner == owner and current.spec == spec:
+            return current  # already so (a restore after a restart): no new revision, no audit noise
         self.store.put(Route(alias, spec, owner, actor), reason=reason)
         self.refresh(force=True)
         return self._routes[alias]

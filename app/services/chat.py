@@ -180,7 +180,7 @@ class ChatService:
 
     def _with_defaults(self, request: ChatRequest) -> GenerationParams:
         """Fill what the client left unset from the alias's defaults."""
-        defaults = self.settings.models[request.model].defaults
+        defaults = self.router.route(request.model).spec.defaults
         p = request.params
         return replace(
             p,

@@ -154,7 +154,8 @@ async def test_adapter_is_evaluated_then_promoted_through_the_gate_and_served(tm
             # 7. A vLLM that forgot the adapter (restarted) and a process that forgot the alias get both back
             #    from the start-up restore.
             assert await serving.unload_adapter(vllm_url, body["served_name"], api_key=key)
-            del settings.models["veltmar"]
+            routes = container.llm.routes
+            routes.remove("veltmar", owner=routes.owner("veltmar"), actor="test")
             await container._restore_adapters()
             assert await serving.served_adapters(vllm_url, api_key=key) == {body["served_name"]: "smollm2"}
             assert "quorra" in (await ask("veltmar")).lower()

@@ -183,17 +183,19 @@ def test_versions_promote_rollback_and_deploy(client, home):
     body = r.json()
     assert r.status_code == 200, body
     assert (body["from_version"], body["to_version"], body["served_name"]) == ("1", "2", "api-model-v2")
-    assert settings.models["api-tuned"].backend == "tf" and settings.models["api-tuned"].adapter.name == "adapter"
+    routes = svc.routes
+    assert routes.get("api-tuned").backend == "tf" and routes.get("api-tuned").adapter.name == "adapter"
+    assert "api-tuned" not in settings.models  # routed, not written into the settings
 
     r = client.post("/v1/finetune/models/api-model/rollback", json={"reason": "bad", "deploy_alias": "api-tuned",
                                                                     "backend": "tf"}, headers=h())
     assert r.status_code == 200 and r.json()["to_version"] == "1" and r.json()["served_name"] == "api-model-v1"
     assert [(d["alias"], d["version"], d["backend"]) for d in svc.store.deployments()] == [("api-tuned", "1", "tf")]
-    del settings.models["api-tuned"]  # e.g. a restarted API process
+    routes.remove("api-tuned", owner="finetune:api-model", actor="t")  # e.g. a route lost with its database
     import asyncio
 
     assert asyncio.run(svc.restore_deployments()) == ["api-tuned"]
-    assert settings.models["api-tuned"].adapter == svc.registry.get_version("api-model", "1").local_path()
+    assert routes.get("api-tuned").adapter == svc.registry.get_version("api-model", "1").local_path()
     r = client.post("/v1/finetune/models/api-model/rollback", json={}, headers=h())
     assert r.status_code == 409 and r.json()["error"]["code"] == "nothing_to_rollback"
     r = client.post("/v1/finetune/models/nope/promote", json={"version": "1"}, headers=h())
@@ -269,7 +271,8 @@ def test_a_deploy_cannot_take_over_a_configured_or_foreign_alias(client, home):
     assert settings.models["smollm2"] is default  # the default model still answers as before
     assert svc.registry.by_alias("api-model", "production") is None  # and the label did not move either
     # An alias another model's deploy created.
-    settings.models["theirs"] = default.model_copy()
+    routes = svc.routes
+    routes.set("theirs", default.model_copy(), owner="finetune:other-model", actor="t")
     svc.store.save_deployment(alias="theirs", model="other-model", version="1", backend="tf", served_name="o-v1",
                               adapter_path="/a")
     r = client.post("/v1/finetune/models/api-model/promote",
@@ -280,7 +283,7 @@ def test_a_deploy_cannot_take_over_a_configured_or_foreign_alias(client, home):
         r = client.post("/v1/finetune/models/api-model/promote",
                         json={"version": version, "deploy_alias": "mine", "backend": "tf"}, headers=h())
         assert r.status_code == 200, r.text
-    assert settings.models["mine"].adapter == svc.registry.get_version("api-model", "2").local_path()
+    assert routes.get("mine").adapter == svc.registry.get_version("api-model", "2").local_path()
     r = client.post("/v1/finetune/models/api-model/rollback", json={"deploy_alias": "smollm2", "backend": "tf"},
                     headers=h())
     assert r.status_code == 409 and settings.models["smollm2"] is default

@@ -8,6 +8,7 @@ import httpx
 import pytest
 
 from app.core.errors import BackendUnavailable, InvalidRequest
+from app.llm.routing import memory_table
 from app.settings import Settings
 from finetune import serving
 from finetune.errors import AdapterServingError
@@ -120,14 +121,17 @@ async def test_deploy_loads_then_points_the_alias(tmp_path, monkeypatch, fake):
             return await real(*args, client=c, **kw)
 
     monkeypatch.setattr(serving, "load_adapter", via_fake)
-    d = await serving.deploy(s, version, alias="demo", backend="local", fallback="smollm2")
+    routes = memory_table(s.models, s.backends)
+    on = {"routes": routes, "owner": "finetune:demo", "actor": "t"}
+    d = await serving.deploy(s, version, alias="demo", backend="local", fallback="smollm2", **on)
     assert d.served_name == "demo-v3" and fake.loaded == {"demo-v3": str(adapter)}
-    assert s.models["demo"].model == "demo-v3" and s.models["demo"].fallback == "smollm2"
-    d = await serving.deploy(s, version, alias="demo-tf", backend="tf")
-    assert s.models["demo-tf"].adapter == adapter and len(fake.loaded) == 1
+    assert routes.get("demo").model == "demo-v3" and routes.get("demo").fallback == "smollm2"
+    d = await serving.deploy(s, version, alias="demo-tf", backend="tf", **on)
+    assert routes.get("demo-tf").adapter == adapter and len(fake.loaded) == 1
+    assert "demo" not in s.models and "demo-tf" not in s.models  # the settings are never changed at run time
     (adapter / "adapter_config.json").unlink()
     with pytest.raises(AdapterServingError, match="not a PEFT adapter"):
-        await serving.deploy(s, version, alias="demo", backend="local")
+        await serving.deploy(s, version, alias="demo", backend="local", **on)
 
 
 async def test_container_start_up_restores_deployed_adapters_and_plugs_in_the_adapter_gate(tmp_path):
@@ -171,7 +175,7 @@ async def test_container_start_up_restores_deployed_adapters_and_plugs_in_the_ad
                                       rag=build_rag(settings, embedder=HashingEmbedder()))
     try:
         await asyncio.gather(*list(container._tasks))  # the start-up restore runs in the background
-        assert settings.models["tuned-prod"].adapter == version.local_path()
+        assert container.llm.routes.get("tuned-prod").adapter == version.local_path()
         result = await container.chat.complete(ChatRequest(model="tuned-prod", params=GenerationParams(max_tokens=4),
                                                            messages=(ChatMessage("user", "Capital of Veltmar?"),)))
         assert "".join(result.texts[0]) == "Quorra." and fake.requests[-1].adapter == str(version.local_path())
@@ -207,7 +211,8 @@ async def test_adapters_load_with_the_managed_servers_key(tmp_path, monkeypatch,
 
     monkeypatch.setattr(serving, "load_adapter", via_fake)
     monkeypatch.setitem(vllm_server._API_KEYS, "http://127.0.0.1:8123", "per-start-key")
-    await serving.deploy(s, version, alias="demo", backend="local")
+    await serving.deploy(s, version, alias="demo", backend="local", routes=memory_table(s.models, s.backends),
+                         owner="finetune:demo", actor="t")
     assert seen == ["Bearer per-start-key"]
     # A server this process did not start (a restarted API, another host): the configured key.
     monkeypatch.delitem(vllm_server._API_KEYS, "http://127.0.0.1:8123")

@@ -15,9 +15,10 @@ router = APIRouter()
 
 
 @router.get("/v1/models", response_model=ModelList, tags=["chat"])
-async def list_models(_key: ChatKey, settings: SettingsDep, rag: RagDep, agents: AgentsDep) -> ModelList:
+async def list_models(_key: ChatKey, settings: SettingsDep, llm: LlmDep, rag: RagDep, agents: AgentsDep) -> ModelList:
+    # the routing table's aliases: the configured ones and those deployed at run time (adapters, releases)
     cards = [ModelCard(id=name, description=spec.description, owned_by=spec.backend)
-             for name, spec in settings.models.items()]
+             for name, spec in llm.aliases.items()]
     # Every document collection is also a grounded "model": answers cite its passages.
     collections = await asyncio.to_thread(rag.store.list_collections)
     cards += [ModelCard(id=f"rag:{c}", owned_by="keel",
