@@ -49,7 +49,8 @@ def finetune_settings(settings: FinetuneConfig) -> FinetuneSettings:
 
 def open_store(settings: FinetuneConfig) -> JobStore:
     fs = finetune_settings(settings)
-    return JobStore(fs.resolved_jobs_db(settings.home), fs.resolved_runs_dir(settings.home))
+    return JobStore(fs.resolved_jobs_db(settings.home), fs.resolved_runs_dir(settings.home),
+                    audit_retention=fs.audit_retention)
 
 
 class Worker:

@@ -150,7 +150,7 @@ class GuardrailEngine:
     def audit(self) -> AuditStore:
         if self._audit is None:
             path = self.settings.audit_db or (self.home / "guardrails.db")
-            self._audit = AuditStore(path)
+            self._audit = AuditStore(path, retention=self.settings.audit_retention)
         return self._audit
 
     @property
