@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from app.core.db import enable_wal
 from app.core.migrate import Migrations, upgrade_postgres, upgrade_sqlite
 
 ACTIVE = ("running",)
@@ -162,7 +163,7 @@ class RunStore(RunStoreBase):
         self._db.row_factory = sqlite3.Row
         self._lock = threading.Lock()
         with self._lock:
-            self._db.execute("PRAGMA journal_mode=WAL")
+            enable_wal(self._db)
             upgrade_sqlite(self._db, MIGRATIONS)
 
     def close(self) -> None:

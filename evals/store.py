@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from app.core.db import enable_wal
 from app.core.errors import NotFound
 from app.core.migrate import Migrations, upgrade_sqlite
 
@@ -62,7 +63,7 @@ class EvalStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
-        self._conn.execute("PRAGMA journal_mode=WAL")
+        enable_wal(self._conn)
         self._conn.execute("PRAGMA foreign_keys=ON")
         upgrade_sqlite(self._conn, MIGRATIONS)
 

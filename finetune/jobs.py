@@ -45,7 +45,7 @@ from typing import Any, Literal
 
 from app.core import audit
 from app.core.audit import AuditEvent, AuditRetention, Pruner
-from app.core.db import write_transaction
+from app.core.db import enable_wal, write_transaction
 from app.core.migrate import Migrations, upgrade_sqlite
 from finetune.errors import JobNotFound, JobStateConflict
 
@@ -171,7 +171,7 @@ class JobStore:
         self._lock = threading.Lock()
         self._db = sqlite3.connect(self.path, timeout=30.0, check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
+        enable_wal(self._db)
         self._db.execute("PRAGMA busy_timeout=30000")
         audit.ensure_schema_sqlite(self._db)  # the kernel's audit table first: revision 0002 moves rows into it
         upgrade_sqlite(self._db, MIGRATIONS)

@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from app.core.db import enable_wal
 from app.core.migrate import Migrations, upgrade_sqlite
 from ingest.errors import SnapshotNotFound
 
@@ -79,7 +80,7 @@ class SnapshotStore:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(self.path, check_same_thread=False, timeout=30)
             conn.row_factory = sqlite3.Row
-            conn.execute("PRAGMA journal_mode=WAL")
+            enable_wal(conn)
             conn.execute("PRAGMA foreign_keys=ON")
             upgrade_sqlite(conn, MIGRATIONS)
             self._conn = conn

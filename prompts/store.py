@@ -24,7 +24,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from app.core import audit
 from app.core.audit import AuditEvent, AuditRetention, Pruner
-from app.core.db import write_transaction
+from app.core.db import enable_wal, write_transaction
 from app.core.errors import NotFound
 from app.core.migrate import Migrations, upgrade_sqlite
 from prompts.errors import ImportConflict, VersionConflict
@@ -309,7 +309,7 @@ class SqlitePromptStore(SqlPromptStore):
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self._db.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
-        self._db.execute("PRAGMA journal_mode=WAL")
+        enable_wal(self._db)
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._lock = threading.RLock()

@@ -24,7 +24,7 @@ from typing import Any
 
 from app.core import audit
 from app.core.audit import AuditEvent, AuditRetention, BufferedWriter, Pruner
-from app.core.db import write_transaction
+from app.core.db import enable_wal, write_transaction
 from app.core.migrate import Migrations, upgrade_sqlite
 
 TRAIL = "guardrails"
@@ -85,7 +85,7 @@ class AuditStore:
         with self._lock:
             self._conn.execute("PRAGMA busy_timeout=10000")
             if self.path != ":memory:":
-                self._conn.execute("PRAGMA journal_mode=WAL")
+                enable_wal(self._conn)
                 self._conn.execute("PRAGMA synchronous=NORMAL")  # WAL: no fsync per commit, still crash-safe
             audit.ensure_schema_sqlite(self._conn)  # the kernel's table first: revision 0002 copies into it
             upgrade_sqlite(self._conn, MIGRATIONS)

@@ -28,7 +28,7 @@ from typing import Any, Protocol
 
 from app.core import audit
 from app.core.audit import AuditEvent
-from app.core.db import postgres_unavailable, write_transaction
+from app.core.db import enable_wal, postgres_unavailable, write_transaction
 from app.core.errors import Conflict, InvalidRequest, StoreUnavailable
 from app.core.migrate import Migrations, upgrade_postgres, upgrade_sqlite
 from app.core.settings import BackendSettings, ModelAlias
@@ -160,7 +160,7 @@ class SqliteRoutingStore(_SqlRoutingStore):
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
         self._lock = threading.Lock()
         if self.path != ":memory:":
-            self._db.execute("PRAGMA journal_mode=WAL")
+            enable_wal(self._db)
         audit.ensure_schema_sqlite(self._db)
         upgrade_sqlite(self._db, MIGRATIONS)
 

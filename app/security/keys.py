@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from app.core.db import enable_wal
 from app.core.errors import InvalidRequest, NotFound
 from app.core.migrate import Migrations, upgrade_sqlite
 
@@ -74,7 +75,7 @@ class KeyStore:
     def __init__(self, path: Path, cache_ttl_s: float = 5.0) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
+        enable_wal(self._db)
         upgrade_sqlite(self._db, MIGRATIONS)
         self._lock = threading.Lock()
         self._cache: dict[str, tuple[float, ApiKey | None]] = {}
