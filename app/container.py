@@ -15,6 +15,7 @@ from app.core.metrics import Metrics
 from app.guardrails.embeddings import SharedEmbedder, default_model_path
 from app.guardrails.engine import GuardrailEngine
 from app.guardrails.offline import configure_offline
+from app.jobs import JobRunner, JobSettings
 from app.llm.base import LLMBackend
 from app.llm.router import ModelRouter
 from app.llm.routing import RoutingTable, open_routing_store
@@ -25,6 +26,7 @@ from app.services.grounding import Grounder
 from app.services.ingest_jobs import IngestJobs
 from app.settings import Settings
 from evals.gate import prompt_gate
+from evals.jobs import EvalJobs
 from evals.runner import EvalDeps
 from evals.store import EvalStore
 from finetune import build_finetune
@@ -55,6 +57,8 @@ class Container:
     evals: EvalStore
     _closers: list = field(default_factory=list)
     _tasks: set = field(default_factory=set)
+    #: Durable jobs (ingest, API-started eval runs); the API lifespan starts it, resuming what a stop left.
+    jobs: JobRunner | None = None
 
     @classmethod
     async def build(
@@ -95,9 +99,12 @@ class Container:
             # An adapter version reaches production only with passing runs of its job's suites on that adapter.
             finetune.set_gate(adapter_gate(eval_store, max_age_days=settings.evals.gate_max_age_days))
         chat = ChatService(settings, llm, metrics, prompts, Grounder(rag, prompts), guards, agents)
-        jobs = IngestJobs(rag, settings.home / "uploads")
+        job_settings = getattr(settings, "jobs", None) or JobSettings()
+        runner = JobRunner.from_settings(job_settings, settings.home)
+        jobs = IngestJobs(rag, settings.home / "uploads", runner)
         container = cls(settings, metrics, keys, RateLimiter(), llm, chat, prompts, rag, jobs, guards, agents, finetune,
-                        eval_store)
+                        eval_store, jobs=runner)
+        EvalJobs(container.eval_deps).register(runner, slots=job_settings.eval_slots)
         if embedder is not None:
             async def close_embedder() -> None:
                 embedder.close()
@@ -152,7 +159,7 @@ class Container:
         for task in list(self._tasks):
             task.cancel()
         steps: list[tuple[str, Callable[[], object]]] = [
-            ("ingest jobs", self.ingest_jobs.aclose), ("agents", self.agents.aclose),
+            *((("jobs", self.jobs.aclose),) if self.jobs is not None else ()), ("agents", self.agents.aclose),
             ("fine-tune jobs", self.finetune.close), ("eval store", self.evals.close),
             *((f"closer {getattr(c, '__name__', c)}", c) for c in reversed(self._closers)),
             ("model backends", self.llm.aclose), ("routing table", self.llm.routes.close),

@@ -30,6 +30,8 @@ def create_app(settings: Settings | None = None, container: Container | None = N
             log.warning("=" * 72)
         owned = container is None
         app.state.keel = container or await Container.build(settings)
+        if app.state.keel.jobs is not None:
+            await app.state.keel.jobs.start()  # runs the jobs a stopped process left queued or running
         try:
             yield
         finally:

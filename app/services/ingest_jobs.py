@@ -1,18 +1,25 @@
-"""Ingest runs as background jobs, one at a time (the embedded store has a single writer)."""
+"""Ingest runs as durable jobs (kind ``ingest``) on the job queue (:mod:`app.jobs`), one at a time (the embedded
+store has a single writer).
+
+A job queued or running when the process stops runs again after the next start: the pipeline is incremental
+(unchanged documents are skipped), so a second run of an interrupted job is its resume. Uploaded files are saved
+under ``<home>/uploads/<collection>/`` before their job is queued and stay there (a resumed job reads them again;
+re-uploading a file replaces its chunks)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-import threading
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, Literal
+from typing import TYPE_CHECKING, Any, BinaryIO
 
-from app.core.errors import InvalidRequest, KeelError, NotFound, ShuttingDown
+from app.core.errors import InvalidRequest
+from app.jobs import Job, JobContext, JobRunner, JobState
 from ingest.store.base import check_collection_name
 
 if TYPE_CHECKING:
@@ -21,12 +28,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("keel.ingest")
 
-JobState = Literal["queued", "running", "succeeded", "failed"]
+KIND = "ingest"
 _KEEP_JOBS = 500
 
 
 @dataclass
 class IngestJob:
+    """An ingest job as the API shows it (read from the queue: payload, progress and result)."""
+
     id: str
     collection: str
     paths: list[str]
@@ -42,9 +51,23 @@ class IngestJob:
     counts: dict[str, Any] = field(default_factory=dict)
     rejections: list[dict[str, Any]] = field(default_factory=list)
     error: dict[str, str] | None = None
+    attempts: int = 0
+    cancel_requested: bool = False
     #: Uploads: saved path -> the uploaded file's name. Clients see the name only, here and in documents
     #: and citations: the server's folders are not theirs to know.
     names: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_job(cls, job: Job) -> IngestJob:
+        p, progress, result = job.payload, job.progress or {}, job.result or {}
+        return cls(id=job.id, collection=p["collection"], paths=list(p["paths"]), prune=bool(p.get("prune")),
+                   state=job.state, created_at=job.created_at, started_at=job.started_at,
+                   finished_at=job.finished_at, files_total=int(progress.get("files_total", 0)),
+                   files_done=int(progress.get("files_done", 0)),
+                   chunks_written=int(progress.get("chunks_written", 0)), snapshot_id=result.get("snapshot_id"),
+                   counts=dict(result.get("counts") or {}), rejections=list(result.get("rejections") or []),
+                   error=job.error, attempts=job.attempts, cancel_requested=job.cancel_requested,
+                   names=dict(p.get("names") or {}))
 
     def public(self) -> dict[str, Any]:
         out = asdict(self)
@@ -105,23 +128,23 @@ class UploadBatch:
 
 
 class IngestJobs:
-    """Jobs live in memory; what they wrote is recorded durably as snapshots by the pipeline, and a
-    re-run after a crash resumes idempotently (unchanged documents are skipped)."""
+    """Ingest jobs on the job runner: submit, read, wait for and cancel them; the handler runs the pipeline.
 
-    def __init__(self, rag: RagServices, uploads_dir: Path) -> None:
+    ``owner`` (an API key id) is recorded on every job; reads and cancels given an ``owner`` see that owner's
+    jobs only (None: every job, for admins)."""
+
+    def __init__(self, rag: RagServices, uploads_dir: Path, jobs: JobRunner) -> None:
         self.rag = rag
         self.uploads_dir = uploads_dir
-        self._jobs: dict[str, IngestJob] = {}
-        self._lock = asyncio.Lock()
-        self._tasks: set[asyncio.Task] = set()
+        self.jobs = jobs
+        # One slot: the embedded vector store has one writer. Not interruptible: the pipeline runs in a thread
+        # and stops at its next batch boundary (every document whole), where its progress callback checks.
+        jobs.register(KIND, self._run, slots=1)
         # Part files of uploads cut short by a crash (a live request's are written to as it streams).
         for part in (uploads_dir / ".incoming").glob("*.part"):
             with contextlib.suppress(OSError):
                 if time.time() - part.stat().st_mtime > 3600:
                     part.unlink()
-        # Set at shutdown: a running pipeline stops at its next batch boundary (a point where every document
-        # is either in its old or its new version), before the stores close under it.
-        self._stopping = threading.Event()
 
     def upload_dir(self, collection: str) -> Path:
         # One folder per collection: re-uploading a file replaces its chunks instead of duplicating them.
@@ -136,79 +159,41 @@ class IngestJobs:
         folder.mkdir(parents=True, exist_ok=True)
         return batch.commit(folder)
 
-    def submit(self, collection: str, paths: list[str], prune: bool = False,
-               names: dict[str, str] | None = None) -> IngestJob:
+    async def submit(self, collection: str, paths: list[str], prune: bool = False,
+                     names: Mapping[str, str] | None = None, *, owner: str = "",
+                     idempotency_key: str | None = None) -> IngestJob:
         """``names``: logical names of uploaded files (their saved path -> the name they were uploaded as)."""
         if not paths:
             raise InvalidRequest("nothing to ingest: give files or paths", param="paths")
-        job = IngestJob(id=uuid.uuid4().hex[:12], collection=collection, paths=paths, prune=prune,
-                        names=names or {})
-        self._jobs[job.id] = job
-        while len(self._jobs) > _KEEP_JOBS:
-            self._jobs.pop(next(iter(self._jobs)))
-        task = asyncio.create_task(self._run(job), name=f"ingest-{job.id}")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return job
+        check_collection_name(collection)
+        payload = {"collection": collection, "paths": [str(p) for p in paths], "prune": bool(prune),
+                   "names": dict(names or {})}
+        job = await self.jobs.submit(KIND, payload, owner=owner, idempotency_key=idempotency_key)
+        return IngestJob.from_job(job)
 
-    def get(self, job_id: str) -> IngestJob:
-        job = self._jobs.get(job_id)
-        if job is None:
-            raise NotFound(f"no ingest job {job_id!r} (jobs are kept in memory since the last restart)",
-                           param="job_id")
-        return job
+    async def get(self, job_id: str, *, owner: str | None = None) -> IngestJob:
+        return IngestJob.from_job(await self.jobs.get(job_id, owner=owner, kinds=[KIND]))
 
-    def list(self) -> list[IngestJob]:
-        return sorted(self._jobs.values(), key=lambda j: j.created_at, reverse=True)
+    async def list(self, *, owner: str | None = None, limit: int = _KEEP_JOBS) -> list[IngestJob]:
+        return [IngestJob.from_job(j) for j in await self.jobs.list(kinds=[KIND], owner=owner, limit=limit)]
 
-    async def wait(self, job_id: str, timeout: float | None = None) -> IngestJob:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        job = self.get(job_id)
-        while job.state in ("queued", "running"):
-            if deadline is not None and time.monotonic() > deadline:
-                break
-            await asyncio.sleep(0.05)
-        return job
+    async def wait(self, job_id: str, timeout: float, *, owner: str | None = None) -> IngestJob:
+        return IngestJob.from_job(await self.jobs.wait(job_id, timeout, owner=owner, kinds=[KIND]))
 
-    async def aclose(self, timeout_s: float = 60.0) -> None:
-        """Stop running jobs at a safe point and wait for their threads: cancelling the task alone would
-        leave the pipeline thread writing into a store that is being closed (a failed flush at Ctrl-C)."""
-        self._stopping.set()
-        tasks = list(self._tasks)
-        if not tasks:
-            return
-        _, late = await asyncio.wait(tasks, timeout=timeout_s)
-        for task in late:
-            log.error("ingest job %s did not stop within %.0f s; closing the store under it", task.get_name(),
-                      timeout_s)
-            task.cancel()
+    async def cancel(self, job_id: str, *, owner: str | None = None) -> IngestJob:
+        """A queued job is cancelled at once; a running one stops after its current batch (what it wrote is
+        kept, every document whole)."""
+        return IngestJob.from_job(await self.jobs.cancel(job_id, owner=owner, kinds=[KIND]))
 
-    async def _run(self, job: IngestJob) -> None:
-        async with self._lock:
-            if self._stopping.is_set():
-                job.state, job.finished_at = "failed", time.time()
-                job.error = {"code": ShuttingDown.code, "message": "the server shut down before this job started"}
-                return
-            job.state, job.started_at = "running", time.time()
+    async def _run(self, job: Job, ctx: JobContext) -> dict[str, Any]:
+        p = job.payload
 
-            def progress(p: Progress) -> None:
-                job.files_total, job.files_done, job.chunks_written = p.files_total, p.files_done, p.chunks_written
-                if self._stopping.is_set():
-                    raise ShuttingDown("the server shut down during this ingest; what was written is kept and "
-                                       "complete per document: submit the same files again to finish")
+        def progress(pr: Progress) -> None:
+            ctx.set_progress({"files_total": pr.files_total, "files_done": pr.files_done,
+                              "chunks_written": pr.chunks_written})
+            ctx.check()  # at a batch boundary: a cancel or the shutdown stops the run here
 
-            try:
-                result = await asyncio.to_thread(
-                    self.rag.pipeline.run, job.paths, job.collection, prune=job.prune, progress=progress,
-                    names=job.names,
-                )
-                job.snapshot_id, job.counts, job.rejections = result.snapshot_id, result.counts, result.rejections
-                job.state = "succeeded"
-            except KeelError as exc:
-                job.state, job.error = "failed", {"code": exc.code, "message": exc.message}
-            except Exception as exc:  # reported on the job; the server keeps serving
-                log.exception("ingest job %s failed", job.id)
-                job.state, job.error = "failed", {"code": "internal_error", "message": f"{type(exc).__name__}: {exc}"}
-            finally:
-                job.finished_at = time.time()
-
+        ctx.check()
+        result = await asyncio.to_thread(self.rag.pipeline.run, p["paths"], p["collection"], prune=bool(p.get("prune")),
+                                         progress=progress, names=p.get("names") or {})
+        return {"snapshot_id": result.snapshot_id, "counts": result.counts, "rejections": result.rejections}

@@ -67,6 +67,9 @@ NO_MODEL = {
     ("GET", "/v1/finetune/models/{model}/versions"), ("POST", "/v1/finetune/models/{model}/promote"),
     ("POST", "/v1/finetune/models/{model}/rollback"), ("GET", "/v1/evals/suites"), ("GET", "/v1/evals/runs"),
     ("GET", "/v1/evals/runs/{run_id}"), ("GET", "/v1/evals/runs/{run_id}/report.html"),
+    # durable jobs: read and cancel (ingest jobs need 'ingest', eval jobs 'evals'); cancelling stops work
+    ("POST", "/v1/ingest/jobs/{job_id}/cancel"), ("GET", "/v1/evals/jobs"), ("GET", "/v1/evals/jobs/{job_id}"),
+    ("POST", "/v1/evals/jobs/{job_id}/cancel"),
 }
 
 

@@ -1,39 +1,36 @@
-"""Evaluations over HTTP: list suites and runs, show a run, its HTML report, start a suite run.
+"""Evaluations over HTTP: list suites and runs, show a run, its HTML report, start a suite run (a durable job:
+list, show and cancel eval jobs).
 
 Include with ``app.include_router(evals.router)`` in app/api/main.py. Scope: ``evals`` (admin has all).
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import Any
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Header, Query
 from fastapi.responses import HTMLResponse
 from pydantic import BaseModel, Field
 
 from app.api.deps import ContainerDep, EvalsKey, EvalStoreDep, SettingsDep
 from app.core.errors import InvalidRequest
+from app.jobs import JobState
+from app.security.keys import ApiKey
 from app.settings import Settings
+from evals import jobs as eval_jobs
 from evals.report import html_report, run_json
-from evals.runner import EvalConfigError, EvalRunner, count_swallowed
-from evals.store import EvalStore
-from evals.suite import SuiteError, find_named_suite, load_suite, suite_dirs
+from evals.runner import EvalConfigError, EvalRunner
+from evals.suite import SuiteError, load_suite
 from evals.suite import list_suites as suite_files
 
 router = APIRouter(prefix="/v1/evals", tags=["evals"])
 log = logging.getLogger("keel.evals")
-_tasks: set[asyncio.Task] = set()
 
 
 def _load(settings: Settings, name: str):
     """A suite by name from the suites folders only: a caller must not make the server read other files."""
-    suites_dir = settings.evals.suites_dir
-    try:
-        return load_suite(find_named_suite(name, suites_dir), roots=suite_dirs(suites_dir))
-    except SuiteError as e:
-        raise InvalidRequest(str(e), param="suite") from e
+    return eval_jobs.load_named_suite(settings.evals.suites_dir, name)
 
 
 class RunIn(BaseModel):
@@ -79,31 +76,58 @@ async def run_report(_key: EvalsKey, settings: SettingsDep, store: EvalStoreDep,
 
 
 @router.post("/runs", status_code=202)
-async def start_run(_key: EvalsKey, container: ContainerDep, body: RunIn) -> dict[str, Any]:
-    """Start a suite in the background (the server's own ChatService); poll GET /v1/evals/runs?suite=."""
+async def start_run(key: EvalsKey, container: ContainerDep, store: EvalStoreDep, body: RunIn,
+                    idempotency_key: str | None = Header(default=None, alias="Idempotency-Key", max_length=200)
+                    ) -> dict[str, Any]:
+    """Start a suite in the background (the server's own ChatService) as a durable job: poll
+    ``GET /v1/evals/jobs/{job_id}`` (its run's id is in ``progress.run_id`` once it runs) or
+    ``GET /v1/evals/runs?suite=``; cancel with ``POST /v1/evals/jobs/{job_id}/cancel``. A job interrupted by a
+    restart runs again after the next start and resumes its run. ``Idempotency-Key``: a retried request returns
+    the job of the first one."""
     settings = container.settings
     suite = _load(settings, body.suite)
-    # The run outlives the request: it writes through a store of its own (EvalStoreDep's closes with the
-    # request), closed when the run ends.
-    store = EvalStore(settings.evals.db_path(settings.home))
+    # Checked now, so that a suite that cannot run here is a 400, not a failed job.
     runner = EvalRunner(container.eval_deps(), store, use_cache=body.use_cache, progress=False)
     try:
         ident = runner.identity(suite)
     except EvalConfigError as e:
-        store.close()
         raise InvalidRequest(str(e), param="suite") from e
-
-    async def go() -> None:
-        try:
-            await runner.run(suite, baseline=body.baseline)
-        except Exception:
-            log.exception("eval run of %s failed", suite.name)
-            count_swallowed(container.metrics, "background_run")
-        finally:
-            store.close()
-
-    task = asyncio.create_task(go())
-    _tasks.add(task)
-    task.add_done_callback(_tasks.discard)
+    if body.baseline is not None:
+        store.get_run(body.baseline)  # 404 now rather than a failed job
+    job = await container.jobs.submit(eval_jobs.KIND, eval_jobs.payload(suite.name, baseline=body.baseline,
+                                                                       use_cache=body.use_cache),
+                                      owner=key.id, idempotency_key=idempotency_key)
     return {"status": "started", "suite": suite.name, "suite_hash": suite.hash, "cases": len(suite.cases),
-            "target": ident.get("prompt") or ident.get("rag") or ident.get("model")}
+            "target": ident.get("prompt") or ident.get("rag") or ident.get("model"), "job_id": job.id,
+            "job": job.public()}
+
+
+def _owner(key: ApiKey) -> str | None:
+    """Whose jobs the caller sees: its own, or every job for an admin (None)."""
+    return None if "admin" in key.scopes else key.id
+
+
+@router.get("/jobs")
+async def list_jobs(key: EvalsKey, container: ContainerDep, state: JobState | None = None,
+                    limit: int = Query(default=50, ge=1, le=500)) -> list[dict[str, Any]]:
+    """The caller's eval jobs (runs started through the API), newest first; an admin sees everyone's."""
+    jobs = await container.jobs.list(kinds=[eval_jobs.KIND], owner=_owner(key),
+                                     states=[state] if state else None, limit=limit)
+    return [j.public() for j in jobs]
+
+
+@router.get("/jobs/{job_id}")
+async def show_job(key: EvalsKey, container: ContainerDep, job_id: str,
+                   wait_s: float = Query(0, ge=0, le=60, description="Long-poll until done.")) -> dict[str, Any]:
+    if wait_s:
+        job = await container.jobs.wait(job_id, wait_s, owner=_owner(key), kinds=[eval_jobs.KIND])
+    else:
+        job = await container.jobs.get(job_id, owner=_owner(key), kinds=[eval_jobs.KIND])
+    return job.public()
+
+
+@router.post("/jobs/{job_id}/cancel")
+async def cancel_job(key: EvalsKey, container: ContainerDep, job_id: str) -> dict[str, Any]:
+    """Cancel an eval job: a queued one at once; a running one stops now (its run is left ``interrupted``, the
+    cases answered so far kept). 409 if it already ended."""
+    return (await container.jobs.cancel(job_id, owner=_owner(key), kinds=[eval_jobs.KIND])).public()

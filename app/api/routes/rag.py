@@ -5,17 +5,25 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Header, Query, Request
 from pydantic import BaseModel, Field
 from starlette.requests import ClientDisconnect
 
 from app.api.deps import ChatKey, IngestJobsDep, IngestKey, RagDep, SettingsDep
 from app.core.errors import ClientGone, InvalidRequest, PayloadTooLarge, PermissionDenied
+from app.security.keys import ApiKey
 from app.services.ingest_jobs import UploadBatch
 from ingest.settings import GroupBy
 
 router = APIRouter(prefix="/v1", tags=["rag"])
 _MAX_FIELD = 64 * 1024  # text fields of an upload form (the collection name)
+_IDEMPOTENCY = Header(default=None, alias="Idempotency-Key", max_length=200, description=(
+    "Sending the same key again (a retried request) returns the job of the first request instead of a new one."))
+
+
+def _owner(key: ApiKey) -> str | None:
+    """Whose jobs the caller sees: its own, or every job for an admin (None)."""
+    return None if "admin" in key.scopes else key.id
 
 
 class RetrieveIn(BaseModel):
@@ -55,8 +63,10 @@ _UPLOAD_FORM = {"requestBody": {"required": True, "content": {"multipart/form-da
 
 
 @router.post("/ingest", status_code=202, openapi_extra=_UPLOAD_FORM)
-async def ingest_upload(_key: IngestKey, settings: SettingsDep, jobs: IngestJobsDep, request: Request) -> dict:
-    """Upload documents; they are ingested by a background job (poll ``GET /v1/ingest/jobs/{id}``).
+async def ingest_upload(key: IngestKey, settings: SettingsDep, jobs: IngestJobsDep, request: Request,
+                        idempotency_key: str | None = _IDEMPOTENCY) -> dict:
+    """Upload documents; they are ingested by a background job (poll ``GET /v1/ingest/jobs/{id}``). The job is
+    durable: queued or interrupted by a restart, it runs after the next start.
 
     Up to ``limits.max_upload_bytes`` per request (not the small ``limits.max_body_bytes`` of other
     routes): files stream to disk as they arrive, so a large upload never sits in memory."""
@@ -73,7 +83,8 @@ async def ingest_upload(_key: IngestKey, settings: SettingsDep, jobs: IngestJobs
         saved = jobs.commit_upload(batch, collection)
     finally:
         batch.discard()  # whatever was not committed: a refused or broken upload leaves no file behind
-    return jobs.submit(collection, list(saved), names=saved).public()
+    job = await jobs.submit(collection, list(saved), names=saved, owner=key.id, idempotency_key=idempotency_key)
+    return job.public()
 
 
 def _upload_too_large(limit: int) -> PayloadTooLarge:
@@ -156,24 +167,35 @@ async def _stream_form(request: Request, batch: UploadBatch, limit: int) -> dict
 
 
 @router.post("/ingest/paths", status_code=202)
-async def ingest_paths(key: IngestKey, settings: SettingsDep, jobs: IngestJobsDep, body: IngestPathsIn) -> dict:
+async def ingest_paths(key: IngestKey, settings: SettingsDep, jobs: IngestJobsDep, body: IngestPathsIn,
+                       idempotency_key: str | None = _IDEMPOTENCY) -> dict:
     """Ingest files already on the server. Reading the server's disk is for admins only."""
     if "admin" not in key.scopes:
         raise PermissionDenied("ingesting server-side paths needs the 'admin' scope; upload files instead")
-    return jobs.submit(body.collection or settings.rag.collection, body.paths, body.prune).public()
+    job = await jobs.submit(body.collection or settings.rag.collection, body.paths, body.prune, owner=key.id,
+                            idempotency_key=idempotency_key)
+    return job.public()
 
 
 @router.get("/ingest/jobs")
-async def list_jobs(_key: IngestKey, jobs: IngestJobsDep) -> list[dict]:
-    return [j.public() for j in jobs.list()]
+async def list_jobs(key: IngestKey, jobs: IngestJobsDep, limit: int = Query(500, ge=1, le=1000)) -> list[dict]:
+    """The caller's ingest jobs, newest first (an admin sees everyone's)."""
+    return [j.public() for j in await jobs.list(owner=_owner(key), limit=limit)]
 
 
 @router.get("/ingest/jobs/{job_id}")
-async def get_job(_key: IngestKey, jobs: IngestJobsDep, job_id: str,
+async def get_job(key: IngestKey, jobs: IngestJobsDep, job_id: str,
                   wait_s: float = Query(0, ge=0, le=60, description="Long-poll until done.")) -> dict:
     if wait_s:
-        return (await jobs.wait(job_id, wait_s)).public()
-    return jobs.get(job_id).public()
+        return (await jobs.wait(job_id, wait_s, owner=_owner(key))).public()
+    return (await jobs.get(job_id, owner=_owner(key))).public()
+
+
+@router.post("/ingest/jobs/{job_id}/cancel")
+async def cancel_job(key: IngestKey, jobs: IngestJobsDep, job_id: str) -> dict:
+    """Cancel an ingest job: a queued one at once (``cancelled``); a running one stops after its current batch
+    (``cancel_requested`` until then): what it wrote is kept, every document whole. 409 if it already ended."""
+    return (await jobs.cancel(job_id, owner=_owner(key))).public()
 
 
 @router.get("/collections")
