@@ -36,7 +36,11 @@ and PL/pgSQL), and Keel runs on one machine with SQLite and no server; one small
 contract on both databases (tests/unit/test_jobs_queue.py runs the same suite on both) is less than a second
 queue for the SQLite case.
 
-Schema: Alembic (``app/jobs/migrations``, version table ``alembic_version_jobs``), run when a queue opens.
+Cancellations are audited on the kernel's trail (:mod:`app.core.audit`, trail ``jobs``, in the queue's own
+database, in the cancel's transaction): :meth:`~JobQueue.history`.
+
+Schema: Alembic (``app/jobs/migrations``, version table ``alembic_version_jobs``; the audit table's own
+migrations first), run when a queue opens.
 """
 
 from __future__ import annotations
@@ -55,6 +59,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+from app.core import audit
+from app.core.audit import AuditEvent
 from app.core.db import enable_wal, postgres_unavailable, write_transaction
 from app.core.errors import Conflict, KeelError, NotFound, StoreUnavailable
 from app.core.migrate import Migrations, upgrade_postgres, upgrade_sqlite
@@ -62,6 +68,7 @@ from app.core.migrate import Migrations, upgrade_postgres, upgrade_sqlite
 MIGRATIONS = Migrations(Path(__file__).with_name("migrations"), "alembic_version_jobs",
                         pg_lock_key=0x6B65656C_6A6F)  # "keeljo"
 
+TRAIL = "jobs"  # the audit trail of cancellations (who cancelled whose job)
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 STATES: tuple[JobState, ...] = ("queued", "running", "succeeded", "failed", "cancelled")
 ACTIVE: frozenset[str] = frozenset({"queued", "running"})
@@ -143,7 +150,10 @@ class JobQueue(Protocol):
 
     def confirm_cancel(self, job_id: str, worker_id: str) -> Job: ...
 
-    def cancel(self, job_id: str, *, owner: str | None = None, kinds: Sequence[str] | None = None) -> Job: ...
+    def cancel(self, job_id: str, *, owner: str | None = None, kinds: Sequence[str] | None = None,
+               actor: str = "", request_id: str | None = None) -> Job: ...
+
+    def history(self, job_id: str | None = None, limit: int = 100) -> list[AuditEvent]: ...
 
     def recover_stale(self, *, now: float | None = None) -> list[Job]: ...
 
@@ -298,24 +308,40 @@ class _SqlJobQueue:
                            "use a new key for a new request", param="Idempotency-Key", code="idempotency_key_reused")
         return job
 
-    def cancel(self, job_id: str, *, owner: str | None = None, kinds: Sequence[str] | None = None) -> Job:
+    def cancel(self, job_id: str, *, owner: str | None = None, kinds: Sequence[str] | None = None,
+               actor: str = "", request_id: str | None = None) -> Job:
+        """Cancel ``job_id`` (visible to ``owner``; None: any owner's). The request is audited (trail ``jobs``)
+        in the same transaction: who cancelled whose job, and whether it was queued or running."""
         m = self._mark
         now = time.time()
         with self._tx() as db:
             job = self._visible(db.execute(f"{_SELECT} WHERE id = {m}{self._for_update}", (job_id,)).fetchone(),
                                 job_id, owner, kinds)
+            if job.state == "cancelled" or (job.state == "running" and job.cancel_requested):
+                return job
             if job.state == "queued":
                 db.execute(f"UPDATE job_queue SET state = 'cancelled', cancel_requested = 1, finished_at = {m}, "
                            f"updated_at = {m} WHERE id = {m}", (now, now, job_id))
-                return replace(job, state="cancelled", cancel_requested=True, finished_at=now, updated_at=now)
-            if job.state == "running":
+                after = replace(job, state="cancelled", cancel_requested=True, finished_at=now, updated_at=now)
+            elif job.state == "running":
                 db.execute(f"UPDATE job_queue SET cancel_requested = 1, updated_at = {m} WHERE id = {m}",
                            (now, job_id))
-                return replace(job, cancel_requested=True, updated_at=now)
-            if job.state == "cancelled":
-                return job
+                after = replace(job, cancel_requested=True, updated_at=now)
+            else:
+                after = None
+            if after is not None:
+                audit.append(db, AuditEvent(
+                    trail=TRAIL, action="job.cancel", subject_kind=job.kind, subject=job.id, actor=actor,
+                    from_ref=job.state, to_ref=after.state if after.state == "cancelled" else "cancel_requested",
+                    details={"owner": job.owner, "attempts": job.attempts}, request_id=request_id), now=now)
+                return after
         raise Conflict(f"job {job_id} has already {job.state}; there is nothing to cancel", param="job_id",
                        code="job_finished")
+
+    def history(self, job_id: str | None = None, limit: int = 100) -> list[AuditEvent]:
+        """Audited cancellations, newest first (of one job, or all)."""
+        sql, args = audit.select(postgres=self._mark == "%s", trail=TRAIL, subject=job_id, limit=limit)
+        return [audit.decode(r) for r in self._read(sql, args)]
 
     def get(self, job_id: str, *, owner: str | None = None, kinds: Sequence[str] | None = None) -> Job:
         rows = self._read(f"{_SELECT} WHERE id = {self._mark}", (job_id,))
@@ -505,6 +531,7 @@ class SqliteJobQueue(_SqlJobQueue):
         self._lock = threading.Lock()
         if self.path != ":memory:":
             enable_wal(self._db)
+        audit.ensure_schema_sqlite(self._db)
         upgrade_sqlite(self._db, MIGRATIONS)
 
     def _tx(self) -> Any:
@@ -535,6 +562,7 @@ class PostgresJobQueue(_SqlJobQueue):
         self._url = url
         self._errors = (psycopg.OperationalError, PoolTimeout)
         try:
+            audit.ensure_schema_postgres(url, connect_timeout_s=timeout_s)
             upgrade_postgres(url, MIGRATIONS, connect_timeout_s=timeout_s)
         except psycopg.OperationalError as e:
             raise self._unavailable(e) from None

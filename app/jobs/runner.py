@@ -208,10 +208,12 @@ class JobRunner:
                    states: Sequence[str] | None = None, limit: int = 50) -> list[Job]:
         return await self._call(self.queue.list, kinds=kinds, owner=owner, states=states, limit=limit)
 
-    async def cancel(self, job_id: str, *, owner: str | None = None, kinds: Sequence[str] | None = None) -> Job:
+    async def cancel(self, job_id: str, *, owner: str | None = None, kinds: Sequence[str] | None = None,
+                     actor: str = "", request_id: str | None = None) -> Job:
         """Cancel a job: a queued one at once; a running one is asked to stop (here at once, in another
-        process at its next heartbeat) and is ``cancelled`` once it has."""
-        job = await self._call(self.queue.cancel, job_id, owner=owner, kinds=kinds)
+        process at its next heartbeat) and is ``cancelled`` once it has. Audited (``actor``, trail ``jobs``)."""
+        job = await self._call(self.queue.cancel, job_id, owner=owner, kinds=kinds, actor=actor,
+                               request_id=request_id)
         entry = self._entry(job.id)
         if entry is not None and job.cancel_requested:
             self._stop(entry, "cancel")

@@ -180,10 +180,12 @@ class IngestJobs:
     async def wait(self, job_id: str, timeout: float, *, owner: str | None = None) -> IngestJob:
         return IngestJob.from_job(await self.jobs.wait(job_id, timeout, owner=owner, kinds=[KIND]))
 
-    async def cancel(self, job_id: str, *, owner: str | None = None) -> IngestJob:
+    async def cancel(self, job_id: str, *, owner: str | None = None, actor: str = "",
+                     request_id: str | None = None) -> IngestJob:
         """A queued job is cancelled at once; a running one stops after its current batch (what it wrote is
-        kept, every document whole)."""
-        return IngestJob.from_job(await self.jobs.cancel(job_id, owner=owner, kinds=[KIND]))
+        kept, every document whole). Audited: ``actor`` (trail ``jobs``)."""
+        return IngestJob.from_job(await self.jobs.cancel(job_id, owner=owner, kinds=[KIND], actor=actor,
+                                                         request_id=request_id))
 
     async def _run(self, job: Job, ctx: JobContext) -> dict[str, Any]:
         p = job.payload

@@ -219,7 +219,7 @@ async def test_cancel_a_running_eval_job_and_a_running_ingest_job(tmp_path: Path
     slow = ScriptedBackend(reply="The capital of France is Paris.", delay_s=0.2)
     async with serve(tmp_path, embedder=embedder, backend=slow, batch_chunks=4) as s:
         c = s["c"]
-        raw = s["container"].keys.create("admin", ["admin"])[1]
+        key, raw = s["container"].keys.create("admin", ["admin"])
         r = await c.post("/v1/evals/runs", json={"suite": "jobs-unit"}, headers=bearer(raw))
         job_id = r.json()["job_id"]
         job = await poll(c, f"/v1/evals/jobs/{job_id}", bearer(raw), lambda j: "run_id" in j["progress"])
@@ -230,6 +230,9 @@ async def test_cancel_a_running_eval_job_and_a_running_ingest_job(tmp_path: Path
         run = (await c.get(f"/v1/evals/runs/{job['progress']['run_id']}", headers=bearer(raw))).json()
         assert run["status"] == "interrupted"  # its answered cases are kept
         assert (await c.post(f"/v1/evals/jobs/{job_id}/cancel", headers=bearer(raw))).json()["state"] == "cancelled"
+        (event,) = s["container"].jobs.queue.history(job_id)  # who cancelled it, audited
+        assert (event.action, event.actor, event.subject_kind, event.to_ref) == (
+            "job.cancel", key.id, "eval", "cancel_requested")
 
         r = await c.post("/v1/ingest", files=write_docs(tmp_path, 12), data={"collection": "kb"}, headers=bearer(raw))
         ingest_id = r.json()["id"]

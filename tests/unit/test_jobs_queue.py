@@ -259,10 +259,11 @@ def test_cancel_queued_and_running(open_queue) -> None:
     assert q.claim(["ingest"], "w") is None
     assert q.cancel(queued.id).state == "cancelled"  # again: unchanged
 
-    running = q.enqueue("ingest", {"r": 1})
+    running = q.enqueue("ingest", {"r": 1}, owner="alice")
     q.claim(["ingest"], "w")
-    asked = other.cancel(running.id)
+    asked = other.cancel(running.id, actor="admin-key", request_id="req-9")
     assert asked.state == "running" and asked.cancel_requested
+    assert other.cancel(running.id, actor="admin-key").cancel_requested  # again: unchanged, not audited twice
     assert q.heartbeat(running.id, "w") is True  # the worker learns it at its next beat
     assert q.progress(running.id, "w", {"files_done": 1}) is True
     done = q.confirm_cancel(running.id, "w")
@@ -283,6 +284,14 @@ def test_cancel_queued_and_running(open_queue) -> None:
     assert e.value.code == "job_finished"
     with pytest.raises(NotFound):
         q.cancel("nope")
+
+    # every cancel is audited (trail 'jobs'), in the cancel's own transaction
+    (event,) = q.history(running.id)
+    assert (event.trail, event.action, event.subject_kind, event.actor, event.request_id) == (
+        "jobs", "job.cancel", "ingest", "admin-key", "req-9")
+    assert (event.from_ref, event.to_ref, event.details["owner"]) == ("running", "cancel_requested", "alice")
+    assert q.history(queued.id)[0].to_ref == "cancelled"
+    assert len(q.history()) == 4  # queued, running, and the two cancelled before they ended
 
 
 def test_idempotency_key(open_queue) -> None:

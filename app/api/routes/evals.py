@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from fastapi import APIRouter, Header, Query
+from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import HTMLResponse
 from pydantic import BaseModel, Field
 
@@ -127,7 +127,9 @@ async def show_job(key: EvalsKey, container: ContainerDep, job_id: str,
 
 
 @router.post("/jobs/{job_id}/cancel")
-async def cancel_job(key: EvalsKey, container: ContainerDep, job_id: str) -> dict[str, Any]:
+async def cancel_job(key: EvalsKey, container: ContainerDep, job_id: str, request: Request) -> dict[str, Any]:
     """Cancel an eval job: a queued one at once; a running one stops now (its run is left ``interrupted``, the
-    cases answered so far kept). 409 if it already ended."""
-    return (await container.jobs.cancel(job_id, owner=_owner(key), kinds=[eval_jobs.KIND])).public()
+    cases answered so far kept). 409 if it already ended. Audited (trail ``jobs``)."""
+    job = await container.jobs.cancel(job_id, owner=_owner(key), kinds=[eval_jobs.KIND], actor=key.id,
+                                      request_id=getattr(request.state, "request_id", None))
+    return job.public()

@@ -192,10 +192,12 @@ async def get_job(key: IngestKey, jobs: IngestJobsDep, job_id: str,
 
 
 @router.post("/ingest/jobs/{job_id}/cancel")
-async def cancel_job(key: IngestKey, jobs: IngestJobsDep, job_id: str) -> dict:
+async def cancel_job(key: IngestKey, jobs: IngestJobsDep, job_id: str, request: Request) -> dict:
     """Cancel an ingest job: a queued one at once (``cancelled``); a running one stops after its current batch
     (``cancel_requested`` until then): what it wrote is kept, every document whole. 409 if it already ended."""
-    return (await jobs.cancel(job_id, owner=_owner(key))).public()
+    job = await jobs.cancel(job_id, owner=_owner(key), actor=key.id,
+                            request_id=getattr(request.state, "request_id", None))
+    return job.public()
 
 
 @router.get("/collections")
