@@ -239,6 +239,9 @@ def _ingest_via_api(url: str, key: str | None, paths: list[str], collection: str
                         time.sleep(0.2)
     except httpx.HTTPError as e:
         raise unreachable(url, e) from e
+    if job["state"] == "cancelled":
+        err.print(f"[yellow]ingest job {escape(job['id'])} was cancelled; what it wrote before is kept[/yellow]")
+        raise typer.Exit(1)
     if job["state"] != "succeeded":
         e = job.get("error") or {}
         err.print(f"[red]error ({escape(str(e.get('code', 'failed')))}):[/red] {escape(str(e.get('message', '')))}")
