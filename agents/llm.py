@@ -1,5 +1,8 @@
 """The small model interface agents use, over Keel's in-process :class:`ModelRouter`.
 
+Agents open no client of their own: every call goes through the router, so it gets the chat path's client
+layer (:mod:`app.llm.clients`), retries, circuit breaker, fallback and metrics.
+
 ``complete(messages, schema=...)`` sends the JSON schema as ``response_format`` (vLLM turns it
 into guided decoding), so decisions parse even from a 135M model; anything that still does not
 parse raises :class:`MalformedOutput`, which every decision node handles.
@@ -44,21 +47,20 @@ class AgentLLM:
         return GenerationRequest(model=self.alias, messages=tuple(messages), params=params,
                                  request_id=f"agent-{uuid.uuid4().hex[:12]}")
 
-    async def stream(self, messages: Messages, *, max_tokens: int | None = None,
-                     temperature: float | None = None) -> AsyncIterator[str]:
-        req = self._request(messages, None, max_tokens, temperature)
-        async for event in self.router.stream(self.alias, req):
+    async def _texts(self, request: GenerationRequest) -> AsyncIterator[str]:
+        """The first choice's text deltas (the router applies the backend's timeouts, retries and breaker)."""
+        async for event in self.router.stream(self.alias, request):
             if isinstance(event, TextDelta) and event.index == 0 and event.text:
                 yield event.text
 
+    async def stream(self, messages: Messages, *, max_tokens: int | None = None,
+                     temperature: float | None = None) -> AsyncIterator[str]:
+        async for text in self._texts(self._request(messages, None, max_tokens, temperature)):
+            yield text
+
     async def complete(self, messages: Messages, schema: dict[str, Any] | None = None, *,
                        max_tokens: int | None = None, temperature: float | None = None) -> str | dict[str, Any]:
-        req = self._request(messages, schema, max_tokens, temperature)
-        parts: list[str] = []
-        async for event in self.router.stream(self.alias, req):
-            if isinstance(event, TextDelta) and event.index == 0:
-                parts.append(event.text)
-        text = "".join(parts)
+        text = "".join([t async for t in self._texts(self._request(messages, schema, max_tokens, temperature))])
         return parse_json(text) if schema else text
 
 

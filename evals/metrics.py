@@ -14,6 +14,11 @@ sample that yields no usable score (invalid or truncated structured output, NaN,
 timeout, judge unreachable) raises :class:`JudgeError`: it is recorded with its reason, the other
 samples still count, and a case with no usable sample at all is a *judge error* that the suite's
 gate counts by its ``judge_errors`` policy.
+
+The judge is called through the client layer chat and agents use (:mod:`app.llm.clients`): a backend's
+connect timeout, connection retries and circuit breaker (a judge that is down fails the remaining samples at
+once instead of each waiting out its timeout), request ids, and ``keel_backend_request_duration_seconds`` /
+``keel_circuit_open`` with ``backend="judge"``.
 """
 
 from __future__ import annotations
@@ -29,9 +34,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from app.core.errors import BackendUnavailable
+from app.core.metrics import Metrics
+from app.core.settings import BackendSettings
 from app.guardrails.validators.leakage import check_system_prompt_leakage
 from app.guardrails.validators.pii import ALL_ENTITIES, find_pii
 from app.guardrails.validators.toxicity import check_toxicity
+from app.llm.clients import openai_client
+from app.llm.resilience import CircuitBreaker, breaker_for
 from evals.cases import Case
 from ingest.embedding import SentenceTransformerEmbedder
 
@@ -95,14 +105,17 @@ def register(name: str, *, threshold: float | None = None, higher_is_better: boo
 class MetricEnv:
     """Heavy things metrics share, created on first use: the embedder and the LLM judge.
 
-    ``judge_client`` (an ``openai.AsyncOpenAI``) replaces the client built from ``judge_base_url``;
-    tests pass one whose transport scripts the judge's answers.
+    The judge's client comes from :func:`app.llm.clients.openai_client` (see the module's doc): its read
+    timeout is ``judge_timeout_s``; its connect timeout, connection retries and breaker are ``judge_backend``'s
+    (default: a backend's defaults). ``metrics`` counts its calls (``backend="judge"``). ``judge_client`` (an
+    ``openai.AsyncOpenAI``) replaces that client; tests pass one whose transport scripts the judge's answers.
     """
 
     def __init__(self, *, embedder: Any = None, embedding_model: Path | None = None,
                  judge_base_url: str | None = None, judge_model: str | None = None, judge_api_key: str | None = None,
                  judge_temperature: float = 0.7, judge_max_tokens: int = 512, judge_frequency_penalty: float = 0.5,
-                 judge_timeout_s: float = 120.0, judge_retries: int = 0, judge_client: Any = None) -> None:
+                 judge_timeout_s: float = 120.0, judge_retries: int = 0, judge_client: Any = None,
+                 judge_backend: BackendSettings | None = None, metrics: Metrics | None = None) -> None:
         self._embedder = embedder
         self.embedding_model = embedding_model
         self.judge_base_url = judge_base_url
@@ -114,6 +127,11 @@ class MetricEnv:
         self.judge_timeout_s = judge_timeout_s
         self.judge_retries = judge_retries
         self.judge_client = judge_client
+        self.judge_backend = judge_backend
+        self.metrics = metrics
+        #: the judge client's circuit breaker (None until that client is built, and for a ``judge_client``)
+        self.judge_breaker: CircuitBreaker | None = None
+        self._judge: Any = None
         self._ragas: dict[Any, Any] = {}
 
     @property
@@ -125,6 +143,32 @@ class MetricEnv:
         return {"model": self.judge_model, "base_url": self.judge_base_url, "temperature": self.judge_temperature,
                 "max_tokens": self.judge_max_tokens, "frequency_penalty": self.judge_frequency_penalty,
                 "retries": self.judge_retries}
+
+    @property
+    def judge(self) -> Any:
+        """The judge's ``openai.AsyncOpenAI``: ``judge_client``, else the shared client layer's, built once."""
+        if self.judge_client is not None:
+            return self.judge_client
+        if self._judge is None:
+            if not self.judge_base_url:
+                raise ValueError("LLM-judged metrics need a judge: set evals.judge_base_url and evals.judge_model")
+            base = self.judge_backend or BackendSettings(kind="openai", base_url=self.judge_base_url)
+            cfg = base.model_copy(update={"kind": "openai", "base_url": self.judge_base_url,
+                                          "read_timeout_s": self.judge_timeout_s})
+            self.judge_breaker = breaker_for("judge", cfg, self.metrics)
+            self._judge = openai_client(cfg, label="judge", what="judge", metrics=self.metrics,
+                                        breaker=self.judge_breaker,
+                                        api_key=lambda: self.judge_api_key or self._backend_key())
+        return self._judge
+
+    def _backend_key(self) -> str | None:
+        key = self.judge_backend.api_key if self.judge_backend else None
+        return key.get_secret_value() if key else None
+
+    @property
+    def judge_url(self) -> str:
+        """Where the judge is (for error messages)."""
+        return self.judge_base_url or str(getattr(self.judge_client, "base_url", "") or "").rstrip("/") or "?"
 
     @property
     def embedder(self) -> Any:
@@ -466,7 +510,6 @@ def _judge_llm(env: MetricEnv) -> Any:
 
     os.environ.setdefault("RAGAS_DO_NOT_TRACK", "true")
     import instructor
-    from openai import AsyncOpenAI
     from ragas.llms.base import InstructorLLM, InstructorModelArgs
 
     class BinaryVerdictLLM(InstructorLLM):
@@ -477,10 +520,9 @@ def _judge_llm(env: MetricEnv) -> Any:
             result = await super().agenerate(prompt, strict)
             return result if strict is response_model else response_model.model_validate(result.model_dump())
 
-    # The client's own retries would hide a dead judge behind minutes of back-off; one failed call
-    # is one failed sample.
-    client = env.judge_client or AsyncOpenAI(base_url=env.judge_base_url, api_key=env.judge_api_key or "unused",
-                                             timeout=env.judge_timeout_s, max_retries=0)
+    # The SDK's own retries are off (they would hide a dead judge behind minutes of back-off): the client
+    # layer retries what never reached the judge and its breaker fails the rest fast once the judge is down.
+    client = env.judge
     # JSON_SCHEMA mode sends each output model as response_format=json_schema, which vLLM enforces
     # with guided decoding: even the 135M judge then emits schema-valid JSON. ragas' default (JSON
     # mode) only constrains the answer to be some JSON object, in whatever shape.
@@ -547,7 +589,7 @@ def _ragas_metric(env: MetricEnv, which: str, strictness: int = 1) -> Any:
     return metric
 
 
-def _judge_failure(e: BaseException) -> str | None:
+def _judge_failure(e: BaseException, env: MetricEnv) -> str | None:
     """Why a judge call failed, when it is the judge's doing (None for a bug in Keel or the metric)."""
     import openai
     from instructor.core.exceptions import IncompleteOutputException, InstructorError
@@ -555,14 +597,17 @@ def _judge_failure(e: BaseException) -> str | None:
 
     chain: list[BaseException] = []
     cur: BaseException | None = e
-    while cur is not None and len(chain) < 5:  # instructor wraps API errors; the cause says what happened
+    while cur is not None and len(chain) < 8:  # instructor wraps API errors; the cause says what happened
         chain.append(cur)
         cur = cur.__cause__
     for x in chain:
+        if isinstance(x, BackendUnavailable):  # the client layer: connection retries spent, or circuit open
+            return x.message if x.message.startswith("judge unreachable") else f"judge unreachable: {x.message}"
+    for x in chain:
         if isinstance(x, openai.APITimeoutError | TimeoutError):
-            return "judge call timed out"
+            return f"judge call timed out (no answer in {env.judge_timeout_s:g} s from {env.judge_url})"
         if isinstance(x, openai.APIConnectionError):
-            return f"judge unreachable ({x})"
+            return f"judge unreachable at {env.judge_url} ({x})"
         if isinstance(x, openai.APIStatusError):
             return f"judge answered HTTP {x.status_code}: {' '.join(str(x.message).split())[:200]}"
     for x in chain:
@@ -586,7 +631,7 @@ async def _ragas_score(s: Sample, which: str, params: dict[str, Any], *, clamp: 
     try:
         result = await metric.ascore(**inputs)
     except Exception as e:
-        why = _judge_failure(e)
+        why = _judge_failure(e, s.env)
         if why is None:
             raise
         raise JudgeError(why) from e

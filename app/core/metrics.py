@@ -32,6 +32,12 @@ class Metrics:
         self.fallbacks = Counter(
             "keel_fallback_total", "Requests served by a fallback alias", ["model", "fallback"], registry=r
         )
+        self.backend_requests = Histogram(
+            "keel_backend_request_duration_seconds",
+            "HTTP requests to model servers (chat and agent backends, the eval judge: backend=\"judge\"), time "
+            "to the response headers, by outcome (ok, http_4xx, http_5xx, unreachable, timeout, disconnected, "
+            "cancelled, circuit_open)", ["backend", "outcome"], buckets=_LATENCY_BUCKETS, registry=r,
+        )
         self.breaker_open = Gauge(
             "keel_circuit_open", "1 while the backend's circuit breaker is open", ["backend"], registry=r
         )

@@ -3,33 +3,18 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 
-from app.core.errors import (
-    BackendError,
-    BackendTimeout,
-    BackendUnavailable,
-    ContextLengthExceeded,
-    InvalidRequest,
-    KeelError,
-    ModelNotFound,
-)
+from app.core.errors import BackendError, BackendTimeout, BackendUnavailable
+from app.core.metrics import Metrics
 from app.core.settings import BackendSettings
 from app.core.types import Finished, GenerationRequest, LLMEvent, TextDelta, Usage
+from app.llm.clients import http_client, map_status_error
 
-
-class _Bearer(httpx.Auth):
-    def __init__(self, key: Callable[[], str | None]) -> None:
-        self._key = key
-
-    def auth_flow(self, request: httpx.Request):
-        key = self._key()
-        if key:
-            request.headers["Authorization"] = f"Bearer {key}"
-        yield request
+__all__ = ["OpenAIBackend", "build_payload", "map_status_error"]
 
 
 _FINISH = {"stop": "stop", "length": "length", "abort": "abort", "tool_calls": "stop", "content_filter": "stop"}
@@ -65,20 +50,6 @@ def build_payload(request: GenerationRequest) -> dict[str, Any]:
     return body
 
 
-def map_status_error(status: int, message: str) -> KeelError:
-    """Translate an upstream HTTP error into Keel's error with a message the client can act on."""
-    if status in (400, 422):
-        lowered = message.lower()
-        if "context length" in lowered or "maximum context" in lowered or "too long" in lowered:
-            return ContextLengthExceeded(message)
-        return InvalidRequest(message)
-    if status == 404:
-        return ModelNotFound(message)
-    if status in (502, 503):
-        return BackendUnavailable(f"backend unavailable: {message}")
-    return BackendError(f"backend answered HTTP {status}: {message}")
-
-
 def _error_message(payload: object, fallback: str) -> str:
     if isinstance(payload, dict):
         err = payload.get("error", payload)
@@ -98,13 +69,17 @@ class OpenAIBackend:
     bench/serving.py), which a burst of concurrent requests turns into tens of
     milliseconds of added time to first token. The wire format is small and stable.
     No automatic retries here: retrying only on connection errors, and only before
-    the first token, is the resilience layer's job.
+    the first token, is the resilience layer's job. The client comes from :mod:`app.llm.clients`, like every
+    client to a model server (the eval judge's too): same timeouts, limits, request ids and, with ``metrics``,
+    ``keel_backend_request_duration_seconds{backend=name}``.
     """
 
-    def __init__(self, name: str, settings: BackendSettings, base_url: str | None = None) -> None:
+    def __init__(self, name: str, settings: BackendSettings, base_url: str | None = None, *,
+                 metrics: Metrics | None = None) -> None:
         self.name = name
         self.settings = settings
         self.base_url = (base_url or settings.base_url or "").rstrip("/")
+        self.metrics = metrics
         self._client: httpx.AsyncClient | None = None
 
     def api_key(self) -> str | None:
@@ -115,11 +90,8 @@ class OpenAIBackend:
     @property
     def client(self) -> httpx.AsyncClient:
         if self._client is None:
-            self._client = httpx.AsyncClient(
-                base_url=self.base_url, auth=_Bearer(self.api_key),
-                timeout=httpx.Timeout(self.settings.read_timeout_s, connect=self.settings.connect_timeout_s),
-                limits=httpx.Limits(max_connections=512, max_keepalive_connections=128),
-            )
+            self._client = http_client(self.settings, label=self.name, base_url=self.base_url,
+                                       api_key=self.api_key, metrics=self.metrics)
         return self._client
 
     async def start(self) -> None:

@@ -1,4 +1,9 @@
-"""Retries on connection errors and a circuit breaker around any backend."""
+"""Retries on connection errors and a circuit breaker around any backend.
+
+One policy, applied in two places: :class:`ResilientBackend` wraps a backend's stream (chat and agents, through
+the router), and :class:`app.llm.clients.BackendClient` wraps each HTTP request of a client built with a breaker by
+:func:`app.llm.clients.openai_client` (the eval judge). Both retry with :func:`retrying`, fail fast with
+:func:`circuit_open` and build their breaker with :func:`breaker_for`."""
 
 from __future__ import annotations
 
@@ -10,6 +15,8 @@ from typing import Literal
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 
 from app.core.errors import BackendError, BackendUnavailable
+from app.core.metrics import Metrics
+from app.core.settings import BackendSettings
 from app.core.types import GenerationRequest, LLMEvent
 from app.llm.base import LLMBackend
 
@@ -81,6 +88,33 @@ class CircuitBreaker:
                 self._on_change(state)
 
 
+def breaker_for(label: str, cfg: BackendSettings, metrics: Metrics | None = None) -> CircuitBreaker:
+    """``cfg``'s breaker, reporting its state as ``keel_circuit_open{backend=label}``."""
+    on_change = (lambda state: metrics.breaker_open.labels(label).set(state == "open")) if metrics else None
+    return CircuitBreaker(cfg.breaker_failures, cfg.breaker_reset_s, on_change=on_change)
+
+
+def retrying(retries: int, backoff_s: float, retry_on: type[BaseException] | tuple[type[BaseException], ...],
+             breaker: CircuitBreaker | None = None) -> AsyncRetrying:
+    """``retries`` more attempts after the first, with jittered exponential back-off (capped at 2 s), on
+    ``retry_on`` only; the last error is raised as is. No further attempt once ``breaker`` is open (other
+    calls to the same server found it dead meanwhile): the call fails now instead of after its back-off."""
+    stop = stop_after_attempt(retries + 1)
+    if breaker is not None:
+        stop = stop | (lambda _state: breaker.state == "open")
+    return AsyncRetrying(
+        retry=retry_if_exception_type(retry_on),
+        stop=stop,
+        wait=wait_exponential_jitter(multiplier=backoff_s, max=2.0, jitter=backoff_s),
+        reraise=True,
+    )
+
+
+def circuit_open(what: str, breaker: CircuitBreaker) -> BackendUnavailable:
+    """The error for a call the open ``breaker`` refused (``what`` names the backend)."""
+    return BackendUnavailable(f"{what} is failing; circuit open, next probe in {breaker.retry_in():.0f} s")
+
+
 class ResilientBackend:
     """Wraps a backend: retries connection failures that happen before the first event,
     trips a circuit breaker on repeated failures. Errors after the first event are
@@ -95,20 +129,20 @@ class ResilientBackend:
         self.backoff_s = backoff_s
         self.breaker = breaker
 
+    @classmethod
+    def from_settings(cls, label: str, inner: LLMBackend, cfg: BackendSettings, metrics: Metrics | None = None
+                      ) -> ResilientBackend:
+        """``inner`` with ``cfg``'s retries and breaker (its state in ``keel_circuit_open{backend=label}``)."""
+        return cls(inner, retries=cfg.retries, backoff_s=cfg.retry_backoff_s,
+                   breaker=breaker_for(label, cfg, metrics))
+
     async def stream(self, request: GenerationRequest) -> AsyncIterator[LLMEvent]:
         if not self.breaker.allow():
-            raise BackendUnavailable(
-                f"backend {self.name!r} is failing; circuit open, next probe in {self.breaker.retry_in():.0f} s"
-            )
+            raise circuit_open(f"backend {self.name!r}", self.breaker)
         gen: AsyncIterator[LLMEvent] | None = None
         first: LLMEvent | None = None
         try:
-            async for attempt in AsyncRetrying(
-                retry=retry_if_exception_type(BackendUnavailable),
-                stop=stop_after_attempt(self.retries + 1),
-                wait=wait_exponential_jitter(multiplier=self.backoff_s, max=2.0, jitter=self.backoff_s),
-                reraise=True,
-            ):
+            async for attempt in retrying(self.retries, self.backoff_s, BackendUnavailable, self.breaker):
                 with attempt:
                     gen = aiter(self.inner.stream(request))
                     try:

@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from app.core.errors import BackendUnavailable
+from app.core.metrics import Metrics
 from app.core.settings import BackendSettings
 from app.core.types import GenerationRequest, LLMEvent
 from app.llm.openai_backend import OpenAIBackend
@@ -13,10 +14,11 @@ from app.llm.vllm_server import VLLMSupervisor
 
 
 class VLLMBackend(OpenAIBackend):
-    def __init__(self, name: str, settings: BackendSettings, log_dir: Path, on_restart=None) -> None:
+    def __init__(self, name: str, settings: BackendSettings, log_dir: Path, on_restart=None, *,
+                 metrics: Metrics | None = None) -> None:
         managed = settings.managed if settings.base_url is None else None
         base_url = settings.base_url or f"http://{managed.host}:{managed.port}/v1"
-        super().__init__(name, settings, base_url)
+        super().__init__(name, settings, base_url, metrics=metrics)
         self.supervisor = (
             VLLMSupervisor(name, managed, log_dir / f"vllm-{name}.log", on_restart=on_restart,
                            fixed_key=settings.api_key.get_secret_value() if settings.api_key else None)
