@@ -68,6 +68,8 @@ class RoutingStore(Protocol):
 
     def history(self, alias: str | None = None, limit: int = 100) -> list[AuditEvent]: ...
 
+    def audit_events(self, **filters: Any) -> list[AuditEvent]: ...
+
     def close(self) -> None: ...
 
 
@@ -148,7 +150,11 @@ class _SqlRoutingStore:
             return revision
 
     def history(self, alias: str | None = None, limit: int = 100) -> list[AuditEvent]:
-        sql, args = audit.select(postgres=self._mark == "%s", trail=TRAIL, subject=alias, limit=limit)
+        return self.audit_events(subject=alias, limit=limit)
+
+    def audit_events(self, **filters: Any) -> list[AuditEvent]:
+        """The routing trail's events, newest first (filters: :func:`app.core.audit.select`'s)."""
+        sql, args = audit.select(postgres=self._mark == "%s", trail=TRAIL, **filters)
         return [audit.decode(r) for r in self._read(sql, args)]
 
 

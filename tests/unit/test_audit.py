@@ -524,7 +524,9 @@ def test_the_admin_route_queries_each_trail(tmp_path):
     from app.api.errors import install_error_handlers
     from app.api.routes.admin import router
     from app.core.metrics import Metrics
+    from app.core.settings import BackendSettings, ModelAlias
     from app.guardrails.audit import AuditStore
+    from app.llm.routing import memory_table
     from app.security.keys import ApiKey
     from app.settings import Settings
     from finetune.jobs import JobStore
@@ -538,6 +540,8 @@ def test_the_admin_route_queries_each_trail(tmp_path):
     jobs.audit(actor="bob", action="promote", model="m", version="2", details={"from": "1"})
     store = AuditStore(tmp_path / "g.db")
     store.write([_guard_record(0), _guard_record(1)])
+    routes = memory_table({}, {"local": BackendSettings(kind="openai", base_url="http://127.0.0.1:9/v1")})
+    routes.set("tuned", ModelAlias(backend="local", model="m-v2"), owner="finetune:m", actor="carl")
 
     async def flush() -> None:
         return None
@@ -547,7 +551,7 @@ def test_the_admin_route_queries_each_trail(tmp_path):
     app.include_router(router)
     app.state.keel = types.SimpleNamespace(
         settings=Settings(auth={"enabled": True}), prompts=registry, finetune=types.SimpleNamespace(store=jobs),
-        guards=types.SimpleNamespace(audit=store, flush=flush),
+        guards=types.SimpleNamespace(audit=store, flush=flush), llm=types.SimpleNamespace(routes=routes),
         keys=types.SimpleNamespace(verify=keys.get), rate_limiter=types.SimpleNamespace(check=lambda *a: None),
         metrics=Metrics())
     admin = {"Authorization": "Bearer admin"}
@@ -559,6 +563,9 @@ def test_the_admin_route_queries_each_trail(tmp_path):
         assert [(e["action"], e["from_ref"], e["to_ref"]) for e in adapters] == [("promote", "1", "2")]
         guards = client.get("/v1/admin/audit", params={"trail": "guardrails", "limit": 1}, headers=admin).json()
         assert [(e["request_id"], e["details"]["verdict"]) for e in guards] == [("req-1", "pass")]
+        routed = client.get("/v1/admin/audit", params={"trail": "routing"}, headers=admin).json()
+        assert [(e["actor"], e["action"], e["subject"], e["subject_ref"], e["to_ref"]) for e in routed] == [
+            ("carl", "route.set", "tuned", "finetune:m", "m-v2")]
         assert client.get("/v1/admin/audit", params={"trail": "nope"}, headers=admin).status_code == 400
         assert client.get("/v1/admin/audit", params={"trail": "prompts"},
                           headers={"Authorization": "Bearer chat"}).status_code == 403

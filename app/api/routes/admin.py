@@ -94,7 +94,7 @@ async def guardrail_policy(guards: GuardsDep) -> dict:
             "bindings": [b.model_dump() for b in policy.file.bindings]}
 
 
-Trail = Literal["guardrails", "prompts", "adapters"]
+Trail = Literal["guardrails", "prompts", "adapters", "routing"]
 
 
 @router.get("/audit")
@@ -120,6 +120,8 @@ async def audit_events(
         if registry is None:
             raise NotFound("the prompt registry is not configured on this server")
         query = registry.store.audit_events
+    elif trail == "routing":
+        query = container.llm.routes.store.audit_events
     else:
         finetune = getattr(container, "finetune", None)
         if finetune is None:
