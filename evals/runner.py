@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from app.core.errors import KeelError
 from app.core.metrics import Metrics
 from app.core.paths import tree_hash
-from app.core.settings import ModelAlias
+from app.core.settings import BackendSettings, ModelAlias
 from app.core.types import ChatMessage, GenerationParams
 from app.llm.vllm_server import server_api_key
 from app.services.chat import ChatRequest, ChatResult, PromptUse
@@ -121,6 +121,15 @@ def judge_endpoint(settings: EvalConfig) -> tuple[str | None, str | None]:
     return base_url, model
 
 
+def judge_backend(settings: EvalConfig) -> BackendSettings | None:
+    """The backend settings the judge's client takes its connect timeout, retries and breaker from: the default
+    model's backend when the judge is that backend's server (no ``judge_base_url``), else the defaults."""
+    if settings.evals.judge_base_url is not None:
+        return None
+    alias = settings.models.get(settings.default_model)
+    return settings.backends.get(alias.backend) if alias else None
+
+
 def count_swallowed(metrics: Metrics | None, where: str) -> None:
     """``keel_eval_swallowed_errors_total{where}``: an error the harness handled without failing the case or the
     run. A host without metrics (the fine-tune worker's) only logs it."""
@@ -156,7 +165,8 @@ class EvalRunner:
                             judge_model=model, judge_api_key=judge_api_key(deps.config, base_url),
                             judge_temperature=cfg.judge_temperature, judge_max_tokens=cfg.judge_max_tokens,
                             judge_frequency_penalty=cfg.judge_frequency_penalty, judge_timeout_s=cfg.judge_timeout_s,
-                            judge_retries=cfg.judge_retries)
+                            judge_retries=cfg.judge_retries, judge_backend=judge_backend(deps.config),
+                            metrics=deps.metrics)
         self.env = env
         self.concurrency = concurrency or cfg.concurrency
         self.use_cache = cfg.cache if use_cache is None else use_cache

@@ -14,7 +14,7 @@ from app.core.settings import BackendSettings, CoreConfig, ModelAlias
 from app.core.types import GenerationRequest, LLMEvent
 from app.llm.base import LLMBackend
 from app.llm.openai_backend import OpenAIBackend
-from app.llm.resilience import CircuitBreaker, ResilientBackend
+from app.llm.resilience import ResilientBackend
 from app.llm.routing import RoutingTable, memory_table
 from app.llm.vllm_backend import VLLMBackend
 
@@ -25,9 +25,9 @@ def build_backend(name: str, cfg: BackendSettings, settings: CoreConfig, metrics
     """Construct (cheaply, nothing loaded) the backend implementation for ``cfg.kind``."""
     if cfg.kind == "vllm":
         on_restart = metrics.backend_restarts.labels(name).inc if metrics else None
-        return VLLMBackend(name, cfg, settings.logs_dir, on_restart=on_restart)
+        return VLLMBackend(name, cfg, settings.logs_dir, on_restart=on_restart, metrics=metrics)
     if cfg.kind == "openai":
-        return OpenAIBackend(name, cfg)
+        return OpenAIBackend(name, cfg, metrics=metrics)
     if cfg.kind == "transformers":
         from app.llm.transformers_backend import TransformersBackend  # lazy: loads torch and transformers
 
@@ -57,13 +57,7 @@ class ModelRouter:
         self._was_ready: dict[str, bool] = {}
         for name, cfg in settings.backends.items():
             inner = (backends or {}).get(name) or build_backend(name, cfg, settings, metrics)
-            breaker = CircuitBreaker(
-                cfg.breaker_failures, cfg.breaker_reset_s,
-                on_change=lambda state, n=name: metrics.breaker_open.labels(n).set(state == "open"),
-            )
-            self.backends[name] = ResilientBackend(
-                inner, retries=cfg.retries, backoff_s=cfg.retry_backoff_s, breaker=breaker
-            )
+            self.backends[name] = ResilientBackend.from_settings(name, inner, cfg, metrics)
 
     @property
     def aliases(self) -> dict[str, ModelAlias]:
