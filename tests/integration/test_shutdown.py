@@ -1,7 +1,8 @@
 """`keel serve` stopped with SIGINT (Ctrl-C) or SIGTERM during and after an ingest (issue 22, item 2): the
 process shuts down cleanly (no traceback, no failed flush, no failed shutdown step) and, on restart, every
-chunk is there: each document is complete or absent, a re-run finishes the job with exactly the chunks of
-one clean run, and a finished ingest survives the stop unchanged.
+chunk is there: each document is complete or absent, the interrupted job (durable: issue 13) runs again by
+itself and finishes with exactly the chunks of one clean run, and a finished ingest survives the stop
+unchanged.
 
 No vLLM here: the only backend is an OpenAI-compatible URL where nothing listens (nothing calls it), so the
 server is healthy but not ready, and each signal's test takes about a minute (three server starts, ~1,100
@@ -225,15 +226,15 @@ def test_stop_during_and_after_ingest_keeps_every_chunk(sig: signal.Signals, doc
         incomplete = {d: v for d, v in partial.items() if v != {next(iter(v)): expected[d]}}
         assert not incomplete, f"documents not complete after {sig.name} mid-ingest: {incomplete}"
 
+        # The job is durable: the next start runs it again, and that run finishes it: exactly one clean run's
+        # chunks, none lost or doubled (what the first run wrote is unchanged and skipped).
         keel.start()
-        info = keel.collection()
-        assert info["chunks"] == sum(expected[d] for d in partial) and info["hidden_versions"] == 0, info
-        interrupted = keel.get("/v1/snapshots", collection=COLLECTION)[0]
+        done = keel.wait_job(job["id"])
+        assert done["state"] == "succeeded" and done["attempts"] == 1, done  # a shutdown costs no attempt
+        snapshots = keel.get("/v1/snapshots", collection=COLLECTION)
+        assert [s["id"] for s in snapshots[:1]] == [done["snapshot_id"]], snapshots
+        interrupted = snapshots[1]
         assert interrupted["status"] == "failed" and "shut down" in (interrupted["error"] or ""), interrupted
-
-        # The same folder again finishes the job: exactly one clean run's chunks, none lost or doubled.
-        done = keel.wait_job(keel.ingest(docs)["id"])
-        assert done["state"] == "succeeded", done
         counts = done["counts"]
         assert counts["unchanged"] == len(partial) and counts["added"] == len(expected) - len(partial), counts
         assert counts["documents_total"] == len(expected) and counts["chunks_total"] == total, counts
