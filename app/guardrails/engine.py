@@ -83,7 +83,7 @@ from app.guardrails.validators.toxicity import ProfanityClassifier
 
 log = logging.getLogger("keel.guardrails")
 
-_LAST_USER_ONLY = {"keel/toxicity", "keel/topic"}
+_LAST_USER_ONLY = {"keel/toxicity", "keel/topic", "keel/harmful_request"}
 
 
 @dataclass(eq=False)
@@ -174,7 +174,7 @@ class GuardrailEngine:
         policy = self.policy
         used = {s.validator for name in policy.file.policies for st in ("input", "output")
                 for s in getattr(policy.file.resolve(name), st)}
-        if used & {"keel/prompt_injection", "keel/topic", "keel/groundedness"}:
+        if used & {"keel/prompt_injection", "keel/harmful_request", "keel/topic", "keel/groundedness"}:
             self.embedder.warm_up() if hasattr(self.embedder, "warm_up") else self.embedder.embed_documents(["x"])
         if "keel/prompt_injection" in used:
             # lazy: keeps `import app.api.main` fast: 45 heuristic regexes compile on import (~14 ms)
@@ -189,6 +189,12 @@ class GuardrailEngine:
                 self._resources["injection_classifier"] = load_or_train(
                     self.embedder, self.settings.model_cache or (self.home / "cache" / "guardrails"),
                     extra_pattern_files=self.settings.attack_patterns)
+        if "keel/harmful_request" in used:
+            # lazy: only with keel/harmful_request; it imports validators.injection (the regexes above)
+            from app.guardrails.validators.harmful import load_or_train as load_harmful
+
+            self._resources["harmful_classifier"] = load_harmful(
+                self.embedder, self.settings.model_cache or (self.home / "cache" / "guardrails"))
         if "keel/pii" in used and self.settings.use_ner:
             if NameDetector.available():
                 self._resources["names"] = NameDetector().load()
@@ -227,6 +233,9 @@ class GuardrailEngine:
             kw = {"index": self._resources.get("attack_index"), "threshold": spec.threshold or 0.5,
                   "classifier": self._resources.get("injection_classifier"),
                   **{k: p[k] for k in ("sim_floor", "sim_ceiling", "clf_floor", "clf_ceiling") if k in p}}
+        elif spec.validator == "keel/harmful_request":
+            kw = {"classifier": self._resources.get("harmful_classifier"), "embedder": self.embedder,
+                  "threshold": spec.threshold or 0.5, "categories": p.get("categories"), "exclude": p.get("exclude")}
         elif spec.validator == "keel/pii":
             kw = {"entities": p.get("entities"), "names": self._resources.get("names"),
                   "persons": p.get("persons", "all")}

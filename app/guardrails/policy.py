@@ -29,6 +29,7 @@ Stage = Literal["input", "output"]
 # which on-fail actions make sense for which validator, per stage
 _ACTIONS: dict[str, dict[str, set[str]]] = {
     "keel/prompt_injection": {"input": {"block", "log"}, "output": {"block", "log"}},
+    "keel/harmful_request": {"input": {"block", "log"}},
     "keel/pii": {"input": {"redact", "block", "log"}, "output": {"redact", "block", "log"}},
     "keel/toxicity": {"input": {"block", "redact", "log"}, "output": {"block", "redact", "reask", "log"}},
     "keel/topic": {"input": {"block", "log"}, "output": {"block", "log"}},
@@ -39,6 +40,7 @@ _ACTIONS: dict[str, dict[str, set[str]]] = {
 }
 _PARAMS: dict[str, set[str]] = {
     "keel/prompt_injection": {"sim_floor", "sim_ceiling", "roles"},
+    "keel/harmful_request": {"categories", "exclude"},
     "keel/pii": {"entities", "restore_placeholders", "persons"},
     "keel/toxicity": set(),
     "keel/topic": {"allow", "deny", "allow_threshold"},
@@ -48,7 +50,7 @@ _PARAMS: dict[str, set[str]] = {
     "keel/secrets": set(),
 }
 # a failure of these checks must not let the request through unchecked (issue: guards failed open by default)
-FAIL_CLOSED = {"keel/prompt_injection", "keel/topic", "keel/secrets"}
+FAIL_CLOSED = {"keel/prompt_injection", "keel/harmful_request", "keel/topic", "keel/secrets"}
 # validators that need the whole answer (cannot judge a streaming window on its own)
 WHOLE_OUTPUT = {"keel/json_schema"}
 
@@ -77,7 +79,7 @@ class ValidatorSpec(_Strict):
     on_error: Literal["allow", "block"] | None = Field(default=None, description=(
         "When the validator itself fails (raises): block (fail closed) or allow (fail open). Unset: "
         "guardrails.on_error if set, else closed for the checks that stand between an attacker and the model "
-        "(prompt injection, denied/allowed topics, secrets) and open for the rest."))
+        "(prompt injection, harmful requests, denied/allowed topics, secrets) and open for the rest."))
 
     @field_validator("validator")
     @classmethod

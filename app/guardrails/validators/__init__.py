@@ -6,6 +6,7 @@ Each check is a plain function in its own module (no guardrails-ai import, testa
 guardrails-ai name                 pure function                                   module
 =================================  ==============================================  ========================
 ``keel/prompt_injection``          :func:`detect_injection`                        injection.py
+``keel/harmful_request``           :func:`check_harmful` (+ classifier)            harmful.py
 ``keel/pii``                       :func:`check_pii` / :func:`find_pii` + vault     pii.py
 ``keel/toxicity``                  :func:`check_toxicity`                          toxicity.py
 ``keel/topic``                     :func:`check_topics`                            topics.py
@@ -21,6 +22,7 @@ imported (and guardrails-ai with it) only by the engine, at warm-up.
 
 KEEL_VALIDATORS = (
     "keel/prompt_injection",
+    "keel/harmful_request",
     "keel/pii",
     "keel/toxicity",
     "keel/topic",

@@ -30,6 +30,7 @@ from guardrails.validator_base import Validator, register_validator
 
 from app.guardrails.validators.base import CheckResult
 from app.guardrails.validators.groundedness import check_groundedness
+from app.guardrails.validators.harmful import CATEGORIES, HarmfulClassifier, check_harmful, embed_chunks
 from app.guardrails.validators.injection import AttackIndex, detect_injection
 from app.guardrails.validators.injection_model import InjectionClassifier
 from app.guardrails.validators.json_schema import check_json_schema
@@ -114,6 +115,31 @@ class PromptInjection(_KeelValidator):
         return detect_injection(value, self.index, threshold=self.threshold, sim_floor=self.sim_floor,
                                 sim_ceiling=self.sim_ceiling, classifier=self.classifier if self.index else None,
                                 clf_floor=self.clf_floor, clf_ceiling=self.clf_ceiling)
+
+
+@register_validator(name="keel/harmful_request", data_type="string")
+class HarmfulRequest(_KeelValidator):
+    """Requests for help doing serious harm (app/guardrails/validators/harmful.py); ``categories`` /
+    ``exclude`` pick the categories this entry refuses, so one category can have its own refusal."""
+
+    model_backed = True
+
+    def __init__(self, classifier: HarmfulClassifier | None = None, embedder: Any = None, threshold: float = 0.5,
+                 categories: list[str] | None = None, exclude: list[str] | None = None, on_fail: Any = None,
+                 **kwargs: Any) -> None:
+        unknown = (set(categories or ()) | set(exclude or ())) - set(CATEGORIES)
+        if unknown:
+            raise ValueError(f"keel/harmful_request: unknown categories {sorted(unknown)}; known: {list(CATEGORIES)}")
+        super().__init__(on_fail=on_fail, threshold=threshold, categories=categories, exclude=exclude, **kwargs)
+        self.classifier, self.embedder, self.threshold = classifier, embedder, threshold
+        self.categories = tuple(categories) if categories is not None else None
+        self.exclude = tuple(exclude or ())
+
+    def check(self, value: str, metadata: dict[str, Any]) -> CheckResult:
+        if self.classifier is None or self.embedder is None:
+            raise RuntimeError("keel/harmful_request has no classifier (the engine loads it at warm-up)")
+        return check_harmful(value, self.classifier, lambda t: embed_chunks(self.embedder, t),
+                             threshold=self.threshold, categories=self.categories, exclude=self.exclude)
 
 
 @register_validator(name="keel/pii", data_type="string")
@@ -209,6 +235,7 @@ class Secrets(_KeelValidator):
 
 VALIDATOR_CLASSES: dict[str, type[_KeelValidator]] = {
     "keel/prompt_injection": PromptInjection,
+    "keel/harmful_request": HarmfulRequest,
     "keel/pii": Pii,
     "keel/toxicity": Toxicity,
     "keel/topic": TopicGuard,
