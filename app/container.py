@@ -15,7 +15,7 @@ from app.core.metrics import Metrics
 from app.guardrails.embeddings import SharedEmbedder, default_model_path
 from app.guardrails.engine import GuardrailEngine
 from app.guardrails.offline import configure_offline
-from app.jobs import JobRunner, JobSettings
+from app.jobs import JobRunner
 from app.llm.base import LLMBackend
 from app.llm.router import ModelRouter
 from app.llm.routing import RoutingTable, open_routing_store
@@ -99,7 +99,7 @@ class Container:
             # An adapter version reaches production only with passing runs of its job's suites on that adapter.
             finetune.set_gate(adapter_gate(eval_store, max_age_days=settings.evals.gate_max_age_days))
         chat = ChatService(settings, llm, metrics, prompts, Grounder(rag, prompts), guards, agents)
-        job_settings = getattr(settings, "jobs", None) or JobSettings()
+        job_settings = settings.jobs
         runner = JobRunner.from_settings(job_settings, settings.home)
         jobs = IngestJobs(rag, settings.home / "uploads", runner)
         container = cls(settings, metrics, keys, RateLimiter(), llm, chat, prompts, rag, jobs, guards, agents, finetune,
@@ -206,4 +206,4 @@ def build_guards(settings: Settings, metrics: Metrics, *, embedder=None) -> Guar
     return GuardrailEngine(cfg, home=settings.home, registry=metrics.registry, embedder=embedder)
 
 
-_PROJECT_ROOT = Path(__file__).resolve().parents[2]
+_PROJECT_ROOT = Path(__file__).resolve().parents[1]  # app/container.py -> the project root

@@ -15,6 +15,7 @@ from pydantic import Field
 from agents.settings import AgentSettings
 from app.core.settings import CoreSettings
 from app.guardrails.settings import GuardrailSettings
+from app.jobs.settings import JobSettings
 from evals.settings import EvalSettings
 from finetune.settings import FinetuneSettings
 from ingest.settings import RagSettings
@@ -28,6 +29,7 @@ class Settings(CoreSettings):
     agents: AgentSettings = Field(default_factory=AgentSettings)
     finetune: FinetuneSettings = Field(default_factory=FinetuneSettings)
     evals: EvalSettings = Field(default_factory=EvalSettings)
+    jobs: JobSettings = Field(default_factory=JobSettings)
 
 
 def load_settings(**overrides: Any) -> Settings:

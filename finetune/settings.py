@@ -13,6 +13,7 @@ from pydantic import BaseModel, Field
 
 from app.core.audit import AuditRetention
 from evals.settings import EvalConfig
+from prompts.settings import PromptConfig
 
 
 class FinetuneSettings(BaseModel):
@@ -88,7 +89,7 @@ class FinetuneSettings(BaseModel):
         return str((home / "mlflow-artifacts").resolve())
 
 
-class FinetuneConfig(EvalConfig, Protocol):
+class FinetuneConfig(EvalConfig, PromptConfig, Protocol):
     """What fine-tuning reads from the settings tree: its own section and what evaluating an adapter needs."""
 
     finetune: FinetuneSettings

@@ -44,7 +44,7 @@ _JOB_LOGGERS = ("keel.finetune", "transformers", "peft", "py.warnings")
 
 
 def finetune_settings(settings: FinetuneConfig) -> FinetuneSettings:
-    return getattr(settings, "finetune", None) or FinetuneSettings()
+    return settings.finetune
 
 
 def open_store(settings: FinetuneConfig) -> JobStore:

@@ -111,7 +111,7 @@ def submit(
         console.print(f"queued [bold]{job.id}[/bold] ({job.name}, spec {job.spec_hash[:12]}"
                       + (f", {report.get('train_examples')} train / {report.get('validation_examples')} validation "
                          "examples" if report else "") + ")")
-        console.print("  a worker runs it: `keel finetune worker` (or `python -m finetune.worker`)")
+        console.print("  a worker runs it: `keel finetune worker`")
         if wait:
             _follow(svc, job.id)
 
