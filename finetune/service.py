@@ -48,7 +48,7 @@ class FinetuneService:
     def __init__(self, settings: FinetuneConfig, store: JobStore | None = None, *,
                  gate: AdapterGate | None = None, routes: RoutingTable | None = None) -> None:
         """``routes``: the process's routing table (the container's); without one, the durable table of this
-        home (or ``routing.url``) is opened on the first deploy, so a CLI deploy is served by the API too."""
+        home (or ``routing.url``) is opened on first use, so whatever this service routes the API serves too."""
         self.settings = settings
         self.fs = finetune_settings(settings)
         self.store = store or open_store(settings)
@@ -210,12 +210,25 @@ class FinetuneService:
         default = self.routes.get(self.settings.default_model)
         backend = backend or (default.backend if default else next(iter(self.settings.backends)))
         v = await asyncio.to_thread(self.registry.get_version, model, version)
+        before = self.routes.get(alias)
         dep = await serving.deploy(self.settings, v, alias=alias, backend=backend, fallback=fallback,
                                    routes=self.routes, owner=route_owner(model), actor=actor or "unknown")
-        await asyncio.to_thread(
-            self.store.save_deployment, alias=alias, model=v.model, version=v.version, backend=backend,
-            served_name=dep.served_name, adapter_path=dep.adapter_path, fallback=fallback, actor=actor,
-        )
+        try:
+            await asyncio.to_thread(
+                self.store.save_deployment, alias=alias, model=v.model, version=v.version, backend=backend,
+                served_name=dep.served_name, adapter_path=dep.adapter_path, fallback=fallback, actor=actor,
+            )
+        except Exception:
+            # Without its deployment record the route would outlive a vLLM restart with nothing loaded behind it:
+            # put the alias back as it was.
+            undo = "deploy failed: its deployment record could not be saved"
+            if before is None:
+                await asyncio.to_thread(self.routes.remove, alias, owner=route_owner(model),
+                                        actor=actor or "unknown", reason=undo)
+            else:
+                await asyncio.to_thread(self.routes.set, alias, before, owner=route_owner(model),
+                                        actor=actor or "unknown", reason=undo)
+            raise
         await asyncio.to_thread(self.store.audit, actor=actor or "unknown", action="deploy", model=v.model,
                                 version=v.version, details={"alias": alias, "backend": backend})
         return dep

@@ -52,6 +52,7 @@ class ModelRouter:
         of the configured aliases only, in memory."""
         self.settings = settings
         self.metrics = metrics
+        self._owns_routes = routes is None
         self.routes = routes or memory_table(settings.models, settings.backends)
         self.backends: dict[str, ResilientBackend] = {}
         self._was_ready: dict[str, bool] = {}
@@ -107,6 +108,8 @@ class ModelRouter:
 
     async def aclose(self) -> None:
         await asyncio.gather(*(b.aclose() for b in self.backends.values()), return_exceptions=True)
+        if self._owns_routes:
+            self.routes.close()
 
     async def readiness(self) -> dict[str, dict[str, object]]:
         async def one(name: str, b: ResilientBackend) -> tuple[str, dict[str, object]]:

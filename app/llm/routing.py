@@ -159,34 +159,54 @@ class _SqlRoutingStore:
 
 
 class SqliteRoutingStore(_SqlRoutingStore):
+    """One file; writes take SQLite's write lock (``BEGIN IMMEDIATE``). Reads use a connection of their own, so a
+    write waiting for another process's lock never holds up a read (WAL readers do not wait for writers)."""
+
     def __init__(self, path: Path | str) -> None:
         self.path = str(path)
-        if self.path != ":memory:":
+        memory = self.path == ":memory:"
+        if not memory:
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
         self._lock = threading.Lock()
-        if self.path != ":memory:":
-            enable_wal(self._db)
-        audit.ensure_schema_sqlite(self._db)
-        upgrade_sqlite(self._db, MIGRATIONS)
+        with self._errors():
+            if not memory:
+                enable_wal(self._db)
+            audit.ensure_schema_sqlite(self._db)
+            upgrade_sqlite(self._db, MIGRATIONS)
+            # ``:memory:`` is one database per connection: there, reads share the writer's connection.
+            self._reader = self._db if memory else sqlite3.connect(self.path, check_same_thread=False,
+                                                                   isolation_level=None, timeout=5)
+        self._rlock = self._lock if memory else threading.Lock()
 
-    def _tx(self):
-        return write_transaction(self._db, self._lock)
+    @contextmanager
+    def _errors(self) -> Iterator[None]:
+        try:
+            yield
+        except sqlite3.OperationalError as e:  # locked past the busy timeout, unreadable file, full disk
+            raise StoreUnavailable(f"the routing table at {self.path} is unavailable ({e})") from None
+
+    @contextmanager
+    def _tx(self) -> Iterator[Any]:
+        with self._errors(), write_transaction(self._db, self._lock) as db:
+            yield db
 
     def _read(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-        with self._lock:
-            return self._db.execute(sql, args).fetchall()
+        with self._errors(), self._rlock:
+            return self._reader.execute(sql, args).fetchall()
 
     def _read_all(self, *queries: tuple[str, tuple[Any, ...]]) -> list[list[tuple[Any, ...]]]:
-        with self._lock:
-            self._db.execute("BEGIN")
+        with self._errors(), self._rlock:
+            self._reader.execute("BEGIN")
             try:
-                return [self._db.execute(sql, args).fetchall() for sql, args in queries]
+                return [self._reader.execute(sql, args).fetchall() for sql, args in queries]
             finally:
-                self._db.execute("COMMIT")
+                self._reader.execute("COMMIT")
 
     def close(self) -> None:
         with self._lock:
+            if self._reader is not self._db:
+                self._reader.close()
             self._db.close()
 
 
@@ -259,6 +279,7 @@ class RoutingTable:
         self._revision = -1
         self._checked = 0.0
         self._lock = threading.Lock()
+        self._unusable: dict[str, int] = {}
         self.refresh(force=True)
 
     # -- reads (hot path) ----------------------------------------------------------------------------
@@ -293,23 +314,53 @@ class RoutingTable:
         return self._revision
 
     def refresh(self, *, force: bool = False) -> None:
-        """Re-read the routes when the store's revision moved; at most every ``check_interval_s`` unless forced.
-        A store that cannot be read keeps the routes last read (logged): traffic keeps flowing."""
+        """Re-read the routes when the store's revision moved, at most every ``check_interval_s``.
+
+        Reads call this on the request path, so there it never waits on the store: with a positive interval the
+        check runs on a background thread and the routes in memory answer meanwhile (a change is served within
+        about one interval). ``force`` (writes, start-up) and an interval of 0 (tests, in-memory tables) check
+        now, on the caller's thread. A store that cannot be read keeps the routes last read (logged)."""
         now = time.monotonic()
         if not force and now - self._checked < self.check_interval_s:
             return
-        with self._lock:
-            if not force and now - self._checked < self.check_interval_s:
-                return
+        if force or self.check_interval_s <= 0:
+            with self._lock:
+                self._checked = time.monotonic()
+                self._check(force=force)
+            return
+        if self._lock.acquire(blocking=False):  # one check at a time; a check in flight answers for this read
             self._checked = now
-            try:
-                if not force and self.store.revision() == self._revision:
-                    return
-                self._revision, self._routes = self.store.load()
-            except StoreUnavailable as e:
-                if force:
-                    raise
-                log.warning("routing table not refreshed (serving revision %d): %s", self._revision, e.message)
+            threading.Thread(target=self._check_in_background, name="keel-routing-refresh", daemon=True).start()
+
+    def _check_in_background(self) -> None:
+        try:
+            self._check(force=False)
+        finally:
+            self._lock.release()
+
+    def _check(self, *, force: bool) -> None:
+        try:
+            if not force and self.store.revision() == self._revision:
+                return
+            revision, routes = self.store.load()
+        except StoreUnavailable as e:
+            if force:
+                raise
+            log.warning("routing table not refreshed (serving revision %d): %s", self._revision, e.message)
+            return
+        self._routes = {a: r for a, r in routes.items() if self._usable(r)}
+        self._revision = revision
+
+    def _usable(self, route: Route) -> bool:
+        """A route written when its backend existed (or by a process with other settings sharing the store) is
+        ignored while this process has no such backend: a 404 for the alias, not a 500."""
+        if route.spec.backend in self.backends:
+            return True
+        if self._unusable.get(route.alias) != route.revision:
+            self._unusable[route.alias] = route.revision
+            log.warning("route %r (revision %d, %s) names backend %r, which this process does not have: ignored",
+                        route.alias, route.revision, route.owner, route.spec.backend)
+        return False
 
     # -- writes ---------------------------------------------------------------------------------------
 
@@ -331,7 +382,7 @@ class RoutingTable:
             return current  # already so (a restore after a restart): no new revision, no audit noise
         self.store.put(Route(alias, spec, owner, actor), reason=reason)
         self.refresh(force=True)
-        return self._routes[alias]
+        return self._routes.get(alias) or Route(alias, spec, owner, actor)  # (unless removed meanwhile)
 
     def remove(self, alias: str, *, owner: str, actor: str, reason: str = "") -> bool:
         if alias in self.configured:

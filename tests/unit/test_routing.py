@@ -151,3 +151,62 @@ def test_reads_do_not_touch_the_store_between_checks(tmp_path):
     t.check_interval_s = 0
     t.get("anything")
     assert calls == ["load", "revision"]  # unchanged revision: nothing reloaded
+
+
+def test_a_read_never_waits_for_a_writer_holding_the_lock(tmp_path):
+    """Reads run on the event loop: a deploy waiting for another process's write lock must not hold them up."""
+    import sqlite3
+    import time
+
+    path = tmp_path / "routing.db"
+    t = table(SqliteRoutingStore(path), interval=0.05)
+    t.set("a", adapter("v1"), owner="o", actor="x")
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another process is writing
+    try:
+        time.sleep(0.06)
+        started = time.monotonic()
+        for _ in range(50):
+            assert t.get("a").model == "v1"
+            time.sleep(0.002)
+        took = time.monotonic() - started
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert took < 5  # it answered from memory while the write lock was held (a blocked read waits 30 s)
+
+
+def test_a_change_by_another_process_is_picked_up_in_the_background(tmp_path):
+    import time
+
+    writer, reader = table(SqliteRoutingStore(tmp_path / "r.db")), table(SqliteRoutingStore(tmp_path / "r.db"),
+                                                                          interval=0.01)
+    writer.set("late", adapter("v1"), owner="o", actor="x")
+    deadline = time.monotonic() + 10
+    while reader.get("late") is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert reader.get("late").model == "v1"
+
+
+def test_a_route_to_a_backend_this_process_lacks_is_ignored_not_a_crash(tmp_path):
+    wide = RoutingTable(CONFIGURED_MODELS, {**BACKENDS, "gpu": BACKENDS["local"]}, SqliteRoutingStore(tmp_path / "r.db"))
+    wide.set("on-gpu", ModelAlias(backend="gpu", model="big"), owner="release:r", actor="x")
+    narrow = table(SqliteRoutingStore(tmp_path / "r.db"))
+    assert narrow.get("on-gpu") is None and "on-gpu" not in narrow.aliases()
+    assert wide.get("on-gpu").model == "big"
+
+
+def test_an_unreadable_store_keeps_serving_the_routes_last_read(tmp_path):
+    from app.core.errors import StoreUnavailable
+
+    t = table(SqliteRoutingStore(tmp_path / "r.db"))
+    t.set("kept", adapter("v1"), owner="o", actor="x")
+
+    def broken(*a, **kw):
+        raise StoreUnavailable("the routing table is unavailable (disk gone)")
+
+    t.store.revision = broken  # type: ignore[method-assign]
+    t.store.load = broken  # type: ignore[method-assign]
+    assert t.get("kept").model == "v1"
+    with pytest.raises(StoreUnavailable):
+        t.set("new", adapter("v2"), owner="o", actor="x")
