@@ -340,7 +340,11 @@ class _SqlJobQueue:
 
     def history(self, job_id: str | None = None, limit: int = 100) -> list[AuditEvent]:
         """Audited cancellations, newest first (of one job, or all)."""
-        sql, args = audit.select(postgres=self._mark == "%s", trail=TRAIL, subject=job_id, limit=limit)
+        return self.audit_events(subject=job_id, limit=limit)
+
+    def audit_events(self, **filters: Any) -> list[AuditEvent]:
+        """The jobs trail's events, newest first (filters: :func:`app.core.audit.select`'s)."""
+        sql, args = audit.select(postgres=self._mark == "%s", trail=TRAIL, **filters)
         return [audit.decode(r) for r in self._read(sql, args)]
 
     def get(self, job_id: str, *, owner: str | None = None, kinds: Sequence[str] | None = None) -> Job:

@@ -94,7 +94,7 @@ async def guardrail_policy(guards: GuardsDep) -> dict:
             "bindings": [b.model_dump() for b in policy.file.bindings]}
 
 
-Trail = Literal["guardrails", "prompts", "adapters", "routing"]
+Trail = Literal["guardrails", "prompts", "adapters", "routing", "jobs"]
 
 
 @router.get("/audit")
@@ -122,6 +122,10 @@ async def audit_events(
         query = registry.store.audit_events
     elif trail == "routing":
         query = container.llm.routes.store.audit_events
+    elif trail == "jobs":
+        if container.jobs is None:
+            raise NotFound("this server runs no job queue")
+        query = container.jobs.queue.audit_events
     else:
         finetune = getattr(container, "finetune", None)
         if finetune is None:

@@ -26,6 +26,9 @@ def upgrade() -> None:
     bind = op.get_bind()
     if bind.dialect.name == "postgresql":
         op.execute("SET LOCAL TimeZone = 'UTC'")  # an ISO text without an offset is UTC (utc_now always has one)
+        # Other stores in this database (routing, jobs) append audit events meanwhile: no id may come between
+        # reading the offset and moving the identity past the copied rows.
+        op.execute("LOCK TABLE audit_events IN EXCLUSIVE MODE")
         offset = bind.execute(sa.text("SELECT coalesce(max(id), 0) FROM audit_events")).scalar()
         at = "extract(epoch FROM at::timestamptz)::double precision"
     else:
