@@ -18,7 +18,7 @@ from app.guardrails.offline import configure_offline
 from app.jobs import JobRunner
 from app.llm.base import LLMBackend
 from app.llm.router import ModelRouter
-from app.llm.routing import RoutingTable, open_routing_store
+from app.llm.routing import open_routing_table
 from app.security.keys import KeyStore
 from app.security.ratelimit import RateLimiter
 from app.services.chat import ChatService
@@ -80,9 +80,7 @@ class Container:
         rag = rag or build_rag(settings, embedder=embedder)
         # What serves which alias: the configured models plus the routes written at run time, durable and shared
         # by every process on this home (or this Postgres).
-        routes = RoutingTable(settings.models, settings.backends, open_routing_store(
-            settings.routing.url.get_secret_value() if settings.routing.url else None, settings.home),
-            check_interval_s=settings.routing.check_interval_s)
+        routes = open_routing_table(settings)
         llm = ModelRouter(settings, metrics, backends, routes=routes)
         if start_backends:
             await llm.start()

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from app.core.errors import Conflict, InvalidRequest
 from app.core.paths import is_within
-from app.llm.routing import CONFIGURED, RoutingTable, open_routing_store
+from app.llm.routing import CONFIGURED, RoutingTable, open_routing_table
 from finetune.data import check_dataset, token_counter
 from finetune.errors import InvalidJobSpec
 from finetune.jobs import Job, JobStore
@@ -61,10 +61,7 @@ class FinetuneService:
     @property
     def routes(self) -> RoutingTable:
         if self._routes is None:
-            url = self.settings.routing.url
-            self._routes = RoutingTable(self.settings.models, self.settings.backends,
-                                        open_routing_store(url.get_secret_value() if url else None, self.settings.home),
-                                        check_interval_s=self.settings.routing.check_interval_s)
+            self._routes = open_routing_table(self.settings)
             self._own_routes = True
         return self._routes
 

@@ -133,8 +133,10 @@ def _http_get(url: str, key: str | None, path: str, params: dict[str, Any] | Non
 async def _local_service(settings):
     from app.core.metrics import Metrics  # lazy: keeps `keel --help` fast: pulls prometheus_client
     from app.llm.router import ModelRouter  # lazy: keeps `keel --help` fast: pulls httpx and tenacity
+    from app.llm.routing import open_routing_table  # lazy: keeps `keel --help` fast: pulls the store and audit
 
-    router = ModelRouter(settings, Metrics())
+    routes = open_routing_table(settings)  # the aliases deployed at run time answer here too
+    router = ModelRouter(settings, Metrics(), routes=routes)
     await router.start()
     rag = build_rag(settings)
     prompts = build_registry(settings)
@@ -144,6 +146,7 @@ async def _local_service(settings):
     async def close() -> None:
         await svc.aclose()
         await router.aclose()
+        routes.close()
         rag.close()
         prompts.close()
 

@@ -31,7 +31,7 @@ from app.core.audit import AuditEvent
 from app.core.db import enable_wal, postgres_unavailable, write_transaction
 from app.core.errors import Conflict, InvalidRequest, StoreUnavailable
 from app.core.migrate import Migrations, upgrade_postgres, upgrade_sqlite
-from app.core.settings import BackendSettings, ModelAlias
+from app.core.settings import BackendSettings, CoreConfig, ModelAlias
 
 log = logging.getLogger("keel.routing")
 
@@ -402,6 +402,14 @@ class RoutingTable:
 def open_routing_store(url: str | None, home: Path) -> RoutingStore:
     """Postgres when ``url`` is set, else ``<home>/routing.db``."""
     return PostgresRoutingStore(url) if url else SqliteRoutingStore(Path(home) / "routing.db")
+
+
+def open_routing_table(settings: CoreConfig) -> RoutingTable:
+    """The durable routing table of a Keel home (or of ``routing.url``), as every process opens it."""
+    url = settings.routing.url
+    return RoutingTable(settings.models, settings.backends,
+                        open_routing_store(url.get_secret_value() if url else None, settings.home),
+                        check_interval_s=settings.routing.check_interval_s)
 
 
 def memory_table(configured: Mapping[str, ModelAlias], backends: Mapping[str, BackendSettings]) -> RoutingTable:

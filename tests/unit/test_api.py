@@ -303,3 +303,25 @@ async def test_client_disconnect_on_a_non_streaming_request_is_a_499_without_a_t
     assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR], caplog.text
     metrics = (await env["client"].get("/metrics")).text
     assert 'keel_errors_total{code="client_closed_request"} 1.0' in metrics
+
+
+async def test_an_alias_routed_at_run_time_is_listed_and_answers_by_another_process(env) -> None:
+    """A route written through the routing table by another process (a deploy elsewhere, a release): this
+    process lists it in /v1/models and answers it on the route's backend model, and the settings stay as set."""
+    from app.core.settings import ModelAlias
+    from app.llm.routing import RoutingTable, SqliteRoutingStore
+
+    container = env["container"]
+    other = RoutingTable(container.settings.models, container.settings.backends,
+                         SqliteRoutingStore(container.settings.home / "routing.db"))
+    other.set("tuned", ModelAlias(backend="local", model="fake-model-lora", description="LoRA v2"),
+              owner="finetune:m", actor="elsewhere")
+    other.close()
+    container.llm.routes.refresh(force=True)  # what the next check (<= routing.check_interval_s) does
+    r = await env["client"].get("/v1/models", headers=auth(env["keys"]["chat"]))
+    assert {"id": "tuned", "description": "LoRA v2"}.items() <= next(
+        m for m in r.json()["data"] if m["id"] == "tuned").items()
+    r = await post(env, {**BODY, "model": "tuned"})
+    assert r.status_code == 200 and r.json()["model"] == "tuned"
+    assert env["fake"].requests[-1].model == "fake-model-lora"
+    assert "tuned" not in container.settings.models
