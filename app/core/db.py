@@ -5,8 +5,9 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 from app.core.errors import StoreUnavailable
 
@@ -70,3 +71,54 @@ def postgres_url(value, *, setting: str, otherwise: str):
     if not url.startswith(("postgresql://", "postgres://")):
         raise ValueError(f"{setting} must be a postgresql:// URL (leave it unset for {otherwise})")
     return SecretStr(url)
+
+
+class PostgresPool:
+    """The plumbing a Postgres-backed Keel store shares: its schema migrated on a connection of its own first (a
+    wrong URL, password or host fails at once with libpq's reason instead of a pool retrying quietly), then a
+    small autocommit pool whose connections are checked on checkout (a server restart costs a reconnect, not a
+    failed request); every driver or pool error becomes the store's 503 ``store_unavailable``."""
+
+    def __init__(self, url: str, *, whose: str, setting: str, name: str, migrate: Callable[[float], object],
+                 max_size: int = 4, timeout_s: float = 10.0) -> None:
+        import psycopg  # lazy: the driver only when Postgres is configured
+        from psycopg_pool import ConnectionPool, PoolTimeout
+
+        self.url, self._whose, self._setting = url, whose, setting
+        self._errors = (psycopg.OperationalError, PoolTimeout)
+        try:
+            migrate(timeout_s)
+        except psycopg.OperationalError as e:
+            raise self.unavailable(e) from None
+        self._pool = ConnectionPool(url, min_size=1, max_size=max_size, timeout=timeout_s, open=True,
+                                    kwargs={"autocommit": True}, check=ConnectionPool.check_connection, name=name)
+
+    def unavailable(self, e: Exception) -> StoreUnavailable:
+        return postgres_unavailable(self._whose, self.url, self._setting, e)
+
+    @contextmanager
+    def transaction(self) -> Iterator[Any]:
+        try:
+            with self._pool.connection() as conn, conn.transaction():
+                yield conn
+        except self._errors as e:
+            raise self.unavailable(e) from None
+
+    def read(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        try:
+            with self._pool.connection() as conn:
+                return [tuple(r) for r in conn.execute(sql, tuple(args)).fetchall()]
+        except self._errors as e:
+            raise self.unavailable(e) from None
+
+    def read_all(self, *queries: tuple[str, Sequence[Any]]) -> list[list[tuple[Any, ...]]]:
+        """Several reads from one snapshot (REPEATABLE READ)."""
+        try:
+            with self._pool.connection() as conn, conn.transaction():
+                conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+                return [[tuple(r) for r in conn.execute(sql, tuple(args)).fetchall()] for sql, args in queries]
+        except self._errors as e:
+            raise self.unavailable(e) from None
+
+    def close(self) -> None:
+        self._pool.close()

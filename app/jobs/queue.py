@@ -53,16 +53,15 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from app.core import audit
 from app.core.audit import AuditEvent
-from app.core.db import enable_wal, postgres_unavailable, write_transaction
-from app.core.errors import Conflict, KeelError, NotFound, StoreUnavailable
+from app.core.db import PostgresPool, enable_wal, write_transaction
+from app.core.errors import Conflict, KeelError, NotFound
 from app.core.migrate import Migrations, upgrade_postgres, upgrade_sqlite
 
 MIGRATIONS = Migrations(Path(__file__).with_name("migrations"), "alembic_version_jobs",
@@ -560,40 +559,22 @@ class PostgresJobQueue(_SqlJobQueue):
 
     def __init__(self, url: str, *, timeout_s: float = 10.0, pool_size: int = 8, **options: Any) -> None:
         super().__init__(**options)
-        import psycopg  # lazy: the driver only when Postgres is configured
-        from psycopg_pool import ConnectionPool, PoolTimeout
 
-        self._url = url
-        self._errors = (psycopg.OperationalError, PoolTimeout)
-        try:
-            audit.ensure_schema_postgres(url, connect_timeout_s=timeout_s)
-            upgrade_postgres(url, MIGRATIONS, connect_timeout_s=timeout_s)
-        except psycopg.OperationalError as e:
-            raise self._unavailable(e) from None
-        self._pool = ConnectionPool(url, min_size=1, max_size=pool_size, timeout=timeout_s, open=True,
-                                    kwargs={"autocommit": True}, check=ConnectionPool.check_connection,
-                                    name="keel-jobs")
+        def migrate(timeout: float) -> None:
+            audit.ensure_schema_postgres(url, connect_timeout_s=timeout)
+            upgrade_postgres(url, MIGRATIONS, connect_timeout_s=timeout)
 
-    def _unavailable(self, e: Exception) -> StoreUnavailable:
-        return postgres_unavailable("the job queue's", self._url, "jobs.url", e)
+        self._pg = PostgresPool(url, whose="the job queue's", setting="jobs.url", name="keel-jobs",
+                                migrate=migrate, max_size=pool_size, timeout_s=timeout_s)
 
-    @contextmanager
-    def _tx(self) -> Iterator[Any]:
-        try:
-            with self._pool.connection() as conn, conn.transaction():
-                yield conn
-        except self._errors as e:
-            raise self._unavailable(e) from None
+    def _tx(self):
+        return self._pg.transaction()
 
     def _read(self, sql: str, args: Sequence[Any] = ()) -> list[Sequence[Any]]:
-        try:
-            with self._pool.connection() as conn:
-                return conn.execute(sql, tuple(args)).fetchall()
-        except self._errors as e:
-            raise self._unavailable(e) from None
+        return self._pg.read(sql, args)
 
     def close(self) -> None:
-        self._pool.close()
+        self._pg.close()
 
 
 def open_queue(settings: Any, home: Path) -> JobQueue:

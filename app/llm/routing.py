@@ -28,7 +28,7 @@ from typing import Any, Protocol
 
 from app.core import audit
 from app.core.audit import AuditEvent
-from app.core.db import enable_wal, postgres_unavailable, write_transaction
+from app.core.db import PostgresPool, enable_wal, write_transaction
 from app.core.errors import Conflict, InvalidRequest, StoreUnavailable
 from app.core.migrate import Migrations, upgrade_postgres, upgrade_sqlite
 from app.core.settings import BackendSettings, CoreConfig, ModelAlias
@@ -216,49 +216,27 @@ class PostgresRoutingStore(_SqlRoutingStore):
     _mark = "%s"
 
     def __init__(self, url: str, *, timeout_s: float = 10.0) -> None:
-        import psycopg  # lazy: the driver only when Postgres is configured
-        from psycopg_pool import ConnectionPool, PoolTimeout
+        def migrate(timeout: float) -> None:
+            audit.ensure_schema_postgres(url, connect_timeout_s=timeout)
+            upgrade_postgres(url, MIGRATIONS, connect_timeout_s=timeout)
 
-        self._url = url
-        self._errors = (psycopg.OperationalError, PoolTimeout)
-        try:
-            audit.ensure_schema_postgres(url, connect_timeout_s=timeout_s)
-            upgrade_postgres(url, MIGRATIONS, connect_timeout_s=timeout_s)
-        except psycopg.OperationalError as e:
-            raise self._unavailable(e) from None
-        self._pool = ConnectionPool(url, min_size=1, max_size=4, timeout=timeout_s, open=True,
-                                    kwargs={"autocommit": True}, check=ConnectionPool.check_connection,
-                                    name="keel-routing")
-
-    def _unavailable(self, e: Exception) -> StoreUnavailable:
-        return postgres_unavailable("the routing table's", self._url, "routing.url", e)
+        self._pg = PostgresPool(url, whose="the routing table's", setting="routing.url", name="keel-routing",
+                                migrate=migrate, timeout_s=timeout_s)
 
     @contextmanager
     def _tx(self) -> Iterator[Any]:
-        try:
-            with self._pool.connection() as conn, conn.transaction():
-                conn.execute("LOCK TABLE routing_revision IN EXCLUSIVE MODE")  # writers take turns
-                yield conn
-        except self._errors as e:
-            raise self._unavailable(e) from None
+        with self._pg.transaction() as conn:
+            conn.execute("LOCK TABLE routing_revision IN EXCLUSIVE MODE")  # writers take turns
+            yield conn
 
     def _read(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-        try:
-            with self._pool.connection() as conn:
-                return [tuple(r) for r in conn.execute(sql, args).fetchall()]
-        except self._errors as e:
-            raise self._unavailable(e) from None
+        return self._pg.read(sql, args)
 
     def _read_all(self, *queries: tuple[str, tuple[Any, ...]]) -> list[list[tuple[Any, ...]]]:
-        try:
-            with self._pool.connection() as conn, conn.transaction():
-                conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-                return [[tuple(r) for r in conn.execute(sql, args).fetchall()] for sql, args in queries]
-        except self._errors as e:
-            raise self._unavailable(e) from None
+        return self._pg.read_all(*queries)
 
     def close(self) -> None:
-        self._pool.close()
+        self._pg.close()
 
 
 def _owned(alias: str, owner: str, wanted_by: str) -> Conflict:
