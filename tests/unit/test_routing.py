@@ -189,7 +189,8 @@ def test_a_change_by_another_process_is_picked_up_in_the_background(tmp_path):
 
 
 def test_a_route_to_a_backend_this_process_lacks_is_ignored_not_a_crash(tmp_path):
-    wide = RoutingTable(CONFIGURED_MODELS, {**BACKENDS, "gpu": BACKENDS["local"]}, SqliteRoutingStore(tmp_path / "r.db"))
+    wide = RoutingTable(CONFIGURED_MODELS, {**BACKENDS, "gpu": BACKENDS["local"]},
+                        SqliteRoutingStore(tmp_path / "r.db"))
     wide.set("on-gpu", ModelAlias(backend="gpu", model="big"), owner="release:r", actor="x")
     narrow = table(SqliteRoutingStore(tmp_path / "r.db"))
     assert narrow.get("on-gpu") is None and "on-gpu" not in narrow.aliases()
