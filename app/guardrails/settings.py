@@ -71,6 +71,6 @@ class GuardrailSettings(BaseModel):
     on_error: Literal["allow", "block"] | None = Field(
         default=None, description="When a validator raises, for every policy entry without its own on_error: "
         "allow (fail open) or block (fail closed); either way logged, counted "
-        "(keel_guardrail_validator_errors_total) and audited. Unset: closed for prompt injection, topics and "
-        "secrets, open for the rest.")
+        "(keel_guardrail_validator_errors_total) and audited. Unset: closed for prompt injection, harmful requests, "
+        "topics and secrets, open for the rest.")
     streaming: StreamingSettings = Field(default_factory=StreamingSettings)
