@@ -11,7 +11,6 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 EXPECTATIONS = ("answer", "refuse", "no_pii", "no_system_prompt", "on_topic")
 Expectation = Literal["answer", "refuse", "no_pii", "no_system_prompt", "on_topic"]
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
-_ID = ID_PATTERN
 
 
 class Strict(BaseModel):
@@ -34,7 +33,7 @@ class Case(Strict):
     @field_validator("id")
     @classmethod
     def _id(cls, v: str) -> str:
-        if not _ID.match(v):
+        if not ID_PATTERN.match(v):
             raise ValueError(f"case id {v!r}: use letters, digits and _.:- (at most 128)")
         return v
 

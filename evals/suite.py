@@ -30,7 +30,6 @@ from app.core.paths import is_within
 from evals.cases import ID_PATTERN, Case, Expectation, Strict
 from evals.metrics import registry
 
-_ID = ID_PATTERN
 _PROMPT_REF = re.compile(r"^[a-z0-9][a-z0-9_.-]*(@([0-9]+|[a-z][a-z0-9_-]*))?$")
 
 
@@ -162,7 +161,7 @@ class Suite(Strict):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not _ID.match(v):
+        if not ID_PATTERN.match(v):
             raise ValueError(f"suite name {v!r}: use letters, digits and _.:-")
         return v
 

@@ -27,7 +27,7 @@ from finetune.spec import (
     resolve_base_model,
 )
 from finetune.tracking import AdapterGate, AdapterRegistry, AdapterVersion, Promotion, Tracker
-from finetune.worker import finetune_settings, open_store
+from finetune.worker import open_store
 
 if TYPE_CHECKING:
     from finetune.serving import Deployment
@@ -50,7 +50,7 @@ class FinetuneService:
         """``routes``: the process's routing table (the container's); without one, the durable table of this
         home (or ``routing.url``) is opened on first use, so whatever this service routes the API serves too."""
         self.settings = settings
-        self.fs = finetune_settings(settings)
+        self.fs = settings.finetune
         self.store = store or open_store(settings)
         self._gate = gate
         self._routes = routes

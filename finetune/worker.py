@@ -31,7 +31,6 @@ from app.core.paths import tree_hash
 from evals.store import EvalStore
 from finetune.data import InvalidTrainingData
 from finetune.jobs import Job, JobOwnershipLost, JobStore, this_worker_id
-from finetune.settings import FinetuneSettings
 from finetune.spec import parse_spec, resolve_base_model
 from finetune.tracking import Tracker
 
@@ -43,12 +42,8 @@ log = logging.getLogger("keel.finetune.worker")
 _JOB_LOGGERS = ("keel.finetune", "transformers", "peft", "py.warnings")
 
 
-def finetune_settings(settings: FinetuneConfig) -> FinetuneSettings:
-    return settings.finetune
-
-
 def open_store(settings: FinetuneConfig) -> JobStore:
-    fs = finetune_settings(settings)
+    fs = settings.finetune
     return JobStore(fs.resolved_jobs_db(settings.home), fs.resolved_runs_dir(settings.home),
                     audit_retention=fs.audit_retention)
 
@@ -57,7 +52,7 @@ class Worker:
     def __init__(self, settings: FinetuneConfig, *, store: JobStore | None = None, tracker: Tracker | None = None,
                  worker_id: str | None = None, eval_backend: LLMBackend | None = None) -> None:
         self.settings = settings
-        self.fs = finetune_settings(settings)
+        self.fs = settings.finetune
         self.store = store or open_store(settings)
         self._tracker = tracker
         self.eval_backend = eval_backend  # replaces the in-process transformers model in evals (tests)
