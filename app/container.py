@@ -9,6 +9,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from agents import build_agents
 from agents.service import AgentService
 from app.core.metrics import Metrics
@@ -34,6 +36,10 @@ from finetune.gate import adapter_gate
 from finetune.service import FinetuneService
 from ingest import build_rag
 from ingest.factory import RagServices
+from lifecycle.releases.service import ReleaseService
+from lifecycle.releases.serving import ReleaseGateway, variant_check
+from lifecycle.releases.serving import prompt_gate as release_gate
+from lifecycle.releases.store import open_release_store
 from prompts.factory import build_registry
 from prompts.registry import PromptRegistry
 
@@ -59,6 +65,9 @@ class Container:
     _tasks: set = field(default_factory=set)
     #: Durable jobs (ingest, API-started eval runs); the API lifespan starts it, resuming what a stop left.
     jobs: JobRunner | None = None
+    #: Release endpoints (A/B, canary, shadow, blue/green) and the chat path through them; None: releases off.
+    releases: ReleaseService | None = None
+    serving: ReleaseGateway | None = None
 
     @classmethod
     async def build(
@@ -100,8 +109,18 @@ class Container:
         job_settings = settings.jobs
         runner = JobRunner.from_settings(job_settings, settings.home)
         jobs = IngestJobs(rag, settings.home / "uploads", runner)
+        releases = serving = None
+        if settings.releases.enabled:
+            url = settings.releases.url
+            releases = ReleaseService(
+                open_release_store(url.get_secret_value() if url else None, settings.home),
+                check_interval_s=settings.releases.check_interval_s, check_variant=variant_check(chat),
+                gate=release_gate(chat) if settings.evals.gate_enabled else None,
+                name_taken=lambda name: (llm.routes.get(name) is not None or agents.is_agent_model(name)
+                                         or name.startswith("rag:")))
+            serving = ReleaseGateway(chat, releases, metrics, similarity=_similarity(rag))
         container = cls(settings, metrics, keys, RateLimiter(), llm, chat, prompts, rag, jobs, guards, agents, finetune,
-                        eval_store, jobs=runner)
+                        eval_store, jobs=runner, releases=releases, serving=serving)
         EvalJobs(container.eval_deps).register(runner, slots=job_settings.eval_slots)
         if embedder is not None:
             async def close_embedder() -> None:
@@ -119,6 +138,21 @@ class Container:
                         rag=self.rag,
                         agents=self.agents, guardrails=self.guards.policy.version_tag if guarded else None,
                         metrics=self.metrics)
+
+    def start_release_controller(self) -> None:
+        """Judge running canaries and A/B tests every ``releases.decide_interval_s`` (the API lifespan calls this;
+        every process may run it: a decision lands once)."""
+        if self.releases is not None:
+            self._background(self._decide_releases())
+
+    async def _decide_releases(self) -> None:
+        interval = self.settings.releases.decide_interval_s
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await asyncio.to_thread(self.releases.tick)
+            except Exception:  # a bad tick must not end the loop: the next one tries again
+                log.exception("the release controller failed this round; retrying in %.0f s", interval)
 
     def _background(self, coro) -> None:
         task = asyncio.create_task(coro)
@@ -158,6 +192,8 @@ class Container:
             task.cancel()
         steps: list[tuple[str, Callable[[], object]]] = [
             *((("jobs", self.jobs.aclose),) if self.jobs is not None else ()), ("agents", self.agents.aclose),
+            *((("release shadows", self.serving.aclose),) if self.serving is not None else ()),
+            *((("releases", self.releases.close),) if self.releases is not None else ()),
             ("fine-tune jobs", self.finetune.close), ("eval store", self.evals.close),
             *((f"closer {getattr(c, '__name__', c)}", c) for c in reversed(self._closers)),
             ("model backends", self.llm.aclose), ("routing table", self.llm.routes.close),
@@ -175,6 +211,16 @@ class Container:
                 failed += 1
         if failed:
             log.error("shutdown finished with %d of %d steps failed (see above)", failed, len(steps))
+
+
+def _similarity(rag: RagServices):
+    """Cosine similarity of two answers on the RAG embedder (already loaded): how alike a shadow's answer is."""
+
+    def similarity(a: str, b: str) -> float:
+        va, vb = rag.embedder.embed_documents([a, b])
+        return float(va @ vb / ((float(np.linalg.norm(va)) * float(np.linalg.norm(vb))) or 1.0))
+
+    return similarity
 
 
 def shared_embedder(settings: Settings):

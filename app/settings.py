@@ -19,6 +19,7 @@ from app.jobs.settings import JobSettings
 from evals.settings import EvalSettings
 from finetune.settings import FinetuneSettings
 from ingest.settings import RagSettings
+from lifecycle.releases.settings import ReleaseSettings
 from prompts.settings import PromptSettings
 
 
@@ -30,6 +31,7 @@ class Settings(CoreSettings):
     finetune: FinetuneSettings = Field(default_factory=FinetuneSettings)
     evals: EvalSettings = Field(default_factory=EvalSettings)
     jobs: JobSettings = Field(default_factory=JobSettings)
+    releases: ReleaseSettings = Field(default_factory=ReleaseSettings)
 
 
 def load_settings(**overrides: Any) -> Settings:

@@ -279,7 +279,7 @@ class PromptRegistry:
         overridden = False
         action = "label.move"
         if label in self.protected_labels:
-            verdict = self._run_gate(name, target.version)
+            verdict = self.check_gate(name, target.version)
             if not verdict.passed:
                 if not (override_reason and override_reason.strip()):
                     raise PromotionGateFailed(
@@ -317,7 +317,8 @@ class PromptRegistry:
         self.invalidate()
         return LabelMove(name, label, previous, None, True, None, overridden=bool(reason))
 
-    def _run_gate(self, name: str, version: int) -> GateVerdict:
+    def check_gate(self, name: str, version: int) -> GateVerdict:
+        """The promotion gate's verdict on one exact version (fails closed when the gate itself fails)."""
         try:
             verdict = self.gate(name, version)
         except Exception as exc:  # a broken gate must fail closed, not open

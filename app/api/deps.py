@@ -39,6 +39,8 @@ from app.settings import Settings
 from evals.store import EvalStore
 from finetune.service import FinetuneService
 from ingest.factory import RagServices
+from lifecycle.releases.service import ReleaseService
+from lifecycle.releases.serving import ReleaseGateway
 from prompts.registry import PromptRegistry
 
 DEV_PRINCIPAL = ApiKey(
@@ -77,8 +79,23 @@ async def get_llm(container: ContainerDep) -> ModelRouter:
     return container.llm
 
 
-async def get_chat(container: ContainerDep) -> ChatService:
-    return container.chat
+async def get_chat(container: ContainerDep) -> ChatService | ReleaseGateway:
+    """The chat path as clients reach it: through the release endpoints when releases are on."""
+    return getattr(container, "serving", None) or container.chat
+
+
+async def get_releases(container: ContainerDep) -> ReleaseService:
+    svc = getattr(container, "releases", None)
+    if svc is None:
+        raise BackendUnavailable("releases are off on this server (releases.enabled)")
+    return svc
+
+
+async def get_serving(container: ContainerDep) -> ReleaseGateway:
+    svc = getattr(container, "serving", None)
+    if svc is None:
+        raise BackendUnavailable("releases are off on this server (releases.enabled)")
+    return svc
 
 
 async def get_rag(container: ContainerDep) -> RagServices:
@@ -128,7 +145,9 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 KeysDep = Annotated[KeyStore, Depends(get_keys)]
 LlmDep = Annotated[ModelRouter, Depends(get_llm)]
-ChatDep = Annotated[ChatService, Depends(get_chat)]
+ChatDep = Annotated[ChatService | ReleaseGateway, Depends(get_chat)]
+ReleasesDep = Annotated[ReleaseService, Depends(get_releases)]
+ServingDep = Annotated[ReleaseGateway, Depends(get_serving)]
 RagDep = Annotated[RagServices, Depends(get_rag)]
 IngestJobsDep = Annotated[IngestJobs, Depends(get_ingest_jobs)]
 GuardsDep = Annotated[GuardrailEngine | None, Depends(get_guards)]
@@ -180,6 +199,7 @@ PromptsWriteKey = Annotated[ApiKey, Depends(require_scope("prompts:write"))]
 IngestKey = Annotated[ApiKey, Depends(require_scope("ingest"))]
 EvalsKey = Annotated[ApiKey, Depends(require_scope("evals"))]
 FinetuneKey = Annotated[ApiKey, Depends(require_scope("finetune"))]
+ReleasesKey = Annotated[ApiKey, Depends(require_scope("releases"))]
 
 
 def _bearer(request: Request) -> str | None:

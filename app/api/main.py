@@ -10,7 +10,7 @@ from fastapi import FastAPI
 
 from app.api.errors import install_error_handlers
 from app.api.middleware import RequestContextMiddleware
-from app.api.routes import admin, agents, chat, evals, finetune, rag, studio, system
+from app.api.routes import admin, agents, chat, evals, finetune, rag, releases, studio, system
 from app.api.routes import prompts as prompt_routes
 from app.container import Container
 from app.settings import Settings, load_settings
@@ -32,6 +32,7 @@ def create_app(settings: Settings | None = None, container: Container | None = N
         app.state.keel = container or await Container.build(settings)
         if app.state.keel.jobs is not None:
             await app.state.keel.jobs.start()  # runs the jobs a stopped process left queued or running
+        app.state.keel.start_release_controller()
         try:
             yield
         finally:
@@ -58,5 +59,6 @@ def create_app(settings: Settings | None = None, container: Container | None = N
     app.include_router(agents.router)
     app.include_router(finetune.router)
     app.include_router(evals.router)
+    app.include_router(releases.router)
     app.include_router(studio.router)
     return app

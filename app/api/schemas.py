@@ -80,6 +80,13 @@ class PromptInfo(_Wire):
     hash: str
 
 
+class ReleaseInfo(_Wire):
+    """Keel: the release endpoint that routed the request and the variant that answered it."""
+
+    name: str
+    variant: str
+
+
 class ChatCompletionRequest(_Wire):
     """Fields Keel does not implement are rejected with a 400 rather than silently dropped."""
 
@@ -170,6 +177,7 @@ class ChatCompletion(_Wire):
     usage: UsageOut | None = None
     system_fingerprint: str | None = None
     prompt: PromptInfo | None = Field(default=None, description="Keel: the prompt version used.")
+    release: ReleaseInfo | None = Field(default=None, description="Keel: the release and variant that answered.")
     citations: list[dict[str, Any]] | None = Field(
         default=None, description="Keel, grounded answers: the passages given to the model, numbered as cited."
     )
@@ -199,6 +207,7 @@ class ChatCompletionChunk(_Wire):
     choices: list[ChunkChoice]
     usage: UsageOut | None = None
     prompt: PromptInfo | None = None
+    release: ReleaseInfo | None = None
     citations: list[dict[str, Any]] | None = None
     guardrails: str | None = None
     guardrail: dict[str, Any] | None = None

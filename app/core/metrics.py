@@ -45,6 +45,18 @@ class Metrics:
             "keel_eval_swallowed_errors_total", "Errors the eval harness handled without failing a case or run",
             ["where"], registry=r,
         )
+        self.release_requests = Counter(
+            "keel_release_requests_total", "Requests to release endpoints, by the variant that answered and the "
+            "outcome (ok, blocked by the guardrails, error)", ["release", "variant", "outcome"], registry=r,
+        )
+        self.release_latency = Histogram(
+            "keel_release_request_duration_seconds", "Release endpoint requests, to the last token, by variant",
+            ["release", "variant"], buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.release_shadow = Counter(
+            "keel_release_shadow_total", "Shadow requests by outcome (stored, error, dropped: queue full, unpaired: "
+            "the primary failed)", ["release", "variant", "outcome"], registry=r,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

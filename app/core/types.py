@@ -87,6 +87,8 @@ class Started:
     prompt_ref: str | None = None
     prompt_hash: str | None = None
     guardrails: str | None = None  # "<policy>@<version>+<hash>" that checked this request
+    release: str | None = None  # the release endpoint that routed this request, and the variant that answered
+    variant: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

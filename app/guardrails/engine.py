@@ -393,6 +393,15 @@ class GuardrailEngine:
 
     # -- input ---------------------------------------------------------------------------------------
 
+    def select(self, context: GuardContext) -> ResolvedPolicy:
+        """The policy for ``context``: its own (a release variant's) when it names one, else the bindings'."""
+        if context.policy is not None:
+            return self.policy.file.resolve(context.policy)
+        return self.policy.select(route=context.route, workflow=context.workflow, model=context.model)
+
+    def has_policy(self, name: str) -> bool:
+        return name in self.policy.file.policies
+
     async def check_input(self, messages: Sequence[ChatMessage], context: GuardContext) -> InputDecision:
         """Run the input stage of the policy selected for ``context``. Never raises for a validator error."""
         t0 = time.perf_counter()
@@ -400,7 +409,7 @@ class GuardrailEngine:
         messages = tuple(messages)
         if not self.settings.enabled:
             return InputDecision(context.request_id, "disabled", "", False, None, messages, [], vault, 0.0, False)
-        policy = self.policy.select(route=context.route, workflow=context.workflow, model=context.model)
+        policy = self.select(context)
         comps = self.compiled(policy.name, "input")
         meta = self._meta(context, messages, vault)
         user_idx = [i for i, m in enumerate(messages) if m.role == "user"]
@@ -464,7 +473,7 @@ class GuardrailEngine:
         t0 = time.perf_counter()
         if not self.settings.enabled:
             return OutputDecision(context.request_id, "disabled", "", True, False, text, None, None, [], 0.0)
-        policy = self.policy.select(route=context.route, workflow=context.workflow, model=context.model)
+        policy = self.select(context)
         vault = input_decision.vault if input_decision else PiiVault(owner=context.user)
         ctx = self._with_system_prompt(context, input_decision)
         (new, r1), (_, r2) = await asyncio.gather(
@@ -489,7 +498,7 @@ class GuardrailEngine:
 
     def output_guard(self, context: GuardContext, input_decision: InputDecision | None = None):
         """A streaming guard for one response (see :class:`app.guardrails.streaming.OutputGuard`)."""
-        policy = self.policy.select(route=context.route, workflow=context.workflow, model=context.model)
+        policy = self.select(context)
         vault = input_decision.vault if input_decision else PiiVault(owner=context.user)
         return OutputGuard(self, policy, self._with_system_prompt(context, input_decision), vault,
                            self.settings.streaming, enabled=self.settings.enabled)

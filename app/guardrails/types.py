@@ -29,6 +29,8 @@ class GuardContext:
     secret_values: tuple[str, ...] = ()
     # the user's last message: a name the answer takes from the question is not its invention
     question: str | None = None
+    # a release variant's policy: used instead of the one the bindings select
+    policy: str | None = None
 
 
 @dataclass(frozen=True)

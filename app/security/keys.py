@@ -29,6 +29,7 @@ SCOPES: dict[str, str] = {
     "ingest": "ingest documents and retrieve",
     "evals": "run and read evaluations",
     "finetune": "submit and manage fine-tuning jobs",
+    "releases": "create, watch, pause, promote and roll back releases (A/B, canary, shadow, blue/green)",
     "admin": "everything, including key management and backend logs",
 }
 KEY_PREFIX = "keel-"

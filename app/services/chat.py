@@ -65,6 +65,9 @@ class ChatRequest:
     prompt: PromptUse | None = None
     rag: RagUse | None = None
     user: str | None = None  # the caller's key id: PII placeholders are restored only for the same user
+    end_user: str | None = None  # the body's `user` field: the client's name for its own user (A/B units)
+    thread: str | None = None  # the X-Keel-Thread header: a conversation (A/B units)
+    policy: str | None = None  # a guardrail policy chosen by a release variant, instead of the bindings'
 
 
 ChatEvent = Started | LLMEvent | Citations | GuardrailEvent
@@ -85,6 +88,8 @@ class ChatResult:
     citations: list[dict[str, Any]] | None = None
     guardrails: str | None = None
     guardrail_events: list[GuardrailEvent] = field(default_factory=list)
+    release: str | None = None
+    variant: str | None = None
 
 
 class ChatService:
@@ -334,15 +339,22 @@ class ChatService:
             # title is grounded
             passages=tuple(f"{c.citation.label()}: {c.text}" for c in grounded.chunks) if grounded is not None
             else None,
-            response_schema=schema, expect_json=fmt is not None, question=question,
+            response_schema=schema, expect_json=fmt is not None, question=question, policy=request.policy,
         )
 
     async def complete(self, request: ChatRequest) -> ChatResult:
-        result: ChatResult | None = None
-        async for event in self.stream(request, reask=True):
+        return await collect(self.stream(request, reask=True))
+
+
+async def collect(events: AsyncIterator[ChatEvent]) -> ChatResult:
+    """A whole response from its event stream (what non-streaming callers get)."""
+    result: ChatResult | None = None
+    async with contextlib.aclosing(events) as stream:
+        async for event in stream:
             if isinstance(event, Started):
                 result = ChatResult(event.id, event.created, event.model, {}, {}, None,
-                                    event.prompt_ref, event.prompt_hash, guardrails=event.guardrails)
+                                    event.prompt_ref, event.prompt_hash, guardrails=event.guardrails,
+                                    release=event.release, variant=event.variant)
             elif isinstance(event, TextDelta):
                 result.texts.setdefault(event.index, []).append(event.text)
             elif isinstance(event, Finished):

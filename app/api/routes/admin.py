@@ -94,7 +94,7 @@ async def guardrail_policy(guards: GuardsDep) -> dict:
             "bindings": [b.model_dump() for b in policy.file.bindings]}
 
 
-Trail = Literal["guardrails", "prompts", "adapters", "routing", "jobs"]
+Trail = Literal["guardrails", "prompts", "adapters", "routing", "jobs", "releases"]
 
 
 @router.get("/audit")
@@ -122,6 +122,10 @@ async def audit_events(
         query = registry.store.audit_events
     elif trail == "routing":
         query = container.llm.routes.store.audit_events
+    elif trail == "releases":
+        if getattr(container, "releases", None) is None:
+            raise NotFound("releases are off on this server (releases.enabled)")
+        query = container.releases.store.audit_events
     elif trail == "jobs":
         if container.jobs is None:
             raise NotFound("this server runs no job queue")

@@ -8,7 +8,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from app.api.deps import ChatDep, ChatKey, MetricsDep
@@ -22,6 +22,7 @@ from app.api.schemas import (
     ChunkChoice,
     Delta,
     PromptInfo,
+    ReleaseInfo,
     UsageOut,
 )
 from app.core.errors import ClientGone, KeelError, UnsupportedParameter
@@ -37,7 +38,12 @@ _DISCONNECT_POLL_S = 0.25
 router = APIRouter(tags=["chat"])
 
 
-def to_domain(body: ChatCompletionRequest, request_id: str, user: str | None = None) -> ChatRequest:
+RELEASE_HEADER = "X-Keel-Release"
+THREAD_HEADER = "X-Keel-Thread"
+
+
+def to_domain(body: ChatCompletionRequest, request_id: str, user: str | None = None,
+              thread: str | None = None) -> ChatRequest:
     if body.tools:
         raise UnsupportedParameter(
             "tools/function calling is not supported by this endpoint yet; use agent workflows instead",
@@ -57,17 +63,23 @@ def to_domain(body: ChatCompletionRequest, request_id: str, user: str | None = N
         rag=RagUse(body.rag.collection, body.rag.top_k, body.rag.filters, body.rag.prompt, body.rag.group_by)
         if body.rag else None,
         user=user,
+        end_user=body.user,
+        thread=thread,
     )
 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletion, response_model_exclude_none=True)
 async def chat_completions(
-    body: ChatCompletionRequest, request: Request, _key: ChatKey, chat: ChatDep, metrics: MetricsDep,
+    body: ChatCompletionRequest, request: Request, response: Response, _key: ChatKey, chat: ChatDep,
+    metrics: MetricsDep,
 ):
-    chat_request = to_domain(body, request.state.request_id, getattr(request.state, "api_key_id", None))
+    chat_request = to_domain(body, request.state.request_id, getattr(request.state, "api_key_id", None),
+                             request.headers.get(THREAD_HEADER))
     if not body.stream:
         result = await _unless_disconnected(request, chat.complete(chat_request))
         usage = result.usage
+        if result.release:
+            response.headers[RELEASE_HEADER] = f"{result.release}/{result.variant}"
         return ChatCompletion(
             id=result.id, created=result.created, model=result.model,
             choices=[
@@ -78,6 +90,7 @@ async def chat_completions(
             usage=UsageOut(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
                            total_tokens=usage.total_tokens) if usage else None,
             prompt=PromptInfo(ref=result.prompt_ref, hash=result.prompt_hash) if result.prompt_ref else None,
+            release=ReleaseInfo(name=result.release, variant=result.variant) if result.release else None,
             citations=result.citations,
             guardrails=result.guardrails,
             guardrail_events=[event_payload(e) for e in result.guardrail_events] or None,
@@ -87,9 +100,13 @@ async def chat_completions(
     # Pull until the backend has answered, so errors before the first token (unknown model,
     # backend down) are proper HTTP errors rather than an error inside a 200 stream.
     primed = await _prime(events)
+    headers = {"X-Request-Id": request.state.request_id}
+    started = next((e for e in primed if isinstance(e, Started)), None)
+    if started is not None and started.release:
+        headers[RELEASE_HEADER] = f"{started.release}/{started.variant}"
     return EventSourceResponse(
         _sse(primed, events, body.n, include_usage, lambda code: metrics.errors.labels(code).inc()),
-        ping=15, sep="\n", headers={"X-Request-Id": request.state.request_id},
+        ping=15, sep="\n", headers=headers,
     )
 
 
@@ -169,9 +186,11 @@ async def _sse(
                 chunk.guardrails = event.guardrails
                 if event.prompt_ref:
                     chunk.prompt = PromptInfo(ref=event.prompt_ref, hash=event.prompt_hash)
+                if event.release:
+                    chunk.release = ReleaseInfo(name=event.release, variant=event.variant or "")
                 yield frame([ChunkChoice(index=i, delta=Delta(role="assistant", content=""))
                              for i in range(n)])
-                chunk.prompt = chunk.guardrails = None
+                chunk.prompt = chunk.guardrails = chunk.release = None
         yield "[DONE]"
     except Exception as exc:
         # Headers are gone; the error travels as the last event (the openai client raises it)

@@ -1,0 +1,343 @@
+"""Releases as a service: create and steer them, route each request to a variant, record what it served,
+and let the controller move canaries.
+
+Every process holds the current releases in memory and re-reads them when the store's revision moved, at most
+every ``check_interval_s`` and never on the request path (a background thread does it), so a decision made by one
+process (or the CLI) is served by all within about that interval. Observations are buffered and written in
+batches off the request path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from app.core.audit import BufferedWriter
+from app.core.errors import Conflict, InvalidRequest, StoreUnavailable
+from lifecycle.releases import controller
+from lifecycle.releases.assign import choose, layout
+from lifecycle.releases.spec import ReleaseSpec, VariantSpec
+from lifecycle.releases.store import (
+    FINISHED,
+    Decision,
+    Observation,
+    Release,
+    ShadowPair,
+    SqliteReleaseStore,
+)
+
+log = logging.getLogger("keel.releases")
+
+#: Raises InvalidRequest when a variant names something this server lacks (alias, prompt, policy, workflow).
+VariantCheck = Callable[[VariantSpec], None]
+#: The eval gate's verdict on a variant's artifacts: (passed, reason); None when nothing in it is gated.
+VariantGate = Callable[[VariantSpec], "tuple[bool, str] | None"]
+#: Is this name taken by something else clients call as a model (an alias)?
+NameTaken = Callable[[str], bool]
+
+
+@dataclass(frozen=True, slots=True)
+class Assignment:
+    release: Release
+    variant: VariantSpec
+    unit: str  # digest of the unit value
+
+
+class ReleaseService:
+    def __init__(self, store: SqliteReleaseStore | Any, *, check_interval_s: float = 1.0,
+                 check_variant: VariantCheck | None = None, gate: VariantGate | None = None,
+                 name_taken: NameTaken | None = None, flush_interval_s: float = 0.2) -> None:
+        self.store = store
+        self.check_interval_s = check_interval_s
+        self.check_variant = check_variant or (lambda v: None)
+        self.gate = gate or (lambda v: None)
+        self.name_taken = name_taken or (lambda n: False)
+        self._releases: dict[str, Release] = {}
+        self._revision = -1
+        self._checked = 0.0
+        self._lock = threading.Lock()
+        self._observations: BufferedWriter[Observation] = BufferedWriter(
+            store.record, interval_s=flush_interval_s, name="keel-release-observations", what="release observations")
+        self._pairs: BufferedWriter[ShadowPair] = BufferedWriter(
+            store.record_pairs, interval_s=flush_interval_s, name="keel-shadow-pairs", what="shadow answers")
+        self.refresh(force=True)
+
+    # -- the request path ----------------------------------------------------------------------------
+
+    def active(self, model: str | None) -> Release | None:
+        """The release behind the endpoint ``model``, if any (finished releases still route to their outcome)."""
+        if not model:
+            return None
+        self.refresh()
+        return self._releases.get(model)
+
+    def names(self) -> list[str]:
+        self.refresh()
+        return sorted(self._releases)
+
+    def assign(self, release: Release, unit: str) -> Assignment:
+        """The variant serving ``unit``: the same unit, the same variant, in every process, until weights move."""
+        spec = release.spec
+        order = [v.name for v in spec.variants]
+        if spec.strategy != "ab":
+            order = layout(order, spec.baseline, spec.candidate)
+        name = choose(release.seed, unit, order, release.weights)
+        digest = hashlib.blake2b(unit.encode(), digest_size=8).hexdigest()
+        return Assignment(release, spec.variant(name), digest)
+
+    def observe(self, observation: Observation) -> None:
+        self._observations.submit([observation])
+
+    def record_shadow(self, pair: ShadowPair) -> None:
+        self._pairs.submit([pair])
+
+    def flush(self, timeout: float | None = 10.0) -> None:
+        self._observations.flush(timeout)
+        self._pairs.flush(timeout)
+
+    # -- cache -----------------------------------------------------------------------------------------
+
+    def refresh(self, *, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._checked < self.check_interval_s:
+            return
+        if force or self.check_interval_s <= 0:
+            with self._lock:
+                self._checked = time.monotonic()
+                self._check(force=force)
+            return
+        if self._lock.acquire(blocking=False):
+            self._checked = now
+            threading.Thread(target=self._check_in_background, name="keel-releases-refresh", daemon=True).start()
+
+    def _check_in_background(self) -> None:
+        try:
+            self._check(force=False)
+        finally:
+            self._lock.release()
+
+    def _check(self, *, force: bool) -> None:
+        try:
+            if not force and self.store.revision() == self._revision:
+                return
+            revision = self.store.revision()
+            self._releases = self.store.current()
+            self._revision = revision
+        except StoreUnavailable as e:
+            if force:
+                raise
+            log.warning("releases not refreshed (serving revision %d): %s", self._revision, e.message)
+
+    # -- changes ---------------------------------------------------------------------------------------
+
+    def create(self, spec: ReleaseSpec, *, actor: str, reason: str = "", override_reason: str | None = None) -> Release:
+        """Start ``spec``. Every variant must name what exists here, the endpoint may not shadow a model alias,
+        and a canary's (or green's) new variant must have passed its eval gate; an admin may override a gate
+        failure with a reason, which is recorded."""
+        if self.name_taken(spec.name):
+            raise Conflict(f"{spec.name!r} is already a model name clients call; a release endpoint needs a name "
+                           "of its own", param="name", code="release_name_taken")
+        for v in spec.variants:
+            self.check_variant(v)
+        note = reason
+        if spec.strategy in ("canary", "bluegreen"):
+            verdict = self.gate(spec.candidate_spec)
+            if verdict is not None and not verdict[0]:
+                if not (override_reason and override_reason.strip()):
+                    raise InvalidRequest(f"variant {spec.candidate!r} has not passed its eval gate: {verdict[1]}. "
+                                         "Run its suites on exactly this version, or have an admin override with a "
+                                         "reason", param="variants", code="gate_failed")
+                note = f"{reason + '; ' if reason else ''}gate overridden by {actor}: {override_reason.strip()}"
+            elif verdict is not None:
+                note = f"{reason + '; ' if reason else ''}gate: {verdict[1]}"
+        release = self.store.create(spec, actor=actor, reason=note)
+        self.refresh(force=True)
+        log.info("release %s (%s) created by %s: %s", spec.name, spec.strategy, actor,
+                 ", ".join(f"{k}={v:g}%" for k, v in release.weights.items()))
+        return release
+
+    def get(self, name: str) -> Release:
+        return self.store.get(name)
+
+    def pause(self, name: str, *, actor: str, reason: str = "") -> Release:
+        release = self._running(name, "pause")
+        if release.status == "paused":
+            return release
+        return self._apply(release, "pause", status="paused", reason=reason or "paused", actor=actor)
+
+    def resume(self, name: str, *, actor: str, reason: str = "") -> Release:
+        release = self._running(name, "resume")
+        if release.status == "running":
+            return release
+        return self._apply(release, "resume", status="running", reason=reason or "resumed", actor=actor)
+
+    def promote(self, name: str, *, actor: str, reason: str = "", variant: str | None = None) -> Release:
+        """All traffic to ``variant`` (default: the candidate), now. For blue/green this is the switch: call it
+        after the readiness probe (:meth:`lifecycle.releases.serving.ReleaseGateway.switch` does both)."""
+        release = self._running(name, "promote")
+        target = variant or release.spec.candidate
+        if target not in {v.name for v in release.spec.variants}:
+            raise InvalidRequest(f"release {name!r} has no variant {target!r}", param="variant")
+        weights = {v.name: 100.0 if v.name == target else 0.0 for v in release.spec.variants}
+        return self._apply(release, "promote", status="promoted", weights=weights,
+                           reason=reason or f"{target} promoted by {actor}", actor=actor)
+
+    def rollback(self, name: str, *, actor: str, reason: str = "") -> Release:
+        """All traffic back to the baseline, now; allowed after a promotion too (blue/green's instant rollback)."""
+        release = self.store.get(name)
+        if release.status in ("rolled_back", "stopped"):
+            return release
+        baseline = release.spec.baseline
+        weights = {v.name: 100.0 if v.name == baseline else 0.0 for v in release.spec.variants}
+        return self._apply(release, "rollback", status="rolled_back", weights=weights,
+                           reason=reason or f"rolled back by {actor}", actor=actor)
+
+    def _running(self, name: str, what: str) -> Release:
+        release = self.store.get(name)
+        if release.status in FINISHED:
+            raise Conflict(f"release {name!r} is {release.status}; it cannot {what} any more (create a new release)",
+                           param="name", code="release_finished")
+        return release
+
+    def _apply(self, release: Release, action: str, *, actor: str, reason: str, status: str | None = None,
+               weights: dict[str, float] | None = None, step: int | None = None) -> Release:
+        decision = Decision(action, reason, time.time(), actor, release.step if step is None else step)
+        new = self.store.transition(release, status=status, weights=weights, step=step, decision=decision)
+        if new is None:
+            raise Conflict(f"release {release.name!r} changed while this was decided; read it again and retry",
+                           param="name", code="release_changed")
+        self.refresh(force=True)
+        log.info("release %s: %s by %s (%s)", release.name, action, actor or "controller", reason)
+        return new
+
+    # -- the controller ---------------------------------------------------------------------------------
+
+    def tick(self, now: float | None = None) -> list[tuple[str, str, str]]:
+        """Judge every running canary and A/B test once; returns the changes made (name, action, reason).
+        Safe in every process at once: a decision lands only on the revision it was made on."""
+        now = time.time() if now is None else now
+        self._observations.flush(5.0)
+        changes: list[tuple[str, str, str]] = []
+        for release in self.store.current().values():
+            if release.finished or release.spec.strategy not in ("canary", "ab"):
+                continue
+            totals = self.store.totals(release)
+            if release.spec.strategy == "canary":
+                verdict = controller.judge_canary(release, totals, now)
+            else:
+                verdict = controller.judge_ab(release, totals)
+            if verdict.action == "hold":
+                if release.decision is None or release.decision.reason != verdict.reason:
+                    # the current reason is visible (CLI, page) without an audit row per tick
+                    self.store.note(release, verdict.reason, now=now)
+                continue
+            status, weights, step = _effect(release, verdict.action)
+            decision = Decision(verdict.action, verdict.reason, now, "controller", release.step if step is None
+                                else step)
+            if self.store.transition(release, status=status, weights=weights, step=step, decision=decision,
+                                     now=now) is not None:
+                changes.append((release.name, verdict.action, verdict.reason))
+                log.info("release %s: %s: %s", release.name, verdict.action, verdict.reason)
+        if changes:
+            self.refresh(force=True)
+        return changes
+
+    # -- reading ------------------------------------------------------------------------------------------
+
+    def report(self, name: str) -> dict[str, Any]:
+        """Everything a person needs to judge a release: state, traffic, numbers per variant, the comparisons
+        and the decisions so far."""
+        self._observations.flush(5.0)
+        release = self.store.get(name)
+        totals = self.store.totals(release)
+        lat = self.store.latencies(release.id)
+        spec = release.spec
+        variants = {}
+        for v in spec.variants:
+            t = totals.get(v.name)
+            lats, ttfts = lat.get(v.name, ([], []))
+            m = t.metrics if t else {}
+            variants[v.name] = {
+                **v.model_dump(exclude_none=True), "weight": release.weights.get(v.name, 0.0),
+                "requests": t.requests if t else 0, "units": t.units if t else 0,
+                "errors": int(m["errors"].total) if t else 0,
+                "error_rate": _rate(m.get("errors")), "guardrail_blocks": int(m["guardrail_blocks"].total) if t else 0,
+                "block_rate": _rate(m.get("guardrail_blocks")),
+                "feedback": {"rated": m["negative_feedback"].n if t else 0,
+                             "negative": int(m["negative_feedback"].total) if t else 0,
+                             "negative_rate": _rate(m.get("negative_feedback"))},
+                "latency_ms": _percentiles(lats), "ttft_ms": _percentiles(ttfts),
+                "prompt_tokens": t.prompt_tokens if t else 0, "completion_tokens": t.completion_tokens if t else 0,
+            }
+        out: dict[str, Any] = {**public(release), "variants": variants}
+        others = [v.name for v in spec.variants if v.name != spec.baseline]
+        out["comparisons"] = {o: {k: _comparison(c) for k, c in controller.comparisons(
+            spec, totals, spec.baseline, o).items()} for o in others}
+        check = controller.sample_ratio(release, totals)
+        out["sample_ratio"] = None if check is None else {"p_value": check.p_value, "mismatch": check.mismatch,
+                                                          "reason": check.reason}
+        if spec.strategy == "shadow":
+            out["shadow"] = self.store.shadow_totals(release.id)
+        out["decisions"] = [{"at": e.at, "action": e.action.removeprefix("release."), "actor": e.actor,
+                             "reason": e.reason, "from": e.from_ref, "to": e.to_ref, **dict(e.details)}
+                            for e in self.store.decisions(name, limit=100)]
+        return out
+
+    def close(self) -> None:
+        for writer in (self._observations, self._pairs):
+            try:
+                writer.close(10.0)
+            except Exception:
+                log.exception("closing %s", writer.name)
+        self.store.close()
+
+
+def _effect(release: Release, action: str) -> tuple[str | None, dict[str, float] | None, int | None]:
+    spec = release.spec
+    if action == "advance":
+        step = release.step + 1
+        return None, controller.weights_at(spec, step), step
+    if action == "promote":
+        return "promoted", {spec.baseline: 0.0, spec.candidate: 100.0}, len(spec.canary.steps) - 1
+    if action in ("rollback", "stop"):
+        return ("rolled_back" if action == "rollback" else "stopped"), {
+            v.name: 100.0 if v.name == spec.baseline else 0.0 for v in spec.variants}, None
+    raise ValueError(action)
+
+
+def public(release: Release) -> dict[str, Any]:
+    spec = release.spec
+    out = {"id": release.id, "name": release.name, "strategy": spec.strategy, "status": release.status,
+           "unit": spec.unit, "baseline": spec.baseline, "candidate": spec.candidate, "weights": release.weights,
+           "step": release.step, "step_started_at": release.step_started_at,
+           "decision": release.decision.public() if release.decision else None, "created_by": release.created_by,
+           "created_at": release.created_at, "updated_at": release.updated_at, "revision": release.revision,
+           "spec_hash": spec.content_hash(), "spec": spec.model_dump(mode="json")}
+    if spec.strategy == "canary":
+        out["steps"] = spec.canary.steps
+    return out
+
+
+def _rate(m: Any) -> float | None:
+    return m.total / m.n if m is not None and m.n else None
+
+
+def _percentiles(values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return {"p50": None, "p95": None, "p99": None}
+    p50, p95, p99 = np.percentile(np.asarray(values), [50, 95, 99])
+    return {"p50": float(p50), "p95": float(p95), "p99": float(p99)}
+
+
+def _comparison(c: Any) -> dict[str, Any]:
+    return {"state": c.state, "diff": c.diff, "diff_ci": [c.diff_ci.low, c.diff_ci.high] if c.diff_ci else None,
+            "control_ci": [c.control_ci.low, c.control_ci.high] if c.control_ci else None,
+            "treatment_ci": [c.treatment_ci.low, c.treatment_ci.high] if c.treatment_ci else None,
+            "reason": c.reason}

@@ -1,0 +1,382 @@
+"""Releases: specs, sticky assignment, the canary state machine, and the whole path through the API against
+scripted backends (tests/integration/test_releases_e2e.py runs it through the real vLLM server and model)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from pydantic import ValidationError
+
+from app.api.main import create_app
+from app.container import Container
+from app.core.errors import BackendUnavailable
+from app.settings import load_settings
+from ingest import build_rag
+from ingest.embedding import HashingEmbedder
+from lifecycle.releases import controller
+from lifecycle.releases.assign import choose
+from lifecycle.releases.service import ReleaseService
+from lifecycle.releases.spec import ReleaseSpec
+from lifecycle.releases.store import Moments, Release, SqliteReleaseStore, VariantTotals
+from tests.fakes.llm import ScriptedBackend
+
+TWO = [{"name": "stable", "model": "m"}, {"name": "canary", "model": "m2"}]
+
+
+def spec(**kw) -> ReleaseSpec:
+    return ReleaseSpec.model_validate({"name": "support", "strategy": "canary", "variants": TWO, **kw})
+
+
+# -- specs -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"strategy": "ab", "weights": {"stable": 50, "canary": 40}}, "adding up to 100"),
+    ({"strategy": "ab", "weights": {"stable": 100}}, "name every variant"),
+    ({"weights": {"stable": 50, "canary": 50}}, "weights are for A/B"),
+    ({"baseline": "blue"}, "baseline 'blue' is not a variant"),
+    ({"canary": {"steps": [5, 25, 50]}}, "must end at 100"),
+    ({"canary": {"steps": [50, 25, 100]}}, "increase strictly"),
+    ({"variants": [{"name": "a"}, {"name": "a"}]}, "unique"),
+    ({"variants": [{"name": "a"}, {"name": "b"}, {"name": "c"}]}, "exactly two variants"),
+    ({"strategy": "shadow", "variants": [{"name": "a"}, {"name": "b", "workflow": "research"}]}, "side effects"),
+    ({"name": "Support!"}, "lower-case"),
+    ({"variants": [{"name": "a", "rag": "docs", "prompt": "p@1"}, {"name": "b"}]}, "drop 'prompt' or 'rag'"),
+])
+def test_bad_specs_are_refused_with_what_to_fix(bad, message) -> None:
+    with pytest.raises(ValidationError, match=message):
+        spec(**bad)
+
+
+def test_initial_weights_per_strategy() -> None:
+    assert spec().initial_weights() == {"stable": 95, "canary": 5}
+    assert spec(strategy="ab").initial_weights() == {"stable": 50, "canary": 50}
+    assert spec(strategy="shadow").initial_weights() == {"stable": 100, "canary": 0}
+    assert spec(strategy="bluegreen").initial_weights() == {"stable": 100, "canary": 0}
+
+
+# -- assignment --------------------------------------------------------------------------------------------
+
+
+def test_assignment_is_sticky_and_splits_within_tolerance() -> None:
+    order, weights = ["a", "b", "c"], {"a": 50, "b": 30, "c": 20}
+    first = {f"user-{i}": choose("seed", f"user-{i}", order, weights) for i in range(10_000)}
+    assert first == {u: choose("seed", u, order, weights) for u in first}  # same unit, same variant
+    counts = Counter(first.values())
+    for v, w in weights.items():
+        assert abs(counts[v] / 10_000 - w / 100) < 0.02, counts
+    # another seed (another release) reshuffles
+    assert sum(first[u] != choose("other", u, order, weights) for u in first) > 3000
+
+
+def test_a_growing_canary_keeps_every_unit_it_already_has() -> None:
+    units = [f"k{i}" for i in range(5000)]
+    on_canary: set[str] = set()
+    for share in (5, 25, 50, 100):
+        now = {u for u in units if choose("s", u, ["stable", "canary"], {"stable": 100 - share, "canary": share})
+               == "canary"}
+        assert on_canary <= now
+        assert abs(len(now) / len(units) - share / 100) < 0.03
+        on_canary = now
+
+
+def test_assignment_is_the_same_in_another_process(tmp_path: Path) -> None:
+    """Two services on one store (as two API processes) put every unit on the same variant."""
+    a = ReleaseService(SqliteReleaseStore(tmp_path / "r.db"), check_interval_s=0)
+    b = ReleaseService(SqliteReleaseStore(tmp_path / "r.db"), check_interval_s=0)
+    a.create(spec(strategy="ab"), actor="t")
+    ra, rb = a.active("support"), b.active("support")
+    assert ra is not None and rb is not None
+    assert all(a.assign(ra, f"u{i}").variant.name == b.assign(rb, f"u{i}").variant.name for i in range(500))
+    a.close()
+    b.close()
+
+
+# -- the canary state machine ------------------------------------------------------------------------------
+
+
+def totals(n: int, errors: int = 0, blocked: int = 0, since: int | None = None) -> VariantTotals:
+    return VariantTotals(n, {"errors": Moments(n, errors, errors), "guardrail_blocks": Moments(n, blocked, blocked),
+                             "latency_ms": Moments(n, 100.0 * n, 10_000.0 * n), "ttft_ms": Moments(0),
+                             "negative_feedback": Moments(0)}, 0, 0, n if since is None else since, n)
+
+
+def release(step: int = 0, status: str = "running", started: float = 0.0, margin: float = 0.2, **kw) -> Release:
+    s = spec(canary={"steps": [5, 25, 50, 100], "min_requests": 20, "min_duration_s": 10, "max_duration_s": 100},
+             metrics=[{"name": "errors", "margin": margin}, {"name": "guardrail_blocks", "margin": margin}], **kw)
+    return Release(1, s, status, controller.weights_at(s, step), step, started, None, "t", 0, 0, 1)
+
+
+def test_canary_holds_until_its_window_is_full() -> None:
+    v = controller.judge_canary(release(), {"stable": totals(400), "canary": totals(10)}, now=50)
+    assert v.action == "hold" and "10/20 canary requests" in v.reason
+    v = controller.judge_canary(release(), {"stable": totals(400), "canary": totals(30)}, now=5)
+    assert v.action == "hold" and "5/10 s" in v.reason
+
+
+def test_canary_fails_fast_on_a_worse_metric_even_before_its_window() -> None:
+    v = controller.judge_canary(release(), {"stable": totals(400), "canary": totals(12, blocked=12)}, now=1)
+    assert v.action == "rollback" and "guardrail_blocks" in v.reason
+
+
+def test_canary_advances_then_promotes_when_as_good() -> None:
+    ok = {"stable": totals(2000), "canary": totals(600)}
+    assert controller.judge_canary(release(step=0), ok, now=50).action == "advance"
+    assert controller.judge_canary(release(step=2), ok, now=50).action == "promote"
+
+
+def test_undecided_canary_times_out_to_rollback() -> None:
+    few = {"stable": totals(60), "canary": totals(20)}
+    assert controller.judge_canary(release(margin=0.02), few, now=50).action == "hold"
+    v = controller.judge_canary(release(margin=0.02), few, now=150)
+    assert v.action == "rollback" and "inconclusive" in v.reason
+
+
+def test_a_paused_canary_holds_but_still_rolls_back_when_worse() -> None:
+    ok = {"stable": totals(2000), "canary": totals(600)}
+    assert controller.judge_canary(release(status="paused"), ok, now=50).action == "hold"
+    bad = {"stable": totals(2000), "canary": totals(600, errors=300)}
+    assert controller.judge_canary(release(status="paused"), bad, now=50).action == "rollback"
+
+
+def test_ab_stops_on_sample_ratio_mismatch() -> None:
+    s = spec(strategy="ab")
+    r = Release(1, s, "running", {"stable": 50, "canary": 50}, 0, 0, None, "t", 0, 0, 1)
+    assert controller.judge_ab(r, {"stable": totals(5000), "canary": totals(5000)}).action == "hold"
+    assert controller.judge_ab(r, {"stable": totals(6000), "canary": totals(4000)}).action == "stop"
+
+
+# -- through the API ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def env(tmp_path: Path):
+    settings = load_settings(
+        home=tmp_path,
+        backends={"local": {"kind": "openai", "base_url": "http://unused/v1", "retries": 0},
+                  "other": {"kind": "openai", "base_url": "http://unused2/v1", "retries": 0}},
+        models={"m": {"backend": "local", "model": "fake-model"}, "m2": {"backend": "other", "model": "fake-2"}},
+        default_model="m", auth={"default_rate_limit_per_minute": 10_000}, guardrails={"enabled": False},
+        releases={"check_interval_s": 0},
+    )
+    stable, candidate = ScriptedBackend(reply="Stable answer."), ScriptedBackend(reply="Candidate answer.")
+    rag = build_rag(settings, embedder=HashingEmbedder())
+    container = await Container.build(settings, backends={"local": stable, "other": candidate}, rag=rag)
+    app = create_app(container=container)
+    keys = {name: container.keys.create(name, scopes)[1] for name, scopes in
+            [("admin", ["admin"]), ("rel", ["releases"]), ("chat", ["chat"]), ("chat2", ["chat"])]}
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://keel") as client:
+        yield {"client": client, "container": container, "keys": keys, "stable": stable, "candidate": candidate,
+               "transport": transport, "settings": settings}
+    await container.aclose()
+
+
+def auth(env, who: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {env['keys'][who]}"}
+
+
+async def create(env, body: dict, who: str = "rel") -> httpx.Response:
+    return await env["client"].post("/v1/releases", json=body, headers=auth(env, who))
+
+
+async def ask(env, who: str = "chat", *, stream: bool = False, **extra) -> httpx.Response:
+    body = {"model": "support", "messages": [{"role": "user", "content": "hi"}], "stream": stream, **extra}
+    return await env["client"].post("/v1/chat/completions", json=body, headers=auth(env, who))
+
+
+async def test_release_lifecycle_through_the_api(env) -> None:
+    r = await create(env, {"name": "support", "strategy": "ab", "variants": TWO, "unit": "user"})
+    assert r.status_code == 201, r.text
+    assert r.json()["weights"] == {"stable": 50, "canary": 50}
+    seen: dict[str, str] = {}
+    for i in range(40):
+        for _ in range(2):  # the same user twice: the same variant
+            resp = await ask(env, user=f"u{i}")
+            assert resp.status_code == 200, resp.text
+            body = resp.json()
+            name, variant = resp.headers["x-keel-release"].split("/")
+            assert name == "support" and body["release"] == {"name": "support", "variant": variant}
+            assert body["model"] == "support"
+            assert body["choices"][0]["message"]["content"] == (
+                "Stable answer." if variant == "stable" else "Candidate answer.")
+            assert seen.setdefault(f"u{i}", variant) == variant
+    assert set(seen.values()) == {"stable", "canary"}
+    report = (await env["client"].get("/v1/releases/support", headers=auth(env, "rel"))).json()
+    assert sum(v["requests"] for v in report["variants"].values()) == 80
+    assert report["variants"]["stable"]["latency_ms"]["p50"] is not None
+    assert report["comparisons"]["canary"]["errors"]["state"] in ("pass", "inconclusive")
+    # the key decides, not the body: a chat key cannot steer releases
+    r = await env["client"].post("/v1/releases/support/promote", json={}, headers=auth(env, "chat"))
+    assert r.status_code == 403
+    r = await env["client"].post("/v1/releases/support/promote", json={"variant": "canary", "reason": "better"},
+                                 headers=auth(env, "rel"))
+    assert r.status_code == 200 and r.json()["status"] == "promoted"
+    assert [(await ask(env, user=f"u{i}")).json()["release"]["variant"] for i in range(10)] == ["canary"] * 10
+    r = await env["client"].post("/v1/releases/support/rollback", json={"reason": "oops"}, headers=auth(env, "rel"))
+    assert r.json()["status"] == "rolled_back" and r.json()["weights"] == {"stable": 100, "canary": 0}
+    decisions = (await env["client"].get("/v1/releases/support", headers=auth(env, "rel"))).json()["decisions"]
+    assert [d["action"] for d in decisions][:3] == ["rollback", "promote", "create"]
+    assert decisions[0]["reason"] == "oops" and "rel" in decisions[0]["actor"]
+    audit = await env["client"].get("/v1/admin/audit", params={"trail": "releases"}, headers=auth(env, "admin"))
+    assert audit.status_code == 200 and len(audit.json()) >= 3
+
+
+async def test_streaming_names_the_release_and_the_openai_client_works_unchanged(env) -> None:
+    assert (await create(env, {"name": "support", "strategy": "ab", "variants": TWO})).status_code == 201
+    resp = await ask(env, stream=True)
+    assert resp.status_code == 200 and "x-keel-release" in resp.headers
+    first = json.loads(next(line[6:] for line in resp.text.splitlines() if line.startswith("data: ")))
+    assert first["release"]["name"] == "support" and first["model"] == "support"
+    client = openai.AsyncOpenAI(api_key=env["keys"]["chat"], base_url="http://keel/v1",
+                                http_client=httpx.AsyncClient(transport=env["transport"]))
+    variants = set()
+    for _ in range(5):  # unit: the key, so one key sticks to one variant
+        out = await client.chat.completions.with_raw_response.create(
+            model="support", messages=[{"role": "user", "content": "hi"}])
+        variants.add(out.headers["x-keel-release"])
+        assert out.parse().choices[0].message.content
+    assert len(variants) == 1
+
+
+@pytest.mark.parametrize("body, status, code", [
+    ({"name": "support", "strategy": "ab", "variants": [{"name": "a", "model": "nope"}, {"name": "b"}]},
+     400, "unknown_model"),
+    ({"name": "support", "strategy": "ab", "variants": [{"name": "a", "prompt": "missing@1"}, {"name": "b"}]},
+     400, "unknown_prompt"),
+    ({"name": "support", "strategy": "ab", "variants": [{"name": "a", "policy": "nope"}, {"name": "b"}]},
+     400, "unknown_policy"),
+    ({"name": "support", "strategy": "ab", "variants": [{"name": "a", "rag": "nope"}, {"name": "b"}]},
+     400, "unknown_collection"),
+    ({"name": "m", "strategy": "ab", "variants": TWO}, 409, "release_name_taken"),
+    ({"name": "support", "strategy": "ab", "variants": TWO, "weights": {"stable": 60, "canary": 50}},
+     400, "invalid_request"),
+])
+async def test_bad_releases_get_a_clear_error(env, body, status, code) -> None:
+    r = await create(env, body)
+    assert r.status_code == status, r.text
+    assert r.json()["error"]["code"] == code
+    assert (await env["client"].get("/v1/releases", headers=auth(env, "rel"))).json()["data"] == []
+
+
+async def test_two_releases_on_one_endpoint_conflict_until_the_first_is_finished(env) -> None:
+    body = {"name": "support", "strategy": "canary", "variants": TWO}
+    assert (await create(env, body)).status_code == 201
+    r = await create(env, body)
+    assert r.status_code == 409 and r.json()["error"]["code"] == "release_exists"
+    await env["client"].post("/v1/releases/support/rollback", json={}, headers=auth(env, "rel"))
+    r = await create(env, body)
+    assert r.status_code == 201 and r.json()["status"] == "running"
+    history = (await env["client"].get("/v1/releases/support/history", headers=auth(env, "rel"))).json()["data"]
+    assert [h["status"] for h in history] == ["running", "rolled_back"]
+
+
+async def test_a_canary_whose_backend_errors_is_rolled_back(env) -> None:
+    body = {"name": "support", "strategy": "canary", "variants": TWO, "unit": "request",
+            "canary": {"steps": [50, 100], "min_requests": 5, "min_duration_s": 0},
+            "metrics": [{"name": "errors", "margin": 0.2}]}
+    assert (await create(env, body)).status_code == 201
+    env["candidate"].error = BackendUnavailable("the canary's server is down")
+    env["candidate"].fail_after = 0
+    statuses = Counter()
+    for _ in range(60):
+        statuses[(await ask(env)).status_code] += 1
+    assert statuses[200] > 0 and sum(statuses.values()) == 60
+    releases = env["container"].releases
+    changes = releases.tick()
+    assert changes and changes[0][1] == "rollback" and "errors" in changes[0][2]
+    assert releases.get("support").status == "rolled_back"
+    assert {(await ask(env)).json()["release"]["variant"] for _ in range(10)} == {"stable"}
+
+
+async def test_a_good_canary_is_promoted_step_by_step_and_survives_a_restart(env) -> None:
+    body = {"name": "support", "strategy": "canary", "variants": TWO, "unit": "request",
+            "canary": {"steps": [25, 50, 100], "min_requests": 20, "min_duration_s": 0},
+            "metrics": [{"name": "errors", "margin": 0.3}]}
+    assert (await create(env, body)).status_code == 201
+    releases = env["container"].releases
+    for expected_step in (1, 2):
+        for _ in range(120):
+            assert (await ask(env)).status_code == 200
+        (_, action, reason), = releases.tick()
+        assert action == ("advance" if expected_step == 1 else "promote"), reason
+    # another process on the same home sees the same state, and its numbers
+    other = ReleaseService(SqliteReleaseStore(env["settings"].home / "releases.db"), check_interval_s=0)
+    r = other.get("support")
+    assert r.status == "promoted" and r.weights == {"stable": 0, "canary": 100}
+    assert other.report("support")["variants"]["canary"]["requests"] > 40
+    other.close()
+
+
+async def test_feedback_counts_only_from_the_key_that_got_the_answer(env) -> None:
+    assert (await create(env, {"name": "support", "strategy": "ab", "variants": TWO})).status_code == 201
+    resp = (await ask(env)).json()
+    r = await env["client"].post("/v1/feedback", json={"id": resp["id"], "rating": "down", "comment": "wrong"},
+                                 headers=auth(env, "chat"))
+    assert r.status_code == 201, r.text
+    r = await env["client"].post("/v1/feedback", json={"id": resp["id"], "rating": "down"},
+                                 headers=auth(env, "chat2"))
+    assert r.status_code == 201
+    r = await env["client"].post("/v1/feedback", json={"id": resp["id"]}, headers=auth(env, "chat"))
+    assert r.status_code == 400 and "rating" in r.text
+    report = (await env["client"].get("/v1/releases/support", headers=auth(env, "rel"))).json()
+    fb = report["variants"][resp["release"]["variant"]]["feedback"]
+    assert fb == {"rated": 1, "negative": 1, "negative_rate": 1.0}
+
+
+async def test_shadow_answers_are_stored_and_never_returned(env) -> None:
+    body = {"name": "support", "strategy": "shadow", "variants": TWO}
+    assert (await create(env, body)).status_code == 201
+    for _ in range(5):
+        resp = await ask(env)
+        assert resp.json()["choices"][0]["message"]["content"] == "Stable answer."
+        assert resp.json()["release"]["variant"] == "stable"
+    releases = env["container"].releases
+    for _ in range(100):
+        releases.flush()
+        pairs = releases.store.pairs(releases.get("support").id)
+        if len(pairs) == 5:
+            break
+        await asyncio.sleep(0.05)
+    assert len(pairs) == 5 and all(p.shadow_text == "Candidate answer." and p.primary_text == "Stable answer."
+                                   for p in pairs)
+    assert all(p.similarity is not None for p in pairs)
+    r = await env["client"].get("/v1/releases/support/shadow", headers=auth(env, "rel"))
+    assert len(r.json()["data"]) == 5
+
+
+async def test_a_slow_shadow_never_slows_the_primary_and_drops_when_full(env) -> None:
+    body = {"name": "support", "strategy": "shadow", "variants": TWO,
+            "shadow": {"concurrency": 1, "queue": 2, "timeout_s": 30}}
+    assert (await create(env, body)).status_code == 201
+    env["candidate"].delay_s = 5.0  # per token: the shadow takes ages
+    t0 = time.perf_counter()
+    for _ in range(6):
+        assert (await ask(env)).json()["choices"][0]["message"]["content"] == "Stable answer."
+    assert time.perf_counter() - t0 < 5.0  # (not a speed claim: the primary did not wait for a 10 s shadow)
+    dropped = env["container"].metrics.release_shadow.labels("support", "canary", "dropped")._value.get()
+    assert dropped >= 3
+
+
+async def test_blue_green_switches_only_when_green_answers_its_probes(env) -> None:
+    body = {"name": "support", "strategy": "bluegreen", "variants": [{"name": "blue", "model": "m"},
+                                                                       {"name": "green", "model": "m2"}],
+            "probes": ["ping one", "ping two"]}
+    assert (await create(env, body)).status_code == 201
+    assert (await ask(env)).json()["release"]["variant"] == "blue"
+    env["candidate"].fail_connect = 1
+    r = await env["client"].post("/v1/releases/support/promote", json={}, headers=auth(env, "rel"))
+    assert r.status_code == 409 and r.json()["error"]["code"] == "not_ready"
+    assert (await ask(env)).json()["release"]["variant"] == "blue"
+    r = await env["client"].post("/v1/releases/support/promote", json={}, headers=auth(env, "rel"))
+    assert r.status_code == 200 and "2/2 probes" in r.json()["decision"]["reason"]
+    assert (await ask(env)).json()["release"]["variant"] == "green"
+    r = await env["client"].post("/v1/releases/support/rollback", json={}, headers=auth(env, "rel"))
+    assert (await ask(env)).json()["release"]["variant"] == "blue"
