@@ -106,6 +106,8 @@ def keel_server(tmp_path_factory: pytest.TempPathFactory) -> KeelServer:
         "evals": {"gate_enabled": True, "suites_dir": str(home / "suites")},
         # The injection classifier trains once per data hash (seconds); share it across test sessions.
         "guardrails": {"model_cache": str(ROOT / ".keel" / "cache" / "guardrails")},
+        # canaries are judged every second (not every 5): the release tests wait for decisions
+        "releases": {"decide_interval_s": 1},
     }
     (home / "suites").mkdir()
     cfg = home / "keel.yaml"

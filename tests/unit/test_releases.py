@@ -380,3 +380,27 @@ async def test_blue_green_switches_only_when_green_answers_its_probes(env) -> No
     assert (await ask(env)).json()["release"]["variant"] == "green"
     r = await env["client"].post("/v1/releases/support/rollback", json={}, headers=auth(env, "rel"))
     assert (await ask(env)).json()["release"]["variant"] == "blue"
+
+
+async def test_a_canary_starts_only_for_a_variant_that_passed_its_eval_gate(env) -> None:
+    content = {"messages": [{"role": "system", "content": "Answer in one sentence."}]}
+    r = await env["client"].post("/v1/prompts", json={"name": "greet", "content": content},
+                                 headers=auth(env, "admin"))
+    assert r.status_code == 201, r.text
+    body = {"name": "support", "strategy": "canary",
+            "variants": [{"name": "stable", "model": "m"}, {"name": "canary", "model": "m", "prompt": "greet@1"}]}
+    r = await create(env, body)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "gate_failed", r.text
+    assert "greet@1" in r.json()["error"]["message"]
+    r = await create(env, {**body, "override_reason": "hotfix"})
+    assert r.status_code == 403 and "admin" in r.json()["error"]["message"]
+    r = await create(env, {**body, "override_reason": "hotfix, evals run after"}, who="admin")
+    assert r.status_code == 201, r.text
+    assert "gate overridden" in r.json()["decision"]["reason"] and "hotfix" in r.json()["decision"]["reason"]
+    # the variant's prompt is rendered in front of the request's messages
+    await env["client"].post("/v1/releases/support/promote", json={}, headers=auth(env, "rel"))
+    resp = await ask(env, "chat")
+    assert resp.status_code == 200 and resp.json()["release"]["variant"] == "canary"
+    sent = env["stable"].requests[-1].messages
+    assert [m.content for m in sent] == ["Answer in one sentence.", "hi"]
+    assert resp.json()["prompt"]["ref"] == "greet@1"
