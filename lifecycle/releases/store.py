@@ -173,6 +173,10 @@ class _SqlReleaseStore:
     def _tx(self):  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def _state_tx(self):
+        """A transaction that changes releases: writers of release state take turns (SQLite: already so)."""
+        return self._tx()
+
     def _read(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:  # pragma: no cover
         raise NotImplementedError
 
@@ -215,7 +219,7 @@ class _SqlReleaseStore:
         now = time.time() if now is None else now
         weights = spec.initial_weights()
         decision = Decision("create", reason or f"{spec.strategy} release created", now, actor, 0)
-        with self._tx() as db:
+        with self._state_tx() as db:
             rows = db.execute(self._q(f"SELECT {_RELEASE_COLUMNS} FROM releases WHERE name = ? AND current = 1"),
                               (spec.name,)).fetchall()
             if rows:
@@ -250,7 +254,7 @@ class _SqlReleaseStore:
                       step=release.step if step is None else step,
                       step_started_at=now if step is not None and step != release.step else release.step_started_at,
                       decision=decision, updated_at=now, revision=release.revision + 1)
-        with self._tx() as db:
+        with self._state_tx() as db:
             cur = db.execute(self._q("UPDATE releases SET status = ?, weights = ?, step = ?, step_started_at = ?, "
                                      "decision = ?, updated_at = ?, revision = ? WHERE id = ? AND revision = ?"),
                              (new.status, json.dumps(new.weights), new.step, new.step_started_at,
@@ -360,7 +364,7 @@ class _SqlReleaseStore:
             "AVG(o.ttft_ms), SUM(CASE WHEN f.score >= 0.5 THEN 1 ELSE 0 END), "
             "SUM(CASE WHEN f.score < 0.5 THEN 1 ELSE 0 END) FROM release_observations o LEFT JOIN feedback f "
             "ON f.response_id = o.response_id AND f.owner = o.owner WHERE o.release_id = ? "
-            "GROUP BY o.variant, FLOOR(o.at / ?) ORDER BY 2, 1"), (b, b, release_id, b))
+            "GROUP BY 1, 2 ORDER BY 2, 1"), (b, b, release_id))
         return [{"t": float(t), "variant": v, "requests": int(n), "errors": int(e or 0), "blocked": int(bl or 0),
                  "latency_ms": float(lat) if lat is not None else None,
                  "ttft_ms": float(tt) if tt is not None else None, "feedback_up": int(up or 0),
@@ -443,6 +447,12 @@ class PostgresReleaseStore(_SqlReleaseStore):
     @contextmanager
     def _tx(self) -> Iterator[Any]:
         with self._pg.transaction() as conn:
+            yield conn
+
+    @contextmanager
+    def _state_tx(self) -> Iterator[Any]:
+        with self._pg.transaction() as conn:
+            conn.execute("LOCK TABLE releases_revision IN EXCLUSIVE MODE")  # a second create waits, then sees 409
             yield conn
 
     def _read(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
