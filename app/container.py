@@ -29,6 +29,7 @@ from app.services.ingest_jobs import IngestJobs
 from app.settings import Settings
 from evals.gate import prompt_gate
 from evals.jobs import EvalJobs
+from evals.online import OnlineJudge
 from evals.runner import EvalDeps
 from evals.store import EvalStore
 from finetune import build_finetune
@@ -112,13 +113,15 @@ class Container:
         releases = serving = None
         if settings.releases.enabled:
             url = settings.releases.url
+            judge = OnlineJudge.from_config(settings, embedder=rag.embedder, metrics=metrics)
             releases = ReleaseService(
                 open_release_store(url.get_secret_value() if url else None, settings.home),
                 check_interval_s=settings.releases.check_interval_s, check_variant=variant_check(chat),
                 gate=release_gate(chat) if settings.evals.gate_enabled else None,
                 name_taken=lambda name: (llm.routes.get(name) is not None or agents.is_agent_model(name)
-                                         or name.startswith("rag:")))
-            serving = ReleaseGateway(chat, releases, metrics, similarity=_similarity(rag))
+                                         or name.startswith("rag:")),
+                check_judge=judge.check)
+            serving = ReleaseGateway(chat, releases, metrics, similarity=_similarity(rag), judge=judge)
         container = cls(settings, metrics, keys, RateLimiter(), llm, chat, prompts, rag, jobs, guards, agents, finetune,
                         eval_store, jobs=runner, releases=releases, serving=serving)
         EvalJobs(container.eval_deps).register(runner, slots=job_settings.eval_slots)

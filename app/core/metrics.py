@@ -57,6 +57,10 @@ class Metrics:
             "keel_release_shadow_total", "Shadow requests by outcome (stored, error, dropped: queue full, unpaired: "
             "the primary failed)", ["release", "variant", "outcome"], registry=r,
         )
+        self.release_judged = Counter(
+            "keel_release_judged_total", "Answers of release variants scored by the online judge, by outcome "
+            "(scored, failed, skipped: its queue was full)", ["release", "variant", "outcome"], registry=r,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -27,8 +27,10 @@ METRICS: dict[MetricName, tuple[Literal["binary", "continuous"], bool]] = {
     "negative_feedback": ("binary", False),
     "latency_ms": ("continuous", False),
     "ttft_ms": ("continuous", False),
+    "judge_score": ("continuous", True),
 }
 MIN_N = 10  # per arm, before a comparison says anything
+BOUNDED = frozenset({"judge_score"})  # continuous metrics in [0, 1]
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +56,11 @@ def _sample(totals: dict[str, VariantTotals], variant: str, metric: str) -> Samp
     if t is None:
         return Sample(0, 0.0, 0.0)
     m = t.metrics[metric]
+    if metric in BOUNDED and m.n:
+        # Scores in [0, 1] that all agree (every answer judged 1.0) have no variance, and a confidence sequence
+        # of width 0 would let the first few answers decide: one pseudo-observation at each end (as the
+        # binary metrics' Laplace smoothing does) keeps it honest.
+        return Sample(m.n + 2, m.total + 1.0, m.total_sq + 1.0)
     return Sample(m.n, m.total, m.total_sq)
 
 

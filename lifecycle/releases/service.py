@@ -27,6 +27,7 @@ from lifecycle.releases.spec import ReleaseSpec, VariantSpec
 from lifecycle.releases.store import (
     FINISHED,
     Decision,
+    JudgeScore,
     Observation,
     Release,
     ShadowPair,
@@ -41,6 +42,8 @@ VariantCheck = Callable[[VariantSpec], None]
 VariantGate = Callable[[VariantSpec], "tuple[bool, str] | None"]
 #: Is this name taken by something else clients call as a model (an alias)?
 NameTaken = Callable[[str], bool]
+#: Raises ValueError when this server cannot judge live answers with the metric.
+JudgeCheck = Callable[[str], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,12 +56,14 @@ class Assignment:
 class ReleaseService:
     def __init__(self, store: SqliteReleaseStore | Any, *, check_interval_s: float = 1.0,
                  check_variant: VariantCheck | None = None, gate: VariantGate | None = None,
-                 name_taken: NameTaken | None = None, flush_interval_s: float = 0.2) -> None:
+                 name_taken: NameTaken | None = None, check_judge: JudgeCheck | None = None,
+                 flush_interval_s: float = 0.2) -> None:
         self.store = store
         self.check_interval_s = check_interval_s
         self.check_variant = check_variant or (lambda v: None)
         self.gate = gate or (lambda v: None)
         self.name_taken = name_taken or (lambda n: False)
+        self.check_judge = check_judge
         self._releases: dict[str, Release] = {}
         self._revision = -1
         self._checked = 0.0
@@ -67,6 +72,8 @@ class ReleaseService:
             store.record, interval_s=flush_interval_s, name="keel-release-observations", what="release observations")
         self._pairs: BufferedWriter[ShadowPair] = BufferedWriter(
             store.record_pairs, interval_s=flush_interval_s, name="keel-shadow-pairs", what="shadow answers")
+        self._scores: BufferedWriter[JudgeScore] = BufferedWriter(
+            store.record_scores, interval_s=flush_interval_s, name="keel-judge-scores", what="online judge scores")
         self.refresh(force=True)
 
     # -- the request path ----------------------------------------------------------------------------
@@ -98,9 +105,12 @@ class ReleaseService:
     def record_shadow(self, pair: ShadowPair) -> None:
         self._pairs.submit([pair])
 
+    def record_score(self, score: JudgeScore) -> None:
+        self._scores.submit([score])
+
     def flush(self, timeout: float | None = 10.0) -> None:
-        self._observations.flush(timeout)
-        self._pairs.flush(timeout)
+        for writer in (self._observations, self._pairs, self._scores):
+            writer.flush(timeout)
 
     # -- cache -----------------------------------------------------------------------------------------
 
@@ -146,6 +156,13 @@ class ReleaseService:
                            "of its own", param="name", code="release_name_taken")
         for v in spec.variants:
             self.check_variant(v)
+        if spec.judge is not None:
+            if self.check_judge is None:
+                raise InvalidRequest("this server cannot judge live answers (no eval metrics)", param="judge")
+            try:
+                self.check_judge(spec.judge.metric)
+            except ValueError as e:
+                raise InvalidRequest(f"judge: {e}", param="judge", code="unknown_metric") from None
         note = reason
         if spec.strategy in ("canary", "bluegreen"):
             verdict = self.gate(spec.candidate_spec)
@@ -223,7 +240,7 @@ class ReleaseService:
         """Judge every running canary and A/B test once; returns the changes made (name, action, reason).
         Safe in every process at once: a decision lands only on the revision it was made on."""
         now = time.time() if now is None else now
-        self._observations.flush(5.0)
+        self.flush(5.0)
         changes: list[tuple[str, str, str]] = []
         for release in self.store.current().values():
             if release.finished or release.spec.strategy not in ("canary", "ab"):
@@ -254,7 +271,7 @@ class ReleaseService:
     def report(self, name: str) -> dict[str, Any]:
         """Everything a person needs to judge a release: state, traffic, numbers per variant, the comparisons
         and the decisions so far."""
-        self._observations.flush(5.0)
+        self.flush(5.0)
         release = self.store.get(name)
         totals = self.store.totals(release)
         lat = self.store.latencies(release.id)
@@ -274,6 +291,9 @@ class ReleaseService:
                              "negative": int(m["negative_feedback"].total) if t else 0,
                              "negative_rate": _rate(m.get("negative_feedback"))},
                 "latency_ms": _percentiles(lats), "ttft_ms": _percentiles(ttfts),
+                "judge": {"metric": spec.judge.metric if spec.judge else None,
+                          "scored": m["judge_score"].n if t else 0,
+                          "mean": _rate(m.get("judge_score"))},
                 "prompt_tokens": t.prompt_tokens if t else 0, "completion_tokens": t.completion_tokens if t else 0,
             }
         out: dict[str, Any] = {**public(release), "variants": variants}
@@ -291,7 +311,7 @@ class ReleaseService:
         return out
 
     def close(self) -> None:
-        for writer in (self._observations, self._pairs):
+        for writer in (self._observations, self._pairs, self._scores):
             try:
                 writer.close(10.0)
             except Exception:

@@ -14,23 +14,31 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, replace
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
 
 from app.core.errors import ClientGone, Conflict, InvalidRequest, KeelError, ModelNotFound
 from app.core.metrics import Metrics
-from app.core.types import ChatMessage, Finished, Started, TextDelta, Usage
+from app.core.types import ChatMessage, Citations, Finished, Started, TextDelta, Usage
 from app.guardrails.types import GuardrailBlocked, GuardrailRetraction
 from app.services.chat import ChatEvent, ChatRequest, ChatService, PromptUse, collect
 from app.services.grounding import RagUse
 from lifecycle.releases.service import Assignment, ReleaseService
 from lifecycle.releases.spec import VariantSpec
-from lifecycle.releases.store import Observation, Release, ShadowPair
+from lifecycle.releases.store import JudgeScore, Observation, Release, ShadowPair
 
 log = logging.getLogger("keel.releases")
 
 #: How alike two answers are, 0..1 (the shared embedder's cosine similarity); runs off the event loop.
 Similarity = Callable[[str, str], float]
+
+
+class Judge(Protocol):
+    """Scores a live answer with an eval metric (:class:`evals.online.OnlineJudge`); None: could not score."""
+
+    async def score(self, metric: str, question: str, answer: str, *, contexts: Sequence[str] = (),
+                    params: dict[str, Any] | None = None, finish_reason: str | None = None) -> float | None: ...
 
 
 def apply_variant(request: ChatRequest, variant: VariantSpec, release: str) -> ChatRequest:
@@ -63,12 +71,14 @@ def unit_of(request: ChatRequest, unit: str) -> str:
 
 @dataclass
 class _Primary:
-    """What the primary answered, for its shadow's comparison."""
+    """What the primary answered, for its shadow's comparison and the online judge."""
 
     text: str = ""
     latency_ms: float | None = None
     tokens: int = 0
     blocked: bool = False
+    finish: str | None = None
+    contexts: list[str] = field(default_factory=list)
 
 
 class ReleaseGateway:
@@ -76,12 +86,13 @@ class ReleaseGateway:
     untouched (no extra layer on a request that names no release)."""
 
     def __init__(self, chat: ChatService, releases: ReleaseService, metrics: Metrics,
-                 similarity: Similarity | None = None) -> None:
+                 similarity: Similarity | None = None, judge: Judge | None = None) -> None:
         self.chat = chat
         self.releases = releases
         self.metrics = metrics
         self.similarity = similarity
-        self._shadows: dict[int, _ShadowQueue] = {}
+        self.judge = judge
+        self._queues: dict[tuple[str, int], _WorkQueue] = {}
 
     # the rest of ChatService's surface, for callers that take either
     def __getattr__(self, name: str):
@@ -100,7 +111,9 @@ class ReleaseGateway:
         release, variant = a.release, a.variant
         served = apply_variant(request, variant, release.name)
         shadow = self._shadow_for(release, variant, request)
-        primary = _Primary() if shadow is not None else None
+        judged = release.spec.judge is not None and self.judge is not None and not release.finished and (
+            random.random() < release.spec.judge.sample)
+        primary = _Primary() if shadow is not None or judged else None
         t0 = time.perf_counter()
         ttft: float | None = None
         blocked = False
@@ -124,6 +137,10 @@ class ReleaseGateway:
                         blocked = True
                     elif isinstance(event, Usage):
                         usage = event
+                    elif isinstance(event, Citations) and primary is not None:
+                        primary.contexts = [c.get("text", "") for c in event.items if c.get("text")]
+                    elif isinstance(event, Finished) and primary is not None and event.index == 0:
+                        primary.finish = event.reason
                     yield event
         except (ClientGone, asyncio.CancelledError, GeneratorExit):
             outcome = "cancelled"  # the client left: not the variant's doing, nothing to count
@@ -150,7 +167,10 @@ class ReleaseGateway:
             if primary is not None:
                 primary.text, primary.latency_ms = "".join(text), latency_ms
                 primary.tokens, primary.blocked = usage.completion_tokens, blocked
-                shadow.primary_done(primary if outcome in ("ok", "blocked") else None, response_id)
+                if shadow is not None:
+                    shadow.primary_done(primary if outcome in ("ok", "blocked") else None, response_id)
+                if judged and outcome == "ok" and primary.text:
+                    self._judge_later(release, variant.name, request, primary, response_id)
 
     # -- shadow -------------------------------------------------------------------------------------------
 
@@ -160,14 +180,44 @@ class ReleaseGateway:
             return None
         if spec.shadow.sample < 1 and random.random() >= spec.shadow.sample:
             return None
-        queue = self._shadows.get(release.id)
-        if queue is None:
-            queue = self._shadows[release.id] = _ShadowQueue(self, release)
         job = _ShadowJob(release, request, asyncio.get_running_loop().create_future())
+        queue = self._queue("shadow", release, spec.shadow.queue, spec.shadow.concurrency, self._run_shadow)
         if not queue.offer(job):
             self.metrics.release_shadow.labels(release.name, spec.candidate, "dropped").inc()
             return None
         return job
+
+    def _queue(self, kind: str, release: Release, size: int, concurrency: int,
+               run: Callable[[Any], Awaitable[None]]) -> _WorkQueue:
+        queue = self._queues.get((kind, release.id))
+        if queue is None:
+            queue = self._queues[(kind, release.id)] = _WorkQueue(f"{kind}-{release.name}", size, concurrency, run)
+        return queue
+
+    # -- online judge ---------------------------------------------------------------------------------------
+
+    def _judge_later(self, release: Release, variant: str, request: ChatRequest, primary: _Primary,
+                     response_id: str) -> None:
+        cfg = release.spec.judge
+        question = next((m.content for m in reversed(request.messages) if m.role == "user"), "")
+        job = _JudgeJob(release, variant, response_id, question, primary)
+        if not self._queue("judge", release, cfg.queue, cfg.concurrency, self._run_judge).offer(job):
+            self.metrics.release_judged.labels(release.name, variant, "skipped").inc()
+
+    async def _run_judge(self, job: _JudgeJob) -> None:
+        cfg = job.release.spec.judge
+        try:
+            score = await self.judge.score(cfg.metric, job.question, job.primary.text, contexts=job.primary.contexts,
+                                           params=cfg.params, finish_reason=job.primary.finish)
+        except Exception:  # a judge failure is never the user's problem
+            log.exception("online judge failed for %s", job.response_id)
+            score = None
+        if score is None:
+            self.metrics.release_judged.labels(job.release.name, job.variant, "failed").inc()
+            return
+        self.releases.record_score(JudgeScore(job.release.id, job.variant, time.time(), job.response_id,
+                                              cfg.metric, score))
+        self.metrics.release_judged.labels(job.release.name, job.variant, "scored").inc()
 
     async def _run_shadow(self, job: _ShadowJob) -> None:
         release = job.release
@@ -245,9 +295,9 @@ class ReleaseGateway:
         return out
 
     async def aclose(self) -> None:
-        for queue in self._shadows.values():
+        for queue in self._queues.values():
             await queue.aclose()
-        self._shadows.clear()
+        self._queues.clear()
 
 
 @dataclass
@@ -261,17 +311,25 @@ class _ShadowJob:
             self.primary.set_result((primary, response_id))
 
 
-class _ShadowQueue:
-    """One release's shadow traffic: ``queue`` waiting at most, ``concurrency`` running."""
+@dataclass
+class _JudgeJob:
+    release: Release
+    variant: str
+    response_id: str
+    question: str
+    primary: _Primary
 
-    def __init__(self, gateway: ReleaseGateway, release: Release) -> None:
-        cfg = release.spec.shadow
-        self.gateway = gateway
-        self.queue: asyncio.Queue[_ShadowJob] = asyncio.Queue(cfg.queue)
-        self.workers = [asyncio.create_task(self._work(), name=f"keel-shadow-{release.name}-{i}")
-                        for i in range(cfg.concurrency)]
 
-    def offer(self, job: _ShadowJob) -> bool:
+class _WorkQueue:
+    """Background work of one release (shadow requests, judge calls): ``size`` waiting at most, ``concurrency``
+    running; a full queue refuses at once, so the request path never waits."""
+
+    def __init__(self, name: str, size: int, concurrency: int, run: Callable[[Any], Awaitable[None]]) -> None:
+        self.run = run
+        self.queue: asyncio.Queue[Any] = asyncio.Queue(size)
+        self.workers = [asyncio.create_task(self._work(), name=f"keel-{name}-{i}") for i in range(concurrency)]
+
+    def offer(self, job: Any) -> bool:
         try:
             self.queue.put_nowait(job)
             return True
@@ -282,9 +340,9 @@ class _ShadowQueue:
         while True:
             job = await self.queue.get()
             try:
-                await self.gateway._run_shadow(job)
-            except Exception:
-                log.exception("shadow request failed")
+                await self.run(job)
+            except Exception:  # one broken job must not stop the others
+                log.exception("release background job failed")
             finally:
                 self.queue.task_done()
 

@@ -11,7 +11,7 @@ import hashlib
 import json
 import re
 from itertools import pairwise
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -92,7 +92,22 @@ class ShadowSpec(BaseModel):
                              "timed out.")
 
 
-MetricName = Literal["errors", "guardrail_blocks", "negative_feedback", "latency_ms", "ttft_ms"]
+class JudgeSpec(BaseModel):
+    """An online judge: the eval harness's metric scores a sampled share of every variant's answers, off the
+    request path (``judge_score`` among the metrics makes it part of the canary's analysis)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    metric: str = Field(description="An eval metric that needs no reference, e.g. answer_relevancy (LLM-judged), "
+                        "faithfulness (grounded answers), no_toxicity, no_pii_leak.")
+    sample: float = Field(default=0.1, gt=0, le=1, description="Share of answers judged.")
+    params: dict[str, Any] = Field(default_factory=dict, description="The metric's parameters.")
+    concurrency: int = Field(default=1, ge=1, le=16, description="Judge calls running at once.")
+    queue: int = Field(default=64, ge=1, le=10_000, description="Answers waiting to be judged; beyond it they "
+                       "are skipped (counted), never making a request wait.")
+
+
+MetricName = Literal["errors", "guardrail_blocks", "negative_feedback", "latency_ms", "ttft_ms", "judge_score"]
 
 
 class MetricSpec(BaseModel):
@@ -127,6 +142,7 @@ class ReleaseSpec(BaseModel):
     canary: CanarySpec = Field(default_factory=CanarySpec)
     shadow: ShadowSpec = Field(default_factory=ShadowSpec)
     metrics: list[MetricSpec] = Field(default_factory=default_metrics)
+    judge: JudgeSpec | None = Field(default=None, description="Score a share of the answers with an eval metric.")
     alpha: float = Field(default=0.05, gt=0, lt=0.5, description="Error rate of every decision, valid at any peek.")
     srm_alpha: float = Field(default=0.001, gt=0, lt=0.5, description="Sample-ratio-mismatch test level (A/B).")
     probes: list[str] = Field(default_factory=lambda: ["Hello! Reply with one short sentence."],
@@ -163,6 +179,8 @@ class ReleaseSpec(BaseModel):
                              "that a shadow must never cause")
         if len({m.name for m in self.metrics}) != len(self.metrics):
             raise ValueError("each metric may be listed once")
+        if any(m.name == "judge_score" for m in self.metrics) and self.judge is None:
+            raise ValueError("metric judge_score needs a judge: add judge: {metric: ..., sample: ...}")
         if self.strategy == "bluegreen" and not self.probes:
             raise ValueError("a blue/green release needs at least one probe question for the readiness check")
         return self

@@ -95,6 +95,16 @@ class Observation:
 
 
 @dataclass(frozen=True, slots=True)
+class JudgeScore:
+    release_id: int
+    variant: str
+    at: float
+    response_id: str
+    metric: str
+    score: float
+
+
+@dataclass(frozen=True, slots=True)
 class ShadowPair:
     release_id: int
     variant: str
@@ -295,6 +305,12 @@ class _SqlReleaseStore:
         with self._tx() as db:
             _executemany(db, f"INSERT INTO release_observations ({', '.join(_OBS_COLUMNS)}) VALUES ({marks})", rows)
 
+    def record_scores(self, scores: Sequence[JudgeScore]) -> None:
+        with self._tx() as db:
+            _executemany(db, self._q("INSERT INTO judge_scores (release_id, variant, at, response_id, metric, score) "
+                                     "VALUES (?, ?, ?, ?, ?, ?)"),
+                         [(j.release_id, j.variant, j.at, j.response_id, j.metric, j.score) for j in scores])
+
     def record_pairs(self, pairs: Sequence[ShadowPair]) -> None:
         marks = ", ".join([self._mark] * len(_PAIR_COLUMNS))
         rows = [tuple(int(v) if isinstance(v, bool) else v for v in (getattr(p, c) for c in _PAIR_COLUMNS))
@@ -331,6 +347,9 @@ class _SqlReleaseStore:
             "SELECT o.variant, COUNT(*), SUM(CASE WHEN f.score < 0.5 THEN 1 ELSE 0 END) FROM release_observations o "
             "JOIN feedback f ON f.response_id = o.response_id AND f.owner = o.owner WHERE o.release_id = ? "
             "GROUP BY o.variant"), (release.id,)))
+        judged = {r[0]: Moments(int(r[1]), float(r[2] or 0), float(r[3] or 0)) for r in self._read(q(
+            "SELECT variant, COUNT(*), SUM(score), SUM(score * score) FROM judge_scores WHERE release_id = ? "
+            "GROUP BY variant"), (release.id,))}
         out: dict[str, VariantTotals] = {}
         for variant, n, err, blocked, lat, lat2, n_ttft, ttft, ttft2, ptok, ctok, since, units in rows:
             n = int(n)
@@ -341,6 +360,7 @@ class _SqlReleaseStore:
                 "latency_ms": Moments(n, float(lat or 0), float(lat2 or 0)),
                 "ttft_ms": Moments(int(n_ttft), float(ttft or 0), float(ttft2 or 0)),
                 "negative_feedback": Moments(f_n, float(f_neg), float(f_neg)),
+                "judge_score": judged.get(variant, Moments()),
             }, int(ptok or 0), int(ctok or 0), int(since or 0), int(units or 0))
         return out
 

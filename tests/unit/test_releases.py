@@ -404,3 +404,28 @@ async def test_a_canary_starts_only_for_a_variant_that_passed_its_eval_gate(env)
     sent = env["stable"].requests[-1].messages
     assert [m.content for m in sent] == ["Answer in one sentence.", "hi"]
     assert resp.json()["prompt"]["ref"] == "greet@1"
+
+
+async def test_the_online_judge_scores_answers_and_can_fail_a_canary(env) -> None:
+    r = await create(env, {"name": "support", "strategy": "ab", "variants": TWO, "judge": {"metric": "exact_match"}})
+    assert r.status_code == 400 and "reference" in r.json()["error"]["message"]
+    r = await create(env, {"name": "support", "strategy": "ab", "variants": TWO, "judge": {"metric": "nope"}})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "unknown_metric"
+    env["candidate"].reply = "Shut up, you stupid idiot, I will hurt you."
+    body = {"name": "support", "strategy": "canary", "variants": TWO, "unit": "request",
+            "canary": {"steps": [50, 100], "min_requests": 100, "min_duration_s": 0},
+            "judge": {"metric": "no_toxicity", "sample": 1.0},
+            "metrics": [{"name": "errors", "margin": 0.2}, {"name": "judge_score", "margin": 0.1}]}
+    assert (await create(env, body)).status_code == 201, body
+    for _ in range(40):
+        assert (await ask(env)).status_code == 200
+    releases = env["container"].releases
+    for _ in range(100):  # scores arrive in the background
+        report = releases.report("support")
+        if sum(v["judge"]["scored"] for v in report["variants"].values()) == 40:
+            break
+        await asyncio.sleep(0.05)
+    assert report["variants"]["stable"]["judge"]["mean"] == 1.0
+    assert report["variants"]["canary"]["judge"]["mean"] == 0.0
+    (_, action, reason), = releases.tick()
+    assert action == "rollback" and "judge_score" in reason

@@ -1,4 +1,4 @@
-"""Releases, what each variant served, user feedback and shadow answers.
+"""Releases, what each variant served, user feedback, online judge scores and shadow answers.
 
 Revision ID: 0001
 Revises: (none)
@@ -67,6 +67,17 @@ def upgrade() -> None:
             PRIMARY KEY (response_id, owner)
         )""")
     op.execute(f"""
+        CREATE TABLE IF NOT EXISTS judge_scores (
+            id {serial},
+            release_id BIGINT NOT NULL,
+            variant TEXT NOT NULL,
+            at {real} NOT NULL,
+            response_id TEXT NOT NULL,
+            metric TEXT NOT NULL,
+            score {real} NOT NULL
+        )""")
+    op.execute("CREATE INDEX IF NOT EXISTS judge_scores_release ON judge_scores (release_id, variant)")
+    op.execute(f"""
         CREATE TABLE IF NOT EXISTS shadow_pairs (
             id {serial},
             release_id BIGINT NOT NULL,
@@ -89,5 +100,5 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    for table in ("shadow_pairs", "feedback", "release_observations", "releases_revision", "releases"):
+    for table in ("shadow_pairs", "judge_scores", "feedback", "release_observations", "releases_revision", "releases"):
         op.execute(f"DROP TABLE IF EXISTS {table}")
