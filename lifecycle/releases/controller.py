@@ -24,6 +24,7 @@ Action = Literal["advance", "promote", "rollback", "hold", "stop"]
 METRICS: dict[MetricName, tuple[Literal["binary", "continuous"], bool]] = {
     "errors": ("binary", False),
     "guardrail_blocks": ("binary", False),
+    "guardrail_redactions": ("binary", False),
     "negative_feedback": ("binary", False),
     "latency_ms": ("continuous", False),
     "ttft_ms": ("continuous", False),

@@ -287,6 +287,7 @@ class ReleaseService:
                 "errors": int(m["errors"].total) if t else 0,
                 "error_rate": _rate(m.get("errors")), "guardrail_blocks": int(m["guardrail_blocks"].total) if t else 0,
                 "block_rate": _rate(m.get("guardrail_blocks")),
+                "redaction_rate": _rate(m.get("guardrail_redactions")),
                 "feedback": {"rated": m["negative_feedback"].n if t else 0,
                              "negative": int(m["negative_feedback"].total) if t else 0,
                              "negative_rate": _rate(m.get("negative_feedback"))},

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 from app.core.errors import ClientGone, Conflict, InvalidRequest, KeelError, ModelNotFound
 from app.core.metrics import Metrics
 from app.core.types import ChatMessage, Citations, Finished, Started, TextDelta, Usage
-from app.guardrails.types import GuardrailBlocked, GuardrailRetraction
+from app.guardrails.types import GuardrailBlocked, GuardrailRedaction, GuardrailRetraction
 from app.services.chat import ChatEvent, ChatRequest, ChatService, PromptUse, collect
 from app.services.grounding import RagUse
 from lifecycle.releases.service import Assignment, ReleaseService
@@ -116,7 +116,7 @@ class ReleaseGateway:
         primary = _Primary() if shadow is not None or judged else None
         t0 = time.perf_counter()
         ttft: float | None = None
-        blocked = False
+        blocked = redacted = False
         usage = Usage(0, 0)
         response_id = ""
         text: list[str] = []
@@ -135,6 +135,8 @@ class ReleaseGateway:
                     elif isinstance(event, GuardrailBlocked | GuardrailRetraction) or (
                             isinstance(event, Finished) and event.reason == "content_filter"):
                         blocked = True
+                    elif isinstance(event, GuardrailRedaction):
+                        redacted = True
                     elif isinstance(event, Usage):
                         usage = event
                     elif isinstance(event, Citations) and primary is not None:
@@ -163,7 +165,7 @@ class ReleaseGateway:
                 self.releases.observe(Observation(
                     release.id, variant.name, time.time(), response_id or f"failed-{request.request_id}",
                     request.user or "", a.unit, outcome == "error", blocked, latency_ms, ttft,
-                    usage.prompt_tokens, usage.completion_tokens))
+                    usage.prompt_tokens, usage.completion_tokens, redacted))
             if primary is not None:
                 primary.text, primary.latency_ms = "".join(text), latency_ms
                 primary.tokens, primary.blocked = usage.completion_tokens, blocked

@@ -107,7 +107,8 @@ class JudgeSpec(BaseModel):
                        "are skipped (counted), never making a request wait.")
 
 
-MetricName = Literal["errors", "guardrail_blocks", "negative_feedback", "latency_ms", "ttft_ms", "judge_score"]
+MetricName = Literal["errors", "guardrail_blocks", "guardrail_redactions", "negative_feedback", "latency_ms",
+                     "ttft_ms", "judge_score"]
 
 
 class MetricSpec(BaseModel):

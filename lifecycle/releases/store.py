@@ -87,11 +87,12 @@ class Observation:
     owner: str
     unit: str  # a digest of what assignment stuck to (sample-ratio checks count units, not requests)
     error: bool
-    blocked: bool
+    blocked: bool  # refused or retracted by the guardrails
     latency_ms: float
     ttft_ms: float | None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    redacted: bool = False  # the guardrails masked something in the input or the answer
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,7 +149,7 @@ class VariantTotals:
 _RELEASE_COLUMNS = ("id, spec, status, weights, step, step_started_at, decision, created_by, created_at, "
                     "updated_at, revision")
 _OBS_COLUMNS = ("release_id", "variant", "at", "response_id", "owner", "unit", "error", "blocked", "latency_ms",
-                "ttft_ms", "prompt_tokens", "completion_tokens")
+                "ttft_ms", "prompt_tokens", "completion_tokens", "redacted")
 _PAIR_COLUMNS = ("release_id", "variant", "at", "response_id", "question", "primary_text", "shadow_text",
                  "similarity", "primary_latency_ms", "shadow_latency_ms", "primary_tokens", "shadow_tokens",
                  "primary_blocked", "shadow_blocked", "shadow_error")
@@ -340,7 +341,7 @@ class _SqlReleaseStore:
         rows = self._read(q("SELECT variant, COUNT(*), SUM(error), SUM(blocked), SUM(latency_ms), "
                             "SUM(latency_ms * latency_ms), COUNT(ttft_ms), SUM(ttft_ms), SUM(ttft_ms * ttft_ms), "
                             "SUM(prompt_tokens), SUM(completion_tokens), "
-                            "SUM(CASE WHEN at >= ? THEN 1 ELSE 0 END), COUNT(DISTINCT unit) "
+                            "SUM(CASE WHEN at >= ? THEN 1 ELSE 0 END), COUNT(DISTINCT unit), SUM(redacted) "
                             "FROM release_observations WHERE release_id = ? GROUP BY variant"),
                          (release.step_started_at, release.id))
         fb = dict((r[0], r[1:]) for r in self._read(q(
@@ -351,12 +352,13 @@ class _SqlReleaseStore:
             "SELECT variant, COUNT(*), SUM(score), SUM(score * score) FROM judge_scores WHERE release_id = ? "
             "GROUP BY variant"), (release.id,))}
         out: dict[str, VariantTotals] = {}
-        for variant, n, err, blocked, lat, lat2, n_ttft, ttft, ttft2, ptok, ctok, since, units in rows:
+        for variant, n, err, blocked, lat, lat2, n_ttft, ttft, ttft2, ptok, ctok, since, units, red in rows:
             n = int(n)
             f_n, f_neg = (int(fb[variant][0]), int(fb[variant][1] or 0)) if variant in fb else (0, 0)
             out[variant] = VariantTotals(n, {
                 "errors": Moments(n, float(err or 0), float(err or 0)),
                 "guardrail_blocks": Moments(n, float(blocked or 0), float(blocked or 0)),
+                "guardrail_redactions": Moments(n, float(red or 0), float(red or 0)),
                 "latency_ms": Moments(n, float(lat or 0), float(lat2 or 0)),
                 "ttft_ms": Moments(int(n_ttft), float(ttft or 0), float(ttft2 or 0)),
                 "negative_feedback": Moments(f_n, float(f_neg), float(f_neg)),

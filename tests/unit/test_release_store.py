@@ -41,9 +41,9 @@ def open_store(request, tmp_path) -> Iterator[Opener]:
 
 
 def obs(release_id: int, variant: str, i: int, *, error: bool = False, blocked: bool = False,
-        owner: str = "k1") -> Observation:
+        owner: str = "k1", redacted: bool = False) -> Observation:
     return Observation(release_id, variant, time.time(), f"chatcmpl-{variant}-{i}", owner, f"u{i}", error, blocked,
-                       100.0 + i, 20.0, 5, 7)
+                       100.0 + i, 20.0, 5, 7, redacted)
 
 
 def test_a_release_made_by_one_process_is_read_by_another_and_survives_a_restart(open_store) -> None:
@@ -106,7 +106,7 @@ def test_a_decision_lands_only_on_the_revision_it_was_made_on(open_store) -> Non
 def test_observations_feedback_and_totals(open_store) -> None:
     store = open_store()
     r = store.create(SPEC, actor="x")
-    store.record([obs(r.id, "stable", i) for i in range(10)] +
+    store.record([obs(r.id, "stable", i, redacted=i < 3) for i in range(10)] +
                  [obs(r.id, "canary", i, error=i < 2, blocked=i == 3) for i in range(4)])
     store.feedback("chatcmpl-canary-1", "k1", 0.0, "wrong")
     store.feedback("chatcmpl-canary-2", "someone-else", 0.0)  # not the key that got it: does not count
@@ -116,7 +116,7 @@ def test_observations_feedback_and_totals(open_store) -> None:
     assert t["canary"].metrics["errors"].total == 2 and t["canary"].metrics["guardrail_blocks"].total == 1
     assert t["canary"].metrics["negative_feedback"].n == 1 and t["canary"].metrics["negative_feedback"].total == 1
     assert t["stable"].metrics["latency_ms"].total == sum(100.0 + i for i in range(10))
-    assert t["stable"].prompt_tokens == 50
+    assert t["stable"].prompt_tokens == 50 and t["stable"].metrics["guardrail_redactions"].total == 3
     points = store.series(r.id, 60)
     assert sum(p["requests"] for p in points) == 14 and {p["variant"] for p in points} == {"stable", "canary"}
     assert sum(p["feedback_down"] for p in points) == 1

@@ -49,6 +49,7 @@ def upgrade() -> None:
             unit TEXT NOT NULL DEFAULT '',
             error INTEGER NOT NULL DEFAULT 0,
             blocked INTEGER NOT NULL DEFAULT 0,
+            redacted INTEGER NOT NULL DEFAULT 0,
             latency_ms {real} NOT NULL,
             ttft_ms {real},
             prompt_tokens INTEGER NOT NULL DEFAULT 0,
