@@ -6,7 +6,7 @@ import asyncio
 import inspect
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +37,7 @@ from finetune.gate import adapter_gate
 from finetune.service import FinetuneService
 from ingest import build_rag
 from ingest.factory import RagServices
+from lifecycle.lineage import Lineage, LineageRecorder, LineageStore
 from lifecycle.releases.service import ReleaseService
 from lifecycle.releases.serving import ReleaseGateway, variant_check
 from lifecycle.releases.serving import prompt_gate as release_gate
@@ -69,6 +70,9 @@ class Container:
     #: Release endpoints (A/B, canary, shadow, blue/green) and the chat path through them; None: releases off.
     releases: ReleaseService | None = None
     serving: ReleaseGateway | None = None
+    #: The chat path as clients reach it (releases, then lineage recording) and the lineage reader.
+    front: LineageRecorder | None = None
+    lineage: Lineage | None = None
 
     @classmethod
     async def build(
@@ -122,8 +126,14 @@ class Container:
                                          or name.startswith("rag:")),
                 check_judge=judge.check)
             serving = ReleaseGateway(chat, releases, metrics, similarity=_similarity(rag), judge=judge)
+        front = LineageRecorder(serving or chat, LineageStore(settings.home / "lineage.db"), routes,
+                                default_model=settings.default_model,
+                                variant_model=_variant_model(releases) if releases is not None else None)
+        lineage = Lineage(front, verdicts=_verdicts(guards), prompt_runs=lambda name, version: [
+            _run(r) for r in eval_store.prompt_runs(name, version)], adapter=_deployed(finetune),
+            feedback=releases.store.feedback_for if releases is not None else None)
         container = cls(settings, metrics, keys, RateLimiter(), llm, chat, prompts, rag, jobs, guards, agents, finetune,
-                        eval_store, jobs=runner, releases=releases, serving=serving)
+                        eval_store, jobs=runner, releases=releases, serving=serving, front=front, lineage=lineage)
         EvalJobs(container.eval_deps).register(runner, slots=job_settings.eval_slots)
         if embedder is not None:
             async def close_embedder() -> None:
@@ -195,6 +205,7 @@ class Container:
             task.cancel()
         steps: list[tuple[str, Callable[[], object]]] = [
             *((("jobs", self.jobs.aclose),) if self.jobs is not None else ()), ("agents", self.agents.aclose),
+            *((("lineage", self.front.close),) if self.front is not None else ()),
             *((("release shadows", self.serving.aclose),) if self.serving is not None else ()),
             *((("releases", self.releases.close),) if self.releases is not None else ()),
             ("fine-tune jobs", self.finetune.close), ("eval store", self.evals.close),
@@ -214,6 +225,40 @@ class Container:
                 failed += 1
         if failed:
             log.error("shutdown finished with %d of %d steps failed (see above)", failed, len(steps))
+
+
+def _variant_model(releases: ReleaseService):
+    def model(release: str, variant: str) -> str | None:
+        r = releases.active(release)
+        if r is None or variant not in {v.name for v in r.spec.variants}:
+            return None
+        v = r.spec.variant(variant)
+        return f"agent:{v.workflow}" if v.workflow else v.model
+
+    return model
+
+
+def _verdicts(guards: GuardrailEngine | None):
+    if guards is None:
+        return None
+
+    def verdicts(request_id: str) -> list[dict]:
+        return [asdict(r) for r in guards.query_audit(request_id=request_id)]
+
+    return verdicts
+
+
+def _run(r) -> dict:
+    return {"id": r.id, "suite": r.suite, "passed": r.passed, "prompt_hash": r.prompt_hash,
+            "finished_at": r.finished_at}
+
+
+def _deployed(finetune: FinetuneService):
+    def adapter(alias: str) -> dict | None:
+        row = next((d for d in finetune.store.deployments() if d.get("alias") == alias), None)
+        return None if row is None else {k: row.get(k) for k in ("model", "version", "backend", "served_name")}
+
+    return adapter
 
 
 def _similarity(rag: RagServices):

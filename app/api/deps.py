@@ -39,6 +39,7 @@ from app.settings import Settings
 from evals.store import EvalStore
 from finetune.service import FinetuneService
 from ingest.factory import RagServices
+from lifecycle.lineage import Lineage, LineageRecorder
 from lifecycle.releases.service import ReleaseService
 from lifecycle.releases.serving import ReleaseGateway
 from prompts.registry import PromptRegistry
@@ -79,15 +80,22 @@ async def get_llm(container: ContainerDep) -> ModelRouter:
     return container.llm
 
 
-async def get_chat(container: ContainerDep) -> ChatService | ReleaseGateway:
+async def get_chat(container: ContainerDep) -> ChatService | ReleaseGateway | LineageRecorder:
     """The chat path as clients reach it: through the release endpoints when releases are on."""
-    return getattr(container, "serving", None) or container.chat
+    return getattr(container, "front", None) or getattr(container, "serving", None) or container.chat
 
 
 async def get_releases(container: ContainerDep) -> ReleaseService:
     svc = getattr(container, "releases", None)
     if svc is None:
         raise BackendUnavailable("releases are off on this server (releases.enabled)")
+    return svc
+
+
+async def get_lineage(container: ContainerDep) -> Lineage:
+    svc = getattr(container, "lineage", None)
+    if svc is None:
+        raise BackendUnavailable("lineage is not recorded on this server")
     return svc
 
 
@@ -145,7 +153,8 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 KeysDep = Annotated[KeyStore, Depends(get_keys)]
 LlmDep = Annotated[ModelRouter, Depends(get_llm)]
-ChatDep = Annotated[ChatService | ReleaseGateway, Depends(get_chat)]
+ChatDep = Annotated[ChatService | ReleaseGateway | LineageRecorder, Depends(get_chat)]
+LineageDep = Annotated[Lineage, Depends(get_lineage)]
 ReleasesDep = Annotated[ReleaseService, Depends(get_releases)]
 ServingDep = Annotated[ReleaseGateway, Depends(get_serving)]
 RagDep = Annotated[RagServices, Depends(get_rag)]

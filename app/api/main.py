@@ -10,7 +10,7 @@ from fastapi import FastAPI
 
 from app.api.errors import install_error_handlers
 from app.api.middleware import RequestContextMiddleware
-from app.api.routes import admin, agents, chat, evals, finetune, rag, releases, studio, system
+from app.api.routes import admin, agents, chat, evals, finetune, lineage, rag, releases, studio, system
 from app.api.routes import prompts as prompt_routes
 from app.container import Container
 from app.settings import Settings, load_settings
@@ -60,5 +60,6 @@ def create_app(settings: Settings | None = None, container: Container | None = N
     app.include_router(finetune.router)
     app.include_router(evals.router)
     app.include_router(releases.router)
+    app.include_router(lineage.router)
     app.include_router(studio.router)
     return app

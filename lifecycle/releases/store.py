@@ -329,6 +329,11 @@ class _SqlReleaseStore:
                                "score = excluded.score, comment = excluded.comment"),
                        (response_id, owner, now, score, comment))
 
+    def feedback_for(self, response_id: str) -> list[dict[str, Any]]:
+        rows = self._read(self._q("SELECT owner, at, score, comment FROM feedback WHERE response_id = ? ORDER BY at"),
+                          (response_id,))
+        return [{"owner": o, "at": float(at), "score": float(sc), "comment": c} for o, at, sc, c in rows]
+
     def observed_owner(self, response_id: str) -> str | None:
         rows = self._read(self._q("SELECT owner FROM release_observations WHERE response_id = ? LIMIT 1"),
                           (response_id,))

@@ -90,6 +90,17 @@ def test_a_canary_the_guardrails_block_is_rolled_back_on_its_own(keel_server: Ke
     assert {r.json()["release"]["variant"] for r in after} == {"stable"}
     assert all(r.headers["x-keel-release"] == "support-bad/stable" for r in after)
     print(f"bad canary rolled back after {sent} requests: {report['decision']['reason']}")
+    # the lineage of a refused answer: the prompt version as the registry has it, and the verdict that refused it
+    refused = next(r.json() for r in responses if r.json()["release"]["variant"] == "canary")
+    rec = httpx.get(f"{keel_server.url}/v1/lineage/{refused['id']}", headers=keel_server.headers("chat"),
+                    timeout=30).json()
+    version = httpx.get(f"{keel_server.url}/v1/prompts/rel-bad/versions/2", headers=keel_server.headers("admin"),
+                        timeout=30).json()
+    assert rec["prompt"]["ref"] == "rel-bad@2" and rec["prompt"]["hash"] == version["hash"]
+    assert rec["release"] == {"name": "support-bad", "variant": "canary"}
+    assert rec["route"]["alias"] == "smollm2" and rec["guardrails"]["policy"].startswith("default@")
+    assert any(v["action"] == "block" and v["stage"] == "input" for v in rec["guardrail_verdicts"])
+    assert rec["finish_reasons"] == {"0": "content_filter"}
 
 
 def test_a_harmless_canary_is_promoted_step_by_step(keel_server: KeelServer) -> None:

@@ -1,0 +1,1 @@
+"""Alembic migrations of the lineage store (lifecycle.lineage); run on open."""
