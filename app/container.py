@@ -14,6 +14,7 @@ import numpy as np
 from agents import build_agents
 from agents.service import AgentService
 from app.core.metrics import Metrics
+from app.core.tracing import Tracing
 from app.guardrails.embeddings import SharedEmbedder, default_model_path
 from app.guardrails.engine import GuardrailEngine
 from app.guardrails.offline import configure_offline
@@ -73,16 +74,20 @@ class Container:
     #: The chat path as clients reach it (releases, then lineage recording) and the lineage reader.
     front: LineageRecorder | None = None
     lineage: Lineage | None = None
+    tracing: Tracing | None = None
 
     @classmethod
     async def build(
         cls, settings: Settings, *, backends: dict[str, LLMBackend] | None = None, rag: RagServices | None = None,
-        guards: GuardrailEngine | None = None, start_backends: bool = True,
+        guards: GuardrailEngine | None = None, start_backends: bool = True, metrics: Metrics | None = None,
+        tracing: Tracing | None = None,
     ) -> Container:
         """``backends`` replaces the configured backend of the same name, ``rag`` the RAG services and
-        ``guards`` the guardrail engine (tests, embedding Keel in another application)."""
+        ``guards`` the guardrail engine (tests, embedding Keel in another application); ``metrics`` and
+        ``tracing``: the API's, when it built them before the container (its HTTP instrumentation needs them)."""
         settings.home.mkdir(parents=True, exist_ok=True)
-        metrics = Metrics()
+        metrics = metrics or Metrics()
+        tracing = tracing or Tracing(settings.otel, settings.home, dropped=metrics.trace_dropped)
         keys = KeyStore(settings.db_path)
         prompts = build_registry(settings)
         eval_store = EvalStore(settings.evals.db_path(settings.home))
@@ -110,7 +115,8 @@ class Container:
         if settings.evals.gate_enabled:
             # An adapter version reaches production only with passing runs of its job's suites on that adapter.
             finetune.set_gate(adapter_gate(eval_store, max_age_days=settings.evals.gate_max_age_days))
-        chat = ChatService(settings, llm, metrics, prompts, Grounder(rag, prompts), guards, agents)
+        chat = ChatService(settings, llm, metrics, prompts, Grounder(rag, prompts), guards, agents,
+                           tracer=tracing.tracer, capture_content=settings.otel.capture_content)
         job_settings = settings.jobs
         runner = JobRunner.from_settings(job_settings, settings.home)
         jobs = IngestJobs(rag, settings.home / "uploads", runner)
@@ -125,7 +131,8 @@ class Container:
                 name_taken=lambda name: (llm.routes.get(name) is not None or agents.is_agent_model(name)
                                          or name.startswith("rag:")),
                 check_judge=judge.check)
-            serving = ReleaseGateway(chat, releases, metrics, similarity=_similarity(rag), judge=judge)
+            serving = ReleaseGateway(chat, releases, metrics, similarity=_similarity(rag), judge=judge,
+                                     tracer=tracing.tracer)
         front = LineageRecorder(serving or chat, LineageStore(settings.home / "lineage.db"), routes,
                                 default_model=settings.default_model,
                                 variant_model=_variant_model(releases) if releases is not None else None)
@@ -133,7 +140,8 @@ class Container:
             _run(r) for r in eval_store.prompt_runs(name, version)], adapter=_deployed(finetune),
             feedback=releases.store.feedback_for if releases is not None else None)
         container = cls(settings, metrics, keys, RateLimiter(), llm, chat, prompts, rag, jobs, guards, agents, finetune,
-                        eval_store, jobs=runner, releases=releases, serving=serving, front=front, lineage=lineage)
+                        eval_store, jobs=runner, releases=releases, serving=serving, front=front, lineage=lineage,
+                        tracing=tracing)
         EvalJobs(container.eval_deps).register(runner, slots=job_settings.eval_slots)
         if embedder is not None:
             async def close_embedder() -> None:
@@ -213,6 +221,7 @@ class Container:
             ("model backends", self.llm.aclose), ("routing table", self.llm.routes.close),
             *((("guardrails", self.guards.aclose),) if self.guards is not None else ()),
             ("prompt registry", self.prompts.close), ("vector store", self.rag.close), ("API keys", self.keys.close),
+            *((("traces", self.tracing.close),) if self.tracing is not None else ()),
         ]
         failed = 0
         for name, close in steps:

@@ -151,7 +151,8 @@ class LineageRecorder:
     def _started(self, request: ChatRequest, event: Started) -> dict[str, Any]:
         served = request.model or ""
         rec: dict[str, Any] = {
-            "id": event.id, "request_id": request.request_id, "created": time.time(), "owner": request.user or "",
+            "id": event.id, "request_id": request.request_id, "trace_id": event.trace_id, "created": time.time(),
+            "owner": request.user or "",
             "model": event.model, "requested_model": request.model,
             "prompt": {"ref": event.prompt_ref, "hash": event.prompt_hash} if event.prompt_ref else None,
             "release": {"name": event.release, "variant": event.variant} if event.release else None,

@@ -209,6 +209,7 @@ IngestKey = Annotated[ApiKey, Depends(require_scope("ingest"))]
 EvalsKey = Annotated[ApiKey, Depends(require_scope("evals"))]
 FinetuneKey = Annotated[ApiKey, Depends(require_scope("finetune"))]
 ReleasesKey = Annotated[ApiKey, Depends(require_scope("releases"))]
+AdminKey = Annotated[ApiKey, Depends(require_scope("admin"))]
 
 
 def _bearer(request: Request) -> str | None:

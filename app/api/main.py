@@ -7,20 +7,29 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 
 from app.api.errors import install_error_handlers
 from app.api.middleware import RequestContextMiddleware
-from app.api.routes import admin, agents, chat, evals, finetune, lineage, rag, releases, studio, system
+from app.api.routes import admin, agents, chat, evals, finetune, lineage, rag, releases, studio, system, traces
 from app.api.routes import prompts as prompt_routes
 from app.container import Container
+from app.core.metrics import Metrics
+from app.core.tracing import Tracing
 from app.settings import Settings, load_settings
 
 log = logging.getLogger("keel")
+# Probes, metrics scrapes and the web pages' static files (not /v1/...): no trace for them.
+_UNTRACED = r"/healthz$,/readyz$,/metrics$,://[^/]+/studio(/|$),://[^/]+/releases(/|$),://[^/]+/traces(/|$)"
 
 
 def create_app(settings: Settings | None = None, container: Container | None = None) -> FastAPI:
     """``container`` lets tests inject pre-built services; otherwise the lifespan builds them."""
     settings = settings or (container.settings if container else load_settings())
+    # Built before the container: the HTTP instrumentation below needs the tracer provider at creation.
+    metrics = container.metrics if container else Metrics()
+    tracing = container.tracing if container else Tracing(settings.otel, settings.home,
+                                                           dropped=metrics.trace_dropped)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -29,7 +38,7 @@ def create_app(settings: Settings | None = None, container: Container | None = N
             log.warning("AUTH IS DISABLED (KEEL_AUTH__ENABLED=false): every caller is admin. Dev only!")
             log.warning("=" * 72)
         owned = container is None
-        app.state.keel = container or await Container.build(settings)
+        app.state.keel = container or await Container.build(settings, metrics=metrics, tracing=tracing)
         if app.state.keel.jobs is not None:
             await app.state.keel.jobs.start()  # runs the jobs a stopped process left queued or running
         app.state.keel.start_release_controller()
@@ -61,5 +70,11 @@ def create_app(settings: Settings | None = None, container: Container | None = N
     app.include_router(evals.router)
     app.include_router(releases.router)
     app.include_router(lineage.router)
+    app.include_router(traces.router)
     app.include_router(studio.router)
+    if tracing is not None and tracing.provider is not None:
+        # Server spans per request (the parent of each chat's spans; an incoming traceparent joins the caller's
+        # trace), without a span per ASGI message (a streamed answer would make hundreds).
+        FastAPIInstrumentor.instrument_app(app, tracer_provider=tracing.provider, exclude_spans=["receive", "send"],
+                                           excluded_urls=_UNTRACED)
     return app

@@ -57,6 +57,10 @@ class Metrics:
             "keel_release_shadow_total", "Shadow requests by outcome (stored, error, dropped: queue full, unpaired: "
             "the primary failed)", ["release", "variant", "outcome"], registry=r,
         )
+        self.trace_dropped = Counter(
+            "keel_trace_spans_dropped_total", "Spans not exported: the export queue was full or the store/collector "
+            "failed (where: store, otlp)", ["where"], registry=r,
+        )
         self.release_judged = Counter(
             "keel_release_judged_total", "Answers of release variants scored by the online judge, by outcome "
             "(scored, failed, skipped: its queue was full)", ["release", "variant", "outcome"], registry=r,

@@ -150,6 +150,24 @@ class RoutingSettings(BaseModel):
         return postgres_url(value, setting="routing.url", otherwise="<home>/routing.db")
 
 
+class OtelSettings(BaseModel):
+    """Traces (``app.core.tracing``): OpenTelemetry spans of every request, kept in the embedded store and/or
+    exported over OTLP. The standard ``OTEL_EXPORTER_OTLP_*`` variables work too."""
+
+    enabled: bool = Field(default=True, description="Record traces.")
+    endpoint: str | None = Field(default=None, description=(
+        "OTLP/HTTP endpoint of a collector (Phoenix, Langfuse, Jaeger, Tempo), e.g. http://localhost:4318; "
+        "default: OTEL_EXPORTER_OTLP_ENDPOINT when set, else no export."))
+    store: bool = Field(default=True, description="Keep spans in <home>/traces.db (keel traces, the Traces page).")
+    retention_days: float = Field(default=7, gt=0, description="Spans older than this are deleted from the store.")
+    sample_ratio: float = Field(default=1.0, ge=0, le=1, description="Share of requests traced.")
+    capture_content: bool = Field(default=False, description=(
+        "Record messages and answers on the spans (gen_ai.input.messages / gen_ai.output.messages), with "
+        "personal data masked by the guardrails' PII detector. Off: only sizes, ids and verdicts."))
+    queue_size: int = Field(default=4096, ge=64, le=1_000_000, description=(
+        "Spans waiting for export; beyond it they are dropped (counted), never slowing a request."))
+
+
 def _default_backends() -> dict[str, Any]:
     return {"local": {"kind": "vllm", "managed": {}}}
 
@@ -184,6 +202,7 @@ class CoreSettings(BaseSettings):
     models: dict[str, ModelAlias] = Field(default_factory=dict)
     default_model: str = "smollm2"
     routing: RoutingSettings = Field(default_factory=RoutingSettings)
+    otel: OtelSettings = Field(default_factory=OtelSettings)
 
     @model_validator(mode="after")
     def _resolve(self) -> CoreSettings:

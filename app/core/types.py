@@ -47,6 +47,8 @@ class GenerationRequest:
     params: GenerationParams = field(default_factory=GenerationParams)
     adapter: str | None = None
     request_id: str = ""
+    # W3C trace context (traceparent) of the span making this call: the model server's spans join the trace
+    trace_headers: tuple[tuple[str, str], ...] = ()
 
 
 # -- stream events a backend yields ------------------------------------------------
@@ -89,6 +91,7 @@ class Started:
     guardrails: str | None = None  # "<policy>@<version>+<hash>" that checked this request
     release: str | None = None  # the release endpoint that routed this request, and the variant that answered
     variant: str | None = None
+    trace_id: str | None = None  # the OpenTelemetry trace of this response (keel traces show <id>)
 
 
 @dataclass(frozen=True, slots=True)

@@ -117,7 +117,8 @@ class OpenAIBackend:
             return False
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[LLMEvent]:
-        headers = {"X-Request-Id": request.request_id} if request.request_id else None
+        headers = {"X-Request-Id": request.request_id} if request.request_id else {}
+        headers.update(request.trace_headers)
         try:
             upstream = await self.client.send(
                 self.client.build_request("POST", "/chat/completions", json=build_payload(request), headers=headers),

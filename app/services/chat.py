@@ -6,7 +6,9 @@ only the API layer knows how the events are put on the wire.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
 import logging
 import time
 import uuid
@@ -14,9 +16,13 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
+from opentelemetry import trace
+from opentelemetry.trace import Span, SpanKind, StatusCode, Tracer
+
 from app.core.errors import ContextLengthExceeded, InvalidRequest
 from app.core.metrics import Metrics
 from app.core.settings import CoreConfig
+from app.core.tracing import traceparent
 from app.core.types import (
     ChatMessage,
     Citations,
@@ -65,6 +71,7 @@ class ChatRequest:
     prompt: PromptUse | None = None
     rag: RagUse | None = None
     user: str | None = None  # the caller's key id: PII placeholders are restored only for the same user
+    trace: Any = None  # the OpenTelemetry context to trace under (a release's span); default: the current one
     end_user: str | None = None  # the body's `user` field: the client's name for its own user (A/B units)
     thread: str | None = None  # the X-Keel-Thread header: a conversation (A/B units)
     policy: str | None = None  # a guardrail policy chosen by a release variant, instead of the bindings'
@@ -96,7 +103,12 @@ class ChatService:
     def __init__(
         self, settings: CoreConfig, router: ModelRouter, metrics: Metrics, prompts: PromptRegistry | None = None,
         grounder: Grounder | None = None, guards: GuardrailEngine | None = None, agents: AgentService | None = None,
+        tracer: Tracer | None = None, capture_content: bool = False,
     ) -> None:
+        """``tracer``: spans of every request (the container passes its :class:`app.core.tracing.Tracing`'s);
+        ``capture_content``: put the (PII-masked) messages and answers on them."""
+        self.tracer = tracer or trace.NoOpTracer()
+        self.capture_content = capture_content
         self.settings = settings
         self.router = router
         self.metrics = metrics
@@ -105,7 +117,8 @@ class ChatService:
         self.guards = guards
         self.agents = agents
 
-    async def resolve(self, request: ChatRequest) -> tuple[ChatRequest, RenderedPrompt | None, Grounded | None]:
+    async def resolve(self, request: ChatRequest, span: Span | None = None
+                      ) -> tuple[ChatRequest, RenderedPrompt | None, Grounded | None]:
         """Turn a request into exactly what the model will see: a named prompt is rendered in front
         of the messages; a grounded request retrieves passages and renders the RAG prompt around
         them. A template's model and parameters are defaults that the request's own values override."""
@@ -119,13 +132,21 @@ class ChatService:
         if request.prompt is not None:
             if self.prompts is None:
                 raise InvalidRequest("this server has no prompt registry", param="prompt")
-            rendered = self.prompts.render(request.prompt.ref, request.prompt.variables)
+            with self._child(span, "keel.prompt.render", {"keel.prompt.ref": request.prompt.ref}) as child:
+                rendered = self.prompts.render(request.prompt.ref, request.prompt.variables)
+                child.set_attributes({"keel.prompt.hash": rendered.hash, "keel.prompt.name": rendered.name})
             messages = tuple(ChatMessage(m.role, m.content) for m in rendered.messages) + request.messages
             request = self._apply_template(request, rendered, messages)
         elif request.rag is not None:
             if self.grounder is None:
                 raise InvalidRequest("this server has no document store for grounded answers", param="rag")
-            grounded = await self.grounder.ground(request.messages, request.rag, request.params.max_tokens)
+            with self._child(span, "keel.rag.retrieve", {"keel.rag.collection": request.rag.collection,
+                                                          "keel.rag.top_k": request.rag.top_k or 0}) as child:
+                grounded = await self.grounder.ground(request.messages, request.rag, request.params.max_tokens)
+                scores = [round(c.score, 6) for c in grounded.chunks]
+                child.set_attributes({"keel.rag.chunks": len(scores), "keel.rag.scores": scores,
+                                      "keel.rag.chunk_ids": [c.citation.chunk_id for c in grounded.chunks],
+                                      "keel.prompt.ref": grounded.rendered.ref})
             rendered = grounded.rendered
             request = self._apply_template(request, rendered, grounded.messages)
         if not request.model:
@@ -196,7 +217,63 @@ class ChatService:
 
     async def stream(self, request: ChatRequest, *, reask: bool = False) -> AsyncIterator[ChatEvent]:
         """``reask`` (non-streaming callers): an output verdict ``reask`` asks the model once more, with the
-        validator's reason, instead of retracting: the answer is checked whole before anything is released."""
+        validator's reason, instead of retracting: the answer is checked whole before anything is released.
+
+        Traced: one ``keel.chat`` span per response (under the caller's span: the HTTP server span, a release's),
+        with children for the input guard, prompt rendering, retrieval and the model call (GenAI conventions)."""
+        span = self.tracer.start_span("keel.chat", context=request.trace, attributes={
+            "keel.request_id": request.request_id, "keel.model": request.model or "",
+            "gen_ai.operation.name": "chat", **({"keel.user": request.user} if request.user else {})})
+        first = True
+        try:
+            async with contextlib.aclosing(self._stream(request, reask, span)) as events:
+                async for event in events:
+                    if isinstance(event, Started):
+                        event = replace(event, trace_id=_trace_id(span))
+                        span.set_attributes({"gen_ai.response.id": event.id, "gen_ai.request.model": event.model,
+                                             **({"keel.prompt.ref": event.prompt_ref} if event.prompt_ref else {}),
+                                             **({"keel.guardrails.policy": event.guardrails}
+                                                if event.guardrails else {})})
+                    elif isinstance(event, TextDelta) and first:
+                        first = False
+                        span.add_event("first_token")
+                    elif isinstance(event, GuardrailBlocked | GuardrailRetraction | GuardrailRedaction):
+                        span.add_event(f"guardrail.{event.type}", {"keel.guardrails.validator": event.validator})
+                    elif isinstance(event, Usage):
+                        span.set_attributes({"gen_ai.usage.input_tokens": event.prompt_tokens,
+                                             "gen_ai.usage.output_tokens": event.completion_tokens})
+                    yield event
+        except (GeneratorExit, asyncio.CancelledError):
+            span.set_attribute("keel.cancelled", True)
+            raise
+        except BaseException as exc:
+            span.set_status(StatusCode.ERROR, getattr(exc, "message", str(exc))[:500])
+            span.set_attribute("error.type", getattr(exc, "code", type(exc).__name__))
+            raise
+        finally:
+            span.end()
+
+    @contextlib.contextmanager
+    def _child(self, parent: Span | None, name: str, attributes: dict[str, Any], kind: SpanKind = SpanKind.INTERNAL):
+        """A span under ``parent`` (not made current: an async generator must not leak context to its caller)."""
+        if parent is None:
+            yield trace.INVALID_SPAN
+            return
+        child = self.tracer.start_span(name, context=trace.set_span_in_context(parent), kind=kind,
+                                       attributes=attributes)
+        try:
+            yield child
+        except BaseException as exc:
+            if not isinstance(exc, GeneratorExit | asyncio.CancelledError):
+                child.set_status(StatusCode.ERROR, getattr(exc, "message", str(exc))[:500])
+            raise
+        finally:
+            child.end()
+
+    def _guarded_input(self, span: Span, stage: str):
+        return self._child(span, "keel.guardrails.input", {"keel.guardrails.stage": stage})
+
+    async def _stream(self, request: ChatRequest, reask: bool, span: Span) -> AsyncIterator[ChatEvent]:
         alias = request.model
         # before resolve(): for RAG the last user turn becomes the rendered passages + question
         question = next((m.content for m in reversed(request.messages) if m.role == "user"), None)
@@ -214,8 +291,10 @@ class ChatService:
                 # A grounded request's input guard judges the user's own words, before retrieval: run over the
                 # rendered passages, one document that mentioned a denied topic got every question retrieving
                 # it refused. The question it passes (redacted if need be) is what retrieval and the prompt get.
-                pre = await self.guards.check_input(request.messages, self._guard_context(
-                    request, alias, request.params, None, question, workflow="rag"))
+                with self._guarded_input(span, "question") as gspan:
+                    pre = await self.guards.check_input(request.messages, self._guard_context(
+                        request, alias, request.params, None, question, workflow="rag"))
+                    _verdicts(gspan, pre)
                 if pre.blocked:
                     started = Started(f"chatcmpl-{request.request_id or uuid.uuid4().hex}", int(time.time()),
                                       alias or self.settings.default_model, guardrails=_policy_tag(pre))
@@ -223,7 +302,7 @@ class ChatService:
                         yield event
                     return
                 request = replace(request, messages=pre.messages)
-            request, rendered, grounded = await self.resolve(request)
+            request, rendered, grounded = await self.resolve(request, span)
             self.validate(request)
             params = self._with_defaults(request)
         response_id = f"chatcmpl-{request.request_id or uuid.uuid4().hex}"
@@ -234,14 +313,18 @@ class ChatService:
                 # The question was checked above. The passages are checked for instructions aimed at the model
                 # (indirect injection: any key with the ingest scope can upload a document): a prompt-injection
                 # verdict over the rendered prompt refuses; topics and the rest judged the user's words only.
-                rendered_check = await self.guards.check_input(request.messages, context)
+                with self._guarded_input(span, "passages") as gspan:
+                    rendered_check = await self.guards.check_input(request.messages, context)
+                    _verdicts(gspan, rendered_check)
                 injected = next((r for r in rendered_check.results
                                  if r.registered == "keel/prompt_injection" and r.action == "block"), None)
                 decision = replace(pre, messages=request.messages) if injected is None else replace(
                     pre, messages=request.messages, blocked=True, results=[*pre.results, injected],
                     refusal=self.guards.refusal_for(pre.policy, injected.validator, "input"))
             else:
-                decision = await self.guards.check_input(request.messages, context)
+                with self._guarded_input(span, "input") as gspan:
+                    decision = await self.guards.check_input(request.messages, context)
+                    _verdicts(gspan, decision)
         started = Started(
             response_id, int(time.time()), request.model, rendered.ref if rendered else None,
             rendered.hash if rendered else None, _policy_tag(decision),
@@ -254,12 +337,17 @@ class ChatService:
             for event in _refused(started, decision):
                 yield event
             return
+        llm_span = self._model_span(span, request, alias, params, agent, response_id)
         gen_request = GenerationRequest(
             model=request.model, messages=decision.messages if decision else request.messages, params=params,
-            request_id=request.request_id,
+            request_id=request.request_id, trace_headers=tuple(traceparent(llm_span).items()),
         )
+        if self.capture_content:
+            llm_span.set_attribute("gen_ai.input.messages", self._content(
+                [{"role": m.role, "content": m.content} for m in gen_request.messages]))
         t0 = time.perf_counter()
         first_token = True
+        finishes: list[str] = []
         self.metrics.inflight.inc()
         try:
             if agent:
@@ -276,21 +364,72 @@ class ChatService:
             for event in masked:
                 yield event
             answer: list[str] = []
+            keep = grounded is not None or self.capture_content
             async for event in events:
                 if isinstance(event, TextDelta):
                     if first_token:
                         first_token = False
-                        self.metrics.ttft.labels(request.model).observe(time.perf_counter() - t0)
-                    if grounded is not None and event.index == 0:
+                        ttft = time.perf_counter() - t0
+                        self.metrics.ttft.labels(request.model).observe(ttft)
+                        llm_span.set_attribute("keel.ttft_ms", round(ttft * 1000, 3))
+                    if keep and event.index == 0:
                         answer.append(event.text)
                 elif isinstance(event, Usage):
                     self.metrics.tokens.labels(request.model, "prompt").inc(event.prompt_tokens)
                     self.metrics.tokens.labels(request.model, "completion").inc(event.completion_tokens)
+                    llm_span.set_attributes({"gen_ai.usage.input_tokens": event.prompt_tokens,
+                                             "gen_ai.usage.output_tokens": event.completion_tokens})
+                elif isinstance(event, Finished):
+                    finishes.append(event.reason)
                 yield event
             if grounded is not None:
                 yield Citations(citations(grounded.chunks, "".join(answer)))
+            if self.capture_content:
+                llm_span.set_attribute("gen_ai.output.messages", self._content(
+                    [{"role": "assistant", "content": "".join(answer)}]))
+        except BaseException as exc:
+            if not isinstance(exc, GeneratorExit | asyncio.CancelledError):
+                llm_span.set_status(StatusCode.ERROR, getattr(exc, "message", str(exc))[:500])
+                llm_span.set_attribute("error.type", getattr(exc, "code", type(exc).__name__))
+            raise
         finally:
+            if finishes:
+                llm_span.set_attribute("gen_ai.response.finish_reasons", finishes)
+            llm_span.end()
             self.metrics.inflight.dec()
+
+    def _model_span(self, parent: Span, request: ChatRequest, alias: str | None, params: GenerationParams,
+                    agent: bool, response_id: str) -> Span:
+        """The model call, as the OpenTelemetry GenAI conventions name it (``chat <model>``, a client span)."""
+        ctx = trace.set_span_in_context(parent)
+        if agent:
+            workflow = (alias or "").removeprefix("agent:")
+            return self.tracer.start_span(f"invoke_agent {workflow}", context=ctx, kind=SpanKind.INTERNAL,
+                                          attributes={"gen_ai.operation.name": "invoke_agent",
+                                                      "gen_ai.agent.name": workflow, "gen_ai.response.id": response_id})
+        route = self.router.route(request.model)
+        attrs: dict[str, Any] = {
+            "gen_ai.operation.name": "chat", "gen_ai.provider.name": _PROVIDERS.get(
+                self.settings.backends[route.spec.backend].kind, "openai"),
+            "gen_ai.request.model": route.spec.model, "gen_ai.response.id": response_id,
+            "keel.model_alias": request.model, "keel.backend": route.spec.backend,
+            "server.address": self.settings.backends[route.spec.backend].base_url or "",
+        }
+        if route.spec.adapter:
+            attrs["keel.adapter"] = str(route.spec.adapter)
+        for key, value in (("gen_ai.request.max_tokens", params.max_tokens),
+                           ("gen_ai.request.temperature", params.temperature),
+                           ("gen_ai.request.top_p", params.top_p), ("gen_ai.request.seed", params.seed)):
+            if value is not None:
+                attrs[key] = value
+        if params.n != 1:
+            attrs["gen_ai.request.choice.count"] = params.n
+        return self.tracer.start_span(f"chat {route.spec.model}", context=ctx, kind=SpanKind.CLIENT, attributes=attrs)
+
+    def _content(self, messages: list[dict[str, str]]) -> str:
+        """Messages as the trace stores them: personal data masked first (never written unmasked)."""
+        masked = [{**m, "content": _mask_pii(m["content"])} for m in messages]
+        return json.dumps(masked, ensure_ascii=False)
 
     def _reasks(self, decision: InputDecision) -> bool:
         return any(s.on_fail == "reask" for s in self.guards.policy.file.resolve(decision.policy).output)
@@ -372,6 +511,31 @@ async def collect(events: AsyncIterator[ChatEvent]) -> ChatResult:
                 result.guardrail_events.append(event)
         assert result is not None
         return result
+
+
+_PROVIDERS = {"vllm": "vllm", "openai": "openai", "transformers": "transformers"}
+
+
+def _trace_id(span: Span) -> str | None:
+    ctx = span.get_span_context()
+    return f"{ctx.trace_id:032x}" if ctx.is_valid else None
+
+
+def _verdicts(span: Span, decision: InputDecision) -> None:
+    """Every validator's verdict as an event of the guard span (what ran, what it decided, how long)."""
+    span.set_attributes({"keel.guardrails.policy": decision.policy, "keel.guardrails.blocked": decision.blocked})
+    for r in decision.results:
+        span.add_event("guardrail.verdict", {"keel.guardrails.validator": r.validator, "keel.guardrails.verdict":
+                                             str(r.verdict), "keel.guardrails.action": str(r.action),
+                                             "keel.guardrails.score": float(r.score or 0.0)})
+
+
+def _mask_pii(text: str) -> str:
+    # lazy: the PII detector (phonenumbers, ~0.15 s) loads only when content capture is on
+    from app.guardrails.validators.pii import find_pii, redact
+
+    findings = find_pii(text)
+    return redact(text, findings) if findings else text
 
 
 def _policy_tag(decision: InputDecision | None) -> str | None:

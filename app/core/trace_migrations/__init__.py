@@ -1,0 +1,1 @@
+"""Alembic migrations of the embedded trace store (app.core.tracing); run on open."""

@@ -1,0 +1,160 @@
+"""Traces through the API against a scripted backend: the span tree, the GenAI conventions, the trace context
+reaching the model server, content capture with personal data masked, and export faults that never reach a
+request."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import pytest
+from opentelemetry.semconv._incubating.attributes import gen_ai_attributes
+
+from app.api.main import create_app
+from app.container import Container
+from app.core.metrics import Metrics
+from app.core.settings import OtelSettings
+from app.core.tracing import SpanStore, Tracing
+from app.settings import load_settings
+from ingest import build_rag
+from ingest.embedding import HashingEmbedder
+from tests.fakes.llm import ScriptedBackend
+
+GEN_AI = {v for k, v in vars(gen_ai_attributes).items() if k.startswith("GEN_AI_") and isinstance(v, str)}
+
+
+async def _env(tmp_path: Path, **otel):
+    settings = load_settings(
+        home=tmp_path, backends={"local": {"kind": "openai", "base_url": "http://unused/v1", "retries": 0}},
+        models={"m": {"backend": "local", "model": "fake-model"}}, default_model="m", guardrails={"enabled": False},
+        releases={"check_interval_s": 0}, auth={"default_rate_limit_per_minute": 10_000}, otel=otel)
+    fake = ScriptedBackend(reply="Paris is the capital.")
+    container = await Container.build(settings, backends={"local": fake},
+                                      rag=build_rag(settings, embedder=HashingEmbedder()))
+    keys = {n: container.keys.create(n, s)[1] for n, s in {"chat": ["chat"], "admin": ["admin"]}.items()}
+    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(container=container)),
+                               base_url="http://keel")
+    return {"c": client, "keys": keys, "container": container, "fake": fake}
+
+
+@pytest.fixture
+async def env(tmp_path: Path):
+    e = await _env(tmp_path)
+    yield e
+    await e["c"].aclose()
+    await e["container"].aclose()
+
+
+def h(env, key: str) -> dict:
+    return {"Authorization": f"Bearer {env['keys'][key]}"}
+
+
+async def ask(env, content: str = "What is the capital of France?", **body) -> dict:
+    r = await env["c"].post("/v1/chat/completions", headers=h(env, "chat"), json={
+        "model": "m", "messages": [{"role": "user", "content": content}], "max_tokens": 20, **body})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+async def spans_of(env, completion_id: str) -> dict[str, dict]:
+    rec = (await env["c"].get(f"/v1/lineage/{completion_id}", headers=h(env, "chat"))).json()
+    r = await env["c"].get(f"/v1/traces/{rec['trace_id']}", headers=h(env, "admin"))
+    assert r.status_code == 200, r.text
+    return {s["name"]: s for s in r.json()["spans"]}
+
+
+async def test_a_chat_request_is_one_trace_with_the_model_call_in_genai_terms(env) -> None:
+    answer = await ask(env)
+    spans = await spans_of(env, answer["id"])
+    server, chat, model = spans["POST /v1/chat/completions"], spans["keel.chat"], spans["chat fake-model"]
+    assert server["parent_id"] is None and server["kind"] == "SERVER"
+    assert chat["parent_id"] == server["span_id"] and model["parent_id"] == chat["span_id"]
+    a = model["attributes"]
+    assert model["kind"] == "CLIENT"
+    assert a["gen_ai.operation.name"] == "chat" and a["gen_ai.provider.name"] == "openai"
+    assert a["gen_ai.request.model"] == "fake-model" and a["gen_ai.request.max_tokens"] == 20
+    assert a["gen_ai.response.id"] == answer["id"] and a["gen_ai.response.finish_reasons"] == ["stop"]
+    assert a["gen_ai.usage.output_tokens"] == answer["usage"]["completion_tokens"]
+    assert a["keel.ttft_ms"] > 0 and a["keel.model_alias"] == "m"
+    assert "gen_ai.input.messages" not in a  # content capture is off by default
+    used = {k for s in spans.values() for k in s["attributes"] if k.startswith("gen_ai.")}
+    assert used <= GEN_AI, used - GEN_AI  # every gen_ai.* name is one the conventions define
+    listed = (await env["c"].get("/v1/traces", params={"response_id": answer["id"]}, headers=h(env, "admin"))).json()
+    rec = (await env["c"].get(f"/v1/lineage/{answer['id']}", headers=h(env, "chat"))).json()
+    assert [t["trace_id"] for t in listed["data"]] == [rec["trace_id"]]
+    assert listed["data"][0]["root"] == "POST /v1/chat/completions" and listed["data"][0]["spans"] == len(spans)
+    assert (await env["c"].get("/v1/traces", headers=h(env, "chat"))).status_code == 403
+
+
+async def test_the_trace_context_reaches_the_model_server_and_joins_the_callers_trace(env) -> None:
+    caller = "4bf92f3577b34da6a3ce929d0e0e4736"
+    r = await env["c"].post("/v1/chat/completions", json={"model": "m", "messages": [{"role": "user",
+                                                                                     "content": "hi"}]},
+                            headers={**h(env, "chat"), "traceparent": f"00-{caller}-00f067aa0ba902b7-01"})
+    assert r.status_code == 200
+    sent = dict(env["fake"].requests[-1].trace_headers)
+    assert sent["traceparent"].split("-")[1] == caller  # vLLM's spans land in the same trace
+    spans = await spans_of(env, r.json()["id"])
+    model_span = spans["chat fake-model"]
+    assert sent["traceparent"].split("-")[2] == model_span["span_id"]
+
+
+async def test_prompt_rendering_and_release_assignment_are_spans(env) -> None:
+    r = await env["c"].post("/v1/prompts", headers=h(env, "admin"), json={
+        "name": "brief", "content": {"messages": [{"role": "system", "content": "Be brief."}]}})
+    assert r.status_code == 201
+    r = await env["c"].post("/v1/releases", headers=h(env, "admin"), json={
+        "name": "support", "strategy": "ab", "weights": {"a": 100, "b": 0},
+        "variants": [{"name": "a", "model": "m", "prompt": "brief@1"}, {"name": "b", "model": "m"}]})
+    assert r.status_code == 201, r.text
+    answer = await ask(env, model="support")
+    spans = await spans_of(env, answer["id"])
+    release, chat, render = spans["keel.release"], spans["keel.chat"], spans["keel.prompt.render"]
+    assert release["attributes"]["keel.release.variant"] == "a" and chat["parent_id"] == release["span_id"]
+    assert render["parent_id"] == chat["span_id"] and render["attributes"]["keel.prompt.hash"] == \
+        answer["prompt"]["hash"]
+
+
+async def test_content_capture_masks_personal_data(tmp_path: Path) -> None:
+    env = await _env(tmp_path, capture_content=True)
+    try:
+        answer = await ask(env, "My email is jane.doe@example.com and my phone is +44 20 7946 0958. Hi!")
+        a = (await spans_of(env, answer["id"]))["chat fake-model"]["attributes"]
+        assert "Hi!" in a["gen_ai.input.messages"] and "Paris" in a["gen_ai.output.messages"]
+        assert "jane.doe@example.com" not in a["gen_ai.input.messages"]
+        assert "7946" not in a["gen_ai.input.messages"]
+        raw = (tmp_path / "traces.db").read_bytes()
+        assert b"jane.doe@example.com" not in raw
+    finally:
+        await env["c"].aclose()
+        await env["container"].aclose()
+
+
+class _BrokenStore(SpanStore):
+    def write(self, spans) -> None:
+        raise OSError("disk full")
+
+
+def test_a_failing_store_drops_counted_spans_and_never_raises(tmp_path: Path) -> None:
+    metrics = Metrics()
+    tracing = Tracing(OtelSettings(), tmp_path, dropped=metrics.trace_dropped)
+    tracing.store.close()
+    broken = _BrokenStore(tmp_path / "broken.db")
+    tracing.provider._active_span_processor._span_processors[0].inner._batch_processor._exporter.store = broken
+    for _ in range(5):
+        tracing.tracer.start_span("x").end()
+    assert tracing.flush(5)
+    assert metrics.trace_dropped.labels("store")._value.get() == 5
+    tracing.close()
+
+
+def test_a_full_export_queue_drops_and_counts(tmp_path: Path) -> None:
+    metrics = Metrics()
+    tracing = Tracing(OtelSettings(queue_size=64), tmp_path, dropped=metrics.trace_dropped)
+    for _ in range(2000):  # far faster than the 200 ms export interval drains
+        tracing.tracer.start_span("x").end()
+    tracing.flush(10)
+    dropped = metrics.trace_dropped.labels("store")._value.get()
+    kept = sum(t["spans"] for t in tracing.store.traces(limit=5000))
+    assert dropped > 0 and kept + dropped == 2000
+    tracing.close()
