@@ -135,7 +135,9 @@ class Container:
                                      tracer=tracing.tracer)
         front = LineageRecorder(serving or chat, LineageStore(settings.home / "lineage.db"), routes,
                                 default_model=settings.default_model,
-                                variant_model=_variant_model(releases) if releases is not None else None)
+                                variant_model=_variant_model(releases) if releases is not None else None,
+                                embed=rag.embedder.embed_documents if settings.monitor.embed_sample > 0 else None,
+                                embed_sample=settings.monitor.embed_sample)
         lineage = Lineage(front, verdicts=_verdicts(guards), prompt_runs=lambda name, version: [
             _run(r) for r in eval_store.prompt_runs(name, version)], adapter=_deployed(finetune),
             feedback=releases.store.feedback_for if releases is not None else None)

@@ -19,6 +19,7 @@ from app.jobs.settings import JobSettings
 from evals.settings import EvalSettings
 from finetune.settings import FinetuneSettings
 from ingest.settings import RagSettings
+from lifecycle.monitor.settings import MonitorSettings
 from lifecycle.releases.settings import ReleaseSettings
 from prompts.settings import PromptSettings
 
@@ -32,6 +33,7 @@ class Settings(CoreSettings):
     evals: EvalSettings = Field(default_factory=EvalSettings)
     jobs: JobSettings = Field(default_factory=JobSettings)
     releases: ReleaseSettings = Field(default_factory=ReleaseSettings)
+    monitor: MonitorSettings = Field(default_factory=MonitorSettings)
 
 
 def load_settings(**overrides: Any) -> Settings:

@@ -17,19 +17,23 @@ import asyncio
 import contextlib
 import json
 import logging
+import random
 import sqlite3
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from app.core.audit import BufferedWriter
 from app.core.db import enable_wal, write_transaction
 from app.core.errors import InvalidRequest, NotFound, StoreUnavailable
 from app.core.migrate import Migrations, upgrade_sqlite
-from app.core.types import Citations, Finished, Started, Usage
+from app.core.types import Citations, Finished, Started, TextDelta, Usage
 from app.guardrails.types import GuardrailBlocked, GuardrailRedaction, GuardrailRetraction, event_payload
 from app.llm.routing import RoutingTable
 from app.services.chat import ChatEvent, ChatRequest, collect
@@ -45,6 +49,39 @@ def check_id(completion_id: str) -> str:
         raise InvalidRequest("a completion id is what a chat response's `id` says (chatcmpl-...): letters, digits "
                              "and -_.: only, at most 200", param="id")
     return completion_id
+
+
+@dataclass(frozen=True, slots=True)
+class Features:
+    """One answer as the drift monitor sees it: sizes, retrieval quality, refusals, guard hits, and the question's
+    embedding (float16 MiniLM, when sampled) — never the text."""
+
+    id: str
+    at: float
+    owner: str
+    model: str
+    release: str | None
+    variant: str | None
+    question_chars: int
+    input_chars: int
+    answer_chars: int
+    prompt_tokens: int
+    completion_tokens: int
+    top_score: float | None  # best retrieval score (grounded answers)
+    grounded: bool
+    refused: bool
+    validators: str  # the guardrail validators that acted, comma-separated
+    outcome: str
+    question: str | None = None  # only on its way to the writer thread
+    embedding: bytes | None = None
+
+    def vector(self) -> np.ndarray | None:
+        return None if self.embedding is None else np.frombuffer(self.embedding, dtype=np.float16).astype(np.float32)
+
+
+FEATURE_COLUMNS = ("id", "at", "owner", "model", "release", "variant", "question_chars", "input_chars",
+                   "answer_chars", "prompt_tokens", "completion_tokens", "top_score", "grounded", "refused",
+                   "validators", "outcome", "embedding")
 
 
 class LineageStore:
@@ -69,12 +106,34 @@ class LineageStore:
         except sqlite3.OperationalError as e:
             raise StoreUnavailable(f"the lineage store at {self.path} is unavailable ({e})") from None
 
-    def write(self, records: Sequence[dict[str, Any]]) -> None:
+    def write(self, records: Sequence[dict[str, Any]], features: Sequence[Features] = ()) -> None:
         rows = [(r["id"], r.get("request_id") or "", r["created"], r.get("owner") or "",
                  json.dumps(r, sort_keys=True, separators=(",", ":"), default=str)) for r in records]
         with self._errors(), write_transaction(self._db, self._lock) as db:
             db.executemany("INSERT INTO lineage (id, request_id, created, owner, record) VALUES (?, ?, ?, ?, ?) "
                            "ON CONFLICT (id) DO UPDATE SET record = excluded.record", rows)
+            db.executemany(f"INSERT OR REPLACE INTO features ({', '.join(FEATURE_COLUMNS)}) VALUES "
+                           f"({', '.join('?' * len(FEATURE_COLUMNS))})",
+                           [tuple(getattr(f, c) for c in FEATURE_COLUMNS) for f in features])
+
+    def features(self, *, since: float | None = None, until: float | None = None, release: str | None = None,
+                 variant: str | None = None, limit: int = 100_000) -> list[Features]:
+        """A window of traffic's drift features, oldest first (``release``/``variant``: one arm of a release)."""
+        where, args = ["1 = 1"], []
+        for column, value, op in (("at", since, ">="), ("at", until, "<"), ("release", release, "="),
+                                  ("variant", variant, "=")):
+            if value is not None:
+                where.append(f"{column} {op} ?")
+                args.append(value)
+        sql = (f"SELECT {', '.join(FEATURE_COLUMNS)} FROM (SELECT * FROM features WHERE {' AND '.join(where)} "
+               "ORDER BY at DESC LIMIT ?) ORDER BY at")
+        with self._errors(), self._lock:
+            rows = self._db.execute(sql, (*args, limit)).fetchall()
+        out = []
+        for r in rows:
+            f = dict(zip(FEATURE_COLUMNS, r, strict=True))
+            out.append(Features(**{**f, "grounded": bool(f["grounded"]), "refused": bool(f["refused"])}))
+        return out
 
     def get(self, completion_id: str) -> dict[str, Any] | None:
         with self._errors(), self._lock:
@@ -96,16 +155,19 @@ class LineageRecorder:
     """The chat front door: passes every response through untouched and records its lineage afterwards."""
 
     def __init__(self, inner: Any, store: LineageStore, routes: RoutingTable, *, default_model: str,
-                 variant_model: Callable[[str, str], str | None] | None = None, flush_interval_s: float = 0.2
-                 ) -> None:
-        """``variant_model(release, variant)``: the model alias a release variant answers with."""
+                 variant_model: Callable[[str, str], str | None] | None = None, flush_interval_s: float = 0.2,
+                 embed: Callable[[list[str]], Any] | None = None, embed_sample: float = 1.0) -> None:
+        """``variant_model(release, variant)``: the model alias a release variant answers with; ``embed``: the
+        embedder of the questions' drift features (a share ``embed_sample`` of them), run by the writer thread."""
         self.inner = inner
         self.store = store
         self.routes = routes
         self.default_model = default_model
         self.variant_model = variant_model
-        self._writer: BufferedWriter[dict[str, Any]] = BufferedWriter(
-            store.write, interval_s=flush_interval_s, name="keel-lineage", what="lineage records")
+        self.embed = embed
+        self.embed_sample = embed_sample
+        self._writer: BufferedWriter[tuple[dict[str, Any], Features]] = BufferedWriter(
+            self._write, interval_s=flush_interval_s, name="keel-lineage", what="lineage records")
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
@@ -120,6 +182,7 @@ class LineageRecorder:
         record: dict[str, Any] | None = None
         guards: list[dict[str, Any]] = []
         finish: dict[int, str] = {}
+        answer_chars = 0
         outcome = "ok"
         try:
             async with contextlib.aclosing(events) as stream:
@@ -132,6 +195,8 @@ class LineageRecorder:
                         record["retrieval"] = [
                             {k: c.get(k) for k in ("index", "doc_id", "chunk_id", "snapshot_id", "source", "title",
                                                    "score", "cited")} for c in event.items]
+                    elif isinstance(event, TextDelta) and event.index == 0:
+                        answer_chars += len(event.text)
                     elif isinstance(event, Finished):
                         finish[event.index] = event.reason
                     elif isinstance(event, Usage) and record is not None:
@@ -146,7 +211,25 @@ class LineageRecorder:
             if record is not None:
                 record.update(guardrail_events=guards, finish_reasons={str(k): v for k, v in finish.items()},
                               outcome=outcome, latency_ms=round((time.time() - record["created"]) * 1000, 3))
-                self._writer.submit([record])
+                self._writer.submit([(record, self._features(request, record, answer_chars))])
+
+    def _features(self, request: ChatRequest, record: dict[str, Any], answer_chars: int) -> Features:
+        """What the drift monitor compares between windows of traffic (no text is kept: the question's embedding
+        is computed by the writer thread, then the text is dropped)."""
+        question = next((m.content for m in reversed(request.messages) if m.role == "user"), "")
+        scores = [c["score"] for c in record.get("retrieval") or () if c.get("score") is not None]
+        validators = sorted({g["validator"] for g in record["guardrail_events"] if g.get("validator")})
+        refused = "content_filter" in record["finish_reasons"].values() or any(
+            g.get("type") == "blocked" for g in record["guardrail_events"])
+        usage = record.get("usage") or {}
+        embed = self.embed is not None and question and random.random() < self.embed_sample
+        release = record.get("release") or {}
+        return Features(
+            record["id"], record["created"], record.get("owner") or "", record.get("model") or "",
+            release.get("name"), release.get("variant"), len(question),
+            sum(len(m.content) for m in request.messages), answer_chars, int(usage.get("prompt_tokens") or 0),
+            int(usage.get("completion_tokens") or 0), max(scores) if scores else None, record["retrieval"] is not None,
+            refused, ",".join(validators), record["outcome"], question if embed else None)
 
     def _started(self, request: ChatRequest, event: Started) -> dict[str, Any]:
         served = request.model or ""
@@ -175,6 +258,18 @@ class LineageRecorder:
         return {"alias": alias, "backend": spec.backend, "model": spec.model,
                 "adapter": str(spec.adapter) if spec.adapter else None, "owner": route.owner if route else None,
                 "revision": route.revision if route else None}
+
+    def _write(self, batch: Sequence[tuple[dict[str, Any], Features]]) -> None:
+        questions = [(i, f.question) for i, (_, f) in enumerate(batch) if f.question]
+        vectors: dict[int, bytes] = {}
+        if questions and self.embed is not None:
+            try:
+                embedded = np.asarray(self.embed([q for _, q in questions]), dtype=np.float32)
+                vectors = {i: v.astype(np.float16).tobytes() for (i, _), v in zip(questions, embedded, strict=True)}
+            except Exception:  # drift features without embeddings beat losing the lineage
+                log.exception("embedding %d questions for drift features failed", len(questions))
+        self.store.write([r for r, _ in batch], [replace(f, question=None, embedding=vectors.get(i))
+                                                 for i, (_, f) in enumerate(batch)])
 
     def flush(self, timeout: float | None = 10.0) -> None:
         self._writer.flush(timeout)

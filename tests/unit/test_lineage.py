@@ -97,3 +97,19 @@ async def test_a_release_answer_names_its_variant_route_and_feedback(env) -> Non
     assert rec["release"] == {"name": "support", "variant": "b"}
     assert rec["route"]["alias"] == "m2" and rec["route"]["model"] == "fake-2"
     assert [f["score"] for f in rec["feedback"]] == [1.0]
+
+
+async def test_every_answer_leaves_drift_features_without_its_text(env) -> None:
+    for question in ("When was the Eddystone tower completed?", "Who built it?"):
+        r = await env["c"].post("/v1/chat/completions", headers=h(env, "chat"), json={
+            "model": "m", "messages": [{"role": "user", "content": question}]})
+        assert r.status_code == 200
+    front = env["container"].front
+    front.flush()
+    rows = front.store.features()
+    assert [f.question_chars for f in rows] == [39, 13]
+    assert all(f.answer_chars == len("The tower was completed in 1882 [1].") for f in rows)
+    assert all(f.vector() is not None and f.vector().shape == (env["container"].rag.embedder.dim,) for f in rows)
+    assert all(not f.refused and not f.grounded and f.top_score is None and f.question is None for f in rows)
+    raw = (env["container"].settings.home / "lineage.db").read_bytes()
+    assert b"Eddystone" not in raw and b"Who built it" not in raw

@@ -17,8 +17,6 @@ from __future__ import annotations
 import ast
 import json
 import re
-import shutil
-import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -545,13 +543,6 @@ def test_prometheus_config_scrapes_keel_and_vllm_and_loads_the_rules() -> None:
         assert all(re.fullmatch(r"[\w.\-]+:\d+", t) for sc in job["static_configs"] for t in sc["targets"])
     for rule_file in cfg["rule_files"]:
         assert (PROM_CONFIG.parent / rule_file).resolve() == ALERTS.resolve()
-
-
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is not installed")
-def test_promtool_checks_the_rules_and_config() -> None:
-    for args in (["check", "rules", str(ALERTS)], ["check", "config", str(PROM_CONFIG)]):
-        done = subprocess.run(["promtool", *args], capture_output=True, text=True, timeout=60)
-        assert done.returncode == 0, done.stdout + done.stderr
 
 
 # ------------------------------------------------------------------------------------------------ dashboard

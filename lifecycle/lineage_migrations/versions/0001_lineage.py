@@ -23,7 +23,31 @@ def upgrade() -> None:
         )""")
     op.execute("CREATE INDEX IF NOT EXISTS lineage_created ON lineage (created)")
     op.execute("CREATE INDEX IF NOT EXISTS lineage_request ON lineage (request_id)")
+    # what the drift monitor compares (lifecycle.lineage.Features): no text, the question as an embedding
+    op.execute("""
+        CREATE TABLE IF NOT EXISTS features (
+            id TEXT PRIMARY KEY,
+            at REAL NOT NULL,
+            owner TEXT NOT NULL DEFAULT '',
+            model TEXT NOT NULL DEFAULT '',
+            release TEXT,
+            variant TEXT,
+            question_chars INTEGER NOT NULL,
+            input_chars INTEGER NOT NULL,
+            answer_chars INTEGER NOT NULL,
+            prompt_tokens INTEGER NOT NULL,
+            completion_tokens INTEGER NOT NULL,
+            top_score REAL,
+            grounded INTEGER NOT NULL,
+            refused INTEGER NOT NULL,
+            validators TEXT NOT NULL DEFAULT '',
+            outcome TEXT NOT NULL,
+            embedding BLOB
+        )""")
+    op.execute("CREATE INDEX IF NOT EXISTS features_at ON features (at)")
+    op.execute("CREATE INDEX IF NOT EXISTS features_release ON features (release, variant, at)")
 
 
 def downgrade() -> None:
+    op.execute("DROP TABLE IF EXISTS features")
     op.execute("DROP TABLE IF EXISTS lineage")

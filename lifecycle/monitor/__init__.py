@@ -1,0 +1,1 @@
+"""Production monitoring: drift of the traffic Keel answers (lifecycle.monitor.drift)."""
