@@ -20,6 +20,7 @@ from app.cli.evals import app as evals_app
 from app.cli.finetune import app as finetune_app
 from app.cli.ingest import ingest_command, search_command, snapshots_app
 from app.cli.prompts import app as prompts_app
+from app.cli.releases import app as release_app
 from app.core.errors import KeelError
 from app.settings import Settings, load_settings
 
@@ -37,6 +38,7 @@ app.add_typer(snapshots_app, name="snapshots", help="Ingest snapshots: list, sho
 app.add_typer(agent_app, name="agent", help="Agent workflows: run, runs, approvals.")
 app.add_typer(finetune_app, name="finetune", help="Fine-tuning: LoRA jobs, worker, adapter registry.")
 app.add_typer(evals_app, name="eval", help="Evaluations: run suites, gate on results, reports.")
+app.add_typer(release_app, name="release", help="Releases: A/B tests, canaries, shadows, blue/green.")
 app.command("ingest")(ingest_command)
 app.command("search")(search_command)
 
