@@ -1,9 +1,10 @@
-"""Prompt Studio: a static web page for prompt engineers, served by the API itself.
+"""Keel's web pages, served by the API itself: Prompt Studio (``/studio``) and Releases (``/releases``).
 
-The page is plain HTML, CSS and ES modules (no build step). It holds no privileges of its own:
-it asks for an API key (kept in the tab's ``sessionStorage``) and calls the public REST API —
-``/v1/prompts`` with ``prompts:write`` and ``/v1/chat/completions`` with ``chat`` — exactly
-as any other client would. The page and its assets are therefore served without auth.
+The pages are plain HTML, CSS and ES modules (no build step). They hold no privileges of their own:
+each asks for an API key (kept in the tab's ``sessionStorage``) and calls the public REST API —
+Prompt Studio ``/v1/prompts`` with ``prompts:write`` and ``/v1/chat/completions`` with ``chat``;
+Releases ``/v1/releases`` with ``releases`` — exactly as any other client would. The pages and their
+assets are therefore served without auth.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from fastapi.responses import FileResponse, RedirectResponse
 from app.core.errors import NotFound
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static" / "studio"
+RELEASES_DIR = STATIC_DIR.parent / "releases"
 
 _MEDIA_TYPES = {
     ".html": "text/html; charset=utf-8",
@@ -47,9 +49,9 @@ _PAGE_HEADERS = {
 router = APIRouter(tags=["studio"], include_in_schema=False)
 
 
-def _asset(path: str) -> Path:
-    """Resolve ``path`` inside the studio folder; anything else (``..``, odd types) is a 404."""
-    root = STATIC_DIR.resolve()
+def _asset(path: str, folder: Path = STATIC_DIR) -> Path:
+    """Resolve ``path`` inside a page's folder; anything else (``..``, odd types) is a 404."""
+    root = folder.resolve()
     candidate = (root / path).resolve()
     if (
         not path
@@ -58,7 +60,7 @@ def _asset(path: str) -> Path:
         or candidate.suffix not in _MEDIA_TYPES
         or not candidate.is_file()
     ):
-        raise NotFound(f"no studio asset {path!r}")
+        raise NotFound(f"no {folder.name} asset {path!r}")
     return candidate
 
 
@@ -75,4 +77,24 @@ async def studio_slash() -> RedirectResponse:
 @router.get("/studio/static/{path:path}")
 async def studio_asset(path: str) -> FileResponse:
     file = _asset(path)
+    return FileResponse(file, media_type=_MEDIA_TYPES[file.suffix], headers=_HEADERS)
+
+
+# Releases: every release's split and decision, live numbers and charts, pause / resume / promote / roll back.
+# Its charts use uPlot, vendored under static/releases/vendor (MIT, see uPlot.LICENSE.txt): no CDN at run time.
+
+
+@router.get("/releases")
+async def releases_page() -> FileResponse:
+    return FileResponse(RELEASES_DIR / "index.html", media_type=_MEDIA_TYPES[".html"], headers=_PAGE_HEADERS)
+
+
+@router.get("/releases/")
+async def releases_slash() -> RedirectResponse:
+    return RedirectResponse("/releases", status_code=308)
+
+
+@router.get("/releases/static/{path:path}")
+async def releases_asset(path: str) -> FileResponse:
+    file = _asset(path, RELEASES_DIR)
     return FileResponse(file, media_type=_MEDIA_TYPES[file.suffix], headers=_HEADERS)
