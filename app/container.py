@@ -118,7 +118,7 @@ class Container:
         chat = ChatService(settings, llm, metrics, prompts, Grounder(rag, prompts), guards, agents,
                            tracer=tracing.tracer, capture_content=settings.otel.capture_content)
         job_settings = settings.jobs
-        runner = JobRunner.from_settings(job_settings, settings.home)
+        runner = JobRunner.from_settings(job_settings, settings.home, tracer=tracing.tracer)
         jobs = IngestJobs(rag, settings.home / "uploads", runner)
         releases = serving = None
         if settings.releases.enabled:

@@ -49,6 +49,10 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import StatusCode, Tracer
+
 from app.core.errors import KeelError, ShuttingDown
 from app.jobs.queue import ACTIVE, Job, JobCancelled, JobQueue, LeaseLost, new_worker_id, open_queue, retire_worker
 from app.jobs.settings import JobSettings
@@ -132,7 +136,10 @@ class _Running:
 class JobRunner:
     def __init__(self, queue: JobQueue, *, worker_id: str | None = None, heartbeat_s: float = 10.0,
                  progress_interval_s: float = 1.0, poll_s: float = 1.0, shutdown_grace_s: float = 30.0,
-                 retention_s: float | None = None, close_queue: bool = True) -> None:
+                 retention_s: float | None = None, close_queue: bool = True, tracer: Tracer | None = None) -> None:
+        """``tracer``: each attempt of a job is a trace (``keel.job <kind>``); what the handler does (an eval run's
+        chats, an ingest's steps) nests under it."""
+        self.tracer = tracer or trace.NoOpTracer()
         self.queue = queue
         self.worker_id = worker_id or new_worker_id()
         self.heartbeat_s = heartbeat_s
@@ -152,8 +159,8 @@ class JobRunner:
         self._io = ThreadPoolExecutor(max_workers=4, thread_name_prefix="keel-jobs")
 
     @classmethod
-    def from_settings(cls, settings: JobSettings, home: Path) -> JobRunner:
-        return cls(open_queue(settings, home), heartbeat_s=settings.heartbeat_s,
+    def from_settings(cls, settings: JobSettings, home: Path, *, tracer: Tracer | None = None) -> JobRunner:
+        return cls(open_queue(settings, home), tracer=tracer, heartbeat_s=settings.heartbeat_s,
                    progress_interval_s=settings.progress_interval_s, poll_s=settings.poll_s,
                    shutdown_grace_s=settings.shutdown_grace_s,
                    retention_s=settings.retention_days * 86400 if settings.retention_days else None)
@@ -290,7 +297,11 @@ class JobRunner:
     async def _supervise(self, entry: _Running) -> None:
         job, ctx = entry.job, entry.ctx
         log.info("job %s (%s) started, attempt %d of %d", job.id, job.kind, job.attempts, job.max_attempts)
-        entry.task = asyncio.create_task(entry.kind.handler(job, ctx), name=f"keel-job-handler-{job.id}")
+        span = self.tracer.start_span(f"keel.job {job.kind}", context=otel_context.Context(), attributes={
+            "keel.job.id": job.id, "keel.job.kind": job.kind, "keel.job.attempt": job.attempts,
+            "keel.job.worker": self.worker_id})
+        with trace.use_span(span, end_on_exit=False):  # the handler's task (and its spans) runs under this span
+            entry.task = asyncio.create_task(entry.kind.handler(job, ctx), name=f"keel-job-handler-{job.id}")
         beat = asyncio.create_task(self._beat(entry))
         result: Mapping[str, Any] | None = None
         error: BaseException | None = None
@@ -310,6 +321,12 @@ class JobRunner:
                     await beat
             await self._record(entry, result, error, interrupted)
         finally:
+            outcome = ("error" if error is not None else "interrupted" if interrupted else
+                       entry.ctx.stop_reason or "succeeded")
+            span.set_attribute("keel.job.outcome", outcome)
+            if error is not None:
+                span.set_status(StatusCode.ERROR, str(error)[:500])
+            span.end()
             entry.kind.running.pop(job.id, None)
             self._wake.set()
             self._changed()

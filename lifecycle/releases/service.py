@@ -251,9 +251,9 @@ class ReleaseService:
             else:
                 verdict = controller.judge_ab(release, totals)
             if verdict.action == "hold":
-                if release.decision is None or release.decision.reason != verdict.reason:
-                    # the current reason is visible (CLI, page) without an audit row per tick
-                    self.store.note(release, verdict.reason, now=now)
+                if release.note != verdict.reason:
+                    # why it holds is visible (CLI, page) without an audit row per tick
+                    self.store.note(release, verdict.reason)
                 continue
             status, weights, step = _effect(release, verdict.action)
             decision = Decision(verdict.action, verdict.reason, now, "controller", release.step if step is None
@@ -338,7 +338,8 @@ def public(release: Release) -> dict[str, Any]:
     out = {"id": release.id, "name": release.name, "strategy": spec.strategy, "status": release.status,
            "unit": spec.unit, "baseline": spec.baseline, "candidate": spec.candidate, "weights": release.weights,
            "step": release.step, "step_started_at": release.step_started_at,
-           "decision": release.decision.public() if release.decision else None, "created_by": release.created_by,
+           "decision": release.decision.public() if release.decision else None, "note": release.note,
+           "created_by": release.created_by,
            "created_at": release.created_at, "updated_at": release.updated_at, "revision": release.revision,
            "spec_hash": spec.content_hash(), "spec": spec.model_dump(mode="json")}
     if spec.strategy == "canary":

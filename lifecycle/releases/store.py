@@ -56,11 +56,12 @@ class Release:
     weights: dict[str, float]
     step: int
     step_started_at: float
-    decision: Decision | None
+    decision: Decision | None  # the last change (by the controller or a person)
     created_by: str
     created_at: float
     updated_at: float
     revision: int
+    note: str | None = None  # why it holds where it is now (the controller's latest reading)
 
     @property
     def name(self) -> str:
@@ -147,7 +148,7 @@ class VariantTotals:
 
 
 _RELEASE_COLUMNS = ("id, spec, status, weights, step, step_started_at, decision, created_by, created_at, "
-                    "updated_at, revision")
+                    "updated_at, revision, note")
 _OBS_COLUMNS = ("release_id", "variant", "at", "response_id", "owner", "unit", "error", "blocked", "latency_ms",
                 "ttft_ms", "prompt_tokens", "completion_tokens", "redacted")
 _PAIR_COLUMNS = ("release_id", "variant", "at", "response_id", "question", "primary_text", "shadow_text",
@@ -156,11 +157,11 @@ _PAIR_COLUMNS = ("release_id", "variant", "at", "response_id", "question", "prim
 
 
 def _decode(row: Sequence[Any]) -> Release:
-    rid, spec, status, weights, step, started, decision, created_by, created_at, updated_at, revision = row
+    rid, spec, status, weights, step, started, decision, created_by, created_at, updated_at, revision, note = row
     d = json.loads(decision) if decision else None
     return Release(int(rid), ReleaseSpec.model_validate_json(spec), status, json.loads(weights), int(step),
                    float(started), Decision(**d) if d else None, created_by, float(created_at), float(updated_at),
-                   int(revision))
+                   int(revision), note)
 
 
 def _executemany(db: Any, sql: str, rows: Sequence[Sequence[Any]]) -> None:
@@ -264,10 +265,11 @@ class _SqlReleaseStore:
         new = replace(release, status=status or release.status, weights=weights or release.weights,
                       step=release.step if step is None else step,
                       step_started_at=now if step is not None and step != release.step else release.step_started_at,
-                      decision=decision, updated_at=now, revision=release.revision + 1)
+                      decision=decision, updated_at=now, revision=release.revision + 1, note=None)
         with self._state_tx() as db:
             cur = db.execute(self._q("UPDATE releases SET status = ?, weights = ?, step = ?, step_started_at = ?, "
-                                     "decision = ?, updated_at = ?, revision = ? WHERE id = ? AND revision = ?"),
+                                     "decision = ?, updated_at = ?, revision = ?, note = NULL "
+                                     "WHERE id = ? AND revision = ?"),
                              (new.status, json.dumps(new.weights), new.step, new.step_started_at,
                               json.dumps(decision.public()), now, new.revision, release.id, release.revision))
             if cur.rowcount != 1:
@@ -280,14 +282,12 @@ class _SqlReleaseStore:
                                                  "revision": new.revision}))
         return new
 
-    def note(self, release: Release, reason: str, *, now: float | None = None) -> None:
+    def note(self, release: Release, reason: str) -> None:
         """Why the release holds where it is, for whoever looks: no new revision, no audit row (a hold is the
         absence of a decision, re-stated on every check)."""
-        now = time.time() if now is None else now
-        decision = Decision("hold", reason, now, "controller", release.step)
         with self._tx() as db:
-            db.execute(self._q("UPDATE releases SET decision = ? WHERE id = ? AND revision = ?"),
-                       (json.dumps(decision.public()), release.id, release.revision))
+            db.execute(self._q("UPDATE releases SET note = ? WHERE id = ? AND revision = ?"),
+                       (reason, release.id, release.revision))
 
     def decisions(self, name: str, limit: int = 100) -> list[AuditEvent]:
         return self.audit_events(subject=name, limit=limit)

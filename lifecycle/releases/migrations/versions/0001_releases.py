@@ -27,6 +27,7 @@ def upgrade() -> None:
             step INTEGER NOT NULL DEFAULT 0,
             step_started_at {real} NOT NULL,
             decision TEXT,
+            note TEXT,
             created_by TEXT NOT NULL DEFAULT '',
             created_at {real} NOT NULL,
             updated_at {real} NOT NULL,

@@ -400,13 +400,10 @@ function renderDecision(r) {
       el("p", { class: "decision-reason", id: "decision-reason", text: d.reason || "(no reason given)" }),
     );
   }
-  // The controller re-states why it holds (a note, not a change): the last recorded change stays visible too.
-  const last = (r.decisions || [])[0];
-  if (last && !(d && d.action === last.action && d.reason === last.reason)) {
-    box.append(el("p", { class: "last-change small-text" },
-      el("span", { class: "muted", text: "Last change: " }), actionChip(last.action),
-      el("span", { class: "muted" }, last.actor ? ` by ${last.actor} · ` : " ", timeEl(last.at), " — "),
-      el("span", { class: "last-reason", text: last.reason || "(no reason given)" })));
+  // Why it holds where it is now: the controller's latest reading (a note, not a change).
+  if (r.note) {
+    box.append(el("p", { class: "last-change small-text", id: "decision-note" },
+      el("span", { class: "muted", text: "Now: " }), el("span", { class: "note-text", text: r.note })));
   }
   const steps = r.steps || null;
   $("steps").hidden = !steps;
