@@ -188,6 +188,8 @@ def render(r: dict[str, Any], *, decisions: int = 5, note: str | None = None) ->
     if step:
         parts.append(Text.from_markup(f"canary: {step}"))
     parts.append(Text.from_markup(f"decision: {_decision(r.get('decision'))}"))
+    if r.get("note") and r["status"] not in FINISHED:
+        parts.append(Text.from_markup(f"now: {escape(r['note'])}"))
     parts.append(variants_table(r))
     comparisons = comparisons_table(r)
     if comparisons is not None:
@@ -216,20 +218,26 @@ def render(r: dict[str, Any], *, decisions: int = 5, note: str | None = None) ->
     return Group(*parts)
 
 
+def _why(r: dict[str, Any]) -> str:
+    """Why the release is where it is: the controller's latest reading while it holds, else the last decision."""
+    if r.get("note") and r["status"] not in FINISHED:
+        return r["note"]
+    return (r.get("decision") or {}).get("reason") or ""
+
+
 def _summary(r: dict[str, Any]) -> str:
     """One line per state change, for logs (``watch`` when stdout is not a terminal)."""
-    d = r.get("decision") or {}
     step = f" step {r['step'] + 1}/{len(r['steps'])}" if r.get("steps") else ""
     return (f"{datetime.now().strftime('%H:%M:%S')} {escape(r['name'])} {_status(r['status'])}{step} "
-            f"{_weights(r)}: {escape(d.get('reason') or '')}")
+            f"{_weights(r)}: {escape(_why(r))}")
 
 
 def _state(r: dict[str, Any]) -> tuple:
     """What a log line is printed on: a move, or a reason that says something new; not its counters ticking
     ("collecting data (12/50 canary requests, 30/60 s)" is the same state as at 11/50)."""
     d = r.get("decision") or {}
-    return (r["status"], r["step"], tuple(r["weights"].items()), d.get("action"),
-            re.sub(r"\d+(\.\d+)?", "#", d.get("reason") or ""))
+    return (r["status"], r["step"], tuple(r["weights"].items()), d.get("action"), d.get("at"),
+            re.sub(r"\d+(\.\d+)?", "#", _why(r)))
 
 
 def _final(r: dict[str, Any]) -> None:
@@ -309,13 +317,15 @@ def list_(url: Url = None, api_key: Key = None) -> None:
     if not data:
         console.print("no releases yet: `keel release create -f spec.yaml`")
         return
-    table = Table("name", "strategy", "status", "weights", "step", "decision", "updated")
+    table = Table("name", "strategy", "status", "weights", "step", "decision (and why it holds now)", "updated")
     for r in data:
         d = r.get("decision") or {}
         step = f"{r['step'] + 1}/{len(r['steps'])}" if r.get("steps") else "-"
+        why = escape(f"{d.get('action', '')}: {d.get('reason', '')}" if d else "-")
+        if r.get("note") and r["status"] not in FINISHED:
+            why += f"\n[dim]now: {escape(r['note'])}[/dim]"
         table.add_row(f"[bold]{escape(r['name'])}[/bold]", r["strategy"], _status(r["status"]), _weights(r), step,
-                      escape(f"{d.get('action', '')}: {d.get('reason', '')}" if d else "-"),
-                      datetime.fromtimestamp(r["updated_at"]).strftime("%Y-%m-%d %H:%M:%S"))
+                      why, datetime.fromtimestamp(r["updated_at"]).strftime("%Y-%m-%d %H:%M:%S"))
     console.print(table)
 
 

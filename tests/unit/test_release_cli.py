@@ -60,7 +60,8 @@ class Server:
         self.built = threading.Event()
         self.error: BaseException | None = None
         self.server: uvicorn.Server | None = None
-        sock = socket.socket()
+        # proto IPPROTO_TCP: asyncio sets TCP_NODELAY only then (proto 0 leaves Nagle on: ~40 ms a response)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.bind(("127.0.0.1", 0))
         self.sock = sock
         self.port = sock.getsockname()[1]
@@ -232,7 +233,12 @@ def test_create_status_list_promote_rollback(server, keel, tmp_path) -> None:
     assert "sample ratio: ok" in out
     _when, action, actor, reason = row(keel.raw, "20")  # recent decisions: the creation, by whom and why
     assert (action, reason) == ("create", "try m2") and actor.startswith("rel [")
-    assert "decision: hold by controller" in out or "decision: create by rel" in out
+    assert "decision: create by rel" in out  # the last change; and the controller's reading, once it has looked:
+    deadline = time.monotonic() + 10
+    while server.container.releases.get("cli-ab").note is None:
+        assert time.monotonic() < deadline, "the controller never looked at cli-ab"
+        time.sleep(0.05)
+    assert "now: running; promote a variant when its numbers convince you" in keel("status", "cli-ab")
 
     out = keel("list")
     assert "cli-ab" in out and "running" in out
@@ -344,3 +350,22 @@ def test_url_and_key_default_to_the_settings_and_the_dev_key(server, keel, tmp_p
     out = keel("list", url=False)
     assert "cli-dev" in out
     keel("rollback", "cli-dev", "--reason", "x", url=False)
+
+
+def test_watch_rides_out_an_api_restart(tmp_path, monkeypatch) -> None:
+    """The API going away mid-watch is a note on the screen and another try, not the end of the watch."""
+    own = Server(tmp_path / "home").start()
+    try:
+        monkeypatch.setenv("KEEL_API_KEY", own.keys["rel"])
+        monkeypatch.setattr(cli, "console", Console(width=250, highlight=False))
+        path = write(tmp_path, "r.yaml", {"name": "cli-restart", "strategy": "ab", "variants": TWO})
+        assert runner.invoke(keel_app, ["release", "create", "-f", path, "--url", own.url]).exit_code == 0
+        threading.Timer(0.6, own.stop).start()
+        result = runner.invoke(keel_app, ["release", "watch", "cli-restart", "--url", own.url, "--interval", "0.2",
+                                          "--timeout", "2"])
+    finally:
+        own.stop()
+    out = " ".join(result.output.split())
+    assert result.exit_code == 3, result.output
+    assert f"cannot reach {own.url}" in out and "retrying" in out and "Traceback" not in result.output
+    assert "cli-restart is still running after 2 s" in out
