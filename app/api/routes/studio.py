@@ -1,10 +1,11 @@
-"""Keel's web pages, served by the API itself: Prompt Studio (``/studio``) and Releases (``/releases``).
+"""Keel's web pages, served by the API itself: Prompt Studio (``/studio``), Releases (``/releases``) and Traces
+(``/traces``).
 
 The pages are plain HTML, CSS and ES modules (no build step). They hold no privileges of their own:
 each asks for an API key (kept in the tab's ``sessionStorage``) and calls the public REST API —
 Prompt Studio ``/v1/prompts`` with ``prompts:write`` and ``/v1/chat/completions`` with ``chat``;
-Releases ``/v1/releases`` with ``releases`` — exactly as any other client would. The pages and their
-assets are therefore served without auth.
+Releases ``/v1/releases`` with ``releases``; Traces ``/v1/traces`` with ``admin`` and ``/v1/lineage`` — exactly as
+any other client would. The pages and their assets are therefore served without auth.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from app.core.errors import NotFound
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static" / "studio"
 RELEASES_DIR = STATIC_DIR.parent / "releases"
+TRACES_DIR = STATIC_DIR.parent / "traces"
 
 _MEDIA_TYPES = {
     ".html": "text/html; charset=utf-8",
@@ -97,4 +99,24 @@ async def releases_slash() -> RedirectResponse:
 @router.get("/releases/static/{path:path}")
 async def releases_asset(path: str) -> FileResponse:
     file = _asset(path, RELEASES_DIR)
+    return FileResponse(file, media_type=_MEDIA_TYPES[file.suffix], headers=_HEADERS)
+
+
+# Traces: recent traces as a list, one trace as a waterfall with its spans' attributes and events, and the lineage
+# of a chat answer (GET /v1/traces needs an admin key; the page itself holds none).
+
+
+@router.get("/traces")
+async def traces_page() -> FileResponse:
+    return FileResponse(TRACES_DIR / "index.html", media_type=_MEDIA_TYPES[".html"], headers=_PAGE_HEADERS)
+
+
+@router.get("/traces/")
+async def traces_slash() -> RedirectResponse:
+    return RedirectResponse("/traces", status_code=308)
+
+
+@router.get("/traces/static/{path:path}")
+async def traces_asset(path: str) -> FileResponse:
+    file = _asset(path, TRACES_DIR)
     return FileResponse(file, media_type=_MEDIA_TYPES[file.suffix], headers=_HEADERS)
