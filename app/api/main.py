@@ -20,7 +20,8 @@ from app.settings import Settings, load_settings
 
 log = logging.getLogger("keel")
 # Probes, metrics scrapes and the web pages' static files (not /v1/...): no trace for them.
-_UNTRACED = r"/healthz$,/readyz$,/metrics$,://[^/]+/studio(/|$),://[^/]+/releases(/|$),://[^/]+/traces(/|$)"
+_UNTRACED = (r"/healthz$,/readyz$,/metrics$,://[^/]+/studio(/|$),://[^/]+/releases(/|$),://[^/]+/traces(/|$),"
+             r"/v1/traces(/|\?|$)")  # reading traces must not make more of them
 
 
 def create_app(settings: Settings | None = None, container: Container | None = None) -> FastAPI:

@@ -19,6 +19,8 @@ from app.cli.common import DEV_KEY_FILE, dev_key, fail
 from app.cli.evals import app as evals_app
 from app.cli.finetune import app as finetune_app
 from app.cli.ingest import ingest_command, search_command, snapshots_app
+from app.cli.observe import lineage as lineage_command
+from app.cli.observe import traces_app
 from app.cli.prompts import app as prompts_app
 from app.cli.releases import app as release_app
 from app.core.errors import KeelError
@@ -39,6 +41,8 @@ app.add_typer(agent_app, name="agent", help="Agent workflows: run, runs, approva
 app.add_typer(finetune_app, name="finetune", help="Fine-tuning: LoRA jobs, worker, adapter registry.")
 app.add_typer(evals_app, name="eval", help="Evaluations: run suites, gate on results, reports.")
 app.add_typer(release_app, name="release", help="Releases: A/B tests, canaries, shadows, blue/green.")
+app.add_typer(traces_app, name="traces", help="Traces: list recent ones, show one as a waterfall.")
+app.command("lineage")(lineage_command)
 app.command("ingest")(ingest_command)
 app.command("search")(search_command)
 
