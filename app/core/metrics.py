@@ -65,6 +65,22 @@ class Metrics:
             "keel_release_judged_total", "Answers of release variants scored by the online judge, by outcome "
             "(scored, failed, skipped: its queue was full)", ["release", "variant", "outcome"], registry=r,
         )
+        # The drift monitor (lifecycle.monitor.drift): the latest check's verdict per check, and every run.
+        self.drift_detected = Gauge(
+            "keel_drift_detected", "1 when the latest drift check found this check drifted, 0 when it ran and did "
+            "not (input_embedding, topic_mix, question_length, refusal, guard:<validator>, ...)", ["check"],
+            registry=r,
+        )
+        self.drift_share = Gauge(
+            "keel_drift_share", "Share of the latest drift check's tests that drifted (0..1)", registry=r,
+        )
+        self.drift_runs = Counter(
+            "keel_drift_runs_total", "Drift checks by outcome (drift, no_drift, not_enough_data, error)", ["outcome"],
+            registry=r,
+        )
+        self.drift_last_run = Gauge(
+            "keel_drift_last_run_timestamp_seconds", "Unix time of the latest completed drift check", registry=r,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -1,0 +1,32 @@
+"""Drift check results: one row per check, the whole result as JSON.
+
+Revision ID: 0001
+Revises: (none)
+"""
+
+from alembic import op
+
+revision = "0001"
+down_revision = None
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    op.execute("""
+        CREATE TABLE IF NOT EXISTS drift_checks (
+            id TEXT PRIMARY KEY,
+            created REAL NOT NULL,
+            actor TEXT NOT NULL DEFAULT '',
+            verdict TEXT NOT NULL,
+            drift_share REAL,
+            reference_kind TEXT NOT NULL,
+            current_rows INTEGER NOT NULL,
+            reference_rows INTEGER NOT NULL,
+            result TEXT NOT NULL
+        )""")
+    op.execute("CREATE INDEX IF NOT EXISTS drift_checks_created ON drift_checks (created)")
+
+
+def downgrade() -> None:
+    op.execute("DROP TABLE IF EXISTS drift_checks")
