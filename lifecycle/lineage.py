@@ -18,11 +18,8 @@ import contextlib
 import json
 import logging
 import random
-import sqlite3
-import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -30,9 +27,9 @@ from typing import Any
 import numpy as np
 
 from app.core.audit import BufferedWriter
-from app.core.db import enable_wal, write_transaction
-from app.core.errors import InvalidRequest, NotFound, StoreUnavailable
-from app.core.migrate import Migrations, upgrade_sqlite
+from app.core.db import SqliteFile
+from app.core.errors import InvalidRequest, NotFound
+from app.core.migrate import Migrations
 from app.core.types import Citations, Finished, Started, TextDelta, Usage
 from app.guardrails.types import GuardrailBlocked, GuardrailRedaction, GuardrailRetraction, event_payload
 from app.llm.routing import RoutingTable
@@ -88,28 +85,13 @@ class LineageStore:
     """``<home>/lineage.db``: one JSON document per completion id."""
 
     def __init__(self, path: Path | str) -> None:
-        self.path = str(path)
-        memory = self.path == ":memory:"
-        if not memory:
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
-        self._lock = threading.Lock()
-        with self._errors():
-            if not memory:
-                enable_wal(self._db)
-            upgrade_sqlite(self._db, MIGRATIONS)
-
-    @contextmanager
-    def _errors(self) -> Iterator[None]:
-        try:
-            yield
-        except sqlite3.OperationalError as e:
-            raise StoreUnavailable(f"the lineage store at {self.path} is unavailable ({e})") from None
+        self._file = SqliteFile(path, MIGRATIONS, what="the lineage store")
+        self.path = self._file.path
 
     def write(self, records: Sequence[dict[str, Any]], features: Sequence[Features] = ()) -> None:
         rows = [(r["id"], r.get("request_id") or "", r["created"], r.get("owner") or "",
                  json.dumps(r, sort_keys=True, separators=(",", ":"), default=str)) for r in records]
-        with self._errors(), write_transaction(self._db, self._lock) as db:
+        with self._file.tx() as db:
             db.executemany("INSERT INTO lineage (id, request_id, created, owner, record) VALUES (?, ?, ?, ?, ?) "
                            "ON CONFLICT (id) DO UPDATE SET record = excluded.record", rows)
             db.executemany(f"INSERT OR REPLACE INTO features ({', '.join(FEATURE_COLUMNS)}) VALUES "
@@ -127,8 +109,7 @@ class LineageStore:
                 args.append(value)
         sql = (f"SELECT {', '.join(FEATURE_COLUMNS)} FROM (SELECT * FROM features WHERE {' AND '.join(where)} "
                "ORDER BY at DESC LIMIT ?) ORDER BY at")
-        with self._errors(), self._lock:
-            rows = self._db.execute(sql, (*args, limit)).fetchall()
+        rows = self._file.read(sql, (*args, limit))
         out = []
         for r in rows:
             f = dict(zip(FEATURE_COLUMNS, r, strict=True))
@@ -136,19 +117,15 @@ class LineageStore:
         return out
 
     def get(self, completion_id: str) -> dict[str, Any] | None:
-        with self._errors(), self._lock:
-            row = self._db.execute("SELECT record FROM lineage WHERE id = ?", (completion_id,)).fetchone()
-        return json.loads(row[0]) if row else None
+        rows = self._file.read("SELECT record FROM lineage WHERE id = ?", (completion_id,))
+        return json.loads(rows[0][0]) if rows else None
 
     def recent(self, *, owner: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
         sql = "SELECT record FROM lineage" + (" WHERE owner = ?" if owner else "") + " ORDER BY created DESC LIMIT ?"
-        with self._errors(), self._lock:
-            rows = self._db.execute(sql, (owner, limit) if owner else (limit,)).fetchall()
-        return [json.loads(r[0]) for r in rows]
+        return [json.loads(r[0]) for r in self._file.read(sql, (owner, limit) if owner else (limit,))]
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        self._file.close()
 
 
 class LineageRecorder:

@@ -7,9 +7,11 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from app.core.errors import StoreUnavailable
+from app.core.migrate import Migrations, upgrade_sqlite
 
 
 @contextmanager
@@ -25,6 +27,65 @@ def write_transaction(db: sqlite3.Connection, lock: threading.Lock) -> Iterator[
             db.execute("ROLLBACK")
             raise
         db.execute("COMMIT")
+
+
+class SqliteFile:
+    """The plumbing a SQLite-backed Keel store shares: one file in WAL mode (or ``:memory:``), its schema brought
+    to head by its Alembic ``migrations`` on open (after ``before``, e.g. the audit table), writes in
+    :func:`write_transaction` (the write lock taken up front), reads on a connection of their own (WAL readers
+    never wait for a writer), and every driver error as the store's 503 ``store_unavailable`` naming ``what``."""
+
+    def __init__(self, path: Any, migrations: Migrations | None, *, what: str, timeout_s: float = 30.0,
+                 before: Callable[[sqlite3.Connection], object] | None = None) -> None:
+        self.path = str(path)
+        self.what = what
+        memory = self.path == ":memory:"
+        if not memory:
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=timeout_s)
+        self.lock = threading.Lock()
+        with self.errors():
+            if not memory:
+                enable_wal(self.db)
+            if before is not None:
+                before(self.db)
+            if migrations is not None:
+                upgrade_sqlite(self.db, migrations)
+            # ``:memory:`` is one database per connection: there, reads share the writer's connection.
+            self._reader = self.db if memory else sqlite3.connect(self.path, check_same_thread=False,
+                                                                  isolation_level=None, timeout=5)
+        self._rlock = self.lock if memory else threading.Lock()
+
+    @contextmanager
+    def errors(self) -> Iterator[None]:
+        try:
+            yield
+        except sqlite3.OperationalError as e:  # locked past the busy timeout, unreadable file, full disk
+            raise StoreUnavailable(f"{self.what} at {self.path} is unavailable ({e})") from None
+
+    @contextmanager
+    def tx(self) -> Iterator[sqlite3.Connection]:
+        with self.errors(), write_transaction(self.db, self.lock) as db:
+            yield db
+
+    def read(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        with self.errors(), self._rlock:
+            return self._reader.execute(sql, tuple(args)).fetchall()
+
+    def read_all(self, *queries: tuple[str, Sequence[Any]]) -> list[list[tuple[Any, ...]]]:
+        """Several reads from one snapshot."""
+        with self.errors(), self._rlock:
+            self._reader.execute("BEGIN")
+            try:
+                return [self._reader.execute(sql, tuple(args)).fetchall() for sql, args in queries]
+            finally:
+                self._reader.execute("COMMIT")
+
+    def close(self) -> None:
+        with self.lock:
+            if self._reader is not self.db:
+                self._reader.close()
+            self.db.close()
 
 
 def enable_wal(conn: sqlite3.Connection, *, timeout_s: float = 30.0) -> None:

@@ -18,11 +18,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sqlite3
-import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +31,9 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, Spa
 from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 from opentelemetry.trace import Span, Tracer
 
-from app.core.db import enable_wal, write_transaction
-from app.core.errors import InvalidRequest, StoreUnavailable
-from app.core.migrate import Migrations, upgrade_sqlite
+from app.core.db import SqliteFile
+from app.core.errors import InvalidRequest
+from app.core.migrate import Migrations
 from app.core.settings import OtelSettings
 
 log = logging.getLogger("keel.tracing")
@@ -67,29 +64,14 @@ class SpanStore:
     """Spans by trace, in SQLite. Readers and the exporter thread share one connection under a lock."""
 
     def __init__(self, path: Path | str, *, retention_days: float = 7.0) -> None:
-        self.path = str(path)
+        self._file = SqliteFile(path, MIGRATIONS, what="the trace store", timeout_s=10)
+        self.path = self._file.path
         self.retention_s = retention_days * 86_400
-        memory = self.path == ":memory:"
-        if not memory:
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=10)
-        self._lock = threading.Lock()
         self._pruned = 0.0
-        with self._errors():
-            if not memory:
-                enable_wal(self._db)
-            upgrade_sqlite(self._db, MIGRATIONS)
-
-    @contextmanager
-    def _errors(self) -> Iterator[None]:
-        try:
-            yield
-        except sqlite3.OperationalError as e:
-            raise StoreUnavailable(f"the trace store at {self.path} is unavailable ({e})") from None
 
     def write(self, spans: Sequence[ReadableSpan]) -> None:
         rows = [_row(s) for s in spans]
-        with self._errors(), write_transaction(self._db, self._lock) as db:
+        with self._file.tx() as db:
             db.executemany("INSERT OR REPLACE INTO spans (span_id, trace_id, parent_id, name, kind, start_ns, "
                            "end_ns, status, status_message, attributes, events, service, response_id, request_id) "
                            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
@@ -114,28 +96,25 @@ class SpanStore:
         sql = (f"SELECT t.trace_id, MIN(t.start_ns), MAX(t.end_ns), COUNT(*), "
                f"SUM(CASE WHEN t.status = 'ERROR' THEN 1 ELSE 0 END), MAX(t.response_id), MAX(t.request_id) "
                f"FROM spans t WHERE {' AND '.join(where)} GROUP BY t.trace_id ORDER BY MIN(t.start_ns) DESC LIMIT ?")
-        with self._errors(), self._lock:
-            rows = self._db.execute(sql, (*args, limit)).fetchall()
-            roots = {r[0]: r[1] for r in self._db.execute(
-                f"SELECT trace_id, name FROM spans WHERE parent_id IS NULL AND trace_id IN "
-                f"({', '.join('?' * len(rows))})", [r[0] for r in rows]).fetchall()} if rows else {}
+        rows = self._file.read(sql, (*args, limit))
+        roots = {r[0]: r[1] for r in self._file.read(
+            f"SELECT trace_id, name FROM spans WHERE parent_id IS NULL AND trace_id IN ({', '.join('?' * len(rows))})",
+            [r[0] for r in rows])} if rows else {}
         return [{"trace_id": tid, "root": roots.get(tid), "start_ns": start, "duration_ms": (end - start) / 1e6,
                  "spans": n, "errors": int(err or 0), "response_id": resp, "request_id": req}
                 for tid, start, end, n, err, resp, req in rows]
 
     def trace(self, trace_id: str) -> list[dict[str, Any]]:
-        with self._errors(), self._lock:
-            rows = self._db.execute(
-                "SELECT span_id, parent_id, name, kind, start_ns, end_ns, status, status_message, attributes, events, "
-                "service FROM spans WHERE trace_id = ? ORDER BY start_ns", (trace_id,)).fetchall()
+        rows = self._file.read(
+            "SELECT span_id, parent_id, name, kind, start_ns, end_ns, status, status_message, attributes, events, "
+            "service FROM spans WHERE trace_id = ? ORDER BY start_ns", (trace_id,))
         return [{"span_id": sid, "parent_id": pid, "name": name, "kind": kind, "start_ns": start, "end_ns": end,
                  "duration_ms": (end - start) / 1e6, "status": status, "status_message": msg,
                  "attributes": json.loads(attrs), "events": json.loads(events), "service": service}
                 for sid, pid, name, kind, start, end, status, msg, attrs, events, service in rows]
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        self._file.close()
 
 
 def _row(s: ReadableSpan) -> tuple[Any, ...]:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sqlite3
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -28,9 +27,9 @@ from typing import Any, Protocol
 
 from app.core import audit
 from app.core.audit import AuditEvent
-from app.core.db import PostgresPool, enable_wal, write_transaction
+from app.core.db import PostgresPool, SqliteFile
 from app.core.errors import Conflict, InvalidRequest, StoreUnavailable
-from app.core.migrate import Migrations, upgrade_postgres, upgrade_sqlite
+from app.core.migrate import Migrations, upgrade_postgres
 from app.core.settings import BackendSettings, CoreConfig, ModelAlias
 
 log = logging.getLogger("keel.routing")
@@ -163,51 +162,20 @@ class SqliteRoutingStore(_SqlRoutingStore):
     write waiting for another process's lock never holds up a read (WAL readers do not wait for writers)."""
 
     def __init__(self, path: Path | str) -> None:
-        self.path = str(path)
-        memory = self.path == ":memory:"
-        if not memory:
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
-        self._lock = threading.Lock()
-        with self._errors():
-            if not memory:
-                enable_wal(self._db)
-            audit.ensure_schema_sqlite(self._db)
-            upgrade_sqlite(self._db, MIGRATIONS)
-            # ``:memory:`` is one database per connection: there, reads share the writer's connection.
-            self._reader = self._db if memory else sqlite3.connect(self.path, check_same_thread=False,
-                                                                   isolation_level=None, timeout=5)
-        self._rlock = self._lock if memory else threading.Lock()
+        self._file = SqliteFile(path, MIGRATIONS, what="the routing table", before=audit.ensure_schema_sqlite)
+        self.path = self._file.path
 
-    @contextmanager
-    def _errors(self) -> Iterator[None]:
-        try:
-            yield
-        except sqlite3.OperationalError as e:  # locked past the busy timeout, unreadable file, full disk
-            raise StoreUnavailable(f"the routing table at {self.path} is unavailable ({e})") from None
-
-    @contextmanager
-    def _tx(self) -> Iterator[Any]:
-        with self._errors(), write_transaction(self._db, self._lock) as db:
-            yield db
+    def _tx(self):
+        return self._file.tx()
 
     def _read(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-        with self._errors(), self._rlock:
-            return self._reader.execute(sql, args).fetchall()
+        return self._file.read(sql, args)
 
     def _read_all(self, *queries: tuple[str, tuple[Any, ...]]) -> list[list[tuple[Any, ...]]]:
-        with self._errors(), self._rlock:
-            self._reader.execute("BEGIN")
-            try:
-                return [self._reader.execute(sql, args).fetchall() for sql, args in queries]
-            finally:
-                self._reader.execute("COMMIT")
+        return self._file.read_all(*queries)
 
     def close(self) -> None:
-        with self._lock:
-            if self._reader is not self._db:
-                self._reader.close()
-            self._db.close()
+        self._file.close()
 
 
 class PostgresRoutingStore(_SqlRoutingStore):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -21,9 +20,9 @@ from typing import Any, Literal
 
 from app.core import audit
 from app.core.audit import AuditEvent
-from app.core.db import PostgresPool, enable_wal, write_transaction
-from app.core.errors import Conflict, NotFound, StoreUnavailable
-from app.core.migrate import Migrations, upgrade_postgres, upgrade_sqlite
+from app.core.db import PostgresPool, SqliteFile
+from app.core.errors import Conflict, NotFound
+from app.core.migrate import Migrations, upgrade_postgres
 from lifecycle.releases.spec import ReleaseSpec
 
 MIGRATIONS = Migrations(Path(__file__).with_name("migrations"), "alembic_version_releases",
@@ -420,42 +419,17 @@ class SqliteReleaseStore(_SqlReleaseStore):
     """One file in WAL mode; writes take the write lock up front, reads use a connection of their own."""
 
     def __init__(self, path: Path | str) -> None:
-        self.path = str(path)
-        memory = self.path == ":memory:"
-        if not memory:
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
-        self._lock = threading.Lock()
-        with self._errors():
-            if not memory:
-                enable_wal(self._db)
-            audit.ensure_schema_sqlite(self._db)
-            upgrade_sqlite(self._db, MIGRATIONS)
-            self._reader = self._db if memory else sqlite3.connect(self.path, check_same_thread=False,
-                                                                   isolation_level=None, timeout=5)
-        self._rlock = self._lock if memory else threading.Lock()
+        self._file = SqliteFile(path, MIGRATIONS, what="the release store", before=audit.ensure_schema_sqlite)
+        self.path = self._file.path
 
-    @contextmanager
-    def _errors(self) -> Iterator[None]:
-        try:
-            yield
-        except sqlite3.OperationalError as e:
-            raise StoreUnavailable(f"the release store at {self.path} is unavailable ({e})") from None
-
-    @contextmanager
-    def _tx(self) -> Iterator[Any]:
-        with self._errors(), write_transaction(self._db, self._lock) as db:
-            yield db
+    def _tx(self):
+        return self._file.tx()
 
     def _read(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        with self._errors(), self._rlock:
-            return self._reader.execute(sql, tuple(args)).fetchall()
+        return self._file.read(sql, args)
 
     def close(self) -> None:
-        with self._lock:
-            if self._reader is not self._db:
-                self._reader.close()
-            self._db.close()
+        self._file.close()
 
 
 class PostgresReleaseStore(_SqlReleaseStore):

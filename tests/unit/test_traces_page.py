@@ -164,8 +164,9 @@ async def test_the_names_the_page_relies_on_are_what_the_server_records(tmp_path
         await container.aclose()
     own = re.search(r"const OWN_READS = /(.+)/;", (JS / "main.js").read_text()).group(1).replace("\\/", "/")
     reads = {root for root in roots if root and root.startswith("GET /v1/traces")}
-    assert reads == {"GET /v1/traces", "GET /v1/traces/{trace_id}"}
-    assert all(re.fullmatch(own.strip("^$"), root) for root in reads)
+    assert reads == set()  # the server does not trace reads of the trace store (app/api/main.py _UNTRACED)
+    # the page's filter (for stores written before that) matches them and nothing else
+    assert all(re.fullmatch(own.strip("^$"), r) for r in ("GET /v1/traces", "GET /v1/traces/{trace_id}"))
     assert not re.fullmatch(own.strip("^$"), "POST /v1/chat/completions")
     model = next(s for s in spans if s["kind"] == "CLIENT")
     span_js = (JS / "span.js").read_text()
