@@ -8,18 +8,15 @@ from __future__ import annotations
 
 import json
 import re
-import sqlite3
-import threading
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from app.core import audit
 from app.core.audit import AuditEvent
-from app.core.db import enable_wal, write_transaction
-from app.core.errors import InvalidRequest, StoreUnavailable
-from app.core.migrate import Migrations, upgrade_sqlite
+from app.core.db import SqliteFile
+from app.core.errors import InvalidRequest
+from app.core.migrate import Migrations
 
 MIGRATIONS = Migrations(Path(__file__).with_name("migrations"), "alembic_version_monitor")
 TRAIL = "monitor"
@@ -39,24 +36,8 @@ class DriftStore:
     """Drift check results (JSON documents) with their audit trail."""
 
     def __init__(self, path: Path | str) -> None:
-        self.path = str(path)
-        memory = self.path == ":memory:"
-        if not memory:
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
-        self._lock = threading.Lock()
-        with self._errors():
-            if not memory:
-                enable_wal(self._db)
-            audit.ensure_schema_sqlite(self._db)
-            upgrade_sqlite(self._db, MIGRATIONS)
-
-    @contextmanager
-    def _errors(self) -> Iterator[None]:
-        try:
-            yield
-        except sqlite3.OperationalError as e:
-            raise StoreUnavailable(f"the drift monitor's store at {self.path} is unavailable ({e})") from None
+        self._file = SqliteFile(path, MIGRATIONS, what="the drift monitor's store", before=audit.ensure_schema_sqlite)
+        self.path = self._file.path
 
     def add(self, result: Mapping[str, Any], event: AuditEvent | None = None) -> None:
         """Store one result (``DriftResult.public()``) and, in the same transaction, its audit event."""
@@ -64,16 +45,15 @@ class DriftStore:
                result.get("drift_share"), result["reference"]["kind"], int(result["current"]["rows"]),
                int(result["reference"]["rows"]),
                json.dumps(result, sort_keys=True, separators=(",", ":"), default=str))
-        with self._errors(), write_transaction(self._db, self._lock) as db:
+        with self._file.tx() as db:
             db.execute("INSERT INTO drift_checks (id, created, actor, verdict, drift_share, reference_kind, "
                        "current_rows, reference_rows, result) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
             if event is not None:
                 audit.append(db, event)
 
     def get(self, check: str) -> dict[str, Any] | None:
-        with self._errors(), self._lock:
-            row = self._db.execute("SELECT result FROM drift_checks WHERE id = ?", (check,)).fetchone()
-        return json.loads(row[0]) if row else None
+        rows = self._file.read("SELECT result FROM drift_checks WHERE id = ?", (check,))
+        return json.loads(rows[0][0]) if rows else None
 
     def list(self, *, limit: int = 50, before: float | None = None, verdict: str | None = None,
              reference_kind: str | None = None) -> list[dict[str, Any]]:
@@ -85,15 +65,12 @@ class DriftStore:
                 where.append(clause)
                 args.append(value)
         sql = f"SELECT result FROM drift_checks WHERE {' AND '.join(where)} ORDER BY created DESC, id DESC LIMIT ?"
-        with self._errors(), self._lock:
-            rows = self._db.execute(sql, (*args, int(limit))).fetchall()
-        return [json.loads(r[0]) for r in rows]
+        return [json.loads(r[0]) for r in self._file.read(sql, (*args, int(limit)))]
 
     def audit_events(self, *, limit: int = 50) -> list[AuditEvent]:
         """This store's audit trail, newest first."""
-        with self._errors(), self._lock:
-            return audit.query(self._db, trail=TRAIL, limit=limit)
+        sql, args = audit.select(trail=TRAIL, limit=limit)
+        return [audit.decode(r) for r in self._file.read(sql, args)]
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        self._file.close()
