@@ -39,6 +39,7 @@ _STATUS_COLORS = {"running": "cyan", "paused": "yellow", "promoted": "green", "r
                   "stopped": "red"}
 _STATE_COLORS = {"pass": "green", "fail": "red", "inconclusive": "yellow", "insufficient": "dim"}
 _MS_METRICS = {"latency_ms", "ttft_ms"}
+_SCORE_METRICS = {"judge_score"}
 _EXIT_INVALID_SPEC = 2
 _EXIT_TIMEOUT = 3
 _EXIT_INTERRUPTED = 130
@@ -136,19 +137,26 @@ def _decision(d: dict[str, Any] | None) -> str:
     return f"[bold]{escape(d['action'])}[/bold]{who}, {_age(d.get('at'))}: {escape(d.get('reason') or '')}"
 
 
+def _signed(metric: str, x: float) -> str:
+    """A difference in the metric's unit: milliseconds, a judge's score (0..1), or percentage points of a rate."""
+    if metric in _MS_METRICS:
+        return f"{x:+.1f}"
+    return f"{x:+.3f}" if metric in _SCORE_METRICS else f"{x * 100:+.2f}"
+
+
+def _unit(metric: str) -> str:
+    return " ms" if metric in _MS_METRICS else "" if metric in _SCORE_METRICS else " pp"
+
+
 def _diff(metric: str, x: float | None) -> str:
-    if x is None:
-        return "-"
-    return f"{x:+.1f} ms" if metric in _MS_METRICS else f"{x * 100:+.2f} pp"
+    return "-" if x is None else f"{_signed(metric, x)}{_unit(metric)}"
 
 
 def _ci(metric: str, ci: list[float] | None) -> str:
     if not ci:
         return "-"
     lo, hi = ci
-    if metric in _MS_METRICS:
-        return f"[{lo:+.1f}, {hi:+.1f}] ms"
-    return f"[{lo * 100:+.2f}, {hi * 100:+.2f}] pp"
+    return f"[{_signed(metric, lo)}, {_signed(metric, hi)}]{_unit(metric)}"
 
 
 def variants_table(r: dict[str, Any]) -> Table:
