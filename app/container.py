@@ -39,6 +39,7 @@ from finetune.service import FinetuneService
 from ingest import build_rag
 from ingest.factory import RagServices
 from lifecycle.lineage import Lineage, LineageRecorder, LineageStore
+from lifecycle.monitor.drift import DriftMonitor, build_monitor
 from lifecycle.releases.service import ReleaseService
 from lifecycle.releases.serving import ReleaseGateway, variant_check
 from lifecycle.releases.serving import prompt_gate as release_gate
@@ -75,6 +76,7 @@ class Container:
     front: LineageRecorder | None = None
     lineage: Lineage | None = None
     tracing: Tracing | None = None
+    monitor: DriftMonitor | None = None
 
     @classmethod
     async def build(
@@ -141,9 +143,10 @@ class Container:
         lineage = Lineage(front, verdicts=_verdicts(guards), prompt_runs=lambda name, version: [
             _run(r) for r in eval_store.prompt_runs(name, version)], adapter=_deployed(finetune),
             feedback=releases.store.feedback_for if releases is not None else None)
+        monitor = build_monitor(settings, front.store, metrics, rag.embedder, releases=releases, flush=front.flush)
         container = cls(settings, metrics, keys, RateLimiter(), llm, chat, prompts, rag, jobs, guards, agents, finetune,
                         eval_store, jobs=runner, releases=releases, serving=serving, front=front, lineage=lineage,
-                        tracing=tracing)
+                        tracing=tracing, monitor=monitor)
         EvalJobs(container.eval_deps).register(runner, slots=job_settings.eval_slots)
         if embedder is not None:
             async def close_embedder() -> None:
@@ -167,6 +170,11 @@ class Container:
         every process may run it: a decision lands once)."""
         if self.releases is not None:
             self._background(self._decide_releases())
+
+    def start_drift_monitor(self) -> None:
+        """Compare the last ``monitor.window_s`` of traffic with its reference every ``monitor.interval_s``."""
+        if self.monitor is not None and self.settings.monitor.interval_s > 0:
+            self._background(self.monitor.loop())
 
     async def _decide_releases(self) -> None:
         interval = self.settings.releases.decide_interval_s
@@ -215,6 +223,7 @@ class Container:
             task.cancel()
         steps: list[tuple[str, Callable[[], object]]] = [
             *((("jobs", self.jobs.aclose),) if self.jobs is not None else ()), ("agents", self.agents.aclose),
+            *((("drift monitor", self.monitor.close),) if self.monitor is not None else ()),
             *((("lineage", self.front.close),) if self.front is not None else ()),
             *((("release shadows", self.serving.aclose),) if self.serving is not None else ()),
             *((("releases", self.releases.close),) if self.releases is not None else ()),

@@ -11,7 +11,20 @@ from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 
 from app.api.errors import install_error_handlers
 from app.api.middleware import RequestContextMiddleware
-from app.api.routes import admin, agents, chat, evals, finetune, lineage, rag, releases, studio, system, traces
+from app.api.routes import (
+    admin,
+    agents,
+    chat,
+    evals,
+    finetune,
+    lineage,
+    monitor,
+    rag,
+    releases,
+    studio,
+    system,
+    traces,
+)
 from app.api.routes import prompts as prompt_routes
 from app.container import Container
 from app.core.metrics import Metrics
@@ -43,6 +56,7 @@ def create_app(settings: Settings | None = None, container: Container | None = N
         if app.state.keel.jobs is not None:
             await app.state.keel.jobs.start()  # runs the jobs a stopped process left queued or running
         app.state.keel.start_release_controller()
+        app.state.keel.start_drift_monitor()
         try:
             yield
         finally:
@@ -72,6 +86,7 @@ def create_app(settings: Settings | None = None, container: Container | None = N
     app.include_router(releases.router)
     app.include_router(lineage.router)
     app.include_router(traces.router)
+    app.include_router(monitor.router)
     app.include_router(studio.router)
     if tracing is not None and tracing.provider is not None:
         # Server spans per request (the parent of each chat's spans; an incoming traceparent joins the caller's

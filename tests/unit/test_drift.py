@@ -21,7 +21,6 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from app.api.main import create_app
-from app.api.routes import monitor as monitor_routes
 from app.cli import monitor as monitor_cli
 from app.container import Container
 from app.core.errors import InvalidRequest, NotFound
@@ -307,12 +306,8 @@ async def api(tmp_path: Path):
     keys = {name: container.keys.create(name, scopes)[1] for name, scopes in
             {"admin": ["admin"], "chat": ["chat"]}.items()}
     app = create_app(container=container)
-    app.include_router(monitor_routes.router)  # until app/api/main.py registers it
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://keel") as client:
         yield {"c": client, "keys": keys, "container": container, "app": app}
-    monitor = getattr(container, "monitor", None)
-    if monitor is not None:
-        monitor.close()
     await container.aclose()
 
 
@@ -322,12 +317,10 @@ def h(api, key: str = "admin") -> dict:
 
 async def test_the_api_runs_lists_and_serves_checks(api) -> None:
     c, container = api["c"], api["container"]
+    wired, container.monitor = container.monitor, None
     r = await c.post("/v1/monitor/drift", headers=h(api), json={})
-    assert r.status_code == 503 and r.json()["error"]["code"] == "backend_unavailable"  # no monitor yet
-
-    container.monitor = build_monitor(container.settings, container.front.store, container.metrics,
-                                      container.rag.embedder, releases=container.releases,
-                                      flush=container.front.flush)
+    assert r.status_code == 503 and r.json()["error"]["code"] == "backend_unavailable"  # a server without one
+    container.monitor = wired
     container.front.store.write([], traffic(ROWS, REF, seed=1) + traffic(ROWS, SHIFTED, seed=3, shifted=True))
     assert (await c.post("/v1/monitor/drift", headers=h(api, "chat"), json={})).status_code == 403
 

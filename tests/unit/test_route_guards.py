@@ -80,6 +80,9 @@ NO_MODEL = {
     ("GET", "/v1/releases/{name}/shadow"), ("POST", "/v1/releases/{name}/pause"),
     ("POST", "/v1/releases/{name}/resume"), ("POST", "/v1/releases/{name}/rollback"), ("POST", "/v1/feedback"),
     ("GET", "/v1/lineage/{completion_id}"), ("GET", "/v1/traces"), ("GET", "/v1/traces/{trace_id}"),
+    # drift checks: statistics over recorded features (a suite reference embeds its inputs, nothing generates)
+    ("POST", "/v1/monitor/drift"), ("GET", "/v1/monitor/drift"), ("GET", "/v1/monitor/drift/{check_id}"),
+    ("GET", "/v1/monitor/drift/{check_id}/report"),
 }
 
 
