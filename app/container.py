@@ -133,17 +133,19 @@ class Container:
                 name_taken=lambda name: (llm.routes.get(name) is not None or agents.is_agent_model(name)
                                          or name.startswith("rag:")),
                 check_judge=judge.check)
-            serving = ReleaseGateway(chat, releases, metrics, similarity=_similarity(rag), judge=judge,
-                                     tracer=tracing.tracer)
-        front = LineageRecorder(serving or chat, LineageStore(settings.home / "lineage.db"), routes,
-                                default_model=settings.default_model,
-                                variant_model=_variant_model(releases) if releases is not None else None,
-                                embed=rag.embedder.embed_documents if settings.monitor.embed_sample > 0 else None,
-                                embed_sample=settings.monitor.embed_sample)
-        lineage = Lineage(front, verdicts=_verdicts(guards), prompt_runs=lambda name, version: [
-            _run(r) for r in eval_store.prompt_runs(name, version)], adapter=_deployed(finetune),
-            feedback=releases.store.feedback_for if releases is not None else None)
-        monitor = build_monitor(settings, front.store, metrics, rag.embedder, releases=releases, flush=front.flush)
+            serving = ReleaseGateway(chat, releases, metrics, similarity=_similarity(rag), judge=judge)
+        front = lineage = monitor = None
+        if settings.monitor.lineage:
+            front = LineageRecorder(serving or chat, LineageStore(settings.home / "lineage.db"), routes,
+                                    default_model=settings.default_model,
+                                    variant_model=_variant_model(releases) if releases is not None else None,
+                                    embed=rag.embedder.embed_documents if settings.monitor.embed_sample > 0 else None,
+                                    embed_sample=settings.monitor.embed_sample)
+            lineage = Lineage(front, verdicts=_verdicts(guards), prompt_runs=lambda name, version: [
+                _run(r) for r in eval_store.prompt_runs(name, version)], adapter=_deployed(finetune),
+                feedback=releases.store.feedback_for if releases is not None else None)
+            monitor = build_monitor(settings, front.store, metrics, rag.embedder, releases=releases,
+                                    flush=front.flush)
         container = cls(settings, metrics, keys, RateLimiter(), llm, chat, prompts, rag, jobs, guards, agents, finetune,
                         eval_store, jobs=runner, releases=releases, serving=serving, front=front, lineage=lineage,
                         tracing=tracing, monitor=monitor)

@@ -258,6 +258,8 @@ def key_attributes(span: dict[str, Any]) -> str:
     name = span.get("name", "")
     if name == "keel.chat":
         add("model", "keel.model")
+        add("release", "keel.release")
+        add("variant", "keel.release.variant")
         add("answer", "gen_ai.response.id")
         add("prompt", "keel.prompt.ref")
         add("policy", "keel.guardrails.policy")
@@ -287,10 +289,6 @@ def key_attributes(span: dict[str, Any]) -> str:
     elif name == "keel.prompt.render":
         add("prompt", "keel.prompt.ref")
         add("hash", "keel.prompt.hash", lambda h: str(h)[:19] + "…" if len(str(h)) > 20 else str(h))
-    elif name == "keel.release":
-        add("release", "keel.release")
-        add("variant", "keel.release.variant")
-        add("", "keel.release.strategy")
     elif name.startswith("keel.job"):
         add("job", "keel.job.id")
         add("attempt", "keel.job.attempt")

@@ -71,7 +71,8 @@ class ChatRequest:
     prompt: PromptUse | None = None
     rag: RagUse | None = None
     user: str | None = None  # the caller's key id: PII placeholders are restored only for the same user
-    trace: Any = None  # the OpenTelemetry context to trace under (a release's span); default: the current one
+    trace: Any = None  # the OpenTelemetry context to trace under; default: the current one
+    trace_attributes: tuple[tuple[str, Any], ...] = ()  # put on the request's keel.chat span (a release's choice)
     end_user: str | None = None  # the body's `user` field: the client's name for its own user (A/B units)
     thread: str | None = None  # the X-Keel-Thread header: a conversation (A/B units)
     policy: str | None = None  # a guardrail policy chosen by a release variant, instead of the bindings'
@@ -223,7 +224,8 @@ class ChatService:
         with children for the input guard, prompt rendering, retrieval and the model call (GenAI conventions)."""
         span = self.tracer.start_span("keel.chat", context=request.trace, attributes={
             "keel.request_id": request.request_id, "keel.model": request.model or "",
-            "gen_ai.operation.name": "chat", **({"keel.user": request.user} if request.user else {})})
+            "gen_ai.operation.name": "chat", **({"keel.user": request.user} if request.user else {}),
+            **dict(request.trace_attributes)})
         first = True
         try:
             async with contextlib.aclosing(self._stream(request, reask, span)) as events:

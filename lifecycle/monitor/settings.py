@@ -12,6 +12,9 @@ _REFERENCE = re.compile(r"^(window|release:[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}|sui
 class MonitorSettings(BaseModel):
     """What the drift monitor records and compares (``lifecycle.monitor``)."""
 
+    lineage: bool = Field(default=True, description=(
+        "Record the lineage and the drift features of every answer (lifecycle.lineage). Off: no lineage API, "
+        "no drift monitor."))
     embed_sample: float = Field(default=1.0, ge=0, le=1, description=(
         "Share of questions whose embedding is kept for input-drift checks (computed off the request path by "
         "the lineage writer; the text itself is never stored). 0: no embeddings."))

@@ -28,7 +28,13 @@ def ranges(order: Sequence[str], weights: Mapping[str, float]) -> list[tuple[flo
 
 def choose(seed: str, unit: str, order: Sequence[str], weights: Mapping[str, float]) -> str:
     """The variant for ``unit`` under ``weights`` (percent per variant, in ``order``)."""
-    index = chooseVariation(bucket(seed, unit), ranges(order, weights))
+    return pick(seed, unit, order, ranges(order, weights), weights)
+
+
+def pick(seed: str, unit: str, order: Sequence[str], bucket_ranges: Sequence[tuple[float, float]],
+         weights: Mapping[str, float]) -> str:
+    """:func:`choose` with the ranges computed once (they change only when the weights do)."""
+    index = chooseVariation(bucket(seed, unit), list(bucket_ranges))
     # A bucket exactly at a float boundary can fall outside every range: it belongs to the last variant.
     return order[index] if index >= 0 else next(v for v in reversed(order) if weights.get(v, 0) > 0)
 

@@ -22,7 +22,7 @@ import numpy as np
 from app.core.audit import BufferedWriter
 from app.core.errors import Conflict, InvalidRequest, StoreUnavailable
 from lifecycle.releases import controller
-from lifecycle.releases.assign import choose, layout
+from lifecycle.releases.assign import layout, pick, ranges
 from lifecycle.releases.spec import ReleaseSpec, VariantSpec
 from lifecycle.releases.store import (
     FINISHED,
@@ -65,6 +65,7 @@ class ReleaseService:
         self.name_taken = name_taken or (lambda n: False)
         self.check_judge = check_judge
         self._releases: dict[str, Release] = {}
+        self._tables: dict[tuple[int, int], tuple[list[str], list[tuple[float, float]], dict]] = {}
         self._revision = -1
         self._checked = 0.0
         self._lock = threading.Lock()
@@ -91,13 +92,21 @@ class ReleaseService:
 
     def assign(self, release: Release, unit: str) -> Assignment:
         """The variant serving ``unit``: the same unit, the same variant, in every process, until weights move."""
-        spec = release.spec
-        order = [v.name for v in spec.variants]
-        if spec.strategy != "ab":
-            order = layout(order, spec.baseline, spec.candidate)
-        name = choose(release.seed, unit, order, release.weights)
+        key = (release.id, release.revision)
+        table = self._tables.get(key)
+        if table is None:  # the layout and bucket ranges change only with the release's revision
+            spec = release.spec
+            order = [v.name for v in spec.variants]
+            if spec.strategy != "ab":
+                order = layout(order, spec.baseline, spec.candidate)
+            if len(self._tables) > 256:
+                self._tables.clear()
+            table = self._tables[key] = (order, ranges(order, release.weights),
+                                         {v.name: v for v in spec.variants})
+        order, rng, variants = table
+        name = pick(release.seed, unit, order, rng, release.weights)
         digest = hashlib.blake2b(unit.encode(), digest_size=8).hexdigest()
-        return Assignment(release, spec.variant(name), digest)
+        return Assignment(release, variants[name], digest)
 
     def observe(self, observation: Observation) -> None:
         self._observations.submit([observation])
