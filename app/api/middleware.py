@@ -9,6 +9,7 @@ import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.core.logs import request_id
 from app.core.metrics import Metrics
 
 _RID_OK = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
@@ -34,6 +35,7 @@ class RequestContextMiddleware:
         if not _RID_OK.match(rid):
             rid = uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = rid
+        request_id.set(rid)  # log lines of this request carry it (app.core.logs)
         rid_header = (b"x-request-id", rid.encode())
 
         if (scope["method"], scope["path"]) not in _OWN_LIMIT:

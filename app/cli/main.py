@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 import threading
@@ -25,6 +24,7 @@ from app.cli.observe import traces_app
 from app.cli.prompts import app as prompts_app
 from app.cli.releases import app as release_app
 from app.core.errors import KeelError
+from app.core.logs import configure as configure_logs
 from app.settings import Settings, load_settings
 
 console = Console()
@@ -62,10 +62,8 @@ def _settings() -> Settings:
         raise typer.Exit(2) from exc
 
 
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
-    # One line per upstream call would drown Keel's own log.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+def _configure_logging(level: str, fmt: str = "text") -> None:
+    configure_logs(level, fmt)
 
 
 
@@ -187,7 +185,7 @@ def _serve(settings: Settings, on_ready=None) -> None:
     from app.api.main import create_app  # lazy: keeps `keel --help` fast: FastAPI, uvicorn and every service
 
     _preflight(settings)
-    _configure_logging(settings.log_level)
+    _configure_logging(settings.log_level, settings.log_format)
     config = uvicorn.Config(
         create_app(settings), host=settings.server.host, port=settings.server.port,
         log_level=settings.log_level.lower(), access_log=False, timeout_graceful_shutdown=10,

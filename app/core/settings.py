@@ -195,6 +195,8 @@ class CoreSettings(BaseSettings):
 
     home: Path = Field(default=Path(".keel"), description="State folder: models, databases, logs.")
     log_level: str = "INFO"
+    log_format: Literal["text", "json"] = Field(default="text", description=(
+        "json: one JSON object per log line with its request id and trace id (for log collectors)."))
     server: ServerSettings = Field(default_factory=ServerSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)

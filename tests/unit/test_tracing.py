@@ -159,3 +159,33 @@ def test_a_full_export_queue_drops_and_counts(tmp_path: Path) -> None:
     kept = sum(t["spans"] for t in tracing.store.traces(limit=5000))
     assert dropped > 0 and kept + dropped == 2000
     tracing.close()
+
+
+async def test_json_log_lines_carry_the_request_and_trace_ids(env) -> None:
+    import io
+    import json
+    import logging
+
+    from app.core.logs import JsonFormatter
+
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("keel.chat")
+    logger.addHandler(handler)
+    old = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        r = await env["c"].post("/v1/prompts", headers=h(env, "admin"), json={
+            "name": "brief", "content": {"messages": [{"role": "system", "content": "Be brief."}]}})
+        assert r.status_code == 201
+        r = await env["c"].post("/v1/chat/completions", headers=h(env, "chat"), json={
+            "model": "m", "prompt": {"ref": "brief@1"}, "messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 200
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old)
+    line = next(json.loads(x) for x in out.getvalue().splitlines() if "uses prompt" in x)
+    rec = (await env["c"].get(f"/v1/lineage/{r.json()['id']}", headers=h(env, "chat"))).json()
+    assert line["request_id"] == r.headers["x-request-id"] == rec["request_id"]
+    assert line["trace_id"] == rec["trace_id"] and line["level"] == "INFO" and line["logger"] == "keel.chat"
