@@ -429,3 +429,51 @@ async def test_the_online_judge_scores_answers_and_can_fail_a_canary(env) -> Non
     assert report["variants"]["canary"]["judge"]["mean"] == 0.0
     (_, action, reason), = releases.tick()
     assert action == "rollback" and "judge_score" in reason
+
+
+async def test_a_canary_resumes_at_its_step_with_its_data_after_a_restart(tmp_path: Path) -> None:
+    settings = load_settings(
+        home=tmp_path, backends={"local": {"kind": "openai", "base_url": "http://unused/v1", "retries": 0},
+                                 "other": {"kind": "openai", "base_url": "http://unused2/v1", "retries": 0}},
+        models={"m": {"backend": "local", "model": "fake-model"}, "m2": {"backend": "other", "model": "fake-2"}},
+        default_model="m", auth={"default_rate_limit_per_minute": 10_000}, guardrails={"enabled": False},
+        releases={"check_interval_s": 0})
+    body = {"name": "support", "strategy": "canary", "variants": TWO, "unit": "request",
+            "canary": {"steps": [25, 50, 100], "min_requests": 20, "min_duration_s": 0},
+            "metrics": [{"name": "errors", "margin": 0.3}]}
+
+    async def process():
+        container = await Container.build(settings, backends={"local": ScriptedBackend(), "other": ScriptedBackend()},
+                                          rag=build_rag(settings, embedder=HashingEmbedder()))
+        key = container.keys.create(f"k{len(container.keys.list())}", ["admin"])[1]
+        client = httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(container=container)),
+                                   base_url="http://keel", headers={"Authorization": f"Bearer {key}"})
+        return container, client
+
+    async def traffic(client, n: int) -> None:
+        for _ in range(n):
+            r = await client.post("/v1/chat/completions", json={"model": "support",
+                                                                "messages": [{"role": "user", "content": "hi"}]})
+            assert r.status_code == 200
+
+    first, client = await process()
+    assert (await client.post("/v1/releases", json=body)).status_code == 201
+    await traffic(client, 120)
+    assert [a for _, a, _ in first.releases.tick()] == ["advance"]
+    before = first.releases.report("support")
+    await client.aclose()
+    await first.aclose()  # the process stops mid-canary
+
+    second, client = await process()
+    try:
+        after = second.releases.report("support")
+        assert after["status"] == "running" and after["step"] == 1 and after["weights"] == {"stable": 50,
+                                                                                            "canary": 50}
+        assert {v: d["requests"] for v, d in after["variants"].items()} == {
+            v: d["requests"] for v, d in before["variants"].items()}
+        assert after["step_started_at"] == before["step_started_at"]  # its window did not restart
+        await traffic(client, 120)
+        assert [a for _, a, _ in second.releases.tick()] == ["promote"]
+    finally:
+        await client.aclose()
+        await second.aclose()
