@@ -134,6 +134,7 @@ class Container:
                                          or name.startswith("rag:")),
                 check_judge=judge.check)
             serving = ReleaseGateway(chat, releases, metrics, similarity=_similarity(rag), judge=judge)
+            routes.reserved = lambda alias: "a release endpoint" if releases.active(alias) is not None else None
         front = lineage = monitor = None
         if settings.monitor.lineage:
             front = LineageRecorder(serving or chat, LineageStore(settings.home / "lineage.db"), routes,

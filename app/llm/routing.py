@@ -19,7 +19,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -226,6 +226,8 @@ class RoutingTable:
         self._checked = 0.0
         self._lock = threading.Lock()
         self._unusable: dict[str, int] = {}
+        #: names other things clients call as a model own (release endpoints): a route may not take them
+        self.reserved: Callable[[str], str | None] = lambda alias: None
         self.refresh(force=True)
 
     # -- reads (hot path) ----------------------------------------------------------------------------
@@ -316,6 +318,10 @@ class RoutingTable:
         if alias in self.configured:
             raise Conflict(f"model alias {alias!r} is configured in the settings (models.{alias}); it cannot be "
                            "changed at run time: use another alias, or remove it from the settings first",
+                           param="alias", code="alias_not_owned")
+        taken = self.reserved(alias)
+        if taken:
+            raise Conflict(f"{alias!r} is {taken}; clients would reach that, not this route: use another alias",
                            param="alias", code="alias_not_owned")
         if spec.backend not in self.backends:
             raise InvalidRequest(f"unknown backend {spec.backend!r}; configured: {', '.join(self.backends)}",

@@ -477,3 +477,16 @@ async def test_a_canary_resumes_at_its_step_with_its_data_after_a_restart(tmp_pa
     finally:
         await client.aclose()
         await second.aclose()
+
+
+async def test_a_release_endpoint_is_listed_as_a_model_and_no_route_can_take_its_name(env) -> None:
+    from app.core.errors import Conflict
+    from app.core.settings import ModelAlias
+
+    assert (await create(env, {"name": "support", "strategy": "ab", "variants": TWO})).status_code == 201
+    models = (await env["client"].get("/v1/models", headers=auth(env, "chat"))).json()["data"]
+    card = next(m for m in models if m["id"] == "support")
+    assert "release (ab, running)" in card["description"] and "stable 50%" in card["description"]
+    with pytest.raises(Conflict, match="release endpoint"):
+        env["container"].llm.routes.set("support", ModelAlias(backend="local", model="x"), owner="finetune:x",
+                                        actor="test")

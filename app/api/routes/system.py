@@ -8,14 +8,15 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from app.api.deps import AgentsDep, ChatKey, LlmDep, MetricsDep, RagDep, SettingsDep
+from app.api.deps import AgentsDep, ChatKey, ContainerDep, LlmDep, MetricsDep, RagDep, SettingsDep
 from app.api.schemas import ModelCard, ModelList
 
 router = APIRouter()
 
 
 @router.get("/v1/models", response_model=ModelList, tags=["chat"])
-async def list_models(_key: ChatKey, settings: SettingsDep, llm: LlmDep, rag: RagDep, agents: AgentsDep) -> ModelList:
+async def list_models(_key: ChatKey, settings: SettingsDep, llm: LlmDep, rag: RagDep, agents: AgentsDep,
+                      container: ContainerDep) -> ModelList:
     # the routing table's aliases: the configured ones and those deployed at run time (adapters, releases)
     cards = [ModelCard(id=name, description=spec.description, owned_by=spec.backend)
              for name, spec in llm.aliases.items()]
@@ -25,6 +26,15 @@ async def list_models(_key: ChatKey, settings: SettingsDep, llm: LlmDep, rag: Ra
                         description=f"{settings.default_model} answering from collection {c!r} with citations")
               for c in collections]
     cards += [ModelCard(id=m["id"], owned_by="keel", description=m["description"]) for m in agents.chat_models()]
+    # Release endpoints: a name clients call, answered by the release's variants.
+    releases = getattr(container, "releases", None)
+    if releases is not None:
+        for name in releases.names():
+            r = releases.active(name)
+            if r is not None:
+                split = ", ".join(f"{v} {w:g}%" for v, w in r.weights.items() if w)
+                cards.append(ModelCard(id=name, owned_by="keel",
+                                       description=f"release ({r.spec.strategy}, {r.status}): {split}"))
     return ModelList(data=cards)
 
 
