@@ -1,9 +1,12 @@
-"""What every ``keel`` sub-command shares when it reports a failure."""
+"""What every ``keel`` sub-command shares: how it reports a failure, and how it talks to the running API."""
 
 from __future__ import annotations
 
 import os
+import time
+from datetime import datetime
 from pathlib import Path
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -12,7 +15,8 @@ from rich.markup import escape
 from app.core.errors import KeelError
 from app.settings import Settings, load_settings
 
-_stderr = Console(stderr=True)
+# soft_wrap: an error stays one line when stderr is a pipe or a log (rich would wrap it at 80 columns)
+_stderr = Console(stderr=True, soft_wrap=True)
 
 
 def fail(exc: KeelError) -> typer.Exit:
@@ -59,3 +63,57 @@ def dev_key(home: Path) -> str | None:
     to the running API, so the README's commands work on the embedded defaults without copying keys."""
     path = home / DEV_KEY_FILE
     return (path.read_text().strip() or None) if path.is_file() else None
+
+
+# -- the running API ---------------------------------------------------------------------------------------
+
+Url = Annotated[str | None, typer.Option(help="Keel API URL (default: server.url from the settings).")]
+
+
+def api_key_option(help: str, *names: str) -> Any:
+    """The ``--api-key`` option (also ``KEEL_API_KEY``) of a command that talks to the running API; ``help``
+    says which scope it needs."""
+    return Annotated[str | None, typer.Option(*(names or ("--api-key",)), envvar="KEEL_API_KEY", help=help)]
+
+
+class ApiClient:
+    """The running Keel API as every ``keel`` sub-command that talks to it resolves it: ``--url`` (default
+    ``server.url``) and ``--api-key`` / ``KEEL_API_KEY`` (default: the dev key ``keel up`` wrote); the settings
+    are read only when one of them is not given."""
+
+    def __init__(self, url: str | None, key: str | None) -> None:
+        if url is None or key is None:
+            settings = settings_or_exit()
+            url = url or settings.server.url
+            key = key or dev_key(settings.home)
+        self.url = url.rstrip("/")
+        self.headers = {"Authorization": f"Bearer {key}"} if key else {}
+
+    def call(self, method: str, path: str, body: dict[str, Any] | None = None, *,
+             params: dict[str, Any] | None = None, timeout: float = 30, retry: bool = False) -> Any:
+        """The response's JSON; an API error is one line with its stable code and exit 1. A connection failure
+        too, unless ``retry``: then it is raised (``httpx.HTTPError``) for the caller to try again. Parameters
+        that are None are left out."""
+        import httpx  # lazy: keeps `keel --help` fast
+
+        if params is not None:
+            params = {k: v for k, v in params.items() if v is not None}
+        try:
+            r = httpx.request(method, self.url + path, json=body, params=params, headers=self.headers,
+                              timeout=timeout)
+        except httpx.HTTPError as e:
+            if retry:
+                raise
+            raise unreachable(self.url, e) from e
+        if not 200 <= r.status_code < 300:
+            raise api_failure(r)
+        return r.json()
+
+
+def when_ago(ts: float | None) -> str:
+    """A Unix time as local date and time with how long ago it was: ``2025-05-01 12:00:00 (3 min ago)``."""
+    if not ts:
+        return "-"
+    s = max(0.0, time.time() - ts)
+    ago = f"{s:.0f} s" if s < 120 else f"{s / 60:.0f} min" if s < 7200 else f"{s / 3600:.1f} h"
+    return f"{datetime.fromtimestamp(ts).strftime('%Y-%m-%d %H:%M:%S')} ({ago} ago)"

@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from app.cli.common import api_failure, dev_key, settings_or_exit, unreachable
+from app.cli.common import ApiClient, Url, api_key_option
 
 monitor_app = typer.Typer(help="Production monitoring: drift of the traffic Keel answers.", no_args_is_help=True)
 console = Console(highlight=False)
@@ -30,10 +30,8 @@ console = Console(highlight=False)
 EXIT_DRIFT = 3
 EXIT_NOT_ENOUGH_DATA = 4
 
-Url = Annotated[str | None, typer.Option(help="Keel API URL (default: server.url from the settings).")]
-Key = Annotated[str | None, typer.Option("--api-key", "--key", envvar="KEEL_API_KEY",
-                                         help="API key with the 'admin' scope (or KEEL_API_KEY; default: "
-                                              "<home>/dev-api-key).")]
+Key = api_key_option("API key with the 'admin' scope (or KEEL_API_KEY; default: <home>/dev-api-key).", "--api-key",
+                     "--key")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
 _STATE_COLORS = {"drift": "red", "ok": "green", "skipped": "dim"}
@@ -60,29 +58,6 @@ def parse_reference(text: str, variant: str | None, compare: str) -> dict[str, A
     if kind == "suite" and name:
         return {"kind": "suite", "suite": name}
     raise typer.BadParameter(f"{text!r}: use window, release:NAME or suite:NAME", param_hint="--reference")
-
-
-class _Api:
-    def __init__(self, url: str | None, key: str | None) -> None:
-        if url is None or key is None:
-            settings = settings_or_exit()
-            url = url or settings.server.url
-            key = key or dev_key(settings.home)
-        self.url = url.rstrip("/")
-        self.headers = {"Authorization": f"Bearer {key}"} if key else {}
-
-    def call(self, method: str, path: str, body: dict[str, Any] | None = None, *, params: dict | None = None,
-             timeout: float = 30) -> Any:
-        import httpx  # lazy: keeps `keel --help` fast
-
-        try:
-            r = httpx.request(method, self.url + path, json=body, params=params, headers=self.headers,
-                              timeout=timeout)
-        except httpx.HTTPError as e:
-            raise unreachable(self.url, e) from e
-        if not 200 <= r.status_code < 300:
-            raise api_failure(r)
-        return r.json()
 
 
 def _num(x: Any) -> str:
@@ -176,7 +151,7 @@ def drift(
         body["window_s"] = parse_duration(window)
     if min_rows is not None:
         body["min_rows"] = min_rows
-    api = _Api(url, api_key)
+    api = ApiClient(url, api_key)
     result = api.call("POST", "/v1/monitor/drift", body, timeout=900)
     if as_json:
         console.print_json(json.dumps(result))
@@ -188,7 +163,7 @@ def drift(
 @monitor_app.command("history")
 def history(limit: Annotated[int, typer.Option(min=1, max=1000)] = 20, url: Url = None, api_key: Key = None) -> None:
     """The latest drift checks, newest first."""
-    api = _Api(url, api_key)
+    api = ApiClient(url, api_key)
     rows = api.call("GET", "/v1/monitor/drift", params={"limit": limit})["data"]
     table = Table(title="drift checks", title_justify="left")
     for col in ("id", "when", "by", "reference", "rows (ref / cur)", "verdict", "drifted checks"):
@@ -204,7 +179,7 @@ def history(limit: Annotated[int, typer.Option(min=1, max=1000)] = 20, url: Url 
 @monitor_app.command("show")
 def show(check_id: str, url: Url = None, api_key: Key = None) -> None:
     """One stored drift check (exit codes as for drift)."""
-    api = _Api(url, api_key)
+    api = ApiClient(url, api_key)
     result = api.call("GET", f"/v1/monitor/drift/{check_id}")
     print_result(result, api.url)
     raise typer.Exit(exit_code(result))

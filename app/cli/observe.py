@@ -12,7 +12,6 @@ or ``KEEL_API_KEY``, else the dev key ``keel up`` wrote. The Traces page (``/tra
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Annotated, Any
@@ -25,19 +24,15 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from app.cli.common import api_failure, dev_key, settings_or_exit, unreachable
+from app.cli.common import ApiClient, Url, api_key_option, when_ago
 
 traces_app = typer.Typer(help="Traces of the running API: list recent ones, show one as a waterfall.",
                          no_args_is_help=True)
 console = Console(highlight=False)
 
-Url = Annotated[str | None, typer.Option(help="Keel API URL (default: server.url from the settings).")]
-AdminKey = Annotated[str | None, typer.Option("--api-key", envvar="KEEL_API_KEY",
-                                              help="API key with the 'admin' scope (or KEEL_API_KEY; default: "
-                                                   "<home>/dev-api-key).")]
-ChatKey = Annotated[str | None, typer.Option("--api-key", envvar="KEEL_API_KEY",
-                                             help="The key that received the answer ('chat'), or an 'admin' key "
-                                                  "(or KEEL_API_KEY; default: <home>/dev-api-key).")]
+AdminKey = api_key_option("API key with the 'admin' scope (or KEEL_API_KEY; default: <home>/dev-api-key).")
+ChatKey = api_key_option("The key that received the answer ('chat'), or an 'admin' key (or KEEL_API_KEY; default: "
+                         "<home>/dev-api-key).")
 AsJson = Annotated[bool, typer.Option("--json", help="Print the API's JSON instead.")]
 
 _KIND_STYLES = {"SERVER": "blue", "CLIENT": "magenta", "INTERNAL": "green", "PRODUCER": "yellow",
@@ -46,31 +41,6 @@ _BAR = "█"
 
 
 # -- the API ---------------------------------------------------------------------------------------------
-
-
-class _Api:
-    """The running API: URL and key resolved the way every ``keel`` sub-command resolves them."""
-
-    def __init__(self, url: str | None, key: str | None) -> None:
-        if url is None or key is None:
-            settings = settings_or_exit()
-            url = url or settings.server.url
-            key = key or dev_key(settings.home)
-        self.url = url.rstrip("/")
-        self.headers = {"Authorization": f"Bearer {key}"} if key else {}
-
-    def get(self, path: str, params: dict[str, Any] | None = None) -> Any:
-        """The response's JSON; an API error is one line with its stable code and exit 1."""
-        import httpx  # lazy: keeps `keel --help` fast
-
-        try:
-            r = httpx.get(self.url + path, params={k: v for k, v in (params or {}).items() if v is not None},
-                          headers=self.headers, timeout=30)
-        except httpx.HTTPError as e:
-            raise unreachable(self.url, e) from e
-        if not 200 <= r.status_code < 300:
-            raise api_failure(r)
-        return r.json()
 
 
 def _path_part(value: str) -> str:
@@ -101,14 +71,6 @@ def _when_ns(ns: int | None) -> str:
     return datetime.fromtimestamp(ns / 1e9).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
 
 
-def _when(ts: float | None) -> str:
-    if not ts:
-        return "-"
-    s = max(0.0, time.time() - ts)
-    ago = f"{s:.0f} s" if s < 120 else f"{s / 60:.0f} min" if s < 7200 else f"{s / 3600:.1f} h"
-    return f"{datetime.fromtimestamp(ts).strftime('%Y-%m-%d %H:%M:%S')} ({ago} ago)"
-
-
 def _value(v: Any) -> str:
     if isinstance(v, list):
         return ", ".join(json.dumps(x) if isinstance(x, dict | list) else str(x) for x in v)
@@ -137,8 +99,8 @@ def traces_list(
     api_key: AdminKey = None,
 ) -> None:
     """Recent traces: root span, start, duration, spans, errors and the chat completion id."""
-    data = _Api(url, api_key).get("/v1/traces", {"limit": limit, "name": name, "response_id": response_id,
-                                                 "before_ns": before_ns})["data"]
+    data = ApiClient(url, api_key).call("GET", "/v1/traces", params={
+        "limit": limit, "name": name, "response_id": response_id, "before_ns": before_ns})["data"]
     if as_json:
         _print_json(data)
         return
@@ -365,7 +327,7 @@ def traces_show(
 ) -> None:
     """One trace as a text waterfall: the span tree with start, duration, a bar on the trace's time axis and the
     attributes that matter (model, tokens, TTFT, finish reasons, guardrail verdicts, prompt, retrieval)."""
-    body = _Api(url, api_key).get(f"/v1/traces/{_path_part(trace_id)}")
+    body = ApiClient(url, api_key).call("GET", f"/v1/traces/{_path_part(trace_id)}")
     spans = body["spans"]
     if as_json:
         _print_json(body)
@@ -414,7 +376,7 @@ def _answer_panel(rec: dict[str, Any]) -> Panel:
     rows = [
         ("outcome", Text(outcome, style="green" if outcome == "ok" else "red")),
         ("model asked for", rec.get("requested_model") or rec.get("model")),
-        ("created", _when(rec.get("created"))),
+        ("created", when_ago(rec.get("created"))),
         ("latency", _ms(rec.get("latency_ms"))),
         ("tokens in / out", f"{usage['prompt_tokens']} / {usage['completion_tokens']}" if usage else None),
         ("finish reasons", finish),
@@ -436,7 +398,7 @@ def _prompt_panel(rec: dict[str, Any]) -> Panel:
         for r in runs:
             passed = r.get("passed")
             t.add_row(escape(str(r.get("suite"))), "[green]passed[/green]" if passed else "[red]failed[/red]"
-                      if passed is False else "-", _when(r.get("finished_at")), escape(str(r.get("id"))))
+                      if passed is False else "-", when_ago(r.get("finished_at")), escape(str(r.get("id"))))
         parts.append(t)
     elif runs is not None:
         parts.append(Text("no eval suite has run on this prompt version", style="dim"))
@@ -511,7 +473,7 @@ def _feedback_panel(rec: dict[str, Any]) -> Panel:
     t = _table("when", "score", "comment")
     for f in feedback:
         score = float(f.get("score") or 0)
-        t.add_row(_when(f.get("at")), f"[{'green' if score >= 0.5 else 'red'}]{score:.2f}[/]",
+        t.add_row(when_ago(f.get("at")), f"[{'green' if score >= 0.5 else 'red'}]{score:.2f}[/]",
                   escape(str(f.get("comment") or "")))
     return Panel(t, title=f"feedback ({len(feedback)})", title_align="left")
 
@@ -524,7 +486,7 @@ def lineage(
 ) -> None:
     """What produced an answer: prompt version and hash, model route and adapter, release variant, passages
     (document, chunk, snapshot), guardrail policy and verdicts, eval runs of the prompt, feedback."""
-    rec = _Api(url, api_key).get(f"/v1/lineage/{_path_part(completion_id)}")
+    rec = ApiClient(url, api_key).call("GET", f"/v1/lineage/{_path_part(completion_id)}")
     if as_json:
         _print_json(rec)
         return

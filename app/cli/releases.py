@@ -22,16 +22,13 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from app.cli.common import api_failure, dev_key, settings_or_exit, unreachable
+from app.cli.common import ApiClient, Url, api_key_option, when_ago
 
 app = typer.Typer(help="Release endpoints: A/B tests, canaries, shadows, blue/green switches.", no_args_is_help=True)
 console = Console(highlight=False)
 err = Console(stderr=True, highlight=False, soft_wrap=True)  # one line per error, also in logs
 
-Url = Annotated[str | None, typer.Option(help="Keel API URL (default: server.url from the settings).")]
-Key = Annotated[str | None, typer.Option("--api-key", envvar="KEEL_API_KEY",
-                                         help="API key with the 'releases' scope (or KEEL_API_KEY; default: "
-                                              "<home>/dev-api-key).")]
+Key = api_key_option("API key with the 'releases' scope (or KEEL_API_KEY; default: <home>/dev-api-key).")
 Reason = Annotated[str, typer.Option(help="Why: recorded with the decision in the release's audit trail.")]
 
 FINISHED = ("promoted", "rolled_back", "stopped")
@@ -48,34 +45,7 @@ _EXIT_INTERRUPTED = 130
 # -- the API ---------------------------------------------------------------------------------------------
 
 
-class _Api:
-    """The running API: URL and key resolved the way every ``keel`` sub-command resolves them, the settings
-    read only when one of them is not given."""
-
-    def __init__(self, url: str | None, key: str | None) -> None:
-        if url is None or key is None:
-            settings = settings_or_exit()
-            url = url or settings.server.url
-            key = key or dev_key(settings.home)
-        self.url = url.rstrip("/")
-        self.headers = {"Authorization": f"Bearer {key}"} if key else {}
-
-    def call(self, method: str, path: str, body: dict[str, Any] | None = None, timeout: float = 30, *,
-             retry: bool = False) -> Any:
-        """The response's JSON; an API error is one line with its code and exit 1. A connection failure too,
-        unless ``retry``: then it is raised (httpx.HTTPError) for the caller to try again."""
-        import httpx  # lazy: keeps `keel --help` fast
-
-        try:
-            r = httpx.request(method, self.url + path, json=body, headers=self.headers, timeout=timeout)
-        except httpx.HTTPError as e:
-            if retry:
-                raise
-            raise unreachable(self.url, e) from e
-        if not 200 <= r.status_code < 300:
-            raise api_failure(r)
-        return r.json()
-
+class _Api(ApiClient):
     def report(self, name: str, *, retry: bool = False) -> dict[str, Any]:
         return self.call("GET", f"/v1/releases/{name}", retry=retry)
 
@@ -91,14 +61,6 @@ def _ms(x: float | None) -> str:
     if x is None:
         return "-"
     return f"{x:.1f}" if x < 10 else f"{x:.0f}"
-
-
-def _age(ts: float | None) -> str:
-    if not ts:
-        return "-"
-    s = max(0.0, time.time() - ts)
-    ago = f"{s:.0f} s" if s < 120 else f"{s / 60:.0f} min" if s < 7200 else f"{s / 3600:.1f} h"
-    return f"{datetime.fromtimestamp(ts).strftime('%Y-%m-%d %H:%M:%S')} ({ago} ago)"
 
 
 def _status(status: str) -> str:
@@ -134,7 +96,7 @@ def _decision(d: dict[str, Any] | None) -> str:
     if not d:
         return "[dim]none yet[/dim]"
     who = f" by {escape(d['actor'])}" if d.get("actor") else ""
-    return f"[bold]{escape(d['action'])}[/bold]{who}, {_age(d.get('at'))}: {escape(d.get('reason') or '')}"
+    return f"[bold]{escape(d['action'])}[/bold]{who}, {when_ago(d.get('at'))}: {escape(d.get('reason') or '')}"
 
 
 def _signed(metric: str, x: float) -> str:

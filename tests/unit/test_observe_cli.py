@@ -6,28 +6,19 @@ The commands are mounted here as app/cli/main.py mounts them (`keel traces ...`,
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
-import socket
-import threading
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 import typer
-import uvicorn
 from rich.console import Console
 from typer.testing import CliRunner
 
-from app.api.main import create_app
 from app.cli import observe
 from app.cli.observe import key_attributes, lineage, span_tree, traces_app, waterfall
-from app.container import Container
-from app.settings import load_settings
-from ingest import build_rag
-from ingest.embedding import HashingEmbedder
+from tests.cli_server import ApiServer, cli_env
 from tests.fakes.llm import ScriptedBackend
 
 DOC = "# Lighthouses\n\nThe Eddystone lighthouse stands on rocks south of Plymouth. Its tower was completed in 1882.\n"
@@ -39,69 +30,21 @@ keel.command("lineage")(lineage)
 runner = CliRunner()
 
 
-class Server:
-    """One API process on 127.0.0.1:<free port>; its own event loop in a thread, like `keel serve`."""
+class Server(ApiServer):
+    """The API on a scripted model with a cheap input guard (keel/secrets) and content capture on."""
 
     def __init__(self, home: Path) -> None:
-        self.home = home
-        self.built = threading.Event()
-        self.error: BaseException | None = None
-        self.server: uvicorn.Server | None = None
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        self.sock = sock
-        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        self.thread = threading.Thread(target=self._run, name="keel-test-api", daemon=True)
-
-    def _run(self) -> None:
-        try:
-            asyncio.run(self._main())
-        except BaseException as e:  # surfaced by start()
-            self.error = e
-            self.built.set()
-
-    async def _main(self) -> None:
-        policy = self.home / "policy.yaml"
+        policy = home / "policy.yaml"
         policy.write_text(POLICY)
-        settings = load_settings(
-            home=self.home, backends={"local": {"kind": "openai", "base_url": "http://unused/v1", "retries": 0}},
+        self.fake = ScriptedBackend(reply="The tower was completed in 1882 [1].")
+        super().__init__(home, settings=dict(
+            backends={"local": {"kind": "openai", "base_url": "http://unused/v1", "retries": 0}},
             models={"m": {"backend": "local", "model": "fake-model"}}, default_model="m",
             guardrails={"policy_path": str(policy), "injection_classifier": False},
             releases={"check_interval_s": 0}, auth={"default_rate_limit_per_minute": 100_000},
             otel={"capture_content": True},
-        )
-        self.fake = ScriptedBackend(reply="The tower was completed in 1882 [1].")
-        container = await Container.build(settings, backends={"local": self.fake},
-                                          rag=build_rag(settings, embedder=HashingEmbedder()))
-        self.keys = {name: container.keys.create(name, scopes)[1] for name, scopes in
-                     [("admin", ["admin"]), ("chat", ["chat"]), ("other", ["chat"]), ("ingest", ["ingest"])]}
-        self.server = uvicorn.Server(uvicorn.Config(create_app(container=container), log_level="warning",
-                                                    access_log=False))
-        self.built.set()
-        try:
-            await self.server.serve(sockets=[self.sock])
-        finally:
-            await container.aclose()
-
-    def start(self) -> Server:
-        self.thread.start()
-        assert self.built.wait(60)
-        if self.error is not None:
-            raise self.error
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline and self.thread.is_alive(), "the API did not start"
-            time.sleep(0.02)
-        return self
-
-    def stop(self) -> None:
-        if self.server is not None:
-            self.server.should_exit = True
-        self.thread.join(30)
-        self.sock.close()
-
-    def h(self, key: str) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.keys[key]}"}
+        ), backends={"local": self.fake},
+            keys={"admin": ["admin"], "chat": ["chat"], "other": ["chat"], "ingest": ["ingest"]})
 
     def traffic(self) -> dict[str, str]:
         """A prompted answer, a grounded one (rated), and one the model fails half way: their completion ids."""
@@ -147,9 +90,7 @@ def server(tmp_path_factory):
 @pytest.fixture
 def run(server, tmp_path, monkeypatch):
     """Runs `keel traces ...` / `keel lineage ...` with the admin key (KEEL_API_KEY) on a wide console."""
-    monkeypatch.setenv("KEEL_API_KEY", server.keys["admin"])
-    monkeypatch.setenv("KEEL_HOME", str(tmp_path / "cli-home"))  # not the server's: --url and the key say where
-    monkeypatch.delenv("KEEL_CONFIG", raising=False)
+    cli_env(monkeypatch, tmp_path, server.keys["admin"])
     monkeypatch.setattr(observe, "console", Console(width=250, highlight=False))
 
     def invoke(*args: str, code: int = 0, url: bool = True, key: str | None = None) -> str:

@@ -4,28 +4,22 @@ as it does in production. Also: every example spec in infra/releases/ is a valid
 
 from __future__ import annotations
 
-import asyncio
-import socket
 import threading
 import time
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 import yaml
 from rich.console import Console
 from typer.testing import CliRunner
 
-from app.api.main import create_app
 from app.cli import releases as cli
 from app.cli.common import DEV_KEY_FILE
 from app.cli.main import app as keel_app
-from app.container import Container
-from app.settings import load_settings
-from ingest import build_rag
 from ingest.embedding import HashingEmbedder
 from lifecycle.releases.spec import ReleaseSpec
+from tests.cli_server import ApiServer, cli_env
 from tests.fakes.llm import ScriptedBackend
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "infra" / "releases").glob("*.yaml"))
@@ -52,68 +46,19 @@ def test_example_specs_are_valid(path: Path) -> None:
 # -- a real server -----------------------------------------------------------------------------------------
 
 
-class Server:
-    """One API process on 127.0.0.1:<free port>; its own event loop in a thread, like `keel serve`."""
+class Server(ApiServer):
+    """The API with two scripted models (m, m2) and the release controller deciding every 0.2 s."""
 
     def __init__(self, home: Path) -> None:
-        self.home = home
-        self.built = threading.Event()
-        self.error: BaseException | None = None
-        self.server: uvicorn.Server | None = None
-        # proto IPPROTO_TCP: asyncio sets TCP_NODELAY only then (proto 0 leaves Nagle on: ~40 ms a response)
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-        sock.bind(("127.0.0.1", 0))
-        self.sock = sock
-        self.port = sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.thread = threading.Thread(target=self._run, name="keel-test-api", daemon=True)
-
-    def _run(self) -> None:
-        try:
-            asyncio.run(self._main())
-        except BaseException as e:  # surfaced by start()
-            self.error = e
-            self.built.set()
-
-    async def _main(self) -> None:
-        settings = load_settings(
-            home=self.home,
+        self.stable, self.candidate = ScriptedBackend(reply="Stable answer."), ScriptedBackend(reply="Candidate.")
+        super().__init__(home, settings=dict(
             backends={"local": {"kind": "openai", "base_url": "http://unused/v1", "retries": 0},
                       "other": {"kind": "openai", "base_url": "http://unused2/v1", "retries": 0}},
             models={"m": {"backend": "local", "model": "fake-model"}, "m2": {"backend": "other", "model": "fake-2"}},
             default_model="m", auth={"default_rate_limit_per_minute": 100_000}, guardrails={"enabled": False},
             releases={"check_interval_s": 0, "decide_interval_s": 0.2},
-        )
-        self.stable, self.candidate = ScriptedBackend(reply="Stable answer."), ScriptedBackend(reply="Candidate.")
-        container = await Container.build(settings, backends={"local": self.stable, "other": self.candidate},
-                                          rag=build_rag(settings, embedder=HashingEmbedder(64)))
-        self.keys = {name: container.keys.create(name, scopes)[1] for name, scopes in
-                     [("admin", ["admin"]), ("rel", ["releases"]), ("chat", ["chat"])]}
-        self.container = container
-        self.server = uvicorn.Server(uvicorn.Config(create_app(container=container), log_level="warning",
-                                                    access_log=False))
-        self.built.set()
-        try:
-            await self.server.serve(sockets=[self.sock])
-        finally:
-            await container.aclose()
-
-    def start(self) -> Server:
-        self.thread.start()
-        assert self.built.wait(60)
-        if self.error is not None:
-            raise self.error
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline and self.thread.is_alive(), "the API did not start"
-            time.sleep(0.02)
-        return self
-
-    def stop(self) -> None:
-        if self.server is not None:
-            self.server.should_exit = True
-        self.thread.join(30)
-        self.sock.close()
+        ), backends={"local": self.stable, "other": self.candidate},
+            keys={"admin": ["admin"], "rel": ["releases"], "chat": ["chat"]}, embedder=HashingEmbedder(64))
 
     def ask(self, model: str, n: int, **extra) -> list[dict]:
         out = []
@@ -139,9 +84,7 @@ def server(tmp_path_factory):
 @pytest.fixture
 def keel(server, tmp_path, monkeypatch):
     """Runs `keel release ...` (through the real `keel` app) with the releases key, on a wide console."""
-    monkeypatch.setenv("KEEL_API_KEY", server.keys["rel"])
-    monkeypatch.setenv("KEEL_HOME", str(tmp_path / "cli-home"))  # not the server's: --url and the key say where
-    monkeypatch.delenv("KEEL_CONFIG", raising=False)
+    cli_env(monkeypatch, tmp_path, server.keys["rel"])
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(cli, "console", Console(width=250, highlight=False))
 
