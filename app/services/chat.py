@@ -362,6 +362,7 @@ class ChatService:
                     events = self._checked_whole(events, gen_request, context, decision)
                 else:
                     events = self.guards.output_guard(context, decision).wrap(events)
+                events = self._traced_output(span, decision.policy, events)
             yield started
             for event in masked:
                 yield event
@@ -399,6 +400,17 @@ class ChatService:
                 llm_span.set_attribute("gen_ai.response.finish_reasons", finishes)
             llm_span.end()
             self.metrics.inflight.dec()
+
+    async def _traced_output(self, parent: Span, policy: str, events: AsyncIterator[ChatEvent]
+                             ) -> AsyncIterator[ChatEvent]:
+        """The output stage as a span over the guarded stream: what it redacted or retracted, as events."""
+        with self._child(parent, "keel.guardrails.output", {"keel.guardrails.stage": "output",
+                                                            "keel.guardrails.policy": policy}) as span:
+            async with contextlib.aclosing(events) as stream:
+                async for event in stream:
+                    if isinstance(event, GuardrailRedaction | GuardrailRetraction):
+                        span.add_event(f"guardrail.{event.type}", {"keel.guardrails.validator": event.validator})
+                    yield event
 
     def _model_span(self, parent: Span, request: ChatRequest, alias: str | None, params: GenerationParams,
                     agent: bool, response_id: str) -> Span:

@@ -61,8 +61,9 @@ def test_a_grounded_answer_has_a_trace_and_a_lineage_that_match_the_registry(kee
     (retrieve,) = by_name["keel.rag.retrieve"]
     (model,) = by_name["chat smollm2"]
     guards = by_name["keel.guardrails.input"]
+    (output,) = by_name["keel.guardrails.output"]
     assert server["parent_id"] is None and chat["parent_id"] == server["span_id"]
-    assert all(s["parent_id"] == chat["span_id"] for s in (retrieve, model, *guards))
+    assert all(s["parent_id"] == chat["span_id"] for s in (retrieve, model, output, *guards))
     assert {g["attributes"]["keel.guardrails.stage"] for g in guards} == {"question", "passages"}
     assert retrieve["attributes"]["keel.rag.chunk_ids"] == [passage["chunk_id"]]
     a = model["attributes"]
