@@ -28,6 +28,9 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from opentelemetry import trace
+from opentelemetry.trace import Span, StatusCode, Tracer
+
 from agents.errors import RunNotFound, RunNotResumable, WorkflowNotFound
 from agents.events import (
     AgentEvent,
@@ -200,8 +203,9 @@ def _jsonable(value: Any) -> Any:
 
 class AgentService:
     def __init__(self, deps: Deps, registry: WorkflowRegistry | None = None, *, db_path: Path,
-                 postgres_url: str | None = None, checkpointer: Any = None) -> None:
+                 postgres_url: str | None = None, checkpointer: Any = None, tracer: Tracer | None = None) -> None:
         self.deps = deps
+        self.tracer = tracer or trace.NoOpTracer()
         self.settings: AgentSettings = deps.settings
         self.registry = registry or default_registry()
         self.db_path = Path(db_path)
@@ -446,6 +450,47 @@ class AgentService:
 
     async def _drive(self, rec: RunRecord, graph: Any, inp: Any, *, resumed: bool, guard: RunGuard | None = None
                      ) -> AsyncIterator[AgentEvent]:
+        """A run (a start or a resume) as a trace: ``invoke_agent <workflow>`` with a span per node and per tool
+        call (GenAI conventions: ``execute_tool <tool>``), built from the run's own events."""
+        run = self.tracer.start_span(f"invoke_agent {rec.workflow}", attributes={
+            "gen_ai.operation.name": "invoke_agent", "gen_ai.agent.name": rec.workflow,
+            "keel.agent.run_id": rec.run_id, "keel.agent.thread_id": rec.thread_id, "keel.agent.resumed": resumed})
+        under = trace.set_span_in_context(run)
+        open_spans: dict[str, Span] = {}
+        try:
+            async with contextlib.aclosing(self._drive_untraced(rec, graph, inp, resumed=resumed, guard=guard)) as ev:
+                async for event in ev:
+                    if isinstance(event, NodeStarted):
+                        open_spans[f"node:{event.node}"] = self.tracer.start_span(
+                            f"keel.agent.node {event.node}", context=under,
+                            attributes={"keel.agent.node": event.node, "keel.agent.step": event.step})
+                    elif isinstance(event, NodeFinished) and (span := open_spans.pop(f"node:{event.node}", None)):
+                        span.end()
+                    elif isinstance(event, ToolCall):
+                        open_spans[f"tool:{event.call_id}"] = self.tracer.start_span(
+                            f"execute_tool {event.tool}", context=under, attributes={
+                                "gen_ai.operation.name": "execute_tool", "gen_ai.tool.name": event.tool,
+                                "gen_ai.tool.call.id": event.call_id, "keel.agent.node": event.node})
+                    elif isinstance(event, ToolResult) and (span := open_spans.pop(f"tool:{event.call_id}", None)):
+                        span.set_attributes({"keel.tool.ok": event.ok, "keel.tool.attempts": event.attempts})
+                        if not event.ok:
+                            span.set_status(StatusCode.ERROR, event.output[:500])
+                        span.end()
+                    elif isinstance(event, Final):
+                        run.set_attribute("keel.agent.status", event.status)
+                    elif isinstance(event, ErrorEvent):
+                        run.set_status(StatusCode.ERROR, event.message[:500])
+                        run.set_attribute("error.type", event.code)
+                    elif isinstance(event, InterruptEvent):
+                        run.set_attribute("keel.agent.status", "interrupted")
+                    yield event
+        finally:
+            for span in open_spans.values():
+                span.end()
+            run.end()
+
+    async def _drive_untraced(self, rec: RunRecord, graph: Any, inp: Any, *, resumed: bool,
+                              guard: RunGuard | None = None) -> AsyncIterator[AgentEvent]:
         from langgraph.errors import GraphRecursionError
 
         runs = self.runs
@@ -686,7 +731,8 @@ async def _chain(first: Any, rest: AsyncIterator[Any]) -> AsyncIterator[Any]:
 
 
 def build_agents(settings: AgentConfig, llm_router: Any, rag: Any = None, prompts: Any = None, *, llm: Any = None,
-                 tools: Any = None, registry: WorkflowRegistry | None = None) -> AgentService:
+                 tools: Any = None, registry: WorkflowRegistry | None = None, tracer: Tracer | None = None
+                 ) -> AgentService:
     """The agent service for a process. Cheap: the database opens on ``await service.start()``
     (or the first run). ``rag`` is ``ingest.build_rag(settings)``'s result (retriever, store,
     embedder); without it there is no retrieval and no memory."""
@@ -703,4 +749,4 @@ def build_agents(settings: AgentConfig, llm_router: Any, rag: Any = None, prompt
     deps = Deps(llm=llm, tools=tools, settings=a, retriever=getattr(rag, "retriever", None), memory=memory,
                 prompts=prompts, collection=collection)
     return AgentService(deps, registry, db_path=a.db_path(Path(settings.home)),
-                        postgres_url=a.postgres_url.get_secret_value() if a.postgres_url else None)
+                        postgres_url=a.postgres_url.get_secret_value() if a.postgres_url else None, tracer=tracer)

@@ -111,7 +111,7 @@ class Container:
             guards = build_guards(settings, metrics, embedder=embedder if _same_model(settings) else None)
             if start_backends:
                 await asyncio.to_thread(guards.warm_up)
-        agents = build_agents(settings, llm, rag, prompts)
+        agents = build_agents(settings, llm, rag, prompts, tracer=tracing.tracer)
         await agents.start()
         finetune = build_finetune(settings, routes=routes)
         if settings.evals.gate_enabled:

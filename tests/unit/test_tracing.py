@@ -189,3 +189,52 @@ async def test_json_log_lines_carry_the_request_and_trace_ids(env) -> None:
     rec = (await env["c"].get(f"/v1/lineage/{r.json()['id']}", headers=h(env, "chat"))).json()
     assert line["request_id"] == r.headers["x-request-id"] == rec["request_id"]
     assert line["trace_id"] == rec["trace_id"] and line["level"] == "INFO" and line["logger"] == "keel.chat"
+
+
+async def test_an_agent_run_is_a_trace_with_a_span_per_node_and_tool_call(tmp_path: Path) -> None:
+    from agents.service import AgentService
+    from agents.settings import AgentSettings
+    from agents.testing import KeywordRetriever, ScriptedLLM, schema_kind
+    from agents.tools import ToolRegistry, builtin_tools
+    from agents.workflows.common import Deps
+
+    def responder(messages, schema):
+        kind = schema_kind(schema)
+        if kind == "next":
+            progress = messages[-1].content.split("Progress:")[-1]
+            for node in ("researcher", "writer", "critic"):
+                if node not in progress:
+                    return {"next": node, "reason": "next"}
+            return {"next": "FINISH", "reason": "done"}
+        return {"text": "Keel stores vectors in Qdrant [1].", "supported": {"supported": True},
+                "accepted": {"accepted": True, "feedback": "ok"}, "tool": {"tool": "calculator", "args": {}},
+                "worth_keeping": {"worth_keeping": False, "fact": ""}}[kind]
+
+    metrics = Metrics()
+    tracing = Tracing(OtelSettings(), tmp_path, dropped=metrics.trace_dropped)
+    deps = Deps(llm=ScriptedLLM(responder=responder), tools=ToolRegistry(builtin_tools()), settings=AgentSettings(),
+                retriever=KeywordRetriever({"q": "Keel stores vectors in Qdrant."}))
+    svc = AgentService(deps, db_path=tmp_path / "agents.db", tracer=tracing.tracer)
+    try:
+        events = await svc.collect(svc.run("research", "Where does Keel store vectors?"))
+        tracing.flush()
+        (listed,) = tracing.store.traces(name="invoke_agent")
+        spans = tracing.store.trace(listed["trace_id"])
+        root = next(s for s in spans if s["parent_id"] is None)
+        assert root["name"] == "invoke_agent research"
+        assert root["attributes"]["keel.agent.run_id"] == events[0].run_id
+        assert root["attributes"]["keel.agent.status"] == events[-1].status
+        nodes = [s for s in spans if s["name"].startswith("keel.agent.node ")]
+        started = [e.node for e in events if type(e).__name__ == "NodeStarted"]
+        assert [s["attributes"]["keel.agent.node"] for s in sorted(nodes, key=lambda s: s["start_ns"])] == started
+        assert all(s["parent_id"] == root["span_id"] for s in nodes)
+        tools = [s for s in spans if s["name"].startswith("execute_tool ")]
+        calls = [e for e in events if type(e).__name__ == "ToolCall"]
+        assert calls and len(tools) == len(calls)
+        assert tools[0]["attributes"]["gen_ai.tool.name"] == calls[0].tool
+        assert all(s["attributes"]["gen_ai.operation.name"] == "execute_tool" for s in tools)
+        used = {k for s in spans for k in s["attributes"] if k.startswith("gen_ai.")}
+        assert used <= GEN_AI, used - GEN_AI
+    finally:
+        await svc.aclose()
+        tracing.close()
