@@ -26,6 +26,10 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import Tracer
+
 from app.core.errors import KeelError
 from app.core.paths import tree_hash
 from evals.store import EvalStore
@@ -50,7 +54,10 @@ def open_store(settings: FinetuneConfig) -> JobStore:
 
 class Worker:
     def __init__(self, settings: FinetuneConfig, *, store: JobStore | None = None, tracker: Tracker | None = None,
-                 worker_id: str | None = None, eval_backend: LLMBackend | None = None) -> None:
+                 worker_id: str | None = None, eval_backend: LLMBackend | None = None,
+                 tracer: Tracer | None = None) -> None:
+        """``tracer``: each training and each evaluation of a job is a trace (``keel.finetune.train|eval``)."""
+        self.tracer = tracer or trace.NoOpTracer()
         self.settings = settings
         self.fs = settings.finetune
         self.store = store or open_store(settings)
@@ -84,7 +91,8 @@ class Worker:
             self.recover()
             evaluated = self.store.claim_evals(self.worker_id) if self.fs.auto_eval else None
             if evaluated is not None:
-                self.run_evals(evaluated)
+                with self._span("keel.finetune.eval", evaluated) as span:
+                    span.set_attribute("keel.finetune.evals_state", self.run_evals(evaluated).evals_state or "")
                 continue
             job = self.store.claim_next(self.worker_id)
             if job is None:
@@ -92,9 +100,21 @@ class Worker:
                     break
                 self.shutdown.wait(self.fs.poll_interval_s)
                 continue
-            self.run_job(job)
+            with self._span("keel.finetune.train", job) as span:
+                span.set_attribute("keel.finetune.state", self.run_job(job).state)
             done += 1
         return done
+
+    @contextlib.contextmanager
+    def _span(self, name: str, job: Job):
+        span = self.tracer.start_span(name, context=otel_context.Context(), attributes={
+            "keel.finetune.job_id": job.id, "keel.finetune.attempt": job.attempts, "keel.finetune.worker":
+            self.worker_id})
+        try:
+            with trace.use_span(span, end_on_exit=False, record_exception=True, set_status_on_exception=True):
+                yield span
+        finally:
+            span.end()
 
     def run_job(self, job: Job) -> Job:
         # lazy: only the worker process trains: keeps `keel --help` and `import app.api.main` ~4 ms lighter

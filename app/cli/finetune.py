@@ -260,7 +260,12 @@ def evaluate(
 def worker(once: Annotated[bool, typer.Option("--once", help="Exit when the queue is empty.")] = False) -> None:
     """Run queued jobs in this process (one at a time); Ctrl-C or SIGTERM requeues the current job."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    worker = Worker(settings_or_exit())
+    from app.core.metrics import Metrics  # lazy: keeps `keel --help` fast: prometheus_client, only the worker's
+    from app.core.tracing import Tracing  # lazy: keeps `keel --help` fast: the OpenTelemetry SDK
+
+    settings = settings_or_exit()
+    tracing = Tracing(settings.otel, settings.home, dropped=Metrics().trace_dropped)
+    worker = Worker(settings, tracer=tracing.tracer)
 
     def stop(signum: int, frame: Any) -> None:
         log.warning("signal %d: stopping after the current step (the job is requeued)", signum)
@@ -271,6 +276,7 @@ def worker(once: Annotated[bool, typer.Option("--once", help="Exit when the queu
     n = worker.run(once=once)
     log.info("worker %s exits after %d job(s)", worker.worker_id, n)
     worker.store.close()
+    tracing.close()
 
 
 @app.command()

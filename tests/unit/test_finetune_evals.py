@@ -233,3 +233,22 @@ def test_an_old_job_store_gains_the_eval_columns(tmp_path):
         assert old.evals_state is None and old.evals is None
     finally:
         store.close()
+
+
+def test_a_jobs_training_and_evaluation_are_traces(world, tmp_path):
+    from app.core.metrics import Metrics
+    from app.core.settings import OtelSettings
+    from app.core.tracing import Tracing
+
+    settings, store, tracker = world
+    tracing = Tracing(OtelSettings(), tmp_path / "traces", dropped=Metrics().trace_dropped)
+    job_id = submit(store, ["fact"])
+    Worker(settings, store=store, tracker=tracker, eval_backend=ScriptedBackend(reply="Quorra"),
+           tracer=tracing.tracer).run(once=True)
+    tracing.flush()
+    roots = {t["root"]: t for t in tracing.store.traces()}
+    train = tracing.store.trace(roots["keel.finetune.train"]["trace_id"])[0]["attributes"]
+    evaluation = tracing.store.trace(roots["keel.finetune.eval"]["trace_id"])[0]["attributes"]
+    assert train["keel.finetune.job_id"] == evaluation["keel.finetune.job_id"] == job_id
+    assert train["keel.finetune.state"] == "succeeded" and evaluation["keel.finetune.evals_state"] == "passed"
+    tracing.close()
