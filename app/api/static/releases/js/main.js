@@ -2,10 +2,12 @@
 // comparisons, charts over time, shadow answers and decision history; pause / resume / promote / roll back.
 // Plain DOM and ES modules through the public Keel API, refreshed every few seconds.
 
-import { ApiError, releases, session } from "./api.js";
+import { ApiError } from "../common/api.js";
+import { $, ago as agoMs, chip, el, replaceKeepingFocus, showAlert, timeEl as timeElMs, toast } from "../common/dom.js";
+import { errorText, keyLogin, liveRefresh } from "../common/page.js";
+import { releases, session } from "./api.js";
 import { ChartGrid, fmt, variantColor } from "./charts.js";
 
-const $ = (id) => document.getElementById(id);
 const LIVE_EVERY_MS = 5000;
 // "auto": the smallest of these that draws the release's whole life in at most MAX_AUTO_POINTS buckets.
 const AUTO_BUCKETS = [2, 5, 10, 30, 60, 300, 900, 3600, 21600, 86400];
@@ -43,34 +45,13 @@ const state = {
   bucketS: null,
   refreshing: null, // the refresh in flight (a promise)
   seq: 0, // detail loads: a response for an older selection is dropped
-  timer: null,
   action: null, // the action its dialog asks a reason for
   updatedAt: null,
 };
 let charts = null;
+let live = null; // liveRefresh(), once the page is set up
 
 // ----------------------------------------------------------------------------------- helpers
-
-function el(tag, attrs = {}, ...children) {
-  const node = document.createElement(tag);
-  for (const [k, v] of Object.entries(attrs)) {
-    if (v === undefined || v === null || v === false) continue;
-    if (k === "class") node.className = v;
-    else if (k === "text") node.textContent = v;
-    else if (k.startsWith("on")) node.addEventListener(k.slice(2), v);
-    else if (v === true) node.setAttribute(k, "");
-    else node.setAttribute(k, v);
-  }
-  for (const child of children.flat()) {
-    if (child === null || child === undefined || child === false) continue;
-    node.append(child instanceof Node ? child : document.createTextNode(String(child)));
-  }
-  return node;
-}
-
-function chip(text, cls = "") {
-  return el("span", { class: `chip ${cls}`.trim(), text });
-}
 
 function statusChip(status) {
   return chip(status.replace("_", " "), `status-chip status-${status}`);
@@ -80,24 +61,13 @@ function actionChip(action) {
   return chip(action, `action-chip action-${action}`);
 }
 
-function when(at) {
-  if (at == null) return "";
-  return new Date(at * 1000).toLocaleString(undefined, {
-    month: "short", day: "numeric", hour: "2-digit", minute: "2-digit", second: "2-digit",
-  });
-}
-
+// The releases API gives times in seconds since the epoch.
 function ago(at) {
-  if (at == null) return "";
-  const s = Math.max(0, Date.now() / 1000 - at);
-  if (s < 60) return `${Math.round(s)} s ago`;
-  if (s < 3600) return `${Math.round(s / 60)} min ago`;
-  if (s < 86400) return `${(s / 3600).toFixed(1)} h ago`;
-  return `${(s / 86400).toFixed(1)} days ago`;
+  return at == null ? "" : agoMs(at * 1000);
 }
 
 function timeEl(at) {
-  return el("time", { datetime: new Date(at * 1000).toISOString(), title: ago(at), text: when(at) });
+  return timeElMs(at * 1000);
 }
 
 function pct(w) {
@@ -110,98 +80,29 @@ function splitText(weights, order = null) {
   return names.filter((v) => v in weights).map((v) => `${v} ${pct(weights[v])}`).join(" · ");
 }
 
-let toastTimer = null;
-function toast(message, kind = "ok") {
-  const t = $("toast");
-  t.textContent = message;
-  t.className = `toast toast-${kind}`;
-  t.hidden = false;
-  clearTimeout(toastTimer);
-  toastTimer = setTimeout(() => (t.hidden = true), 4000);
-}
-
-function showAlert(node, message) {
-  node.textContent = message || "";
-  node.hidden = !message;
-}
-
-function errorText(exc) {
-  if (exc instanceof ApiError) {
-    const code = exc.code && !["invalid_request", "not_found"].includes(exc.code) ? ` (${exc.code})` : "";
-    if (exc.status === 401) return `${exc.message} — check the API key (Forget key, then connect again).`;
-    return `${exc.message}${code}`;
-  }
-  return exc && exc.message ? exc.message : String(exc);
-}
-
-function handleAuth(exc) {
-  if (exc instanceof ApiError && exc.status === 401) {
-    logout(`The server refused the key: ${exc.message}`);
-    return true;
-  }
-  return false;
-}
-
-/** Replace a node's children, keeping keyboard focus on the element with the same data-focus-key. */
-function replaceKeepingFocus(parent, children) {
-  const active = document.activeElement;
-  const key = active && parent.contains(active) ? active.dataset.focusKey : null;
-  parent.replaceChildren(...children);
-  if (key) {
-    const again = [...parent.querySelectorAll("[data-focus-key]")].find((n) => n.dataset.focusKey === key);
-    if (again) again.focus({ preventScroll: true });
-  }
-}
-
 // ------------------------------------------------------------------------------------ session
 
-async function connect(key) {
-  session.key = key;
-  let list;
-  try {
-    list = await releases.list();
-  } catch (exc) {
-    session.key = null;
-    throw exc;
-  }
-  $("login").hidden = true;
-  $("app").hidden = false;
-  $("session").hidden = false;
-  $("session-info").textContent = `Key ${key.slice(0, 9)}… · ${location.host}`;
-  state.list = ordered(list.data);
-  renderList();
-  const wanted = decodeURIComponent(location.hash.replace(/^#release=/, ""));
-  if (location.hash.startsWith("#release=") && wanted) await select(wanted);
-  schedule();
-}
-
-function logout(reason = "") {
-  session.key = null;
-  state.name = null;
-  state.report = null;
-  clearInterval(state.timer);
-  state.timer = null;
-  if (charts) charts.clear();
-  if ($("action-dialog").open) $("action-dialog").close();
-  $("app").hidden = true;
-  $("session").hidden = true;
-  $("login").hidden = false;
-  $("api-key").value = "";
-  $("login-error").textContent = reason;
-  $("api-key").focus();
-}
+const { handleAuth, start } = keyLogin({
+  session,
+  probe: () => releases.list(),
+  onConnect: async (list) => {
+    state.list = ordered(list.data);
+    renderList();
+    const wanted = decodeURIComponent(location.hash.replace(/^#release=/, ""));
+    if (location.hash.startsWith("#release=") && wanted) await select(wanted);
+    live.schedule();
+  },
+  onLogout: () => {
+    state.name = null;
+    state.report = null;
+    live.stop();
+    if (charts) charts.clear();
+    if ($("action-dialog").open) $("action-dialog").close();
+  },
+  errorText,
+});
 
 // ------------------------------------------------------------------------------------ refresh
-
-function schedule() {
-  clearInterval(state.timer);
-  state.timer = null;
-  if ($("live").checked) {
-    state.timer = setInterval(() => {
-      if (!document.hidden) refresh();
-    }, LIVE_EVERY_MS);
-  }
-}
 
 /** Re-read the list and the selected release; the selection, focus and open dialog stay as they are.
  * `force`: after a change, wait for a read already under way and read again (it may predate the change). */
@@ -644,39 +545,14 @@ async function submitAction(event) {
 // ------------------------------------------------------------------------------------ init
 
 function init() {
-  $("live-every").textContent = String(LIVE_EVERY_MS / 1000);
-  $("login-form").addEventListener("submit", async (event) => {
-    event.preventDefault();
-    const key = $("api-key").value.trim();
-    $("login-error").textContent = "";
-    try {
-      await connect(key);
-    } catch (exc) {
-      $("login-error").textContent = exc instanceof ApiError && exc.status === 401
-        ? "The server does not accept this key." : errorText(exc);
-    }
-  });
-  $("logout").addEventListener("click", () => logout());
+  live = liveRefresh(refresh, LIVE_EVERY_MS);
   $("search").addEventListener("input", renderList);
-  $("refresh").addEventListener("click", () => refresh());
-  $("live").addEventListener("change", () => {
-    schedule();
-    if ($("live").checked) refresh();
-  });
   $("bucket").addEventListener("change", () => state.name && loadDetail());
   for (const action of Object.keys(ACTIONS)) $(`act-${action}`).addEventListener("click", () => openAction(action));
   $("action-form").addEventListener("submit", submitAction);
   $("dialog-cancel").addEventListener("click", () => $("action-dialog").close());
   $("action-dialog").addEventListener("close", () => (state.action = null));
-  document.addEventListener("visibilitychange", () => {
-    if (!document.hidden && $("live").checked) refresh();
-  });
-
-  if (session.key) {
-    connect(session.key).catch((exc) => logout(errorText(exc)));
-  } else {
-    logout();
-  }
+  start();
 }
 
 init();

@@ -1,71 +1,10 @@
 // Thin client for the Keel REST API: the studio has no privileges beyond the key it is given.
 
-const KEY_STORAGE = "keel.studio.apiKey";
+import { ApiError, apiClient, enc, send } from "../common/api.js";
 
-export class ApiError extends Error {
-  constructor(status, body, fallback) {
-    const err = (body && body.error) || {};
-    super(err.message || fallback || `HTTP ${status}`);
-    this.status = status;
-    this.code = err.code || null;
-    this.param = err.param || null;
-  }
-}
-
-export const session = {
-  get key() {
-    return sessionStorage.getItem(KEY_STORAGE);
-  },
-  set key(value) {
-    if (value) sessionStorage.setItem(KEY_STORAGE, value);
-    else sessionStorage.removeItem(KEY_STORAGE);
-  },
-};
-
-function headers(extra = {}) {
-  const h = { Accept: "application/json", ...extra };
-  if (session.key) h.Authorization = `Bearer ${session.key}`;
-  return h;
-}
-
-async function parse(response) {
-  const text = await response.text();
-  let body = null;
-  if (text) {
-    try {
-      body = JSON.parse(text);
-    } catch {
-      body = { error: { message: text.slice(0, 500) } };
-    }
-  }
-  if (!response.ok) throw new ApiError(response.status, body, response.statusText);
-  return body;
-}
-
-export async function request(method, path, { body, query, signal } = {}) {
-  let url = path;
-  if (query) {
-    const qs = new URLSearchParams();
-    for (const [k, v] of Object.entries(query)) if (v !== undefined && v !== null && v !== "") qs.set(k, v);
-    const s = qs.toString();
-    if (s) url += `?${s}`;
-  }
-  const init = { method, headers: headers(), signal };
-  if (body !== undefined) {
-    init.headers["Content-Type"] = "application/json";
-    init.body = JSON.stringify(body);
-  }
-  let response;
-  try {
-    response = await fetch(url, init);
-  } catch (exc) {
-    if (exc.name === "AbortError") throw exc;
-    throw new ApiError(0, null, `cannot reach the Keel server (${exc.message})`);
-  }
-  return parse(response);
-}
-
-const enc = encodeURIComponent;
+const client = apiClient("keel.studio.apiKey");
+const { headers, parse, request } = client;
+export const session = client.session;
 
 export const prompts = {
   list: (q) => request("GET", "/v1/prompts", { query: { q } }),
@@ -98,18 +37,12 @@ export const models = () => request("GET", "/v1/models");
  * thrown when it arrives.
  */
 export async function* streamChat(body, signal) {
-  let response;
-  try {
-    response = await fetch("/v1/chat/completions", {
-      method: "POST",
-      headers: headers({ "Content-Type": "application/json", Accept: "text/event-stream" }),
-      body: JSON.stringify({ ...body, stream: true }),
-      signal,
-    });
-  } catch (exc) {
-    if (exc.name === "AbortError") throw exc;
-    throw new ApiError(0, null, `cannot reach the Keel server (${exc.message})`);
-  }
+  const response = await send("/v1/chat/completions", {
+    method: "POST",
+    headers: headers({ "Content-Type": "application/json", Accept: "text/event-stream" }),
+    body: JSON.stringify({ ...body, stream: true }),
+    signal,
+  });
   if (!response.ok) await parse(response); // throws with the server's message
   const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
   let buffer = "";

@@ -1,11 +1,12 @@
 // Prompt Studio: list, edit, preview, run, diff, label and audit prompt templates through the
 // public Keel API. No framework and no build step: plain DOM and ES modules.
 
-import { ApiError, models, prompts, session, streamChat } from "./api.js";
+import { $, chip, el, showAlert, toast } from "../common/dom.js";
+import { errorText as commonErrorText, keyLogin } from "../common/page.js";
+import { models, prompts, session, streamChat } from "./api.js";
 import { renderDiff } from "./diff.js";
 import { createEditor, usedVariables } from "./editor.js";
 
-const $ = (id) => document.getElementById(id);
 const VAR_TYPES = ["string", "integer", "number", "boolean", "list", "object"];
 const ROLES = ["system", "user", "assistant"];
 const PREVIEW_DELAY_MS = 300;
@@ -30,27 +31,6 @@ const state = {
 
 // ----------------------------------------------------------------------------------- helpers
 
-function el(tag, attrs = {}, ...children) {
-  const node = document.createElement(tag);
-  for (const [k, v] of Object.entries(attrs)) {
-    if (v === undefined || v === null || v === false) continue;
-    if (k === "class") node.className = v;
-    else if (k === "text") node.textContent = v;
-    else if (k.startsWith("on")) node.addEventListener(k.slice(2), v);
-    else if (v === true) node.setAttribute(k, "");
-    else node.setAttribute(k, v);
-  }
-  for (const child of children.flat()) {
-    if (child === null || child === undefined || child === false) continue;
-    node.append(child instanceof Node ? child : document.createTextNode(String(child)));
-  }
-  return node;
-}
-
-function chip(text, cls = "") {
-  return el("span", { class: `chip ${cls}`.trim(), text });
-}
-
 function labelClass(label) {
   if (label === "production") return "chip-prod";
   if (label === "staging") return "chip-staging";
@@ -68,66 +48,25 @@ function shortHash(hash) {
   return hash ? hash.replace(/^sha256:/, "").slice(0, 12) : "";
 }
 
-let toastTimer = null;
-function toast(message, kind = "ok") {
-  const t = $("toast");
-  t.textContent = message;
-  t.className = `toast toast-${kind}`;
-  t.hidden = false;
-  clearTimeout(toastTimer);
-  toastTimer = setTimeout(() => (t.hidden = true), 4000);
-}
-
-function showAlert(node, message) {
-  node.textContent = message || "";
-  node.hidden = !message;
-}
-
 function errorText(exc) {
-  if (exc instanceof ApiError) {
-    if (exc.status === 401) return `${exc.message} — check the API key (Forget key, then connect again).`;
-    if (exc.status === 403) return `${exc.message}.`;
-    return exc.message;
-  }
-  return exc && exc.message ? exc.message : String(exc);
-}
-
-function handleAuth(exc) {
-  if (exc instanceof ApiError && exc.status === 401) {
-    logout(`The server refused the key: ${exc.message}`);
-    return true;
-  }
-  return false;
+  return commonErrorText(exc, { codes: false, forbidden: "." });
 }
 
 // ------------------------------------------------------------------------------------ session
 
-async function connect(key) {
-  session.key = key;
-  try {
-    await prompts.list();
-  } catch (exc) {
-    session.key = null;
-    throw exc;
-  }
-  $("login").hidden = true;
-  $("app").hidden = false;
-  $("session").hidden = false;
-  $("session-info").textContent = `Key ${key.slice(0, 9)}… · ${location.host}`;
-  await refreshList();
-  loadModels();
-}
-
-function logout(reason = "") {
-  session.key = null;
-  state.name = null;
-  $("app").hidden = true;
-  $("session").hidden = true;
-  $("login").hidden = false;
-  $("api-key").value = "";
-  $("login-error").textContent = reason;
-  $("api-key").focus();
-}
+const { handleAuth, start } = keyLogin({
+  session,
+  probe: () => prompts.list(),
+  onConnect: async () => {
+    await refreshList();
+    loadModels();
+  },
+  onLogout: () => {
+    state.name = null;
+  },
+  errorText,
+  confirmLogout: () => confirmDiscard(),
+});
 
 async function loadModels() {
   try {
@@ -1005,19 +944,6 @@ async function createTemplate(event) {
 // ------------------------------------------------------------------------------------ init
 
 function init() {
-  $("login-form").addEventListener("submit", async (event) => {
-    event.preventDefault();
-    const key = $("api-key").value.trim();
-    $("login-error").textContent = "";
-    try {
-      await connect(key);
-    } catch (exc) {
-      $("login-error").textContent = exc instanceof ApiError && exc.status === 401 ? "The server does not accept this key." : errorText(exc);
-    }
-  });
-  $("logout").addEventListener("click", () => {
-    if (confirmDiscard()) logout();
-  });
   $("search").addEventListener("input", () => {
     clearTimeout(state.searchTimer);
     state.searchTimer = setTimeout(refreshList, 200);
@@ -1063,11 +989,7 @@ function init() {
     e.preventDefault();
   });
 
-  if (session.key) {
-    connect(session.key).catch((exc) => logout(errorText(exc)));
-  } else {
-    logout();
-  }
+  start();
 }
 
 init();

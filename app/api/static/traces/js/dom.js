@@ -1,27 +1,6 @@
-// DOM and formatting helpers shared by the Traces page's modules.
+// DOM and formatting helpers shared by the Traces page's modules (those of every page: common/dom.js).
 
-export const $ = (id) => document.getElementById(id);
-
-export function el(tag, attrs = {}, ...children) {
-  const node = document.createElement(tag);
-  for (const [k, v] of Object.entries(attrs)) {
-    if (v === undefined || v === null || v === false) continue;
-    if (k === "class") node.className = v;
-    else if (k === "text") node.textContent = v;
-    else if (k.startsWith("on")) node.addEventListener(k.slice(2), v);
-    else if (v === true) node.setAttribute(k, "");
-    else node.setAttribute(k, v);
-  }
-  for (const child of children.flat(Infinity)) {
-    if (child === null || child === undefined || child === false) continue;
-    node.append(child instanceof Node ? child : document.createTextNode(String(child)));
-  }
-  return node;
-}
-
-export function chip(text, cls = "") {
-  return el("span", { class: `chip ${cls}`.trim(), text });
-}
+import { el } from "../common/dom.js";
 
 /** A duration in milliseconds, as people read it: 0.42 ms, 3.28 ms, 123 ms, 1.24 s, 2 min 3 s. */
 export function ms(value) {
@@ -41,26 +20,6 @@ export function count(n) {
 /** Milliseconds since the epoch of a nanosecond timestamp (a string or a number). */
 export function nsToMs(ns) {
   return Number(BigInt(ns) / 1_000_000n);
-}
-
-export function ago(epochMs) {
-  const s = Math.max(0, (Date.now() - epochMs) / 1000);
-  if (s < 60) return `${Math.round(s)} s ago`;
-  if (s < 3600) return `${Math.round(s / 60)} min ago`;
-  if (s < 86400) return `${(s / 3600).toFixed(1)} h ago`;
-  return `${(s / 86400).toFixed(1)} days ago`;
-}
-
-export function when(epochMs, { seconds = true, millis = false } = {}) {
-  return new Date(epochMs).toLocaleString(undefined, {
-    month: "short", day: "numeric", hour: "2-digit", minute: "2-digit",
-    ...(seconds ? { second: "2-digit" } : {}), ...(millis ? { fractionalSecondDigits: 3 } : {}),
-  });
-}
-
-/** A <time> element: the local date and time, "… ago" as its tooltip. */
-export function timeEl(epochMs, opts) {
-  return el("time", { datetime: new Date(epochMs).toISOString(), title: ago(epochMs), text: when(epochMs, opts) });
 }
 
 /** An attribute value as text: lists joined, objects as JSON. */

@@ -2,7 +2,8 @@
 // route and adapter, the release variant, the passages given to the model, the guardrail policy and every
 // verdict, the eval runs of the prompt version and the feedback on the answer.
 
-import { chip, el, kv, ms, table, timeEl, valueText } from "./dom.js";
+import { chip, el, timeEl } from "../common/dom.js";
+import { kv, ms, table, valueText } from "./dom.js";
 
 function mono(text, title) {
   return el("span", { class: "mono", text: text ?? "—", title });

@@ -2,8 +2,10 @@
 // one trace as a waterfall with the selected span's details, and a chat answer's lineage. Plain DOM and ES
 // modules through the public Keel API; the list refreshes every few seconds and keeps the selection.
 
-import { ApiError, lineage, session, traces } from "./api.js";
-import { $, chip, el, ms, nsToMs, short, timeEl, when } from "./dom.js";
+import { $, chip, el, replaceKeepingFocus, showAlert, timeEl, when } from "../common/dom.js";
+import { errorText as commonErrorText, keyLogin, liveRefresh } from "../common/page.js";
+import { lineage, session, traces } from "./api.js";
+import { ms, nsToMs, short } from "./dom.js";
 import { renderLineage } from "./lineage.js";
 import { renderSpan } from "./span.js";
 import { axis, layout, onKeys, renderRows } from "./waterfall.js";
@@ -32,44 +34,14 @@ const state = {
   seq: 0, // trace loads: a response for an older selection is dropped
   lineageSeq: 0,
   refreshing: null,
-  timer: null,
   updatedAt: null,
 };
+let live = null; // liveRefresh(), once the page is set up
 
 // ----------------------------------------------------------------------------------- helpers
 
-function showAlert(node, message) {
-  node.textContent = message || "";
-  node.hidden = !message;
-}
-
 function errorText(exc) {
-  if (exc instanceof ApiError) {
-    const code = exc.code && !["invalid_request", "not_found"].includes(exc.code) ? ` (${exc.code})` : "";
-    if (exc.status === 401) return `${exc.message} — check the API key (Forget key, then connect again).`;
-    if (exc.status === 403) return `${exc.message}${code} — the Traces page needs a key with the admin scope.`;
-    return `${exc.message}${code}`;
-  }
-  return exc && exc.message ? exc.message : String(exc);
-}
-
-function handleAuth(exc) {
-  if (exc instanceof ApiError && exc.status === 401) {
-    logout(`The server refused the key: ${exc.message}`);
-    return true;
-  }
-  return false;
-}
-
-/** Replace a node's children, keeping keyboard focus on the element with the same data-focus-key. */
-function replaceKeepingFocus(parent, children) {
-  const active = document.activeElement;
-  const key = active && parent.contains(active) ? active.dataset.focusKey : null;
-  parent.replaceChildren(...children);
-  if (key) {
-    const again = [...parent.querySelectorAll("[data-focus-key]")].find((n) => n.dataset.focusKey === key);
-    if (again) again.focus({ preventScroll: true });
-  }
+  return commonErrorText(exc, { forbidden: " — the Traces page needs a key with the admin scope." });
 }
 
 function summaryKey(t) {
@@ -96,46 +68,34 @@ function readHash() {
 
 // ------------------------------------------------------------------------------------ session
 
-async function connect(key) {
-  session.key = key;
-  const wanted = readHash();
-  state.filters = { name: wanted.name || "", responseId: wanted.completion || "" };
-  $("filter-name").value = state.filters.name;
-  $("filter-response").value = state.filters.responseId;
-  let page;
-  try {
-    page = await readPage();
-  } catch (exc) {
-    session.key = null;
-    throw exc;
-  }
-  $("login").hidden = true;
-  $("app").hidden = false;
-  $("session").hidden = false;
-  $("session-info").textContent = `Key ${key.slice(0, 9)}… · ${location.host}`;
-  setList(page);
-  state.updatedAt = Date.now();
-  renderList();
-  if (wanted.trace) await select(wanted.trace, { span: wanted.span });
-  schedule();
-}
+let wanted = {}; // what the address asked for when the page connected
 
-function logout(reason = "") {
-  session.key = null;
-  clearInterval(state.timer);
-  state.timer = null;
-  Object.assign(state, { list: [], traceId: null, trace: null, model: null, spanId: null, responseId: null,
-    lineageFor: null, loadedKey: null });
-  state.collapsed.clear();
-  $("app").hidden = true;
-  $("session").hidden = true;
-  $("login").hidden = false;
-  $("trace-view").hidden = true;
-  $("empty").hidden = false;
-  $("api-key").value = "";
-  $("login-error").textContent = reason;
-  $("api-key").focus();
-}
+const { handleAuth, start } = keyLogin({
+  session,
+  probe: () => {
+    wanted = readHash();
+    state.filters = { name: wanted.name || "", responseId: wanted.completion || "" };
+    $("filter-name").value = state.filters.name;
+    $("filter-response").value = state.filters.responseId;
+    return readPage();
+  },
+  onConnect: async (page) => {
+    setList(page);
+    state.updatedAt = Date.now();
+    renderList();
+    if (wanted.trace) await select(wanted.trace, { span: wanted.span });
+    live.schedule();
+  },
+  onLogout: () => {
+    live.stop();
+    Object.assign(state, { list: [], traceId: null, trace: null, model: null, spanId: null, responseId: null,
+      lineageFor: null, loadedKey: null });
+    state.collapsed.clear();
+    $("trace-view").hidden = true;
+    $("empty").hidden = false;
+  },
+  errorText,
+});
 
 // ------------------------------------------------------------------------------------ the list
 
@@ -160,16 +120,6 @@ function isOwnRead(t) {
 /** The traces the list shows: all of them, or all but the reads of the trace store. */
 function shown() {
   return $("hide-own").checked ? state.list.filter((t) => !isOwnRead(t)) : state.list;
-}
-
-function schedule() {
-  clearInterval(state.timer);
-  state.timer = null;
-  if ($("live").checked) {
-    state.timer = setInterval(() => {
-      if (!document.hidden) refresh();
-    }, LIVE_EVERY_MS);
-  }
 }
 
 /** Re-read the newest page (older pages already loaded stay under it) and, if the selected trace grew, the
@@ -461,24 +411,7 @@ function toggleLineage() {
 // ------------------------------------------------------------------------------------ init
 
 function init() {
-  $("live-every").textContent = String(LIVE_EVERY_MS / 1000);
-  $("login-form").addEventListener("submit", async (event) => {
-    event.preventDefault();
-    const key = $("api-key").value.trim();
-    $("login-error").textContent = "";
-    try {
-      await connect(key);
-    } catch (exc) {
-      $("login-error").textContent = exc instanceof ApiError && exc.status === 401
-        ? "The server does not accept this key." : errorText(exc);
-    }
-  });
-  $("logout").addEventListener("click", () => logout());
-  $("refresh").addEventListener("click", () => refresh());
-  $("live").addEventListener("change", () => {
-    schedule();
-    if ($("live").checked) refresh();
-  });
+  live = liveRefresh(refresh, LIVE_EVERY_MS);
   $("filters").addEventListener("submit", applyFilters);
   $("clear-filters").addEventListener("click", () => {
     $("filter-name").value = "";
@@ -494,15 +427,7 @@ function init() {
     onToggle: (id) => toggle(id),
   }));
   $("lineage-toggle").addEventListener("click", toggleLineage);
-  document.addEventListener("visibilitychange", () => {
-    if (!document.hidden && $("live").checked) refresh();
-  });
-
-  if (session.key) {
-    connect(session.key).catch((exc) => logout(errorText(exc)));
-  } else {
-    logout();
-  }
+  start();
 }
 
 init();

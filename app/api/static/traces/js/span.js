@@ -2,7 +2,8 @@
 // reasons), every attribute (gen_ai.* first), its events (guardrail verdicts as a table) and, when content
 // capture is on, the messages sent to the model and its answer (already PII-masked by the server).
 
-import { chip, el, kv, ms, table, valueText } from "./dom.js";
+import { chip, el } from "../common/dom.js";
+import { kv, ms, table, valueText } from "./dom.js";
 
 const MESSAGE_KEYS = ["gen_ai.input.messages", "gen_ai.output.messages", "gen_ai.system_instructions"];
 // The GenAI attributes in the order people look for them.

@@ -2,7 +2,8 @@
 // start and duration within the whole trace. Spans come from GET /v1/traces/{id} with their nanosecond
 // timestamps as strings (api.js), so offsets are computed exactly with BigInt.
 
-import { chip, el, ms } from "./dom.js";
+import { chip, el } from "../common/dom.js";
+import { ms } from "./dom.js";
 
 const KIND_LABEL = { SERVER: "server", CLIENT: "client", INTERNAL: "internal", PRODUCER: "producer",
   CONSUMER: "consumer" };
