@@ -8,29 +8,25 @@ new traffic arrive without reloading, pause and resume it with reasons, see an a
 message when someone else finished a release first, promote the canary (weights 0/100), and read the decision
 history. Screenshots of every view are kept as test artifacts.
 
-Needs /usr/bin/chromium and the `playwright` package: run `infra/setup-browser.sh`. Without them the test fails
-with that command, unless KEEL_SKIP_BROWSER_TESTS=1 says to skip it on purpose.
+Needs /usr/bin/chromium and the `playwright` package (tests/browser.py): run `infra/setup-browser.sh`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import re
-import shutil
-import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from app.security.keys import KeyStore
+from tests import browser
+from tests.browser import chromium_page, connect_after_a_wrong_key, create_key, forget_key, tall_screenshot
 from tests.integration.conftest import KeelServer
-from tests.integration.test_studio_browser import CHROMIUM, CHROMIUM_FLAGS, ROOT, TIMEOUT_MS, _require_browser
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
+browser_ready, artifacts = browser.browser_ready, browser.artifacts  # the shared fixtures
 
 # Generation on a shared 2-core CPU: short answers, but leave room for a busy machine.
 CHAT_TIMEOUT_S = 120
@@ -40,67 +36,19 @@ LIVE_TIMEOUT_MS = 20_000
 LINE_COLOURS = {"stable": (0x0A, 0x6B, 0xB3), "canary": (0xD5, 0x5E, 0x00)}
 
 
-@pytest.fixture(scope="session")
-def browser_ready() -> None:
-    """Checked before `keel_server` starts vLLM, so a missing browser fails (or skips) in a second."""
-    _require_browser()
-
-
-@pytest.fixture
-def artifacts(tmp_path: Path) -> Iterator[Path]:
-    """Screenshots land in tmp_path; afterwards they are also copied to .keel/artifacts/ if writable."""
-    folder = tmp_path / "artifacts"
-    folder.mkdir()
-    yield folder
-    target = ROOT / ".keel" / "artifacts"
-    try:
-        target.mkdir(parents=True, exist_ok=True)
-        for shot in folder.glob("*.png"):
-            shutil.copy2(shot, target / shot.name)
-    except OSError:
-        pass
-
-
 @pytest.fixture
 def releases_key(keel_server: KeelServer) -> str:
     """What a release manager gets: watch and steer releases, nothing else (no chat, no admin)."""
-    store = KeyStore(keel_server.home / "keel.db")
-    try:
-        return store.create("release-manager", ["releases"])[1]
-    finally:
-        store.close()
+    return create_key(keel_server.home, "release-manager", ["releases"])
 
 
 def test_releases_page_end_to_end(
     browser_ready: None, keel_server: KeelServer, releases_key: str, artifacts: Path
 ) -> None:
-    from playwright.sync_api import sync_playwright
-
-    tag = uuid.uuid4().hex[:6]
-    name = f"rel-e2e-{tag}"
+    name = f"rel-e2e-{uuid.uuid4().hex[:6]}"
     served = start_canary(keel_server, name)
-    problems: list[str] = []
-    with sync_playwright() as pw:
-        context = pw.chromium.launch_persistent_context(
-            str(artifacts.parent / "chromium-profile"),
-            executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_FLAGS,
-            viewport={"width": 1440, "height": 1000}, device_scale_factor=1,
-        )
-        try:
-            page = context.new_page()
-            page.set_default_timeout(TIMEOUT_MS)
-            page.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
-            # Refused requests (401, 409) are part of the journey; Chromium logs each one.
-            page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}")
-                    if m.type == "error" and not m.text.startswith("Failed to load resource") else None)
-            drive_releases(page, keel_server, releases_key, name, served, artifacts)
-        except BaseException:
-            with contextlib.suppress(Exception):  # best effort on the way out
-                context.pages[-1].screenshot(path=str(artifacts / "releases-failure.png"), full_page=True)
-            raise
-        finally:
-            context.close()
-    assert not problems, "the page logged errors:\n" + "\n".join(problems)
+    with chromium_page(artifacts, "releases") as page:
+        drive_releases(page, keel_server, releases_key, name, served, artifacts)
 
 
 # -- set-up through the API, as a CI pipeline would ---------------------------------------------------------
@@ -157,17 +105,12 @@ def chat(server: KeelServer, release: str, served: Counter[str]) -> None:
 def drive_releases(page, server: KeelServer, key: str, name: str, served: Counter[str], artifacts: Path) -> None:
     from playwright.sync_api import expect
 
-    expect.set_options(timeout=TIMEOUT_MS)
     page.goto(f"{server.url}/releases")
     expect(page).to_have_title(re.compile("Releases"))
     expect(page.get_by_role("navigation", name="Keel pages").get_by_role("link", name="Prompt Studio")).to_be_visible()
 
     # --- connect: a wrong key is refused, the right one (scope `releases` only) opens the list
-    page.get_by_label("API key").fill("keel-not-a-real-key")
-    page.get_by_role("button", name="Connect").click()
-    expect(page.get_by_role("alert").filter(has_text="does not accept")).to_be_visible()
-    page.get_by_label("API key").fill(key)
-    page.get_by_role("button", name="Connect").click()
+    connect_after_a_wrong_key(page, key)
     expect(page.get_by_role("list", name="Release list")).to_be_visible()
 
     # --- the list: strategy, status, split and the current decision of every release
@@ -296,11 +239,7 @@ def drive_releases(page, server: KeelServer, key: str, name: str, served: Counte
     tall_screenshot(page, artifacts / "releases-promoted.png")
 
     # --- the key stays in this tab only, and forgetting it returns to the login form
-    assert page.evaluate("sessionStorage.getItem('keel.releases.apiKey')") == key
-    assert page.evaluate("localStorage.length") == 0
-    page.get_by_role("button", name="Forget key").click()
-    expect(page.get_by_label("API key")).to_be_visible()
-    assert page.evaluate("sessionStorage.getItem('keel.releases.apiKey')") is None
+    forget_key(page, "keel.releases.apiKey", key)
 
 
 def act(page, button: str | None, confirm: str, reason: str) -> None:
@@ -335,13 +274,3 @@ def line_pixels(page, selector: str) -> dict[str, int]:
     )
     return {k: int(v) for k, v in counts.items()}
 
-
-def tall_screenshot(page, path: Path) -> None:
-    """The workspace scrolls inside the page: a tall viewport shows all of it in one picture."""
-    size = page.viewport_size
-    page.set_viewport_size({"width": size["width"], "height": 3000})
-    try:
-        time.sleep(0.3)  # let the charts follow the resize
-        page.screenshot(path=str(path), full_page=True)
-    finally:
-        page.set_viewport_size(size)

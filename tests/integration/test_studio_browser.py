@@ -6,131 +6,51 @@ parameters) while the live preview follows, save version 2, run it with streamed
 save race (409), diff v1 against v2, promote v2 to production through the gate, and read the
 audit history. Screenshots of every view are kept as test artifacts.
 
-Needs /usr/bin/chromium and the `playwright` package: run `infra/setup-browser.sh`. Without them
-the test fails with that command, unless KEEL_SKIP_BROWSER_TESTS=1 says to skip it on purpose.
+Needs /usr/bin/chromium and the `playwright` package (tests/browser.py): run `infra/setup-browser.sh`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
 import re
-import shutil
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from app.security.keys import KeyStore
+from tests import browser
+from tests.browser import chromium_page, connect_after_a_wrong_key, create_key, forget_key
 from tests.integration.conftest import KeelServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
+browser_ready, artifacts = browser.browser_ready, browser.artifacts  # the shared fixtures
 
-ROOT = Path(__file__).resolve().parents[2]
-CHROMIUM = Path("/usr/bin/chromium")
-SETUP = "infra/setup-browser.sh"
-# ENVIRONMENT.md, "Browser tests": Debian's Chromium runs headless with these flags.
-CHROMIUM_FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-    "--disable-component-update", "--no-first-run",
-]
-TIMEOUT_MS = 15_000
 # Generation on a shared 2-core CPU: a short answer, but leave room for a busy machine.
 RUN_TIMEOUT_MS = 120_000
-
-
-def _require_browser() -> None:
-    missing = []
-    if not CHROMIUM.exists():
-        missing.append(str(CHROMIUM))
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        missing.append("the `playwright` Python package")
-    if not missing:
-        return
-    if not CHROMIUM.exists() and os.environ.get("KEEL_SKIP_BROWSER_TESTS") == "1":
-        pytest.skip("KEEL_SKIP_BROWSER_TESTS=1 and /usr/bin/chromium is missing: browser test skipped on purpose")
-    pytest.fail(f"missing {' and '.join(missing)}: run `{SETUP}` first (apt-get chromium + pip playwright)",
-                pytrace=False)
-
-
-@pytest.fixture(scope="session")
-def browser_ready() -> None:
-    """Checked before `keel_server` starts vLLM, so a missing browser fails (or skips) in a second."""
-    _require_browser()
-
-
-@pytest.fixture
-def artifacts(tmp_path: Path) -> Iterator[Path]:
-    """Screenshots land in tmp_path; afterwards they are also copied to .keel/artifacts/ if writable."""
-    folder = tmp_path / "artifacts"
-    folder.mkdir()
-    yield folder
-    target = ROOT / ".keel" / "artifacts"
-    try:
-        target.mkdir(parents=True, exist_ok=True)
-        for shot in folder.glob("*.png"):
-            shutil.copy2(shot, target / shot.name)
-    except OSError:
-        pass
 
 
 @pytest.fixture
 def studio_key(keel_server: KeelServer) -> str:
     """What a prompt engineer gets: edit templates and run them, nothing else (no admin)."""
-    store = KeyStore(keel_server.home / "keel.db")
-    try:
-        return store.create("prompt-engineer", ["prompts:write", "chat"])[1]
-    finally:
-        store.close()
+    return create_key(keel_server.home, "prompt-engineer", ["prompts:write", "chat"])
 
 
 def test_prompt_studio_end_to_end(
     browser_ready: None, keel_server: KeelServer, studio_key: str, artifacts: Path
 ) -> None:
-    from playwright.sync_api import sync_playwright
-
     name = f"studio-e2e-{uuid.uuid4().hex[:6]}"
-    problems: list[str] = []
-    with sync_playwright() as pw:
-        context = pw.chromium.launch_persistent_context(
-            str(artifacts.parent / "chromium-profile"),
-            executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_FLAGS,
-            viewport={"width": 1440, "height": 1000}, device_scale_factor=1,
-        )
-        try:
-            page = context.new_page()
-            page.set_default_timeout(TIMEOUT_MS)
-            page.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
-            # Refused requests (401, 400, 403, 409) are part of the journey; Chromium logs each one.
-            page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}")
-                    if m.type == "error" and not m.text.startswith("Failed to load resource") else None)
-            drive_studio(page, keel_server, studio_key, name, artifacts)
-        except BaseException:
-            with contextlib.suppress(Exception):  # best effort on the way out
-                context.pages[-1].screenshot(path=str(artifacts / "studio-failure.png"), full_page=True)
-            raise
-        finally:
-            context.close()
-    assert not problems, "the page logged errors:\n" + "\n".join(problems)
+    with chromium_page(artifacts, "studio") as page:
+        drive_studio(page, keel_server, studio_key, name, artifacts)
 
 
 def drive_studio(page, server: KeelServer, key: str, name: str, artifacts: Path) -> None:
     from playwright.sync_api import expect
 
-    expect.set_options(timeout=TIMEOUT_MS)
     page.goto(f"{server.url}/studio")
     expect(page).to_have_title(re.compile("Prompt Studio"))
 
     # --- connect: a wrong key is refused, the right one opens the template list
-    page.get_by_label("API key").fill("keel-not-a-real-key")
-    page.get_by_role("button", name="Connect").click()
-    expect(page.get_by_role("alert").filter(has_text="does not accept")).to_be_visible()
-    page.get_by_label("API key").fill(key)
-    page.get_by_role("button", name="Connect").click()
+    connect_after_a_wrong_key(page, key)
     expect(page.get_by_role("list", name="Template list")).to_be_visible()
     expect(page.get_by_role("button", name="Open template rag-answer")).to_be_visible()  # seeded starter
     page.get_by_label("Search templates").fill("summar")
@@ -312,11 +232,7 @@ def drive_studio(page, server: KeelServer, key: str, name: str, artifacts: Path)
     page.screenshot(path=str(artifacts / "studio-history.png"), full_page=True)
 
     # --- the key stays in this tab only, and forgetting it returns to the login form
-    assert page.evaluate("sessionStorage.getItem('keel.studio.apiKey')") == key
-    assert page.evaluate("localStorage.length") == 0
-    page.get_by_role("button", name="Forget key").click()
-    expect(page.get_by_label("API key")).to_be_visible()
-    assert page.evaluate("sessionStorage.getItem('keel.studio.apiKey')") is None
+    forget_key(page, "keel.studio.apiKey", key)
 
 
 def run_suite(server: KeelServer, name: str, version: int) -> None:

@@ -11,28 +11,25 @@ prompt version and hash, the route, the guardrail policy and verdicts — and th
 grounded answer's trace has its retrieval span and its lineage the passages. New traffic appears in the list
 without a reload and the selection stays. Screenshots of every view are kept as test artifacts.
 
-Needs /usr/bin/chromium and the `playwright` package: run `infra/setup-browser.sh`. Without them the test fails
-with that command, unless KEEL_SKIP_BROWSER_TESTS=1 says to skip it on purpose.
+Needs /usr/bin/chromium and the `playwright` package (tests/browser.py): run `infra/setup-browser.sh`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import re
-import shutil
-import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from tests import browser
+from tests.browser import BAD_KEY, chromium_page, connect, forget_key, tall_screenshot
 from tests.integration.conftest import KeelServer
-from tests.integration.test_studio_browser import CHROMIUM, CHROMIUM_FLAGS, ROOT, TIMEOUT_MS, _require_browser
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
+browser_ready, artifacts = browser.browser_ready, browser.artifacts  # the shared fixtures
 
 # Generation on a shared 2-core CPU: short answers, but leave room for a busy machine.
 CHAT_TIMEOUT_S = 120
@@ -42,53 +39,10 @@ DOC = ("# Lighthouses\n\nThe Eddystone lighthouse stands on rocks fourteen kilom
        "Its present tower, designed by James Douglass, was completed in 1882.\n")
 
 
-@pytest.fixture(scope="session")
-def browser_ready() -> None:
-    """Checked before `keel_server` starts vLLM, so a missing browser fails (or skips) in a second."""
-    _require_browser()
-
-
-@pytest.fixture
-def artifacts(tmp_path: Path) -> Iterator[Path]:
-    """Screenshots land in tmp_path; afterwards they are also copied to .keel/artifacts/ if writable."""
-    folder = tmp_path / "artifacts"
-    folder.mkdir()
-    yield folder
-    target = ROOT / ".keel" / "artifacts"
-    try:
-        target.mkdir(parents=True, exist_ok=True)
-        for shot in folder.glob("*.png"):
-            shutil.copy2(shot, target / shot.name)
-    except OSError:
-        pass
-
-
 def test_traces_page_end_to_end(browser_ready: None, keel_server: KeelServer, artifacts: Path) -> None:
-    from playwright.sync_api import sync_playwright
-
     traffic = send_traffic(keel_server, uuid.uuid4().hex[:6])
-    problems: list[str] = []
-    with sync_playwright() as pw:
-        context = pw.chromium.launch_persistent_context(
-            str(artifacts.parent / "chromium-profile"),
-            executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_FLAGS,
-            viewport={"width": 1440, "height": 1000}, device_scale_factor=1,
-        )
-        try:
-            page = context.new_page()
-            page.set_default_timeout(TIMEOUT_MS)
-            page.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
-            # Refused requests (401, 403) are part of the journey; Chromium logs each one.
-            page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}")
-                    if m.type == "error" and not m.text.startswith("Failed to load resource") else None)
-            drive_traces(page, keel_server, traffic, artifacts)
-        except BaseException:
-            with contextlib.suppress(Exception):  # best effort on the way out
-                context.pages[-1].screenshot(path=str(artifacts / "traces-failure.png"), full_page=True)
-            raise
-        finally:
-            context.close()
-    assert not problems, "the page logged errors:\n" + "\n".join(problems)
+    with chromium_page(artifacts, "traces") as page:
+        drive_traces(page, keel_server, traffic, artifacts)
 
 
 # -- traffic through the API, as clients send it ------------------------------------------------------------
@@ -137,7 +91,6 @@ def send_traffic(server: KeelServer, tag: str) -> dict[str, Any]:
 def drive_traces(page, server: KeelServer, traffic: dict[str, Any], artifacts: Path) -> None:
     from playwright.sync_api import expect
 
-    expect.set_options(timeout=TIMEOUT_MS)
     prompted = traffic["prompted"]
     answer, record = prompted["answer"], prompted["lineage"]
     completion_id, trace_id = answer["id"], record["trace_id"]
@@ -151,14 +104,9 @@ def drive_traces(page, server: KeelServer, traffic: dict[str, Any], artifacts: P
     expect(nav.get_by_role("link", name="Traces")).to_have_attribute("aria-current", "page")
 
     # --- connect: a wrong key is refused; a chat key is told traces need the admin scope; the admin key opens
-    page.get_by_label("API key").fill("keel-not-a-real-key")
-    page.get_by_role("button", name="Connect").click()
-    expect(page.get_by_role("alert").filter(has_text="does not accept")).to_be_visible()
-    page.get_by_label("API key").fill(server.keys["chat"])
-    page.get_by_role("button", name="Connect").click()
-    expect(page.get_by_role("alert").filter(has_text="lacks the 'admin' scope")).to_be_visible()
-    page.get_by_label("API key").fill(server.keys["admin"])
-    page.get_by_role("button", name="Connect").click()
+    connect(page, BAD_KEY, refused="does not accept")
+    connect(page, server.keys["chat"], refused="lacks the 'admin' scope")
+    connect(page, server.keys["admin"])
     trace_list = page.get_by_role("list", name="Trace list")
     expect(trace_list).to_be_visible()
     expect(trace_list.locator(f'li[data-response-id="{completion_id}"]')).to_be_visible()
@@ -328,19 +276,5 @@ def drive_traces(page, server: KeelServer, traffic: dict[str, Any], artifacts: P
     expect(trace_list.locator("li").filter(has_text="GET /v1/traces")).to_have_count(0)
 
     # --- the key stays in this tab only, and forgetting it returns to the login form
-    assert page.evaluate("sessionStorage.getItem('keel.traces.apiKey')") == server.keys["admin"]
-    assert page.evaluate("localStorage.length") == 0
-    page.get_by_role("button", name="Forget key").click()
-    expect(page.get_by_label("API key")).to_be_visible()
-    assert page.evaluate("sessionStorage.getItem('keel.traces.apiKey')") is None
+    forget_key(page, "keel.traces.apiKey", server.keys["admin"])
 
-
-def tall_screenshot(page, path: Path) -> None:
-    """The workspace scrolls inside the page: a tall viewport shows all of it in one picture."""
-    size = page.viewport_size
-    page.set_viewport_size({"width": size["width"], "height": 3000})
-    try:
-        time.sleep(0.3)
-        page.screenshot(path=str(path), full_page=True)
-    finally:
-        page.set_viewport_size(size)
