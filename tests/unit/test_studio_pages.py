@@ -102,12 +102,32 @@ async def test_the_three_pages_link_to_each_other(client, page: str) -> None:
     assert nav.count("aria-current") == 1
 
 
+_JS, _CSS = "text/javascript; charset=utf-8", "text/css; charset=utf-8"
+
+
+@pytest.mark.parametrize("page, path, media_type", [
+    ("studio", "js/main.js", _JS), ("studio", "js/api.js", _JS), ("studio", "js/editor.js", _JS),
+    ("studio", "js/diff.js", _JS), ("studio", "studio.css", _CSS), ("studio", "favicon.svg", "image/svg+xml"),
+    ("releases", "js/main.js", _JS), ("releases", "js/api.js", _JS), ("releases", "js/charts.js", _JS),
+    ("releases", "releases.css", _CSS), ("releases", "vendor/uPlot.esm.js", _JS),
+    ("releases", "vendor/uPlot.min.css", _CSS), ("releases", "vendor/uPlot.LICENSE.txt", "text/plain; charset=utf-8"),
+    ("traces", "js/main.js", _JS), ("traces", "js/api.js", _JS), ("traces", "js/waterfall.js", _JS),
+    ("traces", "js/span.js", _JS), ("traces", "js/lineage.js", _JS), ("traces", "js/dom.js", _JS),
+    ("traces", "traces.css", _CSS),
+])
+async def test_a_pages_assets_are_served_with_their_type(client, page: str, path: str, media_type: str) -> None:
+    r = await client.get(f"/{page}/static/{path}")
+    assert r.status_code == 200, path
+    assert r.headers["content-type"] == media_type
+    assert r.headers["x-content-type-options"] == "nosniff" and r.headers["cache-control"] == "no-cache"
+
+
 @pytest.mark.parametrize("page", PAGES)
 @pytest.mark.parametrize("module", COMMON_MODULES)
 async def test_the_shared_modules_are_served_under_every_page(client, page: str, module: str) -> None:
     r = await client.get(f"/{page}/static/common/{module}")
     assert r.status_code == 200, module
-    assert r.headers["content-type"] == "text/javascript; charset=utf-8"
+    assert r.headers["content-type"] == _JS
     assert r.headers["x-content-type-options"] == "nosniff" and r.headers["cache-control"] == "no-cache"
     assert r.text == (COMMON_DIR / module).read_text()
 

@@ -1,6 +1,6 @@
-"""What only the Traces page has: its assets, and the names it relies on (the roots of the trace store's own reads,
-the span attributes it groups) are the ones the server records. What every page shares (serving, headers, links,
-modules, the elements its scripts look up, API paths) is tested in test_studio_pages.py;
+"""What only the Traces page has: the names it relies on (the roots of the trace store's own reads,
+the span attributes it groups) are the ones the server records. What every page shares (serving, headers, assets,
+links, modules, the elements its scripts look up, API paths) is tested in test_studio_pages.py;
 tests/integration/test_traces_browser.py drives the page in Chromium against a real server."""
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ import re
 from pathlib import Path
 
 import httpx
-import pytest
 
 from app.api.main import create_app
 from app.api.routes.studio import TRACES_DIR
@@ -18,35 +17,20 @@ from app.settings import load_settings
 from ingest import build_rag
 from ingest.embedding import HashingEmbedder
 from tests.fakes.llm import ScriptedBackend
-from tests.unit.test_studio_pages import client, client_calls  # noqa: F401  (client: the fixture)
+from tests.unit import test_studio_pages as pages
 
 JS = TRACES_DIR / "js"
+client = pages.client  # the fixture
 
 
-@pytest.mark.parametrize("path, media_type", [
-    ("js/main.js", "text/javascript; charset=utf-8"),
-    ("js/api.js", "text/javascript; charset=utf-8"),
-    ("js/waterfall.js", "text/javascript; charset=utf-8"),
-    ("js/span.js", "text/javascript; charset=utf-8"),
-    ("js/lineage.js", "text/javascript; charset=utf-8"),
-    ("js/dom.js", "text/javascript; charset=utf-8"),
-    ("traces.css", "text/css; charset=utf-8"),
-])
-async def test_assets_are_served_with_their_type(client, path: str, media_type: str) -> None:  # noqa: F811
-    r = await client.get(f"/traces/static/{path}")
-    assert r.status_code == 200, path
-    assert r.headers["content-type"] == media_type
-    assert r.headers["x-content-type-options"] == "nosniff"
-
-
-async def test_another_pages_files_are_not_served_here(client) -> None:  # noqa: F811
+async def test_another_pages_files_are_not_served_here(client) -> None:
     assert (await client.get("/traces/static/../releases/js/main.js")).status_code == 404
     assert (await client.get("/traces/static/..%2Freleases%2Fjs%2Fmain.js")).status_code == 404
 
 
 def test_the_page_reads_traces_and_lineage_only() -> None:
-    assert client_calls("traces") == {("GET", "/v1/traces"), ("GET", "/v1/traces/{trace_id}"),
-                                      ("GET", "/v1/lineage/{completion_id}")}
+    assert pages.client_calls("traces") == {("GET", "/v1/traces"), ("GET", "/v1/traces/{trace_id}"),
+                                            ("GET", "/v1/lineage/{completion_id}")}
 
 
 async def test_the_names_the_page_relies_on_are_what_the_server_records(tmp_path: Path) -> None:
