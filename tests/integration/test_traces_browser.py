@@ -182,7 +182,8 @@ def drive_traces(page, server: KeelServer, traffic: dict[str, Any], artifacts: P
     # --- the keyboard: up moves to the previous span, Home to the root, left collapses, right expands
     model_row.locator(".span-btn").focus()
     page.keyboard.press("ArrowUp")
-    previous = rows.nth(len(prompted["spans"]) - 2)
+    order = list(tree)  # the rows as the waterfall shows them
+    previous = waterfall.locator(f'tr[data-name="{order[order.index(model_name) - 1]}"]')
     expect(previous.locator(".span-btn")).to_have_attribute("aria-current", "true")
     expect(previous.locator(".span-btn")).to_be_focused()
     page.keyboard.press("Home")

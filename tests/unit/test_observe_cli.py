@@ -169,10 +169,12 @@ def test_show_draws_the_span_tree_with_durations_and_key_attributes(server, run)
     assert lines[0].startswith(f"trace {trace_id} · ") and " spans · " in lines[0] and "error" not in lines[0]
     spans = [line for line in lines if "|" in line and not line.startswith("span ")]
     names = [re.split(r"\s{2,}", re.sub(r"^[│├└─ ]*", "", line))[0] for line in spans]
-    assert names == ["POST /v1/chat/completions", "keel.chat", "keel.prompt.render", "keel.guardrails.input",
-                     "chat fake-model"], names
+    # the output guard's span covers the guarded stream: it starts once the model's answer flows
+    assert names[:4] == ["POST /v1/chat/completions", "keel.chat", "keel.prompt.render", "keel.guardrails.input"]
+    assert sorted(names[4:]) == ["chat fake-model", "keel.guardrails.output"], names
     assert spans[1].startswith("└─ keel.chat") and spans[2].startswith("   ├─ keel.prompt.render")
-    assert spans[4].startswith("   └─ chat fake-model")
+    assert re.match(r"   [├└]─ chat fake-model", spans[4 + names[4:].index("chat fake-model")])
+    assert spans[-1].startswith("   └─ ")
     for line in spans:  # kind, start offset, duration and a bar between the trace's edges
         assert re.search(r"(server|internal|client)\s+\+\d+\.\d+ ms\s+\d+(\.\d+)? (ms|s)\s+\|[ █]+\|$", line), line
     assert re.search(r"\|█+\|$", spans[0])  # the root spans the whole trace
