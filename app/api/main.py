@@ -15,6 +15,7 @@ from app.api.routes import (
     admin,
     agents,
     chat,
+    embeddings,
     evals,
     finetune,
     lineage,
@@ -76,6 +77,7 @@ def create_app(settings: Settings | None = None, container: Container | None = N
         max_body_bytes_getter=lambda: settings.limits.max_body_bytes,
     )
     app.include_router(chat.router)
+    app.include_router(embeddings.router)
     app.include_router(system.router)
     app.include_router(admin.router)
     app.include_router(prompt_routes.router)

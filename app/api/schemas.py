@@ -1,11 +1,22 @@
-"""OpenAI-compatible wire models: the contract of /v1/chat/completions and /v1/models."""
+"""OpenAI-compatible wire models: the contract of /v1/chat/completions, /v1/embeddings and /v1/models."""
 
 from __future__ import annotations
 
 import time
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    GetJsonSchemaHandler,
+    SerializationInfo,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+)
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema
 
 from app.core.errors import InvalidRequest
 from app.core.types import ChatMessage, GenerationParams, ResponseFormat
@@ -13,6 +24,31 @@ from app.core.types import ChatMessage, GenerationParams, ResponseFormat
 
 class _Wire(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+
+class _Out(_Wire):
+    """A response object whose ``_required`` fields the OpenAI spec marks required: always in the JSON, ``null``
+    when unset, even where the route drops the other unset (Keel's optional) fields with ``exclude_none``; and
+    listed as required in the published schema."""
+
+    _required: ClassVar[tuple[str, ...]] = ()
+
+    @model_serializer(mode="wrap")
+    def _keep_required(self, handler: SerializerFunctionWrapHandler, info: SerializationInfo) -> Any:
+        data = handler(self)
+        if isinstance(data, dict):
+            for name in self._required:
+                if name not in data:
+                    data[name] = None
+        return data
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core_schema: CoreSchema, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        schema = handler(core_schema)
+        target = handler.resolve_ref_schema(schema)
+        required = target.setdefault("required", [])
+        required += [n for n in cls._required if n not in required]
+        return schema
 
 
 class TextPart(_Wire):
@@ -113,6 +149,9 @@ class ChatCompletionRequest(_Wire):
     tool_choice: Any = None
     logprobs: bool | None = None
     metadata: dict[str, str] | None = None
+    service_tier: Literal["auto", "default", "flex", "scale", "priority"] | None = Field(default=None, description=(
+        "Accepted for OpenAI compatibility: Keel has one processing tier, and a response to a request that "
+        "names one says 'default'."))
 
     @field_validator("stop")
     @classmethod
@@ -150,25 +189,38 @@ class ChatCompletionRequest(_Wire):
         )
 
 
-class UsageOut(_Wire):
+class UsageOut(_Out):
+    _required = ("prompt_tokens", "completion_tokens", "total_tokens")
+
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
 
 
-class AssistantMessage(_Wire):
+class AssistantMessage(_Out):
+    """``refusal`` is OpenAI's field for a model that declines to follow a structured-output schema: Keel's
+    models never fill it, so it is always null. A guardrail's refusal is the answer itself (``content``, with
+    ``finish_reason: content_filter``), where every chat client shows it."""
+
+    _required = ("role", "content", "refusal")
+
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    refusal: str | None = None
 
 
-class Choice(_Wire):
+class Choice(_Out):
+    _required = ("index", "message", "finish_reason", "logprobs")
+
     index: int
     message: AssistantMessage
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: None = Field(default=None, description="Always null: log probabilities are not returned.")
 
 
-class ChatCompletion(_Wire):
+class ChatCompletion(_Out):
+    _required = ("id", "object", "created", "model", "choices")
+
     id: str
     object: Literal["chat.completion"] = "chat.completion"
     created: int = Field(default_factory=lambda: int(time.time()))
@@ -176,6 +228,7 @@ class ChatCompletion(_Wire):
     choices: list[Choice]
     usage: UsageOut | None = None
     system_fingerprint: str | None = None
+    service_tier: str | None = Field(default=None, description="'default' when the request named a tier.")
     prompt: PromptInfo | None = Field(default=None, description="Keel: the prompt version used.")
     release: ReleaseInfo | None = Field(default=None, description="Keel: the release and variant that answered.")
     citations: list[dict[str, Any]] | None = Field(
@@ -192,25 +245,86 @@ class Delta(_Wire):
     content: str | None = None
 
 
-class ChunkChoice(_Wire):
+class ChunkChoice(_Out):
+    _required = ("index", "delta", "finish_reason", "logprobs")
+
     index: int
     delta: Delta
     finish_reason: str | None = None
     logprobs: None = None
 
 
-class ChatCompletionChunk(_Wire):
+class ChatCompletionChunk(_Out):
+    _required = ("id", "object", "created", "model", "choices")
+
     id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     created: int
     model: str
     choices: list[ChunkChoice]
     usage: UsageOut | None = None
+    service_tier: str | None = None
     prompt: PromptInfo | None = None
     release: ReleaseInfo | None = None
     citations: list[dict[str, Any]] | None = None
     guardrails: str | None = None
     guardrail: dict[str, Any] | None = None
+
+
+class EmbeddingRequest(_Wire):
+    """POST /v1/embeddings, OpenAI's wire format. Parameters Keel does not know are refused with a 400."""
+
+    model_config = ConfigDict(extra="allow")
+
+    input: str | list[str] | list[int] | list[list[int]] = Field(description=(
+        "A text or a list of texts (up to 2048). Token ids (a list of integers, or of lists of integers) are "
+        "refused: the model has its own tokenizer."))
+    model: str = Field(min_length=1, description="The embedding model's id (GET /v1/models) or its short name.")
+    encoding_format: Literal["float", "base64"] = Field(default="float", description=(
+        "float: a JSON array; base64: the vector's little-endian float32 bytes, base64-encoded."))
+    dimensions: Annotated[int, Field(ge=1)] | None = Field(default=None, description=(
+        "Accepted only when it equals the model's dimension: the model cannot shorten its vectors."))
+    user: str | None = Field(default=None, description="Accepted and ignored.")
+    truncate: bool = Field(default=False, description=(
+        "Keel: embed only the first tokens of a text longer than the model's window (as sentence-transformers "
+        "does) instead of refusing it."))
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _input(cls, v: Any) -> Any:
+        """One clear message for a wrong shape (pydantic's would list every member of the union); token ids
+        pass here and are refused by the route, which names the parameter."""
+        if isinstance(v, str) or (isinstance(v, list) and (
+                all(isinstance(t, str) for t in v) or all(isinstance(t, int) and not isinstance(t, bool) for t in v)
+                or all(isinstance(t, list) for t in v))):
+            return v
+        raise ValueError("must be a string or a list of strings")
+
+
+class Embedding(_Out):
+    _required = ("object", "index", "embedding")
+
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str = Field(description=(
+        "The L2-normalised vector (the very vectors Keel's RAG stores), or with encoding_format=base64 its "
+        "little-endian float32 bytes in base64."))
+
+
+class EmbeddingUsage(_Out):
+    _required = ("prompt_tokens", "total_tokens")
+
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingList(_Out):
+    _required = ("object", "data", "model", "usage")
+
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage
 
 
 class ModelCard(_Wire):

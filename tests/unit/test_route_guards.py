@@ -83,6 +83,8 @@ NO_MODEL = {
     # drift checks: statistics over recorded features (a suite reference embeds its inputs, nothing generates)
     ("POST", "/v1/monitor/drift"), ("GET", "/v1/monitor/drift"), ("GET", "/v1/monitor/drift/{check_id}"),
     ("GET", "/v1/monitor/drift/{check_id}/report"),
+    # embeddings: the in-process RAG embedder turns texts into vectors; no LLM backend, no tool, nothing generates
+    ("POST", "/v1/embeddings"),
 }
 
 

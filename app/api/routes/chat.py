@@ -94,6 +94,7 @@ async def chat_completions(
             citations=result.citations,
             guardrails=result.guardrails,
             guardrail_events=[event_payload(e) for e in result.guardrail_events] or None,
+            service_tier=_tier(body),
         )
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     events = aiter(chat.stream(chat_request))
@@ -105,9 +106,14 @@ async def chat_completions(
     if started is not None and started.release:
         headers[RELEASE_HEADER] = f"{started.release}/{started.variant}"
     return EventSourceResponse(
-        _sse(primed, events, body.n, include_usage, lambda code: metrics.errors.labels(code).inc()),
+        _sse(primed, events, body.n, include_usage, lambda code: metrics.errors.labels(code).inc(), _tier(body)),
         ping=15, sep="\n", headers=headers,
     )
+
+
+def _tier(body: ChatCompletionRequest) -> str | None:
+    """OpenAI answers a request that names a service tier with the tier that served it: Keel has one."""
+    return "default" if body.service_tier is not None else None
 
 
 async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
@@ -143,8 +149,10 @@ async def _prime(events: AsyncIterator[ChatEvent]) -> list[ChatEvent]:
 
 async def _sse(
     primed: list[ChatEvent], events: AsyncIterator[ChatEvent], n: int, include_usage: bool,
-    on_error: Callable[[str], None],
+    on_error: Callable[[str], None], service_tier: str | None = None,
 ) -> AsyncIterator[str | ServerSentEvent]:
+    """Chunks as OpenAI sends them: every choice carries ``finish_reason`` and ``logprobs`` (null until the
+    last), which the schema's ``_required`` fields keep through ``exclude_none``."""
     chunk: ChatCompletionChunk | None = None
     policy = ""
 
@@ -180,7 +188,8 @@ async def _sse(
                 yield ServerSentEvent(frame([]), event="guardrail")
                 chunk.guardrail = None
             elif isinstance(event, Started):
-                chunk = ChatCompletionChunk(id=event.id, created=event.created, model=event.model, choices=[])
+                chunk = ChatCompletionChunk(id=event.id, created=event.created, model=event.model, choices=[],
+                                            service_tier=service_tier)
                 policy = event.guardrails or ""
                 # Announced once, on the role chunk.
                 chunk.guardrails = event.guardrails
