@@ -66,7 +66,8 @@ async def test_non_streaming_completion_has_the_openai_shape(env) -> None:
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["object"] == "chat.completion" and body["model"] == "m"
-    assert body["choices"][0]["message"] == {"role": "assistant", "content": "The capital of France is Paris."}
+    assert body["choices"][0]["message"] == {"role": "assistant", "content": "The capital of France is Paris.",
+                                              "refusal": None}
     assert body["choices"][0]["finish_reason"] == "stop"
     assert body["usage"]["completion_tokens"] == 6
     assert r.headers["x-request-id"]
