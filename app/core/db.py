@@ -183,3 +183,38 @@ class PostgresPool:
 
     def close(self) -> None:
         self._pool.close()
+
+
+class ThrottledRefresh:
+    """Re-read shared state at most every ``interval_s``, never making the request path wait for the store.
+
+    ``refresh()`` is called on every read: with a positive interval the ``check`` runs on a background thread and
+    the copy in memory answers meanwhile (one check at a time; a check in flight answers for the reads that come
+    during it); ``force`` (writes, start-up) and an interval of 0 (tests) check now, on the caller's thread.
+    ``check(force)`` is the owner's: it re-reads when the store's revision moved."""
+
+    def __init__(self, interval_s: float, check: Callable[[bool], None], *, name: str) -> None:
+        self.interval_s = interval_s
+        self._check = check
+        self._name = name
+        self._checked = 0.0
+        self._lock = threading.Lock()
+
+    def __call__(self, *, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._checked < self.interval_s:
+            return
+        if force or self.interval_s <= 0:
+            with self._lock:
+                self._checked = time.monotonic()
+                self._check(force)
+            return
+        if self._lock.acquire(blocking=False):
+            self._checked = now
+            threading.Thread(target=self._in_background, name=self._name, daemon=True).start()
+
+    def _in_background(self) -> None:
+        try:
+            self._check(False)
+        finally:
+            self._lock.release()

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -27,7 +26,7 @@ from typing import Any, Protocol
 
 from app.core import audit
 from app.core.audit import AuditEvent
-from app.core.db import PostgresPool, SqliteFile
+from app.core.db import PostgresPool, SqliteFile, ThrottledRefresh
 from app.core.errors import Conflict, InvalidRequest, StoreUnavailable
 from app.core.migrate import Migrations, upgrade_postgres
 from app.core.settings import BackendSettings, CoreConfig, ModelAlias
@@ -220,11 +219,9 @@ class RoutingTable:
         self.configured = dict(configured)
         self.backends = backends
         self.store = store
-        self.check_interval_s = check_interval_s
         self._routes: dict[str, Route] = {}
         self._revision = -1
-        self._checked = 0.0
-        self._lock = threading.Lock()
+        self._refresh = ThrottledRefresh(check_interval_s, self._check, name="keel-routing-refresh")
         self._unusable: dict[str, int] = {}
         #: names other things clients call as a model own (release endpoints): a route may not take them
         self.reserved: Callable[[str], str | None] = lambda alias: None
@@ -261,32 +258,21 @@ class RoutingTable:
     def revision(self) -> int:
         return self._revision
 
+    @property
+    def check_interval_s(self) -> float:
+        return self._refresh.interval_s
+
+    @check_interval_s.setter
+    def check_interval_s(self, value: float) -> None:
+        self._refresh.interval_s = value
+
     def refresh(self, *, force: bool = False) -> None:
-        """Re-read the routes when the store's revision moved, at most every ``check_interval_s``.
+        """Re-read the routes when the store's revision moved, at most every ``check_interval_s``, never waiting
+        on the store on the request path (:class:`app.core.db.ThrottledRefresh`): a change is served within about
+        one interval. A store that cannot be read keeps the routes last read (logged)."""
+        self._refresh(force=force)
 
-        Reads call this on the request path, so there it never waits on the store: with a positive interval the
-        check runs on a background thread and the routes in memory answer meanwhile (a change is served within
-        about one interval). ``force`` (writes, start-up) and an interval of 0 (tests, in-memory tables) check
-        now, on the caller's thread. A store that cannot be read keeps the routes last read (logged)."""
-        now = time.monotonic()
-        if not force and now - self._checked < self.check_interval_s:
-            return
-        if force or self.check_interval_s <= 0:
-            with self._lock:
-                self._checked = time.monotonic()
-                self._check(force=force)
-            return
-        if self._lock.acquire(blocking=False):  # one check at a time; a check in flight answers for this read
-            self._checked = now
-            threading.Thread(target=self._check_in_background, name="keel-routing-refresh", daemon=True).start()
-
-    def _check_in_background(self) -> None:
-        try:
-            self._check(force=False)
-        finally:
-            self._lock.release()
-
-    def _check(self, *, force: bool) -> None:
+    def _check(self, force: bool) -> None:
         try:
             if not force and self.store.revision() == self._revision:
                 return

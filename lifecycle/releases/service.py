@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from app.core.audit import BufferedWriter
+from app.core.db import ThrottledRefresh
 from app.core.errors import Conflict, InvalidRequest, StoreUnavailable
 from lifecycle.releases import controller
 from lifecycle.releases.assign import layout, pick, ranges
@@ -59,7 +59,6 @@ class ReleaseService:
                  name_taken: NameTaken | None = None, check_judge: JudgeCheck | None = None,
                  flush_interval_s: float = 0.2) -> None:
         self.store = store
-        self.check_interval_s = check_interval_s
         self.check_variant = check_variant or (lambda v: None)
         self.gate = gate or (lambda v: None)
         self.name_taken = name_taken or (lambda n: False)
@@ -67,8 +66,7 @@ class ReleaseService:
         self._releases: dict[str, Release] = {}
         self._tables: dict[tuple[int, int], tuple[list[str], list[tuple[float, float]], dict]] = {}
         self._revision = -1
-        self._checked = 0.0
-        self._lock = threading.Lock()
+        self._refresh = ThrottledRefresh(check_interval_s, self._check, name="keel-releases-refresh")
         self._observations: BufferedWriter[Observation] = BufferedWriter(
             store.record, interval_s=flush_interval_s, name="keel-release-observations", what="release observations")
         self._pairs: BufferedWriter[ShadowPair] = BufferedWriter(
@@ -124,30 +122,16 @@ class ReleaseService:
     # -- cache -----------------------------------------------------------------------------------------
 
     def refresh(self, *, force: bool = False) -> None:
-        now = time.monotonic()
-        if not force and now - self._checked < self.check_interval_s:
-            return
-        if force or self.check_interval_s <= 0:
-            with self._lock:
-                self._checked = time.monotonic()
-                self._check(force=force)
-            return
-        if self._lock.acquire(blocking=False):
-            self._checked = now
-            threading.Thread(target=self._check_in_background, name="keel-releases-refresh", daemon=True).start()
+        """Re-read the releases when the store's revision moved, at most every ``check_interval_s``, never
+        waiting on the store on the request path (:class:`app.core.db.ThrottledRefresh`)."""
+        self._refresh(force=force)
 
-    def _check_in_background(self) -> None:
+    def _check(self, force: bool) -> None:
         try:
-            self._check(force=False)
-        finally:
-            self._lock.release()
-
-    def _check(self, *, force: bool) -> None:
-        try:
-            if not force and self.store.revision() == self._revision:
-                return
             revision = self.store.revision()
-            self._releases = self.store.current()
+            if not force and revision == self._revision:
+                return
+            self._releases = self.store.current()  # read after the revision: a later change is re-read next time
             self._revision = revision
         except StoreUnavailable as e:
             if force:
