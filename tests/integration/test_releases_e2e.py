@@ -71,6 +71,7 @@ def test_a_canary_the_guardrails_block_is_rolled_back_on_its_own(keel_server: Ke
         "metrics": [{"name": "errors", "margin": 0.2}, {"name": "guardrail_blocks", "margin": 0.2}]})
     deadline = time.monotonic() + 300
     sent = 0
+    refused: list[dict] = []  # every canary answer seen; the batch that tipped the decision may hold none
     while time.monotonic() < deadline:
         responses = _traffic(keel_server, "support-bad", 8)
         sent += len(responses)
@@ -79,6 +80,7 @@ def test_a_canary_the_guardrails_block_is_rolled_back_on_its_own(keel_server: Ke
             body = r.json()
             if body["release"]["variant"] == "canary":
                 assert body["choices"][0]["finish_reason"] == "content_filter"
+                refused.append(body)
         report = _report(keel_server, "support-bad")
         if report["status"] != "running":
             break
@@ -91,8 +93,8 @@ def test_a_canary_the_guardrails_block_is_rolled_back_on_its_own(keel_server: Ke
     assert all(r.headers["x-keel-release"] == "support-bad/stable" for r in after)
     print(f"bad canary rolled back after {sent} requests: {report['decision']['reason']}")
     # the lineage of a refused answer: the prompt version as the registry has it, and the verdict that refused it
-    refused = next(r.json() for r in responses if r.json()["release"]["variant"] == "canary")
-    rec = httpx.get(f"{keel_server.url}/v1/lineage/{refused['id']}", headers=keel_server.headers("chat"),
+    assert refused, "the canary answered no request before it was rolled back"
+    rec = httpx.get(f"{keel_server.url}/v1/lineage/{refused[-1]['id']}", headers=keel_server.headers("chat"),
                     timeout=30).json()
     version = httpx.get(f"{keel_server.url}/v1/prompts/rel-bad/versions/2", headers=keel_server.headers("admin"),
                         timeout=30).json()
