@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from app.core.errors import BackendError, Conflict, InvalidRequest, KeelError, NotFound
+from app.core.errors import BackendError, Conflict, InvalidRequest, KeelError, NotFound, PermissionDenied
 
 
 class WorkflowNotFound(NotFound):
@@ -37,3 +37,9 @@ class ToolInputError(InvalidRequest):
 
 class ToolNotFound(NotFound):
     code = "tool_not_found"
+
+
+class ToolDenied(PermissionDenied):
+    """The caller's API key lacks the scope the tool needs: returned to the agent, never retried."""
+
+    code = "tool_scope_denied"

@@ -24,7 +24,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -338,8 +338,12 @@ class AgentService:
 
     async def run(self, workflow: str, question: str, *, thread_id: str | None = None, user: str | None = None,
                   team: str | None = None, owner: str | None = None, max_steps: int | None = None,
-                  guard: RunGuard | None = None) -> AsyncIterator[AgentEvent]:
+                  guard: RunGuard | None = None, scopes: Iterable[str] | None = None
+                  ) -> AsyncIterator[AgentEvent]:
         """Start a run (a new thread unless ``thread_id`` names one of this owner's threads).
+
+        ``scopes``: the starting key's; every tool call of the run (resumed ones too) is checked against them
+        (None: unscoped, the operator's CLI).
 
         ``guard``: the question passes its input stage before the workflow starts (blocked: the run ends
         ``blocked`` with the refusal, no node runs; masked values are masked for the model, tools and memory)
@@ -381,7 +385,8 @@ class AgentService:
                 yield event
             return
         state = wf.initial_state(question, max_steps=max_steps)
-        state.update(run_id=rec.run_id, thread_id=thread_id, namespace=namespace, search_namespaces=search)
+        state.update(run_id=rec.run_id, thread_id=thread_id, namespace=namespace, search_namespaces=search,
+                     principal=owner or "", scopes=sorted(scopes) if scopes is not None else None)
         async with contextlib.aclosing(self._drive(rec, self.graph(workflow), state, resumed=False,
                                                    guard=guard)) as events:
             async for event in events:
@@ -683,7 +688,7 @@ class AgentService:
         return bool(model) and model.startswith(AGENT_MODEL_PREFIX)
 
     async def chat_events(self, model: str, messages: Sequence[Any], *, request_id: str = "",
-                          owner: str | None = None) -> AsyncIterator[Any]:
+                          owner: str | None = None, scopes: Iterable[str] | None = None) -> AsyncIterator[Any]:
         """``agent:<workflow>`` as a chat model: yields ChatService events (``Started``, ``TextDelta``s of the
         final answer, ``Finished``). The question is the last user message; each request is a new thread."""
         workflow = model[len(AGENT_MODEL_PREFIX):] if self.is_agent_model(model) else model
@@ -695,7 +700,7 @@ class AgentService:
         if not question:
             raise InvalidRequest("send a user message with the question", param="messages")
         text, cited = "", []
-        async with contextlib.aclosing(self.run(workflow, question, owner=owner)) as events:
+        async with contextlib.aclosing(self.run(workflow, question, owner=owner, scopes=scopes)) as events:
             first = await anext(events)  # validation errors surface here, before Started
             yield Started(f"chatcmpl-{request_id or uuid.uuid4().hex}", int(time.time()), model)
             async for ev in _chain(first, events):

@@ -30,6 +30,8 @@ class BaseState(TypedDict, total=False):
     question: str
     namespace: list[str]
     search_namespaces: list[list[str]]
+    principal: str  # the key that started the run ("" for the CLI)
+    scopes: list[str] | None  # its scopes, which every tool call is checked against (None: unscoped)
     status: str
     answer: str
     citations: list[dict[str, Any]]

@@ -1,13 +1,14 @@
 """Tools: the ``Tool`` protocol, a registry, the executor and the built-in tools.
 
 A tool is anything with ``name``, ``description``, ``input_schema`` (a JSON schema of an
-object), ``risky`` and ``async run(args, ctx)``; the ML lifecycle tools (model registry,
-experiment tracking, drift, feature store) plug in with ``ToolRegistry.register``.
+object), ``risky`` and ``async run(args, ctx)``; it may also name the API-key ``scope`` a caller needs
+(``lifecycle.tools``: the ML lifecycle tools plug in with ``ToolRegistry.register``).
 
-The executor never lets a tool error escape: bad input, a raised exception or a timeout
-become an observation (``ok=False``) the agent reads. Exceptions other than bad input are
+The executor never lets a tool error escape: bad input, a missing scope, a raised exception or a
+timeout become an observation (``ok=False``) the agent reads. Exceptions other than bad input are
 retried ``retries`` times. Risky tools are paused for approval by the graph's tools node
-(``interrupt()``), never here: the executor only runs what was approved.
+(``interrupt()``), never here: the executor only runs what was approved. Every call that reached a
+known tool is handed to the registry's ``audit`` hook (the lifecycle's tool audit trail).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
+import logging
 import re
 import time
 import uuid
@@ -23,12 +25,16 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from agents.arithmetic import evaluate
-from agents.errors import ToolInputError, ToolNotFound
+from agents.errors import ToolDenied, ToolInputError, ToolNotFound
 from agents.events import ToolCall, ToolResult
+from app.core.errors import KeelError
+from app.security.keys import scope_allows
 
 if TYPE_CHECKING:  # jsonschema is imported on first use: importing it takes over a second
     from jsonschema.exceptions import ValidationError
     from jsonschema.protocols import Validator
+
+log = logging.getLogger("keel.agents")
 
 MAX_OBSERVATION_CHARS = 2000
 
@@ -44,6 +50,14 @@ class ToolContext:
     top_k: int = 4
     memory: Any = None  # a langgraph BaseStore (QdrantMemoryStore)
     prompts: Any = None  # PromptRegistry
+    #: Who calls (an API key id; "" for the operator's own CLI) and what its key allows: None is unscoped
+    #: (the CLI and tests), a set is checked against each tool's ``scope`` before the tool runs.
+    principal: str = ""
+    scopes: frozenset[str] | None = None
+    request_id: str | None = None
+
+    def allows(self, scope: str | None) -> bool:
+        return scope is None or self.scopes is None or scope_allows(self.scopes, scope)
 
 
 @runtime_checkable
@@ -92,11 +106,17 @@ class ToolObservation:
                 "data": self.data, "error_code": self.error_code, "attempts": self.attempts}
 
 
+AuditHook = Callable[["ToolContext", "ToolObservation"], None]
+
+
 class ToolRegistry:
-    def __init__(self, tools: list[Tool] | None = None, risky: set[str] | None = None) -> None:
+    def __init__(self, tools: list[Tool] | None = None, risky: set[str] | None = None,
+                 audit: AuditHook | None = None) -> None:
         self._tools: dict[str, Tool] = {}
         self._validators: dict[str, Validator] = {}
         self.extra_risky = set(risky or ())
+        #: Called with every finished call of a registered tool (never raises into the caller).
+        self.audit = audit
         for t in tools or []:
             self.register(t)
 
@@ -123,8 +143,10 @@ class ToolRegistry:
         tool = self.get(name)
         return validate_args(tool.input_schema, args, validator=self._validators[name])
 
-    def names(self) -> list[str]:
-        return sorted(self._tools)
+    def names(self, *, without_tag: str | None = None) -> list[str]:
+        """The tools' names; ``without_tag``: leave out the tools tagged so (a tool's optional ``tags``)."""
+        return sorted(n for n, t in self._tools.items()
+                      if without_tag is None or without_tag not in getattr(t, "tags", ()))
 
     def __contains__(self, name: object) -> bool:
         return name in self._tools
@@ -133,9 +155,17 @@ class ToolRegistry:
         tool = self._tools.get(name)
         return name in self.extra_risky or bool(tool and tool.risky)
 
+    def scope(self, name: str) -> str | None:
+        return getattr(self._tools.get(name), "scope", None)
+
+    def tools(self, ctx: ToolContext | None = None) -> list[Tool]:
+        """The tools, by name; with ``ctx``, only those its scopes allow."""
+        return [t for _, t in sorted(self._tools.items())
+                if ctx is None or ctx.allows(getattr(t, "scope", None))]
+
     def specs(self, names: list[str] | None = None) -> list[dict[str, Any]]:
         return [{"name": t.name, "description": t.description, "input_schema": t.input_schema,
-                 "risky": self.is_risky(t.name)}
+                 "risky": self.is_risky(t.name), "scope": getattr(t, "scope", None)}
                 for n, t in sorted(self._tools.items()) if names is None or n in names]
 
 
@@ -295,10 +325,14 @@ async def execute(registry: ToolRegistry, tool_name: str, args: dict[str, Any], 
     t0 = time.perf_counter()
     attempts = 0
     obs: ToolObservation
+    tool: Tool | None = None
     try:
         tool = registry.get(tool_name)
+        if not ctx.allows(scope := getattr(tool, "scope", None)):
+            raise ToolDenied(f"{tool_name} needs an API key with the {scope!r} scope; this key has "
+                             f"{', '.join(sorted(ctx.scopes or ())) or 'none'}")
         registry.validate(tool_name, args)
-    except (ToolNotFound, ToolInputError) as e:
+    except (ToolNotFound, ToolInputError, ToolDenied) as e:
         obs = ToolObservation(call_id, tool_name, args, False, f"error: {e}", None, e.code, 0)
     except Exception as e:  # the tool's schema cannot be applied (an unresolvable $ref): its fault, not the input's
         obs = ToolObservation(call_id, tool_name, args, False,
@@ -309,9 +343,13 @@ async def execute(registry: ToolRegistry, tool_name: str, args: dict[str, Any], 
             attempts += 1
             try:
                 result = await asyncio.wait_for(tool.run(args, ctx), timeout_s)
-            except ToolInputError as e:
-                obs = ToolObservation(call_id, tool_name, args, False, f"error: {e}", None, e.code, attempts)
-                break
+            except KeelError as e:
+                if e.status >= 500:  # a backend or store that may answer next time: retried below
+                    err, code = f"error: {e}", e.code
+                else:  # the caller's mistake (bad input, not found, a conflict, a refused gate): not retried
+                    obs = ToolObservation(call_id, tool_name, args, False, _render(f"error: {e}"), None, e.code,
+                                          attempts)
+                    break
             except TimeoutError:
                 err, code = f"error: {tool_name} timed out after {timeout_s:g} s", "tool_timeout"
             except Exception as e:  # any tool failure becomes an observation
@@ -327,6 +365,11 @@ async def execute(registry: ToolRegistry, tool_name: str, args: dict[str, Any], 
             await asyncio.sleep(backoff_s * attempts)
     obs.duration_ms = round((time.perf_counter() - t0) * 1000, 2)
     emit(ToolResult(ctx.run_id, call_id, tool_name, obs.ok, obs.output, obs.attempts, obs.duration_ms))
+    if tool is not None and registry.audit is not None:
+        try:
+            registry.audit(ctx, obs)
+        except Exception:  # the audit trail's failure is logged there; the call's result still stands
+            log.exception("tool audit hook failed for %s", tool_name)
     return obs
 
 

@@ -13,6 +13,7 @@ import numpy as np
 
 from agents import build_agents
 from agents.service import AgentService
+from agents.tools import ToolRegistry
 from app.core.metrics import Metrics
 from app.core.tracing import Tracing
 from app.guardrails.embeddings import SharedEmbedder, default_model_path
@@ -29,10 +30,11 @@ from app.services.grounding import Grounder
 from app.services.ingest_jobs import IngestJobs
 from app.settings import Settings
 from evals.gate import prompt_gate
-from evals.jobs import EvalJobs
+from evals.jobs import EvalJobs, submit_run
 from evals.online import OnlineJudge
 from evals.runner import EvalDeps
 from evals.store import EvalStore
+from evals.suite import suite_summaries
 from finetune import build_finetune
 from finetune.gate import adapter_gate
 from finetune.service import FinetuneService
@@ -44,6 +46,7 @@ from lifecycle.releases.service import ReleaseService
 from lifecycle.releases.serving import ReleaseGateway, variant_check
 from lifecycle.releases.serving import prompt_gate as release_gate
 from lifecycle.releases.store import open_release_store
+from lifecycle.tools import LifecycleServices, ToolAudit, lifecycle_tools
 from prompts.factory import build_registry
 from prompts.registry import PromptRegistry
 
@@ -77,6 +80,9 @@ class Container:
     lineage: Lineage | None = None
     tracing: Tracing | None = None
     monitor: DriftMonitor | None = None
+    #: The tools agents and MCP clients share (built-ins plus the lifecycle's) and their audit trail.
+    tools: ToolRegistry | None = None
+    tool_audit: ToolAudit | None = None
 
     @classmethod
     async def build(
@@ -151,6 +157,7 @@ class Container:
                         eval_store, jobs=runner, releases=releases, serving=serving, front=front, lineage=lineage,
                         tracing=tracing, monitor=monitor)
         EvalJobs(container.eval_deps).register(runner, slots=job_settings.eval_slots)
+        container._register_tools()
         if embedder is not None:
             async def close_embedder() -> None:
                 embedder.close()
@@ -159,6 +166,25 @@ class Container:
         if start_backends:
             container._background(container._restore_adapters())
         return container
+
+    def _register_tools(self) -> None:
+        """The lifecycle's tools join the agents' registry: one registry for Keel's agents and its MCP server,
+        every call audited on the ``tools`` trail."""
+        registry = self.agents.deps.tools
+        self.tool_audit = ToolAudit(self.settings.home / "tools.db")
+        registry.audit = self.tool_audit.record
+        settings = self.settings
+
+        async def submit_eval(suite: str, *, baseline: str | None = None, owner: str = "") -> dict:
+            return await submit_run(self.jobs, self.eval_deps(), self.evals, suite, baseline=baseline, owner=owner)
+
+        for tool in lifecycle_tools(LifecycleServices(
+                releases=self.releases, serving=self.serving, monitor=self.monitor,
+                traces=self.tracing.store if self.tracing is not None else None, finetune=self.finetune,
+                eval_store=self.evals, submit_eval=submit_eval if self.jobs is not None else None,
+                eval_suites=lambda: suite_summaries(settings.evals.suites_dir), prompts=self.prompts)):
+            registry.register(tool, replace=True)
+        self.tools = registry
 
     def eval_deps(self) -> EvalDeps:
         """The ports an eval run reads: chat answers exactly as the API gives them (same guards, same RAG)."""
@@ -230,6 +256,7 @@ class Container:
             *((("lineage", self.front.close),) if self.front is not None else ()),
             *((("release shadows", self.serving.aclose),) if self.serving is not None else ()),
             *((("releases", self.releases.close),) if self.releases is not None else ()),
+            *((("tool audit", self.tool_audit.close),) if self.tool_audit is not None else ()),
             ("fine-tune jobs", self.finetune.close), ("eval store", self.evals.close),
             *((f"closer {getattr(c, '__name__', c)}", c) for c in reversed(self._closers)),
             ("model backends", self.llm.aclose), ("routing table", self.llm.routes.close),

@@ -37,6 +37,25 @@ def payload(suite: str, *, baseline: str | None = None, use_cache: bool = True) 
     return {"suite": suite, "baseline": baseline, "use_cache": use_cache}
 
 
+async def submit_run(runner: JobRunner, deps: EvalDeps, store: EvalStore, suite_name: str, *,
+                     baseline: str | None = None, use_cache: bool = True, owner: str = "",
+                     idempotency_key: str | None = None) -> dict[str, Any]:
+    """Start a suite run as a durable job (what ``POST /v1/evals/runs`` and the ``eval_run`` tool do). Checked
+    now, so that a suite that cannot run here is a clear error, not a failed job."""
+    suite = load_named_suite(deps.config.evals.suites_dir, suite_name)
+    try:
+        ident = EvalRunner(deps, store, use_cache=use_cache, progress=False).identity(suite)
+    except EvalConfigError as e:
+        raise InvalidRequest(str(e), param="suite") from e
+    if baseline is not None:
+        store.get_run(baseline)  # not found now rather than a failed job
+    job = await runner.submit(KIND, payload(suite.name, baseline=baseline, use_cache=use_cache), owner=owner,
+                              idempotency_key=idempotency_key)
+    return {"status": "started", "suite": suite.name, "suite_hash": suite.hash, "cases": len(suite.cases),
+            "target": ident.get("prompt") or ident.get("rag") or ident.get("model"), "job_id": job.id,
+            "job": job.public()}
+
+
 class EvalJobs:
     """The ``eval`` handler. ``deps`` builds the ports a run reads (``Container.eval_deps``), called when a
     job starts so that it sees the settings and services as they are then."""

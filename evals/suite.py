@@ -322,6 +322,20 @@ def list_suites(suites_dir: Path) -> list[Path]:
     return sorted(d.glob("*.yaml")) if d.is_dir() else []
 
 
+def suite_summaries(suites_dir: Path) -> list[dict[str, Any]]:
+    """Every suite in the suites folder: name, path, cases, hash, target and gate bindings (or why it does not
+    load)."""
+    out: list[dict[str, Any]] = []
+    for path in list_suites(suites_dir):
+        try:
+            s = load_suite(path)
+            out.append({"name": s.name, "path": str(path), "cases": len(s.cases), "hash": s.hash,
+                        "target": s.target.model_dump(exclude_none=True), "bind": s.gate.bind})
+        except SuiteError as e:
+            out.append({"name": path.stem, "path": str(path), "error": str(e)})
+    return out
+
+
 def _prompt_name(ref: Any) -> str | None:
     return ref.split("@", 1)[0] if isinstance(ref, str) and ref else None
 

@@ -43,7 +43,9 @@ class Deps:
         search = tuple(tuple(n) for n in state.get("search_namespaces") or [ns])
         return ToolContext(run_id=state.get("run_id", ""), thread_id=state.get("thread_id", ""), namespace=ns,
                            search_namespaces=search, retriever=self.retriever, collection=self.collection,
-                           top_k=self.settings.top_k, memory=self.memory, prompts=self.prompts)
+                           top_k=self.settings.top_k, memory=self.memory, prompts=self.prompts,
+                           principal=state.get("principal") or "",
+                           scopes=frozenset(scopes) if (scopes := state.get("scopes")) is not None else None)
 
     async def call_tool(self, state: dict[str, Any], tool: str, args: dict[str, Any], emit: Emit, node: str,
                         call_id: str | None = None) -> ToolObservation:

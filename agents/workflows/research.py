@@ -53,7 +53,8 @@ ANALYST_EXCLUDED = {"retrieve", "memory_write"}  # the researcher retrieves; onl
 
 
 def analyst_tools(deps: Deps) -> list[str]:
-    return [n for n in deps.tools.names() if n not in ANALYST_EXCLUDED]
+    # The lifecycle's tools (registry, releases, drift, ...) are the ops workflow's, not a researcher's.
+    return [n for n in deps.tools.names(without_tag="lifecycle") if n not in ANALYST_EXCLUDED]
 
 
 def analyst_schema(tools: list[str]) -> dict[str, Any]:

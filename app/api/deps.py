@@ -184,6 +184,7 @@ async def authenticate(request: Request, container: ContainerDep) -> ApiKey:
     limit = key.rate_limit_per_minute or container.settings.auth.default_rate_limit_per_minute
     container.rate_limiter.check(key.id, limit)
     request.state.api_key_id = key.id
+    request.state.api_key_scopes = key.scopes
     return key
 
 
@@ -209,6 +210,7 @@ IngestKey = Annotated[ApiKey, Depends(require_scope("ingest"))]
 EvalsKey = Annotated[ApiKey, Depends(require_scope("evals"))]
 FinetuneKey = Annotated[ApiKey, Depends(require_scope("finetune"))]
 ReleasesKey = Annotated[ApiKey, Depends(require_scope("releases"))]
+MonitorKey = Annotated[ApiKey, Depends(require_scope("monitor"))]
 AdminKey = Annotated[ApiKey, Depends(require_scope("admin"))]
 
 

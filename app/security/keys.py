@@ -30,6 +30,7 @@ SCOPES: dict[str, str] = {
     "evals": "run and read evaluations",
     "finetune": "submit and manage fine-tuning jobs",
     "releases": "create, watch, pause, promote and roll back releases (A/B, canary, shadow, blue/green)",
+    "monitor": "read traces, lineage and drift reports, and run drift checks",
     "admin": "everything, including key management and backend logs",
 }
 KEY_PREFIX = "keel-"
@@ -48,9 +49,13 @@ class ApiKey:
     revoked_at: str | None = None
 
     def allows(self, scope: str) -> bool:
-        return "admin" in self.scopes or scope in self.scopes or (
-            scope == "prompts:read" and "prompts:write" in self.scopes
-        )
+        return scope_allows(self.scopes, scope)
+
+
+def scope_allows(scopes: Iterable[str], scope: str) -> bool:
+    """Whether a key with ``scopes`` may do what needs ``scope``: admin may do anything, writing prompts
+    includes reading them."""
+    return "admin" in scopes or scope in scopes or (scope == "prompts:read" and "prompts:write" in scopes)
 
 
 def hash_key(raw: str) -> str:

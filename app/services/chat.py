@@ -76,6 +76,7 @@ class ChatRequest:
     end_user: str | None = None  # the body's `user` field: the client's name for its own user (A/B units)
     thread: str | None = None  # the X-Keel-Thread header: a conversation (A/B units)
     policy: str | None = None  # a guardrail policy chosen by a release variant, instead of the bindings'
+    scopes: frozenset[str] | None = None  # the caller's key's: an agent model's tool calls are checked against them
 
 
 ChatEvent = Started | LLMEvent | Citations | GuardrailEvent
@@ -354,7 +355,8 @@ class ChatService:
         try:
             if agent:
                 events = _without_started(self.agents.chat_events(
-                    alias, gen_request.messages, request_id=request.request_id, owner=request.user))
+                    alias, gen_request.messages, request_id=request.request_id, owner=request.user,
+                    scopes=request.scopes))
             else:
                 events = self.router.stream(request.model, gen_request)
             if decision is not None:

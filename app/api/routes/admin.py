@@ -94,7 +94,7 @@ async def guardrail_policy(guards: GuardsDep) -> dict:
             "bindings": [b.model_dump() for b in policy.file.bindings]}
 
 
-Trail = Literal["guardrails", "prompts", "adapters", "routing", "jobs", "releases"]
+Trail = Literal["guardrails", "prompts", "adapters", "routing", "jobs", "releases", "tools"]
 
 
 @router.get("/audit")
@@ -126,6 +126,10 @@ async def audit_events(
         if getattr(container, "releases", None) is None:
             raise NotFound("releases are off on this server (releases.enabled)")
         query = container.releases.store.audit_events
+    elif trail == "tools":
+        if getattr(container, "tool_audit", None) is None:
+            raise NotFound("this server keeps no tool audit")
+        query = container.tool_audit.events
     elif trail == "jobs":
         if container.jobs is None:
             raise NotFound("this server runs no job queue")

@@ -162,7 +162,7 @@ async def start_run(key: ChatKey, svc: AgentsDep, guards: GuardsDep, workflow: s
     guard = svc.guard(guards, route=_route(request), workflow=workflow, user=key.id,
                       request_id=getattr(request.state, "request_id", ""))
     events = svc.run(workflow, body.input, thread_id=body.thread_id, user=user, team=body.team,
-                     owner=key.id, max_steps=body.max_steps, guard=guard)
+                     owner=key.id, max_steps=body.max_steps, guard=guard, scopes=key.scopes)
     return await _stream_or_collect(events, body.stream)
 
 

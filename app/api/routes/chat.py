@@ -43,7 +43,7 @@ THREAD_HEADER = "X-Keel-Thread"
 
 
 def to_domain(body: ChatCompletionRequest, request_id: str, user: str | None = None,
-              thread: str | None = None) -> ChatRequest:
+              thread: str | None = None, scopes: frozenset[str] | None = None) -> ChatRequest:
     if body.tools:
         raise UnsupportedParameter(
             "tools/function calling is not supported by this endpoint yet; use agent workflows instead",
@@ -65,6 +65,7 @@ def to_domain(body: ChatCompletionRequest, request_id: str, user: str | None = N
         user=user,
         end_user=body.user,
         thread=thread,
+        scopes=scopes,
     )
 
 
@@ -74,7 +75,7 @@ async def chat_completions(
     metrics: MetricsDep,
 ):
     chat_request = to_domain(body, request.state.request_id, getattr(request.state, "api_key_id", None),
-                             request.headers.get(THREAD_HEADER))
+                             request.headers.get(THREAD_HEADER), getattr(request.state, "api_key_scopes", None))
     if not body.stream:
         result = await _unless_disconnected(request, chat.complete(chat_request))
         usage = result.usage

@@ -14,15 +14,12 @@ from fastapi.responses import HTMLResponse
 from pydantic import BaseModel, Field
 
 from app.api.deps import ContainerDep, EvalsKey, EvalStoreDep, SettingsDep
-from app.core.errors import InvalidRequest
 from app.jobs import JobState
 from app.security.keys import ApiKey
 from app.settings import Settings
 from evals import jobs as eval_jobs
 from evals.report import html_report, run_json
-from evals.runner import EvalConfigError, EvalRunner
-from evals.suite import SuiteError, load_suite
-from evals.suite import list_suites as suite_files
+from evals.suite import suite_summaries
 
 router = APIRouter(prefix="/v1/evals", tags=["evals"])
 log = logging.getLogger("keel.evals")
@@ -42,15 +39,7 @@ class RunIn(BaseModel):
 
 @router.get("/suites")
 async def list_suites(_key: EvalsKey, settings: SettingsDep) -> list[dict[str, Any]]:
-    out = []
-    for path in suite_files(settings.evals.suites_dir):
-        try:
-            s = load_suite(path)
-            out.append({"name": s.name, "path": str(path), "cases": len(s.cases), "hash": s.hash,
-                        "target": s.target.model_dump(exclude_none=True), "bind": s.gate.bind})
-        except SuiteError as e:
-            out.append({"name": path.stem, "path": str(path), "error": str(e)})
-    return out
+    return suite_summaries(settings.evals.suites_dir)
 
 
 @router.get("/runs")
@@ -84,22 +73,9 @@ async def start_run(key: EvalsKey, container: ContainerDep, store: EvalStoreDep,
     ``GET /v1/evals/runs?suite=``; cancel with ``POST /v1/evals/jobs/{job_id}/cancel``. A job interrupted by a
     restart runs again after the next start and resumes its run. ``Idempotency-Key``: a retried request returns
     the job of the first one."""
-    settings = container.settings
-    suite = _load(settings, body.suite)
-    # Checked now, so that a suite that cannot run here is a 400, not a failed job.
-    runner = EvalRunner(container.eval_deps(), store, use_cache=body.use_cache, progress=False)
-    try:
-        ident = runner.identity(suite)
-    except EvalConfigError as e:
-        raise InvalidRequest(str(e), param="suite") from e
-    if body.baseline is not None:
-        store.get_run(body.baseline)  # 404 now rather than a failed job
-    job = await container.jobs.submit(eval_jobs.KIND, eval_jobs.payload(suite.name, baseline=body.baseline,
-                                                                       use_cache=body.use_cache),
-                                      owner=key.id, idempotency_key=idempotency_key)
-    return {"status": "started", "suite": suite.name, "suite_hash": suite.hash, "cases": len(suite.cases),
-            "target": ident.get("prompt") or ident.get("rag") or ident.get("model"), "job_id": job.id,
-            "job": job.public()}
+    return await eval_jobs.submit_run(container.jobs, container.eval_deps(), store, body.suite,
+                                      baseline=body.baseline, use_cache=body.use_cache, owner=key.id,
+                                      idempotency_key=idempotency_key)
 
 
 def _owner(key: ApiKey) -> str | None:

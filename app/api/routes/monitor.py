@@ -1,4 +1,4 @@
-"""Drift detection over the API (scope ``admin``: a check reads every key's traffic).
+"""Drift detection over the API (scope ``monitor``, which admin includes: a check reads every key's traffic).
 
 * ``POST /v1/monitor/drift`` runs a check now (in a worker thread; checks run one at a time) and returns it;
 * ``GET /v1/monitor/drift`` lists the stored checks, newest first; ``GET /v1/monitor/drift/{id}`` returns one;
@@ -19,7 +19,7 @@ from fastapi import APIRouter, Depends, Query
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from app.api.deps import AdminKey, ContainerDep
+from app.api.deps import ContainerDep, MonitorKey
 from app.core.errors import BackendUnavailable
 from app.security.keys import ApiKey
 from lifecycle.monitor.drift import DriftMonitor, ReferenceSpec
@@ -80,7 +80,7 @@ def actor_of(key: ApiKey) -> str:
 
 
 @router.post("/drift")
-def run_drift_check(body: DriftCheckIn, monitor: MonitorDep, key: AdminKey) -> dict[str, Any]:
+def run_drift_check(body: DriftCheckIn, monitor: MonitorDep, key: MonitorKey) -> dict[str, Any]:
     """Compare the current window with the reference now. ``verdict`` is drift, no_drift or not_enough_data;
     ``checks`` has each test's method, statistic, threshold and state; ``report_url`` the HTML report."""
     current = body.window_s if body.window_s is not None else (
@@ -90,7 +90,7 @@ def run_drift_check(body: DriftCheckIn, monitor: MonitorDep, key: AdminKey) -> d
 
 
 @router.get("/drift")
-def list_drift_checks(monitor: MonitorDep, _: AdminKey, limit: int = Query(50, ge=1, le=1000),
+def list_drift_checks(monitor: MonitorDep, _: MonitorKey, limit: int = Query(50, ge=1, le=1000),
                       before: float | None = Query(None, description="Page back: checks made before this unix time."),
                       verdict: Literal["drift", "no_drift", "not_enough_data"] | None = None,
                       reference: Literal["window", "release", "suite"] | None = Query(
@@ -100,11 +100,11 @@ def list_drift_checks(monitor: MonitorDep, _: AdminKey, limit: int = Query(50, g
 
 
 @router.get("/drift/{check_id}")
-def get_drift_check(check_id: str, monitor: MonitorDep, _: AdminKey) -> dict[str, Any]:
+def get_drift_check(check_id: str, monitor: MonitorDep, _: MonitorKey) -> dict[str, Any]:
     return monitor.get(check_id)
 
 
 @router.get("/drift/{check_id}/report", response_class=FileResponse)
-def get_drift_report(check_id: str, monitor: MonitorDep, _: AdminKey) -> FileResponse:
+def get_drift_report(check_id: str, monitor: MonitorDep, _: MonitorKey) -> FileResponse:
     """The check's Evidently HTML report (self-contained: open it in a browser)."""
     return FileResponse(monitor.report_path(check_id), media_type="text/html; charset=utf-8")

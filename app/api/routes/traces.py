@@ -1,7 +1,7 @@
 """Traces in the embedded store (``otel.store``): ``GET /v1/traces`` and ``GET /v1/traces/{trace_id}``.
 
-Admin only: traces span every key's requests. A key finds the trace of its own answer through its lineage
-(``GET /v1/lineage/{completion_id}`` names the ``trace_id``)."""
+Scope ``monitor`` (admin includes it): traces span every key's requests. A key finds the trace of its own
+answer through its lineage (``GET /v1/lineage/{completion_id}`` names the ``trace_id``)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 
 from fastapi import APIRouter, Query
 
-from app.api.deps import AdminKey, ContainerDep
+from app.api.deps import ContainerDep, MonitorKey
 from app.core.errors import NotFound
 from app.core.tracing import SpanStore, check_trace_id
 
@@ -25,7 +25,7 @@ def _store(container: Any) -> SpanStore:
 
 
 @router.get("")
-def list_traces(container: ContainerDep, _: AdminKey, limit: int = Query(50, ge=1, le=1000),
+def list_traces(container: ContainerDep, _: MonitorKey, limit: int = Query(50, ge=1, le=1000),
                 before_ns: int | None = Query(None, description="Page back: traces that started before this."),
                 name: str | None = Query(None, max_length=200, description="Traces with a span named like this."),
                 response_id: str | None = Query(None, max_length=200, description="The chat completion id."),
@@ -35,7 +35,7 @@ def list_traces(container: ContainerDep, _: AdminKey, limit: int = Query(50, ge=
 
 
 @router.get("/{trace_id}")
-def get_trace(trace_id: str, container: ContainerDep, _: AdminKey) -> dict[str, Any]:
+def get_trace(trace_id: str, container: ContainerDep, _: MonitorKey) -> dict[str, Any]:
     spans = _store(container).trace(check_trace_id(trace_id))
     if not spans:
         raise NotFound(f"no trace {trace_id} (spans are kept otel.retention_days)", param="trace_id",

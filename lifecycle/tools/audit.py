@@ -1,0 +1,60 @@
+"""The ``tools`` audit trail: every lifecycle-tool call, by whom, with what, and how it ended.
+
+One row per call that reached a registered tool (an agent's or an MCP client's), in ``<home>/tools.db``'s
+kernel ``audit_events`` table: ``actor`` the API key id (``operator`` for the unscoped CLI), ``action``
+``tool.call`` (or ``tool.denied`` for a call its key's scopes refused), ``subject`` the tool, ``details`` the
+arguments, the outcome and the run or MCP session it came from. Calls are handed to a buffered writer (the
+kernel's :class:`~app.core.audit.BufferedWriter`): a call never waits for the disk, and an accepted row is
+written even if the writer thread dies; a process kill loses at most ``interval_s`` of rows.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from agents.tools import ToolContext, ToolObservation
+from app.core import audit
+from app.core.audit import AuditEvent, BufferedWriter
+from app.core.db import SqliteFile
+
+TRAIL = "tools"
+MAX_ARGS_CHARS = 2000
+
+
+class ToolAudit:
+    """``tools.db``: the ``tools`` trail. ``record`` is the tool registry's audit hook."""
+
+    def __init__(self, path: Path | str, *, interval_s: float = 0.2) -> None:
+        self._file = SqliteFile(path, None, what="the tool audit store", before=audit.ensure_schema_sqlite)
+        self._writer: BufferedWriter[AuditEvent] = BufferedWriter(
+            self._write, interval_s=interval_s, name="keel-tool-audit", what="tool audit rows")
+
+    def record(self, ctx: ToolContext, obs: ToolObservation) -> None:
+        args = json.dumps(obs.args, ensure_ascii=False, default=str)
+        details: dict[str, Any] = {
+            "ok": obs.ok, "error_code": obs.error_code, "attempts": obs.attempts, "duration_ms": obs.duration_ms,
+            "args": args if len(args) <= MAX_ARGS_CHARS else args[:MAX_ARGS_CHARS] + " [truncated]",
+            "run_id": ctx.run_id or None, "call_id": obs.call_id}
+        self._writer.submit([AuditEvent(
+            TRAIL, "tool.denied" if obs.error_code == "tool_scope_denied" else "tool.call", "tool", obs.tool,
+            actor=ctx.principal or "operator", reason="" if obs.ok else obs.output[:500], details=details,
+            request_id=ctx.request_id)])
+
+    def _write(self, events: list[AuditEvent]) -> None:
+        with self._file.tx() as db:
+            audit.append(db, *events)
+
+    def flush(self, timeout: float | None = 5.0) -> bool:
+        return self._writer.flush(timeout)
+
+    def events(self, **filters: Any) -> list[AuditEvent]:
+        """The kernel's query (:func:`app.core.audit.select`'s filters) on this trail; flushes first."""
+        self.flush()
+        with self._file.errors(), self._file.lock:
+            return audit.query(self._file.db, **{**filters, "trail": TRAIL})
+
+    def close(self) -> None:
+        self._writer.close()
+        self._file.close()
