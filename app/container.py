@@ -13,7 +13,8 @@ import numpy as np
 
 from agents import build_agents
 from agents.service import AgentService
-from agents.tools import ToolRegistry
+from agents.tools import ToolContext, ToolRegistry
+from app.core.errors import Unauthenticated
 from app.core.metrics import Metrics
 from app.core.tracing import Tracing
 from app.guardrails.embeddings import SharedEmbedder, default_model_path
@@ -47,6 +48,7 @@ from lifecycle.releases.serving import ReleaseGateway, variant_check
 from lifecycle.releases.serving import prompt_gate as release_gate
 from lifecycle.releases.store import open_release_store
 from lifecycle.tools import LifecycleServices, ToolAudit, lifecycle_tools
+from lifecycle.tools.mcp import build_server as build_mcp_server
 from prompts.factory import build_registry
 from prompts.registry import PromptRegistry
 
@@ -185,6 +187,40 @@ class Container:
                 eval_suites=lambda: suite_summaries(settings.evals.suites_dir), prompts=self.prompts)):
             registry.register(tool, replace=True)
         self.tools = registry
+
+    def tool_context(self, principal: str, scopes: frozenset[str] | None) -> ToolContext:
+        """What a tool call from outside an agent run (an MCP client) runs with: the key's own memory
+        namespace, the retriever and the prompt registry, checked against the key's scopes."""
+        return self.agents.deps.tool_context({"namespace": ["users", principal or "operator"],
+                                              "principal": principal,
+                                              "scopes": sorted(scopes) if scopes is not None else None})
+
+    def mcp_server(self, *, key: str | None = None, http: bool = False):
+        """The MCP server over the tools. ``http``: each request's API key decides who calls (auth off: every
+        caller is the dev admin); otherwise (stdio) every call acts for ``key``, or the operator without one."""
+        verify = identity = None
+        default_limit = self.settings.auth.default_rate_limit_per_minute
+        limits: dict[str, int] = {}  # each key's own limit, as verified
+        if http and self.settings.auth.enabled:
+            def verify(raw: str) -> tuple[str, frozenset[str]] | None:
+                found = self.keys.verify(raw)
+                if found is None:
+                    return None
+                limits[found.id] = found.rate_limit_per_minute or default_limit
+                return found.id, found.scopes
+        elif http:
+            identity = ("dev", None)
+        elif key is not None:
+            found = self.keys.verify(key)
+            if found is None:
+                raise Unauthenticated("invalid or revoked API key (--key / KEEL_API_KEY)")
+            identity = (found.id, found.scopes)
+
+        def check_rate(principal: str) -> None:
+            self.rate_limiter.check(principal, limits.get(principal, default_limit))
+
+        return build_mcp_server(self.tools, self.tool_context, verify=verify, identity=identity,
+                                check_rate=check_rate if verify is not None else None)
 
     def eval_deps(self) -> EvalDeps:
         """The ports an eval run reads: chat answers exactly as the API gives them (same guards, same RAG)."""

@@ -21,6 +21,7 @@ from finetune.settings import FinetuneSettings
 from ingest.settings import RagSettings
 from lifecycle.monitor.settings import MonitorSettings
 from lifecycle.releases.settings import ReleaseSettings
+from lifecycle.tools.settings import McpSettings
 from prompts.settings import PromptSettings
 
 
@@ -34,6 +35,7 @@ class Settings(CoreSettings):
     jobs: JobSettings = Field(default_factory=JobSettings)
     releases: ReleaseSettings = Field(default_factory=ReleaseSettings)
     monitor: MonitorSettings = Field(default_factory=MonitorSettings)
+    mcp: McpSettings = Field(default_factory=McpSettings)
 
 
 def load_settings(**overrides: Any) -> Settings:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 
 from fastapi import FastAPI
 from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+from starlette.routing import Route
 
 from app.api.errors import install_error_handlers
+from app.api.mcp import McpEndpoint
 from app.api.middleware import RequestContextMiddleware
 from app.api.routes import (
     admin,
@@ -31,6 +33,7 @@ from app.container import Container
 from app.core.metrics import Metrics
 from app.core.tracing import Tracing
 from app.settings import Settings, load_settings
+from lifecycle.tools.mcp import http_app as mcp_http_app
 
 log = logging.getLogger("keel")
 # Probes, metrics scrapes and the web pages' static files (not /v1/...): no trace for them.
@@ -58,11 +61,17 @@ def create_app(settings: Settings | None = None, container: Container | None = N
             await app.state.keel.jobs.start()  # runs the jobs a stopped process left queued or running
         app.state.keel.start_release_controller()
         app.state.keel.start_drift_monitor()
-        try:
-            yield
-        finally:
-            if owned:
-                await app.state.keel.aclose()
+        async with AsyncExitStack() as stack:
+            if settings.mcp.enabled and app.state.keel.tools is not None:
+                mcp = mcp_http_app(app.state.keel.mcp_server(http=True))
+                await stack.enter_async_context(mcp.lifespan(mcp))
+                app.state.mcp = mcp
+            try:
+                yield
+            finally:
+                app.state.mcp = None
+                if owned:
+                    await app.state.keel.aclose()
 
     app = FastAPI(
         title="Keel", version="0.1.0", lifespan=lifespan,
@@ -90,6 +99,8 @@ def create_app(settings: Settings | None = None, container: Container | None = N
     app.include_router(traces.router)
     app.include_router(monitor.router)
     app.include_router(studio.router)
+    app.router.routes.append(Route("/mcp", McpEndpoint(), methods=["GET", "POST", "DELETE"],
+                                   include_in_schema=False))
     if tracing is not None and tracing.provider is not None:
         # Server spans per request (the parent of each chat's spans; an incoming traceparent joins the caller's
         # trace), without a span per ASGI message (a streamed answer would make hundreds).

@@ -18,6 +18,7 @@ from app.cli.common import DEV_KEY_FILE, dev_key, fail
 from app.cli.evals import app as evals_app
 from app.cli.finetune import app as finetune_app
 from app.cli.ingest import ingest_command, search_command, snapshots_app
+from app.cli.mcp import app as mcp_app
 from app.cli.monitor import monitor_app
 from app.cli.observe import lineage as lineage_command
 from app.cli.observe import traces_app
@@ -44,6 +45,7 @@ app.add_typer(evals_app, name="eval", help="Evaluations: run suites, gate on res
 app.add_typer(release_app, name="release", help="Releases: A/B tests, canaries, shadows, blue/green.")
 app.add_typer(traces_app, name="traces", help="Traces: list recent ones, show one as a waterfall.")
 app.command("lineage")(lineage_command)
+app.add_typer(mcp_app, name="mcp", help="MCP: serve Keel's tools to MCP clients (stdio).")
 app.add_typer(monitor_app, name="monitor", help="Monitoring: drift checks of production traffic.")
 app.command("ingest")(ingest_command)
 app.command("search")(search_command)
