@@ -44,11 +44,12 @@ class WorkflowRegistry:
 
 
 def default_registry() -> WorkflowRegistry:
-    from agents.workflows import rag_qa, research  # lazy: the workflows import langgraph.graph (~0.6 s)
+    from agents.workflows import ops, rag_qa, research  # lazy: the workflows import langgraph.graph (~0.6 s)
 
     reg = WorkflowRegistry()
     reg.register(Workflow(rag_qa.NAME, rag_qa.DESCRIPTION, rag_qa.build,
                           lambda question, **_: rag_qa.initial_state(question)))
     reg.register(Workflow(research.NAME, research.DESCRIPTION, research.build,
                           lambda question, max_steps=None, **_: research.initial_state(question, max_steps)))
+    reg.register(Workflow(ops.NAME, ops.DESCRIPTION, ops.build, lambda question, **_: ops.initial_state(question)))
     return reg

@@ -61,3 +61,12 @@ class ResearchState(BaseState, total=False):
     decisions: int
     max_steps: int
     next: str
+
+
+class OpsState(BaseState, total=False):
+    intent: str
+    findings: list[dict[str, Any]]
+    facts: dict[str, Any]
+    subject: dict[str, Any]
+    draft: str
+    proposal: dict[str, Any] | None

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 from starlette.routing import Route
 
 from app.api.errors import install_error_handlers
-from app.api.mcp import McpEndpoint
+from app.api.mcp import McpEndpoint, RunningMcp
 from app.api.middleware import RequestContextMiddleware
 from app.api.routes import (
     admin,
@@ -61,17 +61,17 @@ def create_app(settings: Settings | None = None, container: Container | None = N
             await app.state.keel.jobs.start()  # runs the jobs a stopped process left queued or running
         app.state.keel.start_release_controller()
         app.state.keel.start_drift_monitor()
-        async with AsyncExitStack() as stack:
-            if settings.mcp.enabled and app.state.keel.tools is not None:
-                mcp = mcp_http_app(app.state.keel.mcp_server(http=True))
-                await stack.enter_async_context(mcp.lifespan(mcp))
-                app.state.mcp = mcp
-            try:
-                yield
-            finally:
-                app.state.mcp = None
-                if owned:
-                    await app.state.keel.aclose()
+        mcp = None
+        if settings.mcp.enabled and app.state.keel.tools is not None:
+            mcp = app.state.mcp = await RunningMcp(mcp_http_app(app.state.keel.mcp_server(http=True))).start()
+        try:
+            yield
+        finally:
+            app.state.mcp = None
+            if mcp is not None:
+                await mcp.stop()
+            if owned:
+                await app.state.keel.aclose()
 
     app = FastAPI(
         title="Keel", version="0.1.0", lifespan=lifespan,

@@ -1,7 +1,7 @@
 """``keel monitor``: drift checks of production traffic, run by the API (where the traffic's features are).
 
 ``keel monitor drift`` asks the running API (``--url``, default ``server.url``; key from ``--api-key``,
-``KEEL_API_KEY`` or the dev key ``keel up`` wrote; it needs the ``admin`` scope) to compare the last ``--window``
+``KEEL_API_KEY`` or the dev key ``keel up`` wrote; it needs the ``monitor`` scope) to compare the last ``--window``
 of traffic with a reference, prints every check and the report's URL and path, and exits with
 
 * **0**: no drift;
@@ -30,7 +30,7 @@ console = Console(highlight=False)
 EXIT_DRIFT = 3
 EXIT_NOT_ENOUGH_DATA = 4
 
-Key = api_key_option("API key with the 'admin' scope (or KEEL_API_KEY; default: <home>/dev-api-key).", "--api-key",
+Key = api_key_option("API key with the 'monitor' scope (or KEEL_API_KEY; default: <home>/dev-api-key).", "--api-key",
                      "--key")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")

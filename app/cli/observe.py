@@ -1,7 +1,7 @@
 """``keel traces`` and ``keel lineage``: what the running API recorded about the requests it served.
 
 ``keel traces list`` and ``keel traces show`` read the embedded trace store through the API (``GET /v1/traces``;
-the key needs the ``admin`` scope, as traces span every key's requests). ``keel lineage`` reads what produced one
+the key needs the ``monitor`` scope, as traces span every key's requests). ``keel lineage`` reads what produced one
 answer (``GET /v1/lineage/{completion_id}``: ``chat`` reads the answers that key received, ``admin`` any). The URL
 and key are resolved as every ``keel`` sub-command resolves them: ``--url`` (default ``server.url``), ``--api-key``
 or ``KEEL_API_KEY``, else the dev key ``keel up`` wrote. The Traces page (``/traces``) shows the same records.
@@ -30,7 +30,7 @@ traces_app = typer.Typer(help="Traces of the running API: list recent ones, show
                          no_args_is_help=True)
 console = Console(highlight=False)
 
-AdminKey = api_key_option("API key with the 'admin' scope (or KEEL_API_KEY; default: <home>/dev-api-key).")
+AdminKey = api_key_option("API key with the 'monitor' scope (or KEEL_API_KEY; default: <home>/dev-api-key).")
 ChatKey = api_key_option("The key that received the answer ('chat'), or an 'admin' key (or KEEL_API_KEY; default: "
                          "<home>/dev-api-key).")
 AsJson = Annotated[bool, typer.Option("--json", help="Print the API's JSON instead.")]

@@ -418,6 +418,11 @@ def _eval_tools(s: LifecycleServices) -> list[Tool]:
 
 
 def _prompt_tools(prompts: Any) -> list[Tool]:
+    def list_(args: dict, ctx: ToolContext) -> ToolOutput:
+        rows = [{"name": t.name, "description": t.description, "latest_version": t.latest_version,
+                 "labels": t.labels} for t in prompts.list_templates(args.get("query"))]
+        return _out(rows, f"{len(rows)} template(s)")
+
     def versions(args: dict, ctx: ToolContext) -> ToolOutput:
         labels = prompts.labels(args["name"])
         by_version: dict[int, list[str]] = {}
@@ -447,6 +452,9 @@ def _prompt_tools(prompts: Any) -> list[Tool]:
     version = {"type": "integer", "minimum": 1}
     ref = {"type": "string", "minLength": 1, "maxLength": 100, "description": "A version number or a label."}
     return [
+        LifecycleTool("prompt_list", "The prompt templates (optionally matching a query) with their latest version "
+                      "and labels.", _obj({"query": {"type": "string", "maxLength": 200}}), list_,
+                      scope="prompts:read", title="Prompt templates", tags=("prompts",)),
         LifecycleTool("prompt_versions", "A prompt template's versions with their labels, authors and messages.",
                       _obj(name, ["name"]), versions, scope="prompts:read", title="Prompt versions",
                       tags=("prompts",)),

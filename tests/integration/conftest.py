@@ -118,6 +118,8 @@ def keel_server(tmp_path_factory: pytest.TempPathFactory) -> KeelServer:
         "chat": store.create("chat", ["chat"])[1],
         "prompts": store.create("prompts-only", ["prompts:write"])[1],
         "limited": store.create("limited", ["chat"], rate_limit_per_minute=3)[1],
+        # what an on-call engineer's key holds: the ops agent and the lifecycle tools, no key management
+        "ops": store.create("ops", ["chat", "releases", "monitor", "evals", "finetune", "prompts:write"])[1],
     }
     store.close()
     log = home / "keel.log"

@@ -466,7 +466,7 @@ async def test_chat_events_stream_the_final_answer(tmp_path: Path) -> None:
 
     llm = ScriptedLLM(responder=by_kind(text=[ANSWER], supported=[{"supported": True}]))
     svc = make_service(tmp_path, llm)
-    assert {m["id"] for m in svc.chat_models()} == {"agent:rag-qa", "agent:research"}
+    assert {m["id"] for m in svc.chat_models()} == {"agent:ops", "agent:rag-qa", "agent:research"}
     msgs = [ChatMessage("system", "be brief"), ChatMessage("user", "Where does Keel store vectors?")]
     events = [e async for e in svc.chat_events("agent:rag-qa", msgs, request_id="req1")]
     assert isinstance(events[0], Started) and events[0].model == "agent:rag-qa" and events[0].id == "chatcmpl-req1"

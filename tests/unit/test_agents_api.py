@@ -102,7 +102,7 @@ def parse_sse(text: str) -> list[dict[str, Any]]:
 async def test_workflows_and_auth(env) -> None:
     r = await env.client.get("/v1/agents/workflows", headers=auth(env))
     assert r.status_code == 200
-    assert {w["name"] for w in r.json()["data"]} == {"rag-qa", "research"}
+    assert {w["name"] for w in r.json()["data"]} == {"ops", "rag-qa", "research"}
     assert (await env.client.get("/v1/agents/workflows")).status_code == 401
 
 

@@ -152,9 +152,9 @@ def test_list_filters_by_completion_id_and_span_name_and_pages_back(server, run)
     assert out.startswith("no traces matching the filters")
 
 
-def test_list_needs_an_admin_key_and_a_server(server, run) -> None:
+def test_list_needs_a_monitor_key_and_a_server(server, run) -> None:
     out = run("traces", "list", key="chat", code=1)
-    assert " ".join(out.split()).startswith("error (insufficient_scope): this API key lacks the 'admin' scope")
+    assert " ".join(out.split()).startswith("error (insufficient_scope): this API key lacks the 'monitor' scope")
     out = run("traces", "list", "--url", "http://127.0.0.1:9", url=False, code=1)
     assert "cannot reach http://127.0.0.1:9" in out
 
