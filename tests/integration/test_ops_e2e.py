@@ -74,7 +74,7 @@ def _post(server: KeelServer, path: str, body: dict, key: str = "ops") -> dict:
 
 
 def _ask_ops(server: KeelServer, question: str) -> dict:
-    return _post(server, "/v1/agents/ops/runs", {"input": question})
+    return _post(server, "/v1/agents/ops/runs", {"input": question, "stream": False})
 
 
 def _tools(run: dict) -> list[str]:
@@ -108,7 +108,7 @@ def test_a_drifted_week_during_a_canary_is_explained_and_the_rollback_waits_for_
                        timeout=30).json()
     assert status["status"] == "running"  # nothing changed before the approval
 
-    done = _post(keel_server, f"/v1/agents/runs/{run['run_id']}/resume", {"action": "approve"})
+    done = _post(keel_server, f"/v1/agents/runs/{run['run_id']}/resume", {"action": "approve", "stream": False})
     print("after approval:", done["answer"][-300:])
     assert done["status"] == "completed", done
     assert "Findings:\n[1] Drift check" in done["answer"] and "DRIFT" in done["answer"]
