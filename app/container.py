@@ -49,6 +49,7 @@ from lifecycle.releases.serving import prompt_gate as release_gate
 from lifecycle.releases.store import open_release_store
 from lifecycle.tools import LifecycleServices, ToolAudit, lifecycle_tools
 from lifecycle.tools.mcp import build_server as build_mcp_server
+from lifecycle.tools.remote import connect_servers
 from prompts.factory import build_registry
 from prompts.registry import PromptRegistry
 
@@ -160,6 +161,10 @@ class Container:
                         tracing=tracing, monitor=monitor)
         EvalJobs(container.eval_deps).register(runner, slots=job_settings.eval_slots)
         container._register_tools()
+        for server in await connect_servers(settings.mcp.servers):
+            for tool in server.tools:
+                container.tools.register(tool, replace=True)
+            container._closers.append(server.aclose)
         if embedder is not None:
             async def close_embedder() -> None:
                 embedder.close()
