@@ -41,6 +41,8 @@ from finetune.gate import adapter_gate
 from finetune.service import FinetuneService
 from ingest import build_rag
 from ingest.factory import RagServices
+from lifecycle.batch.service import BatchService
+from lifecycle.batch.store import BatchStore
 from lifecycle.lineage import Lineage, LineageRecorder, LineageStore
 from lifecycle.monitor.drift import DriftMonitor, build_monitor
 from lifecycle.releases.service import ReleaseService
@@ -86,6 +88,8 @@ class Container:
     #: The tools agents and MCP clients share (built-ins plus the lifecycle's) and their audit trail.
     tools: ToolRegistry | None = None
     tool_audit: ToolAudit | None = None
+    #: Files and batches (the OpenAI Batch API) on the job runner; None: batch.enabled is off.
+    batches: BatchService | None = None
 
     @classmethod
     async def build(
@@ -160,6 +164,10 @@ class Container:
                         eval_store, jobs=runner, releases=releases, serving=serving, front=front, lineage=lineage,
                         tracing=tracing, monitor=monitor)
         EvalJobs(container.eval_deps).register(runner, slots=job_settings.eval_slots)
+        if settings.batch.enabled:
+            container.batches = BatchService(BatchStore(settings.home), runner, settings.batch,
+                                             load=lambda: chat.active)
+            container.batches.register(runner)
         container._register_tools()
         for server in await connect_servers(settings.mcp.servers):
             for tool in server.tools:
@@ -298,6 +306,7 @@ class Container:
             *((("release shadows", self.serving.aclose),) if self.serving is not None else ()),
             *((("releases", self.releases.close),) if self.releases is not None else ()),
             *((("tool audit", self.tool_audit.close),) if self.tool_audit is not None else ()),
+            *((("batch store", self.batches.store.close),) if self.batches is not None else ()),
             ("fine-tune jobs", self.finetune.close), ("eval store", self.evals.close),
             *((f"closer {getattr(c, '__name__', c)}", c) for c in reversed(self._closers)),
             ("model backends", self.llm.aclose), ("routing table", self.llm.routes.close),

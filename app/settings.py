@@ -19,6 +19,7 @@ from app.jobs.settings import JobSettings
 from evals.settings import EvalSettings
 from finetune.settings import FinetuneSettings
 from ingest.settings import RagSettings
+from lifecycle.batch.settings import BatchSettings
 from lifecycle.monitor.settings import MonitorSettings
 from lifecycle.releases.settings import ReleaseSettings
 from lifecycle.tools.settings import McpSettings
@@ -36,6 +37,7 @@ class Settings(CoreSettings):
     releases: ReleaseSettings = Field(default_factory=ReleaseSettings)
     monitor: MonitorSettings = Field(default_factory=MonitorSettings)
     mcp: McpSettings = Field(default_factory=McpSettings)
+    batch: BatchSettings = Field(default_factory=BatchSettings)
 
 
 def load_settings(**overrides: Any) -> Settings:

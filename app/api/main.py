@@ -16,6 +16,7 @@ from app.api.middleware import RequestContextMiddleware
 from app.api.routes import (
     admin,
     agents,
+    batches,
     chat,
     embeddings,
     evals,
@@ -29,6 +30,7 @@ from app.api.routes import (
     traces,
 )
 from app.api.routes import prompts as prompt_routes
+from app.api.routes.batches import batch_responder
 from app.container import Container
 from app.core.metrics import Metrics
 from app.core.tracing import Tracing
@@ -57,6 +59,8 @@ def create_app(settings: Settings | None = None, container: Container | None = N
             log.warning("=" * 72)
         owned = container is None
         app.state.keel = container or await Container.build(settings, metrics=metrics, tracing=tracing)
+        if app.state.keel.batches is not None:
+            app.state.keel.batches.respond = batch_responder(app.state.keel)
         if app.state.keel.jobs is not None:
             await app.state.keel.jobs.start()  # runs the jobs a stopped process left queued or running
         app.state.keel.start_release_controller()
@@ -79,6 +83,8 @@ def create_app(settings: Settings | None = None, container: Container | None = N
     )
     if container is not None:
         app.state.keel = container  # usable without running the lifespan (ASGI test clients)
+        if container.batches is not None:
+            container.batches.respond = batch_responder(container)
     install_error_handlers(app)
     app.add_middleware(
         RequestContextMiddleware,
@@ -87,6 +93,7 @@ def create_app(settings: Settings | None = None, container: Container | None = N
     )
     app.include_router(chat.router)
     app.include_router(embeddings.router)
+    app.include_router(batches.router)
     app.include_router(system.router)
     app.include_router(admin.router)
     app.include_router(prompt_routes.router)

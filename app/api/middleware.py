@@ -15,7 +15,7 @@ from app.core.metrics import Metrics
 _RID_OK = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 # Routes that stream their body to disk and enforce their own, larger limit (document uploads:
 # limits.max_upload_bytes). Refusing or buffering them here at max_body_bytes would defeat both.
-_OWN_LIMIT = {("POST", "/v1/ingest")}
+_OWN_LIMIT = {("POST", "/v1/ingest"), ("POST", "/v1/files")}  # files: batch.max_file_bytes
 
 
 class RequestContextMiddleware:

@@ -90,24 +90,25 @@ class ApiClient:
         self.headers = {"Authorization": f"Bearer {key}"} if key else {}
 
     def call(self, method: str, path: str, body: dict[str, Any] | None = None, *,
-             params: dict[str, Any] | None = None, timeout: float = 30, retry: bool = False) -> Any:
-        """The response's JSON; an API error is one line with its stable code and exit 1. A connection failure
-        too, unless ``retry``: then it is raised (``httpx.HTTPError``) for the caller to try again. Parameters
-        that are None are left out."""
+             params: dict[str, Any] | None = None, timeout: float = 30, retry: bool = False,
+             files: dict[str, Any] | None = None, form: dict[str, str] | None = None, raw: bool = False) -> Any:
+        """The response's JSON (``raw``: its bytes); an API error is one line with its stable code and exit 1. A
+        connection failure too, unless ``retry``: then it is raised (``httpx.HTTPError``) for the caller to try
+        again. Parameters that are None are left out; ``files``/``form`` send multipart instead of JSON."""
         import httpx  # lazy: keeps `keel --help` fast
 
         if params is not None:
             params = {k: v for k, v in params.items() if v is not None}
         try:
             r = httpx.request(method, self.url + path, json=body, params=params, headers=self.headers,
-                              timeout=timeout)
+                              timeout=timeout, files=files, data=form)
         except httpx.HTTPError as e:
             if retry:
                 raise
             raise unreachable(self.url, e) from e
         if not 200 <= r.status_code < 300:
             raise api_failure(r)
-        return r.json()
+        return r.content if raw else r.json()
 
 
 def when_ago(ts: float | None) -> str:

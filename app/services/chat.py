@@ -114,6 +114,8 @@ class ChatService:
         self.settings = settings
         self.router = router
         self.metrics = metrics
+        #: Model calls in flight in this process (what the batch runner yields to).
+        self.active = 0
         self.prompts = prompts
         self.grounder = grounder
         self.guards = guards
@@ -352,6 +354,7 @@ class ChatService:
         first_token = True
         finishes: list[str] = []
         self.metrics.inflight.inc()
+        self.active += 1
         try:
             if agent:
                 events = _without_started(self.agents.chat_events(
@@ -402,6 +405,7 @@ class ChatService:
                 llm_span.set_attribute("gen_ai.response.finish_reasons", finishes)
             llm_span.end()
             self.metrics.inflight.dec()
+            self.active -= 1
 
     async def _traced_output(self, parent: Span, policy: str, events: AsyncIterator[ChatEvent]
                              ) -> AsyncIterator[ChatEvent]:

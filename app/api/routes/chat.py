@@ -28,7 +28,7 @@ from app.api.schemas import (
 from app.core.errors import ClientGone, KeelError, UnsupportedParameter
 from app.core.types import Finished, TextDelta, Usage
 from app.guardrails.types import GuardrailBlocked, GuardrailRedaction, GuardrailRetraction, event_payload
-from app.services.chat import ChatEvent, ChatRequest, Citations, PromptUse, Started
+from app.services.chat import ChatEvent, ChatRequest, ChatResult, Citations, PromptUse, Started
 from app.services.grounding import RagUse
 
 log = logging.getLogger("keel.api")
@@ -78,25 +78,9 @@ async def chat_completions(
                              request.headers.get(THREAD_HEADER), getattr(request.state, "api_key_scopes", None))
     if not body.stream:
         result = await _unless_disconnected(request, chat.complete(chat_request))
-        usage = result.usage
         if result.release:
             response.headers[RELEASE_HEADER] = f"{result.release}/{result.variant}"
-        return ChatCompletion(
-            id=result.id, created=result.created, model=result.model,
-            choices=[
-                Choice(index=i, message=AssistantMessage(content="".join(result.texts.get(i, []))),
-                       finish_reason=result.finish.get(i, "stop"))
-                for i in range(body.n)
-            ],
-            usage=UsageOut(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
-                           total_tokens=usage.total_tokens) if usage else None,
-            prompt=PromptInfo(ref=result.prompt_ref, hash=result.prompt_hash) if result.prompt_ref else None,
-            release=ReleaseInfo(name=result.release, variant=result.variant) if result.release else None,
-            citations=result.citations,
-            guardrails=result.guardrails,
-            guardrail_events=[event_payload(e) for e in result.guardrail_events] or None,
-            service_tier=_tier(body),
-        )
+        return completion(body, result)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     events = aiter(chat.stream(chat_request))
     # Pull until the backend has answered, so errors before the first token (unknown model,
@@ -109,6 +93,27 @@ async def chat_completions(
     return EventSourceResponse(
         _sse(primed, events, body.n, include_usage, lambda code: metrics.errors.labels(code).inc(), _tier(body)),
         ping=15, sep="\n", headers=headers,
+    )
+
+
+def completion(body: ChatCompletionRequest, result: ChatResult) -> ChatCompletion:
+    """A whole answer as the OpenAI ``chat.completion`` object (the route's, and each line of a batch)."""
+    usage = result.usage
+    return ChatCompletion(
+        id=result.id, created=result.created, model=result.model,
+        choices=[
+            Choice(index=i, message=AssistantMessage(content="".join(result.texts.get(i, []))),
+                   finish_reason=result.finish.get(i, "stop"))
+            for i in range(body.n)
+        ],
+        usage=UsageOut(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
+                       total_tokens=usage.total_tokens) if usage else None,
+        prompt=PromptInfo(ref=result.prompt_ref, hash=result.prompt_hash) if result.prompt_ref else None,
+        release=ReleaseInfo(name=result.release, variant=result.variant) if result.release else None,
+        citations=result.citations,
+        guardrails=result.guardrails,
+        guardrail_events=[event_payload(e) for e in result.guardrail_events] or None,
+        service_tier=_tier(body),
     )
 
 

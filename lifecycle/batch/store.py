@@ -1,0 +1,113 @@
+"""Where files and batches live: ``<home>/batches.db`` (SQLite, WAL) and the files' bytes under ``<home>/files/``.
+
+A batch is stored as its OpenAI ``Batch`` object (JSON) plus the columns it is found by; each request line's
+outcome is one row of ``batch_results`` (written as the line finishes), so a batch interrupted by a restart
+resumes at the lines it has not answered. The schema is Alembic's (``lifecycle/batch/migrations``, version
+table ``alembic_version_batch``), brought to head on open.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from app.core.db import SqliteFile
+from app.core.migrate import Migrations
+
+MIGRATIONS = Migrations(Path(__file__).with_name("migrations"), "alembic_version_batch")
+
+
+def _dump(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+class BatchStore:
+    def __init__(self, home: Path) -> None:
+        self.files_dir = Path(home) / "files"
+        self.files_dir.mkdir(parents=True, exist_ok=True)
+        self._file = SqliteFile(Path(home) / "batches.db", MIGRATIONS, what="the batch store")
+
+    # -- files -------------------------------------------------------------------------------------
+
+    def add_file(self, row: dict[str, Any]) -> None:
+        with self._file.tx() as db:
+            db.execute("INSERT INTO files (id, owner, filename, purpose, bytes, created_at, path) "
+                       "VALUES (:id, :owner, :filename, :purpose, :bytes, :created_at, :path)", row)
+
+    def get_file(self, file_id: str) -> dict[str, Any] | None:
+        rows = self._file.read("SELECT id, owner, filename, purpose, bytes, created_at, path FROM files "
+                               "WHERE id = ?", (file_id,))
+        return _file(rows[0]) if rows else None
+
+    def list_files(self, *, owner: str | None, purpose: str | None, limit: int) -> list[dict[str, Any]]:
+        where, args = ["1 = 1"], []
+        if owner is not None:
+            where.append("owner = ?")
+            args.append(owner)
+        if purpose is not None:
+            where.append("purpose = ?")
+            args.append(purpose)
+        rows = self._file.read(f"SELECT id, owner, filename, purpose, bytes, created_at, path FROM files WHERE "
+                               f"{' AND '.join(where)} ORDER BY created_at DESC, id DESC LIMIT ?", (*args, limit))
+        return [_file(r) for r in rows]
+
+    def delete_file(self, file_id: str) -> None:
+        with self._file.tx() as db:
+            db.execute("DELETE FROM files WHERE id = ?", (file_id,))
+
+    # -- batches -----------------------------------------------------------------------------------
+
+    def put_batch(self, batch: dict[str, Any], *, owner: str, job_id: str | None = None) -> None:
+        with self._file.tx() as db:
+            db.execute("INSERT INTO batches (id, owner, status, created_at, job_id, batch) VALUES (?, ?, ?, ?, ?, ?) "
+                       "ON CONFLICT (id) DO UPDATE SET status = excluded.status, batch = excluded.batch, "
+                       "job_id = COALESCE(excluded.job_id, batches.job_id)",
+                       (batch["id"], owner, batch["status"], batch["created_at"], job_id, _dump(batch)))
+
+    def get_batch(self, batch_id: str) -> tuple[dict[str, Any], str, str | None] | None:
+        """(the batch, its owner, its job's id)."""
+        rows = self._file.read("SELECT batch, owner, job_id FROM batches WHERE id = ?", (batch_id,))
+        return (json.loads(rows[0][0]), rows[0][1], rows[0][2]) if rows else None
+
+    def list_batches(self, *, owner: str | None, after: str | None, limit: int) -> list[dict[str, Any]]:
+        where, args = ["1 = 1"], []
+        if owner is not None:
+            where.append("owner = ?")
+            args.append(owner)
+        if after is not None:
+            where.append("(created_at, id) < (SELECT created_at, id FROM batches WHERE id = ?)")
+            args.append(after)
+        rows = self._file.read(f"SELECT batch FROM batches WHERE {' AND '.join(where)} "
+                               f"ORDER BY created_at DESC, id DESC LIMIT ?", (*args, limit))
+        return [json.loads(r[0]) for r in rows]
+
+    # -- request lines ---------------------------------------------------------------------------
+
+    def add_results(self, batch_id: str, results: list[tuple[int, str | None, bool, dict[str, Any]]]) -> None:
+        with self._file.tx() as db:
+            db.executemany("INSERT OR REPLACE INTO batch_results (batch_id, line, custom_id, ok, record) "
+                           "VALUES (?, ?, ?, ?, ?)",
+                           [(batch_id, line, cid, int(ok), _dump(rec)) for line, cid, ok, rec in results])
+
+    def done_lines(self, batch_id: str) -> set[int]:
+        return {r[0] for r in self._file.read("SELECT line FROM batch_results WHERE batch_id = ?", (batch_id,))}
+
+    def results(self, batch_id: str) -> list[tuple[int, bool, dict[str, Any]]]:
+        rows = self._file.read("SELECT line, ok, record FROM batch_results WHERE batch_id = ? ORDER BY line",
+                               (batch_id,))
+        return [(line, bool(ok), json.loads(rec)) for line, ok, rec in rows]
+
+    def counts(self, batch_id: str) -> tuple[int, int]:
+        rows = self._file.read("SELECT COALESCE(SUM(ok), 0), COUNT(*) - COALESCE(SUM(ok), 0) FROM batch_results "
+                               "WHERE batch_id = ?", (batch_id,))
+        return int(rows[0][0]), int(rows[0][1])
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _file(row: tuple) -> dict[str, Any]:
+    fid, owner, filename, purpose, size, created, path = row
+    return {"id": fid, "owner": owner, "filename": filename, "purpose": purpose, "bytes": size,
+            "created_at": created, "path": path}
