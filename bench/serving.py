@@ -132,8 +132,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_keel(enforce_eager: bool) -> tuple[subprocess.Popen, str, str, str]:
-    """Start Keel with its managed vLLM in a scratch home; returns (proc, keel_url, vllm_url, key)."""
+def start_keel(enforce_eager: bool, extra: dict | None = None) -> tuple[subprocess.Popen, str, str, str]:
+    """Start Keel with its managed vLLM in a scratch home; returns (proc, keel_url, vllm_url, key). ``extra``:
+    more settings sections (another benchmark's)."""
     sys.path.insert(0, str(ROOT))
     from app.security.keys import KeyStore
 
@@ -153,6 +154,7 @@ def start_keel(enforce_eager: bool) -> tuple[subprocess.Popen, str, str, str]:
     policy["bindings"] = [{"model": "smollm2-raw", "policy": "unguarded"}, *policy.get("bindings", [])]
     (home / "policy.yaml").write_text(yaml.safe_dump(policy))
     cfg["guardrails"] = {"policy_path": str(home / "policy.yaml")}
+    cfg.update(extra or {})
     (home / "keel.yaml").write_text(yaml.safe_dump(cfg))
     store = KeyStore(home / "keel.db")
     _, key = store.create("bench", ["chat"])
