@@ -21,7 +21,7 @@ from app.api.main import create_app
 from app.api.routes.studio import COMMON_DIR, PAGES, render_page
 from app.settings import load_settings
 
-LABELS = {"studio": "Prompt Studio", "releases": "Releases", "traces": "Traces"}
+LABELS = {"studio": "Prompt Studio", "releases": "Releases", "traces": "Traces", "ops": "Ops"}
 COMMON_MODULES = sorted(p.name for p in COMMON_DIR.glob("*.js"))
 
 

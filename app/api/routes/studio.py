@@ -27,6 +27,7 @@ from app.core.errors import NotFound
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static" / "studio"
 RELEASES_DIR = STATIC_DIR.parent / "releases"
 TRACES_DIR = STATIC_DIR.parent / "traces"
+OPS_DIR = STATIC_DIR.parent / "ops"
 COMMON_DIR = STATIC_DIR.parent / "common"
 
 # Prompt Studio: templates, preview, runs, diffs, labels and their audit.
@@ -34,7 +35,8 @@ COMMON_DIR = STATIC_DIR.parent / "common"
 # Its charts use uPlot, vendored under static/releases/vendor (MIT, see uPlot.LICENSE.txt): no CDN at run time.
 # Traces: recent traces as a list, one trace as a waterfall with its spans' attributes and events, and the lineage
 # of a chat answer (GET /v1/traces needs an admin key; the page itself holds none).
-PAGES = {"studio": STATIC_DIR, "releases": RELEASES_DIR, "traces": TRACES_DIR}
+# Ops: ask the ops agent (streamed) and approve or reject what agents propose (/v1/agents, with a chat key).
+PAGES = {"studio": STATIC_DIR, "releases": RELEASES_DIR, "traces": TRACES_DIR, "ops": OPS_DIR}
 
 _MEDIA_TYPES = {
     ".html": "text/html; charset=utf-8",
