@@ -100,8 +100,9 @@ class ApiClient:
         if params is not None:
             params = {k: v for k, v in params.items() if v is not None}
         try:
+            multipart = {"files": files, "data": form} if files is not None or form is not None else {}
             r = httpx.request(method, self.url + path, json=body, params=params, headers=self.headers,
-                              timeout=timeout, files=files, data=form)
+                              timeout=timeout, **multipart)
         except httpx.HTTPError as e:
             if retry:
                 raise
