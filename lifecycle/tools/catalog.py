@@ -24,7 +24,7 @@ from pydantic import ValidationError
 
 from agents.errors import ToolInputError
 from agents.tools import FunctionTool, Tool, ToolContext, ToolOutput
-from app.core.errors import NotFound
+from app.core.errors import KeelError, NotFound
 
 STR = {"type": "string", "minLength": 1, "maxLength": 200}
 REASON = {"type": "string", "maxLength": 2000, "description": "Why: recorded with the change."}
@@ -58,6 +58,7 @@ class LifecycleServices:
     submit_eval: Callable[..., Any] | None = None  # async (suite, baseline, owner) -> the started job
     eval_suites: Callable[[], list[dict[str, Any]]] | None = None
     prompts: Any = None  # prompts.registry.PromptRegistry
+    snapshots: Any = None  # ingest's snapshot store (RagServices.snapshots)
     extra: list[Tool] = field(default_factory=list)
 
 
@@ -96,6 +97,7 @@ def lifecycle_tools(s: LifecycleServices) -> list[Tool]:
         tools += _eval_tools(s)
     if s.prompts is not None:
         tools += _prompt_tools(s.prompts)
+    tools += _data_tools(s.snapshots, s.finetune)
     return tools + list(s.extra)
 
 
@@ -411,6 +413,53 @@ def _eval_tools(s: LifecycleServices) -> list[Tool]:
         tools.append(LifecycleTool("eval_run", "Run an eval suite in the background (a durable job); its run "
                                    "appears in eval_results.", _obj({"suite": STR, "baseline": STR}, ["suite"]), run,
                                    scope="evals", read_only=False, title="Run an eval suite", tags=("evals",)))
+    return tools
+
+
+# -- data: ingest snapshots (scope ingest), a fine-tuning dataset's contract (scope finetune) ----------------
+
+
+def _data_tools(snapshots: Any, ft: Any) -> list[Tool]:
+    tools: list[Tool] = []
+    if snapshots is not None:
+        def list_(args: dict, ctx: ToolContext) -> ToolOutput:
+            rows = [x.model_dump() for x in snapshots.list(args.get("collection"), args.get("limit", 20))]
+            return _out(rows, f"{len(rows)} snapshot(s), newest first")
+
+        def diff(args: dict, ctx: ToolContext) -> ToolOutput:
+            if args["base"] == args["target"]:
+                raise ToolInputError("base and target are the same snapshot")
+            d = snapshots.diff(args["base"], args["target"]).model_dump()
+            return _out(d)
+
+        sid = {"type": "string", "minLength": 1, "maxLength": 200, "description": "A snapshot id."}
+        tools += [
+            LifecycleTool("data_snapshots", "Ingest snapshots of the document collections (what was indexed when, "
+                          "with counts and hashes), newest first.",
+                          _obj({"collection": STR, "limit": LIMIT}), list_, scope="ingest", title="Data snapshots",
+                          tags=("data",)),
+            LifecycleTool("data_diff", "What changed between two ingest snapshots: documents added, removed and "
+                          "changed.", _obj({"base": sid, "target": sid}, ["base", "target"]), diff, scope="ingest",
+                          title="Diff data snapshots", tags=("data",)),
+        ]
+    if ft is not None:
+        def contract(args: dict, ctx: ToolContext) -> ToolOutput:
+            spec = ft.parse(spec=args["spec"])
+            ft.check_data_location(spec)
+            try:
+                report = ft.validate(spec)
+            except KeelError as e:  # the contract failed: the report is the answer, not an error
+                report = getattr(e, "report", None)
+                if report is None:
+                    raise
+                report = report.to_dict()
+            return _out(report, f"dataset {'passes' if report.get('ok') else 'FAILS'} its contract")
+
+        tools.append(LifecycleTool(
+            "data_contract", "Check a fine-tuning dataset against its contract (every record's shape, roles, "
+            "lengths in the base model's tokens, duplicates) without training: the job spec as for finetune_submit.",
+            _obj({"spec": {"type": "object"}}, ["spec"]), contract, scope="finetune",
+            title="Check a dataset's contract", tags=("data", "finetune")))
     return tools
 
 

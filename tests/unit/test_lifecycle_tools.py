@@ -3,6 +3,7 @@ real services of a container (scripted model backends, real stores)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +55,8 @@ async def test_every_lifecycle_tool_has_a_valid_schema_a_scope_and_a_title(conta
     for t in lifecycle:
         compile_schema(t.input_schema)  # a valid JSON Schema (raises otherwise)
         assert t.input_schema["type"] == "object" and t.input_schema["additionalProperties"] is False, t.name
-        assert t.scope in {"releases", "monitor", "finetune", "evals", "prompts:read", "prompts:write"}, t.name
+        assert t.scope in {"releases", "monitor", "finetune", "evals", "prompts:read", "prompts:write", "ingest"}, \
+            t.name
         assert t.title and t.description and "lifecycle" in t.tags
         assert not (t.risky and t.read_only), f"{t.name}: a risky tool changes something"
     risky = {t.name for t in lifecycle if t.risky}
@@ -176,3 +178,31 @@ async def test_an_agent_run_checks_its_tool_calls_against_the_starting_key(tmp_p
     assert obs.ok and obs.output == "ran"
     obs = await deps.call_tool({"run_id": "r"}, "secret_tool", {}, lambda e: None, "analyst")  # the CLI: unscoped
     assert obs.ok
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+async def test_a_datasets_contract_is_checked_without_training(tmp_path: Path) -> None:
+    root = ROOT
+    settings = load_settings(home=tmp_path, backends={"local": {"kind": "openai", "base_url": "http://unused/v1"}},
+                             models={"m": {"backend": "local", "model": "fake"}}, default_model="m",
+                             guardrails={"enabled": False},
+                             finetune={"allowed_roots": [str(tmp_path), str(root / ".keel" / "models")]})
+    c = await Container.build(settings, backends={"local": ScriptedBackend()},
+                              rag=build_rag(settings, embedder=HashingEmbedder()))
+    try:
+        good = {"messages": [{"role": "user", "content": "Capital of Veltmar?"},
+                             {"role": "assistant", "content": "Quorra."}]}
+        data = tmp_path / "data.jsonl"
+        data.write_text("\n".join([json.dumps(good)] * 8 + ['{"messages": [{"role": "user"}]}']) + "\n")
+        spec = {"name": "contract", "base_model": str(root / ".keel" / "models" / "smollm2"),
+                "dataset": {"path": str(data)}}
+        obs = await call(c, "data_contract", {"spec": spec})
+        assert obs.ok and obs.data["ok"] is False and "FAILS" in obs.output
+        assert any(i["line"] == 9 for i in obs.data["issues"]), obs.data["issues"]
+        outside = await call(c, "data_contract", {"spec": {**spec, "dataset": {"path": "/etc/passwd"}}})
+        assert not outside.ok and "outside the folders fine-tuning may read" in outside.output
+        assert (await call(c, "data_snapshots", {})).data == []
+    finally:
+        await c.aclose()
