@@ -40,10 +40,10 @@ def body(model: str, i: int, max_tokens: int, stream: bool = False) -> dict:
             "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]}
 
 
-async def direct(vllm: str, n: int, concurrency: int, max_tokens: int) -> float:
+async def direct(vllm: str, vllm_key: str, n: int, concurrency: int, max_tokens: int) -> float:
     """Requests per second for ``n`` requests at ``concurrency`` straight to vLLM."""
     sem = asyncio.Semaphore(concurrency)
-    async with httpx.AsyncClient(timeout=600) as client:
+    async with httpx.AsyncClient(timeout=600, headers={"Authorization": f"Bearer {vllm_key}"}) as client:
         async def one(i: int) -> None:
             async with sem:
                 r = await client.post(f"{vllm}/v1/chat/completions", json=body("smollm2", i, max_tokens))
@@ -91,12 +91,12 @@ def ttfts(keel: str, key: str, n: int) -> list[float]:
             t0 = time.perf_counter()
             with client.stream("POST", f"{keel}/v1/chat/completions", headers=h,
                                json=body("smollm2-raw", i, 16, stream=True)) as r:
-                for text in r.iter_lines():
-                    if text.startswith("data:") and '"content"' in text:
-                        out.append((time.perf_counter() - t0) * 1000)
-                        break
-                for _ in r.iter_bytes():
-                    pass
+                first = None
+                for text in r.iter_lines():  # read to the end: the next request starts on a quiet connection
+                    if first is None and text.startswith("data:") and '"content"' in text:
+                        first = (time.perf_counter() - t0) * 1000
+                if first is not None:
+                    out.append(first)
     return out
 
 
@@ -117,14 +117,21 @@ def main() -> None:
     print("starting Keel with a managed vLLM server...", flush=True)
     # batch.concurrency follows the best direct concurrency: it is set once the direct runs have found it.
     best_guess = max(args.concurrency)
-    proc, keel, vllm, key = start_keel(True, {"batch": {"concurrency": best_guess}})
+    proc, keel, vllm, key, vkey = start_keel(True, {"batch": {"concurrency": best_guess}})
     try:
-        asyncio.run(direct(vllm, 8, 4, args.max_tokens))  # warm-up
+        asyncio.run(direct(vllm, vkey, 8, 4, args.max_tokens))  # warm-up
         batch(keel, key, 8, args.max_tokens)
-        rates = {c: asyncio.run(direct(vllm, args.requests, c, args.max_tokens)) for c in args.concurrency}
+        rates = {}
+        for c in args.concurrency:
+            rates[c] = asyncio.run(direct(vllm, vkey, args.requests, c, args.max_tokens))
+            print(f"direct, concurrency {c}: {rates[c]:.2f} req/s", flush=True)
         best = max(rates, key=rates.get)
-        batch_rates = [batch(keel, key, args.requests, args.max_tokens)[0] for _ in range(2)]
-        direct_again = asyncio.run(direct(vllm, args.requests, best, args.max_tokens))
+        batch_rates = []
+        for _ in range(2):
+            batch_rates.append(batch(keel, key, args.requests, args.max_tokens)[0])
+            print(f"batch: {batch_rates[-1]:.2f} req/s", flush=True)
+        direct_again = asyncio.run(direct(vllm, vkey, args.requests, best, args.max_tokens))
+        print(f"direct again, concurrency {best}: {direct_again:.2f} req/s", flush=True)
         baseline = statistics.mean([rates[best], direct_again])
         quiet = ttfts(keel, key, args.interactive)
         bg = start_batch(keel, key, args.requests * 2, args.max_tokens)
