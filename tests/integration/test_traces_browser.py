@@ -103,9 +103,9 @@ def drive_traces(page, server: KeelServer, traffic: dict[str, Any], artifacts: P
     expect(nav.get_by_role("link", name="Releases")).to_be_visible()
     expect(nav.get_by_role("link", name="Traces")).to_have_attribute("aria-current", "page")
 
-    # --- connect: a wrong key is refused; a chat key is told traces need the admin scope; the admin key opens
+    # --- connect: a wrong key is refused; a chat key is told traces need the monitor scope; the admin key opens
     connect(page, BAD_KEY, refused="does not accept")
-    connect(page, server.keys["chat"], refused="lacks the 'admin' scope")
+    connect(page, server.keys["chat"], refused="lacks the 'monitor' scope")
     connect(page, server.keys["admin"])
     trace_list = page.get_by_role("list", name="Trace list")
     expect(trace_list).to_be_visible()

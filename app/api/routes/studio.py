@@ -34,7 +34,7 @@ COMMON_DIR = STATIC_DIR.parent / "common"
 # Releases: every release's split and decision, live numbers and charts, pause / resume / promote / roll back.
 # Its charts use uPlot, vendored under static/releases/vendor (MIT, see uPlot.LICENSE.txt): no CDN at run time.
 # Traces: recent traces as a list, one trace as a waterfall with its spans' attributes and events, and the lineage
-# of a chat answer (GET /v1/traces needs an admin key; the page itself holds none).
+# of a chat answer (GET /v1/traces needs a monitor key; the page itself holds none).
 # Ops: ask the ops agent (streamed) and approve or reject what agents propose (/v1/agents, with a chat key).
 PAGES = {"studio": STATIC_DIR, "releases": RELEASES_DIR, "traces": TRACES_DIR, "ops": OPS_DIR}
 

@@ -1,5 +1,5 @@
 // Thin client for Keel's traces and lineage API: the page has no privileges beyond the key it is given.
-// GET /v1/traces and /v1/traces/{id} need the `admin` scope (traces span every key's requests);
+// GET /v1/traces and /v1/traces/{id} need the `monitor` scope (admin includes it; traces span every key's requests);
 // GET /v1/lineage/{completion_id} needs `chat` (a key's own answers) or `admin` (any).
 
 import { apiClient, enc } from "../common/api.js";

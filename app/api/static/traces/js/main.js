@@ -41,7 +41,7 @@ let live = null; // liveRefresh(), once the page is set up
 // ----------------------------------------------------------------------------------- helpers
 
 function errorText(exc) {
-  return commonErrorText(exc, { forbidden: " — the Traces page needs a key with the admin scope." });
+  return commonErrorText(exc, { forbidden: " — the Traces page needs a key with the monitor scope." });
 }
 
 function summaryKey(t) {
