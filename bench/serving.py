@@ -16,6 +16,7 @@ import asyncio
 import json
 import os
 import platform
+import secrets
 import signal
 import socket
 import statistics
@@ -132,18 +133,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_keel(enforce_eager: bool, extra: dict | None = None) -> tuple[subprocess.Popen, str, str, str]:
-    """Start Keel with its managed vLLM in a scratch home; returns (proc, keel_url, vllm_url, key). ``extra``:
-    more settings sections (another benchmark's)."""
+def start_keel(enforce_eager: bool, extra: dict | None = None) -> tuple[subprocess.Popen, str, str, str, str]:
+    """Start Keel with its managed vLLM in a scratch home; returns (proc, keel_url, vllm_url, key, vllm_key): the
+    managed vLLM answers only requests with its key. ``extra``: more settings sections (another benchmark's)."""
     sys.path.insert(0, str(ROOT))
     from app.security.keys import KeyStore
 
     home = Path(tempfile.mkdtemp(prefix="keel-bench-"))
     api_port, vllm_port = free_port(), free_port()
+    vllm_key = secrets.token_urlsafe(24)
     cfg = {
         "home": str(home), "server": {"port": api_port},
         "auth": {"default_rate_limit_per_minute": 1_000_000},
-        "backends": {"local": {"kind": "vllm", "managed": {
+        "backends": {"local": {"kind": "vllm", "api_key": vllm_key, "managed": {
             "python": str(ROOT / ".venv-vllm/bin/python"), "port": vllm_port,
             "model_path": str(ROOT / ".keel/models/smollm2"), "enforce_eager": enforce_eager}}},
     }
@@ -171,7 +173,7 @@ def start_keel(enforce_eager: bool, extra: dict | None = None) -> tuple[subproce
             raise SystemExit(f"keel exited; see {home / 'keel.log'}")
         try:
             if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
-                return proc, url, f"http://127.0.0.1:{vllm_port}", key
+                return proc, url, f"http://127.0.0.1:{vllm_port}", key, vllm_key
         except httpx.HTTPError:
             pass
         time.sleep(1)
@@ -182,7 +184,8 @@ def start_keel(enforce_eager: bool, extra: dict | None = None) -> tuple[subproce
 async def main_async(args: argparse.Namespace) -> dict:
     auth = {"Authorization": f"Bearer {args.key}"}
     targets = {
-        "direct": (f"{args.vllm_url}/v1/chat/completions", {}, args.vllm_model),
+        "direct": (f"{args.vllm_url}/v1/chat/completions",
+                   {"Authorization": f"Bearer {args.vllm_key}"} if args.vllm_key else {}, args.vllm_model),
         "keel": (f"{args.keel_url}/v1/chat/completions", auth, args.raw_model),
         "keel+guards": (f"{args.keel_url}/v1/chat/completions", auth, args.model),
     }
@@ -245,6 +248,7 @@ def main() -> None:
     p.add_argument("--keel-url")
     p.add_argument("--vllm-url")
     p.add_argument("--key", default=os.environ.get("KEEL_API_KEY"))
+    p.add_argument("--vllm-key", default=os.environ.get("KEEL_VLLM_API_KEY"), help="the vLLM server's API key")
     p.add_argument("--model", default="smollm2", help="model alias on Keel (default guard policy)")
     p.add_argument("--raw-model", default="smollm2-raw", help="alias bound to the 'unguarded' policy")
     p.add_argument("--vllm-model", default="smollm2", help="served model name on vLLM")
@@ -258,7 +262,7 @@ def main() -> None:
     proc = None
     if not args.keel_url:
         print("starting Keel with a managed vLLM server (compile step: 1-3 min)...", flush=True)
-        proc, args.keel_url, args.vllm_url, args.key = start_keel(args.enforce_eager)
+        proc, args.keel_url, args.vllm_url, args.key, args.vllm_key = start_keel(args.enforce_eager)
     elif not (args.vllm_url and args.key):
         p.error("--keel-url needs --vllm-url and --key")
     try:
