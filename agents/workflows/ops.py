@@ -58,6 +58,7 @@ _WINDOWS = [(re.compile(r"\b(today|24 ?h|hours?|day)\b", re.I), 86_400.0),
             (re.compile(r"\b(week|7 ?d(ays)?)\b", re.I), 7 * 86_400.0),
             (re.compile(r"\b(month|30 ?d(ays)?)\b", re.I), 30 * 86_400.0)]
 MAX_FINDINGS = 12
+WRITE_MAX_TOKENS = 160  # a few sentences: the findings follow the answer
 
 
 # -- triage -----------------------------------------------------------------------------------------------
@@ -288,8 +289,30 @@ async def write(state: dict[str, Any], deps: Deps, emit: Emit) -> dict[str, Any]
                     "numbered findings, which come from the monitoring and release tools. Cite findings like [1]. "
                     "Say what is wrong (or that nothing is), and the likely cause. At most 80 words."),
         ChatMessage("user", f"Findings:\n{numbered}\n\nQuestion: {state['question']}")]
-    text = await deps.stream_text(msgs, state, "write", emit, max_tokens=deps.settings.answer_max_tokens)
+    text = await deps.stream_text(msgs, state, "write", emit, max_tokens=min(deps.settings.answer_max_tokens,
+                                                                               WRITE_MAX_TOKENS))
+    text = without_repeats(text)
     return {"draft": text or IDK, "_summary": f"{len(text)} chars"}
+
+
+_SENTENCE = re.compile(r"(?<=[.!?])\s+")
+
+
+def without_repeats(text: str) -> str:
+    """The answer with each sentence once, up to the first repeat: a small model at temperature 0 can loop on a
+    sentence until its token budget runs out, and the findings below the answer say the rest."""
+    seen: set[str] = set()
+    kept: list[str] = []
+    for sentence in _SENTENCE.split(text.strip()):
+        key = re.sub(r"\W+", " ", sentence.lower()).strip()
+        if key in seen:
+            break
+        seen.add(key)
+        kept.append(sentence)
+    out = " ".join(kept).strip()
+    if kept and not re.search(r"[.!?]$", out) and len(kept) > 1:  # a sentence cut off by the token budget
+        out = " ".join(kept[:-1]).strip()
+    return out
 
 
 def proposal(state: dict[str, Any]) -> dict[str, Any] | None:

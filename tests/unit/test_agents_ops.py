@@ -203,3 +203,11 @@ async def test_the_run_key_scopes_bound_the_investigation(tmp_path: Path) -> Non
     assert isinstance(final, Final) and "could not run release_list: release_list needs an API key with the " \
         "'releases' scope" in final.answer
     assert "Proposed" not in final.answer  # it could not see the release, so it proposes nothing
+
+
+def test_a_looping_answer_is_cut_at_its_first_repeat() -> None:
+    loop = "Drift was found [1]. The results were not enough. The results were not enough. The results were"
+    assert ops.without_repeats(loop) == "Drift was found [1]. The results were not enough."
+    assert ops.without_repeats("One sentence without an end") == "One sentence without an end"
+    assert ops.without_repeats("First. Second cut off mid") == "First."
+    assert ops.without_repeats("") == ""
