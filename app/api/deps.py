@@ -22,7 +22,7 @@ answers 503 ``backend_unavailable`` from its dependency, before the route runs.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
 
@@ -80,9 +80,13 @@ async def get_llm(container: ContainerDep) -> ModelRouter:
     return container.llm
 
 
-async def get_chat(container: ContainerDep) -> ChatService | ReleaseGateway | LineageRecorder:
+def chat_path(container: Any) -> ChatService | ReleaseGateway | LineageRecorder:
     """The chat path as clients reach it: through the release endpoints when releases are on."""
     return getattr(container, "front", None) or getattr(container, "serving", None) or container.chat
+
+
+async def get_chat(container: ContainerDep) -> ChatService | ReleaseGateway | LineageRecorder:
+    return chat_path(container)
 
 
 async def get_releases(container: ContainerDep) -> ReleaseService:

@@ -8,6 +8,7 @@ import math
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.core.errors import KeelError, RateLimited
@@ -35,8 +36,8 @@ def _count(request: Request, code: str) -> None:
         container.metrics.errors.labels(code).inc()
 
 
-def describe_validation(exc: RequestValidationError) -> tuple[str, str | None, str]:
-    """Turn pydantic's error list into one sentence that says what to fix."""
+def describe_validation(exc: RequestValidationError | ValidationError) -> tuple[str, str | None, str]:
+    """Turn pydantic's error list (a request body's, or a batch line's) into one sentence that says what to fix."""
     errors = exc.errors()
     if any(e.get("type") == "json_invalid" for e in errors):
         detail = next(e for e in errors if e.get("type") == "json_invalid").get("ctx", {}).get("error", "")

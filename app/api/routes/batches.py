@@ -19,8 +19,8 @@ from fastapi import APIRouter, File, Form, Query, UploadFile
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from app.api.deps import ChatKey, ContainerDep
-from app.api.errors import error_body, keel_error_body
+from app.api.deps import ChatKey, ContainerDep, chat_path
+from app.api.errors import describe_validation, error_body, keel_error_body
 from app.api.routes.chat import completion, to_domain
 from app.api.schemas import ChatCompletionRequest
 from app.core.errors import InvalidRequest, KeelError, NotFound
@@ -130,15 +130,13 @@ def batch_responder(container: Any) -> Respond:
                       request_id: str) -> tuple[int, dict[str, Any]]:
         try:
             req = ChatCompletionRequest.model_validate(body)
-        except ValidationError as e:
-            err = e.errors()[0]
-            where = ".".join(map(str, err["loc"])) or None
-            return 400, error_body(f"invalid request: {where}: {err['msg']}", "invalid_request_error",
-                                   "invalid_request", where)
+        except ValidationError as e:  # the message the chat route's 400 would give
+            message, param, code = describe_validation(e)
+            return 400, error_body(message, "invalid_request_error", code, param)
         if req.stream:
             return 400, error_body("stream must be false in a batch: each answer is written whole",
                                    "invalid_request_error", "invalid_request", "stream")
-        chat = getattr(container, "front", None) or getattr(container, "serving", None) or container.chat
+        chat = chat_path(container)
         try:
             result = await chat.complete(to_domain(req, request_id or uuid.uuid4().hex, owner, None, scopes))
         except KeelError as e:
