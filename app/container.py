@@ -31,7 +31,7 @@ from app.services.grounding import Grounder
 from app.services.ingest_jobs import IngestJobs
 from app.settings import Settings
 from evals.gate import prompt_gate
-from evals.jobs import EvalJobs, submit_run
+from evals.jobs import EvalJobs, load_named_suite, submit_run
 from evals.online import OnlineJudge
 from evals.runner import EvalDeps
 from evals.store import EvalStore
@@ -191,7 +191,9 @@ class Container:
         settings = self.settings
 
         async def submit_eval(suite: str, *, baseline: str | None = None, owner: str = "") -> dict:
-            return await submit_run(self.jobs, self.eval_deps(), self.evals, suite, baseline=baseline, owner=owner)
+            return await submit_run(self.jobs, self.eval_deps(), self.evals,
+                                    load_named_suite(settings.evals.suites_dir, suite), baseline=baseline,
+                                    owner=owner)
 
         for tool in lifecycle_tools(LifecycleServices(
                 releases=self.releases, serving=self.serving, monitor=self.monitor,

@@ -37,12 +37,12 @@ def payload(suite: str, *, baseline: str | None = None, use_cache: bool = True) 
     return {"suite": suite, "baseline": baseline, "use_cache": use_cache}
 
 
-async def submit_run(runner: JobRunner, deps: EvalDeps, store: EvalStore, suite_name: str, *,
+async def submit_run(runner: JobRunner, deps: EvalDeps, store: EvalStore, suite: Suite, *,
                      baseline: str | None = None, use_cache: bool = True, owner: str = "",
                      idempotency_key: str | None = None) -> dict[str, Any]:
-    """Start a suite run as a durable job (what ``POST /v1/evals/runs`` and the ``eval_run`` tool do). Checked
-    now, so that a suite that cannot run here is a clear error, not a failed job."""
-    suite = load_named_suite(deps.config.evals.suites_dir, suite_name)
+    """Start a suite run (loaded with :func:`load_named_suite`) as a durable job: what ``POST /v1/evals/runs``
+    and the ``eval_run`` tool do. Checked now, so that a suite that cannot run here is a clear error, not a
+    failed job."""
     try:
         ident = EvalRunner(deps, store, use_cache=use_cache, progress=False).identity(suite)
     except EvalConfigError as e:

@@ -73,8 +73,8 @@ async def start_run(key: EvalsKey, container: ContainerDep, store: EvalStoreDep,
     ``GET /v1/evals/runs?suite=``; cancel with ``POST /v1/evals/jobs/{job_id}/cancel``. A job interrupted by a
     restart runs again after the next start and resumes its run. ``Idempotency-Key``: a retried request returns
     the job of the first one."""
-    _load(container.settings, body.suite)  # a name, never a path: refused before any service is touched
-    return await eval_jobs.submit_run(container.jobs, container.eval_deps(), store, body.suite,
+    suite = _load(container.settings, body.suite)  # a name, never a path: refused before any service is touched
+    return await eval_jobs.submit_run(container.jobs, container.eval_deps(), store, suite,
                                       baseline=body.baseline, use_cache=body.use_cache, owner=key.id,
                                       idempotency_key=idempotency_key)
 
