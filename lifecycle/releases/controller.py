@@ -30,6 +30,8 @@ METRICS: dict[MetricName, tuple[Literal["binary", "continuous"], bool]] = {
     "ttft_ms": ("continuous", False),
     "judge_score": ("continuous", True),
 }
+#: How a canary with manual promotion says its analysis passed (the release's note starts with it).
+READY = "ready to promote: "
 MIN_N = 10  # per arm, before a comparison says anything
 BOUNDED = frozenset({"judge_score"})  # continuous metrics in [0, 1]
 
@@ -89,6 +91,9 @@ def judge_canary(release: Release, totals: dict[str, VariantTotals], now: float)
         passed = ", ".join(f"{m.name} within {m.margin:g}" for m in required) or "no metric failed"
         nxt = release.step + 1
         if nxt >= len(steps) - 1:
+            if window.promotion == "manual":
+                return Verdict("hold", f"{READY}step {release.step + 1}/{len(steps)} at {share:g}% passed ({passed}); "
+                                       "a person promotes to 100%")
             return Verdict("promote", f"step {release.step + 1}/{len(steps)} at {share:g}% passed ({passed}); "
                                       "promoted to 100%")
         return Verdict("advance", f"step {release.step + 1}/{len(steps)} at {share:g}% passed ({passed}); "
@@ -98,6 +103,11 @@ def judge_canary(release: Release, totals: dict[str, VariantTotals], now: float)
         return Verdict("rollback", f"still inconclusive after {elapsed:.0f} s at {share:g}% "
                                    f"(max_duration_s {window.max_duration_s:g}): {unclear}")
     return Verdict("hold", f"step {release.step + 1}/{len(steps)} at {share:g}%: inconclusive so far: {unclear}")
+
+
+def is_ready(release: Release) -> bool:
+    """A manual-promotion canary whose analysis passed, holding for a person."""
+    return release.status == "running" and (release.note or "").startswith(READY)
 
 
 def judge_ab(release: Release, totals: dict[str, VariantTotals]) -> Verdict:

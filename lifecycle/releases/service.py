@@ -332,6 +332,7 @@ def public(release: Release) -> dict[str, Any]:
            "unit": spec.unit, "baseline": spec.baseline, "candidate": spec.candidate, "weights": release.weights,
            "step": release.step, "step_started_at": release.step_started_at,
            "decision": release.decision.public() if release.decision else None, "note": release.note,
+           "ready": controller.is_ready(release),
            "created_by": release.created_by,
            "created_at": release.created_at, "updated_at": release.updated_at, "revision": release.revision,
            "spec_hash": spec.content_hash(), "spec": spec.model_dump(mode="json")}

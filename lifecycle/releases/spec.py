@@ -64,6 +64,9 @@ class CanarySpec(BaseModel):
     min_duration_s: float = Field(default=60, ge=0, description="Time a step runs at least before it is judged.")
     max_duration_s: float = Field(default=1800, gt=0, description="A step still inconclusive after this long "
                                   "rolls back (an undecided canary is not a passing one).")
+    promotion: Literal["auto", "manual"] = Field(
+        default="auto", description="auto: the last step that passes promotes to 100%. manual: it holds there, "
+        "ready, until a person (or a pipeline's approval) promotes; a metric that turns worse still rolls back.")
 
     @field_validator("steps")
     @classmethod

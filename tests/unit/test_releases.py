@@ -108,8 +108,10 @@ def totals(n: int, errors: int = 0, blocked: int = 0, since: int | None = None) 
                              "negative_feedback": Moments(0)}, 0, 0, n if since is None else since, n)
 
 
-def release(step: int = 0, status: str = "running", started: float = 0.0, margin: float = 0.2, **kw) -> Release:
-    s = spec(canary={"steps": [5, 25, 50, 100], "min_requests": 20, "min_duration_s": 10, "max_duration_s": 100},
+def release(step: int = 0, status: str = "running", started: float = 0.0, margin: float = 0.2,
+            promotion: str = "auto", **kw) -> Release:
+    s = spec(canary={"steps": [5, 25, 50, 100], "min_requests": 20, "min_duration_s": 10, "max_duration_s": 100,
+                     "promotion": promotion},
              metrics=[{"name": "errors", "margin": margin}, {"name": "guardrail_blocks", "margin": margin}], **kw)
     return Release(1, s, status, controller.weights_at(s, step), step, started, None, "t", 0, 0, 1)
 
@@ -130,6 +132,25 @@ def test_canary_advances_then_promotes_when_as_good() -> None:
     ok = {"stable": totals(2000), "canary": totals(600)}
     assert controller.judge_canary(release(step=0), ok, now=50).action == "advance"
     assert controller.judge_canary(release(step=2), ok, now=50).action == "promote"
+
+
+def test_a_manual_canary_holds_ready_at_its_last_step_and_still_rolls_back_when_worse(tmp_path: Path) -> None:
+    """Argo's indefinite pause: the analysis passed, a person (or a pipeline's approval) promotes."""
+    ok = {"stable": totals(2000), "canary": totals(600)}
+    assert controller.judge_canary(release(step=0, promotion="manual"), ok, now=50).action == "advance"
+    v = controller.judge_canary(release(step=2, promotion="manual"), ok, now=50)
+    assert v.action == "hold" and v.reason.startswith(controller.READY)
+    bad = {"stable": totals(2000), "canary": totals(600, errors=300)}
+    assert controller.judge_canary(release(step=2, promotion="manual"), bad, now=50).action == "rollback"
+
+    svc = ReleaseService(SqliteReleaseStore(tmp_path / "r.db"), check_interval_s=0)
+    r = svc.create(spec(canary={"promotion": "manual"}), actor="t")
+    assert not controller.is_ready(r)
+    svc.store.note(r, v.reason)
+    r = svc.get("support")
+    assert controller.is_ready(r) and r.status == "running"
+    assert svc.promote("support", actor="person").status == "promoted"
+    svc.close()
 
 
 def test_undecided_canary_times_out_to_rollback() -> None:
