@@ -45,6 +45,8 @@ from lifecycle.batch.service import BatchService
 from lifecycle.batch.store import BatchStore
 from lifecycle.lineage import Lineage, LineageRecorder, LineageStore
 from lifecycle.monitor.drift import DriftMonitor, build_monitor
+from lifecycle.pipeline.service import PipelineDeps, PipelineService
+from lifecycle.pipeline.store import PipelineStore
 from lifecycle.releases.service import ReleaseService
 from lifecycle.releases.serving import ReleaseGateway, variant_check
 from lifecycle.releases.serving import prompt_gate as release_gate
@@ -90,6 +92,8 @@ class Container:
     tool_audit: ToolAudit | None = None
     #: Files and batches (the OpenAI Batch API) on the job runner; None: batch.enabled is off.
     batches: BatchService | None = None
+    #: Continuous-training pipelines (runs on the job runner, triggers checked by the lifespan); None: off.
+    pipelines: PipelineService | None = None
 
     @classmethod
     async def build(
@@ -168,6 +172,13 @@ class Container:
             container.batches = BatchService(BatchStore(settings.home), runner, settings.batch,
                                              load=lambda: chat.active)
             container.batches.register(runner)
+        if settings.pipelines.enabled:
+            container.pipelines = PipelineService(
+                PipelineStore(settings.home / "pipelines.db"), runner, settings.pipelines, PipelineDeps(
+                    finetune=finetune, default_model=settings.default_model, releases=releases,
+                    spans=tracing.store, drift_results=monitor.store.list if monitor is not None else None,
+                    eval_runs=eval_store.list_runs), home=settings.home)
+            container.pipelines.register(runner)
         container._register_tools()
         for server in await connect_servers(settings.mcp.servers):
             for tool in server.tools:
@@ -252,6 +263,11 @@ class Container:
         if self.releases is not None:
             self._background(self._decide_releases())
 
+    def start_pipeline_triggers(self) -> None:
+        """Start the runs whose triggers fired, every ``pipelines.check_interval_s`` (the API lifespan calls this)."""
+        if self.pipelines is not None and self.settings.pipelines.triggers:
+            self._background(self.pipelines.loop())
+
     def start_drift_monitor(self) -> None:
         """Compare the last ``monitor.window_s`` of traffic with its reference every ``monitor.interval_s``."""
         if self.monitor is not None and self.settings.monitor.interval_s > 0:
@@ -310,6 +326,7 @@ class Container:
             *((("releases", self.releases.close),) if self.releases is not None else ()),
             *((("tool audit", self.tool_audit.close),) if self.tool_audit is not None else ()),
             *((("batch store", self.batches.store.close),) if self.batches is not None else ()),
+            *((("pipeline store", self.pipelines.store.close),) if self.pipelines is not None else ()),
             ("fine-tune jobs", self.finetune.close), ("eval store", self.evals.close),
             *((f"closer {getattr(c, '__name__', c)}", c) for c in reversed(self._closers)),
             ("model backends", self.llm.aclose), ("routing table", self.llm.routes.close),

@@ -21,6 +21,7 @@ from finetune.settings import FinetuneSettings
 from ingest.settings import RagSettings
 from lifecycle.batch.settings import BatchSettings
 from lifecycle.monitor.settings import MonitorSettings
+from lifecycle.pipeline.settings import PipelineSettings
 from lifecycle.releases.settings import ReleaseSettings
 from lifecycle.tools.settings import McpSettings
 from prompts.settings import PromptSettings
@@ -38,6 +39,7 @@ class Settings(CoreSettings):
     monitor: MonitorSettings = Field(default_factory=MonitorSettings)
     mcp: McpSettings = Field(default_factory=McpSettings)
     batch: BatchSettings = Field(default_factory=BatchSettings)
+    pipelines: PipelineSettings = Field(default_factory=PipelineSettings)
 
 
 def load_settings(**overrides: Any) -> Settings:

@@ -40,6 +40,7 @@ from evals.store import EvalStore
 from finetune.service import FinetuneService
 from ingest.factory import RagServices
 from lifecycle.lineage import Lineage, LineageRecorder
+from lifecycle.pipeline.service import PipelineService
 from lifecycle.releases.service import ReleaseService
 from lifecycle.releases.serving import ReleaseGateway
 from prompts.registry import PromptRegistry
@@ -87,6 +88,13 @@ def chat_path(container: Any) -> ChatService | ReleaseGateway | LineageRecorder:
 
 async def get_chat(container: ContainerDep) -> ChatService | ReleaseGateway | LineageRecorder:
     return chat_path(container)
+
+
+async def get_pipelines(container: ContainerDep) -> PipelineService:
+    svc = getattr(container, "pipelines", None)
+    if svc is None:
+        raise BackendUnavailable("continuous-training pipelines are off on this server (pipelines.enabled)")
+    return svc
 
 
 async def get_releases(container: ContainerDep) -> ReleaseService:
@@ -160,6 +168,7 @@ LlmDep = Annotated[ModelRouter, Depends(get_llm)]
 ChatDep = Annotated[ChatService | ReleaseGateway | LineageRecorder, Depends(get_chat)]
 LineageDep = Annotated[Lineage, Depends(get_lineage)]
 ReleasesDep = Annotated[ReleaseService, Depends(get_releases)]
+PipelinesDep = Annotated[PipelineService, Depends(get_pipelines)]
 ServingDep = Annotated[ReleaseGateway, Depends(get_serving)]
 RagDep = Annotated[RagServices, Depends(get_rag)]
 IngestJobsDep = Annotated[IngestJobs, Depends(get_ingest_jobs)]

@@ -23,6 +23,7 @@ from app.api.routes import (
     finetune,
     lineage,
     monitor,
+    pipelines,
     rag,
     releases,
     studio,
@@ -65,6 +66,7 @@ def create_app(settings: Settings | None = None, container: Container | None = N
             await app.state.keel.jobs.start()  # runs the jobs a stopped process left queued or running
         app.state.keel.start_release_controller()
         app.state.keel.start_drift_monitor()
+        app.state.keel.start_pipeline_triggers()
         mcp = None
         if settings.mcp.enabled and app.state.keel.tools is not None:
             mcp = app.state.mcp = await RunningMcp(mcp_http_app(app.state.keel.mcp_server(http=True))).start()
@@ -102,6 +104,7 @@ def create_app(settings: Settings | None = None, container: Container | None = N
     app.include_router(finetune.router)
     app.include_router(evals.router)
     app.include_router(releases.router)
+    app.include_router(pipelines.router)
     app.include_router(lineage.router)
     app.include_router(traces.router)
     app.include_router(monitor.router)

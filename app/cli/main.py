@@ -23,6 +23,7 @@ from app.cli.mcp import app as mcp_app
 from app.cli.monitor import monitor_app
 from app.cli.observe import lineage as lineage_command
 from app.cli.observe import traces_app
+from app.cli.pipeline import app as pipeline_app
 from app.cli.prompts import app as prompts_app
 from app.cli.releases import app as release_app
 from app.core.errors import KeelError
@@ -46,6 +47,7 @@ app.add_typer(evals_app, name="eval", help="Evaluations: run suites, gate on res
 app.add_typer(release_app, name="release", help="Releases: A/B tests, canaries, shadows, blue/green.")
 app.add_typer(traces_app, name="traces", help="Traces: list recent ones, show one as a waterfall.")
 app.command("lineage")(lineage_command)
+app.add_typer(pipeline_app, name="pipeline", help="Continuous training: pipelines, runs, approvals.")
 app.add_typer(batch_app, name="batch", help="Batches: JSONL request files answered in the background.")
 app.add_typer(mcp_app, name="mcp", help="MCP: serve Keel's tools to MCP clients (stdio).")
 app.add_typer(monitor_app, name="monitor", help="Monitoring: drift checks of production traffic.")

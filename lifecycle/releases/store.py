@@ -333,6 +333,19 @@ class _SqlReleaseStore:
                           (response_id,))
         return [{"owner": o, "at": float(at), "score": float(sc), "comment": c} for o, at, sc, c in rows]
 
+    def ratings(self, *, since: float = 0.0, min_score: float | None = None,
+                limit: int = 10_000) -> list[dict[str, Any]]:
+        """Ratings given at or after ``since`` (at least ``min_score``), oldest first: what a continuous-training
+        pipeline counts and learns from."""
+        rows = self._read(self._q("SELECT response_id, owner, at, score FROM feedback WHERE at >= ? AND score >= ? "
+                                  "ORDER BY at LIMIT ?"), (since, -1.0 if min_score is None else min_score, limit))
+        return [{"response_id": r, "owner": o, "at": float(at), "score": float(sc)} for r, o, at, sc in rows]
+
+    def count_ratings(self, *, since: float = 0.0, min_score: float | None = None) -> int:
+        rows = self._read(self._q("SELECT COUNT(*) FROM feedback WHERE at >= ? AND score >= ?"),
+                          (since, -1.0 if min_score is None else min_score))
+        return int(rows[0][0])
+
     def observed_owner(self, response_id: str) -> str | None:
         rows = self._read(self._q("SELECT owner FROM release_observations WHERE response_id = ? LIMIT 1"),
                           (response_id,))

@@ -94,7 +94,7 @@ async def guardrail_policy(guards: GuardsDep) -> dict:
             "bindings": [b.model_dump() for b in policy.file.bindings]}
 
 
-Trail = Literal["guardrails", "prompts", "adapters", "routing", "jobs", "releases", "tools"]
+Trail = Literal["guardrails", "prompts", "adapters", "routing", "jobs", "releases", "tools", "pipelines"]
 
 
 @router.get("/audit")
@@ -130,6 +130,10 @@ async def audit_events(
         if getattr(container, "tool_audit", None) is None:
             raise NotFound("this server keeps no tool audit")
         query = container.tool_audit.events
+    elif trail == "pipelines":
+        if getattr(container, "pipelines", None) is None:
+            raise NotFound("continuous-training pipelines are off on this server (pipelines.enabled)")
+        query = container.pipelines.store.audit_events
     elif trail == "jobs":
         if container.jobs is None:
             raise NotFound("this server runs no job queue")
