@@ -150,8 +150,9 @@ def write_pipeline(folder: Path, name: str = "demo", **overrides: Any) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     job = yaml.safe_load((ROOT / "finetune" / "jobs" / "veltmar-fact.yaml").read_text())
     job["dataset"]["path"] = str(DATA)
-    (folder / "job.yaml").write_text(yaml.safe_dump(job))
-    doc = {"name": name, "job": "job.yaml", "poll_interval": 0.02, "cooldown": "1h",
+    (folder / "jobs").mkdir(exist_ok=True)  # a pipelines folder holds pipelines only: every *.yaml is one
+    (folder / "jobs" / "job.yaml").write_text(yaml.safe_dump(job))
+    doc = {"name": name, "job": "jobs/job.yaml", "poll_interval": 0.02, "cooldown": "1h",
            "dataset": {"feedback": {"min_score": 1}, "min_examples": 5},
            "canary": {"endpoint": name, "steps": [50, 100], "min_requests": 5, "min_duration": 0},
            "promote": {"approval": "required"}, **overrides}
@@ -451,10 +452,10 @@ def test_durations_and_bad_definitions_say_what_to_fix(tmp_path: Path) -> None:
     write_pipeline(tmp_path, triggers=[{"kind": "moon_phase"}])
     with pytest.raises(InvalidPipeline, match=r"triggers\.0"):
         load_pipeline(tmp_path / "demo.yaml")
-    job = yaml.safe_load((tmp_path / "job.yaml").read_text())
+    job = yaml.safe_load((tmp_path / "jobs" / "job.yaml").read_text())
     job["evals"] = []
     write_pipeline(tmp_path)
-    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+    (tmp_path / "jobs" / "job.yaml").write_text(yaml.safe_dump(job))
     with pytest.raises(InvalidPipeline, match="names no eval suites"):
         load_pipeline(tmp_path / "demo.yaml")
 
@@ -473,3 +474,73 @@ async def test_a_broken_definition_file_is_reported_not_fatal(env: Env) -> None:
     assert any("broken.yaml" in p and "not valid YAML" in m for p, m in env.svc.errors.items())
     with pytest.raises(NotFound, match="no pipeline 'nope'"):
         env.svc.definition("nope")
+
+
+# -- through the API -------------------------------------------------------------------------------------------
+
+
+async def test_the_api_scopes_refusals_and_a_waiting_run_a_person_rejects(tmp_path: Path) -> None:
+    import httpx
+
+    from app.api.main import create_app
+    from app.container import Container
+    from app.settings import load_settings
+    from ingest import build_rag
+    from ingest.embedding import HashingEmbedder
+    from tests.fakes.llm import ScriptedBackend
+
+    write_pipeline(tmp_path / "defs")
+    settings = load_settings(home=tmp_path / "home", backends={"local": {"kind": "openai", "base_url": "http://x/v1"}},
+                             models={"m": {"backend": "local", "model": "fake"}}, default_model="m",
+                             guardrails={"enabled": False}, pipelines={"dirs": [str(tmp_path / "defs")]},
+                             auth={"default_rate_limit_per_minute": 10_000})
+    container = await Container.build(settings, backends={"local": ScriptedBackend()},
+                                      rag=build_rag(settings, embedder=HashingEmbedder()))
+    keys = {n: container.keys.create(n, s)[1] for n, s in [("ft", ["finetune"]), ("ops", ["finetune", "releases"]),
+                                                             ("chat", ["chat"])]}
+    h = {n: {"Authorization": f"Bearer {k}"} for n, k in keys.items()}
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(container=container)),
+                                     base_url="http://keel") as c:
+            r = await c.get("/v1/pipelines", headers=h["chat"])
+            assert r.status_code == 403 and "finetune" in r.json()["error"]["message"]
+            body = (await c.get("/v1/pipelines", headers=h["ft"])).json()
+            assert {p["name"] for p in body["data"]} >= {"demo", "veltmar"} and body["errors"] == {}
+            r = await c.post("/v1/pipelines/nope/runs", json={}, headers=h["ft"])
+            assert r.status_code == 404 and r.json()["error"]["code"] == "pipeline_not_found"
+            r = await c.get("/v1/pipelines/runs/../../etc", headers=h["ft"])
+            assert r.status_code in (400, 404)
+            r = await c.get("/v1/pipelines/runs/pr-nothere", headers=h["ft"])
+            assert r.status_code == 404 and r.json()["error"]["code"] == "pipeline_run_not_found"
+
+            # a run that waits for approval (seeded: nothing trains here)
+            store, d = container.pipelines.store, container.pipelines.definition("demo")
+            run = store.create(pipeline="demo", model=d.model, trigger={"kind": "manual"}, definition={
+                "pipeline": d.spec.model_dump(mode="json"), "job": d.job.model_dump(mode="json"), "source": d.source},
+                definition_hash=d.hash, actor="seed", skip=("canary",))
+            for step in ("trigger", "dataset", "finetune", "evaluate"):
+                store.step_update(run.id, step, state="succeeded", finished=True)
+            store.step_update(run.id, "finetune", artifacts={"model": "veltmar-fact", "version": "1"})
+            store.set_run(run.id, state="waiting")
+            store.step_update(run.id, "approval", state="waiting")
+
+            r = await c.post("/v1/pipelines/demo/runs", json={"reason": "again"}, headers=h["ft"])
+            assert r.status_code == 409 and r.json()["error"]["code"] == "pipeline_run_open"
+            r = await c.post(f"/v1/pipelines/runs/{run.id}/reject", json={"reason": "no"}, headers=h["ft"])
+            assert r.status_code == 403 and "releases" in r.json()["error"]["message"]
+            r = await c.post(f"/v1/pipelines/runs/{run.id}/retry", json={}, headers=h["ft"])
+            assert r.status_code == 409 and r.json()["error"]["code"] == "pipeline_run_state"
+            r = await c.post(f"/v1/pipelines/runs/{run.id}/reject", json={"reason": "too slow"}, headers=h["ops"])
+            assert r.status_code == 200, r.text
+            deadline, url = time.monotonic() + 20, f"/v1/pipelines/runs/{run.id}"
+            while (run := (await c.get(url, headers=h["ft"])).json())["state"] != "failed":
+                assert time.monotonic() < deadline, run
+                await asyncio.sleep(0.05)
+            assert run["outcome"] == "rejected" and "too slow" in run["error"]
+            assert [e["action"] for e in run["audit"]][::-1] == ["run.start", "run.reject", "run.failed"]
+            r = await c.get("/v1/admin/audit", params={"trail": "pipelines"}, headers=h["ft"])
+            assert r.status_code == 403
+            r = await c.post(f"/v1/pipelines/runs/{run['id']}/approve", json={}, headers=h["ops"])
+            assert r.status_code == 409 and "is failed" in r.json()["error"]["message"]
+    finally:
+        await container.aclose()
