@@ -211,7 +211,7 @@ class Container:
                 traces=self.tracing.store if self.tracing is not None else None, finetune=self.finetune,
                 eval_store=self.evals, submit_eval=submit_eval if self.jobs is not None else None,
                 eval_suites=lambda: suite_summaries(settings.evals.suites_dir), prompts=self.prompts,
-                snapshots=getattr(self.rag, "snapshots", None))):
+                snapshots=getattr(self.rag, "snapshots", None), pipelines=self.pipelines)):
             registry.register(tool, replace=True)
         self.tools = registry
 

@@ -59,6 +59,7 @@ class LifecycleServices:
     eval_suites: Callable[[], list[dict[str, Any]]] | None = None
     prompts: Any = None  # prompts.registry.PromptRegistry
     snapshots: Any = None  # ingest's snapshot store (RagServices.snapshots)
+    pipelines: Any = None  # lifecycle.pipeline.service.PipelineService
     extra: list[Tool] = field(default_factory=list)
 
 
@@ -98,6 +99,8 @@ def lifecycle_tools(s: LifecycleServices) -> list[Tool]:
     if s.prompts is not None:
         tools += _prompt_tools(s.prompts)
     tools += _data_tools(s.snapshots, s.finetune)
+    if s.pipelines is not None:
+        tools += _pipeline_tools(s.pipelines)
     return tools + list(s.extra)
 
 
@@ -359,6 +362,49 @@ def _finetune_tools(ft: Any) -> list[Tool]:
         LifecycleTool("finetune_cancel", "Cancel a queued or running fine-tuning job.", _obj(job_id, ["job_id"]),
                       cancel, risky=True, scope="finetune", read_only=False, title="Cancel a fine-tuning job",
                       tags=("finetune",)),
+    ]
+
+
+# -- continuous training (scope finetune) ------------------------------------------------------------
+
+
+def _pipeline_tools(pipelines: Any) -> list[Tool]:
+    def list_(args: dict, ctx: ToolContext) -> ToolOutput:
+        rows = pipelines.summaries()
+        return _out(rows, f"{len(rows)} pipeline(s)")
+
+    def runs(args: dict, ctx: ToolContext) -> ToolOutput:
+        rows = [r.public(logs=False) for r in pipelines.list(pipeline=args.get("pipeline"), state=args.get("state"),
+                                                              limit=args.get("limit", 20))]
+        return _out(rows, f"{len(rows)} run(s), newest first")
+
+    def run(args: dict, ctx: ToolContext) -> ToolOutput:
+        r = pipelines.get(args["run_id"])
+        return _out(r.public(), f"run {r.id} of {r.pipeline}: {r.state}" + (f" ({r.outcome})" if r.outcome else "")
+                    + (f", at {r.current_step}" if not r.finished else ""))
+
+    async def start(args: dict, ctx: ToolContext) -> ToolOutput:
+        r = await pipelines.start(args["pipeline"], actor=actor(ctx), reason=args.get("reason", ""))
+        return _out(r.public(logs=False), f"run {r.id} of {r.pipeline} started")
+
+    name = {"type": "string", "minLength": 1, "maxLength": 63, "description": "A pipeline's name."}
+    return [
+        LifecycleTool("pipeline_list", "Continuous-training pipelines: what each retrains, its triggers, canary and "
+                      "approval, and its last run.", _obj({}), list_, scope="finetune", title="Pipelines",
+                      tags=("pipeline", "finetune")),
+        LifecycleTool("pipeline_runs", "Recent pipeline runs, newest first: state, outcome, the step each is at.",
+                      _obj({"pipeline": name, "state": {"enum": ["queued", "running", "waiting", "succeeded",
+                                                                 "failed", "cancelled"]}, "limit": LIMIT}),
+                      runs, scope="finetune", title="Pipeline runs", tags=("pipeline", "finetune")),
+        LifecycleTool("pipeline_run", "One pipeline run: every step's state, log and artifacts (dataset snapshot, "
+                      "fine-tuning job, eval gate, canary, promotion).",
+                      _obj({"run_id": STR}, ["run_id"]), run, scope="finetune", title="A pipeline run",
+                      tags=("pipeline", "finetune")),
+        LifecycleTool("pipeline_start", "Start a run of a continuous-training pipeline now (retrain, gate, canary; "
+                      "its promotion still waits for a person).", _obj({"pipeline": name, "reason": STR},
+                                                                       ["pipeline"]),
+                      start, risky=True, scope="finetune", read_only=False, title="Start a pipeline run",
+                      tags=("pipeline", "finetune")),
     ]
 
 

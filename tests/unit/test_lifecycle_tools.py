@@ -206,3 +206,21 @@ async def test_a_datasets_contract_is_checked_without_training(tmp_path: Path) -
         assert (await call(c, "data_snapshots", {})).data == []
     finally:
         await c.aclose()
+
+
+async def test_pipeline_tools_list_start_and_read_runs_within_their_scope(container: Container) -> None:
+    assert "pipeline_start" in {t.name for t in container.tools.tools() if t.risky}
+    listed = await call(container, "pipeline_list", {})
+    assert listed.ok and "veltmar" in listed.output
+    assert (await call(container, "pipeline_start", {"pipeline": "veltmar"}, CHAT)).error_code == "tool_scope_denied"
+    missing = await call(container, "pipeline_start", {"pipeline": "nope"})
+    assert not missing.ok and "no pipeline 'nope'" in missing.output and missing.attempts == 1
+    started = await call(container, "pipeline_start", {"pipeline": "veltmar", "reason": "asked by the ops agent"})
+    assert started.ok, started.output
+    runs = await call(container, "pipeline_runs", {"pipeline": "veltmar"})
+    assert runs.ok and "veltmar" in runs.output
+    run = container.pipelines.list(pipeline="veltmar")[0]
+    assert run.created_by == "tool [key-admin]" and run.id in started.output
+    one = await call(container, "pipeline_run", {"run_id": run.id})
+    assert one.ok and run.id in one.output
+    await container.pipelines.cancel(run.id, actor="test")
