@@ -29,7 +29,7 @@ from app.core.audit import AuditEvent
 from app.core.errors import Conflict, NotFound
 from app.jobs.queue import Job
 from app.jobs.runner import JobContext, JobRunner
-from finetune.data import InvalidTrainingData
+from finetune.data import InvalidTrainingData, prompt_key
 from finetune.spec import JobSpec
 from lifecycle.pipeline.dataset import Spans, read_jsonl, traced_example, write_snapshot
 from lifecycle.pipeline.settings import PipelineSettings
@@ -322,7 +322,8 @@ class PipelineService:
             sources["feedback"] = await asyncio.to_thread(self._feedback_examples, s, records)
             fb = sources["feedback"]
             await s.record({}, f"feedback: {fb['rated']} rated answers, {fb['used']} used, "
-                               f"{fb['without_content']} without content in their traces")
+                               f"{fb['without_content']} without content in their traces, "
+                               f"{fb.get('already_covered', 0)} asking what the data already answers")
         if len(records) < spec.min_examples:
             raise StepFailed("contract_failed", f"the dataset has {len(records)} examples; this pipeline needs at "
                                                 f"least {spec.min_examples} (dataset.min_examples)")
@@ -349,8 +350,11 @@ class PipelineService:
             last = self.store.last_finished(s.run.pipeline)
             since = last.created_at if last else 0.0
         rated = releases.store.ratings(since=since, min_score=fb.min_score, limit=fb.max_examples * 4)
-        used = without = 0
+        used = without = covered = 0
         seen: set[str] = set()
+        # A question the data already answers keeps its curated answer: a second answer to the same prompt would be
+        # a duplicate, or a leak between the training and validation splits, which the data contract refuses.
+        asked = {k for k in map(_prompt_key, records) if k is not None}
         for r in rated:
             if used >= fb.max_examples or r["response_id"] in seen:
                 continue
@@ -359,10 +363,15 @@ class PipelineService:
             if example is None:
                 without += 1
                 continue
+            key = _prompt_key(example)
+            if key in asked:
+                covered += 1
+                continue
+            asked.add(key)
             records.append(example)
             used += 1
-        return {"rated": len(rated), "used": used, "without_content": without, "since": since,
-                "min_score": fb.min_score}
+        return {"rated": len(rated), "used": used, "without_content": without, "already_covered": covered,
+                "since": since, "min_score": fb.min_score}
 
     def _job_spec(self, d: Definition, dataset: str, run: Run) -> JobSpec:
         return d.job.model_copy(update={
@@ -556,6 +565,13 @@ def _current(releases: ReleaseService, name: str) -> Any:
         return releases.get(name)
     except NotFound:
         return None
+
+
+def _prompt_key(record: Any) -> str | None:
+    try:
+        return prompt_key(record["messages"])
+    except (KeyError, TypeError, AttributeError):
+        return None  # a malformed record: the data contract reports it with its line
 
 
 def _contract_summary(report: Mapping[str, Any]) -> dict[str, Any]:

@@ -139,6 +139,8 @@ class FakeSpans:
         if trace_id == "t-chatcmpl-nocontent":
             return [{"attributes": {}}]
         q = [{"role": "user", "content": f"question {trace_id}"}]
+        if trace_id == "t-chatcmpl-known":  # asks what the job's data already answers, differently
+            q = [m for m in json.loads(DATA.read_text().splitlines()[0])["messages"] if m["role"] != "assistant"]
         a = [{"role": "assistant", "content": f"answer {trace_id}"}]
         return [{"attributes": {"gen_ai.input.messages": json.dumps(q), "gen_ai.output.messages": json.dumps(a)}}]
 
@@ -218,7 +220,7 @@ def rate(env: Env, *ids: str, score: float = 1.0) -> None:
 
 
 async def test_a_run_goes_from_trigger_to_promotion_once_a_person_approves(env: Env) -> None:
-    rate(env, "chatcmpl-a", "chatcmpl-b", "chatcmpl-nocontent")
+    rate(env, "chatcmpl-a", "chatcmpl-b", "chatcmpl-nocontent", "chatcmpl-known")
     rate(env, "chatcmpl-bad", score=0.0)  # a thumbs-down never becomes a training example
     run = await env.svc.start("demo", actor="alice [k1]", reason="new data")
     assert run.state == "queued" and run.job_id
@@ -236,7 +238,8 @@ async def test_a_run_goes_from_trigger_to_promotion_once_a_person_approves(env: 
     # the dataset: the job's data plus the two rated answers whose traces hold their content
     snap = run.steps["dataset"].artifacts["snapshot"]
     base = len(DATA.read_text().splitlines())
-    assert snap["records"] == base + 2 and snap["sources"]["feedback"]["without_content"] == 1
+    fb = snap["sources"]["feedback"]
+    assert snap["records"] == base + 2 and (fb["without_content"], fb["already_covered"]) == (1, 1)
     lines, manifest = snapshot_files(Path(snap["path"]))
     assert json.loads(lines[-1])["messages"][-1]["role"] == "assistant" and manifest["sha256"] == snap["sha256"]
     job = env.ft.jobs[run.steps["finetune"].artifacts["job_id"]]
@@ -544,3 +547,18 @@ async def test_the_api_scopes_refusals_and_a_waiting_run_a_person_rejects(tmp_pa
             assert r.status_code == 409 and "is failed" in r.json()["error"]["message"]
     finally:
         await container.aclose()
+
+
+def test_the_kubernetes_worker_job_runs_a_real_keel_command() -> None:
+    """The documented distributed seam: the manifest's command is the CLI's, with options it has."""
+    from typer.testing import CliRunner
+
+    from app.cli.main import app
+
+    job = yaml.safe_load((ROOT / "infra" / "k8s" / "finetune-worker-job.yaml").read_text())
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    command = container["command"]
+    assert command[0].endswith("keel") and command[1:3] == ["finetune", "worker"]
+    assert {e["name"] for e in container["env"]} >= {"KEEL_HOME", "KEEL_FINETUNE__AUTO_EVAL"}
+    out = CliRunner().invoke(app, [*command[1:3], "--help"])
+    assert out.exit_code == 0 and all(opt in out.output for opt in command[3:])
