@@ -463,7 +463,7 @@ class PipelineService:
             started = await asyncio.to_thread(releases.get, c.endpoint)
             await s.record({"release": c.endpoint, "release_id": release_id,
                             "baseline": started.spec.variant(started.spec.baseline).model})
-        note = None
+        logged: tuple[int, float] = (-1, 0.0)  # (release step, when): a line per step and per half minute
         while True:
             r = await asyncio.to_thread(releases.get, c.endpoint)
             if r.id != release_id:
@@ -478,10 +478,9 @@ class PipelineService:
                 await s.record({"status": "promoted" if r.status == "promoted" else "ready", "weights": r.weights},
                                f"canary passed: {why}")
                 return
-            if r.note != note:
-                note = r.note
-                if note:
-                    await s.record({}, note)
+            if r.note and (r.step != logged[0] or time.monotonic() - logged[1] >= 30):
+                logged = (r.step, time.monotonic())
+                await s.record({}, r.note)
             s.progress(release=c.endpoint, weights=r.weights, step=r.step)
             await s.sleep()
 
