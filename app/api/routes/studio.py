@@ -1,11 +1,12 @@
-"""Keel's web pages, served by the API itself: Prompt Studio (``/studio``), Releases (``/releases``) and Traces
-(``/traces``).
+"""Keel's web pages, served by the API itself: Prompt Studio (``/studio``), Releases (``/releases``), Traces
+(``/traces``), Ops (``/ops``) and Pipelines (``/pipelines``).
 
 The pages are plain HTML, CSS and ES modules (no build step). They hold no privileges of their own:
 each asks for an API key (kept in the tab's ``sessionStorage``) and calls the public REST API —
 Prompt Studio ``/v1/prompts`` with ``prompts:write`` and ``/v1/chat/completions`` with ``chat``;
-Releases ``/v1/releases`` with ``releases``; Traces ``/v1/traces`` with ``admin`` and ``/v1/lineage`` — exactly as
-any other client would. The pages and their assets are therefore served without auth.
+Releases ``/v1/releases`` with ``releases``; Traces ``/v1/traces`` with ``admin`` and ``/v1/lineage``; Ops
+``/v1/agents`` with ``chat``; Pipelines ``/v1/pipelines`` with ``finetune`` (and ``releases`` to approve, reject or
+cancel a run) — exactly as any other client would. The pages and their assets are therefore served without auth.
 
 What the pages share lives in ``static/common/``: ES modules (the API client with its key handling, DOM helpers,
 the login and live refresh) served under each page's own static path (``/<page>/static/common/...``, so a page's
@@ -28,6 +29,7 @@ STATIC_DIR = Path(__file__).resolve().parent.parent / "static" / "studio"
 RELEASES_DIR = STATIC_DIR.parent / "releases"
 TRACES_DIR = STATIC_DIR.parent / "traces"
 OPS_DIR = STATIC_DIR.parent / "ops"
+PIPELINES_DIR = STATIC_DIR.parent / "pipelines"
 COMMON_DIR = STATIC_DIR.parent / "common"
 
 # Prompt Studio: templates, preview, runs, diffs, labels and their audit.
@@ -36,7 +38,10 @@ COMMON_DIR = STATIC_DIR.parent / "common"
 # Traces: recent traces as a list, one trace as a waterfall with its spans' attributes and events, and the lineage
 # of a chat answer (GET /v1/traces needs a monitor key; the page itself holds none).
 # Ops: ask the ops agent (streamed) and approve or reject what agents propose (/v1/agents, with a chat key).
-PAGES = {"studio": STATIC_DIR, "releases": RELEASES_DIR, "traces": TRACES_DIR, "ops": OPS_DIR}
+# Pipelines: continuous-training pipelines, their runs as a graph of steps (state, attempts, log, artifacts), start,
+# approve / reject, cancel and retry a run (/v1/pipelines, with a finetune key; deciding also needs releases).
+PAGES = {"studio": STATIC_DIR, "releases": RELEASES_DIR, "traces": TRACES_DIR, "ops": OPS_DIR,
+         "pipelines": PIPELINES_DIR}
 
 _MEDIA_TYPES = {
     ".html": "text/html; charset=utf-8",
