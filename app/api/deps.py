@@ -213,6 +213,7 @@ def require_scope(scope: str) -> Callable[..., ApiKey]:
             )
         return key
 
+    dependency.keel_scope = scope  # type: ignore[attr-defined]  # the OpenAPI document names the 403 it can answer
     return dependency
 
 

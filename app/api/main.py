@@ -13,6 +13,7 @@ from starlette.routing import Route
 from app.api.errors import install_error_handlers
 from app.api.mcp import McpEndpoint, RunningMcp
 from app.api.middleware import RequestContextMiddleware
+from app.api.openapi import document_errors
 from app.api.routes import (
     admin,
     agents,
@@ -111,6 +112,7 @@ def create_app(settings: Settings | None = None, container: Container | None = N
     app.include_router(studio.router)
     app.router.routes.append(Route("/mcp", McpEndpoint(), methods=["GET", "POST", "DELETE"],
                                    include_in_schema=False))
+    document_errors(app)
     if tracing is not None and tracing.provider is not None:
         # Server spans per request (the parent of each chat's spans; an incoming traceparent joins the caller's
         # trace), without a span per ASGI message (a streamed answer would make hundreds).

@@ -30,7 +30,6 @@ import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from fastapi import APIRouter
@@ -38,7 +37,8 @@ from fastapi.responses import Response
 from opentelemetry import trace
 
 from app.api.deps import ChatKey, ContainerDep
-from app.api.schemas import EmbeddingList, EmbeddingRequest, ErrorResponse, ModelCard
+from app.api.openapi import error_responses
+from app.api.schemas import EmbeddingList, EmbeddingRequest, ModelCard
 from app.core.errors import ContextLengthExceeded, InvalidRequest, ModelNotFound, UnsupportedParameter
 from ingest.embedding import Embedder
 
@@ -52,15 +52,12 @@ _PACKAGE_PREFIX = "gt-"
 _HUB_ORG = "sentence-transformers/"
 _WORDS = re.compile(r"\w+|[^\w\s]")
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse, "description": what} for status, what in {
-        400: "Invalid input: token ids, too many or empty texts, a text over the model's window, dimensions, "
-             "an unknown parameter.",
-        401: "Missing or invalid API key.", 403: "The key lacks the 'chat' scope.",
-        404: "Unknown embedding model.", 413: "Request body over limits.max_body_bytes.",
-        429: "Rate limit of the API key.",
-    }.items()
-}
+_ERRORS = error_responses({
+    400: "Invalid input: token ids, too many or empty texts, a text over the model's window, dimensions, an unknown "
+         "parameter.",
+    401: "Missing or invalid API key.", 403: "The key lacks the 'chat' scope.", 404: "Unknown embedding model.",
+    413: "Request body over limits.max_body_bytes.", 429: "Rate limit of the API key.",
+})
 
 
 def _norm(name: str) -> str:
