@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from app.api.deps import ChatKey, ContainerDep, chat_path
 from app.api.errors import describe_validation, error_body, keel_error_body
+from app.api.openapi import error_responses
 from app.api.routes.chat import completion, to_domain
 from app.api.schemas import ChatCompletionRequest
 from app.core.errors import InvalidRequest, KeelError, NotFound
@@ -45,7 +46,13 @@ def _batches(container: Any) -> BatchService:
 # -- files -------------------------------------------------------------------------------------------
 
 
-@router.post("/v1/files", tags=["batch"])
+_FILE = error_responses({404: "No such file of this key's (file_not_found), or batches are off (batches_off)."})
+_BATCH = error_responses({404: "No such batch of this key's (batch_not_found), or batches are off (batches_off)."})
+
+
+@router.post("/v1/files", tags=["batch"], responses=error_responses({
+    400: "Not a batch request file: empty, over batch.max_file_bytes, or another purpose.",
+    404: "Batches are off on this server (batches_off).", 413: "The upload is over the server's body limit."}))
 async def upload_file(key: ChatKey, container: ContainerDep, file: UploadFile = File(...),
                       purpose: str = Form(...)) -> dict[str, Any]:
     svc = _batches(container)
@@ -66,18 +73,18 @@ def list_files(key: ChatKey, container: ContainerDep, purpose: str | None = None
     return {"object": "list", "data": _batches(container).files(owner=_owner(key), purpose=purpose, limit=limit)}
 
 
-@router.get("/v1/files/{file_id}")
+@router.get("/v1/files/{file_id}", responses=_FILE)
 def get_file(file_id: str, key: ChatKey, container: ContainerDep) -> dict[str, Any]:
     return public_file(_batches(container).file(file_id, owner=_owner(key)))
 
 
-@router.get("/v1/files/{file_id}/content", response_class=FileResponse)
+@router.get("/v1/files/{file_id}/content", response_class=FileResponse, responses=_FILE)
 def file_content(file_id: str, key: ChatKey, container: ContainerDep) -> FileResponse:
     row = _batches(container).file(file_id, owner=_owner(key))
     return FileResponse(row["path"], media_type="application/jsonl", filename=row["filename"])
 
 
-@router.delete("/v1/files/{file_id}")
+@router.delete("/v1/files/{file_id}", responses=_FILE)
 def delete_file(file_id: str, key: ChatKey, container: ContainerDep) -> dict[str, Any]:
     return _batches(container).delete_file(file_id, owner=_owner(key))
 
@@ -94,7 +101,9 @@ class BatchIn(BaseModel):
     metadata: dict[str, str] | None = Field(default=None, max_length=16)
 
 
-@router.post("/v1/batches")
+@router.post("/v1/batches", responses=error_responses({
+    400: "A bad batch: unknown endpoint or completion window, a file of another purpose, too many requests.",
+    404: "No such input file (file_not_found), or batches are off (batches_off)."}))
 async def create_batch(body: BatchIn, key: ChatKey, container: ContainerDep) -> dict[str, Any]:
     return await _batches(container).create(owner=key.id, scopes=key.scopes, input_file_id=body.input_file_id,
                                             endpoint=body.endpoint, completion_window=body.completion_window,
@@ -109,12 +118,12 @@ def list_batches(key: ChatKey, container: ContainerDep, after: str | None = None
             "last_id": data[:limit][-1]["id"] if data else None, "has_more": len(data) > limit}
 
 
-@router.get("/v1/batches/{batch_id}")
+@router.get("/v1/batches/{batch_id}", responses=_BATCH)
 def get_batch(batch_id: str, key: ChatKey, container: ContainerDep) -> dict[str, Any]:
     return _batches(container).get(batch_id, owner=_owner(key))
 
 
-@router.post("/v1/batches/{batch_id}/cancel")
+@router.post("/v1/batches/{batch_id}/cancel", responses=_BATCH)
 async def cancel_batch(batch_id: str, key: ChatKey, container: ContainerDep) -> dict[str, Any]:
     return await _batches(container).cancel(batch_id, owner=_owner(key), actor=f"{key.name} [{key.id}]")
 
