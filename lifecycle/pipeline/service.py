@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from app.core.audit import AuditEvent
-from app.core.errors import Conflict, NotFound
+from app.core.errors import Conflict, KeelError, NotFound
 from app.jobs.queue import Job
 from app.jobs.runner import JobContext, JobRunner
 from finetune.data import InvalidTrainingData, prompt_key
@@ -180,9 +180,10 @@ class PipelineService:
                 await self.runner.cancel(run.job_id, actor=actor)
         ft_job = run.steps["finetune"].artifacts.get("job_id")
         if ft_job:
-            job = await asyncio.to_thread(self.deps.finetune.get, ft_job)
-            if job.state in ("queued", "running"):
-                await asyncio.to_thread(self.deps.finetune.cancel, ft_job, actor=actor)
+            with contextlib.suppress(NotFound, Conflict):  # gone, or finished meanwhile: nothing left to stop
+                job = await asyncio.to_thread(self.deps.finetune.get, ft_job)
+                if job.state in ("queued", "running"):
+                    await asyncio.to_thread(self.deps.finetune.cancel, ft_job, actor=actor)
         await asyncio.to_thread(self._roll_back_canary, run, actor, why)
         return run
 
@@ -284,7 +285,10 @@ class PipelineService:
             except Exception as exc:
                 if ctx.stop_requested:  # the runner is stopping it: released or cancelled, not failed
                     raise
-                log.exception("pipeline %s run %s: step %s failed", run.pipeline, run_id, name)
+                if isinstance(exc, KeelError) and exc.status < 500:  # a refusal says what to fix; no traceback
+                    log.warning("pipeline %s run %s: step %s refused: %s", run.pipeline, run_id, name, exc.message)
+                else:
+                    log.exception("pipeline %s run %s: step %s failed", run.pipeline, run_id, name)
                 return await self._failed(run, name, "error", f"{type(exc).__name__}: {getattr(exc, 'message', exc)}")
             if result == _WAIT:
                 await asyncio.to_thread(self.store.step_update, run_id, name, state="waiting")

@@ -156,6 +156,8 @@ class PipelineSpec(_Strict):
     def _name(cls, v: str) -> str:
         if not _NAME.match(v):
             raise ValueError(f"pipeline name {v!r} must be 1-63 lower-case letters, digits, '.', '_' or '-'")
+        if v == "runs":  # /v1/pipelines/runs lists runs
+            raise ValueError("'runs' is reserved: name the pipeline after what it retrains")
         return v
 
     def content_hash(self, job: JobSpec) -> str:

@@ -91,7 +91,7 @@ async def test_every_page_links_to_the_ops_page(client) -> None:
         html = (await client.get(f"/{page}")).text
         nav = re.search(r'<nav class="app-nav" aria-label="Keel pages">(.*?)</nav>', html, flags=re.S).group(1)
         links = re.findall(r'<a href="/(\w+)"', nav)
-        assert links == ["studio", "releases", "traces", "ops"], (page, links)
+        assert links == ["studio", "releases", "traces", "ops", "pipelines"], (page, links)
 
 
 def test_no_inline_script_or_style_and_server_text_is_never_html() -> None:

@@ -21,7 +21,7 @@ from app.api.main import create_app
 from app.api.routes.studio import COMMON_DIR, PAGES, render_page
 from app.settings import load_settings
 
-LABELS = {"studio": "Prompt Studio", "releases": "Releases", "traces": "Traces", "ops": "Ops"}
+LABELS = {"studio": "Prompt Studio", "releases": "Releases", "traces": "Traces", "ops": "Ops", "pipelines": "Pipelines"}
 COMMON_MODULES = sorted(p.name for p in COMMON_DIR.glob("*.js"))
 
 
