@@ -43,6 +43,8 @@ from ingest import build_rag
 from ingest.factory import RagServices
 from lifecycle.batch.service import BatchService
 from lifecycle.batch.store import BatchStore
+from lifecycle.features.export import Sources as FeatureSources
+from lifecycle.features.service import FeatureService
 from lifecycle.lineage import Lineage, LineageRecorder, LineageStore
 from lifecycle.monitor.drift import DriftMonitor, build_monitor
 from lifecycle.pipeline.service import PipelineDeps, PipelineService
@@ -94,6 +96,8 @@ class Container:
     batches: BatchService | None = None
     #: Continuous-training pipelines (runs on the job runner, triggers checked by the lifespan); None: off.
     pipelines: PipelineService | None = None
+    #: The feature store (Feast, imported on first use); None: features.enabled is off.
+    features: FeatureService | None = None
 
     @classmethod
     async def build(
@@ -179,6 +183,11 @@ class Container:
                     spans=tracing.store, drift_results=monitor.store.list if monitor is not None else None,
                     eval_runs=eval_store.list_runs), home=settings.home)
             container.pipelines.register(runner)
+        if settings.features.enabled:
+            container.features = FeatureService(settings.features, settings.home, FeatureSources(
+                lineage=(lambda n: front.store.recent(limit=n)) if front is not None else None,
+                ratings=(lambda: releases.store.ratings(limit=10_000_000)) if releases is not None else None,
+                snapshots=getattr(rag, "snapshots", None)))
         container._register_tools()
         for server in await connect_servers(settings.mcp.servers):
             for tool in server.tools:
@@ -211,7 +220,7 @@ class Container:
                 traces=self.tracing.store if self.tracing is not None else None, finetune=self.finetune,
                 eval_store=self.evals, submit_eval=submit_eval if self.jobs is not None else None,
                 eval_suites=lambda: suite_summaries(settings.evals.suites_dir), prompts=self.prompts,
-                snapshots=getattr(self.rag, "snapshots", None), pipelines=self.pipelines)):
+                snapshots=getattr(self.rag, "snapshots", None), pipelines=self.pipelines, features=self.features)):
             registry.register(tool, replace=True)
         self.tools = registry
 

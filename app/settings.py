@@ -20,6 +20,7 @@ from evals.settings import EvalSettings
 from finetune.settings import FinetuneSettings
 from ingest.settings import RagSettings
 from lifecycle.batch.settings import BatchSettings
+from lifecycle.features.settings import FeatureSettings
 from lifecycle.monitor.settings import MonitorSettings
 from lifecycle.pipeline.settings import PipelineSettings
 from lifecycle.releases.settings import ReleaseSettings
@@ -40,6 +41,7 @@ class Settings(CoreSettings):
     mcp: McpSettings = Field(default_factory=McpSettings)
     batch: BatchSettings = Field(default_factory=BatchSettings)
     pipelines: PipelineSettings = Field(default_factory=PipelineSettings)
+    features: FeatureSettings = Field(default_factory=FeatureSettings)
 
 
 def load_settings(**overrides: Any) -> Settings:

@@ -17,6 +17,7 @@ from app.cli.agents import app as agent_app
 from app.cli.batch import app as batch_app
 from app.cli.common import DEV_KEY_FILE, dev_key, fail
 from app.cli.evals import app as evals_app
+from app.cli.features import app as features_app
 from app.cli.finetune import app as finetune_app
 from app.cli.ingest import ingest_command, search_command, snapshots_app
 from app.cli.mcp import app as mcp_app
@@ -47,6 +48,7 @@ app.add_typer(evals_app, name="eval", help="Evaluations: run suites, gate on res
 app.add_typer(release_app, name="release", help="Releases: A/B tests, canaries, shadows, blue/green.")
 app.add_typer(traces_app, name="traces", help="Traces: list recent ones, show one as a waterfall.")
 app.command("lineage")(lineage_command)
+app.add_typer(features_app, name="features", help="Feature store (Feast): apply, materialize, get, historical.")
 app.add_typer(pipeline_app, name="pipeline", help="Continuous training: pipelines, runs, approvals.")
 app.add_typer(batch_app, name="batch", help="Batches: JSONL request files answered in the background.")
 app.add_typer(mcp_app, name="mcp", help="MCP: serve Keel's tools to MCP clients (stdio).")

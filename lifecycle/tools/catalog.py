@@ -60,6 +60,7 @@ class LifecycleServices:
     prompts: Any = None  # prompts.registry.PromptRegistry
     snapshots: Any = None  # ingest's snapshot store (RagServices.snapshots)
     pipelines: Any = None  # lifecycle.pipeline.service.PipelineService
+    features: Any = None  # lifecycle.features.service.FeatureService
     extra: list[Tool] = field(default_factory=list)
 
 
@@ -101,6 +102,8 @@ def lifecycle_tools(s: LifecycleServices) -> list[Tool]:
     tools += _data_tools(s.snapshots, s.finetune)
     if s.pipelines is not None:
         tools += _pipeline_tools(s.pipelines)
+    if s.features is not None:
+        tools += _feature_tools(s.features)
     return tools + list(s.extra)
 
 
@@ -362,6 +365,48 @@ def _finetune_tools(ft: Any) -> list[Tool]:
         LifecycleTool("finetune_cancel", "Cancel a queued or running fine-tuning job.", _obj(job_id, ["job_id"]),
                       cancel, risky=True, scope="finetune", read_only=False, title="Cancel a fine-tuning job",
                       tags=("finetune",)),
+    ]
+
+
+# -- the feature store (scope finetune) ----------------------------------------------------------------
+
+
+def _feature_tools(features: Any) -> list[Tool]:
+    def views(args: dict, ctx: ToolContext) -> ToolOutput:
+        rows = features.views()
+        return _out(rows, f"{len(rows)} feature view(s)")
+
+    def online(args: dict, ctx: ToolContext) -> ToolOutput:
+        keys = {k: args[k] for k in ("user", "document") if args.get(k)}
+        return _out(features.online(args["features"], keys))
+
+    def historical(args: dict, ctx: ToolContext) -> ToolOutput:
+        rows = features.historical(args["features"], args["rows"])
+        return _out(rows, f"{len(rows)} row(s), values as of each row's event_timestamp")
+
+    def materialize(args: dict, ctx: ToolContext) -> ToolOutput:
+        out = features.materialize()
+        return _out(out, "online store loaded: " + ", ".join(f"{k} {v} rows" for k, v in out["exported"].items()))
+
+    refs = {"type": "array", "minItems": 1, "maxItems": 50, "items": {
+        "type": "string", "pattern": "^[a-z][a-z0-9_]*:[a-z][a-z0-9_]*$",
+        "description": "view:feature, e.g. user_stats:feedback_rate"}}
+    row = {"type": "object", "properties": {"user_id": STR, "doc_id": STR, "event_timestamp": {
+        "type": ["string", "number"], "description": "ISO 8601 or unix seconds"}}, "required": ["event_timestamp"]}
+    return [
+        LifecycleTool("features_views", "The feature store's views: entities, features and versions.", _obj({}),
+                      views, scope="finetune", title="Feature views", tags=("features",)),
+        LifecycleTool("features_online", "Newest feature values for a user (an API key id) and/or a document id.",
+                      _obj({"features": refs, "user": STR, "document": STR}, ["features"]), online,
+                      scope="finetune", title="Online features", tags=("features",)),
+        LifecycleTool("features_historical", "Feature values as they were at each row's event_timestamp "
+                      "(point-in-time join; for training and eval sets).",
+                      _obj({"features": refs, "rows": {"type": "array", "minItems": 1, "maxItems": 1000,
+                                                       "items": row}}, ["features", "rows"]),
+                      historical, scope="finetune", title="Historical features", tags=("features",)),
+        LifecycleTool("features_materialize", "Export Keel's data as feature rows and load the newest values into "
+                      "the online store.", _obj({}), materialize, risky=True, scope="finetune", read_only=False,
+                      title="Materialize features", tags=("features",)),
     ]
 
 

@@ -224,3 +224,17 @@ async def test_pipeline_tools_list_start_and_read_runs_within_their_scope(contai
     one = await call(container, "pipeline_run", {"run_id": run.id})
     assert one.ok and run.id in one.output
     await container.pipelines.cancel(run.id, actor="test")
+
+
+async def test_feature_tools_refuse_before_apply_then_read_after_materialize(container: Container) -> None:
+    assert "features_materialize" in {t.name for t in container.tools.tools() if t.risky}
+    before = await call(container, "features_online", {"features": ["user_stats:ratings"], "user": "key-admin"})
+    assert not before.ok and "keel features apply" in before.output
+    assert (await call(container, "features_views", {}, CHAT)).error_code == "tool_scope_denied"
+    container.features.apply()
+    done = await call(container, "features_materialize", {})
+    assert done.ok, done.output
+    online = await call(container, "features_online", {"features": ["user_stats:ratings"], "user": "nobody"})
+    assert online.ok and '"user_stats:ratings":null' in online.output
+    bad = await call(container, "features_online", {"features": ["user_stats:nope"], "user": "k"})
+    assert not bad.ok and "unknown feature" in bad.output
