@@ -40,14 +40,22 @@ def traced_example(spans: Spans, response_id: str) -> dict[str, Any] | None:
     return None
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """The records of a fine-tuning data file as they are (the contract check reports bad ones, by line)."""
+def read_jsonl(path: Path) -> tuple[list[dict[str, Any]], str]:
+    """The records of a fine-tuning data file and the sha256 of the bytes they were read from; a line that is not
+    a JSON object is a ValueError naming it (the contract check judges the records' shapes)."""
+    data = path.read_bytes()
     out = []
-    with path.open(encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                out.append(json.loads(line))
-    return out
+    for n, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}:{n}: not JSON ({exc.msg})") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}:{n}: a record must be a JSON object")
+        out.append(record)
+    return out, hashlib.sha256(data).hexdigest()
 
 
 def write_snapshot(folder: Path, records: Iterable[dict[str, Any]], sources: dict[str, Any]) -> dict[str, Any]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -44,6 +43,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("keel.pipeline")
 KIND = "pipeline"
 _WAIT = "wait"
+_ATTEMPTS = 50  # crashes a run's job survives: every attempt resumes the run at its step
+
+
+class _Stop(Exception):
+    """The run was cancelled, or another job drives it now: this job stops without touching it."""
 
 
 class StepFailed(Exception):
@@ -103,11 +107,19 @@ class PipelineService:
 
     def definition(self, name: str) -> Definition:
         d = self.definitions().get(name)
+        broken = next((m for path, m in self.errors.items() if Path(path).stem == name), None)
+        if d is None and broken is not None:  # its file is there but does not load: say why, not "no pipeline"
+            raise InvalidPipeline(broken)
         if d is None:
             raise NotFound(f"no pipeline {name!r} (GET /v1/pipelines lists them; definitions live in "
                            f"{', '.join(str(f) for f in self.settings.folders())})", param="name",
                            code="pipeline_not_found")
         return d
+
+    @staticmethod
+    def moves_traffic(spec: Mapping[str, Any]) -> bool:
+        """A run of this pipeline starts a release, or promotes without a person: its starter needs ``releases``."""
+        return bool(spec.get("canary")) or (spec.get("promote") or {}).get("approval") == "auto"
 
     def summaries(self) -> list[dict[str, Any]]:
         out = []
@@ -127,6 +139,7 @@ class PipelineService:
     async def start(self, name: str, *, actor: str, reason: str = "", trigger: Mapping[str, Any] | None = None) -> Run:
         """A run now (409 ``pipeline_run_open`` while one is open). A person's start ignores the cooldown."""
         d = await asyncio.to_thread(self.definition, name)
+        await asyncio.to_thread(self.preflight, d)
         trigger = dict(trigger or {"kind": "manual", "by": actor, "reason": reason})
         definition = {"pipeline": d.spec.model_dump(mode="json"), "job": d.job.model_dump(mode="json"),
                       "source": d.source}
@@ -136,10 +149,26 @@ class PipelineService:
         log.info("pipeline %s: run %s started by %s (%s)", d.name, run.id, actor, trigger.get("kind"))
         return await self._enqueue(run, actor)
 
+    def preflight(self, d: Definition) -> None:
+        """What would only fail hours later, refused now: a canary without releases, an endpoint that is a model
+        name, a snapshot folder fine-tuning may not read, source data outside the allowed folders."""
+        releases = self.deps.releases
+        if d.spec.canary is not None:
+            if releases is None:
+                raise InvalidPipeline(f"pipeline {d.name!r} releases through a canary, but releases are off on this "
+                                      "server (releases.enabled)")
+            if releases.name_taken(d.spec.canary.endpoint):
+                raise InvalidPipeline(f"pipeline {d.name!r}: canary endpoint {d.spec.canary.endpoint!r} is already a "
+                                      "model name clients call; a release endpoint needs a name of its own")
+        ft = self.deps.finetune
+        ft.check_data_location(d.job)
+        ft.check_data_location(self._job_spec(d, str(self.runs_dir / "_" / "dataset.jsonl"), None))
+
     async def _enqueue(self, run: Run, actor: str) -> Run:
-        n = len(await asyncio.to_thread(self.store.audit_events, subject_ref=run.id, limit=1000))
-        job = await self.runner.submit(KIND, {"run": run.id}, owner=actor, idempotency_key=f"{run.id}:{n}")
-        return await asyncio.to_thread(self.store.set_run, run.id, job_id=job.id)
+        """Queue a job that drives ``run`` (the job claims the run when it starts). A queue that refuses (the server
+        is stopping) leaves the run for :meth:`reconcile`, which queues it again once it is back."""
+        await self.runner.submit(KIND, {"run": run.id}, owner=actor, max_attempts=_ATTEMPTS)
+        return await asyncio.to_thread(self.store.get, run.id)
 
     def get(self, run_id: str) -> Run:
         return self.store.get(check_run_id(run_id))
@@ -178,26 +207,30 @@ class PipelineService:
         if run.job_id:
             with contextlib.suppress(Conflict, NotFound):  # already finished
                 await self.runner.cancel(run.job_id, actor=actor)
-        ft_job = run.steps["finetune"].artifacts.get("job_id")
-        if ft_job:
-            with contextlib.suppress(NotFound, Conflict):  # gone, or finished meanwhile: nothing left to stop
-                job = await asyncio.to_thread(self.deps.finetune.get, ft_job)
-                if job.state in ("queued", "running"):
-                    await asyncio.to_thread(self.deps.finetune.cancel, ft_job, actor=actor)
-        await asyncio.to_thread(self._roll_back_canary, run, actor, why)
+        await asyncio.to_thread(self._stop_started, run, actor, why)
         return run
 
+    def _stop_started(self, run: Run, actor: str, reason: str) -> None:
+        """Stop what a finished run started and left running: found by who started it (the run), not by what the
+        run recorded, so a step interrupted between starting something and recording it leaves nothing behind."""
+        owner = _actor(run)
+        for job in self.deps.finetune.list(limit=200):
+            if job.submitted_by == owner and job.state in ("queued", "running"):
+                with contextlib.suppress(NotFound, Conflict):  # finished meanwhile
+                    self.deps.finetune.cancel(job.id, actor=actor)
+        self._roll_back_canary(run, actor, reason)
+
     def _roll_back_canary(self, run: Run, actor: str, reason: str) -> None:
-        art = run.steps["canary"].artifacts
-        releases = self.deps.releases
-        if releases is None or not art.get("release_id"):
+        releases, c = self.deps.releases, run.definition["pipeline"].get("canary")
+        if releases is None or not c:
             return
-        try:
-            release = releases.get(art["release"])
-        except NotFound:
-            return
-        if release.id == art["release_id"] and not release.finished:
-            releases.rollback(art["release"], actor=actor, reason=f"pipeline run {run.id}: {reason}")
+        for _ in range(3):  # the controller may change it between our read and our write: read again
+            release = _current(releases, c["endpoint"])
+            if release is None or release.created_by != _actor(run) or release.finished:
+                return
+            with contextlib.suppress(Conflict):
+                releases.rollback(c["endpoint"], actor=actor, reason=f"pipeline run {run.id}: {reason}")
+                return
 
     # -- triggers --------------------------------------------------------------------------------------------
 
@@ -250,10 +283,30 @@ class PipelineService:
                 started.append(await self.start(d.name, actor=f"trigger:{fired['kind']}", trigger=fired))
         return started
 
+    async def reconcile(self, *, grace_s: float = 60.0) -> list[str]:
+        """Queue again every open run that no live job drives (its job finished or gave up, or the queue refused
+        it), once it has been still for ``grace_s``: a run resumes at its step, so a second job is harmless, and a
+        stale one notices it lost the run (:meth:`_handle`)."""
+        queued = []
+        for run in await asyncio.to_thread(self.store.list, state=None, limit=500, open_only=True):
+            if run.state == "waiting" or time.time() - run.updated_at < grace_s:
+                continue
+            job = None
+            if run.job_id:
+                with contextlib.suppress(NotFound):
+                    job = await self.runner.get(run.job_id)
+            if job is None or job.done:
+                log.warning("pipeline %s run %s had no live job (%s); queued again", run.pipeline, run.id,
+                            job.state if job else "none")
+                await self._enqueue(run, "system:reconcile")
+                queued.append(run.id)
+        return queued
+
     async def loop(self) -> None:
         while True:
             await asyncio.sleep(self.settings.check_interval_s)
             try:
+                await self.reconcile()
                 await self.check_triggers()
             except Exception:  # a bad round must not end the loop
                 log.exception("checking pipeline triggers failed; trying again in %.0f s",
@@ -263,9 +316,25 @@ class PipelineService:
 
     async def _handle(self, job: Job, ctx: JobContext) -> dict[str, Any]:
         run_id = job.payload["run"]
+        try:
+            return await self._drive(run_id, job, ctx)
+        except Exception as exc:
+            if ctx.stop_requested:
+                raise
+            # Outside any step (the store, a definition that no longer validates): the run must not stay open with
+            # nobody driving it; it fails, and a person can retry it.
+            log.exception("pipeline run %s failed outside its steps", run_id)
+            run = await asyncio.to_thread(self.store.get, run_id)
+            if not run.finished:
+                step = run.current_step or STEPS[-1]
+                return await self._failed(run, step, "error", f"{type(exc).__name__}: {getattr(exc, 'message', exc)}")
+            return {"run": run_id, "state": run.state}
+
+    async def _drive(self, run_id: str, job: Job, ctx: JobContext) -> dict[str, Any]:
         run = await asyncio.to_thread(self.store.get, run_id)
         if run.finished:
             return {"run": run_id, "state": run.state}
+        await asyncio.to_thread(self.store.set_run, run_id, job_id=job.id)  # this job drives the run now
         definition = Definition(spec=PipelineSpec.model_validate(run.definition["pipeline"]),
                                 job=JobSpec.model_validate(run.definition["job"]), source=run.definition["source"],
                                 hash=run.definition_hash)
@@ -273,13 +342,18 @@ class PipelineService:
             run = await asyncio.to_thread(self.store.get, run_id)
             if run.finished:  # cancelled meanwhile
                 return {"run": run_id, "state": run.state}
+            if run.job_id != job.id:  # a later job took the run over (reconcile, a decision): this one stops
+                return {"run": run_id, "state": run.state, "superseded_by": run.job_id}
             if run.steps[name].state in ("succeeded", "skipped"):
                 continue
             await asyncio.to_thread(self.store.step_started, run_id, name)
             ctx.set_progress({"run": run_id, "step": name})
-            step = _Step(self, run, definition, name, ctx)
+            step = _Step(self, run, definition, name, ctx, job.id)
             try:
                 result = await getattr(self, f"_{name}")(step)
+            except _Stop as exc:
+                log.info("pipeline run %s: job %s stops: %s", run_id, job.id, exc)
+                return {"run": run_id, "stopped": str(exc)}
             except StepFailed as exc:
                 return await self._failed(run, name, exc.outcome, exc.message)
             except Exception as exc:
@@ -318,16 +392,20 @@ class PipelineService:
         sources: dict[str, Any] = {}
         if spec.include_job_data:
             path = s.d.job.dataset.path
-            rows = await asyncio.to_thread(read_jsonl, path)
+            await asyncio.to_thread(self.deps.finetune.check_data_location, s.d.job)
+            try:
+                rows, digest = await asyncio.to_thread(read_jsonl, path)
+            except ValueError as exc:
+                raise StepFailed("contract_failed", f"the job's data fails its contract: {exc}") from None
             records += rows
-            sources["job_data"] = {"path": str(path), "records": len(rows),
-                                   "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+            sources["job_data"] = {"path": str(path), "records": len(rows), "sha256": digest}
         if spec.feedback is not None:
             sources["feedback"] = await asyncio.to_thread(self._feedback_examples, s, records)
             fb = sources["feedback"]
             await s.record({}, f"feedback: {fb['rated']} rated answers, {fb['used']} used, "
                                f"{fb['without_content']} without content in their traces, "
-                               f"{fb.get('already_covered', 0)} asking what the data already answers")
+                               f"{fb.get('already_covered', 0)} asking what the data already answers"
+                               + (f" ({fb['note']})" if fb.get("note") else ""))
         if len(records) < spec.min_examples:
             raise StepFailed("contract_failed", f"the dataset has {len(records)} examples; this pipeline needs at "
                                                 f"least {spec.min_examples} (dataset.min_examples)")
@@ -350,8 +428,8 @@ class PipelineService:
         if releases is None or spans is None:
             return {"rated": 0, "used": 0, "without_content": 0, "note": "releases or tracing is off"}
         since = 0.0
-        if fb.since == "last_run":
-            last = self.store.last_finished(s.run.pipeline)
+        if fb.since == "last_run":  # what the production model has not learned from: since the last promotion
+            last = self.store.last_finished(s.run.pipeline, outcome="promoted")
             since = last.created_at if last else 0.0
         rated = releases.store.ratings(since=since, min_score=fb.min_score, limit=fb.max_examples * 4)
         used = without = covered = 0
@@ -377,21 +455,23 @@ class PipelineService:
         return {"rated": len(rated), "used": used, "without_content": without, "already_covered": covered,
                 "since": since, "min_score": fb.min_score}
 
-    def _job_spec(self, d: Definition, dataset: str, run: Run) -> JobSpec:
+    def _job_spec(self, d: Definition, dataset: str, run: Run | None) -> JobSpec:
         return d.job.model_copy(update={
             "dataset": d.job.dataset.model_copy(update={"path": Path(dataset)}),
-            "tags": {**d.job.tags, "pipeline": d.name, "pipeline_run": run.id}})
+            "tags": {**d.job.tags, "pipeline": d.name, "pipeline_run": run.id if run else ""}})
 
     async def _finetune(self, s: _Step) -> None:
         ft = self.deps.finetune
-        actor = f"pipeline:{s.run.pipeline}/{s.run.id}"
+        actor = _actor(s.run)
         job_id = s.artifacts.get("job_id") or await asyncio.to_thread(self._submitted, actor)
         if job_id is None:
             snapshot = s.run.steps["dataset"].artifacts["snapshot"]
+            await s.still_open()
             job = await asyncio.to_thread(ft.submit, self._job_spec(s.d, snapshot["path"], s.run),
                                           submitted_by=actor, validate_data=False)
             job_id = job.id
             await s.record({"job_id": job_id}, f"fine-tuning job {job_id} queued")
+            await s.still_open()  # cancelled while submitting: cancel() may have looked before the job existed
         elif "job_id" not in s.artifacts:
             await s.record({"job_id": job_id}, f"reattached to fine-tuning job {job_id}")
         waited = 0.0
@@ -421,6 +501,13 @@ class PipelineService:
         waited = 0.0
         while True:
             job = await asyncio.to_thread(ft.get, job_id)
+            if job.evals_state == "error":
+                if s.attempt > 1 and not s.artifacts.get("requeued"):  # a retry evaluates again
+                    await asyncio.to_thread(ft.evaluate, job_id, actor=_actor(s.run))
+                    await s.record({"requeued": True}, "evaluation queued again")
+                    continue
+                raise StepFailed("error", f"the evaluation of job {job_id} failed to run (not a verdict): "
+                                          f"{(job.evals or {}).get('error') or 'see the job log'}; retry the run")
             if job.evals_state not in (None, "pending", "running"):
                 break
             s.progress(job=job_id, evals=job.evals_state)
@@ -446,7 +533,7 @@ class PipelineService:
                                       "(releases.enabled)")
         trained = s.run.steps["finetune"].artifacts
         model, version = trained["model"], trained["version"]
-        actor = f"pipeline:{s.run.pipeline}/{s.run.id}"
+        actor = _actor(s.run)
         alias = s.artifacts.get("candidate") or f"{model}-v{version}"
         if not s.artifacts.get("deployed"):
             await self.deps.finetune.deploy(model, version, alias=alias, backend=c.backend, actor=actor)
@@ -460,8 +547,10 @@ class PipelineService:
                 baseline = c.baseline or await asyncio.to_thread(self._baseline, model)
                 spec = c.release(baseline=baseline, candidate=alias, manual=s.d.spec.promote.approval == "required",
                                  description=f"pipeline {s.run.pipeline} run {s.run.id}: {model} v{version}")
+                await s.still_open()
                 release_id = (await asyncio.to_thread(releases.create, spec, actor=actor,
                                                       reason=f"pipeline run {s.run.id}")).id
+                await s.still_open()  # cancelled while creating it: cancel() may have looked before it existed
                 await s.record({}, f"canary {c.endpoint}: {baseline} (stable) vs {alias}, steps "
                                    f"{', '.join(f'{x:g}%' for x in c.steps)}")
             started = await asyncio.to_thread(releases.get, c.endpoint)
@@ -518,21 +607,27 @@ class PipelineService:
         decision = s.run.decision or {"by": "auto", "reason": ""}
         actor = decision["by"]
         canary = s.run.steps["canary"].artifacts
+        release = None
         if canary.get("release_id") and releases is not None:
-            r = await asyncio.to_thread(releases.get, canary["release"])
-            if r.id == canary["release_id"]:
-                if r.status in ("rolled_back", "stopped"):
-                    reason = r.decision.reason if r.decision else r.status
-                    raise StepFailed("rolled_back", f"the canary was rolled back before the promotion: {reason}")
-                if r.status != "promoted":
-                    await asyncio.to_thread(releases.promote, canary["release"], actor=actor,
-                                            reason=f"pipeline run {s.run.id} approved")
-                await s.record({"release": "promoted"}, f"release {canary['release']}: all traffic on "
-                                                        f"{canary['candidate']}")
+            release = await asyncio.to_thread(releases.get, canary["release"])
+            if release.id != canary["release_id"]:
+                release = None
+            elif release.status in ("rolled_back", "stopped"):
+                reason = release.decision.reason if release.decision else release.status
+                raise StepFailed("rolled_back", f"the canary was rolled back before the promotion: {reason}")
+        await s.still_open()
+        # The registry's gate first: a version it refuses must not get the traffic.
         promotion = await asyncio.to_thread(ft.promote, model, version, actor=actor,
                                             reason=f"pipeline {s.run.pipeline} run {s.run.id}")
         await s.record({"production": version, "from_version": promotion.from_version},
-                       f"{model}: production {promotion.from_version or '(none)'} -> {version}")
+                       f"{model}: production {promotion.from_version or '(none)'} -> {version}" if promotion.changed
+                       else f"{model}: production is already {version}")
+        if release is not None:
+            if release.status != "promoted":
+                await asyncio.to_thread(releases.promote, canary["release"], actor=actor,
+                                        reason=f"pipeline run {s.run.id} approved")
+            await s.record({"release": "promoted"}, f"release {canary['release']}: all traffic on "
+                                                    f"{canary['candidate']}")
         alias = s.d.spec.promote.deploy_alias
         if alias:
             await ft.deploy(model, version, alias=alias, actor=actor)
@@ -542,9 +637,21 @@ class PipelineService:
 class _Step:
     """One step's view of its run: its recorded artifacts, a log, progress and the poll sleep."""
 
-    def __init__(self, svc: PipelineService, run: Run, d: Definition, name: str, ctx: JobContext) -> None:
-        self.svc, self.run, self.d, self.name, self.ctx = svc, run, d, name, ctx
+    def __init__(self, svc: PipelineService, run: Run, d: Definition, name: str, ctx: JobContext,
+                 job_id: str) -> None:
+        self.svc, self.run, self.d, self.name, self.ctx, self.job_id = svc, run, d, name, ctx, job_id
         self.artifacts = dict(run.steps[name].artifacts)
+        self.attempt = run.steps[name].attempts + 1
+
+    async def still_open(self) -> None:
+        """Before (and right after) starting something: a cancelled run stops here, and what it just started is
+        stopped with it."""
+        run = await asyncio.to_thread(self.svc.store.get, self.run.id)
+        if run.finished:
+            await asyncio.to_thread(self.svc._stop_started, run, "pipeline", run.error or "cancelled")
+            raise _Stop(f"pipeline run {run.id} is {run.state}")
+        if run.job_id != self.job_id:
+            raise _Stop(f"pipeline run {run.id} is driven by job {run.job_id} now")
 
     async def record(self, artifacts: Mapping[str, Any], line: str | None = None) -> None:
         self.artifacts.update(artifacts)
@@ -557,6 +664,11 @@ class _Step:
     async def sleep(self) -> float:
         await asyncio.sleep(self.d.spec.poll_interval)
         return self.d.spec.poll_interval
+
+
+def _actor(run: Run) -> str:
+    """Who a run's side effects are recorded as started by (fine-tuning jobs, releases): how it finds them again."""
+    return f"pipeline:{run.pipeline}/{run.id}"
 
 
 def _line(text: str) -> str:

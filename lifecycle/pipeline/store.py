@@ -149,14 +149,15 @@ class PipelineStore:
             ("SELECT run_id, step, state, attempts, started_at, finished_at, artifacts, error, log FROM "
              "pipeline_steps WHERE run_id = ? ORDER BY position", (run_id,)))
         if not runs:
-            raise NotFound(f"no pipeline run {run_id!r}", param="run_id", code="pipeline_run_not_found")
+            raise _missing(run_id)
         run = _run(runs[0])
         run.steps = {r[1]: _step(r) for r in steps}
         return run
 
-    def list(self, *, pipeline: str | None = None, state: str | None = None, limit: int = 50) -> list[Run]:
+    def list(self, *, pipeline: str | None = None, state: str | None = None, limit: int = 50,
+             open_only: bool = False) -> list[Run]:
         """Newest first, without step logs."""
-        where, args = ["1 = 1"], []
+        where, args = ["open = 1" if open_only else "1 = 1"], []
         for clause, value in (("pipeline = ?", pipeline), ("state = ?", state)):
             if value is not None:
                 where.append(clause)
@@ -201,7 +202,7 @@ class PipelineStore:
         with self._file.tx() as db:
             row = db.execute("SELECT state, open FROM pipeline_runs WHERE id = ?", (run_id,)).fetchone()
             if row is None:
-                raise NotFound(f"no pipeline run {run_id!r}", param="run_id", code="pipeline_run_not_found")
+                raise _missing(run_id)
             if expect is not None and row[0] not in expect:
                 raise Conflict(f"pipeline run {run_id} is {row[0]}; this needs it {' or '.join(sorted(expect))}",
                                param="run_id", code="pipeline_run_state")
@@ -226,7 +227,7 @@ class PipelineStore:
         with self._file.tx() as db:
             row = db.execute("SELECT pipeline, open FROM pipeline_runs WHERE id = ?", (run_id,)).fetchone()
             if row is None:
-                raise NotFound(f"no pipeline run {run_id!r}", param="run_id", code="pipeline_run_not_found")
+                raise _missing(run_id)
             if row[1]:
                 db.execute("UPDATE pipeline_runs SET state = ?, outcome = ?, error = ?, open = 0, finished_at = ?, "
                            "updated_at = ? WHERE id = ?", (state, outcome, error, now, now, run_id))
@@ -272,13 +273,19 @@ class PipelineStore:
         with self._file.tx() as db:
             row = db.execute("SELECT pipeline, state FROM pipeline_runs WHERE id = ?", (run_id,)).fetchone()
             if row is None:
-                raise NotFound(f"no pipeline run {run_id!r}", param="run_id", code="pipeline_run_not_found")
+                raise _missing(run_id)
             try:
-                db.execute("UPDATE pipeline_runs SET state = 'queued', outcome = NULL, error = NULL, open = 1, "
-                           "finished_at = NULL, updated_at = ? WHERE id = ?", (now, run_id))
+                # only from what was checked: of two retries at once, one reopens the run and the other is a 409
+                changed = db.execute(
+                    "UPDATE pipeline_runs SET state = 'queued', outcome = NULL, error = NULL, open = 1, "
+                    "finished_at = NULL, updated_at = ? WHERE id = ? AND open = 0 AND state = 'failed' AND "
+                    "outcome = 'error'", (now, run_id)).rowcount
             except sqlite3.IntegrityError:
                 raise Conflict(f"pipeline {row[0]!r} has another open run; retry this one when it is finished",
                                param="run_id", code="pipeline_run_open") from None
+            if not changed:
+                raise Conflict(f"pipeline run {run_id} is {row[1]} now; only a run that failed on an error resumes",
+                               param="run_id", code="pipeline_run_state")
             # what the failed step started failed with it: the retry starts it afresh (its log stays)
             db.execute("UPDATE pipeline_steps SET state = 'pending', error = NULL, finished_at = NULL, "
                        "artifacts = '{}' WHERE run_id = ? AND state = 'failed'", (run_id,))
@@ -295,6 +302,10 @@ class PipelineStore:
 
     def close(self) -> None:
         self._file.close()
+
+
+def _missing(run_id: str) -> NotFound:
+    return NotFound(f"no pipeline run {run_id!r}", param="run_id", code="pipeline_run_not_found")
 
 
 def _run(r: Sequence[Any]) -> Run:

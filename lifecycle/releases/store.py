@@ -335,10 +335,11 @@ class _SqlReleaseStore:
 
     def ratings(self, *, since: float = 0.0, min_score: float | None = None,
                 limit: int = 10_000) -> list[dict[str, Any]]:
-        """Ratings given at or after ``since`` (at least ``min_score``), oldest first: what a continuous-training
-        pipeline counts and learns from."""
+        """Ratings given at or after ``since`` (at least ``min_score``), newest first: what a continuous-training
+        pipeline counts and learns from (the newest when there are more than ``limit``)."""
         rows = self._read(self._q("SELECT response_id, owner, at, score FROM feedback WHERE at >= ? AND score >= ? "
-                                  "ORDER BY at LIMIT ?"), (since, -1.0 if min_score is None else min_score, limit))
+                                  "ORDER BY at DESC LIMIT ?"), (since, -1.0 if min_score is None else min_score,
+                                                                limit))
         return [{"response_id": r, "owner": o, "at": float(at), "score": float(sc)} for r, o, at, sc in rows]
 
     def count_ratings(self, *, since: float = 0.0, min_score: float | None = None) -> int:

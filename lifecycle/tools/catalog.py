@@ -24,7 +24,7 @@ from pydantic import ValidationError
 
 from agents.errors import ToolInputError
 from agents.tools import FunctionTool, Tool, ToolContext, ToolOutput
-from app.core.errors import KeelError, NotFound
+from app.core.errors import KeelError, NotFound, PermissionDenied
 
 STR = {"type": "string", "minLength": 1, "maxLength": 200}
 REASON = {"type": "string", "maxLength": 2000, "description": "Why: recorded with the change."}
@@ -429,6 +429,10 @@ def _pipeline_tools(pipelines: Any) -> list[Tool]:
                     + (f", at {r.current_step}" if not r.finished else ""))
 
     async def start(args: dict, ctx: ToolContext) -> ToolOutput:
+        if pipelines.moves_traffic(pipelines.definition(args["pipeline"]).spec.model_dump()) and \
+                not ctx.allows("releases"):
+            raise PermissionDenied(f"pipeline {args['pipeline']!r} releases a canary or promotes on its own: starting "
+                                   "it needs the 'releases' scope too")
         r = await pipelines.start(args["pipeline"], actor=actor(ctx), reason=args.get("reason", ""))
         return _out(r.public(logs=False), f"run {r.id} of {r.pipeline} started")
 
@@ -446,10 +450,9 @@ def _pipeline_tools(pipelines: Any) -> list[Tool]:
                       _obj({"run_id": STR}, ["run_id"]), run, scope="finetune", title="A pipeline run",
                       tags=("pipeline", "finetune")),
         LifecycleTool("pipeline_start", "Start a run of a continuous-training pipeline now (retrain, gate, canary; "
-                      "its promotion still waits for a person).", _obj({"pipeline": name, "reason": STR},
-                                                                       ["pipeline"]),
-                      start, risky=True, scope="finetune", read_only=False, title="Start a pipeline run",
-                      tags=("pipeline", "finetune")),
+                      "a pipeline with approval: required waits for a person before it promotes).",
+                      _obj({"pipeline": name, "reason": STR}, ["pipeline"]), start, risky=True, scope="finetune",
+                      read_only=False, title="Start a pipeline run", tags=("pipeline", "finetune")),
     ]
 
 

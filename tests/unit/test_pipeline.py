@@ -62,6 +62,7 @@ class FakeFinetune:
         self.train_ok = True
         self.evals_pass = True
         self.hold_training = False  # a job stays running until released (to stop the server mid-step)
+        self.die_after_submit = False
         self.deployed: list[tuple[str, str, str]] = []
         self.promoted: list[tuple[str, str, str]] = []
         self.cancelled: list[str] = []
@@ -83,7 +84,14 @@ class FakeFinetune:
     def submit(self, spec, *, submitted_by: str, validate_data: bool = True) -> FakeJob:
         job = FakeJob(f"ft-{len(self.jobs) + 1}", submitted_by, spec)
         self.jobs[job.id] = job
+        if self.die_after_submit:  # the job exists, the process "dies" before the run records it
+            self.die_after_submit = False
+            raise RuntimeError("the process died")
         return job
+
+    def evaluate(self, job_id: str, *, actor: str = "") -> FakeJob:
+        self.jobs[job_id].evals_state = "pending"
+        return self.jobs[job_id]
 
     def get(self, job_id: str) -> FakeJob:
         job = self.jobs[job_id]
@@ -126,7 +134,7 @@ class FakeFinetune:
     def promote(self, model: str, version: str, *, actor: str = "", reason: str = "") -> Any:
         before, self.production = self.production, version
         self.promoted.append((model, version, actor))
-        return SimpleNamespace(from_version=before)
+        return SimpleNamespace(from_version=before, changed=before != version)
 
 
 class FakeSpans:
@@ -223,7 +231,7 @@ async def test_a_run_goes_from_trigger_to_promotion_once_a_person_approves(env: 
     rate(env, "chatcmpl-a", "chatcmpl-b", "chatcmpl-nocontent", "chatcmpl-known")
     rate(env, "chatcmpl-bad", score=0.0)  # a thumbs-down never becomes a training example
     run = await env.svc.start("demo", actor="alice [k1]", reason="new data")
-    assert run.state == "queued" and run.job_id
+    assert run.state == "queued"  # its job claims it when it starts (job_id)
 
     # the canary starts, and holds ready at its last step (manual promotion): the run waits for nobody yet
     run = await env.until(run.id, lambda r: r.steps["canary"].state == "running" and r.steps["canary"].artifacts.get(
@@ -528,10 +536,12 @@ async def test_the_api_scopes_refusals_and_a_waiting_run_a_person_rejects(tmp_pa
             store.step_update(run.id, "approval", state="waiting")
 
             r = await c.post("/v1/pipelines/demo/runs", json={"reason": "again"}, headers=h["ft"])
+            assert r.status_code == 403 and "'releases' scope too" in r.json()["error"]["message"]  # it canaries
+            r = await c.post("/v1/pipelines/demo/runs", json={"reason": "again"}, headers=h["ops"])
             assert r.status_code == 409 and r.json()["error"]["code"] == "pipeline_run_open"
             r = await c.post(f"/v1/pipelines/runs/{run.id}/reject", json={"reason": "no"}, headers=h["ft"])
             assert r.status_code == 403 and "releases" in r.json()["error"]["message"]
-            r = await c.post(f"/v1/pipelines/runs/{run.id}/retry", json={}, headers=h["ft"])
+            r = await c.post(f"/v1/pipelines/runs/{run.id}/retry", json={}, headers=h["ops"])
             assert r.status_code == 409 and r.json()["error"]["code"] == "pipeline_run_state"
             r = await c.post(f"/v1/pipelines/runs/{run.id}/reject", json={"reason": "too slow"}, headers=h["ops"])
             assert r.status_code == 200, r.text
@@ -562,3 +572,116 @@ def test_the_kubernetes_worker_job_runs_a_real_keel_command() -> None:
     assert {e["name"] for e in container["env"]} >= {"KEEL_HOME", "KEEL_FINETUNE__AUTO_EVAL"}
     out = CliRunner().invoke(app, [*command[1:3], "--help"])
     assert out.exit_code == 0 and all(opt in out.output for opt in command[3:])
+
+
+# -- the review's cases: crash windows, races, strays ----------------------------------------------------------
+
+
+async def test_a_job_submitted_but_not_recorded_is_found_again_not_submitted_twice(env: Env) -> None:
+    env.ft.die_after_submit = True
+    run = await env.svc.start("demo", actor="alice")
+    run = await env.until(run.id, lambda r: r.finished)
+    assert run.outcome == "error" and "the process died" in run.error and len(env.ft.jobs) == 1
+    run = await env.svc.retry(run.id, actor="alice")
+    run = await env.until(run.id, lambda r: r.steps["finetune"].state == "succeeded")
+    assert len(env.ft.jobs) == 1 and "reattached to fine-tuning job ft-1" in run.steps["finetune"].log
+    await env.svc.cancel(run.id, actor="alice")
+
+
+async def test_a_release_created_but_not_recorded_is_found_again_not_created_twice(env: Env) -> None:
+    real = env.releases.create
+
+    def create_then_die(spec, **kw):
+        real(spec, **kw)
+        env.releases.create = real
+        raise RuntimeError("the process died")
+
+    env.releases.create = create_then_die
+    run = await env.svc.start("demo", actor="alice")
+    run = await env.until(run.id, lambda r: r.finished)
+    assert run.outcome == "error" and run.steps["canary"].state == "failed"
+    run = await env.svc.retry(run.id, actor="alice")
+    run = await env.until(run.id, lambda r: r.steps["canary"].artifacts.get("release_id"))
+    assert len(env.releases.store.history("demo")) == 1  # reattached by who created it
+    await env.svc.cancel(run.id, actor="alice")
+
+
+async def test_two_retries_at_once_resume_the_run_once(env: Env) -> None:
+    env.ft.train_ok = False
+    run = await env.svc.start("demo", actor="alice")
+    await env.until(run.id, lambda r: r.finished)
+    env.ft.train_ok, env.ft.hold_training = True, True
+    results = await asyncio.gather(env.svc.retry(run.id, actor="a"), env.svc.retry(run.id, actor="b"),
+                                   return_exceptions=True)
+    assert sorted(type(r).__name__ for r in results) == ["Conflict", "Run"]
+    await env.until(run.id, lambda r: r.steps["finetune"].artifacts.get("job_id"))
+    await asyncio.sleep(0.2)
+    assert len([j for j in env.ft.jobs.values() if j.state != "failed"]) == 1
+    await env.svc.cancel(run.id, actor="alice")
+
+
+async def test_an_open_run_nobody_drives_is_queued_again(env: Env) -> None:
+    d = env.svc.definition("demo")
+    run = env.svc.store.create(pipeline="demo", model=d.model, trigger={"kind": "manual"}, definition={
+        "pipeline": d.spec.model_dump(mode="json"), "job": d.job.model_dump(mode="json"), "source": d.source},
+        definition_hash=d.hash, actor="crashed-before-queueing")
+    assert await env.svc.reconcile(grace_s=60) == []  # it may still be on its way to the queue
+    assert await env.svc.reconcile(grace_s=0) == [run.id]
+    run = await env.until(run.id, lambda r: r.steps["canary"].artifacts.get("release_id"))
+    assert run.job_id is not None
+    assert await env.svc.reconcile(grace_s=0) == []  # driven now
+    await env.svc.cancel(run.id, actor="alice")
+
+
+async def test_cancel_during_the_canary_rolls_it_back(env: Env) -> None:
+    run = await env.svc.start("demo", actor="alice")
+    await env.until(run.id, lambda r: r.steps["canary"].artifacts.get("release_id"))
+    run = await env.svc.cancel(run.id, actor="alice", reason="wrong base model")
+    assert run.state == "cancelled" and env.releases.get("demo").status == "rolled_back"
+    assert "wrong base model" in env.releases.get("demo").decision.reason
+
+
+async def test_auto_approval_promotes_when_the_canary_passes(tmp_path: Path) -> None:
+    write_pipeline(tmp_path / "defs", promote={"approval": "auto"})
+    e = Env(tmp_path)
+    await e.open()
+    try:
+        run = await e.svc.start("demo", actor="alice")
+        await e.until(run.id, lambda r: r.steps["canary"].artifacts.get("release_id"))
+        assert e.releases.get("demo").spec.canary.promotion == "auto"
+        e.releases.promote("demo", actor="controller", reason="step 2/2 passed")  # what the controller does
+        run = await e.until(run.id, lambda r: r.finished)
+        assert (run.state, run.outcome) == ("succeeded", "promoted") and run.decision is None
+        assert e.ft.promoted == [("veltmar-fact", "1", "auto")]
+    finally:
+        await e.close()
+
+
+async def test_a_start_that_would_fail_late_is_refused_now(tmp_path: Path) -> None:
+    write_pipeline(tmp_path / "defs")
+    e = Env(tmp_path)
+    await e.open()
+    try:
+        e.releases.name_taken = lambda name: name == "demo"
+        with pytest.raises(InvalidPipeline, match="already a model name"):
+            await e.svc.start("demo", actor="alice")
+        assert e.svc.store.list() == []
+    finally:
+        await e.close()
+
+
+async def test_malformed_job_data_is_a_contract_failure_naming_the_line(tmp_path: Path) -> None:
+    path = write_pipeline(tmp_path / "defs")
+    bad = tmp_path / "defs" / "jobs" / "bad.jsonl"
+    bad.write_text(DATA.read_text().splitlines()[0] + "\n{not json\n")
+    job = yaml.safe_load((path.parent / "jobs" / "job.yaml").read_text())
+    job["dataset"]["path"] = str(bad)
+    (path.parent / "jobs" / "job.yaml").write_text(yaml.safe_dump(job))
+    e = Env(tmp_path)
+    await e.open()
+    try:
+        run = await e.svc.start("demo", actor="alice")
+        run = await e.until(run.id, lambda r: r.finished)
+        assert run.outcome == "contract_failed" and "bad.jsonl:2: not JSON" in run.error
+    finally:
+        await e.close()

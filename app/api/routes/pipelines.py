@@ -81,7 +81,10 @@ def get_pipeline(name: str, pipelines: PipelinesDep, _: FinetuneKey) -> dict[str
 @router.post("/v1/pipelines/{name}/runs", status_code=201, responses=error_responses({
     404: "No such pipeline (pipeline_not_found).", 409: "The pipeline has an open run (pipeline_run_open)."}))
 async def start_run(name: str, body: StartIn, pipelines: PipelinesDep, key: FinetuneKey) -> dict[str, Any]:
-    """Start a run now (a person's start ignores the cooldown); 409 ``pipeline_run_open`` while one is open."""
+    """Start a run now (a person's start ignores the cooldown); 409 ``pipeline_run_open`` while one is open. A
+    pipeline that releases a canary, or promotes without a person, needs the ``releases`` scope too."""
+    if pipelines.moves_traffic(pipelines.definition(name).spec.model_dump()):
+        _releases_too(key, "starting")
     return (await pipelines.start(name, actor=_actor(key), reason=body.reason)).public()
 
 
@@ -110,4 +113,6 @@ async def cancel_run(run_id: str, body: DecisionIn, pipelines: PipelinesDep, key
 async def retry_run(run_id: str, body: DecisionIn, pipelines: PipelinesDep, key: FinetuneKey) -> dict[str, Any]:
     """Resume a run that failed on an error at its failed step (a decision — gate, contract, canary, a person —
     stands: 409)."""
+    if pipelines.moves_traffic(pipelines.get(run_id).definition["pipeline"]):
+        _releases_too(key, "retrying")
     return (await pipelines.retry(run_id, actor=_actor(key), reason=body.reason)).public()
