@@ -138,8 +138,11 @@ class Container:
         if settings.evals.gate_enabled:
             # An adapter version reaches production only with passing runs of its job's suites on that adapter.
             finetune.set_gate(adapter_gate(eval_store, max_age_days=settings.evals.gate_max_age_days))
+        # Its sources (lineage, feedback) are built below; Feast is imported on the first lookup, not here.
+        features = FeatureService(settings.features, settings.home) if settings.features.enabled else None
         chat = ChatService(settings, llm, metrics, prompts, Grounder(rag, prompts), guards, agents,
-                           tracer=tracing.tracer, capture_content=settings.otel.capture_content)
+                           tracer=tracing.tracer, capture_content=settings.otel.capture_content,
+                           features=features.online if features is not None else None)
         job_settings = settings.jobs
         runner = JobRunner.from_settings(job_settings, settings.home, tracer=tracing.tracer)
         jobs = IngestJobs(rag, settings.home / "uploads", runner)
@@ -183,11 +186,12 @@ class Container:
                     spans=tracing.store, drift_results=monitor.store.list if monitor is not None else None,
                     eval_runs=eval_store.list_runs), home=settings.home)
             container.pipelines.register(runner)
-        if settings.features.enabled:
-            container.features = FeatureService(settings.features, settings.home, FeatureSources(
+        if features is not None:
+            features.sources = FeatureSources(
                 lineage=(lambda n: front.store.recent(limit=n)) if front is not None else None,
                 ratings=(lambda: releases.store.ratings(limit=10_000_000)) if releases is not None else None,
-                snapshots=getattr(rag, "snapshots", None)))
+                snapshots=getattr(rag, "snapshots", None))
+            container.features = features
         container._register_tools()
         for server in await connect_servers(settings.mcp.servers):
             for tool in server.tools:

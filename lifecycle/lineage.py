@@ -214,7 +214,9 @@ class LineageRecorder:
             "id": event.id, "request_id": request.request_id, "trace_id": event.trace_id, "created": time.time(),
             "owner": request.user or "",
             "model": event.model, "requested_model": request.model,
-            "prompt": {"ref": event.prompt_ref, "hash": event.prompt_hash} if event.prompt_ref else None,
+            "prompt": {"ref": event.prompt_ref, "hash": event.prompt_hash,
+                       **({"features": dict(event.features)} if event.features else {})}
+            if event.prompt_ref else None,
             "release": {"name": event.release, "variant": event.variant} if event.release else None,
             "guardrails": {"policy": event.guardrails} if event.guardrails else None,
             "retrieval": None,

@@ -20,6 +20,7 @@ from app.core.errors import InvalidRequest
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
 _NAME_RE = re.compile(NAME_PATTERN)
 _VAR_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
+_FEATURE_RE = re.compile(r"[a-z][a-z0-9_]{0,62}:[a-z][a-z0-9_]{0,62}")
 DEFAULT_LABEL = "production"
 # A pseudo-label: always the newest version. It cannot be moved, so it is not a valid label name.
 LATEST = "latest"
@@ -115,6 +116,21 @@ class TemplateContent(_Strict):
     messages: list[Message] = Field(min_length=1)
     params: ModelParams = Field(default_factory=ModelParams)
     variables: list[VariableSpec] = Field(default_factory=list)
+    features: list[str] = Field(default_factory=list, max_length=50, description=(
+        "Feature-store values filled at render time for the caller (the API key): 'view:feature' references, "
+        "read in the template as {{ features.view.feature }} (None when unknown); their versions go to the "
+        "answer's lineage."))
+
+    @field_validator("features")
+    @classmethod
+    def _features(cls, v: list[str]) -> list[str]:
+        bad = [f for f in v if not _FEATURE_RE.fullmatch(f)]
+        if bad:
+            raise ValueError(f"features are view:feature references, e.g. user_stats:feedback_rate; got "
+                             f"{', '.join(map(repr, bad))}")
+        if len(set(v)) != len(v):
+            raise ValueError("each feature may be listed once")
+        return v
 
     @field_validator("variables")
     @classmethod

@@ -71,6 +71,8 @@ class RenderedPrompt:
     hash: str
     messages: list[Message]
     params: ModelParams
+    #: the feature values it was rendered with and their views' versions (lineage), when it declares features
+    features: Mapping[str, Any] | None = None
 
     @property
     def ref(self) -> str:
@@ -201,13 +203,20 @@ class PromptRegistry:
         self._remember(self._compiled, key, compiled)
         return compiled
 
-    def render(self, ref: str, variables: Mapping[str, Any] | None = None) -> RenderedPrompt:
-        """The hot path: served from memory after the first call for a reference."""
+    def render(self, ref: str, variables: Mapping[str, Any] | None = None, *,
+               features: Mapping[str, Any] | None = None) -> RenderedPrompt:
+        """The hot path: served from memory after the first call for a reference. ``features``: the lookup of
+        :meth:`feature_refs` for the caller (``{"values": {ref: value}, "versions": {view: version}}``)."""
         compiled = self.compiled(ref)
         version = compiled.version
         assert version is not None
-        messages = self.renderer.render(compiled, variables or {})
-        return RenderedPrompt(version.name, version.version, version.hash, messages, version.content.params)
+        messages = self.renderer.render(compiled, variables or {}, (features or {}).get("values"))
+        return RenderedPrompt(version.name, version.version, version.hash, messages, version.content.params,
+                              dict(features) if features else None)
+
+    def feature_refs(self, ref: str) -> list[str]:
+        """The features the version ``ref`` resolves to declares (looked up per caller before rendering)."""
+        return list(self.compiled(ref).content.features)
 
     def preview(
         self, content: TemplateContent, variables: Mapping[str, Any] | None = None, *, name: str = "draft"

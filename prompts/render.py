@@ -238,6 +238,11 @@ class Renderer:
         """Refuse content that could never render safely; return the resolved includes."""
         self._check_sizes(content)
         declared = {v.name for v in content.variables}
+        if content.features:
+            if FEATURES in declared:
+                raise TemplateInvalid(f"'{FEATURES}' holds the template's feature values; name the variable "
+                                      "otherwise", param="variables")
+            declared.add(FEATURES)
         for index, message in enumerate(content.messages):
             if _GUARD[:6] in message.content:
                 # The loop guard is injected under a '__keel' name; a template must not shadow it.
@@ -381,8 +386,13 @@ class Renderer:
         templates = tuple(self.env.from_string(m.content) for m in content.messages)
         return CompiledPrompt(content, version, templates, includes)
 
-    def render(self, compiled: CompiledPrompt, variables: Mapping[str, Any]) -> list[Message]:
+    def render(self, compiled: CompiledPrompt, variables: Mapping[str, Any],
+               features: Mapping[str, Any] | None = None) -> list[Message]:
+        """``features``: the values of the template's features (``view:feature`` -> value), filled in by the
+        server for the caller; a caller's own variables cannot set them. Missing ones render as None."""
         values = bind_variables(compiled.content, variables)
+        if compiled.content.features:
+            values[FEATURES] = nest_features(compiled.content.features, features or {})
         include_token = _INCLUDES.set(compiled.includes)
         steps_token = _STEPS.set([0])
         budget = self.limits.max_render_chars
@@ -434,6 +444,19 @@ class Renderer:
             raise TemplateRenderError(f"{where}: {type(exc).__name__}: {exc}",
                                       param=f"messages[{index}].content") from None
         return "".join(parts)
+
+
+FEATURES = "features"
+
+
+def nest_features(refs: list[str], values: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """``{"user_stats:ratings": 3}`` -> ``{"user_stats": {"ratings": 3}}`` (what ``{{ features.user_stats.ratings }}``
+    reads); every declared reference is there, None when it has no value."""
+    out: dict[str, dict[str, Any]] = {}
+    for ref in refs:
+        view, feature = ref.split(":", 1)
+        out.setdefault(view, {})[feature] = values.get(ref)
+    return out
 
 
 def bind_variables(content: TemplateContent, supplied: Mapping[str, Any]) -> dict[str, Any]:

@@ -33,11 +33,11 @@ AsJson = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 @contextmanager
 def _service() -> Iterator[Any]:
     """The feature service over this home's lineage, feedback and ingest snapshots (closed afterwards)."""
-    from ingest.manifest import SnapshotStore
-    from lifecycle.features.export import Sources
-    from lifecycle.features.service import FeatureService
-    from lifecycle.lineage import LineageStore
-    from lifecycle.releases.store import open_release_store
+    from ingest.manifest import SnapshotStore  # lazy: keeps `keel --help` fast: the stores load their drivers
+    from lifecycle.features.export import Sources  # lazy: as above
+    from lifecycle.features.service import FeatureService  # lazy: as above
+    from lifecycle.lineage import LineageStore  # lazy: as above (numpy, the chat service's types)
+    from lifecycle.releases.store import open_release_store  # lazy: as above
 
     settings = settings_or_exit({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
     home = settings.home

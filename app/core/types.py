@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -92,6 +93,7 @@ class Started:
     release: str | None = None  # the release endpoint that routed this request, and the variant that answered
     variant: str | None = None
     trace_id: str | None = None  # the OpenTelemetry trace of this response (keel traces show <id>)
+    features: Mapping[str, Any] | None = None  # feature values the prompt was rendered with, and their versions
 
 
 @dataclass(frozen=True, slots=True)

@@ -105,7 +105,7 @@ def retrying(retries: int, backoff_s: float, retry_on: type[BaseException] | tup
     return AsyncRetrying(
         retry=retry_if_exception_type(retry_on),
         stop=stop,
-        wait=wait_exponential_jitter(multiplier=backoff_s, max=2.0, jitter=backoff_s),
+        wait=wait_exponential_jitter(initial=backoff_s, max=2.0, jitter=backoff_s),
         reraise=True,
     )
 

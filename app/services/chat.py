@@ -12,7 +12,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -101,15 +101,21 @@ class ChatResult:
     variant: str | None = None
 
 
+#: (feature refs, entity keys) -> {"values": {ref: value}, "versions": {view: version}} (FeatureService.online)
+FeatureLookup = Callable[[list[str], dict[str, str]], dict[str, Any]]
+
+
 class ChatService:
     def __init__(
         self, settings: CoreConfig, router: ModelRouter, metrics: Metrics, prompts: PromptRegistry | None = None,
         grounder: Grounder | None = None, guards: GuardrailEngine | None = None, agents: AgentService | None = None,
-        tracer: Tracer | None = None, capture_content: bool = False,
+        tracer: Tracer | None = None, capture_content: bool = False, features: FeatureLookup | None = None,
     ) -> None:
         """``tracer``: spans of every request (the container passes its :class:`app.core.tracing.Tracing`'s);
-        ``capture_content``: put the (PII-masked) messages and answers on them."""
+        ``capture_content``: put the (PII-masked) messages and answers on them; ``features``: the feature store's
+        online lookup, for templates that declare features."""
         self.tracer = tracer or trace.NoOpTracer()
+        self.features = features
         self.capture_content = capture_content
         self.settings = settings
         self.router = router
@@ -136,8 +142,9 @@ class ChatService:
         if request.prompt is not None:
             if self.prompts is None:
                 raise InvalidRequest("this server has no prompt registry", param="prompt")
+            looked = await self._features(request, span)
             with self._child(span, "keel.prompt.render", {"keel.prompt.ref": request.prompt.ref}) as child:
-                rendered = self.prompts.render(request.prompt.ref, request.prompt.variables)
+                rendered = self.prompts.render(request.prompt.ref, request.prompt.variables, features=looked)
                 child.set_attributes({"keel.prompt.hash": rendered.hash, "keel.prompt.name": rendered.name})
             messages = tuple(ChatMessage(m.role, m.content) for m in rendered.messages) + request.messages
             request = self._apply_template(request, rendered, messages)
@@ -158,6 +165,20 @@ class ChatService:
         if not request.messages:
             raise InvalidRequest("messages must not be empty (or name a prompt)", param="messages")
         return request, rendered, grounded
+
+    async def _features(self, request: ChatRequest, span: Span | None) -> dict[str, Any] | None:
+        """The values of the features the request's template declares, for the caller: the API key is the user
+        entity (never a field of the request)."""
+        assert request.prompt is not None and self.prompts is not None
+        refs = self.prompts.feature_refs(request.prompt.ref)
+        if not refs:
+            return None
+        if self.features is None:
+            raise InvalidRequest(f"prompt {request.prompt.ref} uses features ({', '.join(refs)}), but this server has "
+                                 "no feature store (features.enabled)", param="prompt")
+        with self._child(span, "keel.features.online", {"keel.features": refs}):
+            # Feast's online read is blocking (SQLite, Redis or Postgres): off the event loop.
+            return await asyncio.to_thread(self.features, refs, {"user": request.user or ""})
 
     def _apply_template(
         self, request: ChatRequest, rendered: RenderedPrompt, messages: tuple[ChatMessage, ...]
@@ -333,6 +354,7 @@ class ChatService:
         started = Started(
             response_id, int(time.time()), request.model, rendered.ref if rendered else None,
             rendered.hash if rendered else None, _policy_tag(decision),
+            features=rendered.features if rendered else None,
         )
         if rendered is not None:
             log.info("request %s uses prompt %s (%s)", request.request_id, rendered.ref, rendered.hash[:12])

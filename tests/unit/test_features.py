@@ -99,3 +99,74 @@ def test_bad_references_are_400s_that_say_what_exists(features: FeatureService, 
         features.online(refs, keys)
     with pytest.raises(InvalidRequest, match="event_timestamp"):
         features.historical(["user_stats:ratings"], [{"user_id": "k"}])
+
+
+# -- features as prompt variables, through the chat API ------------------------------------------------------
+
+
+async def test_a_prompt_renders_the_callers_features_and_the_answer_records_their_versions(tmp_path: Path) -> None:
+    import asyncio
+
+    import httpx
+
+    from app.api.main import create_app
+    from app.container import Container
+    from app.settings import load_settings
+    from ingest import build_rag
+    from ingest.embedding import HashingEmbedder
+    from tests.fakes.llm import ScriptedBackend
+
+    settings = load_settings(home=tmp_path, backends={"local": {"kind": "openai", "base_url": "http://x/v1"}},
+                             models={"m": {"backend": "local", "model": "fake"}}, default_model="m",
+                             guardrails={"enabled": False}, auth={"default_rate_limit_per_minute": 10_000})
+    backend = ScriptedBackend(reply="Noted.")
+    container = await Container.build(settings, backends={"local": backend},
+                                      rag=build_rag(settings, embedder=HashingEmbedder()))
+    me, key = container.keys.create("app", ["chat", "prompts:write"])
+    them, other = container.keys.create("other", ["chat"])
+    key_id = me.id
+    h = {"Authorization": f"Bearer {key}"}
+    try:
+        features = container.features
+        features.sources = Sources(ratings=lambda: [{"owner": key_id, "at": NOW, "score": 1.0}] * 3 + [
+            {"owner": key_id, "at": NOW, "score": 0.0}])
+        await asyncio.to_thread(features.apply)
+        await asyncio.to_thread(features.materialize)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(container=container)),
+                                     base_url="http://keel") as c:
+            content = {"messages": [{"role": "system", "content":
+                                     "Ratings: {{ features.user_stats.ratings }}, good: "
+                                     "{{ features.user_stats.feedback_rate }}."}],
+                       "features": ["user_stats:ratings", "user_stats:feedback_rate"]}
+            r = await c.post("/v1/prompts", json={"name": "tone", "content": content}, headers=h)
+            assert r.status_code == 201, r.text
+
+            async def ask(headers: dict, **prompt) -> httpx.Response:
+                return await c.post("/v1/chat/completions", headers=headers, json={
+                    "model": "m", "messages": [{"role": "user", "content": "hi"}],
+                    "prompt": {"ref": "tone@latest", **prompt}})
+
+            r = await ask(h)
+            assert r.status_code == 200, r.text
+            assert backend.requests[-1].messages[0].content == "Ratings: 4, good: 0.75."
+            r2 = await ask({"Authorization": f"Bearer {other}"})  # another key: its own (no) values
+            assert backend.requests[-1].messages[0].content == "Ratings: None, good: None."
+            # the caller cannot set them: the key decides whose features they are
+            r3 = await ask(h, variables={"features": {"user_stats": {"ratings": 99}}})
+            assert r3.status_code == 400 and "unknown variable" in r3.json()["error"]["message"]
+
+            container.front.flush()
+            record = (await c.get(f"/v1/lineage/{r.json()['id']}", headers=h)).json()
+            versions = {v["name"]: v["version"] for v in features.views()}
+            assert record["prompt"]["features"] == {
+                "values": {"user_stats:ratings": 4, "user_stats:feedback_rate": 0.75},
+                "versions": {"user_stats": versions["user_stats"]}}
+            assert r2.status_code == 200 and them.id != key_id
+
+            bad = dict(content, variables=[{"name": "features", "type": "object"}])
+            r = await c.post("/v1/prompts", json={"name": "clash", "content": bad}, headers=h)
+            assert r.status_code == 400 and "holds the template's feature values" in r.json()["error"]["message"]
+            r = await c.post("/v1/prompts/preview", json={"content": content}, headers=h)
+            assert r.status_code == 200 and "Ratings: None" in r.text
+    finally:
+        await container.aclose()
