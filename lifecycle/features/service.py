@@ -19,6 +19,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from app.core.errors import InvalidRequest, NotFound
 from lifecycle.features.export import Sources, export
 from lifecycle.features.settings import FeatureSettings
@@ -54,13 +56,18 @@ class FeatureService:
                 from feast.repo_config import RepoConfig  # lazy: as above
 
                 self.folder.mkdir(parents=True, exist_ok=True)
-                s = self.settings
-                self._store = FeatureStore(config=RepoConfig(
-                    project="keel", provider="local", repo_path=str(self.folder),
-                    registry=s.registry or str(self.folder / "registry.db"),
-                    online_store=s.online_store or {"type": "sqlite", "path": str(self.folder / "online.db")},
-                    offline_store=s.offline_store or {"type": "file"}, entity_key_serialization_version=3))
+                config = self.repo_config()
+                # The same configuration for Feast's own tools: `feast -c <home>/features serve` runs its feature
+                # server over this registry and online store (when other services read features over HTTP).
+                (self.folder / "feature_store.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+                self._store = FeatureStore(config=RepoConfig(repo_path=str(self.folder), **config))
             return self._store
+
+    def repo_config(self) -> dict[str, Any]:
+        s = self.settings
+        return {"project": "keel", "provider": "local", "registry": s.registry or str(self.folder / "registry.db"),
+                "online_store": s.online_store or {"type": "sqlite", "path": str(self.folder / "online.db")},
+                "offline_store": s.offline_store or {"type": "file"}, "entity_key_serialization_version": 3}
 
     def _definitions(self) -> list:
         from lifecycle.features.definitions import definitions  # lazy: imports Feast

@@ -79,6 +79,10 @@ def test_apply_materialize_and_read_online_with_versions(features: FeatureServic
     unknown = features.online(["user_stats:ratings"], {"user": "key-nobody"})
     assert unknown["values"] == {"user_stats:ratings": None}
     assert features.apply()["views"] == features.views()  # re-applying the same code changes no version
+    import yaml
+
+    config = yaml.safe_load((features.folder / "feature_store.yaml").read_text())  # for `feast -c <dir> serve`
+    assert config["project"] == "keel" and config["online_store"]["type"] == "sqlite"
 
 
 def test_historical_values_are_point_in_time(features: FeatureService) -> None:
