@@ -96,6 +96,26 @@ export function keyLogin({ session, probe, onConnect, onLogout = () => {}, error
 }
 
 /**
+ * One read at a time: the returned `refresh()` joins the read under way, or starts `read()`; `refresh(true)` (after a
+ * change) waits for the read under way and starts another, since that one may predate the change — unless another
+ * began meanwhile, which is fresh enough. Errors are `read`'s to handle.
+ */
+export function coalesce(read) {
+  let current = null;
+  return async function refresh(force = false) {
+    if (current) {
+      if (!force) return current;
+      await current;
+      if (current) return current;
+    }
+    current = read().finally(() => {
+      current = null;
+    });
+    return current;
+  };
+}
+
+/**
  * Live refresh: `refresh()` every `everyMs` while the #live box is ticked and the tab is visible, at once when it
  * is ticked again or the tab comes back, and on #refresh. Returns { schedule() (start, or stop when unticked),
  * stop() }.

@@ -3,7 +3,7 @@
 // workflow, refreshed every few seconds. Plain DOM and ES modules through the public Keel API.
 
 import { $, toast } from "../common/dom.js";
-import { errorText as commonErrorText, keyLogin, liveRefresh } from "../common/page.js";
+import { coalesce, errorText as commonErrorText, keyLogin, liveRefresh } from "../common/page.js";
 import { agents, session, streamRun } from "./api.js";
 import { approvalList } from "./approvals.js";
 import { STATUS, runPanel } from "./run.js";
@@ -12,7 +12,6 @@ const LIVE_EVERY_MS = 5000;
 const TERMINAL = new Set(["final", "interrupt", "error"]);
 
 const state = {
-  refreshing: null, // the approvals read in flight (a promise)
   updatedAt: null,
   running: null, // the run being streamed: { panel, controller }
   deciding: new Set(), // run ids with a decision under way
@@ -53,25 +52,15 @@ const { handleAuth, start } = keyLogin({
 // ------------------------------------------------------------------------------------ approvals
 
 /** Re-read the approvals. `force`: after a change, wait for a read already under way and read again. */
-async function refresh(force = false) {
+const refresh = coalesce(async () => {
   if (!session.key) return;
-  if (state.refreshing) {
-    if (!force) return state.refreshing;
-    await state.refreshing;
-    if (state.refreshing) return state.refreshing; // begun after the change: fresh enough
-  }
   const asked = Date.now();
-  state.refreshing = (async () => {
-    try {
-      renderApprovals(await agents.approvals(), asked);
-    } catch (exc) {
-      if (!handleAuth(exc)) $("list-status").textContent = `Not updated: ${errorText(exc)}`;
-    }
-  })().finally(() => {
-    state.refreshing = null;
-  });
-  return state.refreshing;
-}
+  try {
+    renderApprovals(await agents.approvals(), asked);
+  } catch (exc) {
+    if (!handleAuth(exc)) $("list-status").textContent = `Not updated: ${errorText(exc)}`;
+  }
+});
 
 /** The list as read at `asked` (ms): the sidebar, and the cards whose proposal was decided elsewhere. */
 function renderApprovals(list, asked) {

@@ -5,7 +5,7 @@
 
 import { ApiError } from "../common/api.js";
 import { $, ago as agoMs, chip, el, replaceKeepingFocus, showAlert, timeEl as timeElMs, toast } from "../common/dom.js";
-import { errorText as commonErrorText, keyLogin, liveRefresh } from "../common/page.js";
+import { coalesce, errorText as commonErrorText, keyLogin, liveRefresh } from "../common/page.js";
 import { pipelines, session } from "./api.js";
 import { artifactsView, duration, graphKeys, orderedSteps, renderGraph, stepChip, stepLabel, stepMeta } from "./graph.js";
 
@@ -32,7 +32,6 @@ const state = {
   run: null, // its GET (with logs and audit)
   step: null, // the step whose detail is shown
   stepPicked: false, // a person picked it (it stays); else it follows the run to the step it is at
-  refreshing: null, // the refresh in flight (a promise)
   seq: 0, // run loads: a response for an older selection is dropped
   busy: false, // an action under way
   polling: false, // the live refresh is scheduled
@@ -152,30 +151,20 @@ function clearMessages() {
 /** Re-read the pipelines, the selected pipeline's runs and (while it may change) the selected run; the selection,
  * the selected step, focus and what is typed stay. `force`: after a change, wait for a read already under way and
  * read again (it may predate the change). */
-async function refresh(force = false) {
+const refresh = coalesce(async () => {
   if (!session.key) return;
-  if (state.refreshing) {
-    if (!force) return state.refreshing;
-    await state.refreshing;
-    if (state.refreshing) return state.refreshing; // begun after the change: fresh enough
+  try {
+    applyList(await pipelines.list());
+    if (state.name) await loadRuns();
+    if (state.runId && runMayHaveChanged()) await loadRun();
+    state.updatedAt = Date.now();
+    listStatus();
+  } catch (exc) {
+    if (!handleAuth(exc)) $("list-status").textContent = `Not updated: ${errorText(exc)}`;
+  } finally {
+    follow();
   }
-  state.refreshing = (async () => {
-    try {
-      applyList(await pipelines.list());
-      if (state.name) await loadRuns();
-      if (state.runId && runMayHaveChanged()) await loadRun();
-      state.updatedAt = Date.now();
-      listStatus();
-    } catch (exc) {
-      if (!handleAuth(exc)) $("list-status").textContent = `Not updated: ${errorText(exc)}`;
-    } finally {
-      follow();
-    }
-  })().finally(() => {
-    state.refreshing = null;
-  });
-  return state.refreshing;
-}
+});
 
 /** The selected run is read again while it is open, and when the list says it changed (a retry elsewhere). */
 function runMayHaveChanged() {

@@ -4,7 +4,7 @@
 
 import { ApiError } from "../common/api.js";
 import { $, ago as agoMs, chip, el, replaceKeepingFocus, showAlert, timeEl as timeElMs, toast } from "../common/dom.js";
-import { errorText, keyLogin, liveRefresh } from "../common/page.js";
+import { coalesce, errorText, keyLogin, liveRefresh } from "../common/page.js";
 import { releases, session } from "./api.js";
 import { ChartGrid, fmt, variantColor } from "./charts.js";
 
@@ -43,7 +43,6 @@ const state = {
   points: [],
   pairs: [],
   bucketS: null,
-  refreshing: null, // the refresh in flight (a promise)
   seq: 0, // detail loads: a response for an older selection is dropped
   action: null, // the action its dialog asks a reason for
   updatedAt: null,
@@ -106,29 +105,19 @@ const { handleAuth, start } = keyLogin({
 
 /** Re-read the list and the selected release; the selection, focus and open dialog stay as they are.
  * `force`: after a change, wait for a read already under way and read again (it may predate the change). */
-async function refresh(force = false) {
+const refresh = coalesce(async () => {
   if (!session.key) return;
-  if (state.refreshing) {
-    if (!force) return state.refreshing;
-    await state.refreshing;
-    if (state.refreshing) return state.refreshing; // begun after the change: fresh enough
+  try {
+    const list = await releases.list();
+    state.list = ordered(list.data);
+    renderList();
+    if (state.name) await loadDetail();
+    state.updatedAt = Date.now();
+    listStatus();
+  } catch (exc) {
+    if (!handleAuth(exc)) $("list-status").textContent = `Not updated: ${errorText(exc)}`;
   }
-  state.refreshing = (async () => {
-    try {
-      const list = await releases.list();
-      state.list = ordered(list.data);
-      renderList();
-      if (state.name) await loadDetail();
-      state.updatedAt = Date.now();
-      listStatus();
-    } catch (exc) {
-      if (!handleAuth(exc)) $("list-status").textContent = `Not updated: ${errorText(exc)}`;
-    }
-  })().finally(() => {
-    state.refreshing = null;
-  });
-  return state.refreshing;
-}
+});
 
 function listStatus() {
   const n = state.list.length;
