@@ -196,6 +196,29 @@ class FinetuneService:
             raise Conflict(f"model alias {alias!r} exists and was not created by a deploy (it is routed by {owner}); "
                            "deploy under another alias", param="deploy_alias", code="alias_not_owned")
 
+    def adapter_backend(self, backend: str | None, rank: int) -> str:
+        """The backend a deploy of a LoRA of ``rank`` would load into (``backend``, else the default model's);
+        InvalidRequest when it is known not to load adapters (a managed vLLM without LoRA, or a rank over its
+        limit), so whoever plans a deploy hears it before training, not after."""
+        default = self.routes.get(self.settings.default_model)
+        name = backend or (default.backend if default else next(iter(self.settings.backends)))
+        spec = self.settings.backends.get(name)
+        if spec is None:
+            raise InvalidRequest(f"no backend {name!r} (backends: {', '.join(self.settings.backends)})",
+                                 param="backend")
+        managed = getattr(spec, "managed", None)
+        if spec.kind == "vllm" and managed is not None:
+            if not managed.enable_lora:
+                raise InvalidRequest(f"backend {name!r} is a vLLM server started without LoRA support, so it cannot "
+                                     f"serve an adapter: set backends.{name}.managed.enable_lora: true (and "
+                                     f"max_lora_rank >= {rank}) and restart", param="backend",
+                                     code="backend_cannot_serve_adapters")
+            if managed.max_lora_rank < rank:
+                raise InvalidRequest(f"backend {name!r} serves LoRA ranks up to {managed.max_lora_rank}; this adapter "
+                                     f"has r={rank}: raise backends.{name}.managed.max_lora_rank", param="backend",
+                                     code="backend_cannot_serve_adapters")
+        return name
+
     async def deploy(self, model: str, version: str | int, *, alias: str, backend: str | None = None,
                      fallback: str | None = None, actor: str = "") -> Deployment:
         """Serve ``model`` ``version`` as model ``alias`` now, and remember it for :meth:`restore_deployments`."""

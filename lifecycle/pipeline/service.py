@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from app.core.audit import AuditEvent
-from app.core.errors import Conflict, KeelError, NotFound
+from app.core.errors import Conflict, InvalidRequest, KeelError, NotFound
 from app.jobs.queue import Job
 from app.jobs.runner import JobContext, JobRunner
 from finetune.data import InvalidTrainingData, prompt_key
@@ -161,6 +161,12 @@ class PipelineService:
                 raise InvalidPipeline(f"pipeline {d.name!r}: canary endpoint {d.spec.canary.endpoint!r} is already a "
                                       "model name clients call; a release endpoint needs a name of its own")
         ft = self.deps.finetune
+        if d.spec.canary is not None or d.spec.promote.deploy_alias:
+            backend = d.spec.canary.backend if d.spec.canary is not None else None
+            try:
+                ft.adapter_backend(backend, d.job.lora.r)
+            except InvalidRequest as exc:
+                raise InvalidPipeline(f"pipeline {d.name!r} serves its adapter, but {exc.message}") from None
         ft.check_data_location(d.job)
         ft.check_data_location(self._job_spec(d, str(self.runs_dir / "_" / "dataset.jsonl"), None))
 

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import yaml
 
-from app.core.errors import Conflict, NotFound
+from app.core.errors import Conflict, InvalidRequest, NotFound
 from app.jobs.queue import SqliteJobQueue
 from app.jobs.runner import JobRunner
 from finetune.data import InvalidTrainingData
@@ -63,6 +63,7 @@ class FakeFinetune:
         self.evals_pass = True
         self.hold_training = False  # a job stays running until released (to stop the server mid-step)
         self.die_after_submit = False
+        self.lora_backend_problem = ""
         self.deployed: list[tuple[str, str, str]] = []
         self.promoted: list[tuple[str, str, str]] = []
         self.cancelled: list[str] = []
@@ -73,6 +74,11 @@ class FakeFinetune:
 
     def check_data_location(self, spec) -> None:
         pass
+
+    def adapter_backend(self, backend: str | None, rank: int) -> str:
+        if self.lora_backend_problem:
+            raise InvalidRequest(self.lora_backend_problem, param="backend")
+        return backend or "local"
 
     def validate(self, spec) -> dict:
         self.validated.append(Path(spec.dataset.path))
@@ -665,6 +671,10 @@ async def test_a_start_that_would_fail_late_is_refused_now(tmp_path: Path) -> No
         e.releases.name_taken = lambda name: name == "demo"
         with pytest.raises(InvalidPipeline, match="already a model name"):
             await e.svc.start("demo", actor="alice")
+        e.releases.name_taken = lambda name: False
+        e.ft.lora_backend_problem = "backend 'local' is a vLLM server started without LoRA support"
+        with pytest.raises(InvalidPipeline, match="serves its adapter, but backend 'local' is a vLLM server"):
+            await e.svc.start("demo", actor="alice")
         assert e.svc.store.list() == []
     finally:
         await e.close()
@@ -685,3 +695,26 @@ async def test_malformed_job_data_is_a_contract_failure_naming_the_line(tmp_path
         assert run.outcome == "contract_failed" and "bad.jsonl:2: not JSON" in run.error
     finally:
         await e.close()
+
+
+def test_the_backend_that_would_serve_an_adapter_is_checked_before_training(tmp_path: Path) -> None:
+    from app.settings import Settings
+    from finetune import build_finetune
+
+    vllm = Settings(home=tmp_path / "a")  # the default: a managed vLLM, LoRA off
+    svc = build_finetune(vllm)
+    try:
+        with pytest.raises(InvalidRequest, match=r"managed.enable_lora: true \(and max_lora_rank >= 8\)"):
+            svc.adapter_backend(None, 8)
+    finally:
+        svc.close()
+    lora = Settings(home=tmp_path / "b", backends={"local": {"kind": "vllm", "managed": {"enable_lora": True}}})
+    svc = build_finetune(lora)
+    try:
+        assert svc.adapter_backend(None, 8) == "local"
+        with pytest.raises(InvalidRequest, match="up to 8; this adapter has r=16"):
+            svc.adapter_backend("local", 16)
+        with pytest.raises(InvalidRequest, match="no backend 'gpu'"):
+            svc.adapter_backend("gpu", 8)
+    finally:
+        svc.close()
