@@ -16,7 +16,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
+from rich.table import Column, Table
 
 from app.cli.common import ApiClient, Url, api_key_option, when_ago
 
@@ -88,12 +88,12 @@ def _show(run: dict[str, Any], *, logs: bool = False) -> None:
 def list_(url: Url = None, api_key: Key = None) -> None:
     """The pipelines (definitions) and their last run."""
     body = ApiClient(url, api_key).call("GET", "/v1/pipelines")
-    table = Table("pipeline", "model", "triggers", "canary", "approval", "last run")
+    table = Table("pipeline", "model", "triggers", "canary", "approval", Column("last run", no_wrap=True))
     for p in body["data"]:
         last = p.get("last_run")
-        trig = ", ".join(t["kind"] for t in p["triggers"]) or "by hand"
+        trig = (", ".join(t["kind"] for t in p["triggers"]) or "by hand") + (" (paused)" if p.get("paused") else "")
         table.add_row(p["name"], p["model"], trig, p.get("canary") or "-", p["approval"],
-                      f"{last['id']} {_state(last['state'], last.get('outcome'))}" if last else "-")
+                      f"{last['id']}\n{_state(last['state'], last.get('outcome'))}" if last else "-")
     console.print(table if body["data"] else "no pipelines")
     for path, message in (body.get("errors") or {}).items():
         err.print(f"[red]{escape(path)}[/red]: {escape(message)}")
@@ -121,7 +121,8 @@ def runs(pipeline: Annotated[str | None, typer.Option(help="Only this pipeline's
     """Recent runs, newest first."""
     rows = ApiClient(url, api_key).call("GET", "/v1/pipelines/runs",
                                         params={"pipeline": pipeline, "state": state, "limit": limit})["data"]
-    table = Table("run", "pipeline", "state", "step", "trigger", "started")
+    table = Table("pipeline", "state", "step", "trigger", "started")
+    table.columns.insert(0, Column("run", no_wrap=True))  # ids are copied from here: never wrapped
     for r in rows:
         table.add_row(r["id"], r["pipeline"], _state(r["state"], r.get("outcome")), r.get("current_step") or "-",
                       (r.get("trigger") or {}).get("kind", "-"), when_ago(r["created_at"]))
