@@ -253,6 +253,33 @@ class FinetuneService:
                                 version=v.version, details={"alias": alias, "backend": backend})
         return dep
 
+    async def undeploy(self, alias: str, *, model: str, actor: str = "", reason: str = "") -> bool:
+        """Stop serving ``alias`` (one of ``model``'s deploys): its route and deployment record go, and a vLLM
+        server unloads the adapter unless another alias still serves it. Returns False when it was not deployed."""
+        import asyncio
+
+        from finetune import serving  # lazy: keeps `keel --help` fast: pulls httpx and the vLLM supervisor
+
+        record = next((d for d in await asyncio.to_thread(self.store.deployments) if d["alias"] == alias), None)
+        removed = await asyncio.to_thread(self.routes.remove, alias, owner=route_owner(model),
+                                          actor=actor or "unknown", reason=reason or "undeploy")
+        if record is None:
+            return removed
+        await asyncio.to_thread(self.store.delete_deployment, alias)
+        spec = self.settings.backends.get(record["backend"])
+        still_used = any(r.spec.adapter is not None and str(r.spec.adapter) == record["adapter_path"]
+                         for r in self.routes.routes() if r.alias != alias)
+        if spec is not None and spec.kind == "vllm" and not still_used:
+            url = serving.backend_url(self.settings, record["backend"])
+            try:
+                await serving.unload_adapter(url, record["served_name"], api_key=serving.backend_api_key(
+                    self.settings, record["backend"]))
+            except Exception as exc:  # the route is gone either way; a loaded adapter only costs memory
+                log.warning("could not unload adapter %s from %s: %s", record["served_name"], record["backend"], exc)
+        await asyncio.to_thread(self.store.audit, actor=actor or "unknown", action="undeploy", model=model,
+                                version=record["version"], reason=reason, details={"alias": alias})
+        return True
+
     async def restore_deployments(self) -> list[str]:
         """Re-apply every remembered deployment (aliases, and adapters into vLLM, which forgets them when
         it restarts). Call it at API start-up once backends are ready, and after a vLLM restart.

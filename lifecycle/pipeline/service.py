@@ -214,7 +214,22 @@ class PipelineService:
             with contextlib.suppress(Conflict, NotFound):  # already finished
                 await self.runner.cancel(run.job_id, actor=actor)
         await asyncio.to_thread(self._stop_started, run, actor, why)
+        await self._retire_candidate(run, actor, why)
         return run
+
+    async def _retire_candidate(self, run: Run, actor: str, reason: str) -> None:
+        """A version that was not promoted stops being served under its candidate alias (``<model>-v<version>``):
+        nobody may reach a rejected or rolled-back adapter by its name, and vLLM frees its slot."""
+        trained = run.steps["finetune"].artifacts
+        if not trained.get("model") or not trained.get("version"):
+            return
+        alias = run.steps["canary"].artifacts.get("candidate") or f"{trained['model']}-v{trained['version']}"
+        try:
+            if await self.deps.finetune.undeploy(alias, model=trained["model"], actor=actor,
+                                                 reason=f"pipeline run {run.id}: {reason}"):
+                log.info("pipeline run %s: %s no longer served", run.id, alias)
+        except Exception:  # the run's outcome stands; the alias can be removed by hand
+            log.exception("pipeline run %s: could not stop serving %s", run.id, alias)
 
     def _stop_started(self, run: Run, actor: str, reason: str) -> None:
         """Stop what a finished run started and left running: found by who started it (the run), not by what the
@@ -384,6 +399,8 @@ class PipelineService:
                                 log=_line(f"failed: {message}"))
         run = await asyncio.to_thread(self.store.finish, run.id, "failed", outcome=outcome, error=message)
         log.info("pipeline %s run %s stopped at %s (%s): %s", run.pipeline, run.id, step, outcome, message)
+        if outcome in ("rolled_back", "rejected"):
+            await self._retire_candidate(run, "pipeline", outcome)
         return {"run": run.id, "state": run.state, "outcome": outcome}
 
     # -- the steps (each resumable: it reads what it recorded before doing anything) ----------------------------
@@ -655,6 +672,7 @@ class _Step:
         run = await asyncio.to_thread(self.svc.store.get, self.run.id)
         if run.finished:
             await asyncio.to_thread(self.svc._stop_started, run, "pipeline", run.error or "cancelled")
+            await self.svc._retire_candidate(run, "pipeline", run.error or "cancelled")
             raise _Stop(f"pipeline run {run.id} is {run.state}")
         if run.job_id != self.job_id:
             raise _Stop(f"pipeline run {run.id} is driven by job {run.job_id} now")

@@ -64,6 +64,7 @@ class FakeFinetune:
         self.hold_training = False  # a job stays running until released (to stop the server mid-step)
         self.die_after_submit = False
         self.lora_backend_problem = ""
+        self.undeployed: list[str] = []
         self.deployed: list[tuple[str, str, str]] = []
         self.promoted: list[tuple[str, str, str]] = []
         self.cancelled: list[str] = []
@@ -136,6 +137,12 @@ class FakeFinetune:
     async def deploy(self, model: str, version: str, *, alias: str, backend: str | None = None,
                      actor: str = "") -> None:
         self.deployed.append((model, version, alias))
+
+    async def undeploy(self, alias: str, *, model: str, actor: str = "", reason: str = "") -> bool:
+        gone = [d for d in self.deployed if d[2] == alias]
+        self.deployed = [d for d in self.deployed if d[2] != alias]
+        self.undeployed.append(alias)
+        return bool(gone)
 
     def promote(self, model: str, version: str, *, actor: str = "", reason: str = "") -> Any:
         before, self.production = self.production, version
@@ -264,7 +271,7 @@ async def test_a_run_goes_from_trigger_to_promotion_once_a_person_approves(env: 
     run = await env.svc.decide(run.id, approve=True, actor="bob [k2]", reason="numbers look fine")
     run = await env.until(run.id, lambda r: r.finished)
     assert (run.state, run.outcome) == ("succeeded", "promoted"), run.public()
-    assert env.releases.get("demo").status == "promoted"
+    assert env.releases.get("demo").status == "promoted" and env.ft.undeployed == []  # it serves now
     assert env.ft.promoted == [("veltmar-fact", "1", "bob [k2]")]
     actions = [e.action for e in env.svc.store.audit_events(subject_ref=run.id)]
     assert actions[::-1] == ["run.start", "run.approve", "run.succeeded"]
@@ -321,7 +328,7 @@ async def test_a_canary_rolled_back_by_its_numbers_ends_the_run(env: Env) -> Non
     env.releases.rollback("demo", actor="controller", reason="errors 12% worse")
     run = await env.until(run.id, lambda r: r.finished)
     assert (run.state, run.outcome) == ("failed", "rolled_back") and "errors 12% worse" in run.error
-    assert env.ft.promoted == []
+    assert env.ft.promoted == [] and env.ft.undeployed == ["veltmar-fact-v1"]  # not reachable by name any more
 
 
 async def test_a_rejected_run_rolls_its_canary_back(env: Env) -> None:
@@ -335,6 +342,7 @@ async def test_a_rejected_run_rolls_its_canary_back(env: Env) -> None:
     run = await env.until(run.id, lambda r: r.finished)
     assert (run.state, run.outcome) == ("failed", "rejected") and "answers got longer" in run.error
     assert env.releases.get("demo").status == "rolled_back" and env.ft.promoted == []
+    assert env.ft.undeployed == ["veltmar-fact-v1"]
     with pytest.raises(Conflict, match="waiting"):
         await env.svc.decide(run.id, approve=True, actor="bob")
 
@@ -644,6 +652,7 @@ async def test_cancel_during_the_canary_rolls_it_back(env: Env) -> None:
     await env.until(run.id, lambda r: r.steps["canary"].artifacts.get("release_id"))
     run = await env.svc.cancel(run.id, actor="alice", reason="wrong base model")
     assert run.state == "cancelled" and env.releases.get("demo").status == "rolled_back"
+    assert env.ft.undeployed == ["veltmar-fact-v1"] and env.ft.deployed == []
     assert "wrong base model" in env.releases.get("demo").decision.reason
 
 
@@ -716,5 +725,29 @@ def test_the_backend_that_would_serve_an_adapter_is_checked_before_training(tmp_
             svc.adapter_backend("local", 16)
         with pytest.raises(InvalidRequest, match="no backend 'gpu'"):
             svc.adapter_backend("gpu", 8)
+    finally:
+        svc.close()
+
+
+async def test_undeploy_removes_a_models_alias_and_its_record_and_refuses_anothers(tmp_path: Path) -> None:
+    from app.settings import Settings
+    from finetune import build_finetune
+    from finetune.service import route_owner
+    from finetune.serving import adapter_alias
+
+    settings = Settings(home=tmp_path, backends={"local": {"kind": "transformers", "model_path": str(tmp_path)}})
+    svc = build_finetune(settings)
+    try:
+        spec = adapter_alias(settings, "local", adapter_name="m-v1", adapter_path=tmp_path / "a", fallback=None,
+                             description="LoRA m/1")
+        svc.routes.set("m-v1", spec, owner=route_owner("m"), actor="t")
+        svc.store.save_deployment(alias="m-v1", model="m", version="1", backend="local", served_name="m-v1",
+                                  adapter_path=str(tmp_path / "a"), fallback=None, actor="t")
+        with pytest.raises(Conflict):
+            await svc.undeploy("m-v1", model="other", actor="t")  # not its alias
+        assert await svc.undeploy("m-v1", model="m", actor="pipeline", reason="rolled back") is True
+        assert svc.routes.get("m-v1") is None and svc.store.deployments() == []
+        assert [e.action for e in svc.store.audit_events()][:1] == ["undeploy"]
+        assert await svc.undeploy("m-v1", model="m", actor="pipeline") is False
     finally:
         svc.close()
