@@ -478,17 +478,19 @@ async def test_a_canary_resumes_at_its_step_with_its_data_after_a_restart(tmp_pa
             assert r.status_code == 200
 
     first, client = await process()
-    assert (await client.post("/v1/releases", json=body)).status_code == 201
-    # per-request assignment at 25%: send until the canary arm has enough to be judged (a fixed 120 left it under
-    # 20 about one run in fifty)
-    for _ in range(20):
-        await traffic(client, 20)
-        if first.releases.report("support")["variants"]["canary"]["requests"] >= 30:
-            break
-    assert [a for _, a, _ in first.releases.tick()] == ["advance"]
-    before = first.releases.report("support")
-    await client.aclose()
-    await first.aclose()  # the process stops mid-canary
+    try:
+        assert (await client.post("/v1/releases", json=body)).status_code == 201
+        # per-request assignment at 25%: send until the canary arm has enough to be judged (a fixed 120 left it
+        # under 20 about one run in fifty)
+        for _ in range(20):
+            await traffic(client, 20)
+            if first.releases.report("support")["variants"]["canary"]["requests"] >= 30:
+                break
+        assert [a for _, a, _ in first.releases.tick()] == ["advance"]
+        before = first.releases.report("support")
+    finally:  # a failure here must not leave the container's threads keeping pytest from exiting
+        await client.aclose()
+        await first.aclose()  # the process stops mid-canary
 
     second, client = await process()
     try:
