@@ -112,9 +112,10 @@ class FeatureService:
                  "version": view_version(v), "ttl_s": v.ttl.total_seconds() if v.ttl else None,
                  "description": v.description} for v in self._views().values()]
 
-    def check(self, refs: Sequence[str]) -> dict[str, str]:
-        """``refs`` -> the entity each needs; unknown views or features are a 400 naming what exists."""
-        views = self._views()
+    def check(self, refs: Sequence[str], views: Mapping[str, Any] | None = None) -> dict[str, str]:
+        """``refs`` -> the entity each needs; unknown views or features are a 400 naming what exists. ``views``:
+        the registered views when the caller has read them already."""
+        views = self._views() if views is None else views
         out = {}
         for ref in refs:
             view, feature = parse_ref(ref)
@@ -128,14 +129,14 @@ class FeatureService:
     def online(self, refs: Sequence[str], keys: Mapping[str, str]) -> dict[str, Any]:
         """The newest value of each feature for one entity of each kind (``{"user": key_id}``); a value nobody
         materialized is None. Returns ``{"values": {ref: value}, "versions": {view: version}}``."""
-        entities = self.check(refs)
+        views = self._views()  # once per lookup: this is on the prompt-render path
+        entities = self.check(refs, views)
         missing = sorted({e for e in entities.values() if e not in keys})
         if missing:
             raise InvalidRequest(f"these features need the key of: {', '.join(missing)}", param="entities")
         row = {ENTITY_KEYS[e]: str(keys[e]) for e in set(entities.values())}
         result = self.store.get_online_features(features=list(refs), entity_rows=[row]).to_dict()
         values = {ref: _plain(result.get(parse_ref(ref)[1], [None])[0]) for ref in refs}
-        views = self._views()
         return {"values": values, "versions": {v: view_version(views[v]) for v in {parse_ref(r)[0] for r in refs}}}
 
     def historical(self, refs: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
