@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from app.core.audit import AuditEvent
-from app.core.errors import Conflict, InvalidRequest, KeelError, NotFound
+from app.core.errors import Conflict, InvalidRequest, KeelError, NotFound, PermissionDenied
 from app.jobs.queue import Job
 from app.jobs.runner import JobContext, JobRunner
 from finetune.data import InvalidTrainingData, prompt_key
@@ -116,11 +116,6 @@ class PipelineService:
                            code="pipeline_not_found")
         return d
 
-    @staticmethod
-    def moves_traffic(spec: Mapping[str, Any]) -> bool:
-        """A run of this pipeline starts a release, or promotes without a person: its starter needs ``releases``."""
-        return bool(spec.get("canary")) or (spec.get("promote") or {}).get("approval") == "auto"
-
     def summaries(self) -> list[dict[str, Any]]:
         out = []
         for d in self.definitions().values():
@@ -136,9 +131,12 @@ class PipelineService:
 
     # -- runs ------------------------------------------------------------------------------------------------
 
-    async def start(self, name: str, *, actor: str, reason: str = "", trigger: Mapping[str, Any] | None = None) -> Run:
-        """A run now (409 ``pipeline_run_open`` while one is open). A person's start ignores the cooldown."""
+    async def start(self, name: str, *, actor: str, reason: str = "", trigger: Mapping[str, Any] | None = None,
+                    can_release: bool = True) -> Run:
+        """A run now (409 ``pipeline_run_open`` while one is open). A person's start ignores the cooldown.
+        ``can_release``: whether the caller's key holds ``releases`` (a pipeline that moves traffic needs it)."""
         d = await asyncio.to_thread(self.definition, name)
+        _release_scope(d.spec.model_dump(), can_release, "starting", d.name)
         await asyncio.to_thread(self.preflight, d)
         trigger = dict(trigger or {"kind": "manual", "by": actor, "reason": reason})
         definition = {"pipeline": d.spec.model_dump(mode="json"), "job": d.job.model_dump(mode="json"),
@@ -192,8 +190,9 @@ class PipelineService:
                                       expect=frozenset({"waiting"}))
         return await self._enqueue(run, actor)
 
-    async def retry(self, run_id: str, *, actor: str, reason: str = "") -> Run:
+    async def retry(self, run_id: str, *, actor: str, reason: str = "", can_release: bool = True) -> Run:
         run = await asyncio.to_thread(self.get, run_id)
+        _release_scope(run.definition["pipeline"], can_release, "retrying", run.pipeline)
         if run.state != "failed" or run.outcome != "error":
             raise Conflict(f"pipeline run {run.id} is {run.state}" + (f" ({run.outcome})" if run.outcome else "")
                            + "; only a run that failed on an error resumes. A decision (gate, contract, canary, "
@@ -688,6 +687,15 @@ class _Step:
     async def sleep(self) -> float:
         await asyncio.sleep(self.d.spec.poll_interval)
         return self.d.spec.poll_interval
+
+
+def _release_scope(spec: Mapping[str, Any], can_release: bool, what: str, name: str) -> None:
+    """A run that starts a release, or promotes without a person, moves production traffic: whoever starts (or
+    resumes) it needs the ``releases`` scope as well as ``finetune``."""
+    moves = bool(spec.get("canary")) or (spec.get("promote") or {}).get("approval") == "auto"
+    if moves and not can_release:
+        raise PermissionDenied(f"pipeline {name!r} releases a canary or promotes on its own: {what} a run of it "
+                               "needs the 'releases' scope too", param="authorization")
 
 
 def _actor(run: Run) -> str:

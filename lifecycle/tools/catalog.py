@@ -24,7 +24,7 @@ from pydantic import ValidationError
 
 from agents.errors import ToolInputError
 from agents.tools import FunctionTool, Tool, ToolContext, ToolOutput
-from app.core.errors import KeelError, NotFound, PermissionDenied
+from app.core.errors import KeelError, NotFound
 
 STR = {"type": "string", "minLength": 1, "maxLength": 200}
 REASON = {"type": "string", "maxLength": 2000, "description": "Why: recorded with the change."}
@@ -429,11 +429,8 @@ def _pipeline_tools(pipelines: Any) -> list[Tool]:
                     + (f", at {r.current_step}" if not r.finished else ""))
 
     async def start(args: dict, ctx: ToolContext) -> ToolOutput:
-        if pipelines.moves_traffic(pipelines.definition(args["pipeline"]).spec.model_dump()) and \
-                not ctx.allows("releases"):
-            raise PermissionDenied(f"pipeline {args['pipeline']!r} releases a canary or promotes on its own: starting "
-                                   "it needs the 'releases' scope too")
-        r = await pipelines.start(args["pipeline"], actor=actor(ctx), reason=args.get("reason", ""))
+        r = await pipelines.start(args["pipeline"], actor=actor(ctx), reason=args.get("reason", ""),
+                                  can_release=ctx.allows("releases"))
         return _out(r.public(logs=False), f"run {r.id} of {r.pipeline} started")
 
     name = {"type": "string", "minLength": 1, "maxLength": 63, "description": "A pipeline's name."}

@@ -83,9 +83,8 @@ def get_pipeline(name: str, pipelines: PipelinesDep, _: FinetuneKey) -> dict[str
 async def start_run(name: str, body: StartIn, pipelines: PipelinesDep, key: FinetuneKey) -> dict[str, Any]:
     """Start a run now (a person's start ignores the cooldown); 409 ``pipeline_run_open`` while one is open. A
     pipeline that releases a canary, or promotes without a person, needs the ``releases`` scope too."""
-    if pipelines.moves_traffic(pipelines.definition(name).spec.model_dump()):
-        _releases_too(key, "starting")
-    return (await pipelines.start(name, actor=_actor(key), reason=body.reason)).public()
+    return (await pipelines.start(name, actor=_actor(key), reason=body.reason,
+                                  can_release=key.allows("releases"))).public()
 
 
 @router.post("/v1/pipelines/runs/{run_id}/approve", responses=_DECIDE)
@@ -113,6 +112,5 @@ async def cancel_run(run_id: str, body: DecisionIn, pipelines: PipelinesDep, key
 async def retry_run(run_id: str, body: DecisionIn, pipelines: PipelinesDep, key: FinetuneKey) -> dict[str, Any]:
     """Resume a run that failed on an error at its failed step (a decision — gate, contract, canary, a person —
     stands: 409)."""
-    if pipelines.moves_traffic(pipelines.get(run_id).definition["pipeline"]):
-        _releases_too(key, "retrying")
-    return (await pipelines.retry(run_id, actor=_actor(key), reason=body.reason)).public()
+    return (await pipelines.retry(run_id, actor=_actor(key), reason=body.reason,
+                                  can_release=key.allows("releases"))).public()
