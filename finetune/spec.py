@@ -15,13 +15,14 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from finetune.errors import InvalidJobSpec
 
+M = TypeVar("M", bound=BaseModel)
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 # Eval suites are named, never given as paths: a worker loads them from the suites folders only.
 SUITE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*(\.[A-Za-z0-9_-]+)*$")
@@ -134,22 +135,28 @@ def _abs(p: Path, base: Path) -> Path:
     return p if p.is_absolute() else (base / p).resolve()
 
 
-def parse_spec(text: str, *, base_dir: Path | None = None, source: str = "spec") -> JobSpec:
-    """Parse and validate spec YAML; raise :class:`InvalidJobSpec` listing every problem."""
+def parse_yaml_model(text: str, model: type[M], *, source: str, error: type[InvalidJobSpec] = InvalidJobSpec) -> M:
+    """YAML text validated as ``model``; ``error`` (an :class:`InvalidJobSpec` kind) lists every problem, each
+    with its location (``errors``), when it does not parse, is not a mapping, or does not validate."""
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise InvalidJobSpec(f"{source} is not valid YAML: {exc}") from exc
+        raise error(f"{source} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):
-        raise InvalidJobSpec(f"{source} must be a YAML mapping, got {type(data).__name__}")
+        raise error(f"{source} must be a YAML mapping, got {type(data).__name__}")
     try:
-        spec = JobSpec.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as exc:
         errors = [
             {"loc": ".".join(str(p) for p in e["loc"]) or "(root)", "msg": e["msg"]} for e in exc.errors()
         ]
         lines = "; ".join(f"{e['loc']}: {e['msg']}" for e in errors)
-        raise InvalidJobSpec(f"{source} is invalid: {lines}", errors=errors) from exc
+        raise error(f"{source} is invalid: {lines}", errors=errors) from None
+
+
+def parse_spec(text: str, *, base_dir: Path | None = None, source: str = "spec") -> JobSpec:
+    """Parse and validate spec YAML; raise :class:`InvalidJobSpec` listing every problem."""
+    spec = parse_yaml_model(text, JobSpec, source=source)
     return spec.resolve_paths(base_dir) if base_dir is not None else spec
 
 

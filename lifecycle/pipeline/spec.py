@@ -12,13 +12,13 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 from app.core.errors import InvalidRequest
-from finetune.spec import JobSpec, load_spec
+from finetune.errors import InvalidJobSpec
+from finetune.spec import JobSpec, load_spec, parse_yaml_model
 from lifecycle.releases.spec import CanarySpec, MetricSpec, ReleaseSpec, Unit, VariantSpec, default_metrics
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
@@ -187,17 +187,7 @@ class Definition(BaseModel):
 def parse_pipeline(text: str, *, base_dir: Path, source: str = "pipeline") -> Definition:
     """Parse a definition and load the job spec it names; raise InvalidRequest (``invalid_pipeline``) with
     every problem."""
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise InvalidPipeline(f"{source} is not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise InvalidPipeline(f"{source} must be a YAML mapping, got {type(data).__name__}")
-    try:
-        spec = PipelineSpec.model_validate(data)
-    except ValidationError as exc:
-        lines = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['msg']}" for e in exc.errors())
-        raise InvalidPipeline(f"{source} is invalid: {lines}") from None
+    spec = parse_yaml_model(text, PipelineSpec, source=source, error=InvalidPipeline)
     job_path = spec.job if spec.job.is_absolute() else (base_dir / spec.job).resolve()
     try:
         job = load_spec(job_path)
@@ -218,5 +208,8 @@ def load_pipeline(path: Path) -> Definition:
     return parse_pipeline(text, base_dir=path.resolve().parent, source=str(path))
 
 
-class InvalidPipeline(InvalidRequest):
+class InvalidPipeline(InvalidJobSpec):
     code = "invalid_pipeline"
+
+    def __init__(self, message: str, *, errors: list[dict[str, Any]] | None = None, param: str | None = None):
+        super().__init__(message, errors=errors, param=param)
