@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, ClassVar, Literal
 
+from jsonschema import SchemaError
+from jsonschema.validators import validator_for
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -19,7 +21,7 @@ from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema
 
 from app.core.errors import InvalidRequest
-from app.core.types import ChatMessage, GenerationParams, ResponseFormat
+from app.core.types import ChatMessage, GenerationParams, ResponseFormat, ToolCall, ToolChoice, ToolSpec
 
 
 class _Wire(BaseModel):
@@ -56,17 +58,77 @@ class TextPart(_Wire):
     text: str
 
 
+_FUNCTION_NAME = r"^[A-Za-z0-9_-]{1,64}$"
+
+
+class FunctionCallIn(_Wire):
+    name: str = Field(min_length=1, max_length=64)
+    arguments: str = Field(default="", description="The arguments the model wrote, as JSON text.")
+
+
+class ToolCallIn(_Wire):
+    """A call an earlier assistant turn made (sent back with the history, before the tool's result)."""
+
+    id: str = Field(min_length=1, max_length=200)
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
+
+
 class Message(_Wire):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallIn] | None = Field(default=None, max_length=128, description=(
+        "assistant: the function calls it made."))
+    tool_call_id: str | None = Field(default=None, max_length=200, description=(
+        "tool: the id of the call this message answers."))
 
     def to_domain(self) -> ChatMessage:
         content = self.content
         if isinstance(content, list):
             content = "".join(p.text for p in content)
         role = "system" if self.role == "developer" else self.role
-        return ChatMessage(role=role, content=content or "")
+        calls = tuple(ToolCall(c.id, c.function.name, c.function.arguments) for c in self.tool_calls or ())
+        return ChatMessage(role=role, content=content or "", tool_calls=calls, tool_call_id=self.tool_call_id)
+
+
+def check_tool_turns(messages: list[Message]) -> None:
+    """The history's function calls hang together as OpenAI requires: only assistant turns call, and every tool
+    turn answers a call made before it."""
+    called: set[str] = set()
+    for i, m in enumerate(messages):
+        if m.tool_calls and m.role != "assistant":
+            raise InvalidRequest(f"messages[{i}] is a {m.role} message with tool_calls; only assistant messages "
+                                 "carry them", param=f"messages[{i}].tool_calls")
+        called.update(c.id for c in m.tool_calls or ())
+        if m.role == "tool":
+            if not m.tool_call_id:
+                raise InvalidRequest(f"messages[{i}] is a tool message without tool_call_id: give the id of the "
+                                     "call it answers", param=f"messages[{i}].tool_call_id")
+            if m.tool_call_id not in called:
+                raise InvalidRequest(f"messages[{i}] answers tool call {m.tool_call_id!r}, which no earlier "
+                                     "assistant message made", param=f"messages[{i}].tool_call_id")
+
+
+class FunctionDef(_Wire):
+    name: str = Field(pattern=_FUNCTION_NAME, description="Letters, digits, '_' and '-', at most 64.")
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(default=None, description="A JSON Schema of the arguments.")
+    strict: bool | None = None
+
+
+class ToolIn(_Wire):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(_Wire):
+    name: str = Field(min_length=1)
+
+
+class NamedToolChoice(_Wire):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class StreamOptions(_Wire):
@@ -145,8 +207,11 @@ class ChatCompletionRequest(_Wire):
     frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
     response_format: ResponseFormatIn | None = None
     user: str | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: Any = None
+    tools: list[ToolIn] | None = Field(default=None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(default=None, description=(
+        "auto (the default with tools): the model decides; required: some function; a named function: that one. "
+        "required and named calls are guided decoding on vLLM: valid arguments for the schema, any model."))
+    parallel_tool_calls: bool | None = None
     logprobs: bool | None = None
     metadata: dict[str, str] | None = None
     service_tier: Literal["auto", "default", "flex", "scale", "priority"] | None = Field(default=None, description=(
@@ -176,7 +241,11 @@ class ChatCompletionRequest(_Wire):
                 strict=bool(spec.strict) if spec and spec.strict is not None else True,
             )
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        tools, choice = self._tools()
         return GenerationParams(
+            tools=tools,
+            tool_choice=choice,
+            parallel_tool_calls=self.parallel_tool_calls,
             max_tokens=self.max_completion_tokens or self.max_tokens,
             temperature=self.temperature,
             top_p=self.top_p,
@@ -187,6 +256,40 @@ class ChatCompletionRequest(_Wire):
             frequency_penalty=self.frequency_penalty,
             response_format=fmt,
         )
+
+
+    def _tools(self) -> tuple[tuple[ToolSpec, ...], ToolChoice | None]:
+        """The functions and the choice, checked: a schema that is not JSON Schema, a duplicate name or a choice
+        naming no given function is a 400 that names the tool."""
+        check_tool_turns(self.messages)
+        specs: list[ToolSpec] = []
+        for i, tool in enumerate(self.tools or ()):
+            fn = tool.function
+            if any(s.name == fn.name for s in specs):
+                raise InvalidRequest(f"tools[{i}]: a second function named {fn.name!r}; names must be unique",
+                                     param=f"tools[{i}].function.name")
+            if fn.parameters is not None:
+                try:
+                    validator_for(fn.parameters).check_schema(fn.parameters)
+                except SchemaError as exc:
+                    where = "/".join(str(p) for p in exc.absolute_path) or "(root)"
+                    raise InvalidRequest(f"tools[{i}] ({fn.name}): parameters is not a valid JSON Schema at {where}: "
+                                         f"{exc.message}", param=f"tools[{i}].function.parameters") from None
+            specs.append(ToolSpec(fn.name, fn.description, fn.parameters, fn.strict))
+        choice = self.tool_choice
+        if choice is None:
+            return tuple(specs), None
+        if not specs:
+            if choice == "none":
+                return (), None
+            raise InvalidRequest("tool_choice needs tools: give the functions the model may call",
+                                 param="tool_choice")
+        if isinstance(choice, NamedToolChoice):
+            if not any(s.name == choice.function.name for s in specs):
+                raise InvalidRequest(f"tool_choice names function {choice.function.name!r}, which is not in tools "
+                                     f"({', '.join(s.name for s in specs)})", param="tool_choice")
+            return tuple(specs), ToolChoice("function", choice.function.name)
+        return tuple(specs), ToolChoice(choice)
 
 
 class UsageOut(_Out):
@@ -207,6 +310,22 @@ class AssistantMessage(_Out):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
     refusal: str | None = None
+    tool_calls: list[ToolCallOut] | None = None
+
+
+class FunctionCallOut(_Out):
+    _required = ("name", "arguments")
+
+    name: str
+    arguments: str = Field(description="JSON text, as the model wrote it (check it before you call the function).")
+
+
+class ToolCallOut(_Out):
+    _required = ("id", "type", "function")
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
 
 
 class Choice(_Out):
@@ -240,9 +359,24 @@ class ChatCompletion(_Out):
     )
 
 
+class DeltaFunction(_Wire):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(_Wire):
+    """A piece of a function call: the first carries ``id``, ``type`` and the name, the rest argument text."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunction | None = None
+
+
 class Delta(_Wire):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChunkChoice(_Out):

@@ -51,6 +51,19 @@ class ManagedVLLM(BaseModel):
     max_loras: int = 2
     max_lora_rank: int = 8
     lora_modules: dict[str, Path] = Field(default_factory=dict)
+    tool_call_parser: str | None = Field(default="hermes", description=(
+        "vLLM's parser of the model's function calls, for tool_choice 'auto' (--tool-call-parser); it must match "
+        "the chat template: 'hermes' for Keel's SmolLM2 template (and Hermes, Qwen2.5), 'llama3_json', 'mistral', "
+        "'qwen3_xml', ... for those families. Unset: 'auto' is refused; 'required' and a named function still "
+        "work, by guided decoding."))
+    tool_strict_level: Literal["auto", "function", "parameter"] = Field(default="parameter", description=(
+        "How far vLLM's grammar holds a function call (--tool-strict-level): 'parameter' pins every call's "
+        "arguments to its function's schema, as if each tool were strict (a small model otherwise adds properties "
+        "until max_tokens); 'auto' only those of tools marked strict; 'function' only the call's shape and name."))
+    chat_template: Path | None = Field(default=None, description=(
+        "A Jinja chat template instead of the model's own (--chat-template). Unset: the model's own, except for "
+        "the SmolLM2 folder Keel prepares, served with app/llm/chat_templates/smollm2-tools.jinja (its own "
+        "template has no function calling)."))
     extra_args: list[str] = Field(default_factory=list)
     env: dict[str, str] = Field(default_factory=dict, description=(
         "Environment variables for the server on top of the allow list it inherits from Keel's (PATH, HOME, "

@@ -7,13 +7,42 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 Role = Literal["system", "user", "assistant", "tool"]
-FinishReason = Literal["stop", "length", "abort", "error", "content_filter"]
+FinishReason = Literal["stop", "length", "abort", "error", "content_filter", "tool_calls"]
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCall:
+    """A function call the model asked for: ``arguments`` is the JSON text it wrote, as OpenAI passes it."""
+
+    id: str
+    name: str
+    arguments: str
 
 
 @dataclass(frozen=True, slots=True)
 class ChatMessage:
     role: Role
     content: str
+    tool_calls: tuple[ToolCall, ...] = ()  # an assistant turn that called functions
+    tool_call_id: str | None = None  # a tool turn: the call it answers
+
+
+@dataclass(frozen=True, slots=True)
+class ToolSpec:
+    """A function the model may call (OpenAI's ``tools[].function``)."""
+
+    name: str
+    description: str | None = None
+    parameters: Mapping[str, Any] | None = None  # a JSON Schema
+    strict: bool | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ToolChoice:
+    """``none``, ``auto``, ``required`` (some function), or ``function`` (the one named)."""
+
+    mode: Literal["none", "auto", "required", "function"] = "auto"
+    name: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +66,14 @@ class GenerationParams:
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     response_format: ResponseFormat | None = None
+    tools: tuple[ToolSpec, ...] = ()
+    tool_choice: ToolChoice | None = None  # None: the backend's default (auto when there are tools)
+    parallel_tool_calls: bool | None = None
+
+    @property
+    def calls_tools(self) -> bool:
+        """Whether the model may answer with function calls."""
+        return bool(self.tools) and (self.tool_choice is None or self.tool_choice.mode != "none")
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +99,18 @@ class TextDelta:
 
 
 @dataclass(frozen=True, slots=True)
+class ToolCallDelta:
+    """A piece of choice ``index``'s ``call``-th function call, as OpenAI streams them: the first piece of a call
+    carries its ``id`` and ``name``, the pieces after it more of its ``arguments`` text."""
+
+    call: int
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
+    index: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class Finished:
     reason: FinishReason
     index: int = 0
@@ -77,7 +126,7 @@ class Usage:
         return self.prompt_tokens + self.completion_tokens
 
 
-LLMEvent = TextDelta | Finished | Usage
+LLMEvent = TextDelta | ToolCallDelta | Finished | Usage
 
 
 @dataclass(frozen=True, slots=True)

@@ -426,7 +426,8 @@ class GuardrailEngine:
             if c.spec.validator in _LAST_USER_ONLY:
                 return i == last_user
             if c.spec.validator == "keel/prompt_injection":
-                return messages[i].role in c.spec.params.get("roles", ["user"])
+                # tool results are untrusted input too: indirect injection arrives through them
+                return messages[i].role in c.spec.params.get("roles", ["user", "tool"])
             return i in non_system
 
         new_texts, results = await self._run_groups(comps, [m.content for m in messages], meta, None, applies)

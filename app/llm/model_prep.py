@@ -47,6 +47,16 @@ def _fingerprint(source: Path) -> dict[str, object]:
     return {"source": str(source.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "format": 1}
 
 
+#: Function calling for the SmolLM2 folder prepared here, whose own chat template has none (vLLM's 'hermes' parser).
+SMOLLM2_TOOLS_TEMPLATE = Path(__file__).parent / "chat_templates" / "smollm2-tools.jinja"
+
+
+def chat_template_for(model_path: Path) -> Path | None:
+    """The chat template vLLM should use for ``model_path`` when none is configured: Keel's SmolLM2 template with
+    tools for the folder Keel prepared; ``None`` (the model's own) for every other model."""
+    return SMOLLM2_TOOLS_TEMPLATE if (model_path / _MARKER).is_file() else None
+
+
 def is_prepared(target: Path, source: Path) -> bool:
     marker = target / _MARKER
     try:

@@ -11,13 +11,58 @@ import httpx
 from app.core.errors import BackendError, BackendTimeout, BackendUnavailable
 from app.core.metrics import Metrics
 from app.core.settings import BackendSettings
-from app.core.types import Finished, GenerationRequest, LLMEvent, TextDelta, Usage
+from app.core.types import (
+    ChatMessage,
+    Finished,
+    GenerationParams,
+    GenerationRequest,
+    LLMEvent,
+    TextDelta,
+    ToolCallDelta,
+    Usage,
+)
 from app.llm.clients import http_client, map_status_error
 
 __all__ = ["OpenAIBackend", "build_payload", "map_status_error"]
 
 
-_FINISH = {"stop": "stop", "length": "length", "abort": "abort", "tool_calls": "stop", "content_filter": "stop"}
+_FINISH = {"stop": "stop", "length": "length", "abort": "abort", "tool_calls": "tool_calls", "content_filter": "stop"}
+
+
+def wire_message(m: ChatMessage) -> dict[str, Any]:
+    """A message as OpenAI's chat API takes it (an assistant turn's calls, a tool turn's call id)."""
+    out: dict[str, Any] = {"role": m.role, "content": m.content}
+    if m.tool_calls:
+        out["content"] = m.content or None
+        out["tool_calls"] = [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                             for c in m.tool_calls]
+    if m.tool_call_id is not None:
+        out["tool_call_id"] = m.tool_call_id
+    return out
+
+
+def _tools(p: GenerationParams) -> dict[str, Any]:
+    if not p.tools:
+        return {}
+    tools = []
+    for t in p.tools:
+        fn: dict[str, Any] = {"name": t.name}
+        if t.description is not None:
+            fn["description"] = t.description
+        if t.parameters is not None:
+            fn["parameters"] = dict(t.parameters)
+        if t.strict is not None:
+            fn["strict"] = t.strict
+        tools.append({"type": "function", "function": fn})
+    body: dict[str, Any] = {"tools": tools}
+    choice = p.tool_choice
+    if choice is not None:
+        # a named function and "required" are guided decoding on vLLM: valid arguments for any model
+        body["tool_choice"] = ({"type": "function", "function": {"name": choice.name}} if choice.mode == "function"
+                               else choice.mode)
+    if p.parallel_tool_calls is not None:
+        body["parallel_tool_calls"] = p.parallel_tool_calls
+    return body
 
 
 def build_payload(request: GenerationRequest) -> dict[str, Any]:
@@ -25,7 +70,7 @@ def build_payload(request: GenerationRequest) -> dict[str, Any]:
     p = request.params
     body: dict[str, Any] = {
         "model": request.model,
-        "messages": [{"role": m.role, "content": m.content} for m in request.messages],
+        "messages": [wire_message(m) for m in request.messages],
         "stream": True,
         "stream_options": {"include_usage": True},
     }
@@ -47,6 +92,7 @@ def build_payload(request: GenerationRequest) -> dict[str, Any]:
             "type": "json_schema",
             "json_schema": {"name": fmt.name, "schema": fmt.schema, "strict": fmt.strict},
         }
+    body.update(_tools(p))
     return body
 
 
@@ -150,9 +196,14 @@ class OpenAIBackend:
                     )
                 for choice in chunk.get("choices") or ():
                     index = choice.get("index", 0)
-                    text = (choice.get("delta") or {}).get("content")
+                    delta = choice.get("delta") or {}
+                    text = delta.get("content")
                     if text:
                         yield TextDelta(text, index)
+                    for call in delta.get("tool_calls") or ():
+                        fn = call.get("function") or {}
+                        yield ToolCallDelta(call.get("index", 0), call.get("id"), fn.get("name"),
+                                            fn.get("arguments") or "", index)
                     reason = choice.get("finish_reason")
                     if reason:
                         yield Finished(_FINISH.get(reason, "stop"), index)

@@ -222,6 +222,12 @@ class TransformersBackend:
                 f"backend {self.name!r} does not do; route this model to a vLLM backend",
                 param="response_format",
             )
+        if p.calls_tools:
+            raise UnsupportedParameter(
+                f"tool calling needs a tool-call parser and guided decoding, which the in-process transformers "
+                f"backend {self.name!r} does not have; route this model to a vLLM backend (or send tool_choice "
+                "'none')", param="tools",
+            )
         if p.max_tokens is not None and p.max_tokens < 1:
             raise InvalidRequest("max_tokens must be at least 1", param="max_tokens")
         if p.n < 1:

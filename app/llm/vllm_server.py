@@ -29,6 +29,7 @@ import httpx
 
 from app.core.errors import KeelError
 from app.core.settings import CoreConfig, ManagedVLLM
+from app.llm.model_prep import chat_template_for
 
 log = logging.getLogger("keel.vllm")
 
@@ -136,6 +137,12 @@ class VLLMSupervisor:
         ]
         if cfg.enforce_eager:
             cmd.append("--enforce-eager")
+        template = cfg.chat_template or (chat_template_for(cfg.model_path) if cfg.model_path else None)
+        if template is not None:
+            cmd += ["--chat-template", str(template)]
+        if cfg.tool_call_parser:
+            cmd += ["--enable-auto-tool-choice", "--tool-call-parser", cfg.tool_call_parser,
+                    "--tool-strict-level", cfg.tool_strict_level]
         if cfg.enable_lora or cfg.lora_modules:
             cmd += ["--enable-lora", "--max-loras", str(cfg.max_loras), "--max-lora-rank", str(cfg.max_lora_rank)]
             if cfg.lora_modules:

@@ -33,6 +33,8 @@ from app.core.types import (
     ResponseFormat,
     Started,
     TextDelta,
+    ToolCall,
+    ToolCallDelta,
     Usage,
 )
 from app.guardrails.types import (
@@ -99,6 +101,7 @@ class ChatResult:
     guardrail_events: list[GuardrailEvent] = field(default_factory=list)
     release: str | None = None
     variant: str | None = None
+    tool_calls: dict[int, list[ToolCall]] = field(default_factory=dict)
 
 
 #: (feature refs, entity keys) -> {"values": {ref: value}, "versions": {view: version}} (FeatureService.online)
@@ -220,13 +223,13 @@ class ChatService:
                 f"too many messages ({len(request.messages)}); the limit is {limits.max_messages}",
                 param="messages",
             )
-        chars = sum(len(m.content) for m in request.messages)
+        chars = sum(len(m.content) + sum(len(c.arguments) for c in m.tool_calls) for m in request.messages)
         if chars > limits.max_input_chars:
             raise ContextLengthExceeded(
                 f"input is {chars} characters; the limit is {limits.max_input_chars}. Shorten the messages.",
                 param="messages",
             )
-        if not any(m.content.strip() for m in request.messages):
+        if not any(m.content.strip() or m.tool_calls for m in request.messages):
             raise InvalidRequest("every message is empty; send some content", param="messages")
 
     def _with_defaults(self, request: ChatRequest) -> GenerationParams:
@@ -308,6 +311,9 @@ class ChatService:
             # An agent workflow answers: it calls models and tools itself; the guards still apply.
             if not request.messages:
                 raise InvalidRequest("messages must not be empty", param="messages")
+            if request.params.tools:
+                raise InvalidRequest(f"{alias} is an agent workflow: it calls its own tools; send tools to a model",
+                                     param="tools")
             rendered = grounded = pre = None
             params = request.params
         else:
@@ -385,15 +391,18 @@ class ChatService:
             else:
                 events = self.router.stream(request.model, gen_request)
             if decision is not None:
-                if reask and not agent and params.n == 1 and self._reasks(decision):
+                if reask and not agent and params.n == 1 and not params.calls_tools and self._reasks(decision):
                     events = self._checked_whole(events, gen_request, context, decision)
                 else:
                     events = self.guards.output_guard(context, decision).wrap(events)
+                if params.calls_tools:
+                    events = self._checked_calls(events, context, decision)
                 events = self._traced_output(span, decision.policy, events)
             yield started
             for event in masked:
                 yield event
             answer: list[str] = []
+            calls: list[ToolCallDelta] = []
             keep = grounded is not None or self.capture_content
             async for event in events:
                 if isinstance(event, TextDelta):
@@ -411,12 +420,17 @@ class ChatService:
                                              "gen_ai.usage.output_tokens": event.completion_tokens})
                 elif isinstance(event, Finished):
                     finishes.append(event.reason)
+                elif isinstance(event, ToolCallDelta) and keep and event.index == 0:
+                    calls.append(event)
                 yield event
             if grounded is not None:
                 yield Citations(citations(grounded.chunks, "".join(answer)))
             if self.capture_content:
-                llm_span.set_attribute("gen_ai.output.messages", self._content(
-                    [{"role": "assistant", "content": "".join(answer)}]))
+                out: dict[str, Any] = {"role": "assistant", "content": "".join(answer)}
+                if calls:
+                    out["tool_calls"] = [{"id": c.id, "name": c.name, "arguments": c.arguments}
+                                         for c in _whole_calls(calls)]
+                llm_span.set_attribute("gen_ai.output.messages", self._content([out]))
         except BaseException as exc:
             if not isinstance(exc, GeneratorExit | asyncio.CancelledError):
                 llm_span.set_status(StatusCode.ERROR, getattr(exc, "message", str(exc))[:500])
@@ -428,6 +442,40 @@ class ChatService:
             llm_span.end()
             self.metrics.inflight.dec()
             self.active -= 1
+
+    async def _checked_calls(self, events: AsyncIterator[ChatEvent], context: GuardContext,
+                             decision: InputDecision) -> AsyncIterator[ChatEvent]:
+        """Function calls through the output guard, each released whole once its arguments pass: a client may run
+        a call as soon as it has it, so a call cannot be streamed first and retracted after. A failing call
+        withdraws its choice (``content_filter``); redacted arguments are released redacted."""
+        pending: dict[int, list[ToolCallDelta]] = {}
+        shown: dict[int, int] = {}
+        args_context = replace(context, response_schema=None, expect_json=False)
+        async with contextlib.aclosing(events) as stream:
+            async for event in stream:
+                if isinstance(event, ToolCallDelta):
+                    pending.setdefault(event.index, []).append(event)
+                    continue
+                if isinstance(event, TextDelta):
+                    shown[event.index] = shown.get(event.index, 0) + len(event.text)
+                elif isinstance(event, Finished) and event.index in pending:
+                    released: list[ChatEvent] = []
+                    for call in _whole_calls(pending.pop(event.index)):
+                        verdict = await self.guards.check_output(call.arguments, args_context, decision)
+                        failed = next((r for r in verdict.results if r.action in ("block", "reask")), None)
+                        if failed is not None:
+                            message = verdict.refusal or self.guards.refusal_for(decision.policy, failed.validator)
+                            yield GuardrailRetraction(failed.validator, 0, f"{call.name} arguments: {failed.reason}",
+                                                      message, shown.get(event.index, 0), event.index)
+                            event = Finished("content_filter", event.index)
+                            released = []
+                            break
+                        released += [GuardrailRedaction.of(r, event.index) for r in verdict.results
+                                     if r.action == "redact"]
+                        released += [replace(call, arguments=verdict.text)]
+                    for out in released:
+                        yield out
+                yield event
 
     async def _traced_output(self, parent: Span, policy: str, events: AsyncIterator[ChatEvent]
                              ) -> AsyncIterator[ChatEvent]:
@@ -530,6 +578,7 @@ class ChatService:
 async def collect(events: AsyncIterator[ChatEvent]) -> ChatResult:
     """A whole response from its event stream (what non-streaming callers get)."""
     result: ChatResult | None = None
+    calls: dict[int, list[ToolCallDelta]] = {}
     async with contextlib.aclosing(events) as stream:
         async for event in stream:
             if isinstance(event, Started):
@@ -538,6 +587,8 @@ async def collect(events: AsyncIterator[ChatEvent]) -> ChatResult:
                                     release=event.release, variant=event.variant)
             elif isinstance(event, TextDelta):
                 result.texts.setdefault(event.index, []).append(event.text)
+            elif isinstance(event, ToolCallDelta):
+                calls.setdefault(event.index, []).append(event)
             elif isinstance(event, Finished):
                 result.finish[event.index] = event.reason
             elif isinstance(event, Usage):
@@ -552,7 +603,19 @@ async def collect(events: AsyncIterator[ChatEvent]) -> ChatResult:
             elif isinstance(event, GuardrailRedaction | GuardrailBlocked):
                 result.guardrail_events.append(event)
         assert result is not None
+        result.tool_calls = {i: [ToolCall(c.id or "", c.name or "", c.arguments) for c in _whole_calls(deltas)]
+                             for i, deltas in calls.items() if result.finish.get(i) != "content_filter"}
         return result
+
+
+def _whole_calls(deltas: list[ToolCallDelta]) -> list[ToolCallDelta]:
+    """One choice's streamed call pieces joined into whole calls (in call order; a call without an id gets one)."""
+    calls: dict[int, ToolCallDelta] = {}
+    for d in deltas:
+        c = calls.get(d.call)
+        calls[d.call] = d if c is None else replace(c, id=c.id or d.id, name=c.name or d.name,
+                                                    arguments=c.arguments + d.arguments)
+    return [replace(c, id=c.id or f"call_{uuid.uuid4().hex[:24]}") for _, c in sorted(calls.items())]
 
 
 _PROVIDERS = {"vllm": "vllm", "openai": "openai", "transformers": "transformers"}

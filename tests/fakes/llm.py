@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from app.core.errors import BackendUnavailable, KeelError
-from app.core.types import Finished, GenerationRequest, LLMEvent, TextDelta, Usage
+from app.core.types import Finished, GenerationRequest, LLMEvent, TextDelta, ToolCallDelta, Usage
 
 
 @dataclass
@@ -31,6 +31,9 @@ class ScriptedBackend:
     is_ready: bool = True
     #: answers for the next calls, in order, before ``reply`` takes over
     replies: list[str] = field(default_factory=list)
+    #: (function name, arguments JSON): what a request that may call tools gets instead of ``reply``, streamed
+    #: as OpenAI does (id and name first, then the arguments in pieces)
+    call: tuple[str, str] | None = None
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[LLMEvent]:
         self.calls += 1
@@ -38,6 +41,18 @@ class ScriptedBackend:
         if self.fail_connect > 0:
             self.fail_connect -= 1
             raise BackendUnavailable(f"{self.name} refused the connection")
+        if self.call is not None and request.params.calls_tools:
+            name, args = self.call
+            choice = request.params.tool_choice
+            name = choice.name if choice is not None and choice.mode == "function" else name
+            for index in range(request.params.n):
+                yield ToolCallDelta(0, f"call_{self.calls}_{index}", name, "", index)
+                half = len(args) // 2
+                yield ToolCallDelta(0, None, None, args[:half], index)
+                yield ToolCallDelta(0, None, None, args[half:], index)
+                yield Finished("tool_calls", index)
+            yield Usage(prompt_tokens=sum(len(m.content.split()) for m in request.messages), completion_tokens=9)
+            return
         words = (self.replies.pop(0) if self.replies else self.reply).split(" ")
         limit = request.params.max_tokens or len(words)
         sent = 0

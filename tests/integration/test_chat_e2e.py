@@ -9,6 +9,9 @@ import time
 import httpx
 import openai
 import pytest
+from langchain.agents import create_agent
+from langchain_core.messages import AIMessage, HumanMessage
+from langchain_core.tools import tool
 from langchain_openai import ChatOpenAI
 
 from tests.integration.conftest import KeelServer
@@ -81,6 +84,70 @@ def test_langchain_chat_openai(keel_server: KeelServer) -> None:
     assert "Paris" in llm.invoke("What is the capital of France?").content
     chunks = list(llm.stream("What is the capital of France?"))
     assert len(chunks) > 2 and "Paris" in "".join(c.content for c in chunks)
+
+
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather now in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "description": "The city's name."}},
+                   "required": ["city"], "additionalProperties": False}}}
+ASK_WEATHER = [{"role": "user", "content": "What is the weather in Paris right now?"}]
+
+
+@tool
+def get_weather(city: str) -> str:
+    """The weather now in a city."""
+    return f"It is 21 C and sunny in {city}."
+
+
+def test_langchain_bind_tools_gets_a_call_then_answers_from_the_result(keel_server: KeelServer) -> None:
+    llm = ChatOpenAI(base_url=f"{keel_server.url}/v1", api_key=keel_server.keys["chat"], model="smollm2",
+                     temperature=0, max_tokens=60, max_retries=0)
+    # a named tool choice is guided decoding on vLLM: arguments valid for the schema, even from a 135M model (Keel's
+    # --tool-strict-level parameter holds them to it although the tool is not strict)
+    called = llm.bind_tools([get_weather], tool_choice="get_weather").invoke(ASK_WEATHER[0]["content"])
+    (call,) = called.tool_calls
+    assert call["name"] == "get_weather" and isinstance(call["args"]["city"], str) and call["id"]
+    result = get_weather.invoke(call)  # a ToolMessage answering the call
+    answer = llm.bind_tools([get_weather], tool_choice="none").invoke(
+        [HumanMessage(ASK_WEATHER[0]["content"]), called, result])
+    assert answer.content.strip() and not answer.tool_calls
+
+
+def test_a_langchain_agent_runs_on_keel(keel_server: KeelServer) -> None:
+    """A new user's tool-calling agent, unchanged: LangChain's agent (LangGraph's ReAct loop) binds its tools with
+    tool_choice auto."""
+    llm = ChatOpenAI(base_url=f"{keel_server.url}/v1", api_key=keel_server.keys["chat"], model="smollm2",
+                     temperature=0, max_tokens=60, max_retries=0)
+    agent = create_agent(llm, [get_weather])
+    out = agent.invoke({"messages": [("user", ASK_WEATHER[0]["content"])]}, {"recursion_limit": 8})
+    last = out["messages"][-1]
+    assert isinstance(last, AIMessage) and last.content.strip() and not last.tool_calls
+
+
+def test_streamed_tool_calls_accumulate_with_the_openai_client(keel_server: KeelServer) -> None:
+    stream = client(keel_server).chat.completions.create(
+        model="smollm2", messages=ASK_WEATHER, tools=[WEATHER_TOOL], tool_choice="required", stream=True,
+        temperature=0, max_tokens=60)
+    pieces, finish = [], None
+    for chunk in stream:
+        for choice in chunk.choices:
+            pieces += choice.delta.tool_calls or []
+            finish = choice.finish_reason or finish
+    assert pieces and pieces[0].id and pieces[0].function.name == "get_weather"
+    arguments = json.loads("".join(p.function.arguments or "" for p in pieces))
+    assert set(arguments) == {"city"} and isinstance(arguments["city"], str)
+    assert finish in ("tool_calls", "stop")
+
+
+def test_auto_tool_choice_reaches_the_models_parser(keel_server: KeelServer) -> None:
+    """'auto' needs vLLM's tool-call parser (hermes, with Keel's SmolLM2 template): the model decides."""
+    got = client(keel_server).chat.completions.create(
+        model="smollm2", messages=ASK_WEATHER, tools=[WEATHER_TOOL], tool_choice="auto", temperature=0,
+        max_tokens=60)
+    message = got.choices[0].message
+    assert message.content or message.tool_calls
+    for call in message.tool_calls or ():
+        assert call.function.name == "get_weather" and isinstance(json.loads(call.function.arguments), dict)
 
 
 async def test_eight_concurrent_streams(keel_server: KeelServer) -> None:

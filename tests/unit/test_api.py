@@ -53,6 +53,12 @@ def auth(key: str) -> dict[str, str]:
 BODY = {"model": "m", "messages": [{"role": "user", "content": "What is the capital of France?"}]}
 
 
+def _tool(name: str, parameters: dict | None = None) -> dict:
+    parameters = parameters or {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    return {"type": "function", "function": {"name": name, "description": "Weather now in a city.",
+                                             "parameters": parameters}}
+
+
 async def post(env, body, key="chat", **kw) -> httpx.Response:
     return await env["client"].post("/v1/chat/completions", json=body, headers=auth(env["keys"][key]), **kw)
 
@@ -141,7 +147,21 @@ async def test_backend_down_before_first_token_is_an_http_503(env) -> None:
          "invalid_request", "too many messages"),
         (json.dumps({**BODY, "messages": [{"role": "wizard", "content": "x"}]}).encode(), 400,
          "invalid_request", "messages.0.role"),
-        (json.dumps({**BODY, "tools": [{"type": "function"}]}).encode(), 400, "unsupported_parameter", "tools"),
+        (json.dumps({**BODY, "tools": [{"type": "function"}]}).encode(), 400, "invalid_request", "tools.0.function"),
+        (json.dumps({**BODY, "tools": [_tool("get weather")]}).encode(), 400, "invalid_request",
+         "tools.0.function.name"),
+        (json.dumps({**BODY, "tools": [_tool("f", {"type": "objekt"})]}).encode(), 400, "invalid_request",
+         "tools[0] (f): parameters is not a valid JSON Schema at type"),
+        (json.dumps({**BODY, "tools": [_tool("f"), _tool("f")]}).encode(), 400, "invalid_request",
+         "a second function named 'f'"),
+        (json.dumps({**BODY, "tools": [_tool("f")], "tool_choice": {"type": "function", "function": {"name": "g"}}}
+                    ).encode(), 400, "invalid_request", "'g', which is not in tools (f)"),
+        (json.dumps({**BODY, "tool_choice": "required"}).encode(), 400, "invalid_request", "tool_choice needs tools"),
+        (json.dumps({**BODY, "messages": [*BODY["messages"], {"role": "tool", "content": "21 C"}]}).encode(), 400,
+         "invalid_request", "tool message without tool_call_id"),
+        (json.dumps({**BODY, "messages": [*BODY["messages"], {"role": "tool", "content": "21 C",
+                                                                "tool_call_id": "call_9"}]}).encode(), 400,
+         "invalid_request", "answers tool call 'call_9', which no earlier assistant message made"),
         (json.dumps({**BODY, "frobnicate": 1}).encode(), 400, "unsupported_parameter", "frobnicate"),
         (json.dumps({**BODY, "response_format": {"type": "json_schema"}}).encode(), 400, "invalid_request",
          "json_schema"),
@@ -326,3 +346,57 @@ async def test_an_alias_routed_at_run_time_is_listed_and_answers_by_another_proc
     assert r.status_code == 200 and r.json()["model"] == "tuned"
     assert env["fake"].requests[-1].model == "fake-model-lora"
     assert "tuned" not in container.settings.models
+
+
+# -- tool calling -------------------------------------------------------------------------------------------
+
+WEATHER = {**BODY, "messages": [{"role": "user", "content": "What is the weather in Paris?"}],
+           "tools": [_tool("weather")]}
+
+
+async def test_a_tool_call_comes_back_in_openais_shape_and_the_result_goes_to_the_model(env) -> None:
+    env["fake"].call = ("weather", '{"city": "Paris"}')
+    r = await post(env, {**WEATHER, "tool_choice": "required", "parallel_tool_calls": False})
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    assert choice["finish_reason"] == "tool_calls"
+    assert choice["message"]["content"] is None
+    (call,) = choice["message"]["tool_calls"]
+    assert call["type"] == "function" and call["id"] and call["function"] == {"name": "weather",
+                                                                               "arguments": '{"city": "Paris"}'}
+    sent = env["fake"].requests[-1].params
+    assert [t.name for t in sent.tools] == ["weather"] and sent.tool_choice.mode == "required"
+    assert sent.parallel_tool_calls is False
+    # the call and its result go back in the history: the model gets both and answers in words
+    history = [*WEATHER["messages"], choice["message"],
+               {"role": "tool", "tool_call_id": call["id"], "content": "21 C and sunny"}]
+    r = await post(env, {**WEATHER, "messages": history, "tool_choice": "none"})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == "The capital of France is Paris."
+    seen = env["fake"].requests[-1].messages
+    assert seen[1].tool_calls[0].name == "weather" and seen[1].content == ""
+    assert seen[2].role == "tool" and seen[2].tool_call_id == call["id"] and seen[2].content == "21 C and sunny"
+
+
+async def test_the_openai_client_accumulates_streamed_tool_calls(env) -> None:
+    env["fake"].call = ("weather", '{"city": "Paris"}')
+    client = openai.AsyncOpenAI(base_url="http://keel/v1", api_key=env["keys"]["chat"],
+                                http_client=httpx.AsyncClient(transport=env["transport"]))
+    stream = await client.chat.completions.create(
+        model="m", messages=WEATHER["messages"], tools=WEATHER["tools"], stream=True,
+        tool_choice={"type": "function", "function": {"name": "weather"}})
+    chunks = [c async for c in stream]
+    pieces = [tc for c in chunks for ch in c.choices for tc in (ch.delta.tool_calls or ())]
+    assert pieces[0].id and pieces[0].function.name == "weather" and pieces[0].type == "function"
+    assert "".join(p.function.arguments or "" for p in pieces) == '{"city": "Paris"}'
+    assert {p.index for p in pieces} == {0}
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    # the SDK's own accumulator agrees (its helper takes strict tools only, and parses their arguments)
+    strict = _tool("weather", {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
+                               "additionalProperties": False})
+    strict["function"]["strict"] = True
+    async with client.chat.completions.stream(model="m", messages=WEATHER["messages"], tools=[strict],
+                                              tool_choice="required") as s:
+        final = await s.get_final_completion()
+    assert final.choices[0].message.tool_calls[0].function.parsed_arguments == {"city": "Paris"}
+

@@ -22,6 +22,10 @@ from app.core.types import (
     GenerationRequest,
     ResponseFormat,
     TextDelta,
+    ToolCall,
+    ToolCallDelta,
+    ToolChoice,
+    ToolSpec,
     Usage,
 )
 from app.llm.openai_backend import OpenAIBackend, build_payload
@@ -81,6 +85,42 @@ def test_payload_maps_json_schema_to_guided_decoding() -> None:
                                        "json_schema": {"name": "x", "schema": schema, "strict": True}}
     assert body["max_tokens"] == 5 and body["temperature"] == 0 and body["stop"] == ["\n"] and body["n"] == 2
     assert "top_p" not in body and "seed" not in body
+
+
+def test_payload_carries_tools_the_choice_and_the_calls_in_the_history() -> None:
+    params = {"type": "object", "properties": {"city": {"type": "string"}}}
+    history = (ChatMessage("user", "Weather in Paris?"),
+               ChatMessage("assistant", "", tool_calls=(ToolCall("c1", "weather", '{"city": "Paris"}'),)),
+               ChatMessage("tool", "21 C", tool_call_id="c1"))
+    req = GenerationRequest(model="m", messages=history, params=GenerationParams(
+        tools=(ToolSpec("weather", "Weather now.", params),), tool_choice=ToolChoice("function", "weather"),
+        parallel_tool_calls=False))
+    body = build_payload(req)
+    assert body["tools"] == [{"type": "function", "function": {"name": "weather", "description": "Weather now.",
+                                                               "parameters": params}}]
+    assert body["tool_choice"] == {"type": "function", "function": {"name": "weather"}}
+    assert body["parallel_tool_calls"] is False
+    assert body["messages"][1] == {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Paris"}'}}]}
+    assert body["messages"][2] == {"role": "tool", "content": "21 C", "tool_call_id": "c1"}
+    assert "tools" not in build_payload(REQ) and "tool_choice" not in build_payload(REQ)
+
+
+async def test_streamed_tool_call_deltas_become_events() -> None:
+    def call(**piece) -> dict:
+        return {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m", "choices": [
+            {"index": 0, "delta": {"content": None, "tool_calls": [piece]}, "finish_reason": None}]}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=sse(
+            chunk(role="assistant", content=""),
+            call(index=0, id="call_1", type="function", function={"name": "weather"}),
+            call(index=0, function={"arguments": '{"city": '}), call(index=0, function={"arguments": '"Paris"}'}),
+            chunk(finish="tool_calls"), "[DONE]"))
+
+    events = await collect(backend(handler))
+    assert events == [ToolCallDelta(0, "call_1", "weather", ""), ToolCallDelta(0, None, None, '{"city": '),
+                      ToolCallDelta(0, None, None, '"Paris"}'), Finished("tool_calls")]
 
 
 @pytest.mark.parametrize(

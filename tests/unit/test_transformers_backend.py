@@ -23,6 +23,8 @@ from app.core.types import (
     LLMEvent,
     ResponseFormat,
     TextDelta,
+    ToolChoice,
+    ToolSpec,
     Usage,
 )
 
@@ -176,6 +178,15 @@ async def test_json_schema_is_unsupported(backend: Any) -> None:
     fmt = ResponseFormat(type="json_schema", schema={"type": "object"})
     with pytest.raises(UnsupportedParameter, match="vLLM"):
         await collect(backend, request(response_format=fmt))
+
+
+async def test_tool_calls_are_unsupported_unless_tool_choice_is_none(backend: Any) -> None:
+    tools = (ToolSpec("weather", parameters={"type": "object"}),)
+    with pytest.raises(UnsupportedParameter, match="route this model to a vLLM backend") as err:
+        await collect(backend, request(tools=tools))
+    assert err.value.param == "tools"
+    text, _ = await collect(backend, request(tools=tools, tool_choice=ToolChoice("none"), max_tokens=4))
+    assert text
 
 
 async def test_missing_adapter_is_backend_error(backend: Any, tmp_path: Path) -> None:

@@ -9,9 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from app.core.errors import KeelError
 from app.core.settings import ManagedVLLM
+from app.llm.model_prep import SMOLLM2_TOOLS_TEMPLATE
 from app.llm.vllm_server import VLLMSupervisor, port_in_use
 
 FAKE = Path(__file__).parents[1] / "fakes" / "fake_vllm.py"
@@ -191,3 +193,43 @@ async def test_a_configured_key_replaces_the_random_one(make) -> None:
     await sup.start()
     assert sup.api_key == "k" * 40 and sup.environment()["VLLM_API_KEY"] == "k" * 40
     await sup.stop()
+
+
+def test_function_calling_is_configured_for_the_prepared_smollm2(make) -> None:
+    sup = make()
+    cmd = sup.command()
+    assert cmd[cmd.index("--tool-call-parser") + 1] == "hermes" and "--enable-auto-tool-choice" in cmd
+    assert cmd[cmd.index("--tool-strict-level") + 1] == "parameter"
+    assert "--chat-template" not in cmd  # not Keel's prepared folder: the model's own template
+    (sup.cfg.model_path / "keel-prepared.json").write_text("{}")
+    cmd = sup.command()
+    assert cmd[cmd.index("--chat-template") + 1] == str(SMOLLM2_TOOLS_TEMPLATE)
+    cmd = make(tool_call_parser=None, chat_template=Path("/t.jinja")).command()
+    assert "--tool-call-parser" not in cmd and cmd[cmd.index("--chat-template") + 1] == "/t.jinja"
+
+
+def test_the_tools_template_renders_smollm2s_own_prompt_when_there_are_no_tools() -> None:
+    """Plain chat must not change because the server can call functions now."""
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    own = env.from_string(
+        "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"
+        "You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}"
+        "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+    ours = env.from_string(SMOLLM2_TOOLS_TEMPLATE.read_text())
+    for messages in ([{"role": "user", "content": "hi"}],
+                     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
+                      {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "a\nb"}]):
+        for gen in (True, False):
+            assert ours.render(messages=messages, add_generation_prompt=gen) == own.render(
+                messages=messages, add_generation_prompt=gen)
+    called = ours.render(add_generation_prompt=True, tools=[{"type": "function", "function": {"name": "weather"}}],
+                         messages=[{"role": "user", "content": "Weather in Paris?"},
+                                   {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "function": {
+                                       "name": "weather", "arguments": '{"city": "Paris"}'}}]},
+                                   {"role": "tool", "tool_call_id": "c1", "content": "21 C"}])
+    # (jinja's own tojson sorts keys; vLLM's keeps them in order)
+    assert '<tools>\n{"function": {"name": "weather"}, "type": "function"}\n</tools>' in called
+    assert '<tool_call>\n{"name": "weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>' in called
+    assert called.endswith("<|im_start|>user\n<tool_response>\n21 C\n</tool_response><|im_end|>\n"
+                           "<|im_start|>assistant\n")

@@ -21,12 +21,16 @@ from app.api.schemas import (
     Choice,
     ChunkChoice,
     Delta,
+    DeltaFunction,
+    DeltaToolCall,
+    FunctionCallOut,
     PromptInfo,
     ReleaseInfo,
+    ToolCallOut,
     UsageOut,
 )
 from app.core.errors import ClientGone, KeelError, UnsupportedParameter
-from app.core.types import Finished, TextDelta, Usage
+from app.core.types import Finished, TextDelta, ToolCallDelta, Usage
 from app.guardrails.types import GuardrailBlocked, GuardrailRedaction, GuardrailRetraction, event_payload
 from app.services.chat import ChatEvent, ChatRequest, ChatResult, Citations, PromptUse, Started
 from app.services.grounding import RagUse
@@ -44,11 +48,6 @@ THREAD_HEADER = "X-Keel-Thread"
 
 def to_domain(body: ChatCompletionRequest, request_id: str, user: str | None = None,
               thread: str | None = None, scopes: frozenset[str] | None = None) -> ChatRequest:
-    if body.tools:
-        raise UnsupportedParameter(
-            "tools/function calling is not supported by this endpoint yet; use agent workflows instead",
-            param="tools",
-        )
     if body.logprobs:
         raise UnsupportedParameter("logprobs are not supported", param="logprobs")
     unknown = sorted(set(body.model_extra or ()))
@@ -102,8 +101,7 @@ def completion(body: ChatCompletionRequest, result: ChatResult) -> ChatCompletio
     return ChatCompletion(
         id=result.id, created=result.created, model=result.model,
         choices=[
-            Choice(index=i, message=AssistantMessage(content="".join(result.texts.get(i, []))),
-                   finish_reason=result.finish.get(i, "stop"))
+            Choice(index=i, message=_message(result, i), finish_reason=result.finish.get(i, "stop"))
             for i in range(body.n)
         ],
         usage=UsageOut(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
@@ -115,6 +113,16 @@ def completion(body: ChatCompletionRequest, result: ChatResult) -> ChatCompletio
         guardrail_events=[event_payload(e) for e in result.guardrail_events] or None,
         service_tier=_tier(body),
     )
+
+
+def _message(result: ChatResult, index: int) -> AssistantMessage:
+    text = "".join(result.texts.get(index, []))
+    calls = result.tool_calls.get(index)
+    if not calls:
+        return AssistantMessage(content=text)
+    # OpenAI: an assistant turn that only calls functions has null content
+    return AssistantMessage(content=text or None, tool_calls=[
+        ToolCallOut(id=c.id, function=FunctionCallOut(name=c.name, arguments=c.arguments)) for c in calls])
 
 
 def _tier(body: ChatCompletionRequest) -> str | None:
@@ -177,6 +185,10 @@ async def _sse(
         async for event in all_events():
             if isinstance(event, TextDelta):
                 yield frame([ChunkChoice(index=event.index, delta=Delta(content=event.text))])
+            elif isinstance(event, ToolCallDelta):
+                call = DeltaToolCall(index=event.call, id=event.id, type="function" if event.id else None,
+                                     function=DeltaFunction(name=event.name, arguments=event.arguments))
+                yield frame([ChunkChoice(index=event.index, delta=Delta(tool_calls=[call]))])
             elif isinstance(event, Finished):
                 yield frame([ChunkChoice(index=event.index, delta=Delta(), finish_reason=event.reason)])
             elif isinstance(event, Usage):
