@@ -29,6 +29,7 @@ from app.security.ratelimit import RateLimiter
 from app.services.chat import ChatService
 from app.services.grounding import Grounder
 from app.services.ingest_jobs import IngestJobs
+from app.services.response_store import ResponseStore
 from app.settings import Settings
 from evals.gate import prompt_gate
 from evals.jobs import EvalJobs, load_named_suite, submit_run
@@ -96,6 +97,8 @@ class Container:
     batches: BatchService | None = None
     #: Continuous-training pipelines (runs on the job runner, triggers checked by the lifespan); None: off.
     pipelines: PipelineService | None = None
+    #: Stored responses of /v1/responses (their conversations, for previous_response_id).
+    responses: ResponseStore | None = None
     #: The feature store (Feast, imported on first use); None: features.enabled is off.
     features: FeatureService | None = None
 
@@ -175,6 +178,7 @@ class Container:
                         eval_store, jobs=runner, releases=releases, serving=serving, front=front, lineage=lineage,
                         tracing=tracing, monitor=monitor)
         EvalJobs(container.eval_deps).register(runner, slots=job_settings.eval_slots)
+        container.responses = ResponseStore(settings.home)
         if settings.batch.enabled:
             container.batches = BatchService(BatchStore(settings.home), runner, settings.batch,
                                              load=lambda: chat.active)
@@ -339,6 +343,7 @@ class Container:
             *((("releases", self.releases.close),) if self.releases is not None else ()),
             *((("tool audit", self.tool_audit.close),) if self.tool_audit is not None else ()),
             *((("batch store", self.batches.store.close),) if self.batches is not None else ()),
+            *((("response store", self.responses.close),) if self.responses is not None else ()),
             *((("pipeline store", self.pipelines.store.close),) if self.pipelines is not None else ()),
             ("fine-tune jobs", self.finetune.close), ("eval store", self.evals.close),
             *((f"closer {getattr(c, '__name__', c)}", c) for c in reversed(self._closers)),

@@ -6,7 +6,8 @@ through Keel, alternating round by round in one run, so both see the same machin
         --key "$(cat .keel/dev-api-key)"                    # measure running servers
 
 Prints a table (TTFT p50/p95, inter-token latency, tokens/s, Keel/direct ratios) and writes JSON
-under bench/results/.
+under bench/results/. The ``+tool`` rows send the same prompts with a function and a named tool_choice (guided
+decoding of the call's arguments): the function-calling path through Keel against straight to vLLM.
 """
 
 from __future__ import annotations
@@ -64,10 +65,18 @@ class Round:
         return sum(s.tokens for s in self.samples)
 
 
+#: The +tool rows' function: the model writes its arguments under guided decoding (a named tool_choice).
+TOOL = {"type": "function", "function": {"name": "answer", "description": "Answer the question.", "parameters": {
+    "type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"],
+    "additionalProperties": False}}}
+
+
 async def one_request(client: httpx.AsyncClient, url: str, headers: dict, model: str, prompt: str,
-                      max_tokens: int) -> Sample:
+                      max_tokens: int, tools: bool = False) -> Sample:
     body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
             "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    if tools:
+        body |= {"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "answer"}}}
     start = time.perf_counter()
     first = last = None
     gaps: list[float] = []
@@ -82,7 +91,9 @@ async def one_request(client: httpx.AsyncClient, url: str, headers: dict, model:
                 raise RuntimeError(chunk["error"])
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
-            if chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
+            delta = chunk["choices"][0]["delta"] if chunk.get("choices") else {}
+            if delta.get("content") or any((c.get("function") or {}).get("arguments")
+                                           for c in delta.get("tool_calls") or ()):
                 now = time.perf_counter()
                 if first is None:
                     first = now
@@ -94,12 +105,12 @@ async def one_request(client: httpx.AsyncClient, url: str, headers: dict, model:
 
 
 async def run_round(target: str, url: str, headers: dict, model: str, concurrency: int,
-                    max_tokens: int, offset: int) -> Round:
+                    max_tokens: int, offset: int, tools: bool = False) -> Round:
     limits = httpx.Limits(max_connections=concurrency * 2)
     async with httpx.AsyncClient(timeout=300, limits=limits) as client:
         start = time.perf_counter()
         samples = await asyncio.gather(*(
-            one_request(client, url, headers, model, PROMPTS[(offset + i) % len(PROMPTS)], max_tokens)
+            one_request(client, url, headers, model, PROMPTS[(offset + i) % len(PROMPTS)], max_tokens, tools)
             for i in range(concurrency)
         ))
         return Round(target, concurrency, time.perf_counter() - start, list(samples))
@@ -189,8 +200,11 @@ async def main_async(args: argparse.Namespace) -> dict:
         "keel": (f"{args.keel_url}/v1/chat/completions", auth, args.raw_model),
         "keel+guards": (f"{args.keel_url}/v1/chat/completions", auth, args.model),
     }
+    if not args.no_tools:
+        targets["direct+tool"] = targets["direct"]
+        targets["keel+tool"] = targets["keel"]
     for name, (url, headers, model) in targets.items():  # warm-up, not measured
-        await run_round(name, url, headers, model, 2, 16, 0)
+        await run_round(name, url, headers, model, 2, 16, 0, name.endswith("+tool"))
     results: dict[str, dict] = {}
     for concurrency in args.concurrency:
         rounds: dict[str, list[Round]] = {name: [] for name in targets}
@@ -199,15 +213,18 @@ async def main_async(args: argparse.Namespace) -> dict:
             order = names[i % len(names):] + names[:i % len(names)]  # rotate who goes first
             for name in order:
                 url, headers, model = targets[name]
-                rounds[name].append(await run_round(name, url, headers, model, concurrency, args.max_tokens, i))
+                rounds[name].append(await run_round(name, url, headers, model, concurrency, args.max_tokens, i,
+                                                    name.endswith("+tool")))
         summary = {name: summarize(rs) for name, rs in rounds.items()}
         result: dict = {**summary, "rounds": {k: [asdict(r) | {"tokens": r.tokens} for r in v]
                                               for k, v in rounds.items()}}
-        for name in ("keel", "keel+guards"):
-            d, k = summary["direct"], summary[name]
+        for name, base in _RATIOS.items():
+            if name not in summary:
+                continue
+            d, k = summary[base], summary[name]
             # Each round ran right next to a direct round: comparing pairs cancels most of the slow
             # drifts in machine load that pooled percentiles would mix in.
-            pairs = [(summarize([a]), summarize([b])) for a, b in zip(rounds["direct"], rounds[name], strict=True)]
+            pairs = [(summarize([a]), summarize([b])) for a, b in zip(rounds[base], rounds[name], strict=True)]
             result[f"ratio:{name}"] = {
                 "throughput": k["tokens_per_s"] / d["tokens_per_s"],
                 "ttft_p50_added_ms": k["ttft_p50_ms"] - d["ttft_p50_ms"],
@@ -221,6 +238,45 @@ async def main_async(args: argparse.Namespace) -> dict:
     return results
 
 
+async def embeddings_rows(args: argparse.Namespace) -> dict:
+    """/v1/embeddings through Keel against the same model called in this process (sentence-transformers, off the
+    event loop as Keel does), ``args.embed_concurrency`` requests of one text at a time, alternating rounds."""
+    from ingest.embedding import SentenceTransformerEmbedder
+
+    local = SentenceTransformerEmbedder()
+    local.warm_up()
+    sem = asyncio.Semaphore(args.embed_concurrency)
+    texts = [f"{p} ({i})" for i in range(args.embed_requests // len(PROMPTS) + 1) for p in PROMPTS]
+    texts = texts[:args.embed_requests]
+
+    async def in_process(text: str) -> None:
+        async with sem:
+            await asyncio.to_thread(local.embed_documents, [text])
+
+    async def keel(client: httpx.AsyncClient, text: str) -> None:
+        async with sem:
+            r = await client.post(f"{args.keel_url}/v1/embeddings", json={"model": "all-MiniLM-L6-v2", "input": text},
+                                  headers={"Authorization": f"Bearer {args.key}"})
+            r.raise_for_status()
+
+    rates: dict[str, list[float]] = {"in-process": [], "keel": []}
+    async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=args.embed_concurrency * 2)) as c:
+        await asyncio.gather(*(keel(c, t) for t in texts[:8]), *(in_process(t) for t in texts[:8]))  # warm-up
+        for i in range(args.rounds):
+            for name in (["in-process", "keel"] if i % 2 == 0 else ["keel", "in-process"]):
+                start = time.perf_counter()
+                await asyncio.gather(*((keel(c, t) if name == "keel" else in_process(t)) for t in texts))
+                rates[name].append(len(texts) / (time.perf_counter() - start))
+    out = {name: {"requests_per_s": statistics.median(r), "rounds": r} for name, r in rates.items()}
+    out["ratio"] = out["keel"]["requests_per_s"] / out["in-process"]["requests_per_s"]
+    out["concurrency"] = args.embed_concurrency
+    return out
+
+
+#: each measured path and the direct one it is compared with
+_RATIOS = {"keel": "direct", "keel+guards": "direct", "keel+tool": "direct+tool"}
+
+
 def print_table(results: dict) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -229,18 +285,34 @@ def print_table(results: dict) -> None:
     for col in ("conc", "target", "reqs", "TTFT p50 ms", "TTFT p95 ms", "ITL p50 ms", "ITL p95 ms", "tok/s"):
         table.add_column(col, justify="right")
     for conc, res in results.items():
-        for name in ("direct", "keel", "keel+guards"):
+        if conc == "embeddings":
+            continue
+        for name in ("direct", "keel", "keel+guards", "direct+tool", "keel+tool"):
+            if name not in res:
+                continue
             s = res[name]
             table.add_row(conc, name, str(s["requests"]), f"{s['ttft_p50_ms']:.1f}", f"{s['ttft_p95_ms']:.1f}",
                           f"{s['itl_p50_ms']:.1f}", f"{s['itl_p95_ms']:.1f}", f"{s['tokens_per_s']:.1f}")
-        for name in ("keel", "keel+guards"):
+        for name, base in _RATIOS.items():
+            if f"ratio:{name}" not in res:
+                continue
             r = res[f"ratio:{name}"]
-            table.add_row(conc, f"[bold]{name}/direct[/bold]", "", f"{r['ttft_p50_added_ms']:+.1f}",
+            table.add_row(conc, f"[bold]{name}/{base}[/bold]", "", f"{r['ttft_p50_added_ms']:+.1f}",
                           f"{r['ttft_p95_added_ms']:+.1f}", f"x{r['itl_p50_ratio']:.3f}", "",
                           f"[bold]{r['throughput'] * 100:.1f}%[/bold]")
             table.add_row(conc, f"{name} paired median", "", f"{r['paired_ttft_p50_added_ms_median']:+.1f}", "", "",
                           "", f"{r['paired_throughput_median'] * 100:.1f}%")
     Console().print(table)
+    e = results.get("embeddings")
+    if e:
+        table = Table(title=f"/v1/embeddings vs the model in process (one text per request, concurrency "
+                            f"{e['concurrency']})")
+        for col in ("target", "requests/s (median of rounds)"):
+            table.add_column(col, justify="right")
+        table.add_row("in-process", f"{e['in-process']['requests_per_s']:.1f}")
+        table.add_row("keel", f"{e['keel']['requests_per_s']:.1f}")
+        table.add_row("[bold]keel/in-process[/bold]", f"[bold]{e['ratio'] * 100:.1f}%[/bold]")
+        Console().print(table)
 
 
 def main() -> None:
@@ -256,6 +328,10 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=8, help="rounds per target and concurrency (alternating)")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--enforce-eager", action="store_true", help="when starting vLLM: skip torch.compile")
+    p.add_argument("--no-tools", action="store_true", help="skip the function-calling rows")
+    p.add_argument("--no-embeddings", action="store_true", help="skip the /v1/embeddings row")
+    p.add_argument("--embed-concurrency", type=int, default=8)
+    p.add_argument("--embed-requests", type=int, default=200, help="requests per embeddings round")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = p.parse_args()
 
@@ -267,6 +343,8 @@ def main() -> None:
         p.error("--keel-url needs --vllm-url and --key")
     try:
         results = asyncio.run(main_async(args))
+        if not args.no_embeddings:
+            results["embeddings"] = asyncio.run(embeddings_rows(args))
     finally:
         if proc is not None:
             proc.send_signal(signal.SIGTERM)
@@ -278,7 +356,7 @@ def main() -> None:
         "benchmark": "serving", "created": datetime.now(UTC).isoformat(), "machine": {
             "cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "settings": {"rounds": args.rounds, "max_tokens": args.max_tokens, "concurrency": args.concurrency,
-                     "enforce_eager": args.enforce_eager},
+                     "enforce_eager": args.enforce_eager, "tools": not args.no_tools},
         "results": results,
     }, indent=2))
     print(f"wrote {out}")

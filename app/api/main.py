@@ -27,6 +27,7 @@ from app.api.routes import (
     pipelines,
     rag,
     releases,
+    responses,
     studio,
     system,
     traces,
@@ -95,6 +96,7 @@ def create_app(settings: Settings | None = None, container: Container | None = N
         max_body_bytes_getter=lambda: settings.limits.max_body_bytes,
     )
     app.include_router(chat.router)
+    app.include_router(responses.router)
     app.include_router(embeddings.router)
     app.include_router(batches.router)
     app.include_router(system.router)

@@ -226,20 +226,7 @@ class ChatCompletionRequest(_Wire):
         return v
 
     def params(self) -> GenerationParams:
-        fmt = None
-        if self.response_format is not None and self.response_format.type != "text":
-            spec = self.response_format.json_schema
-            if self.response_format.type == "json_schema" and spec is None:
-                raise InvalidRequest(
-                    "response_format.type 'json_schema' needs response_format.json_schema.schema",
-                    param="response_format",
-                )
-            fmt = ResponseFormat(
-                type=self.response_format.type,
-                schema=spec.schema_ if spec else None,
-                name=spec.name if spec else "response",
-                strict=bool(spec.strict) if spec and spec.strict is not None else True,
-            )
+        fmt = response_format(self.response_format)
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         tools, choice = self._tools()
         return GenerationParams(
@@ -259,37 +246,60 @@ class ChatCompletionRequest(_Wire):
 
 
     def _tools(self) -> tuple[tuple[ToolSpec, ...], ToolChoice | None]:
-        """The functions and the choice, checked: a schema that is not JSON Schema, a duplicate name or a choice
-        naming no given function is a 400 that names the tool."""
         check_tool_turns(self.messages)
-        specs: list[ToolSpec] = []
-        for i, tool in enumerate(self.tools or ()):
-            fn = tool.function
-            if any(s.name == fn.name for s in specs):
-                raise InvalidRequest(f"tools[{i}]: a second function named {fn.name!r}; names must be unique",
-                                     param=f"tools[{i}].function.name")
-            if fn.parameters is not None:
-                try:
-                    validator_for(fn.parameters).check_schema(fn.parameters)
-                except SchemaError as exc:
-                    where = "/".join(str(p) for p in exc.absolute_path) or "(root)"
-                    raise InvalidRequest(f"tools[{i}] ({fn.name}): parameters is not a valid JSON Schema at {where}: "
-                                         f"{exc.message}", param=f"tools[{i}].function.parameters") from None
-            specs.append(ToolSpec(fn.name, fn.description, fn.parameters, fn.strict))
         choice = self.tool_choice
-        if choice is None:
-            return tuple(specs), None
-        if not specs:
-            if choice == "none":
-                return (), None
-            raise InvalidRequest("tool_choice needs tools: give the functions the model may call",
-                                 param="tool_choice")
         if isinstance(choice, NamedToolChoice):
-            if not any(s.name == choice.function.name for s in specs):
-                raise InvalidRequest(f"tool_choice names function {choice.function.name!r}, which is not in tools "
-                                     f"({', '.join(s.name for s in specs)})", param="tool_choice")
-            return tuple(specs), ToolChoice("function", choice.function.name)
+            return tool_params([t.function for t in self.tools or ()], "function", "tools[{i}].function",
+                               named=choice.function.name)
+        return tool_params([t.function for t in self.tools or ()], choice, "tools[{i}].function")
+
+
+def response_format(wire: ResponseFormatIn | None, param: str = "response_format") -> ResponseFormat | None:
+    """Constrained output as the domain has it (``json_schema`` is guided decoding on vLLM)."""
+    if wire is None or wire.type == "text":
+        return None
+    spec = wire.json_schema
+    if wire.type == "json_schema" and spec is None:
+        raise InvalidRequest(f"{param}.type 'json_schema' needs a schema", param=param)
+    return ResponseFormat(
+        type=wire.type,
+        schema=spec.schema_ if spec else None,
+        name=spec.name if spec else "response",
+        strict=bool(spec.strict) if spec and spec.strict is not None else True,
+    )
+
+
+def tool_params(functions: list[FunctionDef], choice: str | None, where: str, named: str | None = None
+                ) -> tuple[tuple[ToolSpec, ...], ToolChoice | None]:
+    """The functions and the choice, checked (chat completions and responses alike): a schema that is not JSON
+    Schema, a duplicate name or a choice naming no given function is a 400 that names the tool. ``choice``: none,
+    auto, required, or function (``named``); ``where``: the wire path of function ``i``, for the error's param."""
+    specs: list[ToolSpec] = []
+    for i, fn in enumerate(functions):
+        at = where.format(i=i)
+        if any(s.name == fn.name for s in specs):
+            raise InvalidRequest(f"tools[{i}]: a second function named {fn.name!r}; names must be unique",
+                                 param=f"{at}.name")
+        if fn.parameters is not None:
+            try:
+                validator_for(fn.parameters).check_schema(fn.parameters)
+            except SchemaError as exc:
+                path = "/".join(str(p) for p in exc.absolute_path) or "(root)"
+                raise InvalidRequest(f"tools[{i}] ({fn.name}): parameters is not a valid JSON Schema at {path}: "
+                                     f"{exc.message}", param=f"{at}.parameters") from None
+        specs.append(ToolSpec(fn.name, fn.description, fn.parameters, fn.strict))
+    if choice is None:
+        return tuple(specs), None
+    if not specs:
+        if choice == "none":
+            return (), None
+        raise InvalidRequest("tool_choice needs tools: give the functions the model may call", param="tool_choice")
+    if choice != "function":
         return tuple(specs), ToolChoice(choice)
+    if not any(s.name == named for s in specs):
+        raise InvalidRequest(f"tool_choice names function {named!r}, which is not in tools "
+                             f"({', '.join(s.name for s in specs)})", param="tool_choice")
+    return tuple(specs), ToolChoice("function", named)
 
 
 class UsageOut(_Out):

@@ -139,6 +139,27 @@ def test_streamed_tool_calls_accumulate_with_the_openai_client(keel_server: Keel
     assert finish in ("tool_calls", "stop")
 
 
+def test_responses_api_runs_a_tool_using_turn(keel_server: KeelServer) -> None:
+    """The Responses API (what the OpenAI Agents SDK and new OpenAI clients default to) on the real model: a named
+    function call, its output sent back by previous_response_id, then an answer in words; streamed too."""
+    c = client(keel_server)
+    tool = {"type": "function", **WEATHER_TOOL["function"]}
+    called = c.responses.create(model="smollm2", input=ASK_WEATHER[0]["content"], tools=[tool], temperature=0,
+                                tool_choice={"type": "function", "name": "get_weather"}, max_output_tokens=60)
+    (call,) = [item for item in called.output if item.type == "function_call"]
+    assert call.name == "get_weather" and isinstance(json.loads(call.arguments)["city"], str)
+    answer = c.responses.create(model="smollm2", previous_response_id=called.id, tools=[tool], tool_choice="none",
+                                input=[{"type": "function_call_output", "call_id": call.call_id,
+                                        "output": "It is 21 C and sunny in Paris."}],
+                                temperature=0, max_output_tokens=40)
+    assert answer.output_text.strip() and answer.status in ("completed", "incomplete")
+    with c.responses.stream(model="smollm2", input="What is the capital of France?", temperature=0,
+                            max_output_tokens=20) as stream:
+        kinds = [event.type for event in stream]
+        final = stream.get_final_response()
+    assert "response.output_text.delta" in kinds and "Paris" in final.output_text
+
+
 def test_auto_tool_choice_reaches_the_models_parser(keel_server: KeelServer) -> None:
     """'auto' needs vLLM's tool-call parser (hermes, with Keel's SmolLM2 template): the model decides."""
     got = client(keel_server).chat.completions.create(

@@ -42,6 +42,7 @@ PUBLIC = {("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/metrics"), ("GET", 
 # policy must refuse an injection sent through them ("probe"), or why not.
 MODEL_ROUTES: dict[tuple[str, str], dict[str, Any]] = {
     ("POST", "/v1/chat/completions"): {"scope": "chat", "probe": "chat"},
+    ("POST", "/v1/responses"): {"scope": "chat", "probe": "responses"},
     ("POST", "/v1/agents/{workflow}/runs"): {"scope": "chat", "probe": "agent_run"},
     ("POST", "/v1/agents/runs/{run_id}/resume"): {"scope": "chat", "probe": "agent_resume"},
     # eval traffic: the suite's cases, not a user's input; they run under the policy the suite binds
@@ -94,6 +95,9 @@ NO_MODEL = {
     ("GET", "/v1/monitor/drift/{check_id}/report"),
     # embeddings: the in-process RAG embedder turns texts into vectors; no LLM backend, no tool, nothing generates
     ("POST", "/v1/embeddings"),
+    # stored responses: read, list their input, delete (the model is reached by POST /v1/responses)
+    ("GET", "/v1/responses/{response_id}"), ("GET", "/v1/responses/{response_id}/input_items"),
+    ("DELETE", "/v1/responses/{response_id}"),
     # batch files and batches' state; cancelling stops work (the model is reached by POST /v1/batches)
     ("POST", "/v1/files"), ("GET", "/v1/files"), ("GET", "/v1/files/{file_id}"),
     ("GET", "/v1/files/{file_id}/content"), ("DELETE", "/v1/files/{file_id}"), ("GET", "/v1/batches"),
@@ -180,6 +184,13 @@ async def _probe(kind: str, env: dict[str, Any]) -> None:
             r = await body
             assert r.status_code == 200, r.text
             assert r.json()["choices"][0]["finish_reason"] == "content_filter", model
+    elif kind == "responses":
+        r = await c.post("/v1/responses", json={"model": "m", "input": ATTACK})
+        assert r.status_code == 200, r.text
+        assert r.json()["incomplete_details"] == {"reason": "content_filter"}, r.json()
+        r = await c.post("/v1/responses", json={"model": "m", "input": [{"role": "user", "content": ATTACK}],
+                                                 "stream": True})
+        assert _events(r.text)[-1]["type"] == "response.incomplete"
     elif kind == "agent_run":
         for workflow in ("research", "rag-qa"):
             for stream in (True, False):
