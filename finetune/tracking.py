@@ -272,15 +272,18 @@ class AdapterRegistry:
             return None
         return _to_version(mv)
 
-    def versions(self, model: str) -> list[AdapterVersion]:
-        from dataclasses import replace
-
+    def _registered(self, model: str) -> Any:
         from mlflow.exceptions import MlflowException
 
         try:
-            aliases = self.client.get_registered_model(model).aliases or {}
+            return self.client.get_registered_model(model)
         except MlflowException as exc:
             raise AdapterNotFound(f"no registered adapter model {model!r}", param="model") from exc
+
+    def versions(self, model: str) -> list[AdapterVersion]:
+        from dataclasses import replace
+
+        aliases = self._registered(model).aliases or {}
         by_version: dict[str, list[str]] = {}
         for alias, version in aliases.items():
             by_version.setdefault(str(version), []).append(alias)
@@ -293,7 +296,7 @@ class AdapterRegistry:
         return sorted(m.name for m in self.client.search_registered_models())
 
     def _history(self, model: str) -> list[str]:
-        rm = self.client.get_registered_model(model)
+        rm = self._registered(model)
         return json.loads(rm.tags.get(_HISTORY_TAG, "[]"))
 
     def run_gate(self, version: AdapterVersion, gate: AdapterGate | None = None) -> GateVerdict:

@@ -2,14 +2,15 @@
 
 FastAPI documents a 422 with its own validation schema for any route with parameters; Keel answers a bad request
 with a 400 and its OpenAI-style error body instead (``app.api.errors``), and every authenticated route can also
-answer 401 (no or a bad key), 429 (the key's rate limit) and, behind a scope, 403. Routes declare their own
-domain errors (404, 409, ...) with :func:`error_responses`; :func:`document_errors` adds the ones every route
+answer 401 (no or a bad key), 429 (the key's rate limit) and, behind a scope, 403; a route with a path parameter
+can answer 404 (nothing by that id or name). Routes declare their other domain errors (409, a 404 without a path
+parameter, ...) with :func:`error_responses`; :func:`document_errors` adds the ones every route
 shares, from what the route depends on, so the document cannot forget a route.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from fastapi import FastAPI
@@ -17,6 +18,7 @@ from fastapi.dependencies.models import Dependant
 from pydantic.json_schema import models_json_schema
 
 from app.api.deps import authenticate
+from app.api.endpoints import endpoints
 from app.api.schemas import ErrorResponse
 
 _REF = "#/components/schemas/{model}"
@@ -24,6 +26,7 @@ _SHARED = {
     400: "Invalid request: a parameter or the body does not match the schema (the message names the field).",
     401: "Missing, invalid or revoked API key.",
     403: "The API key lacks the scope this route needs (the message names it).",
+    404: "Nothing with that id or name (the message names it).",
     429: "Over the API key's rate limit (Retry-After says when to try again).",
 }
 
@@ -39,19 +42,12 @@ def _calls(dependant: Dependant) -> Iterator[Any]:
         yield from _calls(d)
 
 
-def _routes(routes: Iterable[Any]) -> Iterator[Any]:
-    """The app's endpoints, through included routers (FastAPI 0.16x keeps them behind effective contexts)."""
-    for r in routes:
-        if hasattr(r, "effective_candidates"):
-            yield from _routes(r.effective_candidates())
-        elif isinstance(getattr(r, "dependant", None), Dependant) and getattr(r, "methods", None):
-            yield r
-
-
 def _shared(route: Any) -> list[int]:
     d: Dependant = route.dependant
     calls = list(_calls(d))
     out = [400] if (d.query_params or d.path_params or d.body_params or d.header_params) else []
+    if d.path_params:
+        out.append(404)
     if authenticate in calls:
         out += [401, 429]
     if any(getattr(c, "keel_scope", None) for c in calls):
@@ -72,7 +68,7 @@ def document_errors(app: FastAPI) -> None:
         for name in ("HTTPValidationError", "ValidationError"):
             schema["components"]["schemas"].pop(name, None)
         error = {"application/json": {"schema": {"$ref": _REF.format(model="ErrorResponse")}}}
-        for route in _routes(app.routes):
+        for route in endpoints(app.routes):
             path = schema.get("paths", {}).get(route.path_format, {})
             for method in route.methods:
                 operation = path.get(method.lower())

@@ -23,6 +23,9 @@ from pydantic_core import CoreSchema
 from app.core.errors import InvalidRequest
 from app.core.types import ChatMessage, GenerationParams, ResponseFormat, ToolCall, ToolChoice, ToolSpec
 
+#: The largest integer a SQLite INTEGER (and a Postgres BIGINT) holds: the bound of every id and offset parameter.
+SQL_INT_MAX = 2**63 - 1
+
 
 class _Wire(BaseModel):
     model_config = ConfigDict(extra="ignore")

@@ -400,3 +400,12 @@ async def test_the_openai_client_accumulates_streamed_tool_calls(env) -> None:
         final = await s.get_final_completion()
     assert final.choices[0].message.tool_calls[0].function.parsed_arguments == {"city": "Paris"}
 
+
+
+async def test_a_405_says_every_method_the_path_answers(env) -> None:
+    """Allow used to list only the first route of the path: PUT /v1/responses/x said GET, not DELETE."""
+    r = await env["client"].put("/v1/responses/resp_1", headers=auth(env["keys"]["chat"]))
+    assert r.status_code == 405 and r.headers["allow"] == "DELETE, GET, HEAD"
+    assert r.json()["error"]["code"] == "method_not_allowed" and "allowed: DELETE, GET, HEAD" in r.text
+    r = await env["client"].delete("/v1/chat/completions", headers=auth(env["keys"]["chat"]))
+    assert r.status_code == 405 and r.headers["allow"] == "POST"

@@ -10,6 +10,8 @@ from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel, Field
 
 from app.api.deps import ContainerDep, GuardsDep, KeysDep, LlmDep, require_scope
+from app.api.openapi import error_responses
+from app.api.schemas import SQL_INT_MAX
 from app.core.errors import NotFound
 from app.security.keys import ApiKey
 
@@ -26,7 +28,7 @@ class KeyOut(BaseModel):
     id: str
     name: str
     scopes: list[str]
-    rate_limit_per_minute: int | None
+    rate_limit_per_minute: int | None = Field(default=None, description="Unset: the server's default limit.")
     created_at: str
     revoked_at: str | None = None
     key: str | None = Field(default=None, description="The secret; returned once, at creation.")
@@ -70,7 +72,7 @@ async def backend_logs(llm: LlmDep, name: str, lines: int = Query(200, ge=1, le=
     return {"backend": name, "log_file": str(sup.log_path), "lines": sup.tail(lines)}
 
 
-@router.get("/guardrails/audit")
+@router.get("/guardrails/audit", responses=error_responses({404: "Guardrails are off on this server."}))
 async def guardrail_audit(
     guards: GuardsDep, request_id: str | None = None, validator: str | None = None, verdict: str | None = None,
     action: str | None = None, stage: str | None = None, since: float | None = None,
@@ -85,7 +87,7 @@ async def guardrail_audit(
     return [asdict(r) for r in records]
 
 
-@router.get("/guardrails/policy")
+@router.get("/guardrails/policy", responses=error_responses({404: "Guardrails are off on this server."}))
 async def guardrail_policy(guards: GuardsDep) -> dict:
     if guards is None:
         raise NotFound("guardrails are disabled on this server (KEEL_GUARDRAILS__ENABLED=false)")
@@ -97,12 +99,12 @@ async def guardrail_policy(guards: GuardsDep) -> dict:
 Trail = Literal["guardrails", "prompts", "adapters", "routing", "jobs", "releases", "tools", "pipelines"]
 
 
-@router.get("/audit")
+@router.get("/audit", responses=error_responses({404: "The trail's subsystem is off on this server."}))
 async def audit_events(
     container: ContainerDep, trail: Trail, subject_kind: str | None = None, subject: str | None = None,
     subject_ref: str | None = None, actor: str | None = None, action: str | None = None,
     request_id: str | None = None, since: float | None = None, until: float | None = None,
-    before_id: int | None = None, limit: int = Query(100, ge=1, le=1000),
+    before_id: int | None = Query(None, ge=1, le=SQL_INT_MAX), limit: int = Query(100, ge=1, le=1000),
 ) -> list[dict]:
     """One audit trail's events, newest first (the kernel's query: app.core.audit): who, what, on what, from and
     to, why, when. ``since``/``until`` are unix seconds; ``before_id`` pages back from an event's id."""

@@ -79,6 +79,8 @@ from sse_starlette import EventSourceResponse
 from agents.events import AgentEvent, ErrorEvent, Final, InterruptEvent, RunStarted, to_wire
 from agents.schemas import ResumeRequest, RunRequest, RunResult, parse_namespace
 from app.api.deps import AgentsDep, ChatKey, GuardsDep
+from app.api.openapi import error_responses
+from app.api.schemas import SQL_INT_MAX
 from app.core.errors import NotFound, PermissionDenied
 from app.security.keys import ApiKey
 
@@ -208,13 +210,13 @@ def _namespace(namespace: str, key: ApiKey) -> tuple[str, ...]:
 @router.get("/memories")
 async def list_memories(key: ChatKey, svc: AgentsDep, namespace: str | None = None, query: str | None = None,
                         limit: int = Query(default=50, ge=1, le=500),
-                        offset: int = Query(default=0, ge=0)) -> dict[str, Any]:
+                        offset: int = Query(default=0, ge=0, le=SQL_INT_MAX)) -> dict[str, Any]:
     ns = _namespace(namespace or f"users/{key.id}", key)
     items = await svc.list_memories(ns, query=query, limit=limit, offset=offset)
     return {"object": "list", "namespace": "/".join(ns), "data": items}
 
 
-@router.delete("/memories")
+@router.delete("/memories", responses=error_responses({404: "No such memory in your namespace."}))
 async def delete_memory(key: ChatKey, svc: AgentsDep, namespace: str,
                         key_: str = Query(alias="key")) -> dict[str, Any]:
     ns = _namespace(namespace, key)

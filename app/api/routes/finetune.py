@@ -16,6 +16,8 @@ from fastapi import APIRouter, Query
 from pydantic import BaseModel, Field
 
 from app.api.deps import FinetuneDep, FinetuneKey
+from app.api.openapi import error_responses
+from app.api.schemas import SQL_INT_MAX
 from app.core.errors import PermissionDenied
 from app.security.keys import ApiKey
 from finetune.jobs import Job
@@ -117,7 +119,7 @@ def evaluate_job(key: FinetuneKey, svc: FinetuneDep, job_id: str, body: Evaluate
 @router.get("/jobs/{job_id}/logs", response_model=LogsOut)
 def job_logs(
     key: FinetuneKey, svc: FinetuneDep, job_id: str,
-    offset: int = Query(default=0, ge=0, description="Byte offset: pass next_offset to follow."),
+    offset: int = Query(default=0, ge=0, le=SQL_INT_MAX, description="Byte offset: pass next_offset to follow."),
 ) -> LogsOut:
     text, next_offset = svc.logs(job_id, offset)
     return LogsOut(job_id=job_id, text=text, next_offset=next_offset, state=svc.get(job_id).state)
@@ -190,7 +192,8 @@ def list_versions(key: FinetuneKey, svc: FinetuneDep, model: str) -> VersionList
     return VersionList(data=[_version_out(v) for v in svc.versions(model)])
 
 
-@router.post("/models/{model}/promote", response_model=PromotionOut)
+@router.post("/models/{model}/promote", response_model=PromotionOut, responses=error_responses({
+    409: "The gate refuses the version (force overrides it), or it is already in production."}))
 async def promote_version(key: FinetuneKey, svc: FinetuneDep, model: str, body: PromoteIn) -> PromotionOut:
     if body.force and not key.allows("admin"):
         raise PermissionDenied("forcing a promotion past the eval gate needs the 'admin' scope", param="force")
@@ -205,7 +208,8 @@ async def promote_version(key: FinetuneKey, svc: FinetuneDep, model: str, body: 
     return out
 
 
-@router.post("/models/{model}/rollback", response_model=PromotionOut)
+@router.post("/models/{model}/rollback", response_model=PromotionOut, responses=error_responses({
+    409: "No earlier production version to roll back to."}))
 async def rollback_version(key: FinetuneKey, svc: FinetuneDep, model: str, body: RollbackIn) -> PromotionOut:
     if body.deploy_alias:
         await asyncio.to_thread(svc.check_alias, body.deploy_alias, model)

@@ -20,6 +20,7 @@ from fastapi.responses import FileResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from app.api.deps import ContainerDep, MonitorKey
+from app.api.openapi import error_responses
 from app.core.errors import BackendUnavailable
 from app.security.keys import ApiKey
 from lifecycle.monitor.drift import DriftMonitor, ReferenceSpec
@@ -79,7 +80,7 @@ def actor_of(key: ApiKey) -> str:
     return f"{key.name} [{key.id}]"
 
 
-@router.post("/drift")
+@router.post("/drift", responses=error_responses({404: "The release or eval suite the check names does not exist."}))
 def run_drift_check(body: DriftCheckIn, monitor: MonitorDep, key: MonitorKey) -> dict[str, Any]:
     """Compare the current window with the reference now. ``verdict`` is drift, no_drift or not_enough_data;
     ``checks`` has each test's method, statistic, threshold and state; ``report_url`` the HTML report."""

@@ -10,6 +10,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Query
 
 from app.api.deps import PromptsDep, PromptsReadKey, PromptsWriteKey
+from app.api.openapi import error_responses
+from app.api.schemas import SQL_INT_MAX
 from app.core.errors import PermissionDenied
 from app.security.keys import ApiKey
 from prompts.models import NAME_PATTERN
@@ -57,7 +59,8 @@ def list_templates(
     return TemplateList(data=[TemplateOut.of(t) for t in registry.list_templates(q)])
 
 
-@router.post("", response_model=VersionOut, status_code=201)
+@router.post("", response_model=VersionOut, status_code=201, responses=error_responses({
+    409: "A template by that name exists: add a version to it instead."}))
 def create_template(registry: PromptsDep, key: PromptsWriteKey, body: CreateTemplateIn) -> VersionOut:
     version = registry.create(body.name, body.content, author=actor_of(key), message=body.message)
     return VersionOut.full(version, registry.labels(body.name))
@@ -68,7 +71,7 @@ def audit_log(
     registry: PromptsDep, _: PromptsReadKey,
     name: str | None = Query(default=None, pattern=NAME_PATTERN),
     limit: int = Query(default=100, ge=1, le=1000),
-    before_id: int | None = Query(default=None, ge=1, description="Page: entries older than this id."),
+    before_id: int | None = Query(default=None, ge=1, le=SQL_INT_MAX, description="Page: entries older than this id."),
 ) -> AuditList:
     entries = registry.audit_log(name=name, limit=limit, before_id=before_id)
     return AuditList(data=[AuditEntryOut.of(e) for e in entries])
@@ -157,7 +160,8 @@ def label_history(
 @router.get("/{name}/audit", response_model=AuditList)
 def template_audit(
     registry: PromptsDep, _: PromptsReadKey,
-    name: str, limit: int = Query(default=100, ge=1, le=1000), before_id: int | None = Query(default=None, ge=1),
+    name: str, limit: int = Query(default=100, ge=1, le=1000),
+    before_id: int | None = Query(default=None, ge=1, le=SQL_INT_MAX),
 ) -> AuditList:
     registry.labels(name)  # 404 for unknown templates rather than an empty list
     return AuditList(data=[AuditEntryOut.of(e) for e in registry.audit_log(name=name, limit=limit,

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request
 from pydantic import BaseModel, Field
 from starlette.requests import ClientDisconnect
 
 from app.api.deps import ChatKey, IngestJobsDep, IngestKey, RagDep, SettingsDep
+from app.api.openapi import error_responses
 from app.core.errors import ClientGone, InvalidRequest, PayloadTooLarge, PermissionDenied
 from app.security.keys import ApiKey
 from app.services.ingest_jobs import UploadBatch
@@ -40,13 +41,19 @@ class RetrieveIn(BaseModel):
         "fewer documents match)."))
 
 
+_INGEST_ERRORS = error_responses({
+    409: "The Idempotency-Key was used for another request.", 413: "Upload over limits.max_body_bytes."})
+
+
 class IngestPathsIn(BaseModel):
-    paths: list[str] = Field(min_length=1, description="Files, folders or globs on the server's disk.")
+    # no NUL: no file system path holds one (the job failed on it, three times, instead of the request)
+    paths: list[Annotated[str, Field(min_length=1, max_length=4096, pattern=r"^[^\x00]+$")]] = Field(
+        min_length=1, description="Files, folders or globs on the server's disk.")
     collection: str | None = None
     prune: bool = Field(default=False, description="Remove chunks of files under these paths that are gone.")
 
 
-@router.post("/retrieve")
+@router.post("/retrieve", responses=error_responses({404: "The collection does not exist."}))
 async def retrieve(_key: ChatKey, rag: RagDep, body: RetrieveIn) -> dict:
     result = await asyncio.to_thread(
         rag.retriever.retrieve, body.query, collection=body.collection, top_k=body.top_k,
@@ -62,7 +69,7 @@ _UPLOAD_FORM = {"requestBody": {"required": True, "content": {"multipart/form-da
         "collection": {"type": "string", "description": "Target collection (default: rag.collection)."}}}}}}}
 
 
-@router.post("/ingest", status_code=202, openapi_extra=_UPLOAD_FORM)
+@router.post("/ingest", status_code=202, openapi_extra=_UPLOAD_FORM, responses=_INGEST_ERRORS)
 async def ingest_upload(key: IngestKey, settings: SettingsDep, jobs: IngestJobsDep, request: Request,
                         idempotency_key: str | None = _IDEMPOTENCY) -> dict:
     """Upload documents; they are ingested by a background job (poll ``GET /v1/ingest/jobs/{id}``). The job is
@@ -166,7 +173,7 @@ async def _stream_form(request: Request, batch: UploadBatch, limit: int) -> dict
     return fields
 
 
-@router.post("/ingest/paths", status_code=202)
+@router.post("/ingest/paths", status_code=202, responses=_INGEST_ERRORS)
 async def ingest_paths(key: IngestKey, settings: SettingsDep, jobs: IngestJobsDep, body: IngestPathsIn,
                        idempotency_key: str | None = _IDEMPOTENCY) -> dict:
     """Ingest files already on the server. Reading the server's disk is for admins only."""
@@ -212,7 +219,7 @@ async def snapshots(_key: IngestKey, rag: RagDep, collection: str | None = None,
     return [s.model_dump() for s in items]
 
 
-@router.get("/snapshots/diff")
+@router.get("/snapshots/diff", responses=error_responses({404: "A snapshot the diff names does not exist."}))
 async def snapshot_diff(_key: IngestKey, rag: RagDep, base: str, target: str) -> dict:
     if base == target:
         raise InvalidRequest("base and target are the same snapshot", param="target")

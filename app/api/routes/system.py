@@ -58,7 +58,8 @@ async def readyz(llm: LlmDep, settings: SettingsDep) -> JSONResponse:
                         status_code=200 if ready else 503)
 
 
-@router.get("/metrics", tags=["system"])
+@router.get("/metrics", tags=["system"], response_class=Response, responses={200: {
+    "description": "Prometheus' text exposition format.", "content": {"text/plain": {"schema": {"type": "string"}}}}})
 async def metrics(llm: LlmDep, metrics_registry: MetricsDep) -> Response:
     await llm.readiness()  # refresh keel_backend_up
     return Response(metrics_registry.render(), media_type=CONTENT_TYPE_LATEST)

@@ -10,6 +10,7 @@ from typing import Any
 from fastapi import APIRouter, Query
 
 from app.api.deps import ContainerDep, MonitorKey
+from app.api.schemas import SQL_INT_MAX
 from app.core.errors import NotFound
 from app.core.tracing import SpanStore, check_trace_id
 
@@ -26,7 +27,8 @@ def _store(container: Any) -> SpanStore:
 
 @router.get("")
 def list_traces(container: ContainerDep, _: MonitorKey, limit: int = Query(50, ge=1, le=1000),
-                before_ns: int | None = Query(None, description="Page back: traces that started before this."),
+                before_ns: int | None = Query(None, ge=0, le=SQL_INT_MAX,
+                                               description="Page back: traces that started before this."),
                 name: str | None = Query(None, max_length=200, description="Traces with a span named like this."),
                 response_id: str | None = Query(None, max_length=200, description="The chat completion id."),
                 ) -> dict[str, Any]:
