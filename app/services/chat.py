@@ -395,7 +395,8 @@ class ChatService:
                     events = self._checked_whole(events, gen_request, context, decision)
                 else:
                     events = self.guards.output_guard(context, decision).wrap(events)
-                if params.calls_tools:
+                if params.calls_tools and decision.enabled and self.guards.compiled(decision.policy, "output"):
+                    # (a policy without output validators streams calls as they come: nothing would read them)
                     events = self._checked_calls(events, context, decision)
                 events = self._traced_output(span, decision.policy, events)
             yield started
