@@ -215,7 +215,10 @@ class ChatCompletionRequest(_Wire):
         "auto (the default with tools): the model decides; required: some function; a named function: that one. "
         "required and named calls are guided decoding on vLLM: valid arguments for the schema, any model."))
     parallel_tool_calls: bool | None = None
-    logprobs: bool | None = None
+    logprobs: bool | None = Field(default=None, description=(
+        "Return each token's log probability (vLLM backends; refused under a guardrail policy with output "
+        "validators, which may redact or withdraw text the log probabilities would still show)."))
+    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     metadata: dict[str, str] | None = None
     service_tier: Literal["auto", "default", "flex", "scale", "priority"] | None = Field(default=None, description=(
         "Accepted for OpenAI compatibility: Keel has one processing tier, and a response to a request that "
@@ -232,7 +235,11 @@ class ChatCompletionRequest(_Wire):
         fmt = response_format(self.response_format)
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         tools, choice = self._tools()
+        if self.top_logprobs is not None and not self.logprobs:
+            raise InvalidRequest("top_logprobs needs logprobs: true", param="top_logprobs")
         return GenerationParams(
+            logprobs=bool(self.logprobs),
+            top_logprobs=self.top_logprobs,
             tools=tools,
             tool_choice=choice,
             parallel_tool_calls=self.parallel_tool_calls,
@@ -341,13 +348,20 @@ class ToolCallOut(_Out):
     function: FunctionCallOut
 
 
+class ChoiceLogprobs(_Out):
+    _required = ("content", "refusal")
+
+    content: list[dict[str, Any]] | None = None
+    refusal: list[dict[str, Any]] | None = None
+
+
 class Choice(_Out):
     _required = ("index", "message", "finish_reason", "logprobs")
 
     index: int
     message: AssistantMessage
     finish_reason: str | None
-    logprobs: None = Field(default=None, description="Always null: log probabilities are not returned.")
+    logprobs: ChoiceLogprobs | None = Field(default=None, description="With logprobs: true, each token's.")
 
 
 class ChatCompletion(_Out):
@@ -398,7 +412,7 @@ class ChunkChoice(_Out):
     index: int
     delta: Delta
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionChunk(_Out):

@@ -69,6 +69,8 @@ class GenerationParams:
     tools: tuple[ToolSpec, ...] = ()
     tool_choice: ToolChoice | None = None  # None: the backend's default (auto when there are tools)
     parallel_tool_calls: bool | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
 
     @property
     def calls_tools(self) -> bool:
@@ -111,6 +113,15 @@ class ToolCallDelta:
 
 
 @dataclass(frozen=True, slots=True)
+class TokenLogprobs:
+    """Log probabilities of choice ``index``'s next tokens, as OpenAI's ``logprobs.content`` entries (token,
+    logprob, bytes, top_logprobs)."""
+
+    content: tuple[Mapping[str, Any], ...]
+    index: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class Finished:
     reason: FinishReason
     index: int = 0
@@ -126,7 +137,7 @@ class Usage:
         return self.prompt_tokens + self.completion_tokens
 
 
-LLMEvent = TextDelta | ToolCallDelta | Finished | Usage
+LLMEvent = TextDelta | ToolCallDelta | TokenLogprobs | Finished | Usage
 
 
 @dataclass(frozen=True, slots=True)

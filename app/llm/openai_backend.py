@@ -18,6 +18,7 @@ from app.core.types import (
     GenerationRequest,
     LLMEvent,
     TextDelta,
+    TokenLogprobs,
     ToolCallDelta,
     Usage,
 )
@@ -93,6 +94,10 @@ def build_payload(request: GenerationRequest) -> dict[str, Any]:
             "json_schema": {"name": fmt.name, "schema": fmt.schema, "strict": fmt.strict},
         }
     body.update(_tools(p))
+    if p.logprobs:
+        body["logprobs"] = True
+        if p.top_logprobs is not None:
+            body["top_logprobs"] = p.top_logprobs
     return body
 
 
@@ -200,6 +205,9 @@ class OpenAIBackend:
                     text = delta.get("content")
                     if text:
                         yield TextDelta(text, index)
+                    logprobs = (choice.get("logprobs") or {}).get("content")
+                    if logprobs:
+                        yield TokenLogprobs(tuple(logprobs), index)
                     for call in delta.get("tool_calls") or ():
                         fn = call.get("function") or {}
                         yield ToolCallDelta(call.get("index", 0), call.get("id"), fn.get("name"),

@@ -222,6 +222,9 @@ class TransformersBackend:
                 f"backend {self.name!r} does not do; route this model to a vLLM backend",
                 param="response_format",
             )
+        if p.logprobs:
+            raise UnsupportedParameter(f"the in-process transformers backend {self.name!r} does not return log "
+                                       "probabilities; route this model to a vLLM backend", param="logprobs")
         if p.calls_tools:
             raise UnsupportedParameter(
                 f"tool calling needs a tool-call parser and guided decoding, which the in-process transformers "

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, StatusCode, Tracer
 
-from app.core.errors import ContextLengthExceeded, InvalidRequest
+from app.core.errors import ContextLengthExceeded, InvalidRequest, UnsupportedParameter
 from app.core.metrics import Metrics
 from app.core.settings import CoreConfig
 from app.core.tracing import traceparent
@@ -33,6 +33,7 @@ from app.core.types import (
     ResponseFormat,
     Started,
     TextDelta,
+    TokenLogprobs,
     ToolCall,
     ToolCallDelta,
     Usage,
@@ -102,6 +103,7 @@ class ChatResult:
     release: str | None = None
     variant: str | None = None
     tool_calls: dict[int, list[ToolCall]] = field(default_factory=dict)
+    logprobs: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
 
 
 #: (feature refs, entity keys) -> {"values": {ref: value}, "versions": {view: version}} (FeatureService.online)
@@ -314,6 +316,9 @@ class ChatService:
             if request.params.tools:
                 raise InvalidRequest(f"{alias} is an agent workflow: it calls its own tools; send tools to a model",
                                      param="tools")
+            if request.params.logprobs:
+                raise InvalidRequest(f"{alias} is an agent workflow: its answer is not one model's tokens",
+                                     param="logprobs")
             rendered = grounded = pre = None
             params = request.params
         else:
@@ -341,6 +346,13 @@ class ChatService:
         decision = context = None
         if self.guards is not None:
             context = self._guard_context(request, alias, params, grounded, question)
+            if params.logprobs:
+                policy = self.guards.select(context).name
+                if self.guards.settings.enabled and self.guards.compiled(policy, "output"):
+                    raise UnsupportedParameter(
+                        f"logprobs are not returned under guardrail policy {policy!r}: its output validators may "
+                        "redact or withdraw text whose tokens the log probabilities would still show; use a model "
+                        "alias bound to a policy without output validators", param="logprobs")
             if not agent and pre is not None:
                 # The question was checked above. The passages are checked for instructions aimed at the model
                 # (indirect injection: any key with the ingest scope can upload a document): a prompt-injection
@@ -590,6 +602,8 @@ async def collect(events: AsyncIterator[ChatEvent]) -> ChatResult:
                 result.texts.setdefault(event.index, []).append(event.text)
             elif isinstance(event, ToolCallDelta):
                 calls.setdefault(event.index, []).append(event)
+            elif isinstance(event, TokenLogprobs):
+                result.logprobs.setdefault(event.index, []).extend(dict(t) for t in event.content)
             elif isinstance(event, Finished):
                 result.finish[event.index] = event.reason
             elif isinstance(event, Usage):

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from app.core.errors import BackendUnavailable, KeelError
-from app.core.types import Finished, GenerationRequest, LLMEvent, TextDelta, ToolCallDelta, Usage
+from app.core.types import Finished, GenerationRequest, LLMEvent, TextDelta, TokenLogprobs, ToolCallDelta, Usage
 
 
 @dataclass
@@ -65,6 +65,10 @@ class ScriptedBackend:
                     if self.delay_s:
                         await asyncio.sleep(self.delay_s)
                     yield TextDelta(word if i == 0 else " " + word, index)
+                    if request.params.logprobs:  # a made-up but well-formed entry per word
+                        token = word if i == 0 else " " + word
+                        yield TokenLogprobs(({"token": token, "logprob": -0.5, "bytes": list(token.encode()),
+                                              "top_logprobs": []},), index)
                     sent += 1
                 yield Finished("length" if limit < len(words) else "stop", index)
             yield Usage(prompt_tokens=sum(len(m.content.split()) for m in request.messages), completion_tokens=sent)

@@ -409,3 +409,17 @@ async def test_a_405_says_every_method_the_path_answers(env) -> None:
     assert r.json()["error"]["code"] == "method_not_allowed" and "allowed: DELETE, GET, HEAD" in r.text
     r = await env["client"].delete("/v1/chat/completions", headers=auth(env["keys"]["chat"]))
     assert r.status_code == 405 and r.headers["allow"] == "POST"
+
+
+async def test_logprobs_pass_through_where_no_output_guard_reads_the_answer(env) -> None:
+    r = await post(env, {**BODY, "logprobs": True, "top_logprobs": 2})
+    assert r.status_code == 200, r.text
+    content = r.json()["choices"][0]["logprobs"]["content"]
+    assert "".join(t["token"] for t in content) == "The capital of France is Paris."
+    assert env["fake"].requests[-1].params.top_logprobs == 2
+    r = await post(env, {**BODY, "logprobs": True, "stream": True})
+    chunks = [json.loads(e) for e in sse_events(r.text) if e != "[DONE]"]
+    streamed = [t for c in chunks for ch in c["choices"] for t in (ch.get("logprobs") or {}).get("content") or ()]
+    assert len(streamed) == 6
+    r = await post(env, {**BODY, "top_logprobs": 2})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "top_logprobs"

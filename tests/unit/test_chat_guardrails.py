@@ -273,3 +273,10 @@ async def test_a_calls_arguments_pass_the_output_guard_before_the_client_gets_th
     assert choice["finish_reason"] == "content_filter" and not choice["message"].get("tool_calls")
     assert "idiot" not in r.text
     assert r.json()["guardrail_events"][0]["type"] == "retraction"
+
+
+async def test_logprobs_are_refused_where_an_output_guard_could_change_the_answer(env) -> None:
+    """They would show the tokens of a redacted e-mail address or of a withdrawn answer."""
+    r = await env["c"].post("/v1/chat/completions", json=ask("What is the capital of France?", logprobs=True))
+    assert r.status_code == 400 and r.json()["error"]["param"] == "logprobs"
+    assert "output validators" in r.json()["error"]["message"] and env["fake"].calls == 0

@@ -22,6 +22,7 @@ from app.core.types import (
     GenerationRequest,
     ResponseFormat,
     TextDelta,
+    TokenLogprobs,
     ToolCall,
     ToolCallDelta,
     ToolChoice,
@@ -104,6 +105,22 @@ def test_payload_carries_tools_the_choice_and_the_calls_in_the_history() -> None
         {"id": "c1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Paris"}'}}]}
     assert body["messages"][2] == {"role": "tool", "content": "21 C", "tool_call_id": "c1"}
     assert "tools" not in build_payload(REQ) and "tool_choice" not in build_payload(REQ)
+
+
+async def test_logprobs_are_asked_for_and_passed_on() -> None:
+    entry = {"token": "Hel", "logprob": -0.1, "bytes": [72, 101, 108], "top_logprobs": []}
+    seen = {}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen["body"] = json.loads(request.content)
+        body = chunk("Hel")
+        body["choices"][0]["logprobs"] = {"content": [entry]}
+        return httpx.Response(200, content=sse(body, chunk(finish="stop"), "[DONE]"))
+
+    req = GenerationRequest(model="m", messages=REQ.messages, params=GenerationParams(logprobs=True, top_logprobs=3))
+    events = await collect(backend(handler), req)
+    assert events == [TextDelta("Hel"), TokenLogprobs((entry,)), Finished("stop")]
+    assert seen["body"]["logprobs"] is True and seen["body"]["top_logprobs"] == 3
 
 
 async def test_streamed_tool_call_deltas_become_events() -> None:

@@ -55,7 +55,7 @@ def _fuzz(schema, base_url: str, headers: dict[str, str], mode: GenerationMode) 
             run()
         except Unsatisfiable:
             continue  # nothing in this operation can be made invalid (no parameters, no body)
-        except (Exception, BaseExceptionGroup) as exc:  # schemathesis' failure groups; one line per operation is enough to act on
+        except (Exception, BaseExceptionGroup) as exc:  # schemathesis' failure groups: a line per operation
             failures.append(f"{op.label} ({mode.value}): {_summary(exc)}")
     return failures
 

@@ -19,6 +19,7 @@ from app.api.schemas import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     Choice,
+    ChoiceLogprobs,
     ChunkChoice,
     Delta,
     DeltaFunction,
@@ -30,7 +31,7 @@ from app.api.schemas import (
     UsageOut,
 )
 from app.core.errors import ClientGone, KeelError, UnsupportedParameter
-from app.core.types import Finished, TextDelta, ToolCallDelta, Usage
+from app.core.types import Finished, TextDelta, TokenLogprobs, ToolCallDelta, Usage
 from app.guardrails.types import GuardrailBlocked, GuardrailRedaction, GuardrailRetraction, event_payload
 from app.services.chat import ChatEvent, ChatRequest, ChatResult, Citations, PromptUse, Started
 from app.services.grounding import RagUse
@@ -48,8 +49,6 @@ THREAD_HEADER = "X-Keel-Thread"
 
 def to_domain(body: ChatCompletionRequest, request_id: str, user: str | None = None,
               thread: str | None = None, scopes: frozenset[str] | None = None) -> ChatRequest:
-    if body.logprobs:
-        raise UnsupportedParameter("logprobs are not supported", param="logprobs")
     unknown = sorted(set(body.model_extra or ()))
     if unknown:
         raise UnsupportedParameter(f"unknown parameter(s): {', '.join(unknown)}", param=unknown[0])
@@ -101,7 +100,8 @@ def completion(body: ChatCompletionRequest, result: ChatResult) -> ChatCompletio
     return ChatCompletion(
         id=result.id, created=result.created, model=result.model,
         choices=[
-            Choice(index=i, message=_message(result, i), finish_reason=result.finish.get(i, "stop"))
+            Choice(index=i, message=_message(result, i), finish_reason=result.finish.get(i, "stop"),
+                   logprobs=ChoiceLogprobs(content=result.logprobs[i]) if i in result.logprobs else None)
             for i in range(body.n)
         ],
         usage=UsageOut(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
@@ -185,6 +185,9 @@ async def _sse(
         async for event in all_events():
             if isinstance(event, TextDelta):
                 yield frame([ChunkChoice(index=event.index, delta=Delta(content=event.text))])
+            elif isinstance(event, TokenLogprobs):
+                yield frame([ChunkChoice(index=event.index, delta=Delta(),
+                                         logprobs=ChoiceLogprobs(content=[dict(t) for t in event.content]))])
             elif isinstance(event, ToolCallDelta):
                 call = DeltaToolCall(index=event.call, id=event.id, type="function" if event.id else None,
                                      function=DeltaFunction(name=event.name, arguments=event.arguments))
