@@ -471,6 +471,9 @@ class ChatService:
                     continue
                 if isinstance(event, TextDelta):
                     shown[event.index] = shown.get(event.index, 0) + len(event.text)
+                elif isinstance(event, GuardrailRetraction) or (
+                        isinstance(event, Finished) and event.reason == "content_filter"):
+                    pending.pop(event.index, None)  # the choice was withdrawn: its calls with it
                 elif isinstance(event, Finished) and event.index in pending:
                     released: list[ChatEvent] = []
                     for call in _whole_calls(pending.pop(event.index)):

@@ -35,7 +35,7 @@ class ResponseStore:
     def put(self, stored: StoredResponse) -> None:
         r = stored.response
         with self._file.tx() as db:
-            db.execute("INSERT OR REPLACE INTO responses (id, owner, created_at, previous_id, conversation, response) "
+            db.execute("INSERT INTO responses (id, owner, created_at, previous_id, conversation, response) "
                        "VALUES (?, ?, ?, ?, ?, ?)",
                        (stored.id, stored.owner, int(r.get("created_at") or 0), r.get("previous_response_id"),
                         _dump(stored.conversation), _dump(r)))

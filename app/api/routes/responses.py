@@ -24,8 +24,6 @@ from app.api.errors import keel_error_body
 from app.api.openapi import error_responses
 from app.api.responses_schemas import (
     DeletedResponse,
-    FunctionCallItem,
-    FunctionCallOutputItem,
     InputItemList,
     MessageItem,
     OutputFunctionCall,
@@ -65,30 +63,35 @@ def _store(container: Any) -> ResponseStore:
 
 def conversation(items: list[dict[str, Any]], instructions: str | None, first_new: int) -> tuple[ChatMessage, ...]:
     """Responses API items as chat messages: a function call joins the assistant turn before it (or starts one),
-    its output is a tool turn. ``first_new``: where this request's own input starts (its errors name it)."""
+    its output is a tool turn. ``first_new``: where this request's own input starts (its errors name it).
+    Items are dicts as stored; the earlier turns' items were written by Keel (model output included), so they are
+    read as they are, not re-validated against the request's limits."""
     out: list[ChatMessage] = [ChatMessage("system", instructions)] if instructions else []
     called: set[str] = set()
     for n, raw in enumerate(items):
         kind = raw.get("type", "message")
         if kind == "message":
-            m = MessageItem.model_validate(raw)
-            out.append(ChatMessage("system" if m.role == "developer" else m.role, m.text()))
+            content = raw.get("content") or ""
+            text = content if isinstance(content, str) else "".join(p.get("text", "") for p in content)
+            role = raw.get("role", "user")
+            out.append(ChatMessage("system" if role == "developer" else role, text))
         elif kind == "function_call":
-            c = FunctionCallItem.model_validate(raw)
-            call = ToolCall(c.call_id, c.name, c.arguments)
-            called.add(c.call_id)
+            call = ToolCall(str(raw.get("call_id", "")), str(raw.get("name", "")), str(raw.get("arguments", "")))
+            called.add(call.id)
             if out and out[-1].role == "assistant":
                 out[-1] = ChatMessage("assistant", out[-1].content, (*out[-1].tool_calls, call))
             else:
                 out.append(ChatMessage("assistant", "", (call,)))
         else:
-            o = FunctionCallOutputItem.model_validate(raw)
-            if o.call_id not in called:
+            call_id = str(raw.get("call_id", ""))
+            if call_id not in called:
                 i = n - first_new
-                raise InvalidRequest(f"input[{i}] is the output of call {o.call_id!r}, which no earlier function_call "
+                raise InvalidRequest(f"input[{i}] is the output of call {call_id!r}, which no earlier function_call "
                                      "made (send the function_call item too, or continue the response that made it "
                                      "with previous_response_id)", param=f"input[{i}].call_id")
-            out.append(ChatMessage("tool", o.text(), tool_call_id=o.call_id))
+            output = raw.get("output") or ""
+            text = output if isinstance(output, str) else "".join(p.get("text", "") for p in output)
+            out.append(ChatMessage("tool", text, tool_call_id=call_id))
     return tuple(out)
 
 
@@ -124,7 +127,8 @@ class ResponseBuilder:
                                                                    for t in body.tools or ()],
             tool_choice=body.tool_choice.model_dump() if hasattr(body.tool_choice, "model_dump")
             else body.tool_choice or "auto", store=body.store,
-            text={"format": body.text.format.model_dump(by_alias=True, exclude_none=True)} if body.text
+            text={"format": body.text.format.model_dump(by_alias=True, exclude_none=True)
+                  if body.text.format.type == "json_schema" else {"type": body.text.format.type}} if body.text
             else {"format": {"type": "text"}}, user=body.user, service_tier="default" if body.service_tier else None)
         self.seq = 0
         self._message: OutputMessage | None = None
@@ -133,8 +137,9 @@ class ResponseBuilder:
         self.guardrail_events: list[dict[str, Any]] = []
 
     def _event(self, kind: str, **data: Any) -> dict[str, Any]:
+        event = {"type": kind, "sequence_number": self.seq, **data}  # numbered from 0, as OpenAI does
         self.seq += 1
-        return {"type": kind, "sequence_number": self.seq, **data}
+        return event
 
     def _snapshot(self) -> dict[str, Any]:
         return self.response.model_dump(mode="json", exclude_none=True)
@@ -175,12 +180,13 @@ class ResponseBuilder:
                                        output_index=self._index(call), delta=event.arguments))
             return out
         if isinstance(event, GuardrailRetraction) and event.index == 0:
-            # what was shown is withdrawn: the message becomes the guard's
-            self._open_message()
+            # what was shown is withdrawn: the message becomes the guard's (its done events carry the new text;
+            # the final response's guardrail_events say why)
+            out = self._open_message()
             assert self._message is not None
             self._message.content[0].text = event.message
             self.guardrail_events.append(event_payload(event))
-            return []
+            return out
         if isinstance(event, GuardrailRedaction | GuardrailBlocked):
             self.guardrail_events.append(event_payload(event))
             return []
@@ -195,12 +201,11 @@ class ResponseBuilder:
     def finished(self) -> list[dict[str, Any]]:
         r = self.response
         out = [*self._close_message(), *self._close_calls()]
-        reason = {"length": "max_output_tokens", "content_filter": "content_filter"}.get(self.finish)
+        reason = {"length": "max_output_tokens", "content_filter": "content_filter",
+                  "abort": "interrupted"}.get(self.finish)
         r.status = "incomplete" if reason else "completed"
         r.incomplete_details = {"reason": reason} if reason else None
         r.guardrail_events = self.guardrail_events or None
-        for item in r.output:
-            item.status = "incomplete" if reason and isinstance(item, OutputMessage) else "completed"
         kind = "response.incomplete" if reason else "response.completed"
         return [*out, self._event(kind, response=self._snapshot())]
 
@@ -222,11 +227,15 @@ class ResponseBuilder:
                 self._event("response.content_part.added", item_id=m.id, output_index=i, content_index=0,
                             part=OutputText(text="").model_dump())]
 
+    def _cut(self) -> bool:
+        """Whether the output stopped short: out of tokens, or withdrawn by a guard."""
+        return self.finish in ("length", "content_filter", "abort")
+
     def _close_message(self) -> list[dict[str, Any]]:
         m = self._message
         if m is None or m.status != "in_progress":
             return []
-        m.status = "completed"
+        m.status = "incomplete" if self._cut() else "completed"
         i, part = self._index(m), m.content[0]
         return [self._event("response.output_text.done", item_id=m.id, output_index=i, content_index=0,
                             text=part.text, logprobs=[]),
@@ -239,7 +248,7 @@ class ResponseBuilder:
         for call in self._calls.values():
             if call.status != "in_progress":
                 continue
-            call.status = "completed"
+            call.status = "incomplete" if self._cut() else "completed"
             i = self._index(call)
             out += [self._event("response.function_call_arguments.done", item_id=call.id, output_index=i,
                                 name=call.name, arguments=call.arguments),
@@ -268,7 +277,8 @@ async def create_response(body: ResponseCreate, request: Request, key: ChatKey, 
         model=body.model, messages=messages, params=params, request_id=request_id, user=key.id,
         end_user=body.user, thread=request.headers.get(THREAD_HEADER),
         scopes=getattr(request.state, "api_key_scopes", None))
-    builder = ResponseBuilder(f"resp_{request_id.replace('-', '')}", body)
+    # a fresh id, never the request id: a client chooses that (X-Request-Id), and could name another's response
+    builder = ResponseBuilder(f"resp_{uuid.uuid4().hex}", body)
 
     def keep() -> None:
         if body.store:
@@ -308,17 +318,17 @@ async def _sse(builder: ResponseBuilder, primed: list[ChatEvent], events: AsyncI
         async for event in events:
             for e in builder.feed(event):
                 yield sse(e)
-        for e in builder.finished():
-            yield sse(e)
+        final = builder.finished()
+        # stored before the client hears it is done: it may stop reading there, or continue at once
         await asyncio.to_thread(keep)
+        for e in final:
+            yield sse(e)
     except Exception as exc:
         if not isinstance(exc, KeelError):
             log.exception("unexpected error mid-stream")
             exc = KeelError("internal error while streaming; the response is incomplete")
         body = keel_error_body(exc)["error"]
-        builder.seq += 1
-        yield sse({"type": "error", "sequence_number": builder.seq, "code": body["code"],
-                   "message": body["message"], "param": body.get("param")})
+        yield sse(builder._event("error", code=body["code"], message=body["message"], param=body.get("param")))
     finally:
         await events.aclose()
 
