@@ -1,9 +1,11 @@
 """A batch end to end: the real ``keel serve`` process, the real vLLM server and SmolLM2, the real guardrails,
-traces and lineage, driven by the unchanged ``openai`` client — 100 requests with 3 bad lines."""
+traces and lineage, driven by the unchanged ``openai`` client: ``KEEL_BATCH_E2E_REQUESTS`` requests (default 40,
+sampled for CI's time; 100 was measured at 111 s) with 3 bad lines."""
 
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import httpx
@@ -14,15 +16,16 @@ from tests.integration.conftest import KeelServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
+N = max(31, int(os.environ.get("KEEL_BATCH_E2E_REQUESTS", "40")))  # lines 10, 20 and 30 are the bad ones
 QUESTIONS = ["What is the capital of France?", "Name a primary colour.", "What is two plus two?",
              "Which planet is closest to the sun?", "What do bees make?"]
 
 
-def test_a_batch_of_100_requests_with_3_bad_lines(keel_server: KeelServer) -> None:
+def test_a_batch_with_3_bad_lines(keel_server: KeelServer) -> None:
     lines = [json.dumps({"custom_id": f"q-{i}", "method": "POST", "url": "/v1/chat/completions",
                          "body": {"model": "smollm2", "max_tokens": 8, "temperature": 0,
                                   "messages": [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}]}})
-             for i in range(100)]
+             for i in range(N)]
     lines[10] = lines[10][:-5]  # truncated JSON
     lines[20] = json.dumps({"custom_id": "q-20", "method": "POST", "url": "/v1/chat/completions",
                             "body": {"model": "no-such-model", "messages": [{"role": "user", "content": "hi"}]}})
@@ -37,11 +40,11 @@ def test_a_batch_of_100_requests_with_3_bad_lines(keel_server: KeelServer) -> No
         time.sleep(1)
         batch = client.batches.retrieve(batch.id)
     took = time.monotonic() - t0
-    print(f"batch of 100 (3 bad) on SmolLM2: {took:.1f} s, {batch.request_counts}")
+    print(f"batch of {N} (3 bad) on SmolLM2: {took:.1f} s, {batch.request_counts}")
     assert batch.status == "completed"
-    assert (batch.request_counts.total, batch.request_counts.completed, batch.request_counts.failed) == (100, 97, 3)
+    assert (batch.request_counts.total, batch.request_counts.completed, batch.request_counts.failed) == (N, N - 3, 3)
     out = [json.loads(x) for x in client.files.content(batch.output_file_id).text.splitlines()]
-    assert len(out) == 97 and all(r["response"]["status_code"] == 200 for r in out)
+    assert len(out) == N - 3 and all(r["response"]["status_code"] == 200 for r in out)
     assert all(r["response"]["body"]["choices"][0]["message"]["content"] for r in out)
     errors = {r["custom_id"]: r for r in (json.loads(x) for x in
                                           client.files.content(batch.error_file_id).text.splitlines())}
