@@ -1,5 +1,5 @@
 """A batch end to end: the real ``keel serve`` process, the real vLLM server and SmolLM2, the real guardrails,
-traces and lineage, driven by the unchanged ``openai`` client: ``KEEL_BATCH_E2E_REQUESTS`` requests (default 40,
+traces and lineage, driven by the unchanged ``openai`` client: ``KEEL_BATCH_E2E_REQUESTS`` requests (default 31,
 sampled for CI's time; 100 was measured at 111 s) with 3 bad lines."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from tests.integration.conftest import KeelServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-N = max(31, int(os.environ.get("KEEL_BATCH_E2E_REQUESTS", "40")))  # lines 10, 20 and 30 are the bad ones
+N = max(31, int(os.environ.get("KEEL_BATCH_E2E_REQUESTS", "31")))  # lines 10, 20 and 30 are the bad ones
 QUESTIONS = ["What is the capital of France?", "Name a primary colour.", "What is two plus two?",
              "Which planet is closest to the sun?", "What do bees make?"]
 
