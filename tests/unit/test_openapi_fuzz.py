@@ -2,7 +2,7 @@
 generated valid and invalid requests, against a real uvicorn server on scripted backends. Fails on any 5xx, any
 status the document does not list for the operation, and any response that violates its schema.
 
-Bounded: ``KEEL_FUZZ_EXAMPLES`` examples per operation and mode (default 3, for CI's time; ~30 s)."""
+Bounded: ``KEEL_FUZZ_EXAMPLES`` examples per operation and mode (default 3, for CI's time; ~45 s)."""
 
 from __future__ import annotations
 
