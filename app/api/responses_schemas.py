@@ -29,9 +29,6 @@ class MessageItem(_Wire):
     id: str | None = None
     status: str | None = None
 
-    def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
-
 
 class FunctionCallItem(_Wire):
     """A function call the model made (sent back with its output when the client manages the history)."""
@@ -52,9 +49,6 @@ class FunctionCallOutputItem(_Wire):
     output: str | list[TextPartIn]
     id: str | None = None
     status: str | None = None
-
-    def text(self) -> str:
-        return self.output if isinstance(self.output, str) else "".join(p.text for p in self.output)
 
 
 InputItem = Annotated[MessageItem | FunctionCallItem | FunctionCallOutputItem, Field(discriminator="type")]

@@ -348,7 +348,7 @@ class ChatService:
             context = self._guard_context(request, alias, params, grounded, question)
             if params.logprobs:
                 policy = self.guards.select(context).name
-                if self.guards.settings.enabled and self.guards.compiled(policy, "output"):
+                if self._reads_output(policy):
                     raise UnsupportedParameter(
                         f"logprobs are not returned under guardrail policy {policy!r}: its output validators may "
                         "redact or withdraw text whose tokens the log probabilities would still show; use a model "
@@ -407,7 +407,7 @@ class ChatService:
                     events = self._checked_whole(events, gen_request, context, decision)
                 else:
                     events = self.guards.output_guard(context, decision).wrap(events)
-                if params.calls_tools and decision.enabled and self.guards.compiled(decision.policy, "output"):
+                if params.calls_tools and self._reads_output(decision.policy):
                     # (a policy without output validators streams calls as they come: nothing would read them)
                     events = self._checked_calls(events, context, decision)
                 events = self._traced_output(span, decision.policy, events)
@@ -536,6 +536,10 @@ class ChatService:
         """Messages as the trace stores them: personal data masked first (never written unmasked)."""
         masked = [{**m, "content": _mask_pii(m["content"])} for m in messages]
         return json.dumps(masked, ensure_ascii=False)
+
+    def _reads_output(self, policy: str) -> bool:
+        """Whether an output validator of ``policy`` reads (and may change) the answer."""
+        return self.guards.settings.enabled and bool(self.guards.compiled(policy, "output"))
 
     def _reasks(self, decision: InputDecision) -> bool:
         return any(s.on_fail == "reask" for s in self.guards.policy.file.resolve(decision.policy).output)

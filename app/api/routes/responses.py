@@ -71,10 +71,8 @@ def conversation(items: list[dict[str, Any]], instructions: str | None, first_ne
     for n, raw in enumerate(items):
         kind = raw.get("type", "message")
         if kind == "message":
-            content = raw.get("content") or ""
-            text = content if isinstance(content, str) else "".join(p.get("text", "") for p in content)
             role = raw.get("role", "user")
-            out.append(ChatMessage("system" if role == "developer" else role, text))
+            out.append(ChatMessage("system" if role == "developer" else role, _text(raw.get("content"))))
         elif kind == "function_call":
             call = ToolCall(str(raw.get("call_id", "")), str(raw.get("name", "")), str(raw.get("arguments", "")))
             called.add(call.id)
@@ -89,10 +87,15 @@ def conversation(items: list[dict[str, Any]], instructions: str | None, first_ne
                 raise InvalidRequest(f"input[{i}] is the output of call {call_id!r}, which no earlier function_call "
                                      "made (send the function_call item too, or continue the response that made it "
                                      "with previous_response_id)", param=f"input[{i}].call_id")
-            output = raw.get("output") or ""
-            text = output if isinstance(output, str) else "".join(p.get("text", "") for p in output)
-            out.append(ChatMessage("tool", text, tool_call_id=call_id))
+            out.append(ChatMessage("tool", _text(raw.get("output")), tool_call_id=call_id))
     return tuple(out)
+
+
+def _text(value: Any) -> str:
+    """An item's content: a string, or text parts joined."""
+    if isinstance(value, str):
+        return value
+    return "".join(p.get("text", "") for p in value or ())
 
 
 def _params(body: ResponseCreate) -> GenerationParams:
@@ -136,17 +139,17 @@ class ResponseBuilder:
         self.finish = "stop"
         self.guardrail_events: list[dict[str, Any]] = []
 
-    def _event(self, kind: str, **data: Any) -> dict[str, Any]:
+    def event(self, kind: str, **data: Any) -> dict[str, Any]:
         event = {"type": kind, "sequence_number": self.seq, **data}  # numbered from 0, as OpenAI does
         self.seq += 1
         return event
 
-    def _snapshot(self) -> dict[str, Any]:
+    def snapshot(self) -> dict[str, Any]:
         return self.response.model_dump(mode="json", exclude_none=True)
 
     def started(self) -> list[dict[str, Any]]:
-        return [self._event("response.created", response=self._snapshot()),
-                self._event("response.in_progress", response=self._snapshot())]
+        return [self.event("response.created", response=self.snapshot()),
+                self.event("response.in_progress", response=self.snapshot())]
 
     def feed(self, event: ChatEvent) -> list[dict[str, Any]]:
         r = self.response
@@ -160,7 +163,7 @@ class ResponseBuilder:
             out = self._open_message()
             assert self._message is not None
             self._message.content[0].text += event.text
-            return [*out, self._event("response.output_text.delta", item_id=self._message.id,
+            return [*out, self.event("response.output_text.delta", item_id=self._message.id,
                                       output_index=self._index(self._message), content_index=0, delta=event.text,
                                       logprobs=[])]
         if isinstance(event, ToolCallDelta) and event.index == 0:
@@ -171,12 +174,12 @@ class ResponseBuilder:
                     id=f"fc_{uuid.uuid4().hex}", call_id=event.id or f"call_{uuid.uuid4().hex[:24]}",
                     name=event.name or "", arguments="", status="in_progress")
                 r.output.append(call)
-                out.append(self._event("response.output_item.added", output_index=self._index(call),
+                out.append(self.event("response.output_item.added", output_index=self._index(call),
                                        item=call.model_dump(exclude_none=True)))
             call.name = call.name or event.name or ""
             if event.arguments:
                 call.arguments += event.arguments
-                out.append(self._event("response.function_call_arguments.delta", item_id=call.id,
+                out.append(self.event("response.function_call_arguments.delta", item_id=call.id,
                                        output_index=self._index(call), delta=event.arguments))
             return out
         if isinstance(event, GuardrailRetraction) and event.index == 0:
@@ -207,7 +210,7 @@ class ResponseBuilder:
         r.incomplete_details = {"reason": reason} if reason else None
         r.guardrail_events = self.guardrail_events or None
         kind = "response.incomplete" if reason else "response.completed"
-        return [*out, self._event(kind, response=self._snapshot())]
+        return [*out, self.event(kind, response=self.snapshot())]
 
     def output_items(self) -> list[dict[str, Any]]:
         return [item.model_dump(mode="json", exclude_none=True) for item in self.response.output]
@@ -222,9 +225,9 @@ class ResponseBuilder:
                                           content=[OutputText(text="")])
         self.response.output.append(m)
         i = self._index(m)
-        return [self._event("response.output_item.added", output_index=i,
+        return [self.event("response.output_item.added", output_index=i,
                             item=m.model_copy(update={"content": []}).model_dump(exclude_none=True)),
-                self._event("response.content_part.added", item_id=m.id, output_index=i, content_index=0,
+                self.event("response.content_part.added", item_id=m.id, output_index=i, content_index=0,
                             part=OutputText(text="").model_dump())]
 
     def _cut(self) -> bool:
@@ -237,11 +240,11 @@ class ResponseBuilder:
             return []
         m.status = "incomplete" if self._cut() else "completed"
         i, part = self._index(m), m.content[0]
-        return [self._event("response.output_text.done", item_id=m.id, output_index=i, content_index=0,
+        return [self.event("response.output_text.done", item_id=m.id, output_index=i, content_index=0,
                             text=part.text, logprobs=[]),
-                self._event("response.content_part.done", item_id=m.id, output_index=i, content_index=0,
+                self.event("response.content_part.done", item_id=m.id, output_index=i, content_index=0,
                             part=part.model_dump()),
-                self._event("response.output_item.done", output_index=i, item=m.model_dump(exclude_none=True))]
+                self.event("response.output_item.done", output_index=i, item=m.model_dump(exclude_none=True))]
 
     def _close_calls(self) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
@@ -250,9 +253,9 @@ class ResponseBuilder:
                 continue
             call.status = "incomplete" if self._cut() else "completed"
             i = self._index(call)
-            out += [self._event("response.function_call_arguments.done", item_id=call.id, output_index=i,
+            out += [self.event("response.function_call_arguments.done", item_id=call.id, output_index=i,
                                 name=call.name, arguments=call.arguments),
-                    self._event("response.output_item.done", output_index=i, item=call.model_dump(exclude_none=True))]
+                    self.event("response.output_item.done", output_index=i, item=call.model_dump(exclude_none=True))]
         return out
 
 
@@ -282,7 +285,7 @@ async def create_response(body: ResponseCreate, request: Request, key: ChatKey, 
 
     def keep() -> None:
         if body.store:
-            store.put(StoredResponse(builder.response.id, key.id, builder._snapshot(),
+            store.put(StoredResponse(builder.response.id, key.id, builder.snapshot(),
                                      [*history, *items, *builder.output_items()]))
 
     if not body.stream:
@@ -328,26 +331,28 @@ async def _sse(builder: ResponseBuilder, primed: list[ChatEvent], events: AsyncI
             log.exception("unexpected error mid-stream")
             exc = KeelError("internal error while streaming; the response is incomplete")
         body = keel_error_body(exc)["error"]
-        yield sse(builder._event("error", code=body["code"], message=body["message"], param=body.get("param")))
+        yield sse(builder.event("error", code=body["code"], message=body["message"], param=body.get("param")))
     finally:
         await events.aclose()
+
+
+async def _stored(container: Any, response_id: str, owner: str) -> StoredResponse:
+    stored = await asyncio.to_thread(_store(container).get, response_id, owner)
+    if stored is None:
+        raise NotFound(f"no stored response {response_id!r} {_NOT_STORED}")
+    return stored
 
 
 @router.get("/v1/responses/{response_id}", response_model=ResponseObject, response_model_exclude_none=True,
             responses=_ERRORS)
 async def get_response(response_id: str, key: ChatKey, container: ContainerDep) -> dict[str, Any]:
-    stored = await asyncio.to_thread(_store(container).get, response_id, key.id)
-    if stored is None:
-        raise NotFound(f"no stored response {response_id!r} {_NOT_STORED}")
-    return stored.response
+    return (await _stored(container, response_id, key.id)).response
 
 
 @router.get("/v1/responses/{response_id}/input_items", response_model=InputItemList, responses=_ERRORS)
 async def response_input_items(response_id: str, key: ChatKey, container: ContainerDep) -> InputItemList:
     """The items the response answered (the earlier turns and its own input), newest first as OpenAI lists them."""
-    stored = await asyncio.to_thread(_store(container).get, response_id, key.id)
-    if stored is None:
-        raise NotFound(f"no stored response {response_id!r} {_NOT_STORED}")
+    stored = await _stored(container, response_id, key.id)
     produced = len(stored.response.get("output") or [])
     items = list(reversed(stored.conversation[:len(stored.conversation) - produced]))
     ids = [i.get("id") for i in items]
