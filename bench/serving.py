@@ -51,6 +51,7 @@ class Sample:
     itl_s: list[float]
     tokens: int
     total_s: float
+    retracted: bool = False  # a guardrail withdrew text the client had shown
 
 
 @dataclass
@@ -81,6 +82,7 @@ async def one_request(client: httpx.AsyncClient, url: str, headers: dict, model:
     first = last = None
     gaps: list[float] = []
     tokens = 0
+    retracted = False
     async with client.stream("POST", url, json=body, headers=headers) as r:
         r.raise_for_status()
         async for line in r.aiter_lines():
@@ -89,6 +91,8 @@ async def one_request(client: httpx.AsyncClient, url: str, headers: dict, model:
             chunk = json.loads(line[6:])
             if "error" in chunk:
                 raise RuntimeError(chunk["error"])
+            if (chunk.get("guardrail") or {}).get("type") == "retraction":
+                retracted = retracted or (chunk["guardrail"].get("retracted_chars") or 0) > 0
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
             delta = chunk["choices"][0]["delta"] if chunk.get("choices") else {}
@@ -101,7 +105,8 @@ async def one_request(client: httpx.AsyncClient, url: str, headers: dict, model:
                     gaps.append(now - last)
                 last = now
     end = time.perf_counter()
-    return Sample(ttft_s=(first or end) - start, itl_s=gaps, tokens=tokens, total_s=end - start)
+    return Sample(ttft_s=(first or end) - start, itl_s=gaps, tokens=tokens, total_s=end - start,
+                  retracted=retracted)
 
 
 async def run_round(target: str, url: str, headers: dict, model: str, concurrency: int,
@@ -135,6 +140,7 @@ def summarize(rounds: list[Round]) -> dict[str, float]:
         "itl_p50_ms": pct(itl, 0.5) * 1000, "itl_p95_ms": pct(itl, 0.95) * 1000,
         "tokens_per_s": sum(r.tokens for r in rounds) / sum(r.wall_s for r in rounds),
         "tokens": sum(r.tokens for r in rounds),
+        "retractions": sum(s.retracted for s in samples),
     }
 
 
@@ -160,11 +166,15 @@ def start_keel(enforce_eager: bool, extra: dict | None = None) -> tuple[subproce
             "python": str(ROOT / ".venv-vllm/bin/python"), "port": vllm_port,
             "model_path": str(ROOT / ".keel/models/smollm2"), "enforce_eager": enforce_eager}}},
     }
-    # A second alias on the same model, bound to the 'unguarded' policy: the serving overhead alone,
-    # next to the default policy's cost, in the same run.
-    cfg["models"] = {"smollm2-raw": {"backend": "local", "model": "smollm2"}}
+    # More aliases on the same model: one bound to the 'unguarded' policy (the serving overhead alone), one
+    # to the default policy released window by window (how Keel streamed before progressive release), next
+    # to the default policy's cost, in the same run.
+    cfg["models"] = {"smollm2-raw": {"backend": "local", "model": "smollm2"},
+                     "smollm2-windows": {"backend": "local", "model": "smollm2"}}
     policy = yaml.safe_load((ROOT / "infra/guardrails/default.yaml").read_text())
-    policy["bindings"] = [{"model": "smollm2-raw", "policy": "unguarded"}, *policy.get("bindings", [])]
+    policy["policies"]["default_windows"] = {"extends": "default", "streaming": "windows"}
+    policy["bindings"] = [{"model": "smollm2-raw", "policy": "unguarded"},
+                          {"model": "smollm2-windows", "policy": "default_windows"}, *policy.get("bindings", [])]
     (home / "policy.yaml").write_text(yaml.safe_dump(policy))
     cfg["guardrails"] = {"policy_path": str(home / "policy.yaml")}
     cfg.update(extra or {})
@@ -200,6 +210,8 @@ async def main_async(args: argparse.Namespace) -> dict:
         "keel": (f"{args.keel_url}/v1/chat/completions", auth, args.raw_model),
         "keel+guards": (f"{args.keel_url}/v1/chat/completions", auth, args.model),
     }
+    if args.windows_model:
+        targets["keel+guards:windows"] = (f"{args.keel_url}/v1/chat/completions", auth, args.windows_model)
     if not args.no_tools:
         targets["direct+tool"] = targets["direct"]
         targets["keel+tool"] = targets["keel"]
@@ -218,14 +230,14 @@ async def main_async(args: argparse.Namespace) -> dict:
         summary = {name: summarize(rs) for name, rs in rounds.items()}
         result: dict = {**summary, "rounds": {k: [asdict(r) | {"tokens": r.tokens} for r in v]
                                               for k, v in rounds.items()}}
-        for name, base in _RATIOS.items():
-            if name not in summary:
+        for label, (name, base) in _RATIOS.items():
+            if name not in summary or base not in summary:
                 continue
             d, k = summary[base], summary[name]
             # Each round ran right next to a direct round: comparing pairs cancels most of the slow
             # drifts in machine load that pooled percentiles would mix in.
             pairs = [(summarize([a]), summarize([b])) for a, b in zip(rounds[base], rounds[name], strict=True)]
-            result[f"ratio:{name}"] = {
+            result[f"ratio:{label}"] = {
                 "throughput": k["tokens_per_s"] / d["tokens_per_s"],
                 "ttft_p50_added_ms": k["ttft_p50_ms"] - d["ttft_p50_ms"],
                 "ttft_p95_added_ms": k["ttft_p95_ms"] - d["ttft_p95_ms"],
@@ -274,7 +286,10 @@ async def embeddings_rows(args: argparse.Namespace) -> dict:
 
 
 #: each measured path and the direct one it is compared with
-_RATIOS = {"keel": "direct", "keel+guards": "direct", "keel+tool": "direct+tool"}
+_RATIOS = {"keel": ("keel", "direct"), "keel+guards": ("keel+guards", "direct"),
+           "keel+guards:windows": ("keel+guards:windows", "direct"), "keel+tool": ("keel+tool", "direct+tool"),
+           # issue 21's target: guarded against unguarded through Keel
+           "guards-vs-keel": ("keel+guards", "keel"), "windows-vs-keel": ("keel+guards:windows", "keel")}
 
 
 def print_table(results: dict) -> None:
@@ -282,25 +297,27 @@ def print_table(results: dict) -> None:
     from rich.table import Table
 
     table = Table(title="Keel vs direct vLLM (streaming, same requests, rotating rounds)")
-    for col in ("conc", "target", "reqs", "TTFT p50 ms", "TTFT p95 ms", "ITL p50 ms", "ITL p95 ms", "tok/s"):
+    for col in ("conc", "target", "reqs", "TTFT p50 ms", "TTFT p95 ms", "ITL p50 ms", "ITL p95 ms", "tok/s",
+                "retracted"):
         table.add_column(col, justify="right")
     for conc, res in results.items():
         if conc == "embeddings":
             continue
-        for name in ("direct", "keel", "keel+guards", "direct+tool", "keel+tool"):
+        for name in ("direct", "keel", "keel+guards", "keel+guards:windows", "direct+tool", "keel+tool"):
             if name not in res:
                 continue
             s = res[name]
             table.add_row(conc, name, str(s["requests"]), f"{s['ttft_p50_ms']:.1f}", f"{s['ttft_p95_ms']:.1f}",
-                          f"{s['itl_p50_ms']:.1f}", f"{s['itl_p95_ms']:.1f}", f"{s['tokens_per_s']:.1f}")
-        for name, base in _RATIOS.items():
-            if f"ratio:{name}" not in res:
+                          f"{s['itl_p50_ms']:.1f}", f"{s['itl_p95_ms']:.1f}", f"{s['tokens_per_s']:.1f}",
+                          str(s.get("retractions", 0)))
+        for label, (name, base) in _RATIOS.items():
+            if f"ratio:{label}" not in res:
                 continue
-            r = res[f"ratio:{name}"]
-            table.add_row(conc, f"[bold]{name}/{base}[/bold]", "", f"{r['ttft_p50_added_ms']:+.1f}",
+            r = res[f"ratio:{label}"]
+            table.add_row(conc, f"[bold]{name} / {base}[/bold]", "", f"{r['ttft_p50_added_ms']:+.1f}",
                           f"{r['ttft_p95_added_ms']:+.1f}", f"x{r['itl_p50_ratio']:.3f}", "",
                           f"[bold]{r['throughput'] * 100:.1f}%[/bold]")
-            table.add_row(conc, f"{name} paired median", "", f"{r['paired_ttft_p50_added_ms_median']:+.1f}", "", "",
+            table.add_row(conc, "  paired median", "", f"{r['paired_ttft_p50_added_ms_median']:+.1f}", "", "",
                           "", f"{r['paired_throughput_median'] * 100:.1f}%")
     Console().print(table)
     e = results.get("embeddings")
@@ -323,6 +340,8 @@ def main() -> None:
     p.add_argument("--vllm-key", default=os.environ.get("KEEL_VLLM_API_KEY"), help="the vLLM server's API key")
     p.add_argument("--model", default="smollm2", help="model alias on Keel (default guard policy)")
     p.add_argument("--raw-model", default="smollm2-raw", help="alias bound to the 'unguarded' policy")
+    p.add_argument("--windows-model", default="smollm2-windows",
+                   help="alias bound to the default policy with 'streaming: windows' ('' to skip that row)")
     p.add_argument("--vllm-model", default="smollm2", help="served model name on vLLM")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
     p.add_argument("--rounds", type=int, default=8, help="rounds per target and concurrency (alternating)")

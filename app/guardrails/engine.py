@@ -53,7 +53,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from app.core.types import ChatMessage
 from app.guardrails.audit import AuditRecord, AuditStore, AuditWriter
@@ -65,6 +65,7 @@ from app.guardrails.policy import (
     LoadedPolicy,
     ResolvedPolicy,
     ValidatorSpec,
+    before_release,
     load_policy,
     needs_whole_output,
 )
@@ -211,9 +212,12 @@ class GuardrailEngine:
                 comps = [self._compile(spec, stage) for spec in getattr(resolved, stage)]
                 self._compiled[(name, stage)] = comps
                 # build the group Guards now, not on a first request: a Guard costs ~50 ms to construct
-                for whole in ((False,) if stage == "input" else (False, True)):
-                    for members in _groups([c for c in comps if stage == "input"
-                                            or needs_whole_output(c.spec) == whole]):
+                subsets = [comps] if stage == "input" else [
+                    [c for c in comps if needs_whole_output(c.spec) == whole
+                     and (part is None or before_release(c.spec) == part)]
+                    for whole in (False, True) for part in (None, True, False)]
+                for subset in subsets:
+                    for members in _groups(subset):
                         self._group_guard(members)
         self._writer = AuditWriter(self.audit.write)
         self._ready = True
@@ -445,12 +449,17 @@ class GuardrailEngine:
     # -- output --------------------------------------------------------------------------------------
 
     async def check_window(self, policy: ResolvedPolicy, context: GuardContext, text: str, *, vault: PiiVault,
-                           released: str = "", window: int | None = None, whole: bool = False
-                           ) -> tuple[str, list[ValidatorResult]]:
-        """Validate one piece of output. ``whole=False``: a streaming window (whole-output validators are
-        skipped); ``whole=True``: only the whole-output validators (JSON schema) over the full text."""
+                           released: str = "", window: int | None = None, whole: bool = False,
+                           part: Literal["all", "before", "after"] = "all", prefix: str = "",
+                           sentence: str = "") -> tuple[str, list[ValidatorResult]]:
+        """Validate one piece of output. ``whole=False``: a streaming piece (whole-output validators are
+        skipped); ``whole=True``: only the whole-output validators (JSON schema) over the full text.
+        ``part``: only the entries that run before release (redactors: ``before``) or the judges of shown
+        text (``after``); ``prefix``: the model text shown just before ``text`` (context for PII and secrets),
+        ``sentence``: the part of it in the open sentence window (toxicity judges the sentence so far)."""
         comps = [c for c in self.compiled(policy.name, "output")
-                 if needs_whole_output(c.spec) == whole]
+                 if needs_whole_output(c.spec) == whole
+                 and (part == "all" or before_release(c.spec) == (part == "before"))]
         if not comps:
             return text, []
         meta = self._meta(context, None, vault)
@@ -458,6 +467,7 @@ class GuardrailEngine:
         # request vault) are ever restored
         meta["vault"] = None
         meta["leak_context"] = released[-8000:]
+        meta["prefix"], meta["sentence"] = prefix, sentence
         new, results = await self._run_groups(comps, [text], meta, window)
         return new[0], results
 

@@ -32,6 +32,11 @@ class GuardrailMetrics:
             "keel_guardrail_stream_added_ttft_seconds",
             "Delay the streaming output guard added before the first released text", buckets=_TTFT_BUCKETS, registry=r,
         )
+        self.stream_retractions = Counter(
+            "keel_guardrail_stream_retractions_total",
+            "Streamed answers withdrawn after the user saw part of them (a judge failed on shown text)",
+            ["policy", "validator"], registry=r,
+        )
         self.errors = Counter(
             "keel_guardrail_validator_errors_total", "Validators that raised (blocked or let through per on_error)",
             ["validator", "stage"], registry=r,

@@ -53,6 +53,8 @@ _PARAMS: dict[str, set[str]] = {
 FAIL_CLOSED = {"keel/prompt_injection", "keel/harmful_request", "keel/topic", "keel/secrets"}
 # validators that need the whole answer (cannot judge a streaming window on its own)
 WHOLE_OUTPUT = {"keel/json_schema"}
+# cheap text checks whose findings must never be shown: run on every piece of a stream before its release
+BEFORE_RELEASE = {"keel/pii", "keel/secrets", "keel/toxicity", "keel/system_prompt_leakage"}
 
 
 def needs_whole_output(spec: ValidatorSpec) -> bool:
@@ -63,6 +65,20 @@ def needs_whole_output(spec: ValidatorSpec) -> bool:
     window is judged as it comes."""
     return spec.validator in WHOLE_OUTPUT or (
         spec.validator == "keel/groundedness" and float(spec.params.get("max_unsupported_ratio", 0) or 0) > 0)
+
+
+def before_release(spec: ValidatorSpec) -> bool:
+    """Checked on each piece of a stream before the client sees it (whole words, with the text before them
+    as context): what it masks or refuses is never shown. The cheap text checks (PII, secrets, toxicity,
+    system-prompt leakage) and every redacting entry; the model-backed judges run after release."""
+    return spec.validator in BEFORE_RELEASE or spec.on_fail == "redact"
+
+
+def holds_windows(spec: ValidatorSpec) -> bool:
+    """A model-backed judge (topic, prompt injection, per-sentence groundedness) whose entry says
+    ``release: before``: a stream's text waits until its sentence window has passed it. Unset or ``after``:
+    the window is judged once shown and retracted if it fails."""
+    return spec.release == "before" and not before_release(spec) and not needs_whole_output(spec)
 
 
 class _Strict(BaseModel):
@@ -80,6 +96,13 @@ class ValidatorSpec(_Strict):
         "When the validator itself fails (raises): block (fail closed) or allow (fail open). Unset: "
         "guardrails.on_error if set, else closed for the checks that stand between an attacker and the model "
         "(prompt injection, harmful requests, denied/allowed topics, secrets) and open for the rest."))
+    release: Literal["before", "after"] | None = Field(default=None, description=(
+        "Streaming, for the model-backed output judges (keel/topic, keel/prompt_injection, keel/groundedness "
+        "per sentence): 'after' (unset) shows text as soon as the text checks passed it and judges each sentence "
+        "window once shown, retracting what was shown when it fails (counted: "
+        "keel_guardrail_stream_retractions_total); 'before' holds the text until its window has passed this "
+        "entry (about one sentence of delay). keel/pii, keel/secrets, keel/toxicity, keel/system_prompt_leakage "
+        "and redact entries always run before release, word by word."))
 
     @field_validator("validator")
     @classmethod
@@ -112,6 +135,10 @@ class GuardPolicy(_Strict):
     description: str = ""
     input: list[ValidatorSpec] | None = None
     output: list[ValidatorSpec] | None = None
+    streaming: Literal["progressive", "windows"] | None = Field(default=None, description=(
+        "How a stream's text is released (inherited; unset = progressive): progressive shows it word by word "
+        "once the text checks passed it (see app/guardrails/streaming.py); windows holds each sentence window "
+        "until every output entry has passed it (Keel's behaviour before 2026.12: about one sentence of delay)."))
 
 
 class TopicSpec(_Strict):
@@ -166,6 +193,8 @@ class PolicyFile(_Strict):
                     allowed = _ACTIONS[spec.validator].get(stage)
                     if not allowed:
                         raise ValueError(f"policy {pname!r}: {spec.validator} cannot run on {stage}")
+                    if spec.release is not None:
+                        _check_release(pname, stage, spec)
                     if spec.on_fail not in allowed:
                         raise ValueError(f"policy {pname!r} {stage}: {spec.validator} cannot on_fail={spec.on_fail!r}; "
                                          f"allowed: {sorted(allowed)}")
@@ -185,12 +214,26 @@ class PolicyFile(_Strict):
             cur = self.policies[cur].extends
         inp: list[ValidatorSpec] = []
         out: list[ValidatorSpec] = []
+        streaming = "progressive"
         for p in reversed(chain):  # base first; a child's list replaces its parent's
             if p.input is not None:
                 inp = list(p.input)
             if p.output is not None:
                 out = list(p.output)
-        return ResolvedPolicy(name, tuple(inp), tuple(out))
+            streaming = p.streaming or streaming
+        return ResolvedPolicy(name, tuple(inp), tuple(out), streaming)
+
+
+def _check_release(pname: str, stage: str, spec: ValidatorSpec) -> None:
+    where = f"policy {pname!r} {stage}: {spec.label}"
+    if stage != "output":
+        raise ValueError(f"{where}: 'release' applies to output entries only (input is checked before the model)")
+    if before_release(spec) and spec.release == "after":
+        raise ValueError(f"{where}: {spec.validator} always runs before release (word by word): what it masks "
+                         "or refuses must never be shown; remove 'release'")
+    if needs_whole_output(spec) and spec.release == "before":
+        raise ValueError(f"{where}: it judges the whole answer, so 'before' would hold the whole answer back; "
+                         "send a non-streaming request for that")
 
 
 @dataclass(frozen=True)
@@ -198,6 +241,7 @@ class ResolvedPolicy:
     name: str
     input: tuple[ValidatorSpec, ...]
     output: tuple[ValidatorSpec, ...]
+    streaming: Literal["progressive", "windows"] = "progressive"
 
 
 @dataclass(frozen=True)

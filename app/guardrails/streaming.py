@@ -1,13 +1,27 @@
-"""Streaming output guard: validate the model's stream in sentence windows before releasing it.
+"""Streaming output guard: show the model's text as soon as it is safe, judge it as it comes.
 
-Text is released only after its window passed the output validators (so no unvalidated text reaches the
-client); redacted windows are released redacted, preceded by a :class:`GuardrailRedaction` event; a window
-that fails a ``block`` validator ends that choice with a :class:`GuardrailRetraction` (the client withdraws
-what it showed and displays the refusal) and ``Finished(reason=content_filter)``. Whole-output validators
-(JSON schema) run when the stream ends.
+Each output entry of the policy runs at one of three points:
 
-Added time to first token = the time to receive the first window (one sentence, or at most
-``first_window_max_chars``) + one window validation. Measured in bench/guardrails.py.
+* **before release**: the cheap text checks (``keel/pii``, ``keel/secrets``, ``keel/toxicity``,
+  ``keel/system_prompt_leakage``) and any ``redact`` entry check every piece of text before the client
+  sees it, with the text just before it as context (toxicity: the sentence so far). A piece ends at a word
+  the model has finished (whitespace after it), before a run of digit-bearing words (a phone, card or IBAN
+  written in groups), and, where names are personal data, before a capitalised word that may begin a
+  name; a name (two capitalised words) waits for the end of its sentence, where its owner's contact
+  details would be. So what these entries mask is masked before anyone sees it, and a stream lags the
+  model by about one word. Leakage judges everything shown so far with each piece, so a verbatim run of
+  the system prompt is caught at its eighth word, after seven were shown: that ends in a retraction.
+* **after release**: the model-backed judges (topics, prompt injection, per-sentence groundedness) judge
+  each sentence window once it is shown (``release: after``, the default); a failure ends that choice
+  with a :class:`GuardrailRetraction` (the client withdraws what it showed and displays the refusal) and
+  ``Finished(reason=content_filter)``, counted in ``keel_guardrail_stream_retractions_total``. A policy
+  with a judge marked ``release: before`` streams window by window instead: nothing is shown before its
+  window has passed every entry (added time to first token: one sentence + one check).
+* A policy with ``streaming: windows`` holds every window until all its entries passed (the old way).
+* **at the end** (JSON schema, groundedness over the share of the answer): on the whole answer; a failure
+  retracts.
+
+Measured in bench/serving.py (guarded vs unguarded through Keel, and straight to vLLM).
 """
 
 from __future__ import annotations
@@ -16,17 +30,15 @@ import contextlib
 import re
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal, Protocol
 
 from app.core.types import Finished, TextDelta, Usage
 from app.guardrails.metrics import GuardrailMetrics
+from app.guardrails.policy import ResolvedPolicy, before_release, holds_windows, needs_whole_output
 from app.guardrails.settings import StreamingSettings
 from app.guardrails.types import GuardContext, GuardrailRedaction, GuardrailRetraction, ValidatorResult
-from app.guardrails.validators.pii import PiiVault
-
-if TYPE_CHECKING:
-    from app.guardrails.policy import ResolvedPolicy
+from app.guardrails.validators.pii import ALL_ENTITIES, PiiVault
 
 _BOUNDARY = re.compile(r"[.!?][\"')\]*_]*\s+|\n+")
 
@@ -46,15 +58,45 @@ def take_window(buf: str, *, min_chars: int, max_chars: int, final: bool = False
     return 0
 
 
+# a word that may be one group of a value written in groups: digits, "+1", "(555)", an IBAN's "NWBK"
+_GROUP = re.compile(r"\d|^[+(]|^[A-Z0-9]{4}[.,;:]?$")
+_CAPITALISED = re.compile(r"[A-Z][a-z'\-]+")
+# as pii._NAME_CANDIDATE: NER only ever finds a name where two capitalised words follow each other
+_NAME = re.compile(r"\b[A-Z][a-z'\-]+\s+(?:[A-Z]\.\s+)?[A-Z][a-z'\-]+")
+_CONTEXT = 400  # characters of shown text the redactors see before a piece (pii's reach is 160)
+
+
+def hold_point(buf: str, *, start: int = 0, names: bool = False) -> int:
+    """How much of ``buf`` the redactors can judge now, i.e. what more text cannot turn into part of a
+    value they mask (``start``: what is already shown; the result is never below it)."""
+    words = [(m.start(), m.end()) for m in re.finditer(r"\S+", buf)]
+    p = len(buf)
+    if words and words[-1][1] == len(buf):
+        p = words.pop()[0]  # the model is still writing this word
+    while words and _GROUP.search(buf[words[-1][0]:words[-1][1]]):
+        p = words.pop()[0]
+    if names:
+        if words and _CAPITALISED.match(buf, words[-1][0]):
+            p = words[-1][0]
+        m = next((m for m in _NAME.finditer(buf) if m.end() > start), None)
+        if m is not None and m.start() < p:
+            p = m.start()
+    return max(p, start)
+
+
 @dataclass
 class _Choice:
-    buf: str = ""
+    buf: str = ""                    # model text of the open window (shown or not)
+    shown: int = 0                   # how much of buf the client has seen (progressive release)
+    before_window: int = 0           # len(released_model_text) when the open window began
+    context: str = ""                # model text shown before the open window (the redactors' context)
     released_model_text: str = ""    # validated model text (before placeholder restoration)
     released_chars: int = 0          # chars the client has seen
     windows: int = 0
     retracted: bool = False
     finished: bool = False
     results: list[ValidatorResult] = field(default_factory=list)
+    pending: list[ValidatorResult] = field(default_factory=list)  # the open window's piece-by-piece checks
 
 
 class WindowEngine(Protocol):
@@ -64,8 +106,9 @@ class WindowEngine(Protocol):
     metrics: GuardrailMetrics
 
     async def check_window(self, policy: ResolvedPolicy, context: GuardContext, text: str, *, vault: PiiVault,
-                           released: str = "", window: int | None = None, whole: bool = False
-                           ) -> tuple[str, list[ValidatorResult]]: ...
+                           released: str = "", window: int | None = None, whole: bool = False,
+                           part: Literal["all", "before", "after"] = "all", prefix: str = "",
+                           sentence: str = "") -> tuple[str, list[ValidatorResult]]: ...
 
     def restore_placeholders(self, policy: ResolvedPolicy, text: str, vault: PiiVault, user: str | None) -> str: ...
 
@@ -86,6 +129,13 @@ class OutputGuard:
         self.vault = vault
         self.settings = settings
         self.enabled = enabled and bool(policy.output)
+        streamed = [spec for spec in policy.output if not needs_whole_output(spec)]
+        # window by window when the policy asks for it or a judge must pass before its text is shown
+        self.progressive = policy.streaming == "progressive" and not any(holds_windows(s) for s in streamed)
+        self._pieces = any(before_release(spec) for spec in streamed)
+        self._judges = any(not before_release(spec) for spec in streamed)
+        self._names = any(spec.validator == "keel/pii" and spec.params.get("persons", "all") != "none"
+                          and "PERSON" in spec.params.get("entities", ALL_ENTITIES) for spec in streamed)
         self._choices: dict[int, _Choice] = {}
         self._first_in: float | None = None
         self.added_ttft_s: float | None = None
@@ -147,11 +197,66 @@ class OutputGuard:
         while c.buf and not c.retracted:
             limit = s.first_window_max_chars if c.windows == 0 else s.max_window_chars
             n = take_window(c.buf, min_chars=s.min_window_chars, max_chars=limit, final=final)
+            if not self.progressive:
+                if n == 0:
+                    break
+                window, c.buf = c.buf[:n], c.buf[n:]
+                out += await self._check(index, c, window)
+                continue
             if n == 0:
+                p = hold_point(c.buf, start=c.shown, names=self._names) if self._pieces else len(c.buf)
+                if p > c.shown:
+                    out += await self._release(index, c, p)
                 break
-            window, c.buf = c.buf[:n], c.buf[n:]
-            out += await self._check(index, c, window)
+            # the window is complete: show the rest of it, then judge it whole
+            out += await self._release(index, c, max(n, c.shown))
+            if not c.retracted:
+                out += await self._judge(index, c)
+            window, c.buf = c.buf[:max(n, c.shown)], c.buf[max(n, c.shown):]
+            c.context = (c.context + window)[-_CONTEXT:]
+            c.shown, c.before_window = 0, len(c.released_model_text)
+            c.windows += 1
         return out
+
+    async def _release(self, index: int, c: _Choice, upto: int) -> list[Any]:
+        """Show ``c.buf[c.shown:upto]`` once the entries that run before release have passed it."""
+        piece = c.buf[c.shown:upto]
+        out: list[Any] = []
+        safe = piece
+        if self._pieces and piece:
+            safe, results = await self.engine.check_window(
+                self.policy, self.context, piece, vault=self.vault, released=c.released_model_text,
+                window=c.windows, part="before", prefix=(c.context + c.buf[:c.shown])[-_CONTEXT:],
+                sentence=c.released_model_text[c.before_window:])
+            c.pending.extend(results)
+            blocking = next((r for r in results if r.action == "block"), None)
+            if blocking:
+                self._account(c, _per_entry(c.pending))
+                c.pending = []
+                return self._retract(index, c, blocking)
+            out += [GuardrailRedaction.of(r, c.windows, index) for r in results if r.action == "redact"]
+        c.shown = upto
+        c.released_model_text += safe
+        text = self.engine.restore_placeholders(self.policy, safe, self.vault, self.context.user)
+        if text:
+            c.released_chars += len(text)
+            self._mark_first_out()
+            out.append(TextDelta(text, index))
+        return out
+
+    async def _judge(self, index: int, c: _Choice) -> list[Any]:
+        """The judges over the window just shown (the redactors' pieces are accounted once per window)."""
+        results = _per_entry(c.pending)
+        c.pending = []
+        if self._judges:
+            shown = c.released_model_text[c.before_window:]
+            _, judged = await self.engine.check_window(
+                self.policy, self.context, shown, vault=self.vault, released=c.released_model_text[:c.before_window],
+                window=c.windows, part="after")
+            results += judged
+        self._account(c, results)
+        blocking = next((r for r in results if r.action == "block"), None)
+        return self._retract(index, c, blocking) if blocking else []
 
     async def _check(self, index: int, c: _Choice, window: str) -> list[Any]:
         safe, results = await self.engine.check_window(
@@ -177,10 +282,13 @@ class OutputGuard:
     def _retract(self, index: int, c: _Choice, result: ValidatorResult) -> list[Any]:
         c.retracted = True
         c.buf = ""
+        if c.released_chars:  # the user saw text that is now withdrawn: the cost of showing it early
+            self.engine.metrics.stream_retractions.labels(self.policy.name, result.validator).inc()
         message = self.engine.refusal_for(self.policy.name, result.validator)
         self._mark_first_out()
         self._finalize(c)
-        return [GuardrailRetraction(result.validator, max(c.windows - 1, 0), result.reason, message,
+        return [GuardrailRetraction(result.validator, result.window if result.window is not None else c.windows,
+                                    result.reason, message,
                                     c.released_chars, index),
                 Finished(self.settings.retraction_finish_reason, index)]  # type: ignore[arg-type]
 
@@ -227,3 +335,14 @@ class OutputGuard:
             if aclose is not None:
                 with contextlib.suppress(Exception):
                     await aclose()
+
+
+def _per_entry(results: list[ValidatorResult]) -> list[ValidatorResult]:
+    """A window's piece-by-piece results as one per policy entry (the audit trail and the metrics count
+    windows, not words): its failures, else one pass with the pieces' time summed."""
+    out: list[ValidatorResult] = []
+    for label in dict.fromkeys(r.validator for r in results):
+        mine = [r for r in results if r.validator == label]
+        failed = [r for r in mine if r.verdict != "pass"]
+        out += failed or [replace(mine[0], latency_ms=sum(r.latency_ms for r in mine))]
+    return out

@@ -22,6 +22,18 @@ class Finding:
     detail: str = ""
 
 
+def reaching_into(findings: Sequence[Finding], full: str, offset: int) -> list[Finding]:
+    """Findings over ``full`` (= a context prefix of ``offset`` characters + the text checked) that reach
+    into the checked text, clipped and shifted to its coordinates: a value that began in text already
+    shown has the rest of it masked."""
+    out = []
+    for f in findings:
+        if f.end > offset:
+            start = max(f.start, offset)
+            out.append(Finding(f.kind, start - offset, f.end - offset, full[start:f.end], f.score, f.detail))
+    return out
+
+
 @dataclass(frozen=True, slots=True)
 class CheckResult:
     """``passed`` is the verdict; ``score`` is the risk in [0, 1] (higher = worse); ``fixed`` is the

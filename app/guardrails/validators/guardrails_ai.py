@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from guardrails.classes.validation.validation_result import ErrorSpan, FailResult, PassResult, ValidationResult
@@ -151,7 +151,8 @@ class Pii(_KeelValidator):
 
     def check(self, value: str, metadata: dict[str, Any]) -> CheckResult:
         return check_pii(value, entities=self.entities, names=self.names, vault=metadata.get("vault"),
-                         known=metadata.get("known") or (), persons=self.persons)  # type: ignore[arg-type]
+                         known=metadata.get("known") or (), persons=self.persons,  # type: ignore[arg-type]
+                         prefix=metadata.get("prefix", ""))
 
 
 @register_validator(name="keel/toxicity", data_type="string")
@@ -162,7 +163,12 @@ class Toxicity(_KeelValidator):
         self.threshold, self.classifier = threshold, classifier
 
     def check(self, value: str, metadata: dict[str, Any]) -> CheckResult:
-        return check_toxicity(value, threshold=self.threshold, classifier=self.classifier)
+        # a stream's piece is judged with the sentence it continues ("sentence"; see streaming.py)
+        sentence = metadata.get("sentence", "")
+        res = check_toxicity(sentence + value, threshold=self.threshold, classifier=self.classifier)
+        if sentence and res.fixed is not None:  # masking keeps lengths: the piece's own part
+            res = replace(res, fixed=res.fixed[len(sentence):])
+        return res
 
 
 @register_validator(name="keel/topic", data_type="string")
@@ -230,7 +236,7 @@ class Secrets(_KeelValidator):
         super().__init__(on_fail=on_fail, **kwargs)
 
     def check(self, value: str, metadata: dict[str, Any]) -> CheckResult:
-        return check_secrets(value, metadata.get("secret_values", ()))
+        return check_secrets(value, metadata.get("secret_values", ()), prefix=metadata.get("prefix", ""))
 
 
 VALIDATOR_CLASSES: dict[str, type[_KeelValidator]] = {

@@ -6,7 +6,7 @@ import math
 import re
 from collections.abc import Iterable
 
-from app.guardrails.validators.base import CheckResult, Finding
+from app.guardrails.validators.base import CheckResult, Finding, reaching_into
 
 _WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
 
@@ -57,8 +57,12 @@ def find_secrets(text: str, extra_values: Iterable[str] = ()) -> list[Finding]:
     return kept
 
 
-def check_secrets(text: str, extra_values: Iterable[str] = ()) -> CheckResult:
-    findings = find_secrets(text, extra_values)
+def check_secrets(text: str, extra_values: Iterable[str] = (), prefix: str = "") -> CheckResult:
+    """``prefix``: the text shown just before ``text`` (a stream), so a key whose first characters were
+    shown ("password: ", "-----BEGIN") has the rest masked."""
+    findings = find_secrets(prefix + text, extra_values)
+    if prefix:
+        findings = reaching_into(findings, prefix + text, len(prefix))
     if not findings:
         return CheckResult(True)
     out, pos = [], 0

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from app.guardrails.validators.base import CheckResult, Finding
+from app.guardrails.validators.base import CheckResult, Finding, reaching_into
 
 ALL_ENTITIES = ("EMAIL", "PHONE", "CREDIT_CARD", "IBAN", "SSN", "IP_ADDRESS", "PERSON")
 
@@ -236,15 +236,17 @@ def known_to(findings: Sequence[Finding], known: Sequence[str]) -> list[Finding]
 
 
 def check_pii(text: str, *, entities: Iterable[str] = ALL_ENTITIES, names: NameDetector | None = None,
-              vault: PiiVault | None = None, known: Sequence[str] = (), persons: PersonsMode = "all"
-              ) -> CheckResult:
+              vault: PiiVault | None = None, known: Sequence[str] = (), persons: PersonsMode = "all",
+              prefix: str = "") -> CheckResult:
     """``known``: texts whose values are not to be redacted (see :func:`known_to`). ``persons``: which
     person names count as personal data: ``all``; ``with_contact``, only a name within a sentence or so of
     an e-mail, phone, card, IBAN, SSN or IP address that is itself redacted (a private person's record,
     where a public figure's name in a factual answer is left alone: NER cannot tell the two apart);
-    ``none``."""
+    ``none``. ``prefix``: the text shown just before ``text`` (a stream): values are found over both, so a
+    name after its owner's e-mail, or a number that began in the prefix, is masked in ``text``."""
     wanted = set(entities) - ({"PERSON"} if persons == "none" else set())
-    findings = find_pii(text, wanted, names)
+    full = prefix + text
+    findings = find_pii(full, wanted, names)
     if known:
         skip = set(known_to(findings, known))
         findings = [f for f in findings if f not in skip]
@@ -252,6 +254,8 @@ def check_pii(text: str, *, entities: Iterable[str] = ALL_ENTITIES, names: NameD
         contact = [f for f in findings if f.kind != "PERSON"]
         findings = [f for f in findings if f.kind != "PERSON"
                     or any(c.start - _NEAR <= f.end and f.start <= c.end + _NEAR for c in contact)]
+    if prefix:
+        findings = reaching_into(findings, full, len(prefix))
     if not findings:
         return CheckResult(True)
     kinds = sorted({f.kind for f in findings})

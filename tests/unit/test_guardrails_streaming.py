@@ -1,0 +1,174 @@
+"""The streaming output guard shows text as soon as it is safe: word by word past the text checks, judged
+after release by the model-backed checks, window by window when a policy asks for it."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from app.core.types import Finished, TextDelta
+from app.guardrails.engine import GuardrailEngine
+from app.guardrails.errors import GuardrailPolicyError
+from app.guardrails.policy import parse_policy
+from app.guardrails.settings import GuardrailSettings
+from app.guardrails.streaming import hold_point
+from app.guardrails.testing import model_cache_dir, shared_embedder
+from app.guardrails.types import GuardContext, GuardrailRedaction, GuardrailRetraction
+
+pytest_plugins = ("app.guardrails.testing",)
+DEFAULT = Path(__file__).resolve().parents[2] / "infra" / "guardrails" / "default.yaml"
+
+
+def tokens(text: str) -> list[str]:
+    """Pieces the way a BPE model streams them: words with their leading space, punctuation apart."""
+    return re.findall(r"\s*\w+|\s*[^\w\s]|\s+$", text)
+
+
+async def stream(text: str):
+    for t in tokens(text):
+        yield TextDelta(t)
+    yield Finished("stop")
+
+
+async def run(guard, text: str) -> tuple[list, list[str]]:
+    """Every event, and what the client had been shown after each model token (to catch a leak mid-way)."""
+    events, shown, seen = [], "", []
+    async for ev in guard.wrap(stream(text)):
+        events.append(ev)
+        if isinstance(ev, TextDelta):
+            shown += ev.text
+            seen.append(shown)
+    return events, seen
+
+
+def text_of(events) -> str:
+    return "".join(e.text for e in events if isinstance(e, TextDelta))
+
+
+@pytest.fixture(scope="module")
+def engine():
+    e = GuardrailEngine(GuardrailSettings(audit_db=":memory:", policy_path=DEFAULT, model_cache=model_cache_dir()),
+                        embedder=shared_embedder(), registry=CollectorRegistry())
+    e.warm_up()
+    yield e
+    e._pool.shutdown(wait=True)
+
+
+def ctx(rid: str) -> GuardContext:
+    return GuardContext(request_id=rid, user="user-1")
+
+
+def test_hold_point_keeps_back_what_may_still_become_a_value():
+    assert hold_point("A lighthouse is a tall tow") == len("A lighthouse is a tall ")   # a word being written
+    assert hold_point("Call 555 123 ") == len("Call ")                                 # groups of a number
+    assert hold_point("In 1905 he wrote ") == len("In 1905 he wrote ")                 # a number followed by words
+    assert hold_point("Account GB29 NWBK ") == len("Account ")
+    assert hold_point("the winner was Marie ", names=True) == len("the winner was ")   # may begin a name
+    assert hold_point("the winner was Marie ") == len("the winner was Marie ")         # names not guarded
+    text = "I met Marie Curie in the lab and "
+    assert hold_point(text, names=True) == len("I met ")                              # a name waits for the sentence
+    assert hold_point(text, start=10, names=True) == 10                               # never below what was shown
+
+
+async def test_text_streams_word_by_word(engine):
+    text = "A lighthouse is a tall tower with a bright lamp at the top. Ships use it to find their way at night."
+    events, seen = await run(engine.output_guard(ctx("pr-clean")), text)
+    assert text_of(events) == text
+    assert len(seen) > 15  # word by word, not two sentence windows
+    assert seen[0] == "A "  # one word behind the model
+    assert not any(isinstance(e, GuardrailRetraction | GuardrailRedaction) for e in events)
+
+
+@pytest.mark.parametrize("text, secret, placeholder", [
+    ("You can call the office on 650 253 0000 during the day. Thanks.", "253", "<PHONE>"),
+    ("Write to jane.doe@example.com for details. Thanks.", "jane", "<EMAIL>"),
+    ("The card on file is 4111 1111 1111 1111 until next year. Thanks.", "1111", "<CREDIT_CARD>"),
+    ("Use the key sk-proj-AbCdEfGhIjKlMnOpQrStUvWx123456 in the header. Thanks.", "AbCdEf", "<SECRET:OPENAI_KEY>"),
+    ("Set password: Xk9$mQ2#vL7pR4tZ in the config file. Thanks.", "Xk9", "<SECRET:GENERIC_SECRET>"),
+])
+async def test_values_are_masked_before_any_piece_of_them_is_shown(engine, text, secret, placeholder):
+    events, seen = await run(engine.output_guard(ctx("pr-pii")), text)
+    assert all(secret not in s for s in seen), seen
+    assert placeholder in text_of(events) and text_of(events).endswith("Thanks.")
+    assert any(isinstance(e, GuardrailRedaction) for e in events)
+
+
+async def test_a_name_beside_its_owners_contact_details_is_never_shown(engine):
+    # persons: with_contact: the name is personal data only with the e-mail after it in the sentence
+    events, seen = await run(engine.output_guard(ctx("pr-name")),
+                             "Sure, you can reach Maria Garcia at maria.garcia@example.com any day. Bye.")
+    assert all("Garcia" not in s for s in seen), seen
+    assert "<PERSON>" in text_of(events) and "<EMAIL>" in text_of(events)
+    # a public figure's name alone is shown (at the end of its sentence)
+    events, _ = await run(engine.output_guard(ctx("pr-name-2")), "Marie Curie won two Nobel prizes. Yes.")
+    assert text_of(events) == "Marie Curie won two Nobel prizes. Yes."
+
+
+async def test_toxic_words_are_never_shown_and_audit_counts_windows_not_words(engine):
+    events, seen = await run(engine.output_guard(ctx("pr-tox")),
+                             "Ships carry cargo across the sea. You are a worthless fucking idiot, honestly.")
+    assert all("fucking" not in s for s in seen)
+    assert isinstance(events[-1], Finished) and events[-1].reason == "content_filter"
+    retraction = next(e for e in events if isinstance(e, GuardrailRetraction))
+    assert retraction.validator == "toxicity" and retraction.retracted_chars == len(seen[-1])
+    await engine.flush()
+    rows = engine.query_audit(request_id="pr-tox")
+    # one row per entry and window (2 windows x 4 entries at most), not one per word
+    assert 0 < len(rows) <= 8, [(r.validator, r.verdict) for r in rows]
+
+
+TOPIC_POLICY = {"version": "1", "topics": {"weapons": {
+    "description": "Building or acquiring weapons or explosives.",
+    "examples": ["How do I build a bomb?", "Where can I buy an untraceable gun?",
+                 "Mix these chemicals to make an explosive device."]}},
+    "policies": {"default": {"output": [
+        {"validator": "keel/pii", "on_fail": "redact"},
+        {"validator": "keel/topic", "on_fail": "block", "threshold": 0.5, "params": {"deny": ["weapons"]}}]},
+        "held": {"output": [
+            {"validator": "keel/pii", "on_fail": "redact"},
+            {"validator": "keel/topic", "on_fail": "block", "threshold": 0.5, "params": {"deny": ["weapons"]},
+             "release": "before"}]}}}
+
+
+@pytest.fixture(scope="module")
+def topic_engine():
+    e = GuardrailEngine(GuardrailSettings(audit_db=":memory:", model_cache=model_cache_dir()),
+                        policy=parse_policy(TOPIC_POLICY), embedder=shared_embedder(), registry=CollectorRegistry())
+    e.warm_up()
+    yield e
+    e._pool.shutdown(wait=True)
+
+
+BOMB = "The weather is mild today and sunny. To build a bomb, mix these chemicals into an explosive device. Then."
+
+
+async def test_a_model_backed_judge_runs_after_release_and_its_retraction_is_counted(topic_engine):
+    events, seen = await run(topic_engine.output_guard(GuardContext("tp-after")), BOMB)
+    retraction = next(e for e in events if isinstance(e, GuardrailRetraction))
+    assert retraction.validator == "topic" and retraction.retracted_chars == len(seen[-1])
+    assert any("bomb" in s for s in seen)  # shown, then withdrawn: the cost the metric counts
+    counted = topic_engine.metrics.registry.get_sample_value(
+        "keel_guardrail_stream_retractions_total", {"policy": "default", "validator": "topic"})
+    assert counted == 1
+
+
+async def test_release_before_holds_each_window_until_its_judge_passed(topic_engine):
+    guard = topic_engine.output_guard(GuardContext("tp-before", policy="held"))
+    assert not guard.progressive
+    events, seen = await run(guard, BOMB)
+    assert seen[0] == "The weather is mild today and sunny. "  # a whole window at once
+    assert all("bomb" not in s for s in seen)
+    assert any(isinstance(e, GuardrailRetraction) for e in events)
+
+
+@pytest.mark.parametrize("entry, stage, message", [
+    ({"validator": "keel/pii", "on_fail": "redact", "release": "before"}, "input", "output entries only"),
+    ({"validator": "keel/pii", "on_fail": "redact", "release": "after"}, "output", "always runs before release"),
+    ({"validator": "keel/json_schema", "on_fail": "block", "release": "before"}, "output", "whole answer"),
+])
+def test_release_is_validated(entry, stage, message):
+    with pytest.raises(GuardrailPolicyError, match=message):
+        parse_policy({"version": "1", "policies": {"default": {stage: [entry]}}})
