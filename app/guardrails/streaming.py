@@ -4,13 +4,18 @@ Each output entry of the policy runs at one of three points:
 
 * **before release**: the cheap text checks (``keel/pii``, ``keel/secrets``, ``keel/toxicity``,
   ``keel/system_prompt_leakage``) and any ``redact`` entry check every piece of text before the client
-  sees it, with the text just before it as context (toxicity: the sentence so far). A piece ends at a word
-  the model has finished (whitespace after it), before a run of digit-bearing words (a phone, card or IBAN
-  written in groups), and, where names are personal data, before a capitalised word that may begin a
-  name; a name (two capitalised words) waits for the end of its sentence, where its owner's contact
-  details would be. So what these entries mask is masked before anyone sees it, and a stream lags the
-  model by about one word. Leakage judges everything shown so far with each piece, so a verbatim run of
-  the system prompt is caught at its eighth word, after seven were shown: that ends in a retraction.
+  sees it, with the text shown before it as context (toxicity: the sentence so far; a private key's body:
+  its header). A piece ends at a word the model has finished (whitespace after it), before a run of
+  digit-bearing words (a phone, card or IBAN written in groups) and a placeholder being written, and, where
+  names are personal data, before capitalised words that may begin a name; a name (two capitalised words,
+  with initials or particles between) waits for the end of its sentence, where its owner's contact details
+  would be (as the sentence windows did: a name whose e-mail comes in a later sentence is shown, the
+  e-mail masked; the non-streaming check reads the whole answer and masks both). So a stream lags the
+  model by about one word, and what these entries mask is never shown. A piece they refuse holds the rest
+  of its sentence until the sentence is whole ("You can kill the" ... "process" passes); if the whole
+  sentence fails, what was shown of it is retracted, without the words that failed. Leakage judges
+  everything shown so far, so a verbatim run of the system prompt is refused at its eighth word, after
+  seven were shown: a retraction.
 * **after release**: the model-backed judges (topics, prompt injection, per-sentence groundedness) judge
   each sentence window once it is shown (``release: after``, the default); a failure ends that choice
   with a :class:`GuardrailRetraction` (the client withdraws what it showed and displays the refusal) and
@@ -38,7 +43,7 @@ from app.guardrails.metrics import GuardrailMetrics
 from app.guardrails.policy import ResolvedPolicy, before_release, holds_windows, needs_whole_output
 from app.guardrails.settings import StreamingSettings
 from app.guardrails.types import GuardContext, GuardrailRedaction, GuardrailRetraction, ValidatorResult
-from app.guardrails.validators.pii import ALL_ENTITIES, PiiVault
+from app.guardrails.validators.pii import ALL_ENTITIES, CAPITALISED, NAME_CANDIDATE, PARTICLE, PiiVault
 
 _BOUNDARY = re.compile(r"[.!?][\"')\]*_]*\s+|\n+")
 
@@ -60,28 +65,42 @@ def take_window(buf: str, *, min_chars: int, max_chars: int, final: bool = False
 
 # a word that may be one group of a value written in groups: digits, "+1", "(555)", an IBAN's "NWBK"
 _GROUP = re.compile(r"\d|^[+(]|^[A-Z0-9]{4}[.,;:]?$")
-_CAPITALISED = re.compile(r"[A-Z][a-z'\-]+")
-# as pii._NAME_CANDIDATE: NER only ever finds a name where two capitalised words follow each other
-_NAME = re.compile(r"\b[A-Z][a-z'\-]+\s+(?:[A-Z]\.\s+)?[A-Z][a-z'\-]+")
+_CAPITALISED = re.compile(CAPITALISED)
+_PARTICLE = re.compile(PARTICLE)
+# a placeholder being written in two words ("[EMAIL 1]"): restored only once whole
+_OPENING = re.compile(r"^[<\[][A-Za-z_]*$")
 _CONTEXT = 400  # characters of shown text the redactors see before a piece (pii's reach is 160)
 
 
 def hold_point(buf: str, *, start: int = 0, names: bool = False) -> int:
     """How much of ``buf`` the redactors can judge now, i.e. what more text cannot turn into part of a
-    value they mask (``start``: what is already shown; the result is never below it)."""
+    value they mask (``start``: what is already shown; the result is never below it). Always a word start."""
     words = [(m.start(), m.end()) for m in re.finditer(r"\S+", buf)]
     p = len(buf)
     if words and words[-1][1] == len(buf):
         p = words.pop()[0]  # the model is still writing this word
-    while words and _GROUP.search(buf[words[-1][0]:words[-1][1]]):
+    while words and (_GROUP.search(buf[words[-1][0]:words[-1][1]]) or _OPENING.match(buf[words[-1][0]:words[-1][1]])):
         p = words.pop()[0]
     if names:
-        if words and _CAPITALISED.match(buf, words[-1][0]):
-            p = words[-1][0]
-        m = next((m for m in _NAME.finditer(buf) if m.end() > start), None)
+        # the capitalised words (and particles between them) at the end may be a name's beginning
+        run = len(words)
+        while run and (_CAPITALISED.match(buf, words[run - 1][0])
+                       or _PARTICLE.fullmatch(buf, *words[run - 1])):
+            run -= 1
+        while run < len(words) and not _CAPITALISED.match(buf, words[run][0]):
+            run += 1  # "drove the van": a particle starts no name
+        if run < len(words):
+            p = words[run][0]
+        m = next((m for m in NAME_CANDIDATE.finditer(buf) if m.end() > start), None)
         if m is not None and m.start() < p:
-            p = m.start()
+            p = next((a for a, b in reversed(words) if a <= m.start()), 0)  # the word the name begins in
     return max(p, start)
+
+
+def _key_block(shown: str) -> int:
+    """Where a private key block still open in ``shown`` begins (-1: none): its body needs the header."""
+    begin = shown.rfind("-----BEGIN ")
+    return begin if begin >= 0 and "-----END " not in shown[begin:] else -1
 
 
 @dataclass
@@ -97,6 +116,7 @@ class _Choice:
     finished: bool = False
     results: list[ValidatorResult] = field(default_factory=list)
     pending: list[ValidatorResult] = field(default_factory=list)  # the open window's piece-by-piece checks
+    holding: bool = False            # a check refused part of the open window: nothing more until it is whole
 
 
 class WindowEngine(Protocol):
@@ -204,32 +224,53 @@ class OutputGuard:
                 out += await self._check(index, c, window)
                 continue
             if n == 0:
-                p = hold_point(c.buf, start=c.shown, names=self._names) if self._pieces else len(c.buf)
-                if p > c.shown:
-                    out += await self._release(index, c, p)
+                if not c.holding:  # a check failed on the unfinished sentence: it waits for the whole one
+                    p = hold_point(c.buf, start=c.shown, names=self._names) if self._pieces else len(c.buf)
+                    if p > c.shown:
+                        out += await self._release(index, c, p)
                 break
-            # the window is complete: show the rest of it, then judge it whole
-            out += await self._release(index, c, max(n, c.shown))
-            if not c.retracted:
-                out += await self._judge(index, c)
-            window, c.buf = c.buf[:max(n, c.shown)], c.buf[max(n, c.shown):]
-            c.context = (c.context + window)[-_CONTEXT:]
-            c.shown, c.before_window = 0, len(c.released_model_text)
+            # a window is complete: show the rest of it, except what may still grow into a value (a number in
+            # groups, a word cut by the length limit: it opens the next window), then judge it whole
+            if self._pieces and not (final and n == len(c.buf)):
+                n = min(n, hold_point(c.buf[:n], start=c.shown))
+            if n == 0:
+                break
+            out += await self._release(index, c, n, closing=True)
+            if c.retracted:
+                break
+            out += await self._judge(index, c)
+            c.context = (c.context + c.buf[:n])[-_CONTEXT:]
+            c.buf = c.buf[n:]
+            c.shown, c.before_window, c.holding = 0, len(c.released_model_text), False
             c.windows += 1
         return out
 
-    async def _release(self, index: int, c: _Choice, upto: int) -> list[Any]:
-        """Show ``c.buf[c.shown:upto]`` once the entries that run before release have passed it."""
+    def _prefix(self, c: _Choice) -> str:
+        shown = c.context + c.buf[:c.shown]
+        block = _key_block(shown[-_CONTEXT * 40:])  # a key's body is checked with its header, however long
+        keep = _CONTEXT if block < 0 else len(shown[-_CONTEXT * 40:]) - block
+        return shown[-max(keep, _CONTEXT):]
+
+    async def _release(self, index: int, c: _Choice, upto: int, *, closing: bool = False) -> list[Any]:
+        """Show ``c.buf[c.shown:upto]`` once the entries that run before release have passed it. A check that
+        refuses a piece of an unfinished sentence holds the sentence (it may read differently whole: "You can
+        kill the" ... "process"); ``closing``: the sentence is whole, a refusal retracts."""
         piece = c.buf[c.shown:upto]
         out: list[Any] = []
         safe = piece
         if self._pieces and piece:
             safe, results = await self.engine.check_window(
                 self.policy, self.context, piece, vault=self.vault, released=c.released_model_text,
-                window=c.windows, part="before", prefix=(c.context + c.buf[:c.shown])[-_CONTEXT:],
+                window=c.windows, part="before", prefix=self._prefix(c),
                 sentence=c.released_model_text[c.before_window:])
-            c.pending.extend(results)
             blocking = next((r for r in results if r.action == "block"), None)
+            # a name that began in text already shown cannot be masked any more: withdraw the answer
+            blocking = blocking or next((r for r in results if "PERSON" in r.details.get("began_in_prefix", ())),
+                                        None)
+            if blocking and not closing:
+                c.holding = True
+                return []
+            c.pending.extend(results)
             if blocking:
                 self._account(c, _per_entry(c.pending))
                 c.pending = []
@@ -245,7 +286,7 @@ class OutputGuard:
         return out
 
     async def _judge(self, index: int, c: _Choice) -> list[Any]:
-        """The judges over the window just shown (the redactors' pieces are accounted once per window)."""
+        """The judges over the window just shown (the pieces' checks are accounted once per window)."""
         results = _per_entry(c.pending)
         c.pending = []
         if self._judges:
@@ -331,6 +372,10 @@ class OutputGuard:
                 if self._choices and all(ch.retracted for ch in self._choices.values()):
                     break
         finally:
+            for c in self._choices.values():  # a stream cut short: what was checked is still accounted
+                if c.pending:
+                    self._account(c, _per_entry(c.pending))
+                    c.pending = []
             aclose = getattr(events, "aclose", None)
             if aclose is not None:
                 with contextlib.suppress(Exception):
@@ -339,10 +384,18 @@ class OutputGuard:
 
 def _per_entry(results: list[ValidatorResult]) -> list[ValidatorResult]:
     """A window's piece-by-piece results as one per policy entry (the audit trail and the metrics count
-    windows, not words): its failures, else one pass with the pieces' time summed."""
+    windows, not words): its failures merged (worst score, every kind counted), else one pass; the pieces'
+    time summed."""
     out: list[ValidatorResult] = []
     for label in dict.fromkeys(r.validator for r in results):
         mine = [r for r in results if r.validator == label]
-        failed = [r for r in mine if r.verdict != "pass"]
-        out += failed or [replace(mine[0], latency_ms=sum(r.latency_ms for r in mine))]
+        failed = [r for r in mine if r.verdict != "pass"] or mine
+        worst = max(failed, key=lambda r: r.score)
+        counts: dict[str, int] = {}
+        for r in failed:
+            for kind, n in (r.details.get("counts") or {}).items():
+                counts[kind] = counts.get(kind, 0) + n
+        kinds = sorted({k for r in failed for k in r.details.get("kinds", ())} | set(counts))
+        details = {**worst.details, **({"counts": counts} if counts else {}), **({"kinds": kinds} if kinds else {})}
+        out.append(replace(worst, latency_ms=sum(r.latency_ms for r in mine), details=details))
     return out

@@ -52,6 +52,25 @@ def test_streaming_wire_format_over_http(keel_server: KeelServer) -> None:
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] > 0
 
 
+def test_a_guarded_stream_shows_words_as_they_come(keel_server: KeelServer) -> None:
+    """Issue 21: under the default policy the text checks run word by word before release, so a guarded
+    stream arrives in word-sized pieces (not one per sentence) and says exactly what the non-streamed answer
+    says (temperature 0)."""
+    messages = [{"role": "user", "content": "Describe the water cycle step by step."}]
+    body = {"model": "smollm2", "messages": messages, "temperature": 0, "max_tokens": 60, "stream": True}
+    with httpx.stream("POST", f"{keel_server.url}/v1/chat/completions", json=body,
+                      headers=keel_server.headers(), timeout=120) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    assert chunks[0]["guardrails"].startswith("default@")  # the default policy guarded it
+    pieces = [c["choices"][0]["delta"]["content"] for c in chunks
+              if c.get("choices") and c["choices"][0]["delta"].get("content")]
+    whole = client(keel_server).chat.completions.create(model="smollm2", messages=messages, temperature=0,
+                                                        max_tokens=60).choices[0].message.content
+    assert "".join(pieces) == whole
+    sentences = max(1, sum(whole.count(p) for p in ".!?"))
+    assert len(pieces) >= 3 * sentences, pieces
+
+
 def test_openai_client_sync_stream_and_stream_helper(keel_server: KeelServer) -> None:
     c = client(keel_server)
     stream = c.chat.completions.create(model="smollm2", messages=QUESTION, temperature=0, max_tokens=20,

@@ -172,3 +172,53 @@ async def test_release_before_holds_each_window_until_its_judge_passed(topic_eng
 def test_release_is_validated(entry, stage, message):
     with pytest.raises(GuardrailPolicyError, match=message):
         parse_policy({"version": "1", "policies": {"default": {stage: [entry]}}})
+
+
+# -- found by a review of the first version: each was shown, or withdrawn, where the whole answer is not --
+
+async def test_a_sentence_that_only_starts_like_a_threat_is_not_withdrawn(engine):
+    text = "You can kill the stuck python process with kill -9 and then restart the service cleanly. Done."
+    events, _ = await run(engine.output_guard(ctx("rv-kill")), text)
+    assert text_of(events) == text and not any(isinstance(e, GuardrailRetraction) for e in events)
+
+
+@pytest.mark.parametrize("name", ["José García", "Vincent van Gogh", "Jean-Luc Picard", "Sean O'Brien"])
+async def test_names_beyond_ascii_with_particles_or_hyphens_are_held_with_their_contact(engine, name):
+    mail = name.split()[0].lower().replace("é", "e") + "@example.com"
+    events, seen = await run(engine.output_guard(ctx("rv-name")),
+                             f"Your contact person is {name} at {mail} in the main office. Bye.")
+    last = name.split()[-1]
+    assert all(last not in s for s in seen), seen
+    assert "<EMAIL>" in text_of(events)
+
+
+async def test_a_number_cut_by_the_window_length_limit_is_held_whole(engine):
+    lead = "This is a long introduction without any sentence end so that the first window reaches its limit while"
+    events, seen = await run(engine.output_guard(ctx("rv-cut")), f"{lead} 4111 1111 1111 1111 is the card. Ok.")
+    assert all("1111" not in s for s in seen), seen
+    assert "<CREDIT_CARD>" in text_of(events)
+
+
+async def test_a_long_private_key_is_masked_to_its_end(engine):
+    body = "\n".join(f"MIIEvQIBADANBgkqhkiG9w0BAQEFAASCBKcwggSjAgEAAoIBAQC{i:02d}" for i in range(20))
+    key = f"-----BEGIN PRIVATE KEY-----\n{body}\n-----END PRIVATE KEY-----"
+    events, seen = await run(engine.output_guard(ctx("rv-key")), f"Here it is:\n{key}\nKeep it safe.")
+    assert all("MIIEvQ" not in s for s in seen)
+    assert "<SECRET:PRIVATE_KEY>" in text_of(events)
+
+
+async def test_one_audit_row_per_entry_and_window_and_an_aborted_stream_is_accounted(engine):
+    text = "Write to a@example.com or b@example.com or c@example.com today."
+    await run(engine.output_guard(ctx("rv-rows")), text)
+    await engine.flush()
+    pii = [r for r in engine.query_audit(request_id="rv-rows") if r.validator == "pii"]
+    assert len(pii) == 1 and pii[0].verdict == "fail"
+
+    async def cut_short():
+        for t in tokens("Mail a@example.com or call me later and"):
+            yield TextDelta(t)  # no Finished: the client went away
+
+    guard = engine.output_guard(ctx("rv-abort"))
+    shown = [e async for e in guard.wrap(cut_short())]
+    assert any(isinstance(e, GuardrailRedaction) for e in shown)
+    assert any(r.validator == "pii" and r.verdict == "fail" for r in guard.results)

@@ -28,8 +28,11 @@ _IBAN = re.compile(r"\b[A-Z]{2}\d{2}(?:[ ]?[A-Z0-9]){11,30}\b")
 _SSN = re.compile(r"(?<![\d-])(\d{3})[- ](\d{2})[- ](\d{4})(?![\d-])")
 _IPV4 = re.compile(r"(?<![\d.])(?:\d{1,3}\.){3}\d{1,3}(?![\d.])")
 _IPV6 = re.compile(r"(?<![\w:])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![\w:])")
-# cheap pre-filter: NER (the slow part) only runs when two capitalised words follow each other
-_NAME_CANDIDATE = re.compile(r"\b[A-Z][a-z'\-]+\s+(?:[A-Z]\.\s+)?[A-Z][a-z'\-]+")
+# cheap pre-filter: NER (the slow part) only runs when two capitalised words follow each other, with initials
+# or particles between them ("John F. Kennedy", "Vincent van Gogh"); letters beyond ASCII count ("José García")
+CAPITALISED = r"[A-ZÀ-ÖØ-Þ](?:[^\W\d_]|['\-](?=[^\W\d_]))+"
+PARTICLE = r"(?:van|von|de|da|del|della|der|den|di|du|la|le|bin|ibn|al)"
+NAME_CANDIDATE = re.compile(rf"(?<![\w'\-]){CAPITALISED}\s+(?:(?:[A-Z]\.|{PARTICLE})\s+)*{CAPITALISED}")
 _PLACEHOLDER = re.compile(r"<([A-Z_]+)_(\d+)>")
 _IBAN_LENGTHS = {"DE": 22, "FR": 27, "GB": 22, "ES": 24, "IT": 27, "NL": 18, "BE": 16, "CH": 21, "AT": 20, "PL": 28,
                  "PT": 25, "IE": 22, "SE": 24, "DK": 18, "NO": 15, "FI": 18, "LU": 20, "CZ": 24, "GR": 27, "HU": 28}
@@ -134,7 +137,7 @@ def find_pii(text: str, entities: Iterable[str] = ALL_ENTITIES, names: NameDetec
 
         for m in phonenumbers.PhoneNumberMatcher(text, phone_region, leniency=phonenumbers.Leniency.VALID):
             found.append(Finding("PHONE", m.start, m.end, m.raw_string, 0.9))
-    if "PERSON" in wanted and names is not None and _NAME_CANDIDATE.search(text):
+    if "PERSON" in wanted and names is not None and NAME_CANDIDATE.search(text):
         found += names.find(text)
     # resolve overlaps: longest span wins, then the earlier one
     found.sort(key=lambda f: (-(f.end - f.start), f.start))
@@ -254,7 +257,10 @@ def check_pii(text: str, *, entities: Iterable[str] = ALL_ENTITIES, names: NameD
         contact = [f for f in findings if f.kind != "PERSON"]
         findings = [f for f in findings if f.kind != "PERSON"
                     or any(c.start - _NEAR <= f.end and f.start <= c.end + _NEAR for c in contact)]
+    began: list[str] = []
     if prefix:
+        # a value that began in text already shown: its start was seen (the caller decides what that costs)
+        began = sorted({f.kind for f in findings if f.start < len(prefix) < f.end})
         findings = reaching_into(findings, full, len(prefix))
     if not findings:
         return CheckResult(True)
@@ -263,4 +269,5 @@ def check_pii(text: str, *, entities: Iterable[str] = ALL_ENTITIES, names: NameD
     safe = tuple(Finding(f.kind, f.start, f.end, "", f.score) for f in findings)
     return CheckResult(False, 1.0, f"personal data found: {', '.join(kinds)}", safe,
                        fixed=redact(text, findings, vault),
-                       details={"counts": {k: sum(f.kind == k for f in findings) for k in kinds}})
+                       details={"counts": {k: sum(f.kind == k for f in findings) for k in kinds},
+                                **({"began_in_prefix": began} if began else {})})
