@@ -202,6 +202,27 @@ def start_keel(enforce_eager: bool, extra: dict | None = None) -> tuple[subproce
     raise SystemExit("keel not ready in 900 s")
 
 
+async def guard_time(keel_url: str) -> dict[str, tuple[float, float]]:
+    """(sum seconds, count) of Keel's guard stages so far, per stage, from its /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async with httpx.AsyncClient(timeout=30) as client:
+        text = (await client.get(f"{keel_url}/metrics")).text
+    out: dict[str, list[float]] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name != "keel_guardrail_check_duration_seconds":
+            continue
+        for sample in family.samples:
+            if sample.labels.get("policy") == "unguarded":
+                continue
+            stage = sample.labels.get("stage", "")
+            if sample.name.endswith("_sum"):
+                out.setdefault(stage, [0.0, 0.0])[0] += sample.value
+            elif sample.name.endswith("_count"):
+                out.setdefault(stage, [0.0, 0.0])[1] += sample.value
+    return {k: (v[0], v[1]) for k, v in out.items()}
+
+
 async def main_async(args: argparse.Namespace) -> dict:
     auth = {"Authorization": f"Bearer {args.key}"}
     targets = {
@@ -221,6 +242,7 @@ async def main_async(args: argparse.Namespace) -> dict:
     for concurrency in args.concurrency:
         rounds: dict[str, list[Round]] = {name: [] for name in targets}
         names = list(targets)
+        before = await guard_time(args.keel_url)
         for i in range(args.rounds):
             order = names[i % len(names):] + names[:i % len(names)]  # rotate who goes first
             for name in order:
@@ -228,8 +250,12 @@ async def main_async(args: argparse.Namespace) -> dict:
                 rounds[name].append(await run_round(name, url, headers, model, concurrency, args.max_tokens, i,
                                                     name.endswith("+tool")))
         summary = {name: summarize(rs) for name, rs in rounds.items()}
-        result: dict = {**summary, "rounds": {k: [asdict(r) | {"tokens": r.tokens} for r in v]
-                                              for k, v in rounds.items()}}
+        after = await guard_time(args.keel_url)
+        # the input guard's own time at this concurrency (what overlapping it with prefill could win back)
+        n_in = after.get("input", (0, 0))[1] - before.get("input", (0, 0))[1]
+        input_ms = (after.get("input", (0, 0))[0] - before.get("input", (0, 0))[0]) / n_in * 1000 if n_in else None
+        result: dict = {**summary, "input_guard_mean_ms": input_ms,
+                        "rounds": {k: [asdict(r) | {"tokens": r.tokens} for r in v] for k, v in rounds.items()}}
         for label, (name, base) in _RATIOS.items():
             if name not in summary or base not in summary:
                 continue
@@ -320,6 +346,10 @@ def print_table(results: dict) -> None:
             table.add_row(conc, "  paired median", "", f"{r['paired_ttft_p50_added_ms_median']:+.1f}", "", "",
                           "", f"{r['paired_throughput_median'] * 100:.1f}%")
     Console().print(table)
+    for conc, res in results.items():
+        if isinstance(res, dict) and res.get("input_guard_mean_ms") is not None:
+            print(f"concurrency {conc}: the input guard took {res['input_guard_mean_ms']:.1f} ms per guarded request "
+                  "(mean, Keel's keel_guardrail_check_duration_seconds)")
     e = results.get("embeddings")
     if e:
         table = Table(title=f"/v1/embeddings vs the model in process (one text per request, concurrency "
