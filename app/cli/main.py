@@ -7,7 +7,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -277,13 +277,27 @@ def chat(
             model=model or settings.default_model, messages=[{"role": "user", "content": message}],
             stream=True, max_tokens=max_tokens,
         )
-        for chunk in stream:
-            if chunk.choices and chunk.choices[0].delta.content:
-                print(chunk.choices[0].delta.content, end="", flush=True)
-        print()
+        show_stream(stream)
     except openai.APIError as exc:
         err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(1) from exc
+
+
+def show_stream(chunks: Any, write: Any = None) -> str:
+    """Print a chat stream as it comes; a guardrail retraction withdraws what was shown: the terminal cannot
+    take it back, so it says so and shows the guard's message. Returns the answer that stands."""
+    write = write or (lambda text: print(text, end="", flush=True))
+    answer = ""
+    for chunk in chunks:
+        guard = (chunk.model_extra or {}).get("guardrail") or {}
+        if guard.get("type") == "retraction":
+            write(f"\n[withdrawn by the guardrails ({guard.get('validator')}): {guard.get('message')}]")
+            answer = guard.get("message") or ""
+        elif chunk.choices and chunk.choices[0].delta.content:
+            write(chunk.choices[0].delta.content)
+            answer += chunk.choices[0].delta.content
+    write("\n")
+    return answer
 
 
 @vllm_app.command("logs")

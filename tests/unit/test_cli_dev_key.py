@@ -33,3 +33,21 @@ def test_keel_agent_sends_the_dev_key_unless_given_one(tmp_path: Path, monkeypat
     cli._http_get("http://127.0.0.1:9", None, "/v1/agents/workflows")
     cli._http_get("http://127.0.0.1:9", "explicit", "/v1/agents/workflows")
     assert sent == ["Bearer keel-dev-key", "Bearer explicit"]
+
+
+def test_keel_chat_says_when_the_guardrails_withdraw_what_it_showed():
+    from openai.types.chat import ChatCompletionChunk
+
+    from app.cli.main import show_stream
+
+    def chunk(delta=None, **extra):
+        choices = [{"index": 0, "delta": {"content": delta}, "finish_reason": None}] if delta is not None else []
+        return ChatCompletionChunk.model_validate({"id": "c", "object": "chat.completion.chunk", "created": 0,
+                                                   "model": "m", "choices": choices, **extra})
+
+    out = []
+    answer = show_stream([chunk("Ships carry "), chunk("cargo. You are "), chunk(guardrail={
+        "type": "retraction", "validator": "toxicity", "retracted_chars": 26, "message": "I can't say that."})],
+        out.append)
+    assert "".join(out) == "Ships carry cargo. You are \n[withdrawn by the guardrails (toxicity): I can't say that.]\n"
+    assert answer == "I can't say that."
