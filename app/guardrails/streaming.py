@@ -43,7 +43,14 @@ from app.guardrails.metrics import GuardrailMetrics
 from app.guardrails.policy import ResolvedPolicy, before_release, holds_windows, needs_whole_output
 from app.guardrails.settings import StreamingSettings
 from app.guardrails.types import GuardContext, GuardrailRedaction, GuardrailRetraction, ValidatorResult
-from app.guardrails.validators.pii import ALL_ENTITIES, CAPITALISED, NAME_CANDIDATE, PARTICLE, PiiVault
+from app.guardrails.validators.pii import (
+    ALL_ENTITIES,
+    CAPITALISED,
+    NAME_CANDIDATE,
+    PARTICLE,
+    PARTICLES,
+    PiiVault,
+)
 
 _BOUNDARY = re.compile(r"[.!?][\"')\]*_]*\s+|\n+")
 
@@ -76,21 +83,26 @@ def hold_point(buf: str, *, start: int = 0, names: bool = False) -> int:
     """How much of ``buf`` the redactors can judge now, i.e. what more text cannot turn into part of a
     value they mask (``start``: what is already shown; the result is never below it). Always a word start."""
     words = [(m.start(), m.end()) for m in re.finditer(r"\S+", buf)]
-    p = len(buf)
+    p, writing = len(buf), ""
     if words and words[-1][1] == len(buf):
         p = words.pop()[0]  # the model is still writing this word
-    while words and (_GROUP.search(buf[words[-1][0]:words[-1][1]]) or _OPENING.match(buf[words[-1][0]:words[-1][1]])):
+        writing = buf[p:]
+    # a word that starts in lower case ends a run of number groups or of capitalised words ("Paris is")
+    lower = writing[:1].islower()
+    while not lower and words and (_GROUP.search(buf[words[-1][0]:words[-1][1]])
+                                   or _OPENING.match(buf[words[-1][0]:words[-1][1]])):
         p = words.pop()[0]
     if names:
-        # the capitalised words (and particles between them) at the end may be a name's beginning
-        run = len(words)
-        while run and (_CAPITALISED.match(buf, words[run - 1][0])
-                       or _PARTICLE.fullmatch(buf, *words[run - 1])):
-            run -= 1
-        while run < len(words) and not _CAPITALISED.match(buf, words[run][0]):
-            run += 1  # "drove the van": a particle starts no name
-        if run < len(words):
-            p = words[run][0]
+        if not lower or any(part.startswith(writing) for part in PARTICLES):  # "Vincent v...": van Gogh?
+            # the capitalised words (and particles between them) at the end may be a name's beginning
+            run = len(words)
+            while run and (_CAPITALISED.match(buf, words[run - 1][0])
+                           or _PARTICLE.fullmatch(buf, *words[run - 1])):
+                run -= 1
+            while run < len(words) and not _CAPITALISED.match(buf, words[run][0]):
+                run += 1  # "drove the van": a particle starts no name
+            if run < len(words):
+                p = words[run][0]
         m = next((m for m in NAME_CANDIDATE.finditer(buf) if m.end() > start), None)
         if m is not None and m.start() < p:
             p = next((a for a, b in reversed(words) if a <= m.start()), 0)  # the word the name begins in

@@ -71,6 +71,10 @@ def test_hold_point_keeps_back_what_may_still_become_a_value():
     text = "I met Marie Curie in the lab and "
     assert hold_point(text, names=True) == len("I met ")                              # a name waits for the sentence
     assert hold_point(text, start=10, names=True) == 10                               # never below what was shown
+    # a word starting in lower case ends a run: the number or the capitalised word before it is whole
+    assert hold_point("Call 650 253 0000 t") == len("Call 650 253 0000 ")
+    assert hold_point("Lighthouses are", names=True) == len("Lighthouses ")
+    assert hold_point("Write to Vincent v", names=True) == len("Write to ")            # v... may be "van"
 
 
 async def test_text_streams_word_by_word(engine):

@@ -31,7 +31,8 @@ _IPV6 = re.compile(r"(?<![\w:])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![\w:
 # cheap pre-filter: NER (the slow part) only runs when two capitalised words follow each other, with initials
 # or particles between them ("John F. Kennedy", "Vincent van Gogh"); letters beyond ASCII count ("José García")
 CAPITALISED = r"[A-ZÀ-ÖØ-Þ](?:[^\W\d_]|['\-](?=[^\W\d_]))+"
-PARTICLE = r"(?:van|von|de|da|del|della|der|den|di|du|la|le|bin|ibn|al)"
+PARTICLES = ("van", "von", "de", "da", "del", "della", "der", "den", "di", "du", "la", "le", "bin", "ibn", "al")
+PARTICLE = rf"(?:{'|'.join(PARTICLES)})"
 NAME_CANDIDATE = re.compile(rf"(?<![\w'\-]){CAPITALISED}\s+(?:(?:[A-Z]\.|{PARTICLE})\s+)*{CAPITALISED}")
 _PLACEHOLDER = re.compile(r"<([A-Z_]+)_(\d+)>")
 _IBAN_LENGTHS = {"DE": 22, "FR": 27, "GB": 22, "ES": 24, "IT": 27, "NL": 18, "BE": 16, "CH": 21, "AT": 20, "PL": 28,
