@@ -289,13 +289,17 @@ class OutputGuard:
                 return self._retract(index, c, blocking)
             out += [GuardrailRedaction.of(r, c.windows, index) for r in results if r.action == "redact"]
         c.shown = upto
+        return out + self._show(index, c, safe)
+
+    def _show(self, index: int, c: _Choice, safe: str) -> list[Any]:
+        """Release checked model text: the user's own masked values come back in it."""
         c.released_model_text += safe
         text = self.engine.restore_placeholders(self.policy, safe, self.vault, self.context.user)
-        if text:
-            c.released_chars += len(text)
-            self._mark_first_out()
-            out.append(TextDelta(text, index))
-        return out
+        if not text:
+            return []
+        c.released_chars += len(text)
+        self._mark_first_out()
+        return [TextDelta(text, index)]
 
     async def _judge(self, index: int, c: _Choice) -> list[Any]:
         """The judges over the window just shown (the pieces' checks are accounted once per window)."""
@@ -320,17 +324,8 @@ class OutputGuard:
         blocking = next((r for r in results if r.action == "block"), None)
         if blocking:
             return self._retract(index, c, blocking)
-        out: list[Any] = []
-        for r in results:
-            if r.action == "redact":
-                out.append(GuardrailRedaction.of(r, wnum, index))
-        c.released_model_text += safe
-        text = self.engine.restore_placeholders(self.policy, safe, self.vault, self.context.user)
-        if text:
-            c.released_chars += len(text)
-            self._mark_first_out()
-            out.append(TextDelta(text, index))
-        return out
+        redactions: list[Any] = [GuardrailRedaction.of(r, wnum, index) for r in results if r.action == "redact"]
+        return redactions + self._show(index, c, safe)
 
     def _retract(self, index: int, c: _Choice, result: ValidatorResult) -> list[Any]:
         c.retracted = True

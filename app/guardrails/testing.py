@@ -76,3 +76,22 @@ def names():
 @pytest.fixture
 def profanity():
     return shared_profanity()
+
+
+DEFAULT_POLICY = Path(__file__).resolve().parents[2] / "infra" / "guardrails" / "default.yaml"
+
+
+@pytest.fixture(scope="module")
+def default_engine():
+    """An engine on the shipped default policy (audit in memory, its own metrics registry), the models shared."""
+    from prometheus_client import CollectorRegistry
+
+    from app.guardrails.engine import GuardrailEngine
+    from app.guardrails.settings import GuardrailSettings
+
+    e = GuardrailEngine(GuardrailSettings(audit_db=":memory:", policy_path=DEFAULT_POLICY,
+                                          model_cache=model_cache_dir()),
+                        embedder=shared_embedder(), registry=CollectorRegistry())
+    e.warm_up()
+    yield e
+    e._pool.shutdown(wait=True)

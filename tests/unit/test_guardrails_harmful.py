@@ -10,12 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from prometheus_client import CollectorRegistry
 
 from app.core.types import ChatMessage
-from app.guardrails.engine import GuardrailEngine
 from app.guardrails.policy import parse_policy
-from app.guardrails.settings import GuardrailSettings
 from app.guardrails.testing import model_cache_dir, shared_embedder
 from app.guardrails.types import GuardContext
 from app.guardrails.validators.harmful import (
@@ -235,12 +232,8 @@ def test_edgy_benign_requests_pass(shipped, text):
 # -- the default policy ---------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def engine():
-    e = GuardrailEngine(GuardrailSettings(audit_db=":memory:", policy_path=DEFAULT, model_cache=model_cache_dir()),
-                        embedder=shared_embedder(), registry=CollectorRegistry())
-    e.warm_up()
-    yield e
-    e._pool.shutdown(wait=True)
+def engine(default_engine):
+    return default_engine
 
 
 async def _check(engine, text: str):

@@ -49,12 +49,8 @@ def text_of(events) -> str:
 
 
 @pytest.fixture(scope="module")
-def engine():
-    e = GuardrailEngine(GuardrailSettings(audit_db=":memory:", policy_path=DEFAULT, model_cache=model_cache_dir()),
-                        embedder=shared_embedder(), registry=CollectorRegistry())
-    e.warm_up()
-    yield e
-    e._pool.shutdown(wait=True)
+def engine(default_engine):
+    return default_engine
 
 
 def ctx(rid: str) -> GuardContext:
