@@ -109,10 +109,13 @@ def hold_point(buf: str, *, start: int = 0, names: bool = False) -> int:
     return max(p, start)
 
 
-def _key_block(shown: str) -> int:
-    """Where a private key block still open in ``shown`` begins (-1: none): its body needs the header."""
-    begin = shown.rfind("-----BEGIN ")
-    return begin if begin >= 0 and "-----END " not in shown[begin:] else -1
+def _context(shown: str) -> str:
+    """What the redactors see of the text shown so far: its last ``_CONTEXT`` characters, or from the
+    header of a private key block still open (its body is a key only with it), up to 16k characters."""
+    begin = shown.rfind("-----BEGIN ", max(0, len(shown) - 16_000))
+    if begin >= 0 and "-----END " not in shown[begin:]:
+        return shown[min(begin, max(0, len(shown) - _CONTEXT)):]
+    return shown[-_CONTEXT:]
 
 
 @dataclass
@@ -242,26 +245,21 @@ class OutputGuard:
                         out += await self._release(index, c, p)
                 break
             # a window is complete: show the rest of it, except what may still grow into a value (a number in
-            # groups, a word cut by the length limit: it opens the next window), then judge it whole
-            if self._pieces and not (final and n == len(c.buf)):
+            # groups, a word cut by the length limit: it opens the next window), then judge it whole. At the
+            # end nothing grows any more (and the length limit does not cut: take_window)
+            if self._pieces and not final:
                 n = min(n, hold_point(c.buf[:n], start=c.shown))
-            if n == 0:
-                break
+                if n == 0:
+                    break
             out += await self._release(index, c, n, closing=True)
             if c.retracted:
                 break
             out += await self._judge(index, c)
-            c.context = (c.context + c.buf[:n])[-_CONTEXT:]
+            c.context = _context(c.context + c.buf[:n])
             c.buf = c.buf[n:]
             c.shown, c.before_window, c.holding = 0, len(c.released_model_text), False
             c.windows += 1
         return out
-
-    def _prefix(self, c: _Choice) -> str:
-        shown = c.context + c.buf[:c.shown]
-        block = _key_block(shown[-_CONTEXT * 40:])  # a key's body is checked with its header, however long
-        keep = _CONTEXT if block < 0 else len(shown[-_CONTEXT * 40:]) - block
-        return shown[-max(keep, _CONTEXT):]
 
     async def _release(self, index: int, c: _Choice, upto: int, *, closing: bool = False) -> list[Any]:
         """Show ``c.buf[c.shown:upto]`` once the entries that run before release have passed it. A check that
@@ -273,7 +271,7 @@ class OutputGuard:
         if self._pieces and piece:
             safe, results = await self.engine.check_window(
                 self.policy, self.context, piece, vault=self.vault, released=c.released_model_text,
-                window=c.windows, part="before", prefix=self._prefix(c),
+                window=c.windows, part="before", prefix=_context(c.context + c.buf[:c.shown]),
                 sentence=c.released_model_text[c.before_window:])
             blocking = next((r for r in results if r.action == "block"), None)
             # a name that began in text already shown cannot be masked any more: withdraw the answer

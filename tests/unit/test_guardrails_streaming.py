@@ -196,7 +196,7 @@ async def test_a_number_cut_by_the_window_length_limit_is_held_whole(engine):
     lead = "This is a long introduction without any sentence end so that the first window reaches its limit while"
     events, seen = await run(engine.output_guard(ctx("rv-cut")), f"{lead} 4111 1111 1111 1111 is the card. Ok.")
     assert all("1111" not in s for s in seen), seen
-    assert "<CREDIT_CARD>" in text_of(events)
+    assert "<CREDIT_CARD>" in text_of(events) and text_of(events).endswith("is the card. Ok.")
 
 
 async def test_a_long_private_key_is_masked_to_its_end(engine):
@@ -204,7 +204,7 @@ async def test_a_long_private_key_is_masked_to_its_end(engine):
     key = f"-----BEGIN PRIVATE KEY-----\n{body}\n-----END PRIVATE KEY-----"
     events, seen = await run(engine.output_guard(ctx("rv-key")), f"Here it is:\n{key}\nKeep it safe.")
     assert all("MIIEvQ" not in s for s in seen)
-    assert "<SECRET:PRIVATE_KEY>" in text_of(events)
+    assert "<SECRET:PRIVATE_KEY>" in text_of(events) and text_of(events).endswith("\nKeep it safe.")
 
 
 async def test_one_audit_row_per_entry_and_window_and_an_aborted_stream_is_accounted(engine):
@@ -222,3 +222,9 @@ async def test_one_audit_row_per_entry_and_window_and_an_aborted_stream_is_accou
     shown = [e async for e in guard.wrap(cut_short())]
     assert any(isinstance(e, GuardrailRedaction) for e in shown)
     assert any(r.validator == "pii" and r.verdict == "fail" for r in guard.results)
+
+
+async def test_a_sentence_of_number_groups_at_the_end_is_shown(engine):
+    text = "Here: 1234 5678 2468 1357 9753 8642. More text follows here."
+    events, _ = await run(engine.output_guard(ctx("rv-end")), text)
+    assert text_of(events).endswith("More text follows here.") and "9753" in text_of(events)
