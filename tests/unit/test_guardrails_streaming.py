@@ -228,3 +228,29 @@ async def test_a_sentence_of_number_groups_at_the_end_is_shown(engine):
     text = "Here: 1234 5678 2468 1357 9753 8642. More text follows here."
     events, _ = await run(engine.output_guard(ctx("rv-end")), text)
     assert text_of(events).endswith("More text follows here.") and "9753" in text_of(events)
+
+
+BENIGN = [
+    "In 1905 Albert Einstein published four papers. They changed physics!\nSee pages 12-14 and 2021 notes.",
+    "Table:\n1 2 3 4 5 6 7 8 9 10 11 12 13 14 15\nNew York City has 8 million people. The End",
+    "Use [brackets] and <tags> freely. Vincent van Gogh painted in Arles (France) in 1888. OK",
+    "The Sun is a star. Paris is the capital of France. Numbers like 42, 3.14 and 1,000 are fine.",
+]
+
+
+@pytest.mark.parametrize("seed", range(6))
+async def test_nothing_is_lost_or_repeated_however_the_model_splits_its_text(engine, seed):
+    import random
+
+    rng = random.Random(seed)
+    for text in BENIGN:
+        cuts = sorted(rng.sample(range(1, len(text)), rng.randint(5, 40)))
+        pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
+
+        async def split(pieces: list[str]):
+            for piece in pieces:
+                yield TextDelta(piece)
+            yield Finished("stop")
+
+        events = [e async for e in engine.output_guard(ctx(f"split-{seed}")).wrap(split(pieces))]
+        assert text_of(events) == text, pieces
