@@ -454,9 +454,10 @@ class GuardrailEngine:
                            sentence: str = "") -> tuple[str, list[ValidatorResult]]:
         """Validate one piece of output. ``whole=False``: a streaming piece (whole-output validators are
         skipped); ``whole=True``: only the whole-output validators (JSON schema) over the full text.
-        ``part``: only the entries that run before release (redactors: ``before``) or the judges of shown
-        text (``after``); ``prefix``: the model text shown just before ``text`` (context for PII and secrets),
-        ``sentence``: the part of it in the open sentence window (toxicity judges the sentence so far)."""
+        ``part``: only the entries that run before release (the text checks and redactors: ``before``, see
+        ``policy.before_release``) or the judges of shown text (``after``); ``prefix``: the model text shown
+        just before ``text`` (context for PII and secrets); ``sentence``: the part of it in the open sentence
+        window (toxicity judges the sentence so far)."""
         comps = [c for c in self.compiled(policy.name, "output")
                  if needs_whole_output(c.spec) == whole
                  and (part == "all" or before_release(c.spec) == (part == "before"))]
