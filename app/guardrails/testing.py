@@ -11,9 +11,12 @@ from functools import lru_cache
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from app.guardrails.embeddings import SharedEmbedder
+from app.guardrails.engine import GuardrailEngine
 from app.guardrails.offline import configure_offline
+from app.guardrails.settings import GuardrailSettings
 from app.guardrails.validators.injection import AttackIndex
 from app.guardrails.validators.injection_model import load_or_train
 from app.guardrails.validators.pii import NameDetector
@@ -84,11 +87,6 @@ DEFAULT_POLICY = Path(__file__).resolve().parents[2] / "infra" / "guardrails" / 
 @pytest.fixture(scope="module")
 def default_engine():
     """An engine on the shipped default policy (audit in memory, its own metrics registry), the models shared."""
-    from prometheus_client import CollectorRegistry
-
-    from app.guardrails.engine import GuardrailEngine
-    from app.guardrails.settings import GuardrailSettings
-
     e = GuardrailEngine(GuardrailSettings(audit_db=":memory:", policy_path=DEFAULT_POLICY,
                                           model_cache=model_cache_dir()),
                         embedder=shared_embedder(), registry=CollectorRegistry())
