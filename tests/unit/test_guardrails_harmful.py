@@ -26,7 +26,6 @@ from app.guardrails.validators.harmful import (
 )
 
 pytest_plugins = ("app.guardrails.testing",)
-DEFAULT = Path(__file__).resolve().parents[2] / "infra" / "guardrails" / "default.yaml"
 THRESHOLD = 0.9  # the default policy's
 
 # clear harmful requests, a few per category, from the shipped set

@@ -6,17 +6,12 @@ configures them. keel/prompt_injection has its own sets and floors (test_guardra
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-from prometheus_client import CollectorRegistry
 
-from app.guardrails.engine import GuardrailEngine
-from app.guardrails.settings import GuardrailSettings
-from app.guardrails.testing import model_cache_dir, shared_embedder
 from app.guardrails.validator_eval import load_sets, table, validator_rates
 
-DEFAULT = Path(__file__).resolve().parents[2] / "infra" / "guardrails" / "default.yaml"
+pytest_plugins = ("app.guardrails.testing",)
+
 # Groundedness is a similarity proxy plus lexical checks (no NLI model works offline here): it misses
 # contradictions in common words ("checked once an hour" against "every 0.5 s"). Measured 0.7 when set.
 RECALL_FLOOR = {"keel/groundedness": 0.6}
@@ -25,15 +20,10 @@ SHIPPED = {"keel/pii", "keel/secrets", "keel/toxicity", "keel/topic", "keel/syst
 
 
 @pytest.fixture(scope="module")
-def rates():
-    engine = GuardrailEngine(GuardrailSettings(audit_db=":memory:", policy_path=DEFAULT,
-                                               model_cache=model_cache_dir()),
-                             embedder=shared_embedder(), registry=CollectorRegistry())
-    engine.warm_up()
-    r = validator_rates(engine)
+def rates(default_engine):
+    r = validator_rates(default_engine)
     print("\n" + table(r))
-    yield r
-    engine._pool.shutdown(wait=True)
+    return r
 
 
 def test_every_shipped_validator_has_a_labelled_set_of_useful_size():

@@ -4,7 +4,6 @@ after release by the model-backed checks, window by window when a policy asks fo
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -19,7 +18,6 @@ from app.guardrails.testing import model_cache_dir, shared_embedder
 from app.guardrails.types import GuardContext, GuardrailRedaction, GuardrailRetraction
 
 pytest_plugins = ("app.guardrails.testing",)
-DEFAULT = Path(__file__).resolve().parents[2] / "infra" / "guardrails" / "default.yaml"
 
 
 def tokens(text: str) -> list[str]:
