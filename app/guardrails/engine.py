@@ -212,10 +212,12 @@ class GuardrailEngine:
                 comps = [self._compile(spec, stage) for spec in getattr(resolved, stage)]
                 self._compiled[(name, stage)] = comps
                 # build the group Guards now, not on a first request: a Guard costs ~50 ms to construct
+                # output: per streaming window (whole), the pieces' and the judges' parts, the whole answer
+                streamed = [c for c in comps if not needs_whole_output(c.spec)]
                 subsets = [comps] if stage == "input" else [
-                    [c for c in comps if needs_whole_output(c.spec) == whole
-                     and (part is None or before_release(c.spec) == part)]
-                    for whole in (False, True) for part in (None, True, False)]
+                    streamed, [c for c in streamed if before_release(c.spec)],
+                    [c for c in streamed if not before_release(c.spec)],
+                    [c for c in comps if needs_whole_output(c.spec)]]
                 for subset in subsets:
                     for members in _groups(subset):
                         self._group_guard(members)
