@@ -21,6 +21,9 @@ _CHROME = re.compile(
     r"(^|[-_\s])(nav|navbar|navigation|sidebar|sphinxsidebar|related|breadcrumbs?|footer|header|menu|toc|"
     r"cookie|banner|skip|social|share|advert|ads|pagination)($|[-_\s])", re.I)
 _MAIN_SELECTORS = ("main", '[role="main"]', "article", "div.body", "div#content", "div.content", "body")
+# Inline elements are never site chrome, whatever their class: docutils wraps every heading's text in
+# <a class="toc-backref">, which the "toc" word would otherwise remove with the heading.
+_INLINE = {"a", "span", "code", "em", "strong", "b", "i", "abbr", "cite", "kbd", "samp", "var", "sup", "sub"}
 _BLOCKS = {"p", "li", "pre", "blockquote", "dt", "dd", "td", "th", "caption", "figcaption", "tr"}
 _HEADINGS = {"h1": 1, "h2": 2, "h3": 3, "h4": 4, "h5": 5, "h6": 6}
 _WS = re.compile(r"[ \t\u00a0]+")
@@ -40,7 +43,7 @@ def html_to_text(html: str) -> tuple[str, str]:
     for node in tree.css("[class], [id]"):
         attrs = node.attributes
         marker = f"{attrs.get('class') or ''} {attrs.get('id') or ''}"
-        if _CHROME.search(marker) and node.tag not in ("body", "main", "article", "html"):
+        if _CHROME.search(marker) and node.tag not in ("body", "main", "article", "html", *_INLINE):
             node.decompose()
     root = None
     for sel in _MAIN_SELECTORS:

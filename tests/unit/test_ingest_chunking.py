@@ -107,3 +107,15 @@ def test_html_code_comment_is_not_a_heading():
         doc(text, kind="html", title=title))
     assert {c.heading_path for c in chunks} == {("itertools",), ("itertools", "Itertool functions")}
     assert any("# Amortize a loan" in c.text for c in chunks)
+
+
+def test_html_heading_text_in_a_toc_backref_link_is_kept():
+    from ingest.html import html_to_text
+
+    # docutils' ":backlinks:" output, as in the CPython FAQ pages: the heading text is a link classed "toc-backref"
+    page = ("<html><body><div class='body'><h1>Programming FAQ</h1><section id='general'>"
+            "<h2><a class='toc-backref' href='#id3'>General Questions</a><a class='headerlink' href='#g'>¶</a></h2>"
+            "<p>Yes.</p></section><div class='sphinxsidebar'><h3>Navigation</h3></div></div></body></html>")
+    title, text = html_to_text(page)
+    assert "## General Questions" in text
+    assert "Navigation" not in text and "¶" not in text
