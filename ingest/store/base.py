@@ -95,6 +95,9 @@ class HybridQuery:
     top_k: int = 5
     prefetch_limit: int = 50
     rrf_k: int = 60
+    #: RRF weights of the (dense, sparse) legs, Qdrant's weighted RRF: each leg adds 1/(rrf_k - 1 + rank/w),
+    #: rank from 1; a weight of 0 drops the leg
+    weights: tuple[float, float] = (1.0, 1.0)
     filters: Filters | None = None
     score_threshold: float | None = None
     mmr: bool = False

@@ -201,12 +201,14 @@ class EdgeStore(QdrantLikeStore):
         dense = [float(x) for x in query.dense]
         prefetches = [q.Prefetch(limit=query.prefetch_limit, query=q.Query.Nearest(dense, using=DENSE),
                                  filter=flt)]
+        weights = [query.weights[0]]
         if query.sparse is not None and query.sparse.indices:
+            weights.append(query.weights[1])
             sv = q.SparseVector(indices=query.sparse.indices, values=query.sparse.values)
             prefetches.append(q.Prefetch(limit=query.prefetch_limit, query=q.Query.Nearest(sv, using=SPARSE),
                                          filter=flt))
-        req = q.QueryRequest(limit=limit, prefetches=prefetches, query=q.Fusion.Rrf(k=query.rrf_k), filter=flt,
-                             with_payload=True, with_vector=[DENSE] if with_vectors else False)
+        req = q.QueryRequest(limit=limit, prefetches=prefetches, query=q.Fusion.Rrf(k=query.rrf_k, weights=weights),
+                             filter=flt, with_payload=True, with_vector=[DENSE] if with_vectors else False)
         out = []
         for p in self._shard(c).query(req):
             vec = None

@@ -152,10 +152,13 @@ class QdrantClientStore(QdrantLikeStore):
         flt = self._filter(must, must_not)
         prefetch = [m.Prefetch(query=[float(x) for x in query.dense], using=DENSE, limit=query.prefetch_limit,
                                filter=flt)]
+        weights = [query.weights[0]]
         if query.sparse is not None and query.sparse.indices:
             sv = m.SparseVector(indices=query.sparse.indices, values=query.sparse.values)
             prefetch.append(m.Prefetch(query=sv, using=SPARSE, limit=query.prefetch_limit, filter=flt))
-        res = self.client.query_points(c, prefetch=prefetch, query=m.RrfQuery(rrf=m.Rrf(k=query.rrf_k)),
+            weights.append(query.weights[1])
+        res = self.client.query_points(c, prefetch=prefetch,
+                                       query=m.RrfQuery(rrf=m.Rrf(k=query.rrf_k, weights=weights)),
                                        query_filter=flt, limit=limit, with_payload=True,
                                        with_vectors=[DENSE] if with_vectors else False)
         out = []

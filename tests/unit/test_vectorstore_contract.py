@@ -93,6 +93,17 @@ def test_sparse_branch_finds_rare_keyword(store: VectorStore):
     assert hits[0].payload["text"].startswith("Kubernetes")
 
 
+def test_fusion_weights_scale_each_leg(store: VectorStore):
+    seed(store)
+    base = store.query("docs", q("kubernetes", top_k=5))
+    assert [h.id for h in store.query("docs", q("kubernetes", top_k=5, weights=(2.0, 2.0)))] == [h.id for h in base]
+    # Qdrant's weighted RRF: a leg adds 1/(k - 1 + rank/w) (rank from 1), so w = 0 drops the leg
+    dense_only = store.query("docs", q("kubernetes", top_k=5, weights=(1.0, 0.0), rrf_k=60))
+    assert [round(h.score, 6) for h in dense_only] == [round(1 / (59 + r), 6) for r in range(1, 6)]
+    heavy = store.query("docs", q("kubernetes", top_k=5, weights=(3.0, 1.0), rrf_k=60))
+    assert heavy[0].score == pytest.approx(1 / (59 + 1 / 3) + 1 / 60, rel=1e-5)
+
+
 def test_filters(store: VectorStore):
     seed(store)
     assert store.count("docs", {"lang": "de"}) == 2
