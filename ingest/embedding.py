@@ -81,6 +81,10 @@ class SentenceTransformerEmbedder:
     def warm_up(self) -> None:
         self._load().encode(["warm up"], normalize_embeddings=True, show_progress_bar=False)
 
+    def sentence_transformer(self):
+        """The loaded model, for passes other than pooled embeddings (the late-interaction reranker)."""
+        return self._load()
+
     def _load(self):
         if self._model is None:
             with self._lock:

@@ -9,7 +9,8 @@ from ingest.chunking import HFTokenizer, Tokenizer, WhitespaceTokenizer
 from ingest.embedding import Bm25Encoder, Embedder, SentenceTransformerEmbedder, SparseEncoder
 from ingest.manifest import SnapshotStore
 from ingest.pipeline import IngestPipeline
-from ingest.retriever import Retriever
+from ingest.rerank import Rerankers
+from ingest.retriever import Retriever, transformer_of
 from ingest.settings import RagSettings
 from ingest.store.base import VectorStore
 
@@ -31,6 +32,10 @@ class RagServices:
         """Load the model and open the store now (seconds), instead of on the first request."""
         self.embedder.warm_up()
         self.store.warm_up()
+        for name in {self.settings.collection, *self.settings.collections}:
+            reranker = self.retriever.rerankers.get(self.settings.retrieval_for(name).rerank)
+            if reranker is not None:
+                reranker.warm_up()
 
     def close(self) -> None:
         self.store.close()
@@ -67,5 +72,6 @@ def build_rag(settings: RagConfig, *, embedder: Embedder | None = None, store: V
     pipeline = IngestPipeline(store=vs, embedder=emb, sparse=sparse, tokenizer=tokenizer, chunker=rag.chunker,
                               snapshots=snapshots, loader=rag.loader)
     retriever = Retriever(store=vs, embedder=emb, sparse=sparse, defaults=rag.retrieval,
-                          collection=rag.collection)
+                          collection=rag.collection, per_collection=rag.retrieval_for,
+                          rerankers=Rerankers(lambda: transformer_of(emb), device=rag.embedding_device))
     return RagServices(rag, emb, sparse, vs, snapshots, pipeline, retriever)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import BaseModel, Field
 
 from app.core.errors import InvalidRequest
 from ingest.embedding import Embedder, SparseEncoder
+from ingest.errors import EmbeddingModelError
+from ingest.rerank import Rerankers
 from ingest.settings import GroupBy, RetrievalDefaults
 from ingest.store.base import Filters, Hit, HybridQuery, VectorStore
 
@@ -52,6 +55,11 @@ class RetrievalResult(BaseModel):
     collection: str
     chunks: list[RetrievedChunk]
     took_ms: float
+    #: where the time went: embedding the query (a cached question costs ~0), the store's search, the reranker
+    embed_ms: float = 0.0
+    search_ms: float = 0.0
+    rerank_ms: float = 0.0
+    reranker: str | None = None
 
 
 _CITATION_KEYS = {"source", "title", "heading_path", "page", "page_end", "char_start", "char_end", "doc_id",
@@ -61,12 +69,19 @@ _CITATION_KEYS = {"source", "title", "heading_path", "page", "page_end", "char_s
 
 class Retriever:
     def __init__(self, *, store: VectorStore, embedder: Embedder, sparse: SparseEncoder,
-                 defaults: RetrievalDefaults | None = None, collection: str = "default") -> None:
+                 defaults: RetrievalDefaults | None = None, collection: str = "default",
+                 per_collection: Callable[[str], RetrievalDefaults] | None = None,
+                 rerankers: Rerankers | None = None) -> None:
         self.store = store
         self.embedder = embedder
         self.sparse = sparse
         self.defaults = defaults or RetrievalDefaults()
         self.collection = collection
+        self._per_collection = per_collection
+        self.rerankers = rerankers or Rerankers(lambda: transformer_of(embedder))
+
+    def defaults_for(self, collection: str) -> RetrievalDefaults:
+        return self._per_collection(collection) if self._per_collection else self.defaults
 
     def retrieve(self, query: str, *, collection: str | None = None, top_k: int | None = None,
                  filters: Filters | None = None, score_threshold: float | None = None, mmr: bool | None = None,
@@ -75,28 +90,41 @@ class Retriever:
         ``top_k`` best documents (fewer only when fewer documents match)."""
         if not query or not query.strip():
             raise InvalidRequest("query is empty", param="query")
-        d = self.defaults
         t0 = time.perf_counter()
         col = collection or self.collection
+        d = self.defaults_for(col)
         k = top_k or d.top_k
         group_by = group_by or d.group_by
+        reranker = self.rerankers.get(d.rerank)
         dense, sparse = self.embedder.embed_query(query), self.sparse.encode_query(query)
-        fetch = k * _GROUP_OVERFETCH if group_by else k
+        t_embed = time.perf_counter()
+        want = max(k, d.rerank.top_n) if reranker else k
+        # group_by starts from the candidates each leg fetches anyway (prefetch_limit): asking for fewer saves
+        # nothing in the store and made a small k need more rounds than a large one
+        fetch = max(want * _GROUP_OVERFETCH, d.prefetch_limit) if group_by else want
         while True:
             hq = HybridQuery(
                 dense=dense, sparse=sparse, top_k=fetch, prefetch_limit=max(d.prefetch_limit, fetch), rrf_k=d.rrf_k,
-                filters=filters, score_threshold=d.score_threshold if score_threshold is None else score_threshold,
+                weights=d.weights, filters=filters,
+                score_threshold=d.score_threshold if score_threshold is None else score_threshold,
                 mmr=d.mmr if mmr is None else mmr, mmr_lambda=d.mmr_lambda if mmr_lambda is None else mmr_lambda,
             )
             found = self.store.query(col, hq)
             if not group_by:
                 hits = found
                 break
-            hits = _best_per_document(found)[:k]
+            hits = _best_per_document(found)[:want]
             # Fewer chunks than asked for means the candidates are exhausted: no more documents to find.
-            if len(hits) == k or len(found) < fetch or fetch >= _GROUP_MAX_FETCH:
+            if len(hits) == want or len(found) < fetch or fetch >= _GROUP_MAX_FETCH:
                 break
             fetch = min(fetch * _GROUP_OVERFETCH, _GROUP_MAX_FETCH)
+        t_search = time.perf_counter()
+        if reranker is not None and len(hits) > 1:
+            scores = reranker.score(query, [_rerank_text(h.payload) for h in hits])
+            order = sorted(range(len(hits)), key=lambda i: -float(scores[i]))
+            hits = [Hit(hits[i].id, float(scores[i]), hits[i].payload) for i in order]
+        hits = hits[:k]
+        t_rerank = time.perf_counter()
         chunks = []
         for h in hits:
             p = h.payload
@@ -110,7 +138,26 @@ class Retriever:
                 metadata={k: v for k, v in p.items() if k not in _CITATION_KEYS},
             ))
         return RetrievalResult(query=query, collection=col, chunks=chunks,
-                               took_ms=(time.perf_counter() - t0) * 1000)
+                               took_ms=(time.perf_counter() - t0) * 1000, embed_ms=(t_embed - t0) * 1000,
+                               search_ms=(t_search - t_embed) * 1000, rerank_ms=(t_rerank - t_search) * 1000,
+                               reranker=reranker.name if reranker else None)
+
+
+def _rerank_text(payload: dict[str, Any]) -> str:
+    """What the reranker reads: 'title > section path' then the text, as the chunk's embedding did."""
+    title, path = payload.get("title", ""), list(payload.get("heading_path") or [])
+    crumbs = [title, *path[1:]] if path and path[0] == title else [title, *path]
+    prefix = " > ".join(c for c in crumbs if c)
+    text = payload.get("text", "")
+    return f"{prefix}\n\n{text}" if prefix else text
+
+
+def transformer_of(embedder: Embedder):
+    get = getattr(embedder, "sentence_transformer", None)
+    if get is None:
+        raise EmbeddingModelError(f"rerank 'late_interaction' needs a transformer embedding model; "
+                                  f"{embedder.model_id} has none: set the collection's rerank.kind to 'none'")
+    return get()
 
 
 def _best_per_document(hits: list[Hit]) -> list[Hit]:

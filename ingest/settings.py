@@ -8,9 +8,9 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from app.core.settings import CoreConfig
 
@@ -54,6 +54,25 @@ class LoaderConfig(BaseModel):
     min_chars: int = Field(default=1, ge=1, description="Documents with less text are rejected as empty.")
 
 
+class RerankConfig(BaseModel):
+    """Second stage over the fused candidates (ingest/rerank.py)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["none", "late_interaction", "cross_encoder"] = Field(
+        default="none", description="late_interaction: MaxSim over the embedding model's token vectors plus the "
+        "candidates' own embeddings (no extra model); cross_encoder: a sentence-transformers CrossEncoder folder.")
+    model: Path | None = Field(default=None, description="cross_encoder: the model folder (loaded offline).")
+    top_n: int = Field(default=20, ge=1, le=200, description="Fused candidates rescored; the cost grows with it.")
+
+    @model_validator(mode="after")
+    def _check(self) -> RerankConfig:
+        if self.kind == "cross_encoder" and self.model is None:
+            raise ValueError("rerank.kind 'cross_encoder' needs rerank.model: a sentence-transformers CrossEncoder "
+                             "folder")
+        return self
+
+
 class RetrievalDefaults(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -63,6 +82,11 @@ class RetrievalDefaults(BaseModel):
     )
     prefetch_limit: int = Field(default=50, ge=1, description="Candidates per dense/sparse branch before RRF.")
     rrf_k: int = Field(default=60, ge=1, description="RRF constant: fused score = sum 1/(k + rank).")
+    weights: tuple[float, float] = Field(
+        default=(0.5, 1.0), description="Qdrant's weighted RRF over the (dense, BM25) legs: a leg adds "
+        "1/(k - 1 + rank/w), so a smaller weight makes that leg's top ranks stand out more (0 drops the leg). "
+        "Tuned on the CPython FAQ (bench/retrieval_quality.py --tune), not on the sets the tests score.")
+    rerank: RerankConfig = Field(default_factory=lambda: RerankConfig())
     score_threshold: float | None = Field(default=None, description="Applied to the fused (RRF) score.")
     mmr: bool = False
     mmr_lambda: float = Field(default=0.7, ge=0.0, le=1.0, description="1 = relevance only, 0 = diversity only.")
@@ -93,6 +117,31 @@ class RagSettings(BaseModel):
     chunker: ChunkerConfig = Field(default_factory=ChunkerConfig)
     loader: LoaderConfig = Field(default_factory=LoaderConfig)
     retrieval: RetrievalDefaults = Field(default_factory=RetrievalDefaults)
+    collections: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="Per-collection retrieval settings over rag.retrieval, e.g. "
+        "{'support': {'rerank': {'kind': 'late_interaction'}, 'weights': [1, 1]}}.")
+
+    @model_validator(mode="after")
+    def _check_collections(self) -> RagSettings:
+        for name in self.collections:
+            try:
+                self.retrieval_for(name)
+            except ValidationError as e:
+                what = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg'].removeprefix('Value error, ')}"
+                                 for err in e.errors())
+                raise ValueError(f"rag.collections.{name}.{what}") from None
+        return self
+
+    def retrieval_for(self, collection: str) -> RetrievalDefaults:
+        """rag.retrieval with the collection's own settings over it (nested rerank settings merge too)."""
+        over = self.collections.get(collection)
+        if not over:
+            return self.retrieval
+        merged = self.retrieval.model_dump()
+        for key, value in over.items():
+            merged[key] = {**merged[key], **value} if isinstance(merged.get(key), dict) and isinstance(
+                value, dict) else value
+        return RetrievalDefaults.model_validate(merged)
 
     def store_path(self, home: Path) -> Path:
         return self.path if self.path is not None else home / "qdrant"

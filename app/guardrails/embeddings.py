@@ -97,6 +97,11 @@ class SharedEmbedder:
     def warm_up(self) -> None:
         self.embed_documents(["warm up"])
 
+    def sentence_transformer(self):
+        """The loaded model, for passes other than pooled embeddings (the RAG late-interaction reranker)."""
+        with self._lock:
+            return self._load()
+
     def _load(self):
         if self._model is None:
             import torch

@@ -226,10 +226,15 @@ def test_group_by_document_keeps_each_documents_best_chunk_and_over_fetches():
     res = r.retrieve("q", top_k=3, group_by="document")
     assert [(c.citation.doc_id, c.citation.chunk_id) for c in res.chunks] == [("A", "c0"), ("B", "c50"),
                                                                            ("C", "c52")]
-    assert store.asked == [12, 48, 192]  # 4x over-fetch, again 4x while one document fills the candidates
+    # starts from the candidates each leg fetches anyway (prefetch_limit 50), not from 4x top_k: a small k
+    # needed more rounds than a large one; again 4x while one document fills the candidates
+    assert store.asked == [50, 200]
     store.asked.clear()
     assert len(r.retrieve("q", top_k=10, group_by="document").chunks) == 4  # only 4 documents exist
-    assert store.asked == [40, 160]  # stops once the candidates run out
+    assert store.asked == [50, 200]  # stops once the candidates run out
+    store.asked.clear()
+    r.retrieve("q", top_k=20, group_by="document")
+    assert store.asked[0] == 80  # 4x top_k once that is more than prefetch_limit
     store.asked.clear()
     assert [c.citation.chunk_id for c in r.retrieve("q", top_k=3).chunks] == ["c0", "c1", "c2"]
     assert store.asked == [3]  # without group_by: chunks, as before
