@@ -299,7 +299,9 @@ def search_command(
         console.print(f"[dim]{where}  snapshot {c.snapshot_id}[/dim]")
         text = ch.text if len(ch.text) < 700 else ch.text[:700] + " ..."
         console.print(text, markup=False, highlight=False)
-    console.print(f"[dim]{len(res.chunks)} results in {res.took_ms:.0f} ms[/dim]")
+    rerank = f", {res.reranker} {res.rerank_ms:.0f}" if res.reranker else ""
+    console.print(f"[dim]{len(res.chunks)} results in {res.took_ms:.0f} ms (query embedding {res.embed_ms:.0f}, "
+                  f"search {res.search_ms:.0f}{rerank})[/dim]")
 
 
 @snapshots_app.command("list")

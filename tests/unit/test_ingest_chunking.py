@@ -116,6 +116,6 @@ def test_html_heading_text_in_a_toc_backref_link_is_kept():
     page = ("<html><body><div class='body'><h1>Programming FAQ</h1><section id='general'>"
             "<h2><a class='toc-backref' href='#id3'>General Questions</a><a class='headerlink' href='#g'>¶</a></h2>"
             "<p>Yes.</p></section><div class='sphinxsidebar'><h3>Navigation</h3></div></div></body></html>")
-    title, text = html_to_text(page)
+    _, text = html_to_text(page)
     assert "## General Questions" in text
     assert "Navigation" not in text and "¶" not in text
