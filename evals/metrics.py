@@ -37,11 +37,14 @@ from typing import Any
 from app.core.errors import BackendUnavailable
 from app.core.metrics import Metrics
 from app.core.settings import BackendSettings
+from app.guardrails.validators.base import split_sentences
+from app.guardrails.validators.groundedness import is_claim
 from app.guardrails.validators.leakage import check_system_prompt_leakage
 from app.guardrails.validators.pii import ALL_ENTITIES, find_pii
 from app.guardrails.validators.toxicity import check_toxicity
 from app.llm.clients import openai_client
 from app.llm.resilience import CircuitBreaker, breaker_for
+from app.services.grounding import cited_markers
 from evals.cases import Case
 from ingest.embedding import SentenceTransformerEmbedder
 
@@ -376,6 +379,19 @@ def citation_correctness(s: Sample, params: dict[str, Any]) -> Score:
     hit = [e for e in expected if any(_source_match(e, src) for src in sources)]
     missing = sorted(set(expected) - set(hit))
     return Score(len(hit) / len(expected), f"missing {missing}; got {sorted(set(sources))}" if missing else "")
+
+
+@register("citation_markers", threshold=1.0)
+def citation_markers(s: Sample, params: dict[str, Any]) -> Score:
+    """Share of the answer's claims (sentences of four words or more, not an "I don't know") that carry an
+    inline marker ([n], [1, 3], [2-4]) pointing at a passage of the citations event. An answer with no claim
+    scores 1; a marker numbered past the passages makes its sentence count as uncited."""
+    claims = [c for c in split_sentences(s.output) if is_claim(c)]
+    if not claims:
+        return Score(1.0, "no claim to cite")
+    valid = set(range(1, len(s.citations) + 1))
+    bare = [c for c in claims if not (cited_markers(c) and cited_markers(c) <= valid)]
+    return Score((len(claims) - len(bare)) / len(claims), f"uncited: {bare[:3]}" if bare else "")
 
 
 @register("citation_precision", threshold=0.5)

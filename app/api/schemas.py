@@ -181,6 +181,16 @@ class PromptInfo(_Wire):
     hash: str
 
 
+class GroundingInfo(_Wire):
+    """Keel, grounded answers: what the answer turned out to be."""
+
+    outcome: Literal["answered", "not_in_sources", "withdrawn"] = Field(
+        description="answered from the passages; not_in_sources: the sources do not answer the question (the "
+        "model said so, or nothing was retrieved); withdrawn: the groundedness guard withdrew the answer.")
+    attributed: int = Field(default=0, description="Citation markers Keel added to sentences the model left "
+                            "uncited, each pointing at the passage that supports the sentence.")
+
+
 class ReleaseInfo(_Wire):
     """Keel: the release endpoint that routed the request and the variant that answered it."""
 
@@ -380,6 +390,7 @@ class ChatCompletion(_Out):
     citations: list[dict[str, Any]] | None = Field(
         default=None, description="Keel, grounded answers: the passages given to the model, numbered as cited."
     )
+    grounding: GroundingInfo | None = Field(default=None, description="Keel, grounded answers: the outcome.")
     guardrails: str | None = Field(default=None, description="Keel: the guardrail policy@version applied.")
     guardrail_events: list[dict[str, Any]] | None = Field(
         default=None, description="Keel: redactions, retractions or a blocked input, as in the stream's events."
@@ -428,6 +439,7 @@ class ChatCompletionChunk(_Out):
     prompt: PromptInfo | None = None
     release: ReleaseInfo | None = None
     citations: list[dict[str, Any]] | None = None
+    grounding: GroundingInfo | None = None
     guardrails: str | None = None
     guardrail: dict[str, Any] | None = None
 

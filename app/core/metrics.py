@@ -19,6 +19,12 @@ class Metrics:
             ["method", "route"], buckets=_LATENCY_BUCKETS, registry=r,
         )
         self.errors = Counter("keel_errors_total", "Errors returned to clients", ["code"], registry=r)
+        self.rag_answers = Counter(
+            "keel_rag_answers_total", "Grounded answers by outcome: answered, not_in_sources (the sources do not "
+            "answer it), withdrawn (by the groundedness guard)", ["collection", "outcome"], registry=r)
+        self.rag_citations = Counter(
+            "keel_rag_citations_total", "Citation markers in grounded answers: written by the model, or attributed "
+            "by Keel to the passage that supports the sentence", ["by"], registry=r)
         self.ttft = Histogram(
             "keel_chat_time_to_first_token_seconds", "Time to first token", ["model"],
             buckets=_TTFT_BUCKETS, registry=r,

@@ -158,6 +158,10 @@ class Started:
 
 @dataclass(frozen=True, slots=True)
 class Citations:
-    """Grounded answers only: the passages the model was given, after the answer is complete."""
+    """Grounded answers only: the passages the model was given, after the answer is complete, and what the
+    answer turned out to be (``outcome``: answered, not_in_sources or withdrawn; ``attributed``: citation
+    markers Keel added to sentences the model left uncited)."""
 
     items: list[dict[str, Any]]
+    outcome: str = "answered"
+    attributed: int = 0

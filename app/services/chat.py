@@ -47,7 +47,19 @@ from app.guardrails.types import (
     InputDecision,
 )
 from app.llm.router import ModelRouter
-from app.services.grounding import RAG_PREFIX, Grounded, Grounder, RagUse, citations
+from app.services.grounding import (
+    NOT_IN_SOURCES,
+    RAG_PREFIX,
+    Attribution,
+    Grounded,
+    Grounder,
+    RagUse,
+    attribute,
+    citations,
+    outcome_of,
+    said,
+    withdrawal_message,
+)
 
 if TYPE_CHECKING:
     from agents.service import AgentService
@@ -98,6 +110,7 @@ class ChatResult:
     prompt_ref: str | None = None
     prompt_hash: str | None = None
     citations: list[dict[str, Any]] | None = None
+    grounding: dict[str, Any] | None = None
     guardrails: str | None = None
     guardrail_events: list[GuardrailEvent] = field(default_factory=list)
     release: str | None = None
@@ -400,8 +413,14 @@ class ChatService:
                 events = _without_started(self.agents.chat_events(
                     alias, gen_request.messages, request_id=request.request_id, owner=request.user,
                     scopes=request.scopes))
+            elif grounded is not None and not grounded.chunks:
+                events = said(NOT_IN_SOURCES)  # retrieval found nothing: no passage to answer from, no model call
             else:
                 events = self.router.stream(request.model, gen_request)
+            attribution = Attribution()
+            if grounded is not None and params.n == 1 and not params.calls_tools and self.grounder is not None:
+                events = attribute(events, [c.text for c in grounded.chunks], self.grounder.rag.embedder,
+                                   question=question, stats=attribution)
             if decision is not None:
                 if reask and not agent and params.n == 1 and not params.calls_tools and self._reasks(decision):
                     events = self._checked_whole(events, gen_request, context, decision)
@@ -417,7 +436,12 @@ class ChatService:
             answer: list[str] = []
             calls: list[ToolCallDelta] = []
             keep = grounded is not None or self.capture_content
+            withdrawn = False
             async for event in events:
+                if isinstance(event, GuardrailRetraction) and grounded is not None and event.index == 0:
+                    withdrawn = True
+                    if self._grounding_check(decision, event.validator):
+                        event = replace(event, message=withdrawal_message(event.message, grounded.chunks))
                 if isinstance(event, TextDelta):
                     if first_token:
                         first_token = False
@@ -437,7 +461,14 @@ class ChatService:
                     calls.append(event)
                 yield event
             if grounded is not None:
-                yield Citations(citations(grounded.chunks, "".join(answer)))
+                text = "".join(answer)
+                outcome = outcome_of(text, withdrawn=withdrawn, passages=len(grounded.chunks))
+                self.metrics.rag_answers.labels(request.rag.collection if request.rag else "", outcome).inc()
+                self.metrics.rag_citations.labels("model").inc(attribution.model_cited)
+                self.metrics.rag_citations.labels("attributed").inc(attribution.attributed)
+                span.set_attributes({"keel.rag.outcome": outcome, "keel.rag.attributed": attribution.attributed})
+                yield Citations(citations(grounded.chunks, text), outcome=outcome,
+                                attributed=attribution.attributed)
             if self.capture_content:
                 out: dict[str, Any] = {"role": "assistant", "content": "".join(answer)}
                 if calls:
@@ -541,6 +572,14 @@ class ChatService:
         """Whether an output validator of ``policy`` reads (and may change) the answer."""
         return self.guards.settings.enabled and bool(self.guards.compiled(policy, "output"))
 
+    def _grounding_check(self, decision: InputDecision | None, label: str) -> bool:
+        """Whether the output entry ``label`` of the request's policy is a groundedness check (labels are the
+        policy author's; the validator names what it checks)."""
+        if decision is None or self.guards is None:
+            return False
+        return any(s.label == label and s.validator == "keel/groundedness"
+                   for s in self.guards.policy.file.resolve(decision.policy).output)
+
     def _reasks(self, decision: InputDecision) -> bool:
         return any(s.on_fail == "reask" for s in self.guards.policy.file.resolve(decision.policy).output)
 
@@ -617,6 +656,7 @@ async def collect(events: AsyncIterator[ChatEvent]) -> ChatResult:
                 result.usage = event
             elif isinstance(event, Citations):
                 result.citations = event.items
+                result.grounding = {"outcome": event.outcome, "attributed": event.attributed}
             elif isinstance(event, GuardrailRetraction):
                 # What was "shown" is withdrawn: the whole answer becomes the guard's message.
                 result.texts[event.index] = [event.message]

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from app.core.errors import InvalidRequest
-from app.core.types import ChatMessage
+from app.core.types import ChatMessage, Finished, TextDelta
+from app.guardrails.validators.base import TextEmbedder, split_sentences
+from app.guardrails.validators.groundedness import SupportIndex, abstains, is_claim
 
 if TYPE_CHECKING:
     from ingest.factory import RagServices
@@ -16,8 +19,23 @@ if TYPE_CHECKING:
     from ingest.settings import GroupBy
     from prompts.registry import PromptRegistry, RenderedPrompt
 
+E = TypeVar("E")  # a chat stream's events: only text and finish events are read here
+
 RAG_PREFIX = "rag:"
 _CITE = re.compile(r"\[(\d{1,3})\]")
+_ANY_CITE = re.compile(r"\[\s*\d{1,3}(?:\s*[,;-]\s*\d{1,3})*\s*\]")
+# a sentence ends at . ! or ? (closing quotes or brackets may follow) before whitespace, except after an
+# abbreviation or an initial ("e.g.", "Dr.", "J. Smith")
+_END = re.compile(r"[.!?][\"'\u201d\u2019)\]]*$")
+_ABBREV = re.compile(r"(?:\b(?:e\.g|i\.e|etc|vs|Dr|Mr|Mrs|Ms|Prof|St|No)\.|\b[A-Z]\.)$")
+
+#: The answer when retrieval found nothing (the rag-answer prompt asks the model for the same words when its
+#: passages do not answer the question)
+NOT_IN_SOURCES = "I don't know based on the provided documents."
+
+#: What a grounded answer turned out to be: answered from the passages, "the sources do not answer this"
+#: (the model said so, or retrieval found nothing), or withdrawn by the groundedness guard.
+Outcome = Literal["answered", "not_in_sources", "withdrawn"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,10 +68,160 @@ def cited_numbers(text: str) -> set[int]:
     return {int(n) for n in _CITE.findall(text)}
 
 
+def cited_markers(text: str) -> set[int]:
+    """Passage numbers in any marker form the groundedness check accepts: [1], [1, 3], [2-4]."""
+    out: set[int] = set()
+    for m in _ANY_CITE.finditer(text):
+        nums = [int(n) for n in re.findall(r"\d+", m.group(0))]
+        if "-" in m.group(0) and len(nums) == 2 and 0 <= nums[1] - nums[0] <= 20:
+            out.update(range(nums[0], nums[1] + 1))
+        else:
+            out.update(nums)
+    return out
+
+
+def outcome_of(answer: str, *, withdrawn: bool, passages: int) -> Outcome:
+    if withdrawn:
+        return "withdrawn"
+    sentences = split_sentences(_ANY_CITE.sub("", answer))
+    if not passages or (abstains(answer) and not any(is_claim(s) for s in sentences)):
+        return "not_in_sources"
+    return "answered"
+
+
+def withdrawal_message(base: str, chunks: list[RetrievedChunk], *, most: int = 3) -> str:
+    """The guard's refusal, then what the sources do hold: the best passages' titles and sources, one per
+    document, numbered as in the citations event, so the user has somewhere to read on."""
+    seen: set[str] = set()
+    items = []
+    for n, chunk in enumerate(chunks, start=1):
+        c = chunk.citation
+        if c.doc_id in seen:
+            continue
+        seen.add(c.doc_id)
+        where = f" ({c.source})" if c.source and c.source != c.title else ""
+        items.append(f"[{n}] {c.label()}{where}")
+        if len(items) == most:
+            break
+    if not items:
+        return base
+    return f"{base} The sources that came closest: " + "; ".join(items) + "."
+
+
+async def said(text: str) -> AsyncIterator[TextDelta | Finished]:
+    """An answer Keel gives without the model."""
+    yield TextDelta(text, 0)
+    yield Finished("stop", 0)
+
+
+@dataclass
+class Attribution:
+    """Counts of what :func:`attribute` did to one answer."""
+
+    sentences: int = 0
+    model_cited: int = 0
+    attributed: int = 0
+
+
+async def attribute(events: AsyncIterator[E], passages: Sequence[str], embedder: TextEmbedder, *,
+                    question: str | None = None, stats: Attribution | None = None) -> AsyncIterator[E | TextDelta]:
+    """Cite as the answer streams: a sentence of choice 0 that ends without a citation marker gets ``[n]`` for
+    the passage that supports it (the groundedness check's own measure, so a marker never points at a passage
+    the guard would not accept), right after its final punctuation. Small models often ignore the prompt's
+    citation rules; a sentence no passage supports gets no marker. Runs before the output guard, so markers
+    are part of what it checks and of what a retraction withdraws. Nothing is held back but the whitespace
+    after a sentence end, until the next character shows whether the model cites the sentence itself."""
+    if not passages:
+        async for ev in events:
+            yield ev
+        return
+    cite = _Citer(passages, embedder, question, stats if stats is not None else Attribution())
+    try:
+        async for ev in events:
+            if isinstance(ev, TextDelta) and ev.index == 0:
+                piece = await cite.feed(ev.text)
+                if piece:
+                    yield TextDelta(piece, 0)
+                continue
+            if isinstance(ev, Finished) and ev.index == 0:
+                piece = await cite.finish()
+                if piece:
+                    yield TextDelta(piece, 0)
+            yield ev
+    finally:
+        cite.close()
+
+
+class _Citer:
+    def __init__(self, passages: Sequence[str], embedder: TextEmbedder, question: str | None,
+                 stats: Attribution) -> None:
+        # the passages' windows are embedded while the model reads the prompt, not at the first sentence end
+        self.index = asyncio.ensure_future(asyncio.to_thread(SupportIndex, list(passages), embedder,
+                                                             question=question))
+        self.stats = stats
+        self.sentence = ""  # the current sentence, as released so far
+        self.ended = ""  # a sentence that ended; its marker is decided at the next non-space character
+        self.held = ""  # the whitespace after it
+        self.in_marker = False  # inside the model's own "[n]" after a sentence end
+
+    async def marker(self, text: str) -> str:
+        self.stats.sentences += 1
+        if _ANY_CITE.search(text):
+            self.stats.model_cited += 1
+            return ""
+        if not is_claim(text):
+            return ""
+        index = await self.index
+        support = (await asyncio.to_thread(index.support, [text]))[0]
+        if not support.supported or support.best_passage < 0:
+            return ""
+        self.stats.attributed += 1
+        return f"[{support.best_passage + 1}]"
+
+    async def feed(self, text: str) -> str:
+        out: list[str] = []
+        for ch in text:
+            if self.in_marker:
+                out.append(ch)
+                self.in_marker = ch != "]"
+                continue
+            if self.ended:
+                if ch.isspace():
+                    self.held += ch
+                    continue
+                if ch == "[":  # the model cites the sentence itself, after the space
+                    self.stats.sentences += 1
+                    self.stats.model_cited += 1
+                    out.append(self.held + ch)
+                    self.in_marker = True
+                else:
+                    out.append(await self.marker(self.ended) + self.held + ch)
+                    self.sentence = ch
+                self.ended = self.held = ""
+                continue
+            if ch.isspace() and _END.search(self.sentence) and not _ABBREV.search(self.sentence):
+                self.ended, self.held, self.sentence = self.sentence.strip(), ch, ""
+                continue
+            self.sentence += ch
+            out.append(ch)
+        return "".join(out)
+
+    async def finish(self) -> str:
+        if self.ended:
+            piece = await self.marker(self.ended) + self.held
+        else:
+            piece = await self.marker(self.sentence.strip()) if self.sentence.strip() else ""
+        self.sentence = self.ended = self.held = ""
+        return piece
+
+    def close(self) -> None:
+        self.index.cancel()
+
+
 def citations(chunks: list[RetrievedChunk], answer: str) -> list[dict[str, Any]]:
     """The wire form of the passages given to the model, numbered as in the prompt, with whether
     the answer actually cited each one."""
-    cited = cited_numbers(answer)
+    cited = cited_markers(answer)
     out = []
     for n, chunk in enumerate(chunks, start=1):
         c = chunk.citation

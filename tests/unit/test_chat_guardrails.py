@@ -280,3 +280,55 @@ async def test_logprobs_are_refused_where_an_output_guard_could_change_the_answe
     r = await env["c"].post("/v1/chat/completions", json=ask("What is the capital of France?", logprobs=True))
     assert r.status_code == 400 and r.json()["error"]["param"] == "logprobs"
     assert "output validators" in r.json()["error"]["message"] and env["fake"].calls == 0
+
+
+async def test_grounded_answers_cite_say_when_the_sources_do_not_answer_and_name_the_sources_when_withdrawn(
+        env) -> None:
+    docs = env["home"] / "lights"
+    docs.mkdir()
+    (docs / "eddystone.md").write_text("# Eddystone Lighthouse\n\nThe Eddystone lighthouse stands on rocks south "
+                                       "of Plymouth. Its current tower was completed in 1882 by James Douglass.\n")
+    env["container"].rag.pipeline.run([docs], "lights")
+    question = {"model": "rag:lights", "messages": [{"role": "user", "content": "When was the tower completed?"}]}
+
+    # the model left its sentence uncited: Keel cites the passage that supports it
+    env["fake"].reply = "The current tower was completed in 1882 by James Douglass."
+    body = (await env["c"].post("/v1/chat/completions", json=question)).json()
+    assert body["choices"][0]["message"]["content"] == "The current tower was completed in 1882 by James Douglass.[1]"
+    assert body["grounding"] == {"outcome": "answered", "attributed": 1}
+    assert body["citations"][0]["cited"] is True
+    r = await env["c"].post("/v1/chat/completions", json={**question, "stream": True})
+    events = sse(r.text)
+    text = "".join(json.loads(d)["choices"][0]["delta"].get("content") or "" for name, d in events
+                   if name is None and d != "[DONE]" and json.loads(d)["choices"])
+    assert text.endswith("James Douglass.[1]")
+    cites = next(json.loads(d) for name, d in events if name == "citations")
+    assert cites["grounding"] == {"outcome": "answered", "attributed": 1}
+
+    # "the sources do not answer this" is an outcome of its own, not a withdrawal
+    env["fake"].reply = "I don't know based on the provided documents."
+    body = (await env["c"].post("/v1/chat/completions", json=question)).json()
+    assert body["choices"][0]["finish_reason"] == "stop", body
+    assert body["grounding"]["outcome"] == "not_in_sources"
+
+    # nothing retrieved: Keel says so without asking the model
+    calls = env["fake"].calls
+    body = (await env["c"].post("/v1/chat/completions", json={
+        "model": "m", "rag": {"collection": "lights", "filters": {"doc_kind": "pdf"}},
+        "messages": [{"role": "user", "content": "When was the tower completed?"}]})).json()
+    assert body["choices"][0]["message"]["content"] == "I don't know based on the provided documents."
+    assert body["grounding"]["outcome"] == "not_in_sources" and env["fake"].calls == calls
+
+    # a withdrawn answer says what the sources do hold
+    env["fake"].reply = "The tower was designed by Gustave Eiffel in 1889 and painted purple by NASA."
+    body = (await env["c"].post("/v1/chat/completions", json=question)).json()
+    message = body["choices"][0]["message"]["content"]
+    assert body["choices"][0]["finish_reason"] == "content_filter" and "Eiffel" not in message
+    assert "The sources that came closest: [1] Eddystone Lighthouse (" in message, message
+    assert message.startswith("I couldn't find support") and message.endswith("eddystone.md).")
+    assert body["grounding"]["outcome"] == "withdrawn"
+    r = await env["c"].post("/v1/chat/completions", json={**question, "stream": True})
+    events = sse(r.text)
+    retraction = [json.loads(d)["guardrail"] for name, d in events if name == "guardrail"][-1]
+    assert retraction["type"] == "retraction" and "[1] Eddystone Lighthouse" in retraction["message"]
+    assert next(json.loads(d) for name, d in events if name == "citations")["grounding"]["outcome"] == "withdrawn"

@@ -66,7 +66,7 @@ CHAT_COMPLETION_CHUNK = {
     },
 }
 
-KEEL_FIELDS = ("prompt", "release", "citations", "guardrails", "guardrail_events", "guardrail")
+KEEL_FIELDS = ("prompt", "release", "citations", "grounding", "guardrails", "guardrail_events", "guardrail")
 
 
 @pytest.fixture

@@ -25,6 +25,7 @@ from app.api.schemas import (
     DeltaFunction,
     DeltaToolCall,
     FunctionCallOut,
+    GroundingInfo,
     PromptInfo,
     ReleaseInfo,
     ToolCallOut,
@@ -109,6 +110,7 @@ def completion(body: ChatCompletionRequest, result: ChatResult) -> ChatCompletio
         prompt=PromptInfo(ref=result.prompt_ref, hash=result.prompt_hash) if result.prompt_ref else None,
         release=ReleaseInfo(name=result.release, variant=result.variant) if result.release else None,
         citations=result.citations,
+        grounding=GroundingInfo(**result.grounding) if result.grounding else None,
         guardrails=result.guardrails,
         guardrail_events=[event_payload(e) for e in result.guardrail_events] or None,
         service_tier=_tier(body),
@@ -202,8 +204,9 @@ async def _sse(
             elif isinstance(event, Citations):
                 # Its own event, a chunk with no choices like the usage chunk: OpenAI clients skip it.
                 chunk.citations = event.items
+                chunk.grounding = GroundingInfo(outcome=event.outcome, attributed=event.attributed)
                 yield ServerSentEvent(frame([]), event="citations")
-                chunk.citations = None
+                chunk.citations = chunk.grounding = None
             elif isinstance(event, GuardrailRedaction | GuardrailRetraction | GuardrailBlocked):
                 chunk.guardrail = event_payload(event, policy_version=policy)
                 yield ServerSentEvent(frame([]), event="guardrail")

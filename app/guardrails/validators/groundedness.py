@@ -32,6 +32,10 @@ from app.guardrails.validators.base import CheckResult, Finding, TextEmbedder, s
 
 _TRIVIAL = re.compile(r"^(?:sure|yes|no|okay|ok|certainly|of course|here (?:is|are)[^.]*|i hope this helps|"
                       r"let me know[^.]*|thanks?[^.]*)[.!]?$", re.I)
+# "I don't know based on the provided documents." (the RAG prompt's abstention) claims nothing to support
+_ABSTAIN = re.compile(r"\b(?:i\s+(?:do\s+not|don[\'\u2019]t|cannot|can[\'\u2019]t)\s+(?:know|find|tell|answer)|"
+                      r"(?:sources|passages|documents)\s+(?:do\s+not|don[\'\u2019]t)\s+(?:say|contain|answer|mention))",
+                      re.I)
 # "The answer is: X." / "Answer: X" only frame the claim X
 # "[2]", "[1, 3]": citation markers point at passages; they are not claims (nor numbers to check)
 _CITE = re.compile(r"\[\s*\d+(?:\s*[,;-]\s*\d+)*\s*\]")
@@ -102,30 +106,58 @@ def passage_windows(passages: Sequence[str]) -> tuple[list[str], list[int]]:
     return windows, owners
 
 
+class SupportIndex:
+    """The passages' sentence windows, embedded once, to judge any number of answer sentences against: the
+    output guard judges a whole answer; citation attribution judges each sentence as it ends."""
+
+    def __init__(self, passages: Sequence[str], embedder: TextEmbedder, *, question: str | None = None) -> None:
+        self.passages = list(passages)
+        self.embedder = embedder
+        self.windows, self.owners = passage_windows(self.passages)
+        self._vecs = embedder.embed_documents(self.windows) if self.windows else None
+        self.vocab = {t for passage in self.passages for t in content_words(passage)}
+        self.known = frozenset(names(question)) if question else frozenset()
+
+    def support(self, sentences: Sequence[str], *, threshold: float = 0.55, lexical_threshold: float = 0.75
+                ) -> list[SentenceSupport]:
+        if not sentences:
+            return []
+        if self._vecs is None:
+            return [SentenceSupport(s, 0.0, False, -1) for s in sentences]
+        claims = [_FRAME.sub("", _CITE.sub("", s)).strip() or s for s in sentences]
+        sims = self.embedder.embed_documents(claims) @ self._vecs.T
+        out = []
+        for i, s in enumerate(sentences):
+            j = int(np.argmax(sims[i]))
+            sim = float(sims[i, j])
+            share, specifics_ok, decisive = _lexical(claims[i], self.vocab, self.known)
+            supported = specifics_ok and (sim >= threshold or (decisive and share >= lexical_threshold))
+            out.append(SentenceSupport(s, round(sim, 4), supported, self.owners[j], round(share, 3)))
+        return out
+
+
+def abstains(text: str) -> bool:
+    """Whether the text says the sources do not answer ("I don't know based on the provided documents")."""
+    return bool(_ABSTAIN.search(text))
+
+
+def is_claim(sentence: str, min_words: int = 4) -> bool:
+    """A sentence that states something the sources must support: long enough, not a pleasantry, and not the
+    answer's own statement that the sources do not answer the question."""
+    words = len(sentence.split())
+    # only a short abstention is exempt: "I don't know, but X was born in 1901 in Y and ..." still claims
+    return words >= min_words and not _TRIVIAL.match(sentence) and not (words <= 12 and _ABSTAIN.search(sentence))
+
+
 def sentence_support(answer: str, passages: Sequence[str], embedder: TextEmbedder, *, threshold: float = 0.55,
                      min_words: int = 4, lexical_threshold: float = 0.75, question: str | None = None
                      ) -> list[SentenceSupport]:
     """``question``: names it uses count as known (numbers do not: "is k 42?" must not ground "k is 42")."""
-    sentences = [s for s in split_sentences(answer) if len(s.split()) >= min_words and not _TRIVIAL.match(s)]
-    claims = [_FRAME.sub("", _CITE.sub("", s)).strip() or s for s in sentences]
+    sentences = [s for s in split_sentences(answer) if is_claim(s, min_words)]
     if not sentences:
         return []
-    if not passages:
-        return [SentenceSupport(s, 0.0, False, -1) for s in sentences]
-    windows, owners = passage_windows(passages)
-    vecs = embedder.embed_documents(claims + windows)
-    q, p = vecs[: len(claims)], vecs[len(claims):]
-    sims = q @ p.T
-    vocab = {t for passage in passages for t in content_words(passage)}
-    known = frozenset(names(question)) if question else frozenset()
-    out = []
-    for i, s in enumerate(sentences):
-        j = int(np.argmax(sims[i]))
-        sim = float(sims[i, j])
-        share, specifics_ok, decisive = _lexical(claims[i], vocab, known)
-        supported = specifics_ok and (sim >= threshold or (decisive and share >= lexical_threshold))
-        out.append(SentenceSupport(s, round(sim, 4), supported, owners[j], round(share, 3)))
-    return out
+    return SupportIndex(passages, embedder, question=question).support(
+        sentences, threshold=threshold, lexical_threshold=lexical_threshold)
 
 
 def check_groundedness(answer: str, passages: Sequence[str], embedder: TextEmbedder, *, threshold: float = 0.55,
