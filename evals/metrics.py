@@ -386,6 +386,8 @@ def citation_markers(s: Sample, params: dict[str, Any]) -> Score:
     """Share of the answer's claims (sentences of four words or more, not an "I don't know") that carry an
     inline marker ([n], [1, 3], [2-4]) pointing at a passage of the citations event. An answer with no claim
     scores 1; a marker numbered past the passages makes its sentence count as uncited."""
+    if s.finish_reason == "content_filter":
+        return Score(1.0, "withdrawn or refused: no claim stands")
     claims = [c for c in split_sentences(s.output) if is_claim(c)]
     if not claims:
         return Score(1.0, "no claim to cite")

@@ -89,6 +89,8 @@ class LateInteractionReranker:
         keys = [hashlib.blake2b(t.encode(), digest_size=16).hexdigest() for t in texts]
         with self._lock:
             found = {k: self._cache[k] for k in keys if k in self._cache}
+            for k in found:
+                self._cache.move_to_end(k)
         missing = list(dict.fromkeys((k, t) for k, t in zip(keys, texts, strict=True) if k not in found))
         model = self._model()
         for start in range(0, len(missing), self._batch):

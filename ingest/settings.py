@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Annotated, Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -82,7 +82,7 @@ class RetrievalDefaults(BaseModel):
     )
     prefetch_limit: int = Field(default=50, ge=1, description="Candidates per dense/sparse branch before RRF.")
     rrf_k: int = Field(default=60, ge=1, description="RRF constant: fused score = sum 1/(k + rank).")
-    weights: tuple[float, float] = Field(
+    weights: tuple[Annotated[float, Field(ge=0)], Annotated[float, Field(ge=0)]] = Field(
         default=(0.5, 1.0), description="Qdrant's weighted RRF over the (dense, BM25) legs: a leg adds "
         "1/(k - 1 + rank/w), so a smaller weight makes that leg's top ranks stand out more (0 drops the leg). "
         "Tuned on the CPython FAQ (bench/retrieval_quality.py --tune), not on the sets the tests score.")
@@ -90,6 +90,12 @@ class RetrievalDefaults(BaseModel):
     score_threshold: float | None = Field(default=None, description="Applied to the fused (RRF) score.")
     mmr: bool = False
     mmr_lambda: float = Field(default=0.7, ge=0.0, le=1.0, description="1 = relevance only, 0 = diversity only.")
+
+    @model_validator(mode="after")
+    def _check_weights(self) -> RetrievalDefaults:
+        if not any(self.weights):
+            raise ValueError("weights: at least one of the (dense, BM25) weights must be above 0")
+        return self
 
 
 class RagSettings(BaseModel):
@@ -127,9 +133,9 @@ class RagSettings(BaseModel):
             try:
                 self.retrieval_for(name)
             except ValidationError as e:
-                what = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg'].removeprefix('Value error, ')}"
-                                 for err in e.errors())
-                raise ValueError(f"rag.collections.{name}.{what}") from None
+                what = "; ".join(f"rag.collections.{name}.{'.'.join(map(str, err['loc']))}: "
+                                 f"{err['msg'].removeprefix('Value error, ')}" for err in e.errors())
+                raise ValueError(what) from None
         return self
 
     def retrieval_for(self, collection: str) -> RetrievalDefaults:

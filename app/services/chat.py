@@ -414,16 +414,23 @@ class ChatService:
                     alias, gen_request.messages, request_id=request.request_id, owner=request.user,
                     scopes=request.scopes))
             elif grounded is not None and not grounded.chunks:
-                events = said(NOT_IN_SOURCES)  # retrieval found nothing: no passage to answer from, no model call
+                events = said(NOT_IN_SOURCES, params.n)  # retrieval found nothing: no passage, no model call
             else:
                 events = self.router.stream(request.model, gen_request)
             attribution = Attribution()
+            cite = None
             if grounded is not None and params.n == 1 and not params.calls_tools and self.grounder is not None:
-                events = attribute(events, [c.text for c in grounded.chunks], self.grounder.rag.embedder,
-                                   question=question, stats=attribution)
+                passages, embedder = [c.text for c in grounded.chunks], self.grounder.rag.embedder
+
+                def cite(stream: AsyncIterator[ChatEvent], *, again: bool = True) -> AsyncIterator[ChatEvent]:
+                    if again:  # a re-asked answer replaces the first one
+                        attribution.reset()
+                    return attribute(stream, passages, embedder, question=question, stats=attribution)
+
+                events = cite(events, again=False)
             if decision is not None:
                 if reask and not agent and params.n == 1 and not params.calls_tools and self._reasks(decision):
-                    events = self._checked_whole(events, gen_request, context, decision)
+                    events = self._checked_whole(events, gen_request, context, decision, cite)
                 else:
                     events = self.guards.output_guard(context, decision).wrap(events)
                 if params.calls_tools and self._reads_output(decision.policy):
@@ -584,7 +591,9 @@ class ChatService:
         return any(s.on_fail == "reask" for s in self.guards.policy.file.resolve(decision.policy).output)
 
     async def _checked_whole(self, events: AsyncIterator[ChatEvent], gen: GenerationRequest, context: GuardContext,
-                             decision: InputDecision) -> AsyncIterator[ChatEvent]:
+                             decision: InputDecision, cite: Callable[[AsyncIterator[ChatEvent]],
+                                                                     AsyncIterator[ChatEvent]] | None = None
+                             ) -> AsyncIterator[ChatEvent]:
         """The whole answer through the output guard, re-asked once when a ``reask`` validator fails (a stream
         cannot take back what it sent, so streaming retracts instead): one bounded retry with the validator's
         reason; a second failure is refused like a ``block``."""
@@ -594,7 +603,8 @@ class ChatService:
             log.info("request %s: output failed a reask validator; asking the model once more", gen.request_id)
             retry = replace(gen, messages=(*gen.messages, ChatMessage("assistant", text),
                                            ChatMessage("user", verdict.reask)))
-            text, finish, more = await _drain(self.router.stream(gen.model, retry))
+            again = self.router.stream(gen.model, retry)
+            text, finish, more = await _drain(cite(again) if cite is not None else again)
             usage = Usage(usage.prompt_tokens + more.prompt_tokens, usage.completion_tokens + more.completion_tokens)
             verdict = await self.guards.check_output(text, context, decision)
         failed = next((r for r in verdict.results if r.action in ("block", "reask")), None)

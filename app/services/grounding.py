@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from app.core.errors import InvalidRequest
-from app.core.types import ChatMessage, Finished, TextDelta
+from app.core.types import ChatMessage, Finished, TextDelta, Usage
 from app.guardrails.validators.base import TextEmbedder, split_sentences
 from app.guardrails.validators.groundedness import SupportIndex, abstains, is_claim
 
@@ -19,6 +21,7 @@ if TYPE_CHECKING:
     from ingest.settings import GroupBy
     from prompts.registry import PromptRegistry, RenderedPrompt
 
+log = logging.getLogger("keel.rag")
 E = TypeVar("E")  # a chat stream's events: only text and finish events are read here
 
 RAG_PREFIX = "rag:"
@@ -26,7 +29,7 @@ _CITE = re.compile(r"\[(\d{1,3})\]")
 _ANY_CITE = re.compile(r"\[\s*\d{1,3}(?:\s*[,;-]\s*\d{1,3})*\s*\]")
 # a sentence ends at . ! or ? (closing quotes or brackets may follow) before whitespace, except after an
 # abbreviation or an initial ("e.g.", "Dr.", "J. Smith")
-_END = re.compile(r"[.!?][\"'\u201d\u2019)\]]*$")
+_END = re.compile(r"[.!?][\"'\u201d\u2019)]*(?:\[\d[\d\s,;-]*\])*$")
 _ABBREV = re.compile(r"(?:\b(?:e\.g|i\.e|etc|vs|Dr|Mr|Mrs|Ms|Prof|St|No)\.|\b[A-Z]\.)$")
 
 #: The answer when retrieval found nothing (the rag-answer prompt asks the model for the same words when its
@@ -99,7 +102,9 @@ def withdrawal_message(base: str, chunks: list[RetrievedChunk], *, most: int = 3
         if c.doc_id in seen:
             continue
         seen.add(c.doc_id)
-        where = f" ({c.source})" if c.source and c.source != c.title else ""
+        # the file's name, not where the server keeps it: this text goes into the answer and its history
+        name = PurePosixPath(c.source).name if c.source else ""
+        where = f" ({name})" if name and name != c.title else ""
         items.append(f"[{n}] {c.label()}{where}")
         if len(items) == most:
             break
@@ -108,10 +113,12 @@ def withdrawal_message(base: str, chunks: list[RetrievedChunk], *, most: int = 3
     return f"{base} The sources that came closest: " + "; ".join(items) + "."
 
 
-async def said(text: str) -> AsyncIterator[TextDelta | Finished]:
-    """An answer Keel gives without the model."""
-    yield TextDelta(text, 0)
-    yield Finished("stop", 0)
+async def said(text: str, n: int = 1) -> AsyncIterator[TextDelta | Finished | Usage]:
+    """An answer Keel gives without the model, as every one of ``n`` choices; no token was used."""
+    for i in range(n):
+        yield TextDelta(text, i)
+        yield Finished("stop", i)
+    yield Usage(0, 0)
 
 
 @dataclass
@@ -121,6 +128,12 @@ class Attribution:
     sentences: int = 0
     model_cited: int = 0
     attributed: int = 0
+    failed: bool = False
+
+    def reset(self) -> None:
+        """A re-asked answer replaces the first: count only what the delivered one got."""
+        self.sentences = self.model_cited = self.attributed = 0
+        self.failed = False
 
 
 async def attribute(events: AsyncIterator[E], passages: Sequence[str], embedder: TextEmbedder, *,
@@ -144,7 +157,8 @@ async def attribute(events: AsyncIterator[E], passages: Sequence[str], embedder:
                     yield TextDelta(piece, 0)
                 continue
             if isinstance(ev, Finished) and ev.index == 0:
-                piece = await cite.finish()
+                # a sentence cut off by the token limit is no claim to cite
+                piece = await cite.finish(cut=ev.reason == "length")
                 if piece:
                     yield TextDelta(piece, 0)
             yield ev
@@ -161,8 +175,10 @@ class _Citer:
         self.stats = stats
         self.sentence = ""  # the current sentence, as released so far
         self.ended = ""  # a sentence that ended; its marker is decided at the next non-space character
-        self.held = ""  # the whitespace after it
+        self.held = ""  # the whitespace after it (and a "[" that may open the model's own marker)
         self.in_marker = False  # inside the model's own "[n]" after a sentence end
+        self.after_marker = False  # right after it
+        self.in_code = False  # inside `code` or a ``` block: no sentence ends there, no marker goes in
 
     async def marker(self, text: str) -> str:
         self.stats.sentences += 1
@@ -171,8 +187,13 @@ class _Citer:
             return ""
         if not is_claim(text):
             return ""
-        index = await self.index
-        support = (await asyncio.to_thread(index.support, [text]))[0]
+        try:
+            index = await self.index
+            support = (await asyncio.to_thread(index.support, [text]))[0]
+        except Exception as e:  # attribution is a courtesy: an embedder failure must not break the answer
+            log.warning("citation attribution off for this answer: %s: %s", type(e).__name__, e)
+            self.stats.failed = True
+            return ""
         if not support.supported or support.best_passage < 0:
             return ""
         self.stats.attributed += 1
@@ -184,38 +205,57 @@ class _Citer:
             if self.in_marker:
                 out.append(ch)
                 self.in_marker = ch != "]"
+                self.after_marker = not self.in_marker
                 continue
+            if self.after_marker:  # "[1][2]": a second marker right after the first belongs to the same sentence
+                self.after_marker = False
+                if ch == "[":
+                    out.append(ch)
+                    self.in_marker = True
+                    continue
             if self.ended:
-                if ch.isspace():
+                if ch.isspace() and not self.held.endswith("["):
                     self.held += ch
                     continue
-                if ch == "[":  # the model cites the sentence itself, after the space
+                if ch == "[" and not self.held.endswith("["):
+                    self.held += ch  # a marker of the model's own, or a bracket: the next character tells
+                    continue
+                if self.held.endswith("[") and ch.isdigit():  # the model cites the sentence itself
                     self.stats.sentences += 1
                     self.stats.model_cited += 1
                     out.append(self.held + ch)
                     self.in_marker = True
+                    self.sentence = ""
                 else:
                     out.append(await self.marker(self.ended) + self.held + ch)
-                    self.sentence = ch
+                    self.sentence = ("[" if self.held.endswith("[") else "") + ch
+                    self.in_code = ch == "`"
                 self.ended = self.held = ""
                 continue
-            if ch.isspace() and _END.search(self.sentence) and not _ABBREV.search(self.sentence):
+            if ch == "`":
+                self.in_code = not self.in_code
+            elif (ch.isspace() and not self.in_code and _END.search(self.sentence)
+                  and not _ABBREV.search(self.sentence)):
                 self.ended, self.held, self.sentence = self.sentence.strip(), ch, ""
                 continue
             self.sentence += ch
             out.append(ch)
         return "".join(out)
 
-    async def finish(self) -> str:
+    async def finish(self, cut: bool = False) -> str:
         if self.ended:
             piece = await self.marker(self.ended) + self.held
+        elif self.sentence.strip() and not cut and not self.in_code:
+            piece = await self.marker(self.sentence.strip())
         else:
-            piece = await self.marker(self.sentence.strip()) if self.sentence.strip() else ""
+            piece = ""
         self.sentence = self.ended = self.held = ""
         return piece
 
     def close(self) -> None:
         self.index.cancel()
+        # a failure of the index build is reported by marker(), or not at all when no sentence asked for it
+        self.index.add_done_callback(lambda f: f.cancelled() or f.exception())
 
 
 def citations(chunks: list[RetrievedChunk], answer: str) -> list[dict[str, Any]]:

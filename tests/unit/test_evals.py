@@ -201,6 +201,21 @@ def test_text_metrics_true_and_false() -> None:
     assert score("distinct_ngrams", "The capital is Paris. " * 6) < 0.3
 
 
+def test_citation_markers() -> None:
+    cites = [{"source": "a.md"}, {"source": "b.md"}]
+
+    def markers(text: str, finish: str = "stop") -> float:
+        s = sample(text)
+        s.citations, s.finish_reason = cites, finish
+        return asyncio.run(compute(registry["citation_markers"], s, {})).value
+
+    assert markers("The tower was completed in 1882.[1] Bees store honey in combs [1, 2].") == 1.0
+    assert markers("The tower was completed in 1882. Bees store honey in wax combs [2].") == 0.5
+    assert markers("The tower was completed in 1882 [3].") == 0.0  # past the two passages given
+    assert markers("I don't know based on the provided documents. Sure.") == 1.0  # no claim to cite
+    assert markers("I couldn't find support for that answer in the sources.", "content_filter") == 1.0
+
+
 def test_citation_correctness() -> None:
     cites = [{"source": "/data/corpus/sqlite-wal.md", "cited": True},
              {"source": "/data/corpus/tls13.md", "cited": False}]

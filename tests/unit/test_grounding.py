@@ -21,12 +21,12 @@ PASSAGES = [
 ]
 
 
-async def run(pieces: list[str], passages=PASSAGES) -> tuple[str, Attribution, list]:
+async def run(pieces: list[str], passages=PASSAGES, reason: str = "stop") -> tuple[str, Attribution, list]:
     async def model():
         for p in pieces:
             yield TextDelta(p, 0)
         yield Usage(3, len(pieces))
-        yield Finished("stop", 0)
+        yield Finished(reason, 0)
 
     stats = Attribution()
     events = [e async for e in attribute(model(), passages, HashingEmbedder(256), stats=stats)]
@@ -57,6 +57,15 @@ async def test_the_models_own_markers_are_kept_and_unsupported_or_short_sentence
     assert stats.model_cited == 2 and stats.attributed == 0
 
 
+async def test_a_sentence_cut_by_the_token_limit_gets_no_marker():
+    text, stats, _ = await run(["The Eddystone lighthouse stands on rocks south of Plymouth. Its tower was"],
+                               reason="length")
+    assert text == "The Eddystone lighthouse stands on rocks south of Plymouth.[2] Its tower was"
+    assert stats.attributed == 1
+    text, _, _ = await run(["The Eddystone lighthouse stands on rocks south of Plymouth"])
+    assert text.endswith("Plymouth[2]")  # a finished answer's last sentence may lack its full stop
+
+
 async def test_no_passages_means_nothing_is_touched():
     text, stats, _ = await run(["The tower was completed in 1882. ", "More."], passages=[])
     assert text == "The tower was completed in 1882. More." and stats.sentences == 0
@@ -73,6 +82,9 @@ def test_outcome():
         "not_in_sources")
     assert outcome_of("anything", withdrawn=False, passages=0) == "not_in_sources"
     assert outcome_of("I don't know based on the provided documents.", withdrawn=True, passages=2) == "withdrawn"
+    # a hedge is no abstention: the claim in the same sentence is judged (and never exempt from groundedness)
+    assert outcome_of("I cannot answer that, but the capital of France is Berlin.", withdrawn=False,
+                      passages=2) == "answered"
     # an abstention with a claim beside it is an answer, judged as one
     assert outcome_of("I don't know. The tower was completed in 1882 by James Douglass.", withdrawn=False,
                       passages=2) == "answered"
@@ -91,3 +103,16 @@ def test_withdrawal_message_names_one_passage_per_document_numbered_as_cited():
     assert msg == ("Not supported. The sources that came closest: [1] Lighthouses > Eddystone (lights.md); "
                    "[3] Bees (bees.md); [4] Tides.")
     assert withdrawal_message("Not supported.", []) == "Not supported."
+
+
+async def test_code_brackets_and_the_models_own_marker_forms_are_left_as_they_are():
+    answer = ("Run `print(\"Bees store honey in wax combs in the hive.\")` to see it. "
+              "```\nBees store honey in wax combs in the hive. x = 1\n```\n"
+              "The Eddystone lighthouse stands on rocks south of Plymouth.[2] "
+              "Bees store honey in wax combs in the hive. [1][2] "
+              "The Eddystone lighthouse stands on rocks south of Plymouth. [see below] Done.")
+    text, stats, _ = await run(split(answer, 5))
+    # nothing inside code (the sentence around the inline code is cited after it); the model's ".[2]" and
+    # " [1][2]" kept, one count each; "[see below]" is no marker
+    assert text == answer.replace("to see it. ", "to see it.[1] ").replace("Plymouth. [see", "Plymouth.[2] [see")
+    assert stats.model_cited == 2 and stats.attributed == 2

@@ -33,9 +33,15 @@ from app.guardrails.validators.base import CheckResult, Finding, TextEmbedder, s
 _TRIVIAL = re.compile(r"^(?:sure|yes|no|okay|ok|certainly|of course|here (?:is|are)[^.]*|i hope this helps|"
                       r"let me know[^.]*|thanks?[^.]*)[.!]?$", re.I)
 # "I don't know based on the provided documents." (the RAG prompt's abstention) claims nothing to support
-_ABSTAIN = re.compile(r"\b(?:i\s+(?:do\s+not|don[\'\u2019]t|cannot|can[\'\u2019]t)\s+(?:know|find|tell|answer)|"
-                      r"(?:sources|passages|documents)\s+(?:do\s+not|don[\'\u2019]t)\s+(?:say|contain|answer|mention))",
-                      re.I)
+_NOT = r"(?:do\s+not|don[\'\u2019]t|cannot|can[\'\u2019]t|could\s+not|couldn[\'\u2019]t)"
+# The whole sentence must be the abstention: "I don't know, but aspirin cures cancer." claims something.
+_ABSTAIN = re.compile(
+    r"^\s*(?:sorry,?\s*|unfortunately,?\s*)?(?:"
+    rf"i\s+{_NOT}\s+(?:know|find|tell|answer|say)(?:\s+(?:that|this|it|the\s+answer))?|"
+    rf"(?:the\s+)?(?:provided\s+)?(?:sources|passages|documents|context)\s+{_NOT}\s+(?:say|contain|answer|mention)"
+    r"(?:\s+(?:that|this|it|the\s+answer))?)"
+    r"(?:\s+(?:based\s+on|from|in)\s+the\s+(?:provided\s+|given\s+)?(?:documents|sources|passages|information|context))?"
+    r"\s*[.!]?\s*$", re.I)
 # "The answer is: X." / "Answer: X" only frame the claim X
 # "[2]", "[1, 3]": citation markers point at passages; they are not claims (nor numbers to check)
 _CITE = re.compile(r"\[\s*\d+(?:\s*[,;-]\s*\d+)*\s*\]")
@@ -137,16 +143,15 @@ class SupportIndex:
 
 
 def abstains(text: str) -> bool:
-    """Whether the text says the sources do not answer ("I don't know based on the provided documents")."""
-    return bool(_ABSTAIN.search(text))
+    """Whether a sentence of the text says only that the sources do not answer ("I don't know based on the
+    provided documents.")."""
+    return any(_ABSTAIN.match(s) for s in split_sentences(text))
 
 
 def is_claim(sentence: str, min_words: int = 4) -> bool:
     """A sentence that states something the sources must support: long enough, not a pleasantry, and not the
     answer's own statement that the sources do not answer the question."""
-    words = len(sentence.split())
-    # only a short abstention is exempt: "I don't know, but X was born in 1901 in Y and ..." still claims
-    return words >= min_words and not _TRIVIAL.match(sentence) and not (words <= 12 and _ABSTAIN.search(sentence))
+    return len(sentence.split()) >= min_words and not _TRIVIAL.match(sentence) and not _ABSTAIN.match(sentence)
 
 
 def sentence_support(answer: str, passages: Sequence[str], embedder: TextEmbedder, *, threshold: float = 0.55,
