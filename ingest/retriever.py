@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from typing import Any
@@ -96,7 +97,8 @@ class Retriever:
         k = top_k or d.top_k
         group_by = group_by or d.group_by
         reranker = self.rerankers.get(d.rerank)
-        dense, sparse = self.embedder.embed_query(query), self.sparse.encode_query(query)
+        focused = focus(query, d.focus_chars)
+        dense, sparse = self.embedder.embed_query(focused), self.sparse.encode_query(query)
         t_embed = time.perf_counter()
         want = max(k, d.rerank.top_n) if reranker else k
         # group_by starts from the candidates each leg fetches anyway (prefetch_limit): asking for fewer saves
@@ -120,7 +122,7 @@ class Retriever:
             fetch = min(fetch * _GROUP_OVERFETCH, _GROUP_MAX_FETCH)
         t_search = time.perf_counter()
         if reranker is not None and len(hits) > 1:
-            scores = reranker.score(query, [_rerank_text(h.payload) for h in hits])
+            scores = reranker.score(focused, [_rerank_text(h.payload) for h in hits])
             order = sorted(range(len(hits)), key=lambda i: -float(scores[i]))
             hits = [Hit(hits[i].id, float(scores[i]), hits[i].payload) for i in order]
         hits = hits[:k]
@@ -141,6 +143,26 @@ class Retriever:
                                took_ms=(time.perf_counter() - t0) * 1000, embed_ms=(t_embed - t0) * 1000,
                                search_ms=(t_search - t_embed) * 1000, rerank_ms=(t_rerank - t_search) * 1000,
                                reranker=reranker.name if reranker else None)
+
+
+_SENTENCE = re.compile(r"(?<=[.!?])\s+|\n\s*\n")
+
+
+def focus(query: str, limit: int | None) -> str:
+    """What the dense leg embeds of a query longer than ``limit`` characters: its questions (the last ones
+    first, since a long message usually ends with what it asks), else its last sentences, within ``limit``."""
+    if limit is None or len(query) <= limit:
+        return query
+    sentences = [s.strip() for s in _SENTENCE.split(query) if s.strip()]
+    asked = [s for s in sentences if s.endswith("?")] or sentences
+    picked: list[str] = []
+    size = 0
+    for s in reversed(asked):
+        if picked and size + len(s) + 1 > limit:
+            break
+        picked.insert(0, s)
+        size += len(s) + 1
+    return " ".join(picked)[-limit:]
 
 
 def _rerank_text(payload: dict[str, Any]) -> str:

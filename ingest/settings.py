@@ -90,6 +90,11 @@ class RetrievalDefaults(BaseModel):
     score_threshold: float | None = Field(default=None, description="Applied to the fused (RRF) score.")
     mmr: bool = False
     mmr_lambda: float = Field(default=0.7, ge=0.0, le=1.0, description="1 = relevance only, 0 = diversity only.")
+    focus_chars: int | None = Field(
+        default=800, ge=100, description="A query longer than this (a pasted conversation, a long ticket) is "
+        "embedded from its questions, or its last sentences, up to this length: the embedding model reads only "
+        "its first ~256 tokens, where a long query's question rarely is; the reranker reads the same. BM25 gets the "
+        "whole query. None embeds the query as it is.")
 
     @model_validator(mode="after")
     def _check_weights(self) -> RetrievalDefaults:

@@ -183,3 +183,32 @@ def test_faq_entries_keep_the_answer_and_leave_the_question_out(tmp_path: Path):
     doc = (written / f"{py[0].id}.md").read_text()
     assert doc.startswith("# Programming FAQ\n\n## General Questions\n\n") and "debugger?" not in doc
     assert Entry("x", "P", "", "Q?", "A" * 50).markdown() == "# P\n\n" + "A" * 50 + "\n"
+
+
+def test_a_long_query_is_embedded_from_its_questions_and_searched_whole_by_bm25(tmp_path: Path):
+    from ingest.retriever import focus
+
+    pasted = "My service logs this line again and again. " * 40
+    query = f"{pasted}Is the lighthouse near Plymouth? And who built it? Thanks a lot."
+    assert focus(query, 800) == "Is the lighthouse near Plymouth? And who built it?"
+    assert focus("Where is it?", 800) == "Where is it?" and focus(query, None) == query
+    no_question = "Some context here. " * 30 + "First point. Second point."
+    tail = focus(no_question, 100)
+    assert tail.endswith("Some context here. First point. Second point.") and len(tail) <= 100
+
+    class Spy(HashingEmbedder):
+        def __init__(self) -> None:
+            super().__init__()
+            self.queries: list[str] = []
+
+        def embed_query(self, text: str) -> np.ndarray:
+            self.queries.append(text)
+            return super().embed_query(text)
+
+    spy = Spy()
+    rag = build_rag(Settings(home=tmp_path), embedder=spy)
+    rag.pipeline.run([corpus(tmp_path)], "default")
+    got = rag.retriever.retrieve(query, top_k=1)
+    assert spy.queries == ["Is the lighthouse near Plymouth? And who built it?"]
+    assert got.query == query and got.chunks[0].citation.title == "Lighthouses"
+    rag.close()
