@@ -101,6 +101,13 @@ _FENCE = re.compile(r"^(```|~~~)")
 _SENT_END = re.compile(r"(?<=[.!?])[\"')\]]?\s+(?=[\"'(\[]?[A-Z0-9])|\n")
 
 
+def heading_prefix(title: str, path: Sequence[str]) -> str:
+    """'Title > Section > Subsection', as embedded in front of a chunk's text (the path may start with the
+    title itself)."""
+    crumbs = [title, *path[1:]] if path and path[0] == title else [title, *path]
+    return " > ".join(c for c in crumbs if c)
+
+
 class Chunker:
     def __init__(self, config: ChunkerConfig, tokenizer: Tokenizer) -> None:
         self.config = config
@@ -248,8 +255,7 @@ class Chunker:
         body = doc.text[a:b]
         embed = body
         if self.config.prefix_headings:
-            crumbs = [doc.title, *path[1:]] if path and path[0] == doc.title else [doc.title, *path]
-            prefix = " > ".join(c for c in crumbs if c)
+            prefix = heading_prefix(doc.title, path)
             if prefix:
                 embed = f"{prefix}\n\n{body}"
         return Chunk(

@@ -10,6 +10,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from app.core.errors import InvalidRequest
+from ingest.chunking import heading_prefix
 from ingest.embedding import Embedder, SparseEncoder
 from ingest.errors import EmbeddingModelError
 from ingest.rerank import Rerankers
@@ -167,9 +168,7 @@ def focus(query: str, limit: int | None) -> str:
 
 def _rerank_text(payload: dict[str, Any]) -> str:
     """What the reranker reads: 'title > section path' then the text, as the chunk's embedding did."""
-    title, path = payload.get("title", ""), list(payload.get("heading_path") or [])
-    crumbs = [title, *path[1:]] if path and path[0] == title else [title, *path]
-    prefix = " > ".join(c for c in crumbs if c)
+    prefix = heading_prefix(payload.get("title", ""), payload.get("heading_path") or [])
     text = payload.get("text", "")
     return f"{prefix}\n\n{text}" if prefix else text
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from app.core.errors import InvalidRequest
 from app.core.types import ChatMessage, Finished, TextDelta, Usage
-from app.guardrails.validators.base import TextEmbedder, split_sentences
+from app.guardrails.validators.base import ABBREVIATION_END, TextEmbedder, split_sentences
 from app.guardrails.validators.groundedness import SupportIndex, abstains, is_claim
 
 if TYPE_CHECKING:
@@ -25,12 +25,10 @@ log = logging.getLogger("keel.rag")
 E = TypeVar("E")  # a chat stream's events: only text and finish events are read here
 
 RAG_PREFIX = "rag:"
-_CITE = re.compile(r"\[(\d{1,3})\]")
 _ANY_CITE = re.compile(r"\[\s*\d{1,3}(?:\s*[,;-]\s*\d{1,3})*\s*\]")
 # a sentence ends at . ! or ? (closing quotes or brackets may follow) before whitespace, except after an
 # abbreviation or an initial ("e.g.", "Dr.", "J. Smith")
 _END = re.compile(r"[.!?][\"'\u201d\u2019)]*(?:\[\d[\d\s,;-]*\])*$")
-_ABBREV = re.compile(r"(?:\b(?:e\.g|i\.e|etc|vs|Dr|Mr|Mrs|Ms|Prof|St|No)\.|\b[A-Z]\.)$")
 
 #: The answer when retrieval found nothing (the rag-answer prompt asks the model for the same words when its
 #: passages do not answer the question)
@@ -64,11 +62,6 @@ def words_within(max_tokens: int) -> int:
     """Words an answer may ask for within ``max_tokens``: English runs ~1.3 tokens a word in these
     tokenizers, and citation markers ([1]) cost three more each; 0.6 leaves that margin."""
     return max(5, int(max_tokens * 0.6))
-
-
-def cited_numbers(text: str) -> set[int]:
-    """Passage numbers the answer cites as ``[n]``."""
-    return {int(n) for n in _CITE.findall(text)}
 
 
 def cited_markers(text: str) -> set[int]:
@@ -128,12 +121,10 @@ class Attribution:
     sentences: int = 0
     model_cited: int = 0
     attributed: int = 0
-    failed: bool = False
 
     def reset(self) -> None:
         """A re-asked answer replaces the first: count only what the delivered one got."""
         self.sentences = self.model_cited = self.attributed = 0
-        self.failed = False
 
 
 async def attribute(events: AsyncIterator[E], passages: Sequence[str], embedder: TextEmbedder, *,
@@ -192,7 +183,6 @@ class _Citer:
             support = (await asyncio.to_thread(index.support, [text]))[0]
         except Exception as e:  # attribution is a courtesy: an embedder failure must not break the answer
             log.warning("citation attribution off for this answer: %s: %s", type(e).__name__, e)
-            self.stats.failed = True
             return ""
         if not support.supported or support.best_passage < 0:
             return ""
@@ -235,7 +225,7 @@ class _Citer:
             if ch == "`":
                 self.in_code = not self.in_code
             elif (ch.isspace() and not self.in_code and _END.search(self.sentence)
-                  and not _ABBREV.search(self.sentence)):
+                  and not ABBREVIATION_END.search(self.sentence)):
                 self.ended, self.held, self.sentence = self.sentence.strip(), ch, ""
                 continue
             self.sentence += ch

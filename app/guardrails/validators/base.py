@@ -57,6 +57,10 @@ class TextEmbedder(Protocol):
 _SENT_RE = re.compile(r"(?<=[.!?])[\"')\]]*\s+|\n\s*\n|\n(?=\s*[-*\d])")
 
 
+#: text ending in an abbreviation or an initial ("e.g.", "Dr.", "U.S."): a full stop there ends no sentence
+ABBREVIATION_END = re.compile(r"(?:\b(?:e\.g|i\.e|etc|vs|Dr|Mr|Mrs|Ms|Prof|St|No)\.|\b[A-Z]\.)$")
+
+
 def split_sentences(text: str) -> list[str]:
     """A small, dependency-free sentence splitter (abbreviation-tolerant enough for windows)."""
     parts = [p.strip() for p in _SENT_RE.split(text)]
@@ -65,7 +69,7 @@ def split_sentences(text: str) -> list[str]:
         if not p:
             continue
         # re-join fragments split after common abbreviations / initials ("e.g.", "Dr.", "U.S.")
-        if out and re.search(r"(?:\b(?:e\.g|i\.e|etc|vs|Dr|Mr|Mrs|Ms|Prof|St|No)\.|\b[A-Z]\.)$", out[-1]):
+        if out and ABBREVIATION_END.search(out[-1]):
             out[-1] = f"{out[-1]} {p}"
         else:
             out.append(p)
