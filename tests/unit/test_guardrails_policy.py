@@ -24,8 +24,8 @@ def _base(**over):
 
 def test_shipped_policy_loads_and_selects():
     p = load_policy(DEFAULT)
-    assert p.version == "2026.12.4" and len(p.content_hash) == 64
-    assert p.version_tag.startswith("2026.12.4+")
+    assert p.version == "2026.12.5" and len(p.content_hash) == 64
+    assert p.version_tag.startswith("2026.12.5+")
     assert p.select().name == "default"
     assert p.select(workflow="rag").name == "rag"
     assert p.select(route="/v1/agents/run", workflow="rag-agent").name == "rag"

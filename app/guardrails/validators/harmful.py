@@ -1,27 +1,31 @@
-"""Harmful-request detection: a small, shipped, offline classifier over the guard's MiniLM embeddings.
+"""Harmful-request detection: a small, shipped, offline classifier over the guard's MiniLM embeddings and the
+request's words.
 
 What it refuses: requests for help doing serious harm, in categories (``CATEGORIES``): violence and
 weapons/explosives, chemical/biological/radiological agents, cyber attacks and malware, illegal drugs,
 self-harm and suicide methods, sexual content involving minors, fraud/scams/theft, hate and harassment,
-stalking and exposure of private people, and disinformation campaigns. What it must let through: the
-edgy-but-fine requests that share those words (the history of a war, how vaccines work, chemistry homework,
-security concepts at a defensive level, cooking with knives, fiction with conflict, a pharmacist's dosage
-question, "how do I kill a Python process", "shoot a photo", questions about Keel itself).
+stalking and exposure of private people, disinformation campaigns, and non-consensual or exploitative sexual
+content. What it must let through: the edgy-but-fine requests that share those words (the history of a war,
+how vaccines work, chemistry homework, security concepts at a defensive level, cooking with knives, fiction
+with conflict, a pharmacist's dosage question, "how do I kill a Python process", "shoot a photo", questions
+about Keel itself).
 
-How (same recipe as ``injection_model.py``): L2-regularised, class-balanced logistic regression over the
-text's embeddings, which the model-backed guards already compute (the text is chunked exactly like
-``AttackIndex.embed``, so the shared embedder's cache answers and the check costs a few dot products).
+How: two harmful-vs-benign models that fail differently, averaged: a small MLP over the text's embeddings
+(which the model-backed guards already compute: the text is chunked exactly like ``AttackIndex.embed``, so the
+shared embedder's cache answers), three seeds averaged; and a logistic regression over hashed word and
+character n-grams (stateless hashing: nothing to fit but the weights). The meaning catches rephrasings, the
+n-grams catch the harm's vocabulary that a 384-d sentence vector blurs; on public sets Keel never trains on
+their mean refused far more at the same false positives than either alone (bench/guardrails.py). Which
+category a flagged text is in comes from one logistic regression per category (category vs benign): it picks
+the refusal (self-harm gets a supportive one pointing to help, see the default policy).
 
-one model per category, trained on that category's requests against all the benign texts. The score of a
-text is the largest probability over its chunks and the categories, and that category names it (which picks
-the refusal: self-harm gets a supportive one pointing to help, see the default policy).
-
-Training data is ``infra/guardrails/data/harmful_requests.yaml``, written for Keel (no downloads). A fixed
-fifth of every list (chosen by a hash of the text, see :func:`is_dev`) is the dev split: ``split="train"``
-leaves it out, so the threshold can be chosen on texts the model did not see (:func:`dev_rates`); the
-shipped classifier trains on everything. The public held-out sets (``bench/guardrails.py``) are never read.
-The fit takes well under a second; embedding the ~1,000 texts takes seconds, so the weights are cached as
-``.npz`` (no pickle) under the guardrails cache, keyed by the data, the embedder and the hyper-parameters.
+Training data is the folder ``infra/guardrails/data/harmful/``: requests written for Keel (``requests.yaml``,
+``written_*.yaml``) and AdvBench (``advbench.yaml``, MIT). A fixed fifth of every list (chosen by a hash of the
+text, see :func:`is_dev`) is the dev split: ``split="train"`` leaves it out, so the threshold can be chosen on
+texts the model did not see (:func:`dev_rates`); the shipped classifier trains on everything. The public
+held-out sets (``bench/guardrails.py``, ``tests/integration/test_redteam_real.py``) are never read. Training
+takes tens of seconds, so the weights are cached as ``.npz`` (no pickle) under the guardrails cache, keyed by
+the data, the embedder and the hyper-parameters.
 """
 
 from __future__ import annotations
@@ -31,8 +35,11 @@ import json
 import logging
 import os
 import tempfile
+import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
@@ -45,13 +52,21 @@ from app.guardrails.validators.injection_model import fit_logistic
 
 log = logging.getLogger("keel.guardrails")
 
-HARMFUL_SET = SHIPPED_PATTERNS.parent / "harmful_requests.yaml"
+HARMFUL_DATA = SHIPPED_PATTERNS.parent / "harmful"
 # bump when the features or the fit change, so cached weights from an older trainer are not reused
-TRAINER_VERSION = 1
+TRAINER_VERSION = 2
 DEV_FRACTION = 5  # one text in DEV_FRACTION (by hash) is the dev split
-# L2 strength of the fits, chosen on the dev split (recall at 3% false positives there, an earlier version of
-# the data: 0.003 and 0.01 75%, 0.1 69%, 1.0 lower)
+# L2 strength of the category heads, chosen on the dev split (recall at 3% false positives there, an earlier
+# version of the data: 0.003 and 0.01 75%, 0.1 69%, 1.0 lower)
 DEFAULT_L2 = 0.003
+# the harmful-vs-benign models; chosen on public sets before they were split into trained-on (AdvBench) and
+# held-out ones (an honest caveat: the held-out ones were visible then), see bench/guardrails.py
+MLP_HIDDEN = 256
+MLP_ALPHA = 1e-3
+MLP_SEEDS = 3
+NGRAM_C = 10.0
+NGRAM_FEATURES = 2**18  # per analyzer (words 1-2, characters 3-5 within words)
+ANY = "*"  # the category of a harmful text the data does not categorise (``harmful_any``)
 
 CATEGORIES: dict[str, str] = {
     "violence_weapons": "weapons, explosives, and planning violence against people",
@@ -64,13 +79,15 @@ CATEGORIES: dict[str, str] = {
     "hate_harassment": "hate speech, harassment, bullying, extremist propaganda",
     "privacy": "stalking, doxxing, covert surveillance of a person",
     "disinformation": "disinformation campaigns, fake reviews or news, impersonation",
+    "sexual_content": "non-consensual or exploitative sexual content, sextortion, real people sexualised",
 }
 
 Split = Literal["all", "train", "dev"]
+_KEYS = {"harmful", "harmful_any", "harmful_actions", "benign", "benign_actions", "benign_from", "templates"}
 
 
 def is_dev(text: str) -> bool:
-    """The fixed dev split: a text's place does not depend on the rest of the file."""
+    """The fixed dev split: a text's place does not depend on the rest of the data."""
     return hashlib.sha256(text.encode("utf-8")).digest()[0] % DEV_FRACTION == 0
 
 
@@ -83,42 +100,75 @@ def _texts(items: object, where: str) -> list[str]:
     return [t.strip() for t in items]
 
 
-def load_training_data(path: Path = HARMFUL_SET, *, split: Split = "all"
+def data_files(path: Path = HARMFUL_DATA) -> list[Path]:
+    """The data: one YAML file, or every ``*.yaml`` in a folder (sorted, so the order is stable)."""
+    path = Path(path)
+    files = sorted(path.glob("*.yaml")) if path.is_dir() else [path]
+    if not files:
+        raise ValueError(f"{path}: no harmful-request data (*.yaml)")
+    return files
+
+
+def _included(file: Path, ref: str) -> list[str]:
+    name, _, key = ref.partition("#")
+    other = (file.parent / name).resolve()
+    try:
+        data = yaml.safe_load(other.read_text(encoding="utf-8")) or {}
+    except OSError as e:
+        raise ValueError(f"{file}: benign_from {ref!r}: {e}") from e
+    if not isinstance(data, dict) or key not in data:
+        raise ValueError(f"{file}: benign_from {ref!r}: {other.name} has no list {key!r}")
+    return _texts(data[key], f"{other.name}#{key}")
+
+
+def load_training_data(path: Path = HARMFUL_DATA, *, split: Split = "all"
                        ) -> tuple[list[str], np.ndarray, list[str]]:
-    """Texts, labels (1 = harmful) and categories ("" for benign). Duplicates are dropped; a text labelled
-    both ways, or under two categories, is an error; an unknown category is an error.
+    """Texts, labels (1 = harmful) and categories (``""`` for benign, ``ANY`` for uncategorised harmful).
+    Duplicates are dropped; a text labelled both ways, or under two categories, is an error; so is an unknown
+    category or key.
 
-    ``harmful_actions`` / ``benign_actions`` are expanded with every entry of ``templates``; their dev split
-    is by action (all phrasings of an action on the same side), the plain lists' by text."""
-    data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    if not isinstance(data, dict) or not isinstance(data.get("harmful"), dict) or "benign" not in data:
-        raise ValueError(f"{path}: expected 'harmful' (category -> texts) and 'benign' (texts or groups)")
-    templates = _texts(data.get("templates", []), "templates")
-    if any("{action}" not in t for t in templates):
-        raise ValueError(f"{path}: every template needs an '{{action}}' slot")
-    group: dict[str, str] = {}  # text -> the key of its dev split
-
-    def expand(actions: list[str]) -> list[str]:
-        out = []
-        for a in actions:
-            for t in templates:
-                text = t.format(action=a)
-                group.setdefault(text, a)
-                out.append(text)
-        return out
-
+    Per file: ``harmful`` (category -> texts), ``harmful_any`` (texts), ``benign`` (texts or groups),
+    ``benign_from`` (``other.yaml#key``: that file's list under ``key``, relative to this file, read as benign);
+    ``harmful_actions`` / ``benign_actions`` are expanded with every entry of that file's ``templates``, and
+    their dev split is by action (all phrasings of an action on the same side), the plain lists' by text."""
     cats: dict[str, str] = {}
-    for source, expander in ((data["harmful"], list), (data.get("harmful_actions") or {}, expand)):
-        if not isinstance(source, dict):
-            raise ValueError(f"{path}: harmful lists must be mappings of category -> texts")
-        for cat, items in source.items():
-            if cat not in CATEGORIES:
-                raise ValueError(f"{path}: unknown category {cat!r}; known: {', '.join(CATEGORIES)}")
-            for t in expander(_texts(items, f"harmful.{cat}")):
-                if cats.setdefault(t, cat) != cat:
-                    raise ValueError(f"{path}: {t!r} is under both {cats[t]!r} and {cat!r}")
-    benign = list(dict.fromkeys(_texts(data["benign"], "benign")
-                                + expand(_texts(data.get("benign_actions", []), "benign_actions"))))
+    benign: dict[str, None] = {}
+    group: dict[str, str] = {}  # text -> the key of its dev split
+    for file in data_files(path):
+        data = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+        if not isinstance(data, dict) or not data.keys() & (_KEYS - {"templates"}):
+            raise ValueError(f"{file}: expected 'harmful' (category -> texts), 'harmful_any' or 'benign'")
+        if unknown := set(data) - _KEYS:
+            raise ValueError(f"{file}: unknown keys {sorted(unknown)}; known: {sorted(_KEYS)}")
+        templates = _texts(data.get("templates", []), "templates")
+        if any("{action}" not in t for t in templates):
+            raise ValueError(f"{file}: every template needs an '{{action}}' slot")
+
+        def expand(actions: list[str], templates: list[str] = templates) -> list[str]:
+            out = []
+            for a in actions:
+                for t in templates:
+                    text = t.format(action=a)
+                    group.setdefault(text, a)
+                    out.append(text)
+            return out
+
+        for source, expander in ((data.get("harmful") or {}, list), (data.get("harmful_actions") or {}, expand)):
+            if not isinstance(source, dict):
+                raise ValueError(f"{file}: harmful lists must be mappings of category -> texts")
+            for cat, items in source.items():
+                if cat not in CATEGORIES:
+                    raise ValueError(f"{file}: unknown category {cat!r}; known: {', '.join(CATEGORIES)}")
+                for t in expander(_texts(items, f"harmful.{cat}")):
+                    if cats.get(t, cat) not in (cat, ANY):
+                        raise ValueError(f"{file}: {t!r} is under both {cats[t]!r} and {cat!r}")
+                    cats[t] = cat
+        for t in _texts(data.get("harmful_any", []), "harmful_any"):
+            cats.setdefault(t, ANY)
+        for t in (_texts(data.get("benign", []), "benign")
+                  + expand(_texts(data.get("benign_actions", []), "benign_actions"))
+                  + [t for ref in _texts(data.get("benign_from", []), "benign_from") for t in _included(file, ref)]):
+            benign[t] = None
     both = set(cats) & set(benign)
     if both:
         raise ValueError(f"{path}: texts labelled both harmful and benign: {sorted(both)[:3]}")
@@ -129,52 +179,93 @@ def load_training_data(path: Path = HARMFUL_SET, *, split: Split = "all"
         def keep(t: str) -> bool:
             return is_dev(group.get(t, t)) == (split == "dev")
     harmful = [t for t in cats if keep(t)]
-    benign = [t for t in benign if keep(t)]
-    texts = harmful + benign
-    labels = np.array([1.0] * len(harmful) + [0.0] * len(benign))
-    return texts, labels, [cats[t] for t in harmful] + [""] * len(benign)
+    kept = [t for t in benign if keep(t)]
+    labels = np.array([1.0] * len(harmful) + [0.0] * len(kept))
+    return harmful + kept, labels, [cats[t] for t in harmful] + [""] * len(kept)
+
+
+@lru_cache(maxsize=1)
+def _hashers():
+    from sklearn.feature_extraction.text import HashingVectorizer
+
+    kw = {"n_features": NGRAM_FEATURES, "alternate_sign": False, "norm": "l2"}
+    return (HashingVectorizer(ngram_range=(1, 2), **kw),
+            HashingVectorizer(analyzer="char_wb", ngram_range=(3, 5), **kw))
+
+
+def ngram_features(texts: Sequence[str]):
+    """Hashed word 1-2-grams and within-word character 3-5-grams (sparse rows, each half L2-normalised)."""
+    from scipy.sparse import hstack
+
+    words, chars = _hashers()
+    return hstack([words.transform(list(texts)), chars.transform(list(texts))]).tocsr()
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.clip(z, -60.0, 60.0)))
 
 
 @dataclass(frozen=True, eq=False)  # arrays: identity equality, not an ambiguous elementwise ==
 class HarmfulClassifier:
-    """``weights`` (K, d), ``biases`` (K,): row k is ``categories[k]`` vs the benign texts."""
+    """The harm models (``mlp_*``: S seeds of a one-hidden-layer MLP; ``ngram_*``: a linear model over
+    :func:`ngram_features`) say whether a text is harmful; the category heads (``weights`` (K, d), ``biases``
+    (K,): row k is ``categories[k]`` vs the benign texts) say which category it is in."""
 
     weights: np.ndarray
     biases: np.ndarray
     categories: tuple[str, ...]
+    mlp_w1: np.ndarray  # (S, d, h)
+    mlp_b1: np.ndarray  # (S, h)
+    mlp_w2: np.ndarray  # (S, h)
+    mlp_b2: np.ndarray  # (S,)
+    ngram_w: np.ndarray  # (2 * NGRAM_FEATURES,)
+    ngram_b: float
     key: str = ""
     n_train: int = 0
+    # text -> score: a policy's entries for different categories (self-harm, the rest) judge the same text
+    _memo: OrderedDict = field(default_factory=OrderedDict, repr=False, compare=False)
+    MEMO_SIZE = 256
 
-    def probs(self, embeddings: np.ndarray) -> np.ndarray:
+    def category_probs(self, embeddings: np.ndarray) -> np.ndarray:
         """P(category k rather than benign) per row and category."""
         z = (np.asarray(embeddings, dtype=np.float32) @ self.weights.T + self.biases).astype(np.float64)
-        return 1.0 / (1.0 + np.exp(-z))
+        return _sigmoid(z)
 
-    def prob(self, embeddings: np.ndarray) -> np.ndarray:
-        """P(harmful) per row: the most confident category."""
-        return self.probs(embeddings).max(axis=1)
+    def harm(self, embeddings: np.ndarray, texts: Sequence[str]) -> np.ndarray:
+        """P(harmful) per row: the mean of the embedding MLP (over its seeds) and the n-gram model."""
+        x = np.asarray(embeddings, dtype=np.float32)
+        hidden = np.maximum(np.einsum("nd,sdh->snh", x, self.mlp_w1) + self.mlp_b1[:, None, :], 0.0)
+        p_mlp = _sigmoid((np.einsum("snh,sh->sn", hidden, self.mlp_w2) + self.mlp_b2[:, None]).astype(np.float64))
+        p_ngram = _sigmoid(ngram_features(texts) @ self.ngram_w.astype(np.float64) + self.ngram_b)
+        return (p_mlp.mean(axis=0) + p_ngram) / 2.0
 
-    def score(self, embeddings: np.ndarray) -> tuple[float, str]:
-        """The text's score (the largest probability over its chunk rows and the categories) and that category."""
+    def score(self, embeddings: np.ndarray, texts: Sequence[str]) -> tuple[float, str]:
+        """The text's score (the largest P(harmful) over its chunks: ``embeddings`` and ``texts`` row by row)
+        and the category of that chunk."""
         if embeddings.size == 0:
             return 0.0, ""
-        p = self.probs(embeddings)
-        i, k = np.unravel_index(int(np.argmax(p)), p.shape)
-        return float(p[i, k]), self.categories[int(k)]
+        p = self.harm(embeddings, texts)
+        i = int(np.argmax(p))
+        return float(p[i]), self.categories[int(np.argmax(self.category_probs(embeddings[i:i + 1])[0]))]
 
     @classmethod
     def train(cls, embedder: TextEmbedder, texts: Sequence[str], labels: np.ndarray, cats: Sequence[str], *,
               l2: float = DEFAULT_L2, key: str = "") -> HarmfulClassifier:
         x = embedder.embed_documents(list(texts))
-        return cls.fit(x, labels, cats, l2=l2, key=key)
+        return cls.fit(x, texts, labels, cats, l2=l2, key=key)
 
     @classmethod
-    def fit(cls, x: np.ndarray, labels: np.ndarray, cats: Sequence[str], *, l2: float = DEFAULT_L2,
-            key: str = "") -> HarmfulClassifier:
-        """One category-vs-benign model per category. Why not one harmful-vs-benign hyperplane: the harmful
-        requests are ten separate clusters (weapons, malware, self-harm, ...), each next to its own benign
-        neighbours; at 90% recall on the dev split one plane through all of them flagged 19% of its benign texts,
-        the per-category planes 5% (an earlier, smaller version of the data)."""
+    def fit(cls, x: np.ndarray, texts: Sequence[str], labels: np.ndarray, cats: Sequence[str], *,
+            l2: float = DEFAULT_L2, key: str = "") -> HarmfulClassifier:
+        """Category heads: one category-vs-benign model per category. Why not name the category from the harm
+        model: the harmful requests are separate clusters (weapons, malware, self-harm, ...), each next to its
+        own benign neighbours; a plane per cluster fits them. The harm models see every harmful text, the
+        uncategorised ones too."""
+        from sklearn.exceptions import ConvergenceWarning
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.neural_network import MLPClassifier
+
+        x = np.asarray(x, dtype=np.float32)
         cat_arr = np.array(list(cats))
         benign = labels == 0
         names = tuple(c for c in CATEGORIES if c in set(cats))
@@ -182,9 +273,22 @@ class HarmfulClassifier:
         for c in names:
             m = (cat_arr == c) | benign
             rows.append(fit_logistic(x[m], (cat_arr[m] == c).astype(np.float64), l2=l2))
-        w = np.stack([r[0] for r in rows]).astype(np.float32)
-        b = np.array([r[1] for r in rows], dtype=np.float32)
-        return cls(w, b, names, key, len(labels))
+        y = labels.astype(int)
+        with warnings.catch_warnings():
+            # a fixed epoch budget, chosen on public sets; not converging to the last decimal is expected
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            mlps = [MLPClassifier(hidden_layer_sizes=(MLP_HIDDEN,), alpha=MLP_ALPHA, max_iter=300, random_state=s
+                                  ).fit(x, y) for s in range(MLP_SEEDS)]
+            ngram = LogisticRegression(C=NGRAM_C, class_weight="balanced", max_iter=3000).fit(ngram_features(texts), y)
+        return cls(np.stack([r[0] for r in rows]).astype(np.float32), np.array([r[1] for r in rows], dtype=np.float32),
+                   names,
+                   np.stack([m.coefs_[0] for m in mlps]).astype(np.float32),
+                   np.stack([m.intercepts_[0] for m in mlps]).astype(np.float32),
+                   np.stack([m.coefs_[1][:, 0] for m in mlps]).astype(np.float32),
+                   np.array([m.intercepts_[1][0] for m in mlps], dtype=np.float32),
+                   ngram.coef_[0].astype(np.float32), float(ngram.intercept_[0]), key, len(labels))
+
+    _ARRAYS = ("weights", "biases", "mlp_w1", "mlp_b1", "mlp_w2", "mlp_b2", "ngram_w")
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -192,7 +296,8 @@ class HarmfulClassifier:
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp.npz")
         os.close(fd)
         try:
-            np.savez(tmp, weights=self.weights, biases=self.biases, categories=np.array(self.categories, dtype=str),
+            np.savez(tmp, **{a: getattr(self, a) for a in self._ARRAYS},
+                     categories=np.array(self.categories, dtype=str), ngram_b=np.array([self.ngram_b]),
                      key=np.array(self.key), n_train=np.array([self.n_train]))
             os.replace(tmp, path)
         finally:
@@ -205,24 +310,27 @@ class HarmfulClassifier:
         try:
             with np.load(path, allow_pickle=False) as z:
                 cats = tuple(str(c) for c in z["categories"])
-                if str(z["key"]) != key or z["weights"].shape != (len(cats), dim):
+                arrays = {a: z[a].astype(np.float32) for a in cls._ARRAYS}
+                if (str(z["key"]) != key or arrays["weights"].shape != (len(cats), dim)
+                        or arrays["mlp_w1"].shape[1] != dim):
                     return None
-                return cls(z["weights"].astype(np.float32), z["biases"].astype(np.float32), cats, key,
-                           int(z["n_train"][0]))
-        except (OSError, KeyError, ValueError):
+                return cls(categories=cats, ngram_b=float(z["ngram_b"][0]), key=key, n_train=int(z["n_train"][0]),
+                           **arrays)
+        except (OSError, KeyError, ValueError, IndexError):
             return None
 
 
 def training_key(texts: Sequence[str], labels: np.ndarray, cats: Sequence[str], embedder_id: str,
                  l2: float) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps({"v": TRAINER_VERSION, "embedder": embedder_id, "l2": l2}, sort_keys=True).encode())
+    h.update(json.dumps({"v": TRAINER_VERSION, "embedder": embedder_id, "l2": l2, "mlp": [MLP_HIDDEN, MLP_ALPHA,
+                         MLP_SEEDS], "ngram": [NGRAM_C, NGRAM_FEATURES]}, sort_keys=True).encode())
     for t, y, c in zip(texts, labels, cats, strict=True):
         h.update(f"{int(y)}\t{c}\t{t}\n".encode())
     return h.hexdigest()
 
 
-def load_or_train(embedder: TextEmbedder, cache_dir: Path | None, *, data_file: Path = HARMFUL_SET,
+def load_or_train(embedder: TextEmbedder, cache_dir: Path | None, *, data_file: Path = HARMFUL_DATA,
                   l2: float = DEFAULT_L2, split: Split = "all") -> HarmfulClassifier:
     """Load the cached classifier for the current data and embedder, else train it (and cache it).
 
@@ -248,22 +356,40 @@ def load_or_train(embedder: TextEmbedder, cache_dir: Path | None, *, data_file: 
     return clf
 
 
+def harmful_chunks(text: str) -> list[str]:
+    """The pieces a text is judged by, chunked like ``AttackIndex.embed`` (so the embedder's cache is shared)."""
+    return chunk_text(text, max_chars=300, max_chunks=12)
+
+
 def embed_chunks(embedder: TextEmbedder, text: str) -> np.ndarray:
-    """The text's chunk embeddings, chunked like ``AttackIndex.embed`` (so the embedder's cache is shared)."""
-    chunks = chunk_text(text, max_chars=300, max_chunks=12)
+    """The embeddings of :func:`harmful_chunks`, row by row."""
+    chunks = harmful_chunks(text)
     if not chunks:
         return np.zeros((0, 0), dtype=np.float32)
     return embedder.embed_documents(chunks)
+
+
+def score_text(classifier: HarmfulClassifier, embed: Callable[[str], np.ndarray], text: str) -> tuple[float, str]:
+    """``classifier.score`` of the text's chunks, remembered for the last ``MEMO_SIZE`` texts."""
+    memo = classifier._memo
+    if (hit := memo.get(text)) is not None:
+        return hit
+    result = classifier.score(embed(text), harmful_chunks(text))
+    memo[text] = result
+    while len(memo) > classifier.MEMO_SIZE:
+        memo.popitem(last=False)
+    return result
 
 
 def check_harmful(text: str, classifier: HarmfulClassifier, embed: Callable[[str], np.ndarray], *,
                   threshold: float = 0.5, categories: Sequence[str] | None = None,
                   exclude: Sequence[str] = ()) -> CheckResult:
     """Flag ``text`` when P(harmful) reaches ``threshold`` and its category is one this entry refuses
-    (``categories``: only these; ``exclude``: all but these). ``embed(text)`` gives the chunk rows."""
+    (``categories``: only these; ``exclude``: all but these). ``embed(text)`` gives the rows of
+    :func:`harmful_chunks`."""
     if not text.strip():
         return CheckResult(True, details={"skipped": "empty"})
-    prob, cat = classifier.score(embed(text))
+    prob, cat = score_text(classifier, embed, text)
     mine = (categories is None or cat in categories) and cat not in exclude
     flagged = prob >= threshold and mine
     details = {"probability": round(prob, 4), "other_category": bool(prob >= threshold and not mine)}
@@ -282,13 +408,13 @@ class DevRates:
     benign: int
 
 
-def dev_rates(embedder: TextEmbedder, thresholds: Sequence[float], *, data_file: Path = HARMFUL_SET,
+def dev_rates(embedder: TextEmbedder, thresholds: Sequence[float], *, data_file: Path = HARMFUL_DATA,
               l2: float = DEFAULT_L2) -> list[DevRates]:
     """Train on the train split, measure recall / false positives on the dev split per threshold: how the
     shipped threshold was chosen (no held-out data involved)."""
     tr_texts, tr_labels, tr_cats = load_training_data(data_file, split="train")
     clf = HarmfulClassifier.train(embedder, tr_texts, tr_labels, tr_cats, l2=l2)
     dv_texts, dv_labels, _ = load_training_data(data_file, split="dev")
-    p = np.array([clf.score(embed_chunks(embedder, t))[0] for t in dv_texts])
+    p = np.array([score_text(clf, lambda s: embed_chunks(embedder, s), t)[0] for t in dv_texts])
     h, b = p[dv_labels == 1], p[dv_labels == 0]
     return [DevRates(t, float((h >= t).mean()), float((b >= t).mean()), len(h), len(b)) for t in thresholds]

