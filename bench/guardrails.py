@@ -79,6 +79,7 @@ def harmful_rates(engine, folder: Path) -> dict:
     for name, hs in sets.items():
         per_cat: dict[str, list[int]] = {}
         n = hit_any = hit_harm = 0
+        scope = [0, 0]  # in-scope items, refused
         for item in hs.items:
             blocked = [c.spec.validator for c in comps
                        if engine._run_sync(c, [item.text], meta, None).result.action == "block"]
@@ -88,12 +89,14 @@ def harmful_rates(engine, folder: Path) -> dict:
                 row = per_cat.setdefault(item.category, [0, 0, 0])
                 row[0], row[1], row[2] = row[0] + 1, row[1] + bool(blocked), row[2] + harm
             if item.category not in hs.out_of_scope:
+                scope[0], scope[1] = scope[0] + 1, scope[1] + bool(blocked)
                 t = totals.setdefault(hs.label, [0, 0, 0])
                 t[0], t[1], t[2] = t[0] + 1, t[1] + bool(blocked), t[2] + harm
         out["sets"][name] = {
             "label": hs.label, "n": n, "source": hs.source, "dropped_overlapping_training": hs.dropped_overlap,
             "refused_rate": round(hit_any / n, 4) if n else 0.0,
             "harmful_request_rate": round(hit_harm / n, 4) if n else 0.0,
+            "in_scope": {"n": scope[0], "refused_rate": round(scope[1] / scope[0], 4) if scope[0] else 0.0},
             "categories": {k: {"n": c[0], "refused_rate": round(c[1] / c[0], 4),
                                "harmful_request_rate": round(c[2] / c[0], 4),
                                "in_scope": k not in hs.out_of_scope} for k, c in sorted(per_cat.items())}}
@@ -335,6 +338,8 @@ def table(res: dict) -> str:
             if v["dropped_overlapping_training"] else ""
         lines.append(f"{name:44} {v['label']:9} {v['n']:5} {v['refused_rate']:8.1%} {v['harmful_request_rate']:7.1%}"
                      + drop)
+        if v["in_scope"]["n"] != v["n"]:
+            lines.append(f"{'  (in scope)':44} {'':9} {v['in_scope']['n']:5} {v['in_scope']['refused_rate']:8.1%}")
         for cat, c in v["categories"].items():
             scope = "" if c["in_scope"] else "  (out of scope)"
             lines.append(f"{'  ' + cat[:42]:44} {'':9} {c['n']:5} {c['refused_rate']:8.1%} "
