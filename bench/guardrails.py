@@ -77,33 +77,28 @@ def harmful_rates(engine, folder: Path) -> dict:
     meta = engine._meta(GuardContext(), None, PiiVault())
     sets, skipped = heldout_sets(folder, load_training_data()[0])
     out: dict = {"sets": {}, "skipped": skipped}
-    totals: dict[str, list[int]] = {}  # label -> [n, refused by policy, by harmful_request] over in-scope items
+
+    def rates(rows: list[list[int]]) -> dict:
+        n = sum(r[0] for r in rows)
+        return {"n": n, "refused_rate": round(sum(r[1] for r in rows) / n, 4) if n else 0.0,
+                "harmful_request_rate": round(sum(r[2] for r in rows) / n, 4) if n else 0.0}
+
+    in_scope: dict[str, list[list[int]]] = {}  # label -> the in-scope count rows of every set
     for name, hs in sets.items():
-        per_cat: dict[str, list[int]] = {}
-        n = hit_any = hit_harm = 0
-        scope = [0, 0]  # in-scope items, refused
+        counts: dict[str, list[int]] = {}  # the set's category ("" if none) -> [n, refused by policy, by harmful]
         for item in hs.items:
             blocked = [c.spec.validator for c in comps
                        if engine._run_sync(c, [item.text], meta, None).result.action == "block"]
-            harm = "keel/harmful_request" in blocked
-            n, hit_any, hit_harm = n + 1, hit_any + bool(blocked), hit_harm + harm
-            if item.category:
-                row = per_cat.setdefault(item.category, [0, 0, 0])
-                row[0], row[1], row[2] = row[0] + 1, row[1] + bool(blocked), row[2] + harm
-            if item.category not in hs.out_of_scope:
-                scope[0], scope[1] = scope[0] + 1, scope[1] + bool(blocked)
-                t = totals.setdefault(hs.label, [0, 0, 0])
-                t[0], t[1], t[2] = t[0] + 1, t[1] + bool(blocked), t[2] + harm
+            row = counts.setdefault(item.category, [0, 0, 0])
+            row[0], row[1], row[2] = row[0] + 1, row[1] + bool(blocked), row[2] + ("keel/harmful_request" in blocked)
+        scoped = [r for cat, r in counts.items() if cat not in hs.out_of_scope]
+        in_scope.setdefault(hs.label, []).extend(scoped)
         out["sets"][name] = {
-            "label": hs.label, "n": n, "source": hs.source, "dropped_overlapping_training": hs.dropped_overlap,
-            "refused_rate": round(hit_any / n, 4) if n else 0.0,
-            "harmful_request_rate": round(hit_harm / n, 4) if n else 0.0,
-            "in_scope": {"n": scope[0], "refused_rate": round(scope[1] / scope[0], 4) if scope[0] else 0.0},
-            "categories": {k: {"n": c[0], "refused_rate": round(c[1] / c[0], 4),
-                               "harmful_request_rate": round(c[2] / c[0], 4),
-                               "in_scope": k not in hs.out_of_scope} for k, c in sorted(per_cat.items())}}
-    out["in_scope"] = {label: {"n": t[0], "refused_rate": round(t[1] / t[0], 4),
-                               "harmful_request_rate": round(t[2] / t[0], 4)} for label, t in totals.items()}
+            "label": hs.label, "source": hs.source, "dropped_overlapping_training": hs.dropped_overlap,
+            **rates(list(counts.values())), "in_scope": rates(scoped),
+            "categories": {k: {**rates([r]), "in_scope": k not in hs.out_of_scope}
+                           for k, r in sorted(counts.items()) if k}}
+    out["in_scope"] = {label: rates(rows) for label, rows in in_scope.items()}
     harm_comps = [c for c in comps if c.spec.validator == "keel/harmful_request"]
     threshold = next((c.spec.threshold for c in harm_comps), None) or 0.5
     out["threshold"] = threshold

