@@ -137,7 +137,8 @@ class Container:
                 await asyncio.to_thread(guards.warm_up)
         agents = build_agents(settings, llm, rag, prompts, tracer=tracing.tracer)
         await agents.start()
-        finetune = build_finetune(settings, routes=routes)
+        runner = JobRunner.from_settings(settings.jobs, settings.home, tracer=tracing.tracer)
+        finetune = build_finetune(settings, routes=routes, queue=runner.queue)
         if settings.evals.gate_enabled:
             # An adapter version reaches production only with passing runs of its job's suites on that adapter.
             finetune.set_gate(adapter_gate(eval_store, max_age_days=settings.evals.gate_max_age_days))
@@ -146,8 +147,6 @@ class Container:
         chat = ChatService(settings, llm, metrics, prompts, Grounder(rag, prompts), guards, agents,
                            tracer=tracing.tracer, capture_content=settings.otel.capture_content,
                            features=features.online if features is not None else None)
-        job_settings = settings.jobs
-        runner = JobRunner.from_settings(job_settings, settings.home, tracer=tracing.tracer)
         jobs = IngestJobs(rag, settings.home / "uploads", runner)
         releases = serving = None
         if settings.releases.enabled:
@@ -177,7 +176,7 @@ class Container:
         container = cls(settings, metrics, keys, RateLimiter(), llm, chat, prompts, rag, jobs, guards, agents, finetune,
                         eval_store, jobs=runner, releases=releases, serving=serving, front=front, lineage=lineage,
                         tracing=tracing, monitor=monitor)
-        EvalJobs(container.eval_deps).register(runner, slots=job_settings.eval_slots)
+        EvalJobs(container.eval_deps).register(runner, slots=settings.jobs.eval_slots)
         container.responses = ResponseStore(settings.home)
         if settings.batch.enabled:
             container.batches = BatchService(BatchStore(settings.home), runner, settings.batch,

@@ -1,23 +1,26 @@
-"""The fine-tuning job store (SQLite) and its state machine.
+"""The fine-tuning job store (SQLite): what each job is (spec, progress, metrics, adapter, evaluation) and its
+state machine. *Who runs it* is the job queue's business (:mod:`app.jobs`): the service puts a ``finetune.train``
+job on the queue for each submitted job, and a ``finetune.evals`` job for each evaluation; a worker
+(:mod:`finetune.worker`) claims them with a lease, beats their heartbeat and records here what happened.
 
 States::
 
-    queued ──claim──▶ running ──▶ succeeded
+    queued ──start──▶ running ──▶ succeeded
        │                 │ ├───▶ failed
        │                 │ └───▶ cancelled
-       └──cancel──▶ cancelled    running ──recover (dead worker)──▶ queued
+       └──cancel──▶ cancelled    running ──worker stops (shutdown) / lost──▶ queued | running again
 
-A job left ``running`` by a worker that died (its process is gone, or it stopped
-beating for ``stale_after_s``) is put back in the queue by the next worker and resumes
-from its last checkpoint; after ``max_attempts`` runs it fails instead.
+A job whose worker died (its process is gone, or its lease on the queue lapsed) is taken back by the queue and
+claimed again; the next worker :meth:`JobStore.start`s it once more and it resumes from its last checkpoint.
+Once the queue gives up (``jobs.max_attempts`` runs), :meth:`JobStore.fail_lost` records the failure here.
 
 Evaluation of a succeeded job's adapter (its spec's eval suites) has its own small state,
 ``evals_state``, next to ``state``: the training outcome stays ``succeeded`` whatever the
 evals say (a failing eval makes the adapter unpromotable, it does not undo the training)::
 
-    pending ──claim_evals──▶ running ──▶ passed | failed | error
+    pending ──start_evals──▶ running ──▶ passed | failed | error
        ▲                        │
-       └──── interrupted / recover (dead worker) ─┘
+       └──── interrupted / lost worker ─┘
 
 ``queue_evals`` puts a finished evaluation back to ``pending`` (re-run after a suite changed).
 
@@ -33,8 +36,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import socket
 import sqlite3
 import threading
 import time
@@ -135,33 +136,6 @@ def new_job_id() -> str:
     return "ft-" + uuid.uuid4().hex[:12]
 
 
-def this_worker_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A killed child that its parent has not reaped yet is a zombie: dead for our purposes.
-    with contextlib.suppress(OSError, IndexError):
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        if stat.rsplit(")", 1)[1].split()[0] == "Z":
-            return False
-    return True
-
-
-def worker_dead(worker: str | None) -> bool:
-    """True when ``worker`` (host:pid) ran on this host and its process is gone."""
-    if not worker or ":" not in worker:
-        return False
-    host, _, pid = worker.rpartition(":")
-    return host == socket.gethostname() and pid.isdigit() and not pid_alive(int(pid))
-
-
 class JobStore:
     def __init__(self, path: Path, runs_dir: Path, *, audit_retention: AuditRetention | None = None) -> None:
         self.path = Path(path)
@@ -203,6 +177,13 @@ class JobStore:
         args.append(limit)
         with self._lock:
             rows = self._db.execute(sql, args).fetchall()
+        return [_row_to_job(r) for r in rows]
+
+    def unfinished(self) -> list[Job]:
+        """Jobs with work left: training queued or running, or an evaluation pending or running (oldest first)."""
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM jobs WHERE state IN ('queued', 'running') OR (state = 'succeeded' "
+                                    "AND evals_state IN ('pending', 'running')) ORDER BY created_at").fetchall()
         return [_row_to_job(r) for r in rows]
 
     def find_by_model_version(self, model: str, version: str) -> Job | None:
@@ -271,37 +252,32 @@ class JobStore:
             metrics.update(values)
             self._update(db, job_id, metrics=json.dumps(metrics), updated_at=time.time(), **fields)
 
-    def claim_next(self, worker: str) -> Job | None:
-        """Atomically take the oldest queued job (workers on other hosts may race for it)."""
+    def start(self, job_id: str, worker: str, *, attempt: int, note: str = "") -> Job:
+        """A worker holds the job now (its lease on the job queue): ``running``, on its ``attempt``-th run. From
+        ``queued``, or from ``running`` when the worker that ran it before was lost (the run resumes from its
+        last checkpoint). A job cancelled meanwhile is a :class:`JobStateConflict`."""
         with self._tx() as db:
-            row = db.execute("SELECT id FROM jobs WHERE state = 'queued' ORDER BY created_at LIMIT 1").fetchone()
+            row = db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
             if row is None:
-                return None
+                raise JobNotFound(f"no fine-tuning job {job_id!r}", param="job_id")
+            if row["state"] not in ("queued", "running"):
+                raise JobStateConflict(f"job {job_id} is {row['state']}; it cannot run")
             now = time.time()
             db.execute(
-                "UPDATE jobs SET state = 'running', worker = ?, heartbeat_at = ?, started_at = COALESCE("
-                "started_at, ?), attempts = attempts + 1, updated_at = ?, error = NULL, error_code = NULL "
-                "WHERE id = ?", (worker, now, now, now, row["id"]),
-            )
-        job = self.get(row["id"])
-        self.append_log(job.id, f"claimed by worker {worker} (attempt {job.attempts})")
-        return job
-
-    def heartbeat(self, job_id: str, worker: str) -> bool:
-        """False when the job is no longer ``worker``'s: it was recovered (requeued) while the worker was
-        silent, and another worker may be running it now."""
-        now = time.time()
-        with self._tx() as db:
-            cur = db.execute("UPDATE jobs SET heartbeat_at = ? WHERE id = ? AND worker = ? AND (state = 'running' "
-                             "OR evals_state = 'running')", (now, job_id, worker))
-            return cur.rowcount == 1
+                "UPDATE jobs SET state = 'running', worker = ?, heartbeat_at = ?, started_at = COALESCE(started_at, "
+                "?), attempts = ?, updated_at = ?, error = NULL, error_code = NULL WHERE id = ?",
+                (worker, now, now, attempt, now, job_id))
+        if note:
+            self.append_log(job_id, note)
+        self.append_log(job_id, f"claimed by worker {worker} (attempt {attempt})")
+        return self.get(job_id)
 
     # -- evaluation of a succeeded job's adapter -----------------------------------------------------
 
     def queue_evals(self, job_id: str, *, suites: list[str] | None = None) -> Job:
         """Ask a worker to (re-)run the job's eval suites on its adapter. Refused while they run."""
         with self._tx() as db:
-            row = db.execute("SELECT state, evals_state, model_version FROM jobs WHERE id = ?",
+            row = db.execute("SELECT state, evals_state, evals, model_version FROM jobs WHERE id = ?",
                              (job_id,)).fetchone()
             if row is None:
                 raise JobNotFound(f"no fine-tuning job {job_id!r}", param="job_id")
@@ -311,25 +287,29 @@ class JobStore:
             if row["evals_state"] == "running":
                 raise JobStateConflict(f"the evals of job {job_id} are running now")
             # A fresh record: the verdicts of an earlier evaluation stay in the eval store and in MLflow.
-            evals = {"attempts": 0, "queued_at": time.time(), "suites_requested": suites}
+            # ``seq`` numbers the evaluations of one job: each is its own job on the queue.
+            seq = int((json.loads(row["evals"]) if row["evals"] else {}).get("seq", 0)) + 1
+            evals = {"attempts": 0, "queued_at": time.time(), "suites_requested": suites, "seq": seq}
             self._update(db, job_id, evals_state="pending", evals=evals, updated_at=time.time())
         self.append_log(job_id, "evals queued")
         return self.get(job_id)
 
-    def claim_evals(self, worker: str) -> Job | None:
-        """Atomically take the oldest succeeded job whose evals are pending."""
+    def start_evals(self, job_id: str, worker: str) -> Job:
+        """A worker evaluates the job's adapter now: evals ``running``, one more attempt. From ``pending``, or from
+        ``running`` when the worker that evaluated it was lost (the eval runs resume)."""
         with self._tx() as db:
-            row = db.execute("SELECT id, evals FROM jobs WHERE state = 'succeeded' AND evals_state = 'pending' "
-                             "ORDER BY finished_at LIMIT 1").fetchone()
+            row = db.execute("SELECT state, evals_state, evals FROM jobs WHERE id = ?", (job_id,)).fetchone()
             if row is None:
-                return None
+                raise JobNotFound(f"no fine-tuning job {job_id!r}", param="job_id")
+            if row["state"] != "succeeded" or row["evals_state"] not in ("pending", "running"):
+                raise JobStateConflict(f"job {job_id} has no evaluation waiting (evals {row['evals_state']})")
             evals = json.loads(row["evals"]) if row["evals"] else {}
             evals["attempts"] = int(evals.get("attempts", 0)) + 1
             now = time.time()
-            self._update(db, row["id"], evals_state="running", evals=evals, worker=worker, heartbeat_at=now,
+            self._update(db, job_id, evals_state="running", evals=evals, worker=worker, heartbeat_at=now,
                          updated_at=now)
-        job = self.get(row["id"])
-        self.append_log(job.id, f"evals claimed by worker {worker} (attempt {job.evals['attempts']})")
+        job = self.get(job_id)
+        self.append_log(job_id, f"evals claimed by worker {worker} (attempt {evals['attempts']})")
         return job
 
     def finish_evals(self, job_id: str, state: str, evals: dict[str, Any]) -> Job:
@@ -363,52 +343,29 @@ class JobStore:
         self.append_log(job_id, "cancel requested")
         return self.get(job_id)
 
-    def recover_stale(self, *, stale_after_s: float, max_attempts: int, now: float | None = None) -> list[Job]:
-        """Requeue (or fail, or cancel) running jobs whose worker is gone. Returns the jobs it moved."""
-        now = time.time() if now is None else now
-        moved: list[str] = []
-        notes: dict[str, str] = {}
+    def fail_lost(self, job_id: str, message: str) -> Job | None:
+        """The job queue gave up on the job (its workers were lost ``max_attempts`` times) or cancelled it while
+        nobody ran it: record that on the job, unless it has ended already. Returns the job if it changed."""
+        now = time.time()
         with self._tx() as db:
-            rows = db.execute("SELECT * FROM jobs WHERE state = 'running'").fetchall()
-            for row in rows:
-                silent = row["heartbeat_at"] is None or now - row["heartbeat_at"] > stale_after_s
-                if not (worker_dead(row["worker"]) or silent):
-                    continue
-                why = (f"worker {row['worker']} is gone" if worker_dead(row["worker"])
-                       else f"worker {row['worker']} silent for {now - (row['heartbeat_at'] or 0):.0f} s")
+            row = db.execute("SELECT state, evals_state, evals, cancel_requested FROM jobs WHERE id = ?",
+                             (job_id,)).fetchone()
+            if row is None:
+                return None
+            if row["state"] in ("queued", "running"):
                 if row["cancel_requested"]:
-                    self._update(db, row["id"], state="cancelled", finished_at=now, updated_at=now, worker=None)
-                    notes[row["id"]] = f"{why}; it had been asked to cancel: cancelled"
-                elif row["attempts"] >= max_attempts:
-                    self._update(db, row["id"], state="failed", finished_at=now, updated_at=now, worker=None,
-                                 error=f"{why} after {row['attempts']} attempt(s); giving up",
-                                 error_code="worker_lost")
-                    notes[row["id"]] = f"{why}; {row['attempts']} attempts used: failed"
+                    self._update(db, job_id, state="cancelled", finished_at=now, updated_at=now, worker=None)
                 else:
-                    self._update(db, row["id"], state="queued", updated_at=now, worker=None, heartbeat_at=None)
-                    notes[row["id"]] = f"{why}; requeued to resume from its last checkpoint"
-                moved.append(row["id"])
-            # Evals left running by a dead worker go back to pending (the eval runner resumes the
-            # interrupted run), or end in 'error' once max_attempts workers died on them.
-            rows = db.execute("SELECT * FROM jobs WHERE state = 'succeeded' AND evals_state = 'running'").fetchall()
-            for row in rows:
-                silent = row["heartbeat_at"] is None or now - row["heartbeat_at"] > stale_after_s
-                if not (worker_dead(row["worker"]) or silent):
-                    continue
-                evals = json.loads(row["evals"]) if row["evals"] else {}
-                why = f"evaluating worker {row['worker']} is gone"
-                if int(evals.get("attempts", 0)) >= max_attempts:
-                    evals["error"] = f"{why} after {evals.get('attempts')} attempt(s); giving up"
-                    self._update(db, row["id"], evals_state="error", evals=evals, worker=None, heartbeat_at=None,
-                                 updated_at=now)
-                    notes[row["id"]] = f"{why}; evals failed"
-                else:
-                    self._update(db, row["id"], evals_state="pending", worker=None, heartbeat_at=None, updated_at=now)
-                    notes[row["id"]] = f"{why}; evals queued again"
-                moved.append(row["id"])
-        for job_id, note in notes.items():
-            self.append_log(job_id, "recovery: " + note)
-        return [self.get(j) for j in moved]
+                    self._update(db, job_id, state="failed", finished_at=now, updated_at=now, worker=None,
+                                 error=message, error_code="worker_lost")
+            elif row["state"] == "succeeded" and row["evals_state"] in ("pending", "running"):
+                evals = {**(json.loads(row["evals"]) if row["evals"] else {}), "error": message, "finished_at": now}
+                self._update(db, job_id, evals_state="error", evals=evals, worker=None, heartbeat_at=None,
+                             updated_at=now)
+            else:
+                return None
+        self.append_log(job_id, f"recovery: {message}")
+        return self.get(job_id)
 
     # -- logs and audit ----------------------------------------------------------------------------
 

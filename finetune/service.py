@@ -1,12 +1,14 @@
 """The fine-tuning service the API and the CLI share: submit, watch, cancel, promote, roll back.
 
-It never trains: jobs run in a worker process (``keel finetune worker``), which reads the
-same SQLite job store. Submission validates the spec and the data first, so a bad dataset is
-refused at once with its reasons (code ``invalid_training_data``) instead of failing later.
+It never trains: each submitted job goes on Keel's job queue (``finetune.train``, :mod:`finetune.dispatch`) and a
+worker process (``keel finetune worker``) runs it, recording what it does in the same job store. Submission
+validates the spec and the data first, so a bad dataset is refused at once with its reasons (code
+``invalid_training_data``) instead of failing later.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from pathlib import Path
@@ -14,8 +16,10 @@ from typing import TYPE_CHECKING, Any
 
 from app.core.errors import Conflict, InvalidRequest
 from app.core.paths import is_within
+from app.jobs.queue import JobQueue, open_queue
 from app.llm.routing import CONFIGURED, RoutingTable, open_routing_table
 from finetune.data import check_dataset, token_counter
+from finetune.dispatch import queue_evaluation, queue_training
 from finetune.errors import InvalidJobSpec
 from finetune.jobs import Job, JobStore
 from finetune.spec import (
@@ -46,12 +50,16 @@ def _tokenizer(path: str) -> Any:
 
 class FinetuneService:
     def __init__(self, settings: FinetuneConfig, store: JobStore | None = None, *,
-                 gate: AdapterGate | None = None, routes: RoutingTable | None = None) -> None:
+                 gate: AdapterGate | None = None, routes: RoutingTable | None = None,
+                 queue: JobQueue | None = None) -> None:
         """``routes``: the process's routing table (the container's); without one, the durable table of this
-        home (or ``routing.url``) is opened on first use, so whatever this service routes the API serves too."""
+        home (or ``routing.url``) is opened on first use, so whatever this service routes the API serves too.
+        ``queue``: the job queue (the container's); without one, the one ``jobs`` configures, on first use."""
         self.settings = settings
         self.fs = settings.finetune
         self.store = store or open_store(settings)
+        self._queue = queue
+        self._own_queue = False
         self._gate = gate
         self._routes = routes
         self._own_routes = False
@@ -65,10 +73,19 @@ class FinetuneService:
             self._own_routes = True
         return self._routes
 
+    @property
+    def queue(self) -> JobQueue:
+        if self._queue is None:
+            self._queue = open_queue(self.settings.jobs, self.settings.home)
+            self._own_queue = True
+        return self._queue
+
     def close(self) -> None:
         self.store.close()
         if self._own_routes and self._routes is not None:
             self._routes.close()
+        if self._own_queue and self._queue is not None:
+            self._queue.close()
 
     # -- jobs --------------------------------------------------------------------------------------
 
@@ -110,6 +127,12 @@ class FinetuneService:
         report = self.validate(spec) if validate_data else None
         job = self.store.create(name=spec.name, spec_yaml=spec.to_yaml(), spec_hash=spec.spec_hash(),
                                 submitted_by=submitted_by, data_report=report)
+        try:
+            queue_training(self.queue, job, max_attempts=self.fs.max_attempts)
+        except Exception as exc:  # no half-submitted job: it would run whenever a worker next reconciles
+            self.store.request_cancel(job.id)
+            self.store.append_log(job.id, f"could not be queued ({type(exc).__name__}: {exc}); cancelled")
+            raise
         log.info("fine-tuning job %s (%s) queued by %s", job.id, spec.name, submitted_by)
         return job
 
@@ -126,7 +149,12 @@ class FinetuneService:
         return self.store.read_log(job_id, offset)
 
     def cancel(self, job_id: str, *, actor: str = "") -> Job:
+        """Queued: cancelled at once. Running: its worker stops it at the next step (at once on this machine, at
+        its next heartbeat on another) and it becomes ``cancelled``."""
         job = self.store.request_cancel(job_id)
+        with contextlib.suppress(Conflict):  # the queue job ended meanwhile: the worker records the outcome
+            task = queue_training(self.queue, job, max_attempts=self.fs.max_attempts)
+            self.queue.cancel(task.id, actor=actor or "unknown")
         self.store.audit(actor=actor or "unknown", action="job.cancel", job_id=job_id)
         return job
 
@@ -144,6 +172,7 @@ class FinetuneService:
         if suites is None and not parse_spec(job.spec_yaml, source=f"job {job_id} spec").evals:
             raise InvalidRequest(f"job {job_id}'s spec names no eval suites; give the suites to run", param="suites")
         job = self.store.queue_evals(job_id, suites=suites)
+        queue_evaluation(self.queue, job, max_attempts=self.fs.max_attempts)
         self.store.audit(actor=actor or "unknown", action="job.evaluate", job_id=job_id, model=job.model_name,
                          version=job.model_version, details={"suites": suites})
         return job
@@ -306,8 +335,8 @@ def route_owner(model: str) -> str:
 
 
 def build_finetune(settings: FinetuneConfig, *, gate: AdapterGate | None = None,
-                   routes: RoutingTable | None = None) -> FinetuneService:
+                   routes: RoutingTable | None = None, queue: JobQueue | None = None) -> FinetuneService:
     """Factory for the container (``container.finetune``, with its routing table) and the CLI. Without ``gate``
     promotion is refused until one is plugged in (``set_gate``; the container and the CLI plug in the eval
     gate)."""
-    return FinetuneService(settings, gate=gate, routes=routes)
+    return FinetuneService(settings, gate=gate, routes=routes, queue=queue)

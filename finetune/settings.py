@@ -12,6 +12,7 @@ from typing import Literal, Protocol
 from pydantic import BaseModel, Field
 
 from app.core.audit import AuditRetention
+from app.jobs.settings import JobSettings
 from evals.settings import EvalConfig
 from prompts.settings import PromptConfig
 
@@ -33,10 +34,10 @@ class FinetuneSettings(BaseModel):
     tracking_enabled: bool = Field(default=True, description="false: no MLflow run and no registered version.")
     model_prefix: str = Field(default="", description="Prefix for registered model names (e.g. 'keel-').")
     poll_interval_s: float = Field(default=2.0, gt=0, description="How often an idle worker looks for queued jobs.")
-    heartbeat_interval_s: float = Field(default=5.0, gt=0)
-    stale_after_s: float = Field(
-        default=120.0, gt=0, description="A running job whose worker has not beaten for this long is recovered."
-    )
+    heartbeat_interval_s: float = Field(default=5.0, gt=0, description=(
+        "How often a worker beats the heartbeat of the job it runs, and so how soon it learns of a cancel sent "
+        "from another machine (at most half of jobs.lease_s: a job whose worker is silent for jobs.lease_s is "
+        "taken back by the job queue and resumed by another worker)."))
     max_attempts: int = Field(default=3, ge=1, description="Runs of one job (first run plus crash recoveries).")
     allowed_roots: list[Path] | None = Field(
         default=None,
@@ -93,3 +94,4 @@ class FinetuneConfig(EvalConfig, PromptConfig, Protocol):
     """What fine-tuning reads from the settings tree: its own section and what evaluating an adapter needs."""
 
     finetune: FinetuneSettings
+    jobs: JobSettings  # the job queue the jobs run on, shared with the API

@@ -1,18 +1,20 @@
-"""The fine-tuning worker: a separate process that runs queued jobs one at a time.
+"""The fine-tuning worker: a separate process that runs fine-tuning jobs from Keel's job queue, one at a time.
 
-    keel finetune worker          # poll the job store forever
-    keel finetune worker --once   # run what is queued (and recover dead jobs), then exit
+    keel finetune worker          # run jobs as they are queued, until stopped
+    keel finetune worker --once   # run what is queued (and what lost workers left), then exit
 
-Several workers (one per GPU machine) may share one job store: claiming a job is atomic.
-Before each claim, a worker recovers jobs whose worker died (see ``JobStore.recover_stale``);
-those resume from their last checkpoint. SIGTERM/SIGINT stop the current job at the next
-step and put it back in the queue, so a restart resumes it instead of losing it.
+The worker is a :class:`~app.jobs.runner.JobRunner` for two kinds (:mod:`finetune.dispatch`): ``finetune.evals``
+first (a new adapter is evaluated before the next training starts), then ``finetune.train``, one job at a time
+(one GPU). The queue gives it claims with a lease and takes back the job of a worker that died (its process is
+gone, or its heartbeat stopped for ``jobs.lease_s``): the next worker resumes it from its last checkpoint, until
+``finetune.max_attempts`` runs are used. Several workers (one per GPU machine) may share one queue. SIGTERM/SIGINT
+stop the current job at its next step and give it back to the queue, so a restart resumes it instead of losing
+it; a cancel (from any process) stops it at its next step too.
 
 After a job succeeds, its adapter version is evaluated on the spec's ``evals`` suites
-(``finetune.evaluate``), here in the worker, never in the API process: pending evaluations are
-claimed before the next training job, so a new adapter is evaluated right after its training.
-The verdicts go on the job, on its MLflow run and on the registered version; a failing suite
-leaves the job ``succeeded`` and the adapter unpromotable (``finetune.gate.adapter_gate``).
+(``finetune.evaluate``), here in the worker, never in the API process. The verdicts go on the job, on its MLflow
+run and on the registered version; a failing suite leaves the job ``succeeded`` and the adapter unpromotable
+(``finetune.gate.adapter_gate``).
 """
 
 from __future__ import annotations
@@ -32,9 +34,14 @@ from opentelemetry.trace import Tracer
 
 from app.core.errors import KeelError
 from app.core.paths import tree_hash
+from app.jobs.queue import Job as QueueJob
+from app.jobs.queue import JobCancelled, JobQueue, new_worker_id, open_queue
+from app.jobs.runner import JobContext, JobFailed, JobRunner
 from evals.store import EvalStore
 from finetune.data import InvalidTrainingData
-from finetune.jobs import Job, JobOwnershipLost, JobStore, this_worker_id
+from finetune.dispatch import EVALS, TRAIN, queue_evaluation, reconcile
+from finetune.errors import JobNotFound, JobStateConflict
+from finetune.jobs import Job, JobOwnershipLost, JobStore
 from finetune.spec import parse_spec, resolve_base_model
 from finetune.tracking import Tracker
 
@@ -44,6 +51,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("keel.finetune.worker")
 _JOB_LOGGERS = ("keel.finetune", "transformers", "peft", "py.warnings")
+_RECONCILE_S = 30.0  # how often a running worker re-reads the store for work nobody queued
 
 
 def open_store(settings: FinetuneConfig) -> JobStore:
@@ -53,18 +61,22 @@ def open_store(settings: FinetuneConfig) -> JobStore:
 
 
 class Worker:
-    def __init__(self, settings: FinetuneConfig, *, store: JobStore | None = None, tracker: Tracker | None = None,
-                 worker_id: str | None = None, eval_backend: LLMBackend | None = None,
+    def __init__(self, settings: FinetuneConfig, *, store: JobStore | None = None, queue: JobQueue | None = None,
+                 tracker: Tracker | None = None, worker_id: str | None = None, eval_backend: LLMBackend | None = None,
                  tracer: Tracer | None = None) -> None:
-        """``tracer``: each training and each evaluation of a job is a trace (``keel.finetune.train|eval``)."""
+        """``tracer``: each training and each evaluation of a job is a trace (``keel.finetune.train|eval``).
+        ``queue``: Keel's job queue (default: the one ``jobs`` configures, which the API shares)."""
         self.tracer = tracer or trace.NoOpTracer()
         self.settings = settings
         self.fs = settings.finetune
         self.store = store or open_store(settings)
+        self._own_queue = queue is None
+        self.queue = queue if queue is not None else open_queue(settings.jobs, settings.home)
         self._tracker = tracker
         self.eval_backend = eval_backend  # replaces the in-process transformers model in evals (tests)
-        self.worker_id = worker_id or this_worker_id()
+        self.worker_id = worker_id or new_worker_id()
         self.shutdown = threading.Event()
+        self.trained = 0
 
     @property
     def tracker(self) -> Tracker | None:
@@ -72,51 +84,113 @@ class Worker:
             self._tracker = Tracker(self.fs, self.settings.home)
         return self._tracker
 
-    def recover(self) -> list[Job]:
-        moved = self.store.recover_stale(stale_after_s=self.fs.stale_after_s, max_attempts=self.fs.max_attempts)
-        for job in moved:
-            log.warning("recovered job %s from a dead worker: now %s (evals %s)", job.id, job.state, job.evals_state)
-            if job.state in ("failed", "cancelled") and job.mlflow_run_id and self.tracker is not None:
-                try:
-                    self.tracker.end_run(job.mlflow_run_id, "FAILED" if job.state == "failed" else "KILLED")
-                except Exception as exc:  # the job's state is what matters; the MLflow run stays open
-                    log.warning("could not end MLflow run %s of recovered job %s: %s", job.mlflow_run_id, job.id, exc)
-        return moved
+    @property
+    def kinds(self) -> list[str]:
+        """What this worker runs, the first first: evaluations (with ``finetune.auto_eval``), then training."""
+        return [EVALS, TRAIN] if self.fs.auto_eval else [TRAIN]
+
+    def reconcile(self) -> list[Job]:
+        changed = reconcile(self.store, self.queue, max_attempts=self.fs.max_attempts)
+        for job in changed:
+            if job.state in ("failed", "cancelled") and job.mlflow_run_id:
+                self._end_run(job.mlflow_run_id, "FAILED" if job.state == "failed" else "KILLED")
+        return changed
 
     def run(self, *, once: bool = False) -> int:
-        """Process jobs until shut down (or, with ``once``, until the queue is empty). Returns jobs run."""
-        done = 0
-        log.info("fine-tuning worker %s started (store %s)", self.worker_id, self.store.path)
-        while not self.shutdown.is_set():
-            self.recover()
-            evaluated = self.store.claim_evals(self.worker_id) if self.fs.auto_eval else None
-            if evaluated is not None:
-                with self._span("keel.finetune.eval", evaluated) as span:
-                    span.set_attribute("keel.finetune.evals_state", self.run_evals(evaluated).evals_state or "")
-                continue
-            job = self.store.claim_next(self.worker_id)
-            if job is None:
-                if once:
-                    break
-                self.shutdown.wait(self.fs.poll_interval_s)
-                continue
-            with self._span("keel.finetune.train", job) as span:
-                span.set_attribute("keel.finetune.state", self.run_job(job).state)
-            done += 1
-        return done
+        """Run jobs until shut down (or, with ``once``, until none is left to claim). Returns trainings run."""
+        return asyncio.run(self.serve(once=once))
+
+    async def serve(self, *, once: bool = False) -> int:
+        jobs = self.settings.jobs
+        runner = JobRunner(self.queue, worker_id=self.worker_id, close_queue=False, max_running=1,
+                           heartbeat_s=min(self.fs.heartbeat_interval_s, self.queue.lease_s / 2),
+                           poll_s=self.fs.poll_interval_s, shutdown_grace_s=jobs.shutdown_grace_s)
+        if self.fs.auto_eval:
+            runner.register(EVALS, self._evaluate)
+        runner.register(TRAIN, self._train)
+        log.info("fine-tuning worker %s started (store %s, runs %s)", self.worker_id, self.store.path,
+                 ", ".join(self.kinds))
+        before = self.trained
+        try:
+            await asyncio.to_thread(self.reconcile)
+            await runner.start()
+            next_reconcile = time.monotonic() + _RECONCILE_S
+            while not self.shutdown.is_set():
+                await asyncio.sleep(min(0.2, self.fs.poll_interval_s))
+                if once and not runner.running() and not await asyncio.to_thread(self._claimable):
+                    await asyncio.to_thread(self.reconcile)  # a lost worker's job the queue just took back
+                    if not await asyncio.to_thread(self._claimable):
+                        break
+                if time.monotonic() >= next_reconcile:
+                    await asyncio.to_thread(self.reconcile)
+                    next_reconcile = time.monotonic() + _RECONCILE_S
+        finally:
+            await runner.aclose()
+            if self._own_queue:
+                self.queue.close()
+        return self.trained - before
+
+    def _claimable(self) -> bool:
+        self.queue.recover_stale()
+        now = time.time()
+        return any(j.run_after <= now for j in self.queue.list(kinds=self.kinds, states=["queued"]))
+
+    # -- the two handlers --------------------------------------------------------------------------------------
+
+    async def _train(self, task: QueueJob, ctx: JobContext) -> dict[str, Any]:
+        job_id = task.payload["job_id"]
+        lost = (task.error or {}).get("code") == "worker_lost"
+        note = f"recovery: {task.error['message']}; requeued to resume from its last checkpoint" if lost else ""
+        try:
+            job = await asyncio.to_thread(self.store.start, job_id, self.worker_id, attempt=task.attempts, note=note)
+        except (JobNotFound, JobStateConflict) as exc:  # cancelled (or ended) before a worker got to it
+            return {"skipped": exc.message}
+        with self._span("keel.finetune.train", job, task) as span:
+            after = await asyncio.to_thread(self.run_job, job, ctx)
+            span.set_attribute("keel.finetune.state", after.state)
+        self.trained += 1
+        return await self._outcome(after, ctx, training=True)
+
+    async def _evaluate(self, task: QueueJob, ctx: JobContext) -> dict[str, Any]:
+        try:
+            job = await asyncio.to_thread(self.store.start_evals, task.payload["job_id"], self.worker_id)
+        except (JobNotFound, JobStateConflict) as exc:
+            return {"skipped": exc.message}
+        with self._span("keel.finetune.eval", job, task) as span:
+            after = await asyncio.to_thread(self.run_evals, job, ctx)
+            span.set_attribute("keel.finetune.evals_state", after.evals_state or "")
+        return await self._outcome(after, ctx, training=False)
+
+    async def _outcome(self, job: Job, ctx: JobContext, *, training: bool) -> dict[str, Any]:
+        """The queue job's outcome from the fine-tuning job's (recorded on it already)."""
+        unfinished = job.state in ("queued", "running") if training else job.evals_state in ("pending", "running")
+        if unfinished:
+            ctx.check()  # stopped for the shutdown (the runner gives the job back) or by a lost lease: it raises
+        if training and job.state == "cancelled":
+            raise JobCancelled(f"fine-tuning job {job.id} was cancelled")
+        if training and job.state == "failed":
+            raise JobFailed(KeelError(job.error or "training failed", code=job.error_code or "training_failed"))
+        if not training and job.evals_state == "error":
+            raise JobFailed(KeelError((job.evals or {}).get("error") or "evals failed", code="eval_failed"))
+        if training and job.state == "succeeded" and job.evals_state == "pending":
+            await asyncio.to_thread(queue_evaluation, self.queue, job, max_attempts=self.fs.max_attempts)
+        return {"state": job.state, "evals_state": job.evals_state, "model": job.model_name,
+                "version": job.model_version}
 
     @contextlib.contextmanager
-    def _span(self, name: str, job: Job):
+    def _span(self, name: str, job: Job, task: QueueJob):
         span = self.tracer.start_span(name, context=otel_context.Context(), attributes={
-            "keel.finetune.job_id": job.id, "keel.finetune.attempt": job.attempts, "keel.finetune.worker":
-            self.worker_id})
+            "keel.finetune.job_id": job.id, "keel.finetune.attempt": task.attempts, "keel.finetune.worker":
+            self.worker_id, "keel.job.id": task.id})
         try:
             with trace.use_span(span, end_on_exit=False, record_exception=True, set_status_on_exception=True):
                 yield span
         finally:
             span.end()
 
-    def run_job(self, job: Job) -> Job:
+    def run_job(self, job: Job, ctx: JobContext | None = None) -> Job:
+        """Train a job this worker has started (:meth:`JobStore.start`); ``ctx`` says when to stop (a cancel, the
+        worker's shutdown, or the queue gave the job to another worker)."""
         # lazy: only the worker process trains: keeps `keel --help` and `import app.api.main` ~4 ms lighter
         from finetune.train import TrainHooks, run_training
 
@@ -131,10 +205,6 @@ class Worker:
             if name == "keel.finetune":
                 lg.setLevel(logging.INFO)
         logging.captureWarnings(True)
-        beat_stop, lost = threading.Event(), threading.Event()
-        beat = threading.Thread(target=self._beat, args=(job.id, beat_stop, lost), daemon=True,
-                                name=f"heartbeat-{job.id}")
-        beat.start()
         run_id = job.mlflow_run_id
         mine = self.worker_id  # every state change checks the job is still this worker's
         try:
@@ -165,19 +235,20 @@ class Worker:
                         log.warning("MLflow metric logging failed: %s", exc)
 
             def on_progress(step: int, max_steps: int) -> None:
-                self.store.update(job.id, step=step, max_steps=max_steps)
+                # the job's heartbeat_at is the worker's last sign of life on it (its lease is the queue's)
+                self.store.update(job.id, step=step, max_steps=max_steps, heartbeat_at=time.time())
 
             def should_cancel() -> bool:
-                return self.shutdown.is_set() or lost.is_set() or self.store.get(job.id).cancel_requested
+                return self._stopping(ctx) or self.store.get(job.id).cancel_requested
 
             hooks = TrainHooks(on_start=on_start, on_log=on_log, on_progress=on_progress, should_cancel=should_cancel)
             result = run_training(spec, Path(job.run_dir), models_dir=self.settings.models_dir,
                                   device=self.fs.device, hooks=hooks)
             if result.status == "cancelled":
-                if lost.is_set():
+                if ctx is not None and ctx.stop_reason == "lease_lost":
                     raise JobOwnershipLost(f"job {job.id} stopped at step {result.global_step}: its heartbeat "
                                            "failed, so another worker may run it")
-                if self.store.get(job.id).cancel_requested:
+                if self.store.get(job.id).cancel_requested or (ctx is not None and ctx.stop_reason == "cancel"):
                     self._end_run(run_id, "KILLED")
                     self.store.append_log(job.id, f"cancelled at step {result.global_step}")
                     return self.store.transition(job.id, "cancelled", owner=mine, worker=None)
@@ -220,25 +291,17 @@ class Worker:
             log.exception("job %s crashed", job.id)
             return self._fail(job, run_id, KeelError(f"{type(exc).__name__}: {exc}", code="training_failed"))
         finally:
-            beat_stop.set()
             for name in _JOB_LOGGERS:
                 lg = logging.getLogger(name)
                 lg.removeHandler(handler)
                 lg.setLevel(saved_levels[name])
             handler.close()
 
-    def run_evals(self, job: Job) -> Job:
-        """Evaluate a succeeded job's adapter version on its spec's suites (claimed with ``claim_evals``)."""
-        import time
-
+    def run_evals(self, job: Job, ctx: JobContext | None = None) -> Job:
+        """Evaluate a succeeded job's adapter version on its spec's suites (started with ``start_evals``)."""
         # lazy: keeps `keel --help` fast: the eval runner, chat service and router (numpy, httpx), ~0.25 s
         from finetune.evaluate import EvalInterrupted, evaluate_adapter
 
-        beat_stop, lost = threading.Event(), threading.Event()
-        # a lost heartbeat stops the evals like a shutdown: beats would stop either way, and another worker
-        # would then recover the job and evaluate it a second time beside this one
-        threading.Thread(target=self._beat, args=(job.id, beat_stop, lost), daemon=True,
-                         name=f"eval-beat-{job.id}").start()
         started = time.time()
         store = None
         try:
@@ -254,9 +317,10 @@ class Worker:
             evaluation = asyncio.run(evaluate_adapter(
                 self.settings, version, suites, base_model=resolve_base_model(spec, self.settings.models_dir),
                 store=store, backend=self.eval_backend,
-                should_stop=lambda: self.shutdown.is_set() or lost.is_set()))
+                should_stop=lambda: self._stopping(ctx)))
         except EvalInterrupted:
-            if lost.is_set():
+            # a lost lease stops the evals like a shutdown: another worker evaluates the job now
+            if ctx is not None and ctx.stop_reason == "lease_lost":
                 log.error("evals of job %s stopped: the job is no longer this worker's; its state is left alone",
                           job.id)
                 return self.store.get(job.id)
@@ -268,7 +332,6 @@ class Worker:
             self.store.append_log(job.id, f"evals could not run: {message}")
             return self.store.finish_evals(job.id, "error", {"error": message, "finished_at": time.time()})
         finally:
-            beat_stop.set()
             if store is not None:
                 store.close()
         record = {**evaluation.to_dict(), "error": None, "started_at": started, "finished_at": time.time()}
@@ -292,37 +355,17 @@ class Worker:
             log.error("job %s failed here (%s), but %s; its state is left alone", job.id, exc.message, lost.message)
             return self.store.get(job.id)
 
+    def _stopping(self, ctx: JobContext | None) -> bool:
+        """Under the runner only its stop counts (the worker's shutdown reaches the job through it, so that the job
+        goes back to the queue); called directly (tests), the worker's own shutdown flag."""
+        return ctx.stop_requested if ctx is not None else self.shutdown.is_set()
+
     def _end_run(self, run_id: str | None, status: str) -> None:
         if run_id and self.tracker is not None:
             try:
                 self.tracker.end_run(run_id, status)
             except Exception as exc:
                 log.warning("could not end MLflow run %s: %s", run_id, exc)
-
-    def _beat(self, job_id: str, stop: threading.Event, lost: threading.Event | None = None) -> None:
-        """Beat until ``stop``. Sets ``lost`` (the job then stops at its next step) when the job is no longer
-        this worker's, or when beats have failed for half of ``stale_after_s``: by ``stale_after_s`` another
-        worker recovers the job and trains it again, and two workers must never train one job."""
-        give_up_s = self.fs.stale_after_s / 2
-        last_ok = time.monotonic()
-        while not stop.wait(self.fs.heartbeat_interval_s):
-            try:
-                if self.store.heartbeat(job_id, self.worker_id):
-                    last_ok = time.monotonic()
-                    continue
-                if stop.is_set():  # the job just finished here
-                    return
-                log.error("job %s is no longer this worker's (recovered while it was silent): stopping it", job_id)
-            except Exception as exc:
-                silent = time.monotonic() - last_ok
-                log.warning("heartbeat of job %s failed (%.0f s without one): %s", job_id, silent, exc, exc_info=exc)
-                if silent < give_up_s:
-                    continue
-                log.error("job %s: no heartbeat for %.0f s; stopping it before another worker recovers it",
-                          job_id, silent)
-            if lost is not None:
-                lost.set()
-            return
 
 
 class WorkerProcess:

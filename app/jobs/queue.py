@@ -45,6 +45,7 @@ migrations first), run when a queue opens.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -206,6 +207,10 @@ def worker_gone(worker_id: str | None) -> bool:
         return True
     except PermissionError:  # alive, someone else's
         return False
+    # A killed child its parent has not reaped yet (the API's fine-tuning worker) is a zombie: gone for our purposes.
+    with contextlib.suppress(OSError, IndexError):
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[0] == "Z"
     return False
 
 

@@ -25,11 +25,12 @@ gave the job to another worker). How it is told depends on how it was registered
   running (an ingest: it stops after its current batch, every document whole).
 
 Outcomes: a return completes the job; a raise fails it (retried with backoff while attempts remain, unless the
-error is a refused request: a :class:`~app.core.errors.KeelError` with a 4xx status); a stop for ``cancel``
-cancels it; a stop for ``shutdown`` releases it to the queue, so the next start runs it again (handlers make a
-second run resume the first: ingest skips unchanged documents, the eval runner resumes a run of the same
-identity). At shutdown the runner waits ``shutdown_grace_s`` for handlers to stop, then cancels the tasks of
-those still running and releases their jobs.
+error is a refused request: a :class:`~app.core.errors.KeelError` with a 4xx status, or :class:`JobFailed`: the
+handler recorded the failure itself); a stop for ``cancel`` (or a :class:`~app.jobs.queue.JobCancelled` the handler
+raised on learning of the cancel another way) cancels it; a stop for ``shutdown`` releases it to the queue, so
+the next start runs it again (handlers make a second run resume the first: ingest skips unchanged documents, the
+eval runner resumes a run of the same identity). At shutdown the runner waits ``shutdown_grace_s`` for handlers
+to stop, then cancels the tasks of those still running and releases their jobs.
 
 The first :meth:`JobRunner.submit` starts the runner when nobody did, so a process that builds the services
 without the API lifespan (tests, an application embedding Keel) still runs what it submits.
@@ -62,6 +63,15 @@ log = logging.getLogger("keel.jobs")
 StopReason = Literal["cancel", "shutdown", "lease_lost"]
 Handler = Callable[[Job, "JobContext"], Awaitable[Mapping[str, Any] | None]]
 T = TypeVar("T")
+
+
+class JobFailed(Exception):
+    """Raised by a handler that has recorded why its job failed where its own domain keeps it: the job fails at
+    once, without the retries an unexpected error gets (a training run that crashed would crash again)."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 class JobContext:
@@ -136,9 +146,13 @@ class _Running:
 class JobRunner:
     def __init__(self, queue: JobQueue, *, worker_id: str | None = None, heartbeat_s: float = 10.0,
                  progress_interval_s: float = 1.0, poll_s: float = 1.0, shutdown_grace_s: float = 30.0,
-                 retention_s: float | None = None, close_queue: bool = True, tracer: Tracer | None = None) -> None:
+                 retention_s: float | None = None, close_queue: bool = True, tracer: Tracer | None = None,
+                 max_running: int | None = None) -> None:
         """``tracer``: each attempt of a job is a trace (``keel.job <kind>``); what the handler does (an eval run's
-        chats, an ingest's steps) nests under it."""
+        chats, an ingest's steps) nests under it. ``max_running``: jobs at once in this runner whatever their kind
+        (a fine-tuning worker holds one GPU job at a time); kinds are then claimed in the order they were
+        registered, so the first has priority. None: each kind is limited by its own slots only."""
+        self.max_running = max_running
         self.tracer = tracer or trace.NoOpTracer()
         self.queue = queue
         self.worker_id = worker_id or new_worker_id()
@@ -277,9 +291,13 @@ class JobRunner:
     async def _claim_all(self) -> None:
         while not self._closing:
             free = [name for name, k in self._kinds.items() if len(k.running) < k.slots]
-            if not free:
+            if not free or (self.max_running is not None and len(self.running()) >= self.max_running):
                 return
-            job = await self._call(self.queue.claim, free, self.worker_id)
+            job = None
+            for kinds in ([k] for k in free) if self.max_running is not None else [free]:
+                job = await self._call(self.queue.claim, kinds, self.worker_id)
+                if job is not None:
+                    break
             if job is None:
                 return
             if self._closing:  # claimed while closing: give it straight back
@@ -343,7 +361,7 @@ class JobRunner:
             elif error is None and not interrupted:
                 await self._call(self.queue.complete, job.id, self.worker_id, result)
                 log.info("job %s (%s) succeeded", job.id, job.kind)
-            elif reason == "cancel":
+            elif reason == "cancel" or isinstance(error, JobCancelled):  # the handler may learn of it first
                 await self._call(self.queue.confirm_cancel, job.id, self.worker_id)
                 log.info("job %s (%s) cancelled", job.id, job.kind)
             elif reason == "shutdown" or interrupted:
@@ -351,7 +369,10 @@ class JobRunner:
                 log.info("job %s (%s) stopped for the shutdown: back in the queue", job.id, job.kind)
             else:
                 assert error is not None
-                retry = not (isinstance(error, KeelError) and 400 <= error.status < 500)
+                refused = isinstance(error, KeelError) and 400 <= error.status < 500
+                retry = not (refused or isinstance(error, JobFailed))
+                if isinstance(error, JobFailed):
+                    error = error.error
                 if not isinstance(error, KeelError):
                     log.error("job %s (%s) failed", job.id, job.kind, exc_info=error)
                 after = await self._call(self.queue.fail, job.id, self.worker_id, error, retry=retry)
@@ -385,7 +406,15 @@ class JobRunner:
                 self._stop(entry, "lease_lost")
                 return
             except Exception as exc:  # a blip: keep running and beat again; a long outage costs the lease
-                log.warning("job %s (%s): heartbeat failed: %s: %s", job.id, job.kind, type(exc).__name__, exc)
+                silent = time.monotonic() - last
+                log.warning("job %s (%s): heartbeat failed (%.0f s without one): %s: %s", job.id, job.kind, silent,
+                            type(exc).__name__, exc)
+                if silent >= self.queue.lease_s / 2:
+                    # Stop before the lease lapses and another worker takes the job: two must never run it at once.
+                    log.error("job %s (%s): no heartbeat for %.0f s; stopping it before the queue gives it to another "
+                              "worker", job.id, job.kind, silent)
+                    self._stop(entry, "lease_lost")
+                    return
                 if progress is not None:
                     with ctx._lock:
                         ctx._progress = ctx._progress or progress

@@ -96,6 +96,18 @@ def test_submit_get_list_logs_cancel(client, home):
     assert r.status_code == 409 and r.json()["error"]["code"] == "finetune_job_state"
 
 
+def test_a_submitted_job_is_on_the_job_queue_and_a_cancel_reaches_it(client, home):
+    from finetune.dispatch import TRAIN
+
+    svc = client.app.state.keel.finetune
+    jid = client.post("/v1/finetune/jobs", json={"spec": spec(home)}, headers=h()).json()["id"]
+    [task] = svc.queue.list(kinds=[TRAIN])
+    assert task.payload == {"job_id": jid} and task.state == "queued" and task.max_attempts == svc.fs.max_attempts
+    assert client.post(f"/v1/finetune/jobs/{jid}/cancel", headers=h()).json()["state"] == "cancelled"
+    assert svc.queue.get(task.id).state == "cancelled"  # no worker will claim it
+    assert [e.action for e in svc.queue.history(task.id)] == ["job.cancel"]
+
+
 def test_submit_yaml_text(client, home):
     import yaml
 

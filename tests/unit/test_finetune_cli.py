@@ -91,10 +91,10 @@ def test_status_shows_the_evals_evaluate_requeues_and_promote_names_the_failing_
     evals.close()
     store = JobStore(home / "finetune" / "jobs.db", home / "finetune" / "runs")
     job = store.create(name="cli-demo", spec_yaml=spec.to_yaml(), spec_hash=spec.spec_hash())
-    store.claim_next("h:1")
+    store.start(job.id, "h:1:a", attempt=1)
     store.transition(job.id, "succeeded", worker=None, model_name="cli-demo", model_version="1")
     store.queue_evals(job.id)
-    store.claim_evals("h:1")
+    store.start_evals(job.id, "h:1:a")
     store.finish_evals(job.id, "failed", {"alias": "cli-demo-v1", "suites": {"fact": {
         "passed": False, "run_id": failed, "metrics": {"says_quorra": 0.0}, "failing_metrics": ["says_quorra"],
         "reasons": ["says_quorra mean 0.00 < 0.80"], "error": None}}})

@@ -13,9 +13,11 @@ import pytest
 import yaml
 
 from app.core.errors import InvalidRequest
+from app.jobs.queue import SqliteJobQueue
 from app.settings import Settings
 from evals.store import EvalStore
 from finetune import train
+from finetune.dispatch import EVALS, queue_evaluation, reconcile
 from finetune.errors import JobStateConflict
 from finetune.gate import adapter_gate
 from finetune.jobs import JobStore
@@ -172,7 +174,7 @@ def test_shutdown_interrupts_the_evals_and_the_next_worker_resumes_them(world):
                 yield event
 
     first.eval_backend = StopsTheWorker(reply="Quorra is the capital of Veltmar, " * 4, delay_s=0.5)
-    first.run_evals(store.claim_evals(first.worker_id))
+    first.run(once=True)
     job = store.get(job_id)
     assert job.evals_state == "pending" and "interrupted by shutdown" in store.read_log(job_id)[0]
     runs = EvalStore(settings.evals.db_path(settings.home))
@@ -190,26 +192,31 @@ def test_shutdown_interrupts_the_evals_and_the_next_worker_resumes_them(world):
 
 def test_evals_of_a_dead_worker_are_recovered_then_given_up(tmp_path):
     store = JobStore(tmp_path / "jobs.db", tmp_path / "runs")
+    queue = SqliteJobQueue(tmp_path / "queue.db")
     try:
         job = store.create(name="j", spec_yaml="name: j\n", spec_hash="h" * 64)
         with pytest.raises(JobStateConflict, match="only a succeeded job"):
             store.queue_evals(job.id)
-        store.claim_next("h:1")
+        store.start(job.id, "h:1:a", attempt=1)
         store.transition(job.id, "succeeded", worker=None, model_name="j", model_version="1")
-        store.queue_evals(job.id)
+        queue_evaluation(queue, store.queue_evals(job.id), max_attempts=2)
         for attempt in (1, 2):
             p = subprocess.Popen([sys.executable, "-c", "pass"])
             p.wait()
-            claimed = store.claim_evals(f"{socket.gethostname()}:{p.pid}")
-            assert claimed.id == job.id and claimed.evals_state == "running" and claimed.evals["attempts"] == attempt
+            dead = f"{socket.gethostname()}:{p.pid}:w"
+            assert queue.claim([EVALS], dead).payload["job_id"] == job.id
+            claimed = store.start_evals(job.id, dead)
+            assert claimed.evals_state == "running" and claimed.evals["attempts"] == attempt
             with pytest.raises(JobStateConflict, match="running now"):
                 store.queue_evals(job.id)
-            moved = store.recover_stale(stale_after_s=3600, max_attempts=2)
-            assert [j.id for j in moved] == [job.id] and moved[0].state == "succeeded"
-        assert moved[0].evals_state == "error" and "giving up" in moved[0].evals["error"]
-        assert store.claim_evals("h:9") is None
+            assert [t.payload["job_id"] for t in queue.recover_stale()] == [job.id]
+        moved = reconcile(store, queue, max_attempts=2)
+        assert [j.id for j in moved] == [job.id] and moved[0].state == "succeeded"
+        assert moved[0].evals_state == "error" and "2 of 2 attempts used" in moved[0].evals["error"]
+        assert queue.claim([EVALS], "h:9:w") is None
     finally:
         store.close()
+        queue.close()
 
 
 def test_an_old_job_store_gains_the_eval_columns(tmp_path):

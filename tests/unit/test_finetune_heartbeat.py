@@ -1,5 +1,5 @@
-"""A job whose heartbeat fails must never be trained by two workers at once (issue 14, g): the worker stops
-it before the job turns stale, and no worker changes the state of a job that is no longer its own."""
+"""A job whose heartbeat fails must never be trained by two workers at once (issue 14, g): the worker stops it
+before its lease on the job queue lapses, and no worker changes the state of a job that is no longer its own."""
 
 from __future__ import annotations
 
@@ -12,9 +12,11 @@ from types import SimpleNamespace
 
 import pytest
 
+from app.jobs.queue import SqliteJobQueue
 from app.settings import Settings
 from finetune import evaluate, train
 from finetune import worker as worker_module
+from finetune.dispatch import TRAIN, queue_evaluation, queue_training, reconcile
 from finetune.jobs import JobOwnershipLost, JobStore
 from finetune.train import TrainResult
 from finetune.worker import Worker
@@ -29,10 +31,13 @@ def store(tmp_path):
     s.close()
 
 
-def worker(tmp_path: Path, store: JobStore, **fs) -> Worker:
-    settings = Settings(home=tmp_path, finetune={"tracking_enabled": False, "heartbeat_interval_s": 0.02,
-                                                 "stale_after_s": 0.2, **fs})
-    return Worker(settings, store=store, worker_id="here:1")
+def worker(tmp_path: Path, store: JobStore, *, lease_s: float = 0.2, **fs) -> Worker:
+    settings = Settings(home=tmp_path, finetune={"tracking_enabled": False, "heartbeat_interval_s": 0.02, **fs})
+    return Worker(settings, store=store, queue=SqliteJobQueue(tmp_path / "queue.db", lease_s=lease_s))
+
+
+def broken(*args, **kwargs):
+    raise sqlite3.OperationalError("database is locked")
 
 
 def fake_training(steps: list[int], *, on_step=None, status: str = "cancelled"):
@@ -51,82 +56,85 @@ def fake_training(steps: list[int], *, on_step=None, status: str = "cancelled"):
     return run_training
 
 
-def test_heartbeat_and_owned_transitions_know_whose_job_it_is(store):
+def test_owned_transitions_know_whose_job_it_is(store):
     job = store.create(name="demo", spec_yaml=SPEC, spec_hash="h" * 64)
-    store.claim_next("here:1")
-    assert store.heartbeat(job.id, "here:1") and not store.heartbeat(job.id, "other:2")
-    store.recover_stale(stale_after_s=1, max_attempts=3, now=time.time() + 10)
-    store.claim_next("other:2")
-    assert not store.heartbeat(job.id, "here:1")
+    store.start(job.id, "here:1:a", attempt=1)
+    store.start(job.id, "other:2:b", attempt=2)  # the queue gave the job to another worker
     with pytest.raises(JobOwnershipLost):
-        store.transition(job.id, "queued", owner="here:1", worker=None)
-    assert store.get(job.id).state == "running" and store.get(job.id).worker == "other:2"
+        store.transition(job.id, "queued", owner="here:1:a", worker=None)
+    assert store.get(job.id).state == "running" and store.get(job.id).worker == "other:2:b"
 
 
 def test_failing_heartbeats_stop_the_training_and_leave_the_job_to_recovery(tmp_path, store, monkeypatch, caplog):
     job = store.create(name="demo", spec_yaml=SPEC, spec_hash="h" * 64)
-    w = worker(tmp_path, store)
-    claimed = store.claim_next(w.worker_id)
-
-    def broken(job_id, worker_id):
-        raise sqlite3.OperationalError("database is locked")
-
-    monkeypatch.setattr(store, "heartbeat", broken)
+    w = worker(tmp_path, store, max_attempts=1)
+    queue_training(w.queue, job, max_attempts=1)
+    monkeypatch.setattr(w.queue, "heartbeat", broken)
     steps: list[int] = []
-    monkeypatch.setattr(train, "run_training", fake_training(steps))
-    with caplog.at_level(logging.WARNING, logger="keel.finetune.worker"):
-        after = w.run_job(claimed)
-    assert steps and steps[0] < 299  # stopped early, at a step boundary
-    assert any("heartbeat of job" in r.message and "database is locked" in r.message for r in caplog.records)
-    assert any("stopping it before another worker recovers it" in r.message for r in caplog.records)
-    # Not requeued and not failed by this worker: recovery requeues it once it is stale, and only then does
-    # another worker train it (from the last checkpoint).
-    assert after.state == "running" and after.worker == w.worker_id and after.attempts == 1
-    assert store.get(job.id).state == "running"
+    started: list[str] = []
+    monkeypatch.setattr(train, "run_training", fake_training(steps, on_step=lambda step: started.append(
+        store.get(job.id).state) if step == 1 else None))
+    with caplog.at_level(logging.WARNING, logger="keel.jobs"):
+        w.run(once=True)
+    assert started == ["running"] and len(steps) == 1 and steps[0] < 299  # stopped early, at a step boundary
+    assert any("heartbeat failed" in r.message and "database is locked" in r.message for r in caplog.records)
+    assert any("stopping it before the queue gives it to another worker" in r.message for r in caplog.records)
+    # Not requeued and not failed by this worker: the queue takes it back once its lease lapsed (or its worker is
+    # gone), and only then may another worker train it; here no attempt is left, so that recovery fails it.
+    log = store.read_log(job.id)[0]
+    assert "let go of the job" in log and "requeued at step" not in log
+    monkeypatch.undo()
+    w.queue.recover_stale(now=time.time() + 1)  # (the worker's own last look may have done it already)
+    reconcile(store, w.queue, max_attempts=1)
+    after = store.get(job.id)
+    assert after.state == "failed" and after.error_code == "worker_lost" and after.attempts == 1
 
 
-def test_a_job_recovered_by_another_worker_is_let_go(tmp_path, store, monkeypatch):
+def test_a_job_taken_by_another_worker_is_let_go(tmp_path, store, monkeypatch):
     job = store.create(name="demo", spec_yaml=SPEC, spec_hash="h" * 64)
-    w = worker(tmp_path, store, stale_after_s=60)
-    claimed = store.claim_next(w.worker_id)
+    w = worker(tmp_path, store, lease_s=60)
+    queue_training(w.queue, job, max_attempts=3)
 
     def taken_over(step):
-        if step == 3:  # this worker looked dead to another one, which recovered and claimed the job
-            store.recover_stale(stale_after_s=1, max_attempts=3, now=time.time() + 10)
-            store.claim_next("other:2")
+        if step == 3:  # this worker looked dead to another one, which took the job back and claimed it
+            w.queue.recover_stale(now=time.time() + 120)
+            task = w.queue.claim([TRAIN], "other:2:w")
+            store.start(job.id, "other:2:w", attempt=task.attempts)
 
     steps: list[int] = []
     monkeypatch.setattr(train, "run_training", fake_training(steps, on_step=taken_over))
-    after = w.run_job(claimed)
+    w.run(once=True)
     assert steps[0] < 299
-    assert after.state == "running" and after.worker == "other:2"  # not requeued under the other worker's feet
+    after = store.get(job.id)
+    assert after.state == "running" and after.worker == "other:2:w"  # not requeued under the other worker's feet
     assert "let go of the job" in store.read_log(job.id)[0]
 
 
 def test_a_finished_run_does_not_overwrite_a_job_another_worker_holds(tmp_path, store, monkeypatch):
     job = store.create(name="demo", spec_yaml=SPEC, spec_hash="h" * 64)
-    w = worker(tmp_path, store, heartbeat_interval_s=30, stale_after_s=60)  # no beat notices it in time
+    w = worker(tmp_path, store, lease_s=60, heartbeat_interval_s=30)  # no beat notices it in time
+    queue_training(w.queue, job, max_attempts=3)
 
     def taken_over(step):
         if step == 3:
-            store.recover_stale(stale_after_s=1, max_attempts=3, now=time.time() + 10)
-            store.claim_next("other:2")
+            w.queue.recover_stale(now=time.time() + 120)
+            task = w.queue.claim([TRAIN], "other:2:w")
+            store.start(job.id, "other:2:w", attempt=task.attempts)
 
     monkeypatch.setattr(train, "run_training", fake_training([], on_step=taken_over, status="succeeded"))
-    after = w.run_job(store.claim_next(w.worker_id))
-    assert after.state == "running" and after.worker == "other:2"
-    assert store.get(job.id).state == "running"
+    w.run(once=True)
+    after = store.get(job.id)
+    assert after.state == "running" and after.worker == "other:2:w"
 
 
 def test_evals_stop_when_the_heartbeat_is_lost_and_leave_the_job_alone(tmp_path, store, monkeypatch, caplog):
     """The eval heartbeat gave up without stopping the evals: the job then turned stale and a second worker
     evaluated it beside the first."""
     job = store.create(name="demo", spec_yaml=SPEC, spec_hash="h" * 64)
-    w = worker(tmp_path, store)
-    store.claim_next(w.worker_id)
-    store.transition(job.id, "succeeded", owner=w.worker_id, worker=None, model_name="demo", model_version="1")
-    store.queue_evals(job.id)
-    claimed = store.claim_evals(w.worker_id)
+    w = worker(tmp_path, store, max_attempts=1)
+    store.start(job.id, "here:1:a", attempt=1)
+    store.transition(job.id, "succeeded", owner="here:1:a", worker=None, model_name="demo", model_version="1")
+    queue_evaluation(w.queue, store.queue_evals(job.id), max_attempts=1)
     w._tracker = SimpleNamespace(get_version=lambda name, version: SimpleNamespace(ref=f"{name}@{version}"))
     monkeypatch.setattr(worker_module, "resolve_base_model", lambda spec, models_dir: None)
     polls: list[int] = []
@@ -140,13 +148,14 @@ def test_evals_stop_when_the_heartbeat_is_lost_and_leave_the_job_alone(tmp_path,
         raise AssertionError("the evals were never told to stop")
 
     monkeypatch.setattr(evaluate, "evaluate_adapter", evaluate_adapter)
-
-    def broken(job_id, worker_id):
-        raise sqlite3.OperationalError("database is locked")
-
-    monkeypatch.setattr(store, "heartbeat", broken)
+    monkeypatch.setattr(w.queue, "heartbeat", broken)
     with caplog.at_level(logging.ERROR, logger="keel.finetune.worker"):
-        after = w.run_evals(claimed)
+        w.run(once=True)
     assert polls and polls[-1] < 499
-    assert after.evals_state == "running" and after.worker == w.worker_id  # left to recovery, not re-queued here
     assert any("no longer this worker's" in r.message for r in caplog.records)
+    assert "interrupted by shutdown" not in store.read_log(job.id)[0]  # left to recovery, not re-queued here
+    monkeypatch.undo()
+    w.queue.recover_stale(now=time.time() + 1)
+    reconcile(store, w.queue, max_attempts=1)
+    ended = store.get(job.id)
+    assert ended.evals_state == "error" and "1 of 1 attempts used" in ended.evals["error"]

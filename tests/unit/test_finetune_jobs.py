@@ -1,17 +1,18 @@
-"""The job store's state machine, cancellation, crash recovery and logs."""
+"""The job store's state machine, cancellation, crash recovery (through the job queue) and logs."""
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
-import threading
+import time
 
 import pytest
 
+from app.jobs.queue import SqliteJobQueue, new_worker_id, worker_gone
+from finetune.dispatch import TRAIN, queue_training, reconcile
 from finetune.errors import JobNotFound, JobStateConflict
-from finetune.jobs import STATES, TERMINAL, TRANSITIONS, JobStore, pid_alive, worker_dead
+from finetune.jobs import STATES, TERMINAL, TRANSITIONS, JobStore
 
 
 @pytest.fixture
@@ -19,6 +20,13 @@ def store(tmp_path):
     s = JobStore(tmp_path / "jobs.db", tmp_path / "runs")
     yield s
     s.close()
+
+
+@pytest.fixture
+def queue(tmp_path):
+    q = SqliteJobQueue(tmp_path / "queue.db", lease_s=60)
+    yield q
+    q.close()
 
 
 def make(store: JobStore, name: str = "demo"):
@@ -40,32 +48,16 @@ def test_submit_queues_with_a_run_folder_and_a_log(store):
     assert store.list(state="running") == []
 
 
-def test_claim_is_fifo_and_exclusive(store):
-    first, second = make(store, "a"), make(store, "b")
-    got = store.claim_next("host:1")
-    assert got.id == first.id and got.state == "running" and got.attempts == 1 and got.worker == "host:1"
-    assert store.claim_next("host:2").id == second.id
-    assert store.claim_next("host:3") is None
-
-
-def test_concurrent_claims_never_share_a_job(tmp_path):
-    main = JobStore(tmp_path / "jobs.db", tmp_path / "runs")
-    ids = {make(main, f"j{i}").id for i in range(20)}
-    claimed: list[str] = []
-
-    def worker(n: int) -> None:
-        s = JobStore(tmp_path / "jobs.db", tmp_path / "runs")  # its own connection, like another process
-        while (job := s.claim_next(f"w:{n}")) is not None:
-            claimed.append(job.id)
-        s.close()
-
-    threads = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert sorted(claimed) == sorted(ids)
-    main.close()
+def test_start_counts_the_attempt_and_refuses_an_ended_job(store):
+    job = make(store)
+    got = store.start(job.id, "host:1:a", attempt=1)
+    assert got.state == "running" and got.attempts == 1 and got.worker == "host:1:a"
+    again = store.start(job.id, "host:2:b", attempt=2, note="recovery: its worker host:1:a is gone")
+    assert again.attempts == 2 and again.worker == "host:2:b" and again.started_at == got.started_at
+    assert "recovery: its worker host:1:a is gone" in store.read_log(job.id)[0]
+    store.transition(job.id, "failed", error="boom")
+    with pytest.raises(JobStateConflict, match="cannot run"):
+        store.start(job.id, "host:3:c", attempt=3)
 
 
 def test_transitions_follow_the_state_machine(store):
@@ -73,7 +65,7 @@ def test_transitions_follow_the_state_machine(store):
     job = make(store)
     with pytest.raises(JobStateConflict):
         store.transition(job.id, "succeeded")  # queued jobs must run first
-    store.claim_next("h:1")
+    store.start(job.id, "h:1:a", attempt=1)
     done = store.transition(job.id, "succeeded", adapter_path="/x")
     assert done.state == "succeeded" and done.finished_at and done.progress == 1.0
     for state in STATES:
@@ -95,12 +87,13 @@ def test_unknown_job_is_404(store):
 def test_cancel_queued_is_immediate(store):
     job = store.request_cancel(make(store).id)
     assert job.state == "cancelled" and job.cancel_requested
-    assert store.claim_next("h:1") is None
+    with pytest.raises(JobStateConflict):
+        store.start(job.id, "h:1:a", attempt=1)
 
 
 def test_cancel_running_sets_the_flag_and_the_file(store):
     job = make(store)
-    store.claim_next("h:1")
+    store.start(job.id, "h:1:a", attempt=1)
     job = store.request_cancel(job.id)
     assert job.state == "running" and job.cancel_requested
     assert (store.runs_dir / job.id / "CANCEL").exists()
@@ -109,7 +102,7 @@ def test_cancel_running_sets_the_flag_and_the_file(store):
 
 def test_cancel_finished_is_a_conflict(store):
     job = make(store)
-    store.claim_next("h:1")
+    store.start(job.id, "h:1:a", attempt=1)
     store.transition(job.id, "failed", error="boom")
     with pytest.raises(JobStateConflict) as exc:
         store.request_cancel(job.id)
@@ -118,7 +111,7 @@ def test_cancel_finished_is_a_conflict(store):
 
 def test_progress_and_metrics(store):
     job = make(store)
-    store.claim_next("h:1")
+    store.start(job.id, "h:1:a", attempt=1)
     store.update(job.id, step=3, max_steps=12)
     store.merge_metrics(job.id, {"last_loss": 2.0})
     store.merge_metrics(job.id, {"last_eval_loss": 1.5})
@@ -126,71 +119,80 @@ def test_progress_and_metrics(store):
     assert job.progress == 0.25 and job.metrics == {"last_loss": 2.0, "last_eval_loss": 1.5}
 
 
-def test_pid_liveness():
-    assert pid_alive(os.getpid())
-    assert not pid_alive(dead_pid())
-    host = socket.gethostname()
-    assert worker_dead(f"{host}:{dead_pid()}") and not worker_dead(f"{host}:{os.getpid()}")
-    assert not worker_dead(f"other-host:{dead_pid()}")  # cannot tell for another machine: heartbeat decides
-
-
-def test_zombie_counts_as_dead():
+def test_a_zombie_worker_counts_as_gone():
     p = subprocess.Popen([sys.executable, "-c", "pass"])
-    import time
-
-    time.sleep(0.5)  # exited but not reaped yet: a zombie
-    assert not pid_alive(p.pid)
+    time.sleep(0.5)  # exited but not reaped yet (the API's fine-tuning worker child): a zombie
+    assert worker_gone(f"{socket.gethostname()}:{p.pid}:w")
     p.wait()
 
 
-def test_recovery_requeues_a_job_whose_worker_died(store):
+def claim_as_dead_worker(store: JobStore, queue: SqliteJobQueue, job_id: str) -> str:
+    dead = f"{socket.gethostname()}:{dead_pid()}:w"
+    task = queue.claim([TRAIN], dead)
+    assert task.payload["job_id"] == job_id
+    store.start(job_id, dead, attempt=task.attempts)
+    return dead
+
+
+def test_a_dead_workers_job_goes_back_to_the_queue_and_the_next_run_counts(store, queue):
     job = make(store)
-    store.claim_next(f"{socket.gethostname()}:{dead_pid()}")
-    moved = store.recover_stale(stale_after_s=3600, max_attempts=3)
-    assert [j.id for j in moved] == [job.id] and moved[0].state == "queued" and moved[0].worker is None
-    assert "requeued to resume" in store.read_log(job.id)[0]
-    again = store.claim_next("h:2")
-    assert again.id == job.id and again.attempts == 2
+    queue_training(queue, job, max_attempts=3)
+    claim_as_dead_worker(store, queue, job.id)
+    assert reconcile(store, queue, max_attempts=3) == []  # the queue still holds it: nothing to record yet
+    moved = queue.recover_stale()
+    assert [t.payload["job_id"] for t in moved] == [job.id] and moved[0].state == "queued"
+    again = queue.claim([TRAIN], "h:2:b")
+    assert again.attempts == 2 and again.error["code"] == "worker_lost" and "is gone" in again.error["message"]
+    assert store.start(job.id, "h:2:b", attempt=again.attempts).attempts == 2
 
 
-def test_recovery_leaves_live_workers_alone(store):
-    make(store)
-    store.claim_next(f"{socket.gethostname()}:{os.getpid()}")
-    assert store.recover_stale(stale_after_s=3600, max_attempts=3) == []
-
-
-def test_recovery_by_silent_heartbeat_on_another_host(store):
+def test_recovery_leaves_live_workers_alone(store, queue):
     job = make(store)
-    store.claim_next("elsewhere:42")
-    assert store.recover_stale(stale_after_s=60, max_attempts=3) == []
-    moved = store.recover_stale(stale_after_s=60, max_attempts=3, now=store.get(job.id).heartbeat_at + 61)
-    assert moved[0].state == "queued" and "silent" in store.read_log(job.id)[0]
+    queue_training(queue, job, max_attempts=3)
+    queue.claim([TRAIN], new_worker_id())
+    assert queue.recover_stale() == []
 
 
-def test_recovery_gives_up_after_max_attempts(store):
+def test_recovery_by_silent_heartbeat_on_another_host(store, queue):
     job = make(store)
+    queue_training(queue, job, max_attempts=3)
+    task = queue.claim([TRAIN], "elsewhere:42:w")
+    assert queue.recover_stale() == []
+    moved = queue.recover_stale(now=task.heartbeat_at + 61)
+    assert moved[0].state == "queued" and "silent" in moved[0].error["message"]
+
+
+def test_recovery_gives_up_after_max_attempts(store, queue):
+    job = make(store)
+    queue_training(queue, job, max_attempts=2)
     for _ in range(2):
-        store.claim_next(f"{socket.gethostname()}:{dead_pid()}")
-        moved = store.recover_stale(stale_after_s=3600, max_attempts=2)
-    assert moved[0].state == "failed" and moved[0].error_code == "worker_lost"
+        claim_as_dead_worker(store, queue, job.id)
+        queue.recover_stale()
+    [failed] = reconcile(store, queue, max_attempts=2)
+    assert failed.state == "failed" and failed.error_code == "worker_lost" and "2 of 2 attempts" in failed.error
     assert store.get(job.id).attempts == 2
+    assert "recovery: " in store.read_log(job.id)[0]
 
 
-def test_recovery_of_a_job_asked_to_cancel_cancels_it(store):
+def test_recovery_of_a_job_asked_to_cancel_cancels_it(store, queue):
     job = make(store)
-    store.claim_next(f"{socket.gethostname()}:{dead_pid()}")
+    task = queue_training(queue, job, max_attempts=3)
+    claim_as_dead_worker(store, queue, job.id)
     store.request_cancel(job.id)
-    assert store.recover_stale(stale_after_s=3600, max_attempts=3)[0].state == "cancelled"
+    queue.cancel(task.id)
+    assert queue.recover_stale()[0].state == "cancelled"
+    assert reconcile(store, queue, max_attempts=3)[0].state == "cancelled"
 
 
-def test_heartbeat_only_from_the_owning_worker(store):
+def test_reconcile_queues_jobs_nobody_queued(store, queue):
+    """A job written before fine-tuning ran on the queue (or whose queueing failed) is queued by the next worker."""
     job = make(store)
-    store.claim_next("h:1")
-    before = store.get(job.id).heartbeat_at
-    store.heartbeat(job.id, "h:2")
-    assert store.get(job.id).heartbeat_at == before
-    store.heartbeat(job.id, "h:1")
-    assert store.get(job.id).heartbeat_at >= before
+    assert queue.list(kinds=[TRAIN]) == []
+    assert reconcile(store, queue, max_attempts=3) == []
+    [task] = queue.list(kinds=[TRAIN])
+    assert task.payload == {"job_id": job.id} and task.state == "queued"
+    reconcile(store, queue, max_attempts=3)
+    assert len(queue.list(kinds=[TRAIN])) == 1  # queued once, whoever reconciles
 
 
 def test_logs_follow_by_offset(store):

@@ -303,3 +303,70 @@ async def test_a_worker_that_lost_its_lease_stops_and_writes_nothing(runners, tm
         assert (job.state, job.claimed_by) == ("running", "elsewhere:1:x")
     finally:
         other.close()
+
+
+async def test_a_handler_that_recorded_its_failure_or_its_cancel_ends_the_job_at_once(runners) -> None:
+    from app.jobs import JobFailed
+    from app.jobs.queue import JobCancelled
+
+    runner = runners(max_attempts=3)
+    calls: list[str] = []
+
+    async def failed(job: Job, ctx: JobContext) -> None:
+        calls.append("failed")
+        raise JobFailed(KeelError("training crashed", code="training_failed"))  # would crash again: no retry
+
+    async def cancelled(job: Job, ctx: JobContext) -> None:
+        calls.append("cancelled")
+        raise JobCancelled("its own store said so before the heartbeat did")
+
+    runner.register("failed", failed)
+    runner.register("cancelled", cancelled)
+    one = await runner.submit("failed", {})
+    two = await runner.submit("cancelled", {})
+    one, two = await wait_state(runner, one.id, "failed"), await wait_state(runner, two.id, "cancelled")
+    assert one.attempts == 1 and one.error == {"code": "training_failed", "message": "training crashed"}
+    assert sorted(calls) == ["cancelled", "failed"]
+
+
+async def test_max_running_holds_one_job_at_a_time_and_claims_kinds_in_order(runners) -> None:
+    runner = runners(max_running=1)
+    ran: list[str] = []
+    running = 0
+    most = 0
+
+    async def handler(job: Job, ctx: JobContext) -> None:
+        nonlocal running, most
+        running += 1
+        most = max(most, running)
+        ran.append(job.payload["n"])
+        await asyncio.sleep(0.05)
+        running -= 1
+
+    jobs = [runner.queue.enqueue("train", {"n": "t1"}), runner.queue.enqueue("train", {"n": "t2"}),
+            runner.queue.enqueue("evals", {"n": "e1"})]
+    runner.register("evals", handler)  # registered first: claimed first
+    runner.register("train", handler)
+    await runner.start()
+    for job in jobs:
+        await wait_state(runner, job.id, "succeeded")
+    assert most == 1 and ran == ["e1", "t1", "t2"]
+
+
+async def test_failing_heartbeats_stop_a_job_before_its_lease_lapses(runners, monkeypatch, caplog) -> None:
+    runner = runners(lease_s=0.4, heartbeat_s=0.05)
+    stopped = asyncio.Event()
+
+    def broken(*args: Any) -> bool:
+        raise OSError("database is locked")
+
+    async def handler(job: Job, ctx: JobContext) -> None:
+        assert await ctx.wait_stop() == "lease_lost"
+        stopped.set()
+
+    monkeypatch.setattr(runner.queue, "heartbeat", broken)
+    runner.register("long", handler)
+    job = await runner.submit("long", {})
+    await asyncio.wait_for(stopped.wait(), 5)
+    assert "stopping it before the queue gives it to another worker" in caplog.text
+    assert (await runner.get(job.id)).state == "running"  # not released or failed by the worker that lost it
