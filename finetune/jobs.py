@@ -12,7 +12,7 @@ States::
 
 A job whose worker died (its process is gone, or its lease on the queue lapsed) is taken back by the queue and
 claimed again; the next worker :meth:`JobStore.start`s it once more and it resumes from its last checkpoint.
-Once the queue gives up (``jobs.max_attempts`` runs), :meth:`JobStore.fail_lost` records the failure here.
+Once the queue gives up (``finetune.max_attempts`` runs), :meth:`JobStore.fail_lost` records the failure here.
 
 Evaluation of a succeeded job's adapter (its spec's eval suites) has its own small state,
 ``evals_state``, next to ``state``: the training outcome stays ``succeeded`` whatever the
@@ -343,23 +343,28 @@ class JobStore:
         self.append_log(job_id, "cancel requested")
         return self.get(job_id)
 
-    def fail_lost(self, job_id: str, message: str) -> Job | None:
+    def fail_lost(self, job_id: str, message: str, *, evals_seq: int | None = None) -> Job | None:
         """The job queue gave up on the job (its workers were lost ``max_attempts`` times) or cancelled it while
-        nobody ran it: record that on the job, unless it has ended already. Returns the job if it changed."""
+        nobody ran it: record that on the job, unless it has ended already. ``evals_seq`` None: its training
+        ended so; else that evaluation did (a newer one is left alone). Returns the job if it changed."""
         now = time.time()
         with self._tx() as db:
             row = db.execute("SELECT state, evals_state, evals, cancel_requested FROM jobs WHERE id = ?",
                              (job_id,)).fetchone()
             if row is None:
                 return None
-            if row["state"] in ("queued", "running"):
+            if evals_seq is None and row["state"] in ("queued", "running"):
                 if row["cancel_requested"]:
                     self._update(db, job_id, state="cancelled", finished_at=now, updated_at=now, worker=None)
                 else:
                     self._update(db, job_id, state="failed", finished_at=now, updated_at=now, worker=None,
                                  error=message, error_code="worker_lost")
-            elif row["state"] == "succeeded" and row["evals_state"] in ("pending", "running"):
-                evals = {**(json.loads(row["evals"]) if row["evals"] else {}), "error": message, "finished_at": now}
+            elif evals_seq is not None and row["state"] == "succeeded" and row["evals_state"] in ("pending",
+                                                                                                  "running"):
+                evals = json.loads(row["evals"]) if row["evals"] else {}
+                if int(evals.get("seq", 0)) != evals_seq:
+                    return None
+                evals.update(error=message, finished_at=now)
                 self._update(db, job_id, evals_state="error", evals=evals, worker=None, heartbeat_at=None,
                              updated_at=now)
             else:

@@ -36,8 +36,8 @@ class FinetuneSettings(BaseModel):
     poll_interval_s: float = Field(default=2.0, gt=0, description="How often an idle worker looks for queued jobs.")
     heartbeat_interval_s: float = Field(default=5.0, gt=0, description=(
         "How often a worker beats the heartbeat of the job it runs, and so how soon it learns of a cancel sent "
-        "from another machine (at most half of jobs.lease_s: a job whose worker is silent for jobs.lease_s is "
-        "taken back by the job queue and resumed by another worker)."))
+        "from another machine (at most a third of jobs.lease_s is used: a job whose worker is silent for "
+        "jobs.lease_s is taken back by the job queue and resumed by another worker)."))
     max_attempts: int = Field(default=3, ge=1, description="Runs of one job (first run plus crash recoveries).")
     allowed_roots: list[Path] | None = Field(
         default=None,

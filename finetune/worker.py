@@ -77,6 +77,7 @@ class Worker:
         self.worker_id = worker_id or new_worker_id()
         self.shutdown = threading.Event()
         self.trained = 0
+        self._served = False
 
     @property
     def tracker(self) -> Tracker | None:
@@ -101,10 +102,14 @@ class Worker:
         return asyncio.run(self.serve(once=once))
 
     async def serve(self, *, once: bool = False) -> int:
-        jobs = self.settings.jobs
+        if self._served:  # the id of an earlier serve() is retired: a job still claimed by it looks abandoned
+            self.worker_id = new_worker_id()
+        self._served = True
+        # No shutdown grace: training runs in a thread that only stops at its next step; giving its job back to the
+        # queue before then would let another worker train it beside this one. (SIGKILL ends both at once.)
         runner = JobRunner(self.queue, worker_id=self.worker_id, close_queue=False, max_running=1,
-                           heartbeat_s=min(self.fs.heartbeat_interval_s, self.queue.lease_s / 2),
-                           poll_s=self.fs.poll_interval_s, shutdown_grace_s=jobs.shutdown_grace_s)
+                           heartbeat_s=min(self.fs.heartbeat_interval_s, self.queue.lease_s / 3),
+                           poll_s=self.fs.poll_interval_s, shutdown_grace_s=None)
         if self.fs.auto_eval:
             runner.register(EVALS, self._evaluate)
         runner.register(TRAIN, self._train)
@@ -131,19 +136,29 @@ class Worker:
         return self.trained - before
 
     def _claimable(self) -> bool:
+        """Work for this worker: a job it may claim now, or one it has just claimed (not yet running here)."""
         self.queue.recover_stale()
         now = time.time()
-        return any(j.run_after <= now for j in self.queue.list(kinds=self.kinds, states=["queued"]))
+        return any(j.run_after <= now if j.state == "queued" else j.claimed_by == self.worker_id
+                   for j in self.queue.list(kinds=self.kinds, states=["queued", "running"]))
 
     # -- the two handlers --------------------------------------------------------------------------------------
 
     async def _train(self, task: QueueJob, ctx: JobContext) -> dict[str, Any]:
         job_id = task.payload["job_id"]
-        lost = (task.error or {}).get("code") == "worker_lost"
+        lost = (task.error or {}).get("code") in ("worker_lost", "heartbeat_failed")
         note = f"recovery: {task.error['message']}; requeued to resume from its last checkpoint" if lost else ""
         try:
             job = await asyncio.to_thread(self.store.start, job_id, self.worker_id, attempt=task.attempts, note=note)
-        except (JobNotFound, JobStateConflict) as exc:  # cancelled (or ended) before a worker got to it
+        except JobNotFound as exc:
+            raise JobFailed(exc) from None
+        except JobStateConflict as exc:  # cancelled (or ended: a worker died after recording it) meanwhile
+            ended = await asyncio.to_thread(self.store.get, job_id)
+            if ended.state == "cancelled":
+                raise JobCancelled(exc.message) from None
+            if ended.state == "failed":
+                error = KeelError(ended.error or exc.message, code=ended.error_code or "training_failed")
+                raise JobFailed(error) from None
             return {"skipped": exc.message}
         with self._span("keel.finetune.train", job, task) as span:
             after = await asyncio.to_thread(self.run_job, job, ctx)
@@ -154,7 +169,9 @@ class Worker:
     async def _evaluate(self, task: QueueJob, ctx: JobContext) -> dict[str, Any]:
         try:
             job = await asyncio.to_thread(self.store.start_evals, task.payload["job_id"], self.worker_id)
-        except (JobNotFound, JobStateConflict) as exc:
+        except JobNotFound as exc:
+            raise JobFailed(exc) from None
+        except JobStateConflict as exc:  # evaluated meanwhile (this evaluation's job ran twice)
             return {"skipped": exc.message}
         with self._span("keel.finetune.eval", job, task) as span:
             after = await asyncio.to_thread(self.run_evals, job, ctx)
@@ -166,6 +183,9 @@ class Worker:
         unfinished = job.state in ("queued", "running") if training else job.evals_state in ("pending", "running")
         if unfinished:
             ctx.check()  # stopped for the shutdown (the runner gives the job back) or by a lost lease: it raises
+            # Stopped without being asked (a CANCEL file is a cancel; this is something else): try again later,
+            # so that the queue job and the fine-tuning job never disagree on whether it is done.
+            raise KeelError(f"fine-tuning job {job.id} stopped before it finished; it runs again", code="interrupted")
         if training and job.state == "cancelled":
             raise JobCancelled(f"fine-tuning job {job.id} was cancelled")
         if training and job.state == "failed":
@@ -192,7 +212,7 @@ class Worker:
         """Train a job this worker has started (:meth:`JobStore.start`); ``ctx`` says when to stop (a cancel, the
         worker's shutdown, or the queue gave the job to another worker)."""
         # lazy: only the worker process trains: keeps `keel --help` and `import app.api.main` ~4 ms lighter
-        from finetune.train import TrainHooks, run_training
+        from finetune.train import CANCEL_FILE, TrainHooks, run_training
 
         handler = logging.FileHandler(job.log_path)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -248,7 +268,8 @@ class Worker:
                 if ctx is not None and ctx.stop_reason == "lease_lost":
                     raise JobOwnershipLost(f"job {job.id} stopped at step {result.global_step}: its heartbeat "
                                            "failed, so another worker may run it")
-                if self.store.get(job.id).cancel_requested or (ctx is not None and ctx.stop_reason == "cancel"):
+                asked = self.store.get(job.id).cancel_requested or (ctx is not None and ctx.stop_reason == "cancel")
+                if asked or (Path(job.run_dir) / CANCEL_FILE).exists():  # the file: a cancel by hand, documented
                     self._end_run(run_id, "KILLED")
                     self.store.append_log(job.id, f"cancelled at step {result.global_step}")
                     return self.store.transition(job.id, "cancelled", owner=mine, worker=None)
@@ -324,7 +345,8 @@ class Worker:
                 log.error("evals of job %s stopped: the job is no longer this worker's; its state is left alone",
                           job.id)
                 return self.store.get(job.id)
-            self.store.append_log(job.id, "evals interrupted by shutdown: queued again (the runs resume)")
+            why = "cancelled on the job queue" if ctx is not None and ctx.stop_reason == "cancel" else "shutdown"
+            self.store.append_log(job.id, f"evals interrupted by {why}: queued again (the runs resume)")
             return self.store.finish_evals(job.id, "pending", {})
         except Exception as exc:
             message = exc.message if isinstance(exc, KeelError) else f"{type(exc).__name__}: {exc}"

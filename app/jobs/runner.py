@@ -141,17 +141,21 @@ class _Running:
     kind: _Kind
     task: asyncio.Task | None = None  # the handler
     supervisor: asyncio.Task | None = None  # runs the handler, beats, records the outcome
+    unbeaten: bool = False  # stopped by this runner because its heartbeats failed (the lease may still hold)
 
 
 class JobRunner:
     def __init__(self, queue: JobQueue, *, worker_id: str | None = None, heartbeat_s: float = 10.0,
-                 progress_interval_s: float = 1.0, poll_s: float = 1.0, shutdown_grace_s: float = 30.0,
+                 progress_interval_s: float = 1.0, poll_s: float = 1.0, shutdown_grace_s: float | None = 30.0,
                  retention_s: float | None = None, close_queue: bool = True, tracer: Tracer | None = None,
                  max_running: int | None = None) -> None:
         """``tracer``: each attempt of a job is a trace (``keel.job <kind>``); what the handler does (an eval run's
         chats, an ingest's steps) nests under it. ``max_running``: jobs at once in this runner whatever their kind
         (a fine-tuning worker holds one GPU job at a time); kinds are then claimed in the order they were
-        registered, so the first has priority. None: each kind is limited by its own slots only."""
+        registered, so the first has priority. None: each kind is limited by its own slots only.
+        ``shutdown_grace_s`` None: at shutdown, wait for running handlers however long they take (for work in a
+        thread that a cancellation cannot stop: giving its job back while the thread runs would let another
+        worker run it beside this one)."""
         self.max_running = max_running
         self.tracer = tracer or trace.NoOpTracer()
         self.queue = queue
@@ -356,7 +360,14 @@ class JobRunner:
         try:
             if last is not None and reason != "lease_lost":
                 await self._call(self.queue.progress, job.id, self.worker_id, last)
-            if reason == "lease_lost":
+            if reason == "lease_lost" and entry.unbeaten:
+                # An attempt spent, as if the worker had died: a queue that keeps refusing beats ends the job.
+                error = {"code": "heartbeat_failed", "message": f"attempt {job.attempts} stopped: its heartbeats "
+                         "failed, so it was stopped before its lease lapsed"}
+                with contextlib.suppress(LeaseLost):  # unless the lease lapsed meanwhile: then recovery has it
+                    await self._call(self.queue.fail, job.id, self.worker_id, error, retry=True)
+                log.warning("job %s (%s) stopped: its heartbeats failed", job.id, job.kind)
+            elif reason == "lease_lost":
                 log.warning("job %s (%s) stopped: another worker took it over", job.id, job.kind)
             elif error is None and not interrupted:
                 await self._call(self.queue.complete, job.id, self.worker_id, result)
@@ -395,13 +406,15 @@ class JobRunner:
             progress = ctx._take_progress()
             if progress is None and time.monotonic() - last < self.heartbeat_s:
                 continue
+            # The queue stamps the beat when the call starts (it may wait for a lock), so the lease runs from here.
+            beat_at = time.monotonic()
             try:
                 if progress is None:
                     cancel = await self._call(self.queue.heartbeat, job.id, self.worker_id)
                 else:
                     cancel = await self._call(self.queue.progress, job.id, self.worker_id, progress)
                     self._changed()
-                last = time.monotonic()
+                last = beat_at
             except LeaseLost:
                 self._stop(entry, "lease_lost")
                 return
@@ -411,8 +424,10 @@ class JobRunner:
                             type(exc).__name__, exc)
                 if silent >= self.queue.lease_s / 2:
                     # Stop before the lease lapses and another worker takes the job: two must never run it at once.
+                    # The job goes back to the queue once it has stopped, if the queue can be reached by then.
                     log.error("job %s (%s): no heartbeat for %.0f s; stopping it before the queue gives it to another "
                               "worker", job.id, job.kind, silent)
+                    entry.unbeaten = True
                     self._stop(entry, "lease_lost")
                     return
                 if progress is not None:

@@ -88,6 +88,7 @@ def test_failing_heartbeats_stop_the_training_and_leave_the_job_to_recovery(tmp_
     reconcile(store, w.queue, max_attempts=1)
     after = store.get(job.id)
     assert after.state == "failed" and after.error_code == "worker_lost" and after.attempts == 1
+    assert "its heartbeats failed" in after.error
 
 
 def test_a_job_taken_by_another_worker_is_let_go(tmp_path, store, monkeypatch):
@@ -158,4 +159,21 @@ def test_evals_stop_when_the_heartbeat_is_lost_and_leave_the_job_alone(tmp_path,
     w.queue.recover_stale(now=time.time() + 1)
     reconcile(store, w.queue, max_attempts=1)
     ended = store.get(job.id)
-    assert ended.evals_state == "error" and "1 of 1 attempts used" in ended.evals["error"]
+    assert ended.evals_state == "error" and "its heartbeats failed" in ended.evals["error"]
+
+
+def test_a_cancel_file_cancels_the_job_and_its_queue_job(tmp_path, store, monkeypatch):
+    """The documented cancel by hand (a CANCEL file in the run folder) ends both records as cancelled: never a
+    fine-tuning job back in 'queued' with its queue job 'succeeded', which nothing would run again."""
+    job = store.create(name="demo", spec_yaml=SPEC, spec_hash="h" * 64)
+    w = worker(tmp_path, store, lease_s=60)
+    task = queue_training(w.queue, job, max_attempts=3)
+
+    def run_training(spec, run_dir, *, models_dir, device, hooks):
+        (run_dir / train.CANCEL_FILE).touch()  # what the trainer's per-step check stops on
+        return TrainResult(status="cancelled", run_dir=run_dir, adapter_dir=None, global_step=3, max_steps=300,
+                           resumed_from=None)
+
+    monkeypatch.setattr(train, "run_training", run_training)
+    w.run(once=True)
+    assert store.get(job.id).state == "cancelled" and w.queue.get(task.id).state == "cancelled"

@@ -184,6 +184,14 @@ def test_recovery_of_a_job_asked_to_cancel_cancels_it(store, queue):
     assert reconcile(store, queue, max_attempts=3)[0].state == "cancelled"
 
 
+def test_a_job_a_worker_of_the_release_before_the_queue_still_trains_is_left_to_it(store, queue):
+    job = make(store)
+    store.start(job.id, "oldhost:4242", attempt=1)  # the old worker's id; it beat the job a moment ago
+    assert reconcile(store, queue, max_attempts=3) == [] and queue.list(kinds=[TRAIN]) == []
+    assert reconcile(store, queue, max_attempts=3, now=time.time() + 121) == []  # silent since: queued to resume
+    assert [t.payload["job_id"] for t in queue.list(kinds=[TRAIN])] == [job.id]
+
+
 def test_reconcile_queues_jobs_nobody_queued(store, queue):
     """A job written before fine-tuning ran on the queue (or whose queueing failed) is queued by the next worker."""
     job = make(store)
