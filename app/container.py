@@ -24,8 +24,8 @@ from app.jobs import JobRunner
 from app.llm.base import LLMBackend
 from app.llm.router import ModelRouter
 from app.llm.routing import open_routing_table
-from app.security.keys import KeyStore
-from app.security.ratelimit import RateLimiter
+from app.security.keys import ApiKeys, open_key_store
+from app.security.ratelimit import RateLimits, open_rate_limiter
 from app.services.chat import ChatService
 from app.services.grounding import Grounder
 from app.services.ingest_jobs import IngestJobs
@@ -67,8 +67,8 @@ log = logging.getLogger("keel")
 class Container:
     settings: Settings
     metrics: Metrics
-    keys: KeyStore
-    rate_limiter: RateLimiter
+    keys: ApiKeys
+    rate_limiter: RateLimits
     llm: ModelRouter
     chat: ChatService
     prompts: PromptRegistry
@@ -114,7 +114,11 @@ class Container:
         settings.home.mkdir(parents=True, exist_ok=True)
         metrics = metrics or Metrics()
         tracing = tracing or Tracing(settings.otel, settings.home, dropped=metrics.trace_dropped)
-        keys = KeyStore(settings.db_path)
+        keys_url = settings.auth.url.get_secret_value() if settings.auth.url else None
+        keys = open_key_store(keys_url, settings.db_path)
+        rate_limiter = open_rate_limiter(keys_url, shared=settings.auth.shared_rate_limits,
+                                         fail_open=settings.auth.rate_limit_fail_open,
+                                         on_store_error=metrics.rate_limit_store_errors.inc)
         prompts = build_registry(settings)
         eval_store = EvalStore(settings.evals.db_path(settings.home))
         if settings.evals.gate_enabled:
@@ -173,7 +177,7 @@ class Container:
                 feedback=releases.store.feedback_for if releases is not None else None)
             monitor = build_monitor(settings, front.store, metrics, rag.embedder, releases=releases,
                                     flush=front.flush)
-        container = cls(settings, metrics, keys, RateLimiter(), llm, chat, prompts, rag, jobs, guards, agents, finetune,
+        container = cls(settings, metrics, keys, rate_limiter, llm, chat, prompts, rag, jobs, guards, agents, finetune,
                         eval_store, jobs=runner, releases=releases, serving=serving, front=front, lineage=lineage,
                         tracing=tracing, monitor=monitor)
         EvalJobs(container.eval_deps).register(runner, slots=settings.jobs.eval_slots)
@@ -207,6 +211,7 @@ class Container:
             container._closers.append(close_embedder)
         if start_backends:
             container._background(container._restore_adapters())
+            container.llm.on_server_restart(container._restore_after_restart)
         return container
 
     def _register_tools(self) -> None:
@@ -328,6 +333,12 @@ class Container:
         if restored:
             log.info("restored adapter deployments: %s", ", ".join(restored))
 
+    async def _restore_after_restart(self, backend: str) -> None:
+        """A vLLM server that restarted has forgotten the adapters loaded into it at run time: load them again."""
+        restored = await self.finetune.restore_deployments(backend=backend)
+        if restored:
+            log.info("restored adapter deployments after vLLM %s restarted: %s", backend, ", ".join(restored))
+
     async def aclose(self) -> None:
         """Close everything, in order, each closer even when an earlier one failed (a store that failed to
         flush must not leave the others open). Failures are logged, each with its step, not raised: by now
@@ -349,6 +360,7 @@ class Container:
             ("model backends", self.llm.aclose), ("routing table", self.llm.routes.close),
             *((("guardrails", self.guards.aclose),) if self.guards is not None else ()),
             ("prompt registry", self.prompts.close), ("vector store", self.rag.close), ("API keys", self.keys.close),
+            ("rate limits", self.rate_limiter.close),
             *((("traces", self.tracing.close),) if self.tracing is not None else ()),
         ]
         failed = 0

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from agents.settings import AgentSettings
 from app.core.settings import CoreSettings
@@ -42,6 +42,20 @@ class Settings(CoreSettings):
     batch: BatchSettings = Field(default_factory=BatchSettings)
     pipelines: PipelineSettings = Field(default_factory=PipelineSettings)
     features: FeatureSettings = Field(default_factory=FeatureSettings)
+
+    @model_validator(mode="after")
+    def _one_database(self) -> Settings:
+        """``database_url`` is the URL of every feature store that lives wholly in Postgres whose own is unset (the
+        kernel's, keys and routing, are filled in by :class:`CoreSettings`). Not the job queue's: the jobs on it
+        (ingest, eval runs, pipelines, batches, fine-tuning) read and write files and SQLite stores under the
+        home, so a queue shared by processes with homes of their own would hand a job to a process that cannot
+        see its uploads or its records; ``jobs.url`` is for processes that share the home (one volume)."""
+        url = self.database_url
+        if url is not None:
+            self.prompts.url = self.prompts.url or url
+            self.releases.url = self.releases.url or url
+            self.agents.postgres_url = self.agents.postgres_url or url
+        return self
 
 
 def load_settings(**overrides: Any) -> Settings:

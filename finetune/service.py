@@ -309,14 +309,16 @@ class FinetuneService:
                                 version=record["version"], reason=reason, details={"alias": alias})
         return True
 
-    async def restore_deployments(self) -> list[str]:
+    async def restore_deployments(self, *, backend: str | None = None) -> list[str]:
         """Re-apply every remembered deployment (aliases, and adapters into vLLM, which forgets them when
-        it restarts). Call it at API start-up once backends are ready, and after a vLLM restart.
-        Returns the aliases restored; failures are logged, not raised."""
+        it restarts), or those on ``backend``. Call it at API start-up once backends are ready, and after a vLLM
+        restart. Returns the aliases restored; failures are logged, not raised."""
         from finetune import serving  # lazy: keeps `keel --help` fast: pulls httpx and the vLLM supervisor
 
         restored = []
         for d in self.store.deployments():
+            if backend is not None and d["backend"] != backend:
+                continue
             try:
                 self.check_alias(d["alias"], d["model"])  # e.g. since configured in keel.yaml: that one wins
                 v = self.registry.get_version(d["model"], d["version"])

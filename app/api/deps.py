@@ -32,7 +32,7 @@ from app.core.errors import BackendUnavailable, PermissionDenied, Unauthenticate
 from app.core.metrics import Metrics
 from app.guardrails.engine import GuardrailEngine
 from app.llm.router import ModelRouter
-from app.security.keys import SCOPES, ApiKey, KeyStore
+from app.security.keys import SCOPES, ApiKey, ApiKeys
 from app.services.chat import ChatService
 from app.services.ingest_jobs import IngestJobs
 from app.settings import Settings
@@ -73,7 +73,7 @@ async def get_metrics(container: ContainerDep) -> Metrics:
     return container.metrics
 
 
-async def get_keys(container: ContainerDep) -> KeyStore:
+async def get_keys(container: ContainerDep) -> ApiKeys:
     return container.keys
 
 
@@ -163,7 +163,7 @@ async def get_eval_store(settings: SettingsDep) -> AsyncIterator[EvalStore]:
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
-KeysDep = Annotated[KeyStore, Depends(get_keys)]
+KeysDep = Annotated[ApiKeys, Depends(get_keys)]
 LlmDep = Annotated[ModelRouter, Depends(get_llm)]
 ChatDep = Annotated[ChatService | ReleaseGateway | LineageRecorder, Depends(get_chat)]
 LineageDep = Annotated[Lineage, Depends(get_lineage)]
@@ -191,11 +191,11 @@ async def authenticate(request: Request, container: ContainerDep) -> ApiKey:
         raise Unauthenticated(
             "missing API key: send 'Authorization: Bearer <key>' (create one with `keel keys create`)"
         )
-    key = container.keys.verify(raw)
+    key = await container.keys.averify(raw)
     if key is None:
         raise Unauthenticated("invalid or revoked API key")
     limit = key.rate_limit_per_minute or container.settings.auth.default_rate_limit_per_minute
-    container.rate_limiter.check(key.id, limit)
+    await container.rate_limiter.acheck(key.id, limit)
     request.state.api_key_id = key.id
     request.state.api_key_scopes = key.scopes
     return key

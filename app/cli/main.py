@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
@@ -106,10 +107,23 @@ def _prepare(settings: Settings) -> Path:
 # -- keys ------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
 def _key_store(settings: Settings):
-    from app.security.keys import KeyStore  # lazy: keeps `keel --help` fast: only `keys` and `up` need it
+    """The key store the settings name (Postgres with auth.url or database_url), closed after use; a store that
+    cannot be opened or read is the command's error, not a traceback."""
+    from app.security.keys import open_key_store  # lazy: keeps `keel --help` fast: only `keys` and `up` need it
 
-    return KeyStore(settings.db_path)
+    try:
+        store = open_key_store(settings.auth.url.get_secret_value() if settings.auth.url else None,
+                               settings.db_path)
+    except KeelError as exc:
+        raise fail(exc) from exc
+    try:
+        yield store
+    except KeelError as exc:
+        raise fail(exc) from exc
+    finally:
+        store.close()
 
 
 @keys_app.command("create")
@@ -120,11 +134,8 @@ def keys_create(
     rate_limit: Annotated[int | None, typer.Option(help="Requests per minute (default from settings).")] = None,
 ) -> None:
     """Create an API key; the secret is printed once."""
-    store = _key_store(_settings())
-    try:
+    with _key_store(_settings()) as store:
         key, secret = store.create(name, scope or ["chat"], rate_limit)
-    except KeelError as exc:
-        raise fail(exc) from exc
     console.print(f"created key [bold]{key.id}[/bold] ({key.name}) with scopes {', '.join(sorted(key.scopes))}")
     console.print("secret (shown once, store it now):")
     print(secret)
@@ -134,7 +145,9 @@ def keys_create(
 def keys_list(all_: Annotated[bool, typer.Option("--all", help="Include revoked keys.")] = False) -> None:
     """List API keys (never their secrets)."""
     table = Table("id", "name", "scopes", "rate limit/min", "created", "revoked")
-    for k in _key_store(_settings()).list(include_revoked=all_):
+    with _key_store(_settings()) as store:
+        keys = store.list(include_revoked=all_)
+    for k in keys:
         table.add_row(k.id, k.name, ", ".join(sorted(k.scopes)), str(k.rate_limit_per_minute or "default"),
                       k.created_at, k.revoked_at or "")
     console.print(table)
@@ -142,11 +155,9 @@ def keys_list(all_: Annotated[bool, typer.Option("--all", help="Include revoked 
 
 @keys_app.command("revoke")
 def keys_revoke(key_id: str) -> None:
-    """Revoke a key (takes effect within seconds on running servers)."""
-    try:
-        key = _key_store(_settings()).revoke(key_id)
-    except KeelError as exc:
-        raise fail(exc) from exc
+    """Revoke a key (takes effect within a second on running servers)."""
+    with _key_store(_settings()) as store:
+        key = store.revoke(key_id)
     console.print(f"revoked {key.id} ({key.name})")
 
 
@@ -155,11 +166,11 @@ def _dev_key(settings: Settings) -> str | None:
     if not settings.auth.enabled:
         return None
     path = settings.home / DEV_KEY_FILE
-    store = _key_store(settings)
     raw = dev_key(settings.home)
-    if raw and store.verify(raw) is not None:
-        return raw
-    _, raw = store.create("dev (created by keel up)", ["admin"])
+    with _key_store(settings) as store:
+        if raw and store.verify(raw) is not None:
+            return raw
+        _, raw = store.create("dev (created by keel up)", ["admin"])
     path.parent.mkdir(parents=True, exist_ok=True)
     path.touch(mode=0o600)
     path.write_text(raw + "\n")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -166,9 +166,14 @@ class PostgresPool:
             raise self.unavailable(e) from None
 
     def read(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        return self.statement(sql, tuple(args))
+
+    def statement(self, sql: str, args: Sequence[Any] | Mapping[str, Any] = ()) -> list[tuple[Any, ...]]:
+        """One statement in autocommit (atomic on its own: one round trip, no BEGIN/COMMIT); its rows."""
         try:
             with self._pool.connection() as conn:
-                return [tuple(r) for r in conn.execute(sql, tuple(args)).fetchall()]
+                cur = conn.execute(sql, args)
+                return [tuple(r) for r in cur.fetchall()] if cur.description else []
         except self._errors as e:
             raise self.unavailable(e) from None
 

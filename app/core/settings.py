@@ -70,7 +70,10 @@ class ManagedVLLM(BaseModel):
         "LANG/LC_*, HF_*, VLLM_*, OMP_*, ... never KEEL_*, keys, tokens or database URLs)."))
     startup_timeout_s: float = 600.0
     restart_on_exit: bool = True
-    max_restarts: int = 5
+    max_restarts: int = Field(default=5, ge=0, description=(
+        "Restarts allowed within restart_window_s: a server that crashes now and then is restarted every time, "
+        "one that crash-loops is given up (state 'failed', readiness false)."))
+    restart_window_s: float = Field(default=600.0, gt=0, description="The window max_restarts counts over.")
     restart_backoff_s: float = 2.0
 
 
@@ -135,6 +138,20 @@ class ServerSettings(BaseModel):
 class AuthSettings(BaseModel):
     enabled: bool = Field(default=True, description="false = dev mode: every request is admin. Loudly logged.")
     default_rate_limit_per_minute: int = Field(default=600, ge=1)
+    url: SecretStr | None = Field(default=None, description=(
+        "postgresql:// URL of the API key store: a key created through one API process works on every other; "
+        "unset: database_url, else <home>/keel.db (one machine)."))
+    shared_rate_limits: bool = Field(default=True, description=(
+        "With the keys in Postgres, count every key's requests there, so the limit holds for all API processes "
+        "together (one upsert per request); false, or keys in SQLite: each process counts its own."))
+    rate_limit_fail_open: bool = Field(default=True, description=(
+        "Shared limits while their database is unreachable: true lets requests through (counted in "
+        "keel_rate_limit_store_errors_total); false refuses them with a 503."))
+
+    @field_validator("url", mode="before")
+    @classmethod
+    def _url(cls, value: Any) -> SecretStr | None:
+        return postgres_url(value, setting="auth.url", otherwise="<home>/keel.db")
 
 
 class LimitSettings(BaseModel):
@@ -207,6 +224,11 @@ class CoreSettings(BaseSettings):
     )
 
     home: Path = Field(default=Path(".keel"), description="State folder: models, databases, logs.")
+    database_url: SecretStr | None = Field(default=None, description=(
+        "postgresql:// URL of one database for every store that can live in Postgres, so several API processes "
+        "and workers on several machines share them: API keys, prompts, the routing table, releases, agent runs. "
+        "A store's own URL setting (auth.url, prompts.url, routing.url, releases.url, agents.postgres_url) wins "
+        "over it. Not the job queue (jobs.url): its jobs read files under home. Unset: SQLite files under home."))
     log_level: str = "INFO"
     log_format: Literal["text", "json"] = Field(default="text", description=(
         "json: one JSON object per log line with its request id and trace id (for log collectors)."))
@@ -219,8 +241,16 @@ class CoreSettings(BaseSettings):
     routing: RoutingSettings = Field(default_factory=RoutingSettings)
     otel: OtelSettings = Field(default_factory=OtelSettings)
 
+    @field_validator("database_url", mode="before")
+    @classmethod
+    def _database_url(cls, value: Any) -> SecretStr | None:
+        return postgres_url(value, setting="database_url", otherwise="SQLite files under home")
+
     @model_validator(mode="after")
     def _resolve(self) -> CoreSettings:
+        if self.database_url is not None:
+            self.auth.url = self.auth.url or self.database_url
+            self.routing.url = self.routing.url or self.database_url
         for name, alias in self.models.items():
             if alias.backend not in self.backends:
                 raise ValueError(f"model alias {name!r} names unknown backend {alias.backend!r}")

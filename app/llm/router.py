@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
+from functools import partial
 
 from app.core.errors import BackendUnavailable, ModelNotFound
 from app.core.metrics import Metrics
@@ -102,6 +103,14 @@ class ModelRouter:
             finally:
                 await gen.aclose()
             return
+
+    def on_server_restart(self, callback: Callable[[str], Awaitable[None]]) -> None:
+        """Call ``callback(backend)`` each time a vLLM server Keel supervises is ready again after a restart (it has
+        lost the adapters loaded into it at run time)."""
+        for name, backend in self.backends.items():
+            sup = getattr(backend.inner, "supervisor", None)
+            if sup is not None:
+                sup.on_ready_again.append(partial(callback, name))
 
     async def start(self) -> None:
         await asyncio.gather(*(b.start() for b in self.backends.values()))

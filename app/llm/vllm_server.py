@@ -20,7 +20,7 @@ import signal
 import socket
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
@@ -107,7 +107,13 @@ class VLLMSupervisor:
         self.liveness_interval_s = liveness_interval_s
         self.liveness_failures = liveness_failures
         self.state: State = "stopped"
-        self.restarts = 0
+        self.restarts = 0  # since Keel started (status, metrics); the budget counts those of restart_window_s
+        self._recent_restarts: deque[float] = deque()
+        # Called (each as a task) every time a restarted server is ready: it has lost what was loaded into it at
+        # run time (LoRA adapters), which its owner puts back.
+        self.on_ready_again: list[Callable[[], Awaitable[None]]] = []
+        self._notifying: set[asyncio.Task[None]] = set()
+        self._was_ready = False
         self.pid: int | None = None
         self.last_exit_code: int | None = None
         self.last_error: str | None = None
@@ -202,6 +208,10 @@ class VLLMSupervisor:
 
     async def stop(self, timeout: float = 20.0) -> None:
         self._stopping = True
+        for task in list(self._notifying):  # a reload into a server that is going away: pointless now
+            task.cancel()
+        if self._notifying:
+            await asyncio.wait(list(self._notifying), timeout=5)
         if self._proc is not None and self._proc.returncode is None:
             await self._terminate(self._proc, timeout)
         if self._task is not None:
@@ -273,20 +283,27 @@ class VLLMSupervisor:
                 self._set("ready")
                 self.ready_at = time.monotonic()
                 backoff = self.cfg.restart_backoff_s
+                if self._was_ready:  # a server that was serving lost what was loaded into it
+                    self._ready_again()
+                self._was_ready = True
                 await self._watch(proc)
             _reap_group(proc.pid)
             if self._stopping:
                 break
             self.last_exit_code = proc.returncode
             self._set("restarting")
-            if not self.cfg.restart_on_exit or self.restarts >= self.cfg.max_restarts:
+            now = time.monotonic()
+            while self._recent_restarts and now - self._recent_restarts[0] > self.cfg.restart_window_s:
+                self._recent_restarts.popleft()
+            if not self.cfg.restart_on_exit or len(self._recent_restarts) >= self.cfg.max_restarts:
                 self.last_error = (
-                    f"vLLM exited with code {proc.returncode} and was not restarted "
-                    f"({self.restarts} restarts); see {self.log_path}"
+                    f"vLLM exited with code {proc.returncode} and was not restarted ({len(self._recent_restarts)} "
+                    f"restarts in the last {self.cfg.restart_window_s:.0f} s); see {self.log_path}"
                 )
                 log.error(self.last_error)
                 self._set("failed")
                 return
+            self._recent_restarts.append(now)
             self.restarts += 1
             log.warning("vLLM %s exited (code %s); restart %d in %.1f s",
                         self.name, proc.returncode, self.restarts, backoff)
@@ -294,6 +311,17 @@ class VLLMSupervisor:
                 self.on_restart()
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 60.0)
+
+    def _ready_again(self) -> None:
+        for callback in self.on_ready_again:
+            task = asyncio.create_task(callback(), name=f"vllm-{self.name}-ready-again")
+            self._notifying.add(task)
+            task.add_done_callback(self._notified)
+
+    def _notified(self, task: asyncio.Task[None]) -> None:
+        self._notifying.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("after vLLM %s restarted: %s", self.name, task.exception(), exc_info=task.exception())
 
     async def _wait_until_ready(self, proc: asyncio.subprocess.Process) -> bool:
         deadline = time.monotonic() + self.cfg.startup_timeout_s

@@ -19,6 +19,7 @@ with the API.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from collections.abc import Callable
@@ -89,7 +90,7 @@ def build_server(registry: ToolRegistry, context: ContextFactory, *, verify: Ver
             ctx.request_id = f"mcp-{uuid.uuid4().hex[:16]}"
             if check_rate is not None and principal:
                 try:
-                    check_rate(principal)
+                    await asyncio.to_thread(check_rate, principal)  # a shared limit is a database round trip
                 except KeelError as e:
                     return ToolResult(content=f"error: {e}", is_error=True)
             name = self.keel_name
@@ -109,7 +110,7 @@ def build_server(registry: ToolRegistry, context: ContextFactory, *, verify: Ver
 
     class KeyVerifier(TokenVerifier):
         async def verify_token(self, token: str) -> AccessToken | None:
-            found = verify(token) if verify is not None else None
+            found = await asyncio.to_thread(verify, token) if verify is not None else None  # may read the store
             if found is None:
                 return None
             key_id, scopes = found

@@ -4,8 +4,10 @@ eval gate let it reach production; promoted, it is loaded into a RUNNING vLLM se
 loading, no restart) and answers with the fact through Keel's chat API under its alias, while the
 base model does not (and fails the same suite).
 
-Costs about 4-6 minutes on 2 cores (training ~30 steps, evals ~1 min in the worker, vLLM start
-~40 s with --enforce-eager).
+Then the supervised vLLM is killed: restarted, it is given the adapter back without Keel restarting.
+
+Costs about 5-7 minutes on 2 cores (training ~30 steps, evals ~1 min in the worker, vLLM start
+~40 s with --enforce-eager, twice).
 Skipped without the vLLM environment, or with KEEL_SKIP_VLLM_TESTS=1.
 """
 
@@ -70,7 +72,7 @@ async def test_adapter_is_evaluated_then_promoted_through_the_gate_and_served(tm
         home=home, auth={"enabled": False},
         backends={"local": {"kind": "vllm", "managed": {
             "python": str(VLLM_PYTHON), "model_path": str(MODEL), "port": free_port(), "enforce_eager": True,
-            "enable_lora": True, "max_lora_rank": 8, "restart_on_exit": False}}},
+            "enable_lora": True, "max_lora_rank": 8, "max_restarts": 1}}},
     )
     container = await Container.build(settings)
     try:
@@ -158,6 +160,19 @@ async def test_adapter_is_evaluated_then_promoted_through_the_gate_and_served(tm
             routes.remove("veltmar", owner=routes.owner("veltmar"), actor="test")
             await container._restore_adapters()
             assert await serving.served_adapters(vllm_url, api_key=key) == {body["served_name"]: "smollm2"}
+            assert "quorra" in (await ask("veltmar")).lower()
+
+            # 8. The supervised vLLM dies: restarted, it gets the adapter back without Keel restarting.
+            sup = backend.inner.supervisor
+            first_pid = sup.pid
+            sup.kill()
+            t0 = time.perf_counter()
+            deadline = time.monotonic() + 600
+            while not (sup.state == "ready" and sup.pid != first_pid
+                       and await serving.served_adapters(vllm_url, api_key=key) == {body["served_name"]: "smollm2"}):
+                assert time.monotonic() < deadline and sup.state != "failed", (sup.status(), sup.tail(20))
+                await asyncio.sleep(1)
+            print(f"vLLM restart -> adapter served again {time.perf_counter() - t0:.1f} s")
             assert "quorra" in (await ask("veltmar")).lower()
     finally:
         await container.aclose()

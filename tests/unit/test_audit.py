@@ -23,6 +23,7 @@ import pytest
 
 from app.core import audit
 from app.core.audit import AuditEvent, AuditRetention, BufferedWriter, Pruner, prune
+from tests.fakes.auth import FakeKeys, NoLimit
 
 ROOT = Path(__file__).resolve().parents[2]
 DAY = 86400.0
@@ -552,7 +553,7 @@ def test_the_admin_route_queries_each_trail(tmp_path):
     app.state.keel = types.SimpleNamespace(
         settings=Settings(auth={"enabled": True}), prompts=registry, finetune=types.SimpleNamespace(store=jobs),
         guards=types.SimpleNamespace(audit=store, flush=flush), llm=types.SimpleNamespace(routes=routes),
-        keys=types.SimpleNamespace(verify=keys.get), rate_limiter=types.SimpleNamespace(check=lambda *a: None),
+        keys=FakeKeys(keys), rate_limiter=NoLimit(),
         metrics=Metrics())
     admin = {"Authorization": "Bearer admin"}
     with TestClient(app) as client:

@@ -20,20 +20,11 @@ from app.settings import Settings
 from evals.runner import judge_api_key, judge_endpoint
 from finetune.errors import InvalidJobSpec
 from finetune.spec import parse_spec
+from tests.fakes.auth import FakeKeys, NoLimit
 
 KEYS = {"ev": ApiKey(id="e1", name="evals", scopes=frozenset({"evals"}), rate_limit_per_minute=None, created_at="")}
 SUITE = {"name": "inside", "target": {"model": "smollm2"}, "dataset": {"cases": [{"id": "c1", "input": "hi"}]},
          "metrics": [{"name": "must_include"}]}
-
-
-class FakeKeys:
-    def verify(self, raw: str) -> ApiKey | None:
-        return KEYS.get(raw)
-
-
-class NoLimit:
-    def check(self, key_id: str, limit: int) -> None:
-        return None
 
 
 @pytest.fixture
@@ -52,7 +43,7 @@ def api(tmp_path: Path):
     app = FastAPI()
     install_error_handlers(app)
     app.include_router(eval_routes.router)
-    app.state.keel = types.SimpleNamespace(settings=settings, keys=FakeKeys(), rate_limiter=NoLimit(),
+    app.state.keel = types.SimpleNamespace(settings=settings, keys=FakeKeys(KEYS), rate_limiter=NoLimit(),
                                            metrics=Metrics())
     with TestClient(app) as c:
         c.outside = outside

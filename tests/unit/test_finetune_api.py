@@ -16,6 +16,7 @@ from app.core.metrics import Metrics
 from app.security.keys import ApiKey
 from app.settings import Settings
 from finetune import build_finetune
+from tests.fakes.auth import FakeKeys, NoLimit
 
 MODEL = Path(__file__).resolve().parents[2] / ".keel" / "models" / "smollm2"
 pytestmark = pytest.mark.skipif(not (MODEL / "tokenizer.json").is_file(), reason="SmolLM2 not prepared")
@@ -24,16 +25,6 @@ KEYS = {
     "ft": ApiKey(id="f1", name="tuner", scopes=frozenset({"finetune"}), rate_limit_per_minute=None, created_at=""),
     "chat": ApiKey(id="c1", name="chatter", scopes=frozenset({"chat"}), rate_limit_per_minute=None, created_at=""),
 }
-
-
-class FakeKeys:
-    def verify(self, raw: str) -> ApiKey | None:
-        return KEYS.get(raw)
-
-
-class NoLimit:
-    def check(self, key_id: str, limit: int) -> None:
-        return None
 
 
 def h(who: str = "ft") -> dict[str, str]:
@@ -58,7 +49,7 @@ def client(home):
     app = FastAPI()
     install_error_handlers(app)
     app.include_router(router)
-    app.state.keel = types.SimpleNamespace(settings=settings, finetune=svc, keys=FakeKeys(),
+    app.state.keel = types.SimpleNamespace(settings=settings, finetune=svc, keys=FakeKeys(KEYS),
                                            rate_limiter=NoLimit(), metrics=Metrics())
     with TestClient(app) as c:
         yield c
@@ -153,7 +144,7 @@ def test_not_configured_is_503(home):
     install_error_handlers(app)
     app.include_router(router)
     app.state.keel = types.SimpleNamespace(settings=Settings(home=home, auth={"enabled": False}),
-                                           keys=FakeKeys(), rate_limiter=NoLimit(), metrics=Metrics())
+                                           keys=FakeKeys(KEYS), rate_limiter=NoLimit(), metrics=Metrics())
     with TestClient(app) as c:
         assert c.get("/v1/finetune/jobs").status_code == 503
 

@@ -14,6 +14,7 @@ from app.core.metrics import Metrics
 from app.security.keys import ApiKey
 from app.settings import Settings
 from prompts.testing import RecordingGate, sqlite_registry
+from tests.fakes.auth import FakeKeys, NoLimit
 
 KEYS = {
     "reader": ApiKey(id="r1", name="reader", scopes=frozenset({"prompts:read"}), rate_limit_per_minute=None,
@@ -25,16 +26,6 @@ KEYS = {
     "chat": ApiKey(id="c1", name="chatter", scopes=frozenset({"chat"}), rate_limit_per_minute=None,
                    created_at=""),
 }
-
-
-class FakeKeys:
-    def verify(self, raw: str) -> ApiKey | None:
-        return KEYS.get(raw)
-
-
-class NoLimit:
-    def check(self, key_id: str, limit: int) -> None:
-        return None
 
 
 @pytest.fixture
@@ -50,7 +41,7 @@ def client(registry):
     install_error_handlers(app)
     app.include_router(router)
     app.state.keel = types.SimpleNamespace(
-        settings=Settings(auth={"enabled": True}), prompts=registry, keys=FakeKeys(), rate_limiter=NoLimit(),
+        settings=Settings(auth={"enabled": True}), prompts=registry, keys=FakeKeys(KEYS), rate_limiter=NoLimit(),
         metrics=Metrics(),
     )
     with TestClient(app) as c:

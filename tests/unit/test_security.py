@@ -1,43 +1,105 @@
+"""API keys (the contract every key store passes: SQLite and Postgres) and the rate limiter."""
+
 import sqlite3
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from app.core.errors import InvalidRequest, NotFound, RateLimited
-from app.security.keys import KeyStore
+from app.core.errors import InvalidRequest, NotFound, RateLimited, StoreUnavailable
+from app.security.keys import ApiKeys, KeyStore, PostgresKeyStore, open_key_store
 from app.security.ratelimit import RateLimiter
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def open_store(request, tmp_path: Path) -> Iterator[Callable[..., ApiKeys]]:
+    """Opens stores on one database: each call is another API process's view of the same keys."""
+    opened: list[ApiKeys] = []
+
+    def opener(**kw) -> ApiKeys:
+        if request.param == "sqlite":
+            opened.append(KeyStore(tmp_path / "keel.db", **kw))
+        else:
+            opened.append(PostgresKeyStore(request.getfixturevalue("postgres_url"), **kw))
+        return opened[-1]
+
+    yield opener
+    for s in opened:
+        s.close()
+
+
 @pytest.fixture
-def store(tmp_path: Path) -> KeyStore:
-    return KeyStore(tmp_path / "keel.db", cache_ttl_s=0)
+def store(open_store) -> ApiKeys:
+    return open_store(cache_ttl_s=0)
 
 
-def test_created_key_verifies_and_only_its_hash_is_stored(store: KeyStore, tmp_path: Path) -> None:
+def test_created_key_verifies_and_only_its_hash_is_stored(store: ApiKeys, tmp_path: Path) -> None:
     key, secret = store.create("ci", ["chat", "evals"], rate_limit_per_minute=10)
     assert secret.startswith("keel-")
     found = store.verify(secret)
     assert found is not None and found.id == key.id and found.scopes == {"chat", "evals"}
+    assert found.rate_limit_per_minute == 10 and found.name == "ci"
+    assert store.verify(secret + "x") is None
+    assert secret not in "\n".join(repr(k) for k in store.list())
+
+
+def test_the_sqlite_store_keeps_only_the_hash(tmp_path: Path) -> None:
+    store = KeyStore(tmp_path / "keel.db")
+    _, secret = store.create("ci", ["chat"])
+    store.close()
     dump = "\n".join(sqlite3.connect(tmp_path / "keel.db").iterdump())
     assert secret not in dump
-    assert store.verify(secret + "x") is None
 
 
-def test_scopes_are_validated(store: KeyStore) -> None:
+def test_a_key_made_by_one_process_works_in_another_and_a_revocation_reaches_it_within_the_cache_ttl(
+        open_store) -> None:
+    a, b = open_store(), open_store(cache_ttl_s=2.0)
+    key, secret = a.create("shared", ["chat"])
+    assert b.verify(secret).id == key.id
+    a.revoke(key.id)
+    assert b.verify(secret) is not None  # b trusts what it verified for its cache's lifetime
+    time.sleep(2.1)
+    assert b.verify(secret) is None
+
+
+def test_while_the_store_is_down_a_recently_verified_key_still_works_and_an_unknown_one_is_a_503(
+        open_store, monkeypatch) -> None:
+    store = open_store(cache_ttl_s=0)
+    key, secret = store.create("known", ["chat"])
+    _, unknown = store.create("never verified here", ["chat"])
+    assert store.verify(secret).id == key.id
+
+    def down(*args):
+        raise StoreUnavailable("the API keys' Postgres at db:5432/keel is unavailable")
+
+    monkeypatch.setattr(store, "_read", down)
+    assert store.verify(secret).id == key.id  # nobody can revoke it meanwhile either
+    with pytest.raises(StoreUnavailable):
+        store.verify(unknown)
+
+
+def test_an_unreachable_postgres_is_a_503_naming_the_setting_not_the_password() -> None:
+    with pytest.raises(StoreUnavailable) as e:
+        open_key_store("postgresql://keel:s3cret@127.0.0.1:9/keel?connect_timeout=1", Path("/nonexistent"))
+    assert "auth.url" in e.value.message and "s3cret" not in e.value.message and e.value.status == 503
+
+
+def test_scopes_are_validated(store: ApiKeys) -> None:
     with pytest.raises(InvalidRequest, match="unknown scope"):
         store.create("x", ["chat", "root"])
     with pytest.raises(InvalidRequest, match="at least one scope"):
         store.create("x", [])
 
 
-def test_admin_allows_everything_and_write_implies_read(store: KeyStore) -> None:
+def test_admin_allows_everything_and_write_implies_read(store: ApiKeys) -> None:
     admin, _ = store.create("a", ["admin"])
     writer, _ = store.create("w", ["prompts:write"])
     assert admin.allows("finetune") and admin.allows("chat")
     assert writer.allows("prompts:read") and not writer.allows("chat")
 
 
-def test_revoked_key_stops_verifying(store: KeyStore) -> None:
+def test_revoked_key_stops_verifying(store: ApiKeys) -> None:
     key, secret = store.create("tmp", ["chat"])
     store.revoke(key.id)
     assert store.verify(secret) is None
@@ -58,3 +120,63 @@ def test_rate_limiter_refills_over_time() -> None:
     limiter.check("other", 3)  # keys have separate buckets
     now[0] += 20.0
     limiter.check("k", 3)
+
+
+def test_a_shared_limit_holds_for_every_process_on_the_database(postgres_url) -> None:
+    from app.security.ratelimit import PostgresRateLimiter
+
+    a, b = PostgresRateLimiter(postgres_url), PostgresRateLimiter(postgres_url)  # two API processes
+    try:
+        for limiter in (a, b, a):
+            limiter.check("k", 3)
+        with pytest.raises(RateLimited) as exc:
+            b.check("k", 3)  # the fourth request of the minute, whichever process gets it
+        assert 15 < exc.value.retry_after_s <= 20.1
+        a.check("other", 3)  # keys have separate buckets
+        with pytest.raises(RateLimited):
+            a.check("k", 3)  # a refused request takes nothing: still one short
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_shared_limit_refills_with_time(postgres_url) -> None:
+    from app.security.ratelimit import PostgresRateLimiter
+
+    limiter = PostgresRateLimiter(postgres_url)
+    try:
+        for _ in range(30):  # one every two seconds: the burst takes a fraction of that to send
+            limiter.check("slow", 30)
+        with pytest.raises(RateLimited):
+            limiter.check("slow", 30)
+        time.sleep(2.1)  # a token back
+        limiter.check("slow", 30)
+    finally:
+        limiter.close()
+
+
+def test_an_unreachable_limit_store_fails_open_or_closed_as_configured(postgres_url, monkeypatch) -> None:
+    from app.security.ratelimit import PostgresRateLimiter
+
+    errors: list[int] = []
+    limiter = PostgresRateLimiter(postgres_url, on_store_error=lambda: errors.append(1))
+    try:
+        def down():
+            raise StoreUnavailable("the rate limits' Postgres at db:5432/keel is unavailable")
+
+        calls: list[int] = []
+
+        def down_and_counted(*args):
+            calls.append(1)
+            down()
+
+        monkeypatch.setattr(limiter._pg, "statement", down_and_counted)
+        limiter.check("k", 1)
+        limiter.check("k", 1)  # open: let through, counted
+        assert errors == [1, 1]
+        assert calls == [1]  # the second did not wait on the database again: it is given time to come back
+        limiter.fail_open = False
+        with pytest.raises(StoreUnavailable):
+            limiter.check("k", 1)
+    finally:
+        limiter.close()

@@ -66,3 +66,20 @@ def test_a_local_backend_of_another_kind_gets_no_managed_vllm(tmp_path: Path) ->
     `local: {kind: openai, base_url: ...}` ran the vLLM preflight checks for a server it never starts."""
     s = load_settings(home=tmp_path, backends={"local": {"kind": "openai", "base_url": "http://127.0.0.1:9/v1"}})
     assert s.backends["local"].kind == "openai" and s.backends["local"].managed is None
+
+
+def test_one_database_url_covers_every_store_that_can_live_in_postgres(monkeypatch: pytest.MonkeyPatch) -> None:
+    from app.settings import Settings
+
+    monkeypatch.setenv("KEEL_DATABASE_URL", "postgresql://keel:pw@db:5432/keel")
+    monkeypatch.setenv("KEEL_RELEASES__URL", "postgresql://keel:pw@other:5432/rel")  # a store's own URL wins
+    s = Settings()
+    urls = {name: url.get_secret_value() for name, url in (
+        ("auth", s.auth.url), ("routing", s.routing.url), ("prompts", s.prompts.url),
+        ("releases", s.releases.url), ("agents", s.agents.postgres_url))}
+    assert urls.pop("releases") == "postgresql://keel:pw@other:5432/rel"
+    assert set(urls.values()) == {"postgresql://keel:pw@db:5432/keel"}
+    assert s.jobs.url is None  # the queue's jobs read files under home: sharing it is a choice of its own
+    assert "pw" not in str(s.database_url)  # masked wherever the settings are printed
+    with pytest.raises(ValueError, match="database_url must be a postgresql:// URL"):
+        Settings(database_url="mysql://db/keel")

@@ -14,6 +14,7 @@ from app.api.routes import admin, system
 from app.core.metrics import Metrics
 from app.security.keys import ApiKey
 from app.settings import Settings
+from tests.fakes.auth import FakeKeys, NoLimit
 
 SERVER = {"state": "failed", "pid": 4242, "restarts": 5, "url": "http://127.0.0.1:8001", "last_exit_code": 1,
           "last_error": "vLLM exited with code 1; see /srv/keel/logs/vllm-local.log",
@@ -30,16 +31,6 @@ class FakeRouter:
         return {"local": {"ready": self.ready, "kind": "vllm", "circuit": "closed", "server": dict(SERVER)}}
 
 
-class FakeKeys:
-    def verify(self, raw: str) -> ApiKey | None:
-        return KEYS.get(raw)
-
-
-class NoLimit:
-    def check(self, key_id: str, limit: int) -> None:
-        return None
-
-
 @pytest.fixture
 def client(tmp_path):
     app = FastAPI()
@@ -48,7 +39,7 @@ def client(tmp_path):
     app.include_router(admin.router)
     llm = FakeRouter()
     app.state.keel = types.SimpleNamespace(settings=Settings(home=tmp_path, auth={"enabled": True}), llm=llm,
-                                           keys=FakeKeys(), rate_limiter=NoLimit(), metrics=Metrics())
+                                           keys=FakeKeys(KEYS), rate_limiter=NoLimit(), metrics=Metrics())
     with TestClient(app) as c:
         c.llm = llm
         yield c

@@ -78,6 +78,41 @@ async def test_a_killed_server_is_restarted(make) -> None:
     await sup.stop()
 
 
+async def test_a_restarted_server_is_announced_once_it_is_ready_again(make) -> None:
+    """What was loaded into the server at run time (LoRA adapters) is gone after a restart: its owner is told."""
+    ready_again: list[tuple[int | None, str]] = []
+    sup = make()
+
+    async def reload() -> None:
+        ready_again.append((sup.pid, sup.state))
+
+    sup.on_ready_again.append(reload)
+    await sup.start()
+    assert await sup.wait_ready(20)
+    await asyncio.sleep(0.2)
+    assert ready_again == []  # the first start: nothing was lost
+    first_pid = sup.pid
+    sup.kill()
+    for _ in range(200):
+        await asyncio.sleep(0.05)
+        if ready_again:
+            break
+    assert ready_again == [(sup.pid, "ready")] and sup.pid != first_pid
+    await sup.stop()
+
+
+async def test_the_restart_budget_is_per_window_not_for_life(make) -> None:
+    sup = make("crash", max_restarts=2, restart_window_s=0.3)  # crashes spread over time: restarted every time
+    sup.cfg.restart_backoff_s = 0.2
+    await sup.start()
+    for _ in range(300):
+        await asyncio.sleep(0.05)
+        if sup.restarts >= 4 or sup.state == "failed":
+            break
+    assert sup.restarts >= 4 and sup.state != "failed"
+    await sup.stop()
+
+
 async def test_a_hung_server_is_killed_and_restarted(make) -> None:
     sup = make("hang")
     await sup.start()

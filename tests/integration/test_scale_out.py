@@ -1,0 +1,141 @@
+"""Two Keel API processes, each with a home of its own (as on two machines), on one real Postgres (``database_url``)
+and one real vLLM: what one process changes, the other serves; a key's rate limit holds for both together;
+killing one mid-stream leaves the other serving."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from tests.integration.conftest import ROOT, KeelServer, free_port
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+GREET = {"messages": [{"role": "system", "content": "Answer in one short sentence."},
+                      {"role": "user", "content": "Say hello to {{ who }}."}],
+         "params": {"max_tokens": 12, "temperature": 0},
+         "variables": [{"name": "who", "type": "string"}]}
+
+
+def start_api(home: Path, *, database_url: str, vllm: KeelServer) -> KeelServer:
+    port = free_port()
+    config = {
+        "home": str(home),
+        "database_url": database_url,
+        "server": {"port": port},
+        "auth": {"default_rate_limit_per_minute": 10_000},
+        # the session's vLLM, shared: a URL means connect to it, not start one
+        "backends": {"local": {"kind": "vllm", "base_url": f"{vllm.vllm_url}/v1", "api_key": vllm.vllm_api_key,
+                               "read_timeout_s": 60}},
+        "guardrails": {"model_cache": str(ROOT / ".keel" / "cache" / "guardrails")},
+        "routing": {"check_interval_s": 0.2},
+    }
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "keel.yaml").write_text(yaml.safe_dump(config))
+    log = home / "keel.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KEEL_")}
+    env.update(KEEL_CONFIG=str(home / "keel.yaml"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve"], cwd=ROOT, env=env, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    return KeelServer(f"http://127.0.0.1:{port}", vllm.vllm_url, home, proc, {}, log)
+
+
+def eventually(check, timeout: float = 5.0):
+    """``check()`` once it is truthy; a change made through one process must reach the other within seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(0.1)
+
+
+def chat(server: KeelServer, key: str, **extra) -> httpx.Response:
+    body = {"model": "smollm2", "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 8,
+            "temperature": 0, **extra}
+    return httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=120,
+                      headers={"Authorization": f"Bearer {key}"})
+
+
+def test_two_api_processes_share_keys_labels_and_limits_and_survive_one_dying(keel_server, postgres_url, tmp_path):
+    from app.security.keys import PostgresKeyStore
+
+    bootstrap = PostgresKeyStore(postgres_url)
+    admin = bootstrap.create("admin", ["admin"])[1]
+    bootstrap.close()
+    a = start_api(tmp_path / "a", database_url=postgres_url, vllm=keel_server)
+    b = start_api(tmp_path / "b", database_url=postgres_url, vllm=keel_server)
+    try:
+        a.wait_ready(300)
+        b.wait_ready(300)
+        as_admin = {"Authorization": f"Bearer {admin}"}
+
+        # A key created through A works on B at once.
+        made = httpx.post(f"{a.url}/v1/admin/keys", json={"name": "app", "scopes": ["chat", "prompts:write"]},
+                          headers=as_admin, timeout=30)
+        assert made.status_code == 201, made.text
+        key = made.json()["key"]
+        r = chat(b, key)
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"], r.text
+
+        # A prompt label moved through A is what B serves.
+        auth = {"Authorization": f"Bearer {key}"}
+        assert httpx.post(f"{a.url}/v1/prompts", json={"name": "greet", "content": GREET, "message": "v1"},
+                          headers=auth, timeout=30).status_code == 201
+        v2 = {**GREET, "messages": [GREET["messages"][0], {"role": "user", "content": "Greet {{ who }} warmly."}]}
+        assert httpx.post(f"{a.url}/v1/prompts/greet/versions", json={"content": v2, "base_version": 1},
+                          headers=auth, timeout=30).status_code == 201
+        for version in (1, 2):
+            moved = httpx.put(f"{a.url}/v1/prompts/greet/labels/staging", json={"version": version}, headers=auth,
+                              timeout=30)
+            assert moved.status_code == 200, moved.text
+            served = eventually(lambda v=version: (r := chat(b, key, prompt={"ref": "greet@staging", "variables": {
+                "who": "Ada"}})).status_code == 200 and r.json()["prompt"]["ref"] == f"greet@{v}" and r)
+            assert served, f"B did not serve greet@{version} after A moved the label"
+
+        # A revocation through B reaches A within the key cache's second.
+        key_id = made.json()["id"]
+        assert httpx.delete(f"{b.url}/v1/admin/keys/{key_id}", headers=as_admin, timeout=30).status_code == 200
+        assert eventually(lambda: chat(a, key).status_code == 401, timeout=3)
+
+        # A key's rate limit holds for both processes together: 3 a minute is 3, not 3 each.
+        limited = httpx.post(f"{a.url}/v1/admin/keys", json={"name": "slow", "scopes": ["chat"],
+                             "rate_limit_per_minute": 3}, headers=as_admin, timeout=30).json()["key"]
+        codes = [httpx.get(f"{server.url}/v1/models", headers={"Authorization": f"Bearer {limited}"},
+                           timeout=30).status_code for server in (a, b, a, b)]
+        assert codes == [200, 200, 200, 429], codes
+
+        # Killing A in the middle of a stream leaves B serving.
+        fresh = httpx.post(f"{b.url}/v1/admin/keys", json={"name": "app2", "scopes": ["chat"]}, headers=as_admin,
+                           timeout=30).json()["key"]
+        body = {"model": "smollm2", "messages": [{"role": "user", "content": "Count from one to fifty."}],
+                "max_tokens": 200, "stream": True}
+        with httpx.stream("POST", f"{a.url}/v1/chat/completions", json=body, timeout=120,
+                          headers={"Authorization": f"Bearer {fresh}"}) as stream:
+            lines = stream.iter_lines()
+            assert next(line for line in lines if line.startswith("data: "))  # the stream has begun
+            os.killpg(a.proc.pid, signal.SIGKILL)
+            a.proc.wait(timeout=30)
+            with contextlib.suppress(httpx.HTTPError):  # the stream breaks (unless it had just ended)
+                for _ in lines:
+                    pass
+        r = chat(b, fresh)
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"], r.text
+    finally:
+        for server in (a, b):
+            if server.proc.poll() is None:
+                server.proc.send_signal(signal.SIGTERM)
+                try:
+                    server.proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    server.proc.kill()
