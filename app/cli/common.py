@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Protocol, TypeVar
 
 import typer
 from rich.console import Console
@@ -24,6 +26,29 @@ def fail(exc: KeelError) -> typer.Exit:
     quote user input and ``[n]`` citations, which rich would otherwise read as markup."""
     _stderr.print(f"[red]error ({exc.code}):[/red] {escape(exc.message)}")
     return typer.Exit(1)
+
+
+class _Closable(Protocol):
+    def close(self) -> None: ...
+
+
+C = TypeVar("C", bound=_Closable)
+
+
+@contextmanager
+def opened(open_: Callable[[], C]) -> Iterator[C]:
+    """A store or service for one command, closed afterwards; a :class:`KeelError` while opening or using it (an
+    unreachable database, a refused request) is the command's error, one line and exit 1, not a traceback."""
+    try:
+        thing = open_()
+    except KeelError as exc:
+        raise fail(exc) from exc
+    try:
+        yield thing
+    except KeelError as exc:
+        raise fail(exc) from exc
+    finally:
+        thing.close()
 
 
 def settings_or_exit(offline: dict[str, str] | None = None) -> Settings:

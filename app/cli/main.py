@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 import threading
@@ -16,7 +15,7 @@ from rich.table import Table
 
 from app.cli.agents import app as agent_app
 from app.cli.batch import app as batch_app
-from app.cli.common import DEV_KEY_FILE, dev_key, fail
+from app.cli.common import DEV_KEY_FILE, dev_key, fail, opened
 from app.cli.evals import app as evals_app
 from app.cli.features import app as features_app
 from app.cli.finetune import app as finetune_app
@@ -107,23 +106,12 @@ def _prepare(settings: Settings) -> Path:
 # -- keys ------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
 def _key_store(settings: Settings):
-    """The key store the settings name (Postgres with auth.url or database_url), closed after use; a store that
-    cannot be opened or read is the command's error, not a traceback."""
+    """The key store the settings name (Postgres with auth.url or database_url), for one command."""
     from app.security.keys import open_key_store  # lazy: keeps `keel --help` fast: only `keys` and `up` need it
 
-    try:
-        store = open_key_store(settings.auth.url.get_secret_value() if settings.auth.url else None,
-                               settings.db_path)
-    except KeelError as exc:
-        raise fail(exc) from exc
-    try:
-        yield store
-    except KeelError as exc:
-        raise fail(exc) from exc
-    finally:
-        store.close()
+    url = settings.auth.url.get_secret_value() if settings.auth.url else None
+    return opened(lambda: open_key_store(url, settings.db_path))
 
 
 @keys_app.command("create")

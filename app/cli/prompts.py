@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import getpass
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -14,8 +13,8 @@ from rich.console import Console
 from rich.syntax import Syntax
 from rich.table import Table
 
-from app.cli.common import fail, settings_or_exit
-from app.core.errors import InvalidRequest, KeelError
+from app.cli.common import fail, opened, settings_or_exit
+from app.core.errors import InvalidRequest
 from prompts import yamlio
 from prompts.factory import build_registry
 from prompts.models import TemplateContent
@@ -32,19 +31,9 @@ Override = Annotated[
 ]
 
 
-@contextmanager
-def _registry() -> Iterator[PromptRegistry]:
+def _registry() -> AbstractContextManager[PromptRegistry]:
     settings = settings_or_exit()
-    try:
-        registry = build_registry(settings)
-    except KeelError as exc:
-        raise fail(exc) from exc
-    try:
-        yield registry
-    except KeelError as exc:
-        raise fail(exc) from exc
-    finally:
-        registry.close()
+    return opened(lambda: build_registry(settings))
 
 
 
