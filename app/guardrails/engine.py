@@ -448,6 +448,29 @@ class GuardrailEngine:
         self._record(context.request_id, "input", policy.name, results)
         return decision
 
+    async def screen_passages(self, passages: Sequence[str], context: GuardContext
+                              ) -> tuple[list[int], list[ValidatorResult]]:
+        """Indirect injection, passage by passage: which retrieved passages the policy's prompt-injection entries
+        flag, each judged on its own (any key with the ingest scope can upload a document), and the blocking
+        results. The caller leaves those passages out of the prompt: one poisoned document no longer gets every
+        question that retrieves it refused, and the question is answered from the others."""
+        if not self.settings.enabled or not passages:
+            return [], []
+        t0 = time.perf_counter()
+        policy = self.select(context)
+        comps = [c for c in self.compiled(policy.name, "input") if c.spec.validator == "keel/prompt_injection"]
+        if not comps:
+            return [], []
+        meta = self._meta(context, None, PiiVault(owner=context.user))
+        runs = await asyncio.gather(*(self._run_groups(comps, [text], meta) for text in passages))
+        flagged = [i for i, (_, results) in enumerate(runs) if any(r.action == "block" for r in results)]
+        results = [r for _, rs in runs for r in rs]
+        self._observe("passages", policy.name, results, (time.perf_counter() - t0) * 1000,
+                      "redacted" if flagged else "pass")
+        blocking = [r for i in flagged for r in runs[i][1] if r.action == "block"]
+        self._record(context.request_id, "passages", policy.name, blocking)
+        return flagged, blocking
+
     # -- output --------------------------------------------------------------------------------------
 
     async def check_window(self, policy: ResolvedPolicy, context: GuardContext, text: str, *, vault: PiiVault,

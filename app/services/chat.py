@@ -54,6 +54,7 @@ from app.services.grounding import (
     Grounded,
     Grounder,
     RagUse,
+    Screen,
     attribute,
     citations,
     outcome_of,
@@ -145,11 +146,12 @@ class ChatService:
         self.guards = guards
         self.agents = agents
 
-    async def resolve(self, request: ChatRequest, span: Span | None = None
+    async def resolve(self, request: ChatRequest, span: Span | None = None, screen: Screen | None = None
                       ) -> tuple[ChatRequest, RenderedPrompt | None, Grounded | None]:
         """Turn a request into exactly what the model will see: a named prompt is rendered in front
-        of the messages; a grounded request retrieves passages and renders the RAG prompt around
-        them. A template's model and parameters are defaults that the request's own values override."""
+        of the messages; a grounded request retrieves passages (less those ``screen`` leaves out) and renders the
+        RAG prompt around them. A template's model and parameters are defaults that the request's own values
+        override."""
         rendered = grounded = None
         if request.model and request.model.startswith(RAG_PREFIX):
             if request.rag is not None:
@@ -171,9 +173,11 @@ class ChatService:
                 raise InvalidRequest("this server has no document store for grounded answers", param="rag")
             with self._child(span, "keel.rag.retrieve", {"keel.rag.collection": request.rag.collection,
                                                           "keel.rag.top_k": request.rag.top_k or 0}) as child:
-                grounded = await self.grounder.ground(request.messages, request.rag, request.params.max_tokens)
+                grounded = await self.grounder.ground(request.messages, request.rag, request.params.max_tokens,
+                                                      screen=screen)
                 scores = [round(c.score, 6) for c in grounded.chunks]
                 child.set_attributes({"keel.rag.chunks": len(scores), "keel.rag.scores": scores,
+                                      "keel.rag.dropped_chunk_ids": [c.citation.chunk_id for c in grounded.dropped],
                                       "keel.rag.chunk_ids": [c.citation.chunk_id for c in grounded.chunks],
                                       "keel.prompt.ref": grounded.rendered.ref})
             rendered = grounded.rendered
@@ -352,7 +356,8 @@ class ChatService:
                         yield event
                     return
                 request = replace(request, messages=pre.messages)
-            request, rendered, grounded = await self.resolve(request, span)
+            screen = self._passage_screen(request, alias, question, span) if pre is not None else None
+            request, rendered, grounded = await self.resolve(request, span, screen)
             self.validate(request)
             params = self._with_defaults(request)
         response_id = f"chatcmpl-{request.request_id or uuid.uuid4().hex}"
@@ -367,17 +372,9 @@ class ChatService:
                         "redact or withdraw text whose tokens the log probabilities would still show; use a model "
                         "alias bound to a policy without output validators", param="logprobs")
             if not agent and pre is not None:
-                # The question was checked above. The passages are checked for instructions aimed at the model
-                # (indirect injection: any key with the ingest scope can upload a document): a prompt-injection
-                # verdict over the rendered prompt refuses; topics and the rest judged the user's words only.
-                with self._guarded_input(span, "passages") as gspan:
-                    rendered_check = await self.guards.check_input(request.messages, context)
-                    _verdicts(gspan, rendered_check)
-                injected = next((r for r in rendered_check.results
-                                 if r.registered == "keel/prompt_injection" and r.action == "block"), None)
-                decision = replace(pre, messages=request.messages) if injected is None else replace(
-                    pre, messages=request.messages, blocked=True, results=[*pre.results, injected],
-                    refusal=self.guards.refusal_for(pre.policy, injected.validator, "input"))
+                # The question was checked on its own above, each passage for instructions aimed at the model as
+                # it was retrieved (those flagged were left out of the prompt): nothing here is left to judge.
+                decision = replace(pre, messages=request.messages)
             else:
                 with self._guarded_input(span, "input") as gspan:
                     decision = await self.guards.check_input(request.messages, context)
@@ -389,7 +386,11 @@ class ChatService:
         )
         if rendered is not None:
             log.info("request %s uses prompt %s (%s)", request.request_id, rendered.ref, rendered.hash[:12])
-        masked = _masked(decision) if decision else []
+        masked: list[ChatEvent] = [*_masked(decision)] if decision else []
+        if grounded is not None and grounded.dropped:
+            # The client hears that sources were left out (not which: their text may be the attack itself).
+            masked.append(GuardrailRedaction("prompt_injection", -1, ("passage",), len(grounded.dropped),
+                                             stage="input"))
         if decision is not None and decision.blocked:
             # Refused before the model: it never sees the input.
             for event in _refused(started, decision):
@@ -619,6 +620,24 @@ class ChatService:
             yield TextDelta(verdict.text)
             yield Finished(finish)
         yield usage
+
+    def _passage_screen(self, request: ChatRequest, alias: str | None, question: str | None, span: Span) -> Screen:
+        """The indirect-injection check of a grounded request's retrieved passages, under the rag policy."""
+        context = self._guard_context(request, alias, request.params, None, question, workflow="rag")
+
+        async def screen(texts: list[str]) -> list[int]:
+            with self._guarded_input(span, "passages") as gspan:
+                flagged, results = await self.guards.screen_passages(texts, context)
+                for r in results:
+                    gspan.add_event("guardrail.verdict", {"keel.guardrails.validator": r.validator, "keel.guardrails"
+                                    ".action": str(r.action), "keel.guardrails.score": float(r.score or 0.0)})
+                gspan.set_attribute("keel.guardrails.passages_dropped", len(flagged))
+            if flagged:
+                log.warning("request %s: %d of %d retrieved passages left out: they carry instructions for the "
+                            "model (%s)", request.request_id, len(flagged), len(texts), results[0].reason)
+            return flagged
+
+        return screen
 
     @staticmethod
     def _guard_context(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
@@ -56,6 +56,12 @@ class Grounded:
     messages: tuple[ChatMessage, ...]
     rendered: RenderedPrompt
     chunks: list[RetrievedChunk] = field(default_factory=list)
+    #: retrieved, but left out of the prompt by the screen (passages carrying instructions for the model)
+    dropped: list[RetrievedChunk] = field(default_factory=list)
+
+
+#: Given the retrieved passages' texts, the indexes of those to leave out of the prompt.
+Screen = Callable[[list[str]], Awaitable[list[int]]]
 
 
 def words_within(max_tokens: int) -> int:
@@ -269,9 +275,10 @@ class Grounder:
         self.rag = rag
         self.prompts = prompts
 
-    async def ground(self, messages: tuple[ChatMessage, ...], use: RagUse, max_tokens: int | None = None
-                     ) -> Grounded:
-        """``max_tokens``: the request's own budget, if it set one (else the template's applies)."""
+    async def ground(self, messages: tuple[ChatMessage, ...], use: RagUse, max_tokens: int | None = None,
+                     screen: Screen | None = None) -> Grounded:
+        """``max_tokens``: the request's own budget, if it set one (else the template's applies). ``screen``: which
+        retrieved passages to leave out of the prompt (the guardrails' indirect-injection check)."""
         question_at = next((i for i in range(len(messages) - 1, -1, -1) if messages[i].role == "user"), None)
         if question_at is None or not messages[question_at].content.strip():
             raise InvalidRequest("a grounded (rag) request needs a user message with the question", param="messages")
@@ -282,7 +289,11 @@ class Grounder:
             filters=use.filters or None,  # validated by the store (InvalidFilter is a 400)
             group_by=use.group_by,
         )
-        passages = [{"text": c.text, "title": c.citation.label()} for c in result.chunks]
+        chunks, dropped = list(result.chunks), []
+        if screen is not None and chunks:
+            out = set(await screen([c.text for c in chunks]))
+            chunks, dropped = [c for i, c in enumerate(chunks) if i not in out], [chunks[i] for i in sorted(out)]
+        passages = [{"text": c.text, "title": c.citation.label()} for c in chunks]
         variables: dict[str, Any] = {"question": question, "passages": passages}
         content = self.prompts.compiled(use.prompt_ref).version.content
         words = next((v for v in content.variables if v.name == "max_words"), None)
@@ -295,5 +306,5 @@ class Grounder:
         turns = [ChatMessage(m.role, m.content) for m in rendered.messages if m.role != "system"]
         # Earlier turns stay in place so follow-up questions keep their context.
         history = [m for i, m in enumerate(messages) if i != question_at and m.role != "system"]
-        return Grounded(tuple(system + history + turns), rendered, result.chunks)
+        return Grounded(tuple(system + history + turns), rendered, chunks, dropped)
 
