@@ -34,7 +34,7 @@ from lifecycle.batch.store import BatchStore
 log = logging.getLogger("keel.batch")
 
 KIND = "batch"
-ENDPOINTS = ("/v1/chat/completions",)
+ENDPOINTS = ("/v1/chat/completions", "/v1/embeddings")
 WINDOWS = {"24h": 86_400}
 FINAL = ("completed", "failed", "expired", "cancelled")
 

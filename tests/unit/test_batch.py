@@ -95,6 +95,31 @@ def test_a_batch_with_bad_lines_answers_the_rest_and_reports_each_bad_line(tmp_p
         api.stop()
 
 
+def test_an_embeddings_batch_embeds_each_line_as_the_embeddings_route_would(tmp_path: Path) -> None:
+    api = server(tmp_path, ScriptedBackend(reply="unused"))
+    try:
+        c = client(api)
+        model = next(m.id for m in c.models.list().data if "embedding model" in (getattr(m, "description", "")
+                                                                                 or ""))
+        texts = ["The museum opens at 9.", "Tickets cost 12 euros."]
+        rows = [{"custom_id": f"e-{i}", "method": "POST", "url": "/v1/embeddings",
+                 "body": {"model": model, "input": t}} for i, t in enumerate(texts)]
+        rows.append({"custom_id": "e-bad", "method": "POST", "url": "/v1/embeddings",
+                     "body": {"model": model, "input": []}})
+        f = c.files.create(file=("emb.jsonl", "\n".join(json.dumps(r) for r in rows).encode()), purpose="batch")
+        done = wait(c, c.batches.create(input_file_id=f.id, endpoint="/v1/embeddings", completion_window="24h").id)
+        assert (done.request_counts.completed, done.request_counts.failed) == (2, 1), jsonl(c, done.error_file_id)
+        out = {r["custom_id"]: r["response"]["body"] for r in jsonl(c, done.output_file_id)}
+        direct = c.embeddings.create(model=model, input=texts).data
+        for i, d in enumerate(direct):  # the same vectors the route gives
+            got = out[f"e-{i}"]["data"][0]["embedding"]
+            assert len(got) == len(d.embedding) and max(abs(a - b) for a, b in zip(got, d.embedding)) < 1e-5
+        [bad] = jsonl(c, done.error_file_id)
+        assert bad["custom_id"] == "e-bad" and bad["response"]["status_code"] == 400
+    finally:
+        api.stop()
+
+
 def test_files_and_batches_belong_to_the_key_and_bad_requests_say_what_to_fix(tmp_path: Path) -> None:
     api = server(tmp_path, ScriptedBackend())
     try:

@@ -12,6 +12,7 @@ Each request line is answered by :func:`batch_responder`: the chat route's own p
 
 from __future__ import annotations
 
+import json
 import uuid
 from typing import Any, Literal
 
@@ -23,7 +24,8 @@ from app.api.deps import ChatKey, ContainerDep, chat_path
 from app.api.errors import describe_validation, error_body, keel_error_body
 from app.api.openapi import error_responses
 from app.api.routes.chat import completion, to_domain
-from app.api.schemas import ChatCompletionRequest
+from app.api.routes.embeddings import embed
+from app.api.schemas import ChatCompletionRequest, EmbeddingRequest
 from app.core.errors import InvalidRequest, KeelError, NotFound
 from app.security.keys import ApiKey
 from lifecycle.batch.service import BatchService, Respond, public_file
@@ -96,7 +98,7 @@ class BatchIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     input_file_id: str = Field(min_length=1, max_length=200)
-    endpoint: Literal["/v1/chat/completions"] = Field(description="The endpoint every line calls.")
+    endpoint: Literal["/v1/chat/completions", "/v1/embeddings"] = Field(description="The endpoint every line calls.")
     completion_window: Literal["24h"] = "24h"
     metadata: dict[str, str] | None = Field(default=None, max_length=16)
 
@@ -137,6 +139,8 @@ def batch_responder(container: Any) -> Respond:
 
     async def respond(url: str, body: dict[str, Any], owner: str, scopes: frozenset[str] | None,
                       request_id: str) -> tuple[int, dict[str, Any]]:
+        if url == "/v1/embeddings":
+            return await embeddings_line(body)
         try:
             req = ChatCompletionRequest.model_validate(body)
         except ValidationError as e:  # the message the chat route's 400 would give
@@ -151,5 +155,16 @@ def batch_responder(container: Any) -> Respond:
         except KeelError as e:
             return e.status, keel_error_body(e)
         return 200, completion(req, result).model_dump(mode="json", exclude_none=True)
+
+    async def embeddings_line(body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        try:
+            req = EmbeddingRequest.model_validate(body)
+        except ValidationError as e:
+            message, param, code = describe_validation(e)
+            return 400, error_body(message, "invalid_request_error", code, param)
+        try:
+            return 200, json.loads(await embed(container, req))
+        except KeelError as e:
+            return e.status, keel_error_body(e)
 
     return respond

@@ -30,6 +30,7 @@ import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from fastapi import APIRouter
@@ -175,6 +176,11 @@ def _embed(embedder: Embedder, texts: list[str], body: EmbeddingRequest) -> tupl
 @router.post("/v1/embeddings", response_model=EmbeddingList, responses=_ERRORS)
 async def create_embeddings(body: EmbeddingRequest, _key: ChatKey, container: ContainerDep) -> Response:
     """Embed texts with the model Keel's RAG uses (OpenAI's embeddings API)."""
+    return Response(await embed(container, body), media_type="application/json")
+
+
+async def embed(container: Any, body: EmbeddingRequest) -> bytes:
+    """The embeddings response's JSON for ``body`` (the route's and a batch line's), traced."""
     embedder = container.rag.embedder
     _check(body, embedder)
     texts = _texts(body, container.settings.limits.max_input_chars)
@@ -187,4 +193,4 @@ async def create_embeddings(body: EmbeddingRequest, _key: ChatKey, container: Co
         content, total = await asyncio.to_thread(_embed, embedder, texts, body)
         span.set_attributes({"gen_ai.usage.input_tokens": total, "gen_ai.response.model": embedder.model_id,
                              "gen_ai.embeddings.dimension.count": embedder.dim})
-    return Response(content, media_type="application/json")
+    return content

@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from app.api.deps import AgentsDep, ChatKey, ContainerDep, LlmDep, MetricsDep, RagDep, SettingsDep
+from app.api.routes.embeddings import model_card as embedding_card
 from app.api.schemas import ModelCard, ModelList
 
 router = APIRouter()
@@ -26,6 +27,7 @@ async def list_models(_key: ChatKey, settings: SettingsDep, llm: LlmDep, rag: Ra
                         description=f"{settings.default_model} answering from collection {c!r} with citations")
               for c in collections]
     cards += [ModelCard(id=m["id"], owned_by="keel", description=m["description"]) for m in agents.chat_models()]
+    cards.append(embedding_card(rag.embedder))  # POST /v1/embeddings (and batches of it) take this name
     # Release endpoints: a name clients call, answered by the release's variants.
     releases = getattr(container, "releases", None)
     if releases is not None:
