@@ -120,10 +120,12 @@ def keys_create(
     scope: Annotated[list[str] | None, typer.Option(help="Repeat for several: chat, prompts:read, prompts:write, "
                                                   "ingest, evals, finetune, admin.")] = None,
     rate_limit: Annotated[int | None, typer.Option(help="Requests per minute (default from settings).")] = None,
+    team: Annotated[list[str] | None, typer.Option(help="Repeat for several: teams whose shared agent memories "
+                                                 "the key may read.")] = None,
 ) -> None:
     """Create an API key; the secret is printed once."""
     with _key_store(_settings()) as store:
-        key, secret = store.create(name, scope or ["chat"], rate_limit)
+        key, secret = store.create(name, scope or ["chat"], rate_limit, team or ())
     console.print(f"created key [bold]{key.id}[/bold] ({key.name}) with scopes {', '.join(sorted(key.scopes))}")
     console.print("secret (shown once, store it now):")
     print(secret)
@@ -132,12 +134,12 @@ def keys_create(
 @keys_app.command("list")
 def keys_list(all_: Annotated[bool, typer.Option("--all", help="Include revoked keys.")] = False) -> None:
     """List API keys (never their secrets)."""
-    table = Table("id", "name", "scopes", "rate limit/min", "created", "revoked")
+    table = Table("id", "name", "scopes", "teams", "rate limit/min", "created", "revoked")
     with _key_store(_settings()) as store:
         keys = store.list(include_revoked=all_)
     for k in keys:
-        table.add_row(k.id, k.name, ", ".join(sorted(k.scopes)), str(k.rate_limit_per_minute or "default"),
-                      k.created_at, k.revoked_at or "")
+        table.add_row(k.id, k.name, ", ".join(sorted(k.scopes)), ", ".join(sorted(k.teams)),
+                      str(k.rate_limit_per_minute or "default"), k.created_at, k.revoked_at or "")
     console.print(table)
 
 

@@ -12,6 +12,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import re
 import secrets
 import time
 from collections.abc import Iterable
@@ -58,9 +59,14 @@ class ApiKey:
     rate_limit_per_minute: int | None
     created_at: str
     revoked_at: str | None = None
+    teams: frozenset[str] = frozenset()  # whose shared memories (teams/<name>) the key may read
 
     def allows(self, scope: str) -> bool:
         return scope_allows(self.scopes, scope)
+
+    def in_team(self, team: str) -> bool:
+        """Membership decides team memory access; an admin key is in every team."""
+        return team in self.teams or self.allows("admin")
 
 
 def scope_allows(scopes: Iterable[str], scope: str) -> bool:
@@ -85,11 +91,23 @@ def validate_scopes(scopes: Iterable[str]) -> frozenset[str]:
     return scopes
 
 
+_TEAM = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}$")
+
+
+def validate_teams(teams: Iterable[str]) -> frozenset[str]:
+    out = frozenset(t.strip() for t in teams)
+    bad = sorted(t for t in out if not _TEAM.match(t))
+    if bad:
+        raise InvalidRequest(f"team name(s) {', '.join(map(repr, bad))}: use lower-case letters, digits, '.', '_' "
+                             "or '-' (at most 64)", param="teams")
+    return out
+
+
 class ApiKeys(Protocol):
     """Where keys live (the contract every store passes: tests/unit/test_security.py)."""
 
-    def create(self, name: str, scopes: Iterable[str], rate_limit_per_minute: int | None = None
-               ) -> tuple[ApiKey, str]: ...
+    def create(self, name: str, scopes: Iterable[str], rate_limit_per_minute: int | None = None,
+               teams: Iterable[str] = ()) -> tuple[ApiKey, str]: ...
 
     def verify(self, raw: str) -> ApiKey | None: ...
 
@@ -120,7 +138,8 @@ class _SqlKeyStore:
         raise NotImplementedError
 
     def create(
-        self, name: str, scopes: Iterable[str], rate_limit_per_minute: int | None = None
+        self, name: str, scopes: Iterable[str], rate_limit_per_minute: int | None = None,
+        teams: Iterable[str] = (),
     ) -> tuple[ApiKey, str]:
         """Return the stored key and the raw secret (shown to the user once)."""
         if not name.strip():
@@ -133,13 +152,15 @@ class _SqlKeyStore:
             scopes=validate_scopes(scopes),
             rate_limit_per_minute=rate_limit_per_minute,
             created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+            teams=validate_teams(teams),
         )
         raw = f"{KEY_PREFIX}{key.id}-{secrets.token_urlsafe(32)}"
         m = self._mark
         with self._tx() as db:
-            db.execute(f"INSERT INTO api_keys VALUES ({m}, {m}, {m}, {m}, {m}, {m}, NULL)",
+            db.execute("INSERT INTO api_keys (id, name, key_hash, scopes, rate_limit_per_minute, created_at, teams) "
+                       f"VALUES ({m}, {m}, {m}, {m}, {m}, {m}, {m})",
                        (key.id, key.name, hash_key(raw), json.dumps(sorted(key.scopes)), rate_limit_per_minute,
-                        key.created_at))
+                        key.created_at, json.dumps(sorted(key.teams))))
         return key, raw
 
     def _cached(self, digest: str) -> tuple[ApiKey | None] | None:
@@ -237,5 +258,5 @@ def open_key_store(url: str | None, path: Path) -> ApiKeys:
 def _row_to_key(row: tuple[Any, ...]) -> ApiKey:
     return ApiKey(
         id=row[0], name=row[1], scopes=frozenset(json.loads(row[3])), rate_limit_per_minute=row[4],
-        created_at=row[5], revoked_at=row[6],
+        created_at=row[5], revoked_at=row[6], teams=frozenset(json.loads(row[7] or "[]")),
     )

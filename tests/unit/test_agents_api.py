@@ -211,6 +211,30 @@ async def test_the_memory_namespace_comes_from_the_key_not_the_body(env) -> None
     assert r.status_code == 403 and env.memory.get(("users", other_id), "fact-1") is not None
 
 
+async def test_team_memories_are_their_members_only(env) -> None:
+    """Issue 14: any chat key could read, search and delete any team's memories (teams/* was open to all)."""
+    _, member = env.svc_keys.create("member", ["chat"], teams=["ml"])
+    env.memory.put(("teams", "ml"), "fact-1", {"text": "the ml team's staging cluster is kube-ml-2"})
+    env.memory.put(("teams", "ops"), "fact-1", {"text": "ops' pager rota"})
+    as_member = {"Authorization": f"Bearer {member}"}
+    r = await env.client.get("/v1/agents/memories", params={"namespace": "teams/ml"}, headers=as_member)
+    assert r.status_code == 200 and [m["key"] for m in r.json()["data"]] == ["fact-1"]
+    for ns in ("teams/ops", "teams"):
+        r = await env.client.get("/v1/agents/memories", params={"namespace": ns}, headers=as_member)
+        assert r.status_code == 403 and "teams/ml" in r.json()["error"]["message"]
+    r = await env.client.get("/v1/agents/memories", params={"namespace": "teams/ml"}, headers=auth(env))
+    assert r.status_code == 403  # a key in no team
+    r = await env.client.delete("/v1/agents/memories", params={"namespace": "teams/ml", "key": "fact-1"},
+                                headers=auth(env))
+    assert r.status_code == 403 and env.memory.get(("teams", "ml"), "fact-1") is not None
+    body = {"input": "Where is staging?", "stream": False, "team": "ml"}
+    r = await env.client.post("/v1/agents/rag-qa/runs", json=body, headers=auth(env))
+    assert r.status_code == 403 and r.json()["error"]["param"] == "team"
+    assert (await env.client.post("/v1/agents/rag-qa/runs", json=body, headers=as_member)).status_code == 200
+    r = await env.client.get("/v1/agents/memories", params={"namespace": "teams/ops"}, headers=auth(env, "admin"))
+    assert r.status_code == 200  # an admin key is in every team
+
+
 async def test_a_key_cannot_see_continue_or_resume_another_keys_run(env) -> None:
     r = await env.client.post("/v1/agents/research/runs", json={"input": "Send the vector report"},
                               headers=auth(env))

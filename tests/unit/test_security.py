@@ -85,6 +85,15 @@ def test_an_unreachable_postgres_is_a_503_naming_the_setting_not_the_password() 
     assert "auth.url" in e.value.message and "s3cret" not in e.value.message and e.value.status == 503
 
 
+def test_a_key_belongs_to_the_teams_it_was_made_with(store: ApiKeys) -> None:
+    key, secret = store.create("ml-bot", ["chat"], teams=["ml", "search"])
+    found = store.verify(secret)
+    assert found.teams == {"ml", "search"} and found.in_team("ml") and not found.in_team("ops")
+    assert store.create("admin", ["admin"])[0].in_team("ops")  # admin: every team
+    with pytest.raises(InvalidRequest, match="team name"):
+        store.create("x", ["chat"], teams=["ML Team"])
+
+
 def test_scopes_are_validated(store: ApiKeys) -> None:
     with pytest.raises(InvalidRequest, match="unknown scope"):
         store.create("x", ["chat", "root"])

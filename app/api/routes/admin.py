@@ -22,6 +22,8 @@ class KeyCreate(BaseModel):
     name: str = Field(min_length=1, max_length=100)
     scopes: list[str] = Field(min_length=1)
     rate_limit_per_minute: int | None = Field(default=None, ge=1)
+    teams: list[str] = Field(default_factory=list, max_length=50, description=(
+        "Teams the key belongs to: it may read and search their shared agent memories (teams/<name>)."))
 
 
 class KeyOut(BaseModel):
@@ -31,18 +33,19 @@ class KeyOut(BaseModel):
     rate_limit_per_minute: int | None = Field(default=None, description="Unset: the server's default limit.")
     created_at: str
     revoked_at: str | None = None
+    teams: list[str] = Field(default_factory=list)
     key: str | None = Field(default=None, description="The secret; returned once, at creation.")
 
 
 def _out(key: ApiKey, secret: str | None = None) -> KeyOut:
     return KeyOut(id=key.id, name=key.name, scopes=sorted(key.scopes),
                   rate_limit_per_minute=key.rate_limit_per_minute, created_at=key.created_at,
-                  revoked_at=key.revoked_at, key=secret)
+                  revoked_at=key.revoked_at, teams=sorted(key.teams), key=secret)
 
 
 @router.post("/keys", response_model=KeyOut, status_code=201)
 async def create_key(body: KeyCreate, keys: KeysDep) -> KeyOut:
-    key, secret = keys.create(body.name, body.scopes, body.rate_limit_per_minute)
+    key, secret = keys.create(body.name, body.scopes, body.rate_limit_per_minute, body.teams)
     return _out(key, secret)
 
 

@@ -20,7 +20,7 @@ Endpoints (scope ``chat``; an ``admin`` key sees every owner's runs and memories
   as if absent); an ``admin`` key any.
 * ``GET  /v1/agents/memories?namespace=users/<id>&query=&limit=`` and
   ``DELETE /v1/agents/memories?namespace=...&key=...`` - long-term memory (a non-admin key may use
-  ``users/<its key id>`` and ``teams/*``).
+  ``users/<its key id>`` and ``teams/<name>`` of the teams it belongs to).
 
 SSE event schema
 ----------------
@@ -163,6 +163,9 @@ async def start_run(key: ChatKey, svc: AgentsDep, guards: GuardsDep, workflow: s
     user = _memory_user(body, key, workflow)
     guard = svc.guard(guards, route=_route(request), workflow=workflow, user=key.id,
                       request_id=getattr(request.state, "request_id", ""))
+    if body.team and not key.in_team(body.team):
+        raise PermissionDenied(f"this API key is not in team {body.team!r}: its memories are its members' (an admin "
+                               "adds a key to a team: keel keys create --team)", param="team")
     events = svc.run(workflow, body.input, thread_id=body.thread_id, user=user, team=body.team,
                      owner=key.id, max_steps=body.max_steps, guard=guard, scopes=key.scopes)
     return await _stream_or_collect(events, body.stream)
@@ -201,10 +204,13 @@ async def thread(key: ChatKey, svc: AgentsDep, thread_id: str) -> dict[str, Any]
 
 
 def _namespace(namespace: str, key: ApiKey) -> tuple[str, ...]:
+    """A memory namespace the key may use: its own (users/<key id>), its teams' (teams/<name>), any for admin."""
     ns = parse_namespace(namespace)
-    if key.allows("admin") or ns[:2] == ("users", key.id) or ns[0] == "teams":
+    if key.allows("admin") or ns[:2] == ("users", key.id) or (ns[0] == "teams" and len(ns) > 1 and
+                                                               key.in_team(ns[1])):
         return ns
-    raise PermissionDenied(f"this API key may only use users/{key.id} and teams/* memories")
+    teams = ", ".join(f"teams/{t}" for t in sorted(key.teams)) or "no team's (keel keys create --team)"
+    raise PermissionDenied(f"this API key may only use users/{key.id} and its teams' memories: {teams}")
 
 
 @router.get("/memories")
