@@ -86,7 +86,7 @@ def test_an_unreachable_postgres_is_a_503_naming_the_setting_not_the_password() 
 
 
 def test_a_key_belongs_to_the_teams_it_was_made_with(store: ApiKeys) -> None:
-    key, secret = store.create("ml-bot", ["chat"], teams=["ml", "search"])
+    _, secret = store.create("ml-bot", ["chat"], teams=["ml", "search"])
     found = store.verify(secret)
     assert found.teams == {"ml", "search"} and found.in_team("ml") and not found.in_team("ops")
     assert store.create("admin", ["admin"])[0].in_team("ops")  # admin: every team
