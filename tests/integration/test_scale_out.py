@@ -73,10 +73,14 @@ def test_two_api_processes_share_keys_labels_and_limits_and_survive_one_dying(ke
     bootstrap = PostgresKeyStore(postgres_url)
     admin = bootstrap.create("admin", ["admin"])[1]
     bootstrap.close()
+    # One after the other: two first starts at once on an empty database can block each other's schema set-up
+    # (seen once in CI: the agents' checkpointer set-up, CREATE INDEX CONCURRENTLY, against the other process's
+    # migration transaction); the README says to let one process create the schema first.
     a = start_api(tmp_path / "a", database_url=postgres_url, vllm=keel_server)
-    b = start_api(tmp_path / "b", database_url=postgres_url, vllm=keel_server)
+    b = None
     try:
         a.wait_ready(300)
+        b = start_api(tmp_path / "b", database_url=postgres_url, vllm=keel_server)
         b.wait_ready(300)
         as_admin = {"Authorization": f"Bearer {admin}"}
 
@@ -133,7 +137,7 @@ def test_two_api_processes_share_keys_labels_and_limits_and_survive_one_dying(ke
         assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"], r.text
     finally:
         for server in (a, b):
-            if server.proc.poll() is None:
+            if server is not None and server.proc.poll() is None:
                 server.proc.send_signal(signal.SIGTERM)
                 try:
                     server.proc.wait(timeout=60)
