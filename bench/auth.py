@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 from app.security.keys import KeyStore, PostgresKeyStore  # noqa: E402
 from app.security.ratelimit import PostgresRateLimiter, RateLimiter  # noqa: E402
+from bench._postgres import postgres  # noqa: E402
 
 
 def timed(fn, n: int) -> dict[str, float]:
@@ -57,21 +58,11 @@ def main() -> None:
         keys = KeyStore(Path(tmp) / "keel.db")
         results["this process (sqlite + memory)"] = measure(keys, RateLimiter(), args.requests)
         keys.close()
-        server = None
-        url = args.postgres
-        if url is None:
-            import pgserver
-
-            server = pgserver.get_server(Path(tmp) / "pg", cleanup_mode="delete")
-            url = server.get_uri()
-        try:
+        with postgres(args.postgres, Path(tmp) / "pg") as url:
             pg_keys, pg_limits = PostgresKeyStore(url), PostgresRateLimiter(url)
             results["shared (postgres)"] = measure(pg_keys, pg_limits, args.requests)
             pg_keys.close()
             pg_limits.close()
-        finally:
-            if server is not None:
-                server.cleanup()
     print(f"{'':24}" + "".join(f"{b:>34}" for b in results))
     for op in next(iter(results.values())):
         print(f"{op:24}" + "".join(f"{results[b][op]['p50_ms']:>14.3f} p50 {results[b][op]['p95_ms']:>9.3f} p95 ms"

@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from app.jobs import JobRunner, PostgresJobQueue, SqliteJobQueue  # noqa: E402
+from bench._postgres import postgres  # noqa: E402
 
 
 def per_job(queue, n: int) -> dict[str, float]:
@@ -83,22 +84,12 @@ def main() -> None:
             sqlite._db.execute("PRAGMA synchronous=OFF")
         results["sqlite"] = {**per_job(sqlite, args.jobs), **asyncio.run(through_runner(sqlite, args.jobs // 5))}
         sqlite.close()
-        server = None
-        url = args.postgres
-        if url is None:
-            import pgserver
-
-            server = pgserver.get_server(Path(tmp) / "pg", cleanup_mode="delete")
-            url = server.get_uri()
-        if args.no_sync:
-            url += ("&" if "?" in url else "?") + "options=-c%20synchronous_commit%3Doff"
-        try:
+        with postgres(args.postgres, Path(tmp) / "pg") as url:
+            if args.no_sync:
+                url += ("&" if "?" in url else "?") + "options=-c%20synchronous_commit%3Doff"
             pg = PostgresJobQueue(url)
             results["postgres"] = {**per_job(pg, args.jobs), **asyncio.run(through_runner(pg, args.jobs // 5))}
             pg.close()
-        finally:
-            if server is not None:
-                server.cleanup()
     keys = list(next(iter(results.values())))
     print(f"{'':26}" + "".join(f"{b:>12}" for b in results))
     for k in keys:
