@@ -12,7 +12,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -45,6 +45,7 @@ from app.guardrails.types import (
     GuardrailRedaction,
     GuardrailRetraction,
     InputDecision,
+    ValidatorResult,
 )
 from app.llm.router import ModelRouter
 from app.services.grounding import (
@@ -628,9 +629,7 @@ class ChatService:
         async def screen(texts: list[str]) -> list[int]:
             with self._guarded_input(span, "passages") as gspan:
                 flagged, results = await self.guards.screen_passages(texts, context)
-                for r in results:
-                    gspan.add_event("guardrail.verdict", {"keel.guardrails.validator": r.validator, "keel.guardrails"
-                                    ".action": str(r.action), "keel.guardrails.score": float(r.score or 0.0)})
+                _verdict_events(gspan, results)
                 gspan.set_attribute("keel.guardrails.passages_dropped", len(flagged))
             if flagged:
                 log.warning("request %s: %d of %d retrieved passages left out: they carry instructions for the "
@@ -720,7 +719,11 @@ def _trace_id(span: Span) -> str | None:
 def _verdicts(span: Span, decision: InputDecision) -> None:
     """Every validator's verdict as an event of the guard span (what ran, what it decided, how long)."""
     span.set_attributes({"keel.guardrails.policy": decision.policy, "keel.guardrails.blocked": decision.blocked})
-    for r in decision.results:
+    _verdict_events(span, decision.results)
+
+
+def _verdict_events(span: Span, results: Sequence[ValidatorResult]) -> None:
+    for r in results:
         span.add_event("guardrail.verdict", {"keel.guardrails.validator": r.validator, "keel.guardrails.verdict":
                                              str(r.verdict), "keel.guardrails.action": str(r.action),
                                              "keel.guardrails.score": float(r.score or 0.0)})
