@@ -53,7 +53,7 @@ from agents.runs import RESUMABLE, TERMINAL, PostgresRunStore, RunRecord, RunSto
 from agents.settings import AgentConfig, AgentSettings
 from agents.tools import ToolRegistry, builtin_tools
 from agents.workflows.common import IDK, Deps
-from app.core.db import postgres_unavailable
+from app.core.db import advisory_lock, postgres_unavailable
 from app.core.errors import Conflict, InvalidRequest, KeelError, ModelNotFound, NotFound, StoreUnavailable
 from app.core.types import ChatMessage, Citations, Finished, Started, TextDelta
 from app.guardrails.types import GuardContext, GuardrailRedaction, GuardrailRetraction
@@ -275,9 +275,7 @@ class AgentService:
             await pool.open(wait=True, timeout=10.0)
             saver = AsyncPostgresSaver(pool)
             # setup() runs migrations and records them; two processes doing it at once would collide.
-            async with await psycopg.AsyncConnection.connect(self.postgres_url, autocommit=True,
-                                                             connect_timeout=10) as lock:
-                await lock.execute("SELECT pg_advisory_lock(%s)", (_CHECKPOINT_SETUP_LOCK,))
+            async with advisory_lock(self.postgres_url, _CHECKPOINT_SETUP_LOCK, what="the agents' checkpoint schema"):
                 await saver.setup()
         except psycopg.OperationalError as e:  # PoolTimeout is one too
             raise self._unavailable(e) from None

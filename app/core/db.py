@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -132,6 +134,35 @@ def postgres_url(value, *, setting: str, otherwise: str):
     if not url.startswith(("postgresql://", "postgres://")):
         raise ValueError(f"{setting} must be a postgresql:// URL (leave it unset for {otherwise})")
     return SecretStr(url)
+
+
+@asynccontextmanager
+async def advisory_lock(url: str, key: int, *, what: str, poll_s: float = 0.05,
+                        connect_timeout_s: float = 10.0) -> AsyncIterator[None]:
+    """Hold the Postgres session advisory lock ``key`` (on a connection of its own) for the block.
+
+    It waits by polling ``pg_try_advisory_lock``, never in ``pg_advisory_lock``: a statement blocked on a lock
+    keeps its snapshot for the whole wait, and a schema set-up under the lock that runs ``CREATE INDEX
+    CONCURRENTLY`` (LangGraph's checkpointer does) waits for every older snapshot in the database. The holder then
+    waits for the waiter and the waiter for the holder through two connections, a cycle Postgres's deadlock
+    detector cannot see: two API processes first starting on an empty database hung for minutes that way."""
+    import psycopg
+
+    log = logging.getLogger("keel.db")
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True,
+                                                     connect_timeout=max(2, int(connect_timeout_s))) as conn:
+        started = time.monotonic()
+        told = False
+        while not (await (await conn.execute("SELECT pg_try_advisory_lock(%s)", (key,))).fetchone())[0]:
+            if not told and time.monotonic() - started > 5.0:
+                told = True
+                log.info("waiting for another process to finish %s on %s", what, redact_url(url))
+            await asyncio.sleep(poll_s)
+        try:
+            yield
+        finally:
+            # Closing the connection would release it too; unlocking first keeps a pooled proxy honest.
+            await conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
 
 
 class PostgresPool:

@@ -73,14 +73,13 @@ def test_two_api_processes_share_keys_labels_and_limits_and_survive_one_dying(ke
     bootstrap = PostgresKeyStore(postgres_url)
     admin = bootstrap.create("admin", ["admin"])[1]
     bootstrap.close()
-    # One after the other: two first starts at once on an empty database can block each other's schema set-up
-    # (seen once in CI: the agents' checkpointer set-up, CREATE INDEX CONCURRENTLY, against the other process's
-    # migration transaction); the README says to let one process create the schema first.
+    # Both at once on an empty database (keys aside), as a Deployment's replicas start: their schema set-ups
+    # must take turns, not block each other.
     a = start_api(tmp_path / "a", database_url=postgres_url, vllm=keel_server)
     b = None
     try:
-        a.wait_ready(300)
         b = start_api(tmp_path / "b", database_url=postgres_url, vllm=keel_server)
+        a.wait_ready(300)
         b.wait_ready(300)
         as_admin = {"Authorization": f"Bearer {admin}"}
 

@@ -273,3 +273,13 @@ async def test_concurrent_first_uses_open_the_service_once(backend) -> None:
     events = await asyncio.gather(*(collect(svc.run("rag-qa", "Where does Keel store vectors?")) for _ in range(3)))
     assert [final(e).status for e in events] == ["completed"] * 3
     assert len({final(e).run_id for e in events}) == 3 and len(await svc.list_runs()) == 3
+
+
+async def test_two_processes_first_starting_at_once_take_turns(postgres_url, tmp_path: Path) -> None:
+    # Two API processes on an empty database: one set-up's CREATE INDEX CONCURRENTLY waited for the other's
+    # snapshot, held while it waited for the first one's lock (hung until killed before the lock was polled).
+    first = service({"db_path": tmp_path / "a.db", "postgres_url": postgres_url}, rag_llm())
+    second = service({"db_path": tmp_path / "b.db", "postgres_url": postgres_url}, rag_llm())
+    await asyncio.wait_for(asyncio.gather(first.start(), second.start()), timeout=120)
+    done = final(await collect(second.run("rag-qa", "Where does Keel store vectors?", owner="alice")))
+    assert done.status == "completed" and (await first.get_run(done.run_id))["status"] == "completed"
