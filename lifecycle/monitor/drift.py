@@ -22,6 +22,8 @@ input_length         characters of every message sent
 top_score            best retrieval score of grounded questions
 no_good_passage      share of grounded questions whose best passage scores under monitor.no_good_passage_score
 refusal              share of refused answers (content filter, blocked by a guard)
+negative_feedback    share of rated answers rated down (under 0.5 on POST /v1/feedback's 0..1 scale) by the key
+                     that got them: the ratings given by the time the check runs (late ones still move a window)
 guard:<validator>    share of answers a guardrail validator acted on, one check per validator seen
 answer_length        characters of the answer (answers that completed)
 completion_tokens    tokens of the answer (answers that completed)
@@ -69,11 +71,12 @@ Verdict = Literal["drift", "no_drift", "not_enough_data"]
 RefKind = Literal["window", "release", "suite"]
 Embed = Callable[[list[str]], Any]
 SuiteInputs = Callable[[str], tuple[list[str], str]]  # name -> (inputs, system prompt)
+Scores = Callable[[Sequence[tuple[str, str]]], dict[str, float]]  # (completion id, key id) -> its key's rating
 
 EMBEDDING = "input_embedding"
 TOPICS = "topic_mix"
 NUMERICAL = ("question_length", "input_length", "top_score", "answer_length", "completion_tokens")
-BINARY = ("no_good_passage", "refusal")
+BINARY = ("no_good_passage", "refusal", "negative_feedback")
 SUITE_CHECKS = frozenset({EMBEDDING, TOPICS, "question_length", "input_length"})
 _SEED = 0
 
@@ -207,12 +210,13 @@ class DriftMonitor:
 
     def __init__(self, settings: MonitorSettings, lineage: LineageStore, store: DriftStore, *, home: Path,
                  metrics: Any = None, embed: Embed | None = None, suite_inputs: SuiteInputs | None = None,
-                 releases: Any = None, flush: Callable[[], None] | None = None,
+                 releases: Any = None, flush: Callable[[], None] | None = None, feedback: Scores | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         """``embed``: texts -> vectors, the embedder of the questions' drift features (suite references);
         ``suite_inputs``: a suite's name -> its case inputs and system prompt; ``releases``: has
         ``get(name) -> Release`` (names the baseline and candidate arms); ``flush``: writes the lineage
-        recorder's pending features before a check reads them."""
+        recorder's pending features before a check reads them; ``feedback``: the users' ratings of answers (the
+        release store's), for the negative-feedback check."""
         self.settings = settings
         self.lineage = lineage
         self.store = store
@@ -222,6 +226,7 @@ class DriftMonitor:
         self.suite_inputs = suite_inputs
         self.releases = releases
         self.flush = flush
+        self.feedback = feedback
         self.clock = clock
         self._lock = threading.Lock()  # checks are CPU-heavy: one at a time
         self._subscribers: list[tuple[Callable[[DriftResult], Any], bool]] = []
@@ -359,8 +364,9 @@ class DriftMonitor:
                                 f"reference {result.reference['rows']}; a check needs {min_rows} in each "
                                 "(monitor.min_rows)")
             return result
-        cur = _columns(cur_rows, self.settings.no_good_passage_score)
-        refc = ref_data if ref_data is not None else _columns(ref_rows, self.settings.no_good_passage_score)
+        cur = _columns(cur_rows, self.settings.no_good_passage_score, self._scores(cur_rows))
+        refc = ref_data if ref_data is not None else _columns(ref_rows, self.settings.no_good_passage_score,
+                                                              self._scores(ref_rows))
         cur_emb, ref_emb, notes = self._embeddings(cur_rows, ref_rows, ref_data)
         result.notes += notes
         result.checks, widgets = _run_checks(cur, refc, cur_emb, ref_emb, self.settings, min_rows,
@@ -377,6 +383,9 @@ class DriftMonitor:
         return result
 
     # -- loading the windows ------------------------------------------------------------------------------------
+
+    def _scores(self, rows: Sequence[Features]) -> dict[str, float] | None:
+        return None if self.feedback is None else self.feedback([(f.id, f.owner) for f in rows])
 
     def _rows(self, window: Window, release: str | None = None, variant: str | None = None) -> list[Features]:
         return self.lineage.features(since=window.since, until=window.until, release=release, variant=variant,
@@ -528,8 +537,10 @@ def _stack(rows: Sequence[Features]) -> np.ndarray:
     return np.stack([f.vector() for f in rows if len(f.embedding or b"") == size])
 
 
-def _columns(rows: Sequence[Features], no_good_score: float) -> dict[str, np.ndarray]:
-    """One float array per check (NaN: the row has no value for it), guard validators as ``guard:<name>``."""
+def _columns(rows: Sequence[Features], no_good_score: float,
+             scores: dict[str, float] | None = None) -> dict[str, np.ndarray]:
+    """One float array per check (NaN: the row has no value for it), guard validators as ``guard:<name>``;
+    ``scores``: the ratings of the rated answers by id (None: no feedback source, no such column)."""
     nan = float("nan")
     ok = [f.outcome == "ok" for f in rows]
     out: dict[str, np.ndarray] = {
@@ -545,6 +556,9 @@ def _columns(rows: Sequence[Features], no_good_score: float) -> dict[str, np.nda
         "completion_tokens": np.array([f.completion_tokens if k else nan for f, k in zip(rows, ok, strict=True)],
                                       dtype=float),
     }
+    if scores is not None:
+        out["negative_feedback"] = np.array([nan if f.id not in scores else 1.0 if scores[f.id] < 0.5 else 0.0
+                                             for f in rows], dtype=float)
     names = sorted({v for f in rows for v in (f.validators or "").split(",") if v})
     for v in names:
         out[f"guard:{v}"] = np.array([1.0 if v in (f.validators or "").split(",") else 0.0 for f in rows])
@@ -601,7 +615,8 @@ def _run_checks(cur: dict[str, np.ndarray], ref: dict[str, np.ndarray], cur_emb:
         if not suite:
             ref.setdefault(g, np.zeros(len(ref["question_length"])))
     order = [EMBEDDING, TOPICS, "question_length", "input_length", "top_score", "no_good_passage", "refusal",
-             *guards, "answer_length", "completion_tokens"]
+             *(["negative_feedback"] if "negative_feedback" in cur else []), *guards, "answer_length",
+             "completion_tokens"]
     checks: dict[str, CheckResult] = {}
     widgets: list[Any] = []
 
@@ -853,4 +868,5 @@ def build_monitor(settings: Any, lineage_store: LineageStore, metrics: Any, embe
     embed = getattr(embedder, "embed_documents", embedder) if embedder is not None else None
     return DriftMonitor(settings.monitor, lineage_store, DriftStore(Path(settings.home) / "monitor.db"),
                         home=Path(settings.home), metrics=metrics, embed=embed,
-                        suite_inputs=suite_loader(Path(settings.evals.suites_dir)), releases=releases, flush=flush)
+                        suite_inputs=suite_loader(Path(settings.evals.suites_dir)), releases=releases, flush=flush,
+                        feedback=releases.store.scores_for if releases is not None else None)

@@ -333,6 +333,20 @@ class _SqlReleaseStore:
                           (response_id,))
         return [{"owner": o, "at": float(at), "score": float(sc), "comment": c} for o, at, sc, c in rows]
 
+    def scores_for(self, answers: Sequence[tuple[str, str]]) -> dict[str, float]:
+        """The rating (0 bad .. 1 good) of each of these (response id, key id) answers that the key that got it
+        rated — as in a release's totals, another key's rating does not count — for the drift monitor."""
+        owner = dict(answers)
+        out: dict[str, float] = {}
+        ids = list(owner)
+        for i in range(0, len(ids), 500):  # well under SQLite's bound-parameter limit
+            chunk = ids[i:i + 500]
+            marks = ", ".join("?" * len(chunk))
+            rows = self._read(self._q(f"SELECT response_id, owner, score FROM feedback WHERE response_id IN ({marks})"),
+                              chunk)
+            out.update((r, float(score)) for r, o, score in rows if o == owner[r])
+        return out
+
     def ratings(self, *, since: float = 0.0, min_score: float | None = None,
                 limit: int = 10_000) -> list[dict[str, Any]]:
         """Ratings given at or after ``since`` (at least ``min_score``), newest first: what a continuous-training

@@ -152,6 +152,40 @@ def test_shifted_questions_are_flagged_and_two_samples_of_one_traffic_are_not(mo
     assert metric(m, "keel_drift_last_run_timestamp_seconds") == shifted.created
 
 
+def test_more_answers_rated_down_is_a_drift_and_only_the_answering_keys_ratings_count(lineage: LineageStore,
+                                                                                      tmp_path: Path) -> None:
+    rng = np.random.default_rng(5)
+
+    def rated(seed: int, down: float) -> dict[tuple[str, str], float]:  # half the answers rated
+        return {(f"{seed}-{i}", "k"): float(rng.random() >= down) for i in range(ROWS) if i % 2 == 0}
+
+    ratings = rated(1, 0.1) | rated(2, 0.1)
+    asked = []
+
+    def scores(answers):
+        asked.append(len(answers))
+        return {i: ratings[(i, o)] for i, o in answers if (i, o) in ratings}
+
+    mon = DriftMonitor(fast(), lineage, DriftStore(tmp_path / "m.db"), home=tmp_path, feedback=scores)
+    same = {c.name: c for c in mon.check((SAME.since, SAME.until), actor="test").checks}
+    fb = same["negative_feedback"]
+    assert fb.state == "ok" and fb.kind == "categorical" and fb.current_rows == fb.reference_rows == ROWS // 2
+    assert asked == [ROWS, ROWS]
+    ratings |= rated(2, 0.4)  # users now rate 4 in 10 answers down
+    worse = mon.check((SAME.since, SAME.until), actor="test")
+    fb = {c.name: c for c in worse.checks}["negative_feedback"]
+    assert fb.state == "drift" and fb.current_value > fb.reference_value + 0.15
+    # Ratings by other keys (the answers' key is "k") are not the users' verdict on their own answers.
+    ratings = {(i, "someone-else"): 0.0 for i, _ in ratings}
+    skipped = {c.name: c for c in mon.check((SAME.since, SAME.until), actor="test").checks}["negative_feedback"]
+    assert skipped.state == "skipped" and skipped.current_rows == 0
+    mon.close()
+    # Without a feedback source (releases off) there is no such check.
+    plain = DriftMonitor(fast(), lineage, DriftStore(tmp_path / "p.db"), home=tmp_path)
+    assert "negative_feedback" not in {c.name for c in plain.check((SAME.since, SAME.until)).checks}
+    plain.close()
+
+
 def test_not_enough_data_is_a_state_not_a_pass(lineage: LineageStore, tmp_path: Path) -> None:
     mon = DriftMonitor(fast(min_rows=50), lineage, DriftStore(tmp_path / "m.db"), home=tmp_path, metrics=Metrics())
     calls = []

@@ -122,6 +122,11 @@ def test_observations_feedback_and_totals(open_store) -> None:
     assert sum(p["feedback_down"] for p in points) == 1
     lat = store.latencies(r.id)
     assert len(lat["stable"][0]) == 10 and len(lat["canary"][1]) == 4
+    store.feedback("chatcmpl-canary-0", "k1", 1.0)
+    # The drift monitor's view: each answer's rating by the key that got it, unrated answers left out.
+    assert store.scores_for([("chatcmpl-canary-1", "k1"), ("chatcmpl-canary-0", "k1"), ("chatcmpl-canary-2", "k1"),
+                             ("chatcmpl-canary-3", "k1")]) == {"chatcmpl-canary-1": 0.0, "chatcmpl-canary-0": 1.0}
+    assert store.scores_for([]) == {}
 
 
 def test_shadow_pairs_round_trip(open_store) -> None:
