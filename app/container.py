@@ -38,7 +38,7 @@ from evals.runner import EvalDeps
 from evals.store import EvalStore
 from evals.suite import suite_summaries
 from finetune import build_finetune
-from finetune.gate import adapter_gate
+from finetune.gate import adapter_gate, runs_on_adapter
 from finetune.service import FinetuneService
 from ingest import build_rag
 from ingest.factory import RagServices
@@ -171,9 +171,10 @@ class Container:
                                     default_model=settings.default_model,
                                     variant_model=_variant_model(releases) if releases is not None else None,
                                     embed=rag.embedder.embed_documents if settings.monitor.embed_sample > 0 else None,
-                                    embed_sample=settings.monitor.embed_sample)
+                                    embed_sample=settings.monitor.embed_sample, adapter_of=finetune.adapter_behind)
             lineage = Lineage(front, verdicts=_verdicts(guards), prompt_runs=lambda name, version: [
-                _run(r) for r in eval_store.prompt_runs(name, version)], adapter=_deployed(finetune),
+                _run(r) for r in eval_store.prompt_runs(name, version)], adapter_runs=lambda v: [
+                _run(r) for r in runs_on_adapter(eval_store, path=v["path"], content_hash=v.get("hash"))],
                 feedback=releases.store.feedback_for if releases is not None else None)
             monitor = build_monitor(settings, front.store, metrics, rag.embedder, releases=releases,
                                     flush=front.flush)
@@ -400,14 +401,6 @@ def _verdicts(guards: GuardrailEngine | None):
 def _run(r) -> dict:
     return {"id": r.id, "suite": r.suite, "passed": r.passed, "prompt_hash": r.prompt_hash,
             "finished_at": r.finished_at}
-
-
-def _deployed(finetune: FinetuneService):
-    def adapter(alias: str) -> dict | None:
-        row = next((d for d in finetune.store.deployments() if d.get("alias") == alias), None)
-        return None if row is None else {k: row.get(k) for k in ("model", "version", "backend", "served_name")}
-
-    return adapter
 
 
 def _similarity(rag: RagServices):

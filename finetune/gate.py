@@ -21,6 +21,35 @@ def _same_path(a: str | None, b: Path) -> bool:
     return bool(a) and Path(a).resolve() == b.resolve()
 
 
+def evaluated(path: Path | str, content_hash: str | None) -> Callable[[RunRow], bool]:
+    """Did a run evaluate exactly this adapter? The same content hash when both the run identity and the version
+    carry one, else the same adapter folder (each registered version has its own artifact folder)."""
+    folder = Path(path)
+
+    def matches(r: RunRow) -> bool:
+        got = run_adapter(r)
+        if content_hash and got["hash"]:
+            return got["hash"] == content_hash
+        return _same_path(got["path"], folder)
+
+    return matches
+
+
+def _adapter_runs(store: EvalStore, suites: Sequence[str] | None, scan_limit: int) -> list[RunRow]:
+    # Runs on adapters only (a base-model or RAG run of the same suite is other content); newest first, like
+    # prompt_runs, so the first run of a suite is its latest.
+    pool = [r for s in (suites or [None]) for r in store.list_runs(suite=s, limit=scan_limit)]
+    return sorted((r for r in pool if r.status == "completed" and r.target_kind != "rag"),
+                  key=lambda r: r.finished_at or "", reverse=True)
+
+
+def runs_on_adapter(store: EvalStore, *, path: Path | str, content_hash: str | None,
+                    scan_limit: int = 500) -> list[RunRow]:
+    """Completed eval runs of exactly this adapter, newest first (what an answer's lineage lists)."""
+    matches = evaluated(path, content_hash)
+    return [r for r in _adapter_runs(store, None, scan_limit) if matches(r)]
+
+
 def adapter_gate(store: EvalStore, *, required_suites: Sequence[str] | None = None,
                  max_age_days: float | None = None, scan_limit: int = 500) -> Callable[[AdapterVersion], GateVerdict]:
     """A :data:`finetune.tracking.AdapterGate`: ``gate(version) -> GateVerdict``.
@@ -39,18 +68,8 @@ def adapter_gate(store: EvalStore, *, required_suites: Sequence[str] | None = No
         path = version.local_path()
         want_hash = version.tags.get("keel.adapter_hash") or None
         key = want_hash or str(path)
-
-        def matches(r: RunRow) -> bool:
-            got = run_adapter(r)
-            if want_hash and got["hash"]:
-                return got["hash"] == want_hash
-            return _same_path(got["path"], path)
-
-        # Runs on adapters only (a base-model run of the same suite is "other content"); newest first,
-        # like prompt_runs, so the first run of a suite is its latest.
-        pool = [r for s in (suites or [None]) for r in store.list_runs(suite=s, limit=scan_limit)]
-        runs = sorted((r for r in pool if r.status == "completed" and r.target_kind != "rag"),
-                      key=lambda r: r.finished_at or "", reverse=True)
+        matches = evaluated(path, want_hash)
+        runs = _adapter_runs(store, suites, scan_limit)
         return artifact_verdict(
             f"adapter {version.ref}", runs, content_hash=key, hash_of=lambda r: key if matches(r) else None,
             required_suites=suites, max_age=max_age,

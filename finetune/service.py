@@ -14,7 +14,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from app.core.errors import Conflict, InvalidRequest
+from app.core.errors import Conflict, InvalidRequest, KeelError
 from app.core.paths import is_within
 from app.jobs.queue import JobQueue, open_queue
 from app.llm.routing import CONFIGURED, RoutingTable, open_routing_table
@@ -48,6 +48,10 @@ def _tokenizer(path: str) -> Any:
     return AutoTokenizer.from_pretrained(path)
 
 
+def _same_folder(a: str | None, b: str | None) -> bool:
+    return bool(a and b) and Path(a).resolve() == Path(b).resolve()
+
+
 class FinetuneService:
     def __init__(self, settings: FinetuneConfig, store: JobStore | None = None, *,
                  gate: AdapterGate | None = None, routes: RoutingTable | None = None,
@@ -65,6 +69,7 @@ class FinetuneService:
         self._own_routes = False
         self._tracker: Tracker | None = None
         self._registry: AdapterRegistry | None = None
+        self._hashes: dict[tuple[str, str], str | None] = {}  # (model, version) -> content hash: versions are immutable
 
     @property
     def routes(self) -> RoutingTable:
@@ -247,6 +252,27 @@ class FinetuneService:
                                      f"has r={rank}: raise backends.{name}.managed.max_lora_rank", param="backend",
                                      code="backend_cannot_serve_adapters")
         return name
+
+    def adapter_behind(self, route: dict[str, Any]) -> dict[str, Any] | None:
+        """The registered adapter version a route served (a lineage record's ``route``: alias, owner, model, adapter
+        folder): model, version, folder and content hash, from the alias's deployment record when that record is
+        still what the route served (the same LoRA name on vLLM, the same folder on transformers); else None. For
+        lineage: asked within a second of the answer, off the request path."""
+        if not (route.get("owner") or "").startswith(OWNER_PREFIX) and not route.get("adapter"):
+            return None
+        row = next((d for d in self.store.deployments() if d.get("alias") == route.get("alias")), None)
+        if row is None or not (row.get("served_name") == route.get("model")
+                               or _same_folder(row.get("adapter_path"), route.get("adapter"))):
+            return None
+        key = (row["model"], str(row["version"]))
+        if key not in self._hashes:
+            try:
+                tags = self.registry.get_version(*key).tags
+            except KeelError:
+                tags = {}
+            self._hashes[key] = tags.get("keel.adapter_hash") or None
+        return {"model": row["model"], "version": str(row["version"]), "backend": row.get("backend"),
+                "served_name": row.get("served_name"), "path": row.get("adapter_path"), "hash": self._hashes[key]}
 
     async def deploy(self, model: str, version: str | int, *, alias: str, backend: str | None = None,
                      fallback: str | None = None, actor: str = "") -> Deployment:

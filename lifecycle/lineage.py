@@ -7,8 +7,10 @@ the passages given to the model (document, chunk and ingest snapshot ids, scores
 them), the finish reasons and tokens. Records are written in batches off the request path.
 
 Reading a record joins what was decided elsewhere about those artifacts: every guardrail verdict on the
-request (the guardrail audit, by request id), the eval runs of that exact prompt version, the adapter version
-behind the alias with its eval state, and the feedback users gave the answer.
+request (the guardrail audit, by request id), the eval runs of that exact prompt version, the eval runs of the
+adapter version that answered (its model, version, folder and content hash are resolved by the writer when the
+record is written, from the deployment the route served: a later redeploy of the alias does not rewrite history),
+and the feedback users gave the answer.
 """
 
 from __future__ import annotations
@@ -133,9 +135,12 @@ class LineageRecorder:
 
     def __init__(self, inner: Any, store: LineageStore, routes: RoutingTable, *, default_model: str,
                  variant_model: Callable[[str, str], str | None] | None = None, flush_interval_s: float = 0.2,
-                 embed: Callable[[list[str]], Any] | None = None, embed_sample: float = 1.0) -> None:
+                 embed: Callable[[list[str]], Any] | None = None, embed_sample: float = 1.0,
+                 adapter_of: AdapterOf | None = None) -> None:
         """``variant_model(release, variant)``: the model alias a release variant answers with; ``embed``: the
-        embedder of the questions' drift features (a share ``embed_sample`` of them), run by the writer thread."""
+        embedder of the questions' drift features (a share ``embed_sample`` of them), run by the writer thread;
+        ``adapter_of(route)``: the registered adapter version a route served (model, version, folder, content
+        hash) or None, asked by the writer thread."""
         self.inner = inner
         self.store = store
         self.routes = routes
@@ -143,6 +148,7 @@ class LineageRecorder:
         self.variant_model = variant_model
         self.embed = embed
         self.embed_sample = embed_sample
+        self.adapter_of = adapter_of
         self._writer: BufferedWriter[tuple[dict[str, Any], Features]] = BufferedWriter(
             self._write, interval_s=flush_interval_s, name="keel-lineage", what="lineage records")
 
@@ -239,6 +245,8 @@ class LineageRecorder:
                 "revision": route.revision if route else None}
 
     def _write(self, batch: Sequence[tuple[dict[str, Any], Features]]) -> None:
+        for record, _ in batch:
+            self._resolve_adapter(record)
         questions = [(i, f.question) for i, (_, f) in enumerate(batch) if f.question]
         vectors: dict[int, bytes] = {}
         if questions and self.embed is not None:
@@ -249,6 +257,15 @@ class LineageRecorder:
                 log.exception("embedding %d questions for drift features failed", len(questions))
         self.store.write([r for r, _ in batch], [replace(f, question=None, embedding=vectors.get(i))
                                                  for i, (_, f) in enumerate(batch)])
+
+    def _resolve_adapter(self, record: dict[str, Any]) -> None:
+        route = record.get("route")
+        if not route or not route.get("alias") or self.adapter_of is None or "adapter_version" in route:
+            return
+        try:
+            route["adapter_version"] = self.adapter_of(route)
+        except Exception:  # the record without its adapter's version beats no record
+            log.exception("resolving the adapter version of %s failed", route["alias"])
 
     def flush(self, timeout: float | None = 10.0) -> None:
         self._writer.flush(timeout)
@@ -262,7 +279,8 @@ class LineageRecorder:
 
 GuardVerdicts = Callable[[str], list[dict[str, Any]]]
 PromptRuns = Callable[[str, int], list[dict[str, Any]]]
-AdapterInfo = Callable[[str], dict[str, Any] | None]
+AdapterOf = Callable[[dict[str, Any]], dict[str, Any] | None]  # a record's route -> the adapter version it served
+AdapterRuns = Callable[[dict[str, Any]], list[dict[str, Any]]]  # an adapter version -> eval runs on it
 Feedback = Callable[[str], list[dict[str, Any]]]
 
 
@@ -270,12 +288,12 @@ class Lineage:
     """Reads a record and joins what other stores know about its artifacts (each join optional)."""
 
     def __init__(self, recorder: LineageRecorder, *, verdicts: GuardVerdicts | None = None,
-                 prompt_runs: PromptRuns | None = None, adapter: AdapterInfo | None = None,
+                 prompt_runs: PromptRuns | None = None, adapter_runs: AdapterRuns | None = None,
                  feedback: Feedback | None = None) -> None:
         self.recorder = recorder
         self.verdicts = verdicts
         self.prompt_runs = prompt_runs
-        self.adapter = adapter
+        self.adapter_runs = adapter_runs
         self.feedback = feedback
 
     def get(self, completion_id: str, *, owner: str | None = None) -> dict[str, Any]:
@@ -298,8 +316,19 @@ class Lineage:
                 prompt["eval_runs"] = [r for r in runs if not prompt.get("hash") or r.get("prompt_hash") in
                                        (None, prompt["hash"])]
         route = record.get("route")
-        if route and route.get("alias") and self.adapter is not None:
-            route["adapter_version"] = self.adapter(route["alias"])
+        if route and route.get("alias"):
+            if "adapter_version" not in route:  # a record of a release that did not resolve it when writing
+                route["adapter_version"] = self._adapter_now(route)
+            version = route.setdefault("adapter_version", None)
+            if version and self.adapter_runs is not None:
+                version["eval_runs"] = self.adapter_runs(version)
         if self.feedback is not None:
             out["feedback"] = self.feedback(completion_id)
         return out
+
+    def _adapter_now(self, route: dict[str, Any]) -> dict[str, Any] | None:
+        try:
+            return self.recorder.adapter_of(route) if self.recorder.adapter_of else None
+        except Exception:
+            log.exception("resolving the adapter version of %s failed", route["alias"])
+            return None

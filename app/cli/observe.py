@@ -416,7 +416,10 @@ def _route_panel(rec: dict[str, Any]) -> Panel:
         body = _grid([
             ("alias", r.get("alias")), ("backend", r.get("backend")), ("model", r.get("model")),
             ("adapter", r.get("adapter") or "none"),
-            ("adapter version", " ".join(f"{k} {v}" for k, v in av.items() if v is not None) if av else None),
+            ("adapter version", f"{av.get('model')} v{av.get('version')}" if av else None),
+            ("adapter hash", (av.get("hash") or "")[:16] or None),
+            ("adapter evals", ", ".join(f"{e.get('suite')} {'passed' if e.get('passed') else 'failed'} ({e.get('id')})"
+                                        for e in av.get("eval_runs") or []) or ("none" if av else None)),
             ("routing", f"{r.get('owner')}, revision {r.get('revision')}" if r.get("owner") else None),
         ])
     release = rec.get("release")

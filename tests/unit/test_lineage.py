@@ -113,3 +113,36 @@ async def test_every_answer_leaves_drift_features_without_its_text(env) -> None:
     assert all(not f.refused and not f.grounded and f.top_score is None and f.question is None for f in rows)
     raw = (env["container"].settings.home / "lineage.db").read_bytes()
     assert b"Eddystone" not in raw and b"Who built it" not in raw
+
+
+async def test_an_adapter_answer_keeps_the_version_that_served_it_with_its_eval_runs(env, tmp_path: Path) -> None:
+    from app.core.settings import ModelAlias
+    from tests.unit.test_evals_gate import record as eval_run
+
+    container = env["container"]
+    finetune, routes = container.finetune, container.llm.routes
+    v1, v2 = tmp_path / "adapters" / "1", tmp_path / "adapters" / "2"
+
+    def deploy(version: str, folder: Path) -> None:  # what FinetuneService.deploy writes, on a vLLM-like route
+        finetune.store.save_deployment(alias="tuned", model="support-lora", version=version, backend="local",
+                                       served_name=f"support-lora-v{version}", adapter_path=str(folder))
+        finetune._hashes[("support-lora", version)] = f"sha-{version}"  # the registry's keel.adapter_hash tag
+        routes.set("tuned", ModelAlias(backend="local", model=f"support-lora-v{version}"),
+                   owner="finetune:support-lora", actor="test")
+
+    deploy("1", v1)
+    on_v1 = eval_run(container.evals, "golden-rag", adapter=v1, passed=True, adapter_hash="sha-1")
+    eval_run(container.evals, "golden-rag", adapter=v2, passed=False, adapter_hash="sha-2")
+    eval_run(container.evals, "golden-rag", adapter=None, passed=True)  # the base model: other content
+    answer = await chat(env, model="tuned")
+    container.front.flush()
+    deploy("2", v2)  # redeployed after the answer: its lineage still names v1
+    rec = (await lineage(env, answer["id"])).json()
+    version = rec["route"]["adapter_version"]
+    assert rec["route"]["owner"] == "finetune:support-lora" and rec["route"]["model"] == "support-lora-v1"
+    assert {k: version[k] for k in ("model", "version", "served_name", "path", "hash")} == {
+        "model": "support-lora", "version": "1", "served_name": "support-lora-v1", "path": str(v1), "hash": "sha-1"}
+    assert [r["id"] for r in version["eval_runs"]] == [on_v1] and version["eval_runs"][0]["passed"] is True
+    later = (await lineage(env, (await chat(env, model="tuned"))["id"])).json()
+    assert later["route"]["adapter_version"]["version"] == "2"
+    assert [r["passed"] for r in later["route"]["adapter_version"]["eval_runs"]] == [False]

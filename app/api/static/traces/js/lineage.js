@@ -71,6 +71,8 @@ function route(rec) {
     ["Model", mono(r.model)],
     ["Adapter", r.adapter ? mono(r.adapter) : "none"],
     ["Adapter version", av ? mono(`${av.model || ""}${av.version !== undefined && av.version !== null ? ` v${av.version}` : ""}`.trim() || valueText(av)) : null],
+    ["Adapter hash", av && av.hash ? mono(String(av.hash).slice(0, 16)) : null],
+    ["Adapter evals", av ? ((av.eval_runs || []).map((e) => `${e.suite} ${e.passed ? "passed" : "failed"}`).join(", ") || "none") : null],
     ["Routing", r.owner ? `${r.owner}${r.revision !== undefined && r.revision !== null ? `, revision ${r.revision}` : ""}` : null],
   ], { class: "kv" }));
 }
