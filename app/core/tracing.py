@@ -7,7 +7,10 @@ GenAI semantic conventions (``gen_ai.*``) where they describe a model call.
 
 Export never slows a request: spans go through the SDK's ``BatchSpanProcessor`` (a bounded queue, written by
 a background thread); a full queue drops spans and counts them (``keel_trace_spans_dropped_total``), a store
-or collector that fails costs the spans of that batch, counted the same way.
+or collector that fails costs the spans of that batch, counted the same way. :meth:`Tracing.flush` waits for
+the embedded store only, never for the collector; :meth:`Tracing.close` gives the collector at most the export
+timeout (``OTEL_EXPORTER_OTLP_TRACES_TIMEOUT`` / ``OTEL_EXPORTER_OTLP_TIMEOUT``, seconds as the Python SDK reads
+them; default 5) and counts what it could not deliver.
 
 The embedded store is ``<home>/traces.db`` (SQLite, WAL): ``keel traces``, ``GET /v1/traces`` and the Traces
 page read it; spans older than ``otel.retention_days`` are deleted as new ones arrive.
@@ -52,6 +55,18 @@ def traceparent(span: Span) -> dict[str, str]:
 def trace_id_of(span: Span) -> str | None:
     ctx = span.get_span_context()
     return f"{ctx.trace_id:032x}" if ctx.is_valid else None
+
+
+def _timeout(env: Mapping[str, str], default: float = 5.0) -> float:
+    """The OTLP export timeout in seconds, from the standard variables (seconds, as the Python exporter reads
+    them): one export's limit, and the most that shutdown waits for a collector."""
+    raw = env.get("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT") or env.get("OTEL_EXPORTER_OTLP_TIMEOUT")
+    try:
+        value = float(raw) if raw else default
+    except ValueError:
+        log.warning("OTEL_EXPORTER_OTLP_TIMEOUT=%r is not a number of seconds, using %s", raw, default)
+        return default
+    return value if value > 0 else default
 
 
 def check_trace_id(trace_id: str) -> str:
@@ -144,14 +159,41 @@ class _StoreExporter(SpanExporter):
             return SpanExportResult.FAILURE
 
 
+class _CountFailures(SpanExporter):
+    """An exporter (the OTLP one) whose failed batches are counted: the SDK's batch processor ignores them."""
+
+    def __init__(self, inner: SpanExporter, dropped: Any, where: str) -> None:
+        self.inner = inner
+        self.dropped = dropped
+        self.where = where
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        try:
+            result = self.inner.export(spans)
+        except Exception as e:  # the SDK would log it and lose the batch uncounted
+            log.warning("trace export to the collector failed, %d spans dropped: %s", len(spans), e)
+            result = SpanExportResult.FAILURE
+        if result is not SpanExportResult.SUCCESS:
+            self.dropped.labels(self.where).inc(len(spans))
+        return result
+
+    def shutdown(self) -> None:
+        self.inner.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30_000) -> bool:
+        return self.inner.force_flush(timeout_millis)
+
+
 class _Counted(SpanProcessor):
     """A BatchSpanProcessor that counts the spans its full queue refuses."""
 
-    def __init__(self, inner: BatchSpanProcessor, queue_size: int, dropped: Any, where: str) -> None:
+    def __init__(self, inner: BatchSpanProcessor, queue_size: int, dropped: Any, where: str,
+                 shutdown_timeout_s: float | None = None) -> None:
         self.inner = inner
         self.queue_size = queue_size
         self.dropped = dropped
         self.where = where
+        self.shutdown_timeout_s = shutdown_timeout_s
 
     def on_start(self, span: Any, parent_context: Any = None) -> None:
         self.inner.on_start(span, parent_context)
@@ -164,7 +206,16 @@ class _Counted(SpanProcessor):
         self.inner.on_end(span)
 
     def shutdown(self) -> None:
-        self.inner.shutdown()
+        batch = getattr(self.inner, "_batch_processor", None)
+        if self.shutdown_timeout_s is None or batch is None:
+            self.inner.shutdown()
+            return
+        # The SDK waits up to 30 s for the queue to drain, one export timeout per batch: bound it, and count
+        # what a collector that is down or stuck never got (the batch in flight counts when it gives up).
+        batch.shutdown(timeout_millis=self.shutdown_timeout_s * 1000)
+        if left := len(batch._queue):
+            log.warning("trace export stopped at shutdown, %d spans dropped", left)
+            self.dropped.labels(self.where).inc(left)
 
     def force_flush(self, timeout_millis: int = 30_000) -> bool:
         return self.inner.force_flush(timeout_millis)
@@ -178,6 +229,8 @@ class Tracing:
         env = os.environ if environ is None else environ
         self.settings = settings
         self.store: SpanStore | None = None
+        self._store_processor: SpanProcessor | None = None
+        self.export_timeout_s = _timeout(env)
         self.capture_content = settings.capture_content
         self.enabled = settings.enabled
         if not settings.enabled:
@@ -188,25 +241,33 @@ class Tracing:
                                        sampler=ParentBased(TraceIdRatioBased(settings.sample_ratio)))
         if settings.store:
             self.store = SpanStore(Path(home) / "traces.db", retention_days=settings.retention_days)
-            self._add(_StoreExporter(self.store, dropped), dropped, "store")
-        endpoint = settings.endpoint or env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get(
-            "OTEL_EXPORTER_OTLP_ENDPOINT")
-        if endpoint:
+            self._store_processor = self._add(_StoreExporter(self.store, dropped), dropped, "store")
+        # OTEL_EXPORTER_OTLP_TRACES_ENDPOINT is the signal's full URL, used as-is; the others are a base URL.
+        endpoint = settings.endpoint or env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+        url = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") if not settings.endpoint else None
+        if not url and endpoint:
+            url = endpoint if endpoint.rstrip("/").endswith("/v1/traces") else endpoint.rstrip("/") + "/v1/traces"
+        if url:
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-            url = endpoint if endpoint.rstrip("/").endswith("/v1/traces") else endpoint.rstrip("/") + "/v1/traces"
-            self._add(OTLPSpanExporter(endpoint=url, timeout=5), dropped, "otlp")
+            exporter = _CountFailures(OTLPSpanExporter(endpoint=url, timeout=self.export_timeout_s), dropped, "otlp")
+            self._add(exporter, dropped, "otlp", shutdown_timeout_s=self.export_timeout_s)
             log.info("exporting traces over OTLP to %s", url)
         self.tracer = self.provider.get_tracer("keel", version)
 
-    def _add(self, exporter: SpanExporter, dropped: Any, where: str) -> None:
+    def _add(self, exporter: SpanExporter, dropped: Any, where: str,
+             shutdown_timeout_s: float | None = None) -> SpanProcessor:
         size = self.settings.queue_size
         batch = BatchSpanProcessor(exporter, max_queue_size=size, schedule_delay_millis=200,
                                    max_export_batch_size=min(512, size))
-        self.provider.add_span_processor(_Counted(batch, size, dropped, where))
+        processor = _Counted(batch, size, dropped, where, shutdown_timeout_s)
+        self.provider.add_span_processor(processor)
+        return processor
 
     def flush(self, timeout_s: float = 10.0) -> bool:
-        return self.provider.force_flush(int(timeout_s * 1000)) if self.provider is not None else True
+        """Write the spans ended so far to the embedded store (read your writes). The collector is not waited
+        for: a slow one would hold the caller (``GET /v1/traces`` is a request); :meth:`close` drains it."""
+        return self._store_processor.force_flush(int(timeout_s * 1000)) if self._store_processor else True
 
     def close(self) -> None:
         if self.provider is not None:
