@@ -16,6 +16,10 @@ from app.jobs.settings import JobSettings
 from evals.settings import EvalConfig
 from prompts.settings import PromptConfig
 
+# The Keel home's folders fine-tuning may read by default: training data users put there, the prepared models,
+# the datasets continuous-training pipelines build.
+DATA_DIRS = ("datasets", "models", "pipelines")
+
 
 class FinetuneSettings(BaseModel):
     jobs_db: Path | None = Field(default=None, description="SQLite job store; None means <home>/finetune/jobs.db.")
@@ -43,7 +47,9 @@ class FinetuneSettings(BaseModel):
         default=None,
         description="Folders a job's dataset files and base model folder must live in (whoever may submit a job "
         "must not make the server read, or train on, any file it can read). None: the project's finetune/jobs "
-        "folder and the Keel home (which holds the prepared models, <home>/models). ['/'] allows any path.",
+        "folder and, in the Keel home, datasets/ (put training data there), models/ (the prepared models) and "
+        "pipelines/ (the datasets continuous training builds) — never the whole home, which holds key files and "
+        "databases. ['/'] allows any path.",
     )
     allowed_data_dirs: list[Path] = Field(
         default_factory=list,
@@ -65,7 +71,7 @@ class FinetuneSettings(BaseModel):
     def resolved_allowed_roots(self, home: Path) -> list[Path]:
         if self.allowed_roots is not None:
             return list(self.allowed_roots)
-        return [Path(__file__).resolve().parent / "jobs", home]
+        return [Path(__file__).resolve().parent / "jobs", *(home / d for d in DATA_DIRS)]
 
     def home_dir(self, home: Path) -> Path:
         return home / "finetune"

@@ -37,8 +37,9 @@ def home(tmp_path):
     (tmp_path / "models" / "smollm2").symlink_to(MODEL)
     rows = [{"messages": [{"role": "user", "content": f"q{i}?"}, {"role": "assistant", "content": f"a{i}."}]}
             for i in range(10)]
-    (tmp_path / "good.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    (tmp_path / "bad.jsonl").write_text(json.dumps(rows[0]) + "\n" + json.dumps(rows[0]) + "\n{oops\n")
+    (tmp_path / "datasets").mkdir()  # where fine-tuning may read a home's data by default
+    (tmp_path / "datasets" / "good.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (tmp_path / "datasets" / "bad.jsonl").write_text(json.dumps(rows[0]) + "\n" + json.dumps(rows[0]) + "\n{oops\n")
     return tmp_path
 
 
@@ -57,7 +58,7 @@ def client(home):
 
 
 def spec(home: Path, data: str = "good.jsonl") -> dict:
-    return {"name": "demo", "dataset": {"path": str(home / data), "validation_split": 0.2},
+    return {"name": "demo", "dataset": {"path": str(home / "datasets" / data), "validation_split": 0.2},
             "training": {"max_steps": 2, "max_length": 64}}
 
 
@@ -207,12 +208,12 @@ def test_versions_promote_rollback_and_deploy(client, home):
 
 def test_allowed_data_dirs(client, home, tmp_path_factory):
     svc = client.app.state.keel.finetune
-    svc.fs.allowed_data_dirs = [home / "datasets"]
+    svc.fs.allowed_data_dirs = [home / "datasets" / "vetted"]
     r = client.post("/v1/finetune/jobs", json={"spec": spec(home)}, headers=h())
     assert r.status_code == 400 and "outside the allowed data folders" in r.json()["error"]["message"]
-    (home / "datasets").mkdir()
-    (home / "good.jsonl").rename(home / "datasets" / "good.jsonl")
-    r = client.post("/v1/finetune/jobs", json={"spec": spec(home, "datasets/good.jsonl")}, headers=h())
+    (home / "datasets" / "vetted").mkdir()
+    (home / "datasets" / "good.jsonl").rename(home / "datasets" / "vetted" / "good.jsonl")
+    r = client.post("/v1/finetune/jobs", json={"spec": spec(home, "vetted/good.jsonl")}, headers=h())
     assert r.status_code == 201, r.text
 
 
@@ -233,13 +234,15 @@ def test_data_and_base_model_stay_in_the_allowed_roots_by_default(client, home, 
 
     svc = client.app.state.keel.finetune
     outside = tmp_path_factory.mktemp("outside")
-    (outside / "good.jsonl").write_text((home / "good.jsonl").read_text())
+    (outside / "good.jsonl").write_text((home / "datasets" / "good.jsonl").read_text())
+    (home / "keel.db").write_text((home / "datasets" / "good.jsonl").read_text())  # any file of the home itself
     (outside / "model").mkdir()
     (outside / "model" / "config.json").write_text("{}")
     for body, field in (({**spec(home), "dataset": {"path": str(outside / "good.jsonl")}}, "dataset.path"),
-                        ({**spec(home), "dataset": {"path": str(home / "../" / outside.name / "good.jsonl")}},
-                         "dataset.path"),
-                        ({**spec(home), "dataset": {"path": str(home / "good.jsonl"),
+                        ({**spec(home), "dataset": {"path": str(home / "datasets/../../" / outside.name /
+                                                                "good.jsonl")}}, "dataset.path"),
+                        ({**spec(home), "dataset": {"path": str(home / "keel.db")}}, "dataset.path"),
+                        ({**spec(home), "dataset": {"path": str(home / "datasets" / "good.jsonl"),
                                                     "validation_path": str(outside / "good.jsonl")}},
                          "dataset.validation_path"),
                         ({**spec(home), "base_model": str(outside / "model")}, "base_model")):
@@ -248,7 +251,8 @@ def test_data_and_base_model_stay_in_the_allowed_roots_by_default(client, home, 
         err = r.json()["error"]
         assert err["code"] == "invalid_job_spec" and err["param"] == field
         assert "finetune.allowed_roots" in err["message"] and "outside the folders" in err["message"]
-    # The defaults keep the shipped job (finetune/jobs) and a home's prepared model (<home>/models) working.
+    # The defaults keep the shipped job (finetune/jobs), a home's prepared model (<home>/models) and its
+    # datasets/ working, and nothing else of the home (key files, databases).
     shipped = load_spec(Path(__file__).resolve().parents[2] / "finetune" / "jobs" / "veltmar-fact.yaml")
     svc.check_data_location(shipped)
     assert client.post("/v1/finetune/jobs", json={"spec": spec(home)}, headers=h()).status_code == 201

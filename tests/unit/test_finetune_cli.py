@@ -23,10 +23,12 @@ def home(tmp_path, monkeypatch):
     (tmp_path / "models" / "smollm2").symlink_to(MODEL)
     rows = [{"messages": [{"role": "user", "content": f"q{i}?"}, {"role": "assistant", "content": f"a{i}."}]}
             for i in range(10)]
-    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    (tmp_path / "bad.jsonl").write_text(json.dumps(rows[0]) + "\n" + json.dumps({"messages": []}) + "\n")
-    (tmp_path / "job.yaml").write_text("name: cli-demo\ndataset: {path: d.jsonl}\ntraining: {max_steps: 2}\n")
-    (tmp_path / "bad.yaml").write_text("name: cli-bad\ndataset: {path: bad.jsonl, validation_split: 0}\n")
+    data = tmp_path / "datasets"  # where fine-tuning may read a home's data by default
+    data.mkdir()
+    (data / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (data / "bad.jsonl").write_text(json.dumps(rows[0]) + "\n" + json.dumps({"messages": []}) + "\n")
+    (tmp_path / "job.yaml").write_text("name: cli-demo\ndataset: {path: datasets/d.jsonl}\ntraining: {max_steps: 2}\n")
+    (tmp_path / "bad.yaml").write_text("name: cli-bad\ndataset: {path: datasets/bad.jsonl, validation_split: 0}\n")
     monkeypatch.setenv("KEEL_HOME", str(tmp_path))
     monkeypatch.setattr(cli, "console", Console(width=200))
     monkeypatch.chdir(tmp_path)
