@@ -38,6 +38,7 @@ def start_api(home: Path, *, database_url: str, vllm: KeelServer) -> KeelServer:
                                "read_timeout_s": 60}},
         "guardrails": {"model_cache": str(ROOT / ".keel" / "cache" / "guardrails")},
         "routing": {"check_interval_s": 0.2},
+        "models": {"smollm2-b": {"backend": "local", "model": "smollm2"}},  # a release's second variant
     }
     home.mkdir(parents=True, exist_ok=True)
     (home / "keel.yaml").write_text(yaml.safe_dump(config))
@@ -105,6 +106,19 @@ def test_two_api_processes_share_keys_labels_and_limits_and_survive_one_dying(ke
             served = eventually(lambda v=version: (r := chat(b, key, prompt={"ref": "greet@staging", "variables": {
                 "who": "Ada"}})).status_code == 200 and r.json()["prompt"]["ref"] == f"greet@{v}" and r)
             assert served, f"B did not serve greet@{version} after A moved the label"
+
+        # A release created through A serves on B; paused through B, A reports it paused.
+        release = httpx.post(f"{a.url}/v1/releases", headers=as_admin, timeout=30, json={
+            "name": "support", "strategy": "ab", "weights": {"a": 0, "b": 100}, "override_reason": "scale-out test",
+            "variants": [{"name": "a", "model": "smollm2"}, {"name": "b", "model": "smollm2-b"}]})
+        assert release.status_code == 201, release.text
+        served = eventually(lambda: (r := chat(b, key, model="support")).status_code == 200 and r)
+        assert served, "B did not serve the release A created"
+        assert served.headers["x-keel-release"] == "support/b"
+        assert httpx.post(f"{b.url}/v1/releases/support/pause", headers=as_admin, json={"reason": "test"},
+                          timeout=30).status_code == 200
+        assert eventually(lambda: httpx.get(f"{a.url}/v1/releases/support", headers=as_admin,
+                                            timeout=30).json()["status"] == "paused")
 
         # A revocation through B reaches A within the key cache's second.
         key_id = made.json()["id"]
