@@ -116,10 +116,79 @@ def boundary(t: float | np.ndarray, alpha: float, tuned_t: float = TUNED_N) -> f
 def _variance(sample: Sample, kind: Kind) -> float:
     """The variance that scales a sequence. For a 0/1 metric it is p(1-p) at the Laplace-smoothed rate (x+1)/(n+2):
     at 0 of 20 errors the plain estimate is 0, the sequence collapses to a point and one request decides."""
+    return float(_arm_variances(sample.n, sample.total, sample.total_sq, kind))
+
+
+#: The states decide() returns, by their code (its array holds indices into this).
+STATES: tuple[State, ...] = ("insufficient", "inconclusive", "pass", "fail")
+
+
+def _arm_variances(n, total, total_sq, kind: Kind):
+    """_variance for arrays of looks (Sample.var for a continuous metric)."""
     if kind == "binary":
-        p = (sample.total + 1.0) / (sample.n + 2.0)
+        p = (total + 1.0) / (n + 2.0)
         return p * (1.0 - p)
-    return sample.var
+    return np.where(n >= 2, np.maximum(0.0, (total_sq - total * total / np.maximum(n, 1)) / np.maximum(n - 1, 1)), 0.0)
+
+
+def _null_variances(n_c, s_c, v_c, n_t, s_t, v_t, kind: Kind, shift: float):
+    """Each arm's variance if the treatment's mean were the control's plus ``shift``: the null hypothesis that one
+    bound of the sequence tests (shift 0 for "fail", the margin on the bad side for "pass").
+
+    A small arm's own estimate is the weak point of a lopsided split. 9 successes in a 10-request canary give
+    p(1-p) = 0.14 where the truth may be 0.25; 50 error-free requests give 1/52 where a rate 2 points worse than the
+    baseline's 2% has 0.038; ten lognormal latencies that missed the tail have a fraction of its variance. Each such
+    underestimate narrows the sequence exactly when the small arm looks extreme, and peeking finds them: simulated
+    5% canaries said "fail" for identical arms in up to 19% of runs and "pass" for a canary at its margin in up to
+    24% (tests/unit/test_release_stats_sim.py). Under the null the arms are tied, so the big arm's estimate speaks
+    for both: for rates the restricted estimate (the rates with p_t = p_c + shift that reproduce the arms' pooled,
+    Laplace-smoothed count: the two-sample score test's variance, and near Farrington-Manning's for a margin); for
+    continuous metrics the pooled within-arm variance (the null fixes the means, not the spread; with equal
+    spreads this is the classic pooled t-test's). Each end of the sequence uses the larger of the difference's
+    variance from the arms' own estimates and from the null's, so it only ever widens."""
+    if kind == "binary":
+        p_c = np.clip(((s_c + 1.0) + (s_t + 1.0) - (n_t + 2.0) * shift) / (n_c + n_t + 4.0), 0.0, 1.0)
+        p_t = np.clip(p_c + shift, 0.0, 1.0)
+        return p_c * (1.0 - p_c), p_t * (1.0 - p_t)
+    pooled = ((n_c - 1) * v_c + (n_t - 1) * v_t) / np.maximum(n_c + n_t - 2, 1)
+    return pooled, pooled
+
+
+def _bounds(n_c, s_c, q_c, n_t, s_t, q_t, *, kind: Kind, alpha: float, higher_is_better: bool, margin: float):
+    """diff, low and high of the difference's sequence for (arrays of) looks; see compare(). Assumes n >= 1."""
+    v_c, v_t = _arm_variances(n_c, s_c, q_c, kind), _arm_variances(n_t, s_t, q_t, kind)
+    bad = margin if not higher_is_better else -margin
+    f_c, f_t = _null_variances(n_c, s_c, v_c, n_t, s_t, v_t, kind, 0.0)
+    p_c, p_t = _null_variances(n_c, s_c, v_c, n_t, s_t, v_t, kind, bad)
+    t = n_c + n_t
+    scale = np.sqrt(t) * boundary(t, alpha, 2 * TUNED_N)
+    own = v_c / n_c + v_t / n_t
+    half_fail = np.sqrt(np.maximum(own, f_c / n_c + f_t / n_t)) * scale
+    half_pass = np.sqrt(np.maximum(own, p_c / n_c + p_t / n_t)) * scale
+    diff = s_t / n_t - s_c / n_c
+    if higher_is_better:  # "worse" is the high end below 0, "within" the low end above -margin
+        low, high = diff - half_pass, diff + half_fail
+    else:
+        low, high = diff - half_fail, diff + half_pass
+    if kind == "binary":
+        low, high = np.maximum(low, -1.0), np.minimum(high, 1.0)
+    return diff, low, high
+
+
+def decide(n_c, total_c, total_sq_c, n_t, total_t, total_sq_t, *, kind: Kind, alpha: float = 0.05,
+           higher_is_better: bool, margin: float, min_n: int = 10) -> np.ndarray:
+    """compare()'s state for many looks at once (numpy arrays of each arm's n, sum and sum of squares, broadcast
+    together): codes into STATES. The simulations that check the error rates use it (one call per simulated path
+    instead of one compare() per look); compare() computes its interval with the same code."""
+    n_c, n_t = np.asarray(n_c, dtype=float), np.asarray(n_t, dtype=float)
+    need = max(min_n, 2 if kind == "continuous" else 1)
+    enough = (n_c >= need) & (n_t >= need)
+    one_c, one_t = np.maximum(n_c, 1.0), np.maximum(n_t, 1.0)
+    _, low, high = _bounds(one_c, np.asarray(total_c, dtype=float), np.asarray(total_sq_c, dtype=float), one_t,
+                           np.asarray(total_t, dtype=float), np.asarray(total_sq_t, dtype=float), kind=kind,
+                           alpha=alpha, higher_is_better=higher_is_better, margin=margin)
+    worse, within = (high < 0, low > -margin) if higher_is_better else (low > 0, high < margin)
+    return np.where(~enough, 0, np.where(worse, 3, np.where(within, 2, 1)))
 
 
 def compare(control: Sample, treatment: Sample, *, kind: Kind, alpha: float = 0.05, higher_is_better: bool,
@@ -134,7 +203,10 @@ def compare(control: Sample, treatment: Sample, *, kind: Kind, alpha: float = 0.
     factor that grows like sqrt(log t) where a single look would use 1.96 (t counts both arms, so the sequence is
     tuned at 2 * TUNED_N). Plugging in the final means rather than [WS]'s predictable running ones changes
     nothing asymptotically and lets the sequence be computed from the aggregates alone.
-    Because the weights pi come from the counts, unequal splits (a 5% canary) need no special case.
+    Because the weights pi come from the counts, unequal splits (a 5% canary) need no special case in the
+    formula; they do in the variances: a 10-request canary's own variance is too noisy to trust, so each end of the
+    sequence uses variances no smaller than those of the null it tests (_null_variances): the end that says "fail"
+    those of tied arms, the end that says "pass" those of a treatment exactly ``margin`` worse.
 
     The sequence is two-sided at ``alpha``; "fail" and "pass" each use one side of it, so each is wrong with
     probability at most about alpha / 2 over the whole experiment, however often it is looked at.
@@ -161,10 +233,10 @@ def compare(control: Sample, treatment: Sample, *, kind: Kind, alpha: float = 0.
     control_ci = _clip(control.mean, var_c ** 0.5 * float(boundary(control.n, alpha)), lo_hi)
     treatment_ci = _clip(treatment.mean, var_t ** 0.5 * float(boundary(treatment.n, alpha)), lo_hi)
 
-    t = control.n + treatment.n
+    _, low, high = _bounds(control.n, control.total, control.total_sq, treatment.n, treatment.total,
+                           treatment.total_sq, kind=kind, alpha=alpha, higher_is_better=higher_is_better, margin=margin)
     diff = treatment.mean - control.mean
-    half = (var_c / control.n + var_t / treatment.n) ** 0.5 * t ** 0.5 * float(boundary(t, alpha, 2 * TUNED_N))
-    diff_ci = _clip(diff, half, (-1.0, 1.0) if kind == "binary" else (-math.inf, math.inf))
+    diff_ci = Interval(float(low), float(high))
 
     if higher_is_better:
         worse, within = diff_ci.high < 0, diff_ci.low > -margin

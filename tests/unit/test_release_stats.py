@@ -5,7 +5,8 @@ The simulations use fixed seeds, so every rate below is one deterministic number
 binomial noise of a rate measured on a few hundred runs: ``_tolerated(runs, alpha)`` is the 99.9% quantile of
 Binomial(runs, alpha), the most false alarms a test whose true rate *is* alpha would show with 99.9% probability
 (with 400 runs at alpha 0.05: 35 of 400 = 8.75%). The measured rates are far below it (about 1%, see the
-messages), because "fail" uses one side of a two-sided sequence.
+messages), because "fail" uses one side of a two-sided sequence. These arms are 50/50; the lopsided splits a canary
+runs (5% and 25%), false passes, and the family-wise rate of a step's metrics are in test_release_stats_sim.py.
 """
 
 from __future__ import annotations
