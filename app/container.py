@@ -35,7 +35,7 @@ from evals.gate import prompt_gate
 from evals.jobs import EvalJobs, load_named_suite, submit_run
 from evals.online import OnlineJudge
 from evals.runner import EvalDeps
-from evals.store import EvalStore
+from evals.store import EvalStoreBase, open_eval_store
 from evals.suite import suite_summaries
 from finetune import build_finetune
 from finetune.gate import adapter_gate, runs_on_adapter
@@ -77,7 +77,7 @@ class Container:
     guards: GuardrailEngine | None
     agents: AgentService
     finetune: FinetuneService
-    evals: EvalStore
+    evals: EvalStoreBase
     _closers: list = field(default_factory=list)
     _tasks: set = field(default_factory=set)
     #: Durable jobs (ingest, API-started eval runs); the API lifespan starts it, resuming what a stop left.
@@ -120,7 +120,7 @@ class Container:
                                          fail_open=settings.auth.rate_limit_fail_open,
                                          on_store_error=metrics.rate_limit_store_errors.inc)
         prompts = build_registry(settings)
-        eval_store = EvalStore(settings.evals.db_path(settings.home))
+        eval_store = open_eval_store(settings)
         if settings.evals.gate_enabled:
             # Nothing reaches a protected label (production) without a passing eval run of that exact version.
             prompts.set_gate(prompt_gate(eval_store, prompts, suites_dir=settings.evals.suites_dir,

@@ -3,7 +3,7 @@ exactly that version (same name, version and content hash).
 
 Plug it into the registry (the container does this when ``settings.evals.gate_enabled``)::
 
-    registry.set_gate(prompt_gate(EvalStore(settings.evals.db_path(settings.home)), registry))
+    registry.set_gate(prompt_gate(open_eval_store(settings), registry))
 
 Generic over artifact kinds: :func:`artifact_verdict` takes the runs bound to any artifact and
 the identity field that must match. ``finetune.gate.adapter_gate`` reuses it for fine-tuned LoRA
@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from prompts.registry import GateVerdict
 
 if TYPE_CHECKING:
-    from evals.store import EvalStore, RunRow
+    from evals.store import EvalStoreBase, RunRow
     from prompts.registry import PromptRegistry
 
 _RUN_FIRST = "run `keel eval run <suite>` on this version first"
@@ -65,7 +65,7 @@ def artifact_verdict(artifact: str, runs: Sequence[RunRow], *, content_hash: str
                        details=details)
 
 
-def prompt_gate(store: EvalStore, registry: PromptRegistry, *, required_suites: Sequence[str] = (),
+def prompt_gate(store: EvalStoreBase, registry: PromptRegistry, *, required_suites: Sequence[str] = (),
                 suites_dir: Path | None = None,
                 max_age_days: float | None = None) -> Callable[[str, int], GateVerdict]:
     """A :data:`prompts.registry.PromotionGate`: ``gate(name, version) -> GateVerdict``.

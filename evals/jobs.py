@@ -18,7 +18,7 @@ from typing import Any
 from app.core.errors import InvalidRequest, KeelError
 from app.jobs import Job, JobContext, JobRunner
 from evals.runner import EvalConfigError, EvalDeps, EvalRunner, count_swallowed
-from evals.store import EvalStore
+from evals.store import EvalStoreBase, open_eval_store
 from evals.suite import Suite, SuiteError, find_named_suite, load_suite, suite_dirs
 
 KIND = "eval"
@@ -37,7 +37,7 @@ def payload(suite: str, *, baseline: str | None = None, use_cache: bool = True) 
     return {"suite": suite, "baseline": baseline, "use_cache": use_cache}
 
 
-async def submit_run(runner: JobRunner, deps: EvalDeps, store: EvalStore, suite: Suite, *,
+async def submit_run(runner: JobRunner, deps: EvalDeps, store: EvalStoreBase, suite: Suite, *,
                      baseline: str | None = None, use_cache: bool = True, owner: str = "",
                      idempotency_key: str | None = None) -> dict[str, Any]:
     """Start a suite run (loaded with :func:`load_named_suite`) as a durable job: what ``POST /v1/evals/runs``
@@ -73,7 +73,7 @@ class EvalJobs:
         cfg = deps.config
         p = job.payload
         suite = load_named_suite(cfg.evals.suites_dir, p["suite"])
-        store = EvalStore(cfg.evals.db_path(cfg.home))
+        store = open_eval_store(cfg)
         watch: asyncio.Task | None = None
         try:
             runner = EvalRunner(deps, store, use_cache=p.get("use_cache", True), progress=False)
@@ -103,7 +103,7 @@ class EvalJobs:
             store.close()
 
     @staticmethod
-    async def _watch(store: EvalStore, suite: Suite, ident: dict[str, Any], ctx: JobContext) -> None:
+    async def _watch(store: EvalStoreBase, suite: Suite, ident: dict[str, Any], ctx: JobContext) -> None:
         """Report the run's id and the cases stored so far, once the runner has created (or resumed) it."""
         stored = json.loads(json.dumps(ident, sort_keys=True))  # the identity as the store keeps it
         run_id: str | None = None

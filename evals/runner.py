@@ -38,7 +38,7 @@ from app.services.grounding import RagUse
 from evals.metrics import MetricEnv, Sample, compute, registry, verdict
 from evals.report import evaluate_gate, summarize
 from evals.settings import EvalConfig, EvalSettings
-from evals.store import EvalStore, RunRow
+from evals.store import EvalStoreBase, RunRow
 from evals.suite import Case, Suite
 
 if TYPE_CHECKING:
@@ -152,7 +152,7 @@ def _event(e: Any) -> dict[str, Any]:
 
 
 class EvalRunner:
-    def __init__(self, deps: EvalDeps, store: EvalStore, *, env: MetricEnv | None = None,
+    def __init__(self, deps: EvalDeps, store: EvalStoreBase, *, env: MetricEnv | None = None,
                  concurrency: int | None = None, use_cache: bool | None = None, progress: bool = True) -> None:
         cfg = deps.settings
         self.deps = deps

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, Field, SecretStr, field_validator
 
+from app.core.db import postgres_url
 from app.core.settings import CoreConfig
 from app.guardrails.settings import GuardrailSettings
 from ingest.settings import RagSettings
@@ -14,6 +15,9 @@ from ingest.settings import RagSettings
 
 class EvalSettings(BaseModel):
     db_name: str = Field(default="evals.db", description="SQLite file under the Keel home folder.")
+    url: SecretStr | None = Field(default=None, description=(
+        "postgresql:// URL of the eval store (runs, case results, the response cache) instead of <home>/evals.db: "
+        "every API process then gates promotions on the same runs. database_url fills it when unset."))
     suites_dir: Path = Field(default=Path("evals/suites"), description="Where `keel eval run NAME` looks.")
     concurrency: int = Field(default=4, ge=1, le=256, description="Cases in flight at once.")
     cache: bool = Field(default=True, description="Reuse stored answers whose whole identity matches.")
@@ -44,6 +48,11 @@ class EvalSettings(BaseModel):
         default=0, ge=0, le=5, description="Re-asks after an invalid structured answer (each costs a judge call).")
     gate_enabled: bool = Field(default=True, description="Plug the eval gate into the prompt registry.")
     gate_max_age_days: float | None = Field(default=None, description="Ignore passing runs older than this.")
+
+    @field_validator("url", mode="before")
+    @classmethod
+    def _url(cls, value: Any) -> SecretStr | None:
+        return postgres_url(value, setting="evals.url", otherwise="<home>/evals.db")
 
     def db_path(self, home: Path) -> Path:
         return home / self.db_name

@@ -34,7 +34,7 @@ from prompts.factory import build_registry
 
 if TYPE_CHECKING:
     from app.llm.base import LLMBackend
-    from evals.store import EvalStore
+    from evals.store import EvalStoreBase
     from evals.suite import Suite
     from finetune.settings import FinetuneConfig
     from finetune.tracking import AdapterVersion
@@ -85,7 +85,7 @@ def _result(suite: str, run: Any) -> SuiteResult:
 
 async def evaluate_adapter(settings: FinetuneConfig, version: AdapterVersion, suites: Sequence[str], *,
                            base_model: Path,
-                           store: EvalStore, backend: LLMBackend | None = None,
+                           store: EvalStoreBase, backend: LLMBackend | None = None,
                            should_stop: Callable[[], bool] | None = None, poll_s: float = 0.5) -> AdapterEvaluation:
     """Run ``suites`` (names or files) on ``version`` and return each suite's verdict.
 

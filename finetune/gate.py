@@ -12,7 +12,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from evals.gate import artifact_verdict, run_adapter
-from evals.store import EvalStore, RunRow
+from evals.store import EvalStoreBase, RunRow
 from finetune.tracking import AdapterVersion
 from prompts.registry import GateVerdict
 
@@ -35,7 +35,7 @@ def evaluated(path: Path | str, content_hash: str | None) -> Callable[[RunRow], 
     return matches
 
 
-def _adapter_runs(store: EvalStore, suites: Sequence[str] | None, scan_limit: int) -> list[RunRow]:
+def _adapter_runs(store: EvalStoreBase, suites: Sequence[str] | None, scan_limit: int) -> list[RunRow]:
     # Runs on adapters only (a base-model or RAG run of the same suite is other content); newest first, like
     # prompt_runs, so the first run of a suite is its latest.
     pool = [r for s in (suites or [None]) for r in store.list_runs(suite=s, limit=scan_limit)]
@@ -43,14 +43,14 @@ def _adapter_runs(store: EvalStore, suites: Sequence[str] | None, scan_limit: in
                   key=lambda r: r.finished_at or "", reverse=True)
 
 
-def runs_on_adapter(store: EvalStore, *, path: Path | str, content_hash: str | None,
+def runs_on_adapter(store: EvalStoreBase, *, path: Path | str, content_hash: str | None,
                     scan_limit: int = 500) -> list[RunRow]:
     """Completed eval runs of exactly this adapter, newest first (what an answer's lineage lists)."""
     matches = evaluated(path, content_hash)
     return [r for r in _adapter_runs(store, None, scan_limit) if matches(r)]
 
 
-def adapter_gate(store: EvalStore, *, required_suites: Sequence[str] | None = None,
+def adapter_gate(store: EvalStoreBase, *, required_suites: Sequence[str] | None = None,
                  max_age_days: float | None = None, scan_limit: int = 500) -> Callable[[AdapterVersion], GateVerdict]:
     """A :data:`finetune.tracking.AdapterGate`: ``gate(version) -> GateVerdict``.
 

@@ -37,7 +37,7 @@ from app.core.paths import tree_hash
 from app.jobs.queue import Job as QueueJob
 from app.jobs.queue import JobCancelled, JobQueue, new_worker_id, open_queue
 from app.jobs.runner import JobContext, JobFailed, JobRunner
-from evals.store import EvalStore
+from evals.store import open_eval_store
 from finetune.data import InvalidTrainingData
 from finetune.dispatch import EVALS, TRAIN, queue_evaluation, reconcile
 from finetune.errors import JobNotFound, JobStateConflict
@@ -334,7 +334,7 @@ class Worker:
                                 code="eval_failed")
             version = tracker.get_version(job.model_name, job.model_version)
             self.store.append_log(job.id, f"evaluating {version.ref} on {', '.join(suites)}")
-            store = EvalStore(self.settings.evals.db_path(self.settings.home))
+            store = open_eval_store(self.settings)
             evaluation = asyncio.run(evaluate_adapter(
                 self.settings, version, suites, base_model=resolve_base_model(spec, self.settings.models_dir),
                 store=store, backend=self.eval_backend,

@@ -21,7 +21,7 @@ answers 503 ``backend_unavailable`` from its dependency, before the route runs.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
@@ -36,7 +36,7 @@ from app.security.keys import SCOPES, ApiKey, ApiKeys
 from app.services.chat import ChatService
 from app.services.ingest_jobs import IngestJobs
 from app.settings import Settings
-from evals.store import EvalStore
+from evals.store import EvalStoreBase
 from finetune.service import FinetuneService
 from ingest.factory import RagServices
 from lifecycle.lineage import Lineage, LineageRecorder
@@ -152,13 +152,9 @@ async def get_finetune(container: ContainerDep) -> FinetuneService:
     return svc
 
 
-async def get_eval_store(settings: SettingsDep) -> AsyncIterator[EvalStore]:
-    """An eval store opened for the request and closed after it."""
-    store = EvalStore(settings.evals.db_path(settings.home))
-    try:
-        yield store
-    finally:
-        store.close()
+async def get_eval_store(container: ContainerDep) -> EvalStoreBase:
+    """The process's eval store (the container's: one connection, or one Postgres pool, for every request)."""
+    return container.evals
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
@@ -176,7 +172,7 @@ GuardsDep = Annotated[GuardrailEngine | None, Depends(get_guards)]
 PromptsDep = Annotated[PromptRegistry, Depends(get_prompt_registry)]
 AgentsDep = Annotated[AgentService, Depends(get_agents)]
 FinetuneDep = Annotated[FinetuneService, Depends(get_finetune)]
-EvalStoreDep = Annotated[EvalStore, Depends(get_eval_store)]
+EvalStoreDep = Annotated[EvalStoreBase, Depends(get_eval_store)]
 
 
 # -- authentication and scopes -------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from rich.console import Console
 
 from app.cli.common import settings_or_exit
 from app.core.errors import KeelError
-from evals.store import EvalStore
+from evals.store import open_eval_store
 
 if TYPE_CHECKING:
     from app.container import Container
@@ -53,7 +53,7 @@ container_factory: Callable[[Settings], Awaitable[Container]] = _default_contain
 
 
 def _store(settings: Settings):
-    return EvalStore(settings.evals.db_path(settings.home))
+    return open_eval_store(settings)
 
 
 @app.command("run")

@@ -20,7 +20,7 @@ from rich.table import Table
 
 from app.cli.common import fail, settings_or_exit
 from app.core.errors import KeelError
-from evals.store import EvalStore
+from evals.store import open_eval_store
 from finetune.data import InvalidTrainingData
 from finetune.gate import adapter_gate
 from finetune.jobs import TERMINAL, Job
@@ -52,7 +52,7 @@ def _service() -> Iterator[FinetuneService]:
         svc = build_finetune(settings)
         if settings.evals.gate_enabled:
             # The same gate as the API's: `promote` here is refused exactly when it is refused there.
-            eval_store = EvalStore(settings.evals.db_path(settings.home))
+            eval_store = open_eval_store(settings)
             svc.set_gate(adapter_gate(eval_store, max_age_days=settings.evals.gate_max_age_days))
     except KeelError as exc:
         raise fail(exc) from exc

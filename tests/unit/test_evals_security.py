@@ -18,6 +18,7 @@ from app.llm import vllm_server
 from app.security.keys import ApiKey
 from app.settings import Settings
 from evals.runner import judge_api_key, judge_endpoint
+from evals.store import open_eval_store
 from finetune.errors import InvalidJobSpec
 from finetune.spec import parse_spec
 from tests.fakes.auth import FakeKeys, NoLimit
@@ -44,10 +45,11 @@ def api(tmp_path: Path):
     install_error_handlers(app)
     app.include_router(eval_routes.router)
     app.state.keel = types.SimpleNamespace(settings=settings, keys=FakeKeys(KEYS), rate_limiter=NoLimit(),
-                                           metrics=Metrics())
+                                           metrics=Metrics(), evals=open_eval_store(settings))
     with TestClient(app) as c:
         c.outside = outside
         yield c
+    app.state.keel.evals.close()
 
 
 def test_a_suite_is_a_name_in_the_suites_folders_never_a_path(api) -> None:

@@ -1,4 +1,5 @@
-"""Baseline: the eval tables as the release before Alembic created them (existing ones are kept).
+"""Baseline: the eval tables as the release before Alembic created them (existing ones are kept). On Postgres
+(new there: no earlier release) each table also gets ``seq``, the insertion order SQLite's rowid gives.
 
 Revision ID: 0001
 Revises: (none)
@@ -13,8 +14,10 @@ depends_on = None
 
 
 def upgrade() -> None:
-    op.execute("""
+    seq = "seq BIGSERIAL," if op.get_bind().dialect.name == "postgresql" else ""
+    op.execute(f"""
         CREATE TABLE IF NOT EXISTS eval_runs (
+            {seq}
             id TEXT PRIMARY KEY,
             suite TEXT NOT NULL,
             suite_hash TEXT NOT NULL,
@@ -35,8 +38,9 @@ def upgrade() -> None:
         )""")
     op.execute("CREATE INDEX IF NOT EXISTS eval_runs_prompt ON eval_runs(prompt_name, prompt_version, passed)")
     op.execute("CREATE INDEX IF NOT EXISTS eval_runs_identity ON eval_runs(identity_key, status)")
-    op.execute("""
+    op.execute(f"""
         CREATE TABLE IF NOT EXISTS eval_results (
+            {seq}
             run_id TEXT NOT NULL REFERENCES eval_runs(id) ON DELETE CASCADE,
             case_id TEXT NOT NULL,
             record TEXT NOT NULL,
