@@ -116,5 +116,5 @@ def test_a_gate_on_one_process_sees_the_runs_made_on_another(postgres_url: str, 
 
 
 def test_the_url_setting_is_validated() -> None:
-    with pytest.raises(ValueError, match="evals.url must be a postgresql:// URL"):
+    with pytest.raises(ValueError, match=r"evals\.url must be a postgresql:// URL"):
         Settings(evals={"url": "mysql://x"})
