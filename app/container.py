@@ -46,7 +46,7 @@ from lifecycle.batch.service import BatchService
 from lifecycle.batch.store import BatchStore
 from lifecycle.features.export import Sources as FeatureSources
 from lifecycle.features.service import FeatureService
-from lifecycle.lineage import Lineage, LineageRecorder, LineageStore
+from lifecycle.lineage import Lineage, LineageRecorder, open_lineage_store
 from lifecycle.monitor.drift import DriftMonitor, build_monitor
 from lifecycle.pipeline.service import PipelineDeps, PipelineService
 from lifecycle.pipeline.store import PipelineStore
@@ -167,7 +167,7 @@ class Container:
             routes.reserved = lambda alias: "a release endpoint" if releases.active(alias) is not None else None
         front = lineage = monitor = None
         if settings.monitor.lineage:
-            front = LineageRecorder(serving or chat, LineageStore(settings.home / "lineage.db"), routes,
+            front = LineageRecorder(serving or chat, open_lineage_store(settings), routes,
                                     default_model=settings.default_model,
                                     variant_model=_variant_model(releases) if releases is not None else None,
                                     embed=rag.embedder.embed_documents if settings.monitor.embed_sample > 0 else None,

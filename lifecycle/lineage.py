@@ -29,9 +29,9 @@ from typing import Any
 import numpy as np
 
 from app.core.audit import BufferedWriter
-from app.core.db import SqliteFile
+from app.core.db import PostgresPool, SqliteFile
 from app.core.errors import InvalidRequest, NotFound
-from app.core.migrate import Migrations
+from app.core.migrate import Migrations, upgrade_postgres
 from app.core.types import Citations, Finished, Started, TextDelta, Usage
 from app.guardrails.types import GuardrailBlocked, GuardrailRedaction, GuardrailRetraction, event_payload
 from app.llm.routing import RoutingTable
@@ -39,7 +39,8 @@ from app.services.chat import ChatEvent, ChatRequest, collect
 
 log = logging.getLogger("keel.lineage")
 
-MIGRATIONS = Migrations(Path(__file__).with_name("lineage_migrations"), "alembic_version_lineage")
+MIGRATIONS = Migrations(Path(__file__).with_name("lineage_migrations"), "alembic_version_lineage",
+                        pg_lock_key=0x6B65656C_6C69)  # "keelli"
 _ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:")
 
 
@@ -84,21 +85,45 @@ FEATURE_COLUMNS = ("id", "at", "owner", "model", "release", "variant", "question
 
 
 class LineageStore:
-    """``<home>/lineage.db``: one JSON document per completion id."""
+    """One JSON document per completion id, and the drift features of each answer: ``<home>/lineage.db`` by
+    default, or Postgres (``monitor.url``, or ``database_url``: :class:`PostgresLineageStore`) so that every API
+    process answers for every answer and the drift monitor sees the whole fleet's traffic."""
+
+    _mark = "?"
 
     def __init__(self, path: Path | str) -> None:
         self._file = SqliteFile(path, MIGRATIONS, what="the lineage store")
         self.path = self._file.path
 
+    # -- what a backend provides ----------------------------------------------------------------------------------
+
+    def _write_many(self, *statements: tuple[str, Sequence[Sequence[Any]]]) -> None:
+        with self._file.tx() as db:
+            for sql, rows in statements:
+                db.executemany(sql, rows)
+
+    def _read(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        return self._file.read(sql, args)
+
+    def close(self) -> None:
+        self._file.close()
+
+    # -- the SQL both share -----------------------------------------------------------------------------------
+
+    def _q(self, sql: str) -> str:
+        return sql.replace("?", self._mark)
+
     def write(self, records: Sequence[dict[str, Any]], features: Sequence[Features] = ()) -> None:
         rows = [(r["id"], r.get("request_id") or "", r["created"], r.get("owner") or "",
                  json.dumps(r, sort_keys=True, separators=(",", ":"), default=str)) for r in records]
-        with self._file.tx() as db:
-            db.executemany("INSERT INTO lineage (id, request_id, created, owner, record) VALUES (?, ?, ?, ?, ?) "
-                           "ON CONFLICT (id) DO UPDATE SET record = excluded.record", rows)
-            db.executemany(f"INSERT OR REPLACE INTO features ({', '.join(FEATURE_COLUMNS)}) VALUES "
-                           f"({', '.join('?' * len(FEATURE_COLUMNS))})",
-                           [tuple(getattr(f, c) for c in FEATURE_COLUMNS) for f in features])
+        updates = ", ".join(f"{c} = excluded.{c}" for c in FEATURE_COLUMNS[1:])
+        self._write_many(
+            (self._q("INSERT INTO lineage (id, request_id, created, owner, record) VALUES (?, ?, ?, ?, ?) "
+                     "ON CONFLICT (id) DO UPDATE SET record = excluded.record"), rows),
+            (self._q(f"INSERT INTO features ({', '.join(FEATURE_COLUMNS)}) VALUES "
+                     f"({', '.join('?' * len(FEATURE_COLUMNS))}) ON CONFLICT (id) DO UPDATE SET {updates}"),
+             [tuple(int(v) if isinstance(v, bool) else v for v in (getattr(f, c) for c in FEATURE_COLUMNS))
+              for f in features]))
 
     def features(self, *, since: float | None = None, until: float | None = None, release: str | None = None,
                  variant: str | None = None, limit: int = 100_000) -> list[Features]:
@@ -110,24 +135,61 @@ class LineageStore:
                 where.append(f"{column} {op} ?")
                 args.append(value)
         sql = (f"SELECT {', '.join(FEATURE_COLUMNS)} FROM (SELECT * FROM features WHERE {' AND '.join(where)} "
-               "ORDER BY at DESC LIMIT ?) ORDER BY at")
-        rows = self._file.read(sql, (*args, limit))
+               "ORDER BY at DESC LIMIT ?) AS w ORDER BY at")
         out = []
-        for r in rows:
+        for r in self._read(self._q(sql), (*args, limit)):
             f = dict(zip(FEATURE_COLUMNS, r, strict=True))
-            out.append(Features(**{**f, "grounded": bool(f["grounded"]), "refused": bool(f["refused"])}))
+            out.append(Features(**{**f, "grounded": bool(f["grounded"]), "refused": bool(f["refused"]),
+                                   "embedding": None if f["embedding"] is None else bytes(f["embedding"])}))
         return out
 
     def get(self, completion_id: str) -> dict[str, Any] | None:
-        rows = self._file.read("SELECT record FROM lineage WHERE id = ?", (completion_id,))
+        rows = self._read(self._q("SELECT record FROM lineage WHERE id = ?"), (completion_id,))
         return json.loads(rows[0][0]) if rows else None
 
     def recent(self, *, owner: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
         sql = "SELECT record FROM lineage" + (" WHERE owner = ?" if owner else "") + " ORDER BY created DESC LIMIT ?"
-        return [json.loads(r[0]) for r in self._file.read(sql, (owner, limit) if owner else (limit,))]
+        return [json.loads(r[0]) for r in self._read(self._q(sql), (owner, limit) if owner else (limit,))]
+
+    def claim(self, name: str, every_s: float, *, now: float | None = None) -> bool:
+        """True for the one caller (of all processes on this store) that gets this round of the periodic task
+        ``name``: at most one claim per ``every_s`` (less a tenth, for clocks and timers that drift)."""
+        now = time.time() if now is None else now
+        rows = self._read(self._q(
+            "INSERT INTO lineage_schedule (name, last_at) VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET "
+            "last_at = excluded.last_at WHERE lineage_schedule.last_at <= ? RETURNING name"),
+            (name, now, now - 0.9 * every_s))
+        return bool(rows)
+
+
+class PostgresLineageStore(LineageStore):
+    """The lineage and drift features of every API process in one Postgres database."""
+
+    _mark = "%s"
+
+    def __init__(self, url: str, *, timeout_s: float = 10.0) -> None:
+        self.path = None
+        self._pg = PostgresPool(url, whose="the lineage store's", setting="monitor.url", name="keel-lineage",
+                                migrate=lambda t: upgrade_postgres(url, MIGRATIONS, connect_timeout_s=t),
+                                timeout_s=timeout_s)
+
+    def _write_many(self, *statements: tuple[str, Sequence[Sequence[Any]]]) -> None:
+        with self._pg.transaction() as conn, conn.cursor() as cur:
+            for sql, rows in statements:
+                if rows:
+                    cur.executemany(sql, rows)
+
+    def _read(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        return self._pg.statement(sql, tuple(args))
 
     def close(self) -> None:
-        self._file.close()
+        self._pg.close()
+
+
+def open_lineage_store(settings: Any) -> LineageStore:
+    """The lineage store the settings name (``monitor.url``, else ``<home>/lineage.db``)."""
+    url = settings.monitor.url
+    return PostgresLineageStore(url.get_secret_value()) if url else LineageStore(Path(settings.home) / "lineage.db")
 
 
 class LineageRecorder:

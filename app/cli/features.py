@@ -36,12 +36,12 @@ def _service() -> Iterator[Any]:
     from ingest.manifest import SnapshotStore  # lazy: keeps `keel --help` fast: the stores load their drivers
     from lifecycle.features.export import Sources  # lazy: as above
     from lifecycle.features.service import FeatureService  # lazy: as above
-    from lifecycle.lineage import LineageStore  # lazy: as above (numpy, the chat service's types)
+    from lifecycle.lineage import open_lineage_store  # lazy: as above (numpy, the chat service's types)
     from lifecycle.releases.store import open_release_store  # lazy: as above
 
     settings = settings_or_exit({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
     home = settings.home
-    lineage = LineageStore(home / "lineage.db")
+    lineage = open_lineage_store(settings)
     url = settings.releases.url
     releases = open_release_store(url.get_secret_value() if url else None, home)
     snapshots = SnapshotStore(settings.rag.db_path(home))

@@ -297,6 +297,9 @@ class DriftMonitor:
         while True:
             await asyncio.sleep(interval)
             try:
+                # Processes sharing a lineage store (Postgres) take turns: one check per round for the fleet.
+                if not await asyncio.to_thread(self.lineage.claim, "drift-check", interval):
+                    continue
                 await asyncio.to_thread(self.run_scheduled)
             except Exception:
                 log.exception("the scheduled drift check failed; next one in %.0f s", interval)

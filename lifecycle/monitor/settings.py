@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import re
+from typing import Any
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator
+
+from app.core.db import postgres_url
 
 _REFERENCE = re.compile(r"^(window|release:[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}|suite:[A-Za-z0-9][A-Za-z0-9_.-]{0,127})$")
 
@@ -15,6 +18,11 @@ class MonitorSettings(BaseModel):
     lineage: bool = Field(default=True, description=(
         "Record the lineage and the drift features of every answer (lifecycle.lineage). Off: no lineage API, "
         "no drift monitor."))
+    url: SecretStr | None = Field(default=None, description=(
+        "postgresql:// URL of the lineage store (every answer's lineage record and drift features) instead of "
+        "<home>/lineage.db: every API process then answers GET /v1/lineage/{id} for any answer, drift checks see "
+        "the whole fleet's traffic and one process per round runs the scheduled check. database_url fills it when "
+        "unset."))
     embed_sample: float = Field(default=1.0, ge=0, le=1, description=(
         "Share of questions whose embedding is kept for input-drift checks (computed off the request path by "
         "the lineage writer; the text itself is never stored). 0: no embeddings."))
@@ -72,6 +80,11 @@ class MonitorSettings(BaseModel):
     keep_reports: int = Field(default=100, ge=1, description=(
         "Newest HTML reports kept under <home>/reports/drift (~4 MB each: Evidently inlines its JavaScript, so a "
         "report opens anywhere); older ones are deleted, their results stay in monitor.db."))
+
+    @field_validator("url", mode="before")
+    @classmethod
+    def _url(cls, value: Any) -> SecretStr | None:
+        return postgres_url(value, setting="monitor.url", otherwise="<home>/lineage.db")
 
     @field_validator("reference")
     @classmethod

@@ -13,21 +13,24 @@ depends_on = None
 
 
 def upgrade() -> None:
-    op.execute("""
+    pg = op.get_bind().dialect.name == "postgresql"  # new there: no earlier release wrote it
+    real = "DOUBLE PRECISION" if pg else "REAL"  # Postgres's REAL is 4 bytes: not enough for a unix time
+    blob = "BYTEA" if pg else "BLOB"
+    op.execute(f"""
         CREATE TABLE IF NOT EXISTS lineage (
             id TEXT PRIMARY KEY,
             request_id TEXT NOT NULL DEFAULT '',
-            created REAL NOT NULL,
+            created {real} NOT NULL,
             owner TEXT NOT NULL DEFAULT '',
             record TEXT NOT NULL
         )""")
     op.execute("CREATE INDEX IF NOT EXISTS lineage_created ON lineage (created)")
     op.execute("CREATE INDEX IF NOT EXISTS lineage_request ON lineage (request_id)")
     # what the drift monitor compares (lifecycle.lineage.Features): no text, the question as an embedding
-    op.execute("""
+    op.execute(f"""
         CREATE TABLE IF NOT EXISTS features (
             id TEXT PRIMARY KEY,
-            at REAL NOT NULL,
+            at {real} NOT NULL,
             owner TEXT NOT NULL DEFAULT '',
             model TEXT NOT NULL DEFAULT '',
             release TEXT,
@@ -37,12 +40,12 @@ def upgrade() -> None:
             answer_chars INTEGER NOT NULL,
             prompt_tokens INTEGER NOT NULL,
             completion_tokens INTEGER NOT NULL,
-            top_score REAL,
+            top_score {real},
             grounded INTEGER NOT NULL,
             refused INTEGER NOT NULL,
             validators TEXT NOT NULL DEFAULT '',
             outcome TEXT NOT NULL,
-            embedding BLOB
+            embedding {blob}
         )""")
     op.execute("CREATE INDEX IF NOT EXISTS features_at ON features (at)")
     op.execute("CREATE INDEX IF NOT EXISTS features_release ON features (release, variant, at)")
