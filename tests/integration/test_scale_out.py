@@ -91,9 +91,13 @@ def test_two_api_processes_share_keys_labels_and_limits_and_survive_one_dying(ke
         key = made.json()["key"]
         r = chat(b, key)
         assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"], r.text
+        # ... and the lineage of B's answer is read through A.
+        auth = {"Authorization": f"Bearer {key}"}
+        seen = eventually(lambda: (got := httpx.get(f"{a.url}/v1/lineage/{r.json()['id']}", headers=auth,
+                                                    timeout=30)).status_code == 200 and got.json())
+        assert seen and seen["route"]["alias"] == "smollm2" and seen["usage"], seen
 
         # A prompt label moved through A is what B serves.
-        auth = {"Authorization": f"Bearer {key}"}
         assert httpx.post(f"{a.url}/v1/prompts", json={"name": "greet", "content": GREET, "message": "v1"},
                           headers=auth, timeout=30).status_code == 201
         v2 = {**GREET, "messages": [GREET["messages"][0], {"role": "user", "content": "Greet {{ who }} warmly."}]}
