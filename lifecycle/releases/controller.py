@@ -5,7 +5,9 @@ of the canary is compared with the baseline's (:func:`lifecycle.releases.stats.c
 confidence sequence): any metric significantly *worse* rolls back at once, whatever the step; once the step
 has run its window (``min_requests`` canary requests and ``min_duration_s``), it advances when every required
 metric is shown to be at most its margin worse, holds while that is not yet clear, and rolls back when it is
-still unclear after ``max_duration_s`` (an undecided canary is not a passing one). An A/B test is stopped by
+still unclear after ``max_duration_s`` (an undecided canary is not a passing one). Each metric is judged at
+:func:`metric_alpha`, so that however many metrics a step judges, ``spec.alpha`` bounds its false rollbacks and
+its false advances (tests/unit/test_release_stats_sim.py measures both by simulation). An A/B test is stopped by
 a sample-ratio mismatch (assignment is broken, so no comparison can be trusted); its winner is a person's call.
 """
 
@@ -42,14 +44,27 @@ class Verdict:
     reason: str
 
 
+def metric_alpha(spec: ReleaseSpec) -> float:
+    """The level of each metric's two-sided sequence, so that ``spec.alpha`` bounds a step's decisions.
+
+    "fail" and "pass" each use one side of a metric's sequence (error at most half its level), and a step rolls
+    back when *any* metric fails: with k metrics, a false rollback is the union of k one-sided errors. Bonferroni:
+    at a per-metric level of min(alpha, 2 alpha / k), the k fail sides together stay within alpha (one or two
+    metrics keep the full alpha: k * alpha / 2 <= alpha already), and so does a false advance, which needs a metric
+    that is truly worse than its margin to pass. Three metrics (the default) get 0.0333 each at alpha 0.05.
+    """
+    return min(spec.alpha, 2.0 * spec.alpha / max(1, len(spec.metrics)))
+
+
 def comparisons(spec: ReleaseSpec, totals: dict[str, VariantTotals], control: str,
                 treatment: str) -> dict[str, Comparison]:
-    """Each metric of ``treatment`` against ``control`` (every metric the spec names, plus errors)."""
+    """Each metric of ``treatment`` against ``control`` (every metric the spec names), at metric_alpha(spec)."""
     out: dict[str, Comparison] = {}
+    alpha = metric_alpha(spec)
     for m in spec.metrics:
         kind, higher = METRICS[m.name]
         out[m.name] = compare(_sample(totals, control, m.name), _sample(totals, treatment, m.name), kind=kind,
-                              alpha=spec.alpha, higher_is_better=higher, margin=m.margin, min_n=MIN_N,
+                              alpha=alpha, higher_is_better=higher, margin=m.margin, min_n=MIN_N,
                               metric=m.name)
     return out
 

@@ -132,23 +132,33 @@ def _arm_variances(n, total, total_sq, kind: Kind):
 
 
 def _null_variances(n_c, s_c, v_c, n_t, s_t, v_t, kind: Kind, shift: float):
-    """Each arm's variance if the treatment's mean were the control's plus ``shift``: the null hypothesis that one
-    bound of the sequence tests (shift 0 for "fail", the margin on the bad side for "pass").
+    """Each arm's variance for the test of the null "the treatment's mean is the control's plus ``shift``", which
+    one end of the sequence makes (shift 0 for "fail", the margin on the bad side for "pass").
 
     A small arm's own estimate is the weak point of a lopsided split. 9 successes in a 10-request canary give
     p(1-p) = 0.14 where the truth may be 0.25; 50 error-free requests give 1/52 where a rate 2 points worse than the
     baseline's 2% has 0.038; ten lognormal latencies that missed the tail have a fraction of its variance. Each such
     underestimate narrows the sequence exactly when the small arm looks extreme, and peeking finds them: simulated
     5% canaries said "fail" for identical arms in up to 19% of runs and "pass" for a canary at its margin in up to
-    24% (tests/unit/test_release_stats_sim.py). Under the null the arms are tied, so the big arm's estimate speaks
-    for both: for rates the restricted estimate (the rates with p_t = p_c + shift that reproduce the arms' pooled,
-    Laplace-smoothed count: the two-sample score test's variance, and near Farrington-Manning's for a margin); for
-    continuous metrics the pooled within-arm variance (the null fixes the means, not the spread; with equal
-    spreads this is the classic pooled t-test's). Each end of the sequence uses the larger of the difference's
-    variance from the arms' own estimates and from the null's, so it only ever widens."""
+    24% (tests/unit/test_release_stats_sim.py). So the big arm's estimate speaks for both, through the null:
+
+    - rates: each arm's rate halfway between its own (Laplace-smoothed) rate and the null's, the restricted
+      estimate (the rates with p_t = p_c + shift that reproduce the arms' pooled, smoothed count; for shift 0 the
+      pooled rate). The variance at the null alone is the score test's, conservative where the data lie far from
+      the null: it wants 26 error-free canary requests to rule out a 30% error rate where an exact time-uniform
+      test wants 19. At the midpoint it is close to the likelihood-ratio test's, which is accurate in the tails:
+      2 n KL(p_hat, p0) = (p_hat - p0)^2 / (pbar (1 - pbar) / n) for a pbar between the two (0 against 0.3:
+      pbar (1 - pbar) = 0.126 exactly, 0.1275 at the midpoint).
+    - continuous metrics: the pooled within-arm variance (the null fixes the means, not the spread; with equal
+      spreads this is the classic pooled t-test's), in which the big arm's well-estimated variance dominates.
+
+    The sequence's end uses the larger of the difference's variance from the arms' own estimates and from these,
+    so it only ever widens."""
     if kind == "binary":
-        p_c = np.clip(((s_c + 1.0) + (s_t + 1.0) - (n_t + 2.0) * shift) / (n_c + n_t + 4.0), 0.0, 1.0)
-        p_t = np.clip(p_c + shift, 0.0, 1.0)
+        own_c, own_t = (s_c + 1.0) / (n_c + 2.0), (s_t + 1.0) / (n_t + 2.0)
+        null_c = np.clip(((s_c + 1.0) + (s_t + 1.0) - (n_t + 2.0) * shift) / (n_c + n_t + 4.0), 0.0, 1.0)
+        null_t = np.clip(null_c + shift, 0.0, 1.0)
+        p_c, p_t = (own_c + null_c) / 2.0, (own_t + null_t) / 2.0
         return p_c * (1.0 - p_c), p_t * (1.0 - p_t)
     pooled = ((n_c - 1) * v_c + (n_t - 1) * v_t) / np.maximum(n_c + n_t - 2, 1)
     return pooled, pooled
@@ -205,8 +215,8 @@ def compare(control: Sample, treatment: Sample, *, kind: Kind, alpha: float = 0.
     nothing asymptotically and lets the sequence be computed from the aggregates alone.
     Because the weights pi come from the counts, unequal splits (a 5% canary) need no special case in the
     formula; they do in the variances: a 10-request canary's own variance is too noisy to trust, so each end of the
-    sequence uses variances no smaller than those of the null it tests (_null_variances): the end that says "fail"
-    those of tied arms, the end that says "pass" those of a treatment exactly ``margin`` worse.
+    sequence also weighs the null it tests (_null_variances): the end that says "fail" tied arms, the end that says
+    "pass" a treatment exactly ``margin`` worse.
 
     The sequence is two-sided at ``alpha``; "fail" and "pass" each use one side of it, so each is wrong with
     probability at most about alpha / 2 over the whole experiment, however often it is looked at.

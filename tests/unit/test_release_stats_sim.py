@@ -11,15 +11,16 @@ lifecycle.releases.stats.decide (compare()'s decision for a whole path at once; 
 - the false-pass rate (the canary is worse by exactly its margin, the hardest case, and a look says "within the
   margin"), against the same alpha / 2;
 - the family-wise false-rollback rate of a default canary step (errors, guardrail_blocks and negative_feedback
-  judged together, any "fail" rolls back), against the spec's alpha;
+  judged together, any "fail" rolls back) at the controller's per-metric level, against the spec's alpha;
 - power: known regressions are caught at small canary sizes.
 
-Before the null-variance floors in stats._null_variances, the small arm's own variance let these very runs say
-"fail" for identical arms in 7.8% (a rate of 0.9) and 19.4% (a right-skewed metric where higher is better) of 5%
-canaries, "pass" for a canary at its margin in 7.8% (error rate 0.02 -> 0.04), 9.4% (blocks 0.05 -> 0.10) and 24%
-(lognormal latency) of them, and roll back 7.0% of A/A canaries going through the steps at rates near 0.5; each of
-those fails below. A rate is allowed the Monte-Carlo noise of a test whose true rate *is* the level:
-``_tolerated(runs, level)`` is the 99.9% quantile of Binomial(runs, level).
+Before the null-variance floors in stats._null_variances (and the controller's split of alpha over a step's
+metrics), the small arm's own variance let these very runs say "fail" for identical arms in 7.8% (a rate of 0.9)
+and 19.4% (a right-skewed metric where higher is better) of 5% canaries, "pass" for a canary at its margin in 7.8%
+(error rate 0.02 -> 0.04), 9.4% (blocks 0.05 -> 0.10) and 24% (lognormal latency) of them, and roll back 7.0% of
+A/A canaries going through the steps at rates near 0.5; each of those fails below. A rate is allowed the
+Monte-Carlo noise of a test whose true rate *is* the level: ``_tolerated(runs, level)`` is the 99.9% quantile of
+Binomial(runs, level).
 """
 
 from __future__ import annotations
@@ -177,7 +178,8 @@ SCHEDULE = np.concatenate([_split(0.05, 2000), _split(0.25, 1000), _split(0.5, 1
 def test_family_wise_false_rollback_of_a_default_step(share, seed, rates, runs):
     spec = _default_spec()
     assert [m.name for m in spec.metrics] == ["errors", "guardrail_blocks", "negative_feedback"]
-    alpha = spec.alpha
+    alpha = controller.metric_alpha(spec)
+    assert alpha == pytest.approx(2 * spec.alpha / 3)  # Bonferroni over the three one-sided "fail" tests
     shares = SCHEDULE if share is None else _split(share, 4000 if share == 0.05 else 1500)
     fails = _ever(seed, runs, shares, _default_metrics(rates), FAIL, alpha)
     rollbacks = int(fails.any(axis=1).sum())
@@ -185,6 +187,16 @@ def test_family_wise_false_rollback_of_a_default_step(share, seed, rates, runs):
     per_metric = ", ".join(f"{m.name} {n / runs:.2%}" for m, n in zip(spec.metrics, fails.sum(axis=0), strict=True))
     assert rollbacks <= limit, (f"A/A false rollback {rollbacks}/{runs} = {rollbacks / runs:.2%} ({per_metric}), "
                                 f"tolerated {limit} at alpha {spec.alpha}")
+
+
+def test_metric_alpha_splits_only_beyond_two_metrics():
+    assert controller.metric_alpha(_default_spec()) == pytest.approx(0.05 * 2 / 3)
+    two = ReleaseSpec.model_validate({"name": "s", "strategy": "canary", "variants": [
+        {"name": "stable", "model": "m"}, {"name": "canary", "model": "m2"}], "alpha": 0.1,
+        "metrics": [{"name": "errors", "margin": 0.02}, {"name": "latency_ms", "margin": 50}]})
+    assert controller.metric_alpha(two) == 0.1
+    one = two.model_copy(update={"metrics": two.metrics[:1]})
+    assert controller.metric_alpha(one) == 0.1
 
 
 # --- power at lopsided splits -----------------------------------------------------------------------------------
@@ -200,11 +212,22 @@ def test_family_wise_false_rollback_of_a_default_step(share, seed, rates, runs):
 ]))
 def test_a_known_regression_is_caught_in_a_lopsided_canary(name, share, requests, control, canary, kind, higher,
                                                             margin, want, seed):
+    """At the level a default step (three metrics) gives each metric."""
     runs = 500
-    alpha = ALPHA
+    alpha = controller.metric_alpha(_default_spec())
     caught = int(_ever(seed, runs, _split(share, requests), [(control, canary, kind, higher, margin, 1.0)], FAIL,
                        alpha).sum())
     assert caught >= want * runs, f"{name}: caught {caught}/{runs} = {caught / runs:.1%}, want >= {want:.0%}"
+
+
+def test_a_clean_canary_passes_a_wide_margin_about_when_an_exact_test_would():
+    """The other side of the floors: no more data than needed. 0 errors in n canary requests and none in the
+    baseline's 120 - n, margin 0.3: the exact time-uniform test (a uniform-prior beta-binomial mixture against a
+    30% error rate, at alpha / 2) rules the margin out from n = 19; the null's variance alone (the score test)
+    would need 26, the canary's own (smoothed) variance said so at 10."""
+    first = next(n for n in range(10, 60) if decide(120 - n, 0, 0, n, 0, 0, kind="binary", higher_is_better=False,
+                                                    margin=0.3) == PASS)
+    assert 15 <= first <= 20, first
 
 
 # --- decide() is compare() ------------------------------------------------------------------------------------
