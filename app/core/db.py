@@ -196,6 +196,15 @@ class PostgresPool:
         except self._errors as e:
             raise self.unavailable(e) from None
 
+    @contextmanager
+    def connection(self) -> Iterator[Any]:
+        """A pooled connection in autocommit, for callers that run several statements of their own."""
+        try:
+            with self._pool.connection() as conn:
+                yield conn
+        except self._errors as e:
+            raise self.unavailable(e) from None
+
     def read(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         return self.statement(sql, tuple(args))
 

@@ -24,7 +24,7 @@ from typing import Any
 
 from app.core import audit
 from app.core.audit import AuditEvent, AuditRetention, BufferedWriter, Pruner
-from app.core.db import enable_wal, write_transaction
+from app.core.db import PostgresPool, enable_wal, write_transaction
 from app.core.migrate import Migrations, upgrade_sqlite
 
 TRAIL = "guardrails"
@@ -70,7 +70,23 @@ class AuditRecord:
                    latency_ms=d.get("latency_ms"), reason=e.reason, window=d.get("window"), ts=e.at, id=e.id)
 
 
-class AuditStore:
+class _Trail:
+    """The trail's reads, over a backend's :meth:`events`."""
+
+    def events(self, **filters: Any) -> list[AuditEvent]:  # pragma: no cover - each store's
+        raise NotImplementedError
+
+    def query(self, *, request_id: str | None = None, validator: str | None = None, verdict: str | None = None,
+              action: str | None = None, stage: str | None = None, since: float | None = None,
+              limit: int = 100) -> list[AuditRecord]:
+        """Newest first. Every filter is optional; ``since`` is a unix timestamp."""
+        events = self.events(request_id=request_id, subject_kind="validator" if validator is not None else None,
+                             subject=validator, action=action, since=since, limit=limit,
+                             details={"verdict": verdict, "stage": stage})
+        return [AuditRecord.of(e) for e in events]
+
+
+class AuditStore(_Trail):
     """``guardrails.db`` (or ``:memory:``): one connection, serialised by a lock; each :meth:`write` is one
     transaction. ``retention`` (``GuardrailSettings.audit_retention``) is applied on open and then, at most
     every ``check_interval_s``, after a write (on the writer's thread, off the request path)."""
@@ -101,15 +117,6 @@ class AuditStore:
         self._maybe_prune()
         return len(events)
 
-    def query(self, *, request_id: str | None = None, validator: str | None = None, verdict: str | None = None,
-              action: str | None = None, stage: str | None = None, since: float | None = None,
-              limit: int = 100) -> list[AuditRecord]:
-        """Newest first. Every filter is optional; ``since`` is a unix timestamp."""
-        events = self.events(request_id=request_id, subject_kind="validator" if validator is not None else None,
-                             subject=validator, action=action, since=since, limit=limit,
-                             details={"verdict": verdict, "stage": stage})
-        return [AuditRecord.of(e) for e in events]
-
     def events(self, **filters: Any) -> list[AuditEvent]:
         """The kernel's query (:func:`app.core.audit.select`'s filters) on this trail."""
         with self._lock:
@@ -126,6 +133,53 @@ class AuditStore:
     def close(self) -> None:
         with self._lock:
             self._conn.close()
+
+
+class PostgresAuditStore(_Trail):
+    """The same trail in Postgres (``guardrails.audit_url``, or ``database_url``): the kernel's ``audit_events``
+    table shared with the other stores there, so any API process reads the verdicts on any request (an answer's
+    lineage joins them). Retention as in :class:`AuditStore`."""
+
+    def __init__(self, url: str, *, retention: AuditRetention | None = None, timeout_s: float = 10.0) -> None:
+        self.path = None
+        self._pruner = Pruner(TRAIL, retention)
+        self._pg = PostgresPool(url, whose="the guardrail audit's", setting="guardrails.audit_url",
+                                name="keel-guard-audit", timeout_s=timeout_s,
+                                migrate=lambda t: audit.ensure_schema_postgres(url, connect_timeout_s=t))
+        self._maybe_prune()
+
+    def write(self, records: Iterable[AuditRecord]) -> int:
+        now = time.time()
+        events = [r.event(now) for r in records]
+        if not events:
+            return 0
+        with self._pg.transaction() as conn:
+            audit.append(conn, *events, now=now)
+        self._maybe_prune()
+        return len(events)
+
+    def events(self, **filters: Any) -> list[AuditEvent]:
+        with self._pg.connection() as conn:
+            return audit.query(conn, **{**filters, "trail": TRAIL})
+
+    def prune(self) -> audit.PruneResult:
+        with self._pg.connection() as conn:
+            return self._pruner.run(conn)
+
+    def _maybe_prune(self) -> None:
+        if self._pruner.due():
+            self.prune()
+
+    def close(self) -> None:
+        self._pg.close()
+
+
+def open_audit_store(settings: Any, home: Path) -> AuditStore | PostgresAuditStore:
+    """The guardrail audit the settings (``GuardrailSettings``) name: ``audit_url``, else ``audit_db``, else
+    ``<home>/guardrails.db``."""
+    if settings.audit_url is not None:
+        return PostgresAuditStore(settings.audit_url.get_secret_value(), retention=settings.audit_retention)
+    return AuditStore(settings.audit_db or (Path(home) / "guardrails.db"), retention=settings.audit_retention)
 
 
 class AuditWriter(BufferedWriter[AuditRecord]):

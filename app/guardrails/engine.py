@@ -56,7 +56,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from app.core.types import ChatMessage
-from app.guardrails.audit import AuditRecord, AuditStore, AuditWriter
+from app.guardrails.audit import AuditRecord, AuditStore, AuditWriter, PostgresAuditStore, open_audit_store
 from app.guardrails.embeddings import SharedEmbedder
 from app.guardrails.metrics import GuardrailMetrics
 from app.guardrails.offline import guardrails_telemetry_enabled
@@ -148,10 +148,9 @@ class GuardrailEngine:
         return self._policy
 
     @property
-    def audit(self) -> AuditStore:
+    def audit(self) -> AuditStore | PostgresAuditStore:
         if self._audit is None:
-            path = self.settings.audit_db or (self.home / "guardrails.db")
-            self._audit = AuditStore(path, retention=self.settings.audit_retention)
+            self._audit = open_audit_store(self.settings, self.home)
         return self._audit
 
     @property

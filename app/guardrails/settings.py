@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 
 from app.core.audit import AuditRetention
+from app.core.db import postgres_url
 
 
 class StreamingSettings(BaseModel):
@@ -41,6 +42,9 @@ class GuardrailSettings(BaseModel):
     audit_db: Path | None = Field(
         default=None, description="SQLite audit trail; defaults to <home>/guardrails.db. ':memory:' for tests."
     )
+    audit_url: SecretStr | None = Field(default=None, description=(
+        "postgresql:// URL of the audit trail instead of audit_db: every API process then reads the verdicts on "
+        "any request (an answer's lineage joins them). database_url fills it when unset."))
     audit_retention: AuditRetention = Field(
         default_factory=AuditRetention, description="How long the guardrail decisions are kept (every request "
         "writes a few; e.g. max_age_days: 90). Unset limits keep everything, as before.")
@@ -74,3 +78,8 @@ class GuardrailSettings(BaseModel):
         "(keel_guardrail_validator_errors_total) and audited. Unset: closed for prompt injection, harmful requests, "
         "topics and secrets, open for the rest.")
     streaming: StreamingSettings = Field(default_factory=StreamingSettings)
+
+    @field_validator("audit_url", mode="before")
+    @classmethod
+    def _audit_url(cls, value: Any) -> SecretStr | None:
+        return postgres_url(value, setting="guardrails.audit_url", otherwise="guardrails.audit_db")

@@ -93,9 +93,10 @@ def test_two_api_processes_share_keys_labels_and_limits_and_survive_one_dying(ke
         assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"], r.text
         # ... and the lineage of B's answer is read through A.
         auth = {"Authorization": f"Bearer {key}"}
-        seen = eventually(lambda: (got := httpx.get(f"{a.url}/v1/lineage/{r.json()['id']}", headers=auth,
-                                                    timeout=30)).status_code == 200 and got.json())
+        seen = eventually(lambda: (got := httpx.get(f"{a.url}/v1/lineage/{r.json()['id']}", headers=auth, timeout=30)
+                                   ).status_code == 200 and got.json().get("guardrail_verdicts") and got.json())
         assert seen and seen["route"]["alias"] == "smollm2" and seen["usage"], seen
+        assert {v["stage"] for v in seen["guardrail_verdicts"]} >= {"input"}  # B's guards, read from A
 
         # A prompt label moved through A is what B serves.
         assert httpx.post(f"{a.url}/v1/prompts", json={"name": "greet", "content": GREET, "message": "v1"},

@@ -312,10 +312,18 @@ def test_a_failing_sink_is_retried_then_dropped_and_logged(caplog):
 # --- the three trails ---------------------------------------------------------------------------------
 
 
-def test_guardrail_records_are_kernel_events(tmp_path):
-    from app.guardrails.audit import AuditStore
+@pytest.fixture(params=["sqlite", "postgres"])
+def open_guard_store(request, tmp_path):
+    """Opens the guardrail trail (``retention=...``): ``<home>/guardrails.db`` or Postgres (``audit_url``)."""
+    from app.guardrails.audit import open_audit_store
+    from app.guardrails.settings import GuardrailSettings
 
-    store = AuditStore(tmp_path / "guardrails.db")
+    url = request.getfixturevalue("postgres_url") if request.param == "postgres" else None
+    return lambda **kw: open_audit_store(GuardrailSettings(audit_url=url, **kw), tmp_path)
+
+
+def test_guardrail_records_are_kernel_events(open_guard_store):
+    store = open_guard_store()
     store.write([_guard_record(1), _guard_record(2)])
     [event] = store.events(request_id="req-2")
     assert (event.trail, event.actor, event.action, event.subject_kind, event.subject, event.subject_ref) == (
@@ -327,16 +335,15 @@ def test_guardrail_records_are_kernel_events(tmp_path):
     store.close()
 
 
-def test_guardrail_retention_applies_on_open_and_keeps_young_rows(tmp_path):
-    from app.guardrails.audit import AuditRecord, AuditStore
+def test_guardrail_retention_applies_on_open_and_keeps_young_rows(open_guard_store):
+    from app.guardrails.audit import AuditRecord
 
-    path = tmp_path / "guardrails.db"
-    store = AuditStore(path)
+    store = open_guard_store()
     old = AuditRecord("old", "input", "p", "v", "pii", "keel/pii", "pass", "allow", 0.0, 0.1,
                       ts=time.time() - 40 * DAY)
     store.write([old, _guard_record(0, "young")])
     store.close()
-    again = AuditStore(path, retention=AuditRetention(max_age_days=30))
+    again = open_guard_store(audit_retention=AuditRetention(max_age_days=30))
     assert [r.request_id for r in again.query()] == ["young-0"]
     again.close()
 

@@ -76,7 +76,8 @@ def test_one_database_url_covers_every_store_that_can_live_in_postgres(monkeypat
     s = Settings()
     urls = {name: url.get_secret_value() for name, url in (
         ("auth", s.auth.url), ("routing", s.routing.url), ("prompts", s.prompts.url),
-        ("releases", s.releases.url), ("agents", s.agents.postgres_url))}
+        ("releases", s.releases.url), ("agents", s.agents.postgres_url), ("evals", s.evals.url),
+        ("lineage", s.monitor.url), ("guardrail audit", s.guardrails.audit_url))}
     assert urls.pop("releases") == "postgresql://keel:pw@other:5432/rel"
     assert set(urls.values()) == {"postgresql://keel:pw@db:5432/keel"}
     assert s.jobs.url is None  # the queue's jobs read files under home: sharing it is a choice of its own
