@@ -639,7 +639,7 @@ def _in_policy_order(comps: list[_Compiled], results: list[ValidatorResult]) -> 
 def _safe_details(res: CheckResult) -> dict[str, Any]:
     """Details that may go to logs and audit: numbers and kinds only, no checked text or values."""
     out: dict[str, Any] = {k: v for k, v in res.details.items()
-                           if isinstance(v, int | float | bool) or k in ("counts", "allow", "deny")}
+                           if isinstance(v, int | float | bool) or k in ("counts", "allow", "deny", "began_in_prefix")}
     if res.findings:
         out["kinds"] = sorted({f.kind for f in res.findings})
     if "unsupported" in res.details:

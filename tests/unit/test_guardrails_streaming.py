@@ -105,6 +105,22 @@ async def test_a_name_beside_its_owners_contact_details_is_never_shown(engine):
     assert text_of(events) == "Marie Curie won two Nobel prizes. Yes."
 
 
+async def test_a_name_shown_before_its_owners_contact_details_arrive_is_withdrawn(engine):
+    # The name alone (a sentence of its own) is shown; the e-mail in the next sentence makes it a private person's
+    # record, and a shown name can no longer be masked: the answer is withdrawn, the e-mail never shown.
+    events, seen = await run(engine.output_guard(ctx("pr-name-late")),
+                             "Maria Garcia works in our Paris office. You can write to maria.garcia@example.com "
+                             "any day. Bye.")
+    assert any("Maria Garcia works" in s for s in seen)  # shown before the e-mail came
+    assert all("maria.garcia@" not in s for s in seen), seen
+    retraction = next(e for e in events if isinstance(e, GuardrailRetraction))
+    assert retraction.validator == "pii" and isinstance(events[-1], Finished)
+    assert events[-1].reason == "content_filter"
+    # an e-mail far from any name (another person's, or none) is only masked
+    events, _ = await run(engine.output_guard(ctx("pr-name-far")), "Write to office@example.com for details. Bye.")
+    assert text_of(events) == "Write to <EMAIL> for details. Bye."
+
+
 async def test_toxic_words_are_never_shown_and_audit_counts_windows_not_words(engine):
     events, seen = await run(engine.output_guard(ctx("pr-tox")),
                              "Ships carry cargo across the sea. You are a worthless fucking idiot, honestly.")

@@ -247,7 +247,9 @@ def check_pii(text: str, *, entities: Iterable[str] = ALL_ENTITIES, names: NameD
     an e-mail, phone, card, IBAN, SSN or IP address that is itself redacted (a private person's record,
     where a public figure's name in a factual answer is left alone: NER cannot tell the two apart);
     ``none``. ``prefix``: the text shown just before ``text`` (a stream): values are found over both, so a
-    name after its owner's e-mail, or a number that began in the prefix, is masked in ``text``."""
+    name after its owner's e-mail, or a number that began in the prefix, is masked in ``text``; the kinds of
+    values already partly shown are in ``details["began_in_prefix"]``, with ``PERSON`` also when a name shown
+    whole becomes personal data by its owner's contact data in ``text`` (``with_contact``)."""
     wanted = set(entities) - ({"PERSON"} if persons == "none" else set())
     full = prefix + text
     findings = find_pii(full, wanted, names)
@@ -260,8 +262,16 @@ def check_pii(text: str, *, entities: Iterable[str] = ALL_ENTITIES, names: NameD
                     or any(c.start - _NEAR <= f.end and f.start <= c.end + _NEAR for c in contact)]
     began: list[str] = []
     if prefix:
+        cut = len(prefix)
         # a value that began in text already shown: its start was seen (the caller decides what that costs)
-        began = sorted({f.kind for f in findings if f.start < len(prefix) < f.end})
+        began = sorted({f.kind for f in findings if f.start < cut < f.end})
+        if persons == "with_contact" and "PERSON" not in began:
+            # A name shown alone was a public name; its owner's contact data arriving now makes it a private
+            # person's record, and a shown name cannot be masked any more: reported like a name cut in two.
+            fresh = [c for c in findings if c.kind != "PERSON" and c.end > cut]
+            if any(f.kind == "PERSON" and f.end <= cut and any(c.start - _NEAR <= f.end for c in fresh)
+                   for f in findings):
+                began = sorted({*began, "PERSON"})
         findings = reaching_into(findings, full, len(prefix))
     if not findings:
         return CheckResult(True)
