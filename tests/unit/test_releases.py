@@ -250,6 +250,45 @@ async def test_release_lifecycle_through_the_api(env) -> None:
     assert audit.status_code == 200 and len(audit.json()) >= 3
 
 
+async def test_a_variant_answers_from_its_own_documents(env) -> None:
+    doc = "# Lighthouses\n\nThe Eddystone lighthouse stands on rocks south of Plymouth. It was completed in 1882.\n"
+    r = await env["client"].post("/v1/ingest", files=[("files", ("lighthouse.md", doc.encode(), "text/plain"))],
+                                 data={"collection": "docs"}, headers=auth(env, "admin"))
+    job = (await env["client"].get(f"/v1/ingest/jobs/{r.json()['id']}?wait_s=30", headers=auth(env, "admin"))).json()
+    assert job["state"] == "succeeded", job
+    r = await create(env, {"name": "support", "strategy": "ab", "weights": {"plain": 0, "grounded": 100},
+                           "variants": [{"name": "plain", "model": "m"}, {"name": "grounded", "rag": "docs"}]})
+    assert r.status_code == 201, r.text
+    resp = await ask(env, messages=[{"role": "user", "content": "When was the Eddystone lighthouse completed?"}])
+    body = resp.json()
+    assert resp.status_code == 200 and body["release"] == {"name": "support", "variant": "grounded"}, resp.text
+    assert [c["doc_id"] for c in body["citations"]] == ["lighthouse.md"]
+    prompt = " ".join(m.content for m in env["stable"].requests[-1].messages)
+    assert "completed in 1882" in prompt  # the passage reached the model
+    # a variant that decides the documents refuses a request that brings its own
+    r = await ask(env, rag={"collection": "other"})
+    assert r.status_code == 400 and "drop 'rag'" in r.json()["error"]["message"]
+
+
+def test_a_variant_bundle_decides_policy_workflow_and_prompt() -> None:
+    from app.core.errors import InvalidRequest
+    from app.core.types import ChatMessage
+    from app.services.chat import ChatRequest, RagUse
+    from lifecycle.releases.serving import apply_variant
+    from lifecycle.releases.spec import VariantSpec
+
+    asked = ChatRequest(model="support", messages=(ChatMessage("user", "hi"),), policy="default")
+    strict = apply_variant(asked, VariantSpec(name="b", model="m2", policy="strict"), "support")
+    assert (strict.model, strict.policy, strict.rag, strict.prompt) == ("m2", "strict", None, None)
+    agent = apply_variant(asked, VariantSpec(name="b", workflow="research"), "support")
+    assert agent.model == "agent:research" and agent.policy == "default"  # the bound policy unless the variant sets one
+    prompted = apply_variant(asked, VariantSpec(name="b", prompt="greet@2"), "support")
+    assert prompted.prompt.ref == "greet@2" and prompted.model is None  # the server's default model
+    with pytest.raises(InvalidRequest, match="drop 'rag'"):
+        apply_variant(ChatRequest(model="support", messages=asked.messages, rag=RagUse(collection="x")),
+                      VariantSpec(name="b", workflow="research"), "support")
+
+
 async def test_streaming_names_the_release_and_the_openai_client_works_unchanged(env) -> None:
     assert (await create(env, {"name": "support", "strategy": "ab", "variants": TWO})).status_code == 201
     resp = await ask(env, stream=True)
