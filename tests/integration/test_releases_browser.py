@@ -6,7 +6,7 @@ traffic goes through its endpoint; in the page, connect with a key that has only
 release with its split and status, open it (variant numbers, comparisons, charts drawn from the series), watch
 new traffic arrive without reloading, pause and resume it with reasons, see an action refused with the server's
 message when someone else finished a release first, promote the canary (weights 0/100), and read the decision
-history. Screenshots of every view are kept as test artifacts.
+history, then roll the promoted release back. Screenshots of every view are kept as test artifacts.
 
 Needs /usr/bin/chromium and the `playwright` package (tests/browser.py): run `infra/setup-browser.sh`.
 """
@@ -237,6 +237,22 @@ def drive_releases(page, server: KeelServer, key: str, name: str, served: Counte
     expect(created).to_contain_text("browser test: roll out the friendlier prompt")
     expect(created).to_contain_text("gate overridden")
     tall_screenshot(page, artifacts / "releases-promoted.png")
+
+    # --- roll the promoted release back: all traffic to the baseline again, at once
+    act(page, "Roll back", "Roll back", "browser test: back to v1 after all")
+    expect(page.locator("#release-chips")).to_contain_text("rolled back")
+    expect(split.locator('li[data-variant="stable"]')).to_contain_text("100%")
+    expect(split.locator('li[data-variant="canary"]')).to_contain_text("0%")
+    expect(page.get_by_role("button", name="Roll back")).to_be_disabled()
+    expect(rows).to_have_count(5)
+    expect(rows.nth(0)).to_have_attribute("data-action", "rollback")
+    expect(rows.nth(0)).to_contain_text("browser test: back to v1 after all")
+    state = httpx.get(f"{server.url}/v1/releases/{name}", headers={"Authorization": f"Bearer {key}"},
+                      timeout=30).json()
+    assert state["status"] == "rolled_back" and state["weights"] == {"stable": 100, "canary": 0}
+    served_now = Counter[str]()
+    chat(server, name, served_now)
+    assert served_now == {"stable": 1}  # the endpoint answers with the baseline again
 
     # --- the key stays in this tab only, and forgetting it returns to the login form
     forget_key(page, "keel.releases.apiKey", key)
