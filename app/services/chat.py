@@ -573,8 +573,11 @@ class ChatService:
         return self.tracer.start_span(f"chat {route.spec.model}", context=ctx, kind=SpanKind.CLIENT, attributes=attrs)
 
     def _content(self, messages: list[dict[str, str]]) -> str:
-        """Messages as the trace stores them: personal data masked first (never written unmasked)."""
-        masked = [{**m, "content": _mask_pii(m["content"])} for m in messages]
+        """Messages as the trace stores them: credentials and personal data masked first (never written unmasked),
+        in the content and in tool-call arguments."""
+        masked = [{**m, "content": _mask_sensitive(m["content"]),
+                   **({"tool_calls": [{**c, "arguments": _mask_sensitive(c["arguments"])} for c in m["tool_calls"]]}
+                      if m.get("tool_calls") else {})} for m in messages]
         return json.dumps(masked, ensure_ascii=False)
 
     def _reads_output(self, policy: str) -> bool:
@@ -729,10 +732,15 @@ def _verdict_events(span: Span, results: Sequence[ValidatorResult]) -> None:
                                              "keel.guardrails.score": float(r.score or 0.0)})
 
 
-def _mask_pii(text: str) -> str:
+def _mask_sensitive(text: str) -> str:
+    """Credentials and personal data masked (``<SECRET:KIND>``, ``<KIND>``): what a trace may keep of a text."""
     # lazy: the PII detector (phonenumbers, ~0.15 s) loads only when content capture is on
+    from app.guardrails.validators.leakage import check_secrets
     from app.guardrails.validators.pii import find_pii, redact
 
+    secrets = check_secrets(text)
+    if not secrets.passed and secrets.fixed is not None:
+        text = secrets.fixed
     findings = find_pii(text)
     return redact(text, findings) if findings else text
 

@@ -131,6 +131,19 @@ async def test_content_capture_masks_personal_data(tmp_path: Path) -> None:
         await env["container"].aclose()
 
 
+async def test_content_capture_never_writes_a_credential(tmp_path: Path) -> None:
+    env = await _env(tmp_path, capture_content=True)
+    try:
+        answer = await ask(env, "Use sk-proj-AbCdEfGhIjKlMnOpQrStUvWx123456 with password: Xk9$mQ2#vL7pR4tZ now.")
+        a = (await spans_of(env, answer["id"]))["chat fake-model"]["attributes"]
+        assert "<SECRET:OPENAI_KEY>" in a["gen_ai.input.messages"] and "now." in a["gen_ai.input.messages"]
+        raw = (tmp_path / "traces.db").read_bytes()
+        assert b"AbCdEfGhIjKlMnOp" not in raw and b"Xk9$mQ2#vL7pR4tZ" not in raw
+    finally:
+        await env["c"].aclose()
+        await env["container"].aclose()
+
+
 class _BrokenStore(SpanStore):
     def write(self, spans) -> None:
         raise OSError("disk full")
