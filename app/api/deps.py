@@ -25,10 +25,11 @@ from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
+from opentelemetry import trace
 
 from agents.service import AgentService
 from app.container import Container
-from app.core.errors import BackendUnavailable, PermissionDenied, Unauthenticated
+from app.core.errors import BackendUnavailable, KeelError, PermissionDenied, Unauthenticated
 from app.core.metrics import Metrics
 from app.guardrails.engine import GuardrailEngine
 from app.llm.router import ModelRouter
@@ -187,11 +188,20 @@ async def authenticate(request: Request, container: ContainerDep) -> ApiKey:
         raise Unauthenticated(
             "missing API key: send 'Authorization: Bearer <key>' (create one with `keel keys create`)"
         )
-    key = await container.keys.averify(raw)
-    if key is None:
-        raise Unauthenticated("invalid or revoked API key")
-    limit = key.rate_limit_per_minute or container.settings.auth.default_rate_limit_per_minute
-    await container.rate_limiter.acheck(key.id, limit)
+    tracer = container.tracing.tracer if container.tracing is not None else trace.NoOpTracer()
+    with tracer.start_as_current_span("keel.auth", record_exception=False, set_status_on_exception=False) as span:
+        key = await container.keys.averify(raw)
+        if key is None:
+            span.set_attribute("keel.auth.outcome", "invalid_key")
+            raise Unauthenticated("invalid or revoked API key")
+        span.set_attribute("keel.auth.key_id", key.id)  # the key's id, never the key
+        limit = key.rate_limit_per_minute or container.settings.auth.default_rate_limit_per_minute
+        try:
+            await container.rate_limiter.acheck(key.id, limit)
+        except KeelError as e:
+            span.set_attribute("keel.auth.outcome", e.code)
+            raise
+        span.set_attribute("keel.auth.outcome", "ok")
     request.state.api_key_id = key.id
     request.state.api_key_scopes = key.scopes
     return key

@@ -68,6 +68,9 @@ async def test_a_chat_request_is_one_trace_with_the_model_call_in_genai_terms(en
     spans = await spans_of(env, answer["id"])
     server, chat, model = spans["POST /v1/chat/completions"], spans["keel.chat"], spans["chat fake-model"]
     assert server["parent_id"] is None and server["kind"] == "SERVER"
+    auth = spans["keel.auth"]  # the key's check and rate limit: the caller's key id, never the key
+    assert auth["parent_id"] == server["span_id"] and auth["attributes"]["keel.auth.outcome"] == "ok"
+    assert auth["attributes"]["keel.auth.key_id"] and env["keys"]["chat"] not in str(auth)
     assert chat["parent_id"] == server["span_id"] and model["parent_id"] == chat["span_id"]
     a = model["attributes"]
     assert model["kind"] == "CLIENT"
