@@ -188,7 +188,8 @@ async def authenticate(request: Request, container: ContainerDep) -> ApiKey:
         raise Unauthenticated(
             "missing API key: send 'Authorization: Bearer <key>' (create one with `keel keys create`)"
         )
-    tracer = container.tracing.tracer if container.tracing is not None else trace.NoOpTracer()
+    tracing = getattr(container, "tracing", None)  # an application mounting Keel's routes may bring no tracing
+    tracer = tracing.tracer if tracing is not None else trace.NoOpTracer()
     with tracer.start_as_current_span("keel.auth", record_exception=False, set_status_on_exception=False) as span:
         key = await container.keys.averify(raw)
         if key is None:
