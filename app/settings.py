@@ -56,7 +56,8 @@ class Settings(CoreSettings):
             self.releases.url = self.releases.url or url
             self.evals.url = self.evals.url or url
             self.monitor.url = self.monitor.url or url
-            self.guardrails.audit_url = self.guardrails.audit_url or url
+            if self.guardrails.audit_db is None:  # a file named on purpose is the store's own setting: it wins
+                self.guardrails.audit_url = self.guardrails.audit_url or url
             self.agents.postgres_url = self.agents.postgres_url or url
         return self
 

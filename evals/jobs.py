@@ -48,7 +48,7 @@ async def submit_run(runner: JobRunner, deps: EvalDeps, store: EvalStoreBase, su
     except EvalConfigError as e:
         raise InvalidRequest(str(e), param="suite") from e
     if baseline is not None:
-        store.get_run(baseline)  # not found now rather than a failed job
+        await asyncio.to_thread(store.get_run, baseline)  # not found now rather than a failed job
     job = await runner.submit(KIND, payload(suite.name, baseline=baseline, use_cache=use_cache), owner=owner,
                               idempotency_key=idempotency_key)
     return {"status": "started", "suite": suite.name, "suite_hash": suite.hash, "cases": len(suite.cases),
@@ -109,9 +109,9 @@ class EvalJobs:
         run_id: str | None = None
         while True:
             await asyncio.sleep(PROGRESS_EVERY_S)
-            if run_id is None:
-                run_id = next((r.id for r in store.list_runs(suite=suite.name, limit=20)
-                               if r.status == "running" and r.identity == stored), None)
+            if run_id is None:  # the store may be a Postgres across the network: off the event loop
+                runs = await asyncio.to_thread(store.list_runs, suite=suite.name, limit=20)
+                run_id = next((r.id for r in runs if r.status == "running" and r.identity == stored), None)
             if run_id is not None:
-                ctx.set_progress({"run_id": run_id, "cases_done": len(store.done_cases(run_id)),
-                                  "cases_total": len(suite.cases)})
+                done = await asyncio.to_thread(store.done_cases, run_id)
+                ctx.set_progress({"run_id": run_id, "cases_done": len(done), "cases_total": len(suite.cases)})

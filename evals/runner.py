@@ -17,6 +17,7 @@ changing a threshold or the judge re-scores stored answers instead of asking the
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import logging
@@ -359,21 +360,44 @@ class EvalRunner:
                     sem: asyncio.Semaphore, counts: dict[str, int]) -> None:
         async with sem:
             key = self.cache_key(answer_key, suite, case)
-            record = self.store.cache_get(key) if self.use_cache else None
+            record = await asyncio.to_thread(self.store.cache_get, key) if self.use_cache else None
             cached = record is not None
             if record is None:
                 record = await self._answer(suite, case, ident, run_id)
                 if record.get("error") is None and self.use_cache:
-                    self.store.cache_put(key, record)
+                    await asyncio.to_thread(self.store.cache_put, key, record)
             scores = {} if record.get("error") else await self._score(suite, case, record)
-            if self.store.save_result(run_id, case.id, record=record, scores=scores, error=record.get("error"),
-                                      cached=cached):
+            if await asyncio.to_thread(functools.partial(
+                    self.store.save_result, run_id, case.id, record=record, scores=scores, error=record.get("error"),
+                    cached=cached)):
                 counts["cached" if cached else "executed"] += 1
 
     # --- a run ----------------------------------------------------------------------------------------
     async def run(self, suite: Suite, *, resume: str | None = None, baseline: str | None = None,
                   fresh: bool = False) -> RunOutcome:
+        # The store may be a Postgres across the network: its calls run off the event loop.
         ident = self.identity(suite)
+        run, run_id, done = await asyncio.to_thread(self._open, suite, ident, resume, baseline, fresh)
+        if run is not None and run.status == "completed":
+            return RunOutcome(run, 0, 0, run.cases_total)
+        todo = [c for c in suite.cases if c.id not in done]
+        counts = {"executed": 0, "cached": 0}
+        sem = asyncio.Semaphore(suite.concurrency or self.concurrency)
+        completed = False
+        try:
+            await self._drive(suite, todo, ident, self.answer_key(ident), run_id, sem, counts, len(done))
+            completed = True
+        finally:
+            if not completed:
+                await asyncio.to_thread(self.store.set_status, run_id, "interrupted")
+        await asyncio.to_thread(self.finish, suite, run_id,
+                                baseline if baseline is not None else (run.baseline if run else None))
+        return RunOutcome(await asyncio.to_thread(self.store.get_run, run_id), counts["executed"], counts["cached"],
+                          len(done))
+
+    def _open(self, suite: Suite, ident: dict[str, Any], resume: str | None, baseline: str | None,
+              fresh: bool) -> tuple[RunRow | None, str, set[str]]:
+        """The run to (re)start: (its row when it existed, its id, the cases already stored)."""
         ident_key = _h(ident)
         if baseline is not None:
             self.store.get_run(baseline)  # NotFound early
@@ -386,7 +410,7 @@ class EvalRunner:
         elif not fresh:
             run = self.store.unfinished_run(ident_key)
         if run is not None and run.status == "completed":
-            return RunOutcome(run, 0, 0, run.cases_total)
+            return run, run.id, set()
         if run is None:
             run_id = self.store.create_run(suite=suite.name, suite_hash=suite.hash, identity_key=ident_key,
                                            identity=ident, cases_total=len(suite.cases), baseline=baseline)
@@ -395,19 +419,7 @@ class EvalRunner:
             self.store.set_status(run_id, "running")
             if baseline is not None:
                 self.store.set_baseline(run_id, baseline)
-        done = self.store.done_cases(run_id)
-        todo = [c for c in suite.cases if c.id not in done]
-        counts = {"executed": 0, "cached": 0}
-        sem = asyncio.Semaphore(suite.concurrency or self.concurrency)
-        completed = False
-        try:
-            await self._drive(suite, todo, ident, self.answer_key(ident), run_id, sem, counts, len(done))
-            completed = True
-        finally:
-            if not completed:
-                self.store.set_status(run_id, "interrupted")
-        self.finish(suite, run_id, baseline if baseline is not None else (run.baseline if run else None))
-        return RunOutcome(self.store.get_run(run_id), counts["executed"], counts["cached"], len(done))
+        return run, run_id, self.store.done_cases(run_id)
 
     async def _drive(self, suite: Suite, todo: list[Case], ident: dict[str, Any], answer_key: str, run_id: str,
                      sem: asyncio.Semaphore, counts: dict[str, int], already: int) -> None:

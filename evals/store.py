@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from app.core.db import PostgresPool, enable_wal
+from app.core.db import PostgresPool, enable_wal, warn_if_left_behind
 from app.core.errors import NotFound
 from app.core.migrate import Migrations, upgrade_postgres, upgrade_sqlite
 
@@ -212,5 +212,8 @@ class PostgresEvalStore(EvalStoreBase):
 
 def open_eval_store(settings: Any) -> EvalStore | PostgresEvalStore:
     """The eval store the settings name (``evals.url``, else ``<home>/<evals.db_name>``)."""
-    url = settings.evals.url
-    return PostgresEvalStore(url.get_secret_value()) if url else EvalStore(settings.evals.db_path(settings.home))
+    url, path = settings.evals.url, settings.evals.db_path(settings.home)
+    if url is None:
+        return EvalStore(path)
+    warn_if_left_behind(path, "the eval store", "evals.url (or database_url)")
+    return PostgresEvalStore(url.get_secret_value())

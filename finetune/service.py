@@ -266,13 +266,12 @@ class FinetuneService:
             return None
         key = (row["model"], str(row["version"]))
         if key not in self._hashes:
-            try:
-                tags = self.registry.get_version(*key).tags
-            except KeelError:
-                tags = {}
-            self._hashes[key] = tags.get("keel.adapter_hash") or None
+            # the registry away for a moment: this record goes without, the next one asks again
+            with contextlib.suppress(KeelError):
+                self._hashes[key] = self.registry.get_version(*key).tags.get("keel.adapter_hash") or None
         return {"model": row["model"], "version": str(row["version"]), "backend": row.get("backend"),
-                "served_name": row.get("served_name"), "path": row.get("adapter_path"), "hash": self._hashes[key]}
+                "served_name": row.get("served_name"), "path": row.get("adapter_path"),
+                "hash": self._hashes.get(key)}
 
     async def deploy(self, model: str, version: str | int, *, alias: str, backend: str | None = None,
                      fallback: str | None = None, actor: str = "") -> Deployment:

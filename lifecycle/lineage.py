@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from app.core.audit import BufferedWriter
-from app.core.db import PostgresPool, SqliteFile
+from app.core.db import PostgresPool, SqliteFile, warn_if_left_behind
 from app.core.errors import InvalidRequest, NotFound
 from app.core.migrate import Migrations, upgrade_postgres
 from app.core.types import Citations, Finished, Started, TextDelta, Usage
@@ -90,6 +90,7 @@ class LineageStore:
     process answers for every answer and the drift monitor sees the whole fleet's traffic."""
 
     _mark = "?"
+    _clock = "((julianday('now') - 2440587.5) * 86400.0)"  # unix seconds, the database's clock
 
     def __init__(self, path: Path | str) -> None:
         self._file = SqliteFile(path, MIGRATIONS, what="the lineage store")
@@ -104,6 +105,10 @@ class LineageStore:
 
     def _read(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         return self._file.read(sql, args)
+
+    def _write_returning(self, sql: str, args: Sequence[Any]) -> list[tuple[Any, ...]]:
+        with self._file.tx() as db:
+            return db.execute(sql, tuple(args)).fetchall()
 
     def close(self) -> None:
         self._file.close()
@@ -153,19 +158,20 @@ class LineageStore:
 
     def claim(self, name: str, every_s: float, *, now: float | None = None) -> bool:
         """True for the one caller (of all processes on this store) that gets this round of the periodic task
-        ``name``: at most one claim per ``every_s`` (less a tenth, for clocks and timers that drift)."""
-        now = time.time() if now is None else now
-        rows = self._read(self._q(
-            "INSERT INTO lineage_schedule (name, last_at) VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET "
-            "last_at = excluded.last_at WHERE lineage_schedule.last_at <= ? RETURNING name"),
-            (name, now, now - 0.9 * every_s))
-        return bool(rows)
+        ``name``: at most one claim per ``every_s`` (less a tenth, for timers that drift), timed by the
+        database's clock (``now`` for tests), so a process whose clock is off cannot block or double the rounds."""
+        clock = "?" if now is not None else self._clock
+        sql = (f"INSERT INTO lineage_schedule (name, last_at) VALUES (?, {clock}) ON CONFLICT (name) DO UPDATE SET "
+               "last_at = excluded.last_at WHERE lineage_schedule.last_at <= excluded.last_at - ? RETURNING name")
+        args = (name, now, 0.9 * every_s) if now is not None else (name, 0.9 * every_s)
+        return bool(self._write_returning(self._q(sql), args))
 
 
 class PostgresLineageStore(LineageStore):
     """The lineage and drift features of every API process in one Postgres database."""
 
     _mark = "%s"
+    _clock = "EXTRACT(EPOCH FROM clock_timestamp())::DOUBLE PRECISION"
 
     def __init__(self, url: str, *, timeout_s: float = 10.0) -> None:
         self.path = None
@@ -182,14 +188,20 @@ class PostgresLineageStore(LineageStore):
     def _read(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         return self._pg.statement(sql, tuple(args))
 
+    def _write_returning(self, sql: str, args: Sequence[Any]) -> list[tuple[Any, ...]]:
+        return self._pg.statement(sql, tuple(args))
+
     def close(self) -> None:
         self._pg.close()
 
 
 def open_lineage_store(settings: Any) -> LineageStore:
     """The lineage store the settings name (``monitor.url``, else ``<home>/lineage.db``)."""
-    url = settings.monitor.url
-    return PostgresLineageStore(url.get_secret_value()) if url else LineageStore(Path(settings.home) / "lineage.db")
+    url, path = settings.monitor.url, Path(settings.home) / "lineage.db"
+    if url is None:
+        return LineageStore(path)
+    warn_if_left_behind(path, "the lineage store", "monitor.url (or database_url)")
+    return PostgresLineageStore(url.get_secret_value())
 
 
 class LineageRecorder:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.console import Console
 
-from app.cli.common import settings_or_exit
+from app.cli.common import fail, settings_or_exit
 from app.core.errors import KeelError
 from evals.store import open_eval_store
 
@@ -53,7 +53,10 @@ container_factory: Callable[[Settings], Awaitable[Container]] = _default_contain
 
 
 def _store(settings: Settings):
-    return open_eval_store(settings)
+    try:
+        return open_eval_store(settings)
+    except KeelError as exc:  # an unreachable eval database (evals.url): one line, exit 1
+        raise fail(exc) from exc
 
 
 @app.command("run")

@@ -41,9 +41,12 @@ def _service() -> Iterator[Any]:
 
     settings = settings_or_exit({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
     home = settings.home
-    lineage = open_lineage_store(settings)
     url = settings.releases.url
-    releases = open_release_store(url.get_secret_value() if url else None, home)
+    try:  # an unreachable shared database (monitor.url, releases.url): one line, exit 1
+        lineage = open_lineage_store(settings)
+        releases = open_release_store(url.get_secret_value() if url else None, home)
+    except KeelError as exc:
+        raise fail(exc) from exc
     snapshots = SnapshotStore(settings.rag.db_path(home))
     try:
         yield FeatureService(settings.features, home, Sources(

@@ -107,6 +107,15 @@ def enable_wal(conn: sqlite3.Connection, *, timeout_s: float = 30.0) -> None:
             delay = min(delay * 2, 0.2)
 
 
+def warn_if_left_behind(path: Path, what: str, setting: str) -> None:
+    """A store now in Postgres whose SQLite file from before is still under the home: its rows are not read
+    (gates, lineage, audit look empty there). Said once at start, loudly, so it is not found out later."""
+    if path.is_file() and path.stat().st_size > 0:
+        logging.getLogger("keel.db").warning(
+            "%s now lives in Postgres (%s) but %s from before is still here: its rows are not read or moved; "
+            "unset %s to keep using the file", what, setting, path, setting)
+
+
 def redact_url(url: str) -> str:
     """host:port/db of a postgresql:// URL, without user or password, for messages and logs."""
     from urllib.parse import urlsplit

@@ -219,15 +219,18 @@ class _Defaults(PydanticBaseSettingsSource):
 
 
 class CoreSettings(BaseSettings):
+    # hide_input_in_errors: a refused value may be a database URL with its password in it.
     model_config = SettingsConfigDict(
-        env_prefix="KEEL_", env_nested_delimiter="__", extra="forbid", validate_default=True
+        env_prefix="KEEL_", env_nested_delimiter="__", extra="forbid", validate_default=True,
+        hide_input_in_errors=True,
     )
 
     home: Path = Field(default=Path(".keel"), description="State folder: models, databases, logs.")
     database_url: SecretStr | None = Field(default=None, description=(
         "postgresql:// URL of one database for every store that can live in Postgres, so several API processes "
-        "and workers on several machines share them: API keys, prompts, the routing table, releases, agent runs. "
-        "A store's own URL setting (auth.url, prompts.url, routing.url, releases.url, agents.postgres_url) wins "
+        "and workers on several machines share them: API keys, prompts, the routing table, releases, eval runs, "
+        "lineage, the guardrail audit, agent runs. A store's own URL setting (auth.url, prompts.url, routing.url, "
+        "releases.url, evals.url, monitor.url, guardrails.audit_url, agents.postgres_url) wins "
         "over it. Not the job queue (jobs.url): its jobs read files under home. Unset: SQLite files under home."))
     log_level: str = "INFO"
     log_format: Literal["text", "json"] = Field(default="text", description=(

@@ -24,7 +24,7 @@ from typing import Any
 
 from app.core import audit
 from app.core.audit import AuditEvent, AuditRetention, BufferedWriter, Pruner
-from app.core.db import PostgresPool, enable_wal, write_transaction
+from app.core.db import PostgresPool, enable_wal, warn_if_left_behind, write_transaction
 from app.core.migrate import Migrations, upgrade_sqlite
 
 TRAIL = "guardrails"
@@ -178,6 +178,8 @@ def open_audit_store(settings: Any, home: Path) -> AuditStore | PostgresAuditSto
     """The guardrail audit the settings (``GuardrailSettings``) name: ``audit_url``, else ``audit_db``, else
     ``<home>/guardrails.db``."""
     if settings.audit_url is not None:
+        warn_if_left_behind(Path(home) / "guardrails.db", "the guardrail audit",
+                            "guardrails.audit_url (or database_url)")
         return PostgresAuditStore(settings.audit_url.get_secret_value(), retention=settings.audit_retention)
     return AuditStore(settings.audit_db or (Path(home) / "guardrails.db"), retention=settings.audit_retention)
 

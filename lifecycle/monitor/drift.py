@@ -299,6 +299,7 @@ class DriftMonitor:
             try:
                 # Processes sharing a lineage store (Postgres) take turns: one check per round for the fleet.
                 if not await asyncio.to_thread(self.lineage.claim, "drift-check", interval):
+                    self._yield_gauges()
                     continue
                 await asyncio.to_thread(self.run_scheduled)
             except Exception:
@@ -520,6 +521,13 @@ class DriftMonitor:
             if c.state != "skipped":
                 m.drift_detected.labels(c.name).set(1 if c.drifted else 0)
         m.drift_share.set(result.drift_share or 0.0)
+
+    def _yield_gauges(self) -> None:
+        """Another process ran this round's check: this one's verdict is older, so it leaves the gauges (which
+        alerts read as the max over processes) to that one's."""
+        if self.metrics is not None:
+            self.metrics.drift_detected.clear()
+            self.metrics.drift_share.set(0.0)
 
     def close(self) -> None:
         """Close the store once a running check has finished (its result is stored, not lost)."""

@@ -6,8 +6,10 @@ confidence sequence): any metric significantly *worse* rolls back at once, whate
 has run its window (``min_requests`` canary requests and ``min_duration_s``), it advances when every required
 metric is shown to be at most its margin worse, holds while that is not yet clear, and rolls back when it is
 still unclear after ``max_duration_s`` (an undecided canary is not a passing one). Each metric is judged at
-:func:`metric_alpha`, so that however many metrics a step judges, ``spec.alpha`` bounds its false rollbacks and
-its false advances (tests/unit/test_release_stats_sim.py measures both by simulation). An A/B test is stopped by
+:func:`metric_alpha`, so that however many metrics a step judges, ``spec.alpha`` bounds its false rollbacks (a
+metric wrongly shown worse) and its false advances (tests/unit/test_release_stats_sim.py measures both by
+simulation); a good canary still undecided at ``max_duration_s`` is rolled back all the same, which no alpha
+bounds: give a step enough traffic within its time. An A/B test is stopped by
 a sample-ratio mismatch (assignment is broken, so no comparison can be trusted); its winner is a person's call.
 """
 

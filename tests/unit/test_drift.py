@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -453,6 +454,25 @@ async def test_the_scheduled_loop_runs_every_interval_until_cancelled(lineage: L
     await asyncio.wait_for(off.loop(), 1)  # 0: returns at once
     mon.close()
     off.close()
+
+
+async def test_a_process_that_loses_the_round_runs_no_check_and_leaves_the_gauges(tmp_path: Path) -> None:
+    # Processes sharing a lineage store (Postgres) take turns; one that lost the round must not keep alerting
+    # on its own older verdict (alerts read the max over processes).
+    store = LineageStore(tmp_path / "lineage.db")
+    metrics = Metrics()
+    metrics.drift_detected.labels("input_embedding").set(1)
+    metrics.drift_share.set(0.8)
+    assert store.claim("drift-check", 3600, now=time.time() + 60)  # another process has the rounds for a while
+    mon = DriftMonitor(fast(interval_s=0.02), store, DriftStore(tmp_path / "m.db"), home=tmp_path, metrics=metrics)
+    task = asyncio.create_task(mon.loop())
+    await asyncio.sleep(0.2)
+    task.cancel()
+    assert mon.list() == []  # no check ran here
+    assert metric(metrics, "keel_drift_detected", check="input_embedding") is None
+    assert metric(metrics, "keel_drift_share") == 0.0
+    mon.close()
+    store.close()
 
 
 def test_a_failed_check_is_counted_and_a_bad_request_is_not(lineage: LineageStore, tmp_path: Path) -> None:

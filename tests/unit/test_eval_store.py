@@ -115,6 +115,17 @@ def test_a_gate_on_one_process_sees_the_runs_made_on_another(postgres_url: str, 
     assert isinstance(open_eval_store(Settings(home=tmp_path / "c")), EvalStore)
 
 
+def test_a_home_whose_runs_stay_behind_in_sqlite_says_so(postgres_url: str, tmp_path: Path, caplog) -> None:
+    old = open_eval_store(Settings(home=tmp_path))  # a home that gated on SQLite before
+    run(old)
+    old.close()
+    with caplog.at_level("WARNING", logger="keel.db"):
+        store = open_eval_store(Settings(home=tmp_path, database_url=postgres_url))
+    store.close()
+    assert "the eval store now lives in Postgres" in caplog.text and "evals.db" in caplog.text
+    assert "hunter" not in caplog.text and postgres_url not in caplog.text  # never the URL
+
+
 def test_the_url_setting_is_validated() -> None:
     with pytest.raises(ValueError, match=r"evals\.url must be a postgresql:// URL"):
         Settings(evals={"url": "mysql://x"})

@@ -73,6 +73,8 @@ def test_one_process_per_round_gets_a_periodic_task(open_store: Open) -> None:
     assert b.claim("other-task", 60, now=1001.0)
     assert not a.claim("drift-check", 60, now=1050.0)
     assert b.claim("drift-check", 60, now=1055.0)  # next round (a tenth early is still the next round)
+    # By the database's clock: a round claimed now, then not again within the round.
+    assert a.claim("clocked", 3600) and not b.claim("clocked", 3600)
 
 
 def test_the_settings_choose_the_store(tmp_path: Path, postgres_url: str) -> None:

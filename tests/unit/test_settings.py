@@ -81,6 +81,11 @@ def test_one_database_url_covers_every_store_that_can_live_in_postgres(monkeypat
     assert urls.pop("releases") == "postgresql://keel:pw@other:5432/rel"
     assert set(urls.values()) == {"postgresql://keel:pw@db:5432/keel"}
     assert s.jobs.url is None  # the queue's jobs read files under home: sharing it is a choice of its own
+    own_file = Settings(guardrails={"audit_db": "/tmp/audit.db"})
+    assert own_file.guardrails.audit_url is None  # a store's own setting wins, a file as well as a URL
+    with pytest.raises(ValueError) as refused:
+        Settings(evals={"url": "postgresql+psycopg://keel:hunter2@db/keel"})
+    assert "evals.url must be a postgresql:// URL" in str(refused.value) and "hunter2" not in str(refused.value)
     assert "pw" not in str(s.database_url)  # masked wherever the settings are printed
     with pytest.raises(ValueError, match="database_url must be a postgresql:// URL"):
         Settings(database_url="mysql://db/keel")

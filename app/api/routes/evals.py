@@ -43,13 +43,13 @@ async def list_suites(_key: EvalsKey, settings: SettingsDep) -> list[dict[str, A
 
 
 @router.get("/runs")
-async def list_runs(_key: EvalsKey, store: EvalStoreDep, suite: str | None = None,
-                    limit: int = Query(default=50, ge=1, le=500)) -> list[dict[str, Any]]:
+def list_runs(_key: EvalsKey, store: EvalStoreDep, suite: str | None = None,
+              limit: int = Query(default=50, ge=1, le=500)) -> list[dict[str, Any]]:
     return [{k: v for k, v in r.public().items() if k != "summary"} for r in store.list_runs(suite=suite, limit=limit)]
 
 
 @router.get("/runs/{run_id}")
-async def show_run(_key: EvalsKey, store: EvalStoreDep, run_id: str, cases: bool = False) -> dict[str, Any]:
+def show_run(_key: EvalsKey, store: EvalStoreDep, run_id: str, cases: bool = False) -> dict[str, Any]:
     run = store.get_run(run_id)
     if not cases:
         return run.public()
@@ -57,7 +57,7 @@ async def show_run(_key: EvalsKey, store: EvalStoreDep, run_id: str, cases: bool
 
 
 @router.get("/runs/{run_id}/report.html", response_class=HTMLResponse)
-async def run_report(_key: EvalsKey, settings: SettingsDep, store: EvalStoreDep, run_id: str) -> HTMLResponse:
+def run_report(_key: EvalsKey, settings: SettingsDep, store: EvalStoreDep, run_id: str) -> HTMLResponse:
     run = store.get_run(run_id)
     suite = _load(settings, run.suite)
     base = (store.get_run(run.baseline), store.results(run.baseline)) if run.baseline else None
