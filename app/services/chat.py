@@ -734,8 +734,8 @@ def _verdict_events(span: Span, results: Sequence[ValidatorResult]) -> None:
 
 def _mask_sensitive(text: str) -> str:
     """Credentials and personal data masked (``<SECRET:KIND>``, ``<KIND>``): what a trace may keep of a text."""
+    from app.guardrails.validators.leakage import check_secrets  # lazy: as below
     # lazy: the PII detector (phonenumbers, ~0.15 s) loads only when content capture is on
-    from app.guardrails.validators.leakage import check_secrets
     from app.guardrails.validators.pii import find_pii, redact
 
     secrets = check_secrets(text)
