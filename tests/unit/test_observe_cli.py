@@ -170,10 +170,12 @@ def test_show_draws_the_span_tree_with_durations_and_key_attributes(server, run)
     spans = [line for line in lines if "|" in line and not line.startswith("span ")]
     names = [re.split(r"\s{2,}", re.sub(r"^[│├└─ ]*", "", line))[0] for line in spans]
     # the output guard's span covers the guarded stream: it starts once the model's answer flows
-    assert names[:4] == ["POST /v1/chat/completions", "keel.chat", "keel.prompt.render", "keel.guardrails.input"]
-    assert sorted(names[4:]) == ["chat fake-model", "keel.guardrails.output"], names
-    assert spans[1].startswith("└─ keel.chat") and spans[2].startswith("   ├─ keel.prompt.render")
-    assert re.match(r"   [├└]─ chat fake-model", spans[4 + names[4:].index("chat fake-model")])
+    assert names[:5] == ["POST /v1/chat/completions", "keel.auth", "keel.chat", "keel.prompt.render",
+                         "keel.guardrails.input"]
+    assert sorted(names[5:]) == ["chat fake-model", "keel.guardrails.output"], names
+    assert spans[1].startswith("├─ keel.auth") and spans[2].startswith("└─ keel.chat")
+    assert spans[3].startswith("   ├─ keel.prompt.render")
+    assert re.match(r"   [├└]─ chat fake-model", spans[5 + names[5:].index("chat fake-model")])
     assert spans[-1].startswith("   └─ ")
     for line in spans:  # kind, start offset, duration and a bar between the trace's edges
         assert re.search(r"(server|internal|client)\s+\+\d+\.\d+ ms\s+\d+(\.\d+)? (ms|s)\s+\|[ █]+\|$", line), line
