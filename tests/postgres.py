@@ -16,12 +16,14 @@ import shutil
 import tempfile
 import uuid
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
+T = TypeVar("T")
 EXTERNAL_URL_ENV = "KEEL_TEST_POSTGRES_URL"
 # Read at import: tests/conftest.py removes every KEEL_* variable right after importing this module,
 # so that settings never pick up a developer's environment.
@@ -75,3 +77,20 @@ def postgres_url(postgres_server: str) -> Iterator[str]:
     finally:
         with psycopg.connect(postgres_server, autocommit=True, connect_timeout=10) as admin:
             admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def store_handles(request: pytest.FixtureRequest, sqlite: Callable[[], T], postgres: Callable[[str], T]
+                  ) -> Iterator[Callable[[], T]]:
+    """For a fixture parametrized ``["sqlite", "postgres"]``: a function that opens another handle on one store
+    (like another API process), the SQLite file's or a fresh Postgres database's; every handle closed after."""
+    url = request.getfixturevalue("postgres_url") if request.param == "postgres" else None
+    opened: list[T] = []
+
+    def make() -> T:
+        store = postgres(url) if url else sqlite()
+        opened.append(store)
+        return store
+
+    yield make
+    for store in opened:
+        store.close()  # type: ignore[attr-defined]

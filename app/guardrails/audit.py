@@ -71,10 +71,32 @@ class AuditRecord:
 
 
 class _Trail:
-    """The trail's reads, over a backend's :meth:`events`."""
+    """The trail's writes and reads over a backend's :meth:`_append` (one transaction), :meth:`events` and
+    :meth:`prune`; retention runs after a write when due."""
+
+    _pruner: Pruner
+
+    def _append(self, events: list[AuditEvent], now: float) -> None:  # pragma: no cover - each store's
+        raise NotImplementedError
 
     def events(self, **filters: Any) -> list[AuditEvent]:  # pragma: no cover - each store's
         raise NotImplementedError
+
+    def prune(self) -> audit.PruneResult:  # pragma: no cover - each store's
+        raise NotImplementedError
+
+    def write(self, records: Iterable[AuditRecord]) -> int:
+        now = time.time()
+        events = [r.event(now) for r in records]
+        if not events:
+            return 0
+        self._append(events, now)
+        self._maybe_prune()
+        return len(events)
+
+    def _maybe_prune(self) -> None:
+        if self._pruner.due():
+            self.prune()
 
     def query(self, *, request_id: str | None = None, validator: str | None = None, verdict: str | None = None,
               action: str | None = None, stage: str | None = None, since: float | None = None,
@@ -107,15 +129,9 @@ class AuditStore(_Trail):
             upgrade_sqlite(self._conn, MIGRATIONS)
         self._maybe_prune()
 
-    def write(self, records: Iterable[AuditRecord]) -> int:
-        now = time.time()
-        events = [r.event(now) for r in records]
-        if not events:
-            return 0
+    def _append(self, events: list[AuditEvent], now: float) -> None:
         with write_transaction(self._conn, self._lock) as db:
             audit.append(db, *events, now=now)
-        self._maybe_prune()
-        return len(events)
 
     def events(self, **filters: Any) -> list[AuditEvent]:
         """The kernel's query (:func:`app.core.audit.select`'s filters) on this trail."""
@@ -125,10 +141,6 @@ class AuditStore(_Trail):
     def prune(self) -> audit.PruneResult:
         """Apply the retention now (it also runs by itself; see the class docstring)."""
         return self._pruner.run(self._conn, lock=self._lock)
-
-    def _maybe_prune(self) -> None:
-        if self._pruner.due():
-            self.prune()
 
     def close(self) -> None:
         with self._lock:
@@ -148,15 +160,9 @@ class PostgresAuditStore(_Trail):
                                 migrate=lambda t: audit.ensure_schema_postgres(url, connect_timeout_s=t))
         self._maybe_prune()
 
-    def write(self, records: Iterable[AuditRecord]) -> int:
-        now = time.time()
-        events = [r.event(now) for r in records]
-        if not events:
-            return 0
+    def _append(self, events: list[AuditEvent], now: float) -> None:
         with self._pg.transaction() as conn:
             audit.append(conn, *events, now=now)
-        self._maybe_prune()
-        return len(events)
 
     def events(self, **filters: Any) -> list[AuditEvent]:
         with self._pg.connection() as conn:
@@ -165,10 +171,6 @@ class PostgresAuditStore(_Trail):
     def prune(self) -> audit.PruneResult:
         with self._pg.connection() as conn:
             return self._pruner.run(conn)
-
-    def _maybe_prune(self) -> None:
-        if self._pruner.due():
-            self.prune()
 
     def close(self) -> None:
         self._pg.close()

@@ -13,6 +13,7 @@ from app.core.errors import NotFound
 from app.settings import Settings
 from evals.gate import prompt_gate
 from evals.store import EvalStore, EvalStoreBase, PostgresEvalStore, open_eval_store
+from tests.postgres import store_handles
 
 Open = Callable[[], EvalStoreBase]
 
@@ -20,17 +21,7 @@ Open = Callable[[], EvalStoreBase]
 @pytest.fixture(params=["sqlite", "postgres"])
 def open_store(request, tmp_path: Path) -> Iterator[Open]:
     """Opens independent handles on one store (like two API processes)."""
-    url = request.getfixturevalue("postgres_url") if request.param == "postgres" else None
-    opened: list[EvalStoreBase] = []
-
-    def make() -> EvalStoreBase:
-        store = PostgresEvalStore(url) if url else EvalStore(tmp_path / "evals.db")
-        opened.append(store)
-        return store
-
-    yield make
-    for store in opened:
-        store.close()
+    yield from store_handles(request, lambda: EvalStore(tmp_path / "evals.db"), PostgresEvalStore)
 
 
 def identity(suite: str, *, prompt: tuple[str, int, str] | None = None) -> dict:

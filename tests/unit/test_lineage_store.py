@@ -11,6 +11,7 @@ import pytest
 
 from app.settings import Settings
 from lifecycle.lineage import Features, LineageStore, PostgresLineageStore, open_lineage_store
+from tests.postgres import store_handles
 
 Open = Callable[[], LineageStore]
 
@@ -18,17 +19,7 @@ Open = Callable[[], LineageStore]
 @pytest.fixture(params=["sqlite", "postgres"])
 def open_store(request, tmp_path: Path) -> Iterator[Open]:
     """Opens independent handles on one store (like two API processes)."""
-    url = request.getfixturevalue("postgres_url") if request.param == "postgres" else None
-    opened: list[LineageStore] = []
-
-    def make() -> LineageStore:
-        store = PostgresLineageStore(url) if url else LineageStore(tmp_path / "lineage.db")
-        opened.append(store)
-        return store
-
-    yield make
-    for store in opened:
-        store.close()
+    yield from store_handles(request, lambda: LineageStore(tmp_path / "lineage.db"), PostgresLineageStore)
 
 
 def features(i: int, at: float, **kw) -> Features:
