@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+from opentelemetry import trace
+from opentelemetry.trace import Tracer
 
 from ingest.chunking import Chunk, Chunker, Tokenizer
 from ingest.documents import Document, LoadReport, discover, iter_load
@@ -113,13 +115,18 @@ class IngestPipeline:
 
     def run(self, paths: Sequence[str | Path], collection: str, *, prune: bool = False,
             progress: Callable[[Progress], None] | None = None,
-            names: Mapping[str | Path, str] | None = None) -> IngestResult:
+            names: Mapping[str | Path, str] | None = None, tracer: Tracer | None = None) -> IngestResult:
         """``names`` gives some files a logical name (uploads: the uploaded file's name): their documents,
         citations, rejections and snapshot are recorded under it (``doc_id`` ``name`` or ``name#record``),
-        never under the server's path. Other files keep their absolute path as before."""
+        never under the server's path. Other files keep their absolute path as before. ``tracer``: a span for
+        finding the files and one per batch written (under the caller's current span: a job's trace)."""
         t0 = time.perf_counter()
+        tracer = tracer or trace.NoOpTracer()
         report = LoadReport()
-        files, scopes = discover(paths, report)
+        with tracer.start_as_current_span("keel.ingest.discover") as span:
+            files, scopes = discover(paths, report)
+            span.set_attributes({"keel.ingest.collection": collection, "keel.ingest.files": len(files),
+                                 "keel.ingest.rejected": len(report.rejections)})
         named = {str(Path(k).resolve()): v for k, v in (names or {}).items()}
         self.store.ensure_collection(collection, self.embedder.dim, self.embedder.model_id)
         self.snapshots.mark_interrupted(collection)
@@ -156,13 +163,13 @@ class IngestPipeline:
                     pending.append((doc, version, chunks))
                     n_pending += len(chunks)
                     if n_pending >= self.batch_chunks:
-                        self._flush(collection, sid, pending, state, result, prog, progress)
+                        self._flush(collection, sid, pending, state, result, prog, progress, tracer)
                         pending, n_pending = [], 0
                 prog.files_done += 1
                 if progress:
                     progress(prog)
             if pending:
-                self._flush(collection, sid, pending, state, result, prog, progress)
+                self._flush(collection, sid, pending, state, result, prog, progress, tracer)
             # Uploads were once recorded under their server path: the named version replaces that one.
             for doc_id, d in state.items():
                 if d.source in renamed and doc_id not in seen:
@@ -200,7 +207,14 @@ class IngestPipeline:
 
     def _flush(self, collection: str, sid: str, pending: list[tuple[Document, str, list[Chunk]]],
                state: dict, result: IngestResult, prog: Progress,
-               progress: Callable[[Progress], None] | None) -> None:
+               progress: Callable[[Progress], None] | None, tracer: Tracer) -> None:
+        with tracer.start_as_current_span("keel.ingest.batch") as span:
+            self._write_batch(collection, sid, pending, state, result, prog, span)
+        if progress:
+            progress(prog)
+
+    def _write_batch(self, collection: str, sid: str, pending: list[tuple[Document, str, list[Chunk]]],
+                     state: dict, result: IngestResult, prog: Progress, span: Any) -> None:
         texts = [c.embed_text for _, _, chunks in pending for c in chunks]
         model = self.embedder.model_id
         hashes = [embed_hash(model, t) for t in texts]
@@ -231,8 +245,8 @@ class IngestPipeline:
             (result.updated if doc.doc_id in state else result.added).append(doc.doc_id)
             result.chunks_written += len(points)
             prog.chunks_written += len(points)
-        if progress:
-            progress(prog)
+        span.set_attributes({"keel.ingest.documents": len(pending), "keel.ingest.chunks": len(texts),
+                             "keel.ingest.embedded": len(todo), "keel.ingest.reused": len(texts) - len(todo)})
 
     @staticmethod
     def _payload(doc: Document, version: str, c: Chunk, sid: str) -> dict[str, Any]:

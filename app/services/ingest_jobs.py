@@ -197,5 +197,5 @@ class IngestJobs:
 
         ctx.check()
         result = await asyncio.to_thread(self.rag.pipeline.run, p["paths"], p["collection"], prune=bool(p.get("prune")),
-                                         progress=progress, names=p.get("names") or {})
+                                         progress=progress, names=p.get("names") or {}, tracer=self.jobs.tracer)
         return {"snapshot_id": result.snapshot_id, "counts": result.counts, "rejections": result.rejections}

@@ -147,6 +147,28 @@ async def test_content_capture_never_writes_a_credential(tmp_path: Path) -> None
         await env["container"].aclose()
 
 
+async def test_an_ingest_job_is_a_trace_with_its_steps(tmp_path: Path) -> None:
+    env = await _env(tmp_path)
+    try:
+        doc = b"# Lighthouses\n\nThe Eddystone lighthouse stands on rocks south of Plymouth.\n"
+        r = await env["c"].post("/v1/ingest", files=[("files", ("light.md", doc, "text/plain"))],
+                                data={"collection": "docs"}, headers=h(env, "admin"))
+        job = (await env["c"].get(f"/v1/ingest/jobs/{r.json()['id']}?wait_s=30", headers=h(env, "admin"))).json()
+        assert job["state"] == "succeeded", job
+        tracing = env["container"].tracing
+        tracing.flush()
+        (root,) = [t for t in tracing.store.traces() if t["root"] == "keel.job ingest"]
+        spans = {s["name"]: s for s in tracing.store.trace(root["trace_id"])}
+        job_span, discover, batch = spans["keel.job ingest"], spans["keel.ingest.discover"], spans["keel.ingest.batch"]
+        assert discover["parent_id"] == batch["parent_id"] == job_span["span_id"]
+        assert discover["attributes"]["keel.ingest.files"] == 1 and discover["attributes"]["keel.ingest.rejected"] == 0
+        assert batch["attributes"]["keel.ingest.documents"] == 1 and batch["attributes"]["keel.ingest.chunks"] >= 1
+        assert batch["attributes"]["keel.ingest.embedded"] == batch["attributes"]["keel.ingest.chunks"]
+    finally:
+        await env["c"].aclose()
+        await env["container"].aclose()
+
+
 class _BrokenStore(SpanStore):
     def write(self, spans) -> None:
         raise OSError("disk full")
