@@ -277,7 +277,7 @@ class Container:
         return EvalDeps(chat=self.chat, config=self.settings, models=self.llm.aliases, prompts=self.prompts,
                         rag=self.rag,
                         agents=self.agents, guardrails=self.guards.policy.version_tag if guarded else None,
-                        metrics=self.metrics)
+                        metrics=self.metrics, tracer=self.tracing.tracer if self.tracing is not None else None)
 
     def start_release_controller(self) -> None:
         """Judge running canaries and A/B tests every ``releases.decide_interval_s`` (the API lifespan calls this;

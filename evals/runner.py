@@ -28,6 +28,9 @@ from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from opentelemetry import trace
+from opentelemetry.trace import Tracer
+
 from app.core.errors import KeelError
 from app.core.metrics import Metrics
 from app.core.paths import tree_hash
@@ -98,6 +101,7 @@ class EvalDeps:
     guardrails: str | None = None
     metrics: Metrics | None = None
     models: Mapping[str, ModelAlias] = field(default_factory=dict)
+    tracer: Tracer | None = None  # a span per case (answer and scores) under the caller's: a job's trace
 
     def __post_init__(self) -> None:
         self.models = self.models or self.config.models
@@ -359,18 +363,28 @@ class EvalRunner:
     async def _case(self, suite: Suite, case: Case, ident: dict[str, Any], answer_key: str, run_id: str,
                     sem: asyncio.Semaphore, counts: dict[str, int]) -> None:
         async with sem:
-            key = self.cache_key(answer_key, suite, case)
-            record = await asyncio.to_thread(self.store.cache_get, key) if self.use_cache else None
-            cached = record is not None
-            if record is None:
-                record = await self._answer(suite, case, ident, run_id)
-                if record.get("error") is None and self.use_cache:
-                    await asyncio.to_thread(self.store.cache_put, key, record)
-            scores = {} if record.get("error") else await self._score(suite, case, record)
-            if await asyncio.to_thread(functools.partial(
-                    self.store.save_result, run_id, case.id, record=record, scores=scores, error=record.get("error"),
-                    cached=cached)):
-                counts["cached" if cached else "executed"] += 1
+            tracer = self.deps.tracer or trace.NoOpTracer()
+            with tracer.start_as_current_span("keel.eval.case", attributes={
+                    "keel.eval.suite": suite.name, "keel.eval.case": case.id, "keel.eval.run_id": run_id}) as span:
+                await self._case_in(suite, case, ident, answer_key, run_id, counts, span)
+
+    async def _case_in(self, suite: Suite, case: Case, ident: dict[str, Any], answer_key: str, run_id: str,
+                       counts: dict[str, int], span: Any) -> None:
+        key = self.cache_key(answer_key, suite, case)
+        record = await asyncio.to_thread(self.store.cache_get, key) if self.use_cache else None
+        cached = record is not None
+        if record is None:
+            record = await self._answer(suite, case, ident, run_id)
+            if record.get("error") is None and self.use_cache:
+                await asyncio.to_thread(self.store.cache_put, key, record)
+        scores = {} if record.get("error") else await self._score(suite, case, record)
+        span.set_attributes({"keel.eval.cached": cached, "keel.eval.error": record.get("error") or "",
+                             **{f"keel.eval.score.{m}": float(v["value"]) for m, v in scores.items()
+                                if isinstance(v, dict) and isinstance(v.get("value"), int | float)}})
+        if await asyncio.to_thread(functools.partial(
+                self.store.save_result, run_id, case.id, record=record, scores=scores, error=record.get("error"),
+                cached=cached)):
+            counts["cached" if cached else "executed"] += 1
 
     # --- a run ----------------------------------------------------------------------------------------
     async def run(self, suite: Suite, *, resume: str | None = None, baseline: str | None = None,

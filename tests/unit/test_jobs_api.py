@@ -214,6 +214,29 @@ async def test_job_routes_show_each_owner_its_own_jobs_and_check_scopes(server) 
     assert done["payload"] == {"suite": "jobs-unit", "baseline": None, "use_cache": True}
 
 
+async def test_an_eval_job_is_a_trace_with_a_span_per_case(tmp_path: Path) -> None:
+    async with serve(tmp_path) as s:
+        c = s["c"]
+        _, raw = s["container"].keys.create("admin", ["admin"])
+        job_id = (await c.post("/v1/evals/runs", json={"suite": "jobs-unit"}, headers=bearer(raw))).json()["job_id"]
+        done = (await c.get(f"/v1/evals/jobs/{job_id}?wait_s=30", headers=bearer(raw))).json()
+        assert done["state"] == "succeeded", done
+        tracing = s["container"].tracing
+        tracing.flush()
+        (root,) = [t for t in tracing.store.traces() if t["root"] == "keel.job eval"]
+        spans = tracing.store.trace(root["trace_id"])
+        job = next(x for x in spans if x["name"] == "keel.job eval")
+        cases = [x for x in spans if x["name"] == "keel.eval.case"]
+        assert sorted(x["attributes"]["keel.eval.case"] for x in cases) == ["c0", "c1", "c2", "c3"]
+        assert all(x["parent_id"] == job["span_id"] for x in cases)
+        a = cases[0]["attributes"]
+        assert a["keel.eval.suite"] == "jobs-unit" and a["keel.eval.run_id"] == done["progress"]["run_id"]
+        assert a["keel.eval.cached"] is False and 0.5 <= a["keel.eval.score.fuzzy_match"] <= 1.0
+        # each case's answer is the chat path's own trace inside it (the model call, in GenAI terms)
+        models = [x for x in spans if x["name"] == "keel.chat"]
+        assert {x["parent_id"] for x in models} == {x["span_id"] for x in cases}
+
+
 async def test_cancel_a_running_eval_job_and_a_running_ingest_job(tmp_path: Path) -> None:
     embedder = GatedEmbedder()
     slow = ScriptedBackend(reply="The capital of France is Paris.", delay_s=0.2)
