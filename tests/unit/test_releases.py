@@ -425,6 +425,27 @@ async def test_a_slow_shadow_never_slows_the_primary_and_drops_when_full(env) ->
     assert dropped >= 3
 
 
+async def test_a_shadow_backend_that_is_down_costs_the_primary_nothing_and_is_recorded(env) -> None:
+    body = {"name": "support", "strategy": "shadow", "variants": TWO}
+    assert (await create(env, body)).status_code == 201
+    env["candidate"].fail_connect = 1_000  # the shadow's backend refuses every connection
+    for _ in range(4):
+        resp = await ask(env)
+        assert resp.status_code == 200 and resp.json()["choices"][0]["message"]["content"] == "Stable answer."
+    releases = env["container"].releases
+    for _ in range(100):
+        releases.flush()
+        pairs = releases.store.pairs(releases.get("support").id)
+        if len(pairs) == 4:
+            break
+        await asyncio.sleep(0.05)
+    assert len(pairs) == 4 and all(p.shadow_error and p.primary_text == "Stable answer." for p in pairs)
+    errors = env["container"].metrics.release_shadow.labels("support", "canary", "error")._value.get()
+    assert errors == 4
+    report = (await env["client"].get("/v1/releases/support", headers=auth(env, "rel"))).json()
+    assert report["variants"]["stable"]["requests"] == 4 and report["status"] == "running"
+
+
 async def test_blue_green_switches_only_when_green_answers_its_probes(env) -> None:
     body = {"name": "support", "strategy": "bluegreen", "variants": [{"name": "blue", "model": "m"},
                                                                        {"name": "green", "model": "m2"}],
