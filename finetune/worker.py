@@ -237,13 +237,23 @@ class Worker:
             else:
                 self.store.update(job.id, model_name=model_name)
 
+            # The training runs in a thread under the job's trace span (keel.finetune.train): its steps are
+            # events on it, the data check, each logged step with its losses, the registered version.
+            span = trace.get_current_span()
+
             def on_start(info: dict[str, Any]) -> None:
                 report = info["data"]
+                span.add_event("keel.finetune.data", {
+                    "keel.finetune.data_hash": report["data_hash"],
+                    **{f"keel.finetune.{k}": v for k, v in report.items()
+                       if k in ("train_examples", "validation_examples") and isinstance(v, int)}})
                 self.store.update(job.id, data_report=report, data_hash=report["data_hash"])
                 if tracker is not None and run_id:
                     tracker.log_data(run_id, report)
 
             def on_log(step: int, values: dict[str, float]) -> None:
+                span.add_event("keel.finetune.log", {"keel.finetune.step": step, **{
+                    f"keel.finetune.{k}": float(v) for k, v in values.items() if isinstance(v, int | float)}})
                 latest = {f"last_{k}": v for k, v in values.items()}
                 if step == 0 and "eval_loss" in values:
                     latest["eval_loss_initial"] = values["eval_loss"]
@@ -289,6 +299,8 @@ class Worker:
                           "keel.adapter_hash": tree_hash(result.adapter_dir)},
                 )
                 fields.update(model_name=version.model, model_version=version.version)
+                span.add_event("keel.finetune.registered", {"keel.finetune.model": version.model,
+                                                            "keel.finetune.version": str(version.version)})
                 if spec.evals:
                     fields.update(evals_state="pending", evals={"suites_requested": list(spec.evals), "attempts": 0})
                 self._end_run(run_id, "FINISHED")

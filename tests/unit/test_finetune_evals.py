@@ -242,10 +242,18 @@ def test_an_old_job_store_gains_the_eval_columns(tmp_path):
         store.close()
 
 
-def test_a_jobs_training_and_evaluation_are_traces(world, tmp_path):
+def test_a_jobs_training_and_evaluation_are_traces(world, tmp_path, monkeypatch):
     from app.core.metrics import Metrics
     from app.core.settings import OtelSettings
     from app.core.tracing import Tracing
+
+    def talking_training(spec, run_dir, *, models_dir, device, hooks):  # reports as the real one does
+        hooks.on_start({"data": {"data_hash": "d" * 64, "train_examples": 8, "validation_examples": 2}})
+        hooks.on_log(1, {"loss": 0.9})
+        hooks.on_log(3, {"loss": 0.5, "eval_loss": 0.6})
+        return fake_training(spec, run_dir, models_dir=models_dir, device=device, hooks=hooks)
+
+    monkeypatch.setattr(train, "run_training", talking_training)
 
     settings, store, tracker = world
     tracing = Tracing(OtelSettings(), tmp_path / "traces", dropped=Metrics().trace_dropped)
@@ -254,8 +262,16 @@ def test_a_jobs_training_and_evaluation_are_traces(world, tmp_path):
            tracer=tracing.tracer).run(once=True)
     tracing.flush()
     roots = {t["root"]: t for t in tracing.store.traces()}
-    train = tracing.store.trace(roots["keel.finetune.train"]["trace_id"])[0]["attributes"]
+    train_span = tracing.store.trace(roots["keel.finetune.train"]["trace_id"])[0]
+    trained = train_span["attributes"]
+    events = [e["name"] for e in train_span["events"]]  # the training's steps, on its span
+    assert events[0] == "keel.finetune.data" and events[-1] == "keel.finetune.registered"
+    logged = [e for e in train_span["events"] if e["name"] == "keel.finetune.log"]
+    assert logged and all("keel.finetune.step" in e["attributes"] for e in logged)
+    assert [(e["attributes"]["keel.finetune.step"], e["attributes"]["keel.finetune.loss"]) for e in logged] == [
+        (1, 0.9), (3, 0.5)]
+    assert train_span["events"][0]["attributes"]["keel.finetune.train_examples"] == 8
     evaluation = tracing.store.trace(roots["keel.finetune.eval"]["trace_id"])[0]["attributes"]
-    assert train["keel.finetune.job_id"] == evaluation["keel.finetune.job_id"] == job_id
-    assert train["keel.finetune.state"] == "succeeded" and evaluation["keel.finetune.evals_state"] == "passed"
+    assert trained["keel.finetune.job_id"] == evaluation["keel.finetune.job_id"] == job_id
+    assert trained["keel.finetune.state"] == "succeeded" and evaluation["keel.finetune.evals_state"] == "passed"
     tracing.close()
