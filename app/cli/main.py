@@ -214,6 +214,40 @@ def serve() -> None:
 
 
 @app.command()
+def migrate() -> None:
+    """Bring every store's schema to this release and exit: the SQLite files under the home and the shared
+    Postgres (database_url and the stores' own URLs), exactly as a process does at start, without loading a model
+    or starting a backend. Run it once before a rolling upgrade, or as an init container; processes starting
+    at the same time take turns on each store's migration either way."""
+    import asyncio
+
+    from app.container import Container  # lazy: keeps `keel --help` fast: the whole service graph
+
+    settings = _settings()
+    t0 = time.perf_counter()
+
+    async def build_and_close() -> None:
+        container = await Container.build(settings, start_backends=False)
+        await container.aclose()
+
+    try:
+        asyncio.run(build_and_close())
+    except KeelError as exc:
+        raise fail(exc) from exc
+    shared = sorted({name for name, url in _postgres_urls(settings).items() if url})
+    where = f"the home ({settings.home})" + (f" and Postgres ({', '.join(shared)})" if shared else "")
+    console.print(f"[green]every store is at this release's schema[/green] in {where} "
+                  f"({time.perf_counter() - t0:.1f} s)")
+
+
+def _postgres_urls(settings: Settings) -> dict[str, Any]:
+    return {"auth.url": settings.auth.url, "prompts.url": settings.prompts.url, "routing.url": settings.routing.url,
+            "releases.url": settings.releases.url, "evals.url": settings.evals.url, "monitor.url": settings.monitor.url,
+            "guardrails.audit_url": settings.guardrails.audit_url, "agents.postgres_url": settings.agents.postgres_url,
+            "jobs.url": settings.jobs.url}
+
+
+@app.command()
 def up(
     wait: Annotated[float, typer.Option(help="Seconds to wait for the model server before giving up.")] = 900,
 ) -> None:

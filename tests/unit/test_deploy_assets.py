@@ -98,6 +98,14 @@ def test_the_api_workload_is_probed_bounded_and_fed_its_secrets(monkeypatch) -> 
     assert settings.auth.url is not None and settings.jobs.url is not None and settings.rag.store == "qdrant"
     assert settings.backends["local"].base_url == "http://keel-vllm:8000/v1"
     assert settings.backends["local"].managed is None  # a URL: Keel connects, it does not start a server
+    # the schema is brought to this release before the API container starts, with the API's stores
+    [migrate] = pod["spec"]["initContainers"]
+    assert migrate["command"] == ["keel", "migrate"] and migrate["volumeMounts"] == container["volumeMounts"]
+    init_env = {e["name"]: e.get("value", "postgresql://keel:pw@db:5432/keel") for e in migrate["env"]}
+    init = keel_settings(init_env, monkeypatch)
+    for store in ("auth", "evals", "monitor", "releases", "prompts", "jobs"):
+        assert getattr(settings, store).url == getattr(init, store).url, store
+    assert init.rag.store == settings.rag.store and init.rag.url == settings.rag.url
     vllm = docs[("Deployment", "keel-vllm")]["spec"]["template"]["spec"]["containers"][0]
     assert vllm["resources"]["limits"]["nvidia.com/gpu"] == 1
 
