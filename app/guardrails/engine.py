@@ -172,7 +172,7 @@ class GuardrailEngine:
         if guardrails_telemetry_enabled():
             log.warning("guardrails-ai telemetry is on; call app.guardrails.offline.configure_offline() at start-up")
         policy = self.policy
-        used = {s.validator for name in policy.file.policies for st in ("input", "output")
+        used = {s.validator for name in policy.file.policies for st in ("input", "output", "passage_entries")
                 for s in getattr(policy.file.resolve(name), st)}
         if used & {"keel/prompt_injection", "keel/harmful_request", "keel/topic", "keel/groundedness"}:
             self.embedder.warm_up() if hasattr(self.embedder, "warm_up") else self.embedder.embed_documents(["x"])
@@ -207,6 +207,11 @@ class GuardrailEngine:
                 log.warning("alt-profanity-check missing: keel/toxicity uses its word list and phrases only")
         for name in policy.file.policies:
             resolved = policy.file.resolve(name)
+            # each passage is judged as an input is: compiled as input entries, a stage of its own
+            passages = [self._compile(spec, "input") for spec in resolved.passage_entries]
+            self._compiled[(name, "passages")] = passages
+            for members in _groups(passages):
+                self._group_guard(members)
             for stage in ("input", "output"):
                 comps = [self._compile(spec, stage) for spec in getattr(resolved, stage)]
                 self._compiled[(name, stage)] = comps
@@ -449,15 +454,16 @@ class GuardrailEngine:
 
     async def screen_passages(self, passages: Sequence[str], context: GuardContext
                               ) -> tuple[list[int], list[ValidatorResult]]:
-        """Indirect injection, passage by passage: which retrieved passages the policy's prompt-injection entries
-        flag, each judged on its own (any key with the ingest scope can upload a document), and the blocking
-        results. The caller leaves those passages out of the prompt: one poisoned document no longer gets every
-        question that retrieves it refused, and the question is answered from the others."""
+        """Indirect injection, passage by passage: which retrieved passages the policy's passage entries (by
+        default its input prompt-injection entries; ``passages`` in the policy) flag, each judged on its own
+        (any key with the ingest scope can upload a document), and the blocking results. The caller leaves those
+        passages out of the prompt: one poisoned document no longer gets every question that retrieves it
+        refused, and the question is answered from the others."""
         if not self.settings.enabled or not passages:
             return [], []
         t0 = time.perf_counter()
         policy = self.select(context)
-        comps = [c for c in self.compiled(policy.name, "input") if c.spec.validator == "keel/prompt_injection"]
+        comps = self.compiled(policy.name, "passages")
         if not comps:
             return [], []
         meta = self._meta(context, None, PiiVault(owner=context.user))

@@ -135,6 +135,10 @@ class GuardPolicy(_Strict):
     description: str = ""
     input: list[ValidatorSpec] | None = None
     output: list[ValidatorSpec] | None = None
+    passages: list[ValidatorSpec] | None = Field(default=None, description=(
+        "How each retrieved passage is judged before it enters a grounded prompt, each on its own: a passage an "
+        "entry blocks is left out (the question is answered from the others). Entries run as on the input; "
+        "on_fail block or log. Inherited; unset = the input stage's prompt-injection entries."))
     streaming: Literal["progressive", "windows"] | None = Field(default=None, description=(
         "How a stream's text is released (inherited; unset = progressive): progressive shows it word by word "
         "once the text checks passed it (see app/guardrails/streaming.py); windows holds each sentence window "
@@ -185,6 +189,11 @@ class PolicyFile(_Strict):
                 cur = self.policies[cur].extends
         for pname in self.policies:
             resolved = self.resolve(pname)
+            for entry in resolved.passages or ():
+                if entry.on_fail not in ("block", "log") or "block" not in _ACTIONS[entry.validator].get("input", ()):
+                    raise ValueError(f"policy {pname!r} passages: {entry.validator} on_fail={entry.on_fail!r} cannot "
+                                     "judge a passage; a passage entry blocks (leaves the passage out) or logs, with "
+                                     "a validator that can block an input")
             for stage in ("input", "output"):
                 labels = [s.label for s in getattr(resolved, stage)]
                 if len(labels) != len(set(labels)):
@@ -214,14 +223,18 @@ class PolicyFile(_Strict):
             cur = self.policies[cur].extends
         inp: list[ValidatorSpec] = []
         out: list[ValidatorSpec] = []
+        passages: list[ValidatorSpec] | None = None
         streaming = "progressive"
         for p in reversed(chain):  # base first; a child's list replaces its parent's
             if p.input is not None:
                 inp = list(p.input)
             if p.output is not None:
                 out = list(p.output)
+            if p.passages is not None:
+                passages = list(p.passages)
             streaming = p.streaming or streaming
-        return ResolvedPolicy(name, tuple(inp), tuple(out), streaming)
+        return ResolvedPolicy(name, tuple(inp), tuple(out), streaming,
+                              tuple(passages) if passages is not None else None)
 
 
 def _check_release(pname: str, stage: str, spec: ValidatorSpec) -> None:
@@ -242,6 +255,14 @@ class ResolvedPolicy:
     input: tuple[ValidatorSpec, ...]
     output: tuple[ValidatorSpec, ...]
     streaming: Literal["progressive", "windows"] = "progressive"
+    passages: tuple[ValidatorSpec, ...] | None = None  # None: the input's prompt-injection entries
+
+    @property
+    def passage_entries(self) -> tuple[ValidatorSpec, ...]:
+        """The entries each retrieved passage goes through (see ``GuardPolicy.passages``)."""
+        if self.passages is not None:
+            return self.passages
+        return tuple(s for s in self.input if s.validator == "keel/prompt_injection")
 
 
 @dataclass(frozen=True)
