@@ -390,8 +390,8 @@ class ChatService:
         masked: list[ChatEvent] = [*_masked(decision)] if decision else []
         if grounded is not None and grounded.dropped:
             # The client hears that sources were left out (not which: their text may be the attack itself).
-            masked.append(GuardrailRedaction("prompt_injection", -1, ("passage",), len(grounded.dropped),
-                                             stage="input"))
+            masked.append(GuardrailRedaction(screen.validator if screen else "prompt_injection", -1, ("passage",),
+                                             len(grounded.dropped), stage="input"))
         if decision is not None and decision.blocked:
             # Refused before the model: it never sees the input.
             for event in _refused(started, decision):
@@ -625,21 +625,11 @@ class ChatService:
             yield Finished(finish)
         yield usage
 
-    def _passage_screen(self, request: ChatRequest, alias: str | None, question: str | None, span: Span) -> Screen:
-        """The indirect-injection check of a grounded request's retrieved passages, under the rag policy."""
-        context = self._guard_context(request, alias, request.params, None, question, workflow="rag")
-
-        async def screen(texts: list[str]) -> list[int]:
-            with self._guarded_input(span, "passages") as gspan:
-                flagged, results = await self.guards.screen_passages(texts, context)
-                _verdict_events(gspan, results)
-                gspan.set_attribute("keel.guardrails.passages_dropped", len(flagged))
-            if flagged:
-                log.warning("request %s: %d of %d retrieved passages left out: they carry instructions for the "
-                            "model (%s)", request.request_id, len(flagged), len(texts), results[0].reason)
-            return flagged
-
-        return screen
+    def _passage_screen(self, request: ChatRequest, alias: str | None, question: str | None,
+                        span: Span) -> _PassageScreen:
+        """The check of a grounded request's retrieved passages (the rag policy's passage entries)."""
+        return _PassageScreen(self, request, self._guard_context(request, alias, request.params, None, question,
+                                                                 workflow="rag"), span)
 
     @staticmethod
     def _guard_context(
@@ -723,6 +713,26 @@ def _verdicts(span: Span, decision: InputDecision) -> None:
     """Every validator's verdict as an event of the guard span (what ran, what it decided, how long)."""
     span.set_attributes({"keel.guardrails.policy": decision.policy, "keel.guardrails.blocked": decision.blocked})
     _verdict_events(span, decision.results)
+
+
+class _PassageScreen:
+    """A :data:`Screen` over one request's passages; ``validator``: the policy entry that left one out (the
+    redaction event names it)."""
+
+    def __init__(self, chat: ChatService, request: ChatRequest, context: GuardContext, span: Span) -> None:
+        self.chat, self.request, self.context, self.span = chat, request, context, span
+        self.validator: str | None = None
+
+    async def __call__(self, texts: list[str]) -> list[int]:
+        with self.chat._guarded_input(self.span, "passages") as gspan:
+            flagged, results = await self.chat.guards.screen_passages(texts, self.context)
+            _verdict_events(gspan, results)
+            gspan.set_attribute("keel.guardrails.passages_dropped", len(flagged))
+        if flagged:
+            self.validator = results[0].validator
+            log.warning("request %s: %d of %d retrieved passages left out by %s (%s)", self.request.request_id,
+                        len(flagged), len(texts), self.validator, results[0].reason)
+        return flagged
 
 
 def _verdict_events(span: Span, results: Sequence[ValidatorResult]) -> None:
