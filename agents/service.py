@@ -219,8 +219,10 @@ class AgentService:
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
-    async def start(self) -> None:
-        """Open the runs table and the checkpointer (idempotent; call it in the serving event loop)."""
+    async def start(self, *, sweep: bool = True) -> None:
+        """Open the runs table and the checkpointer (idempotent; call it in the serving event loop). ``sweep``:
+        mark the runs a gone process left ``running`` as stalled (a serving process does; ``keel migrate``,
+        which may run beside a live server, does not)."""
         # Opening awaits; a second caller must wait for the checkpointer rather than see a half-open service.
         async with self._start_lock:
             if self.runs is not None:
@@ -236,7 +238,8 @@ class AgentService:
                 # Its own file: a sync write to the checkpointer's file could block the event loop while the
                 # aiosqlite thread holds the write lock waiting for that same loop (a deadlock until timeout).
                 self.runs = RunStore(runs_db_path(self.db_path))
-            self._sweep_stalled(force=True)
+            if sweep:
+                self._sweep_stalled(force=True)
             if self.checkpointer is None:
                 self._stack = contextlib.AsyncExitStack()
                 try:

@@ -106,11 +106,14 @@ class Container:
     async def build(
         cls, settings: Settings, *, backends: dict[str, LLMBackend] | None = None, rag: RagServices | None = None,
         guards: GuardrailEngine | None = None, start_backends: bool = True, metrics: Metrics | None = None,
-        tracing: Tracing | None = None,
+        tracing: Tracing | None = None, schema_only: bool = False,
     ) -> Container:
         """``backends`` replaces the configured backend of the same name, ``rag`` the RAG services and
         ``guards`` the guardrail engine (tests, embedding Keel in another application); ``metrics`` and
-        ``tracing``: the API's, when it built them before the container (its HTTP instrumentation needs them)."""
+        ``tracing``: the API's, when it built them before the container (its HTTP instrumentation needs them).
+        ``schema_only``: open every store (their migrations run) and nothing that acts: no backends, no external
+        MCP servers, no sweep of other processes' agent runs (``keel migrate``)."""
+        start_backends = start_backends and not schema_only
         settings.home.mkdir(parents=True, exist_ok=True)
         metrics = metrics or Metrics()
         tracing = tracing or Tracing(settings.otel, settings.home, dropped=metrics.trace_dropped)
@@ -139,8 +142,10 @@ class Container:
             guards = build_guards(settings, metrics, embedder=embedder if _same_model(settings) else None)
             if start_backends:
                 await asyncio.to_thread(guards.warm_up)
+            elif schema_only:
+                await asyncio.to_thread(lambda: guards.audit)  # its store opens (and migrates) with warm-up
         agents = build_agents(settings, llm, rag, prompts, tracer=tracing.tracer)
-        await agents.start()
+        await agents.start(sweep=not schema_only)
         runner = JobRunner.from_settings(settings.jobs, settings.home, tracer=tracing.tracer)
         finetune = build_finetune(settings, routes=routes, queue=runner.queue)
         if settings.evals.gate_enabled:
@@ -201,7 +206,7 @@ class Container:
                 snapshots=getattr(rag, "snapshots", None))
             container.features = features
         container._register_tools()
-        for server in await connect_servers(settings.mcp.servers):
+        for server in await connect_servers(settings.mcp.servers if not schema_only else {}):
             for tool in server.tools:
                 container.tools.register(tool, replace=True)
             container._closers.append(server.aclose)

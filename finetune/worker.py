@@ -50,6 +50,7 @@ if TYPE_CHECKING:
     from finetune.settings import FinetuneConfig
 
 log = logging.getLogger("keel.finetune.worker")
+LOGGED_EVENTS = 100  # logged training steps kept as events on the training's span
 _JOB_LOGGERS = ("keel.finetune", "transformers", "peft", "py.warnings")
 _RECONCILE_S = 30.0  # how often a running worker re-reads the store for work nobody queued
 
@@ -237,13 +238,15 @@ class Worker:
             else:
                 self.store.update(job.id, model_name=model_name)
 
-            # The training runs in a thread under the job's trace span (keel.finetune.train): its steps are
-            # events on it, the data check, each logged step with its losses, the registered version.
+            # The training runs in a thread under the job's trace span (keel.finetune.train): the data check and
+            # the registered version are attributes of it, each logged step an event (the first LOGGED_EVENTS:
+            # a span keeps 128 events and drops the oldest; the last losses are attributes too).
             span = trace.get_current_span()
+            logged = 0
 
             def on_start(info: dict[str, Any]) -> None:
                 report = info["data"]
-                span.add_event("keel.finetune.data", {
+                span.set_attributes({
                     "keel.finetune.data_hash": report["data_hash"],
                     **{f"keel.finetune.{k}": v for k, v in report.items()
                        if k in ("train_examples", "validation_examples") and isinstance(v, int)}})
@@ -252,8 +255,14 @@ class Worker:
                     tracker.log_data(run_id, report)
 
             def on_log(step: int, values: dict[str, float]) -> None:
-                span.add_event("keel.finetune.log", {"keel.finetune.step": step, **{
-                    f"keel.finetune.{k}": float(v) for k, v in values.items() if isinstance(v, int | float)}})
+                nonlocal logged
+                numbers = {f"keel.finetune.{k}": float(v) for k, v in values.items() if isinstance(v, int | float)}
+                if logged < LOGGED_EVENTS:
+                    span.add_event("keel.finetune.log", {"keel.finetune.step": step, **numbers})
+                logged += 1
+                span.set_attributes({"keel.finetune.last_step": step,
+                                     **{k.replace("keel.finetune.", "keel.finetune.last_"): v
+                                        for k, v in numbers.items()}})
                 latest = {f"last_{k}": v for k, v in values.items()}
                 if step == 0 and "eval_loss" in values:
                     latest["eval_loss_initial"] = values["eval_loss"]
@@ -299,8 +308,8 @@ class Worker:
                           "keel.adapter_hash": tree_hash(result.adapter_dir)},
                 )
                 fields.update(model_name=version.model, model_version=version.version)
-                span.add_event("keel.finetune.registered", {"keel.finetune.model": version.model,
-                                                            "keel.finetune.version": str(version.version)})
+                span.set_attributes({"keel.finetune.model": version.model,
+                                     "keel.finetune.version": str(version.version)})
                 if spec.evals:
                     fields.update(evals_state="pending", evals={"suites_requested": list(spec.evals), "attempts": 0})
                 self._end_run(run_id, "FINISHED")

@@ -227,7 +227,7 @@ def migrate() -> None:
     t0 = time.perf_counter()
 
     async def build_and_close() -> None:
-        container = await Container.build(settings, start_backends=False)
+        container = await Container.build(settings, schema_only=True)
         await container.aclose()
 
     try:

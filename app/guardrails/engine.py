@@ -456,7 +456,8 @@ class GuardrailEngine:
                               ) -> tuple[list[int], list[ValidatorResult]]:
         """Indirect injection, passage by passage: which retrieved passages the policy's passage entries (by
         default its input prompt-injection entries; ``passages`` in the policy) flag, each judged on its own
-        (any key with the ingest scope can upload a document), and the blocking results. The caller leaves those
+        (any key with the ingest scope can upload a document), and what acted (the blocking results first, then
+        those of ``log`` entries). The caller leaves those
         passages out of the prompt: one poisoned document no longer gets every question that retrieves it
         refused, and the question is answered from the others."""
         if not self.settings.enabled or not passages:
@@ -472,9 +473,11 @@ class GuardrailEngine:
         results = [r for _, rs in runs for r in rs]
         self._observe("passages", policy.name, results, (time.perf_counter() - t0) * 1000,
                       "redacted" if flagged else "pass")
-        blocking = [r for i in flagged for r in runs[i][1] if r.action == "block"]
-        self._record(context.request_id, "passages", policy.name, blocking)
-        return flagged, blocking
+        # what acted (blocked: the passage is left out; logged: only recorded), first the blocking ones
+        acted = sorted((r for r in results if r.verdict != "pass" and r.action in ("block", "log")),
+                       key=lambda r: r.action != "block")
+        self._record(context.request_id, "passages", policy.name, acted)
+        return flagged, acted
 
     # -- output --------------------------------------------------------------------------------------
 

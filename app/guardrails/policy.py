@@ -194,12 +194,13 @@ class PolicyFile(_Strict):
                     raise ValueError(f"policy {pname!r} passages: {entry.validator} on_fail={entry.on_fail!r} cannot "
                                      "judge a passage; a passage entry blocks (leaves the passage out) or logs, with "
                                      "a validator that can block an input")
-            for stage in ("input", "output"):
-                labels = [s.label for s in getattr(resolved, stage)]
+            # a passage is judged as an input is: its entries get the input stage's checks
+            for stage, runs_as in (("input", "input"), ("output", "output"), ("passages", "input")):
+                labels = [s.label for s in getattr(resolved, stage) or ()]
                 if len(labels) != len(set(labels)):
                     raise ValueError(f"policy {pname!r} {stage}: validator names must be unique (set 'name')")
-                for spec in getattr(resolved, stage):
-                    allowed = _ACTIONS[spec.validator].get(stage)
+                for spec in getattr(resolved, stage) or ():
+                    allowed = _ACTIONS[spec.validator].get(runs_as)
                     if not allowed:
                         raise ValueError(f"policy {pname!r}: {spec.validator} cannot run on {stage}")
                     if spec.release is not None:
@@ -291,7 +292,11 @@ def parse_policy(data: dict[str, Any], path: Path | None = None) -> LoadedPolicy
         where = f" in {path}" if path else ""
         lines = [f"  {'.'.join(map(str, err['loc'])) or '(root)'}: {err['msg']}" for err in e.errors()]
         raise GuardrailPolicyError(f"invalid guardrail policy{where}:\n" + "\n".join(lines)) from None
-    canonical = json.dumps(pf.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    dumped = pf.model_dump(mode="json")
+    for entry in dumped["policies"].values():
+        if entry.get("passages") is None:  # added in 2026.12: unset keeps the hash (and version tag) of older files
+            entry.pop("passages", None)
+    canonical = json.dumps(dumped, sort_keys=True, separators=(",", ":"))
     return LoadedPolicy(pf, path, pf.version, hashlib.sha256(canonical.encode()).hexdigest())
 
 

@@ -729,9 +729,10 @@ class _PassageScreen:
             _verdict_events(gspan, results)
             gspan.set_attribute("keel.guardrails.passages_dropped", len(flagged))
         if flagged:
-            self.validator = results[0].validator
+            first = next(r for r in results if r.action == "block")
+            self.validator = first.validator
             log.warning("request %s: %d of %d retrieved passages left out by %s (%s)", self.request.request_id,
-                        len(flagged), len(texts), self.validator, results[0].reason)
+                        len(flagged), len(texts), self.validator, first.reason)
         return flagged
 
 

@@ -90,8 +90,9 @@ PASSAGE_POLICY = {"version": "1", "topics": {"weapons": {
                       "params": {"deny": ["weapons"]}}]},
         "strict": {"extends": "default", "passages": [
             {"validator": "keel/prompt_injection", "on_fail": "block", "threshold": 0.3},
-            {"validator": "keel/topic", "on_fail": "block", "threshold": 0.5, "params": {"deny": ["weapons"]}}]}},
-    "bindings": [{"workflow": "strict-*", "policy": "strict"}]}
+            {"validator": "keel/topic", "on_fail": "block", "threshold": 0.5, "params": {"deny": ["weapons"]}}]},
+        "watch": {"passages": [{"validator": "keel/prompt_injection", "on_fail": "log", "threshold": 0.9}]}},
+    "bindings": [{"workflow": "strict-*", "policy": "strict"}, {"workflow": "watch-*", "policy": "watch"}]}
 
 
 async def test_a_policy_can_judge_passages_with_entries_of_their_own():
@@ -110,8 +111,14 @@ async def test_a_policy_can_judge_passages_with_entries_of_their_own():
     assert flagged == [1] and {r.registered for r in results} == {"keel/topic"}  # this policy's passage entries
     flagged, _ = await e.screen_passages(passages, ctx("pp2", workflow="strict-rag"))  # inherits, then replaces
     assert flagged == [1, 2]
+    flagged, acted = await e.screen_passages(passages, ctx("pp3", workflow="watch-rag"))  # log: kept, recorded
+    assert flagged == [] and [(r.validator, r.action) for r in acted] == [("prompt_injection", "log")]
+    await e.flush()
+    assert [r.action for r in e.query_audit(request_id="pp3")] == ["log"]
     for entry, message in (({"validator": "keel/groundedness", "on_fail": "block"}, "passages: keel/groundedness"),
-                           ({"validator": "keel/pii", "on_fail": "redact"}, "on_fail='redact' cannot judge a passage")):
+                           ({"validator": "keel/pii", "on_fail": "redact"}, "on_fail='redact' cannot judge a passage"),
+                           ({"validator": "keel/topic", "on_fail": "block", "params": {"deny": ["nope"]}},
+                            "unknown topic 'nope'")):
         with pytest.raises(GuardrailPolicyError, match=message):
             parse_policy({"version": "1", "policies": {"default": {"passages": [entry]}}})
     e._pool.shutdown(wait=True)

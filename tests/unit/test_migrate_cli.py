@@ -1,36 +1,58 @@
 """``keel migrate``: every store at this release's schema, in the home and in the shared Postgres, without a
-model loaded or a backend started; a second run finds nothing to do."""
+model loaded or a backend started (nor an external MCP server reached, nor another process's agent runs
+swept); a second run changes nothing."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import psycopg
 from typer.testing import CliRunner
 
 from app.cli.main import app
+from tests.postgres import with_database
 
 runner = CliRunner()
 
 
-def test_migrate_brings_every_store_to_head_once(tmp_path: Path, postgres_url: str, monkeypatch) -> None:
+def tables(url: str) -> set[str]:
+    with psycopg.connect(url, autocommit=True) as conn:
+        return {r[0] for r in conn.execute(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'").fetchall()}
+
+
+def versions(url: str) -> dict[str, str]:
+    with psycopg.connect(url, autocommit=True) as conn:
+        return {t: conn.execute(f"SELECT version_num FROM {t}").fetchone()[0]
+                for t in sorted(tables(url)) if t.startswith("alembic_version_")}
+
+
+def test_migrate_brings_every_store_to_head_once(tmp_path: Path, postgres_url: str, postgres_server: str,
+                                                  monkeypatch) -> None:
+    audit_db = urlsplit(postgres_url).path.lstrip("/") + "_audit"
+    audit_url = with_database(postgres_url, audit_db)
+    with psycopg.connect(postgres_server, autocommit=True) as admin:  # the guardrail audit in a database of its own
+        admin.execute(f'CREATE DATABASE "{audit_db}"')
     monkeypatch.setenv("KEEL_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("KEEL_DATABASE_URL", postgres_url)
+    monkeypatch.setenv("KEEL_GUARDRAILS__AUDIT_URL", audit_url)
     first = runner.invoke(app, ["migrate"])
     assert first.exit_code == 0, first.output
     assert "every store is at this release's schema" in " ".join(first.output.split())
-    with psycopg.connect(postgres_url, autocommit=True) as conn:
-        tables = {r[0] for r in conn.execute(
-            "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'").fetchall()}
+    shared = tables(postgres_url)
     for version_table in ("alembic_version_keys", "alembic_version_prompts", "alembic_version_routing",
                           "alembic_version_releases", "alembic_version_evals", "alembic_version_lineage",
                           "alembic_version_agent_runs", "alembic_version_audit"):
-        assert version_table in tables, sorted(tables)
-    assert {"checkpoints", "lineage_schedule", "eval_runs", "audit_events"} <= tables
+        assert version_table in shared, sorted(shared)
+    assert {"checkpoints", "lineage_schedule", "eval_runs", "audit_events"} <= shared
+    assert {"audit_events", "alembic_version_audit"} <= tables(audit_url)  # opened even though nothing is served
     home = tmp_path / "home"  # what lives in the home: its own SQLite stores
     assert (home / "monitor.db").exists() and not (home / "evals.db").exists() and not (home / "lineage.db").exists()
+    before = versions(postgres_url)
     again = runner.invoke(app, ["migrate"])
     assert again.exit_code == 0, again.output
+    assert versions(postgres_url) == before and tables(postgres_url) == shared  # nothing left to do
 
 
 def test_an_unreachable_database_is_one_line(tmp_path: Path, monkeypatch) -> None:

@@ -44,13 +44,20 @@ def url(server) -> str:
     name = f"keel_restart_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(server.get_uri(), autocommit=True) as admin:
         admin.execute(f'CREATE DATABASE "{name}"')
-    return with_database(server.get_uri(), name)
+    # a password in the URL (trust auth ignores it) so that "never the password" can fail
+    return with_database(server.get_uri().replace("postgres:@", "postgres:s3cr3t-pw@"), name)
 
 
 def stop(server) -> None:
     from pgserver.postgres_server import pg_ctl
 
-    pg_ctl(["-w", "-m", "fast", "stop"], pgdata=server.pgdata, user=server.system_user)
+    with server._lock:  # pgserver's own lock around its server's state (another process may start one)
+        pg_ctl(["-w", "-m", "fast", "stop"], pgdata=server.pgdata, user=server.system_user)
+
+
+def start(server) -> None:
+    with server._lock:
+        server.ensure_postgres_running()
 
 
 def eventually(check: Callable[[], Any], timeout: float = 20.0) -> Any:
@@ -89,18 +96,18 @@ def test_the_stores_answer_503_while_postgres_is_down_and_recover_when_it_is_bac
                 call()
             message = down.value.message
             assert what in message and setting in message and "check" in message, message
-            assert "postgres:@" not in message and "password" not in message.lower()
+            assert "s3cr3t-pw" not in message and "password" not in message.lower()
             assert down.value.status == 503
         # a key verified before the outage keeps working while the store is down (nobody can revoke it either)
         assert keys.verify(raw) is not None
 
-        server.ensure_postgres_running()  # back, on the same socket
+        start(server)  # back, on the same socket
         assert eventually(lambda: evals.get_run(run)).suite == "s"
         assert eventually(lambda: lineage.get("chatcmpl-1"))["owner"] == "k"
         eventually(lambda: audit.write([record(2)]))
         assert [r.request_id for r in audit.query()] == ["req-2", "req-1"]
         assert eventually(lambda: keys.create("after", ["chat"]))[0].name == "after"
     finally:
-        server.ensure_postgres_running()
+        start(server)
         for store in (evals, lineage, audit, keys):
             store.close()
