@@ -139,6 +139,7 @@ def drive_traces(page, server: KeelServer, traffic: dict[str, Any], artifacts: P
     server_row, chat_row = tree["POST /v1/chat/completions"], tree["keel.chat"]
     assert server_row["depth"] == 0 and server_row["kind"] == "server" and server_row["parent"] is None
     assert chat_row["parent"] == server_row["id"] and chat_row["depth"] == 1
+    assert tree["keel.auth"]["parent"] == server_row["id"]  # the key's check, before the chat
     for child in ("keel.guardrails.input", "keel.prompt.render", model_name):
         assert tree[child]["parent"] == chat_row["id"] and tree[child]["depth"] == 2, (child, tree)
     assert tree[model_name]["kind"] == "client"
@@ -189,11 +190,12 @@ def drive_traces(page, server: KeelServer, traffic: dict[str, Any], artifacts: P
     page.keyboard.press("Home")
     root_btn = waterfall.locator('tr[data-name="POST /v1/chat/completions"] .span-btn')
     expect(root_btn).to_have_attribute("aria-current", "true")
-    page.keyboard.press("ArrowDown")
+    for _ in range(order.index("keel.chat")):  # down past the spans before it (keel.auth)
+        page.keyboard.press("ArrowDown")
     chat_btn = waterfall.locator('tr[data-name="keel.chat"] .span-btn')
     expect(chat_btn).to_be_focused()
     page.keyboard.press("ArrowLeft")
-    expect(rows).to_have_count(2)
+    expect(rows).to_have_count(sum(r["depth"] <= 1 for r in tree.values()))  # keel.chat's children hidden
     expect(waterfall.locator('tr[data-name="keel.chat"] .tree-toggle')).to_have_attribute("aria-expanded", "false")
     page.keyboard.press("ArrowRight")
     expect(rows).to_have_count(len(prompted["spans"]))
