@@ -391,6 +391,18 @@ async def test_feedback_counts_only_from_the_key_that_got_the_answer(env) -> Non
     assert fb == {"rated": 1, "negative": 1, "negative_rate": 1.0}
 
 
+async def shadow_pairs(env, n: int) -> list:
+    """The release's stored shadow pairs once ``n`` are there (shadows answer in the background)."""
+    releases = env["container"].releases
+    for _ in range(100):
+        releases.flush()
+        pairs = releases.store.pairs(releases.get("support").id)
+        if len(pairs) == n:
+            break
+        await asyncio.sleep(0.05)
+    return pairs
+
+
 async def test_shadow_answers_are_stored_and_never_returned(env) -> None:
     body = {"name": "support", "strategy": "shadow", "variants": TWO}
     assert (await create(env, body)).status_code == 201
@@ -398,13 +410,7 @@ async def test_shadow_answers_are_stored_and_never_returned(env) -> None:
         resp = await ask(env)
         assert resp.json()["choices"][0]["message"]["content"] == "Stable answer."
         assert resp.json()["release"]["variant"] == "stable"
-    releases = env["container"].releases
-    for _ in range(100):
-        releases.flush()
-        pairs = releases.store.pairs(releases.get("support").id)
-        if len(pairs) == 5:
-            break
-        await asyncio.sleep(0.05)
+    pairs = await shadow_pairs(env, 5)
     assert len(pairs) == 5 and all(p.shadow_text == "Candidate answer." and p.primary_text == "Stable answer."
                                    for p in pairs)
     assert all(p.similarity is not None for p in pairs)
@@ -432,13 +438,7 @@ async def test_a_shadow_backend_that_is_down_costs_the_primary_nothing_and_is_re
     for _ in range(4):
         resp = await ask(env)
         assert resp.status_code == 200 and resp.json()["choices"][0]["message"]["content"] == "Stable answer."
-    releases = env["container"].releases
-    for _ in range(100):
-        releases.flush()
-        pairs = releases.store.pairs(releases.get("support").id)
-        if len(pairs) == 4:
-            break
-        await asyncio.sleep(0.05)
+    pairs = await shadow_pairs(env, 4)
     assert len(pairs) == 4 and all(p.shadow_error and p.primary_text == "Stable answer." for p in pairs)
     errors = env["container"].metrics.release_shadow.labels("support", "canary", "error")._value.get()
     assert errors == 4
