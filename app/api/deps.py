@@ -189,7 +189,10 @@ async def authenticate(request: Request, container: ContainerDep) -> ApiKey:
             "missing API key: send 'Authorization: Bearer <key>' (create one with `keel keys create`)"
         )
     tracing = getattr(container, "tracing", None)  # an application mounting Keel's routes may bring no tracing
-    tracer = tracing.tracer if tracing is not None else trace.NoOpTracer()
+    # A span of a traced request only: the routes left untraced (reading traces, health, metrics) would
+    # otherwise each leave a one-span trace of their own.
+    traced = tracing is not None and trace.get_current_span().get_span_context().is_valid
+    tracer = tracing.tracer if traced else trace.NoOpTracer()
     with tracer.start_as_current_span("keel.auth", record_exception=False, set_status_on_exception=False) as span:
         key = await container.keys.averify(raw)
         if key is None:

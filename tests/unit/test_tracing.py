@@ -71,6 +71,9 @@ async def test_a_chat_request_is_one_trace_with_the_model_call_in_genai_terms(en
     auth = spans["keel.auth"]  # the key's check and rate limit: the caller's key id, never the key
     assert auth["parent_id"] == server["span_id"] and auth["attributes"]["keel.auth.outcome"] == "ok"
     assert auth["attributes"]["keel.auth.key_id"] and env["keys"]["chat"] not in str(auth)
+    # reading traces is not traced: it leaves no trace of its own, not even the key's check
+    roots = {t["root"] for t in env["container"].tracing.store.traces()}
+    assert "keel.auth" not in roots and not any(r.startswith("GET /v1/traces") for r in roots), roots
     assert chat["parent_id"] == server["span_id"] and model["parent_id"] == chat["span_id"]
     a = model["attributes"]
     assert model["kind"] == "CLIENT"
