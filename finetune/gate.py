@@ -11,14 +11,11 @@ from collections.abc import Callable, Sequence
 from datetime import timedelta
 from pathlib import Path
 
+from app.core.paths import same_folder
 from evals.gate import artifact_verdict, run_adapter
 from evals.store import EvalStoreBase, RunRow
 from finetune.tracking import AdapterVersion
 from prompts.registry import GateVerdict
-
-
-def _same_path(a: str | None, b: Path) -> bool:
-    return bool(a) and Path(a).resolve() == b.resolve()
 
 
 def evaluated(path: Path | str, content_hash: str | None) -> Callable[[RunRow], bool]:
@@ -30,7 +27,7 @@ def evaluated(path: Path | str, content_hash: str | None) -> Callable[[RunRow], 
         got = run_adapter(r)
         if content_hash and got["hash"]:
             return got["hash"] == content_hash
-        return _same_path(got["path"], folder)
+        return same_folder(got["path"], folder)
 
     return matches
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from app.core.errors import Conflict, InvalidRequest, KeelError
-from app.core.paths import is_within
+from app.core.paths import is_within, same_folder
 from app.jobs.queue import JobQueue, open_queue
 from app.llm.routing import CONFIGURED, RoutingTable, open_routing_table
 from finetune.data import check_dataset, token_counter
@@ -46,10 +46,6 @@ def _tokenizer(path: str) -> Any:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(path)
-
-
-def _same_folder(a: str | None, b: str | None) -> bool:
-    return bool(a and b) and Path(a).resolve() == Path(b).resolve()
 
 
 class FinetuneService:
@@ -262,7 +258,7 @@ class FinetuneService:
             return None
         row = next((d for d in self.store.deployments() if d.get("alias") == route.get("alias")), None)
         if row is None or not (row.get("served_name") == route.get("model")
-                               or _same_folder(row.get("adapter_path"), route.get("adapter"))):
+                               or same_folder(row.get("adapter_path"), route.get("adapter"))):
             return None
         key = (row["model"], str(row["version"]))
         if key not in self._hashes:

@@ -16,6 +16,11 @@ def is_within(path: str | Path, roots: Iterable[str | Path]) -> bool:
     return any(plain.is_relative_to(os.path.abspath(r)) for r in roots)
 
 
+def same_folder(a: str | Path | None, b: str | Path | None) -> bool:
+    """Whether two recorded paths name the same folder (links resolved); a missing one never matches."""
+    return bool(a and b) and Path(a).resolve() == Path(b).resolve()
+
+
 def tree_hash(folder: str | Path) -> str:
     """sha256 over a folder's files (relative path and bytes): the content identity of an artifact (a LoRA
     adapter) that stays the same when two copies of it live in different folders."""

@@ -216,6 +216,11 @@ PersonsMode = Literal["all", "with_contact", "none"]
 _NEAR = 160  # characters: a name this close to an e-mail or phone number is that person's record
 
 
+def _near(name: Finding, contact: Finding) -> bool:
+    """Within a sentence or so of each other, before or after: the name is that contact data's owner."""
+    return contact.start - _NEAR <= name.end and name.start <= contact.end + _NEAR
+
+
 def _norm(text: str) -> str:
     return " ".join(text.casefold().split())
 
@@ -258,8 +263,7 @@ def check_pii(text: str, *, entities: Iterable[str] = ALL_ENTITIES, names: NameD
         findings = [f for f in findings if f not in skip]
     if persons == "with_contact":
         contact = [f for f in findings if f.kind != "PERSON"]
-        findings = [f for f in findings if f.kind != "PERSON"
-                    or any(c.start - _NEAR <= f.end and f.start <= c.end + _NEAR for c in contact)]
+        findings = [f for f in findings if f.kind != "PERSON" or any(_near(f, c) for c in contact)]
     began: list[str] = []
     if prefix:
         cut = len(prefix)
@@ -269,7 +273,7 @@ def check_pii(text: str, *, entities: Iterable[str] = ALL_ENTITIES, names: NameD
             # A name shown alone was a public name; its owner's contact data arriving now makes it a private
             # person's record, and a shown name cannot be masked any more: reported like a name cut in two.
             fresh = [c for c in findings if c.kind != "PERSON" and c.end > cut]
-            if any(f.kind == "PERSON" and f.end <= cut and any(c.start - _NEAR <= f.end for c in fresh)
+            if any(f.kind == "PERSON" and f.end <= cut and any(_near(f, c) for c in fresh)
                    for f in findings):
                 began = sorted({*began, "PERSON"})
         findings = reaching_into(findings, full, len(prefix))
