@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 
 from agents.settings import AgentSettings
 from app.core.settings import CoreSettings
@@ -60,6 +60,14 @@ class Settings(CoreSettings):
                 self.guardrails.audit_url = self.guardrails.audit_url or url
             self.agents.postgres_url = self.agents.postgres_url or url
         return self
+
+
+    def store_urls(self) -> dict[str, SecretStr | None]:
+        """Every store URL setting by name (after ``database_url`` filled them): what is kept in Postgres."""
+        return {"auth.url": self.auth.url, "prompts.url": self.prompts.url, "routing.url": self.routing.url,
+                "releases.url": self.releases.url, "evals.url": self.evals.url, "monitor.url": self.monitor.url,
+                "guardrails.audit_url": self.guardrails.audit_url, "agents.postgres_url": self.agents.postgres_url,
+                "jobs.url": self.jobs.url}
 
 
 def load_settings(**overrides: Any) -> Settings:

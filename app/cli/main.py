@@ -234,17 +234,10 @@ def migrate() -> None:
         asyncio.run(build_and_close())
     except KeelError as exc:
         raise fail(exc) from exc
-    shared = sorted({name for name, url in _postgres_urls(settings).items() if url})
+    shared = sorted(name for name, url in settings.store_urls().items() if url)
     where = f"the home ({settings.home})" + (f" and Postgres ({', '.join(shared)})" if shared else "")
     console.print(f"[green]every store is at this release's schema[/green] in {where} "
                   f"({time.perf_counter() - t0:.1f} s)")
-
-
-def _postgres_urls(settings: Settings) -> dict[str, Any]:
-    return {"auth.url": settings.auth.url, "prompts.url": settings.prompts.url, "routing.url": settings.routing.url,
-            "releases.url": settings.releases.url, "evals.url": settings.evals.url, "monitor.url": settings.monitor.url,
-            "guardrails.audit_url": settings.guardrails.audit_url, "agents.postgres_url": settings.agents.postgres_url,
-            "jobs.url": settings.jobs.url}
 
 
 @app.command()
