@@ -91,7 +91,8 @@ class TextConfig(_Wire):
 class ResponseCreate(_Wire):
     """Fields Keel does not implement are refused with a 400 that names them, not silently dropped."""
 
-    model_config = ConfigDict(extra="allow")
+    # allowed so the route can name an unknown parameter in its 400; the document says none is accepted
+    model_config = ConfigDict(extra="allow", json_schema_extra={"additionalProperties": False})
 
     model: str | None = Field(default=None, min_length=1, description="Default: the server's default model.")
     input: str | list[InputItem] = Field(description="A user message, or a list of items (messages, function "

@@ -201,7 +201,8 @@ class ReleaseInfo(_Wire):
 class ChatCompletionRequest(_Wire):
     """Fields Keel does not implement are rejected with a 400 rather than silently dropped."""
 
-    model_config = ConfigDict(extra="allow")
+    # allowed so the route can name an unknown parameter in its 400; the document says none is accepted
+    model_config = ConfigDict(extra="allow", json_schema_extra={"additionalProperties": False})
 
     model: str | None = Field(default=None, min_length=1, description="Optional only when a prompt names one.")
     messages: list[Message] = Field(default_factory=list, max_length=10_000)
@@ -447,7 +448,8 @@ class ChatCompletionChunk(_Out):
 class EmbeddingRequest(_Wire):
     """POST /v1/embeddings, OpenAI's wire format. Parameters Keel does not know are refused with a 400."""
 
-    model_config = ConfigDict(extra="allow")
+    # allowed so the route can name an unknown parameter in its 400; the document says none is accepted
+    model_config = ConfigDict(extra="allow", json_schema_extra={"additionalProperties": False})
 
     input: str | list[str] | list[int] | list[list[int]] = Field(description=(
         "A text or a list of texts (up to 2048). Token ids (a list of integers, or of lists of integers) are "

@@ -11,19 +11,15 @@ from pathlib import Path
 
 import pytest
 import schemathesis
-from hypothesis import HealthCheck, Phase, given, settings
-from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
-from schemathesis import checks as st_checks
 
 from tests.cli_server import ApiServer
 from tests.fakes.llm import ScriptedBackend
+from tests.fuzz import fuzz
 
 pytestmark = pytest.mark.slow
 
 EXAMPLES = int(os.environ.get("KEEL_FUZZ_EXAMPLES", "3"))
-CHECKS = [st_checks.not_a_server_error, st_checks.status_code_conformance, st_checks.content_type_conformance,
-          st_checks.response_schema_conformance]
 
 
 @pytest.fixture(scope="module")
@@ -38,36 +34,8 @@ def server(tmp_path_factory: pytest.TempPathFactory):
     api.stop()
 
 
-def _fuzz(schema, base_url: str, headers: dict[str, str], mode: GenerationMode) -> list[str]:
-    """Every operation, ``EXAMPLES`` generated requests each; the failures, one line per operation."""
-    failures: list[str] = []
-    for result in schema.get_all_operations():
-        op = result.ok()
-
-        @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
-                  suppress_health_check=list(HealthCheck), phases=[Phase.generate])
-        @given(case=op.as_strategy(generation_mode=mode))
-        def run(case) -> None:
-            case.call_and_validate(base_url=base_url, headers=headers, checks=CHECKS, timeout=30)
-
-        try:
-            run()
-        except Unsatisfiable:
-            continue  # nothing in this operation can be made invalid (no parameters, no body)
-        except (Exception, BaseExceptionGroup) as exc:  # schemathesis' failure groups: a line per operation
-            failures.append(f"{op.label} ({mode.value}): {_summary(exc)}")
-    return failures
-
-
 @pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE], ids=["valid", "invalid"])
 def test_every_operation_answers_as_its_document_says(server: ApiServer, mode: GenerationMode) -> None:
     schema = schemathesis.openapi.from_url(f"{server.url}/openapi.json")
-    failures = _fuzz(schema, server.url, server.h("admin"), mode)
+    failures = fuzz(schema, server.url, server.h("admin"), mode, examples=EXAMPLES)
     assert not failures, f"{len(failures)} operations:\n" + "\n".join(failures)
-
-
-def _summary(exc: BaseException) -> str:
-    """The failure's kind and what was received, from schemathesis' report."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    picked = [line for line in lines if line.startswith(("- ", "Received", "Documented", "[", "`"))]
-    return " | ".join(picked[:6])[:500] or type(exc).__name__
