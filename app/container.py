@@ -133,7 +133,7 @@ class Container:
         # What serves which alias: the configured models plus the routes written at run time, durable and shared
         # by every process on this home (or this Postgres).
         routes = open_routing_table(settings)
-        llm = ModelRouter(settings, metrics, backends, routes=routes)
+        llm = ModelRouter(settings, metrics, backends, routes=routes, tracer_provider=tracing.provider)
         if start_backends:
             await llm.start()
             # Loads the embedding model and opens the vector store now, not on the first question.

@@ -29,6 +29,8 @@ round by round (swapping who goes first), so drift on a shared machine hits both
     gateway, chat service; no HTTP), one request at a time: CPU per request with traces and lineage each on and
     off, spans made but not stored, lineage without question embeddings, and lineage on MiniLM (unless
     ``--no-minilm``), the span and lineage writers flushed inside the timed window so their work counts.
+(e) the HTTP client span of each request to a model server (the httpx instrumentation): CPU per request of the
+    backend client with and without it (scripted transport), interleaved rounds;
 (d) drift checks: ``lifecycle.monitor.drift.build_monitor`` on a ``LineageStore`` filled with synthetic
     ``Features`` rows (as tests/unit/test_drift.py: 384-d embeddings around 6 topics, every row embedded), a
     current window of N logged requests against the N before it (the scheduled check's default), for N = 10k
@@ -430,6 +432,40 @@ async def in_process(per: int, rounds: int, minilm: bool) -> dict:
     return out
 
 
+async def http_span(per: int, rounds: int) -> dict:
+    """(e) The HTTP client span of each request to a model server (OpenTelemetry's httpx instrumentation):
+    CPU per request of Keel's backend client with and without it, on a scripted transport (no network), spans
+    exported to the embedded store's batch processor, rounds interleaved."""
+    import httpx
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from app.core.settings import BackendSettings
+    from app.llm.clients import http_client
+
+    cfg = BackendSettings(kind="openai", base_url="http://model.test/v1")
+    provider = TracerProvider()
+    provider.add_span_processor(BatchSpanProcessor(InMemorySpanExporter()))
+    clients = {name: http_client(cfg, label="bench", tracer_provider=tp,
+                                 transport=httpx.MockTransport(lambda r: httpx.Response(200, content=b"{}")))
+               for name, tp in (("plain", None), ("instrumented", provider))}
+    cpu: dict[str, list[float]] = {name: [] for name in clients}
+    for r in range(rounds):
+        for name in (list(clients) if r % 2 == 0 else list(reversed(clients))):
+            t0 = time.process_time()
+            for _ in range(per):
+                await clients[name].post("/chat/completions", json={"model": "m"})
+            cpu[name].append((time.process_time() - t0) / per * 1e6)
+    for c in clients.values():
+        await c.aclose()
+    provider.shutdown()
+    d, s = paired_diff(cpu["plain"], cpu["instrumented"])
+    return {"requests_per_round": per, "rounds": rounds,
+            **{f"{k}_cpu_us": round(statistics.median(v), 1) for k, v in cpu.items()},
+            "added_cpu_us": {"median": round(d, 1), "spread": round(s, 1)}}
+
+
 # -- (d) drift checks ------------------------------------------------------------------------------------------
 
 DIM = 384
@@ -625,6 +661,13 @@ def table(res: dict, args) -> None:
         if key in d:
             print(f"{label:40}{d[key]['median']:>+12.0f}   (+/- {d[key]['spread']:.0f} across rounds)")
 
+    if "http_span" in res:
+        e = res["http_span"]
+        print(f"\n(e) the HTTP client span of each request to the model server (httpx instrumentation), CPU us per "
+              f"request, {e['requests_per_round']} x {e['rounds']} rounds: plain {e['plain_cpu_us']:.0f}, "
+              f"instrumented {e['instrumented_cpu_us']:.0f}, added {e['added_cpu_us']['median']:+.0f} "
+              f"(+/- {e['added_cpu_us']['spread']:.0f})")
+
     dr = res["drift"]
     print(f"\n(d) drift check: current window of N logged requests vs the N before it (every row embedded, "
           f"{dr['embedding_dim']}-d; the embedding tests sample {dr['settings']['embedding_max_rows']} per window)")
@@ -687,6 +730,7 @@ def main() -> None:
         return
     per, rounds = (100, 4) if args.quick else (300, 8)
     res["in_process"] = asyncio.run(in_process(per, rounds, not args.no_minilm))
+    res["http_span"] = asyncio.run(http_span(per * 5, rounds))
     load["after_in_process"] = os.getloadavg()
     res["drift"] = drift([int(x) for x in args.drift_sizes.split(",")], args.drift_repeats)
     load["end"] = os.getloadavg()

@@ -25,6 +25,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import httpx
+from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
+from opentelemetry.trace import TracerProvider
 
 from app.core.errors import (
     BackendError,
@@ -186,20 +188,26 @@ def _request_id_hook(prefix: str) -> Callable[[httpx.Request], Any]:
 def http_client(cfg: BackendSettings, *, label: str, base_url: str | None = None,
                 api_key: Callable[[], str | None] | None = None, metrics: Metrics | None = None,
                 breaker: CircuitBreaker | None = None, what: str | None = None,
-                transport: httpx.AsyncBaseTransport | None = None) -> BackendClient:
+                transport: httpx.AsyncBaseTransport | None = None,
+                tracer_provider: TracerProvider | None = None) -> BackendClient:
     """The httpx client to the server at ``base_url`` (default ``cfg.base_url``) that ``cfg`` describes.
 
     ``label``: the backend's name in metrics, and the prefix of the request ids it makes up for requests that
     bring none. ``api_key``: read per request (default: ``cfg.api_key``). ``breaker``: apply ``cfg``'s retries
     and this breaker per request (only for a client no :class:`ResilientBackend` wraps). ``what``: how errors
-    name the server (default ``backend '<label>'``). ``transport``: tests script the server with one."""
+    name the server (default ``backend '<label>'``). ``transport``: tests script the server with one.
+    ``tracer_provider``: every request (each attempt) is an HTTP client span of OpenTelemetry's httpx
+    instrumentation, child of the context current when it is sent, whose ``traceparent`` the server receives."""
     key = api_key or (lambda: cfg.api_key.get_secret_value() if cfg.api_key else None)
-    return BackendClient(
+    client = BackendClient(
         label=label, what=what or f"backend {label!r}", metrics=metrics, breaker=breaker, retries=cfg.retries,
         backoff_s=cfg.retry_backoff_s,
         base_url=(base_url or cfg.base_url or "").rstrip("/"), auth=Bearer(key), timeout=timeout(cfg),
         limits=LIMITS, transport=transport, event_hooks={"request": [_request_id_hook(label)]},
     )
+    if tracer_provider is not None:
+        HTTPXClientInstrumentor.instrument_client(client, tracer_provider=tracer_provider)
+    return client
 
 
 def openai_client(cfg: BackendSettings, *, label: str, base_url: str | None = None,

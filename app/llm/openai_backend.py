@@ -7,6 +7,9 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
+from opentelemetry import context as otel_context
+from opentelemetry.propagate import extract
+from opentelemetry.trace import TracerProvider
 
 from app.core.errors import BackendError, BackendTimeout, BackendUnavailable
 from app.core.metrics import Metrics
@@ -126,11 +129,12 @@ class OpenAIBackend:
     """
 
     def __init__(self, name: str, settings: BackendSettings, base_url: str | None = None, *,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, tracer_provider: TracerProvider | None = None) -> None:
         self.name = name
         self.settings = settings
         self.base_url = (base_url or settings.base_url or "").rstrip("/")
         self.metrics = metrics
+        self.tracer_provider = tracer_provider
         self._client: httpx.AsyncClient | None = None
 
     def api_key(self) -> str | None:
@@ -142,7 +146,8 @@ class OpenAIBackend:
     def client(self) -> httpx.AsyncClient:
         if self._client is None:
             self._client = http_client(self.settings, label=self.name, base_url=self.base_url,
-                                       api_key=self.api_key, metrics=self.metrics)
+                                       api_key=self.api_key, metrics=self.metrics,
+                                       tracer_provider=self.tracer_provider)
         return self._client
 
     async def start(self) -> None:
@@ -170,6 +175,9 @@ class OpenAIBackend:
     async def stream(self, request: GenerationRequest) -> AsyncIterator[LLMEvent]:
         headers = {"X-Request-Id": request.request_id} if request.request_id else {}
         headers.update(request.trace_headers)
+        # The caller's span (in the request's trace headers) is the parent of the HTTP client span the httpx
+        # instrumentation makes, which then sends its own traceparent; uninstrumented, the headers go as they are.
+        joined = otel_context.attach(extract(dict(request.trace_headers))) if request.trace_headers else None
         try:
             upstream = await self.client.send(
                 self.client.build_request("POST", "/chat/completions", json=build_payload(request), headers=headers),
@@ -179,6 +187,9 @@ class OpenAIBackend:
             raise BackendUnavailable(f"backend {self.name!r} did not answer in time ({type(exc).__name__})") from exc
         except httpx.TransportError as exc:
             raise BackendUnavailable(f"backend {self.name!r} is unreachable at {self.base_url}") from exc
+        finally:
+            if joined is not None:
+                otel_context.detach(joined)
         try:
             if upstream.status_code != 200:
                 await upstream.aread()

@@ -9,6 +9,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
 from functools import partial
 
+from opentelemetry.trace import TracerProvider
+
 from app.core.errors import BackendUnavailable, ModelNotFound
 from app.core.metrics import Metrics
 from app.core.settings import BackendSettings, CoreConfig, ModelAlias
@@ -22,13 +24,16 @@ from app.llm.vllm_backend import VLLMBackend
 log = logging.getLogger("keel.llm")
 
 
-def build_backend(name: str, cfg: BackendSettings, settings: CoreConfig, metrics: Metrics | None = None) -> LLMBackend:
-    """Construct (cheaply, nothing loaded) the backend implementation for ``cfg.kind``."""
+def build_backend(name: str, cfg: BackendSettings, settings: CoreConfig, metrics: Metrics | None = None,
+                  tracer_provider: TracerProvider | None = None) -> LLMBackend:
+    """Construct (cheaply, nothing loaded) the backend implementation for ``cfg.kind``; ``tracer_provider``
+    makes each HTTP request to a model server a client span."""
     if cfg.kind == "vllm":
         on_restart = metrics.backend_restarts.labels(name).inc if metrics else None
-        return VLLMBackend(name, cfg, settings.logs_dir, on_restart=on_restart, metrics=metrics)
+        return VLLMBackend(name, cfg, settings.logs_dir, on_restart=on_restart, metrics=metrics,
+                           tracer_provider=tracer_provider)
     if cfg.kind == "openai":
-        return OpenAIBackend(name, cfg, metrics=metrics)
+        return OpenAIBackend(name, cfg, metrics=metrics, tracer_provider=tracer_provider)
     if cfg.kind == "transformers":
         from app.llm.transformers_backend import TransformersBackend  # lazy: loads torch and transformers
 
@@ -48,9 +53,9 @@ class ModelRouter:
     to the alias's ``fallback`` when the primary cannot be reached before any token."""
 
     def __init__(self, settings: CoreConfig, metrics: Metrics, backends: dict[str, LLMBackend] | None = None, *,
-                 routes: RoutingTable | None = None) -> None:
+                 routes: RoutingTable | None = None, tracer_provider: TracerProvider | None = None) -> None:
         """``routes``: the process's routing table (the container opens the durable one); without it, a table
-        of the configured aliases only, in memory."""
+        of the configured aliases only, in memory. ``tracer_provider``: the process's (see :func:`build_backend`)."""
         self.settings = settings
         self.metrics = metrics
         self._owns_routes = routes is None
@@ -58,7 +63,7 @@ class ModelRouter:
         self.backends: dict[str, ResilientBackend] = {}
         self._was_ready: dict[str, bool] = {}
         for name, cfg in settings.backends.items():
-            inner = (backends or {}).get(name) or build_backend(name, cfg, settings, metrics)
+            inner = (backends or {}).get(name) or build_backend(name, cfg, settings, metrics, tracer_provider)
             self.backends[name] = ResilientBackend.from_settings(name, inner, cfg, metrics)
 
     @property

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+from opentelemetry.trace import TracerProvider
+
 from app.core.errors import BackendUnavailable
 from app.core.metrics import Metrics
 from app.core.settings import BackendSettings
@@ -15,10 +17,10 @@ from app.llm.vllm_server import VLLMSupervisor
 
 class VLLMBackend(OpenAIBackend):
     def __init__(self, name: str, settings: BackendSettings, log_dir: Path, on_restart=None, *,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, tracer_provider: TracerProvider | None = None) -> None:
         managed = settings.managed if settings.base_url is None else None
         base_url = settings.base_url or f"http://{managed.host}:{managed.port}/v1"
-        super().__init__(name, settings, base_url, metrics=metrics)
+        super().__init__(name, settings, base_url, metrics=metrics, tracer_provider=tracer_provider)
         self.supervisor = (
             VLLMSupervisor(name, managed, log_dir / f"vllm-{name}.log", on_restart=on_restart,
                            fixed_key=settings.api_key.get_secret_value() if settings.api_key else None)

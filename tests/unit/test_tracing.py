@@ -4,6 +4,7 @@ request."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import httpx
@@ -15,6 +16,8 @@ from app.container import Container
 from app.core.metrics import Metrics
 from app.core.settings import OtelSettings
 from app.core.tracing import SpanStore, Tracing
+from app.llm.clients import http_client
+from app.llm.openai_backend import OpenAIBackend
 from app.settings import load_settings
 from ingest import build_rag
 from ingest.embedding import HashingEmbedder
@@ -103,6 +106,50 @@ async def test_the_trace_context_reaches_the_model_server_and_joins_the_callers_
     spans = await spans_of(env, r.json()["id"])
     model_span = spans["chat fake-model"]
     assert sent["traceparent"].split("-")[2] == model_span["span_id"]
+
+
+async def test_each_request_to_the_model_server_is_an_http_client_span_of_the_httpx_instrumentation(
+        tmp_path: Path) -> None:
+    """The OpenAI-compatible backend over HTTP (a scripted server): the official httpx instrumentation makes each
+    request a CLIENT span under the model call's span, and the server gets that span as its parent."""
+    sent: list[httpx.Request] = []
+
+    def server(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        chunks = [{"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "fake-model",
+                   "choices": [{"index": 0, "delta": {"content": c}, "finish_reason": f}]}
+                  for c, f in (("Paris", None), (".", "stop"))]
+        body = "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"
+        return httpx.Response(200, content=body.encode(), headers={"content-type": "text/event-stream"})
+
+    settings = load_settings(
+        home=tmp_path, backends={"local": {"kind": "openai", "base_url": "http://vllm.test/v1", "retries": 0}},
+        models={"m": {"backend": "local", "model": "fake-model"}}, default_model="m", guardrails={"enabled": False},
+        auth={"default_rate_limit_per_minute": 10_000})
+    metrics = Metrics()
+    tracing = Tracing(settings.otel, settings.home, dropped=metrics.trace_dropped)
+    backend = OpenAIBackend("local", settings.backends["local"], tracer_provider=tracing.provider)
+    backend._client = http_client(settings.backends["local"], label="local", transport=httpx.MockTransport(server),
+                                  tracer_provider=tracing.provider)  # the client the backend would build, scripted
+    container = await Container.build(settings, backends={"local": backend}, metrics=metrics, tracing=tracing,
+                                      rag=build_rag(settings, embedder=HashingEmbedder()))
+    key = container.keys.create("chat", ["chat"])[1]
+    admin = container.keys.create("admin", ["admin"])[1]
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(container=container)),
+                                 base_url="http://keel") as c:
+        r = await c.post("/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
+                         json={"model": "m", "messages": [{"role": "user", "content": "Capital of France?"}]})
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "Paris.", r.text
+        rec = (await c.get(f"/v1/lineage/{r.json()['id']}", headers={"Authorization": f"Bearer {key}"})).json()
+        spans = (await c.get(f"/v1/traces/{rec['trace_id']}", headers={"Authorization": f"Bearer {admin}"})
+                 ).json()["spans"]
+    await container.aclose()
+    by_name = {s["name"]: s for s in spans}
+    model, http = by_name["chat fake-model"], by_name["POST"]
+    assert http["kind"] == "CLIENT" and http["parent_id"] == model["span_id"]
+    assert http["attributes"]["http.status_code"] == 200 and "vllm.test" in http["attributes"]["http.url"]
+    _, trace_id, parent, _ = sent[0].headers["traceparent"].split("-")
+    assert trace_id == rec["trace_id"] and parent == http["span_id"]  # vLLM's spans hang under the request
 
 
 async def test_prompt_rendering_and_release_assignment_are_spans(env) -> None:
