@@ -320,12 +320,7 @@ class FinetuneService:
         still_used = any(r.spec.adapter is not None and str(r.spec.adapter) == record["adapter_path"]
                          for r in self.routes.routes() if r.alias != alias)
         if spec is not None and spec.kind == "vllm" and not still_used:
-            url = serving.backend_url(self.settings, record["backend"])
-            try:
-                await serving.unload_adapter(url, record["served_name"], api_key=serving.backend_api_key(
-                    self.settings, record["backend"]))
-            except Exception as exc:  # the route is gone either way; a loaded adapter only costs memory
-                log.warning("could not unload adapter %s from %s: %s", record["served_name"], record["backend"], exc)
+            await serving.unload_everywhere(self.settings, record["backend"], record["served_name"])
         await asyncio.to_thread(self.store.audit, actor=actor or "unknown", action="undeploy", model=model,
                                 version=record["version"], reason=reason, details={"alias": alias})
         return True

@@ -156,10 +156,43 @@ def backend_url(settings: FinetuneConfig, backend: str) -> str:
     return f"http://{spec.managed.host}:{spec.managed.port}/v1"
 
 
-def backend_api_key(settings: FinetuneConfig, backend: str) -> str | None:
-    """The key the backend's server accepts: a server Keel runs has a random one per start (known only to the
-    process that started it), a remote one the configured ``api_key``."""
-    return server_api_key(settings, backend_url(settings, backend))
+def backend_urls(settings: FinetuneConfig, backend: str) -> list[str]:
+    """Every server of ``backend`` (its URL, then its ``replicas``): an adapter is loaded on each."""
+    return [backend_url(settings, backend), *settings.backends[backend].replicas]
+
+
+def backend_api_key(settings: FinetuneConfig, backend: str, url: str | None = None) -> str | None:
+    """The key the backend's server (``url``, default its first) accepts: a server Keel runs has a random one per
+    start (known only to the process that started it), a remote one the configured ``api_key``."""
+    return server_api_key(settings, url or backend_url(settings, backend))
+
+
+async def load_everywhere(settings: FinetuneConfig, backend: str, name: str, path: str | Path) -> None:
+    """Load adapter ``name`` on every server of ``backend``. A server that cannot be reached is skipped (logged):
+    it gets its adapters when it answers again (the replica probe reports it); none reachable, or a refusal, is
+    an error."""
+    urls = backend_urls(settings, backend)
+    unreachable: list[BackendUnavailable] = []
+    for url in urls:
+        try:
+            await load_adapter(url, name, path, api_key=backend_api_key(settings, backend, url))
+        except BackendUnavailable as exc:
+            unreachable.append(exc)
+    if len(unreachable) == len(urls):
+        raise unreachable[0]
+    for exc in unreachable:
+        log.warning("adapter %s not loaded on a server of %s now (loaded when it answers again): %s", name,
+                    backend, exc.message)
+
+
+async def unload_everywhere(settings: FinetuneConfig, backend: str, name: str) -> None:
+    """Unload adapter ``name`` from every server of ``backend`` that answers (failures logged: a loaded adapter
+    only costs memory)."""
+    for url in backend_urls(settings, backend):
+        try:
+            await unload_adapter(url, name, api_key=backend_api_key(settings, backend, url))
+        except Exception as exc:
+            log.warning("could not unload adapter %s from %s at %s: %s", name, backend, url, exc)
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,8 +220,7 @@ async def deploy(settings: FinetuneConfig, version: AdapterVersion, *, alias: st
     name = lora_name(version)
     spec = settings.backends.get(backend)
     if spec is not None and spec.kind == "vllm":
-        url = backend_url(settings, backend)
-        await load_adapter(url, name, path, api_key=backend_api_key(settings, backend))
+        await load_everywhere(settings, backend, name, path)
     spec = adapter_alias(settings, backend, adapter_name=name, adapter_path=path, fallback=fallback,
                          description=f"LoRA {version.ref} on {backend}")
     await asyncio.to_thread(routes.set, alias, spec, owner=owner, actor=actor, reason=f"deploy {version.ref}")

@@ -32,6 +32,9 @@ class Metrics:
         self.tokens = Counter("keel_chat_tokens_total", "Tokens processed", ["model", "kind"], registry=r)
         self.inflight = Gauge("keel_chat_inflight_requests", "Chat requests in progress", registry=r)
         self.backend_up = Gauge("keel_backend_up", "1 when the backend serves requests", ["backend"], registry=r)
+        self.backend_replica_up = Gauge(
+            "keel_backend_replica_up", "1 when a server of a backend with replicas takes requests (0: drained)",
+            ["backend", "replica"], registry=r)
         self.rate_limit_store_errors = Counter(
             "keel_rate_limit_store_errors_total", "Requests whose shared rate limit could not be checked (the "
             "database was unreachable; let through or refused as auth.rate_limit_fail_open says)", registry=r)

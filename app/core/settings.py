@@ -89,6 +89,13 @@ class BackendSettings(BaseModel):
         "Key the server requires. For a vLLM server Keel starts, unset means a new random key each start; set "
         "it when other processes (a fine-tune worker's eval judge) must call that server too."))
     managed: ManagedVLLM | None = None
+    replicas: list[str] = Field(default_factory=list, description=(
+        "More servers of the same model (base URLs ending in /v1), beside base_url or the server Keel runs: each "
+        "request goes to the one with the fewest in flight, a server that cannot be reached is drained and the "
+        "request sent to another before any token, and deployed LoRA adapters are loaded on every one."))
+    replica_check_s: float = Field(default=5.0, ge=0, description=(
+        "With replicas: how often every server's model list is read (a drained one that answers takes requests "
+        "again; one that restarted gets its adapters back). 0: only requests mark servers down, nothing up."))
     model_path: Path | None = Field(default=None, description="transformers: model folder to load.")
     device: str = "cpu"
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
@@ -103,7 +110,17 @@ class BackendSettings(BaseModel):
     def _check(self) -> BackendSettings:
         if self.kind == "openai" and not self.base_url:
             raise ValueError("an 'openai' backend needs base_url")
+        if self.replicas and self.kind == "transformers":
+            raise ValueError("replicas are servers (vllm or openai backends); a transformers backend runs in process")
+        urls = [u.rstrip("/") for u in ([self.base_url] if self.base_url else []) + self.replicas]
+        if len(set(urls)) != len(urls):
+            raise ValueError("replicas must be distinct servers (a URL is listed twice, or is base_url)")
         return self
+
+    def server_urls(self) -> list[str]:
+        """Every server of this backend: base_url (or the one Keel runs), then the replicas."""
+        first = self.base_url or (f"http://{self.managed.host}:{self.managed.port}/v1" if self.managed else None)
+        return [u.rstrip("/") for u in ([first] if first else []) + self.replicas]
 
 
 class GenerationDefaults(BaseModel):

@@ -17,6 +17,7 @@ from app.core.settings import BackendSettings, CoreConfig, ModelAlias
 from app.core.types import GenerationRequest, LLMEvent
 from app.llm.base import LLMBackend
 from app.llm.openai_backend import OpenAIBackend
+from app.llm.replicas import ReplicaSet
 from app.llm.resilience import ResilientBackend
 from app.llm.routing import RoutingTable, memory_table
 from app.llm.vllm_backend import VLLMBackend
@@ -28,17 +29,28 @@ def build_backend(name: str, cfg: BackendSettings, settings: CoreConfig, metrics
                   tracer_provider: TracerProvider | None = None) -> LLMBackend:
     """Construct (cheaply, nothing loaded) the backend implementation for ``cfg.kind``; ``tracer_provider``
     makes each HTTP request to a model server a client span."""
-    if cfg.kind == "vllm":
-        on_restart = metrics.backend_restarts.labels(name).inc if metrics else None
-        return VLLMBackend(name, cfg, settings.logs_dir, on_restart=on_restart, metrics=metrics,
-                           tracer_provider=tracer_provider)
-    if cfg.kind == "openai":
-        return OpenAIBackend(name, cfg, metrics=metrics, tracer_provider=tracer_provider)
+    if cfg.kind in ("vllm", "openai") and cfg.replicas:
+        first = _server(name, cfg, settings, metrics, tracer_provider)
+        more = [(url, OpenAIBackend(name, cfg, url, metrics=metrics, tracer_provider=tracer_provider))
+                for url in cfg.replicas]
+        return ReplicaSet(name, [(cfg.server_urls()[0], first), *more], check_interval_s=cfg.replica_check_s,
+                          metrics=metrics)
+    if cfg.kind in ("vllm", "openai"):
+        return _server(name, cfg, settings, metrics, tracer_provider)
     if cfg.kind == "transformers":
         from app.llm.transformers_backend import TransformersBackend  # lazy: loads torch and transformers
 
         return TransformersBackend(name, cfg)
     raise ValueError(f"unknown backend kind {cfg.kind!r}")
+
+
+def _server(name: str, cfg: BackendSettings, settings: CoreConfig, metrics: Metrics | None,
+            tracer_provider: TracerProvider | None) -> OpenAIBackend:
+    if cfg.kind == "vllm":
+        on_restart = metrics.backend_restarts.labels(name).inc if metrics else None
+        return VLLMBackend(name, cfg, settings.logs_dir, on_restart=on_restart, metrics=metrics,
+                           tracer_provider=tracer_provider)
+    return OpenAIBackend(name, cfg, metrics=metrics, tracer_provider=tracer_provider)
 
 
 @dataclass(frozen=True)
@@ -110,12 +122,14 @@ class ModelRouter:
             return
 
     def on_server_restart(self, callback: Callable[[str], Awaitable[None]]) -> None:
-        """Call ``callback(backend)`` each time a vLLM server Keel supervises is ready again after a restart (it has
-        lost the adapters loaded into it at run time)."""
+        """Call ``callback(backend)`` each time a vLLM server Keel supervises is ready again after a restart, or a
+        replica came back or lost models it served (either way it has lost the adapters loaded at run time)."""
         for name, backend in self.backends.items():
             sup = getattr(backend.inner, "supervisor", None)
             if sup is not None:
                 sup.on_ready_again.append(partial(callback, name))
+            if isinstance(backend.inner, ReplicaSet):
+                backend.inner.on_back.append(callback)
 
     async def start(self) -> None:
         await asyncio.gather(*(b.start() for b in self.backends.values()))

@@ -60,8 +60,7 @@ def server_api_key(settings: CoreConfig, url: str) -> str | None:
         return key
     root = _server_root(url)
     for b in settings.backends.values():
-        at = b.base_url or (f"http://{b.managed.host}:{b.managed.port}" if b.managed is not None else None)
-        if at is not None and _server_root(at) == root and b.api_key is not None:
+        if b.api_key is not None and any(_server_root(at) == root for at in b.server_urls()):
             return b.api_key.get_secret_value()
     return None
 

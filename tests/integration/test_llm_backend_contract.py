@@ -1,22 +1,27 @@
 """One contract every LLMBackend implementation passes: the scripted test double, the
-OpenAI-compatible client against the real vLLM server, and in-process transformers."""
+OpenAI-compatible client against the real vLLM server, a replica set over it (two URLs of the real server and one
+where nothing listens), and in-process transformers."""
 
 from __future__ import annotations
 
 import pytest
 
+from app.core.metrics import Metrics
 from app.core.settings import BackendSettings
 from app.core.types import ChatMessage, Finished, GenerationParams, GenerationRequest, TextDelta, Usage
 from app.llm.base import LLMBackend
+from app.llm.replicas import ReplicaSet
+from app.llm.router import build_backend
+from app.settings import Settings
 from tests.fakes.llm import ScriptedBackend
-from tests.integration.conftest import MODEL, KeelServer
+from tests.integration.conftest import MODEL, KeelServer, free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 MESSAGES = (ChatMessage("user", "Name three colours."),)
 
 
-@pytest.fixture(scope="module", params=["scripted", "vllm", "transformers"])
+@pytest.fixture(scope="module", params=["scripted", "vllm", "replicas", "transformers"])
 async def backend(request: pytest.FixtureRequest) -> LLMBackend:
     kind = request.param
     if kind == "scripted":
@@ -27,6 +32,8 @@ async def backend(request: pytest.FixtureRequest) -> LLMBackend:
         server: KeelServer = request.getfixturevalue("keel_server")
         b = OpenAIBackend("vllm", BackendSettings(kind="openai", base_url=f"{server.vllm_url}/v1",
                                                   api_key=server.vllm_api_key))
+    elif kind == "replicas":
+        b = replica_set(request.getfixturevalue("keel_server"))
     else:
         from app.llm.transformers_backend import TransformersBackend
 
@@ -34,6 +41,14 @@ async def backend(request: pytest.FixtureRequest) -> LLMBackend:
     await b.start()
     yield b
     await b.aclose()
+
+
+def replica_set(server: KeelServer) -> LLMBackend:
+    """The real vLLM server behind two URLs, and a server that is not there."""
+    cfg = BackendSettings(kind="openai", base_url=f"{server.vllm_url}/v1", api_key=server.vllm_api_key,
+                          replicas=[f"{server.vllm_url.replace('127.0.0.1', 'localhost')}/v1",
+                                    f"http://127.0.0.1:{free_port()}/v1"], replica_check_s=0)
+    return build_backend("replicas", cfg, Settings(backends={"replicas": cfg}), Metrics())
 
 
 def req(**params) -> GenerationRequest:
@@ -75,3 +90,18 @@ async def test_several_choices_are_indexed(backend: LLMBackend) -> None:
 async def test_models_and_ready(backend: LLMBackend) -> None:
     assert await backend.ready()
     assert await backend.models()
+
+
+async def test_a_replica_set_drains_the_dead_server_and_spreads_the_rest(keel_server: KeelServer) -> None:
+    backend = replica_set(keel_server)
+    assert isinstance(backend, ReplicaSet)
+    await backend.start()
+    try:
+        answers = [[e async for e in backend.stream(req(max_tokens=4))] for _ in range(6)]
+        assert all(isinstance(a[-1], Usage) for a in answers)  # every request answered, none lost to the dead one
+        assert [r.up for r in backend.replicas] == [True, True, False]
+        assert await backend.check()  # the probe agrees: the real server's two URLs up, the dead one down
+        assert [r.up for r in backend.replicas] == [True, True, False]
+        assert backend.replicas[0].served == backend.replicas[1].served >= {"smollm2"}
+    finally:
+        await backend.aclose()
