@@ -50,13 +50,18 @@ def _headers(api_key: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
 
+#: how long a server may take to accept the connection (loading an adapter itself may take ``timeout``)
+CONNECT_TIMEOUT_S = 5.0
+
+
 async def _post(base_url: str, route: str, body: dict[str, Any], api_key: str | None, timeout: float,
                 client: httpx.AsyncClient | None) -> httpx.Response:
     url = f"{server_root(base_url)}/v1/{route}"
+    limit = httpx.Timeout(timeout, connect=min(timeout, CONNECT_TIMEOUT_S))
     try:
         if client is not None:
-            return await client.post(url, json=body, headers=_headers(api_key), timeout=timeout)
-        async with httpx.AsyncClient(timeout=timeout) as own:
+            return await client.post(url, json=body, headers=_headers(api_key), timeout=limit)
+        async with httpx.AsyncClient(timeout=limit) as own:
             return await own.post(url, json=body, headers=_headers(api_key))
     except httpx.HTTPError as exc:
         raise BackendUnavailable(f"cannot reach vLLM at {url}: {type(exc).__name__}: {exc}") from exc
@@ -172,12 +177,13 @@ async def load_everywhere(settings: FinetuneConfig, backend: str, name: str, pat
     it gets its adapters when it answers again (the replica probe reports it); none reachable, or a refusal, is
     an error."""
     urls = backend_urls(settings, backend)
-    unreachable: list[BackendUnavailable] = []
-    for url in urls:
-        try:
-            await load_adapter(url, name, path, api_key=backend_api_key(settings, backend, url))
-        except BackendUnavailable as exc:
-            unreachable.append(exc)
+    outcomes = await asyncio.gather(*(load_adapter(url, name, path, api_key=backend_api_key(settings, backend, url))
+                                      for url in urls), return_exceptions=True)
+    unreachable = [o for o in outcomes if isinstance(o, BackendUnavailable)]
+    refused = next((o for o in outcomes if isinstance(o, BaseException) and not isinstance(o, BackendUnavailable)),
+                   None)
+    if refused is not None:
+        raise refused
     if len(unreachable) == len(urls):
         raise unreachable[0]
     for exc in unreachable:

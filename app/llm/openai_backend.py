@@ -8,6 +8,7 @@ from typing import Any
 
 import httpx
 from opentelemetry import context as otel_context
+from opentelemetry.instrumentation.utils import suppress_http_instrumentation
 from opentelemetry.propagate import extract
 from opentelemetry.trace import TracerProvider
 
@@ -160,7 +161,9 @@ class OpenAIBackend:
 
     async def models(self) -> list[str]:
         try:
-            r = await self.client.get("/models", timeout=5.0)
+            # readiness polls and replica probes ask often: not a span each (they would be traces of their own)
+            with suppress_http_instrumentation():
+                r = await self.client.get("/models", timeout=5.0)
             r.raise_for_status()
             return [m["id"] for m in r.json()["data"]]
         except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:

@@ -121,20 +121,31 @@ class ResilientBackend:
     passed through: tokens already sent cannot be taken back, so they are not retried."""
 
     def __init__(
-        self, inner: LLMBackend, *, retries: int, backoff_s: float, breaker: CircuitBreaker
+        self, inner: LLMBackend, *, retries: int, backoff_s: float, breaker: CircuitBreaker,
+        only_unavailable: bool = False,
     ) -> None:
+        """``only_unavailable``: the breaker counts only a :class:`BackendUnavailable` before the first event
+        (around a set of servers with breakers of their own, which count the rest per server)."""
         self.inner = inner
         self.name = inner.name
         self.retries = retries
         self.backoff_s = backoff_s
         self.breaker = breaker
+        self.only_unavailable = only_unavailable
 
     @classmethod
-    def from_settings(cls, label: str, inner: LLMBackend, cfg: BackendSettings, metrics: Metrics | None = None
-                      ) -> ResilientBackend:
-        """``inner`` with ``cfg``'s retries and breaker (its state in ``keel_circuit_open{backend=label}``)."""
-        return cls(inner, retries=cfg.retries, backoff_s=cfg.retry_backoff_s,
-                   breaker=breaker_for(label, cfg, metrics))
+    def from_settings(cls, label: str, inner: LLMBackend, cfg: BackendSettings, metrics: Metrics | None = None,
+                      *, retries: int | None = None, only_unavailable: bool = False) -> ResilientBackend:
+        """``inner`` with ``cfg``'s retries (or ``retries``) and breaker (its state in
+        ``keel_circuit_open{backend=label}``)."""
+        return cls(inner, retries=cfg.retries if retries is None else retries, backoff_s=cfg.retry_backoff_s,
+                   breaker=breaker_for(label, cfg, metrics), only_unavailable=only_unavailable)
+
+    def _failed(self, exc: BackendError, *, started: bool) -> None:
+        if self.only_unavailable and (started or not isinstance(exc, BackendUnavailable)):
+            self.breaker.release_probe()
+        else:
+            self.breaker.record_failure()
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[LLMEvent]:
         if not self.breaker.allow():
@@ -153,8 +164,8 @@ class ResilientBackend:
         except StopAsyncIteration:
             self.breaker.record_success()
             return
-        except BackendError:
-            self.breaker.record_failure()
+        except BackendError as exc:
+            self._failed(exc, started=False)
             raise
         except BaseException:
             # Request errors (4xx) and cancellation say nothing about the backend's health.
@@ -166,8 +177,8 @@ class ResilientBackend:
             yield first
             async for event in gen:
                 yield event
-        except BackendError:
-            self.breaker.record_failure()
+        except BackendError as exc:
+            self._failed(exc, started=True)
             raise
         finally:
             await gen.aclose()

@@ -8,6 +8,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
 from functools import partial
+from urllib.parse import urlsplit, urlunsplit
 
 from opentelemetry.trace import TracerProvider
 
@@ -30,11 +31,14 @@ def build_backend(name: str, cfg: BackendSettings, settings: CoreConfig, metrics
     """Construct (cheaply, nothing loaded) the backend implementation for ``cfg.kind``; ``tracer_provider``
     makes each HTTP request to a model server a client span."""
     if cfg.kind in ("vllm", "openai") and cfg.replicas:
-        first = _server(name, cfg, settings, metrics, tracer_provider)
-        more = [(url, OpenAIBackend(name, cfg, url, metrics=metrics, tracer_provider=tracer_provider))
-                for url in cfg.replicas]
-        return ReplicaSet(name, [(cfg.server_urls()[0], first), *more], check_interval_s=cfg.replica_check_s,
-                          metrics=metrics)
+        first, *more = cfg.server_urls()
+        servers = [_server(name, cfg, settings, metrics, tracer_provider),
+                   *(OpenAIBackend(name, cfg, url, metrics=metrics, tracer_provider=tracer_provider) for url in more)]
+        # each server its own breaker and no retries: the set sends a failed request to the next server instead
+        shown = [_shown(url) for url in (first, *more)]  # what logs and metric labels name: no credentials
+        return ReplicaSet(name, [(url, ResilientBackend.from_settings(f"{name} {url}", server, cfg, metrics, retries=0))
+                                 for url, server in zip(shown, servers, strict=True)],
+                          check_interval_s=cfg.replica_check_s, metrics=metrics)
     if cfg.kind in ("vllm", "openai"):
         return _server(name, cfg, settings, metrics, tracer_provider)
     if cfg.kind == "transformers":
@@ -42,6 +46,12 @@ def build_backend(name: str, cfg: BackendSettings, settings: CoreConfig, metrics
 
         return TransformersBackend(name, cfg)
     raise ValueError(f"unknown backend kind {cfg.kind!r}")
+
+
+def _shown(url: str) -> str:
+    """A server's URL without credentials, for metric labels."""
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1]))
 
 
 def _server(name: str, cfg: BackendSettings, settings: CoreConfig, metrics: Metrics | None,
@@ -76,7 +86,9 @@ class ModelRouter:
         self._was_ready: dict[str, bool] = {}
         for name, cfg in settings.backends.items():
             inner = (backends or {}).get(name) or build_backend(name, cfg, settings, metrics, tracer_provider)
-            self.backends[name] = ResilientBackend.from_settings(name, inner, cfg, metrics)
+            # around a replica set, the breaker opens only when no server answers (each has its own breaker)
+            self.backends[name] = ResilientBackend.from_settings(name, inner, cfg, metrics,
+                                                                 only_unavailable=isinstance(inner, ReplicaSet))
 
     @property
     def aliases(self) -> dict[str, ModelAlias]:
@@ -130,6 +142,14 @@ class ModelRouter:
                 sup.on_ready_again.append(partial(callback, name))
             if isinstance(backend.inner, ReplicaSet):
                 backend.inner.on_back.append(callback)
+
+    def expect_models(self, expected: Callable[[str], frozenset[str]]) -> None:
+        """``expected(backend)``: the model names (deployed adapters) every server of a backend with replicas should
+        serve; each replica probe compares (a server missing one is reported to :meth:`on_server_restart`'s
+        callbacks). Called off the event loop."""
+        for name, backend in self.backends.items():
+            if isinstance(backend.inner, ReplicaSet):
+                backend.inner.expected = partial(expected, name)
 
     async def start(self) -> None:
         await asyncio.gather(*(b.start() for b in self.backends.values()))

@@ -115,6 +115,8 @@ async def test_each_request_to_the_model_server_is_an_http_client_span_of_the_ht
     sent: list[httpx.Request] = []
 
     def server(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/models"):
+            return httpx.Response(200, json={"object": "list", "data": [{"id": "fake-model"}]})
         sent.append(request)
         chunks = [{"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "fake-model",
                    "choices": [{"index": 0, "delta": {"content": c}, "finish_reason": f}]}
@@ -143,7 +145,11 @@ async def test_each_request_to_the_model_server_is_an_http_client_span_of_the_ht
         rec = (await c.get(f"/v1/lineage/{r.json()['id']}", headers={"Authorization": f"Bearer {key}"})).json()
         spans = (await c.get(f"/v1/traces/{rec['trace_id']}", headers={"Authorization": f"Bearer {admin}"})
                  ).json()["spans"]
+    assert await backend.models() == ["fake-model"]  # readiness polls and replica probes: no trace of their own
+    container.tracing.flush()
+    roots = {t["root"] for t in container.tracing.store.traces()}
     await container.aclose()
+    assert "GET" not in roots, roots  # (the client span of a model-list poll is named "GET")
     by_name = {s["name"]: s for s in spans}
     model, http = by_name["chat fake-model"], by_name["POST"]
     assert http["kind"] == "CLIENT" and http["parent_id"] == model["span_id"]
