@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from app.core.db import enable_wal
+from app.core.db import RECONNECT_TIMEOUT_S, enable_wal
 from app.core.migrate import Migrations, upgrade_postgres, upgrade_sqlite
 
 ACTIVE = ("running",)
@@ -194,7 +194,8 @@ class PostgresRunStore(RunStoreBase):
         # check on checkout: a Postgres restart costs a reconnect, not a failed request.
         self._pool = ConnectionPool(url, min_size=1, max_size=max_size, timeout=timeout_s, open=True,
                                     kwargs={"autocommit": True, "row_factory": dict_row},
-                                    check=ConnectionPool.check_connection, name="keel-agent-runs")
+                                    check=ConnectionPool.check_connection, name="keel-agent-runs",
+                                    reconnect_timeout=RECONNECT_TIMEOUT_S)
 
     def close(self) -> None:
         self._pool.close()

@@ -25,7 +25,7 @@ from typing import Any
 
 from app.core import audit
 from app.core.audit import AuditRetention, Pruner
-from app.core.db import postgres_unavailable
+from app.core.db import RECONNECT_TIMEOUT_S, postgres_unavailable
 from app.core.errors import StoreUnavailable
 from app.core.migrate import upgrade_postgres
 from prompts.store import MIGRATIONS, TRAIL, SqlPromptStore
@@ -53,6 +53,7 @@ class PostgresPromptStore(SqlPromptStore):
         self._pool = ConnectionPool(
             url, min_size=min_size, max_size=max_size, timeout=timeout_s, open=False,
             kwargs={"autocommit": True}, check=ConnectionPool.check_connection, name="keel-prompts",
+            reconnect_timeout=RECONNECT_TIMEOUT_S,
         )
         self._closed = threading.Event()
         # The schema (Alembic, prompts/migrations) on a connection of its own first: a wrong URL, password or

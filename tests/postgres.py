@@ -94,3 +94,38 @@ def store_handles(request: pytest.FixtureRequest, sqlite: Callable[[], T], postg
     yield make
     for store in opened:
         store.close()  # type: ignore[attr-defined]
+
+
+class StoppableServer:
+    """A Postgres of a test's own (pgserver, in a temporary folder) that the test stops and starts again, on the same
+    socket; its databases' URLs carry a password (trust auth ignores it) so that "never the password" can fail."""
+
+    def __init__(self) -> None:
+        self.home = Path(tempfile.mkdtemp(prefix="keel-pg-stoppable-"))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import pgserver
+
+            self.server = pgserver.get_server(self.home / "data", cleanup_mode="delete")
+
+    def database(self) -> str:
+        import psycopg
+
+        name = f"keel_stoppable_{uuid.uuid4().hex[:12]}"
+        with psycopg.connect(self.server.get_uri(), autocommit=True) as admin:
+            admin.execute(f'CREATE DATABASE "{name}"')
+        return with_database(self.server.get_uri().replace("postgres:@", "postgres:s3cr3t-pw@"), name)
+
+    def stop(self) -> None:
+        from pgserver.postgres_server import pg_ctl
+
+        with self.server._lock:  # pgserver's own lock around its server's state (another process may start one)
+            pg_ctl(["-w", "-m", "fast", "stop"], pgdata=self.server.pgdata, user=self.server.system_user)
+
+    def start(self) -> None:
+        with self.server._lock:
+            self.server.ensure_postgres_running()
+
+    def close(self) -> None:
+        self.server.cleanup()
+        shutil.rmtree(self.home, ignore_errors=True)

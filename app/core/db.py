@@ -174,6 +174,13 @@ async def advisory_lock(url: str, key: int, *, what: str, poll_s: float = 0.05,
             await conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
 
 
+#: How long a pool keeps retrying one new connection before it gives up and the next request starts afresh.
+#: psycopg_pool's retries back off exponentially without a bound (1, 2, 4 ... s) until this: at its default
+#: (300 s), a Postgres down for a minute was answered again only 30-60 s after it came back (measured:
+#: tests/integration/test_postgres_down.py); capped here, a request finds a connection within seconds.
+RECONNECT_TIMEOUT_S = 10.0
+
+
 class PostgresPool:
     """The plumbing a Postgres-backed Keel store shares: its schema migrated on a connection of its own first (a
     wrong URL, password or host fails at once with libpq's reason instead of a pool retrying quietly), then a
@@ -192,7 +199,8 @@ class PostgresPool:
         except psycopg.OperationalError as e:
             raise self.unavailable(e) from None
         self._pool = ConnectionPool(url, min_size=1, max_size=max_size, timeout=timeout_s, open=True,
-                                    kwargs={"autocommit": True}, check=ConnectionPool.check_connection, name=name)
+                                    kwargs={"autocommit": True}, check=ConnectionPool.check_connection, name=name,
+                                    reconnect_timeout=RECONNECT_TIMEOUT_S)
 
     def unavailable(self, e: Exception) -> StoreUnavailable:
         return postgres_unavailable(self._whose, self.url, self._setting, e)

@@ -4,12 +4,8 @@ restart costs a reconnect, never a restart of Keel. A server of its own (pgserve
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import time
-import warnings
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,45 +15,27 @@ from app.guardrails.audit import AuditRecord, PostgresAuditStore
 from app.security.keys import PostgresKeyStore
 from evals.store import PostgresEvalStore
 from lifecycle.lineage import PostgresLineageStore
-from tests.postgres import with_database
+from tests.postgres import StoppableServer
 
 
 @pytest.fixture(scope="module")
-def server() -> Iterator[Any]:
-    home = Path(tempfile.mkdtemp(prefix="keel-pg-restart-"))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import pgserver
-
-        srv = pgserver.get_server(home / "data", cleanup_mode="delete")
+def server() -> Iterator[StoppableServer]:
+    srv = StoppableServer()
     yield srv
-    srv.cleanup()
-    shutil.rmtree(home, ignore_errors=True)
+    srv.close()
 
 
 @pytest.fixture
-def url(server) -> str:
-    import uuid
-
-    import psycopg
-
-    name = f"keel_restart_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(server.get_uri(), autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    # a password in the URL (trust auth ignores it) so that "never the password" can fail
-    return with_database(server.get_uri().replace("postgres:@", "postgres:s3cr3t-pw@"), name)
+def url(server: StoppableServer) -> str:
+    return server.database()
 
 
-def stop(server) -> None:
-    from pgserver.postgres_server import pg_ctl
-
-    with server._lock:  # pgserver's own lock around its server's state (another process may start one)
-        pg_ctl(["-w", "-m", "fast", "stop"], pgdata=server.pgdata, user=server.system_user)
+def stop(server: StoppableServer) -> None:
+    server.stop()
 
 
-def start(server) -> None:
-    with server._lock:
-        server.ensure_postgres_running()
+def start(server: StoppableServer) -> None:
+    server.start()
 
 
 def eventually(check: Callable[[], Any], timeout: float = 20.0) -> Any:
