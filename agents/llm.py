@@ -13,11 +13,13 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
+from langgraph.config import get_config
+
 from agents.errors import MalformedOutput
-from app.core.types import ChatMessage, GenerationParams, GenerationRequest, ResponseFormat, TextDelta
+from app.core.types import ChatMessage, GenerationParams, GenerationRequest, ResponseFormat, TextDelta, Usage
 
 Messages = Sequence[ChatMessage]
 
@@ -29,6 +31,18 @@ class LLM(Protocol):
 
     def stream(self, messages: Messages, *, max_tokens: int | None = None,
                temperature: float | None = None) -> AsyncIterator[str]: ...
+
+
+#: The key of a run's config (``configurable``) holding where its model calls report their tokens: LangGraph passes
+#: a run's config to its nodes (``langgraph.config.get_config``), and a callable is never written to a checkpoint.
+USAGE_KEY = "keel_usage"
+
+
+def _usage_sink() -> Callable[[int], None] | None:
+    try:
+        return get_config().get("configurable", {}).get(USAGE_KEY)
+    except RuntimeError:  # called outside a run (a workflow's test, the CLI): nothing to count against
+        return None
 
 
 class AgentLLM:
@@ -48,10 +62,13 @@ class AgentLLM:
                                  request_id=f"agent-{uuid.uuid4().hex[:12]}")
 
     async def _texts(self, request: GenerationRequest) -> AsyncIterator[str]:
-        """The first choice's text deltas (the router applies the backend's timeouts, retries and breaker)."""
+        """The first choice's text deltas (the router applies the backend's timeouts, retries and breaker); the
+        call's tokens go to the run's usage sink (its config's :data:`USAGE_KEY`: the key's token budget)."""
         async for event in self.router.stream(self.alias, request):
             if isinstance(event, TextDelta) and event.index == 0 and event.text:
                 yield event.text
+            elif isinstance(event, Usage) and (sink := _usage_sink()) is not None:
+                sink(event.prompt_tokens + event.completion_tokens)
 
     async def stream(self, messages: Messages, *, max_tokens: int | None = None,
                      temperature: float | None = None) -> AsyncIterator[str]:

@@ -24,7 +24,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,14 +46,14 @@ from agents.events import (
     ToolCall,
     ToolResult,
 )
-from agents.llm import AgentLLM
+from agents.llm import USAGE_KEY, AgentLLM
 from agents.memory import QdrantMemoryStore
 from agents.registry import WorkflowRegistry, default_registry
 from agents.runs import RESUMABLE, TERMINAL, PostgresRunStore, RunRecord, RunStore, RunStoreBase, runs_db_path
 from agents.settings import AgentConfig, AgentSettings
 from agents.tools import ToolRegistry, builtin_tools
 from agents.workflows.common import IDK, Deps
-from app.core.db import advisory_lock, postgres_unavailable
+from app.core.db import RECONNECT_TIMEOUT_S, advisory_lock, postgres_unavailable
 from app.core.errors import Conflict, InvalidRequest, KeelError, ModelNotFound, NotFound, StoreUnavailable
 from app.core.types import ChatMessage, Citations, Finished, Started, TextDelta
 from app.guardrails.types import GuardContext, GuardrailRedaction, GuardrailRetraction
@@ -206,6 +206,8 @@ class AgentService:
                  postgres_url: str | None = None, checkpointer: Any = None, tracer: Tracer | None = None) -> None:
         self.deps = deps
         self.tracer = tracer or trace.NoOpTracer()
+        #: ``on_usage(key id, token budget, tokens)``: each model call's tokens, for the key's token limit
+        self.on_usage: Callable[[str, int, int], None] | None = None
         self.settings: AgentSettings = deps.settings
         self.registry = registry or default_registry()
         self.db_path = Path(db_path)
@@ -271,7 +273,7 @@ class AgentService:
         pool = AsyncConnectionPool(
             self.postgres_url, min_size=1, max_size=2, timeout=10.0, open=False, name="keel-agent-checkpoints",
             kwargs={"autocommit": True, "prepare_threshold": 0, "row_factory": dict_row},
-            check=AsyncConnectionPool.check_connection,
+            check=AsyncConnectionPool.check_connection, reconnect_timeout=RECONNECT_TIMEOUT_S,
         )
         self._stack.push_async_callback(pool.close)
         try:
@@ -339,12 +341,13 @@ class AgentService:
 
     async def run(self, workflow: str, question: str, *, thread_id: str | None = None, user: str | None = None,
                   team: str | None = None, owner: str | None = None, max_steps: int | None = None,
-                  guard: RunGuard | None = None, scopes: Iterable[str] | None = None
-                  ) -> AsyncIterator[AgentEvent]:
+                  guard: RunGuard | None = None, scopes: Iterable[str] | None = None,
+                  token_budget: int | None = None) -> AsyncIterator[AgentEvent]:
         """Start a run (a new thread unless ``thread_id`` names one of this owner's threads).
 
         ``scopes``: the starting key's; every tool call of the run (resumed ones too) is checked against them
-        (None: unscoped, the operator's CLI).
+        (None: unscoped, the operator's CLI). ``token_budget``: the key's model tokens per minute; the run's
+        model calls are counted against ``owner``'s budget (:attr:`on_usage`).
 
         ``guard``: the question passes its input stage before the workflow starts (blocked: the run ends
         ``blocked`` with the refusal, no node runs; masked values are masked for the model, tools and memory)
@@ -388,8 +391,8 @@ class AgentService:
         state = wf.initial_state(question, max_steps=max_steps)
         state.update(run_id=rec.run_id, thread_id=thread_id, namespace=namespace, search_namespaces=search,
                      principal=owner or "", scopes=sorted(scopes) if scopes is not None else None)
-        async with contextlib.aclosing(self._drive(rec, self.graph(workflow), state, resumed=False,
-                                                   guard=guard)) as events:
+        async with contextlib.aclosing(self._drive(rec, self.graph(workflow), state, resumed=False, guard=guard,
+                                                   usage=self._usage(owner, token_budget))) as events:
             async for event in events:
                 yield event
 
@@ -405,7 +408,8 @@ class AgentService:
 
     async def resume(self, run_id: str, action: str = "approve", *, reason: str | None = None,
                      args: dict[str, Any] | None = None, owner: str | None = None, guard_with: Any = None,
-                     route: str = "", request_id: str = "") -> AsyncIterator[AgentEvent]:
+                     route: str = "", request_id: str = "", token_budget: int | None = None
+                     ) -> AsyncIterator[AgentEvent]:
         """``approve`` / ``reject`` (reason reaches the agent) / ``edit`` (new tool args) an interrupted run,
         or ``continue`` a stalled, failed or cancelled one from its last checkpoint.
 
@@ -449,13 +453,20 @@ class AgentService:
         rec = self.runs.get(run_id)
         if guard is not None:
             self.runs.update(run_id, guardrails=guard.tag)
-        async with contextlib.aclosing(self._drive(rec, self.graph(rec.workflow), command, resumed=True,
-                                                   guard=guard)) as events:
+        async with contextlib.aclosing(self._drive(rec, self.graph(rec.workflow), command, resumed=True, guard=guard,
+                                                   usage=self._usage(rec.owner, token_budget))) as events:
             async for event in events:
                 yield event
 
-    async def _drive(self, rec: RunRecord, graph: Any, inp: Any, *, resumed: bool, guard: RunGuard | None = None
-                     ) -> AsyncIterator[AgentEvent]:
+    def _usage(self, owner: str | None, token_budget: int | None) -> Callable[[int], None] | None:
+        """What the run's model calls report their tokens to (``owner``'s budget), or None (no limit to count)."""
+        sink = self.on_usage
+        if sink is None or not owner or not token_budget:
+            return None
+        return lambda tokens: sink(owner, token_budget, tokens)
+
+    async def _drive(self, rec: RunRecord, graph: Any, inp: Any, *, resumed: bool, guard: RunGuard | None = None,
+                     usage: Callable[[int], None] | None = None) -> AsyncIterator[AgentEvent]:
         """A run (a start or a resume) as a trace: ``invoke_agent <workflow>`` with a span per node and per tool
         call (GenAI conventions: ``execute_tool <tool>``), built from the run's own events."""
         run = self.tracer.start_span(f"invoke_agent {rec.workflow}", attributes={
@@ -464,7 +475,8 @@ class AgentService:
         under = trace.set_span_in_context(run)
         open_spans: dict[str, Span] = {}
         try:
-            async with contextlib.aclosing(self._drive_untraced(rec, graph, inp, resumed=resumed, guard=guard)) as ev:
+            async with contextlib.aclosing(self._drive_untraced(rec, graph, inp, resumed=resumed, guard=guard,
+                                                                usage=usage)) as ev:
                 async for event in ev:
                     if isinstance(event, NodeStarted):
                         open_spans[f"node:{event.node}"] = self.tracer.start_span(
@@ -496,11 +508,14 @@ class AgentService:
             run.end()
 
     async def _drive_untraced(self, rec: RunRecord, graph: Any, inp: Any, *, resumed: bool,
-                              guard: RunGuard | None = None) -> AsyncIterator[AgentEvent]:
+                              guard: RunGuard | None = None, usage: Callable[[int], None] | None = None
+                              ) -> AsyncIterator[AgentEvent]:
         from langgraph.errors import GraphRecursionError
 
         runs = self.runs
         config = self._config(rec.thread_id)
+        if usage is not None:  # the run's config, which its nodes' model calls read (agents.llm.USAGE_KEY)
+            config["configurable"][USAGE_KEY] = usage
         steps = list(rec.steps)
         started: dict[str, float] = {}
         finished = False
@@ -689,7 +704,8 @@ class AgentService:
         return bool(model) and model.startswith(AGENT_MODEL_PREFIX)
 
     async def chat_events(self, model: str, messages: Sequence[Any], *, request_id: str = "",
-                          owner: str | None = None, scopes: Iterable[str] | None = None) -> AsyncIterator[Any]:
+                          owner: str | None = None, scopes: Iterable[str] | None = None,
+                          token_budget: int | None = None) -> AsyncIterator[Any]:
         """``agent:<workflow>`` as a chat model: yields ChatService events (``Started``, ``TextDelta``s of the
         final answer, ``Finished``). The question is the last user message; each request is a new thread."""
         workflow = model[len(AGENT_MODEL_PREFIX):] if self.is_agent_model(model) else model
@@ -701,7 +717,8 @@ class AgentService:
         if not question:
             raise InvalidRequest("send a user message with the question", param="messages")
         text, cited = "", []
-        async with contextlib.aclosing(self.run(workflow, question, owner=owner, scopes=scopes)) as events:
+        async with contextlib.aclosing(self.run(workflow, question, owner=owner, scopes=scopes,
+                                                token_budget=token_budget)) as events:
             first = await anext(events)  # validation errors surface here, before Started
             yield Started(f"chatcmpl-{request_id or uuid.uuid4().hex}", int(time.time()), model)
             async for ev in _chain(first, events):

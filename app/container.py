@@ -25,7 +25,7 @@ from app.llm.base import LLMBackend
 from app.llm.router import ModelRouter
 from app.llm.routing import open_routing_table
 from app.security.keys import ApiKeys, open_key_store
-from app.security.ratelimit import RateLimits, open_rate_limiter
+from app.security.ratelimit import RateLimits, TokenMeter, open_rate_limiter
 from app.services.chat import ChatService
 from app.services.grounding import Grounder
 from app.services.ingest_jobs import IngestJobs
@@ -101,6 +101,8 @@ class Container:
     responses: ResponseStore | None = None
     #: The feature store (Feast, imported on first use); None: features.enabled is off.
     features: FeatureService | None = None
+    #: Each answer's model tokens, taken from its key's token budget.
+    token_meter: TokenMeter | None = None
 
     @classmethod
     async def build(
@@ -153,9 +155,12 @@ class Container:
             finetune.set_gate(adapter_gate(eval_store, max_age_days=settings.evals.gate_max_age_days))
         # Its sources (lineage, feedback) are built below; Feast is imported on the first lookup, not here.
         features = FeatureService(settings.features, settings.home) if settings.features.enabled else None
+        # each answer's tokens, from its key's token budget (auth.default_tokens_per_minute, a key's own limit)
+        meter = TokenMeter(keys, rate_limiter, settings.auth.default_tokens_per_minute)
+        agents.on_usage = meter.record  # an agent run's model calls count against its key's budget too
         chat = ChatService(settings, llm, metrics, prompts, Grounder(rag, prompts), guards, agents,
                            tracer=tracing.tracer, capture_content=settings.otel.capture_content,
-                           features=features.online if features is not None else None)
+                           features=features.online if features is not None else None, on_usage=meter.record)
         jobs = IngestJobs(rag, settings.home / "uploads", runner)
         releases = serving = None
         if settings.releases.enabled:
@@ -185,7 +190,7 @@ class Container:
                                     flush=front.flush)
         container = cls(settings, metrics, keys, rate_limiter, llm, chat, prompts, rag, jobs, guards, agents, finetune,
                         eval_store, jobs=runner, releases=releases, serving=serving, front=front, lineage=lineage,
-                        tracing=tracing, monitor=monitor)
+                        tracing=tracing, monitor=monitor, token_meter=meter)
         EvalJobs(container.eval_deps).register(runner, slots=settings.jobs.eval_slots)
         container.responses = ResponseStore(settings.home)
         if settings.batch.enabled:
@@ -218,6 +223,7 @@ class Container:
         if start_backends:
             container._background(container._restore_adapters())
             container.llm.on_server_restart(container._restore_after_restart)
+            container.llm.expect_models(container._deployed_adapters)
         return container
 
     def _register_tools(self) -> None:
@@ -339,6 +345,11 @@ class Container:
         if restored:
             log.info("restored adapter deployments: %s", ", ".join(restored))
 
+    def _deployed_adapters(self, backend: str) -> frozenset[str]:
+        """The adapter names every server of ``backend`` should serve (a replica missing one gets them back)."""
+        return frozenset(d["served_name"] for d in self.finetune.store.deployments()
+                         if d["backend"] == backend and d.get("served_name"))
+
     async def _restore_after_restart(self, backend: str) -> None:
         """A vLLM server that restarted has forgotten the adapters loaded into it at run time: load them again."""
         restored = await self.finetune.restore_deployments(backend=backend)
@@ -365,8 +376,9 @@ class Container:
             *((f"closer {getattr(c, '__name__', c)}", c) for c in reversed(self._closers)),
             ("model backends", self.llm.aclose), ("routing table", self.llm.routes.close),
             *((("guardrails", self.guards.aclose),) if self.guards is not None else ()),
-            ("prompt registry", self.prompts.close), ("vector store", self.rag.close), ("API keys", self.keys.close),
-            ("rate limits", self.rate_limiter.close),
+            ("prompt registry", self.prompts.close), ("vector store", self.rag.close),
+            *((("token usage", self.token_meter.drain),) if self.token_meter is not None else ()),
+            ("API keys", self.keys.close), ("rate limits", self.rate_limiter.close),
             *((("traces", self.tracing.close),) if self.tracing is not None else ()),
         ]
         failed = 0

@@ -208,7 +208,14 @@ async def authenticate(request: Request, container: ContainerDep) -> ApiKey:
         span.set_attribute("keel.auth.outcome", "ok")
     request.state.api_key_id = key.id
     request.state.api_key_scopes = key.scopes
+    # the key's model tokens per minute: what the routes that reach a model count its answers against
+    request.state.api_key_token_budget = key.tokens_per_minute or container.settings.auth.default_tokens_per_minute
     return key
+
+
+def token_budget(request: Request) -> int | None:
+    """The caller's key's model tokens per minute (None: not limited), as :func:`authenticate` found it."""
+    return getattr(request.state, "api_key_token_budget", None)
 
 
 def require_scope(scope: str) -> Callable[..., ApiKey]:
@@ -216,11 +223,15 @@ def require_scope(scope: str) -> Callable[..., ApiKey]:
     if scope not in SCOPES:
         raise ValueError(f"unknown scope {scope!r}")
 
-    async def dependency(key: Annotated[ApiKey, Depends(authenticate)]) -> ApiKey:
+    async def dependency(key: Annotated[ApiKey, Depends(authenticate)], request: Request,
+                         container: ContainerDep) -> ApiKey:
         if not key.allows(scope):
             raise PermissionDenied(
                 f"this API key lacks the '{scope}' scope (it has: {', '.join(sorted(key.scopes))})"
             )
+        budget = token_budget(request)
+        if scope == "chat" and budget:  # the routes that reach a model: refused while the key's tokens are spent
+            await container.rate_limiter.acheck_tokens(key.id, budget)
         return key
 
     dependency.keel_scope = scope  # type: ignore[attr-defined]  # the OpenAPI document names the 403 it can answer

@@ -122,10 +122,14 @@ def keys_create(
     rate_limit: Annotated[int | None, typer.Option(help="Requests per minute (default from settings).")] = None,
     team: Annotated[list[str] | None, typer.Option(help="Repeat for several: teams whose shared agent memories "
                                                  "the key may read.")] = None,
+    tokens_per_minute: Annotated[int | None, typer.Option(min=1, max=2**31 - 1, help="Model tokens (prompt + "
+                                                          "completion) per minute (default from settings: none).")
+                                 ] = None,
 ) -> None:
     """Create an API key; the secret is printed once."""
     with _key_store(_settings()) as store:
-        key, secret = store.create(name, scope or ["chat"], rate_limit, team or ())
+        key, secret = store.create(name, scope or ["chat"], rate_limit, team or (),
+                                   tokens_per_minute=tokens_per_minute)
     console.print(f"created key [bold]{key.id}[/bold] ({key.name}) with scopes {', '.join(sorted(key.scopes))}")
     console.print("secret (shown once, store it now):")
     print(secret)
@@ -134,12 +138,13 @@ def keys_create(
 @keys_app.command("list")
 def keys_list(all_: Annotated[bool, typer.Option("--all", help="Include revoked keys.")] = False) -> None:
     """List API keys (never their secrets)."""
-    table = Table("id", "name", "scopes", "teams", "rate limit/min", "created", "revoked")
+    table = Table("id", "name", "scopes", "teams", "rate limit/min", "tokens/min", "created", "revoked")
     with _key_store(_settings()) as store:
         keys = store.list(include_revoked=all_)
     for k in keys:
         table.add_row(k.id, k.name, ", ".join(sorted(k.scopes)), ", ".join(sorted(k.teams)),
-                      str(k.rate_limit_per_minute or "default"), k.created_at, k.revoked_at or "")
+                      str(k.rate_limit_per_minute or "default"), str(k.tokens_per_minute or "default"),
+                      k.created_at, k.revoked_at or "")
     console.print(table)
 
 

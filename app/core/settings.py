@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Any, Literal, Protocol
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic.fields import FieldInfo
@@ -77,6 +78,14 @@ class ManagedVLLM(BaseModel):
     restart_backoff_s: float = 2.0
 
 
+def _server_root(url: str) -> str:
+    """'http://h:8000/v1/' and 'http://h:8000' -> 'http://h:8000': one server, however its URL is written."""
+    parts = urlsplit(url.strip())
+    path = parts.path.rstrip("/")
+    path = path[:-3] if path.endswith("/v1") else path
+    return f"{parts.scheme}://{parts.netloc.lower()}{path}"
+
+
 class BackendSettings(BaseModel):
     """One inference backend. ``kind`` selects the implementation."""
 
@@ -112,10 +121,15 @@ class BackendSettings(BaseModel):
             raise ValueError("an 'openai' backend needs base_url")
         if self.replicas and self.kind == "transformers":
             raise ValueError("replicas are servers (vllm or openai backends); a transformers backend runs in process")
-        urls = [u.rstrip("/") for u in ([self.base_url] if self.base_url else []) + self.replicas]
-        if len(set(urls)) != len(urls):
-            raise ValueError("replicas must be distinct servers (a URL is listed twice, or is base_url)")
+        self.check_distinct()
         return self
+
+    def check_distinct(self) -> None:
+        """Every server once: a URL listed twice (with or without /v1) would be sent double its share."""
+        roots = [_server_root(u) for u in self.server_urls()]
+        if len(set(roots)) != len(roots):
+            raise ValueError("replicas must be distinct servers (a URL is listed twice, or is base_url or the "
+                             "server Keel runs)")
 
     def server_urls(self) -> list[str]:
         """Every server of this backend: base_url (or the one Keel runs), then the replicas."""
@@ -155,6 +169,9 @@ class ServerSettings(BaseModel):
 class AuthSettings(BaseModel):
     enabled: bool = Field(default=True, description="false = dev mode: every request is admin. Loudly logged.")
     default_rate_limit_per_minute: int = Field(default=600, ge=1)
+    default_tokens_per_minute: int | None = Field(default=None, ge=1, description=(
+        "Model tokens (prompt + completion) a key may use per minute unless it has its own limit; unset: no token "
+        "limit. Counted where the requests are (in Postgres with the keys, for every API process together)."))
     url: SecretStr | None = Field(default=None, description=(
         "postgresql:// URL of the API key store: a key created through one API process works on every other; "
         "unset: database_url, else <home>/keel.db (one machine)."))
@@ -285,6 +302,7 @@ class CoreSettings(BaseSettings):
                 backend.managed = ManagedVLLM()
             if backend.managed and backend.managed.model_path is None:
                 backend.managed.model_path = self.models_dir / "smollm2"
+            backend.check_distinct()  # now with the server Keel runs, if it runs one
             if backend.kind == "transformers" and backend.model_path is None:
                 backend.model_path = self.models_dir / "smollm2"
         return self

@@ -60,6 +60,7 @@ class ApiKey:
     created_at: str
     revoked_at: str | None = None
     teams: frozenset[str] = frozenset()  # whose shared memories (teams/<name>) the key may read
+    tokens_per_minute: int | None = None  # model tokens (prompt + completion); None: the server's default
 
     def allows(self, scope: str) -> bool:
         return scope_allows(self.scopes, scope)
@@ -107,9 +108,12 @@ class ApiKeys(Protocol):
     """Where keys live (the contract every store passes: tests/unit/test_security.py)."""
 
     def create(self, name: str, scopes: Iterable[str], rate_limit_per_minute: int | None = None,
-               teams: Iterable[str] = ()) -> tuple[ApiKey, str]: ...
+               teams: Iterable[str] = (), tokens_per_minute: int | None = None) -> tuple[ApiKey, str]: ...
 
     def verify(self, raw: str) -> ApiKey | None: ...
+
+    def get(self, key_id: str) -> ApiKey | None:
+        """The active key with that id (cached like :meth:`verify`), or None."""
 
     async def averify(self, raw: str) -> ApiKey | None:
         """:meth:`verify` for the event loop: from the cache at once, else read off the loop."""
@@ -129,6 +133,7 @@ class _SqlKeyStore:
 
     def __init__(self, cache_ttl_s: float) -> None:
         self._cache: dict[str, tuple[float, ApiKey | None]] = {}
+        self._by_id: dict[str, tuple[float, ApiKey | None]] = {}
         self._ttl = cache_ttl_s
 
     def _tx(self) -> AbstractContextManager[Any]:  # pragma: no cover - abstract
@@ -139,13 +144,15 @@ class _SqlKeyStore:
 
     def create(
         self, name: str, scopes: Iterable[str], rate_limit_per_minute: int | None = None,
-        teams: Iterable[str] = (),
+        teams: Iterable[str] = (), tokens_per_minute: int | None = None,
     ) -> tuple[ApiKey, str]:
         """Return the stored key and the raw secret (shown to the user once)."""
         if not name.strip():
             raise InvalidRequest("a key needs a non-empty name", param="name")
-        if rate_limit_per_minute is not None and rate_limit_per_minute < 1:
-            raise InvalidRequest("rate_limit_per_minute must be at least 1", param="rate_limit_per_minute")
+        for param, value in (("rate_limit_per_minute", rate_limit_per_minute),
+                             ("tokens_per_minute", tokens_per_minute)):
+            if value is not None and value < 1:
+                raise InvalidRequest(f"{param} must be at least 1", param=param)
         key = ApiKey(
             id=secrets.token_hex(6),
             name=name.strip(),
@@ -153,15 +160,27 @@ class _SqlKeyStore:
             rate_limit_per_minute=rate_limit_per_minute,
             created_at=datetime.now(UTC).isoformat(timespec="seconds"),
             teams=validate_teams(teams),
+            tokens_per_minute=tokens_per_minute,
         )
         raw = f"{KEY_PREFIX}{key.id}-{secrets.token_urlsafe(32)}"
         m = self._mark
         with self._tx() as db:
-            db.execute("INSERT INTO api_keys (id, name, key_hash, scopes, rate_limit_per_minute, created_at, teams) "
-                       f"VALUES ({m}, {m}, {m}, {m}, {m}, {m}, {m})",
+            db.execute("INSERT INTO api_keys (id, name, key_hash, scopes, rate_limit_per_minute, created_at, teams, "
+                       f"tokens_per_minute) VALUES ({m}, {m}, {m}, {m}, {m}, {m}, {m}, {m})",
                        (key.id, key.name, hash_key(raw), json.dumps(sorted(key.scopes)), rate_limit_per_minute,
-                        key.created_at, json.dumps(sorted(key.teams))))
+                        key.created_at, json.dumps(sorted(key.teams)), tokens_per_minute))
         return key, raw
+
+    def get(self, key_id: str) -> ApiKey | None:
+        hit = self._by_id.get(key_id)
+        if hit is not None and hit[0] > time.monotonic():
+            return hit[1]
+        rows = self._read(f"SELECT * FROM api_keys WHERE id = {self._mark} AND revoked_at IS NULL", (key_id,))
+        key = _row_to_key(rows[0]) if rows else None
+        if len(self._by_id) > 10_000:
+            self._by_id.clear()
+        self._by_id[key_id] = (time.monotonic() + self._ttl, key)
+        return key
 
     def _cached(self, digest: str) -> tuple[ApiKey | None] | None:
         hit = self._cache.get(digest)
@@ -209,6 +228,7 @@ class _SqlKeyStore:
         if row is None or (cur.rowcount == 0 and row[6] is None):
             raise NotFound(f"no active API key with id {key_id!r}", param="key_id")
         self._cache.clear()
+        self._by_id.clear()
         return _row_to_key(tuple(row))
 
 
@@ -258,5 +278,5 @@ def open_key_store(url: str | None, path: Path) -> ApiKeys:
 def _row_to_key(row: tuple[Any, ...]) -> ApiKey:
     return ApiKey(
         id=row[0], name=row[1], scopes=frozenset(json.loads(row[3])), rate_limit_per_minute=row[4],
-        created_at=row[5], revoked_at=row[6], teams=frozenset(json.loads(row[7] or "[]")),
+        created_at=row[5], revoked_at=row[6], teams=frozenset(json.loads(row[7] or "[]")), tokens_per_minute=row[8],
     )

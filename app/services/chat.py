@@ -94,6 +94,8 @@ class ChatRequest:
     thread: str | None = None  # the X-Keel-Thread header: a conversation (A/B units)
     policy: str | None = None  # a guardrail policy chosen by a release variant, instead of the bindings'
     scopes: frozenset[str] | None = None  # the caller's key's: an agent model's tool calls are checked against them
+    token_budget: int | None = None  # the caller's key's model tokens per minute: the answer's usage counts against
+    # it (None: not counted: no limit, or traffic the caller did not send, a release's shadow or probe)
 
 
 ChatEvent = Started | LLMEvent | Citations | GuardrailEvent
@@ -130,10 +132,13 @@ class ChatService:
         self, settings: CoreConfig, router: ModelRouter, metrics: Metrics, prompts: PromptRegistry | None = None,
         grounder: Grounder | None = None, guards: GuardrailEngine | None = None, agents: AgentService | None = None,
         tracer: Tracer | None = None, capture_content: bool = False, features: FeatureLookup | None = None,
+        on_usage: Callable[[str, int, int], None] | None = None,
     ) -> None:
         """``tracer``: spans of every request (the container passes its :class:`app.core.tracing.Tracing`'s);
         ``capture_content``: put the (PII-masked) messages and answers on them; ``features``: the feature store's
-        online lookup, for templates that declare features."""
+        online lookup, for templates that declare features; ``on_usage(user, token budget, tokens)``: each answer's
+        model tokens (prompt + completion), counted against the caller's key's budget (requests with one)."""
+        self.on_usage = on_usage
         self.tracer = tracer or trace.NoOpTracer()
         self.features = features
         self.capture_content = capture_content
@@ -412,9 +417,9 @@ class ChatService:
         self.active += 1
         try:
             if agent:
-                events = _without_started(self.agents.chat_events(
+                events = _without_started(self.agents.chat_events(  # its model calls count their own tokens
                     alias, gen_request.messages, request_id=request.request_id, owner=request.user,
-                    scopes=request.scopes))
+                    scopes=request.scopes, token_budget=request.token_budget))
             elif grounded is not None and not grounded.chunks:
                 events = said(NOT_IN_SOURCES, params.n)  # retrieval found nothing: no passage, no model call
             else:
@@ -462,6 +467,8 @@ class ChatService:
                 elif isinstance(event, Usage):
                     self.metrics.tokens.labels(request.model, "prompt").inc(event.prompt_tokens)
                     self.metrics.tokens.labels(request.model, "completion").inc(event.completion_tokens)
+                    if self.on_usage is not None and request.user and request.token_budget and not agent:
+                        self.on_usage(request.user, request.token_budget, event.prompt_tokens + event.completion_tokens)
                     llm_span.set_attributes({"gen_ai.usage.input_tokens": event.prompt_tokens,
                                              "gen_ai.usage.output_tokens": event.completion_tokens})
                 elif isinstance(event, Finished):

@@ -229,7 +229,9 @@ class ReleaseGateway:
         release = job.release
         spec = release.spec
         cand = spec.candidate_spec
-        req = apply_variant(replace(job.request, request_id=f"{job.request.request_id}-shadow"), cand, release.name)
+        # the operator's experiment, not the caller's traffic: not counted against the caller's token budget
+        req = apply_variant(replace(job.request, request_id=f"{job.request.request_id}-shadow", token_budget=None),
+                            cand, release.name)
         t0 = time.perf_counter()
         text, blocked, tokens, error = "", False, 0, None
         try:

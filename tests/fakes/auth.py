@@ -19,6 +19,9 @@ class FakeKeys:
     async def averify(self, raw: str) -> ApiKey | None:
         return self.verify(raw)
 
+    def get(self, key_id: str) -> ApiKey | None:
+        return next((k for k in self.keys.values() if k.id == key_id), None)
+
 
 class NoLimit:
     """Every request allowed."""
@@ -27,4 +30,16 @@ class NoLimit:
         return None
 
     async def acheck(self, key_id: str, limit: int) -> None:
+        return None
+
+    def check_tokens(self, key_id: str, tokens_per_minute: int) -> None:
+        return None
+
+    async def acheck_tokens(self, key_id: str, tokens_per_minute: int) -> None:
+        return None
+
+    def spend_tokens(self, key_id: str, tokens_per_minute: int, tokens: int) -> None:
+        return None
+
+    async def aspend_tokens(self, key_id: str, tokens_per_minute: int, tokens: int) -> None:
         return None

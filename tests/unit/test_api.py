@@ -204,6 +204,59 @@ async def test_rate_limit_429_with_retry_after(env) -> None:
     assert r.json()["error"]["code"] == "rate_limit_exceeded"
 
 
+async def test_a_token_limit_refuses_a_key_whose_answers_used_its_tokens(env) -> None:
+    """Each answer's usage (prompt + completion tokens) comes off the key's token budget; once spent, the key gets
+    a 429 that says so, other keys are served. Streamed answers count too."""
+    c, h = env["client"], auth(env["keys"]["admin"])
+    made = await c.post("/v1/admin/keys", json={"name": "metered", "scopes": ["chat"], "tokens_per_minute": 20},
+                        headers=h)
+    assert made.status_code == 201 and made.json()["tokens_per_minute"] == 20, made.text
+    metered = {"Authorization": f"Bearer {made.json()['key']}"}
+    first = await c.post("/v1/chat/completions", json={**BODY, "stream": True}, headers=metered)
+    assert first.status_code == 200
+    await env["container"].token_meter.drain()
+    second = await c.post("/v1/chat/completions", json=BODY, headers=metered)  # 6 + 6 used of 20: served
+    assert second.status_code == 200, second.text
+    assert second.json()["usage"]["total_tokens"] == 12
+    await env["container"].token_meter.drain()
+    third = await c.post("/v1/chat/completions", json=BODY, headers=metered)  # 24 used: overdrawn
+    assert third.status_code == 429 and int(third.headers["retry-after"]) >= 1
+    assert "token limit of 20 tokens per minute" in third.json()["error"]["message"]
+    assert (await post(env, BODY, key="chat")).status_code == 200  # a key without a token limit
+    r = await c.post("/v1/admin/keys", json={"name": "bad", "scopes": ["chat"], "tokens_per_minute": 0}, headers=h)
+    assert r.status_code == 400 and "tokens_per_minute" in r.json()["error"]["message"]
+
+
+async def test_agent_runs_count_their_model_calls_against_the_keys_token_budget(env, monkeypatch) -> None:
+    """An agent model on the chat route and a run on the agents API: every model call of the run is the key's."""
+    c, h = env["client"], auth(env["keys"]["admin"])
+    made = (await c.post("/v1/admin/keys", json={"name": "agentic", "scopes": ["chat"], "tokens_per_minute": 100_000},
+                         headers=h)).json()
+    metered = {"Authorization": f"Bearer {made['key']}"}
+    spent: list[tuple[str, int, int]] = []
+
+    async def spend(key_id: str, budget: int, tokens: int) -> None:
+        spent.append((key_id, budget, tokens))
+
+    monkeypatch.setattr(env["container"].rate_limiter, "aspend_tokens", spend)
+    before = env["fake"].calls
+    r = await c.post("/v1/chat/completions", json={"model": "agent:rag-qa", "messages": [
+        {"role": "user", "content": "Where does Keel keep vectors?"}]}, headers=metered)
+    assert r.status_code == 200, r.text
+    await env["container"].token_meter.drain()
+    calls = env["fake"].calls - before
+    assert calls >= 1 and len(spent) == calls  # each model call of the run, once
+    assert {(k, b) for k, b, _ in spent} == {(made["id"], 100_000)} and all(t > 0 for _, _, t in spent)
+    r = await c.post("/v1/agents/rag-qa/runs", json={"input": "Where does Keel keep vectors?"}, headers=metered)
+    assert r.status_code == 200, r.text
+    await env["container"].token_meter.drain()
+    assert len(spent) == env["fake"].calls - before
+    spent.clear()
+    assert (await post(env, BODY, key="chat")).status_code == 200  # a key without a budget: nothing counted
+    await env["container"].token_meter.drain()
+    assert spent == []
+
+
 async def test_admin_can_manage_keys_over_the_api(env) -> None:
     c, h = env["client"], auth(env["keys"]["admin"])
     r = await c.post("/v1/admin/keys", json={"name": "svc", "scopes": ["chat"]}, headers=h)

@@ -418,6 +418,24 @@ async def test_shadow_answers_are_stored_and_never_returned(env) -> None:
     assert len(r.json()["data"]) == 5
 
 
+async def test_shadow_answers_are_not_counted_against_the_callers_token_budget(env, monkeypatch) -> None:
+    """A shadow is the operator's experiment: the caller's token budget pays for the answer it got, once."""
+    made = env["container"].keys.create("metered", ["chat"], tokens_per_minute=100_000)
+    env["keys"]["metered"] = made[1]
+    spent: list[tuple[str, int, int]] = []
+
+    async def spend(key_id: str, budget: int, tokens: int) -> None:
+        spent.append((key_id, budget, tokens))
+
+    monkeypatch.setattr(env["container"].rate_limiter, "aspend_tokens", spend)
+    assert (await create(env, {"name": "support", "strategy": "shadow", "variants": TWO})).status_code == 201
+    for _ in range(3):
+        assert (await ask(env, "metered")).status_code == 200
+    assert len(await shadow_pairs(env, 3)) == 3
+    await env["container"].token_meter.drain()
+    assert len(spent) == 3 and {k for k, _, _ in spent} == {made[0].id}
+
+
 async def test_a_slow_shadow_never_slows_the_primary_and_drops_when_full(env) -> None:
     body = {"name": "support", "strategy": "shadow", "variants": TWO,
             "shadow": {"concurrency": 1, "queue": 2, "timeout_s": 30}}

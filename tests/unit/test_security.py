@@ -189,3 +189,60 @@ def test_an_unreachable_limit_store_fails_open_or_closed_as_configured(postgres_
             limiter.check("k", 1)
     finally:
         limiter.close()
+
+
+@pytest.fixture(params=["memory", "postgres"])
+def limiters(request) -> Iterator[Callable[[], object]]:
+    """Opens limiters counting in one place: each call is another API process (in memory: the one process)."""
+    from app.security.ratelimit import PostgresRateLimiter
+
+    opened: list = []
+    shared = RateLimiter()
+
+    def opener():
+        if request.param == "memory":
+            return shared
+        opened.append(PostgresRateLimiter(request.getfixturevalue("postgres_url")))
+        return opened[-1]
+
+    yield opener
+    for limiter in opened:
+        limiter.close()
+
+
+def test_a_token_budget_admits_until_spent_and_counts_every_process(limiters) -> None:
+    """An answer's usage is known only after it: a request is admitted while the bucket holds a token, and the
+    usage taken afterwards may overdraw it; the key then waits for the refill. Per key, beside the request count."""
+    a, b = limiters(), limiters()
+    a.check_tokens("tk", 600)  # a full bucket: 600 tokens
+    a.spend_tokens("tk", 600, 450)
+    b.check_tokens("tk", 600)  # 150 left, whichever process asks
+    b.spend_tokens("tk", 600, 450)  # overdrawn: -300
+    with pytest.raises(RateLimited, match="token limit of 600 tokens per minute") as exc:
+        a.check_tokens("tk", 600)
+    assert 29 < exc.value.retry_after_s <= 31  # 301 tokens back at 10 a second
+    a.check_tokens("other", 600)  # keys have separate budgets
+    a.check("tk", 5)  # ... and the key's request count is its own bucket
+
+
+def test_a_token_budget_refills_with_time() -> None:
+    now = [0.0]
+    limiter = RateLimiter(clock=lambda: now[0])
+    limiter.spend_tokens("tk", 60, 61)  # one a second: -1 after this answer
+    with pytest.raises(RateLimited):
+        limiter.check_tokens("tk", 60)
+    now[0] += 2.5  # back above one token
+    limiter.check_tokens("tk", 60)
+    now[0] += 3600
+    limiter.spend_tokens("tk", 60, 1)
+    limiter.check_tokens("tk", 60)  # refilled to its cap (60), not beyond
+
+
+def test_a_key_keeps_its_token_limit(store: ApiKeys) -> None:
+    key, raw = store.create("metered", ["chat"], tokens_per_minute=5000)
+    assert store.verify(raw).tokens_per_minute == 5000 and store.get(key.id).tokens_per_minute == 5000
+    assert store.create("plain", ["chat"])[0].tokens_per_minute is None
+    with pytest.raises(InvalidRequest, match="tokens_per_minute"):
+        store.create("bad", ["chat"], tokens_per_minute=0)
+    store.revoke(key.id)
+    assert store.get(key.id) is None

@@ -15,13 +15,17 @@ from app.api.schemas import SQL_INT_MAX
 from app.core.errors import NotFound
 from app.security.keys import ApiKey
 
+INT32_MAX = 2**31 - 1  # the limits are INTEGER columns (Postgres: 32 bits)
+
 router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(require_scope("admin"))])
 
 
 class KeyCreate(BaseModel):
     name: str = Field(min_length=1, max_length=100)
     scopes: list[str] = Field(min_length=1)
-    rate_limit_per_minute: int | None = Field(default=None, ge=1)
+    rate_limit_per_minute: int | None = Field(default=None, ge=1, le=INT32_MAX)
+    tokens_per_minute: int | None = Field(default=None, ge=1, le=INT32_MAX, description=(
+        "Model tokens (prompt + completion) per minute; unset: the server's default (auth.default_tokens_per_minute)."))
     teams: list[str] = Field(default_factory=list, max_length=50, description=(
         "Teams the key belongs to: it may read and search their shared agent memories (teams/<name>)."))
 
@@ -31,6 +35,7 @@ class KeyOut(BaseModel):
     name: str
     scopes: list[str]
     rate_limit_per_minute: int | None = Field(default=None, description="Unset: the server's default limit.")
+    tokens_per_minute: int | None = Field(default=None, description="Unset: the server's default (or none).")
     created_at: str
     revoked_at: str | None = None
     teams: list[str] = Field(default_factory=list)
@@ -39,13 +44,15 @@ class KeyOut(BaseModel):
 
 def _out(key: ApiKey, secret: str | None = None) -> KeyOut:
     return KeyOut(id=key.id, name=key.name, scopes=sorted(key.scopes),
-                  rate_limit_per_minute=key.rate_limit_per_minute, created_at=key.created_at,
+                  rate_limit_per_minute=key.rate_limit_per_minute, tokens_per_minute=key.tokens_per_minute,
+                  created_at=key.created_at,
                   revoked_at=key.revoked_at, teams=sorted(key.teams), key=secret)
 
 
 @router.post("/keys", response_model=KeyOut, status_code=201)
 async def create_key(body: KeyCreate, keys: KeysDep) -> KeyOut:
-    key, secret = keys.create(body.name, body.scopes, body.rate_limit_per_minute, body.teams)
+    key, secret = keys.create(body.name, body.scopes, body.rate_limit_per_minute, body.teams,
+                              tokens_per_minute=body.tokens_per_minute)
     return _out(key, secret)
 
 

@@ -78,7 +78,7 @@ from sse_starlette import EventSourceResponse
 
 from agents.events import AgentEvent, ErrorEvent, Final, InterruptEvent, RunStarted, to_wire
 from agents.schemas import ResumeRequest, RunRequest, RunResult, parse_namespace
-from app.api.deps import AgentsDep, ChatKey, GuardsDep
+from app.api.deps import AgentsDep, ChatKey, GuardsDep, token_budget
 from app.api.openapi import error_responses
 from app.api.schemas import SQL_INT_MAX
 from app.core.errors import NotFound, PermissionDenied
@@ -167,7 +167,8 @@ async def start_run(key: ChatKey, svc: AgentsDep, guards: GuardsDep, workflow: s
         raise PermissionDenied(f"this API key is not in team {body.team!r}: its memories are its members' (an admin "
                                "adds a key to a team: keel keys create --team)", param="team")
     events = svc.run(workflow, body.input, thread_id=body.thread_id, user=user, team=body.team,
-                     owner=key.id, max_steps=body.max_steps, guard=guard, scopes=key.scopes)
+                     owner=key.id, max_steps=body.max_steps, guard=guard, scopes=key.scopes,
+                     token_budget=token_budget(request))
     return await _stream_or_collect(events, body.stream)
 
 
@@ -189,7 +190,7 @@ async def resume_run(key: ChatKey, svc: AgentsDep, guards: GuardsDep, run_id: st
                      request: Request):
     events = svc.resume(run_id, body.action, reason=body.reason, args=body.args, owner=_owner(key),
                         guard_with=guards, route=_route(request),
-                        request_id=getattr(request.state, "request_id", ""))
+                        request_id=getattr(request.state, "request_id", ""), token_budget=token_budget(request))
     return await _stream_or_collect(events, body.stream)
 
 

@@ -12,6 +12,7 @@ Each request line is answered by :func:`batch_responder`: the chat route's own p
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from typing import Any, Literal
@@ -150,8 +151,10 @@ def batch_responder(container: Any) -> Respond:
             return 400, error_body("stream must be false in a batch: each answer is written whole",
                                    "invalid_request_error", "invalid_request", "stream")
         chat = chat_path(container)
+        meter = getattr(container, "token_meter", None)
         try:
-            result = await chat.complete(to_domain(req, request_id or uuid.uuid4().hex, owner, None, scopes))
+            budget = await asyncio.to_thread(meter.budget_of, owner) if meter is not None else None
+            result = await chat.complete(to_domain(req, request_id or uuid.uuid4().hex, owner, None, scopes, budget))
         except KeelError as e:
             return e.status, keel_error_body(e)
         return 200, completion(req, result).model_dump(mode="json", exclude_none=True)

@@ -11,7 +11,7 @@ from typing import TypeVar
 from fastapi import APIRouter, Request, Response
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from app.api.deps import ChatDep, ChatKey, MetricsDep
+from app.api.deps import ChatDep, ChatKey, MetricsDep, token_budget
 from app.api.errors import keel_error_body
 from app.api.schemas import (
     AssistantMessage,
@@ -49,7 +49,8 @@ THREAD_HEADER = "X-Keel-Thread"
 
 
 def to_domain(body: ChatCompletionRequest, request_id: str, user: str | None = None,
-              thread: str | None = None, scopes: frozenset[str] | None = None) -> ChatRequest:
+              thread: str | None = None, scopes: frozenset[str] | None = None,
+              token_budget: int | None = None) -> ChatRequest:
     unknown = sorted(set(body.model_extra or ()))
     if unknown:
         raise UnsupportedParameter(f"unknown parameter(s): {', '.join(unknown)}", param=unknown[0])
@@ -65,6 +66,7 @@ def to_domain(body: ChatCompletionRequest, request_id: str, user: str | None = N
         end_user=body.user,
         thread=thread,
         scopes=scopes,
+        token_budget=token_budget,
     )
 
 
@@ -74,7 +76,8 @@ async def chat_completions(
     metrics: MetricsDep,
 ):
     chat_request = to_domain(body, request.state.request_id, getattr(request.state, "api_key_id", None),
-                             request.headers.get(THREAD_HEADER), getattr(request.state, "api_key_scopes", None))
+                             request.headers.get(THREAD_HEADER), getattr(request.state, "api_key_scopes", None),
+                             token_budget(request))
     if not body.stream:
         result = await _unless_disconnected(request, chat.complete(chat_request))
         if result.release:

@@ -19,7 +19,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from app.api.deps import ChatDep, ChatKey, ContainerDep
+from app.api.deps import ChatDep, ChatKey, ContainerDep, token_budget
 from app.api.errors import keel_error_body
 from app.api.openapi import error_responses
 from app.api.responses_schemas import (
@@ -279,7 +279,7 @@ async def create_response(body: ResponseCreate, request: Request, key: ChatKey, 
     chat_request = ChatRequest(
         model=body.model, messages=messages, params=params, request_id=request_id, user=key.id,
         end_user=body.user, thread=request.headers.get(THREAD_HEADER),
-        scopes=getattr(request.state, "api_key_scopes", None))
+        scopes=getattr(request.state, "api_key_scopes", None), token_budget=token_budget(request))
     # a fresh id, never the request id: a client chooses that (X-Request-Id), and could name another's response
     builder = ResponseBuilder(f"resp_{uuid.uuid4().hex}", body)
 
