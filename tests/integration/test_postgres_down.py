@@ -8,26 +8,15 @@ from __future__ import annotations
 import signal
 import subprocess
 import time
-from collections.abc import Callable
-from typing import Any
 
 import httpx
 import pytest
 
 from tests.integration.conftest import KeelServer
-from tests.integration.test_scale_out import GREET, chat, start_api
+from tests.integration.test_scale_out import GREET, chat, eventually, start_api
 from tests.postgres import StoppableServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-
-def until(check: Callable[[], Any], timeout: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(0.3)
 
 
 def test_postgres_down_is_a_503_naming_the_store_and_everything_works_again_when_it_is_back(keel_server: KeelServer,
@@ -70,19 +59,19 @@ def test_postgres_down_is_a_503_naming_the_store_and_everything_works_again_when
         pg.start()
         # Back without a restart: writes, reads, the prompt made before the outage, new keys.
         back = time.monotonic()
-        again = until(lambda: (r := httpx.post(f"{api.url}/v1/prompts", headers=as_admin, timeout=30, json={
-            "name": "other", "content": GREET, "message": "v1"})).status_code == 201 and r)
+        again = eventually(lambda: (r := httpx.post(f"{api.url}/v1/prompts", headers=as_admin, timeout=30, json={
+            "name": "other", "content": GREET, "message": "v1"})).status_code == 201 and r, timeout=30)
         assert again, "the prompt registry did not come back within 30 s"
         print(f"prompt registry back {time.monotonic() - back:.1f} s after Postgres")
-        served = until(lambda: (r := chat(api, admin, prompt={"ref": "greet@1", "variables": {"who": "Ada"}}))
-                       .status_code == 200 and r)
+        served = eventually(lambda: (r := chat(api, admin, prompt={"ref": "greet@1", "variables": {"who": "Ada"}}))
+                            .status_code == 200 and r, timeout=30)
         assert served and served.json()["prompt"]["ref"] == "greet@1"
         key = httpx.post(f"{api.url}/v1/admin/keys", json={"name": "after", "scopes": ["chat"]}, headers=as_admin,
                          timeout=30)
         assert key.status_code == 201, key.text
         assert chat(api, key.json()["key"]).status_code == 200
-        lineage = until(lambda: (r := httpx.get(f"{api.url}/v1/lineage/{served.json()['id']}", headers=as_admin,
-                                                timeout=30)).status_code == 200 and r)
+        lineage = eventually(lambda: (r := httpx.get(f"{api.url}/v1/lineage/{served.json()['id']}", headers=as_admin,
+                                                     timeout=30)).status_code == 200 and r, timeout=30)
         assert lineage and lineage.json()["prompt"]["ref"] == "greet@1"
     finally:
         if api is not None and api.proc.poll() is None:
