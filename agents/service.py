@@ -408,8 +408,8 @@ class AgentService:
 
     async def resume(self, run_id: str, action: str = "approve", *, reason: str | None = None,
                      args: dict[str, Any] | None = None, owner: str | None = None, guard_with: Any = None,
-                     route: str = "", request_id: str = "", token_budget: int | None = None
-                     ) -> AsyncIterator[AgentEvent]:
+                     route: str = "", request_id: str = "", token_budget: int | None = None,
+                     charged_to: str | None = None) -> AsyncIterator[AgentEvent]:
         """``approve`` / ``reject`` (reason reaches the agent) / ``edit`` (new tool args) an interrupted run,
         or ``continue`` a stalled, failed or cancelled one from its last checkpoint.
 
@@ -454,7 +454,7 @@ class AgentService:
         if guard is not None:
             self.runs.update(run_id, guardrails=guard.tag)
         async with contextlib.aclosing(self._drive(rec, self.graph(rec.workflow), command, resumed=True, guard=guard,
-                                                   usage=self._usage(rec.owner, token_budget))) as events:
+                                                   usage=self._usage(charged_to or rec.owner, token_budget))) as events:
             async for event in events:
                 yield event
 

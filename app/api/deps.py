@@ -223,15 +223,11 @@ def require_scope(scope: str) -> Callable[..., ApiKey]:
     if scope not in SCOPES:
         raise ValueError(f"unknown scope {scope!r}")
 
-    async def dependency(key: Annotated[ApiKey, Depends(authenticate)], request: Request,
-                         container: ContainerDep) -> ApiKey:
+    async def dependency(key: Annotated[ApiKey, Depends(authenticate)]) -> ApiKey:
         if not key.allows(scope):
             raise PermissionDenied(
                 f"this API key lacks the '{scope}' scope (it has: {', '.join(sorted(key.scopes))})"
             )
-        budget = token_budget(request)
-        if scope == "chat" and budget:  # the routes that reach a model: refused while the key's tokens are spent
-            await container.rate_limiter.acheck_tokens(key.id, budget)
         return key
 
     dependency.keel_scope = scope  # type: ignore[attr-defined]  # the OpenAPI document names the 403 it can answer
@@ -239,6 +235,19 @@ def require_scope(scope: str) -> Callable[..., ApiKey]:
 
 
 ChatKey = Annotated[ApiKey, Depends(require_scope("chat"))]
+
+
+async def model_access(key: ChatKey, request: Request, container: ContainerDep) -> ApiKey:
+    """A ``chat`` key on a route that makes the model answer (chat, Responses, agent runs, a batch): refused while
+    the key's model tokens are spent (its other routes, reading results or cancelling, stay open)."""
+    budget = token_budget(request)
+    if budget:
+        await container.rate_limiter.acheck_tokens(key.id, budget)
+    return key
+
+
+#: The caller's key on a route that reaches a model: scope ``chat`` and tokens left in its budget.
+ModelKey = Annotated[ApiKey, Depends(model_access)]
 PromptsReadKey = Annotated[ApiKey, Depends(require_scope("prompts:read"))]
 PromptsWriteKey = Annotated[ApiKey, Depends(require_scope("prompts:write"))]
 IngestKey = Annotated[ApiKey, Depends(require_scope("ingest"))]

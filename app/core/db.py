@@ -175,8 +175,8 @@ async def advisory_lock(url: str, key: int, *, what: str, poll_s: float = 0.05,
 
 
 #: How long a pool keeps retrying one new connection before it gives up and the next request starts afresh.
-#: psycopg_pool's retries back off exponentially without a bound (1, 2, 4 ... s) until this: at its default
-#: (300 s), a Postgres down for a minute was answered again only 30-60 s after it came back (measured:
+#: psycopg_pool's retries back off exponentially (1, 2, 4 ... s) until this: at its default (300 s), a Postgres
+#: down for a minute was answered again only 30-60 s after it came back (seen in
 #: tests/integration/test_postgres_down.py); capped here, a request finds a connection within seconds.
 RECONNECT_TIMEOUT_S = 10.0
 

@@ -108,7 +108,8 @@ class RateLimiter:
 
     def spend_tokens(self, key_id: str, tokens_per_minute: int, tokens: int) -> None:
         with self._lock:
-            self._refilled(token_bucket(key_id), tokens_per_minute).tokens -= tokens
+            bucket = self._refilled(token_bucket(key_id), tokens_per_minute)
+            bucket.tokens = max(-float(tokens_per_minute), bucket.tokens - tokens)  # a debt of a minute at most
 
     async def aspend_tokens(self, key_id: str, tokens_per_minute: int, tokens: int) -> None:
         self.spend_tokens(key_id, tokens_per_minute, tokens)
@@ -138,9 +139,9 @@ SELECT {_REFILL} FROM rate_buckets AS b WHERE b.key_id = %(key)s
 _TOKENS_SPEND = f"""
 WITH now AS (SELECT extract(epoch FROM clock_timestamp())::double precision AS t)
 INSERT INTO rate_buckets AS b (key_id, tokens, updated_at, last_allowed)
-SELECT %(key)s, %(cap)s - %(n)s, now.t, TRUE FROM now
+SELECT %(key)s, GREATEST(-%(cap)s, %(cap)s - %(n)s), now.t, TRUE FROM now
 ON CONFLICT (key_id) DO UPDATE SET
-    tokens = {_REFILL} - %(n)s,
+    tokens = GREATEST(-%(cap)s, {_REFILL} - %(n)s),
     updated_at = GREATEST(b.updated_at, (SELECT t FROM now))
 """
 
@@ -202,9 +203,18 @@ class PostgresRateLimiter:
         await asyncio.to_thread(self.check_tokens, key_id, tokens_per_minute)
 
     def spend_tokens(self, key_id: str, tokens_per_minute: int, tokens: int) -> None:
+        """Counted in the background: a failure here is logged and counted, but never takes the limiter off the
+        requests' path (as a failed check does, for ``retry_after_error_s``)."""
         args = {"key": token_bucket(key_id), "cap": float(tokens_per_minute), "rate": tokens_per_minute / 60.0,
                 "n": float(tokens)}
-        self._run(_TOKENS_SPEND, args, "token usage not counted")
+        if time.monotonic() < self._down_until:
+            return  # the checks found the database away: they try it again, not every answer
+        try:
+            self._pg.statement(_TOKENS_SPEND, args)
+        except StoreUnavailable as exc:
+            if self._on_error is not None:
+                self._on_error()
+            log.warning("token usage of key %s not counted: %s", key_id, exc.message)
 
     async def aspend_tokens(self, key_id: str, tokens_per_minute: int, tokens: int) -> None:
         await asyncio.to_thread(self.spend_tokens, key_id, tokens_per_minute, tokens)
@@ -217,19 +227,35 @@ class TokenMeter:
     """Takes each answer's usage from its key's token bucket, off the answer's path (a shared bucket is a database
     round trip: in a worker thread), and tells a key's budget (its own limit, else the server's default)."""
 
+    #: how long a key's budget read by its id is reused (a batch's lines: one read, not one per line)
+    BUDGET_TTL_S = 30.0
+
     def __init__(self, keys: ApiKeys, limiter: RateLimits, default_per_minute: int | None) -> None:
         self.keys = keys
         self.limiter = limiter
         self.default_per_minute = default_per_minute
         self._pending: set[asyncio.Task[None]] = set()
+        self._budgets: dict[str, tuple[float, int | None]] = {}
 
     def budget(self, key: ApiKey | None) -> int | None:
         """``key``'s model tokens per minute, or None: not limited."""
         return (key.tokens_per_minute if key is not None else None) or self.default_per_minute
 
     def budget_of(self, key_id: str) -> int | None:
-        """:meth:`budget` by the key's id (a batch's owner; reads the key store: off the event loop)."""
-        return self.budget(self.keys.get(key_id))
+        """:meth:`budget` by the key's id (a batch's owner; may read the key store: call it off the event loop).
+        While the store cannot be read, the budget last read (else the default): a batch runs on through it."""
+        now = time.monotonic()
+        hit = self._budgets.get(key_id)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        try:
+            budget = self.budget(self.keys.get(key_id))
+        except StoreUnavailable:
+            return hit[1] if hit is not None else self.default_per_minute
+        if len(self._budgets) > 10_000:
+            self._budgets.clear()
+        self._budgets[key_id] = (now + self.BUDGET_TTL_S, budget)
+        return budget
 
     def record(self, key_id: str, budget: int, tokens: int) -> None:
         """Count ``tokens`` against ``key_id``'s ``budget`` soon (called on the event loop as usage arrives)."""
@@ -242,7 +268,9 @@ class TokenMeter:
     async def _spend(self, key_id: str, budget: int, tokens: int) -> None:
         try:
             await self.limiter.aspend_tokens(key_id, budget, tokens)
-        except Exception:  # an answer already sent must not fail over its accounting
+        except StoreUnavailable as exc:  # an answer already sent must not fail over its accounting
+            log.warning("token usage of key %s not counted: %s", key_id, exc.message)
+        except Exception:
             log.exception("token usage of key %s not counted", key_id)
 
     async def drain(self) -> None:

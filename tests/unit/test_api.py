@@ -222,6 +222,7 @@ async def test_a_token_limit_refuses_a_key_whose_answers_used_its_tokens(env) ->
     third = await c.post("/v1/chat/completions", json=BODY, headers=metered)  # 24 used: overdrawn
     assert third.status_code == 429 and int(third.headers["retry-after"]) >= 1
     assert "token limit of 20 tokens per minute" in third.json()["error"]["message"]
+    assert (await c.get("/v1/models", headers=metered)).status_code == 200  # routes that reach no model stay open
     assert (await post(env, BODY, key="chat")).status_code == 200  # a key without a token limit
     r = await c.post("/v1/admin/keys", json={"name": "bad", "scopes": ["chat"], "tokens_per_minute": 0}, headers=h)
     assert r.status_code == 400 and "tokens_per_minute" in r.json()["error"]["message"]

@@ -236,6 +236,38 @@ def test_a_token_budget_refills_with_time() -> None:
     now[0] += 3600
     limiter.spend_tokens("tk", 60, 1)
     limiter.check_tokens("tk", 60)  # refilled to its cap (60), not beyond
+    limiter.spend_tokens("tk", 60, 100_000)  # a huge batch: the debt stops at one minute's budget
+    with pytest.raises(RateLimited) as exc:
+        limiter.check_tokens("tk", 60)
+    assert exc.value.retry_after_s <= 121
+
+
+def test_a_batch_owners_budget_is_read_once_and_survives_the_key_store_going_away(tmp_path: Path) -> None:
+    from app.security.ratelimit import TokenMeter
+
+    store = KeyStore(tmp_path / "keel.db", cache_ttl_s=0)
+    key, _ = store.create("batcher", ["chat"], tokens_per_minute=900)
+    meter = TokenMeter(store, RateLimiter(), default_per_minute=100)
+    reads: list[str] = []
+    real_get = store.get
+
+    def get(key_id: str):
+        reads.append(key_id)
+        return real_get(key_id)
+
+    store.get = get
+    assert [meter.budget_of(key.id) for _ in range(3)] == [900] * 3 and reads == [key.id]  # one read per TTL
+    assert meter.budget_of("nobody") == 100  # an unknown key: the default
+
+    def down(key_id: str):
+        raise StoreUnavailable("the API keys' Postgres at db:5432/keel is unavailable")
+
+    store.get = down
+    meter._budgets[key.id] = (0.0, 900)  # read a while ago, expired
+    assert meter.budget_of(key.id) == 900  # store away: the budget last read, not an error
+    meter._budgets.clear()
+    assert meter.budget_of(key.id) == 100  # never read: the default
+    store.close()
 
 
 def test_a_key_keeps_its_token_limit(store: ApiKeys) -> None:

@@ -78,7 +78,7 @@ from sse_starlette import EventSourceResponse
 
 from agents.events import AgentEvent, ErrorEvent, Final, InterruptEvent, RunStarted, to_wire
 from agents.schemas import ResumeRequest, RunRequest, RunResult, parse_namespace
-from app.api.deps import AgentsDep, ChatKey, GuardsDep, token_budget
+from app.api.deps import AgentsDep, ChatKey, GuardsDep, ModelKey, token_budget
 from app.api.openapi import error_responses
 from app.api.schemas import SQL_INT_MAX
 from app.core.errors import NotFound, PermissionDenied
@@ -158,7 +158,7 @@ async def list_workflows(_key: ChatKey, svc: AgentsDep) -> dict[str, Any]:
 
 
 @router.post("/{workflow}/runs", response_model=None)
-async def start_run(key: ChatKey, svc: AgentsDep, guards: GuardsDep, workflow: str, body: RunRequest,
+async def start_run(key: ModelKey, svc: AgentsDep, guards: GuardsDep, workflow: str, body: RunRequest,
                     request: Request):
     user = _memory_user(body, key, workflow)
     guard = svc.guard(guards, route=_route(request), workflow=workflow, user=key.id,
@@ -186,11 +186,12 @@ async def get_run(key: ChatKey, svc: AgentsDep, run_id: str) -> dict[str, Any]:
 
 
 @router.post("/runs/{run_id}/resume", response_model=None)
-async def resume_run(key: ChatKey, svc: AgentsDep, guards: GuardsDep, run_id: str, body: ResumeRequest,
+async def resume_run(key: ModelKey, svc: AgentsDep, guards: GuardsDep, run_id: str, body: ResumeRequest,
                      request: Request):
     events = svc.resume(run_id, body.action, reason=body.reason, args=body.args, owner=_owner(key),
                         guard_with=guards, route=_route(request),
-                        request_id=getattr(request.state, "request_id", ""), token_budget=token_budget(request))
+                        request_id=getattr(request.state, "request_id", ""), token_budget=token_budget(request),
+                        charged_to=key.id)  # whoever resumes it (an admin resuming another's run: the admin)
     return await _stream_or_collect(events, body.stream)
 
 

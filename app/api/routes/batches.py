@@ -21,7 +21,7 @@ from fastapi import APIRouter, File, Form, Query, UploadFile
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from app.api.deps import ChatKey, ContainerDep, chat_path
+from app.api.deps import ChatKey, ContainerDep, ModelKey, chat_path
 from app.api.errors import describe_validation, error_body, keel_error_body
 from app.api.openapi import error_responses
 from app.api.routes.chat import completion, to_domain
@@ -107,7 +107,7 @@ class BatchIn(BaseModel):
 @router.post("/v1/batches", responses=error_responses({
     400: "A bad batch: unknown endpoint or completion window, a file of another purpose, too many requests.",
     404: "No such input file (file_not_found), or batches are off (batches_off)."}))
-async def create_batch(body: BatchIn, key: ChatKey, container: ContainerDep) -> dict[str, Any]:
+async def create_batch(body: BatchIn, key: ModelKey, container: ContainerDep) -> dict[str, Any]:
     return await _batches(container).create(owner=key.id, scopes=key.scopes, input_file_id=body.input_file_id,
                                             endpoint=body.endpoint, completion_window=body.completion_window,
                                             metadata=body.metadata)

@@ -11,7 +11,7 @@ from typing import TypeVar
 from fastapi import APIRouter, Request, Response
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from app.api.deps import ChatDep, ChatKey, MetricsDep, token_budget
+from app.api.deps import ChatDep, MetricsDep, ModelKey, token_budget
 from app.api.errors import keel_error_body
 from app.api.schemas import (
     AssistantMessage,
@@ -72,7 +72,7 @@ def to_domain(body: ChatCompletionRequest, request_id: str, user: str | None = N
 
 @router.post("/v1/chat/completions", response_model=ChatCompletion, response_model_exclude_none=True)
 async def chat_completions(
-    body: ChatCompletionRequest, request: Request, response: Response, _key: ChatKey, chat: ChatDep,
+    body: ChatCompletionRequest, request: Request, response: Response, _key: ModelKey, chat: ChatDep,
     metrics: MetricsDep,
 ):
     chat_request = to_domain(body, request.state.request_id, getattr(request.state, "api_key_id", None),

@@ -19,7 +19,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from app.api.deps import ChatDep, ChatKey, ContainerDep, token_budget
+from app.api.deps import ChatDep, ChatKey, ContainerDep, ModelKey, token_budget
 from app.api.errors import keel_error_body
 from app.api.openapi import error_responses
 from app.api.responses_schemas import (
@@ -261,7 +261,7 @@ class ResponseBuilder:
 
 @router.post("/v1/responses", response_model=ResponseObject, response_model_exclude_none=True,
              responses=_ERRORS)
-async def create_response(body: ResponseCreate, request: Request, key: ChatKey, chat: ChatDep,
+async def create_response(body: ResponseCreate, request: Request, key: ModelKey, chat: ChatDep,
                           container: ContainerDep):
     params = _params(body)
     history: list[dict[str, Any]] = []
