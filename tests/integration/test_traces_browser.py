@@ -143,6 +143,8 @@ def drive_traces(page, server: KeelServer, traffic: dict[str, Any], artifacts: P
     for child in ("keel.guardrails.input", "keel.prompt.render", model_name):
         assert tree[child]["parent"] == chat_row["id"] and tree[child]["depth"] == 2, (child, tree)
     assert tree[model_name]["kind"] == "client"
+    # under the model call, its HTTP request to vLLM (OpenTelemetry's httpx instrumentation)
+    assert tree["POST"]["parent"] == tree[model_name]["id"] and tree["POST"]["kind"] == "client", tree
     assert server_row["left"] == 0 and server_row["width"] > 99  # the root spans the trace
     # the model call starts after the guard and prompt rendering, and ends inside keel.chat
     assert tree[model_name]["left"] > tree["keel.prompt.render"]["left"]
@@ -152,7 +154,8 @@ def drive_traces(page, server: KeelServer, traffic: dict[str, Any], artifacts: P
 
     # --- the model span: GenAI attributes as the API answered them
     model_row = waterfall.locator(f'tr[data-name="{model_name}"]')
-    model_row.get_by_role("button", name=re.compile(re.escape(model_name))).click()
+    # (anchored: the row's expand/collapse toggle is named "Collapse <model> (1 child span)")
+    model_row.get_by_role("button", name=re.compile("^" + re.escape(model_name))).click()
     expect(model_row.locator(".span-btn")).to_have_attribute("aria-current", "true")
     detail = page.locator("#span-detail")
     expect(detail.get_by_role("heading", level=2)).to_contain_text(model_name)
