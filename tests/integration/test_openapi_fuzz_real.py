@@ -9,7 +9,6 @@ with what they may generate capped, so a generated ``max_tokens`` of a million c
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -59,11 +58,7 @@ def real_api(keel_server: KeelServer, tmp_path_factory: pytest.TempPathFactory):
         server.wait_ready(300)
         yield server
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        server.stop()
 
 
 def bounded(mode: GenerationMode):

@@ -5,8 +5,6 @@ outage, and nothing needs a restart once Postgres is back."""
 
 from __future__ import annotations
 
-import signal
-import subprocess
 import time
 
 import httpx
@@ -74,11 +72,7 @@ def test_postgres_down_is_a_503_naming_the_store_and_everything_works_again_when
                                                      timeout=30)).status_code == 200 and r, timeout=30)
         assert lineage and lineage.json()["prompt"]["ref"] == "greet@1"
     finally:
-        if api is not None and api.proc.poll() is None:
-            api.proc.send_signal(signal.SIGTERM)
-            try:
-                api.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                api.proc.kill()
+        if api is not None:
+            api.stop()
         pg.start()
         pg.close()

@@ -155,9 +155,5 @@ def test_two_api_processes_share_keys_labels_and_limits_and_survive_one_dying(ke
         assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"], r.text
     finally:
         for server in (a, b):
-            if server is not None and server.proc.poll() is None:
-                server.proc.send_signal(signal.SIGTERM)
-                try:
-                    server.proc.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    server.proc.kill()
+            if server is not None:
+                server.stop()
