@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from app.core.errors import BackendUnavailable, InvalidRequest
-from app.core.settings import ModelAlias
+from app.core.settings import ModelAlias, server_root  # the LoRA routes live at <root>/v1/...
 from app.llm.routing import RoutingTable
 from app.llm.vllm_server import server_api_key
 from finetune.errors import AdapterServingError
@@ -38,12 +38,6 @@ if TYPE_CHECKING:
     from finetune.tracking import AdapterVersion
 
 log = logging.getLogger("keel.finetune.serving")
-
-
-def server_root(base_url: str) -> str:
-    """'http://h:8001/v1' or 'http://h:8001' -> 'http://h:8001' (the LoRA routes live at /v1/...)."""
-    url = base_url.rstrip("/")
-    return url[:-3] if url.endswith("/v1") else url
 
 
 def _headers(api_key: str | None) -> dict[str, str]:

@@ -78,7 +78,7 @@ class ManagedVLLM(BaseModel):
     restart_backoff_s: float = 2.0
 
 
-def _server_root(url: str) -> str:
+def server_root(url: str) -> str:
     """'http://h:8000/v1/' and 'http://h:8000' -> 'http://h:8000': one server, however its URL is written."""
     parts = urlsplit(url.strip())
     path = parts.path.rstrip("/")
@@ -126,7 +126,7 @@ class BackendSettings(BaseModel):
 
     def check_distinct(self) -> None:
         """Every server once: a URL listed twice (with or without /v1) would be sent double its share."""
-        roots = [_server_root(u) for u in self.server_urls()]
+        roots = [server_root(u) for u in self.server_urls()]
         if len(set(roots)) != len(roots):
             raise ValueError("replicas must be distinct servers (a URL is listed twice, or is base_url or the "
                              "server Keel runs)")

@@ -28,7 +28,7 @@ from typing import Literal
 import httpx
 
 from app.core.errors import KeelError
-from app.core.settings import CoreConfig, ManagedVLLM
+from app.core.settings import CoreConfig, ManagedVLLM, server_root
 from app.llm.model_prep import chat_template_for
 
 log = logging.getLogger("keel.vllm")
@@ -58,22 +58,17 @@ def server_api_key(settings: CoreConfig, url: str) -> str | None:
     key = managed_api_key(url)
     if key is not None:
         return key
-    root = _server_root(url)
+    root = server_root(url)
     for b in settings.backends.values():
-        if b.api_key is not None and any(_server_root(at) == root for at in b.server_urls()):
+        if b.api_key is not None and any(server_root(at) == root for at in b.server_urls()):
             return b.api_key.get_secret_value()
     return None
-
-
-def _server_root(url: str) -> str:
-    root = url.rstrip("/")
-    return root[:-3] if root.endswith("/v1") else root
 
 
 def managed_api_key(url: str) -> str | None:
     """The API key of the managed vLLM server at ``url`` ('http://h:p' or 'http://h:p/v1'), if this process
     started it; None for any other server."""
-    return _API_KEYS.get(_server_root(url))
+    return _API_KEYS.get(server_root(url))
 
 
 def scrubbed_environment(environ: Mapping[str, str]) -> dict[str, str]:
