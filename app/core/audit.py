@@ -107,10 +107,11 @@ def ensure_schema_postgres(url: str, *, connect_timeout_s: float = 10.0) -> bool
 
 
 def append(conn: Any, *events: AuditEvent, now: float | None = None) -> int:
-    """Write ``events`` on ``conn`` (a sqlite3 or psycopg connection or cursor) in the transaction it holds;
-    nothing is committed here. Returns the number written."""
+    """Write ``events`` on ``conn`` (a sqlite3 or psycopg connection or cursor, or a store's transaction) in the
+    transaction it holds; nothing is committed here. Returns the number written."""
     if not events:
         return 0
+    conn = getattr(conn, "raw", conn)  # a store's PostgresTx (app.core.db): its psycopg connection
     stamp = time.time() if now is None else now
     rows = [_row(e, stamp) for e in events]
     sql = _INSERT_PG if _is_postgres(conn) else _INSERT_SQLITE

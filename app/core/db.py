@@ -1,4 +1,5 @@
-"""Small SQLite helpers shared by Keel's stores."""
+"""The plumbing Keel's stores share: a SQLite file (the embedded default) or a Postgres database (several
+processes), driven the same way, so a store writes its SQL once (SQLite's ``?`` marks) and runs on either."""
 
 from __future__ import annotations
 
@@ -9,11 +10,14 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from app.core import audit
+from app.core.audit import AuditEvent
 from app.core.errors import StoreUnavailable
-from app.core.migrate import Migrations, upgrade_sqlite
+from app.core.migrate import Migrations, upgrade_postgres, upgrade_sqlite
 
 
 @contextmanager
@@ -36,6 +40,9 @@ class SqliteFile:
     to head by its Alembic ``migrations`` on open (after ``before``, e.g. the audit table), writes in
     :func:`write_transaction` (the write lock taken up front), reads on a connection of their own (WAL readers
     never wait for a writer), and every driver error as the store's 503 ``store_unavailable`` naming ``what``."""
+
+    postgres = False
+    integrity_error: type[Exception] = sqlite3.IntegrityError
 
     def __init__(self, path: Any, migrations: Migrations | None, *, what: str, timeout_s: float = 30.0,
                  before: Callable[[sqlite3.Connection], object] | None = None) -> None:
@@ -82,6 +89,11 @@ class SqliteFile:
                 return [self._reader.execute(sql, tuple(args)).fetchall() for sql, args in queries]
             finally:
                 self._reader.execute("COMMIT")
+
+    def audit_events(self, **filters: Any) -> list[AuditEvent]:
+        """The kernel audit table's events in this database (:func:`app.core.audit.select`'s filters)."""
+        sql, args = audit.select(**filters)
+        return [audit.decode(r) for r in self.read(sql, args)]
 
     def close(self) -> None:
         with self.lock:
@@ -245,6 +257,94 @@ class PostgresPool:
 
     def close(self) -> None:
         self._pool.close()
+
+
+@lru_cache(maxsize=1024)
+def postgres_sql(sql: str) -> str:
+    """SQL written for SQLite (``?`` marks) as psycopg takes it: ``%s`` marks, a literal ``%`` doubled."""
+    return sql.replace("%", "%%").replace("?", "%s")
+
+
+class PostgresTx:
+    """A psycopg connection inside a transaction, driven like a sqlite3 connection: ``?`` marks, ``execute``
+    returns the cursor (``fetchone``, ``fetchall``, ``rowcount``), ``executemany``. ``raw`` is the connection itself,
+    for SQL written for Postgres (:func:`app.core.audit.append` takes either)."""
+
+    postgres = True
+
+    def __init__(self, conn: Any) -> None:
+        self.raw = conn
+
+    def execute(self, sql: str, args: Sequence[Any] = ()) -> Any:
+        return self.raw.execute(postgres_sql(sql), tuple(args))
+
+    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> Any:
+        cur = self.raw.cursor()
+        if rows:
+            cur.executemany(postgres_sql(sql), [tuple(r) for r in rows])
+        return cur
+
+
+class PostgresFile:
+    """:class:`SqliteFile`'s twin on Postgres, for a store that several processes (or machines) share: the same
+    ``tx``/``read``/``read_all``/``audit_events``/``close`` over the same SQL, on a :class:`PostgresPool` (schema
+    by the store's Alembic ``migrations`` under its advisory lock, after the kernel audit table when ``with_audit``;
+    every driver error the store's 503 naming ``setting``, never the password).
+
+    Each write transaction first takes the store's advisory transaction lock, so writers take turns as they do on
+    SQLite (BEGIN IMMEDIATE): a store's "read the state, check it, write" stays correct with no row locks of its
+    own (at READ COMMITTED two processes would otherwise both pass the check). Reads never wait."""
+
+    postgres = True
+    path = None
+
+    def __init__(self, url: str, migrations: Migrations, *, what: str, setting: str, name: str,
+                 with_audit: bool = False, timeout_s: float = 10.0) -> None:
+        import psycopg  # lazy: the driver only when Postgres is configured
+
+        def migrate(t: float) -> None:
+            if with_audit:
+                audit.ensure_schema_postgres(url, connect_timeout_s=t)
+            upgrade_postgres(url, migrations, connect_timeout_s=t)
+
+        self.what = what
+        self.integrity_error = psycopg.IntegrityError
+        self._lock_key = int(migrations.pg_lock_key or 0)
+        self._pg = PostgresPool(url, whose=f"{what}'s", setting=setting, name=name, migrate=migrate,
+                                timeout_s=timeout_s)
+
+    @contextmanager
+    def tx(self) -> Iterator[PostgresTx]:
+        with self._pg.transaction() as conn:
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (self._lock_key,))
+            yield PostgresTx(conn)
+
+    def read(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        return self._pg.statement(postgres_sql(sql), tuple(args))
+
+    def read_all(self, *queries: tuple[str, Sequence[Any]]) -> list[list[tuple[Any, ...]]]:
+        return self._pg.read_all(*((postgres_sql(sql), args) for sql, args in queries))
+
+    def audit_events(self, **filters: Any) -> list[AuditEvent]:
+        sql, args = audit.select(postgres=True, **filters)
+        return [audit.decode(r) for r in self._pg.statement(sql, args)]
+
+    def close(self) -> None:
+        self._pg.close()
+
+
+StoreFile = SqliteFile | PostgresFile
+
+
+def open_store_file(url: Any, path: Path | str, migrations: Migrations, *, what: str, setting: str, name: str,
+                    with_audit: bool = False) -> StoreFile:
+    """A store's database as the settings name it: Postgres at ``url`` (a ``SecretStr``; its SQLite file from
+    before, if any, is warned about) or the SQLite file at ``path``."""
+    if url is None:
+        return SqliteFile(path, migrations, what=what, before=audit.ensure_schema_sqlite if with_audit else None)
+    warn_if_left_behind(Path(path), what, f"{setting} (or database_url)")
+    return PostgresFile(url.get_secret_value(), migrations, what=what, setting=setting, name=name,
+                        with_audit=with_audit)
 
 
 class ThrottledRefresh:
