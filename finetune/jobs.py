@@ -1,4 +1,4 @@
-"""The fine-tuning job store (SQLite): what each job is (spec, progress, metrics, adapter, evaluation) and its
+"""The fine-tuning job store: what each job is (spec, progress, metrics, adapter, evaluation) and its
 state machine. *Who runs it* is the job queue's business (:mod:`app.jobs`): the service puts a ``finetune.train``
 job on the queue for each submitted job, and a ``finetune.evals`` job for each evaluation; a worker
 (:mod:`finetune.worker`) claims them with a lease, beats their heartbeat and records here what happened.
@@ -24,11 +24,13 @@ evals say (a failing eval makes the adapter unpromotable, it does not undo the t
 
 ``queue_evals`` puts a finished evaluation back to ``pending`` (re-run after a suite changed).
 
-Every process (API, CLI, workers) opens the same file; each call is one short
-transaction, and WAL mode lets readers run while a worker writes progress.
+Every process (API, CLI, workers) opens the same store: a SQLite file under the home (WAL mode lets readers run
+while a worker writes progress), or Postgres (``finetune.url``, or ``database_url``) when they do not share one
+volume's SQLite file or there are several API processes. Each call is one short transaction, written once for
+both (:mod:`app.core.db`). The jobs' logs and run folders stay files under ``runs_dir`` either way.
 
 The audit (job cancels and evaluations, adapter promotions, rollbacks and deploys) is the kernel's
-(:mod:`app.core.audit`): trail ``adapters`` in the file's ``audit_events`` table; :meth:`JobStore.audit_log`
+(:mod:`app.core.audit`): trail ``adapters`` in the database's ``audit_events`` table; :meth:`JobStore.audit_log`
 keeps its earlier shape (``model``, ``version``, ``job_id`` columns).
 """
 
@@ -36,18 +38,18 @@ from __future__ import annotations
 
 import contextlib
 import json
-import sqlite3
-import threading
+import logging
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from app.core import audit
 from app.core.audit import AuditEvent, AuditRetention, Pruner
-from app.core.db import enable_wal, write_transaction
-from app.core.migrate import Migrations, upgrade_sqlite
+from app.core.db import SqliteFile, StoreFile, open_store_file
+from app.core.migrate import Migrations
 from finetune.errors import JobNotFound, JobStateConflict
 
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
@@ -64,8 +66,13 @@ TRANSITIONS: dict[str, frozenset[str]] = {
 
 # The tables come from these Alembic migrations (finetune/migrations), run on open, after the kernel's audit
 # schema (revision 0002 moves the old audit table into it).
-MIGRATIONS = Migrations(Path(__file__).with_name("migrations"), "alembic_version_finetune")
+MIGRATIONS = Migrations(Path(__file__).with_name("migrations"), "alembic_version_finetune",
+                        pg_lock_key=0x6B65656C_6674)  # "keelft"
 AUDIT_TRAIL = "adapters"
+WHAT = "the fine-tuning job store"
+DEPLOYMENT_COLUMNS = ("alias", "model", "version", "backend", "served_name", "adapter_path", "fallback", "updated_at",
+                      "actor")
+log = logging.getLogger("keel.finetune")
 
 
 @dataclass
@@ -123,12 +130,17 @@ class JobOwnershipLost(JobStateConflict):
     code = "finetune_job_lost"
 
 
-def _row_to_job(row: sqlite3.Row) -> Job:
-    d = dict(row)
+# A job's fields are the jobs table's columns, in this order (rows are tuples on both backends).
+JOB_FIELDS = tuple(Job.__dataclass_fields__)
+_JOB_COLUMNS = ", ".join(JOB_FIELDS)
+
+
+def _row_to_job(row: Sequence[Any]) -> Job:
+    d = dict(zip(JOB_FIELDS, row, strict=True))
     d["cancel_requested"] = bool(d["cancel_requested"])
     d["metrics"] = json.loads(d["metrics"] or "{}")
     d["data_report"] = json.loads(d["data_report"]) if d["data_report"] else None
-    d["evals"] = json.loads(d["evals"]) if d.get("evals") else None
+    d["evals"] = json.loads(d["evals"]) if d["evals"] else None
     return Job(**d)
 
 
@@ -137,60 +149,61 @@ def new_job_id() -> str:
 
 
 class JobStore:
-    def __init__(self, path: Path, runs_dir: Path, *, audit_retention: AuditRetention | None = None) -> None:
-        self.path = Path(path)
+    def __init__(self, where: Path | str | StoreFile, runs_dir: Path, *,
+                 audit_retention: AuditRetention | None = None) -> None:
+        """``where``: the SQLite file's path, or a store file :func:`open_job_store` opened (SQLite or Postgres)."""
+        # The kernel's audit table first: revision 0002 moves the old audit rows into it.
+        self._file = where if isinstance(where, StoreFile) else SqliteFile(
+            where, MIGRATIONS, what=WHAT, before=audit.ensure_schema_sqlite)
+        self.path = Path(self._file.path) if self._file.path else None  # None: in Postgres
         self.runs_dir = Path(runs_dir)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self.runs_dir.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, timeout=30.0, check_same_thread=False, isolation_level=None)
-        self._db.row_factory = sqlite3.Row
-        enable_wal(self._db)
-        self._db.execute("PRAGMA busy_timeout=30000")
-        audit.ensure_schema_sqlite(self._db)  # the kernel's audit table first: revision 0002 moves rows into it
-        upgrade_sqlite(self._db, MIGRATIONS)
         self._audit_pruner = Pruner(AUDIT_TRAIL, audit_retention)
         self._prune_audit()
 
+    @property
+    def postgres(self) -> bool:
+        return self._file.postgres
+
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        self._file.close()
 
     def _tx(self):
-        return write_transaction(self._db, self._lock)
+        return self._file.tx()
+
+    @staticmethod
+    def _row(db: Any, columns: str, job_id: str) -> tuple[Any, ...] | None:
+        """``columns`` of the job, in the write transaction ``db``: writers take turns there (SQLite's write lock,
+        the store's advisory lock on Postgres), so what is read stays true until the transaction commits."""
+        return db.execute(f"SELECT {columns} FROM jobs WHERE id = ?", (job_id,)).fetchone()
 
     # -- reads -------------------------------------------------------------------------------------
 
     def get(self, job_id: str) -> Job:
-        with self._lock:
-            row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        if row is None:
+        rows = self._file.read(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,))
+        if not rows:
             raise JobNotFound(f"no fine-tuning job {job_id!r}", param="job_id")
-        return _row_to_job(row)
+        return _row_to_job(rows[0])
 
     def list(self, *, state: str | None = None, limit: int = 50) -> list[Job]:
-        sql, args = "SELECT * FROM jobs", []
+        sql, args = f"SELECT {_JOB_COLUMNS} FROM jobs", []
         if state:
             sql += " WHERE state = ?"
             args.append(state)
         sql += " ORDER BY created_at DESC LIMIT ?"
         args.append(limit)
-        with self._lock:
-            rows = self._db.execute(sql, args).fetchall()
-        return [_row_to_job(r) for r in rows]
+        return [_row_to_job(r) for r in self._file.read(sql, args)]
 
     def unfinished(self) -> list[Job]:
         """Jobs with work left: training queued or running, or an evaluation pending or running (oldest first)."""
-        with self._lock:
-            rows = self._db.execute("SELECT * FROM jobs WHERE state IN ('queued', 'running') OR (state = 'succeeded' "
-                                    "AND evals_state IN ('pending', 'running')) ORDER BY created_at").fetchall()
+        rows = self._file.read(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state IN ('queued', 'running') OR "
+                               "(state = 'succeeded' AND evals_state IN ('pending', 'running')) ORDER BY created_at")
         return [_row_to_job(r) for r in rows]
 
     def find_by_model_version(self, model: str, version: str) -> Job | None:
-        with self._lock:
-            row = self._db.execute("SELECT * FROM jobs WHERE model_name = ? AND model_version = ?",
-                                   (model, str(version))).fetchone()
-        return _row_to_job(row) if row else None
+        rows = self._file.read(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE model_name = ? AND model_version = ?",
+                               (model, str(version)))
+        return _row_to_job(rows[0]) if rows else None
 
     # -- writes ------------------------------------------------------------------------------------
 
@@ -216,13 +229,13 @@ class JobStore:
         worker that claimed it; if the job is no longer that worker's (recovered while it went silent, and
         maybe claimed by another), :class:`JobOwnershipLost` and nothing changes."""
         with self._tx() as db:
-            row = db.execute("SELECT state, worker FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            row = self._row(db, "state, worker", job_id)
             if row is None:
                 raise JobNotFound(f"no fine-tuning job {job_id!r}", param="job_id")
-            current = row["state"]
-            if owner is not None and (current != "running" or row["worker"] != owner):
+            current, worker = row
+            if owner is not None and (current != "running" or worker != owner):
                 raise JobOwnershipLost(f"job {job_id} is no longer worker {owner}'s (now {current}"
-                                       f"{', worker ' + row['worker'] if row['worker'] else ''})")
+                                       f"{', worker ' + worker if worker else ''})")
             if to not in TRANSITIONS[current]:
                 raise JobStateConflict(f"job {job_id} is {current}; it cannot become {to}")
             now = time.time()
@@ -238,7 +251,7 @@ class JobStore:
             self._update(db, job_id, **fields)
 
     @staticmethod
-    def _update(db: sqlite3.Connection, job_id: str, **fields: Any) -> None:
+    def _update(db: Any, job_id: str, **fields: Any) -> None:
         for key in ("metrics", "data_report", "evals"):
             if key in fields and not isinstance(fields[key], str | None):
                 fields[key] = json.dumps(fields[key])
@@ -247,8 +260,8 @@ class JobStore:
 
     def merge_metrics(self, job_id: str, values: dict[str, Any], **fields: Any) -> None:
         with self._tx() as db:
-            row = db.execute("SELECT metrics FROM jobs WHERE id = ?", (job_id,)).fetchone()
-            metrics = json.loads(row["metrics"] or "{}") if row else {}
+            row = self._row(db, "metrics", job_id)
+            metrics = json.loads(row[0] or "{}") if row else {}
             metrics.update(values)
             self._update(db, job_id, metrics=json.dumps(metrics), updated_at=time.time(), **fields)
 
@@ -257,11 +270,11 @@ class JobStore:
         ``queued``, or from ``running`` when the worker that ran it before was lost (the run resumes from its
         last checkpoint). A job cancelled meanwhile is a :class:`JobStateConflict`."""
         with self._tx() as db:
-            row = db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            row = self._row(db, "state", job_id)
             if row is None:
                 raise JobNotFound(f"no fine-tuning job {job_id!r}", param="job_id")
-            if row["state"] not in ("queued", "running"):
-                raise JobStateConflict(f"job {job_id} is {row['state']}; it cannot run")
+            if row[0] not in ("queued", "running"):
+                raise JobStateConflict(f"job {job_id} is {row[0]}; it cannot run")
             now = time.time()
             db.execute(
                 "UPDATE jobs SET state = 'running', worker = ?, heartbeat_at = ?, started_at = COALESCE(started_at, "
@@ -277,18 +290,18 @@ class JobStore:
     def queue_evals(self, job_id: str, *, suites: list[str] | None = None) -> Job:
         """Ask a worker to (re-)run the job's eval suites on its adapter. Refused while they run."""
         with self._tx() as db:
-            row = db.execute("SELECT state, evals_state, evals, model_version FROM jobs WHERE id = ?",
-                             (job_id,)).fetchone()
+            row = self._row(db, "state, evals_state, evals, model_version", job_id)
             if row is None:
                 raise JobNotFound(f"no fine-tuning job {job_id!r}", param="job_id")
-            if row["state"] != "succeeded" or not row["model_version"]:
-                raise JobStateConflict(f"job {job_id} is {row['state']} with no registered adapter version; only a "
+            state, evals_state, before, model_version = row
+            if state != "succeeded" or not model_version:
+                raise JobStateConflict(f"job {job_id} is {state} with no registered adapter version; only a "
                                        "succeeded job's adapter can be evaluated")
-            if row["evals_state"] == "running":
+            if evals_state == "running":
                 raise JobStateConflict(f"the evals of job {job_id} are running now")
             # A fresh record: the verdicts of an earlier evaluation stay in the eval store and in MLflow.
             # ``seq`` numbers the evaluations of one job: each is its own job on the queue.
-            seq = int((json.loads(row["evals"]) if row["evals"] else {}).get("seq", 0)) + 1
+            seq = int((json.loads(before) if before else {}).get("seq", 0)) + 1
             evals = {"attempts": 0, "queued_at": time.time(), "suites_requested": suites, "seq": seq}
             self._update(db, job_id, evals_state="pending", evals=evals, updated_at=time.time())
         self.append_log(job_id, "evals queued")
@@ -298,12 +311,13 @@ class JobStore:
         """A worker evaluates the job's adapter now: evals ``running``, one more attempt. From ``pending``, or from
         ``running`` when the worker that evaluated it was lost (the eval runs resume)."""
         with self._tx() as db:
-            row = db.execute("SELECT state, evals_state, evals FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            row = self._row(db, "state, evals_state, evals", job_id)
             if row is None:
                 raise JobNotFound(f"no fine-tuning job {job_id!r}", param="job_id")
-            if row["state"] != "succeeded" or row["evals_state"] not in ("pending", "running"):
-                raise JobStateConflict(f"job {job_id} has no evaluation waiting (evals {row['evals_state']})")
-            evals = json.loads(row["evals"]) if row["evals"] else {}
+            state, evals_state, before = row
+            if state != "succeeded" or evals_state not in ("pending", "running"):
+                raise JobStateConflict(f"job {job_id} has no evaluation waiting (evals {evals_state})")
+            evals = json.loads(before) if before else {}
             evals["attempts"] = int(evals.get("attempts", 0)) + 1
             now = time.time()
             self._update(db, job_id, evals_state="running", evals=evals, worker=worker, heartbeat_at=now,
@@ -317,10 +331,10 @@ class JobStore:
         if state not in EVAL_STATES or state == "running":
             raise ValueError(f"not a final eval state: {state!r}")
         with self._tx() as db:
-            row = db.execute("SELECT evals FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            row = self._row(db, "evals", job_id)
             if row is None:
                 raise JobNotFound(f"no fine-tuning job {job_id!r}", param="job_id")
-            merged = {**(json.loads(row["evals"]) if row["evals"] else {}), **evals}
+            merged = {**(json.loads(row[0]) if row[0] else {}), **evals}
             self._update(db, job_id, evals_state=state, evals=merged, worker=None, heartbeat_at=None,
                          updated_at=time.time())
         return self.get(job_id)
@@ -328,18 +342,19 @@ class JobStore:
     def request_cancel(self, job_id: str) -> Job:
         """Queued: cancelled at once. Running: flagged; the worker stops at the next step."""
         with self._tx() as db:
-            row = db.execute("SELECT state, run_dir FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            row = self._row(db, "state, run_dir", job_id)
             if row is None:
                 raise JobNotFound(f"no fine-tuning job {job_id!r}", param="job_id")
+            state, run_dir = row
             now = time.time()
-            if row["state"] == "queued":
+            if state == "queued":
                 self._update(db, job_id, state="cancelled", cancel_requested=1, finished_at=now, updated_at=now)
-            elif row["state"] == "running":
+            elif state == "running":
                 self._update(db, job_id, cancel_requested=1, updated_at=now)
                 with contextlib.suppress(OSError):
-                    (Path(row["run_dir"]) / "CANCEL").touch()
+                    (Path(run_dir) / "CANCEL").touch()
             else:
-                raise JobStateConflict(f"job {job_id} is already {row['state']}; nothing to cancel")
+                raise JobStateConflict(f"job {job_id} is already {state}; nothing to cancel")
         self.append_log(job_id, "cancel requested")
         return self.get(job_id)
 
@@ -349,19 +364,18 @@ class JobStore:
         ended so; else that evaluation did (a newer one is left alone). Returns the job if it changed."""
         now = time.time()
         with self._tx() as db:
-            row = db.execute("SELECT state, evals_state, evals, cancel_requested FROM jobs WHERE id = ?",
-                             (job_id,)).fetchone()
+            row = self._row(db, "state, evals_state, evals, cancel_requested", job_id)
             if row is None:
                 return None
-            if evals_seq is None and row["state"] in ("queued", "running"):
-                if row["cancel_requested"]:
+            state, evals_state, before, cancel_requested = row
+            if evals_seq is None and state in ("queued", "running"):
+                if cancel_requested:
                     self._update(db, job_id, state="cancelled", finished_at=now, updated_at=now, worker=None)
                 else:
                     self._update(db, job_id, state="failed", finished_at=now, updated_at=now, worker=None,
                                  error=message, error_code="worker_lost")
-            elif evals_seq is not None and row["state"] == "succeeded" and row["evals_state"] in ("pending",
-                                                                                                  "running"):
-                evals = json.loads(row["evals"]) if row["evals"] else {}
+            elif evals_seq is not None and state == "succeeded" and evals_state in ("pending", "running"):
+                evals = json.loads(before) if before else {}
                 if int(evals.get("seq", 0)) != evals_seq:
                     return None
                 evals.update(error=message, finished_at=now)
@@ -400,14 +414,15 @@ class JobStore:
                         adapter_path: str, fallback: str | None = None, actor: str = "") -> None:
         """Remember which adapter version serves as ``alias`` (restored at start-up and after vLLM restarts)."""
         with self._tx() as db:
-            db.execute("INSERT OR REPLACE INTO deployments (alias, model, version, backend, served_name, adapter_path, "
-                       "fallback, updated_at, actor) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            db.execute(f"INSERT INTO deployments ({', '.join(DEPLOYMENT_COLUMNS)}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                       "ON CONFLICT (alias) DO UPDATE SET "
+                       + ", ".join(f"{c} = excluded.{c}" for c in DEPLOYMENT_COLUMNS if c != "alias"),
                        (alias, model, str(version), backend, served_name, adapter_path, fallback, time.time(), actor))
 
     def deployments(self) -> list[dict[str, Any]]:
-        with self._lock:
-            rows = self._db.execute("SELECT * FROM deployments ORDER BY alias").fetchall()
-        return [dict(r) for r in rows]
+        rows = self._file.read(f"SELECT {', '.join(DEPLOYMENT_COLUMNS)} FROM deployments")
+        # sorted here: Postgres orders text by the database's locale, SQLite byte by byte
+        return sorted((dict(zip(DEPLOYMENT_COLUMNS, r, strict=True)) for r in rows), key=lambda d: d["alias"])
 
     def delete_deployment(self, alias: str) -> bool:
         with self._tx() as db:
@@ -425,7 +440,7 @@ class JobStore:
         self._prune_audit()
 
     @staticmethod
-    def append_audit(db: sqlite3.Connection, *, actor: str, action: str, model: str | None = None,
+    def append_audit(db: Any, *, actor: str, action: str, model: str | None = None,
                      version: str | None = None, job_id: str | None = None, reason: str = "",
                      details: dict[str, Any] | None = None, request_id: str | None = None) -> None:
         """:meth:`audit` inside a transaction of this store's (``db``): the change and its event commit together."""
@@ -445,9 +460,25 @@ class JobStore:
 
     def audit_events(self, **filters: Any) -> list[AuditEvent]:
         """The kernel's audit query (:func:`app.core.audit.select`'s filters) on the ``adapters`` trail."""
-        with self._lock:
-            return audit.query(self._db, **{**filters, "trail": AUDIT_TRAIL})
+        return self._file.audit_events(**{**filters, "trail": AUDIT_TRAIL})
 
     def _prune_audit(self) -> None:
-        if self._audit_pruner.due():
-            self._audit_pruner.run(self._db, lock=self._lock)
+        if not self._audit_pruner.due():
+            return
+        if isinstance(self._file, SqliteFile):  # batch by batch, each under the write lock
+            self._audit_pruner.run(self._file.db, lock=self._file.lock)
+            return
+        try:  # Postgres: the pass in one write transaction of the store's (each batch a savepoint)
+            with self._file.tx() as db:
+                self._audit_pruner.run(db.raw)
+        except Exception:  # retention never fails the write before it; it runs again at the next check
+            log.exception("could not apply the retention of the %s audit trail", AUDIT_TRAIL)
+
+
+def open_job_store(settings: Any) -> JobStore:
+    """The job store the settings name (``finetune.url``, else the SQLite file ``finetune.jobs_db``)."""
+    fs = settings.finetune
+    home = Path(settings.home)
+    where = open_store_file(fs.url, fs.resolved_jobs_db(home), MIGRATIONS, what=WHAT, setting="finetune.url",
+                            name="keel-finetune", with_audit=True)
+    return JobStore(where, fs.resolved_runs_dir(home), audit_retention=fs.audit_retention)

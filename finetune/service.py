@@ -21,7 +21,7 @@ from app.llm.routing import CONFIGURED, RoutingTable, open_routing_table
 from finetune.data import check_dataset, token_counter
 from finetune.dispatch import queue_evaluation, queue_training
 from finetune.errors import InvalidJobSpec
-from finetune.jobs import Job, JobStore
+from finetune.jobs import Job, JobStore, open_job_store
 from finetune.spec import (
     JobSpec,
     base_model_path,
@@ -31,7 +31,6 @@ from finetune.spec import (
     resolve_base_model,
 )
 from finetune.tracking import AdapterGate, AdapterRegistry, AdapterVersion, Promotion, Tracker
-from finetune.worker import open_store
 
 if TYPE_CHECKING:
     from finetune.serving import Deployment
@@ -57,7 +56,7 @@ class FinetuneService:
         ``queue``: the job queue (the container's); without one, the one ``jobs`` configures, on first use."""
         self.settings = settings
         self.fs = settings.finetune
-        self.store = store or open_store(settings)
+        self.store = store or open_job_store(settings)
         self._queue = queue
         self._own_queue = False
         self._gate = gate

@@ -7,11 +7,12 @@ Every path left as ``None`` resolves under Keel's home folder.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, SecretStr, field_validator
 
 from app.core.audit import AuditRetention
+from app.core.db import postgres_url
 from app.jobs.settings import JobSettings
 from evals.settings import EvalConfig
 from prompts.settings import PromptConfig
@@ -23,6 +24,10 @@ DATA_DIRS = ("datasets", "models", "pipelines")
 
 class FinetuneSettings(BaseModel):
     jobs_db: Path | None = Field(default=None, description="SQLite job store; None means <home>/finetune/jobs.db.")
+    url: SecretStr | None = Field(default=None, description=(
+        "postgresql:// URL of the fine-tuning job store (jobs, deployments, their audit trail) instead of the SQLite "
+        "file under the home: every API process and worker then sees the same jobs. database_url fills it when "
+        "unset."))
     runs_dir: Path | None = Field(
         default=None, description="One folder per job (checkpoints, adapter, log); None means <home>/finetune/runs."
     )
@@ -67,6 +72,11 @@ class FinetuneSettings(BaseModel):
     audit_retention: AuditRetention = Field(
         default_factory=AuditRetention, description="How long the adapters audit trail (promotions, rollbacks, "
         "deploys, job cancels and evaluations) is kept. Unset limits keep everything, as before.")
+
+    @field_validator("url", mode="before")
+    @classmethod
+    def _url(cls, value: Any) -> SecretStr | None:
+        return postgres_url(value, setting="finetune.url", otherwise="the SQLite file <home>/finetune/jobs.db")
 
     def resolved_allowed_roots(self, home: Path) -> list[Path]:
         if self.allowed_roots is not None:

@@ -41,7 +41,7 @@ from evals.store import open_eval_store
 from finetune.data import InvalidTrainingData
 from finetune.dispatch import EVALS, TRAIN, queue_evaluation, reconcile
 from finetune.errors import JobNotFound, JobStateConflict
-from finetune.jobs import Job, JobOwnershipLost, JobStore
+from finetune.jobs import Job, JobOwnershipLost, JobStore, open_job_store
 from finetune.spec import parse_spec, resolve_base_model
 from finetune.tracking import Tracker
 
@@ -56,9 +56,8 @@ _RECONCILE_S = 30.0  # how often a running worker re-reads the store for work no
 
 
 def open_store(settings: FinetuneConfig) -> JobStore:
-    fs = settings.finetune
-    return JobStore(fs.resolved_jobs_db(settings.home), fs.resolved_runs_dir(settings.home),
-                    audit_retention=fs.audit_retention)
+    """The job store the settings name: the SQLite file under the home, or Postgres (``finetune.url``)."""
+    return open_job_store(settings)
 
 
 class Worker:
@@ -114,8 +113,8 @@ class Worker:
         if self.fs.auto_eval:
             runner.register(EVALS, self._evaluate)
         runner.register(TRAIN, self._train)
-        log.info("fine-tuning worker %s started (store %s, runs %s)", self.worker_id, self.store.path,
-                 ", ".join(self.kinds))
+        log.info("fine-tuning worker %s started (store %s, runs %s)", self.worker_id,
+                 self.store.path or "in Postgres (finetune.url)", ", ".join(self.kinds))
         before = self.trained
         try:
             await asyncio.to_thread(self.reconcile)

@@ -20,6 +20,8 @@ depends_on = None
 
 
 def upgrade() -> None:
+    if op.get_bind().dialect.name == "postgresql":
+        return
     offset = op.get_bind().execute(sa.text(
         "SELECT max(coalesce((SELECT max(id) FROM audit_events), 0),"
         " coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'audit_events'), 0))")).scalar()
@@ -38,6 +40,8 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    if op.get_bind().dialect.name == "postgresql":
+        return
     op.execute("""
         CREATE TABLE audit (
             id INTEGER PRIMARY KEY AUTOINCREMENT,
