@@ -49,12 +49,12 @@ from lifecycle.features.service import FeatureService
 from lifecycle.lineage import Lineage, LineageRecorder, open_lineage_store
 from lifecycle.monitor.drift import DriftMonitor, build_monitor
 from lifecycle.pipeline.service import PipelineDeps, PipelineService
-from lifecycle.pipeline.store import PipelineStore
+from lifecycle.pipeline.store import open_pipeline_store
 from lifecycle.releases.service import ReleaseService
 from lifecycle.releases.serving import ReleaseGateway, variant_check
 from lifecycle.releases.serving import prompt_gate as release_gate
 from lifecycle.releases.store import open_release_store
-from lifecycle.tools import LifecycleServices, ToolAudit, lifecycle_tools
+from lifecycle.tools import LifecycleServices, ToolAudit, lifecycle_tools, open_tool_audit
 from lifecycle.tools.mcp import build_server as build_mcp_server
 from lifecycle.tools.remote import connect_servers
 from prompts.factory import build_registry
@@ -140,6 +140,8 @@ class Container:
             await llm.start()
             # Loads the embedding model and opens the vector store now, not on the first question.
             await asyncio.to_thread(rag.warm_up)
+        elif schema_only:
+            await asyncio.to_thread(rag.snapshots.list, None, 1)  # the snapshot store opens (and migrates) on use
         if guards is None and settings.guardrails.enabled:
             guards = build_guards(settings, metrics, embedder=embedder if _same_model(settings) else None)
             if start_backends:
@@ -192,14 +194,14 @@ class Container:
                         eval_store, jobs=runner, releases=releases, serving=serving, front=front, lineage=lineage,
                         tracing=tracing, monitor=monitor, token_meter=meter)
         EvalJobs(container.eval_deps).register(runner, slots=settings.jobs.eval_slots)
-        container.responses = ResponseStore(settings.home)
+        container.responses = ResponseStore(settings.home, url=settings.database_url)
         if settings.batch.enabled:
-            container.batches = BatchService(BatchStore(settings.home), runner, settings.batch,
+            container.batches = BatchService(BatchStore(settings.home, url=settings.batch.url), runner, settings.batch,
                                              load=lambda: chat.active)
             container.batches.register(runner)
         if settings.pipelines.enabled:
             container.pipelines = PipelineService(
-                PipelineStore(settings.home / "pipelines.db"), runner, settings.pipelines, PipelineDeps(
+                open_pipeline_store(settings), runner, settings.pipelines, PipelineDeps(
                     finetune=finetune, default_model=settings.default_model, releases=releases,
                     spans=tracing.store, drift_results=monitor.store.list if monitor is not None else None,
                     eval_runs=eval_store.list_runs), home=settings.home)
@@ -230,7 +232,7 @@ class Container:
         """The lifecycle's tools join the agents' registry: one registry for Keel's agents and its MCP server,
         every call audited on the ``tools`` trail."""
         registry = self.agents.deps.tools
-        self.tool_audit = ToolAudit(self.settings.home / "tools.db")
+        self.tool_audit = open_tool_audit(self.settings.home, self.settings.database_url)
         registry.audit = self.tool_audit.record
         settings = self.settings
 

@@ -47,15 +47,19 @@ class Settings(CoreSettings):
     def _one_database(self) -> Settings:
         """``database_url`` is the URL of every feature store that lives wholly in Postgres whose own is unset (the
         kernel's, keys and routing, are filled in by :class:`CoreSettings`). Not the job queue's: the jobs on it
-        (ingest, eval runs, pipelines, batches, fine-tuning) read and write files and SQLite stores under the
-        home, so a queue shared by processes with homes of their own would hand a job to a process that cannot
-        see its uploads or its records; ``jobs.url`` is for processes that share the home (one volume)."""
+        read and write files under the home (ingest uploads, fine-tuning datasets and adapters, pipeline
+        datasets), so a queue shared by processes with homes of their own would hand a job to a process that
+        cannot see its files; ``jobs.url`` is for processes that share the home (one volume)."""
         url = self.database_url
         if url is not None:
             self.prompts.url = self.prompts.url or url
             self.releases.url = self.releases.url or url
             self.evals.url = self.evals.url or url
             self.monitor.url = self.monitor.url or url
+            self.pipelines.url = self.pipelines.url or url
+            self.batch.url = self.batch.url or url
+            self.finetune.url = self.finetune.url or url
+            self.rag.snapshots_url = self.rag.snapshots_url or url
             if self.guardrails.audit_db is None:  # a file named on purpose is the store's own setting: it wins
                 self.guardrails.audit_url = self.guardrails.audit_url or url
             self.agents.postgres_url = self.agents.postgres_url or url
@@ -67,7 +71,8 @@ class Settings(CoreSettings):
         return {"auth.url": self.auth.url, "prompts.url": self.prompts.url, "routing.url": self.routing.url,
                 "releases.url": self.releases.url, "evals.url": self.evals.url, "monitor.url": self.monitor.url,
                 "guardrails.audit_url": self.guardrails.audit_url, "agents.postgres_url": self.agents.postgres_url,
-                "jobs.url": self.jobs.url}
+                "jobs.url": self.jobs.url, "pipelines.url": self.pipelines.url, "batch.url": self.batch.url,
+                "finetune.url": self.finetune.url, "rag.snapshots_url": self.rag.snapshots_url}
 
 
 def load_settings(**overrides: Any) -> Settings:

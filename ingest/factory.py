@@ -68,7 +68,7 @@ def build_rag(settings: RagConfig, *, embedder: Embedder | None = None, store: V
     tokenizer = HFTokenizer(model_path) if model_path is not None else WhitespaceTokenizer()
     sparse = Bm25Encoder()
     vs = store or build_store(rag, settings.home)
-    snapshots = SnapshotStore(rag.db_path(settings.home))
+    snapshots = SnapshotStore(rag.db_path(settings.home), url=rag.snapshots_url)
     pipeline = IngestPipeline(store=vs, embedder=emb, sparse=sparse, tokenizer=tokenizer, chunker=rag.chunker,
                               snapshots=snapshots, loader=rag.loader)
     retriever = Retriever(store=vs, embedder=emb, sparse=sparse, defaults=rag.retrieval,

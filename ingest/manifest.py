@@ -1,4 +1,4 @@
-"""Ingest snapshots: one row per run with its manifest, in SQLite under the Keel home folder.
+"""Ingest snapshots: one row per run with its manifest, in SQLite under the Keel home folder or in Postgres.
 
 A snapshot's file list is the collection's full content after the run (not just what the
 run touched), so any two snapshots of a collection can be diffed directly.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-import sqlite3
+import socket
 import threading
 import time
 import uuid
@@ -18,12 +18,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from app.core.db import enable_wal
-from app.core.migrate import Migrations, upgrade_sqlite
+from app.core.db import StoreFile, open_store_file
+from app.core.migrate import Migrations
 from ingest.errors import SnapshotNotFound
 
 # The tables come from these Alembic migrations (ingest/migrations), run on first use.
-MIGRATIONS = Migrations(Path(__file__).with_name("migrations"), "alembic_version_ingest")
+MIGRATIONS = Migrations(Path(__file__).with_name("migrations"), "alembic_version_ingest",
+                        pg_lock_key=0x6B65656C_696E)  # "keelin"
 
 
 class FileEntry(BaseModel):
@@ -69,45 +70,59 @@ def new_snapshot_id() -> str:
     return f"snap_{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}_{uuid.uuid4().hex[:8]}"
 
 
+_COLUMNS = ("id, collection, status, started_at, finished_at, embedding_model, sparse_encoder, chunker_config, paths, "
+            "prune, counts, rejections, error")
+#: A 'running' snapshot whose process has not made progress for this long is taken for dead, wherever it ran.
+STALE_AFTER_S = 900.0
+_RUNNER = f"{socket.gethostname()}:{os.getpid()}"
+
+
 class SnapshotStore:
-    def __init__(self, path: Path) -> None:
+    """Snapshots in ``<home>/rag.db`` (SQLite), or in Postgres (``url``: ``rag.snapshots_url`` or ``database_url``)
+    so that every API process lists, diffs and continues the same collections' history. Opened on first use."""
+
+    def __init__(self, path: Path, *, url: Any = None) -> None:
         self.path = Path(path)
-        self._conn: sqlite3.Connection | None = None
+        self._url = url
+        self._file: StoreFile | None = None
         self._lock = threading.Lock()
 
-    def _db(self) -> sqlite3.Connection:
-        if self._conn is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(self.path, check_same_thread=False, timeout=30)
-            conn.row_factory = sqlite3.Row
-            enable_wal(conn)
-            conn.execute("PRAGMA foreign_keys=ON")
-            upgrade_sqlite(conn, MIGRATIONS)
-            self._conn = conn
-        return self._conn
+    def _db(self) -> StoreFile:
+        with self._lock:
+            if self._file is None:
+                self._file = open_store_file(self._url, self.path, MIGRATIONS, what="the ingest snapshot store",
+                                             setting="rag.snapshots_url", name="keel-snapshots")
+            return self._file
 
     def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        with self._lock:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
 
     def start(self, collection: str, *, embedding_model: str, sparse_encoder: str, chunker_config: dict[str, Any],
               paths: list[str], prune: bool) -> str:
         sid = new_snapshot_id()
-        with self._lock, self._db() as db:
+        with self._db().tx() as db:
             db.execute(
                 "INSERT INTO rag_snapshots (id, collection, status, started_at, embedding_model, sparse_encoder,"
-                " chunker_config, paths, prune) VALUES (?, ?, 'running', ?, ?, ?, ?, ?, ?)",
+                " chunker_config, paths, prune, runner, beat_at) VALUES (?, ?, 'running', ?, ?, ?, ?, ?, ?, ?, ?)",
                 (sid, collection, _now(), embedding_model, sparse_encoder, json.dumps(chunker_config),
-                 json.dumps(paths), int(prune)))
+                 json.dumps(paths), int(prune), _RUNNER, time.time()))
         return sid
+
+    def beat(self, sid: str) -> None:
+        """The run behind ``sid`` is making progress (it is not the leftover of a dead process)."""
+        with self._db().tx() as db:
+            db.execute("UPDATE rag_snapshots SET beat_at = ? WHERE id = ? AND status = 'running'", (time.time(), sid))
 
     def finish(self, sid: str, *, files: list[FileEntry], counts: dict[str, int | float],
                rejections: list[dict[str, Any]], error: str | None = None) -> None:
-        with self._lock, self._db() as db:
+        with self._db().tx() as db:
             db.execute("DELETE FROM rag_snapshot_files WHERE snapshot_id = ?", (sid,))
             db.executemany(
-                "INSERT INTO rag_snapshot_files VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT INTO rag_snapshot_files (snapshot_id, doc_id, source, source_sha256, version, chunks) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
                 [(sid, f.doc_id, f.source, f.source_sha256, f.version, f.chunks) for f in files])
             db.execute(
                 "UPDATE rag_snapshots SET status = ?, finished_at = ?, counts = ?, rejections = ?, error = ? "
@@ -116,35 +131,39 @@ class SnapshotStore:
                  sid))
 
     def mark_interrupted(self, collection: str) -> int:
-        """Runs left 'running' by a killed process (older than this process) become 'failed'."""
-        with self._lock, self._db() as db:
-            cur = db.execute(
-                "UPDATE rag_snapshots SET status = 'failed', error = ? WHERE collection = ? AND status = 'running'",
-                (f"interrupted (found by pid {os.getpid()})", collection))
-            return cur.rowcount
+        """Runs of ``collection`` left 'running' by a process that died become 'failed': one of this host whose
+        process is gone, one of a release before runners were recorded, or one silent for ``STALE_AFTER_S``.
+        A run another live process (here or on another machine) is writing is left alone."""
+        with self._db().tx() as db:
+            rows = db.execute("SELECT id, runner, beat_at FROM rag_snapshots WHERE collection = ? AND "
+                              "status = 'running'", (collection,)).fetchall()
+            dead = [sid for sid, runner, beat_at in rows if _gone(runner, beat_at)]
+            for sid in dead:
+                db.execute("UPDATE rag_snapshots SET status = 'failed', error = ? WHERE id = ? AND status = 'running'",
+                           (f"interrupted (found by {_RUNNER})", sid))
+            return len(dead)
 
     def list(self, collection: str | None = None, limit: int = 50) -> list[Snapshot]:
-        sql = "SELECT * FROM rag_snapshots"
+        sql = f"SELECT {_COLUMNS} FROM rag_snapshots"
         args: tuple[Any, ...] = ()
         if collection:
             sql += " WHERE collection = ?"
             args = (collection,)
         sql += " ORDER BY started_at DESC, id DESC LIMIT ?"
-        with self._lock:
-            rows = self._db().execute(sql, (*args, limit)).fetchall()
-        return [self._row(r) for r in rows]
+        return [self._row(r) for r in self._db().read(sql, (*args, limit))]
 
     def get(self, sid: str, with_files: bool = True) -> Snapshot:
-        with self._lock:
-            row = self._db().execute("SELECT * FROM rag_snapshots WHERE id = ?", (sid,)).fetchone()
-            if row is None:
-                raise SnapshotNotFound(f"no snapshot {sid!r}", param="snapshot")
-            snap = self._row(row)
-            if with_files:
-                rows = self._db().execute(
-                    "SELECT * FROM rag_snapshot_files WHERE snapshot_id = ? ORDER BY doc_id", (sid,)).fetchall()
-                snap.files = [FileEntry(doc_id=r["doc_id"], source=r["source"], source_sha256=r["source_sha256"],
-                                        version=r["version"], chunks=r["chunks"]) for r in rows]
+        queries = [(f"SELECT {_COLUMNS} FROM rag_snapshots WHERE id = ?", (sid,))]
+        if with_files:
+            queries.append(("SELECT doc_id, source, source_sha256, version, chunks FROM rag_snapshot_files "
+                            "WHERE snapshot_id = ? ORDER BY doc_id", (sid,)))
+        runs, *files = self._db().read_all(*queries)
+        if not runs:
+            raise SnapshotNotFound(f"no snapshot {sid!r}", param="snapshot")
+        snap = self._row(runs[0])
+        if files:
+            snap.files = [FileEntry(doc_id=d, source=src, source_sha256=sha, version=v, chunks=n)
+                          for d, src, sha, v, n in files[0]]
         return snap
 
     def latest(self, collection: str) -> Snapshot | None:
@@ -164,9 +183,27 @@ class SnapshotStore:
         )
 
     @staticmethod
-    def _row(r: sqlite3.Row) -> Snapshot:
+    def _row(r: tuple[Any, ...]) -> Snapshot:
+        (sid, collection, status, started, finished, model, sparse, chunker, paths, prune, counts, rejections,
+         error) = r
         return Snapshot(
-            id=r["id"], collection=r["collection"], status=r["status"], started_at=r["started_at"],
-            finished_at=r["finished_at"], embedding_model=r["embedding_model"], sparse_encoder=r["sparse_encoder"],
-            chunker_config=json.loads(r["chunker_config"]), paths=json.loads(r["paths"]), prune=bool(r["prune"]),
-            counts=json.loads(r["counts"]), rejections=json.loads(r["rejections"]), error=r["error"])
+            id=sid, collection=collection, status=status, started_at=started, finished_at=finished,
+            embedding_model=model, sparse_encoder=sparse, chunker_config=json.loads(chunker), paths=json.loads(paths),
+            prune=bool(prune), counts=json.loads(counts), rejections=json.loads(rejections), error=error)
+
+
+def _gone(runner: str | None, beat_at: float | None) -> bool:
+    if runner is None or beat_at is None or time.time() - beat_at > STALE_AFTER_S:
+        return True
+    host, _, pid = runner.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False  # another machine's: only its silence tells
+    if int(pid) == os.getpid():
+        return False  # this process's own run, still going
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False

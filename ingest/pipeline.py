@@ -210,6 +210,7 @@ class IngestPipeline:
                progress: Callable[[Progress], None] | None, tracer: Tracer) -> None:
         with tracer.start_as_current_span("keel.ingest.batch") as span:
             self._write_batch(collection, sid, pending, state, result, prog, span)
+        self.snapshots.beat(sid)
         if progress:
             progress(prog)
 

@@ -10,8 +10,9 @@ import json
 from pathlib import Path
 from typing import Annotated, Any, Literal, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
+from app.core.db import postgres_url
 from app.core.settings import CoreConfig
 
 #: ``"document"``: at most one chunk per document (its best), so ``top_k`` counts documents, not chunks.
@@ -115,6 +116,10 @@ class RagSettings(BaseModel):
         "is used at `path` (fine for tests, slow at scale)."
     )
     api_key: str | None = None
+    snapshots_url: SecretStr | None = Field(default=None, description=(
+        "postgresql:// URL of the ingest snapshots (each run's manifest) instead of <home>/rag.db: every API "
+        "process then lists, diffs and continues the same collections' history (with the vectors on a Qdrant "
+        "server, `url`). database_url fills it when unset."))
     payload_indexes: list[str] = Field(
         default_factory=list, description="Extra metadata fields (keyword) to index: the fields you filter on. "
         "Keel's own (source, doc_kind, doc_id, ...) are always indexed; filters on other fields scan every chunk."
@@ -153,6 +158,11 @@ class RagSettings(BaseModel):
             merged[key] = {**merged[key], **value} if isinstance(merged.get(key), dict) and isinstance(
                 value, dict) else value
         return RetrievalDefaults.model_validate(merged)
+
+    @field_validator("snapshots_url", mode="before")
+    @classmethod
+    def _snapshots_url(cls, value: Any) -> SecretStr | None:
+        return postgres_url(value, setting="rag.snapshots_url", otherwise="<home>/rag.db")
 
     def store_path(self, home: Path) -> Path:
         return self.path if self.path is not None else home / "qdrant"

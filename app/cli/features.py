@@ -47,7 +47,7 @@ def _service() -> Iterator[Any]:
         releases = open_release_store(url.get_secret_value() if url else None, home)
     except KeelError as exc:
         raise fail(exc) from exc
-    snapshots = SnapshotStore(settings.rag.db_path(home))
+    snapshots = SnapshotStore(settings.rag.db_path(home), url=settings.rag.snapshots_url)
     try:
         yield FeatureService(settings.features, home, Sources(
             lineage=lambda n: lineage.recent(limit=n), ratings=lambda: releases.ratings(limit=10_000_000),

@@ -1,4 +1,5 @@
-"""Where stored responses live (``POST /v1/responses`` with ``store``, the default): ``<home>/responses.db``.
+"""Where stored responses live (``POST /v1/responses`` with ``store``, the default): ``<home>/responses.db``, or
+the shared Postgres (``database_url``), so a ``previous_response_id`` made through one API process goes on through any.
 
 A response is kept as its OpenAI ``Response`` object plus the conversation it ends, as Responses API items (the
 earlier turns, this request's input and its output), so a request naming it as ``previous_response_id`` goes on
@@ -14,10 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from app.core.db import SqliteFile
+from app.core.db import open_store_file
 from app.core.migrate import Migrations
 
-MIGRATIONS = Migrations(Path(__file__).with_name("response_migrations"), "alembic_version_responses")
+MIGRATIONS = Migrations(Path(__file__).with_name("response_migrations"), "alembic_version_responses",
+                        pg_lock_key=0x6B65656C_7273)  # "keelrs"
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,8 +31,10 @@ class StoredResponse:
 
 
 class ResponseStore:
-    def __init__(self, home: Path) -> None:
-        self._file = SqliteFile(Path(home) / "responses.db", MIGRATIONS, what="the response store")
+    def __init__(self, home: Path, *, url: Any = None) -> None:
+        """``url``: the shared Postgres (a ``SecretStr``), else ``<home>/responses.db``."""
+        self._file = open_store_file(url, Path(home) / "responses.db", MIGRATIONS, what="the response store",
+                                     setting="database_url", name="keel-responses")
 
     def put(self, stored: StoredResponse) -> None:
         r = stored.response

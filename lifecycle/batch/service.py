@@ -75,18 +75,9 @@ class BatchService:
         return self._save(owner, filename, purpose, data)
 
     def _save(self, owner: str, filename: str, purpose: str, data: bytes) -> dict[str, Any]:
-        fid = new_id("file-")
-        path = self.store.files_dir / f"{fid}.jsonl"
-        tmp = path.with_suffix(".part")
-        tmp.write_bytes(data)
-        tmp.replace(path)  # the row never names a half-written file
-        row = {"id": fid, "owner": owner, "filename": Path(filename or "upload.jsonl").name[:255],
-               "purpose": purpose, "bytes": len(data), "created_at": int(time.time()), "path": str(path)}
-        try:
-            self.store.add_file(row)
-        except Exception:
-            path.unlink(missing_ok=True)
-            raise
+        row = {"id": new_id("file-"), "owner": owner, "filename": Path(filename or "upload.jsonl").name[:255],
+               "purpose": purpose, "bytes": len(data), "created_at": int(time.time())}
+        self.store.add_file(row, data)
         return public_file(row)
 
     def file(self, file_id: str, *, owner: str | None) -> dict[str, Any]:
@@ -95,13 +86,20 @@ class BatchService:
             raise NotFound(f"no file {file_id!r}", param="file_id", code="file_not_found")
         return row
 
+    def content(self, file_id: str, *, owner: str | None) -> tuple[dict[str, Any], Path]:
+        """A file's row and a local path to its bytes."""
+        row = self.file(file_id, owner=owner)
+        path = self.store.content(row)
+        if path is None:
+            raise NotFound(f"the content of file {file_id} is gone; upload it again", param="file_id",
+                           code="file_not_found")
+        return row, path
+
     def files(self, *, owner: str | None, purpose: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
         return [public_file(r) for r in self.store.list_files(owner=owner, purpose=purpose, limit=limit)]
 
     def delete_file(self, file_id: str, *, owner: str | None) -> dict[str, Any]:
-        row = self.file(file_id, owner=owner)
-        self.store.delete_file(file_id)
-        Path(row["path"]).unlink(missing_ok=True)
+        self.store.delete_file(self.file(file_id, owner=owner))
         return {"id": file_id, "object": "file", "deleted": True}
 
     # -- batches -------------------------------------------------------------------------------------
@@ -120,7 +118,7 @@ class BatchService:
         if f["purpose"] != "batch":
             raise InvalidRequest(f"file {input_file_id} has purpose {f['purpose']!r}; a batch reads a file "
                                  "uploaded with purpose 'batch'", param="input_file_id")
-        lines = _count_lines(Path(f["path"]))
+        lines = _count_lines(self.content(input_file_id, owner=owner)[1])
         if lines > self.settings.max_requests:
             raise InvalidRequest(f"the file has {lines} requests; batch.max_requests is {self.settings.max_requests}",
                                  param="input_file_id")
@@ -160,7 +158,10 @@ class BatchService:
         batch = {**batch, "status": "cancelling", "cancelling_at": int(time.time())}
         self.store.put_batch(batch, owner=found[1])
         if found[2] is not None and self.runner is not None:
-            job = await self.runner.cancel(found[2], actor=actor or found[1])
+            try:
+                job = await self.runner.cancel(found[2], actor=actor or found[1])
+            except NotFound:  # queued on another process's queue: it stops at its next flush (``cancelling``)
+                return batch
             if job.state == "cancelled" and batch["in_progress_at"] is None:  # it never started
                 batch = self._finish(batch, found[1], "cancelled")
         return batch
@@ -195,6 +196,8 @@ class BatchService:
             if line not in done])
         pending = [r for r in requests if r[0] not in done]
         try:
+            if batch["status"] == "cancelling":  # cancelled through another process before this one started it
+                raise JobCancelled(f"batch {batch_id} was cancelled")
             await self._answer(batch, owner, scopes, pending, ctx)
         except JobCancelled:
             await asyncio.to_thread(self._finish, self.store.get_batch(batch_id)[0], owner, "cancelled")
@@ -206,9 +209,8 @@ class BatchService:
 
     def _read_input(self, batch: dict[str, Any]) -> tuple[list, list] | None:
         f = self.store.get_file(batch["input_file_id"])
-        if f is None or not Path(f["path"]).is_file():
-            return None
-        return parse_lines(Path(f["path"]), batch["endpoint"])
+        path = self.store.content(f) if f is not None else None
+        return None if path is None else parse_lines(path, batch["endpoint"])
 
     async def _answer(self, batch: dict[str, Any], owner: str, scopes: frozenset[str] | None,
                       pending: list[tuple[int, str, dict[str, Any]]], ctx: JobContext) -> None:
@@ -249,6 +251,10 @@ class BatchService:
                 task.add_done_callback(lambda _t: self._release())
                 if len(buffer) >= 50 or time.monotonic() - last_flush > 1.0:
                     await flush()
+                    # cancelled through a process that does not share this one's job queue: only the shared
+                    # batch store says so
+                    if await asyncio.to_thread(self.store.status, bid) == "cancelling":
+                        raise JobCancelled(f"batch {bid} was cancelled; what it finished before is kept")
             if running:
                 await asyncio.gather(*running)
         finally:

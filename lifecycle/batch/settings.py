@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+from typing import Any
+
+from pydantic import BaseModel, Field, SecretStr, field_validator
+
+from app.core.db import postgres_url
 
 
 class BatchSettings(BaseModel):
@@ -19,3 +23,12 @@ class BatchSettings(BaseModel):
     max_requests: int = Field(default=50_000, ge=1, description="Most requests (lines) in one batch.")
     max_attempts: int = Field(default=3, ge=1, le=10, description=(
         "How often a batch job is tried after a crash (each attempt resumes at the unanswered lines)."))
+    url: SecretStr | None = Field(default=None, description=(
+        "postgresql:// URL of the batch store (files, their bytes, batches, each line's outcome) instead of "
+        "<home>/batches.db and <home>/files/: every API process then serves every batch and file; a batch is "
+        "run by the process whose job queue took it, and cancelled through any. database_url fills it when unset."))
+
+    @field_validator("url", mode="before")
+    @classmethod
+    def _url(cls, value: Any) -> SecretStr | None:
+        return postgres_url(value, setting="batch.url", otherwise="<home>/batches.db")

@@ -63,7 +63,7 @@ from app.core.audit import AuditEvent
 from app.core.errors import BackendUnavailable, InvalidRequest, KeelError, NotFound
 from lifecycle.lineage import Features, LineageStore
 from lifecycle.monitor.settings import MonitorSettings
-from lifecycle.monitor.store import TRAIL, DriftStore, check_id
+from lifecycle.monitor.store import TRAIL, DriftStore, check_id, open_drift_store
 
 log = logging.getLogger("keel.monitor")
 
@@ -276,9 +276,10 @@ class DriftMonitor:
             raise NotFound(f"drift check {check} has no report: it had {result['verdict'].replace('_', ' ')}",
                            param="id", code="drift_report_not_found")
         if not path.is_file():
-            raise NotFound(f"the report of drift check {check} was removed (monitor.keep_reports keeps the newest "
-                           f"{self.settings.keep_reports}); its result is still in GET /v1/monitor/drift/{check}",
-                           param="id", code="drift_report_not_found")
+            raise NotFound(f"the report of drift check {check} is not here: it was removed (monitor.keep_reports "
+                           f"keeps the newest {self.settings.keep_reports}) or, with the results shared in Postgres, "
+                           "another API process ran the check and keeps it; its result is in "
+                           f"GET /v1/monitor/drift/{check}", param="id", code="drift_report_not_found")
         return path
 
     # -- checking ---------------------------------------------------------------------------------------------
@@ -877,7 +878,7 @@ def build_monitor(settings: Any, lineage_store: LineageStore, metrics: Any, embe
     ``embedder`` the RAG embedder (``embed_documents``) that embeds the questions' drift features, or None;
     ``releases`` the release service (optional: names a release's arms); ``flush`` the lineage recorder's."""
     embed = getattr(embedder, "embed_documents", embedder) if embedder is not None else None
-    return DriftMonitor(settings.monitor, lineage_store, DriftStore(Path(settings.home) / "monitor.db"),
+    return DriftMonitor(settings.monitor, lineage_store, open_drift_store(settings),
                         home=Path(settings.home), metrics=metrics, embed=embed,
                         suite_inputs=suite_loader(Path(settings.evals.suites_dir)), releases=releases, flush=flush,
                         feedback=releases.store.scores_for if releases is not None else None)

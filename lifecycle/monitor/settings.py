@@ -19,10 +19,10 @@ class MonitorSettings(BaseModel):
         "Record the lineage and the drift features of every answer (lifecycle.lineage). Off: no lineage API, "
         "no drift monitor."))
     url: SecretStr | None = Field(default=None, description=(
-        "postgresql:// URL of the lineage store (every answer's lineage record and drift features) instead of "
-        "<home>/lineage.db: every API process then answers GET /v1/lineage/{id} for any answer, drift checks see "
-        "the whole fleet's traffic and one process per round runs the scheduled check. database_url fills it when "
-        "unset."))
+        "postgresql:// URL of the lineage store (every answer's lineage record and drift features) and the drift "
+        "check results instead of <home>/lineage.db and monitor.db: every API process then answers GET "
+        "/v1/lineage/{id} for any answer and lists every check, drift checks see the whole fleet's traffic and one "
+        "process per round runs the scheduled check. database_url fills it when unset."))
     embed_sample: float = Field(default=1.0, ge=0, le=1, description=(
         "Share of questions whose embedding is kept for input-drift checks (computed off the request path by "
         "the lineage writer; the text itself is never stored). 0: no embeddings."))

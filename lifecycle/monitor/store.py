@@ -1,4 +1,5 @@
-"""Where drift check results live: ``<home>/monitor.db`` (SQLite, WAL), one row per check, newest first.
+"""Where drift check results live: ``<home>/monitor.db`` (SQLite, WAL) or, for several API processes, Postgres
+(``monitor.url``, or ``database_url``: beside the lineage and drift features); one row per check, newest first.
 
 A result and its audit event (trail ``monitor``) commit in one transaction. The schema is Alembic's
 (``lifecycle/monitor/migrations``, version table ``alembic_version_monitor``), brought to head on open.
@@ -14,11 +15,12 @@ from typing import Any
 
 from app.core import audit
 from app.core.audit import AuditEvent
-from app.core.db import SqliteFile
+from app.core.db import SqliteFile, StoreFile, open_store_file
 from app.core.errors import InvalidRequest
 from app.core.migrate import Migrations
 
-MIGRATIONS = Migrations(Path(__file__).with_name("migrations"), "alembic_version_monitor")
+MIGRATIONS = Migrations(Path(__file__).with_name("migrations"), "alembic_version_monitor",
+                        pg_lock_key=0x6B65656C_6D6F)  # "keelmo"
 TRAIL = "monitor"
 _ID = re.compile(r"^drift-[0-9a-f]{16}$")
 
@@ -35,8 +37,9 @@ def check_id(check: str) -> str:
 class DriftStore:
     """Drift check results (JSON documents) with their audit trail."""
 
-    def __init__(self, path: Path | str) -> None:
-        self._file = SqliteFile(path, MIGRATIONS, what="the drift monitor's store", before=audit.ensure_schema_sqlite)
+    def __init__(self, where: Path | str | StoreFile) -> None:
+        self._file = where if isinstance(where, StoreFile) else SqliteFile(
+            where, MIGRATIONS, what="the drift monitor's store", before=audit.ensure_schema_sqlite)
         self.path = self._file.path
 
     def add(self, result: Mapping[str, Any], event: AuditEvent | None = None) -> None:
@@ -69,8 +72,14 @@ class DriftStore:
 
     def audit_events(self, *, limit: int = 50) -> list[AuditEvent]:
         """This store's audit trail, newest first."""
-        sql, args = audit.select(trail=TRAIL, limit=limit)
-        return [audit.decode(r) for r in self._file.read(sql, args)]
+        return self._file.audit_events(trail=TRAIL, limit=limit)
 
     def close(self) -> None:
         self._file.close()
+
+
+def open_drift_store(settings: Any) -> DriftStore:
+    """The drift store the settings name (``monitor.url``, else ``<home>/monitor.db``)."""
+    return DriftStore(open_store_file(settings.monitor.url, Path(settings.home) / "monitor.db", MIGRATIONS,
+                                      what="the drift monitor's store", setting="monitor.url", name="keel-drift",
+                                      with_audit=True))

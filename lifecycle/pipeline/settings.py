@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, SecretStr, field_validator
+
+from app.core.db import postgres_url
 
 #: The pipelines Keel ships (next to the fine-tuning jobs they retrain).
 SHIPPED = Path(__file__).resolve().parents[2] / "finetune" / "pipelines"
@@ -23,6 +26,15 @@ class PipelineSettings(BaseModel):
     triggers: bool = Field(default=True, description="false: runs start only when a person starts them.")
     slots: int = Field(default=4, ge=1, le=64, description=(
         "Pipeline runs one API process drives at once (they mostly wait on workers and canaries)."))
+
+    url: SecretStr | None = Field(default=None, description=(
+        "postgresql:// URL of the pipeline store (runs, steps, their audit trail) instead of <home>/pipelines.db: "
+        "every API process and worker then sees and drives the same runs. database_url fills it when unset."))
+
+    @field_validator("url", mode="before")
+    @classmethod
+    def _url(cls, value: Any) -> SecretStr | None:
+        return postgres_url(value, setting="pipelines.url", otherwise="<home>/pipelines.db")
 
     def folders(self) -> list[Path]:
         return [*self.dirs, SHIPPED]

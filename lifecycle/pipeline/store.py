@@ -1,4 +1,5 @@
-"""Where pipeline runs live: ``<home>/pipelines.db`` (SQLite, WAL): each run, each of its steps (state, log,
+"""Where pipeline runs live: ``<home>/pipelines.db`` (SQLite, WAL), or Postgres (``pipelines.url``, or
+``database_url``) for several API processes and workers: each run, each of its steps (state, log,
 artifacts), and the audit trail ``pipelines`` (starts, decisions, outcomes), written in the same transaction as
 the change it records.
 
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import json
 import secrets
-import sqlite3
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -20,12 +20,13 @@ from typing import Any, Literal
 
 from app.core import audit
 from app.core.audit import AuditEvent
-from app.core.db import SqliteFile
+from app.core.db import SqliteFile, StoreFile, open_store_file
 from app.core.errors import Conflict, InvalidRequest, NotFound
 from app.core.migrate import Migrations
 from lifecycle.pipeline.spec import STEPS
 
-MIGRATIONS = Migrations(Path(__file__).with_name("migrations"), "alembic_version_pipelines")
+MIGRATIONS = Migrations(Path(__file__).with_name("migrations"), "alembic_version_pipelines",
+                        pg_lock_key=0x6B65656C_7069)  # "keelpi"
 TRAIL = "pipelines"
 
 RunState = Literal["queued", "running", "waiting", "succeeded", "failed", "cancelled"]
@@ -103,8 +104,9 @@ class Run:
 
 
 class PipelineStore:
-    def __init__(self, path: Path | str) -> None:
-        self._file = SqliteFile(path, MIGRATIONS, what="the pipeline store", before=audit.ensure_schema_sqlite)
+    def __init__(self, where: Path | str | StoreFile) -> None:
+        self._file = where if isinstance(where, StoreFile) else SqliteFile(
+            where, MIGRATIONS, what="the pipeline store", before=audit.ensure_schema_sqlite)
 
     # -- definitions ---------------------------------------------------------------------------------
 
@@ -136,7 +138,7 @@ class PipelineStore:
                                             subject=pipeline, subject_ref=run_id, actor=actor,
                                             reason=str(trigger.get("reason") or trigger.get("kind") or ""),
                                             details={"trigger": dict(trigger), "hash": definition_hash}))
-        except sqlite3.IntegrityError:
+        except self._file.integrity_error:
             open_run = self.open_run(pipeline)
             raise Conflict(f"pipeline {pipeline!r} already has an open run ({open_run.id if open_run else '?'}, "
                            f"{open_run.state if open_run else '?'}); one run at a time: wait for it, or cancel it",
@@ -262,7 +264,7 @@ class PipelineStore:
                 raise NotFound(f"pipeline run {run_id} has no step {step!r}", param="step")
             merged = {**json.loads(row[0]), **(artifacts or {})}
             db.execute("UPDATE pipeline_steps SET artifacts = ?, state = COALESCE(?, state), "
-                       "error = COALESCE(?, error), log = log || ?, finished_at = CASE WHEN ? THEN ? "
+                       "error = COALESCE(?, error), log = log || ?, finished_at = CASE WHEN ? = 1 THEN ? "
                        "ELSE finished_at END WHERE run_id = ? AND step = ?",
                        (_dump(merged), state, error, log or "", int(finished), now, run_id, step))
             db.execute("UPDATE pipeline_runs SET updated_at = ? WHERE id = ?", (now, run_id))
@@ -280,7 +282,7 @@ class PipelineStore:
                     "UPDATE pipeline_runs SET state = 'queued', outcome = NULL, error = NULL, open = 1, "
                     "finished_at = NULL, updated_at = ? WHERE id = ? AND open = 0 AND state = 'failed' AND "
                     "outcome = 'error'", (now, run_id)).rowcount
-            except sqlite3.IntegrityError:
+            except self._file.integrity_error:
                 raise Conflict(f"pipeline {row[0]!r} has another open run; retry this one when it is finished",
                                param="run_id", code="pipeline_run_open") from None
             if not changed:
@@ -297,8 +299,7 @@ class PipelineStore:
 
     def audit_events(self, **filters: Any) -> list[AuditEvent]:
         """The pipelines trail, newest first (filters: :func:`app.core.audit.select`'s; a run's: subject_ref)."""
-        sql, args = audit.select(trail=TRAIL, **filters)
-        return [audit.decode(r) for r in self._file.read(sql, args)]
+        return self._file.audit_events(**{**filters, "trail": TRAIL})
 
     def close(self) -> None:
         self._file.close()
@@ -318,3 +319,10 @@ def _run(r: Sequence[Any]) -> Run:
 def _step(r: Sequence[Any]) -> Step:
     _, name, state, attempts, started, finished, artifacts, error, log = r
     return Step(name, state, int(attempts), started, finished, json.loads(artifacts), error, log or "")
+
+
+def open_pipeline_store(settings: Any) -> PipelineStore:
+    """The pipeline store the settings name (``pipelines.url``, else ``<home>/pipelines.db``)."""
+    return PipelineStore(open_store_file(settings.pipelines.url, Path(settings.home) / "pipelines.db", MIGRATIONS,
+                                         what="the pipeline store", setting="pipelines.url", name="keel-pipelines",
+                                         with_audit=True))

@@ -17,17 +17,19 @@ from typing import Any
 from agents.tools import ToolContext, ToolObservation
 from app.core import audit
 from app.core.audit import AuditEvent, BufferedWriter
-from app.core.db import SqliteFile
+from app.core.db import SqliteFile, StoreFile, open_store_file
 
 TRAIL = "tools"
 MAX_ARGS_CHARS = 2000
 
 
 class ToolAudit:
-    """``tools.db``: the ``tools`` trail. ``record`` is the tool registry's audit hook."""
+    """``tools.db`` (or the shared Postgres's audit table): the ``tools`` trail. ``record`` is the tool registry's
+    audit hook."""
 
-    def __init__(self, path: Path | str, *, interval_s: float = 0.2) -> None:
-        self._file = SqliteFile(path, None, what="the tool audit store", before=audit.ensure_schema_sqlite)
+    def __init__(self, where: Path | str | StoreFile, *, interval_s: float = 0.2) -> None:
+        self._file = where if isinstance(where, StoreFile) else SqliteFile(
+            where, None, what="the tool audit store", before=audit.ensure_schema_sqlite)
         self._writer: BufferedWriter[AuditEvent] = BufferedWriter(
             self._write, interval_s=interval_s, name="keel-tool-audit", what="tool audit rows")
 
@@ -52,9 +54,15 @@ class ToolAudit:
     def events(self, **filters: Any) -> list[AuditEvent]:
         """The kernel's query (:func:`app.core.audit.select`'s filters) on this trail; flushes first."""
         self.flush()
-        with self._file.errors(), self._file.lock:
-            return audit.query(self._file.db, **{**filters, "trail": TRAIL})
+        return self._file.audit_events(**{**filters, "trail": TRAIL})
 
     def close(self) -> None:
         self._writer.close()
         self._file.close()
+
+
+def open_tool_audit(home: Path, url: Any = None) -> ToolAudit:
+    """The ``tools`` trail in the shared Postgres (``url``: ``database_url``, a ``SecretStr``), where every API
+    process's tool calls are read together, else in ``<home>/tools.db``."""
+    return ToolAudit(open_store_file(url, Path(home) / "tools.db", audit.MIGRATIONS, what="the tool audit store",
+                                     setting="database_url", name="keel-tool-audit"))

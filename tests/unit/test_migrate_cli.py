@@ -43,12 +43,17 @@ def test_migrate_brings_every_store_to_head_once(tmp_path: Path, postgres_url: s
     shared = tables(postgres_url)
     for version_table in ("alembic_version_keys", "alembic_version_prompts", "alembic_version_routing",
                           "alembic_version_releases", "alembic_version_evals", "alembic_version_lineage",
-                          "alembic_version_agent_runs", "alembic_version_audit"):
+                          "alembic_version_agent_runs", "alembic_version_audit", "alembic_version_monitor",
+                          "alembic_version_pipelines", "alembic_version_batch", "alembic_version_responses",
+                          "alembic_version_ingest", "alembic_version_finetune"):
         assert version_table in shared, sorted(shared)
-    assert {"checkpoints", "lineage_schedule", "eval_runs", "audit_events"} <= shared
+    assert {"checkpoints", "lineage_schedule", "eval_runs", "audit_events", "drift_checks", "pipeline_runs",
+            "file_chunks", "responses", "rag_snapshots"} <= shared
     assert {"audit_events", "alembic_version_audit"} <= tables(audit_url)  # opened even though nothing is served
-    home = tmp_path / "home"  # what lives in the home: its own SQLite stores
-    assert (home / "monitor.db").exists() and not (home / "evals.db").exists() and not (home / "lineage.db").exists()
+    home = tmp_path / "home"  # what lives in the home: the job queue, traces, tool audit; no other store
+    moved = {"monitor.db", "pipelines.db", "batches.db", "responses.db", "rag.db", "evals.db", "lineage.db",
+             "keel.db", "routing.db", "releases.db"}
+    assert not moved & {p.name for p in home.rglob("*.db")}, sorted(p.name for p in home.rglob("*.db"))
     before = versions(postgres_url)
     again = runner.invoke(app, ["migrate"])
     assert again.exit_code == 0, again.output

@@ -83,8 +83,8 @@ def get_file(file_id: str, key: ChatKey, container: ContainerDep) -> dict[str, A
 
 @router.get("/v1/files/{file_id}/content", response_class=FileResponse, responses=_FILE)
 def file_content(file_id: str, key: ChatKey, container: ContainerDep) -> FileResponse:
-    row = _batches(container).file(file_id, owner=_owner(key))
-    return FileResponse(row["path"], media_type="application/jsonl", filename=row["filename"])
+    row, path = _batches(container).content(file_id, owner=_owner(key))
+    return FileResponse(path, media_type="application/jsonl", filename=row["filename"])
 
 
 @router.delete("/v1/files/{file_id}", responses=_FILE)

@@ -16,10 +16,10 @@ def upgrade() -> None:
     op.execute("""
         CREATE TABLE IF NOT EXISTS drift_checks (
             id TEXT PRIMARY KEY,
-            created REAL NOT NULL,
+            created DOUBLE PRECISION NOT NULL,
             actor TEXT NOT NULL DEFAULT '',
             verdict TEXT NOT NULL,
-            drift_share REAL,
+            drift_share DOUBLE PRECISION,
             reference_kind TEXT NOT NULL,
             current_rows INTEGER NOT NULL,
             reference_rows INTEGER NOT NULL,

@@ -17,7 +17,7 @@ def upgrade() -> None:
     op.execute("""
         CREATE TABLE IF NOT EXISTS pipelines (
             name TEXT PRIMARY KEY,
-            armed_at REAL NOT NULL
+            armed_at DOUBLE PRECISION NOT NULL
         )""")
     op.execute("""
         CREATE TABLE IF NOT EXISTS pipeline_runs (
@@ -31,9 +31,9 @@ def upgrade() -> None:
             definition TEXT NOT NULL,
             definition_hash TEXT NOT NULL,
             created_by TEXT NOT NULL,
-            created_at REAL NOT NULL,
-            updated_at REAL NOT NULL,
-            finished_at REAL,
+            created_at DOUBLE PRECISION NOT NULL,
+            updated_at DOUBLE PRECISION NOT NULL,
+            finished_at DOUBLE PRECISION,
             job_id TEXT,
             decision TEXT,
             error TEXT
@@ -48,8 +48,8 @@ def upgrade() -> None:
             position INTEGER NOT NULL,
             state TEXT NOT NULL,
             attempts INTEGER NOT NULL DEFAULT 0,
-            started_at REAL,
-            finished_at REAL,
+            started_at DOUBLE PRECISION,
+            finished_at DOUBLE PRECISION,
             artifacts TEXT NOT NULL DEFAULT '{}',
             error TEXT,
             log TEXT NOT NULL DEFAULT '',
