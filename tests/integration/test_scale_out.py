@@ -1,6 +1,7 @@
 """Two Keel API processes, each with a home of its own (as on two machines), on one real Postgres (``database_url``)
-and one real vLLM: what one process changes, the other serves; a key's rate limit holds for both together;
-killing one mid-stream leaves the other serving."""
+and one real vLLM: what one process changes, the other serves (keys, lineage, stored responses, batch files and
+batches, prompt labels, releases); a key's rate limit holds for both together; killing one mid-stream leaves the
+other serving."""
 
 from __future__ import annotations
 
@@ -97,6 +98,33 @@ def test_two_api_processes_share_keys_labels_and_limits_and_survive_one_dying(ke
                                    ).status_code == 200 and got.json().get("guardrail_verdicts") and got.json())
         assert seen and seen["route"]["alias"] == "smollm2" and seen["usage"], seen
         assert {v["stage"] for v in seen["guardrail_verdicts"]} >= {"input"}  # B's guards, read from A
+
+        # A Responses conversation stored through A goes on through B.
+        first = httpx.post(f"{a.url}/v1/responses", headers=auth, timeout=120, json={
+            "model": "smollm2", "input": "My name is Ada. Say hi.", "max_output_tokens": 8})
+        assert first.status_code == 200, first.text
+        follow = httpx.post(f"{b.url}/v1/responses", headers=auth, timeout=120, json={
+            "model": "smollm2", "input": "What is my name?", "max_output_tokens": 8,
+            "previous_response_id": first.json()["id"]})
+        assert follow.status_code == 200 and follow.json()["previous_response_id"] == first.json()["id"], follow.text
+
+        # A batch file uploaded through A is read through B; the batch A runs is followed, and its output read,
+        # through B.
+        lines = b'{"custom_id": "q1", "method": "POST", "url": "/v1/chat/completions", "body": {"model": ' \
+                b'"smollm2", "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 4}}\n'
+        upload = httpx.post(f"{a.url}/v1/files", headers=auth, timeout=30, data={"purpose": "batch"},
+                            files={"file": ("in.jsonl", lines, "application/jsonl")})
+        assert upload.status_code == 200, upload.text
+        file_id = upload.json()["id"]
+        assert httpx.get(f"{b.url}/v1/files/{file_id}/content", headers=auth, timeout=30).content == lines
+        batch = httpx.post(f"{a.url}/v1/batches", headers=auth, timeout=30, json={
+            "input_file_id": file_id, "endpoint": "/v1/chat/completions", "completion_window": "24h"})
+        assert batch.status_code == 200, batch.text
+        done = eventually(lambda: (got := httpx.get(f"{b.url}/v1/batches/{batch.json()['id']}", headers=auth,
+                                                    timeout=30).json())["status"] == "completed" and got, timeout=120)
+        assert done and done["request_counts"]["completed"] == 1, done
+        output = httpx.get(f"{b.url}/v1/files/{done['output_file_id']}/content", headers=auth, timeout=30)
+        assert output.status_code == 200 and b'"custom_id":"q1"' in output.content.replace(b" ", b""), output.text
 
         # A prompt label moved through A is what B serves.
         assert httpx.post(f"{a.url}/v1/prompts", json={"name": "greet", "content": GREET, "message": "v1"},
