@@ -49,20 +49,25 @@ class Settings(CoreSettings):
         kernel's, keys and routing, are filled in by :class:`CoreSettings`). Not the job queue's: the jobs on it
         read and write files under the home (ingest uploads, fine-tuning datasets and adapters, pipeline
         datasets), so a queue shared by processes with homes of their own would hand a job to a process that
-        cannot see its files; ``jobs.url`` is for processes that share the home (one volume)."""
+        cannot see its files; ``jobs.url`` is for processes that share the home (one volume). The stores of the
+        work that runs on that queue, fine-tuning jobs and pipeline runs, follow the queue: shared when it is
+        (their runs are driven by whichever process's queue holds their job, and their files are the home's)."""
         url = self.database_url
         if url is not None:
             self.prompts.url = self.prompts.url or url
             self.releases.url = self.releases.url or url
             self.evals.url = self.evals.url or url
             self.monitor.url = self.monitor.url or url
-            self.pipelines.url = self.pipelines.url or url
             self.batch.url = self.batch.url or url
-            self.finetune.url = self.finetune.url or url
             self.rag.snapshots_url = self.rag.snapshots_url or url
             if self.guardrails.audit_db is None:  # a file named on purpose is the store's own setting: it wins
                 self.guardrails.audit_url = self.guardrails.audit_url or url
             self.agents.postgres_url = self.agents.postgres_url or url
+        queue = self.jobs.url
+        if queue is not None:
+            self.pipelines.url = self.pipelines.url or queue
+            if self.finetune.jobs_db is None:
+                self.finetune.url = self.finetune.url or queue
         return self
 
 

@@ -26,8 +26,9 @@ class FinetuneSettings(BaseModel):
     jobs_db: Path | None = Field(default=None, description="SQLite job store; None means <home>/finetune/jobs.db.")
     url: SecretStr | None = Field(default=None, description=(
         "postgresql:// URL of the fine-tuning job store (jobs, deployments, their audit trail) instead of the SQLite "
-        "file under the home: every API process and worker then sees the same jobs. database_url fills it when "
-        "unset."))
+        "file under the home: every API process and worker then sees the same jobs. jobs.url (a job queue shared "
+        "by processes on one home volume) fills it when unset and jobs_db is not set: the jobs run on that queue "
+        "and their files are that home's."))
     runs_dir: Path | None = Field(
         default=None, description="One folder per job (checkpoints, adapter, log); None means <home>/finetune/runs."
     )

@@ -7,6 +7,7 @@ run touched), so any two snapshots of a collection can be diffed directly.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import threading
@@ -19,6 +20,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from app.core.db import StoreFile, open_store_file
+from app.core.errors import KeelError
 from app.core.migrate import Migrations
 from ingest.errors import SnapshotNotFound
 
@@ -72,9 +74,12 @@ def new_snapshot_id() -> str:
 
 _COLUMNS = ("id, collection, status, started_at, finished_at, embedding_model, sparse_encoder, chunker_config, paths, "
             "prune, counts, rejections, error")
+log = logging.getLogger("keel.ingest")
 #: A 'running' snapshot whose process has not made progress for this long is taken for dead, wherever it ran.
 STALE_AFTER_S = 900.0
-_RUNNER = f"{socket.gethostname()}:{os.getpid()}"
+#: host:pid:token: the token tells this process from an earlier one with the same pid on the same host (a
+#: restarted container is pid 1 again, with the same host name)
+_RUNNER = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
 class SnapshotStore:
@@ -112,9 +117,14 @@ class SnapshotStore:
         return sid
 
     def beat(self, sid: str) -> None:
-        """The run behind ``sid`` is making progress (it is not the leftover of a dead process)."""
-        with self._db().tx() as db:
-            db.execute("UPDATE rag_snapshots SET beat_at = ? WHERE id = ? AND status = 'running'", (time.time(), sid))
+        """The run behind ``sid`` is making progress (it is not the leftover of a dead process). A failed beat is
+        logged, never the ingest's failure: the next batch beats again."""
+        try:
+            with self._db().tx(serialize=False) as db:
+                db.execute("UPDATE rag_snapshots SET beat_at = ? WHERE id = ? AND status = 'running'",
+                           (time.time(), sid))
+        except KeelError as e:
+            log.warning("could not record the progress of snapshot %s: %s", sid, e)
 
     def finish(self, sid: str, *, files: list[FileEntry], counts: dict[str, int | float],
                rejections: list[dict[str, Any]], error: str | None = None) -> None:
@@ -156,14 +166,15 @@ class SnapshotStore:
         queries = [(f"SELECT {_COLUMNS} FROM rag_snapshots WHERE id = ?", (sid,))]
         if with_files:
             queries.append(("SELECT doc_id, source, source_sha256, version, chunks FROM rag_snapshot_files "
-                            "WHERE snapshot_id = ? ORDER BY doc_id", (sid,)))
+                            "WHERE snapshot_id = ?", (sid,)))
         runs, *files = self._db().read_all(*queries)
         if not runs:
             raise SnapshotNotFound(f"no snapshot {sid!r}", param="snapshot")
         snap = self._row(runs[0])
         if files:
+            # sorted here, not by the database: Postgres orders text by its locale, SQLite by code point
             snap.files = [FileEntry(doc_id=d, source=src, source_sha256=sha, version=v, chunks=n)
-                          for d, src, sha, v, n in files[0]]
+                          for d, src, sha, v, n in sorted(files[0])]
         return snap
 
     def latest(self, collection: str) -> Snapshot | None:
@@ -195,11 +206,13 @@ class SnapshotStore:
 def _gone(runner: str | None, beat_at: float | None) -> bool:
     if runner is None or beat_at is None or time.time() - beat_at > STALE_AFTER_S:
         return True
-    host, _, pid = runner.rpartition(":")
+    host, pid = [*runner.rsplit(":", 2), ""][:2]
     if host != socket.gethostname() or not pid.isdigit():
         return False  # another machine's: only its silence tells
-    if int(pid) == os.getpid():
+    if runner == _RUNNER:
         return False  # this process's own run, still going
+    if int(pid) == os.getpid():
+        return True  # an earlier process with this pid (a restarted container)
     try:
         os.kill(int(pid), 0)
     except ProcessLookupError:

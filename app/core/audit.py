@@ -136,7 +136,8 @@ def _row(e: AuditEvent, now: float) -> tuple[Any, ...]:
     if not e.action:
         raise ValueError("an audit event needs an action")
     return (e.trail, e.at or now, e.actor or "", e.action, e.subject_kind or "", e.subject or "",
-            _ref(e.subject_ref), _ref(e.from_ref), _ref(e.to_ref), e.reason or "",
+            _ref(e.subject_ref), _ref(e.from_ref), _ref(e.to_ref),
+            (e.reason or "").replace("\x00", "\ufffd"),  # a tool's output, say: Postgres text holds no NUL
             json.dumps(dict(e.details or {}), sort_keys=True, default=str, separators=(",", ":")), e.request_id)
 
 

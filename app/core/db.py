@@ -73,7 +73,8 @@ class SqliteFile:
             raise StoreUnavailable(f"{self.what} at {self.path} is unavailable ({e})") from None
 
     @contextmanager
-    def tx(self) -> Iterator[sqlite3.Connection]:
+    def tx(self, *, serialize: bool = True) -> Iterator[sqlite3.Connection]:
+        """A write transaction (SQLite has one writer at a time: ``serialize`` is :class:`PostgresFile`'s)."""
         with self.errors(), write_transaction(self.db, self.lock) as db:
             yield db
 
@@ -265,6 +266,16 @@ def postgres_sql(sql: str) -> str:
     return sql.replace("%", "%%").replace("?", "%s")
 
 
+#: How long a write waits for the store's other writers (SQLite's busy timeout, 30 s, plays this part there).
+LOCK_TIMEOUT_S = 30.0
+
+
+def _text_safe(args: Sequence[Any]) -> tuple[Any, ...]:
+    """Postgres text cannot hold NUL (SQLite's can): a NUL in a value becomes U+FFFD instead of failing the write
+    (a tool's output or a batch line's ``custom_id`` may carry one)."""
+    return tuple(a.replace("\x00", "\ufffd") if isinstance(a, str) and "\x00" in a else a for a in args)
+
+
 class PostgresTx:
     """A psycopg connection inside a transaction, driven like a sqlite3 connection: ``?`` marks, ``execute``
     returns the cursor (``fetchone``, ``fetchall``, ``rowcount``), ``executemany``. ``raw`` is the connection itself,
@@ -276,12 +287,12 @@ class PostgresTx:
         self.raw = conn
 
     def execute(self, sql: str, args: Sequence[Any] = ()) -> Any:
-        return self.raw.execute(postgres_sql(sql), tuple(args))
+        return self.raw.execute(postgres_sql(sql), _text_safe(args))
 
     def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> Any:
         cur = self.raw.cursor()
         if rows:
-            cur.executemany(postgres_sql(sql), [tuple(r) for r in rows])
+            cur.executemany(postgres_sql(sql), [_text_safe(r) for r in rows])
         return cur
 
 
@@ -314,9 +325,14 @@ class PostgresFile:
                                 timeout_s=timeout_s)
 
     @contextmanager
-    def tx(self) -> Iterator[PostgresTx]:
+    def tx(self, *, serialize: bool = True) -> Iterator[PostgresTx]:
+        """A write transaction; ``serialize=False`` for blind writes (inserts of new rows, whole-row upserts) that
+        need not wait for the store's other writers (a 100 MiB upload would hold them all)."""
         with self._pg.transaction() as conn:
-            conn.execute("SELECT pg_advisory_xact_lock(%s)", (self._lock_key,))
+            if serialize:
+                # bounded like SQLite's busy timeout: a stuck writer elsewhere is a 503 here, not a hang
+                conn.execute(f"SET LOCAL lock_timeout = '{int(LOCK_TIMEOUT_S * 1000)}ms'")
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (self._lock_key,))
             yield PostgresTx(conn)
 
     def read(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:

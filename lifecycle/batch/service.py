@@ -114,11 +114,11 @@ class BatchService:
                                  param="completion_window")
         if self.runner is None:
             raise InvalidRequest("this server runs no job queue, so it cannot run batches", code="batches_off")
-        f = self.file(input_file_id, owner=owner)
+        f = await asyncio.to_thread(self.file, input_file_id, owner=owner)
         if f["purpose"] != "batch":
             raise InvalidRequest(f"file {input_file_id} has purpose {f['purpose']!r}; a batch reads a file "
                                  "uploaded with purpose 'batch'", param="input_file_id")
-        lines = _count_lines(self.content(input_file_id, owner=owner)[1])
+        lines = await asyncio.to_thread(lambda: _count_lines(self.content(input_file_id, owner=owner)[1]))
         if lines > self.settings.max_requests:
             raise InvalidRequest(f"the file has {lines} requests; batch.max_requests is {self.settings.max_requests}",
                                  param="input_file_id")
@@ -129,11 +129,11 @@ class BatchService:
                  "expires_at": now + WINDOWS[completion_window], "finalizing_at": None, "completed_at": None,
                  "failed_at": None, "expired_at": None, "cancelling_at": None, "cancelled_at": None,
                  "request_counts": {"total": lines, "completed": 0, "failed": 0}, "metadata": metadata or None}
-        self.store.put_batch(batch, owner=owner)
+        await asyncio.to_thread(self.store.put_batch, batch, owner=owner)
         job = await self.runner.submit(KIND, {"batch_id": batch["id"],
                                               "scopes": sorted(scopes) if scopes is not None else None},
                                        owner=owner, max_attempts=self.settings.max_attempts)
-        self.store.put_batch(batch, owner=owner, job_id=job.id)
+        await asyncio.to_thread(self.store.set_job, batch["id"], job.id)
         return batch
 
     def get(self, batch_id: str, *, owner: str | None) -> dict[str, Any]:
@@ -150,20 +150,21 @@ class BatchService:
         return self.store.list_batches(owner=owner, after=after, limit=limit)
 
     async def cancel(self, batch_id: str, *, owner: str | None, actor: str = "") -> dict[str, Any]:
-        batch = self.get(batch_id, owner=owner)
+        batch = await asyncio.to_thread(self.get, batch_id, owner=owner)
         if batch["status"] in FINAL:
             return batch
-        found = self.store.get_batch(batch_id)
+        found = await asyncio.to_thread(self.store.get_batch, batch_id)
         assert found is not None
         batch = {**batch, "status": "cancelling", "cancelling_at": int(time.time())}
-        self.store.put_batch(batch, owner=found[1])
+        if not await asyncio.to_thread(self.store.put_batch, batch, owner=found[1]):
+            return await asyncio.to_thread(self.get, batch_id, owner=owner)  # it finished meanwhile
         if found[2] is not None and self.runner is not None:
             try:
                 job = await self.runner.cancel(found[2], actor=actor or found[1])
             except NotFound:  # queued on another process's queue: it stops at its next flush (``cancelling``)
                 return batch
             if job.state == "cancelled" and batch["in_progress_at"] is None:  # it never started
-                batch = self._finish(batch, found[1], "cancelled")
+                batch = await asyncio.to_thread(self._finish, batch, found[1], "cancelled")
         return batch
 
     # -- the job -------------------------------------------------------------------------------------
@@ -171,7 +172,7 @@ class BatchService:
     async def __call__(self, job: Job, ctx: JobContext) -> dict[str, Any]:
         batch_id = job.payload["batch_id"]
         scopes = frozenset(job.payload["scopes"]) if job.payload.get("scopes") is not None else None
-        found = self.store.get_batch(batch_id)
+        found = await asyncio.to_thread(self.store.get_batch, batch_id)
         if found is None:
             raise NotFound(f"batch {batch_id} is gone", code="batch_not_found")
         batch, owner, _ = found
@@ -189,7 +190,10 @@ class BatchService:
             batch = {**batch, "status": "in_progress" if batch["status"] == "validating" else "cancelling",
                      "in_progress_at": int(time.time()),
                      "request_counts": {"total": len(requests) + len(bad), "completed": 0, "failed": 0}}
-            self.store.put_batch(batch, owner=owner)
+            if not await asyncio.to_thread(self.store.put_batch, batch, owner=owner):
+                batch = (await asyncio.to_thread(self.store.get_batch, batch_id))[0]  # cancelled meanwhile
+                if batch["status"] in FINAL:
+                    return {"batch_id": batch_id, "status": batch["status"]}
         done = await asyncio.to_thread(self.store.done_lines, batch_id)
         await asyncio.to_thread(self.store.add_results, batch_id, [
             (line, cid, False, _error_record(cid, code, message, line)) for line, cid, code, message in bad

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,7 @@ class BatchStore:
         path = self.files_dir / f"{row['id']}.jsonl"
         _write_whole(path, [data])  # the row never names a half-written file
         try:
-            with self._file.tx() as db:
+            with self._file.tx(serialize=False) as db:  # a new id: nothing to take turns over
                 db.execute("INSERT INTO files (id, owner, filename, purpose, bytes, created_at, path) "
                            "VALUES (?, ?, ?, ?, ?, ?, ?)", (row["id"], row["owner"], row["filename"],
                                                             row["purpose"], row["bytes"], row["created_at"], str(path)))
@@ -96,12 +97,21 @@ class BatchStore:
 
     # -- batches -----------------------------------------------------------------------------------
 
-    def put_batch(self, batch: dict[str, Any], *, owner: str, job_id: str | None = None) -> None:
+    def put_batch(self, batch: dict[str, Any], *, owner: str, job_id: str | None = None) -> bool:
+        """Write the batch; False (nothing written) when the stored one is final, or is being cancelled and this
+        would start it again: with processes on their own queues, a cancel and the runner's own writes cross."""
         with self._file.tx() as db:
-            db.execute("INSERT INTO batches (id, owner, status, created_at, job_id, batch) VALUES (?, ?, ?, ?, ?, ?) "
-                       "ON CONFLICT (id) DO UPDATE SET status = excluded.status, batch = excluded.batch, "
-                       "job_id = COALESCE(excluded.job_id, batches.job_id)",
-                       (batch["id"], owner, batch["status"], batch["created_at"], job_id, _dump(batch)))
+            return bool(db.execute(
+                "INSERT INTO batches (id, owner, status, created_at, job_id, batch) VALUES (?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (id) DO UPDATE SET status = excluded.status, batch = excluded.batch, "
+                "job_id = COALESCE(excluded.job_id, batches.job_id) WHERE batches.status NOT IN "
+                "('completed', 'failed', 'expired', 'cancelled') AND NOT (batches.status = 'cancelling' AND "
+                "excluded.status IN ('validating', 'in_progress')) RETURNING id",
+                (batch["id"], owner, batch["status"], batch["created_at"], job_id, _dump(batch))).fetchall())
+
+    def set_job(self, batch_id: str, job_id: str) -> None:
+        with self._file.tx() as db:
+            db.execute("UPDATE batches SET job_id = ? WHERE id = ?", (job_id, batch_id))
 
     def get_batch(self, batch_id: str) -> tuple[dict[str, Any], str, str | None] | None:
         """(the batch, its owner, its job's id)."""
@@ -123,7 +133,7 @@ class BatchStore:
     # -- request lines ---------------------------------------------------------------------------
 
     def add_results(self, batch_id: str, results: list[tuple[int, str | None, bool, dict[str, Any]]]) -> None:
-        with self._file.tx() as db:
+        with self._file.tx(serialize=False) as db:  # upserts of whole lines: nothing read first
             db.executemany("INSERT INTO batch_results (batch_id, line, custom_id, ok, record) VALUES (?, ?, ?, ?, ?) "
                            "ON CONFLICT (batch_id, line) DO UPDATE SET custom_id = excluded.custom_id, "
                            "ok = excluded.ok, record = excluded.record",
@@ -157,8 +167,14 @@ def _file(row: tuple) -> dict[str, Any]:
 
 
 def _write_whole(path: Path, parts: list[bytes]) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.part")
-    with open(tmp, "wb") as f:
-        for part in parts:
-            f.write(part)
-    tmp.replace(path)
+    """Write ``path`` whole or not at all; readers racing to fetch the same file each write a temporary of
+    their own and the last rename wins (the bytes are the same)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for part in parts:
+                f.write(part)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -29,7 +29,8 @@ class PipelineSettings(BaseModel):
 
     url: SecretStr | None = Field(default=None, description=(
         "postgresql:// URL of the pipeline store (runs, steps, their audit trail) instead of <home>/pipelines.db: "
-        "every API process and worker then sees and drives the same runs. database_url fills it when unset."))
+        "every API process and worker then sees and drives the same runs. jobs.url (a job queue shared by processes "
+        "on one home volume) fills it when unset: a run is driven through the queue that holds its job."))
 
     @field_validator("url", mode="before")
     @classmethod

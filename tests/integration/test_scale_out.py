@@ -6,6 +6,7 @@ other serving."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -27,11 +28,14 @@ GREET = {"messages": [{"role": "system", "content": "Answer in one short sentenc
          "variables": [{"name": "who", "type": "string"}]}
 
 
-def start_api(home: Path, *, database_url: str, vllm: KeelServer) -> KeelServer:
+def start_api(home: Path, *, database_url: str, vllm: KeelServer, poll_s: float) -> KeelServer:
     port = free_port()
     config = {
         "home": str(home),
         "database_url": database_url,
+        # one job queue for both (jobs here need no file of either home): a process that dies leaves its jobs to
+        # the other once their lease lapses
+        "jobs": {"url": database_url, "lease_s": 6, "heartbeat_s": 2, "poll_s": poll_s},
         "server": {"port": port},
         "auth": {"default_rate_limit_per_minute": 10_000},
         # the session's vLLM, shared: a URL means connect to it, not start one
@@ -77,10 +81,10 @@ def test_two_api_processes_share_keys_labels_and_limits_and_survive_one_dying(ke
     bootstrap.close()
     # Both at once on an empty database (keys aside), as a Deployment's replicas start: their schema set-ups
     # must take turns, not block each other.
-    a = start_api(tmp_path / "a", database_url=postgres_url, vllm=keel_server)
+    a = start_api(tmp_path / "a", database_url=postgres_url, vllm=keel_server, poll_s=0.2)
     b = None
     try:
-        b = start_api(tmp_path / "b", database_url=postgres_url, vllm=keel_server)
+        b = start_api(tmp_path / "b", database_url=postgres_url, vllm=keel_server, poll_s=2.0)  # A takes new jobs
         a.wait_ready(300)
         b.wait_ready(300)
         as_admin = {"Authorization": f"Bearer {admin}"}
@@ -165,9 +169,21 @@ def test_two_api_processes_share_keys_labels_and_limits_and_survive_one_dying(ke
                            timeout=30).status_code for server in (a, b, a, b)]
         assert codes == [200, 200, 200, 429], codes
 
-        # Killing A in the middle of a stream leaves B serving.
+        # Killing A in the middle of a stream, and of a batch it runs, leaves B serving and finishing the batch.
         fresh = httpx.post(f"{b.url}/v1/admin/keys", json={"name": "app2", "scopes": ["chat"]}, headers=as_admin,
                            timeout=30).json()["key"]
+        as_fresh = {"Authorization": f"Bearer {fresh}"}
+        many = b"".join(b'{"custom_id": "n%d", "method": "POST", "url": "/v1/chat/completions", "body": {"model": '
+                        b'"smollm2", "messages": [{"role": "user", "content": "Count to %d."}], "max_tokens": 16}}\n'
+                        % (i, i) for i in range(24))
+        big = httpx.post(f"{a.url}/v1/files", headers=as_fresh, timeout=30, data={"purpose": "batch"},
+                         files={"file": ("many.jsonl", many, "application/jsonl")}).json()["id"]
+        running = httpx.post(f"{a.url}/v1/batches", headers=as_fresh, timeout=30, json={
+            "input_file_id": big, "endpoint": "/v1/chat/completions", "completion_window": "24h"}).json()["id"]
+        begun = eventually(lambda: (got := httpx.get(f"{b.url}/v1/batches/{running}", headers=as_fresh,
+                                                     timeout=30).json())["request_counts"]["completed"] > 0 and got,
+                           timeout=120)
+        assert begun and begun["status"] == "in_progress", begun
         body = {"model": "smollm2", "messages": [{"role": "user", "content": "Count from one to fifty."}],
                 "max_tokens": 200, "stream": True}
         with httpx.stream("POST", f"{a.url}/v1/chat/completions", json=body, timeout=120,
@@ -181,6 +197,19 @@ def test_two_api_processes_share_keys_labels_and_limits_and_survive_one_dying(ke
                     pass
         r = chat(b, fresh)
         assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"], r.text
+        # The batch is finished by B (its job's lease lapses, B takes it over and answers the lines A had not
+        # recorded): every line answered once, none lost.
+        finished = eventually(lambda: (got := httpx.get(f"{b.url}/v1/batches/{running}", headers=as_fresh,
+                                                        timeout=30).json())["status"] == "completed" and got,
+                              timeout=240)
+        assert finished and finished["request_counts"] == {"total": 24, "completed": 24, "failed": 0}, finished
+        out = httpx.get(f"{b.url}/v1/files/{finished['output_file_id']}/content", headers=as_fresh, timeout=30)
+        ids = [json.loads(line)["custom_id"] for line in out.text.splitlines()]
+        assert sorted(ids) == sorted(f"n{i}" for i in range(24)), ids
+        # ... and what A audited before it died is read through B.
+        trail = httpx.get(f"{b.url}/v1/admin/audit", params={"trail": "releases", "subject": "support"},
+                          headers=as_admin, timeout=30).json()
+        assert {"release.create", "release.pause"} <= {e["action"] for e in trail}, trail
     finally:
         for server in (a, b):
             if server is not None:

@@ -1,6 +1,6 @@
 """The fine-tuning job store's contract on both backends: SQLite (``<home>/finetune/jobs.db``) and Postgres
-(``finetune.url``, or ``database_url``), where every API process and worker sees the same jobs. Each test opens
-two handles on one store, as two processes would, and reads through the other what one wrote."""
+(``finetune.url``, or ``jobs.url``: a shared job queue), where every API process and worker sees the same jobs.
+Each test opens two handles on one store, as two processes would, and reads through the other what one wrote."""
 
 from __future__ import annotations
 
@@ -226,8 +226,10 @@ def test_racing_writers_do_not_lose_updates(open_store: Open, monkeypatch) -> No
     assert len(stores[1].get(job.id).metrics) == 20
 
 
-def test_database_url_puts_the_store_in_postgres(tmp_path: Path, postgres_url: str) -> None:
-    settings = Settings(home=tmp_path, database_url=postgres_url)
+def test_a_shared_job_queue_puts_the_store_in_postgres(tmp_path: Path, postgres_url: str) -> None:
+    # database_url alone does not: the jobs run on each home's own queue, on that home's files
+    assert Settings(home=tmp_path, database_url=postgres_url).finetune.url is None
+    settings = Settings(home=tmp_path, jobs={"url": postgres_url})
     assert settings.finetune.url is not None
     store = open_job_store(settings)
     try:

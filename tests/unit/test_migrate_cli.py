@@ -36,6 +36,7 @@ def test_migrate_brings_every_store_to_head_once(tmp_path: Path, postgres_url: s
         admin.execute(f'CREATE DATABASE "{audit_db}"')
     monkeypatch.setenv("KEEL_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("KEEL_DATABASE_URL", postgres_url)
+    monkeypatch.setenv("KEEL_JOBS__URL", postgres_url)  # the shared queue, and with it pipelines and fine-tuning
     monkeypatch.setenv("KEEL_GUARDRAILS__AUDIT_URL", audit_url)
     first = runner.invoke(app, ["migrate"])
     assert first.exit_code == 0, first.output
@@ -50,9 +51,9 @@ def test_migrate_brings_every_store_to_head_once(tmp_path: Path, postgres_url: s
     assert {"checkpoints", "lineage_schedule", "eval_runs", "audit_events", "drift_checks", "pipeline_runs",
             "file_chunks", "responses", "rag_snapshots"} <= shared
     assert {"audit_events", "alembic_version_audit"} <= tables(audit_url)  # opened even though nothing is served
-    home = tmp_path / "home"  # what lives in the home: the job queue, traces, tool audit; no other store
+    home = tmp_path / "home"  # what lives in the home: traces and files; no store
     moved = {"monitor.db", "pipelines.db", "batches.db", "responses.db", "rag.db", "evals.db", "lineage.db",
-             "keel.db", "routing.db", "releases.db"}
+             "keel.db", "routing.db", "releases.db", "jobs.db", "tools.db"}
     assert not moved & {p.name for p in home.rglob("*.db")}, sorted(p.name for p in home.rglob("*.db"))
     before = versions(postgres_url)
     again = runner.invoke(app, ["migrate"])

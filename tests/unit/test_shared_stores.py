@@ -4,6 +4,8 @@ handles on one store, as two processes would."""
 
 from __future__ import annotations
 
+import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -13,11 +15,13 @@ from typing import Any
 import pytest
 
 from agents.tools import ToolContext, ToolObservation
+from app.core import db as db_module
 from app.core.audit import AuditEvent
 from app.core.db import PostgresFile, SqliteFile, postgres_sql
-from app.core.errors import Conflict
+from app.core.errors import Conflict, StoreUnavailable
 from app.services.response_store import ResponseStore, StoredResponse
 from app.settings import Settings
+from ingest import manifest
 from ingest.manifest import STALE_AFTER_S, FileEntry, SnapshotStore
 from lifecycle.batch import store as batch_store
 from lifecycle.batch.store import BatchStore
@@ -163,7 +167,7 @@ def test_ingest_snapshots_are_shared_and_only_dead_runs_are_failed(snapshots, mo
     running = a.start("kb", embedding_model="m", sparse_encoder="s", chunker_config={}, paths=["/d"], prune=False)
     got = b.get(done)
     assert got.status == "completed" and got.prune and got.files[0].chunks == 2 and got.counts["seconds"] == 0.5
-    assert b.latest("kb").id == done and [s.id for s in b.list("kb")] == [running, done]
+    assert b.latest("kb").id == done and {s.id for s in b.list("kb")} == {running, done}
     assert b.get(done, with_files=False).files is None
     # Another live process's run (here: this process, as its own) is left alone ...
     assert b.mark_interrupted("kb") == 0 and a.get(running).status == "running"
@@ -195,8 +199,22 @@ def test_batch_files_and_results_are_read_through_any_process(batches) -> None:
     b.add_results("batch_1", [(1, "b", True, {"n": 1, "again": True})])  # a line answered again replaces
     assert b.counts("batch_1") == (2, 0) and b.done_lines("batch_1") == {0, 1}
     assert [r[2] for r in a.results("batch_1")] == [{"n": 0}, {"n": 1, "again": True}]
-    b.put_batch({**batch, "status": "cancelling"}, owner="k1")
+    assert b.put_batch({**batch, "status": "cancelling"}, owner="k1")
     assert a.status("batch_1") == "cancelling" and a.get_batch("batch_1")[2] == "j1"  # the job id is kept
+    # A cancel and the runner's own writes cross between processes: neither undoes the other.
+    assert not a.put_batch({**batch, "status": "in_progress"}, owner="k1")  # a cancelled batch does not restart
+    assert a.put_batch({**batch, "status": "completed"}, owner="k1")
+    assert not b.put_batch({**batch, "status": "cancelling"}, owner="k1")  # nor does a finished one reopen
+    assert a.status("batch_1") == "completed"
+    # Processes (threads here) fetching one file at once each get all of it.
+    got: list[bytes] = []
+    c = batches()
+    threads = [threading.Thread(target=lambda: got.append(c.content(seen).read_bytes())) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == [data] * 6
     b.delete_file(seen)
     assert a.get_file("file-1") is None and b.content(seen) is None
 
@@ -213,20 +231,46 @@ def test_every_process_s_tool_calls_are_read_together(tool_audits) -> None:
     a, b = tool_audits(), tool_audits()
     ctx = ToolContext(principal="key-1", run_id="run-1", request_id="req-1")
     a.record(ctx, ToolObservation(tool="registry_list", args={"x": 1}, ok=True, output="[]", call_id="c1"))
-    b.record(ctx, ToolObservation(tool="eval_run", args={}, ok=False, output="denied", call_id="c2",
-                                  error_code="tool_scope_denied"))
+    b.record(ctx, ToolObservation(tool="eval_run", args={}, ok=False, output="denied\x00", call_id="c2",
+                                  error_code="tool_scope_denied"))  # Postgres text holds no NUL: kept, replaced
     a.flush()
     events = b.events()
     assert [(e.action, e.subject) for e in events] == [("tool.denied", "eval_run"), ("tool.call", "registry_list")]
     assert events[1].details["args"] == '{"x": 1}' and events[0].actor == "key-1"
 
 
+def test_a_writer_stuck_elsewhere_is_a_503_after_the_lock_timeout(postgres_url: str, monkeypatch) -> None:
+    monkeypatch.setattr(db_module, "LOCK_TIMEOUT_S", 0.3)
+    a, b = (PipelineStore(PostgresFile(postgres_url, PIPELINE_MIGRATIONS, what="the pipeline store",
+                                       setting="pipelines.url", name="t", with_audit=True)) for _ in range(2))
+    try:
+        # another process's writer, holding the store's turn
+        with a._file.tx(), pytest.raises(StoreUnavailable, match=r"pipelines\.url"):
+            b.arm("p")
+        assert b.arm("p") > 0  # and once it is done, writes go through
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_run_of_an_earlier_process_with_the_same_pid_is_dead() -> None:
+    host, now = socket.gethostname(), time.time()
+    assert not manifest._gone(manifest._RUNNER, now)  # this process's own
+    assert manifest._gone(f"{host}:{os.getpid()}:0ther", now)  # a restarted container: pid 1 again
+    assert not manifest._gone(f"elsewhere:{os.getpid()}:0ther", now)  # another machine's, beating
+    assert manifest._gone(f"elsewhere:{os.getpid()}:0ther", now - STALE_AFTER_S - 1)  # ... silent too long
+
+
 def test_database_url_moves_every_store_and_sqlite_stays_the_default(tmp_path: Path, postgres_url: str) -> None:
     shared = Settings(home=tmp_path, database_url=postgres_url)
     names = {name for name, url in shared.store_urls().items() if url}
-    assert {"monitor.url", "pipelines.url", "batch.url", "finetune.url", "rag.snapshots_url"} <= names
-    assert "jobs.url" not in names  # the job queue is shared on purpose only (jobs read files under the home)
-    for store in (open_drift_store(shared), open_pipeline_store(shared)):
+    assert {"monitor.url", "batch.url", "rag.snapshots_url"} <= names
+    # The job queue is shared on purpose only (jobs read files under the home); the stores of the work on it,
+    # pipeline runs and fine-tuning jobs, follow it.
+    assert not {"jobs.url", "pipelines.url", "finetune.url"} & names
+    queued = Settings(home=tmp_path, database_url=postgres_url, jobs={"url": postgres_url})
+    assert {"jobs.url", "pipelines.url", "finetune.url"} <= {n for n, url in queued.store_urls().items() if url}
+    for store in (open_drift_store(shared), open_pipeline_store(queued)):
         assert isinstance(store._file, PostgresFile)
         store.close()
     assert not any(tmp_path.glob("*.db"))

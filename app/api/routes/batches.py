@@ -66,8 +66,9 @@ async def upload_file(key: ChatKey, container: ContainerDep, file: UploadFile = 
         if len(data) > limit:
             raise InvalidRequest(f"the file is larger than batch.max_file_bytes ({limit} bytes): split it",
                                  param="file")
-    return svc.create_file(owner=key.id, filename=file.filename or "upload.jsonl", purpose=purpose,
-                           data=bytes(data))
+    # the bytes go to disk or, shared, to Postgres: off the event loop
+    return await asyncio.to_thread(svc.create_file, owner=key.id, filename=file.filename or "upload.jsonl",
+                                   purpose=purpose, data=bytes(data))
 
 
 @router.get("/v1/files")

@@ -13,11 +13,13 @@ depends_on = None
 
 
 def upgrade() -> None:
-    op.execute("""
+    # unix times: Postgres INTEGER is 4 bytes (2038); SQLite's grows to 8 on its own
+    big = "BIGINT" if op.get_bind().dialect.name == "postgresql" else "INTEGER"
+    op.execute(f"""
         CREATE TABLE IF NOT EXISTS responses (
             id TEXT PRIMARY KEY,
             owner TEXT NOT NULL,
-            created_at INTEGER NOT NULL,
+            created_at {big} NOT NULL,
             previous_id TEXT,
             conversation TEXT NOT NULL,
             response TEXT NOT NULL

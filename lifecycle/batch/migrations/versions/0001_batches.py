@@ -13,23 +13,25 @@ depends_on = None
 
 
 def upgrade() -> None:
-    op.execute("""
+    # unix times and byte counts: Postgres INTEGER is 4 bytes (2038, 2 GiB); SQLite's grows to 8 on its own
+    big = "BIGINT" if op.get_bind().dialect.name == "postgresql" else "INTEGER"
+    op.execute(f"""
         CREATE TABLE IF NOT EXISTS files (
             id TEXT PRIMARY KEY,
             owner TEXT NOT NULL,
             filename TEXT NOT NULL,
             purpose TEXT NOT NULL,
-            bytes INTEGER NOT NULL,
-            created_at INTEGER NOT NULL,
+            bytes {big} NOT NULL,
+            created_at {big} NOT NULL,
             path TEXT NOT NULL
         )""")
     op.execute("CREATE INDEX IF NOT EXISTS files_owner ON files (owner, created_at)")
-    op.execute("""
+    op.execute(f"""
         CREATE TABLE IF NOT EXISTS batches (
             id TEXT PRIMARY KEY,
             owner TEXT NOT NULL,
             status TEXT NOT NULL,
-            created_at INTEGER NOT NULL,
+            created_at {big} NOT NULL,
             job_id TEXT,
             batch TEXT NOT NULL
         )""")

@@ -13,13 +13,15 @@ depends_on = None
 
 
 def upgrade() -> None:
-    op.execute("""
+    # unix times: Postgres REAL is 4 bytes (about 2 minutes apart today); SQLite's REAL is already 8
+    real = "DOUBLE PRECISION" if op.get_bind().dialect.name == "postgresql" else "REAL"
+    op.execute(f"""
         CREATE TABLE IF NOT EXISTS drift_checks (
             id TEXT PRIMARY KEY,
-            created DOUBLE PRECISION NOT NULL,
+            created {real} NOT NULL,
             actor TEXT NOT NULL DEFAULT '',
             verdict TEXT NOT NULL,
-            drift_share DOUBLE PRECISION,
+            drift_share {real},
             reference_kind TEXT NOT NULL,
             current_rows INTEGER NOT NULL,
             reference_rows INTEGER NOT NULL,
