@@ -28,14 +28,12 @@ GREET = {"messages": [{"role": "system", "content": "Answer in one short sentenc
          "variables": [{"name": "who", "type": "string"}]}
 
 
-def start_api(home: Path, *, database_url: str, vllm: KeelServer, poll_s: float) -> KeelServer:
+def start_api(home: Path, *, database_url: str, vllm: KeelServer, poll_s: float | None = None) -> KeelServer:
+    """``poll_s``: share the job queue too, in the same database, polled that often."""
     port = free_port()
     config = {
         "home": str(home),
         "database_url": database_url,
-        # one job queue for both (jobs here need no file of either home): a process that dies leaves its jobs to
-        # the other once their lease lapses
-        "jobs": {"url": database_url, "lease_s": 6, "heartbeat_s": 2, "poll_s": poll_s},
         "server": {"port": port},
         "auth": {"default_rate_limit_per_minute": 10_000},
         # the session's vLLM, shared: a URL means connect to it, not start one
@@ -45,6 +43,10 @@ def start_api(home: Path, *, database_url: str, vllm: KeelServer, poll_s: float)
         "routing": {"check_interval_s": 0.2},
         "models": {"smollm2-b": {"backend": "local", "model": "smollm2"}},  # a release's second variant
     }
+    if poll_s is not None:
+        # one job queue for both (the jobs here need no file of either home): a process that dies leaves its jobs
+        # to the other once their lease lapses
+        config["jobs"] = {"url": database_url, "lease_s": 6, "heartbeat_s": 2, "poll_s": poll_s}
     home.mkdir(parents=True, exist_ok=True)
     (home / "keel.yaml").write_text(yaml.safe_dump(config))
     log = home / "keel.log"
