@@ -169,12 +169,20 @@ def start_keel(enforce_eager: bool, extra: dict | None = None) -> tuple[subproce
     # More aliases on the same model: one bound to the 'unguarded' policy (the serving overhead alone), one
     # to the default policy released window by window (how Keel streamed before progressive release), next
     # to the default policy's cost, in the same run.
-    cfg["models"] = {"smollm2-raw": {"backend": "local", "model": "smollm2"},
-                     "smollm2-windows": {"backend": "local", "model": "smollm2"}}
+    # Two more on the default policy with its input entries blocking instead of redacting (input_overlap needs
+    # an input stage that never changes the input): without and with the model starting during the input check.
+    cfg["models"] = {name: {"backend": "local", "model": "smollm2"}
+                     for name in ("smollm2-raw", "smollm2-windows", "smollm2-blocking", "smollm2-overlap")}
     policy = yaml.safe_load((ROOT / "infra/guardrails/default.yaml").read_text())
     policy["policies"]["default_windows"] = {"extends": "default", "streaming": "windows"}
+    policy["policies"]["default_blocking"] = {"extends": "default", "input": [
+        {**e, "on_fail": "block"} if e.get("on_fail") == "redact" else e
+        for e in policy["policies"]["default"]["input"]]}
+    policy["policies"]["default_overlap"] = {"extends": "default_blocking", "input_overlap": True}
     policy["bindings"] = [{"model": "smollm2-raw", "policy": "unguarded"},
-                          {"model": "smollm2-windows", "policy": "default_windows"}, *policy.get("bindings", [])]
+                          {"model": "smollm2-windows", "policy": "default_windows"},
+                          {"model": "smollm2-blocking", "policy": "default_blocking"},
+                          {"model": "smollm2-overlap", "policy": "default_overlap"}, *policy.get("bindings", [])]
     (home / "policy.yaml").write_text(yaml.safe_dump(policy))
     cfg["guardrails"] = {"policy_path": str(home / "policy.yaml")}
     cfg.update(extra or {})
@@ -233,6 +241,9 @@ async def main_async(args: argparse.Namespace) -> dict:
     }
     if args.windows_model:
         targets["keel+guards:windows"] = (f"{args.keel_url}/v1/chat/completions", auth, args.windows_model)
+    if args.overlap:
+        targets["keel+guards:blocking"] = (f"{args.keel_url}/v1/chat/completions", auth, "smollm2-blocking")
+        targets["keel+guards:overlap"] = (f"{args.keel_url}/v1/chat/completions", auth, "smollm2-overlap")
     if not args.no_tools:
         targets["direct+tool"] = targets["direct"]
         targets["keel+tool"] = targets["keel"]
@@ -315,7 +326,10 @@ async def embeddings_rows(args: argparse.Namespace) -> dict:
 _RATIOS = {"keel": ("keel", "direct"), "keel+guards": ("keel+guards", "direct"),
            "keel+guards:windows": ("keel+guards:windows", "direct"), "keel+tool": ("keel+tool", "direct+tool"),
            # issue 21's target: guarded against unguarded through Keel
-           "guards-vs-keel": ("keel+guards", "keel"), "windows-vs-keel": ("keel+guards:windows", "keel")}
+           "guards-vs-keel": ("keel+guards", "keel"), "windows-vs-keel": ("keel+guards:windows", "keel"),
+           # issue 21 item 3: the model starting while the input entries run, against waiting for them
+           "overlap-vs-blocking": ("keel+guards:overlap", "keel+guards:blocking"),
+           "blocking-vs-keel": ("keel+guards:blocking", "keel"), "overlap-vs-keel": ("keel+guards:overlap", "keel")}
 
 
 def print_table(results: dict) -> None:
@@ -329,7 +343,8 @@ def print_table(results: dict) -> None:
     for conc, res in results.items():
         if conc == "embeddings":
             continue
-        for name in ("direct", "keel", "keel+guards", "keel+guards:windows", "direct+tool", "keel+tool"):
+        for name in ("direct", "keel", "keel+guards", "keel+guards:windows", "keel+guards:blocking",
+                     "keel+guards:overlap", "direct+tool", "keel+tool"):
             if name not in res:
                 continue
             s = res[name]
@@ -378,6 +393,9 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--enforce-eager", action="store_true", help="when starting vLLM: skip torch.compile")
     p.add_argument("--no-tools", action="store_true", help="skip the function-calling rows")
+    p.add_argument("--overlap", action="store_true", help=(
+        "add the input_overlap rows: the default policy with blocking input entries, without and with overlap "
+        "(Keel started by this script)"))
     p.add_argument("--no-embeddings", action="store_true", help="skip the /v1/embeddings row")
     p.add_argument("--embed-concurrency", type=int, default=8)
     p.add_argument("--embed-requests", type=int, default=200, help="requests per embeddings round")

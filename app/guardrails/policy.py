@@ -143,6 +143,11 @@ class GuardPolicy(_Strict):
         "How a stream's text is released (inherited; unset = progressive): progressive shows it word by word "
         "once the text checks passed it (see app/guardrails/streaming.py); windows holds each sentence window "
         "until every output entry has passed it (Keel's behaviour before 2026.12: about one sentence of delay)."))
+    input_overlap: bool | None = Field(default=None, description=(
+        "Start the model while the input entries judge the request, so the answer's first token no longer waits "
+        "for them; nothing is released before the verdict, and a blocked request's generation is cancelled (the "
+        "model server has seen it, nobody else). Only for policies whose input entries never change the input "
+        "(no redact): a masked value would reach the model unmasked. Inherited; unset = false."))
 
 
 class TopicSpec(_Strict):
@@ -194,6 +199,12 @@ class PolicyFile(_Strict):
                     raise ValueError(f"policy {pname!r} passages: {entry.validator} on_fail={entry.on_fail!r} cannot "
                                      "judge a passage; a passage entry blocks (leaves the passage out) or logs, with "
                                      "a validator that can block an input")
+            if resolved.input_overlap:
+                changing = [s.label for s in resolved.input if s.on_fail == "redact"]
+                if changing:
+                    raise ValueError(f"policy {pname!r}: input_overlap starts the model on the input as sent, but "
+                                     f"{', '.join(changing)} redacts it (the model would read what it masks); "
+                                     "remove input_overlap or make those entries block or log")
             # a passage is judged as an input is: its entries get the input stage's checks
             for stage, runs_as in (("input", "input"), ("output", "output"), ("passages", "input")):
                 labels = [s.label for s in getattr(resolved, stage) or ()]
@@ -226,6 +237,7 @@ class PolicyFile(_Strict):
         out: list[ValidatorSpec] = []
         passages: list[ValidatorSpec] | None = None
         streaming = "progressive"
+        overlap = False
         for p in reversed(chain):  # base first; a child's list replaces its parent's
             if p.input is not None:
                 inp = list(p.input)
@@ -234,8 +246,9 @@ class PolicyFile(_Strict):
             if p.passages is not None:
                 passages = list(p.passages)
             streaming = p.streaming or streaming
+            overlap = p.input_overlap if p.input_overlap is not None else overlap
         return ResolvedPolicy(name, tuple(inp), tuple(out), streaming,
-                              tuple(passages) if passages is not None else None)
+                              tuple(passages) if passages is not None else None, overlap)
 
 
 def _check_release(pname: str, stage: str, spec: ValidatorSpec) -> None:
@@ -257,6 +270,7 @@ class ResolvedPolicy:
     output: tuple[ValidatorSpec, ...]
     streaming: Literal["progressive", "windows"] = "progressive"
     passages: tuple[ValidatorSpec, ...] | None = None  # None: the input's prompt-injection entries
+    input_overlap: bool = False
 
     @property
     def passage_entries(self) -> tuple[ValidatorSpec, ...]:
@@ -294,8 +308,9 @@ def parse_policy(data: dict[str, Any], path: Path | None = None) -> LoadedPolicy
         raise GuardrailPolicyError(f"invalid guardrail policy{where}:\n" + "\n".join(lines)) from None
     dumped = pf.model_dump(mode="json")
     for entry in dumped["policies"].values():
-        if entry.get("passages") is None:  # added in 2026.12: unset keeps the hash (and version tag) of older files
-            entry.pop("passages", None)
+        for added in ("passages", "input_overlap"):  # added in 2026.12: unset keeps older files' hash (and tag)
+            if entry.get(added) is None:
+                entry.pop(added, None)
     canonical = json.dumps(dumped, sort_keys=True, separators=(",", ":"))
     return LoadedPolicy(pf, path, pf.version, hashlib.sha256(canonical.encode()).hexdigest())
 

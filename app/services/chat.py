@@ -367,7 +367,7 @@ class ChatService:
             self.validate(request)
             params = self._with_defaults(request)
         response_id = f"chatcmpl-{request.request_id or uuid.uuid4().hex}"
-        decision = context = None
+        decision = context = early = None
         if self.guards is not None:
             context = self._guard_context(request, alias, params, grounded, question)
             if params.logprobs:
@@ -382,9 +382,24 @@ class ChatService:
                 # it was retrieved (those flagged were left out of the prompt): nothing here is left to judge.
                 decision = replace(pre, messages=request.messages)
             else:
-                with self._guarded_input(span, "input") as gspan:
-                    decision = await self.guards.check_input(request.messages, context)
-                    _verdicts(gspan, decision)
+                if not agent and self.guards.select(context).input_overlap:
+                    # the policy lets the model start on the input as sent (no entry of it changes the input)
+                    llm_span = self._model_span(span, request, alias, params, agent, response_id)
+                    gen_request = self._generation(request, request.messages, params, llm_span)
+                    early = _Early(self.router.stream(request.model, gen_request))
+                try:
+                    with self._guarded_input(span, "input") as gspan:
+                        decision = await self.guards.check_input(request.messages, context)
+                        _verdicts(gspan, decision)
+                except BaseException:
+                    if early is not None:  # the check failed (or the client left): the model's work is dropped
+                        early.drop()
+                        llm_span.end()
+                    raise
+                if early is not None and decision.blocked:
+                    await early.cancel()  # refused: the model's work is thrown away, none of it shown
+                    llm_span.set_attribute("keel.input_overlap", "cancelled")
+                    llm_span.end()
         started = Started(
             response_id, int(time.time()), request.model, rendered.ref if rendered else None,
             rendered.hash if rendered else None, _policy_tag(decision),
@@ -402,15 +417,16 @@ class ChatService:
             for event in _refused(started, decision):
                 yield event
             return
-        llm_span = self._model_span(span, request, alias, params, agent, response_id)
-        gen_request = GenerationRequest(
-            model=request.model, messages=decision.messages if decision else request.messages, params=params,
-            request_id=request.request_id, trace_headers=tuple(traceparent(llm_span).items()),
-        )
+        if early is None:
+            llm_span = self._model_span(span, request, alias, params, agent, response_id)
+            gen_request = self._generation(request, decision.messages if decision else request.messages, params,
+                                           llm_span)
+        else:
+            llm_span.set_attribute("keel.input_overlap", "released")
         if self.capture_content:
             llm_span.set_attribute("gen_ai.input.messages", self._content(
                 [{"role": m.role, "content": m.content} for m in gen_request.messages]))
-        t0 = time.perf_counter()
+        t0 = early.started if early is not None else time.perf_counter()  # the model's own time to first token
         first_token = True
         finishes: list[str] = []
         self.metrics.inflight.inc()
@@ -422,6 +438,8 @@ class ChatService:
                     scopes=request.scopes, token_budget=request.token_budget))
             elif grounded is not None and not grounded.chunks:
                 events = said(NOT_IN_SOURCES, params.n)  # retrieval found nothing: no passage, no model call
+            elif early is not None:
+                events = early.events()
             else:
                 events = self.router.stream(request.model, gen_request)
             attribution = Attribution()
@@ -497,6 +515,8 @@ class ChatService:
                 llm_span.set_attribute("error.type", getattr(exc, "code", type(exc).__name__))
             raise
         finally:
+            if early is not None:
+                early.drop()
             if finishes:
                 llm_span.set_attribute("gen_ai.response.finish_reasons", finishes)
             llm_span.end()
@@ -550,6 +570,12 @@ class ChatService:
                     if isinstance(event, GuardrailRedaction | GuardrailRetraction):
                         span.add_event(f"guardrail.{event.type}", {"keel.guardrails.validator": event.validator})
                     yield event
+
+    @staticmethod
+    def _generation(request: ChatRequest, messages: Sequence[Any], params: GenerationParams,
+                    llm_span: Span) -> GenerationRequest:
+        return GenerationRequest(model=request.model, messages=messages, params=params,
+                                 request_id=request.request_id, trace_headers=tuple(traceparent(llm_span).items()))
 
     def _model_span(self, parent: Span, request: ChatRequest, alias: str | None, params: GenerationParams,
                     agent: bool, response_id: str) -> Span:
@@ -660,6 +686,48 @@ class ChatService:
 
     async def complete(self, request: ChatRequest) -> ChatResult:
         return await collect(self.stream(request, reask=True))
+
+
+class _Early:
+    """A model stream started before the input verdict (``input_overlap``): its first event (the prefill and the
+    first token, most of the time to first token) is fetched in the background while the input entries run;
+    nothing reaches the caller until :meth:`events` is iterated, which happens only once the input passed."""
+
+    _dropping: set[asyncio.Task] = set()  # the clean-ups in flight (a task nobody holds may be collected)
+
+    def __init__(self, stream: AsyncIterator[ChatEvent]) -> None:
+        self._stream = stream
+        self.started = time.perf_counter()
+        self._first = asyncio.ensure_future(anext(stream))
+        self._finished = False
+
+    async def events(self) -> AsyncIterator[ChatEvent]:
+        try:
+            first = await self._first
+        except StopAsyncIteration:
+            self._finished = True
+            return
+        yield first
+        async for event in self._stream:
+            yield event
+        self._finished = True
+
+    async def cancel(self) -> None:
+        self._first.cancel()
+        with contextlib.suppress(BaseException):  # its outcome no longer matters: nobody will see it
+            await self._first
+        aclose = getattr(self._stream, "aclose", None)
+        if aclose is not None:
+            with contextlib.suppress(Exception):
+                await aclose()
+
+    def drop(self) -> None:
+        """Stop the model's work unless the answer was read to its end (a client gone mid-answer): from a
+        ``finally`` that may not await, so in a task of its own."""
+        if not self._finished:
+            task = asyncio.ensure_future(self.cancel())
+            self._dropping.add(task)
+            task.add_done_callback(self._dropping.discard)
 
 
 async def collect(events: AsyncIterator[ChatEvent]) -> ChatResult:
