@@ -397,9 +397,11 @@ class ChatService:
                         llm_span.end()
                     raise
                 if early is not None and decision.blocked:
-                    await early.cancel()  # refused: the model's work is thrown away, none of it shown
-                    llm_span.set_attribute("keel.input_overlap", "cancelled")
-                    llm_span.end()
+                    try:
+                        await early.cancel()  # refused: the model's work is thrown away, none of it shown
+                    finally:
+                        llm_span.set_attribute("keel.input_overlap", "cancelled")
+                        llm_span.end()
         started = Started(
             response_id, int(time.time()), request.model, rendered.ref if rendered else None,
             rendered.hash if rendered else None, _policy_tag(decision),
@@ -413,7 +415,7 @@ class ChatService:
             masked.append(GuardrailRedaction(screen.validator if screen else "prompt_injection", -1, ("passage",),
                                              len(grounded.dropped), stage="input"))
         if decision is not None and decision.blocked:
-            # Refused before the model: it never sees the input.
+            # Refused before the model (it never sees the input), or with input_overlap its work cancelled above.
             for event in _refused(started, decision):
                 yield event
             return
@@ -423,15 +425,17 @@ class ChatService:
                                            llm_span)
         else:
             llm_span.set_attribute("keel.input_overlap", "released")
-        if self.capture_content:
-            llm_span.set_attribute("gen_ai.input.messages", self._content(
-                [{"role": m.role, "content": m.content} for m in gen_request.messages]))
-        t0 = early.started if early is not None else time.perf_counter()  # the model's own time to first token
+        # from the model's start: with input_overlap that is before the verdict (a check slower than the model's
+        # first token is in it)
+        t0 = early.started if early is not None else time.perf_counter()
         first_token = True
         finishes: list[str] = []
         self.metrics.inflight.inc()
         self.active += 1
         try:
+            if self.capture_content:
+                llm_span.set_attribute("gen_ai.input.messages", self._content(
+                    [{"role": m.role, "content": m.content} for m in gen_request.messages]))
             if agent:
                 events = _without_started(self.agents.chat_events(  # its model calls count their own tokens
                     alias, gen_request.messages, request_id=request.request_id, owner=request.user,
@@ -703,19 +707,26 @@ class _Early:
 
     async def events(self) -> AsyncIterator[ChatEvent]:
         try:
-            first = await self._first
-        except StopAsyncIteration:
+            try:
+                first = await self._first
+            except StopAsyncIteration:
+                return
+            yield first
+            async for event in self._stream:
+                yield event
+        finally:  # closed early (the output guard withdrew every choice): the model stops now, as without overlap
             self._finished = True
-            return
-        yield first
-        async for event in self._stream:
-            yield event
-        self._finished = True
+            await self._close()
 
     async def cancel(self) -> None:
         self._first.cancel()
-        with contextlib.suppress(BaseException):  # its outcome no longer matters: nobody will see it
-            await self._first
+        # waited for, not awaited: a cancellation of the caller's own task must still reach it
+        await asyncio.wait({self._first})
+        if not self._first.cancelled():
+            self._first.exception()  # taken, so an error nobody will see is not logged as never retrieved
+        await self._close()
+
+    async def _close(self) -> None:
         aclose = getattr(self._stream, "aclose", None)
         if aclose is not None:
             with contextlib.suppress(Exception):

@@ -81,7 +81,7 @@ def ask(text: str, **extra) -> dict:
 
 
 async def test_the_model_starts_during_the_check_only_when_the_policy_allows(env) -> None:
-    c, log, fake, overlap = env
+    c, log, _, overlap = env
     r = await c.post("/v1/chat/completions", json=ask("What is the capital of France?"))
     assert r.json()["choices"][0]["message"]["content"] == "Here is the answer you asked for."
     if overlap:
@@ -92,6 +92,26 @@ async def test_the_model_starts_during_the_check_only_when_the_policy_allows(env
     async with c.stream("POST", "/v1/chat/completions", json=ask("And of Spain?", stream=True)) as s:
         text = [line async for line in s.aiter_lines() if line.startswith("data: {")]
     assert len(text) > 3 and log[-1] == "model stops"
+
+
+async def test_a_client_leaving_during_the_check_stops_the_early_generation(env) -> None:
+    c, log, _, overlap = env
+    request = asyncio.create_task(c.post("/v1/chat/completions", json=ask("Hello there?")))
+    for _ in range(500):
+        if "check starts" in log:
+            break
+        await asyncio.sleep(0.005)
+    request.cancel()  # the client gives up while the input stage still runs (in process: its task is cancelled)
+    with pytest.raises(asyncio.CancelledError):
+        await request
+    for _ in range(100):  # the request's task is cancelled; the model's work is dropped in the background
+        if "model stops" in log or not overlap:
+            break
+        await asyncio.sleep(0.02)
+    if overlap:
+        assert log[:2] == ["check starts", "model starts"] and "model stops" in log, log
+    else:
+        assert "model starts" not in log, log
 
 
 async def test_a_refused_request_shows_nothing_and_its_generation_is_stopped(env) -> None:
@@ -119,8 +139,16 @@ def test_a_policy_that_rewrites_its_input_cannot_overlap() -> None:
     data["policies"]["default"]["input"] = [{"validator": "keel/pii", "on_fail": "redact"}]
     with pytest.raises(GuardrailPolicyError, match="input_overlap starts the model on the input as sent"):
         parse_policy(data)
-    # ... and a policy without the field keeps its hash (eval identities and caches do not move)
-    assert parse_policy(policy(None)).content_hash != parse_policy(policy(True)).content_hash
-    plain = {"version": "t1", "policies": {"default": {"input": [{"validator": "keel/secrets", "on_fail": "block"}],
-                                                       "output": []}}}
-    assert parse_policy(plain).content_hash == parse_policy(policy(None)).content_hash
+    # ... through extends too, and a child may turn it off
+    data = policy(True)
+    data["policies"]["child"] = {"extends": "default", "input": [{"validator": "keel/pii", "on_fail": "redact"}]}
+    with pytest.raises(GuardrailPolicyError, match="policy 'child': input_overlap"):
+        parse_policy(data)
+    data["policies"]["child"]["input_overlap"] = False
+    loaded = parse_policy(data)
+    assert loaded.file.resolve("default").input_overlap and not loaded.file.resolve("child").input_overlap
+    # ... and a policy without the field keeps the hash the release before gave it (eval identities and caches
+    # do not move): pinned, computed with that release's parse_policy
+    assert parse_policy(policy(None)).content_hash == (
+        "06864240cbd30372d964ce3f3d670471fc7b6db50d2861b253efc02cd689dd48")
+    assert parse_policy(policy(True)).content_hash != parse_policy(policy(None)).content_hash
