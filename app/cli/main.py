@@ -139,11 +139,16 @@ def keys_create(
 def keys_list(all_: Annotated[bool, typer.Option("--all", help="Include revoked keys.")] = False) -> None:
     """List API keys (never their secrets)."""
     table = Table("id", "name", "scopes", "teams", "rate limit/min", "tokens/min", "created", "revoked")
-    with _key_store(_settings()) as store:
+    settings = _settings()
+    with _key_store(settings) as store:
         keys = store.list(include_revoked=all_)
+    # a key without its own limit has the settings' default, which for tokens may be no limit at all
+    requests = f"default ({settings.auth.default_rate_limit_per_minute})"
+    tokens = settings.auth.default_tokens_per_minute
+    tokens_default = f"default ({tokens})" if tokens else "no limit"
     for k in keys:
         table.add_row(k.id, k.name, ", ".join(sorted(k.scopes)), ", ".join(sorted(k.teams)),
-                      str(k.rate_limit_per_minute or "default"), str(k.tokens_per_minute or "default"),
+                      str(k.rate_limit_per_minute or requests), str(k.tokens_per_minute or tokens_default),
                       k.created_at, k.revoked_at or "")
     console.print(table)
 

@@ -387,6 +387,9 @@ class ChatService:
                     llm_span = self._model_span(span, request, alias, params, agent, response_id)
                     gen_request = self._generation(request, request.messages, params, llm_span)
                     early = _Early(self.router.stream(request.model, gen_request))
+                    # the model is busy from now on: the batch runner's throttle (``active``) sees it
+                    self.metrics.inflight.inc()
+                    self.active += 1
                 try:
                     with self._guarded_input(span, "input") as gspan:
                         decision = await self.guards.check_input(request.messages, context)
@@ -395,6 +398,8 @@ class ChatService:
                     if early is not None:  # the check failed (or the client left): the model's work is dropped
                         early.drop()
                         llm_span.end()
+                        self.metrics.inflight.dec()
+                        self.active -= 1
                     raise
                 if early is not None and decision.blocked:
                     try:
@@ -402,6 +407,8 @@ class ChatService:
                     finally:
                         llm_span.set_attribute("keel.input_overlap", "cancelled")
                         llm_span.end()
+                        self.metrics.inflight.dec()
+                        self.active -= 1
         started = Started(
             response_id, int(time.time()), request.model, rendered.ref if rendered else None,
             rendered.hash if rendered else None, _policy_tag(decision),
@@ -430,8 +437,9 @@ class ChatService:
         t0 = early.started if early is not None else time.perf_counter()
         first_token = True
         finishes: list[str] = []
-        self.metrics.inflight.inc()
-        self.active += 1
+        if early is None:  # (an early model call is counted since it started)
+            self.metrics.inflight.inc()
+            self.active += 1
         try:
             if self.capture_content:
                 llm_span.set_attribute("gen_ai.input.messages", self._content(

@@ -72,6 +72,7 @@ async def env(request, tmp_path: Path):
     _, key = container.keys.create("u", ["chat"])
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(container=container)),
                                  base_url="http://keel", headers={"Authorization": f"Bearer {key}"}) as c:
+        c.keel = container  # the tests read its chat service's load count
         yield c, log, fake, request.param
     await container.aclose()
 
@@ -88,6 +89,8 @@ async def test_the_model_starts_during_the_check_only_when_the_policy_allows(env
         assert log[:3] == ["check starts", "model starts", "check ends"], log
     else:
         assert log[:3] == ["check starts", "check ends", "model starts"], log
+    chat = c.keel.chat
+    assert chat.active == 0  # counted from the model's start to its end, once, overlap or not
     log.clear()
     async with c.stream("POST", "/v1/chat/completions", json=ask("And of Spain?", stream=True)) as s:
         text = [line async for line in s.aiter_lines() if line.startswith("data: {")]
@@ -112,6 +115,7 @@ async def test_a_client_leaving_during_the_check_stops_the_early_generation(env)
         assert log[:2] == ["check starts", "model starts"] and "model stops" in log, log
     else:
         assert "model starts" not in log, log
+    assert c.keel.chat.active == 0
 
 
 async def test_a_refused_request_shows_nothing_and_its_generation_is_stopped(env) -> None:
@@ -132,6 +136,7 @@ async def test_a_refused_request_shows_nothing_and_its_generation_is_stopped(env
             assert fake.closed_early >= 1
         else:  # refused before the model
             assert log == ["check starts", "check ends"], log
+        assert c.keel.chat.active == 0
 
 
 def test_a_policy_that_rewrites_its_input_cannot_overlap() -> None:
