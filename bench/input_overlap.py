@@ -36,6 +36,7 @@ from app.api.main import create_app  # noqa: E402
 from app.container import Container  # noqa: E402
 from app.core.types import Finished, TextDelta, Usage  # noqa: E402
 from app.settings import load_settings  # noqa: E402
+from bench.serving import overlap_policies  # noqa: E402
 
 QUESTIONS = ["What is the capital of France?", "How do bees make honey?", "Why is the sky blue?",
              "Give three tips for learning a new language.", "Describe the water cycle step by step."]
@@ -83,12 +84,9 @@ async def ttft(client: httpx.AsyncClient, model: str, question: str) -> float:
 
 async def main(requests: int, model_ttft_ms: float, concurrency: int = 1) -> dict:
     home = Path(tempfile.mkdtemp(prefix="keel-bench-overlap-"))
-    policy = yaml.safe_load((ROOT / "infra/guardrails/default.yaml").read_text())
-    policy["policies"]["blocking"] = {"extends": "default", "input": [
-        {**e, "on_fail": "block"} if e.get("on_fail") == "redact" else e
-        for e in policy["policies"]["default"]["input"]]}
-    policy["policies"]["overlap"] = {"extends": "blocking", "input_overlap": True}
-    policy["bindings"] = [{"model": "blocking", "policy": "blocking"}, {"model": "overlap", "policy": "overlap"}]
+    policy = overlap_policies()
+    policy["bindings"] = [{"model": "blocking", "policy": "default_blocking"},
+                          {"model": "overlap", "policy": "default_overlap"}]
     (home / "policy.yaml").write_text(yaml.safe_dump(policy))
     settings = load_settings(home=home, guardrails={"policy_path": str(home / "policy.yaml")},
                              backends={"local": {"kind": "openai", "base_url": "http://unused/v1", "retries": 0}},

@@ -150,6 +150,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def overlap_policies() -> dict:
+    """The default policy file plus ``default_blocking`` (its input entries blocking instead of redacting:
+    ``input_overlap`` needs an input stage that never changes the input) and ``default_overlap`` (that, with it)."""
+    policy = yaml.safe_load((ROOT / "infra/guardrails/default.yaml").read_text())
+    policy["policies"]["default_blocking"] = {"extends": "default", "input": [
+        {**e, "on_fail": "block"} if e.get("on_fail") == "redact" else e
+        for e in policy["policies"]["default"]["input"]]}
+    policy["policies"]["default_overlap"] = {"extends": "default_blocking", "input_overlap": True}
+    return policy
+
+
 def start_keel(enforce_eager: bool, extra: dict | None = None) -> tuple[subprocess.Popen, str, str, str, str]:
     """Start Keel with its managed vLLM in a scratch home; returns (proc, keel_url, vllm_url, key, vllm_key): the
     managed vLLM answers only requests with its key. ``extra``: more settings sections (another benchmark's)."""
@@ -173,12 +184,8 @@ def start_keel(enforce_eager: bool, extra: dict | None = None) -> tuple[subproce
     # an input stage that never changes the input): without and with the model starting during the input check.
     cfg["models"] = {name: {"backend": "local", "model": "smollm2"}
                      for name in ("smollm2-raw", "smollm2-windows", "smollm2-blocking", "smollm2-overlap")}
-    policy = yaml.safe_load((ROOT / "infra/guardrails/default.yaml").read_text())
+    policy = overlap_policies()
     policy["policies"]["default_windows"] = {"extends": "default", "streaming": "windows"}
-    policy["policies"]["default_blocking"] = {"extends": "default", "input": [
-        {**e, "on_fail": "block"} if e.get("on_fail") == "redact" else e
-        for e in policy["policies"]["default"]["input"]]}
-    policy["policies"]["default_overlap"] = {"extends": "default_blocking", "input_overlap": True}
     policy["bindings"] = [{"model": "smollm2-raw", "policy": "unguarded"},
                           {"model": "smollm2-windows", "policy": "default_windows"},
                           {"model": "smollm2-blocking", "policy": "default_blocking"},

@@ -25,9 +25,10 @@ evals say (a failing eval makes the adapter unpromotable, it does not undo the t
 ``queue_evals`` puts a finished evaluation back to ``pending`` (re-run after a suite changed).
 
 Every process (API, CLI, workers) opens the same store: a SQLite file under the home (WAL mode lets readers run
-while a worker writes progress), or Postgres (``finetune.url``, or ``database_url``) when they do not share one
-volume's SQLite file or there are several API processes. Each call is one short transaction, written once for
-both (:mod:`app.core.db`). The jobs' logs and run folders stay files under ``runs_dir`` either way.
+while a worker writes progress), or Postgres (``finetune.url``, or ``jobs.url``: the job queue the jobs run on)
+when they do not share one volume's SQLite file or there are several API processes. Each call is one short
+transaction, written once for both (:mod:`app.core.db`). The jobs' logs and run folders stay files under
+``runs_dir`` either way.
 
 The audit (job cancels and evaluations, adapter promotions, rollbacks and deploys) is the kernel's
 (:mod:`app.core.audit`): trail ``adapters`` in the database's ``audit_events`` table; :meth:`JobStore.audit_log`
@@ -48,7 +49,7 @@ from typing import Any, Literal
 
 from app.core import audit
 from app.core.audit import AuditEvent, AuditRetention, Pruner
-from app.core.db import SqliteFile, StoreFile, open_store_file
+from app.core.db import SqliteFile, StoreFile, open_store_file, store_file
 from app.core.migrate import Migrations
 from finetune.errors import JobNotFound, JobStateConflict
 
@@ -153,8 +154,7 @@ class JobStore:
                  audit_retention: AuditRetention | None = None) -> None:
         """``where``: the SQLite file's path, or a store file :func:`open_job_store` opened (SQLite or Postgres)."""
         # The kernel's audit table first: revision 0002 moves the old audit rows into it.
-        self._file = where if isinstance(where, StoreFile) else SqliteFile(
-            where, MIGRATIONS, what=WHAT, before=audit.ensure_schema_sqlite)
+        self._file = store_file(where, MIGRATIONS, what=WHAT, with_audit=True)
         self.path = Path(self._file.path) if self._file.path else None  # None: in Postgres
         self.runs_dir = Path(runs_dir)
         self.runs_dir.mkdir(parents=True, exist_ok=True)
@@ -480,5 +480,5 @@ def open_job_store(settings: Any) -> JobStore:
     fs = settings.finetune
     home = Path(settings.home)
     where = open_store_file(fs.url, fs.resolved_jobs_db(home), MIGRATIONS, what=WHAT, setting="finetune.url",
-                            name="keel-finetune", with_audit=True)
+                            name="keel-finetune", with_audit=True, filled_by="jobs.url")
     return JobStore(where, fs.resolved_runs_dir(home), audit_retention=fs.audit_retention)

@@ -55,11 +55,6 @@ _JOB_LOGGERS = ("keel.finetune", "transformers", "peft", "py.warnings")
 _RECONCILE_S = 30.0  # how often a running worker re-reads the store for work nobody queued
 
 
-def open_store(settings: FinetuneConfig) -> JobStore:
-    """The job store the settings name: the SQLite file under the home, or Postgres (``finetune.url``)."""
-    return open_job_store(settings)
-
-
 class Worker:
     def __init__(self, settings: FinetuneConfig, *, store: JobStore | None = None, queue: JobQueue | None = None,
                  tracker: Tracker | None = None, worker_id: str | None = None, eval_backend: LLMBackend | None = None,
@@ -69,7 +64,7 @@ class Worker:
         self.tracer = tracer or trace.NoOpTracer()
         self.settings = settings
         self.fs = settings.finetune
-        self.store = store or open_store(settings)
+        self.store = store or open_job_store(settings)
         self._own_queue = queue is None
         self.queue = queue if queue is not None else open_queue(settings.jobs, settings.home)
         self._tracker = tracker

@@ -352,13 +352,23 @@ class PostgresFile:
 StoreFile = SqliteFile | PostgresFile
 
 
+def store_file(where: Path | str | StoreFile, migrations: Migrations, *, what: str,
+               with_audit: bool = False) -> StoreFile:
+    """``where`` if it is an opened store file (SQLite or Postgres), else the SQLite file at that path (with the
+    kernel's audit table first when ``with_audit``): what a store's constructor takes."""
+    if isinstance(where, StoreFile):
+        return where
+    return SqliteFile(where, migrations, what=what, before=audit.ensure_schema_sqlite if with_audit else None)
+
+
 def open_store_file(url: Any, path: Path | str, migrations: Migrations, *, what: str, setting: str, name: str,
-                    with_audit: bool = False) -> StoreFile:
+                    with_audit: bool = False, filled_by: str | None = "database_url") -> StoreFile:
     """A store's database as the settings name it: Postgres at ``url`` (a ``SecretStr``; its SQLite file from
-    before, if any, is warned about) or the SQLite file at ``path``."""
+    before, if any, is warned about, naming ``setting`` and the setting that fills it, ``filled_by``) or the SQLite
+    file at ``path``."""
     if url is None:
-        return SqliteFile(path, migrations, what=what, before=audit.ensure_schema_sqlite if with_audit else None)
-    warn_if_left_behind(Path(path), what, f"{setting} (or database_url)")
+        return store_file(path, migrations, what=what, with_audit=with_audit)
+    warn_if_left_behind(Path(path), what, f"{setting} (or {filled_by})" if filled_by else setting)
     return PostgresFile(url.get_secret_value(), migrations, what=what, setting=setting, name=name,
                         with_audit=with_audit)
 

@@ -34,7 +34,8 @@ class ResponseStore:
     def __init__(self, home: Path, *, url: Any = None) -> None:
         """``url``: the shared Postgres (a ``SecretStr``), else ``<home>/responses.db``."""
         self._file = open_store_file(url, Path(home) / "responses.db", MIGRATIONS, what="the response store",
-                                     setting="database_url", name="keel-responses")
+                                     setting="database_url", name="keel-responses",
+                                     filled_by=None)
 
     def put(self, stored: StoredResponse) -> None:
         r = stored.response

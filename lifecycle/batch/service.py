@@ -89,11 +89,14 @@ class BatchService:
     def content(self, file_id: str, *, owner: str | None) -> tuple[dict[str, Any], Path]:
         """A file's row and a local path to its bytes."""
         row = self.file(file_id, owner=owner)
+        return row, self._bytes(row)
+
+    def _bytes(self, row: dict[str, Any]) -> Path:
         path = self.store.content(row)
         if path is None:
-            raise NotFound(f"the content of file {file_id} is gone; upload it again", param="file_id",
+            raise NotFound(f"the content of file {row['id']} is gone; upload it again", param="file_id",
                            code="file_not_found")
-        return row, path
+        return path
 
     def files(self, *, owner: str | None, purpose: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
         return [public_file(r) for r in self.store.list_files(owner=owner, purpose=purpose, limit=limit)]
@@ -118,7 +121,7 @@ class BatchService:
         if f["purpose"] != "batch":
             raise InvalidRequest(f"file {input_file_id} has purpose {f['purpose']!r}; a batch reads a file "
                                  "uploaded with purpose 'batch'", param="input_file_id")
-        lines = await asyncio.to_thread(lambda: _count_lines(self.content(input_file_id, owner=owner)[1]))
+        lines = await asyncio.to_thread(lambda: _count_lines(self._bytes(f)))
         if lines > self.settings.max_requests:
             raise InvalidRequest(f"the file has {lines} requests; batch.max_requests is {self.settings.max_requests}",
                                  param="input_file_id")

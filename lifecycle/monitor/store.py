@@ -15,7 +15,7 @@ from typing import Any
 
 from app.core import audit
 from app.core.audit import AuditEvent
-from app.core.db import SqliteFile, StoreFile, open_store_file
+from app.core.db import StoreFile, open_store_file, store_file
 from app.core.errors import InvalidRequest
 from app.core.migrate import Migrations
 
@@ -38,8 +38,7 @@ class DriftStore:
     """Drift check results (JSON documents) with their audit trail."""
 
     def __init__(self, where: Path | str | StoreFile) -> None:
-        self._file = where if isinstance(where, StoreFile) else SqliteFile(
-            where, MIGRATIONS, what="the drift monitor's store", before=audit.ensure_schema_sqlite)
+        self._file = store_file(where, MIGRATIONS, what="the drift monitor's store", with_audit=True)
         self.path = self._file.path
 
     def add(self, result: Mapping[str, Any], event: AuditEvent | None = None) -> None:

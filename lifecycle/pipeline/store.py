@@ -1,7 +1,7 @@
 """Where pipeline runs live: ``<home>/pipelines.db`` (SQLite, WAL), or Postgres (``pipelines.url``, or
-``database_url``) for several API processes and workers: each run, each of its steps (state, log,
-artifacts), and the audit trail ``pipelines`` (starts, decisions, outcomes), written in the same transaction as
-the change it records.
+``jobs.url``: the job queue the runs are driven through) for several API processes and workers: each run, each
+of its steps (state, log, artifacts), and the audit trail ``pipelines`` (starts, decisions, outcomes), written in
+the same transaction as the change it records.
 
 A run is *open* until it finishes; a partial unique index keeps one open run per pipeline, so two API processes
 whose triggers fire at once start one run between them. The schema is Alembic's (``lifecycle/pipeline/
@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 from app.core import audit
 from app.core.audit import AuditEvent
-from app.core.db import SqliteFile, StoreFile, open_store_file
+from app.core.db import StoreFile, open_store_file, store_file
 from app.core.errors import Conflict, InvalidRequest, NotFound
 from app.core.migrate import Migrations
 from lifecycle.pipeline.spec import STEPS
@@ -105,8 +105,7 @@ class Run:
 
 class PipelineStore:
     def __init__(self, where: Path | str | StoreFile) -> None:
-        self._file = where if isinstance(where, StoreFile) else SqliteFile(
-            where, MIGRATIONS, what="the pipeline store", before=audit.ensure_schema_sqlite)
+        self._file = store_file(where, MIGRATIONS, what="the pipeline store", with_audit=True)
 
     # -- definitions ---------------------------------------------------------------------------------
 
@@ -325,4 +324,4 @@ def open_pipeline_store(settings: Any) -> PipelineStore:
     """The pipeline store the settings name (``pipelines.url``, else ``<home>/pipelines.db``)."""
     return PipelineStore(open_store_file(settings.pipelines.url, Path(settings.home) / "pipelines.db", MIGRATIONS,
                                          what="the pipeline store", setting="pipelines.url", name="keel-pipelines",
-                                         with_audit=True))
+                                         with_audit=True, filled_by="jobs.url"))

@@ -17,7 +17,7 @@ from typing import Any
 from agents.tools import ToolContext, ToolObservation
 from app.core import audit
 from app.core.audit import AuditEvent, BufferedWriter
-from app.core.db import SqliteFile, StoreFile, open_store_file
+from app.core.db import StoreFile, open_store_file, store_file
 
 TRAIL = "tools"
 MAX_ARGS_CHARS = 2000
@@ -28,8 +28,7 @@ class ToolAudit:
     audit hook."""
 
     def __init__(self, where: Path | str | StoreFile, *, interval_s: float = 0.2) -> None:
-        self._file = where if isinstance(where, StoreFile) else SqliteFile(
-            where, None, what="the tool audit store", before=audit.ensure_schema_sqlite)
+        self._file = store_file(where, audit.MIGRATIONS, what="the tool audit store")
         self._writer: BufferedWriter[AuditEvent] = BufferedWriter(
             self._write, interval_s=interval_s, name="keel-tool-audit", what="tool audit rows")
 
@@ -65,4 +64,5 @@ def open_tool_audit(home: Path, url: Any = None) -> ToolAudit:
     """The ``tools`` trail in the shared Postgres (``url``: ``database_url``, a ``SecretStr``), where every API
     process's tool calls are read together, else in ``<home>/tools.db``."""
     return ToolAudit(open_store_file(url, Path(home) / "tools.db", audit.MIGRATIONS, what="the tool audit store",
-                                     setting="database_url", name="keel-tool-audit"))
+                                     setting="database_url", name="keel-tool-audit",
+                                     filled_by=None))

@@ -43,12 +43,12 @@ def test_prompts_audit_retention_reaches_the_registry_store(tmp_path):
 
 
 def test_finetune_audit_retention_reaches_the_job_store(tmp_path):
-    from finetune.worker import open_store
+    from finetune.jobs import open_job_store
 
     settings = Settings(home=tmp_path, finetune=RETAIN)
-    open_store(settings).close()
+    open_job_store(settings).close()
     _plant(settings.finetune.resolved_jobs_db(tmp_path), "adapters")
-    store = open_store(settings)
+    store = open_job_store(settings)
     try:
         assert _actions(store.audit_events()) == {"young"}
     finally:
