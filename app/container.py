@@ -31,10 +31,10 @@ from app.services.grounding import Grounder
 from app.services.ingest_jobs import IngestJobs
 from app.services.response_store import ResponseStore
 from app.settings import Settings
-from evals.gate import prompt_gate
+from evals.gate import policy_gate, prompt_gate, rag_gate, workflow_fingerprint, workflow_gate
 from evals.jobs import EvalJobs, load_named_suite, submit_run
 from evals.online import OnlineJudge
-from evals.runner import EvalDeps
+from evals.runner import EvalDeps, agent_identity, latest_snapshot
 from evals.store import EvalStoreBase, open_eval_store
 from evals.suite import suite_summaries
 from finetune import build_finetune
@@ -51,8 +51,7 @@ from lifecycle.monitor.drift import DriftMonitor, build_monitor
 from lifecycle.pipeline.service import PipelineDeps, PipelineService
 from lifecycle.pipeline.store import open_pipeline_store
 from lifecycle.releases.service import ReleaseService
-from lifecycle.releases.serving import ReleaseGateway, variant_check
-from lifecycle.releases.serving import prompt_gate as release_gate
+from lifecycle.releases.serving import ReleaseGateway, variant_check, variant_gate
 from lifecycle.releases.store import open_release_store
 from lifecycle.tools import LifecycleServices, ToolAudit, lifecycle_tools, open_tool_audit
 from lifecycle.tools.mcp import build_server as build_mcp_server
@@ -171,7 +170,7 @@ class Container:
             releases = ReleaseService(
                 open_release_store(url.get_secret_value() if url else None, settings.home),
                 check_interval_s=settings.releases.check_interval_s, check_variant=variant_check(chat),
-                gate=release_gate(chat) if settings.evals.gate_enabled else None,
+                gate=_release_gate(settings, chat, eval_store, rag) if settings.evals.gate_enabled else None,
                 name_taken=lambda name: (llm.routes.get(name) is not None or agents.is_agent_model(name)
                                          or name.startswith("rag:")),
                 check_judge=judge.check)
@@ -290,6 +289,7 @@ class Container:
         return EvalDeps(chat=self.chat, config=self.settings, models=self.llm.aliases, prompts=self.prompts,
                         rag=self.rag,
                         agents=self.agents, guardrails=self.guards.policy.version_tag if guarded else None,
+                        policies=tuple(self.guards.policy.file.policies) if guarded else (),
                         metrics=self.metrics, tracer=self.tracing.tracer if self.tracing is not None else None)
 
     def start_release_controller(self) -> None:
@@ -394,6 +394,18 @@ class Container:
                 failed += 1
         if failed:
             log.error("shutdown finished with %d of %d steps failed (see above)", failed, len(steps))
+
+
+def _release_gate(settings: Settings, chat: ChatService, evals: EvalStoreBase, rag: RagServices):
+    """A canary (or green) starts only once what its variant changes passed its eval gates: the prompt version as
+    label promotions gate it, and the collection, workflow and policy on runs that evaluated them as they are now."""
+    age = settings.evals.gate_max_age_days
+    deps = EvalDeps(chat=chat, config=settings, prompts=chat.prompts, rag=rag, agents=chat.agents)
+    guarded = chat.guards is not None and settings.guardrails.enabled
+    return variant_gate(
+        chat, rag=rag_gate(evals, lambda c: latest_snapshot(rag, c), max_age_days=age),
+        workflow=workflow_gate(evals, lambda w: workflow_fingerprint(agent_identity(deps, w)), max_age_days=age),
+        policy=policy_gate(evals, chat.guards.policy.version_tag, max_age_days=age) if guarded else None)
 
 
 def _variant_model(releases: ReleaseService):

@@ -7,11 +7,14 @@ Plug it into the registry (the container does this when ``settings.evals.gate_en
 
 Generic over artifact kinds: :func:`artifact_verdict` takes the runs bound to any artifact and
 the identity field that must match. ``finetune.gate.adapter_gate`` reuses it for fine-tuned LoRA
-adapters.
+adapters; :func:`rag_gate`, :func:`workflow_gate` and :func:`policy_gate` for what else a release variant
+may change (a canary starts only once each passed).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -116,3 +119,71 @@ def run_adapter(run: RunRow) -> dict[str, Any]:
     """The adapter a run evaluated, as its identity recorded it (``{}`` for a base model or a prompt)."""
     model = run.identity.get("model") or {}
     return {"path": model.get("adapter"), "hash": model.get("adapter_hash")}
+
+
+# The gates of what else a release variant may change. A run counts for a collection, a workflow or a policy
+# when its identity recorded exactly that artifact as it is now; with no suite bound to these, at least one run
+# must exist and the latest run of every suite that ran on it must pass (as for an unbound prompt).
+ArtifactGate = Callable[[str], GateVerdict]
+
+
+def _age(max_age_days: float | None) -> timedelta | None:
+    return timedelta(days=max_age_days) if max_age_days is not None else None
+
+
+def rag_gate(store: EvalStoreBase, snapshot_of: Callable[[str], str | None], *, max_age_days: float | None = None,
+             scan_limit: int = 500) -> ArtifactGate:
+    """``gate(collection)``: passing runs of a ``rag:<collection>`` suite on the collection's documents as they
+    are now (its latest completed ingest snapshot, ``snapshot_of``); a re-ingest needs a new run."""
+
+    def gate(collection: str) -> GateVerdict:
+        runs = [r for r in store.completed_runs(kind="rag", limit=scan_limit)
+                if (r.identity.get("rag") or {}).get("collection") == collection]
+        return artifact_verdict(
+            f"collection {collection!r}", runs, content_hash=snapshot_of(collection) or "",
+            hash_of=lambda r: r.identity["rag"].get("snapshot") or "", max_age=_age(max_age_days),
+            how_to_fix=f"run a suite whose target is rag:{collection} (`keel eval run <suite>`) on its documents "
+                       "as they are now")
+
+    return gate
+
+
+def workflow_fingerprint(agent: dict[str, Any]) -> str:
+    """What a workflow's gate matches, from a run identity's ``agent`` part (:func:`evals.runner.agent_identity`):
+    the workflow, its settings, the model it calls and its answer prompt. Not the documents' snapshot: a re-ingest
+    is the collection's gate's concern."""
+    picked = {k: agent.get(k) for k in ("workflow", "model", "settings", "prompt")}
+    return hashlib.sha256(json.dumps(picked, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def workflow_gate(store: EvalStoreBase, fingerprint_of: Callable[[str], str], *,
+                  max_age_days: float | None = None, scan_limit: int = 500) -> ArtifactGate:
+    """``gate(workflow)``: passing runs of an ``agent:<workflow>`` suite on the workflow as it runs now
+    (``fingerprint_of``: the :func:`workflow_fingerprint` of its current identity)."""
+
+    def gate(workflow: str) -> GateVerdict:
+        runs = [r for r in store.completed_runs(kind="agent", limit=scan_limit)
+                if (r.identity.get("agent") or {}).get("workflow") == workflow]
+        return artifact_verdict(
+            f"workflow {workflow!r}", runs, content_hash=fingerprint_of(workflow),
+            hash_of=lambda r: workflow_fingerprint(r.identity["agent"]), max_age=_age(max_age_days),
+            how_to_fix=f"run a suite whose target is agent:{workflow} (`keel eval run <suite>`) with the "
+                       "workflow's settings, model and answer prompt as they are now")
+
+    return gate
+
+
+def policy_gate(store: EvalStoreBase, version_tag: str, *, max_age_days: float | None = None,
+                scan_limit: int = 500) -> ArtifactGate:
+    """``gate(policy)``: passing runs of a suite whose target names ``policy: <name>``, checked under the policy
+    file as it is loaded now (``version_tag``: its version and content hash; an edited file needs new runs)."""
+
+    def gate(policy: str) -> GateVerdict:
+        runs = [r for r in store.completed_runs(limit=scan_limit) if r.identity.get("policy") == policy]
+        return artifact_verdict(
+            f"guardrail policy {policy!r}", runs, content_hash=version_tag,
+            hash_of=lambda r: r.identity.get("guardrails"), max_age=_age(max_age_days),
+            how_to_fix=f"run a suite with `policy: {policy}` in its target (`keel eval run <suite>`) under the "
+                       f"policy file as it is now ({version_tag})")
+
+    return gate

@@ -23,7 +23,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -99,6 +99,7 @@ class EvalDeps:
     rag: RagServices | None = None
     agents: AgentService | None = None
     guardrails: str | None = None
+    policies: Collection[str] = ()  # the guardrail policies a suite's target may name (none: guardrails off)
     metrics: Metrics | None = None
     models: Mapping[str, ModelAlias] = field(default_factory=dict)
     tracer: Tracer | None = None  # a span per case (answer and scores) under the caller's: a job's trace
@@ -156,6 +157,45 @@ def _event(e: Any) -> dict[str, Any]:
     return out
 
 
+def latest_snapshot(rag: RagServices, collection: str) -> str | None:
+    """The collection's documents as they are now: its latest completed ingest snapshot (None: never ingested)."""
+    return next((s.id for s in rag.snapshots.list(collection) if s.status == "completed"), None)
+
+
+def agent_identity(d: EvalDeps, workflow: str) -> dict[str, Any]:
+    """The workflow, the settings that steer it, the model it calls, and the collection, snapshot and
+    answer prompt it retrieves and renders with."""
+    agents = d.agents
+    if agents is None:
+        raise EvalConfigError("this server runs no agent service, so agent:<workflow> targets cannot run")
+    if d.rag is None:
+        raise EvalConfigError("this host has no RAG services, so RAG and agent targets cannot run")
+    if d.prompts is None:
+        raise EvalConfigError("this host has no prompt registry, so prompt and RAG targets cannot run")
+    wf = agents.registry.get(workflow)  # WorkflowNotFound (a KeelError) names the available ones
+    # What the running service was built with (its deps), not what the settings say now.
+    a = agents.deps.settings
+    out: dict[str, Any] = {"workflow": wf.name, "description": wf.description,
+                           "model": getattr(agents.deps.llm, "alias", None) or a.model or d.config.default_model,
+                           "settings": a.model_dump(mode="json", exclude={"checkpoint_db", "postgres_url"})}
+    coll = agents.deps.collection
+    out["rag"] = {"collection": coll,
+                  "snapshot": latest_snapshot(d.rag, coll) if coll in d.rag.store.list_collections() else None,
+                  "embedding_model": d.rag.embedder.model_id}
+    try:
+        rv = d.prompts.resolve("rag-answer@production")
+        out["prompt"] = {"name": rv.name, "version": rv.version, "hash": rv.hash}
+    except KeelError:  # the workflow falls back to its built-in answer prompt
+        out["prompt"] = None
+    return out
+
+
+def workflow_fingerprint(agent: Mapping[str, Any]) -> str:
+    """What a workflow gate matches (an :func:`agent_identity`): the workflow, its settings, its model and its
+    answer prompt. Not the documents' snapshot: re-ingesting is the RAG gate's concern, not the workflow's."""
+    return _h({k: agent.get(k) for k in ("workflow", "model", "settings", "prompt")})
+
+
 class EvalRunner:
     def __init__(self, deps: EvalDeps, store: EvalStoreBase, *, env: MetricEnv | None = None,
                  concurrency: int | None = None, use_cache: bool | None = None, progress: bool = True) -> None:
@@ -194,15 +234,14 @@ class EvalRunner:
                 rag = self._rag()
                 if coll not in rag.store.list_collections():
                     raise EvalConfigError(f"RAG collection {coll!r} does not exist; ingest documents into it first")
-                snaps = [s for s in rag.snapshots.list(coll) if s.status == "completed"]
                 rv = self._prompts().resolve(RagUse(collection=coll).prompt_ref)
                 ident["rag"] = {"collection": coll, "top_k": t.top_k or d.config.rag.retrieval.top_k,
-                                "snapshot": snaps[0].id if snaps else None,
+                                "snapshot": latest_snapshot(rag, coll),
                                 "embedding_model": rag.embedder.model_id,
                                 "prompt": {"name": rv.name, "version": rv.version, "hash": rv.hash}}
                 model_alias = None
             if t.agent_workflow:
-                ident["agent"] = self._agent_identity(t.agent_workflow)
+                ident["agent"] = agent_identity(d, t.agent_workflow)
                 model_alias = ident["agent"]["model"]
         except KeelError as e:
             raise EvalConfigError(e.message) from e
@@ -217,38 +256,17 @@ class EvalRunner:
             # the content identity the adapter gate matches, whichever folder this copy lives in
             ident["model"]["adapter_hash"] = tree_hash(m.adapter)
         ident["guardrails"] = d.guardrails
+        if t.policy is not None:  # only when named: every older run's identity (and cache key) stays as it was
+            if t.policy not in d.policies:
+                have = ", ".join(sorted(d.policies)) or "none: guardrails are off on this server"
+                raise EvalConfigError(f"no guardrail policy {t.policy!r} (available: {have})")
+            ident["policy"] = t.policy
         judged = sorted({m.name for m in suite.metrics if registry[m.name].judged})
         if judged and not self.env.has_judge:
             raise EvalConfigError(f"metric(s) {', '.join(judged)} need an LLM judge: set evals.judge_base_url and "
                                   "evals.judge_model (KEEL_EVALS__JUDGE_BASE_URL, KEEL_EVALS__JUDGE_MODEL)")
         ident["judge"] = self.env.judge_identity() if judged else None
         return ident
-
-    def _agent_identity(self, workflow: str) -> dict[str, Any]:
-        """The workflow, the settings that steer it, the model it calls, and the collection, snapshot and
-        answer prompt it retrieves and renders with."""
-        d = self.deps
-        agents = d.agents
-        if agents is None:
-            raise EvalConfigError("this server runs no agent service, so agent:<workflow> targets cannot run")
-        wf = agents.registry.get(workflow)  # WorkflowNotFound (a KeelError) names the available ones
-        # What the running service was built with (its deps), not what the settings say now.
-        a = agents.deps.settings
-        out: dict[str, Any] = {"workflow": wf.name, "description": wf.description,
-                               "model": getattr(agents.deps.llm, "alias", None) or a.model or d.config.default_model,
-                               "settings": a.model_dump(mode="json", exclude={"checkpoint_db", "postgres_url"})}
-        coll = agents.deps.collection
-        rag = self._rag()
-        snaps = ([s for s in rag.snapshots.list(coll) if s.status == "completed"]
-                 if coll in rag.store.list_collections() else [])
-        out["rag"] = {"collection": coll, "snapshot": snaps[0].id if snaps else None,
-                      "embedding_model": rag.embedder.model_id}
-        try:
-            rv = self._prompts().resolve("rag-answer@production")
-            out["prompt"] = {"name": rv.name, "version": rv.version, "hash": rv.hash}
-        except KeelError:  # the workflow falls back to its built-in answer prompt
-            out["prompt"] = None
-        return out
 
     def _prompts(self) -> PromptPort:
         if self.deps.prompts is None:
@@ -292,7 +310,7 @@ class EvalRunner:
         params = GenerationParams(max_tokens=pp.max_tokens, temperature=pp.temperature, top_p=pp.top_p, seed=pp.seed)
         model = None if rag else (t.model or None)  # agent:<workflow> is routed by ChatService
         return ChatRequest(model=model, messages=tuple(messages), params=params, prompt=prompt, rag=rag,
-                           request_id=f"eval-{run_id[-6:]}-{case.id}"[:120])
+                           policy=t.policy, request_id=f"eval-{run_id[-6:]}-{case.id}"[:120])
 
     # --- one case -----------------------------------------------------------------------------------
     async def _answer(self, suite: Suite, case: Case, ident: dict[str, Any], run_id: str) -> dict[str, Any]:

@@ -141,6 +141,15 @@ class EvalStoreBase:
             " ORDER BY finished_at DESC, rowid DESC"), (name, version))
         return [self._run(r) for r in rows]
 
+    def completed_runs(self, *, kind: str | None = None, limit: int = 500) -> list[RunRow]:
+        """Completed runs, of one kind of target (``rag``, ``agent``, ``model``, ``prompt``) or all, newest first:
+        what the release gates read (the artifact in each run's identity decides whether it counts)."""
+        where, args = ("AND target_kind = ?", (kind,)) if kind else ("", ())
+        rows = self._rows(self._q(
+            f"SELECT {self._COLS} FROM eval_runs WHERE status = 'completed' {where}"
+            " ORDER BY finished_at DESC, rowid DESC LIMIT ?"), (*args, limit))
+        return [self._run(r) for r in rows]
+
     # --- case results -----------------------------------------------------------------------------
     def save_result(self, run_id: str, case_id: str, *, record: dict[str, Any], scores: dict[str, Any],
                     error: str | None, cached: bool) -> bool:

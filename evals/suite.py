@@ -54,6 +54,9 @@ class Target(Strict):
     system: str | None = Field(default=None, description="System message sent in front of each case.")
     variables: dict[str, Any] = Field(default_factory=dict, description="Template variables shared by all cases.")
     top_k: int | None = Field(default=None, ge=1, le=50, description="RAG: passages per question.")
+    policy: str | None = Field(default=None, description="Guardrail policy the answers are checked under instead of "
+                               "the one its bindings select (as a release variant's policy): a run with it is what "
+                               "lets a canary of that policy start.")
     params: TargetParams = Field(default_factory=TargetParams)
 
     @field_validator("prompt")

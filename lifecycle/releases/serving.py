@@ -24,7 +24,8 @@ from app.core.types import ChatMessage, Citations, Finished, Started, TextDelta,
 from app.guardrails.types import GuardrailBlocked, GuardrailRedaction, GuardrailRetraction
 from app.services.chat import ChatEvent, ChatRequest, ChatService, PromptUse, collect
 from app.services.grounding import RagUse
-from lifecycle.releases.service import Assignment, ReleaseService
+from evals.gate import ArtifactGate
+from lifecycle.releases.service import Assignment, ReleaseService, VariantGate
 from lifecycle.releases.spec import VariantSpec
 from lifecycle.releases.store import JudgeScore, Observation, Release, ShadowPair
 
@@ -394,15 +395,27 @@ def variant_check(chat: ChatService) -> Callable[[VariantSpec], None]:
     return check
 
 
-def prompt_gate(chat: ChatService) -> Callable[[VariantSpec], tuple[bool, str] | None]:
-    """The eval gate of the variant's prompt version (by content hash, as label promotions use it). Adapter
-    aliases passed their gate when they were deployed; a base model has nothing to gate."""
+def variant_gate(chat: ChatService, *, rag: ArtifactGate | None = None, workflow: ArtifactGate | None = None,
+                 policy: ArtifactGate | None = None) -> VariantGate:
+    """The eval gates of what a candidate changes against the baseline: its prompt version (by content hash, as
+    label promotions use it), its document collection, agent workflow and guardrail policy (:mod:`evals.gate`).
+    What both variants share already serves all traffic, so it is not gated again; an adapter alias passed its
+    gate when it was deployed and a base model has nothing to gate. None: nothing in the candidate is gated."""
 
-    def gate(v: VariantSpec) -> tuple[bool, str] | None:
-        if not v.prompt or chat.prompts is None:
+    def gate(candidate: VariantSpec, baseline: VariantSpec) -> tuple[bool, str] | None:
+        verdicts: list[tuple[bool, str]] = []
+        if candidate.prompt and candidate.prompt != baseline.prompt and chat.prompts is not None:
+            version = chat.prompts.resolve(candidate.prompt)
+            v = chat.prompts.check_gate(version.name, version.version)
+            verdicts.append((v.passed, f"{version.name}@{version.version}: {v.reason}"))
+        for check, mine, theirs in ((rag, candidate.rag, baseline.rag), (workflow, candidate.workflow,
+                                    baseline.workflow), (policy, candidate.policy, baseline.policy)):
+            if check is not None and mine and mine != theirs:
+                v = check(mine)
+                verdicts.append((v.passed, v.reason))
+        if not verdicts:
             return None
-        version = chat.prompts.resolve(v.prompt)
-        verdict = chat.prompts.check_gate(version.name, version.version)
-        return verdict.passed, f"{version.name}@{version.version}: {verdict.reason}"
+        failed = [reason for ok, reason in verdicts if not ok]
+        return not failed, "; ".join(failed or [reason for _, reason in verdicts])
 
     return gate
