@@ -43,3 +43,9 @@ class ToolDenied(PermissionDenied):
     """The caller's API key lacks the scope the tool needs: returned to the agent, never retried."""
 
     code = "tool_scope_denied"
+
+
+class ShadowSkipped(ToolDenied):
+    """A release's shadow run called a tool that can change something: not executed, returned to the agent."""
+
+    code = "not_executed_in_shadow"

@@ -62,6 +62,7 @@ log = logging.getLogger("keel.agents")
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 _STREAMED = (NodeStarted, NodeFinished, ToolCall, ToolResult, Token)
 AGENT_MODEL_PREFIX = "agent:"
+SHADOW_OWNER = "shadow:"  # a release's shadow runs belong to shadow:<the caller's key>, not to the caller
 
 
 # A run still ``running`` in a shared (Postgres) store is only known dead once it has been idle longer
@@ -342,7 +343,7 @@ class AgentService:
     async def run(self, workflow: str, question: str, *, thread_id: str | None = None, user: str | None = None,
                   team: str | None = None, owner: str | None = None, max_steps: int | None = None,
                   guard: RunGuard | None = None, scopes: Iterable[str] | None = None,
-                  token_budget: int | None = None) -> AsyncIterator[AgentEvent]:
+                  token_budget: int | None = None, shadow: bool = False) -> AsyncIterator[AgentEvent]:
         """Start a run (a new thread unless ``thread_id`` names one of this owner's threads).
 
         ``scopes``: the starting key's; every tool call of the run (resumed ones too) is checked against them
@@ -351,7 +352,12 @@ class AgentService:
 
         ``guard``: the question passes its input stage before the workflow starts (blocked: the run ends
         ``blocked`` with the refusal, no node runs; masked values are masked for the model, tools and memory)
-        and the final answer its output stage. ``owner`` None (admin, CLI) may use any thread."""
+        and the final answer its output stage. ``owner`` None (admin, CLI) may use any thread.
+
+        ``shadow``: a release's shadow run, whose answer nobody sees: it reads what the owner's run would (memory,
+        documents, within the key's scopes) but no tool that can change something runs (the agent reads "not
+        executed"), nothing waits for approval, and the run belongs to ``shadow:<owner>``, so it is neither
+        listed nor resumable as the owner's (an admin sees it)."""
         await self.start()
         self._sweep_stalled()
         wf = self.registry.get(workflow)
@@ -359,6 +365,8 @@ class AgentService:
             raise InvalidRequest("input is empty: ask a question", param="input")
         if max_steps is not None and not 2 <= max_steps <= 50:
             raise InvalidRequest("max_steps must be between 2 and 50", param="max_steps")
+        if shadow and thread_id:
+            raise InvalidRequest("a shadow run starts its own thread", param="thread_id")
         if thread_id:
             _check_id(thread_id, "thread_id")
             prior = self.runs.list(thread_id=thread_id, limit=1)
@@ -382,7 +390,8 @@ class AgentService:
             decision = await guard.check_input(question)
             question = decision.messages[-1].content.strip()  # masked: the record never holds the values either
         rec = self.runs.create(RunRecord(run_id=f"run-{uuid.uuid4().hex[:16]}", thread_id=thread_id,
-                                         workflow=workflow, owner=owner, namespace=namespace, status="running",
+                                         workflow=workflow, owner=f"{SHADOW_OWNER}{owner or ''}" if shadow else owner,
+                                         namespace=namespace, status="running",
                                          question=question, guardrails=guard.tag if guard else None))
         if guard is not None and guard.decision.blocked:
             async for event in self._refuse(rec, guard, resumed=False):
@@ -390,9 +399,10 @@ class AgentService:
             return
         state = wf.initial_state(question, max_steps=max_steps)
         state.update(run_id=rec.run_id, thread_id=thread_id, namespace=namespace, search_namespaces=search,
-                     principal=owner or "", scopes=sorted(scopes) if scopes is not None else None)
+                     principal=owner or "", scopes=sorted(scopes) if scopes is not None else None, shadow=shadow)
+        usage = None if shadow else self._usage(owner, token_budget)
         async with contextlib.aclosing(self._drive(rec, self.graph(workflow), state, resumed=False, guard=guard,
-                                                   usage=self._usage(owner, token_budget))) as events:
+                                                   usage=usage)) as events:
             async for event in events:
                 yield event
 
@@ -705,7 +715,7 @@ class AgentService:
 
     async def chat_events(self, model: str, messages: Sequence[Any], *, request_id: str = "",
                           owner: str | None = None, scopes: Iterable[str] | None = None,
-                          token_budget: int | None = None) -> AsyncIterator[Any]:
+                          token_budget: int | None = None, shadow: bool = False) -> AsyncIterator[Any]:
         """``agent:<workflow>`` as a chat model: yields ChatService events (``Started``, ``TextDelta``s of the
         final answer, ``Finished``). The question is the last user message; each request is a new thread."""
         workflow = model[len(AGENT_MODEL_PREFIX):] if self.is_agent_model(model) else model
@@ -718,7 +728,7 @@ class AgentService:
             raise InvalidRequest("send a user message with the question", param="messages")
         text, cited = "", []
         async with contextlib.aclosing(self.run(workflow, question, owner=owner, scopes=scopes,
-                                                token_budget=token_budget)) as events:
+                                                token_budget=token_budget, shadow=shadow)) as events:
             first = await anext(events)  # validation errors surface here, before Started
             yield Started(f"chatcmpl-{request_id or uuid.uuid4().hex}", int(time.time()), model)
             async for ev in _chain(first, events):

@@ -32,6 +32,7 @@ class BaseState(TypedDict, total=False):
     search_namespaces: list[list[str]]
     principal: str  # the key that started the run ("" for the CLI)
     scopes: list[str] | None  # its scopes, which every tool call is checked against (None: unscoped)
+    shadow: bool  # a release's shadow run: no approval pauses, no call that can change something
     status: str
     answer: str
     citations: list[dict[str, Any]]

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from agents.arithmetic import evaluate
-from agents.errors import ToolDenied, ToolInputError, ToolNotFound
+from agents.errors import ShadowSkipped, ToolDenied, ToolInputError, ToolNotFound
 from agents.events import ToolCall, ToolResult
 from app.core.errors import KeelError
 from app.security.keys import scope_allows
@@ -55,6 +55,9 @@ class ToolContext:
     principal: str = ""
     scopes: frozenset[str] | None = None
     request_id: str | None = None
+    #: A release's shadow run: only tools that change nothing run (:meth:`ToolRegistry.changes_nothing`); any
+    #: other call is answered "not executed", so a shadow never writes memory or acts on the world.
+    shadow: bool = False
 
     def allows(self, scope: str | None) -> bool:
         return scope is None or self.scopes is None or scope_allows(self.scopes, scope)
@@ -79,6 +82,7 @@ class FunctionTool:
     input_schema: dict[str, Any]
     fn: Callable[[dict[str, Any], ToolContext], Any]
     risky: bool = False
+    read_only: bool = False  # it changes nothing (MCP's readOnlyHint): a shadow run may call it
 
     async def run(self, args: dict[str, Any], ctx: ToolContext) -> Any:
         if inspect.iscoroutinefunction(self.fn):
@@ -154,6 +158,11 @@ class ToolRegistry:
     def is_risky(self, name: str) -> bool:
         tool = self._tools.get(name)
         return name in self.extra_risky or bool(tool and tool.risky)
+
+    def changes_nothing(self, name: str) -> bool:
+        """Whether a call of ``name`` is known to change nothing: its tool says ``read_only`` (an unmarked tool is
+        assumed to act) and no setting made it risky."""
+        return bool(getattr(self._tools.get(name), "read_only", False)) and not self.is_risky(name)
 
     def scope(self, name: str) -> str | None:
         return getattr(self._tools.get(name), "scope", None)
@@ -332,6 +341,9 @@ async def execute(registry: ToolRegistry, tool_name: str, args: dict[str, Any], 
             raise ToolDenied(f"{tool_name} needs an API key with the {scope!r} scope; this key has "
                              f"{', '.join(sorted(ctx.scopes or ())) or 'none'}")
         registry.validate(tool_name, args)
+        if ctx.shadow and not registry.changes_nothing(tool_name):
+            raise ShadowSkipped(f"not executed: {tool_name} can change something and this is a shadow run, whose "
+                             "answer nobody sees; answer without it")
     except (ToolNotFound, ToolInputError, ToolDenied) as e:
         obs = ToolObservation(call_id, tool_name, args, False, f"error: {e}", None, e.code, 0)
     except Exception as e:  # the tool's schema cannot be applied (an unresolvable $ref): its fault, not the input's
@@ -452,16 +464,17 @@ def builtin_tools() -> list[Tool]:
     s = {"type": "string", "maxLength": 500}
     return [
         FunctionTool("retrieve", "Search the document store; returns numbered passages with citations.",
-                     _obj({"query": s, "top_k": {"type": "integer"}}, ["query"]), _retrieve),
+                     _obj({"query": s, "top_k": {"type": "integer"}}, ["query"]), _retrieve, read_only=True),
         FunctionTool("memory_search", "Search long-term memory shared by this user and team.",
-                     _obj({"query": s, "limit": {"type": "integer"}}, ["query"]), _memory_search),
+                     _obj({"query": s, "limit": {"type": "integer"}}, ["query"]), _memory_search, read_only=True),
         FunctionTool("memory_write", "Store a fact worth keeping in long-term memory.",
                      _obj({"text": s, "kind": {"type": "string"}, "key": {"type": "string"}}, ["text"]),
                      _memory_write),
         FunctionTool("prompt_read", "Read a prompt template from the registry by reference (name@label).",
-                     _obj({"ref": {"type": "string", "maxLength": 200}}, ["ref"]), _prompt_read),
+                     _obj({"ref": {"type": "string", "maxLength": 200}}, ["ref"]), _prompt_read, read_only=True),
         FunctionTool("calculator", "Evaluate an arithmetic expression such as '2 * (3 + 4) / 5'.",
-                     _obj({"expression": {"type": "string", "maxLength": 200}}, ["expression"]), _calculator),
+                     _obj({"expression": {"type": "string", "maxLength": 200}}, ["expression"]), _calculator,
+                     read_only=True),
     ]
 
 

@@ -45,7 +45,8 @@ class Deps:
                            search_namespaces=search, retriever=self.retriever, collection=self.collection,
                            top_k=self.settings.top_k, memory=self.memory, prompts=self.prompts,
                            principal=state.get("principal") or "",
-                           scopes=frozenset(scopes) if (scopes := state.get("scopes")) is not None else None)
+                           scopes=frozenset(scopes) if (scopes := state.get("scopes")) is not None else None,
+                           shadow=bool(state.get("shadow")))
 
     async def call_tool(self, state: dict[str, Any], tool: str, args: dict[str, Any], emit: Emit, node: str,
                         call_id: str | None = None) -> ToolObservation:
@@ -208,7 +209,8 @@ def citations_for(answer: str, passages: list[dict[str, Any]]) -> list[dict[str,
 
 
 async def tools_node(state: dict[str, Any], deps: Deps, emit: Emit) -> dict[str, Any]:
-    """Run ``state.pending_call``. A risky tool first pauses the run with ``interrupt()``.
+    """Run ``state.pending_call``. A risky tool first pauses the run with ``interrupt()``; in a release's
+    shadow run (``state.shadow``) nothing pauses and a call that can change something is not executed.
 
     LangGraph re-runs this node from its start on resume, so nothing before ``interrupt()`` has a
     side effect; the tool runs only after the human's decision, once. The decision is
@@ -220,7 +222,7 @@ async def tools_node(state: dict[str, Any], deps: Deps, emit: Emit) -> dict[str,
         return {"_summary": "nothing to run"}
     tool, args, call_id = call["tool"], dict(call.get("args") or {}), call.get("call_id") or new_call_id()
     observations = list(state.get("observations") or [])
-    if deps.tools.is_risky(tool):
+    if deps.tools.is_risky(tool) and not state.get("shadow"):  # a shadow never waits: the call is not executed
         from langgraph.types import interrupt
 
         decision = interrupt({"kind": "approval", "call_id": call_id, "tool": tool, "args": args,

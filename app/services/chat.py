@@ -96,6 +96,8 @@ class ChatRequest:
     scopes: frozenset[str] | None = None  # the caller's key's: an agent model's tool calls are checked against them
     token_budget: int | None = None  # the caller's key's model tokens per minute: the answer's usage counts against
     # it (None: not counted: no limit, or traffic the caller did not send, a release's shadow or probe)
+    shadow: bool = False  # a release's shadow: nobody sees the answer, so an agent model changes nothing (no tool
+    # that acts runs, nothing waits for approval; AgentService.run)
 
 
 ChatEvent = Started | LLMEvent | Citations | GuardrailEvent
@@ -447,7 +449,7 @@ class ChatService:
             if agent:
                 events = _without_started(self.agents.chat_events(  # its model calls count their own tokens
                     alias, gen_request.messages, request_id=request.request_id, owner=request.user,
-                    scopes=request.scopes, token_budget=request.token_budget))
+                    scopes=request.scopes, token_budget=request.token_budget, shadow=request.shadow))
             elif grounded is not None and not grounded.chunks:
                 events = said(NOT_IN_SOURCES, params.n)  # retrieval found nothing: no passage, no model call
             elif early is not None:

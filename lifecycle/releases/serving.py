@@ -4,7 +4,9 @@ guards, same streaming), and what it served is recorded for the release's decisi
 
 A shadow release also sends a sampled share of its requests to the shadow variant, in the background: a bounded
 queue per release (full: the request is dropped and counted, the primary never waits) worked by a few tasks;
-the shadow's answer is never returned to anyone, only stored next to the primary's and compared.
+the shadow's answer is never returned to anyone, only stored next to the primary's and compared. A shadow that
+is an agent workflow runs in shadow mode: its tools that can change something are not executed and it never
+waits for approval (``AgentService.run``).
 """
 
 from __future__ import annotations
@@ -230,9 +232,10 @@ class ReleaseGateway:
         release = job.release
         spec = release.spec
         cand = spec.candidate_spec
-        # the operator's experiment, not the caller's traffic: not counted against the caller's token budget
-        req = apply_variant(replace(job.request, request_id=f"{job.request.request_id}-shadow", token_budget=None),
-                            cand, release.name)
+        # the operator's experiment, not the caller's traffic: not counted against the caller's token budget; an
+        # agent workflow runs in shadow mode (its tools that act are not executed)
+        req = apply_variant(replace(job.request, request_id=f"{job.request.request_id}-shadow", token_budget=None,
+                                    shadow=True), cand, release.name)
         t0 = time.perf_counter()
         text, blocked, tokens, error = "", False, 0, None
         try:

@@ -178,9 +178,6 @@ class ReleaseSpec(BaseModel):
             if any(w < 0 for w in self.weights.values()) or abs(sum(self.weights.values()) - 100) > 1e-6:
                 raise ValueError(f"weights must be non-negative percentages adding up to 100; they add up to "
                                  f"{sum(self.weights.values()):g}")
-        if self.strategy == "shadow" and self.candidate_spec.workflow:
-            raise ValueError("a shadow variant may not be an agent workflow: its tool calls could have side effects "
-                             "that a shadow must never cause")
         if len({m.name for m in self.metrics}) != len(self.metrics):
             raise ValueError("each metric may be listed once")
         if any(m.name == "judge_score" for m in self.metrics) and self.judge is None:

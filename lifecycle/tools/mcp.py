@@ -124,7 +124,7 @@ def build_server(registry: ToolRegistry, context: ContextFactory, *, verify: Ver
         middleware=[AuthMiddleware(auth=allowed)] if verify is not None else None)
     for name, (tool, _scope) in sorted(tools.items()):
         risky = registry.is_risky(name)
-        read_only = bool(getattr(tool, "read_only", name in BUILTIN_SCOPES)) and not risky
+        read_only = registry.changes_nothing(name)
         server.add_tool(RegistryTool(
             name=name, keel_name=name, description=tool.description, parameters=tool.input_schema,
             tags=set(getattr(tool, "tags", ())),

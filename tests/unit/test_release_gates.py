@@ -10,11 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from app.core.types import ChatMessage
 from app.services.chat import ChatRequest, ChatResult
 from evals.gate import policy_gate, rag_gate, workflow_fingerprint, workflow_gate
 from evals.runner import EvalConfigError, EvalDeps, EvalRunner
-from evals.settings import EvalSettings
 from evals.store import EvalStore
 from evals.suite import parse_suite
 from lifecycle.releases.serving import variant_gate
@@ -131,7 +129,7 @@ async def test_a_suite_can_check_answers_under_a_named_policy(tmp_path: Path, st
     assert outcome.run.passed and outcome.run.identity["policy"] == "strict"
     assert [r.policy for r in chat.requests] == ["strict"]
     assert policy_gate(store, "2026.12.2+abc")("strict").passed
-    with pytest.raises(EvalConfigError, match="no guardrail policy 'lenient'.*default, strict"):
+    with pytest.raises(EvalConfigError, match=r"no guardrail policy 'lenient'.*default, strict"):
         EvalRunner(deps, store).identity(parsed(policy="lenient"))
     unguarded = EvalDeps(chat=chat, config=settings)
     with pytest.raises(EvalConfigError, match="guardrails are off"):

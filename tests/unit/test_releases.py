@@ -46,7 +46,6 @@ def spec(**kw) -> ReleaseSpec:
     ({"canary": {"steps": [50, 25, 100]}}, "increase strictly"),
     ({"variants": [{"name": "a"}, {"name": "a"}]}, "unique"),
     ({"variants": [{"name": "a"}, {"name": "b"}, {"name": "c"}]}, "exactly two variants"),
-    ({"strategy": "shadow", "variants": [{"name": "a"}, {"name": "b", "workflow": "research"}]}, "side effects"),
     ({"name": "Support!"}, "lower-case"),
     ({"variants": [{"name": "a", "rag": "docs", "prompt": "p@1"}, {"name": "b"}]}, "drop 'prompt' or 'rag'"),
 ])
@@ -596,3 +595,23 @@ async def test_a_release_endpoint_is_listed_as_a_model_and_no_route_can_take_its
     with pytest.raises(Conflict, match="release endpoint"):
         env["container"].llm.routes.set("support", ModelAlias(backend="local", model="x"), owner="finetune:x",
                                         actor="test")
+
+
+async def test_an_agent_workflow_can_shadow_and_its_runs_are_not_the_callers(env) -> None:
+    """A shadow agent run reads what the caller's would and acts on nothing (tests/unit/test_agent_shadow.py)."""
+    body = {"name": "support", "strategy": "shadow",
+            "variants": [{"name": "stable", "model": "m"}, {"name": "agent", "workflow": "rag-qa"}]}
+    assert (await create(env, body)).status_code == 201
+    for _ in range(2):
+        resp = await ask(env)
+        assert resp.json()["choices"][0]["message"]["content"] == "Stable answer."
+    pairs = await shadow_pairs(env, 2)
+    assert len(pairs) == 2 and all(p.primary_text == "Stable answer." and p.shadow_text and not p.shadow_error
+                                   for p in pairs)
+    agents = env["container"].agents
+    caller = env["container"].keys.verify(env["keys"]["chat"]).id
+    runs = await agents.list_runs()
+    assert len(runs) == 2 and {r["owner"] for r in runs} == {f"shadow:{caller}"}, runs
+    assert await agents.list_runs(owner=caller) == []
+    r = await env["client"].get("/v1/agents/runs", headers=auth(env, "chat"))
+    assert r.status_code == 200 and r.json()["data"] == []  # the caller's own list does not show them

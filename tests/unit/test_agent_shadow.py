@@ -1,0 +1,84 @@
+"""A release's shadow agent run: it reads what the owner's run would, but nothing that can change something runs,
+nothing waits for approval, and the run is not the owner's (tests/unit/test_releases.py drives one through a
+shadow release)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from agents.events import InterruptEvent, ToolResult
+from agents.testing import ScriptedLLM, SideEffectTool
+from agents.tools import ToolContext, ToolRegistry, builtin_tools, execute
+from tests.unit.test_agents import ANSWER, by_kind, collect, final, make_service
+from tests.unit.test_agents import _close_services as _close_services  # noqa: F401 - the autouse fixture
+
+
+class Memory:
+    """Long-term memory that records every write."""
+
+    def __init__(self) -> None:
+        self.writes: list[tuple[Any, ...]] = []
+
+    def put(self, namespace, key, value) -> None:
+        self.writes.append((tuple(namespace), key, value))
+
+    def search(self, namespace, query=None, limit=10) -> list:
+        return []
+
+
+def service(tmp_path: Path, tool: SideEffectTool, memory: Memory):
+    reg = ToolRegistry(builtin_tools())  # memory_write is not risky here: it would run without asking
+    reg.register(tool)
+    llm = ScriptedLLM(responder=by_kind(
+        next=[{"next": "analyst", "reason": "send"}, {"next": "researcher", "reason": "r"},
+              {"next": "writer", "reason": "w"}, {"next": "critic", "reason": "c"}, {"next": "FINISH", "reason": "f"}],
+        tool=[{"tool": "send_report", "args": {"to": "team@example.com", "body": "hi"}}],
+        accepted=[{"accepted": True, "feedback": "ok"}], text=lambda messages: ANSWER,
+        worth_keeping=[{"worth_keeping": True, "fact": "Keel stores vectors in Qdrant."}]))
+    return make_service(tmp_path, llm, tools=reg, memory=memory)
+
+
+async def test_a_shadow_run_executes_nothing_that_acts_and_is_not_the_owners(tmp_path: Path) -> None:
+    tool, memory = SideEffectTool(), Memory()
+    svc = service(tmp_path, tool, memory)
+    events = await collect(svc.run("research", "Send the vector store report", owner="alice", shadow=True))
+    assert not any(isinstance(e, InterruptEvent) for e in events)  # nobody is asked: the call is not made
+    assert final(events).status == "completed" and final(events).answer == ANSWER
+    results = {e.tool: e for e in events if isinstance(e, ToolResult)}
+    assert not results["send_report"].ok and "shadow run" in results["send_report"].output
+    assert not results["memory_write"].ok and "not executed" in results["memory_write"].output
+    assert results["retrieve"].ok  # reading the documents changes nothing: a shadow sees what the primary sees
+    assert tool.executed == [] and memory.writes == []
+    run_id = final(events).run_id
+    assert await svc.list_runs(owner="alice") == [] and await svc.pending_approvals(owner="alice") == []
+    assert [r["owner"] for r in await svc.list_runs()] == ["shadow:alice"]  # an admin sees it, as a shadow's
+    record = svc.get_record(run_id)
+    assert record.owner == "shadow:alice" and record.namespace == ["users", "alice"]
+
+
+async def test_the_same_run_outside_a_shadow_acts(tmp_path: Path) -> None:
+    """The control: without ``shadow`` the risky call waits for approval and the memory write runs."""
+    tool, memory = SideEffectTool(), Memory()
+    svc = service(tmp_path, tool, memory)
+    events = await collect(svc.run("research", "Send the vector store report", owner="alice"))
+    assert isinstance(events[-1], InterruptEvent) and events[-1].tool == "send_report"
+    events = await collect(svc.resume(events[-1].run_id, "approve", owner="alice"))
+    assert final(events).status == "completed"
+    assert tool.executed == [{"to": "team@example.com", "body": "hi"}] and len(memory.writes) == 1
+
+
+async def test_only_tools_known_to_change_nothing_run_in_a_shadow() -> None:
+    acting = SideEffectTool(name="notify", risky=False)  # not risky, but not marked read-only either
+    reg = ToolRegistry([*builtin_tools(), acting], risky={"prompt_read"})
+    shadow = ToolContext(run_id="r", shadow=True)
+    calc = await execute(reg, "calculator", {"expression": "2 + 3"}, shadow)
+    assert calc.ok and calc.data == 5
+    for name, args in (("notify", {"to": "x"}), ("prompt_read", {"ref": "greet@production"}),
+                       ("memory_write", {"text": "a fact"})):
+        obs = await execute(reg, name, args, shadow)
+        assert not obs.ok and obs.error_code == "not_executed_in_shadow" and obs.attempts == 0, name
+    assert acting.executed == []
+    assert (await execute(reg, "notify", {"to": "x"}, ToolContext(run_id="r"))).ok  # outside a shadow it runs
+    assert [n for n in ("retrieve", "memory_search", "prompt_read", "calculator", "memory_write", "notify")
+            if reg.changes_nothing(n)] == ["retrieve", "memory_search", "calculator"]
