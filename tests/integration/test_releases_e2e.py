@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
+import yaml
 
 from tests.integration.conftest import KeelServer
 
@@ -170,3 +171,57 @@ def test_ab_through_the_openai_client_keeps_each_user_on_one_variant(keel_server
                    json={"id": raw.parse().id, "rating": "up"})
     assert r.status_code == 201
     assert any(v["feedback"]["rated"] == 1 for v in _report(keel_server, "support-ab")["variants"].values())
+
+
+def test_a_canary_of_documents_starts_once_a_suite_passed_on_them(keel_server: KeelServer) -> None:
+    """The eval gate of what a variant changes, beyond prompts: a collection needs a passing run on its documents."""
+    admin = keel_server.headers("admin")
+    doc = b"# Lighthouses\n\nThe Eddystone lighthouse stands on rocks south of Plymouth. It was completed in 1882.\n"
+    r = httpx.post(f"{keel_server.url}/v1/ingest", headers=admin, timeout=60, data={"collection": "rel-docs"},
+                   files=[("files", ("lighthouse.md", doc, "text/markdown"))])
+    job = httpx.get(f"{keel_server.url}/v1/ingest/jobs/{r.json()['id']}", params={"wait_s": 60}, headers=admin,
+                    timeout=90).json()
+    assert job["state"] == "succeeded", job
+    body = {"name": "support-docs", "strategy": "canary",
+            "variants": [{"name": "plain"}, {"name": "grounded", "rag": "rel-docs"}]}
+    r = httpx.post(f"{keel_server.url}/v1/releases", headers=admin, json=body, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "gate_failed", r.text
+    assert "rag:rel-docs" in r.json()["error"]["message"]
+    (keel_server.home / "suites" / "rel-docs.yaml").write_text(yaml.safe_dump({
+        "name": "rel-docs", "target": {"model": "rag:rel-docs", "params": {"max_tokens": 16}},
+        "metrics": [{"name": "must_not_include"}],
+        "dataset": {"cases": [{"id": "when", "input": "When was the Eddystone lighthouse completed?",
+                               "must_not_include": ["As an AI language model"]}]}}))
+    r = httpx.post(f"{keel_server.url}/v1/evals/runs", headers=admin, json={"suite": "rel-docs"}, timeout=30)
+    assert r.status_code == 202, r.text
+    deadline = time.monotonic() + 240
+    runs: list = []
+    while time.monotonic() < deadline and not (runs and runs[0]["status"] == "completed"):
+        time.sleep(1)
+        runs = httpx.get(f"{keel_server.url}/v1/evals/runs", params={"suite": "rel-docs"}, headers=admin,
+                         timeout=30).json()
+    assert runs and runs[0]["status"] == "completed" and runs[0]["passed"], runs
+    r = httpx.post(f"{keel_server.url}/v1/releases", headers=admin, json=body, timeout=30)
+    assert r.status_code == 201, r.text
+    assert f"passing eval run(s): rel-docs {runs[0]['id']}" in r.json()["decision"]["reason"]
+    httpx.post(f"{keel_server.url}/v1/releases/support-docs/rollback", headers=admin, json={}, timeout=30)
+
+
+def test_an_agent_workflow_shadows_without_being_the_callers_run(keel_server: KeelServer) -> None:
+    _release(keel_server, {"name": "support-agent", "strategy": "shadow",
+                           "variants": [{"name": "live"}, {"name": "agent", "workflow": "rag-qa"}]})
+    responses = _traffic(keel_server, "support-agent", 2)
+    assert all(r.status_code == 200 and r.json()["release"]["variant"] == "live" for r in responses)
+    deadline = time.monotonic() + 240
+    pairs: list = []
+    while time.monotonic() < deadline and len(pairs) < len(responses):
+        time.sleep(1)
+        pairs = httpx.get(f"{keel_server.url}/v1/releases/support-agent/shadow", headers=keel_server.headers("admin"),
+                          timeout=30).json()["data"]
+    assert len(pairs) == 2 and all(p["shadow_error"] is None and p["shadow_text"] for p in pairs), pairs
+    runs = httpx.get(f"{keel_server.url}/v1/agents/runs", params={"workflow": "rag-qa"},
+                     headers=keel_server.headers("admin"), timeout=30).json()["data"]
+    shadows = [r for r in runs if r["owner"].startswith("shadow:")]
+    assert len(shadows) >= 2 and all(r["status"] == "completed" for r in shadows), runs
+    mine = httpx.get(f"{keel_server.url}/v1/agents/runs", headers=keel_server.headers("chat"), timeout=30).json()
+    assert not {r["run_id"] for r in mine["data"]} & {r["run_id"] for r in shadows}
