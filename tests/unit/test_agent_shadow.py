@@ -11,7 +11,7 @@ from agents.events import InterruptEvent, ToolResult
 from agents.testing import ScriptedLLM, SideEffectTool
 from agents.tools import ToolContext, ToolRegistry, builtin_tools, execute
 from tests.unit.test_agents import ANSWER, by_kind, collect, final, make_service
-from tests.unit.test_agents import _close_services as _close_services  # noqa: F401 - the autouse fixture
+from tests.unit.test_agents import _close_services as _close_services  # the autouse fixture
 
 
 class Memory:
