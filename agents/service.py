@@ -367,6 +367,10 @@ class AgentService:
             raise InvalidRequest("max_steps must be between 2 and 50", param="max_steps")
         if shadow and thread_id:
             raise InvalidRequest("a shadow run starts its own thread", param="thread_id")
+        if shadow and "shadow" not in self.graph(workflow).channels:
+            # its nodes would never see the flag, and its tools would act: fail closed
+            raise InvalidRequest(f"workflow {workflow!r} cannot run as a shadow: its state does not extend "
+                                 "agents.state.BaseState (the 'shadow' key)", param="model")
         if thread_id:
             _check_id(thread_id, "thread_id")
             prior = self.runs.list(thread_id=thread_id, limit=1)

@@ -55,7 +55,7 @@ class ToolContext:
     principal: str = ""
     scopes: frozenset[str] | None = None
     request_id: str | None = None
-    #: A release's shadow run: only tools that change nothing run (:meth:`ToolRegistry.changes_nothing`); any
+    #: A release's shadow run: only tools that change nothing run (:meth:`ToolRegistry.runs_in_shadow`); any
     #: other call is answered "not executed", so a shadow never writes memory or acts on the world.
     shadow: bool = False
 
@@ -163,6 +163,11 @@ class ToolRegistry:
         """Whether a call of ``name`` is known to change nothing: its tool says ``read_only`` (an unmarked tool is
         assumed to act) and no setting made it risky."""
         return bool(getattr(self._tools.get(name), "read_only", False)) and not self.is_risky(name)
+
+    def runs_in_shadow(self, name: str) -> bool:
+        """Whether a release's shadow run may call ``name``: it changes nothing, on a word Keel trusts (an external
+        MCP server's ``readOnlyHint`` counts only where its settings say ``shadow: true``)."""
+        return self.changes_nothing(name) and bool(getattr(self._tools.get(name), "shadow_safe", True))
 
     def scope(self, name: str) -> str | None:
         return getattr(self._tools.get(name), "scope", None)
@@ -341,7 +346,7 @@ async def execute(registry: ToolRegistry, tool_name: str, args: dict[str, Any], 
             raise ToolDenied(f"{tool_name} needs an API key with the {scope!r} scope; this key has "
                              f"{', '.join(sorted(ctx.scopes or ())) or 'none'}")
         registry.validate(tool_name, args)
-        if ctx.shadow and not registry.changes_nothing(tool_name):
+        if ctx.shadow and not registry.runs_in_shadow(tool_name):
             raise ShadowSkipped(f"not executed: {tool_name} can change something and this is a shadow run, whose "
                              "answer nobody sees; answer without it")
     except (ToolNotFound, ToolInputError, ToolDenied) as e:

@@ -34,7 +34,7 @@ from app.settings import Settings
 from evals.gate import policy_gate, prompt_gate, rag_gate, workflow_fingerprint, workflow_gate
 from evals.jobs import EvalJobs, load_named_suite, submit_run
 from evals.online import OnlineJudge
-from evals.runner import EvalDeps, agent_identity, latest_snapshot
+from evals.runner import EvalDeps, agent_identity
 from evals.store import EvalStoreBase, open_eval_store
 from evals.suite import suite_summaries
 from finetune import build_finetune
@@ -397,13 +397,15 @@ class Container:
 
 
 def _release_gate(settings: Settings, chat: ChatService, evals: EvalStoreBase, rag: RagServices):
-    """A canary (or green) starts only once what its variant changes passed its eval gates: the prompt version as
-    label promotions gate it, and the collection, workflow and policy on runs that evaluated them as they are now."""
+    """A canary (or green) starts only once every artifact of its variant passed its eval gate: the prompt version
+    as label promotions gate it, and the collection, workflow and policy on runs that evaluated them as they are
+    now."""
     age = settings.evals.gate_max_age_days
     deps = EvalDeps(chat=chat, config=settings, prompts=chat.prompts, rag=rag, agents=chat.agents)
     guarded = chat.guards is not None and settings.guardrails.enabled
     return variant_gate(
-        chat, rag=rag_gate(evals, lambda c: latest_snapshot(rag, c), max_age_days=age),
+        chat, rag=rag_gate(evals, lambda c: next(((s.id, s.status) for s in rag.snapshots.list(c, 1)), None),
+                     max_age_days=age),
         workflow=workflow_gate(evals, lambda w: workflow_fingerprint(agent_identity(deps, w)), max_age_days=age),
         policy=policy_gate(evals, chat.guards.policy.version_tag, max_age_days=age) if guarded else None)
 

@@ -131,17 +131,29 @@ def _age(max_age_days: float | None) -> timedelta | None:
     return timedelta(days=max_age_days) if max_age_days is not None else None
 
 
-def rag_gate(store: EvalStoreBase, snapshot_of: Callable[[str], str | None], *, max_age_days: float | None = None,
-             scan_limit: int = 500) -> ArtifactGate:
+def rag_gate(store: EvalStoreBase, newest_snapshot: Callable[[str], tuple[str, str] | None], *,
+             max_age_days: float | None = None, scan_limit: int = 500) -> ArtifactGate:
     """``gate(collection)``: passing runs of a ``rag:<collection>`` suite on the collection's documents as they
-    are now (its latest completed ingest snapshot, ``snapshot_of``); a re-ingest needs a new run."""
+    are now: its newest ingest snapshot (``newest_snapshot``: its id and status), which must have completed (an
+    ingest that runs or failed has changed documents no run judged); a re-ingest needs a new run."""
 
     def gate(collection: str) -> GateVerdict:
-        runs = [r for r in store.completed_runs(kind="rag", limit=scan_limit)
+        newest = newest_snapshot(collection)
+        if newest is None:
+            return GateVerdict(passed=False, reason=f"collection {collection!r} has no ingest snapshot, so no run can "
+                               "have judged its documents; ingest them (`keel ingest`), then run a suite on them")
+        snapshot, status = newest
+        if status != "completed":
+            return GateVerdict(passed=False, reason=(
+                f"collection {collection!r}: its newest ingest ({snapshot}) is {status}, so its documents are not "
+                "the ones any run judged; " + ("wait for it to finish" if status == "running" else "ingest again")
+                + f", then run a suite whose target is rag:{collection}"))
+        runs = [r for r in store.completed_runs(kind="rag", contains=f'"collection": "{collection}"',
+                                                limit=scan_limit)
                 if (r.identity.get("rag") or {}).get("collection") == collection]
         return artifact_verdict(
-            f"collection {collection!r}", runs, content_hash=snapshot_of(collection) or "",
-            hash_of=lambda r: r.identity["rag"].get("snapshot") or "", max_age=_age(max_age_days),
+            f"collection {collection!r}", runs, content_hash=snapshot,
+            hash_of=lambda r: r.identity["rag"].get("snapshot"), max_age=_age(max_age_days),
             how_to_fix=f"run a suite whose target is rag:{collection} (`keel eval run <suite>`) on its documents "
                        "as they are now")
 
@@ -162,7 +174,8 @@ def workflow_gate(store: EvalStoreBase, fingerprint_of: Callable[[str], str], *,
     (``fingerprint_of``: the :func:`workflow_fingerprint` of its current identity)."""
 
     def gate(workflow: str) -> GateVerdict:
-        runs = [r for r in store.completed_runs(kind="agent", limit=scan_limit)
+        runs = [r for r in store.completed_runs(kind="agent", contains=f'"workflow": "{workflow}"',
+                                                limit=scan_limit)
                 if (r.identity.get("agent") or {}).get("workflow") == workflow]
         return artifact_verdict(
             f"workflow {workflow!r}", runs, content_hash=fingerprint_of(workflow),
@@ -179,7 +192,8 @@ def policy_gate(store: EvalStoreBase, version_tag: str, *, max_age_days: float |
     file as it is loaded now (``version_tag``: its version and content hash; an edited file needs new runs)."""
 
     def gate(policy: str) -> GateVerdict:
-        runs = [r for r in store.completed_runs(limit=scan_limit) if r.identity.get("policy") == policy]
+        runs = [r for r in store.completed_runs(contains=f'"policy": "{policy}"', limit=scan_limit)
+                if r.identity.get("policy") == policy]
         return artifact_verdict(
             f"guardrail policy {policy!r}", runs, content_hash=version_tag,
             hash_of=lambda r: r.identity.get("guardrails"), max_age=_age(max_age_days),

@@ -310,7 +310,8 @@ def html_report(suite: Suite, run: RunRow, rows: list[CaseRow], baseline: tuple[
     return _html_env().get_template(_TEMPLATE).render(
         suite=suite, run=run, summary=s, policy=policy, reasons=v.get("reasons") or [],
         identity=[(k, json.dumps(ident[k], sort_keys=True))
-                  for k in ("kind", "prompt", "model", "rag", "agent", "judge", "guardrails", "params", "suite_hash")
+                  for k in ("kind", "prompt", "model", "rag", "agent", "judge", "guardrails", "policy", "params",
+                            "suite_hash")
                   if ident.get(k) is not None],
         metrics=metrics, has_base_summary=bool(base_sum),
         baseline=baseline[0] if baseline else None, regressions=v.get("regressions") or [],

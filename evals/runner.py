@@ -190,12 +190,6 @@ def agent_identity(d: EvalDeps, workflow: str) -> dict[str, Any]:
     return out
 
 
-def workflow_fingerprint(agent: Mapping[str, Any]) -> str:
-    """What a workflow gate matches (an :func:`agent_identity`): the workflow, its settings, its model and its
-    answer prompt. Not the documents' snapshot: re-ingesting is the RAG gate's concern, not the workflow's."""
-    return _h({k: agent.get(k) for k in ("workflow", "model", "settings", "prompt")})
-
-
 class EvalRunner:
     def __init__(self, deps: EvalDeps, store: EvalStoreBase, *, env: MetricEnv | None = None,
                  concurrency: int | None = None, use_cache: bool | None = None, progress: bool = True) -> None:

@@ -141,12 +141,18 @@ class EvalStoreBase:
             " ORDER BY finished_at DESC, rowid DESC"), (name, version))
         return [self._run(r) for r in rows]
 
-    def completed_runs(self, *, kind: str | None = None, limit: int = 500) -> list[RunRow]:
-        """Completed runs, of one kind of target (``rag``, ``agent``, ``model``, ``prompt``) or all, newest first:
-        what the release gates read (the artifact in each run's identity decides whether it counts)."""
-        where, args = ("AND target_kind = ?", (kind,)) if kind else ("", ())
+    def completed_runs(self, *, kind: str | None = None, contains: str | None = None,
+                       limit: int = 500) -> list[RunRow]:
+        """Completed runs, newest first, of one kind of target (``rag``, ``agent``, ``model``, ``prompt``) or all,
+        and whose stored identity (sorted JSON) ``contains`` a piece such as ``"policy": "strict"``: what the
+        release gates read. A prefilter only (LIKE's ``_`` matches any character): callers check the identity."""
+        where, args = "", ()
+        if kind:
+            where, args = " AND target_kind = ?", (kind,)
+        if contains:
+            where, args = where + " AND identity LIKE ?", (*args, f"%{contains}%")
         rows = self._rows(self._q(
-            f"SELECT {self._COLS} FROM eval_runs WHERE status = 'completed' {where}"
+            f"SELECT {self._COLS} FROM eval_runs WHERE status = 'completed'{where}"
             " ORDER BY finished_at DESC, rowid DESC LIMIT ?"), (*args, limit))
         return [self._run(r) for r in rows]
 

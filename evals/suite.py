@@ -212,6 +212,8 @@ class Suite(Strict):
 
 def suite_hash(suite: Suite) -> str:
     data = suite.model_dump(mode="json", exclude={"description"})
+    if data["target"]["policy"] is None:  # added later: an unset one leaves every older suite's hash as it was
+        del data["target"]["policy"]
     data["dataset"] = {"cases": [c.model_dump(mode="json") for c in suite.cases]}
     canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode()).hexdigest()

@@ -38,9 +38,8 @@ log = logging.getLogger("keel.releases")
 
 #: Raises InvalidRequest when a variant names something this server lacks (alias, prompt, policy, workflow).
 VariantCheck = Callable[[VariantSpec], None]
-#: The eval gate's verdict on what a variant changes against the baseline (candidate, baseline): (passed, reason);
-#: None when nothing in it is gated.
-VariantGate = Callable[[VariantSpec, VariantSpec], "tuple[bool, str] | None"]
+#: The eval gates' verdict on a variant's artifacts: (passed, reason); None when nothing in it is gated.
+VariantGate = Callable[[VariantSpec], "tuple[bool, str] | None"]
 #: Is this name taken by something else clients call as a model (an alias)?
 NameTaken = Callable[[str], bool]
 #: Raises ValueError when this server cannot judge live answers with the metric.
@@ -61,7 +60,7 @@ class ReleaseService:
                  flush_interval_s: float = 0.2) -> None:
         self.store = store
         self.check_variant = check_variant or (lambda v: None)
-        self.gate = gate or (lambda candidate, baseline: None)
+        self.gate = gate or (lambda v: None)
         self.name_taken = name_taken or (lambda n: False)
         self.check_judge = check_judge
         self._releases: dict[str, Release] = {}
@@ -143,8 +142,8 @@ class ReleaseService:
 
     def create(self, spec: ReleaseSpec, *, actor: str, reason: str = "", override_reason: str | None = None) -> Release:
         """Start ``spec``. Every variant must name what exists here, the endpoint may not shadow a model alias,
-        and what a canary's (or green's) variant changes (prompt, documents, workflow, policy) must have passed its
-        eval gates; an admin may override a gate failure with a reason, which is recorded."""
+        and every artifact of a canary's (or green's) variant (prompt, documents, workflow, policy) must have
+        passed its eval gate; an admin may override a gate failure with a reason, which is recorded."""
         if self.name_taken(spec.name):
             raise Conflict(f"{spec.name!r} is already a model name clients call; a release endpoint needs a name "
                            "of its own", param="name", code="release_name_taken")
@@ -159,11 +158,11 @@ class ReleaseService:
                 raise InvalidRequest(f"judge: {e}", param="judge", code="unknown_metric") from None
         note = reason
         if spec.strategy in ("canary", "bluegreen"):
-            verdict = self.gate(spec.candidate_spec, spec.variant(spec.baseline))
+            verdict = self.gate(spec.candidate_spec)
             if verdict is not None and not verdict[0]:
                 if not (override_reason and override_reason.strip()):
                     raise InvalidRequest(f"variant {spec.candidate!r} has not passed its eval gate: {verdict[1]}. "
-                                         "Run its suites on exactly what it changes, or have an admin override "
+                                         "Run its suites on exactly what it names, or have an admin override "
                                          "with a reason", param="variants", code="gate_failed")
                 note = f"{reason + '; ' if reason else ''}gate overridden by {actor}: {override_reason.strip()}"
             elif verdict is not None:

@@ -289,8 +289,9 @@ class ReleaseGateway:
     async def probe(self, release: Release, variant: VariantSpec) -> list[dict]:
         out = []
         for i, question in enumerate(release.spec.probes):
+            # nobody sees a probe's answer either: an agent workflow's tools that act are not executed
             req = apply_variant(ChatRequest(model=None, messages=(ChatMessage("user", question),),
-                                            request_id=f"probe-{release.id}-{i}", user="keel-probe"),
+                                            request_id=f"probe-{release.id}-{i}", user="keel-probe", shadow=True),
                                 variant, release.name)
             t0 = time.perf_counter()
             try:
@@ -400,21 +401,21 @@ def variant_check(chat: ChatService) -> Callable[[VariantSpec], None]:
 
 def variant_gate(chat: ChatService, *, rag: ArtifactGate | None = None, workflow: ArtifactGate | None = None,
                  policy: ArtifactGate | None = None) -> VariantGate:
-    """The eval gates of what a candidate changes against the baseline: its prompt version (by content hash, as
-    label promotions use it), its document collection, agent workflow and guardrail policy (:mod:`evals.gate`).
-    What both variants share already serves all traffic, so it is not gated again; an adapter alias passed its
-    gate when it was deployed and a base model has nothing to gate. None: nothing in the candidate is gated."""
+    """The eval gates of every artifact the candidate names: its prompt version (by content hash, as label
+    promotions use it), its document collection, agent workflow and guardrail policy (:mod:`evals.gate`), whether
+    or not the baseline shares it (a new endpoint's baseline serves nobody yet, so sharing proves nothing). An
+    adapter alias passed its gate when it was deployed and a base model has nothing to gate. None: nothing in the
+    candidate is gated."""
 
-    def gate(candidate: VariantSpec, baseline: VariantSpec) -> tuple[bool, str] | None:
+    def gate(candidate: VariantSpec) -> tuple[bool, str] | None:
         verdicts: list[tuple[bool, str]] = []
-        if candidate.prompt and candidate.prompt != baseline.prompt and chat.prompts is not None:
+        if candidate.prompt and chat.prompts is not None:
             version = chat.prompts.resolve(candidate.prompt)
             v = chat.prompts.check_gate(version.name, version.version)
             verdicts.append((v.passed, f"{version.name}@{version.version}: {v.reason}"))
-        for check, mine, theirs in ((rag, candidate.rag, baseline.rag), (workflow, candidate.workflow,
-                                    baseline.workflow), (policy, candidate.policy, baseline.policy)):
-            if check is not None and mine and mine != theirs:
-                v = check(mine)
+        for check, name in ((rag, candidate.rag), (workflow, candidate.workflow), (policy, candidate.policy)):
+            if check is not None and name:
+                v = check(name)
                 verdicts.append((v.passed, v.reason))
         if not verdicts:
             return None

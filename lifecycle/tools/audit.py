@@ -38,9 +38,13 @@ class ToolAudit:
             "ok": obs.ok, "error_code": obs.error_code, "attempts": obs.attempts, "duration_ms": obs.duration_ms,
             "args": args if len(args) <= MAX_ARGS_CHARS else args[:MAX_ARGS_CHARS] + " [truncated]",
             "run_id": ctx.run_id or None, "call_id": obs.call_id}
+        actor = ctx.principal or "operator"
+        if ctx.shadow:  # a release's shadow run on the caller's request: the operator's experiment, not the caller
+            details["shadow"] = True
+            actor = f"shadow:{ctx.principal}"
         self._writer.submit([AuditEvent(
             TRAIL, "tool.denied" if obs.error_code == "tool_scope_denied" else "tool.call", "tool", obs.tool,
-            actor=ctx.principal or "operator", reason="" if obs.ok else obs.output[:500], details=details,
+            actor=actor, reason="" if obs.ok else obs.output[:500], details=details,
             request_id=ctx.request_id)])
 
     def _write(self, events: list[AuditEvent]) -> None:

@@ -152,8 +152,9 @@ def _release_tools(s: LifecycleServices) -> list[Tool]:
         LifecycleTool("release_status", "A release's report: status, weights, per-variant traffic, error and "
                       "guardrail-block rates, judge scores, and the controller's last decision with its reason.",
                       _obj(name, ["name"]), status, scope="releases", title="Release status", tags=("releases",)),
-        LifecycleTool("release_start", "Start a release (A/B, canary, shadow or blue/green) from a spec; the eval "
-                      "gate must pass for a prompt variant.", _obj({"spec": spec_schema, "reason": REASON},
+        LifecycleTool("release_start", "Start a release (A/B, canary, shadow or blue/green) from a spec; a canary's "
+                      "or green's variant starts only once its prompt, collection, workflow and policy passed their "
+                      "eval gates.", _obj({"spec": spec_schema, "reason": REASON},
                                                                   ["spec"]),
                       start, risky=True, scope="releases", read_only=False, title="Start a release",
                       tags=("releases",)),

@@ -36,6 +36,7 @@ class RemoteTool:
     server: RemoteServer
     remote_name: str
     read_only: bool = False
+    shadow_safe: bool = False  # a shadow run may call it (read_only and the server's settings say shadow: true)
     title: str = ""
     tags: tuple[str, ...] = ("mcp",)
 
@@ -74,7 +75,8 @@ class RemoteServer:
                 name=f"{self.name}__{_NAME.sub('_', t.name)}"[:128],
                 description=f"[{self.name}] {t.description or t.name}"[:1000],
                 input_schema=dict(t.input_schema or {"type": "object"}), risky=risky, scope=s.scope, server=self,
-                remote_name=t.name, read_only=read_only and not risky, title=(ann.title if ann else None) or t.name,
+                remote_name=t.name, read_only=read_only and not risky, shadow_safe=s.shadow,
+                title=(ann.title if ann else None) or t.name,
                 tags=("mcp", self.name)))
         return self
 

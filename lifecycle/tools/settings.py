@@ -23,6 +23,10 @@ class McpServerSettings(BaseModel):
         "Which of its tools pause an agent run for a person's approval: those not annotated readOnlyHint "
         "(default), all, or none."))
     timeout_s: float = Field(default=30.0, gt=0, le=600, description="Per call, and to connect at start.")
+    shadow: bool = Field(default=False, description=(
+        "Let a release's shadow agent runs call this server's tools annotated readOnlyHint. The hint is the "
+        "server's word, not a guarantee: turn it on only for a server you trust to mark its tools truthfully "
+        "(off: a shadow run reads 'not executed' for every tool of this server)."))
 
     @model_validator(mode="after")
     def _one_transport(self) -> McpServerSettings:

@@ -7,6 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from agents.events import InterruptEvent, ToolResult
 from agents.testing import ScriptedLLM, SideEffectTool
 from agents.tools import ToolContext, ToolRegistry, builtin_tools, execute
@@ -82,3 +84,56 @@ async def test_only_tools_known_to_change_nothing_run_in_a_shadow() -> None:
     assert (await execute(reg, "notify", {"to": "x"}, ToolContext(run_id="r"))).ok  # outside a shadow it runs
     assert [n for n in ("retrieve", "memory_search", "prompt_read", "calculator", "memory_write", "notify")
             if reg.changes_nothing(n)] == ["retrieve", "memory_search", "calculator"]
+
+
+async def test_an_external_servers_read_only_hint_counts_in_a_shadow_only_where_trusted() -> None:
+    from lifecycle.tools.remote import RemoteTool
+
+    def remote(shadow_safe: bool) -> RemoteTool:
+        return RemoteTool(name=f"crm__lookup_{shadow_safe}", description="d", input_schema={"type": "object"},
+                          risky=False, scope="chat", server=None, remote_name="lookup", read_only=True,
+                          shadow_safe=shadow_safe)
+
+    reg = ToolRegistry([remote(False), remote(True)])
+    assert reg.changes_nothing("crm__lookup_False") and not reg.runs_in_shadow("crm__lookup_False")
+    assert reg.runs_in_shadow("crm__lookup_True")
+    obs = await execute(reg, "crm__lookup_False", {}, ToolContext(shadow=True))
+    assert obs.error_code == "not_executed_in_shadow"  # never reached the server (server=None would raise)
+
+
+async def test_a_workflow_whose_state_drops_the_flag_cannot_run_as_a_shadow(tmp_path: Path) -> None:
+    from typing import TypedDict
+
+    from langgraph.graph import END, StateGraph
+
+    from agents.registry import Workflow
+    from app.core.errors import InvalidRequest
+
+    class Bare(TypedDict, total=False):  # does not extend BaseState: 'shadow' would be dropped
+        question: str
+
+    def build(deps):
+        g = StateGraph(Bare)
+        g.add_node("answer", lambda s: {})
+        g.set_entry_point("answer")
+        g.add_edge("answer", END)
+        return g
+
+    svc = service(tmp_path, SideEffectTool(), Memory())
+    svc.registry.register(Workflow("bare", "no base state", build, lambda question, **_: {"question": question}))
+    with pytest.raises(InvalidRequest, match="cannot run as a shadow"):
+        await collect(svc.run("bare", "hello", owner="alice", shadow=True))
+
+
+def test_a_shadow_runs_tool_calls_are_audited_as_the_shadows(tmp_path: Path) -> None:
+    from agents.tools import ToolObservation
+    from lifecycle.tools.audit import ToolAudit
+
+    log = ToolAudit(tmp_path / "tools.db")
+    obs = ToolObservation("c1", "retrieve", {"query": "q"}, True, "passages")
+    log.record(ToolContext(run_id="r1", principal="alice", shadow=True), obs)
+    log.record(ToolContext(run_id="r2", principal="alice"), obs)
+    events = {e.details["run_id"]: e for e in log.events()}
+    assert events["r1"].actor == "shadow:alice" and events["r1"].details["shadow"] is True
+    assert events["r2"].actor == "alice" and "shadow" not in events["r2"].details
+    log.close()

@@ -40,8 +40,8 @@ def record(store: EvalStore, suite: str, identity: dict, *, passed: bool) -> str
 
 
 def test_a_collection_passes_on_a_run_of_its_current_documents(store) -> None:
-    snapshot = {"docs": "snap-2"}
-    gate = rag_gate(store, snapshot.get)
+    newest = {"docs": ("snap-2", "completed")}
+    gate = rag_gate(store, newest.get)
     v = gate("docs")
     assert not v.passed and "rag:docs" in v.reason
     record(store, "facts", {"kind": "rag", "rag": {"collection": "docs", "snapshot": "snap-1"}}, passed=True)
@@ -50,9 +50,15 @@ def test_a_collection_passes_on_a_run_of_its_current_documents(store) -> None:
     assert not v.passed and "1 run(s) evaluated other content" in v.reason  # the documents changed since
     run = record(store, "facts", {"kind": "rag", "rag": {"collection": "docs", "snapshot": "snap-2"}}, passed=True)
     assert gate("docs").passed and run in gate("docs").reason
+    newest["docs"] = ("snap-3", "running")  # an ingest in progress has already changed some documents
+    assert not gate("docs").passed and "snap-3) is running" in gate("docs").reason
+    newest["docs"] = ("snap-3", "failed")  # and a failed one may have changed some
+    assert not gate("docs").passed and "ingest again" in gate("docs").reason
+    newest["docs"] = ("snap-2", "completed")
     record(store, "facts", {"kind": "rag", "rag": {"collection": "docs", "snapshot": "snap-2"}}, passed=False)
     assert not gate("docs").passed  # the latest run of a suite decides
-
+    del newest["docs"]
+    assert not gate("docs").passed and "no ingest snapshot" in gate("docs").reason
 
 def test_a_workflow_passes_on_a_run_of_its_current_settings_model_and_prompt(store) -> None:
     now = {"rag-qa": workflow_fingerprint(AGENT)}
@@ -76,21 +82,23 @@ def test_a_policy_passes_on_a_run_checked_under_it_in_the_file_as_loaded(store) 
     assert gate("strict").passed
 
 
-def test_only_what_the_candidate_changes_is_gated() -> None:
+def test_every_artifact_the_candidate_names_is_gated() -> None:
+    """Also what the baseline shares: a new endpoint's baseline serves nobody yet, so sharing proves nothing."""
     asked: list[str] = []
 
     def refuse(what: str):
         return lambda name: asked.append(f"{what}:{name}") or _verdict(False, f"{what} {name} failed")
 
     gate = variant_gate(_NoPrompts(), rag=refuse("rag"), workflow=refuse("workflow"), policy=refuse("policy"))
-    base = VariantSpec(name="stable", rag="docs", policy="strict")
-    assert gate(VariantSpec(name="canary", model="m2", rag="docs", policy="strict"), base) is None
-    passed, reason = gate(VariantSpec(name="canary", rag="docs2", policy="strict"), base)
-    assert not passed and reason == "rag docs2 failed" and asked == ["rag:docs2"]
-    passed, reason = gate(VariantSpec(name="canary", workflow="research", policy="lenient"), base)
-    assert not passed and reason == "workflow research failed; policy lenient failed"
-    ok = variant_gate(_NoPrompts(), policy=lambda name: _verdict(True, f"{name} passed"))
-    assert ok(VariantSpec(name="canary", policy="lenient"), base) == (True, "lenient passed")
+    assert gate(VariantSpec(name="canary", model="m2")) is None  # a base model alias: nothing to gate
+    passed, reason = gate(VariantSpec(name="canary", rag="docs", policy="strict"))
+    assert not passed and reason == "rag docs failed; policy strict failed" and asked == ["rag:docs", "policy:strict"]
+    passed, reason = gate(VariantSpec(name="canary", workflow="research"))
+    assert not passed and reason == "workflow research failed"
+    ok = variant_gate(_NoPrompts(), rag=refuse("rag"), policy=lambda name: _verdict(True, f"{name} passed"))
+    assert ok(VariantSpec(name="canary", policy="lenient")) == (True, "lenient passed")
+    passed, reason = ok(VariantSpec(name="canary", rag="docs", policy="lenient"))
+    assert not passed and reason == "rag docs failed"  # the failures, not the passes, say why
 
 
 class _NoPrompts:
@@ -136,6 +144,15 @@ async def test_a_suite_can_check_answers_under_a_named_policy(tmp_path: Path, st
         EvalRunner(unguarded, store).identity(suite)
     # a suite without the field keeps the identity every older run has (no 'policy' key at all)
     assert "policy" not in EvalRunner(deps, store).identity(parsed())
+
+
+def test_a_suite_without_a_policy_keeps_the_hash_it_had_before_the_field() -> None:
+    """Runs name their suite by hash (resumption, the prompt gate's bound suites): a new optional field must not
+    change it, or every earlier run of every suite would stop counting."""
+    case = {"id": "c1", "input": "Capital of France?", "must_include": ["Paris"]}
+    suite = parse_suite({"name": "pinned", "target": {"model": "m", "params": {"max_tokens": 8}},
+                         "metrics": [{"name": "must_include"}], "dataset": {"cases": [case]}})
+    assert suite.hash == "3c23192c43ecec4ee481c0f253e54bfa4266ba4883f32d40f6b0f3c8f20537ed"  # as at e42e34d
 
 
 # -- through the API: a grounded canary waits for a run on its documents ------------------------------------
@@ -190,8 +207,7 @@ async def test_a_canary_of_a_collection_starts_once_a_suite_passed_on_its_docume
     r = await create(env, body)
     assert r.status_code == 201, r.text
     assert f"gate: passing eval run(s): docs-good {good['id']}" in r.json()["decision"]["reason"]
-    # a variant the baseline shares its documents with changes only the model: nothing to gate
     releases = env["container"].releases
-    assert releases.gate(VariantSpec(name="b", model="m2", rag="docs"), VariantSpec(name="a", rag="docs")) is None
-    passed, reason = releases.gate(VariantSpec(name="b", workflow="rag-qa"), VariantSpec(name="a"))
+    assert releases.gate(VariantSpec(name="b", model="m2", rag="docs"))[0]  # another model on the same documents
+    passed, reason = releases.gate(VariantSpec(name="b", workflow="rag-qa"))
     assert not passed and "workflow 'rag-qa'" in reason and "agent:rag-qa" in reason
