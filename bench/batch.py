@@ -11,7 +11,10 @@ run:
     alias: no guardrails, so the batch path itself is what is measured; ``batch.concurrency`` set to the best
     direct concurrency), timed from create to completed; reported as requests/s and the ratio to (a);
 (c) interactive TTFT: ``--interactive`` streaming requests one after another, with no batch running and then
-    while a batch runs (Keel yields: ``batch.concurrency_under_load``); p50/p95 and the added p50.
+    while a batch runs (Keel yields: ``batch.concurrency_under_load`` while interactive requests are in flight and
+    for ``batch.yield_s`` after); p50/p95 and the added p50;
+(d) the same as (c) on a second Keel with ``batch.yield_s: 0`` (yielding only while a request is in flight: the
+    behaviour before the hold-down), the baseline for what the hold-down buys.
 
 Target: (b) >= 90% of (a). Prints a table and writes bench/results/batch.json.
 """
@@ -100,6 +103,15 @@ def ttfts(keel: str, key: str, n: int) -> list[float]:
     return out
 
 
+def interactive(keel: str, key: str, args: argparse.Namespace) -> tuple[list[float], list[float]]:
+    """Interactive TTFTs with no batch running, then while a batch of twice ``--requests`` runs (cancelled after)."""
+    quiet = ttfts(keel, key, args.interactive)
+    bg = start_batch(keel, key, args.requests * 2, args.max_tokens)
+    busy = ttfts(keel, key, args.interactive)
+    httpx.post(f"{keel}/v1/batches/{bg}/cancel", headers={"Authorization": f"Bearer {key}"}, timeout=60)
+    return quiet, busy
+
+
 def pct(values: list[float], q: float) -> float:
     s = sorted(values)
     return s[min(len(s) - 1, round(q * (len(s) - 1)))]
@@ -133,11 +145,15 @@ def main() -> None:
         direct_again = asyncio.run(direct(vllm, vkey, args.requests, best, args.max_tokens))
         print(f"direct again, concurrency {best}: {direct_again:.2f} req/s", flush=True)
         baseline = statistics.mean([rates[best], direct_again])
-        quiet = ttfts(keel, key, args.interactive)
-        bg = start_batch(keel, key, args.requests * 2, args.max_tokens)
-        busy = ttfts(keel, key, args.interactive)
-        h = {"Authorization": f"Bearer {key}"}
-        httpx.post(f"{keel}/v1/batches/{bg}/cancel", headers=h, timeout=60)
+        quiet, busy = interactive(keel, key, args)
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    print("starting a second Keel with batch.yield_s: 0 (the baseline)...", flush=True)
+    proc, keel, _, key, _ = start_keel(True, {"batch": {"concurrency": best, "yield_s": 0}})
+    try:
+        batch(keel, key, 8, args.max_tokens)  # warm-up
+        quiet0, busy0 = interactive(keel, key, args)
     finally:
         proc.terminate()
         proc.wait(60)
@@ -151,6 +167,11 @@ def main() -> None:
         "ttft_ms_quiet": {"p50": round(pct(quiet, 0.5), 1), "p95": round(pct(quiet, 0.95), 1)},
         "ttft_ms_during_batch": {"p50": round(pct(busy, 0.5), 1), "p95": round(pct(busy, 0.95), 1)},
         "batch_concurrency": best_guess,
+        "ttft_ms_during_batch_no_hold_down": {"p50": round(pct(busy0, 0.5), 1), "p95": round(pct(busy0, 0.95), 1),
+                                              "quiet_p50": round(pct(quiet0, 0.5), 1)},
+        "ttft_ms_raw": {"quiet": [round(x, 1) for x in quiet], "during_batch": [round(x, 1) for x in busy],
+                        "quiet_no_hold_down": [round(x, 1) for x in quiet0],
+                        "during_batch_no_hold_down": [round(x, 1) for x in busy0]},
     }
     result["ttft_p50_added_ms"] = round(result["ttft_ms_during_batch"]["p50"] - result["ttft_ms_quiet"]["p50"], 1)
     from rich.console import Console
@@ -169,6 +190,9 @@ def main() -> None:
     t.add_row("interactive TTFT p50 / p95, batch running", f"{result['ttft_ms_during_batch']['p50']:.0f} / "
               f"{result['ttft_ms_during_batch']['p95']:.0f} ms")
     t.add_row("[bold]TTFT p50 added by a running batch[/bold]", f"[bold]{result['ttft_p50_added_ms']:+.0f} ms[/bold]")
+    nh = result["ttft_ms_during_batch_no_hold_down"]
+    t.add_row("baseline: batch.yield_s 0, TTFT p50 / p95 quiet / batch running",
+              f"{nh['quiet_p50']:.0f} / {pct(quiet0, 0.95):.0f} ms; {nh['p50']:.0f} / {nh['p95']:.0f} ms")
     Console().print(t)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "batch.json").write_text(json.dumps(result, indent=2))

@@ -5,8 +5,8 @@ A batch is a durable job (kind ``batch``, :mod:`app.jobs`) on the API's job runn
 through ``respond`` — the API's own chat path, so releases, guardrails, traces and lineage apply exactly as to
 an interactive request, with the batch owner's key as the identity — and its outcome is stored as it
 finishes, so a restart resumes at the lines not answered yet. Batch work yields to interactive traffic: while
-interactive model calls are in flight in this process, the batch runs at most ``concurrency_under_load``
-requests at once (otherwise ``concurrency``).
+interactive model calls are in flight in this process, and for ``yield_s`` after, the batch runs at most
+``concurrency_under_load`` requests at once (otherwise ``concurrency``).
 
 Bad lines do not fail the batch: a line that is not JSON, lacks a ``custom_id`` (or repeats one), is not a
 ``POST`` to the batch's endpoint, or whose body the endpoint refuses goes to the error file with its line
@@ -57,6 +57,7 @@ class BatchService:
         self.load = load
         self.respond: Respond | None = None  # the API's, set when it starts
         self._active = 0
+        self._yield_until = 0.0  # monotonic: batch work stays at concurrency_under_load until then
 
     def register(self, runner: JobRunner) -> None:
         runner.register(KIND, self, slots=self.settings.slots)
@@ -270,10 +271,15 @@ class BatchService:
             await flush()
 
     async def _slot(self, running: set[asyncio.Task]) -> None:
-        """Wait for a free slot: ``concurrency`` when no interactive request is in flight, else fewer."""
+        """Wait for a free slot: ``concurrency`` when no interactive request is in flight nor was for
+        ``yield_s``, else ``concurrency_under_load``."""
         while True:
-            interactive = max(0, self.load() - self._active)
-            limit = self.settings.concurrency if interactive == 0 else self.settings.concurrency_under_load
+            now = time.monotonic()
+            busy = self.load() > self._active  # interactive requests in flight
+            if busy:
+                self._yield_until = now + self.settings.yield_s
+            busy = busy or now < self._yield_until
+            limit = self.settings.concurrency_under_load if busy else self.settings.concurrency
             if len(running) < max(1, limit):
                 self._active += 1
                 return

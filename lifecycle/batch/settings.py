@@ -18,6 +18,10 @@ class BatchSettings(BaseModel):
         "them: size it like a client's concurrency)."))
     concurrency_under_load: int = Field(default=1, ge=1, le=256, description=(
         "Requests of one batch in flight while interactive requests are: batch work yields to them."))
+    yield_s: float = Field(default=2.0, ge=0, le=600, description=(
+        "How long batch work stays at concurrency_under_load after interactive requests were last seen: a "
+        "conversation's next request (seconds later) then finds the model server without a fresh wave of batch "
+        "requests ahead of it."))
     slots: int = Field(default=1, ge=1, le=16, description="Batches run at once by one API process.")
     max_file_bytes: int = Field(default=100 * 1024 * 1024, ge=1, description="Largest request file accepted.")
     max_requests: int = Field(default=50_000, ge=1, description="Most requests (lines) in one batch.")

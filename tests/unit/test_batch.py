@@ -195,7 +195,8 @@ def test_a_restart_mid_batch_resumes_without_answering_a_line_twice(tmp_path: Pa
 
 async def test_batch_work_yields_to_interactive_requests() -> None:
     load = {"n": 0}
-    svc = BatchService(store=None, runner=None, settings=BatchSettings(concurrency=4, concurrency_under_load=1),  # type: ignore[arg-type]
+    settings = BatchSettings(concurrency=4, concurrency_under_load=1, yield_s=0)
+    svc = BatchService(store=None, runner=None, settings=settings,  # type: ignore[arg-type]
                        load=lambda: load["n"] + svc._active)
     running: set = set()
     for _ in range(4):
@@ -210,6 +211,23 @@ async def test_batch_work_yields_to_interactive_requests() -> None:
         await asyncio.wait_for(svc._slot(running), 0.2)
     load["n"] = 0
     await asyncio.wait_for(svc._slot(running), 1)
+
+
+async def test_batch_work_stays_yielded_for_a_while_after_interactive_requests() -> None:
+    """A conversation's next request comes seconds after the last: it should not meet a fresh wave of batch
+    requests that started in the gap."""
+    load = {"n": 1}
+    settings = BatchSettings(concurrency=4, concurrency_under_load=1, yield_s=0.5)
+    svc = BatchService(store=None, runner=None, settings=settings,  # type: ignore[arg-type]
+                       load=lambda: load["n"] + svc._active)
+    running: set = set()
+    await asyncio.wait_for(svc._slot(running), 1)  # one batch request beside the interactive one
+    running.add(object())
+    load["n"] = 0  # the interactive request has finished
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(svc._slot(running), 0.2)  # still yielding
+    await asyncio.wait_for(svc._slot(running), 1)  # yield_s later: full concurrency again
+    assert svc._active == 2
 
 
 def test_lines_are_checked_one_by_one(tmp_path: Path) -> None:
