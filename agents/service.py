@@ -23,6 +23,7 @@ import dataclasses
 import logging
 import re
 import time
+import typing
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from pathlib import Path
@@ -367,7 +368,7 @@ class AgentService:
             raise InvalidRequest("max_steps must be between 2 and 50", param="max_steps")
         if shadow and thread_id:
             raise InvalidRequest("a shadow run starts its own thread", param="thread_id")
-        if shadow and "shadow" not in self.graph(workflow).channels:
+        if shadow and not _keeps_shadow(self.graph(workflow)):
             # its nodes would never see the flag, and its tools would act: fail closed
             raise InvalidRequest(f"workflow {workflow!r} cannot run as a shadow: its state does not extend "
                                  "agents.state.BaseState (the 'shadow' key)", param="model")
@@ -753,6 +754,12 @@ class AgentService:
         if cited:
             # the same event a rag: answer ends with: clients and eval metrics get the passages
             yield Citations([{**dataclasses.asdict(c), "cited": True} for c in cited])
+
+
+def _keeps_shadow(graph: Any) -> bool:
+    """Whether a run's ``shadow`` flag reaches the nodes: a key of the graph's state and of its input schema (the
+    start of a run writes only the input schema's keys)."""
+    return "shadow" in graph.channels and "shadow" in typing.get_type_hints(graph.builder.input_schema)
 
 
 def _guard_changed(rec: RunRecord, values: dict[str, Any]) -> bool:

@@ -82,7 +82,7 @@ class FunctionTool:
     input_schema: dict[str, Any]
     fn: Callable[[dict[str, Any], ToolContext], Any]
     risky: bool = False
-    read_only: bool = False  # it changes nothing (MCP's readOnlyHint): a shadow run may call it
+    read_only: bool = False  # it changes nothing (MCP's readOnlyHint): a shadow run may call it (runs_in_shadow)
 
     async def run(self, args: dict[str, Any], ctx: ToolContext) -> Any:
         if inspect.iscoroutinefunction(self.fn):

@@ -148,7 +148,7 @@ def rag_gate(store: EvalStoreBase, newest_snapshot: Callable[[str], tuple[str, s
                 f"collection {collection!r}: its newest ingest ({snapshot}) is {status}, so its documents are not "
                 "the ones any run judged; " + ("wait for it to finish" if status == "running" else "ingest again")
                 + f", then run a suite whose target is rag:{collection}"))
-        runs = [r for r in store.completed_runs(kind="rag", contains=f'"collection": "{collection}"',
+        runs = [r for r in store.completed_runs(kind="rag", contains=("collection", collection),
                                                 limit=scan_limit)
                 if (r.identity.get("rag") or {}).get("collection") == collection]
         return artifact_verdict(
@@ -174,7 +174,7 @@ def workflow_gate(store: EvalStoreBase, fingerprint_of: Callable[[str], str], *,
     (``fingerprint_of``: the :func:`workflow_fingerprint` of its current identity)."""
 
     def gate(workflow: str) -> GateVerdict:
-        runs = [r for r in store.completed_runs(kind="agent", contains=f'"workflow": "{workflow}"',
+        runs = [r for r in store.completed_runs(kind="agent", contains=("workflow", workflow),
                                                 limit=scan_limit)
                 if (r.identity.get("agent") or {}).get("workflow") == workflow]
         return artifact_verdict(
@@ -192,7 +192,7 @@ def policy_gate(store: EvalStoreBase, version_tag: str, *, max_age_days: float |
     file as it is loaded now (``version_tag``: its version and content hash; an edited file needs new runs)."""
 
     def gate(policy: str) -> GateVerdict:
-        runs = [r for r in store.completed_runs(contains=f'"policy": "{policy}"', limit=scan_limit)
+        runs = [r for r in store.completed_runs(contains=("policy", policy), limit=scan_limit)
                 if r.identity.get("policy") == policy]
         return artifact_verdict(
             f"guardrail policy {policy!r}", runs, content_hash=version_tag,

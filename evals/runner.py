@@ -304,7 +304,7 @@ class EvalRunner:
         params = GenerationParams(max_tokens=pp.max_tokens, temperature=pp.temperature, top_p=pp.top_p, seed=pp.seed)
         model = None if rag else (t.model or None)  # agent:<workflow> is routed by ChatService
         return ChatRequest(model=model, messages=tuple(messages), params=params, prompt=prompt, rag=rag,
-                           policy=t.policy, request_id=f"eval-{run_id[-6:]}-{case.id}"[:120])
+                           policy=t.policy, background=True, request_id=f"eval-{run_id[-6:]}-{case.id}"[:120])
 
     # --- one case -----------------------------------------------------------------------------------
     async def _answer(self, suite: Suite, case: Case, ident: dict[str, Any], run_id: str) -> dict[str, Any]:

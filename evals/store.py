@@ -141,16 +141,19 @@ class EvalStoreBase:
             " ORDER BY finished_at DESC, rowid DESC"), (name, version))
         return [self._run(r) for r in rows]
 
-    def completed_runs(self, *, kind: str | None = None, contains: str | None = None,
+    def completed_runs(self, *, kind: str | None = None, contains: tuple[str, str] | None = None,
                        limit: int = 500) -> list[RunRow]:
         """Completed runs, newest first, of one kind of target (``rag``, ``agent``, ``model``, ``prompt``) or all,
-        and whose stored identity (sorted JSON) ``contains`` a piece such as ``"policy": "strict"``: what the
-        release gates read. A prefilter only (LIKE's ``_`` matches any character): callers check the identity."""
+        and, with ``contains=(key, value)``, whose stored identity (sorted JSON, as :meth:`create_run` writes it)
+        sets ``key`` to ``value`` somewhere: what the release gates read. A prefilter: callers check the identity."""
         where, args = "", ()
         if kind:
             where, args = " AND target_kind = ?", (kind,)
         if contains:
-            where, args = where + " AND identity LIKE ?", (*args, f"%{contains}%")
+            key, value = contains
+            piece = f"{json.dumps(key)}: {json.dumps(value)}"
+            escaped = piece.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            where, args = where + " AND identity LIKE ? ESCAPE '\\'", (*args, f"%{escaped}%")
         rows = self._rows(self._q(
             f"SELECT {self._COLS} FROM eval_runs WHERE status = 'completed'{where}"
             " ORDER BY finished_at DESC, rowid DESC LIMIT ?"), (*args, limit))

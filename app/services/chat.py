@@ -98,6 +98,8 @@ class ChatRequest:
     # it (None: not counted: no limit, or traffic the caller did not send, a release's shadow or probe)
     shadow: bool = False  # a release's shadow: nobody sees the answer, so an agent model changes nothing (no tool
     # that acts runs, nothing waits for approval; AgentService.run)
+    background: bool = False  # no person waits on it (an eval run's case; shadows count too): batch work does not
+    # yield to it
 
 
 ChatEvent = Started | LLMEvent | Citations | GuardrailEvent
@@ -147,8 +149,10 @@ class ChatService:
         self.settings = settings
         self.router = router
         self.metrics = metrics
-        #: Model calls in flight in this process (what the batch runner yields to).
+        #: Model calls in flight in this process, and those of them no person waits on (shadows, probes, eval runs):
+        #: the batch runner yields to the difference.
         self.active = 0
+        self.background = 0
         self.prompts = prompts
         self.grounder = grounder
         self.guards = guards
@@ -391,7 +395,7 @@ class ChatService:
                     early = _Early(self.router.stream(request.model, gen_request))
                     # the model is busy from now on: the batch runner's throttle (``active``) sees it
                     self.metrics.inflight.inc()
-                    self.active += 1
+                    self._count(request, 1)
                 try:
                     with self._guarded_input(span, "input") as gspan:
                         decision = await self.guards.check_input(request.messages, context)
@@ -401,7 +405,7 @@ class ChatService:
                         early.drop()
                         llm_span.end()
                         self.metrics.inflight.dec()
-                        self.active -= 1
+                        self._count(request, -1)
                     raise
                 if early is not None and decision.blocked:
                     try:
@@ -410,7 +414,7 @@ class ChatService:
                         llm_span.set_attribute("keel.input_overlap", "cancelled")
                         llm_span.end()
                         self.metrics.inflight.dec()
-                        self.active -= 1
+                        self._count(request, -1)
         started = Started(
             response_id, int(time.time()), request.model, rendered.ref if rendered else None,
             rendered.hash if rendered else None, _policy_tag(decision),
@@ -441,7 +445,7 @@ class ChatService:
         finishes: list[str] = []
         if early is None:  # (an early model call is counted since it started)
             self.metrics.inflight.inc()
-            self.active += 1
+            self._count(request, 1)
         try:
             if self.capture_content:
                 llm_span.set_attribute("gen_ai.input.messages", self._content(
@@ -535,7 +539,7 @@ class ChatService:
                 llm_span.set_attribute("gen_ai.response.finish_reasons", finishes)
             llm_span.end()
             self.metrics.inflight.dec()
-            self.active -= 1
+            self._count(request, -1)
 
     async def _checked_calls(self, events: AsyncIterator[ChatEvent], context: GuardContext,
                              decision: InputDecision) -> AsyncIterator[ChatEvent]:
@@ -697,6 +701,11 @@ class ChatService:
             else None,
             response_schema=schema, expect_json=fmt is not None, question=question, policy=request.policy,
         )
+
+    def _count(self, request: ChatRequest, step: int) -> None:
+        self.active += step
+        if request.background or request.shadow:
+            self.background += step
 
     async def complete(self, request: ChatRequest) -> ChatResult:
         return await collect(self.stream(request, reask=True))

@@ -50,7 +50,8 @@ def new_id(prefix: str) -> str:
 class BatchService:
     def __init__(self, store: BatchStore, runner: JobRunner | None, settings: BatchSettings, *,
                  load: Callable[[], int] = lambda: 0) -> None:
-        """``load``: model calls in flight in this process (the batch's own included)."""
+        """``load``: model calls in flight in this process that a person waits on (the batch's own included;
+        shadows, probes and eval runs not: ``ChatService.active - background``)."""
         self.store = store
         self.runner = runner
         self.settings = settings

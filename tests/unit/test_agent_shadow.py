@@ -137,3 +137,29 @@ def test_a_shadow_runs_tool_calls_are_audited_as_the_shadows(tmp_path: Path) -> 
     assert events["r1"].actor == "shadow:alice" and events["r1"].details["shadow"] is True
     assert events["r2"].actor == "alice" and "shadow" not in events["r2"].details
     log.close()
+
+
+async def test_a_workflow_whose_input_schema_drops_the_flag_cannot_run_as_a_shadow(tmp_path: Path) -> None:
+    """The state keeps 'shadow' but the run starts through an input schema without it: the nodes never see it."""
+    from typing import TypedDict
+
+    from langgraph.graph import END, StateGraph
+
+    from agents.registry import Workflow
+    from agents.state import BaseState
+    from app.core.errors import InvalidRequest
+
+    class Input(TypedDict, total=False):
+        question: str
+
+    def build(deps):
+        g = StateGraph(BaseState, input_schema=Input)
+        g.add_node("answer", lambda s: {})
+        g.set_entry_point("answer")
+        g.add_edge("answer", END)
+        return g
+
+    svc = service(tmp_path, SideEffectTool(), Memory())
+    svc.registry.register(Workflow("narrow", "input schema", build, lambda question, **_: {"question": question}))
+    with pytest.raises(InvalidRequest, match="cannot run as a shadow"):
+        await collect(svc.run("narrow", "hello", owner="alice", shadow=True))

@@ -267,3 +267,38 @@ def test_the_cli_creates_follows_and_downloads_a_batch(tmp_path: Path, monkeypat
         assert missing.exit_code == 1 and "batch_not_found" in missing.output
     finally:
         api.stop()
+
+
+async def test_batch_work_does_not_yield_to_shadows_probes_or_eval_runs(tmp_path: Path) -> None:
+    """Only model calls a person waits on hold batch work back: a release's shadow (or probe) and an eval run's
+    cases are counted apart, or a batch on a shadowed endpoint would crawl at concurrency_under_load throughout."""
+    from app.container import Container
+    from app.core.types import ChatMessage
+    from app.services.chat import ChatRequest
+    from app.settings import load_settings
+    from ingest import build_rag
+    from ingest.embedding import HashingEmbedder
+
+    settings = load_settings(home=tmp_path, backends={"local": {"kind": "openai", "base_url": "http://unused/v1"}},
+                             models={"m": {"backend": "local", "model": "fake"}}, default_model="m",
+                             guardrails={"enabled": False})
+    slow = ScriptedBackend(reply="a slow answer")
+    slow.delay_s = 0.05  # per token
+    container = await Container.build(settings, backends={"local": slow},
+                                      rag=build_rag(settings, embedder=HashingEmbedder()))
+    try:
+        load = container.batches.load
+        asked = (ChatMessage("user", "hi"),)
+        for request, interactive in ((ChatRequest(model="m", messages=asked, shadow=True), 0),
+                                     (ChatRequest(model="m", messages=asked, background=True), 0),
+                                     (ChatRequest(model="m", messages=asked), 1)):
+            task = asyncio.create_task(container.chat.complete(request))
+            for _ in range(400):  # until its model call has started
+                if container.chat.active:
+                    break
+                await asyncio.sleep(0.005)
+            assert container.chat.active == 1 and load() == interactive, request
+            await task
+        assert container.chat.active == container.chat.background == 0
+    finally:
+        await container.aclose()

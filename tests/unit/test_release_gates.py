@@ -211,3 +211,13 @@ async def test_a_canary_of_a_collection_starts_once_a_suite_passed_on_its_docume
     assert releases.gate(VariantSpec(name="b", model="m2", rag="docs"))[0]  # another model on the same documents
     passed, reason = releases.gate(VariantSpec(name="b", workflow="rag-qa"))
     assert not passed and "workflow 'rag-qa'" in reason and "agent:rag-qa" in reason
+
+
+def test_the_prefilter_finds_names_json_escapes_and_like_would_widen(store) -> None:
+    """The gates read runs through a LIKE on the stored identity: a name with a non-ASCII letter (JSON escapes it),
+    an underscore or a percent sign (LIKE's wildcards) is found exactly."""
+    for name in ("sécurité", "strict_v2", "100%", "strictxv2"):
+        record(store, "smoke", {"guardrails": "t", "policy": name}, passed=True)
+    for name in ("sécurité", "strict_v2", "100%"):
+        assert [r.identity["policy"] for r in store.completed_runs(contains=("policy", name))] == [name]
+        assert policy_gate(store, "t")(name).passed
