@@ -5,13 +5,17 @@ shadow release)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import pytest
+from langgraph.graph import END, StateGraph
 
 from agents.events import InterruptEvent, ToolResult
+from agents.registry import Workflow
+from agents.state import BaseState
 from agents.testing import ScriptedLLM, SideEffectTool
 from agents.tools import ToolContext, ToolRegistry, builtin_tools, execute
+from app.core.errors import InvalidRequest
 from tests.unit.test_agents import ANSWER, by_kind, collect, final, make_service
 from tests.unit.test_agents import _close_services as _close_services  # the autouse fixture
 
@@ -101,28 +105,27 @@ async def test_an_external_servers_read_only_hint_counts_in_a_shadow_only_where_
     assert obs.error_code == "not_executed_in_shadow"  # never reached the server (server=None would raise)
 
 
-async def test_a_workflow_whose_state_drops_the_flag_cannot_run_as_a_shadow(tmp_path: Path) -> None:
-    from typing import TypedDict
+class _Question(TypedDict, total=False):  # a state or input schema without BaseState's 'shadow' key
+    question: str
 
-    from langgraph.graph import END, StateGraph
 
-    from agents.registry import Workflow
-    from app.core.errors import InvalidRequest
-
-    class Bare(TypedDict, total=False):  # does not extend BaseState: 'shadow' would be dropped
-        question: str
-
+@pytest.mark.parametrize("schemas", [
+    {"state_schema": _Question},  # the state drops the flag
+    {"state_schema": BaseState, "input_schema": _Question},  # the state keeps it, but a run starts without it
+], ids=["state", "input-schema"])
+async def test_a_workflow_that_would_drop_the_flag_cannot_run_as_a_shadow(tmp_path: Path, schemas) -> None:
+    """Its nodes would never see 'shadow', and its tools would act: refused (fail closed)."""
     def build(deps):
-        g = StateGraph(Bare)
+        g = StateGraph(**schemas)
         g.add_node("answer", lambda s: {})
         g.set_entry_point("answer")
         g.add_edge("answer", END)
         return g
 
     svc = service(tmp_path, SideEffectTool(), Memory())
-    svc.registry.register(Workflow("bare", "no base state", build, lambda question, **_: {"question": question}))
+    svc.registry.register(Workflow("narrow", "drops the flag", build, lambda question, **_: {"question": question}))
     with pytest.raises(InvalidRequest, match="cannot run as a shadow"):
-        await collect(svc.run("bare", "hello", owner="alice", shadow=True))
+        await collect(svc.run("narrow", "hello", owner="alice", shadow=True))
 
 
 def test_a_shadow_runs_tool_calls_are_audited_as_the_shadows(tmp_path: Path) -> None:
@@ -137,29 +140,3 @@ def test_a_shadow_runs_tool_calls_are_audited_as_the_shadows(tmp_path: Path) -> 
     assert events["r1"].actor == "shadow:alice" and events["r1"].details["shadow"] is True
     assert events["r2"].actor == "alice" and "shadow" not in events["r2"].details
     log.close()
-
-
-async def test_a_workflow_whose_input_schema_drops_the_flag_cannot_run_as_a_shadow(tmp_path: Path) -> None:
-    """The state keeps 'shadow' but the run starts through an input schema without it: the nodes never see it."""
-    from typing import TypedDict
-
-    from langgraph.graph import END, StateGraph
-
-    from agents.registry import Workflow
-    from agents.state import BaseState
-    from app.core.errors import InvalidRequest
-
-    class Input(TypedDict, total=False):
-        question: str
-
-    def build(deps):
-        g = StateGraph(BaseState, input_schema=Input)
-        g.add_node("answer", lambda s: {})
-        g.set_entry_point("answer")
-        g.add_edge("answer", END)
-        return g
-
-    svc = service(tmp_path, SideEffectTool(), Memory())
-    svc.registry.register(Workflow("narrow", "input schema", build, lambda question, **_: {"question": question}))
-    with pytest.raises(InvalidRequest, match="cannot run as a shadow"):
-        await collect(svc.run("narrow", "hello", owner="alice", shadow=True))
