@@ -44,8 +44,9 @@ class Judge(Protocol):
                     params: dict[str, Any] | None = None, finish_reason: str | None = None) -> float | None: ...
 
 
-def apply_variant(request: ChatRequest, variant: VariantSpec, release: str) -> ChatRequest:
-    """The request as the variant answers it. What the variant decides, the request may not also set."""
+def apply_variant(request: ChatRequest, variant: VariantSpec, release: str, **also: Any) -> ChatRequest:
+    """The request as the variant answers it (and with ``also`` changed: one copy, not two, on the hot path).
+    What the variant decides, the request may not also set."""
     if variant.prompt and request.prompt is not None:
         raise InvalidRequest(f"release {release!r} sets the prompt of each variant; drop 'prompt'", param="prompt")
     if (variant.rag or variant.workflow) and request.rag is not None:
@@ -57,7 +58,7 @@ def apply_variant(request: ChatRequest, variant: VariantSpec, release: str) -> C
     elif prompt is not None and variant.workflow:
         raise InvalidRequest(f"release {release!r} answers with an agent workflow; drop 'prompt'", param="prompt")
     rag = RagUse(collection=variant.rag) if variant.rag else request.rag
-    return replace(request, model=model, prompt=prompt, rag=rag, policy=variant.policy or request.policy)
+    return replace(request, model=model, prompt=prompt, rag=rag, policy=variant.policy or request.policy, **also)
 
 
 def unit_of(request: ChatRequest, unit: str) -> str:
@@ -113,7 +114,7 @@ class ReleaseGateway:
     async def _released(self, request: ChatRequest, a: Assignment, reask: bool) -> AsyncIterator[ChatEvent]:
         release, variant = a.release, a.variant
         # On the request's keel.chat span (a span of its own cost ~0.15 ms of CPU per request: bench/releases.py)
-        served = replace(apply_variant(request, variant, release.name), trace_attributes=(
+        served = apply_variant(request, variant, release.name, trace_attributes=(
             ("keel.release", release.name), ("keel.release.id", release.id),
             ("keel.release.strategy", release.spec.strategy), ("keel.release.variant", variant.name),
             ("keel.release.unit", release.spec.unit), ("keel.release.status", release.status)))
