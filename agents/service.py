@@ -52,7 +52,7 @@ from agents.memory import QdrantMemoryStore
 from agents.registry import WorkflowRegistry, default_registry
 from agents.runs import RESUMABLE, TERMINAL, PostgresRunStore, RunRecord, RunStore, RunStoreBase, runs_db_path
 from agents.settings import AgentConfig, AgentSettings
-from agents.tools import ToolRegistry, builtin_tools
+from agents.tools import SHADOW_OWNER, ToolRegistry, builtin_tools
 from agents.workflows.common import IDK, Deps
 from app.core.db import RECONNECT_TIMEOUT_S, advisory_lock, postgres_unavailable
 from app.core.errors import Conflict, InvalidRequest, KeelError, ModelNotFound, NotFound, StoreUnavailable
@@ -63,7 +63,6 @@ log = logging.getLogger("keel.agents")
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 _STREAMED = (NodeStarted, NodeFinished, ToolCall, ToolResult, Token)
 AGENT_MODEL_PREFIX = "agent:"
-SHADOW_OWNER = "shadow:"  # a release's shadow runs belong to shadow:<the caller's key>, not to the caller
 
 
 # A run still ``running`` in a shared (Postgres) store is only known dead once it has been idle longer

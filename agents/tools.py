@@ -37,6 +37,8 @@ if TYPE_CHECKING:  # jsonschema is imported on first use: importing it takes ove
 log = logging.getLogger("keel.agents")
 
 MAX_OBSERVATION_CHARS = 2000
+#: Who a release's shadow run acts as: shadow:<the caller's key>, never the caller (its run, its audit rows).
+SHADOW_OWNER = "shadow:"
 
 
 @dataclass
@@ -348,7 +350,7 @@ async def execute(registry: ToolRegistry, tool_name: str, args: dict[str, Any], 
         registry.validate(tool_name, args)
         if ctx.shadow and not registry.runs_in_shadow(tool_name):
             raise ShadowSkipped(f"not executed: {tool_name} can change something and this is a shadow run, whose "
-                             "answer nobody sees; answer without it")
+                                "answer nobody sees; answer without it")
     except (ToolNotFound, ToolInputError, ToolDenied) as e:
         obs = ToolObservation(call_id, tool_name, args, False, f"error: {e}", None, e.code, 0)
     except Exception as e:  # the tool's schema cannot be applied (an unresolvable $ref): its fault, not the input's
@@ -484,5 +486,5 @@ def builtin_tools() -> list[Tool]:
 
 
 ToolFn = Callable[[dict[str, Any], ToolContext], Any | Awaitable[Any]]
-__all__ = ["FunctionTool", "Tool", "ToolContext", "ToolObservation", "ToolOutput", "ToolRegistry", "builtin_tools",
-           "compile_schema", "execute", "validate_args"]
+__all__ = ["SHADOW_OWNER", "FunctionTool", "Tool", "ToolContext", "ToolObservation", "ToolOutput", "ToolRegistry",
+           "builtin_tools", "compile_schema", "execute", "validate_args"]

@@ -404,19 +404,10 @@ def _release_gate(settings: Settings, chat: ChatService, evals: EvalStoreBase, r
     deps = EvalDeps(chat=chat, config=settings, prompts=chat.prompts, rag=rag, agents=chat.agents)
     guarded = chat.guards is not None and settings.guardrails.enabled
     return variant_gate(
-        chat, rag=rag_gate(evals, lambda c: _ingest_state(rag, c), max_age_days=age),
+        chat, rag=rag_gate(evals, lambda c: (s.id, s.status) if (s := rag.snapshots.current(c)) else None,
+                     max_age_days=age),
         workflow=workflow_gate(evals, lambda w: workflow_fingerprint(agent_identity(deps, w)), max_age_days=age),
         policy=policy_gate(evals, chat.guards.policy.version_tag, max_age_days=age) if guarded else None)
-
-
-def _ingest_state(rag: RagServices, collection: str) -> tuple[str, str] | None:
-    """(id, status) of the snapshot that says what the collection's documents are: a running ingest if any (one
-    that started before the newest may still be writing), else the newest; runs whose process died are failed
-    first, so a crashed ingest never reads as running."""
-    rag.snapshots.mark_interrupted(collection)
-    snaps = rag.snapshots.list(collection, 20)
-    snap = next((s for s in snaps if s.status == "running"), snaps[0] if snaps else None)
-    return (snap.id, snap.status) if snap is not None else None
 
 
 def _variant_model(releases: ReleaseService):

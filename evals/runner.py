@@ -157,9 +157,9 @@ def _event(e: Any) -> dict[str, Any]:
     return out
 
 
-def latest_snapshot(rag: RagServices, collection: str) -> str | None:
-    """The collection's documents as they are now: its latest completed ingest snapshot (None: never ingested)."""
-    return next((s.id for s in rag.snapshots.list(collection) if s.status == "completed"), None)
+def _snapshot_id(rag: RagServices, collection: str) -> str | None:
+    snap = rag.snapshots.latest(collection, with_files=False)  # the documents as the last finished ingest left them
+    return snap.id if snap is not None else None
 
 
 def agent_identity(d: EvalDeps, workflow: str) -> dict[str, Any]:
@@ -180,7 +180,7 @@ def agent_identity(d: EvalDeps, workflow: str) -> dict[str, Any]:
                            "settings": a.model_dump(mode="json", exclude={"checkpoint_db", "postgres_url"})}
     coll = agents.deps.collection
     out["rag"] = {"collection": coll,
-                  "snapshot": latest_snapshot(d.rag, coll) if coll in d.rag.store.list_collections() else None,
+                  "snapshot": _snapshot_id(d.rag, coll) if coll in d.rag.store.list_collections() else None,
                   "embedding_model": d.rag.embedder.model_id}
     try:
         rv = d.prompts.resolve("rag-answer@production")
@@ -230,7 +230,7 @@ class EvalRunner:
                     raise EvalConfigError(f"RAG collection {coll!r} does not exist; ingest documents into it first")
                 rv = self._prompts().resolve(RagUse(collection=coll).prompt_ref)
                 ident["rag"] = {"collection": coll, "top_k": t.top_k or d.config.rag.retrieval.top_k,
-                                "snapshot": latest_snapshot(rag, coll),
+                                "snapshot": _snapshot_id(rag, coll),
                                 "embedding_model": rag.embedder.model_id,
                                 "prompt": {"name": rv.name, "version": rv.version, "hash": rv.hash}}
                 model_alias = None

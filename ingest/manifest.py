@@ -177,11 +177,20 @@ class SnapshotStore:
                           for d, src, sha, v, n in sorted(files[0])]
         return snap
 
-    def latest(self, collection: str) -> Snapshot | None:
-        for s in self.list(collection, limit=20):
+    def latest(self, collection: str, *, with_files: bool = True) -> Snapshot | None:
+        """The newest completed snapshot: the documents as the last finished ingest left them."""
+        for s in self.list(collection):
             if s.status == "completed":
-                return self.get(s.id)
+                return self.get(s.id) if with_files else s
         return None
+
+    def current(self, collection: str) -> Snapshot | None:
+        """The snapshot that says what the collection's documents are now: a running ingest if any (one that
+        started before the newest may still be writing), else the newest, whatever its status; runs whose process
+        died are failed first, so a crashed ingest never reads as running. None: never ingested."""
+        self.mark_interrupted(collection)
+        snaps = self.list(collection, 20)
+        return next((s for s in snaps if s.status == "running"), snaps[0] if snaps else None)
 
     def diff(self, base: str, target: str) -> SnapshotDiff:
         a = {f.doc_id: f.version for f in self.get(base).files or []}

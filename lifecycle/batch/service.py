@@ -276,11 +276,9 @@ class BatchService:
         ``yield_s``, else ``concurrency_under_load``."""
         while True:
             now = time.monotonic()
-            busy = self.load() > self._active  # interactive requests in flight
-            if busy:
+            if self.load() > self._active:  # interactive requests in flight
                 self._yield_until = now + self.settings.yield_s
-            busy = busy or now < self._yield_until
-            limit = self.settings.concurrency_under_load if busy else self.settings.concurrency
+            limit = self.settings.concurrency_under_load if now <= self._yield_until else self.settings.concurrency
             if len(running) < max(1, limit):
                 self._active += 1
                 return

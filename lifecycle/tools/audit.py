@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from agents.tools import ToolContext, ToolObservation
+from agents.tools import SHADOW_OWNER, ToolContext, ToolObservation
 from app.core import audit
 from app.core.audit import AuditEvent, BufferedWriter
 from app.core.db import StoreFile, open_store_file, store_file
@@ -41,7 +41,7 @@ class ToolAudit:
         actor = ctx.principal or "operator"
         if ctx.shadow:  # a release's shadow run on the caller's request: the operator's experiment, not the caller
             details["shadow"] = True
-            actor = f"shadow:{ctx.principal}"
+            actor = f"{SHADOW_OWNER}{ctx.principal}"
         self._writer.submit([AuditEvent(
             TRAIL, "tool.denied" if obs.error_code == "tool_scope_denied" else "tool.call", "tool", obs.tool,
             actor=actor, reason="" if obs.ok else obs.output[:500], details=details,
