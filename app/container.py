@@ -123,7 +123,10 @@ class Container:
         rate_limiter = open_rate_limiter(keys_url, shared=settings.auth.shared_rate_limits,
                                          fail_open=settings.auth.rate_limit_fail_open,
                                          on_store_error=metrics.rate_limit_store_errors.inc)
-        prompts = build_registry(settings)
+        # What serves traffic: the configured models plus the routes and prompt labels written at run time, durable
+        # and shared by every process on this home (or this Postgres).
+        routes = open_routing_table(settings)
+        prompts = build_registry(settings, routes=routes)
         eval_store = open_eval_store(settings)
         if settings.evals.gate_enabled:
             # Nothing reaches a protected label (production) without a passing eval run of that exact version.
@@ -131,9 +134,6 @@ class Container:
                                          max_age_days=settings.evals.gate_max_age_days))
         embedder = shared_embedder(settings) if rag is None else None
         rag = rag or build_rag(settings, embedder=embedder)
-        # What serves which alias: the configured models plus the routes written at run time, durable and shared
-        # by every process on this home (or this Postgres).
-        routes = open_routing_table(settings)
         llm = ModelRouter(settings, metrics, backends, routes=routes, tracer_provider=tracing.provider)
         if start_backends:
             await llm.start()
@@ -173,9 +173,8 @@ class Container:
                 gate=_release_gate(settings, chat, eval_store, rag) if settings.evals.gate_enabled else None,
                 name_taken=lambda name: (llm.routes.get(name) is not None or agents.is_agent_model(name)
                                          or name.startswith("rag:")),
-                check_judge=judge.check)
+                check_judge=judge.check, routes=routes)  # the endpoints' splits: written to the routing table
             serving = ReleaseGateway(chat, releases, metrics, similarity=_similarity(rag), judge=judge)
-            routes.reserved = lambda alias: "a release endpoint" if releases.active(alias) is not None else None
         front = lineage = monitor = None
         if settings.monitor.lineage:
             front = LineageRecorder(serving or chat, open_lineage_store(settings), routes,

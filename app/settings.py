@@ -63,6 +63,9 @@ class Settings(CoreSettings):
             if self.guardrails.audit_db is None:  # a file named on purpose is the store's own setting: it wins
                 self.guardrails.audit_url = self.guardrails.audit_url or url
             self.agents.postgres_url = self.agents.postgres_url or url
+        # Prompt labels and release splits live in the routing table: where prompts or releases are shared, so is
+        # it (else each machine would keep labels and splits of its own in <home>/routing.db).
+        self.routing.url = self.routing.url or self.prompts.url or self.releases.url
         queue = self.jobs.url
         if queue is not None:
             self.pipelines.url = self.pipelines.url or queue

@@ -192,6 +192,10 @@ class AuditEntry:
     to_version: int | None = None
     reason: str = ""
     details: dict[str, Any] = field(default_factory=dict)
+    #: where the event is kept: ``prompts`` (versions; label moves before labels joined the routing table) or
+    #: ``routing`` (label moves); an ``id`` is unique within its trail
+    trail: str = "prompts"
+    ts: float = 0.0  # ``at`` as unix seconds (the merged history's order)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,13 +1,15 @@
 """The prompt registry service: validation, cached rendering, labels and the promotion gate.
 
-The store is the source of truth; this layer keeps resolved and compiled versions in
-memory for the hot path and drops them when the store's revision counter moves (checked
-at most every ``change_check_interval_s``), so a label moved by another worker is seen
-within about that interval.
+Versions live in the prompt store; which version a label serves lives in the routing table
+(:mod:`app.llm.routing`, kind ``prompt``), where every decision about what serves traffic is written, audited
+and revisioned. This layer keeps resolved and compiled versions in memory for the hot path and drops them when
+either revision counter moves (checked at most every ``change_check_interval_s``), so a version saved or a label
+moved by another worker is seen within about that interval.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import logging
 import threading
@@ -15,11 +17,12 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
 from app.core.errors import InvalidRequest, KeelError, NotFound
+from app.llm.routing import Label, RoutingTable, memory_table
 from prompts import yamlio
 from prompts.errors import LabelProtected, PromotionGateFailed
 from prompts.models import (
@@ -37,15 +40,16 @@ from prompts.models import (
 )
 from prompts.render import CompiledPrompt, Renderer
 from prompts.settings import PromptSettings
-from prompts.store import PromptStore
-
-if TYPE_CHECKING:
-    pass
+from prompts.store import PromptStore, audit_entry
 
 log = logging.getLogger("keel.prompts")
 
 LIBRARY_DIR = Path(__file__).parent / "library"
 _CACHE_MAX = 2048
+KIND = "prompt"  # the routing table's kind for prompt labels
+Trail = Literal["prompts", "routing"]
+_ID_MAX = 2**63 - 1  # audit ids are BIGINTs
+_TRAIL_ORDER = {"prompts": 0, "routing": 1}  # ties in time: a version saved, then its label moved
 
 
 class GateVerdict(BaseModel):
@@ -106,8 +110,14 @@ class PromptRegistry:
         *,
         gate: PromotionGate | None = None,
         clock: Callable[[], float] = time.monotonic,
+        routes: RoutingTable | None = None,
+        owns_routes: bool = False,
     ) -> None:
+        """``routes``: the routing table that holds the labels (an in-memory one when omitted: a registry of its
+        own, as in tests); closed with the registry when omitted or ``owns_routes``."""
         self.store = store
+        self.routes = routes if routes is not None else memory_table({}, {})
+        self._owns_routes = routes is None or owns_routes
         self.settings = settings or PromptSettings()
         self.renderer = Renderer(self.settings.limits)
         self.gate: PromotionGate = gate or allow_all_gate
@@ -115,11 +125,16 @@ class PromptRegistry:
         self._lock = threading.Lock()
         self._resolved: dict[str, TemplateVersion] = {}
         self._compiled: dict[str, CompiledPrompt] = {}
-        self._revision = store.revision()
+        self._revision = self._revisions()
         self._checked = clock()
 
     def close(self) -> None:
         self.store.close()
+        if self._owns_routes:
+            self.routes.close()
+
+    def _revisions(self) -> tuple[int, int]:
+        return self.store.revision(), self.routes.catch_up()
 
     def set_gate(self, gate: PromotionGate | None) -> None:
         """The eval harness plugs its gate in here; None restores the allow-all default."""
@@ -136,7 +151,7 @@ class PromptRegistry:
             return
         self._checked = now
         try:
-            revision = self.store.revision()
+            revision = self._revisions()
         except KeelError as e:
             # A networked store (Postgres) can be briefly unreachable: keep serving what is cached
             # (the hot path must not fail for it) and check again after the next interval.
@@ -154,7 +169,7 @@ class PromptRegistry:
     def invalidate(self) -> None:
         """Drop cached versions after a write through this registry (or its store)."""
         self._clear()
-        self._revision = self.store.revision()
+        self._revision = self._revisions()
         self._checked = self._clock()
 
     def _remember(self, cache: dict[str, Any], key: str, value: Any) -> None:
@@ -183,7 +198,7 @@ class PromptRegistry:
             if latest is None:
                 raise NotFound(f"no prompt template named {ref.name!r}", param="ref")
             return self.store.get_version(ref.name, latest)
-        labels = self.store.get_labels(ref.name)
+        labels = self.labels(ref.name)
         if ref.label not in labels:
             have = ", ".join(f"{k}->{v}" for k, v in labels.items()) or "none"
             raise NotFound(
@@ -230,21 +245,52 @@ class PromptRegistry:
         self.renderer.check(content, self.resolve, origin=f"{name}@draft")
 
     def list_templates(self, query: str | None = None) -> list[TemplateSummary]:
-        return self.store.list_templates(query)
+        labels = self.routes.all_labels(KIND)
+        return [dataclasses.replace(t, labels=_versions(labels.get(t.name, {})))
+                for t in self.store.list_templates(query)]
 
     def versions(self, name: str) -> list[TemplateVersion]:
         return self.store.list_versions(validate_name(name))
 
     def labels(self, name: str) -> dict[str, int]:
-        return self.store.get_labels(validate_name(name))
+        """The template's labels and the versions they serve (404 for a template that does not exist)."""
+        labels = _versions(self.routes.labels(KIND, validate_name(name)))
+        if not labels and self.store.latest_version(name) is None:
+            raise NotFound(f"no prompt template named {name!r}", param="name")
+        return labels
 
     def label_history(self, name: str, label: str | None = None, limit: int = 100) -> list[AuditEntry]:
-        entries = self.store.audit_log(name=validate_name(name), label=label, limit=limit)
+        entries = self.audit_log(name=validate_name(name), label=label, limit=limit)
         return [e for e in entries if e.label is not None]
 
-    def audit_log(self, *, name: str | None = None, limit: int = 100, before_id: int | None = None
-                  ) -> list[AuditEntry]:
-        return self.store.audit_log(name=name, limit=limit, before_id=before_id)
+    def audit_log(self, *, name: str | None = None, label: str | None = None, limit: int = 100,
+                  before_id: int | None = None, before_trail: Trail = "prompts") -> list[AuditEntry]:
+        """A template's history (or every template's), newest first: its versions from the prompt store and its
+        label moves from the routing table, in one list. Pages back from the entry ``before_id`` of
+        ``before_trail`` (an entry's ``id`` is unique within its ``trail``)."""
+        limit = max(1, min(limit, 1000))
+        cursor = self._cursor(before_id, before_trail) if before_id is not None else None
+        until = cursor.ts if cursor is not None else None
+        mine = {t: before_id if cursor is not None and cursor.trail == t else None for t in _TRAIL_ORDER}
+        saved = self.store.audit_log(name=name, label=label, limit=limit, before_id=mine["prompts"],
+                                     until=None if mine["prompts"] else until)
+        moved = [audit_entry(e) for e in self.routes.label_events(
+            KIND, subject=name, label=label, limit=limit, before_id=mine["routing"],
+            until=None if mine["routing"] else until)]
+        entries = [e for e in saved + moved if cursor is None or _older(e, cursor)]
+        entries.sort(key=_order, reverse=True)
+        return entries[:limit]
+
+    def _cursor(self, before_id: int, trail: Trail) -> AuditEntry:
+        """The entry to page back from: its time bounds the other trail's entries."""
+        upto = min(before_id + 1, _ID_MAX)
+        found = (self.store.audit_log(before_id=upto, limit=1) if trail == "prompts" else
+                 [audit_entry(e) for e in self.routes.label_events(KIND, before_id=upto, limit=1)])
+        if not found or found[0].id != before_id:
+            raise NotFound(f"no {trail} audit entry {before_id} to page back from (a cursor is the id and trail of "
+                           "the previous page's last entry; audit retention may have deleted it since: start again "
+                           "from the newest page)", param="before_id")
+        return found[0]
 
     def diff(self, name: str, from_ref: str, to_ref: str) -> VersionDiff:
         a = self.resolve(_scoped(name, from_ref))
@@ -281,7 +327,8 @@ class PromptRegistry:
         validate_name(name)
         validate_label(label)
         target = self.store.get_version(name, version)
-        current = self.store.get_labels(name).get(label)
+        self.routes.catch_up()  # where the label points now, not as of the last background refresh
+        current = self.labels(name).get(label)
         if current == version:
             return LabelMove(name, label, current, version, changed=False)
         verdict: GateVerdict | None = None
@@ -301,10 +348,8 @@ class PromptRegistry:
         details: dict[str, Any] = {"hash": target.hash}
         if verdict is not None:
             details["gate"] = verdict.model_dump()
-        previous = self.store.set_label(
-            name, label, version, actor=actor, reason=(override_reason or "").strip(), action=action,
-            details=details,
-        )
+        previous = self.routes.set_label(Label(KIND, name, label, version, ref=target.hash, actor=actor),
+                                         action=action, reason=(override_reason or "").strip(), details=details)
         self.invalidate()
         log.info("prompt label %s@%s: %s -> %s by %s%s", name, label, previous, version, actor,
                  " (gate overridden)" if overridden else "")
@@ -322,9 +367,32 @@ class PromptRegistry:
                 "(or move it to another version instead)",
                 param="label",
             )
-        previous = self.store.set_label(name, label, None, actor=actor, reason=reason, action="label.remove")
+        if self.store.latest_version(name) is None:
+            raise NotFound(f"no prompt template named {name!r}", param="name")
+        previous = self.routes.remove_label(KIND, name, label, actor=actor, reason=reason)
+        if previous is None:
+            raise NotFound(f"{name!r} has no label {label!r}", param="label")
         self.invalidate()
         return LabelMove(name, label, previous, None, True, None, overridden=bool(reason))
+
+    def adopt_legacy_labels(self) -> int:
+        """Hand the labels an earlier release kept in the prompt store over to the routing table, once (recorded in
+        the prompt store; its rows stay, read-only). Safe to repeat and to run from several processes: a label the
+        table already has wins. Returns how many moved. Processes of the earlier release do not see moves made
+        after it: upgrade every process sharing the stores at once."""
+        legacy = self.store.legacy_labels()
+        moved = 0
+        for name, label, version, actor in legacy:
+            target = self.store.get_version(name, version)
+            moved += self.routes.set_label(
+                Label(KIND, name, label, version, ref=target.hash, actor=actor or "system:migrate"),
+                action="label.adopt", reason="moved from the prompt store to the routing table",
+                only_if_absent=True) is None
+        if legacy:
+            self.store.legacy_labels_adopted()
+            self.invalidate()
+            log.info("prompt labels: %d of %d moved from the prompt store to the routing table", moved, len(legacy))
+        return moved
 
     def check_gate(self, name: str, version: int) -> GateVerdict:
         """The promotion gate's verdict on one exact version (fails closed when the gate itself fails)."""
@@ -336,6 +404,20 @@ class PromptRegistry:
         if not isinstance(verdict, GateVerdict):
             return GateVerdict(passed=False, reason=f"the gate returned {type(verdict).__name__}, not a verdict")
         return verdict
+
+
+def _versions(labels: Mapping[str, Label]) -> dict[str, int]:
+    return {name: labels[name].version for name in sorted(labels)}
+
+
+def _order(e: AuditEntry) -> tuple[float, int, int]:
+    return e.ts, _TRAIL_ORDER[e.trail], e.id
+
+
+def _older(e: AuditEntry, cursor: AuditEntry) -> bool:
+    """Whether ``e`` comes after ``cursor`` in the newest-first history (the other trail is read by time only,
+    so its entries at the cursor's exact time are sorted here)."""
+    return e.trail == cursor.trail or _order(e) < _order(cursor)
 
 
 def _scoped(name: str, ref: str) -> str:

@@ -141,11 +141,14 @@ class AuditEntryOut(BaseModel):
     to_version: int | None
     reason: str
     details: dict[str, Any]
+    trail: Literal["prompts", "routing"] = Field(
+        description="Where the entry is kept (label moves: the routing table); an id is unique within its trail.")
 
     @classmethod
     def of(cls, e: AuditEntry) -> AuditEntryOut:
         return cls(id=e.id, at=e.at, actor=e.actor, action=e.action, name=e.name, label=e.label,
-                   from_version=e.from_version, to_version=e.to_version, reason=e.reason, details=e.details)
+                   from_version=e.from_version, to_version=e.to_version, reason=e.reason, details=e.details,
+                   trail=e.trail)
 
 
 class AuditList(BaseModel):

@@ -1,4 +1,10 @@
-"""Persistence of prompt versions, labels and the audit log.
+"""Persistence of prompt versions and their audit log.
+
+Which version a label (``production``, ``staging``, ...) serves is not kept here: labels live in the routing
+table (:mod:`app.llm.routing`), with every other decision about what serves traffic; the registry
+(:mod:`prompts.registry`) checks a version here before it points a label at it. Labels written by an earlier
+release in this store's ``prompt_labels`` table are handed over once (:meth:`PromptStore.legacy_labels`) and
+left there, read-only.
 
 ``PromptStore`` is the contract; ``SqlitePromptStore`` the default implementation and
 ``prompts.store_pg.PostgresPromptStore`` the one for several API instances (both pass the same
@@ -31,6 +37,7 @@ from prompts.errors import ImportConflict, VersionConflict
 from prompts.models import AuditEntry, TemplateContent, TemplateSummary, TemplateVersion, validate_name
 
 TRAIL = "prompts"
+_LABELS_ADOPTED = "labels_adopted"  # prompt_meta: the labels of prompt_labels were handed to the routing table
 
 
 def utc_now() -> str:
@@ -59,18 +66,20 @@ class PromptStore(Protocol):
 
     def list_templates(self, query: str | None = None) -> list[TemplateSummary]: ...
 
-    def get_labels(self, name: str) -> dict[str, int]: ...
+    def legacy_labels(self) -> list[tuple[str, str, int, str]]:
+        """Labels an earlier release kept in this store (name, label, version, who set it), until they were handed
+        over to the routing table (:meth:`legacy_labels_adopted`); empty after."""
 
-    def set_label(
-        self, name: str, label: str, version: int | None, *, actor: str, reason: str = "",
-        action: str = "label.move", details: dict[str, Any] | None = None,
-    ) -> int | None:
-        """Point ``label`` at ``version`` (None removes it); return the previous version."""
+    def legacy_labels_adopted(self) -> None:
+        """Record the hand-over. The rows stay as they were (read-only: what a process of the earlier release,
+        or a downgrade, still reads)."""
 
     def audit_log(
         self, *, name: str | None = None, label: str | None = None, limit: int = 100,
-        before_id: int | None = None,
+        before_id: int | None = None, until: float | None = None,
     ) -> list[AuditEntry]: ...
+
+    def audit_events(self, **filters: Any) -> list[AuditEvent]: ...
 
     def revision(self) -> int:
         """A counter bumped by every write, for cheap change detection by other workers."""
@@ -178,35 +187,10 @@ class SqlPromptStore:
             (v.name, v.version, v.content.canonical_json(), v.hash, v.parent, v.author, v.message, v.created_at),
         )
 
-    def set_label(
-        self, name: str, label: str, version: int | None, *, actor: str, reason: str = "",
-        action: str = "label.move", details: dict[str, Any] | None = None,
-    ) -> int | None:
-        now = utc_now()
+    def legacy_labels_adopted(self) -> None:
         with self._write() as db:
-            if not self._one(db, self._sql("SELECT 1 FROM prompt_templates WHERE name = ?"), (name,)):
-                raise NotFound(f"no prompt template named {name!r}", param="name")
-            if version is not None and not self._one(
-                db, self._sql("SELECT 1 FROM prompt_versions WHERE name = ? AND version = ?"), (name, version)
-            ):
-                raise NotFound(f"{name!r} has no version {version}", param="version")
-            row = self._one(db, self._sql("SELECT version FROM prompt_labels WHERE name = ? AND label = ?"),
-                            (name, label))
-            previous = row[0] if row else None
-            if version is None:
-                if previous is None:
-                    raise NotFound(f"{name!r} has no label {label!r}", param="label")
-                db.execute(self._sql("DELETE FROM prompt_labels WHERE name = ? AND label = ?"), (name, label))
-            else:
-                db.execute(
-                    self._sql("INSERT INTO prompt_labels VALUES (?, ?, ?, ?, ?) ON CONFLICT (name, label) "
-                              "DO UPDATE SET version = excluded.version, updated_at = excluded.updated_at, "
-                              "updated_by = excluded.updated_by"),
-                    (name, label, version, now, actor),
-                )
-            self._audit(db, actor=actor, action=action, name=name, label=label, from_version=previous,
-                        to_version=version, reason=reason, details=details or {})
-        return previous
+            db.execute(self._sql("INSERT INTO prompt_meta VALUES (?, 1) ON CONFLICT (key) DO NOTHING"),
+                       (_LABELS_ADOPTED,))
 
     def _audit(
         self, db: Any, *, actor: str, action: str, name: str, label: str | None = None,
@@ -260,35 +244,27 @@ class SqlPromptStore:
             sql += " WHERE lower(name) LIKE ? ESCAPE '\\' OR lower(description) LIKE ? ESCAPE '\\'"
             args = (like, like)
         rows = self._q(f"{sql} ORDER BY name{self._collate}", args)
-        labels: dict[str, dict[str, int]] = {}
-        for name, label, version in self._q(f"SELECT name, label, version FROM prompt_labels "
-                                            f"ORDER BY label{self._collate}"):
-            labels.setdefault(name, {})[label] = version
         return [
-            TemplateSummary(name=r[0], description=r[1], latest_version=r[2], labels=labels.get(r[0], {}),
+            TemplateSummary(name=r[0], description=r[1], latest_version=r[2], labels={},
                             created_at=r[3], updated_at=r[4])
             for r in rows
         ]
 
-    def get_labels(self, name: str) -> dict[str, int]:
-        rows = self._q(f"SELECT label, version FROM prompt_labels WHERE name = ? ORDER BY label{self._collate}",
-                       (name,))
-        if not rows and self.latest_version(name) is None:
-            raise NotFound(f"no prompt template named {name!r}", param="name")
-        return dict(rows)
+    def legacy_labels(self) -> list[tuple[str, str, int, str]]:
+        if self._q("SELECT 1 FROM prompt_meta WHERE key = ?", (_LABELS_ADOPTED,)):
+            return []
+        return [(r[0], r[1], int(r[2]), r[3]) for r in self._q(
+            f"SELECT name, label, version, updated_by FROM prompt_labels ORDER BY name{self._collate}, "
+            f"label{self._collate}")]
 
     def audit_log(
         self, *, name: str | None = None, label: str | None = None, limit: int = 100,
-        before_id: int | None = None,
+        before_id: int | None = None, until: float | None = None,
     ) -> list[AuditEntry]:
         events = self.audit_events(subject_kind="prompt" if name is not None else None, subject=name,
-                                   subject_ref=label, before_id=before_id, limit=max(1, min(limit, 1000)))
-        return [
-            AuditEntry(id=e.id, at=_iso(e.at), actor=e.actor, action=e.action, name=e.subject, label=e.subject_ref,
-                       from_version=_version(e.from_ref), to_version=_version(e.to_ref), reason=e.reason,
-                       details=dict(e.details))
-            for e in events
-        ]
+                                   subject_ref=label, before_id=before_id, until=until,
+                                   limit=max(1, min(limit, 1000)))
+        return [audit_entry(e) for e in events]
 
     def audit_events(self, **filters: Any) -> list[AuditEvent]:
         """The kernel's audit query (:func:`app.core.audit.select`'s filters) on the registry's trail."""
@@ -357,6 +333,14 @@ def _stale(name: str, base: int | None, latest: int | None) -> VersionConflict:
 
 def _version(ref: str | None) -> int | None:
     return int(ref) if ref is not None else None
+
+
+def audit_entry(e: AuditEvent) -> AuditEntry:
+    """The registry's view of an audit event about a template (of the ``prompts`` trail, or a label move of the
+    routing table's)."""
+    return AuditEntry(id=e.id, at=_iso(e.at), actor=e.actor, action=e.action, name=e.subject, label=e.subject_ref,
+                      from_version=_version(e.from_ref), to_version=_version(e.to_ref), reason=e.reason,
+                      details=dict(e.details), trail=e.trail, ts=e.at)
 
 
 def _row_to_version(row: tuple[Any, ...]) -> TemplateVersion:

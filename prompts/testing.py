@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from app.llm.routing import RoutingTable, SqliteRoutingStore
 from prompts.models import TemplateContent
 from prompts.registry import GateVerdict, PromptRegistry
 from prompts.settings import PromptSettings
@@ -22,8 +23,11 @@ def content(*messages: tuple[str, str] | str, variables: list[dict[str, Any]] | 
 
 
 def sqlite_registry(path: Path, **settings: Any) -> PromptRegistry:
+    """A registry on the SQLite file ``path``, its labels in a routing table beside it (``<stem>.routing.db``):
+    two registries on one path see each other's versions and labels, like two processes on one Keel home."""
     settings.setdefault("seed_library", False)
-    return PromptRegistry(SqlitePromptStore(path), PromptSettings(**settings))
+    routes = RoutingTable({}, {}, SqliteRoutingStore(Path(path).with_suffix(".routing.db")), check_interval_s=0.0)
+    return PromptRegistry(SqlitePromptStore(path), PromptSettings(**settings), routes=routes, owns_routes=True)
 
 
 class RecordingGate:

@@ -139,7 +139,7 @@ async def _local_service(settings):
     router = ModelRouter(settings, Metrics(), routes=routes)
     await router.start()
     rag = build_rag(settings)
-    prompts = build_registry(settings)
+    prompts = build_registry(settings, routes=routes)  # its labels live in the routing table
     svc = build_agents(settings, router, rag, prompts)
     await svc.start()
 

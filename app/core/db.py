@@ -401,6 +401,13 @@ class ThrottledRefresh:
             self._checked = now
             threading.Thread(target=self._in_background, name=self._name, daemon=True).start()
 
+    def now(self) -> None:
+        """Check now, on the caller's thread (re-reading only what moved), after any check in flight: one check at
+        a time, so an older read never lands after a newer one."""
+        with self._lock:
+            self._checked = time.monotonic()
+            self._check(False)
+
     def _in_background(self) -> None:
         try:
             self._check(False)

@@ -1,11 +1,22 @@
 """The routing table: which model alias is served by what, durable and shared by every API process.
 
 Keel has one model of what serves traffic. The aliases configured in the settings (``models``) are its base
-and never change at run time; everything that moves traffic while Keel runs (an adapter deploy today, blue/green
-switches and releases next) writes a *route* here instead of touching the settings: an alias, the
-:class:`~app.core.settings.ModelAlias` it resolves to, and the owner that wrote it (``finetune:<model>``,
-``release:<name>``), so one component cannot take over another's alias. Each change is one transaction with
-its audit event (trail ``routing``) and bumps the table's revision.
+and never change at run time; everything that moves traffic while Keel runs writes here instead of touching the
+settings, in three shapes:
+
+* a *route*: a model alias, the :class:`~app.core.settings.ModelAlias` it resolves to, and the owner that wrote
+  it (``finetune:<model>`` for an adapter deploy), so one component cannot take over another's alias;
+* a *label*: which version of a versioned artifact a named label serves (``kind`` ``prompt``: a prompt
+  template's ``production``, ``staging``, ...), with the version's content hash. The artifact's own store keeps
+  its immutable versions; which one serves is decided here;
+* a *split*: how a release endpoint divides its traffic between its release's variants (percent per variant),
+  written by the release (owner ``release:<name>``) at every step, promotion, rollback and blue/green switch.
+  The release store keeps the plan and the measurements; what serves is read from here.
+
+Model aliases and release endpoints are one namespace (names clients call as a model): a name is a route or a
+split, never both, checked in the writing transaction. Each change is one transaction with its audit event
+(trail ``routing``: ``route.set``/``route.remove`` on a ``model_alias``, ``label.move``/``label.override``/
+``label.remove`` on a ``<kind>_label``, ``split.set`` on a ``release_endpoint``) and bumps the table's revision.
 
 The store is SQLite (``<home>/routing.db``) on one machine and Postgres (``routing.url``) across machines. Every
 process keeps the table in memory and re-reads it when the revision moved, checking at most every
@@ -18,7 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,16 +64,72 @@ class Route:
                 "updated_at": self.updated_at, **self.spec.model_dump(mode="json")}
 
 
+@dataclass(frozen=True, slots=True)
+class Label:
+    """A named pointer at one version of ``subject`` (a prompt template when ``kind`` is ``prompt``)."""
+
+    kind: str
+    subject: str
+    label: str
+    version: int
+    ref: str = ""  # what that version is (its content hash), as the mover saw it
+    actor: str = ""
+    revision: int = 0
+    updated_at: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Split:
+    """How a release endpoint's traffic is divided between the variants of one release (percent per variant)."""
+
+    endpoint: str
+    owner: str
+    release_id: int
+    release_revision: int  # the release's state it was written from: an older one never overwrites a newer
+    weights: dict[str, float]
+    actor: str = ""
+    revision: int = 0
+    updated_at: float = 0.0
+
+    def public(self) -> dict[str, Any]:
+        return {"endpoint": self.endpoint, "owner": self.owner, "release_id": self.release_id,
+                "release_revision": self.release_revision, "weights": self.weights, "actor": self.actor,
+                "revision": self.revision, "updated_at": self.updated_at}
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """Everything the table serves, at one revision."""
+
+    revision: int
+    routes: dict[str, Route]
+    labels: dict[tuple[str, str], dict[str, Label]]
+    splits: dict[str, Split]
+
+
 class RoutingStore(Protocol):
     """Where run-time routes live. Writes are atomic with their audit event and bump the revision."""
 
     def revision(self) -> int: ...
 
-    def load(self) -> tuple[int, dict[str, Route]]: ...
+    def load(self) -> Snapshot: ...
 
     def put(self, route: Route, *, reason: str = "") -> int: ...
 
     def remove(self, alias: str, *, owner: str, actor: str, reason: str = "") -> int | None: ...
+
+    def put_label(self, label: Label, *, action: str = "label.move", reason: str = "",
+                  details: Mapping[str, Any] | None = None, only_if_absent: bool = False) -> int | None:
+        """Point the label at ``label.version``; return the version it pointed at before (None: it was new).
+        ``only_if_absent``: leave a label that exists as it is (and return its version)."""
+
+    def remove_label(self, kind: str, subject: str, label: str, *, actor: str, reason: str = "",
+                     action: str = "label.remove") -> int | None:
+        """Remove the label; return the version it pointed at (None: there was no such label)."""
+
+    def put_split(self, split: Split, *, reason: str = "") -> Split | None:
+        """Write the endpoint's split (only its owner may change it; not a routed alias's name). A split of an
+        older state of the same release than the one written is not written (returned: the one that stays)."""
 
     def history(self, alias: str | None = None, limit: int = 100) -> list[AuditEvent]: ...
 
@@ -74,6 +141,25 @@ class RoutingStore(Protocol):
 def _decode(row: tuple[Any, ...]) -> Route:
     alias, spec, owner, actor, revision, updated_at = row
     return Route(alias, ModelAlias.model_validate(json.loads(spec)), owner, actor, int(revision), float(updated_at))
+
+
+def _decode_label(row: tuple[Any, ...]) -> Label:
+    kind, subject, label, version, ref, actor, revision, updated_at = row
+    return Label(kind, subject, label, int(version), ref, actor, int(revision), float(updated_at))
+
+
+_LABEL_COLUMNS = "kind, subject, label, version, ref, actor, revision, updated_at"
+_SPLIT_COLUMNS = "endpoint, owner, release_id, release_revision, weights, actor, revision, updated_at"
+
+
+def _decode_split(row: tuple[Any, ...]) -> Split:
+    endpoint, owner, release_id, release_revision, weights, actor, revision, updated_at = row
+    return Split(endpoint, owner, int(release_id), int(release_revision),
+                 {k: float(v) for k, v in json.loads(weights).items()}, actor, int(revision), float(updated_at))
+
+
+def _split_text(weights: Mapping[str, float] | None) -> str | None:
+    return ", ".join(f"{k} {v:g}%" for k, v in weights.items()) if weights is not None else None
 
 
 def _event(action: str, route: Route, *, previous: Route | None, reason: str, revision: int) -> AuditEvent:
@@ -102,10 +188,18 @@ class _SqlRoutingStore:
     def revision(self) -> int:
         return int(self._read("SELECT revision FROM routing_revision WHERE id = 1")[0][0])
 
-    def load(self) -> tuple[int, dict[str, Route]]:
-        revision, rows = self._read_all(("SELECT revision FROM routing_revision WHERE id = 1", ()),
-                                        ("SELECT alias, spec, owner, actor, revision, updated_at FROM routes", ()))
-        return int(revision[0][0]), {r[0]: _decode(tuple(r)) for r in rows}
+    def load(self) -> Snapshot:
+        revision, rows, label_rows, split_rows = self._read_all(
+            ("SELECT revision FROM routing_revision WHERE id = 1", ()),
+            ("SELECT alias, spec, owner, actor, revision, updated_at FROM routes", ()),
+            (f"SELECT {_LABEL_COLUMNS} FROM route_labels ORDER BY kind, subject, label", ()),
+            (f"SELECT {_SPLIT_COLUMNS} FROM route_splits", ()))
+        labels: dict[tuple[str, str], dict[str, Label]] = {}
+        for row in label_rows:
+            label = _decode_label(tuple(row))
+            labels.setdefault((label.kind, label.subject), {})[label.label] = label
+        return Snapshot(int(revision[0][0]), {r[0]: _decode(tuple(r)) for r in rows}, labels,
+                        {r[0]: _decode_split(tuple(r)) for r in split_rows})
 
     def _bump(self, db: Any) -> int:
         db.execute("UPDATE routing_revision SET revision = revision + 1 WHERE id = 1")
@@ -125,6 +219,9 @@ class _SqlRoutingStore:
             previous = self._current(db, route.alias)
             if previous is not None and previous.owner != route.owner:
                 raise _owned(route.alias, previous.owner, route.owner)
+            if self._split(db, route.alias) is not None:
+                raise Conflict(f"{route.alias!r} is a release endpoint; clients would reach the release, not this "
+                               "route: use another alias", param="alias", code="alias_not_owned")
             revision = self._bump(db)
             spec = route.spec.model_dump_json()
             db.execute(f"INSERT INTO routes (alias, spec, owner, actor, revision, updated_at) VALUES ({m}, {m}, {m}, "
@@ -147,8 +244,78 @@ class _SqlRoutingStore:
             audit.append(db, _event("route.remove", gone, previous=previous, reason=reason, revision=revision))
             return revision
 
+    def _label_version(self, db: Any, kind: str, subject: str, label: str) -> int | None:
+        m = self._mark
+        row = db.execute(f"SELECT version FROM route_labels WHERE kind = {m} AND subject = {m} AND label = {m}",
+                         (kind, subject, label)).fetchone()
+        return int(row[0]) if row else None
+
+    def put_label(self, label: Label, *, action: str = "label.move", reason: str = "",
+                  details: Mapping[str, Any] | None = None, only_if_absent: bool = False) -> int | None:
+        m = self._mark
+        with self._tx() as db:
+            previous = self._label_version(db, label.kind, label.subject, label.label)
+            if previous is not None and only_if_absent:
+                return previous
+            revision = self._bump(db)
+            db.execute(f"INSERT INTO route_labels ({_LABEL_COLUMNS}) VALUES ({m}, {m}, {m}, {m}, {m}, {m}, {m}, {m}) "
+                       "ON CONFLICT (kind, subject, label) DO UPDATE SET version = excluded.version, ref = "
+                       "excluded.ref, actor = excluded.actor, revision = excluded.revision, updated_at = "
+                       "excluded.updated_at", (label.kind, label.subject, label.label, label.version, label.ref,
+                                               label.actor, revision, time.time()))
+            audit.append(db, _label_event(action, label.kind, label.subject, label.label, actor=label.actor,
+                                          previous=previous, version=label.version, reason=reason,
+                                          details={"revision": revision, "ref": label.ref, **(details or {})}))
+            return previous
+
+    def remove_label(self, kind: str, subject: str, label: str, *, actor: str, reason: str = "",
+                     action: str = "label.remove") -> int | None:
+        m = self._mark
+        with self._tx() as db:
+            previous = self._label_version(db, kind, subject, label)
+            if previous is None:
+                return None
+            revision = self._bump(db)
+            db.execute(f"DELETE FROM route_labels WHERE kind = {m} AND subject = {m} AND label = {m}",
+                       (kind, subject, label))
+            audit.append(db, _label_event(action, kind, subject, label, actor=actor, previous=previous, version=None,
+                                          reason=reason, details={"revision": revision}))
+            return previous
+
+    def _split(self, db: Any, endpoint: str) -> Split | None:
+        row = db.execute(f"SELECT {_SPLIT_COLUMNS} FROM route_splits WHERE endpoint = {self._mark}",
+                         (endpoint,)).fetchone()
+        return _decode_split(tuple(row)) if row else None
+
+    def put_split(self, split: Split, *, reason: str = "") -> Split | None:
+        m = self._mark
+        with self._tx() as db:
+            previous = self._split(db, split.endpoint)
+            if previous is not None and previous.owner != split.owner:
+                raise _owned(split.endpoint, previous.owner, split.owner)
+            if previous is not None and (previous.release_id, previous.release_revision) >= (
+                    split.release_id, split.release_revision):
+                return previous  # already there, or newer: a late writer must not turn the clock back
+            if self._current(db, split.endpoint) is not None:
+                raise Conflict(f"{split.endpoint!r} is a routed model alias; a release endpoint needs a name of its "
+                               "own", param="name", code="release_name_taken")
+            revision = self._bump(db)
+            db.execute(f"INSERT INTO route_splits ({_SPLIT_COLUMNS}) VALUES ({', '.join([m] * 8)}) ON "
+                       "CONFLICT (endpoint) DO UPDATE SET owner = excluded.owner, release_id = excluded.release_id, "
+                       "release_revision = excluded.release_revision, weights = excluded.weights, actor = "
+                       "excluded.actor, revision = excluded.revision, updated_at = excluded.updated_at",
+                       (split.endpoint, split.owner, split.release_id, split.release_revision,
+                        json.dumps(split.weights), split.actor, revision, time.time()))
+            audit.append(db, AuditEvent(
+                trail=TRAIL, action="split.set", subject_kind="release_endpoint", subject=split.endpoint,
+                subject_ref=split.owner, actor=split.actor, reason=reason,
+                from_ref=_split_text(previous.weights) if previous else None, to_ref=_split_text(split.weights),
+                details={"revision": revision, "release_id": split.release_id,
+                         "release_revision": split.release_revision, "weights": split.weights}))
+            return None
+
     def history(self, alias: str | None = None, limit: int = 100) -> list[AuditEvent]:
-        return self.audit_events(subject=alias, limit=limit)
+        return self.audit_events(subject_kind="model_alias", subject=alias, limit=limit)
 
     def audit_events(self, **filters: Any) -> list[AuditEvent]:
         """The routing trail's events, newest first (filters: :func:`app.core.audit.select`'s)."""
@@ -206,6 +373,18 @@ class PostgresRoutingStore(_SqlRoutingStore):
         self._pg.close()
 
 
+def _label_event(action: str, kind: str, subject: str, label: str, *, actor: str, previous: int | None,
+                 version: int | None, reason: str, details: dict[str, Any]) -> AuditEvent:
+    return AuditEvent(trail=TRAIL, action=action, subject_kind=label_subject_kind(kind), subject=subject,
+                      subject_ref=label, actor=actor, from_ref=previous, to_ref=version, reason=reason,
+                      details=details)
+
+
+def label_subject_kind(kind: str) -> str:
+    """The audit ``subject_kind`` of a kind's label events (``prompt`` -> ``prompt_label``)."""
+    return f"{kind}_label"
+
+
 def _owned(alias: str, owner: str, wanted_by: str) -> Conflict:
     return Conflict(f"model alias {alias!r} is routed by {owner}; {wanted_by} may not change it: use another alias",
                     param="alias", code="alias_not_owned")
@@ -220,11 +399,11 @@ class RoutingTable:
         self.backends = backends
         self.store = store
         self._routes: dict[str, Route] = {}
+        self._labels: dict[tuple[str, str], dict[str, Label]] = {}
+        self._splits: dict[str, Split] = {}
         self._revision = -1
         self._refresh = ThrottledRefresh(check_interval_s, self._check, name="keel-routing-refresh")
         self._unusable: dict[str, int] = {}
-        #: names other things clients call as a model own (release endpoints): a route may not take them
-        self.reserved: Callable[[str], str | None] = lambda alias: None
         self.refresh(force=True)
 
     # -- reads (hot path) ----------------------------------------------------------------------------
@@ -272,18 +451,27 @@ class RoutingTable:
         one interval. A store that cannot be read keeps the routes last read (logged)."""
         self._refresh(force=force)
 
+    def catch_up(self) -> int:
+        """Check the store now, on the caller's thread, re-reading what moved; the revision served after. For a
+        reader with a cache of its own keyed by this revision (the prompt registry), which checks on its own
+        schedule and must not wait a second interval for this table's."""
+        self._refresh.now()
+        return self._revision
+
     def _check(self, force: bool) -> None:
         try:
             if not force and self.store.revision() == self._revision:
                 return
-            revision, routes = self.store.load()
+            snapshot = self.store.load()
         except StoreUnavailable as e:
             if force:
                 raise
             log.warning("routing table not refreshed (serving revision %d): %s", self._revision, e.message)
             return
-        self._routes = {a: r for a, r in routes.items() if self._usable(r)}
-        self._revision = revision
+        self._routes = {a: r for a, r in snapshot.routes.items() if self._usable(r)}
+        self._labels = snapshot.labels
+        self._splits = snapshot.splits
+        self._revision = snapshot.revision
 
     def _usable(self, route: Route) -> bool:
         """A route written when its backend existed (or by a process with other settings sharing the store) is
@@ -305,10 +493,9 @@ class RoutingTable:
             raise Conflict(f"model alias {alias!r} is configured in the settings (models.{alias}); it cannot be "
                            "changed at run time: use another alias, or remove it from the settings first",
                            param="alias", code="alias_not_owned")
-        taken = self.reserved(alias)
-        if taken:
-            raise Conflict(f"{alias!r} is {taken}; clients would reach that, not this route: use another alias",
-                           param="alias", code="alias_not_owned")
+        if alias in self._splits:
+            raise Conflict(f"{alias!r} is a release endpoint; clients would reach the release, not this route: use "
+                           "another alias", param="alias", code="alias_not_owned")
         if spec.backend not in self.backends:
             raise InvalidRequest(f"unknown backend {spec.backend!r}; configured: {', '.join(self.backends)}",
                                  param="backend")
@@ -332,6 +519,75 @@ class RoutingTable:
 
     def history(self, alias: str | None = None, limit: int = 100) -> list[AuditEvent]:
         return self.store.history(alias, limit)
+
+    # -- labels ---------------------------------------------------------------------------------------
+
+    def labels(self, kind: str, subject: str) -> dict[str, Label]:
+        """``subject``'s labels of ``kind``, by name (served from memory, like the routes)."""
+        self.refresh()
+        return dict(self._labels.get((kind, subject), {}))
+
+    def all_labels(self, kind: str) -> dict[str, dict[str, Label]]:
+        """Every subject's labels of ``kind``."""
+        self.refresh()
+        return {subject: dict(labels) for (k, subject), labels in self._labels.items() if k == kind}
+
+    def set_label(self, label: Label, *, action: str = "label.move", reason: str = "",
+                  details: Mapping[str, Any] | None = None, only_if_absent: bool = False) -> int | None:
+        """Point ``label`` at its version; return the version it pointed at before. The caller checks that the
+        version exists: versions are immutable and never deleted, so the check cannot go stale."""
+        previous = self.store.put_label(label, action=action, reason=reason, details=details,
+                                        only_if_absent=only_if_absent)
+        self.refresh(force=True)
+        return previous
+
+    def remove_label(self, kind: str, subject: str, label: str, *, actor: str, reason: str = "",
+                     action: str = "label.remove") -> int | None:
+        previous = self.store.remove_label(kind, subject, label, actor=actor, reason=reason, action=action)
+        self.refresh(force=True)
+        return previous
+
+    def label_events(self, kind: str, *, subject: str | None = None, label: str | None = None, limit: int = 100,
+                     before_id: int | None = None, until: float | None = None) -> list[AuditEvent]:
+        """The audit events of ``kind``'s label moves, newest first."""
+        return self.store.audit_events(subject_kind=label_subject_kind(kind), subject=subject, subject_ref=label,
+                                       before_id=before_id, until=until, limit=limit)
+
+    # -- splits ---------------------------------------------------------------------------------------
+
+    def split(self, endpoint: str | None) -> Split | None:
+        """How the release endpoint ``endpoint`` divides its traffic (served from memory)."""
+        if not endpoint:
+            return None
+        self.refresh()
+        return self._splits.get(endpoint)
+
+    def splits(self) -> dict[str, Split]:
+        self.refresh()
+        return dict(self._splits)
+
+    def set_split(self, endpoint: str, weights: Mapping[str, float], *, owner: str, release_id: int,
+                  release_revision: int, actor: str, reason: str = "") -> Split:
+        """Divide ``endpoint``'s traffic by ``weights`` for ``owner``, as of revision ``release_revision`` of its
+        release ``release_id``. Refused for a configured or routed model alias and for an endpoint another owner
+        splits (409); a split already written from that state or a later one stays as it is (returned)."""
+        if endpoint in self.configured:
+            raise Conflict(f"{endpoint!r} is a configured model alias (models.{endpoint}); a release endpoint needs "
+                           "a name of its own", param="name", code="release_name_taken")
+        self.refresh(force=True)
+        current = self._splits.get(endpoint)
+        wanted = Split(endpoint, owner, release_id, release_revision, {k: float(v) for k, v in weights.items()},
+                       actor)
+        if current is not None and current.owner == owner and (
+                (current.release_id, current.release_revision) >= (release_id, release_revision)
+                or (current.release_id == release_id and current.weights == wanted.weights)):
+            return current  # newer, or the same traffic (a pause): nothing to write
+        self.store.put_split(wanted, reason=reason)
+        self.refresh(force=True)
+        return self._splits.get(endpoint) or wanted
+
+    def split_events(self, endpoint: str | None = None, limit: int = 100) -> list[AuditEvent]:
+        return self.store.audit_events(subject_kind="release_endpoint", subject=endpoint, limit=limit)
 
     def close(self) -> None:
         self.store.close()

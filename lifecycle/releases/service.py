@@ -1,10 +1,18 @@
 """Releases as a service: create and steer them, route each request to a variant, record what it served,
 and let the controller move canaries.
 
-Every process holds the current releases in memory and re-reads them when the store's revision moved, at most
-every ``check_interval_s`` and never on the request path (a background thread does it), so a decision made by one
-process (or the CLI) is served by all within about that interval. Observations are buffered and written in
-batches off the request path.
+What an endpoint serves is decided in the routing table (:mod:`app.llm.routing`), like every other decision about
+what serves traffic: each change of a release's weights (its start, a canary step, a promotion, a rollback, a
+blue/green switch) is written there as the endpoint's *split*, audited in the ``routing`` trail, after the
+release's own transition (which keeps the plan, the state machine and the measurements). Requests are assigned by
+the split; a release whose split is not written yet (a process that died between the two writes) is reconciled by
+:meth:`ReleaseService.reconcile`, which every process runs on start and the controller on every tick — the way a
+rollout controller keeps its traffic router's weights in line with the rollout.
+
+Every process holds the current releases in memory and re-reads them when the release store's or the routing
+table's revision moved, at most every ``check_interval_s`` and never on the request path (a background thread
+does it), so a decision made by one process (or the CLI) is served by all within about that interval.
+Observations are buffered and written in batches off the request path.
 """
 
 from __future__ import annotations
@@ -13,14 +21,15 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
 from app.core.audit import BufferedWriter
 from app.core.db import ThrottledRefresh
-from app.core.errors import Conflict, InvalidRequest, StoreUnavailable
+from app.core.errors import Conflict, InvalidRequest, KeelError, StoreUnavailable
+from app.llm.routing import RoutingTable, memory_table
 from lifecycle.releases import controller
 from lifecycle.releases.assign import layout, pick, ranges
 from lifecycle.releases.spec import ReleaseSpec, VariantSpec
@@ -46,6 +55,11 @@ NameTaken = Callable[[str], bool]
 JudgeCheck = Callable[[str], None]
 
 
+def owner_of(endpoint: str) -> str:
+    """The routing table's owner of a release endpoint's split."""
+    return f"release:{endpoint}"
+
+
 @dataclass(frozen=True, slots=True)
 class Assignment:
     release: Release
@@ -57,15 +71,21 @@ class ReleaseService:
     def __init__(self, store: SqliteReleaseStore | Any, *, check_interval_s: float = 1.0,
                  check_variant: VariantCheck | None = None, gate: VariantGate | None = None,
                  name_taken: NameTaken | None = None, check_judge: JudgeCheck | None = None,
-                 flush_interval_s: float = 0.2) -> None:
+                 flush_interval_s: float = 0.2, routes: RoutingTable | None = None) -> None:
+        """``routes``: the routing table the endpoints' splits are written to and served from (an in-memory one,
+        closed with the service, when omitted: tests)."""
         self.store = store
+        self.routes = routes if routes is not None else memory_table({}, {})
+        self._owns_routes = routes is None
         self.check_variant = check_variant or (lambda v: None)
         self.gate = gate or (lambda v: None)
         self.name_taken = name_taken or (lambda n: False)
         self.check_judge = check_judge
         self._releases: dict[str, Release] = {}
-        self._tables: dict[tuple[int, int], tuple[list[str], list[tuple[float, float]], dict]] = {}
-        self._revision = -1
+        self._tables: dict[tuple[int, tuple[tuple[str, float], ...]], tuple[list[str], list[tuple[float, float]],
+                                                                            dict]] = {}
+        self._revision: tuple[int, int] = (-1, -1)
+        self._unpublished: set[tuple[int, int]] = set()
         self._refresh = ThrottledRefresh(check_interval_s, self._check, name="keel-releases-refresh")
         self._observations: BufferedWriter[Observation] = BufferedWriter(
             store.record, interval_s=flush_interval_s, name="keel-release-observations", what="release observations")
@@ -73,12 +93,14 @@ class ReleaseService:
             store.record_pairs, interval_s=flush_interval_s, name="keel-shadow-pairs", what="shadow answers")
         self._scores: BufferedWriter[JudgeScore] = BufferedWriter(
             store.record_scores, interval_s=flush_interval_s, name="keel-judge-scores", what="online judge scores")
+        self.reconcile()
         self.refresh(force=True)
 
     # -- the request path ----------------------------------------------------------------------------
 
     def active(self, model: str | None) -> Release | None:
-        """The release behind the endpoint ``model``, if any (finished releases still route to their outcome)."""
+        """The release behind the endpoint ``model``, if any (finished releases still route to their outcome),
+        with the weights its split in the routing table serves."""
         if not model:
             return None
         self.refresh()
@@ -90,9 +112,9 @@ class ReleaseService:
 
     def assign(self, release: Release, unit: str) -> Assignment:
         """The variant serving ``unit``: the same unit, the same variant, in every process, until weights move."""
-        key = (release.id, release.revision)
+        key = (release.id, tuple(release.weights.items()))
         table = self._tables.get(key)
-        if table is None:  # the layout and bucket ranges change only with the release's revision
+        if table is None:  # the layout and bucket ranges change only with the weights served
             spec = release.spec
             order = [v.name for v in spec.variants]
             if spec.strategy != "ab":
@@ -128,15 +150,69 @@ class ReleaseService:
 
     def _check(self, force: bool) -> None:
         try:
-            revision = self.store.revision()
+            revision = (self.store.revision(), self.routes.catch_up())
             if not force and revision == self._revision:
                 return
-            self._releases = self.store.current()  # read after the revision: a later change is re-read next time
-            self._revision = revision
+            # read after the revisions: a later change is re-read next time
+            releases, splits = self.store.current(), self.routes.splits()
         except StoreUnavailable as e:
             if force:
                 raise
-            log.warning("releases not refreshed (serving revision %d): %s", self._revision, e.message)
+            log.warning("releases not refreshed (serving revisions %s): %s", self._revision, e.message)
+            return
+        served = {}
+        for name, release in releases.items():
+            split = splits.get(name)
+            if split is not None and split.release_id != release.id:
+                # a new release whose split is not written yet: the endpoint serves the one the split names
+                release = self._release(name, split.release_id)
+            if split is not None and release is not None:
+                served[name] = replace(release, weights=split.weights)
+            elif split is None and (name, release.revision) not in self._unpublished:
+                self._unpublished.add((name, release.revision))
+                log.warning("release %s (id %d) has no split in the routing table yet: not served until it is "
+                            "reconciled", name, release.id)
+        self._releases = served
+        self._revision = revision
+
+    def _release(self, name: str, release_id: int) -> Release | None:
+        held = self._releases.get(name)
+        if held is not None and held.id == release_id:
+            return held
+        try:
+            return self.store.by_id(release_id)
+        except KeelError as e:
+            log.warning("release %s: the split names release %d, which cannot be read: %s", name, release_id,
+                        e.message)
+            return None
+
+    def reconcile(self) -> list[str]:
+        """Write the split of every release whose routing-table split lags its state (a process that died between
+        the release's transition and the split's write, a release store written by an earlier version); returns
+        the endpoints written. Safe anywhere, any time: a split never goes back to an older state."""
+        written = []
+        for name, release in self.store.current().items():
+            split = self.routes.split(name)
+            if split is None or split.release_id < release.id or (
+                    split.release_id == release.id and split.weights != release.weights
+                    and split.release_revision < release.revision):
+                self._publish(release, actor="controller", reason="reconciled with the release's state")
+                written.append(name)
+        return written
+
+    def _publish(self, release: Release, *, actor: str, reason: str) -> None:
+        try:
+            self.routes.set_split(release.name, release.weights, owner=owner_of(release.name),
+                                  release_id=release.id, release_revision=release.revision,
+                                  actor=actor or "controller", reason=reason)
+        except StoreUnavailable as e:
+            # The decision stands (it is the release's state); the traffic follows at the next reconcile.
+            log.warning("release %s: its split was not written to the routing table (%s); the controller's next "
+                        "tick writes it", release.name, e.message)
+        except Conflict as e:
+            # The endpoint's name was taken by a model alias meanwhile (another process's deploy, or the settings
+            # of an upgraded process): this release cannot serve until the alias goes; the others go on.
+            log.error("release %s: its split cannot be written: %s", release.name, e.message)
 
     # -- changes ---------------------------------------------------------------------------------------
 
@@ -168,6 +244,7 @@ class ReleaseService:
             elif verdict is not None:
                 note = f"{reason + '; ' if reason else ''}gate: {verdict[1]}"
         release = self.store.create(spec, actor=actor, reason=note)
+        self._publish(release, actor=actor, reason=f"create: {note}" if note else "create")
         self.refresh(force=True)
         log.info("release %s (%s) created by %s: %s", spec.name, spec.strategy, actor,
                  ", ".join(f"{k}={v:g}%" for k, v in release.weights.items()))
@@ -223,6 +300,7 @@ class ReleaseService:
         if new is None:
             raise Conflict(f"release {release.name!r} changed while this was decided; read it again and retry",
                            param="name", code="release_changed")
+        self._publish(new, actor=actor, reason=f"{action}: {reason}")
         self.refresh(force=True)
         log.info("release %s: %s by %s (%s)", release.name, action, actor or "controller", reason)
         return new
@@ -234,6 +312,7 @@ class ReleaseService:
         Safe in every process at once: a decision lands only on the revision it was made on."""
         now = time.time() if now is None else now
         self.flush(5.0)
+        reconciled = self.reconcile()
         changes: list[tuple[str, str, str]] = []
         for release in self.store.current().values():
             if release.finished or release.spec.strategy not in ("canary", "ab"):
@@ -251,11 +330,13 @@ class ReleaseService:
             status, weights, step = _effect(release, verdict.action)
             decision = Decision(verdict.action, verdict.reason, now, "controller", release.step if step is None
                                 else step)
-            if self.store.transition(release, status=status, weights=weights, step=step, decision=decision,
-                                     now=now) is not None:
+            new = self.store.transition(release, status=status, weights=weights, step=step, decision=decision,
+                                        now=now)
+            if new is not None:
+                self._publish(new, actor="controller", reason=f"{verdict.action}: {verdict.reason}")
                 changes.append((release.name, verdict.action, verdict.reason))
                 log.info("release %s: %s: %s", release.name, verdict.action, verdict.reason)
-        if changes:
+        if changes or reconciled:
             self.refresh(force=True)
         return changes
 
@@ -311,6 +392,8 @@ class ReleaseService:
             except Exception:
                 log.exception("closing %s", writer.name)
         self.store.close()
+        if self._owns_routes:
+            self.routes.close()
 
 
 def _effect(release: Release, action: str) -> tuple[str | None, dict[str, float] | None, int | None]:

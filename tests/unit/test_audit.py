@@ -378,8 +378,6 @@ def test_a_prompt_change_and_its_audit_row_roll_back_together(prompt_store, monk
     monkeypatch.setattr(store_module.audit, "append", append_then_fail)
     with pytest.raises(RuntimeError, match="crash"):
         store.save("greet", content("v2"), author="bob", message="second", base_version=1)
-    with pytest.raises(RuntimeError, match="crash"):
-        store.set_label("greet", "production", 1, actor="bob")
 
     def refuse(db, *events, **kw):  # the audit row cannot be written: the change does not happen either
         raise sqlite3.OperationalError("disk I/O error")
@@ -387,14 +385,41 @@ def test_a_prompt_change_and_its_audit_row_roll_back_together(prompt_store, monk
     monkeypatch.setattr(store_module.audit, "append", refuse)
     with pytest.raises(sqlite3.OperationalError):
         store.save("greet", content("v2"), author="bob", message="second", base_version=1)
-    assert store.latest_version("greet") == 1 and store.get_labels("greet") == {}
+    assert store.latest_version("greet") == 1
     assert store.revision() == revision
     assert [(e.action, e.actor) for e in store.audit_log(name="greet")] == [("version.create", "ann")]
     monkeypatch.setattr(store_module.audit, "append", real_append)
-    store.set_label("greet", "production", 1, actor="bob", reason="launch")
-    [event] = store.audit_events(subject_ref="production")
-    assert (event.trail, event.subject_kind, event.subject, event.from_ref, event.to_ref, event.reason) == (
-        "prompts", "prompt", "greet", None, "1", "launch")
+    store.save("greet", content("v2"), author="bob", message="second", base_version=1)
+    event = store.audit_events(subject="greet")[0]
+    assert (event.trail, event.subject_kind, event.subject, event.from_ref, event.to_ref, event.actor) == (
+        "prompts", "prompt", "greet", "1", "2", "bob")
+
+
+def test_a_label_move_and_its_audit_row_roll_back_together(tmp_path, monkeypatch):
+    """Labels live in the routing table: a move and its audit row (trail routing) commit together or not at all."""
+    from app.llm import routing
+    from app.llm.routing import Label, RoutingTable, SqliteRoutingStore
+
+    table = RoutingTable({}, {}, SqliteRoutingStore(tmp_path / "routing.db"), check_interval_s=0.0)
+    revision = table.revision
+    real_append = routing.audit.append
+
+    def append_then_fail(db, *events, **kw):
+        real_append(db, *events, **kw)
+        raise RuntimeError("crash between the audit row and the commit")
+
+    monkeypatch.setattr(routing.audit, "append", append_then_fail)
+    with pytest.raises(RuntimeError, match="crash"):
+        table.set_label(Label("prompt", "greet", "production", 1, actor="bob"))
+    assert table.labels("prompt", "greet") == {} and table.revision == revision
+    assert table.store.audit_events() == []
+    monkeypatch.setattr(routing.audit, "append", real_append)
+    table.set_label(Label("prompt", "greet", "production", 1, ref="h1", actor="bob"), reason="launch")
+    [event] = table.label_events("prompt", subject="greet")
+    assert (event.trail, event.subject_kind, event.subject, event.subject_ref, event.from_ref, event.to_ref,
+            event.reason, event.details["ref"]) == (
+        "routing", "prompt_label", "greet", "production", None, "1", "launch", "h1")
+    table.close()
 
 
 def test_prompt_retention_runs_after_writes_and_keeps_young_rows(tmp_path):
@@ -538,18 +563,23 @@ def test_the_admin_route_queries_each_trail(tmp_path):
     from app.security.keys import ApiKey
     from app.settings import Settings
     from finetune.jobs import JobStore
-    from prompts.testing import content, sqlite_registry
+    from prompts.registry import PromptRegistry
+    from prompts.settings import PromptSettings
+    from prompts.store import SqlitePromptStore
+    from prompts.testing import content
 
     keys = {k: ApiKey(id=k, name=k, scopes=frozenset({k}), rate_limit_per_minute=None, created_at="")
             for k in ("admin", "chat")}
-    registry = sqlite_registry(tmp_path / "p.db")
+    routes = memory_table({}, {"local": BackendSettings(kind="openai", base_url="http://127.0.0.1:9/v1")})
+    registry = PromptRegistry(SqlitePromptStore(tmp_path / "p.db"), PromptSettings(seed_library=False),
+                              routes=routes)
     registry.store.save("greet", content("v1"), author="ann", message="first", base_version=None)
     jobs = JobStore(tmp_path / "jobs.db", tmp_path / "runs")
     jobs.audit(actor="bob", action="promote", model="m", version="2", details={"from": "1"})
     store = AuditStore(tmp_path / "g.db")
     store.write([_guard_record(0), _guard_record(1)])
-    routes = memory_table({}, {"local": BackendSettings(kind="openai", base_url="http://127.0.0.1:9/v1")})
     routes.set("tuned", ModelAlias(backend="local", model="m-v2"), owner="finetune:m", actor="carl")
+    registry.move_label("greet", "production", 1, actor="dana")
 
     async def flush() -> None:
         return None
@@ -573,7 +603,12 @@ def test_the_admin_route_queries_each_trail(tmp_path):
         assert [(e["request_id"], e["details"]["verdict"]) for e in guards] == [("req-1", "pass")]
         routed = client.get("/v1/admin/audit", params={"trail": "routing"}, headers=admin).json()
         assert [(e["actor"], e["action"], e["subject"], e["subject_ref"], e["to_ref"]) for e in routed] == [
-            ("carl", "route.set", "tuned", "finetune:m", "m-v2")]
+            ("dana", "label.move", "greet", "production", "1"), ("carl", "route.set", "tuned", "finetune:m", "m-v2")]
+        serving = client.get("/v1/admin/routing", headers=admin).json()
+        assert serving["revision"] == routes.revision and serving["releases"] == []
+        assert [(r["alias"], r["owner"], r["model"]) for r in serving["routes"]] == [("tuned", "finetune:m", "m-v2")]
+        assert [(x["kind"], x["subject"], x["label"], x["version"], x["actor"]) for x in serving["labels"]] == [
+            ("prompt", "greet", "production", 1, "dana")]
         assert client.get("/v1/admin/audit", params={"trail": "nope"}, headers=admin).status_code == 400
         assert client.get("/v1/admin/audit", params={"trail": "prompts"},
                           headers={"Authorization": "Bearer chat"}).status_code == 403

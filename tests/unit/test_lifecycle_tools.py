@@ -137,7 +137,7 @@ async def test_prompt_versions_diff_and_a_gated_promotion(container: Container) 
     staged = await call(container, "prompt_promote", {"name": "support-qa", "version": 2, "label": "staging"})
     assert staged.ok and staged.data["to_version"] == 2
     assert reg.labels("support-qa")["staging"] == 2
-    assert reg.store.audit_events(subject="support-qa", limit=1)[0].actor == "tool [key-admin]"
+    assert reg.label_history("support-qa", "staging", limit=1)[0].actor == "tool [key-admin]"
 
 
 async def test_eval_suites_results_and_an_unknown_suite(container: Container) -> None:

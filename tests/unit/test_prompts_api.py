@@ -211,6 +211,27 @@ def test_audit_log(client):
     _error(client.get("/v1/prompts/ghost/audit", headers=h("reader")), 404, "not_found")
 
 
+def test_the_audit_log_pages_through_versions_and_the_label_moves_of_the_routing_table(client):
+    _create(client)
+    client.put("/v1/prompts/greet/labels/staging", json={"version": 1}, headers=h("writer"))
+    _edit(client, 1, "Hello {{ who }}")
+    client.put("/v1/prompts/greet/labels/staging", json={"version": 2}, headers=h("writer"))
+    client.delete("/v1/prompts/greet/labels/staging", headers=h("writer"))
+    seen, params = [], {"limit": 2}
+    while page := client.get("/v1/prompts/greet/audit", params=params, headers=h("reader")).json()["data"]:
+        seen += [(e["action"], e["to_version"], e["trail"]) for e in page]
+        params = {"limit": 2, "before_id": page[-1]["id"], "before_trail": page[-1]["trail"]}
+    assert seen == [("label.remove", None, "routing"), ("label.move", 2, "routing"),
+                    ("version.create", 2, "prompts"), ("label.move", 1, "routing"), ("version.create", 1, "prompts")]
+    staging = client.get("/v1/prompts/greet/labels/staging/history", headers=h("reader")).json()["data"]
+    assert [(e["action"], e["from_version"], e["to_version"]) for e in staging] == [
+        ("label.remove", 2, None), ("label.move", 1, 2), ("label.move", None, 1)]
+    for trail in ("routing", "prompts"):
+        for cursor in (999, 2**63 - 1):
+            _error(client.get("/v1/prompts/greet/audit", params={"before_id": cursor, "before_trail": trail},
+                              headers=h("reader")), 404, "not_found")
+
+
 @pytest.mark.parametrize(("method", "path", "body"), [
     ("post", "/v1/prompts", {"name": "x", "content": GREET}),
     ("post", "/v1/prompts/greet/versions", {"content": GREET, "base_version": 1}),

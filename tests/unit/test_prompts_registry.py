@@ -56,14 +56,16 @@ def test_hot_path_is_served_from_memory(tmp_path):
     _two_versions(reg)
     reg.move_label("greet", "production", 2, actor="a")
     calls: list[str] = []
-    for method in ("get_version", "get_labels", "latest_version", "revision"):
-        original = getattr(store, method)
+    for where, methods in ((store, ("get_version", "latest_version", "revision")),
+                           (reg.routes.store, ("revision", "load"))):  # the labels live in the routing table
+        for method in methods:
+            original = getattr(where, method)
 
-        def spy(*args, _original=original, _name=method, **kwargs):
-            calls.append(_name)
-            return _original(*args, **kwargs)
+            def spy(*args, _original=original, _name=f"{type(where).__name__}.{method}", **kwargs):
+                calls.append(_name)
+                return _original(*args, **kwargs)
 
-        setattr(store, method, spy)
+            setattr(where, method, spy)
     reg.render("greet", {"who": "a"})
     first = len(calls)
     for _ in range(50):
@@ -71,7 +73,8 @@ def test_hot_path_is_served_from_memory(tmp_path):
     assert len(calls) == first  # no store access within the check interval
     now[0] += 0.6
     reg.render("greet", {"who": "a"})
-    assert calls[first:] == ["revision"]  # one cheap check, nothing changed
+    # one cheap check of each store, nothing changed
+    assert calls[first:] == ["SqlitePromptStore.revision", "SqliteRoutingStore.revision"]
     store.close()
 
 
@@ -214,3 +217,32 @@ def test_diff(reg):
 def test_preview_of_unsaved_content(reg):
     out = reg.preview(content("Hi {{ n * 2 }}", variables=[{"name": "n", "type": "integer"}]), {"n": 4})
     assert out.messages[0].content == "Hi 8" and out.version is None and out.ref == "draft@draft"
+
+
+def test_labels_of_an_earlier_release_are_handed_over_to_the_routing_table(tmp_path):
+    """Labels used to live in the prompt store: the first registry opened on it moves them to the routing table
+    (a label the table already has wins: it was moved since), once, audited."""
+    from app.llm.routing import Label, RoutingTable, SqliteRoutingStore
+    from prompts.registry import PromptRegistry
+    from prompts.settings import PromptSettings
+    from prompts.store import SqlitePromptStore
+
+    store = SqlitePromptStore(tmp_path / "prompts.db")
+    for i in (1, 2):
+        store.save("greet", content(f"Hi {i} {{{{ who }}}}", variables=[{"name": "who"}]), author="a",
+                   message="", base_version=i - 1 or None)
+    store._db.executemany("INSERT INTO prompt_labels VALUES (?, ?, ?, '2025-01-01', ?)",
+                          [("greet", "production", 2, "alice"), ("greet", "staging", 1, "")])
+    routes = RoutingTable({}, {}, SqliteRoutingStore(tmp_path / "routing.db"), check_interval_s=0.0)
+    routes.set_label(Label("prompt", "greet", "staging", 2, actor="bob"))
+    reg = PromptRegistry(store, PromptSettings(seed_library=False), routes=routes, owns_routes=True)
+    assert reg.adopt_legacy_labels() == 1
+    assert reg.labels("greet") == {"production": 2, "staging": 2} and store.legacy_labels() == []
+    # the old rows stay as they were (what a process of the earlier release, or a downgrade, reads)
+    assert store._db.execute("SELECT count(*) FROM prompt_labels").fetchone() == (2,)
+    assert reg.adopt_legacy_labels() == 0
+    [event] = routes.label_events("prompt", label="production")
+    assert (event.action, event.actor, event.to_ref, event.details["ref"]) == (
+        "label.adopt", "alice", "2", store.get_version("greet", 2).hash)
+    assert reg.render("greet", {"who": "x"}).version == 2
+    reg.close()

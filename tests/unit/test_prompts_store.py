@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from app.core.errors import Conflict, InvalidRequest, NotFound
+from app.llm.routing import PostgresRoutingStore, RoutingTable, SqliteRoutingStore
 from prompts.errors import ImportConflict, VersionConflict
 from prompts.models import TemplateVersion
 from prompts.store import PromptStore, SqlitePromptStore
@@ -60,6 +61,23 @@ def store(open_store) -> PromptStore:
     return open_store()
 
 
+@pytest.fixture
+def open_routes(request, tmp_path) -> Iterator[Callable[[], RoutingTable]]:
+    """Routing tables on one store of the same kind as ``open_store``'s (where the labels live)."""
+    kind = request.node.callspec.params["open_store"]
+    opened: list[RoutingTable] = []
+
+    def make() -> RoutingTable:
+        store = (SqliteRoutingStore(tmp_path / "routing.db") if kind == "sqlite"
+                 else PostgresRoutingStore(request.getfixturevalue("postgres_url")))
+        opened.append(RoutingTable({}, {}, store, check_interval_s=0.0))
+        return opened[-1]
+
+    yield make
+    for table in opened:
+        table.close()
+
+
 def test_protocol(store):
     assert isinstance(store, PromptStore)
 
@@ -97,10 +115,6 @@ def test_not_found_messages(store):
         store.get_version("greet", 9)
     with pytest.raises(NotFound):
         store.list_versions("nope")
-    with pytest.raises(NotFound):
-        store.get_labels("nope")
-    with pytest.raises(NotFound, match="has no version 5"):
-        store.set_label("greet", "production", 5, actor="a")
 
 
 @pytest.mark.parametrize("name", ["../evil", "a/b", "UPPER", "", ".x", "a" * 65])
@@ -109,27 +123,52 @@ def test_names_are_validated(store, name):
         store.save(name, content("x"), author="a", message="", base_version=None)
 
 
-def test_labels_and_audit(store):
+def test_audit(store):
     for i in range(3):
         store.save("greet", content(f"v{i + 1}"), author="a", message=f"m{i}", base_version=i or None)
-    rev = store.revision()
-    assert store.set_label("greet", "production", 1, actor="ann") is None
-    assert store.set_label("greet", "production", 3, actor="bob", reason="launch") == 1
-    assert store.set_label("greet", "staging", 2, actor="bob") is None
-    assert store.revision() > rev
-    assert store.get_labels("greet") == {"production": 3, "staging": 2}
-    history = store.audit_log(name="greet", label="production")
-    assert [(h.from_version, h.to_version, h.actor) for h in history] == [(1, 3, "bob"), (None, 1, "ann")]
-    assert history[0].reason == "launch" and history[0].action == "label.move" and history[0].at
-    assert store.set_label("greet", "staging", None, actor="c", action="label.remove") == 2
-    assert store.get_labels("greet") == {"production": 3}
-    with pytest.raises(NotFound, match="no label 'staging'"):
-        store.set_label("greet", "staging", None, actor="c")
     everything = store.audit_log(name="greet")
-    assert [e.action for e in everything][-3:] == ["version.create"] * 3
+    assert [(e.action, e.to_version, e.actor, e.trail) for e in everything] == [
+        ("version.create", 3, "a", "prompts"), ("version.create", 2, "a", "prompts"),
+        ("version.create", 1, "a", "prompts")]
     assert store.audit_log(name="greet", limit=2, before_id=everything[0].id) == everything[1:3]
+    assert store.audit_log(name="greet", until=everything[1].ts) == everything[1:3]
     summary = store.list_templates()[0]
-    assert (summary.name, summary.latest_version, summary.labels) == ("greet", 3, {"production": 3})
+    assert (summary.name, summary.latest_version, summary.labels) == ("greet", 3, {})  # labels: the registry's
+
+
+def test_labels_live_in_the_routing_table(open_store, open_routes):
+    """Moves, history, the summary's labels and the checks a move makes, through the registry: the versions in
+    the prompt store, the labels in the routing table (audited there, trail ``routing``)."""
+    from prompts.registry import PromptRegistry
+    from prompts.settings import PromptSettings
+
+    routes = open_routes()
+    reg = PromptRegistry(open_store(), PromptSettings(seed_library=False), routes=routes)
+    for i in range(3):
+        reg.save("greet", content(f"v{i + 1}"), author="a", message=f"m{i}", base_version=i or None)
+    rev = routes.revision
+    assert reg.move_label("greet", "production", 1, actor="ann").from_version is None
+    assert reg.move_label("greet", "production", 3, actor="bob").from_version == 1
+    assert reg.move_label("greet", "staging", 2, actor="bob").from_version is None
+    assert routes.revision > rev and reg.labels("greet") == {"production": 3, "staging": 2}
+    assert routes.labels("prompt", "greet")["production"].ref == reg.resolve("greet@3").hash
+    history = reg.label_history("greet", "production")
+    assert [(h.from_version, h.to_version, h.actor, h.trail) for h in history] == [
+        (1, 3, "bob", "routing"), (None, 1, "ann", "routing")]
+    assert history[0].action == "label.move" and history[0].at and history[0].details["hash"]
+    assert [e.action for e in routes.store.audit_events(subject_kind="prompt_label")] == ["label.move"] * 3
+    assert reg.remove_label("greet", "staging", actor="c").from_version == 2
+    assert reg.labels("greet") == {"production": 3}
+    with pytest.raises(NotFound, match="no label 'staging'"):
+        reg.remove_label("greet", "staging", actor="c")
+    with pytest.raises(NotFound, match="has no version 5"):
+        reg.move_label("greet", "production", 5, actor="a")
+    with pytest.raises(NotFound, match="no prompt template named 'nope'"):
+        reg.labels("nope")
+    with pytest.raises(NotFound, match="no prompt template named 'nope'"):
+        reg.remove_label("nope", "staging", actor="c")
+    assert [(t.name, t.labels) for t in reg.list_templates()] == [("greet", {"production": 3})]
+    assert routes.routes() == []  # no model alias was touched
 
 
 def test_search(store):
@@ -203,11 +242,8 @@ def test_failed_writes_roll_back_partial_writes(open_store):
         broken.save("greet", content("Hello"), author="a", message="", base_version=1)
     with pytest.raises(RuntimeError):
         broken.save("fresh", content("Hello"), author="a", message="", base_version=None)
-    with pytest.raises(RuntimeError):
-        broken.set_label("greet", "production", 1, actor="a")
     assert store.latest_version("greet") == 1 and store.latest_version("fresh") is None
     assert [v.version for v in store.list_versions("greet")] == [1]
-    assert store.get_labels("greet") == {}
     assert [e.action for e in store.audit_log()] == ["version.create"]
     assert store.revision() == rev  # nothing committed, so other workers have nothing to reload
     # the failed connection is still usable afterwards
@@ -216,7 +252,7 @@ def test_failed_writes_roll_back_partial_writes(open_store):
     assert broken.save("greet", content("Hello"), author="a", message="", base_version=1).version == 2
 
 
-def test_registries_on_one_store_see_each_others_label_moves(open_store):
+def test_registries_on_one_store_see_each_others_label_moves(open_store, open_routes):
     """Two API workers: a label moved through one is rendered by the other after its next change check,
     without a restart; until then the other serves its cached version from memory."""
     from prompts.registry import PromptRegistry
@@ -224,8 +260,8 @@ def test_registries_on_one_store_see_each_others_label_moves(open_store):
 
     now = [0.0]
     settings = PromptSettings(seed_library=False, change_check_interval_s=0.5)
-    a = PromptRegistry(open_store(), settings, clock=lambda: now[0])
-    b = PromptRegistry(open_store(), settings, clock=lambda: now[0])
+    a = PromptRegistry(open_store(), settings, clock=lambda: now[0], routes=open_routes())
+    b = PromptRegistry(open_store(), settings, clock=lambda: now[0], routes=open_routes())
     a.create("greet", content("Hi {{ who }}", variables=[{"name": "who"}]), author="ann")
     a.save("greet", content("Hello {{ who }}!", variables=[{"name": "who"}]), author="bob", base_version=1)
     a.move_label("greet", "production", 1, actor="ann")

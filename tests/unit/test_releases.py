@@ -16,7 +16,9 @@ from pydantic import ValidationError
 
 from app.api.main import create_app
 from app.container import Container
-from app.core.errors import BackendUnavailable
+from app.core.errors import BackendUnavailable, Conflict
+from app.core.settings import BackendSettings, ModelAlias
+from app.llm.routing import RoutingTable, SqliteRoutingStore
 from app.settings import load_settings
 from ingest import build_rag
 from ingest.embedding import HashingEmbedder
@@ -24,7 +26,7 @@ from lifecycle.releases import controller
 from lifecycle.releases.assign import choose
 from lifecycle.releases.service import ReleaseService
 from lifecycle.releases.spec import ReleaseSpec
-from lifecycle.releases.store import Moments, Release, SqliteReleaseStore, VariantTotals
+from lifecycle.releases.store import Decision, Moments, Release, SqliteReleaseStore, VariantTotals
 from tests.fakes.llm import ScriptedBackend
 
 TWO = [{"name": "stable", "model": "m"}, {"name": "canary", "model": "m2"}]
@@ -88,8 +90,9 @@ def test_a_growing_canary_keeps_every_unit_it_already_has() -> None:
 
 def test_assignment_is_the_same_in_another_process(tmp_path: Path) -> None:
     """Two services on one store (as two API processes) put every unit on the same variant."""
-    a = ReleaseService(SqliteReleaseStore(tmp_path / "r.db"), check_interval_s=0)
-    b = ReleaseService(SqliteReleaseStore(tmp_path / "r.db"), check_interval_s=0)
+    a, b = (ReleaseService(SqliteReleaseStore(tmp_path / "r.db"), check_interval_s=0,
+                           routes=RoutingTable({}, {}, SqliteRoutingStore(tmp_path / "routing.db"),
+                                               check_interval_s=0)) for _ in range(2))
     a.create(spec(strategy="ab"), actor="t")
     ra, rb = a.active("support"), b.active("support")
     assert ra is not None and rb is not None
@@ -615,3 +618,123 @@ async def test_an_agent_workflow_can_shadow_and_its_runs_are_not_the_callers(env
     assert await agents.list_runs(owner=caller) == []
     r = await env["client"].get("/v1/agents/runs", headers=auth(env, "chat"))
     assert r.status_code == 200 and r.json()["data"] == []  # the caller's own list does not show them
+
+
+# -- the routing table decides what an endpoint serves ---------------------------------------------------------
+
+
+def _shared(tmp_path: Path, **kw) -> ReleaseService:
+    """A service as one API process opens it: its releases and its routing table on files others share."""
+    return ReleaseService(SqliteReleaseStore(tmp_path / "r.db"), check_interval_s=0,
+                          routes=RoutingTable({}, {}, SqliteRoutingStore(tmp_path / "routing.db"),
+                                              check_interval_s=0), **kw)
+
+
+def test_every_traffic_change_of_a_release_is_a_split_in_the_routing_table(tmp_path: Path) -> None:
+    svc = _shared(tmp_path)
+    svc.create(spec(), actor="ann", reason="try v2")
+    svc.pause("support", actor="bob")  # the same traffic: nothing to write
+    svc.resume("support", actor="bob")
+    svc.promote("support", actor="carl", reason="looks good")
+    split = svc.routes.split("support")
+    assert (split.owner, split.weights, split.actor) == ("release:support", {"stable": 0.0, "canary": 100.0}, "carl")
+    events = svc.routes.split_events("support")
+    assert [(e.action, e.actor, e.from_ref, e.to_ref) for e in events] == [
+        ("split.set", "carl", "stable 95%, canary 5%", "stable 0%, canary 100%"),
+        ("split.set", "ann", None, "stable 95%, canary 5%")]
+    assert events[0].reason == "promote: looks good" and events[0].details["release_id"] == 1
+    svc.rollback("support", actor="dana")  # blue/green's instant rollback is a split too
+    assert svc.routes.split("support").weights == {"stable": 100.0, "canary": 0.0}
+    # one namespace: the endpoint is not a model alias anyone may route
+    with pytest.raises(Conflict, match="release endpoint"):
+        svc.routes.set("support", ModelAlias(backend="x", model="m"), owner="finetune:m", actor="eve")
+
+
+def test_serving_follows_the_split_and_a_split_left_behind_is_reconciled(tmp_path: Path, monkeypatch) -> None:
+    """A process dies (or the routing store is down) between the release's transition and its split: the
+    endpoint keeps serving the split it had, the controller's next tick writes the new one, and no late writer
+    takes a split back to an older state."""
+    svc = _shared(tmp_path)
+    first = svc.create(spec(), actor="ann")
+    other = _shared(tmp_path)  # another API process
+    monkeypatch.setattr(svc.routes.store, "put_split", _down)
+    svc.promote("support", actor="carl")
+    assert svc.get("support").weights == {"stable": 0, "canary": 100}  # the decision landed
+    for s in (svc, other):
+        s.refresh(force=True)
+        assert s.active("support").weights == {"stable": 95.0, "canary": 5.0}  # traffic as the split says
+        assert {s.assign(s.active("support"), f"u{i}").variant.name for i in range(200)} == {"stable", "canary"}
+    monkeypatch.undo()
+    assert other.tick() == [] and other.active("support").weights == {"stable": 0.0, "canary": 100.0}
+    svc.refresh(force=True)
+    assert {svc.assign(svc.active("support"), f"u{i}").variant.name for i in range(200)} == {"canary"}
+    # a writer still holding the first state cannot turn the split back
+    svc._publish(first, actor="late", reason="stale")
+    assert svc.routes.split("support").weights == {"stable": 0.0, "canary": 100.0}
+    assert [e.actor for e in svc.routes.split_events("support")] == ["controller", "ann"]
+
+
+def test_a_release_without_its_split_is_not_served_until_reconciled(tmp_path: Path, monkeypatch) -> None:
+    svc = _shared(tmp_path)
+    monkeypatch.setattr(svc.routes.store, "put_split", _down)
+    svc.create(spec(strategy="ab"), actor="ann")
+    assert svc.active("support") is None  # nothing in the routing table says it serves
+    monkeypatch.undo()
+    assert _shared(tmp_path).active("support").weights == {"stable": 50.0, "canary": 50.0}  # reconciled on start
+
+
+def _down(*args, **kwargs):
+    from app.core.errors import StoreUnavailable
+
+    raise StoreUnavailable("the routing table's database is down")
+
+
+def test_a_blue_green_switch_moves_every_unit_whatever_the_variants_order(tmp_path: Path) -> None:
+    """Blue listed second: the switch's split has the same numbers in another order; assignment follows it."""
+    svc = _shared(tmp_path)
+    svc.create(ReleaseSpec.model_validate({
+        "name": "support", "strategy": "bluegreen", "baseline": "blue",
+        "variants": [{"name": "green", "model": "m"}, {"name": "blue", "model": "m"}]}), actor="ann")
+    units = [f"u{i}" for i in range(100)]
+    assert {svc.assign(svc.active("support"), u).variant.name for u in units} == {"blue"}
+    svc.promote("support", actor="bob")
+    assert {svc.assign(svc.active("support"), u).variant.name for u in units} == {"green"}
+    svc.rollback("support", actor="bob")
+    assert {svc.assign(svc.active("support"), u).variant.name for u in units} == {"blue"}
+
+
+def test_a_name_taken_by_a_model_alias_stops_that_release_only(tmp_path: Path, caplog) -> None:
+    """Upgrading a home where an adapter deploy already routed a release's name (before the routing table knew
+    release endpoints): the service starts, the other releases serve, the clash is logged."""
+    svc = _shared(tmp_path)
+    svc.create(spec(strategy="ab"), actor="ann")
+    svc.create(spec(name="billing", strategy="ab"), actor="ann")
+    routes = RoutingTable({}, {"local": BackendSettings(kind="openai", base_url="http://127.0.0.1:9/v1")},
+                          SqliteRoutingStore(tmp_path / "routing.db"), check_interval_s=0)
+    with routes.store._tx() as db:  # as an earlier release could leave it: a route and a split on one name
+        db.execute("DELETE FROM route_splits WHERE endpoint = 'support'")
+    routes.refresh(force=True)
+    routes.set("support", ModelAlias(backend="local", model="m-v2"), owner="finetune:m", actor="old")
+    svc.store.transition(svc.get("billing"), weights={"stable": 10.0, "canary": 90.0},
+                         decision=Decision("hold", "moved while down", 0.0))
+    again = ReleaseService(SqliteReleaseStore(tmp_path / "r.db"), check_interval_s=0, routes=RoutingTable(
+        {}, {"local": BackendSettings(kind="openai", base_url="http://127.0.0.1:9/v1")},
+        SqliteRoutingStore(tmp_path / "routing.db"), check_interval_s=0))
+    assert again.active("support") is None and "its split cannot be written" in caplog.text
+    assert again.active("billing").weights == {"stable": 10.0, "canary": 90.0}  # reconciled
+    assert again.tick() == []
+
+
+def test_a_new_release_on_an_endpoint_serves_the_old_outcome_until_its_split_is_written(tmp_path: Path,
+                                                                                           monkeypatch) -> None:
+    svc = _shared(tmp_path)
+    svc.create(spec(strategy="ab"), actor="ann")
+    svc.promote("support", actor="ann", variant="canary")
+    monkeypatch.setattr(SqliteRoutingStore, "put_split", _down)  # in every process
+    second = svc.create(spec(strategy="ab"), actor="bob")
+    served = _shared(tmp_path).active("support")  # another process: its start's reconcile cannot write either
+    assert served.id == second.id - 1 and served.weights == {"stable": 0.0, "canary": 100.0}
+    monkeypatch.undo()
+    svc.tick()
+    assert svc.active("support").id == second.id and svc.active("support").weights == {"stable": 50.0,
+                                                                                        "canary": 50.0}

@@ -11,7 +11,9 @@ from app.core.errors import Conflict, InvalidRequest
 from app.core.settings import BackendSettings, ModelAlias
 from app.llm.routing import (
     CONFIGURED,
+    Label,
     PostgresRoutingStore,
+    Route,
     RoutingStore,
     RoutingTable,
     SqliteRoutingStore,
@@ -211,3 +213,121 @@ def test_an_unreadable_store_keeps_serving_the_routes_last_read(tmp_path):
     assert t.get("kept").model == "v1"
     with pytest.raises(StoreUnavailable):
         t.set("new", adapter("v2"), owner="o", actor="x")
+
+
+# --- labels: which version of a versioned artifact (a prompt template) a named label serves ---------------------
+
+
+def test_labels_are_shared_revisioned_and_audited(open_store):
+    a, b = table(open_store()), table(open_store())
+    rev = a.revision
+    assert a.set_label(Label("prompt", "greet", "production", 1, ref="h1", actor="ann")) is None
+    assert a.set_label(Label("prompt", "greet", "production", 2, ref="h2", actor="bob"), reason="launch") == 1
+    assert a.set_label(Label("prompt", "other", "staging", 4, actor="bob")) is None
+    assert a.revision == rev + 3
+    b.refresh(force=True)
+    got = b.labels("prompt", "greet")["production"]
+    assert (got.version, got.ref, got.actor, got.revision) == (2, "h2", "bob", rev + 2)
+    assert {s: sorted(ls) for s, ls in b.all_labels("prompt").items()} == {"greet": ["production"],
+                                                                            "other": ["staging"]}
+    assert b.labels("adapter", "greet") == {} and b.routes() == [r for r in b.routes() if r.owner == CONFIGURED]
+    # a label the table has is kept by a hand-over (only_if_absent), and nothing is written for it
+    assert b.set_label(Label("prompt", "greet", "production", 1), only_if_absent=True) == 2
+    assert b.remove_label("prompt", "other", "staging", actor="carl") == 4
+    assert b.remove_label("prompt", "other", "staging", actor="carl") is None
+    assert a.catch_up() == b.revision and "other" not in a.all_labels("prompt")
+    events = a.label_events("prompt")
+    assert [(e.action, e.subject, e.subject_ref, e.from_ref, e.to_ref, e.actor) for e in events] == [
+        ("label.remove", "other", "staging", "4", None, "carl"), ("label.move", "other", "staging", None, "4", "bob"),
+        ("label.move", "greet", "production", "1", "2", "bob"), ("label.move", "greet", "production", None, "1", "ann")]
+    assert events[2].reason == "launch" and events[2].details == {"revision": rev + 2, "ref": "h2"}
+    assert a.history() == []  # the model-alias history holds route changes only
+
+
+def test_racing_label_movers_each_land_once(open_store):
+    """Movers on several processes: every move is one revision and one audit row, and the last one serves."""
+    stores = [open_store() for _ in range(4)]
+    barrier = threading.Barrier(len(stores))
+
+    def move(i: int) -> None:
+        barrier.wait()
+        stores[i].put_label(Label("prompt", "greet", "production", i + 1, actor=f"w{i}"))
+
+    threads = [threading.Thread(target=move, args=(i,)) for i in range(len(stores))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    t = table(stores[0])
+    events = t.label_events("prompt", subject="greet")
+    assert len(events) == 4 and len({e.details["revision"] for e in events}) == 4
+    assert t.labels("prompt", "greet")["production"].version == int(events[0].to_ref)
+    # each move saw the one before it
+    assert [e.from_ref for e in reversed(events)][1:] == [e.to_ref for e in reversed(events)][:-1]
+
+
+def test_a_routing_table_of_the_previous_release_is_upgraded_with_its_routes(tmp_path):
+    """A routing.db at revision 0001 (before labels) opens at head: its routes kept, labels usable."""
+    import sqlite3
+
+    from alembic import command
+    from sqlalchemy import create_engine
+
+    from app.core import audit, migrate
+    from app.llm.routing import MIGRATIONS
+
+    path = tmp_path / "routing.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    audit.ensure_schema_sqlite(conn)
+    conn.close()
+    engine = create_engine(f"sqlite:///{path}")
+    with engine.begin() as bind:
+        command.upgrade(migrate.alembic_config(bind, MIGRATIONS), "0001")
+        bind.exec_driver_sql("INSERT INTO routes VALUES ('ft-v1', ?, 'finetune:ft', 'ann', 1, 1.0)",
+                             (adapter("ft-v1").model_dump_json(),))
+        bind.exec_driver_sql("UPDATE routing_revision SET revision = 1")
+    engine.dispose()
+    t = table(SqliteRoutingStore(path))
+    assert t.get("ft-v1") == adapter("ft-v1") and t.owner("ft-v1") == "finetune:ft" and t.revision == 1
+    t.set_label(Label("prompt", "greet", "production", 3, actor="ann"))
+    assert t.labels("prompt", "greet")["production"].version == 3 and t.revision == 2
+    t.close()
+    with sqlite3.connect(path) as check:
+        assert check.execute("SELECT version_num FROM alembic_version_routing").fetchall() == [(MIGRATIONS.head,)]
+
+
+def test_release_splits_share_the_alias_namespace_and_never_go_back(open_store):
+    a, b = table(open_store()), table(open_store())
+    a.set_split("support", {"stable": 95, "canary": 5}, owner="release:support", release_id=1, release_revision=1,
+                actor="ann")
+    b.refresh(force=True)
+    assert b.split("support").weights == {"stable": 95.0, "canary": 5.0} and b.get("support") is None
+    a.set_split("support", {"stable": 0, "canary": 100}, owner="release:support", release_id=1, release_revision=3,
+                actor="bob")
+    # a writer that read the release before that change: refused quietly, the newer split stays
+    stale = b.set_split("support", {"stable": 75, "canary": 25}, owner="release:support", release_id=1,
+                        release_revision=2, actor="late")
+    assert stale.weights == {"stable": 0.0, "canary": 100.0} and stale.actor == "bob"
+    # the same traffic from a later state of the release (a pause) writes nothing
+    rev = a.revision
+    a.set_split("support", {"stable": 0, "canary": 100}, owner="release:support", release_id=1, release_revision=4,
+                actor="carl")
+    assert a.revision == rev
+    # a new release on the endpoint replaces the split
+    a.set_split("support", {"stable": 50, "canary": 50}, owner="release:support", release_id=2, release_revision=1,
+                actor="dana")
+    with pytest.raises(Conflict, match="routed by release:support"):
+        a.set_split("support", {"x": 100}, owner="release:other", release_id=9, release_revision=1, actor="eve")
+    with pytest.raises(Conflict, match="release endpoint"):
+        b.set("support", adapter("x"), owner="finetune:x", actor="eve")
+    with pytest.raises(Conflict, match="release endpoint"):  # checked in the transaction too
+        b.store.put(Route("support", adapter("x"), "finetune:x", "eve"))
+    a.set("ft-v1", adapter("ft-v1"), owner="finetune:ft", actor="ann")
+    with pytest.raises(Conflict, match="routed model alias"):
+        b.set_split("ft-v1", {"a": 100}, owner="release:ft-v1", release_id=3, release_revision=1, actor="eve")
+    with pytest.raises(Conflict, match="configured model alias"):
+        b.set_split("smollm2", {"a": 100}, owner="release:smollm2", release_id=4, release_revision=1, actor="eve")
+    events = a.split_events("support")
+    assert [(e.actor, e.from_ref, e.to_ref, e.details["release_id"]) for e in events] == [
+        ("dana", "stable 0%, canary 100%", "stable 50%, canary 50%", 2),
+        ("bob", "stable 95%, canary 5%", "stable 0%, canary 100%", 1), ("ann", None, "stable 95%, canary 5%", 1)]

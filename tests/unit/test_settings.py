@@ -89,3 +89,18 @@ def test_one_database_url_covers_every_store_that_can_live_in_postgres(monkeypat
     assert "pw" not in str(s.database_url)  # masked wherever the settings are printed
     with pytest.raises(ValueError, match="database_url must be a postgresql:// URL"):
         Settings(database_url="mysql://db/keel")
+
+
+def test_the_routing_table_is_shared_where_prompts_or_releases_are(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Prompt labels and release splits live in the routing table: a shared prompt registry (or release store)
+    without a shared routing table would keep labels (splits) per machine."""
+    from app.settings import Settings
+
+    prompts = Settings(prompts={"url": "postgresql://keel:pw@db:5432/prompts"})
+    assert prompts.routing.url.get_secret_value() == "postgresql://keel:pw@db:5432/prompts"
+    releases = Settings(releases={"url": "postgresql://keel:pw@db:5432/rel"})
+    assert releases.routing.url.get_secret_value() == "postgresql://keel:pw@db:5432/rel"
+    own = Settings(prompts={"url": "postgresql://keel:pw@db:5432/prompts"},
+                   routing={"url": "postgresql://keel:pw@db:5432/routing"})
+    assert own.routing.url.get_secret_value() == "postgresql://keel:pw@db:5432/routing"  # its own setting wins
+    assert Settings().routing.url is None  # one machine: <home>/routing.db

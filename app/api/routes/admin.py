@@ -71,6 +71,26 @@ async def backends(llm: LlmDep) -> dict:
     return await llm.readiness()
 
 
+@router.get("/routing")
+async def routing(llm: LlmDep, container: ContainerDep) -> dict:
+    """What serves traffic, in one place: the model aliases (configured, and routed at run time: adapter deploys)
+    and the labels (which version of a prompt template ``production``, ``staging``... serve), at the routing
+    table's revision; with the release endpoints running on top of them. Changes: the ``routing`` audit trail."""
+    table = llm.routes
+    await asyncio.to_thread(table.refresh, force=True)
+    labels = [asdict(label) for _, by_name in sorted(table.all_labels("prompt").items())
+              for label in by_name.values()]
+    releases = getattr(container, "releases", None)
+    endpoints = []
+    for name in releases.names() if releases is not None else []:
+        release = releases.active(name)
+        if release is not None:
+            endpoints.append({"endpoint": name, "release": release.name, "strategy": release.spec.strategy,
+                              "status": release.status, "weights": release.weights})
+    return {"revision": table.revision, "routes": [r.public() for r in table.routes()], "labels": labels,
+            "releases": endpoints}
+
+
 @router.get("/backends/{name}/logs")
 async def backend_logs(llm: LlmDep, name: str, lines: int = Query(200, ge=1, le=5000)) -> dict:
     backend = llm.backends.get(name)

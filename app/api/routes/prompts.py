@@ -15,6 +15,7 @@ from app.api.schemas import SQL_INT_MAX
 from app.core.errors import PermissionDenied
 from app.security.keys import ApiKey
 from prompts.models import NAME_PATTERN
+from prompts.registry import Trail
 from prompts.schemas import (
     AuditEntryOut,
     AuditList,
@@ -34,6 +35,10 @@ from prompts.schemas import (
 )
 
 router = APIRouter(prefix="/v1/prompts", tags=["prompts"])
+
+BEFORE_ID = "Page: entries older than this one (the id of the previous page's last entry, with its trail)."
+BEFORE_TRAIL = ("The trail of the entry `before_id` names: `prompts` (versions saved) or `routing` (label moves, "
+                "kept in the routing table with every other decision about what serves traffic).")
 
 
 def actor_of(key: ApiKey) -> str:
@@ -71,9 +76,10 @@ def audit_log(
     registry: PromptsDep, _: PromptsReadKey,
     name: str | None = Query(default=None, pattern=NAME_PATTERN),
     limit: int = Query(default=100, ge=1, le=1000),
-    before_id: int | None = Query(default=None, ge=1, le=SQL_INT_MAX, description="Page: entries older than this id."),
+    before_id: int | None = Query(default=None, ge=1, le=SQL_INT_MAX, description=BEFORE_ID),
+    before_trail: Trail = Query(default="prompts", description=BEFORE_TRAIL),
 ) -> AuditList:
-    entries = registry.audit_log(name=name, limit=limit, before_id=before_id)
+    entries = registry.audit_log(name=name, limit=limit, before_id=before_id, before_trail=before_trail)
     return AuditList(data=[AuditEntryOut.of(e) for e in entries])
 
 
@@ -161,8 +167,9 @@ def label_history(
 def template_audit(
     registry: PromptsDep, _: PromptsReadKey,
     name: str, limit: int = Query(default=100, ge=1, le=1000),
-    before_id: int | None = Query(default=None, ge=1, le=SQL_INT_MAX),
+    before_id: int | None = Query(default=None, ge=1, le=SQL_INT_MAX, description=BEFORE_ID),
+    before_trail: Trail = Query(default="prompts", description=BEFORE_TRAIL),
 ) -> AuditList:
     registry.labels(name)  # 404 for unknown templates rather than an empty list
-    return AuditList(data=[AuditEntryOut.of(e) for e in registry.audit_log(name=name, limit=limit,
-                                                                               before_id=before_id)])
+    entries = registry.audit_log(name=name, limit=limit, before_id=before_id, before_trail=before_trail)
+    return AuditList(data=[AuditEntryOut.of(e) for e in entries])
