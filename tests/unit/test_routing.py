@@ -266,34 +266,47 @@ def test_racing_label_movers_each_land_once(open_store):
     assert [e.from_ref for e in reversed(events)][1:] == [e.to_ref for e in reversed(events)][:-1]
 
 
-def test_a_routing_table_of_the_previous_release_is_upgraded_with_its_routes(tmp_path):
-    """A routing.db at revision 0001 (before labels) opens at head: its routes kept, labels usable."""
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
+def test_a_routing_table_of_the_previous_release_is_upgraded_with_its_routes(kind, request, tmp_path):
+    """A routing table at revision 0001 (before labels and splits) opens at head: its routes kept, the new
+    shapes usable."""
     import sqlite3
 
+    import psycopg
     from alembic import command
     from sqlalchemy import create_engine
+    from sqlalchemy.pool import NullPool
 
     from app.core import audit, migrate
     from app.llm.routing import MIGRATIONS
 
-    path = tmp_path / "routing.db"
-    conn = sqlite3.connect(path, isolation_level=None)
-    audit.ensure_schema_sqlite(conn)
-    conn.close()
-    engine = create_engine(f"sqlite:///{path}")
+    if kind == "sqlite":
+        path = tmp_path / "routing.db"
+        conn = sqlite3.connect(path, isolation_level=None)
+        audit.ensure_schema_sqlite(conn)
+        conn.close()
+        engine, mark = create_engine(f"sqlite:///{path}"), "?"
+        reopen = lambda: SqliteRoutingStore(path)  # noqa: E731
+    else:
+        url = request.getfixturevalue("postgres_url")
+        audit.ensure_schema_postgres(url)
+        engine = create_engine("postgresql+psycopg://", poolclass=NullPool, creator=lambda: psycopg.connect(url))
+        mark, reopen = "%s", lambda: PostgresRoutingStore(url)
     with engine.begin() as bind:
         command.upgrade(migrate.alembic_config(bind, MIGRATIONS), "0001")
-        bind.exec_driver_sql("INSERT INTO routes VALUES ('ft-v1', ?, 'finetune:ft', 'ann', 1, 1.0)",
+        bind.exec_driver_sql(f"INSERT INTO routes VALUES ('ft-v1', {mark}, 'finetune:ft', 'ann', 1, 1.0)",
                              (adapter("ft-v1").model_dump_json(),))
         bind.exec_driver_sql("UPDATE routing_revision SET revision = 1")
     engine.dispose()
-    t = table(SqliteRoutingStore(path))
+    t = table(reopen())
     assert t.get("ft-v1") == adapter("ft-v1") and t.owner("ft-v1") == "finetune:ft" and t.revision == 1
     t.set_label(Label("prompt", "greet", "production", 3, actor="ann"))
-    assert t.labels("prompt", "greet")["production"].version == 3 and t.revision == 2
+    t.set_split("support", {"a": 100}, owner="release:support", release_id=1, release_revision=1, actor="ann")
+    assert t.labels("prompt", "greet")["production"].version == 3 and t.revision == 3
     t.close()
-    with sqlite3.connect(path) as check:
-        assert check.execute("SELECT version_num FROM alembic_version_routing").fetchall() == [(MIGRATIONS.head,)]
+    again = table(reopen())  # reopened at head: nothing migrates, everything is there
+    assert again.split("support").weights == {"a": 100.0} and again.get("ft-v1") == adapter("ft-v1")
+    again.close()
 
 
 def test_release_splits_share_the_alias_namespace_and_never_go_back(open_store):
