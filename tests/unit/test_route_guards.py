@@ -62,7 +62,8 @@ MODEL_ROUTES: dict[tuple[str, str], dict[str, Any]] = {
 # Reviewed: scoped, and reaching neither a model nor a tool (retrieval embeds the query, nothing generates).
 NO_MODEL = {
     ("GET", "/v1/models"), ("POST", "/v1/admin/keys"), ("GET", "/v1/admin/keys"), ("DELETE", "/v1/admin/keys/{key_id}"),
-    ("GET", "/v1/admin/backends"), ("GET", "/v1/admin/backends/{name}/logs"), ("GET", "/v1/admin/guardrails/audit"),
+    ("GET", "/v1/admin/backends"), ("GET", "/v1/admin/routing"), ("GET", "/v1/admin/backends/{name}/logs"),
+    ("GET", "/v1/admin/guardrails/audit"),
     ("GET", "/v1/admin/guardrails/policy"), ("GET", "/v1/admin/audit"), ("GET", "/v1/prompts"), ("POST", "/v1/prompts"),
     ("GET", "/v1/prompts/audit"), ("POST", "/v1/prompts/preview"), ("GET", "/v1/prompts/{name}"),
     ("GET", "/v1/prompts/{name}/versions"), ("POST", "/v1/prompts/{name}/versions"),

@@ -36,6 +36,7 @@ from prompts.schemas import (
 
 router = APIRouter(prefix="/v1/prompts", tags=["prompts"])
 
+CURSOR_GONE = "The entry `before_id` names (with `before_trail`) does not exist (or retention deleted it)."
 BEFORE_ID = "Page: entries older than this one (the id of the previous page's last entry, with its trail)."
 BEFORE_TRAIL = ("The trail of the entry `before_id` names: `prompts` (versions saved) or `routing` (label moves, "
                 "kept in the routing table with every other decision about what serves traffic).")
@@ -71,7 +72,7 @@ def create_template(registry: PromptsDep, key: PromptsWriteKey, body: CreateTemp
     return VersionOut.full(version, registry.labels(body.name))
 
 
-@router.get("/audit", response_model=AuditList)
+@router.get("/audit", response_model=AuditList, responses=error_responses({404: CURSOR_GONE}))
 def audit_log(
     registry: PromptsDep, _: PromptsReadKey,
     name: str | None = Query(default=None, pattern=NAME_PATTERN),
@@ -163,7 +164,8 @@ def label_history(
     return AuditList(data=[AuditEntryOut.of(e) for e in registry.label_history(name, label, limit)])
 
 
-@router.get("/{name}/audit", response_model=AuditList)
+@router.get("/{name}/audit", response_model=AuditList, responses=error_responses({
+    404: f"No such template, or {CURSOR_GONE[0].lower()}{CURSOR_GONE[1:]}"}))
 def template_audit(
     registry: PromptsDep, _: PromptsReadKey,
     name: str, limit: int = Query(default=100, ge=1, le=1000),
