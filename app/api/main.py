@@ -35,6 +35,7 @@ from app.api.routes import (
 from app.api.routes import prompts as prompt_routes
 from app.api.routes.batches import batch_responder
 from app.container import Container
+from app.core import heap
 from app.core.metrics import Metrics
 from app.core.tracing import Tracing
 from app.settings import Settings, load_settings
@@ -46,8 +47,13 @@ _UNTRACED = (r"/healthz$,/readyz$,/metrics$,://[^/]+/studio(/|$),://[^/]+/releas
              r"/v1/traces(/|\?|$)")  # reading traces must not make more of them
 
 
-def create_app(settings: Settings | None = None, container: Container | None = None) -> FastAPI:
-    """``container`` lets tests inject pre-built services; otherwise the lifespan builds them."""
+def create_app(settings: Settings | None = None, container: Container | None = None, *,
+               owns_process: bool = False) -> FastAPI:
+    """``container`` lets tests inject pre-built services; otherwise the lifespan builds them. ``owns_process``:
+    the app is the process's server (``keel serve``), so it may change process-wide state: the garbage
+    collector's pauses are timed (``keel_gc_pause_seconds``) and, with ``server.gc_freeze``, the start-up heap is
+    taken out of its scans (:mod:`app.core.heap`); an app built inside another program or a test suite does
+    neither."""
     settings = settings or (container.settings if container else load_settings())
     # Built before the container: the HTTP instrumentation below needs the tracer provider at creation.
     metrics = container.metrics if container else Metrics()
@@ -72,9 +78,17 @@ def create_app(settings: Settings | None = None, container: Container | None = N
         mcp = None
         if settings.mcp.enabled and app.state.keel.tools is not None:
             mcp = app.state.mcp = await RunningMcp(mcp_http_app(app.state.keel.mcp_server(http=True))).start()
+        unwatch = None
+        if owns_process:
+            gc_pause = app.state.keel.metrics.gc_pause
+            unwatch = heap.watch(lambda generation, seconds: gc_pause.labels(generation).observe(seconds))
+            if settings.server.gc_freeze:
+                heap.freeze()  # last: everything start-up loaded is in it
         try:
             yield
         finally:
+            if unwatch is not None:
+                unwatch()
             app.state.mcp = None
             if mcp is not None:
                 await mcp.stop()

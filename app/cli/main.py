@@ -206,7 +206,7 @@ def _serve(settings: Settings, on_ready=None) -> None:
     _preflight(settings)
     _configure_logging(settings.log_level, settings.log_format)
     config = uvicorn.Config(
-        create_app(settings), host=settings.server.host, port=settings.server.port,
+        create_app(settings, owns_process=True), host=settings.server.host, port=settings.server.port,
         log_level=settings.log_level.lower(), access_log=False, timeout_graceful_shutdown=10,
     )
     server = uvicorn.Server(config)

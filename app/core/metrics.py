@@ -69,6 +69,11 @@ class Metrics:
             "keel_release_shadow_total", "Shadow requests by outcome (stored, error, dropped: queue full, unpaired: "
             "the primary failed)", ["release", "variant", "outcome"], registry=r,
         )
+        self.gc_pause = Histogram(
+            "keel_gc_pause_seconds", "Pauses of the garbage collector, by generation: every request in flight waits "
+            "them out (a full collection of an unfrozen start-up heap: ~0.5 s; server.gc_freeze)", ["generation"],
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5), registry=r,
+        )
         self.trace_dropped = Counter(
             "keel_trace_spans_dropped_total", "Spans not exported: the export queue was full or the store/collector "
             "failed (where: store, otlp)", ["where"], registry=r,
