@@ -79,12 +79,13 @@ def create_app(settings: Settings | None = None, container: Container | None = N
         if settings.mcp.enabled and app.state.keel.tools is not None:
             mcp = app.state.mcp = await RunningMcp(mcp_http_app(app.state.keel.mcp_server(http=True))).start()
         unwatch = None
-        if owns_process:
-            gc_pause = app.state.keel.metrics.gc_pause
-            unwatch = heap.watch(lambda generation, seconds: gc_pause.labels(generation).observe(seconds))
-            if settings.server.gc_freeze:
-                heap.freeze()  # last: everything start-up loaded is in it
         try:
+            if owns_process:
+                # bound now: labels() takes the metric's lock, which a collection may interrupt (heap.watch)
+                pauses = {g: app.state.keel.metrics.gc_pause.labels(str(g)) for g in (0, 1, 2)}
+                unwatch = heap.watch(lambda generation, seconds: pauses[generation].observe(seconds))
+                if settings.server.gc_freeze:
+                    heap.freeze()  # last: everything start-up loaded is in it
             yield
         finally:
             if unwatch is not None:

@@ -1,8 +1,8 @@
 """The interpreter's heap once a process has started.
 
-A started Keel holds ~600k objects the cyclic garbage collector would otherwise scan again and again: the loaded
+A started Keel holds 600k to 1M objects the cyclic garbage collector would otherwise scan again and again: the loaded
 libraries (torch, transformers, FastAPI, OpenTelemetry), the models, the settings and the service graph, none
-of which becomes garbage while the process serves. Each full collection walks all of them: a pause of ~400 ms on
+of which becomes garbage while the process serves. Each full collection walks all of them: a pause of ~0.5 s on
 this project's 2-core machine, landing on whichever requests are in flight (``bench/heap.py``).
 :func:`freeze` moves them to the collector's permanent generation (:func:`gc.freeze`, the technique CPython
 documents for servers after start-up), so a collection scans only what requests allocate. What freezing costs:
@@ -36,15 +36,23 @@ def freeze() -> int:
     return frozen
 
 
-def watch(observe: Callable[[str, float], None]) -> Callable[[], None]:
-    """Report every collection's pause, ``observe(generation, seconds)``; returns what stops it."""
+def watch(observe: Callable[[int, float], None]) -> Callable[[], None]:
+    """Report every collection's pause, ``observe(generation, seconds)``; returns what stops it.
+
+    ``observe`` runs inside the collector, on whichever thread allocated when a collection was due, maybe while
+    that thread holds a lock: it must take no lock that code allocating objects may hold (a Prometheus metric's
+    ``labels()`` does; a child bound beforehand only guards float arithmetic, which allocates nothing the collector
+    tracks)."""
     started = [0.0]
 
     def callback(phase: str, info: dict[str, Any]) -> None:
         if phase == "start":
             started[0] = time.perf_counter()
         else:
-            observe(str(info["generation"]), time.perf_counter() - started[0])
+            observe(info["generation"], time.perf_counter() - started[0])
+
+    def stop() -> None:
+        gc.callbacks.remove(callback)
 
     gc.callbacks.append(callback)
-    return lambda: gc.callbacks.remove(callback)
+    return stop

@@ -161,9 +161,9 @@ class ServerSettings(BaseModel):
     port: int = 8000
     public_url: str | None = None
     gc_freeze: bool = Field(default=True, description=(
-        "Once started, take the start-up heap (libraries, models, the service graph: ~600k objects) out of the "
+        "Once started, take the start-up heap (libraries, models, the service graph: 600k-1M objects) out of the "
         "garbage collector's scans (gc.freeze): a full collection then pauses the server for milliseconds instead "
-        "of ~400 ms (bench/heap.py)."))
+        "of ~0.5 s (bench/heap.py)."))
 
     @property
     def url(self) -> str:
