@@ -91,6 +91,12 @@ class Split:
     revision: int = 0
     updated_at: float = 0.0
 
+    def behind(self, release_id: int, release_revision: int, weights: Mapping[str, float]) -> bool:
+        """Whether writing that state of the release would change this split: it is newer, and it serves another
+        split or another release (a pause keeps the traffic: nothing to write)."""
+        return (self.release_id, self.release_revision) < (release_id, release_revision) and not (
+            self.release_id == release_id and self.weights == dict(weights))
+
     def public(self) -> dict[str, Any]:
         return {"endpoint": self.endpoint, "owner": self.owner, "release_id": self.release_id,
                 "release_revision": self.release_revision, "weights": self.weights, "actor": self.actor,
@@ -578,9 +584,8 @@ class RoutingTable:
         current = self._splits.get(endpoint)
         wanted = Split(endpoint, owner, release_id, release_revision, {k: float(v) for k, v in weights.items()},
                        actor)
-        if current is not None and current.owner == owner and (
-                (current.release_id, current.release_revision) >= (release_id, release_revision)
-                or (current.release_id == release_id and current.weights == wanted.weights)):
+        if current is not None and current.owner == owner and not current.behind(release_id, release_revision,
+                                                                                 wanted.weights):
             return current  # newer, or the same traffic (a pause): nothing to write
         self.store.put_split(wanted, reason=reason)
         self.refresh(force=True)

@@ -85,7 +85,7 @@ class ReleaseService:
         self._tables: dict[tuple[int, tuple[tuple[str, float], ...]], tuple[list[str], list[tuple[float, float]],
                                                                             dict]] = {}
         self._revision: tuple[int, int] = (-1, -1)
-        self._unpublished: set[tuple[int, int]] = set()
+        self._unpublished: set[tuple[str, int]] = set()
         self._refresh = ThrottledRefresh(check_interval_s, self._check, name="keel-releases-refresh")
         self._observations: BufferedWriter[Observation] = BufferedWriter(
             store.record, interval_s=flush_interval_s, name="keel-release-observations", what="release observations")
@@ -193,9 +193,7 @@ class ReleaseService:
         written = []
         for name, release in self.store.current().items():
             split = self.routes.split(name)
-            if split is None or split.release_id < release.id or (
-                    split.release_id == release.id and split.weights != release.weights
-                    and split.release_revision < release.revision):
+            if split is None or split.behind(release.id, release.revision, release.weights):
                 self._publish(release, actor="controller", reason="reconciled with the release's state")
                 written.append(name)
         return written

@@ -605,7 +605,7 @@ def test_the_admin_route_queries_each_trail(tmp_path):
         assert [(e["actor"], e["action"], e["subject"], e["subject_ref"], e["to_ref"]) for e in routed] == [
             ("dana", "label.move", "greet", "production", "1"), ("carl", "route.set", "tuned", "finetune:m", "m-v2")]
         serving = client.get("/v1/admin/routing", headers=admin).json()
-        assert serving["revision"] == routes.revision and serving["releases"] == []
+        assert serving["revision"] == routes.revision and serving["releases"] == [] and serving["splits"] == []
         assert [(r["alias"], r["owner"], r["model"]) for r in serving["routes"]] == [("tuned", "finetune:m", "m-v2")]
         assert [(x["kind"], x["subject"], x["label"], x["version"], x["actor"]) for x in serving["labels"]] == [
             ("prompt", "greet", "production", 1, "dana")]

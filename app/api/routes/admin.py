@@ -74,8 +74,9 @@ async def backends(llm: LlmDep) -> dict:
 @router.get("/routing")
 async def routing(llm: LlmDep, container: ContainerDep) -> dict:
     """What serves traffic, in one place: the model aliases (configured, and routed at run time: adapter deploys)
-    and the labels (which version of a prompt template ``production``, ``staging``... serve), at the routing
-    table's revision; with the release endpoints running on top of them. Changes: the ``routing`` audit trail."""
+    the labels (which version of a prompt template ``production``, ``staging``... serve) and the release endpoints'
+    splits, at the routing table's revision; with the releases behind the endpoints.
+    Changes: the ``routing`` audit trail."""
     table = llm.routes
     await asyncio.to_thread(table.refresh, force=True)
     labels = [asdict(label) for _, by_name in sorted(table.all_labels("prompt").items())
@@ -88,7 +89,7 @@ async def routing(llm: LlmDep, container: ContainerDep) -> dict:
             endpoints.append({"endpoint": name, "release": release.name, "strategy": release.spec.strategy,
                               "status": release.status, "weights": release.weights})
     return {"revision": table.revision, "routes": [r.public() for r in table.routes()], "labels": labels,
-            "releases": endpoints}
+            "splits": [s.public() for _, s in sorted(table.splits().items())], "releases": endpoints}
 
 
 @router.get("/backends/{name}/logs")
