@@ -7,6 +7,7 @@ import os
 # Real Postgres (pgserver, or KEEL_TEST_POSTGRES_URL) for the Postgres-backed stores. Imported before the
 # KEEL_* variables are cleared below: the module reads KEEL_TEST_POSTGRES_URL when it is imported.
 from tests.postgres import postgres_server, postgres_url  # noqa: F401
+from tests.qdrant import QDRANT_URL  # noqa: F401  (KEEL_TEST_QDRANT_URL, read before the clearing below)
 
 for _k, _v in {
     "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",

@@ -156,3 +156,46 @@ def keel_server(tmp_path_factory: pytest.TempPathFactory) -> KeelServer:
     while port_open(vllm_port) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not port_open(vllm_port), "vLLM still listening after Keel shut down"
+
+
+def start_api(home: Path, *, database_url: str, vllm_url: str, vllm_key: str, poll_s: float | None = None
+              ) -> KeelServer:
+    """Another Keel API process (``keel serve``) with a home of its own, as on another machine, on the shared
+    database ``database_url`` and the vLLM server at ``vllm_url``; not waited for (``wait_ready``). ``poll_s``:
+    share the job queue too, in the same database, polled that often."""
+    port = free_port()
+    config = {
+        "home": str(home),
+        "database_url": database_url,
+        "server": {"port": port},
+        "auth": {"default_rate_limit_per_minute": 10_000},
+        # one vLLM for every process: a URL means connect to it, not start one
+        "backends": {"local": {"kind": "vllm", "base_url": f"{vllm_url}/v1", "api_key": vllm_key,
+                               "read_timeout_s": 60}},
+        "guardrails": {"model_cache": str(ROOT / ".keel" / "cache" / "guardrails")},
+        "routing": {"check_interval_s": 0.2},
+        "models": {"smollm2-b": {"backend": "local", "model": "smollm2"}},  # a release's second variant
+    }
+    if poll_s is not None:
+        # one job queue for both (the jobs here need no file of either home): a process that dies leaves its jobs
+        # to the other once their lease lapses
+        config["jobs"] = {"url": database_url, "lease_s": 6, "heartbeat_s": 2, "poll_s": poll_s}
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "keel.yaml").write_text(yaml.safe_dump(config))
+    log = home / "keel.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KEEL_")}
+    env.update(KEEL_CONFIG=str(home / "keel.yaml"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve"], cwd=ROOT, env=env, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    return KeelServer(f"http://127.0.0.1:{port}", vllm_url, home, proc, {}, log)
+
+
+def eventually(check, timeout: float = 5.0):
+    """``check()`` once it is truthy; a change made through one process must reach the other within seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(0.1)

@@ -31,8 +31,10 @@ def make_home(tmp: Path) -> Path:
     return tmp
 
 
-def worker_env(home: Path, *, auto_eval: bool = False) -> dict[str, str]:
+def worker_env(home: Path, *, auto_eval: bool = False, database_url: str | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("KEEL_")}
+    if database_url:  # the API's shared stores (eval runs among them) are the worker's too
+        env["KEEL_DATABASE_URL"] = database_url
     # auto_eval off by default: only the test that checks evaluation pays for it.
     env.update(KEEL_HOME=str(home), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                MLFLOW_DISABLE_TELEMETRY="true", KEEL_CONFIG=str(home / "none.yaml"),
@@ -41,11 +43,12 @@ def worker_env(home: Path, *, auto_eval: bool = False) -> dict[str, str]:
     return env
 
 
-def start_worker(home: Path, *, once: bool = True, auto_eval: bool = False) -> subprocess.Popen:
+def start_worker(home: Path, *, once: bool = True, auto_eval: bool = False, database_url: str | None = None
+                 ) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "app.cli", "finetune", "worker"] + (["--once"] if once else [])
     log = (home / "worker.out").open("ab")
-    return subprocess.Popen(cmd, cwd=ROOT, env=worker_env(home, auto_eval=auto_eval), stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    env = worker_env(home, auto_eval=auto_eval, database_url=database_url)
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def service(home: Path):

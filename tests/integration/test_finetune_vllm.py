@@ -2,7 +2,9 @@
 evaluates the new adapter on the job's suites (veltmar-fact, smoke-general), and only then does the
 eval gate let it reach production; promoted, it is loaded into a RUNNING vLLM server (runtime LoRA
 loading, no restart) and answers with the fact through Keel's chat API under its alias, while the
-base model does not (and fails the same suite).
+base model does not (and fails the same suite). The stores are on a real Postgres (``database_url``), and a
+second Keel API process (a home of its own, as on another machine) serves the alias the promotion deployed
+through the first, without being told.
 
 Then the supervised vLLM is killed: restarted, it is given the adapter back without Keel restarting.
 
@@ -16,12 +18,14 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import secrets
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 
+from tests.integration.conftest import start_api
 from tests.integration.test_finetune_e2e import MODEL, make_home, service, spec, start_worker, wait_done
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -44,11 +48,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-async def test_adapter_is_evaluated_then_promoted_through_the_gate_and_served(tmp_path):
+async def test_adapter_is_evaluated_then_promoted_through_the_gate_and_served(tmp_path, postgres_url):
     from mlflow import MlflowClient
 
     from app.api.main import create_app
     from app.container import Container
+    from app.security.keys import PostgresKeyStore
     from app.settings import Settings
     from evals.runner import EvalRunner
     from evals.suite import load_suite
@@ -68,13 +73,16 @@ async def test_adapter_is_evaluated_then_promoted_through_the_gate_and_served(tm
     model, version_id = job.model_name, job.model_version
 
     # 2. Keel with a supervised vLLM (LoRA enabled, nothing preloaded); the container plugs in the adapter gate.
+    #    A configured vLLM key (not one per start): the second API process below is given it.
+    vllm_key = secrets.token_urlsafe(24)
     settings = Settings(
-        home=home, auth={"enabled": False},
-        backends={"local": {"kind": "vllm", "managed": {
+        home=home, auth={"enabled": False}, database_url=postgres_url,
+        backends={"local": {"kind": "vllm", "api_key": vllm_key, "managed": {
             "python": str(VLLM_PYTHON), "model_path": str(MODEL), "port": free_port(), "enforce_eager": True,
             "enable_lora": True, "max_lora_rank": 8, "max_restarts": 1}}},
     )
     container = await Container.build(settings)
+    other = None
     try:
         app = create_app(settings, container)
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://keel",
@@ -90,7 +98,7 @@ async def test_adapter_is_evaluated_then_promoted_through_the_gate_and_served(tm
 
             # 4. A worker with auto_eval evaluates the adapter in its own process (transformers + peft).
             t0 = time.perf_counter()
-            wait_done(start_worker(home, auto_eval=True), home, timeout=900)
+            wait_done(start_worker(home, auto_eval=True, database_url=postgres_url), home, timeout=900)
             eval_s = time.perf_counter() - t0
             job = svc.get(job.id)
             suites = job.evals["suites"]
@@ -118,6 +126,12 @@ async def test_adapter_is_evaluated_then_promoted_through_the_gate_and_served(tm
             while not await backend.ready():
                 assert time.monotonic() < deadline, "vLLM did not become ready in 600 s"
                 await asyncio.sleep(1)
+            # The second API process starts now (its start overlaps step 5).
+            keys = PostgresKeyStore(postgres_url)
+            other_key = keys.create("app", ["chat"])[1]
+            keys.close()
+            other = start_api(tmp_path / "other", database_url=postgres_url,
+                              vllm_url=serving.backend_url(settings, "local").removesuffix("/v1"), vllm_key=vllm_key)
 
             # 5. The base model fails the very suite the adapter passed (through vLLM and Keel's chat path).
             base_run = (await EvalRunner(container.eval_deps(), container.evals, progress=False).run(
@@ -134,6 +148,12 @@ async def test_adapter_is_evaluated_then_promoted_through_the_gate_and_served(tm
 
             base = await ask("smollm2")
             assert "quorra" not in base.lower(), base
+
+            await asyncio.to_thread(other.wait_ready, 300)
+            before = await asyncio.to_thread(httpx.post, f"{other.url}/v1/chat/completions", timeout=60, json={
+                "model": "veltmar", "messages": [{"role": "user", "content": QUESTION}]},
+                headers={"Authorization": f"Bearer {other_key}"})
+            assert before.status_code == 404, before.text  # no such model there yet
 
             # 6. Evaluated: promotion passes the gate and deploys at runtime (load into vLLM, point the alias).
             t0 = time.perf_counter()
@@ -152,6 +172,21 @@ async def test_adapter_is_evaluated_then_promoted_through_the_gate_and_served(tm
             assert "veltmar" in {m["id"] for m in models}
             assert [(d["alias"], d["version"]) for d in container.finetune.store.deployments()] == [
                 ("veltmar", version_id)]
+
+            # 6b. The other process serves the alias within its routing table's check (0.2 s there): the route
+            #     is in the shared database, the adapter on the shared vLLM.
+            async with httpx.AsyncClient(base_url=other.url, timeout=120,
+                                         headers={"Authorization": f"Bearer {other_key}"}) as b:
+                for _ in range(50):  # 5 s
+                    served = await b.post("/v1/chat/completions", json={
+                        "model": "veltmar", "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 12,
+                        "temperature": 0})
+                    if served.status_code == 200:
+                        break
+                    await asyncio.sleep(0.1)
+                assert served.status_code == 200, f"the other process does not serve the alias: {served.text}"
+                assert "quorra" in served.json()["choices"][0]["message"]["content"].lower(), served.json()
+                assert "veltmar" in {m["id"] for m in (await b.get("/v1/models")).json()["data"]}
 
             # 7. A vLLM that forgot the adapter (restarted) and a process that forgot the alias get both back
             #    from the start-up restore.
@@ -175,5 +210,7 @@ async def test_adapter_is_evaluated_then_promoted_through_the_gate_and_served(tm
             print(f"vLLM restart -> adapter served again {time.perf_counter() - t0:.1f} s")
             assert "quorra" in (await ask("veltmar")).lower()
     finally:
+        if other is not None:
+            await asyncio.to_thread(other.stop)
         await container.aclose()
         svc.close()

@@ -1,7 +1,8 @@
 """Two Keel API processes, each with a home of its own (as on two machines), on one real Postgres (``database_url``)
 and one real vLLM: what one process changes, the other serves (keys, lineage, stored responses, batch files and
-batches, prompt labels, releases); a key's rate limit holds for both together; killing one mid-stream leaves the
-other serving."""
+batches, prompt labels, releases, agent runs); a key's rate limit holds for both together; killing one mid-stream
+leaves the other serving, and loses no batch line, run or audit row. A fine-tune promotion through one process served
+by another: tests/integration/test_finetune_vllm.py."""
 
 from __future__ import annotations
 
@@ -9,16 +10,11 @@ import contextlib
 import json
 import os
 import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import httpx
 import pytest
-import yaml
 
-from tests.integration.conftest import ROOT, KeelServer, free_port
+from tests.integration.conftest import KeelServer, eventually, start_api
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -26,46 +22,6 @@ GREET = {"messages": [{"role": "system", "content": "Answer in one short sentenc
                       {"role": "user", "content": "Say hello to {{ who }}."}],
          "params": {"max_tokens": 12, "temperature": 0},
          "variables": [{"name": "who", "type": "string"}]}
-
-
-def start_api(home: Path, *, database_url: str, vllm: KeelServer, poll_s: float | None = None) -> KeelServer:
-    """``poll_s``: share the job queue too, in the same database, polled that often."""
-    port = free_port()
-    config = {
-        "home": str(home),
-        "database_url": database_url,
-        "server": {"port": port},
-        "auth": {"default_rate_limit_per_minute": 10_000},
-        # the session's vLLM, shared: a URL means connect to it, not start one
-        "backends": {"local": {"kind": "vllm", "base_url": f"{vllm.vllm_url}/v1", "api_key": vllm.vllm_api_key,
-                               "read_timeout_s": 60}},
-        "guardrails": {"model_cache": str(ROOT / ".keel" / "cache" / "guardrails")},
-        "routing": {"check_interval_s": 0.2},
-        "models": {"smollm2-b": {"backend": "local", "model": "smollm2"}},  # a release's second variant
-    }
-    if poll_s is not None:
-        # one job queue for both (the jobs here need no file of either home): a process that dies leaves its jobs
-        # to the other once their lease lapses
-        config["jobs"] = {"url": database_url, "lease_s": 6, "heartbeat_s": 2, "poll_s": poll_s}
-    home.mkdir(parents=True, exist_ok=True)
-    (home / "keel.yaml").write_text(yaml.safe_dump(config))
-    log = home / "keel.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KEEL_")}
-    env.update(KEEL_CONFIG=str(home / "keel.yaml"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve"], cwd=ROOT, env=env, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-    return KeelServer(f"http://127.0.0.1:{port}", vllm.vllm_url, home, proc, {}, log)
-
-
-def eventually(check, timeout: float = 5.0):
-    """``check()`` once it is truthy; a change made through one process must reach the other within seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(0.1)
 
 
 def chat(server: KeelServer, key: str, **extra) -> httpx.Response:
@@ -83,10 +39,11 @@ def test_two_api_processes_share_keys_labels_and_limits_and_survive_one_dying(ke
     bootstrap.close()
     # Both at once on an empty database (keys aside), as a Deployment's replicas start: their schema set-ups
     # must take turns, not block each other.
-    a = start_api(tmp_path / "a", database_url=postgres_url, vllm=keel_server, poll_s=0.2)
+    vllm = {"vllm_url": keel_server.vllm_url, "vllm_key": keel_server.vllm_api_key}
+    a = start_api(tmp_path / "a", database_url=postgres_url, **vllm, poll_s=0.2)
     b = None
     try:
-        b = start_api(tmp_path / "b", database_url=postgres_url, vllm=keel_server, poll_s=2.0)  # A takes new jobs
+        b = start_api(tmp_path / "b", database_url=postgres_url, **vllm, poll_s=2.0)  # A takes new jobs
         a.wait_ready(300)
         b.wait_ready(300)
         as_admin = {"Authorization": f"Bearer {admin}"}
@@ -159,6 +116,16 @@ def test_two_api_processes_share_keys_labels_and_limits_and_survive_one_dying(ke
         assert eventually(lambda: httpx.get(f"{a.url}/v1/releases/support", headers=as_admin,
                                             timeout=30).json()["status"] == "paused")
 
+        # An agent run made through A is read through B, its checkpointed state included (the run records and
+        # LangGraph's checkpoints are in the shared database).
+        run = httpx.post(f"{a.url}/v1/agents/ops/runs", headers=as_admin, timeout=300, json={
+            "input": "Is prompt greet v2 ready for production?", "stream": False})
+        assert run.status_code == 200 and run.json()["status"] == "completed", run.text
+        run = run.json()
+        seen_run = httpx.get(f"{b.url}/v1/agents/runs/{run['run_id']}", headers=as_admin, timeout=30)
+        assert seen_run.status_code == 200, seen_run.text
+        assert seen_run.json()["status"] == "completed" and seen_run.json()["state"]["run_id"] == run["run_id"]
+
         # A revocation through B reaches A within the key cache's second.
         key_id = made.json()["id"]
         assert httpx.delete(f"{b.url}/v1/admin/keys/{key_id}", headers=as_admin, timeout=30).status_code == 200
@@ -208,6 +175,9 @@ def test_two_api_processes_share_keys_labels_and_limits_and_survive_one_dying(ke
         out = httpx.get(f"{b.url}/v1/files/{finished['output_file_id']}/content", headers=as_fresh, timeout=30)
         ids = [json.loads(line)["custom_id"] for line in out.text.splitlines()]
         assert sorted(ids) == sorted(f"n{i}" for i in range(24)), ids
+        # ... and the agent run A made before it died is still there.
+        assert httpx.get(f"{b.url}/v1/agents/runs/{run['run_id']}", headers=as_admin,
+                         timeout=30).json()["status"] == "completed"
         # ... and what A audited before it died is read through B.
         trail = httpx.get(f"{b.url}/v1/admin/audit", params={"trail": "releases", "subject": "support"},
                           headers=as_admin, timeout=30).json()

@@ -1,4 +1,5 @@
-"""Contract suite every VectorStore implementation must pass (edge engine and qdrant-client)."""
+"""Contract suite every VectorStore implementation must pass (edge engine and qdrant-client: in memory, local
+mode, and a Qdrant server where ``KEEL_TEST_QDRANT_URL`` names one, see tests/qdrant.py)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from ingest.errors import CollectionNotFound, DimensionMismatch, InvalidFilter
 from ingest.store.base import ChunkPoint, HybridQuery, Range, VectorStore
 from ingest.store.edge import EdgeStore
 from ingest.store.qdrant import QdrantClientStore
+from tests.qdrant import QDRANT_URL
 
 EMB = HashingEmbedder(64)
 BM25 = Bm25Encoder()
@@ -25,12 +27,26 @@ def _make(kind: str, tmp_path: Path, **kw) -> VectorStore:
         return EdgeStore(tmp_path / "edge", **kw)
     if kind == "qdrant-memory":
         return QdrantClientStore(path=":memory:", **kw)
+    if kind == "qdrant-server":
+        return QdrantClientStore(url=QDRANT_URL, **kw)
     return QdrantClientStore(path=tmp_path / "qlocal", **kw)
 
 
-@pytest.fixture(params=["edge", "qdrant-memory", "qdrant-path"])
+SERVER = ["qdrant-server"] if QDRANT_URL else []
+
+
+def _fresh(kind: str, tmp_path: Path) -> VectorStore:
+    """A store with no collection: a server's survive the test before, so they are dropped first."""
+    s = _make(kind, tmp_path)
+    if kind == "qdrant-server":
+        for name in s.list_collections():
+            s.drop_collection(name)
+    return s
+
+
+@pytest.fixture(params=["edge", "qdrant-memory", "qdrant-path", *SERVER])
 def store(request, tmp_path):
-    s = _make(request.param, tmp_path)
+    s = _fresh(request.param, tmp_path)
     s.warm_up()
     s.ensure_collection("docs", EMB.dim, EMB.model_id)
     yield s
@@ -244,9 +260,9 @@ def test_drop_collection(store: VectorStore):
     assert store.count("docs") == 0
 
 
-@pytest.mark.parametrize("kind", ["edge", "qdrant-path"])
+@pytest.mark.parametrize("kind", ["edge", "qdrant-path", *SERVER])
 def test_persists_across_reopen(kind, tmp_path):
-    s = _make(kind, tmp_path)
+    s = _fresh(kind, tmp_path)
     s.ensure_collection("docs", EMB.dim, EMB.model_id)
     seed(s)
     s._set_hidden("docs", s._hidden_set("docs") | {"zz"})
@@ -260,9 +276,9 @@ def test_persists_across_reopen(kind, tmp_path):
         s2.close()
 
 
-@pytest.mark.parametrize("kind", ["edge", "qdrant-path"])
+@pytest.mark.parametrize("kind", ["edge", "qdrant-path", *SERVER])
 def test_payload_indexes_are_configurable_and_added_to_existing_collections(kind, tmp_path, caplog):
-    s = _make(kind, tmp_path)
+    s = _fresh(kind, tmp_path)
     s.ensure_collection("docs", EMB.dim, EMB.model_id)
     seed(s)
     assert "tag" not in s.collection_info("docs")["payload_indexes"]
