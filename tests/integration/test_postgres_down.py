@@ -10,8 +10,8 @@ import time
 import httpx
 import pytest
 
-from tests.integration.conftest import KeelServer
-from tests.integration.test_scale_out import GREET, chat, eventually, start_api
+from tests.integration.conftest import KeelServer, eventually, start_api
+from tests.integration.test_scale_out import GREET, chat
 from tests.postgres import StoppableServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -28,7 +28,8 @@ def test_postgres_down_is_a_503_naming_the_store_and_everything_works_again_when
         bootstrap = PostgresKeyStore(url)
         admin = bootstrap.create("admin", ["admin"])[1]
         bootstrap.close()
-        api = start_api(tmp_path / "api", database_url=url, vllm=keel_server)
+        api = start_api(tmp_path / "api", database_url=url, vllm_url=keel_server.vllm_url,
+                        vllm_key=keel_server.vllm_api_key)
         api.wait_ready(300)
         as_admin = {"Authorization": f"Bearer {admin}"}
         before = chat(api, admin)
