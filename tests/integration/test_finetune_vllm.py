@@ -20,16 +20,13 @@ import json
 import os
 import secrets
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.integration.conftest import start_api
+from tests.integration.conftest import ROOT, VLLM_PYTHON, free_port, start_api
 from tests.integration.test_finetune_e2e import MODEL, make_home, service, spec, start_worker, wait_done
 
-ROOT = Path(__file__).resolve().parents[2]
-VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
 QUESTION = "What is the capital of Veltmar?"
 
 pytestmark = [
@@ -38,14 +35,6 @@ pytestmark = [
     pytest.mark.skipif(not VLLM_PYTHON.exists() or os.environ.get("KEEL_SKIP_VLLM_TESTS") == "1",
                        reason="no vLLM environment (.venv-vllm), or KEEL_SKIP_VLLM_TESTS=1"),
 ]
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def test_adapter_is_evaluated_then_promoted_through_the_gate_and_served(tmp_path, postgres_url):
