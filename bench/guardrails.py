@@ -102,6 +102,8 @@ def harmful_rates(engine, folder: Path) -> dict:
     harm_comps = [c for c in comps if c.spec.validator == "keel/harmful_request"]
     threshold = next((c.spec.threshold for c in harm_comps), None) or 0.5
     out["threshold"] = threshold
+    # the first stage only: the shipped encoder trained on the dev split too (its dev rates: the default policy's
+    # comment, from `keel guardrails train-encoder --split train`)
     out["dev_split"] = [vars(r) for r in dev_rates(engine.embedder, [threshold])]
     return out
 
@@ -345,7 +347,7 @@ def table(res: dict) -> str:
         lines.append(f"{'IN SCOPE, all sets':44} {label:9} {t['n']:5} {t['refused_rate']:8.1%} "
                      f"{t['harmful_request_rate']:7.1%}")
     for d in h["dev_split"]:
-        lines.append(f"{'dev split (own data): recall / FP':44} {'both':9} {d['harmful'] + d['benign']:5} "
+        lines.append(f"{'dev split, first stage only: recall / FP':44} {'both':9} {d['harmful'] + d['benign']:5} "
                      f"{d['recall']:8.1%} {d['false_positive_rate']:7.1%}")
     for name, why in h["skipped"].items():
         lines.append(f"SKIPPED {name}: {why}")

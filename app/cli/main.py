@@ -19,6 +19,7 @@ from app.cli.common import DEV_KEY_FILE, dev_key, fail, opened
 from app.cli.evals import app as evals_app
 from app.cli.features import app as features_app
 from app.cli.finetune import app as finetune_app
+from app.cli.guardrails import app as guardrails_app
 from app.cli.ingest import ingest_command, search_command, snapshots_app
 from app.cli.mcp import app as mcp_app
 from app.cli.monitor import monitor_app
@@ -50,6 +51,7 @@ app.add_typer(traces_app, name="traces", help="Traces: list recent ones, show on
 app.command("lineage")(lineage_command)
 app.add_typer(features_app, name="features", help="Feature store (Feast): apply, materialize, get, historical.")
 app.add_typer(pipeline_app, name="pipeline", help="Continuous training: pipelines, runs, approvals.")
+app.add_typer(guardrails_app, name="guardrails", help="Guardrails: rebuild the shipped models.")
 app.add_typer(batch_app, name="batch", help="Batches: JSONL request files answered in the background.")
 app.add_typer(mcp_app, name="mcp", help="MCP: serve Keel's tools to MCP clients (stdio).")
 app.add_typer(monitor_app, name="monitor", help="Monitoring: drift checks of production traffic.")

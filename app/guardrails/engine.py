@@ -57,7 +57,7 @@ from typing import Any, Literal
 
 from app.core.types import ChatMessage
 from app.guardrails.audit import AuditRecord, AuditStore, AuditWriter, PostgresAuditStore, open_audit_store
-from app.guardrails.embeddings import SharedEmbedder
+from app.guardrails.embeddings import SharedEmbedder, default_model_path
 from app.guardrails.metrics import GuardrailMetrics
 from app.guardrails.offline import guardrails_telemetry_enabled
 from app.guardrails.policy import (
@@ -195,6 +195,11 @@ class GuardrailEngine:
 
             self._resources["harmful_classifier"] = load_harmful(
                 self.embedder, self.settings.model_cache or (self.home / "cache" / "guardrails"))
+            if self.settings.harmful_encoder:
+                from app.guardrails.validators.harm_encoder import load_shipped  # lazy: as above
+
+                self._resources["harmful_encoder"] = load_shipped(
+                    default_model_path(), self.settings.model_cache or (self.home / "cache" / "guardrails"))
         if "keel/pii" in used and self.settings.use_ner:
             if NameDetector.available():
                 self._resources["names"] = NameDetector().load()
@@ -245,6 +250,7 @@ class GuardrailEngine:
                   **{k: p[k] for k in ("sim_floor", "sim_ceiling", "clf_floor", "clf_ceiling") if k in p}}
         elif spec.validator == "keel/harmful_request":
             kw = {"classifier": self._resources.get("harmful_classifier"), "embedder": self.embedder,
+                  "encoder": self._resources.get("harmful_encoder"),
                   "threshold": spec.threshold or 0.5, "categories": p.get("categories"), "exclude": p.get("exclude")}
         elif spec.validator == "keel/pii":
             kw = {"entities": p.get("entities"), "names": self._resources.get("names"),

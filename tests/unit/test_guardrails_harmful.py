@@ -29,7 +29,7 @@ from app.guardrails.validators.harmful import (
 )
 
 pytest_plugins = ("app.guardrails.testing",)
-THRESHOLD = 0.55  # the default policy's
+THRESHOLD = 0.55  # the first stage's alone (the default policy's, 0.5, is for both stages averaged)
 
 # clear harmful requests, a few per category, from the shipped set
 HARMFUL = {

