@@ -73,7 +73,8 @@ def test_weights_round_trip_and_a_foreign_format_is_refused(tmp_path):
     back = EncoderWeights.load(tmp_path / "w.npz")
     assert back.scale == 2.0 and back.head_b == 0.25 and back.manifest == w.manifest
     a, b = back.factors["encoder.layer.0.attention.self.query"]
-    assert np.allclose(a, w.factors["encoder.layer.0.attention.self.query"][0], atol=1e-2)  # stored as float16
+    original = w.factors["encoder.layer.0.attention.self.query"]
+    assert np.allclose(a, original[0], atol=1e-2) and np.allclose(b, original[1], atol=1e-2)  # stored as float16
     np.savez(tmp_path / "old.npz", names=np.array([], dtype=str), head_w=np.zeros(4), head_b=np.zeros(1),
              manifest=np.array('{"format": 0}'))
     with pytest.raises(ValueError, match="format"):
