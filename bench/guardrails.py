@@ -64,7 +64,7 @@ ANSWERS = [
 ]
 
 
-def harmful_rates(engine, folder: Path) -> dict:
+def harmful_rates(engine, folder: Path, encoder_dev: Path | None = None) -> dict:
     """The default policy's verdict per held-out text (app/guardrails/heldout.py): refused by any blocking input
     entry (what a user sees) and by keel/harmful_request's entries alone; per set and per the set's categories;
     in-scope totals (the targets) and what is out of scope."""
@@ -102,9 +102,19 @@ def harmful_rates(engine, folder: Path) -> dict:
     harm_comps = [c for c in comps if c.spec.validator == "keel/harmful_request"]
     threshold = next((c.spec.threshold for c in harm_comps), None) or 0.5
     out["threshold"] = threshold
-    # the first stage only: the shipped encoder trained on the dev split too (its dev rates: the default policy's
-    # comment, from `keel guardrails train-encoder --split train`)
-    out["dev_split"] = [vars(r) for r in dev_rates(engine.embedder, [threshold])]
+    # the first stage alone at its own threshold (0.55); both stages at the policy's only with an encoder trained
+    # without the dev split (the shipped one saw it): `keel guardrails train-encoder --split train --out F`,
+    # then --encoder-dev F
+    out["dev_split"] = [{"stages": "first", **vars(r)} for r in dev_rates(engine.embedder, [0.55])]
+    if encoder_dev is not None:
+        from app.guardrails.embeddings import default_model_path
+        from app.guardrails.validators.harm_encoder import load_shipped
+
+        enc = load_shipped(default_model_path(), ROOT / ".keel" / "cache" / "guardrails", path=encoder_dev)
+        if enc is None:
+            raise SystemExit(f"--encoder-dev {encoder_dev}: not loadable (see the warning above)")
+        out["dev_split"] += [{"stages": "both", **vars(r)}
+                             for r in dev_rates(engine.embedder, [0.45, 0.5, 0.55], encoder=enc)]
     return out
 
 
@@ -129,7 +139,7 @@ async def simulated_stream(text: str, tps: float):
     yield Finished("stop")
 
 
-async def main(rounds: int, heldout_dir: Path) -> dict:
+async def main(rounds: int, heldout_dir: Path, encoder_dev: Path | None = None) -> dict:
     configure_offline(ROOT / ".keel" / "cache")
     from app.guardrails.engine import GuardrailEngine
     from app.guardrails.types import GuardContext
@@ -220,7 +230,7 @@ async def main(rounds: int, heldout_dir: Path) -> dict:
                        "added_p50_ms": round(pct(with_h, 50) - pct(without_h, 50), 3),
                        "added_paired_median_ms": round(statistics.median(
                            [a - b for a, b in zip(with_h, without_h, strict=True)]), 3)}
-    harmful = harmful_rates(engine, heldout_dir)
+    harmful = harmful_rates(engine, heldout_dir, encoder_dev)
     harmful["latency"] = harmful_latency
 
     out_lat = []
@@ -347,7 +357,8 @@ def table(res: dict) -> str:
         lines.append(f"{'IN SCOPE, all sets':44} {label:9} {t['n']:5} {t['refused_rate']:8.1%} "
                      f"{t['harmful_request_rate']:7.1%}")
     for d in h["dev_split"]:
-        lines.append(f"{'dev split, first stage only: recall / FP':44} {'both':9} {d['harmful'] + d['benign']:5} "
+        what = f"dev split, {d['stages']} stage(s) @{d['threshold']}: recall / FP"
+        lines.append(f"{what:44} {'both':9} {d['harmful'] + d['benign']:5} "
                      f"{d['recall']:8.1%} {d['false_positive_rate']:7.1%}")
     for name, why in h["skipped"].items():
         lines.append(f"SKIPPED {name}: {why}")
@@ -395,6 +406,9 @@ if __name__ == "__main__":
                     help="folder holding the held-out sets' wheels (app/guardrails/heldout.py); missing ones are "
                          "skipped, and said")
     ap.add_argument("--startup-only", action="store_true", help="only the cold / warm start-up of the engine")
+    ap.add_argument("--encoder-dev", type=Path, default=None,
+                    help="harmful-request encoder weights trained without the dev split (keel guardrails "
+                         "train-encoder --split train --out F): adds both stages' dev-split rates")
     args = ap.parse_args()
     if args.startup_only:
         s = startup()
@@ -405,7 +419,7 @@ if __name__ == "__main__":
         out.write_text(json.dumps({"benchmark": "guardrails-startup", "startup": s}, indent=2))
         print(f"wrote {out.relative_to(ROOT)}")
         raise SystemExit(0)
-    result = asyncio.run(main(args.rounds, args.heldout_dir))
+    result = asyncio.run(main(args.rounds, args.heldout_dir, args.encoder_dev))
     result["startup"] = startup()
     print(table(result))
     print(f"start-up: cold cache {result['startup']['cold']['median_s']} s, "

@@ -60,8 +60,9 @@ class GuardrailSettings(BaseModel):
         "labelled files at first start, then cached).")
     harmful_encoder: bool = Field(
         default=True, description="Add the fine-tuned MiniLM second stage to keel/harmful_request (shipped weights, "
-        "exported to ONNX at first start, then cached): more harmful requests refused at the same false positives, "
-        "~3-5 ms per request the first stage does not clear.")
+        "exported to ONNX at first start, then cached): more harmful requests refused at fewer false positives, "
+        "a few ms for a request the first stage does not clear. The default policy's threshold (0.5) is for both "
+        "stages; with this off, give its keel/harmful_request entries the first stage's own threshold, 0.55.")
     model_cache: Path | None = Field(
         default=None, description="Where trained guardrail models are cached; defaults to <home>/cache/guardrails.")
     embedding_threads: int = Field(

@@ -9,13 +9,15 @@ shipped data. Both stages' probabilities are averaged (:func:`combine`): they fa
 
 The weights ship in the repository (``infra/guardrails/models/harm-encoder.npz``: the LoRA factors of every
 adapted layer in float16, the head, and a manifest of the training data's key, the base model and the
-hyper-parameters): training takes ~10 minutes on two cores, too long for a first start.
+hyper-parameters): training takes ~12 minutes on two cores, too long for a first start.
 ``keel guardrails train-encoder`` reproduces them from ``infra/guardrails/data/harmful/``; a unit test fails when
 that data changed and the weights were not retrained. Nothing here reads the public held-out sets.
 
 Serving: the factors are merged into a copy of MiniLM, exported once to an int8 ONNX graph (the same recipe as
 the embedder's short path) that outputs the harm logit, cached under a key of the weights, the base model
-files and onnxruntime's version; one pass per chunk of the request (``harmful_chunks``).
+files and onnxruntime's version; one pass per chunk of the request (``harmful_chunks``: up to 300 characters,
+of which it reads the first 96 tokens, all of an English chunk; a chunk of code or of a non-Latin script may be
+longer, and the first stage reads all of it).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import json
 import logging
 import os
 import tempfile
+import threading
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -34,11 +37,10 @@ from typing import Any
 import numpy as np
 
 from app.guardrails.model_files import model_files_digest
-from app.guardrails.validators.injection import SHIPPED_PATTERNS
 
 log = logging.getLogger("keel.guardrails")
 
-SHIPPED_ENCODER = SHIPPED_PATTERNS.parent.parent / "models" / "harm-encoder.npz"
+SHIPPED_ENCODER = Path(__file__).resolve().parents[3] / "infra" / "guardrails" / "models" / "harm-encoder.npz"
 FORMAT = 1
 
 
@@ -66,7 +68,8 @@ def data_key(texts: Sequence[str], labels: np.ndarray, config: EncoderConfig) ->
 
 
 def base_model_id(model_path: Path) -> str:
-    """The base model by content (its weights' sha256): the manifest's record of what the factors adapt."""
+    """The base model by content (the sha256 of its weights file's sha256): the manifest's record of what the
+    factors adapt."""
     weights = model_path / "model.safetensors"
     h = hashlib.sha256()
     with weights.open("rb") as f:
@@ -115,8 +118,8 @@ class EncoderWeights:
             names = [str(n) for n in z["names"]]
             factors = {n: (z[f"a{i}"].astype(np.float32), z[f"b{i}"].astype(np.float32)) for i, n in enumerate(names)}
             manifest = json.loads(str(z["manifest"]))
-            if manifest.get("format") != FORMAT:
-                raise ValueError(f"{path}: encoder weights format {manifest.get('format')!r}, expected {FORMAT}")
+            if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+                raise ValueError(f"{path}: not encoder weights of format {FORMAT}")
             return cls(factors, z["head_w"].astype(np.float32), float(z["head_b"][0]), manifest)
 
 
@@ -178,9 +181,13 @@ def train(texts: Sequence[str], labels: np.ndarray, model_path: Path, config: En
 class HarmEncoder:
     """P(harmful) per text from the merged, exported model (see the module docstring)."""
 
-    def __init__(self, session: Any, tokenizer: Any, max_len: int) -> None:
+    def __init__(self, session: Any, tokenizer: Any, max_len: int, *, key: str = "") -> None:
         self.session, self.tokenizer, self.max_len = session, tokenizer, max_len
+        self.key = key  # the weights' digest: what the first stage's memo keys a combined score by
         self.inputs = [i.name for i in session.get_inputs()]
+        # a fast tokenizer sets its truncation and padding per call on shared Rust state: two validator threads
+        # calling it at once can fail ("Already borrowed"); the ONNX session itself is safe to share
+        self._tokenizer_lock = threading.Lock()
 
     @classmethod
     def load_or_build(cls, weights: EncoderWeights, model_path: Path, cache_dir: Path, *,
@@ -188,9 +195,7 @@ class HarmEncoder:
         import onnxruntime as ort
         from transformers import AutoTokenizer
 
-        recipe = f"onnxruntime {ort.__version__} harm-encoder int8 v1:{model_files_digest(model_path)}"
-        key = hashlib.sha256(f"{recipe}:{weights.digest()}".encode()).hexdigest()[:20]
-        target = Path(cache_dir) / f"harm-encoder-{key}-int8.onnx"
+        target = cls.graph_path(weights, model_path, cache_dir)
         tokenizer = AutoTokenizer.from_pretrained(model_path)
         if not target.is_file():
             cls._build(weights, model_path, tokenizer, target)
@@ -198,7 +203,16 @@ class HarmEncoder:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
         session = ort.InferenceSession(str(target), so, providers=["CPUExecutionProvider"])
-        return cls(session, tokenizer, int(weights.manifest["config"]["max_len"]))
+        return cls(session, tokenizer, int(weights.manifest["config"]["max_len"]), key=weights.digest()[:16])
+
+    @staticmethod
+    def graph_path(weights: EncoderWeights, model_path: Path, cache_dir: Path) -> Path:
+        """The cached graph: keyed by the weights, the base model files and onnxruntime's version."""
+        import onnxruntime as ort
+
+        recipe = f"onnxruntime {ort.__version__} harm-encoder int8 v1:{model_files_digest(model_path)}"
+        key = hashlib.sha256(f"{recipe}:{weights.digest()}".encode()).hexdigest()[:20]
+        return Path(cache_dir) / f"harm-encoder-{key}-int8.onnx"
 
     @staticmethod
     def merged_model(weights: EncoderWeights, model_path: Path) -> Any:
@@ -265,18 +279,37 @@ class HarmEncoder:
     def probs(self, texts: Sequence[str]) -> np.ndarray:
         if not texts:
             return np.zeros(0)
-        enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_len, return_tensors="np")
+        with self._tokenizer_lock:
+            enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_len,
+                                 return_tensors="np")
         logits = self.session.run(None, {n: enc[n].astype(np.int64) for n in self.inputs})[0]
         return 1.0 / (1.0 + np.exp(-np.clip(logits.astype(np.float64), -60.0, 60.0)))
 
 
-def load_shipped(model_path: Path, cache_dir: Path, *, path: Path = SHIPPED_ENCODER) -> HarmEncoder | None:
-    """The shipped encoder, or None (logged) when its weights are missing or adapt another base model."""
+_FALLBACK = ("keel/harmful_request uses its first stage only (more false positives at the default policy's 0.5, "
+             "which is for both stages; the first stage's own dev-split threshold is 0.55)")
+
+
+def load_shipped(model_path: Path, cache_dir: Path, *, path: Path = SHIPPED_ENCODER,
+                 threads: int = 1) -> HarmEncoder | None:
+    """The shipped encoder, or None (logged) when its weights are missing, unreadable or adapt another base model,
+    or its graph cannot be built: a guard that degrades says so, it does not stop the server starting."""
     if not path.is_file():
-        log.warning("no harmful-request encoder weights at %s: keel/harmful_request uses its first stage only", path)
+        log.warning("no harmful-request encoder weights at %s: %s", path, _FALLBACK)
         return None
     try:
-        return HarmEncoder.load_or_build(EncoderWeights.load(path), model_path, cache_dir)
-    except (OSError, KeyError, ValueError) as e:
-        log.warning("harmful-request encoder unavailable (%s): keel/harmful_request uses its first stage only", e)
+        weights = EncoderWeights.load(path)
+        weights.digest()  # a malformed manifest or factors fail here, not on a request
+    except Exception as e:  # any unreadable file: truncated, not an npz, a foreign layout
+        log.warning("harmful-request encoder weights %s unreadable (%s: %s): %s", path, type(e).__name__, e, _FALLBACK)
         return None
+    for attempt in (1, 2):
+        try:
+            return HarmEncoder.load_or_build(weights, model_path, cache_dir, threads=threads)
+        except Exception as e:  # export, quantiser or a corrupt cached graph; another base model (ValueError)
+            stale = HarmEncoder.graph_path(weights, model_path, cache_dir)
+            if attempt == 1 and not isinstance(e, ValueError) and stale.is_file():
+                stale.unlink(missing_ok=True)  # a corrupt cached graph would fail every start: build it again
+                continue
+            log.warning("harmful-request encoder unavailable (%s: %s): %s", type(e).__name__, e, _FALLBACK)
+    return None

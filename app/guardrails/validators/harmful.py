@@ -213,7 +213,9 @@ def ngram_features(texts: Sequence[str]):
 
 
 class HarmScorer(Protocol):
-    """A second opinion: P(harmful) per text (``harm_encoder.HarmEncoder``)."""
+    """A second opinion: P(harmful) per text (``harm_encoder.HarmEncoder``); ``key`` names its weights."""
+
+    key: str
 
     def probs(self, texts: Sequence[str]) -> np.ndarray: ...
 
@@ -406,7 +408,9 @@ def score_text(classifier: HarmfulClassifier, embed: Callable[[str], np.ndarray]
                encoder: HarmScorer | None = None) -> tuple[float, str]:
     """``classifier.score`` of the text's chunks (with the ``encoder``'s second opinion), remembered for the last
     ``MEMO_SIZE`` texts scored (first in, first out; keyed by a digest, so the memo holds no user text)."""
-    key = hashlib.sha256(f"{id(encoder) if encoder is not None else 0}:{text}".encode()).digest()
+    # a combined score is remembered under the encoder's weights (a stable key: an id() is reused after collection)
+    stage = "" if encoder is None else getattr(encoder, "key", "") or f"id{id(encoder)}"
+    key = hashlib.sha256(f"{stage}:{text}".encode()).digest()
     with classifier._memo_lock:
         hit = classifier._memo.get(key)
     if hit is not None:
@@ -447,12 +451,14 @@ class DevRates:
 
 
 def dev_rates(embedder: TextEmbedder, thresholds: Sequence[float], *, data_file: Path = HARMFUL_DATA,
-              l2: float = DEFAULT_L2) -> list[DevRates]:
-    """Train on the train split, measure recall / false positives on the dev split per threshold: how the
-    shipped threshold was chosen (no held-out data involved)."""
+              l2: float = DEFAULT_L2, encoder: HarmScorer | None = None) -> list[DevRates]:
+    """Train the first stage on the train split, measure recall / false positives on the dev split per threshold
+    (no held-out data involved): how its own threshold (0.55) was chosen. The default policy's threshold (0.5) is
+    for both stages averaged, chosen the same way with an encoder trained without the dev split
+    (``keel guardrails train-encoder --split train --out ...``, then ``encoder=``)."""
     tr_texts, tr_labels, tr_cats = load_training_data(data_file, split="train")
     clf = HarmfulClassifier.train(embedder, tr_texts, tr_labels, tr_cats, l2=l2)
     dv_texts, dv_labels, _ = load_training_data(data_file, split="dev")
-    p = np.array([score_text(clf, lambda s: embed_chunks(embedder, s), t)[0] for t in dv_texts])
+    p = np.array([score_text(clf, lambda s: embed_chunks(embedder, s), t, encoder)[0] for t in dv_texts])
     h, b = p[dv_labels == 1], p[dv_labels == 0]
     return [DevRates(t, float((h >= t).mean()), float((b >= t).mean()), len(h), len(b)) for t in thresholds]
