@@ -28,6 +28,45 @@ from app.guardrails.model_files import model_files_digest
 log = logging.getLogger("keel.guardrails")
 
 
+def export_int8(module: Any, sample: Any, target: Path, *, output: str, output_axes: dict[int, str]) -> None:
+    """Export a torch module over a BERT-style batch (``input_ids``, ``attention_mask``, ``token_type_ids``, each
+    batch x seq) to ONNX, quantise its MatMuls to int8 per channel, and move it to ``target`` atomically (a
+    concurrent starter reads the old or the whole new file). The embedder's short path and the harmful-request
+    encoder are built this way."""
+    import torch
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    names = ["input_ids", "attention_mask", "token_type_ids"]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # The exporter's tracer warnings and the quantiser's advice (on the root logger) are noise here.
+    root, level = logging.getLogger(), logging.getLogger().level
+    root.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            warnings.simplefilter("ignore")
+            plain = Path(tmp) / "model.onnx"
+            with torch.no_grad():
+                torch.onnx.export(module, tuple(sample[n] for n in names), str(plain), input_names=names,
+                                  output_names=[output], opset_version=17, dynamo=False,
+                                  dynamic_axes={**{n: {0: "batch", 1: "seq"} for n in names}, output: output_axes})
+            quant = Path(tmp) / "model-int8.onnx"
+            quantize_dynamic(str(plain), str(quant), weight_type=QuantType.QInt8, per_channel=True,
+                             op_types_to_quantize=["MatMul"])
+            os.replace(quant, target)
+    finally:
+        root.setLevel(level)
+
+
+def open_session(target: Path, threads: int) -> Any:
+    """A CPU session over an exported graph: ``threads`` intra-op threads, one inter-op (requests run beside it)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    return ort.InferenceSession(str(target), so, providers=["CPUExecutionProvider"])
+
+
 class OnnxUnavailable(RuntimeError):
     """The model's pipeline is not one this path reproduces, or onnxruntime is missing."""
 
@@ -46,7 +85,7 @@ class OnnxShortPath:
     @classmethod
     def load_or_build(cls, model: Any, model_path: Path, cache_dir: Path, *, threads: int = 1) -> OnnxShortPath:
         try:
-            import onnxruntime as ort
+            import onnxruntime  # noqa: F401  (here only to say it is missing: open_session imports it)
         except ImportError as e:
             raise OnnxUnavailable("onnxruntime is not installed") from e
         mods = [type(m).__name__ for m in model]
@@ -57,10 +96,7 @@ class OnnxShortPath:
         target = Path(cache_dir) / f"minilm-{_cache_key(model_path)}-int8.onnx"
         if not target.is_file():
             cls._build(model, target)
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-        session = ort.InferenceSession(str(target), so, providers=["CPUExecutionProvider"])
+        session = open_session(target, threads)
         inputs = [i.name for i in session.get_inputs()]
         return cls(session, model.tokenizer, int(model.max_seq_length), inputs)
 
@@ -79,35 +115,9 @@ class OnnxShortPath:
                 return self.bert(input_ids=input_ids, attention_mask=attention_mask,
                                  token_type_ids=token_type_ids).last_hidden_state
 
-        target.parent.mkdir(parents=True, exist_ok=True)
-        sample = model.tokenizer(["warm up the exporter"], return_tensors="pt")
-        # The exporter's tracer warnings and the quantiser's advice (on the root logger) are noise here.
-        root, level = logging.getLogger(), logging.getLogger().level
-        root.setLevel(logging.ERROR)
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                OnnxShortPath._export_and_quantize(Encoder(), sample, target)
-        finally:
-            root.setLevel(level)
+        export_int8(Encoder(), model.tokenizer(["warm up the exporter"], return_tensors="pt"), target,
+                    output="last_hidden_state", output_axes={0: "batch", 1: "seq"})
         log.info("built the int8 ONNX embedding graph %s", target)
-
-    @staticmethod
-    def _export_and_quantize(encoder: Any, sample: Any, target: Path) -> None:
-        import torch
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-
-        names = ["input_ids", "attention_mask", "token_type_ids"]
-        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-            plain = Path(tmp) / "model.onnx"
-            with torch.no_grad():
-                torch.onnx.export(encoder, tuple(sample[n] for n in names), str(plain), input_names=names,
-                                  output_names=["last_hidden_state"], opset_version=17, dynamo=False,
-                                  dynamic_axes={n: {0: "batch", 1: "seq"} for n in [*names, "last_hidden_state"]})
-            quant = Path(tmp) / "model-int8.onnx"
-            quantize_dynamic(str(plain), str(quant), weight_type=QuantType.QInt8, per_channel=True,
-                             op_types_to_quantize=["MatMul"])
-            os.replace(quant, target)  # atomic: a concurrent starter reads the old or the whole new file
 
     def embed(self, texts: list[str]) -> np.ndarray:
         enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="np")

@@ -5,7 +5,7 @@ Why: the first stage (``harmful.py``) reads a frozen sentence vector and n-grams
 makes a request harmful ("how do I make a bomb" vs "how do I make a bomb-shaped cake", "why can't women
 breathe under water" vs an insult), and no head over it recovers that. Tuning the encoder's attention and
 feed-forward layers (LoRA, rank 16: ~0.7M of MiniLM's 22M weights) lets it learn those contrasts from the same
-shipped data. Both stages' probabilities are averaged (:func:`combine`): they fail differently.
+shipped data. Both stages' probabilities are averaged (``harmful.with_second_stage``): they fail differently.
 
 The weights ship in the repository (``infra/guardrails/models/harm-encoder.npz``: the LoRA factors of every
 adapted layer in float16, the head, and a manifest of the training data's key, the base model and the
@@ -13,11 +13,11 @@ hyper-parameters): training takes ~12 minutes on two cores, too long for a first
 ``keel guardrails train-encoder`` reproduces them from ``infra/guardrails/data/harmful/``; a unit test fails when
 that data changed and the weights were not retrained. Nothing here reads the public held-out sets.
 
-Serving: the factors are merged into a copy of MiniLM, exported once to an int8 ONNX graph (the same recipe as
-the embedder's short path) that outputs the harm logit, cached under a key of the weights, the base model
-files and onnxruntime's version; one pass per chunk of the request (``harmful_chunks``: up to 300 characters,
-of which it reads the first 96 tokens, all of an English chunk; a chunk of code or of a non-Latin script may be
-longer, and the first stage reads all of it).
+Serving: the factors are merged into a copy of MiniLM, exported once to an int8 ONNX graph
+(``onnx_embed.export_int8``, as the embedder's short path) that outputs the harm logit, cached under a key of the
+weights, the base model files and onnxruntime's version; one pass per chunk of the request (``harmful_chunks``: up
+to 300 characters, of which it reads the first 96 tokens, all of an English chunk; a chunk of code or of a
+non-Latin script may be longer, and the first stage reads all of it).
 """
 
 from __future__ import annotations
@@ -25,10 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 import threading
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from app.guardrails.model_files import model_files_digest
+from app.guardrails.onnx_embed import export_int8, open_session
 
 log = logging.getLogger("keel.guardrails")
 
@@ -192,18 +190,14 @@ class HarmEncoder:
     @classmethod
     def load_or_build(cls, weights: EncoderWeights, model_path: Path, cache_dir: Path, *,
                       threads: int = 1) -> HarmEncoder:
-        import onnxruntime as ort
         from transformers import AutoTokenizer
 
         target = cls.graph_path(weights, model_path, cache_dir)
         tokenizer = AutoTokenizer.from_pretrained(model_path)
         if not target.is_file():
             cls._build(weights, model_path, tokenizer, target)
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-        session = ort.InferenceSession(str(target), so, providers=["CPUExecutionProvider"])
-        return cls(session, tokenizer, int(weights.manifest["config"]["max_len"]), key=weights.digest()[:16])
+        return cls(open_session(target, threads), tokenizer, int(weights.manifest["config"]["max_len"]),
+                   key=weights.digest()[:16])
 
     @staticmethod
     def graph_path(weights: EncoderWeights, model_path: Path, cache_dir: Path) -> Path:
@@ -247,33 +241,11 @@ class HarmEncoder:
 
     @classmethod
     def _build(cls, weights: EncoderWeights, model_path: Path, tokenizer: Any, target: Path) -> None:
-        import torch
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-
         if base_model_id(model_path) != weights.manifest.get("base_model"):
             raise ValueError(f"the encoder weights adapt another base model than {model_path}: retrain them "
                              "(keel guardrails train-encoder)")
-        scorer = cls.merged_model(weights, model_path)
-        names = ["input_ids", "attention_mask", "token_type_ids"]
-        sample = tokenizer(["warm up the exporter"], return_tensors="pt")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        root, level = logging.getLogger(), logging.getLogger().level
-        root.setLevel(logging.ERROR)  # the exporter's tracer warnings and the quantiser's advice are noise here
-        try:
-            with warnings.catch_warnings(), tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-                warnings.simplefilter("ignore")
-                plain = Path(tmp) / "model.onnx"
-                with torch.no_grad():
-                    torch.onnx.export(scorer, tuple(sample[n] for n in names), str(plain), input_names=names,
-                                      output_names=["logit"], opset_version=17, dynamo=False,
-                                      dynamic_axes={**{n: {0: "batch", 1: "seq"} for n in names},
-                                                    "logit": {0: "batch"}})
-                quant = Path(tmp) / "model-int8.onnx"
-                quantize_dynamic(str(plain), str(quant), weight_type=QuantType.QInt8, per_channel=True,
-                                 op_types_to_quantize=["MatMul"])
-                os.replace(quant, target)  # atomic: a concurrent starter reads no half-written graph
-        finally:
-            root.setLevel(level)
+        export_int8(cls.merged_model(weights, model_path), tokenizer(["warm up the exporter"], return_tensors="pt"),
+                    target, output="logit", output_axes={0: "batch"})
         log.info("built the harmful-request encoder graph %s", target)
 
     def probs(self, texts: Sequence[str]) -> np.ndarray:
