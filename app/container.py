@@ -452,7 +452,7 @@ def shared_embedder(settings: Settings):
     g = settings.guardrails
     return SharedEmbedder(settings.rag.embedding_model, device=settings.rag.embedding_device,
                           threads=g.embedding_threads, dtype=g.embedding_dtype, runtime=g.embedding_runtime,
-                          cache_dir=g.model_cache or settings.home / "cache" / "guardrails")
+                          cache_dir=g.cache_dir())
 
 
 def _same_model(settings: Settings) -> bool:

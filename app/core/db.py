@@ -192,6 +192,11 @@ async def advisory_lock(url: str, key: int, *, what: str, poll_s: float = 0.05,
 #: down for a minute was answered again only 30-60 s after it came back (seen in
 #: tests/integration/test_postgres_down.py); capped here, a request finds a connection within seconds.
 RECONNECT_TIMEOUT_S = 10.0
+#: How long a request waits for a pooled connection before it asks whether the pool has any connection at all.
+#: psycopg_pool hides a refused connect behind its background reconnect, so a request to a stopped Postgres
+#: waited out the whole pool timeout (10 s per store: a 503 after ~21 s in test_postgres_down.py); after this
+#: wait a direct connect asks the server (``PostgresPool._checkout``), and a refused one is a 503 at once.
+FIRST_WAIT_S = 0.5
 
 
 class PostgresPool:
@@ -206,6 +211,8 @@ class PostgresPool:
         from psycopg_pool import ConnectionPool, PoolTimeout
 
         self.url, self._whose, self._setting = url, whose, setting
+        self._connect, self._timeout_s, self._pool_timeout = psycopg.connect, timeout_s, PoolTimeout
+        self._max_size, self._out, self._lock = max_size, 0, threading.Lock()
         self._errors = (psycopg.OperationalError, PoolTimeout)
         try:
             migrate(timeout_s)
@@ -219,9 +226,34 @@ class PostgresPool:
         return postgres_unavailable(self._whose, self.url, self._setting, e)
 
     @contextmanager
+    def _checkout(self) -> Iterator[Any]:
+        """``ConnectionPool.connection()``, failing fast when the server is gone: a request that waited a moment
+        while fewer than all of the pool's connections are out was not kept waiting by other requests but by a
+        connect that does not come (the pool retries quietly in the background), so one direct connect decides:
+        refused or unreachable is the 503 at once instead of after the pool timeout. With every connection out,
+        the pool is just busy: the request waits its turn, and no probe adds connections to a loaded server."""
+        try:
+            conn = self._pool.getconn(timeout=min(FIRST_WAIT_S, self._timeout_s))
+        except self._pool_timeout:
+            with self._lock:
+                saturated = self._out >= self._max_size
+            if not saturated:
+                self._connect(self.url, connect_timeout=2).close()  # raises OperationalError while it is down
+            conn = self._pool.getconn(timeout=self._timeout_s)
+        with self._lock:
+            self._out += 1
+        try:
+            with conn:  # commit or roll back as the pool's own connection() does; a pooled one is not closed
+                yield conn
+        finally:
+            with self._lock:
+                self._out -= 1
+            self._pool.putconn(conn)
+
+    @contextmanager
     def transaction(self) -> Iterator[Any]:
         try:
-            with self._pool.connection() as conn, conn.transaction():
+            with self._checkout() as conn, conn.transaction():
                 yield conn
         except self._errors as e:
             raise self.unavailable(e) from None
@@ -230,7 +262,7 @@ class PostgresPool:
     def connection(self) -> Iterator[Any]:
         """A pooled connection in autocommit, for callers that run several statements of their own."""
         try:
-            with self._pool.connection() as conn:
+            with self._checkout() as conn:
                 yield conn
         except self._errors as e:
             raise self.unavailable(e) from None
@@ -241,7 +273,7 @@ class PostgresPool:
     def statement(self, sql: str, args: Sequence[Any] | Mapping[str, Any] = ()) -> list[tuple[Any, ...]]:
         """One statement in autocommit (atomic on its own: one round trip, no BEGIN/COMMIT); its rows."""
         try:
-            with self._pool.connection() as conn:
+            with self._checkout() as conn:
                 cur = conn.execute(sql, args)
                 return [tuple(r) for r in cur.fetchall()] if cur.description else []
         except self._errors as e:
@@ -250,7 +282,7 @@ class PostgresPool:
     def read_all(self, *queries: tuple[str, Sequence[Any]]) -> list[list[tuple[Any, ...]]]:
         """Several reads from one snapshot (REPEATABLE READ)."""
         try:
-            with self._pool.connection() as conn, conn.transaction():
+            with self._checkout() as conn, conn.transaction():
                 conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
                 return [[tuple(r) for r in conn.execute(sql, tuple(args)).fetchall()] for sql, args in queries]
         except self._errors as e:

@@ -159,7 +159,7 @@ class GuardrailEngine:
             self._embedder = SharedEmbedder(self.settings.embedding_model, threads=self.settings.embedding_threads,
                                             dtype=self.settings.embedding_dtype,
                                             runtime=self.settings.embedding_runtime,
-                                            cache_dir=self.settings.model_cache or self.home / "cache" / "guardrails")
+                                            cache_dir=self.settings.cache_dir())
         return self._embedder
 
     def warm_up(self) -> None:
@@ -187,19 +187,19 @@ class GuardrailEngine:
                 from app.guardrails.validators.injection_model import load_or_train
 
                 self._resources["injection_classifier"] = load_or_train(
-                    self.embedder, self.settings.model_cache or (self.home / "cache" / "guardrails"),
+                    self.embedder, self.settings.cache_dir(),
                     extra_pattern_files=self.settings.attack_patterns)
         if "keel/harmful_request" in used:
             # lazy: only with keel/harmful_request; it imports validators.injection (the regexes above)
             from app.guardrails.validators.harmful import load_or_train as load_harmful
 
             self._resources["harmful_classifier"] = load_harmful(
-                self.embedder, self.settings.model_cache or (self.home / "cache" / "guardrails"))
+                self.embedder, self.settings.cache_dir())
             if self.settings.harmful_encoder:
                 from app.guardrails.validators.harm_encoder import load_shipped  # lazy: as above
 
                 self._resources["harmful_encoder"] = load_shipped(
-                    default_model_path(), self.settings.model_cache or (self.home / "cache" / "guardrails"))
+                    default_model_path(), self.settings.cache_dir())
         if "keel/pii" in used and self.settings.use_ner:
             if NameDetector.available():
                 self._resources["names"] = NameDetector().load()

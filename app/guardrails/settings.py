@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -64,7 +65,9 @@ class GuardrailSettings(BaseModel):
         "a few ms for a request the first stage does not clear. The default policy's threshold (0.5) is for both "
         "stages; with this off, give its keel/harmful_request entries the first stage's own threshold, 0.55.")
     model_cache: Path | None = Field(
-        default=None, description="Where trained guardrail models are cached; defaults to <home>/cache/guardrails.")
+        default=None, description="Where trained guardrail models and exported ONNX graphs are cached; defaults to "
+        "the machine's cache, $XDG_CACHE_HOME/keel/guardrails (~/.cache/keel/guardrails), shared by every Keel "
+        "home there: each file is named by a digest of what it was made from.")
     embedding_threads: int = Field(
         default=1, ge=1, description="Intra-op threads of the guardrail embedder's forward pass. 1 = the guard "
         "inputs are short, and one thread leaves the other cores to concurrent validators and requests.")
@@ -83,6 +86,14 @@ class GuardrailSettings(BaseModel):
         "(keel_guardrail_validator_errors_total) and audited. Unset: closed for prompt injection, harmful requests, "
         "topics and secrets, open for the rest.")
     streaming: StreamingSettings = Field(default_factory=StreamingSettings)
+
+    def cache_dir(self) -> Path:
+        """``model_cache``, else the machine's cache: what is cached is keyed by content (training data, model
+        files, library versions), so every home on the machine can share it, and a new home (a test's, a second
+        process's) does not train the classifiers again (~50 s on two cores)."""
+        if self.model_cache is not None:
+            return self.model_cache
+        return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "keel" / "guardrails"
 
     @field_validator("audit_url", mode="before")
     @classmethod

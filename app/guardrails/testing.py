@@ -28,8 +28,10 @@ def cache_dir() -> Path:
 
 
 def model_cache_dir() -> Path:
-    """Where test engines cache trained guardrail models (shared by test modules and runs)."""
-    return cache_dir() / "models"
+    """Where test engines cache trained guardrail models: the machine's cache, as a server with default settings
+    uses (``GuardrailSettings.cache_dir``), so the unit tests, the in-process apps and the servers the
+    integration tests start train the classifiers once between them."""
+    return GuardrailSettings().cache_dir()
 
 
 @lru_cache(maxsize=1)

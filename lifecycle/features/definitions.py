@@ -14,8 +14,7 @@ from pathlib import Path
 from feast import Entity, FeatureView, Field, FileSource, ValueType
 from feast.types import Float32, Int64
 
-USER_SOURCE = "user_stats.parquet"
-DOCUMENT_SOURCE = "document_stats.parquet"
+from lifecycle.features.export import DOCUMENT_SOURCE, USER_SOURCE
 
 
 def definitions(data: Path, *, ttl_days: float = 30.0) -> list:

@@ -12,7 +12,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from lifecycle.features.definitions import DOCUMENT_SOURCE, USER_SOURCE
+# The Parquet files written here, which the Feast sources in definitions.py read. Defined here, not there:
+# definitions.py imports Feast (~6 s), which the API's start-up must not pay (the container imports this module).
+USER_SOURCE = "user_stats.parquet"
+DOCUMENT_SOURCE = "document_stats.parquet"
 
 WINDOW_S = 30 * 86400
 

@@ -124,7 +124,6 @@ def keel_server(tmp_path_factory: pytest.TempPathFactory) -> KeelServer:
         # put the suites they run by name into <home>/suites (the shipped ones are found too).
         "evals": {"gate_enabled": True, "suites_dir": str(home / "suites")},
         # The injection classifier trains once per data hash (seconds); share it across test sessions.
-        "guardrails": {"model_cache": str(ROOT / ".keel" / "cache" / "guardrails")},
         # canaries are judged every second (not every 5): the release tests wait for decisions
         "releases": {"decide_interval_s": 1},
     }
@@ -182,7 +181,6 @@ def start_api(home: Path, *, database_url: str, vllm_url: str, vllm_key: str, po
         # one vLLM for every process: a URL means connect to it, not start one
         "backends": {"local": {"kind": "vllm", "base_url": f"{vllm_url}/v1", "api_key": vllm_key,
                                "read_timeout_s": 60}},
-        "guardrails": {"model_cache": str(ROOT / ".keel" / "cache" / "guardrails")},
         "routing": {"check_interval_s": 0.2},
         "models": {"smollm2-b": {"backend": "local", "model": "smollm2"}},  # a release's second variant
     }

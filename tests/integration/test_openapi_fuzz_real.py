@@ -41,7 +41,6 @@ def real_api(keel_server: KeelServer, tmp_path_factory: pytest.TempPathFactory):
         # the session's vLLM: a URL means connect to it, not start one
         "backends": {"local": {"kind": "vllm", "base_url": f"{keel_server.vllm_url}/v1",
                                "api_key": keel_server.vllm_api_key, "read_timeout_s": 60}},
-        "guardrails": {"model_cache": str(ROOT / ".keel" / "cache" / "guardrails")},
     }
     (home / "keel.yaml").write_text(yaml.safe_dump(config))
     store = KeyStore(home / "keel.db")

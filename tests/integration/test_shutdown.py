@@ -92,7 +92,7 @@ class Keel:
             "backends": {"local": {"kind": "openai", "base_url": f"http://127.0.0.1:{free_port()}/v1",
                                    "retries": 0, "managed": None}},
             # Off, and its model cache shared with the other integration tests (built once per data hash).
-            "guardrails": {"enabled": False, "model_cache": str(ROOT / ".keel" / "cache" / "guardrails")},
+            "guardrails": {"enabled": False},
         }
         self.config = home / "keel.yaml"
         self.config.write_text(yaml.safe_dump(config))

@@ -3,6 +3,8 @@ apply, materialize, online reads with versions, point-in-time joins, clear error
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -174,3 +176,10 @@ async def test_a_prompt_renders_the_callers_features_and_the_answer_records_thei
             assert r.status_code == 200 and "Ratings: None" in r.text
     finally:
         await container.aclose()
+
+
+def test_the_api_does_not_import_feast_until_features_are_used() -> None:
+    """Feast's import takes ~6 s (it imports torch and type-checks its classes): every API start paid it before a
+    constant moved out of definitions.py."""
+    code = "import sys, app.api.main; assert 'feast' not in sys.modules, 'feast imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -54,8 +54,9 @@ def record(i: int) -> AuditRecord:
 
 
 def test_the_stores_answer_503_while_postgres_is_down_and_recover_when_it_is_back(server, url) -> None:
-    evals, lineage = PostgresEvalStore(url, timeout_s=2), PostgresLineageStore(url, timeout_s=2)
-    audit, keys = PostgresAuditStore(url, timeout_s=2), PostgresKeyStore(url, timeout_s=2, cache_ttl_s=0.0)
+    # A pool timeout far longer than any check here: a store must not wait it out to learn the server is gone
+    evals, lineage = PostgresEvalStore(url, timeout_s=60), PostgresLineageStore(url, timeout_s=60)
+    audit, keys = PostgresAuditStore(url, timeout_s=60), PostgresKeyStore(url, timeout_s=60, cache_ttl_s=0.0)
     try:
         run = evals.create_run(suite="s", suite_hash="h", identity_key="k", identity={"kind": "model"},
                                cases_total=1)
@@ -76,6 +77,8 @@ def test_the_stores_answer_503_while_postgres_is_down_and_recover_when_it_is_bac
             assert what in message and setting in message and "check" in message, message
             assert "s3cr3t-pw" not in message and "password" not in message.lower()
             assert down.value.status == 503
+            # the refused connect itself, not the pool giving up after its timeout
+            assert "OperationalError" in message and "PoolTimeout" not in message, message
         # a key verified before the outage keeps working while the store is down (nobody can revoke it either)
         assert keys.verify(raw) is not None
 
