@@ -32,7 +32,14 @@ def default_model_path() -> Path:
 
 
 def bf16_supported() -> bool:
-    """Native bf16 matmuls on this CPU (AVX512-BF16 / AMX); elsewhere bf16 is emulated and slower."""
+    """Native bf16 matmuls on this CPU (AVX512-BF16 / AMX); elsewhere bf16 is emulated and slower. Read from the
+    kernel's CPU flags where there are any: asking torch imports it (~2 s of every start that needs no torch)."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        flags = set()
+    if "flags" in flags:
+        return bool(flags & {"avx512_bf16", "amx_bf16"})
     try:
         import torch
 
@@ -66,6 +73,7 @@ class SharedEmbedder:
         self.runtime = runtime if (runtime == "torch" or cache_dir is not None) and device == "cpu" else "torch"
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self._onnx = None
+        self._onnx_cached_tried = False
         self._model = None
         self._worker: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
@@ -82,6 +90,8 @@ class SharedEmbedder:
     @property
     def dim(self) -> int:
         with self._lock:
+            if self._short() is not None:
+                return self._onnx.dim
             return int(self._load().get_embedding_dimension())
 
     def embed_query(self, text: str) -> np.ndarray:
@@ -102,13 +112,25 @@ class SharedEmbedder:
         with self._lock:
             return self._load()
 
+    def _short(self):
+        """The int8 short path when it is in use, opened from a graph cached by an earlier start without loading the
+        model in torch (importing torch and sentence-transformers is ~5 s of a start; only bulk work needs them).
+        None: torch serves short texts too, or the graph is not built yet (``_load`` builds it)."""
+        if self._onnx is None and self.runtime == "onnx-int8" and not self._onnx_cached_tried:
+            self._onnx_cached_tried = True
+            try:
+                self._onnx = OnnxShortPath.open_cached(self.model_path, self.cache_dir, threads=self.threads or 1)
+            except Exception as e:  # a corrupt or unreadable cached graph: _load's load_or_build decides
+                log.warning("cached int8 ONNX embedding graph unusable (%s: %s)", type(e).__name__, e)
+        return self._onnx
+
     def _load(self):
         if self._model is None:
             import torch
             from sentence_transformers import SentenceTransformer
 
             model = SentenceTransformer(str(self.model_path), device=self.device, local_files_only=True).eval()
-            if self.runtime == "onnx-int8":
+            if self.runtime == "onnx-int8" and self._onnx is None:
                 try:  # exported from the float32 weights, before any cast below
                     self._onnx = OnnxShortPath.load_or_build(model, self.model_path, self.cache_dir,
                                                              threads=self.threads or 1)
@@ -134,8 +156,6 @@ class SharedEmbedder:
         torch.set_num_threads(n)
 
     def _forward(self, texts: list[str]) -> np.ndarray:
-        import torch
-
         model = self._model
         if len(texts) > _DIRECT_MAX:
             vecs = model.encode(texts, batch_size=32, convert_to_numpy=False, convert_to_tensor=True,
@@ -143,6 +163,8 @@ class SharedEmbedder:
         elif self._onnx is not None:
             return self._onnx.embed(texts)
         else:
+            import torch
+
             # encode() costs a few ms of Python per call (sorting, batching, conversions): the direct
             # pass runs the same module pipeline (Transformer, Pooling, Normalize) without it
             features = model.preprocess(texts)
@@ -155,9 +177,10 @@ class SharedEmbedder:
     def embed_documents(self, texts: Sequence[str]) -> np.ndarray:
         texts = list(texts)
         with self._lock:
-            model = self._load()
-            if not texts:
-                return np.zeros((0, int(model.get_embedding_dimension())), dtype=np.float32)
+            if len(texts) > _DIRECT_MAX or self._short() is None:
+                self._load()
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
         if len(texts) > _DIRECT_MAX:
             # Bulk work (ingest batches, index builds, classifier training) runs in the caller's thread with
             # its full intra-op pool, outside the lock (inference is thread-safe) so that a long ingest batch

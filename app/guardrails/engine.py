@@ -180,8 +180,8 @@ class GuardrailEngine:
             # lazy: keeps `import app.api.main` fast: 45 heuristic regexes compile on import (~14 ms)
             from app.guardrails.validators.injection import AttackIndex, load_patterns
 
-            self._resources["attack_index"] = AttackIndex(self.embedder,
-                                                          load_patterns(self.settings.attack_patterns)).build()
+            self._resources["attack_index"] = AttackIndex(
+                self.embedder, load_patterns(self.settings.attack_patterns)).build(self.settings.cache_dir())
             if self.settings.injection_classifier:
                 # lazy: only with injection_classifier; it imports validators.injection (the regexes above)
                 from app.guardrails.validators.injection_model import load_or_train

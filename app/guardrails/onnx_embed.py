@@ -67,6 +67,52 @@ def open_session(target: Path, threads: int) -> Any:
     return ort.InferenceSession(str(target), so, providers=["CPUExecutionProvider"])
 
 
+class FastTokenizer:
+    """A model folder's ``tokenizer.json`` through the ``tokenizers`` library alone: what a serving graph needs,
+    without importing transformers (which imports torch: ~4 s of every start). Called as a transformers fast
+    tokenizer is with ``padding=True, truncation=True, max_length=n, return_tensors="np"``, it gives the same ids
+    (``tests/unit/test_onnx_embed.py`` compares them). Padding and truncation are set once, here: the Rust
+    tokenizer's settings are shared state, and changing them per call races between threads."""
+
+    def __init__(self, model_path: Path, max_length: int) -> None:
+        from tokenizers import Tokenizer
+
+        self.max_length = max_length
+        self._tok = Tokenizer.from_file(str(Path(model_path) / "tokenizer.json"))
+        self._tok.enable_truncation(max_length=max_length)
+        pad = self._tok.padding or {}
+        self._tok.enable_padding(pad_id=int(pad.get("pad_id", 0)), pad_type_id=int(pad.get("pad_type_id", 0)),
+                                 pad_token=str(pad.get("pad_token", "[PAD]")))  # to the longest in the batch
+
+    def __call__(self, texts: list[str]) -> dict[str, np.ndarray]:
+        encs = self._tok.encode_batch(texts)
+        return {"input_ids": np.array([e.ids for e in encs], dtype=np.int64),
+                "attention_mask": np.array([e.attention_mask for e in encs], dtype=np.int64),
+                "token_type_ids": np.array([e.type_ids for e in encs], dtype=np.int64)}
+
+
+def mean_pooled_pipeline(model_path: Path) -> tuple[int, int] | None:
+    """(max_seq_length, dimension) of a sentence-transformers folder whose pipeline is Transformer + mean Pooling
+    (+ Normalize), read from its config files; None for any other pipeline. The same check as ``load_or_build``
+    makes on a loaded model, for a start that has not loaded it."""
+    import json
+
+    try:
+        modules = json.loads((model_path / "modules.json").read_text())
+        kinds = [m["type"].rsplit(".", 1)[-1] for m in modules]
+        pooling = json.loads((model_path / modules[1]["path"] / "config.json").read_text())
+        max_len = int(json.loads((model_path / "sentence_bert_config.json").read_text())["max_seq_length"])
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return None
+    mean_only = pooling.get("pooling_mode_mean_tokens") and not any(
+        pooling.get(k) for k in ("pooling_mode_cls_token", "pooling_mode_max_tokens",
+                                 "pooling_mode_mean_sqrt_len_tokens"))
+    if kinds[:2] != ["Transformer", "Pooling"] or not mean_only or any(
+            k not in ("Transformer", "Pooling", "Normalize") for k in kinds):
+        return None
+    return max_len, int(pooling["word_embedding_dimension"])
+
+
 class OnnxUnavailable(RuntimeError):
     """The model's pipeline is not one this path reproduces, or onnxruntime is missing."""
 
@@ -79,8 +125,9 @@ def _cache_key(model_path: Path) -> str:
 
 
 class OnnxShortPath:
-    def __init__(self, session: Any, tokenizer: Any, max_length: int, inputs: list[str]) -> None:
-        self.session, self.tokenizer, self.max_length, self.inputs = session, tokenizer, max_length, inputs
+    def __init__(self, session: Any, tokenizer: FastTokenizer, inputs: list[str], *, dim: int | None = None) -> None:
+        self.session, self.tokenizer, self.inputs = session, tokenizer, inputs
+        self.dim = dim if dim is not None else int(self.embed(["dimension"]).shape[1])
 
     @classmethod
     def load_or_build(cls, model: Any, model_path: Path, cache_dir: Path, *, threads: int = 1) -> OnnxShortPath:
@@ -93,12 +140,28 @@ class OnnxShortPath:
         if mods[:2] != ["Transformer", "Pooling"] or pooling != "mean" or any(
                 m not in ("Transformer", "Pooling", "Normalize") for m in mods):
             raise OnnxUnavailable(f"pipeline {mods} (pooling {pooling!r}) is not Transformer + mean Pooling")
-        target = Path(cache_dir) / f"minilm-{_cache_key(model_path)}-int8.onnx"
+        target = cls.graph_path(model_path, cache_dir)
         if not target.is_file():
             cls._build(model, target)
         session = open_session(target, threads)
         inputs = [i.name for i in session.get_inputs()]
-        return cls(session, model.tokenizer, int(model.max_seq_length), inputs)
+        return cls(session, FastTokenizer(model_path, int(model.max_seq_length)), inputs)
+
+    @classmethod
+    def open_cached(cls, model_path: Path, cache_dir: Path, *, threads: int = 1) -> OnnxShortPath | None:
+        """The graph a previous start built, without loading the model in torch; None when there is none yet
+        (or the folder's pipeline is not one this path reproduces): then ``load_or_build``."""
+        pipeline = mean_pooled_pipeline(model_path)
+        target = cls.graph_path(model_path, cache_dir)
+        if pipeline is None or not target.is_file():
+            return None
+        session = open_session(target, threads)
+        return cls(session, FastTokenizer(model_path, pipeline[0]), [i.name for i in session.get_inputs()],
+                   dim=pipeline[1])
+
+    @staticmethod
+    def graph_path(model_path: Path, cache_dir: Path) -> Path:
+        return Path(cache_dir) / f"minilm-{_cache_key(model_path)}-int8.onnx"
 
     @staticmethod
     def _build(model: Any, target: Path) -> None:
@@ -120,8 +183,8 @@ class OnnxShortPath:
         log.info("built the int8 ONNX embedding graph %s", target)
 
     def embed(self, texts: list[str]) -> np.ndarray:
-        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="np")
-        feed = {n: enc[n].astype(np.int64) for n in self.inputs}
+        enc = self.tokenizer(texts)
+        feed = {n: enc[n] for n in self.inputs}
         hidden = self.session.run(None, feed)[0]
         mask = enc["attention_mask"][..., None].astype(np.float32)
         v = (hidden * mask).sum(axis=1) / np.maximum(mask.sum(axis=1), 1e-9)

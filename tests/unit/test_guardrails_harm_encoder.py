@@ -103,7 +103,10 @@ def test_a_short_training_run_learns_and_its_graph_scores_like_the_torch_model(t
     p = enc.probs(texts)
     assert p[0] > 0.5 > p[1]
     scorer = HarmEncoder.merged_model(weights, default_model_path())
-    batch = enc.tokenizer(texts, padding=True, return_tensors="pt")
+    from transformers import AutoTokenizer
+
+    batch = AutoTokenizer.from_pretrained(default_model_path())(texts, padding=True, truncation=True, max_length=16,
+                                                                return_tensors="pt")
     with torch.no_grad():
         ref = torch.sigmoid(scorer(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])).numpy()
     assert np.allclose(p, ref, atol=0.05), (p, ref)

@@ -111,6 +111,20 @@ def test_cached_file_for_other_data_or_corrupt_is_ignored(tmp_path):
     assert InjectionClassifier.load(path, key="abc", dim=4) is None
 
 
+def test_the_attack_index_is_embedded_once_per_embedder_and_pattern_set(embedder, tmp_path, monkeypatch):
+    from app.guardrails.validators.injection import AttackIndex, load_patterns
+
+    patterns = load_patterns()
+    first = AttackIndex(embedder, patterns).build(tmp_path)
+    calls = []
+    real = embedder.embed_documents
+    monkeypatch.setattr(embedder, "embed_documents", lambda texts: calls.append(len(texts)) or real(texts))
+    again = AttackIndex(embedder, patterns).build(tmp_path)
+    assert calls == [] and np.array_equal(again._matrix, first._matrix)
+    AttackIndex(embedder, patterns[:-1]).build(tmp_path)  # another pattern set: embedded, cached beside
+    assert calls == [len(patterns) - 1] and len(list(tmp_path.glob("attack-index-*.npy"))) == 2
+
+
 def test_classifier_score_combines_with_rules_and_skips_embedding_when_rules_decide(tmp_path):
     emb = BagOfWords()
     index = AttackIndex(emb).build()
@@ -179,7 +193,29 @@ def test_int8_onnx_short_path_stays_close_to_float32(embedder, tmp_path):
     again.warm_up()
     after = {p: p.stat().st_mtime_ns for p in embedder.cache_dir.glob("*.onnx")}
     assert again.runtime == "onnx-int8" and before == after
+    # ... and serves short texts from it without loading the model in torch (a start imports neither
+    # sentence-transformers nor the weights): the same vectors as the path that loaded it
+    assert again._model is None and again.dim == 384
+    assert np.allclose(np.vstack([again.embed_query(t) for t in texts]), fast, atol=1e-6)
     again.close()
+
+
+def test_the_light_tokenizer_gives_the_transformers_tokenizer_s_ids():
+    """The int8 paths tokenize with the tokenizers library alone (no transformers, no torch at start): the same
+    ids, masks and types as the transformers fast tokenizer called as the models were trained and exported."""
+    from transformers import AutoTokenizer
+
+    from app.guardrails.embeddings import default_model_path
+    from app.guardrails.onnx_embed import FastTokenizer
+
+    texts = ["How do I rotate my API keys?", "", "Wie spät ist es in Lissabon? Ünïcödé, emoji 🙂 and\ttabs",
+             "x " * 400, "def f(a, b):\n    return a ** b  # 2**10", "日本語のテキストも。"]
+    ref_tok = AutoTokenizer.from_pretrained(default_model_path())
+    for max_length in (16, 96, 256):
+        ref = ref_tok(texts, padding=True, truncation=True, max_length=max_length, return_tensors="np")
+        got = FastTokenizer(default_model_path(), max_length)(texts)
+        for name in ("input_ids", "attention_mask", "token_type_ids"):
+            assert np.array_equal(got[name], ref[name]), (max_length, name)
 
 
 def test_onnx_path_falls_back_to_torch_when_it_cannot_be_built(tmp_path, monkeypatch):

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from app.guardrails.model_files import model_files_digest
-from app.guardrails.onnx_embed import export_int8, open_session
+from app.guardrails.onnx_embed import FastTokenizer, export_int8, open_session
 
 log = logging.getLogger("keel.guardrails")
 
@@ -179,24 +179,21 @@ def train(texts: Sequence[str], labels: np.ndarray, model_path: Path, config: En
 class HarmEncoder:
     """P(harmful) per text from the merged, exported model (see the module docstring)."""
 
-    def __init__(self, session: Any, tokenizer: Any, max_len: int, *, key: str = "") -> None:
-        self.session, self.tokenizer, self.max_len = session, tokenizer, max_len
+    def __init__(self, session: Any, tokenizer: FastTokenizer, *, key: str = "") -> None:
+        self.session, self.tokenizer = session, tokenizer
         self.key = key  # the weights' digest: what the first stage's memo keys a combined score by
         self.inputs = [i.name for i in session.get_inputs()]
-        # a fast tokenizer sets its truncation and padding per call on shared Rust state: two validator threads
-        # calling it at once can fail ("Already borrowed"); the ONNX session itself is safe to share
+        # one tokenizer, several validator threads: the Rust tokenizer's state is shared (the ONNX session is safe)
         self._tokenizer_lock = threading.Lock()
 
     @classmethod
     def load_or_build(cls, weights: EncoderWeights, model_path: Path, cache_dir: Path, *,
                       threads: int = 1) -> HarmEncoder:
-        from transformers import AutoTokenizer
-
         target = cls.graph_path(weights, model_path, cache_dir)
-        tokenizer = AutoTokenizer.from_pretrained(model_path)
         if not target.is_file():
-            cls._build(weights, model_path, tokenizer, target)
-        return cls(open_session(target, threads), tokenizer, int(weights.manifest["config"]["max_len"]),
+            cls._build(weights, model_path, target)
+        # the tokenizers library alone: a start with the graph cached imports neither transformers nor torch
+        return cls(open_session(target, threads), FastTokenizer(model_path, int(weights.manifest["config"]["max_len"])),
                    key=weights.digest()[:16])
 
     @staticmethod
@@ -240,11 +237,14 @@ class HarmEncoder:
         return Scorer().eval()
 
     @classmethod
-    def _build(cls, weights: EncoderWeights, model_path: Path, tokenizer: Any, target: Path) -> None:
+    def _build(cls, weights: EncoderWeights, model_path: Path, target: Path) -> None:
+        from transformers import AutoTokenizer
+
         if base_model_id(model_path) != weights.manifest.get("base_model"):
             raise ValueError(f"the encoder weights adapt another base model than {model_path}: retrain them "
                              "(keel guardrails train-encoder)")
-        export_int8(cls.merged_model(weights, model_path), tokenizer(["warm up the exporter"], return_tensors="pt"),
+        sample = AutoTokenizer.from_pretrained(model_path)(["warm up the exporter"], return_tensors="pt")
+        export_int8(cls.merged_model(weights, model_path), sample,
                     target, output="logit", output_axes={0: "batch"})
         log.info("built the harmful-request encoder graph %s", target)
 
@@ -252,9 +252,8 @@ class HarmEncoder:
         if not texts:
             return np.zeros(0)
         with self._tokenizer_lock:
-            enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_len,
-                                 return_tensors="np")
-        logits = self.session.run(None, {n: enc[n].astype(np.int64) for n in self.inputs})[0]
+            enc = self.tokenizer(list(texts))
+        logits = self.session.run(None, {n: enc[n] for n in self.inputs})[0]
         return 1.0 / (1.0 + np.exp(-np.clip(logits.astype(np.float64), -60.0, 60.0)))
 
 

@@ -11,7 +11,10 @@ text is not embedded at all (the other two can only raise the score).
 
 from __future__ import annotations
 
+import hashlib
+import os
 import re
+import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -177,8 +180,29 @@ class AttackIndex:
         self.patterns = list(patterns) if patterns is not None else load_patterns()
         self._matrix: np.ndarray | None = None
 
-    def build(self) -> AttackIndex:
-        self._matrix = self.embedder.embed_documents([p.text for p in self.patterns])
+    def build(self, cache_dir: Path | None = None) -> AttackIndex:
+        """Embed the patterns; with ``cache_dir``, once per embedder and pattern set: the patterns are a bulk
+        embedding, which loads the model in torch (~5 s of a start that otherwise needs only the cached int8
+        graph), and the vectors are the same every start."""
+        texts = [p.text for p in self.patterns]
+        fingerprint = getattr(self.embedder, "fingerprint", None)
+        if cache_dir is None or not isinstance(fingerprint, str):
+            self._matrix = self.embedder.embed_documents(texts)
+            return self
+        key = hashlib.sha256("\n".join([fingerprint, *texts]).encode()).hexdigest()[:16]
+        path = Path(cache_dir) / f"attack-index-{key}.npy"
+        try:
+            matrix = np.load(path, allow_pickle=False)
+            if matrix.shape[0] == len(texts):
+                self._matrix = matrix
+                return self
+        except (OSError, ValueError):  # not cached yet, or a torn file: embed again
+            pass
+        self._matrix = self.embedder.embed_documents(texts)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npy", delete=False) as f:
+            np.save(f, self._matrix, allow_pickle=False)
+        os.replace(f.name, path)  # atomic: a concurrent start reads the old file or the whole new one
         return self
 
     def add(self, patterns: Sequence[AttackPattern]) -> None:
