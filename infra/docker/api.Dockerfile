@@ -28,9 +28,12 @@ COPY --from=build /opt/venv /opt/venv
 COPY --from=build /opt/keel /opt/keel
 WORKDIR /opt/keel
 # DL3064 sees "TOKEN" in TOKENIZERS_PARALLELISM: no secret here (secrets come from the environment at run time).
+# The guardrail models' cache lives on the volume (the default is the user's ~/.cache, lost with the container):
+# a new container opens what an earlier one trained and built instead of training again (~1 minute).
 # hadolint ignore=DL3064
 ENV PATH=/opt/venv/bin:$PATH \
     KEEL_HOME=/data/keel \
+    KEEL_GUARDRAILS__MODEL_CACHE=/data/keel/cache/guardrails \
     KEEL_SERVER__HOST=0.0.0.0 \
     KEEL_SERVER__PORT=8000 \
     HF_HUB_OFFLINE=1 \
