@@ -110,7 +110,7 @@ def harmful_rates(engine, folder: Path, encoder_dev: Path | None = None) -> dict
         from app.guardrails.embeddings import default_model_path
         from app.guardrails.validators.harm_encoder import load_shipped
 
-        enc = load_shipped(default_model_path(), ROOT / ".keel" / "cache" / "guardrails", path=encoder_dev)
+        enc = load_shipped(default_model_path(), engine.settings.cache_dir(), path=encoder_dev)
         if enc is None:
             raise SystemExit(f"--encoder-dev {encoder_dev}: not loadable (see the warning above)")
         out["dev_split"] += [{"stages": "both", **vars(r)}

@@ -77,6 +77,9 @@ class SharedEmbedder:
         self._model = None
         self._worker: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
+        # loading the torch model (first bulk work on a warm start: ~5 s) holds this one only, so short texts on
+        # the int8 path (under _lock) go on meanwhile
+        self._load_lock = threading.Lock()
         self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._cache_size = cache_size
 
@@ -125,6 +128,10 @@ class SharedEmbedder:
         return self._onnx
 
     def _load(self):
+        with self._load_lock:
+            return self._load_locked()
+
+    def _load_locked(self):
         if self._model is None:
             import torch
             from sentence_transformers import SentenceTransformer
@@ -177,8 +184,11 @@ class SharedEmbedder:
     def embed_documents(self, texts: Sequence[str]) -> np.ndarray:
         texts = list(texts)
         with self._lock:
-            if len(texts) > _DIRECT_MAX or self._short() is None:
+            short = self._short()
+            if short is None:
                 self._load()
+        if len(texts) > _DIRECT_MAX and self._model is None:
+            self._load()  # not under _lock: short texts keep going through the int8 path while torch loads
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
         if len(texts) > _DIRECT_MAX:

@@ -71,14 +71,17 @@ class FastTokenizer:
     """A model folder's ``tokenizer.json`` through the ``tokenizers`` library alone: what a serving graph needs,
     without importing transformers (which imports torch: ~4 s of every start). Called as a transformers fast
     tokenizer is with ``padding=True, truncation=True, max_length=n, return_tensors="np"``, it gives the same ids
-    (``tests/unit/test_onnx_embed.py`` compares them). Padding and truncation are set once, here: the Rust
-    tokenizer's settings are shared state, and changing them per call races between threads."""
+    (``test_guardrails_models.py::test_the_light_tokenizer_gives_the_transformers_tokenizer_s_ids``). Padding and
+    truncation are set once, here: the Rust tokenizer's settings are shared state, changed per call they race
+    between threads; set once, concurrent calls only read it. ``backend``: a transformers fast tokenizer's own
+    ``backend_tokenizer`` (with any overrides its config applied), else the folder's ``tokenizer.json``."""
 
-    def __init__(self, model_path: Path, max_length: int) -> None:
+    def __init__(self, model_path: Path, max_length: int, *, backend: Any = None) -> None:
         from tokenizers import Tokenizer
 
         self.max_length = max_length
-        self._tok = Tokenizer.from_file(str(Path(model_path) / "tokenizer.json"))
+        self._tok = (Tokenizer.from_str(backend.to_str()) if backend is not None
+                     else Tokenizer.from_file(str(Path(model_path) / "tokenizer.json")))
         self._tok.enable_truncation(max_length=max_length)
         pad = self._tok.padding or {}
         self._tok.enable_padding(pad_id=int(pad.get("pad_id", 0)), pad_type_id=int(pad.get("pad_type_id", 0)),
@@ -145,15 +148,22 @@ class OnnxShortPath:
             cls._build(model, target)
         session = open_session(target, threads)
         inputs = [i.name for i in session.get_inputs()]
-        return cls(session, FastTokenizer(model_path, int(model.max_seq_length)), inputs)
+        backend = getattr(model.tokenizer, "backend_tokenizer", None)  # the tokenizer the model was loaded with
+        if backend is None:
+            raise OnnxUnavailable(f"{model_path} has no fast tokenizer")
+        return cls(session, FastTokenizer(model_path, int(model.max_seq_length), backend=backend), inputs)
 
     @classmethod
     def open_cached(cls, model_path: Path, cache_dir: Path, *, threads: int = 1) -> OnnxShortPath | None:
         """The graph a previous start built, without loading the model in torch; None when there is none yet
         (or the folder's pipeline is not one this path reproduces): then ``load_or_build``."""
+        try:
+            import onnxruntime  # noqa: F401  (graph_path and open_session import it; missing: load_or_build says so)
+        except ImportError:
+            return None
         pipeline = mean_pooled_pipeline(model_path)
         target = cls.graph_path(model_path, cache_dir)
-        if pipeline is None or not target.is_file():
+        if pipeline is None or not target.is_file() or not (model_path / "tokenizer.json").is_file():
             return None
         session = open_session(target, threads)
         return cls(session, FastTokenizer(model_path, pipeline[0]), [i.name for i in session.get_inputs()],

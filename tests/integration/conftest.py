@@ -123,7 +123,6 @@ def keel_server(tmp_path_factory: pytest.TempPathFactory) -> KeelServer:
         # The real promotion gate: `production` moves only to a version with a passing eval run. Tests
         # put the suites they run by name into <home>/suites (the shipped ones are found too).
         "evals": {"gate_enabled": True, "suites_dir": str(home / "suites")},
-        # The injection classifier trains once per data hash (seconds); share it across test sessions.
         # canaries are judged every second (not every 5): the release tests wait for decisions
         "releases": {"decide_interval_s": 1},
     }

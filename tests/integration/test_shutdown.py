@@ -91,7 +91,7 @@ class Keel:
             # The only backend: nothing listens there and nothing calls it (no /readyz wait below).
             "backends": {"local": {"kind": "openai", "base_url": f"http://127.0.0.1:{free_port()}/v1",
                                    "retries": 0, "managed": None}},
-            # Off, and its model cache shared with the other integration tests (built once per data hash).
+            # Off (the embedder's cached graph is the machine's, as for every test server)
             "guardrails": {"enabled": False},
         }
         self.config = home / "keel.yaml"

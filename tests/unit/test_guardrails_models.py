@@ -123,6 +123,10 @@ def test_the_attack_index_is_embedded_once_per_embedder_and_pattern_set(embedder
     assert calls == [] and np.array_equal(again._matrix, first._matrix)
     AttackIndex(embedder, patterns[:-1]).build(tmp_path)  # another pattern set: embedded, cached beside
     assert calls == [len(patterns) - 1] and len(list(tmp_path.glob("attack-index-*.npy"))) == 2
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    served = AttackIndex(embedder, patterns).build(blocked)  # an unwritable cache: embedded, not cached, no crash
+    assert np.array_equal(served._matrix, first._matrix) and blocked.read_text() == "not a folder"
 
 
 def test_classifier_score_combines_with_rules_and_skips_embedding_when_rules_decide(tmp_path):
@@ -151,6 +155,8 @@ def test_training_key_covers_hyper_parameters():
 
 def test_embedder_forward_thread_is_pinned_without_touching_the_process(embedder):
     import torch
+
+    embedder.sentence_transformer()  # a warm start serves short texts from the cached graph: load torch's model
 
     before = torch.get_num_threads()
     assert embedder.forward_threads() == 1

@@ -385,7 +385,7 @@ def load_or_train(embedder: TextEmbedder, cache_dir: Path | None, *, data_file: 
     if path is not None:
         try:
             clf.save(path)
-        except OSError as e:  # a read-only home only costs a retrain at the next start
+        except OSError as e:  # an unwritable cache only costs a retrain at the next start
             log.warning("could not cache the harmful-request classifier at %s: %s", path, e)
     log.info("trained the harmful-request classifier on %d texts (%d harmful)", len(texts), int(labels.sum()))
     return clf

@@ -12,6 +12,8 @@ text is not embedded at all (the other two can only raise the score).
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import os
 import re
 import tempfile
@@ -24,6 +26,8 @@ import numpy as np
 import yaml
 
 from app.guardrails.validators.base import CheckResult, Finding, TextEmbedder, chunk_text, normalise
+
+log = logging.getLogger("keel.guardrails")
 
 
 class ProbabilityModel(Protocol):
@@ -189,7 +193,7 @@ class AttackIndex:
         if cache_dir is None or not isinstance(fingerprint, str):
             self._matrix = self.embedder.embed_documents(texts)
             return self
-        key = hashlib.sha256("\n".join([fingerprint, *texts]).encode()).hexdigest()[:16]
+        key = hashlib.sha256(json.dumps([fingerprint, texts]).encode()).hexdigest()[:16]
         path = Path(cache_dir) / f"attack-index-{key}.npy"
         try:
             matrix = np.load(path, allow_pickle=False)
@@ -199,10 +203,17 @@ class AttackIndex:
         except (OSError, ValueError):  # not cached yet, or a torn file: embed again
             pass
         self._matrix = self.embedder.embed_documents(texts)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npy", delete=False) as f:
-            np.save(f, self._matrix, allow_pickle=False)
-        os.replace(f.name, path)  # atomic: a concurrent start reads the old file or the whole new one
+        tmp = None
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npy", delete=False) as f:
+                tmp = f.name
+                np.save(f, self._matrix, allow_pickle=False)
+            os.replace(tmp, path)  # atomic: a concurrent start reads the old file or the whole new one
+        except OSError as e:  # an unwritable cache costs the embedding at the next start, not this one
+            log.warning("attack index not cached in %s (%s)", path.parent, e)
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
         return self
 
     def add(self, patterns: Sequence[AttackPattern]) -> None:

@@ -177,7 +177,7 @@ def load_or_train(embedder: TextEmbedder, cache_dir: Path | None, *, extra_patte
     if path is not None:
         try:
             clf.save(path)
-        except OSError as e:  # a read-only home only costs a retrain at the next start
+        except OSError as e:  # an unwritable cache only costs a retrain at the next start
             log.warning("could not cache the injection classifier at %s: %s", path, e)
     log.info("trained the injection classifier on %d texts (%d attacks)", len(texts), int(labels.sum()))
     return clf
