@@ -128,9 +128,8 @@ def _cache_key(model_path: Path) -> str:
 
 
 class OnnxShortPath:
-    def __init__(self, session: Any, tokenizer: FastTokenizer, inputs: list[str], *, dim: int | None = None) -> None:
-        self.session, self.tokenizer, self.inputs = session, tokenizer, inputs
-        self.dim = dim if dim is not None else int(self.embed(["dimension"]).shape[1])
+    def __init__(self, session: Any, tokenizer: FastTokenizer, inputs: list[str], *, dim: int) -> None:
+        self.session, self.tokenizer, self.inputs, self.dim = session, tokenizer, inputs, dim
 
     @classmethod
     def load_or_build(cls, model: Any, model_path: Path, cache_dir: Path, *, threads: int = 1) -> OnnxShortPath:
@@ -151,7 +150,8 @@ class OnnxShortPath:
         backend = getattr(model.tokenizer, "backend_tokenizer", None)  # the tokenizer the model was loaded with
         if backend is None:
             raise OnnxUnavailable(f"{model_path} has no fast tokenizer")
-        return cls(session, FastTokenizer(model_path, int(model.max_seq_length), backend=backend), inputs)
+        return cls(session, FastTokenizer(model_path, int(model.max_seq_length), backend=backend), inputs,
+                   dim=int(model.get_embedding_dimension()))
 
     @classmethod
     def open_cached(cls, model_path: Path, cache_dir: Path, *, threads: int = 1) -> OnnxShortPath | None:

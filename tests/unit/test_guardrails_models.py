@@ -122,7 +122,7 @@ def test_the_attack_index_is_embedded_once_per_embedder_and_pattern_set(embedder
     again = AttackIndex(embedder, patterns).build(tmp_path)
     assert calls == [] and np.array_equal(again._matrix, first._matrix)
     AttackIndex(embedder, patterns[:-1]).build(tmp_path)  # another pattern set: embedded, cached beside
-    assert calls == [len(patterns) - 1] and len(list(tmp_path.glob("attack-index-*.npy"))) == 2
+    assert calls == [len(patterns) - 1] and len(list(tmp_path.glob("attack-index-*.npz"))) == 2
     blocked = tmp_path / "a-file"
     blocked.write_text("not a folder")
     served = AttackIndex(embedder, patterns).build(blocked)  # an unwritable cache: embedded, not cached, no crash

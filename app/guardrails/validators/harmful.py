@@ -37,8 +37,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 import threading
 import warnings
 import zipfile
@@ -52,6 +50,7 @@ from typing import Literal, Protocol
 import numpy as np
 import yaml
 
+from app.guardrails.model_files import save_npz
 from app.guardrails.validators.base import CheckResult, Finding, TextEmbedder, chunk_text
 from app.guardrails.validators.injection import SHIPPED_PATTERNS
 from app.guardrails.validators.injection_model import fit_logistic
@@ -326,18 +325,8 @@ class HarmfulClassifier:
     _ARRAYS = ("weights", "biases", "mlp_w1", "mlp_b1", "mlp_w2", "mlp_b2", "ngram_w")
 
     def save(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # write-then-rename: two workers starting together never read a half-written file
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp.npz")
-        os.close(fd)
-        try:
-            np.savez(tmp, **{a: getattr(self, a) for a in self._ARRAYS},
-                     categories=np.array(self.categories, dtype=str), ngram_b=np.array([self.ngram_b]),
-                     key=np.array(self.key), n_train=np.array([self.n_train]))
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        save_npz(path, **{a: getattr(self, a) for a in self._ARRAYS}, categories=np.array(self.categories, dtype=str),
+                 ngram_b=np.array([self.ngram_b]), key=np.array(self.key), n_train=np.array([self.n_train]))
 
     @classmethod
     def load(cls, path: Path, *, key: str, dim: int) -> HarmfulClassifier | None:

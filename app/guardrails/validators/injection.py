@@ -14,9 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +23,7 @@ from typing import Protocol
 import numpy as np
 import yaml
 
+from app.guardrails.model_files import save_npz
 from app.guardrails.validators.base import CheckResult, Finding, TextEmbedder, chunk_text, normalise
 
 log = logging.getLogger("keel.guardrails")
@@ -194,26 +193,20 @@ class AttackIndex:
             self._matrix = self.embedder.embed_documents(texts)
             return self
         key = hashlib.sha256(json.dumps([fingerprint, texts]).encode()).hexdigest()[:16]
-        path = Path(cache_dir) / f"attack-index-{key}.npy"
+        path = Path(cache_dir) / f"attack-index-{key}.npz"
         try:
-            matrix = np.load(path, allow_pickle=False)
+            with np.load(path, allow_pickle=False) as z:
+                matrix = z["matrix"]
             if matrix.shape[0] == len(texts):
                 self._matrix = matrix
                 return self
-        except (OSError, ValueError):  # not cached yet, or a torn file: embed again
+        except (OSError, KeyError, ValueError):  # not cached yet, or an unreadable file: embed again
             pass
         self._matrix = self.embedder.embed_documents(texts)
-        tmp = None
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npy", delete=False) as f:
-                tmp = f.name
-                np.save(f, self._matrix, allow_pickle=False)
-            os.replace(tmp, path)  # atomic: a concurrent start reads the old file or the whole new one
+            save_npz(path, matrix=self._matrix)
         except OSError as e:  # an unwritable cache costs the embedding at the next start, not this one
             log.warning("attack index not cached in %s (%s)", path.parent, e)
-            if tmp is not None:
-                Path(tmp).unlink(missing_ok=True)
         return self
 
     def add(self, patterns: Sequence[AttackPattern]) -> None:

@@ -20,8 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from app.guardrails.model_files import save_npz
 from app.guardrails.validators.base import TextEmbedder
 from app.guardrails.validators.injection import SHIPPED_PATTERNS, load_patterns
 
@@ -125,17 +124,8 @@ class InjectionClassifier:
         return cls(w, b, key, len(texts))
 
     def save(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # write-then-rename: two workers starting together never read a half-written file
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp.npz")
-        os.close(fd)
-        try:
-            np.savez(tmp, weights=self.weights, bias=np.array([self.bias]), key=np.array(self.key),
-                     n_train=np.array([self.n_train]))
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        save_npz(path, weights=self.weights, bias=np.array([self.bias]), key=np.array(self.key),
+                 n_train=np.array([self.n_train]))
 
     @classmethod
     def load(cls, path: Path, *, key: str, dim: int) -> InjectionClassifier | None:
